@@ -1,0 +1,113 @@
+//! Control-plane messages (contract §7).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailReason {
+    ScriptError,
+    UploadError,
+    DatasetError,
+    AgentError,
+}
+
+/// `POST {url}/v1/jobs/{job_id}/status`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub attempt: u32,
+    pub seq: u64,
+    pub state: JobState,
+    pub reason: Option<FailReason>,
+    pub retryable: bool,
+    pub exit_code: Option<i32>,
+    /// The signal that killed the script, by name (`"SIGKILL"`).
+    pub signal: Option<String>,
+    pub message: Option<String>,
+    pub upload_errors: u64,
+    pub warnings: Vec<String>,
+    pub result: serde_json::Value,
+    /// RFC 3339.
+    pub time: String,
+}
+
+/// `POST {url}/v1/jobs/{job_id}/artifacts`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsRegistration {
+    pub attempt: u32,
+    pub manifest: String,
+    pub manifest_sha256: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+}
+
+/// The control plane's answer to an artifacts registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactsReply {
+    #[serde(default)]
+    pub storage_used_bytes: u64,
+    #[serde(default)]
+    pub storage_quota_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// `POST {url}/v1/jobs/{job_id}/output`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    pub attempt: u32,
+    pub stream: Stream,
+    pub offset: u64,
+    pub data: String,
+}
+
+macro_rules! json_io {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn to_json(&self) -> Vec<u8> {
+                serde_json::to_vec(self).expect("wire types always serialize")
+            }
+            pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+                serde_json::from_slice(bytes)
+            }
+        }
+    )*};
+}
+json_io!(StatusReport, ArtifactsRegistration, ArtifactsReply, OutputChunk);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_use_contract_spelling() {
+        assert_eq!(serde_json::to_string(&JobState::TimedOut).unwrap(), "\"TIMED_OUT\"");
+        assert_eq!(serde_json::to_string(&FailReason::UploadError).unwrap(), "\"UPLOAD_ERROR\"");
+        let reply = ArtifactsReply::from_json(br#"{"storage_used_bytes":5,"storage_quota_bytes":null,"x":1}"#).unwrap();
+        assert_eq!(reply.storage_quota_bytes, None);
+    }
+}

@@ -1,0 +1,31 @@
+//! Wire types of c3-agent, and the only place that knows JSON.
+//!
+//! * [`spec`]: the job spec the scheduler writes (contract §3).
+//! * [`manifest`]: the manifest stored next to a job's blobs (contract §6), versioned.
+//! * [`control`]: messages sent to the control plane (contract §7).
+//! * [`record`]: what the agent keeps in its state dir so that `recover` can finish a job.
+//!
+//! Everything else in the workspace handles these as typed values and calls
+//! `to_json`/`from_json` here, so a format change has exactly one room.
+
+pub mod control;
+pub mod manifest;
+pub mod record;
+pub mod spec;
+
+pub use control::{ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream};
+pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
+pub use record::{OutboxEntry, Phase, RunRecord};
+pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};
+
+/// Parse a small JSON document the job itself wrote (its structured result).
+pub fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+/// A JSON value as a compact string, for logs and tests.
+pub fn value_to_string(value: &serde_json::Value) -> String {
+    value.to_string()
+}
+
+pub use serde_json::Value as JsonValue;

@@ -1,0 +1,81 @@
+//! What the agent keeps in its state dir: a run record per attempt (so that `recover`
+//! can finish a job a crashed agent left) and outbox entries (reports not yet delivered).
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{FailReason, JobState};
+use crate::spec::JobSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Preparing: store checks, datasets. Nothing launched yet.
+    Preparing,
+    /// The script was launched (pid/pgid recorded).
+    Running,
+    /// The script ended; the final sync is under way.
+    Finishing,
+    /// Terminal status decided and handed to the reporter (delivered or in the outbox).
+    Done,
+}
+
+/// `<state_dir>/jobs/<job_id>/attempts/<n>/run.json`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub spec: JobSpec,
+    /// Resolved absolute workdir.
+    pub workdir: String,
+    pub phase: Phase,
+    /// Process group id of the script while it runs.
+    pub pgid: Option<i32>,
+    /// The last status `seq` handed out, so a resumed reporter keeps it growing.
+    pub seq: u64,
+    /// Set once the script ended: what the outcome was, so `recover` does not invent one.
+    pub state: Option<JobState>,
+    pub reason: Option<FailReason>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub started_at: String,
+}
+
+/// One undelivered control-plane request: `<state_dir>/outbox/<job_id>/<seq>-<kind>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub job_id: String,
+    /// Path below the control-plane URL, e.g. `v1/jobs/j1/status`.
+    pub endpoint: String,
+    pub body: serde_json::Value,
+}
+
+macro_rules! json_io {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn to_json(&self) -> Vec<u8> {
+                serde_json::to_vec_pretty(self).expect("records always serialize")
+            }
+            pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+                serde_json::from_slice(bytes)
+            }
+        }
+    )*};
+}
+json_io!(RunRecord, OutboxEntry);
+
+impl OutboxEntry {
+    /// Wrap any wire message as an outbox entry.
+    pub fn new(job_id: &str, endpoint: String, body_json: &[u8]) -> Self {
+        let body = serde_json::from_slice(body_json).unwrap_or(serde_json::Value::Null);
+        OutboxEntry { job_id: job_id.to_string(), endpoint, body }
+    }
+
+    /// One line of `reports.jsonl`.
+    pub fn to_json_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("records always serialize");
+        line.push(b'\n');
+        line
+    }
+
+    pub fn body_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body).expect("values always serialize")
+    }
+}

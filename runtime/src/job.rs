@@ -1,0 +1,659 @@
+//! One job's lifecycle: prepare -> launch -> wait -> final sync -> manifest -> report.
+//!
+//! [`run_job`] drives a fresh attempt; [`crate::recover`] resumes a [`Run`] from its
+//! record and calls the same [`Run::finish`], so a crashed agent's job ends the same way.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use c3_proto::{
+    ArtifactsRegistration, ArtifactsReply, JobSpec, JobState, LogEntry, Logs, Manifest, Phase, RunRecord,
+    StatusReport, Stream,
+};
+
+use crate::collect::{scan, FileStamp, LocalFile};
+use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, ProcessGroup, RunAs};
+use crate::outcome::{decide, JobEnd, Verdict};
+use crate::output::{forward_live, pump};
+use crate::report::{ControlPlane, Delivery, Reporter};
+use crate::statedir::StateDir;
+use crate::store::{attempt_manifest_key, manifest_key, BlobStore};
+use crate::sync::{sync_scan, SyncBook};
+use crate::upload::{upload_file, UploadOptions};
+
+/// Largest structured result a job may hand back (contract §4).
+pub const MAX_RESULT_BYTES: u64 = 64 * 1024;
+/// Warnings sent with a status; more are counted, not listed.
+const MAX_WARNINGS: usize = 50;
+/// How long the output pumps may run on once the job's process group is gone.
+const PUMP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Everything the engine needs from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct AgentContext {
+    pub state: StateDir,
+    pub store: BlobStore,
+    pub control_plane: Option<ControlPlane>,
+    /// The bearer token, so that it can be kept out of the job's environment.
+    pub token: Option<String>,
+    pub kill_grace: Duration,
+    pub upload: UploadOptions,
+    /// The store check before launch waits at most this long; a slow store does not block the launch.
+    pub preflight_timeout: Duration,
+}
+
+/// What the agent tells its caller (and the log's summary line) about a finished job.
+#[derive(Debug, Clone)]
+pub struct JobSummary {
+    pub job_id: String,
+    pub verdict: Verdict,
+    pub files: usize,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub upload_errors: u64,
+    /// Store key of the final manifest, if it was written.
+    pub manifest: Option<String>,
+}
+
+/// Runs one attempt of `spec` to its end. Cancelling `cancel` is `systemctl stop`.
+pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToken) -> JobSummary {
+    let span = tracing::info_span!("job", job_id = %spec.job_id, attempt = spec.attempt);
+    async move {
+        let started = Instant::now();
+        let mut background = JoinSet::new();
+        if let Some(cp) = ctx.control_plane.clone() {
+            let state = ctx.state.clone();
+            background.spawn(
+                async move { crate::report::flush_all_outboxes(&cp, &state, cp.give_up()).await; }.in_current_span(),
+            );
+        }
+        let mut run = Run::new(ctx, spec);
+        let end = match run.prepare(&cancel).await {
+            Ok(()) => run.execute(&cancel).await,
+            Err(end) => end,
+        };
+        let summary = run.finish(end, started).await;
+        // Earlier jobs' reports get a little longer, but never hold the GPU hostage.
+        if tokio::time::timeout(Duration::from_secs(5), async { while background.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::info!("earlier undelivered reports stay in the outbox for a later run or recover");
+        }
+        summary
+    }
+    .instrument(span)
+    .await
+}
+
+/// The state of one attempt while the agent works on it.
+pub struct Run<'a> {
+    ctx: &'a AgentContext,
+    record: RunRecord,
+    workdir: PathBuf,
+    reporter: Reporter,
+    book: SyncBook,
+    warnings: Vec<String>,
+    /// Why the job ended, in words, for the terminal status.
+    message: Option<String>,
+    run_as: Option<RunAs>,
+    /// The RUNNING report, delivered before the terminal one.
+    running_report: Option<tokio::task::JoinHandle<Delivery>>,
+}
+
+impl<'a> Run<'a> {
+    fn new(ctx: &'a AgentContext, spec: JobSpec) -> Self {
+        let workdir = spec
+            .workdir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ctx.state.default_workdir(&spec.job_id));
+        let record = RunRecord {
+            workdir: workdir.display().to_string(),
+            spec,
+            phase: Phase::Preparing,
+            pgid: None,
+            seq: 0,
+            state: None,
+            reason: None,
+            exit_code: None,
+            signal: None,
+            started_at: now_rfc3339(),
+        };
+        Self::from_record(ctx, record)
+    }
+
+    /// A run rebuilt from its record, for `recover`.
+    pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
+        let reporter = Reporter::new(ctx.control_plane.clone(), ctx.state.clone(), &record.spec.job_id, record.spec.attempt);
+        Run {
+            ctx,
+            workdir: PathBuf::from(&record.workdir),
+            record,
+            reporter,
+            book: SyncBook::default(),
+            warnings: Vec::new(),
+            message: None,
+            run_as: None,
+            running_report: None,
+        }
+    }
+
+    pub fn record(&self) -> &RunRecord {
+        &self.record
+    }
+
+    fn spec(&self) -> &JobSpec {
+        &self.record.spec
+    }
+
+    fn save(&self) {
+        if let Err(e) = self.ctx.state.write_record(&self.record) {
+            tracing::error!(error = %error_chain(&e), "cannot write the run record; recover may not find this job");
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.record.seq += 1;
+        self.save();
+        self.record.seq
+    }
+
+    fn warn(&mut self, text: String) {
+        tracing::warn!("{text}");
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(text);
+        } else if self.warnings.len() == MAX_WARNINGS {
+            self.warnings.push("more warnings in the agent's log".into());
+        }
+    }
+
+    fn fail_before_launch(&mut self, end: JobEnd, message: String) -> JobEnd {
+        tracing::error!("{message}");
+        self.message = Some(message);
+        end
+    }
+
+    /// Directories, user, store check, input datasets. Nothing of the job runs yet.
+    async fn prepare(&mut self, cancel: &CancellationToken) -> Result<(), JobEnd> {
+        let attempt_dir = self.ctx.state.attempt_dir(&self.spec().job_id, self.spec().attempt);
+        if let Err(e) = std::fs::create_dir_all(&attempt_dir) {
+            return Err(self.fail_before_launch(JobEnd::AgentFailed, format!("cannot create {}: {e}", attempt_dir.display())));
+        }
+        self.save();
+        if let Some(name) = self.spec().user.clone() {
+            match RunAs::lookup(&name) {
+                Ok(user) => self.run_as = Some(user),
+                Err(e) => return Err(self.fail_before_launch(JobEnd::AgentFailed, error_chain(&e))),
+            }
+        }
+        if let Err(e) = self.prepare_dirs() {
+            return Err(self.fail_before_launch(JobEnd::AgentFailed, format!("cannot prepare the workdir: {e}")));
+        }
+        match tokio::time::timeout(self.ctx.preflight_timeout, self.ctx.store.preflight()).await {
+            Ok(Ok(())) => tracing::debug!(store = self.ctx.store.url(), "store is writable"),
+            Ok(Err(e)) if e.is_permanent() => {
+                let msg = format!("store {} is not usable: {}", self.ctx.store.url(), error_chain(&e));
+                return Err(self.fail_before_launch(JobEnd::AgentFailed, msg));
+            }
+            Ok(Err(e)) => self.warn(format!("store check failed, launching anyway (uploads retry later): {}", error_chain(&e))),
+            Err(_) => self.warn(format!("store check did not answer within {:?}; launching anyway", self.ctx.preflight_timeout)),
+        }
+        if cancel.is_cancelled() {
+            return Err(JobEnd::Canceled);
+        }
+        for dataset in self.spec().datasets.clone() {
+            let mount = self.workdir.join(&dataset.mount);
+            let source = dataset.source_job().expect("validated with the spec").to_string();
+            let pulled = tokio::select! {
+                r = materialize(&self.ctx.store, &source, &mount) => r,
+                _ = cancel.cancelled() => return Err(JobEnd::Canceled),
+            };
+            match pulled {
+                Ok(summary) => {
+                    tracing::info!(dataset = %dataset.reference, mount = %mount.display(), files = summary.files, bytes = summary.bytes, "input materialized");
+                    if let Some(user) = &self.run_as {
+                        if let Err(e) = chown_tree(&mount, user) {
+                            let msg = format!("cannot hand {} to user {}: {e}", mount.display(), user.name);
+                            return Err(self.fail_before_launch(JobEnd::AgentFailed, msg));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("input {} cannot be materialized: {}", dataset.reference, error_chain(&e));
+                    return Err(self.fail_before_launch(JobEnd::DatasetFailed, msg));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn result_path(&self) -> PathBuf {
+        self.workdir.join(".c3").join("result.json")
+    }
+
+    fn prepare_dirs(&self) -> std::io::Result<()> {
+        let mut dirs: Vec<PathBuf> = self.spec().collected_dirs().iter().map(|d| self.workdir.join(d)).collect();
+        dirs.push(self.workdir.join(".c3"));
+        for dir in &dirs {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A result left by an earlier attempt in the same workdir is not this attempt's.
+        match std::fs::remove_file(self.result_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        if let Some(user) = &self.run_as {
+            chown(&self.workdir, user)?;
+            for dir in &dirs {
+                for ancestor in dir.ancestors().take_while(|a| a.starts_with(&self.workdir) && *a != self.workdir) {
+                    chown(ancestor, user)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches the script and waits for its end (exit, timeout or cancel).
+    async fn execute(&mut self, cancel: &CancellationToken) -> JobEnd {
+        let spec = self.spec().clone();
+        let artifacts = self.workdir.join("artifacts");
+        let job_vars = [
+            ("C3_ARTIFACTS_DIR", artifacts.display().to_string()),
+            ("C3_JOB_ID", spec.job_id.clone()),
+            ("C3_ATTEMPT", spec.attempt.to_string()),
+            ("C3_RESULT_FILE", self.result_path().display().to_string()),
+        ];
+        let env = child_env(std::env::vars_os(), self.ctx.token.as_deref(), &spec.env, &job_vars);
+        let plan = LaunchPlan { command: &spec.command, workdir: &self.workdir, env, run_as: self.run_as.as_ref() };
+        let mut script = match spawn(plan) {
+            Ok(s) => s,
+            Err(e) => {
+                // The shell's convention: 127 not found, 126 not executable.
+                let code = match &e {
+                    LaunchError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
+                    _ => 126,
+                };
+                let msg = error_chain(&e);
+                tracing::error!(exit_code = code, "{msg}");
+                self.message = Some(msg);
+                return JobEnd::Exited(code);
+            }
+        };
+        let group = script.group;
+        self.record.phase = Phase::Running;
+        self.record.pgid = Some(group.0);
+        let seq = self.next_seq();
+        tracing::info!(pgid = group.0, command = ?spec.command, workdir = %self.workdir.display(), "job launched");
+        let running = self.status(seq, JobState::Running, None, false, None);
+        let reporter = self.reporter.clone();
+        self.running_report =
+            Some(tokio::spawn(async move { reporter.send("status", seq, running.to_json()).await }.in_current_span()));
+
+        let mut pumps = JoinSet::new();
+        let logs = [Stream::Stdout, Stream::Stderr].map(|s| (s, self.ctx.state.log_path(&spec.job_id, spec.attempt, s)));
+        if let Some(out) = script.child.stdout.take() {
+            pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone()).in_current_span());
+        }
+        if let Some(err) = script.child.stderr.take() {
+            pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone()).in_current_span());
+        }
+        let output_done = CancellationToken::new();
+        let forwarder = self.ctx.control_plane.clone().map(|cp| {
+            tokio::spawn(forward_live(cp, spec.job_id.clone(), spec.attempt, logs.clone(), output_done.clone()).in_current_span())
+        });
+
+        let end = self.wait(&mut script.child, group, cancel, spec.timeout_secs).await;
+
+        if group.is_alive() {
+            self.warn("the job's script ended but left processes running; terminating them".into());
+            group.terminate(None, self.ctx.kill_grace).await;
+        }
+        let drained = tokio::time::timeout(PUMP_DRAIN, async {
+            while let Some(r) = pumps.join_next().await {
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %e, "cannot keep the job's output in the state dir");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            // Something that left the job's session still holds its stdout/stderr.
+            self.warn("a process outside the job's process group keeps its output open; stopped reading it".into());
+            pumps.shutdown().await;
+        }
+        output_done.cancel();
+        if let Some(f) = forwarder {
+            if tokio::time::timeout(Duration::from_secs(30), f).await.is_err() {
+                tracing::warn!("live output forwarding did not finish in time");
+            }
+        }
+        end
+    }
+
+    async fn wait(
+        &mut self,
+        child: &mut tokio::process::Child,
+        group: ProcessGroup,
+        cancel: &CancellationToken,
+        timeout_secs: Option<u64>,
+    ) -> JobEnd {
+        enum Wake {
+            Exited(std::io::Result<std::process::ExitStatus>),
+            TimedOut,
+            Canceled,
+        }
+        let deadline = async {
+            match timeout_secs {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
+            status = child.wait() => Wake::Exited(status),
+            _ = deadline => Wake::TimedOut,
+            _ = cancel.cancelled() => Wake::Canceled,
+        };
+        match wake {
+            Wake::Exited(Ok(status)) => match (status.code(), signal_name(&status)) {
+                (Some(code), _) => {
+                    tracing::info!(exit_code = code, "job script exited");
+                    JobEnd::Exited(code)
+                }
+                (None, Some(signal)) => {
+                    tracing::info!(signal = %signal, "job script was killed by a signal");
+                    self.message = Some(format!("killed by {signal}"));
+                    JobEnd::Killed(signal)
+                }
+                (None, None) => JobEnd::Exited(-1),
+            },
+            Wake::Exited(Err(e)) => {
+                // waitpid failing means we lost the child: treat as a node fault.
+                self.message = Some(format!("lost track of the job's process: {e}"));
+                group.terminate(None, self.ctx.kill_grace).await;
+                JobEnd::AgentLost
+            }
+            Wake::TimedOut => {
+                let secs = timeout_secs.unwrap_or_default();
+                tracing::warn!(timeout_secs = secs, "job ran past its timeout; stopping it");
+                self.message = Some(format!("ran past timeout_secs={secs}"));
+                group.terminate(Some(child), self.ctx.kill_grace).await;
+                JobEnd::TimedOut
+            }
+            Wake::Canceled => {
+                tracing::warn!("agent asked to stop; canceling the job");
+                self.message = Some("canceled".into());
+                group.terminate(Some(child), self.ctx.kill_grace).await;
+                JobEnd::Canceled
+            }
+        }
+    }
+
+    fn status(&self, seq: u64, state: JobState, verdict: Option<&Verdict>, terminal: bool, upload_errors: Option<u64>) -> StatusReport {
+        StatusReport {
+            attempt: self.spec().attempt,
+            seq,
+            state,
+            reason: verdict.and_then(|v| v.reason),
+            retryable: verdict.is_some_and(|v| v.retryable),
+            exit_code: if terminal { self.record.exit_code } else { None },
+            signal: if terminal { self.record.signal.clone() } else { None },
+            message: if terminal { self.message.clone() } else { None },
+            upload_errors: upload_errors.unwrap_or(0),
+            warnings: if terminal { self.warnings.clone() } else { Vec::new() },
+            result: serde_json::Value::Null,
+            time: now_rfc3339(),
+        }
+    }
+
+    fn note_end(&mut self, end: &JobEnd) {
+        self.record.exit_code = None;
+        self.record.signal = None;
+        self.record.state = None;
+        match end {
+            JobEnd::Exited(code) => self.record.exit_code = Some(*code),
+            JobEnd::Killed(sig) => self.record.signal = Some(sig.clone()),
+            JobEnd::Canceled => self.record.state = Some(JobState::Canceled),
+            JobEnd::TimedOut => self.record.state = Some(JobState::TimedOut),
+            JobEnd::AgentFailed | JobEnd::DatasetFailed | JobEnd::AgentLost => {
+                self.record.state = Some(JobState::Failed)
+            }
+        }
+    }
+
+    /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and `recover`.
+    pub async fn finish(mut self, end: JobEnd, started: Instant) -> JobSummary {
+        self.note_end(&end);
+        self.record.phase = Phase::Finishing;
+        self.save();
+        let launched = match &end {
+            JobEnd::Exited(_) | JobEnd::Killed(_) | JobEnd::TimedOut | JobEnd::AgentLost => true,
+            // Canceled before launch leaves no record of a pgid.
+            JobEnd::Canceled => self.record.pgid.is_some(),
+            JobEnd::AgentFailed | JobEnd::DatasetFailed => false,
+        };
+        let mut upload_errors = 0u64;
+        let mut manifest_written = None;
+        let mut result = serde_json::Value::Null;
+        if launched {
+            upload_errors += self.final_sync().await;
+            let (logs, log_errors) = self.upload_logs().await;
+            upload_errors += log_errors;
+            result = self.read_result();
+            let mut manifest = Manifest::new(&self.spec().job_id, self.spec().project.clone(), self.spec().attempt);
+            manifest.complete = true;
+            manifest.files = self.book.entries();
+            manifest.logs = logs;
+            manifest.result = result.clone();
+            match write_manifest(&self.ctx.store, &manifest).await {
+                Ok(sha) => manifest_written = Some(sha),
+                Err(e) => {
+                    upload_errors += 1;
+                    tracing::error!(error = %error_chain(&e), "cannot write the manifest");
+                }
+            }
+        }
+        let verdict = decide(&end, upload_errors > 0);
+        if upload_errors > 0 {
+            tracing::error!(upload_errors, "some output could not be stored");
+        }
+        // RUNNING must reach the control plane before the terminal status.
+        if let Some(h) = self.running_report.take() {
+            let _ = h.await;
+        }
+        let seq = self.next_seq();
+        if let Some(sha) = &manifest_written {
+            self.register_artifacts(seq, sha).await;
+        }
+        let mut status = self.status(seq, verdict.state, Some(&verdict), true, Some(upload_errors));
+        status.result = result;
+        let delivery = self.reporter.send("status", seq, status.to_json()).await;
+        if matches!(delivery, Delivery::Kept) {
+            tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
+        }
+        self.record.state = Some(verdict.state);
+        self.record.reason = verdict.reason;
+        self.record.phase = Phase::Done;
+        self.save();
+        let summary = JobSummary {
+            job_id: self.spec().job_id.clone(),
+            verdict,
+            files: self.book.len(),
+            bytes: self.book.total_bytes(),
+            new_bytes: self.book.new_bytes,
+            upload_errors,
+            manifest: manifest_written.map(|_| manifest_key(&self.spec().job_id)),
+        };
+        tracing::info!(
+            state = ?verdict.state,
+            reason = ?verdict.reason,
+            exit_code = verdict.exit.code(),
+            files = summary.files,
+            bytes = summary.bytes,
+            new_bytes = summary.new_bytes,
+            upload_errors,
+            elapsed_s = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+            "job finished"
+        );
+        summary
+    }
+
+    /// Scans the output dirs and uploads what the book does not have. Returns failures.
+    async fn final_sync(&mut self) -> u64 {
+        let workdir = self.workdir.clone();
+        let dirs = self.spec().collected_dirs();
+        let found = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await.unwrap_or_default();
+        for w in &found.warnings {
+            self.warn(w.clone());
+        }
+        let report = sync_scan(&self.ctx.store, &found, &mut self.book, &self.ctx.upload).await;
+        for (path, e) in &report.failures {
+            tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
+        }
+        tracing::debug!(uploaded = report.uploaded, already_synced = report.skipped, "final sync done");
+        report.failures.len() as u64
+    }
+
+    async fn upload_logs(&self) -> (Option<Logs>, u64) {
+        let spec = self.spec();
+        let mut entries = Vec::new();
+        let mut errors = 0;
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let path = self.ctx.state.log_path(&spec.job_id, spec.attempt, stream);
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) => {
+                    // Never started (or crashed before the pump opened it): an empty stream.
+                    let _ = std::fs::write(&path, b"");
+                    match std::fs::metadata(&path) {
+                        Ok(m) => m,
+                        Err(_) => return (None, errors + 1),
+                    }
+                }
+            };
+            let file = LocalFile { rel: format!("logs/{}", stream.as_str()), abs: path, stamp: FileStamp::of(&meta) };
+            match upload_file(&self.ctx.store, &file, &self.ctx.upload).await {
+                Ok(up) => entries.push(LogEntry { size: up.digests.size, sha256: up.digests.sha256_hex() }),
+                Err(e) => {
+                    tracing::error!(stream = stream.as_str(), error = %error_chain(&e), "cannot store the job's log");
+                    errors += 1;
+                }
+            }
+        }
+        match <[LogEntry; 2]>::try_from(entries) {
+            Ok([stdout, stderr]) => (Some(Logs { stdout, stderr }), errors),
+            Err(_) => (None, errors),
+        }
+    }
+
+    /// The job's structured result, if it wrote a valid one.
+    fn read_result(&mut self) -> serde_json::Value {
+        match read_result_file(&self.result_path()) {
+            Ok(v) => v,
+            Err(problem) => {
+                self.warn(format!("result file ignored: {problem}"));
+                serde_json::Value::Null
+            }
+        }
+    }
+
+    async fn register_artifacts(&mut self, order: u64, manifest_sha256: &str) {
+        let reg = ArtifactsRegistration {
+            attempt: self.spec().attempt,
+            manifest: manifest_key(&self.spec().job_id),
+            manifest_sha256: manifest_sha256.to_string(),
+            files: self.book.len() as u64,
+            bytes: self.book.total_bytes(),
+            new_bytes: self.book.new_bytes,
+        };
+        if let Delivery::Delivered(body) = self.reporter.send("artifacts", order, reg.to_json()).await {
+            match ArtifactsReply::from_json(&body) {
+                Ok(ArtifactsReply { storage_used_bytes: used, storage_quota_bytes: Some(quota) }) if used > quota => {
+                    self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
+                }
+                Ok(reply) => tracing::info!(storage_used_bytes = reply.storage_used_bytes, storage_quota_bytes = ?reply.storage_quota_bytes, "artifacts registered"),
+                Err(e) => tracing::warn!(error = %e, "artifacts registration reply not understood"),
+            }
+        }
+    }
+}
+
+/// Reads the result file without following a symlink the job may have planted.
+fn read_result_file(path: &Path) -> Result<serde_json::Value, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::Value::Null),
+        Err(e) => return Err(format!("cannot open it: {e}")),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_RESULT_BYTES {
+        return Err(format!("{} bytes is over the limit of {MAX_RESULT_BYTES}", meta.len()));
+    }
+    let mut bytes = Vec::new();
+    file.by_ref().take(MAX_RESULT_BYTES + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_RESULT_BYTES {
+        return Err(format!("over the limit of {MAX_RESULT_BYTES} bytes"));
+    }
+    c3_proto::parse_json_value(&bytes).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+/// Writes the per-attempt manifest, then the job's; returns the manifest's sha256.
+pub async fn write_manifest(store: &BlobStore, manifest: &Manifest) -> Result<String, crate::store::StoreError> {
+    let bytes = bytes::Bytes::from(manifest.to_json());
+    let sha = crate::digest::sha256_hex(&bytes);
+    store.put_document(&attempt_manifest_key(&manifest.job_id, manifest.attempt), bytes.clone()).await?;
+    store.put_document(&manifest_key(&manifest.job_id), bytes).await?;
+    Ok(sha)
+}
+
+/// Copies another job's files to `mount`: a private copy the job may modify freely.
+async fn materialize(store: &BlobStore, job_id: &str, mount: &Path) -> Result<crate::pull::PullSummary, crate::pull::PullError> {
+    let manifest = crate::pull::read_manifest(store, job_id).await?;
+    crate::pull::pull(store, &manifest, mount).await
+}
+
+fn chown(path: &Path, user: &RunAs) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+}
+
+fn chown_tree(root: &Path, user: &RunAs) -> std::io::Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        chown(&p, user)?;
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// An error and its sources on one line, for logs and status messages.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

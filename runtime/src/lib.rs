@@ -1,0 +1,24 @@
+//! The c3-agent engine: everything that happens to a job between its spec and its
+//! terminal status. No CLI, no config files; the `agent` crate wires it up.
+//!
+//! Data flows one way: [`job`] launches ([`launch`], [`output`]) and waits, then
+//! [`collect`] finds the files, [`sync`]/[`upload`] turn them into blobs in the
+//! [`store`], [`job::write_manifest`] writes the manifest last, and [`report`] tells
+//! the control plane. [`recover`] finishes what a crashed agent left; [`pull`] reads back.
+
+pub mod collect;
+pub mod digest;
+pub mod job;
+pub mod launch;
+pub mod outcome;
+pub mod output;
+pub mod pull;
+pub mod recover;
+pub mod report;
+pub mod statedir;
+pub mod store;
+pub mod sync;
+pub mod upload;
+
+pub use job::{error_chain, run_job, AgentContext, JobSummary};
+pub use outcome::{ExitCode, JobEnd, Verdict};

@@ -1,0 +1,91 @@
+//! How a job ended -> its final state -> the agent's exit code (contract §1 and §8),
+//! in one exhaustive match.
+
+use c3_proto::{FailReason, JobState};
+
+/// How the job ended, as far as the script is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The script exited with this code.
+    Exited(i32),
+    /// The script was killed by this signal (not by us).
+    Killed(String),
+    /// The agent got SIGTERM/SIGINT (`systemctl stop`).
+    Canceled,
+    /// The script ran past `timeout_secs`.
+    TimedOut,
+    /// Nothing was launched: the store failed its preflight or the agent could not launch.
+    AgentFailed,
+    /// Nothing was launched: an input dataset could not be materialized.
+    DatasetFailed,
+    /// The agent died while the job ran; `recover` found it.
+    AgentLost,
+}
+
+/// The agent's exit status (contract §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    Succeeded = 0,
+    ScriptError = 1,
+    Usage = 2,
+    UploadError = 3,
+    Canceled = 4,
+    TimedOut = 5,
+    AgentOrDataset = 6,
+}
+
+impl ExitCode {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub state: JobState,
+    pub reason: Option<FailReason>,
+    pub retryable: bool,
+    pub exit: ExitCode,
+}
+
+/// The §8 table. `upload_failed`: some file or log could not be stored.
+pub fn decide(end: &JobEnd, upload_failed: bool) -> Verdict {
+    use FailReason::*;
+    use JobState::*;
+    let v = |state, reason, retryable, exit| Verdict { state, reason, retryable, exit };
+    match (end, upload_failed) {
+        (JobEnd::Exited(0), false) => v(Succeeded, None, false, ExitCode::Succeeded),
+        // The GPU work is done but its output is lost: retrying would redo it for nothing
+        // until the storage problem is fixed, so the platform must not retry blindly.
+        (JobEnd::Exited(0), true) => v(Failed, Some(UploadError), false, ExitCode::UploadError),
+        (JobEnd::Exited(_) | JobEnd::Killed(_), _) => v(Failed, Some(ScriptError), false, ExitCode::ScriptError),
+        (JobEnd::Canceled, _) => v(Canceled, None, false, ExitCode::Canceled),
+        (JobEnd::TimedOut, _) => v(TimedOut, None, false, ExitCode::TimedOut),
+        // The node, not the job, failed: another node may well succeed.
+        (JobEnd::AgentFailed | JobEnd::AgentLost, _) => v(Failed, Some(AgentError), true, ExitCode::AgentOrDataset),
+        (JobEnd::DatasetFailed, _) => v(Failed, Some(DatasetError), false, ExitCode::AgentOrDataset),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_table() {
+        let d = |e: JobEnd, f| {
+            let v = decide(&e, f);
+            (v.state, v.reason, v.exit.code())
+        };
+        assert_eq!(d(JobEnd::Exited(0), false), (JobState::Succeeded, None, 0));
+        assert_eq!(d(JobEnd::Exited(0), true), (JobState::Failed, Some(FailReason::UploadError), 3));
+        assert!(!decide(&JobEnd::Exited(0), true).retryable);
+        assert_eq!(d(JobEnd::Exited(3), true), (JobState::Failed, Some(FailReason::ScriptError), 1));
+        assert_eq!(d(JobEnd::Killed("SIGKILL".into()), false), (JobState::Failed, Some(FailReason::ScriptError), 1));
+        assert_eq!(d(JobEnd::Canceled, true), (JobState::Canceled, None, 4));
+        assert_eq!(d(JobEnd::TimedOut, false), (JobState::TimedOut, None, 5));
+        assert_eq!(d(JobEnd::AgentFailed, false), (JobState::Failed, Some(FailReason::AgentError), 6));
+        assert_eq!(d(JobEnd::DatasetFailed, false), (JobState::Failed, Some(FailReason::DatasetError), 6));
+    }
+}

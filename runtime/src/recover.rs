@@ -1,0 +1,63 @@
+//! `c3-agent recover`: finish the jobs a crashed agent left behind, and deliver kept reports.
+
+use std::time::Instant;
+
+use c3_proto::{JobState, Phase, RunRecord};
+
+use crate::job::{AgentContext, JobSummary, Run};
+use crate::launch::ProcessGroup;
+use crate::outcome::JobEnd;
+
+/// What the record says about how the job ended; a job still "running" was lost with the agent.
+pub fn recorded_end(record: &RunRecord) -> JobEnd {
+    match record.phase {
+        Phase::Preparing => JobEnd::AgentFailed,
+        Phase::Running => JobEnd::AgentLost,
+        Phase::Finishing | Phase::Done => match (record.state, record.exit_code, &record.signal) {
+            (Some(JobState::Canceled), _, _) => JobEnd::Canceled,
+            (Some(JobState::TimedOut), _, _) => JobEnd::TimedOut,
+            (_, Some(code), _) => JobEnd::Exited(code),
+            (_, None, Some(sig)) => JobEnd::Killed(sig.clone()),
+            _ => JobEnd::AgentLost,
+        },
+    }
+}
+
+/// Finishes every unfinished job in the state dir, oldest first.
+pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
+    if let Some(cp) = &ctx.control_plane {
+        let left = crate::report::flush_all_outboxes(cp, &ctx.state, cp.give_up()).await;
+        if left > 0 {
+            tracing::warn!(jobs = left, "control plane still unreachable; reports stay in the outbox");
+        }
+    }
+    let mut finished = Vec::new();
+    for path in ctx.state.all_records() {
+        let record = match ctx.state.read_record(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "skipping an unreadable run record");
+                continue;
+            }
+        };
+        if record.phase == Phase::Done {
+            continue;
+        }
+        let span = tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
+        let _entered = span.enter();
+        tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
+        if let (Phase::Running, Some(pgid)) = (record.phase, record.pgid) {
+            let group = ProcessGroup(pgid);
+            if group.is_alive() {
+                // Nobody supervises these processes any more; they would hold the GPU forever.
+                tracing::warn!(pgid, "the job's processes outlived the agent; stopping them");
+                group.terminate(None, ctx.kill_grace).await;
+            }
+        }
+        let end = recorded_end(&record);
+        drop(_entered);
+        let run = Run::from_record(ctx, record);
+        finished.push(tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await);
+    }
+    finished
+}

@@ -1,0 +1,243 @@
+//! Reports to the control plane (contract §7), with the outbox that keeps what
+//! could not be delivered for a later `run` or `recover`.
+//!
+//! Retry policy: one `backon` exponential backoff with jitter per request,
+//! bounded by `give_up` in total; only connection errors, 408, 429 and 5xx retry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use c3_proto::OutboxEntry;
+
+use crate::statedir::{write_atomic, StateDir};
+
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    pub url: url::Url,
+    /// Bearer token (read from `token_file`; never in argv or the job's env).
+    pub token: Option<String>,
+    /// How long one report is retried before it goes to the outbox.
+    pub give_up: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("control plane rejected {endpoint} with HTTP {status}: {body}")]
+    Rejected { endpoint: String, status: u16, body: String },
+    #[error("control plane answered {endpoint} with HTTP {status}")]
+    Unavailable { endpoint: String, status: u16 },
+    #[error("request to {endpoint} failed")]
+    Transport { endpoint: String, #[source] source: reqwest::Error },
+    #[error("cannot keep the report for later delivery")]
+    Outbox(#[source] crate::statedir::StateError),
+}
+
+impl ReportError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReportError::Unavailable { .. } | ReportError::Transport { .. } => true,
+            ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
+        }
+    }
+}
+
+/// An HTTP client for one control plane; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    http: reqwest::Client,
+    config: Arc<ControlPlaneConfig>,
+}
+
+impl ControlPlane {
+    pub fn new(mut config: ControlPlaneConfig) -> Self {
+        // `Url::join` replaces the last segment unless the base ends in '/'.
+        if !config.url.path().ends_with('/') {
+            let path = format!("{}/", config.url.path());
+            config.url.set_path(&path);
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("c3-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a plain reqwest client always builds");
+        ControlPlane { http, config: Arc::new(config) }
+    }
+
+    pub fn give_up(&self) -> Duration {
+        self.config.give_up
+    }
+
+    async fn post_once(&self, endpoint: &str, body: &[u8]) -> Result<Bytes, ReportError> {
+        let url = self.config.url.join(endpoint).expect("endpoints are relative paths");
+        let mut req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec());
+        if let Some(token) = &self.config.token {
+            req = req.bearer_auth(token);
+        }
+        let transport = |source| ReportError::Transport { endpoint: endpoint.to_string(), source };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(transport)?;
+        match status {
+            200..=299 => Ok(bytes),
+            408 | 429 | 500..=599 => Err(ReportError::Unavailable { endpoint: endpoint.into(), status }),
+            _ => Err(ReportError::Rejected {
+                endpoint: endpoint.into(),
+                status,
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
+            }),
+        }
+    }
+
+    /// POSTs with backoff until delivered, rejected, or `give_up` has passed.
+    pub async fn post(&self, endpoint: &str, body: &[u8], give_up: Duration) -> Result<Bytes, ReportError> {
+        let deadline = Instant::now() + give_up;
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .with_max_times(usize::MAX);
+        (|| self.post_once(endpoint, body))
+            .retry(policy)
+            .sleep(tokio::time::sleep)
+            .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
+            .notify(|e, wait| tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
+            .await
+    }
+}
+
+/// What happened to one report.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Delivered; the reply body.
+    Delivered(Bytes),
+    /// Kept in the outbox for a later `run`/`recover`.
+    Kept,
+    /// The control plane refused it (4xx); logged, not retried.
+    Rejected,
+    /// No control plane: written to the attempt's `reports.jsonl`.
+    Local,
+}
+
+/// Sends one job's reports, in order, never losing one.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    control_plane: Option<ControlPlane>,
+    state: StateDir,
+    job_id: String,
+    attempt: u32,
+}
+
+impl Reporter {
+    pub fn new(control_plane: Option<ControlPlane>, state: StateDir, job_id: &str, attempt: u32) -> Self {
+        Reporter { control_plane, state, job_id: job_id.to_string(), attempt }
+    }
+
+    pub fn control_plane(&self) -> Option<&ControlPlane> {
+        self.control_plane.as_ref()
+    }
+
+    /// Sends `body` to `v1/jobs/<job>/<kind>`. `order` keeps outbox entries in sending order.
+    pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>) -> Delivery {
+        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
+        let Some(cp) = &self.control_plane else {
+            self.append_local(&endpoint, &body);
+            return Delivery::Local;
+        };
+        // Earlier undelivered reports of this job go first, or the control plane would see them out of order.
+        if !flush_job_outbox(cp, &self.state.outbox_dir(&self.job_id), cp.give_up()).await {
+            return self.keep(kind, order, &endpoint, &body);
+        }
+        match cp.post(&endpoint, &body, cp.give_up()).await {
+            Ok(reply) => Delivery::Delivered(reply),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(endpoint = %endpoint, error = %e, give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
+                self.keep(kind, order, &endpoint, &body)
+            }
+            Err(e) => {
+                tracing::error!(endpoint = %endpoint, error = %e, "control plane rejected a report; not retried");
+                Delivery::Rejected
+            }
+        }
+    }
+
+    fn keep(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Delivery {
+        let entry = OutboxEntry::new(&self.job_id, endpoint.to_string(), body);
+        let name = format!("{:06}-{order:08}-{kind}.json", self.attempt);
+        let path = self.state.outbox_dir(&self.job_id).join(name);
+        match write_atomic(&path, &entry.to_json()) {
+            Ok(()) => Delivery::Kept,
+            Err(e) => {
+                tracing::error!(error = %e, endpoint, "report lost: cannot write the outbox");
+                Delivery::Rejected
+            }
+        }
+    }
+
+    fn append_local(&self, endpoint: &str, body: &[u8]) {
+        use std::io::Write;
+        let path = self.state.attempt_dir(&self.job_id, self.attempt).join("reports.jsonl");
+        let line = OutboxEntry::new(&self.job_id, endpoint.to_string(), body).to_json_line();
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&line));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record report");
+        }
+    }
+}
+
+/// Delivers a job's outbox in order; true when it is empty afterwards.
+pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) -> bool {
+    for path in sorted_entries(dir) {
+        let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
+            Ok(Ok(e)) => e,
+            _ => {
+                tracing::warn!(path = %path.display(), "unreadable outbox entry; moved aside");
+                let _ = std::fs::rename(&path, path.with_extension("bad"));
+                continue;
+            }
+        };
+        match cp.post(&entry.endpoint, &entry.body_json(), give_up).await {
+            Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
+            Err(e) if e.is_retryable() => return false,
+            Err(e) => tracing::error!(endpoint = %entry.endpoint, error = %e, "control plane rejected a kept report; dropped"),
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_dir(dir);
+    true
+}
+
+/// Delivers every job's outbox; returns how many jobs still have undelivered reports.
+pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, give_up: Duration) -> usize {
+    let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else { return 0 };
+    let mut left = 0;
+    let mut dirs: Vec<PathBuf> = dirs.flatten().map(|d| d.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    for dir in dirs {
+        if !flush_job_outbox(cp, &dir, give_up).await {
+            left += 1;
+        }
+    }
+    left
+}
+
+fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut v: Vec<PathBuf> =
+        rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+    v.sort();
+    v
+}

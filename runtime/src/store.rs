@@ -1,0 +1,255 @@
+//! The content-addressed store (contract §6) on top of `object_store`.
+//!
+//! Retry policy: requests to remote stores are retried by object_store's own
+//! `RetryConfig` (connection errors, 5xx, 429), configured here; nothing above
+//! this module retries a store request again, so no two policies stack.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, GetResult, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
+};
+
+/// SHA-256 of zero bytes: the blob the preflight check writes (a real, valid blob).
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `file:///abs`, `s3://bucket[/prefix]`, `gs://…`, `az://…`.
+    pub url: String,
+    /// Passed to the scheme's object_store builder (`aws_endpoint`, …).
+    pub options: BTreeMap<String, String>,
+    /// Retries per request (remote stores only).
+    pub max_retries: usize,
+    /// Give up retrying one request after this long.
+    pub retry_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store url `{url}`: {problem}")]
+    BadUrl { url: String, problem: String },
+    #[error("store option `{key}` is not an option of the {scheme} store")]
+    BadOption { key: String, scheme: &'static str },
+    #[error("cannot create the store directory {path}")]
+    CreateDir { path: String, #[source] source: std::io::Error },
+    #[error("store: cannot configure {scheme} store")]
+    Build { scheme: &'static str, #[source] source: object_store::Error },
+    #[error("store {op} of `{key}` failed")]
+    Op { op: &'static str, key: String, #[source] source: object_store::Error },
+}
+
+impl StoreError {
+    /// A permanent error will not go away by retrying: fail fast instead of
+    /// burning the retry budget (missing bucket, denied, bad credentials, bad config).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::BadUrl { .. }
+            | StoreError::BadOption { .. }
+            | StoreError::CreateDir { .. }
+            | StoreError::Build { .. } => true,
+            StoreError::Op { source, .. } => matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::InvalidPath { .. }
+            ),
+        }
+    }
+}
+
+/// A store and the key layout of contract §6.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+pub fn blob_key(sha256_hex: &str) -> String {
+    format!("blobs/sha256/{sha256_hex}")
+}
+
+pub fn manifest_key(job_id: &str) -> String {
+    format!("jobs/{job_id}/manifest.json")
+}
+
+pub fn attempt_manifest_key(job_id: &str, attempt: u32) -> String {
+    format!("jobs/{job_id}/attempts/{attempt}/manifest.json")
+}
+
+impl BlobStore {
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let url = config.url.clone();
+        let parsed = url::Url::parse(&url)
+            .map_err(|e| StoreError::BadUrl { url: url.clone(), problem: e.to_string() })?;
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: config.max_retries,
+            retry_timeout: config.retry_timeout,
+        };
+        let prefix = parsed.path().trim_matches('/').to_string();
+        let inner: Arc<dyn ObjectStore> = match parsed.scheme() {
+            "file" => {
+                if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                    return Err(StoreError::BadUrl { url, problem: "file URLs take no host: file:///abs/path".into() });
+                }
+                let path = parsed
+                    .to_file_path()
+                    .map_err(|()| StoreError::BadUrl { url: url.clone(), problem: "not an absolute path".into() })?;
+                std::fs::create_dir_all(&path)
+                    .map_err(|source| StoreError::CreateDir { path: path.display().to_string(), source })?;
+                let fs = LocalFileSystem::new_with_prefix(&path)
+                    .map_err(|source| StoreError::Build { scheme: "file", source })?;
+                // Durability matters more than speed for a job's only copy of its output.
+                return Ok(BlobStore { inner: Arc::new(fs.with_fsync(true)), url });
+            }
+            "s3" | "s3a" => {
+                let mut b = AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry);
+                for (k, v) in &config.options {
+                    let key: AmazonS3ConfigKey =
+                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "s3" })?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "s3", source })?)
+            }
+            "gs" => {
+                let mut b = GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry);
+                for (k, v) in &config.options {
+                    let key: GoogleConfigKey =
+                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "gs" })?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "gs", source })?)
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let mut b = MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry);
+                for (k, v) in &config.options {
+                    let key: AzureConfigKey =
+                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "azure" })?;
+                    b = b.with_config(key, v);
+                }
+                Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "azure", source })?)
+            }
+            other => {
+                return Err(StoreError::BadUrl {
+                    url: url.clone(),
+                    problem: format!("scheme `{other}` is not one of file, s3, gs, az"),
+                })
+            }
+        };
+        // Bucket-style URLs: the path after the bucket is a key prefix.
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() || parsed.scheme() == "abfss" {
+            inner
+        } else {
+            Arc::new(PrefixStore::new(inner, prefix.as_str()))
+        };
+        Ok(BlobStore { inner, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Proves before launch that the store is reachable and writable by
+    /// creating the empty blob (which is itself a valid blob).
+    pub async fn preflight(&self) -> Result<(), StoreError> {
+        self.put_blob(EMPTY_SHA256, Bytes::new()).await.map(|_| ())
+    }
+
+    /// Writes a blob unless present. Returns whether this call added it.
+    pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        let key = blob_key(sha256_hex);
+        let path = StorePath::from(key.as_str());
+        match self.inner.put_opts(&path, PutPayload::from(bytes), PutMode::Create.into()).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(source) => Err(StoreError::Op { op: "put", key, source }),
+        }
+    }
+
+    pub async fn blob_exists(&self, sha256_hex: &str) -> Result<bool, StoreError> {
+        let key = blob_key(sha256_hex);
+        match self.inner.head(&StorePath::from(key.as_str())).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(StoreError::Op { op: "head", key, source }),
+        }
+    }
+
+    /// Starts a multipart write of a blob; the object appears only on `complete`.
+    pub async fn start_multipart(&self, sha256_hex: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
+        let key = blob_key(sha256_hex);
+        self.inner
+            .put_multipart(&StorePath::from(key.as_str()))
+            .await
+            .map_err(|source| StoreError::Op { op: "start multipart upload", key, source })
+    }
+
+    pub async fn get_blob(&self, sha256_hex: &str) -> Result<GetResult, StoreError> {
+        self.get(&blob_key(sha256_hex)).await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<GetResult, StoreError> {
+        self.inner
+            .get(&StorePath::from(key))
+            .await
+            .map_err(|source| StoreError::Op { op: "get", key: key.to_string(), source })
+    }
+
+    /// Reads a small object whole (a manifest).
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
+        let result = self.get(key).await?;
+        result.bytes().await.map_err(|source| StoreError::Op { op: "get", key: key.to_string(), source })
+    }
+
+    /// Overwrites a small document (a manifest): a single PUT, never torn.
+    pub async fn put_document(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&StorePath::from(key), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Op { op: "put", key: key.to_string(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str) -> StoreConfig {
+        StoreConfig { url: url.into(), options: BTreeMap::new(), max_retries: 0, retry_timeout: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn bad_urls_are_permanent() {
+        let e = BlobStore::open(&config("ftp://x")).unwrap_err();
+        assert!(e.is_permanent() && e.to_string().contains("scheme `ftp`"), "{e}");
+        let mut c = config("s3://bucket");
+        c.options.insert("no_such_option".into(), "1".into());
+        assert!(BlobStore::open(&c).unwrap_err().to_string().contains("no_such_option"));
+    }
+
+    #[tokio::test]
+    async fn file_store_dedups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        store.preflight().await.unwrap();
+        let sha = "ab".repeat(32);
+        assert!(store.put_blob(&sha, Bytes::from_static(b"x")).await.unwrap());
+        assert!(!store.put_blob(&sha, Bytes::from_static(b"y")).await.unwrap());
+        assert!(store.blob_exists(&sha).await.unwrap());
+        assert_eq!(store.get_bytes(&blob_key(&sha)).await.unwrap(), Bytes::from_static(b"x"));
+    }
+}

@@ -1,0 +1,121 @@
+//! Bringing the store up to date with the job's output dirs.
+//!
+//! [`SyncBook`] remembers which version (stamp) of each file is already a blob, so a
+//! file synced earlier is not read again; [`sync_scan`] uploads what is new or changed,
+//! a bounded number of files at a time, with a progress line every 10 s.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use c3_proto::FileEntry;
+
+use crate::collect::{LocalFile, Scan};
+use crate::store::BlobStore;
+use crate::upload::{upload_file, UploadError, UploadOptions, Uploaded};
+
+/// A file that changes while being read is tried again this many times.
+const CHANGED_RETRIES: usize = 3;
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The newest synced version of every collected file, keyed by manifest path.
+#[derive(Debug, Default)]
+pub struct SyncBook {
+    synced: BTreeMap<String, Uploaded>,
+    /// Bytes this job added to the store so far.
+    pub new_bytes: u64,
+}
+
+/// What one sync pass did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub uploaded: usize,
+    pub skipped: usize,
+    pub failures: Vec<(String, UploadError)>,
+}
+
+impl SyncBook {
+    /// Manifest entries for files that are still present, sorted by path.
+    pub fn entries(&self) -> Vec<FileEntry> {
+        self.synced.values().map(Uploaded::entry).collect()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.synced.values().map(|u| u.digests.size).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.synced.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.synced.is_empty()
+    }
+
+    fn is_current(&self, file: &LocalFile) -> bool {
+        self.synced.get(&file.rel).is_some_and(|u| u.stamp == file.stamp)
+    }
+
+    fn record(&mut self, up: Uploaded) {
+        self.new_bytes += up.new_bytes;
+        self.synced.insert(up.rel.clone(), up);
+    }
+}
+
+/// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
+pub async fn sync_scan(store: &BlobStore, scan: &Scan, book: &mut SyncBook, opts: &UploadOptions) -> SyncReport {
+    book.synced.retain(|rel, _| scan.files.contains_key(rel));
+    let todo: Vec<&LocalFile> = scan.files.values().filter(|f| !book.is_current(f)).collect();
+    let mut report = SyncReport { skipped: scan.files.len() - todo.len(), ..SyncReport::default() };
+    let queued_bytes: u64 = todo.iter().map(|f| f.stamp.size).sum();
+    let queued_files = todo.len();
+    let started = Instant::now();
+    let mut done_bytes = 0u64;
+    let mut uploads = futures::stream::iter(todo)
+        .map(|file| upload_settled(store, file, opts))
+        .buffer_unordered(opts.files_in_flight.max(1));
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            next = uploads.next() => match next {
+                None => break,
+                Some((_, Ok(up))) => {
+                    done_bytes += up.digests.size;
+                    report.uploaded += 1;
+                    book.record(up);
+                }
+                // Deleted by the job before we got to it: nothing to collect.
+                Some((rel, Err(UploadError::Vanished { .. }))) => tracing::debug!(path = %rel, "file vanished before upload"),
+                Some((rel, Err(e))) => report.failures.push((rel, e)),
+            },
+            _ = progress.tick() => {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    files_done = report.uploaded + report.failures.len(),
+                    files_queued = queued_files,
+                    bytes_done = done_bytes,
+                    bytes_queued = queued_bytes,
+                    mib_per_s = format_args!("{:.1}", done_bytes as f64 / secs / 1048576.0),
+                    "upload progress"
+                );
+            }
+        }
+    }
+    report
+}
+
+/// Uploads one file, trying again while it keeps changing under us.
+async fn upload_settled(store: &BlobStore, file: &LocalFile, opts: &UploadOptions) -> (String, Result<Uploaded, UploadError>) {
+    let mut attempt = 0;
+    loop {
+        match upload_file(store, file, opts).await {
+            Err(UploadError::Changed { .. }) if attempt < CHANGED_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+            }
+            result => return (file.rel.clone(), result),
+        }
+    }
+}
