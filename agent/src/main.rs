@@ -1,1 +1,227 @@
-fn main() {}
+//! `c3-agent`: the binary's edge. Parses the command line and the config, sets up
+//! logging and signals, wires the runtime, and turns outcomes into exit codes.
+
+mod cli;
+mod config;
+mod telemetry;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use c3_proto::JobSpec;
+use c3_runtime::job::AgentContext;
+use c3_runtime::report::ControlPlane;
+use c3_runtime::statedir::StateDir;
+use c3_runtime::store::{BlobStore, StoreError};
+use c3_runtime::{error_chain, ExitCode as JobExit};
+
+use crate::cli::{Cli, Command, RunArgs};
+
+/// Usage, config or spec error: nothing launched (contract §1).
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return usage(&e.to_string()),
+    };
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return failure(&format!("cannot start the async runtime: {e}"), JobExit::AgentOrDataset.code()),
+    };
+    runtime.block_on(dispatch(cli.command, config))
+}
+
+async fn dispatch(command: Command, config: config::Config) -> ExitCode {
+    match command {
+        Command::Run(args) => run(args, &config).await,
+        Command::Pull { job_id, dest } => edge(pull(&config, &job_id, &dest).await),
+        Command::Ls { job_id, json } => edge(ls(&config, &job_id, json).await),
+        Command::Recover => recover(&config).await,
+    }
+}
+
+fn usage(message: &str) -> ExitCode {
+    failure(message, USAGE)
+}
+
+fn failure(message: &str, code: u8) -> ExitCode {
+    eprintln!("c3-agent: {message}");
+    ExitCode::from(code)
+}
+
+/// `pull`/`ls`: 0 on success, 1 on any failure, with the whole error chain.
+fn edge(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failure(&format!("{e:#}"), 1),
+    }
+}
+
+/// Builds the engine's context; `Err` is a usage/config problem (exit 2).
+fn context(config: &config::Config) -> Result<AgentContext, String> {
+    let store = BlobStore::open(&config.store).map_err(|e| match e {
+        StoreError::BadUrl { .. } | StoreError::BadOption { .. } | StoreError::Build { .. } => {
+            format!("config: `store`: {}", error_chain(&e))
+        }
+        other => error_chain(&other),
+    })?;
+    let (control_plane, token) = match &config.control_plane {
+        None => (None, None),
+        Some(settings) => {
+            let (cp, token) = settings.resolve().map_err(|p| format!("config: {p}"))?;
+            (Some(ControlPlane::new(cp)), token)
+        }
+    };
+    Ok(AgentContext {
+        state: StateDir::new(&config.state_dir),
+        store,
+        control_plane,
+        token,
+        kill_grace: config.kill_grace,
+        upload: config.upload.clone(),
+        preflight_timeout: config.preflight_timeout,
+    })
+}
+
+fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
+    if let Some(path) = &args.job {
+        if !args.command.is_empty() {
+            return Err("`run --job SPEC.json` takes no command after `--`".into());
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read job spec {}: {e}", path.display()))?;
+        let parsed = JobSpec::from_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        for field in &parsed.unknown_fields {
+            tracing::warn!(field = %field, "job spec has a field this agent does not know; ignored");
+        }
+        return Ok(parsed.spec);
+    }
+    if args.command.is_empty() {
+        return Err("run needs `--job SPEC.json` or a command after `--` (c3-agent run -- python3 train.py)".into());
+    }
+    let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
+    let job_id = args.job_id.unwrap_or_else(|| {
+        format!("local-{}-{}", chrono_like_now(), std::process::id())
+    });
+    let spec = JobSpec {
+        job_id,
+        project: None,
+        attempt: 1,
+        command: args.command,
+        workdir: Some(cwd.display().to_string()),
+        env: Default::default(),
+        output: args.output,
+        timeout_secs: args.timeout,
+        user: None,
+        datasets: Vec::new(),
+    };
+    // Flag errors name the flag, not the spec field.
+    spec.validate().map_err(|e| {
+        e.to_string()
+            .replace("job spec field `job_id`", "--job-id")
+            .replace("job spec field `output", "--output `")
+            .replace("job spec field `timeout_secs`", "--timeout")
+    })?;
+    Ok(spec)
+}
+
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    secs.to_string()
+}
+
+/// SIGTERM (`systemctl stop`) and SIGINT cancel the job.
+fn cancel_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "stop requested"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn run(args: RunArgs, config: &config::Config) -> ExitCode {
+    let spec = match spec_from_args(args) {
+        Ok(s) => s,
+        Err(e) => return usage(&e),
+    };
+    let ctx = match context(config) {
+        Ok(c) => c,
+        Err(e) => return usage(&e),
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into()),
+        store = ctx.store.url(),
+        control_plane = %config.control_plane.as_ref().map(|c| c.url.to_string()).unwrap_or_else(|| "none".into()),
+        state_dir = %config.state_dir.display(),
+        "c3-agent starting"
+    );
+    let cancel = cancel_on_signals();
+    let summary = c3_runtime::run_job(&ctx, spec, cancel).await;
+    let v = summary.verdict;
+    let reason = v.reason.map(|r| format!("/{}", r.as_str())).unwrap_or_default();
+    let where_ = match &summary.manifest {
+        Some(key) => format!("manifest {}/{key}", ctx.store.url().trim_end_matches('/')),
+        None => "no manifest written".to_string(),
+    };
+    println!(
+        "job {} {}{reason}: {} files, {} bytes ({} new); {where_}\n  list:  c3-agent ls {}\n  fetch: c3-agent pull {} DEST",
+        summary.job_id, v.state.as_str(), summary.files, summary.bytes, summary.new_bytes, summary.job_id, summary.job_id
+    );
+    ExitCode::from(v.exit.code())
+}
+
+async fn recover(config: &config::Config) -> ExitCode {
+    let ctx = match context(config) {
+        Ok(c) => c,
+        Err(e) => return usage(&e),
+    };
+    let finished = c3_runtime::recover::recover_all(&ctx).await;
+    if finished.is_empty() {
+        tracing::info!("nothing to recover");
+    }
+    ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0))
+}
+
+async fn pull(config: &config::Config, job_id: &str, dest: &Path) -> anyhow::Result<()> {
+    let ctx = context(config).map_err(anyhow::Error::msg)?;
+    let manifest = c3_runtime::pull::read_manifest(&ctx.store, job_id).await?;
+    let summary = c3_runtime::pull::pull(&ctx.store, &manifest, dest)
+        .await
+        .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
+    if !manifest.complete {
+        eprintln!("c3-agent: note: job {job_id}'s manifest is not complete yet (the job may still run)");
+    }
+    println!("pulled {} files, {} bytes of job {job_id} into {}", summary.files, summary.bytes, dest.display());
+    Ok(())
+}
+
+async fn ls(config: &config::Config, job_id: &str, json: bool) -> anyhow::Result<()> {
+    let ctx = context(config).map_err(anyhow::Error::msg)?;
+    let manifest = c3_runtime::pull::read_manifest(&ctx.store, job_id).await?;
+    if json {
+        print!("{}", String::from_utf8_lossy(&manifest.to_json()));
+        return Ok(());
+    }
+    for f in &manifest.files {
+        // Control characters (a newline in a name) are escaped so that one line is one file.
+        println!("{:>12}  {}  {}", f.size, f.sha256, f.path.escape_debug());
+    }
+    Ok(())
+}

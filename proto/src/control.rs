@@ -21,6 +21,30 @@ pub enum FailReason {
     AgentError,
 }
 
+impl JobState {
+    /// The contract's spelling, for logs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "RUNNING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Failed => "FAILED",
+            JobState::Canceled => "CANCELED",
+            JobState::TimedOut => "TIMED_OUT",
+        }
+    }
+}
+
+impl FailReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::ScriptError => "SCRIPT_ERROR",
+            FailReason::UploadError => "UPLOAD_ERROR",
+            FailReason::DatasetError => "DATASET_ERROR",
+            FailReason::AgentError => "AGENT_ERROR",
+        }
+    }
+}
+
 /// `POST {url}/v1/jobs/{job_id}/status`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {

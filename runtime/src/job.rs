@@ -489,8 +489,8 @@ impl<'a> Run<'a> {
             manifest: manifest_written.map(|_| manifest_key(&self.spec().job_id)),
         };
         tracing::info!(
-            state = ?verdict.state,
-            reason = ?verdict.reason,
+            state = verdict.state.as_str(),
+            reason = verdict.reason.map(|r| r.as_str()).unwrap_or("-"),
             exit_code = verdict.exit.code(),
             files = summary.files,
             bytes = summary.bytes,

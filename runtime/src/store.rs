@@ -75,6 +75,9 @@ impl StoreError {
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
     url: String,
+    /// A file store whose directory could not be created: every operation fails with this,
+    /// so the job fails its preflight (AGENT_ERROR) instead of the agent failing to start.
+    broken: Option<Arc<(String, std::io::ErrorKind, String)>>,
 }
 
 pub fn blob_key(sha256_hex: &str) -> String {
@@ -108,12 +111,14 @@ impl BlobStore {
                 let path = parsed
                     .to_file_path()
                     .map_err(|()| StoreError::BadUrl { url: url.clone(), problem: "not an absolute path".into() })?;
-                std::fs::create_dir_all(&path)
-                    .map_err(|source| StoreError::CreateDir { path: path.display().to_string(), source })?;
+                if let Err(e) = std::fs::create_dir_all(&path) {
+                    let broken = Some(Arc::new((path.display().to_string(), e.kind(), e.to_string())));
+                    return Ok(BlobStore { inner: Arc::new(object_store::memory::InMemory::new()), url, broken });
+                }
                 let fs = LocalFileSystem::new_with_prefix(&path)
                     .map_err(|source| StoreError::Build { scheme: "file", source })?;
                 // Durability matters more than speed for a job's only copy of its output.
-                return Ok(BlobStore { inner: Arc::new(fs.with_fsync(true)), url });
+                return Ok(BlobStore { inner: Arc::new(fs.with_fsync(true)), url, broken: None });
             }
             "s3" | "s3a" => {
                 let mut b = AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry);
@@ -155,7 +160,15 @@ impl BlobStore {
         } else {
             Arc::new(PrefixStore::new(inner, prefix.as_str()))
         };
-        Ok(BlobStore { inner, url })
+        Ok(BlobStore { inner, url, broken: None })
+    }
+
+    /// The backing store, unless it could not be set up.
+    fn store(&self) -> Result<&Arc<dyn ObjectStore>, StoreError> {
+        match &self.broken {
+            None => Ok(&self.inner),
+            Some(b) => Err(StoreError::CreateDir { path: b.0.clone(), source: std::io::Error::new(b.1, b.2.clone()) }),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -172,7 +185,7 @@ impl BlobStore {
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
         let path = StorePath::from(key.as_str());
-        match self.inner.put_opts(&path, PutPayload::from(bytes), PutMode::Create.into()).await {
+        match self.store()?.put_opts(&path, PutPayload::from(bytes), PutMode::Create.into()).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
             Err(source) => Err(StoreError::Op { op: "put", key, source }),
@@ -181,7 +194,7 @@ impl BlobStore {
 
     pub async fn blob_exists(&self, sha256_hex: &str) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
-        match self.inner.head(&StorePath::from(key.as_str())).await {
+        match self.store()?.head(&StorePath::from(key.as_str())).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(source) => Err(StoreError::Op { op: "head", key, source }),
@@ -191,7 +204,7 @@ impl BlobStore {
     /// Starts a multipart write of a blob; the object appears only on `complete`.
     pub async fn start_multipart(&self, sha256_hex: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
         let key = blob_key(sha256_hex);
-        self.inner
+        self.store()?
             .put_multipart(&StorePath::from(key.as_str()))
             .await
             .map_err(|source| StoreError::Op { op: "start multipart upload", key, source })
@@ -202,7 +215,7 @@ impl BlobStore {
     }
 
     pub async fn get(&self, key: &str) -> Result<GetResult, StoreError> {
-        self.inner
+        self.store()?
             .get(&StorePath::from(key))
             .await
             .map_err(|source| StoreError::Op { op: "get", key: key.to_string(), source })
@@ -216,7 +229,7 @@ impl BlobStore {
 
     /// Overwrites a small document (a manifest): a single PUT, never torn.
     pub async fn put_document(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.inner
+        self.store()?
             .put(&StorePath::from(key), PutPayload::from(bytes))
             .await
             .map(|_| ())
@@ -239,6 +252,15 @@ mod tests {
         let mut c = config("s3://bucket");
         c.options.insert("no_such_option".into(), "1".into());
         assert!(BlobStore::open(&c).unwrap_err().to_string().contains("no_such_option"));
+    }
+
+    #[tokio::test]
+    async fn uncreatable_file_store_fails_preflight_permanently() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        let store = BlobStore::open(&config(&format!("file://{}/f/store", dir.path().display()))).unwrap();
+        let e = store.preflight().await.unwrap_err();
+        assert!(e.is_permanent(), "{e}");
     }
 
     #[tokio::test]

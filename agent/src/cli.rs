@@ -1,0 +1,54 @@
+//! The command line (contract §1).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "c3-agent", version, about = "Runs one GPU job, syncs its artifacts to a content-addressed store, reports to the control plane")]
+pub struct Cli {
+    /// Configuration file (else $C3_AGENT_CONFIG, else /etc/c3-agent/config.toml if present)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one job: from a job spec (`--job SPEC.json`), or quickly from a command line (`-- CMD ARGS`)
+    Run(RunArgs),
+    /// Download a job's files per its manifest, verifying each sha256
+    Pull {
+        job_id: String,
+        dest: PathBuf,
+    },
+    /// List a job's manifest (size, sha256, path)
+    Ls {
+        job_id: String,
+        /// Print the manifest document itself
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish jobs a crashed agent left unfinished and deliver kept reports
+    Recover,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job spec (JSON) written by the scheduler
+    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout"])]
+    pub job: Option<PathBuf>,
+    /// Quick run: the job id (default: local-<time>-<pid>)
+    #[arg(long, value_name = "ID")]
+    pub job_id: Option<String>,
+    /// Quick run: an extra output dir, relative to the current dir (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub output: Vec<String>,
+    /// Quick run: stop the job after this many seconds
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Quick run: the command and its arguments, after `--`
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,328 @@
+//! The agent's TOML configuration (contract §2), environment overrides, and defaults.
+//! Every problem is reported at once, on one line, naming the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use c3_runtime::report::ControlPlaneConfig;
+use c3_runtime::store::StoreConfig;
+use c3_runtime::upload::UploadOptions;
+
+pub const SYSTEM_CONFIG: &str = "/etc/c3-agent/config.toml";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    kill_grace_secs: Option<u64>,
+    log_format: Option<String>,
+    #[serde(default)]
+    store: StoreSection,
+    control_plane: Option<ControlPlaneSection>,
+    #[serde(default)]
+    sync: SyncSection,
+    #[serde(default)]
+    upload: UploadSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    url: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+    max_retries: Option<usize>,
+    retry_timeout_secs: Option<u64>,
+    preflight_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlPlaneSection {
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    give_up_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncSection {
+    settle_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadSection {
+    multipart_threshold_bytes: Option<u64>,
+    min_part_size_bytes: Option<u64>,
+    parts_in_flight: Option<usize>,
+    files_in_flight: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub kill_grace: Duration,
+    pub log_format: LogFormat,
+    pub store: StoreConfig,
+    pub preflight_timeout: Duration,
+    pub control_plane: Option<ControlPlaneSettings>,
+    /// Used by incremental sync (a later stage); accepted and validated now.
+    #[allow(dead_code)]
+    pub settle: Duration,
+    pub upload: UploadOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlPlaneSettings {
+    pub url: url::Url,
+    pub token_file: Option<PathBuf>,
+    pub give_up: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config{}: {}", .source_file.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default(), .problems.join("; "))]
+pub struct ConfigError {
+    pub source_file: Option<PathBuf>,
+    pub problems: Vec<String>,
+}
+
+/// Which file to read: `--config`, else `$C3_AGENT_CONFIG`, else the system file if present.
+pub fn locate(flag: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Option<(PathBuf, bool)> {
+    if let Some(p) = flag {
+        return Some((p.to_path_buf(), true));
+    }
+    if let Some(p) = env("C3_AGENT_CONFIG").filter(|s| !s.is_empty()) {
+        return Some((PathBuf::from(p), true));
+    }
+    Path::new(SYSTEM_CONFIG).exists().then(|| (PathBuf::from(SYSTEM_CONFIG), false))
+}
+
+pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let located = locate(flag, &env);
+    let (file, text) = match &located {
+        None => (None, String::new()),
+        Some((path, _)) => match std::fs::read_to_string(path) {
+            Ok(t) => (Some(path.clone()), t),
+            Err(e) => {
+                return Err(ConfigError { source_file: Some(path.clone()), problems: vec![format!("cannot read: {e}")] })
+            }
+        },
+    };
+    resolve(file, &text, &env, default_state_dir())
+}
+
+/// Parses `text`, applies `env` overrides and defaults.
+pub fn resolve(
+    source_file: Option<PathBuf>,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    default_state: PathBuf,
+) -> Result<Config, ConfigError> {
+    let fail = |problems: Vec<String>| ConfigError { source_file: source_file.clone(), problems };
+    let mut file: FileConfig = toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        let at = e.span().map(|s| line_of(text, s.start)).map(|l| format!("line {l}: ")).unwrap_or_default();
+        fail(vec![format!("{at}{msg}")])
+    })?;
+    let mut problems = Vec::new();
+
+    let mut num = |var: &str, key: &str, slot: &mut Option<u64>| {
+        if let Some(v) = env(var) {
+            match v.trim().parse() {
+                Ok(n) => *slot = Some(n),
+                Err(_) => problems.push(format!("`{key}` (from ${var}): `{v}` is not a whole number")),
+            }
+        }
+    };
+    num("C3_AGENT_KILL_GRACE_SECS", "kill_grace_secs", &mut file.kill_grace_secs);
+    num("C3_AGENT_STORE_RETRY_TIMEOUT_SECS", "store.retry_timeout_secs", &mut file.store.retry_timeout_secs);
+    num("C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS", "store.preflight_timeout_secs", &mut file.store.preflight_timeout_secs);
+    num("C3_AGENT_SETTLE_MS", "sync.settle_ms", &mut file.sync.settle_ms);
+    let mut retries = file.store.max_retries.map(|n| n as u64);
+    num("C3_AGENT_STORE_MAX_RETRIES", "store.max_retries", &mut retries);
+    let mut cp = file.control_plane.take();
+    if env("C3_AGENT_CONTROL_PLANE_URL").is_some()
+        || env("C3_AGENT_TOKEN_FILE").is_some()
+        || env("C3_AGENT_GIVE_UP_SECS").is_some()
+    {
+        let section = cp.get_or_insert_with(ControlPlaneSection::default);
+        num("C3_AGENT_GIVE_UP_SECS", "control_plane.give_up_secs", &mut section.give_up_secs);
+    }
+    if let Some(v) = env("C3_AGENT_STATE_DIR") {
+        file.state_dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = env("C3_AGENT_LOG_FORMAT") {
+        file.log_format = Some(v);
+    }
+    if let Some(v) = env("C3_AGENT_STORE_URL") {
+        file.store.url = Some(v);
+    }
+    if let Some(section) = cp.as_mut() {
+        if let Some(v) = env("C3_AGENT_CONTROL_PLANE_URL") {
+            section.url = Some(v);
+        }
+        if let Some(v) = env("C3_AGENT_TOKEN_FILE") {
+            section.token_file = Some(PathBuf::from(v));
+        }
+    }
+
+    let state_dir = file.state_dir.unwrap_or(default_state);
+    if !state_dir.is_absolute() {
+        problems.push(format!("`state_dir`: `{}` must be an absolute path", state_dir.display()));
+    }
+    let log_format = match file.log_format.as_deref() {
+        None | Some("human") | Some("text") => LogFormat::Human,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            problems.push(format!("`log_format`: `{other}` is not `human` or `json`"));
+            LogFormat::Human
+        }
+    };
+    let store_url = match file.store.url {
+        Some(u) => u,
+        None => format!("file://{}", state_dir.join("store").display()),
+    };
+    if let Err(e) = url::Url::parse(&store_url) {
+        problems.push(format!("`store.url`: `{store_url}` is not a URL: {e}"));
+    }
+    let control_plane = cp.and_then(|section| {
+        let Some(raw) = section.url else {
+            problems.push("`control_plane.url`: missing (remove [control_plane] to run without one)".into());
+            return None;
+        };
+        match url::Url::parse(&raw) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(ControlPlaneSettings {
+                url: u,
+                token_file: section.token_file,
+                give_up: Duration::from_secs(section.give_up_secs.unwrap_or(60)),
+            }),
+            Ok(_) => {
+                problems.push(format!("`control_plane.url`: `{raw}` must be http:// or https://"));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("`control_plane.url`: `{raw}` is not a URL: {e}"));
+                None
+            }
+        }
+    });
+    let defaults = UploadOptions::default();
+    let upload = UploadOptions {
+        multipart_threshold: file.upload.multipart_threshold_bytes.unwrap_or(defaults.multipart_threshold),
+        min_part_size: file.upload.min_part_size_bytes.unwrap_or(defaults.min_part_size),
+        parts_in_flight: file.upload.parts_in_flight.unwrap_or(defaults.parts_in_flight),
+        files_in_flight: file.upload.files_in_flight.unwrap_or(defaults.files_in_flight),
+    };
+    if upload.min_part_size < 5 * 1024 * 1024 {
+        problems.push("`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into());
+    }
+    if upload.parts_in_flight == 0 || upload.files_in_flight == 0 {
+        problems.push("`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into());
+    }
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    Ok(Config {
+        source: source_file,
+        state_dir,
+        kill_grace: Duration::from_secs(file.kill_grace_secs.unwrap_or(10)),
+        log_format,
+        store: StoreConfig {
+            url: store_url,
+            options: file.store.options,
+            max_retries: retries.unwrap_or(10) as usize,
+            retry_timeout: Duration::from_secs(file.store.retry_timeout_secs.unwrap_or(180)),
+        },
+        preflight_timeout: Duration::from_secs(file.store.preflight_timeout_secs.unwrap_or(20)),
+        control_plane,
+        settle: Duration::from_millis(file.sync.settle_ms.unwrap_or(1000)),
+        upload,
+    })
+}
+
+impl ControlPlaneSettings {
+    /// Reads the bearer token; its absence is a configuration error.
+    pub fn resolve(&self) -> Result<(ControlPlaneConfig, Option<String>), String> {
+        let token = match &self.token_file {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Ok(_) => return Err(format!("`control_plane.token_file`: {} is empty", path.display())),
+                Err(e) => return Err(format!("`control_plane.token_file`: cannot read {}: {e}", path.display())),
+            },
+        };
+        Ok((ControlPlaneConfig { url: self.url.clone(), token: token.clone(), give_up: self.give_up }, token))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// `/var/lib/c3-agent` for root; the XDG state dir otherwise.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/c3-agent");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("c3-agent");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".local/state/c3-agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn defaults_use_embedded_store() {
+        let c = resolve(None, "", &env_of(&[]), PathBuf::from("/s")).unwrap();
+        assert_eq!(c.store.url, "file:///s/store");
+        assert!(c.control_plane.is_none());
+        assert_eq!(c.kill_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let text = "state_dir = \"/a\"\n[store]\nurl = \"s3://b\"\n";
+        let env = env_of(&[("C3_AGENT_STORE_URL", "file:///x"), ("C3_AGENT_CONTROL_PLANE_URL", "http://127.0.0.1:1/api")]);
+        let c = resolve(None, text, &env, PathBuf::from("/s")).unwrap();
+        assert_eq!(c.store.url, "file:///x");
+        assert_eq!(c.state_dir, PathBuf::from("/a"));
+        assert_eq!(c.control_plane.unwrap().give_up, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn all_problems_named_at_once() {
+        let text = "kill_grace_secs = 1\nlog_format = \"xml\"\n[control_plane]\nurl = \"ftp://x\"\n";
+        let e = resolve(Some("/etc/c.toml".into()), text, &env_of(&[("C3_AGENT_SETTLE_MS", "soon")]), PathBuf::from("/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config /etc/c.toml: "), "{e}");
+        for key in ["`log_format`", "`control_plane.url`", "`sync.settle_ms`"] {
+            assert!(e.contains(key), "{key} missing in {e}");
+        }
+        assert!(!e.contains('\n'));
+        let unknown = resolve(None, "\n[store]\nbucket = 1\n", &env_of(&[]), PathBuf::from("/s")).unwrap_err().to_string();
+        assert!(unknown.contains("line 3") && unknown.contains("bucket"), "{unknown}");
+    }
+}
