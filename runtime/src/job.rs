@@ -518,12 +518,12 @@ impl<'a> Run<'a> {
         report.failures.len() as u64
     }
 
-    async fn upload_logs(&self) -> (Option<Logs>, u64) {
-        let spec = self.spec();
+    async fn upload_logs(&mut self) -> (Option<Logs>, u64) {
+        let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);
         let mut entries = Vec::new();
         let mut errors = 0;
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let path = self.ctx.state.log_path(&spec.job_id, spec.attempt, stream);
+            let path = self.ctx.state.log_path(&job_id, attempt, stream);
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,
                 Err(_) => {
@@ -537,7 +537,10 @@ impl<'a> Run<'a> {
             };
             let file = LocalFile { rel: format!("logs/{}", stream.as_str()), abs: path, stamp: FileStamp::of(&meta) };
             match upload_file(&self.ctx.store, &file, &self.ctx.upload).await {
-                Ok(up) => entries.push(LogEntry { size: up.digests.size, sha256: up.digests.sha256_hex() }),
+                Ok(up) => {
+                    self.book.new_bytes += up.new_bytes;
+                    entries.push(LogEntry { size: up.digests.size, sha256: up.digests.sha256_hex() });
+                }
                 Err(e) => {
                     tracing::error!(stream = stream.as_str(), error = %error_chain(&e), "cannot store the job's log");
                     errors += 1;

@@ -1,1 +1,10 @@
-fn main(){}
+//! End-to-end tests: the real `c3-agent` binary against the file store, a real S3 server
+//! (s3s-fs) and a recording control plane, all on 127.0.0.1.
+
+mod support;
+
+mod control_plane;
+mod input;
+mod lifecycle;
+mod logs;
+mod stores;

@@ -1,0 +1,84 @@
+//! Bad input: one line naming the field, exit 2, nothing launched.
+
+use serde_json::json;
+
+use crate::support::Harness;
+
+#[test]
+fn bad_specs_are_one_line_naming_the_field() {
+    let h = Harness::file();
+    let marker = h.path("launched");
+    let cmd = json!(["touch", marker.display().to_string()]);
+    let cases = [
+        (json!({"command": cmd}), "`job_id`"),
+        (json!({"job_id": "has space", "command": cmd}), "`job_id`"),
+        (json!({"job_id": "j", "command": []}), "`command`"),
+        (json!({"job_id": "j", "command": "touch x"}), "`command`"),
+        (json!({"job_id": "j", "command": cmd, "output": ["../escape"]}), "`output[0]`"),
+        (json!({"job_id": "j", "command": cmd, "output": ["/abs"]}), "`output[0]`"),
+        (json!({"job_id": "j", "command": cmd, "timeout_secs": -1}), "`timeout_secs`"),
+        (json!({"job_id": "j", "command": cmd, "env": {"A": 1}}), "`env.A`"),
+        (json!({"job_id": "j", "command": cmd, "attempt": 0}), "`attempt`"),
+        (json!({"job_id": "j", "command": cmd, "datasets": [{"ref": "job_prev", "mount": "in"}]}), "`datasets[0].ref`"),
+    ];
+    for (spec, field) in cases {
+        let path = h.path("bad.json");
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        let run = h.run(&["run", "--job", path.to_str().unwrap()]);
+        run.assert_code(2);
+        let lines: Vec<&str> = run.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line for {spec}: {:?}", run.stderr);
+        assert!(lines[0].contains(field), "{field} not named: {}", lines[0]);
+    }
+    let run = h.run(&["run", "--job", h.path("missing.json").to_str().unwrap()]);
+    run.assert_code(2);
+    std::fs::write(h.path("bad.json"), "{not json").unwrap();
+    h.run(&["run", "--job", h.path("bad.json").to_str().unwrap()]).assert_code(2);
+    assert!(!marker.exists(), "nothing may be launched on a bad spec");
+}
+
+#[test]
+fn unknown_spec_fields_only_warn() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "j1", "command": ["true"], "priority": "high"}));
+    run.assert_code(0);
+    assert!(run.stderr.contains("priority"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_config_is_one_line_naming_the_key() {
+    let mut h = Harness::file();
+    h.extra_toml = "log_format = \"xml\"\n[sync]\nsettle_msec = 5\n".into();
+    let marker = h.path("launched");
+    let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
+    run.assert_code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("settle_msec") && run.stderr.contains("config.toml"), "{}", run.stderr);
+    assert!(!marker.exists());
+
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_STORE_URL".into(), "ftp://nowhere".into()));
+    let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("store") && run.stderr.contains("ftp"), "{}", run.stderr);
+    assert!(!marker.exists());
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let h = Harness::file();
+    h.run(&["run"]).assert_code(2);
+    h.run(&["run", "--job-id", "a b", "--", "true"]).assert_code(2);
+    h.run(&["run", "--output", "../x", "--", "true"]).assert_code(2);
+    h.run(&["frobnicate"]).assert_code(2);
+}
+
+#[test]
+fn missing_token_file_is_a_config_error() {
+    let h = Harness::file().with_control_plane(2);
+    let config = h.config_path();
+    std::fs::remove_file(h.path("token")).unwrap();
+    let run = h.command(&["run", "--", "true"]).env("C3_AGENT_CONFIG", config).env("C3_AGENT_TOKEN_FILE", h.path("nope")).output().unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("token_file"));
+}

@@ -1,0 +1,161 @@
+//! The contract's §8 table, one test per row, plus timeout and cancel with a stubborn grandchild.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{alive, signal, wait_for, Harness, Store};
+
+/// A script that makes the store unusable while it runs (after the preflight passed).
+fn break_file_store(h: &Harness) -> String {
+    let blobs = h.state.join("store/blobs");
+    format!("rm -rf '{0}' && touch '{0}'", blobs.display())
+}
+
+#[test]
+fn exit_0_and_uploads_ok_is_succeeded() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "ok", "project": "p", "command": ["sh", "-c", "echo 42 > $C3_ARTIFACTS_DIR/answer"]}));
+    run.assert_code(0);
+    let t = h.terminal("ok");
+    assert_eq!(t["state"], "SUCCEEDED");
+    assert_eq!(t["reason"], serde_json::Value::Null);
+    assert_eq!(t["exit_code"], 0);
+    let m = h.manifest("ok");
+    assert_eq!(m["complete"], true);
+    assert_eq!(m["project"], "p");
+    assert_eq!(h.manifest_paths("ok"), vec!["artifacts/answer"]);
+}
+
+#[test]
+fn exit_0_and_upload_failed_is_upload_error_not_retryable() {
+    let h = Harness::file();
+    let script = format!("echo data > $C3_ARTIFACTS_DIR/out; {}", break_file_store(&h));
+    let run = h.run_job(json!({"job_id": "upfail", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    let t = h.terminal("upfail");
+    assert_eq!(t["state"], "FAILED");
+    assert_eq!(t["reason"], "UPLOAD_ERROR");
+    assert_eq!(t["retryable"], false);
+    assert!(t["upload_errors"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn s3_server_dying_mid_run_is_upload_error() {
+    let h = Harness::new(Store::s3());
+    let Store::S3(s3) = &h.store else { unreachable!() };
+    let script = format!("echo data > $C3_ARTIFACTS_DIR/out; kill -9 {}", s3.pid());
+    let run = h.run_job(json!({"job_id": "s3dies", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    let t = h.terminal("s3dies");
+    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("UPLOAD_ERROR")));
+}
+
+#[test]
+fn script_failure_is_script_error() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "bad", "command": ["sh", "-c", "echo partial > $C3_ARTIFACTS_DIR/p; exit 3"]}));
+    run.assert_code(1);
+    let t = h.terminal("bad");
+    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("SCRIPT_ERROR")));
+    assert_eq!(t["exit_code"], 3);
+    assert_eq!(h.manifest_paths("bad"), vec!["artifacts/p"], "best-effort upload of what the script left");
+}
+
+#[test]
+fn script_failure_and_upload_failure_is_still_script_error() {
+    let h = Harness::file();
+    let script = format!("echo x > $C3_ARTIFACTS_DIR/x; {}; exit 7", break_file_store(&h));
+    let run = h.run_job(json!({"job_id": "both", "command": ["sh", "-c", script]}));
+    run.assert_code(1);
+    let t = h.terminal("both");
+    assert_eq!(t["reason"], "SCRIPT_ERROR");
+    assert!(t["upload_errors"].as_u64().unwrap() > 0, "upload errors are counted: {t}");
+}
+
+#[test]
+fn killed_by_signal_is_script_error_with_signal() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "sig", "command": ["sh", "-c", "kill -KILL $$"]}));
+    run.assert_code(1);
+    let t = h.terminal("sig");
+    assert_eq!(t["reason"], "SCRIPT_ERROR");
+    assert_eq!(t["signal"], "SIGKILL");
+}
+
+#[test]
+fn command_not_found_is_script_error_127() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "nf", "command": ["/no/such/program"]}));
+    run.assert_code(1);
+    assert_eq!(h.terminal("nf")["exit_code"], 127);
+}
+
+/// Writes `started`, then leaves a grandchild that ignores SIGTERM, and waits.
+const STUBBORN: &str = "echo s > $C3_ARTIFACTS_DIR/started; (trap '' TERM; exec sleep 300) & echo $! > $C3_ARTIFACTS_DIR/grandchild.pid; wait";
+
+fn grandchild_pid(h: &Harness, job: &str) -> i32 {
+    let path = h.workdir(job).join("artifacts/grandchild.pid");
+    wait_for("the grandchild's pid", Duration::from_secs(20), || {
+        std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok())
+    })
+}
+
+#[test]
+fn timeout_kills_the_whole_group_and_uploads() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "slow", "command": ["sh", "-c", STUBBORN], "timeout_secs": 2}));
+    run.assert_code(5);
+    let pid = grandchild_pid(&h, "slow");
+    assert!(!alive(pid), "grandchild {pid} survived the timeout");
+    assert_eq!(h.terminal("slow")["state"], "TIMED_OUT");
+    assert_eq!(h.manifest_paths("slow"), vec!["artifacts/grandchild.pid", "artifacts/started"]);
+}
+
+#[test]
+fn sigterm_to_agent_cancels_the_job() {
+    let h = Harness::file();
+    let spec = h.spec(json!({"job_id": "cancel", "command": ["sh", "-c", STUBBORN]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let pid = grandchild_pid(&h, "cancel");
+    signal(child.id(), "TERM");
+    let run = h.wait("cancelled run".into(), child);
+    run.assert_code(4);
+    assert!(!alive(pid), "grandchild {pid} survived the cancel");
+    assert_eq!(h.terminal("cancel")["state"], "CANCELED");
+    assert!(h.manifest_paths("cancel").contains(&"artifacts/started".to_string()));
+}
+
+#[test]
+fn preflight_failure_launches_nothing() {
+    // A file store whose directory cannot be created.
+    let mut h = Harness::file();
+    std::fs::write(h.path("plain-file"), "").unwrap();
+    h.env.push(("C3_AGENT_STORE_URL".into(), format!("file://{}/store", h.path("plain-file").display())));
+    let marker = h.path("launched");
+    let run = h.run_job(json!({"job_id": "pre", "command": ["touch", marker.display().to_string()]}));
+    run.assert_code(6);
+    assert!(!marker.exists());
+    let t = h.terminal("pre");
+    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("AGENT_ERROR")));
+    assert!(run.stderr.contains("not usable"), "{}", run.stderr);
+
+    // An S3 store that denies access (bad secret key).
+    let h = Harness::new(Store::s3());
+    let config = h.config_path();
+    let bad = std::fs::read_to_string(&config).unwrap().replace("aws_secret_access_key = \"SK\"", "aws_secret_access_key = \"WRONG\"");
+    std::fs::write(h.path("bad.toml"), bad).unwrap();
+    let spec = h.spec(json!({"job_id": "pre3", "command": ["touch", marker.display().to_string()]}));
+    let out = h.command(&["run", "--job", spec.to_str().unwrap()]).env("C3_AGENT_CONFIG", h.path("bad.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!marker.exists());
+}
+
+#[test]
+fn leftover_background_processes_are_stopped() {
+    let h = Harness::file();
+    let script = "(trap '' TERM; exec sleep 300) & echo $! > $C3_ARTIFACTS_DIR/bg.pid; exit 0";
+    h.run_job(json!({"job_id": "bg", "command": ["sh", "-c", script]})).assert_code(0);
+    let pid: i32 = std::fs::read_to_string(h.workdir("bg").join("artifacts/bg.pid")).unwrap().trim().parse().unwrap();
+    assert!(!alive(pid), "a background process outlived its job");
+}

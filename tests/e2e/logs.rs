@@ -1,0 +1,81 @@
+//! What operators see: the job's output in the agent's log, JSON logs, the environment.
+
+use serde_json::{json, Value};
+
+use crate::support::Harness;
+
+#[test]
+fn json_logs_carry_job_id_and_stream() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
+    let run = h.run_job(json!({"job_id": "jl", "command": ["sh", "-c", "echo hello-out; echo hello-err >&2"]}));
+    run.assert_code(0);
+    let lines: Vec<Value> = run.stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect();
+    let find = |text: &str| lines.iter().find(|l| l["message"] == text).unwrap_or_else(|| panic!("{text} not logged: {}", run.stderr));
+    assert_eq!(find("hello-out")["stream"], "stdout");
+    assert_eq!(find("hello-out")["job_id"], "jl");
+    assert_eq!(find("hello-err")["stream"], "stderr");
+    let summary = find("job finished");
+    assert_eq!(summary["state"], "SUCCEEDED");
+    assert_eq!(summary["job_id"], "jl");
+}
+
+#[test]
+fn job_output_is_kept_whole_in_the_state_dir() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "kept", "command": ["sh", "-c", "printf 'a\\nno newline'; printf e >&2"]}));
+    run.assert_code(0);
+    assert!(run.stderr.contains("no newline"), "{}", run.stderr);
+    let out = std::fs::read_to_string(h.state.join("jobs/kept/attempts/1/stdout.log")).unwrap();
+    assert_eq!(out, "a\nno newline");
+    let m = h.manifest("kept");
+    assert_eq!(m["logs"]["stdout"]["size"], 12);
+    assert_eq!(m["logs"]["stderr"]["size"], 1);
+}
+
+#[test]
+fn credentials_never_reach_the_job() {
+    let mut h = Harness::file().with_control_plane(5);
+    for (k, v) in [
+        ("AWS_SECRET_ACCESS_KEY", "aws-sekrit"),
+        ("AWS_ACCESS_KEY_ID", "AKIA"),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "az-sekrit"),
+        ("GOOGLE_APPLICATION_CREDENTIALS", "/etc/gcp.json"),
+        ("C3_AGENT_SOMETHING", "x"),
+        ("CREDENTIALS_DIRECTORY", "/run/credentials/c3"),
+        ("INNOCENT_LOOKING", "tok-Secret-123"),
+        ("KEEP_ME", "yes"),
+        ("PYTHONUNBUFFERED", "0"),
+    ] {
+        h.env.push((k.into(), v.into()));
+    }
+    let spec = json!({"job_id": "env", "command": ["sh", "-c", "env > $C3_ARTIFACTS_DIR/env.txt"], "env": {"EPOCHS": "3", "AWS_PROFILE": "mine"}});
+    h.run_job(spec).assert_code(0);
+    let env = std::fs::read_to_string(h.workdir("env").join("artifacts/env.txt")).unwrap();
+    for secret in ["aws-sekrit", "AKIA", "az-sekrit", "gcp.json", "C3_AGENT_SOMETHING", "CREDENTIALS_DIRECTORY", "tok-Secret-123", "C3_AGENT_CONFIG"] {
+        assert!(!env.contains(secret), "{secret} leaked into the job:\n{env}");
+    }
+    let workdir = h.workdir("env");
+    for expected in [
+        "KEEP_ME=yes".to_string(),
+        "EPOCHS=3".into(),
+        "AWS_PROFILE=mine".into(),
+        "PYTHONUNBUFFERED=1".into(),
+        "C3_JOB_ID=env".into(),
+        "C3_ATTEMPT=1".into(),
+        format!("C3_ARTIFACTS_DIR={}/artifacts", workdir.display()),
+        format!("C3_RESULT_FILE={}/.c3/result.json", workdir.display()),
+    ] {
+        assert!(env.lines().any(|l| l == expected), "{expected} missing:\n{env}");
+    }
+}
+
+#[test]
+fn quick_run_uses_the_current_dir() {
+    let h = Harness::file();
+    let run = h.run(&["run", "--job-id", "quick", "--output", "out", "--", "sh", "-c", "echo a > $C3_ARTIFACTS_DIR/a; echo b > out/b"]);
+    run.assert_code(0);
+    assert!(run.stdout.contains("c3-agent pull quick"), "{}", run.stdout);
+    assert_eq!(h.manifest_paths("quick"), vec!["artifacts/a", "out/b"]);
+    assert!(h.dir.path().join("artifacts/a").exists());
+}

@@ -1,0 +1,452 @@
+//! Test harness: the real `c3-agent` binary, a real S3 server (s3s-fs) and a recording
+//! control-plane server, all on 127.0.0.1, each test in its own temp dir.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_c3-agent");
+/// Upper bound for any one agent run in a test.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Polls `f` every 20 ms until it returns Some, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+// ---------------------------------------------------------------- S3 server
+
+/// A real S3 protocol server on loopback (s3s-fs), killed on drop.
+pub struct S3Server {
+    pub port: u16,
+    pub root: tempfile::TempDir,
+    pub bucket: String,
+    child: Child,
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("C3_TEST_S3S_FS") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    for candidate in [format!("{home}/.cargo/bin/s3s-fs"), "/usr/local/bin/s3s-fs".into()] {
+        if Path::new(&candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("s3s-fs not found: run the tests through scripts/test.sh, which installs it (or set C3_TEST_S3S_FS)");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bucket = "c3-test".to_string();
+        std::fs::create_dir_all(root.path().join(&bucket)).expect("bucket dir");
+        // A port picked then released can be taken meanwhile: try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(s3s_fs_binary())
+                .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AK", "--secret-key", "SK"])
+                .arg(root.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start s3s-fs");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return S3Server { port, root, bucket, child };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `[store]` config for this server under `prefix`.
+    pub fn store_toml(&self, prefix: &str) -> String {
+        format!(
+            "[store]\nurl = \"s3://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
+            self.bucket,
+            self.endpoint()
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- stores
+
+/// Where a test's store lives, and a way to look at it from the outside.
+pub enum Store {
+    File,
+    S3(S3Server),
+}
+
+impl Store {
+    pub fn s3() -> Self {
+        Store::S3(S3Server::start())
+    }
+}
+
+// ---------------------------------------------------------------- control plane
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub auth: Option<String>,
+    pub body: Value,
+    pub answered: u16,
+}
+
+#[derive(Default)]
+struct CpState {
+    requests: Mutex<Vec<Recorded>>,
+    fail_next: AtomicUsize,
+    fail_all: AtomicBool,
+    quota: Mutex<(u64, Option<u64>)>,
+}
+
+/// An HTTP control plane that records every request and can answer 503 or over-quota.
+pub struct ControlPlane {
+    pub url: String,
+    state: Arc<CpState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    pub fn start() -> Self {
+        use axum::extract::{Path as AxPath, State};
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::routing::post;
+
+        let state = Arc::new(CpState::default());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let url = format!("http://{}/api", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let handler = |State(st): State<Arc<CpState>>, AxPath(rest): AxPath<String>, headers: HeaderMap, body: String| async move {
+                    let failing = st.fail_all.load(Ordering::SeqCst)
+                        || st.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+                    let (code, reply) = if failing {
+                        (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "try later"}))
+                    } else if rest.ends_with("/artifacts") {
+                        let (used, quota) = *st.quota.lock().expect("lock");
+                        (StatusCode::OK, json!({"storage_used_bytes": used, "storage_quota_bytes": quota}))
+                    } else {
+                        (StatusCode::OK, json!({}))
+                    };
+                    st.requests.lock().expect("lock").push(Recorded {
+                        path: format!("/{rest}"),
+                        auth: headers.get("authorization").and_then(|v| v.to_str().ok()).map(String::from),
+                        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                        answered: code.as_u16(),
+                    });
+                    (code, axum::Json(reply))
+                };
+                let app = axum::Router::new().route("/api/{*rest}", post(handler)).with_state(st);
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .expect("serve");
+            });
+        });
+        ControlPlane { url, state, shutdown: Some(tx), thread: Some(thread) }
+    }
+
+    pub fn fail_next(&self, n: usize) {
+        self.state.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    pub fn fail_all(&self, on: bool) {
+        self.state.fail_all.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_quota(&self, used: u64, quota: Option<u64>) {
+        *self.state.quota.lock().expect("lock") = (used, quota);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().expect("lock").clone()
+    }
+
+    /// Successfully answered requests whose path ends with `suffix`.
+    pub fn delivered(&self, suffix: &str) -> Vec<Value> {
+        self.requests().into_iter().filter(|r| r.answered == 200 && r.path.ends_with(suffix)).map(|r| r.body).collect()
+    }
+
+    pub fn terminal_status(&self) -> Option<Value> {
+        self.delivered("/status").into_iter().find(|b| b["state"] != "RUNNING")
+    }
+
+    pub fn toml(&self, token_file: &Path, give_up_secs: u64) -> String {
+        format!(
+            "[control_plane]\nurl = \"{}\"\ntoken_file = \"{}\"\ngive_up_secs = {give_up_secs}\n",
+            self.url,
+            token_file.display()
+        )
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the agent
+
+/// One test's world: a temp dir holding the state dir, workdirs, config and spec files.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub store: Store,
+    pub control_plane: Option<ControlPlane>,
+    pub token: String,
+    pub extra_toml: String,
+    pub env: Vec<(String, String)>,
+    pub give_up_secs: u64,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Run {
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "{} exited {} (expected {code})\n--- stdout\n{}\n--- stderr\n{}", self.what, self.code, self.stdout, self.stderr);
+        self
+    }
+}
+
+fn finish(what: String, out: Output) -> Run {
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        what,
+    }
+}
+
+impl Harness {
+    pub fn new(store: Store) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        Harness { dir, state, store, control_plane: None, token: "tok-Secret-123".into(), extra_toml: String::new(), env: Vec::new(), give_up_secs: 5 }
+    }
+
+    pub fn file() -> Self {
+        Self::new(Store::File)
+    }
+
+    pub fn with_control_plane(mut self, give_up_secs: u64) -> Self {
+        self.control_plane = Some(ControlPlane::start());
+        self.give_up_secs = give_up_secs;
+        self
+    }
+
+    pub fn cp(&self) -> &ControlPlane {
+        self.control_plane.as_ref().expect("harness has a control plane")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn workdir(&self, job: &str) -> PathBuf {
+        self.path(&format!("work-{job}"))
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        let token_file = self.path("token");
+        std::fs::write(&token_file, format!("{}\n", self.token)).expect("token");
+        let mut toml = format!("state_dir = \"{}\"\nkill_grace_secs = 1\n{}", self.state.display(), self.extra_toml);
+        if let Store::S3(s3) = &self.store {
+            toml.push_str(&s3.store_toml("pre"));
+        }
+        if let Some(cp) = &self.control_plane {
+            toml.push_str(&cp.toml(&token_file, self.give_up_secs));
+        }
+        let path = self.path("config.toml");
+        std::fs::write(&path, toml).expect("config");
+        path
+    }
+
+    /// Writes a job spec; `workdir` defaults to `work-<job_id>` in the temp dir.
+    pub fn spec(&self, mut spec: Value) -> PathBuf {
+        let id = spec["job_id"].as_str().expect("job_id").to_string();
+        if spec.get("workdir").is_none() {
+            spec["workdir"] = json!(self.workdir(&id).display().to_string());
+        }
+        let path = self.path(&format!("{id}.json"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&spec).expect("json")).expect("spec");
+        path
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let config = self.config_path();
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+            .env("HOME", self.dir.path())
+            .env("C3_AGENT_CONFIG", config)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().expect("spawn c3-agent")
+    }
+
+    pub fn wait(&self, what: String, mut child: Child) -> Run {
+        let deadline = Instant::now() + RUN_LIMIT;
+        loop {
+            if child.try_wait().expect("try_wait").is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        finish(what, child.wait_with_output().expect("output"))
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let what = format!("c3-agent {}", args.join(" "));
+        let child = self.spawn(args);
+        self.wait(what, child)
+    }
+
+    /// `run --job` for a spec built from `spec`.
+    pub fn run_job(&self, spec: Value) -> Run {
+        let path = self.spec(spec);
+        self.run(&["run", "--job", path.to_str().expect("utf8")])
+    }
+
+    /// A store object, read from outside the agent (the store's own directory).
+    pub fn object(&self, key: &str) -> Option<Vec<u8>> {
+        let path = match &self.store {
+            Store::File => self.state.join("store").join(key),
+            Store::S3(s3) => s3.root.path().join(&s3.bucket).join("pre").join(key),
+        };
+        std::fs::read(path).ok()
+    }
+
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        match &self.store {
+            Store::File => self.state.join("store").join(key),
+            Store::S3(s3) => s3.root.path().join(&s3.bucket).join("pre").join(key),
+        }
+    }
+
+    pub fn manifest(&self, job: &str) -> Value {
+        let bytes = self.object(&format!("jobs/{job}/manifest.json")).unwrap_or_else(|| panic!("no manifest for {job}"));
+        serde_json::from_slice(&bytes).expect("manifest json")
+    }
+
+    pub fn manifest_paths(&self, job: &str) -> Vec<String> {
+        self.manifest(job)["files"].as_array().expect("files").iter().map(|f| f["path"].as_str().expect("path").to_string()).collect()
+    }
+
+    /// Reports recorded locally (no control plane): `reports.jsonl` of attempt 1.
+    pub fn local_reports(&self, job: &str) -> Vec<Value> {
+        let path = self.state.join(format!("jobs/{job}/attempts/1/reports.jsonl"));
+        std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).expect("jsonl")).collect()
+    }
+
+    /// The terminal status, from the control plane if there is one, else from the local reports.
+    pub fn terminal(&self, job: &str) -> Value {
+        match &self.control_plane {
+            Some(cp) => cp.terminal_status().expect("a terminal status was delivered"),
+            None => self
+                .local_reports(job)
+                .into_iter()
+                .filter(|r| r["endpoint"].as_str().is_some_and(|e| e.ends_with("/status")))
+                .map(|r| r["body"].clone())
+                .find(|b| b["state"] != "RUNNING")
+                .expect("a terminal status was recorded"),
+        }
+    }
+}
+
+/// Is `pid` a live (non-zombie) process?
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()).unwrap_or("Z");
+            state != "Z" && state != "X"
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill").success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
