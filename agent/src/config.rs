@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use c3_runtime::live::{LiveOptions, WatchMode};
 use c3_runtime::report::ControlPlaneConfig;
 use c3_runtime::store::StoreConfig;
 use c3_runtime::upload::UploadOptions;
@@ -51,6 +52,11 @@ struct ControlPlaneSection {
 #[serde(deny_unknown_fields)]
 struct SyncSection {
     settle_ms: Option<u64>,
+    live: Option<bool>,
+    mode: Option<String>,
+    poll_ms: Option<u64>,
+    event_queue: Option<usize>,
+    manifest_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,9 +85,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub preflight_timeout: Duration,
     pub control_plane: Option<ControlPlaneSettings>,
-    /// Used by incremental sync (a later stage); accepted and validated now.
-    #[allow(dead_code)]
-    pub settle: Duration,
+    /// Sync while the job runs (`None`: `sync.live = false`, upload at the end only).
+    pub live: Option<LiveOptions>,
     pub upload: UploadOptions,
 }
 
@@ -155,11 +160,11 @@ pub fn resolve(
     let mut retries = file.store.max_retries.map(|n| n as u64);
     num("C3_AGENT_STORE_MAX_RETRIES", "store.max_retries", &mut retries);
     let mut cp = file.control_plane.take();
-    if env("C3_AGENT_CONTROL_PLANE_URL").is_some()
-        || env("C3_AGENT_TOKEN_FILE").is_some()
-        || env("C3_AGENT_GIVE_UP_SECS").is_some()
-    {
-        let section = cp.get_or_insert_with(ControlPlaneSection::default);
+    // Only a URL makes a control plane: the unit file may set the token file on every node.
+    if env("C3_AGENT_CONTROL_PLANE_URL").is_some() {
+        cp.get_or_insert_with(ControlPlaneSection::default);
+    }
+    if let Some(section) = cp.as_mut() {
         num("C3_AGENT_GIVE_UP_SECS", "control_plane.give_up_secs", &mut section.give_up_secs);
     }
     if let Some(v) = env("C3_AGENT_STATE_DIR") {
@@ -167,6 +172,16 @@ pub fn resolve(
     }
     if let Some(v) = env("C3_AGENT_LOG_FORMAT") {
         file.log_format = Some(v);
+    }
+    if let Some(v) = env("C3_AGENT_SYNC_MODE") {
+        file.sync.mode = Some(v);
+    }
+    if let Some(v) = env("C3_AGENT_SYNC_LIVE") {
+        match v.as_str() {
+            "true" | "1" | "on" => file.sync.live = Some(true),
+            "false" | "0" | "off" => file.sync.live = Some(false),
+            _ => problems.push(format!("`sync.live` (from $C3_AGENT_SYNC_LIVE): `{v}` is not true or false")),
+        }
     }
     if let Some(v) = env("C3_AGENT_STORE_URL") {
         file.store.url = Some(v);
@@ -233,6 +248,25 @@ pub fn resolve(
     if upload.parts_in_flight == 0 || upload.files_in_flight == 0 {
         problems.push("`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into());
     }
+    let mode = match file.sync.mode.as_deref() {
+        None | Some("inotify") => WatchMode::Inotify,
+        Some("poll") => WatchMode::Poll,
+        Some(other) => {
+            problems.push(format!("`sync.mode`: `{other}` is not `inotify` or `poll`"));
+            WatchMode::Inotify
+        }
+    };
+    if file.sync.event_queue == Some(0) || file.sync.poll_ms == Some(0) {
+        problems.push("`sync.event_queue` and `sync.poll_ms` must be at least 1".into());
+    }
+    let live = file.sync.live.unwrap_or(true).then(|| LiveOptions {
+        settle: Duration::from_millis(file.sync.settle_ms.unwrap_or(1000)),
+        mode,
+        poll_interval: Duration::from_millis(file.sync.poll_ms.unwrap_or(2000)),
+        event_queue: file.sync.event_queue.unwrap_or(4096),
+        manifest_interval: Duration::from_millis(file.sync.manifest_interval_ms.unwrap_or(3000)),
+        upload: upload.clone(),
+    });
     if !problems.is_empty() {
         return Err(fail(problems));
     }
@@ -249,7 +283,7 @@ pub fn resolve(
         },
         preflight_timeout: Duration::from_secs(file.store.preflight_timeout_secs.unwrap_or(20)),
         control_plane,
-        settle: Duration::from_millis(file.sync.settle_ms.unwrap_or(1000)),
+        live,
         upload,
     })
 }
@@ -309,6 +343,8 @@ mod tests {
         assert_eq!(c.store.url, "file:///x");
         assert_eq!(c.state_dir, PathBuf::from("/a"));
         assert_eq!(c.control_plane.unwrap().give_up, Duration::from_secs(60));
+        let only_token = resolve(None, "", &env_of(&[("C3_AGENT_TOKEN_FILE", "/run/t")]), PathBuf::from("/s")).unwrap();
+        assert!(only_token.control_plane.is_none(), "a token file alone does not make a control plane");
     }
 
     #[test]

@@ -87,6 +87,7 @@ fn context(config: &config::Config) -> Result<AgentContext, String> {
         kill_grace: config.kill_grace,
         upload: config.upload.clone(),
         preflight_timeout: config.preflight_timeout,
+        live: config.live.clone(),
     })
 }
 

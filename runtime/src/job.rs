@@ -16,6 +16,7 @@ use c3_proto::{
 };
 
 use crate::collect::{scan, FileStamp, LocalFile};
+use crate::live::{LiveOptions, LiveSync};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, ProcessGroup, RunAs};
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::output::{forward_live, pump};
@@ -44,6 +45,8 @@ pub struct AgentContext {
     pub upload: UploadOptions,
     /// The store check before launch waits at most this long; a slow store does not block the launch.
     pub preflight_timeout: Duration,
+    /// Sync while the job runs; `None` uploads everything at the end.
+    pub live: Option<LiveOptions>,
 }
 
 /// What the agent tells its caller (and the log's summary line) about a finished job.
@@ -307,11 +310,20 @@ impl<'a> Run<'a> {
             tokio::spawn(forward_live(cp, spec.job_id.clone(), spec.attempt, logs.clone(), output_done.clone()).in_current_span())
         });
 
+        let live = self.ctx.live.clone().map(|opts| {
+            let manifest = Manifest::new(&spec.job_id, spec.project.clone(), spec.attempt);
+            let book = std::mem::take(&mut self.book);
+            LiveSync::start(self.ctx.store.clone(), self.workdir.clone(), spec.collected_dirs(), group.0, manifest, book, opts)
+        });
+
         let end = self.wait(&mut script.child, group, cancel, spec.timeout_secs).await;
 
         if group.is_alive() {
             self.warn("the job's script ended but left processes running; terminating them".into());
             group.terminate(None, self.ctx.kill_grace).await;
+        }
+        if let Some(live) = live {
+            self.book = live.finish().await;
         }
         let drained = tokio::time::timeout(PUMP_DRAIN, async {
             while let Some(r) = pumps.join_next().await {

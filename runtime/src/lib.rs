@@ -10,6 +10,8 @@ pub mod collect;
 pub mod digest;
 pub mod job;
 pub mod launch;
+pub mod live;
+pub mod openfiles;
 pub mod outcome;
 pub mod output;
 pub mod pull;
@@ -19,6 +21,7 @@ pub mod statedir;
 pub mod store;
 pub mod sync;
 pub mod upload;
+pub mod watch;
 
 pub use job::{error_chain, run_job, AgentContext, JobSummary};
 pub use outcome::{ExitCode, JobEnd, Verdict};

@@ -53,11 +53,19 @@ impl SyncBook {
         self.synced.is_empty()
     }
 
-    fn is_current(&self, file: &LocalFile) -> bool {
+    /// Whether this exact version of the file is already a blob.
+    pub fn is_current(&self, file: &LocalFile) -> bool {
         self.synced.get(&file.rel).is_some_and(|u| u.stamp == file.stamp)
     }
 
-    fn record(&mut self, up: Uploaded) {
+    /// Drops the entries whose path matches; returns how many.
+    pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
+        let before = self.synced.len();
+        self.synced.retain(|k, _| !gone(k));
+        before - self.synced.len()
+    }
+
+    pub fn record(&mut self, up: Uploaded) {
         self.new_bytes += up.new_bytes;
         self.synced.insert(up.rel.clone(), up);
     }

@@ -1,0 +1,406 @@
+//! Incremental sync while the job runs (contract §5).
+//!
+//! One task owns the [`SyncBook`] while the job runs. Hints from the watcher (or a
+//! periodic scan when inotify is unavailable) make a path a *candidate*; a candidate
+//! whose stamp stayed the same for `settle` and that no process of the job holds open
+//! for writing is uploaded. The in-progress manifest (`complete: false`) is rewritten,
+//! throttled, and lists only uploaded blobs. [`LiveSync::finish`] hands the book back so
+//! the final scan only uploads what is new.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use c3_proto::Manifest;
+
+use crate::collect::{scan, FileStamp, LocalFile};
+use crate::store::BlobStore;
+use crate::sync::SyncBook;
+use crate::upload::{upload_file, UploadError, UploadOptions, Uploaded};
+use crate::watch::{watch, DirWatcher, Hint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// inotify, falling back to polling if watches cannot be set.
+    Inotify,
+    /// Periodic scans only (network filesystems, where inotify does not see remote writes).
+    Poll,
+}
+
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    pub settle: Duration,
+    pub mode: WatchMode,
+    pub poll_interval: Duration,
+    /// Hints buffered between the watcher thread and the syncer; past that, a rescan.
+    pub event_queue: usize,
+    /// The in-progress manifest is rewritten at most this often.
+    pub manifest_interval: Duration,
+    pub upload: UploadOptions,
+}
+
+/// The handle of the running syncer.
+pub struct LiveSync {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<SyncBook>,
+}
+
+impl LiveSync {
+    /// Starts syncing `dirs` (relative to `workdir`) for the job whose session is `session`.
+    pub fn start(
+        store: BlobStore,
+        workdir: PathBuf,
+        dirs: Vec<String>,
+        session: i32,
+        manifest: Manifest,
+        book: SyncBook,
+        opts: LiveOptions,
+    ) -> LiveSync {
+        let stop = CancellationToken::new();
+        let syncer = Syncer {
+            roots: dirs.iter().map(|d| workdir.join(d)).collect(),
+            store,
+            workdir,
+            dirs,
+            session,
+            manifest,
+            book,
+            opts,
+            candidates: HashMap::new(),
+            in_flight: HashMap::new(),
+            manifest_dirty: false,
+            manifest_written: None,
+            polling: false,
+            last_progress: Instant::now(),
+            warned_upload: false,
+        };
+        let task = tokio::spawn(syncer.run(stop.clone()).in_current_span());
+        LiveSync { stop, task }
+    }
+
+    /// Stops watching, lets uploads under way finish, and returns the book.
+    pub async fn finish(self) -> SyncBook {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(book) => book,
+            Err(e) => {
+                tracing::error!(error = %e, "live sync task failed; the final scan uploads everything");
+                SyncBook::default()
+            }
+        }
+    }
+}
+
+/// A path that may need uploading, and since when it has looked this way.
+struct Candidate {
+    stamp: Option<FileStamp>,
+    since: Instant,
+}
+
+struct Syncer {
+    store: BlobStore,
+    workdir: PathBuf,
+    dirs: Vec<String>,
+    /// Absolute collected dirs.
+    roots: Vec<PathBuf>,
+    session: i32,
+    /// Identity of the job for in-progress manifests.
+    manifest: Manifest,
+    book: SyncBook,
+    opts: LiveOptions,
+    /// Keyed by manifest path.
+    candidates: HashMap<String, Candidate>,
+    /// Uploads under way: manifest path -> task id.
+    in_flight: HashMap<String, tokio::task::Id>,
+    manifest_dirty: bool,
+    manifest_written: Option<Instant>,
+    /// Polling instead of (or in addition to) inotify.
+    polling: bool,
+    last_progress: Instant,
+    warned_upload: bool,
+}
+
+type UploadResult = (String, Result<Uploaded, UploadError>);
+
+impl Syncer {
+    async fn run(mut self, stop: CancellationToken) -> SyncBook {
+        let (_watcher, mut hints) = self.start_watching();
+        let mut uploads: JoinSet<UploadResult> = JoinSet::new();
+        let mut next_poll = Instant::now() + self.opts.poll_interval;
+        loop {
+            let wake = self.next_wake(next_poll);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                hint = recv(&mut hints) => match hint {
+                    Some(h) => self.on_hint(h).await,
+                    // The watcher is gone (it failed): keep going by polling.
+                    None => self.degrade("watcher stopped".into(), &mut hints),
+                },
+                Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
+                _ = tokio::time::sleep_until(wake) => {
+                    if self.polling && Instant::now() >= next_poll {
+                        self.rescan().await;
+                        next_poll = Instant::now() + self.opts.poll_interval;
+                    }
+                    self.settle(&mut uploads).await;
+                    self.write_manifest_if_due().await;
+                    self.progress(&uploads);
+                }
+            }
+        }
+        drop(_watcher);
+        // Uploads under way are the final sync's head start: let them land.
+        while let Some(done) = uploads.join_next().await {
+            self.on_uploaded(done);
+        }
+        self.book
+    }
+
+    fn start_watching(&mut self) -> (Option<DirWatcher>, Option<mpsc::Receiver<Hint>>) {
+        if self.opts.mode == WatchMode::Poll {
+            self.polling = true;
+            tracing::info!(poll_ms = self.opts.poll_interval.as_millis() as u64, "syncing by polling the output dirs");
+            return (None, None);
+        }
+        match watch(&self.roots, self.opts.event_queue) {
+            Ok((w, rx)) => {
+                tracing::debug!(dirs = ?self.dirs, "watching output dirs");
+                (Some(w), Some(rx))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the output dirs; falling back to polling");
+                self.polling = true;
+                (None, None)
+            }
+        }
+    }
+
+    fn degrade(&mut self, why: String, hints: &mut Option<mpsc::Receiver<Hint>>) {
+        *hints = None;
+        if !self.polling {
+            tracing::warn!(reason = %why, poll_ms = self.opts.poll_interval.as_millis() as u64, "live sync falls back to polling");
+            self.polling = true;
+        }
+    }
+
+    /// The next moment something is due: a candidate settling, the manifest, a poll.
+    fn next_wake(&self, next_poll: Instant) -> Instant {
+        let mut wake = Instant::now() + Duration::from_secs(3600);
+        if let Some(earliest) = self.candidates.values().map(|c| c.since).min() {
+            wake = wake.min(earliest + self.opts.settle);
+        }
+        if self.manifest_dirty {
+            let due = self.manifest_written.map(|t| t + self.opts.manifest_interval).unwrap_or_else(Instant::now);
+            wake = wake.min(due);
+        }
+        if !self.in_flight.is_empty() {
+            wake = wake.min(self.last_progress + Duration::from_secs(10));
+        }
+        if self.polling {
+            wake = wake.min(next_poll);
+        }
+        wake.max(Instant::now() + Duration::from_millis(5))
+    }
+
+    fn rel_of(&self, path: &Path) -> Option<String> {
+        if !crate::watch::under_any(path, &self.roots) {
+            return None;
+        }
+        path.strip_prefix(&self.workdir).ok()?.to_str().map(str::to_string)
+    }
+
+    async fn on_hint(&mut self, hint: Hint) {
+        match hint {
+            Hint::Touched(path) => self.touch(&path),
+            Hint::Gone(path) => {
+                if std::fs::symlink_metadata(&path).is_err() {
+                    if let Some(rel) = self.rel_of(&path) {
+                        self.forget(&rel);
+                    }
+                }
+            }
+            Hint::Rescan(why) => {
+                tracing::info!(reason = %why, "rescanning the output dirs");
+                self.rescan().await;
+            }
+            Hint::Degraded(why) => {
+                if !self.polling {
+                    tracing::warn!(reason = %why, "live sync adds polling to inotify");
+                    self.polling = true;
+                }
+                self.rescan().await;
+            }
+        }
+    }
+
+    /// A path changed: a file becomes a candidate; a directory (made or moved in) is walked.
+    fn touch(&mut self, path: &Path) {
+        let Some(rel) = self.rel_of(path) else { return };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => {
+                self.candidates.insert(rel, Candidate { stamp: Some(FileStamp::of(&m)), since: Instant::now() });
+            }
+            Ok(m) if m.is_dir() => {
+                // Files created before the new directory's watch was set left no events.
+                let found = scan(&self.workdir, &[rel]);
+                for (rel, f) in found.files {
+                    if !self.book.is_current(&f) {
+                        self.candidates.insert(rel, Candidate { stamp: Some(f.stamp), since: Instant::now() });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, rel: &str) {
+        let prefix = format!("{rel}/");
+        self.candidates.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        if self.book.forget(|k| k == rel || k.starts_with(&prefix)) > 0 {
+            self.manifest_dirty = true;
+        }
+    }
+
+    async fn rescan(&mut self) {
+        let (workdir, dirs) = (self.workdir.clone(), self.dirs.clone());
+        let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await else { return };
+        if self.book.forget(|k| !found.files.contains_key(k)) > 0 {
+            self.manifest_dirty = true;
+        }
+        self.candidates.retain(|k, _| found.files.contains_key(k));
+        for (rel, f) in found.files {
+            if self.book.is_current(&f) || self.in_flight.contains_key(&rel) {
+                continue;
+            }
+            // Keep the clock of a candidate that still looks the same.
+            let unchanged = self.candidates.get(&rel).is_some_and(|c| c.stamp == Some(f.stamp));
+            if !unchanged {
+                self.candidates.insert(rel, Candidate { stamp: Some(f.stamp), since: Instant::now() });
+            }
+        }
+    }
+
+    /// Uploads the candidates that settled and that nobody writes to any more.
+    async fn settle(&mut self, uploads: &mut JoinSet<UploadResult>) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .candidates
+            .iter()
+            .filter(|(rel, c)| now >= c.since + self.opts.settle && !self.in_flight.contains_key(*rel))
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let session = self.session;
+        let open = tokio::task::spawn_blocking(move || crate::openfiles::written_by_session(session))
+            .await
+            .unwrap_or_default();
+        for rel in due {
+            if self.in_flight.len() >= self.opts.upload.files_in_flight.max(1) {
+                break;
+            }
+            let abs = self.workdir.join(&rel);
+            let meta = match std::fs::symlink_metadata(&abs) {
+                Ok(m) if m.is_file() => m,
+                _ => {
+                    self.candidates.remove(&rel);
+                    continue;
+                }
+            };
+            let stamp = FileStamp::of(&meta);
+            let candidate = self.candidates.get_mut(&rel).expect("due candidates exist");
+            if candidate.stamp != Some(stamp) {
+                *candidate = Candidate { stamp: Some(stamp), since: now };
+                continue;
+            }
+            if open.contains(&(stamp.dev, stamp.ino)) {
+                // Still open for writing: wait for the close (or the job's end).
+                candidate.since = now;
+                continue;
+            }
+            self.candidates.remove(&rel);
+            let file = LocalFile { rel: rel.clone(), abs, stamp };
+            if self.book.is_current(&file) {
+                continue;
+            }
+            let (store, opts) = (self.store.clone(), self.opts.upload.clone());
+            let handle = uploads.spawn(
+                async move {
+                    let result = upload_file(&store, &file, &opts).await;
+                    (file.rel, result)
+                }
+                .in_current_span(),
+            );
+            self.in_flight.insert(rel, handle.id());
+        }
+    }
+
+    fn on_uploaded(&mut self, done: Result<UploadResult, tokio::task::JoinError>) {
+        let Ok((rel, result)) = done else { return };
+        self.in_flight.remove(&rel);
+        match result {
+            Ok(up) => {
+                tracing::debug!(path = %rel, bytes = up.digests.size, new = up.new_bytes > 0, "synced while running");
+                self.book.record(up);
+                self.manifest_dirty = true;
+            }
+            Err(UploadError::Changed { .. }) => {
+                self.candidates.insert(rel, Candidate { stamp: None, since: Instant::now() });
+            }
+            Err(UploadError::Vanished { .. }) => {}
+            Err(e) => {
+                // Not final: the final scan tries every file that is not in the book.
+                if !self.warned_upload {
+                    tracing::warn!(path = %rel, error = %crate::error_chain(&e), "upload while running failed; retried at the end");
+                    self.warned_upload = true;
+                }
+            }
+        }
+    }
+
+    async fn write_manifest_if_due(&mut self) {
+        let due = self.manifest_written.is_none_or(|t| t.elapsed() >= self.opts.manifest_interval);
+        if !self.manifest_dirty || !due {
+            return;
+        }
+        let mut manifest = self.manifest.clone();
+        manifest.complete = false;
+        manifest.files = self.book.entries();
+        self.manifest_written = Some(Instant::now());
+        match crate::job::write_manifest(&self.store, &manifest).await {
+            Ok(_) => {
+                self.manifest_dirty = false;
+                tracing::debug!(files = manifest.files.len(), "in-progress manifest written");
+            }
+            Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry"),
+        }
+    }
+
+    fn progress(&mut self, uploads: &JoinSet<UploadResult>) {
+        if uploads.is_empty() || self.last_progress.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        tracing::info!(
+            files_synced = self.book.len(),
+            bytes_synced = self.book.total_bytes(),
+            uploading = uploads.len(),
+            waiting_to_settle = self.candidates.len(),
+            "live sync progress"
+        );
+    }
+}
+
+async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
+    match hints {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The one command that runs every test of c3-agent, on a fresh Debian machine that has Rust.
+#
+#   scripts/test.sh               install what the tests need (if missing), then run them
+#   scripts/test.sh --no-install  only run them (fails early, naming the tool, if something is missing)
+#
+# What the tests need besides cargo:
+#   s3s-fs 0.14.1   a real S3 server on a directory (the newest release that builds on Rust 1.95; ~140 s to install)
+#   cargo-nextest   the test runner (each test its own process, timeouts from .config/nextest.toml)
+#   python3         example jobs such as examples/train.py
+set -euo pipefail
+
+S3S_FS_VERSION=0.14.1
+
+usage() {
+    echo "usage: $0 [--no-install]" >&2
+    exit 2
+}
+
+install=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-install) install=0 ;;
+        -h | --help) echo "usage: $0 [--no-install]"; exit 0 ;;
+        *) echo "$0: unknown argument: $arg" >&2; usage ;;
+    esac
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ "${CI:-}" == "true" ]]; then
+    export CARGO_TERM_COLOR=never
+fi
+# Let nextest pick its own parallelism (one test per CPU) even if the caller's shell sets a number.
+unset NEXTEST_TEST_THREADS
+
+start=$SECONDS
+stage() {
+    echo "==> [$((SECONDS - start))s] $*"
+}
+
+# cargo install puts binaries here; a fresh shell may not have it on PATH yet.
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+case ":$PATH:" in
+    *":$cargo_bin:"*) ;;
+    *) export PATH="$PATH:$cargo_bin" ;;
+esac
+
+# Prints the path of an s3s-fs of the right version: the one on PATH, else the one cargo install made
+# (an older s3s-fs earlier on PATH must not hide the freshly installed one).
+find_s3s_fs() {
+    local candidate
+    for candidate in "$(command -v s3s-fs 2>/dev/null || true)" "$cargo_bin/s3s-fs"; do
+        if [[ -n "$candidate" && -x "$candidate" ]] &&
+            "$candidate" --version 2>/dev/null | grep -qE "(^| )v?${S3S_FS_VERSION//./\\.}( |\$)"; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [[ $install -eq 1 ]]; then
+    stage "checking s3s-fs $S3S_FS_VERSION"
+    if ! find_s3s_fs >/dev/null; then
+        stage "installing s3s-fs $S3S_FS_VERSION (about 140 s)"
+        cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked
+    fi
+
+    stage "checking cargo-nextest"
+    if ! cargo nextest --version >/dev/null 2>&1; then
+        stage "installing cargo-nextest"
+        cargo install cargo-nextest --locked
+    fi
+
+    stage "checking python3"
+    if ! command -v python3 >/dev/null 2>&1; then
+        stage "installing python3"
+        sudo=()
+        if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y python3
+    fi
+fi
+
+missing=()
+find_s3s_fs >/dev/null || missing+=("s3s-fs $S3S_FS_VERSION")
+cargo nextest --version >/dev/null 2>&1 || missing+=("cargo-nextest")
+command -v python3 >/dev/null 2>&1 || missing+=("python3")
+if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ $install -eq 1 ]]; then
+        echo "$0: still missing after installing: ${missing[*]}" >&2
+    else
+        echo "$0: missing: ${missing[*]} (run without --no-install to install)" >&2
+    fi
+    exit 1
+fi
+
+C3_TEST_S3S_FS="$(find_s3s_fs)"
+export C3_TEST_S3S_FS
+stage "using s3s-fs at $C3_TEST_S3S_FS ($("$C3_TEST_S3S_FS" --version)), $(cargo nextest --version | head -n1), $(python3 --version)"
+
+# Doc tests are not run (nextest does not run them).
+stage "cargo nextest run --workspace --no-fail-fast"
+status=0
+cargo nextest run --workspace --no-fail-fast || status=$?
+stage "done, exit status $status"
+exit "$status"
