@@ -131,6 +131,8 @@ type UploadResult = (String, Result<Uploaded, UploadError>);
 impl Syncer {
     async fn run(mut self, stop: CancellationToken) -> SyncBook {
         let (_watcher, mut hints) = self.start_watching();
+        // The job started before the watches were set: what it wrote meanwhile left no events.
+        self.rescan().await;
         let mut uploads: JoinSet<UploadResult> = JoinSet::new();
         let mut next_poll = Instant::now() + self.opts.poll_interval;
         loop {

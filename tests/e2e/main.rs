@@ -6,5 +6,6 @@ mod support;
 mod control_plane;
 mod input;
 mod lifecycle;
+mod live;
 mod logs;
 mod stores;

@@ -1,0 +1,238 @@
+//! Incremental sync while the job runs (contract §5): files land in the store before the
+//! job ends; open files wait; rewrites, renames, deletes, overflows and crashes lose nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{sha256_hex, signal, wait_for, Harness, Store};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Shell that blocks until the test creates `go` (bounded: 60 s).
+fn wait_go(go: &PathBuf) -> String {
+    format!("i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done", go.display())
+}
+
+fn harness(store: Store) -> Harness {
+    let mut h = Harness::new(store);
+    h.extra_toml = "[sync]\nsettle_ms = 200\nmanifest_interval_ms = 200\n".into();
+    h
+}
+
+fn try_manifest(h: &Harness, job: &str) -> Option<Value> {
+    serde_json::from_slice(&h.object(&format!("jobs/{job}/manifest.json"))?).ok()
+}
+
+/// The in-progress manifest's entry for `path`, once it has one.
+fn wait_synced(h: &Harness, job: &str, path: &str) -> Value {
+    wait_for(&format!("{path} in the in-progress manifest"), LIMIT, || {
+        let m = try_manifest(h, job)?;
+        assert_eq!(m["complete"], false, "the job still runs");
+        m["files"].as_array()?.iter().find(|f| f["path"] == path).cloned()
+    })
+}
+
+fn synced_while_running(store: Store) {
+    let h = harness(store);
+    let go = h.path("go");
+    let script = format!("echo early > $C3_ARTIFACTS_DIR/early.txt; {}; echo late > $C3_ARTIFACTS_DIR/late.txt", wait_go(&go));
+    let spec = h.spec(json!({"job_id": "inc", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let entry = wait_synced(&h, "inc", "artifacts/early.txt");
+    assert_eq!(entry["sha256"], sha256_hex(b"early\n"));
+    assert!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"early\n"))).is_some(), "the manifest lists only stored blobs");
+    std::fs::write(&go, "").unwrap();
+    h.wait("inc".into(), child).assert_code(0);
+    let m = h.manifest("inc");
+    assert_eq!(m["complete"], true);
+    assert_eq!(h.manifest_paths("inc"), vec!["artifacts/early.txt", "artifacts/late.txt"]);
+}
+
+#[test]
+fn file_store_syncs_while_the_job_runs() {
+    synced_while_running(Store::File);
+}
+
+#[test]
+fn s3_syncs_while_the_job_runs() {
+    synced_while_running(Store::s3());
+}
+
+#[test]
+fn nested_dirs_made_after_start_are_synced() {
+    let h = harness(Store::File);
+    let go = h.path("go");
+    let script = format!("sleep 0.3; mkdir -p $C3_ARTIFACTS_DIR/a/b/c results/x; echo deep > $C3_ARTIFACTS_DIR/a/b/c/d.txt; echo r > results/x/r; {}", wait_go(&go));
+    let spec = h.spec(json!({"job_id": "nest", "command": ["sh", "-c", script], "output": ["results"]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "nest", "artifacts/a/b/c/d.txt");
+    wait_synced(&h, "nest", "results/x/r");
+    std::fs::write(&go, "").unwrap();
+    h.wait("nest".into(), child).assert_code(0);
+}
+
+#[test]
+fn a_file_open_for_writing_waits_for_its_close() {
+    let h = harness(Store::File);
+    let (go, closed) = (h.path("go"), h.path("closed"));
+    let py = format!(
+        r#"
+import os, time
+d = os.environ['C3_ARTIFACTS_DIR']
+open(os.path.join(d, 'other.txt'), 'w').write('other')
+f = open(os.path.join(d, 'open.bin'), 'wb')
+f.write(b'half'); f.flush()
+for _ in range(1200):
+    if os.path.exists({close:?}): break
+    time.sleep(0.05)
+f.write(b' and the rest'); f.close()
+for _ in range(1200):
+    if os.path.exists({go:?}): break
+    time.sleep(0.05)
+"#,
+        close = h.path("close").display().to_string(),
+        go = go.display().to_string()
+    );
+    let spec = h.spec(json!({"job_id": "open", "command": ["python3", "-c", py]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "open", "artifacts/other.txt");
+    // Several settle periods pass while open.bin is still open.
+    std::thread::sleep(Duration::from_millis(1200));
+    let m = try_manifest(&h, "open").unwrap();
+    assert!(!m["files"].to_string().contains("open.bin"), "an open file was uploaded early: {m}");
+    assert!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"half"))).is_none());
+    std::fs::write(h.path("close"), "").unwrap();
+    let entry = wait_synced(&h, "open", "artifacts/open.bin");
+    assert_eq!(entry["sha256"], sha256_hex(b"half and the rest"));
+    let _ = closed;
+    std::fs::write(&go, "").unwrap();
+    h.wait("open".into(), child).assert_code(0);
+}
+
+#[test]
+fn rewrites_renames_and_deletes_are_followed() {
+    let h = harness(Store::File);
+    let steps: Vec<PathBuf> = (0..3).map(|i| h.path(&format!("step{i}"))).collect();
+    let script = format!(
+        "echo v1 > $C3_ARTIFACTS_DIR/ckpt; echo doomed > $C3_ARTIFACTS_DIR/doomed; {w0}; \
+         echo v2 > $C3_ARTIFACTS_DIR/ckpt; echo moved > ../staging.tmp && mv ../staging.tmp $C3_ARTIFACTS_DIR/moved; rm $C3_ARTIFACTS_DIR/doomed; {w1}",
+        w0 = wait_go(&steps[0]),
+        w1 = wait_go(&steps[1]),
+    );
+    let spec = h.spec(json!({"job_id": "rw", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    assert_eq!(wait_synced(&h, "rw", "artifacts/ckpt")["sha256"], sha256_hex(b"v1\n"));
+    wait_synced(&h, "rw", "artifacts/doomed");
+    std::fs::write(&steps[0], "").unwrap();
+    wait_synced(&h, "rw", "artifacts/moved");
+    wait_for("v2 and the delete in the in-progress manifest", LIMIT, || {
+        let m = try_manifest(&h, "rw")?;
+        let files = m["files"].to_string();
+        (files.contains(&sha256_hex(b"v2\n")) && !files.contains("doomed")).then_some(())
+    });
+    std::fs::write(&steps[1], "").unwrap();
+    h.wait("rw".into(), child).assert_code(0);
+    assert_eq!(h.manifest_paths("rw"), vec!["artifacts/ckpt", "artifacts/moved"]);
+    assert_eq!(h.manifest("rw")["files"][0]["sha256"], sha256_hex(b"v2\n"));
+}
+
+fn many_files(mut h: Harness, count: usize) -> crate::support::Run {
+    h.extra_toml.push_str("");
+    let py = format!(
+        "import os\nd=os.environ['C3_ARTIFACTS_DIR']\nfor i in range({count}):\n    sub=os.path.join(d,'s%02d'%(i%50))\n    os.makedirs(sub,exist_ok=True)\n    open(os.path.join(sub,'f%05d'%i),'w').write('file %d'%i)\n"
+    );
+    let run = h.run_job(json!({"job_id": "many", "command": ["python3", "-c", py]}));
+    run.assert_code(0);
+    let paths = h.manifest_paths("many");
+    assert_eq!(paths.len(), count);
+    for i in [0, count / 2, count - 1] {
+        assert!(paths.contains(&format!("artifacts/s{:02}/f{i:05}", i % 50)));
+    }
+    run
+}
+
+#[test]
+fn five_thousand_files_written_fast_are_all_there() {
+    many_files(harness(Store::File), 5000);
+}
+
+#[test]
+fn event_queue_overflow_rescans_and_loses_nothing() {
+    let mut h = Harness::file();
+    // A one-slot queue between the watcher and the syncer: every burst overflows.
+    h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\n".into();
+    let run = many_files(h, 2000);
+    assert!(run.stderr.contains("rescanning"), "the overflow path ran: {}", run.stderr);
+}
+
+#[test]
+fn poll_mode_syncs_without_inotify() {
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str("mode = \"poll\"\npoll_ms = 100\n");
+    let go = h.path("go");
+    let script = format!("echo polled > $C3_ARTIFACTS_DIR/p.txt; {}", wait_go(&go));
+    let spec = h.spec(json!({"job_id": "poll", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "poll", "artifacts/p.txt");
+    std::fs::write(&go, "").unwrap();
+    h.wait("poll".into(), child).assert_code(0);
+}
+
+#[test]
+fn a_file_mutating_during_upload_never_becomes_a_torn_blob() {
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str("[upload]\nmultipart_threshold_bytes = 1048576\nmin_part_size_bytes = 5242880\n");
+    // Rewrites a 24 MiB file in place, over and over, with pauses about as long as the settle time.
+    let py = r#"
+import os, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'hot.bin')
+for round in range(12):
+    with open(p, 'r+b' if os.path.exists(p) else 'wb') as f:
+        for chunk in range(24):
+            f.write(bytes([round]) * 1048576)
+    time.sleep(0.25)
+"#;
+    h.run_job(json!({"job_id": "hot", "command": ["python3", "-c", py]})).assert_code(0);
+    let blobs = std::fs::read_dir(h.state.join("store/blobs/sha256")).unwrap();
+    for blob in blobs {
+        let blob = blob.unwrap();
+        let name = blob.file_name().into_string().unwrap();
+        if name.contains('#') {
+            continue; // an in-flight temp name of the file store, never a key
+        }
+        assert_eq!(sha256_hex(&std::fs::read(blob.path()).unwrap()), name, "blob bytes match their key");
+    }
+    let last = vec![11u8; 24 * 1048576];
+    assert_eq!(h.manifest("hot")["files"][0]["sha256"], sha256_hex(&last));
+}
+
+#[test]
+fn sigkill_of_the_agent_then_recover_finishes_the_job() {
+    let h = harness(Store::File).with_control_plane(5);
+    let go = h.path("go");
+    let script = format!("echo before > $C3_ARTIFACTS_DIR/before; {}; echo after > $C3_ARTIFACTS_DIR/after; sleep 300", wait_go(&go));
+    let spec = h.spec(json!({"job_id": "crash", "command": ["sh", "-c", script]}));
+    let mut child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "crash", "artifacts/before");
+    signal(child.id(), "KILL");
+    child.wait().unwrap();
+    // The store holds a valid in-progress manifest of what was synced.
+    let m = h.manifest("crash");
+    assert_eq!(m["complete"], false);
+    // The job itself lives on, unsupervised, and writes more.
+    std::fs::write(&go, "").unwrap();
+    wait_for("the orphaned job to write", LIMIT, || h.workdir("crash").join("artifacts/after").exists().then_some(()));
+
+    let run = h.run(&["recover"]);
+    run.assert_code(6);
+    let m = h.manifest("crash");
+    assert_eq!(m["complete"], true);
+    assert_eq!(h.manifest_paths("crash"), vec!["artifacts/after", "artifacts/before"]);
+    let t = h.cp().terminal_status().expect("terminal status delivered");
+    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("AGENT_ERROR")));
+    assert!(t["seq"].as_u64().unwrap() > 1);
+    // A second recover has nothing left to do.
+    h.run(&["recover"]).assert_code(0);
+}
