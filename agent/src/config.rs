@@ -66,6 +66,7 @@ struct UploadSection {
     min_part_size_bytes: Option<u64>,
     parts_in_flight: Option<usize>,
     files_in_flight: Option<usize>,
+    memory_budget_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +242,7 @@ pub fn resolve(
         min_part_size: file.upload.min_part_size_bytes.unwrap_or(defaults.min_part_size),
         parts_in_flight: file.upload.parts_in_flight.unwrap_or(defaults.parts_in_flight),
         files_in_flight: file.upload.files_in_flight.unwrap_or(defaults.files_in_flight),
+        memory_budget: file.upload.memory_budget_bytes.unwrap_or(defaults.memory_budget),
     };
     if upload.min_part_size < 5 * 1024 * 1024 {
         problems.push("`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into());
@@ -265,7 +267,6 @@ pub fn resolve(
         poll_interval: Duration::from_millis(file.sync.poll_ms.unwrap_or(2000)),
         event_queue: file.sync.event_queue.unwrap_or(4096),
         manifest_interval: Duration::from_millis(file.sync.manifest_interval_ms.unwrap_or(3000)),
-        upload: upload.clone(),
     });
     if !problems.is_empty() {
         return Err(fail(problems));

@@ -15,17 +15,12 @@ pub mod spec;
 
 pub use control::{ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream};
 pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
-pub use record::{OutboxEntry, Phase, RunRecord};
+pub use record::{MultipartRecord, OutboxEntry, Phase, RunRecord};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};
 
 /// Parse a small JSON document the job itself wrote (its structured result).
 pub fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
     serde_json::from_slice(bytes)
-}
-
-/// A JSON value as a compact string, for logs and tests.
-pub fn value_to_string(value: &serde_json::Value) -> String {
-    value.to_string()
 }
 
 pub use serde_json::Value as JsonValue;

@@ -47,6 +47,19 @@ pub struct OutboxEntry {
     pub body: serde_json::Value,
 }
 
+/// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<sha256>.json`.
+/// Kept after every finished part, so that a restarted agent sends only the missing parts
+/// (object_store offers no list-parts call), and so that an upload nobody will finish is aborted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipartRecord {
+    pub sha256: String,
+    pub upload_id: String,
+    pub size: u64,
+    pub part_size: u64,
+    /// Part index -> the store's opaque id for it.
+    pub parts: std::collections::BTreeMap<u32, String>,
+}
+
 macro_rules! json_io {
     ($($t:ty),*) => {$(
         impl $t {
@@ -59,7 +72,7 @@ macro_rules! json_io {
         }
     )*};
 }
-json_io!(RunRecord, OutboxEntry);
+json_io!(RunRecord, OutboxEntry, MultipartRecord);
 
 impl OutboxEntry {
     /// Wrap any wire message as an outbox entry.

@@ -24,7 +24,7 @@ use crate::report::{ControlPlane, Delivery, Reporter};
 use crate::statedir::StateDir;
 use crate::store::{attempt_manifest_key, manifest_key, BlobStore};
 use crate::sync::{sync_scan, SyncBook};
-use crate::upload::{upload_file, UploadOptions};
+use crate::upload::{UploadOptions, Uploader};
 
 /// Largest structured result a job may hand back (contract §4).
 pub const MAX_RESULT_BYTES: u64 = 64 * 1024;
@@ -100,6 +100,7 @@ pub struct Run<'a> {
     workdir: PathBuf,
     reporter: Reporter,
     book: SyncBook,
+    uploader: Uploader,
     warnings: Vec<String>,
     /// Why the job ended, in words, for the terminal status.
     message: Option<String>,
@@ -133,12 +134,15 @@ impl<'a> Run<'a> {
     /// A run rebuilt from its record, for `recover`.
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
         let reporter = Reporter::new(ctx.control_plane.clone(), ctx.state.clone(), &record.spec.job_id, record.spec.attempt);
+        let journal = ctx.state.job_dir(&record.spec.job_id).join("uploads");
+        let uploader = Uploader::new(ctx.store.clone(), ctx.upload.clone(), Some(journal));
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
             record,
             reporter,
             book: SyncBook::default(),
+            uploader,
             warnings: Vec::new(),
             message: None,
             run_as: None,
@@ -313,7 +317,7 @@ impl<'a> Run<'a> {
         let live = self.ctx.live.clone().map(|opts| {
             let manifest = Manifest::new(&spec.job_id, spec.project.clone(), spec.attempt);
             let book = std::mem::take(&mut self.book);
-            LiveSync::start(self.ctx.store.clone(), self.workdir.clone(), spec.collected_dirs(), group.0, manifest, book, opts)
+            LiveSync::start(self.uploader.clone(), self.workdir.clone(), spec.collected_dirs(), group.0, manifest, book, opts)
         });
 
         let end = self.wait(&mut script.child, group, cancel, spec.timeout_secs).await;
@@ -455,6 +459,8 @@ impl<'a> Run<'a> {
             upload_errors += self.final_sync().await;
             let (logs, log_errors) = self.upload_logs().await;
             upload_errors += log_errors;
+            // Whatever multipart upload is still journaled will never be completed now.
+            self.uploader.abort_orphans().await;
             result = self.read_result();
             let mut manifest = Manifest::new(&self.spec().job_id, self.spec().project.clone(), self.spec().attempt);
             manifest.complete = true;
@@ -522,7 +528,7 @@ impl<'a> Run<'a> {
         for w in &found.warnings {
             self.warn(w.clone());
         }
-        let report = sync_scan(&self.ctx.store, &found, &mut self.book, &self.ctx.upload).await;
+        let report = sync_scan(&self.uploader, &found, &mut self.book).await;
         for (path, e) in &report.failures {
             tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
         }
@@ -548,7 +554,7 @@ impl<'a> Run<'a> {
                 }
             };
             let file = LocalFile { rel: format!("logs/{}", stream.as_str()), abs: path, stamp: FileStamp::of(&meta) };
-            match upload_file(&self.ctx.store, &file, &self.ctx.upload).await {
+            match self.uploader.upload(&file).await {
                 Ok(up) => {
                     self.book.new_bytes += up.new_bytes;
                     entries.push(LogEntry { size: up.digests.size, sha256: up.digests.sha256_hex() });

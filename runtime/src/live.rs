@@ -20,9 +20,8 @@ use tracing::Instrument;
 use c3_proto::Manifest;
 
 use crate::collect::{scan, FileStamp, LocalFile};
-use crate::store::BlobStore;
 use crate::sync::SyncBook;
-use crate::upload::{upload_file, UploadError, UploadOptions, Uploaded};
+use crate::upload::{UploadError, Uploaded, Uploader};
 use crate::watch::{watch, DirWatcher, Hint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +41,6 @@ pub struct LiveOptions {
     pub event_queue: usize,
     /// The in-progress manifest is rewritten at most this often.
     pub manifest_interval: Duration,
-    pub upload: UploadOptions,
 }
 
 /// The handle of the running syncer.
@@ -54,7 +52,7 @@ pub struct LiveSync {
 impl LiveSync {
     /// Starts syncing `dirs` (relative to `workdir`) for the job whose session is `session`.
     pub fn start(
-        store: BlobStore,
+        uploader: Uploader,
         workdir: PathBuf,
         dirs: Vec<String>,
         session: i32,
@@ -65,7 +63,7 @@ impl LiveSync {
         let stop = CancellationToken::new();
         let syncer = Syncer {
             roots: dirs.iter().map(|d| workdir.join(d)).collect(),
-            store,
+            uploader,
             workdir,
             dirs,
             session,
@@ -104,7 +102,7 @@ struct Candidate {
 }
 
 struct Syncer {
-    store: BlobStore,
+    uploader: Uploader,
     workdir: PathBuf,
     dirs: Vec<String>,
     /// Absolute collected dirs.
@@ -305,7 +303,7 @@ impl Syncer {
             .await
             .unwrap_or_default();
         for rel in due {
-            if self.in_flight.len() >= self.opts.upload.files_in_flight.max(1) {
+            if self.in_flight.len() >= self.uploader.options().files_in_flight.max(1) {
                 break;
             }
             let abs = self.workdir.join(&rel);
@@ -332,10 +330,10 @@ impl Syncer {
             if self.book.is_current(&file) {
                 continue;
             }
-            let (store, opts) = (self.store.clone(), self.opts.upload.clone());
+            let uploader = self.uploader.clone();
             let handle = uploads.spawn(
                 async move {
-                    let result = upload_file(&store, &file, &opts).await;
+                    let result = uploader.upload(&file).await;
                     (file.rel, result)
                 }
                 .in_current_span(),
@@ -376,7 +374,7 @@ impl Syncer {
         manifest.complete = false;
         manifest.files = self.book.entries();
         self.manifest_written = Some(Instant::now());
-        match crate::job::write_manifest(&self.store, &manifest).await {
+        match crate::job::write_manifest(self.uploader.store(), &manifest).await {
             Ok(_) => {
                 self.manifest_dirty = false;
                 tracing::debug!(files = manifest.files.len(), "in-progress manifest written");

@@ -12,8 +12,7 @@ use futures::StreamExt;
 use c3_proto::FileEntry;
 
 use crate::collect::{LocalFile, Scan};
-use crate::store::BlobStore;
-use crate::upload::{upload_file, UploadError, UploadOptions, Uploaded};
+use crate::upload::{UploadError, Uploaded, Uploader};
 
 /// A file that changes while being read is tried again this many times.
 const CHANGED_RETRIES: usize = 3;
@@ -72,7 +71,7 @@ impl SyncBook {
 }
 
 /// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
-pub async fn sync_scan(store: &BlobStore, scan: &Scan, book: &mut SyncBook, opts: &UploadOptions) -> SyncReport {
+pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
     book.synced.retain(|rel, _| scan.files.contains_key(rel));
     let todo: Vec<&LocalFile> = scan.files.values().filter(|f| !book.is_current(f)).collect();
     let mut report = SyncReport { skipped: scan.files.len() - todo.len(), ..SyncReport::default() };
@@ -81,8 +80,8 @@ pub async fn sync_scan(store: &BlobStore, scan: &Scan, book: &mut SyncBook, opts
     let started = Instant::now();
     let mut done_bytes = 0u64;
     let mut uploads = futures::stream::iter(todo)
-        .map(|file| upload_settled(store, file, opts))
-        .buffer_unordered(opts.files_in_flight.max(1));
+        .map(|file| upload_settled(uploader, file))
+        .buffer_unordered(uploader.options().files_in_flight.max(1));
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     progress.tick().await;
     loop {
@@ -115,10 +114,10 @@ pub async fn sync_scan(store: &BlobStore, scan: &Scan, book: &mut SyncBook, opts
 }
 
 /// Uploads one file, trying again while it keeps changing under us.
-async fn upload_settled(store: &BlobStore, file: &LocalFile, opts: &UploadOptions) -> (String, Result<Uploaded, UploadError>) {
+async fn upload_settled(uploader: &Uploader, file: &LocalFile) -> (String, Result<Uploaded, UploadError>) {
     let mut attempt = 0;
     loop {
-        match upload_file(store, file, opts).await {
+        match uploader.upload(file).await {
             Err(UploadError::Changed { .. }) if attempt < CHANGED_RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;

@@ -1,22 +1,32 @@
-//! Turning one local file into a blob: hash what is sent, detect a file that changes meanwhile.
+//! Turning one local file into a blob, with a bounded amount of memory, and without ever
+//! storing bytes that do not match their key.
 //!
-//! Small files are read once into memory, hashed and PUT with create-if-absent.
-//! Large files are hashed in a first pass (the key must be known before the upload),
-//! then streamed as a multipart upload while being hashed again; the upload is only
-//! completed if the second pass saw exactly the bytes of the first. So a blob's bytes
-//! always match its key, and a torn file never becomes a blob.
+//! * Small files (up to `multipart_threshold`): one read into memory (counted against the
+//!   [`ByteBudget`]), SHA-256 + BLAKE3 over that very buffer, PUT create-if-absent. One read.
+//! * Large files: the key (SHA-256) must be known before the upload starts, so the file is
+//!   read twice. Pass 1 computes SHA-256, BLAKE3 and a CRC64 per part. Pass 2 reads each part
+//!   again (`pread`), checks its CRC against pass 1 (cheap: no second SHA-256) and sends it;
+//!   several parts in flight, each holding budget until the store has it. The upload is
+//!   completed only if every part matched and the file's stamp did not move, so a file
+//!   that changes meanwhile is re-queued and a torn version never becomes a blob.
+//! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
+//!   dir: after a crash the same file resumes with only the missing parts.
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use object_store::WriteMultipart;
+use tokio::task::JoinSet;
 
-use c3_proto::FileEntry;
+use c3_proto::{FileEntry, MultipartRecord};
 
+use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
 use crate::digest::{DualHasher, Digests};
+use crate::statedir::write_atomic;
 use crate::store::{BlobStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -29,15 +39,18 @@ pub struct UploadOptions {
     pub parts_in_flight: usize,
     /// Files uploaded at once.
     pub files_in_flight: usize,
+    /// File bytes held in memory by all uploads together.
+    pub memory_budget: u64,
 }
 
 impl Default for UploadOptions {
     fn default() -> Self {
         UploadOptions {
-            multipart_threshold: 16 * 1024 * 1024,
-            min_part_size: 8 * 1024 * 1024,
+            multipart_threshold: 16 * MIB,
+            min_part_size: 8 * MIB,
             parts_in_flight: 4,
-            files_in_flight: 8,
+            files_in_flight: 16,
+            memory_budget: 40 * MIB,
         }
     }
 }
@@ -45,6 +58,7 @@ impl Default for UploadOptions {
 /// S3's limit on parts per upload.
 const MAX_PARTS: u64 = 10_000;
 const MIB: u64 = 1024 * 1024;
+const HASH_BUF: usize = MIB as usize;
 
 /// Part size for a file of `size` bytes: at least `min`, whole MiB, at most 10,000 parts.
 pub fn part_size_for(size: u64, min: u64) -> u64 {
@@ -101,12 +115,28 @@ impl UploadError {
     }
 }
 
+/// Uploads files of one job: the store, the options, the shared memory budget and
+/// where multipart uploads are journaled. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    store: BlobStore,
+    opts: Arc<UploadOptions>,
+    budget: ByteBudget,
+    journal_dir: Option<PathBuf>,
+}
+
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(FileStamp::of(&m)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UploadError::Vanished { path: path.into() }),
         Err(source) => Err(UploadError::Read { path: path.into(), source }),
     }
+}
+
+/// Opens without following a symlink swapped in since the scan (the agent may be root).
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path)
 }
 
 /// Reads into `buf` until it is full or the file ends.
@@ -123,30 +153,43 @@ fn fill(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// Small file: one read, both digests, the bytes kept for the PUT.
-fn read_small(path: &Path, before: FileStamp) -> Result<(Digests, Bytes), UploadError> {
-    let read_err = |source| UploadError::Read { path: path.into(), source };
-    let mut file = File::open(path).map_err(read_err)?;
-    let mut buf = Vec::with_capacity(before.size as usize);
-    file.read_to_end(&mut buf).map_err(read_err)?;
-    let digests = crate::digest::digest_bytes(&buf);
-    Ok((digests, Bytes::from(buf)))
+fn crc(bytes: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
 }
 
-/// Large file, first pass: digests only.
-fn hash_file(path: &Path) -> Result<Digests, UploadError> {
+/// Pass 1 of a large file: both digests and a CRC per part.
+fn hash_file(path: &Path, part_size: u64) -> Result<(Digests, Vec<u64>), UploadError> {
     let read_err = |source| UploadError::Read { path: path.into(), source };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file = open_nofollow(path).map_err(read_err)?;
     let mut hasher = DualHasher::new();
-    let mut buf = vec![0u8; MIB as usize];
+    let mut part_crcs = Vec::new();
+    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let mut in_part = 0u64;
+    let mut buf = vec![0u8; HASH_BUF];
     loop {
         let n = fill(&mut file, &mut buf).map_err(read_err)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        // A part boundary may fall inside this buffer.
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let take = rest.len().min((part_size - in_part) as usize);
+            part.update(&rest[..take]);
+            in_part += take as u64;
+            rest = &rest[take..];
+            if in_part == part_size {
+                part_crcs.push(part.finalize());
+                part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+                in_part = 0;
+            }
+        }
     }
-    Ok(hasher.finish())
+    if in_part > 0 {
+        part_crcs.push(part.finalize());
+    }
+    Ok((hasher.finish(), part_crcs))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -156,113 +199,298 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|source| UploadError::Task { path: path.into(), source })?
 }
 
-/// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
-pub async fn upload_file(store: &BlobStore, file: &LocalFile, opts: &UploadOptions) -> Result<Uploaded, UploadError> {
-    let path = file.abs.clone();
-    let before = stat(&path)?;
-    let (digests, new) = if before.size <= opts.multipart_threshold {
-        let p = path.clone();
-        let (digests, bytes) = blocking(&path, move || read_small(&p, before)).await?;
-        ensure_unchanged(&path, before, digests.size)?;
-        let new = store
-            .put_blob(&digests.sha256_hex(), bytes)
-            .await
-            .map_err(|source| UploadError::Store { path: path.clone(), source })?;
-        (digests, new)
-    } else {
-        upload_large(store, &path, before, opts).await?
-    };
-    Ok(Uploaded {
-        rel: file.rel.clone(),
-        digests,
-        stamp: before,
-        new_bytes: if new { digests.size } else { 0 },
-    })
-}
-
-fn ensure_unchanged(path: &Path, before: FileStamp, bytes_read: u64) -> Result<(), UploadError> {
-    let after = stat(path)?;
-    if after != before || bytes_read != before.size {
+fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
+    if stat(path)? != before {
         return Err(UploadError::Changed { path: path.into() });
     }
     Ok(())
 }
 
-async fn upload_large(
-    store: &BlobStore,
-    path: &Path,
-    before: FileStamp,
-    opts: &UploadOptions,
-) -> Result<(Digests, bool), UploadError> {
-    let store_err = |source| UploadError::Store { path: path.into(), source };
-    let p = path.to_path_buf();
-    let first = blocking(path, move || hash_file(&p)).await?;
-    ensure_unchanged(path, before, first.size)?;
-    let sha = first.sha256_hex();
-    if store.blob_exists(&sha).await.map_err(store_err)? {
-        return Ok((first, false));
+/// Where a large file's parts go: an explicit, journaled multipart upload (resumable),
+/// or object_store's streaming upload (the file store).
+enum PartSink {
+    Resumable { record: MultipartRecord, journal: Option<PathBuf> },
+    Streaming(Box<dyn object_store::MultipartUpload>),
+}
+
+impl Uploader {
+    pub fn new(store: BlobStore, opts: UploadOptions, journal_dir: Option<PathBuf>) -> Self {
+        let budget = ByteBudget::new(opts.memory_budget);
+        Uploader { store, opts: Arc::new(opts), budget, journal_dir }
     }
-    let part_size = part_size_for(first.size, opts.min_part_size) as usize;
-    let upload = store.start_multipart(&sha).await.map_err(store_err)?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
-    let read_err = |source| UploadError::Read { path: path.into(), source };
-    let file = File::open(path).map_err(read_err)?;
-    let mut reader = Some((file, DualHasher::new()));
-    let mut outcome: Result<(), UploadError> = Ok(());
-    while let Some((f, h)) = reader.take() {
-        let p = path.to_path_buf();
-        let read = blocking(path, move || {
-            let (mut f, mut h) = (f, h);
-            let mut chunk = BytesMut::zeroed(part_size);
-            let n = fill(&mut f, &mut chunk).map_err(|source| UploadError::Read { path: p, source })?;
-            chunk.truncate(n);
-            h.update(&chunk);
-            Ok((f, h, chunk.freeze()))
-        })
-        .await;
-        let (f, h, chunk) = match read {
-            Ok(r) => r,
-            Err(e) => {
-                outcome = Err(e);
-                break;
-            }
+
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    pub fn options(&self) -> &UploadOptions {
+        &self.opts
+    }
+
+    pub fn budget(&self) -> &ByteBudget {
+        &self.budget
+    }
+
+    /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
+    pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
+        let path = file.abs.clone();
+        let before = stat(&path)?;
+        let (digests, new) = if before.size <= self.opts.multipart_threshold {
+            self.upload_small(&path, before).await?
+        } else {
+            self.upload_large(&path, before).await?
         };
-        if chunk.is_empty() {
-            reader = Some((f, h));
-            break;
-        }
-        writer.put(chunk);
-        if let Err(source) = writer.wait_for_capacity(opts.parts_in_flight).await {
-            outcome = Err(UploadError::Store {
-                path: path.into(),
-                source: StoreError::Op { op: "upload part", key: crate::store::blob_key(&sha), source },
-            });
-            break;
-        }
-        reader = Some((f, h));
+        Ok(Uploaded { rel: file.rel.clone(), digests, stamp: before, new_bytes: if new { digests.size } else { 0 } })
     }
-    let second = reader.map(|(_, h)| h.finish());
-    let verified = outcome.and_then(|()| {
-        if second != Some(first) {
+
+    async fn upload_small(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
+        let guard = self.budget.acquire(before.size).await;
+        let p = path.to_path_buf();
+        let (digests, bytes) = blocking(path, move || {
+            let read_err = |source| UploadError::Read { path: p.clone(), source };
+            let mut file = open_nofollow(&p).map_err(read_err)?;
+            let mut buf = Vec::with_capacity(before.size as usize);
+            file.read_to_end(&mut buf).map_err(read_err)?;
+            Ok((crate::digest::digest_bytes(&buf), Bytes::from(buf)))
+        })
+        .await?;
+        if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
-        ensure_unchanged(path, before, first.size)
-    });
-    match verified {
-        Ok(()) => {
-            writer.finish().await.map_err(|source| UploadError::Store {
-                path: path.into(),
-                source: StoreError::Op { op: "complete multipart upload", key: crate::store::blob_key(&sha), source },
-            })?;
-            Ok((first, true))
+        ensure_unchanged(path, before)?;
+        let new = self
+            .store
+            .put_blob(&digests.sha256_hex(), bytes)
+            .await
+            .map_err(|source| UploadError::Store { path: path.into(), source })?;
+        drop(guard);
+        Ok((digests, new))
+    }
+
+    async fn upload_large(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
+        let store_err = |source| UploadError::Store { path: path.into(), source };
+        let part_size = part_size_for(before.size, self.opts.min_part_size);
+        let p = path.to_path_buf();
+        let (digests, part_crcs) = blocking(path, move || hash_file(&p, part_size)).await?;
+        if digests.size != before.size {
+            return Err(UploadError::Changed { path: path.into() });
         }
-        Err(e) => {
-            // Not completed, so nothing appears under the key; abort frees the parts.
-            if let Err(abort) = writer.abort().await {
-                tracing::warn!(path = %path.display(), error = %abort, "could not abort multipart upload");
+        ensure_unchanged(path, before)?;
+        let sha = digests.sha256_hex();
+        if self.store.blob_exists(&sha).await.map_err(store_err)? {
+            self.forget_journal(&sha).await;
+            return Ok((digests, false));
+        }
+        let mut sink = self.open_sink(&sha, before.size, part_size).await.map_err(store_err)?;
+        let sent = self.send_parts(path, &sha, part_size, &part_crcs, &mut sink).await;
+        let verified = sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
+        match verified {
+            Ok(bytes_sent) => {
+                self.finish_sink(&sha, sink).await.map_err(store_err)?;
+                tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
+                Ok((digests, true))
             }
-            Err(e)
+            Err(e) => {
+                // Never completed, so nothing appears under the key; abort frees the parts.
+                self.abort_sink(&sha, sink).await;
+                Err(e)
+            }
         }
+    }
+
+    fn journal_path(&self, sha: &str) -> Option<PathBuf> {
+        self.journal_dir.as_ref().map(|d| d.join(format!("{sha}.json")))
+    }
+
+    /// Resumes the journaled upload of this blob if there is one, else starts a new one.
+    async fn open_sink(&self, sha: &str, size: u64, part_size: u64) -> Result<PartSink, StoreError> {
+        if !self.store.can_resume() {
+            return Ok(PartSink::Streaming(self.store.start_multipart(sha).await?));
+        }
+        let journal = self.journal_path(sha);
+        if let Some(path) = &journal {
+            if let Some(record) = std::fs::read(path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
+                if record.size == size && record.part_size == part_size {
+                    tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
+                    return Ok(PartSink::Resumable { record, journal });
+                }
+                // Same content, other part size: its parts are of no use.
+                let _ = self.store.abort_multipart(sha, &record.upload_id).await;
+            }
+        }
+        let upload_id = self.store.create_multipart(sha).await?;
+        let record = MultipartRecord { sha256: sha.to_string(), upload_id, size, part_size, parts: Default::default() };
+        if let Some(path) = &journal {
+            if let Err(e) = write_atomic(path, &record.to_json()) {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it will not be resumable");
+            }
+        }
+        Ok(PartSink::Resumable { record, journal })
+    }
+
+    /// Pass 2: each missing part read, checked against pass 1, sent; returns bytes sent.
+    async fn send_parts(
+        &self,
+        path: &Path,
+        sha: &str,
+        part_size: u64,
+        part_crcs: &[u64],
+        sink: &mut PartSink,
+    ) -> Result<u64, UploadError> {
+        let file = Arc::new(open_nofollow(path).map_err(|source| UploadError::Read { path: path.into(), source })?);
+        let size = file.metadata().map_err(|source| UploadError::Read { path: path.into(), source })?.len();
+        let mut in_flight: JoinSet<Result<(usize, String, u64), UploadError>> = JoinSet::new();
+        let mut bytes_sent = 0u64;
+        let mut result = Ok(());
+        for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
+            if let PartSink::Resumable { record, .. } = sink {
+                if record.parts.contains_key(&(idx as u32)) {
+                    continue;
+                }
+            }
+            while in_flight.len() >= self.opts.parts_in_flight.max(1) {
+                if let Err(e) = self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+            let offset = idx as u64 * part_size;
+            let len = part_size.min(size.saturating_sub(offset));
+            let guard = self.budget.acquire(len).await;
+            let (f, p) = (file.clone(), path.to_path_buf());
+            let chunk = blocking(path, move || {
+                let mut buf = BytesMut::zeroed(len as usize);
+                f.read_exact_at(&mut buf, offset).map_err(|source| UploadError::Read { path: p.clone(), source })?;
+                if crc(&buf) != expected_crc {
+                    return Err(UploadError::Changed { path: p });
+                }
+                Ok(buf.freeze())
+            })
+            .await;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let key_err = {
+                let path = path.to_path_buf();
+                move |source| UploadError::Store { path, source }
+            };
+            match sink {
+                PartSink::Resumable { record, .. } => {
+                    let (store, sha, id) = (self.store.clone(), sha.to_string(), record.upload_id.clone());
+                    in_flight.spawn(async move {
+                        let content_id = store.put_part(&sha, &id, idx, chunk).await.map_err(key_err)?;
+                        drop(guard);
+                        Ok((idx, content_id, len))
+                    });
+                }
+                PartSink::Streaming(upload) => {
+                    let part = upload.put_part(chunk.into());
+                    let sha = sha.to_string();
+                    in_flight.spawn(async move {
+                        part.await.map_err(|source| key_err(StoreError::Op { op: "upload part", key: crate::store::blob_key(&sha), source }))?;
+                        drop(guard);
+                        Ok((idx, String::new(), len))
+                    });
+                }
+            }
+        }
+        while !in_flight.is_empty() {
+            let r = self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result.map(|()| bytes_sent)
+    }
+
+    fn part_done(
+        &self,
+        joined: Option<Result<Result<(usize, String, u64), UploadError>, tokio::task::JoinError>>,
+        sink: &mut PartSink,
+        bytes_sent: &mut u64,
+        path: &Path,
+    ) -> Result<(), UploadError> {
+        let Some(joined) = joined else { return Ok(()) };
+        let (idx, content_id, len) = joined.map_err(|source| UploadError::Task { path: path.into(), source })??;
+        *bytes_sent += len;
+        if let PartSink::Resumable { record, journal } = sink {
+            record.parts.insert(idx as u32, content_id);
+            if let Some(j) = journal {
+                if let Err(e) = write_atomic(j, &record.to_json()) {
+                    tracing::debug!(error = %e, "cannot update the multipart journal");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish_sink(&self, sha: &str, sink: PartSink) -> Result<(), StoreError> {
+        match sink {
+            PartSink::Streaming(mut upload) => upload.complete().await.map(|_| ()).map_err(|source| StoreError::Op {
+                op: "complete multipart upload",
+                key: crate::store::blob_key(sha),
+                source,
+            }),
+            PartSink::Resumable { record, journal } => {
+                let parts = record.parts.values().cloned().collect();
+                self.store.complete_multipart(sha, &record.upload_id, parts).await?;
+                if let Some(j) = journal {
+                    let _ = std::fs::remove_file(j);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn abort_sink(&self, sha: &str, sink: PartSink) {
+        let aborted = match sink {
+            PartSink::Streaming(mut upload) => upload.abort().await.map_err(|e| e.to_string()),
+            PartSink::Resumable { record, journal } => {
+                let r = self.store.abort_multipart(sha, &record.upload_id).await.map_err(|e| crate::error_chain(&e));
+                if let Some(j) = journal {
+                    let _ = std::fs::remove_file(j);
+                }
+                r
+            }
+        };
+        if let Err(e) = aborted {
+            tracing::warn!(sha256 = %sha, error = %e, "could not abort a multipart upload");
+        }
+    }
+
+    /// The blob exists after all: an upload of it left by a crash is useless.
+    async fn forget_journal(&self, sha: &str) {
+        let Some(path) = self.journal_path(sha) else { return };
+        if let Some(record) = std::fs::read(&path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
+            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Aborts every journaled upload nobody will finish (the job is over). Returns how many.
+    pub async fn abort_orphans(&self) -> usize {
+        let Some(dir) = &self.journal_dir else { return 0 };
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let mut aborted = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(record) = std::fs::read(&path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
+                match self.store.abort_multipart(&record.sha256, &record.upload_id).await {
+                    Ok(()) => tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload"),
+                    Err(e) => tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload"),
+                }
+                aborted += 1;
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        aborted
     }
 }
 
@@ -281,5 +509,17 @@ mod tests {
         assert!(five_tib.div_ceil(p) <= MAX_PARTS, "{p}");
         assert_eq!(p % MIB, 0);
         assert!(p <= 5 * 1024 * MIB, "S3 parts are at most 5 GiB");
+    }
+
+    #[test]
+    fn part_crcs_follow_part_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(3 * MIB as usize + 123)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (d, crcs) = hash_file(&path, MIB + 5).unwrap();
+        assert_eq!(d, crate::digest::digest_bytes(&data));
+        let expected: Vec<u64> = data.chunks((MIB + 5) as usize).map(crc).collect();
+        assert_eq!(crcs, expected);
     }
 }
