@@ -189,6 +189,12 @@ impl BlobStore {
         }
     }
 
+    /// A store in memory with resumable multipart uploads, for tests and benchmarks.
+    pub fn in_memory() -> Self {
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        BlobStore { inner: mem.clone(), url: "memory:///".into(), broken: None, multipart: Some((mem, String::new())) }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -511,6 +511,86 @@ mod tests {
         assert!(p <= 5 * 1024 * MIB, "S3 parts are at most 5 GiB");
     }
 
+    fn file_of(dir: &Path, name: &str, len: usize, seed: u8) -> (LocalFile, Vec<u8>) {
+        let path = dir.join(name);
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        std::fs::write(&path, &data).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&path).unwrap());
+        (LocalFile { rel: format!("artifacts/{name}"), abs: path, stamp }, data)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_parts_stay_within_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let opts = UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            parts_in_flight: 16,
+            files_in_flight: 4,
+            memory_budget: 3 * MIB,
+        };
+        let up = Uploader::new(store.clone(), opts, Some(dir.path().join("journal")));
+        let mut tasks = JoinSet::new();
+        for i in 0..4u8 {
+            let (file, data) = file_of(dir.path(), &format!("f{i}"), 9 * MIB as usize + 7, i);
+            let up = up.clone();
+            tasks.spawn(async move { (up.upload(&file).await.unwrap(), data) });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (uploaded, data) = done.unwrap();
+            assert_eq!(uploaded.digests, crate::digest::digest_bytes(&data));
+            let stored = store.get_bytes(&crate::store::blob_key(&uploaded.digests.sha256_hex())).await.unwrap();
+            assert_eq!(stored.as_ref(), &data[..]);
+        }
+        assert!(up.budget().peak() <= 3 * MIB, "peak {} over the budget", up.budget().peak());
+        assert!(up.budget().peak() >= MIB);
+        assert_eq!(up.budget().in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_journaled_upload_resumes_with_the_missing_parts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let opts = UploadOptions { multipart_threshold: MIB, min_part_size: MIB, ..UploadOptions::default() };
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(store.clone(), opts, Some(journal.clone()));
+        let (file, data) = file_of(dir.path(), "big", 5 * MIB as usize, 9);
+        // A crashed agent's upload: created, two parts sent, journaled.
+        let sha = crate::digest::digest_bytes(&data).sha256_hex();
+        let id = store.create_multipart(&sha).await.unwrap();
+        let mut record = MultipartRecord { sha256: sha.clone(), upload_id: id.clone(), size: data.len() as u64, part_size: MIB, parts: Default::default() };
+        for idx in [0usize, 3] {
+            let part = Bytes::copy_from_slice(&data[idx * MIB as usize..(idx + 1) * MIB as usize]);
+            record.parts.insert(idx as u32, store.put_part(&sha, &id, idx, part).await.unwrap());
+        }
+        write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
+
+        let mut sink = up.open_sink(&sha, data.len() as u64, MIB).await.unwrap();
+        let (_, crcs) = hash_file(&file.abs, MIB).unwrap();
+        let sent = up.send_parts(&file.abs, &sha, MIB, &crcs, &mut sink).await.unwrap();
+        assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");
+        up.finish_sink(&sha, sink).await.unwrap();
+        assert_eq!(store.get_bytes(&crate::store::blob_key(&sha)).await.unwrap().as_ref(), &data[..]);
+        assert!(!journal.join(format!("{sha}.json")).exists());
+    }
+
+    #[tokio::test]
+    async fn orphaned_uploads_are_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(store.clone(), UploadOptions::default(), Some(journal.clone()));
+        let sha = "ab".repeat(32);
+        let id = store.create_multipart(&sha).await.unwrap();
+        let record = MultipartRecord { sha256: sha.clone(), upload_id: id.clone(), size: 1, part_size: MIB, parts: Default::default() };
+        write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
+        assert_eq!(up.abort_orphans().await, 1);
+        assert!(std::fs::read_dir(&journal).unwrap().next().is_none());
+        // The store no longer knows the upload.
+        assert!(store.put_part(&sha, &id, 0, Bytes::from_static(b"x")).await.is_err());
+    }
+
     #[test]
     fn part_crcs_follow_part_boundaries() {
         let dir = tempfile::tempdir().unwrap();

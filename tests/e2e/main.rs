@@ -8,4 +8,5 @@ mod input;
 mod lifecycle;
 mod live;
 mod logs;
+mod resume;
 mod stores;
