@@ -192,7 +192,9 @@ impl Syncer {
     /// The next moment something is due: a candidate settling, the manifest, a poll.
     fn next_wake(&self, next_poll: Instant) -> Instant {
         let mut wake = Instant::now() + Duration::from_secs(3600);
-        if let Some(earliest) = self.candidates.values().map(|c| c.since).min() {
+        // At capacity, a finished upload wakes the loop; due candidates must not spin it.
+        let has_room = self.in_flight.len() < self.uploader.options().files_in_flight.max(1);
+        if let Some(earliest) = self.candidates.values().map(|c| c.since).min().filter(|_| has_room) {
             wake = wake.min(earliest + self.opts.settle);
         }
         if self.manifest_dirty {
