@@ -128,7 +128,7 @@ def run_rclone(src, server, run_id, is_dir):
     env.update(RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other", RCLONE_CONFIG_B_ENDPOINT=server.endpoint,
                RCLONE_CONFIG_B_ACCESS_KEY_ID="AK", RCLONE_CONFIG_B_SECRET_ACCESS_KEY="SK",
                RCLONE_CONFIG_B_FORCE_PATH_STYLE="true", RCLONE_CONFIG_B_REGION="us-east-1")
-    return measure(["rclone", "copy", src, f"b:{BUCKET}/rclone-{run_id}", "--transfers", "16", "--s3-no-check-bucket"], env=env)
+    return measure(["rclone", "copy", src, f"b:{BUCKET}/rclone-{run_id}", "--transfers", "16", "--s3-no-check-bucket", "--s3-no-head"], env=env)
 
 
 def run_aws(src, server, run_id, is_dir):

@@ -135,7 +135,7 @@ impl<'a> Run<'a> {
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
         let reporter = Reporter::new(ctx.control_plane.clone(), ctx.state.clone(), &record.spec.job_id, record.spec.attempt);
         let journal = ctx.state.job_dir(&record.spec.job_id).join("uploads");
-        let uploader = Uploader::new(ctx.store.clone(), ctx.upload.clone(), Some(journal));
+        let uploader = Uploader::new(ctx.store.clone(), ctx.upload.clone(), &record.spec.job_id, Some(journal));
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),

@@ -225,9 +225,19 @@ impl BlobStore {
         }
     }
 
+    /// Whether this is the file store, where a staged object becomes a blob by a hard link.
+    pub fn is_local(&self) -> bool {
+        self.multipart.is_none() && self.broken.is_none() && self.url.starts_with("file:")
+    }
+
     /// Starts a multipart write of a blob; the object appears only on `complete`.
     pub async fn start_multipart(&self, sha256_hex: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
-        let key = blob_key(sha256_hex);
+        self.start_multipart_at(&blob_key(sha256_hex)).await
+    }
+
+    /// Starts a streaming multipart write of any key (a staging object).
+    pub async fn start_multipart_at(&self, key: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
+        let key = key.to_string();
         self.store()?
             .put_multipart(&StorePath::from(key.as_str()))
             .await
@@ -280,6 +290,39 @@ impl BlobStore {
         mp.abort_multipart(&path, &upload_id.to_string())
             .await
             .map_err(|source| StoreError::Op { op: "abort multipart upload", key: blob_key(sha256_hex), source })
+    }
+
+    /// Makes a finished staging object the blob `sha256_hex` unless that blob exists.
+    /// Returns whether it was added. The staging object is gone either way.
+    pub async fn promote(&self, staging_key: &str, sha256_hex: &str) -> Result<bool, StoreError> {
+        let key = blob_key(sha256_hex);
+        let (from, to) = (StorePath::from(staging_key), StorePath::from(key.as_str()));
+        match self.store()?.rename_if_not_exists(&from, &to).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.delete(staging_key).await?;
+                Ok(false)
+            }
+            Err(source) => Err(StoreError::Op { op: "promote", key, source }),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store()?.delete(&StorePath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::Op { op: "delete", key: key.to_string(), source }),
+        }
+    }
+
+    /// Keys under `prefix` (staging leftovers).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        self.store()?
+            .list(Some(&StorePath::from(prefix)))
+            .map_ok(|meta| meta.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|source| StoreError::Op { op: "list", key: prefix.to_string(), source })
     }
 
     pub async fn get_blob(&self, sha256_hex: &str) -> Result<GetResult, StoreError> {

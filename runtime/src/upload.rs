@@ -9,6 +9,9 @@
 //!   several parts in flight, each holding budget until the store has it. The upload is
 //!   completed only if every part matched and the file's stamp did not move, so a file
 //!   that changes meanwhile is re-queued and a torn version never becomes a blob.
+//! * On the file store, a large file is read once: streamed into a staging object while
+//!   hashed, then hard-linked to its key (unless that blob exists) once the stamp proves
+//!   the file did not change meanwhile.
 //! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
 //!   dir: after a crash the same file resumes with only the missing parts.
 
@@ -50,7 +53,7 @@ impl Default for UploadOptions {
             min_part_size: 8 * MIB,
             parts_in_flight: 4,
             files_in_flight: 16,
-            memory_budget: 40 * MIB,
+            memory_budget: 32 * MIB,
         }
     }
 }
@@ -123,6 +126,9 @@ pub struct Uploader {
     opts: Arc<UploadOptions>,
     budget: ByteBudget,
     journal_dir: Option<PathBuf>,
+    /// Key prefix of this job's staging objects (file store).
+    staging: Arc<str>,
+    staged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
@@ -214,9 +220,10 @@ enum PartSink {
 }
 
 impl Uploader {
-    pub fn new(store: BlobStore, opts: UploadOptions, journal_dir: Option<PathBuf>) -> Self {
+    pub fn new(store: BlobStore, opts: UploadOptions, job_id: &str, journal_dir: Option<PathBuf>) -> Self {
         let budget = ByteBudget::new(opts.memory_budget);
-        Uploader { store, opts: Arc::new(opts), budget, journal_dir }
+        let staging = Arc::from(format!("staging/{job_id}"));
+        Uploader { store, opts: Arc::new(opts), budget, journal_dir, staging, staged: Default::default() }
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -237,6 +244,8 @@ impl Uploader {
         let before = stat(&path)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             self.upload_small(&path, before).await?
+        } else if self.store.is_local() {
+            self.upload_staged(&path, before).await?
         } else {
             self.upload_large(&path, before).await?
         };
@@ -296,6 +305,81 @@ impl Uploader {
                 Err(e)
             }
         }
+    }
+
+    /// File store, large file: one read, streamed to a staging object, then linked to its key.
+    async fn upload_staged(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
+        let store_err = |source| UploadError::Store { path: path.into(), source };
+        let n = self.staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging_key = format!("{}/{}-{n}", self.staging, std::process::id());
+        let part_size = part_size_for(before.size, self.opts.min_part_size);
+        let mut upload = self.store.start_multipart_at(&staging_key).await.map_err(store_err)?;
+        let file = open_nofollow(path).map_err(|source| UploadError::Read { path: path.into(), source })?;
+        let mut reader = Some((file, DualHasher::new()));
+        let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
+        let mut outcome = Ok(());
+        while let Some((f, h)) = reader.take() {
+            while parts.len() >= self.opts.parts_in_flight.max(1) {
+                if let Some(Err(e) | Ok(Err(e))) = parts.join_next().await.map(|r| r.map_err(|source| UploadError::Task { path: path.into(), source })) {
+                    outcome = Err(e);
+                }
+            }
+            if outcome.is_err() {
+                break;
+            }
+            let guard = self.budget.acquire(part_size).await;
+            let p = path.to_path_buf();
+            let read = blocking(path, move || {
+                let (mut f, mut h) = (f, h);
+                let mut chunk = BytesMut::zeroed(part_size as usize);
+                let n = fill(&mut f, &mut chunk).map_err(|source| UploadError::Read { path: p, source })?;
+                chunk.truncate(n);
+                h.update(&chunk);
+                Ok((f, h, chunk.freeze()))
+            })
+            .await;
+            let (f, h, chunk) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            let last = chunk.is_empty();
+            reader = Some((f, h));
+            if last {
+                break;
+            }
+            let part = upload.put_part(chunk.into());
+            let (p, key) = (path.to_path_buf(), staging_key.clone());
+            parts.spawn(async move {
+                part.await.map_err(|source| UploadError::Store { path: p, source: StoreError::Op { op: "write part", key, source } })?;
+                drop(guard);
+                Ok(())
+            });
+        }
+        while let Some(r) = parts.join_next().await {
+            if let Err(e) | Ok(Err(e)) = r.map_err(|source| UploadError::Task { path: path.into(), source }) {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        let digests = reader.map(|(_, h)| h.finish());
+        let verified = outcome.and_then(|()| match digests {
+            Some(d) if d.size == before.size => ensure_unchanged(path, before).map(|()| d),
+            _ => Err(UploadError::Changed { path: path.into() }),
+        });
+        let digests = match verified {
+            Ok(d) => d,
+            Err(e) => {
+                if let Err(abort) = upload.abort().await {
+                    tracing::warn!(error = %abort, "could not drop a staging object");
+                }
+                return Err(e);
+            }
+        };
+        upload.complete().await.map_err(|source| store_err(StoreError::Op { op: "complete", key: staging_key.clone(), source }))?;
+        let new = self.store.promote(&staging_key, &digests.sha256_hex()).await.map_err(store_err)?;
+        Ok((digests, new))
     }
 
     fn journal_path(&self, sha: &str) -> Option<PathBuf> {
@@ -474,8 +558,14 @@ impl Uploader {
         }
     }
 
-    /// Aborts every journaled upload nobody will finish (the job is over). Returns how many.
+    /// Aborts every journaled upload nobody will finish (the job is over), and drops
+    /// staging objects a crash left. Returns how many uploads were aborted.
     pub async fn abort_orphans(&self) -> usize {
+        if self.store.is_local() {
+            for key in self.store.list(&self.staging).await.unwrap_or_default() {
+                let _ = self.store.delete(&key).await;
+            }
+        }
         let Some(dir) = &self.journal_dir else { return 0 };
         let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
         let mut aborted = 0;
@@ -530,7 +620,7 @@ mod tests {
             files_in_flight: 4,
             memory_budget: 3 * MIB,
         };
-        let up = Uploader::new(store.clone(), opts, Some(dir.path().join("journal")));
+        let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();
         for i in 0..4u8 {
             let (file, data) = file_of(dir.path(), &format!("f{i}"), 9 * MIB as usize + 7, i);
@@ -554,7 +644,7 @@ mod tests {
         let store = BlobStore::in_memory();
         let opts = UploadOptions { multipart_threshold: MIB, min_part_size: MIB, ..UploadOptions::default() };
         let journal = dir.path().join("journal");
-        let up = Uploader::new(store.clone(), opts, Some(journal.clone()));
+        let up = Uploader::new(store.clone(), opts, "j", Some(journal.clone()));
         let (file, data) = file_of(dir.path(), "big", 5 * MIB as usize, 9);
         // A crashed agent's upload: created, two parts sent, journaled.
         let sha = crate::digest::digest_bytes(&data).sha256_hex();
@@ -580,7 +670,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::in_memory();
         let journal = dir.path().join("journal");
-        let up = Uploader::new(store.clone(), UploadOptions::default(), Some(journal.clone()));
+        let up = Uploader::new(store.clone(), UploadOptions::default(), "j", Some(journal.clone()));
         let sha = "ab".repeat(32);
         let id = store.create_multipart(&sha).await.unwrap();
         let record = MultipartRecord { sha256: sha.clone(), upload_id: id.clone(), size: 1, part_size: MIB, parts: Default::default() };
@@ -589,6 +679,29 @@ mod tests {
         assert!(std::fs::read_dir(&journal).unwrap().next().is_none());
         // The store no longer knows the upload.
         assert!(store.put_part(&sha, &id, 0, Bytes::from_static(b"x")).await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_store_large_files_are_staged_then_linked() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::store::StoreConfig {
+            url: format!("file://{}/store", dir.path().display()),
+            options: Default::default(),
+            max_retries: 0,
+            retry_timeout: std::time::Duration::from_secs(1),
+        };
+        let store = BlobStore::open(&config).unwrap();
+        let opts = UploadOptions { multipart_threshold: MIB, min_part_size: MIB, memory_budget: 2 * MIB, ..UploadOptions::default() };
+        let up = Uploader::new(store.clone(), opts, "j", None);
+        let (a, data) = file_of(dir.path(), "a", 5 * MIB as usize + 3, 1);
+        let (b, _) = file_of(dir.path(), "b", 5 * MIB as usize + 3, 1);
+        let first = up.upload(&a).await.unwrap();
+        assert_eq!(first.new_bytes, data.len() as u64);
+        assert_eq!(up.upload(&b).await.unwrap().new_bytes, 0, "same content: nothing new");
+        let key = crate::store::blob_key(&first.digests.sha256_hex());
+        assert_eq!(store.get_bytes(&key).await.unwrap().as_ref(), &data[..]);
+        assert!(store.list("staging").await.unwrap().is_empty(), "no staging object left");
+        assert!(up.budget().peak() <= 2 * MIB);
     }
 
     #[test]

@@ -131,9 +131,7 @@ fn s3_pull_detects_corruption() {
     corruption_detected(Harness::new(Store::s3()));
 }
 
-#[test]
-fn large_file_goes_multipart_on_s3() {
-    let mut h = Harness::new(Store::s3());
+fn large_file(mut h: Harness) {
     h.extra_toml = "[upload]\nmultipart_threshold_bytes = 1000000\nmin_part_size_bytes = 5242880\n".into();
     let script = "head -c 12000000 /dev/urandom > $C3_ARTIFACTS_DIR/big.bin";
     h.run_job(json!({"job_id": "big", "command": ["sh", "-c", script]})).assert_code(0);
@@ -141,6 +139,16 @@ fn large_file_goes_multipart_on_s3() {
     let m = h.manifest("big");
     assert_eq!(m["files"][0]["sha256"], sha256_hex(&local));
     assert_eq!(h.object(&format!("blobs/sha256/{}", sha256_hex(&local))).unwrap(), local);
+}
+
+#[test]
+fn file_store_large_file_is_staged_and_linked() {
+    large_file(Harness::file());
+}
+
+#[test]
+fn s3_large_file_goes_multipart() {
+    large_file(Harness::new(Store::s3()));
 }
 
 #[test]
