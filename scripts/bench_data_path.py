@@ -138,12 +138,19 @@ def run_aws(src, server, run_id, is_dir):
     return measure(cmd, env=clean_env())
 
 
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def run_cp_sha(src, tmp, is_dir):
     dest = os.path.join(tmp, "cp-dest")
-    shutil.rmtree(dest, ignore_errors=True)
+    remove(dest)
     hash_cmd = f"find '{src}' -type f -print0 | xargs -0 sha256sum > /dev/null" if is_dir else f"sha256sum '{src}' > /dev/null"
     r = measure(["sh", "-c", f"cp -r '{src}' '{dest}' && sync -f '{tmp}' && {hash_cmd}"])
-    shutil.rmtree(dest, ignore_errors=True)
+    remove(dest)
     return r
 
 

@@ -25,6 +25,7 @@ use crate::cli::{Cli, Command, RunArgs};
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    bound_malloc();
     let cli = Cli::parse();
     let config = match config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -44,6 +45,17 @@ async fn dispatch(command: Command, config: config::Config) -> ExitCode {
         Command::Pull { job_id, dest } => edge(pull(&config, &job_id, &dest).await),
         Command::Ls { job_id, json } => edge(ls(&config, &job_id, json).await),
         Command::Recover => recover(&config).await,
+    }
+}
+
+/// Part buffers (MiB-sized) are allocated and freed all the time. glibc's dynamic mmap
+/// threshold would move them onto per-thread heaps after the first free, where they
+/// fragment and keep the RSS far above the upload budget; a fixed threshold keeps every
+/// large buffer an mmap that goes back to the kernel when freed.
+fn bound_malloc() {
+    // SAFETY: mallopt only changes allocator tuning; called once, before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
 }
 

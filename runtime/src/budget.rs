@@ -1,9 +1,12 @@
 //! A fixed budget for file bytes held in memory by uploads (reads waiting to be sent, parts
 //! in flight), shared by every upload of a job, so the agent's memory stays flat whatever
-//! the file sizes and however many files sync at once.
+//! the file sizes and however many files sync at once. Part buffers are recycled within the
+//! budget: a fresh multi-MiB buffer costs a page fault per 4 KiB, a reused one nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -23,6 +26,8 @@ struct Inner {
     in_use: AtomicU64,
     /// Highest `in_use` ever seen, for tests and benchmarks.
     peak: AtomicU64,
+    /// Finished part buffers, for reuse; never more than `limit` bytes of capacity.
+    spare: Mutex<Vec<BytesMut>>,
 }
 
 /// Bytes held until dropped.
@@ -42,6 +47,7 @@ impl ByteBudget {
                 limit: units * UNIT,
                 in_use: AtomicU64::new(0),
                 peak: AtomicU64::new(0),
+                spare: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -59,6 +65,36 @@ impl ByteBudget {
         let now = self.inner.in_use.fetch_add(held, Ordering::SeqCst) + held;
         self.inner.peak.fetch_max(now, Ordering::SeqCst);
         BudgetGuard { _permit: permit, bytes: held, inner: self.inner.clone() }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified), reused when one is spare.
+    pub fn buffer(&self, len: usize) -> BytesMut {
+        let reused = {
+            let mut spare = self.inner.spare.lock().expect("the spare list is never poisoned");
+            let at = spare.iter().position(|b| b.capacity() >= len);
+            at.map(|i| spare.swap_remove(i))
+        };
+        match reused {
+            Some(mut buf) => {
+                // Only bytes past the old length are zeroed; a same-size part costs nothing.
+                buf.resize(len, 0);
+                buf
+            }
+            None => BytesMut::zeroed(len),
+        }
+    }
+
+    /// Hands a sent part's buffer back, if nothing else still refers to it.
+    pub fn recycle(&self, bytes: Bytes) {
+        let Ok(mut buf) = bytes.try_into_mut() else { return };
+        let mut spare = self.inner.spare.lock().expect("the spare list is never poisoned");
+        let kept: usize = spare.iter().map(|b| b.capacity()).sum();
+        if (kept + buf.capacity()) as u64 <= self.inner.limit {
+            let cap = buf.capacity();
+            // Full length, so that the next `resize` to a part size zeroes nothing.
+            buf.resize(cap, 0);
+            spare.push(buf);
+        }
     }
 
     pub fn in_use(&self) -> u64 {

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use c3_proto::{FileEntry, MultipartRecord};
@@ -329,9 +329,9 @@ impl Uploader {
             }
             let guard = self.budget.acquire(part_size).await;
             let p = path.to_path_buf();
+            let mut chunk = self.budget.buffer(part_size as usize);
             let read = blocking(path, move || {
                 let (mut f, mut h) = (f, h);
-                let mut chunk = BytesMut::zeroed(part_size as usize);
                 let n = fill(&mut f, &mut chunk).map_err(|source| UploadError::Read { path: p, source })?;
                 chunk.truncate(n);
                 h.update(&chunk);
@@ -350,10 +350,11 @@ impl Uploader {
             if last {
                 break;
             }
-            let part = upload.put_part(chunk.into());
-            let (p, key) = (path.to_path_buf(), staging_key.clone());
+            let part = upload.put_part(chunk.clone().into());
+            let (p, key, budget) = (path.to_path_buf(), staging_key.clone(), self.budget.clone());
             parts.spawn(async move {
                 part.await.map_err(|source| UploadError::Store { path: p, source: StoreError::Op { op: "write part", key, source } })?;
+                budget.recycle(chunk);
                 drop(guard);
                 Ok(())
             });
@@ -445,8 +446,8 @@ impl Uploader {
             let len = part_size.min(size.saturating_sub(offset));
             let guard = self.budget.acquire(len).await;
             let (f, p) = (file.clone(), path.to_path_buf());
+            let mut buf = self.budget.buffer(len as usize);
             let chunk = blocking(path, move || {
-                let mut buf = BytesMut::zeroed(len as usize);
                 f.read_exact_at(&mut buf, offset).map_err(|source| UploadError::Read { path: p.clone(), source })?;
                 if crc(&buf) != expected_crc {
                     return Err(UploadError::Changed { path: p });
@@ -468,17 +469,20 @@ impl Uploader {
             match sink {
                 PartSink::Resumable { record, .. } => {
                     let (store, sha, id) = (self.store.clone(), sha.to_string(), record.upload_id.clone());
+                    let budget = self.budget.clone();
                     in_flight.spawn(async move {
-                        let content_id = store.put_part(&sha, &id, idx, chunk).await.map_err(key_err)?;
+                        let content_id = store.put_part(&sha, &id, idx, chunk.clone()).await.map_err(key_err)?;
+                        budget.recycle(chunk);
                         drop(guard);
                         Ok((idx, content_id, len))
                     });
                 }
                 PartSink::Streaming(upload) => {
-                    let part = upload.put_part(chunk.into());
-                    let sha = sha.to_string();
+                    let part = upload.put_part(chunk.clone().into());
+                    let (sha, budget) = (sha.to_string(), self.budget.clone());
                     in_flight.spawn(async move {
                         part.await.map_err(|source| key_err(StoreError::Op { op: "upload part", key: crate::store::blob_key(&sha), source }))?;
+                        budget.recycle(chunk);
                         drop(guard);
                         Ok((idx, String::new(), len))
                     });
