@@ -181,7 +181,11 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=["big", "small"])
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS-vs-file-size check")
     args = ap.parse_args()
+    if args.rss_only:
+        ensure_tools(not args.no_build)
+        return rss_vs_size()
     ensure_tools(not args.no_build)
     tmp = tempfile.mkdtemp(prefix="c3-bench-data-", dir=os.environ.get("BENCH_TMP", "/var/tmp"))
     servers = {}
@@ -230,6 +234,31 @@ def main():
                 if other[0] == name and other[1] == endpoint and other[2] != tool:
                     ratios += f" {other[2]}: {other[3] / wall:.2f}x faster, {other[6] / cpu_gib:.2f}x less CPU;"
         print(f"{name:<15} {endpoint:<8} {tool:<13} {wall:>7.2f} {mbs:>7.1f} {fps:>8.0f} {cpu_gib:>9.2f} {rss:>8.1f} {ratios}")
+
+
+def rss_vs_size():
+    """The agent's peak RSS uploading one file of 1, 2 and 4 GiB to the sink: flat, under 64 MiB."""
+    tmp = tempfile.mkdtemp(prefix="c3-bench-rss-", dir=os.environ.get("BENCH_TMP", "/var/tmp"))
+    sink = Server("sink", tmp)
+    rows = []
+    try:
+        work = os.path.join(tmp, "work")
+        os.makedirs(os.path.join(work, "artifacts"))
+        path = os.path.join(work, "artifacts", "big.bin")
+        with open(path, "wb") as f:
+            for gib in (1, 2, 4):
+                while f.tell() < gib * GIB:
+                    f.write(os.urandom(1 << 20))
+                f.flush()
+                wall, cpu, rss = run_agent(tmp, work, f"s3://{BUCKET}/rss-{gib}", sink, f"rss{gib}")
+                rows.append((gib, wall, cpu, rss))
+    finally:
+        sink.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\nc3-agent peak RSS by file size (discarding sink, default settings)")
+    print(f"{'size':>6} {'wall s':>7} {'CPU s/GiB':>9} {'peak RSS MiB':>12}")
+    for gib, wall, cpu, rss in rows:
+        print(f"{gib:>4} GiB {wall:>7.2f} {cpu / gib:>9.2f} {rss:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "c3-agent", version, about = "Runs one GPU job, syncs its artifacts to a content-addressed store, reports to the control plane")]
+#[command(
+    name = "c3-agent",
+    version,
+    about = "Runs one GPU job, syncs its artifacts to a content-addressed store, reports to the control plane"
+)]
 pub struct Cli {
     /// Configuration file (else $C3_AGENT_CONFIG, else /etc/c3-agent/config.toml if present)
     #[arg(long, global = true, value_name = "FILE")]
@@ -19,10 +23,7 @@ pub enum Command {
     /// Run one job: from a job spec (`--job SPEC.json`), or quickly from a command line (`-- CMD ARGS`)
     Run(RunArgs),
     /// Download a job's files per its manifest, verifying each sha256
-    Pull {
-        job_id: String,
-        dest: PathBuf,
-    },
+    Pull { job_id: String, dest: PathBuf },
     /// List a job's manifest (size, sha256, path)
     Ls {
         job_id: String,

@@ -106,14 +106,19 @@ pub struct ConfigError {
 }
 
 /// Which file to read: `--config`, else `$C3_AGENT_CONFIG`, else the system file if present.
-pub fn locate(flag: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Option<(PathBuf, bool)> {
+pub fn locate(
+    flag: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<(PathBuf, bool)> {
     if let Some(p) = flag {
         return Some((p.to_path_buf(), true));
     }
     if let Some(p) = env("C3_AGENT_CONFIG").filter(|s| !s.is_empty()) {
         return Some((PathBuf::from(p), true));
     }
-    Path::new(SYSTEM_CONFIG).exists().then(|| (PathBuf::from(SYSTEM_CONFIG), false))
+    Path::new(SYSTEM_CONFIG)
+        .exists()
+        .then(|| (PathBuf::from(SYSTEM_CONFIG), false))
 }
 
 pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
@@ -124,7 +129,10 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
         Some((path, _)) => match std::fs::read_to_string(path) {
             Ok(t) => (Some(path.clone()), t),
             Err(e) => {
-                return Err(ConfigError { source_file: Some(path.clone()), problems: vec![format!("cannot read: {e}")] })
+                return Err(ConfigError {
+                    source_file: Some(path.clone()),
+                    problems: vec![format!("cannot read: {e}")],
+                })
             }
         },
     };
@@ -138,10 +146,17 @@ pub fn resolve(
     env: &dyn Fn(&str) -> Option<String>,
     default_state: PathBuf,
 ) -> Result<Config, ConfigError> {
-    let fail = |problems: Vec<String>| ConfigError { source_file: source_file.clone(), problems };
+    let fail = |problems: Vec<String>| ConfigError {
+        source_file: source_file.clone(),
+        problems,
+    };
     let mut file: FileConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().to_string();
-        let at = e.span().map(|s| line_of(text, s.start)).map(|l| format!("line {l}: ")).unwrap_or_default();
+        let at = e
+            .span()
+            .map(|s| line_of(text, s.start))
+            .map(|l| format!("line {l}: "))
+            .unwrap_or_default();
         fail(vec![format!("{at}{msg}")])
     })?;
     let mut problems = Vec::new();
@@ -150,23 +165,49 @@ pub fn resolve(
         if let Some(v) = env(var) {
             match v.trim().parse() {
                 Ok(n) => *slot = Some(n),
-                Err(_) => problems.push(format!("`{key}` (from ${var}): `{v}` is not a whole number")),
+                Err(_) => problems.push(format!(
+                    "`{key}` (from ${var}): `{v}` is not a whole number"
+                )),
             }
         }
     };
-    num("C3_AGENT_KILL_GRACE_SECS", "kill_grace_secs", &mut file.kill_grace_secs);
-    num("C3_AGENT_STORE_RETRY_TIMEOUT_SECS", "store.retry_timeout_secs", &mut file.store.retry_timeout_secs);
-    num("C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS", "store.preflight_timeout_secs", &mut file.store.preflight_timeout_secs);
-    num("C3_AGENT_SETTLE_MS", "sync.settle_ms", &mut file.sync.settle_ms);
+    num(
+        "C3_AGENT_KILL_GRACE_SECS",
+        "kill_grace_secs",
+        &mut file.kill_grace_secs,
+    );
+    num(
+        "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
+        "store.retry_timeout_secs",
+        &mut file.store.retry_timeout_secs,
+    );
+    num(
+        "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS",
+        "store.preflight_timeout_secs",
+        &mut file.store.preflight_timeout_secs,
+    );
+    num(
+        "C3_AGENT_SETTLE_MS",
+        "sync.settle_ms",
+        &mut file.sync.settle_ms,
+    );
     let mut retries = file.store.max_retries.map(|n| n as u64);
-    num("C3_AGENT_STORE_MAX_RETRIES", "store.max_retries", &mut retries);
+    num(
+        "C3_AGENT_STORE_MAX_RETRIES",
+        "store.max_retries",
+        &mut retries,
+    );
     let mut cp = file.control_plane.take();
     // Only a URL makes a control plane: the unit file may set the token file on every node.
     if env("C3_AGENT_CONTROL_PLANE_URL").is_some() {
         cp.get_or_insert_with(ControlPlaneSection::default);
     }
     if let Some(section) = cp.as_mut() {
-        num("C3_AGENT_GIVE_UP_SECS", "control_plane.give_up_secs", &mut section.give_up_secs);
+        num(
+            "C3_AGENT_GIVE_UP_SECS",
+            "control_plane.give_up_secs",
+            &mut section.give_up_secs,
+        );
     }
     if let Some(v) = env("C3_AGENT_STATE_DIR") {
         file.state_dir = Some(PathBuf::from(v));
@@ -181,7 +222,9 @@ pub fn resolve(
         match v.as_str() {
             "true" | "1" | "on" => file.sync.live = Some(true),
             "false" | "0" | "off" => file.sync.live = Some(false),
-            _ => problems.push(format!("`sync.live` (from $C3_AGENT_SYNC_LIVE): `{v}` is not true or false")),
+            _ => problems.push(format!(
+                "`sync.live` (from $C3_AGENT_SYNC_LIVE): `{v}` is not true or false"
+            )),
         }
     }
     if let Some(v) = env("C3_AGENT_STORE_URL") {
@@ -198,7 +241,10 @@ pub fn resolve(
 
     let state_dir = file.state_dir.unwrap_or(default_state);
     if !state_dir.is_absolute() {
-        problems.push(format!("`state_dir`: `{}` must be an absolute path", state_dir.display()));
+        problems.push(format!(
+            "`state_dir`: `{}` must be an absolute path",
+            state_dir.display()
+        ));
     }
     let log_format = match file.log_format.as_deref() {
         None | Some("human") | Some("text") => LogFormat::Human,
@@ -217,7 +263,9 @@ pub fn resolve(
     }
     let control_plane = cp.and_then(|section| {
         let Some(raw) = section.url else {
-            problems.push("`control_plane.url`: missing (remove [control_plane] to run without one)".into());
+            problems.push(
+                "`control_plane.url`: missing (remove [control_plane] to run without one)".into(),
+            );
             return None;
         };
         match url::Url::parse(&raw) {
@@ -227,7 +275,9 @@ pub fn resolve(
                 give_up: Duration::from_secs(section.give_up_secs.unwrap_or(60)),
             }),
             Ok(_) => {
-                problems.push(format!("`control_plane.url`: `{raw}` must be http:// or https://"));
+                problems.push(format!(
+                    "`control_plane.url`: `{raw}` must be http:// or https://"
+                ));
                 None
             }
             Err(e) => {
@@ -238,17 +288,36 @@ pub fn resolve(
     });
     let defaults = UploadOptions::default();
     let upload = UploadOptions {
-        multipart_threshold: file.upload.multipart_threshold_bytes.unwrap_or(defaults.multipart_threshold),
-        min_part_size: file.upload.min_part_size_bytes.unwrap_or(defaults.min_part_size),
-        parts_in_flight: file.upload.parts_in_flight.unwrap_or(defaults.parts_in_flight),
-        files_in_flight: file.upload.files_in_flight.unwrap_or(defaults.files_in_flight),
-        memory_budget: file.upload.memory_budget_bytes.unwrap_or(defaults.memory_budget),
+        multipart_threshold: file
+            .upload
+            .multipart_threshold_bytes
+            .unwrap_or(defaults.multipart_threshold),
+        min_part_size: file
+            .upload
+            .min_part_size_bytes
+            .unwrap_or(defaults.min_part_size),
+        parts_in_flight: file
+            .upload
+            .parts_in_flight
+            .unwrap_or(defaults.parts_in_flight),
+        files_in_flight: file
+            .upload
+            .files_in_flight
+            .unwrap_or(defaults.files_in_flight),
+        memory_budget: file
+            .upload
+            .memory_budget_bytes
+            .unwrap_or(defaults.memory_budget),
     };
     if upload.min_part_size < 5 * 1024 * 1024 {
-        problems.push("`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into());
+        problems.push(
+            "`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into(),
+        );
     }
     if upload.parts_in_flight == 0 || upload.files_in_flight == 0 {
-        problems.push("`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into());
+        problems.push(
+            "`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into(),
+        );
     }
     let mode = match file.sync.mode.as_deref() {
         None | Some("inotify") => WatchMode::Inotify,
@@ -296,11 +365,28 @@ impl ControlPlaneSettings {
             None => None,
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-                Ok(_) => return Err(format!("`control_plane.token_file`: {} is empty", path.display())),
-                Err(e) => return Err(format!("`control_plane.token_file`: cannot read {}: {e}", path.display())),
+                Ok(_) => {
+                    return Err(format!(
+                        "`control_plane.token_file`: {} is empty",
+                        path.display()
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "`control_plane.token_file`: cannot read {}: {e}",
+                        path.display()
+                    ))
+                }
             },
         };
-        Ok((ControlPlaneConfig { url: self.url.clone(), token: token.clone(), give_up: self.give_up }, token))
+        Ok((
+            ControlPlaneConfig {
+                url: self.url.clone(),
+                token: token.clone(),
+                give_up: self.give_up,
+            },
+            token,
+        ))
     }
 }
 
@@ -316,7 +402,9 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("c3-agent");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".local/state/c3-agent")
 }
 
@@ -325,7 +413,12 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -339,27 +432,55 @@ mod tests {
     #[test]
     fn env_overrides_file() {
         let text = "state_dir = \"/a\"\n[store]\nurl = \"s3://b\"\n";
-        let env = env_of(&[("C3_AGENT_STORE_URL", "file:///x"), ("C3_AGENT_CONTROL_PLANE_URL", "http://127.0.0.1:1/api")]);
+        let env = env_of(&[
+            ("C3_AGENT_STORE_URL", "file:///x"),
+            ("C3_AGENT_CONTROL_PLANE_URL", "http://127.0.0.1:1/api"),
+        ]);
         let c = resolve(None, text, &env, PathBuf::from("/s")).unwrap();
         assert_eq!(c.store.url, "file:///x");
         assert_eq!(c.state_dir, PathBuf::from("/a"));
         assert_eq!(c.control_plane.unwrap().give_up, Duration::from_secs(60));
-        let only_token = resolve(None, "", &env_of(&[("C3_AGENT_TOKEN_FILE", "/run/t")]), PathBuf::from("/s")).unwrap();
-        assert!(only_token.control_plane.is_none(), "a token file alone does not make a control plane");
+        let only_token = resolve(
+            None,
+            "",
+            &env_of(&[("C3_AGENT_TOKEN_FILE", "/run/t")]),
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        assert!(
+            only_token.control_plane.is_none(),
+            "a token file alone does not make a control plane"
+        );
     }
 
     #[test]
     fn all_problems_named_at_once() {
-        let text = "kill_grace_secs = 1\nlog_format = \"xml\"\n[control_plane]\nurl = \"ftp://x\"\n";
-        let e = resolve(Some("/etc/c.toml".into()), text, &env_of(&[("C3_AGENT_SETTLE_MS", "soon")]), PathBuf::from("/s"))
-            .unwrap_err()
-            .to_string();
+        let text =
+            "kill_grace_secs = 1\nlog_format = \"xml\"\n[control_plane]\nurl = \"ftp://x\"\n";
+        let e = resolve(
+            Some("/etc/c.toml".into()),
+            text,
+            &env_of(&[("C3_AGENT_SETTLE_MS", "soon")]),
+            PathBuf::from("/s"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("config /etc/c.toml: "), "{e}");
         for key in ["`log_format`", "`control_plane.url`", "`sync.settle_ms`"] {
             assert!(e.contains(key), "{key} missing in {e}");
         }
         assert!(!e.contains('\n'));
-        let unknown = resolve(None, "\n[store]\nbucket = 1\n", &env_of(&[]), PathBuf::from("/s")).unwrap_err().to_string();
-        assert!(unknown.contains("line 3") && unknown.contains("bucket"), "{unknown}");
+        let unknown = resolve(
+            None,
+            "\n[store]\nbucket = 1\n",
+            &env_of(&[]),
+            PathBuf::from("/s"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unknown.contains("line 3") && unknown.contains("bucket"),
+            "{unknown}"
+        );
     }
 }

@@ -32,9 +32,17 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
-        Err(e) => return failure(&format!("cannot start the async runtime: {e}"), JobExit::AgentOrDataset.code()),
+        Err(e) => {
+            return failure(
+                &format!("cannot start the async runtime: {e}"),
+                JobExit::AgentOrDataset.code(),
+            )
+        }
     };
     runtime.block_on(dispatch(cli.command, config))
 }
@@ -108,7 +116,8 @@ fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
         if !args.command.is_empty() {
             return Err("`run --job SPEC.json` takes no command after `--`".into());
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read job spec {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read job spec {}: {e}", path.display()))?;
         let parsed = JobSpec::from_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         for field in &parsed.unknown_fields {
             tracing::warn!(field = %field, "job spec has a field this agent does not know; ignored");
@@ -119,9 +128,9 @@ fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
         return Err("run needs `--job SPEC.json` or a command after `--` (c3-agent run -- python3 train.py)".into());
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
-    let job_id = args.job_id.unwrap_or_else(|| {
-        format!("local-{}-{}", chrono_like_now(), std::process::id())
-    });
+    let job_id = args
+        .job_id
+        .unwrap_or_else(|| format!("local-{}-{}", chrono_like_now(), std::process::id()));
     let spec = JobSpec {
         job_id,
         project: None,
@@ -145,7 +154,10 @@ fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
 }
 
 fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     secs.to_string()
 }
 
@@ -155,7 +167,10 @@ fn cancel_on_signals() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
             return;
         };
@@ -188,7 +203,10 @@ async fn run(args: RunArgs, config: &config::Config) -> ExitCode {
     let cancel = cancel_on_signals();
     let summary = c3_runtime::run_job(&ctx, spec, cancel).await;
     let v = summary.verdict;
-    let reason = v.reason.map(|r| format!("/{}", r.as_str())).unwrap_or_default();
+    let reason = v
+        .reason
+        .map(|r| format!("/{}", r.as_str()))
+        .unwrap_or_default();
     let where_ = match &summary.manifest {
         Some(key) => format!("manifest {}/{key}", ctx.store.url().trim_end_matches('/')),
         None => "no manifest written".to_string(),
@@ -219,9 +237,16 @@ async fn pull(config: &config::Config, job_id: &str, dest: &Path) -> anyhow::Res
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
     if !manifest.complete {
-        eprintln!("c3-agent: note: job {job_id}'s manifest is not complete yet (the job may still run)");
+        eprintln!(
+            "c3-agent: note: job {job_id}'s manifest is not complete yet (the job may still run)"
+        );
     }
-    println!("pulled {} files, {} bytes of job {job_id} into {}", summary.files, summary.bytes, dest.display());
+    println!(
+        "pulled {} files, {} bytes of job {job_id} into {}",
+        summary.files,
+        summary.bytes,
+        dest.display()
+    );
     Ok(())
 }
 

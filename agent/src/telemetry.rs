@@ -14,13 +14,21 @@ use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("C3_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => {
             use std::io::IsTerminal;
-            builder.with_target(false).with_ansi(std::io::stderr().is_terminal()).init()
+            builder
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init()
         }
-        LogFormat::Json => builder.fmt_fields(JsonFields::new()).event_format(FlatJson).init(),
+        LogFormat::Json => builder
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
+            .init(),
     }
 }
 
@@ -33,7 +41,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let mut map = serde_json::Map::new();
         map.insert("timestamp".into(), c3_runtime::job::now_rfc3339().into());
         map.insert("level".into(), event.metadata().level().as_str().into());
@@ -57,7 +70,8 @@ struct Visitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
 impl Visit for Visitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), format!("{value:?}").into());
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().into(), value.into());

@@ -109,19 +109,7 @@ pub struct OutputChunk {
     pub data: String,
 }
 
-macro_rules! json_io {
-    ($($t:ty),*) => {$(
-        impl $t {
-            pub fn to_json(&self) -> Vec<u8> {
-                serde_json::to_vec(self).expect("wire types always serialize")
-            }
-            pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-                serde_json::from_slice(bytes)
-            }
-        }
-    )*};
-}
-json_io!(StatusReport, ArtifactsRegistration, ArtifactsReply, OutputChunk);
+json_io!(to_vec; StatusReport, ArtifactsRegistration, ArtifactsReply, OutputChunk);
 
 #[cfg(test)]
 mod tests {
@@ -129,9 +117,18 @@ mod tests {
 
     #[test]
     fn states_use_contract_spelling() {
-        assert_eq!(serde_json::to_string(&JobState::TimedOut).unwrap(), "\"TIMED_OUT\"");
-        assert_eq!(serde_json::to_string(&FailReason::UploadError).unwrap(), "\"UPLOAD_ERROR\"");
-        let reply = ArtifactsReply::from_json(br#"{"storage_used_bytes":5,"storage_quota_bytes":null,"x":1}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&JobState::TimedOut).unwrap(),
+            "\"TIMED_OUT\""
+        );
+        assert_eq!(
+            serde_json::to_string(&FailReason::UploadError).unwrap(),
+            "\"UPLOAD_ERROR\""
+        );
+        let reply = ArtifactsReply::from_json(
+            br#"{"storage_used_bytes":5,"storage_quota_bytes":null,"x":1}"#,
+        )
+        .unwrap();
         assert_eq!(reply.storage_quota_bytes, None);
     }
 }

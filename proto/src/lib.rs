@@ -8,12 +8,28 @@
 //! Everything else in the workspace handles these as typed values and calls
 //! `to_json`/`from_json` here, so a format change has exactly one room.
 
+/// `to_json`/`from_json` for wire types: compact for messages, pretty for files people read.
+macro_rules! json_io {
+    ($to:ident; $($t:ty),*) => {$(
+        impl $t {
+            pub fn to_json(&self) -> Vec<u8> {
+                serde_json::$to(self).expect("wire types always serialize")
+            }
+            pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+                serde_json::from_slice(bytes)
+            }
+        }
+    )*};
+}
+
 pub mod control;
 pub mod manifest;
 pub mod record;
 pub mod spec;
 
-pub use control::{ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream};
+pub use control::{
+    ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream,
+};
 pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
 pub use record::{MultipartRecord, OutboxEntry, Phase, RunRecord};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};

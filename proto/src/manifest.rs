@@ -49,7 +49,9 @@ pub struct LogEntry {
 pub enum ManifestError {
     #[error("manifest is not valid JSON")]
     Syntax(#[source] serde_json::Error),
-    #[error("manifest version {found} is not supported (this agent reads version {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {found} is not supported (this agent reads version {MANIFEST_VERSION})"
+    )]
     UnsupportedVersion { found: u64 },
     #[error("manifest entry `{path}` is unsafe: {problem}")]
     UnsafePath { path: String, problem: &'static str },
@@ -79,7 +81,8 @@ impl Manifest {
 
     /// Parse, refusing other versions and any entry that could escape a destination dir.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
         let found = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         if found != u64::from(MANIFEST_VERSION) {
             return Err(ManifestError::UnsupportedVersion { found });
@@ -88,7 +91,9 @@ impl Manifest {
         for f in &manifest.files {
             check_entry_path(&f.path)?;
             if !is_sha256_hex(&f.sha256) {
-                return Err(ManifestError::BadDigest { path: f.path.clone() });
+                return Err(ManifestError::BadDigest {
+                    path: f.path.clone(),
+                });
             }
         }
         Ok(manifest)
@@ -100,13 +105,20 @@ impl Manifest {
 }
 
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A manifest path must be relative, `/`-separated, with no `.`/`..`/empty parts,
 /// so that `pull` can never write outside its destination.
 fn check_entry_path(path: &str) -> Result<(), ManifestError> {
-    let bad = |problem| Err(ManifestError::UnsafePath { path: path.to_string(), problem });
+    let bad = |problem| {
+        Err(ManifestError::UnsafePath {
+            path: path.to_string(),
+            problem,
+        })
+    };
     if path.is_empty() || path.starts_with('/') {
         return bad("not a relative path");
     }
@@ -118,7 +130,10 @@ fn check_entry_path(path: &str) -> Result<(), ManifestError> {
             return bad("has an empty, `.` or `..` component");
         }
     }
-    if Path::new(path).components().any(|c| !matches!(c, Component::Normal(_))) {
+    if Path::new(path)
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
         return bad("has a non-normal component");
     }
     Ok(())
@@ -141,8 +156,13 @@ mod tests {
         });
         let back = Manifest::from_json(&m.to_json()).unwrap();
         assert_eq!(back, m);
-        let v2 = String::from_utf8(m.to_json()).unwrap().replace("\"version\": 1", "\"version\": 2");
-        assert!(matches!(Manifest::from_json(v2.as_bytes()), Err(ManifestError::UnsupportedVersion { found: 2 })));
+        let v2 = String::from_utf8(m.to_json())
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
+        assert!(matches!(
+            Manifest::from_json(v2.as_bytes()),
+            Err(ManifestError::UnsupportedVersion { found: 2 })
+        ));
     }
 
     #[test]

@@ -60,25 +60,17 @@ pub struct MultipartRecord {
     pub parts: std::collections::BTreeMap<u32, String>,
 }
 
-macro_rules! json_io {
-    ($($t:ty),*) => {$(
-        impl $t {
-            pub fn to_json(&self) -> Vec<u8> {
-                serde_json::to_vec_pretty(self).expect("records always serialize")
-            }
-            pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-                serde_json::from_slice(bytes)
-            }
-        }
-    )*};
-}
-json_io!(RunRecord, OutboxEntry, MultipartRecord);
+json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord);
 
 impl OutboxEntry {
     /// Wrap any wire message as an outbox entry.
     pub fn new(job_id: &str, endpoint: String, body_json: &[u8]) -> Self {
         let body = serde_json::from_slice(body_json).unwrap_or(serde_json::Value::Null);
-        OutboxEntry { job_id: job_id.to_string(), endpoint, body }
+        OutboxEntry {
+            job_id: job_id.to_string(),
+            endpoint,
+            body,
+        }
     }
 
     /// One line of `reports.jsonl`.

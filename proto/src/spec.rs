@@ -7,7 +7,16 @@ use serde::{Deserialize, Serialize};
 
 /// Fields the contract defines; anything else is reported as a warning.
 const KNOWN_FIELDS: &[&str] = &[
-    "job_id", "project", "attempt", "command", "workdir", "env", "output", "timeout_secs", "user", "datasets",
+    "job_id",
+    "project",
+    "attempt",
+    "command",
+    "workdir",
+    "env",
+    "output",
+    "timeout_secs",
+    "user",
+    "datasets",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +74,10 @@ pub enum SpecError {
 
 impl SpecError {
     fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        SpecError::Field { field: field.into(), problem: problem.into() }
+        SpecError::Field {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -75,8 +87,11 @@ impl JobSpec {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Syntax(e.to_string()))?;
         let object = value.as_object().ok_or(SpecError::NotAnObject)?;
-        let unknown_fields =
-            object.keys().filter(|k| !KNOWN_FIELDS.contains(&k.as_str())).cloned().collect();
+        let unknown_fields = object
+            .keys()
+            .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
+            .cloned()
+            .collect();
         let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
@@ -87,7 +102,10 @@ impl JobSpec {
             }
         })?;
         spec.validate()?;
-        Ok(ParsedSpec { spec, unknown_fields })
+        Ok(ParsedSpec {
+            spec,
+            unknown_fields,
+        })
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -101,14 +119,27 @@ impl JobSpec {
             return Err(SpecError::field("attempt", "must be 1 or more"));
         }
         match self.command.first() {
-            None => return Err(SpecError::field("command", "must name a program (an empty argv)")),
+            None => {
+                return Err(SpecError::field(
+                    "command",
+                    "must name a program (an empty argv)",
+                ))
+            }
             Some(program) if program.is_empty() => {
                 return Err(SpecError::field("command[0]", "the program name is empty"))
             }
             Some(_) => {}
         }
-        if let Some((i, _)) = self.command.iter().enumerate().find(|(_, a)| a.contains('\0')) {
-            return Err(SpecError::field(format!("command[{i}]"), "contains a NUL byte"));
+        if let Some((i, _)) = self
+            .command
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.contains('\0'))
+        {
+            return Err(SpecError::field(
+                format!("command[{i}]"),
+                "contains a NUL byte",
+            ));
         }
         if let Some(workdir) = &self.workdir {
             if workdir.is_empty() || !Path::new(workdir).is_absolute() {
@@ -117,17 +148,26 @@ impl JobSpec {
         }
         for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(SpecError::field(format!("env.{key}"), "is not a valid variable name"));
+                return Err(SpecError::field(
+                    format!("env.{key}"),
+                    "is not a valid variable name",
+                ));
             }
             if value.contains('\0') {
-                return Err(SpecError::field(format!("env.{key}"), "value contains a NUL byte"));
+                return Err(SpecError::field(
+                    format!("env.{key}"),
+                    "value contains a NUL byte",
+                ));
             }
         }
         for (i, dir) in self.output.iter().enumerate() {
             relative_dir(dir).map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
         }
         if self.timeout_secs == Some(0) {
-            return Err(SpecError::field("timeout_secs", "must be more than 0 (omit it for no timeout)"));
+            return Err(SpecError::field(
+                "timeout_secs",
+                "must be more than 0 (omit it for no timeout)",
+            ));
         }
         if let Some(user) = &self.user {
             if user.is_empty() {
@@ -135,14 +175,22 @@ impl JobSpec {
             }
         }
         for (i, d) in self.datasets.iter().enumerate() {
-            d.source_job().map_err(|p| SpecError::field(format!("datasets[{i}].ref"), p))?;
+            d.source_job()
+                .map_err(|p| SpecError::field(format!("datasets[{i}].ref"), p))?;
             if d.mount.is_empty() {
                 return Err(SpecError::field(format!("datasets[{i}].mount"), "is empty"));
             }
             if !Path::new(&d.mount).is_absolute() {
-                relative_dir(&d.mount).map_err(|p| SpecError::field(format!("datasets[{i}].mount"), p))?;
-            } else if Path::new(&d.mount).components().any(|c| c == Component::ParentDir) {
-                return Err(SpecError::field(format!("datasets[{i}].mount"), "must not contain `..`"));
+                relative_dir(&d.mount)
+                    .map_err(|p| SpecError::field(format!("datasets[{i}].mount"), p))?;
+            } else if Path::new(&d.mount)
+                .components()
+                .any(|c| c == Component::ParentDir)
+            {
+                return Err(SpecError::field(
+                    format!("datasets[{i}].mount"),
+                    "must not contain `..`",
+                ));
             }
         }
         Ok(())
@@ -179,8 +227,13 @@ pub fn validate_job_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err(format!("`{id}` must be 1-128 characters long"));
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
-        return Err(format!("`{id}` has {c:?}; only A-Z a-z 0-9 _ - are allowed"));
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "`{id}` has {c:?}; only A-Z a-z 0-9 _ - are allowed"
+        ));
     }
     Ok(())
 }
@@ -198,11 +251,15 @@ fn relative_dir(dir: &str) -> Result<(), String> {
         match c {
             Component::Normal(_) | Component::CurDir => {}
             Component::ParentDir => return Err(format!("`{dir}` must not contain `..`")),
-            Component::RootDir | Component::Prefix(_) => return Err(format!("`{dir}` must be relative")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("`{dir}` must be relative"))
+            }
         }
     }
     if path.components().all(|c| c == Component::CurDir) {
-        return Err(format!("`{dir}` is the workdir itself; name a directory inside it"));
+        return Err(format!(
+            "`{dir}` is the workdir itself; name a directory inside it"
+        ));
     }
     Ok(())
 }
@@ -229,12 +286,16 @@ mod tests {
         assert!(err(r#"{"job_id":"a/b","command":["true"]}"#).contains("`job_id`"));
         assert!(err(r#"{"job_id":"a","command":[]}"#).contains("`command`"));
         assert!(err(r#"{"job_id":"a","command":"true"}"#).contains("`command`"));
-        assert!(err(r#"{"job_id":"a","command":["x"],"timeout_secs":"1"}"#).contains("`timeout_secs`"));
+        assert!(
+            err(r#"{"job_id":"a","command":["x"],"timeout_secs":"1"}"#).contains("`timeout_secs`")
+        );
         assert!(err(r#"{"job_id":"a","command":["x"],"output":["../x"]}"#).contains("`output[0]`"));
         assert!(err(r#"{"job_id":"a","command":["x"],"output":["/x"]}"#).contains("`output[0]`"));
         assert!(err(r#"{"job_id":"a","command":["x"],"env":{"A":1}}"#).contains("`env.A`"));
-        assert!(err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"jobs/x","mount":"m"}]}"#)
-            .contains("`datasets[0].ref`"));
+        assert!(
+            err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"jobs/x","mount":"m"}]}"#)
+                .contains("`datasets[0].ref`")
+        );
         assert!(err(r#"[1]"#).contains("object"));
         assert!(err(r#"{"#).contains("not valid JSON"));
     }

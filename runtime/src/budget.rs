@@ -61,16 +61,30 @@ impl ByteBudget {
     pub async fn acquire(&self, bytes: u64) -> BudgetGuard {
         let held = bytes.clamp(1, self.inner.limit);
         let units = held.div_ceil(UNIT) as u32;
-        let permit = self.inner.permits.clone().acquire_many_owned(units).await.expect("the budget's semaphore is never closed");
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("the budget's semaphore is never closed");
         let now = self.inner.in_use.fetch_add(held, Ordering::SeqCst) + held;
         self.inner.peak.fetch_max(now, Ordering::SeqCst);
-        BudgetGuard { _permit: permit, bytes: held, inner: self.inner.clone() }
+        BudgetGuard {
+            _permit: permit,
+            bytes: held,
+            inner: self.inner.clone(),
+        }
     }
 
     /// A buffer of `len` bytes (contents unspecified), reused when one is spare.
     pub fn buffer(&self, len: usize) -> BytesMut {
         let reused = {
-            let mut spare = self.inner.spare.lock().expect("the spare list is never poisoned");
+            let mut spare = self
+                .inner
+                .spare
+                .lock()
+                .expect("the spare list is never poisoned");
             let at = spare.iter().position(|b| b.capacity() >= len);
             at.map(|i| spare.swap_remove(i))
         };
@@ -86,8 +100,14 @@ impl ByteBudget {
 
     /// Hands a sent part's buffer back, if nothing else still refers to it.
     pub fn recycle(&self, bytes: Bytes) {
-        let Ok(mut buf) = bytes.try_into_mut() else { return };
-        let mut spare = self.inner.spare.lock().expect("the spare list is never poisoned");
+        let Ok(mut buf) = bytes.try_into_mut() else {
+            return;
+        };
+        let mut spare = self
+            .inner
+            .spare
+            .lock()
+            .expect("the spare list is never poisoned");
         let kept: usize = spare.iter().map(|b| b.capacity()).sum();
         if (kept + buf.capacity()) as u64 <= self.inner.limit {
             let cap = buf.capacity();

@@ -52,7 +52,9 @@ pub fn scan(workdir: &Path, dirs: &[String]) -> Scan {
         let root = workdir.join(dir);
         match std::fs::symlink_metadata(&root) {
             Ok(m) if m.is_dir() => walk(&root, dir.trim_end_matches('/'), &mut out),
-            Ok(_) => out.warnings.push(format!("output dir {dir} is not a directory (a symlink?); skipped")),
+            Ok(_) => out.warnings.push(format!(
+                "output dir {dir} is not a directory (a symlink?); skipped"
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => out.warnings.push(format!("output dir {dir}: {e}; skipped")),
         }
@@ -75,7 +77,8 @@ fn walk(root: &Path, root_rel: &str, out: &mut Scan) {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    out.warnings.push(format!("cannot read an entry of {rel}/: {e}"));
+                    out.warnings
+                        .push(format!("cannot read an entry of {rel}/: {e}"));
                     continue;
                 }
             };
@@ -102,10 +105,22 @@ fn walk(root: &Path, root_rel: &str, out: &mut Scan) {
             if ft.is_dir() {
                 stack.push((path, child_rel));
             } else if ft.is_file() {
-                out.files.insert(child_rel.clone(), LocalFile { rel: child_rel, abs: path, stamp: FileStamp::of(&meta) });
+                out.files.insert(
+                    child_rel.clone(),
+                    LocalFile {
+                        rel: child_rel,
+                        abs: path,
+                        stamp: FileStamp::of(&meta),
+                    },
+                );
             } else {
-                let kind = if ft.is_symlink() { "a symlink" } else { "not a regular file" };
-                out.warnings.push(format!("{child_rel} is {kind}; not uploaded"));
+                let kind = if ft.is_symlink() {
+                    "a symlink"
+                } else {
+                    "not a regular file"
+                };
+                out.warnings
+                    .push(format!("{child_rel} is {kind}; not uploaded"));
             }
         }
     }
@@ -126,7 +141,15 @@ mod tests {
         std::fs::write(w.join("elsewhere"), "x").unwrap();
         std::os::unix::fs::symlink(w.join("elsewhere"), w.join("artifacts/link")).unwrap();
         std::os::unix::fs::symlink(w, w.join("artifacts/dirlink")).unwrap();
-        let s = scan(w, &["artifacts".into(), "out".into(), "missing".into(), "artifacts/deep".into()]);
+        let s = scan(
+            w,
+            &[
+                "artifacts".into(),
+                "out".into(),
+                "missing".into(),
+                "artifacts/deep".into(),
+            ],
+        );
         let names: Vec<_> = s.files.keys().cloned().collect();
         assert_eq!(names, vec!["artifacts/deep/er/a.txt", "out/b"]);
         assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);

@@ -38,7 +38,11 @@ impl DualHasher {
     }
 
     pub fn finish(self) -> Digests {
-        Digests { sha256: self.sha256.finalize().into(), blake3: *self.blake3.finalize().as_bytes(), size: self.size }
+        Digests {
+            sha256: self.sha256.finalize().into(),
+            blake3: *self.blake3.finalize().as_bytes(),
+            size: self.size,
+        }
     }
 }
 
@@ -73,8 +77,14 @@ mod tests {
     #[test]
     fn known_vectors() {
         let d = digest_bytes(b"abc");
-        assert_eq!(d.sha256_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        assert_eq!(d.blake3_hex(), "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85");
+        assert_eq!(
+            d.sha256_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            d.blake3_hex(),
+            "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+        );
         assert_eq!(sha256_hex(b""), crate::store::EMPTY_SHA256);
         let mut h = DualHasher::new();
         h.update(b"a");

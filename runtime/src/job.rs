@@ -11,13 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use c3_proto::{
-    ArtifactsRegistration, ArtifactsReply, JobSpec, JobState, LogEntry, Logs, Manifest, Phase, RunRecord,
-    StatusReport, Stream,
+    ArtifactsRegistration, ArtifactsReply, JobSpec, JobState, LogEntry, Logs, Manifest, Phase,
+    RunRecord, StatusReport, Stream,
 };
 
 use crate::collect::{scan, FileStamp, LocalFile};
-use crate::live::{LiveOptions, LiveSync};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, ProcessGroup, RunAs};
+use crate::live::{LiveOptions, LiveSync};
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::output::{forward_live, pump};
 use crate::report::{ControlPlane, Delivery, Reporter};
@@ -71,7 +71,10 @@ pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToke
         if let Some(cp) = ctx.control_plane.clone() {
             let state = ctx.state.clone();
             background.spawn(
-                async move { crate::report::flush_all_outboxes(&cp, &state, cp.give_up()).await; }.in_current_span(),
+                async move {
+                    crate::report::flush_all_outboxes(&cp, &state, cp.give_up()).await;
+                }
+                .in_current_span(),
             );
         }
         let mut run = Run::new(ctx, spec);
@@ -81,11 +84,15 @@ pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToke
         };
         let summary = run.finish(end, started).await;
         // Earlier jobs' reports get a little longer, but never hold the GPU hostage.
-        if tokio::time::timeout(Duration::from_secs(5), async { while background.join_next().await.is_some() {} })
-            .await
-            .is_err()
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            while background.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
         {
-            tracing::info!("earlier undelivered reports stay in the outbox for a later run or recover");
+            tracing::info!(
+                "earlier undelivered reports stay in the outbox for a later run or recover"
+            );
         }
         summary
     }
@@ -133,9 +140,19 @@ impl<'a> Run<'a> {
 
     /// A run rebuilt from its record, for `recover`.
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
-        let reporter = Reporter::new(ctx.control_plane.clone(), ctx.state.clone(), &record.spec.job_id, record.spec.attempt);
+        let reporter = Reporter::new(
+            ctx.control_plane.clone(),
+            ctx.state.clone(),
+            &record.spec.job_id,
+            record.spec.attempt,
+        );
         let journal = ctx.state.job_dir(&record.spec.job_id).join("uploads");
-        let uploader = Uploader::new(ctx.store.clone(), ctx.upload.clone(), &record.spec.job_id, Some(journal));
+        let uploader = Uploader::new(
+            ctx.store.clone(),
+            ctx.upload.clone(),
+            &record.spec.job_id,
+            Some(journal),
+        );
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
@@ -175,7 +192,8 @@ impl<'a> Run<'a> {
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(text);
         } else if self.warnings.len() == MAX_WARNINGS {
-            self.warnings.push("more warnings in the agent's log".into());
+            self.warnings
+                .push("more warnings in the agent's log".into());
         }
     }
 
@@ -187,9 +205,15 @@ impl<'a> Run<'a> {
 
     /// Directories, user, store check, input datasets. Nothing of the job runs yet.
     async fn prepare(&mut self, cancel: &CancellationToken) -> Result<(), JobEnd> {
-        let attempt_dir = self.ctx.state.attempt_dir(&self.spec().job_id, self.spec().attempt);
+        let attempt_dir = self
+            .ctx
+            .state
+            .attempt_dir(&self.spec().job_id, self.spec().attempt);
         if let Err(e) = std::fs::create_dir_all(&attempt_dir) {
-            return Err(self.fail_before_launch(JobEnd::AgentFailed, format!("cannot create {}: {e}", attempt_dir.display())));
+            return Err(self.fail_before_launch(
+                JobEnd::AgentFailed,
+                format!("cannot create {}: {e}", attempt_dir.display()),
+            ));
         }
         self.save();
         if let Some(name) = self.spec().user.clone() {
@@ -199,23 +223,39 @@ impl<'a> Run<'a> {
             }
         }
         if let Err(e) = self.prepare_dirs() {
-            return Err(self.fail_before_launch(JobEnd::AgentFailed, format!("cannot prepare the workdir: {e}")));
+            return Err(self.fail_before_launch(
+                JobEnd::AgentFailed,
+                format!("cannot prepare the workdir: {e}"),
+            ));
         }
         match tokio::time::timeout(self.ctx.preflight_timeout, self.ctx.store.preflight()).await {
             Ok(Ok(())) => tracing::debug!(store = self.ctx.store.url(), "store is writable"),
             Ok(Err(e)) if e.is_permanent() => {
-                let msg = format!("store {} is not usable: {}", self.ctx.store.url(), error_chain(&e));
+                let msg = format!(
+                    "store {} is not usable: {}",
+                    self.ctx.store.url(),
+                    error_chain(&e)
+                );
                 return Err(self.fail_before_launch(JobEnd::AgentFailed, msg));
             }
-            Ok(Err(e)) => self.warn(format!("store check failed, launching anyway (uploads retry later): {}", error_chain(&e))),
-            Err(_) => self.warn(format!("store check did not answer within {:?}; launching anyway", self.ctx.preflight_timeout)),
+            Ok(Err(e)) => self.warn(format!(
+                "store check failed, launching anyway (uploads retry later): {}",
+                error_chain(&e)
+            )),
+            Err(_) => self.warn(format!(
+                "store check did not answer within {:?}; launching anyway",
+                self.ctx.preflight_timeout
+            )),
         }
         if cancel.is_cancelled() {
             return Err(JobEnd::Canceled);
         }
         for dataset in self.spec().datasets.clone() {
             let mount = self.workdir.join(&dataset.mount);
-            let source = dataset.source_job().expect("validated with the spec").to_string();
+            let source = dataset
+                .source_job()
+                .expect("validated with the spec")
+                .to_string();
             let pulled = tokio::select! {
                 r = materialize(&self.ctx.store, &source, &mount) => r,
                 _ = cancel.cancelled() => return Err(JobEnd::Canceled),
@@ -225,13 +265,21 @@ impl<'a> Run<'a> {
                     tracing::info!(dataset = %dataset.reference, mount = %mount.display(), files = summary.files, bytes = summary.bytes, "input materialized");
                     if let Some(user) = &self.run_as {
                         if let Err(e) = chown_tree(&mount, user) {
-                            let msg = format!("cannot hand {} to user {}: {e}", mount.display(), user.name);
+                            let msg = format!(
+                                "cannot hand {} to user {}: {e}",
+                                mount.display(),
+                                user.name
+                            );
                             return Err(self.fail_before_launch(JobEnd::AgentFailed, msg));
                         }
                     }
                 }
                 Err(e) => {
-                    let msg = format!("input {} cannot be materialized: {}", dataset.reference, error_chain(&e));
+                    let msg = format!(
+                        "input {} cannot be materialized: {}",
+                        dataset.reference,
+                        error_chain(&e)
+                    );
                     return Err(self.fail_before_launch(JobEnd::DatasetFailed, msg));
                 }
             }
@@ -244,7 +292,12 @@ impl<'a> Run<'a> {
     }
 
     fn prepare_dirs(&self) -> std::io::Result<()> {
-        let mut dirs: Vec<PathBuf> = self.spec().collected_dirs().iter().map(|d| self.workdir.join(d)).collect();
+        let mut dirs: Vec<PathBuf> = self
+            .spec()
+            .collected_dirs()
+            .iter()
+            .map(|d| self.workdir.join(d))
+            .collect();
         dirs.push(self.workdir.join(".c3"));
         for dir in &dirs {
             std::fs::create_dir_all(dir)?;
@@ -257,7 +310,10 @@ impl<'a> Run<'a> {
         if let Some(user) = &self.run_as {
             chown(&self.workdir, user)?;
             for dir in &dirs {
-                for ancestor in dir.ancestors().take_while(|a| a.starts_with(&self.workdir) && *a != self.workdir) {
+                for ancestor in dir
+                    .ancestors()
+                    .take_while(|a| a.starts_with(&self.workdir) && *a != self.workdir)
+                {
                     chown(ancestor, user)?;
                 }
             }
@@ -275,14 +331,28 @@ impl<'a> Run<'a> {
             ("C3_ATTEMPT", spec.attempt.to_string()),
             ("C3_RESULT_FILE", self.result_path().display().to_string()),
         ];
-        let env = child_env(std::env::vars_os(), self.ctx.token.as_deref(), &spec.env, &job_vars);
-        let plan = LaunchPlan { command: &spec.command, workdir: &self.workdir, env, run_as: self.run_as.as_ref() };
+        let env = child_env(
+            std::env::vars_os(),
+            self.ctx.token.as_deref(),
+            &spec.env,
+            &job_vars,
+        );
+        let plan = LaunchPlan {
+            command: &spec.command,
+            workdir: &self.workdir,
+            env,
+            run_as: self.run_as.as_ref(),
+        };
         let mut script = match spawn(plan) {
             Ok(s) => s,
             Err(e) => {
                 // The shell's convention: 127 not found, 126 not executable.
                 let code = match &e {
-                    LaunchError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
+                    LaunchError::Spawn { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        127
+                    }
                     _ => 126,
                 };
                 let msg = error_chain(&e);
@@ -298,11 +368,13 @@ impl<'a> Run<'a> {
         tracing::info!(pgid = group.0, command = ?spec.command, workdir = %self.workdir.display(), "job launched");
         let running = self.status(seq, JobState::Running, None, false, None);
         let reporter = self.reporter.clone();
-        self.running_report =
-            Some(tokio::spawn(async move { reporter.send("status", seq, running.to_json()).await }.in_current_span()));
+        self.running_report = Some(tokio::spawn(
+            async move { reporter.send("status", seq, running.to_json()).await }.in_current_span(),
+        ));
 
         let mut pumps = JoinSet::new();
-        let logs = [Stream::Stdout, Stream::Stderr].map(|s| (s, self.ctx.state.log_path(&spec.job_id, spec.attempt, s)));
+        let logs = [Stream::Stdout, Stream::Stderr]
+            .map(|s| (s, self.ctx.state.log_path(&spec.job_id, spec.attempt, s)));
         if let Some(out) = script.child.stdout.take() {
             pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone()).in_current_span());
         }
@@ -311,16 +383,35 @@ impl<'a> Run<'a> {
         }
         let output_done = CancellationToken::new();
         let forwarder = self.ctx.control_plane.clone().map(|cp| {
-            tokio::spawn(forward_live(cp, spec.job_id.clone(), spec.attempt, logs.clone(), output_done.clone()).in_current_span())
+            tokio::spawn(
+                forward_live(
+                    cp,
+                    spec.job_id.clone(),
+                    spec.attempt,
+                    logs.clone(),
+                    output_done.clone(),
+                )
+                .in_current_span(),
+            )
         });
 
         let live = self.ctx.live.clone().map(|opts| {
             let manifest = Manifest::new(&spec.job_id, spec.project.clone(), spec.attempt);
             let book = std::mem::take(&mut self.book);
-            LiveSync::start(self.uploader.clone(), self.workdir.clone(), spec.collected_dirs(), group.0, manifest, book, opts)
+            LiveSync::start(
+                self.uploader.clone(),
+                self.workdir.clone(),
+                spec.collected_dirs(),
+                group.0,
+                manifest,
+                book,
+                opts,
+            )
         });
 
-        let end = self.wait(&mut script.child, group, cancel, spec.timeout_secs).await;
+        let end = self
+            .wait(&mut script.child, group, cancel, spec.timeout_secs)
+            .await;
 
         if group.is_alive() {
             self.warn("the job's script ended but left processes running; terminating them".into());
@@ -344,7 +435,10 @@ impl<'a> Run<'a> {
         }
         output_done.cancel();
         if let Some(f) = forwarder {
-            if tokio::time::timeout(Duration::from_secs(30), f).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(30), f)
+                .await
+                .is_err()
+            {
                 tracing::warn!("live output forwarding did not finish in time");
             }
         }
@@ -409,18 +503,37 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn status(&self, seq: u64, state: JobState, verdict: Option<&Verdict>, terminal: bool, upload_errors: Option<u64>) -> StatusReport {
+    fn status(
+        &self,
+        seq: u64,
+        state: JobState,
+        verdict: Option<&Verdict>,
+        terminal: bool,
+        upload_errors: Option<u64>,
+    ) -> StatusReport {
         StatusReport {
             attempt: self.spec().attempt,
             seq,
             state,
             reason: verdict.and_then(|v| v.reason),
             retryable: verdict.is_some_and(|v| v.retryable),
-            exit_code: if terminal { self.record.exit_code } else { None },
-            signal: if terminal { self.record.signal.clone() } else { None },
+            exit_code: if terminal {
+                self.record.exit_code
+            } else {
+                None
+            },
+            signal: if terminal {
+                self.record.signal.clone()
+            } else {
+                None
+            },
             message: if terminal { self.message.clone() } else { None },
             upload_errors: upload_errors.unwrap_or(0),
-            warnings: if terminal { self.warnings.clone() } else { Vec::new() },
+            warnings: if terminal {
+                self.warnings.clone()
+            } else {
+                Vec::new()
+            },
             result: serde_json::Value::Null,
             time: now_rfc3339(),
         }
@@ -462,7 +575,11 @@ impl<'a> Run<'a> {
             // Whatever multipart upload is still journaled will never be completed now.
             self.uploader.abort_orphans().await;
             result = self.read_result();
-            let mut manifest = Manifest::new(&self.spec().job_id, self.spec().project.clone(), self.spec().attempt);
+            let mut manifest = Manifest::new(
+                &self.spec().job_id,
+                self.spec().project.clone(),
+                self.spec().attempt,
+            );
             manifest.complete = true;
             manifest.files = self.book.entries();
             manifest.logs = logs;
@@ -487,7 +604,13 @@ impl<'a> Run<'a> {
         if let Some(sha) = &manifest_written {
             self.register_artifacts(seq, sha).await;
         }
-        let mut status = self.status(seq, verdict.state, Some(&verdict), true, Some(upload_errors));
+        let mut status = self.status(
+            seq,
+            verdict.state,
+            Some(&verdict),
+            true,
+            Some(upload_errors),
+        );
         status.result = result;
         let delivery = self.reporter.send("status", seq, status.to_json()).await;
         if matches!(delivery, Delivery::Kept) {
@@ -524,7 +647,9 @@ impl<'a> Run<'a> {
     async fn final_sync(&mut self) -> u64 {
         let workdir = self.workdir.clone();
         let dirs = self.spec().collected_dirs();
-        let found = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await.unwrap_or_default();
+        let found = tokio::task::spawn_blocking(move || scan(&workdir, &dirs))
+            .await
+            .unwrap_or_default();
         for w in &found.warnings {
             self.warn(w.clone());
         }
@@ -532,7 +657,11 @@ impl<'a> Run<'a> {
         for (path, e) in &report.failures {
             tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
         }
-        tracing::debug!(uploaded = report.uploaded, already_synced = report.skipped, "final sync done");
+        tracing::debug!(
+            uploaded = report.uploaded,
+            already_synced = report.skipped,
+            "final sync done"
+        );
         report.failures.len() as u64
     }
 
@@ -553,11 +682,18 @@ impl<'a> Run<'a> {
                     }
                 }
             };
-            let file = LocalFile { rel: format!("logs/{}", stream.as_str()), abs: path, stamp: FileStamp::of(&meta) };
+            let file = LocalFile {
+                rel: format!("logs/{}", stream.as_str()),
+                abs: path,
+                stamp: FileStamp::of(&meta),
+            };
             match self.uploader.upload(&file).await {
                 Ok(up) => {
                     self.book.new_bytes += up.new_bytes;
-                    entries.push(LogEntry { size: up.digests.size, sha256: up.digests.sha256_hex() });
+                    entries.push(LogEntry {
+                        size: up.digests.size,
+                        sha256: up.digests.sha256_hex(),
+                    });
                 }
                 Err(e) => {
                     tracing::error!(stream = stream.as_str(), error = %error_chain(&e), "cannot store the job's log");
@@ -591,12 +727,19 @@ impl<'a> Run<'a> {
             bytes: self.book.total_bytes(),
             new_bytes: self.book.new_bytes,
         };
-        if let Delivery::Delivered(body) = self.reporter.send("artifacts", order, reg.to_json()).await {
+        if let Delivery::Delivered(body) =
+            self.reporter.send("artifacts", order, reg.to_json()).await
+        {
             match ArtifactsReply::from_json(&body) {
-                Ok(ArtifactsReply { storage_used_bytes: used, storage_quota_bytes: Some(quota) }) if used > quota => {
+                Ok(ArtifactsReply {
+                    storage_used_bytes: used,
+                    storage_quota_bytes: Some(quota),
+                }) if used > quota => {
                     self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
                 }
-                Ok(reply) => tracing::info!(storage_used_bytes = reply.storage_used_bytes, storage_quota_bytes = ?reply.storage_quota_bytes, "artifacts registered"),
+                Ok(reply) => {
+                    tracing::info!(storage_used_bytes = reply.storage_used_bytes, storage_quota_bytes = ?reply.storage_quota_bytes, "artifacts registered")
+                }
                 Err(e) => tracing::warn!(error = %e, "artifacts registration reply not understood"),
             }
         }
@@ -621,10 +764,16 @@ fn read_result_file(path: &Path) -> Result<serde_json::Value, String> {
         return Err("not a regular file".into());
     }
     if meta.len() > MAX_RESULT_BYTES {
-        return Err(format!("{} bytes is over the limit of {MAX_RESULT_BYTES}", meta.len()));
+        return Err(format!(
+            "{} bytes is over the limit of {MAX_RESULT_BYTES}",
+            meta.len()
+        ));
     }
     let mut bytes = Vec::new();
-    file.by_ref().take(MAX_RESULT_BYTES + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    file.by_ref()
+        .take(MAX_RESULT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
     if bytes.len() as u64 > MAX_RESULT_BYTES {
         return Err(format!("over the limit of {MAX_RESULT_BYTES} bytes"));
     }
@@ -632,16 +781,30 @@ fn read_result_file(path: &Path) -> Result<serde_json::Value, String> {
 }
 
 /// Writes the per-attempt manifest, then the job's; returns the manifest's sha256.
-pub async fn write_manifest(store: &BlobStore, manifest: &Manifest) -> Result<String, crate::store::StoreError> {
+pub async fn write_manifest(
+    store: &BlobStore,
+    manifest: &Manifest,
+) -> Result<String, crate::store::StoreError> {
     let bytes = bytes::Bytes::from(manifest.to_json());
     let sha = crate::digest::sha256_hex(&bytes);
-    store.put_document(&attempt_manifest_key(&manifest.job_id, manifest.attempt), bytes.clone()).await?;
-    store.put_document(&manifest_key(&manifest.job_id), bytes).await?;
+    store
+        .put_document(
+            &attempt_manifest_key(&manifest.job_id, manifest.attempt),
+            bytes.clone(),
+        )
+        .await?;
+    store
+        .put_document(&manifest_key(&manifest.job_id), bytes)
+        .await?;
     Ok(sha)
 }
 
 /// Copies another job's files to `mount`: a private copy the job may modify freely.
-async fn materialize(store: &BlobStore, job_id: &str, mount: &Path) -> Result<crate::pull::PullSummary, crate::pull::PullError> {
+async fn materialize(
+    store: &BlobStore,
+    job_id: &str,
+    mount: &Path,
+) -> Result<crate::pull::PullSummary, crate::pull::PullError> {
     let manifest = crate::pull::read_manifest(store, job_id).await?;
     crate::pull::pull(store, &manifest, mount).await
 }

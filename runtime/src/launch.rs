@@ -30,12 +30,13 @@ pub fn child_env(
         .into_iter()
         .filter(|(k, v)| {
             let name = k.as_bytes();
-            let secret_name = SECRET_PREFIXES.iter().any(|p| name.starts_with(p.as_bytes()))
+            let secret_name = SECRET_PREFIXES
+                .iter()
+                .any(|p| name.starts_with(p.as_bytes()))
                 || SECRET_NAMES.iter().any(|n| name == n.as_bytes());
             // A variable that happens to hold the bearer token leaks it just the same.
-            let holds_token = token.is_some_and(|t| {
-                v.as_bytes().windows(t.len()).any(|w| w == t.as_bytes())
-            });
+            let holds_token =
+                token.is_some_and(|t| v.as_bytes().windows(t.len()).any(|w| w == t.as_bytes()));
             !(secret_name || holds_token)
         })
         .collect();
@@ -63,22 +64,38 @@ pub enum LaunchError {
     #[error("user `{0}` does not exist")]
     NoSuchUser(String),
     #[error("cannot look up user `{name}`")]
-    UserLookup { name: String, #[source] source: nix::Error },
+    UserLookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("running the job as user `{0}` needs the agent to run as root")]
     NotRoot(String),
     #[error("cannot start `{program}`")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RunAs {
     pub fn lookup(name: &str) -> Result<Self, LaunchError> {
         let user = nix::unistd::User::from_name(name)
-            .map_err(|source| LaunchError::UserLookup { name: name.into(), source })?
+            .map_err(|source| LaunchError::UserLookup {
+                name: name.into(),
+                source,
+            })?
             .ok_or_else(|| LaunchError::NoSuchUser(name.into()))?;
         if !nix::unistd::geteuid().is_root() && user.uid != nix::unistd::geteuid() {
             return Err(LaunchError::NotRoot(name.into()));
         }
-        Ok(RunAs { name: name.into(), uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir })
+        Ok(RunAs {
+            name: name.into(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        })
     }
 }
 
@@ -124,9 +141,14 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         });
     }
     // std opens every fd with O_CLOEXEC, so the child inherits only stdio.
-    let child = cmd.spawn().map_err(|source| LaunchError::Spawn { program, source })?;
+    let child = cmd
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
-    Ok(Script { child, group: ProcessGroup(pid) })
+    Ok(Script {
+        child,
+        group: ProcessGroup(pid),
+    })
 }
 
 /// The script's session and process group (pgid = the script's pid, from setsid).
@@ -145,7 +167,11 @@ impl ProcessGroup {
 
     /// SIGTERM to the group, SIGKILL after `grace` to whatever is left, the leader reaped.
     /// Returns the leader's exit status if it had to be waited for here.
-    pub async fn terminate(self, leader: Option<&mut Child>, grace: Duration) -> Option<ExitStatus> {
+    pub async fn terminate(
+        self,
+        leader: Option<&mut Child>,
+        grace: Duration,
+    ) -> Option<ExitStatus> {
         let deadline = tokio::time::Instant::now() + grace;
         self.signal(Signal::SIGTERM);
         let mut status = None;
@@ -153,7 +179,11 @@ impl ProcessGroup {
             match tokio::time::timeout_at(deadline, child.wait()).await {
                 Ok(s) => status = s.ok(),
                 Err(_) => {
-                    tracing::warn!(pgid = self.0, grace_secs = grace.as_secs_f64(), "job ignored SIGTERM; sending SIGKILL");
+                    tracing::warn!(
+                        pgid = self.0,
+                        grace_secs = grace.as_secs_f64(),
+                        "job ignored SIGTERM; sending SIGKILL"
+                    );
                     self.signal(Signal::SIGKILL);
                     status = child.wait().await.ok();
                 }
@@ -168,7 +198,10 @@ impl ProcessGroup {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         while self.is_alive() {
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(pgid = self.0, "processes of the job outlived the grace period; sending SIGKILL");
+                tracing::warn!(
+                    pgid = self.0,
+                    "processes of the job outlived the grace period; sending SIGKILL"
+                );
                 self.signal(Signal::SIGKILL);
                 // Bounded: a zombie that nobody reaps would keep the group "alive".
                 let until = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -210,9 +243,17 @@ mod tests {
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         let mut spec = BTreeMap::new();
         spec.insert("AWS_PROFILE".to_string(), "job-own".to_string());
-        let env = child_env(agent, Some("tok123"), &spec, &[("C3_AGENT_SOCKET", "/s".into())]);
+        let env = child_env(
+            agent,
+            Some("tok123"),
+            &spec,
+            &[("C3_AGENT_SOCKET", "/s".into())],
+        );
         let keys: Vec<_> = env.keys().map(|k| k.to_str().unwrap()).collect();
-        assert_eq!(keys, vec!["AWS_PROFILE", "C3_AGENT_SOCKET", "PATH", "PYTHONUNBUFFERED"]);
+        assert_eq!(
+            keys,
+            vec!["AWS_PROFILE", "C3_AGENT_SOCKET", "PATH", "PYTHONUNBUFFERED"]
+        );
         assert_eq!(env[&OsString::from("PYTHONUNBUFFERED")], "1");
     }
 }

@@ -165,7 +165,10 @@ impl Syncer {
     fn start_watching(&mut self) -> (Option<DirWatcher>, Option<mpsc::Receiver<Hint>>) {
         if self.opts.mode == WatchMode::Poll {
             self.polling = true;
-            tracing::info!(poll_ms = self.opts.poll_interval.as_millis() as u64, "syncing by polling the output dirs");
+            tracing::info!(
+                poll_ms = self.opts.poll_interval.as_millis() as u64,
+                "syncing by polling the output dirs"
+            );
             return (None, None);
         }
         match watch(&self.roots, self.opts.event_queue) {
@@ -194,11 +197,20 @@ impl Syncer {
         let mut wake = Instant::now() + Duration::from_secs(3600);
         // At capacity, a finished upload wakes the loop; due candidates must not spin it.
         let has_room = self.in_flight.len() < self.uploader.options().files_in_flight.max(1);
-        if let Some(earliest) = self.candidates.values().map(|c| c.since).min().filter(|_| has_room) {
+        if let Some(earliest) = self
+            .candidates
+            .values()
+            .map(|c| c.since)
+            .min()
+            .filter(|_| has_room)
+        {
             wake = wake.min(earliest + self.opts.settle);
         }
         if self.manifest_dirty {
-            let due = self.manifest_written.map(|t| t + self.opts.manifest_interval).unwrap_or_else(Instant::now);
+            let due = self
+                .manifest_written
+                .map(|t| t + self.opts.manifest_interval)
+                .unwrap_or_else(Instant::now);
             wake = wake.min(due);
         }
         if !self.in_flight.is_empty() {
@@ -214,7 +226,10 @@ impl Syncer {
         if !crate::watch::under_any(path, &self.roots) {
             return None;
         }
-        path.strip_prefix(&self.workdir).ok()?.to_str().map(str::to_string)
+        path.strip_prefix(&self.workdir)
+            .ok()?
+            .to_str()
+            .map(str::to_string)
     }
 
     async fn on_hint(&mut self, hint: Hint) {
@@ -246,14 +261,26 @@ impl Syncer {
         let Some(rel) = self.rel_of(path) else { return };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_file() => {
-                self.candidates.insert(rel, Candidate { stamp: Some(FileStamp::of(&m)), since: Instant::now() });
+                self.candidates.insert(
+                    rel,
+                    Candidate {
+                        stamp: Some(FileStamp::of(&m)),
+                        since: Instant::now(),
+                    },
+                );
             }
             Ok(m) if m.is_dir() => {
                 // Files created before the new directory's watch was set left no events.
                 let found = scan(&self.workdir, &[rel]);
                 for (rel, f) in found.files {
                     if !self.book.is_current(&f) {
-                        self.candidates.insert(rel, Candidate { stamp: Some(f.stamp), since: Instant::now() });
+                        self.candidates.insert(
+                            rel,
+                            Candidate {
+                                stamp: Some(f.stamp),
+                                since: Instant::now(),
+                            },
+                        );
                     }
                 }
             }
@@ -263,7 +290,8 @@ impl Syncer {
 
     fn forget(&mut self, rel: &str) {
         let prefix = format!("{rel}/");
-        self.candidates.retain(|k, _| k != rel && !k.starts_with(&prefix));
+        self.candidates
+            .retain(|k, _| k != rel && !k.starts_with(&prefix));
         if self.book.forget(|k| k == rel || k.starts_with(&prefix)) > 0 {
             self.manifest_dirty = true;
         }
@@ -271,7 +299,9 @@ impl Syncer {
 
     async fn rescan(&mut self) {
         let (workdir, dirs) = (self.workdir.clone(), self.dirs.clone());
-        let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await else { return };
+        let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await else {
+            return;
+        };
         if self.book.forget(|k| !found.files.contains_key(k)) > 0 {
             self.manifest_dirty = true;
         }
@@ -281,9 +311,18 @@ impl Syncer {
                 continue;
             }
             // Keep the clock of a candidate that still looks the same.
-            let unchanged = self.candidates.get(&rel).is_some_and(|c| c.stamp == Some(f.stamp));
+            let unchanged = self
+                .candidates
+                .get(&rel)
+                .is_some_and(|c| c.stamp == Some(f.stamp));
             if !unchanged {
-                self.candidates.insert(rel, Candidate { stamp: Some(f.stamp), since: Instant::now() });
+                self.candidates.insert(
+                    rel,
+                    Candidate {
+                        stamp: Some(f.stamp),
+                        since: Instant::now(),
+                    },
+                );
             }
         }
     }
@@ -294,16 +333,19 @@ impl Syncer {
         let due: Vec<String> = self
             .candidates
             .iter()
-            .filter(|(rel, c)| now >= c.since + self.opts.settle && !self.in_flight.contains_key(*rel))
+            .filter(|(rel, c)| {
+                now >= c.since + self.opts.settle && !self.in_flight.contains_key(*rel)
+            })
             .map(|(rel, _)| rel.clone())
             .collect();
         if due.is_empty() {
             return;
         }
         let session = self.session;
-        let open = tokio::task::spawn_blocking(move || crate::openfiles::written_by_session(session))
-            .await
-            .unwrap_or_default();
+        let open =
+            tokio::task::spawn_blocking(move || crate::openfiles::written_by_session(session))
+                .await
+                .unwrap_or_default();
         for rel in due {
             if self.in_flight.len() >= self.uploader.options().files_in_flight.max(1) {
                 break;
@@ -319,7 +361,10 @@ impl Syncer {
             let stamp = FileStamp::of(&meta);
             let candidate = self.candidates.get_mut(&rel).expect("due candidates exist");
             if candidate.stamp != Some(stamp) {
-                *candidate = Candidate { stamp: Some(stamp), since: now };
+                *candidate = Candidate {
+                    stamp: Some(stamp),
+                    since: now,
+                };
                 continue;
             }
             if open.contains(&(stamp.dev, stamp.ino)) {
@@ -328,7 +373,11 @@ impl Syncer {
                 continue;
             }
             self.candidates.remove(&rel);
-            let file = LocalFile { rel: rel.clone(), abs, stamp };
+            let file = LocalFile {
+                rel: rel.clone(),
+                abs,
+                stamp,
+            };
             if self.book.is_current(&file) {
                 continue;
             }
@@ -354,7 +403,13 @@ impl Syncer {
                 self.manifest_dirty = true;
             }
             Err(UploadError::Changed { .. }) => {
-                self.candidates.insert(rel, Candidate { stamp: None, since: Instant::now() });
+                self.candidates.insert(
+                    rel,
+                    Candidate {
+                        stamp: None,
+                        since: Instant::now(),
+                    },
+                );
             }
             Err(UploadError::Vanished { .. }) => {}
             Err(e) => {
@@ -368,7 +423,9 @@ impl Syncer {
     }
 
     async fn write_manifest_if_due(&mut self) {
-        let due = self.manifest_written.is_none_or(|t| t.elapsed() >= self.opts.manifest_interval);
+        let due = self
+            .manifest_written
+            .is_none_or(|t| t.elapsed() >= self.opts.manifest_interval);
         if !self.manifest_dirty || !due {
             return;
         }
@@ -381,7 +438,9 @@ impl Syncer {
                 self.manifest_dirty = false;
                 tracing::debug!(files = manifest.files.len(), "in-progress manifest written");
             }
-            Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")
+            }
         }
     }
 

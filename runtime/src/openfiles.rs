@@ -9,17 +9,28 @@ use std::os::unix::fs::MetadataExt;
 /// `(dev, ino)` of every regular file open with O_WRONLY or O_RDWR by a process of `session`.
 pub fn written_by_session(session: i32) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return open };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return open;
+    };
     for entry in procs.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
         if session_of(pid) != Some(session) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             let fd_name = fd.file_name();
-            let Some(fd_num) = fd_name.to_str() else { continue };
+            let Some(fd_num) = fd_name.to_str() else {
+                continue;
+            };
             if !opened_for_write(pid, fd_num) {
                 continue;
             }
@@ -43,7 +54,9 @@ fn session_of(pid: &str) -> Option<i32> {
 }
 
 fn opened_for_write(pid: &str, fd: &str) -> bool {
-    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else { return false };
+    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+        return false;
+    };
     info.lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())

@@ -53,18 +53,29 @@ pub struct Verdict {
 pub fn decide(end: &JobEnd, upload_failed: bool) -> Verdict {
     use FailReason::*;
     use JobState::*;
-    let v = |state, reason, retryable, exit| Verdict { state, reason, retryable, exit };
+    let v = |state, reason, retryable, exit| Verdict {
+        state,
+        reason,
+        retryable,
+        exit,
+    };
     match (end, upload_failed) {
         (JobEnd::Exited(0), false) => v(Succeeded, None, false, ExitCode::Succeeded),
         // The GPU work is done but its output is lost: retrying would redo it for nothing
         // until the storage problem is fixed, so the platform must not retry blindly.
         (JobEnd::Exited(0), true) => v(Failed, Some(UploadError), false, ExitCode::UploadError),
-        (JobEnd::Exited(_) | JobEnd::Killed(_), _) => v(Failed, Some(ScriptError), false, ExitCode::ScriptError),
+        (JobEnd::Exited(_) | JobEnd::Killed(_), _) => {
+            v(Failed, Some(ScriptError), false, ExitCode::ScriptError)
+        }
         (JobEnd::Canceled, _) => v(Canceled, None, false, ExitCode::Canceled),
         (JobEnd::TimedOut, _) => v(TimedOut, None, false, ExitCode::TimedOut),
         // The node, not the job, failed: another node may well succeed.
-        (JobEnd::AgentFailed | JobEnd::AgentLost, _) => v(Failed, Some(AgentError), true, ExitCode::AgentOrDataset),
-        (JobEnd::DatasetFailed, _) => v(Failed, Some(DatasetError), false, ExitCode::AgentOrDataset),
+        (JobEnd::AgentFailed | JobEnd::AgentLost, _) => {
+            v(Failed, Some(AgentError), true, ExitCode::AgentOrDataset)
+        }
+        (JobEnd::DatasetFailed, _) => {
+            v(Failed, Some(DatasetError), false, ExitCode::AgentOrDataset)
+        }
     }
 }
 
@@ -79,13 +90,28 @@ mod tests {
             (v.state, v.reason, v.exit.code())
         };
         assert_eq!(d(JobEnd::Exited(0), false), (JobState::Succeeded, None, 0));
-        assert_eq!(d(JobEnd::Exited(0), true), (JobState::Failed, Some(FailReason::UploadError), 3));
+        assert_eq!(
+            d(JobEnd::Exited(0), true),
+            (JobState::Failed, Some(FailReason::UploadError), 3)
+        );
         assert!(!decide(&JobEnd::Exited(0), true).retryable);
-        assert_eq!(d(JobEnd::Exited(3), true), (JobState::Failed, Some(FailReason::ScriptError), 1));
-        assert_eq!(d(JobEnd::Killed("SIGKILL".into()), false), (JobState::Failed, Some(FailReason::ScriptError), 1));
+        assert_eq!(
+            d(JobEnd::Exited(3), true),
+            (JobState::Failed, Some(FailReason::ScriptError), 1)
+        );
+        assert_eq!(
+            d(JobEnd::Killed("SIGKILL".into()), false),
+            (JobState::Failed, Some(FailReason::ScriptError), 1)
+        );
         assert_eq!(d(JobEnd::Canceled, true), (JobState::Canceled, None, 4));
         assert_eq!(d(JobEnd::TimedOut, false), (JobState::TimedOut, None, 5));
-        assert_eq!(d(JobEnd::AgentFailed, false), (JobState::Failed, Some(FailReason::AgentError), 6));
-        assert_eq!(d(JobEnd::DatasetFailed, false), (JobState::Failed, Some(FailReason::DatasetError), 6));
+        assert_eq!(
+            d(JobEnd::AgentFailed, false),
+            (JobState::Failed, Some(FailReason::AgentError), 6)
+        );
+        assert_eq!(
+            d(JobEnd::DatasetFailed, false),
+            (JobState::Failed, Some(FailReason::DatasetError), 6)
+        );
     }
 }

@@ -22,7 +22,11 @@ const MAX_POST: usize = 1024 * 1024;
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Copies `reader` to `log_path` and echoes each line into the log. Returns bytes copied.
-pub async fn pump(mut reader: impl AsyncRead + Unpin, stream: Stream, log_path: PathBuf) -> std::io::Result<u64> {
+pub async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    stream: Stream,
+    log_path: PathBuf,
+) -> std::io::Result<u64> {
     let mut file = tokio::fs::File::create(&log_path).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::new();
@@ -63,7 +67,13 @@ fn emit(stream: Stream, line: &[u8]) {
 }
 
 /// Posts new output every [`POST_INTERVAL`] until `done`, then sends the rest.
-pub async fn forward_live(cp: ControlPlane, job_id: String, attempt: u32, logs: [(Stream, PathBuf); 2], done: CancellationToken) {
+pub async fn forward_live(
+    cp: ControlPlane,
+    job_id: String,
+    attempt: u32,
+    logs: [(Stream, PathBuf); 2],
+    done: CancellationToken,
+) {
     let endpoint = format!("v1/jobs/{job_id}/output");
     let mut offsets = [0u64; 2];
     let mut tick = tokio::time::interval(POST_INTERVAL);
@@ -78,10 +88,20 @@ pub async fn forward_live(cp: ControlPlane, job_id: String, attempt: u32, logs: 
         let rounds = if last { 64 } else { 1 };
         for (i, (stream, path)) in logs.iter().enumerate() {
             for _ in 0..rounds {
-                let Some((data, consumed)) = read_text(path, offsets[i]).await else { break };
-                let chunk = OutputChunk { attempt, stream: *stream, offset: offsets[i], data };
+                let Some((data, consumed)) = read_text(path, offsets[i]).await else {
+                    break;
+                };
+                let chunk = OutputChunk {
+                    attempt,
+                    stream: *stream,
+                    offset: offsets[i],
+                    data,
+                };
                 // Live output is best effort: a short retry, never the outbox.
-                match cp.post(&endpoint, &chunk.to_json(), Duration::from_secs(5)).await {
+                match cp
+                    .post(&endpoint, &chunk.to_json(), Duration::from_secs(5))
+                    .await
+                {
                     Ok(_) => offsets[i] += consumed,
                     Err(e) => {
                         tracing::debug!(error = %e, "live output not delivered");
@@ -101,7 +121,11 @@ async fn read_text(path: &PathBuf, offset: u64) -> Option<(String, u64)> {
     let mut file = tokio::fs::File::open(path).await.ok()?;
     file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
     let mut buf = Vec::with_capacity(MAX_POST.min(64 * 1024));
-    (&mut file).take(MAX_POST as u64).read_to_end(&mut buf).await.ok()?;
+    (&mut file)
+        .take(MAX_POST as u64)
+        .read_to_end(&mut buf)
+        .await
+        .ok()?;
     if buf.is_empty() {
         return None;
     }

@@ -15,15 +15,35 @@ use crate::store::{manifest_key, BlobStore, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error("job {job_id} has no manifest in the store")]
-    NoManifest { job_id: String, #[source] source: StoreError },
+    NoManifest {
+        job_id: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("manifest of job {job_id} is unusable")]
-    BadManifest { job_id: String, #[source] source: ManifestError },
+    BadManifest {
+        job_id: String,
+        #[source]
+        source: ManifestError,
+    },
     #[error("cannot fetch {path}")]
-    Blob { path: String, #[source] source: StoreError },
+    Blob {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: content does not match the manifest (sha256 {actual}, expected {expected})")]
-    Mismatch { path: String, expected: String, actual: String },
+    Mismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("download task for {path} failed")]
     Task { path: String },
 }
@@ -38,24 +58,45 @@ pub async fn read_manifest(store: &BlobStore, job_id: &str) -> Result<Manifest, 
     let bytes = store
         .get_bytes(&manifest_key(job_id))
         .await
-        .map_err(|source| PullError::NoManifest { job_id: job_id.into(), source })?;
-    Manifest::from_json(&bytes).map_err(|source| PullError::BadManifest { job_id: job_id.into(), source })
+        .map_err(|source| PullError::NoManifest {
+            job_id: job_id.into(),
+            source,
+        })?;
+    Manifest::from_json(&bytes).map_err(|source| PullError::BadManifest {
+        job_id: job_id.into(),
+        source,
+    })
 }
 
 /// Writes every file of `manifest` under `dest`; stops at the first error.
-pub async fn pull(store: &BlobStore, manifest: &Manifest, dest: &Path) -> Result<PullSummary, PullError> {
+pub async fn pull(
+    store: &BlobStore,
+    manifest: &Manifest,
+    dest: &Path,
+) -> Result<PullSummary, PullError> {
     let results = futures::stream::iter(manifest.files.iter().enumerate())
         .map(|(i, entry)| fetch(store, entry, dest, i))
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>()
         .await?;
-    Ok(PullSummary { files: results.len() as u64, bytes: results.iter().sum() })
+    Ok(PullSummary {
+        files: results.len() as u64,
+        bytes: results.iter().sum(),
+    })
 }
 
 /// Streams one blob into a temp file beside its target, hashing off the reactor, then renames.
-async fn fetch(store: &BlobStore, entry: &FileEntry, dest: &Path, index: usize) -> Result<u64, PullError> {
+async fn fetch(
+    store: &BlobStore,
+    entry: &FileEntry,
+    dest: &Path,
+    index: usize,
+) -> Result<u64, PullError> {
     let target = dest.join(&entry.path);
-    let dir = target.parent().expect("manifest paths have a directory part").to_path_buf();
+    let dir = target
+        .parent()
+        .expect("manifest paths have a directory part")
+        .to_path_buf();
     let werr = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PullError::Write { path, source }
@@ -65,7 +106,10 @@ async fn fetch(store: &BlobStore, entry: &FileEntry, dest: &Path, index: usize) 
     let result = store
         .get_blob(&entry.sha256)
         .await
-        .map_err(|source| PullError::Blob { path: entry.path.clone(), source })?;
+        .map_err(|source| PullError::Blob {
+            path: entry.path.clone(),
+            source,
+        })?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let writer = {
         let tmp = tmp.clone();
@@ -94,20 +138,31 @@ async fn fetch(store: &BlobStore, entry: &FileEntry, dest: &Path, index: usize) 
             Err(source) => {
                 fetch_error = Some(PullError::Blob {
                     path: entry.path.clone(),
-                    source: StoreError::Op { op: "get", key: crate::store::blob_key(&entry.sha256), source },
+                    source: StoreError::Op {
+                        op: "get",
+                        key: crate::store::blob_key(&entry.sha256),
+                        source,
+                    },
                 });
                 break;
             }
         }
     }
     drop(tx);
-    let written = writer.await.map_err(|_| PullError::Task { path: entry.path.clone() })?;
+    let written = writer.await.map_err(|_| PullError::Task {
+        path: entry.path.clone(),
+    })?;
     let outcome = match (fetch_error, written) {
         (Some(e), _) => Err(e),
-        (None, Err(source)) => Err(PullError::Write { path: tmp.clone(), source }),
-        (None, Ok((actual, _))) if actual != entry.sha256 => {
-            Err(PullError::Mismatch { path: entry.path.clone(), expected: entry.sha256.clone(), actual })
-        }
+        (None, Err(source)) => Err(PullError::Write {
+            path: tmp.clone(),
+            source,
+        }),
+        (None, Ok((actual, _))) if actual != entry.sha256 => Err(PullError::Mismatch {
+            path: entry.path.clone(),
+            expected: entry.sha256.clone(),
+            actual,
+        }),
         (None, Ok((_, size))) => Ok(size),
     };
     let size = match outcome {
@@ -125,7 +180,10 @@ fn finalize(tmp: &Path, target: &Path, entry: &FileEntry) -> std::io::Result<()>
     use std::os::unix::fs::PermissionsExt;
     if entry.mtime_ns >= 0 {
         let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64);
-        std::fs::File::options().write(true).open(tmp)?.set_modified(mtime)?;
+        std::fs::File::options()
+            .write(true)
+            .open(tmp)?
+            .set_modified(mtime)?;
     }
     // After the mtime, which needs write access; setuid/setgid/sticky are never restored.
     std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(entry.mode & 0o777))?;

@@ -28,7 +28,10 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     if let Some(cp) = &ctx.control_plane {
         let left = crate::report::flush_all_outboxes(cp, &ctx.state, cp.give_up()).await;
         if left > 0 {
-            tracing::warn!(jobs = left, "control plane still unreachable; reports stay in the outbox");
+            tracing::warn!(
+                jobs = left,
+                "control plane still unreachable; reports stay in the outbox"
+            );
         }
     }
     let mut finished = Vec::new();
@@ -43,14 +46,18 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
         if record.phase == Phase::Done {
             continue;
         }
-        let span = tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
+        let span =
+            tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
         let _entered = span.enter();
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
         if let (Phase::Running, Some(pgid)) = (record.phase, record.pgid) {
             let group = ProcessGroup(pgid);
             if group.is_alive() {
                 // Nobody supervises these processes any more; they would hold the GPU forever.
-                tracing::warn!(pgid, "the job's processes outlived the agent; stopping them");
+                tracing::warn!(
+                    pgid,
+                    "the job's processes outlived the agent; stopping them"
+                );
                 group.terminate(None, ctx.kill_grace).await;
             }
         }

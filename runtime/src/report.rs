@@ -28,11 +28,19 @@ pub struct ControlPlaneConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("control plane rejected {endpoint} with HTTP {status}: {body}")]
-    Rejected { endpoint: String, status: u16, body: String },
+    Rejected {
+        endpoint: String,
+        status: u16,
+        body: String,
+    },
     #[error("control plane answered {endpoint} with HTTP {status}")]
     Unavailable { endpoint: String, status: u16 },
     #[error("request to {endpoint} failed")]
-    Transport { endpoint: String, #[source] source: reqwest::Error },
+    Transport {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("cannot keep the report for later delivery")]
     Outbox(#[source] crate::statedir::StateError),
 }
@@ -66,7 +74,10 @@ impl ControlPlane {
             .user_agent(concat!("c3-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a plain reqwest client always builds");
-        ControlPlane { http, config: Arc::new(config) }
+        ControlPlane {
+            http,
+            config: Arc::new(config),
+        }
     }
 
     pub fn give_up(&self) -> Duration {
@@ -74,7 +85,11 @@ impl ControlPlane {
     }
 
     async fn post_once(&self, endpoint: &str, body: &[u8]) -> Result<Bytes, ReportError> {
-        let url = self.config.url.join(endpoint).expect("endpoints are relative paths");
+        let url = self
+            .config
+            .url
+            .join(endpoint)
+            .expect("endpoints are relative paths");
         let mut req = self
             .http
             .post(url)
@@ -83,13 +98,19 @@ impl ControlPlane {
         if let Some(token) = &self.config.token {
             req = req.bearer_auth(token);
         }
-        let transport = |source| ReportError::Transport { endpoint: endpoint.to_string(), source };
+        let transport = |source| ReportError::Transport {
+            endpoint: endpoint.to_string(),
+            source,
+        };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(transport)?;
         match status {
             200..=299 => Ok(bytes),
-            408 | 429 | 500..=599 => Err(ReportError::Unavailable { endpoint: endpoint.into(), status }),
+            408 | 429 | 500..=599 => Err(ReportError::Unavailable {
+                endpoint: endpoint.into(),
+                status,
+            }),
             _ => Err(ReportError::Rejected {
                 endpoint: endpoint.into(),
                 status,
@@ -99,7 +120,12 @@ impl ControlPlane {
     }
 
     /// POSTs with backoff until delivered, rejected, or `give_up` has passed.
-    pub async fn post(&self, endpoint: &str, body: &[u8], give_up: Duration) -> Result<Bytes, ReportError> {
+    pub async fn post(
+        &self,
+        endpoint: &str,
+        body: &[u8],
+        give_up: Duration,
+    ) -> Result<Bytes, ReportError> {
         let deadline = Instant::now() + give_up;
         let policy = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
@@ -138,8 +164,18 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(control_plane: Option<ControlPlane>, state: StateDir, job_id: &str, attempt: u32) -> Self {
-        Reporter { control_plane, state, job_id: job_id.to_string(), attempt }
+    pub fn new(
+        control_plane: Option<ControlPlane>,
+        state: StateDir,
+        job_id: &str,
+        attempt: u32,
+    ) -> Self {
+        Reporter {
+            control_plane,
+            state,
+            job_id: job_id.to_string(),
+            attempt,
+        }
     }
 
     pub fn control_plane(&self) -> Option<&ControlPlane> {
@@ -185,7 +221,10 @@ impl Reporter {
 
     fn append_local(&self, endpoint: &str, body: &[u8]) {
         use std::io::Write;
-        let path = self.state.attempt_dir(&self.job_id, self.attempt).join("reports.jsonl");
+        let path = self
+            .state
+            .attempt_dir(&self.job_id, self.attempt)
+            .join("reports.jsonl");
         let line = OutboxEntry::new(&self.job_id, endpoint.to_string(), body).to_json_line();
         let written = std::fs::OpenOptions::new()
             .create(true)
@@ -212,7 +251,9 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) 
         match cp.post(&entry.endpoint, &entry.body_json(), give_up).await {
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
             Err(e) if e.is_retryable() => return false,
-            Err(e) => tracing::error!(endpoint = %entry.endpoint, error = %e, "control plane rejected a kept report; dropped"),
+            Err(e) => {
+                tracing::error!(endpoint = %entry.endpoint, error = %e, "control plane rejected a kept report; dropped")
+            }
         }
         let _ = std::fs::remove_file(&path);
     }
@@ -222,9 +263,15 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) 
 
 /// Delivers every job's outbox; returns how many jobs still have undelivered reports.
 pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, give_up: Duration) -> usize {
-    let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else { return 0 };
+    let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else {
+        return 0;
+    };
     let mut left = 0;
-    let mut dirs: Vec<PathBuf> = dirs.flatten().map(|d| d.path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> = dirs
+        .flatten()
+        .map(|d| d.path())
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     for dir in dirs {
         if !flush_job_outbox(cp, &dir, give_up).await {
@@ -235,9 +282,14 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, give_up: Du
 }
 
 fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<PathBuf> =
-        rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
     v.sort();
     v
 }

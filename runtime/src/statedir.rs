@@ -24,13 +24,24 @@ pub struct StateDir {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state dir: cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state dir: cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state dir: {path} is not a valid record")]
-    Corrupt { path: PathBuf, #[source] source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
-
 
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -54,7 +65,9 @@ impl StateDir {
     }
 
     pub fn attempt_dir(&self, job_id: &str, attempt: u32) -> PathBuf {
-        self.job_dir(job_id).join("attempts").join(attempt.to_string())
+        self.job_dir(job_id)
+            .join("attempts")
+            .join(attempt.to_string())
     }
 
     pub fn run_record_path(&self, job_id: &str, attempt: u32) -> PathBuf {
@@ -62,7 +75,8 @@ impl StateDir {
     }
 
     pub fn log_path(&self, job_id: &str, attempt: u32, stream: c3_proto::Stream) -> PathBuf {
-        self.attempt_dir(job_id, attempt).join(format!("{}.log", stream.as_str()))
+        self.attempt_dir(job_id, attempt)
+            .join(format!("{}.log", stream.as_str()))
     }
 
     pub fn outbox_root(&self) -> PathBuf {
@@ -74,20 +88,33 @@ impl StateDir {
     }
 
     pub fn write_record(&self, record: &RunRecord) -> Result<(), StateError> {
-        write_atomic(&self.run_record_path(&record.spec.job_id, record.spec.attempt), &record.to_json())
+        write_atomic(
+            &self.run_record_path(&record.spec.job_id, record.spec.attempt),
+            &record.to_json(),
+        )
     }
 
     pub fn read_record(&self, path: &Path) -> Result<RunRecord, StateError> {
-        let bytes = std::fs::read(path).map_err(|source| StateError::Read { path: path.into(), source })?;
-        RunRecord::from_json(&bytes).map_err(|e| StateError::Corrupt { path: path.into(), source: e })
+        let bytes = std::fs::read(path).map_err(|source| StateError::Read {
+            path: path.into(),
+            source,
+        })?;
+        RunRecord::from_json(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.into(),
+            source: e,
+        })
     }
 
     /// Every run record, oldest job first.
     pub fn all_records(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let Ok(jobs) = std::fs::read_dir(self.root.join("jobs")) else { return out };
+        let Ok(jobs) = std::fs::read_dir(self.root.join("jobs")) else {
+            return out;
+        };
         for job in jobs.flatten() {
-            let Ok(attempts) = std::fs::read_dir(job.path().join("attempts")) else { continue };
+            let Ok(attempts) = std::fs::read_dir(job.path().join("attempts")) else {
+                continue;
+            };
             for attempt in attempts.flatten() {
                 let record = attempt.path().join("run.json");
                 if record.is_file() {
@@ -102,7 +129,10 @@ impl StateDir {
 
 /// Write to a temp file, fsync, rename: a reader (or a crash) never sees half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let err = |source| StateError::Write { path: path.into(), source };
+    let err = |source| StateError::Write {
+        path: path.into(),
+        source,
+    };
     let dir = path.parent().expect("state files live in a directory");
     std::fs::create_dir_all(dir).map_err(err)?;
     let mut tmp = tempfile_in(dir, path).map_err(err)?;
@@ -116,7 +146,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let file = std::fs::File::create(&tmp)?;
     Ok((tmp, file))

@@ -13,11 +13,12 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
-use object_store::multipart::{MultipartStore, PartId};
 use object_store::{
-    BackoffConfig, GetResult, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
+    BackoffConfig, GetResult, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+    RetryConfig,
 };
 
 /// SHA-256 of zero bytes: the blob the preflight check writes (a real, valid blob).
@@ -42,11 +43,24 @@ pub enum StoreError {
     #[error("store option `{key}` is not an option of the {scheme} store")]
     BadOption { key: String, scheme: &'static str },
     #[error("cannot create the store directory {path}")]
-    CreateDir { path: String, #[source] source: std::io::Error },
+    CreateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store: cannot configure {scheme} store")]
-    Build { scheme: &'static str, #[source] source: object_store::Error },
+    Build {
+        scheme: &'static str,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("store {op} of `{key}` failed")]
-    Op { op: &'static str, key: String, #[source] source: object_store::Error },
+    Op {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
 }
 
 impl StoreError {
@@ -86,7 +100,10 @@ pub struct BlobStore {
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobStore").field("url", &self.url).field("resumable", &self.multipart.is_some()).finish()
+        f.debug_struct("BlobStore")
+            .field("url", &self.url)
+            .field("resumable", &self.multipart.is_some())
+            .finish()
     }
 }
 
@@ -105,30 +122,59 @@ pub fn attempt_manifest_key(job_id: &str, attempt: u32) -> String {
 impl BlobStore {
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let url = config.url.clone();
-        let parsed = url::Url::parse(&url)
-            .map_err(|e| StoreError::BadUrl { url: url.clone(), problem: e.to_string() })?;
+        let parsed = url::Url::parse(&url).map_err(|e| StoreError::BadUrl {
+            url: url.clone(),
+            problem: e.to_string(),
+        })?;
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
             max_retries: config.max_retries,
             retry_timeout: config.retry_timeout,
         };
         let prefix = parsed.path().trim_matches('/').to_string();
-        let (inner, multipart): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match parsed.scheme() {
+        let (inner, multipart): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match parsed
+            .scheme()
+        {
             "file" => {
-                if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
-                    return Err(StoreError::BadUrl { url, problem: "file URLs take no host: file:///abs/path".into() });
+                if parsed
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
+                    return Err(StoreError::BadUrl {
+                        url,
+                        problem: "file URLs take no host: file:///abs/path".into(),
+                    });
                 }
-                let path = parsed
-                    .to_file_path()
-                    .map_err(|()| StoreError::BadUrl { url: url.clone(), problem: "not an absolute path".into() })?;
+                let path = parsed.to_file_path().map_err(|()| StoreError::BadUrl {
+                    url: url.clone(),
+                    problem: "not an absolute path".into(),
+                })?;
                 if let Err(e) = std::fs::create_dir_all(&path) {
-                    let broken = Some(Arc::new((path.display().to_string(), e.kind(), e.to_string())));
-                    return Ok(BlobStore { inner: Arc::new(object_store::memory::InMemory::new()), url, broken, multipart: None });
+                    let broken = Some(Arc::new((
+                        path.display().to_string(),
+                        e.kind(),
+                        e.to_string(),
+                    )));
+                    return Ok(BlobStore {
+                        inner: Arc::new(object_store::memory::InMemory::new()),
+                        url,
+                        broken,
+                        multipart: None,
+                    });
                 }
-                let fs = LocalFileSystem::new_with_prefix(&path)
-                    .map_err(|source| StoreError::Build { scheme: "file", source })?;
+                let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
+                    StoreError::Build {
+                        scheme: "file",
+                        source,
+                    }
+                })?;
                 // Durability matters more than speed for a job's only copy of its output.
-                return Ok(BlobStore { inner: Arc::new(fs.with_fsync(true)), url, broken: None, multipart: None });
+                return Ok(BlobStore {
+                    inner: Arc::new(fs.with_fsync(true)),
+                    url,
+                    broken: None,
+                    multipart: None,
+                });
             }
             "s3" | "s3a" => {
                 // The agent hashes every byte itself and checks each part's bytes before sending:
@@ -140,31 +186,50 @@ impl BlobStore {
                     .with_unsigned_payload(true)
                     .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
                 for (k, v) in &config.options {
-                    let key: AmazonS3ConfigKey =
-                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "s3" })?;
+                    let key: AmazonS3ConfigKey = k.parse().map_err(|_| StoreError::BadOption {
+                        key: k.clone(),
+                        scheme: "s3",
+                    })?;
                     b = b.with_config(key, v);
                 }
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "s3", source })?);
+                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
+                    scheme: "s3",
+                    source,
+                })?);
                 (built.clone(), built)
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env().with_url(url.as_str()).with_retry(retry);
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry);
                 for (k, v) in &config.options {
-                    let key: GoogleConfigKey =
-                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "gs" })?;
+                    let key: GoogleConfigKey = k.parse().map_err(|_| StoreError::BadOption {
+                        key: k.clone(),
+                        scheme: "gs",
+                    })?;
                     b = b.with_config(key, v);
                 }
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "gs", source })?);
+                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
+                    scheme: "gs",
+                    source,
+                })?);
                 (built.clone(), built)
             }
             "az" | "azure" | "abfs" | "abfss" => {
-                let mut b = MicrosoftAzureBuilder::from_env().with_url(url.as_str()).with_retry(retry);
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_url(url.as_str())
+                    .with_retry(retry);
                 for (k, v) in &config.options {
-                    let key: AzureConfigKey =
-                        k.parse().map_err(|_| StoreError::BadOption { key: k.clone(), scheme: "azure" })?;
+                    let key: AzureConfigKey = k.parse().map_err(|_| StoreError::BadOption {
+                        key: k.clone(),
+                        scheme: "azure",
+                    })?;
                     b = b.with_config(key, v);
                 }
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build { scheme: "azure", source })?);
+                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
+                    scheme: "azure",
+                    source,
+                })?);
                 (built.clone(), built)
             }
             other => {
@@ -175,24 +240,44 @@ impl BlobStore {
             }
         };
         // Bucket-style URLs: the path after the bucket is a key prefix.
-        let prefix = if parsed.scheme() == "abfss" { String::new() } else { prefix };
-        let inner: Arc<dyn ObjectStore> =
-            if prefix.is_empty() { inner } else { Arc::new(PrefixStore::new(inner, prefix.as_str())) };
-        Ok(BlobStore { inner, url, broken: None, multipart: Some((multipart, prefix)) })
+        let prefix = if parsed.scheme() == "abfss" {
+            String::new()
+        } else {
+            prefix
+        };
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            inner
+        } else {
+            Arc::new(PrefixStore::new(inner, prefix.as_str()))
+        };
+        Ok(BlobStore {
+            inner,
+            url,
+            broken: None,
+            multipart: Some((multipart, prefix)),
+        })
     }
 
     /// The backing store, unless it could not be set up.
     fn store(&self) -> Result<&Arc<dyn ObjectStore>, StoreError> {
         match &self.broken {
             None => Ok(&self.inner),
-            Some(b) => Err(StoreError::CreateDir { path: b.0.clone(), source: std::io::Error::new(b.1, b.2.clone()) }),
+            Some(b) => Err(StoreError::CreateDir {
+                path: b.0.clone(),
+                source: std::io::Error::new(b.1, b.2.clone()),
+            }),
         }
     }
 
     /// A store in memory with resumable multipart uploads, for tests and benchmarks.
     pub fn in_memory() -> Self {
         let mem = Arc::new(object_store::memory::InMemory::new());
-        BlobStore { inner: mem.clone(), url: "memory:///".into(), broken: None, multipart: Some((mem, String::new())) }
+        BlobStore {
+            inner: mem.clone(),
+            url: "memory:///".into(),
+            broken: None,
+            multipart: Some((mem, String::new())),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -209,10 +294,21 @@ impl BlobStore {
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
         let path = StorePath::from(key.as_str());
-        match self.store()?.put_opts(&path, PutPayload::from(bytes), PutMode::Create.into()).await {
+        match self
+            .store()?
+            .put_opts(&path, PutPayload::from(bytes), PutMode::Create.into())
+            .await
+        {
             Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
-            Err(source) => Err(StoreError::Op { op: "put", key, source }),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(source) => Err(StoreError::Op {
+                op: "put",
+                key,
+                source,
+            }),
         }
     }
 
@@ -221,7 +317,11 @@ impl BlobStore {
         match self.store()?.head(&StorePath::from(key.as_str())).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(StoreError::Op { op: "head", key, source }),
+            Err(source) => Err(StoreError::Op {
+                op: "head",
+                key,
+                source,
+            }),
         }
     }
 
@@ -231,17 +331,27 @@ impl BlobStore {
     }
 
     /// Starts a multipart write of a blob; the object appears only on `complete`.
-    pub async fn start_multipart(&self, sha256_hex: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
+    pub async fn start_multipart(
+        &self,
+        sha256_hex: &str,
+    ) -> Result<Box<dyn MultipartUpload>, StoreError> {
         self.start_multipart_at(&blob_key(sha256_hex)).await
     }
 
     /// Starts a streaming multipart write of any key (a staging object).
-    pub async fn start_multipart_at(&self, key: &str) -> Result<Box<dyn MultipartUpload>, StoreError> {
+    pub async fn start_multipart_at(
+        &self,
+        key: &str,
+    ) -> Result<Box<dyn MultipartUpload>, StoreError> {
         let key = key.to_string();
         self.store()?
             .put_multipart(&StorePath::from(key.as_str()))
             .await
-            .map_err(|source| StoreError::Op { op: "start multipart upload", key, source })
+            .map_err(|source| StoreError::Op {
+                op: "start multipart upload",
+                key,
+                source,
+            })
     }
 
     /// Whether multipart uploads can be resumed (S3, GCS, Azure; not the file store).
@@ -249,47 +359,92 @@ impl BlobStore {
         self.multipart.is_some() && self.broken.is_none()
     }
 
-    fn multipart_path(&self, sha256_hex: &str) -> Result<(&Arc<dyn MultipartStore>, StorePath), StoreError> {
+    fn multipart_path(
+        &self,
+        sha256_hex: &str,
+    ) -> Result<(&Arc<dyn MultipartStore>, StorePath), StoreError> {
         self.store()?;
         let (mp, prefix) = self.multipart.as_ref().ok_or_else(|| StoreError::Op {
             op: "multipart upload",
             key: blob_key(sha256_hex),
-            source: object_store::Error::NotSupported { source: "this store has no resumable multipart uploads".into() },
+            source: object_store::Error::NotSupported {
+                source: "this store has no resumable multipart uploads".into(),
+            },
         })?;
         let key = blob_key(sha256_hex);
-        let full = if prefix.is_empty() { key } else { format!("{prefix}/{key}") };
+        let full = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}/{key}")
+        };
         Ok((mp, StorePath::from(full.as_str())))
     }
 
     pub async fn create_multipart(&self, sha256_hex: &str) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
-        mp.create_multipart(&path).await.map_err(|source| StoreError::Op { op: "create multipart upload", key: blob_key(sha256_hex), source })
+        mp.create_multipart(&path)
+            .await
+            .map_err(|source| StoreError::Op {
+                op: "create multipart upload",
+                key: blob_key(sha256_hex),
+                source,
+            })
     }
 
     /// Uploads part `idx` (0-based); returns the store's opaque id for it.
-    pub async fn put_part(&self, sha256_hex: &str, upload_id: &str, idx: usize, bytes: Bytes) -> Result<String, StoreError> {
+    pub async fn put_part(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+        idx: usize,
+        bytes: Bytes,
+    ) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
         let id = upload_id.to_string();
         mp.put_part(&path, &id, idx, PutPayload::from(bytes))
             .await
             .map(|p| p.content_id)
-            .map_err(|source| StoreError::Op { op: "upload part", key: blob_key(sha256_hex), source })
+            .map_err(|source| StoreError::Op {
+                op: "upload part",
+                key: blob_key(sha256_hex),
+                source,
+            })
     }
 
-    pub async fn complete_multipart(&self, sha256_hex: &str, upload_id: &str, parts: Vec<String>) -> Result<(), StoreError> {
+    pub async fn complete_multipart(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+        parts: Vec<String>,
+    ) -> Result<(), StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
-        let parts = parts.into_iter().map(|content_id| PartId { content_id }).collect();
+        let parts = parts
+            .into_iter()
+            .map(|content_id| PartId { content_id })
+            .collect();
         mp.complete_multipart(&path, &upload_id.to_string(), parts)
             .await
             .map(|_| ())
-            .map_err(|source| StoreError::Op { op: "complete multipart upload", key: blob_key(sha256_hex), source })
+            .map_err(|source| StoreError::Op {
+                op: "complete multipart upload",
+                key: blob_key(sha256_hex),
+                source,
+            })
     }
 
-    pub async fn abort_multipart(&self, sha256_hex: &str, upload_id: &str) -> Result<(), StoreError> {
+    pub async fn abort_multipart(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+    ) -> Result<(), StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
         mp.abort_multipart(&path, &upload_id.to_string())
             .await
-            .map_err(|source| StoreError::Op { op: "abort multipart upload", key: blob_key(sha256_hex), source })
+            .map_err(|source| StoreError::Op {
+                op: "abort multipart upload",
+                key: blob_key(sha256_hex),
+                source,
+            })
     }
 
     /// Makes a finished staging object the blob `sha256_hex` unless that blob exists.
@@ -303,14 +458,22 @@ impl BlobStore {
                 self.delete(staging_key).await?;
                 Ok(false)
             }
-            Err(source) => Err(StoreError::Op { op: "promote", key, source }),
+            Err(source) => Err(StoreError::Op {
+                op: "promote",
+                key,
+                source,
+            }),
         }
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.store()?.delete(&StorePath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(source) => Err(StoreError::Op { op: "delete", key: key.to_string(), source }),
+            Err(source) => Err(StoreError::Op {
+                op: "delete",
+                key: key.to_string(),
+                source,
+            }),
         }
     }
 
@@ -322,7 +485,11 @@ impl BlobStore {
             .map_ok(|meta| meta.location.to_string())
             .try_collect()
             .await
-            .map_err(|source| StoreError::Op { op: "list", key: prefix.to_string(), source })
+            .map_err(|source| StoreError::Op {
+                op: "list",
+                key: prefix.to_string(),
+                source,
+            })
     }
 
     pub async fn get_blob(&self, sha256_hex: &str) -> Result<GetResult, StoreError> {
@@ -333,13 +500,21 @@ impl BlobStore {
         self.store()?
             .get(&StorePath::from(key))
             .await
-            .map_err(|source| StoreError::Op { op: "get", key: key.to_string(), source })
+            .map_err(|source| StoreError::Op {
+                op: "get",
+                key: key.to_string(),
+                source,
+            })
     }
 
     /// Reads a small object whole (a manifest).
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
         let result = self.get(key).await?;
-        result.bytes().await.map_err(|source| StoreError::Op { op: "get", key: key.to_string(), source })
+        result.bytes().await.map_err(|source| StoreError::Op {
+            op: "get",
+            key: key.to_string(),
+            source,
+        })
     }
 
     /// Overwrites a small document (a manifest): a single PUT, never torn.
@@ -348,7 +523,11 @@ impl BlobStore {
             .put(&StorePath::from(key), PutPayload::from(bytes))
             .await
             .map(|_| ())
-            .map_err(|source| StoreError::Op { op: "put", key: key.to_string(), source })
+            .map_err(|source| StoreError::Op {
+                op: "put",
+                key: key.to_string(),
+                source,
+            })
     }
 }
 
@@ -357,23 +536,35 @@ mod tests {
     use super::*;
 
     fn config(url: &str) -> StoreConfig {
-        StoreConfig { url: url.into(), options: BTreeMap::new(), max_retries: 0, retry_timeout: Duration::from_secs(1) }
+        StoreConfig {
+            url: url.into(),
+            options: BTreeMap::new(),
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(1),
+        }
     }
 
     #[test]
     fn bad_urls_are_permanent() {
         let e = BlobStore::open(&config("ftp://x")).unwrap_err();
-        assert!(e.is_permanent() && e.to_string().contains("scheme `ftp`"), "{e}");
+        assert!(
+            e.is_permanent() && e.to_string().contains("scheme `ftp`"),
+            "{e}"
+        );
         let mut c = config("s3://bucket");
         c.options.insert("no_such_option".into(), "1".into());
-        assert!(BlobStore::open(&c).unwrap_err().to_string().contains("no_such_option"));
+        assert!(BlobStore::open(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("no_such_option"));
     }
 
     #[tokio::test]
     async fn uncreatable_file_store_fails_preflight_permanently() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), "").unwrap();
-        let store = BlobStore::open(&config(&format!("file://{}/f/store", dir.path().display()))).unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/f/store", dir.path().display()))).unwrap();
         let e = store.preflight().await.unwrap_err();
         assert!(e.is_permanent(), "{e}");
     }
@@ -381,12 +572,22 @@ mod tests {
     #[tokio::test]
     async fn file_store_dedups() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
         store.preflight().await.unwrap();
         let sha = "ab".repeat(32);
-        assert!(store.put_blob(&sha, Bytes::from_static(b"x")).await.unwrap());
-        assert!(!store.put_blob(&sha, Bytes::from_static(b"y")).await.unwrap());
+        assert!(store
+            .put_blob(&sha, Bytes::from_static(b"x"))
+            .await
+            .unwrap());
+        assert!(!store
+            .put_blob(&sha, Bytes::from_static(b"y"))
+            .await
+            .unwrap());
         assert!(store.blob_exists(&sha).await.unwrap());
-        assert_eq!(store.get_bytes(&blob_key(&sha)).await.unwrap(), Bytes::from_static(b"x"));
+        assert_eq!(
+            store.get_bytes(&blob_key(&sha)).await.unwrap(),
+            Bytes::from_static(b"x")
+        );
     }
 }

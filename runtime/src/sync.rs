@@ -54,7 +54,9 @@ impl SyncBook {
 
     /// Whether this exact version of the file is already a blob.
     pub fn is_current(&self, file: &LocalFile) -> bool {
-        self.synced.get(&file.rel).is_some_and(|u| u.stamp == file.stamp)
+        self.synced
+            .get(&file.rel)
+            .is_some_and(|u| u.stamp == file.stamp)
     }
 
     /// Drops the entries whose path matches; returns how many.
@@ -73,8 +75,15 @@ impl SyncBook {
 /// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
 pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
     book.synced.retain(|rel, _| scan.files.contains_key(rel));
-    let todo: Vec<&LocalFile> = scan.files.values().filter(|f| !book.is_current(f)).collect();
-    let mut report = SyncReport { skipped: scan.files.len() - todo.len(), ..SyncReport::default() };
+    let todo: Vec<&LocalFile> = scan
+        .files
+        .values()
+        .filter(|f| !book.is_current(f))
+        .collect();
+    let mut report = SyncReport {
+        skipped: scan.files.len() - todo.len(),
+        ..SyncReport::default()
+    };
     let queued_bytes: u64 = todo.iter().map(|f| f.stamp.size).sum();
     let queued_files = todo.len();
     let started = Instant::now();
@@ -114,7 +123,10 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
 }
 
 /// Uploads one file, trying again while it keeps changing under us.
-async fn upload_settled(uploader: &Uploader, file: &LocalFile) -> (String, Result<Uploaded, UploadError>) {
+async fn upload_settled(
+    uploader: &Uploader,
+    file: &LocalFile,
+) -> (String, Result<Uploaded, UploadError>) {
     let mut attempt = 0;
     loop {
         match uploader.upload(file).await {

@@ -28,7 +28,7 @@ use c3_proto::{FileEntry, MultipartRecord};
 
 use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
-use crate::digest::{DualHasher, Digests};
+use crate::digest::{Digests, DualHasher};
 use crate::statedir::write_atomic;
 use crate::store::{BlobStore, StoreError};
 
@@ -96,15 +96,27 @@ impl Uploaded {
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} changed while it was being uploaded")]
     Changed { path: PathBuf },
     #[error("{path} vanished before it could be uploaded")]
     Vanished { path: PathBuf },
     #[error("upload of {path} failed")]
-    Store { path: PathBuf, #[source] source: StoreError },
+    Store {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
     #[error("upload task of {path} failed")]
-    Task { path: PathBuf, #[source] source: tokio::task::JoinError },
+    Task {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 impl UploadError {
@@ -113,7 +125,9 @@ impl UploadError {
         match self {
             UploadError::Changed { .. } => true,
             UploadError::Store { source, .. } => !source.is_permanent(),
-            UploadError::Read { .. } | UploadError::Vanished { .. } | UploadError::Task { .. } => false,
+            UploadError::Read { .. } | UploadError::Vanished { .. } | UploadError::Task { .. } => {
+                false
+            }
         }
     }
 }
@@ -134,15 +148,23 @@ pub struct Uploader {
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(FileStamp::of(&m)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UploadError::Vanished { path: path.into() }),
-        Err(source) => Err(UploadError::Read { path: path.into(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(UploadError::Vanished { path: path.into() })
+        }
+        Err(source) => Err(UploadError::Read {
+            path: path.into(),
+            source,
+        }),
     }
 }
 
 /// Opens without following a symlink swapped in since the scan (the agent may be root).
 fn open_nofollow(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits()).open(path)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
 }
 
 /// Reads into `buf` until it is full or the file ends.
@@ -165,7 +187,10 @@ fn crc(bytes: &[u8]) -> u64 {
 
 /// Pass 1 of a large file: both digests and a CRC per part.
 fn hash_file(path: &Path, part_size: u64) -> Result<(Digests, Vec<u64>), UploadError> {
-    let read_err = |source| UploadError::Read { path: path.into(), source };
+    let read_err = |source| UploadError::Read {
+        path: path.into(),
+        source,
+    };
     let mut file = open_nofollow(path).map_err(read_err)?;
     let mut hasher = DualHasher::new();
     let mut part_crcs = Vec::new();
@@ -202,7 +227,12 @@ async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T, UploadError> + Send + 'static,
 ) -> Result<T, UploadError> {
-    tokio::task::spawn_blocking(f).await.map_err(|source| UploadError::Task { path: path.into(), source })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| UploadError::Task {
+            path: path.into(),
+            source,
+        })?
 }
 
 fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
@@ -214,16 +244,34 @@ fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
 
 /// Where a large file's parts go: an explicit, journaled multipart upload (resumable),
 /// or object_store's streaming upload (the file store).
+/// A part task's outcome: index, the store's id for it, bytes sent.
+type PartResult = Result<(usize, String, u64), UploadError>;
+
 enum PartSink {
-    Resumable { record: MultipartRecord, journal: Option<PathBuf> },
+    Resumable {
+        record: MultipartRecord,
+        journal: Option<PathBuf>,
+    },
     Streaming(Box<dyn object_store::MultipartUpload>),
 }
 
 impl Uploader {
-    pub fn new(store: BlobStore, opts: UploadOptions, job_id: &str, journal_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        store: BlobStore,
+        opts: UploadOptions,
+        job_id: &str,
+        journal_dir: Option<PathBuf>,
+    ) -> Self {
         let budget = ByteBudget::new(opts.memory_budget);
         let staging = Arc::from(format!("staging/{job_id}"));
-        Uploader { store, opts: Arc::new(opts), budget, journal_dir, staging, staged: Default::default() }
+        Uploader {
+            store,
+            opts: Arc::new(opts),
+            budget,
+            journal_dir,
+            staging,
+            staged: Default::default(),
+        }
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -249,14 +297,26 @@ impl Uploader {
         } else {
             self.upload_large(&path, before).await?
         };
-        Ok(Uploaded { rel: file.rel.clone(), digests, stamp: before, new_bytes: if new { digests.size } else { 0 } })
+        Ok(Uploaded {
+            rel: file.rel.clone(),
+            digests,
+            stamp: before,
+            new_bytes: if new { digests.size } else { 0 },
+        })
     }
 
-    async fn upload_small(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
+    async fn upload_small(
+        &self,
+        path: &Path,
+        before: FileStamp,
+    ) -> Result<(Digests, bool), UploadError> {
         let guard = self.budget.acquire(before.size).await;
         let p = path.to_path_buf();
         let (digests, bytes) = blocking(path, move || {
-            let read_err = |source| UploadError::Read { path: p.clone(), source };
+            let read_err = |source| UploadError::Read {
+                path: p.clone(),
+                source,
+            };
             let mut file = open_nofollow(&p).map_err(read_err)?;
             let mut buf = Vec::with_capacity(before.size as usize);
             file.read_to_end(&mut buf).map_err(read_err)?;
@@ -271,13 +331,23 @@ impl Uploader {
             .store
             .put_blob(&digests.sha256_hex(), bytes)
             .await
-            .map_err(|source| UploadError::Store { path: path.into(), source })?;
+            .map_err(|source| UploadError::Store {
+                path: path.into(),
+                source,
+            })?;
         drop(guard);
         Ok((digests, new))
     }
 
-    async fn upload_large(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
-        let store_err = |source| UploadError::Store { path: path.into(), source };
+    async fn upload_large(
+        &self,
+        path: &Path,
+        before: FileStamp,
+    ) -> Result<(Digests, bool), UploadError> {
+        let store_err = |source| UploadError::Store {
+            path: path.into(),
+            source,
+        };
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
         let (digests, part_crcs) = blocking(path, move || hash_file(&p, part_size)).await?;
@@ -290,9 +360,15 @@ impl Uploader {
             self.forget_journal(&sha).await;
             return Ok((digests, false));
         }
-        let mut sink = self.open_sink(&sha, before.size, part_size).await.map_err(store_err)?;
-        let sent = self.send_parts(path, &sha, part_size, &part_crcs, &mut sink).await;
-        let verified = sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
+        let mut sink = self
+            .open_sink(&sha, before.size, part_size)
+            .await
+            .map_err(store_err)?;
+        let sent = self
+            .send_parts(path, &sha, part_size, &part_crcs, &mut sink)
+            .await;
+        let verified =
+            sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
         match verified {
             Ok(bytes_sent) => {
                 self.finish_sink(&sha, sink).await.map_err(store_err)?;
@@ -308,19 +384,40 @@ impl Uploader {
     }
 
     /// File store, large file: one read, streamed to a staging object, then linked to its key.
-    async fn upload_staged(&self, path: &Path, before: FileStamp) -> Result<(Digests, bool), UploadError> {
-        let store_err = |source| UploadError::Store { path: path.into(), source };
-        let n = self.staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    async fn upload_staged(
+        &self,
+        path: &Path,
+        before: FileStamp,
+    ) -> Result<(Digests, bool), UploadError> {
+        let store_err = |source| UploadError::Store {
+            path: path.into(),
+            source,
+        };
+        let n = self
+            .staged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging_key = format!("{}/{}-{n}", self.staging, std::process::id());
         let part_size = part_size_for(before.size, self.opts.min_part_size);
-        let mut upload = self.store.start_multipart_at(&staging_key).await.map_err(store_err)?;
-        let file = open_nofollow(path).map_err(|source| UploadError::Read { path: path.into(), source })?;
+        let mut upload = self
+            .store
+            .start_multipart_at(&staging_key)
+            .await
+            .map_err(store_err)?;
+        let file = open_nofollow(path).map_err(|source| UploadError::Read {
+            path: path.into(),
+            source,
+        })?;
         let mut reader = Some((file, DualHasher::new()));
         let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
         let mut outcome = Ok(());
         while let Some((f, h)) = reader.take() {
             while parts.len() >= self.opts.parts_in_flight.max(1) {
-                if let Some(Err(e) | Ok(Err(e))) = parts.join_next().await.map(|r| r.map_err(|source| UploadError::Task { path: path.into(), source })) {
+                if let Some(Err(e) | Ok(Err(e))) = parts.join_next().await.map(|r| {
+                    r.map_err(|source| UploadError::Task {
+                        path: path.into(),
+                        source,
+                    })
+                }) {
                     outcome = Err(e);
                 }
             }
@@ -332,7 +429,8 @@ impl Uploader {
             let mut chunk = self.budget.buffer(part_size as usize);
             let read = blocking(path, move || {
                 let (mut f, mut h) = (f, h);
-                let n = fill(&mut f, &mut chunk).map_err(|source| UploadError::Read { path: p, source })?;
+                let n = fill(&mut f, &mut chunk)
+                    .map_err(|source| UploadError::Read { path: p, source })?;
                 chunk.truncate(n);
                 h.update(&chunk);
                 Ok((f, h, chunk.freeze()))
@@ -353,14 +451,24 @@ impl Uploader {
             let part = upload.put_part(chunk.clone().into());
             let (p, key, budget) = (path.to_path_buf(), staging_key.clone(), self.budget.clone());
             parts.spawn(async move {
-                part.await.map_err(|source| UploadError::Store { path: p, source: StoreError::Op { op: "write part", key, source } })?;
+                part.await.map_err(|source| UploadError::Store {
+                    path: p,
+                    source: StoreError::Op {
+                        op: "write part",
+                        key,
+                        source,
+                    },
+                })?;
                 budget.recycle(chunk);
                 drop(guard);
                 Ok(())
             });
         }
         while let Some(r) = parts.join_next().await {
-            if let Err(e) | Ok(Err(e)) = r.map_err(|source| UploadError::Task { path: path.into(), source }) {
+            if let Err(e) | Ok(Err(e)) = r.map_err(|source| UploadError::Task {
+                path: path.into(),
+                source,
+            }) {
                 outcome = outcome.and(Err(e));
             }
         }
@@ -378,23 +486,43 @@ impl Uploader {
                 return Err(e);
             }
         };
-        upload.complete().await.map_err(|source| store_err(StoreError::Op { op: "complete", key: staging_key.clone(), source }))?;
-        let new = self.store.promote(&staging_key, &digests.sha256_hex()).await.map_err(store_err)?;
+        upload.complete().await.map_err(|source| {
+            store_err(StoreError::Op {
+                op: "complete",
+                key: staging_key.clone(),
+                source,
+            })
+        })?;
+        let new = self
+            .store
+            .promote(&staging_key, &digests.sha256_hex())
+            .await
+            .map_err(store_err)?;
         Ok((digests, new))
     }
 
     fn journal_path(&self, sha: &str) -> Option<PathBuf> {
-        self.journal_dir.as_ref().map(|d| d.join(format!("{sha}.json")))
+        self.journal_dir
+            .as_ref()
+            .map(|d| d.join(format!("{sha}.json")))
     }
 
     /// Resumes the journaled upload of this blob if there is one, else starts a new one.
-    async fn open_sink(&self, sha: &str, size: u64, part_size: u64) -> Result<PartSink, StoreError> {
+    async fn open_sink(
+        &self,
+        sha: &str,
+        size: u64,
+        part_size: u64,
+    ) -> Result<PartSink, StoreError> {
         if !self.store.can_resume() {
             return Ok(PartSink::Streaming(self.store.start_multipart(sha).await?));
         }
         let journal = self.journal_path(sha);
         if let Some(path) = &journal {
-            if let Some(record) = std::fs::read(path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
+            if let Some(record) = std::fs::read(path)
+                .ok()
+                .and_then(|b| MultipartRecord::from_json(&b).ok())
+            {
                 if record.size == size && record.part_size == part_size {
                     tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
                     return Ok(PartSink::Resumable { record, journal });
@@ -404,7 +532,13 @@ impl Uploader {
             }
         }
         let upload_id = self.store.create_multipart(sha).await?;
-        let record = MultipartRecord { sha256: sha.to_string(), upload_id, size, part_size, parts: Default::default() };
+        let record = MultipartRecord {
+            sha256: sha.to_string(),
+            upload_id,
+            size,
+            part_size,
+            parts: Default::default(),
+        };
         if let Some(path) = &journal {
             if let Err(e) = write_atomic(path, &record.to_json()) {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it will not be resumable");
@@ -422,9 +556,18 @@ impl Uploader {
         part_crcs: &[u64],
         sink: &mut PartSink,
     ) -> Result<u64, UploadError> {
-        let file = Arc::new(open_nofollow(path).map_err(|source| UploadError::Read { path: path.into(), source })?);
-        let size = file.metadata().map_err(|source| UploadError::Read { path: path.into(), source })?.len();
-        let mut in_flight: JoinSet<Result<(usize, String, u64), UploadError>> = JoinSet::new();
+        let file = Arc::new(open_nofollow(path).map_err(|source| UploadError::Read {
+            path: path.into(),
+            source,
+        })?);
+        let size = file
+            .metadata()
+            .map_err(|source| UploadError::Read {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        let mut in_flight: JoinSet<PartResult> = JoinSet::new();
         let mut bytes_sent = 0u64;
         let mut result = Ok(());
         for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
@@ -434,7 +577,9 @@ impl Uploader {
                 }
             }
             while in_flight.len() >= self.opts.parts_in_flight.max(1) {
-                if let Err(e) = self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path) {
+                if let Err(e) =
+                    self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path)
+                {
                     result = Err(e);
                     break;
                 }
@@ -448,7 +593,11 @@ impl Uploader {
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);
             let chunk = blocking(path, move || {
-                f.read_exact_at(&mut buf, offset).map_err(|source| UploadError::Read { path: p.clone(), source })?;
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|source| UploadError::Read {
+                        path: p.clone(),
+                        source,
+                    })?;
                 if crc(&buf) != expected_crc {
                     return Err(UploadError::Changed { path: p });
                 }
@@ -468,10 +617,17 @@ impl Uploader {
             };
             match sink {
                 PartSink::Resumable { record, .. } => {
-                    let (store, sha, id) = (self.store.clone(), sha.to_string(), record.upload_id.clone());
+                    let (store, sha, id) = (
+                        self.store.clone(),
+                        sha.to_string(),
+                        record.upload_id.clone(),
+                    );
                     let budget = self.budget.clone();
                     in_flight.spawn(async move {
-                        let content_id = store.put_part(&sha, &id, idx, chunk.clone()).await.map_err(key_err)?;
+                        let content_id = store
+                            .put_part(&sha, &id, idx, chunk.clone())
+                            .await
+                            .map_err(key_err)?;
                         budget.recycle(chunk);
                         drop(guard);
                         Ok((idx, content_id, len))
@@ -481,7 +637,13 @@ impl Uploader {
                     let part = upload.put_part(chunk.clone().into());
                     let (sha, budget) = (sha.to_string(), self.budget.clone());
                     in_flight.spawn(async move {
-                        part.await.map_err(|source| key_err(StoreError::Op { op: "upload part", key: crate::store::blob_key(&sha), source }))?;
+                        part.await.map_err(|source| {
+                            key_err(StoreError::Op {
+                                op: "upload part",
+                                key: crate::store::blob_key(&sha),
+                                source,
+                            })
+                        })?;
                         budget.recycle(chunk);
                         drop(guard);
                         Ok((idx, String::new(), len))
@@ -500,13 +662,16 @@ impl Uploader {
 
     fn part_done(
         &self,
-        joined: Option<Result<Result<(usize, String, u64), UploadError>, tokio::task::JoinError>>,
+        joined: Option<Result<PartResult, tokio::task::JoinError>>,
         sink: &mut PartSink,
         bytes_sent: &mut u64,
         path: &Path,
     ) -> Result<(), UploadError> {
         let Some(joined) = joined else { return Ok(()) };
-        let (idx, content_id, len) = joined.map_err(|source| UploadError::Task { path: path.into(), source })??;
+        let (idx, content_id, len) = joined.map_err(|source| UploadError::Task {
+            path: path.into(),
+            source,
+        })??;
         *bytes_sent += len;
         if let PartSink::Resumable { record, journal } = sink {
             record.parts.insert(idx as u32, content_id);
@@ -521,14 +686,22 @@ impl Uploader {
 
     async fn finish_sink(&self, sha: &str, sink: PartSink) -> Result<(), StoreError> {
         match sink {
-            PartSink::Streaming(mut upload) => upload.complete().await.map(|_| ()).map_err(|source| StoreError::Op {
-                op: "complete multipart upload",
-                key: crate::store::blob_key(sha),
-                source,
-            }),
+            PartSink::Streaming(mut upload) => {
+                upload
+                    .complete()
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| StoreError::Op {
+                        op: "complete multipart upload",
+                        key: crate::store::blob_key(sha),
+                        source,
+                    })
+            }
             PartSink::Resumable { record, journal } => {
                 let parts = record.parts.values().cloned().collect();
-                self.store.complete_multipart(sha, &record.upload_id, parts).await?;
+                self.store
+                    .complete_multipart(sha, &record.upload_id, parts)
+                    .await?;
                 if let Some(j) = journal {
                     let _ = std::fs::remove_file(j);
                 }
@@ -541,7 +714,11 @@ impl Uploader {
         let aborted = match sink {
             PartSink::Streaming(mut upload) => upload.abort().await.map_err(|e| e.to_string()),
             PartSink::Resumable { record, journal } => {
-                let r = self.store.abort_multipart(sha, &record.upload_id).await.map_err(|e| crate::error_chain(&e));
+                let r = self
+                    .store
+                    .abort_multipart(sha, &record.upload_id)
+                    .await
+                    .map_err(|e| crate::error_chain(&e));
                 if let Some(j) = journal {
                     let _ = std::fs::remove_file(j);
                 }
@@ -555,8 +732,13 @@ impl Uploader {
 
     /// The blob exists after all: an upload of it left by a crash is useless.
     async fn forget_journal(&self, sha: &str) {
-        let Some(path) = self.journal_path(sha) else { return };
-        if let Some(record) = std::fs::read(&path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
+        let Some(path) = self.journal_path(sha) else {
+            return;
+        };
+        if let Some(record) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| MultipartRecord::from_json(&b).ok())
+        {
             let _ = self.store.abort_multipart(sha, &record.upload_id).await;
             let _ = std::fs::remove_file(&path);
         }
@@ -570,15 +752,30 @@ impl Uploader {
                 let _ = self.store.delete(&key).await;
             }
         }
-        let Some(dir) = &self.journal_dir else { return 0 };
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let Some(dir) = &self.journal_dir else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
         let mut aborted = 0;
         for entry in entries.flatten() {
             let path = entry.path();
-            if let Some(record) = std::fs::read(&path).ok().and_then(|b| MultipartRecord::from_json(&b).ok()) {
-                match self.store.abort_multipart(&record.sha256, &record.upload_id).await {
-                    Ok(()) => tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload"),
-                    Err(e) => tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload"),
+            if let Some(record) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| MultipartRecord::from_json(&b).ok())
+            {
+                match self
+                    .store
+                    .abort_multipart(&record.sha256, &record.upload_id)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload")
+                    }
+                    Err(e) => {
+                        tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload")
+                    }
                 }
                 aborted += 1;
             }
@@ -607,10 +804,19 @@ mod tests {
 
     fn file_of(dir: &Path, name: &str, len: usize, seed: u8) -> (LocalFile, Vec<u8>) {
         let path = dir.join(name);
-        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
         std::fs::write(&path, &data).unwrap();
         let stamp = FileStamp::of(&std::fs::metadata(&path).unwrap());
-        (LocalFile { rel: format!("artifacts/{name}"), abs: path, stamp }, data)
+        (
+            LocalFile {
+                rel: format!("artifacts/{name}"),
+                abs: path,
+                stamp,
+            },
+            data,
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -634,10 +840,17 @@ mod tests {
         while let Some(done) = tasks.join_next().await {
             let (uploaded, data) = done.unwrap();
             assert_eq!(uploaded.digests, crate::digest::digest_bytes(&data));
-            let stored = store.get_bytes(&crate::store::blob_key(&uploaded.digests.sha256_hex())).await.unwrap();
+            let stored = store
+                .get_bytes(&crate::store::blob_key(&uploaded.digests.sha256_hex()))
+                .await
+                .unwrap();
             assert_eq!(stored.as_ref(), &data[..]);
         }
-        assert!(up.budget().peak() <= 3 * MIB, "peak {} over the budget", up.budget().peak());
+        assert!(
+            up.budget().peak() <= 3 * MIB,
+            "peak {} over the budget",
+            up.budget().peak()
+        );
         assert!(up.budget().peak() >= MIB);
         assert_eq!(up.budget().in_use(), 0);
     }
@@ -646,26 +859,49 @@ mod tests {
     async fn a_journaled_upload_resumes_with_the_missing_parts_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::in_memory();
-        let opts = UploadOptions { multipart_threshold: MIB, min_part_size: MIB, ..UploadOptions::default() };
+        let opts = UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            ..UploadOptions::default()
+        };
         let journal = dir.path().join("journal");
         let up = Uploader::new(store.clone(), opts, "j", Some(journal.clone()));
         let (file, data) = file_of(dir.path(), "big", 5 * MIB as usize, 9);
         // A crashed agent's upload: created, two parts sent, journaled.
         let sha = crate::digest::digest_bytes(&data).sha256_hex();
         let id = store.create_multipart(&sha).await.unwrap();
-        let mut record = MultipartRecord { sha256: sha.clone(), upload_id: id.clone(), size: data.len() as u64, part_size: MIB, parts: Default::default() };
+        let mut record = MultipartRecord {
+            sha256: sha.clone(),
+            upload_id: id.clone(),
+            size: data.len() as u64,
+            part_size: MIB,
+            parts: Default::default(),
+        };
         for idx in [0usize, 3] {
             let part = Bytes::copy_from_slice(&data[idx * MIB as usize..(idx + 1) * MIB as usize]);
-            record.parts.insert(idx as u32, store.put_part(&sha, &id, idx, part).await.unwrap());
+            record.parts.insert(
+                idx as u32,
+                store.put_part(&sha, &id, idx, part).await.unwrap(),
+            );
         }
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
         let mut sink = up.open_sink(&sha, data.len() as u64, MIB).await.unwrap();
         let (_, crcs) = hash_file(&file.abs, MIB).unwrap();
-        let sent = up.send_parts(&file.abs, &sha, MIB, &crcs, &mut sink).await.unwrap();
+        let sent = up
+            .send_parts(&file.abs, &sha, MIB, &crcs, &mut sink)
+            .await
+            .unwrap();
         assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");
         up.finish_sink(&sha, sink).await.unwrap();
-        assert_eq!(store.get_bytes(&crate::store::blob_key(&sha)).await.unwrap().as_ref(), &data[..]);
+        assert_eq!(
+            store
+                .get_bytes(&crate::store::blob_key(&sha))
+                .await
+                .unwrap()
+                .as_ref(),
+            &data[..]
+        );
         assert!(!journal.join(format!("{sha}.json")).exists());
     }
 
@@ -674,15 +910,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::in_memory();
         let journal = dir.path().join("journal");
-        let up = Uploader::new(store.clone(), UploadOptions::default(), "j", Some(journal.clone()));
+        let up = Uploader::new(
+            store.clone(),
+            UploadOptions::default(),
+            "j",
+            Some(journal.clone()),
+        );
         let sha = "ab".repeat(32);
         let id = store.create_multipart(&sha).await.unwrap();
-        let record = MultipartRecord { sha256: sha.clone(), upload_id: id.clone(), size: 1, part_size: MIB, parts: Default::default() };
+        let record = MultipartRecord {
+            sha256: sha.clone(),
+            upload_id: id.clone(),
+            size: 1,
+            part_size: MIB,
+            parts: Default::default(),
+        };
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
         assert_eq!(up.abort_orphans().await, 1);
         assert!(std::fs::read_dir(&journal).unwrap().next().is_none());
         // The store no longer knows the upload.
-        assert!(store.put_part(&sha, &id, 0, Bytes::from_static(b"x")).await.is_err());
+        assert!(store
+            .put_part(&sha, &id, 0, Bytes::from_static(b"x"))
+            .await
+            .is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -695,16 +945,28 @@ mod tests {
             retry_timeout: std::time::Duration::from_secs(1),
         };
         let store = BlobStore::open(&config).unwrap();
-        let opts = UploadOptions { multipart_threshold: MIB, min_part_size: MIB, memory_budget: 2 * MIB, ..UploadOptions::default() };
+        let opts = UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            memory_budget: 2 * MIB,
+            ..UploadOptions::default()
+        };
         let up = Uploader::new(store.clone(), opts, "j", None);
         let (a, data) = file_of(dir.path(), "a", 5 * MIB as usize + 3, 1);
         let (b, _) = file_of(dir.path(), "b", 5 * MIB as usize + 3, 1);
         let first = up.upload(&a).await.unwrap();
         assert_eq!(first.new_bytes, data.len() as u64);
-        assert_eq!(up.upload(&b).await.unwrap().new_bytes, 0, "same content: nothing new");
+        assert_eq!(
+            up.upload(&b).await.unwrap().new_bytes,
+            0,
+            "same content: nothing new"
+        );
         let key = crate::store::blob_key(&first.digests.sha256_hex());
         assert_eq!(store.get_bytes(&key).await.unwrap().as_ref(), &data[..]);
-        assert!(store.list("staging").await.unwrap().is_empty(), "no staging object left");
+        assert!(
+            store.list("staging").await.unwrap().is_empty(),
+            "no staging object left"
+        );
         assert!(up.budget().peak() <= 2 * MIB);
     }
 
@@ -712,7 +974,9 @@ mod tests {
     fn part_crcs_follow_part_boundaries() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let data: Vec<u8> = (0..(3 * MIB as usize + 123)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(3 * MIB as usize + 123))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         std::fs::write(&path, &data).unwrap();
         let (d, crcs) = hash_file(&path, MIB + 5).unwrap();
         assert_eq!(d, crate::digest::digest_bytes(&data));

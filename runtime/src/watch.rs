@@ -32,7 +32,10 @@ pub struct DirWatcher {
 
 /// Starts watching `dirs` recursively. Hints arrive on the returned channel, which holds
 /// at most `queue` of them: past that, one `Rescan` replaces what was dropped.
-pub fn watch(dirs: &[PathBuf], queue: usize) -> Result<(DirWatcher, mpsc::Receiver<Hint>), notify::Error> {
+pub fn watch(
+    dirs: &[PathBuf],
+    queue: usize,
+) -> Result<(DirWatcher, mpsc::Receiver<Hint>), notify::Error> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let overflowed = Arc::new(AtomicBool::new(false));
     let handler = {
@@ -48,7 +51,10 @@ pub fn watch(dirs: &[PathBuf], queue: usize) -> Result<(DirWatcher, mpsc::Receiv
             for hint in hints {
                 // A lost hint is fine as long as a rescan follows it.
                 if overflowed.load(Ordering::Relaxed) {
-                    if tx.try_send(Hint::Rescan("event queue was full".into())).is_ok() {
+                    if tx
+                        .try_send(Hint::Rescan("event queue was full".into()))
+                        .is_ok()
+                    {
                         overflowed.store(false, Ordering::Relaxed);
                     } else {
                         return;
@@ -73,7 +79,9 @@ fn hints_of(event: Event) -> Vec<Hint> {
     }
     let mut paths = event.paths.into_iter();
     match event.kind {
-        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => paths.map(Hint::Gone).collect(),
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+            paths.map(Hint::Gone).collect()
+        }
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
             let from = paths.next().map(Hint::Gone);
             let to = paths.next().map(Hint::Touched);
@@ -84,7 +92,9 @@ fn hints_of(event: Event) -> Vec<Hint> {
             paths.map(Hint::Touched).collect()
         }
         EventKind::Access(_) => Vec::new(),
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => paths.map(Hint::Touched).collect(),
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
+            paths.map(Hint::Touched).collect()
+        }
     }
 }
 

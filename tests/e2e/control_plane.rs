@@ -10,10 +10,23 @@ use crate::support::{wait_for, Harness};
 fn reports_arrive_in_order_with_the_token() {
     let h = Harness::file().with_control_plane(10);
     let script = "echo '{\"accuracy\": 0.93}' > $C3_RESULT_FILE; echo w > $C3_ARTIFACTS_DIR/w";
-    h.run_job(json!({"job_id": "rep", "attempt": 2, "command": ["sh", "-c", script]})).assert_code(0);
-    let reqs: Vec<_> = h.cp().requests().into_iter().filter(|r| !r.path.ends_with("/output")).collect();
+    h.run_job(json!({"job_id": "rep", "attempt": 2, "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let reqs: Vec<_> = h
+        .cp()
+        .requests()
+        .into_iter()
+        .filter(|r| !r.path.ends_with("/output"))
+        .collect();
     let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, vec!["/v1/jobs/rep/status", "/v1/jobs/rep/artifacts", "/v1/jobs/rep/status"]);
+    assert_eq!(
+        paths,
+        vec![
+            "/v1/jobs/rep/status",
+            "/v1/jobs/rep/artifacts",
+            "/v1/jobs/rep/status"
+        ]
+    );
     for r in &reqs {
         assert_eq!(r.auth.as_deref(), Some("Bearer tok-Secret-123"));
         assert_eq!(r.body["attempt"], 2);
@@ -27,7 +40,10 @@ fn reports_arrive_in_order_with_the_token() {
     assert_eq!(reg["manifest"], "jobs/rep/manifest.json");
     assert_eq!(reg["files"], 1);
     let manifest = h.object("jobs/rep/manifest.json").unwrap();
-    assert_eq!(reg["manifest_sha256"], crate::support::sha256_hex(&manifest));
+    assert_eq!(
+        reg["manifest_sha256"],
+        crate::support::sha256_hex(&manifest)
+    );
     assert_eq!(h.manifest("rep")["result"], json!({"accuracy": 0.93}));
     assert!(h.object("jobs/rep/attempts/2/manifest.json").is_some());
 }
@@ -36,7 +52,8 @@ fn reports_arrive_in_order_with_the_token() {
 fn bad_result_file_is_a_warning() {
     let h = Harness::file().with_control_plane(10);
     let script = "head -c 70000 /dev/zero | tr '\\0' 1 > $C3_RESULT_FILE";
-    h.run_job(json!({"job_id": "bigres", "command": ["sh", "-c", script]})).assert_code(0);
+    h.run_job(json!({"job_id": "bigres", "command": ["sh", "-c", script]}))
+        .assert_code(0);
     let t = h.cp().terminal_status().unwrap();
     assert_eq!(t["result"], serde_json::Value::Null);
     assert!(t["warnings"].to_string().contains("result file"), "{t}");
@@ -46,11 +63,23 @@ fn bad_result_file_is_a_warning() {
 fn control_plane_503s_are_retried() {
     let h = Harness::file().with_control_plane(30);
     h.cp().fail_next(3);
-    h.run_job(json!({"job_id": "r503", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"]})).assert_code(0);
-    let failed = h.cp().requests().iter().filter(|r| r.answered == 503).count();
+    h.run_job(json!({"job_id": "r503", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"]}))
+        .assert_code(0);
+    let failed = h
+        .cp()
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 503)
+        .count();
     assert_eq!(failed, 3);
     let statuses = h.cp().delivered("/status");
-    assert_eq!(statuses.iter().map(|s| s["state"].as_str().unwrap()).collect::<Vec<_>>(), vec!["RUNNING", "SUCCEEDED"]);
+    assert_eq!(
+        statuses
+            .iter()
+            .map(|s| s["state"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["RUNNING", "SUCCEEDED"]
+    );
     assert_eq!(h.cp().delivered("/artifacts").len(), 1);
 }
 
@@ -58,7 +87,8 @@ fn control_plane_503s_are_retried() {
 fn over_quota_is_a_warning_not_a_failure() {
     let h = Harness::file().with_control_plane(10);
     h.cp().set_quota(2_000_000, Some(1_000));
-    h.run_job(json!({"job_id": "quota", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"]})).assert_code(0);
+    h.run_job(json!({"job_id": "quota", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"]}))
+        .assert_code(0);
     let t = h.cp().terminal_status().unwrap();
     assert_eq!(t["state"], "SUCCEEDED");
     assert!(t["warnings"].to_string().contains("over the quota"), "{t}");
@@ -68,16 +98,25 @@ fn over_quota_is_a_warning_not_a_failure() {
 fn undeliverable_terminal_status_is_kept_and_recovered() {
     let h = Harness::file().with_control_plane(2);
     h.cp().fail_all(true);
-    let run = h.run_job(json!({"job_id": "keep", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x; exit 3"]}));
+    let run = h.run_job(
+        json!({"job_id": "keep", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x; exit 3"]}),
+    );
     run.assert_code(1);
     assert!(h.cp().terminal_status().is_none());
     let outbox = h.state.join("outbox/keep");
-    assert!(std::fs::read_dir(&outbox).map(|d| d.count()).unwrap_or(0) >= 2, "reports kept in {}", outbox.display());
+    assert!(
+        std::fs::read_dir(&outbox).map(|d| d.count()).unwrap_or(0) >= 2,
+        "reports kept in {}",
+        outbox.display()
+    );
 
     h.cp().fail_all(false);
     h.run(&["recover"]).assert_code(0);
     let statuses = h.cp().delivered("/status");
-    let states: Vec<&str> = statuses.iter().map(|s| s["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> = statuses
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
     assert_eq!(states, vec!["RUNNING", "FAILED"], "delivered in order");
     assert_eq!(statuses[1]["reason"], "SCRIPT_ERROR");
     assert_eq!(h.cp().delivered("/artifacts").len(), 1);
@@ -88,12 +127,26 @@ fn undeliverable_terminal_status_is_kept_and_recovered() {
 fn a_later_run_delivers_kept_reports() {
     let h = Harness::file().with_control_plane(1);
     h.cp().fail_all(true);
-    h.run_job(json!({"job_id": "first", "command": ["true"]})).assert_code(0);
+    h.run_job(json!({"job_id": "first", "command": ["true"]}))
+        .assert_code(0);
     h.cp().fail_all(false);
-    h.run_job(json!({"job_id": "second", "command": ["true"]})).assert_code(0);
-    let jobs: Vec<String> = h.cp().requests().iter().filter(|r| r.answered == 200 && r.body["state"] == "SUCCEEDED").map(|r| r.path.clone()).collect();
-    assert!(jobs.contains(&"/v1/jobs/first/status".to_string()), "{jobs:?}");
-    assert!(jobs.contains(&"/v1/jobs/second/status".to_string()), "{jobs:?}");
+    h.run_job(json!({"job_id": "second", "command": ["true"]}))
+        .assert_code(0);
+    let jobs: Vec<String> = h
+        .cp()
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 200 && r.body["state"] == "SUCCEEDED")
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        jobs.contains(&"/v1/jobs/first/status".to_string()),
+        "{jobs:?}"
+    );
+    assert!(
+        jobs.contains(&"/v1/jobs/second/status".to_string()),
+        "{jobs:?}"
+    );
 }
 
 #[test]
@@ -103,13 +156,27 @@ fn live_output_is_streamed_while_the_job_runs() {
     let spec = h.spec(json!({"job_id": "live", "command": ["sh", "-c", script]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     // Output arrives before the job ends.
-    wait_for("live output", Duration::from_secs(20), || (!h.cp().delivered("/output").is_empty()).then_some(()));
+    wait_for("live output", Duration::from_secs(20), || {
+        (!h.cp().delivered("/output").is_empty()).then_some(())
+    });
     let seen_while_running = h.cp().terminal_status().is_none();
     h.wait("live".into(), child).assert_code(0);
-    assert!(seen_while_running, "output posts must come while the job runs");
+    assert!(
+        seen_while_running,
+        "output posts must come while the job runs"
+    );
     let mut stdout = String::new();
-    for post in h.cp().delivered("/output").iter().filter(|p| p["stream"] == "stdout") {
-        assert_eq!(post["offset"].as_u64().unwrap() as usize, stdout.len(), "contiguous offsets");
+    for post in h
+        .cp()
+        .delivered("/output")
+        .iter()
+        .filter(|p| p["stream"] == "stdout")
+    {
+        assert_eq!(
+            post["offset"].as_u64().unwrap() as usize,
+            stdout.len(),
+            "contiguous offsets"
+        );
         stdout.push_str(post["data"].as_str().unwrap());
     }
     let expected: String = (1..=6).map(|i| format!("line {i}\n")).collect();

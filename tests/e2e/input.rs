@@ -14,12 +14,30 @@ fn bad_specs_are_one_line_naming_the_field() {
         (json!({"job_id": "has space", "command": cmd}), "`job_id`"),
         (json!({"job_id": "j", "command": []}), "`command`"),
         (json!({"job_id": "j", "command": "touch x"}), "`command`"),
-        (json!({"job_id": "j", "command": cmd, "output": ["../escape"]}), "`output[0]`"),
-        (json!({"job_id": "j", "command": cmd, "output": ["/abs"]}), "`output[0]`"),
-        (json!({"job_id": "j", "command": cmd, "timeout_secs": -1}), "`timeout_secs`"),
-        (json!({"job_id": "j", "command": cmd, "env": {"A": 1}}), "`env.A`"),
-        (json!({"job_id": "j", "command": cmd, "attempt": 0}), "`attempt`"),
-        (json!({"job_id": "j", "command": cmd, "datasets": [{"ref": "job_prev", "mount": "in"}]}), "`datasets[0].ref`"),
+        (
+            json!({"job_id": "j", "command": cmd, "output": ["../escape"]}),
+            "`output[0]`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "output": ["/abs"]}),
+            "`output[0]`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "timeout_secs": -1}),
+            "`timeout_secs`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "env": {"A": 1}}),
+            "`env.A`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "attempt": 0}),
+            "`attempt`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "datasets": [{"ref": "job_prev", "mount": "in"}]}),
+            "`datasets[0].ref`",
+        ),
     ];
     for (spec, field) in cases {
         let path = h.path("bad.json");
@@ -33,7 +51,8 @@ fn bad_specs_are_one_line_naming_the_field() {
     let run = h.run(&["run", "--job", h.path("missing.json").to_str().unwrap()]);
     run.assert_code(2);
     std::fs::write(h.path("bad.json"), "{not json").unwrap();
-    h.run(&["run", "--job", h.path("bad.json").to_str().unwrap()]).assert_code(2);
+    h.run(&["run", "--job", h.path("bad.json").to_str().unwrap()])
+        .assert_code(2);
     assert!(!marker.exists(), "nothing may be launched on a bad spec");
 }
 
@@ -53,14 +72,23 @@ fn bad_config_is_one_line_naming_the_key() {
     let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
     run.assert_code(2);
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
-    assert!(run.stderr.contains("settle_msec") && run.stderr.contains("config.toml"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("settle_msec") && run.stderr.contains("config.toml"),
+        "{}",
+        run.stderr
+    );
     assert!(!marker.exists());
 
     let mut h = Harness::file();
-    h.env.push(("C3_AGENT_STORE_URL".into(), "ftp://nowhere".into()));
+    h.env
+        .push(("C3_AGENT_STORE_URL".into(), "ftp://nowhere".into()));
     let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
     run.assert_code(2);
-    assert!(run.stderr.contains("store") && run.stderr.contains("ftp"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("store") && run.stderr.contains("ftp"),
+        "{}",
+        run.stderr
+    );
     assert!(!marker.exists());
 }
 
@@ -68,8 +96,10 @@ fn bad_config_is_one_line_naming_the_key() {
 fn bad_flags_exit_2() {
     let h = Harness::file();
     h.run(&["run"]).assert_code(2);
-    h.run(&["run", "--job-id", "a b", "--", "true"]).assert_code(2);
-    h.run(&["run", "--output", "../x", "--", "true"]).assert_code(2);
+    h.run(&["run", "--job-id", "a b", "--", "true"])
+        .assert_code(2);
+    h.run(&["run", "--output", "../x", "--", "true"])
+        .assert_code(2);
     h.run(&["frobnicate"]).assert_code(2);
 }
 
@@ -78,7 +108,12 @@ fn missing_token_file_is_a_config_error() {
     let h = Harness::file().with_control_plane(2);
     let config = h.config_path();
     std::fs::remove_file(h.path("token")).unwrap();
-    let run = h.command(&["run", "--", "true"]).env("C3_AGENT_CONFIG", config).env("C3_AGENT_TOKEN_FILE", h.path("nope")).output().unwrap();
+    let run = h
+        .command(&["run", "--", "true"])
+        .env("C3_AGENT_CONFIG", config)
+        .env("C3_AGENT_TOKEN_FILE", h.path("nope"))
+        .output()
+        .unwrap();
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("token_file"));
 }

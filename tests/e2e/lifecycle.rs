@@ -30,7 +30,10 @@ fn exit_0_and_uploads_ok_is_succeeded() {
 #[test]
 fn exit_0_and_upload_failed_is_upload_error_not_retryable() {
     let h = Harness::file();
-    let script = format!("echo data > $C3_ARTIFACTS_DIR/out; {}", break_file_store(&h));
+    let script = format!(
+        "echo data > $C3_ARTIFACTS_DIR/out; {}",
+        break_file_store(&h)
+    );
     let run = h.run_job(json!({"job_id": "upfail", "command": ["sh", "-c", script]}));
     run.assert_code(3);
     let t = h.terminal("upfail");
@@ -43,12 +46,17 @@ fn exit_0_and_upload_failed_is_upload_error_not_retryable() {
 #[test]
 fn s3_server_dying_mid_run_is_upload_error() {
     let h = Harness::new(Store::s3());
-    let Store::S3(s3) = &h.store else { unreachable!() };
+    let Store::S3(s3) = &h.store else {
+        unreachable!()
+    };
     let script = format!("echo data > $C3_ARTIFACTS_DIR/out; kill -9 {}", s3.pid());
     let run = h.run_job(json!({"job_id": "s3dies", "command": ["sh", "-c", script]}));
     run.assert_code(3);
     let t = h.terminal("s3dies");
-    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("UPLOAD_ERROR")));
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("UPLOAD_ERROR"))
+    );
 }
 
 #[test]
@@ -57,20 +65,33 @@ fn script_failure_is_script_error() {
     let run = h.run_job(json!({"job_id": "bad", "command": ["sh", "-c", "echo partial > $C3_ARTIFACTS_DIR/p; exit 3"]}));
     run.assert_code(1);
     let t = h.terminal("bad");
-    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("SCRIPT_ERROR")));
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("SCRIPT_ERROR"))
+    );
     assert_eq!(t["exit_code"], 3);
-    assert_eq!(h.manifest_paths("bad"), vec!["artifacts/p"], "best-effort upload of what the script left");
+    assert_eq!(
+        h.manifest_paths("bad"),
+        vec!["artifacts/p"],
+        "best-effort upload of what the script left"
+    );
 }
 
 #[test]
 fn script_failure_and_upload_failure_is_still_script_error() {
     let h = Harness::file();
-    let script = format!("echo x > $C3_ARTIFACTS_DIR/x; {}; exit 7", break_file_store(&h));
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/x; {}; exit 7",
+        break_file_store(&h)
+    );
     let run = h.run_job(json!({"job_id": "both", "command": ["sh", "-c", script]}));
     run.assert_code(1);
     let t = h.terminal("both");
     assert_eq!(t["reason"], "SCRIPT_ERROR");
-    assert!(t["upload_errors"].as_u64().unwrap() > 0, "upload errors are counted: {t}");
+    assert!(
+        t["upload_errors"].as_u64().unwrap() > 0,
+        "upload errors are counted: {t}"
+    );
 }
 
 #[test]
@@ -97,19 +118,25 @@ const STUBBORN: &str = "echo s > $C3_ARTIFACTS_DIR/started; (trap '' TERM; exec 
 fn grandchild_pid(h: &Harness, job: &str) -> i32 {
     let path = h.workdir(job).join("artifacts/grandchild.pid");
     wait_for("the grandchild's pid", Duration::from_secs(20), || {
-        std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     })
 }
 
 #[test]
 fn timeout_kills_the_whole_group_and_uploads() {
     let h = Harness::file();
-    let run = h.run_job(json!({"job_id": "slow", "command": ["sh", "-c", STUBBORN], "timeout_secs": 2}));
+    let run =
+        h.run_job(json!({"job_id": "slow", "command": ["sh", "-c", STUBBORN], "timeout_secs": 2}));
     run.assert_code(5);
     let pid = grandchild_pid(&h, "slow");
     assert!(!alive(pid), "grandchild {pid} survived the timeout");
     assert_eq!(h.terminal("slow")["state"], "TIMED_OUT");
-    assert_eq!(h.manifest_paths("slow"), vec!["artifacts/grandchild.pid", "artifacts/started"]);
+    assert_eq!(
+        h.manifest_paths("slow"),
+        vec!["artifacts/grandchild.pid", "artifacts/started"]
+    );
 }
 
 #[test]
@@ -123,7 +150,9 @@ fn sigterm_to_agent_cancels_the_job() {
     run.assert_code(4);
     assert!(!alive(pid), "grandchild {pid} survived the cancel");
     assert_eq!(h.terminal("cancel")["state"], "CANCELED");
-    assert!(h.manifest_paths("cancel").contains(&"artifacts/started".to_string()));
+    assert!(h
+        .manifest_paths("cancel")
+        .contains(&"artifacts/started".to_string()));
 }
 
 #[test]
@@ -131,23 +160,43 @@ fn preflight_failure_launches_nothing() {
     // A file store whose directory cannot be created.
     let mut h = Harness::file();
     std::fs::write(h.path("plain-file"), "").unwrap();
-    h.env.push(("C3_AGENT_STORE_URL".into(), format!("file://{}/store", h.path("plain-file").display())));
+    h.env.push((
+        "C3_AGENT_STORE_URL".into(),
+        format!("file://{}/store", h.path("plain-file").display()),
+    ));
     let marker = h.path("launched");
-    let run = h.run_job(json!({"job_id": "pre", "command": ["touch", marker.display().to_string()]}));
+    let run =
+        h.run_job(json!({"job_id": "pre", "command": ["touch", marker.display().to_string()]}));
     run.assert_code(6);
     assert!(!marker.exists());
     let t = h.terminal("pre");
-    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("AGENT_ERROR")));
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("AGENT_ERROR"))
+    );
     assert!(run.stderr.contains("not usable"), "{}", run.stderr);
 
     // An S3 store that denies access (bad secret key).
     let h = Harness::new(Store::s3());
     let config = h.config_path();
-    let bad = std::fs::read_to_string(&config).unwrap().replace("aws_secret_access_key = \"SK\"", "aws_secret_access_key = \"WRONG\"");
+    let bad = std::fs::read_to_string(&config).unwrap().replace(
+        "aws_secret_access_key = \"SK\"",
+        "aws_secret_access_key = \"WRONG\"",
+    );
     std::fs::write(h.path("bad.toml"), bad).unwrap();
-    let spec = h.spec(json!({"job_id": "pre3", "command": ["touch", marker.display().to_string()]}));
-    let out = h.command(&["run", "--job", spec.to_str().unwrap()]).env("C3_AGENT_CONFIG", h.path("bad.toml")).output().unwrap();
-    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec =
+        h.spec(json!({"job_id": "pre3", "command": ["touch", marker.display().to_string()]}));
+    let out = h
+        .command(&["run", "--job", spec.to_str().unwrap()])
+        .env("C3_AGENT_CONFIG", h.path("bad.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!marker.exists());
 }
 
@@ -155,7 +204,41 @@ fn preflight_failure_launches_nothing() {
 fn leftover_background_processes_are_stopped() {
     let h = Harness::file();
     let script = "(trap '' TERM; exec sleep 300) & echo $! > $C3_ARTIFACTS_DIR/bg.pid; exit 0";
-    h.run_job(json!({"job_id": "bg", "command": ["sh", "-c", script]})).assert_code(0);
-    let pid: i32 = std::fs::read_to_string(h.workdir("bg").join("artifacts/bg.pid")).unwrap().trim().parse().unwrap();
+    h.run_job(json!({"job_id": "bg", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let pid: i32 = std::fs::read_to_string(h.workdir("bg").join("artifacts/bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(!alive(pid), "a background process outlived its job");
+}
+
+#[test]
+fn the_job_runs_as_the_spec_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::file();
+    // The temp dir is private (0700); a real workdir's parents are traversable.
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script =
+        "id -u > $C3_ARTIFACTS_DIR/uid; echo $HOME > results/deep/home; touch results/deep/r";
+    let run = h.run_job(json!({"job_id": "asuser", "user": "nobody", "output": ["results/deep"], "command": ["sh", "-c", script]}));
+    if !nix::unistd::geteuid().is_root() {
+        run.assert_code(6); // only root can switch users
+        return;
+    }
+    run.assert_code(0);
+    let uid = std::fs::read_to_string(h.workdir("asuser").join("artifacts/uid")).unwrap();
+    assert_eq!(
+        uid.trim(),
+        nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .unwrap()
+            .uid
+            .to_string()
+    );
+    assert_eq!(
+        h.manifest_paths("asuser"),
+        vec!["artifacts/uid", "results/deep/home", "results/deep/r"]
+    );
 }

@@ -11,8 +11,11 @@ use crate::support::{sha256_hex, signal, wait_for, Harness, Store};
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Shell that blocks until the test creates `go` (bounded: 60 s).
-fn wait_go(go: &PathBuf) -> String {
-    format!("i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done", go.display())
+fn wait_go(go: &std::path::Path) -> String {
+    format!(
+        "i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    )
 }
 
 fn harness(store: Store) -> Harness {
@@ -27,27 +30,45 @@ fn try_manifest(h: &Harness, job: &str) -> Option<Value> {
 
 /// The in-progress manifest's entry for `path`, once it has one.
 fn wait_synced(h: &Harness, job: &str, path: &str) -> Value {
-    wait_for(&format!("{path} in the in-progress manifest"), LIMIT, || {
-        let m = try_manifest(h, job)?;
-        assert_eq!(m["complete"], false, "the job still runs");
-        m["files"].as_array()?.iter().find(|f| f["path"] == path).cloned()
-    })
+    wait_for(
+        &format!("{path} in the in-progress manifest"),
+        LIMIT,
+        || {
+            let m = try_manifest(h, job)?;
+            assert_eq!(m["complete"], false, "the job still runs");
+            m["files"]
+                .as_array()?
+                .iter()
+                .find(|f| f["path"] == path)
+                .cloned()
+        },
+    )
 }
 
 fn synced_while_running(store: Store) {
     let h = harness(store);
     let go = h.path("go");
-    let script = format!("echo early > $C3_ARTIFACTS_DIR/early.txt; {}; echo late > $C3_ARTIFACTS_DIR/late.txt", wait_go(&go));
+    let script = format!(
+        "echo early > $C3_ARTIFACTS_DIR/early.txt; {}; echo late > $C3_ARTIFACTS_DIR/late.txt",
+        wait_go(&go)
+    );
     let spec = h.spec(json!({"job_id": "inc", "command": ["sh", "-c", script]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     let entry = wait_synced(&h, "inc", "artifacts/early.txt");
     assert_eq!(entry["sha256"], sha256_hex(b"early\n"));
-    assert!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"early\n"))).is_some(), "the manifest lists only stored blobs");
+    assert!(
+        h.object(&format!("blobs/sha256/{}", sha256_hex(b"early\n")))
+            .is_some(),
+        "the manifest lists only stored blobs"
+    );
     std::fs::write(&go, "").unwrap();
     h.wait("inc".into(), child).assert_code(0);
     let m = h.manifest("inc");
     assert_eq!(m["complete"], true);
-    assert_eq!(h.manifest_paths("inc"), vec!["artifacts/early.txt", "artifacts/late.txt"]);
+    assert_eq!(
+        h.manifest_paths("inc"),
+        vec!["artifacts/early.txt", "artifacts/late.txt"]
+    );
 }
 
 #[test]
@@ -65,7 +86,8 @@ fn nested_dirs_made_after_start_are_synced() {
     let h = harness(Store::File);
     let go = h.path("go");
     let script = format!("sleep 0.3; mkdir -p $C3_ARTIFACTS_DIR/a/b/c results/x; echo deep > $C3_ARTIFACTS_DIR/a/b/c/d.txt; echo r > results/x/r; {}", wait_go(&go));
-    let spec = h.spec(json!({"job_id": "nest", "command": ["sh", "-c", script], "output": ["results"]}));
+    let spec =
+        h.spec(json!({"job_id": "nest", "command": ["sh", "-c", script], "output": ["results"]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     wait_synced(&h, "nest", "artifacts/a/b/c/d.txt");
     wait_synced(&h, "nest", "results/x/r");
@@ -101,8 +123,13 @@ for _ in range(1200):
     // Several settle periods pass while open.bin is still open.
     std::thread::sleep(Duration::from_millis(1200));
     let m = try_manifest(&h, "open").unwrap();
-    assert!(!m["files"].to_string().contains("open.bin"), "an open file was uploaded early: {m}");
-    assert!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"half"))).is_none());
+    assert!(
+        !m["files"].to_string().contains("open.bin"),
+        "an open file was uploaded early: {m}"
+    );
+    assert!(h
+        .object(&format!("blobs/sha256/{}", sha256_hex(b"half")))
+        .is_none());
     std::fs::write(h.path("close"), "").unwrap();
     let entry = wait_synced(&h, "open", "artifacts/open.bin");
     assert_eq!(entry["sha256"], sha256_hex(b"half and the rest"));
@@ -123,18 +150,28 @@ fn rewrites_renames_and_deletes_are_followed() {
     );
     let spec = h.spec(json!({"job_id": "rw", "command": ["sh", "-c", script]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    assert_eq!(wait_synced(&h, "rw", "artifacts/ckpt")["sha256"], sha256_hex(b"v1\n"));
+    assert_eq!(
+        wait_synced(&h, "rw", "artifacts/ckpt")["sha256"],
+        sha256_hex(b"v1\n")
+    );
     wait_synced(&h, "rw", "artifacts/doomed");
     std::fs::write(&steps[0], "").unwrap();
     wait_synced(&h, "rw", "artifacts/moved");
-    wait_for("v2 and the delete in the in-progress manifest", LIMIT, || {
-        let m = try_manifest(&h, "rw")?;
-        let files = m["files"].to_string();
-        (files.contains(&sha256_hex(b"v2\n")) && !files.contains("doomed")).then_some(())
-    });
+    wait_for(
+        "v2 and the delete in the in-progress manifest",
+        LIMIT,
+        || {
+            let m = try_manifest(&h, "rw")?;
+            let files = m["files"].to_string();
+            (files.contains(&sha256_hex(b"v2\n")) && !files.contains("doomed")).then_some(())
+        },
+    );
     std::fs::write(&steps[1], "").unwrap();
     h.wait("rw".into(), child).assert_code(0);
-    assert_eq!(h.manifest_paths("rw"), vec!["artifacts/ckpt", "artifacts/moved"]);
+    assert_eq!(
+        h.manifest_paths("rw"),
+        vec!["artifacts/ckpt", "artifacts/moved"]
+    );
     assert_eq!(h.manifest("rw")["files"][0]["sha256"], sha256_hex(b"v2\n"));
 }
 
@@ -164,7 +201,11 @@ fn event_queue_overflow_rescans_and_loses_nothing() {
     // A one-slot queue between the watcher and the syncer: every burst overflows.
     h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\n".into();
     let run = many_files(h, 2000);
-    assert!(run.stderr.contains("rescanning"), "the overflow path ran: {}", run.stderr);
+    assert!(
+        run.stderr.contains("rescanning"),
+        "the overflow path ran: {}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -183,7 +224,8 @@ fn poll_mode_syncs_without_inotify() {
 #[test]
 fn a_file_mutating_during_upload_never_becomes_a_torn_blob() {
     let mut h = harness(Store::File);
-    h.extra_toml.push_str("[upload]\nmultipart_threshold_bytes = 1048576\nmin_part_size_bytes = 5242880\n");
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\nmin_part_size_bytes = 5242880\n");
     // Rewrites a 24 MiB file in place, over and over, with pauses about as long as the settle time.
     let py = r#"
 import os, time
@@ -194,7 +236,8 @@ for round in range(12):
             f.write(bytes([round]) * 1048576)
     time.sleep(0.25)
 "#;
-    h.run_job(json!({"job_id": "hot", "command": ["python3", "-c", py]})).assert_code(0);
+    h.run_job(json!({"job_id": "hot", "command": ["python3", "-c", py]}))
+        .assert_code(0);
     let blobs = std::fs::read_dir(h.state.join("store/blobs/sha256")).unwrap();
     for blob in blobs {
         let blob = blob.unwrap();
@@ -202,7 +245,11 @@ for round in range(12):
         if name.contains('#') {
             continue; // an in-flight temp name of the file store, never a key
         }
-        assert_eq!(sha256_hex(&std::fs::read(blob.path()).unwrap()), name, "blob bytes match their key");
+        assert_eq!(
+            sha256_hex(&std::fs::read(blob.path()).unwrap()),
+            name,
+            "blob bytes match their key"
+        );
     }
     let last = vec![11u8; 24 * 1048576];
     assert_eq!(h.manifest("hot")["files"][0]["sha256"], sha256_hex(&last));
@@ -223,15 +270,26 @@ fn sigkill_of_the_agent_then_recover_finishes_the_job() {
     assert_eq!(m["complete"], false);
     // The job itself lives on, unsupervised, and writes more.
     std::fs::write(&go, "").unwrap();
-    wait_for("the orphaned job to write", LIMIT, || h.workdir("crash").join("artifacts/after").exists().then_some(()));
+    wait_for("the orphaned job to write", LIMIT, || {
+        h.workdir("crash")
+            .join("artifacts/after")
+            .exists()
+            .then_some(())
+    });
 
     let run = h.run(&["recover"]);
     run.assert_code(6);
     let m = h.manifest("crash");
     assert_eq!(m["complete"], true);
-    assert_eq!(h.manifest_paths("crash"), vec!["artifacts/after", "artifacts/before"]);
+    assert_eq!(
+        h.manifest_paths("crash"),
+        vec!["artifacts/after", "artifacts/before"]
+    );
     let t = h.cp().terminal_status().expect("terminal status delivered");
-    assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("FAILED"), Some("AGENT_ERROR")));
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("AGENT_ERROR"))
+    );
     assert!(t["seq"].as_u64().unwrap() > 1);
     // A second recover has nothing left to do.
     h.run(&["recover"]).assert_code(0);

@@ -8,10 +8,21 @@ use crate::support::Harness;
 fn json_logs_carry_job_id_and_stream() {
     let mut h = Harness::file();
     h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
-    let run = h.run_job(json!({"job_id": "jl", "command": ["sh", "-c", "echo hello-out; echo hello-err >&2"]}));
+    let run = h.run_job(
+        json!({"job_id": "jl", "command": ["sh", "-c", "echo hello-out; echo hello-err >&2"]}),
+    );
     run.assert_code(0);
-    let lines: Vec<Value> = run.stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect();
-    let find = |text: &str| lines.iter().find(|l| l["message"] == text).unwrap_or_else(|| panic!("{text} not logged: {}", run.stderr));
+    let lines: Vec<Value> = run
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let find = |text: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == text)
+            .unwrap_or_else(|| panic!("{text} not logged: {}", run.stderr))
+    };
     assert_eq!(find("hello-out")["stream"], "stdout");
     assert_eq!(find("hello-out")["job_id"], "jl");
     assert_eq!(find("hello-err")["stream"], "stderr");
@@ -23,7 +34,9 @@ fn json_logs_carry_job_id_and_stream() {
 #[test]
 fn job_output_is_kept_whole_in_the_state_dir() {
     let h = Harness::file();
-    let run = h.run_job(json!({"job_id": "kept", "command": ["sh", "-c", "printf 'a\\nno newline'; printf e >&2"]}));
+    let run = h.run_job(
+        json!({"job_id": "kept", "command": ["sh", "-c", "printf 'a\\nno newline'; printf e >&2"]}),
+    );
     run.assert_code(0);
     assert!(run.stderr.contains("no newline"), "{}", run.stderr);
     let out = std::fs::read_to_string(h.state.join("jobs/kept/attempts/1/stdout.log")).unwrap();
@@ -52,8 +65,20 @@ fn credentials_never_reach_the_job() {
     let spec = json!({"job_id": "env", "command": ["sh", "-c", "env > $C3_ARTIFACTS_DIR/env.txt"], "env": {"EPOCHS": "3", "AWS_PROFILE": "mine"}});
     h.run_job(spec).assert_code(0);
     let env = std::fs::read_to_string(h.workdir("env").join("artifacts/env.txt")).unwrap();
-    for secret in ["aws-sekrit", "AKIA", "az-sekrit", "gcp.json", "C3_AGENT_SOMETHING", "CREDENTIALS_DIRECTORY", "tok-Secret-123", "C3_AGENT_CONFIG"] {
-        assert!(!env.contains(secret), "{secret} leaked into the job:\n{env}");
+    for secret in [
+        "aws-sekrit",
+        "AKIA",
+        "az-sekrit",
+        "gcp.json",
+        "C3_AGENT_SOMETHING",
+        "CREDENTIALS_DIRECTORY",
+        "tok-Secret-123",
+        "C3_AGENT_CONFIG",
+    ] {
+        assert!(
+            !env.contains(secret),
+            "{secret} leaked into the job:\n{env}"
+        );
     }
     let workdir = h.workdir("env");
     for expected in [
@@ -66,14 +91,27 @@ fn credentials_never_reach_the_job() {
         format!("C3_ARTIFACTS_DIR={}/artifacts", workdir.display()),
         format!("C3_RESULT_FILE={}/.c3/result.json", workdir.display()),
     ] {
-        assert!(env.lines().any(|l| l == expected), "{expected} missing:\n{env}");
+        assert!(
+            env.lines().any(|l| l == expected),
+            "{expected} missing:\n{env}"
+        );
     }
 }
 
 #[test]
 fn quick_run_uses_the_current_dir() {
     let h = Harness::file();
-    let run = h.run(&["run", "--job-id", "quick", "--output", "out", "--", "sh", "-c", "echo a > $C3_ARTIFACTS_DIR/a; echo b > out/b"]);
+    let run = h.run(&[
+        "run",
+        "--job-id",
+        "quick",
+        "--output",
+        "out",
+        "--",
+        "sh",
+        "-c",
+        "echo a > $C3_ARTIFACTS_DIR/a; echo b > out/b",
+    ]);
     run.assert_code(0);
     assert!(run.stdout.contains("c3-agent pull quick"), "{}", run.stdout);
     assert_eq!(h.manifest_paths("quick"), vec!["artifacts/a", "out/b"]);

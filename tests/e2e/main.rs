@@ -1,6 +1,9 @@
 //! End-to-end tests: the real `c3-agent` binary against the file store, a real S3 server
 //! (s3s-fs) and a recording control plane, all on 127.0.0.1.
 
+// Tests fail by panicking: unwrap is the assertion.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod control_plane;

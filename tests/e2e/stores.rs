@@ -5,7 +5,16 @@ use serde_json::json;
 use crate::support::{sha256_hex, Harness, Store};
 
 /// Names a filesystem allows and URLs and JSON must not mangle.
-const ODD_NAMES: &[&str] = &["a b.txt", "100%.txt", "a&b#c?.txt", "ünïcödé ✓.txt", "new\nline.txt", "tab\there", "+plus=eq;semi", "sub dir/x y"];
+const ODD_NAMES: &[&str] = &[
+    "a b.txt",
+    "100%.txt",
+    "a&b#c?.txt",
+    "ünïcödé ✓.txt",
+    "new\nline.txt",
+    "tab\there",
+    "+plus=eq;semi",
+    "sub dir/x y",
+];
 
 fn write_odd_names_script() -> String {
     let mut py = String::from("import os\nd=os.environ['C3_ARTIFACTS_DIR']\n");
@@ -28,28 +37,48 @@ fn round_trip(h: Harness) {
     assert_eq!(h.manifest_paths("odd"), expected);
     let m = h.manifest("odd");
     for f in m["files"].as_array().unwrap() {
-        let blob = h.object(&format!("blobs/sha256/{}", f["sha256"].as_str().unwrap())).expect("blob exists");
-        assert_eq!(sha256_hex(&blob), f["sha256"].as_str().unwrap(), "blob bytes match their key");
+        let blob = h
+            .object(&format!("blobs/sha256/{}", f["sha256"].as_str().unwrap()))
+            .expect("blob exists");
+        assert_eq!(
+            sha256_hex(&blob),
+            f["sha256"].as_str().unwrap(),
+            "blob bytes match their key"
+        );
         assert_eq!(blob.len() as u64, f["size"].as_u64().unwrap());
         assert_eq!(f["blake3"].as_str().unwrap().len(), 64);
     }
     assert_eq!(m["attempt"], 1);
-    let per_attempt = h.object("jobs/odd/attempts/1/manifest.json").expect("per-attempt manifest");
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&per_attempt).unwrap(), m);
+    let per_attempt = h
+        .object("jobs/odd/attempts/1/manifest.json")
+        .expect("per-attempt manifest");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&per_attempt).unwrap(),
+        m
+    );
     let stdout_sha = m["logs"]["stdout"]["sha256"].as_str().unwrap();
-    assert!(h.object(&format!("blobs/sha256/{stdout_sha}")).is_some(), "log blobs are stored");
+    assert!(
+        h.object(&format!("blobs/sha256/{stdout_sha}")).is_some(),
+        "log blobs are stored"
+    );
 
     let dest = h.path("pulled");
-    h.run(&["pull", "odd", dest.to_str().unwrap()]).assert_code(0);
+    h.run(&["pull", "odd", dest.to_str().unwrap()])
+        .assert_code(0);
     for name in ODD_NAMES {
         let original = std::fs::read(h.workdir("odd").join("artifacts").join(name)).unwrap();
-        let pulled = std::fs::read(dest.join("artifacts").join(name)).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        let pulled = std::fs::read(dest.join("artifacts").join(name))
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
         assert_eq!(original, pulled, "{name:?}");
     }
     assert!(!dest.join("not-collected.txt").exists());
     let ls = h.run(&["ls", "odd"]);
     ls.assert_code(0);
-    assert_eq!(ls.stdout.lines().count(), expected.len(), "one line per file, even with a newline in a name");
+    assert_eq!(
+        ls.stdout.lines().count(),
+        expected.len(),
+        "one line per file, even with a newline in a name"
+    );
 }
 
 #[test]
@@ -65,12 +94,22 @@ fn s3_round_trips_odd_names() {
 fn dedup(h: Harness) {
     let h = h.with_control_plane(5);
     let script = "head -c 100000 /dev/zero > $C3_ARTIFACTS_DIR/zeros; echo same";
-    h.run_job(json!({"job_id": "d1", "command": ["sh", "-c", script]})).assert_code(0);
-    h.run_job(json!({"job_id": "d2", "command": ["sh", "-c", script]})).assert_code(0);
+    h.run_job(json!({"job_id": "d1", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    h.run_job(json!({"job_id": "d2", "command": ["sh", "-c", script]}))
+        .assert_code(0);
     let regs = h.cp().delivered("/artifacts");
     assert_eq!(regs.len(), 2, "{regs:?}");
-    assert!(regs[0]["new_bytes"].as_u64().unwrap() >= 100_000, "{}", regs[0]);
-    assert_eq!(regs[1]["new_bytes"], 0, "the second job added nothing new: {}", regs[1]);
+    assert!(
+        regs[0]["new_bytes"].as_u64().unwrap() >= 100_000,
+        "{}",
+        regs[0]
+    );
+    assert_eq!(
+        regs[1]["new_bytes"], 0,
+        "the second job added nothing new: {}",
+        regs[1]
+    );
     assert_eq!(regs[1]["bytes"], 100_000);
     assert_eq!(regs[1]["files"], 1);
 }
@@ -92,11 +131,17 @@ fn symlinks_not_followed(h: Harness) {
         "cd $C3_ARTIFACTS_DIR && ln -s '{}' link && ln -s / rootlink && mkfifo pipe && echo ok > real",
         secret.display()
     );
-    h.run_job(json!({"job_id": "ln", "command": ["sh", "-c", script]})).assert_code(0);
+    h.run_job(json!({"job_id": "ln", "command": ["sh", "-c", script]}))
+        .assert_code(0);
     assert_eq!(h.manifest_paths("ln"), vec!["artifacts/real"]);
-    assert!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"do not upload"))).is_none());
+    assert!(h
+        .object(&format!("blobs/sha256/{}", sha256_hex(b"do not upload")))
+        .is_none());
     let warnings = h.terminal("ln")["warnings"].to_string();
-    assert!(warnings.contains("artifacts/link") && warnings.contains("artifacts/pipe"), "{warnings}");
+    assert!(
+        warnings.contains("artifacts/link") && warnings.contains("artifacts/pipe"),
+        "{warnings}"
+    );
 }
 
 #[test]
@@ -110,15 +155,25 @@ fn s3_skips_symlinks_and_fifos() {
 }
 
 fn corruption_detected(h: Harness) {
-    h.run_job(json!({"job_id": "c", "command": ["sh", "-c", "echo precious > $C3_ARTIFACTS_DIR/f"]})).assert_code(0);
+    h.run_job(
+        json!({"job_id": "c", "command": ["sh", "-c", "echo precious > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
     let sha = sha256_hex(b"precious\n");
     let blob = h.object_path(&format!("blobs/sha256/{sha}"));
     std::fs::write(&blob, "tampered\n").unwrap();
     let dest = h.path("pulled");
     let run = h.run(&["pull", "c", dest.to_str().unwrap()]);
     run.assert_code(1);
-    assert!(run.stderr.contains("does not match") && run.stderr.contains("artifacts/f"), "{}", run.stderr);
-    assert!(!dest.join("artifacts/f").exists(), "a corrupt file is never left in place");
+    assert!(
+        run.stderr.contains("does not match") && run.stderr.contains("artifacts/f"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !dest.join("artifacts/f").exists(),
+        "a corrupt file is never left in place"
+    );
 }
 
 #[test]
@@ -132,13 +187,19 @@ fn s3_pull_detects_corruption() {
 }
 
 fn large_file(mut h: Harness) {
-    h.extra_toml = "[upload]\nmultipart_threshold_bytes = 1000000\nmin_part_size_bytes = 5242880\n".into();
+    h.extra_toml =
+        "[upload]\nmultipart_threshold_bytes = 1000000\nmin_part_size_bytes = 5242880\n".into();
     let script = "head -c 12000000 /dev/urandom > $C3_ARTIFACTS_DIR/big.bin";
-    h.run_job(json!({"job_id": "big", "command": ["sh", "-c", script]})).assert_code(0);
+    h.run_job(json!({"job_id": "big", "command": ["sh", "-c", script]}))
+        .assert_code(0);
     let local = std::fs::read(h.workdir("big").join("artifacts/big.bin")).unwrap();
     let m = h.manifest("big");
     assert_eq!(m["files"][0]["sha256"], sha256_hex(&local));
-    assert_eq!(h.object(&format!("blobs/sha256/{}", sha256_hex(&local))).unwrap(), local);
+    assert_eq!(
+        h.object(&format!("blobs/sha256/{}", sha256_hex(&local)))
+            .unwrap(),
+        local
+    );
 }
 
 #[test]
@@ -159,8 +220,15 @@ fn datasets_are_materialized_as_private_copies() {
     let consumer = "cat inputs/prev/artifacts/w/model.bin > $C3_ARTIFACTS_DIR/seen && echo scribble >> inputs/prev/artifacts/w/model.bin";
     h.run_job(json!({"job_id": "consumer", "command": ["sh", "-c", consumer], "datasets": [{"ref": "/jobs/producer", "mount": "inputs/prev"}]}))
         .assert_code(0);
-    assert_eq!(std::fs::read_to_string(h.workdir("consumer").join("artifacts/seen")).unwrap(), "weights\n");
-    assert_eq!(h.object(&format!("blobs/sha256/{}", sha256_hex(b"weights\n"))).unwrap(), b"weights\n");
+    assert_eq!(
+        std::fs::read_to_string(h.workdir("consumer").join("artifacts/seen")).unwrap(),
+        "weights\n"
+    );
+    assert_eq!(
+        h.object(&format!("blobs/sha256/{}", sha256_hex(b"weights\n")))
+            .unwrap(),
+        b"weights\n"
+    );
 
     let marker = h.path("launched");
     let run = h.run_job(json!({"job_id": "orphan", "command": ["touch", marker.display().to_string()], "datasets": [{"ref": "/jobs/never-ran", "mount": "in"}]}));

@@ -23,7 +23,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -48,7 +51,10 @@ fn s3s_fs_binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    for candidate in [format!("{home}/.cargo/bin/s3s-fs"), "/usr/local/bin/s3s-fs".into()] {
+    for candidate in [
+        format!("{home}/.cargo/bin/s3s-fs"),
+        "/usr/local/bin/s3s-fs".into(),
+    ] {
         if Path::new(&candidate).exists() {
             return PathBuf::from(candidate);
         }
@@ -57,7 +63,11 @@ fn s3s_fs_binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl S3Server {
@@ -69,7 +79,16 @@ impl S3Server {
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(s3s_fs_binary())
-                .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AK", "--secret-key", "SK"])
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--access-key",
+                    "AK",
+                    "--secret-key",
+                    "SK",
+                ])
                 .arg(root.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -81,7 +100,12 @@ impl S3Server {
                     break;
                 }
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server { port, root, bucket, child };
+                    return S3Server {
+                        port,
+                        root,
+                        bucket,
+                        child,
+                    };
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -169,28 +193,48 @@ impl ControlPlane {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async move {
-                let handler = |State(st): State<Arc<CpState>>, AxPath(rest): AxPath<String>, headers: HeaderMap, body: String| async move {
+                let handler = |State(st): State<Arc<CpState>>,
+                               AxPath(rest): AxPath<String>,
+                               headers: HeaderMap,
+                               body: String| async move {
                     let failing = st.fail_all.load(Ordering::SeqCst)
-                        || st.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+                        || st
+                            .fail_next
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
                     let (code, reply) = if failing {
-                        (StatusCode::SERVICE_UNAVAILABLE, json!({"error": "try later"}))
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            json!({"error": "try later"}),
+                        )
                     } else if rest.ends_with("/artifacts") {
                         let (used, quota) = *st.quota.lock().expect("lock");
-                        (StatusCode::OK, json!({"storage_used_bytes": used, "storage_quota_bytes": quota}))
+                        (
+                            StatusCode::OK,
+                            json!({"storage_used_bytes": used, "storage_quota_bytes": quota}),
+                        )
                     } else {
                         (StatusCode::OK, json!({}))
                     };
                     st.requests.lock().expect("lock").push(Recorded {
                         path: format!("/{rest}"),
-                        auth: headers.get("authorization").and_then(|v| v.to_str().ok()).map(String::from),
+                        auth: headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from),
                         body: serde_json::from_str(&body).unwrap_or(Value::Null),
                         answered: code.as_u16(),
                     });
                     (code, axum::Json(reply))
                 };
-                let app = axum::Router::new().route("/api/{*rest}", post(handler)).with_state(st);
+                let app = axum::Router::new()
+                    .route("/api/{*rest}", post(handler))
+                    .with_state(st);
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
@@ -200,7 +244,12 @@ impl ControlPlane {
                     .expect("serve");
             });
         });
-        ControlPlane { url, state, shutdown: Some(tx), thread: Some(thread) }
+        ControlPlane {
+            url,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
     }
 
     pub fn fail_next(&self, n: usize) {
@@ -221,11 +270,17 @@ impl ControlPlane {
 
     /// Successfully answered requests whose path ends with `suffix`.
     pub fn delivered(&self, suffix: &str) -> Vec<Value> {
-        self.requests().into_iter().filter(|r| r.answered == 200 && r.path.ends_with(suffix)).map(|r| r.body).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.answered == 200 && r.path.ends_with(suffix))
+            .map(|r| r.body)
+            .collect()
     }
 
     pub fn terminal_status(&self) -> Option<Value> {
-        self.delivered("/status").into_iter().find(|b| b["state"] != "RUNNING")
+        self.delivered("/status")
+            .into_iter()
+            .find(|b| b["state"] != "RUNNING")
     }
 
     pub fn toml(&self, token_file: &Path, give_up_secs: u64) -> String {
@@ -271,7 +326,11 @@ pub struct Run {
 
 impl Run {
     pub fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(self.code, code, "{} exited {} (expected {code})\n--- stdout\n{}\n--- stderr\n{}", self.what, self.code, self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "{} exited {} (expected {code})\n--- stdout\n{}\n--- stderr\n{}",
+            self.what, self.code, self.stdout, self.stderr
+        );
         self
     }
 }
@@ -289,7 +348,16 @@ impl Harness {
     pub fn new(store: Store) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
-        Harness { dir, state, store, control_plane: None, token: "tok-Secret-123".into(), extra_toml: String::new(), env: Vec::new(), give_up_secs: 5 }
+        Harness {
+            dir,
+            state,
+            store,
+            control_plane: None,
+            token: "tok-Secret-123".into(),
+            extra_toml: String::new(),
+            env: Vec::new(),
+            give_up_secs: 5,
+        }
     }
 
     pub fn file() -> Self {
@@ -303,7 +371,9 @@ impl Harness {
     }
 
     pub fn cp(&self) -> &ControlPlane {
-        self.control_plane.as_ref().expect("harness has a control plane")
+        self.control_plane
+            .as_ref()
+            .expect("harness has a control plane")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -317,7 +387,11 @@ impl Harness {
     pub fn config_path(&self) -> PathBuf {
         let token_file = self.path("token");
         std::fs::write(&token_file, format!("{}\n", self.token)).expect("token");
-        let mut toml = format!("state_dir = \"{}\"\nkill_grace_secs = 1\n{}", self.state.display(), self.extra_toml);
+        let mut toml = format!(
+            "state_dir = \"{}\"\nkill_grace_secs = 1\n{}",
+            self.state.display(),
+            self.extra_toml
+        );
         if let Store::S3(s3) = &self.store {
             toml.push_str(&s3.store_toml("pre"));
         }
@@ -345,7 +419,10 @@ impl Harness {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
+            )
             .env("HOME", self.dir.path())
             .env("C3_AGENT_CONFIG", config)
             .current_dir(self.dir.path())
@@ -406,28 +483,47 @@ impl Harness {
     }
 
     pub fn manifest(&self, job: &str) -> Value {
-        let bytes = self.object(&format!("jobs/{job}/manifest.json")).unwrap_or_else(|| panic!("no manifest for {job}"));
+        let bytes = self
+            .object(&format!("jobs/{job}/manifest.json"))
+            .unwrap_or_else(|| panic!("no manifest for {job}"));
         serde_json::from_slice(&bytes).expect("manifest json")
     }
 
     pub fn manifest_paths(&self, job: &str) -> Vec<String> {
-        self.manifest(job)["files"].as_array().expect("files").iter().map(|f| f["path"].as_str().expect("path").to_string()).collect()
+        self.manifest(job)["files"]
+            .as_array()
+            .expect("files")
+            .iter()
+            .map(|f| f["path"].as_str().expect("path").to_string())
+            .collect()
     }
 
     /// Reports recorded locally (no control plane): `reports.jsonl` of attempt 1.
     pub fn local_reports(&self, job: &str) -> Vec<Value> {
-        let path = self.state.join(format!("jobs/{job}/attempts/1/reports.jsonl"));
-        std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).expect("jsonl")).collect()
+        let path = self
+            .state
+            .join(format!("jobs/{job}/attempts/1/reports.jsonl"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("jsonl"))
+            .collect()
     }
 
     /// The terminal status, from the control plane if there is one, else from the local reports.
     pub fn terminal(&self, job: &str) -> Value {
         match &self.control_plane {
-            Some(cp) => cp.terminal_status().expect("a terminal status was delivered"),
+            Some(cp) => cp
+                .terminal_status()
+                .expect("a terminal status was delivered"),
             None => self
                 .local_reports(job)
                 .into_iter()
-                .filter(|r| r["endpoint"].as_str().is_some_and(|e| e.ends_with("/status")))
+                .filter(|r| {
+                    r["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.ends_with("/status"))
+                })
                 .map(|r| r["body"].clone())
                 .find(|b| b["state"] != "RUNNING")
                 .expect("a terminal status was recorded"),
@@ -440,13 +536,21 @@ pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
         Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()).unwrap_or("Z");
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or("Z");
             state != "Z" && state != "X"
         }
     }
 }
 
 pub fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill").success();
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
     assert!(ok, "kill -{sig} {pid} failed");
 }
