@@ -256,7 +256,12 @@ pub fn resolve(
     };
     let store_url = match file.store.url {
         Some(u) => u,
-        None => format!("file://{}", state_dir.join("store").display()),
+        None => format!(
+            "file://{}",
+            c3_runtime::statedir::StateDir::new(&state_dir)
+                .default_store_dir()
+                .display()
+        ),
     };
     if let Err(e) = url::Url::parse(&store_url) {
         problems.push(format!("`store.url`: `{store_url}` is not a URL: {e}"));

@@ -36,6 +36,10 @@ pub struct RunRecord {
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub started_at: String,
+    /// The agent working on this attempt: pid and its start time (clock ticks after boot,
+    /// field 22 of /proc/<pid>/stat), so that `recover` never takes over a live agent's job.
+    #[serde(default)]
+    pub agent: Option<(i32, u64)>,
 }
 
 /// One undelivered control-plane request: `<state_dir>/outbox/<job_id>/<seq>-<kind>.json`.

@@ -134,6 +134,7 @@ impl<'a> Run<'a> {
             exit_code: None,
             signal: None,
             started_at: now_rfc3339(),
+            agent: crate::recover::this_agent(),
         };
         Self::from_record(ctx, record)
     }
@@ -165,10 +166,6 @@ impl<'a> Run<'a> {
             run_as: None,
             running_report: None,
         }
-    }
-
-    pub fn record(&self) -> &RunRecord {
-        &self.record
     }
 
     fn spec(&self) -> &JobSpec {

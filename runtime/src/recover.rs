@@ -23,6 +23,29 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
     }
 }
 
+/// This process, as recorded in run records: pid and start time.
+pub fn this_agent() -> Option<(i32, u64)> {
+    let pid = std::process::id() as i32;
+    start_time(pid).map(|t| (pid, t))
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state is field 3, starttime field 22.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether the agent that wrote the record still runs (same pid, same start time).
+fn owner_alive(record: &RunRecord) -> bool {
+    record
+        .agent
+        .is_some_and(|(pid, started)| start_time(pid) == Some(started))
+}
+
 /// Finishes every unfinished job in the state dir, oldest first.
 pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     if let Some(cp) = &ctx.control_plane {
@@ -44,6 +67,10 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
             }
         };
         if record.phase == Phase::Done {
+            continue;
+        }
+        if owner_alive(&record) {
+            tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
             continue;
         }
         let span =

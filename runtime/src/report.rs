@@ -178,10 +178,6 @@ impl Reporter {
         }
     }
 
-    pub fn control_plane(&self) -> Option<&ControlPlane> {
-        self.control_plane.as_ref()
-    }
-
     /// Sends `body` to `v1/jobs/<job>/<kind>`. `order` keeps outbox entries in sending order.
     pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>) -> Delivery {
         let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);

@@ -48,10 +48,6 @@ impl StateDir {
         StateDir { root: root.into() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn default_store_dir(&self) -> PathBuf {
         self.root.join("store")
     }

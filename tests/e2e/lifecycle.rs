@@ -242,3 +242,29 @@ fn the_job_runs_as_the_spec_user() {
         vec!["artifacts/uid", "results/deep/home", "results/deep/r"]
     );
 }
+
+#[test]
+fn recover_leaves_a_job_with_a_live_agent_alone() {
+    let h = Harness::file().with_control_plane(5);
+    let go = h.path("go");
+    let script = format!(
+        "echo s > $C3_ARTIFACTS_DIR/started; i=0; while [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": "busy", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the job to start", Duration::from_secs(20), || {
+        h.workdir("busy")
+            .join("artifacts/started")
+            .exists()
+            .then_some(())
+    });
+    h.run(&["recover"]).assert_code(0);
+    assert!(
+        h.cp().terminal_status().is_none(),
+        "recover must not finish a job its agent still runs"
+    );
+    std::fs::write(&go, "").unwrap();
+    h.wait("busy".into(), child).assert_code(0);
+    assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
+}
