@@ -153,7 +153,8 @@ impl<'a> Run<'a> {
             ctx.upload.clone(),
             &record.spec.job_id,
             Some(journal),
-        );
+        )
+        .confined_to(Path::new(&record.workdir));
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
@@ -706,7 +707,7 @@ impl<'a> Run<'a> {
 
     /// The job's structured result, if it wrote a valid one.
     fn read_result(&mut self) -> serde_json::Value {
-        match read_result_file(&self.result_path()) {
+        match read_result_file(&self.workdir, &self.result_path()) {
             Ok(v) => v,
             Err(problem) => {
                 self.warn(format!("result file ignored: {problem}"));
@@ -743,15 +744,10 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Reads the result file without following a symlink the job may have planted.
-fn read_result_file(path: &Path) -> Result<serde_json::Value, String> {
+/// Reads the result file without following any symlink the job may have planted.
+fn read_result_file(workdir: &Path, path: &Path) -> Result<serde_json::Value, String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-    {
+    let mut file = match crate::confine::open_read(Some(workdir), path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::Value::Null),
         Err(e) => return Err(format!("cannot open it: {e}")),

@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod collect;
+pub mod confine;
 pub mod digest;
 pub mod job;
 pub mod launch;

@@ -44,6 +44,8 @@ pub enum PullError {
         expected: String,
         actual: String,
     },
+    #[error("{path}: a symlink in the destination leads outside it; refusing to write there")]
+    Escapes { path: String },
     #[error("download task for {path} failed")]
     Task { path: String },
 }
@@ -102,6 +104,17 @@ async fn fetch(
         move |source| PullError::Write { path, source }
     };
     std::fs::create_dir_all(&dir).map_err(werr(&dir))?;
+    // A symlink already inside `dest` must not redirect the download (the agent may be root,
+    // and `dest` may be a workdir a job wrote to before).
+    let inside = match (dir.canonicalize(), dest.canonicalize()) {
+        (Ok(d), Ok(root)) => d.starts_with(root),
+        _ => false,
+    };
+    if !inside {
+        return Err(PullError::Escapes {
+            path: entry.path.clone(),
+        });
+    }
     let tmp = dir.join(format!(".c3-pull-{}-{index}.part", std::process::id()));
     let result = store
         .get_blob(&entry.sha256)

@@ -143,6 +143,8 @@ pub struct Uploader {
     /// Key prefix of this job's staging objects (file store).
     staging: Arc<str>,
     staged: Arc<std::sync::atomic::AtomicU64>,
+    /// The workdir: files below it are opened without following any symlink.
+    root: Option<Arc<Path>>,
 }
 
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
@@ -156,15 +158,6 @@ fn stat(path: &Path) -> Result<FileStamp, UploadError> {
             source,
         }),
     }
-}
-
-/// Opens without following a symlink swapped in since the scan (the agent may be root).
-fn open_nofollow(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(path)
 }
 
 /// Reads into `buf` until it is full or the file ends.
@@ -186,12 +179,15 @@ fn crc(bytes: &[u8]) -> u64 {
 }
 
 /// Pass 1 of a large file: both digests and a CRC per part.
-fn hash_file(path: &Path, part_size: u64) -> Result<(Digests, Vec<u64>), UploadError> {
+fn hash_file(
+    path: &Path,
+    mut file: File,
+    part_size: u64,
+) -> Result<(Digests, Vec<u64>), UploadError> {
     let read_err = |source| UploadError::Read {
         path: path.into(),
         source,
     };
-    let mut file = open_nofollow(path).map_err(read_err)?;
     let mut hasher = DualHasher::new();
     let mut part_crcs = Vec::new();
     let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
@@ -271,7 +267,21 @@ impl Uploader {
             journal_dir,
             staging,
             staged: Default::default(),
+            root: None,
         }
+    }
+
+    /// Files below `workdir` are opened without following any symlink (see [`crate::confine`]).
+    pub fn confined_to(mut self, workdir: &Path) -> Self {
+        self.root = Some(Arc::from(workdir));
+        self
+    }
+
+    fn open(&self, path: &Path) -> Result<File, UploadError> {
+        crate::confine::open_read(self.root.as_deref(), path).map_err(|source| UploadError::Read {
+            path: path.into(),
+            source,
+        })
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -312,12 +322,12 @@ impl Uploader {
     ) -> Result<(Digests, bool), UploadError> {
         let guard = self.budget.acquire(before.size).await;
         let p = path.to_path_buf();
+        let mut file = self.open(path)?;
         let (digests, bytes) = blocking(path, move || {
             let read_err = |source| UploadError::Read {
                 path: p.clone(),
                 source,
             };
-            let mut file = open_nofollow(&p).map_err(read_err)?;
             let mut buf = Vec::with_capacity(before.size as usize);
             file.read_to_end(&mut buf).map_err(read_err)?;
             Ok((crate::digest::digest_bytes(&buf), Bytes::from(buf)))
@@ -350,7 +360,8 @@ impl Uploader {
         };
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
-        let (digests, part_crcs) = blocking(path, move || hash_file(&p, part_size)).await?;
+        let file = self.open(path)?;
+        let (digests, part_crcs) = blocking(path, move || hash_file(&p, file, part_size)).await?;
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
@@ -403,10 +414,7 @@ impl Uploader {
             .start_multipart_at(&staging_key)
             .await
             .map_err(store_err)?;
-        let file = open_nofollow(path).map_err(|source| UploadError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let file = self.open(path)?;
         let mut reader = Some((file, DualHasher::new()));
         let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
         let mut outcome = Ok(());
@@ -556,10 +564,7 @@ impl Uploader {
         part_crcs: &[u64],
         sink: &mut PartSink,
     ) -> Result<u64, UploadError> {
-        let file = Arc::new(open_nofollow(path).map_err(|source| UploadError::Read {
-            path: path.into(),
-            source,
-        })?);
+        let file = Arc::new(self.open(path)?);
         let size = file
             .metadata()
             .map_err(|source| UploadError::Read {
@@ -887,7 +892,7 @@ mod tests {
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
         let mut sink = up.open_sink(&sha, data.len() as u64, MIB).await.unwrap();
-        let (_, crcs) = hash_file(&file.abs, MIB).unwrap();
+        let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB).unwrap();
         let sent = up
             .send_parts(&file.abs, &sha, MIB, &crcs, &mut sink)
             .await
@@ -978,7 +983,7 @@ mod tests {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&path, &data).unwrap();
-        let (d, crcs) = hash_file(&path, MIB + 5).unwrap();
+        let (d, crcs) = hash_file(&path, File::open(&path).unwrap(), MIB + 5).unwrap();
         assert_eq!(d, crate::digest::digest_bytes(&data));
         let expected: Vec<u64> = data.chunks((MIB + 5) as usize).map(crc).collect();
         assert_eq!(crcs, expected);

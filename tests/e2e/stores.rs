@@ -236,3 +236,22 @@ fn datasets_are_materialized_as_private_copies() {
     assert!(!marker.exists());
     assert_eq!(h.terminal("orphan")["reason"], "DATASET_ERROR");
 }
+
+#[test]
+fn pull_never_writes_through_a_symlink_in_the_destination() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "p", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let dest = h.path("dest");
+    let elsewhere = h.path("elsewhere");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dest.join("artifacts")).unwrap();
+    let run = h.run(&["pull", "p", dest.to_str().unwrap()]);
+    run.assert_code(1);
+    assert!(run.stderr.contains("outside"), "{}", run.stderr);
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "nothing written through the symlink"
+    );
+}
