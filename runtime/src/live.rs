@@ -234,7 +234,7 @@ impl Syncer {
 
     async fn on_hint(&mut self, hint: Hint) {
         match hint {
-            Hint::Touched(path) => self.touch(&path),
+            Hint::Touched(path) => self.touch(&path).await,
             Hint::Gone(path) => {
                 if std::fs::symlink_metadata(&path).is_err() {
                     if let Some(rel) = self.rel_of(&path) {
@@ -257,7 +257,7 @@ impl Syncer {
     }
 
     /// A path changed: a file becomes a candidate; a directory (made or moved in) is walked.
-    fn touch(&mut self, path: &Path) {
+    async fn touch(&mut self, path: &Path) {
         let Some(rel) = self.rel_of(path) else { return };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_file() => {
@@ -271,7 +271,11 @@ impl Syncer {
             }
             Ok(m) if m.is_dir() => {
                 // Files created before the new directory's watch was set left no events.
-                let found = scan(&self.workdir, &[rel]);
+                let workdir = self.workdir.clone();
+                let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &[rel])).await
+                else {
+                    return;
+                };
                 for (rel, f) in found.files {
                     if !self.book.is_current(&f) {
                         self.candidates.insert(

@@ -76,8 +76,15 @@ pub async fn pull(
     manifest: &Manifest,
     dest: &Path,
 ) -> Result<PullSummary, PullError> {
+    let werr = |source| PullError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dest).map_err(werr)?;
+    // Resolved once: every file's directory must resolve to a place below it.
+    let root = dest.canonicalize().map_err(werr)?;
     let results = futures::stream::iter(manifest.files.iter().enumerate())
-        .map(|(i, entry)| fetch(store, entry, dest, i))
+        .map(|(i, entry)| fetch(store, entry, dest, &root, i))
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>()
         .await?;
@@ -92,6 +99,7 @@ async fn fetch(
     store: &BlobStore,
     entry: &FileEntry,
     dest: &Path,
+    root: &Path,
     index: usize,
 ) -> Result<u64, PullError> {
     let target = dest.join(&entry.path);
@@ -106,11 +114,7 @@ async fn fetch(
     std::fs::create_dir_all(&dir).map_err(werr(&dir))?;
     // A symlink already inside `dest` must not redirect the download (the agent may be root,
     // and `dest` may be a workdir a job wrote to before).
-    let inside = match (dir.canonicalize(), dest.canonicalize()) {
-        (Ok(d), Ok(root)) => d.starts_with(root),
-        _ => false,
-    };
-    if !inside {
+    if !dir.canonicalize().is_ok_and(|d| d.starts_with(root)) {
         return Err(PullError::Escapes {
             path: entry.path.clone(),
         });

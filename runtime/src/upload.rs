@@ -147,6 +147,14 @@ pub struct Uploader {
     root: Option<Arc<Path>>,
 }
 
+/// Maps a store error on `path`'s upload.
+fn store_err(path: &Path) -> impl Fn(StoreError) -> UploadError + Copy + '_ {
+    move |source| UploadError::Store {
+        path: path.into(),
+        source,
+    }
+}
+
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(FileStamp::of(&m)),
@@ -341,10 +349,7 @@ impl Uploader {
             .store
             .put_blob(&digests.sha256_hex(), bytes)
             .await
-            .map_err(|source| UploadError::Store {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(store_err(path))?;
         drop(guard);
         Ok((digests, new))
     }
@@ -354,10 +359,7 @@ impl Uploader {
         path: &Path,
         before: FileStamp,
     ) -> Result<(Digests, bool), UploadError> {
-        let store_err = |source| UploadError::Store {
-            path: path.into(),
-            source,
-        };
+        let store_err = store_err(path);
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
         let file = self.open(path)?;
@@ -400,10 +402,7 @@ impl Uploader {
         path: &Path,
         before: FileStamp,
     ) -> Result<(Digests, bool), UploadError> {
-        let store_err = |source| UploadError::Store {
-            path: path.into(),
-            source,
-        };
+        let store_err = store_err(path);
         let n = self
             .staged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
