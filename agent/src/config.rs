@@ -18,6 +18,8 @@ pub const SYSTEM_CONFIG: &str = "/etc/c3-agent/config.toml";
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     state_dir: Option<PathBuf>,
+    jobs_root: Option<PathBuf>,
+    private_files: Option<bool>,
     kill_grace_secs: Option<u64>,
     log_format: Option<String>,
     #[serde(default)]
@@ -38,6 +40,7 @@ struct StoreSection {
     max_retries: Option<usize>,
     retry_timeout_secs: Option<u64>,
     preflight_timeout_secs: Option<u64>,
+    max_manifest_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +49,7 @@ struct ControlPlaneSection {
     url: Option<String>,
     token_file: Option<PathBuf>,
     give_up_secs: Option<u64>,
+    max_reply_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +61,7 @@ struct SyncSection {
     poll_ms: Option<u64>,
     event_queue: Option<usize>,
     manifest_interval_ms: Option<u64>,
+    max_watches: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +86,12 @@ pub struct Config {
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// A spec's workdir must lie under it (default `<state_dir>/jobs`).
+    pub jobs_root: PathBuf,
+    /// Files and directories the agent creates are private (umask 077); false keeps the
+    /// umask the agent was started with.
+    pub private_files: bool,
+    pub max_manifest_bytes: u64,
     pub kill_grace: Duration,
     pub log_format: LogFormat,
     pub store: StoreConfig,
@@ -96,6 +107,7 @@ pub struct ControlPlaneSettings {
     pub url: url::Url,
     pub token_file: Option<PathBuf>,
     pub give_up: Duration,
+    pub max_reply_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +224,18 @@ pub fn resolve(
     if let Some(v) = env("C3_AGENT_STATE_DIR") {
         file.state_dir = Some(PathBuf::from(v));
     }
+    if let Some(v) = env("C3_AGENT_JOBS_ROOT") {
+        file.jobs_root = Some(PathBuf::from(v));
+    }
+    if let Some(v) = env("C3_AGENT_PRIVATE_FILES") {
+        match v.as_str() {
+            "true" | "1" | "on" => file.private_files = Some(true),
+            "false" | "0" | "off" => file.private_files = Some(false),
+            _ => problems.push(format!(
+                "`private_files` (from $C3_AGENT_PRIVATE_FILES): `{v}` is not true or false"
+            )),
+        }
+    }
     if let Some(v) = env("C3_AGENT_LOG_FORMAT") {
         file.log_format = Some(v);
     }
@@ -246,6 +270,17 @@ pub fn resolve(
             state_dir.display()
         ));
     }
+    let jobs_root = lexical_clean(
+        &file
+            .jobs_root
+            .unwrap_or_else(|| c3_runtime::statedir::StateDir::new(&state_dir).jobs_dir()),
+    );
+    if !jobs_root.is_absolute() || jobs_root == Path::new("/") {
+        problems.push(format!(
+            "`jobs_root`: `{}` must be an absolute path below /",
+            jobs_root.display()
+        ));
+    }
     let log_format = match file.log_format.as_deref() {
         None | Some("human") | Some("text") => LogFormat::Human,
         Some("json") => LogFormat::Json,
@@ -278,6 +313,9 @@ pub fn resolve(
                 url: u,
                 token_file: section.token_file,
                 give_up: Duration::from_secs(section.give_up_secs.unwrap_or(60)),
+                max_reply_bytes: section
+                    .max_reply_bytes
+                    .unwrap_or(c3_runtime::report::DEFAULT_MAX_REPLY_BYTES),
             }),
             Ok(_) => {
                 problems.push(format!(
@@ -341,13 +379,23 @@ pub fn resolve(
         poll_interval: Duration::from_millis(file.sync.poll_ms.unwrap_or(2000)),
         event_queue: file.sync.event_queue.unwrap_or(4096),
         manifest_interval: Duration::from_millis(file.sync.manifest_interval_ms.unwrap_or(3000)),
+        max_watches: file.sync.max_watches.unwrap_or(8192),
     });
+    if file.sync.max_watches == Some(0) {
+        problems.push("`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into());
+    }
     if !problems.is_empty() {
         return Err(fail(problems));
     }
     Ok(Config {
         source: source_file,
         state_dir,
+        jobs_root,
+        private_files: file.private_files.unwrap_or(true),
+        max_manifest_bytes: file
+            .store
+            .max_manifest_bytes
+            .unwrap_or(c3_runtime::pull::DEFAULT_MAX_MANIFEST_BYTES),
         kill_grace: Duration::from_secs(file.kill_grace_secs.unwrap_or(10)),
         log_format,
         store: StoreConfig {
@@ -389,10 +437,17 @@ impl ControlPlaneSettings {
                 url: self.url.clone(),
                 token: token.clone(),
                 give_up: self.give_up,
+                max_reply_bytes: self.max_reply_bytes,
             },
             token,
         ))
     }
+}
+
+/// `/a//b/./c/` -> `/a/b/c` (no `..` handling: a path with `..` stays as it is and
+/// fails the checks that use it).
+fn lexical_clean(p: &Path) -> PathBuf {
+    p.components().collect()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

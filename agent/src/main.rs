@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     telemetry::init(config.log_format);
+    let job_umask = private_umask(config.private_files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,16 +45,35 @@ fn main() -> ExitCode {
             )
         }
     };
-    runtime.block_on(dispatch(cli.command, config))
+    runtime.block_on(dispatch(cli.command, config, job_umask))
 }
 
-async fn dispatch(command: Command, config: config::Config) -> ExitCode {
+async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> ExitCode {
+    let env = Env { config, job_umask };
     match command {
-        Command::Run(args) => run(args, &config).await,
-        Command::Pull { job_id, dest } => edge(pull(&config, &job_id, &dest).await),
-        Command::Ls { job_id, json } => edge(ls(&config, &job_id, json).await),
-        Command::Recover => recover(&config).await,
+        Command::Run(args) => run(args, &env).await,
+        Command::Pull { job_id, dest } => edge(pull(&env, &job_id, &dest).await),
+        Command::Ls { job_id, json } => edge(ls(&env, &job_id, json).await),
+        Command::Recover => recover(&env).await,
     }
+}
+
+/// The resolved config plus what the process itself decided at start.
+struct Env {
+    config: config::Config,
+    /// The umask the agent was started with: the job's, while the agent's own is private.
+    job_umask: u32,
+}
+
+/// Everything the agent creates (state dir, logs, records, file-store blobs) is private
+/// unless `private_files = false`. Returns the umask the agent started with, for the job.
+fn private_umask(private: bool) -> u32 {
+    use nix::sys::stat::{umask, Mode};
+    let before = umask(Mode::from_bits_truncate(0o077));
+    if !private {
+        umask(before);
+    }
+    before.bits()
 }
 
 /// Part buffers (MiB-sized) are allocated and freed all the time. glibc's dynamic mmap
@@ -85,7 +105,8 @@ fn edge(result: anyhow::Result<()>) -> ExitCode {
 }
 
 /// Builds the engine's context; `Err` is a usage/config problem (exit 2).
-fn context(config: &config::Config) -> Result<AgentContext, String> {
+fn context(env: &Env) -> Result<AgentContext, String> {
+    let config = &env.config;
     let store = BlobStore::open(&config.store).map_err(|e| match e {
         StoreError::BadUrl { .. } | StoreError::BadOption { .. } | StoreError::Build { .. } => {
             format!("config: `store`: {}", error_chain(&e))
@@ -108,10 +129,13 @@ fn context(config: &config::Config) -> Result<AgentContext, String> {
         upload: config.upload.clone(),
         preflight_timeout: config.preflight_timeout,
         live: config.live.clone(),
+        jobs_root: config.jobs_root.clone(),
+        job_umask: env.job_umask,
+        max_manifest_bytes: config.max_manifest_bytes,
     })
 }
 
-fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
+fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
     if let Some(path) = &args.job {
         if !args.command.is_empty() {
             return Err("`run --job SPEC.json` takes no command after `--`".into());
@@ -122,6 +146,19 @@ fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
         for field in &parsed.unknown_fields {
             tracing::warn!(field = %field, "job spec has a field this agent does not know; ignored");
         }
+        // A scheduler's spec may only name a workdir the operator set aside for jobs: an
+        // existing tree elsewhere (`/etc`, another tenant's data) is never the job's.
+        if let Some(w) = &parsed.spec.workdir {
+            let w = Path::new(w);
+            if !w.starts_with(jobs_root) || w == jobs_root {
+                return Err(format!(
+                    "{}: job spec field `workdir`: `{}` must lie under jobs_root `{}`",
+                    path.display(),
+                    w.display(),
+                    jobs_root.display()
+                ));
+            }
+        }
         return Ok(parsed.spec);
     }
     if args.command.is_empty() {
@@ -131,7 +168,7 @@ fn spec_from_args(args: RunArgs) -> Result<JobSpec, String> {
     let job_id = args
         .job_id
         .unwrap_or_else(|| format!("local-{}-{}", chrono_like_now(), std::process::id()));
-    let spec = JobSpec {
+    let mut spec = JobSpec {
         job_id,
         project: None,
         attempt: 1,
@@ -161,19 +198,20 @@ fn chrono_like_now() -> String {
     secs.to_string()
 }
 
-/// SIGTERM (`systemctl stop`) and SIGINT cancel the job.
+/// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed
+/// before this returns, so a stop that comes at once is a cancel, not a killed agent.
 fn cancel_on_signals() -> CancellationToken {
+    use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
     let t = token.clone();
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
+        return token;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
             _ = int.recv() => tracing::info!(signal = "SIGINT", "stop requested"),
@@ -183,12 +221,13 @@ fn cancel_on_signals() -> CancellationToken {
     token
 }
 
-async fn run(args: RunArgs, config: &config::Config) -> ExitCode {
-    let spec = match spec_from_args(args) {
+async fn run(args: RunArgs, env: &Env) -> ExitCode {
+    let config = &env.config;
+    let spec = match spec_from_args(args, &config.jobs_root) {
         Ok(s) => s,
         Err(e) => return usage(&e),
     };
-    let ctx = match context(config) {
+    let ctx = match context(env) {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
@@ -201,7 +240,12 @@ async fn run(args: RunArgs, config: &config::Config) -> ExitCode {
         "c3-agent starting"
     );
     let cancel = cancel_on_signals();
-    let summary = c3_runtime::run_job(&ctx, spec, cancel).await;
+    // Whatever the job forks and orphans is re-parented to the agent, never lost to init.
+    c3_runtime::jobproc::become_subreaper();
+    let summary = match c3_runtime::run_job(&ctx, spec, cancel).await {
+        Ok(s) => s,
+        Err(e) => return usage(&error_chain(&e)),
+    };
     let v = summary.verdict;
     let reason = v
         .reason
@@ -218,8 +262,8 @@ async fn run(args: RunArgs, config: &config::Config) -> ExitCode {
     ExitCode::from(v.exit.code())
 }
 
-async fn recover(config: &config::Config) -> ExitCode {
-    let ctx = match context(config) {
+async fn recover(env: &Env) -> ExitCode {
+    let ctx = match context(env) {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
@@ -230,9 +274,10 @@ async fn recover(config: &config::Config) -> ExitCode {
     ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0))
 }
 
-async fn pull(config: &config::Config, job_id: &str, dest: &Path) -> anyhow::Result<()> {
-    let ctx = context(config).map_err(anyhow::Error::msg)?;
-    let manifest = c3_runtime::pull::read_manifest(&ctx.store, job_id).await?;
+async fn pull(env: &Env, job_id: &str, dest: &Path) -> anyhow::Result<()> {
+    let ctx = context(env).map_err(anyhow::Error::msg)?;
+    let manifest =
+        c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     let summary = c3_runtime::pull::pull(&ctx.store, &manifest, dest)
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
@@ -250,9 +295,10 @@ async fn pull(config: &config::Config, job_id: &str, dest: &Path) -> anyhow::Res
     Ok(())
 }
 
-async fn ls(config: &config::Config, job_id: &str, json: bool) -> anyhow::Result<()> {
-    let ctx = context(config).map_err(anyhow::Error::msg)?;
-    let manifest = c3_runtime::pull::read_manifest(&ctx.store, job_id).await?;
+async fn ls(env: &Env, job_id: &str, json: bool) -> anyhow::Result<()> {
+    let ctx = context(env).map_err(anyhow::Error::msg)?;
+    let manifest =
+        c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     if json {
         print!("{}", String::from_utf8_lossy(&manifest.to_json()));
         return Ok(());

@@ -81,13 +81,20 @@ impl Manifest {
 
     /// Parse, refusing other versions and any entry that could escape a destination dir.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
-        let found = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        // The version first, without building the document: a huge manifest is parsed once,
+        // straight into its types (a `Value` tree costs several times the document's size).
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            #[serde(default)]
+            version: u64,
+        }
+        let found = serde_json::from_slice::<VersionOnly>(bytes)
+            .map_err(ManifestError::Syntax)?
+            .version;
         if found != u64::from(MANIFEST_VERSION) {
             return Err(ManifestError::UnsupportedVersion { found });
         }
-        let manifest: Manifest = serde_json::from_value(value).map_err(ManifestError::Syntax)?;
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
         for f in &manifest.files {
             check_entry_path(&f.path)?;
             if !is_sha256_hex(&f.sha256) {

@@ -40,6 +40,26 @@ pub struct RunRecord {
     /// field 22 of /proc/<pid>/stat), so that `recover` never takes over a live agent's job.
     #[serde(default)]
     pub agent: Option<(i32, u64)>,
+    /// Boot the `agent` pid belongs to: a pid from an earlier boot means nothing now.
+    #[serde(default)]
+    pub agent_boot_id: Option<String>,
+    /// The job's first process, so that `recover` signals its group only while that very
+    /// process (not a later one that reused the pid) still exists.
+    #[serde(default)]
+    pub leader: Option<ProcIdentity>,
+    /// The job's own cgroup (v2), when the agent could create one.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+}
+
+/// A process, told apart from any later process that reuses its pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcIdentity {
+    pub pid: i32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    pub start_ticks: u64,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
 }
 
 /// One undelivered control-plane request: `<state_dir>/outbox/<job_id>/<seq>-<kind>.json`.

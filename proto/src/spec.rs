@@ -1,7 +1,6 @@
 //! The job spec (contract §3): parsed strictly, so that a bad spec is one line naming the field.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +46,7 @@ pub struct DatasetSpec {
     /// `/jobs/<job_id>`: the earlier job whose files are materialized.
     #[serde(rename = "ref")]
     pub reference: String,
-    /// Absolute, or relative to the workdir.
+    /// Relative to the workdir (normalized at parse; an absolute path inside the workdir is accepted).
     pub mount: String,
 }
 
@@ -92,7 +91,7 @@ impl JobSpec {
             .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
             .cloned()
             .collect();
-        let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             // serde reports a missing field at the parent (".")
@@ -112,8 +111,10 @@ impl JobSpec {
         serde_json::to_vec_pretty(self).expect("a JobSpec always serializes")
     }
 
-    /// Checks what serde's types cannot express.
-    pub fn validate(&self) -> Result<(), SpecError> {
+    /// Checks what serde's types cannot express, and normalizes every path once, here:
+    /// `./res` and `a//b` become `res` and `a/b`, so that everything downstream (the
+    /// manifest, `ls`, `pull`, datasets) sees one spelling.
+    pub fn validate(&mut self) -> Result<(), SpecError> {
         validate_job_id(&self.job_id).map_err(|p| SpecError::field("job_id", p))?;
         if self.attempt == 0 {
             return Err(SpecError::field("attempt", "must be 1 or more"));
@@ -142,9 +143,8 @@ impl JobSpec {
             ));
         }
         if let Some(workdir) = &self.workdir {
-            if workdir.is_empty() || !Path::new(workdir).is_absolute() {
-                return Err(SpecError::field("workdir", "must be an absolute path"));
-            }
+            let clean = absolute_dir(workdir).map_err(|p| SpecError::field("workdir", p))?;
+            self.workdir = Some(clean);
         }
         for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -160,8 +160,8 @@ impl JobSpec {
                 ));
             }
         }
-        for (i, dir) in self.output.iter().enumerate() {
-            relative_dir(dir).map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
+        for (i, dir) in self.output.iter_mut().enumerate() {
+            *dir = relative_dir(dir).map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
         }
         if self.timeout_secs == Some(0) {
             return Err(SpecError::field(
@@ -174,24 +174,34 @@ impl JobSpec {
                 return Err(SpecError::field("user", "is empty"));
             }
         }
-        for (i, d) in self.datasets.iter().enumerate() {
+        let workdir = self.workdir.clone();
+        for (i, d) in self.datasets.iter_mut().enumerate() {
             d.source_job()
                 .map_err(|p| SpecError::field(format!("datasets[{i}].ref"), p))?;
+            let field = || format!("datasets[{i}].mount");
             if d.mount.is_empty() {
-                return Err(SpecError::field(format!("datasets[{i}].mount"), "is empty"));
+                return Err(SpecError::field(field(), "is empty"));
             }
-            if !Path::new(&d.mount).is_absolute() {
-                relative_dir(&d.mount)
-                    .map_err(|p| SpecError::field(format!("datasets[{i}].mount"), p))?;
-            } else if Path::new(&d.mount)
-                .components()
-                .any(|c| c == Component::ParentDir)
-            {
-                return Err(SpecError::field(
-                    format!("datasets[{i}].mount"),
-                    "must not contain `..`",
-                ));
-            }
+            // v1 allowed absolute mounts; one inside the workdir still works, as its relative form.
+            let rel = if d.mount.starts_with('/') {
+                let abs = absolute_dir(&d.mount).map_err(|p| SpecError::field(field(), p))?;
+                let inside = workdir
+                    .as_deref()
+                    .and_then(|w| abs.strip_prefix(w))
+                    .and_then(|r| r.strip_prefix('/'));
+                match inside {
+                    Some(r) if !r.is_empty() => r.to_string(),
+                    _ => {
+                        return Err(SpecError::field(
+                            field(),
+                            format!("`{}` must be relative to the workdir", d.mount),
+                        ))
+                    }
+                }
+            } else {
+                d.mount.clone()
+            };
+            d.mount = relative_dir(&rel).map_err(|p| SpecError::field(field(), p))?;
         }
         Ok(())
     }
@@ -200,9 +210,8 @@ impl JobSpec {
     pub fn collected_dirs(&self) -> Vec<String> {
         let mut dirs = vec!["artifacts".to_string()];
         for d in &self.output {
-            let clean = d.trim_end_matches('/').to_string();
-            if !dirs.contains(&clean) {
-                dirs.push(clean);
+            if !dirs.contains(d) {
+                dirs.push(d.clone());
             }
         }
         dirs
@@ -238,30 +247,46 @@ pub fn validate_job_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A relative directory that stays inside the workdir.
-fn relative_dir(dir: &str) -> Result<(), String> {
-    let path = Path::new(dir);
+/// A relative directory inside the workdir, normalized: empty parts and one leading `./`
+/// are dropped; `.` anywhere else, `..`, NUL and absolute paths are refused.
+fn relative_dir(dir: &str) -> Result<String, String> {
     if dir.is_empty() {
         return Err("is empty".into());
     }
-    if path.is_absolute() {
+    if dir.starts_with('/') {
         return Err(format!("`{dir}` must be relative to the workdir"));
     }
-    for c in path.components() {
-        match c {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err(format!("`{dir}` must not contain `..`")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("`{dir}` must be relative"))
-            }
-        }
-    }
-    if path.components().all(|c| c == Component::CurDir) {
+    let parts = clean_parts(dir, true)?;
+    if parts.is_empty() {
         return Err(format!(
             "`{dir}` is the workdir itself; name a directory inside it"
         ));
     }
-    Ok(())
+    Ok(parts.join("/"))
+}
+
+/// An absolute directory, normalized the same way (no `.` or `..` at all).
+fn absolute_dir(dir: &str) -> Result<String, String> {
+    if !dir.starts_with('/') {
+        return Err(format!("`{dir}` must be an absolute path"));
+    }
+    Ok(format!("/{}", clean_parts(dir, false)?.join("/")))
+}
+
+fn clean_parts(dir: &str, leading_dot_ok: bool) -> Result<Vec<&str>, String> {
+    if dir.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    let mut parts = Vec::new();
+    for (i, part) in dir.split('/').filter(|p| !p.is_empty()).enumerate() {
+        match part {
+            "." if i == 0 && leading_dot_ok => {}
+            "." => return Err(format!("`{dir}` must not contain `.` components")),
+            ".." => return Err(format!("`{dir}` must not contain `..`")),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts)
 }
 
 #[cfg(test)]
@@ -281,6 +306,21 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_normalized_once() {
+        let p = JobSpec::from_json(
+            br#"{"job_id":"j","command":["x"],"workdir":"/w//j/","output":["./res","a//b/","res"],
+                "datasets":[{"ref":"/jobs/p","mount":"/w/j/in//d"},{"ref":"/jobs/p","mount":"./e"}]}"#,
+        )
+        .unwrap()
+        .spec;
+        assert_eq!(p.workdir.as_deref(), Some("/w/j"));
+        assert_eq!(p.output, vec!["res", "a/b", "res"]);
+        assert_eq!(p.collected_dirs(), vec!["artifacts", "res", "a/b"]);
+        assert_eq!(p.datasets[0].mount, "in/d");
+        assert_eq!(p.datasets[1].mount, "e");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         assert!(err(r#"{"command":["true"]}"#).contains("`job_id`: is required"));
         assert!(err(r#"{"job_id":"a/b","command":["true"]}"#).contains("`job_id`"));
@@ -296,6 +336,11 @@ mod tests {
             err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"jobs/x","mount":"m"}]}"#)
                 .contains("`datasets[0].ref`")
         );
+        assert!(err(r#"{"job_id":"a","command":["x"],"output":["r/."]}"#).contains("`output[0]`"));
+        assert!(err(r#"{"job_id":"a","command":["x"],"output":["a/../b"]}"#).contains("`output[0]`"));
+        assert!(err(r#"{"job_id":"a","command":["x"],"workdir":"/w/../x"}"#).contains("`workdir`"));
+        assert!(err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"/jobs/b","mount":"/etc/x"}]}"#)
+            .contains("`datasets[0].mount`"));
         assert!(err(r#"[1]"#).contains("object"));
         assert!(err(r#"{"#).contains("not valid JSON"));
     }

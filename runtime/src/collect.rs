@@ -1,9 +1,21 @@
 //! Finding a job's output: regular files under `artifacts/` and each output dir (contract §5).
 //! Symlinks, sockets, FIFOs and devices are never followed or uploaded; each gets a warning.
+//!
+//! The walk goes from directory fd to directory fd (`openat` with `O_NOFOLLOW`), so a job
+//! that swaps a directory for a symlink mid-walk cannot lead it outside the workdir, and a
+//! file or directory the job's user could not read is skipped with a warning.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use nix::dir::Dir;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode};
+
+use crate::confine::{is_dir, is_regular, DirFd, JobReader};
 
 /// What identifies one version of a file on disk; a change in any field means new content may exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +39,17 @@ impl FileStamp {
             mode: meta.mode() & 0o7777,
         }
     }
+
+    pub fn of_stat(st: &FileStat) -> Self {
+        FileStamp {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            ino: st.st_ino,
+            dev: st.st_dev,
+            mode: st.st_mode & 0o7777,
+        }
+    }
 }
 
 /// A regular file found under a collected dir.
@@ -45,55 +68,70 @@ pub struct Scan {
     pub warnings: Vec<String>,
 }
 
-/// Walks `dirs` (relative to `workdir`) without following any symlink.
-pub fn scan(workdir: &Path, dirs: &[String]) -> Scan {
+/// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
+/// only what that user could read itself is collected.
+pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan {
     let mut out = Scan::default();
+    let root = match DirFd::open(workdir) {
+        Ok(d) => d,
+        Err(e) => {
+            out.warnings
+                .push(format!("cannot open the workdir {}: {e}", workdir.display()));
+            return out;
+        }
+    };
     for dir in dirs {
-        let root = workdir.join(dir);
-        match std::fs::symlink_metadata(&root) {
-            Ok(m) if m.is_dir() => walk(&root, dir.trim_end_matches('/'), &mut out),
-            Ok(_) => out.warnings.push(format!(
-                "output dir {dir} is not a directory (a symlink?); skipped"
-            )),
+        match root.open_dir(Path::new(dir)) {
+            Ok(fd) => walk(workdir, fd, dir.trim_end_matches('/'), reader, &mut out),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) => {
+                out.warnings.push(format!(
+                    "output dir {dir} is not a directory (a symlink?); skipped"
+                ))
+            }
             Err(e) => out.warnings.push(format!("output dir {dir}: {e}; skipped")),
         }
     }
     out
 }
 
-fn walk(root: &Path, root_rel: &str, out: &mut Scan) {
+fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>, out: &mut Scan) {
     // An explicit stack: output trees can be deep, recursion depth is not ours to choose.
-    let mut stack = vec![(root.to_path_buf(), root_rel.to_string())];
+    let mut stack = vec![(root, root_rel.to_string())];
     while let Some((dir, rel)) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
+        if let Some(reader) = reader {
+            match crate::confine::fstat(&dir) {
+                Ok(st) if reader.can_enter(&st) => {}
+                Ok(_) => {
+                    out.warnings.push(format!(
+                        "{rel}/ is not readable by the job's user; skipped"
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    out.warnings.push(format!("cannot stat {rel}/: {e}"));
+                    continue;
+                }
+            }
+        }
+        let names = match list(&dir) {
+            Ok(n) => n,
             Err(e) => {
                 out.warnings.push(format!("cannot read {rel}/: {e}"));
                 continue;
             }
         };
-        for entry in entries {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    out.warnings
-                        .push(format!("cannot read an entry of {rel}/: {e}"));
-                    continue;
-                }
-            };
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
+        for name in names {
+            let Some(utf8) = std::str::from_utf8(name.as_bytes()).ok() else {
                 out.warnings.push(format!(
                     "{rel}/{}: file name is not UTF-8; skipped",
                     name.to_string_lossy()
                 ));
                 continue;
             };
-            let child_rel = format!("{rel}/{name}");
-            let path = entry.path();
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
+            let child_rel = format!("{rel}/{utf8}");
+            let st = match dir.stat(&name) {
+                Ok(st) => st,
                 // Deleted between readdir and stat: the job removed it, nothing to collect.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -101,20 +139,32 @@ fn walk(root: &Path, root_rel: &str, out: &mut Scan) {
                     continue;
                 }
             };
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                stack.push((path, child_rel));
-            } else if ft.is_file() {
+            if is_dir(&st) {
+                match dir.open_dir(Path::new(&name)) {
+                    Ok(fd) => stack.push((fd, child_rel)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => out.warnings.push(format!("cannot open {child_rel}/: {e}")),
+                }
+            } else if is_regular(&st) {
+                if reader.is_some_and(|r| !r.can_read(&st)) {
+                    out.warnings.push(format!(
+                        "{child_rel} is not readable by the job's user; not uploaded"
+                    ));
+                    continue;
+                }
                 out.files.insert(
                     child_rel.clone(),
                     LocalFile {
+                        abs: workdir.join(&child_rel),
                         rel: child_rel,
-                        abs: path,
-                        stamp: FileStamp::of(&meta),
+                        stamp: FileStamp::of_stat(&st),
                     },
                 );
             } else {
-                let kind = if ft.is_symlink() {
+                let symlink = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
+                    & nix::sys::stat::SFlag::S_IFMT
+                    == nix::sys::stat::SFlag::S_IFLNK;
+                let kind = if symlink {
                     "a symlink"
                 } else {
                     "not a regular file"
@@ -124,6 +174,25 @@ fn walk(root: &Path, root_rel: &str, out: &mut Scan) {
             }
         }
     }
+}
+
+/// The entry names of an open directory (without `.` and `..`).
+fn list(dir: &DirFd) -> std::io::Result<Vec<std::ffi::OsString>> {
+    let mut d = Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let entry = entry?;
+        let name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_os_string());
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -149,6 +218,7 @@ mod tests {
                 "missing".into(),
                 "artifacts/deep".into(),
             ],
+            None,
         );
         let names: Vec<_> = s.files.keys().cloned().collect();
         assert_eq!(names, vec!["artifacts/deep/er/a.txt", "out/b"]);

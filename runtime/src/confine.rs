@@ -1,37 +1,292 @@
-//! Opening a job's files without ever leaving the job's workdir.
+//! Every path inside a job's workdir is hostile: the job (or an earlier attempt of it) may
+//! have put a symlink anywhere, and may swap a directory for one between our check and our
+//! use. The root agent therefore never resolves such a path with plain path calls.
 //!
-//! The agent may run as root while the job's files belong to the job's user, who could swap
-//! any directory on the way for a symlink between our scan and our open. `openat2` with
-//! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` makes the kernel refuse any such detour, so a job
-//! can never make the agent read (and upload) a file it could not read itself.
+//! * [`DirFd`] is an open directory. Below it, directories are opened with
+//!   `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (or `O_NOFOLLOW` step by step where
+//!   openat2 is missing), created with `mkdirat` and handed to the job user with `fchown`
+//!   only when the agent created them; files are created `O_EXCL | O_NOFOLLOW` under
+//!   unpredictable names, and modes and owners are set on the open fd.
+//! * [`JobReader`] says whether the job's user could read a file itself: the agent never
+//!   collects (and so never exports) a file the job could not have read.
 
+use std::ffi::OsStr;
 use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
+
+/// An open directory that job-controlled paths are resolved beneath.
+#[derive(Debug)]
+pub struct DirFd(OwnedFd);
+
+/// Who gets the directories the agent creates for the job (its uid and gid).
+pub type Owner = Option<(u32, u32)>;
+
+impl AsFd for DirFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+impl DirFd {
+    /// Opens a directory the agent trusts (its config, a jobs root, a CLI argument); only the
+    /// last component must not be a symlink.
+    pub fn open(path: &Path) -> io::Result<DirFd> {
+        let fd = nix::fcntl::open(path, DIR_FLAGS, Mode::empty())?;
+        Ok(DirFd(fd))
+    }
+
+    pub fn try_clone(&self) -> io::Result<DirFd> {
+        Ok(DirFd(self.0.try_clone()?))
+    }
+
+    /// Opens the directory `rel` below this one; no component may be a symlink or `..`.
+    pub fn open_dir(&self, rel: &Path) -> io::Result<DirFd> {
+        beneath(self, rel, DIR_FLAGS).map(DirFd)
+    }
+
+    /// Opens the regular file `rel` below this one for reading, never through a symlink.
+    pub fn open_file(&self, rel: &Path) -> io::Result<File> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        beneath(self, rel, flags).map(File::from)
+    }
+
+    /// `lstat` of one entry of this directory.
+    pub fn stat(&self, name: &OsStr) -> io::Result<FileStat> {
+        Ok(fstatat(self, name, AtFlags::AT_SYMLINK_NOFOLLOW)?)
+    }
+
+    /// Opens (creating what is missing) the directory `rel` below this one. Every directory
+    /// this call creates gets `mode` and, if given, `owner`; existing ones are left as they
+    /// are. A symlink or a non-directory on the way is an error, never followed.
+    pub fn ensure_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
+        self.ensure_dir_with(rel, |_| (mode, owner))
+    }
+
+    /// [`DirFd::ensure_dir`] with the mode and owner chosen per component (`true`: the last).
+    pub fn ensure_dir_with(
+        &self,
+        rel: &Path,
+        mut how: impl FnMut(bool) -> (u32, Owner),
+    ) -> io::Result<DirFd> {
+        let parts: Vec<&OsStr> = rel
+            .components()
+            .map(|c| match c {
+                std::path::Component::Normal(p) => Ok(p),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("`{}` is not a plain relative path", rel.display()),
+                )),
+            })
+            .collect::<io::Result<_>>()?;
+        let mut dir = self.try_clone()?;
+        for (i, name) in parts.iter().enumerate() {
+            let (mode, owner) = how(i + 1 == parts.len());
+            let created = match mkdirat(&dir, *name, Mode::from_bits_truncate(mode)) {
+                Ok(()) => true,
+                Err(Errno::EEXIST) => false,
+                Err(e) => return Err(e.into()),
+            };
+            let next = openat(&dir, *name, DIR_FLAGS, Mode::empty()).map_err(|e| {
+                if matches!(e, Errno::ELOOP | Errno::ENOTDIR) {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "`{}` is a symlink or not a directory; refusing to go through it",
+                            Path::new(name).display()
+                        ),
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
+            if created {
+                // The umask narrowed the mode; an explicit one on the fd is what we meant.
+                nix::sys::stat::fchmod(&next, Mode::from_bits_truncate(mode))?;
+                if let Some((uid, gid)) = owner {
+                    fchown(&next, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+                }
+            }
+            dir = DirFd(next);
+        }
+        Ok(dir)
+    }
+
+    /// Creates a new file under an unpredictable name (`O_EXCL | O_NOFOLLOW`, mode 0600).
+    pub fn create_temp(&self, prefix: &str) -> io::Result<(String, File)> {
+        for _ in 0..16 {
+            let name = format!("{prefix}{}.part", random_hex());
+            let flags = OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_EXCL
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC;
+            match openat(self, name.as_str(), flags, Mode::from_bits_truncate(0o600)) {
+                Ok(fd) => return Ok((name, File::from(fd))),
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free temporary name",
+        ))
+    }
+
+    /// Renames within this directory; a symlink at `to` is replaced, never followed.
+    pub fn rename(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        Ok(nix::fcntl::renameat(self, from, self, to)?)
+    }
+
+    /// Removes a non-directory entry; a missing one is fine.
+    pub fn remove_file(&self, name: &OsStr) -> io::Result<()> {
+        match unlinkat(self, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes `name` a real directory: a symlink or file in its place is removed first.
+    /// For the agent's own directories (`.c3`), which a job may have replaced.
+    pub fn replace_with_dir(&self, name: &OsStr, mode: u32, owner: Owner) -> io::Result<DirFd> {
+        match self.stat(name) {
+            Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {}
+            Ok(_) => self.remove_file(name)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.ensure_dir(Path::new(name), mode, owner)
+    }
+}
+
+/// Opens `rel` below `dir` with `flags`, refusing symlinks and escapes in every component.
+fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(flags)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match openat2(dir, rel, how) {
+        Ok(fd) => return Ok(fd),
+        // Kernels before 5.6 (or a seccomp filter) lack openat2: walk it ourselves.
+        Err(Errno::ENOSYS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut parts = Vec::new();
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(p) => parts.push(p),
+            std::path::Component::CurDir => {}
+            _ => return Err(Errno::EXDEV.into()),
+        }
+    }
+    let Some((last, dirs)) = parts.split_last() else {
+        return Ok(openat(dir, ".", flags, Mode::empty())?);
+    };
+    let mut cur = dir.try_clone()?.0;
+    for p in dirs {
+        cur = openat(&cur, *p, DIR_FLAGS, Mode::empty())?;
+    }
+    Ok(openat(&cur, *last, flags | OFlag::O_NOFOLLOW, Mode::empty())?)
+}
 
 /// Opens `path` for reading. Below `root` no symlink is followed in any component;
 /// elsewhere (the agent's own files) only the last component is protected.
-pub fn open_read(root: Option<&Path>, path: &Path) -> std::io::Result<File> {
-    if let Some(rel) = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel))) {
-        let (root, rel) = rel;
-        let dir = File::open(root)?;
-        let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        match openat2(&dir, rel, how) {
-            Ok(fd) => return Ok(File::from(fd)),
-            // Kernels before 5.6 (or a seccomp filter) lack openat2: the last-component check below.
-            Err(Errno::ENOSYS) => {}
-            Err(e) => return Err(e.into()),
-        }
+pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
+    if let Some((root, rel)) = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel))) {
+        return DirFd::open(root)?.open_file(rel);
     }
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(OFlag::O_NOFOLLOW.bits() | OFlag::O_NONBLOCK.bits())
         .open(path)
+}
+
+/// 16 hex digits from the kernel's random source: temp names a job cannot predict.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Never expected; O_EXCL keeps a guessed name harmless anyway.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (t as u64 ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    hex::encode(bytes)
+}
+
+/// The job's user as the kernel would check it: uid and every group (primary and supplementary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobReader {
+    pub uid: u32,
+    pub gids: Vec<u32>,
+}
+
+impl JobReader {
+    /// Whether this user may read a file with this owner and mode (ACLs aside: they can
+    /// only narrow what the mode bits grant to the owner class here, never widen "other").
+    pub fn can_read(&self, st: &FileStat) -> bool {
+        self.allows(st, 0o4)
+    }
+
+    /// Whether this user may list and enter a directory.
+    pub fn can_enter(&self, st: &FileStat) -> bool {
+        self.allows(st, 0o5)
+    }
+
+    fn allows(&self, st: &FileStat, want: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let mode = st.st_mode;
+        let bits = if st.st_uid == self.uid {
+            mode >> 6
+        } else if self.gids.contains(&st.st_gid) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
+    }
+}
+
+/// `fstat` of an open file, for the checks above.
+pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
+    Ok(nix::sys::stat::fstat(file)?)
+}
+
+/// Whether a `FileStat` is a regular file.
+pub fn is_regular(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+}
+
+/// Whether a `FileStat` is a directory.
+pub fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+}
+
+/// Bytes of a name, for messages.
+pub fn lossy(name: &OsStr) -> String {
+    String::from_utf8_lossy(name.as_bytes()).into_owned()
 }
 
 #[cfg(test)]
@@ -61,5 +316,64 @@ mod tests {
         );
         // Outside the root, only the last component is checked.
         assert!(open_read(Some(&root), &outside.join("f")).is_ok());
+    }
+
+    #[test]
+    fn ensure_dir_never_goes_through_a_symlink_and_creates_nothing_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("work");
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("results")).unwrap();
+        let work = DirFd::open(&root).unwrap();
+        assert!(work
+            .ensure_dir(Path::new("results/ckpt"), 0o755, None)
+            .is_err());
+        assert!(std::fs::read_dir(&victim).unwrap().next().is_none());
+        let made = work.ensure_dir(Path::new("a/b"), 0o750, None).unwrap();
+        let st = nix::sys::stat::fstat(&made).unwrap();
+        assert_eq!(st.st_mode & 0o777, 0o750);
+        // `.c3` replaced by a symlink is put back as a real directory; the target is untouched.
+        std::fs::write(victim.join("result.json"), "{}").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join(".c3")).unwrap();
+        let c3 = work
+            .replace_with_dir(OsStr::new(".c3"), 0o755, None)
+            .unwrap();
+        c3.remove_file(OsStr::new("result.json")).unwrap();
+        assert!(victim.join("result.json").exists());
+        assert!(root.join(".c3").symlink_metadata().unwrap().is_dir());
+    }
+
+    #[test]
+    fn temp_files_are_new_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DirFd::open(dir.path()).unwrap();
+        let (a, fa) = d.create_temp(".x-").unwrap();
+        let (b, _) = d.create_temp(".x-").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(fstat(&fa).unwrap().st_mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn job_reader_follows_mode_bits() {
+        let st = |uid, gid, mode| {
+            // SAFETY: FileStat is plain old data; zeroed is a valid value.
+            let mut s: FileStat = unsafe { std::mem::zeroed() };
+            s.st_uid = uid;
+            s.st_gid = gid;
+            s.st_mode = mode;
+            s
+        };
+        let job = JobReader {
+            uid: 1000,
+            gids: vec![1000, 44],
+        };
+        assert!(job.can_read(&st(1000, 1, 0o400)));
+        assert!(!job.can_read(&st(0, 0, 0o600)));
+        assert!(job.can_read(&st(0, 44, 0o640)));
+        assert!(!job.can_read(&st(0, 45, 0o640)));
+        assert!(job.can_read(&st(0, 0, 0o644)));
+        assert!(!job.can_enter(&st(0, 0, 0o744)));
     }
 }

@@ -3,6 +3,7 @@
 //! [`run_job`] drives a fresh attempt; [`crate::recover`] resumes a [`Run`] from its
 //! record and calls the same [`Run::finish`], so a crashed agent's job ends the same way.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,10 @@ use c3_proto::{
 };
 
 use crate::collect::{scan, FileStamp, LocalFile};
-use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, ProcessGroup, RunAs};
+use crate::confine::{DirFd, JobReader};
+use crate::jobproc::{Cgroup, JobProcesses};
+use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
+use crate::statedir::AttemptLock;
 use crate::live::{LiveOptions, LiveSync};
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::output::{forward_live, pump};
@@ -47,6 +51,13 @@ pub struct AgentContext {
     pub preflight_timeout: Duration,
     /// Sync while the job runs; `None` uploads everything at the end.
     pub live: Option<LiveOptions>,
+    /// A spec's `workdir` must lie under this directory (checked at parse by the agent);
+    /// workdirs are opened from it, never through a symlink.
+    pub jobs_root: PathBuf,
+    /// The umask the job's processes get (the agent's own keeps its files private).
+    pub job_umask: u32,
+    /// Manifests larger than this are refused (datasets).
+    pub max_manifest_bytes: u64,
 }
 
 /// What the agent tells its caller (and the log's summary line) about a finished job.
@@ -62,10 +73,23 @@ pub struct JobSummary {
     pub manifest: Option<String>,
 }
 
+/// Why an attempt could not even be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Lock(#[from] crate::statedir::LockError),
+}
+
 /// Runs one attempt of `spec` to its end. Cancelling `cancel` is `systemctl stop`.
-pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToken) -> JobSummary {
+/// `Err` only when another agent already runs this attempt (nothing was touched).
+pub async fn run_job(
+    ctx: &AgentContext,
+    spec: JobSpec,
+    cancel: CancellationToken,
+) -> Result<JobSummary, RunError> {
+    let lock = AttemptLock::acquire(&ctx.state, &spec.job_id, spec.attempt)?;
     let span = tracing::info_span!("job", job_id = %spec.job_id, attempt = spec.attempt);
-    async move {
+    Ok(async move {
         let started = Instant::now();
         let mut background = JoinSet::new();
         if let Some(cp) = ctx.control_plane.clone() {
@@ -78,6 +102,7 @@ pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToke
             );
         }
         let mut run = Run::new(ctx, spec);
+        run.lock = Some(lock);
         let end = match run.prepare(&cancel).await {
             Ok(()) => run.execute(&cancel).await,
             Err(end) => end,
@@ -97,7 +122,7 @@ pub async fn run_job(ctx: &AgentContext, spec: JobSpec, cancel: CancellationToke
         summary
     }
     .instrument(span)
-    .await
+    .await)
 }
 
 /// The state of one attempt while the agent works on it.
@@ -114,6 +139,10 @@ pub struct Run<'a> {
     run_as: Option<RunAs>,
     /// The RUNNING report, delivered before the terminal one.
     running_report: Option<tokio::task::JoinHandle<Delivery>>,
+    /// This agent's claim on the attempt, held until the run is dropped.
+    lock: Option<AttemptLock>,
+    /// The workdir, opened without following symlinks; the job `fchdir`s into it.
+    workdir_fd: Option<DirFd>,
 }
 
 impl<'a> Run<'a> {
@@ -135,6 +164,9 @@ impl<'a> Run<'a> {
             signal: None,
             started_at: now_rfc3339(),
             agent: crate::recover::this_agent(),
+            agent_boot_id: crate::procfs::boot_id(),
+            leader: None,
+            cgroup: None,
         };
         Self::from_record(ctx, record)
     }
@@ -155,6 +187,13 @@ impl<'a> Run<'a> {
             Some(journal),
         )
         .confined_to(Path::new(&record.workdir));
+        // `recover` runs the same checks for a job it finishes as the agent that launched it.
+        let run_as = record
+            .spec
+            .user
+            .as_deref()
+            .and_then(|u| RunAs::lookup(u).ok());
+        let uploader = uploader.readable_by(run_as.as_ref().map(RunAs::reader));
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
@@ -164,8 +203,10 @@ impl<'a> Run<'a> {
             uploader,
             warnings: Vec::new(),
             message: None,
-            run_as: None,
+            run_as,
             running_report: None,
+            lock: None,
+            workdir_fd: None,
         }
     }
 
@@ -203,28 +244,33 @@ impl<'a> Run<'a> {
 
     /// Directories, user, store check, input datasets. Nothing of the job runs yet.
     async fn prepare(&mut self, cancel: &CancellationToken) -> Result<(), JobEnd> {
-        let attempt_dir = self
+        if let Err(e) = self
             .ctx
             .state
-            .attempt_dir(&self.spec().job_id, self.spec().attempt);
-        if let Err(e) = std::fs::create_dir_all(&attempt_dir) {
-            return Err(self.fail_before_launch(
-                JobEnd::AgentFailed,
-                format!("cannot create {}: {e}", attempt_dir.display()),
-            ));
+            .ensure_attempt_dir(&self.spec().job_id, self.spec().attempt)
+        {
+            return Err(self.fail_before_launch(JobEnd::AgentFailed, error_chain(&e)));
         }
         self.save();
+        self.run_as = None;
         if let Some(name) = self.spec().user.clone() {
             match RunAs::lookup(&name) {
                 Ok(user) => self.run_as = Some(user),
                 Err(e) => return Err(self.fail_before_launch(JobEnd::AgentFailed, error_chain(&e))),
             }
         }
-        if let Err(e) = self.prepare_dirs() {
-            return Err(self.fail_before_launch(
-                JobEnd::AgentFailed,
-                format!("cannot prepare the workdir: {e}"),
-            ));
+        self.uploader = self
+            .uploader
+            .clone()
+            .readable_by(self.run_as.as_ref().map(RunAs::reader));
+        match self.prepare_dirs() {
+            Ok(fd) => self.workdir_fd = Some(fd),
+            Err(e) => {
+                return Err(self.fail_before_launch(
+                    JobEnd::AgentFailed,
+                    format!("cannot prepare the workdir {}: {e}", self.workdir.display()),
+                ))
+            }
         }
         match tokio::time::timeout(self.ctx.preflight_timeout, self.ctx.store.preflight()).await {
             Ok(Ok(())) => tracing::debug!(store = self.ctx.store.url(), "store is writable"),
@@ -249,34 +295,22 @@ impl<'a> Run<'a> {
             return Err(JobEnd::Canceled);
         }
         for dataset in self.spec().datasets.clone() {
-            let mount = self.workdir.join(&dataset.mount);
             let source = dataset
                 .source_job()
                 .expect("validated with the spec")
                 .to_string();
             let pulled = tokio::select! {
-                r = materialize(&self.ctx.store, &source, &mount) => r,
+                r = self.materialize(&source, &dataset.mount) => r,
                 _ = cancel.cancelled() => return Err(JobEnd::Canceled),
             };
             match pulled {
                 Ok(summary) => {
-                    tracing::info!(dataset = %dataset.reference, mount = %mount.display(), files = summary.files, bytes = summary.bytes, "input materialized");
-                    if let Some(user) = &self.run_as {
-                        if let Err(e) = chown_tree(&mount, user) {
-                            let msg = format!(
-                                "cannot hand {} to user {}: {e}",
-                                mount.display(),
-                                user.name
-                            );
-                            return Err(self.fail_before_launch(JobEnd::AgentFailed, msg));
-                        }
-                    }
+                    tracing::info!(dataset = %dataset.reference, mount = %dataset.mount, files = summary.files, bytes = summary.bytes, "input materialized");
                 }
                 Err(e) => {
                     let msg = format!(
-                        "input {} cannot be materialized: {}",
-                        dataset.reference,
-                        error_chain(&e)
+                        "input {} cannot be materialized at {}: {e}",
+                        dataset.reference, dataset.mount
                     );
                     return Err(self.fail_before_launch(JobEnd::DatasetFailed, msg));
                 }
@@ -285,38 +319,76 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Copies another job's files to `mount` (below the workdir): a private copy the job
+    /// may modify freely, created as the job's user, never written through a symlink.
+    async fn materialize(&self, job_id: &str, mount: &str) -> Result<crate::pull::PullSummary, String> {
+        let workdir = self
+            .workdir_fd
+            .as_ref()
+            .ok_or_else(|| "the workdir is not open".to_string())?;
+        let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
+        let dir = workdir
+            .ensure_dir(Path::new(mount), 0o755, owner)
+            .map_err(|e| e.to_string())?;
+        let manifest =
+            crate::pull::read_manifest(&self.ctx.store, job_id, self.ctx.max_manifest_bytes)
+                .await
+                .map_err(|e| error_chain(&e))?;
+        crate::pull::pull_into(
+            &self.ctx.store,
+            &manifest,
+            dir,
+            &self.workdir.join(mount),
+            owner,
+        )
+        .await
+        .map_err(|e| error_chain(&e))
+    }
+
     fn result_path(&self) -> PathBuf {
         self.workdir.join(".c3").join("result.json")
     }
 
-    fn prepare_dirs(&self) -> std::io::Result<()> {
-        let mut dirs: Vec<PathBuf> = self
-            .spec()
-            .collected_dirs()
-            .iter()
-            .map(|d| self.workdir.join(d))
-            .collect();
-        dirs.push(self.workdir.join(".c3"));
-        for dir in &dirs {
-            std::fs::create_dir_all(dir)?;
-        }
-        // A result left by an earlier attempt in the same workdir is not this attempt's.
-        match std::fs::remove_file(self.result_path()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        if let Some(user) = &self.run_as {
-            chown(&self.workdir, user)?;
-            for dir in &dirs {
-                for ancestor in dir
-                    .ancestors()
-                    .take_while(|a| a.starts_with(&self.workdir) && *a != self.workdir)
-                {
-                    chown(ancestor, user)?;
+    /// Opens the workdir from a trusted root and creates the output dirs and `.c3` in it,
+    /// all relative to directory fds: a symlink a job (or its earlier attempt) planted is
+    /// never followed, and only directories created here are given to the job's user.
+    fn prepare_dirs(&self) -> std::io::Result<DirFd> {
+        let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
+        let roots = [self.ctx.jobs_root.clone(), self.ctx.state.jobs_dir()];
+        let root = roots.iter().find(|r| self.workdir.starts_with(r) && self.workdir != **r);
+        let workdir = match root {
+            Some(root) => {
+                if !root.exists() {
+                    std::fs::create_dir_all(root)?;
+                    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
                 }
+                let rel = self.workdir.strip_prefix(root).expect("checked above");
+                // Parents of the workdir stay the agent's (traversable, not listable);
+                // the workdir itself, when created here, is the job's and private.
+                DirFd::open(root)?.ensure_dir_with(rel, |last| {
+                    if last {
+                        (0o700, owner)
+                    } else {
+                        (0o711, None)
+                    }
+                })?
             }
+            // A quick local run: the current dir of whoever started the agent.
+            None => {
+                std::fs::create_dir_all(&self.workdir)?;
+                DirFd::open(&self.workdir)?
+            }
+        };
+        for dir in self.spec().collected_dirs() {
+            workdir
+                .ensure_dir(Path::new(&dir), 0o755, owner)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
         }
-        Ok(())
+        // `.c3` is the agent's: whatever a job put in its place is replaced.
+        let c3 = workdir.replace_with_dir(OsStr::new(".c3"), 0o755, owner)?;
+        // A result left by an earlier attempt in the same workdir is not this attempt's.
+        c3.remove_file(OsStr::new("result.json"))?;
+        Ok(workdir)
     }
 
     /// Launches the script and waits for its end (exit, timeout or cancel).
@@ -335,13 +407,41 @@ impl<'a> Run<'a> {
             &spec.env,
             &job_vars,
         );
+        let Some(workdir) = self.workdir_fd.as_ref() else {
+            self.message = Some("the workdir is not open".into());
+            return JobEnd::AgentFailed;
+        };
+        let cgroup_name = format!(
+            "c3-{}-{}-{}",
+            spec.job_id,
+            spec.attempt,
+            std::process::id()
+        );
+        let cgroup = match Cgroup::create(&cgroup_name) {
+            Ok(cg) => match cg.procs_file() {
+                Ok(f) => Some((cg, f)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open the job cgroup's cgroup.procs");
+                    cg.remove();
+                    None
+                }
+            },
+            Err(why) => {
+                tracing::debug!(reason = %why, "no cgroup for the job");
+                None
+            }
+        };
         let plan = LaunchPlan {
             command: &spec.command,
-            workdir: &self.workdir,
+            workdir,
             env,
             run_as: self.run_as.as_ref(),
+            cgroup_procs: cgroup.as_ref().map(|(_, f)| f),
+            umask: self.ctx.job_umask,
         };
-        let mut script = match spawn(plan) {
+        let spawned = spawn(plan);
+        let cgroup = cgroup.map(|(cg, _)| cg);
+        let mut script = match spawned {
             Ok(s) => s,
             Err(e) => {
                 // The shell's convention: 127 not found, 126 not executable.
@@ -356,14 +456,25 @@ impl<'a> Run<'a> {
                 let msg = error_chain(&e);
                 tracing::error!(exit_code = code, "{msg}");
                 self.message = Some(msg);
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
                 return JobEnd::Exited(code);
             }
         };
-        let group = script.group;
+        let containment = match &cgroup {
+            Some(cg) => format!("cgroup {}", cg.path().display()),
+            None => "process group + subreaper (no writable cgroup v2)".to_string(),
+        };
         self.record.phase = Phase::Running;
-        self.record.pgid = Some(group.0);
+        self.record.pgid = Some(script.pid);
+        self.record.leader = crate::procfs::identity(script.pid);
+        self.record.cgroup = cgroup.as_ref().map(|cg| cg.path().display().to_string());
+        let procs = JobProcesses::new(script.pid, cgroup);
         let seq = self.next_seq();
-        tracing::info!(pgid = group.0, command = ?spec.command, workdir = %self.workdir.display(), "job launched");
+        tracing::info!(pid = script.pid, contained_by = %containment, command = ?spec.command, workdir = %self.workdir.display(), "job launched");
+        let reaping = CancellationToken::new();
+        let reaper = tokio::spawn(procs.clone().reap_until(reaping.clone()));
         let running = self.status(seq, JobState::Running, None, false, None);
         let reporter = self.reporter.clone();
         self.running_report = Some(tokio::spawn(
@@ -400,7 +511,8 @@ impl<'a> Run<'a> {
                 self.uploader.clone(),
                 self.workdir.clone(),
                 spec.collected_dirs(),
-                group.0,
+                procs.clone(),
+                self.run_as.as_ref().map(RunAs::reader),
                 manifest,
                 book,
                 opts,
@@ -408,13 +520,25 @@ impl<'a> Run<'a> {
         });
 
         let end = self
-            .wait(&mut script.child, group, cancel, spec.timeout_secs)
+            .wait(&mut script.child, &procs, cancel, spec.timeout_secs)
             .await;
 
-        if group.is_alive() {
-            self.warn("the job's script ended but left processes running; terminating them".into());
-            group.terminate(None, self.ctx.kill_grace).await;
+        let left = {
+            let p = procs.clone();
+            tokio::task::spawn_blocking(move || p.members())
+                .await
+                .unwrap_or_default()
+        };
+        if !left.is_empty() {
+            self.warn(format!(
+                "the job's script ended but left {} processes running; terminating them",
+                left.len()
+            ));
         }
+        // Always: it also reaps orphans and removes the job's cgroup.
+        procs.terminate(None, self.ctx.kill_grace).await;
+        reaping.cancel();
+        let _ = reaper.await;
         if let Some(live) = live {
             self.book = live.finish().await;
         }
@@ -446,7 +570,7 @@ impl<'a> Run<'a> {
     async fn wait(
         &mut self,
         child: &mut tokio::process::Child,
-        group: ProcessGroup,
+        procs: &JobProcesses,
         cancel: &CancellationToken,
         timeout_secs: Option<u64>,
     ) -> JobEnd {
@@ -482,20 +606,20 @@ impl<'a> Run<'a> {
             Wake::Exited(Err(e)) => {
                 // waitpid failing means we lost the child: treat as a node fault.
                 self.message = Some(format!("lost track of the job's process: {e}"));
-                group.terminate(None, self.ctx.kill_grace).await;
+                procs.terminate(None, self.ctx.kill_grace).await;
                 JobEnd::AgentLost
             }
             Wake::TimedOut => {
                 let secs = timeout_secs.unwrap_or_default();
                 tracing::warn!(timeout_secs = secs, "job ran past its timeout; stopping it");
                 self.message = Some(format!("ran past timeout_secs={secs}"));
-                group.terminate(Some(child), self.ctx.kill_grace).await;
+                procs.terminate(Some(child), self.ctx.kill_grace).await;
                 JobEnd::TimedOut
             }
             Wake::Canceled => {
                 tracing::warn!("agent asked to stop; canceling the job");
                 self.message = Some("canceled".into());
-                group.terminate(Some(child), self.ctx.kill_grace).await;
+                procs.terminate(Some(child), self.ctx.kill_grace).await;
                 JobEnd::Canceled
             }
         }
@@ -645,13 +769,24 @@ impl<'a> Run<'a> {
     async fn final_sync(&mut self) -> u64 {
         let workdir = self.workdir.clone();
         let dirs = self.spec().collected_dirs();
-        let found = tokio::task::spawn_blocking(move || scan(&workdir, &dirs))
+        let reader = self.run_as.as_ref().map(RunAs::reader);
+        let found = match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref()))
             .await
-            .unwrap_or_default();
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // Never an empty scan: that would shrink the manifest silently.
+                tracing::error!(error = %e, "the final scan failed");
+                return 1;
+            }
+        };
         for w in &found.warnings {
             self.warn(w.clone());
         }
         let report = sync_scan(&self.uploader, &found, &mut self.book).await;
+        for w in &report.warnings {
+            self.warn(w.clone());
+        }
         for (path, e) in &report.failures {
             tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
         }
@@ -707,7 +842,8 @@ impl<'a> Run<'a> {
 
     /// The job's structured result, if it wrote a valid one.
     fn read_result(&mut self) -> serde_json::Value {
-        match read_result_file(&self.workdir, &self.result_path()) {
+        let reader = self.run_as.as_ref().map(RunAs::reader);
+        match read_result_file(&self.workdir, &self.result_path(), reader.as_ref()) {
             Ok(v) => v,
             Err(problem) => {
                 self.warn(format!("result file ignored: {problem}"));
@@ -745,7 +881,11 @@ impl<'a> Run<'a> {
 }
 
 /// Reads the result file without following any symlink the job may have planted.
-fn read_result_file(workdir: &Path, path: &Path) -> Result<serde_json::Value, String> {
+fn read_result_file(
+    workdir: &Path,
+    path: &Path,
+    reader: Option<&JobReader>,
+) -> Result<serde_json::Value, String> {
     use std::io::Read;
     let mut file = match crate::confine::open_read(Some(workdir), path) {
         Ok(f) => f,
@@ -755,6 +895,10 @@ fn read_result_file(workdir: &Path, path: &Path) -> Result<serde_json::Value, St
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Err("not a regular file".into());
+    }
+    let st = crate::confine::fstat(&file).map_err(|e| e.to_string())?;
+    if reader.is_some_and(|r| !r.can_read(&st)) {
+        return Err("not readable by the job's user".into());
     }
     if meta.len() > MAX_RESULT_BYTES {
         return Err(format!(
@@ -790,33 +934,6 @@ pub async fn write_manifest(
         .put_document(&manifest_key(&manifest.job_id), bytes)
         .await?;
     Ok(sha)
-}
-
-/// Copies another job's files to `mount`: a private copy the job may modify freely.
-async fn materialize(
-    store: &BlobStore,
-    job_id: &str,
-    mount: &Path,
-) -> Result<crate::pull::PullSummary, crate::pull::PullError> {
-    let manifest = crate::pull::read_manifest(store, job_id).await?;
-    crate::pull::pull(store, &manifest, mount).await
-}
-
-fn chown(path: &Path, user: &RunAs) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-}
-
-fn chown_tree(root: &Path, user: &RunAs) -> std::io::Result<()> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        chown(&p, user)?;
-        if std::fs::symlink_metadata(&p)?.is_dir() {
-            for e in std::fs::read_dir(&p)? {
-                stack.push(e?.path());
-            }
-        }
-    }
-    Ok(())
 }
 
 pub fn now_rfc3339() -> String {

@@ -4,12 +4,10 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 
 /// Prefixes of variables that carry the agent's credentials or configuration.
@@ -56,6 +54,9 @@ pub struct RunAs {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
+    /// Primary and supplementary groups (`initgroups`): `video`, `render` or `rdma`
+    /// membership is what opens `/dev/nvidia*` and `/dev/infiniband/*` on many hosts.
+    pub groups: Vec<u32>,
     pub home: PathBuf,
 }
 
@@ -81,50 +82,72 @@ pub enum LaunchError {
 
 impl RunAs {
     pub fn lookup(name: &str) -> Result<Self, LaunchError> {
+        let lookup_err = |source| LaunchError::UserLookup {
+            name: name.into(),
+            source,
+        };
         let user = nix::unistd::User::from_name(name)
-            .map_err(|source| LaunchError::UserLookup {
-                name: name.into(),
-                source,
-            })?
+            .map_err(lookup_err)?
             .ok_or_else(|| LaunchError::NoSuchUser(name.into()))?;
         if !nix::unistd::geteuid().is_root() && user.uid != nix::unistd::geteuid() {
             return Err(LaunchError::NotRoot(name.into()));
         }
+        let cname = std::ffi::CString::new(name).map_err(|_| lookup_err(nix::Error::EINVAL))?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid)
+            .map_err(lookup_err)?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
         Ok(RunAs {
             name: name.into(),
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
+            groups,
             home: user.dir,
         })
+    }
+
+    /// The identity the kernel checks the job's file accesses against.
+    pub fn reader(&self) -> crate::confine::JobReader {
+        crate::confine::JobReader {
+            uid: self.uid,
+            gids: self.groups.clone(),
+        }
     }
 }
 
 pub struct LaunchPlan<'a> {
     pub command: &'a [String],
-    pub workdir: &'a Path,
+    /// The workdir, already opened safely: the child `fchdir`s into it.
+    pub workdir: &'a crate::confine::DirFd,
     pub env: BTreeMap<OsString, OsString>,
     pub run_as: Option<&'a RunAs>,
+    /// `cgroup.procs` of the job's cgroup: the child moves itself there before exec.
+    pub cgroup_procs: Option<&'a std::fs::File>,
+    /// The umask the job gets (the agent's own is private).
+    pub umask: u32,
 }
 
-/// A launched script: the child (always awaited) and its process group.
+/// A launched script: the child (always awaited) and its pid (= process group = session).
 pub struct Script {
     pub child: Child,
-    pub group: ProcessGroup,
+    pub pid: i32,
 }
 
 pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
+    use std::os::fd::AsRawFd;
     let program = plan.command[0].clone();
     let mut cmd = Command::new(&program);
     cmd.args(&plan.command[1..])
-        .current_dir(plan.workdir)
         .env_clear()
         .envs(&plan.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
+    let mut ids = None;
     if let Some(user) = plan.run_as {
-        cmd.uid(user.uid).gid(user.gid);
+        ids = Some((user.uid, user.gid, user.groups.clone()));
         for (k, v) in [("USER", user.name.clone()), ("LOGNAME", user.name.clone())] {
             if !plan.env.contains_key(&OsString::from(k)) {
                 cmd.env(k, v);
@@ -132,11 +155,35 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         }
         cmd.env("HOME", &user.home);
     }
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // setsid(2), which is async-signal-safe and allocates nothing.
+    let workdir = std::os::fd::AsFd::as_fd(plan.workdir).as_raw_fd();
+    let cgroup = plan.cgroup_procs.map(|f| f.as_raw_fd());
+    let umask = plan.umask;
+    // SAFETY: the closure runs in the forked child before exec. It only makes raw
+    // syscalls (setsid, write, fchdir, setgroups, setgid, setuid, umask), which are
+    // async-signal-safe, on fds and a group list prepared before the fork; it allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setsid())?;
+            if let Some(fd) = cgroup {
+                // "0" is the writing process: the job enters its cgroup before it runs anything.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            check(libc::fchdir(workdir))?;
+            if let Some((uid, gid, groups)) = &ids {
+                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                check(libc::setgid(*gid))?;
+                check(libc::setuid(*uid))?;
+            }
+            libc::umask(umask as libc::mode_t);
             Ok(())
         });
     }
@@ -145,74 +192,7 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         .spawn()
         .map_err(|source| LaunchError::Spawn { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
-    Ok(Script {
-        child,
-        group: ProcessGroup(pid),
-    })
-}
-
-/// The script's session and process group (pgid = the script's pid, from setsid).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessGroup(pub i32);
-
-impl ProcessGroup {
-    /// Sends `signal`; false when no process of the group is left.
-    pub fn signal(self, signal: Signal) -> bool {
-        killpg(Pid::from_raw(self.0), signal).is_ok()
-    }
-
-    pub fn is_alive(self) -> bool {
-        killpg(Pid::from_raw(self.0), None).is_ok()
-    }
-
-    /// SIGTERM to the group, SIGKILL after `grace` to whatever is left, the leader reaped.
-    /// Returns the leader's exit status if it had to be waited for here.
-    pub async fn terminate(
-        self,
-        leader: Option<&mut Child>,
-        grace: Duration,
-    ) -> Option<ExitStatus> {
-        let deadline = tokio::time::Instant::now() + grace;
-        self.signal(Signal::SIGTERM);
-        let mut status = None;
-        if let Some(child) = leader {
-            match tokio::time::timeout_at(deadline, child.wait()).await {
-                Ok(s) => status = s.ok(),
-                Err(_) => {
-                    tracing::warn!(
-                        pgid = self.0,
-                        grace_secs = grace.as_secs_f64(),
-                        "job ignored SIGTERM; sending SIGKILL"
-                    );
-                    self.signal(Signal::SIGKILL);
-                    status = child.wait().await.ok();
-                }
-            }
-        }
-        self.reap_rest(deadline).await;
-        status
-    }
-
-    /// Leftover members (a grandchild that ignores SIGTERM) get until `deadline`, then SIGKILL.
-    async fn reap_rest(self, deadline: tokio::time::Instant) {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        while self.is_alive() {
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    pgid = self.0,
-                    "processes of the job outlived the grace period; sending SIGKILL"
-                );
-                self.signal(Signal::SIGKILL);
-                // Bounded: a zombie that nobody reaps would keep the group "alive".
-                let until = tokio::time::Instant::now() + Duration::from_secs(2);
-                while self.is_alive() && tokio::time::Instant::now() < until {
-                    tick.tick().await;
-                }
-                return;
-            }
-            tick.tick().await;
-        }
-    }
+    Ok(Script { child, pid })
 }
 
 /// The signal name for an exit status, if the process was killed by one.

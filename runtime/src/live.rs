@@ -20,9 +20,11 @@ use tracing::Instrument;
 use c3_proto::Manifest;
 
 use crate::collect::{scan, FileStamp, LocalFile};
+use crate::confine::JobReader;
+use crate::jobproc::JobProcesses;
 use crate::sync::SyncBook;
 use crate::upload::{UploadError, Uploaded, Uploader};
-use crate::watch::{watch, DirWatcher, Hint};
+use crate::watch::{watcher, DirWatcher, Hint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchMode {
@@ -41,6 +43,8 @@ pub struct LiveOptions {
     pub event_queue: usize,
     /// The in-progress manifest is rewritten at most this often.
     pub manifest_interval: Duration,
+    /// Directories watched at most; past that, the output dirs are polled.
+    pub max_watches: usize,
 }
 
 /// The handle of the running syncer.
@@ -50,12 +54,14 @@ pub struct LiveSync {
 }
 
 impl LiveSync {
-    /// Starts syncing `dirs` (relative to `workdir`) for the job whose session is `session`.
+    /// Starts syncing `dirs` (relative to `workdir`) for the job made of `procs`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         uploader: Uploader,
         workdir: PathBuf,
         dirs: Vec<String>,
-        session: i32,
+        procs: JobProcesses,
+        reader: Option<JobReader>,
         manifest: Manifest,
         book: SyncBook,
         opts: LiveOptions,
@@ -66,7 +72,9 @@ impl LiveSync {
             uploader,
             workdir,
             dirs,
-            session,
+            procs,
+            reader,
+            watcher: None,
             manifest,
             book,
             opts,
@@ -107,7 +115,12 @@ struct Syncer {
     dirs: Vec<String>,
     /// Absolute collected dirs.
     roots: Vec<PathBuf>,
-    session: i32,
+    /// Every process of the job: a file any of them holds open for writing is not done.
+    procs: JobProcesses,
+    /// The job's user, when the agent runs the job as another user.
+    reader: Option<JobReader>,
+    /// Per-directory inotify watches; `None` while polling only.
+    watcher: Option<DirWatcher>,
     /// Identity of the job for in-progress manifests.
     manifest: Manifest,
     book: SyncBook,
@@ -128,7 +141,7 @@ type UploadResult = (String, Result<Uploaded, UploadError>);
 
 impl Syncer {
     async fn run(mut self, stop: CancellationToken) -> SyncBook {
-        let (_watcher, mut hints) = self.start_watching();
+        let mut hints = self.start_watching().await;
         // The job started before the watches were set: what it wrote meanwhile left no events.
         self.rescan().await;
         let mut uploads: JoinSet<UploadResult> = JoinSet::new();
@@ -154,7 +167,7 @@ impl Syncer {
                 }
             }
         }
-        drop(_watcher);
+        self.watcher = None;
         // Uploads under way are the final sync's head start: let them land.
         while let Some(done) = uploads.join_next().await {
             self.on_uploaded(done);
@@ -162,25 +175,52 @@ impl Syncer {
         self.book
     }
 
-    fn start_watching(&mut self) -> (Option<DirWatcher>, Option<mpsc::Receiver<Hint>>) {
+    async fn start_watching(&mut self) -> Option<mpsc::Receiver<Hint>> {
         if self.opts.mode == WatchMode::Poll {
             self.polling = true;
             tracing::info!(
                 poll_ms = self.opts.poll_interval.as_millis() as u64,
                 "syncing by polling the output dirs"
             );
-            return (None, None);
+            return None;
         }
-        match watch(&self.roots, self.opts.event_queue) {
+        match watcher(self.opts.event_queue, self.opts.max_watches) {
             Ok((w, rx)) => {
+                self.watcher = Some(w);
+                for root in self.roots.clone() {
+                    self.watch_tree(root).await;
+                }
                 tracing::debug!(dirs = ?self.dirs, "watching output dirs");
-                (Some(w), Some(rx))
+                Some(rx)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the output dirs; falling back to polling");
                 self.polling = true;
-                (None, None)
+                None
             }
+        }
+    }
+
+    /// Adds watches for `dir` and below, off the reactor; past the cap, polling takes over.
+    async fn watch_tree(&mut self, dir: PathBuf) {
+        let Some(mut w) = self.watcher.take() else {
+            return;
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = w.watch_tree(&dir);
+            (w, r)
+        })
+        .await;
+        match joined {
+            Ok((w, Ok(()))) => self.watcher = Some(w),
+            Ok((w, Err(cap))) => {
+                tracing::warn!(watches = w.watch_count(), max_watches = cap.max, poll_ms = self.opts.poll_interval.as_millis() as u64,
+                    "too many directories to watch (sync.max_watches); live sync polls from now on");
+                self.polling = true;
+                // The watches set so far stay useful; no more are added.
+                drop(w);
+            }
+            Err(_) => self.polling = true,
         }
     }
 
@@ -236,6 +276,9 @@ impl Syncer {
         match hint {
             Hint::Touched(path) => self.touch(&path).await,
             Hint::Gone(path) => {
+                if let Some(w) = self.watcher.as_mut() {
+                    w.unwatch_tree(&path);
+                }
                 if std::fs::symlink_metadata(&path).is_err() {
                     if let Some(rel) = self.rel_of(&path) {
                         self.forget(&rel);
@@ -270,9 +313,14 @@ impl Syncer {
                 );
             }
             Ok(m) if m.is_dir() => {
+                if !self.polling {
+                    self.watch_tree(path.to_path_buf()).await;
+                }
                 // Files created before the new directory's watch was set left no events.
-                let workdir = self.workdir.clone();
-                let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &[rel])).await
+                let (workdir, reader) = (self.workdir.clone(), self.reader.clone());
+                let Ok(found) =
+                    tokio::task::spawn_blocking(move || scan(&workdir, &[rel], reader.as_ref()))
+                        .await
                 else {
                     return;
                 };
@@ -302,8 +350,14 @@ impl Syncer {
     }
 
     async fn rescan(&mut self) {
-        let (workdir, dirs) = (self.workdir.clone(), self.dirs.clone());
-        let Ok(found) = tokio::task::spawn_blocking(move || scan(&workdir, &dirs)).await else {
+        let (workdir, dirs, reader) = (
+            self.workdir.clone(),
+            self.dirs.clone(),
+            self.reader.clone(),
+        );
+        let Ok(found) =
+            tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
+        else {
             return;
         };
         if self.book.forget(|k| !found.files.contains_key(k)) > 0 {
@@ -345,11 +399,10 @@ impl Syncer {
         if due.is_empty() {
             return;
         }
-        let session = self.session;
-        let open =
-            tokio::task::spawn_blocking(move || crate::openfiles::written_by_session(session))
-                .await
-                .unwrap_or_default();
+        let procs = self.procs.clone();
+        let open = tokio::task::spawn_blocking(move || crate::procfs::written_by(&procs.members()))
+            .await
+            .unwrap_or_default();
         for rel in due {
             if self.in_flight.len() >= self.uploader.options().files_in_flight.max(1) {
                 break;
@@ -415,7 +468,8 @@ impl Syncer {
                     },
                 );
             }
-            Err(UploadError::Vanished { .. }) => {}
+            // The final scan says why in the status' warnings.
+            Err(UploadError::Vanished { .. } | UploadError::NotReadable { .. }) => {}
             Err(e) => {
                 // Not final: the final scan tries every file that is not in the book.
                 if !self.warned_upload {

@@ -3,12 +3,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
 
 use c3_proto::{FileEntry, Manifest, ManifestError};
 
+use crate::confine::{DirFd, Owner};
 use crate::digest::Sha256Hasher;
 use crate::store::{manifest_key, BlobStore, StoreError};
 
@@ -44,7 +46,7 @@ pub enum PullError {
         expected: String,
         actual: String,
     },
-    #[error("{path}: a symlink in the destination leads outside it; refusing to write there")]
+    #[error("{path}: a symlink (or a file) in the destination is in the way; refusing to write through it")]
     Escapes { path: String },
     #[error("download task for {path} failed")]
     Task { path: String },
@@ -56,9 +58,17 @@ pub struct PullSummary {
     pub bytes: u64,
 }
 
-pub async fn read_manifest(store: &BlobStore, job_id: &str) -> Result<Manifest, PullError> {
+/// Largest manifest the agent reads unless configured otherwise.
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Reads a job's manifest; one larger than `max_bytes` is refused before it is parsed.
+pub async fn read_manifest(
+    store: &BlobStore,
+    job_id: &str,
+    max_bytes: u64,
+) -> Result<Manifest, PullError> {
     let bytes = store
-        .get_bytes(&manifest_key(job_id))
+        .get_bytes_capped(&manifest_key(job_id), max_bytes)
         .await
         .map_err(|source| PullError::NoManifest {
             job_id: job_id.into(),
@@ -70,7 +80,7 @@ pub async fn read_manifest(store: &BlobStore, job_id: &str) -> Result<Manifest, 
     })
 }
 
-/// Writes every file of `manifest` under `dest`; stops at the first error.
+/// Writes every file of `manifest` under `dest` (created if missing); stops at the first error.
 pub async fn pull(
     store: &BlobStore,
     manifest: &Manifest,
@@ -81,10 +91,23 @@ pub async fn pull(
         source,
     };
     std::fs::create_dir_all(dest).map_err(werr)?;
-    // Resolved once: every file's directory must resolve to a place below it.
-    let root = dest.canonicalize().map_err(werr)?;
-    let results = futures::stream::iter(manifest.files.iter().enumerate())
-        .map(|(i, entry)| fetch(store, entry, dest, &root, i))
+    let root = DirFd::open(dest).map_err(werr)?;
+    pull_into(store, manifest, root, dest, None).await
+}
+
+/// Writes every file of `manifest` below the open directory `root` (`shown` is its path,
+/// for messages). Directories and files are created relative to directory fds, never
+/// through a symlink; with `owner`, what is created belongs to that uid/gid.
+pub async fn pull_into(
+    store: &BlobStore,
+    manifest: &Manifest,
+    root: DirFd,
+    shown: &Path,
+    owner: Owner,
+) -> Result<PullSummary, PullError> {
+    let root = Arc::new(root);
+    let results = futures::stream::iter(manifest.files.iter())
+        .map(|entry| fetch(store, entry, root.clone(), shown, owner))
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>()
         .await?;
@@ -94,32 +117,20 @@ pub async fn pull(
     })
 }
 
-/// Streams one blob into a temp file beside its target, hashing off the reactor, then renames.
+/// Streams one blob into a new temp file beside its target, hashing off the reactor and
+/// stopping at the manifest's size, then renames it into place.
 async fn fetch(
     store: &BlobStore,
     entry: &FileEntry,
-    dest: &Path,
-    root: &Path,
-    index: usize,
+    root: Arc<DirFd>,
+    shown: &Path,
+    owner: Owner,
 ) -> Result<u64, PullError> {
-    let target = dest.join(&entry.path);
-    let dir = target
-        .parent()
-        .expect("manifest paths have a directory part")
-        .to_path_buf();
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PullError::Write { path, source }
+    let (parent, name) = match entry.path.rsplit_once('/') {
+        Some((p, n)) => (p.to_string(), n.to_string()),
+        None => (String::new(), entry.path.clone()),
     };
-    std::fs::create_dir_all(&dir).map_err(werr(&dir))?;
-    // A symlink already inside `dest` must not redirect the download (the agent may be root,
-    // and `dest` may be a workdir a job wrote to before).
-    if !dir.canonicalize().is_ok_and(|d| d.starts_with(root)) {
-        return Err(PullError::Escapes {
-            path: entry.path.clone(),
-        });
-    }
-    let tmp = dir.join(format!(".c3-pull-{}-{index}.part", std::process::id()));
+    let target = shown.join(&entry.path);
     let result = store
         .get_blob(&entry.sha256)
         .await
@@ -127,20 +138,47 @@ async fn fetch(
             path: entry.path.clone(),
             source,
         })?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    // Chunks, or None when the download broke off and the temp file must go.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(4);
     let writer = {
-        let tmp = tmp.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-            let mut file = std::fs::File::create(&tmp)?;
-            let mut hasher = Sha256Hasher::default();
-            let mut size = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
-                file.write_all(&chunk)?;
-                size += chunk.len() as u64;
+        let entry = entry.clone();
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
+            let werr = |source| PullError::Write {
+                path: target.clone(),
+                source,
+            };
+            let dir = if parent.is_empty() {
+                root.try_clone().map_err(werr)?
+            } else {
+                root.ensure_dir(Path::new(&parent), 0o755, owner)
+                    .map_err(|source| {
+                        if source.kind() == std::io::ErrorKind::InvalidInput {
+                            PullError::Escapes {
+                                path: entry.path.clone(),
+                            }
+                        } else {
+                            werr(source)
+                        }
+                    })?
+            };
+            let (tmp, file) = dir.create_temp(".c3-pull-").map_err(werr)?;
+            let written = write_verified(file, &mut rx, &entry, owner).map_err(|e| match e {
+                WriteFailure::Io(source) => werr(source),
+                WriteFailure::Other(e) => e,
+            });
+            let tmp = std::ffi::OsString::from(tmp);
+            match written {
+                Ok(size) => {
+                    dir.rename(&tmp, std::ffi::OsStr::new(&name))
+                        .map_err(werr)?;
+                    Ok(size)
+                }
+                Err(e) => {
+                    let _ = dir.remove_file(&tmp);
+                    Err(e)
+                }
             }
-            file.sync_all()?;
-            Ok((hasher.finish_hex(), size))
         })
     };
     let mut body = result.into_stream();
@@ -148,8 +186,8 @@ async fn fetch(
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(bytes) => {
-                if tx.send(bytes).await.is_err() {
-                    break; // the writer failed; its error is reported below
+                if tx.send(Some(bytes)).await.is_err() {
+                    break; // the writer stopped (an error, or more bytes than the manifest says)
                 }
             }
             Err(source) => {
@@ -161,6 +199,7 @@ async fn fetch(
                         source,
                     },
                 });
+                let _ = tx.send(None).await;
                 break;
             }
         }
@@ -169,40 +208,73 @@ async fn fetch(
     let written = writer.await.map_err(|_| PullError::Task {
         path: entry.path.clone(),
     })?;
-    let outcome = match (fetch_error, written) {
-        (Some(e), _) => Err(e),
-        (None, Err(source)) => Err(PullError::Write {
-            path: tmp.clone(),
-            source,
-        }),
-        (None, Ok((actual, _))) if actual != entry.sha256 => Err(PullError::Mismatch {
+    match fetch_error {
+        Some(e) => Err(e),
+        None => written,
+    }
+}
+
+enum WriteFailure {
+    Io(std::io::Error),
+    Other(PullError),
+}
+
+impl From<std::io::Error> for WriteFailure {
+    fn from(e: std::io::Error) -> Self {
+        WriteFailure::Io(e)
+    }
+}
+
+/// Writes the chunks to `file`, refusing more bytes than the manifest's size (a store that
+/// serves 50 GiB for a 3-byte entry must not fill the disk), then checks size and sha256
+/// and sets mode, mtime and owner on the fd.
+fn write_verified(
+    mut file: std::fs::File,
+    rx: &mut tokio::sync::mpsc::Receiver<Option<bytes::Bytes>>,
+    entry: &FileEntry,
+    owner: Owner,
+) -> Result<u64, WriteFailure> {
+    use std::os::unix::fs::PermissionsExt;
+    let mismatch = |actual: String| {
+        WriteFailure::Other(PullError::Mismatch {
             path: entry.path.clone(),
             expected: entry.sha256.clone(),
             actual,
-        }),
-        (None, Ok((_, size))) => Ok(size),
+        })
     };
-    let size = match outcome {
-        Ok(size) => size,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+    let mut hasher = Sha256Hasher::default();
+    let mut size = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        let Some(chunk) = chunk else {
+            return Err(WriteFailure::Io(std::io::Error::other("download broke off")));
+        };
+        size += chunk.len() as u64;
+        if size > entry.size {
+            return Err(mismatch(format!(
+                "unknown: the store sent more than the manifest's {} bytes",
+                entry.size
+            )));
         }
-    };
-    finalize(&tmp, &target, entry).map_err(werr(&target))?;
-    Ok(size)
-}
-
-fn finalize(tmp: &Path, target: &Path, entry: &FileEntry) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if entry.mtime_ns >= 0 {
-        let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64);
-        std::fs::File::options()
-            .write(true)
-            .open(tmp)?
-            .set_modified(mtime)?;
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
     }
-    // After the mtime, which needs write access; setuid/setgid/sticky are never restored.
-    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(entry.mode & 0o777))?;
-    std::fs::rename(tmp, target)
+    let actual = hasher.finish_hex();
+    if actual != entry.sha256 || size != entry.size {
+        return Err(mismatch(actual));
+    }
+    if entry.mtime_ns >= 0 {
+        file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64))?;
+    }
+    // setuid/setgid/sticky are never restored.
+    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o777))?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::fchown(
+            &file,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(std::io::Error::from)?;
+    }
+    file.sync_all()?;
+    Ok(size)
 }

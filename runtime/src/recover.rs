@@ -5,7 +5,7 @@ use std::time::Instant;
 use c3_proto::{JobState, Phase, RunRecord};
 
 use crate::job::{AgentContext, JobSummary, Run};
-use crate::launch::ProcessGroup;
+use crate::statedir::AttemptLock;
 use crate::outcome::JobEnd;
 
 /// What the record says about how the job ended; a job still "running" was lost with the agent.
@@ -26,24 +26,19 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
 /// This process, as recorded in run records: pid and start time.
 pub fn this_agent() -> Option<(i32, u64)> {
     let pid = std::process::id() as i32;
-    start_time(pid).map(|t| (pid, t))
+    crate::procfs::stat(pid).map(|s| (pid, s.start_ticks))
 }
 
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name: state is field 3, starttime field 22.
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-/// Whether the agent that wrote the record still runs (same pid, same start time).
+/// Whether the agent that wrote the record still runs (same boot, pid and start time).
 fn owner_alive(record: &RunRecord) -> bool {
-    record
-        .agent
-        .is_some_and(|(pid, started)| start_time(pid) == Some(started))
+    let same_boot = match &record.agent_boot_id {
+        Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
+        None => true,
+    };
+    same_boot
+        && record.agent.is_some_and(|(pid, started)| {
+            crate::procfs::stat(pid).is_some_and(|s| s.start_ticks == started && !s.is_zombie())
+        })
 }
 
 /// Finishes every unfinished job in the state dir, oldest first.
@@ -73,25 +68,33 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
             tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
             continue;
         }
+        // The attempt's lock is the final word: an agent holding it is at work on the job.
+        let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");
+                continue;
+            }
+        };
         let span =
             tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
         let _entered = span.enter();
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
-        if let (Phase::Running, Some(pgid)) = (record.phase, record.pgid) {
-            let group = ProcessGroup(pgid);
-            if group.is_alive() {
-                // Nobody supervises these processes any more; they would hold the GPU forever.
-                tracing::warn!(
-                    pgid,
-                    "the job's processes outlived the agent; stopping them"
-                );
-                group.terminate(None, ctx.kill_grace).await;
-            }
+        if record.phase == Phase::Running {
+            // Nobody supervises these processes any more; they would hold the GPU forever.
+            // Only what provably is the job is signalled: a reused pid is a stranger.
+            crate::jobproc::stop_recorded(
+                record.leader.as_ref(),
+                record.cgroup.as_deref(),
+                ctx.kill_grace,
+            )
+            .await;
         }
         let end = recorded_end(&record);
         drop(_entered);
         let run = Run::from_record(ctx, record);
         finished.push(tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await);
+        drop(lock);
     }
     finished
 }

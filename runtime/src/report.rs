@@ -23,7 +23,12 @@ pub struct ControlPlaneConfig {
     pub token: Option<String>,
     /// How long one report is retried before it goes to the outbox.
     pub give_up: Duration,
+    /// Reply bodies are read up to this many bytes; the rest is never buffered.
+    pub max_reply_bytes: usize,
 }
+
+/// The default for [`ControlPlaneConfig::max_reply_bytes`].
+pub const DEFAULT_MAX_REPLY_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -71,6 +76,8 @@ impl ControlPlane {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
+            // Contract §7: a POST is never redirected (the body and token would follow it).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("c3-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a plain reqwest client always builds");
@@ -102,9 +109,24 @@ impl ControlPlane {
             endpoint: endpoint.to_string(),
             source,
         };
-        let resp = req.send().await.map_err(transport)?;
+        let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let cap = if (200..300).contains(&status) {
+            self.config.max_reply_bytes
+        } else {
+            300
+        };
+        // A reply is untrusted: read at most `cap` bytes of it, whatever its length says.
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+            let room = cap.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() > room {
+                tracing::warn!(endpoint, max_reply_bytes = cap, "control plane reply is over the size limit; the rest is ignored");
+                break;
+            }
+        }
+        let bytes = body.freeze();
         match status {
             200..=299 => Ok(bytes),
             408 | 429 | 500..=599 => Err(ReportError::Unavailable {

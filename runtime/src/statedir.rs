@@ -52,8 +52,56 @@ impl StateDir {
         self.root.join("store")
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where default workdirs live (and, by default, the jobs root).
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.root.join("jobs")
+    }
+
     pub fn job_dir(&self, job_id: &str) -> PathBuf {
-        self.root.join("jobs").join(job_id)
+        self.jobs_dir().join(job_id)
+    }
+
+    /// Creates the state dir and an attempt's dir with their modes: the path down to a
+    /// job's dir is traversable (0711: a default workdir lives below it and its user must
+    /// reach it) but not listable; everything of the agent's own below is 0700.
+    pub fn ensure_attempt_dir(&self, job_id: &str, attempt: u32) -> Result<PathBuf, StateError> {
+        self.ensure_root()?;
+        for (dir, mode) in [
+            (self.jobs_dir(), 0o711),
+            (self.job_dir(job_id), 0o711),
+            (self.job_dir(job_id).join("attempts"), 0o700),
+            (self.attempt_dir(job_id, attempt), 0o700),
+        ] {
+            mkdir_mode(&dir, mode)?;
+        }
+        Ok(self.attempt_dir(job_id, attempt))
+    }
+
+    /// Creates the state dir (0711), and narrows an existing one that others could list.
+    pub fn ensure_root(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if let Some(parent) = self.root.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::Write {
+                path: parent.into(),
+                source,
+            })?;
+        }
+        mkdir_mode(&self.root, 0o711)?;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.root) {
+            let mine = meta.uid() == nix::unistd::geteuid().as_raw();
+            if mine && meta.mode() & 0o066 != 0 {
+                std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|source| StateError::Write {
+                        path: self.root.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     pub fn default_workdir(&self, job_id: &str) -> PathBuf {
@@ -123,7 +171,79 @@ impl StateDir {
     }
 }
 
-/// Write to a temp file, fsync, rename: a reader (or a crash) never sees half a file.
+/// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it).
+fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| StateError::Write {
+        path: dir.into(),
+        source,
+    };
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// The exclusive claim of one agent on one job attempt, held until dropped: a second agent
+/// for the same attempt would mix logs and manifests and abort the first one's uploads.
+#[derive(Debug)]
+pub struct AttemptLock {
+    _file: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("job {job_id} attempt {attempt} is already being run by another agent (pid {holder})")]
+    Held {
+        job_id: String,
+        attempt: u32,
+        holder: String,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl AttemptLock {
+    pub fn acquire(state: &StateDir, job_id: &str, attempt: u32) -> Result<Self, LockError> {
+        let dir = state.ensure_attempt_dir(job_id, attempt)?;
+        let path = dir.join("lock");
+        let err = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "unknown".into());
+                return Err(LockError::Held {
+                    job_id: job_id.into(),
+                    attempt,
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e).into()),
+        }
+        file.set_len(0).map_err(err)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(err)?;
+        Ok(AttemptLock { _file: file })
+    }
+}
+
+/// Write to a temp file (unique name, 0600), fsync, rename: a reader (or a crash) never
+/// sees half a file, and two writers never share a temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let err = |source| StateError::Write {
         path: path.into(),
@@ -131,22 +251,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     };
     let dir = path.parent().expect("state files live in a directory");
     std::fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = tempfile_in(dir, path).map_err(err)?;
-    tmp.1.write_all(bytes).map_err(err)?;
-    tmp.1.sync_all().map_err(err)?;
-    std::fs::rename(&tmp.0, path).map_err(err)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".c3-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    tmp.write_all(bytes).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
-}
-
-fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let file = std::fs::File::create(&tmp)?;
-    Ok((tmp, file))
 }

@@ -54,6 +54,8 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    #[error("`{key}` is {size} bytes or more, over the limit of {max} (store.max_manifest_bytes)")]
+    TooLarge { key: String, size: u64, max: u64 },
     #[error("store {op} of `{key}` failed")]
     Op {
         op: &'static str,
@@ -71,7 +73,8 @@ impl StoreError {
             StoreError::BadUrl { .. }
             | StoreError::BadOption { .. }
             | StoreError::CreateDir { .. }
-            | StoreError::Build { .. } => true,
+            | StoreError::Build { .. }
+            | StoreError::TooLarge { .. } => true,
             StoreError::Op { source, .. } => matches!(
                 source,
                 object_store::Error::NotFound { .. }
@@ -515,6 +518,35 @@ impl BlobStore {
             key: key.to_string(),
             source,
         })
+    }
+
+    /// Reads a document whole, refusing one larger than `max` bytes (checked on the object's
+    /// size and again while reading: the store's word is not trusted).
+    pub async fn get_bytes_capped(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
+        use futures::StreamExt;
+        let too_large = |size: u64| StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            max,
+        };
+        let result = self.get(key).await?;
+        if result.meta.size > max {
+            return Err(too_large(result.meta.size));
+        }
+        let mut out = bytes::BytesMut::with_capacity(result.meta.size as usize);
+        let mut body = result.into_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| StoreError::Op {
+                op: "get",
+                key: key.to_string(),
+                source,
+            })?;
+            if (out.len() + chunk.len()) as u64 > max {
+                return Err(too_large((out.len() + chunk.len()) as u64));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
     }
 
     /// Overwrites a small document (a manifest): a single PUT, never torn.

@@ -32,6 +32,8 @@ pub struct SyncReport {
     pub uploaded: usize,
     pub skipped: usize,
     pub failures: Vec<(String, UploadError)>,
+    /// Files left out on purpose (not readable by the job's user), for the status' warnings.
+    pub warnings: Vec<String>,
 }
 
 impl SyncBook {
@@ -104,6 +106,10 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
                 }
                 // Deleted by the job before we got to it: nothing to collect.
                 Some((rel, Err(UploadError::Vanished { .. }))) => tracing::debug!(path = %rel, "file vanished before upload"),
+                Some((rel, Err(e @ UploadError::NotReadable { .. }))) => {
+                    tracing::debug!(path = %rel, "{e}");
+                    report.warnings.push(format!("{rel} is not readable by the job's user; not uploaded"));
+                }
                 Some((rel, Err(e))) => report.failures.push((rel, e)),
             },
             _ = progress.tick() => {

@@ -28,6 +28,7 @@ use c3_proto::{FileEntry, MultipartRecord};
 
 use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
+use crate::confine::JobReader;
 use crate::digest::{Digests, DualHasher};
 use crate::statedir::write_atomic;
 use crate::store::{BlobStore, StoreError};
@@ -105,6 +106,8 @@ pub enum UploadError {
     Changed { path: PathBuf },
     #[error("{path} vanished before it could be uploaded")]
     Vanished { path: PathBuf },
+    #[error("{path} is not readable by the job's user; not uploaded")]
+    NotReadable { path: PathBuf },
     #[error("upload of {path} failed")]
     Store {
         path: PathBuf,
@@ -125,9 +128,10 @@ impl UploadError {
         match self {
             UploadError::Changed { .. } => true,
             UploadError::Store { source, .. } => !source.is_permanent(),
-            UploadError::Read { .. } | UploadError::Vanished { .. } | UploadError::Task { .. } => {
-                false
-            }
+            UploadError::Read { .. }
+            | UploadError::Vanished { .. }
+            | UploadError::NotReadable { .. }
+            | UploadError::Task { .. } => false,
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct Uploader {
     staged: Arc<std::sync::atomic::AtomicU64>,
     /// The workdir: files below it are opened without following any symlink.
     root: Option<Arc<Path>>,
+    /// The job's user: a file it could not read itself is never uploaded.
+    reader: Option<Arc<JobReader>>,
 }
 
 /// Maps a store error on `path`'s upload.
@@ -169,7 +175,7 @@ fn stat(path: &Path) -> Result<FileStamp, UploadError> {
 }
 
 /// Reads into `buf` until it is full or the file ends.
-fn fill(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn fill(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match file.read(&mut buf[filled..]) {
@@ -189,7 +195,7 @@ fn crc(bytes: &[u8]) -> u64 {
 /// Pass 1 of a large file: both digests and a CRC per part.
 fn hash_file(
     path: &Path,
-    mut file: File,
+    mut file: impl Read,
     part_size: u64,
 ) -> Result<(Digests, Vec<u64>), UploadError> {
     let read_err = |source| UploadError::Read {
@@ -276,7 +282,14 @@ impl Uploader {
             staging,
             staged: Default::default(),
             root: None,
+            reader: None,
         }
+    }
+
+    /// Only files `reader` could read itself are uploaded (checked on the open fd).
+    pub fn readable_by(mut self, reader: Option<JobReader>) -> Self {
+        self.reader = reader.map(Arc::new);
+        self
     }
 
     /// Files below `workdir` are opened without following any symlink (see [`crate::confine`]).
@@ -285,11 +298,33 @@ impl Uploader {
         self
     }
 
-    fn open(&self, path: &Path) -> Result<File, UploadError> {
-        crate::confine::open_read(self.root.as_deref(), path).map_err(|source| UploadError::Read {
+    /// Opens the version of the file that `before` describes: no symlink on the way, the
+    /// same inode (a swapped-in file is "changed"), and one the job's user may read.
+    fn open(&self, path: &Path, before: FileStamp) -> Result<File, UploadError> {
+        let file = crate::confine::open_read(self.root.as_deref(), path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                UploadError::Vanished { path: path.into() }
+            } else {
+                UploadError::Read {
+                    path: path.into(),
+                    source,
+                }
+            }
+        })?;
+        let st = crate::confine::fstat(&file).map_err(|source| UploadError::Read {
             path: path.into(),
             source,
-        })
+        })?;
+        if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev
+        {
+            return Err(UploadError::Changed { path: path.into() });
+        }
+        // The agent's own files (the job's logs in the state dir) are not the job's to read.
+        let confined = self.root.as_deref().is_some_and(|r| path.starts_with(r));
+        if confined && self.reader.as_ref().is_some_and(|r| !r.can_read(&st)) {
+            return Err(UploadError::NotReadable { path: path.into() });
+        }
+        Ok(file)
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -330,14 +365,18 @@ impl Uploader {
     ) -> Result<(Digests, bool), UploadError> {
         let guard = self.budget.acquire(before.size).await;
         let p = path.to_path_buf();
-        let mut file = self.open(path)?;
+        let file = self.open(path, before)?;
         let (digests, bytes) = blocking(path, move || {
             let read_err = |source| UploadError::Read {
                 path: p.clone(),
                 source,
             };
             let mut buf = Vec::with_capacity(before.size as usize);
-            file.read_to_end(&mut buf).map_err(read_err)?;
+            // One byte past the size we hold budget for: a file that grew (or was swapped for
+            // a huge sparse one) is "changed", never read into memory.
+            file.take(before.size + 1)
+                .read_to_end(&mut buf)
+                .map_err(read_err)?;
             Ok((crate::digest::digest_bytes(&buf), Bytes::from(buf)))
         })
         .await?;
@@ -362,8 +401,9 @@ impl Uploader {
         let store_err = store_err(path);
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
-        let file = self.open(path)?;
-        let (digests, part_crcs) = blocking(path, move || hash_file(&p, file, part_size)).await?;
+        let file = self.open(path, before)?;
+        let (digests, part_crcs) =
+            blocking(path, move || hash_file(&p, file.take(before.size + 1), part_size)).await?;
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
@@ -378,7 +418,7 @@ impl Uploader {
             .await
             .map_err(store_err)?;
         let sent = self
-            .send_parts(path, &sha, part_size, &part_crcs, &mut sink)
+            .send_parts(path, before, &sha, part_size, &part_crcs, &mut sink)
             .await;
         let verified =
             sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
@@ -413,7 +453,7 @@ impl Uploader {
             .start_multipart_at(&staging_key)
             .await
             .map_err(store_err)?;
-        let file = self.open(path)?;
+        let file = self.open(path, before)?.take(before.size + 1);
         let mut reader = Some((file, DualHasher::new()));
         let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
         let mut outcome = Ok(());
@@ -558,12 +598,13 @@ impl Uploader {
     async fn send_parts(
         &self,
         path: &Path,
+        before: FileStamp,
         sha: &str,
         part_size: u64,
         part_crcs: &[u64],
         sink: &mut PartSink,
     ) -> Result<u64, UploadError> {
-        let file = Arc::new(self.open(path)?);
+        let file = Arc::new(self.open(path, before)?);
         let size = file
             .metadata()
             .map_err(|source| UploadError::Read {
@@ -893,7 +934,7 @@ mod tests {
         let mut sink = up.open_sink(&sha, data.len() as u64, MIB).await.unwrap();
         let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB).unwrap();
         let sent = up
-            .send_parts(&file.abs, &sha, MIB, &crcs, &mut sink)
+            .send_parts(&file.abs, file.stamp, &sha, MIB, &crcs, &mut sink)
             .await
             .unwrap();
         assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");

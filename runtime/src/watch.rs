@@ -5,6 +5,7 @@
 //! [`Hint::Degraded`] so the syncer falls back to polling. The final scan does not
 //! depend on any of this.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,15 +27,90 @@ pub enum Hint {
 }
 
 /// Owns the `notify` watcher; dropping it stops the watches.
+///
+/// Watches are set one directory at a time (never notify's own recursion), so the agent
+/// decides what is watched: never through a symlink (a job's `u -> /usr` must not cost the
+/// node its inotify watches, which systemd and udev need too), and never more than
+/// `max_watches` of them.
 pub struct DirWatcher {
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
+    watched: HashSet<PathBuf>,
+    max_watches: usize,
 }
 
-/// Starts watching `dirs` recursively. Hints arrive on the returned channel, which holds
-/// at most `queue` of them: past that, one `Rescan` replaces what was dropped.
-pub fn watch(
-    dirs: &[PathBuf],
+/// Setting watches stopped at the cap: poll from now on.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {max} directories to watch (sync.max_watches)")]
+pub struct WatchCapReached {
+    pub max: usize,
+}
+
+impl DirWatcher {
+    pub fn watch_count(&self) -> usize {
+        self.watched.len()
+    }
+
+    /// Watches `dir` and every directory below it, without following symlinks.
+    pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchCapReached> {
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            if !std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            if !self.watched.contains(&d) {
+                if self.watched.len() >= self.max_watches {
+                    return Err(WatchCapReached {
+                        max: self.max_watches,
+                    });
+                }
+                match self.watcher.watch(&d, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.watched.insert(d.clone());
+                    }
+                    Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                        return Err(WatchCapReached {
+                            max: self.watched.len(),
+                        })
+                    }
+                    // Gone meanwhile: nothing to watch.
+                    Err(_) => continue,
+                }
+            }
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                // file_type() does not follow symlinks.
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the watches of `dir` and below (removed or moved away).
+    pub fn unwatch_tree(&mut self, dir: &Path) {
+        let gone: Vec<PathBuf> = self
+            .watched
+            .iter()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        for p in gone {
+            // The kernel already dropped the watch of a deleted directory.
+            let _ = self.watcher.unwatch(&p);
+            self.watched.remove(&p);
+        }
+    }
+}
+
+/// Creates the watcher (no watches yet: see [`DirWatcher::watch_tree`]). Hints arrive on the
+/// returned channel, which holds at most `queue` of them: past that, one `Rescan` replaces
+/// what was dropped.
+pub fn watcher(
     queue: usize,
+    max_watches: usize,
 ) -> Result<(DirWatcher, mpsc::Receiver<Hint>), notify::Error> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let overflowed = Arc::new(AtomicBool::new(false));
@@ -66,11 +142,16 @@ pub fn watch(
             }
         }
     };
-    let mut watcher = notify::recommended_watcher(handler)?;
-    for dir in dirs {
-        watcher.watch(dir, RecursiveMode::Recursive)?;
-    }
-    Ok((DirWatcher { _watcher: watcher }, rx))
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let watcher = notify::RecommendedWatcher::new(handler, config)?;
+    Ok((
+        DirWatcher {
+            watcher,
+            watched: HashSet::new(),
+            max_watches: max_watches.max(1),
+        },
+        rx,
+    ))
 }
 
 fn hints_of(event: Event) -> Vec<Hint> {

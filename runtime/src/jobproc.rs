@@ -1,0 +1,333 @@
+//! Every process of a job, wherever it went: a process that calls `setsid()` leaves the
+//! job's process group, so the group alone cannot stop or watch the job.
+//!
+//! * Where the agent can create one (cgroup v2, writable: systemd `Delegate=yes`, or root on
+//!   a host without systemd), the job gets its own cgroup: membership is the kernel's, and
+//!   `cgroup.kill` ends every member at once.
+//! * Always, the agent is a child subreaper: whatever the job forks and orphans is re-parented
+//!   to the agent, so "descendants of the agent" is the job even without a cgroup.
+//!
+//! Which of the two is in force is said in the log when the job starts.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+use tokio::process::Child;
+
+use crate::procfs;
+
+/// The job's own cgroup (v2), a child of the agent's.
+#[derive(Debug)]
+pub struct Cgroup {
+    dir: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<agent's cgroup>/<name>`; `Err` says why the job runs without one.
+    pub fn create(name: &str) -> Result<Cgroup, String> {
+        let mount = v2_mount().ok_or("no cgroup v2 hierarchy is mounted")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            })
+            .ok_or("the agent is not in a cgroup v2 hierarchy")?;
+        let dir = mount.join(own.trim_start_matches('/')).join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+        }
+        Ok(Cgroup { dir })
+    }
+
+    /// A cgroup recorded by an earlier agent, if it still exists.
+    pub fn existing(path: &str) -> Option<Cgroup> {
+        let dir = PathBuf::from(path);
+        dir.join("cgroup.procs")
+            .exists()
+            .then_some(Cgroup { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `cgroup.procs`, opened for the child to write its own pid into before exec.
+    pub fn procs_file(&self) -> std::io::Result<File> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.procs"))
+    }
+
+    pub fn members(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL to every member at once (`cgroup.kill`, Linux 5.14), else one by one.
+    pub fn kill(&self) {
+        let killed = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.kill"))
+            .and_then(|mut f| f.write_all(b"1"));
+        if killed.is_err() {
+            for pid in self.members() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Removes the (empty) cgroup; the kernel refuses while members remain.
+    pub fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            tracing::debug!(cgroup = %self.dir.display(), error = %e, "cannot remove the job's cgroup");
+        }
+    }
+}
+
+fn v2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Makes this process the subreaper of everything it starts (Linux `PR_SET_CHILD_SUBREAPER`).
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; a job's daemonized processes may escape");
+    }
+}
+
+/// The processes of one running job. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct JobProcesses {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The script's pid: its process group and session id (from setsid), reaped by tokio.
+    leader: i32,
+    cgroup: Option<Cgroup>,
+    /// This agent: with the subreaper flag, the job's orphans become its children.
+    agent: i32,
+}
+
+impl JobProcesses {
+    pub fn new(leader: i32, cgroup: Option<Cgroup>) -> Self {
+        JobProcesses {
+            inner: Arc::new(Inner {
+                leader,
+                cgroup,
+                agent: std::process::id() as i32,
+            }),
+        }
+    }
+
+    pub fn leader(&self) -> i32 {
+        self.inner.leader
+    }
+
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.inner.cgroup.as_ref()
+    }
+
+    /// Live (non-zombie) processes of the job: its cgroup's members, the agent's descendants
+    /// and anything left in its process group. Reads `/proc`: call it off the reactor.
+    pub fn members(&self) -> Vec<i32> {
+        let procs = procfs::all();
+        let mut set: BTreeSet<i32> = procfs::descendants(self.inner.agent, &procs)
+            .into_iter()
+            .collect();
+        if let Some(cg) = &self.inner.cgroup {
+            set.extend(cg.members());
+        }
+        set.extend(
+            procs
+                .iter()
+                .filter(|(_, s)| s.pgrp == self.inner.leader)
+                .map(|(p, _)| *p),
+        );
+        set.into_iter()
+            .filter(|p| *p != self.inner.agent && procs.get(p).is_some_and(|s| !s.is_zombie()))
+            .collect()
+    }
+
+    async fn members_async(&self) -> Vec<i32> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.members())
+            .await
+            .unwrap_or_default()
+    }
+
+    fn signal_each(&self, pids: &[i32], signal: Signal) {
+        for pid in pids {
+            let _ = kill(Pid::from_raw(*pid), signal);
+        }
+        let _ = killpg(Pid::from_raw(self.inner.leader), signal);
+    }
+
+    fn kill_all(&self, pids: &[i32]) {
+        if let Some(cg) = &self.inner.cgroup {
+            cg.kill();
+        }
+        self.signal_each(pids, Signal::SIGKILL);
+    }
+
+    /// Reaps re-parented job processes that exited (never the leader: tokio waits for it).
+    pub fn reap(&self) {
+        for (pid, s) in procfs::all() {
+            if s.ppid == self.inner.agent && s.is_zombie() && pid != self.inner.leader {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            }
+        }
+    }
+
+    /// Reaps orphans every second until `stop`: a job that daemonizes many short-lived
+    /// processes must not fill the pid table with the agent's zombies.
+    pub async fn reap_until(self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let this = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.reap()).await;
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every process of the job, SIGKILL after `grace` to whatever is left,
+    /// everything reaped. Returns the leader's exit status if it had to be waited for here.
+    pub async fn terminate(
+        &self,
+        leader: Option<&mut Child>,
+        grace: Duration,
+    ) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + grace;
+        let members = self.members_async().await;
+        self.signal_each(&members, Signal::SIGTERM);
+        let mut status = None;
+        if let Some(child) = leader {
+            match tokio::time::timeout_at(deadline, child.wait()).await {
+                Ok(s) => status = s.ok(),
+                Err(_) => {
+                    tracing::warn!(
+                        pid = self.inner.leader,
+                        grace_secs = grace.as_secs_f64(),
+                        "job ignored SIGTERM; sending SIGKILL"
+                    );
+                    let members = self.members_async().await;
+                    self.kill_all(&members);
+                    status = child.wait().await.ok();
+                }
+            }
+        }
+        self.stop_rest(deadline).await;
+        status
+    }
+
+    /// Members that outlive `deadline` get SIGKILL; bounded, then everything is reaped.
+    async fn stop_rest(&self, deadline: tokio::time::Instant) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            self.reap();
+            let left = self.members_async().await;
+            if left.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    processes = left.len(),
+                    "processes of the job outlived the grace period; sending SIGKILL"
+                );
+                self.kill_all(&left);
+                let until = tokio::time::Instant::now() + Duration::from_secs(2);
+                while tokio::time::Instant::now() < until {
+                    tick.tick().await;
+                    self.reap();
+                    if self.members_async().await.is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            tick.tick().await;
+        }
+        if let Some(cg) = &self.inner.cgroup {
+            cg.remove();
+        }
+    }
+}
+
+/// Stops what a crashed agent's job left running, signalling only what provably is the
+/// job: its own cgroup, or its process group while the recorded leader (pid, start time,
+/// boot) still exists. A pid or group id reused by a stranger is never signalled.
+pub async fn stop_recorded(
+    leader: Option<&c3_proto::ProcIdentity>,
+    cgroup: Option<&str>,
+    grace: Duration,
+) {
+    if let Some(cg) = cgroup.and_then(Cgroup::existing) {
+        let members = cg.members();
+        if !members.is_empty() {
+            tracing::warn!(
+                processes = members.len(),
+                cgroup = %cg.path().display(),
+                "the job's processes outlived the agent; stopping them"
+            );
+            for pid in &members {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+            }
+            let deadline = tokio::time::Instant::now() + grace;
+            while !cg.members().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            cg.kill();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cg.remove();
+        return;
+    }
+    let Some(leader) = leader else {
+        tracing::warn!("the run record names no job process; nothing signalled");
+        return;
+    };
+    if !procfs::is_alive(leader) {
+        tracing::info!(
+            pid = leader.pid,
+            "the job's first process is gone (or its pid was reused); nothing signalled"
+        );
+        return;
+    }
+    tracing::warn!(
+        pgid = leader.pid,
+        "the job's processes outlived the agent; stopping them"
+    );
+    let group = Pid::from_raw(leader.pid);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only while the leader is still the same process: the group cannot have been reused.
+    if procfs::is_alive(leader) || killpg(group, None).is_ok() {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,186 @@
+//! The one reader of `/proc`: process identity (pid + start time + boot), parentage,
+//! and which files a set of processes holds open for writing.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+
+use c3_proto::ProcIdentity;
+
+/// The fields of `/proc/<pid>/stat` the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    /// Clock ticks after boot (field 22).
+    pub start_ticks: u64,
+}
+
+impl Stat {
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Parses `/proc/<pid>/stat`; the command name may hold spaces and parentheses.
+pub fn stat(pid: i32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = text[text.rfind(')')? + 1..].split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let session = f.next()?.parse().ok()?;
+    // Fields 7..21 lie between session (6) and starttime (22).
+    let start_ticks = f.nth(15)?.parse().ok()?;
+    Some(Stat {
+        state,
+        ppid,
+        pgrp,
+        session,
+        start_ticks,
+    })
+}
+
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Who `pid` is right now.
+pub fn identity(pid: i32) -> Option<ProcIdentity> {
+    Some(ProcIdentity {
+        pid,
+        start_ticks: stat(pid)?.start_ticks,
+        boot_id: boot_id()?,
+    })
+}
+
+/// Whether the process recorded as `id` still exists (same boot, same pid, same start).
+pub fn is_alive(id: &ProcIdentity) -> bool {
+    boot_id().is_some_and(|b| b == id.boot_id)
+        && stat(id.pid).is_some_and(|s| s.start_ticks == id.start_ticks && !s.is_zombie())
+}
+
+/// Every process's stat, by pid.
+pub fn all() -> HashMap<i32, Stat> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in procs.flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            if let Some(s) = stat(pid) {
+                out.insert(pid, s);
+            }
+        }
+    }
+    out
+}
+
+/// Every descendant of `root` (children, their children, ...), zombies included.
+pub fn descendants(root: i32, procs: &HashMap<i32, Stat>) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for (&pid, s) in procs {
+        children.entry(s.ppid).or_default().push(pid);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            if c != root && !out.contains(&c) {
+                out.push(c);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// `(dev, ino)` of every regular file open with O_WRONLY or O_RDWR by one of `pids`.
+pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
+    let mut open = HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let fd_name = fd.file_name();
+            let Some(fd_num) = fd_name.to_str() else {
+                continue;
+            };
+            if !opened_for_write(*pid, fd_num) {
+                continue;
+            }
+            // metadata() follows the magic link to the open file itself, even if renamed or deleted.
+            if let Ok(meta) = std::fs::metadata(fd.path()) {
+                if meta.is_file() {
+                    open.insert((meta.dev(), meta.ino()));
+                }
+            }
+        }
+    }
+    open
+}
+
+fn opened_for_write(pid: i32, fd: &str) -> bool {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+        return false;
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .is_some_and(|flags| flags & 0o3 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_own_writable_file_but_not_readonly() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("w");
+        let r = dir.path().join("r");
+        std::fs::write(&r, "x").unwrap();
+        let _writer = std::fs::File::create(&w).unwrap();
+        let _reader = std::fs::File::open(&r).unwrap();
+        let open = written_by(&[std::process::id() as i32]);
+        let id = |p: &std::path::Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        assert!(open.contains(&id(&w)));
+        assert!(!open.contains(&id(&r)));
+    }
+
+    #[test]
+    fn identity_tells_a_reused_pid_apart() {
+        let me = identity(std::process::id() as i32).unwrap();
+        assert!(is_alive(&me));
+        let other = ProcIdentity {
+            start_ticks: me.start_ticks + 1,
+            ..me.clone()
+        };
+        assert!(!is_alive(&other));
+        let other_boot = ProcIdentity {
+            boot_id: "not-this-boot".into(),
+            ..me
+        };
+        assert!(!is_alive(&other_boot));
+    }
+
+    #[test]
+    fn descendants_follow_parentage() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let found = descendants(me, &all());
+        assert!(found.contains(&(child.id() as i32)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
