@@ -143,9 +143,6 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read job spec {}: {e}", path.display()))?;
         let parsed = JobSpec::from_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        for field in &parsed.unknown_fields {
-            tracing::warn!(field = %field, "job spec has a field this agent does not know; ignored");
-        }
         // A scheduler's spec may only name a workdir the operator set aside for jobs: an
         // existing tree elsewhere (`/etc`, another tenant's data) is never the job's.
         if let Some(w) = &parsed.spec.workdir {

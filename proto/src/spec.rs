@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Fields the contract defines; anything else is reported as a warning.
+/// Fields the contract defines; anything else is an error (contract v2 §3: a typo such as
+/// `timeout` must not silently drop the time limit).
 const KNOWN_FIELDS: &[&str] = &[
     "job_id",
     "project",
@@ -54,11 +55,41 @@ fn default_attempt() -> u32 {
     1
 }
 
-/// A spec that parsed, with the names of fields the contract does not know.
+/// A spec that parsed and validated.
 #[derive(Debug, Clone)]
 pub struct ParsedSpec {
     pub spec: JobSpec,
-    pub unknown_fields: Vec<String>,
+}
+
+/// The known name closest to `name` (edit distance at most 3, or a prefix of it).
+fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| {
+            let d = if k.starts_with(name) && !name.is_empty() {
+                0
+            } else {
+                distance(name, k)
+            };
+            (d, *k)
+        })
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, k)| k)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,11 +117,18 @@ impl JobSpec {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Syntax(e.to_string()))?;
         let object = value.as_object().ok_or(SpecError::NotAnObject)?;
-        let unknown_fields = object
+        if let Some(unknown) = object
             .keys()
-            .filter(|k| !KNOWN_FIELDS.contains(&k.as_str()))
-            .cloned()
-            .collect();
+            .find(|k| !KNOWN_FIELDS.contains(&k.as_str()))
+        {
+            let hint = closest(unknown, KNOWN_FIELDS)
+                .map(|k| format!("; did you mean `{k}`?"))
+                .unwrap_or_default();
+            return Err(SpecError::field(
+                unknown.clone(),
+                format!("is not a job spec field{hint}"),
+            ));
+        }
         let mut spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
@@ -101,10 +139,7 @@ impl JobSpec {
             }
         })?;
         spec.validate()?;
-        Ok(ParsedSpec {
-            spec,
-            unknown_fields,
-        })
+        Ok(ParsedSpec { spec })
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -299,9 +334,8 @@ mod tests {
 
     #[test]
     fn minimal_spec_gets_defaults() {
-        let p = JobSpec::from_json(br#"{"job_id":"j1","command":["true"],"extra":1}"#).unwrap();
+        let p = JobSpec::from_json(br#"{"job_id":"j1","command":["true"]}"#).unwrap();
         assert_eq!(p.spec.attempt, 1);
-        assert_eq!(p.unknown_fields, vec!["extra".to_string()]);
         assert_eq!(p.spec.collected_dirs(), vec!["artifacts"]);
     }
 
@@ -342,6 +376,9 @@ mod tests {
         assert!(err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"/jobs/b","mount":"/etc/x"}]}"#)
             .contains("`datasets[0].mount`"));
         assert!(err(r#"[1]"#).contains("object"));
+        let typo = err(r#"{"job_id":"a","command":["x"],"timeout":5}"#);
+        assert!(typo.contains("`timeout`") && typo.contains("did you mean `timeout_secs`"), "{typo}");
+        assert!(!err(r#"{"job_id":"a","command":["x"],"zzzzzzzz":5}"#).contains("did you mean"));
         assert!(err(r#"{"#).contains("not valid JSON"));
     }
 }

@@ -57,11 +57,20 @@ fn bad_specs_are_one_line_naming_the_field() {
 }
 
 #[test]
-fn unknown_spec_fields_only_warn() {
+fn unknown_spec_fields_are_errors_with_a_suggestion() {
     let h = Harness::file();
-    let run = h.run_job(json!({"job_id": "j1", "command": ["true"], "priority": "high"}));
-    run.assert_code(0);
-    assert!(run.stderr.contains("priority"), "{}", run.stderr);
+    let marker = h.path("launched");
+    let run = h.run_job(
+        json!({"job_id": "j1", "command": ["touch", marker.to_str().unwrap()], "timeout": 5}),
+    );
+    run.assert_code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("`timeout`") && run.stderr.contains("timeout_secs"),
+        "{}",
+        run.stderr
+    );
+    assert!(!marker.exists(), "nothing is launched for a bad spec");
 }
 
 #[test]
