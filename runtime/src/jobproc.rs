@@ -5,7 +5,8 @@
 //!   a host without systemd), the job gets its own cgroup: membership is the kernel's, and
 //!   `cgroup.kill` ends every member at once.
 //! * Always, the agent is a child subreaper: whatever the job forks and orphans is re-parented
-//!   to the agent, so "descendants of the agent" is the job even without a cgroup.
+//!   to the agent, so "descendants of the agent" is the job even without a cgroup (the agent
+//!   starts no other processes).
 //!
 //! Which of the two is in force is said in the log when the job starts.
 
@@ -147,8 +148,10 @@ impl JobProcesses {
         self.inner.cgroup.as_ref()
     }
 
-    /// Live (non-zombie) processes of the job: its cgroup's members, the agent's descendants
-    /// and anything left in its process group. Reads `/proc`: call it off the reactor.
+    /// Live (non-zombie) processes of the job: its cgroup's members and the agent's
+    /// descendants (the subreaper flag keeps orphans among them). Never a process group id
+    /// alone: once the group is gone, its id may belong to a stranger. Reads `/proc`: call it
+    /// off the reactor.
     pub fn members(&self) -> Vec<i32> {
         let procs = procfs::all();
         let mut set: BTreeSet<i32> = procfs::descendants(self.inner.agent, &procs)
@@ -157,12 +160,6 @@ impl JobProcesses {
         if let Some(cg) = &self.inner.cgroup {
             set.extend(cg.members());
         }
-        set.extend(
-            procs
-                .iter()
-                .filter(|(_, s)| s.pgrp == self.inner.leader)
-                .map(|(p, _)| *p),
-        );
         set.into_iter()
             .filter(|p| *p != self.inner.agent && procs.get(p).is_some_and(|s| !s.is_zombie()))
             .collect()
@@ -179,7 +176,6 @@ impl JobProcesses {
         for pid in pids {
             let _ = kill(Pid::from_raw(*pid), signal);
         }
-        let _ = killpg(Pid::from_raw(self.inner.leader), signal);
     }
 
     fn kill_all(&self, pids: &[i32]) {
