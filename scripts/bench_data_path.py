@@ -111,7 +111,7 @@ def run_agent(tmp, workdir, store_url, server, run_id):
     state = os.path.join(tmp, "agent-state")
     shutil.rmtree(state, ignore_errors=True)
     cfg = os.path.join(tmp, "agent.toml")
-    toml = f'state_dir = "{state}"\n[sync]\nlive = false\n[store]\nurl = "{store_url}"\n'
+    toml = f'state_dir = "{state}"\njobs_root = "{tmp}"\n[sync]\nlive = false\n[store]\nurl = "{store_url}"\n'
     if server:
         toml += (f'[store.options]\naws_endpoint = "{server.endpoint}"\naws_allow_http = "true"\n'
                  'aws_access_key_id = "AK"\naws_secret_access_key = "SK"\naws_region = "us-east-1"\n')

@@ -62,7 +62,7 @@ def run_agent(tmp, store_toml, live, job_id, command):
     state = os.path.join(tmp, "state-" + job_id)
     cfg = os.path.join(tmp, job_id + ".toml")
     with open(cfg, "w") as f:
-        f.write(f'state_dir = "{state}"\n[sync]\nlive = {"true" if live else "false"}\n' + (store_toml or ""))
+        f.write(f'state_dir = "{state}"\njobs_root = "{tmp}"\n[sync]\nlive = {"true" if live else "false"}\n' + (store_toml or ""))
     work = os.path.join(tmp, "work-" + job_id)
     spec = os.path.join(tmp, job_id + ".json")
     with open(spec, "w") as f:
