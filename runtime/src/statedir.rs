@@ -81,7 +81,7 @@ impl StateDir {
         Ok(self.attempt_dir(job_id, attempt))
     }
 
-    /// Creates the state dir (0711), and narrows an existing one that others could list.
+    /// Creates the state dir (0711), and sets an existing one of the agent's to 0711.
     pub fn ensure_root(&self) -> Result<(), StateError> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if let Some(parent) = self.root.parent() {
@@ -93,7 +93,8 @@ impl StateDir {
         mkdir_mode(&self.root, 0o711)?;
         if let Ok(meta) = std::fs::symlink_metadata(&self.root) {
             let mine = meta.uid() == nix::unistd::geteuid().as_raw();
-            if mine && meta.mode() & 0o066 != 0 {
+            // Exactly 0711: narrower and a job's user could not reach a default workdir below it.
+            if mine && meta.mode() & 0o777 != 0o711 {
                 std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
                     .map_err(|source| StateError::Write {
                         path: self.root.clone(),
