@@ -170,6 +170,22 @@ struct CpState {
     fail_next: AtomicUsize,
     fail_all: AtomicBool,
     quota: Mutex<(u64, Option<u64>)>,
+    /// Non-zero: every 200 reply body is exactly this many bytes (see `set_reply_padding`).
+    reply_padding: AtomicUsize,
+    /// The padded body, built once per size.
+    padded: Mutex<Option<axum::body::Bytes>>,
+}
+
+/// A JSON object of exactly `bytes` bytes (at least its fixed fields), with a huge `pad` string.
+fn padded_reply(bytes: usize) -> axum::body::Bytes {
+    let head = br#"{"storage_used_bytes":0,"storage_quota_bytes":null,"pad":""#;
+    let tail = br#""}"#;
+    let fill = bytes.saturating_sub(head.len() + tail.len());
+    let mut body = Vec::with_capacity(head.len() + fill + tail.len());
+    body.extend_from_slice(head);
+    body.resize(head.len() + fill, b'x');
+    body.extend_from_slice(tail);
+    axum::body::Bytes::from(body)
 }
 
 /// An HTTP control plane that records every request and can answer 503 or over-quota.
@@ -183,7 +199,8 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub fn start() -> Self {
         use axum::extract::{Path as AxPath, State};
-        use axum::http::{HeaderMap, StatusCode};
+        use axum::http::{header, HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
         use axum::routing::post;
 
         let state = Arc::new(CpState::default());
@@ -230,7 +247,19 @@ impl ControlPlane {
                         body: serde_json::from_str(&body).unwrap_or(Value::Null),
                         answered: code.as_u16(),
                     });
-                    (code, axum::Json(reply))
+                    let padding = st.reply_padding.load(Ordering::SeqCst);
+                    if code == StatusCode::OK && padding > 0 {
+                        let body = {
+                            let mut cached = st.padded.lock().expect("lock");
+                            match cached.as_ref() {
+                                Some(b) if b.len() == padding => b.clone(),
+                                _ => cached.insert(padded_reply(padding)).clone(),
+                            }
+                        };
+                        return (code, [(header::CONTENT_TYPE, "application/json")], body)
+                            .into_response();
+                    }
+                    (code, axum::Json(reply)).into_response()
                 };
                 let app = axum::Router::new()
                     .route("/api/{*rest}", post(handler))
@@ -258,6 +287,13 @@ impl ControlPlane {
 
     pub fn fail_all(&self, on: bool) {
         self.state.fail_all.store(on, Ordering::SeqCst);
+    }
+
+    /// Non-zero: every 200 reply body is `bytes` bytes long (a JSON object with one huge string
+    /// field; the quota set by `set_quota` is then not reported). Proves the agent reads at most
+    /// a capped amount of a reply.
+    pub fn set_reply_padding(&self, bytes: usize) {
+        self.state.reply_padding.store(bytes, Ordering::SeqCst);
     }
 
     pub fn set_quota(&self, used: u64, quota: Option<u64>) {
@@ -387,8 +423,19 @@ impl Harness {
     pub fn config_path(&self) -> PathBuf {
         let token_file = self.path("token");
         std::fs::write(&token_file, format!("{}\n", self.token)).expect("token");
+        // Spec workdirs must lie under `jobs_root`: the temp dir holds them all, unless the
+        // test sets its own `jobs_root` in `extra_toml` (a TOML key may appear only once).
+        let jobs_root = if self
+            .extra_toml
+            .lines()
+            .any(|l| l.trim_start().starts_with("jobs_root"))
+        {
+            String::new()
+        } else {
+            format!("jobs_root = \"{}\"\n", self.dir.path().display())
+        };
         let mut toml = format!(
-            "state_dir = \"{}\"\nkill_grace_secs = 1\n{}",
+            "state_dir = \"{}\"\nkill_grace_secs = 1\n{jobs_root}{}",
             self.state.display(),
             self.extra_toml
         );
@@ -553,4 +600,25 @@ pub fn signal(pid: u32, sig: &str) {
         .expect("kill")
         .success();
     assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// `chmod MODE PATH` (follows symlinks, like chmod(1)).
+pub fn chmod(path: impl AsRef<Path>, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = path.as_ref();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// Peak resident set size, in KiB, of the largest child process this process has waited for
+/// (and of their own waited-for descendants). nextest runs each test in its own process, so
+/// this is the peak of the agents the test ran.
+#[allow(clippy::useless_conversion)] // `c_long` is `i64` on 64-bit targets only
+pub fn max_child_rss_kib() -> i64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes a `rusage` through a valid pointer.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    // SAFETY: getrusage succeeded, so it filled the struct (and it was zeroed before).
+    i64::from(unsafe { usage.assume_init() }.ru_maxrss)
 }

@@ -1,0 +1,127 @@
+//! A job's process that called setsid() (its own session, its own process group) is still the
+//! job's: cancel, timeout and the job's end stop it, and a file it holds open for writing is
+//! not uploaded half-written.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::{not_root, open_harness, pid_from, spawn_job, wait_within, KillOnDrop};
+use crate::support::{alive, sha256_hex, signal, wait_for, Harness};
+
+/// Starts, in its own session, a sleeper that ignores SIGTERM and writes its pid to
+/// `$C3_ARTIFACTS_DIR/esc.pid`.
+const ESCAPE: &str =
+    "setsid -f sh -c 'trap \"\" TERM; echo $$ > $C3_ARTIFACTS_DIR/esc.pid.tmp; mv $C3_ARTIFACTS_DIR/esc.pid.tmp $C3_ARTIFACTS_DIR/esc.pid; exec sleep 300'";
+
+fn esc_pid(h: &Harness, job: &str) -> i32 {
+    pid_from(&h.workdir(job).join("artifacts/esc.pid"))
+}
+
+/// The escaped sleeper is dead (a zombie counts as dead); a SIGKILL may take a moment to land.
+fn assert_dead(pid: i32, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !alive(pid),
+        "the job's setsid() process {pid} survived the {what}"
+    );
+}
+
+#[test]
+fn cancel_kills_a_process_that_left_the_jobs_session() {
+    if not_root("cancel_kills_a_process_that_left_the_jobs_session") {
+        return;
+    }
+    let h = open_harness();
+    let script = format!("{ESCAPE}; sleep 300");
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "c", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let pid = esc_pid(&h, "c");
+    let _cleanup = KillOnDrop(pid);
+    signal(child.id(), "TERM");
+    let run = wait_within("canceled run", child, Duration::from_secs(30));
+    run.assert_code(4);
+    assert_dead(pid, "cancel");
+}
+
+#[test]
+fn timeout_kills_a_process_that_left_the_jobs_session() {
+    if not_root("timeout_kills_a_process_that_left_the_jobs_session") {
+        return;
+    }
+    let h = open_harness();
+    let script = format!("{ESCAPE}; sleep 300");
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "t", "user": "nobody", "timeout_secs": 2, "command": ["sh", "-c", script]}),
+    );
+    let pid = esc_pid(&h, "t");
+    let _cleanup = KillOnDrop(pid);
+    let run = wait_within("timed-out run", child, Duration::from_secs(30));
+    run.assert_code(5);
+    assert_dead(pid, "timeout");
+}
+
+#[test]
+fn job_exit_kills_a_process_that_left_the_jobs_session() {
+    if not_root("job_exit_kills_a_process_that_left_the_jobs_session") {
+        return;
+    }
+    let h = open_harness();
+    // Exits 0 as soon as the sleeper has written its pid (at most 10 s).
+    let script = format!(
+        "{ESCAPE}; i=0; while [ ! -e $C3_ARTIFACTS_DIR/esc.pid ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; exit 0"
+    );
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "e", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let run = wait_within("run", child, Duration::from_secs(30));
+    let pid = esc_pid(&h, "e");
+    let _cleanup = KillOnDrop(pid);
+    run.assert_code(0);
+    assert_dead(pid, "job's exit");
+}
+
+#[test]
+fn a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written() {
+    if not_root("a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written") {
+        return;
+    }
+    let mut h = open_harness();
+    h.extra_toml = "[sync]\nsettle_ms = 200\n".into();
+    // The writer leaves the job's session, writes "A", keeps the file open 3 s, writes "B".
+    let script = "setsid sh -c 'exec 3>$C3_ARTIFACTS_DIR/w.bin; printf A >&3; sleep 3; printf B >&3; exec 3>&-; touch writer.done' & \
+                  i=0; while [ ! -e writer.done ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done";
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "w", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let w = h.workdir("w").join("artifacts/w.bin");
+    wait_for("the writer to open w.bin", Duration::from_secs(20), || {
+        w.exists().then_some(())
+    });
+    let run = wait_within("run w", child, Duration::from_secs(30));
+    run.assert_code(0);
+    let m = h.manifest("w");
+    let entry = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "artifacts/w.bin")
+        .unwrap_or_else(|| panic!("w.bin not in the manifest: {m}"))
+        .clone();
+    assert_eq!(entry["size"], 2, "{entry}");
+    assert_eq!(entry["sha256"], sha256_hex(b"AB"));
+    let half: PathBuf = h.object_path(&format!("blobs/sha256/{}", sha256_hex(b"A")));
+    assert!(
+        !half.exists(),
+        "the half-written w.bin (\"A\") was uploaded while its writer held it open"
+    );
+}

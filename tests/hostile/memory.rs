@@ -1,0 +1,103 @@
+//! The agent's memory does not follow what a job or a control plane throws at it: huge sparse
+//! files swapped into the artifacts, a control plane answering with hundreds of MiB.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::{not_root, spawn_job, wait_within};
+use crate::support::{max_child_rss_kib, Harness};
+
+const MIB_IN_KIB: i64 = 1024;
+
+#[test]
+fn sparse_gib_files_swapped_into_artifacts_do_not_grow_the_agent() {
+    if not_root("sparse_gib_files_swapped_into_artifacts_do_not_grow_the_agent") {
+        return;
+    }
+    let mut h = Harness::file();
+    // Uploads one at a time (a 1 KiB memory budget), at most 4 files in flight: the agent's
+    // look at a file (one byte) and its read of it are then far enough apart for the job to
+    // swap a GiB in between, as a busy node would make them; and a regression reads at most a
+    // few GiB, not 50.
+    h.extra_toml =
+        "[sync]\nsettle_ms = 0\n[upload]\nmemory_budget_bytes = 1024\nfiles_in_flight = 4\n".into();
+    // 50 one-byte files; then, for ~3 s, each in turn becomes a 1 GiB sparse file (made by
+    // truncate) and a one-byte file again, renamed in as a checkpoint writer would (hard links
+    // of two templates, so that the swaps come fast); at the end they are one byte again.
+    let swapper = h.path("swap.py");
+    std::fs::write(
+        &swapper,
+        r#"import os, time
+os.chdir(os.environ["C3_ARTIFACTS_DIR"])
+for i in range(50):
+    with open("f%d" % i, "w") as f:
+        f.write("x")
+with open("../big", "wb") as f:
+    f.truncate(1 << 30)
+with open("../small", "w") as f:
+    f.write("x")
+def place(src, dst):
+    os.link(src, "../tmp")
+    os.rename("../tmp", dst)
+end = time.time() + 3
+while time.time() < end:
+    for i in range(50):
+        place("../small", "f%d" % i)
+    time.sleep(0.01)
+    for i in range(50):
+        place("../big", "f%d" % i)
+    time.sleep(0.002)
+for i in range(50):
+    place("../small", "f%d" % i)
+"#,
+    )
+    .unwrap();
+    let script = format!(
+        "p=/usr/bin/python3; [ -x $p ] || p=python3; exec $p '{}'",
+        swapper.display()
+    );
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "sparse", "command": ["sh", "-c", script]}),
+    );
+    let run = wait_within("run sparse", child, Duration::from_secs(90));
+    println!("run sparse exited {}", run.code);
+    assert!(
+        run.code >= 0,
+        "the agent did not exit normally\n--- stderr\n{}",
+        run.stderr
+    );
+    let rss = max_child_rss_kib();
+    println!("peak RSS of the agent: {} MiB", rss / MIB_IN_KIB);
+    assert!(
+        rss < 300 * MIB_IN_KIB,
+        "the agent's peak RSS was {} MiB (limit 300 MiB): it buffered a sparse file\n--- stderr\n{}",
+        rss / MIB_IN_KIB,
+        run.stderr
+    );
+}
+
+#[test]
+fn a_huge_control_plane_reply_is_not_buffered() {
+    if not_root("a_huge_control_plane_reply_is_not_buffered") {
+        return;
+    }
+    let h = Harness::file().with_control_plane(5);
+    h.cp().set_reply_padding(300 * 1024 * 1024);
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "cp", "command": ["sh", "-c", "echo hi; echo x > $C3_ARTIFACTS_DIR/x"]}),
+    );
+    let run = wait_within("run cp", child, Duration::from_secs(60));
+    run.assert_code(0);
+    let rss = max_child_rss_kib();
+    println!("peak RSS of the agent: {} MiB", rss / MIB_IN_KIB);
+    assert!(
+        rss < 150 * MIB_IN_KIB,
+        "the agent's peak RSS was {} MiB (limit 150 MiB): it buffered a control-plane reply\n--- stderr\n{}",
+        rss / MIB_IN_KIB,
+        run.stderr
+    );
+    assert_eq!(h.manifest_paths("cp"), vec!["artifacts/x"]);
+}

@@ -1,0 +1,119 @@
+//! Taking root's files: a spec must not point the agent (root) at a directory it would then
+//! hand to the job user, and a file the job user could not read is never collected.
+
+use serde_json::json;
+
+use crate::common::{mode, not_root, open_harness, owner, snapshot, victim};
+use crate::support::chmod;
+
+#[test]
+fn workdir_outside_jobs_root_is_a_spec_error() {
+    if not_root("workdir_outside_jobs_root_is_a_spec_error") {
+        return;
+    }
+    let mut h = open_harness();
+    let jobs = h.path("jobs");
+    std::fs::create_dir(&jobs).unwrap();
+    h.extra_toml = format!("jobs_root = \"{}\"\n", jobs.display());
+    let v = victim(&h);
+    let before = snapshot(&v);
+    let marker = h.path("launched");
+    let run = h.run_job(json!({
+        "job_id": "j", "user": "nobody", "workdir": v.display().to_string(),
+        "command": ["touch", marker.display().to_string()],
+    }));
+    run.assert_code(2);
+    assert!(run.stderr.contains("workdir"), "{}", run.stderr);
+    assert!(!marker.exists(), "nothing may be launched");
+    assert_eq!(owner(&v), 0, "the victim dir was given to the job user");
+    assert_eq!(snapshot(&v), before);
+}
+
+/// Removes a directory tree the test may have caused to be created outside its temp dir.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn absolute_dataset_mount_outside_the_workdir_is_a_spec_error() {
+    if not_root("absolute_dataset_mount_outside_the_workdir_is_a_spec_error") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    h.run_job(json!({"job_id": "src", "command": ["sh", "-c", "echo d > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let marker = h.path("launched");
+    // A name of this run's own, removed again should a regression create it.
+    let etc_victim =
+        std::path::PathBuf::from(format!("/etc/c3-hostile-victim-{}", std::process::id()));
+    assert!(
+        !etc_victim.exists(),
+        "{} exists already",
+        etc_victim.display()
+    );
+    let _cleanup = RemoveOnDrop(etc_victim.clone());
+    for mount in [etc_victim.display().to_string(), v.display().to_string()] {
+        let run = h.run_job(json!({
+            "job_id": "j", "user": "nobody",
+            "datasets": [{"ref": "/jobs/src", "mount": mount}],
+            "command": ["touch", marker.display().to_string()],
+        }));
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains("datasets[0].mount"),
+            "mount {mount}: {}",
+            run.stderr
+        );
+        assert!(!marker.exists(), "nothing may be launched");
+    }
+    assert!(!etc_victim.exists(), "a dataset was materialized in /etc");
+    assert_eq!(snapshot(&v), before);
+}
+
+#[test]
+fn existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected() {
+    if not_root("existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected") {
+        return;
+    }
+    let h = open_harness();
+    let wd = h.workdir("j");
+    std::fs::create_dir(&wd).unwrap();
+    chmod(&wd, 0o755);
+    let art = wd.join("artifacts");
+    std::fs::create_dir(&art).unwrap();
+    chmod(&art, 0o777);
+    std::fs::write(art.join("secret"), "root only\n").unwrap();
+    chmod(art.join("secret"), 0o600);
+    std::fs::write(art.join("public"), "everyone\n").unwrap();
+    chmod(art.join("public"), 0o644);
+
+    let run = h.run_job(json!({
+        "job_id": "j", "user": "nobody",
+        "command": ["sh", "-c", "echo mine > $C3_ARTIFACTS_DIR/mine"],
+    }));
+    run.assert_code(0);
+    let paths = h.manifest_paths("j");
+    assert!(paths.contains(&"artifacts/mine".to_string()), "{paths:?}");
+    assert!(paths.contains(&"artifacts/public".to_string()), "{paths:?}");
+    assert!(
+        !paths.contains(&"artifacts/secret".to_string()),
+        "a file the job user cannot read was collected: {paths:?}"
+    );
+    let t = h.terminal("j");
+    let warnings = t["warnings"].to_string();
+    assert!(
+        warnings.contains("secret"),
+        "no warning names the skipped file: {t}"
+    );
+    assert_eq!(owner(&wd), 0, "an existing workdir was re-owned");
+    assert_eq!(mode(&wd), 0o755, "an existing workdir's mode changed");
+    assert_eq!(owner(&art), 0, "an existing artifacts dir was re-owned");
+    assert_eq!(owner(&art.join("secret")), 0);
+    assert_eq!(mode(&art.join("secret")), 0o600);
+}

@@ -1,0 +1,84 @@
+//! Private by default (contract §6, file modes): the state dir, its records and logs, the
+//! default workdir and the file store are closed to other users.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::common::{mode, nobody, not_root, open_harness, owner};
+
+/// Every entry under `dir` (not following symlinks), `dir` included.
+fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        assert!(out.len() < 100_000, "tree too big");
+        let p = out[i].clone();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            let mut children: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            children.sort();
+            out.extend(children);
+        }
+        i += 1;
+    }
+    out
+}
+
+#[test]
+fn state_dir_records_logs_workdir_and_store_are_private() {
+    if not_root("state_dir_records_logs_workdir_and_store_are_private") {
+        return;
+    }
+    let h = open_harness();
+    // No `workdir`: the default one, `<state_dir>/jobs/<job_id>/work` (`Harness::spec` would
+    // fill one in, so the spec is written here).
+    let spec = h.path("priv.json");
+    std::fs::write(
+        &spec,
+        serde_json::to_vec(&json!({
+            "job_id": "priv", "user": "nobody",
+            "command": ["sh", "-c", "echo out; echo err >&2; echo data > $C3_ARTIFACTS_DIR/d; mkdir $C3_ARTIFACTS_DIR/sub; echo more > $C3_ARTIFACTS_DIR/sub/e"],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    h.run(&["run", "--job", spec.to_str().unwrap()])
+        .assert_code(0);
+    assert_eq!(
+        h.manifest_paths("priv"),
+        vec!["artifacts/d", "artifacts/sub/e"]
+    );
+
+    let state_mode = mode(&h.state);
+    assert_eq!(
+        state_mode & 0o066,
+        0,
+        "state dir is {state_mode:o}: group/other may read or write it"
+    );
+    let attempt = h.state.join("jobs/priv/attempts/1");
+    for name in ["run.json", "stdout.log", "stderr.log"] {
+        let m = mode(&attempt.join(name));
+        assert_eq!(m, 0o600, "{name} is {m:o}");
+    }
+
+    let wd = h.state.join("jobs/priv/work");
+    assert_eq!(mode(&wd), 0o700, "default workdir mode");
+    assert_eq!(owner(&wd), nobody(), "default workdir owner");
+
+    let store = h.state.join("store");
+    let mut blobs = 0;
+    for p in tree(&store) {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let bits = mode(&p);
+        if m.is_dir() {
+            assert_eq!(bits, 0o700, "store dir {} is {bits:o}", p.display());
+        } else if p.starts_with(store.join("blobs")) {
+            assert_eq!(bits, 0o600, "blob {} is {bits:o}", p.display());
+            blobs += 1;
+        }
+    }
+    assert!(blobs >= 2, "expected the job's blobs in the store");
+}

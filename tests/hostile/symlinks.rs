@@ -1,0 +1,174 @@
+//! Writing as root through symlinks a job planted: attempt 1 of a job (as `nobody`) plants a
+//! link in its workdir, attempt 2 of the same job shares that workdir; the agent (root) must
+//! never write, chown or delete through the link.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::common::{nobody, not_root, open_harness, owner, snapshot, victim};
+use crate::support::Harness;
+
+/// Runs job `src` (as root) whose only file is `artifacts/f` = "dataset\n".
+fn dataset_source(h: &Harness) {
+    h.run_job(
+        json!({"job_id": "src", "command": ["sh", "-c", "echo dataset > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    assert_eq!(h.manifest_paths("src"), vec!["artifacts/f"]);
+}
+
+/// Attempt 1 of job `job`, as nobody, running `script` in its workdir; it must succeed.
+fn plant(h: &Harness, job: &str, script: &str) {
+    h.run_job(
+        json!({"job_id": job, "attempt": 1, "user": "nobody", "command": ["sh", "-c", script]}),
+    )
+    .assert_code(0);
+}
+
+fn assert_untouched(victim: &Path, before: &[String]) {
+    assert_eq!(
+        snapshot(victim),
+        before,
+        "the victim dir changed (root wrote through a planted symlink)"
+    );
+    assert_eq!(owner(victim), 0, "the victim dir was re-owned");
+}
+
+#[test]
+fn dataset_mount_that_is_a_planted_dir_symlink_is_refused() {
+    if not_root("dataset_mount_that_is_a_planted_dir_symlink_is_refused") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    dataset_source(&h);
+    plant(&h, "j", &format!("ln -s '{}' data", v.display()));
+    assert!(std::fs::symlink_metadata(h.workdir("j").join("data"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let run = h.run_job(json!({
+        "job_id": "j", "attempt": 2, "user": "nobody",
+        "datasets": [{"ref": "/jobs/src", "mount": "data"}],
+        "command": ["true"],
+    }));
+    run.assert_code(6);
+    assert_untouched(&v, &before);
+}
+
+#[test]
+fn dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed() {
+    if not_root("dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    dataset_source(&h);
+    plant(
+        &h,
+        "j",
+        &format!(
+            "mkdir -p data/artifacts && ln -s '{}' data/artifacts/f",
+            v.join("file").display()
+        ),
+    );
+    let run = h.run_job(json!({
+        "job_id": "j", "attempt": 2, "user": "nobody",
+        "datasets": [{"ref": "/jobs/src", "mount": "data"}],
+        "command": ["true"],
+    }));
+    run.assert_code(0);
+    assert_untouched(&v, &before);
+    let f = h.workdir("j").join("data/artifacts/f");
+    let m = std::fs::symlink_metadata(&f).unwrap();
+    assert!(
+        m.file_type().is_file(),
+        "{} is still not a regular file: {m:?}",
+        f.display()
+    );
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "dataset\n");
+    assert_eq!(owner(&f), nobody(), "the job's dataset copy belongs to it");
+}
+
+#[test]
+fn output_dir_that_is_a_planted_symlink_is_refused() {
+    if not_root("output_dir_that_is_a_planted_symlink_is_refused") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    plant(&h, "j", &format!("ln -s '{}' results", v.display()));
+    // Were the link followed and the victim given to nobody, this would write into it.
+    let run = h.run_job(json!({
+        "job_id": "j", "attempt": 2, "user": "nobody", "output": ["results"],
+        "command": ["sh", "-c", "touch results/ckpt"],
+    }));
+    run.assert_code(6);
+    assert!(!v.join("ckpt").exists());
+    assert_untouched(&v, &before);
+}
+
+#[test]
+fn planted_dot_c3_symlink_is_replaced_and_its_target_kept() {
+    if not_root("planted_dot_c3_symlink_is_replaced_and_its_target_kept") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    std::fs::write(v.join("result.json"), "{\"victim\":true}\n").unwrap();
+    let before = snapshot(&v);
+    plant(
+        &h,
+        "j",
+        &format!("rm -rf .c3 && ln -s '{}' .c3", v.display()),
+    );
+    let run = h.run_job(json!({
+        "job_id": "j", "attempt": 2, "user": "nobody",
+        "command": ["sh", "-c", "echo 7 > \"$C3_RESULT_FILE\""],
+    }));
+    run.assert_code(0);
+    assert_untouched(&v, &before);
+    assert_eq!(
+        std::fs::read_to_string(v.join("result.json")).unwrap(),
+        "{\"victim\":true}\n"
+    );
+    let c3 = h.workdir("j").join(".c3");
+    assert!(
+        std::fs::symlink_metadata(&c3).unwrap().is_dir(),
+        ".c3 is a real directory again"
+    );
+}
+
+#[test]
+fn pull_refuses_a_destination_symlink_to_a_victim_dir() {
+    if not_root("pull_refuses_a_destination_symlink_to_a_victim_dir") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    h.run_job(json!({
+        "job_id": "src", "output": ["sub"],
+        "command": ["sh", "-c", "mkdir -p sub/a/b && echo x > sub/a/b/file"],
+    }))
+    .assert_code(0);
+    assert_eq!(h.manifest_paths("src"), vec!["sub/a/b/file"]);
+    let dest = h.path("dest");
+    std::fs::create_dir(&dest).unwrap();
+    std::os::unix::fs::symlink(&v, dest.join("sub")).unwrap();
+    let run = h.run(&["pull", "src", dest.to_str().unwrap()]);
+    assert_ne!(
+        run.code, 0,
+        "pull wrote through a symlink in its destination\n{}",
+        run.stderr
+    );
+    assert!(
+        !v.join("a").exists(),
+        "pull created files inside the victim"
+    );
+    assert_untouched(&v, &before);
+}
