@@ -382,7 +382,9 @@ pub fn resolve(
         max_watches: file.sync.max_watches.unwrap_or(8192),
     });
     if file.sync.max_watches == Some(0) {
-        problems.push("`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into());
+        problems.push(
+            "`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into(),
+        );
     }
     if !problems.is_empty() {
         return Err(fail(problems));

@@ -117,10 +117,7 @@ impl JobSpec {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Syntax(e.to_string()))?;
         let object = value.as_object().ok_or(SpecError::NotAnObject)?;
-        if let Some(unknown) = object
-            .keys()
-            .find(|k| !KNOWN_FIELDS.contains(&k.as_str()))
-        {
+        if let Some(unknown) = object.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
             let hint = closest(unknown, KNOWN_FIELDS)
                 .map(|k| format!("; did you mean `{k}`?"))
                 .unwrap_or_default();
@@ -371,13 +368,20 @@ mod tests {
                 .contains("`datasets[0].ref`")
         );
         assert!(err(r#"{"job_id":"a","command":["x"],"output":["r/."]}"#).contains("`output[0]`"));
-        assert!(err(r#"{"job_id":"a","command":["x"],"output":["a/../b"]}"#).contains("`output[0]`"));
+        assert!(
+            err(r#"{"job_id":"a","command":["x"],"output":["a/../b"]}"#).contains("`output[0]`")
+        );
         assert!(err(r#"{"job_id":"a","command":["x"],"workdir":"/w/../x"}"#).contains("`workdir`"));
-        assert!(err(r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"/jobs/b","mount":"/etc/x"}]}"#)
-            .contains("`datasets[0].mount`"));
+        assert!(err(
+            r#"{"job_id":"a","command":["x"],"datasets":[{"ref":"/jobs/b","mount":"/etc/x"}]}"#
+        )
+        .contains("`datasets[0].mount`"));
         assert!(err(r#"[1]"#).contains("object"));
         let typo = err(r#"{"job_id":"a","command":["x"],"timeout":5}"#);
-        assert!(typo.contains("`timeout`") && typo.contains("did you mean `timeout_secs`"), "{typo}");
+        assert!(
+            typo.contains("`timeout`") && typo.contains("did you mean `timeout_secs`"),
+            "{typo}"
+        );
         assert!(!err(r#"{"job_id":"a","command":["x"],"zzzzzzzz":5}"#).contains("did you mean"));
         assert!(err(r#"{"#).contains("not valid JSON"));
     }

@@ -75,8 +75,10 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan
     let root = match DirFd::open(workdir) {
         Ok(d) => d,
         Err(e) => {
-            out.warnings
-                .push(format!("cannot open the workdir {}: {e}", workdir.display()));
+            out.warnings.push(format!(
+                "cannot open the workdir {}: {e}",
+                workdir.display()
+            ));
             return out;
         }
     };
@@ -84,7 +86,12 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan
         match root.open_dir(Path::new(dir)) {
             Ok(fd) => walk(workdir, fd, dir.trim_end_matches('/'), reader, &mut out),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+                ) =>
+            {
                 out.warnings.push(format!(
                     "output dir {dir} is not a directory (a symlink?); skipped"
                 ))
@@ -103,9 +110,8 @@ fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>,
             match crate::confine::fstat(&dir) {
                 Ok(st) if reader.can_enter(&st) => {}
                 Ok(_) => {
-                    out.warnings.push(format!(
-                        "{rel}/ is not readable by the job's user; skipped"
-                    ));
+                    out.warnings
+                        .push(format!("{rel}/ is not readable by the job's user; skipped"));
                     continue;
                 }
                 Err(e) => {

@@ -202,7 +202,12 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     for p in dirs {
         cur = openat(&cur, *p, DIR_FLAGS, Mode::empty())?;
     }
-    Ok(openat(&cur, *last, flags | OFlag::O_NOFOLLOW, Mode::empty())?)
+    Ok(openat(
+        &cur,
+        *last,
+        flags | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )?)
 }
 
 /// Opens `path` for reading. Below `root` no symlink is followed in any component;

@@ -20,11 +20,11 @@ use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::{DirFd, JobReader};
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
-use crate::statedir::AttemptLock;
 use crate::live::{LiveOptions, LiveSync};
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::output::{forward_live, pump};
 use crate::report::{ControlPlane, Delivery, Reporter};
+use crate::statedir::AttemptLock;
 use crate::statedir::StateDir;
 use crate::store::{attempt_manifest_key, manifest_key, BlobStore};
 use crate::sync::{sync_scan, SyncBook};
@@ -321,7 +321,11 @@ impl<'a> Run<'a> {
 
     /// Copies another job's files to `mount` (below the workdir): a private copy the job
     /// may modify freely, created as the job's user, never written through a symlink.
-    async fn materialize(&self, job_id: &str, mount: &str) -> Result<crate::pull::PullSummary, String> {
+    async fn materialize(
+        &self,
+        job_id: &str,
+        mount: &str,
+    ) -> Result<crate::pull::PullSummary, String> {
         let workdir = self
             .workdir_fd
             .as_ref()
@@ -355,12 +359,17 @@ impl<'a> Run<'a> {
     fn prepare_dirs(&self) -> std::io::Result<DirFd> {
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
         let roots = [self.ctx.jobs_root.clone(), self.ctx.state.jobs_dir()];
-        let root = roots.iter().find(|r| self.workdir.starts_with(r) && self.workdir != **r);
+        let root = roots
+            .iter()
+            .find(|r| self.workdir.starts_with(r) && self.workdir != **r);
         let workdir = match root {
             Some(root) => {
                 if !root.exists() {
                     std::fs::create_dir_all(root)?;
-                    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+                    std::fs::set_permissions(
+                        root,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                    )?;
                 }
                 let rel = self.workdir.strip_prefix(root).expect("checked above");
                 // Parents of the workdir stay the agent's (traversable, not listable);
@@ -411,12 +420,7 @@ impl<'a> Run<'a> {
             self.message = Some("the workdir is not open".into());
             return JobEnd::AgentFailed;
         };
-        let cgroup_name = format!(
-            "c3-{}-{}-{}",
-            spec.job_id,
-            spec.attempt,
-            std::process::id()
-        );
+        let cgroup_name = format!("c3-{}-{}-{}", spec.job_id, spec.attempt, std::process::id());
         let cgroup = match Cgroup::create(&cgroup_name) {
             Ok(cg) => match cg.procs_file() {
                 Ok(f) => Some((cg, f)),
@@ -770,16 +774,16 @@ impl<'a> Run<'a> {
         let workdir = self.workdir.clone();
         let dirs = self.spec().collected_dirs();
         let reader = self.run_as.as_ref().map(RunAs::reader);
-        let found = match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref()))
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                // Never an empty scan: that would shrink the manifest silently.
-                tracing::error!(error = %e, "the final scan failed");
-                return 1;
-            }
-        };
+        let found =
+            match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    // Never an empty scan: that would shrink the manifest silently.
+                    tracing::error!(error = %e, "the final scan failed");
+                    return 1;
+                }
+            };
         for w in &found.warnings {
             self.warn(w.clone());
         }

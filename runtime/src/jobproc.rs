@@ -54,9 +54,7 @@ impl Cgroup {
     /// A cgroup recorded by an earlier agent, if it still exists.
     pub fn existing(path: &str) -> Option<Cgroup> {
         let dir = PathBuf::from(path);
-        dir.join("cgroup.procs")
-            .exists()
-            .then_some(Cgroup { dir })
+        dir.join("cgroup.procs").exists().then_some(Cgroup { dir })
     }
 
     pub fn path(&self) -> &Path {

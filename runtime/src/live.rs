@@ -214,8 +214,12 @@ impl Syncer {
         match joined {
             Ok((w, Ok(()))) => self.watcher = Some(w),
             Ok((w, Err(cap))) => {
-                tracing::warn!(watches = w.watch_count(), max_watches = cap.max, poll_ms = self.opts.poll_interval.as_millis() as u64,
-                    "too many directories to watch (sync.max_watches); live sync polls from now on");
+                tracing::warn!(
+                    watches = w.watch_count(),
+                    max_watches = cap.max,
+                    poll_ms = self.opts.poll_interval.as_millis() as u64,
+                    "too many directories to watch (sync.max_watches); live sync polls from now on"
+                );
                 self.polling = true;
                 // The watches set so far stay useful; no more are added.
                 drop(w);
@@ -350,11 +354,8 @@ impl Syncer {
     }
 
     async fn rescan(&mut self) {
-        let (workdir, dirs, reader) = (
-            self.workdir.clone(),
-            self.dirs.clone(),
-            self.reader.clone(),
-        );
+        let (workdir, dirs, reader) =
+            (self.workdir.clone(), self.dirs.clone(), self.reader.clone());
         let Ok(found) =
             tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
         else {

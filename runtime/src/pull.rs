@@ -246,7 +246,9 @@ fn write_verified(
     let mut size = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         let Some(chunk) = chunk else {
-            return Err(WriteFailure::Io(std::io::Error::other("download broke off")));
+            return Err(WriteFailure::Io(std::io::Error::other(
+                "download broke off",
+            )));
         };
         size += chunk.len() as u64;
         if size > entry.size {

@@ -5,8 +5,8 @@ use std::time::Instant;
 use c3_proto::{JobState, Phase, RunRecord};
 
 use crate::job::{AgentContext, JobSummary, Run};
-use crate::statedir::AttemptLock;
 use crate::outcome::JobEnd;
+use crate::statedir::AttemptLock;
 
 /// What the record says about how the job ended; a job still "running" was lost with the agent.
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
@@ -69,7 +69,8 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
             continue;
         }
         // The attempt's lock is the final word: an agent holding it is at work on the job.
-        let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt) {
+        let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt)
+        {
             Ok(lock) => lock,
             Err(e) => {
                 tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");

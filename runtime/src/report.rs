@@ -122,7 +122,11 @@ impl ControlPlane {
             let room = cap.saturating_sub(body.len());
             body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if chunk.len() > room {
-                tracing::warn!(endpoint, max_reply_bytes = cap, "control plane reply is over the size limit; the rest is ignored");
+                tracing::warn!(
+                    endpoint,
+                    max_reply_bytes = cap,
+                    "control plane reply is over the size limit; the rest is ignored"
+                );
                 break;
             }
         }

@@ -315,8 +315,7 @@ impl Uploader {
             path: path.into(),
             source,
         })?;
-        if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev
-        {
+        if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev {
             return Err(UploadError::Changed { path: path.into() });
         }
         // The agent's own files (the job's logs in the state dir) are not the job's to read.
@@ -402,8 +401,10 @@ impl Uploader {
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
         let file = self.open(path, before)?;
-        let (digests, part_crcs) =
-            blocking(path, move || hash_file(&p, file.take(before.size + 1), part_size)).await?;
+        let (digests, part_crcs) = blocking(path, move || {
+            hash_file(&p, file.take(before.size + 1), part_size)
+        })
+        .await?;
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
