@@ -41,6 +41,7 @@ struct StoreSection {
     retry_timeout_secs: Option<u64>,
     preflight_timeout_secs: Option<u64>,
     max_manifest_bytes: Option<u64>,
+    retry_deadline_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +193,11 @@ pub fn resolve(
         "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
         "store.retry_timeout_secs",
         &mut file.store.retry_timeout_secs,
+    );
+    num(
+        "C3_AGENT_STORE_RETRY_DEADLINE_SECS",
+        "store.retry_deadline_secs",
+        &mut file.store.retry_deadline_secs,
     );
     num(
         "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS",
@@ -403,8 +409,9 @@ pub fn resolve(
         store: StoreConfig {
             url: store_url,
             options: file.store.options,
-            max_retries: retries.unwrap_or(10) as usize,
-            retry_timeout: Duration::from_secs(file.store.retry_timeout_secs.unwrap_or(180)),
+            max_retries: retries.unwrap_or(3) as usize,
+            retry_timeout: Duration::from_secs(file.store.retry_timeout_secs.unwrap_or(30)),
+            retry_deadline: Duration::from_secs(file.store.retry_deadline_secs.unwrap_or(600)),
         },
         preflight_timeout: Duration::from_secs(file.store.preflight_timeout_secs.unwrap_or(20)),
         control_plane,

@@ -1,8 +1,15 @@
 //! The content-addressed store (contract §6) on top of `object_store`.
 //!
-//! Retry policy: requests to remote stores are retried by object_store's own
-//! `RetryConfig` (connection errors, 5xx, 429), configured here; nothing above
-//! this module retries a store request again, so no two policies stack.
+//! Retry policy, in two layers with distinct jobs:
+//! * object_store's own `RetryConfig` retries one HTTP request a few times, quickly
+//!   (connection errors, 5xx, 429), as it would for any client;
+//! * every operation of [`BlobStore`] is retried here, with exponential backoff and jitter
+//!   (`backon`), for as long as `retry_deadline` allows, whenever the failure is transient:
+//!   transport errors, 5xx, 429/SlowDown, a reset mid-body (which object_store does not retry
+//!   for a PUT). Permanent errors (403, 404 bucket, 400, a file store path that is read-only or
+//!   not a directory) fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
+//!   "the store really refused" or "it stayed down past the deadline" does.
+//!   One WARN marks the start of an outage and one its end, never a line per retry.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +41,8 @@ pub struct StoreConfig {
     pub max_retries: usize,
     /// Give up retrying one request after this long.
     pub retry_timeout: Duration,
+    /// Transient failures of one store operation are retried this long before it fails.
+    pub retry_deadline: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +65,8 @@ pub enum StoreError {
     },
     #[error("`{key}` is {size} bytes or more, over the limit of {max} (store.max_manifest_bytes)")]
     TooLarge { key: String, size: u64, max: u64 },
+    #[error("no S3 credentials found ({why}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials, or store.options aws_access_key_id/aws_secret_access_key")]
+    NoCredentials { why: String },
     #[error("store {op} of `{key}` failed")]
     Op {
         op: &'static str,
@@ -74,18 +85,46 @@ impl StoreError {
             | StoreError::BadOption { .. }
             | StoreError::CreateDir { .. }
             | StoreError::Build { .. }
-            | StoreError::TooLarge { .. } => true,
-            StoreError::Op { source, .. } => matches!(
-                source,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented { .. }
-                    | object_store::Error::InvalidPath { .. }
-            ),
+            | StoreError::TooLarge { .. }
+            | StoreError::NoCredentials { .. } => true,
+            StoreError::Op { source, .. } => {
+                matches!(
+                    source,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                        | object_store::Error::NotSupported { .. }
+                        | object_store::Error::NotImplemented { .. }
+                        | object_store::Error::InvalidPath { .. }
+                ) || permanent_cause(source)
+            }
         }
     }
+}
+
+/// Causes that no retry cures, found anywhere in an error's chain: a file store that is
+/// read-only, denied or not a directory, and an HTTP 400 (object_store does not type it).
+fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::NotADirectory
+            ) {
+                return true;
+            }
+        }
+        // object_store's RetryError is not nameable outside the crate; its text is stable:
+        // "Server returned non-2xx status code: 400 Bad Request: ...".
+        if err.to_string().contains("status code: 400 ") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A store and the key layout of contract §6.
@@ -99,6 +138,43 @@ pub struct BlobStore {
     /// Explicit multipart uploads (S3, GCS, Azure), which can be resumed after a crash;
     /// with the key prefix that `PrefixStore` would otherwise add.
     multipart: Option<(Arc<dyn MultipartStore>, String)>,
+    /// Retrying transient failures, and whether the store is in an outage right now.
+    retry: Arc<Retry>,
+}
+
+#[derive(Debug)]
+struct Retry {
+    deadline: Duration,
+    /// Since when operations have been failing; `None` while the store answers.
+    outage: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Retry {
+    fn new(deadline: Duration) -> Arc<Self> {
+        Arc::new(Retry {
+            deadline,
+            outage: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn failed(&self, e: &StoreError) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if outage.is_none() {
+            *outage = Some(std::time::Instant::now());
+            tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
+                "store is failing; retrying with backoff (one line when it answers again)");
+        }
+    }
+
+    fn answered(&self) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = outage.take() {
+            tracing::warn!(
+                outage_secs = since.elapsed().as_secs_f64(),
+                "store answers again"
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -163,6 +239,7 @@ impl BlobStore {
                         url,
                         broken,
                         multipart: None,
+                        retry: Retry::new(config.retry_deadline),
                     });
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
@@ -177,6 +254,7 @@ impl BlobStore {
                     url,
                     broken: None,
                     multipart: None,
+                    retry: Retry::new(config.retry_deadline),
                 });
             }
             "s3" | "s3a" => {
@@ -258,7 +336,41 @@ impl BlobStore {
             url,
             broken: None,
             multipart: Some((multipart, prefix)),
+            retry: Retry::new(config.retry_deadline),
         })
+    }
+
+    /// Runs `op` until it succeeds, fails permanently, or `retry_deadline` has passed.
+    async fn retrying<T, Fut>(&self, mut op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        use backon::BackoffBuilder;
+        let deadline = tokio::time::Instant::now() + self.retry.deadline;
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .with_max_times(usize::MAX)
+            .build();
+        loop {
+            match op().await {
+                Ok(v) => {
+                    self.retry.answered();
+                    return Ok(v);
+                }
+                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) => {
+                    self.retry.failed(&e);
+                    let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %crate::error_chain(&e), retry_in_ms = wait.as_millis() as u64, "store operation failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
     }
 
     /// The backing store, unless it could not be set up.
@@ -280,6 +392,7 @@ impl BlobStore {
             url: "memory:///".into(),
             broken: None,
             multipart: Some((mem, String::new())),
+            retry: Retry::new(Duration::from_secs(5)),
         }
     }
 
@@ -289,12 +402,21 @@ impl BlobStore {
 
     /// Proves before launch that the store is reachable and writable by
     /// creating the empty blob (which is itself a valid blob).
+    /// One attempt, no retries: a transient failure here does not block the launch.
     pub async fn preflight(&self) -> Result<(), StoreError> {
-        self.put_blob(EMPTY_SHA256, Bytes::new()).await.map(|_| ())
+        self.put_blob_once(EMPTY_SHA256, Bytes::new())
+            .await
+            .map(|_| ())
     }
 
-    /// Writes a blob unless present. Returns whether this call added it.
+    /// Writes a blob unless present. Returns whether this call added it. A retry after a
+    /// lost acknowledgement finds the blob present: that is success (content-addressed).
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
+        self.retrying(|| self.put_blob_once(sha256_hex, bytes.clone()))
+            .await
+    }
+
+    async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
         let path = StorePath::from(key.as_str());
         match self
@@ -316,6 +438,10 @@ impl BlobStore {
     }
 
     pub async fn blob_exists(&self, sha256_hex: &str) -> Result<bool, StoreError> {
+        self.retrying(|| self.blob_exists_once(sha256_hex)).await
+    }
+
+    async fn blob_exists_once(&self, sha256_hex: &str) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
         match self.store()?.head(&StorePath::from(key.as_str())).await {
             Ok(_) => Ok(true),
@@ -384,6 +510,11 @@ impl BlobStore {
     }
 
     pub async fn create_multipart(&self, sha256_hex: &str) -> Result<String, StoreError> {
+        self.retrying(|| self.create_multipart_once(sha256_hex))
+            .await
+    }
+
+    async fn create_multipart_once(&self, sha256_hex: &str) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
         mp.create_multipart(&path)
             .await
@@ -394,8 +525,20 @@ impl BlobStore {
             })
     }
 
-    /// Uploads part `idx` (0-based); returns the store's opaque id for it.
+    /// Uploads part `idx` (0-based); returns the store's opaque id for it. Each part is
+    /// retried on its own: a failing part never fails the file before the deadline.
     pub async fn put_part(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+        idx: usize,
+        bytes: Bytes,
+    ) -> Result<String, StoreError> {
+        self.retrying(|| self.put_part_once(sha256_hex, upload_id, idx, bytes.clone()))
+            .await
+    }
+
+    async fn put_part_once(
         &self,
         sha256_hex: &str,
         upload_id: &str,
@@ -414,7 +557,34 @@ impl BlobStore {
             })
     }
 
+    /// Completes an upload. A retry after a lost acknowledgement finds the upload gone
+    /// (404): if the blob exists, the first attempt went through.
     pub async fn complete_multipart(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+        parts: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let tried = std::sync::atomic::AtomicBool::new(false);
+        let result = self
+            .retrying(|| async {
+                let again = tried.swap(true, std::sync::atomic::Ordering::Relaxed);
+                match self
+                    .complete_multipart_once(sha256_hex, upload_id, parts.clone())
+                    .await
+                {
+                    Err(e) if again && matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) => {
+                        tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
+                        Ok(())
+                    }
+                    r => r,
+                }
+            })
+            .await;
+        result
+    }
+
+    async fn complete_multipart_once(
         &self,
         sha256_hex: &str,
         upload_id: &str,
@@ -500,6 +670,10 @@ impl BlobStore {
     }
 
     pub async fn get(&self, key: &str) -> Result<GetResult, StoreError> {
+        self.retrying(|| self.get_once(key)).await
+    }
+
+    async fn get_once(&self, key: &str) -> Result<GetResult, StoreError> {
         self.store()?
             .get(&StorePath::from(key))
             .await
@@ -551,6 +725,11 @@ impl BlobStore {
 
     /// Overwrites a small document (a manifest): a single PUT, never torn.
     pub async fn put_document(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        self.retrying(|| self.put_document_once(key, bytes.clone()))
+            .await
+    }
+
+    async fn put_document_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.store()?
             .put(&StorePath::from(key), PutPayload::from(bytes))
             .await
@@ -573,6 +752,7 @@ mod tests {
             options: BTreeMap::new(),
             max_retries: 0,
             retry_timeout: Duration::from_secs(1),
+            retry_deadline: Duration::from_secs(1),
         }
     }
 

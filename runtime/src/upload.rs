@@ -989,6 +989,7 @@ mod tests {
             options: Default::default(),
             max_retries: 0,
             retry_timeout: std::time::Duration::from_secs(1),
+            retry_deadline: std::time::Duration::from_secs(1),
         };
         let store = BlobStore::open(&config).unwrap();
         let opts = UploadOptions {

@@ -126,7 +126,7 @@ impl S3Server {
     /// `[store]` config for this server under `prefix`.
     pub fn store_toml(&self, prefix: &str) -> String {
         format!(
-            "[store]\nurl = \"s3://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
+            "[store]\nurl = \"s3://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\nretry_deadline_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
             self.bucket,
             self.endpoint()
         )
