@@ -96,7 +96,7 @@ pub async fn run_job(
             let state = ctx.state.clone();
             background.spawn(
                 async move {
-                    crate::report::flush_all_outboxes(&cp, &state, cp.give_up()).await;
+                    crate::report::flush_all_outboxes(&cp, &state, cp.deadline()).await;
                 }
                 .in_current_span(),
             );
@@ -137,8 +137,8 @@ pub struct Run<'a> {
     /// Why the job ended, in words, for the terminal status.
     message: Option<String>,
     run_as: Option<RunAs>,
-    /// The RUNNING report, delivered before the terminal one.
-    running_report: Option<tokio::task::JoinHandle<Delivery>>,
+    /// The RUNNING report (its task, seq and body), delivered before the terminal one.
+    running_report: Option<(tokio::task::JoinHandle<Delivery>, u64, Vec<u8>)>,
     /// This agent's claim on the attempt, held until the run is dropped.
     lock: Option<AttemptLock>,
     /// The workdir, opened without following symlinks; the job `fchdir`s into it.
@@ -212,6 +212,15 @@ impl<'a> Run<'a> {
 
     fn spec(&self) -> &JobSpec {
         &self.record.spec
+    }
+
+    /// `give_up_secs` from now (now, when there is no control plane).
+    fn deadline(&self) -> tokio::time::Instant {
+        self.ctx
+            .control_plane
+            .as_ref()
+            .map(ControlPlane::deadline)
+            .unwrap_or_else(tokio::time::Instant::now)
     }
 
     fn save(&self) {
@@ -479,10 +488,18 @@ impl<'a> Run<'a> {
         tracing::info!(pid = script.pid, contained_by = %containment, command = ?spec.command, workdir = %self.workdir.display(), "job launched");
         let reaping = CancellationToken::new();
         let reaper = tokio::spawn(procs.clone().reap_until(reaping.clone()));
-        let running = self.status(seq, JobState::Running, None, false, None);
+        let running = self
+            .status(seq, JobState::Running, None, false, None)
+            .to_json();
         let reporter = self.reporter.clone();
-        self.running_report = Some(tokio::spawn(
-            async move { reporter.send("status", seq, running.to_json()).await }.in_current_span(),
+        let deadline = self.deadline();
+        let body = running.clone();
+        self.running_report = Some((
+            tokio::spawn(
+                async move { reporter.send("status", seq, body, deadline).await }.in_current_span(),
+            ),
+            seq,
+            running,
         ));
 
         let mut pumps = JoinSet::new();
@@ -722,13 +739,18 @@ impl<'a> Run<'a> {
         if upload_errors > 0 {
             tracing::error!(upload_errors, "some output could not be stored");
         }
-        // RUNNING must reach the control plane before the terminal status.
-        if let Some(h) = self.running_report.take() {
-            let _ = h.await;
+        // From here on, one deadline bounds everything the control plane still gets.
+        let stay = self.deadline();
+        // RUNNING must reach the control plane (or the outbox) before the terminal status.
+        if let Some((mut h, seq, body)) = self.running_report.take() {
+            if tokio::time::timeout_at(stay, &mut h).await.is_err() {
+                h.abort();
+                self.reporter.keep_unsent("status", seq, &body);
+            }
         }
         let seq = self.next_seq();
         if let Some(sha) = &manifest_written {
-            self.register_artifacts(seq, sha).await;
+            self.register_artifacts(seq, sha, stay).await;
         }
         let mut status = self.status(
             seq,
@@ -738,7 +760,10 @@ impl<'a> Run<'a> {
             Some(upload_errors),
         );
         status.result = result;
-        let delivery = self.reporter.send("status", seq, status.to_json()).await;
+        let delivery = self
+            .reporter
+            .send("status", seq, status.to_json(), stay)
+            .await;
         if matches!(delivery, Delivery::Kept) {
             tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
         }
@@ -856,7 +881,12 @@ impl<'a> Run<'a> {
         }
     }
 
-    async fn register_artifacts(&mut self, order: u64, manifest_sha256: &str) {
+    async fn register_artifacts(
+        &mut self,
+        order: u64,
+        manifest_sha256: &str,
+        deadline: tokio::time::Instant,
+    ) {
         let reg = ArtifactsRegistration {
             attempt: self.spec().attempt,
             manifest: manifest_key(&self.spec().job_id),
@@ -865,8 +895,10 @@ impl<'a> Run<'a> {
             bytes: self.book.total_bytes(),
             new_bytes: self.book.new_bytes,
         };
-        if let Delivery::Delivered(body) =
-            self.reporter.send("artifacts", order, reg.to_json()).await
+        if let Delivery::Delivered(body) = self
+            .reporter
+            .send("artifacts", order, reg.to_json(), deadline)
+            .await
         {
             match ArtifactsReply::from_json(&body) {
                 Ok(ArtifactsReply {

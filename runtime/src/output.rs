@@ -99,7 +99,11 @@ pub async fn forward_live(
                 };
                 // Live output is best effort: a short retry, never the outbox.
                 match cp
-                    .post(&endpoint, &chunk.to_json(), Duration::from_secs(5))
+                    .post(
+                        &endpoint,
+                        &chunk.to_json(),
+                        tokio::time::Instant::now() + Duration::from_secs(5),
+                    )
                     .await
                 {
                     Ok(_) => offsets[i] += consumed,

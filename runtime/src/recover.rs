@@ -44,7 +44,7 @@ fn owner_alive(record: &RunRecord) -> bool {
 /// Finishes every unfinished job in the state dir, oldest first.
 pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     if let Some(cp) = &ctx.control_plane {
-        let left = crate::report::flush_all_outboxes(cp, &ctx.state, cp.give_up()).await;
+        let left = crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline()).await;
         if left > 0 {
             tracing::warn!(
                 jobs = left,

@@ -1,8 +1,10 @@
 //! Reports to the control plane (contract §7), with the outbox that keeps what
 //! could not be delivered for a later `run` or `recover`.
 //!
-//! Retry policy: one `backon` exponential backoff with jitter per request,
-//! bounded by `give_up` in total; only connection errors, 408, 429 and 5xx retry.
+//! Retry policy: one `backon` exponential backoff with jitter per request; only connection
+//! errors, 408, 429 and 5xx retry. Every call takes a *deadline*, not a duration: after the
+//! job's final sync the agent computes one deadline (`give_up_secs` from then) for all it still
+//! has to say, so no sum of per-request timeouts can hold the GPU longer (contract §7).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub enum ReportError {
     },
     #[error("control plane answered {endpoint} with HTTP {status}")]
     Unavailable { endpoint: String, status: u16 },
+    #[error("no answer from {endpoint} before the deadline (give_up_secs)")]
+    Deadline { endpoint: String },
     #[error("request to {endpoint} failed")]
     Transport {
         endpoint: String,
@@ -53,7 +57,9 @@ pub enum ReportError {
 impl ReportError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReportError::Unavailable { .. } | ReportError::Transport { .. } => true,
+            ReportError::Unavailable { .. }
+            | ReportError::Transport { .. }
+            | ReportError::Deadline { .. } => true,
             ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
         }
     }
@@ -145,22 +151,36 @@ impl ControlPlane {
         }
     }
 
-    /// POSTs with backoff until delivered, rejected, or `give_up` has passed.
+    /// The deadline `give_up_secs` from now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.config.give_up
+    }
+
+    /// POSTs with backoff until delivered, rejected, or `deadline`; no try and no wait
+    /// between tries runs past it (a control plane that accepts and never answers included).
     pub async fn post(
         &self,
         endpoint: &str,
         body: &[u8],
-        give_up: Duration,
+        deadline: Instant,
     ) -> Result<Bytes, ReportError> {
-        let deadline = Instant::now() + give_up;
         let policy = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(10))
             .with_jitter()
             .with_max_times(usize::MAX);
-        (|| self.post_once(endpoint, body))
-            .retry(policy)
-            .sleep(tokio::time::sleep)
+        let once = || async {
+            match tokio::time::timeout_at(deadline, self.post_once(endpoint, body)).await {
+                Ok(r) => r,
+                Err(_) => Err(ReportError::Deadline {
+                    endpoint: endpoint.to_string(),
+                }),
+            }
+        };
+        once.retry(policy)
+            .sleep(move |wait: Duration| {
+                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
+            })
             .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
             .notify(|e, wait| tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
             .await
@@ -204,18 +224,19 @@ impl Reporter {
         }
     }
 
-    /// Sends `body` to `v1/jobs/<job>/<kind>`. `order` keeps outbox entries in sending order.
-    pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>) -> Delivery {
+    /// Sends `body` to `v1/jobs/<job>/<kind>` until `deadline`, then keeps it in the outbox.
+    /// `order` keeps outbox entries in sending order.
+    pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>, deadline: Instant) -> Delivery {
         let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
         let Some(cp) = &self.control_plane else {
             self.append_local(&endpoint, &body);
             return Delivery::Local;
         };
         // Earlier undelivered reports of this job go first, or the control plane would see them out of order.
-        if !flush_job_outbox(cp, &self.state.outbox_dir(&self.job_id), cp.give_up()).await {
+        if !flush_job_outbox(cp, &self.state.outbox_dir(&self.job_id), deadline).await {
             return self.keep(kind, order, &endpoint, &body);
         }
-        match cp.post(&endpoint, &body, cp.give_up()).await {
+        match cp.post(&endpoint, &body, deadline).await {
             Ok(reply) => Delivery::Delivered(reply),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(endpoint = %endpoint, error = %e, give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
@@ -226,6 +247,16 @@ impl Reporter {
                 Delivery::Rejected
             }
         }
+    }
+
+    /// Puts a report straight into the outbox (one whose sending ran out of time).
+    pub fn keep_unsent(&self, kind: &str, order: u64, body: &[u8]) -> Delivery {
+        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
+        if self.control_plane.is_none() {
+            self.append_local(&endpoint, body);
+            return Delivery::Local;
+        }
+        self.keep(kind, order, &endpoint, body)
     }
 
     fn keep(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Delivery {
@@ -252,7 +283,7 @@ impl Reporter {
             .create(true)
             .append(true)
             .open(&path)
-            .and_then(|mut f| f.write_all(&line));
+            .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()));
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot record report");
         }
@@ -260,7 +291,7 @@ impl Reporter {
 }
 
 /// Delivers a job's outbox in order; true when it is empty afterwards.
-pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) -> bool {
+pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) -> bool {
     for path in sorted_entries(dir) {
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
@@ -270,7 +301,7 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) 
                 continue;
             }
         };
-        match cp.post(&entry.endpoint, &entry.body_json(), give_up).await {
+        match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
             Err(e) if e.is_retryable() => return false,
             Err(e) => {
@@ -284,7 +315,7 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, give_up: Duration) 
 }
 
 /// Delivers every job's outbox; returns how many jobs still have undelivered reports.
-pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, give_up: Duration) -> usize {
+pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: Instant) -> usize {
     let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else {
         return 0;
     };
@@ -296,7 +327,7 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, give_up: Du
         .collect();
     dirs.sort();
     for dir in dirs {
-        if !flush_job_outbox(cp, &dir, give_up).await {
+        if !flush_job_outbox(cp, &dir, deadline).await {
             left += 1;
         }
     }

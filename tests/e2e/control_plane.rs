@@ -182,3 +182,61 @@ fn live_output_is_streamed_while_the_job_runs() {
     let expected: String = (1..=6).map(|i| format!("line {i}\n")).collect();
     assert_eq!(stdout, expected);
 }
+
+/// A server that accepts connections and never answers, for `limit`.
+fn hanging_server(limit: Duration) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/api", listener.local_addr().unwrap());
+    let thread = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + limit;
+        let mut held = Vec::new();
+        while std::time::Instant::now() < deadline && held.len() < 1000 {
+            match listener.accept() {
+                Ok((conn, _)) => held.push(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    (url, thread)
+}
+
+/// Contract §7: `give_up_secs` bounds the agent's whole stay after the final sync, whatever
+/// the control plane does (hang, refuse, 5xx); the terminal status waits in the outbox.
+#[test]
+fn give_up_secs_bounds_the_whole_stay() {
+    const GIVE_UP: u64 = 2;
+    let (hanging, server) = hanging_server(Duration::from_secs(40));
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/api", l.local_addr().unwrap())
+    };
+    let failing = crate::support::ControlPlane::start();
+    failing.fail_all(true);
+    for (what, url) in [
+        ("hanging", hanging.as_str()),
+        ("refusing", dead.as_str()),
+        ("5xx", failing.url.as_str()),
+    ] {
+        let mut h = Harness::file();
+        h.extra_toml = format!("[control_plane]\nurl = \"{url}\"\ngive_up_secs = {GIVE_UP}\n");
+        let started = std::time::Instant::now();
+        let run = h.run_job(json!({"job_id": "stay", "command": ["true"]}));
+        let took = started.elapsed();
+        run.assert_code(0);
+        // give_up_secs + 2 s of the contract, plus start-up and final sync on a loaded machine.
+        assert!(
+            took < Duration::from_secs(GIVE_UP + 6),
+            "{what} control plane held the agent {took:?}\n{}",
+            run.stderr
+        );
+        let kept = std::fs::read_dir(h.state.join("outbox/stay"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(
+            kept >= 2,
+            "{what}: RUNNING and the terminal status are kept ({kept})"
+        );
+    }
+    drop(server);
+}
