@@ -45,7 +45,49 @@ fn main() -> ExitCode {
             )
         }
     };
-    runtime.block_on(dispatch(cli.command, config, job_umask))
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(dispatch(cli.command, config.clone(), job_umask))
+    }));
+    match outcome {
+        Ok(code) => code,
+        Err(_) => {
+            runtime.shutdown_background();
+            after_panic(config, job_umask)
+        }
+    }
+}
+
+/// The attempt `run` is working on, for the panic path.
+static CURRENT: std::sync::Mutex<Option<(String, u32)>> = std::sync::Mutex::new(None);
+
+/// A bug must not orphan a job or lose its status: stop the job's processes, then finish
+/// the attempt exactly as `recover` would (final sync, manifest, status kept or delivered),
+/// and exit with one of the contract's codes.
+fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
+    tracing::error!("the agent panicked; stopping the job and finishing it as `recover` would");
+    let current = CURRENT.lock().ok().and_then(|g| g.clone());
+    c3_runtime::jobproc::stop_all_descendants(config.kill_grace);
+    let agent_error = ExitCode::from(JobExit::AgentOrDataset.code());
+    let Some((job_id, attempt)) = current else {
+        return agent_error;
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    else {
+        return agent_error;
+    };
+    let env = Env { config, job_umask };
+    let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async {
+            let ctx = context(&env).ok()?;
+            c3_runtime::recover::recover_own(&ctx, &job_id, attempt).await
+        })
+    }));
+    match recovered {
+        Ok(Some(summary)) => ExitCode::from(summary.verdict.exit.code()),
+        _ => agent_error,
+    }
 }
 
 async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> ExitCode {
@@ -92,8 +134,20 @@ fn usage(message: &str) -> ExitCode {
 }
 
 fn failure(message: &str, code: u8) -> ExitCode {
-    eprintln!("c3-agent: {message}");
+    say_err(&format!("c3-agent: {message}"));
     ExitCode::from(code)
+}
+
+/// A line on stdout; a closed stdout (`| head -1`, a reader gone) is not the agent's failure.
+/// Returns false once stdout is gone.
+fn say(line: &str) -> bool {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}").is_ok()
+}
+
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// `pull`/`ls`: 0 on success, 1 on any failure, with the whole error chain.
@@ -236,6 +290,9 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         state_dir = %config.state_dir.display(),
         "c3-agent starting"
     );
+    if let Ok(mut current) = CURRENT.lock() {
+        *current = Some((spec.job_id.clone(), spec.attempt));
+    }
     let cancel = cancel_on_signals();
     // Whatever the job forks and orphans is re-parented to the agent, never lost to init.
     c3_runtime::jobproc::become_subreaper();
@@ -252,10 +309,10 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Some(key) => format!("manifest {}/{key}", ctx.store.url().trim_end_matches('/')),
         None => "no manifest written".to_string(),
     };
-    println!(
+    say(&format!(
         "job {} {}{reason}: {} files, {} bytes ({} new); {where_}\n  list:  c3-agent ls {}\n  fetch: c3-agent pull {} DEST",
         summary.job_id, v.state.as_str(), summary.files, summary.bytes, summary.new_bytes, summary.job_id, summary.job_id
-    );
+    ));
     ExitCode::from(v.exit.code())
 }
 
@@ -279,16 +336,16 @@ async fn pull(env: &Env, job_id: &str, dest: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
     if !manifest.complete {
-        eprintln!(
+        say_err(&format!(
             "c3-agent: note: job {job_id}'s manifest is not complete yet (the job may still run)"
-        );
+        ));
     }
-    println!(
+    say(&format!(
         "pulled {} files, {} bytes of job {job_id} into {}",
         summary.files,
         summary.bytes,
         dest.display()
-    );
+    ));
     Ok(())
 }
 
@@ -297,12 +354,19 @@ async fn ls(env: &Env, job_id: &str, json: bool) -> anyhow::Result<()> {
     let manifest =
         c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     if json {
-        print!("{}", String::from_utf8_lossy(&manifest.to_json()));
+        say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
         return Ok(());
     }
     for f in &manifest.files {
         // Control characters (a newline in a name) are escaped so that one line is one file.
-        println!("{:>12}  {}  {}", f.size, f.sha256, f.path.escape_debug());
+        if !say(&format!(
+            "{:>12}  {}  {}",
+            f.size,
+            f.sha256,
+            f.path.escape_debug()
+        )) {
+            break;
+        }
     }
     Ok(())
 }

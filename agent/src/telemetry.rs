@@ -19,9 +19,12 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("C3_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    // A closed stderr (journald restarted, `2>&- `, a reader that went away) loses log lines,
+    // never the agent: tracing-subscriber's own error report would `eprintln!` and panic.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Human => {
             use std::io::IsTerminal;

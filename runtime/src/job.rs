@@ -540,6 +540,7 @@ impl<'a> Run<'a> {
             )
         });
 
+        crate::fault::point("after-launch");
         let end = self
             .wait(&mut script.child, &procs, cancel, spec.timeout_secs)
             .await;

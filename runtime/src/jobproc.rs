@@ -112,6 +112,48 @@ pub fn become_subreaper() {
     }
 }
 
+/// Stops every process this agent started (and every orphan re-parented to it): SIGTERM,
+/// up to `grace`, SIGKILL, reaped. For the agent's own panic path, where no `JobProcesses`
+/// survives; blocking, called outside any async runtime.
+pub fn stop_all_descendants(grace: Duration) {
+    let me = std::process::id() as i32;
+    let live = || -> Vec<i32> {
+        let procs = procfs::all();
+        let d = procfs::descendants(me, &procs);
+        for pid in &d {
+            if procs
+                .get(pid)
+                .is_some_and(|s| s.ppid == me && s.is_zombie())
+            {
+                let _ = waitpid(Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG));
+            }
+        }
+        d.into_iter()
+            .filter(|p| procs.get(p).is_some_and(|s| !s.is_zombie()))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + grace;
+    for pid in live() {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    while std::time::Instant::now() < deadline {
+        if live().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..40 {
+        let left = live();
+        if left.is_empty() {
+            return;
+        }
+        for pid in left {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The processes of one running job. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct JobProcesses {

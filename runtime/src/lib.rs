@@ -10,6 +10,7 @@ pub mod budget;
 pub mod collect;
 pub mod confine;
 pub mod digest;
+pub mod fault;
 pub mod job;
 pub mod jobproc;
 pub mod launch;

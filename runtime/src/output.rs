@@ -22,12 +22,21 @@ const MAX_POST: usize = 1024 * 1024;
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Copies `reader` to `log_path` and echoes each line into the log. Returns bytes copied.
+/// A log file that cannot be written (a full disk) never stops the draining: the job must
+/// not block on a full pipe because the agent's disk is full. The error is returned at the end.
 pub async fn pump(
     mut reader: impl AsyncRead + Unpin,
     stream: Stream,
     log_path: PathBuf,
 ) -> std::io::Result<u64> {
-    let mut file = tokio::fs::File::create(&log_path).await?;
+    let mut file = match tokio::fs::File::create(&log_path).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!(path = %log_path.display(), error = %e, "cannot keep the job's output in the state dir; still echoing it");
+            None
+        }
+    };
+    let mut failed: Option<std::io::Error> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::new();
     let mut total = 0u64;
@@ -36,9 +45,19 @@ pub async fn pump(
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).await?;
-        // Flushing each read keeps the file current for the live forwarder and for `recover`.
-        file.flush().await?;
+        if let Some(f) = file.as_mut() {
+            // Flushing each read keeps the file current for the live forwarder and for `recover`.
+            let written = async {
+                f.write_all(&buf[..n]).await?;
+                f.flush().await
+            }
+            .await;
+            if let Err(e) = written {
+                tracing::error!(path = %log_path.display(), error = %e, "cannot write the job's output to the state dir; still echoing it");
+                failed = Some(e);
+                file = None;
+            }
+        }
         total += n as u64;
         for &b in &buf[..n] {
             if b == b'\n' {
@@ -56,8 +75,13 @@ pub async fn pump(
     if !line.is_empty() {
         emit(stream, &line);
     }
-    file.sync_all().await?;
-    Ok(total)
+    if let Some(f) = file {
+        f.sync_all().await?;
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
 }
 
 fn emit(stream: Stream, line: &[u8]) {

@@ -54,48 +54,64 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
-        let record = match ctx.state.read_record(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "skipping an unreadable run record");
-                continue;
-            }
-        };
-        if record.phase == Phase::Done {
-            continue;
+        if let Some(summary) = recover_record(ctx, &path, false).await {
+            finished.push(summary);
         }
-        if owner_alive(&record) {
-            tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
-            continue;
-        }
-        // The attempt's lock is the final word: an agent holding it is at work on the job.
-        let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt)
-        {
-            Ok(lock) => lock,
-            Err(e) => {
-                tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");
-                continue;
-            }
-        };
-        let span =
-            tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
-        let _entered = span.enter();
-        tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
-        if record.phase == Phase::Running {
-            // Nobody supervises these processes any more; they would hold the GPU forever.
-            // Only what provably is the job is signalled: a reused pid is a stranger.
-            crate::jobproc::stop_recorded(
-                record.leader.as_ref(),
-                record.cgroup.as_deref(),
-                ctx.kill_grace,
-            )
-            .await;
-        }
-        let end = recorded_end(&record);
-        drop(_entered);
-        let run = Run::from_record(ctx, record);
-        finished.push(tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await);
-        drop(lock);
     }
     finished
+}
+
+/// Finishes the attempt this very process was running when it panicked: its processes
+/// stopped, final sync, manifest, status (`AGENT_ERROR` unless the real outcome was recorded).
+pub async fn recover_own(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<JobSummary> {
+    recover_record(ctx, &ctx.state.run_record_path(job_id, attempt), true).await
+}
+
+async fn recover_record(
+    ctx: &AgentContext,
+    path: &std::path::Path,
+    own: bool,
+) -> Option<JobSummary> {
+    let record = match ctx.state.read_record(path) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "skipping an unreadable run record");
+            return None;
+        }
+    };
+    if record.phase == Phase::Done {
+        return None;
+    }
+    if !own && owner_alive(&record) {
+        tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
+        return None;
+    }
+    // The attempt's lock is the final word: an agent holding it is at work on the job.
+    let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");
+            return None;
+        }
+    };
+    let span =
+        tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
+    let entered = span.enter();
+    tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
+    if record.phase == Phase::Running {
+        // Nobody supervises these processes any more; they would hold the GPU forever.
+        // Only what provably is the job is signalled: a reused pid is a stranger.
+        crate::jobproc::stop_recorded(
+            record.leader.as_ref(),
+            record.cgroup.as_deref(),
+            ctx.kill_grace,
+        )
+        .await;
+    }
+    let end = recorded_end(&record);
+    drop(entered);
+    let run = Run::from_record(ctx, record);
+    let summary = tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await;
+    drop(lock);
+    Some(summary)
 }

@@ -7,6 +7,7 @@
 mod support;
 
 mod control_plane;
+mod faults;
 mod input;
 mod lifecycle;
 mod live;

@@ -1,0 +1,19 @@
+//! Fault injection for the tests of crash paths, compiled into debug builds only: with
+//! `C3_AGENT_FAULT=<point>` in its environment, the agent panics once at that point.
+//! Release builds ignore the variable.
+
+/// Panics (once per process) if `C3_AGENT_FAULT` names this point, in debug builds.
+pub fn point(name: &str) {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static FIRED: AtomicBool = AtomicBool::new(false);
+        if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
+            && !FIRED.swap(true, Ordering::SeqCst)
+        {
+            panic!("injected fault at {name} (C3_AGENT_FAULT)");
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}

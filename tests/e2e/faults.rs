@@ -1,0 +1,60 @@
+//! Crash paths: whatever goes wrong inside the agent, the job's processes are stopped and
+//! reaped, its status is kept, and the exit code is one of the contract's.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{alive, wait_for, Harness};
+
+/// The reader of the agent's stdout and stderr goes away (`| head -1`, journald restarted).
+#[test]
+fn closed_stdout_and_stderr_do_not_kill_the_agent() {
+    let h = Harness::file();
+    let spec = h.spec(json!({"job_id": "deaf", "command": ["sh", "-c",
+        "i=0; while [ $i -lt 300 ]; do echo line $i; echo err $i >&2; i=$((i+1)); done; echo x > $C3_ARTIFACTS_DIR/f"]}));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = wait_for("the agent to exit", Duration::from_secs(60), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(h.terminal("deaf")["state"], "SUCCEEDED");
+    assert_eq!(h.manifest_paths("deaf"), vec!["artifacts/f"]);
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/deaf/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["phase"], "done");
+}
+
+/// A panic inside the agent while the job runs (injected: debug builds only).
+#[test]
+fn a_panic_stops_the_job_and_finishes_it_as_recover_would() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_FAULT".into(), "after-launch".into()));
+    let script = "trap '' TERM; setsid sh -c 'echo $$ > $C3_ARTIFACTS_DIR/esc.pid; exec sleep 300' & sleep 30";
+    let run = h.run_job(json!({"job_id": "boom", "command": ["sh", "-c", script]}));
+    run.assert_code(6);
+    assert!(run.stderr.contains("injected fault"), "{}", run.stderr);
+    let t = h.terminal("boom");
+    assert_eq!(t["state"], "FAILED", "{t}");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+    assert_eq!(h.manifest("boom")["complete"], true);
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/boom/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["phase"], "done");
+    if let Ok(pid) = std::fs::read_to_string(h.workdir("boom").join("artifacts/esc.pid")) {
+        let pid: i32 = pid.trim().parse().unwrap();
+        assert!(
+            !alive(pid),
+            "a process of the job outlived the agent's panic"
+        );
+    }
+}
