@@ -33,6 +33,13 @@ pub enum Command {
     },
     /// Finish jobs a crashed agent left unfinished and deliver kept reports
     Recover,
+    /// Store what an UPLOAD_ERROR job left on the node, write its manifest, amend its status
+    Resync {
+        job_id: String,
+        /// The attempt (default: the latest one this node ran)
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
 }
 
 #[derive(Debug, Args)]

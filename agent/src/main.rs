@@ -97,6 +97,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
         Command::Pull { job_id, dest } => edge(pull(&env, &job_id, &dest).await),
         Command::Ls { job_id, json } => edge(ls(&env, &job_id, json).await),
         Command::Recover => recover(&env).await,
+        Command::Resync { job_id, attempt } => resync(&env, &job_id, attempt).await,
     }
 }
 
@@ -326,6 +327,40 @@ async fn recover(env: &Env) -> ExitCode {
         tracing::info!("nothing to recover");
     }
     ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0))
+}
+
+async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
+    if let Err(e) = c3_proto::spec::validate_job_id(job_id) {
+        return usage(&format!("job id {e}"));
+    }
+    let ctx = match context(env) {
+        Ok(c) => c,
+        Err(e) => return usage(&e),
+    };
+    match c3_runtime::recover::resync(&ctx, job_id, attempt).await {
+        Ok(Some(summary)) => {
+            let v = summary.verdict;
+            say(&format!(
+                "job {} {}{}: {} files, {} bytes ({} new)",
+                summary.job_id,
+                v.state.as_str(),
+                v.reason
+                    .map(|r| format!("/{}", r.as_str()))
+                    .unwrap_or_default(),
+                summary.files,
+                summary.bytes,
+                summary.new_bytes
+            ));
+            ExitCode::from(v.exit.code())
+        }
+        Ok(None) => {
+            say(&format!(
+                "job {job_id}: nothing left to store (or another agent is at work on it)"
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => failure(&error_chain(&e), 1),
+    }
 }
 
 async fn pull(env: &Env, job_id: &str, dest: &Path) -> anyhow::Result<()> {

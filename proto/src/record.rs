@@ -50,6 +50,10 @@ pub struct RunRecord {
     /// The job's own cgroup (v2), when the agent could create one.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// What the last finish could not store (output paths, `logs/stdout`, `manifest`): the
+    /// files stay on the node, and `resync`/`recover` try again.
+    #[serde(default)]
+    pub unstored: Vec<String>,
 }
 
 /// A process, told apart from any later process that reuses its pid.

@@ -143,6 +143,8 @@ pub struct Run<'a> {
     lock: Option<AttemptLock>,
     /// The workdir, opened without following symlinks; the job `fchdir`s into it.
     workdir_fd: Option<DirFd>,
+    /// What could not be stored in this finish (paths, `logs/<stream>`, `manifest`).
+    unstored: Vec<String>,
 }
 
 impl<'a> Run<'a> {
@@ -167,6 +169,7 @@ impl<'a> Run<'a> {
             agent_boot_id: crate::procfs::boot_id(),
             leader: None,
             cgroup: None,
+            unstored: Vec::new(),
         };
         Self::from_record(ctx, record)
     }
@@ -207,6 +210,7 @@ impl<'a> Run<'a> {
             running_report: None,
             lock: None,
             workdir_fd: None,
+            unstored: Vec::new(),
         }
     }
 
@@ -732,14 +736,21 @@ impl<'a> Run<'a> {
                 Ok(sha) => manifest_written = Some(sha),
                 Err(e) => {
                     upload_errors += 1;
+                    self.unstored.push("manifest".into());
                     tracing::error!(error = %error_chain(&e), "cannot write the manifest");
                 }
             }
         }
         let verdict = decide(&end, upload_errors > 0);
         if upload_errors > 0 {
-            tracing::error!(upload_errors, "some output could not be stored");
+            tracing::error!(
+                upload_errors,
+                unstored = ?self.unstored,
+                "some output could not be stored; it stays on the node: `c3-agent resync {}` (or `recover`) stores it later",
+                self.spec().job_id
+            );
         }
+        self.record.unstored = std::mem::take(&mut self.unstored);
         // From here on, one deadline bounds everything the control plane still gets.
         let stay = self.deadline();
         // RUNNING must reach the control plane (or the outbox) before the terminal status.
@@ -817,6 +828,8 @@ impl<'a> Run<'a> {
         for w in &report.warnings {
             self.warn(w.clone());
         }
+        self.unstored
+            .extend(report.failures.iter().map(|(p, _)| p.clone()));
         for (path, e) in &report.failures {
             tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
         }
@@ -860,6 +873,7 @@ impl<'a> Run<'a> {
                 }
                 Err(e) => {
                     tracing::error!(stream = stream.as_str(), error = %error_chain(&e), "cannot store the job's log");
+                    self.unstored.push(format!("logs/{}", stream.as_str()));
                     errors += 1;
                 }
             }

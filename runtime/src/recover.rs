@@ -61,6 +61,46 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     finished
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    #[error("this node has no record of job {job_id}{}", attempt.map(|a| format!(" attempt {a}")).unwrap_or_default())]
+    NoRecord {
+        job_id: String,
+        attempt: Option<u32>,
+    },
+    #[error(transparent)]
+    State(#[from] crate::statedir::StateError),
+}
+
+/// `c3-agent resync JOB`: stores what an attempt left unstored (its latest attempt unless
+/// given), writes the complete manifest and sends the amended terminal status with a higher
+/// `seq`. `Ok(None)`: nothing was left to store (or another agent is at work on it).
+pub async fn resync(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: Option<u32>,
+) -> Result<Option<JobSummary>, ResyncError> {
+    let attempt = match attempt {
+        Some(a) => Some(a),
+        None => std::fs::read_dir(ctx.state.job_dir(job_id).join("attempts"))
+            .ok()
+            .and_then(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
+                    .max()
+            }),
+    };
+    let path = attempt
+        .map(|a| ctx.state.run_record_path(job_id, a))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| ResyncError::NoRecord {
+            job_id: job_id.into(),
+            attempt,
+        })?;
+    Ok(recover_record(ctx, &path, false).await)
+}
+
 /// Finishes the attempt this very process was running when it panicked: its processes
 /// stopped, final sync, manifest, status (`AGENT_ERROR` unless the real outcome was recorded).
 pub async fn recover_own(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<JobSummary> {
@@ -79,7 +119,9 @@ async fn recover_record(
             return None;
         }
     };
-    if record.phase == Phase::Done {
+    // A finished attempt whose output could not all be stored is finished again: its files
+    // are still on the node, and the store may be back.
+    if record.phase == Phase::Done && record.unstored.is_empty() {
         return None;
     }
     if !own && owner_alive(&record) {
@@ -97,7 +139,14 @@ async fn recover_record(
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
-    tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
+    if record.phase == Phase::Done {
+        tracing::info!(
+            unstored = record.unstored.len(),
+            "storing what an earlier run could not"
+        );
+    } else {
+        tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
+    }
     if record.phase == Phase::Running {
         // Nobody supervises these processes any more; they would hold the GPU forever.
         // Only what provably is the job is signalled: a reused pid is a stranger.

@@ -15,6 +15,7 @@
 //! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
 //!   dir: after a crash the same file resumes with only the missing parts.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -147,6 +148,9 @@ pub struct Uploader {
     /// Key prefix of this job's staging objects (file store).
     staging: Arc<str>,
     staged: Arc<std::sync::atomic::AtomicU64>,
+    /// One owner per blob being uploaded as multipart: identical files in one sync wait for
+    /// the first one's upload instead of sharing (and aborting) its journaled upload id.
+    owners: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// The workdir: files below it are opened without following any symlink.
     root: Option<Arc<Path>>,
     /// The job's user: a file it could not read itself is never uploaded.
@@ -281,6 +285,7 @@ impl Uploader {
             journal_dir,
             staging,
             staged: Default::default(),
+            owners: Default::default(),
             root: None,
             reader: None,
         }
@@ -397,7 +402,6 @@ impl Uploader {
         path: &Path,
         before: FileStamp,
     ) -> Result<(Digests, bool), UploadError> {
-        let store_err = store_err(path);
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
         let file = self.open(path, before)?;
@@ -410,16 +414,50 @@ impl Uploader {
         }
         ensure_unchanged(path, before)?;
         let sha = digests.sha256_hex();
+        let owner = self.owner_of(&sha);
+        let turn = owner.lock().await;
+        let result = self
+            .upload_large_owned(path, before, &sha, part_size, &part_crcs)
+            .await;
+        drop(turn);
+        self.release_owner(&sha, owner);
+        result.map(|new| (digests, new))
+    }
+
+    fn owner_of(&self, sha: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.entry(sha.to_string()).or_default().clone()
+    }
+
+    fn release_owner(&self, sha: &str, owner: Arc<tokio::sync::Mutex<()>>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and this handle left: nobody else waits for this blob.
+        if Arc::strong_count(&owner) <= 2 {
+            owners.remove(sha);
+        }
+    }
+
+    /// The part of a large upload done by the blob's one owner. Returns whether it added it.
+    async fn upload_large_owned(
+        &self,
+        path: &Path,
+        before: FileStamp,
+        sha: &str,
+        part_size: u64,
+        part_crcs: &[u64],
+    ) -> Result<bool, UploadError> {
+        let store_err = store_err(path);
+        let sha = sha.to_string();
         if self.store.blob_exists(&sha).await.map_err(store_err)? {
             self.forget_journal(&sha).await;
-            return Ok((digests, false));
+            return Ok(false);
         }
         let mut sink = self
             .open_sink(&sha, before.size, part_size)
             .await
             .map_err(store_err)?;
         let sent = self
-            .send_parts(path, before, &sha, part_size, &part_crcs, &mut sink)
+            .send_parts(path, before, &sha, part_size, part_crcs, &mut sink)
             .await;
         let verified =
             sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
@@ -427,7 +465,7 @@ impl Uploader {
             Ok(bytes_sent) => {
                 self.finish_sink(&sha, sink).await.map_err(store_err)?;
                 tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
-                Ok((digests, true))
+                Ok(true)
             }
             Err(e) => {
                 // Never completed, so nothing appears under the key; abort frees the parts.
@@ -1015,6 +1053,30 @@ mod tests {
             "no staging object left"
         );
         assert!(up.budget().peak() <= 2 * MIB);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_large_files_at_once_share_one_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let opts = UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            ..UploadOptions::default()
+        };
+        let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
+        let mut tasks = JoinSet::new();
+        for i in 0..4 {
+            let (file, _) = file_of(dir.path(), &format!("same{i}"), 3 * MIB as usize + 5, 7);
+            let up = up.clone();
+            tasks.spawn(async move { up.upload(&file).await.unwrap() });
+        }
+        let mut new = 0;
+        while let Some(done) = tasks.join_next().await {
+            new += done.unwrap().new_bytes;
+        }
+        assert_eq!(new, 3 * MIB + 5, "exactly one of them added the blob");
+        assert!(up.owners.lock().unwrap().is_empty(), "owners are released");
     }
 
     #[test]

@@ -58,3 +58,55 @@ fn a_panic_stops_the_job_and_finishes_it_as_recover_would() {
         );
     }
 }
+
+/// An UPLOAD_ERROR does not cost a re-run: the files stay on the node, and once the store
+/// works again `resync` stores them, writes the complete manifest and amends the status.
+#[test]
+fn resync_completes_an_upload_error_job_with_a_higher_seq() {
+    let h = Harness::file();
+    let blobs = h.state.join("store/blobs");
+    let script = format!(
+        "echo one > $C3_ARTIFACTS_DIR/a; echo two > $C3_ARTIFACTS_DIR/b; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    h.run_job(json!({"job_id": "later", "command": ["sh", "-c", script]}))
+        .assert_code(3);
+    let failed = h.terminal("later");
+    assert_eq!(failed["reason"], "UPLOAD_ERROR");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/later/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        !record["unstored"].as_array().unwrap().is_empty(),
+        "the state dir lists what is left: {record}"
+    );
+    // The store is mended.
+    std::fs::remove_file(&blobs).unwrap();
+    let run = h.run(&["resync", "later"]);
+    run.assert_code(0);
+    assert!(run.stdout.contains("SUCCEEDED"), "{}", run.stdout);
+    let statuses: Vec<serde_json::Value> = h
+        .local_reports("later")
+        .into_iter()
+        .filter(|r| r["endpoint"].as_str().unwrap().ends_with("/status"))
+        .map(|r| r["body"].clone())
+        .collect();
+    let last = statuses.last().unwrap();
+    assert_eq!(last["state"], "SUCCEEDED", "{statuses:?}");
+    assert!(
+        last["seq"].as_u64() > failed["seq"].as_u64(),
+        "{statuses:?}"
+    );
+    let m = h.manifest("later");
+    assert_eq!(m["complete"], true);
+    assert_eq!(
+        h.manifest_paths("later"),
+        vec!["artifacts/a", "artifacts/b"]
+    );
+    // Nothing left: a second resync has nothing to do.
+    let again = h.run(&["resync", "later"]);
+    again.assert_code(0);
+    assert!(again.stdout.contains("nothing left"), "{}", again.stdout);
+    h.run(&["resync", "no-such-job"]).assert_code(1);
+}
