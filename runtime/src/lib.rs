@@ -6,6 +6,7 @@
 //! [`store`], [`job::write_manifest`] writes the manifest last, and [`report`] tells
 //! the control plane. [`recover`] finishes what a crashed agent left; [`pull`] reads back.
 
+pub mod awsprofile;
 pub mod budget;
 pub mod collect;
 pub mod confine;

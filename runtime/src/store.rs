@@ -140,6 +140,83 @@ pub struct BlobStore {
     multipart: Option<(Arc<dyn MultipartStore>, String)>,
     /// Retrying transient failures, and whether the store is in an outage right now.
     retry: Arc<Retry>,
+    /// Where S3 credentials come from, checked by the preflight.
+    credentials: Arc<Credentials>,
+}
+
+/// Where the store's credentials come from, as far as the preflight must know.
+#[derive(Debug)]
+enum Credentials {
+    /// Keys in the environment or options, a profile, web identity, a container endpoint.
+    Given,
+    /// Nothing configured: only the instance-metadata endpoint could answer.
+    InstanceMetadata(String),
+    /// A profile was named but is unusable.
+    Broken(String),
+}
+
+/// Fills in static keys from the AWS profile chain when neither the environment nor the
+/// options give any, and says what the preflight must check.
+fn s3_credentials(mut b: AmazonS3Builder) -> (AmazonS3Builder, Credentials) {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let has = |b: &AmazonS3Builder, k| b.get_config_value(&k).is_some();
+    if has(&b, AmazonS3ConfigKey::AccessKeyId)
+        || has(&b, AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
+        || env("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
+    {
+        return (b, Credentials::Given);
+    }
+    match crate::awsprofile::load(&env) {
+        Ok(Some(p)) => {
+            tracing::debug!(profile = %p.name, "S3 credentials from the AWS profile");
+            for (key, value) in [
+                (AmazonS3ConfigKey::AccessKeyId, p.access_key_id),
+                (AmazonS3ConfigKey::SecretAccessKey, p.secret_access_key),
+                (AmazonS3ConfigKey::Token, p.session_token),
+            ] {
+                if let Some(v) = value {
+                    b = b.with_config(key, v);
+                }
+            }
+            for (key, value) in [
+                (AmazonS3ConfigKey::Region, p.region),
+                (AmazonS3ConfigKey::Endpoint, p.endpoint_url),
+            ] {
+                if let (false, Some(v)) = (has(&b, key), value) {
+                    b = b.with_config(key, v);
+                }
+            }
+            (b, Credentials::Given)
+        }
+        Ok(None) => {
+            let endpoint = b
+                .get_config_value(&AmazonS3ConfigKey::MetadataEndpoint)
+                .unwrap_or_else(|| "http://169.254.169.254".into());
+            (b, Credentials::InstanceMetadata(endpoint))
+        }
+        Err(why) => (b, Credentials::Broken(why)),
+    }
+}
+
+/// Whether the instance-metadata endpoint accepts a connection within a second: on a cloud
+/// instance it does at once; off-cloud nothing answers and object_store would retry for minutes.
+async fn metadata_endpoint_answers(endpoint: &str) -> bool {
+    let Ok(url) = url::Url::parse(endpoint) else {
+        return false;
+    };
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let port = url.port_or_known_default().unwrap_or(80);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((host, port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 #[derive(Debug)]
@@ -211,6 +288,7 @@ impl BlobStore {
             retry_timeout: config.retry_timeout,
         };
         let prefix = parsed.path().trim_matches('/').to_string();
+        let mut credentials = Credentials::Given;
         let (inner, multipart): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match parsed
             .scheme()
         {
@@ -240,6 +318,7 @@ impl BlobStore {
                         broken,
                         multipart: None,
                         retry: Retry::new(config.retry_deadline),
+                        credentials: Arc::new(Credentials::Given),
                     });
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
@@ -255,6 +334,7 @@ impl BlobStore {
                     broken: None,
                     multipart: None,
                     retry: Retry::new(config.retry_deadline),
+                    credentials: Arc::new(Credentials::Given),
                 });
             }
             "s3" | "s3a" => {
@@ -273,6 +353,8 @@ impl BlobStore {
                     })?;
                     b = b.with_config(key, v);
                 }
+                let (b, check) = s3_credentials(b);
+                credentials = check;
                 let built = Arc::new(b.build().map_err(|source| StoreError::Build {
                     scheme: "s3",
                     source,
@@ -337,6 +419,7 @@ impl BlobStore {
             broken: None,
             multipart: Some((multipart, prefix)),
             retry: Retry::new(config.retry_deadline),
+            credentials: Arc::new(credentials),
         })
     }
 
@@ -393,6 +476,7 @@ impl BlobStore {
             broken: None,
             multipart: Some((mem, String::new())),
             retry: Retry::new(Duration::from_secs(5)),
+            credentials: Arc::new(Credentials::Given),
         }
     }
 
@@ -402,8 +486,20 @@ impl BlobStore {
 
     /// Proves before launch that the store is reachable and writable by
     /// creating the empty blob (which is itself a valid blob).
-    /// One attempt, no retries: a transient failure here does not block the launch.
+    /// One attempt, no retries: a transient failure here does not block the launch. Missing
+    /// credentials are permanent: said in one line within a second, not after minutes.
     pub async fn preflight(&self) -> Result<(), StoreError> {
+        match &*self.credentials {
+            Credentials::Given => {}
+            Credentials::Broken(why) => return Err(StoreError::NoCredentials { why: why.clone() }),
+            Credentials::InstanceMetadata(endpoint) => {
+                if !metadata_endpoint_answers(endpoint).await {
+                    return Err(StoreError::NoCredentials {
+                        why: format!("none in the environment, the options or an AWS profile, and the instance-metadata endpoint {endpoint} does not answer"),
+                    });
+                }
+            }
+        }
         self.put_blob_once(EMPTY_SHA256, Bytes::new())
             .await
             .map(|_| ())

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::support::{sha256_hex, Harness, Store};
+use crate::support::{sha256_hex, Harness, S3Server, Store};
 
 /// Names a filesystem allows and URLs and JSON must not mangle.
 const ODD_NAMES: &[&str] = &[
@@ -254,4 +254,68 @@ fn pull_never_writes_through_a_symlink_in_the_destination() {
         std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
         "nothing written through the symlink"
     );
+}
+
+/// Contract §8: a store path that is not a directory is permanent: exit 6, nothing launched.
+#[test]
+fn a_file_store_that_cannot_be_written_fails_before_launch() {
+    let h = Harness::file();
+    std::fs::create_dir_all(h.state.join("store")).unwrap();
+    std::fs::write(h.state.join("store/blobs"), "not a directory").unwrap();
+    let marker = h.path("launched");
+    let run =
+        h.run_job(json!({"job_id": "nostore", "command": ["touch", marker.to_str().unwrap()]}));
+    run.assert_code(6);
+    assert!(!marker.exists(), "nothing is launched");
+    assert_eq!(h.terminal("nostore")["reason"], "AGENT_ERROR");
+}
+
+fn s3_without_keys(s3: &S3Server, extra_options: &str) -> String {
+    format!(
+        "[store]\nurl = \"s3://{}/pre\"\nretry_deadline_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_region = \"us-east-1\"\n{extra_options}",
+        s3.bucket,
+        s3.endpoint()
+    )
+}
+
+/// Keys only in `~/.aws/credentials`, chosen with `AWS_PROFILE`: the standard chain works.
+#[test]
+fn s3_keys_from_an_aws_profile() {
+    let s3 = S3Server::start();
+    let mut h = Harness::file();
+    h.extra_toml = s3_without_keys(&s3, "");
+    std::fs::create_dir_all(h.dir.path().join(".aws")).unwrap();
+    std::fs::write(
+        h.dir.path().join(".aws/credentials"),
+        "[default]\naws_access_key_id = WRONG\naws_secret_access_key = WRONG\n[c3]\naws_access_key_id = AK\naws_secret_access_key = SK\n",
+    )
+    .unwrap();
+    h.env.push(("AWS_PROFILE".into(), "c3".into()));
+    h.run_job(json!({"job_id": "prof", "command": ["sh", "-c", "echo hi > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let key = format!("pre/blobs/sha256/{}", sha256_hex(b"hi\n"));
+    assert!(s3.root.path().join(&s3.bucket).join(key).exists());
+}
+
+/// No keys anywhere and no metadata endpoint answering: one line, exit 6, within seconds.
+#[test]
+fn s3_without_any_credentials_fails_preflight_at_once() {
+    let s3 = S3Server::start();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut h = Harness::file();
+    h.extra_toml = s3_without_keys(
+        &s3,
+        &format!("aws_metadata_endpoint = \"http://127.0.0.1:{closed}\"\n"),
+    );
+    let marker = h.path("launched");
+    let started = std::time::Instant::now();
+    let run =
+        h.run_job(json!({"job_id": "nokeys", "command": ["touch", marker.to_str().unwrap()]}));
+    run.assert_code(6);
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    assert!(!marker.exists(), "nothing is launched");
+    assert!(run.stderr.contains("AWS_ACCESS_KEY_ID"), "{}", run.stderr);
 }

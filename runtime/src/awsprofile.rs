@@ -1,0 +1,141 @@
+//! The standard AWS shared-config profile chain, for the S3 store: object_store reads
+//! `AWS_*` variables but not `~/.aws/credentials` and `~/.aws/config`, and would otherwise
+//! fall back to the instance-metadata endpoint, which off-cloud never answers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Static keys (and where to send them) from one profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub name: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// The profile `AWS_PROFILE` (else `AWS_DEFAULT_PROFILE`, else `default`) names, from
+/// `AWS_SHARED_CREDENTIALS_FILE` (`~/.aws/credentials`) and `AWS_CONFIG_FILE`
+/// (`~/.aws/config`). `Err` when a profile was asked for by name and has no keys.
+pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, String> {
+    let named = env("AWS_PROFILE").or_else(|| env("AWS_DEFAULT_PROFILE"));
+    let name = named.clone().unwrap_or_else(|| "default".into());
+    let home = env("HOME").map(PathBuf::from);
+    let file = |var: &str, rel: &str| {
+        env(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(rel)))
+    };
+    let creds_path = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
+    let config_path = file("AWS_CONFIG_FILE", ".aws/config");
+    let read = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| parse_ini(&t))
+            .unwrap_or_default()
+    };
+    let creds = read(&creds_path);
+    let config = read(&config_path);
+    let from_creds = creds.get(&name);
+    let config_section = if name == "default" {
+        "default".to_string()
+    } else {
+        format!("profile {name}")
+    };
+    let from_config = config.get(&config_section);
+    let get = |key: &str| {
+        from_creds
+            .and_then(|s| s.get(key))
+            .or_else(|| from_config.and_then(|s| s.get(key)))
+            .cloned()
+    };
+    let profile = Profile {
+        name: name.clone(),
+        access_key_id: get("aws_access_key_id"),
+        secret_access_key: get("aws_secret_access_key"),
+        session_token: get("aws_session_token"),
+        region: get("region"),
+        endpoint_url: get("endpoint_url"),
+    };
+    match (&profile.access_key_id, &profile.secret_access_key) {
+        (Some(_), Some(_)) => Ok(Some(profile)),
+        _ if named.is_some() => Err(format!(
+            "AWS profile `{name}` has no aws_access_key_id/aws_secret_access_key in {} or {} (only static keys are read)",
+            creds_path.map(|p| p.display().to_string()).unwrap_or_else(|| "~/.aws/credentials".into()),
+            config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "~/.aws/config".into()),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// `[section]` -> key -> value; `#`/`;` comments, keys lower-cased.
+fn parse_ini(text: &str) -> HashMap<String, HashMap<String, String>> {
+    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut section = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.trim().to_string());
+            continue;
+        }
+        if let (Some(s), Some((k, v))) = (&section, line.split_once('=')) {
+            out.entry(s.clone())
+                .or_default()
+                .insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_from_credentials_and_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".aws")).unwrap();
+        std::fs::write(
+            dir.path().join(".aws/credentials"),
+            "[default]\naws_access_key_id = D\naws_secret_access_key = DS\n\n[train]\n# comment\naws_access_key_id=T\naws_secret_access_key = TS\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(".aws/config"),
+            "[profile train]\nregion = eu-west-1\nendpoint_url = http://127.0.0.1:9\n",
+        )
+        .unwrap();
+        let home = dir.path().display().to_string();
+        let env = |k: &str| match k {
+            "HOME" => Some(home.clone()),
+            "AWS_PROFILE" => Some("train".into()),
+            _ => None,
+        };
+        let p = load(&env).unwrap().unwrap();
+        assert_eq!(p.access_key_id.as_deref(), Some("T"));
+        assert_eq!(p.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(p.endpoint_url.as_deref(), Some("http://127.0.0.1:9"));
+        let default_env = |k: &str| (k == "HOME").then(|| home.clone());
+        assert_eq!(
+            load(&default_env)
+                .unwrap()
+                .unwrap()
+                .access_key_id
+                .as_deref(),
+            Some("D")
+        );
+        let missing = |k: &str| match k {
+            "HOME" => Some(home.clone()),
+            "AWS_PROFILE" => Some("nope".into()),
+            _ => None,
+        };
+        assert!(load(&missing).unwrap_err().contains("`nope`"));
+        let nothing = |k: &str| (k == "HOME").then(|| "/nonexistent".to_string());
+        assert_eq!(load(&nothing).unwrap(), None);
+    }
+}
