@@ -31,7 +31,7 @@ pub use control::{
     ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream,
 };
 pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
-pub use record::{MultipartRecord, OutboxEntry, Phase, ProcIdentity, RunRecord};
+pub use record::{JobUser, MultipartRecord, OutboxEntry, Phase, ProcIdentity, RunRecord};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};
 
 /// Parse a small JSON document the job itself wrote (its structured result).

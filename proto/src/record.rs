@@ -54,6 +54,16 @@ pub struct RunRecord {
     /// files stay on the node, and `resync`/`recover` try again.
     #[serde(default)]
     pub unstored: Vec<String>,
+    /// The job user's uid and groups, as resolved at launch: `recover` and `resync` check
+    /// readability against them even if the user is gone from the node by then.
+    #[serde(default)]
+    pub job_user: Option<JobUser>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobUser {
+    pub uid: u32,
+    pub gids: Vec<u32>,
 }
 
 /// A process, told apart from any later process that reuses its pid.

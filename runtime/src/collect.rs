@@ -10,6 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::dir::Dir;
 use nix::fcntl::OFlag;
@@ -65,7 +66,40 @@ pub struct LocalFile {
 pub struct Scan {
     /// Keyed (and so sorted) by manifest path; nested output dirs do not duplicate files.
     pub files: BTreeMap<String, LocalFile>,
+    /// The first [`MAX_SCAN_WARNINGS`] warnings; the rest are only counted.
     pub warnings: Vec<String>,
+    pub more_warnings: usize,
+    /// Directories that could not be read (not for lack of the job user's permission: an
+    /// I/O error, no fds left): what they hold is unknown, so it is neither collected nor
+    /// taken as deleted. The final sync counts each as an upload failure.
+    pub incomplete: Vec<String>,
+}
+
+/// Warnings kept per scan: a job with a million symlinks must not cost a million lines.
+pub const MAX_SCAN_WARNINGS: usize = 1000;
+
+impl Scan {
+    fn warn(&mut self, text: String) {
+        if self.warnings.len() < MAX_SCAN_WARNINGS {
+            self.warnings.push(text);
+        } else {
+            self.more_warnings += 1;
+        }
+    }
+
+    /// Whether the scan saw the whole place where `rel` would be: only then does its absence
+    /// mean the file is gone.
+    pub fn covers(&self, rel: &str) -> bool {
+        !self
+            .incomplete
+            .iter()
+            .any(|d| rel.starts_with(d.as_str()) && rel.as_bytes().get(d.len()) == Some(&b'/'))
+    }
+
+    fn broken(&mut self, rel: &str, what: String) {
+        self.warn(what);
+        self.incomplete.push(rel.to_string());
+    }
 }
 
 /// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
@@ -73,49 +107,64 @@ pub struct Scan {
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open(workdir) {
-        Ok(d) => d,
+        Ok(d) => Arc::new(d),
         Err(e) => {
-            out.warnings.push(format!(
-                "cannot open the workdir {}: {e}",
-                workdir.display()
-            ));
+            for dir in dirs {
+                out.broken(
+                    dir,
+                    format!("cannot open the workdir {}: {e}", workdir.display()),
+                );
+            }
             return out;
         }
     };
     for dir in dirs {
-        match root.open_dir(Path::new(dir)) {
-            Ok(fd) => walk(workdir, fd, dir.trim_end_matches('/'), reader, &mut out),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        walk(workdir, &root, dir, reader, &mut out);
+    }
+    out
+}
+
+/// Depth first, and a directory is opened only when its turn comes: pending entries hold
+/// their parent's fd (shared), so open fds grow with the depth, not with the width.
+fn walk(
+    workdir: &Path,
+    root: &Arc<DirFd>,
+    root_rel: &str,
+    reader: Option<&JobReader>,
+    out: &mut Scan,
+) {
+    let mut stack: Vec<(Arc<DirFd>, PathBuf, String)> =
+        vec![(root.clone(), PathBuf::from(root_rel), root_rel.to_string())];
+    while let Some((parent, name, rel)) = stack.pop() {
+        let dir = match parent.open_dir(&name) {
+            Ok(d) => d,
+            // Deleted meanwhile: nothing to collect.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A symlink (planted, or swapped in for the directory): never followed.
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
                 ) =>
             {
-                out.warnings.push(format!(
-                    "output dir {dir} is not a directory (a symlink?); skipped"
-                ))
+                out.warn(format!("{rel} is not a directory (a symlink?); skipped"));
+                continue;
             }
-            Err(e) => out.warnings.push(format!("output dir {dir}: {e}; skipped")),
-        }
-    }
-    out
-}
-
-fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>, out: &mut Scan) {
-    // An explicit stack: output trees can be deep, recursion depth is not ours to choose.
-    let mut stack = vec![(root, root_rel.to_string())];
-    while let Some((dir, rel)) = stack.pop() {
+            Err(e) => {
+                out.broken(&rel, format!("cannot open {rel}/: {e}"));
+                continue;
+            }
+        };
+        drop(parent);
         if let Some(reader) = reader {
             match crate::confine::fstat(&dir) {
                 Ok(st) if reader.can_enter(&st) => {}
                 Ok(_) => {
-                    out.warnings
-                        .push(format!("{rel}/ is not readable by the job's user; skipped"));
+                    out.warn(format!("{rel}/ is not readable by the job's user; skipped"));
                     continue;
                 }
                 Err(e) => {
-                    out.warnings.push(format!("cannot stat {rel}/: {e}"));
+                    out.broken(&rel, format!("cannot stat {rel}/: {e}"));
                     continue;
                 }
             }
@@ -123,13 +172,14 @@ fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>,
         let names = match list(&dir) {
             Ok(n) => n,
             Err(e) => {
-                out.warnings.push(format!("cannot read {rel}/: {e}"));
+                out.broken(&rel, format!("cannot read {rel}/: {e}"));
                 continue;
             }
         };
+        let dir = Arc::new(dir);
         for name in names {
             let Some(utf8) = std::str::from_utf8(name.as_bytes()).ok() else {
-                out.warnings.push(format!(
+                out.warn(format!(
                     "{rel}/{}: file name is not UTF-8; skipped",
                     name.to_string_lossy()
                 ));
@@ -141,19 +191,15 @@ fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>,
                 // Deleted between readdir and stat: the job removed it, nothing to collect.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    out.warnings.push(format!("cannot stat {child_rel}: {e}"));
+                    out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"));
                     continue;
                 }
             };
             if is_dir(&st) {
-                match dir.open_dir(Path::new(&name)) {
-                    Ok(fd) => stack.push((fd, child_rel)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => out.warnings.push(format!("cannot open {child_rel}/: {e}")),
-                }
+                stack.push((dir.clone(), PathBuf::from(&name), child_rel));
             } else if is_regular(&st) {
                 if reader.is_some_and(|r| !r.can_read(&st)) {
-                    out.warnings.push(format!(
+                    out.warn(format!(
                         "{child_rel} is not readable by the job's user; not uploaded"
                     ));
                     continue;
@@ -175,8 +221,7 @@ fn walk(workdir: &Path, root: DirFd, root_rel: &str, reader: Option<&JobReader>,
                 } else {
                     "not a regular file"
                 };
-                out.warnings
-                    .push(format!("{child_rel} is {kind}; not uploaded"));
+                out.warn(format!("{child_rel} is {kind}; not uploaded"));
             }
         }
     }
@@ -206,6 +251,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_wide_tree_is_walked_with_few_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        for i in 0..300 {
+            std::fs::create_dir_all(w.join(format!("artifacts/d{i}"))).unwrap();
+            std::fs::write(w.join(format!("artifacts/d{i}/f")), "x").unwrap();
+        }
+        // A limit far below the width: opening every sibling at once would fail.
+        let limit =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            open_now + 40,
+            limit.1,
+        )
+        .unwrap();
+        let s = scan(w, &["artifacts".into()], None);
+        nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            limit.0,
+            limit.1,
+        )
+        .unwrap();
+        assert_eq!(s.files.len(), 300, "{:?}", s.warnings.first());
+        assert!(s.incomplete.is_empty());
+    }
+
+    #[test]
+    fn covers_knows_what_an_unreadable_subtree_hides() {
+        let s = Scan {
+            incomplete: vec!["artifacts/a".into()],
+            ..Scan::default()
+        };
+        assert!(!s.covers("artifacts/a/f"));
+        assert!(s.covers("artifacts/ab/f"));
+        assert!(s.covers("artifacts/b"));
+    }
+
+    #[test]
     fn finds_regular_files_only() {
         let dir = tempfile::tempdir().unwrap();
         let w = dir.path();
@@ -229,5 +314,6 @@ mod tests {
         let names: Vec<_> = s.files.keys().cloned().collect();
         assert_eq!(names, vec!["artifacts/deep/er/a.txt", "out/b"]);
         assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
+        assert!(s.incomplete.is_empty());
     }
 }

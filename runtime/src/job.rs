@@ -137,6 +137,8 @@ pub struct Run<'a> {
     /// Why the job ended, in words, for the terminal status.
     message: Option<String>,
     run_as: Option<RunAs>,
+    /// Whom readability is checked against (the job's user), when it is not the agent's own.
+    reader: Option<JobReader>,
     /// The RUNNING report (its task, seq and body), delivered before the terminal one.
     running_report: Option<(tokio::task::JoinHandle<Delivery>, u64, Vec<u8>)>,
     /// This agent's claim on the attempt, held until the run is dropped.
@@ -170,6 +172,7 @@ impl<'a> Run<'a> {
             leader: None,
             cgroup: None,
             unstored: Vec::new(),
+            job_user: None,
         };
         Self::from_record(ctx, record)
     }
@@ -190,13 +193,27 @@ impl<'a> Run<'a> {
             Some(journal),
         )
         .confined_to(Path::new(&record.workdir));
-        // `recover` runs the same checks for a job it finishes as the agent that launched it.
+        // `recover` runs the same checks for a job it finishes as the agent that launched it:
+        // the identity recorded at launch, else a fresh lookup, else (the user is gone) a
+        // reader that may read only what anyone may.
         let run_as = record
             .spec
             .user
             .as_deref()
             .and_then(|u| RunAs::lookup(u).ok());
-        let uploader = uploader.readable_by(run_as.as_ref().map(RunAs::reader));
+        let reader = match (&record.job_user, &run_as, &record.spec.user) {
+            (Some(u), _, _) => Some(JobReader {
+                uid: u.uid,
+                gids: u.gids.clone(),
+            }),
+            (None, Some(user), _) => Some(user.reader()),
+            (None, None, Some(_)) => Some(JobReader {
+                uid: u32::MAX - 1,
+                gids: Vec::new(),
+            }),
+            (None, None, None) => None,
+        };
+        let uploader = uploader.readable_by(reader.clone());
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
@@ -207,6 +224,7 @@ impl<'a> Run<'a> {
             warnings: Vec::new(),
             message: None,
             run_as,
+            reader,
             running_report: None,
             lock: None,
             workdir_fd: None,
@@ -239,13 +257,16 @@ impl<'a> Run<'a> {
         self.record.seq
     }
 
+    /// A warning for the log and the terminal status; past `MAX_WARNINGS` only counted, so
+    /// a job with a million symlinks costs neither a million log lines nor the memory.
     fn warn(&mut self, text: String) {
-        tracing::warn!("{text}");
         if self.warnings.len() < MAX_WARNINGS {
+            tracing::warn!("{text}");
             self.warnings.push(text);
         } else if self.warnings.len() == MAX_WARNINGS {
+            tracing::warn!("more warnings follow; they are not logged one by one");
             self.warnings
-                .push("more warnings in the agent's log".into());
+                .push("more warnings; see the agent's log".into());
         }
     }
 
@@ -266,16 +287,21 @@ impl<'a> Run<'a> {
         }
         self.save();
         self.run_as = None;
+        self.reader = None;
         if let Some(name) = self.spec().user.clone() {
             match RunAs::lookup(&name) {
-                Ok(user) => self.run_as = Some(user),
+                Ok(user) => {
+                    self.record.job_user = Some(c3_proto::JobUser {
+                        uid: user.uid,
+                        gids: user.groups.clone(),
+                    });
+                    self.reader = Some(user.reader());
+                    self.run_as = Some(user);
+                }
                 Err(e) => return Err(self.fail_before_launch(JobEnd::AgentFailed, error_chain(&e))),
             }
         }
-        self.uploader = self
-            .uploader
-            .clone()
-            .readable_by(self.run_as.as_ref().map(RunAs::reader));
+        self.uploader = self.uploader.clone().readable_by(self.reader.clone());
         match self.prepare_dirs() {
             Ok(fd) => self.workdir_fd = Some(fd),
             Err(e) => {
@@ -537,7 +563,7 @@ impl<'a> Run<'a> {
                 self.workdir.clone(),
                 spec.collected_dirs(),
                 procs.clone(),
-                self.run_as.as_ref().map(RunAs::reader),
+                self.reader.clone(),
                 manifest,
                 book,
                 opts,
@@ -810,7 +836,7 @@ impl<'a> Run<'a> {
     async fn final_sync(&mut self) -> u64 {
         let workdir = self.workdir.clone();
         let dirs = self.spec().collected_dirs();
-        let reader = self.run_as.as_ref().map(RunAs::reader);
+        let reader = self.reader.clone();
         let found =
             match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
             {
@@ -824,6 +850,18 @@ impl<'a> Run<'a> {
         for w in &found.warnings {
             self.warn(w.clone());
         }
+        if found.more_warnings > 0 {
+            self.warn(format!(
+                "{} more warnings of the final scan",
+                found.more_warnings
+            ));
+        }
+        // What could not be read at all is unknown output: never a silent loss.
+        for dir in &found.incomplete {
+            tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
+            self.unstored.push(format!("{dir}/"));
+        }
+        let unreadable = found.incomplete.len() as u64;
         let report = sync_scan(&self.uploader, &found, &mut self.book).await;
         for w in &report.warnings {
             self.warn(w.clone());
@@ -838,7 +876,7 @@ impl<'a> Run<'a> {
             already_synced = report.skipped,
             "final sync done"
         );
-        report.failures.len() as u64
+        report.failures.len() as u64 + unreadable
     }
 
     async fn upload_logs(&mut self) -> (Option<Logs>, u64) {
@@ -886,7 +924,7 @@ impl<'a> Run<'a> {
 
     /// The job's structured result, if it wrote a valid one.
     fn read_result(&mut self) -> serde_json::Value {
-        let reader = self.run_as.as_ref().map(RunAs::reader);
+        let reader = self.reader.clone();
         match read_result_file(&self.workdir, &self.result_path(), reader.as_ref()) {
             Ok(v) => v,
             Err(problem) => {

@@ -74,6 +74,17 @@ impl Cgroup {
             .unwrap_or_default()
     }
 
+    /// Whether any process is left in it (`cgroup.events`): the kernel's answer, which no
+    /// fork race can outrun, unlike a list of pids.
+    pub fn populated(&self) -> bool {
+        match std::fs::read_to_string(self.dir.join("cgroup.events")) {
+            Ok(t) => t
+                .lines()
+                .any(|l| l.split_whitespace().eq(["populated", "1"])),
+            Err(_) => !self.members().is_empty(),
+        }
+    }
+
     /// SIGKILL to every member at once (`cgroup.kill`, Linux 5.14), else one by one.
     pub fn kill(&self) {
         let killed = std::fs::OpenOptions::new()
@@ -89,8 +100,12 @@ impl Cgroup {
 
     /// Removes the (empty) cgroup; the kernel refuses while members remain.
     pub fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
-            tracing::debug!(cgroup = %self.dir.display(), error = %e, "cannot remove the job's cgroup");
+        match std::fs::remove_dir(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(cgroup = %self.dir.display(), error = %e, "cannot remove the job's cgroup (processes left in it?)")
+            }
         }
     }
 }
@@ -196,13 +211,29 @@ impl JobProcesses {
         let procs = procfs::all();
         let mut set: BTreeSet<i32> = procfs::descendants(self.inner.agent, &procs)
             .into_iter()
+            .filter(|p| procs.get(p).is_some_and(|s| !s.is_zombie()))
             .collect();
+        // Not filtered through the snapshot above: a process forked after it is still ours.
         if let Some(cg) = &self.inner.cgroup {
             set.extend(cg.members());
         }
-        set.into_iter()
-            .filter(|p| *p != self.inner.agent && procs.get(p).is_some_and(|s| !s.is_zombie()))
-            .collect()
+        set.remove(&self.inner.agent);
+        set.into_iter().collect()
+    }
+
+    /// Whether nothing of the job is left. With a cgroup, the kernel says so.
+    fn gone(&self) -> bool {
+        match &self.inner.cgroup {
+            Some(cg) => !cg.populated() && self.members().is_empty(),
+            None => self.members().is_empty(),
+        }
+    }
+
+    async fn gone_async(&self) -> bool {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.gone())
+            .await
+            .unwrap_or(false)
     }
 
     async fn members_async(&self) -> Vec<i32> {
@@ -218,11 +249,35 @@ impl JobProcesses {
         }
     }
 
-    fn kill_all(&self, pids: &[i32]) {
+    /// SIGKILL to everything of the job, however fast it forks. With a cgroup, `cgroup.kill`
+    /// is atomic. Without one, the job is frozen first (SIGSTOP until a scan finds nothing
+    /// new), so a process that keeps forking cannot stay ahead of the list; then killed.
+    /// Blocking: call it off the reactor.
+    fn kill_hard(&self) {
         if let Some(cg) = &self.inner.cgroup {
             cg.kill();
+        } else {
+            let mut seen: BTreeSet<i32> = BTreeSet::new();
+            for _ in 0..100 {
+                let now: BTreeSet<i32> = self.members().into_iter().collect();
+                let new: Vec<i32> = now.difference(&seen).copied().collect();
+                if new.is_empty() {
+                    break;
+                }
+                self.signal_each(&new, Signal::SIGSTOP);
+                seen.extend(new);
+            }
+            let all: Vec<i32> = seen.into_iter().collect();
+            self.signal_each(&all, Signal::SIGKILL);
         }
-        self.signal_each(pids, Signal::SIGKILL);
+        // Stragglers: anything still listed (outside the cgroup, or forked meanwhile).
+        let left = self.members();
+        self.signal_each(&left, Signal::SIGKILL);
+    }
+
+    async fn kill_hard_async(&self) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.kill_hard()).await;
     }
 
     /// Reaps re-parented job processes that exited (never the leader: tokio waits for it).
@@ -269,8 +324,7 @@ impl JobProcesses {
                         grace_secs = grace.as_secs_f64(),
                         "job ignored SIGTERM; sending SIGKILL"
                     );
-                    let members = self.members_async().await;
-                    self.kill_all(&members);
+                    self.kill_hard_async().await;
                     status = child.wait().await.ok();
                 }
             }
@@ -284,21 +338,27 @@ impl JobProcesses {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             self.reap();
-            let left = self.members_async().await;
-            if left.is_empty() {
+            if self.gone_async().await {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
-                    processes = left.len(),
+                    processes = self.members_async().await.len(),
                     "processes of the job outlived the grace period; sending SIGKILL"
                 );
-                self.kill_all(&left);
-                let until = tokio::time::Instant::now() + Duration::from_secs(2);
-                while tokio::time::Instant::now() < until {
+                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    self.kill_hard_async().await;
                     tick.tick().await;
                     self.reap();
-                    if self.members_async().await.is_empty() {
+                    if self.gone_async().await {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        tracing::error!(
+                            processes = self.members_async().await.len(),
+                            "processes of the job survive SIGKILL (stuck in the kernel?)"
+                        );
                         break;
                     }
                 }

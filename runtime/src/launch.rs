@@ -147,7 +147,10 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         .kill_on_drop(false);
     let mut ids = None;
     if let Some(user) = plan.run_as {
-        ids = Some((user.uid, user.gid, user.groups.clone()));
+        // A non-root agent may name its own user: nothing to switch (and setgroups would fail).
+        if user.uid != nix::unistd::geteuid().as_raw() {
+            ids = Some((user.uid, user.gid, user.groups.clone()));
+        }
         for (k, v) in [("USER", user.name.clone()), ("LOGNAME", user.name.clone())] {
             if !plan.env.contains_key(&OsString::from(k)) {
                 cmd.env(k, v);

@@ -184,7 +184,7 @@ impl Syncer {
             );
             return None;
         }
-        match watcher(self.opts.event_queue, self.opts.max_watches) {
+        match watcher(&self.workdir, self.opts.event_queue, self.opts.max_watches) {
             Ok((w, rx)) => {
                 self.watcher = Some(w);
                 for root in self.roots.clone() {
@@ -361,10 +361,16 @@ impl Syncer {
         else {
             return;
         };
-        if self.book.forget(|k| !found.files.contains_key(k)) > 0 {
+        // A subtree that could not be read is not a deleted one.
+        if self
+            .book
+            .forget(|k| !found.files.contains_key(k) && found.covers(k))
+            > 0
+        {
             self.manifest_dirty = true;
         }
-        self.candidates.retain(|k, _| found.files.contains_key(k));
+        self.candidates
+            .retain(|k, _| found.files.contains_key(k) || !found.covers(k));
         for (rel, f) in found.files {
             if self.book.is_current(&f) || self.in_flight.contains_key(&rel) {
                 continue;

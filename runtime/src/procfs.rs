@@ -85,11 +85,12 @@ pub fn descendants(root: i32, procs: &HashMap<i32, Stat>) -> Vec<i32> {
     for (&pid, s) in procs {
         children.entry(s.ppid).or_default().push(pid);
     }
+    let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {
         for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
-            if c != root && !out.contains(&c) {
+            if c != root && seen.insert(c) {
                 out.push(c);
                 stack.push(c);
             }

@@ -76,7 +76,8 @@ impl SyncBook {
 
 /// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
 pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
-    book.synced.retain(|rel, _| scan.files.contains_key(rel));
+    book.synced
+        .retain(|rel, _| scan.files.contains_key(rel) || !scan.covers(rel));
     let todo: Vec<&LocalFile> = scan
         .files
         .values()

@@ -6,6 +6,7 @@
 //! depend on any of this.
 
 use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use std::sync::Arc;
 use notify::event::{ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+
+use crate::confine::DirFd;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
@@ -34,6 +37,8 @@ pub enum Hint {
 /// `max_watches` of them.
 pub struct DirWatcher {
     watcher: notify::RecommendedWatcher,
+    /// Watched directories are opened beneath it, never through a symlink.
+    workdir: PathBuf,
     watched: HashSet<PathBuf>,
     max_watches: usize,
 }
@@ -50,13 +55,22 @@ impl DirWatcher {
         self.watched.len()
     }
 
-    /// Watches `dir` and every directory below it, without following symlinks.
+    /// Watches `dir` (below the workdir) and every directory below it. Each directory is
+    /// first opened from the workdir with no symlink in any component, and its children are
+    /// listed from that fd: a directory swapped for a symlink is never walked into.
     pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchCapReached> {
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            if !std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+        let Ok(rel) = dir.strip_prefix(&self.workdir) else {
+            return Ok(());
+        };
+        let Ok(root) = DirFd::open(&self.workdir) else {
+            return Ok(());
+        };
+        let mut stack = vec![rel.to_path_buf()];
+        while let Some(rel) = stack.pop() {
+            let Ok(fd) = root.open_dir(&rel) else {
                 continue;
-            }
+            };
+            let d = self.workdir.join(&rel);
             if !self.watched.contains(&d) {
                 if self.watched.len() >= self.max_watches {
                     return Err(WatchCapReached {
@@ -76,13 +90,24 @@ impl DirWatcher {
                     Err(_) => continue,
                 }
             }
-            let Ok(entries) = std::fs::read_dir(&d) else {
+            let Ok(mut entries) = nix::dir::Dir::openat(
+                &fd,
+                ".",
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                // file_type() does not follow symlinks.
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(entry.path());
+            for entry in entries.iter().flatten() {
+                let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+                if name == "." || name == ".." {
+                    continue;
+                }
+                // lstat through the fd: symlinks are not directories here.
+                if fd.stat(name).is_ok_and(|st| crate::confine::is_dir(&st)) {
+                    stack.push(rel.join(name));
                 }
             }
         }
@@ -109,6 +134,7 @@ impl DirWatcher {
 /// returned channel, which holds at most `queue` of them: past that, one `Rescan` replaces
 /// what was dropped.
 pub fn watcher(
+    workdir: &Path,
     queue: usize,
     max_watches: usize,
 ) -> Result<(DirWatcher, mpsc::Receiver<Hint>), notify::Error> {
@@ -147,6 +173,7 @@ pub fn watcher(
     Ok((
         DirWatcher {
             watcher,
+            workdir: workdir.to_path_buf(),
             watched: HashSet::new(),
             max_watches: max_watches.max(1),
         },

@@ -125,3 +125,34 @@ fn a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written() {
         "the half-written w.bin (\"A\") was uploaded while its writer held it open"
     );
 }
+
+/// A process that keeps forking (each parent exiting at once) is always newer than any list
+/// of pids the agent takes. It must still be gone once the agent has exited: the cgroup's
+/// own word (or freezing the job first) decides, not a snapshot.
+#[test]
+fn a_fork_hopping_process_does_not_outlive_its_job() {
+    if not_root("a_fork_hopping_process_does_not_outlive_its_job") {
+        return;
+    }
+    let h = open_harness();
+    let beat = h.path("heartbeat");
+    std::fs::write(&beat, "").unwrap();
+    crate::support::chmod(&beat, 0o666);
+    let hopper = format!(
+        "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.setsid()\nend = time.time() + 60\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n    open('{}', 'w').write(str(time.time()))\n    time.sleep(0.01)\n",
+        beat.display()
+    );
+    let script = format!("/usr/bin/python3 -c \"$HOPPER\" & sleep 1; exit 0");
+    let mut spec = json!({"job_id": "hop", "user": "nobody", "command": ["sh", "-c", script]});
+    spec["env"] = json!({ "HOPPER": hopper });
+    let run = h.run_job(spec);
+    run.assert_code(0);
+    let settled = std::fs::read_to_string(&beat).unwrap();
+    assert!(!settled.is_empty(), "the hopper never ran: {}", run.stderr);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        std::fs::read_to_string(&beat).unwrap(),
+        settled,
+        "a fork-hopping process of the job still runs after the agent exited"
+    );
+}
