@@ -142,7 +142,7 @@ fn a_fork_hopping_process_does_not_outlive_its_job() {
         "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.setsid()\nend = time.time() + 60\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n    open('{}', 'w').write(str(time.time()))\n    time.sleep(0.01)\n",
         beat.display()
     );
-    let script = format!("/usr/bin/python3 -c \"$HOPPER\" & sleep 1; exit 0");
+    let script = "/usr/bin/python3 -c \"$HOPPER\" & sleep 1; exit 0";
     let mut spec = json!({"job_id": "hop", "user": "nobody", "command": ["sh", "-c", script]});
     spec["env"] = json!({ "HOPPER": hopper });
     let run = h.run_job(spec);
