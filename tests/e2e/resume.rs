@@ -10,7 +10,11 @@ use crate::support::{sha256_hex, signal, wait_for, Harness, Store};
 const SIZE: usize = 150 * 1024 * 1024;
 
 fn harness() -> Harness {
-    let mut h = Harness::new(Store::s3());
+    harness_on(Store::s3())
+}
+
+fn harness_on(store: Store) -> Harness {
+    let mut h = Harness::new(store);
     // One 5 MiB part at a time, upload at exit only: a long, predictable upload to interrupt.
     h.extra_toml = "[sync]\nlive = false\n[upload]\nmultipart_threshold_bytes = 5242880\nmin_part_size_bytes = 5242880\nparts_in_flight = 1\n".into();
     h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
@@ -53,7 +57,15 @@ fn events(stderr: &str) -> Vec<Value> {
 
 #[test]
 fn recover_resumes_a_multipart_upload_with_the_missing_parts() {
-    let h = harness();
+    resumes(harness());
+}
+
+#[test]
+fn az_recover_resumes_a_multipart_upload_with_the_missing_parts() {
+    resumes(harness_on(Store::azure()));
+}
+
+fn resumes(h: Harness) {
     let before = crash_mid_upload(&h, "resume", 4);
     let done_before = before["parts"].as_object().unwrap().len();
     assert!(

@@ -1,4 +1,5 @@
-//! One conformance suite run against every store: the file store and a real S3 server.
+//! One conformance suite run against every store: the file store, a real S3 server (s3s-fs)
+//! and the Azure Storage emulator (Azurite).
 
 use serde_json::json;
 
@@ -160,8 +161,7 @@ fn corruption_detected(h: Harness) {
     )
     .assert_code(0);
     let sha = sha256_hex(b"precious\n");
-    let blob = h.object_path(&format!("blobs/sha256/{sha}"));
-    std::fs::write(&blob, "tampered\n").unwrap();
+    h.tamper(&format!("blobs/sha256/{sha}"), b"tampered\n");
     let dest = h.path("pulled");
     let run = h.run(&["pull", "c", dest.to_str().unwrap()]);
     run.assert_code(1);
@@ -210,6 +210,31 @@ fn file_store_large_file_is_staged_and_linked() {
 #[test]
 fn s3_large_file_goes_multipart() {
     large_file(Harness::new(Store::s3()));
+}
+
+#[test]
+fn az_round_trips_odd_names() {
+    round_trip(Harness::new(Store::azure()));
+}
+
+#[test]
+fn az_dedup_counts_no_new_bytes() {
+    dedup(Harness::new(Store::azure()));
+}
+
+#[test]
+fn az_skips_symlinks_and_fifos() {
+    symlinks_not_followed(Harness::new(Store::azure()));
+}
+
+#[test]
+fn az_pull_detects_corruption() {
+    corruption_detected(Harness::new(Store::azure()));
+}
+
+#[test]
+fn az_large_file_goes_multipart() {
+    large_file(Harness::new(Store::azure()));
 }
 
 #[test]

@@ -142,15 +142,316 @@ impl Drop for S3Server {
 
 // ---------------------------------------------------------------- stores
 
+// ---------------------------------------------------------------- Azurite
+
+/// Azurite's blob service (the Azure Storage emulator, npm `azurite`) on loopback, with one
+/// container, killed on drop. `scripts/test.sh` installs it.
+pub struct Azurite {
+    pub port: u16,
+    pub container: String,
+    _root: tempfile::TempDir,
+    child: Child,
+}
+
+/// Azurite's fixed development account (public, documented by Microsoft).
+const AZ_ACCOUNT: &str = "devstoreaccount1";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn azurite_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("C3_TEST_AZURITE") {
+        return PathBuf::from(p);
+    }
+    for candidate in ["/usr/bin/azurite-blob", "/usr/local/bin/azurite-blob"] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!("azurite-blob not found: run the tests through scripts/test.sh, which installs it (or set C3_TEST_AZURITE)");
+}
+
+impl Azurite {
+    pub fn start() -> Self {
+        let root = tempfile::tempdir().expect("tempdir");
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(azurite_binary())
+                .args([
+                    "--blobHost",
+                    "127.0.0.1",
+                    "--blobPort",
+                    &port.to_string(),
+                    "--skipApiVersionCheck",
+                    "--silent",
+                    "--location",
+                ])
+                .arg(root.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start azurite");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let az = Azurite {
+                        port,
+                        container: "c3-test".into(),
+                        _root: root,
+                        child,
+                    };
+                    let (status, body) = az.request("PUT", "?restype=container", &[]);
+                    assert_eq!(
+                        status,
+                        201,
+                        "create container: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    return az;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("azurite did not start");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZ_ACCOUNT}", self.port)
+    }
+
+    pub fn store_toml(&self, prefix: &str) -> String {
+        format!(
+            "[store]\nurl = \"az://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\nretry_deadline_secs = 3\n[store.options]\nazure_storage_use_emulator = \"true\"\n",
+            self.container
+        )
+    }
+
+    /// The agent finds the emulator through this variable (object_store's convention).
+    pub fn env(&self) -> (String, String) {
+        (
+            "AZURITE_BLOB_STORAGE_URL".into(),
+            format!("http://127.0.0.1:{}", self.port),
+        )
+    }
+
+    /// A blob, read from outside the agent.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let (status, body) = self.request("GET", &format!("/{key}"), &[]);
+        (status == 200).then_some(body)
+    }
+
+    /// Overwrites a blob from outside the agent (to tamper with the store).
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let (status, body) = self.request("PUT", &format!("/{key}"), bytes);
+        assert_eq!(status, 201, "put {key}: {}", String::from_utf8_lossy(&body));
+    }
+
+    /// One request with SharedKey auth; `rest` is `/blob/path` or `?query` below the container.
+    fn request(&self, method: &str, rest: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let enc_path: String = path
+            .split('/')
+            .map(|seg| {
+                seg.bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                            (b as char).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        }
+                    })
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        let uri_path = format!("/{AZ_ACCOUNT}/{}{enc_path}", self.container);
+        let date = httpdate_now();
+        let version = "2021-08-06";
+        let mut canon_query = String::new();
+        let mut params: Vec<(&str, &str)> = query
+            .split('&')
+            .filter(|q| !q.is_empty())
+            .filter_map(|q| q.split_once('='))
+            .collect();
+        params.sort();
+        for (k, v) in &params {
+            canon_query.push_str(&format!("\n{k}:{v}"));
+        }
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            body.len().to_string()
+        };
+        // A blob PUT names its type; a container PUT does not.
+        let blob_type = (method == "PUT" && query.is_empty()).then_some("BlockBlob");
+        let type_header = blob_type
+            .map(|t| format!("x-ms-blob-type:{t}\n"))
+            .unwrap_or_default();
+        let to_sign = format!(
+            "{method}\n\n\n{length}\n\n\n\n\n\n\n\n\n{type_header}x-ms-date:{date}\nx-ms-version:{version}\n/{AZ_ACCOUNT}{uri_path}{canon_query}"
+        );
+        let key = base64_decode(AZ_KEY);
+        let signature = base64_encode(&hmac_sha256(&key, to_sign.as_bytes()));
+        let target = if query.is_empty() {
+            uri_path.clone()
+        } else {
+            format!("{uri_path}?{query}")
+        };
+        let mut conn =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect azurite");
+        conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{}x-ms-date: {date}\r\nx-ms-version: {version}\r\nAuthorization: SharedKey {AZ_ACCOUNT}:{signature}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            blob_type
+                .map(|t| format!("x-ms-blob-type: {t}\r\n"))
+                .unwrap_or_default(),
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).expect("write");
+        conn.write_all(body).expect("write");
+        let mut raw = Vec::new();
+        let _ = conn.read_to_end(&mut raw);
+        parse_http_response(&raw)
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status and body of a `Connection: close` HTTP/1.1 response (plain or chunked body).
+fn parse_http_response(raw: &[u8]) -> (u16, Vec<u8>) {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return (0, Vec::new());
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
+fn httpdate_now() -> String {
+    // RFC 1123, as the x-ms-date header wants it, without a date crate.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let (h, m, s) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let names = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{weekday}, {day:02} {} {year} {h:02}:{m:02}:{s:02} GMT",
+        names[(month - 1) as usize]
+    )
+}
+
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&sha2::Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = sha2::Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = sha2::Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().to_vec()
+}
+
+const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = B64.iter().position(|b| *b == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- stores
+
 /// Where a test's store lives, and a way to look at it from the outside.
 pub enum Store {
     File,
     S3(S3Server),
+    Azure(Azurite),
 }
 
 impl Store {
     pub fn s3() -> Self {
         Store::S3(S3Server::start())
+    }
+
+    pub fn azure() -> Self {
+        Store::Azure(Azurite::start())
     }
 }
 
@@ -439,8 +740,10 @@ impl Harness {
             self.state.display(),
             self.extra_toml
         );
-        if let Store::S3(s3) = &self.store {
-            toml.push_str(&s3.store_toml("pre"));
+        match &self.store {
+            Store::S3(s3) => toml.push_str(&s3.store_toml("pre")),
+            Store::Azure(az) => toml.push_str(&az.store_toml("pre")),
+            Store::File => {}
         }
         if let Some(cp) = &self.control_plane {
             toml.push_str(&cp.toml(&token_file, self.give_up_secs));
@@ -479,6 +782,10 @@ impl Harness {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Store::Azure(az) = &self.store {
+            let (k, v) = az.env();
+            cmd.env(k, v);
+        }
         cmd
     }
 
@@ -515,17 +822,26 @@ impl Harness {
 
     /// A store object, read from outside the agent (the store's own directory).
     pub fn object(&self, key: &str) -> Option<Vec<u8>> {
-        let path = match &self.store {
-            Store::File => self.state.join("store").join(key),
-            Store::S3(s3) => s3.root.path().join(&s3.bucket).join("pre").join(key),
-        };
-        std::fs::read(path).ok()
+        if let Store::Azure(az) = &self.store {
+            return az.get(&format!("pre/{key}"));
+        }
+        std::fs::read(self.object_path(key)).ok()
     }
 
+    /// Replaces a store object's bytes behind the agent's back.
+    pub fn tamper(&self, key: &str, bytes: &[u8]) {
+        match &self.store {
+            Store::Azure(az) => az.put(&format!("pre/{key}"), bytes),
+            _ => std::fs::write(self.object_path(key), bytes).expect("tamper"),
+        }
+    }
+
+    /// Where a file or S3 store keeps an object on disk (Azurite keeps its own format).
     pub fn object_path(&self, key: &str) -> PathBuf {
         match &self.store {
             Store::File => self.state.join("store").join(key),
             Store::S3(s3) => s3.root.path().join(&s3.bucket).join("pre").join(key),
+            Store::Azure(_) => panic!("Azurite objects have no path; use Harness::object"),
         }
     }
 
