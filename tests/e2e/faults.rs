@@ -110,3 +110,57 @@ fn resync_completes_an_upload_error_job_with_a_higher_seq() {
     assert!(again.stdout.contains("nothing left"), "{}", again.stdout);
     h.run(&["resync", "no-such-job"]).assert_code(1);
 }
+
+/// A store outage shorter than `retry_deadline_secs` is absorbed: the job SUCCEEDS, with one
+/// WARN when the outage starts and one when it ends (not a line per retry).
+#[test]
+fn a_store_outage_shorter_than_the_deadline_is_not_a_failure() {
+    let mut s3 = crate::support::S3Server::start();
+    s3.retry_deadline_secs = 60;
+    let mut h = Harness::new(crate::support::Store::File);
+    h.extra_toml = format!("[sync]\nsettle_ms = 100\n{}", s3.store_toml("pre"));
+    let back = h.path("back");
+    let script = format!(
+        "echo during > $C3_ARTIFACTS_DIR/a; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo after > $C3_ARTIFACTS_DIR/b",
+        back.display()
+    );
+    let spec = h.spec(json!({"job_id": "blink", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the job to start", Duration::from_secs(20), || {
+        h.workdir("blink")
+            .join("artifacts/a")
+            .exists()
+            .then_some(())
+    });
+    s3.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    s3.restart();
+    std::fs::write(&back, "").unwrap();
+    let run = h.wait("blink".into(), child);
+    run.assert_code(0);
+    let paths: Vec<String> = {
+        let bytes = std::fs::read(
+            s3.root
+                .path()
+                .join(&s3.bucket)
+                .join("pre/jobs/blink/manifest.json"),
+        )
+        .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(paths, vec!["artifacts/a", "artifacts/b"]);
+    let started = run.stderr.matches("store is failing").count();
+    let ended = run.stderr.matches("store answers again").count();
+    assert!(started >= 1 && started == ended, "{}", run.stderr);
+    assert!(
+        run.stderr.lines().count() < 60,
+        "an outage is a few lines, not one per retry:\n{}",
+        run.stderr
+    );
+}

@@ -44,6 +44,8 @@ pub struct S3Server {
     pub root: tempfile::TempDir,
     pub bucket: String,
     child: Child,
+    /// `store.retry_deadline_secs` in its config: short, so that failure tests are quick.
+    pub retry_deadline_secs: u64,
 }
 
 fn s3s_fs_binary() -> PathBuf {
@@ -78,6 +80,39 @@ impl S3Server {
         // A port picked then released can be taken meanwhile: try a few.
         for _ in 0..5 {
             let port = free_port();
+            if let Some(child) = Self::spawn_on(root.path(), port) {
+                return S3Server {
+                    port,
+                    root,
+                    bucket,
+                    child,
+                    retry_deadline_secs: 3,
+                };
+            }
+        }
+        panic!("s3s-fs did not start");
+    }
+
+    /// An outage: the server goes away (connections refused) until `restart`.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The same server back, on the same port and directory.
+    pub fn restart(&mut self) {
+        for _ in 0..50 {
+            if let Some(child) = Self::spawn_on(self.root.path(), self.port) {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("s3s-fs did not come back on port {}", self.port);
+    }
+
+    fn spawn_on(root: &Path, port: u16) -> Option<Child> {
+        {
             let mut child = Command::new(s3s_fs_binary())
                 .args([
                     "--host",
@@ -89,7 +124,7 @@ impl S3Server {
                     "--secret-key",
                     "SK",
                 ])
-                .arg(root.path())
+                .arg(root)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -100,19 +135,14 @@ impl S3Server {
                     break;
                 }
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server {
-                        port,
-                        root,
-                        bucket,
-                        child,
-                    };
+                    return Some(child);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("s3s-fs did not start");
+        None
     }
 
     pub fn pid(&self) -> u32 {
@@ -126,8 +156,9 @@ impl S3Server {
     /// `[store]` config for this server under `prefix`.
     pub fn store_toml(&self, prefix: &str) -> String {
         format!(
-            "[store]\nurl = \"s3://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\nretry_deadline_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
+            "[store]\nurl = \"s3://{}/{prefix}\"\nmax_retries = 2\nretry_timeout_secs = 3\nretry_deadline_secs = {}\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
             self.bucket,
+            self.retry_deadline_secs,
             self.endpoint()
         )
     }
