@@ -217,9 +217,13 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
         return Err("run needs `--job SPEC.json` or a command after `--` (c3-agent run -- python3 train.py)".into());
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
-    let job_id = args
-        .job_id
-        .unwrap_or_else(|| format!("local-{}-{}", chrono_like_now(), std::process::id()));
+    let job_id = args.job_id.unwrap_or_else(|| {
+        format!(
+            "local-{}-{}",
+            c3_runtime::display::compact_utc_now(),
+            std::process::id()
+        )
+    });
     let mut spec = JobSpec {
         job_id,
         project: None,
@@ -240,14 +244,6 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
             .replace("job spec field `timeout_secs`", "--timeout")
     })?;
     Ok(spec)
-}
-
-fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    secs.to_string()
 }
 
 /// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed

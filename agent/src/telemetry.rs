@@ -56,7 +56,10 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let mut map = serde_json::Map::new();
-        map.insert("timestamp".into(), c3_runtime::job::now_rfc3339().into());
+        map.insert(
+            "timestamp".into(),
+            c3_runtime::display::now_rfc3339().into(),
+        );
         map.insert("level".into(), event.metadata().level().as_str().into());
         map.insert("target".into(), event.metadata().target().into());
         if let Some(scope) = ctx.event_scope() {

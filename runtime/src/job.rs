@@ -18,6 +18,7 @@ use c3_proto::{
 
 use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::{DirFd, JobReader};
+use crate::display::{error_chain, now_rfc3339};
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
 use crate::live::{LiveOptions, LiveSync};
@@ -1023,20 +1024,4 @@ pub async fn write_manifest(
         .put_document(&manifest_key(&manifest.job_id), bytes)
         .await?;
     Ok(sha)
-}
-
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// An error and its sources on one line, for logs and status messages.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod collect;
 pub mod confine;
 pub mod digest;
+pub mod display;
 pub mod fault;
 pub mod job;
 pub mod jobproc;
@@ -28,5 +29,6 @@ pub mod sync;
 pub mod upload;
 pub mod watch;
 
-pub use job::{error_chain, run_job, AgentContext, JobSummary, RunError};
+pub use display::error_chain;
+pub use job::{run_job, AgentContext, JobSummary, RunError};
 pub use outcome::{ExitCode, JobEnd, Verdict};

@@ -1,0 +1,52 @@
+//! How the engine writes errors and times into logs, statuses and records: one place, used by
+//! every module, so that no module has to reach up into another for a formatting helper.
+
+/// An error and its sources on one line. A source whose text the line already holds (many
+/// wrappers repeat their cause: `...: Permission denied (os error 13): Permission denied
+/// (os error 13)`) is said once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+/// Now, as RFC 3339 UTC with milliseconds (statuses, records).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Now, compact and usable in a job id (`20261130T101500Z`).
+pub fn compact_utc_now() -> String {
+    chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {0}: {1}")]
+    struct Outer(&'static str, #[source] std::io::Error);
+
+    #[test]
+    fn a_repeated_cause_is_said_once() {
+        let e = Outer(
+            "/x",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(error_chain(&e), "cannot read /x: permission denied");
+        let io = std::io::Error::other(Outer(
+            "/y",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+        assert_eq!(error_chain(&io), "cannot read /y: entity not found");
+    }
+}
