@@ -12,23 +12,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use c3_proto::{
-    ArtifactsRegistration, ArtifactsReply, JobSpec, JobState, LogEntry, Logs, Manifest, Phase,
-    RunRecord, StatusReport, Stream,
+    ArtifactsRegistration, ArtifactsReply, JobSpec, JobState, Phase, RunRecord, StatusReport,
+    Stream,
 };
 
-use crate::collect::{scan, FileStamp, LocalFile};
+use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
 use crate::confine::{DirFd, JobReader};
 use crate::display::{error_chain, now_rfc3339};
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
-use crate::live::{LiveOptions, LiveSync};
+use crate::live::LiveOptions;
+use crate::manifest::ManifestWriter;
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::output::{forward_live, pump};
 use crate::report::{ControlPlane, Delivery, Reporter};
 use crate::statedir::AttemptLock;
 use crate::statedir::StateDir;
-use crate::store::{attempt_manifest_key, manifest_key, BlobStore};
-use crate::sync::{sync_scan, SyncBook};
+use crate::store::{manifest_key, BlobStore};
 use crate::upload::{UploadOptions, Uploader};
 
 /// Largest structured result a job may hand back (contract §4).
@@ -132,8 +132,10 @@ pub struct Run<'a> {
     record: RunRecord,
     workdir: PathBuf,
     reporter: Reporter,
-    book: SyncBook,
-    uploader: Uploader,
+    /// What the collector needs; it becomes the collector's when the job is launched (or,
+    /// for a job that never ran, when it is finished).
+    collector_config: CollectorConfig,
+    collector: Option<CollectorHandle>,
     warnings: Vec<String>,
     /// Why the job ended, in words, for the terminal status.
     message: Option<String>,
@@ -214,14 +216,21 @@ impl<'a> Run<'a> {
             }),
             (None, None, None) => None,
         };
-        let uploader = uploader.readable_by(reader.clone());
+        let collector_config = CollectorConfig {
+            uploader: uploader.readable_by(reader.clone()),
+            workdir: PathBuf::from(&record.workdir),
+            dirs: record.spec.collected_dirs(),
+            reader: reader.clone(),
+            manifest: ManifestWriter::new(ctx.store.clone(), &record.spec),
+            live: ctx.live.clone(),
+        };
         Run {
             ctx,
             workdir: PathBuf::from(&record.workdir),
             record,
             reporter,
-            book: SyncBook::default(),
-            uploader,
+            collector_config,
+            collector: None,
             warnings: Vec::new(),
             message: None,
             run_as,
@@ -302,7 +311,12 @@ impl<'a> Run<'a> {
                 Err(e) => return Err(self.fail_before_launch(JobEnd::AgentFailed, error_chain(&e))),
             }
         }
-        self.uploader = self.uploader.clone().readable_by(self.reader.clone());
+        self.collector_config.reader = self.reader.clone();
+        self.collector_config.uploader = self
+            .collector_config
+            .uploader
+            .clone()
+            .readable_by(self.reader.clone());
         match self.prepare_dirs() {
             Ok(fd) => self.workdir_fd = Some(fd),
             Err(e) => {
@@ -556,20 +570,10 @@ impl<'a> Run<'a> {
             )
         });
 
-        let live = self.ctx.live.clone().map(|opts| {
-            let manifest = Manifest::new(&spec.job_id, spec.project.clone(), spec.attempt);
-            let book = std::mem::take(&mut self.book);
-            LiveSync::start(
-                self.uploader.clone(),
-                self.workdir.clone(),
-                spec.collected_dirs(),
-                procs.clone(),
-                self.reader.clone(),
-                manifest,
-                book,
-                opts,
-            )
-        });
+        self.collector = Some(CollectorHandle::start(
+            self.collector_config.clone(),
+            Some(procs.clone()),
+        ));
 
         crate::fault::point("after-launch");
         let end = self
@@ -592,9 +596,6 @@ impl<'a> Run<'a> {
         procs.terminate(None, self.ctx.kill_grace).await;
         reaping.cancel();
         let _ = reaper.await;
-        if let Some(live) = live {
-            self.book = live.finish().await;
-        }
         let drained = tokio::time::timeout(PUMP_DRAIN, async {
             while let Some(r) = pumps.join_next().await {
                 if let Ok(Err(e)) = r {
@@ -740,34 +741,27 @@ impl<'a> Run<'a> {
             JobEnd::Canceled => self.record.pgid.is_some(),
             JobEnd::AgentFailed | JobEnd::DatasetFailed => false,
         };
-        let mut upload_errors = 0u64;
-        let mut manifest_written = None;
+        let mut sealed = Sealed::default();
         let mut result = serde_json::Value::Null;
         if launched {
-            upload_errors += self.final_sync().await;
-            let (logs, log_errors) = self.upload_logs().await;
-            upload_errors += log_errors;
-            // Whatever multipart upload is still journaled will never be completed now.
-            self.uploader.abort_orphans().await;
-            result = self.read_result();
-            let mut manifest = Manifest::new(
-                &self.spec().job_id,
-                self.spec().project.clone(),
-                self.spec().attempt,
-            );
-            manifest.complete = true;
-            manifest.files = self.book.entries();
-            manifest.logs = logs;
-            manifest.result = result.clone();
-            match write_manifest(&self.ctx.store, &manifest).await {
-                Ok(sha) => manifest_written = Some(sha),
-                Err(e) => {
-                    upload_errors += 1;
-                    self.unstored.push("manifest".into());
-                    tracing::error!(error = %error_chain(&e), "cannot write the manifest");
-                }
+            let collector = match self.collector.take() {
+                Some(c) => c,
+                // `recover`: the same collector, with no job running.
+                None => CollectorHandle::start(self.collector_config.clone(), None),
+            };
+            let final_sync = collector.job_ended().await;
+            for w in final_sync.warnings {
+                self.warn(w);
             }
+            self.unstored.extend(final_sync.unstored);
+            result = self.read_result();
+            let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);
+            let logs = [Stream::Stdout, Stream::Stderr]
+                .map(|s| (s, self.ctx.state.log_path(&job_id, attempt, s)));
+            sealed = collector.seal(logs, result.clone()).await;
+            self.unstored.extend(std::mem::take(&mut sealed.unstored));
         }
+        let upload_errors = self.unstored.len() as u64;
         let verdict = decide(&end, upload_errors > 0);
         if upload_errors > 0 {
             tracing::error!(
@@ -788,8 +782,8 @@ impl<'a> Run<'a> {
             }
         }
         let seq = self.next_seq();
-        if let Some(sha) = &manifest_written {
-            self.register_artifacts(seq, sha, stay).await;
+        if let Some(sha) = sealed.manifest_sha256.clone() {
+            self.register_artifacts(seq, &sha, &sealed, stay).await;
         }
         let mut status = self.status(
             seq,
@@ -813,11 +807,13 @@ impl<'a> Run<'a> {
         let summary = JobSummary {
             job_id: self.spec().job_id.clone(),
             verdict,
-            files: self.book.len(),
-            bytes: self.book.total_bytes(),
-            new_bytes: self.book.new_bytes,
+            files: sealed.files,
+            bytes: sealed.bytes,
+            new_bytes: sealed.new_bytes,
             upload_errors,
-            manifest: manifest_written.map(|_| manifest_key(&self.spec().job_id)),
+            manifest: sealed
+                .manifest_sha256
+                .map(|_| self.collector_config.manifest.key()),
         };
         tracing::info!(
             state = verdict.state.as_str(),
@@ -831,96 +827,6 @@ impl<'a> Run<'a> {
             "job finished"
         );
         summary
-    }
-
-    /// Scans the output dirs and uploads what the book does not have. Returns failures.
-    async fn final_sync(&mut self) -> u64 {
-        let workdir = self.workdir.clone();
-        let dirs = self.spec().collected_dirs();
-        let reader = self.reader.clone();
-        let found =
-            match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
-            {
-                Ok(found) => found,
-                Err(e) => {
-                    // Never an empty scan: that would shrink the manifest silently.
-                    tracing::error!(error = %e, "the final scan failed");
-                    return 1;
-                }
-            };
-        for w in &found.warnings {
-            self.warn(w.clone());
-        }
-        if found.more_warnings > 0 {
-            self.warn(format!(
-                "{} more warnings of the final scan",
-                found.more_warnings
-            ));
-        }
-        // What could not be read at all is unknown output: never a silent loss.
-        for dir in &found.incomplete {
-            tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
-            self.unstored.push(format!("{dir}/"));
-        }
-        let unreadable = found.incomplete.len() as u64;
-        let report = sync_scan(&self.uploader, &found, &mut self.book).await;
-        for w in &report.warnings {
-            self.warn(w.clone());
-        }
-        self.unstored
-            .extend(report.failures.iter().map(|(p, _)| p.clone()));
-        for (path, e) in &report.failures {
-            tracing::error!(path = %path, error = %error_chain(e), retryable = e.is_retryable(), "upload failed");
-        }
-        tracing::debug!(
-            uploaded = report.uploaded,
-            already_synced = report.skipped,
-            "final sync done"
-        );
-        report.failures.len() as u64 + unreadable
-    }
-
-    async fn upload_logs(&mut self) -> (Option<Logs>, u64) {
-        let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);
-        let mut entries = Vec::new();
-        let mut errors = 0;
-        for stream in [Stream::Stdout, Stream::Stderr] {
-            let path = self.ctx.state.log_path(&job_id, attempt, stream);
-            let meta = match std::fs::metadata(&path) {
-                Ok(m) => m,
-                Err(_) => {
-                    // Never started (or crashed before the pump opened it): an empty stream.
-                    let _ = std::fs::write(&path, b"");
-                    match std::fs::metadata(&path) {
-                        Ok(m) => m,
-                        Err(_) => return (None, errors + 1),
-                    }
-                }
-            };
-            let file = LocalFile {
-                rel: format!("logs/{}", stream.as_str()),
-                abs: path,
-                stamp: FileStamp::of(&meta),
-            };
-            match self.uploader.upload(&file).await {
-                Ok(up) => {
-                    self.book.new_bytes += up.new_bytes;
-                    entries.push(LogEntry {
-                        size: up.digests.size,
-                        sha256: up.digests.sha256_hex(),
-                    });
-                }
-                Err(e) => {
-                    tracing::error!(stream = stream.as_str(), error = %error_chain(&e), "cannot store the job's log");
-                    self.unstored.push(format!("logs/{}", stream.as_str()));
-                    errors += 1;
-                }
-            }
-        }
-        match <[LogEntry; 2]>::try_from(entries) {
-            Ok([stdout, stderr]) => (Some(Logs { stdout, stderr }), errors),
-            Err(_) => (None, errors),
-        }
     }
 
     /// The job's structured result, if it wrote a valid one.
@@ -939,15 +845,16 @@ impl<'a> Run<'a> {
         &mut self,
         order: u64,
         manifest_sha256: &str,
+        sealed: &Sealed,
         deadline: tokio::time::Instant,
     ) {
         let reg = ArtifactsRegistration {
             attempt: self.spec().attempt,
             manifest: manifest_key(&self.spec().job_id),
             manifest_sha256: manifest_sha256.to_string(),
-            files: self.book.len() as u64,
-            bytes: self.book.total_bytes(),
-            new_bytes: self.book.new_bytes,
+            files: sealed.files as u64,
+            bytes: sealed.bytes,
+            new_bytes: sealed.new_bytes,
         };
         if let Delivery::Delivered(body) = self
             .reporter
@@ -1005,23 +912,4 @@ fn read_result_file(
         return Err(format!("over the limit of {MAX_RESULT_BYTES} bytes"));
     }
     c3_proto::parse_json_value(&bytes).map_err(|e| format!("not valid JSON: {e}"))
-}
-
-/// Writes the per-attempt manifest, then the job's; returns the manifest's sha256.
-pub async fn write_manifest(
-    store: &BlobStore,
-    manifest: &Manifest,
-) -> Result<String, crate::store::StoreError> {
-    let bytes = bytes::Bytes::from(manifest.to_json());
-    let sha = crate::digest::sha256_hex(&bytes);
-    store
-        .put_document(
-            &attempt_manifest_key(&manifest.job_id, manifest.attempt),
-            bytes.clone(),
-        )
-        .await?;
-    store
-        .put_document(&manifest_key(&manifest.job_id), bytes)
-        .await?;
-    Ok(sha)
 }

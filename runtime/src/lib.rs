@@ -9,6 +9,7 @@
 pub mod awsprofile;
 pub mod budget;
 pub mod collect;
+pub mod collector;
 pub mod confine;
 pub mod digest;
 pub mod display;
@@ -17,6 +18,7 @@ pub mod job;
 pub mod jobproc;
 pub mod launch;
 pub mod live;
+pub mod manifest;
 pub mod outcome;
 pub mod output;
 pub mod procfs;

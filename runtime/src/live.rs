@@ -1,11 +1,11 @@
-//! Incremental sync while the job runs (contract §5).
+//! Incremental sync while the job runs (contract §5): the first phase of the
+//! [`crate::collector`] task, which owns the [`SyncBook`] throughout.
 //!
-//! One task owns the [`SyncBook`] while the job runs. Hints from the watcher (or a
-//! periodic scan when inotify is unavailable) make a path a *candidate*; a candidate
-//! whose stamp stayed the same for `settle` and that no process of the job holds open
-//! for writing is uploaded. The in-progress manifest (`complete: false`) is rewritten,
-//! throttled, and lists only uploaded blobs. [`LiveSync::finish`] hands the book back so
-//! the final scan only uploads what is new.
+//! Hints from the watcher (or a periodic scan when inotify is unavailable) make a path a
+//! *candidate*; a candidate whose stamp stayed the same for `settle` and that no process of
+//! the job holds open for writing is uploaded. The in-progress manifest (`complete: false`)
+//! is rewritten, throttled, and lists only uploaded blobs. The phase ends when the collector
+//! is told the job ended; it hands the book back so the final scan only uploads what is new.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,14 +14,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-
-use c3_proto::Manifest;
 
 use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::JobReader;
 use crate::jobproc::JobProcesses;
+use crate::manifest::ManifestWriter;
 use crate::sync::SyncBook;
 use crate::upload::{UploadError, Uploaded, Uploader};
 use crate::watch::{watcher, DirWatcher, Hint};
@@ -47,26 +45,24 @@ pub struct LiveOptions {
     pub max_watches: usize,
 }
 
-/// The handle of the running syncer.
+/// The live phase: starts from the collector's book, ends at `JobEnded`.
 pub struct LiveSync {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<SyncBook>,
+    syncer: Syncer,
 }
 
 impl LiveSync {
-    /// Starts syncing `dirs` (relative to `workdir`) for the job made of `procs`.
+    /// Syncs `dirs` (relative to `workdir`) for the job made of `procs`.
     #[allow(clippy::too_many_arguments)]
-    pub fn start(
+    pub fn new(
         uploader: Uploader,
         workdir: PathBuf,
         dirs: Vec<String>,
         procs: JobProcesses,
         reader: Option<JobReader>,
-        manifest: Manifest,
+        manifest: ManifestWriter,
         book: SyncBook,
         opts: LiveOptions,
     ) -> LiveSync {
-        let stop = CancellationToken::new();
         let syncer = Syncer {
             roots: dirs.iter().map(|d| workdir.join(d)).collect(),
             uploader,
@@ -86,20 +82,13 @@ impl LiveSync {
             last_progress: Instant::now(),
             warned_upload: false,
         };
-        let task = tokio::spawn(syncer.run(stop.clone()).in_current_span());
-        LiveSync { stop, task }
+        LiveSync { syncer }
     }
 
-    /// Stops watching, lets uploads under way finish, and returns the book.
-    pub async fn finish(self) -> SyncBook {
-        self.stop.cancel();
-        match self.task.await {
-            Ok(book) => book,
-            Err(e) => {
-                tracing::error!(error = %e, "live sync task failed; the final scan uploads everything");
-                SyncBook::default()
-            }
-        }
+    /// Runs until `ended` resolves (the job's processes are gone, or the collector's handle
+    /// went away), lets the uploads under way land, and hands the book back.
+    pub async fn run(self, ended: impl std::future::Future<Output = ()>) -> SyncBook {
+        self.syncer.run(ended).await
     }
 }
 
@@ -121,8 +110,8 @@ struct Syncer {
     reader: Option<JobReader>,
     /// Per-directory inotify watches; `None` while polling only.
     watcher: Option<DirWatcher>,
-    /// Identity of the job for in-progress manifests.
-    manifest: Manifest,
+    /// Writes the in-progress manifest.
+    manifest: ManifestWriter,
     book: SyncBook,
     opts: LiveOptions,
     /// Keyed by manifest path.
@@ -140,7 +129,8 @@ struct Syncer {
 type UploadResult = (String, Result<Uploaded, UploadError>);
 
 impl Syncer {
-    async fn run(mut self, stop: CancellationToken) -> SyncBook {
+    async fn run(mut self, ended: impl std::future::Future<Output = ()>) -> SyncBook {
+        tokio::pin!(ended);
         let mut hints = self.start_watching().await;
         // The job started before the watches were set: what it wrote meanwhile left no events.
         self.rescan().await;
@@ -149,7 +139,7 @@ impl Syncer {
         loop {
             let wake = self.next_wake(next_poll);
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = &mut ended => break,
                 hint = recv(&mut hints) => match hint {
                     Some(h) => self.on_hint(h).await,
                     // The watcher is gone (it failed): keep going by polling.
@@ -494,14 +484,11 @@ impl Syncer {
         if !self.manifest_dirty || !due {
             return;
         }
-        let mut manifest = self.manifest.clone();
-        manifest.complete = false;
-        manifest.files = self.book.entries();
         self.manifest_written = Some(Instant::now());
-        match crate::job::write_manifest(self.uploader.store(), &manifest).await {
+        match self.manifest.in_progress(&self.book).await {
             Ok(_) => {
                 self.manifest_dirty = false;
-                tracing::debug!(files = manifest.files.len(), "in-progress manifest written");
+                tracing::debug!(files = self.book.len(), "in-progress manifest written");
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")

@@ -78,10 +78,12 @@ impl SyncBook {
 pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
     book.synced
         .retain(|rel, _| scan.files.contains_key(rel) || !scan.covers(rel));
-    let todo: Vec<&LocalFile> = scan
+    // Owned, so that the stream below is `Send` for any lifetime (the collector is a task).
+    let todo: Vec<LocalFile> = scan
         .files
         .values()
         .filter(|f| !book.is_current(f))
+        .cloned()
         .collect();
     let mut report = SyncReport {
         skipped: scan.files.len() - todo.len(),
@@ -92,7 +94,10 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
     let started = Instant::now();
     let mut done_bytes = 0u64;
     let mut uploads = futures::stream::iter(todo)
-        .map(|file| upload_settled(uploader, file))
+        .map(|file| {
+            let uploader = uploader.clone();
+            async move { upload_settled(&uploader, &file).await }
+        })
         .buffer_unordered(uploader.options().files_in_flight.max(1));
     let mut progress = tokio::time::interval(PROGRESS_EVERY);
     progress.tick().await;

@@ -1,0 +1,291 @@
+//! The collector: one task per attempt, the sole owner of the [`SyncBook`], the
+//! [`Uploader`] and the [`ManifestWriter`]. Everything that turns the job's files into blobs
+//! and a manifest happens here, in three phases driven through a [`CollectorHandle`]:
+//!
+//! 1. while the job runs: [`LiveSync`] (watch, settle, upload, in-progress manifest), or
+//!    nothing when live sync is off or the job is being recovered;
+//! 2. `job_ended`: uploads under way land, then the final scan uploads what is new;
+//! 3. `seal`: the logs are stored, orphaned multipart uploads aborted, and the complete
+//!    manifest written last. The task ends.
+//!
+//! `run` and `recover` drive the same collector; `recover` simply starts it without a job.
+
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use c3_proto::{LogEntry, Logs, Stream};
+
+use crate::collect::{scan, FileStamp, LocalFile};
+use crate::confine::JobReader;
+use crate::jobproc::JobProcesses;
+use crate::live::{LiveOptions, LiveSync};
+use crate::manifest::ManifestWriter;
+use crate::sync::{sync_scan, SyncBook};
+use crate::upload::Uploader;
+
+/// What the collector works on.
+#[derive(Debug, Clone)]
+pub struct CollectorConfig {
+    pub uploader: Uploader,
+    pub workdir: PathBuf,
+    /// Collected dirs, relative to the workdir (`artifacts` first).
+    pub dirs: Vec<String>,
+    /// The job's user, when it is not the agent's own: only what it could read is collected.
+    pub reader: Option<JobReader>,
+    pub manifest: ManifestWriter,
+    /// Sync while the job runs (`None`: everything at the end).
+    pub live: Option<LiveOptions>,
+}
+
+/// What the final scan found and could not do.
+#[derive(Debug, Default)]
+pub struct FinalSync {
+    /// For the status' warnings (skipped files, unreadable ones).
+    pub warnings: Vec<String>,
+    /// Files (or subtrees) that could not be stored.
+    pub unstored: Vec<String>,
+}
+
+/// What the collector leaves behind.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// sha256 of the complete manifest, if it was written.
+    pub manifest_sha256: Option<String>,
+    pub files: usize,
+    pub bytes: u64,
+    /// Bytes this attempt added to the store (files and logs).
+    pub new_bytes: u64,
+    /// What could not be stored while sealing (`logs/<stream>`, `manifest`).
+    pub unstored: Vec<String>,
+}
+
+enum Command {
+    JobEnded {
+        reply: oneshot::Sender<FinalSync>,
+    },
+    Seal {
+        logs: [(Stream, PathBuf); 2],
+        result: serde_json::Value,
+        reply: oneshot::Sender<Sealed>,
+    },
+}
+
+/// The way to the collector task. Dropping it stops the task.
+pub struct CollectorHandle {
+    commands: mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CollectorHandle {
+    /// Starts the collector; with `procs` (a running job) and live options, phase 1 syncs
+    /// while the job runs.
+    pub fn start(config: CollectorConfig, procs: Option<JobProcesses>) -> Self {
+        let (commands, rx) = mpsc::channel(4);
+        let task = tokio::spawn(run(config, procs, rx).in_current_span());
+        CollectorHandle { commands, task }
+    }
+
+    /// The job's processes are gone: finish live sync and run the final scan.
+    pub async fn job_ended(&self) -> FinalSync {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::JobEnded { reply })
+            .await
+            .is_err()
+        {
+            return lost("the final sync");
+        }
+        answer.await.unwrap_or_else(|_| lost("the final sync"))
+    }
+
+    /// Stores the logs and writes the complete manifest (after `job_ended`).
+    pub async fn seal(self, logs: [(Stream, PathBuf); 2], result: serde_json::Value) -> Sealed {
+        let (reply, answer) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Seal {
+                logs,
+                result,
+                reply,
+            })
+            .await;
+        let sealed = match sent {
+            Ok(()) => answer.await.ok(),
+            Err(_) => None,
+        };
+        let _ = self.task.await;
+        sealed.unwrap_or_else(|| Sealed {
+            unstored: vec!["manifest".into()],
+            ..Sealed::default()
+        })
+    }
+}
+
+/// The collector task died (a panic in it): everything it had is unknown, never "nothing".
+fn lost(what: &str) -> FinalSync {
+    tracing::error!("the collector task failed during {what}; counted as an upload failure");
+    FinalSync {
+        warnings: Vec::new(),
+        unstored: vec![format!("({what})")],
+    }
+}
+
+async fn run(
+    config: CollectorConfig,
+    procs: Option<JobProcesses>,
+    mut rx: mpsc::Receiver<Command>,
+) {
+    let mut book = SyncBook::default();
+    // Phase 1: until the job ends (the first command is always JobEnded).
+    let first = match (config.live.clone(), procs) {
+        (Some(opts), Some(procs)) => {
+            let mut first = None;
+            let live = LiveSync::new(
+                config.uploader.clone(),
+                config.workdir.clone(),
+                config.dirs.clone(),
+                procs,
+                config.reader.clone(),
+                config.manifest.clone(),
+                book,
+                opts,
+            );
+            book = live
+                .run(async {
+                    first = rx.recv().await;
+                })
+                .await;
+            first
+        }
+        _ => rx.recv().await,
+    };
+    let Some(Command::JobEnded { reply }) = first else {
+        return;
+    };
+    // Phase 2: the final scan.
+    let final_sync = final_sync(&config, &mut book).await;
+    let _ = reply.send(final_sync);
+    // Phase 3: seal.
+    if let Some(Command::Seal {
+        logs,
+        result,
+        reply,
+    }) = rx.recv().await
+    {
+        let sealed = seal(&config, &mut book, logs, result).await;
+        let _ = reply.send(sealed);
+    }
+}
+
+/// Scans the output dirs and uploads what the book does not have.
+async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync {
+    let mut out = FinalSync::default();
+    let (workdir, dirs, reader) = (
+        config.workdir.clone(),
+        config.dirs.clone(),
+        config.reader.clone(),
+    );
+    let found =
+        match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await {
+            Ok(found) => found,
+            Err(e) => {
+                // Never an empty scan: that would shrink the manifest silently.
+                tracing::error!(error = %e, "the final scan failed");
+                out.unstored.push("(the final scan)".into());
+                return out;
+            }
+        };
+    out.warnings = found.warnings.clone();
+    if found.more_warnings > 0 {
+        out.warnings.push(format!(
+            "{} more warnings of the final scan",
+            found.more_warnings
+        ));
+    }
+    // What could not be read at all is unknown output: never a silent loss.
+    for dir in &found.incomplete {
+        tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
+        out.unstored.push(format!("{dir}/"));
+    }
+    let report = sync_scan(&config.uploader, &found, book).await;
+    out.warnings.extend(report.warnings.iter().cloned());
+    for (path, e) in &report.failures {
+        tracing::error!(path = %path, error = %crate::error_chain(e), retryable = e.is_retryable(), "upload failed");
+        out.unstored.push(path.clone());
+    }
+    tracing::debug!(
+        uploaded = report.uploaded,
+        already_synced = report.skipped,
+        "final sync done"
+    );
+    out
+}
+
+/// Logs, orphaned uploads, the complete manifest (written last).
+async fn seal(
+    config: &CollectorConfig,
+    book: &mut SyncBook,
+    logs: [(Stream, PathBuf); 2],
+    result: serde_json::Value,
+) -> Sealed {
+    let mut unstored = Vec::new();
+    let mut entries = Vec::new();
+    for (stream, path) in logs {
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) => {
+                // Never started (or crashed before the pump opened it): an empty stream.
+                let _ = std::fs::write(&path, b"");
+                match std::fs::metadata(&path) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        unstored.push(format!("logs/{}", stream.as_str()));
+                        continue;
+                    }
+                }
+            }
+        };
+        let file = LocalFile {
+            rel: format!("logs/{}", stream.as_str()),
+            abs: path,
+            stamp: FileStamp::of(&meta),
+        };
+        match config.uploader.upload(&file).await {
+            Ok(up) => {
+                book.new_bytes += up.new_bytes;
+                entries.push(LogEntry {
+                    size: up.digests.size,
+                    sha256: up.digests.sha256_hex(),
+                });
+            }
+            Err(e) => {
+                tracing::error!(stream = stream.as_str(), error = %crate::error_chain(&e), "cannot store the job's log");
+                unstored.push(format!("logs/{}", stream.as_str()));
+            }
+        }
+    }
+    let logs = match <[LogEntry; 2]>::try_from(entries) {
+        Ok([stdout, stderr]) => Some(Logs { stdout, stderr }),
+        Err(_) => None,
+    };
+    // Whatever multipart upload is still journaled will never be completed now.
+    config.uploader.abort_orphans().await;
+    let manifest_sha256 = match config.manifest.complete(book, logs, result).await {
+        Ok(sha) => Some(sha),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "cannot write the manifest");
+            unstored.push("manifest".into());
+            None
+        }
+    };
+    Sealed {
+        manifest_sha256,
+        files: book.len(),
+        bytes: book.total_bytes(),
+        new_bytes: book.new_bytes,
+        unstored,
+    }
+}

@@ -1,0 +1,73 @@
+//! The one place that assembles and writes a job's manifest (contract §6): in progress
+//! (`complete: false`, while the job runs) and complete (after the final sync), always at the
+//! attempt's key first and then at the job's.
+
+use c3_proto::{JobSpec, Logs, Manifest};
+
+use crate::store::{attempt_manifest_key, manifest_key, BlobStore, StoreError};
+use crate::sync::SyncBook;
+
+/// Writes manifests of one attempt. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ManifestWriter {
+    store: BlobStore,
+    job_id: String,
+    project: Option<String>,
+    attempt: u32,
+}
+
+impl ManifestWriter {
+    pub fn new(store: BlobStore, spec: &JobSpec) -> Self {
+        ManifestWriter {
+            store,
+            job_id: spec.job_id.clone(),
+            project: spec.project.clone(),
+            attempt: spec.attempt,
+        }
+    }
+
+    /// The job's manifest key (what the artifacts registration names).
+    pub fn key(&self) -> String {
+        manifest_key(&self.job_id)
+    }
+
+    /// What is stored so far, `complete: false`. Lists only blobs that exist (the book holds
+    /// only uploads that returned).
+    pub async fn in_progress(&self, book: &SyncBook) -> Result<String, StoreError> {
+        let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        m.files = book.entries();
+        self.write(&m).await
+    }
+
+    /// The last write, after every blob it lists: `complete: true`. Returns its sha256.
+    pub async fn complete(
+        &self,
+        book: &SyncBook,
+        logs: Option<Logs>,
+        result: serde_json::Value,
+    ) -> Result<String, StoreError> {
+        let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        m.complete = true;
+        m.files = book.entries();
+        m.logs = logs;
+        m.result = result;
+        self.write(&m).await
+    }
+
+    /// The per-attempt key first, then the job's: a retried job never hides its failed
+    /// attempt's output.
+    async fn write(&self, manifest: &Manifest) -> Result<String, StoreError> {
+        let bytes = bytes::Bytes::from(manifest.to_json());
+        let sha = crate::digest::sha256_hex(&bytes);
+        self.store
+            .put_document(
+                &attempt_manifest_key(&self.job_id, self.attempt),
+                bytes.clone(),
+            )
+            .await?;
+        self.store
+            .put_document(&manifest_key(&self.job_id), bytes)
+            .await?;
+        Ok(sha)
+    }
+}
