@@ -63,6 +63,12 @@ pub fn is_alive(id: &ProcIdentity) -> bool {
         && stat(id.pid).is_some_and(|s| s.start_ticks == id.start_ticks && !s.is_zombie())
 }
 
+/// This process, as recorded in run records: pid and start time.
+pub fn this_agent() -> Option<(i32, u64)> {
+    let pid = std::process::id() as i32;
+    stat(pid).map(|s| (pid, s.start_ticks))
+}
+
 /// Every process's stat, by pid.
 pub fn all() -> HashMap<i32, Stat> {
     let mut out = HashMap::new();

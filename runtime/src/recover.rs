@@ -23,12 +23,6 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
     }
 }
 
-/// This process, as recorded in run records: pid and start time.
-pub fn this_agent() -> Option<(i32, u64)> {
-    let pid = std::process::id() as i32;
-    crate::procfs::stat(pid).map(|s| (pid, s.start_ticks))
-}
-
 /// Whether the agent that wrote the record still runs (same boot, pid and start time).
 fn owner_alive(record: &RunRecord) -> bool {
     let same_boot = match &record.agent_boot_id {

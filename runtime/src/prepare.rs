@@ -1,0 +1,218 @@
+//! Before anything of the job runs: its user, its workdir and output dirs (opened and created
+//! through directory fds, never through a symlink), the store check, its input datasets.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+
+use c3_proto::JobSpec;
+
+use crate::confine::{DirFd, Owner};
+use crate::display::error_chain;
+use crate::job::AgentContext;
+use crate::launch::{LaunchError, RunAs};
+use crate::outcome::JobEnd;
+use crate::pull::PullError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    State(#[from] crate::statedir::StateError),
+    #[error(transparent)]
+    User(#[from] LaunchError),
+    #[error("cannot prepare the workdir {path}")]
+    Workdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store {url} is not usable")]
+    Store {
+        url: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("input {reference} cannot be materialized at {mount}")]
+    Dataset {
+        reference: String,
+        mount: String,
+        #[source]
+        source: DatasetError,
+    },
+    #[error("canceled before launch")]
+    Canceled,
+    #[error("a preparation task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot create the mount directory")]
+    Mount(#[source] std::io::Error),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+}
+
+impl PrepareError {
+    /// How the attempt ends when its preparation fails.
+    pub fn end(&self) -> JobEnd {
+        match self {
+            PrepareError::Dataset { .. } => JobEnd::DatasetFailed,
+            PrepareError::Canceled => JobEnd::Canceled,
+            PrepareError::State(_)
+            | PrepareError::User(_)
+            | PrepareError::Workdir { .. }
+            | PrepareError::Store { .. }
+            | PrepareError::Task(_) => JobEnd::AgentFailed,
+        }
+    }
+}
+
+/// The spec's user, looked up off the reactor (NSS may be slow: LDAP, sssd).
+pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
+    let Some(name) = spec.user.clone() else {
+        return Ok(None);
+    };
+    let found = tokio::task::spawn_blocking(move || RunAs::lookup(&name))
+        .await
+        .map_err(PrepareError::Task)?;
+    Ok(Some(found?))
+}
+
+/// Opens the workdir from a trusted root and creates the output dirs and `.c3` in it, all
+/// relative to directory fds: a symlink a job (or its earlier attempt) planted is never
+/// followed, and only directories created here are given to the job's user. Off the reactor.
+pub async fn workdir(
+    ctx: &AgentContext,
+    spec: &JobSpec,
+    workdir: &Path,
+    owner: Owner,
+) -> Result<DirFd, PrepareError> {
+    let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
+    let (path, dirs) = (workdir.to_path_buf(), spec.collected_dirs());
+    let opened = tokio::task::spawn_blocking(move || open_workdir(&roots, &path, &dirs, owner))
+        .await
+        .map_err(PrepareError::Task)?;
+    opened.map_err(|source| PrepareError::Workdir {
+        path: workdir.to_path_buf(),
+        source,
+    })
+}
+
+fn open_workdir(
+    roots: &[PathBuf],
+    workdir: &Path,
+    dirs: &[String],
+    owner: Owner,
+) -> std::io::Result<DirFd> {
+    let root = roots
+        .iter()
+        .find(|r| workdir.starts_with(r) && workdir != r.as_path());
+    let fd = match root {
+        Some(root) => {
+            if !root.exists() {
+                std::fs::create_dir_all(root)?;
+                std::fs::set_permissions(
+                    root,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                )?;
+            }
+            let rel = workdir.strip_prefix(root).expect("checked above");
+            // Parents of the workdir stay the agent's (traversable, not listable); the workdir
+            // itself, when created here, is the job's and private.
+            DirFd::open(root)?.ensure_dir_with(rel, |last| {
+                if last {
+                    (0o700, owner)
+                } else {
+                    (0o711, None)
+                }
+            })?
+        }
+        // A quick local run: the current dir of whoever started the agent.
+        None => {
+            std::fs::create_dir_all(workdir)?;
+            DirFd::open(workdir)?
+        }
+    };
+    for dir in dirs {
+        fd.ensure_dir(Path::new(dir), 0o755, owner)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
+    }
+    // `.c3` is the agent's: whatever a job put in its place is replaced.
+    let c3 = fd.replace_with_dir(OsStr::new(".c3"), 0o755, owner)?;
+    // A result left by an earlier attempt in the same workdir is not this attempt's.
+    c3.remove_file(OsStr::new("result.json"))?;
+    Ok(fd)
+}
+
+/// Proves the store is writable before any GPU time is spent. A permanent failure is an
+/// error; a transient one (or no answer in time) is a warning, and the job launches.
+pub async fn store_check(ctx: &AgentContext) -> Result<Option<String>, PrepareError> {
+    match tokio::time::timeout(ctx.preflight_timeout, ctx.store.preflight()).await {
+        Ok(Ok(())) => {
+            tracing::debug!(store = ctx.store.url(), "store is writable");
+            Ok(None)
+        }
+        Ok(Err(e)) if e.is_permanent() => Err(PrepareError::Store {
+            url: ctx.store.url().to_string(),
+            source: e,
+        }),
+        Ok(Err(e)) => Ok(Some(format!(
+            "store check failed, launching anyway (uploads retry later): {}",
+            error_chain(&e)
+        ))),
+        Err(_) => Ok(Some(format!(
+            "store check did not answer within {:?}; launching anyway",
+            ctx.preflight_timeout
+        ))),
+    }
+}
+
+/// Copies each input dataset (another job's files) below the workdir: a private copy the
+/// job may modify freely, created as the job's user, never written through a symlink.
+pub async fn datasets(
+    ctx: &AgentContext,
+    spec: &JobSpec,
+    workdir_fd: &DirFd,
+    workdir: &Path,
+    owner: Owner,
+    cancel: &CancellationToken,
+) -> Result<(), PrepareError> {
+    for dataset in &spec.datasets {
+        let source = dataset.source_job().expect("validated with the spec");
+        let pulled = tokio::select! {
+            r = materialize(ctx, source, workdir_fd, workdir, &dataset.mount, owner) => r,
+            _ = cancel.cancelled() => return Err(PrepareError::Canceled),
+        };
+        match pulled {
+            Ok(summary) => {
+                tracing::info!(dataset = %dataset.reference, mount = %dataset.mount, files = summary.files, bytes = summary.bytes, "input materialized");
+            }
+            Err(source) => {
+                return Err(PrepareError::Dataset {
+                    reference: dataset.reference.clone(),
+                    mount: dataset.mount.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn materialize(
+    ctx: &AgentContext,
+    job_id: &str,
+    workdir_fd: &DirFd,
+    workdir: &Path,
+    mount: &str,
+    owner: Owner,
+) -> Result<crate::pull::PullSummary, DatasetError> {
+    let dir = workdir_fd
+        .ensure_dir(Path::new(mount), 0o755, owner)
+        .map_err(DatasetError::Mount)?;
+    let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
+    Ok(crate::pull::pull_into(&ctx.store, &manifest, dir, &workdir.join(mount), owner).await?)
+}

@@ -1,0 +1,291 @@
+//! The job while it runs: launched into its own session (and cgroup, where the agent can
+//! create one), its output pumped to the log and the state dir (and live to the control
+//! plane), its orphans reaped, and its end (exit, timeout, cancel) turned into a [`JobEnd`]
+//! with every process of the job stopped.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use c3_proto::{JobSpec, Stream};
+
+use crate::confine::DirFd;
+use crate::display::error_chain;
+use crate::job::AgentContext;
+use crate::jobproc::{Cgroup, JobProcesses};
+use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
+use crate::outcome::JobEnd;
+use crate::output::{forward_live, pump};
+
+/// How long the output pumps may run on once the job's processes are gone.
+const PUMP_DRAIN: Duration = Duration::from_secs(5);
+
+/// A launched job, until it ends.
+pub struct Supervisor {
+    child: tokio::process::Child,
+    procs: JobProcesses,
+    pumps: JoinSet<std::io::Result<u64>>,
+    forwarder: Option<JoinHandle<()>>,
+    output_done: CancellationToken,
+    reaping: CancellationToken,
+    reaper: JoinHandle<()>,
+}
+
+/// The script could not be started: `end` says how (127 not found, 126 not executable).
+pub struct LaunchFailed {
+    pub end: JobEnd,
+    pub message: String,
+}
+
+/// How a supervised job ended.
+pub struct Supervised {
+    pub end: JobEnd,
+    /// Why, in words, for the terminal status (timeout, cancel, signal).
+    pub message: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+impl Supervisor {
+    /// Starts the script in `workdir_fd` with the job's environment and user.
+    pub fn launch(
+        ctx: &AgentContext,
+        spec: &JobSpec,
+        workdir: &Path,
+        workdir_fd: &DirFd,
+        run_as: Option<&RunAs>,
+    ) -> Result<Supervisor, LaunchFailed> {
+        let job_vars = [
+            (
+                "C3_ARTIFACTS_DIR",
+                workdir.join("artifacts").display().to_string(),
+            ),
+            ("C3_JOB_ID", spec.job_id.clone()),
+            ("C3_ATTEMPT", spec.attempt.to_string()),
+            (
+                "C3_RESULT_FILE",
+                crate::result::result_path(workdir).display().to_string(),
+            ),
+        ];
+        let env = child_env(
+            std::env::vars_os(),
+            ctx.token.as_deref(),
+            &spec.env,
+            &job_vars,
+        );
+        let cgroup_name = format!("c3-{}-{}-{}", spec.job_id, spec.attempt, std::process::id());
+        let cgroup = match Cgroup::create(&cgroup_name) {
+            Ok(cg) => match cg.procs_file() {
+                Ok(f) => Some((cg, f)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open the job cgroup's cgroup.procs");
+                    cg.remove();
+                    None
+                }
+            },
+            Err(why) => {
+                tracing::debug!(reason = %why, "no cgroup for the job");
+                None
+            }
+        };
+        let spawned = spawn(LaunchPlan {
+            command: &spec.command,
+            workdir: workdir_fd,
+            env,
+            run_as,
+            cgroup_procs: cgroup.as_ref().map(|(_, f)| f),
+            umask: ctx.job_umask,
+        });
+        let cgroup = cgroup.map(|(cg, _)| cg);
+        let mut script = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                // The shell's convention: 127 not found, 126 not executable.
+                let code = match &e {
+                    LaunchError::Spawn { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        127
+                    }
+                    _ => 126,
+                };
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                return Err(LaunchFailed {
+                    end: JobEnd::Exited(code),
+                    message: error_chain(&e),
+                });
+            }
+        };
+        let procs = JobProcesses::new(script.pid, cgroup);
+        let reaping = CancellationToken::new();
+        let reaper = tokio::spawn(procs.clone().reap_until(reaping.clone()));
+        let mut pumps = JoinSet::new();
+        let logs = [Stream::Stdout, Stream::Stderr]
+            .map(|s| (s, ctx.state.log_path(&spec.job_id, spec.attempt, s)));
+        if let Some(out) = script.child.stdout.take() {
+            pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone()).in_current_span());
+        }
+        if let Some(err) = script.child.stderr.take() {
+            pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone()).in_current_span());
+        }
+        let output_done = CancellationToken::new();
+        let forwarder = ctx.control_plane.clone().map(|cp| {
+            tokio::spawn(
+                forward_live(
+                    cp,
+                    spec.job_id.clone(),
+                    spec.attempt,
+                    logs,
+                    output_done.clone(),
+                )
+                .in_current_span(),
+            )
+        });
+        Ok(Supervisor {
+            child: script.child,
+            procs,
+            pumps,
+            forwarder,
+            output_done,
+            reaping,
+            reaper,
+        })
+    }
+
+    pub fn procs(&self) -> &JobProcesses {
+        &self.procs
+    }
+
+    /// How the job is contained, for the log.
+    pub fn containment(&self) -> String {
+        match self.procs.cgroup() {
+            Some(cg) => format!("cgroup {}", cg.path().display()),
+            None => "process group + subreaper (no writable cgroup v2)".to_string(),
+        }
+    }
+
+    /// Waits for the job's end (exit, timeout or cancel); then every process of the job is
+    /// stopped and reaped, and its output drained.
+    pub async fn wait(
+        mut self,
+        cancel: &CancellationToken,
+        timeout_secs: Option<u64>,
+        grace: Duration,
+    ) -> Supervised {
+        let mut warnings = Vec::new();
+        let (end, message) = self.wait_script(cancel, timeout_secs, grace).await;
+        let left = {
+            let p = self.procs.clone();
+            tokio::task::spawn_blocking(move || p.members())
+                .await
+                .unwrap_or_default()
+        };
+        if !left.is_empty() {
+            warnings.push(format!(
+                "the job's script ended but left {} processes running; terminating them",
+                left.len()
+            ));
+            tracing::warn!(
+                processes = left.len(),
+                "the job's script ended but left processes running; terminating them"
+            );
+        }
+        // Always: it also reaps orphans and removes the job's cgroup.
+        self.procs.terminate(None, grace).await;
+        self.reaping.cancel();
+        let _ = self.reaper.await;
+        let drained = tokio::time::timeout(PUMP_DRAIN, async {
+            while let Some(r) = self.pumps.join_next().await {
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %error_chain(&e), "cannot keep the job's output in the state dir");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            // Something outside the job still holds its stdout/stderr.
+            let text = "a process outside the job keeps its output open; stopped reading it";
+            tracing::warn!("{text}");
+            warnings.push(text.into());
+            self.pumps.shutdown().await;
+        }
+        self.output_done.cancel();
+        if let Some(f) = self.forwarder {
+            if tokio::time::timeout(Duration::from_secs(30), f)
+                .await
+                .is_err()
+            {
+                tracing::warn!("live output forwarding did not finish in time");
+            }
+        }
+        Supervised {
+            end,
+            message,
+            warnings,
+        }
+    }
+
+    async fn wait_script(
+        &mut self,
+        cancel: &CancellationToken,
+        timeout_secs: Option<u64>,
+        grace: Duration,
+    ) -> (JobEnd, Option<String>) {
+        enum Wake {
+            Exited(std::io::Result<std::process::ExitStatus>),
+            TimedOut,
+            Canceled,
+        }
+        let deadline = async {
+            match timeout_secs {
+                Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
+            status = self.child.wait() => Wake::Exited(status),
+            _ = deadline => Wake::TimedOut,
+            _ = cancel.cancelled() => Wake::Canceled,
+        };
+        match wake {
+            Wake::Exited(Ok(status)) => match (status.code(), signal_name(&status)) {
+                (Some(code), _) => {
+                    tracing::info!(exit_code = code, "job script exited");
+                    (JobEnd::Exited(code), None)
+                }
+                (None, Some(signal)) => {
+                    tracing::info!(signal = %signal, "job script was killed by a signal");
+                    let message = format!("killed by {signal}");
+                    (JobEnd::Killed(signal), Some(message))
+                }
+                (None, None) => (JobEnd::Exited(-1), None),
+            },
+            Wake::Exited(Err(e)) => {
+                // waitpid failing means we lost the child: treat as a node fault.
+                self.procs.terminate(None, grace).await;
+                (
+                    JobEnd::AgentLost,
+                    Some(format!("lost track of the job's process: {e}")),
+                )
+            }
+            Wake::TimedOut => {
+                let secs = timeout_secs.unwrap_or_default();
+                tracing::warn!(timeout_secs = secs, "job ran past its timeout; stopping it");
+                self.procs.terminate(Some(&mut self.child), grace).await;
+                (
+                    JobEnd::TimedOut,
+                    Some(format!("ran past timeout_secs={secs}")),
+                )
+            }
+            Wake::Canceled => {
+                tracing::warn!("agent asked to stop; canceling the job");
+                self.procs.terminate(Some(&mut self.child), grace).await;
+                (JobEnd::Canceled, Some("canceled".into()))
+            }
+        }
+    }
+}
