@@ -15,10 +15,11 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use c3_proto::{LogEntry, Logs, Stream};
+use c3_proto::{LogEntry, Logs, RunRecord, Stream};
 
 use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::JobReader;
+use crate::context::AgentContext;
 use crate::jobproc::JobProcesses;
 use crate::live::{LiveOptions, LiveSync};
 use crate::manifest::ManifestWriter;
@@ -37,6 +38,32 @@ pub struct CollectorConfig {
     pub manifest: ManifestWriter,
     /// Sync while the job runs (`None`: everything at the end).
     pub live: Option<LiveOptions>,
+}
+
+impl CollectorConfig {
+    /// The collector of one recorded attempt: files below its workdir only, never through a
+    /// symlink, only what `reader` could read; multipart uploads journaled in the state dir.
+    pub fn new(ctx: &AgentContext, record: &RunRecord, reader: Option<JobReader>) -> Self {
+        let spec = &record.spec;
+        let journal = ctx.state.job_dir(&spec.job_id).join("uploads");
+        let workdir = PathBuf::from(&record.workdir);
+        let uploader = Uploader::new(
+            ctx.store.clone(),
+            ctx.upload.clone(),
+            &spec.job_id,
+            Some(journal),
+        )
+        .confined_to(&workdir)
+        .readable_by(reader.clone());
+        CollectorConfig {
+            uploader,
+            workdir,
+            dirs: spec.collected_dirs(),
+            reader,
+            manifest: ManifestWriter::new(ctx.store.clone(), spec),
+            live: ctx.live.clone(),
+        }
+    }
 }
 
 /// What the final scan found and could not do.

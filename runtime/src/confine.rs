@@ -247,6 +247,27 @@ pub struct JobReader {
 }
 
 impl JobReader {
+    /// Whom to check a recorded attempt's files against: the identity recorded at launch,
+    /// else a fresh lookup, else (the user is gone from the node) a reader that may read
+    /// only what anyone may. `None` when the job ran as the agent's own user.
+    pub fn for_record(
+        record: &c3_proto::RunRecord,
+        looked_up: Option<&crate::launch::RunAs>,
+    ) -> Option<JobReader> {
+        match (&record.job_user, looked_up, &record.spec.user) {
+            (Some(u), _, _) => Some(JobReader {
+                uid: u.uid,
+                gids: u.gids.clone(),
+            }),
+            (None, Some(user), _) => Some(user.reader()),
+            (None, None, Some(_)) => Some(JobReader {
+                uid: u32::MAX - 1,
+                gids: Vec::new(),
+            }),
+            (None, None, None) => None,
+        }
+    }
+
     /// Whether this user may read a file with this owner and mode (ACLs aside: they can
     /// only narrow what the mode bits grant to the owner class here, never widen "other").
     pub fn can_read(&self, st: &FileStat) -> bool {

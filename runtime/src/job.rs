@@ -7,52 +7,26 @@
 //! and calls the same [`Run::finish`], so a crashed agent's job ends the same way. `Run`
 //! itself only keeps the run record (saved at each step, for `recover`) and wires the phases.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use c3_proto::{ArtifactsRegistration, JobSpec, JobState, Phase, RunRecord, Stream};
+use c3_proto::{ArtifactsRegistration, JobSpec, Phase, RunRecord, Stream};
 
 use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
 use crate::confine::{DirFd, JobReader};
+pub use crate::context::AgentContext;
 use crate::display::{error_chain, now_rfc3339};
 use crate::jobreport::{Ending, JobReporter};
 use crate::launch::RunAs;
-use crate::live::LiveOptions;
-use crate::manifest::ManifestWriter;
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::prepare::PrepareError;
-use crate::report::{ControlPlane, Reporter};
-use crate::statedir::{AttemptLock, StateDir};
-use crate::store::BlobStore;
+use crate::report::Reporter;
+use crate::statedir::AttemptLock;
 use crate::supervise::Supervisor;
-use crate::upload::{UploadOptions, Uploader};
-
-/// Everything the engine needs from the agent's configuration.
-#[derive(Debug, Clone)]
-pub struct AgentContext {
-    pub state: StateDir,
-    pub store: BlobStore,
-    pub control_plane: Option<ControlPlane>,
-    /// The bearer token, so that it can be kept out of the job's environment.
-    pub token: Option<String>,
-    pub kill_grace: Duration,
-    pub upload: UploadOptions,
-    /// The store check before launch waits at most this long; a slow store does not block the launch.
-    pub preflight_timeout: Duration,
-    /// Sync while the job runs; `None` uploads everything at the end.
-    pub live: Option<LiveOptions>,
-    /// A spec's `workdir` must lie under this directory (checked at parse by the agent);
-    /// workdirs are opened from it, never through a symlink.
-    pub jobs_root: PathBuf,
-    /// The umask the job's processes get (the agent's own keeps its files private).
-    pub job_umask: u32,
-    /// Manifests larger than this are refused (datasets).
-    pub max_manifest_bytes: u64,
-}
 
 /// What the agent tells its caller (and the log's summary line) about a finished job.
 #[derive(Debug, Clone)]
@@ -65,6 +39,24 @@ pub struct JobSummary {
     pub upload_errors: u64,
     /// Store key of the final manifest, if it was written.
     pub manifest: Option<String>,
+}
+
+impl JobSummary {
+    /// The one summary line at the end (contract §9).
+    pub fn log(&self, elapsed: Duration) {
+        let v = &self.verdict;
+        tracing::info!(
+            state = v.state.as_str(),
+            reason = v.reason.map(|r| r.as_str()).unwrap_or("-"),
+            exit_code = v.exit.code(),
+            files = self.files,
+            bytes = self.bytes,
+            new_bytes = self.new_bytes,
+            upload_errors = self.upload_errors,
+            elapsed_s = format_args!("{:.2}", elapsed.as_secs_f64()),
+            "job finished"
+        );
+    }
 }
 
 /// Why an attempt could not even be started.
@@ -171,35 +163,8 @@ impl<'a> Run<'a> {
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
         let spec = &record.spec;
         let run_as = spec.user.as_deref().and_then(|u| RunAs::lookup(u).ok());
-        let reader = match (&record.job_user, &run_as, &spec.user) {
-            (Some(u), _, _) => Some(JobReader {
-                uid: u.uid,
-                gids: u.gids.clone(),
-            }),
-            (None, Some(user), _) => Some(user.reader()),
-            (None, None, Some(_)) => Some(JobReader {
-                uid: u32::MAX - 1,
-                gids: Vec::new(),
-            }),
-            (None, None, None) => None,
-        };
-        let journal = ctx.state.job_dir(&spec.job_id).join("uploads");
-        let uploader = Uploader::new(
-            ctx.store.clone(),
-            ctx.upload.clone(),
-            &spec.job_id,
-            Some(journal),
-        )
-        .confined_to(Path::new(&record.workdir))
-        .readable_by(reader.clone());
-        let collector_config = CollectorConfig {
-            uploader,
-            workdir: PathBuf::from(&record.workdir),
-            dirs: spec.collected_dirs(),
-            reader,
-            manifest: ManifestWriter::new(ctx.store.clone(), spec),
-            live: ctx.live.clone(),
-        };
+        let reader = JobReader::for_record(&record, run_as.as_ref());
+        let collector_config = CollectorConfig::new(ctx, &record, reader);
         let reporter = Reporter::new(
             ctx.control_plane.clone(),
             ctx.state.clone(),
@@ -221,15 +186,6 @@ impl<'a> Run<'a> {
 
     fn spec(&self) -> &JobSpec {
         &self.record.spec
-    }
-
-    /// `give_up_secs` from now (now, when there is no control plane).
-    fn deadline(&self) -> tokio::time::Instant {
-        self.ctx
-            .control_plane
-            .as_ref()
-            .map(ControlPlane::deadline)
-            .unwrap_or_else(tokio::time::Instant::now)
     }
 
     /// Saves the run record, off the reactor (it is fsync'd).
@@ -315,7 +271,7 @@ impl<'a> Run<'a> {
         self.record.cgroup = procs.cgroup().map(|cg| cg.path().display().to_string());
         let seq = self.next_seq().await;
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?spec.command, workdir = %self.workdir.display(), "job launched");
-        let deadline = self.deadline();
+        let deadline = self.ctx.report_deadline();
         self.reports.running(seq, deadline);
         self.collector = Some(CollectorHandle::start(
             self.collector_config.clone(),
@@ -332,24 +288,9 @@ impl<'a> Run<'a> {
         supervised.end
     }
 
-    fn note_end(&mut self, end: &JobEnd) {
-        self.record.exit_code = None;
-        self.record.signal = None;
-        self.record.state = None;
-        match end {
-            JobEnd::Exited(code) => self.record.exit_code = Some(*code),
-            JobEnd::Killed(sig) => self.record.signal = Some(sig.clone()),
-            JobEnd::Canceled => self.record.state = Some(JobState::Canceled),
-            JobEnd::TimedOut => self.record.state = Some(JobState::TimedOut),
-            JobEnd::AgentFailed | JobEnd::DatasetFailed | JobEnd::AgentLost => {
-                self.record.state = Some(JobState::Failed)
-            }
-        }
-    }
-
     /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and `recover`.
     pub async fn finish(mut self, end: JobEnd, started: Instant) -> JobSummary {
-        self.note_end(&end);
+        crate::outcome::note_end(&end, &mut self.record);
         self.record.phase = Phase::Finishing;
         self.save().await;
         let launched = match &end {
@@ -407,17 +348,7 @@ impl<'a> Run<'a> {
                 .manifest_sha256
                 .map(|_| self.collector_config.manifest.key()),
         };
-        tracing::info!(
-            state = verdict.state.as_str(),
-            reason = verdict.reason.map(|r| r.as_str()).unwrap_or("-"),
-            exit_code = verdict.exit.code(),
-            files = summary.files,
-            bytes = summary.bytes,
-            new_bytes = summary.new_bytes,
-            upload_errors,
-            elapsed_s = format_args!("{:.2}", started.elapsed().as_secs_f64()),
-            "job finished"
-        );
+        summary.log(started.elapsed());
         summary
     }
 
@@ -429,19 +360,19 @@ impl<'a> Run<'a> {
         upload_errors: u64,
         result: serde_json::Value,
     ) {
-        let stay = self.deadline();
+        let stay = self.ctx.report_deadline();
         let seq = self.next_seq().await;
-        if let Some(sha) = &sealed.manifest_sha256 {
-            let registration = ArtifactsRegistration {
+        let registration = sealed
+            .manifest_sha256
+            .as_ref()
+            .map(|sha| ArtifactsRegistration {
                 attempt: self.spec().attempt,
                 manifest: self.collector_config.manifest.key(),
                 manifest_sha256: sha.clone(),
                 files: sealed.files as u64,
                 bytes: sealed.bytes,
                 new_bytes: sealed.new_bytes,
-            };
-            self.reports.artifacts(seq, registration, stay).await;
-        }
+            });
         let ending = Ending {
             exit_code: self.record.exit_code,
             signal: self.record.signal.clone(),
@@ -449,6 +380,8 @@ impl<'a> Run<'a> {
             upload_errors,
             result,
         };
-        self.reports.terminal(seq, verdict, ending, stay).await;
+        self.reports
+            .finish(seq, registration, verdict, ending, stay)
+            .await;
     }
 }

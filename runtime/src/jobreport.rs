@@ -92,14 +92,25 @@ impl JobReporter {
         }
     }
 
-    /// The artifacts registration; over quota is a warning, never a failure.
-    pub async fn artifacts(
+    /// Everything after the final sync, within `stay`: RUNNING settled, the artifacts
+    /// registration (if a manifest was written), the terminal status.
+    pub async fn finish(
         &mut self,
-        order: u64,
-        registration: ArtifactsRegistration,
+        seq: u64,
+        registration: Option<ArtifactsRegistration>,
+        verdict: &Verdict,
+        ending: Ending,
         stay: Instant,
     ) {
         self.settle_running(stay).await;
+        if let Some(registration) = registration {
+            self.artifacts(seq, registration, stay).await;
+        }
+        self.terminal(seq, verdict, ending, stay).await;
+    }
+
+    /// The artifacts registration; over quota is a warning, never a failure.
+    async fn artifacts(&mut self, order: u64, registration: ArtifactsRegistration, stay: Instant) {
         let delivered = self
             .reporter
             .send("artifacts", order, registration.to_json(), stay)
@@ -122,8 +133,7 @@ impl JobReporter {
     }
 
     /// The one terminal status, with every warning gathered so far.
-    pub async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
-        self.settle_running(stay).await;
+    async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
         let status = StatusReport {
             attempt: self.attempt,
             seq,

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod collect;
 pub mod collector;
 pub mod confine;
+pub mod context;
 pub mod digest;
 pub mod display;
 pub mod fault;

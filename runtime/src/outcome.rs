@@ -79,6 +79,23 @@ pub fn decide(end: &JobEnd, upload_failed: bool) -> Verdict {
     }
 }
 
+/// Records in the run record how the job ended, so that `recover` never invents an outcome.
+pub fn note_end(end: &JobEnd, record: &mut c3_proto::RunRecord) {
+    use c3_proto::JobState;
+    record.exit_code = None;
+    record.signal = None;
+    record.state = None;
+    match end {
+        JobEnd::Exited(code) => record.exit_code = Some(*code),
+        JobEnd::Killed(sig) => record.signal = Some(sig.clone()),
+        JobEnd::Canceled => record.state = Some(JobState::Canceled),
+        JobEnd::TimedOut => record.state = Some(JobState::TimedOut),
+        JobEnd::AgentFailed | JobEnd::DatasetFailed | JobEnd::AgentLost => {
+            record.state = Some(JobState::Failed)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use c3_proto::JobSpec;
 
 use crate::confine::{DirFd, Owner};
+use crate::context::AgentContext;
 use crate::display::error_chain;
-use crate::job::AgentContext;
 use crate::launch::{LaunchError, RunAs};
 use crate::outcome::JobEnd;
 use crate::pull::PullError;

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use c3_proto::{JobState, Phase, RunRecord};
 
-use crate::job::{AgentContext, JobSummary, Run};
+use crate::context::AgentContext;
+use crate::job::{JobSummary, Run};
 use crate::outcome::JobEnd;
 use crate::statedir::AttemptLock;
 

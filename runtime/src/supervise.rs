@@ -13,8 +13,8 @@ use tracing::Instrument;
 use c3_proto::{JobSpec, Stream};
 
 use crate::confine::DirFd;
+use crate::context::AgentContext;
 use crate::display::error_chain;
-use crate::job::AgentContext;
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
 use crate::outcome::JobEnd;

@@ -1,0 +1,44 @@
+//! What the engine needs from the agent's configuration, shared by every phase of a job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::live::LiveOptions;
+use crate::report::ControlPlane;
+use crate::statedir::StateDir;
+use crate::store::BlobStore;
+use crate::upload::UploadOptions;
+
+/// Everything the engine needs from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct AgentContext {
+    pub state: StateDir,
+    pub store: BlobStore,
+    pub control_plane: Option<ControlPlane>,
+    /// The bearer token, so that it can be kept out of the job's environment.
+    pub token: Option<String>,
+    pub kill_grace: Duration,
+    pub upload: UploadOptions,
+    /// The store check before launch waits at most this long; a slow store does not block the launch.
+    pub preflight_timeout: Duration,
+    /// Sync while the job runs; `None` uploads everything at the end.
+    pub live: Option<LiveOptions>,
+    /// A spec's `workdir` must lie under this directory (checked at parse by the agent);
+    /// workdirs are opened from it, never through a symlink.
+    pub jobs_root: PathBuf,
+    /// The umask the job's processes get (the agent's own keeps its files private).
+    pub job_umask: u32,
+    /// Manifests larger than this are refused (datasets).
+    pub max_manifest_bytes: u64,
+}
+
+impl AgentContext {
+    /// `give_up_secs` from now (now, when there is no control plane): the one deadline for
+    /// what the control plane still gets.
+    pub fn report_deadline(&self) -> tokio::time::Instant {
+        self.control_plane
+            .as_ref()
+            .map(ControlPlane::deadline)
+            .unwrap_or_else(tokio::time::Instant::now)
+    }
+}
