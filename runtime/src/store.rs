@@ -555,14 +555,6 @@ impl BlobStore {
         self.multipart.is_none() && self.broken.is_none() && self.url.starts_with("file:")
     }
 
-    /// Starts a multipart write of a blob; the object appears only on `complete`.
-    pub async fn start_multipart(
-        &self,
-        sha256_hex: &str,
-    ) -> Result<Box<dyn MultipartUpload>, StoreError> {
-        self.start_multipart_at(&blob_key(sha256_hex)).await
-    }
-
     /// Starts a streaming multipart write of any key (a staging object).
     pub async fn start_multipart_at(
         &self,

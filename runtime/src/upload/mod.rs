@@ -14,24 +14,24 @@
 //!   the file did not change meanwhile.
 //! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
 //!   dir: after a crash the same file resumes with only the missing parts.
+//!
+//! This module holds the `Uploader` and the small-file path; [`multipart`] the large-file
+//! path with its `MultipartJournal`, [`staged`] the file store's large-file path.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::task::JoinSet;
 
-use c3_proto::{FileEntry, MultipartRecord};
+use c3_proto::FileEntry;
 
 use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
 use crate::confine::JobReader;
-use crate::digest::{Digests, DualHasher};
-use crate::statedir::write_atomic;
+use crate::digest::Digests;
 use crate::store::{BlobStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -192,51 +192,6 @@ fn fill(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-fn crc(bytes: &[u8]) -> u64 {
-    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
-}
-
-/// Pass 1 of a large file: both digests and a CRC per part.
-fn hash_file(
-    path: &Path,
-    mut file: impl Read,
-    part_size: u64,
-) -> Result<(Digests, Vec<u64>), UploadError> {
-    let read_err = |source| UploadError::Read {
-        path: path.into(),
-        source,
-    };
-    let mut hasher = DualHasher::new();
-    let mut part_crcs = Vec::new();
-    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-    let mut in_part = 0u64;
-    let mut buf = vec![0u8; HASH_BUF];
-    loop {
-        let n = fill(&mut file, &mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        // A part boundary may fall inside this buffer.
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let take = rest.len().min((part_size - in_part) as usize);
-            part.update(&rest[..take]);
-            in_part += take as u64;
-            rest = &rest[take..];
-            if in_part == part_size {
-                part_crcs.push(part.finalize());
-                part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-                in_part = 0;
-            }
-        }
-    }
-    if in_part > 0 {
-        part_crcs.push(part.finalize());
-    }
-    Ok((hasher.finish(), part_crcs))
-}
-
 async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T, UploadError> + Send + 'static,
@@ -254,19 +209,6 @@ fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
         return Err(UploadError::Changed { path: path.into() });
     }
     Ok(())
-}
-
-/// Where a large file's parts go: an explicit, journaled multipart upload (resumable),
-/// or object_store's streaming upload (the file store).
-/// A part task's outcome: index, the store's id for it, bytes sent.
-type PartResult = Result<(usize, String, u64), UploadError>;
-
-enum PartSink {
-    Resumable {
-        record: MultipartRecord,
-        journal: Option<PathBuf>,
-    },
-    Streaming(Box<dyn object_store::MultipartUpload>),
 }
 
 impl Uploader {
@@ -396,482 +338,18 @@ impl Uploader {
         drop(guard);
         Ok((digests, new))
     }
-
-    async fn upload_large(
-        &self,
-        path: &Path,
-        before: FileStamp,
-    ) -> Result<(Digests, bool), UploadError> {
-        let part_size = part_size_for(before.size, self.opts.min_part_size);
-        let p = path.to_path_buf();
-        let file = self.open(path, before)?;
-        let (digests, part_crcs) = blocking(path, move || {
-            hash_file(&p, file.take(before.size + 1), part_size)
-        })
-        .await?;
-        if digests.size != before.size {
-            return Err(UploadError::Changed { path: path.into() });
-        }
-        ensure_unchanged(path, before)?;
-        let sha = digests.sha256_hex();
-        let owner = self.owner_of(&sha);
-        let turn = owner.lock().await;
-        let result = self
-            .upload_large_owned(path, before, &sha, part_size, &part_crcs)
-            .await;
-        drop(turn);
-        self.release_owner(&sha, owner);
-        result.map(|new| (digests, new))
-    }
-
-    fn owner_of(&self, sha: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        owners.entry(sha.to_string()).or_default().clone()
-    }
-
-    fn release_owner(&self, sha: &str, owner: Arc<tokio::sync::Mutex<()>>) {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the map and this handle left: nobody else waits for this blob.
-        if Arc::strong_count(&owner) <= 2 {
-            owners.remove(sha);
-        }
-    }
-
-    /// The part of a large upload done by the blob's one owner. Returns whether it added it.
-    async fn upload_large_owned(
-        &self,
-        path: &Path,
-        before: FileStamp,
-        sha: &str,
-        part_size: u64,
-        part_crcs: &[u64],
-    ) -> Result<bool, UploadError> {
-        let store_err = store_err(path);
-        let sha = sha.to_string();
-        if self.store.blob_exists(&sha).await.map_err(store_err)? {
-            self.forget_journal(&sha).await;
-            return Ok(false);
-        }
-        let mut sink = self
-            .open_sink(&sha, before.size, part_size)
-            .await
-            .map_err(store_err)?;
-        let sent = self
-            .send_parts(path, before, &sha, part_size, part_crcs, &mut sink)
-            .await;
-        let verified =
-            sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
-        match verified {
-            Ok(bytes_sent) => {
-                self.finish_sink(&sha, sink).await.map_err(store_err)?;
-                tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
-                Ok(true)
-            }
-            Err(e) => {
-                // Never completed, so nothing appears under the key; abort frees the parts.
-                self.abort_sink(&sha, sink).await;
-                Err(e)
-            }
-        }
-    }
-
-    /// File store, large file: one read, streamed to a staging object, then linked to its key.
-    async fn upload_staged(
-        &self,
-        path: &Path,
-        before: FileStamp,
-    ) -> Result<(Digests, bool), UploadError> {
-        let store_err = store_err(path);
-        let n = self
-            .staged
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staging_key = format!("{}/{}-{n}", self.staging, std::process::id());
-        let part_size = part_size_for(before.size, self.opts.min_part_size);
-        let mut upload = self
-            .store
-            .start_multipart_at(&staging_key)
-            .await
-            .map_err(store_err)?;
-        let file = self.open(path, before)?.take(before.size + 1);
-        let mut reader = Some((file, DualHasher::new()));
-        let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
-        let mut outcome = Ok(());
-        while let Some((f, h)) = reader.take() {
-            while parts.len() >= self.opts.parts_in_flight.max(1) {
-                if let Some(Err(e) | Ok(Err(e))) = parts.join_next().await.map(|r| {
-                    r.map_err(|source| UploadError::Task {
-                        path: path.into(),
-                        source,
-                    })
-                }) {
-                    outcome = Err(e);
-                }
-            }
-            if outcome.is_err() {
-                break;
-            }
-            let guard = self.budget.acquire(part_size).await;
-            let p = path.to_path_buf();
-            let mut chunk = self.budget.buffer(part_size as usize);
-            let read = blocking(path, move || {
-                let (mut f, mut h) = (f, h);
-                let n = fill(&mut f, &mut chunk)
-                    .map_err(|source| UploadError::Read { path: p, source })?;
-                chunk.truncate(n);
-                h.update(&chunk);
-                Ok((f, h, chunk.freeze()))
-            })
-            .await;
-            let (f, h, chunk) = match read {
-                Ok(r) => r,
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            };
-            let last = chunk.is_empty();
-            reader = Some((f, h));
-            if last {
-                break;
-            }
-            let part = upload.put_part(chunk.clone().into());
-            let (p, key, budget) = (path.to_path_buf(), staging_key.clone(), self.budget.clone());
-            parts.spawn(async move {
-                part.await.map_err(|source| UploadError::Store {
-                    path: p,
-                    source: StoreError::Op {
-                        op: "write part",
-                        key,
-                        source,
-                    },
-                })?;
-                budget.recycle(chunk);
-                drop(guard);
-                Ok(())
-            });
-        }
-        while let Some(r) = parts.join_next().await {
-            if let Err(e) | Ok(Err(e)) = r.map_err(|source| UploadError::Task {
-                path: path.into(),
-                source,
-            }) {
-                outcome = outcome.and(Err(e));
-            }
-        }
-        let digests = reader.map(|(_, h)| h.finish());
-        let verified = outcome.and_then(|()| match digests {
-            Some(d) if d.size == before.size => ensure_unchanged(path, before).map(|()| d),
-            _ => Err(UploadError::Changed { path: path.into() }),
-        });
-        let digests = match verified {
-            Ok(d) => d,
-            Err(e) => {
-                if let Err(abort) = upload.abort().await {
-                    tracing::warn!(error = %abort, "could not drop a staging object");
-                }
-                return Err(e);
-            }
-        };
-        upload.complete().await.map_err(|source| {
-            store_err(StoreError::Op {
-                op: "complete",
-                key: staging_key.clone(),
-                source,
-            })
-        })?;
-        let new = self
-            .store
-            .promote(&staging_key, &digests.sha256_hex())
-            .await
-            .map_err(store_err)?;
-        Ok((digests, new))
-    }
-
-    fn journal_path(&self, sha: &str) -> Option<PathBuf> {
-        self.journal_dir
-            .as_ref()
-            .map(|d| d.join(format!("{sha}.json")))
-    }
-
-    /// Resumes the journaled upload of this blob if there is one, else starts a new one.
-    async fn open_sink(
-        &self,
-        sha: &str,
-        size: u64,
-        part_size: u64,
-    ) -> Result<PartSink, StoreError> {
-        if !self.store.can_resume() {
-            return Ok(PartSink::Streaming(self.store.start_multipart(sha).await?));
-        }
-        let journal = self.journal_path(sha);
-        if let Some(path) = &journal {
-            if let Some(record) = std::fs::read(path)
-                .ok()
-                .and_then(|b| MultipartRecord::from_json(&b).ok())
-            {
-                if record.size == size && record.part_size == part_size {
-                    tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
-                    return Ok(PartSink::Resumable { record, journal });
-                }
-                // Same content, other part size: its parts are of no use.
-                let _ = self.store.abort_multipart(sha, &record.upload_id).await;
-            }
-        }
-        let upload_id = self.store.create_multipart(sha).await?;
-        let record = MultipartRecord {
-            sha256: sha.to_string(),
-            upload_id,
-            size,
-            part_size,
-            parts: Default::default(),
-        };
-        if let Some(path) = &journal {
-            if let Err(e) = write_atomic(path, &record.to_json()) {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it will not be resumable");
-            }
-        }
-        Ok(PartSink::Resumable { record, journal })
-    }
-
-    /// Pass 2: each missing part read, checked against pass 1, sent; returns bytes sent.
-    async fn send_parts(
-        &self,
-        path: &Path,
-        before: FileStamp,
-        sha: &str,
-        part_size: u64,
-        part_crcs: &[u64],
-        sink: &mut PartSink,
-    ) -> Result<u64, UploadError> {
-        let file = Arc::new(self.open(path, before)?);
-        let size = file
-            .metadata()
-            .map_err(|source| UploadError::Read {
-                path: path.into(),
-                source,
-            })?
-            .len();
-        let mut in_flight: JoinSet<PartResult> = JoinSet::new();
-        let mut bytes_sent = 0u64;
-        let mut result = Ok(());
-        for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
-            if let PartSink::Resumable { record, .. } = sink {
-                if record.parts.contains_key(&(idx as u32)) {
-                    continue;
-                }
-            }
-            while in_flight.len() >= self.opts.parts_in_flight.max(1) {
-                if let Err(e) =
-                    self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path)
-                {
-                    result = Err(e);
-                    break;
-                }
-            }
-            if result.is_err() {
-                break;
-            }
-            let offset = idx as u64 * part_size;
-            let len = part_size.min(size.saturating_sub(offset));
-            let guard = self.budget.acquire(len).await;
-            let (f, p) = (file.clone(), path.to_path_buf());
-            let mut buf = self.budget.buffer(len as usize);
-            let chunk = blocking(path, move || {
-                f.read_exact_at(&mut buf, offset)
-                    .map_err(|source| UploadError::Read {
-                        path: p.clone(),
-                        source,
-                    })?;
-                if crc(&buf) != expected_crc {
-                    return Err(UploadError::Changed { path: p });
-                }
-                Ok(buf.freeze())
-            })
-            .await;
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
-            let key_err = {
-                let path = path.to_path_buf();
-                move |source| UploadError::Store { path, source }
-            };
-            match sink {
-                PartSink::Resumable { record, .. } => {
-                    let (store, sha, id) = (
-                        self.store.clone(),
-                        sha.to_string(),
-                        record.upload_id.clone(),
-                    );
-                    let budget = self.budget.clone();
-                    in_flight.spawn(async move {
-                        let content_id = store
-                            .put_part(&sha, &id, idx, chunk.clone())
-                            .await
-                            .map_err(key_err)?;
-                        budget.recycle(chunk);
-                        drop(guard);
-                        Ok((idx, content_id, len))
-                    });
-                }
-                PartSink::Streaming(upload) => {
-                    let part = upload.put_part(chunk.clone().into());
-                    let (sha, budget) = (sha.to_string(), self.budget.clone());
-                    in_flight.spawn(async move {
-                        part.await.map_err(|source| {
-                            key_err(StoreError::Op {
-                                op: "upload part",
-                                key: crate::store::blob_key(&sha),
-                                source,
-                            })
-                        })?;
-                        budget.recycle(chunk);
-                        drop(guard);
-                        Ok((idx, String::new(), len))
-                    });
-                }
-            }
-        }
-        while !in_flight.is_empty() {
-            let r = self.part_done(in_flight.join_next().await, sink, &mut bytes_sent, path);
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result.map(|()| bytes_sent)
-    }
-
-    fn part_done(
-        &self,
-        joined: Option<Result<PartResult, tokio::task::JoinError>>,
-        sink: &mut PartSink,
-        bytes_sent: &mut u64,
-        path: &Path,
-    ) -> Result<(), UploadError> {
-        let Some(joined) = joined else { return Ok(()) };
-        let (idx, content_id, len) = joined.map_err(|source| UploadError::Task {
-            path: path.into(),
-            source,
-        })??;
-        *bytes_sent += len;
-        if let PartSink::Resumable { record, journal } = sink {
-            record.parts.insert(idx as u32, content_id);
-            if let Some(j) = journal {
-                if let Err(e) = write_atomic(j, &record.to_json()) {
-                    tracing::debug!(error = %e, "cannot update the multipart journal");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn finish_sink(&self, sha: &str, sink: PartSink) -> Result<(), StoreError> {
-        match sink {
-            PartSink::Streaming(mut upload) => {
-                upload
-                    .complete()
-                    .await
-                    .map(|_| ())
-                    .map_err(|source| StoreError::Op {
-                        op: "complete multipart upload",
-                        key: crate::store::blob_key(sha),
-                        source,
-                    })
-            }
-            PartSink::Resumable { record, journal } => {
-                let parts = record.parts.values().cloned().collect();
-                self.store
-                    .complete_multipart(sha, &record.upload_id, parts)
-                    .await?;
-                if let Some(j) = journal {
-                    let _ = std::fs::remove_file(j);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    async fn abort_sink(&self, sha: &str, sink: PartSink) {
-        let aborted = match sink {
-            PartSink::Streaming(mut upload) => upload.abort().await.map_err(|e| e.to_string()),
-            PartSink::Resumable { record, journal } => {
-                let r = self
-                    .store
-                    .abort_multipart(sha, &record.upload_id)
-                    .await
-                    .map_err(|e| crate::error_chain(&e));
-                if let Some(j) = journal {
-                    let _ = std::fs::remove_file(j);
-                }
-                r
-            }
-        };
-        if let Err(e) = aborted {
-            tracing::warn!(sha256 = %sha, error = %e, "could not abort a multipart upload");
-        }
-    }
-
-    /// The blob exists after all: an upload of it left by a crash is useless.
-    async fn forget_journal(&self, sha: &str) {
-        let Some(path) = self.journal_path(sha) else {
-            return;
-        };
-        if let Some(record) = std::fs::read(&path)
-            .ok()
-            .and_then(|b| MultipartRecord::from_json(&b).ok())
-        {
-            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-
-    /// Aborts every journaled upload nobody will finish (the job is over), and drops
-    /// staging objects a crash left. Returns how many uploads were aborted.
-    pub async fn abort_orphans(&self) -> usize {
-        if self.store.is_local() {
-            for key in self.store.list(&self.staging).await.unwrap_or_default() {
-                let _ = self.store.delete(&key).await;
-            }
-        }
-        let Some(dir) = &self.journal_dir else {
-            return 0;
-        };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return 0;
-        };
-        let mut aborted = 0;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if let Some(record) = std::fs::read(&path)
-                .ok()
-                .and_then(|b| MultipartRecord::from_json(&b).ok())
-            {
-                match self
-                    .store
-                    .abort_multipart(&record.sha256, &record.upload_id)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload")
-                    }
-                    Err(e) => {
-                        tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload")
-                    }
-                }
-                aborted += 1;
-            }
-            let _ = std::fs::remove_file(&path);
-        }
-        aborted
-    }
 }
+
+mod multipart;
+mod staged;
 
 #[cfg(test)]
 mod tests {
+    use super::multipart::{crc, hash_file};
     use super::*;
+    use crate::statedir::write_atomic;
+    use c3_proto::MultipartRecord;
+    use tokio::task::JoinSet;
 
     #[test]
     fn part_sizes_fit_five_tib() {
@@ -970,14 +448,14 @@ mod tests {
         }
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
-        let mut sink = up.open_sink(&sha, data.len() as u64, MIB).await.unwrap();
+        let mut journal_now = up.open_journal(&sha, data.len() as u64, MIB).await.unwrap();
         let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB).unwrap();
         let sent = up
-            .send_parts(&file.abs, file.stamp, &sha, MIB, &crcs, &mut sink)
+            .send_parts(&file.abs, file.stamp, &crcs, &mut journal_now)
             .await
             .unwrap();
         assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");
-        up.finish_sink(&sha, sink).await.unwrap();
+        up.complete(journal_now).await.unwrap();
         assert_eq!(
             store
                 .get_bytes(&crate::store::blob_key(&sha))

@@ -1,0 +1,386 @@
+//! Large files on S3, GCS and Azure: hashed first (the key must be known), then sent part
+//! by part, each part's CRC checked against the hashing pass, the upload journaled in a
+//! [`MultipartJournal`] so that a crashed agent's upload resumes with the missing parts only.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+
+use c3_proto::MultipartRecord;
+
+use super::{
+    blocking, ensure_unchanged, fill, part_size_for, store_err, UploadError, Uploader, HASH_BUF,
+};
+use crate::collect::FileStamp;
+use crate::digest::{Digests, DualHasher};
+use crate::statedir::write_atomic;
+use crate::store::StoreError;
+
+/// A part task's outcome: index, the store's id for it, bytes sent.
+type PartResult = Result<(usize, String, u64), UploadError>;
+
+/// A multipart upload under way and its journal (`<state_dir>/jobs/<id>/uploads/<sha>.json`):
+/// the upload id and every finished part's id, rewritten after each part. object_store has
+/// no list-parts call, so this file is the only way to resume.
+pub(super) struct MultipartJournal {
+    record: MultipartRecord,
+    path: Option<PathBuf>,
+}
+
+impl MultipartJournal {
+    /// The journaled upload at `path`, if there is a readable one.
+    fn load(path: &Path) -> Option<MultipartRecord> {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| MultipartRecord::from_json(&b).ok())
+    }
+
+    /// Writes the journal, off the reactor (it is fsync'd).
+    async fn save(&self) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let bytes = self.record.to_json();
+        let written = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it may not be resumable");
+        }
+    }
+
+    fn remove(&self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+pub(super) fn crc(bytes: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
+}
+
+/// Pass 1 of a large file: both digests and a CRC per part.
+pub(super) fn hash_file(
+    path: &Path,
+    mut file: impl Read,
+    part_size: u64,
+) -> Result<(Digests, Vec<u64>), UploadError> {
+    let read_err = |source| UploadError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut hasher = DualHasher::new();
+    let mut part_crcs = Vec::new();
+    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let mut in_part = 0u64;
+    let mut buf = vec![0u8; HASH_BUF];
+    loop {
+        let n = fill(&mut file, &mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        // A part boundary may fall inside this buffer.
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let take = rest.len().min((part_size - in_part) as usize);
+            part.update(&rest[..take]);
+            in_part += take as u64;
+            rest = &rest[take..];
+            if in_part == part_size {
+                part_crcs.push(part.finalize());
+                part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+                in_part = 0;
+            }
+        }
+    }
+    if in_part > 0 {
+        part_crcs.push(part.finalize());
+    }
+    Ok((hasher.finish(), part_crcs))
+}
+
+impl Uploader {
+    pub(super) async fn upload_large(
+        &self,
+        path: &Path,
+        before: FileStamp,
+    ) -> Result<(Digests, bool), UploadError> {
+        let part_size = part_size_for(before.size, self.opts.min_part_size);
+        let p = path.to_path_buf();
+        let file = self.open(path, before)?;
+        let (digests, part_crcs) = blocking(path, move || {
+            hash_file(&p, file.take(before.size + 1), part_size)
+        })
+        .await?;
+        if digests.size != before.size {
+            return Err(UploadError::Changed { path: path.into() });
+        }
+        ensure_unchanged(path, before)?;
+        let sha = digests.sha256_hex();
+        let owner = self.owner_of(&sha);
+        let turn = owner.lock().await;
+        let result = self
+            .upload_large_owned(path, before, &sha, part_size, &part_crcs)
+            .await;
+        drop(turn);
+        self.release_owner(&sha, owner);
+        result.map(|new| (digests, new))
+    }
+
+    fn owner_of(&self, sha: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.entry(sha.to_string()).or_default().clone()
+    }
+
+    fn release_owner(&self, sha: &str, owner: Arc<tokio::sync::Mutex<()>>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map and this handle left: nobody else waits for this blob.
+        if Arc::strong_count(&owner) <= 2 {
+            owners.remove(sha);
+        }
+    }
+
+    /// The part of a large upload done by the blob's one owner. Returns whether it added it.
+    async fn upload_large_owned(
+        &self,
+        path: &Path,
+        before: FileStamp,
+        sha: &str,
+        part_size: u64,
+        part_crcs: &[u64],
+    ) -> Result<bool, UploadError> {
+        let store_err = store_err(path);
+        let sha = sha.to_string();
+        if self.store.blob_exists(&sha).await.map_err(store_err)? {
+            self.forget_journal(&sha).await;
+            return Ok(false);
+        }
+        let mut journal = self
+            .open_journal(&sha, before.size, part_size)
+            .await
+            .map_err(store_err)?;
+        let sent = self.send_parts(path, before, part_crcs, &mut journal).await;
+        let verified =
+            sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
+        match verified {
+            Ok(bytes_sent) => {
+                self.complete(journal).await.map_err(store_err)?;
+                tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
+                Ok(true)
+            }
+            Err(e) => {
+                // Never completed, so nothing appears under the key; abort frees the parts.
+                self.abort(journal).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// File store, large file: one read, streamed to a staging object, then linked to its key.
+    fn journal_path(&self, sha: &str) -> Option<PathBuf> {
+        self.journal_dir
+            .as_ref()
+            .map(|d| d.join(format!("{sha}.json")))
+    }
+
+    /// Resumes the journaled upload of this blob if there is one, else starts a new one.
+    pub(super) async fn open_journal(
+        &self,
+        sha: &str,
+        size: u64,
+        part_size: u64,
+    ) -> Result<MultipartJournal, StoreError> {
+        let path = self.journal_path(sha);
+        if let Some(record) = path.as_deref().and_then(MultipartJournal::load) {
+            if record.size == size && record.part_size == part_size {
+                tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
+                return Ok(MultipartJournal { record, path });
+            }
+            // Same content, other part size: its parts are of no use.
+            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
+        }
+        let upload_id = self.store.create_multipart(sha).await?;
+        let journal = MultipartJournal {
+            record: MultipartRecord {
+                sha256: sha.to_string(),
+                upload_id,
+                size,
+                part_size,
+                parts: Default::default(),
+            },
+            path,
+        };
+        journal.save().await;
+        Ok(journal)
+    }
+
+    /// Pass 2: each missing part read, checked against pass 1, sent; returns bytes sent.
+    pub(super) async fn send_parts(
+        &self,
+        path: &Path,
+        before: FileStamp,
+        part_crcs: &[u64],
+        journal: &mut MultipartJournal,
+    ) -> Result<u64, UploadError> {
+        let (sha, part_size) = (journal.record.sha256.clone(), journal.record.part_size);
+        let file = Arc::new(self.open(path, before)?);
+        let size = before.size;
+        let mut in_flight: JoinSet<PartResult> = JoinSet::new();
+        let mut bytes_sent = 0u64;
+        let mut result = Ok(());
+        for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
+            if journal.record.parts.contains_key(&(idx as u32)) {
+                continue;
+            }
+            while in_flight.len() >= self.opts.parts_in_flight.max(1) {
+                let done = in_flight.join_next().await;
+                if let Err(e) = part_done(done, journal, &mut bytes_sent, path).await {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+            let offset = idx as u64 * part_size;
+            let len = part_size.min(size.saturating_sub(offset));
+            let guard = self.budget.acquire(len).await;
+            let (f, p) = (file.clone(), path.to_path_buf());
+            let mut buf = self.budget.buffer(len as usize);
+            let chunk = blocking(path, move || {
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|source| UploadError::Read {
+                        path: p.clone(),
+                        source,
+                    })?;
+                if crc(&buf) != expected_crc {
+                    return Err(UploadError::Changed { path: p });
+                }
+                Ok(buf.freeze())
+            })
+            .await;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let (store, sha, id) = (
+                self.store.clone(),
+                sha.clone(),
+                journal.record.upload_id.clone(),
+            );
+            let (budget, p) = (self.budget.clone(), path.to_path_buf());
+            in_flight.spawn(async move {
+                let content_id = store
+                    .put_part(&sha, &id, idx, chunk.clone())
+                    .await
+                    .map_err(|source| UploadError::Store { path: p, source })?;
+                budget.recycle(chunk);
+                drop(guard);
+                Ok((idx, content_id, len))
+            });
+        }
+        while !in_flight.is_empty() {
+            let done = in_flight.join_next().await;
+            let r = part_done(done, journal, &mut bytes_sent, path).await;
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result.map(|()| bytes_sent)
+    }
+
+    /// Completes the upload: the blob appears under its key, the journal goes.
+    pub(super) async fn complete(&self, journal: MultipartJournal) -> Result<(), StoreError> {
+        let parts = journal.record.parts.values().cloned().collect();
+        self.store
+            .complete_multipart(&journal.record.sha256, &journal.record.upload_id, parts)
+            .await?;
+        journal.remove();
+        Ok(())
+    }
+
+    /// Aborts the upload (never completed, so nothing appears under the key).
+    async fn abort(&self, journal: MultipartJournal) {
+        let sha = journal.record.sha256.clone();
+        if let Err(e) = self
+            .store
+            .abort_multipart(&sha, &journal.record.upload_id)
+            .await
+        {
+            tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload");
+        }
+        journal.remove();
+    }
+
+    /// The blob exists after all: an upload of it left by a crash is useless.
+    async fn forget_journal(&self, sha: &str) {
+        let Some(path) = self.journal_path(sha) else {
+            return;
+        };
+        if let Some(record) = MultipartJournal::load(&path) {
+            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Aborts every journaled upload nobody will finish (the job is over), and drops
+    /// staging objects a crash left. Returns how many uploads were aborted.
+    pub async fn abort_orphans(&self) -> usize {
+        if self.store.is_local() {
+            for key in self.store.list(&self.staging).await.unwrap_or_default() {
+                let _ = self.store.delete(&key).await;
+            }
+        }
+        let Some(dir) = &self.journal_dir else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut aborted = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(record) = MultipartJournal::load(&path) {
+                match self
+                    .store
+                    .abort_multipart(&record.sha256, &record.upload_id)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload")
+                    }
+                    Err(e) => {
+                        tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload")
+                    }
+                }
+                aborted += 1;
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        aborted
+    }
+}
+
+/// Books a finished part: its id into the journal (saved, so a crash loses no part).
+async fn part_done(
+    joined: Option<Result<PartResult, tokio::task::JoinError>>,
+    journal: &mut MultipartJournal,
+    bytes_sent: &mut u64,
+    path: &Path,
+) -> Result<(), UploadError> {
+    let Some(joined) = joined else { return Ok(()) };
+    let (idx, content_id, len) = joined.map_err(|source| UploadError::Task {
+        path: path.into(),
+        source,
+    })??;
+    *bytes_sent += len;
+    journal.record.parts.insert(idx as u32, content_id);
+    journal.save().await;
+    Ok(())
+}
