@@ -220,7 +220,7 @@ async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync 
             Ok(found) => found,
             Err(e) => {
                 // Never an empty scan: that would shrink the manifest silently.
-                tracing::error!(error = %e, "the final scan failed");
+                tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
                 out.unstored.push("(the final scan)".into());
                 return out;
             }

@@ -104,7 +104,7 @@ impl Cgroup {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::error!(cgroup = %self.dir.display(), error = %e, "cannot remove the job's cgroup (processes left in it?)")
+                tracing::error!(cgroup = %self.dir.display(), error = %crate::error_chain(&e), "cannot remove the job's cgroup (processes left in it?)")
             }
         }
     }
@@ -123,7 +123,7 @@ fn v2_mount() -> Option<PathBuf> {
 /// Makes this process the subreaper of everything it starts (Linux `PR_SET_CHILD_SUBREAPER`).
 pub fn become_subreaper() {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        tracing::warn!(error = %e, "cannot become a child subreaper; a job's daemonized processes may escape");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot become a child subreaper; a job's daemonized processes may escape");
     }
 }
 

@@ -128,7 +128,9 @@ impl JobReporter {
             Ok(reply) => {
                 tracing::info!(storage_used_bytes = reply.storage_used_bytes, storage_quota_bytes = ?reply.storage_quota_bytes, "artifacts registered")
             }
-            Err(e) => tracing::warn!(error = %e, "artifacts registration reply not understood"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "artifacts registration reply not understood")
+            }
         }
     }
 

@@ -184,7 +184,7 @@ impl Syncer {
                 Some(rx)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the output dirs; falling back to polling");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot watch the output dirs; falling back to polling");
                 self.polling = true;
                 None
             }
@@ -273,7 +273,12 @@ impl Syncer {
                 if let Some(w) = self.watcher.as_mut() {
                     w.unwatch_tree(&path);
                 }
-                if std::fs::symlink_metadata(&path).is_err() {
+                let probe = path.clone();
+                let gone =
+                    tokio::task::spawn_blocking(move || std::fs::symlink_metadata(probe).is_err())
+                        .await
+                        .unwrap_or(false);
+                if gone {
                     if let Some(rel) = self.rel_of(&path) {
                         self.forget(&rel);
                     }
@@ -296,7 +301,12 @@ impl Syncer {
     /// A path changed: a file becomes a candidate; a directory (made or moved in) is walked.
     async fn touch(&mut self, path: &Path) {
         let Some(rel) = self.rel_of(path) else { return };
-        match std::fs::symlink_metadata(path) {
+        let probe = path.to_path_buf();
+        let Ok(meta) = tokio::task::spawn_blocking(move || std::fs::symlink_metadata(probe)).await
+        else {
+            return;
+        };
+        match meta {
             Ok(m) if m.is_file() => {
                 self.candidates.insert(
                     rel,
@@ -396,23 +406,35 @@ impl Syncer {
         if due.is_empty() {
             return;
         }
+        // One trip off the reactor: who writes what, and how each due file looks now.
+        let room = self
+            .uploader
+            .options()
+            .files_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight.len());
+        let due: Vec<String> = due.into_iter().take(room).collect();
         let procs = self.procs.clone();
-        let open = tokio::task::spawn_blocking(move || crate::procfs::written_by(&procs.members()))
-            .await
-            .unwrap_or_default();
-        for rel in due {
-            if self.in_flight.len() >= self.uploader.options().files_in_flight.max(1) {
-                break;
-            }
+        let (workdir, paths) = (self.workdir.clone(), due.clone());
+        let looked = tokio::task::spawn_blocking(move || {
+            let open = crate::procfs::written_by(&procs.members());
+            let stamps: Vec<Option<FileStamp>> = paths
+                .iter()
+                .map(|rel| match std::fs::symlink_metadata(workdir.join(rel)) {
+                    Ok(m) if m.is_file() => Some(FileStamp::of(&m)),
+                    _ => None,
+                })
+                .collect();
+            (open, stamps)
+        })
+        .await;
+        let Ok((open, stamps)) = looked else { return };
+        for (rel, stamp) in due.into_iter().zip(stamps) {
             let abs = self.workdir.join(&rel);
-            let meta = match std::fs::symlink_metadata(&abs) {
-                Ok(m) if m.is_file() => m,
-                _ => {
-                    self.candidates.remove(&rel);
-                    continue;
-                }
+            let Some(stamp) = stamp else {
+                self.candidates.remove(&rel);
+                continue;
             };
-            let stamp = FileStamp::of(&meta);
             let candidate = self.candidates.get_mut(&rel).expect("due candidates exist");
             if candidate.stamp != Some(stamp) {
                 *candidate = Candidate {

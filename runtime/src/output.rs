@@ -32,7 +32,7 @@ pub async fn pump(
     let mut file = match tokio::fs::File::create(&log_path).await {
         Ok(f) => Some(f),
         Err(e) => {
-            tracing::error!(path = %log_path.display(), error = %e, "cannot keep the job's output in the state dir; still echoing it");
+            tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot keep the job's output in the state dir; still echoing it");
             None
         }
     };
@@ -53,7 +53,7 @@ pub async fn pump(
             }
             .await;
             if let Err(e) = written {
-                tracing::error!(path = %log_path.display(), error = %e, "cannot write the job's output to the state dir; still echoing it");
+                tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot write the job's output to the state dir; still echoing it");
                 failed = Some(e);
                 file = None;
             }
@@ -132,7 +132,7 @@ pub async fn forward_live(
                 {
                     Ok(_) => offsets[i] += consumed,
                     Err(e) => {
-                        tracing::debug!(error = %e, "live output not delivered");
+                        tracing::debug!(error = %crate::error_chain(&e), "live output not delivered");
                         break;
                     }
                 }

@@ -182,7 +182,7 @@ impl ControlPlane {
                 tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
             })
             .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
-            .notify(|e, wait| tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
+            .notify(|e, wait| tracing::debug!(error = %crate::error_chain(e), retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
             .await
     }
 }
@@ -239,11 +239,11 @@ impl Reporter {
         match cp.post(&endpoint, &body, deadline).await {
             Ok(reply) => Delivery::Delivered(reply),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(endpoint = %endpoint, error = %e, give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
+                tracing::warn!(endpoint = %endpoint, error = %crate::error_chain(&e), give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
                 self.keep(kind, order, &endpoint, &body)
             }
             Err(e) => {
-                tracing::error!(endpoint = %endpoint, error = %e, "control plane rejected a report; not retried");
+                tracing::error!(endpoint = %endpoint, error = %crate::error_chain(&e), "control plane rejected a report; not retried");
                 Delivery::Rejected
             }
         }
@@ -266,7 +266,7 @@ impl Reporter {
         match write_atomic(&path, &entry.to_json()) {
             Ok(()) => Delivery::Kept,
             Err(e) => {
-                tracing::error!(error = %e, endpoint, "report lost: cannot write the outbox");
+                tracing::error!(error = %crate::error_chain(&e), endpoint, "report lost: cannot write the outbox");
                 Delivery::Rejected
             }
         }
@@ -285,7 +285,7 @@ impl Reporter {
             .open(&path)
             .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()));
         if let Err(e) = written {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record report");
+            tracing::warn!(path = %path.display(), error = %crate::error_chain(&e), "cannot record report");
         }
     }
 }
@@ -305,7 +305,7 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) 
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
             Err(e) if e.is_retryable() => return false,
             Err(e) => {
-                tracing::error!(endpoint = %entry.endpoint, error = %e, "control plane rejected a kept report; dropped")
+                tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane rejected a kept report; dropped")
             }
         }
         let _ = std::fs::remove_file(&path);

@@ -80,7 +80,7 @@ impl Supervisor {
             Ok(cg) => match cg.procs_file() {
                 Ok(f) => Some((cg, f)),
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot open the job cgroup's cgroup.procs");
+                    tracing::debug!(error = %crate::error_chain(&e), "cannot open the job cgroup's cgroup.procs");
                     cg.remove();
                     None
                 }
