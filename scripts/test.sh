@@ -104,5 +104,17 @@ stage "using s3s-fs at $C3_TEST_S3S_FS ($("$C3_TEST_S3S_FS" --version)), $(cargo
 stage "cargo nextest run --workspace --no-fail-fast"
 status=0
 cargo nextest run --workspace --no-fail-fast || status=$?
-stage "done, exit status $status"
+stage "nextest done, exit status $status"
+
+# Chaos, quick version (about 1-2 min): 50 jobs of the debug c3-agent nextest just built, uploading
+# through a fault-injecting proxy in front of s3s-fs (503, resets, lost acks, stalls, SIGKILL +
+# recover), each job verified file by file against the store. Fails on any silent loss, any corrupt
+# blob, or a failed job at 5%/20% fault rates (see the docstring of scripts/chaos.py).
+stage "python3 scripts/chaos.py --jobs 50 --parallel 4 (chaos benchmark, quick)"
+chaos_status=0
+python3 scripts/chaos.py --jobs 50 --parallel 4 --agent "${CARGO_TARGET_DIR:-target}/debug/c3-agent" || chaos_status=$?
+stage "done, nextest exit status $status, chaos exit status $chaos_status"
+if [[ $status -eq 0 ]]; then
+    status=$chaos_status
+fi
 exit "$status"

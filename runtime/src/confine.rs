@@ -252,14 +252,14 @@ impl JobReader {
     /// only what anyone may. `None` when the job ran as the agent's own user.
     pub fn for_record(
         record: &c3_proto::RunRecord,
-        looked_up: Option<&crate::launch::RunAs>,
+        looked_up: Option<JobReader>,
     ) -> Option<JobReader> {
         match (&record.job_user, looked_up, &record.spec.user) {
             (Some(u), _, _) => Some(JobReader {
                 uid: u.uid,
                 gids: u.gids.clone(),
             }),
-            (None, Some(user), _) => Some(user.reader()),
+            (None, Some(reader), _) => Some(reader),
             (None, None, Some(_)) => Some(JobReader {
                 uid: u32::MAX - 1,
                 gids: Vec::new(),

@@ -163,7 +163,7 @@ impl<'a> Run<'a> {
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
         let spec = &record.spec;
         let run_as = spec.user.as_deref().and_then(|u| RunAs::lookup(u).ok());
-        let reader = JobReader::for_record(&record, run_as.as_ref());
+        let reader = JobReader::for_record(&record, run_as.as_ref().map(RunAs::reader));
         let collector_config = CollectorConfig::new(ctx, &record, reader);
         let reporter = Reporter::new(
             ctx.control_plane.clone(),

@@ -1,10 +1,11 @@
 //! The c3-agent engine: everything that happens to a job between its spec and its
 //! terminal status. No CLI, no config files; the `agent` crate wires it up.
 //!
-//! Data flows one way: [`job`] launches ([`launch`], [`output`]) and waits, then
-//! [`collect`] finds the files, [`sync`]/[`upload`] turn them into blobs in the
-//! [`store`], [`job::write_manifest`] writes the manifest last, and [`report`] tells
-//! the control plane. [`recover`] finishes what a crashed agent left; [`pull`] reads back.
+//! Data flows one way (ARCHITECTURE.md has the module graph): [`job`] runs an attempt as a
+//! pipeline of [`prepare`], [`supervise`] (with the [`collector`] syncing alongside) and
+//! the collector's final sync and seal, which write blobs through [`upload`] into the
+//! [`store`] and the manifest last ([`manifest`]); [`jobreport`] tells the control plane.
+//! [`recover`] finishes what a crashed agent left; [`pull`] reads back.
 
 pub mod awsprofile;
 pub mod budget;
