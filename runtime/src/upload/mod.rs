@@ -15,8 +15,8 @@
 //! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
 //!   dir: after a crash the same file resumes with only the missing parts.
 //!
-//! This module holds the `Uploader` and the small-file path; [`multipart`] the large-file
-//! path with its `MultipartJournal`, [`staged`] the file store's large-file path.
+//! This module holds the `Uploader` and the small-file path; `multipart` the large-file
+//! path with its `MultipartJournal`, `staged` the file store's large-file path.
 
 use std::collections::HashMap;
 use std::fs::File;
