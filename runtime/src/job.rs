@@ -41,6 +41,33 @@ pub struct JobSummary {
     pub manifest: Option<String>,
 }
 
+/// The run record of an attempt about to start: the spec, the resolved workdir, this agent.
+fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
+    let workdir = spec
+        .workdir
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ctx.state.default_workdir(&spec.job_id));
+    RunRecord {
+        workdir: workdir.display().to_string(),
+        spec,
+        phase: Phase::Preparing,
+        pgid: None,
+        seq: 0,
+        state: None,
+        reason: None,
+        exit_code: None,
+        signal: None,
+        started_at: now_rfc3339(),
+        agent: crate::procfs::this_agent(),
+        agent_boot_id: crate::procfs::boot_id(),
+        leader: None,
+        cgroup: None,
+        unstored: Vec::new(),
+        job_user: None,
+    }
+}
+
 impl JobSummary {
     /// The one summary line at the end (contract §9).
     pub fn log(&self, elapsed: Duration) {
@@ -131,30 +158,7 @@ pub struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn new(ctx: &'a AgentContext, spec: JobSpec) -> Self {
-        let workdir = spec
-            .workdir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| ctx.state.default_workdir(&spec.job_id));
-        let record = RunRecord {
-            workdir: workdir.display().to_string(),
-            spec,
-            phase: Phase::Preparing,
-            pgid: None,
-            seq: 0,
-            state: None,
-            reason: None,
-            exit_code: None,
-            signal: None,
-            started_at: now_rfc3339(),
-            agent: crate::procfs::this_agent(),
-            agent_boot_id: crate::procfs::boot_id(),
-            leader: None,
-            cgroup: None,
-            unstored: Vec::new(),
-            job_user: None,
-        };
-        Self::from_record(ctx, record)
+        Self::from_record(ctx, fresh_record(ctx, spec))
     }
 
     /// A run rebuilt from its record, for `recover`. Readability is checked against the
