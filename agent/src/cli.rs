@@ -33,6 +33,16 @@ pub enum Command {
     },
     /// Finish jobs a crashed agent left unfinished and deliver kept reports
     Recover,
+    /// Inside a job: store these files now; exits 0 only once every blob is stored and listed
+    /// in the in-progress manifest (talks to $C3_AGENT_SOCKET)
+    Publish {
+        /// Then wait until everything pending so far is stored (a barrier before deleting
+        /// old checkpoints); alone, only the barrier
+        #[arg(long)]
+        wait_all: bool,
+        /// Files below the job's output dirs (relative to the current dir, or absolute)
+        paths: Vec<PathBuf>,
+    },
     /// Store what an UPLOAD_ERROR job left on the node, write its manifest, amend its status
     Resync {
         job_id: String,

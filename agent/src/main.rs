@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod publish;
 mod telemetry;
 
 use std::path::Path;
@@ -27,6 +28,10 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     bound_malloc();
     let cli = Cli::parse();
+    // Inside a job: no config to read (it may not be readable by the job's user).
+    if let Command::Publish { wait_all, paths } = &cli.command {
+        return publish::client(*wait_all, paths);
+    }
     let config = match config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return usage(&e.to_string()),
@@ -98,6 +103,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
         Command::Ls { job_id, json } => edge(ls(&env, &job_id, json).await),
         Command::Recover => recover(&env).await,
         Command::Resync { job_id, attempt } => resync(&env, &job_id, attempt).await,
+        Command::Publish { .. } => unreachable!("handled before the config is read"),
     }
 }
 

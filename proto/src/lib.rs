@@ -4,6 +4,7 @@
 //! * [`manifest`]: the manifest stored next to a job's blobs (contract §6), versioned.
 //! * [`control`]: messages sent to the control plane (contract §7).
 //! * [`record`]: what the agent keeps in its state dir so that `recover` can finish a job.
+//! * [`socket`]: the job's agent socket (`c3-agent publish`).
 //!
 //! Everything else in the workspace handles these as typed values and calls
 //! `to_json`/`from_json` here, so a format change has exactly one room.
@@ -25,6 +26,7 @@ macro_rules! json_io {
 pub mod control;
 pub mod manifest;
 pub mod record;
+pub mod socket;
 pub mod spec;
 
 pub use control::{
@@ -32,6 +34,7 @@ pub use control::{
 };
 pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
 pub use record::{JobUser, MultipartRecord, OutboxEntry, Phase, ProcIdentity, RunRecord};
+pub use socket::{PublishedFile, SocketReply, SocketRequest};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};
 
 /// Parse a small JSON document the job itself wrote (its structured result).

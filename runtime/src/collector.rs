@@ -23,6 +23,7 @@ use crate::context::AgentContext;
 use crate::jobproc::JobProcesses;
 use crate::live::{LiveOptions, LiveSync};
 use crate::manifest::ManifestWriter;
+use crate::publish::{Parts, PublishCall};
 use crate::sync::{sync_scan, SyncBook};
 use crate::upload::Uploader;
 
@@ -102,6 +103,7 @@ enum Command {
 /// The way to the collector task. Dropping it stops the task.
 pub struct CollectorHandle {
     commands: mpsc::Sender<Command>,
+    publishes: mpsc::Sender<PublishCall>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -110,8 +112,18 @@ impl CollectorHandle {
     /// while the job runs.
     pub fn start(config: CollectorConfig, procs: Option<JobProcesses>) -> Self {
         let (commands, rx) = mpsc::channel(4);
-        let task = tokio::spawn(run(config, procs, rx).in_current_span());
-        CollectorHandle { commands, task }
+        let (publishes, publish_rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(config, procs, rx, publish_rx).in_current_span());
+        CollectorHandle {
+            commands,
+            publishes,
+            task,
+        }
+    }
+
+    /// Where the agent socket sends the job's requests (until the job ends).
+    pub fn publisher(&self) -> mpsc::Sender<PublishCall> {
+        self.publishes.clone()
     }
 
     /// The job's processes are gone: finish live sync and run the final scan.
@@ -164,6 +176,7 @@ async fn run(
     config: CollectorConfig,
     procs: Option<JobProcesses>,
     mut rx: mpsc::Receiver<Command>,
+    mut publish_rx: mpsc::Receiver<PublishCall>,
 ) {
     let mut book = SyncBook::default();
     // Phase 1: until the job ends (the first command is always JobEnded).
@@ -179,6 +192,7 @@ async fn run(
                 config.manifest.clone(),
                 book,
                 opts,
+                publish_rx,
             );
             book = live
                 .run(async {
@@ -187,7 +201,24 @@ async fn run(
                 .await;
             first
         }
-        _ => rx.recv().await,
+        // No live sync: the job's publish requests are still served.
+        (_, procs) => loop {
+            tokio::select! {
+                first = rx.recv() => break first,
+                Some(call) = publish_rx.recv() => {
+                    let parts = Parts {
+                        uploader: &config.uploader,
+                        manifest: &config.manifest,
+                        workdir: &config.workdir,
+                        dirs: &config.dirs,
+                        reader: config.reader.as_ref(),
+                        procs: procs.as_ref(),
+                    };
+                    let reply = crate::publish::serve(&parts, &mut book, call.request).await;
+                    let _ = call.reply.send(reply);
+                }
+            }
+        },
     };
     let Some(Command::JobEnded { reply }) = first else {
         return;

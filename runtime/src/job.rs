@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use c3_proto::{ArtifactsRegistration, JobSpec, Phase, RunRecord, Stream};
 
+use crate::agentsock::AgentSocket;
 use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
 use crate::confine::{DirFd, JobReader};
 pub use crate::context::AgentContext;
@@ -251,16 +252,27 @@ impl<'a> Run<'a> {
         Ok(workdir)
     }
 
-    /// Launches the script, syncs while it runs, and waits for its end.
+    /// Launches the script, syncs (and serves its agent socket) while it runs, waits for its end.
     async fn execute(&mut self, workdir: DirFd, cancel: &CancellationToken) -> JobEnd {
         let spec = self.spec().clone();
-        let supervisor = match Supervisor::launch(
+        let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
+        let socket = AgentSocket::bind(&self.ctx.state, &spec.job_id, spec.attempt, owner)
+            .map_err(|e| {
+                self.reports.warn(format!(
+                    "no agent socket, `c3-agent publish` is unavailable: {}",
+                    error_chain(&e)
+                ))
+            })
+            .ok();
+        let launched = Supervisor::launch(
             self.ctx,
             &spec,
             &self.workdir,
             &workdir,
             self.run_as.as_ref(),
-        ) {
+            socket.as_ref().map(AgentSocket::path),
+        );
+        let supervisor = match launched {
             Ok(s) => s,
             Err(failed) => {
                 tracing::error!("{}", failed.message);
@@ -275,16 +287,21 @@ impl<'a> Run<'a> {
         self.record.cgroup = procs.cgroup().map(|cg| cg.path().display().to_string());
         let seq = self.next_seq().await;
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?spec.command, workdir = %self.workdir.display(), "job launched");
-        let deadline = self.ctx.report_deadline();
-        self.reports.running(seq, deadline);
-        self.collector = Some(CollectorHandle::start(
-            self.collector_config.clone(),
-            Some(procs),
-        ));
+        self.reports.running(seq, self.ctx.report_deadline());
+        let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
+        let stop_socket = CancellationToken::new();
+        let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
+        let server =
+            socket.map(|s| s.serve(collector.publisher(), procs, uid, stop_socket.clone()));
+        self.collector = Some(collector);
         crate::fault::point("after-launch");
         let supervised = supervisor
             .wait(cancel, spec.timeout_secs, self.ctx.kill_grace)
             .await;
+        stop_socket.cancel();
+        if let Some(server) = server {
+            let _ = server.await;
+        }
         for w in supervised.warnings {
             self.reports.warn(w);
         }

@@ -7,6 +7,7 @@
 //! [`store`] and the manifest last ([`manifest`]); [`jobreport`] tells the control plane.
 //! [`recover`] finishes what a crashed agent left; [`pull`] reads back.
 
+pub mod agentsock;
 pub mod awsprofile;
 pub mod budget;
 pub mod collect;
@@ -26,6 +27,7 @@ pub mod outcome;
 pub mod output;
 pub mod prepare;
 pub mod procfs;
+pub mod publish;
 pub mod pull;
 pub mod recover;
 pub mod report;

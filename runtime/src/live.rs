@@ -20,6 +20,7 @@ use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::JobReader;
 use crate::jobproc::JobProcesses;
 use crate::manifest::ManifestWriter;
+use crate::publish::{Parts, PublishCall};
 use crate::sync::SyncBook;
 use crate::upload::{UploadError, Uploaded, Uploader};
 use crate::watch::{watcher, DirWatcher, Hint};
@@ -62,8 +63,10 @@ impl LiveSync {
         manifest: ManifestWriter,
         book: SyncBook,
         opts: LiveOptions,
+        publishes: mpsc::Receiver<PublishCall>,
     ) -> LiveSync {
         let syncer = Syncer {
+            publishes,
             roots: dirs.iter().map(|d| workdir.join(d)).collect(),
             uploader,
             workdir,
@@ -99,6 +102,8 @@ struct Candidate {
 }
 
 struct Syncer {
+    /// Requests from the job (`c3-agent publish`): served before the live queue.
+    publishes: mpsc::Receiver<PublishCall>,
     uploader: Uploader,
     workdir: PathBuf,
     dirs: Vec<String>,
@@ -145,6 +150,7 @@ impl Syncer {
                     // The watcher is gone (it failed): keep going by polling.
                     None => self.degrade("watcher stopped".into(), &mut hints),
                 },
+                Some(call) = self.publishes.recv() => self.serve(call, &mut uploads).await,
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
                 _ = tokio::time::sleep_until(wake) => {
                     if self.polling && Instant::now() >= next_poll {
@@ -163,6 +169,31 @@ impl Syncer {
             self.on_uploaded(done);
         }
         self.book
+    }
+
+    /// A request from the job, ahead of the live queue. A barrier first lets the uploads
+    /// under way land.
+    async fn serve(&mut self, call: PublishCall, uploads: &mut JoinSet<UploadResult>) {
+        if call.request == c3_proto::SocketRequest::WaitAll {
+            while let Some(done) = uploads.join_next().await {
+                self.on_uploaded(done);
+            }
+        }
+        let parts = Parts {
+            uploader: &self.uploader,
+            manifest: &self.manifest,
+            workdir: &self.workdir,
+            dirs: &self.dirs,
+            reader: self.reader.as_ref(),
+            procs: Some(&self.procs),
+        };
+        let reply = crate::publish::serve(&parts, &mut self.book, call.request).await;
+        if reply.ok {
+            // The reply's manifest write covered the whole book.
+            self.manifest_dirty = false;
+            self.manifest_written = Some(Instant::now());
+        }
+        let _ = call.reply.send(reply);
     }
 
     async fn start_watching(&mut self) -> Option<mpsc::Receiver<Hint>> {

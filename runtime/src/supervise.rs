@@ -56,8 +56,9 @@ impl Supervisor {
         workdir: &Path,
         workdir_fd: &DirFd,
         run_as: Option<&RunAs>,
+        socket: Option<&Path>,
     ) -> Result<Supervisor, LaunchFailed> {
-        let job_vars = [
+        let mut job_vars = vec![
             (
                 "C3_ARTIFACTS_DIR",
                 workdir.join("artifacts").display().to_string(),
@@ -69,6 +70,9 @@ impl Supervisor {
                 crate::result::result_path(workdir).display().to_string(),
             ),
         ];
+        if let Some(socket) = socket {
+            job_vars.push(("C3_AGENT_SOCKET", socket.display().to_string()));
+        }
         let env = child_env(
             std::env::vars_os(),
             ctx.token.as_deref(),

@@ -85,10 +85,19 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
         .filter(|f| !book.is_current(f))
         .cloned()
         .collect();
-    let mut report = SyncReport {
-        skipped: scan.files.len() - todo.len(),
-        ..SyncReport::default()
-    };
+    let skipped = scan.files.len() - todo.len();
+    let mut report = upload_all(uploader, todo, book).await;
+    report.skipped = skipped;
+    report
+}
+
+/// Uploads `todo` into the book, a bounded number at a time, with a progress line every 10 s.
+pub async fn upload_all(
+    uploader: &Uploader,
+    todo: Vec<LocalFile>,
+    book: &mut SyncBook,
+) -> SyncReport {
+    let mut report = SyncReport::default();
     let queued_bytes: u64 = todo.iter().map(|f| f.stamp.size).sum();
     let queued_files = todo.len();
     let started = Instant::now();

@@ -12,5 +12,6 @@ mod input;
 mod lifecycle;
 mod live;
 mod logs;
+mod publish;
 mod resume;
 mod stores;

@@ -1,0 +1,176 @@
+//! The job's agent socket (contract §4): a Unix socket only the job's processes may use,
+//! where `c3-agent publish` (or any client speaking the JSON-lines protocol) asks the
+//! collector to store files now.
+//!
+//! It lives at `<state_dir>/run/<id>.sock`: the directory is the agent's (0711, so the job's
+//! user can reach the socket but not list or swap anything), the socket is 0600 and owned by
+//! the job's user. Every connection's peer credentials (`SO_PEERCRED`) must be the job's
+//! uid and a pid among the job's processes; anything else is refused.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use c3_proto::{SocketReply, SocketRequest};
+
+use crate::jobproc::JobProcesses;
+use crate::publish::PublishCall;
+use crate::statedir::StateDir;
+
+/// Longest request line; more is a protocol error.
+const MAX_LINE: u64 = 1024 * 1024;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// `sun_path` holds 108 bytes with its NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+pub struct AgentSocket {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl AgentSocket {
+    /// Binds the socket of one attempt; `owner` (the job's uid and gid) gets it.
+    pub fn bind(
+        state: &StateDir,
+        job_id: &str,
+        attempt: u32,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<AgentSocket> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = state.root().join("run");
+        match std::fs::create_dir(&dir) {
+            Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // Short and unique per attempt and agent: job ids can be 128 characters long.
+        let name = crate::digest::sha256_hex(
+            format!("{job_id}\0{attempt}\0{}", std::process::id()).as_bytes(),
+        );
+        let path = dir.join(format!("{}.sock", &name[..16]));
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is too long for a Unix socket", path.display()),
+            ));
+        }
+        // A socket left by a crashed agent of the same pid (after a reboot) is stale.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            // The directory is the agent's: nothing in this path can be swapped by the job.
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        }
+        Ok(AgentSocket { path, listener })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until `stop`, then removes the socket.
+    pub fn serve(
+        self,
+        publisher: mpsc::Sender<PublishCall>,
+        procs: JobProcesses,
+        uid: u32,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(
+            async move {
+                let mut conns = JoinSet::new();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                        accepted = self.listener.accept() => {
+                            let Ok((stream, _)) = accepted else { continue };
+                            if conns.len() >= MAX_CONNECTIONS {
+                                let _ = refuse(stream, "too many connections").await;
+                                continue;
+                            }
+                            let (p, procs, stop) = (publisher.clone(), procs.clone(), stop.clone());
+                            conns.spawn(connection(stream, p, procs, uid, stop).in_current_span());
+                        }
+                    }
+                }
+                conns.shutdown().await;
+                let _ = std::fs::remove_file(&self.path);
+            }
+            .in_current_span(),
+        )
+    }
+}
+
+async fn refuse(mut stream: UnixStream, why: &str) -> std::io::Result<()> {
+    stream.write_all(&SocketReply::error(why).to_line()).await
+}
+
+/// One client: peer checked once, then one reply per request line.
+async fn connection(
+    stream: UnixStream,
+    publisher: mpsc::Sender<PublishCall>,
+    procs: JobProcesses,
+    uid: u32,
+    stop: CancellationToken,
+) {
+    let Ok(cred) = stream.peer_cred() else { return };
+    let pid = cred.pid().unwrap_or(0);
+    let member = tokio::task::spawn_blocking(move || procs.members().contains(&pid))
+        .await
+        .unwrap_or(false);
+    if cred.uid() != uid || !member {
+        tracing::warn!(
+            peer_uid = cred.uid(),
+            peer_pid = pid,
+            "agent socket: refused a process that is not the job's"
+        );
+        let _ = refuse(stream, "refused: not a process of this job").await;
+        return;
+    }
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let mut limited = (&mut lines).take(MAX_LINE + 1);
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = limited.read_until(b'\n', &mut line) => r,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) if line.len() as u64 > MAX_LINE => {
+                let _ = write
+                    .write_all(&SocketReply::error("request line too long").to_line())
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+        }
+        let reply = match SocketRequest::from_line(&line) {
+            Err(e) => SocketReply::error(format!("not a request: {e}")),
+            Ok(request) => {
+                tracing::info!(request = ?request, "job request on the agent socket");
+                let (tx, rx) = oneshot::channel();
+                let call = PublishCall { request, reply: tx };
+                if publisher.send(call).await.is_err() {
+                    SocketReply::error("the job has ended; nothing more is published")
+                } else {
+                    rx.await.unwrap_or_else(|_| {
+                        SocketReply::error("the job has ended; nothing more is published")
+                    })
+                }
+            }
+        };
+        if write.write_all(&reply.to_line()).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! From inside the job (contract §4): `publish` stores named files now, `wait_all` stores
+//! everything pending so far. Served by the collector task (which owns the book) through the
+//! agent socket; a reply says `ok` only once every blob is stored and listed in the
+//! in-progress manifest.
+
+use std::path::{Component, Path};
+
+use tokio::sync::oneshot;
+
+use c3_proto::{PublishedFile, SocketReply, SocketRequest};
+
+use crate::collect::{scan, FileStamp, LocalFile};
+use crate::confine::{DirFd, JobReader};
+use crate::jobproc::JobProcesses;
+use crate::manifest::ManifestWriter;
+use crate::sync::{upload_all, SyncBook};
+use crate::upload::{UploadError, Uploader};
+
+/// One request from the socket, and where its answer goes.
+pub struct PublishCall {
+    pub request: SocketRequest,
+    pub reply: oneshot::Sender<SocketReply>,
+}
+
+/// What serving a request needs besides the book (all owned by the collector).
+pub struct Parts<'a> {
+    pub uploader: &'a Uploader,
+    pub manifest: &'a ManifestWriter,
+    pub workdir: &'a Path,
+    pub dirs: &'a [String],
+    pub reader: Option<&'a JobReader>,
+    pub procs: Option<&'a JobProcesses>,
+}
+
+pub async fn serve(parts: &Parts<'_>, book: &mut SyncBook, request: SocketRequest) -> SocketReply {
+    match request {
+        SocketRequest::Publish { paths } => publish(parts, book, paths).await,
+        SocketRequest::WaitAll => wait_all(parts, book).await,
+    }
+}
+
+/// Stores exactly the bytes each file has now; a file that changes meanwhile fails the call
+/// ("changed while publishing") and is synced again normally, never stored torn.
+async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> SocketReply {
+    if paths.is_empty() {
+        return SocketReply::error("publish needs at least one path");
+    }
+    let mut files = Vec::new();
+    for path in &paths {
+        match locate(parts, path).await {
+            Ok(file) => files.push(file),
+            Err(e) => return SocketReply::error(e),
+        }
+    }
+    let uploads = files.iter().map(|f| parts.uploader.upload(f));
+    let results = futures::future::join_all(uploads).await;
+    let mut published = Vec::new();
+    for (file, result) in files.iter().zip(results) {
+        match result {
+            Ok(up) => {
+                published.push(PublishedFile {
+                    path: up.rel.clone(),
+                    sha256: up.digests.sha256_hex(),
+                    size: up.digests.size,
+                });
+                book.record(up);
+            }
+            Err(UploadError::Changed { .. }) => return SocketReply::error(format!(
+                "{} changed while publishing; not published (it is synced again once it settles)",
+                file.rel
+            )),
+            Err(e) => return SocketReply::error(crate::error_chain(&e)),
+        }
+    }
+    match parts.manifest.in_progress(book).await {
+        Ok(_) => SocketReply::ok(published),
+        Err(e) => SocketReply::error(format!(
+            "stored, but the in-progress manifest could not be written: {}",
+            crate::error_chain(&e)
+        )),
+    }
+}
+
+/// A barrier: every file of the output dirs that is not stored in its current version and
+/// that no process of the job holds open for writing is stored now.
+async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
+    let (workdir, dirs, reader, procs) = (
+        parts.workdir.to_path_buf(),
+        parts.dirs.to_vec(),
+        parts.reader.cloned(),
+        parts.procs.cloned(),
+    );
+    let looked = tokio::task::spawn_blocking(move || {
+        let found = scan(&workdir, &dirs, reader.as_ref());
+        let open = procs
+            .map(|p| crate::procfs::written_by(&p.members()))
+            .unwrap_or_default();
+        (found, open)
+    })
+    .await;
+    let Ok((found, open)) = looked else {
+        return SocketReply::error("the scan of the output dirs failed");
+    };
+    let todo: Vec<LocalFile> = found
+        .files
+        .into_values()
+        .filter(|f| !book.is_current(f) && !open.contains(&(f.stamp.dev, f.stamp.ino)))
+        .collect();
+    let report = upload_all(parts.uploader, todo, book).await;
+    if let Some((path, e)) = report.failures.first() {
+        return SocketReply::error(format!("{path}: {}", crate::error_chain(e)));
+    }
+    match parts.manifest.in_progress(book).await {
+        Ok(_) => SocketReply::ok(Vec::new()),
+        Err(e) => SocketReply::error(format!(
+            "stored, but the in-progress manifest could not be written: {}",
+            crate::error_chain(&e)
+        )),
+    }
+}
+
+/// The file a job names: below one of its output dirs, a regular file reached without any
+/// symlink, one its user may read.
+async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
+    let given = Path::new(path);
+    let rel_path = if given.is_absolute() {
+        given
+            .strip_prefix(parts.workdir)
+            .map_err(|_| format!("{path} is outside the job's output dirs; not published"))?
+    } else {
+        given
+    };
+    let mut parts_of = Vec::new();
+    for c in rel_path.components() {
+        match c {
+            Component::Normal(p) => parts_of.push(
+                p.to_str()
+                    .ok_or_else(|| format!("{path}: the name is not UTF-8"))?
+                    .to_string(),
+            ),
+            Component::CurDir => {}
+            _ => return Err(format!("{path} must not contain `..`; not published")),
+        }
+    }
+    let rel = parts_of.join("/");
+    if !parts
+        .dirs
+        .iter()
+        .any(|d| rel.starts_with(d.as_str()) && rel.as_bytes().get(d.len()) == Some(&b'/'))
+    {
+        return Err(format!(
+            "{path} is outside the job's output dirs; not published"
+        ));
+    }
+    let (workdir, r, reader) = (
+        parts.workdir.to_path_buf(),
+        rel.clone(),
+        parts.reader.cloned(),
+    );
+    let checked = tokio::task::spawn_blocking(move || -> Result<FileStamp, String> {
+        let file = DirFd::open(&workdir)
+            .and_then(|d| d.open_file(Path::new(&r)))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) => {
+                    format!("{r} is (or goes through) a symlink; not published")
+                }
+                _ if e.kind() == std::io::ErrorKind::NotFound => format!("{r} does not exist"),
+                _ => format!("{r}: {e}"),
+            })?;
+        let st = crate::confine::fstat(&file).map_err(|e| format!("{r}: {e}"))?;
+        if !crate::confine::is_regular(&st) {
+            return Err(format!("{r} is not a regular file; not published"));
+        }
+        if reader.is_some_and(|rd| !rd.can_read(&st)) {
+            return Err(format!(
+                "{r} is not readable by the job's user; not published"
+            ));
+        }
+        Ok(FileStamp::of_stat(&st))
+    })
+    .await
+    .map_err(|_| format!("{path}: the check failed"))??;
+    Ok(LocalFile {
+        abs: parts.workdir.join(&rel),
+        rel,
+        stamp: checked,
+    })
+}

@@ -1,0 +1,245 @@
+//! `c3-agent publish` and the agent socket (contract §4): stored now, `ok` only once durable
+//! and in the in-progress manifest; refused for anything that is not the job's to publish.
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{sha256_hex, wait_for, Harness, S3Server, Store, BIN};
+
+/// Live sync would not touch these files for a minute: only `publish` can have stored them.
+fn slow_settle() -> Harness {
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nsettle_ms = 60000\n".into();
+    h
+}
+
+#[test]
+fn publish_returns_after_the_blob_is_stored_and_listed() {
+    let h = slow_settle();
+    let blob = h.object_path(&format!("blobs/sha256/{}", sha256_hex(b"weights\n")));
+    let manifest = h.object_path("jobs/pub/manifest.json");
+    let script = format!(
+        "echo weights > $C3_ARTIFACTS_DIR/ckpt.bin && {BIN} publish $C3_ARTIFACTS_DIR/ckpt.bin > published.txt; echo $? > rc; \
+         test -f '{}' && echo stored > seen; grep -q ckpt.bin '{}' && echo listed >> seen; sleep 0.2",
+        blob.display(),
+        manifest.display()
+    );
+    h.run_job(json!({"job_id": "pub", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("pub");
+    assert_eq!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "0");
+    assert_eq!(
+        std::fs::read_to_string(w.join("seen")).unwrap(),
+        "stored\nlisted\n",
+        "publish returned before the blob and the manifest entry existed"
+    );
+    assert!(std::fs::read_to_string(w.join("published.txt"))
+        .unwrap()
+        .contains("artifacts/ckpt.bin"));
+}
+
+#[test]
+fn publish_refuses_what_is_not_the_jobs_output() {
+    let h = slow_settle();
+    let script = format!(
+        "echo x > outside.txt; {BIN} publish outside.txt 2> e1; echo $? > r1; \
+         ln -s /etc/hostname $C3_ARTIFACTS_DIR/link; {BIN} publish $C3_ARTIFACTS_DIR/link 2> e2; echo $? > r2; \
+         mkdir -p $C3_ARTIFACTS_DIR/d; {BIN} publish $C3_ARTIFACTS_DIR/d 2> e3; echo $? > r3; \
+         {BIN} publish $C3_ARTIFACTS_DIR/../outside.txt 2> e4; echo $? > r4"
+    );
+    h.run_job(json!({"job_id": "ref", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("ref");
+    for (i, needle) in [
+        (1, "outside the job's output dirs"),
+        (2, "symlink"),
+        (3, "not a regular file"),
+        (4, ".."),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(w.join(format!("r{i}")))
+                .unwrap()
+                .trim(),
+            "1",
+            "case {i}"
+        );
+        let err = std::fs::read_to_string(w.join(format!("e{i}"))).unwrap();
+        assert!(err.contains(needle), "case {i}: {err}");
+        assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    }
+}
+
+/// Only the job's own processes may use the socket: another uid, or a process of the same
+/// uid that is not the job's, is refused.
+#[test]
+fn the_socket_refuses_a_stranger() {
+    let h = slow_settle();
+    let go = h.path("go");
+    let script = format!(
+        "echo s > $C3_ARTIFACTS_DIR/f; echo $C3_AGENT_SOCKET > sock; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": "str", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let sock = wait_for("the socket path", Duration::from_secs(20), || {
+        std::fs::read_to_string(h.workdir("str").join("sock"))
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    // This test process runs as the job's uid (the job has no `user`) but is not the job's.
+    let mut conn = std::os::unix::net::UnixStream::connect(sock.trim()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"{\"op\":\"publish\",\"paths\":[\"artifacts/f\"]}\n")
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&conn).read_line(&mut reply).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("refused"),
+        "{reply}"
+    );
+    std::fs::write(&go, "").unwrap();
+    h.wait("str".into(), child).assert_code(0);
+}
+
+#[test]
+fn a_job_as_another_user_refuses_root_on_its_socket() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let h = slow_settle();
+    std::fs::set_permissions(h.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let go = h.path("go");
+    let script = format!(
+        "echo s > $C3_ARTIFACTS_DIR/f; echo $C3_AGENT_SOCKET > $C3_ARTIFACTS_DIR/sock; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": "uid", "user": "nobody", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let sock = wait_for("the socket path", Duration::from_secs(20), || {
+        std::fs::read_to_string(h.workdir("uid").join("artifacts/sock"))
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    let meta = std::fs::metadata(sock.trim()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let mut conn = std::os::unix::net::UnixStream::connect(sock.trim()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"{\"op\":\"wait_all\"}\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&conn).read_line(&mut reply).unwrap();
+    assert!(reply.contains("refused"), "{reply}");
+    std::fs::write(&go, "").unwrap();
+    h.wait("uid".into(), child).assert_code(0);
+}
+
+/// The barrier: files written and closed are stored; one still open for writing is not.
+#[test]
+fn wait_all_stores_everything_pending_but_what_is_still_open() {
+    let h = slow_settle();
+    let manifest = h.object_path("jobs/wa/manifest.json");
+    let script = format!(
+        "for i in 1 2 3; do echo $i > $C3_ARTIFACTS_DIR/f$i; done; exec 3>$C3_ARTIFACTS_DIR/open.log; echo partial >&3; \
+         {BIN} publish --wait-all > out; echo $? > rc; cp '{}' listed.json; exec 3>&-",
+        manifest.display()
+    );
+    h.run_job(json!({"job_id": "wa", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("wa");
+    assert_eq!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "0");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.join("listed.json")).unwrap()).unwrap();
+    let paths: Vec<&str> = listed["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["artifacts/f1", "artifacts/f2", "artifacts/f3"]);
+    assert_eq!(listed["complete"], false);
+    // At the end, everything (the log too, once closed) is in the final manifest.
+    assert!(h
+        .manifest_paths("wa")
+        .contains(&"artifacts/open.log".to_string()));
+}
+
+/// A file that changes while it is being published is not published (and never torn).
+#[test]
+fn a_file_changing_while_published_fails_that_publish() {
+    let h = slow_settle();
+    let writer = "import os,sys,time\nf=open(sys.argv[1],'r+b')\nend=time.time()+20\nwhile time.time()<end and not os.path.exists('stop'):\n    f.seek(0); f.write(os.urandom(4096)); f.flush(); time.sleep(0.001)\n";
+    let script = format!(
+        "head -c 8000000 /dev/urandom > $C3_ARTIFACTS_DIR/moving.bin; python3 -c \"$W\" $C3_ARTIFACTS_DIR/moving.bin & sleep 0.3; \
+         {BIN} publish $C3_ARTIFACTS_DIR/moving.bin 2> err; echo $? > rc; touch stop; wait"
+    );
+    let mut spec = json!({"job_id": "mv", "command": ["sh", "-c", script]});
+    spec["env"] = json!({ "W": writer });
+    h.run_job(spec).assert_code(0);
+    let w = h.workdir("mv");
+    assert_eq!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "1");
+    let err = std::fs::read_to_string(w.join("err")).unwrap();
+    assert!(err.contains("changed while publishing"), "{err}");
+    // The final version is what the manifest lists, and its blob matches it.
+    let local = std::fs::read(w.join("artifacts/moving.bin")).unwrap();
+    assert_eq!(h.manifest("mv")["files"][0]["sha256"], sha256_hex(&local));
+}
+
+/// During a store outage longer than the deadline, publish answers non-zero (and the job
+/// goes on; the file is stored later).
+#[test]
+fn publish_during_a_store_outage_fails_after_the_deadline() {
+    let mut s3 = S3Server::start();
+    s3.retry_deadline_secs = 2;
+    let mut h = Harness::new(Store::File);
+    h.extra_toml = format!("[sync]\nsettle_ms = 60000\n{}", s3.store_toml("pre"));
+    let down = h.path("down");
+    let back = h.path("back");
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/f; touch ready; i=0; while [ ! -e '{0}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; \
+         {BIN} publish $C3_ARTIFACTS_DIR/f 2> err; echo $? > rc; touch published; \
+         i=0; while [ ! -e '{1}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        down.display(),
+        back.display()
+    );
+    let spec = h.spec(json!({"job_id": "out", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let w = h.workdir("out");
+    wait_for("the job", Duration::from_secs(20), || {
+        w.join("ready").exists().then_some(())
+    });
+    s3.stop();
+    std::fs::write(&down, "").unwrap();
+    wait_for("publish to give up", Duration::from_secs(60), || {
+        w.join("published").exists().then_some(())
+    });
+    s3.restart();
+    std::fs::write(&back, "").unwrap();
+    h.wait("out".into(), child).assert_code(0);
+    assert_eq!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "1");
+    assert!(!std::fs::read_to_string(w.join("err")).unwrap().is_empty());
+}
+
+/// The stdlib-only Python client speaks the same protocol.
+#[test]
+fn the_python_example_publishes() {
+    let h = slow_settle();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/publish.py");
+    let blob = h.object_path(&format!("blobs/sha256/{}", sha256_hex(b"py\n")));
+    let script = format!(
+        "echo py > $C3_ARTIFACTS_DIR/p.txt && python3 {example} $C3_ARTIFACTS_DIR/p.txt --wait-all > out && test -f '{}' && echo ok > seen",
+        blob.display()
+    );
+    h.run_job(json!({"job_id": "py", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("py");
+    assert!(std::fs::read_to_string(w.join("out"))
+        .unwrap()
+        .contains("published artifacts/p.txt"));
+    assert_eq!(std::fs::read_to_string(w.join("seen")).unwrap(), "ok\n");
+}
