@@ -65,10 +65,12 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
                 });
                 book.record(up);
             }
-            Err(UploadError::Changed { .. }) => return SocketReply::error(format!(
+            Err(UploadError::Changed { .. }) => {
+                return SocketReply::error(format!(
                 "{} changed while publishing; not published (it is synced again once it settles)",
                 file.rel
-            )),
+            ))
+            }
             Err(e) => return SocketReply::error(crate::error_chain(&e)),
         }
     }

@@ -45,6 +45,7 @@ pub struct Supervised {
     pub end: JobEnd,
     /// Why, in words, for the terminal status (timeout, cancel, signal).
     pub message: Option<String>,
+    /// For the log and the terminal status (the caller logs them, once).
     pub warnings: Vec<String>,
 }
 
@@ -193,10 +194,6 @@ impl Supervisor {
                 "the job's script ended but left {} processes running; terminating them",
                 left.len()
             ));
-            tracing::warn!(
-                processes = left.len(),
-                "the job's script ended but left processes running; terminating them"
-            );
         }
         // Always: it also reaps orphans and removes the job's cgroup.
         self.procs.terminate(None, grace).await;
@@ -212,9 +209,8 @@ impl Supervisor {
         .await;
         if drained.is_err() {
             // Something outside the job still holds its stdout/stderr.
-            let text = "a process outside the job keeps its output open; stopped reading it";
-            tracing::warn!("{text}");
-            warnings.push(text.into());
+            warnings
+                .push("a process outside the job keeps its output open; stopped reading it".into());
             self.pumps.shutdown().await;
         }
         self.output_done.cancel();
