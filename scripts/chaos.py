@@ -376,6 +376,40 @@ def tail(path, n=15):
         return ""
 
 
+def log_excerpt(path, n=12):
+    """The last n WARN/ERROR (and job start/end) lines of an agent log, each cut to 700 characters."""
+    keep = (" WARN ", " ERROR ", "job finished", "recovering", "resuming", "storing what")
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.rstrip("\n")[:700] for l in f if any(k in l for k in keep)]
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def first_error(path):
+    """The first ERROR line of an agent log, without its timestamp (or None)."""
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if " ERROR " in line:
+                    return line.split(" ERROR ", 1)[1].strip()[:600]
+    except OSError:
+        pass
+    return None
+
+
+def cause_class(text):
+    """A failure cause with the job-specific parts (ids, digests, paths, numbers) blanked out."""
+    t = text.split(": Error performing", 1)[0]
+    t = re.sub(r"job\{[^}]*\}: ", "", t)
+    t = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<uuid>", t)
+    t = re.sub(r"[0-9a-f]{64}", "<sha256>", t)
+    t = re.sub(r"(/[^\s:`'\"]+)+", "<path>", t)
+    t = re.sub(r"\d+(\.\d+)?", "N", t)
+    return t[:300]
+
+
 def regular_files(top):
     """Relative paths of the regular files under top (symlinks not followed)."""
     out = []
@@ -635,11 +669,13 @@ multipart_threshold_bytes = {8 * MIB}
         rec["wall"] = time.monotonic() - t0
         self.judge(rec, workdir, state)
         if not rec["ok"]:
+            rec["cause"] = first_error(errlog) or first_error(rec_log) or (rec["problems"] or ["?"])[0]
             reports = os.path.join(state, "jobs", jid, "attempts", "1", "reports.jsonl")
             rec["excerpt"] = "\n".join(x for x in (
                 "--- reports.jsonl (last 3)\n" + tail(reports, 3),
-                "--- c3-agent run stderr (last 15)\n" + tail(errlog),
-                ("--- c3-agent recover stderr (last 15)\n" + tail(rec_log)) if os.path.exists(rec_log) else "",
+                "--- c3-agent run stderr (WARN/ERROR lines)\n" + log_excerpt(errlog),
+                ("--- c3-agent recover stderr (WARN/ERROR lines)\n" + log_excerpt(rec_log))
+                if os.path.exists(rec_log) else "",
             ) if x)
         elif not self.args.keep:
             for d in (workdir, state):
@@ -723,25 +759,34 @@ multipart_threshold_bytes = {8 * MIB}
             else:
                 rec["verdict"] = "other"
                 rec["problems"].append("no terminal status in reports.jsonl")
-        elif st.get("state") == "SUCCEEDED" or (rec["killed"] and st.get("reason") == "AGENT_ERROR"
-                                                 and m is not None and m.get("complete") is True):
-            problems = self.verify(kind, rate, workdir, m)
-            rec["problems"] += problems
-            if not rec["killed"] and rec["rc"] != 0:
-                rec["problems"].append(f"SUCCEEDED but `run` exited {rec['rc']}")
-            if problems:
-                rec["verdict"] = "loss"
-            elif rec["problems"]:
-                rec["verdict"] = "other"
-            else:
-                rec["verdict"] = "recovered" if rec["killed"] else "succeeded"
-                rec["ok"] = True
-        elif st.get("reason") == "UPLOAD_ERROR":
-            rec["verdict"] = "upload_error"
         else:
-            rec["verdict"] = "other"
-            if rec["killed"] and st.get("reason") == "AGENT_ERROR":
-                rec["problems"].append("AGENT_ERROR after recover without a complete manifest")
+            upload_errors = st.get("upload_errors") or 0
+            rec["upload_errors"] = upload_errors
+            lost_script = rec["killed"] and st.get("reason") == "AGENT_ERROR"
+            if st.get("state") == "SUCCEEDED" or (lost_script and upload_errors == 0 and m is not None
+                                                  and m.get("complete") is True):
+                # The status claims every file is stored: check that it is.
+                problems = self.verify(kind, rate, workdir, m)
+                rec["problems"] += problems
+                if not rec["killed"] and rec["rc"] != 0:
+                    rec["problems"].append(f"SUCCEEDED but `run` exited {rec['rc']}")
+                if problems:
+                    rec["verdict"] = "loss"
+                elif rec["problems"]:
+                    rec["verdict"] = "other"
+                else:
+                    rec["verdict"] = "recovered" if rec["killed"] else "succeeded"
+                    rec["ok"] = True
+            elif st.get("reason") == "UPLOAD_ERROR" or (lost_script and upload_errors > 0):
+                # Not silent: the status says some output could not be stored.
+                rec["verdict"] = "upload_error"
+                if lost_script:
+                    rec["problems"].append(f"AGENT_ERROR with upload_errors={upload_errors}")
+            else:
+                rec["verdict"] = "other"
+                if lost_script:
+                    rec["problems"].append("AGENT_ERROR after recover, manifest " + (
+                        "missing" if m is None else f"complete={m.get('complete')}"))
 
     def run_aws(self, task):
         kind, rate, shape = task["kind"], task["rate"], task["shape"]
@@ -926,21 +971,35 @@ def report(bench, wall, args):
         w(f"\nNon-blob files under blobs/sha256/ (not hashed): {strays}.")
     w(f"\nWall time: {wall:.0f} s for {len(res)} agent jobs and {len(aws)} aws syncs ({args.parallel} at once).")
 
-    bad = [r for r in res if not r["ok"]]
+    order = {"loss": 0, "other": 1, "upload_error": 2}
+    bad = sorted((r for r in res if not r["ok"]), key=lambda r: (order.get(r["verdict"], 3), r["id"]))
     corrupt = [c for g in groups.values() for c in g["corrupt"]]
     if bad or corrupt:
         w("\n## Failures\n")
+        causes = {}
+        for r in bad:
+            key = (r["verdict"], cause_class(r.get("cause") or "?"))
+            causes.setdefault(key, []).append(r["id"])
+        w("| verdict | jobs | cause (first ERROR line of the agent, or the check that failed) | e.g. |")
+        w("|---|---:|---|---|")
+        for (verdict, cause), ids in sorted(causes.items(), key=lambda kv: (order.get(kv[0][0], 3), -len(kv[1]))):
+            w(f"| {verdict} | {len(ids)} | {cause.replace('|', '/')} | {', '.join(ids[:3])} |")
+        w("")
         for c in corrupt[:20]:
             w(f"- CORRUPT {c}")
-        for r in bad[:25]:
+        shown = 0
+        for r in bad:
+            if r["verdict"] != "loss" and shown >= 12:
+                continue
+            shown += 1
             w(f"- `{r['id']}`: verdict {r['verdict']}, state {r['state']}/{r['reason']}, run exit {r['rc']}, "
               f"recover exit {r['recover_rc']}, killed {r['killed']}; message: {(r['message'] or '')[:300]}")
             for p in r["problems"][:10]:
                 w(f"  - {p}")
             if r["excerpt"]:
                 w("\n```\n" + r["excerpt"][-4000:] + "\n```\n")
-        if len(bad) > 25:
-            w(f"- ... and {len(bad) - 25} more")
+        if len(bad) > shown:
+            w(f"- ... and {len(bad) - shown} more (same causes as in the table above)")
     awsbad = [r for r in aws if r["failed"] or r["silent"]]
     if awsbad:
         w("\n## aws s3 sync failures (not gated)\n")

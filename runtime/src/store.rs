@@ -645,31 +645,28 @@ impl BlobStore {
             })
     }
 
-    /// Completes an upload. A retry after a lost acknowledgement finds the upload gone
-    /// (404): if the blob exists, the first attempt went through.
+    /// Completes an upload. A retry after a lost acknowledgement (ours, or one object_store
+    /// made inside a single call) finds the upload gone: if the blob exists, the earlier try
+    /// went through, and the content-addressed key makes that a success whoever completed it.
     pub async fn complete_multipart(
         &self,
         sha256_hex: &str,
         upload_id: &str,
         parts: Vec<String>,
     ) -> Result<(), StoreError> {
-        let tried = std::sync::atomic::AtomicBool::new(false);
-        let result = self
-            .retrying(|| async {
-                let again = tried.swap(true, std::sync::atomic::Ordering::Relaxed);
-                match self
-                    .complete_multipart_once(sha256_hex, upload_id, parts.clone())
-                    .await
-                {
-                    Err(e) if again && matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) => {
-                        tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
-                        Ok(())
-                    }
-                    r => r,
+        self.retrying(|| async {
+            match self
+                .complete_multipart_once(sha256_hex, upload_id, parts.clone())
+                .await
+            {
+                Err(e) if matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) => {
+                    tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
+                    Ok(())
                 }
-            })
-            .await;
-        result
+                r => r,
+            }
+        })
+        .await
     }
 
     async fn complete_multipart_once(
