@@ -866,6 +866,32 @@ mod tests {
         assert!(e.is_permanent(), "{e}");
     }
 
+    /// An acknowledgement lost after the store completed the upload: the retry finds the
+    /// upload gone, and the blob present means success.
+    #[tokio::test]
+    async fn a_complete_retried_after_it_went_through_succeeds() {
+        let store = BlobStore::in_memory();
+        let sha = crate::digest::sha256_hex(b"part");
+        let id = store.create_multipart(&sha).await.unwrap();
+        let part = store
+            .put_part(&sha, &id, 0, Bytes::from_static(b"part"))
+            .await
+            .unwrap();
+        store
+            .complete_multipart(&sha, &id, vec![part.clone()])
+            .await
+            .unwrap();
+        store
+            .complete_multipart(&sha, &id, vec![part])
+            .await
+            .unwrap();
+        let other = crate::digest::sha256_hex(b"never stored");
+        assert!(store
+            .complete_multipart(&other, &id, Vec::new())
+            .await
+            .is_err());
+    }
+
     #[tokio::test]
     async fn file_store_dedups() {
         let dir = tempfile::tempdir().unwrap();
