@@ -7,10 +7,12 @@
 # What the tests need besides cargo:
 #   s3s-fs 0.14.1   a real S3 server on a directory (the newest release that builds on Rust 1.95; ~140 s to install)
 #   cargo-nextest   the test runner (each test its own process, timeouts from .config/nextest.toml)
-#   python3         example jobs such as examples/train.py
+#   python3         example jobs such as examples/train.py, the chaos benchmark
+#   azurite 3.37.0  the Azure Storage emulator (npm; Node.js from Debian if missing)
 set -euo pipefail
 
 S3S_FS_VERSION=0.14.1
+AZURITE_VERSION=3.37.0
 
 usage() {
     echo "usage: $0 [--no-install]" >&2
@@ -73,6 +75,19 @@ if [[ $install -eq 1 ]]; then
         cargo install cargo-nextest --locked
     fi
 
+    stage "checking azurite $AZURITE_VERSION"
+    if ! command -v azurite-blob >/dev/null 2>&1; then
+        sudo=()
+        if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+        if ! command -v npm >/dev/null 2>&1; then
+            stage "installing nodejs and npm"
+            "${sudo[@]}" apt-get update
+            "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm
+        fi
+        stage "installing azurite $AZURITE_VERSION"
+        "${sudo[@]}" npm install -g --no-audit --no-fund "azurite@$AZURITE_VERSION"
+    fi
+
     stage "checking python3"
     if ! command -v python3 >/dev/null 2>&1; then
         stage "installing python3"
@@ -87,6 +102,7 @@ missing=()
 find_s3s_fs >/dev/null || missing+=("s3s-fs $S3S_FS_VERSION")
 cargo nextest --version >/dev/null 2>&1 || missing+=("cargo-nextest")
 command -v python3 >/dev/null 2>&1 || missing+=("python3")
+command -v azurite-blob >/dev/null 2>&1 || missing+=("azurite $AZURITE_VERSION")
 if [[ ${#missing[@]} -gt 0 ]]; then
     if [[ $install -eq 1 ]]; then
         echo "$0: still missing after installing: ${missing[*]}" >&2
@@ -98,6 +114,9 @@ fi
 
 C3_TEST_S3S_FS="$(find_s3s_fs)"
 export C3_TEST_S3S_FS
+C3_TEST_AZURITE="$(command -v azurite-blob)"
+export C3_TEST_AZURITE
+stage "using azurite at $C3_TEST_AZURITE"
 stage "using s3s-fs at $C3_TEST_S3S_FS ($("$C3_TEST_S3S_FS" --version)), $(cargo nextest --version | head -n1), $(python3 --version)"
 
 # Doc tests are not run (nextest does not run them).
