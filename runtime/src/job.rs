@@ -264,6 +264,10 @@ impl<'a> Run<'a> {
                 ))
             })
             .ok();
+        let cgroup = crate::supervise::job_cgroup(&spec);
+        // Recorded before the launch: an agent killed in between leaves `recover` the cgroup.
+        self.record.cgroup = cgroup.as_ref().map(|cg| cg.path().display().to_string());
+        self.save().await;
         let launched = Supervisor::launch(
             self.ctx,
             &spec,
@@ -271,6 +275,7 @@ impl<'a> Run<'a> {
             &workdir,
             self.run_as.as_ref(),
             socket.as_ref().map(AgentSocket::path),
+            cgroup,
         );
         let supervisor = match launched {
             Ok(s) => s,
@@ -280,6 +285,7 @@ impl<'a> Run<'a> {
                 return failed.end;
             }
         };
+        crate::fault::crash_point("crash-after-spawn");
         let procs = supervisor.procs().clone();
         self.record.phase = Phase::Running;
         self.record.pgid = Some(procs.leader());

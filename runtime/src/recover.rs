@@ -12,6 +12,8 @@ use crate::statedir::AttemptLock;
 /// What the record says about how the job ended; a job still "running" was lost with the agent.
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
     match record.phase {
+        // A cgroup recorded before the launch: the script may have started.
+        Phase::Preparing if record.cgroup.is_some() => JobEnd::AgentLost,
         Phase::Preparing => JobEnd::AgentFailed,
         Phase::Running => JobEnd::AgentLost,
         Phase::Finishing | Phase::Done => match (record.state, record.exit_code, &record.signal) {
@@ -142,7 +144,8 @@ async fn recover_record(
     } else {
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
     }
-    if record.phase == Phase::Running {
+    if record.phase == Phase::Running || record.cgroup.is_some() && record.phase == Phase::Preparing
+    {
         // Nobody supervises these processes any more; they would hold the GPU forever.
         // Only what provably is the job is signalled: a reused pid is a stranger.
         crate::jobproc::stop_recorded(

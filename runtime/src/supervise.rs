@@ -49,6 +49,20 @@ pub struct Supervised {
     pub warnings: Vec<String>,
 }
 
+/// The job's own cgroup, if the agent can create one. Created (and recorded by the caller)
+/// before the launch, so that an agent killed right after the launch leaves `recover` a
+/// cgroup to stop.
+pub fn job_cgroup(spec: &JobSpec) -> Option<Cgroup> {
+    let name = format!("c3-{}-{}-{}", spec.job_id, spec.attempt, std::process::id());
+    match Cgroup::create(&name) {
+        Ok(cg) => Some(cg),
+        Err(why) => {
+            tracing::debug!(reason = %why, "no cgroup for the job");
+            None
+        }
+    }
+}
+
 impl Supervisor {
     /// Starts the script in `workdir_fd` with the job's environment and user.
     pub fn launch(
@@ -58,6 +72,7 @@ impl Supervisor {
         workdir_fd: &DirFd,
         run_as: Option<&RunAs>,
         socket: Option<&Path>,
+        cgroup: Option<Cgroup>,
     ) -> Result<Supervisor, LaunchFailed> {
         let mut job_vars = vec![
             (
@@ -80,21 +95,14 @@ impl Supervisor {
             &spec.env,
             &job_vars,
         );
-        let cgroup_name = format!("c3-{}-{}-{}", spec.job_id, spec.attempt, std::process::id());
-        let cgroup = match Cgroup::create(&cgroup_name) {
-            Ok(cg) => match cg.procs_file() {
-                Ok(f) => Some((cg, f)),
-                Err(e) => {
-                    tracing::debug!(error = %crate::error_chain(&e), "cannot open the job cgroup's cgroup.procs");
-                    cg.remove();
-                    None
-                }
-            },
-            Err(why) => {
-                tracing::debug!(reason = %why, "no cgroup for the job");
+        let cgroup = cgroup.and_then(|cg| match cg.procs_file() {
+            Ok(f) => Some((cg, f)),
+            Err(e) => {
+                tracing::debug!(error = %crate::error_chain(&e), "cannot open the job cgroup's cgroup.procs");
+                cg.remove();
                 None
             }
-        };
+        });
         let spawned = spawn(LaunchPlan {
             command: &spec.command,
             workdir: workdir_fd,

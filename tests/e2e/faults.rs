@@ -164,3 +164,40 @@ fn a_store_outage_shorter_than_the_deadline_is_not_a_failure() {
         run.stderr
     );
 }
+
+/// The agent dies right after starting the script, before it recorded the launch: `recover`
+/// still finds the job's processes (through the cgroup recorded before the launch) and stops
+/// them, and the attempt ends AGENT_ERROR with a complete manifest.
+#[test]
+fn recover_stops_a_job_whose_agent_died_right_after_spawning_it() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // the job's cgroup needs root here
+    }
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "crash-after-spawn".into()));
+    let script = "trap '' TERM; echo $$ > $C3_ARTIFACTS_DIR/job.pid; echo out > $C3_ARTIFACTS_DIR/f; sleep 300";
+    let run = h.run_job(json!({"job_id": "orph", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let pid_file = h.workdir("orph").join("artifacts/job.pid");
+    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    assert!(
+        alive(pid),
+        "the job outlived its agent, as it would after a SIGKILL"
+    );
+    h.env.clear();
+    h.run(&["recover"]).assert_code(6);
+    wait_for("the job to be stopped", Duration::from_secs(5), || {
+        (!alive(pid)).then_some(())
+    });
+    let t = h.terminal("orph");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+    assert_eq!(h.manifest("orph")["complete"], true);
+    assert!(h
+        .manifest_paths("orph")
+        .contains(&"artifacts/f".to_string()));
+}

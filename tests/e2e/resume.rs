@@ -160,3 +160,39 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// The store lost the interrupted upload (expired, cleaned up, a server crash): `recover`
+/// cannot resume it, so it starts the upload over instead of failing the job.
+#[test]
+fn a_resumed_upload_the_store_lost_is_started_over() {
+    let h = harness();
+    let record = crash_mid_upload(&h, "lost", 2);
+    let upload_id = record["upload_id"].as_str().unwrap().to_string();
+    let Store::S3(s3) = &h.store else {
+        unreachable!()
+    };
+    for path in walk(s3.root.path())
+        .into_iter()
+        .filter(|p| p.contains(&upload_id))
+    {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(
+        events(&run.stderr)
+            .iter()
+            .any(|e| e["message"]
+                == "the resumed multipart upload is not accepted; starting it over"),
+        "{}",
+        run.stderr
+    );
+    let local = std::fs::read(h.workdir("lost").join("artifacts/big.bin")).unwrap();
+    let sha = sha256_hex(&local);
+    assert_eq!(h.manifest("lost")["files"][0]["sha256"], sha);
+    assert_eq!(
+        sha256_hex(&h.object(&format!("blobs/sha256/{sha}")).expect("blob")),
+        sha
+    );
+}

@@ -28,6 +28,8 @@ type PartResult = Result<(usize, String, u64), UploadError>;
 pub(super) struct MultipartJournal {
     record: MultipartRecord,
     path: Option<PathBuf>,
+    /// Taken over from an earlier agent (a crash), not started by this one.
+    resumed: bool,
 }
 
 impl MultipartJournal {
@@ -158,23 +160,39 @@ impl Uploader {
             self.forget_journal(&sha).await;
             return Ok(false);
         }
-        let mut journal = self
-            .open_journal(&sha, before.size, part_size)
-            .await
-            .map_err(store_err)?;
-        let sent = self.send_parts(path, before, part_crcs, &mut journal).await;
-        let verified =
-            sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
-        match verified {
-            Ok(bytes_sent) => {
-                self.complete(journal).await.map_err(store_err)?;
-                tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
-                Ok(true)
-            }
-            Err(e) => {
-                // Never completed, so nothing appears under the key; abort frees the parts.
-                self.abort(journal).await;
-                Err(e)
+        // A resumed upload the store no longer accepts (expired, aborted by a lifecycle rule,
+        // lost in a crash of the server) is started over once, from scratch.
+        loop {
+            let mut journal = self
+                .open_journal(&sha, before.size, part_size)
+                .await
+                .map_err(store_err)?;
+            let resumed = journal.resumed;
+            let sent = self.send_parts(path, before, part_crcs, &mut journal).await;
+            let verified =
+                sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
+            let outcome = match verified {
+                Ok(bytes_sent) => match self.complete(journal).await {
+                    Ok(()) => {
+                        tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
+                        return Ok(true);
+                    }
+                    Err(e) => Err(store_err(e)),
+                },
+                Err(e) => {
+                    // Never completed, so nothing appears under the key; abort frees the parts.
+                    self.abort(journal).await;
+                    Err(e)
+                }
+            };
+            match outcome {
+                Err(UploadError::Store { source, .. }) if resumed && source.is_permanent() => {
+                    tracing::warn!(sha256 = %sha, error = %crate::error_chain(&source), "the resumed multipart upload is not accepted; starting it over");
+                    if let Some(p) = self.journal_path(&sha) {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                other => return other.map(|()| true),
             }
         }
     }
@@ -197,7 +215,11 @@ impl Uploader {
         if let Some(record) = path.as_deref().and_then(MultipartJournal::load) {
             if record.size == size && record.part_size == part_size {
                 tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
-                return Ok(MultipartJournal { record, path });
+                return Ok(MultipartJournal {
+                    record,
+                    path,
+                    resumed: true,
+                });
             }
             // Same content, other part size: its parts are of no use.
             let _ = self.store.abort_multipart(sha, &record.upload_id).await;
@@ -212,6 +234,7 @@ impl Uploader {
                 parts: Default::default(),
             },
             path,
+            resumed: false,
         };
         journal.save().await;
         Ok(journal)
