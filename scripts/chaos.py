@@ -39,11 +39,16 @@ What is verified
     start, so in preparation, while the script runs, during the final sync or not at all if it
     already finished), then `c3-agent recover` runs with the same config. Such a job is OK
     ("recovered") when the final status (the last terminal status in reports.jsonl) is
-    SUCCEEDED, or FAILED/AGENT_ERROR with a `complete: true` manifest (the script was lost with
-    the agent, recover stopped it and stored what it had written); either way the files are
-    verified as above, and a failed check is a silent loss. A kill that lands before the agent
-    recorded the attempt (no run.json, nothing written by a script) leaves nothing to recover:
-    counted as OK ("killed before launch").
+    SUCCEEDED, or FAILED/AGENT_ERROR with `upload_errors: 0` and a `complete: true` manifest (the
+    script was lost with the agent, recover stopped it and stored what it had written); either way
+    the files are verified as above, and a failed check is a silent loss. AGENT_ERROR with
+    `upload_errors > 0` says itself that output is missing: counted with UPLOAD_ERROR. A kill that
+    lands before the script was launched (no terminal status, or AGENT_ERROR without a manifest,
+    and no sign that the script ran: no RUNNING report, no file in artifacts/, no end marker, no
+    process of the job) leaves nothing to store: counted as OK ("killed before launch").
+  * No process of the job may outlive `run` (or, after a kill, `recover`): processes whose
+    environment names the job's artifacts dir are looked for in /proc; any found is a failure
+    ("other"), and they are killed.
   * UPLOAD_ERROR is expected only when a fault window outlasts `retry_deadline_secs` (60 s); with
     independent per-request faults it should never happen here.
 
@@ -54,18 +59,22 @@ second one after (a naive live sync). Counted: syncs whose final run exited non-
 whose stored content differs from (or is missing for) the local file afterwards; "silent" = the
 sync exited 0 but some object differs or is missing.
 
-Exit status: 0 if there is no silent loss, no corrupt blob, no agent timeout and OK jobs
-(SUCCEEDED, or recovered as defined above) are at least 99.5% of the jobs at 5% and at 20% fault rate and at least 95% at
-40% (with 50 jobs this means: any failed job at 5%/20% fails the run); 1 otherwise; 2 on a setup
-error. aws-cli figures are never gated. Random draws use a fixed seed (--seed), so the fault
-sequence each listener draws is fixed; which request gets which draw still depends on timing.
+Exit status: 0 if there is no silent loss, no corrupt blob, no agent timeout, no process left
+behind, and OK jobs (SUCCEEDED, or recovered as defined above) are at least 99.5% of the jobs at
+the 5% and 20% fault rates and at least 95% at 40%; 1 otherwise; 2 on a setup error. With 50 jobs
+(about 17 a rate) this means any job that is not OK fails the run. aws-cli figures are never
+gated. Random draws use a fixed seed (--seed), so the fault sequence each listener draws is
+fixed; which request gets which draw still depends on timing.
 
 Needs s3s-fs ($C3_TEST_S3S_FS, or on PATH, or ~/.cargo/bin) and a built c3-agent (default
 target/release/c3-agent; `cargo build --release -p c3-agent`). aws-cli is optional (without it the
-comparison is skipped). Everything runs under one temp dir, removed at exit (--keep keeps it).
+comparison is skipped). Everything runs under one temp dir in $CHAOS_TMP (default /var/tmp),
+removed at exit (--keep keeps it); s3s-fs, the proxy and every process started are stopped at exit,
+SIGTERM included. Every subprocess has a time limit (run 300 s, recover 300 s, aws 300 s).
 """
 import argparse
 import asyncio
+import base64
 import concurrent.futures
 import hashlib
 import json
@@ -209,17 +218,46 @@ class FaultProxy:
         return await reader.readexactly(length) if length else b""
 
     async def forward(self, data):
-        """One upstream connection per request (`Connection: close`): the whole answer, read to EOF."""
-        async def go():
-            r, w = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=1 << 20)
-            try:
-                w.write(data)
-                await w.drain()
-                return await r.read()
-            finally:
-                w.close()
+        """One upstream connection per request (`Connection: close`): the whole answer, read to EOF.
 
-        return await asyncio.wait_for(go(), 120)
+        The answer is read while the request is still being sent: a server may answer early (a
+        412 for `If-None-Match: *`, a 403) and close without reading the body, which resets our
+        send; the answer it sent is still relayed, as a client talking to it directly would see it."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        chunks = []
+
+        async def send():
+            try:
+                await loop.sock_sendall(sock, data)
+            except OSError:
+                pass  # answered early and closed: what it answered is read below
+
+        async def recv():
+            while True:
+                try:
+                    b = await loop.sock_recv(sock, 1 << 20)
+                except OSError:
+                    return
+                if not b:
+                    return
+                chunks.append(b)
+
+        async def go():
+            await loop.sock_connect(sock, ("127.0.0.1", self.upstream_port))
+            sender = asyncio.ensure_future(send())
+            try:
+                await recv()
+            finally:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(go(), 120)
+        finally:
+            sock.close()
 
     @staticmethod
     def relay_response(resp, method, client_close):
@@ -301,13 +339,15 @@ class FaultProxy:
                 except (OSError, asyncio.TimeoutError):
                     resp = b""
                 if fault == "applied500":
-                    out, close = s3_error(500, "Internal Server Error", "InternalError",
-                                          "We encountered an internal error. Please try again.", client_close), client_close
+                    close = client_close
+                    out = s3_error(500, "Internal Server Error", "InternalError",
+                                   "We encountered an internal error. Please try again.", close)
                 else:
                     out, close = self.relay_response(resp, method, client_close) if resp else (None, True)
                 if out is None:
-                    lst.upstream_errors += 1
-                    out, close = s3_error(502, "Bad Gateway", "BadGateway", "chaos proxy: upstream failed", True), True
+                    lst.upstream_errors += 1  # not a planned fault: reported as "proxy 502s"
+                    close = True
+                    out = s3_error(502, "Bad Gateway", "BadGateway", "chaos proxy: upstream failed", close)
                 writer.write(out)
                 await writer.drain()
                 if close:
@@ -424,6 +464,24 @@ def regular_files(top):
     return sorted(out)
 
 
+def job_processes(workdir):
+    """(pid, command line) of the processes whose environment names this workdir's artifacts dir."""
+    marker = b"\0C3_ARTIFACTS_DIR=" + os.path.join(workdir, "artifacts").encode() + b"\0"
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = b"\0" + f.read() + b"\0"
+            if marker in env:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found.append((int(pid), f.read().replace(b"\0", b" ").decode(errors="replace").strip()))
+        except OSError:
+            pass
+    return found
+
+
 def kill_group(proc):
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -537,7 +595,7 @@ class Bench:
             step = max(1, len(mine) // max(1, len(aws))) if aws else 0
             for n, j in enumerate(mine):
                 tasks.append(j)
-                if aws and n % step == 0 and aws:
+                if aws and n % step == 0:
                     tasks.append(aws.pop(0))
             tasks.extend(aws)
         self.total = len(tasks)
@@ -667,9 +725,24 @@ multipart_threshold_bytes = {8 * MIB}
                     rec["problems"].append(f"recover ran past {RECOVER_TIMEOUT_S} s")
                 rec["recover_rc"] = r.returncode
         rec["wall"] = time.monotonic() - t0
+        # Every process of the job must be gone once `run` (or, after a kill, `recover`) has exited.
+        orphans = job_processes(workdir)
+        if orphans:
+            rec["orphans"] = len(orphans)
+            rec["problems"].append(f"{len(orphans)} process(es) of the job still running after "
+                                   f"`{'recover' if rec['killed'] or rec['hung'] else 'run'}` exited: "
+                                   + ", ".join(f"{pid} {cmd[:60]!r}" for pid, cmd in orphans[:3]))
+            for pid, _ in orphans:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         self.judge(rec, workdir, state)
         if not rec["ok"]:
-            rec["cause"] = first_error(errlog) or first_error(rec_log) or (rec["problems"] or ["?"])[0]
+            if rec["verdict"] in ("loss", "other") and rec["problems"]:
+                rec["cause"] = rec["problems"][0]  # the check that failed
+            else:
+                rec["cause"] = first_error(errlog) or first_error(rec_log) or "?"
             reports = os.path.join(state, "jobs", jid, "attempts", "1", "reports.jsonl")
             rec["excerpt"] = "\n".join(x for x in (
                 "--- reports.jsonl (last 3)\n" + tail(reports, 3),
@@ -752,13 +825,15 @@ multipart_threshold_bytes = {8 * MIB}
             rec["verdict"] = "other"
             rec["problems"].insert(0, f"c3-agent run ran past {AGENT_TIMEOUT_S} s (killed)")
         elif st is None:
-            no_record = not os.path.exists(os.path.join(state, "jobs", jid, "attempts", "1", "run.json"))
-            nothing = not os.path.isdir(workdir) or not regular_files(os.path.join(workdir, "artifacts"))
-            if rec["killed"] and no_record and nothing:
+            if rec["killed"] and not self.script_ran(rec, workdir, state):
                 rec["verdict"], rec["ok"] = "prelaunch", True
             else:
                 rec["verdict"] = "other"
                 rec["problems"].append("no terminal status in reports.jsonl")
+        elif (rec["killed"] and st.get("reason") == "AGENT_ERROR" and m is None
+              and not self.script_ran(rec, workdir, state)):
+            # Killed while preparing: recover finished the attempt as never launched (no manifest).
+            rec["verdict"], rec["ok"] = "prelaunch", True
         else:
             upload_errors = st.get("upload_errors") or 0
             rec["upload_errors"] = upload_errors
@@ -785,8 +860,31 @@ multipart_threshold_bytes = {8 * MIB}
             else:
                 rec["verdict"] = "other"
                 if lost_script:
+                    ran = self.script_ran(rec, workdir, state)
                     rec["problems"].append("AGENT_ERROR after recover, manifest " + (
-                        "missing" if m is None else f"complete={m.get('complete')}"))
+                        "missing" if m is None else f"complete={m.get('complete')}")
+                        + (f", yet the script ran ({ran}): its output was never stored" if ran and m is None else ""))
+        if rec.get("orphans") and rec["verdict"] != "loss":
+            rec["verdict"], rec["ok"] = "other", False
+
+    def script_ran(self, rec, workdir, state):
+        """What shows that the job's script was launched ('' if nothing does): a RUNNING report,
+        files in artifacts/, the script's end marker, or processes of the job."""
+        signs = []
+        try:
+            with open(os.path.join(state, "jobs", rec["id"], "attempts", "1", "reports.jsonl")) as f:
+                if '"RUNNING"' in f.read():
+                    signs.append("RUNNING reported")
+        except OSError:
+            pass
+        n = len(regular_files(os.path.join(workdir, "artifacts")))
+        if n:
+            signs.append(f"{n} file(s) in artifacts/")
+        if os.path.exists(os.path.join(workdir, "script.done")):
+            signs.append("script.done written")
+        if rec.get("orphans"):
+            signs.append(f"{rec['orphans']} job process(es) left running")
+        return ", ".join(signs)
 
     def run_aws(self, task):
         kind, rate, shape = task["kind"], task["rate"], task["shape"]
@@ -858,7 +956,6 @@ multipart_threshold_bytes = {8 * MIB}
             shutil.rmtree(os.path.join(self.s3root, bucket), ignore_errors=True)
             os.makedirs(os.path.join(self.s3root, bucket), exist_ok=True)
             # s3s-fs keeps per-object metadata beside the buckets, named after the bucket in base64.
-            import base64
             tag = ".bucket-" + base64.urlsafe_b64encode(bucket.encode()).decode().rstrip("=") + "."
             for f in os.listdir(self.s3root):
                 if f.startswith(tag):
@@ -880,12 +977,14 @@ def report(bench, wall, args):
     res, aws, groups, lst = bench.results, bench.aws_results, bench.groups, bench.listeners
     out = []
     w = out.append
-    w(f"# c3-agent chaos benchmark\n")
+    w("# c3-agent chaos benchmark\n")
     w(f"{len(res)} agent jobs, {len(aws)} aws s3 sync runs, --parallel {args.parallel}, seed {args.seed}, "
       f"{os.cpu_count()} CPUs; agent `{args.agent}`; wall time **{wall:.0f} s**.\n")
     w("Verdicts: `ok` = SUCCEEDED and every file verified, plus (`kill` rows) jobs recovered after SIGKILL "
-      "(final SUCCEEDED, or AGENT_ERROR with a complete manifest, files verified; or killed before launch). "
-      "`loss` = claimed stored but a file is missing or wrong (silent loss). aws: `failed` = final sync exited "
+      "(final SUCCEEDED, or AGENT_ERROR with upload_errors 0 and a complete manifest, files verified; or killed "
+      "before the script was launched). `loss` = claimed stored but a file is missing or wrong (silent loss). "
+      "`other` = any other end (AGENT_ERROR without a manifest after the script ran, processes of the job left "
+      "running, no terminal status, a timeout). aws: `failed` = final sync exited "
       "non-zero; `differ` = objects missing or not equal to the local file afterwards; `silent` = exit 0 yet "
       "some object differs.\n")
 
@@ -926,8 +1025,8 @@ def report(bench, wall, args):
 
     w("\n## Per fault kind and rate (store checks and proxy counts)\n")
     w("| fault | rate | jobs | ok | ok % | silent loss | blobs checked | corrupt blobs | agent requests | faults injected "
-      "(503/reset/applied500/stall) | aws syncs | aws ok % | aws requests | aws faults |")
-    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+      "(503/reset/applied500/stall) | proxy 502s | aws syncs | aws ok % | aws requests | aws faults |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for kind in KINDS:
         for rate in RATES:
             if (kind, rate) not in groups:
@@ -940,7 +1039,8 @@ def report(bench, wall, args):
             lw = lst.get((kind, rate, "aws"))
             aws_ok = b["syncs"] - b["failed"] - b["silent"]
             w(f"| {kind} | {rate}% | {a['jobs']} | {a['ok']} | {pct(a['ok'], a['jobs'])} | {a['loss']} | {g['blobs']} | "
-              f"{len(g['corrupt'])} | {la.requests} | {sum(la.faults.values())} ({fa}) | {b['syncs'] if ars else '-'} | "
+              f"{len(g['corrupt'])} | {la.requests} | {sum(la.faults.values())} ({fa}) | "
+              f"{la.upstream_errors + (lw.upstream_errors if lw else 0)} | {b['syncs'] if ars else '-'} | "
               f"{pct(aws_ok, b['syncs']) if ars else '-'} | {lw.requests if lw else '-'} | "
               f"{sum(lw.faults.values()) if lw else '-'} |")
 
@@ -1024,6 +1124,9 @@ def gate(bench):
     hung = [r for r in res if r["hung"]]
     if hung:
         why.append(f"{len(hung)} agent run(s) past {AGENT_TIMEOUT_S} s")
+    orphaned = [r for r in res if r.get("orphans")]
+    if orphaned:
+        why.append(f"{len(orphaned)} job(s) left processes running: " + ", ".join(r["id"] for r in orphaned[:10]))
     for rate, floor in MIN_OK.items():
         rs = [r for r in res if r["rate"] == rate]
         ok = sum(r["ok"] for r in rs)
