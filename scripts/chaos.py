@@ -464,9 +464,11 @@ def regular_files(top):
     return sorted(out)
 
 
-def job_processes(workdir):
-    """(pid, command line) of the processes whose environment names this workdir's artifacts dir."""
-    marker = b"\0C3_ARTIFACTS_DIR=" + os.path.join(workdir, "artifacts").encode() + b"\0"
+def job_processes(workdir, under=False):
+    """(pid, command line) of the processes whose environment names this workdir's artifacts dir
+    (under=True: the artifacts dir of any workdir below `workdir`)."""
+    marker = b"\0C3_ARTIFACTS_DIR=" + (workdir.rstrip("/") + "/" if under else
+                                         os.path.join(workdir, "artifacts") + "\0").encode()
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -658,6 +660,13 @@ multipart_threshold_bytes = {8 * MIB}
             procs = list(self.procs)
         for p in procs:
             kill_group(p)
+        # The jobs run in sessions of their own and outlive a killed agent: stop them too, or a
+        # script's `mkdir -p` recreates the temp dir after it was removed.
+        for pid, _ in job_processes(os.path.join(self.tmp, "jobs"), under=True):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def run_task(self, task):
         t0 = time.monotonic()
