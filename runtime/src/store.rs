@@ -659,7 +659,7 @@ impl BlobStore {
                 .complete_multipart_once(sha256_hex, upload_id, parts.clone())
                 .await
             {
-                Err(e) if matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) => {
+                Err(e) if self.completed_meanwhile(sha256_hex).await => {
                     tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
                     Ok(())
                 }
@@ -667,6 +667,19 @@ impl BlobStore {
             }
         })
         .await
+    }
+
+    /// Whether the blob exists now, or a moment later: a store may forget the upload id
+    /// before it has finished assembling the object (s3s-fs does), so a retried complete can
+    /// see neither the upload nor the blob for a short while.
+    async fn completed_meanwhile(&self, sha256_hex: &str) -> bool {
+        for wait_ms in [0, 250, 1000] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            if matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) {
+                return true;
+            }
+        }
+        false
     }
 
     async fn complete_multipart_once(
