@@ -158,16 +158,25 @@ pub struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
+    /// A fresh attempt: `prepare` looks the user up (off the reactor) and sets the reader.
     fn new(ctx: &'a AgentContext, spec: JobSpec) -> Self {
-        Self::from_record(ctx, fresh_record(ctx, spec))
+        Self::with_user(ctx, fresh_record(ctx, spec), None)
     }
 
     /// A run rebuilt from its record, for `recover`. Readability is checked against the
     /// identity recorded at launch, else a fresh lookup, else (the user is gone from the
     /// node) a reader that may read only what anyone may.
     pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
+        let run_as = record
+            .spec
+            .user
+            .as_deref()
+            .and_then(|u| RunAs::lookup(u).ok());
+        Self::with_user(ctx, record, run_as)
+    }
+
+    fn with_user(ctx: &'a AgentContext, record: RunRecord, run_as: Option<RunAs>) -> Self {
         let spec = &record.spec;
-        let run_as = spec.user.as_deref().and_then(|u| RunAs::lookup(u).ok());
         let reader = JobReader::for_record(&record, run_as.as_ref().map(RunAs::reader));
         let collector_config = CollectorConfig::new(ctx, &record, reader);
         let reporter = Reporter::new(
