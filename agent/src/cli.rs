@@ -20,8 +20,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one job: from a job spec (`--job SPEC.json`), or quickly from a command line (`-- CMD ARGS`)
+    /// Run one job: from a job spec (`--job SPEC.json`, or `--job-id ID` for <jobs_root>/ID/job.json), or quickly from a command line (`-- CMD ARGS`)
     Run(RunArgs),
+    /// Sidecar mode: sync directories of a job this agent did not launch (Kubernetes native sidecar, Slurm prolog); finishes on SIGTERM, when --pid exits or when --done-file appears
+    Watch(WatchArgs),
     /// Download a job's files per its manifest, verifying each sha256
     Pull { job_id: String, dest: PathBuf },
     /// List a job's manifest (size, sha256, path)
@@ -57,7 +59,8 @@ pub struct RunArgs {
     /// The job spec (JSON) written by the scheduler
     #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout"])]
     pub job: Option<PathBuf>,
-    /// Quick run: the job id (default: local-<time>-<pid>)
+    /// Quick run: the job id (default: slurm-$SLURM_JOB_ID under Slurm, else local-<time>-<pid>).
+    /// Without a command: run the spec <jobs_root>/ID/job.json
     #[arg(long, value_name = "ID")]
     pub job_id: Option<String>,
     /// Quick run: an extra output dir, relative to the current dir (repeatable)
@@ -69,4 +72,23 @@ pub struct RunArgs {
     /// Quick run: the command and its arguments, after `--`
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The job's id
+    #[arg(long, value_name = "ID")]
+    pub job_id: String,
+    /// The job's attempt
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub attempt: u32,
+    /// Finish when this process (the job's main process) exits; its descendants count as the job
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<i32>,
+    /// Finish when this file appears; an integer in it is the job's exit code
+    #[arg(long, value_name = "FILE")]
+    pub done_file: Option<PathBuf>,
+    /// Directories to sync (one parent directory; each appears in the manifest under its own name)
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
 }

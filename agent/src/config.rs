@@ -29,6 +29,15 @@ struct FileConfig {
     sync: SyncSection,
     #[serde(default)]
     upload: UploadSection,
+    #[serde(default)]
+    job: JobSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobSection {
+    forward_signals: Option<Vec<String>>,
+    stop_deadline_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +110,10 @@ pub struct Config {
     /// Sync while the job runs (`None`: `sync.live = false`, upload at the end only).
     pub live: Option<LiveOptions>,
     pub upload: UploadOptions,
+    /// Signals passed on to the job's processes (numbers), `[job] forward_signals`.
+    pub forward_signals: Vec<i32>,
+    /// `[job] stop_deadline_secs`: after SIGTERM, the agent is done within this.
+    pub stop_deadline: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +201,11 @@ pub fn resolve(
         "C3_AGENT_KILL_GRACE_SECS",
         "kill_grace_secs",
         &mut file.kill_grace_secs,
+    );
+    num(
+        "C3_AGENT_STOP_DEADLINE_SECS",
+        "job.stop_deadline_secs",
+        &mut file.job.stop_deadline_secs,
     );
     num(
         "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
@@ -387,6 +405,28 @@ pub fn resolve(
         manifest_interval: Duration::from_millis(file.sync.manifest_interval_ms.unwrap_or(3000)),
         max_watches: file.sync.max_watches.unwrap_or(8192),
     });
+    if let Some(v) = env("C3_AGENT_FORWARD_SIGNALS") {
+        file.job.forward_signals = Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        );
+    }
+    let forward_signals = file
+        .job
+        .forward_signals
+        .unwrap_or_else(|| vec!["USR1".into(), "USR2".into()])
+        .iter()
+        .filter_map(|name| match forwardable_signal(name) {
+            Ok(n) => Some(n),
+            Err(why) => {
+                problems.push(format!("`job.forward_signals`: `{name}` {why}"));
+                None
+            }
+        })
+        .collect();
     if file.sync.max_watches == Some(0) {
         problems.push(
             "`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into(),
@@ -417,7 +457,37 @@ pub fn resolve(
         control_plane,
         live,
         upload,
+        forward_signals,
+        stop_deadline: Duration::from_secs(file.job.stop_deadline_secs.unwrap_or(25)),
     })
+}
+
+/// `USR1`, `SIGUSR1` or `10` -> 10. SIGTERM and SIGINT are the agent's own (stop), SIGKILL
+/// and SIGSTOP cannot be caught, and SIGCHLD/SIGPIPE/fault signals would break the agent.
+fn forwardable_signal(name: &str) -> Result<i32, &'static str> {
+    use nix::sys::signal::Signal;
+    let upper = name.trim().to_ascii_uppercase();
+    let sig = match upper.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).map_err(|_| "is not a signal")?,
+        Err(_) => {
+            let full = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            full.parse::<Signal>()
+                .map_err(|_| "is not a signal name (USR1, SIGHUP, 12...)")?
+        }
+    };
+    use Signal::*;
+    match sig {
+        SIGTERM | SIGINT => Err("is the agent's stop signal; it always reaches the job as a stop"),
+        SIGKILL | SIGSTOP => Err("cannot be caught"),
+        SIGCHLD | SIGPIPE | SIGSEGV | SIGBUS | SIGILL | SIGFPE | SIGABRT | SIGTRAP | SIGSYS => {
+            Err("cannot be forwarded (the agent needs it)")
+        }
+        other => Ok(other as i32),
+    }
 }
 
 impl ControlPlaneSettings {
@@ -496,6 +566,35 @@ mod tests {
         assert_eq!(c.store.url, "file:///s/store");
         assert!(c.control_plane.is_none());
         assert_eq!(c.kill_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn forwarded_signals() {
+        let c = resolve(None, "", &|_| None, PathBuf::from("/s")).unwrap();
+        assert_eq!(c.forward_signals, vec![libc::SIGUSR1, libc::SIGUSR2]);
+        assert_eq!(c.stop_deadline, Duration::from_secs(25));
+        let c = resolve(
+            None,
+            "[job]\nforward_signals = [\"sighup\", \"12\"]\nstop_deadline_secs = 7\n",
+            &|_| None,
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        assert_eq!(c.forward_signals, vec![libc::SIGHUP, libc::SIGUSR2]);
+        assert_eq!(c.stop_deadline, Duration::from_secs(7));
+        let env = env_of(&[("C3_AGENT_FORWARD_SIGNALS", "")]);
+        let c = resolve(None, "", &env, PathBuf::from("/s")).unwrap();
+        assert!(c.forward_signals.is_empty());
+        let e = resolve(
+            None,
+            "[job]\nforward_signals = [\"TERM\", \"USR9\"]\n",
+            &|_| None,
+            PathBuf::from("/s"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`TERM` is the agent's stop signal"), "{e}");
+        assert!(e.contains("`USR9` is not a signal name"), "{e}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use c3_runtime::statedir::StateDir;
 use c3_runtime::store::{BlobStore, StoreError};
 use c3_runtime::{error_chain, ExitCode as JobExit};
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, RunArgs, WatchArgs};
 
 /// Usage, config or spec error: nothing launched (contract §1).
 const USAGE: u8 = 2;
@@ -99,6 +99,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
     let env = Env { config, job_umask };
     match command {
         Command::Run(args) => run(args, &env).await,
+        Command::Watch(args) => watch(args, &env).await,
         Command::Pull { job_id, dest } => edge(pull(&env, &job_id, &dest).await),
         Command::Ls { job_id, json } => edge(ls(&env, &job_id, json).await),
         Command::Recover => recover(&env).await,
@@ -193,6 +194,8 @@ fn context(env: &Env) -> Result<AgentContext, String> {
         jobs_root: config.jobs_root.clone(),
         job_umask: env.job_umask,
         max_manifest_bytes: config.max_manifest_bytes,
+        forward_signals: config.forward_signals.clone(),
+        stop_deadline: config.stop_deadline,
     })
 }
 
@@ -220,10 +223,35 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
         return Ok(parsed.spec);
     }
     if args.command.is_empty() {
-        return Err("run needs `--job SPEC.json` or a command after `--` (c3-agent run -- python3 train.py)".into());
+        // `run --job-id ID`: the scheduler's spec in its usual place (the systemd unit's way,
+        // so that the unit names no path the config can move).
+        if let (Some(id), true) = (&args.job_id, args.output.is_empty() && args.timeout.is_none()) {
+            c3_proto::spec::validate_job_id(id).map_err(|e| format!("--job-id {e}"))?;
+            let path = jobs_root.join(id).join("job.json");
+            let spec = spec_from_args(
+                RunArgs {
+                    job: Some(path.clone()),
+                    job_id: None,
+                    output: Vec::new(),
+                    timeout: None,
+                    command: Vec::new(),
+                },
+                jobs_root,
+            )?;
+            if &spec.job_id != id {
+                return Err(format!(
+                    "{}: job spec field `job_id`: `{}` is not `{id}` (--job-id)",
+                    path.display(),
+                    spec.job_id
+                ));
+            }
+            return Ok(spec);
+        }
+        return Err("run needs `--job SPEC.json`, `--job-id ID` or a command after `--` (c3-agent run -- python3 train.py)".into());
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
-    let job_id = args.job_id.unwrap_or_else(|| {
+    let (slurm_id, attempt) = slurm_job()?;
+    let job_id = args.job_id.or(slurm_id).unwrap_or_else(|| {
         format!(
             "local-{}-{}",
             c3_runtime::display::compact_utc_now(),
@@ -233,7 +261,7 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
     let mut spec = JobSpec {
         job_id,
         project: None,
-        attempt: 1,
+        attempt,
         command: args.command,
         workdir: Some(cwd.display().to_string()),
         env: Default::default(),
@@ -252,10 +280,34 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
     Ok(spec)
 }
 
+/// Under Slurm (`SLURM_JOB_ID`): the job id `slurm-<id>` and the attempt
+/// `SLURM_RESTART_COUNT + 1` (a requeued job is a new attempt of the same job).
+fn slurm_job() -> Result<(Option<String>, u32), String> {
+    let Some(id) = std::env::var("SLURM_JOB_ID").ok().filter(|s| !s.is_empty()) else {
+        return Ok((None, 1));
+    };
+    let restarts: u32 = match std::env::var("SLURM_RESTART_COUNT") {
+        Ok(n) => n
+            .trim()
+            .parse()
+            .map_err(|_| format!("$SLURM_RESTART_COUNT: `{n}` is not a whole number"))?,
+        Err(_) => 0,
+    };
+    Ok((Some(format!("slurm-{id}")), restarts.saturating_add(1)))
+}
+
 /// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed
 /// before this returns, so a stop that comes at once is a cancel, not a killed agent.
-fn cancel_on_signals() -> CancellationToken {
+/// Handlers for the signals passed on to the job are installed too: one that comes before
+/// the job runs (or after it ended) must not kill the agent, whose default action it is.
+fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
     use tokio::signal::unix::{signal, SignalKind};
+    for n in forwarded {
+        // tokio keeps a handler installed for the process's life once registered.
+        if let Err(e) = signal(SignalKind::from_raw(*n)) {
+            tracing::warn!(signal = n, error = %e, "cannot catch this signal; it will not be forwarded");
+        }
+    }
     let token = CancellationToken::new();
     let t = token.clone();
     let (Ok(mut term), Ok(mut int)) = (
@@ -285,6 +337,24 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    starting(env, &ctx);
+    if let Ok(mut current) = CURRENT.lock() {
+        *current = Some((spec.job_id.clone(), spec.attempt));
+    }
+    let cancel = cancel_on_signals(&config.forward_signals);
+    // Whatever the job forks and orphans is re-parented to the agent, never lost to init.
+    c3_runtime::jobproc::become_subreaper();
+    let summary = match c3_runtime::run_job(&ctx, spec, cancel).await {
+        Ok(s) => s,
+        Err(e) => return usage(&error_chain(&e)),
+    };
+    finished(&ctx, &summary)
+}
+
+/// The agent's first log line; the systemd watchdog, if the unit has one.
+fn starting(env: &Env, ctx: &AgentContext) {
+    let config = &env.config;
+    c3_runtime::sdnotify::keep_watchdog_fed();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into()),
@@ -293,17 +363,43 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         state_dir = %config.state_dir.display(),
         "c3-agent starting"
     );
-    if let Ok(mut current) = CURRENT.lock() {
-        *current = Some((spec.job_id.clone(), spec.attempt));
-    }
-    let cancel = cancel_on_signals();
-    // Whatever the job forks and orphans is re-parented to the agent, never lost to init.
-    c3_runtime::jobproc::become_subreaper();
-    let summary = match c3_runtime::run_job(&ctx, spec, cancel).await {
-        Ok(s) => s,
-        Err(e) => return usage(&error_chain(&e)),
+}
+
+/// `c3-agent watch`: sidecar mode, finished like `run`.
+async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
+    let ctx = match context(env) {
+        Ok(c) => c,
+        Err(e) => return usage(&e),
     };
+    starting(env, &ctx);
+    if let Ok(mut current) = CURRENT.lock() {
+        *current = Some((args.job_id.clone(), args.attempt));
+    }
+    let cancel = cancel_on_signals(&[]);
+    let plan = c3_runtime::sidecar::WatchPlan {
+        job_id: args.job_id,
+        attempt: args.attempt,
+        pid: args.pid,
+        done_file: args.done_file,
+        dirs: args.dirs,
+    };
+    match c3_runtime::sidecar::watch_job(&ctx, plan, cancel).await {
+        Ok(summary) => finished(&ctx, &summary),
+        Err(e) => usage(&format!("watch: {}", error_chain(&e))),
+    }
+}
+
+/// The summary on stdout and the job's exit code (contract §1).
+fn finished(ctx: &AgentContext, summary: &c3_runtime::job::JobSummary) -> ExitCode {
     let v = summary.verdict;
+    if summary.unfinished {
+        say(&format!(
+            "job {} {}: stopped before the final sync was done; `c3-agent recover` finishes it",
+            summary.job_id,
+            v.state.as_str()
+        ));
+        return ExitCode::from(v.exit.code());
+    }
     let reason = v
         .reason
         .map(|r| format!("/{}", r.as_str()))

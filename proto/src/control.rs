@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobState {
     Running,
+    /// The job's processes are gone (its GPU is free); the final sync is under way.
+    Finalizing,
     Succeeded,
     Failed,
     Canceled,
@@ -19,6 +21,8 @@ pub enum FailReason {
     UploadError,
     DatasetError,
     AgentError,
+    /// The kernel's OOM killer ended the job.
+    OutOfMemory,
 }
 
 impl JobState {
@@ -26,6 +30,7 @@ impl JobState {
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Running => "RUNNING",
+            JobState::Finalizing => "FINALIZING",
             JobState::Succeeded => "SUCCEEDED",
             JobState::Failed => "FAILED",
             JobState::Canceled => "CANCELED",
@@ -41,6 +46,7 @@ impl FailReason {
             FailReason::UploadError => "UPLOAD_ERROR",
             FailReason::DatasetError => "DATASET_ERROR",
             FailReason::AgentError => "AGENT_ERROR",
+            FailReason::OutOfMemory => "OUT_OF_MEMORY",
         }
     }
 }
@@ -62,6 +68,16 @@ pub struct StatusReport {
     pub result: serde_json::Value,
     /// RFC 3339.
     pub time: String,
+    /// FINALIZING only: the job's processes are gone, a scheduler may reuse its GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_released: Option<bool>,
+    /// Terminal statuses: the job's peak memory (its cgroup's `memory.peak`, else the
+    /// largest single process's peak RSS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// Terminal statuses: CPU time the job's processes used (user + system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
 }
 
 /// `POST {url}/v1/jobs/{job_id}/artifacts`

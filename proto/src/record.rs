@@ -58,6 +58,23 @@ pub struct RunRecord {
     /// readability against them even if the user is gone from the node by then.
     #[serde(default)]
     pub job_user: Option<JobUser>,
+    /// What the kernel said about the job's processes once they were gone: OOM kills,
+    /// peak memory, CPU time (for the terminal status, also when `recover` sends it).
+    #[serde(default)]
+    pub facts: Option<JobFacts>,
+    /// Sidecar mode (`c3-agent watch`): the directories synced, relative to the workdir
+    /// (instead of `artifacts` + the spec's outputs). The agent launched nothing.
+    #[serde(default)]
+    pub watched_dirs: Option<Vec<String>>,
+}
+
+/// Resource facts of a finished job, from its cgroup or, without one, `getrusage`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFacts {
+    /// Processes of the job the kernel's OOM killer killed.
+    pub oom_kills: u64,
+    pub peak_memory_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

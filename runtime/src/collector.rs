@@ -59,7 +59,10 @@ impl CollectorConfig {
         CollectorConfig {
             uploader,
             workdir,
-            dirs: spec.collected_dirs(),
+            dirs: record
+                .watched_dirs
+                .clone()
+                .unwrap_or_else(|| spec.collected_dirs()),
             reader,
             manifest: ManifestWriter::new(ctx.store.clone(), spec),
             live: ctx.live.clone(),
@@ -107,6 +110,13 @@ pub struct CollectorHandle {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for CollectorHandle {
+    /// An abandoned final sync (the stop deadline) stops at once; `recover` redoes it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl CollectorHandle {
     /// Starts the collector; with `procs` (a running job) and live options, phase 1 syncs
     /// while the job runs.
@@ -141,7 +151,7 @@ impl CollectorHandle {
     }
 
     /// Stores the logs and writes the complete manifest (after `job_ended`).
-    pub async fn seal(self, logs: [(Stream, PathBuf); 2], result: serde_json::Value) -> Sealed {
+    pub async fn seal(mut self, logs: [(Stream, PathBuf); 2], result: serde_json::Value) -> Sealed {
         let (reply, answer) = oneshot::channel();
         let sent = self
             .commands
@@ -155,7 +165,7 @@ impl CollectorHandle {
             Ok(()) => answer.await.ok(),
             Err(_) => None,
         };
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
         sealed.unwrap_or_else(|| Sealed {
             unstored: vec!["manifest".into()],
             ..Sealed::default()

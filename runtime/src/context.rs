@@ -30,6 +30,12 @@ pub struct AgentContext {
     pub job_umask: u32,
     /// Manifests larger than this are refused (datasets).
     pub max_manifest_bytes: u64,
+    /// Signals the agent passes on to every process of the job (`[job] forward_signals`).
+    pub forward_signals: Vec<i32>,
+    /// After a stop request (SIGTERM), everything (grace, final sync, reports) ends within
+    /// this; what is left is `recover`'s (`[job] stop_deadline_secs`: Slurm's KillWait,
+    /// systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds).
+    pub stop_deadline: Duration,
 }
 
 impl AgentContext {

@@ -40,10 +40,12 @@ pub struct JobSummary {
     pub upload_errors: u64,
     /// Store key of the final manifest, if it was written.
     pub manifest: Option<String>,
+    /// The stop deadline cut the final sync short: `recover` finishes the attempt.
+    pub unfinished: bool,
 }
 
 /// The run record of an attempt about to start: the spec, the resolved workdir, this agent.
-fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
+pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
     let workdir = spec
         .workdir
         .as_ref()
@@ -66,12 +68,22 @@ fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         cgroup: None,
         unstored: Vec::new(),
         job_user: None,
+        facts: None,
+        watched_dirs: None,
     }
 }
 
 impl JobSummary {
     /// The one summary line at the end (contract §9).
     pub fn log(&self, elapsed: Duration) {
+        if self.unfinished {
+            tracing::error!(
+                job_id = %self.job_id,
+                elapsed_s = format_args!("{:.2}", elapsed.as_secs_f64()),
+                "job stopped before its final sync was done (stop deadline); `c3-agent recover` finishes it"
+            );
+            return;
+        }
         let v = &self.verdict;
         tracing::info!(
             state = v.state.as_str(),
@@ -117,6 +129,7 @@ pub async fn run_job(
         }
         let mut run = Run::new(ctx, spec);
         run.lock = Some(lock);
+        run.stop_requested = Some(crate::sidecar::stop_clock(&cancel));
         let end = match run.prepare(&cancel).await {
             Ok(workdir) => run.execute(workdir, &cancel).await,
             Err(e) => run.failed_before_launch(e),
@@ -141,20 +154,23 @@ pub async fn run_job(
 
 /// The state of one attempt while the agent works on it.
 pub struct Run<'a> {
-    ctx: &'a AgentContext,
+    pub(crate) ctx: &'a AgentContext,
     /// What `recover` needs; saved at every step.
-    record: RunRecord,
-    workdir: PathBuf,
-    reports: JobReporter,
+    pub(crate) record: RunRecord,
+    pub(crate) workdir: PathBuf,
+    pub(crate) reports: JobReporter,
     /// What the collector needs; it becomes the collector's when the job is launched (or,
     /// for a job that never ran, when it is finished).
-    collector_config: CollectorConfig,
-    collector: Option<CollectorHandle>,
+    pub(crate) collector_config: CollectorConfig,
+    pub(crate) collector: Option<CollectorHandle>,
     /// Why the job ended, in words, for the terminal status.
-    message: Option<String>,
-    run_as: Option<RunAs>,
+    pub(crate) message: Option<String>,
+    pub(crate) run_as: Option<RunAs>,
     /// This agent's claim on the attempt, held until the run is dropped.
-    lock: Option<AttemptLock>,
+    pub(crate) lock: Option<AttemptLock>,
+    /// When a stop (SIGTERM) was requested, if it was: the final sync then ends by
+    /// `stop_deadline` after it. `recover` has none.
+    pub(crate) stop_requested: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
 }
 
 impl<'a> Run<'a> {
@@ -175,7 +191,7 @@ impl<'a> Run<'a> {
         Self::with_user(ctx, record, run_as)
     }
 
-    fn with_user(ctx: &'a AgentContext, record: RunRecord, run_as: Option<RunAs>) -> Self {
+    pub(crate) fn with_user(ctx: &'a AgentContext, record: RunRecord, run_as: Option<RunAs>) -> Self {
         let spec = &record.spec;
         let reader = JobReader::for_record(&record, run_as.as_ref().map(RunAs::reader));
         let collector_config = CollectorConfig::new(ctx, &record, reader);
@@ -194,6 +210,7 @@ impl<'a> Run<'a> {
             message: None,
             run_as,
             lock: None,
+            stop_requested: None,
             record,
         }
     }
@@ -211,7 +228,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    async fn next_seq(&mut self) -> u64 {
+    pub(crate) async fn next_seq(&mut self) -> u64 {
         self.record.seq += 1;
         self.save().await;
         self.record.seq
@@ -303,6 +320,7 @@ impl<'a> Run<'a> {
         let seq = self.next_seq().await;
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?spec.command, workdir = %self.workdir.display(), "job launched");
         self.reports.running(seq, self.ctx.report_deadline());
+        crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let stop_socket = CancellationToken::new();
         let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
@@ -313,36 +331,91 @@ impl<'a> Run<'a> {
         let supervised = supervisor
             .wait(cancel, spec.timeout_secs, self.ctx.kill_grace)
             .await;
+        self.gpu_released(Some(supervised.facts.clone())).await;
         stop_socket.cancel();
         if let Some(server) = server {
             let _ = server.await;
         }
-        for w in supervised.warnings {
+        let drained = supervised.output.drain().await;
+        for w in supervised.warnings.into_iter().chain(drained) {
             self.reports.warn(w);
         }
         self.message = supervised.message;
         supervised.end
     }
 
-    /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and `recover`.
+    /// The job's processes are gone: FINALIZING, in the background, so a scheduler may
+    /// place the next job on the GPU while the final sync runs.
+    pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>) {
+        self.record.facts = facts;
+        let seq = self.next_seq().await;
+        self.reports.finalizing(seq, self.ctx.report_deadline());
+        crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
+        tracing::info!(seq, "job's processes are gone, GPU released (FINALIZING); final sync");
+    }
+
+    /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and
+    /// `recover`. After a stop request, bounded by the stop deadline: what is not done by
+    /// then stays in the run record (phase `finishing`) for `recover`.
     pub async fn finish(mut self, end: JobEnd, started: Instant) -> JobSummary {
         crate::outcome::note_end(&end, &mut self.record);
         self.record.phase = Phase::Finishing;
         self.save().await;
+        let deadline = self.stop_requested.clone().map(|mut requested| {
+            let within = self.ctx.stop_deadline;
+            async move {
+                match requested.wait_for(Option::is_some).await {
+                    Ok(at) => {
+                        let at = at.unwrap_or_else(tokio::time::Instant::now);
+                        tokio::time::sleep_until(at + within).await
+                    }
+                    Err(_) => std::future::pending().await,
+                }
+            }
+        });
+        let done = match deadline {
+            None => Some(self.finish_steps(&end, started).await),
+            Some(deadline) => tokio::select! {
+                summary = self.finish_steps(&end, started) => Some(summary),
+                _ = deadline => None,
+            },
+        };
+        done.unwrap_or_else(|| {
+            // Uploads in flight are dropped; a resumable multipart journal stays for recover.
+            self.collector.take();
+            let summary = JobSummary {
+                job_id: self.spec().job_id.clone(),
+                verdict: decide(&end, false, false),
+                files: 0,
+                bytes: 0,
+                new_bytes: 0,
+                upload_errors: 0,
+                manifest: None,
+                unfinished: true,
+            };
+            summary.log(started.elapsed());
+            summary
+        })
+    }
+
+    async fn finish_steps(&mut self, end: &JobEnd, started: Instant) -> JobSummary {
+        let end = end.clone();
         let launched = match &end {
             JobEnd::Exited(_) | JobEnd::Killed(_) | JobEnd::TimedOut | JobEnd::AgentLost => true,
             // Canceled before launch leaves no record of a pgid.
-            JobEnd::Canceled => self.record.pgid.is_some(),
+            JobEnd::Canceled => self.record.pgid.is_some() || self.record.watched_dirs.is_some(),
             JobEnd::AgentFailed | JobEnd::DatasetFailed => false,
         };
         let mut unstored = Vec::new();
         let mut sealed = Sealed::default();
         let mut result = serde_json::Value::Null;
         if launched {
-            let collector = match self.collector.take() {
-                Some(c) => c,
+            if self.collector.is_none() {
                 // `recover`: the same collector, with no job running.
-                None => CollectorHandle::start(self.collector_config.clone(), None),
+                self.collector = Some(CollectorHandle::start(self.collector_config.clone(), None));
+            }
+            let Some(collector) = self.collector.as_ref() else {
+                unreachable!("started above")
             };
             let final_sync = collector.job_ended().await;
             for w in final_sync.warnings {
@@ -357,11 +430,14 @@ impl<'a> Run<'a> {
             let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);
             let logs = [Stream::Stdout, Stream::Stderr]
                 .map(|s| (s, self.ctx.state.log_path(&job_id, attempt, s)));
-            sealed = collector.seal(logs, result.clone()).await;
+            if let Some(collector) = self.collector.take() {
+                sealed = collector.seal(logs, result.clone()).await;
+            }
             unstored.append(&mut sealed.unstored);
         }
         let upload_errors = unstored.len() as u64;
-        let verdict = decide(&end, upload_errors > 0);
+        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let verdict = decide(&end, upload_errors > 0, oom);
         if upload_errors > 0 {
             tracing::error!(upload_errors, unstored = ?unstored,
                 "some output could not be stored; it stays on the node: `c3-agent resync {}` (or `recover`) stores it later",
@@ -383,6 +459,7 @@ impl<'a> Run<'a> {
             manifest: sealed
                 .manifest_sha256
                 .map(|_| self.collector_config.manifest.key()),
+            unfinished: false,
         };
         summary.log(started.elapsed());
         summary
@@ -415,6 +492,7 @@ impl<'a> Run<'a> {
             message: self.message.clone(),
             upload_errors,
             result,
+            facts: self.record.facts.clone(),
         };
         self.reports
             .finish(seq, registration, verdict, ending, stay)

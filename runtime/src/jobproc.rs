@@ -98,6 +98,30 @@ impl Cgroup {
         }
     }
 
+    /// What the kernel counted for the job: OOM kills (`memory.events`), peak memory
+    /// (`memory.peak`, Linux 5.19) and CPU time (`cpu.stat`). Read before the cgroup is
+    /// removed; a file missing (no memory controller delegated) leaves its fact unknown.
+    pub fn facts(&self) -> c3_proto::JobFacts {
+        let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).ok();
+        let key = |text: String, k: &str| {
+            text.lines().find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(k))
+                    .then(|| it.next()?.parse::<u64>().ok())
+                    .flatten()
+            })
+        };
+        c3_proto::JobFacts {
+            oom_kills: read("memory.events")
+                .and_then(|t| key(t, "oom_kill"))
+                .unwrap_or(0),
+            peak_memory_bytes: read("memory.peak").and_then(|t| t.trim().parse().ok()),
+            cpu_seconds: read("cpu.stat")
+                .and_then(|t| key(t, "usage_usec"))
+                .map(|us| us as f64 / 1e6),
+        }
+    }
+
     /// Removes the (empty) cgroup; the kernel refuses while members remain.
     pub fn remove(&self) {
         match std::fs::remove_dir(&self.dir) {
@@ -169,6 +193,17 @@ pub fn stop_all_descendants(grace: Duration) {
     }
 }
 
+/// Where a job's processes are found.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// Launched by this agent: the agent's descendants (it is their subreaper) + the cgroup.
+    Launched,
+    /// Sidecar mode with `--pid`: that process and its descendants.
+    Tree(i32),
+    /// Sidecar mode without `--pid`: every process this agent can see, but itself.
+    Everyone,
+}
+
 /// The processes of one running job. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct JobProcesses {
@@ -182,15 +217,39 @@ struct Inner {
     cgroup: Option<Cgroup>,
     /// This agent: with the subreaper flag, the job's orphans become its children.
     agent: i32,
+    /// Whose descendants are the job.
+    scope: Scope,
+    /// The cgroup's facts, read when the job was stopped (just before the cgroup went).
+    facts: std::sync::Mutex<Option<c3_proto::JobFacts>>,
+    /// The leader's start (clock ticks after boot), to tell its kernel-log lines from those
+    /// of an earlier process with the same pid.
+    leader_start_ticks: u64,
 }
 
 impl JobProcesses {
     pub fn new(leader: i32, cgroup: Option<Cgroup>) -> Self {
+        Self::with_scope(leader, cgroup, Scope::Launched)
+    }
+
+    /// A job this agent did not launch (`c3-agent watch`): the process `pid` and its
+    /// descendants, or without one every process in sight. Only for the open-for-write
+    /// check: such a job is never signalled.
+    pub fn watched(pid: Option<i32>) -> Self {
+        match pid {
+            Some(p) => Self::with_scope(p, None, Scope::Tree(p)),
+            None => Self::with_scope(0, None, Scope::Everyone),
+        }
+    }
+
+    fn with_scope(leader: i32, cgroup: Option<Cgroup>, scope: Scope) -> Self {
         JobProcesses {
             inner: Arc::new(Inner {
                 leader,
                 cgroup,
+                scope,
                 agent: std::process::id() as i32,
+                facts: std::sync::Mutex::new(None),
+                leader_start_ticks: procfs::stat(leader).map_or(0, |s| s.start_ticks),
             }),
         }
     }
@@ -209,10 +268,19 @@ impl JobProcesses {
     /// off the reactor.
     pub fn members(&self) -> Vec<i32> {
         let procs = procfs::all();
-        let mut set: BTreeSet<i32> = procfs::descendants(self.inner.agent, &procs)
-            .into_iter()
-            .filter(|p| procs.get(p).is_some_and(|s| !s.is_zombie()))
-            .collect();
+        let live = |p: &i32| procs.get(p).is_some_and(|s| !s.is_zombie());
+        let mut set: BTreeSet<i32> = match self.inner.scope {
+            Scope::Launched => procfs::descendants(self.inner.agent, &procs)
+                .into_iter()
+                .filter(live)
+                .collect(),
+            Scope::Tree(root) => procfs::descendants(root, &procs)
+                .into_iter()
+                .chain(std::iter::once(root))
+                .filter(live)
+                .collect(),
+            Scope::Everyone => procs.keys().copied().filter(live).collect(),
+        };
         // Not filtered through the snapshot above: a process forked after it is still ours.
         if let Some(cg) = &self.inner.cgroup {
             set.extend(cg.members());
@@ -367,8 +435,43 @@ impl JobProcesses {
             tick.tick().await;
         }
         if let Some(cg) = &self.inner.cgroup {
+            if let Ok(mut facts) = self.inner.facts.lock() {
+                *facts = Some(cg.facts());
+            }
             cg.remove();
         }
+    }
+
+    /// The job's resource facts once it was stopped: its cgroup's, completed from
+    /// `getrusage` of the agent's reaped children (the job's processes: the agent, a
+    /// subreaper, starts no others). Without a cgroup, an OOM kill is looked for in the
+    /// kernel log when the leader died of SIGKILL (`leader_sigkilled`).
+    pub fn facts(&self, leader_sigkilled: bool) -> c3_proto::JobFacts {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let mut facts = self
+            .inner
+            .facts
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_default();
+        if let Ok(usage) = getrusage(UsageWho::RUSAGE_CHILDREN) {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            facts.cpu_seconds = facts
+                .cpu_seconds
+                .or(Some(secs(usage.user_time()) + secs(usage.system_time())));
+            // ru_maxrss is in KiB: the largest single process's peak, a floor for the job's.
+            facts.peak_memory_bytes = facts
+                .peak_memory_bytes
+                .or(Some(usage.max_rss() as u64 * 1024));
+        }
+        if self.inner.cgroup.is_none() && leader_sigkilled && facts.oom_kills == 0 {
+            let since_us = procfs::start_micros(self.inner.leader_start_ticks);
+            if crate::kernlog::oom_killed(self.inner.leader, since_us) {
+                facts.oom_kills = 1;
+            }
+        }
+        facts
     }
 }
 

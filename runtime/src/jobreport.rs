@@ -1,7 +1,8 @@
-//! What one attempt tells the control plane (contract §7): RUNNING at launch, the artifacts
-//! registration, one terminal status, and the warnings an operator or user should see. Built
+//! What one attempt tells the control plane (contract §7): RUNNING at launch, FINALIZING once
+//! the job's processes are gone, the artifacts registration, one terminal status, and the warnings an operator or user should see. Built
 //! on [`Reporter`] (ordered delivery, outbox); `seq` is the run record's, passed in.
 
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -23,15 +24,19 @@ pub struct Ending {
     pub message: Option<String>,
     pub upload_errors: u64,
     pub result: serde_json::Value,
+    pub facts: Option<c3_proto::JobFacts>,
 }
 
 pub struct JobReporter {
     reporter: Reporter,
     attempt: u32,
     warnings: Vec<String>,
-    /// The RUNNING report under way (its task, seq and body): delivered, or kept, before
-    /// the terminal one.
-    running: Option<(JoinHandle<Delivery>, u64, Vec<u8>)>,
+    /// RUNNING and FINALIZING under way (task, seq, body), in seq order: each is delivered,
+    /// or kept, before the terminal status.
+    background: Vec<(JoinHandle<Delivery>, u64, Vec<u8>)>,
+    /// Fires when the newest background status is settled: the next one waits for it, so
+    /// the control plane sees them in `seq` order.
+    last_done: Option<oneshot::Receiver<()>>,
 }
 
 impl JobReporter {
@@ -40,7 +45,8 @@ impl JobReporter {
             reporter,
             attempt,
             warnings: Vec::new(),
-            running: None,
+            background: Vec::new(),
+            last_done: None,
         }
     }
 
@@ -57,12 +63,11 @@ impl JobReporter {
         }
     }
 
-    /// RUNNING, sent in the background (the job must not wait for the control plane).
-    pub fn running(&mut self, seq: u64, deadline: Instant) {
-        let body = StatusReport {
+    fn status(&self, seq: u64, state: JobState) -> StatusReport {
+        StatusReport {
             attempt: self.attempt,
             seq,
-            state: JobState::Running,
+            state,
             reason: None,
             retryable: false,
             exit_code: None,
@@ -72,19 +77,50 @@ impl JobReporter {
             warnings: Vec::new(),
             result: serde_json::Value::Null,
             time: now_rfc3339(),
+            gpu_released: None,
+            peak_memory_bytes: None,
+            cpu_seconds: None,
         }
-        .to_json();
-        let reporter = self.reporter.clone();
-        let sent = body.clone();
-        let task = tokio::spawn(
-            async move { reporter.send("status", seq, sent, deadline).await }.in_current_span(),
-        );
-        self.running = Some((task, seq, body));
     }
 
-    /// Waits for RUNNING until `stay`; past it, RUNNING goes to the outbox first.
-    async fn settle_running(&mut self, stay: Instant) {
-        if let Some((mut task, seq, body)) = self.running.take() {
+    /// RUNNING, sent in the background (the job must not wait for the control plane).
+    pub fn running(&mut self, seq: u64, deadline: Instant) {
+        let body = self.status(seq, JobState::Running).to_json();
+        self.in_background(seq, body, deadline);
+    }
+
+    /// FINALIZING with `gpu_released`: the job's processes are gone, so a scheduler may place
+    /// the next job on its GPU while the final sync runs. In the background, right away.
+    pub fn finalizing(&mut self, seq: u64, deadline: Instant) {
+        let mut status = self.status(seq, JobState::Finalizing);
+        status.gpu_released = Some(true);
+        self.in_background(seq, status.to_json(), deadline);
+    }
+
+    fn in_background(&mut self, seq: u64, body: Vec<u8>, deadline: Instant) {
+        let reporter = self.reporter.clone();
+        let sent = body.clone();
+        let (done, done_rx) = oneshot::channel();
+        let before = self.last_done.replace(done_rx);
+        let task = tokio::spawn(
+            async move {
+                if let Some(before) = before {
+                    // Err: the earlier one was aborted (and kept); this one may go now.
+                    let _ = before.await;
+                }
+                let delivery = reporter.send("status", seq, sent, deadline).await;
+                let _ = done.send(());
+                delivery
+            }
+            .in_current_span(),
+        );
+        self.background.push((task, seq, body));
+    }
+
+    /// Waits for the background statuses until `stay`; past it, they go to the outbox
+    /// first, in order.
+    async fn settle_background(&mut self, stay: Instant) {
+        for (mut task, seq, body) in std::mem::take(&mut self.background) {
             if tokio::time::timeout_at(stay, &mut task).await.is_err() {
                 task.abort();
                 self.reporter.keep_unsent("status", seq, &body);
@@ -102,7 +138,7 @@ impl JobReporter {
         ending: Ending,
         stay: Instant,
     ) {
-        self.settle_running(stay).await;
+        self.settle_background(stay).await;
         if let Some(registration) = registration {
             self.artifacts(seq, registration, stay).await;
         }
@@ -136,10 +172,8 @@ impl JobReporter {
 
     /// The one terminal status, with every warning gathered so far.
     async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
+        let facts = ending.facts.unwrap_or_default();
         let status = StatusReport {
-            attempt: self.attempt,
-            seq,
-            state: verdict.state,
             reason: verdict.reason,
             retryable: verdict.retryable,
             exit_code: ending.exit_code,
@@ -148,7 +182,9 @@ impl JobReporter {
             upload_errors: ending.upload_errors,
             warnings: self.warnings.clone(),
             result: ending.result,
-            time: now_rfc3339(),
+            peak_memory_bytes: facts.peak_memory_bytes,
+            cpu_seconds: facts.cpu_seconds,
+            ..self.status(seq, verdict.state)
         };
         let delivery = self
             .reporter

@@ -12,8 +12,18 @@ use tokio::process::{Child, Command};
 
 /// Prefixes of variables that carry the agent's credentials or configuration.
 const SECRET_PREFIXES: &[&str] = &["AWS_", "AZURE_", "GOOGLE_", "C3_AGENT_"];
-/// Single variables that point at credentials (systemd's LoadCredential= dir).
-const SECRET_NAMES: &[&str] = &["CREDENTIALS_DIRECTORY"];
+/// Single variables that point at credentials (systemd's LoadCredential= dir) or at the
+/// agent's own channels to systemd: a job holding NOTIFY_SOCKET could report READY or a
+/// STATUS in the agent's name, or feed its watchdog.
+const SECRET_NAMES: &[&str] = &[
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
 
 /// The child's environment: the agent's minus its credentials, then the spec's `env`,
 /// then the job variables the contract promises.
@@ -220,6 +230,8 @@ mod tests {
             ("GOOGLE_APPLICATION_CREDENTIALS", "/k"),
             ("C3_AGENT_STORE_URL", "s3://b"),
             ("CREDENTIALS_DIRECTORY", "/run/credentials/x"),
+            ("NOTIFY_SOCKET", "/run/systemd/notify"),
+            ("WATCHDOG_USEC", "30000000"),
             ("SNEAKY", "Bearer tok123"),
             ("PYTHONUNBUFFERED", "0"),
         ]

@@ -561,6 +561,12 @@ impl Syncer {
             waiting_to_settle = self.candidates.len(),
             "live sync progress"
         );
+        crate::sdnotify::status(&format!(
+            "running: {} files synced ({}), {} uploading",
+            self.book.len(),
+            crate::display::human_bytes(self.book.total_bytes()),
+            uploads.len()
+        ));
     }
 }
 

@@ -49,8 +49,10 @@ pub struct Verdict {
     pub exit: ExitCode,
 }
 
-/// The §8 table. `upload_failed`: some file or log could not be stored.
-pub fn decide(end: &JobEnd, upload_failed: bool) -> Verdict {
+/// The §8 table. `upload_failed`: some file or log could not be stored. `oom_killed`: the
+/// kernel's OOM killer killed a process of the job; a script that failed after that failed
+/// for want of memory (one that still exited 0 coped with it, say a data-loader worker).
+pub fn decide(end: &JobEnd, upload_failed: bool, oom_killed: bool) -> Verdict {
     use FailReason::*;
     use JobState::*;
     let v = |state, reason, retryable, exit| Verdict {
@@ -59,21 +61,27 @@ pub fn decide(end: &JobEnd, upload_failed: bool) -> Verdict {
         retryable,
         exit,
     };
-    match (end, upload_failed) {
-        (JobEnd::Exited(0), false) => v(Succeeded, None, false, ExitCode::Succeeded),
+    match (end, upload_failed, oom_killed) {
+        (JobEnd::Exited(0), false, _) => v(Succeeded, None, false, ExitCode::Succeeded),
         // The GPU work is done but its output is lost: retrying would redo it for nothing
         // until the storage problem is fixed, so the platform must not retry blindly.
-        (JobEnd::Exited(0), true) => v(Failed, Some(UploadError), false, ExitCode::UploadError),
-        (JobEnd::Exited(_) | JobEnd::Killed(_), _) => {
+        (JobEnd::Exited(0), true, _) => {
+            v(Failed, Some(UploadError), false, ExitCode::UploadError)
+        }
+        // The same job on the same machine would run out of memory again.
+        (JobEnd::Exited(_) | JobEnd::Killed(_), _, true) => {
+            v(Failed, Some(OutOfMemory), false, ExitCode::ScriptError)
+        }
+        (JobEnd::Exited(_) | JobEnd::Killed(_), _, false) => {
             v(Failed, Some(ScriptError), false, ExitCode::ScriptError)
         }
-        (JobEnd::Canceled, _) => v(Canceled, None, false, ExitCode::Canceled),
-        (JobEnd::TimedOut, _) => v(TimedOut, None, false, ExitCode::TimedOut),
+        (JobEnd::Canceled, _, _) => v(Canceled, None, false, ExitCode::Canceled),
+        (JobEnd::TimedOut, _, _) => v(TimedOut, None, false, ExitCode::TimedOut),
         // The node, not the job, failed: another node may well succeed.
-        (JobEnd::AgentFailed | JobEnd::AgentLost, _) => {
+        (JobEnd::AgentFailed | JobEnd::AgentLost, _, _) => {
             v(Failed, Some(AgentError), true, ExitCode::AgentOrDataset)
         }
-        (JobEnd::DatasetFailed, _) => {
+        (JobEnd::DatasetFailed, _, _) => {
             v(Failed, Some(DatasetError), false, ExitCode::AgentOrDataset)
         }
     }
@@ -103,7 +111,7 @@ mod tests {
     #[test]
     fn contract_table() {
         let d = |e: JobEnd, f| {
-            let v = decide(&e, f);
+            let v = decide(&e, f, false);
             (v.state, v.reason, v.exit.code())
         };
         assert_eq!(d(JobEnd::Exited(0), false), (JobState::Succeeded, None, 0));
@@ -111,7 +119,7 @@ mod tests {
             d(JobEnd::Exited(0), true),
             (JobState::Failed, Some(FailReason::UploadError), 3)
         );
-        assert!(!decide(&JobEnd::Exited(0), true).retryable);
+        assert!(!decide(&JobEnd::Exited(0), true, false).retryable);
         assert_eq!(
             d(JobEnd::Exited(3), true),
             (JobState::Failed, Some(FailReason::ScriptError), 1)
@@ -130,5 +138,15 @@ mod tests {
             d(JobEnd::DatasetFailed, false),
             (JobState::Failed, Some(FailReason::DatasetError), 6)
         );
+        let oom = |e: JobEnd| {
+            let v = decide(&e, false, true);
+            (v.state, v.reason, v.exit.code())
+        };
+        let out_of_memory = (JobState::Failed, Some(FailReason::OutOfMemory), 1);
+        assert_eq!(oom(JobEnd::Killed("SIGKILL".into())), out_of_memory);
+        assert_eq!(oom(JobEnd::Exited(137)), out_of_memory);
+        // A job that coped with a worker's OOM kill succeeded; a cancel stays a cancel.
+        assert_eq!(oom(JobEnd::Exited(0)), (JobState::Succeeded, None, 0));
+        assert_eq!(oom(JobEnd::Canceled), (JobState::Canceled, None, 4));
     }
 }

@@ -48,6 +48,14 @@ pub fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// Clock ticks after boot (a process's start) as microseconds, the kernel log's clock,
+/// less a second for the two clocks' drift.
+pub fn start_micros(ticks: u64) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    (ticks.saturating_mul(1_000_000) / hz).saturating_sub(1_000_000)
+}
+
 /// Who `pid` is right now.
 pub fn identity(pid: i32) -> Option<ProcIdentity> {
     Some(ProcIdentity {

@@ -27,11 +27,19 @@ const PUMP_DRAIN: Duration = Duration::from_secs(5);
 pub struct Supervisor {
     child: tokio::process::Child,
     procs: JobProcesses,
+    output: Output,
+    reaping: CancellationToken,
+    reaper: JoinHandle<()>,
+    /// Passes the configured signals (`forward_signals`) on to the job while it runs.
+    forwarding: CancellationToken,
+    forwarder: JoinHandle<()>,
+}
+
+/// The job's output, still being read after its processes are gone.
+pub struct Output {
     pumps: JoinSet<std::io::Result<u64>>,
     forwarder: Option<JoinHandle<()>>,
     output_done: CancellationToken,
-    reaping: CancellationToken,
-    reaper: JoinHandle<()>,
 }
 
 /// The script could not be started: `end` says how (127 not found, 126 not executable).
@@ -40,13 +48,17 @@ pub struct LaunchFailed {
     pub message: String,
 }
 
-/// How a supervised job ended.
+/// How a supervised job ended; every process of it is gone.
 pub struct Supervised {
     pub end: JobEnd,
     /// Why, in words, for the terminal status (timeout, cancel, signal).
     pub message: Option<String>,
     /// For the log and the terminal status (the caller logs them, once).
     pub warnings: Vec<String>,
+    /// OOM kills, peak memory, CPU time.
+    pub facts: c3_proto::JobFacts,
+    /// What the job wrote last is still being read: [`Output::drain`].
+    pub output: Output,
 }
 
 /// The job's own cgroup, if the agent can create one. Created (and recorded by the caller)
@@ -60,6 +72,80 @@ pub fn job_cgroup(spec: &JobSpec) -> Option<Cgroup> {
             tracing::debug!(reason = %why, "no cgroup for the job");
             None
         }
+    }
+}
+
+impl Output {
+    /// Reads what the job's pipes still hold (bounded: a process outside the job may keep
+    /// them open) and lets the live posts finish; warnings for the terminal status.
+    pub async fn drain(mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let drained = tokio::time::timeout(PUMP_DRAIN, async {
+            while let Some(r) = self.pumps.join_next().await {
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %error_chain(&e), "cannot keep the job's output in the state dir");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            // Something outside the job still holds its stdout/stderr.
+            warnings
+                .push("a process outside the job keeps its output open; stopped reading it".into());
+            self.pumps.shutdown().await;
+        }
+        self.output_done.cancel();
+        if let Some(f) = self.forwarder {
+            if tokio::time::timeout(Duration::from_secs(30), f)
+                .await
+                .is_err()
+            {
+                tracing::warn!("live output forwarding did not finish in time");
+            }
+        }
+        warnings
+    }
+}
+
+/// Passes each of `signals` the agent gets on to every process of the job (Slurm's
+/// `--signal=B:USR1@N` reaches only the batch shell, the agent, and frameworks save a
+/// checkpoint on it), until `stop`.
+async fn forward_signals(procs: JobProcesses, signals: Vec<i32>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut streams = Vec::new();
+    for n in signals {
+        match signal(SignalKind::from_raw(n)) {
+            Ok(s) => streams.push((n, s)),
+            Err(e) => tracing::warn!(signal = n, error = %e, "cannot forward this signal to the job"),
+        }
+    }
+    if streams.is_empty() {
+        return;
+    }
+    loop {
+        let next = futures::future::select_all(
+            streams
+                .iter_mut()
+                .map(|(n, s)| Box::pin(async move { s.recv().await.map(|_| *n) })),
+        );
+        let got = tokio::select! {
+            _ = stop.cancelled() => return,
+            (got, _, _) = next => got,
+        };
+        let Some(n) = got else { return };
+        let Ok(sig) = nix::sys::signal::Signal::try_from(n) else {
+            continue;
+        };
+        let members = {
+            let p = procs.clone();
+            tokio::task::spawn_blocking(move || p.members())
+                .await
+                .unwrap_or_default()
+        };
+        for pid in &members {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
+        }
+        tracing::info!(signal = %sig, processes = members.len(), "signal forwarded to the job");
     }
 }
 
@@ -158,14 +244,23 @@ impl Supervisor {
                 .in_current_span(),
             )
         });
+        let forwarding = CancellationToken::new();
+        let signal_forwarder = tokio::spawn(
+            forward_signals(procs.clone(), ctx.forward_signals.clone(), forwarding.clone())
+                .in_current_span(),
+        );
         Ok(Supervisor {
             child: script.child,
             procs,
-            pumps,
-            forwarder,
-            output_done,
+            output: Output {
+                pumps,
+                forwarder,
+                output_done,
+            },
             reaping,
             reaper,
+            forwarding,
+            forwarder: signal_forwarder,
         })
     }
 
@@ -182,7 +277,7 @@ impl Supervisor {
     }
 
     /// Waits for the job's end (exit, timeout or cancel); then every process of the job is
-    /// stopped and reaped, and its output drained.
+    /// stopped and reaped. Its output may still be draining ([`Output::drain`]).
     pub async fn wait(
         mut self,
         cancel: &CancellationToken,
@@ -205,35 +300,30 @@ impl Supervisor {
         }
         // Always: it also reaps orphans and removes the job's cgroup.
         self.procs.terminate(None, grace).await;
+        self.forwarding.cancel();
+        let _ = self.forwarder.await;
         self.reaping.cancel();
         let _ = self.reaper.await;
-        let drained = tokio::time::timeout(PUMP_DRAIN, async {
-            while let Some(r) = self.pumps.join_next().await {
-                if let Ok(Err(e)) = r {
-                    tracing::error!(error = %error_chain(&e), "cannot keep the job's output in the state dir");
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            // Something outside the job still holds its stdout/stderr.
-            warnings
-                .push("a process outside the job keeps its output open; stopped reading it".into());
-            self.pumps.shutdown().await;
-        }
-        self.output_done.cancel();
-        if let Some(f) = self.forwarder {
-            if tokio::time::timeout(Duration::from_secs(30), f)
+        let sigkilled = matches!(&end, JobEnd::Killed(s) if s == "SIGKILL")
+            || end == JobEnd::Exited(128 + libc::SIGKILL);
+        let facts = {
+            let p = self.procs.clone();
+            tokio::task::spawn_blocking(move || p.facts(sigkilled))
                 .await
-                .is_err()
-            {
-                tracing::warn!("live output forwarding did not finish in time");
-            }
+                .unwrap_or_default()
+        };
+        if facts.oom_kills > 0 {
+            tracing::warn!(
+                oom_kills = facts.oom_kills,
+                "the kernel's OOM killer killed processes of the job"
+            );
         }
         Supervised {
             end,
             message,
             warnings,
+            facts,
+            output: self.output,
         }
     }
 

@@ -137,6 +137,11 @@ pub async fn upload_all(
                     mib_per_s = format_args!("{:.1}", done_bytes as f64 / secs / 1048576.0),
                     "upload progress"
                 );
+                crate::sdnotify::status(&format!(
+                    "final sync: uploading {}/{queued_files} files, {} left",
+                    report.uploaded + report.failures.len(),
+                    crate::display::human_bytes(queued_bytes.saturating_sub(done_bytes))
+                ));
             }
         }
     }

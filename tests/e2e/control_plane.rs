@@ -23,6 +23,7 @@ fn reports_arrive_in_order_with_the_token() {
         paths,
         vec![
             "/v1/jobs/rep/status",
+            "/v1/jobs/rep/status",
             "/v1/jobs/rep/artifacts",
             "/v1/jobs/rep/status"
         ]
@@ -33,10 +34,18 @@ fn reports_arrive_in_order_with_the_token() {
     }
     assert_eq!(reqs[0].body["state"], "RUNNING");
     assert_eq!(reqs[0].body["seq"], 1);
-    assert_eq!(reqs[2].body["state"], "SUCCEEDED");
-    assert_eq!(reqs[2].body["seq"], 2);
-    assert_eq!(reqs[2].body["result"], json!({"accuracy": 0.93}));
-    let reg = &reqs[1].body;
+    assert!(reqs[0].body.get("gpu_released").is_none());
+    // The GPU is free before the final sync: a scheduler may place the next job.
+    assert_eq!(reqs[1].body["state"], "FINALIZING");
+    assert_eq!(reqs[1].body["seq"], 2);
+    assert_eq!(reqs[1].body["gpu_released"], true);
+    let t = &reqs[3].body;
+    assert_eq!(t["state"], "SUCCEEDED");
+    assert_eq!(t["seq"], 3);
+    assert_eq!(t["result"], json!({"accuracy": 0.93}));
+    assert!(t["peak_memory_bytes"].as_u64().is_some_and(|b| b > 0), "{t}");
+    assert!(t["cpu_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{t}");
+    let reg = &reqs[2].body;
     assert_eq!(reg["manifest"], "jobs/rep/manifest.json");
     assert_eq!(reg["files"], 1);
     let manifest = h.object("jobs/rep/manifest.json").unwrap();
@@ -78,7 +87,7 @@ fn control_plane_503s_are_retried() {
             .iter()
             .map(|s| s["state"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        vec!["RUNNING", "SUCCEEDED"]
+        vec!["RUNNING", "FINALIZING", "SUCCEEDED"]
     );
     assert_eq!(h.cp().delivered("/artifacts").len(), 1);
 }
@@ -117,8 +126,12 @@ fn undeliverable_terminal_status_is_kept_and_recovered() {
         .iter()
         .map(|s| s["state"].as_str().unwrap())
         .collect();
-    assert_eq!(states, vec!["RUNNING", "FAILED"], "delivered in order");
-    assert_eq!(statuses[1]["reason"], "SCRIPT_ERROR");
+    assert_eq!(
+        states,
+        vec!["RUNNING", "FINALIZING", "FAILED"],
+        "delivered in order"
+    );
+    assert_eq!(statuses[2]["reason"], "SCRIPT_ERROR");
     assert_eq!(h.cp().delivered("/artifacts").len(), 1);
     assert!(!outbox.exists() || std::fs::read_dir(&outbox).unwrap().count() == 0);
 }

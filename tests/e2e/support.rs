@@ -648,7 +648,7 @@ impl ControlPlane {
     pub fn terminal_status(&self) -> Option<Value> {
         self.delivered("/status")
             .into_iter()
-            .find(|b| b["state"] != "RUNNING")
+            .find(|b| b["state"] != "RUNNING" && b["state"] != "FINALIZING")
     }
 
     pub fn toml(&self, token_file: &Path, give_up_secs: u64) -> String {
@@ -919,7 +919,7 @@ impl Harness {
                         .is_some_and(|e| e.ends_with("/status"))
                 })
                 .map(|r| r["body"].clone())
-                .find(|b| b["state"] != "RUNNING")
+                .find(|b| b["state"] != "RUNNING" && b["state"] != "FINALIZING")
                 .expect("a terminal status was recorded"),
         }
     }

@@ -1,0 +1,314 @@
+//! `c3-agent watch`: sidecar mode. The agent syncs the directories of a job it did not
+//! launch (a trainer in another container of the pod, sharing an `emptyDir`), and finishes
+//! like `run` does (final scan, manifest, artifacts registration, terminal status) when the
+//! job is over: a done file appears (holding the exit code, if the job's wrapper wrote one),
+//! the job's main process exits, or the agent is stopped (SIGTERM: Kubernetes stops native
+//! sidecars once the main containers ended).
+//!
+//! Such a job is never signalled, and its files are read as the owner of the watched
+//! directories' parent (when the agent is root), not as root.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use c3_proto::{JobSpec, JobUser, Phase};
+
+use crate::collector::CollectorHandle;
+use crate::confine::DirFd;
+use crate::context::AgentContext;
+use crate::job::{fresh_record, JobSummary, Run};
+use crate::jobproc::JobProcesses;
+use crate::outcome::JobEnd;
+use crate::statedir::AttemptLock;
+
+/// How often the done file and the main process are looked at.
+const POLL: Duration = Duration::from_millis(200);
+/// A done file is an exit code and a newline; more is not read.
+const MAX_DONE_FILE: u64 = 64;
+
+/// What `c3-agent watch` was asked to do.
+#[derive(Debug, Clone)]
+pub struct WatchPlan {
+    pub job_id: String,
+    pub attempt: u32,
+    pub pid: Option<i32>,
+    pub done_file: Option<PathBuf>,
+    pub dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// A bad argument: nothing was watched (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Lock(#[from] crate::statedir::LockError),
+    #[error(transparent)]
+    State(#[from] crate::statedir::StateError),
+}
+
+impl WatchPlan {
+    /// The one parent directory and each watched directory's name in it.
+    fn layout(&self) -> Result<(PathBuf, Vec<String>), String> {
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
+        let mut parent: Option<PathBuf> = None;
+        let mut names: Vec<String> = Vec::new();
+        for dir in &self.dirs {
+            let abs: PathBuf = cwd.join(dir).components().collect();
+            if abs.components().any(|c| c == Component::ParentDir) {
+                return Err(format!("DIR `{}`: `..` is not allowed", dir.display()));
+            }
+            let (Some(up), Some(name)) = (abs.parent(), abs.file_name()) else {
+                return Err(format!("DIR `{}` has no parent directory", dir.display()));
+            };
+            let name = name
+                .to_str()
+                .ok_or_else(|| format!("DIR `{}`: the name is not UTF-8", dir.display()))?
+                .to_string();
+            match &parent {
+                None => parent = Some(up.to_path_buf()),
+                Some(p) if p == up => {}
+                Some(p) => {
+                    return Err(format!(
+                        "DIR `{}` is not in `{}`: the watched directories must share one parent",
+                        dir.display(),
+                        p.display()
+                    ))
+                }
+            }
+            if names.contains(&name) {
+                return Err(format!("DIR `{}` is given twice", dir.display()));
+            }
+            names.push(name);
+        }
+        let parent = parent.ok_or("watch needs at least one DIR")?;
+        Ok((parent, names))
+    }
+}
+
+/// Runs one watched attempt to its end. `cancel`: the agent was asked to stop.
+pub async fn watch_job(
+    ctx: &AgentContext,
+    plan: WatchPlan,
+    cancel: CancellationToken,
+) -> Result<JobSummary, WatchError> {
+    c3_proto::spec::validate_job_id(&plan.job_id)
+        .map_err(|e| WatchError::Usage(format!("--job-id {e}")))?;
+    let (parent, names) = plan.layout().map_err(WatchError::Usage)?;
+    let leader = match plan.pid {
+        Some(pid) => Some(crate::procfs::identity(pid).ok_or_else(|| {
+            WatchError::Usage(format!("--pid {pid}: no such process"))
+        })?),
+        None => None,
+    };
+    let job_user = {
+        let (p, n) = (parent.clone(), names.clone());
+        tokio::task::spawn_blocking(move || open_dirs(&p, &n))
+            .await
+            .map_err(|e| WatchError::Usage(format!("cannot open the watched directories: {e}")))?
+            .map_err(|e| {
+                WatchError::Usage(format!(
+                    "cannot open the watched directories in {}: {e}",
+                    parent.display()
+                ))
+            })?
+    };
+    let lock = AttemptLock::acquire(&ctx.state, &plan.job_id, plan.attempt)?;
+    ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
+    let span = tracing::info_span!("job", job_id = %plan.job_id, attempt = plan.attempt);
+    async move {
+        let started = std::time::Instant::now();
+        let spec = JobSpec {
+            job_id: plan.job_id.clone(),
+            project: None,
+            attempt: plan.attempt,
+            command: vec!["c3-agent".into(), "watch".into()],
+            workdir: Some(parent.display().to_string()),
+            env: Default::default(),
+            output: Vec::new(),
+            timeout_secs: None,
+            user: None,
+            datasets: Vec::new(),
+        };
+        let mut record = fresh_record(ctx, spec);
+        record.watched_dirs = Some(names.clone());
+        record.job_user = job_user;
+        let mut run = Run::with_user(ctx, record, None);
+        run.lock = Some(lock);
+        run.stop_requested = Some(stop_clock(&cancel));
+        run.record.phase = Phase::Running;
+        let seq = run.next_seq().await;
+        run.reports.running(seq, ctx.report_deadline());
+        let procs = JobProcesses::watched(plan.pid);
+        run.collector = Some(CollectorHandle::start(
+            run.collector_config.clone(),
+            Some(procs),
+        ));
+        tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
+            done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
+        crate::sdnotify::ready("watching the job's directories");
+        let (end, message) = wait_for_end(&plan, leader.as_ref(), &cancel).await;
+        if end != JobEnd::Canceled {
+            run.gpu_released(None).await;
+        }
+        run.message = message;
+        Ok(run.finish(end, started).await)
+    }
+    .instrument(span)
+    .await
+}
+
+/// A stop request's time, for the stop deadline of the final sync.
+pub(crate) fn stop_clock(
+    cancel: &CancellationToken,
+) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
+    let (stopped_at, stop_rx) = tokio::sync::watch::channel(None);
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = stopped_at.send(Some(tokio::time::Instant::now()));
+            }
+            // Nobody waits for the time any more: the run is over.
+            _ = stopped_at.closed() => {}
+        }
+    });
+    stop_rx
+}
+
+/// Opens the parent and each watched directory in it, never through a symlink. A missing
+/// one is created as its parent is (owner and mode), as if the job had made it: the job
+/// (another container, another user) must be able to write into it. Returns whom the
+/// job's files are read as: the parent's owner, when the agent is root and that is not root.
+fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>> {
+    let meta = std::fs::metadata(parent)?;
+    let fd = DirFd::open(parent)?;
+    let owner = nix::unistd::geteuid()
+        .is_root()
+        .then_some((meta.uid(), meta.gid()));
+    for name in names {
+        fd.ensure_dir_with(Path::new(name), |_| (meta.mode() & 0o7777, owner))?;
+    }
+    Ok(match owner {
+        Some((uid, gid)) if uid != 0 => Some(JobUser {
+            uid,
+            gids: groups_of(uid).unwrap_or_else(|| vec![gid]),
+        }),
+        _ => None,
+    })
+}
+
+fn groups_of(uid: u32) -> Option<Vec<u32>> {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok()??;
+    let name = std::ffi::CString::new(user.name).ok()?;
+    let groups = nix::unistd::getgrouplist(&name, user.gid).ok()?;
+    Some(groups.into_iter().map(|g| g.as_raw()).collect())
+}
+
+/// Waits until the job is over; a stop request first looks whether it is (Kubernetes stops
+/// a sidecar after the main containers ended).
+async fn wait_for_end(
+    plan: &WatchPlan,
+    leader: Option<&c3_proto::ProcIdentity>,
+    cancel: &CancellationToken,
+) -> (JobEnd, Option<String>) {
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        let stopped = tokio::select! {
+            _ = tick.tick() => false,
+            _ = cancel.cancelled() => true,
+        };
+        if let Some(done) = &plan.done_file {
+            if let Some(code) = read_done_file(done) {
+                tracing::info!(done_file = %done.display(), exit_code = ?code, "the job says it is done");
+                return match code {
+                    Some(code) => (JobEnd::Exited(code), None),
+                    None => (
+                        JobEnd::Exited(0),
+                        Some("the done file holds no exit code; taken as 0".into()),
+                    ),
+                };
+            }
+        }
+        if let Some(leader) = leader {
+            if !crate::procfs::is_alive(leader) {
+                tracing::info!(pid = leader.pid, "the job's main process ended");
+                return (
+                    JobEnd::Exited(0),
+                    Some(format!(
+                        "process {} ended; its exit code is unknown to the agent (write it to --done-file)",
+                        leader.pid
+                    )),
+                );
+            }
+        }
+        if stopped {
+            tracing::warn!("agent asked to stop before the job said it was done; canceled");
+            return (JobEnd::Canceled, Some("canceled".into()));
+        }
+    }
+}
+
+/// `Some(Some(code))`: the done file holds an exit code; `Some(None)`: it exists without
+/// one; `None`: not there (yet). Never through a symlink in its last component, at most
+/// `MAX_DONE_FILE` bytes.
+fn read_done_file(path: &Path) -> Option<Option<i32>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
+    Some(text.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(dirs: &[&str]) -> WatchPlan {
+        WatchPlan {
+            job_id: "j".into(),
+            attempt: 1,
+            pid: None,
+            done_file: None,
+            dirs: dirs.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    #[test]
+    fn watched_dirs_share_one_parent() {
+        let (parent, names) = plan(&["/shared/artifacts", "/shared//results/"]).layout().unwrap();
+        assert_eq!(parent, PathBuf::from("/shared"));
+        assert_eq!(names, vec!["artifacts", "results"]);
+        let e = plan(&["/a/x", "/b/y"]).layout().unwrap_err();
+        assert!(e.contains("must share one parent"), "{e}");
+        let e = plan(&["/a/x", "/a/x/"]).layout().unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        assert!(plan(&["/"]).layout().is_err());
+        assert!(plan(&["/a/../b"]).layout().is_err());
+    }
+
+    #[test]
+    fn done_file_says_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("done");
+        assert_eq!(read_done_file(&f), None);
+        std::fs::write(&f, "3\n").unwrap();
+        assert_eq!(read_done_file(&f), Some(Some(3)));
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(read_done_file(&f), Some(None));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        assert_eq!(read_done_file(&link), None, "a symlink is not the done file");
+    }
+}
