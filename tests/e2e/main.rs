@@ -14,4 +14,5 @@ mod live;
 mod logs;
 mod publish;
 mod resume;
+mod schedulers;
 mod stores;

@@ -1,0 +1,323 @@
+//! Under the schedulers (issue: Slurm, Kubernetes, systemd): the GPU released early
+//! (FINALIZING), signals forwarded to the job, the stop deadline, OOM facts, sidecar
+//! (`watch`) mode, job ids from Slurm, `run --job-id`, and systemd's notify protocol.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{signal, wait_for, Harness, Store};
+
+fn states(h: &Harness) -> Vec<String> {
+    h.cp()
+        .delivered("/status")
+        .iter()
+        .map(|s| s["state"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[test]
+fn forwarded_usr1_reaches_the_job_and_its_checkpoint_is_kept() {
+    let h = Harness::file().with_control_plane(10);
+    let script = "trap 'echo ckpt > $C3_ARTIFACTS_DIR/last.ckpt; exit 0' USR1; \
+                  echo up > $C3_ARTIFACTS_DIR/started; while :; do sleep 0.1; done";
+    let spec = h.spec(json!({"job_id": "usr1", "command": ["bash", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let started = h.workdir("usr1").join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    // Slurm's `--signal=B:USR1@N` reaches the batch shell only: the agent.
+    signal(child.id(), "USR1");
+    let run = h.wait("run with USR1".into(), child);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("signal forwarded to the job"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(h.terminal("usr1")["state"], "SUCCEEDED");
+    assert!(h
+        .manifest_paths("usr1")
+        .contains(&"artifacts/last.ckpt".to_string()));
+}
+
+#[test]
+fn stop_deadline_leaves_the_final_sync_to_recover() {
+    let mut h = Harness::new(Store::s3()).with_control_plane(2);
+    h.extra_toml = "[sync]\nlive = false\n".into();
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "2".into()));
+    let script = "head -c 100000 /dev/urandom > $C3_ARTIFACTS_DIR/data; \
+                  echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
+    let spec = h.spec(json!({"job_id": "late", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let started = h.workdir("late").join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.stop();
+    let asked = Instant::now();
+    signal(child.id(), "TERM");
+    let run = h.wait("run stopped with the store down".into(), child);
+    run.assert_code(4);
+    assert!(
+        run.stdout.contains("c3-agent recover"),
+        "says what finishes it: {}",
+        run.stdout
+    );
+    // Bounded (kill grace 1 s + stop deadline 2 s), not the store's 600 s retry deadline.
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING"], "no terminal status yet");
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.restart();
+    h.run(&["recover"]).assert_code(4);
+    assert_eq!(h.terminal("late")["state"], "CANCELED");
+    let m = h.manifest("late");
+    assert_eq!(m["complete"], true);
+    assert!(h.manifest_paths("late").contains(&"artifacts/data".to_string()));
+}
+
+/// A v1 memory cgroup (this kind of machine mounts one beside the unified hierarchy)
+/// that the job moves itself into, so the kernel's OOM killer really kills it.
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    fn create(name: &str, limit: &str) -> Option<Self> {
+        let dir = Path::new("/sys/fs/cgroup/memory").join(name);
+        std::fs::create_dir(&dir).ok()?;
+        let cg = MemoryCgroup(dir);
+        std::fs::write(cg.0.join("memory.limit_in_bytes"), limit).ok()?;
+        let _ = std::fs::write(cg.0.join("memory.memsw.limit_in_bytes"), limit);
+        Some(cg)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_job_the_oom_killer_ended_is_out_of_memory() {
+    let name = format!("c3-e2e-oom-{}", std::process::id());
+    let Some(cg) = MemoryCgroup::create(&name, "40M") else {
+        eprintln!("skipped: no writable v1 memory cgroup here");
+        return;
+    };
+    let h = Harness::file().with_control_plane(10);
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/before; echo $$ > {}/cgroup.procs; \
+         exec python3 -c 'a = bytearray(400 << 20); print(len(a))'",
+        cg.0.display()
+    );
+    let run = h.run_job(json!({"job_id": "oom", "command": ["sh", "-c", script]}));
+    run.assert_code(1);
+    let t = h.terminal("oom");
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("OUT_OF_MEMORY")),
+        "{t}"
+    );
+    assert_eq!(t["signal"], "SIGKILL");
+    assert!(t["peak_memory_bytes"].as_u64().is_some(), "{t}");
+    assert!(h.manifest_paths("oom").contains(&"artifacts/before".to_string()));
+}
+
+#[test]
+fn a_script_killed_by_sigkill_without_oom_is_a_script_error() {
+    let h = Harness::file();
+    let run = h.run_job(json!({"job_id": "k9", "command": ["sh", "-c", "kill -9 $$"]}));
+    run.assert_code(1);
+    let t = h.terminal("k9");
+    assert_eq!(t["reason"], "SCRIPT_ERROR", "{t}");
+}
+
+/// `c3-agent watch` as a native sidecar would run it, against a trainer it did not start.
+fn watch(h: &Harness, job: &str, extra: &[&str], dirs: &[&Path]) -> std::process::Child {
+    let mut args = vec!["watch", "--job-id", job];
+    args.extend_from_slice(extra);
+    let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    args.extend(dirs.iter().map(String::as_str));
+    h.spawn(&args)
+}
+
+fn trainer(script: &str, shared: &Path) -> std::process::Child {
+    Command::new("sh")
+        .args(["-c", script])
+        .current_dir(shared)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let done = shared.join(".c3-done");
+    let done_arg = done.display().to_string();
+    let agent = watch(
+        &h,
+        "side",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts"), &shared.join("results")],
+    );
+    // The sidecar starts first; the directories it watches are made for the trainer.
+    wait_for("the watched dirs", Duration::from_secs(20), || {
+        (shared.join("artifacts").is_dir() && shared.join("results").is_dir()).then_some(())
+    });
+    let mut t = trainer(
+        "mkdir -p artifacts/ckpt && echo w > artifacts/ckpt/model.pt && sleep 1.5 && \
+         echo r > results/eval.json && echo 0 > .c3-done",
+        &shared,
+    );
+    assert!(t.wait().unwrap().success());
+    let run = h.wait("watch".into(), agent);
+    run.assert_code(0);
+    assert_eq!(
+        h.manifest_paths("side"),
+        vec!["artifacts/ckpt/model.pt", "results/eval.json"],
+        "each dir under its own name; the done file is not an output"
+    );
+    assert_eq!(h.manifest("side")["complete"], true);
+    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
+}
+
+#[test]
+fn watch_reports_the_exit_code_the_done_file_holds() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done");
+    let done_arg = done.display().to_string();
+    let agent = watch(&h, "side3", &["--done-file", &done_arg], &[&shared.join("out")]);
+    let mut t = trainer("echo partial > out/p; sleep 0.5; echo 3 > done", &shared);
+    t.wait().unwrap();
+    let run = h.wait("watch".into(), agent);
+    run.assert_code(1);
+    let term = h.terminal("side3");
+    assert_eq!(
+        (term["state"].as_str(), term["reason"].as_str()),
+        (Some("FAILED"), Some("SCRIPT_ERROR"))
+    );
+    assert_eq!(term["exit_code"], 3);
+    assert_eq!(h.manifest_paths("side3"), vec!["out/p"]);
+}
+
+#[test]
+fn watch_ends_when_the_watched_process_exits() {
+    let h = Harness::file();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("sleep 1; echo x > out/f; sleep 0.5", &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sidepid", &["--pid", &pid], &[&shared.join("out")]);
+    t.wait().unwrap();
+    let run = h.wait("watch --pid".into(), agent);
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("sidepid"), vec!["out/f"]);
+    let term = h.terminal("sidepid");
+    assert!(
+        term["message"].as_str().unwrap_or("").contains("exit code is unknown"),
+        "{term}"
+    );
+}
+
+#[test]
+fn watch_stopped_before_the_job_is_done_is_canceled_and_still_synced() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/a"), "a").unwrap();
+    let done = shared.join("done").display().to_string();
+    let agent = watch(&h, "sidestop", &["--done-file", &done], &[&shared.join("out")]);
+    let rec = h.state.join("jobs/sidestop/attempts/1/run.json");
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    signal(agent.id(), "TERM");
+    let run = h.wait("watch stopped".into(), agent);
+    run.assert_code(4);
+    assert_eq!(h.terminal("sidestop")["state"], "CANCELED");
+    assert_eq!(h.manifest_paths("sidestop"), vec!["out/a"]);
+    assert!(!states(&h).contains(&"FINALIZING".to_string()), "the job may still hold its GPU");
+}
+
+#[test]
+fn watch_refuses_dirs_without_one_parent() {
+    let h = Harness::file();
+    let (a, b) = (h.path("a/x"), h.path("b/y"));
+    let run = h.run(&["watch", "--job-id", "bad", a.to_str().unwrap(), b.to_str().unwrap()]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("must share one parent"), "{}", run.stderr);
+}
+
+#[test]
+fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
+    let mut h = Harness::file();
+    h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
+    h.env.push(("SLURM_RESTART_COUNT".into(), "1".into()));
+    let run = h.run(&["run", "--", "sh", "-c", "echo $C3_JOB_ID $C3_ATTEMPT > $C3_ARTIFACTS_DIR/id"]);
+    run.assert_code(0);
+    assert!(h.object("jobs/slurm-4242/attempts/2/manifest.json").is_some());
+    assert_eq!(
+        std::fs::read_to_string(h.dir.path().join("artifacts/id")).unwrap(),
+        "slurm-4242 2\n"
+    );
+}
+
+#[test]
+fn run_job_id_reads_the_spec_from_the_jobs_root() {
+    let h = Harness::file();
+    let dir = h.path("jr1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = json!({"job_id": "jr1", "workdir": h.path("jr1/work").display().to_string(),
+        "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"]});
+    std::fs::write(dir.join("job.json"), spec.to_string()).unwrap();
+    h.run(&["run", "--job-id", "jr1"]).assert_code(0);
+    assert_eq!(h.manifest_paths("jr1"), vec!["artifacts/x"]);
+    let missing = h.run(&["run", "--job-id", "nope"]);
+    missing.assert_code(2);
+    assert!(missing.stderr.contains("nope/job.json"), "{}", missing.stderr);
+}
+
+#[test]
+fn systemd_hears_ready_and_status_and_the_job_never_gets_the_socket() {
+    use std::os::unix::net::UnixDatagram;
+    let mut h = Harness::file();
+    let sock_path = h.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    h.env
+        .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+    let run = h.run_job(json!({"job_id": "sd", "command": ["sh", "-c", "env > $C3_ARTIFACTS_DIR/env"]}));
+    run.assert_code(0);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let all = messages.join("\n");
+    assert!(all.contains("READY=1"), "{all}");
+    assert!(all.contains("STATUS=running: job pid"), "{all}");
+    assert!(all.contains("STATUS=finalizing"), "{all}");
+    let env = std::fs::read_to_string(h.workdir("sd").join("artifacts/env")).unwrap();
+    assert!(!env.contains("NOTIFY_SOCKET"), "the job could speak for the agent");
+}
