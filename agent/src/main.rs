@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod publish;
 mod telemetry;
+mod unitcheck;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -338,6 +339,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Err(e) => return usage(&e),
     };
     starting(env, &ctx);
+    unitcheck::warn_if_stop_timeout_too_short(config.stop_deadline, config.kill_grace).await;
     if let Ok(mut current) = CURRENT.lock() {
         *current = Some((spec.job_id.clone(), spec.attempt));
     }

@@ -101,7 +101,8 @@ impl Cgroup {
     /// What the kernel counted for the job: OOM kills (`memory.events`), peak memory
     /// (`memory.peak`, Linux 5.19) and CPU time (`cpu.stat`). Read before the cgroup is
     /// removed; a file missing (no memory controller delegated) leaves its fact unknown.
-    pub fn facts(&self) -> c3_proto::JobFacts {
+    /// Also whether `memory.events` could be read (an OOM kill count of 0 is then known).
+    pub fn facts(&self) -> (c3_proto::JobFacts, bool) {
         let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).ok();
         let key = |text: String, k: &str| {
             text.lines().find_map(|l| {
@@ -111,15 +112,15 @@ impl Cgroup {
                     .flatten()
             })
         };
-        c3_proto::JobFacts {
-            oom_kills: read("memory.events")
-                .and_then(|t| key(t, "oom_kill"))
-                .unwrap_or(0),
+        let oom_kills = read("memory.events").and_then(|t| key(t, "oom_kill"));
+        let facts = c3_proto::JobFacts {
+            oom_kills: oom_kills.unwrap_or(0),
             peak_memory_bytes: read("memory.peak").and_then(|t| t.trim().parse().ok()),
             cpu_seconds: read("cpu.stat")
                 .and_then(|t| key(t, "usage_usec"))
                 .map(|us| us as f64 / 1e6),
-        }
+        };
+        (facts, oom_kills.is_some())
     }
 
     /// Removes the (empty) cgroup; the kernel refuses while members remain.
@@ -220,7 +221,7 @@ struct Inner {
     /// Whose descendants are the job.
     scope: Scope,
     /// The cgroup's facts, read when the job was stopped (just before the cgroup went).
-    facts: std::sync::Mutex<Option<c3_proto::JobFacts>>,
+    facts: std::sync::Mutex<Option<(c3_proto::JobFacts, bool)>>,
     /// The leader's start (clock ticks after boot), to tell its kernel-log lines from those
     /// of an earlier process with the same pid.
     leader_start_ticks: u64,
@@ -444,11 +445,11 @@ impl JobProcesses {
 
     /// The job's resource facts once it was stopped: its cgroup's, completed from
     /// `getrusage` of the agent's reaped children (the job's processes: the agent, a
-    /// subreaper, starts no others). Without a cgroup, an OOM kill is looked for in the
-    /// kernel log when the leader died of SIGKILL (`leader_sigkilled`).
+    /// subreaper, starts no others). Where no `memory.events` counts OOM kills, one is
+    /// looked for in the kernel log when the leader died of SIGKILL (`leader_sigkilled`).
     pub fn facts(&self, leader_sigkilled: bool) -> c3_proto::JobFacts {
         use nix::sys::resource::{getrusage, UsageWho};
-        let mut facts = self
+        let (mut facts, oom_counted) = self
             .inner
             .facts
             .lock()
@@ -465,7 +466,7 @@ impl JobProcesses {
                 .peak_memory_bytes
                 .or(Some(usage.max_rss() as u64 * 1024));
         }
-        if self.inner.cgroup.is_none() && leader_sigkilled && facts.oom_kills == 0 {
+        if !oom_counted && leader_sigkilled {
             let since_us = procfs::start_micros(self.inner.leader_start_ticks);
             if crate::kernlog::oom_killed(self.inner.leader, since_us) {
                 facts.oom_kills = 1;

@@ -321,3 +321,37 @@ fn systemd_hears_ready_and_status_and_the_job_never_gets_the_socket() {
     let env = std::fs::read_to_string(h.workdir("sd").join("artifacts/env")).unwrap();
     assert!(!env.contains("NOTIFY_SOCKET"), "the job could speak for the agent");
 }
+
+#[test]
+fn the_systemd_unit_verifies_clean() {
+    let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("skipped: no systemd-analyze here");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/c3-agent@.service"),
+    )
+    .unwrap();
+    // verify checks that ExecStart's binary exists: this build's.
+    let unit = unit.replace("/usr/local/bin/c3-agent", crate::support::BIN);
+    assert!(unit.contains("Type=notify") && unit.contains("run --job-id %i"));
+    assert!(
+        !unit.lines().any(|l| l.starts_with("AssertPathExists")),
+        "the config may move the state dir"
+    );
+    let path = dir.path().join("c3-agent@job1.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("c3-agent@"))
+        .collect();
+    assert!(out.status.success(), "{stderr}");
+    assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
+}

@@ -1,0 +1,91 @@
+//! Under systemd: does the unit give the agent the time its config says it needs to stop?
+//! `TimeoutStopSec` shorter than `job.stop_deadline_secs` means systemd SIGKILLs the agent
+//! in the middle of the final sync; said once, at start, instead of discovered in an incident.
+
+use std::time::Duration;
+
+/// The unit this process runs in (`c3-agent@job1.service`), from its cgroup path.
+fn own_unit() -> Option<String> {
+    std::env::var_os("INVOCATION_ID")?;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    path.split('/')
+        .rev()
+        .find(|c| c.ends_with(".service"))
+        .map(str::to_string)
+}
+
+/// Warns if the unit's stop timeout is shorter than what the agent may take to stop, and
+/// if the stop deadline leaves no time for a final sync after the kill grace.
+pub async fn warn_if_stop_timeout_too_short(stop_deadline: Duration, kill_grace: Duration) {
+    if stop_deadline <= kill_grace {
+        tracing::warn!(
+            stop_deadline_secs = stop_deadline.as_secs(),
+            kill_grace_secs = kill_grace.as_secs(),
+            "job.stop_deadline_secs is not longer than kill_grace_secs: a canceled job gets no final sync (it is left to `c3-agent recover`)"
+        );
+    }
+    let Some(unit) = own_unit() else { return };
+    let asked = tokio::process::Command::new("systemctl")
+        .args(["show", "--property=TimeoutStopUSec", "--value", &unit])
+        .kill_on_drop(true)
+        .output();
+    let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(2), asked).await else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(timeout) = parse_timespan(text.trim()) else {
+        return;
+    };
+    if timeout < stop_deadline.max(kill_grace) {
+        tracing::warn!(
+            unit = %unit,
+            timeout_stop_secs = timeout.as_secs_f64(),
+            stop_deadline_secs = stop_deadline.as_secs(),
+            "the unit's stop timeout (TimeoutStopSec) is shorter than job.stop_deadline_secs: on a cancel systemd would kill the agent during the final sync; raise TimeoutStopSec or lower C3_AGENT_STOP_DEADLINE_SECS"
+        );
+    }
+}
+
+/// systemd's time spans as `systemctl show` prints them: `5min`, `1min 30s`, `300ms`,
+/// `infinity` (None: no limit to compare with).
+fn parse_timespan(text: &str) -> Option<Duration> {
+    if text.is_empty() || text == "infinity" {
+        return None;
+    }
+    let mut total = 0f64;
+    for token in text.split_whitespace() {
+        let split = token
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(token.len());
+        let (num, unit) = token.split_at(split);
+        let n: f64 = num.parse().ok()?;
+        let secs = match unit {
+            "us" | "usec" | "µs" => 1e-6,
+            "ms" | "msec" => 1e-3,
+            "" | "s" | "sec" | "second" | "seconds" => 1.0,
+            "m" | "min" | "minute" | "minutes" => 60.0,
+            "h" | "hr" | "hour" | "hours" => 3600.0,
+            "d" | "day" | "days" => 86400.0,
+            "w" | "week" | "weeks" => 604800.0,
+            _ => return None,
+        };
+        total += n * secs;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_time_spans() {
+        assert_eq!(parse_timespan("5min"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_timespan("1min 30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_timespan("1h 2min 3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(parse_timespan("300ms"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_timespan("infinity"), None);
+        assert_eq!(parse_timespan("soon"), None);
+    }
+}
