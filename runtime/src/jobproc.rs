@@ -42,7 +42,14 @@ impl Cgroup {
                     .find_map(|l| l.strip_prefix("0::").map(str::to_string))
             })
             .ok_or("the agent is not in a cgroup v2 hierarchy")?;
-        let dir = mount.join(own.trim_start_matches('/')).join(name);
+        let mut base = mount.join(own.trim_start_matches('/'));
+        if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
+            // Moved there by an earlier call: the jobs are its siblings.
+            base.pop();
+        } else if own.ends_with(".service") && std::env::var_os("INVOCATION_ID").is_some() {
+            enable_controllers(&base);
+        }
+        let dir = base.join(name);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -131,6 +138,50 @@ impl Cgroup {
             Err(e) => {
                 tracing::error!(cgroup = %self.dir.display(), error = %crate::error_chain(&e), "cannot remove the job's cgroup (processes left in it?)")
             }
+        }
+    }
+}
+
+/// Where the agent moves itself inside its own (delegated) cgroup, see [`enable_controllers`].
+const AGENT_LEAF: &str = "c3-agent";
+
+/// Controllers the job's cgroup should have: `memory` (its `memory.events` counts OOM kills,
+/// `memory.peak`), `pids`, `cpu`.
+const JOB_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// In a systemd unit with `Delegate=yes`, the controllers are the agent's to enable for its
+/// children, but cgroup v2 allows that only in a cgroup with no processes of its own: the
+/// agent moves itself into a leaf (`<unit>/c3-agent`) first, as systemd's delegation rules
+/// ask. Whatever fails leaves the job a cgroup without those controllers, as before (OOM
+/// kills then come from the kernel log where the agent may read it).
+fn enable_controllers(base: &Path) {
+    let read = |f: &str| std::fs::read_to_string(base.join(f)).unwrap_or_default();
+    let (available, enabled) = (read("cgroup.controllers"), read("cgroup.subtree_control"));
+    let missing: Vec<String> = JOB_CONTROLLERS
+        .iter()
+        .filter(|c| available.split_whitespace().any(|a| a == **c))
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let line = missing.join(" ");
+    let enable = || std::fs::write(base.join("cgroup.subtree_control"), &line);
+    if enable().is_ok() {
+        return;
+    }
+    let leaf = base.join(AGENT_LEAF);
+    let moved = match std::fs::create_dir(&leaf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+    .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()));
+    match moved.and_then(|()| enable()) {
+        Ok(()) => tracing::debug!(controllers = %line, "enabled for the job's cgroup"),
+        Err(e) => {
+            tracing::debug!(controllers = %line, error = %e, "cannot enable cgroup controllers for the job")
         }
     }
 }
