@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use c3_runtime::context::ForwardTo;
 use c3_runtime::live::{LiveOptions, WatchMode};
 use c3_runtime::report::ControlPlaneConfig;
 use c3_runtime::store::StoreConfig;
@@ -37,6 +38,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct JobSection {
     forward_signals: Option<Vec<String>>,
+    forward_to: Option<String>,
     stop_deadline_secs: Option<u64>,
 }
 
@@ -112,6 +114,8 @@ pub struct Config {
     pub upload: UploadOptions,
     /// Signals passed on to the job's processes (numbers), `[job] forward_signals`.
     pub forward_signals: Vec<i32>,
+    /// `[job] forward_to`: "leader" (default) or "all".
+    pub forward_to: ForwardTo,
     /// `[job] stop_deadline_secs`: after SIGTERM, the agent is done within this.
     pub stop_deadline: Duration,
 }
@@ -427,6 +431,19 @@ pub fn resolve(
             }
         })
         .collect();
+    if let Some(v) = env("C3_AGENT_FORWARD_TO") {
+        file.job.forward_to = Some(v);
+    }
+    let forward_to = match file.job.forward_to.as_deref().map(str::trim) {
+        None | Some("leader") => ForwardTo::Leader,
+        Some("all") => ForwardTo::All,
+        Some(other) => {
+            problems.push(format!(
+                "`job.forward_to`: `{other}` is not `leader` or `all`"
+            ));
+            ForwardTo::Leader
+        }
+    };
     if file.sync.max_watches == Some(0) {
         problems.push(
             "`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into(),
@@ -458,6 +475,7 @@ pub fn resolve(
         live,
         upload,
         forward_signals,
+        forward_to,
         stop_deadline: Duration::from_secs(file.job.stop_deadline_secs.unwrap_or(25)),
     })
 }
@@ -582,6 +600,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.forward_signals, vec![libc::SIGHUP, libc::SIGUSR2]);
         assert_eq!(c.stop_deadline, Duration::from_secs(7));
+        assert_eq!(c.forward_to, ForwardTo::Leader);
+        let env = env_of(&[("C3_AGENT_FORWARD_TO", "all")]);
+        let c = resolve(None, "", &env, PathBuf::from("/s")).unwrap();
+        assert_eq!(c.forward_to, ForwardTo::All);
+        let env = env_of(&[("C3_AGENT_FORWARD_TO", "everyone")]);
+        let e = resolve(None, "", &env, PathBuf::from("/s")).unwrap_err().to_string();
+        assert!(e.contains("`job.forward_to`: `everyone`"), "{e}");
         let env = env_of(&[("C3_AGENT_FORWARD_SIGNALS", "")]);
         let c = resolve(None, "", &env, PathBuf::from("/s")).unwrap();
         assert!(c.forward_signals.is_empty());

@@ -196,6 +196,7 @@ fn context(env: &Env) -> Result<AgentContext, String> {
         job_umask: env.job_umask,
         max_manifest_bytes: config.max_manifest_bytes,
         forward_signals: config.forward_signals.clone(),
+        forward_to: config.forward_to,
         stop_deadline: config.stop_deadline,
     })
 }
@@ -382,7 +383,10 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
         job_id: args.job_id,
         attempt: args.attempt,
         pid: args.pid,
-        done_file: args.done_file,
+        done_file: match args.done_file.map(std::path::absolute).transpose() {
+            Ok(d) => d,
+            Err(e) => return usage(&format!("watch: --done-file: {e}")),
+        },
         dirs: args.dirs,
     };
     match c3_runtime::sidecar::watch_job(&ctx, plan, cancel).await {

@@ -9,6 +9,16 @@ use crate::statedir::StateDir;
 use crate::store::BlobStore;
 use crate::upload::UploadOptions;
 
+/// Who gets a forwarded signal (`[job] forward_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardTo {
+    /// The process the agent launched, as a shell's `kill -USR1 $!` would: a trainer's
+    /// data-loader workers (no handler: USR1 would kill them) are left alone.
+    Leader,
+    /// Every process of the job, as Slurm itself signals a job step.
+    All,
+}
+
 /// Everything the engine needs from the agent's configuration.
 #[derive(Debug, Clone)]
 pub struct AgentContext {
@@ -30,8 +40,9 @@ pub struct AgentContext {
     pub job_umask: u32,
     /// Manifests larger than this are refused (datasets).
     pub max_manifest_bytes: u64,
-    /// Signals the agent passes on to every process of the job (`[job] forward_signals`).
+    /// Signals the agent passes on to the job (`[job] forward_signals`), and to whom.
     pub forward_signals: Vec<i32>,
+    pub forward_to: ForwardTo,
     /// After a stop request (SIGTERM), everything (grace, final sync, reports) ends within
     /// this; what is left is `recover`'s (`[job] stop_deadline_secs`: Slurm's KillWait,
     /// systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds).

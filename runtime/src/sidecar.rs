@@ -9,7 +9,6 @@
 //! directories' parent (when the agent is root), not as root.
 
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -186,13 +185,14 @@ pub(crate) fn stop_clock(
 /// (another container, another user) must be able to write into it. Returns whom the
 /// job's files are read as: the parent's owner, when the agent is root and that is not root.
 fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>> {
-    let meta = std::fs::metadata(parent)?;
-    let fd = DirFd::open(parent)?;
-    let owner = nix::unistd::geteuid()
-        .is_root()
-        .then_some((meta.uid(), meta.gid()));
+    // No symlink anywhere on the way: a job that may write above its dirs (a scratch dir of
+    // its own) must not point the agent at another tenant's tree.
+    let fd = from_root(parent, |root, rel| root.open_dir(rel))?;
+    let meta = nix::sys::stat::fstat(&fd)?;
+    let (uid, gid, mode) = (meta.st_uid, meta.st_gid, meta.st_mode as u32);
+    let owner = nix::unistd::geteuid().is_root().then_some((uid, gid));
     for name in names {
-        fd.ensure_dir_with(Path::new(name), |_| (meta.mode() & 0o7777, owner))?;
+        fd.ensure_dir_with(Path::new(name), |_| (mode & 0o7777, owner))?;
     }
     Ok(match owner {
         Some((uid, gid)) if uid != 0 => Some(JobUser {
@@ -254,15 +254,33 @@ async fn wait_for_end(
     }
 }
 
+/// `abs`, opened from `/` with no symlink in any component (`DirFd`'s rules).
+fn from_root<T>(
+    abs: &Path,
+    open: impl FnOnce(&DirFd, &Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let rel = abs.strip_prefix("/").map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an absolute path")
+    })?;
+    open(&DirFd::open(Path::new("/"))?, rel).map_err(|e| {
+        if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "`{}`: a component is a symlink or not a directory; the agent never goes through a symlink",
+                    abs.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// `Some(Some(code))`: the done file holds an exit code; `Some(None)`: it exists without
-/// one; `None`: not there (yet). Never through a symlink in its last component, at most
-/// `MAX_DONE_FILE` bytes.
+/// one; `None`: not there (yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 fn read_done_file(path: &Path) -> Option<Option<i32>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
+    let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     if !file.metadata().ok()?.is_file() {
         return None;
     }

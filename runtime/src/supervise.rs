@@ -13,7 +13,7 @@ use tracing::Instrument;
 use c3_proto::{JobSpec, Stream};
 
 use crate::confine::DirFd;
-use crate::context::AgentContext;
+use crate::context::{AgentContext, ForwardTo};
 use crate::display::error_chain;
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
@@ -107,18 +107,48 @@ impl Output {
     }
 }
 
-/// Passes each of `signals` the agent gets on to every process of the job (Slurm's
-/// `--signal=B:USR1@N` reaches only the batch shell, the agent, and frameworks save a
-/// checkpoint on it), until `stop`.
-async fn forward_signals(procs: JobProcesses, signals: Vec<i32>, stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut streams = Vec::new();
-    for n in signals {
-        match signal(SignalKind::from_raw(n)) {
-            Ok(s) => streams.push((n, s)),
-            Err(e) => tracing::warn!(signal = n, error = %e, "cannot forward this signal to the job"),
-        }
+/// Whether a script that died of SIGTERM/SIGINT (or a shell's 143/130 for it) was stopped
+/// together with the agent: Slurm's scancel and time limit signal every process of the
+/// step at once, and the script's death may reach the agent a moment before its own
+/// signal does. Then the job was canceled, not failed.
+async fn stopped_with_the_job(status: &std::process::ExitStatus, cancel: &CancellationToken) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let stop_signal = matches!(status.signal(), Some(libc::SIGTERM | libc::SIGINT))
+        || matches!(status.code(), Some(143 | 130));
+    if cancel.is_cancelled() {
+        return status.code() != Some(0);
     }
+    stop_signal
+        && tokio::time::timeout(Duration::from_millis(200), cancel.cancelled())
+            .await
+            .is_ok()
+}
+
+/// The signals to pass on, each registered now: one that arrives the moment the job
+/// starts is not missed by a listener still being set up.
+fn listen(signals: &[i32]) -> Vec<(i32, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{signal, SignalKind};
+    signals
+        .iter()
+        .filter_map(|n| match signal(SignalKind::from_raw(*n)) {
+            Ok(s) => Some((*n, s)),
+            Err(e) => {
+                tracing::warn!(signal = n, error = %e, "cannot forward this signal to the job");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Passes each signal the agent gets on to the job (its leader, or every process of it:
+/// `to`), until `stop`. Slurm's `--signal=B:USR1@N` reaches only the batch shell, the
+/// agent, and frameworks save a checkpoint on it.
+async fn forward_signals(
+    procs: JobProcesses,
+    mut streams: Vec<(i32, tokio::signal::unix::Signal)>,
+    to: ForwardTo,
+    stop: CancellationToken,
+) {
     if streams.is_empty() {
         return;
     }
@@ -136,16 +166,19 @@ async fn forward_signals(procs: JobProcesses, signals: Vec<i32>, stop: Cancellat
         let Ok(sig) = nix::sys::signal::Signal::try_from(n) else {
             continue;
         };
-        let members = {
-            let p = procs.clone();
-            tokio::task::spawn_blocking(move || p.members())
-                .await
-                .unwrap_or_default()
+        let targets = match to {
+            ForwardTo::Leader => vec![procs.leader()],
+            ForwardTo::All => {
+                let p = procs.clone();
+                tokio::task::spawn_blocking(move || p.members())
+                    .await
+                    .unwrap_or_default()
+            }
         };
-        for pid in &members {
+        for pid in &targets {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
         }
-        tracing::info!(signal = %sig, processes = members.len(), "signal forwarded to the job");
+        tracing::info!(signal = %sig, processes = targets.len(), to = ?to, "signal forwarded to the job");
     }
 }
 
@@ -246,8 +279,13 @@ impl Supervisor {
         });
         let forwarding = CancellationToken::new();
         let signal_forwarder = tokio::spawn(
-            forward_signals(procs.clone(), ctx.forward_signals.clone(), forwarding.clone())
-                .in_current_span(),
+            forward_signals(
+                procs.clone(),
+                listen(&ctx.forward_signals),
+                ctx.forward_to,
+                forwarding.clone(),
+            )
+            .in_current_span(),
         );
         Ok(Supervisor {
             child: script.child,
@@ -349,6 +387,12 @@ impl Supervisor {
             _ = deadline => Wake::TimedOut,
             _ = cancel.cancelled() => Wake::Canceled,
         };
+        if let Wake::Exited(Ok(status)) = &wake {
+            if stopped_with_the_job(status, cancel).await {
+                tracing::warn!("agent asked to stop as the job died of the same signal; canceled");
+                return (JobEnd::Canceled, Some("canceled".into()));
+            }
+        }
         match wake {
             Wake::Exited(Ok(status)) => match (status.code(), signal_name(&status)) {
                 (Some(code), _) => {

@@ -18,12 +18,19 @@ fn states(h: &Harness) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn forwarded_usr1_reaches_the_job_and_its_checkpoint_is_kept() {
-    let h = Harness::file().with_control_plane(10);
-    let script = "trap 'echo ckpt > $C3_ARTIFACTS_DIR/last.ckpt; exit 0' USR1; \
-                  echo up > $C3_ARTIFACTS_DIR/started; while :; do sleep 0.1; done";
-    let spec = h.spec(json!({"job_id": "usr1", "command": ["bash", "-c", script]}));
+/// The leader traps USR1, writes its checkpoint and says whether its child (a stand-in for
+/// a data-loader worker, with no handler) is still alive.
+const USR1_JOB: &str = "sleep 300 & child=$!; \
+    trap 'kill -0 $child && echo yes > $C3_ARTIFACTS_DIR/worker_alive; \
+          echo ckpt > $C3_ARTIFACTS_DIR/last.ckpt; kill $child; exit 0' USR1; \
+    echo up > $C3_ARTIFACTS_DIR/started; while :; do sleep 0.1; done";
+
+fn usr1_run(forward_to: Option<&str>) -> Harness {
+    let mut h = Harness::file().with_control_plane(10);
+    if let Some(to) = forward_to {
+        h.env.push(("C3_AGENT_FORWARD_TO".into(), to.into()));
+    }
+    let spec = h.spec(json!({"job_id": "usr1", "command": ["bash", "-c", USR1_JOB]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     let started = h.workdir("usr1").join("artifacts/started");
     wait_for("the job to start", Duration::from_secs(20), || {
@@ -42,6 +49,56 @@ fn forwarded_usr1_reaches_the_job_and_its_checkpoint_is_kept() {
     assert!(h
         .manifest_paths("usr1")
         .contains(&"artifacts/last.ckpt".to_string()));
+    h
+}
+
+#[test]
+fn forwarded_usr1_reaches_the_leader_and_its_checkpoint_is_kept() {
+    let h = usr1_run(None);
+    assert!(
+        h.manifest_paths("usr1")
+            .contains(&"artifacts/worker_alive".to_string()),
+        "the leader's worker (no USR1 handler) must survive: {:?}",
+        h.manifest_paths("usr1")
+    );
+}
+
+#[test]
+fn forward_to_all_signals_every_process_as_slurm_does() {
+    let h = usr1_run(Some("all"));
+    assert!(
+        !h.manifest_paths("usr1")
+            .contains(&"artifacts/worker_alive".to_string()),
+        "every process got USR1"
+    );
+}
+
+#[test]
+fn a_stop_that_reaches_the_job_and_the_agent_at_once_is_a_cancel() {
+    // scancel and Slurm's time limit: SIGTERM to every process of the step at the same time;
+    // the script's death may reach the agent before its own SIGTERM does.
+    let h = Harness::file();
+    for i in 0..5 {
+        let job = format!("both{i}");
+        let script = "echo $$ > $C3_ARTIFACTS_DIR/pid; exec sleep 300";
+        let spec = h.spec(json!({"job_id": job, "command": ["sh", "-c", script]}));
+        let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+        let pidfile = h.workdir(&job).join("artifacts/pid");
+        let leader: u32 = wait_for("the job's pid", Duration::from_secs(20), || {
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        });
+        let ok = Command::new("kill")
+            .args(["-TERM", &leader.to_string(), &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let run = h.wait(format!("run {job}"), child);
+        run.assert_code(4);
+        assert_eq!(h.terminal(&job)["state"], "CANCELED");
+    }
 }
 
 #[test]
@@ -266,6 +323,20 @@ fn watch_refuses_dirs_without_one_parent() {
     let run = h.run(&["watch", "--job-id", "bad", a.to_str().unwrap(), b.to_str().unwrap()]);
     run.assert_code(2);
     assert!(run.stderr.contains("must share one parent"), "{}", run.stderr);
+}
+
+#[test]
+fn watch_never_goes_through_a_symlink_to_another_tree() {
+    let h = Harness::file();
+    let victim = h.path("victim");
+    std::fs::create_dir_all(victim.join("out")).unwrap();
+    std::fs::write(victim.join("out/secret"), "s").unwrap();
+    // A job that owns the scratch dir above its outputs points it elsewhere.
+    std::os::unix::fs::symlink(&victim, h.path("scratch")).unwrap();
+    let run = h.run(&["watch", "--job-id", "sym", h.path("scratch/out").to_str().unwrap()]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("symlink"), "{}", run.stderr);
+    assert!(h.object("jobs/sym/manifest.json").is_none());
 }
 
 #[test]
