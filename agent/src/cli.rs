@@ -57,7 +57,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The job spec (JSON) written by the scheduler
-    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout"])]
+    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout", "attempt"])]
     pub job: Option<PathBuf>,
     /// Quick run: the job id (default: slurm-$SLURM_JOB_ID under Slurm, else local-<time>-<pid>).
     /// Without a command: run the spec <jobs_root>/ID/job.json
@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// Quick run: an extra output dir, relative to the current dir (repeatable)
     #[arg(long, value_name = "DIR")]
     pub output: Vec<String>,
+    /// Quick run: the attempt (default: $SLURM_RESTART_COUNT + 1 under Slurm, else 1)
+    #[arg(long, value_name = "N")]
+    pub attempt: Option<u32>,
     /// Quick run: stop the job after this many seconds
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -85,9 +88,13 @@ pub struct WatchArgs {
     /// Finish when this process (the job's main process) exits; its descendants count as the job
     #[arg(long, value_name = "PID")]
     pub pid: Option<i32>,
-    /// Finish when this file appears; an integer in it is the job's exit code
+    /// Finish when this file appears: an integer in it is the job's exit code, `canceled` a cancel;
+    /// stopped (SIGTERM) without it, the job is taken as killed
     #[arg(long, value_name = "FILE")]
     pub done_file: Option<PathBuf>,
+    /// Once finished, stay until SIGTERM (a Kubernetes native sidecar that exits is restarted)
+    #[arg(long)]
+    pub stay: bool,
     /// Directories to sync (one parent directory; each appears in the manifest under its own name)
     #[arg(required = true, value_name = "DIR")]
     pub dirs: Vec<PathBuf>,

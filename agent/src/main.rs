@@ -227,13 +227,16 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
     if args.command.is_empty() {
         // `run --job-id ID`: the scheduler's spec in its usual place (the systemd unit's way,
         // so that the unit names no path the config can move).
-        if let (Some(id), true) = (&args.job_id, args.output.is_empty() && args.timeout.is_none()) {
+        let spec_flags_only =
+            args.output.is_empty() && args.timeout.is_none() && args.attempt.is_none();
+        if let (Some(id), true) = (&args.job_id, spec_flags_only) {
             c3_proto::spec::validate_job_id(id).map_err(|e| format!("--job-id {e}"))?;
             let path = jobs_root.join(id).join("job.json");
             let spec = spec_from_args(
                 RunArgs {
                     job: Some(path.clone()),
                     job_id: None,
+                    attempt: None,
                     output: Vec::new(),
                     timeout: None,
                     command: Vec::new(),
@@ -252,7 +255,8 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
         return Err("run needs `--job SPEC.json`, `--job-id ID` or a command after `--` (c3-agent run -- python3 train.py)".into());
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
-    let (slurm_id, attempt) = slurm_job()?;
+    let (slurm_id, slurm_attempt) = slurm_job()?;
+    let attempt = args.attempt.unwrap_or(slurm_attempt);
     let job_id = args.job_id.or(slurm_id).unwrap_or_else(|| {
         format!(
             "local-{}-{}",
@@ -278,6 +282,7 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
             .replace("job spec field `job_id`", "--job-id")
             .replace("job spec field `output", "--output `")
             .replace("job spec field `timeout_secs`", "--timeout")
+            .replace("job spec field `attempt`", "--attempt")
     })?;
     Ok(spec)
 }
@@ -388,9 +393,11 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
             Err(e) => return usage(&format!("watch: --done-file: {e}")),
         },
         dirs: args.dirs,
+        stay: args.stay,
     };
     match c3_runtime::sidecar::watch_job(&ctx, plan, cancel).await {
-        Ok(summary) => finished(&ctx, &summary),
+        Ok(c3_runtime::sidecar::Watched::Finished(summary)) => finished(&ctx, &summary),
+        Ok(c3_runtime::sidecar::Watched::AlreadyFinished(code)) => ExitCode::from(code),
         Err(e) => usage(&format!("watch: {}", error_chain(&e))),
     }
 }

@@ -1,9 +1,13 @@
 //! `c3-agent watch`: sidecar mode. The agent syncs the directories of a job it did not
 //! launch (a trainer in another container of the pod, sharing an `emptyDir`), and finishes
 //! like `run` does (final scan, manifest, artifacts registration, terminal status) when the
-//! job is over: a done file appears (holding the exit code, if the job's wrapper wrote one),
-//! the job's main process exits, or the agent is stopped (SIGTERM: Kubernetes stops native
-//! sidecars once the main containers ended).
+//! job is over: a done file appears (holding the exit code, or `canceled`), the job's main
+//! process exits, or the agent is stopped (SIGTERM: Kubernetes stops native sidecars once the
+//! main containers ended; a job that was to write a done file and did not was killed).
+//!
+//! A Kubernetes sidecar that exits is restarted while the pod runs: with `stay`, the agent
+//! waits for its SIGTERM after finishing, and a restarted agent finds the attempt finished
+//! (it reports nothing again) or unfinished (it takes the attempt over, `seq` growing on).
 //!
 //! Such a job is never signalled, and its files are read as the owner of the watched
 //! directories' parent (when the agent is root), not as root.
@@ -38,6 +42,8 @@ pub struct WatchPlan {
     pub pid: Option<i32>,
     pub done_file: Option<PathBuf>,
     pub dirs: Vec<PathBuf>,
+    /// Once finished, stay until stopped (a native sidecar that exits is restarted).
+    pub stay: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +96,34 @@ impl WatchPlan {
     }
 }
 
+/// What `watch` did.
+pub enum Watched {
+    Finished(JobSummary),
+    /// This attempt was finished by an earlier agent (a restarted sidecar): nothing was
+    /// reported again. The exit code that agent had.
+    AlreadyFinished(u8),
+}
+
 /// Runs one watched attempt to its end. `cancel`: the agent was asked to stop.
 pub async fn watch_job(
     ctx: &AgentContext,
     plan: WatchPlan,
     cancel: CancellationToken,
-) -> Result<JobSummary, WatchError> {
+) -> Result<Watched, WatchError> {
+    let stay = plan.stay;
+    let watched = watch_attempt(ctx, plan, &cancel).await?;
+    if stay {
+        tracing::info!("finished; staying until stopped (sidecar)");
+        cancel.cancelled().await;
+    }
+    Ok(watched)
+}
+
+async fn watch_attempt(
+    ctx: &AgentContext,
+    plan: WatchPlan,
+    cancel: &CancellationToken,
+) -> Result<Watched, WatchError> {
     c3_proto::spec::validate_job_id(&plan.job_id)
         .map_err(|e| WatchError::Usage(format!("--job-id {e}")))?;
     let (parent, names) = plan.layout().map_err(WatchError::Usage)?;
@@ -119,6 +147,16 @@ pub async fn watch_job(
     };
     let lock = AttemptLock::acquire(&ctx.state, &plan.job_id, plan.attempt)?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
+    let earlier = ctx
+        .state
+        .read_record(&ctx.state.run_record_path(&plan.job_id, plan.attempt))
+        .ok();
+    if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {
+        let exit = crate::recover::recorded_exit(done);
+        tracing::info!(job_id = %plan.job_id, attempt = plan.attempt, exit_code = exit,
+            "this attempt was finished by an earlier agent; nothing to do");
+        return Ok(Watched::AlreadyFinished(exit));
+    }
     let span = tracing::info_span!("job", job_id = %plan.job_id, attempt = plan.attempt);
     async move {
         let started = std::time::Instant::now();
@@ -137,9 +175,14 @@ pub async fn watch_job(
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
         record.job_user = job_user;
+        if let Some(earlier) = earlier {
+            // A restarted sidecar takes the attempt over: statuses go on from its seq.
+            tracing::warn!(seq = earlier.seq, "taking over an attempt an earlier agent left unfinished");
+            record.seq = earlier.seq;
+        }
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
-        run.stop_requested = Some(stop_clock(&cancel));
+        run.stop_requested = Some(stop_clock(cancel));
         run.record.phase = Phase::Running;
         let seq = run.next_seq().await;
         run.reports.running(seq, ctx.report_deadline());
@@ -151,12 +194,12 @@ pub async fn watch_job(
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
-        let (end, message) = wait_for_end(&plan, leader.as_ref(), &cancel).await;
+        let (end, message) = wait_for_end(&plan, leader.as_ref(), cancel).await;
         if end != JobEnd::Canceled {
             run.gpu_released(None).await;
         }
         run.message = message;
-        Ok(run.finish(end, started).await)
+        Ok(Watched::Finished(run.finish(end, started).await))
     }
     .instrument(span)
     .await
@@ -224,11 +267,12 @@ async fn wait_for_end(
             _ = cancel.cancelled() => true,
         };
         if let Some(done) = &plan.done_file {
-            if let Some(code) = read_done_file(done) {
-                tracing::info!(done_file = %done.display(), exit_code = ?code, "the job says it is done");
-                return match code {
-                    Some(code) => (JobEnd::Exited(code), None),
-                    None => (
+            if let Some(said) = read_done_file(done) {
+                tracing::info!(done_file = %done.display(), said = ?said, "the job says it is done");
+                return match said {
+                    DoneFile::Exit(code) => (JobEnd::Exited(code), None),
+                    DoneFile::Canceled => (JobEnd::Canceled, Some("canceled".into())),
+                    DoneFile::Unclear => (
                         JobEnd::Exited(0),
                         Some("the done file holds no exit code; taken as 0".into()),
                     ),
@@ -248,6 +292,16 @@ async fn wait_for_end(
             }
         }
         if stopped {
+            if plan.done_file.is_some() {
+                // Kubernetes stops a sidecar only after the main containers ended, and the
+                // job's wrapper writes its done file (`canceled` on a pod deletion) before it
+                // exits: a job that wrote none was killed (OOM, SIGKILL).
+                tracing::warn!("agent asked to stop, and the job never wrote its done file: it was killed");
+                return (
+                    JobEnd::Killed("unknown".into()),
+                    Some("the job ended without writing its done file (killed: out of memory, SIGKILL?)".into()),
+                );
+            }
             tracing::warn!("agent asked to stop before the job said it was done; canceled");
             return (JobEnd::Canceled, Some("canceled".into()));
         }
@@ -277,16 +331,30 @@ fn from_root<T>(
     })
 }
 
-/// `Some(Some(code))`: the done file holds an exit code; `Some(None)`: it exists without
-/// one; `None`: not there (yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
-fn read_done_file(path: &Path) -> Option<Option<i32>> {
+/// What a done file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DoneFile {
+    Exit(i32),
+    /// The job's wrapper was stopped (a pod deletion) and stopped the job.
+    Canceled,
+    /// Empty, or neither: the job is over, how is unknown.
+    Unclear,
+}
+
+/// `None`: not there (yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
+fn read_done_file(path: &Path) -> Option<DoneFile> {
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     if !file.metadata().ok()?.is_file() {
         return None;
     }
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
-    Some(text.trim().parse().ok())
+    let text = text.trim();
+    Some(match text.parse() {
+        Ok(code) => DoneFile::Exit(code),
+        Err(_) if text.eq_ignore_ascii_case("canceled") => DoneFile::Canceled,
+        Err(_) => DoneFile::Unclear,
+    })
 }
 
 #[cfg(test)]
@@ -300,6 +368,7 @@ mod tests {
             pid: None,
             done_file: None,
             dirs: dirs.iter().map(PathBuf::from).collect(),
+            stay: false,
         }
     }
 
@@ -322,9 +391,11 @@ mod tests {
         let f = dir.path().join("done");
         assert_eq!(read_done_file(&f), None);
         std::fs::write(&f, "3\n").unwrap();
-        assert_eq!(read_done_file(&f), Some(Some(3)));
+        assert_eq!(read_done_file(&f), Some(DoneFile::Exit(3)));
         std::fs::write(&f, "").unwrap();
-        assert_eq!(read_done_file(&f), Some(None));
+        assert_eq!(read_done_file(&f), Some(DoneFile::Unclear));
+        std::fs::write(&f, "canceled\n").unwrap();
+        assert_eq!(read_done_file(&f), Some(DoneFile::Canceled));
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&f, &link).unwrap();
         assert_eq!(read_done_file(&link), None, "a symlink is not the done file");

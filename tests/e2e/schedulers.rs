@@ -18,12 +18,13 @@ fn states(h: &Harness) -> Vec<String> {
         .collect()
 }
 
-/// The leader traps USR1, writes its checkpoint and says whether its child (a stand-in for
-/// a data-loader worker, with no handler) is still alive.
-const USR1_JOB: &str = "sleep 300 & child=$!; \
-    trap 'kill -0 $child && echo yes > $C3_ARTIFACTS_DIR/worker_alive; \
-          echo ckpt > $C3_ARTIFACTS_DIR/last.ckpt; kill $child; exit 0' USR1; \
-    echo up > $C3_ARTIFACTS_DIR/started; while :; do sleep 0.1; done";
+/// The leader traps USR1 and writes its checkpoint. Its worker (a stand-in for a data
+/// loader) notes a USR1 of its own; the leader gives it half a second, then stops it.
+const USR1_JOB: &str = "A=$C3_ARTIFACTS_DIR; \
+    ( trap 'echo got > $A/worker_got; exit 0' USR1; trap 'exit 0' TERM; \
+      while :; do sleep 0.1; done ) & child=$!; \
+    trap 'echo ckpt > $A/last.ckpt; sleep 0.5; kill $child; wait $child; exit 0' USR1; \
+    echo up > $A/started; while :; do sleep 0.1; done";
 
 fn usr1_run(forward_to: Option<&str>) -> Harness {
     let mut h = Harness::file().with_control_plane(10);
@@ -56,10 +57,9 @@ fn usr1_run(forward_to: Option<&str>) -> Harness {
 fn forwarded_usr1_reaches_the_leader_and_its_checkpoint_is_kept() {
     let h = usr1_run(None);
     assert!(
-        h.manifest_paths("usr1")
-            .contains(&"artifacts/worker_alive".to_string()),
-        "the leader's worker (no USR1 handler) must survive: {:?}",
-        h.manifest_paths("usr1")
+        !h.manifest_paths("usr1")
+            .contains(&"artifacts/worker_got".to_string()),
+        "only the leader gets it: a worker without a handler would die of it"
     );
 }
 
@@ -67,9 +67,10 @@ fn forwarded_usr1_reaches_the_leader_and_its_checkpoint_is_kept() {
 fn forward_to_all_signals_every_process_as_slurm_does() {
     let h = usr1_run(Some("all"));
     assert!(
-        !h.manifest_paths("usr1")
-            .contains(&"artifacts/worker_alive".to_string()),
-        "every process got USR1"
+        h.manifest_paths("usr1")
+            .contains(&"artifacts/worker_got".to_string()),
+        "every process gets it: {:?}",
+        h.manifest_paths("usr1")
     );
 }
 
@@ -294,26 +295,72 @@ fn watch_ends_when_the_watched_process_exits() {
     );
 }
 
-#[test]
-fn watch_stopped_before_the_job_is_done_is_canceled_and_still_synced() {
-    let h = Harness::file().with_control_plane(10);
+/// Starts `watch` on `shared/out` (holding one file), waits until it runs, stops it.
+fn stopped_watch(h: &Harness, job: &str, extra: &[&str]) -> crate::support::Run {
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
     std::fs::write(shared.join("out/a"), "a").unwrap();
-    let done = shared.join("done").display().to_string();
-    let agent = watch(&h, "sidestop", &["--done-file", &done], &[&shared.join("out")]);
-    let rec = h.state.join("jobs/sidestop/attempts/1/run.json");
+    let agent = watch(h, job, extra, &[&shared.join("out")]);
+    let rec = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
     wait_for("the watch to start", Duration::from_secs(20), || {
         std::fs::read_to_string(&rec)
             .ok()
             .filter(|r| r.contains("\"running\""))
     });
     signal(agent.id(), "TERM");
-    let run = h.wait("watch stopped".into(), agent);
-    run.assert_code(4);
+    h.wait(format!("watch {job} stopped"), agent)
+}
+
+#[test]
+fn watch_stopped_without_a_done_file_or_pid_is_canceled_and_still_synced() {
+    let h = Harness::file().with_control_plane(10);
+    stopped_watch(&h, "sidestop", &[]).assert_code(4);
     assert_eq!(h.terminal("sidestop")["state"], "CANCELED");
     assert_eq!(h.manifest_paths("sidestop"), vec!["out/a"]);
-    assert!(!states(&h).contains(&"FINALIZING".to_string()), "the job may still hold its GPU");
+    assert!(
+        !states(&h).contains(&"FINALIZING".to_string()),
+        "the job may still hold its GPU"
+    );
+}
+
+#[test]
+fn watch_stopped_before_the_promised_done_file_says_the_job_was_killed() {
+    // Kubernetes stops the sidecar only after the trainer's container ended; a wrapper that
+    // never wrote its done file was killed with the trainer (the container's OOM kill).
+    let h = Harness::file().with_control_plane(10);
+    let done = h.path("shared/done").display().to_string();
+    stopped_watch(&h, "sidekill", &["--done-file", &done]).assert_code(1);
+    let t = h.terminal("sidekill");
+    assert_eq!(
+        (t["state"].as_str(), t["reason"].as_str()),
+        (Some("FAILED"), Some("SCRIPT_ERROR"))
+    );
+    assert!(t["message"].as_str().unwrap_or("").contains("done file"), "{t}");
+    assert_eq!(h.manifest_paths("sidekill"), vec!["out/a"]);
+}
+
+#[test]
+fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_twice() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/a"), "a").unwrap();
+    std::fs::write(shared.join("done"), "canceled\n").unwrap();
+    let done = shared.join("done").display().to_string();
+    let out = shared.join("out");
+    let run = h.wait("watch".into(), watch(&h, "sidecan", &["--done-file", &done], &[&out]));
+    run.assert_code(4);
+    assert_eq!(h.terminal("sidecan")["state"], "CANCELED");
+    let reported = h.cp().requests().len();
+    // A native sidecar that exited is restarted while the pod still runs.
+    let again = h.wait("watch again".into(), watch(&h, "sidecan", &["--done-file", &done], &[&out]));
+    again.assert_code(4);
+    assert_eq!(h.cp().requests().len(), reported, "nothing reported twice");
+    // With --stay it waits for the pod's SIGTERM instead of exiting (and being restarted).
+    let staying = watch(&h, "sidecan", &["--done-file", &done, "--stay"], &[&out]);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(staying.id(), "TERM");
+    h.wait("watch --stay".into(), staying).assert_code(4);
 }
 
 #[test]
@@ -351,6 +398,9 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
         std::fs::read_to_string(h.dir.path().join("artifacts/id")).unwrap(),
         "slurm-4242 2\n"
     );
+    // The platform's own attempt number wins (a Kubernetes Job retried by the platform).
+    h.run(&["run", "--attempt", "5", "--", "true"]).assert_code(0);
+    assert!(h.object("jobs/slurm-4242/attempts/5/manifest.json").is_some());
 }
 
 #[test]
