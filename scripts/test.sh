@@ -9,6 +9,8 @@
 #   cargo-nextest   the test runner (each test its own process, timeouts from .config/nextest.toml)
 #   python3         example jobs such as examples/train.py, the chaos benchmark
 #   azurite 3.37.0  the Azure Storage emulator (npm; Node.js from Debian if missing)
+#   slurm           slurmctld, slurmd, slurm-client, munge (Debian packages) for the single-node Slurm test;
+#                   that test needs root (or passwordless sudo): it starts the daemons and adds a test user
 set -euo pipefail
 
 S3S_FS_VERSION=0.14.1
@@ -88,6 +90,19 @@ if [[ $install -eq 1 ]]; then
         "${sudo[@]}" npm install -g --no-audit --no-fund "azurite@$AZURITE_VERSION"
     fi
 
+    stage "checking slurm (slurmctld, slurmd, slurm-client, munge)"
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmd >/dev/null 2>&1 ||
+        ! PATH="$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1 ||
+        ! PATH="$PATH:/usr/sbin:/sbin" command -v munged >/dev/null 2>&1 ||
+        ! command -v sbatch >/dev/null 2>&1; then
+        stage "installing slurmctld slurmd slurm-client munge"
+        sudo=()
+        if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+            slurmctld slurmd slurm-client munge
+    fi
+
     stage "checking python3"
     if ! command -v python3 >/dev/null 2>&1; then
         stage "installing python3"
@@ -103,6 +118,9 @@ find_s3s_fs >/dev/null || missing+=("s3s-fs $S3S_FS_VERSION")
 cargo nextest --version >/dev/null 2>&1 || missing+=("cargo-nextest")
 command -v python3 >/dev/null 2>&1 || missing+=("python3")
 command -v azurite-blob >/dev/null 2>&1 || missing+=("azurite $AZURITE_VERSION")
+for tool in slurmd slurmctld munged sbatch; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing+=("$tool (slurm)")
+done
 if [[ ${#missing[@]} -gt 0 ]]; then
     if [[ $install -eq 1 ]]; then
         echo "$0: still missing after installing: ${missing[*]}" >&2
@@ -132,8 +150,20 @@ stage "nextest done, exit status $status"
 stage "python3 scripts/chaos.py --jobs 50 --parallel 4 (chaos benchmark, quick)"
 chaos_status=0
 python3 scripts/chaos.py --jobs 50 --parallel 4 --agent "${CARGO_TARGET_DIR:-target}/debug/c3-agent" || chaos_status=$?
-stage "done, nextest exit status $status, chaos exit status $chaos_status"
+
+# Slurm (about 1.5 min): a real single-node cluster (munged, slurmctld, slurmd, all on 127.0.0.1, its
+# own slurm.conf in a temp dir) runs the debug c3-agent under sbatch: scancel mid-job, the time limit
+# with a --signal=B:USR1 warning, and a job of an unprivileged user; checks the reports, the manifests
+# and whose files they are (see the docstring of scripts/slurm_test.py). The packages were checked
+# above, so it never installs anything itself here.
+stage "python3 scripts/slurm_test.py (single-node Slurm)"
+slurm_status=0
+python3 scripts/slurm_test.py --no-install --agent "${CARGO_TARGET_DIR:-target}/debug/c3-agent" || slurm_status=$?
+stage "done, nextest exit status $status, chaos exit status $chaos_status, slurm exit status $slurm_status"
 if [[ $status -eq 0 ]]; then
     status=$chaos_status
+fi
+if [[ $status -eq 0 ]]; then
+    status=$slurm_status
 fi
 exit "$status"
