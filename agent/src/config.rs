@@ -605,7 +605,9 @@ mod tests {
         let c = resolve(None, "", &env, PathBuf::from("/s")).unwrap();
         assert_eq!(c.forward_to, ForwardTo::All);
         let env = env_of(&[("C3_AGENT_FORWARD_TO", "everyone")]);
-        let e = resolve(None, "", &env, PathBuf::from("/s")).unwrap_err().to_string();
+        let e = resolve(None, "", &env, PathBuf::from("/s"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`job.forward_to`: `everyone`"), "{e}");
         let env = env_of(&[("C3_AGENT_FORWARD_SIGNALS", "")]);
         let c = resolve(None, "", &env, PathBuf::from("/s")).unwrap();

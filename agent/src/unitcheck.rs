@@ -83,7 +83,10 @@ mod tests {
     fn systemd_time_spans() {
         assert_eq!(parse_timespan("5min"), Some(Duration::from_secs(300)));
         assert_eq!(parse_timespan("1min 30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_timespan("1h 2min 3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(
+            parse_timespan("1h 2min 3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
         assert_eq!(parse_timespan("300ms"), Some(Duration::from_millis(300)));
         assert_eq!(parse_timespan("infinity"), None);
         assert_eq!(parse_timespan("soon"), None);

@@ -191,7 +191,11 @@ impl<'a> Run<'a> {
         Self::with_user(ctx, record, run_as)
     }
 
-    pub(crate) fn with_user(ctx: &'a AgentContext, record: RunRecord, run_as: Option<RunAs>) -> Self {
+    pub(crate) fn with_user(
+        ctx: &'a AgentContext,
+        record: RunRecord,
+        run_as: Option<RunAs>,
+    ) -> Self {
         let spec = &record.spec;
         let reader = JobReader::for_record(&record, run_as.as_ref().map(RunAs::reader));
         let collector_config = CollectorConfig::new(ctx, &record, reader);
@@ -351,7 +355,10 @@ impl<'a> Run<'a> {
         let seq = self.next_seq().await;
         self.reports.finalizing(seq, self.ctx.report_deadline());
         crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
-        tracing::info!(seq, "job's processes are gone, GPU released (FINALIZING); final sync");
+        tracing::info!(
+            seq,
+            "job's processes are gone, GPU released (FINALIZING); final sync"
+        );
     }
 
     /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and

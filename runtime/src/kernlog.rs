@@ -58,7 +58,10 @@ mod tests {
     fn finds_the_oom_record_of_this_pid_only_after_its_start() {
         let rec = b"3,1234,5000000,-;Memory cgroup out of memory: Killed process 4242 (python3) total-vm:1kB\n";
         assert!(record_says_oom(rec, 4242, 4_000_000));
-        assert!(!record_says_oom(rec, 4242, 6_000_000), "an earlier process with that pid");
+        assert!(
+            !record_says_oom(rec, 4242, 6_000_000),
+            "an earlier process with that pid"
+        );
         assert!(!record_says_oom(rec, 424, 0), "pid 424 is not 4242");
         assert!(!record_says_oom(b"6,1,5,-;eth0: link up", 1, 0));
     }

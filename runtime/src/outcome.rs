@@ -65,9 +65,7 @@ pub fn decide(end: &JobEnd, upload_failed: bool, oom_killed: bool) -> Verdict {
         (JobEnd::Exited(0), false, _) => v(Succeeded, None, false, ExitCode::Succeeded),
         // The GPU work is done but its output is lost: retrying would redo it for nothing
         // until the storage problem is fixed, so the platform must not retry blindly.
-        (JobEnd::Exited(0), true, _) => {
-            v(Failed, Some(UploadError), false, ExitCode::UploadError)
-        }
+        (JobEnd::Exited(0), true, _) => v(Failed, Some(UploadError), false, ExitCode::UploadError),
         // The same job on the same machine would run out of memory again.
         (JobEnd::Exited(_) | JobEnd::Killed(_), _, true) => {
             v(Failed, Some(OutOfMemory), false, ExitCode::ScriptError)

@@ -28,8 +28,8 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
 
 /// The exit code (contract §1) of a finished attempt, from its record.
 pub fn recorded_exit(record: &RunRecord) -> u8 {
-    use c3_proto::FailReason;
     use crate::outcome::ExitCode;
+    use c3_proto::FailReason;
     let code = match (record.state, record.reason) {
         (Some(JobState::Succeeded), _) => ExitCode::Succeeded,
         (Some(JobState::Canceled), _) => ExitCode::Canceled,

@@ -60,7 +60,8 @@ pub enum WatchError {
 impl WatchPlan {
     /// The one parent directory and each watched directory's name in it.
     fn layout(&self) -> Result<(PathBuf, Vec<String>), String> {
-        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
+        let cwd =
+            std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
         let mut parent: Option<PathBuf> = None;
         let mut names: Vec<String> = Vec::new();
         for dir in &self.dirs {
@@ -128,9 +129,10 @@ async fn watch_attempt(
         .map_err(|e| WatchError::Usage(format!("--job-id {e}")))?;
     let (parent, names) = plan.layout().map_err(WatchError::Usage)?;
     let leader = match plan.pid {
-        Some(pid) => Some(crate::procfs::identity(pid).ok_or_else(|| {
-            WatchError::Usage(format!("--pid {pid}: no such process"))
-        })?),
+        Some(pid) => Some(
+            crate::procfs::identity(pid)
+                .ok_or_else(|| WatchError::Usage(format!("--pid {pid}: no such process")))?,
+        ),
         None => None,
     };
     let job_user = {
@@ -177,7 +179,10 @@ async fn watch_attempt(
         record.job_user = job_user;
         if let Some(earlier) = earlier {
             // A restarted sidecar takes the attempt over: statuses go on from its seq.
-            tracing::warn!(seq = earlier.seq, "taking over an attempt an earlier agent left unfinished");
+            tracing::warn!(
+                seq = earlier.seq,
+                "taking over an attempt an earlier agent left unfinished"
+            );
             record.seq = earlier.seq;
         }
         let mut run = Run::with_user(ctx, record, None);
@@ -296,7 +301,9 @@ async fn wait_for_end(
                 // Kubernetes stops a sidecar only after the main containers ended, and the
                 // job's wrapper writes its done file (`canceled` on a pod deletion) before it
                 // exits: a job that wrote none was killed (OOM, SIGKILL).
-                tracing::warn!("agent asked to stop, and the job never wrote its done file: it was killed");
+                tracing::warn!(
+                    "agent asked to stop, and the job never wrote its done file: it was killed"
+                );
                 return (
                     JobEnd::Killed("unknown".into()),
                     Some("the job ended without writing its done file (killed: out of memory, SIGKILL?)".into()),
@@ -374,7 +381,9 @@ mod tests {
 
     #[test]
     fn watched_dirs_share_one_parent() {
-        let (parent, names) = plan(&["/shared/artifacts", "/shared//results/"]).layout().unwrap();
+        let (parent, names) = plan(&["/shared/artifacts", "/shared//results/"])
+            .layout()
+            .unwrap();
         assert_eq!(parent, PathBuf::from("/shared"));
         assert_eq!(names, vec!["artifacts", "results"]);
         let e = plan(&["/a/x", "/b/y"]).layout().unwrap_err();
@@ -398,6 +407,10 @@ mod tests {
         assert_eq!(read_done_file(&f), Some(DoneFile::Canceled));
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&f, &link).unwrap();
-        assert_eq!(read_done_file(&link), None, "a symlink is not the done file");
+        assert_eq!(
+            read_done_file(&link),
+            None,
+            "a symlink is not the done file"
+        );
     }
 }

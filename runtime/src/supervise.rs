@@ -111,7 +111,10 @@ impl Output {
 /// together with the agent: Slurm's scancel and time limit signal every process of the
 /// step at once, and the script's death may reach the agent a moment before its own
 /// signal does. Then the job was canceled, not failed.
-async fn stopped_with_the_job(status: &std::process::ExitStatus, cancel: &CancellationToken) -> bool {
+async fn stopped_with_the_job(
+    status: &std::process::ExitStatus,
+    cancel: &CancellationToken,
+) -> bool {
     use std::os::unix::process::ExitStatusExt;
     let stop_signal = matches!(status.signal(), Some(libc::SIGTERM | libc::SIGINT))
         || matches!(status.code(), Some(143 | 130));

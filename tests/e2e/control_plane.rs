@@ -43,7 +43,10 @@ fn reports_arrive_in_order_with_the_token() {
     assert_eq!(t["state"], "SUCCEEDED");
     assert_eq!(t["seq"], 3);
     assert_eq!(t["result"], json!({"accuracy": 0.93}));
-    assert!(t["peak_memory_bytes"].as_u64().is_some_and(|b| b > 0), "{t}");
+    assert!(
+        t["peak_memory_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{t}"
+    );
     assert!(t["cpu_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{t}");
     let reg = &reqs[2].body;
     assert_eq!(reg["manifest"], "jobs/rep/manifest.json");

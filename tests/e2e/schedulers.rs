@@ -135,7 +135,11 @@ fn stop_deadline_leaves_the_final_sync_to_recover() {
         "{:?}",
         asked.elapsed()
     );
-    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING"], "no terminal status yet");
+    assert_eq!(
+        states(&h),
+        vec!["RUNNING", "FINALIZING"],
+        "no terminal status yet"
+    );
     let Store::S3(s3) = &mut h.store else {
         unreachable!()
     };
@@ -144,7 +148,9 @@ fn stop_deadline_leaves_the_final_sync_to_recover() {
     assert_eq!(h.terminal("late")["state"], "CANCELED");
     let m = h.manifest("late");
     assert_eq!(m["complete"], true);
-    assert!(h.manifest_paths("late").contains(&"artifacts/data".to_string()));
+    assert!(h
+        .manifest_paths("late")
+        .contains(&"artifacts/data".to_string()));
 }
 
 /// A v1 memory cgroup (this kind of machine mounts one beside the unified hierarchy)
@@ -191,7 +197,9 @@ fn a_job_the_oom_killer_ended_is_out_of_memory() {
     );
     assert_eq!(t["signal"], "SIGKILL");
     assert!(t["peak_memory_bytes"].as_u64().is_some(), "{t}");
-    assert!(h.manifest_paths("oom").contains(&"artifacts/before".to_string()));
+    assert!(h
+        .manifest_paths("oom")
+        .contains(&"artifacts/before".to_string()));
 }
 
 #[test]
@@ -262,7 +270,12 @@ fn watch_reports_the_exit_code_the_done_file_holds() {
     std::fs::create_dir_all(shared.join("out")).unwrap();
     let done = shared.join("done");
     let done_arg = done.display().to_string();
-    let agent = watch(&h, "side3", &["--done-file", &done_arg], &[&shared.join("out")]);
+    let agent = watch(
+        &h,
+        "side3",
+        &["--done-file", &done_arg],
+        &[&shared.join("out")],
+    );
     let mut t = trainer("echo partial > out/p; sleep 0.5; echo 3 > done", &shared);
     t.wait().unwrap();
     let run = h.wait("watch".into(), agent);
@@ -290,7 +303,10 @@ fn watch_ends_when_the_watched_process_exits() {
     assert_eq!(h.manifest_paths("sidepid"), vec!["out/f"]);
     let term = h.terminal("sidepid");
     assert!(
-        term["message"].as_str().unwrap_or("").contains("exit code is unknown"),
+        term["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit code is unknown"),
         "{term}"
     );
 }
@@ -335,7 +351,10 @@ fn watch_stopped_before_the_promised_done_file_says_the_job_was_killed() {
         (t["state"].as_str(), t["reason"].as_str()),
         (Some("FAILED"), Some("SCRIPT_ERROR"))
     );
-    assert!(t["message"].as_str().unwrap_or("").contains("done file"), "{t}");
+    assert!(
+        t["message"].as_str().unwrap_or("").contains("done file"),
+        "{t}"
+    );
     assert_eq!(h.manifest_paths("sidekill"), vec!["out/a"]);
 }
 
@@ -348,12 +367,18 @@ fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_tw
     std::fs::write(shared.join("done"), "canceled\n").unwrap();
     let done = shared.join("done").display().to_string();
     let out = shared.join("out");
-    let run = h.wait("watch".into(), watch(&h, "sidecan", &["--done-file", &done], &[&out]));
+    let run = h.wait(
+        "watch".into(),
+        watch(&h, "sidecan", &["--done-file", &done], &[&out]),
+    );
     run.assert_code(4);
     assert_eq!(h.terminal("sidecan")["state"], "CANCELED");
     let reported = h.cp().requests().len();
     // A native sidecar that exited is restarted while the pod still runs.
-    let again = h.wait("watch again".into(), watch(&h, "sidecan", &["--done-file", &done], &[&out]));
+    let again = h.wait(
+        "watch again".into(),
+        watch(&h, "sidecan", &["--done-file", &done], &[&out]),
+    );
     again.assert_code(4);
     assert_eq!(h.cp().requests().len(), reported, "nothing reported twice");
     // With --stay it waits for the pod's SIGTERM instead of exiting (and being restarted).
@@ -367,9 +392,19 @@ fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_tw
 fn watch_refuses_dirs_without_one_parent() {
     let h = Harness::file();
     let (a, b) = (h.path("a/x"), h.path("b/y"));
-    let run = h.run(&["watch", "--job-id", "bad", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let run = h.run(&[
+        "watch",
+        "--job-id",
+        "bad",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
     run.assert_code(2);
-    assert!(run.stderr.contains("must share one parent"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("must share one parent"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -380,7 +415,12 @@ fn watch_never_goes_through_a_symlink_to_another_tree() {
     std::fs::write(victim.join("out/secret"), "s").unwrap();
     // A job that owns the scratch dir above its outputs points it elsewhere.
     std::os::unix::fs::symlink(&victim, h.path("scratch")).unwrap();
-    let run = h.run(&["watch", "--job-id", "sym", h.path("scratch/out").to_str().unwrap()]);
+    let run = h.run(&[
+        "watch",
+        "--job-id",
+        "sym",
+        h.path("scratch/out").to_str().unwrap(),
+    ]);
     run.assert_code(2);
     assert!(run.stderr.contains("symlink"), "{}", run.stderr);
     assert!(h.object("jobs/sym/manifest.json").is_none());
@@ -391,16 +431,27 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
     let mut h = Harness::file();
     h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
     h.env.push(("SLURM_RESTART_COUNT".into(), "1".into()));
-    let run = h.run(&["run", "--", "sh", "-c", "echo $C3_JOB_ID $C3_ATTEMPT > $C3_ARTIFACTS_DIR/id"]);
+    let run = h.run(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo $C3_JOB_ID $C3_ATTEMPT > $C3_ARTIFACTS_DIR/id",
+    ]);
     run.assert_code(0);
-    assert!(h.object("jobs/slurm-4242/attempts/2/manifest.json").is_some());
+    assert!(h
+        .object("jobs/slurm-4242/attempts/2/manifest.json")
+        .is_some());
     assert_eq!(
         std::fs::read_to_string(h.dir.path().join("artifacts/id")).unwrap(),
         "slurm-4242 2\n"
     );
     // The platform's own attempt number wins (a Kubernetes Job retried by the platform).
-    h.run(&["run", "--attempt", "5", "--", "true"]).assert_code(0);
-    assert!(h.object("jobs/slurm-4242/attempts/5/manifest.json").is_some());
+    h.run(&["run", "--attempt", "5", "--", "true"])
+        .assert_code(0);
+    assert!(h
+        .object("jobs/slurm-4242/attempts/5/manifest.json")
+        .is_some());
 }
 
 #[test]
@@ -415,7 +466,11 @@ fn run_job_id_reads_the_spec_from_the_jobs_root() {
     assert_eq!(h.manifest_paths("jr1"), vec!["artifacts/x"]);
     let missing = h.run(&["run", "--job-id", "nope"]);
     missing.assert_code(2);
-    assert!(missing.stderr.contains("nope/job.json"), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("nope/job.json"),
+        "{}",
+        missing.stderr
+    );
 }
 
 #[test]
@@ -428,7 +483,8 @@ fn systemd_hears_ready_and_status_and_the_job_never_gets_the_socket() {
         .unwrap();
     h.env
         .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
-    let run = h.run_job(json!({"job_id": "sd", "command": ["sh", "-c", "env > $C3_ARTIFACTS_DIR/env"]}));
+    let run =
+        h.run_job(json!({"job_id": "sd", "command": ["sh", "-c", "env > $C3_ARTIFACTS_DIR/env"]}));
     run.assert_code(0);
     let mut messages = Vec::new();
     let mut buf = [0u8; 4096];
@@ -440,7 +496,10 @@ fn systemd_hears_ready_and_status_and_the_job_never_gets_the_socket() {
     assert!(all.contains("STATUS=running: job pid"), "{all}");
     assert!(all.contains("STATUS=finalizing"), "{all}");
     let env = std::fs::read_to_string(h.workdir("sd").join("artifacts/env")).unwrap();
-    assert!(!env.contains("NOTIFY_SOCKET"), "the job could speak for the agent");
+    assert!(
+        !env.contains("NOTIFY_SOCKET"),
+        "the job could speak for the agent"
+    );
 }
 
 #[test]
@@ -469,10 +528,7 @@ fn the_systemd_unit_verifies_clean() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let about_ours: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("c3-agent@"))
-        .collect();
+    let about_ours: Vec<&str> = stderr.lines().filter(|l| l.contains("c3-agent@")).collect();
     assert!(out.status.success(), "{stderr}");
     assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
 }
