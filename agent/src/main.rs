@@ -4,6 +4,7 @@
 mod cli;
 mod config;
 mod publish;
+mod out;
 mod telemetry;
 mod unitcheck;
 
@@ -28,6 +29,7 @@ const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     bound_malloc();
+    out::set_json(out::json_from_env());
     let cli = Cli::parse();
     // Inside a job: no config to read (it may not be readable by the job's user).
     if let Command::Publish { wait_all, paths } = &cli.command {
@@ -37,7 +39,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e.to_string()),
     };
-    telemetry::init(config.log_format);
+    out::set_json(config.log_format == config::LogFormat::Json);
+    match telemetry::filter() {
+        Ok(filter) => telemetry::init(config.log_format, filter),
+        Err(e) => return usage(&e),
+    }
     let job_umask = private_umask(config.private_files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,27 +149,32 @@ fn usage(message: &str) -> ExitCode {
 }
 
 fn failure(message: &str, code: u8) -> ExitCode {
-    say_err(&format!("c3-agent: {message}"));
+    out::error(message);
     ExitCode::from(code)
 }
 
-/// A line on stdout; a closed stdout (`| head -1`, a reader gone) is not the agent's failure.
-/// Returns false once stdout is gone.
-fn say(line: &str) -> bool {
-    use std::io::Write;
-    writeln!(std::io::stdout().lock(), "{line}").is_ok()
-}
-
-fn say_err(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+/// An anyhow error and its causes on one line, each cause said once (wrappers often repeat
+/// theirs: `...: Permission denied (os error 13): Permission denied (os error 13)`).
+fn chain_once(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// `pull`/`ls`: 0 on success, 1 on any failure, with the whole error chain.
 fn edge(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => failure(&format!("{e:#}"), 1),
+        Err(e) => failure(&chain_once(&e), 1),
     }
 }
 
@@ -405,26 +416,49 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
 /// The summary on stdout and the job's exit code (contract §1).
 fn finished(ctx: &AgentContext, summary: &c3_runtime::job::JobSummary) -> ExitCode {
     let v = summary.verdict;
+    let manifest = summary
+        .manifest
+        .as_ref()
+        .map(|key| format!("{}/{key}", ctx.store.url().trim_end_matches('/')));
+    let json = serde_json::json!({
+        "job_id": summary.job_id,
+        "state": v.state.as_str(),
+        "reason": v.reason.map(|r| r.as_str()),
+        "agent_exit_code": v.exit.code(),
+        "script_exit_code": summary.script_exit_code,
+        "files": summary.files,
+        "bytes": summary.bytes,
+        "new_bytes": summary.new_bytes,
+        "upload_errors": summary.upload_errors,
+        "manifest": manifest,
+        "finished": !summary.unfinished,
+    });
     if summary.unfinished {
-        say(&format!(
-            "job {} {}: stopped before the final sync was done; `c3-agent recover` finishes it",
-            summary.job_id,
-            v.state.as_str()
-        ));
+        out::result(
+            &format!(
+                "job {} {}: stopped before the final sync was done; `c3-agent recover` finishes it",
+                summary.job_id,
+                v.state.as_str()
+            ),
+            json,
+        );
         return ExitCode::from(v.exit.code());
     }
     let reason = v
         .reason
         .map(|r| format!("/{}", r.as_str()))
         .unwrap_or_default();
-    let where_ = match &summary.manifest {
-        Some(key) => format!("manifest {}/{key}", ctx.store.url().trim_end_matches('/')),
+    let where_ = match &manifest {
+        Some(url) => format!("manifest {url}"),
         None => "no manifest written".to_string(),
     };
-    say(&format!(
-        "job {} {}{reason}: {} files, {} bytes ({} new); {where_}\n  list:  c3-agent ls {}\n  fetch: c3-agent pull {} DEST",
-        summary.job_id, v.state.as_str(), summary.files, summary.bytes, summary.new_bytes, summary.job_id, summary.job_id
-    ));
+    out::result(
+        &format!(
+            "job {} {}{reason}: {} files, {} bytes ({} new); {where_}\n  list:  c3-agent ls {}\n  fetch: c3-agent pull {} DEST",
+            summary.job_id, v.state.as_str(), summary.files, summary.bytes, summary.new_bytes, summary.job_id, summary.job_id
+        ),
+        json,
+    );
     ExitCode::from(v.exit.code())
 }
 
@@ -451,7 +485,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
     match c3_runtime::recover::resync(&ctx, job_id, attempt).await {
         Ok(Some(summary)) => {
             let v = summary.verdict;
-            say(&format!(
+            out::say(&format!(
                 "job {} {}{}: {} files, {} bytes ({} new)",
                 summary.job_id,
                 v.state.as_str(),
@@ -465,7 +499,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ExitCode::from(v.exit.code())
         }
         Ok(None) => {
-            say(&format!(
+            out::say(&format!(
                 "job {job_id}: nothing left to store (or another agent is at work on it)"
             ));
             ExitCode::SUCCESS
@@ -482,11 +516,11 @@ async fn pull(env: &Env, job_id: &str, dest: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
     if !manifest.complete {
-        say_err(&format!(
-            "c3-agent: note: job {job_id}'s manifest is not complete yet (the job may still run)"
+        out::note(&format!(
+            "job {job_id}'s manifest is not complete yet (the job may still run)"
         ));
     }
-    say(&format!(
+    out::say(&format!(
         "pulled {} files, {} bytes of job {job_id} into {}",
         summary.files,
         summary.bytes,
@@ -500,12 +534,12 @@ async fn ls(env: &Env, job_id: &str, json: bool) -> anyhow::Result<()> {
     let manifest =
         c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     if json {
-        say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
+        out::say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
         return Ok(());
     }
     for f in &manifest.files {
         // Control characters (a newline in a name) are escaped so that one line is one file.
-        if !say(&format!(
+        if !out::say(&format!(
             "{:>12}  {}  {}",
             f.size,
             f.sha256,

@@ -1,5 +1,7 @@
 //! Logging: human lines or one JSON object per line (with `job_id` at the top level),
-//! filtered by `C3_AGENT_LOG`.
+//! filtered by `C3_AGENT_LOG`. Under systemd each line carries its syslog priority as a
+//! `<N>` prefix (journald's `SyslogLevelPrefix=`, on by default), so `journalctl -p warning`
+//! shows warnings and errors only and `journalctl -o cat | jq` still reads pure JSON.
 
 use std::fmt;
 
@@ -12,18 +14,31 @@ use tracing_subscriber::EnvFilter;
 
 /// Info for the agent; object_store's own per-request retry lines (hundreds in an outage)
 /// only from warn: the agent logs one line when an outage starts and one when it ends.
-const DEFAULT_FILTER: &str = "info,object_store=warn";
+/// notify's own info lines (a watch descriptor it could not remove, with a path from its
+/// build machine) say nothing an operator can act on.
+const DEFAULT_FILTER: &str = "info,object_store=warn,notify=warn";
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("C3_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+/// The filter from `C3_AGENT_LOG` (default: info); a malformed one is a config error.
+pub fn filter() -> Result<EnvFilter, String> {
+    match std::env::var("C3_AGENT_LOG") {
+        Err(_) => Ok(EnvFilter::new(DEFAULT_FILTER)),
+        Ok(v) if v.trim().is_empty() => Ok(EnvFilter::new(DEFAULT_FILTER)),
+        Ok(v) => EnvFilter::try_new(&v).map_err(|e| {
+            format!("config: `C3_AGENT_LOG`: `{v}` is not a log filter ({e}); try `info`, `debug` or `c3_runtime=debug`")
+        }),
+    }
+}
+
+pub fn init(format: LogFormat, filter: EnvFilter) {
     // A closed stderr (journald restarted, `2>&- `, a reader that went away) loses log lines,
     // never the agent: tracing-subscriber's own error report would `eprintln!` and panic.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(Stderr {
+            journal: stderr_is_journal(),
+        })
         .log_internal_errors(false);
     match format {
         LogFormat::Human => {
@@ -37,6 +52,84 @@ pub fn init(format: LogFormat) {
             .fmt_fields(JsonFields::new())
             .event_format(FlatJson)
             .init(),
+    }
+}
+
+/// stderr, with each line's syslog priority in front (`<3>` error ... `<7>` debug) when
+/// stderr is journald's stream (`JOURNAL_STREAM` names its device and inode).
+#[derive(Clone, Copy)]
+struct Stderr {
+    journal: bool,
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
+    stream == format!("{}:{}", st.st_dev, st.st_ino)
+}
+
+fn priority(level: &tracing::Level) -> &'static [u8] {
+    match *level {
+        tracing::Level::ERROR => b"<3>",
+        tracing::Level::WARN => b"<4>",
+        tracing::Level::INFO => b"<6>",
+        _ => b"<7>",
+    }
+}
+
+/// One event's text, written to stderr at once with the priority before every line (an
+/// error with a multi-line cause stays one priority).
+struct Line {
+    prefix: Option<&'static [u8]>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for Line {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let out = match self.prefix {
+            None => std::mem::take(&mut self.buf),
+            Some(p) => {
+                let mut out = Vec::with_capacity(self.buf.len() + 8);
+                for line in self.buf.split_inclusive(|b| *b == b'\n') {
+                    out.extend_from_slice(p);
+                    out.extend_from_slice(line);
+                }
+                out
+            }
+        };
+        let _ = std::io::stderr().lock().write_all(&out);
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Stderr {
+    type Writer = Line;
+    fn make_writer(&'a self) -> Line {
+        Line {
+            prefix: None,
+            buf: Vec::new(),
+        }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
+        Line {
+            prefix: self.journal.then(|| priority(meta.level())),
+            buf: Vec::new(),
+        }
     }
 }
 
@@ -73,6 +166,12 @@ where
             }
         }
         event.record(&mut Visitor(&mut map));
+        // A field the event declares but did not record (an `Option` that was `None`) is
+        // null, not missing: `jq '.reason'` then means the same on every "job finished".
+        for field in event.metadata().fields() {
+            map.entry(field.name())
+                .or_insert(serde_json::Value::Null);
+        }
         writeln!(writer, "{}", serde_json::Value::Object(map))
     }
 }
@@ -80,9 +179,16 @@ where
 struct Visitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
 impl Visit for Visitor<'_> {
+    /// Lists (`command = ?vec`) stay lists; everything else recorded by `Debug`/`Display`
+    /// is a string.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        let json = match text.as_bytes().first() {
+            Some(b'[') | Some(b'{') => serde_json::from_str(&text).ok(),
+            _ => None,
+        };
         self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+            .insert(field.name().into(), json.unwrap_or(text.into()));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().into(), value.into());

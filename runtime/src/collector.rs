@@ -39,6 +39,8 @@ pub struct CollectorConfig {
     pub manifest: ManifestWriter,
     /// Sync while the job runs (`None`: everything at the end).
     pub live: Option<LiveOptions>,
+    /// Uploads queued and done, read by the progress line.
+    pub progress: std::sync::Arc<crate::progress::Progress>,
 }
 
 impl CollectorConfig {
@@ -66,6 +68,7 @@ impl CollectorConfig {
             reader,
             manifest: ManifestWriter::new(ctx.store.clone(), spec),
             live: ctx.live.clone(),
+            progress: crate::progress::Progress::shared(),
         }
     }
 }
@@ -189,6 +192,7 @@ async fn run(
     mut publish_rx: mpsc::Receiver<PublishCall>,
 ) {
     let mut book = SyncBook::default();
+    book.progress = config.progress.clone();
     // Phase 1: until the job ends (the first command is always JobEnded).
     let first = match (config.live.clone(), procs) {
         (Some(opts), Some(procs)) => {

@@ -28,6 +28,33 @@ pub fn compact_utc_now() -> String {
     chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string()
 }
 
+/// `args` for a log line, at most about `max` bytes: a 100 KB command line (a long list of
+/// files) is cut, with how much was left out.
+pub fn clipped(args: &[String], max: usize) -> Vec<String> {
+    let total: usize = args.iter().map(String::len).sum();
+    if total <= max {
+        return args.to_vec();
+    }
+    let mut out = Vec::new();
+    let mut used = 0;
+    for a in args {
+        if used + a.len() <= max {
+            out.push(a.clone());
+            used += a.len();
+            continue;
+        }
+        let mut cut = max.saturating_sub(used);
+        while !a.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push(format!("{}…", &a[..cut]));
+        used = max;
+        break;
+    }
+    out.push(format!("(… {} more bytes)", total.saturating_sub(used)));
+    out
+}
+
 /// `1288490188` -> `1.2 GiB`: for people (`systemctl status`), not for parsers.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -47,6 +74,17 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_command_lines_are_clipped() {
+        let short = vec!["python3".to_string(), "train.py".to_string()];
+        assert_eq!(clipped(&short, 1024), short);
+        let long = vec!["cat".to_string(), "é".repeat(60_000)];
+        let c = clipped(&long, 1024);
+        assert_eq!(c[0], "cat");
+        assert!(c[1].len() <= 1024 + 3 && c[1].ends_with('…'), "{}", c[1].len());
+        assert!(c[2].contains("more bytes"));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot read {0}: {1}")]

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use c3_proto::{ArtifactsRegistration, JobSpec, Phase, RunRecord, Stream};
+use c3_proto::{ArtifactsRegistration, JobSpec, JobState, Phase, RunRecord, Stream};
 
 use crate::agentsock::AgentSocket;
 use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
@@ -42,6 +42,8 @@ pub struct JobSummary {
     pub manifest: Option<String>,
     /// The stop deadline cut the final sync short: `recover` finishes the attempt.
     pub unfinished: bool,
+    /// The script's own exit code, when it exited.
+    pub script_exit_code: Option<i32>,
 }
 
 /// The run record of an attempt about to start: the spec, the resolved workdir, this agent.
@@ -76,26 +78,39 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
 impl JobSummary {
     /// The one summary line at the end (contract §9).
     pub fn log(&self, elapsed: Duration) {
+        let elapsed_s = (elapsed.as_secs_f64() * 100.0).round() / 100.0;
         if self.unfinished {
             tracing::error!(
                 job_id = %self.job_id,
-                elapsed_s = format_args!("{:.2}", elapsed.as_secs_f64()),
+                elapsed_s,
                 "job stopped before its final sync was done (stop deadline); `c3-agent recover` finishes it"
             );
             return;
         }
         let v = &self.verdict;
-        tracing::info!(
-            state = v.state.as_str(),
-            reason = v.reason.map(|r| r.as_str()).unwrap_or("-"),
-            exit_code = v.exit.code(),
-            files = self.files,
-            bytes = self.bytes,
-            new_bytes = self.new_bytes,
-            upload_errors = self.upload_errors,
-            elapsed_s = format_args!("{:.2}", elapsed.as_secs_f64()),
-            "job finished"
-        );
+        // A job that did not succeed ends with a warning or an error (`journalctl -p warning`).
+        macro_rules! finished {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    state = v.state.as_str(),
+                    reason = v.reason.map(|r| r.as_str()),
+                    script_exit_code = self.script_exit_code,
+                    agent_exit_code = v.exit.code(),
+                    files = self.files,
+                    bytes = self.bytes,
+                    new_bytes = self.new_bytes,
+                    upload_errors = self.upload_errors,
+                    elapsed_s,
+                    "job finished"
+                )
+            };
+        }
+        match v.state {
+            JobState::Succeeded => finished!(tracing::Level::INFO),
+            JobState::Canceled | JobState::TimedOut => finished!(tracing::Level::WARN),
+            _ => finished!(tracing::Level::ERROR),
+        }
     }
 }
 
@@ -322,10 +337,11 @@ impl<'a> Run<'a> {
         self.record.leader = crate::procfs::identity(procs.leader());
         self.record.cgroup = procs.cgroup().map(|cg| cg.path().display().to_string());
         let seq = self.next_seq().await;
-        tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?spec.command, workdir = %self.workdir.display(), "job launched");
+        tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), "job launched");
         self.reports.running(seq, self.ctx.report_deadline());
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
+        let live_progress = self.progress("live");
         let stop_socket = CancellationToken::new();
         let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
         let server =
@@ -335,6 +351,7 @@ impl<'a> Run<'a> {
         let supervised = supervisor
             .wait(cancel, spec.timeout_secs, self.ctx.kill_grace)
             .await;
+        drop(live_progress);
         self.gpu_released(Some(supervised.facts.clone())).await;
         stop_socket.cancel();
         if let Some(server) = server {
@@ -399,6 +416,7 @@ impl<'a> Run<'a> {
                 upload_errors: 0,
                 manifest: None,
                 unfinished: true,
+                script_exit_code: self.record.exit_code,
             };
             summary.log(started.elapsed());
             summary
@@ -407,6 +425,28 @@ impl<'a> Run<'a> {
 
     async fn finish_steps(&mut self, end: &JobEnd, started: Instant) -> JobSummary {
         let end = end.clone();
+        let final_progress = self.progress("final");
+        let summary = self.final_steps(end, started).await;
+        drop(final_progress);
+        summary
+    }
+
+    /// A progress line for `phase` every 10 s until the returned guard is dropped (also when
+    /// the stop deadline drops the final sync).
+    fn progress(&self, phase: &'static str) -> tokio_util::sync::DropGuard {
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            crate::progress::report(
+                self.collector_config.progress.clone(),
+                phase,
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
+        stop.drop_guard()
+    }
+
+    async fn final_steps(&mut self, end: JobEnd, started: Instant) -> JobSummary {
         let launched = match &end {
             JobEnd::Exited(_) | JobEnd::Killed(_) | JobEnd::TimedOut | JobEnd::AgentLost => true,
             // Canceled before launch leaves no record of a pgid.
@@ -467,6 +507,7 @@ impl<'a> Run<'a> {
                 .manifest_sha256
                 .map(|_| self.collector_config.manifest.key()),
             unfinished: false,
+            script_exit_code: self.record.exit_code,
         };
         summary.log(started.elapsed());
         summary

@@ -28,6 +28,7 @@ pub mod outcome;
 pub mod output;
 pub mod prepare;
 pub mod procfs;
+pub mod progress;
 pub mod publish;
 pub mod pull;
 pub mod recover;

@@ -82,7 +82,7 @@ impl LiveSync {
             manifest_dirty: false,
             manifest_written: None,
             polling: false,
-            last_progress: Instant::now(),
+            rescans: RescanPace::default(),
             warned_upload: false,
         };
         LiveSync { syncer }
@@ -127,11 +127,26 @@ struct Syncer {
     manifest_written: Option<Instant>,
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
-    last_progress: Instant,
     warned_upload: bool,
+    /// Watcher errors can come by the ten thousand (a job swapping a watched dir for a
+    /// symlink): rescans at most once a second, logged at most once every 10 s.
+    rescans: RescanPace,
 }
 
-type UploadResult = (String, Result<Uploaded, UploadError>);
+#[derive(Default)]
+struct RescanPace {
+    last: Option<Instant>,
+    /// A rescan asked for while the last one was too recent.
+    due: Option<Instant>,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
+const RESCAN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Manifest path, size queued, outcome.
+type UploadResult = (String, u64, Result<Uploaded, UploadError>);
 
 impl Syncer {
     async fn run(mut self, ended: impl std::future::Future<Output = ()>) -> SyncBook {
@@ -154,12 +169,14 @@ impl Syncer {
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
                 _ = tokio::time::sleep_until(wake) => {
                     if self.polling && Instant::now() >= next_poll {
-                        self.rescan().await;
+                        self.paced_rescan().await;
                         next_poll = Instant::now() + self.opts.poll_interval;
+                    }
+                    if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
+                        self.paced_rescan().await;
                     }
                     self.settle(&mut uploads).await;
                     self.write_manifest_if_due().await;
-                    self.progress(&uploads);
                 }
             }
         }
@@ -257,6 +274,12 @@ impl Syncer {
         }
     }
 
+    async fn paced_rescan(&mut self) {
+        self.rescans.last = Some(Instant::now());
+        self.rescans.due = None;
+        self.rescan().await;
+    }
+
     /// The next moment something is due: a candidate settling, the manifest, a poll.
     fn next_wake(&self, next_poll: Instant) -> Instant {
         let mut wake = Instant::now() + Duration::from_secs(3600);
@@ -278,11 +301,11 @@ impl Syncer {
                 .unwrap_or_else(Instant::now);
             wake = wake.min(due);
         }
-        if !self.in_flight.is_empty() {
-            wake = wake.min(self.last_progress + Duration::from_secs(10));
-        }
         if self.polling {
             wake = wake.min(next_poll);
+        }
+        if let Some(due) = self.rescans.due {
+            wake = wake.min(due);
         }
         wake.max(Instant::now() + Duration::from_millis(5))
     }
@@ -316,8 +339,19 @@ impl Syncer {
                 }
             }
             Hint::Rescan(why) => {
-                tracing::info!(reason = %why, "rescanning the output dirs");
-                self.rescan().await;
+                let now = Instant::now();
+                let p = &mut self.rescans;
+                if p.logged.is_none_or(|t| now >= t + RESCAN_LOG_EVERY) {
+                    tracing::info!(reason = %why, suppressed = p.unlogged, "rescanning the output dirs");
+                    p.logged = Some(now);
+                    p.unlogged = 0;
+                } else {
+                    p.unlogged += 1;
+                }
+                match p.last {
+                    Some(t) if now < t + RESCAN_EVERY => p.due = Some(t + RESCAN_EVERY),
+                    _ => self.paced_rescan().await,
+                }
             }
             Hint::Degraded(why) => {
                 if !self.polling {
@@ -489,10 +523,11 @@ impl Syncer {
                 continue;
             }
             let uploader = self.uploader.clone();
+            self.book.progress.queue(file.stamp.size);
             let handle = uploads.spawn(
                 async move {
                     let result = uploader.upload(&file).await;
-                    (file.rel, result)
+                    (file.rel, file.stamp.size, result)
                 }
                 .in_current_span(),
             );
@@ -501,7 +536,8 @@ impl Syncer {
     }
 
     fn on_uploaded(&mut self, done: Result<UploadResult, tokio::task::JoinError>) {
-        let Ok((rel, result)) = done else { return };
+        let Ok((rel, size, result)) = done else { return };
+        self.book.progress.finish(size);
         self.in_flight.remove(&rel);
         match result {
             Ok(up) => {
@@ -547,26 +583,6 @@ impl Syncer {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")
             }
         }
-    }
-
-    fn progress(&mut self, uploads: &JoinSet<UploadResult>) {
-        if uploads.is_empty() || self.last_progress.elapsed() < Duration::from_secs(10) {
-            return;
-        }
-        self.last_progress = Instant::now();
-        tracing::info!(
-            files_synced = self.book.len(),
-            bytes_synced = self.book.total_bytes(),
-            uploading = uploads.len(),
-            waiting_to_settle = self.candidates.len(),
-            "live sync progress"
-        );
-        crate::sdnotify::status(&format!(
-            "running: {} files synced ({}), {} uploading",
-            self.book.len(),
-            crate::display::human_bytes(self.book.total_bytes()),
-            uploads.len()
-        ));
     }
 }
 

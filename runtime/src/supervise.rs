@@ -399,7 +399,7 @@ impl Supervisor {
         match wake {
             Wake::Exited(Ok(status)) => match (status.code(), signal_name(&status)) {
                 (Some(code), _) => {
-                    tracing::info!(exit_code = code, "job script exited");
+                    tracing::info!(script_exit_code = code, "job script exited");
                     (JobEnd::Exited(code), None)
                 }
                 (None, Some(signal)) => {

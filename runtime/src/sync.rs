@@ -5,7 +5,7 @@
 //! a bounded number of files at a time, with a progress line every 10 s.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 
@@ -16,7 +16,6 @@ use crate::upload::{UploadError, Uploaded, Uploader};
 
 /// A file that changes while being read is tried again this many times.
 const CHANGED_RETRIES: usize = 3;
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// The newest synced version of every collected file, keyed by manifest path.
 #[derive(Debug, Default)]
@@ -24,6 +23,8 @@ pub struct SyncBook {
     synced: BTreeMap<String, Uploaded>,
     /// Bytes this job added to the store so far.
     pub new_bytes: u64,
+    /// Uploads queued and done, for the progress line.
+    pub progress: std::sync::Arc<crate::progress::Progress>,
 }
 
 /// What one sync pass did.
@@ -91,57 +92,47 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
     report
 }
 
-/// Uploads `todo` into the book, a bounded number at a time, with a progress line every 10 s.
+/// Uploads `todo` into the book, a bounded number at a time (progress in `book.progress`).
 pub async fn upload_all(
     uploader: &Uploader,
     todo: Vec<LocalFile>,
     book: &mut SyncBook,
 ) -> SyncReport {
     let mut report = SyncReport::default();
-    let queued_bytes: u64 = todo.iter().map(|f| f.stamp.size).sum();
-    let queued_files = todo.len();
-    let started = Instant::now();
-    let mut done_bytes = 0u64;
+    for f in &todo {
+        book.progress.queue(f.stamp.size);
+    }
     let mut uploads = futures::stream::iter(todo)
         .map(|file| {
             let uploader = uploader.clone();
-            async move { upload_settled(&uploader, &file).await }
+            async move {
+                let (rel, result) = upload_settled(&uploader, &file).await;
+                (rel, file.stamp.size, result)
+            }
         })
         .buffer_unordered(uploader.options().files_in_flight.max(1));
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.tick().await;
     loop {
-        tokio::select! {
-            next = uploads.next() => match next {
-                None => break,
-                Some((_, Ok(up))) => {
-                    done_bytes += up.digests.size;
-                    report.uploaded += 1;
-                    book.record(up);
+        match uploads.next().await {
+            None => break,
+            Some((rel, size, result)) => {
+                book.progress.finish(size);
+                match result {
+                    Ok(up) => {
+                        report.uploaded += 1;
+                        book.record(up);
+                    }
+                    // Deleted by the job before we got to it: nothing to collect.
+                    Err(UploadError::Vanished { .. }) => {
+                        tracing::debug!(path = %rel, "file vanished before upload")
+                    }
+                    Err(e @ UploadError::NotReadable { .. }) => {
+                        tracing::debug!(path = %rel, "{e}");
+                        report
+                            .warnings
+                            .push(format!("{rel} is not readable by the job's user; not uploaded"));
+                    }
+                    Err(e) => report.failures.push((rel, e)),
                 }
-                // Deleted by the job before we got to it: nothing to collect.
-                Some((rel, Err(UploadError::Vanished { .. }))) => tracing::debug!(path = %rel, "file vanished before upload"),
-                Some((rel, Err(e @ UploadError::NotReadable { .. }))) => {
-                    tracing::debug!(path = %rel, "{e}");
-                    report.warnings.push(format!("{rel} is not readable by the job's user; not uploaded"));
-                }
-                Some((rel, Err(e))) => report.failures.push((rel, e)),
-            },
-            _ = progress.tick() => {
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                tracing::info!(
-                    files_done = report.uploaded + report.failures.len(),
-                    files_queued = queued_files,
-                    bytes_done = done_bytes,
-                    bytes_queued = queued_bytes,
-                    mib_per_s = format_args!("{:.1}", done_bytes as f64 / secs / 1048576.0),
-                    "upload progress"
-                );
-                crate::sdnotify::status(&format!(
-                    "final sync: uploading {}/{queued_files} files, {} left",
-                    report.uploaded + report.failures.len(),
-                    crate::display::human_bytes(queued_bytes.saturating_sub(done_bytes))
-                ));
             }
         }
     }

@@ -117,3 +117,98 @@ fn quick_run_uses_the_current_dir() {
     assert_eq!(h.manifest_paths("quick"), vec!["artifacts/a", "out/b"]);
     assert!(h.dir.path().join("artifacts/a").exists());
 }
+
+#[test]
+fn json_mode_writes_only_json_on_both_streams() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
+    let run = h.run_job(json!({"job_id": "jsonly", "command": ["sh", "-c", "echo out; echo x > $C3_ARTIFACTS_DIR/x; exit 3"]}));
+    run.assert_code(1);
+    let parse = |stream: &str, text: &str| -> Vec<Value> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("{stream} line not JSON: {l}: {e}"))
+            })
+            .collect()
+    };
+    let err = parse("stderr", &run.stderr);
+    let out = parse("stdout", &run.stdout);
+    assert_eq!(out.len(), 1, "the summary: {}", run.stdout);
+    assert_eq!(out[0]["state"], "FAILED");
+    assert_eq!(out[0]["agent_exit_code"], 1);
+    assert_eq!(out[0]["script_exit_code"], 3);
+    let find = |m: &str| err.iter().find(|l| l["message"] == m).cloned().unwrap();
+    let launched = find("job launched");
+    assert!(launched["command"].is_array(), "a list: {launched}");
+    assert_eq!(launched["command"][0], "sh");
+    let exited = find("job script exited");
+    assert_eq!(exited["script_exit_code"], 3);
+    let fin = find("job finished");
+    assert!(fin["elapsed_s"].is_f64(), "a number: {fin}");
+    assert_eq!(fin["reason"], "SCRIPT_ERROR");
+    assert_eq!(fin["agent_exit_code"], 1);
+    assert_eq!(fin["level"], "ERROR", "a failed job ends with an error");
+
+    // A bad flag is a JSON line too.
+    let bad = h.run(&["run", "--timeout", "0", "--", "true"]);
+    bad.assert_code(2);
+    let line: Value = serde_json::from_str(bad.stderr.trim()).unwrap();
+    assert_eq!(line["level"], "ERROR");
+}
+
+#[test]
+fn a_succeeded_job_says_reason_null() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
+    let run = h.run_job(json!({"job_id": "nullr", "command": ["true"]}));
+    run.assert_code(0);
+    let fin: Value = run
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "job finished")
+        .unwrap();
+    assert_eq!(fin["reason"], Value::Null);
+    assert_eq!(fin["level"], "INFO");
+    assert_eq!(fin["script_exit_code"], 0);
+}
+
+#[test]
+fn under_journald_each_line_carries_its_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Harness::file();
+    let log = h.path("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    h.env.push((
+        "JOURNAL_STREAM".into(),
+        format!("{}:{}", meta.dev(), meta.ino()),
+    ));
+    let spec = h.spec(json!({"job_id": "prio", "command": ["sh", "-c", "exit 4"]}));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    cmd.stderr(file);
+    let status = cmd.status().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<6>") && l.contains("job launched")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<3>") && l.contains("job finished")),
+        "a failed job's end is an error for `journalctl -p err`: {text}"
+    );
+}
+
+#[test]
+fn a_malformed_log_filter_is_a_config_error() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_LOG".into(), "info,[[[".into()));
+    let run = h.run(&["run", "--", "true"]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("C3_AGENT_LOG"), "{}", run.stderr);
+}

@@ -1,0 +1,88 @@
+//! One progress line for live and final sync: files and bytes queued and done, shared by
+//! whoever uploads (live sync, the final pass, publish), logged by one ticker per phase.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::display::human_bytes;
+
+/// At least this often while uploads are pending (contract §9: every 10 s).
+pub const EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+pub struct Progress {
+    files_queued: AtomicU64,
+    files_done: AtomicU64,
+    bytes_queued: AtomicU64,
+    bytes_done: AtomicU64,
+}
+
+impl Progress {
+    pub fn shared() -> Arc<Progress> {
+        Arc::new(Progress::default())
+    }
+
+    /// A file of `bytes` is about to be uploaded.
+    pub fn queue(&self, bytes: u64) {
+        self.files_queued.fetch_add(1, Relaxed);
+        self.bytes_queued.fetch_add(bytes, Relaxed);
+    }
+
+    /// An upload queued with `bytes` ended (stored, or not: it is no longer pending).
+    pub fn finish(&self, bytes: u64) {
+        self.files_done.fetch_add(1, Relaxed);
+        self.bytes_done.fetch_add(bytes, Relaxed);
+    }
+
+    fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.files_done.load(Relaxed),
+            self.files_queued.load(Relaxed),
+            self.bytes_done.load(Relaxed),
+            self.bytes_queued.load(Relaxed),
+        )
+    }
+}
+
+/// Logs a progress line every [`EVERY`] until `stop`: in the `live` phase only while
+/// uploads are pending, in the `final` phase always (the GPU may be waiting on it).
+pub async fn report(progress: Arc<Progress>, phase: &'static str, stop: CancellationToken) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
+    let mut last = (Instant::now(), progress.snapshot().2);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (files_done, files_queued, bytes_done, bytes_queued) = progress.snapshot();
+        let pending = files_queued.saturating_sub(files_done);
+        let secs = last.0.elapsed().as_secs_f64().max(0.001);
+        let rate = bytes_done.saturating_sub(last.1) as f64 / secs;
+        last = (Instant::now(), bytes_done);
+        if pending == 0 && phase == "live" {
+            continue;
+        }
+        let left = bytes_queued.saturating_sub(bytes_done);
+        let eta = (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64);
+        let text = format!(
+            "{phase} sync: {files_done}/{files_queued} files, {} left, {}/s{}",
+            human_bytes(left),
+            human_bytes(rate as u64),
+            eta.map(|s| format!(", ETA {s} s")).unwrap_or_default()
+        );
+        tracing::info!(
+            phase,
+            files_done,
+            files_queued,
+            bytes_done,
+            bytes_left = left,
+            bytes_per_s = rate.round() as u64,
+            eta_s = eta,
+            "{text}"
+        );
+        crate::sdnotify::status(&text);
+    }
+}
