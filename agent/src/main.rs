@@ -61,7 +61,12 @@ fn main() -> ExitCode {
         runtime.block_on(dispatch(cli.command, config.clone(), job_umask))
     }));
     match outcome {
-        Ok(code) => code,
+        Ok(code) => {
+            // Done: a blocking task still hashing a file the stop deadline gave up on must
+            // not keep the process (and the scheduler's SIGKILL timer) waiting.
+            runtime.shutdown_background();
+            code
+        }
         Err(_) => {
             runtime.shutdown_background();
             after_panic(config, job_umask)
@@ -355,12 +360,16 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    // First: a stop (or a forwarded signal) from now on is handled, never the default action.
+    let cancel = cancel_on_signals(&config.forward_signals);
     starting(env, &ctx);
-    unitcheck::warn_if_stop_timeout_too_short(config.stop_deadline, config.kill_grace).await;
+    tokio::spawn(unitcheck::warn_if_stop_timeout_too_short(
+        config.stop_deadline,
+        config.kill_grace,
+    ));
     if let Ok(mut current) = CURRENT.lock() {
         *current = Some((spec.job_id.clone(), spec.attempt));
     }
-    let cancel = cancel_on_signals(&config.forward_signals);
     // Whatever the job forks and orphans is re-parented to the agent, never lost to init.
     c3_runtime::jobproc::become_subreaper();
     let summary = match c3_runtime::run_job(&ctx, spec, cancel).await {
@@ -390,11 +399,10 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
-    starting(env, &ctx);
-    if let Ok(mut current) = CURRENT.lock() {
-        *current = Some((args.job_id.clone(), args.attempt));
-    }
+    // No CURRENT: a panicking sidecar must not finish a job that still runs elsewhere; its
+    // restart takes the attempt over.
     let cancel = cancel_on_signals(&[]);
+    starting(env, &ctx);
     let plan = c3_runtime::sidecar::WatchPlan {
         job_id: args.job_id,
         attempt: args.attempt,

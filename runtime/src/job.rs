@@ -352,7 +352,8 @@ impl<'a> Run<'a> {
             .wait(cancel, spec.timeout_secs, self.ctx.kill_grace)
             .await;
         drop(live_progress);
-        self.gpu_released(Some(supervised.facts.clone())).await;
+        self.gpu_released(Some(supervised.facts.clone()), supervised.gone)
+            .await;
         stop_socket.cancel();
         if let Some(server) = server {
             let _ = server.await;
@@ -367,10 +368,10 @@ impl<'a> Run<'a> {
 
     /// The job's processes are gone: FINALIZING, in the background, so a scheduler may
     /// place the next job on the GPU while the final sync runs.
-    pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>) {
+    pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>, gone: bool) {
         self.record.facts = facts;
         let seq = self.next_seq().await;
-        self.reports.finalizing(seq, self.ctx.report_deadline());
+        self.reports.finalizing(seq, gone, self.ctx.report_deadline());
         crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
         tracing::info!(
             seq,
@@ -391,7 +392,10 @@ impl<'a> Run<'a> {
                 match requested.wait_for(Option::is_some).await {
                     Ok(at) => {
                         let at = at.unwrap_or_else(tokio::time::Instant::now);
-                        tokio::time::sleep_until(at + within).await
+                        match at.checked_add(within) {
+                            Some(deadline) => tokio::time::sleep_until(deadline).await,
+                            None => std::future::pending().await,
+                        }
                     }
                     Err(_) => std::future::pending().await,
                 }
@@ -407,9 +411,16 @@ impl<'a> Run<'a> {
         done.unwrap_or_else(|| {
             // Uploads in flight are dropped; a resumable multipart journal stays for recover.
             self.collector.take();
+            // Statuses still under way go to the outbox, in order, for recover to deliver.
+            self.reports.keep_background();
+            // Not finished is never success: the agent was stopped before its work was done.
+            let mut verdict = decide(&end, false, false);
+            if verdict.exit == crate::outcome::ExitCode::Succeeded {
+                verdict = decide(&JobEnd::Canceled, false, false);
+            }
             let summary = JobSummary {
                 job_id: self.spec().job_id.clone(),
-                verdict: decide(&end, false, false),
+                verdict,
                 files: 0,
                 bytes: 0,
                 new_bytes: 0,

@@ -46,7 +46,10 @@ impl Cgroup {
         if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
             // Moved there by an earlier call: the jobs are its siblings.
             base.pop();
-        } else if own.ends_with(".service") && std::env::var_os("INVOCATION_ID").is_some() {
+        } else if own.ends_with(".service")
+            && std::env::var_os("INVOCATION_ID").is_some()
+            && alone_in(&base)
+        {
             enable_controllers(&base);
         }
         let dir = base.join(name);
@@ -167,7 +170,16 @@ fn enable_controllers(base: &Path) {
         return;
     }
     let line = missing.join(" ");
-    let enable = || std::fs::write(base.join("cgroup.subtree_control"), &line);
+    // One at a time: a controller the kernel refuses must not keep the others off.
+    let enable = || {
+        let mut result = Ok(());
+        for c in &missing {
+            if let Err(e) = std::fs::write(base.join("cgroup.subtree_control"), c) {
+                result = Err(e);
+            }
+        }
+        result
+    };
     if enable().is_ok() {
         return;
     }
@@ -184,6 +196,15 @@ fn enable_controllers(base: &Path) {
             tracing::debug!(controllers = %line, error = %e, "cannot enable cgroup controllers for the job")
         }
     }
+}
+
+/// Whether the agent is the only process of its cgroup: its own unit's main process (a root
+/// agent inside another service, say slurmd's, must not rearrange that service's cgroup).
+fn alone_in(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| {
+        let pids: Vec<&str> = t.split_whitespace().collect();
+        pids == [std::process::id().to_string().as_str()]
+    })
 }
 
 fn v2_mount() -> Option<PathBuf> {
@@ -256,6 +277,38 @@ enum Scope {
     Everyone,
 }
 
+/// A process held by a pidfd (Linux 5.3): a signal sent through it never reaches a later
+/// process that reused the pid, even after the process was reaped.
+#[derive(Debug)]
+pub struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    /// `None` where the kernel has no pidfds (or the process is gone).
+    pub fn open(pid: i32) -> Option<PidFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        // SAFETY: a non-negative return is a fresh fd that nothing else owns.
+        (fd >= 0).then(|| PidFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Whether the signal was delivered (false once the process is gone).
+    pub fn signal(&self, signal: Signal) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid pidfd, a valid signal, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                signal as i32,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
+    }
+}
+
 /// The processes of one running job. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct JobProcesses {
@@ -310,6 +363,11 @@ impl JobProcesses {
         self.inner.leader
     }
 
+    /// The leader's start (clock ticks after boot), to tell it from a later process.
+    pub fn leader_start_ticks(&self) -> u64 {
+        self.inner.leader_start_ticks
+    }
+
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.inner.cgroup.as_ref()
     }
@@ -339,6 +397,11 @@ impl JobProcesses {
         }
         set.remove(&self.inner.agent);
         set.into_iter().collect()
+    }
+
+    /// Whether nothing of the job is left (off the reactor): only then is its GPU free.
+    pub async fn all_gone(&self) -> bool {
+        self.gone_async().await
     }
 
     /// Whether nothing of the job is left. With a cgroup, the kernel says so.
@@ -445,7 +508,12 @@ impl JobProcesses {
                         "job ignored SIGTERM; sending SIGKILL"
                     );
                     self.kill_hard_async().await;
-                    status = child.wait().await.ok();
+                    // A leader stuck in the kernel (a GPU driver call) must not hold the agent:
+                    // stop_rest below says so, and the stop deadline still applies.
+                    status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
                 }
             }
         }
@@ -488,7 +556,10 @@ impl JobProcesses {
         }
         if let Some(cg) = &self.inner.cgroup {
             if let Ok(mut facts) = self.inner.facts.lock() {
-                *facts = Some(cg.facts());
+                // Once, while the cgroup exists: a second `terminate` finds it removed.
+                if facts.is_none() && cg.path().exists() {
+                    *facts = Some(cg.facts());
+                }
             }
             cg.remove();
         }

@@ -91,9 +91,9 @@ impl JobReporter {
 
     /// FINALIZING with `gpu_released`: the job's processes are gone, so a scheduler may place
     /// the next job on its GPU while the final sync runs. In the background, right away.
-    pub fn finalizing(&mut self, seq: u64, deadline: Instant) {
+    pub fn finalizing(&mut self, seq: u64, gpu_released: bool, deadline: Instant) {
         let mut status = self.status(seq, JobState::Finalizing);
-        status.gpu_released = Some(true);
+        status.gpu_released = Some(gpu_released);
         self.in_background(seq, status.to_json(), deadline);
     }
 
@@ -120,9 +120,36 @@ impl JobReporter {
     /// Waits for the background statuses until `stay`; past it, they go to the outbox
     /// first, in order.
     async fn settle_background(&mut self, stay: Instant) {
-        for (mut task, seq, body) in std::mem::take(&mut self.background) {
+        let mut tasks = std::mem::take(&mut self.background).into_iter();
+        while let Some((mut task, seq, body)) = tasks.next() {
             if tokio::time::timeout_at(stay, &mut task).await.is_err() {
-                task.abort();
+                // Past `stay`: this one and every later one go to the outbox, in order.
+                let rest: Vec<_> = std::iter::once((task, seq, body)).chain(tasks).collect();
+                self.keep_all(rest);
+                return;
+            }
+        }
+    }
+
+    /// The stop deadline came: statuses still under way go to the outbox now, in order.
+    pub fn keep_background(&mut self) {
+        let all = std::mem::take(&mut self.background);
+        self.keep_all(all);
+    }
+
+    /// Aborts the newest first (an aborted one releases the next, which must not get out
+    /// ahead of it), then keeps each that was not delivered, oldest first.
+    fn keep_all(&mut self, tasks: Vec<(JoinHandle<Delivery>, u64, Vec<u8>)>) {
+        for (task, _, _) in tasks.iter().rev() {
+            task.abort();
+        }
+        for (task, seq, body) in tasks {
+            // Finished before the abort: delivered, rejected, or already kept by itself.
+            let settled = task.is_finished()
+                && futures::FutureExt::now_or_never(task)
+                    .and_then(Result::ok)
+                    .is_some();
+            if !settled {
                 self.reporter.keep_unsent("status", seq, &body);
             }
         }

@@ -201,7 +201,8 @@ async fn watch_attempt(
         crate::sdnotify::ready("watching the job's directories");
         let (end, message) = wait_for_end(&plan, leader.as_ref(), cancel).await;
         if end != JobEnd::Canceled {
-            run.gpu_released(None).await;
+            // The job says it is over (its own processes are out of sight here).
+            run.gpu_released(None, true).await;
         }
         run.message = message;
         Ok(Watched::Finished(run.finish(end, started).await))
@@ -247,7 +248,13 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>
             uid,
             gids: groups_of(uid).unwrap_or_else(|| vec![gid]),
         }),
-        _ => None,
+        // A root-owned parent (an emptyDir, a root prolog's mkdir) names no job user: read
+        // only what anyone may, never what root alone may (a file renamed in by someone else).
+        Some(_) => Some(JobUser {
+            uid: u32::MAX - 1,
+            gids: Vec::new(),
+        }),
+        None => None,
     })
 }
 
@@ -271,29 +278,29 @@ async fn wait_for_end(
             _ = tick.tick() => false,
             _ = cancel.cancelled() => true,
         };
-        if let Some(done) = &plan.done_file {
-            if let Some(said) = read_done_file(done) {
-                tracing::info!(done_file = %done.display(), said = ?said, "the job says it is done");
-                return match said {
-                    DoneFile::Exit(code) => (JobEnd::Exited(code), None),
-                    DoneFile::Canceled => (JobEnd::Canceled, Some("canceled".into())),
-                    DoneFile::Unclear => (
-                        JobEnd::Exited(0),
-                        Some("the done file holds no exit code; taken as 0".into()),
-                    ),
-                };
-            }
+        if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
+            return said.end();
         }
         if let Some(leader) = leader {
             if !crate::procfs::is_alive(leader) {
                 tracing::info!(pid = leader.pid, "the job's main process ended");
-                return (
-                    JobEnd::Exited(0),
-                    Some(format!(
-                        "process {} ended; its exit code is unknown to the agent (write it to --done-file)",
-                        leader.pid
-                    )),
-                );
+                let Some(done) = &plan.done_file else {
+                    return (
+                        JobEnd::Exited(0),
+                        Some(format!(
+                            "process {} ended; its exit code is unknown to the agent (write it to --done-file)",
+                            leader.pid
+                        )),
+                    );
+                };
+                // Its wrapper may still be writing the done file.
+                for _ in 0..10 {
+                    if let Some(said) = read_done_file(done) {
+                        return said.end();
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                return killed();
             }
         }
         if stopped {
@@ -304,10 +311,7 @@ async fn wait_for_end(
                 tracing::warn!(
                     "agent asked to stop, and the job never wrote its done file: it was killed"
                 );
-                return (
-                    JobEnd::Killed("unknown".into()),
-                    Some("the job ended without writing its done file (killed: out of memory, SIGKILL?)".into()),
-                );
+                return killed();
             }
             tracing::warn!("agent asked to stop before the job said it was done; canceled");
             return (JobEnd::Canceled, Some("canceled".into()));
@@ -338,17 +342,41 @@ fn from_root<T>(
     })
 }
 
+/// A job that was to write a done file and ended without one.
+fn killed() -> (JobEnd, Option<String>) {
+    (
+        JobEnd::Killed("unknown".into()),
+        Some("the job ended without writing its done file (killed: out of memory, SIGKILL?)".into()),
+    )
+}
+
+impl DoneFile {
+    fn end(self) -> (JobEnd, Option<String>) {
+        tracing::info!(said = ?self, "the job says it is done");
+        match self {
+            DoneFile::Exit(code) => (JobEnd::Exited(code), None),
+            DoneFile::Canceled => (JobEnd::Canceled, Some("canceled".into())),
+            // Fail closed: an exit nobody can read is not a success.
+            DoneFile::Unclear => (
+                JobEnd::Exited(-1),
+                Some("the done file holds no exit code (an integer, or `canceled`)".into()),
+            ),
+        }
+    }
+}
+
 /// What a done file says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DoneFile {
     Exit(i32),
     /// The job's wrapper was stopped (a pod deletion) and stopped the job.
     Canceled,
-    /// Empty, or neither: the job is over, how is unknown.
+    /// Neither: the job is over, how is unknown.
     Unclear,
 }
 
-/// `None`: not there (yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
+/// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
+/// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 fn read_done_file(path: &Path) -> Option<DoneFile> {
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     if !file.metadata().ok()?.is_file() {
@@ -357,6 +385,9 @@ fn read_done_file(path: &Path) -> Option<DoneFile> {
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
     let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
     Some(match text.parse() {
         Ok(code) => DoneFile::Exit(code),
         Err(_) if text.eq_ignore_ascii_case("canceled") => DoneFile::Canceled,
@@ -402,6 +433,8 @@ mod tests {
         std::fs::write(&f, "3\n").unwrap();
         assert_eq!(read_done_file(&f), Some(DoneFile::Exit(3)));
         std::fs::write(&f, "").unwrap();
+        assert_eq!(read_done_file(&f), None, "not written yet");
+        std::fs::write(&f, "done\n").unwrap();
         assert_eq!(read_done_file(&f), Some(DoneFile::Unclear));
         std::fs::write(&f, "canceled\n").unwrap();
         assert_eq!(read_done_file(&f), Some(DoneFile::Canceled));

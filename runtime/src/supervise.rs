@@ -57,6 +57,8 @@ pub struct Supervised {
     pub warnings: Vec<String>,
     /// OOM kills, peak memory, CPU time.
     pub facts: c3_proto::JobFacts,
+    /// Every process of the job is gone (else some survived SIGKILL): its GPU is free.
+    pub gone: bool,
     /// What the job wrote last is still being read: [`Output::drain`].
     pub output: Output,
 }
@@ -148,6 +150,7 @@ fn listen(signals: &[i32]) -> Vec<(i32, tokio::signal::unix::Signal)> {
 /// agent, and frameworks save a checkpoint on it.
 async fn forward_signals(
     procs: JobProcesses,
+    leader_fd: Option<crate::jobproc::PidFd>,
     mut streams: Vec<(i32, tokio::signal::unix::Signal)>,
     to: ForwardTo,
     stop: CancellationToken,
@@ -169,19 +172,29 @@ async fn forward_signals(
         let Ok(sig) = nix::sys::signal::Signal::try_from(n) else {
             continue;
         };
-        let targets = match to {
-            ForwardTo::Leader => vec![procs.leader()],
-            ForwardTo::All => {
+        let reached = match (to, &leader_fd) {
+            // Through the pidfd: never a later process that reused the leader's pid.
+            (ForwardTo::Leader, Some(fd)) => usize::from(fd.signal(sig)),
+            // No pidfds (Linux < 5.3): the leader while it is the process it was.
+            (ForwardTo::Leader, None) => {
+                let leader = procs.leader();
+                let same = crate::procfs::stat(leader).is_some_and(|s| {
+                    s.start_ticks == procs.leader_start_ticks() && !s.is_zombie()
+                });
+                usize::from(same && nix::sys::signal::kill(nix::unistd::Pid::from_raw(leader), sig).is_ok())
+            }
+            (ForwardTo::All, _) => {
                 let p = procs.clone();
-                tokio::task::spawn_blocking(move || p.members())
+                let members = tokio::task::spawn_blocking(move || p.members())
                     .await
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                for pid in &members {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
+                }
+                members.len()
             }
         };
-        for pid in &targets {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
-        }
-        tracing::info!(signal = %sig, processes = targets.len(), to = ?to, "signal forwarded to the job");
+        tracing::info!(signal = %sig, processes = reached, to = ?to, "signal forwarded to the job");
     }
 }
 
@@ -256,6 +269,8 @@ impl Supervisor {
             }
         };
         let procs = JobProcesses::new(script.pid, cgroup);
+        // Taken while the leader is surely alive and unreaped (nothing waited for it yet).
+        let leader_fd = crate::jobproc::PidFd::open(script.pid);
         let reaping = CancellationToken::new();
         let reaper = tokio::spawn(procs.clone().reap_until(reaping.clone()));
         let mut pumps = JoinSet::new();
@@ -284,6 +299,7 @@ impl Supervisor {
         let signal_forwarder = tokio::spawn(
             forward_signals(
                 procs.clone(),
+                leader_fd,
                 listen(&ctx.forward_signals),
                 ctx.forward_to,
                 forwarding.clone(),
@@ -327,6 +343,8 @@ impl Supervisor {
     ) -> Supervised {
         let mut warnings = Vec::new();
         let (end, message) = self.wait_script(cancel, timeout_secs, grace).await;
+        // The script is over: nothing more to pass on (its pid may be reused from now on).
+        self.forwarding.cancel();
         let left = {
             let p = self.procs.clone();
             tokio::task::spawn_blocking(move || p.members())
@@ -341,8 +359,12 @@ impl Supervisor {
         }
         // Always: it also reaps orphans and removes the job's cgroup.
         self.procs.terminate(None, grace).await;
-        self.forwarding.cancel();
         let _ = self.forwarder.await;
+        let gone = self.procs.all_gone().await;
+        if !gone {
+            tracing::error!("processes of the job survive SIGKILL; its GPU is not reported free");
+            warnings.push("processes of the job survived SIGKILL (stuck in the kernel?)".into());
+        }
         self.reaping.cancel();
         let _ = self.reaper.await;
         let sigkilled = matches!(&end, JobEnd::Killed(s) if s == "SIGKILL")
@@ -364,6 +386,7 @@ impl Supervisor {
             message,
             warnings,
             facts,
+            gone,
             output: self.output,
         }
     }
