@@ -113,6 +113,19 @@ impl DirFd {
                 }
             })?;
             if created {
+                // What we opened must be what we made: someone who may write the parent could
+                // have renamed another directory into the name between mkdirat and openat, and
+                // must not get it chowned to them. Ours is the agent's and empty (2 links).
+                let st = nix::sys::stat::fstat(&next)?;
+                if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_nlink != 2 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "`{}` was replaced while it was being created; refusing it",
+                            Path::new(name).display()
+                        ),
+                    ));
+                }
                 // The umask narrowed the mode; an explicit one on the fd is what we meant.
                 nix::sys::stat::fchmod(&next, Mode::from_bits_truncate(mode))?;
                 if let Some((uid, gid)) = owner {

@@ -173,9 +173,12 @@ fn wait_all_stores_everything_pending_but_what_is_still_open() {
 #[test]
 fn a_file_changing_while_published_fails_that_publish() {
     let h = slow_settle();
-    let writer = "import os,sys,time\nf=open(sys.argv[1],'r+b')\nend=time.time()+20\nwhile time.time()<end and not os.path.exists('stop'):\n    f.seek(0); f.write(os.urandom(4096)); f.flush(); time.sleep(0.001)\n";
+    // The writer says when it writes (a loaded machine may start python3 late), and the file
+    // is large enough that reading it takes many of the writer's periods.
+    let writer = "import os,sys,time\nf=open(sys.argv[1],'r+b')\nend=time.time()+20\nfirst=True\nwhile time.time()<end and not os.path.exists('stop'):\n    f.seek(0); f.write(os.urandom(4096)); f.flush()\n    if first: open('ready','w').close(); first=False\n    time.sleep(0.001)\n";
     let script = format!(
-        "head -c 8000000 /dev/urandom > $C3_ARTIFACTS_DIR/moving.bin; python3 -c \"$W\" $C3_ARTIFACTS_DIR/moving.bin & sleep 0.3; \
+        "head -c 32000000 /dev/urandom > $C3_ARTIFACTS_DIR/moving.bin; python3 -c \"$W\" $C3_ARTIFACTS_DIR/moving.bin & \
+         while [ ! -e ready ]; do sleep 0.05; done; \
          {BIN} publish $C3_ARTIFACTS_DIR/moving.bin 2> err; echo $? > rc; touch stop; wait"
     );
     let mut spec = json!({"job_id": "mv", "command": ["sh", "-c", script]});
