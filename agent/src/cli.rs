@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "c3-agent",
     version,
+    propagate_version = true,
     about = "Runs one GPU job, syncs its artifacts to a content-addressed store, reports to the control plane"
 )]
 pub struct Cli {
@@ -25,7 +26,16 @@ pub enum Command {
     /// Sidecar mode: sync directories of a job this agent did not launch (Kubernetes native sidecar, Slurm prolog); finishes on SIGTERM, when --pid exits or when --done-file appears
     Watch(WatchArgs),
     /// Download a job's files per its manifest, verifying each sha256
-    Pull { job_id: String, dest: PathBuf },
+    Pull {
+        job_id: String,
+        dest: PathBuf,
+        /// Overwrite files in DEST that differ from the job's
+        #[arg(long)]
+        force: bool,
+        /// Also fetch the job's stdout and stderr (into DEST/.c3/)
+        #[arg(long)]
+        logs: bool,
+    },
     /// List a job's manifest (size, sha256, path)
     Ls {
         job_id: String,
@@ -52,12 +62,45 @@ pub enum Command {
         #[arg(long)]
         attempt: Option<u32>,
     },
+    /// This node's jobs (or one): phase, state, attempts, bytes synced and pending, unstored output, undelivered reports
+    Status {
+        job_id: Option<String>,
+        /// One JSON object per job
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's output: from this node's state dir, else from the store's log blobs
+    Logs {
+        job_id: String,
+        /// The attempt (default: the latest one)
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// stderr instead of stdout
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing what the job writes until its attempt is done
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Shell completions on stdout (e.g. `c3-agent completions bash > /etc/bash_completion.d/c3-agent`)
+    Completions { shell: clap_complete::Shell },
+    /// The man page (roff) on stdout (e.g. `c3-agent man > /usr/local/share/man/man1/c3-agent.1`)
+    Man,
+    /// Housekeeping: delete finished jobs' local data past their retention, and file-store blobs no manifest references
+    Gc {
+        /// Spare unreferenced blobs younger than this (default: `[gc] grace_hours`, 24 h)
+        #[arg(long, value_name = "DAYS")]
+        older_than: Option<u64>,
+        /// Say what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The job spec (JSON) written by the scheduler
-    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout", "attempt"])]
+    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout", "attempt", "workdir"])]
     pub job: Option<PathBuf>,
     /// Quick run: the job id (default: slurm-$SLURM_JOB_ID under Slurm, else local-<time>-<pid>).
     /// Without a command: run the spec <jobs_root>/ID/job.json
@@ -69,6 +112,9 @@ pub struct RunArgs {
     /// Quick run: the attempt (default: $SLURM_RESTART_COUNT + 1 under Slurm, else 1)
     #[arg(long, value_name = "N")]
     pub attempt: Option<u32>,
+    /// Quick run: the workdir (created if missing; default: the current dir)
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
     /// Quick run: stop the job after this many seconds
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,

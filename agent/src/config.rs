@@ -32,6 +32,23 @@ struct FileConfig {
     upload: UploadSection,
     #[serde(default)]
     job: JobSection,
+    #[serde(default)]
+    retention: RetentionSection,
+    #[serde(default)]
+    gc: GcSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionSection {
+    succeeded_days: Option<u64>,
+    failed_days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcSection {
+    grace_hours: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +101,8 @@ struct UploadSection {
     parts_in_flight: Option<usize>,
     files_in_flight: Option<usize>,
     memory_budget_bytes: Option<u64>,
+    /// Bytes per second for all uploads together; 0 or absent: unlimited.
+    bandwidth_limit_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +137,10 @@ pub struct Config {
     pub forward_to: ForwardTo,
     /// `[job] stop_deadline_secs`: after SIGTERM, the agent is done within this.
     pub stop_deadline: Duration,
+    /// `[retention]`: how long finished jobs' local data is kept.
+    pub retention: c3_runtime::retention::Retention,
+    /// `[gc] grace_hours`: unreferenced blobs younger than this are kept.
+    pub gc_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +174,53 @@ pub fn locate(
         .then(|| (PathBuf::from(SYSTEM_CONFIG), false))
 }
 
+/// Every `C3_AGENT_*` variable the agent reads. Any other is a typo (a setting silently
+/// ignored is worse than none).
+const KNOWN_VARS: &[&str] = &[
+    "C3_AGENT_BANDWIDTH_LIMIT",
+    "C3_AGENT_CONFIG",
+    "C3_AGENT_CONTROL_PLANE_URL",
+    "C3_AGENT_FAULT",
+    "C3_AGENT_FORWARD_SIGNALS",
+    "C3_AGENT_FORWARD_TO",
+    "C3_AGENT_GC_GRACE_HOURS",
+    "C3_AGENT_GIVE_UP_SECS",
+    "C3_AGENT_JOBS_ROOT",
+    "C3_AGENT_KILL_GRACE_SECS",
+    "C3_AGENT_LOG",
+    "C3_AGENT_LOG_FORMAT",
+    "C3_AGENT_PRIVATE_FILES",
+    "C3_AGENT_RETENTION_FAILED_DAYS",
+    "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
+    "C3_AGENT_SETTLE_MS",
+    "C3_AGENT_SOCKET",
+    "C3_AGENT_STATE_DIR",
+    "C3_AGENT_STOP_DEADLINE_SECS",
+    "C3_AGENT_STORE_MAX_RETRIES",
+    "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS",
+    "C3_AGENT_STORE_RETRY_DEADLINE_SECS",
+    "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
+    "C3_AGENT_STORE_URL",
+    "C3_AGENT_SYNC_LIVE",
+    "C3_AGENT_SYNC_MODE",
+    "C3_AGENT_TOKEN_FILE",
+];
+
+/// A problem for each `C3_AGENT_*` variable in `names` the agent does not know.
+fn unknown_vars(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut problems: Vec<String> = names
+        .filter(|n| n.starts_with("C3_AGENT_") && !KNOWN_VARS.contains(&n.as_str()))
+        .map(|n| {
+            let hint = c3_proto::spec::closest(&n, KNOWN_VARS)
+                .map(|k| format!("; did you mean {k}?"))
+                .unwrap_or_default();
+            format!("${n} is not a c3-agent setting{hint}")
+        })
+        .collect();
+    problems.sort();
+    problems
+}
+
 pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
     let env = |k: &str| std::env::var(k).ok();
     let located = locate(flag, &env);
@@ -166,7 +236,18 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
             }
         },
     };
-    resolve(file, &text, &env, default_state_dir())
+    let unknown = unknown_vars(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()));
+    match resolve(file.clone(), &text, &env, default_state_dir()) {
+        Ok(c) if unknown.is_empty() => Ok(c),
+        Ok(_) => Err(ConfigError {
+            source_file: file,
+            problems: unknown,
+        }),
+        Err(mut e) => {
+            e.problems.extend(unknown);
+            Err(e)
+        }
+    }
 }
 
 /// Parses `text`, applies `env` overrides and defaults.
@@ -212,6 +293,21 @@ pub fn resolve(
         &mut file.job.stop_deadline_secs,
     );
     num(
+        "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
+        "retention.succeeded_days",
+        &mut file.retention.succeeded_days,
+    );
+    num(
+        "C3_AGENT_RETENTION_FAILED_DAYS",
+        "retention.failed_days",
+        &mut file.retention.failed_days,
+    );
+    num(
+        "C3_AGENT_GC_GRACE_HOURS",
+        "gc.grace_hours",
+        &mut file.gc.grace_hours,
+    );
+    num(
         "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
         "store.retry_timeout_secs",
         &mut file.store.retry_timeout_secs,
@@ -230,6 +326,11 @@ pub fn resolve(
         "C3_AGENT_SETTLE_MS",
         "sync.settle_ms",
         &mut file.sync.settle_ms,
+    );
+    num(
+        "C3_AGENT_BANDWIDTH_LIMIT",
+        "upload.bandwidth_limit_bytes_per_sec",
+        &mut file.upload.bandwidth_limit_bytes_per_sec,
     );
     let mut retries = file.store.max_retries.map(|n| n as u64);
     num(
@@ -379,6 +480,11 @@ pub fn resolve(
             .upload
             .memory_budget_bytes
             .unwrap_or(defaults.memory_budget),
+        bandwidth_limit: file
+            .upload
+            .bandwidth_limit_bytes_per_sec
+            .filter(|&n| n > 0)
+            .map(c3_runtime::ratelimit::RateLimit::new),
     };
     if upload.min_part_size < 5 * 1024 * 1024 {
         problems.push(
@@ -477,6 +583,11 @@ pub fn resolve(
         forward_signals,
         forward_to,
         stop_deadline: Duration::from_secs(file.job.stop_deadline_secs.unwrap_or(25)),
+        retention: c3_runtime::retention::Retention::from_days(
+            file.retention.succeeded_days.unwrap_or(7),
+            file.retention.failed_days.unwrap_or(30),
+        ),
+        gc_grace: Duration::from_secs(file.gc.grace_hours.unwrap_or(24).saturating_mul(3600)),
     })
 }
 
@@ -587,6 +698,28 @@ mod tests {
     }
 
     #[test]
+    fn unknown_agent_variables_are_named_with_a_suggestion() {
+        let names = [
+            "C3_AGENT_STORE_ULR",
+            "C3_AGENT_STORE_URL",
+            "PATH",
+            "C3_AGENT_ZZZZZZZZZZZZ",
+        ];
+        let p = unknown_vars(names.iter().map(|s| s.to_string()));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter().any(|l| l.contains("$C3_AGENT_STORE_ULR")
+                && l.contains("did you mean C3_AGENT_STORE_URL?")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("$C3_AGENT_ZZZZZZZZZZZZ") && !l.contains("did you mean")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn forwarded_signals() {
         let c = resolve(None, "", &|_| None, PathBuf::from("/s")).unwrap();
         assert_eq!(c.forward_signals, vec![libc::SIGUSR1, libc::SIGUSR2]);
@@ -645,6 +778,32 @@ mod tests {
         assert!(
             only_token.control_plane.is_none(),
             "a token file alone does not make a control plane"
+        );
+    }
+
+    #[test]
+    fn bandwidth_limit_from_file_or_env() {
+        let limit = |text: &str, env: &'static [(&'static str, &'static str)]| {
+            resolve(None, text, &env_of(env), PathBuf::from("/s"))
+                .map(|c| c.upload.bandwidth_limit.map(|l| l.bytes_per_sec()))
+        };
+        assert_eq!(limit("", &[]).unwrap(), None, "unlimited by default");
+        let text = "[upload]\nbandwidth_limit_bytes_per_sec = 104857600\n";
+        assert_eq!(limit(text, &[]).unwrap(), Some(100 << 20));
+        let zero = "[upload]\nbandwidth_limit_bytes_per_sec = 0\n";
+        assert_eq!(limit(zero, &[]).unwrap(), None, "0 is unlimited");
+        let env = &[("C3_AGENT_BANDWIDTH_LIMIT", "2097152")];
+        assert_eq!(limit(text, env).unwrap(), Some(2 << 20), "env wins");
+        assert_eq!(
+            limit("", &[("C3_AGENT_BANDWIDTH_LIMIT", "0")]).unwrap(),
+            None
+        );
+        let e = limit("", &[("C3_AGENT_BANDWIDTH_LIMIT", "100MB")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`upload.bandwidth_limit_bytes_per_sec` (from $C3_AGENT_BANDWIDTH_LIMIT)"),
+            "{e}"
         );
     }
 

@@ -3,15 +3,17 @@
 
 mod cli;
 mod config;
-mod publish;
+mod inspect;
+mod ops;
 mod out;
+mod publish;
 mod telemetry;
 mod unitcheck;
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +36,29 @@ fn main() -> ExitCode {
     // Inside a job: no config to read (it may not be readable by the job's user).
     if let Command::Publish { wait_all, paths } = &cli.command {
         return publish::client(*wait_all, paths);
+    }
+    // Generated from the command line's own definition: nothing to configure.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "c3-agent",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let written = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            return if written.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        _ => {}
     }
     let config = match config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -112,10 +137,64 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
     match command {
         Command::Run(args) => run(args, &env).await,
         Command::Watch(args) => watch(args, &env).await,
-        Command::Pull { job_id, dest } => edge(pull(&env, &job_id, &dest).await),
-        Command::Ls { job_id, json } => edge(ls(&env, &job_id, json).await),
+        Command::Pull {
+            job_id,
+            dest,
+            force,
+            logs,
+        } => {
+            let ctx = match checked(&env, &job_id) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            edge(inspect::pull(&ctx, &job_id, &dest, force, logs).await)
+        }
+        Command::Ls { job_id, json } => {
+            let ctx = match checked(&env, &job_id) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            edge(inspect::ls(&ctx, &job_id, json).await)
+        }
+        Command::Status { job_id, json } => {
+            let ctx = match job_id.as_deref().map_or(context(&env), |id| {
+                inspect::checked_job_id(id).and_then(|()| context(&env))
+            }) {
+                Ok(c) => c,
+                Err(e) => return usage(&e),
+            };
+            inspect::status(&ctx, job_id.as_deref(), json)
+        }
+        Command::Logs {
+            job_id,
+            attempt,
+            stderr,
+            follow,
+        } => {
+            let ctx = match checked(&env, &job_id) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            edge(inspect::logs(&ctx, &job_id, attempt, stderr, follow).await)
+        }
+        Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the config is read")
+        }
         Command::Recover => recover(&env).await,
         Command::Resync { job_id, attempt } => resync(&env, &job_id, attempt).await,
+        Command::Gc {
+            older_than,
+            dry_run,
+        } => {
+            let ctx = match context(&env) {
+                Ok(c) => c,
+                Err(e) => return usage(&e),
+            };
+            let grace = older_than
+                .map(|d| Duration::from_secs(d.saturating_mul(86_400)))
+                .unwrap_or(env.config.gc_grace);
+            ops::gc(&ctx, env.config.retention, grace, dry_run).await
+        }
         Command::Publish { .. } => unreachable!("handled before the config is read"),
     }
 }
@@ -183,6 +262,13 @@ fn edge(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// A command about one job: its id checked like `run` checks it, then the context.
+fn checked(env: &Env, job_id: &str) -> Result<AgentContext, ExitCode> {
+    inspect::checked_job_id(job_id)
+        .and_then(|()| context(env))
+        .map_err(|e| usage(&e))
+}
+
 /// Builds the engine's context; `Err` is a usage/config problem (exit 2).
 fn context(env: &Env) -> Result<AgentContext, String> {
     let config = &env.config;
@@ -243,8 +329,10 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
     if args.command.is_empty() {
         // `run --job-id ID`: the scheduler's spec in its usual place (the systemd unit's way,
         // so that the unit names no path the config can move).
-        let spec_flags_only =
-            args.output.is_empty() && args.timeout.is_none() && args.attempt.is_none();
+        let spec_flags_only = args.output.is_empty()
+            && args.timeout.is_none()
+            && args.attempt.is_none()
+            && args.workdir.is_none();
         if let (Some(id), true) = (&args.job_id, spec_flags_only) {
             c3_proto::spec::validate_job_id(id).map_err(|e| format!("--job-id {e}"))?;
             let path = jobs_root.join(id).join("job.json");
@@ -253,6 +341,7 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
                     job: Some(path.clone()),
                     job_id: None,
                     attempt: None,
+                    workdir: None,
                     output: Vec::new(),
                     timeout: None,
                     command: Vec::new(),
@@ -271,6 +360,23 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
         return Err("run needs `--job SPEC.json`, `--job-id ID` or a command after `--` (c3-agent run -- python3 train.py)".into());
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
+    let cwd = match &args.workdir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("--workdir {}: {e}", dir.display()))?;
+            std::path::absolute(dir).map_err(|e| format!("--workdir {}: {e}", dir.display()))?
+        }
+        None => cwd,
+    };
+    // An earlier run's output would be mistaken for this one's (and uploaded again under
+    // this job's name): start clean.
+    let artifacts = cwd.join("artifacts");
+    if std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(format!(
+            "{} holds files from an earlier run: move them away, or run in another directory (`--workdir DIR`)",
+            artifacts.display()
+        ));
+    }
     let (slurm_id, slurm_attempt) = slurm_job()?;
     let attempt = args.attempt.unwrap_or(slurm_attempt);
     let job_id = args.job_id.or(slurm_id).unwrap_or_else(|| {
@@ -360,6 +466,9 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    if let Some(problem) = already_ran(&ctx, &spec).await {
+        return usage(&problem);
+    }
     // First: a stop (or a forwarded signal) from now on is handled, never the default action.
     let cancel = cancel_on_signals(&config.forward_signals);
     starting(env, &ctx);
@@ -377,6 +486,24 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Err(e) => return usage(&error_chain(&e)),
     };
     finished(&ctx, &summary)
+}
+
+/// A run never silently replaces an earlier run's manifest for the same job and attempt.
+/// A store that cannot answer now says nothing here (the preflight judges the store).
+async fn already_ran(ctx: &AgentContext, spec: &JobSpec) -> Option<String> {
+    let key = c3_runtime::store::attempt_manifest_key(&spec.job_id, spec.attempt);
+    let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
+    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
+        .await
+        .ok()?
+        .ok()?;
+    let complete = c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete);
+    let (id, n) = (&spec.job_id, spec.attempt);
+    Some(if complete {
+        format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt (`--attempt {}`, or the spec's `attempt`) or job id", n + 1)
+    } else {
+        format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
+    })
 }
 
 /// The agent's first log line; the systemd watchdog, if the unit has one.
@@ -479,6 +606,8 @@ async fn recover(env: &Env) -> ExitCode {
     if finished.is_empty() {
         tracing::info!("nothing to recover");
     }
+    // `recover` runs at boot and from timers: the natural moment to let old jobs go.
+    ops::sweep_retention(&ctx, env.config.retention).await;
     ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0))
 }
 
@@ -514,47 +643,4 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
         }
         Err(e) => failure(&error_chain(&e), 1),
     }
-}
-
-async fn pull(env: &Env, job_id: &str, dest: &Path) -> anyhow::Result<()> {
-    let ctx = context(env).map_err(anyhow::Error::msg)?;
-    let manifest =
-        c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
-    let summary = c3_runtime::pull::pull(&ctx.store, &manifest, dest)
-        .await
-        .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
-    if !manifest.complete {
-        out::note(&format!(
-            "job {job_id}'s manifest is not complete yet (the job may still run)"
-        ));
-    }
-    out::say(&format!(
-        "pulled {} files, {} bytes of job {job_id} into {}",
-        summary.files,
-        summary.bytes,
-        dest.display()
-    ));
-    Ok(())
-}
-
-async fn ls(env: &Env, job_id: &str, json: bool) -> anyhow::Result<()> {
-    let ctx = context(env).map_err(anyhow::Error::msg)?;
-    let manifest =
-        c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
-    if json {
-        out::say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
-        return Ok(());
-    }
-    for f in &manifest.files {
-        // Control characters (a newline in a name) are escaped so that one line is one file.
-        if !out::say(&format!(
-            "{:>12}  {}  {}",
-            f.size,
-            f.sha256,
-            f.path.escape_debug()
-        )) {
-            break;
-        }
-    }
-    Ok(())
 }

@@ -169,8 +169,7 @@ where
         // A field the event declares but did not record (an `Option` that was `None`) is
         // null, not missing: `jq '.reason'` then means the same on every "job finished".
         for field in event.metadata().fields() {
-            map.entry(field.name())
-                .or_insert(serde_json::Value::Null);
+            map.entry(field.name()).or_insert(serde_json::Value::Null);
         }
         writeln!(writer, "{}", serde_json::Value::Object(map))
     }

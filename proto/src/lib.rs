@@ -33,7 +33,10 @@ pub use control::{
     ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream,
 };
 pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
-pub use record::{JobFacts, JobUser, MultipartRecord, OutboxEntry, Phase, ProcIdentity, RunRecord};
+pub use record::{
+    JobFacts, JobUser, MultipartRecord, OutboxEntry, Phase, ProcIdentity, ProgressRecord,
+    RunRecord, Synced,
+};
 pub use socket::{PublishedFile, SocketReply, SocketRequest};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};
 

@@ -66,6 +66,29 @@ pub struct RunRecord {
     /// (instead of `artifacts` + the spec's outputs). The agent launched nothing.
     #[serde(default)]
     pub watched_dirs: Option<Vec<String>>,
+    /// What the attempt's final manifest lists (for `c3-agent status`), once written.
+    #[serde(default)]
+    pub synced: Option<Synced>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synced {
+    pub files: u64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+}
+
+/// `<state_dir>/jobs/<id>/attempts/<n>/progress.json`, rewritten every 10 s while the agent
+/// syncs: what `c3-agent status` says about uploads pending.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub phase: String,
+    pub files_done: u64,
+    pub files_queued: u64,
+    pub bytes_done: u64,
+    pub bytes_queued: u64,
+    /// RFC 3339.
+    pub time: String,
 }
 
 /// Resource facts of a finished job, from its cgroup or, without one, `getrusage`.
@@ -115,7 +138,7 @@ pub struct MultipartRecord {
     pub parts: std::collections::BTreeMap<u32, String>,
 }
 
-json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord);
+json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord, ProgressRecord);
 
 impl OutboxEntry {
     /// Wrap any wire message as an outbox entry.

@@ -62,7 +62,7 @@ pub struct ParsedSpec {
 }
 
 /// The known name closest to `name` (edit distance at most 3, or a prefix of it).
-fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+pub fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
     fn distance(a: &str, b: &str) -> usize {
         let b: Vec<char> = b.chars().collect();
         let mut row: Vec<usize> = (0..=b.len()).collect();

@@ -82,7 +82,11 @@ mod tests {
         let long = vec!["cat".to_string(), "é".repeat(60_000)];
         let c = clipped(&long, 1024);
         assert_eq!(c[0], "cat");
-        assert!(c[1].len() <= 1024 + 3 && c[1].ends_with('…'), "{}", c[1].len());
+        assert!(
+            c[1].len() <= 1024 + 3 && c[1].ends_with('…'),
+            "{}",
+            c[1].len()
+        );
         assert!(c[2].contains("more bytes"));
     }
 

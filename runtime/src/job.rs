@@ -72,6 +72,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         job_user: None,
         facts: None,
         watched_dirs: None,
+        synced: None,
     }
 }
 
@@ -371,7 +372,8 @@ impl<'a> Run<'a> {
     pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>, gone: bool) {
         self.record.facts = facts;
         let seq = self.next_seq().await;
-        self.reports.finalizing(seq, gone, self.ctx.report_deadline());
+        self.reports
+            .finalizing(seq, gone, self.ctx.report_deadline());
         crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
         tracing::info!(
             seq,
@@ -446,10 +448,16 @@ impl<'a> Run<'a> {
     /// the stop deadline drops the final sync).
     fn progress(&self, phase: &'static str) -> tokio_util::sync::DropGuard {
         let stop = CancellationToken::new();
+        let record = self
+            .ctx
+            .state
+            .attempt_dir(&self.spec().job_id, self.spec().attempt)
+            .join("progress.json");
         tokio::spawn(
             crate::progress::report(
                 self.collector_config.progress.clone(),
                 phase,
+                Some(record),
                 stop.clone(),
             )
             .in_current_span(),
@@ -502,6 +510,13 @@ impl<'a> Run<'a> {
                 self.spec().job_id);
         }
         self.record.unstored = unstored;
+        if sealed.manifest_sha256.is_some() {
+            self.record.synced = Some(c3_proto::Synced {
+                files: sealed.files as u64,
+                bytes: sealed.bytes,
+                new_bytes: sealed.new_bytes,
+            });
+        }
         self.report(&verdict, &sealed, upload_errors, result).await;
         self.record.state = Some(verdict.state);
         self.record.reason = verdict.reason;

@@ -536,7 +536,9 @@ impl Syncer {
     }
 
     fn on_uploaded(&mut self, done: Result<UploadResult, tokio::task::JoinError>) {
-        let Ok((rel, size, result)) = done else { return };
+        let Ok((rel, size, result)) = done else {
+            return;
+        };
         self.book.progress.finish(size);
         self.in_flight.remove(&rel);
         match result {

@@ -214,5 +214,14 @@ async fn materialize(
         .ensure_dir(Path::new(mount), 0o755, owner)
         .map_err(DatasetError::Mount)?;
     let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
-    Ok(crate::pull::pull_into(&ctx.store, &manifest, dir, &workdir.join(mount), owner).await?)
+    // A dataset is the earlier job's files, as they are: what an earlier attempt left is replaced.
+    Ok(crate::pull::pull_into(
+        &ctx.store,
+        &manifest.files,
+        dir,
+        &workdir.join(mount),
+        owner,
+        true,
+    )
+    .await?)
 }

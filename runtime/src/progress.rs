@@ -48,8 +48,14 @@ impl Progress {
 }
 
 /// Logs a progress line every [`EVERY`] until `stop`: in the `live` phase only while
-/// uploads are pending, in the `final` phase always (the GPU may be waiting on it).
-pub async fn report(progress: Arc<Progress>, phase: &'static str, stop: CancellationToken) {
+/// uploads are pending, in the `final` phase always (the GPU may be waiting on it). With
+/// `record`, the figures are also kept there for `c3-agent status`.
+pub async fn report(
+    progress: Arc<Progress>,
+    phase: &'static str,
+    record: Option<std::path::PathBuf>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
     let mut last = (Instant::now(), progress.snapshot().2);
     loop {
@@ -58,6 +64,21 @@ pub async fn report(progress: Arc<Progress>, phase: &'static str, stop: Cancella
             _ = tick.tick() => {}
         }
         let (files_done, files_queued, bytes_done, bytes_queued) = progress.snapshot();
+        if let Some(path) = &record {
+            let body = c3_proto::ProgressRecord {
+                phase: phase.into(),
+                files_done,
+                files_queued,
+                bytes_done,
+                bytes_queued,
+                time: crate::display::now_rfc3339(),
+            }
+            .to_json();
+            let path = path.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || crate::statedir::write_atomic(&path, &body))
+                    .await;
+        }
         let pending = files_queued.saturating_sub(files_done);
         let secs = last.0.elapsed().as_secs_f64().max(0.001);
         let rate = bytes_done.saturating_sub(last.1) as f64 / secs;

@@ -40,6 +40,8 @@ pub enum PullError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} exists and differs from the job's file; `--force` overwrites it", .path.display())]
+    Exists { path: PathBuf },
     #[error("{path}: content does not match the manifest (sha256 {actual}, expected {expected})")]
     Mismatch {
         path: String,
@@ -50,6 +52,22 @@ pub enum PullError {
     Escapes { path: String },
     #[error("download task for {path} failed")]
     Task { path: String },
+}
+
+impl PullError {
+    /// The job has no manifest at all (as opposed to a store that could not be read).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            PullError::NoManifest {
+                source: StoreError::Op {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                },
+                ..
+            }
+        )
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +98,14 @@ pub async fn read_manifest(
     })
 }
 
-/// Writes every file of `manifest` under `dest` (created if missing); stops at the first error.
+/// Writes every file of `manifest` under `dest` (created if missing); stops at the first
+/// error. A file already there with other content is an error unless `force` (one with the
+/// same content is left as it is).
 pub async fn pull(
     store: &BlobStore,
     manifest: &Manifest,
     dest: &Path,
+    force: bool,
 ) -> Result<PullSummary, PullError> {
     let werr = |source| PullError::Write {
         path: dest.to_path_buf(),
@@ -92,7 +113,26 @@ pub async fn pull(
     };
     std::fs::create_dir_all(dest).map_err(werr)?;
     let root = DirFd::open(dest).map_err(werr)?;
-    pull_into(store, manifest, root, dest, None).await
+    pull_into(store, &manifest.files, root, dest, None, force).await
+}
+
+/// The job's logs as entries to pull (`.c3/stdout.log`, `.c3/stderr.log`: `.c3` is never
+/// an output dir, so they cannot collide with the job's files).
+pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
+    let Some(logs) = &manifest.logs else {
+        return Vec::new();
+    };
+    [("stdout", &logs.stdout), ("stderr", &logs.stderr)]
+        .into_iter()
+        .map(|(name, log)| FileEntry {
+            path: format!(".c3/{name}.log"),
+            size: log.size,
+            sha256: log.sha256.clone(),
+            blake3: String::new(),
+            mode: 0o644,
+            mtime_ns: 0,
+        })
+        .collect()
 }
 
 /// Writes every file of `manifest` below the open directory `root` (`shown` is its path,
@@ -100,14 +140,15 @@ pub async fn pull(
 /// through a symlink; with `owner`, what is created belongs to that uid/gid.
 pub async fn pull_into(
     store: &BlobStore,
-    manifest: &Manifest,
+    files: &[FileEntry],
     root: DirFd,
     shown: &Path,
     owner: Owner,
+    force: bool,
 ) -> Result<PullSummary, PullError> {
     let root = Arc::new(root);
-    let results = futures::stream::iter(manifest.files.iter())
-        .map(|entry| fetch(store, entry, root.clone(), shown, owner))
+    let results = futures::stream::iter(files.iter())
+        .map(|entry| fetch(store, entry, root.clone(), shown, owner, force))
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>()
         .await?;
@@ -125,6 +166,7 @@ async fn fetch(
     root: Arc<DirFd>,
     shown: &Path,
     owner: Owner,
+    force: bool,
 ) -> Result<u64, PullError> {
     let (parent, name) = match entry.path.rsplit_once('/') {
         Some((p, n)) => (p.to_string(), n.to_string()),
@@ -162,6 +204,15 @@ async fn fetch(
                         }
                     })?
             };
+            if let Some(same) = existing(&dir, &name, &entry, force).map_err(werr)? {
+                return if same {
+                    Ok(entry.size)
+                } else {
+                    Err(PullError::Exists {
+                        path: target.clone(),
+                    })
+                };
+            }
             let (tmp, file) = dir.create_temp(".c3-pull-").map_err(werr)?;
             let written = write_verified(file, &mut rx, &entry, owner).map_err(|e| match e {
                 WriteFailure::Io(source) => werr(source),
@@ -212,6 +263,39 @@ async fn fetch(
         Some(e) => Err(e),
         None => written,
     }
+}
+
+/// What is at `name` already: `None` nothing (or `force`: it will be replaced),
+/// `Some(true)` a regular file with the entry's size and sha256, `Some(false)` anything else.
+fn existing(
+    dir: &DirFd,
+    name: &str,
+    entry: &FileEntry,
+    force: bool,
+) -> std::io::Result<Option<bool>> {
+    use std::io::Read;
+    let st = match dir.stat(std::ffi::OsStr::new(name)) {
+        Ok(st) => st,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if regular && st.st_size as u64 == entry.size {
+        let mut file = dir.open_file(Path::new(name))?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            sha2::Digest::update(&mut hasher, &buf[..n]);
+        }
+        if hex::encode(sha2::Digest::finalize(hasher)) == entry.sha256 {
+            return Ok(Some(true));
+        }
+    }
+    Ok((!force).then_some(false))
 }
 
 enum WriteFailure {

@@ -346,7 +346,9 @@ fn from_root<T>(
 fn killed() -> (JobEnd, Option<String>) {
     (
         JobEnd::Killed("unknown".into()),
-        Some("the job ended without writing its done file (killed: out of memory, SIGKILL?)".into()),
+        Some(
+            "the job ended without writing its done file (killed: out of memory, SIGKILL?)".into(),
+        ),
     )
 }
 

@@ -49,7 +49,7 @@ pub struct StoreConfig {
 pub enum StoreError {
     #[error("store url `{url}`: {problem}")]
     BadUrl { url: String, problem: String },
-    #[error("store option `{key}` is not an option of the {scheme} store")]
+    #[error("store option `{key}` is not an option of the {scheme} store{}", did_you_mean(.key, .scheme))]
     BadOption { key: String, scheme: &'static str },
     #[error("cannot create the store directory {path}")]
     CreateDir {
@@ -197,6 +197,61 @@ fn s3_credentials(mut b: AmazonS3Builder) -> (AmazonS3Builder, Credentials) {
         }
         Err(why) => (b, Credentials::Broken(why)),
     }
+}
+
+/// The usual options of each store, for a suggestion when one is misspelt (object_store
+/// accepts more, and aliases; these are the ones operators set).
+const KNOWN_OPTIONS: &[(&str, &[&str])] = &[
+    (
+        "s3",
+        &[
+            "aws_access_key_id",
+            "aws_secret_access_key",
+            "aws_session_token",
+            "aws_region",
+            "aws_endpoint",
+            "aws_allow_http",
+            "aws_virtual_hosted_style_request",
+            "aws_skip_signature",
+            "aws_imdsv1_fallback",
+            "aws_unsigned_payload",
+            "aws_sse_kms_key_id",
+            "aws_server_side_encryption",
+            "aws_request_payer",
+        ],
+    ),
+    (
+        "gs",
+        &[
+            "google_service_account",
+            "google_service_account_key",
+            "google_application_credentials",
+        ],
+    ),
+    (
+        "azure",
+        &[
+            "azure_storage_account_name",
+            "azure_storage_account_key",
+            "azure_storage_sas_key",
+            "azure_storage_token",
+            "azure_storage_client_id",
+            "azure_storage_client_secret",
+            "azure_storage_tenant_id",
+            "azure_storage_use_emulator",
+            "azure_storage_endpoint",
+            "azure_allow_http",
+        ],
+    ),
+];
+
+fn did_you_mean(key: &str, scheme: &str) -> String {
+    KNOWN_OPTIONS
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .and_then(|(_, known)| c3_proto::spec::closest(&key.to_ascii_lowercase(), known))
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default()
 }
 
 /// Whether the instance-metadata endpoint accepts a connection within a second: on a cloud
@@ -524,7 +579,10 @@ impl BlobStore {
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
-            ) => Ok(false),
+            ) => {
+                self.still_wanted(sha256_hex).await;
+                Ok(false)
+            }
             Err(source) => Err(StoreError::Op {
                 op: "put",
                 key,
@@ -534,7 +592,34 @@ impl BlobStore {
     }
 
     pub async fn blob_exists(&self, sha256_hex: &str) -> Result<bool, StoreError> {
-        self.retrying(|| self.blob_exists_once(sha256_hex)).await
+        let exists = self.retrying(|| self.blob_exists_once(sha256_hex)).await?;
+        if exists {
+            self.still_wanted(sha256_hex).await;
+        }
+        Ok(exists)
+    }
+
+    /// A blob this job is about to list was already stored: on the file store its mtime is
+    /// set to now, so that `c3-agent gc` (which spares blobs younger than its grace period)
+    /// cannot delete it between now and the manifest that will name it.
+    async fn still_wanted(&self, sha256_hex: &str) {
+        if !self.is_local() {
+            return;
+        }
+        let Some(root) = url::Url::parse(self.url())
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+        else {
+            return;
+        };
+        let path = root.join(blob_key(sha256_hex));
+        let _ = tokio::task::spawn_blocking(move || {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        })
+        .await;
     }
 
     async fn blob_exists_once(&self, sha256_hex: &str) -> Result<bool, StoreError> {
@@ -727,6 +812,7 @@ impl BlobStore {
             Ok(()) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 self.delete(staging_key).await?;
+                self.still_wanted(sha256_hex).await;
                 Ok(false)
             }
             Err(source) => Err(StoreError::Op {
@@ -843,6 +929,19 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelt_store_option_gets_a_suggestion() {
+        assert_eq!(
+            did_you_mean("aws_endpont", "s3"),
+            "; did you mean `aws_endpoint`?"
+        );
+        assert_eq!(
+            did_you_mean("AWS_REGON", "s3"),
+            "; did you mean `aws_region`?"
+        );
+        assert_eq!(did_you_mean("zzzzzzzzzzzz", "s3"), "");
+    }
 
     fn config(url: &str) -> StoreConfig {
         StoreConfig {

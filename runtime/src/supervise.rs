@@ -178,10 +178,11 @@ async fn forward_signals(
             // No pidfds (Linux < 5.3): the leader while it is the process it was.
             (ForwardTo::Leader, None) => {
                 let leader = procs.leader();
-                let same = crate::procfs::stat(leader).is_some_and(|s| {
-                    s.start_ticks == procs.leader_start_ticks() && !s.is_zombie()
-                });
-                usize::from(same && nix::sys::signal::kill(nix::unistd::Pid::from_raw(leader), sig).is_ok())
+                let same = crate::procfs::stat(leader)
+                    .is_some_and(|s| s.start_ticks == procs.leader_start_ticks() && !s.is_zombie());
+                usize::from(
+                    same && nix::sys::signal::kill(nix::unistd::Pid::from_raw(leader), sig).is_ok(),
+                )
             }
             (ForwardTo::All, _) => {
                 let p = procs.clone();

@@ -127,9 +127,9 @@ pub async fn upload_all(
                     }
                     Err(e @ UploadError::NotReadable { .. }) => {
                         tracing::debug!(path = %rel, "{e}");
-                        report
-                            .warnings
-                            .push(format!("{rel} is not readable by the job's user; not uploaded"));
+                        report.warnings.push(format!(
+                            "{rel} is not readable by the job's user; not uploaded"
+                        ));
                     }
                     Err(e) => report.failures.push((rel, e)),
                 }

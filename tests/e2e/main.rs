@@ -6,12 +6,14 @@
 
 mod support;
 
+mod bandwidth;
 mod control_plane;
 mod faults;
 mod input;
 mod lifecycle;
 mod live;
 mod logs;
+mod operations;
 mod publish;
 mod resume;
 mod schedulers;

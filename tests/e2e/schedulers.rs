@@ -447,7 +447,11 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
         "slurm-4242 2\n"
     );
     // The platform's own attempt number wins (a Kubernetes Job retried by the platform).
+    // The earlier run's ./artifacts is not empty: a quick run refuses it, --workdir is the way.
     h.run(&["run", "--attempt", "5", "--", "true"])
+        .assert_code(2);
+    let again = h.path("again").display().to_string();
+    h.run(&["run", "--attempt", "5", "--workdir", &again, "--", "true"])
         .assert_code(0);
     assert!(h
         .object("jobs/slurm-4242/attempts/5/manifest.json")

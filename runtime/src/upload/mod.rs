@@ -14,6 +14,9 @@
 //!   the file did not change meanwhile.
 //! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
 //!   dir: after a crash the same file resumes with only the missing parts.
+//! * With a bandwidth limit ([`RateLimit`], shared by every upload of the agent), every body
+//!   sent to the store (a small file's PUT, each multipart part, each staged write) first
+//!   takes its bytes from the bucket: see `Uploader::pace` for why before the budget.
 //!
 //! This module holds the `Uploader` and the small-file path; `multipart` the large-file
 //! path with its `MultipartJournal`, `staged` the file store's large-file path.
@@ -32,6 +35,7 @@ use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
 use crate::confine::JobReader;
 use crate::digest::Digests;
+use crate::ratelimit::RateLimit;
 use crate::store::{BlobStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -46,6 +50,9 @@ pub struct UploadOptions {
     pub files_in_flight: usize,
     /// File bytes held in memory by all uploads together.
     pub memory_budget: u64,
+    /// Bytes per second sent to the store by all uploads together (`None`: unlimited).
+    /// Clones share the bucket: build it once per agent.
+    pub bandwidth_limit: Option<RateLimit>,
 }
 
 impl Default for UploadOptions {
@@ -56,6 +63,7 @@ impl Default for UploadOptions {
             parts_in_flight: 4,
             files_in_flight: 16,
             memory_budget: 32 * MIB,
+            bandwidth_limit: None,
         }
     }
 }
@@ -285,6 +293,20 @@ impl Uploader {
         &self.budget
     }
 
+    /// Waits until `bytes` more may be sent to the store (at once without a bandwidth limit).
+    ///
+    /// Called before the budget for those bytes is acquired and before they are read, never
+    /// while holding budget for them: a slow limit then keeps the bytes on disk rather than
+    /// pinning memory other uploads could use, and budget and tokens are never waited for
+    /// while the other is held by the same upload (the token wait depends on time alone, so
+    /// this is no deadlock either way, but it stays so if either changes). Budget held by
+    /// parts already in flight is released when the store has them, whatever the bucket says.
+    async fn pace(&self, bytes: u64) {
+        if let Some(limit) = &self.opts.bandwidth_limit {
+            limit.take(bytes).await;
+        }
+    }
+
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
         let path = file.abs.clone();
@@ -309,6 +331,8 @@ impl Uploader {
         path: &Path,
         before: FileStamp,
     ) -> Result<(Digests, bool), UploadError> {
+        // The PUT body is the file: at most `before.size` bytes (a grown file is not sent).
+        self.pace(before.size).await;
         let guard = self.budget.acquire(before.size).await;
         let p = path.to_path_buf();
         let file = self.open(path, before)?;
@@ -391,6 +415,7 @@ mod tests {
             parts_in_flight: 16,
             files_in_flight: 4,
             memory_budget: 3 * MIB,
+            bandwidth_limit: None,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();
@@ -555,6 +580,46 @@ mod tests {
         }
         assert_eq!(new, 3 * MIB + 5, "exactly one of them added the blob");
         assert!(up.owners.lock().unwrap().is_empty(), "owners are released");
+    }
+
+    /// Every path (small PUT, multipart parts, staged writes) takes its bytes from the one
+    /// bucket the options share: 1 MiB/s with 1 MiB of burst, so `n` MiB need `n - 1` s.
+    #[tokio::test(start_paused = true)]
+    async fn every_upload_path_keeps_to_the_bandwidth_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = RateLimit::new(MIB);
+        let opts = UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            memory_budget: 2 * MIB,
+            bandwidth_limit: Some(limit.clone()),
+            ..UploadOptions::default()
+        };
+        let config = crate::store::StoreConfig {
+            url: format!("file://{}/store", dir.path().display()),
+            options: Default::default(),
+            max_retries: 0,
+            retry_timeout: std::time::Duration::from_secs(1),
+            retry_deadline: std::time::Duration::from_secs(1),
+        };
+        let remote = Uploader::new(BlobStore::in_memory(), opts.clone(), "j", None);
+        let local = Uploader::new(BlobStore::open(&config).unwrap(), opts, "j", None);
+        let (small, _) = file_of(dir.path(), "small", MIB as usize / 2, 1);
+        let (large, _) = file_of(dir.path(), "large", 2 * MIB as usize + MIB as usize / 2, 2);
+        let (staged, _) = file_of(dir.path(), "staged", 2 * MIB as usize, 3);
+        let start = tokio::time::Instant::now();
+        remote.upload(&small).await.unwrap();
+        assert!(
+            start.elapsed() < std::time::Duration::from_millis(100),
+            "burst"
+        );
+        remote.upload(&large).await.unwrap();
+        local.upload(&staged).await.unwrap();
+        // 5 MiB sent, 1 MiB of it free: 4 s at least.
+        let took = start.elapsed();
+        assert!(took >= std::time::Duration::from_secs(4), "{took:?}");
+        assert_eq!(remote.budget().in_use() + local.budget().in_use(), 0);
+        assert!(remote.budget().peak() <= 2 * MIB && local.budget().peak() <= 2 * MIB);
     }
 
     #[test]

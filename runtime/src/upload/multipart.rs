@@ -270,6 +270,7 @@ impl Uploader {
             }
             let offset = idx as u64 * part_size;
             let len = part_size.min(size.saturating_sub(offset));
+            self.pace(len).await;
             let guard = self.budget.acquire(len).await;
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);

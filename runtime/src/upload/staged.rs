@@ -33,6 +33,8 @@ impl Uploader {
         let mut reader = Some((file, DualHasher::new()));
         let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
         let mut outcome = Ok(());
+        // Bytes read so far: the next write is the rest of the file, at most a part.
+        let mut offset = 0u64;
         while let Some((f, h)) = reader.take() {
             while parts.len() >= self.opts.parts_in_flight.max(1) {
                 if let Some(Err(e) | Ok(Err(e))) = parts.join_next().await.map(|r| {
@@ -47,6 +49,10 @@ impl Uploader {
             if outcome.is_err() {
                 break;
             }
+            // Past the checked size (the read that sees the end, or growth the size check
+            // turns into "changed") there is nothing worth pacing.
+            self.pace(part_size.min(before.size.saturating_sub(offset)))
+                .await;
             let guard = self.budget.acquire(part_size).await;
             let p = path.to_path_buf();
             let mut chunk = self.budget.buffer(part_size as usize);
@@ -66,6 +72,7 @@ impl Uploader {
                     break;
                 }
             };
+            offset += chunk.len() as u64;
             let last = chunk.is_empty();
             reader = Some((f, h));
             if last {

@@ -1,0 +1,375 @@
+//! Commands that look at jobs without running one: `ls`, `pull` (the store), `status` and
+//! `logs` (this node's state dir, else the store).
+
+use std::io::{Read, Seek, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use c3_proto::{Manifest, Phase, ProgressRecord, RunRecord};
+use c3_runtime::job::AgentContext;
+
+use crate::out;
+
+/// The job id checked like `run` checks it: a usage error names the fix.
+pub fn checked_job_id(job_id: &str) -> Result<(), String> {
+    c3_proto::spec::validate_job_id(job_id).map_err(|e| format!("job id {e}"))
+}
+
+/// The manifest, or one line that says what to check.
+async fn manifest(ctx: &AgentContext, job_id: &str) -> anyhow::Result<Manifest> {
+    match c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await {
+        Ok(m) => Ok(m),
+        Err(e) if e.is_not_found() => anyhow::bail!(
+            "job {job_id} has no manifest in {}: check the job id (`c3-agent status` lists this node's jobs) and that the config names the job's store",
+            ctx.store.url()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn ls(ctx: &AgentContext, job_id: &str, json: bool) -> anyhow::Result<()> {
+    let manifest = manifest(ctx, job_id).await?;
+    if json {
+        out::say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
+        return Ok(());
+    }
+    if !manifest.complete {
+        out::note(&format!(
+            "job {job_id}'s manifest is not complete: the job may still run (or its agent stopped before the end; `c3-agent recover` on its node finishes it)"
+        ));
+    }
+    if manifest.files.is_empty() {
+        out::say("no files");
+    }
+    for f in &manifest.files {
+        // Control characters (a newline in a name) are escaped so that one line is one file.
+        if !out::say(&format!(
+            "{:>12}  {}  {}",
+            f.size,
+            f.sha256,
+            f.path.escape_debug()
+        )) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+pub async fn pull(
+    ctx: &AgentContext,
+    job_id: &str,
+    dest: &Path,
+    force: bool,
+    logs: bool,
+) -> anyhow::Result<()> {
+    let manifest = manifest(ctx, job_id).await?;
+    let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, dest, force)
+        .await
+        .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
+    if logs {
+        let entries = c3_runtime::pull::log_entries(&manifest);
+        if entries.is_empty() {
+            out::note(&format!("job {job_id}'s manifest lists no logs yet"));
+        }
+        let root = c3_runtime::confine::DirFd::open(dest)
+            .with_context(|| format!("cannot open {}", dest.display()))?;
+        let got = c3_runtime::pull::pull_into(&ctx.store, &entries, root, dest, None, force)
+            .await
+            .with_context(|| format!("logs of job {job_id}"))?;
+        summary.files += got.files;
+        summary.bytes += got.bytes;
+    }
+    if !manifest.complete {
+        out::note(&format!(
+            "job {job_id}'s manifest is not complete yet (the job may still run)"
+        ));
+    }
+    out::result(
+        &format!(
+            "pulled {} files, {} bytes of job {job_id} into {}{}",
+            summary.files,
+            summary.bytes,
+            dest.display(),
+            if logs { " (logs in .c3/)" } else { "" }
+        ),
+        serde_json::json!({
+            "job_id": job_id, "files": summary.files, "bytes": summary.bytes,
+            "dest": dest.display().to_string(), "complete": manifest.complete,
+        }),
+    );
+    Ok(())
+}
+
+/// One attempt as this node recorded it.
+struct Attempt {
+    n: u32,
+    record: RunRecord,
+    progress: Option<ProgressRecord>,
+}
+
+fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
+    let dir = ctx.state.job_dir(job_id).join("attempts");
+    let mut found: Vec<Attempt> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n: u32 = e.file_name().to_str()?.parse().ok()?;
+            let record = ctx.state.read_record(&e.path().join("run.json")).ok()?;
+            let progress = std::fs::read(e.path().join("progress.json"))
+                .ok()
+                .and_then(|b| ProgressRecord::from_json(&b).ok());
+            Some(Attempt {
+                n,
+                record,
+                progress,
+            })
+        })
+        .collect();
+    found.sort_by_key(|a| a.n);
+    found
+}
+
+fn outbox_len(ctx: &AgentContext, job_id: &str) -> usize {
+    std::fs::read_dir(ctx.state.outbox_dir(job_id))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Preparing => "preparing",
+        Phase::Running => "running",
+        Phase::Finishing => "finishing",
+        Phase::Done => "done",
+    }
+}
+
+/// The agent named in the record still runs (same pid and start time).
+fn agent_alive(record: &RunRecord) -> bool {
+    record.agent.is_some_and(|(pid, started)| {
+        c3_runtime::procfs::stat(pid).is_some_and(|s| s.start_ticks == started && !s.is_zombie())
+    })
+}
+
+fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Value {
+    let last = all.last();
+    let r = last.map(|a| &a.record);
+    let p = last.and_then(|a| a.progress.as_ref());
+    serde_json::json!({
+        "job_id": job_id,
+        "attempts": all.iter().map(|a| a.n).collect::<Vec<_>>(),
+        "attempt": last.map(|a| a.n),
+        "phase": r.map(|r| phase_name(r.phase)),
+        "agent_running": r.is_some_and(agent_alive),
+        "state": r.and_then(|r| r.state).map(|s| s.as_str()),
+        "reason": r.and_then(|r| r.reason).map(|x| x.as_str()),
+        "exit_code": r.and_then(|r| r.exit_code),
+        "started_at": r.map(|r| r.started_at.clone()),
+        "workdir": r.map(|r| r.workdir.clone()),
+        "files_synced": r.and_then(|r| r.synced.as_ref()).map(|s| s.files).or(p.map(|p| p.files_done)),
+        "bytes_synced": r.and_then(|r| r.synced.as_ref()).map(|s| s.bytes).or(p.map(|p| p.bytes_done)),
+        "files_pending": p.filter(|_| r.is_some_and(|r| r.phase != Phase::Done)).map(|p| p.files_queued.saturating_sub(p.files_done)),
+        "bytes_pending": p.filter(|_| r.is_some_and(|r| r.phase != Phase::Done)).map(|p| p.bytes_queued.saturating_sub(p.bytes_done)),
+        "unstored": r.map(|r| r.unstored.clone()).unwrap_or_default(),
+        "outbox": outbox_len(ctx, job_id),
+        "peak_memory_bytes": r.and_then(|r| r.facts.as_ref()).and_then(|f| f.peak_memory_bytes),
+    })
+}
+
+fn job_line(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    let mut line = format!(
+        "{:<24} attempt {:<3} {:<10} {:<10}",
+        s("job_id"),
+        v["attempt"]
+            .as_u64()
+            .map(|n| n.to_string())
+            .unwrap_or("-".into()),
+        s("phase"),
+        s("state")
+    );
+    if let Some(reason) = v["reason"].as_str() {
+        line.push_str(&format!(" {reason}"));
+    }
+    if let (Some(f), Some(b)) = (v["files_synced"].as_u64(), v["bytes_synced"].as_u64()) {
+        line.push_str(&format!(
+            "  {f} files {} synced",
+            c3_runtime::display::human_bytes(b)
+        ));
+    }
+    if let (Some(f), Some(b)) = (v["files_pending"].as_u64(), v["bytes_pending"].as_u64()) {
+        if f > 0 {
+            line.push_str(&format!(
+                ", {f} files {} pending",
+                c3_runtime::display::human_bytes(b)
+            ));
+        }
+    }
+    let unstored = v["unstored"].as_array().map_or(0, Vec::len);
+    if unstored > 0 {
+        line.push_str(&format!(
+            "  {unstored} unstored: `c3-agent resync {}`",
+            s("job_id")
+        ));
+    }
+    if v["outbox"].as_u64().unwrap_or(0) > 0 {
+        line.push_str(&format!("  {} reports undelivered (outbox)", v["outbox"]));
+    }
+    let p = s("phase");
+    if (p == "running" || p == "finishing" || p == "preparing") && v["agent_running"] == false {
+        line.push_str("  agent gone: `c3-agent recover` finishes it");
+    }
+    line
+}
+
+/// `c3-agent status [JOB]`: this node's jobs from its state dir.
+pub fn status(ctx: &AgentContext, job_id: Option<&str>, json: bool) -> ExitCode {
+    let ids: Vec<String> = match job_id {
+        Some(id) => vec![id.to_string()],
+        None => {
+            let mut ids: Vec<String> = std::fs::read_dir(ctx.state.jobs_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| c3_proto::spec::validate_job_id(n).is_ok())
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let mut jobs = Vec::new();
+    for id in &ids {
+        let all = attempts(ctx, id);
+        if all.is_empty() {
+            continue;
+        }
+        jobs.push(job_json(ctx, id, &all));
+    }
+    if let (Some(id), true) = (job_id, jobs.is_empty()) {
+        out::error(&format!(
+            "this node ({}) has no record of job {id}: `c3-agent status` lists the jobs it has; `c3-agent ls {id}` reads the store",
+            ctx.state.root().display()
+        ));
+        return ExitCode::FAILURE;
+    }
+    let as_json = json || out::json();
+    if as_json {
+        for j in &jobs {
+            out::say(&j.to_string());
+        }
+    } else if jobs.is_empty() {
+        out::say(&format!("no jobs in {}", ctx.state.root().display()));
+    } else {
+        for j in &jobs {
+            if !out::say(&job_line(j)) {
+                break;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `c3-agent logs JOB`: the job's output from this node's state dir, else from the store.
+pub async fn logs(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: Option<u32>,
+    stderr: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let stream = if stderr {
+        c3_proto::Stream::Stderr
+    } else {
+        c3_proto::Stream::Stdout
+    };
+    let local = attempts(ctx, job_id);
+    let n = attempt.or(local.last().map(|a| a.n));
+    if let Some(n) = n {
+        let path = ctx.state.log_path(job_id, n, stream);
+        if path.is_file() {
+            return local_log(ctx, job_id, n, &path, follow).await;
+        }
+    }
+    // Not (or no longer) on this node: the log blob the manifest lists.
+    let key = match n {
+        Some(n) => c3_runtime::store::attempt_manifest_key(job_id, n),
+        None => c3_runtime::store::manifest_key(job_id),
+    };
+    let bytes = ctx
+        .store
+        .get_bytes_capped(&key, ctx.max_manifest_bytes)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no log of job {job_id} on this node and no manifest in {}: check the job id (`c3-agent status`)",
+                ctx.store.url()
+            )
+        })?;
+    let manifest = Manifest::from_json(&bytes).context("the job's manifest")?;
+    let Some(logs) = manifest.logs else {
+        anyhow::bail!(
+            "job {job_id}'s manifest lists no logs yet (the job may still run on its node)"
+        );
+    };
+    let entry = if stderr { logs.stderr } else { logs.stdout };
+    let blob = ctx
+        .store
+        .get_bytes_capped(&c3_runtime::store::blob_key(&entry.sha256), entry.size)
+        .await
+        .context("the log's blob")?;
+    if c3_runtime::digest::sha256_hex(&blob) != entry.sha256 {
+        anyhow::bail!("the log's blob does not match its manifest entry");
+    }
+    let _ = std::io::stdout().lock().write_all(&blob);
+    Ok(())
+}
+
+async fn local_log(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: u32,
+    path: &Path,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let record = ctx.state.run_record_path(job_id, attempt);
+    loop {
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if std::io::stdout().lock().write_all(&buf[..n]).is_err() {
+                return Ok(());
+            }
+        }
+        let _ = std::io::stdout().flush();
+        if !follow {
+            return Ok(());
+        }
+        // Until the attempt is done (its agent wrote the last line before it said so).
+        let done = ctx
+            .state
+            .read_record(&record)
+            .is_ok_and(|r| r.phase == Phase::Done || !agent_alive(&r));
+        if done {
+            let pos = file.stream_position()?;
+            if file.metadata()?.len() <= pos {
+                return Ok(());
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,115 @@
+//! Operator commands that look after a node rather than run a job: `gc` (local retention and
+//! the file store's unreferenced blobs), and the retention sweep `recover` ends with.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use c3_runtime::gc::GcError;
+use c3_runtime::job::AgentContext;
+use c3_runtime::retention::{Retention, RetentionReport};
+
+use crate::out;
+
+/// Deletes finished jobs' local data past `policy`, off the reactor; logs what it did.
+pub async fn sweep_retention(ctx: &AgentContext, policy: Retention) -> RetentionReport {
+    let state = ctx.state.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        c3_runtime::retention::sweep(&state, &policy, SystemTime::now())
+    })
+    .await
+    .unwrap_or_else(|e| RetentionReport {
+        errors: vec![format!("retention sweep failed: {e}")],
+        ..RetentionReport::default()
+    });
+    for (job, why) in &report.kept {
+        tracing::debug!(job_id = %job, why = %why, "kept by retention");
+    }
+    for (job, dir) in &report.left_workdirs {
+        tracing::info!(job_id = %job, workdir = %dir.display(), "workdir outside the state dir left in place");
+    }
+    for e in &report.errors {
+        tracing::warn!(error = %e, "retention");
+    }
+    if !report.removed_jobs.is_empty() {
+        tracing::info!(
+            jobs = report.removed_jobs.len(),
+            bytes_freed = report.bytes_freed,
+            "finished jobs' local data removed (retention)"
+        );
+    }
+    report
+}
+
+/// `c3-agent gc`: retention, then (file store) blobs no manifest references.
+pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run: bool) -> ExitCode {
+    let retention = if dry_run {
+        None
+    } else {
+        Some(sweep_retention(ctx, policy).await)
+    };
+    let blobs = if ctx.store.is_local() {
+        Some(
+            c3_runtime::gc::collect_garbage_capped(
+                &ctx.store,
+                grace,
+                dry_run,
+                ctx.max_manifest_bytes,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    let mut code = ExitCode::SUCCESS;
+    let (jobs, local_bytes) = retention
+        .as_ref()
+        .map_or((0, 0), |r| (r.removed_jobs.len(), r.bytes_freed));
+    let blob_json = match &blobs {
+        None => serde_json::Value::Null,
+        Some(Ok(r)) => serde_json::json!({
+            "manifests": r.manifests, "blobs": r.blobs, "referenced": r.referenced,
+            "deleted": r.deleted, "bytes_freed": r.bytes_freed, "kept_young": r.kept_young,
+            "missing": r.missing, "dry_run": r.dry_run,
+        }),
+        Some(Err(_)) => serde_json::Value::Null,
+    };
+    let blob_text = match &blobs {
+        None => "store: not a file store (use the bucket's lifecycle rules); no blobs deleted".to_string(),
+        Some(Ok(r)) => format!(
+            "store: {} manifests, {} blobs, {} {} ({} bytes), {} unreferenced but younger than the grace period{}",
+            r.manifests,
+            r.blobs,
+            r.deleted,
+            if r.dry_run { "would be deleted" } else { "deleted" },
+            r.bytes_freed,
+            r.kept_young,
+            if r.missing > 0 {
+                format!("; {} blobs that manifests list are MISSING", r.missing)
+            } else {
+                String::new()
+            }
+        ),
+        Some(Err(e)) => {
+            code = ExitCode::FAILURE;
+            out::error(&format!("gc: {}", c3_runtime::error_chain(e)));
+            if matches!(e, GcError::Manifests { .. }) {
+                "store: a manifest could not be read; nothing deleted".to_string()
+            } else {
+                "store: gc stopped".to_string()
+            }
+        }
+    };
+    let local_text = match &retention {
+        None => "local: dry run, nothing removed".to_string(),
+        Some(_) => format!("local: {jobs} finished jobs removed ({local_bytes} bytes)"),
+    };
+    out::result(
+        &format!("{local_text}\n{blob_text}"),
+        serde_json::json!({
+            "jobs_removed": jobs,
+            "local_bytes_freed": local_bytes,
+            "store": blob_json,
+        }),
+    );
+    code
+}

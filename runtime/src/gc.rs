@@ -1,0 +1,639 @@
+//! `c3-agent gc`: deletes the file store's blobs that no manifest references.
+//!
+//! Every manifest under `jobs/` is read (the job's and each attempt's, complete or in
+//! progress), and every blob it names (files and logs) is kept. A blob no manifest names is
+//! deleted only once it is older than the grace period: a running job's blobs are uploaded
+//! before its (in-progress) manifest lists them.
+//!
+//! A manifest that cannot be listed, read or parsed (corrupt, too large, a newer version)
+//! stops the collection before anything is deleted: what it references is unknown, and a
+//! corrupt manifest must never cost data.
+//!
+//! Manifests written while the collection runs are read again just before deleting (those
+//! new or changed since the first pass), so a job finishing meanwhile keeps what it lists.
+//! One race is left that only the upload side can close: a blob that was already present
+//! (an old, unreferenced one) is not rewritten by a new upload of the same bytes, so its
+//! mtime stays old; if that job's manifest naming it is written after the second pass, the
+//! blob is gone. The empty blob, which every preflight writes, is never deleted.
+//!
+//! File store only: blobs are listed from its directory (object_store's listing carries no
+//! mtime through [`BlobStore`]), manifests are read and blobs deleted through the store.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::StreamExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use c3_proto::manifest::is_sha256_hex;
+use c3_proto::Manifest;
+
+use crate::pull::DEFAULT_MAX_MANIFEST_BYTES;
+use crate::store::{blob_key, BlobStore, StoreError, EMPTY_SHA256};
+
+/// How long an unreferenced blob is kept by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Manifests read.
+    pub manifests: usize,
+    /// Blobs in the store.
+    pub blobs: usize,
+    /// Blobs deleted (with `dry_run`: that would have been).
+    pub deleted: usize,
+    pub bytes_freed: u64,
+    /// Unreferenced blobs younger than the grace period, kept.
+    pub kept_young: usize,
+    /// Blobs some manifest references (and the empty blob), kept.
+    pub referenced: usize,
+    /// Blobs manifests reference that are not in the store (lost before this run).
+    pub missing: usize,
+    /// Entries of `blobs/sha256/` that are no blob (temp files, symlinks, directories): left alone.
+    pub ignored: usize,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("gc works on a file store only; `{url}` is not a usable file store (remote stores: use the bucket's lifecycle rules)")]
+    NotFileStore { url: String },
+    #[error("cannot list the store's manifests; nothing was deleted")]
+    List(#[source] StoreError),
+    #[error("{} manifest(s) could not be read, so what they reference is unknown; nothing was deleted: {}", .failures.len(), first_failures(.failures))]
+    Manifests { failures: Vec<(String, String)> },
+    #[error("cannot read the blob directory {path}; nothing was deleted")]
+    Blobs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot delete `{key}` ({deleted} blob(s) were deleted before it; the rest are kept)")]
+    Delete {
+        key: String,
+        deleted: usize,
+        #[source]
+        source: StoreError,
+    },
+    #[error("gc task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+fn first_failures(failures: &[(String, String)]) -> String {
+    let mut shown: Vec<String> = failures
+        .iter()
+        .take(3)
+        .map(|(key, why)| format!("`{key}`: {why}"))
+        .collect();
+    if failures.len() > 3 {
+        shown.push(format!("and {} more", failures.len() - 3));
+    }
+    shown.join("; ")
+}
+
+/// [`collect_garbage_capped`] with the default manifest size limit.
+pub async fn collect_garbage(
+    store: &BlobStore,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
+    collect_garbage_capped(store, grace, dry_run, DEFAULT_MAX_MANIFEST_BYTES).await
+}
+
+/// Deletes the blobs of the file store `store` that no manifest references and that were
+/// last modified more than `grace` ago. With `dry_run`, deletes nothing and reports what
+/// it would delete. Manifests larger than `max_manifest_bytes` count as unreadable (the
+/// config's `store.max_manifest_bytes`, as `pull` uses).
+pub async fn collect_garbage_capped(
+    store: &BlobStore,
+    grace: Duration,
+    dry_run: bool,
+    max_manifest_bytes: u64,
+) -> Result<GcReport, GcError> {
+    let root = file_root(store)?;
+    let now = SystemTime::now();
+    let cutoff = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut report = GcReport {
+        dry_run,
+        ..GcReport::default()
+    };
+
+    let mut scan = Scan::default();
+    scan.run(store, &root, max_manifest_bytes).await?;
+    report.manifests = scan.read;
+
+    let dir = root.join("blobs").join("sha256");
+    let listed = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || list_blobs(&dir)).await?
+    }
+    .map_err(|source| GcError::Blobs {
+        path: dir.clone(),
+        source,
+    })?;
+    report.blobs = listed.blobs.len();
+    report.ignored = listed.ignored;
+    let present: HashSet<&str> = listed.blobs.iter().map(|b| b.sha256.as_str()).collect();
+    report.missing = scan
+        .refs
+        .iter()
+        .filter(|r| !present.contains(r.as_str()))
+        .count();
+
+    let mut doomed = Vec::new();
+    for blob in &listed.blobs {
+        if blob.sha256 == EMPTY_SHA256 || scan.refs.contains(&blob.sha256) {
+            report.referenced += 1;
+        } else if blob.modified >= cutoff {
+            report.kept_young += 1;
+        } else {
+            doomed.push(blob);
+        }
+    }
+    if dry_run {
+        report.deleted = doomed.len();
+        report.bytes_freed = doomed.iter().map(|b| b.size).sum();
+        return Ok(report);
+    }
+
+    // Manifests written since the first pass (a job that ended meanwhile) count too.
+    scan.run(store, &root, max_manifest_bytes).await?;
+    report.manifests = scan.read.max(report.manifests);
+    let doomed: Vec<&Blob> = doomed
+        .into_iter()
+        .filter(|blob| {
+            let referenced = scan.refs.contains(&blob.sha256);
+            report.referenced += usize::from(referenced);
+            !referenced
+        })
+        .collect();
+    // A few at once: the file store syncs the directory after each delete.
+    let mut deletions = futures::stream::iter(doomed)
+        .map(|blob| delete_blob(store, &dir, blob, cutoff))
+        .buffer_unordered(DELETE_CONCURRENCY);
+    while let Some(outcome) = deletions.next().await {
+        match outcome {
+            Ok(Deleted::Yes(bytes)) => {
+                report.deleted += 1;
+                report.bytes_freed += bytes;
+            }
+            Ok(Deleted::Young) => report.kept_young += 1,
+            Ok(Deleted::Gone) => {}
+            Err((key, source)) => {
+                return Err(GcError::Delete {
+                    key,
+                    deleted: report.deleted,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(report)
+}
+
+const DELETE_CONCURRENCY: usize = 16;
+
+enum Deleted {
+    Yes(u64),
+    /// Written again since it was listed.
+    Young,
+    /// Gone meanwhile (another gc), or no longer a plain file: not ours to delete.
+    Gone,
+}
+
+/// Deletes one unreferenced blob, unless it was written again since the listing.
+async fn delete_blob(
+    store: &BlobStore,
+    dir: &Path,
+    blob: &Blob,
+    cutoff: SystemTime,
+) -> Result<Deleted, (String, StoreError)> {
+    match std::fs::symlink_metadata(dir.join(&blob.sha256)) {
+        Ok(md) if md.is_file() => {
+            if md.modified().map_or(true, |m| m >= cutoff) {
+                return Ok(Deleted::Young);
+            }
+        }
+        _ => return Ok(Deleted::Gone),
+    }
+    let key = blob_key(&blob.sha256);
+    store.delete(&key).await.map_err(|e| (key.clone(), e))?;
+    tracing::debug!(key = %key, bytes = blob.size, "deleted an unreferenced blob");
+    Ok(Deleted::Yes(blob.size))
+}
+
+/// The file store's directory, as [`BlobStore::open`] derives it from the URL.
+fn file_root(store: &BlobStore) -> Result<PathBuf, GcError> {
+    let refuse = || GcError::NotFileStore {
+        url: store.url().to_string(),
+    };
+    if !store.is_local() {
+        return Err(refuse());
+    }
+    url::Url::parse(store.url())
+        .ok()
+        .and_then(|u| u.to_file_path().ok())
+        .ok_or_else(refuse)
+}
+
+/// What the manifests reference, built up over one or more passes.
+#[derive(Default)]
+struct Scan {
+    refs: HashSet<String>,
+    /// Each manifest read, with the identity of its file when it was read: a later pass
+    /// reads only manifests that are new or were replaced.
+    seen: HashMap<String, Option<FileId>>,
+    /// Manifests read in the last pass or kept from an earlier one.
+    read: usize,
+}
+
+/// Device, inode, size and mtime: a manifest rewritten (a new file renamed into place)
+/// differs in at least one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64, u64, i64, i64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    let md = std::fs::symlink_metadata(path).ok()?;
+    Some(FileId(
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+    ))
+}
+
+impl Scan {
+    /// Reads every manifest not read before in the same version; fails, having deleted
+    /// nothing, if any cannot be read.
+    async fn run(&mut self, store: &BlobStore, root: &Path, max: u64) -> Result<(), GcError> {
+        let keys = store.list("jobs").await.map_err(GcError::List)?;
+        let mut failures = Vec::new();
+        let mut read = 0;
+        for key in keys.into_iter().filter(|k| is_manifest_key(k)) {
+            let id = file_id(&root.join(&key));
+            if let Some(Some(before)) = self.seen.get(&key) {
+                if id == Some(*before) {
+                    read += 1;
+                    continue;
+                }
+            }
+            match read_manifest(store, &key, max).await {
+                Ok(manifest) => {
+                    self.refs.extend(references(&manifest));
+                    self.seen.insert(key, id);
+                    read += 1;
+                }
+                Err(why) => failures.push((key, why)),
+            }
+        }
+        self.read = read;
+        failures.sort();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(GcError::Manifests { failures })
+        }
+    }
+}
+
+/// `jobs/<id>/manifest.json` and `jobs/<id>/attempts/<n>/manifest.json` (any depth: a
+/// manifest of some other layout still keeps its blobs).
+fn is_manifest_key(key: &str) -> bool {
+    key.starts_with("jobs/") && key.rsplit('/').next() == Some("manifest.json")
+}
+
+async fn read_manifest(store: &BlobStore, key: &str, max: u64) -> Result<Manifest, String> {
+    let bytes = store
+        .get_bytes_capped(key, max)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    // A large manifest is seconds of parsing: off the reactor.
+    tokio::task::spawn_blocking(move || Manifest::from_json(&bytes))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| crate::error_chain(&e))
+}
+
+/// Every blob a manifest names: its files and its logs.
+fn references(manifest: &Manifest) -> impl Iterator<Item = String> + '_ {
+    let logs = manifest
+        .logs
+        .iter()
+        .flat_map(|l| [l.stdout.sha256.clone(), l.stderr.sha256.clone()]);
+    manifest.files.iter().map(|f| f.sha256.clone()).chain(logs)
+}
+
+struct Blob {
+    sha256: String,
+    size: u64,
+    modified: SystemTime,
+}
+
+struct Listing {
+    blobs: Vec<Blob>,
+    ignored: usize,
+}
+
+/// The plain files of `blobs/sha256/` named by a sha256 (lstat: a symlink is no blob).
+fn list_blobs(dir: &Path) -> std::io::Result<Listing> {
+    let mut listing = Listing {
+        blobs: Vec::new(),
+        ignored: 0,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(listing),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let md = match entry.metadata() {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        match name.to_str() {
+            Some(sha) if md.is_file() && is_sha256_hex(sha) => listing.blobs.push(Blob {
+                sha256: sha.to_string(),
+                size: md.len(),
+                modified: md.modified()?,
+            }),
+            _ => listing.ignored += 1,
+        }
+    }
+    Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{attempt_manifest_key, manifest_key, StoreConfig};
+    use bytes::Bytes;
+    use c3_proto::{FileEntry, LogEntry, Logs};
+
+    const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        store: BlobStore,
+    }
+
+    impl Fixture {
+        async fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("store");
+            let store = BlobStore::open(&StoreConfig {
+                url: format!("file://{}", root.display()),
+                options: Default::default(),
+                max_retries: 0,
+                retry_timeout: Duration::from_secs(1),
+                retry_deadline: Duration::from_secs(1),
+            })
+            .unwrap();
+            store.preflight().await.unwrap();
+            Fixture {
+                _dir: dir,
+                root,
+                store,
+            }
+        }
+
+        fn blob_path(&self, sha: &str) -> PathBuf {
+            self.root.join(blob_key(sha))
+        }
+
+        /// Stores `bytes` as a blob last modified `age` ago; returns its sha256.
+        async fn blob(&self, bytes: &'static [u8], age: Duration) -> String {
+            let sha = crate::digest::sha256_hex(bytes);
+            self.store
+                .put_blob(&sha, Bytes::from_static(bytes))
+                .await
+                .unwrap();
+            self.age(&sha, age);
+            sha
+        }
+
+        fn age(&self, sha: &str, age: Duration) {
+            std::fs::File::options()
+                .write(true)
+                .open(self.blob_path(sha))
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+        }
+
+        fn exists(&self, sha: &str) -> bool {
+            self.blob_path(sha).is_file()
+        }
+
+        async fn put(&self, key: &str, bytes: Vec<u8>) {
+            self.store
+                .put_document(key, Bytes::from(bytes))
+                .await
+                .unwrap();
+        }
+    }
+
+    fn manifest(job: &str, attempt: u32, files: &[&str], logs: Option<(&str, &str)>) -> Vec<u8> {
+        let mut m = Manifest::new(job, None, attempt);
+        for (i, sha) in files.iter().enumerate() {
+            m.files.push(FileEntry {
+                path: format!("artifacts/f{i}"),
+                size: 1,
+                sha256: sha.to_string(),
+                blake3: "0".repeat(64),
+                mode: 0o644,
+                mtime_ns: 0,
+            });
+        }
+        m.logs = logs.map(|(out, err)| Logs {
+            stdout: LogEntry {
+                size: 1,
+                sha256: out.into(),
+            },
+            stderr: LogEntry {
+                size: 1,
+                sha256: err.into(),
+            },
+        });
+        m.to_json()
+    }
+
+    #[tokio::test]
+    async fn referenced_blobs_stay_unreferenced_old_ones_go() {
+        let f = Fixture::new().await;
+        let file = f.blob(b"a file", 10 * DAY).await;
+        let stdout = f.blob(b"stdout", 10 * DAY).await;
+        let stderr = f.blob(b"stderr", 10 * DAY).await;
+        let in_progress = f.blob(b"listed by a running attempt", 10 * DAY).await;
+        let old = f.blob(b"nobody's, old", 2 * DAY).await;
+        let young = f.blob(b"nobody's yet", Duration::from_secs(3600)).await;
+        f.age(EMPTY_SHA256, 10 * DAY);
+        let never_stored = "f".repeat(64);
+        f.put(
+            &manifest_key("done"),
+            manifest("done", 1, &[&file, &never_stored], Some((&stdout, &stderr))),
+        )
+        .await;
+        f.put(
+            &attempt_manifest_key("done", 1),
+            manifest("done", 1, &[&file], Some((&stdout, &stderr))),
+        )
+        .await;
+        f.put(
+            &attempt_manifest_key("running", 1),
+            manifest("running", 1, &[&in_progress], None),
+        )
+        .await;
+        // Not blobs: a symlink named like one (its target must survive) and a temp file.
+        let outside = f.root.join("outside");
+        std::fs::write(&outside, "keep").unwrap();
+        let link = f.blob_path(&"e".repeat(64));
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        std::fs::write(f.blob_path(&format!("{old}#1")), "tmp").unwrap();
+
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            GcReport {
+                manifests: 3,
+                blobs: 7,
+                deleted: 1,
+                bytes_freed: b"nobody's, old".len() as u64,
+                kept_young: 1,
+                referenced: 5,
+                missing: 1,
+                ignored: 2,
+                dry_run: false,
+            }
+        );
+        assert!(!f.exists(&old));
+        for sha in [&file, &stdout, &stderr, &in_progress, &young, EMPTY_SHA256] {
+            assert!(f.exists(sha), "{sha}");
+        }
+        assert!(std::fs::symlink_metadata(&link).is_ok());
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+
+        // A shorter grace takes the young one too; running again finds nothing more.
+        let report = collect_garbage(&f.store, Duration::from_secs(60), false)
+            .await
+            .unwrap();
+        assert_eq!((report.deleted, report.kept_young), (1, 0));
+        assert!(!f.exists(&young));
+        let report = collect_garbage(&f.store, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!(report.deleted, 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_manifest_deletes_nothing() {
+        let f = Fixture::new().await;
+        let old = f.blob(b"maybe someone's", 10 * DAY).await;
+        f.put(&manifest_key("ok"), manifest("ok", 1, &[], None))
+            .await;
+        f.put(
+            &attempt_manifest_key("bad", 1),
+            b"{\"version\": 1, \"files\": [".to_vec(),
+        )
+        .await;
+        let future = String::from_utf8(manifest("new", 1, &[], None))
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
+        f.put(&manifest_key("new"), future.into_bytes()).await;
+        for dry_run in [false, true] {
+            let e = collect_garbage(&f.store, DEFAULT_GRACE, dry_run)
+                .await
+                .unwrap_err();
+            let GcError::Manifests { failures } = &e else {
+                panic!("{e}");
+            };
+            let keys: Vec<&str> = failures.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "jobs/bad/attempts/1/manifest.json",
+                    "jobs/new/manifest.json"
+                ],
+                "{e}"
+            );
+            assert!(e.to_string().contains("nothing was deleted"), "{e}");
+            assert!(f.exists(&old));
+        }
+        // Too large for the cap: unreadable as well.
+        std::fs::remove_file(f.root.join("jobs/bad/attempts/1/manifest.json")).unwrap();
+        std::fs::remove_file(f.root.join("jobs/new/manifest.json")).unwrap();
+        let e = collect_garbage_capped(&f.store, DEFAULT_GRACE, false, 10)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("max_manifest_bytes"), "{e}");
+        assert!(f.exists(&old));
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!((report.manifests, report.deleted), (1, 1));
+    }
+
+    /// The pass before deleting sees manifests written (or rewritten) since the first.
+    #[tokio::test]
+    async fn a_later_pass_reads_new_and_rewritten_manifests() {
+        let f = Fixture::new().await;
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        f.put(&attempt_manifest_key("j", 1), manifest("j", 1, &[&a], None))
+            .await;
+        let mut scan = Scan::default();
+        scan.run(&f.store, &f.root, 1 << 20).await.unwrap();
+        assert_eq!((scan.read, scan.refs.len()), (1, 1));
+        f.put(
+            &attempt_manifest_key("j", 1),
+            manifest("j", 1, &[&a, &b], None),
+        )
+        .await;
+        f.put(&manifest_key("k"), manifest("k", 1, &[&c], None))
+            .await;
+        scan.run(&f.store, &f.root, 1 << 20).await.unwrap();
+        assert_eq!(scan.read, 2);
+        assert!([&a, &b, &c].iter().all(|s| scan.refs.contains(*s)));
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_deletes_nothing() {
+        let f = Fixture::new().await;
+        let old = f.blob(b"old", 10 * DAY).await;
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, true)
+            .await
+            .unwrap();
+        assert!(report.dry_run);
+        assert_eq!((report.deleted, report.bytes_freed), (1, 3));
+        assert!(f.exists(&old));
+    }
+
+    #[tokio::test]
+    async fn an_empty_store_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&StoreConfig {
+            url: format!("file://{}/never-used", dir.path().display()),
+            options: Default::default(),
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(1),
+            retry_deadline: Duration::from_secs(1),
+        })
+        .unwrap();
+        let report = collect_garbage(&store, DEFAULT_GRACE, false).await.unwrap();
+        assert_eq!(report, GcReport::default());
+    }
+
+    #[tokio::test]
+    async fn only_the_file_store() {
+        let e = collect_garbage(&BlobStore::in_memory(), DEFAULT_GRACE, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GcError::NotFileStore { .. }), "{e}");
+    }
+}

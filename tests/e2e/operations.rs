@@ -1,0 +1,275 @@
+//! An operator's day (issue "operator logs"): status, logs, pull --force/--logs, ls,
+//! completions and the man page, gc and retention, config mistakes named at once, and no
+//! run that silently replaces an earlier one.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::{signal, wait_for, Harness};
+
+#[test]
+fn status_lists_this_nodes_jobs_and_one_in_detail() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "st-ok", "command": ["sh", "-c", "echo 12345 > $C3_ARTIFACTS_DIR/a"]}),
+    )
+    .assert_code(0);
+    h.run_job(json!({"job_id": "st-bad", "command": ["sh", "-c", "exit 3"]}))
+        .assert_code(1);
+    let all = h.run(&["status"]);
+    all.assert_code(0);
+    assert!(
+        all.stdout.contains("st-ok") && all.stdout.contains("SUCCEEDED"),
+        "{}",
+        all.stdout
+    );
+    assert!(
+        all.stdout.contains("st-bad") && all.stdout.contains("SCRIPT_ERROR"),
+        "{}",
+        all.stdout
+    );
+    let one = h.run(&["status", "st-ok", "--json"]);
+    one.assert_code(0);
+    let v: Value = serde_json::from_str(one.stdout.trim()).unwrap();
+    assert_eq!(v["phase"], "done");
+    assert_eq!(v["state"], "SUCCEEDED");
+    assert_eq!(v["attempts"], json!([1]));
+    assert_eq!(v["files_synced"], 1);
+    assert_eq!(v["bytes_synced"], 6);
+    assert_eq!(v["outbox"], 0);
+    let unknown = h.run(&["status", "nope"]);
+    unknown.assert_code(1);
+    assert!(
+        unknown.stderr.contains("no record of job nope"),
+        "{}",
+        unknown.stderr
+    );
+    h.run(&["status", "../x"]).assert_code(2);
+}
+
+#[test]
+fn status_of_a_running_job_says_running() {
+    let h = Harness::file();
+    let spec = h.spec(json!({"job_id": "st-run", "command": ["sh", "-c", "echo up > $C3_ARTIFACTS_DIR/up; exec sleep 60"]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let up = h.workdir("st-run").join("artifacts/up");
+    wait_for("the job", Duration::from_secs(20), || {
+        up.exists().then_some(())
+    });
+    let v: Value =
+        serde_json::from_str(h.run(&["status", "st-run", "--json"]).stdout.trim()).unwrap();
+    assert_eq!(v["phase"], "running");
+    assert_eq!(v["agent_running"], true);
+    signal(child.id(), "TERM");
+    h.wait("stopped".into(), child).assert_code(4);
+}
+
+#[test]
+fn logs_come_from_the_node_and_else_from_the_store() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "lg", "command": ["sh", "-c", "echo hello-out; echo hello-err >&2"]}),
+    )
+    .assert_code(0);
+    let out = h.run(&["logs", "lg"]);
+    out.assert_code(0);
+    assert_eq!(out.stdout, "hello-out\n");
+    let err = h.run(&["logs", "lg", "--stderr", "--attempt", "1"]);
+    assert_eq!(err.stdout, "hello-err\n");
+    // The node no longer has it (retention, another node): the manifest's log blob.
+    std::fs::remove_dir_all(h.state.join("jobs/lg")).unwrap();
+    let from_store = h.run(&["logs", "lg"]);
+    from_store.assert_code(0);
+    assert_eq!(from_store.stdout, "hello-out\n");
+    let none = h.run(&["logs", "nope"]);
+    none.assert_code(1);
+    assert!(
+        none.stderr.contains("no log of job nope"),
+        "{}",
+        none.stderr
+    );
+}
+
+#[test]
+fn logs_follow_a_running_job_to_its_end() {
+    let h = Harness::file();
+    let spec =
+        h.spec(json!({"job_id": "lf", "command": ["sh", "-c", "echo one; sleep 1; echo two"]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let log = h.state.join("jobs/lf/attempts/1/stdout.log");
+    wait_for("the log", Duration::from_secs(20), || {
+        log.exists().then_some(())
+    });
+    let follow = h.run(&["logs", "lf", "--follow"]);
+    follow.assert_code(0);
+    assert_eq!(follow.stdout, "one\ntwo\n");
+    h.wait("run".into(), agent).assert_code(0);
+}
+
+#[test]
+fn pull_refuses_to_overwrite_a_different_file_unless_forced_and_fetches_logs() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "pf", "command": ["sh", "-c", "echo fresh > $C3_ARTIFACTS_DIR/f; echo said"]}))
+        .assert_code(0);
+    let dest = h.path("dest");
+    std::fs::create_dir_all(dest.join("artifacts")).unwrap();
+    std::fs::write(dest.join("artifacts/f"), "mine\n").unwrap();
+    let d = dest.to_str().unwrap();
+    let refused = h.run(&["pull", "pf", d]);
+    refused.assert_code(1);
+    assert!(refused.stderr.contains("--force"), "{}", refused.stderr);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("artifacts/f")).unwrap(),
+        "mine\n"
+    );
+    h.run(&["pull", "pf", d, "--force", "--logs"])
+        .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("artifacts/f")).unwrap(),
+        "fresh\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join(".c3/stdout.log")).unwrap(),
+        "said\n"
+    );
+    // The same content again is no conflict.
+    h.run(&["pull", "pf", d]).assert_code(0);
+}
+
+#[test]
+fn ls_says_no_files_and_answers_an_unknown_job_in_one_line() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "empty", "command": ["true"]}))
+        .assert_code(0);
+    let ls = h.run(&["ls", "empty"]);
+    ls.assert_code(0);
+    assert_eq!(ls.stdout.trim(), "no files");
+    let unknown = h.run(&["ls", "nosuchjob"]);
+    unknown.assert_code(1);
+    assert_eq!(
+        unknown.stderr.trim().lines().count(),
+        1,
+        "{}",
+        unknown.stderr
+    );
+    assert!(
+        unknown.stderr.contains("no manifest") && unknown.stderr.contains("c3-agent status"),
+        "{}",
+        unknown.stderr
+    );
+    let bad = h.run(&["ls", "a/b"]);
+    bad.assert_code(2);
+    h.run(&["pull", "a b", "/tmp/x"]).assert_code(2);
+}
+
+#[test]
+fn a_run_never_replaces_an_earlier_runs_manifest() {
+    let h = Harness::file();
+    let spec = json!({"job_id": "twice", "command": ["true"]});
+    h.run_job(spec.clone()).assert_code(0);
+    let again = h.run_job(spec);
+    again.assert_code(2);
+    assert!(again.stderr.contains("already ran"), "{}", again.stderr);
+}
+
+#[test]
+fn version_everywhere_completions_and_man_page() {
+    let h = Harness::file();
+    for args in [
+        vec!["--version"],
+        vec!["run", "--version"],
+        vec!["status", "--version"],
+    ] {
+        let v = h.run(&args);
+        v.assert_code(0);
+        assert!(v.stdout.starts_with("c3-agent"), "{args:?}: {}", v.stdout);
+    }
+    let bash = h.run(&["completions", "bash"]);
+    bash.assert_code(0);
+    assert!(
+        bash.stdout.contains("complete -F") && bash.stdout.contains("watch"),
+        "bash completion"
+    );
+    let man = h.run(&["man"]);
+    man.assert_code(0);
+    assert!(man.stdout.contains(".TH c3-agent 1") && man.stdout.contains("status"));
+}
+
+#[test]
+fn every_config_mistake_is_named_at_once() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_STORE_ULR".into(), "file:///x".into()));
+    h.env
+        .push(("C3_AGENT_KILL_GRACE_SECS".into(), "soon".into()));
+    let run = h.run(&["run", "--", "true"]);
+    run.assert_code(2);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("did you mean C3_AGENT_STORE_URL?"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("kill_grace_secs"), "{}", run.stderr);
+}
+
+#[test]
+fn a_misspelt_store_option_is_named_with_the_right_one() {
+    let mut h = Harness::file();
+    h.extra_toml =
+        "[store]\nurl = \"s3://b/p\"\n[store.options]\naws_endpont = \"http://127.0.0.1:1\"\n"
+            .into();
+    let run = h.run(&["run", "--", "true"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("did you mean `aws_endpoint`?"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "keep", "command": ["sh", "-c", "echo kept > $C3_ARTIFACTS_DIR/k"]}),
+    )
+    .assert_code(0);
+    // An unreferenced blob, old enough to go (and one too young to).
+    let blobs = h.state.join("store/blobs/sha256");
+    let old = blobs.join("0".repeat(64));
+    let young = blobs.join("1".repeat(64));
+    std::fs::write(&old, "orphan").unwrap();
+    std::fs::write(&young, "recent").unwrap();
+    let past = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(past)
+        .unwrap();
+    let dry = h.run(&["gc", "--older-than", "1", "--dry-run"]);
+    dry.assert_code(0);
+    assert!(old.exists(), "a dry run deletes nothing");
+    assert!(dry.stdout.contains("1 would be deleted"), "{}", dry.stdout);
+    let gc = h.run(&["gc", "--older-than", "1"]);
+    gc.assert_code(0);
+    assert!(!old.exists(), "{}", gc.stdout);
+    assert!(young.exists(), "younger than the grace period");
+    // What the job's manifest lists is still there and pulls.
+    h.run(&["pull", "keep", h.path("p").to_str().unwrap()])
+        .assert_code(0);
+    // Retention: a finished job older than its period goes (0 days: at once).
+    let mut h2 = h;
+    h2.env
+        .push(("C3_AGENT_RETENTION_SUCCEEDED_DAYS".into(), "0".into()));
+    let swept = h2.run(&["gc"]);
+    swept.assert_code(0);
+    assert!(
+        swept.stdout.contains("1 finished jobs removed"),
+        "{}",
+        swept.stdout
+    );
+    assert!(!h2.state.join("jobs/keep").exists());
+}
