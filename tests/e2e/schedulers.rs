@@ -535,4 +535,28 @@ fn the_systemd_unit_verifies_clean() {
     let about_ours: Vec<&str> = stderr.lines().filter(|l| l.contains("c3-agent@")).collect();
     assert!(out.status.success(), "{stderr}");
     assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
+    // The housekeeping pair (recover + gc, at boot and hourly) verifies too.
+    for name in ["c3-agent-housekeeping.service", "c3-agent-housekeeping.timer"] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(name),
+        )
+        .unwrap()
+        .replace("/usr/local/bin/c3-agent", crate::support::BIN);
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            dir.path().join("c3-agent-housekeeping.timer").to_str().unwrap(),
+            dir.path().join("c3-agent-housekeeping.service").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("c3-agent-housekeeping"))
+        .collect();
+    assert!(out.status.success(), "{stderr}");
+    assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
 }
