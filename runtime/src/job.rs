@@ -338,7 +338,13 @@ impl<'a> Run<'a> {
         self.record.leader = crate::procfs::identity(procs.leader());
         self.record.cgroup = procs.cgroup().map(|cg| cg.path().display().to_string());
         let seq = self.next_seq().await;
-        tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), "job launched");
+        // Which GPUs the job sees: the spec's choice, else what the scheduler gave the agent.
+        let cuda_visible_devices = spec
+            .env
+            .get("CUDA_VISIBLE_DEVICES")
+            .cloned()
+            .or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
+        tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), cuda_visible_devices, "job launched");
         self.reports.running(seq, self.ctx.report_deadline());
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));

@@ -560,3 +560,18 @@ fn the_systemd_unit_verifies_clean() {
     assert!(out.status.success(), "{stderr}");
     assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
 }
+
+#[test]
+fn the_gpus_a_job_sees_are_in_its_launch_line() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
+    let run = h.run_job(json!({"job_id": "gpus", "command": ["true"], "env": {"CUDA_VISIBLE_DEVICES": "1,3"}}));
+    run.assert_code(0);
+    let launched: serde_json::Value = run
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "job launched")
+        .unwrap();
+    assert_eq!(launched["cuda_visible_devices"], "1,3");
+}
