@@ -285,6 +285,12 @@ fn context(env: &Env) -> Result<AgentContext, String> {
             (Some(ControlPlane::new(cp)), token)
         }
     };
+    // The state dir may not exist yet (a first `ls` on a fresh node): nothing is kept then.
+    let known = std::sync::Arc::new(if store.is_local() {
+        c3_runtime::known::KnownBlobs::none()
+    } else {
+        c3_runtime::known::KnownBlobs::open(&config.state_dir, store.url())
+    });
     Ok(AgentContext {
         state: StateDir::new(&config.state_dir),
         store,
@@ -297,6 +303,7 @@ fn context(env: &Env) -> Result<AgentContext, String> {
         jobs_root: config.jobs_root.clone(),
         job_umask: env.job_umask,
         max_manifest_bytes: config.max_manifest_bytes,
+        known,
         forward_signals: config.forward_signals.clone(),
         forward_to: config.forward_to,
         stop_deadline: config.stop_deadline,

@@ -57,7 +57,8 @@ impl CollectorConfig {
             Some(journal),
         )
         .confined_to(&workdir)
-        .readable_by(reader.clone());
+        .readable_by(reader.clone())
+        .knowing(ctx.known.clone());
         CollectorConfig {
             uploader,
             workdir,
@@ -282,7 +283,12 @@ async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync 
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
         out.unstored.push(format!("{dir}/"));
     }
-    let report = sync_scan(&config.uploader, &found, book).await;
+    // The job's processes are gone: the final sync may use the whole host.
+    let at_end = config
+        .uploader
+        .clone()
+        .with_options(config.uploader.options().at_end());
+    let report = sync_scan(&at_end, &found, book).await;
     out.warnings.extend(report.warnings.iter().cloned());
     for (path, e) in &report.failures {
         tracing::error!(path = %path, error = %crate::error_chain(e), retryable = e.is_retryable(), "upload failed");

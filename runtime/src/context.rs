@@ -47,6 +47,8 @@ pub struct AgentContext {
     /// this; what is left is `recover`'s (`[job] stop_deadline_secs`: Slurm's KillWait,
     /// systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds).
     pub stop_deadline: Duration,
+    /// Blobs this node knows to be in the store (uploads skip sending them again).
+    pub known: std::sync::Arc<crate::known::KnownBlobs>,
 }
 
 impl AgentContext {

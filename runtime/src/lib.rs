@@ -22,6 +22,7 @@ pub mod job;
 pub mod jobproc;
 pub mod jobreport;
 pub mod kernlog;
+pub mod known;
 pub mod launch;
 pub mod live;
 pub mod manifest;

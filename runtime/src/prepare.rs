@@ -215,7 +215,7 @@ async fn materialize(
         .map_err(DatasetError::Mount)?;
     let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     // A dataset is the earlier job's files, as they are: what an earlier attempt left is replaced.
-    Ok(crate::pull::pull_into(
+    let pulled = crate::pull::pull_into(
         &ctx.store,
         &manifest.files,
         dir,
@@ -223,5 +223,10 @@ async fn materialize(
         owner,
         true,
     )
-    .await?)
+    .await?;
+    // Those blobs are in the store: a job that writes the same files sends nothing again.
+    for f in &manifest.files {
+        ctx.known.insert(&f.sha256);
+    }
+    Ok(pulled)
 }

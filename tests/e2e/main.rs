@@ -8,6 +8,7 @@ mod support;
 
 mod bandwidth;
 mod control_plane;
+mod dedup;
 mod faults;
 mod input;
 mod lifecycle;

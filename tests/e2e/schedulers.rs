@@ -536,9 +536,14 @@ fn the_systemd_unit_verifies_clean() {
     assert!(out.status.success(), "{stderr}");
     assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
     // The housekeeping pair (recover + gc, at boot and hourly) verifies too.
-    for name in ["c3-agent-housekeeping.service", "c3-agent-housekeeping.timer"] {
+    for name in [
+        "c3-agent-housekeeping.service",
+        "c3-agent-housekeeping.timer",
+    ] {
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(name),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../systemd")
+                .join(name),
         )
         .unwrap()
         .replace("/usr/local/bin/c3-agent", crate::support::BIN);
@@ -547,8 +552,14 @@ fn the_systemd_unit_verifies_clean() {
     let out = Command::new("systemd-analyze")
         .args([
             "verify",
-            dir.path().join("c3-agent-housekeeping.timer").to_str().unwrap(),
-            dir.path().join("c3-agent-housekeeping.service").to_str().unwrap(),
+            dir.path()
+                .join("c3-agent-housekeeping.timer")
+                .to_str()
+                .unwrap(),
+            dir.path()
+                .join("c3-agent-housekeeping.service")
+                .to_str()
+                .unwrap(),
         ])
         .output()
         .unwrap();
@@ -565,7 +576,9 @@ fn the_systemd_unit_verifies_clean() {
 fn the_gpus_a_job_sees_are_in_its_launch_line() {
     let mut h = Harness::file();
     h.env.push(("C3_AGENT_LOG_FORMAT".into(), "json".into()));
-    let run = h.run_job(json!({"job_id": "gpus", "command": ["true"], "env": {"CUDA_VISIBLE_DEVICES": "1,3"}}));
+    let run = h.run_job(
+        json!({"job_id": "gpus", "command": ["true"], "env": {"CUDA_VISIBLE_DEVICES": "1,3"}}),
+    );
     run.assert_code(0);
     let launched: serde_json::Value = run
         .stderr

@@ -50,6 +50,9 @@ pub struct UploadOptions {
     pub files_in_flight: usize,
     /// File bytes held in memory by all uploads together.
     pub memory_budget: u64,
+    /// Scale files and parts in flight for the final sync ([`UploadOptions::at_end`]); false
+    /// when the config sets them.
+    pub scale_at_end: bool,
     /// Bytes per second sent to the store by all uploads together (`None`: unlimited).
     /// Clones share the bucket: build it once per agent.
     pub bandwidth_limit: Option<RateLimit>,
@@ -64,7 +67,24 @@ impl Default for UploadOptions {
             files_in_flight: 16,
             memory_budget: 32 * MIB,
             bandwidth_limit: None,
+            scale_at_end: true,
         }
+    }
+}
+
+impl UploadOptions {
+    /// The final sync's options: the job's processes are gone, so the whole host may work
+    /// on the upload (files and parts in flight scaled to the CPU count; the memory budget
+    /// stays the one limit on bytes held). Live sync keeps the configured, gentle values. A
+    /// value set in the config is kept as it is (`scale_at_end` false).
+    pub fn at_end(&self) -> UploadOptions {
+        let mut end = self.clone();
+        if self.scale_at_end {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            end.files_in_flight = self.files_in_flight.max(8 * cpus);
+            end.parts_in_flight = self.parts_in_flight.max(cpus).min(32);
+        }
+        end
     }
 }
 
@@ -163,7 +183,13 @@ pub struct Uploader {
     root: Option<Arc<Path>>,
     /// The job's user: a file it could not read itself is never uploaded.
     reader: Option<Arc<JobReader>>,
+    /// Blobs this node knows are stored: checked with a HEAD instead of sent again.
+    known: Arc<crate::known::KnownBlobs>,
 }
+
+/// A small file at least this large is checked with a HEAD before it is sent, known or not:
+/// one round trip costs less than sending this much again.
+const HEAD_FIRST_BYTES: u64 = 1024 * 1024;
 
 /// Maps a store error on `path`'s upload.
 fn store_err(path: &Path) -> impl Fn(StoreError) -> UploadError + Copy + '_ {
@@ -238,7 +264,20 @@ impl Uploader {
             owners: Default::default(),
             root: None,
             reader: None,
+            known: Arc::new(crate::known::KnownBlobs::none()),
         }
+    }
+
+    /// The same uploader (budget, staging, owners shared) with `opts`: the final sync's.
+    pub fn with_options(mut self, opts: UploadOptions) -> Self {
+        self.opts = Arc::new(opts);
+        self
+    }
+
+    /// The node's record of stored blobs (see [`crate::known`]).
+    pub fn knowing(mut self, known: Arc<crate::known::KnownBlobs>) -> Self {
+        self.known = known;
+        self
     }
 
     /// Only files `reader` could read itself are uploaded (checked on the open fd).
@@ -316,7 +355,9 @@ impl Uploader {
         } else if self.store.is_local() {
             self.upload_staged(&path, before).await?
         } else {
-            self.upload_large(&path, before).await?
+            let up = self.upload_large(&path, before).await?;
+            self.known.insert(&up.0.sha256_hex());
+            up
         };
         Ok(Uploaded {
             rel: file.rel.clone(),
@@ -354,12 +395,26 @@ impl Uploader {
             return Err(UploadError::Changed { path: path.into() });
         }
         ensure_unchanged(path, before)?;
-        let new = self
-            .store
-            .put_blob(&digests.sha256_hex(), bytes)
-            .await
-            .map_err(store_err(path))?;
+        let sha = digests.sha256_hex();
+        // A blob already stored costs one HEAD, not its body again.
+        let head_first = !self.store.is_local()
+            && (before.size >= HEAD_FIRST_BYTES || self.known.contains(&sha));
+        let present = head_first
+            && self
+                .store
+                .blob_exists(&sha)
+                .await
+                .map_err(store_err(path))?;
+        let new = if present {
+            false
+        } else {
+            self.store
+                .put_blob(&sha, bytes)
+                .await
+                .map_err(store_err(path))?
+        };
         drop(guard);
+        self.known.insert(&sha);
         Ok((digests, new))
     }
 }
@@ -374,6 +429,25 @@ mod tests {
     use crate::statedir::write_atomic;
     use c3_proto::MultipartRecord;
     use tokio::task::JoinSet;
+
+    #[test]
+    fn the_final_sync_may_use_the_whole_host_unless_configured() {
+        let live = UploadOptions::default();
+        let end = live.at_end();
+        assert!(end.files_in_flight >= live.files_in_flight);
+        assert!(end.files_in_flight >= 8, "{}", end.files_in_flight);
+        assert!(end.parts_in_flight >= live.parts_in_flight && end.parts_in_flight <= 32);
+        assert_eq!(
+            end.memory_budget, live.memory_budget,
+            "the one limit on bytes held"
+        );
+        let fixed = UploadOptions {
+            files_in_flight: 3,
+            scale_at_end: false,
+            ..UploadOptions::default()
+        };
+        assert_eq!(fixed.at_end().files_in_flight, 3, "a configured value wins");
+    }
 
     #[test]
     fn part_sizes_fit_five_tib() {
@@ -416,6 +490,7 @@ mod tests {
             files_in_flight: 4,
             memory_budget: 3 * MIB,
             bandwidth_limit: None,
+            scale_at_end: false,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();

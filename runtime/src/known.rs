@@ -1,0 +1,133 @@
+//! Blobs this node knows to be in a store: the ones it uploaded and the ones the manifests it
+//! read list. A small file whose blob is known is checked with one HEAD and never sent again
+//! (a create-if-absent PUT would send the whole body before the store says it exists).
+//!
+//! Only an ordering hint, never trusted alone: a known blob is still checked with a HEAD (a
+//! lifecycle rule or `gc` may have removed it since), and sent when it is gone.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Keys kept at most (about 100 bytes each in memory); past it the file is cut to the
+/// newest half when it is loaded.
+const MAX_KEYS: usize = 200_000;
+
+#[derive(Debug)]
+pub struct KnownBlobs {
+    keys: Mutex<HashSet<String>>,
+    /// `<state_dir>/known-blobs/<store id>`, appended to as keys become known; opened at the
+    /// first key (the state dir may not exist when the agent starts), never if `None`.
+    path: Option<PathBuf>,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl KnownBlobs {
+    /// Nothing known, nothing kept (tests, stores where a PUT costs nothing to repeat).
+    pub fn none() -> KnownBlobs {
+        KnownBlobs {
+            keys: Mutex::new(HashSet::new()),
+            path: None,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// The record of `store_url` in `state_root`, loaded (blocking: at start).
+    pub fn open(state_root: &Path, store_url: &str) -> KnownBlobs {
+        let dir = state_root.join("known-blobs");
+        let path = dir.join(&crate::digest::sha256_hex(store_url.as_bytes())[..16]);
+        let mut keys = load(&path);
+        if keys.len() > MAX_KEYS {
+            let keep: Vec<String> = keys.split_off(keys.len() - MAX_KEYS / 2);
+            let _ = crate::statedir::write_atomic(&path, (keep.join("\n") + "\n").as_bytes());
+            keys = keep;
+        }
+        KnownBlobs {
+            keys: Mutex::new(keys.into_iter().collect()),
+            path: Some(path),
+            file: Mutex::new(None),
+        }
+    }
+
+    pub fn contains(&self, sha256_hex: &str) -> bool {
+        self.keys.lock().is_ok_and(|k| k.contains(sha256_hex))
+    }
+
+    /// `sha256_hex` is in the store (uploaded, or found there).
+    pub fn insert(&self, sha256_hex: &str) {
+        let new = self
+            .keys
+            .lock()
+            .is_ok_and(|mut k| k.len() < MAX_KEYS && k.insert(sha256_hex.to_string()));
+        let (true, Some(path)) = (new, &self.path) else {
+            return;
+        };
+        let Ok(mut file) = self.file.lock() else {
+            return;
+        };
+        if file.is_none() {
+            *file = open_append(path);
+        }
+        if let Some(f) = file.as_mut() {
+            // One line per write (O_APPEND): concurrent agents never interleave a key.
+            let _ = f.write_all(format!("{sha256_hex}\n").as_bytes());
+        }
+    }
+}
+
+/// Never the one to create the state dir (its mode is `prepare`'s business): only the
+/// `known-blobs` dir inside an existing one.
+fn open_append(path: &Path) -> Option<std::fs::File> {
+    let dir = path.parent()?;
+    let state = dir.parent()?;
+    if !state.is_dir() {
+        return None;
+    }
+    std::fs::create_dir_all(dir).ok()?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .ok()
+}
+
+fn load(path: &PathBuf) -> Vec<String> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_blobs_survive_a_restart_per_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = "a".repeat(64);
+        let k = KnownBlobs::open(dir.path(), "s3://one/x");
+        assert!(!k.contains(&a));
+        k.insert(&a);
+        k.insert(&a);
+        assert!(k.contains(&a));
+        drop(k);
+        assert!(KnownBlobs::open(dir.path(), "s3://one/x").contains(&a));
+        assert!(
+            !KnownBlobs::open(dir.path(), "s3://two/x").contains(&a),
+            "per store"
+        );
+        let file = std::fs::read_dir(dir.path().join("known-blobs"))
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .find(|t| !t.is_empty())
+            .unwrap();
+        assert_eq!(file, format!("{a}\n"), "one line, once");
+    }
+}
