@@ -83,6 +83,8 @@ impl LiveSync {
             manifest_written: None,
             polling: false,
             rescans: RescanPace::default(),
+            prehashing: JoinSet::new(),
+            prehash_busy: Default::default(),
             warned_upload: false,
         };
         LiveSync { syncer }
@@ -128,6 +130,9 @@ struct Syncer {
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
     warned_upload: bool,
+    /// Large files being hashed ahead while the job writes them, and which.
+    prehashing: JoinSet<(u64, u64)>,
+    prehash_busy: std::collections::HashSet<(u64, u64)>,
     /// Watcher errors can come by the ten thousand (a job swapping a watched dir for a
     /// symlink): rescans at most once a second, logged at most once every 10 s.
     rescans: RescanPace,
@@ -167,6 +172,11 @@ impl Syncer {
                 },
                 Some(call) = self.publishes.recv() => self.serve(call, &mut uploads).await,
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
+                Some(done) = self.prehashing.join_next(), if !self.prehashing.is_empty() => {
+                    if let Ok(key) = done {
+                        self.prehash_busy.remove(&key);
+                    }
+                }
                 _ = tokio::time::sleep_until(wake) => {
                     if self.polling && Instant::now() >= next_poll {
                         self.paced_rescan().await;
@@ -181,6 +191,8 @@ impl Syncer {
             }
         }
         self.watcher = None;
+        // Hashing under way is the final sync's head start too (at most one step each).
+        while self.prehashing.join_next().await.is_some() {}
         // Uploads under way are the final sync's head start: let them land.
         while let Some(done) = uploads.join_next().await {
             self.on_uploaded(done);
@@ -278,6 +290,30 @@ impl Syncer {
         self.rescans.last = Some(Instant::now());
         self.rescans.due = None;
         self.rescan().await;
+    }
+
+    /// Hashes ahead what a large file being written already holds (one task per file).
+    fn prehash(&mut self, rel: &str, abs: &Path, stamp: FileStamp) {
+        let opts = self.uploader.options();
+        if stamp.size <= opts.multipart_threshold
+            || self.uploader.store().is_local()
+            || !self.prehash_busy.insert((stamp.dev, stamp.ino))
+        {
+            return;
+        }
+        let file = LocalFile {
+            rel: rel.to_string(),
+            abs: abs.to_path_buf(),
+            stamp,
+        };
+        let uploader = self.uploader.clone();
+        self.prehashing.spawn(
+            async move {
+                uploader.prehash(&file).await;
+                (file.stamp.dev, file.stamp.ino)
+            }
+            .in_current_span(),
+        );
     }
 
     /// The next moment something is due: a candidate settling, the manifest, a poll.
@@ -500,15 +536,24 @@ impl Syncer {
                 self.candidates.remove(&rel);
                 continue;
             };
+            let growing = self
+                .candidates
+                .get(&rel)
+                .is_some_and(|c| c.stamp != Some(stamp));
+            let writing = open.contains(&(stamp.dev, stamp.ino));
+            if growing || writing {
+                // Not to be sent yet, but its written part may be hashed already.
+                self.prehash(&rel, &abs, stamp);
+            }
             let candidate = self.candidates.get_mut(&rel).expect("due candidates exist");
-            if candidate.stamp != Some(stamp) {
+            if growing {
                 *candidate = Candidate {
                     stamp: Some(stamp),
                     since: now,
                 };
                 continue;
             }
-            if open.contains(&(stamp.dev, stamp.ino)) {
+            if writing {
                 // Still open for writing: wait for the close (or the job's end).
                 candidate.since = now;
                 continue;

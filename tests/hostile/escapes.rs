@@ -142,7 +142,11 @@ fn a_fork_hopping_process_does_not_outlive_its_job() {
         "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.setsid()\nend = time.time() + 60\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n    open('{}', 'w').write(str(time.time()))\n    time.sleep(0.01)\n",
         beat.display()
     );
-    let script = "/usr/bin/python3 -c \"$HOPPER\" & sleep 1; exit 0";
+    // Exit only once the hopper is hopping (a loaded machine may start python3 late).
+    let script = format!(
+        "/usr/bin/python3 -c \"$HOPPER\" & for i in $(seq 200); do [ -s '{}' ] && break; sleep 0.05; done; sleep 0.3; exit 0",
+        beat.display()
+    );
     let mut spec = json!({"job_id": "hop", "user": "nobody", "command": ["sh", "-c", script]});
     spec["env"] = json!({ "HOPPER": hopper });
     let run = h.run_job(spec);

@@ -185,7 +185,14 @@ pub struct Uploader {
     reader: Option<Arc<JobReader>>,
     /// Blobs this node knows are stored: checked with a HEAD instead of sent again.
     known: Arc<crate::known::KnownBlobs>,
+    /// Large files hashed ahead while the job writes them, by (dev, ino).
+    prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), multipart::Prehashed>>>,
 }
+
+/// Large files followed at once, at most (each entry is a hasher and a CRC per part).
+const MAX_PREHASHED: usize = 64;
+/// Read ahead per call at most, so one fast writer cannot keep the agent reading.
+const PREHASH_STEP: u64 = 256 * MIB;
 
 /// A small file at least this large is checked with a HEAD before it is sent, known or not:
 /// one round trip costs less than sending this much again.
@@ -265,6 +272,7 @@ impl Uploader {
             root: None,
             reader: None,
             known: Arc::new(crate::known::KnownBlobs::none()),
+            prehashed: Default::default(),
         }
     }
 
@@ -344,6 +352,80 @@ impl Uploader {
         if let Some(limit) = &self.opts.bandwidth_limit {
             limit.take(bytes).await;
         }
+    }
+
+    /// Hashes ahead the whole parts of a large file the job is still writing (nothing is
+    /// uploaded: a file is sent only once closed and settled). When it is, only the unread
+    /// tail is hashed, so the key is known almost at once. Whole parts only, at most
+    /// `PREHASH_STEP` per call; S3/GCS/Azure only (the file store reads a file once anyway).
+    pub async fn prehash(&self, file: &LocalFile) {
+        let stamp = file.stamp;
+        let part_size = self.opts.min_part_size.max(1);
+        if self.store.is_local()
+            || stamp.size <= self.opts.multipart_threshold
+            || part_size_for(stamp.size, self.opts.min_part_size) != part_size
+        {
+            return;
+        }
+        let key = (stamp.dev, stamp.ino);
+        let ahead = {
+            let map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
+            if !map.contains_key(&key) && map.len() >= MAX_PREHASHED {
+                return;
+            }
+            map.get(&key).cloned()
+        };
+        let mut state = ahead.unwrap_or(multipart::Prehashed {
+            part_size,
+            hashed: 0,
+            hasher: crate::digest::DualHasher::new(),
+            part_crcs: Vec::new(),
+        });
+        let target = (stamp.size / part_size * part_size).min(state.hashed + PREHASH_STEP);
+        if target <= state.hashed {
+            return;
+        }
+        let Ok(opened) = self.open(&file.abs, stamp) else {
+            return;
+        };
+        let path = file.abs.clone();
+        let shown = path.clone();
+        let done = blocking(&path, move || {
+            let mut buf = vec![0u8; HASH_BUF];
+            let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+            let mut at = state.hashed;
+            while at < target {
+                let want = (target - at).min(HASH_BUF as u64) as usize;
+                let n = std::os::unix::fs::FileExt::read_at(&opened, &mut buf[..want], at)
+                    .map_err(|source| UploadError::Read {
+                        path: shown.clone(),
+                        source,
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                state.hasher.update(&buf[..n]);
+                part.update(&buf[..n]);
+                at += n as u64;
+                if at % part_size == 0 {
+                    state.part_crcs.push(part.finalize());
+                    part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+                    state.hashed = at;
+                }
+            }
+            Ok(state)
+        })
+        .await;
+        if let Ok(state) = done {
+            let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
+            map.insert(key, state);
+        }
+    }
+
+    /// The file's prefix hashed ahead, if any (taken: a retry after "changed" starts over).
+    fn take_prehashed(&self, stamp: FileStamp) -> Option<multipart::Prehashed> {
+        let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&(stamp.dev, stamp.ino))
     }
 
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
@@ -479,6 +561,92 @@ mod tests {
         )
     }
 
+    fn restamp(file: &mut LocalFile) {
+        file.stamp = FileStamp::of(&std::fs::metadata(&file.abs).unwrap());
+    }
+
+    fn small_parts() -> UploadOptions {
+        UploadOptions {
+            multipart_threshold: MIB,
+            min_part_size: MIB,
+            ..UploadOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_hashed_while_written_needs_only_its_tail_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let up = Uploader::new(store.clone(), small_parts(), "j", None);
+        // Two and a half parts written so far: two whole parts are hashed ahead.
+        let (mut file, mut data) = file_of(dir.path(), "ckpt", 5 * MIB as usize / 2, 7);
+        up.prehash(&file).await;
+        let ahead = up.prehashed.lock().unwrap().values().next().unwrap().hashed;
+        assert_eq!(ahead, 2 * MIB, "whole parts only");
+        // The writer goes on, then closes the file.
+        let more: Vec<u8> = (0..MIB as usize + 123).map(|i| (i % 251) as u8).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file.abs)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &more).unwrap();
+        drop(f);
+        data.extend_from_slice(&more);
+        restamp(&mut file);
+        let done = up.upload(&file).await.unwrap();
+        assert!(
+            up.prehashed.lock().unwrap().is_empty(),
+            "the head start was used"
+        );
+        assert_eq!(done.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+        let stored = store
+            .get_bytes(&crate::store::blob_key(&done.digests.sha256_hex()))
+            .await
+            .unwrap();
+        assert_eq!(stored.as_ref(), &data[..], "the blob hashes to its key");
+    }
+
+    #[tokio::test]
+    async fn a_region_rewritten_after_it_was_hashed_is_caught_and_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let up = Uploader::new(store.clone(), small_parts(), "j", None);
+        let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 9);
+        up.prehash(&file).await;
+        // The writer seeks back and rewrites a byte of the first part (same size).
+        data[10] ^= 0xff;
+        std::fs::write(&file.abs, &data).unwrap();
+        restamp(&mut file);
+        let first = up.upload(&file).await;
+        assert!(
+            matches!(first, Err(UploadError::Changed { .. })),
+            "{first:?}"
+        );
+        let again = up.upload(&file).await.unwrap();
+        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+        // The old content is in the store already: a stale head start must not pass as it.
+        let old = data.clone();
+        up.prehash(&file).await;
+        data[10] ^= 0xff;
+        std::fs::write(&file.abs, &data).unwrap();
+        let mut file2 = file.clone();
+        restamp(&mut file2);
+        let stale = up.upload(&file2).await;
+        assert!(
+            matches!(stale, Err(UploadError::Changed { .. })),
+            "{stale:?}"
+        );
+        assert!(old != data);
+        let stored = store
+            .get_bytes(&crate::store::blob_key(&again.digests.sha256_hex()))
+            .await
+            .unwrap();
+        assert!(
+            stored.as_ref() == &old[..],
+            "the stored blob hashes to its key"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_parts_stay_within_the_memory_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -549,7 +717,7 @@ mod tests {
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
         let mut journal_now = up.open_journal(&sha, data.len() as u64, MIB).await.unwrap();
-        let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB).unwrap();
+        let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
         let sent = up
             .send_parts(&file.abs, file.stamp, &crcs, &mut journal_now)
             .await
@@ -705,7 +873,7 @@ mod tests {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&path, &data).unwrap();
-        let (d, crcs) = hash_file(&path, File::open(&path).unwrap(), MIB + 5).unwrap();
+        let (d, crcs) = hash_file(&path, File::open(&path).unwrap(), MIB + 5, None).unwrap();
         assert_eq!(d, crate::digest::digest_bytes(&data));
         let expected: Vec<u64> = data.chunks((MIB + 5) as usize).map(crc).collect();
         assert_eq!(crcs, expected);

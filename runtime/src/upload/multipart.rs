@@ -63,18 +63,44 @@ pub(super) fn crc(bytes: &[u8]) -> u64 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
 }
 
-/// Pass 1 of a large file: both digests and a CRC per part.
+/// Pass 1 of a large file, done ahead while the job still writes it: the digests' state and
+/// the CRCs of the whole parts hashed so far. The final pass 1 goes on from `hashed`; pass 2
+/// still checks every part's CRC against these, so a region rewritten after it was hashed
+/// fails that upload ("changed") and the file is hashed again from its start.
+#[derive(Clone)]
+pub(super) struct Prehashed {
+    pub part_size: u64,
+    /// Bytes hashed: whole parts only.
+    pub hashed: u64,
+    pub hasher: DualHasher,
+    pub part_crcs: Vec<u64>,
+}
+
+impl std::fmt::Debug for Prehashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prehashed")
+            .field("part_size", &self.part_size)
+            .field("hashed", &self.hashed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pass 1 of a large file: both digests and a CRC per part (from `from`, a prefix hashed
+/// ahead, if any; `file` then reads on where it stopped).
 pub(super) fn hash_file(
     path: &Path,
     mut file: impl Read,
     part_size: u64,
+    from: Option<Prehashed>,
 ) -> Result<(Digests, Vec<u64>), UploadError> {
     let read_err = |source| UploadError::Read {
         path: path.into(),
         source,
     };
-    let mut hasher = DualHasher::new();
-    let mut part_crcs = Vec::new();
+    let (mut hasher, mut part_crcs) = match from {
+        Some(p) => (p.hasher, p.part_crcs),
+        None => (DualHasher::new(), Vec::new()),
+    };
     let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
     let mut in_part = 0u64;
     let mut buf = vec![0u8; HASH_BUF];
@@ -112,9 +138,21 @@ impl Uploader {
     ) -> Result<(Digests, bool), UploadError> {
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
-        let file = self.open(path, before)?;
+        let mut file = self.open(path, before)?;
+        // What was hashed while the job wrote it: only the tail is left to read.
+        let ahead = self
+            .take_prehashed(before)
+            .filter(|a| a.part_size == part_size && a.hashed <= before.size);
+        let ahead_parts = ahead.as_ref().map_or(0, |a| a.part_crcs.len());
         let (digests, part_crcs) = blocking(path, move || {
-            hash_file(&p, file.take(before.size + 1), part_size)
+            let start = ahead.as_ref().map_or(0, |a| a.hashed);
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(|source| {
+                UploadError::Read {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+            hash_file(&p, file.take(before.size + 1 - start), part_size, ahead)
         })
         .await?;
         if digests.size != before.size {
@@ -125,7 +163,7 @@ impl Uploader {
         let owner = self.owner_of(&sha);
         let turn = owner.lock().await;
         let result = self
-            .upload_large_owned(path, before, &sha, part_size, &part_crcs)
+            .upload_large_owned(path, before, &sha, part_size, &part_crcs, ahead_parts)
             .await;
         drop(turn);
         self.release_owner(&sha, owner);
@@ -153,10 +191,15 @@ impl Uploader {
         sha: &str,
         part_size: u64,
         part_crcs: &[u64],
+        ahead_parts: usize,
     ) -> Result<bool, UploadError> {
         let store_err = store_err(path);
         let sha = sha.to_string();
         if self.store.blob_exists(&sha).await.map_err(store_err)? {
+            // Nothing is sent, so nothing re-reads the parts hashed ahead: check them here, or
+            // a region rewritten since would be taken for the old content.
+            self.verify_parts(path, before, part_size, &part_crcs[..ahead_parts])
+                .await?;
             self.forget_journal(&sha).await;
             return Ok(false);
         }
@@ -241,6 +284,37 @@ impl Uploader {
     }
 
     /// Pass 2: each missing part read, checked against pass 1, sent; returns bytes sent.
+    /// Re-reads the first `crcs.len()` parts and checks each against its CRC: `Changed` if
+    /// any part is not what was hashed.
+    async fn verify_parts(
+        &self,
+        path: &Path,
+        before: FileStamp,
+        part_size: u64,
+        crcs: &[u64],
+    ) -> Result<(), UploadError> {
+        if crcs.is_empty() {
+            return Ok(());
+        }
+        let file = self.open(path, before)?;
+        let (p, crcs) = (path.to_path_buf(), crcs.to_vec());
+        blocking(path, move || {
+            let mut buf = vec![0u8; part_size as usize];
+            for (idx, expected) in crcs.into_iter().enumerate() {
+                file.read_exact_at(&mut buf, idx as u64 * part_size)
+                    .map_err(|source| UploadError::Read {
+                        path: p.clone(),
+                        source,
+                    })?;
+                if crc(&buf) != expected {
+                    return Err(UploadError::Changed { path: p });
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     pub(super) async fn send_parts(
         &self,
         path: &Path,
