@@ -7,6 +7,13 @@ Runs against the file store and a real S3 server (s3s-fs on 127.0.0.1), each mod
 times, and prints medians side by side. Also prints the agent's CPU time for a quiet job.
 
     python3 scripts/bench_exit_to_done.py [--runs 3] [--no-build]
+    python3 scripts/bench_exit_to_done.py --last-second [--mib 1536] [--no-build]
+
+--last-second: the checkpoint written in the job's last second. A job writes one file of
+--mib MiB at about 1 GB/s and exits right after closing it, live sync on (the agent hashes the
+file while it is written). Reported: the agent's exit-to-done against the store's ingest time
+for that file (`aws s3 cp` of the same file to the same store, in the same run), and against
+`aws s3 cp` / `rclone copy` started at exit. Target: exit-to-done <= 1.2x the ingest time.
 """
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, time
 from datetime import datetime
@@ -98,13 +105,70 @@ def run_agent(tmp, store_toml, live, job_id, command):
     return {"exit_to_done": done - exited, "wall": wall, "cpu": cpu, "rss_mib": hwm / 1024}
 
 
+LAST_SECOND = r"""
+import os, sys, time
+d = os.environ['C3_ARTIFACTS_DIR']
+mib = int(sys.argv[1])
+chunk = os.urandom(64 << 20)
+start = time.time()
+with open(os.path.join(d, 'last.ckpt'), 'wb') as f:
+    for i in range(mib // 64):
+        f.write(chunk[:-1] + bytes([i & 255]))
+        # about 1 GB/s, like a fast checkpoint writer
+        lag = start + (i + 1) * 64 / 1000 - time.time()
+        if lag > 0:
+            time.sleep(lag)
+"""
+
+
+def peer_at_exit(cmd, env):
+    t0 = time.time()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def last_second(args):
+    tmp = tempfile.mkdtemp(prefix="c3-bench-")
+    s3, s3_toml = start_s3(tmp)
+    if not s3:
+        sys.exit("needs s3s-fs")
+    endpoint = s3_toml.split('aws_endpoint = "')[1].split('"')[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C3_AGENT", "AWS_", "RCLONE_"))}
+    env.update(AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK", AWS_DEFAULT_REGION="us-east-1")
+    renv = dict(env, RCLONE_CONFIG_B_TYPE="s3", RCLONE_CONFIG_B_PROVIDER="Other", RCLONE_CONFIG_B_ENDPOINT=endpoint,
+                RCLONE_CONFIG_B_ACCESS_KEY_ID="AK", RCLONE_CONFIG_B_SECRET_ACCESS_KEY="SK",
+                RCLONE_CONFIG_B_FORCE_PATH_STYLE="true", RCLONE_CONFIG_B_REGION="us-east-1")
+    try:
+        r = run_agent(tmp, s3_toml, True, "last", ["python3", "-c", LAST_SECOND, str(args.mib)])
+        # The same bytes for the peers (the agent's workdir is gone): written once more.
+        src = os.path.join(tmp, "peer")
+        os.makedirs(src)
+        subprocess.run(["python3", "-c", LAST_SECOND.replace("os.environ['C3_ARTIFACTS_DIR']", repr(src)), str(args.mib)], check=True)
+        f = os.path.join(src, "last.ckpt")
+        ingest = peer_at_exit(["aws", "--endpoint-url", endpoint, "s3", "cp", f, "s3://bench/ingest/last.ckpt", "--only-show-errors"], env)
+        rclone = peer_at_exit(["rclone", "copy", src, "b:bench/rclone", "--s3-no-check-bucket"], renv)
+    finally:
+        s3.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ncheckpoint of {args.mib} MiB written in the job's last ~{args.mib / 1000:.1f} s at ~1 GB/s, s3s-fs, {os.cpu_count()} CPUs")
+    print(f"{'':<40} {'seconds':>8} {'x ingest':>9}")
+    for name, t in [("store ingest (aws s3 cp of the file)", ingest), ("c3-agent exit -> done (live sync)", r["exit_to_done"]),
+                    ("aws s3 cp started at exit", ingest), ("rclone copy started at exit", rclone)]:
+        print(f"{name:<40} {t:>8.2f} {t / ingest:>9.2f}")
+    print(f"c3-agent CPU {r['cpu']:.2f} s, peak RSS {r['rss_mib']:.0f} MiB; target exit->done <= 1.2x ingest")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--last-second", action="store_true")
+    ap.add_argument("--mib", type=int, default=1536)
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "c3-agent"], cwd=ROOT, check=True)
+    if args.last_second:
+        return last_second(args)
     tmp = tempfile.mkdtemp(prefix="c3-bench-")
     s3, s3_toml = start_s3(tmp)
     stores = [("file", "")] + ([("s3s-fs", s3_toml)] if s3 else [])

@@ -409,10 +409,13 @@ impl Syncer {
         };
         match meta {
             Ok(m) if m.is_file() => {
+                let stamp = FileStamp::of(&m);
+                // A large file that grows: hash what it holds while the job writes on.
+                self.prehash(&rel, path, stamp);
                 self.candidates.insert(
                     rel,
                     Candidate {
-                        stamp: Some(FileStamp::of(&m)),
+                        stamp: Some(stamp),
                         since: Instant::now(),
                     },
                 );

@@ -425,7 +425,15 @@ impl Uploader {
     /// The file's prefix hashed ahead, if any (taken: a retry after "changed" starts over).
     fn take_prehashed(&self, stamp: FileStamp) -> Option<multipart::Prehashed> {
         let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(stamp.dev, stamp.ino))
+        let ahead = map.remove(&(stamp.dev, stamp.ino));
+        if let Some(a) = &ahead {
+            tracing::debug!(
+                hashed_ahead = a.hashed,
+                size = stamp.size,
+                "hashed while written: only the tail is left"
+            );
+        }
+        ahead
     }
 
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
