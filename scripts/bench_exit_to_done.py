@@ -127,9 +127,30 @@ def peer_at_exit(cmd, env):
     return time.time() - t0
 
 
+def start_sink(tmp):
+    """c3-s3sink (bench/s3sink): an S3 server that discards every byte, so the client's own
+    ceiling is measured, not the server's."""
+    exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "c3-s3sink")
+    if not os.path.exists(exe):
+        subprocess.run(["cargo", "build", "--release", "-q", "--manifest-path", os.path.join(ROOT, "bench/s3sink/Cargo.toml")],
+                       cwd=ROOT, check=True)
+    port = free_port()
+    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--access-key", "AK", "--secret-key", "SK"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    toml = (f'[store]\nurl = "s3://bench/p"\n[store.options]\naws_endpoint = "http://127.0.0.1:{port}"\n'
+            'aws_allow_http = "true"\naws_access_key_id = "AK"\naws_secret_access_key = "SK"\naws_region = "us-east-1"\n')
+    return proc, toml
+
+
 def last_second(args):
     tmp = tempfile.mkdtemp(prefix="c3-bench-")
-    s3, s3_toml = start_s3(tmp)
+    s3, s3_toml = start_sink(tmp) if args.sink else start_s3(tmp)
     if not s3:
         sys.exit("needs s3s-fs")
     endpoint = s3_toml.split('aws_endpoint = "')[1].split('"')[0]
@@ -146,11 +167,12 @@ def last_second(args):
         subprocess.run(["python3", "-c", LAST_SECOND.replace("os.environ['C3_ARTIFACTS_DIR']", repr(src)), str(args.mib)], check=True)
         f = os.path.join(src, "last.ckpt")
         ingest = peer_at_exit(["aws", "--endpoint-url", endpoint, "s3", "cp", f, "s3://bench/ingest/last.ckpt", "--only-show-errors"], env)
-        rclone = peer_at_exit(["rclone", "copy", src, "b:bench/rclone", "--s3-no-check-bucket"], renv)
+        rclone = peer_at_exit(["rclone", "copy", src, "b:bench/rclone", "--s3-no-check-bucket", "--s3-no-head"], renv)
     finally:
         s3.kill()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ncheckpoint of {args.mib} MiB written in the job's last ~{args.mib / 1000:.1f} s at ~1 GB/s, s3s-fs, {os.cpu_count()} CPUs")
+    where = "the discarding sink" if args.sink else "s3s-fs"
+    print(f"\ncheckpoint of {args.mib} MiB written in the job's last ~{args.mib / 1000:.1f} s at ~1 GB/s, {where}, {os.cpu_count()} CPUs")
     print(f"{'':<40} {'seconds':>8} {'x ingest':>9}")
     for name, t in [("store ingest (aws s3 cp of the file)", ingest), ("c3-agent exit -> done (live sync)", r["exit_to_done"]),
                     ("aws s3 cp started at exit", ingest), ("rclone copy started at exit", rclone)]:
@@ -164,6 +186,7 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--last-second", action="store_true")
     ap.add_argument("--mib", type=int, default=1536)
+    ap.add_argument("--sink", action="store_true", help="--last-second against the discarding sink")
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "c3-agent"], cwd=ROOT, check=True)
