@@ -45,6 +45,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_port(port):
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    sys.exit(f"nothing listens on {port}")
+
+
 def start_s3(tmp):
     exe = os.environ.get("C3_TEST_S3S_FS") or shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
     if not os.path.exists(exe):
@@ -54,12 +64,7 @@ def start_s3(tmp):
     port = free_port()
     proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--access-key", "AK", "--secret-key", "SK", root],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.02)
+    wait_port(port)
     toml = (f'[store]\nurl = "s3://bench/p"\n[store.options]\naws_endpoint = "http://127.0.0.1:{port}"\n'
             'aws_allow_http = "true"\naws_access_key_id = "AK"\naws_secret_access_key = "SK"\naws_region = "us-east-1"\n')
     return proc, toml
@@ -137,12 +142,7 @@ def start_sink(tmp):
     port = free_port()
     proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--access-key", "AK", "--secret-key", "SK"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            time.sleep(0.02)
+    wait_port(port)
     toml = (f'[store]\nurl = "s3://bench/p"\n[store.options]\naws_endpoint = "http://127.0.0.1:{port}"\n'
             'aws_allow_http = "true"\naws_access_key_id = "AK"\naws_secret_access_key = "SK"\naws_region = "us-east-1"\n')
     return proc, toml

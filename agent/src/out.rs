@@ -38,32 +38,25 @@ pub fn result(human: &str, json: serde_json::Value) -> bool {
 
 /// A problem on stderr: `c3-agent: ...`, or `{"level":"ERROR","message":...}`.
 pub fn error(message: &str) {
-    let line = if json() {
-        serde_json::json!({
-            "timestamp": c3_runtime::display::now_rfc3339(),
-            "level": "ERROR",
-            "target": "c3_agent",
-            "message": message,
-        })
-        .to_string()
-    } else {
-        format!("c3-agent: {message}")
-    };
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    to_stderr("ERROR", "", message);
 }
 
 /// A note on stderr (not an error): `c3-agent: note: ...`, or a WARN JSON line.
 pub fn note(message: &str) {
+    to_stderr("WARN", "note: ", message);
+}
+
+fn to_stderr(level: &str, prefix: &str, message: &str) {
     let line = if json() {
         serde_json::json!({
             "timestamp": c3_runtime::display::now_rfc3339(),
-            "level": "WARN",
+            "level": level,
             "target": "c3_agent",
             "message": message,
         })
         .to_string()
     } else {
-        format!("c3-agent: note: {message}")
+        format!("c3-agent: {prefix}{message}")
     };
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

@@ -59,6 +59,25 @@ impl MultipartJournal {
     }
 }
 
+/// Reads the part at `offset` into `buf` (its length) and checks it is what pass 1 hashed.
+fn read_part(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    offset: u64,
+    expected_crc: u64,
+    path: &Path,
+) -> Result<(), UploadError> {
+    file.read_exact_at(buf, offset)
+        .map_err(|source| UploadError::Read {
+            path: path.into(),
+            source,
+        })?;
+    if crc(buf) != expected_crc {
+        return Err(UploadError::Changed { path: path.into() });
+    }
+    Ok(())
+}
+
 pub(super) fn crc(bytes: &[u8]) -> u64 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
 }
@@ -301,14 +320,7 @@ impl Uploader {
         blocking(path, move || {
             let mut buf = vec![0u8; part_size as usize];
             for (idx, expected) in crcs.into_iter().enumerate() {
-                file.read_exact_at(&mut buf, idx as u64 * part_size)
-                    .map_err(|source| UploadError::Read {
-                        path: p.clone(),
-                        source,
-                    })?;
-                if crc(&buf) != expected {
-                    return Err(UploadError::Changed { path: p });
-                }
+                read_part(&file, &mut buf, idx as u64 * part_size, expected, &p)?;
             }
             Ok(())
         })
@@ -349,14 +361,7 @@ impl Uploader {
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);
             let chunk = blocking(path, move || {
-                f.read_exact_at(&mut buf, offset)
-                    .map_err(|source| UploadError::Read {
-                        path: p.clone(),
-                        source,
-                    })?;
-                if crc(&buf) != expected_crc {
-                    return Err(UploadError::Changed { path: p });
-                }
+                read_part(&f, &mut buf, offset, expected_crc, &p)?;
                 Ok(buf.freeze())
             })
             .await;
