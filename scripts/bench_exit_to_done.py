@@ -19,6 +19,8 @@ import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench_data_path import wait_port  # noqa: E402
 BIN = os.path.join(ROOT, "target", "release", "c3-agent")
 
 JOB = r"""
@@ -43,16 +45,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_port(port):
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"nothing listens on {port}")
 
 
 def start_s3(tmp):

@@ -282,56 +282,61 @@ pub fn resolve(
             }
         }
     };
-    num(
-        "C3_AGENT_KILL_GRACE_SECS",
-        "kill_grace_secs",
-        &mut file.kill_grace_secs,
-    );
-    num(
-        "C3_AGENT_STOP_DEADLINE_SECS",
-        "job.stop_deadline_secs",
-        &mut file.job.stop_deadline_secs,
-    );
-    num(
-        "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
-        "retention.succeeded_days",
-        &mut file.retention.succeeded_days,
-    );
-    num(
-        "C3_AGENT_RETENTION_FAILED_DAYS",
-        "retention.failed_days",
-        &mut file.retention.failed_days,
-    );
-    num(
-        "C3_AGENT_GC_GRACE_HOURS",
-        "gc.grace_hours",
-        &mut file.gc.grace_hours,
-    );
-    num(
-        "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
-        "store.retry_timeout_secs",
-        &mut file.store.retry_timeout_secs,
-    );
-    num(
-        "C3_AGENT_STORE_RETRY_DEADLINE_SECS",
-        "store.retry_deadline_secs",
-        &mut file.store.retry_deadline_secs,
-    );
-    num(
-        "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS",
-        "store.preflight_timeout_secs",
-        &mut file.store.preflight_timeout_secs,
-    );
-    num(
-        "C3_AGENT_SETTLE_MS",
-        "sync.settle_ms",
-        &mut file.sync.settle_ms,
-    );
-    num(
-        "C3_AGENT_BANDWIDTH_LIMIT",
-        "upload.bandwidth_limit_bytes_per_sec",
-        &mut file.upload.bandwidth_limit_bytes_per_sec,
-    );
+    // Every whole-number setting and the variable that overrides it.
+    for (var, key, slot) in [
+        (
+            "C3_AGENT_KILL_GRACE_SECS",
+            "kill_grace_secs",
+            &mut file.kill_grace_secs,
+        ),
+        (
+            "C3_AGENT_STOP_DEADLINE_SECS",
+            "job.stop_deadline_secs",
+            &mut file.job.stop_deadline_secs,
+        ),
+        (
+            "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
+            "retention.succeeded_days",
+            &mut file.retention.succeeded_days,
+        ),
+        (
+            "C3_AGENT_RETENTION_FAILED_DAYS",
+            "retention.failed_days",
+            &mut file.retention.failed_days,
+        ),
+        (
+            "C3_AGENT_GC_GRACE_HOURS",
+            "gc.grace_hours",
+            &mut file.gc.grace_hours,
+        ),
+        (
+            "C3_AGENT_STORE_RETRY_TIMEOUT_SECS",
+            "store.retry_timeout_secs",
+            &mut file.store.retry_timeout_secs,
+        ),
+        (
+            "C3_AGENT_STORE_RETRY_DEADLINE_SECS",
+            "store.retry_deadline_secs",
+            &mut file.store.retry_deadline_secs,
+        ),
+        (
+            "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS",
+            "store.preflight_timeout_secs",
+            &mut file.store.preflight_timeout_secs,
+        ),
+        (
+            "C3_AGENT_SETTLE_MS",
+            "sync.settle_ms",
+            &mut file.sync.settle_ms,
+        ),
+        (
+            "C3_AGENT_BANDWIDTH_LIMIT",
+            "upload.bandwidth_limit_bytes_per_sec",
+            &mut file.upload.bandwidth_limit_bytes_per_sec,
+        ),
+    ] {
+        num(var, key, slot);
+    }
     let mut retries = file.store.max_retries.map(|n| n as u64);
     num(
         "C3_AGENT_STORE_MAX_RETRIES",
