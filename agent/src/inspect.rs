@@ -46,8 +46,13 @@ pub async fn ls(ctx: &AgentContext, job_id: &str, json: bool) -> anyhow::Result<
     }
     for f in &manifest.files {
         // Control characters (a newline in a name) are escaped so that one line is one file.
+        let marked = if f.path_b64.is_some() {
+            "  (name not UTF-8: shown lossy; the exact bytes are `path_b64` in --json)"
+        } else {
+            ""
+        };
         if !out::say(&format!(
-            "{:>12}  {}  {}",
+            "{:>12}  {}  {}{marked}",
             f.size,
             f.sha256,
             f.path.escape_debug()

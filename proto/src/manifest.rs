@@ -24,8 +24,13 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
-    /// Relative to the workdir, `/`-separated.
+    /// Relative to the workdir, `/`-separated. For a name that is not UTF-8, a lossy form for
+    /// display; the exact bytes are `path_b64`.
     pub path: String,
+    /// The path's exact bytes (standard base64), present only when they are not UTF-8
+    /// (contract v2 §5). A reader that predates it sees `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_b64: Option<String>,
     pub size: u64,
     pub sha256: String,
     pub blake3: String,
@@ -97,6 +102,13 @@ impl Manifest {
         let manifest: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
         for f in &manifest.files {
             check_entry_path(&f.path)?;
+            if f.path_b64.is_some() {
+                let raw = f.raw_path().map_err(|_| ManifestError::UnsafePath {
+                    path: f.path.clone(),
+                    problem: "path_b64 is not base64",
+                })?;
+                check_raw_path(&raw, &f.path)?;
+            }
             if !is_sha256_hex(&f.sha256) {
                 return Err(ManifestError::BadDigest {
                     path: f.path.clone(),
@@ -115,6 +127,78 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl FileEntry {
+    /// The path's exact bytes: `path_b64` decoded, else `path`.
+    pub fn raw_path(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        use base64::Engine;
+        match &self.path_b64 {
+            Some(b) => base64::engine::general_purpose::STANDARD.decode(b),
+            None => Ok(self.path.as_bytes().to_vec()),
+        }
+    }
+}
+
+/// The agent's key for a relative path: the path itself when it is UTF-8, else a NUL (which
+/// no file name holds, so no real path collides) and the bytes in base64.
+pub fn rel_key(bytes: &[u8]) -> String {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!(
+            "\0{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ),
+    }
+}
+
+/// The bytes of a [`rel_key`].
+pub fn rel_bytes(key: &str) -> Vec<u8> {
+    use base64::Engine;
+    match key.strip_prefix('\0') {
+        Some(b) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .unwrap_or_else(|_| key.as_bytes().to_vec()),
+        None => key.as_bytes().to_vec(),
+    }
+}
+
+/// A [`rel_key`] for people: the lossy path of a name that is not UTF-8.
+pub fn rel_display(key: &str) -> String {
+    if key.starts_with('\0') {
+        String::from_utf8_lossy(&rel_bytes(key)).into_owned()
+    } else {
+        key.to_string()
+    }
+}
+
+/// A manifest entry for `key` (a [`rel_key`]): `path`, and `path_b64` when not UTF-8.
+pub fn entry_paths(key: &str) -> (String, Option<String>) {
+    match key.strip_prefix('\0') {
+        Some(b64) => (rel_display(key), Some(b64.to_string())),
+        None => (key.to_string(), None),
+    }
+}
+
+/// The exact bytes of a path: relative, no NUL, no empty/`.`/`..` component.
+fn check_raw_path(raw: &[u8], shown: &str) -> Result<(), ManifestError> {
+    let bad = |problem| {
+        Err(ManifestError::UnsafePath {
+            path: shown.to_string(),
+            problem,
+        })
+    };
+    if raw.is_empty() || raw[0] == b'/' || raw.contains(&0) {
+        return bad("path_b64 is not a relative path");
+    }
+    if raw
+        .split(|b| *b == b'/')
+        .any(|part| part.is_empty() || part == b"." || part == b"..")
+    {
+        return bad("path_b64 has an empty, `.` or `..` component");
+    }
+    Ok(())
 }
 
 /// A manifest path must be relative, `/`-separated, with no `.`/`..`/empty parts,
@@ -155,6 +239,7 @@ mod tests {
         let mut m = Manifest::new("j", None, 1);
         m.files.push(FileEntry {
             path: "artifacts/a b\n%&#é".into(),
+            path_b64: None,
             size: 1,
             sha256: "0".repeat(64),
             blake3: "1".repeat(64),
@@ -178,5 +263,39 @@ mod tests {
             assert!(check_entry_path(p).is_err(), "{p}");
         }
         assert!(check_entry_path("artifacts/ok..name").is_ok());
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_have_exact_bytes_and_stay_confined() {
+        let raw = b"artifacts/caf\xe9".to_vec();
+        let key = rel_key(&raw);
+        assert!(key.starts_with('\0'), "no real path holds a NUL");
+        assert_eq!(rel_bytes(&key), raw);
+        assert_eq!(rel_key(b"artifacts/plain"), "artifacts/plain");
+        let (path, b64) = entry_paths(&key);
+        assert_eq!(path, "artifacts/caf\u{fffd}");
+        let entry = FileEntry {
+            path,
+            path_b64: b64,
+            size: 0,
+            sha256: "0".repeat(64),
+            blake3: String::new(),
+            mode: 0o644,
+            mtime_ns: 0,
+        };
+        assert_eq!(entry.raw_path().unwrap(), raw);
+        let mut m = Manifest::new("j", None, 1);
+        m.files.push(entry.clone());
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        // A plain entry has no path_b64 at all (older readers see what they always saw).
+        let plain = String::from_utf8(Manifest::new("j", None, 1).to_json()).unwrap();
+        assert!(!plain.contains("path_b64"));
+        // The exact bytes are held to the same rules as `path`.
+        use base64::Engine;
+        for evil in [&b"../x"[..], b"/etc/passwd", b"a/\xff/../../x", b"a\0b"] {
+            let mut bad = m.clone();
+            bad.files[0].path_b64 = Some(base64::engine::general_purpose::STANDARD.encode(evil));
+            assert!(Manifest::from_json(&bad.to_json()).is_err(), "{evil:?}");
+        }
     }
 }

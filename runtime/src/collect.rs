@@ -133,9 +133,15 @@ fn walk(
     reader: Option<&JobReader>,
     out: &mut Scan,
 ) {
-    let mut stack: Vec<(Arc<DirFd>, PathBuf, String)> =
-        vec![(root.clone(), PathBuf::from(root_rel), root_rel.to_string())];
-    while let Some((parent, name, rel)) = stack.pop() {
+    // The relative path's exact bytes travel with each directory: a name that is not UTF-8
+    // is collected like any other (its key is a `rel_key`, its manifest entry has `path_b64`).
+    let mut stack: Vec<(Arc<DirFd>, PathBuf, Vec<u8>)> = vec![(
+        root.clone(),
+        PathBuf::from(root_rel),
+        root_rel.as_bytes().to_vec(),
+    )];
+    while let Some((parent, name, rel_raw)) = stack.pop() {
+        let rel = c3_proto::manifest::rel_display(&c3_proto::manifest::rel_key(&rel_raw));
         let dir = match parent.open_dir(&name) {
             Ok(d) => d,
             // Deleted meanwhile: nothing to collect.
@@ -178,14 +184,11 @@ fn walk(
         };
         let dir = Arc::new(dir);
         for name in names {
-            let Some(utf8) = std::str::from_utf8(name.as_bytes()).ok() else {
-                out.warn(format!(
-                    "{rel}/{}: file name is not UTF-8; skipped",
-                    name.to_string_lossy()
-                ));
-                continue;
-            };
-            let child_rel = format!("{rel}/{utf8}");
+            let mut child_raw = rel_raw.clone();
+            child_raw.push(b'/');
+            child_raw.extend_from_slice(name.as_bytes());
+            let child_key = c3_proto::manifest::rel_key(&child_raw);
+            let child_rel = c3_proto::manifest::rel_display(&child_key);
             let st = match dir.stat(&name) {
                 Ok(st) => st,
                 // Deleted between readdir and stat: the job removed it, nothing to collect.
@@ -196,7 +199,7 @@ fn walk(
                 }
             };
             if is_dir(&st) {
-                stack.push((dir.clone(), PathBuf::from(&name), child_rel));
+                stack.push((dir.clone(), PathBuf::from(&name), child_raw));
             } else if is_regular(&st) {
                 if reader.is_some_and(|r| !r.can_read(&st)) {
                     out.warn(format!(
@@ -205,10 +208,10 @@ fn walk(
                     continue;
                 }
                 out.files.insert(
-                    child_rel.clone(),
+                    child_key.clone(),
                     LocalFile {
-                        abs: workdir.join(&child_rel),
-                        rel: child_rel,
+                        abs: workdir.join(std::ffi::OsStr::from_bytes(&child_raw)),
+                        rel: child_key,
                         stamp: FileStamp::of_stat(&st),
                     },
                 );

@@ -442,6 +442,7 @@ mod tests {
         let mut m = Manifest::new(job, None, attempt);
         for (i, sha) in files.iter().enumerate() {
             m.files.push(FileEntry {
+                path_b64: None,
                 path: format!("artifacts/f{i}"),
                 size: 1,
                 sha256: sha.to_string(),

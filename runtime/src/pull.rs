@@ -126,6 +126,7 @@ pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
         .into_iter()
         .map(|(name, log)| FileEntry {
             path: format!(".c3/{name}.log"),
+            path_b64: None,
             size: log.size,
             sha256: log.sha256.clone(),
             blake3: String::new(),
@@ -168,11 +169,20 @@ async fn fetch(
     owner: Owner,
     force: bool,
 ) -> Result<u64, PullError> {
-    let (parent, name) = match entry.path.rsplit_once('/') {
-        Some((p, n)) => (p.to_string(), n.to_string()),
-        None => (String::new(), entry.path.clone()),
+    use std::os::unix::ffi::OsStrExt;
+    // The exact bytes (a name that is not UTF-8 comes back as it was written).
+    let raw = entry.raw_path().map_err(|_| PullError::Escapes {
+        path: entry.path.clone(),
+    })?;
+    let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
+        Some(i) => (raw[..i].to_vec(), raw[i + 1..].to_vec()),
+        None => (Vec::new(), raw.clone()),
     };
-    let target = shown.join(&entry.path);
+    let (parent, name) = (
+        PathBuf::from(std::ffi::OsStr::from_bytes(&parent)),
+        std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&name)),
+    );
+    let target = shown.join(std::ffi::OsStr::from_bytes(&raw));
     let result = store
         .get_blob(&entry.sha256)
         .await
@@ -190,19 +200,18 @@ async fn fetch(
                 path: target.clone(),
                 source,
             };
-            let dir = if parent.is_empty() {
+            let dir = if parent.as_os_str().is_empty() {
                 root.try_clone().map_err(werr)?
             } else {
-                root.ensure_dir(Path::new(&parent), 0o755, owner)
-                    .map_err(|source| {
-                        if source.kind() == std::io::ErrorKind::InvalidInput {
-                            PullError::Escapes {
-                                path: entry.path.clone(),
-                            }
-                        } else {
-                            werr(source)
+                root.ensure_dir(&parent, 0o755, owner).map_err(|source| {
+                    if source.kind() == std::io::ErrorKind::InvalidInput {
+                        PullError::Escapes {
+                            path: entry.path.clone(),
                         }
-                    })?
+                    } else {
+                        werr(source)
+                    }
+                })?
             };
             if let Some(same) = existing(&dir, &name, &entry, force).map_err(werr)? {
                 return if same {
@@ -221,8 +230,7 @@ async fn fetch(
             let tmp = std::ffi::OsString::from(tmp);
             match written {
                 Ok(size) => {
-                    dir.rename(&tmp, std::ffi::OsStr::new(&name))
-                        .map_err(werr)?;
+                    dir.rename(&tmp, &name).map_err(werr)?;
                     Ok(size)
                 }
                 Err(e) => {
@@ -269,12 +277,12 @@ async fn fetch(
 /// `Some(true)` a regular file with the entry's size and sha256, `Some(false)` anything else.
 fn existing(
     dir: &DirFd,
-    name: &str,
+    name: &std::ffi::OsStr,
     entry: &FileEntry,
     force: bool,
 ) -> std::io::Result<Option<bool>> {
     use std::io::Read;
-    let st = match dir.stat(std::ffi::OsStr::new(name)) {
+    let st = match dir.stat(name) {
         Ok(st) => st,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

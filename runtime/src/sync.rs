@@ -39,8 +39,11 @@ pub struct SyncReport {
 
 impl SyncBook {
     /// Manifest entries for files that are still present, sorted by path.
+    /// The manifest's entries, sorted by path (a name that is not UTF-8 by its lossy form).
     pub fn entries(&self) -> Vec<FileEntry> {
-        self.synced.values().map(Uploaded::entry).collect()
+        let mut all: Vec<FileEntry> = self.synced.values().map(Uploaded::entry).collect();
+        all.sort_by(|a, b| (&a.path, &a.path_b64).cmp(&(&b.path, &b.path_b64)));
+        all
     }
 
     pub fn total_bytes(&self) -> u64 {

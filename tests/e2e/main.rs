@@ -14,6 +14,7 @@ mod input;
 mod lifecycle;
 mod live;
 mod logs;
+mod names;
 mod operations;
 mod publish;
 mod resume;

@@ -112,8 +112,10 @@ pub struct Uploaded {
 
 impl Uploaded {
     pub fn entry(&self) -> FileEntry {
+        let (path, path_b64) = c3_proto::manifest::entry_paths(&self.rel);
         FileEntry {
-            path: self.rel.clone(),
+            path,
+            path_b64,
             size: self.digests.size,
             sha256: self.digests.sha256_hex(),
             blake3: self.digests.blake3_hex(),

@@ -1,0 +1,68 @@
+//! Every name the filesystem allows round-trips exactly through the manifest and `pull`
+//! (contract v2 §5): names that are not UTF-8 carry `path_b64`.
+
+use serde_json::{json, Value};
+
+use crate::support::{Harness, Store};
+
+/// Writes the odd names (as bytes) below `artifacts/`; prints nothing.
+const WRITE_NAMES: &str = r#"
+import os
+d = os.environb[b'C3_ARTIFACTS_DIR']
+every = bytes(b for b in range(1, 256) if b != 0x2f)
+names = [b'caf\xe9.txt', b'\x83e\x83X\x83g.sjis', every, b'plain.txt']
+for n in names:
+    open(os.path.join(d, n), 'wb').write(b'content of ' + n)
+os.mkdir(os.path.join(d, b'dir\xff'))
+open(os.path.join(d, b'dir\xff', b'inner\xfe'), 'wb').write(b'deep')
+"#;
+
+fn every_byte_name() -> Vec<u8> {
+    (1u8..=255).filter(|b| *b != b'/').collect()
+}
+
+fn round_trip(h: &Harness, job: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    h.run_job(json!({"job_id": job, "command": ["python3", "-c", WRITE_NAMES]}))
+        .assert_code(0);
+    let ls = h.run(&["ls", job, "--json"]);
+    ls.assert_code(0);
+    let m: Value = serde_json::from_str(ls.stdout.trim()).unwrap();
+    let files = m["files"].as_array().unwrap();
+    assert_eq!(files.len(), 5, "{m}");
+    assert_eq!(
+        files.iter().filter(|f| f.get("path_b64").is_some()).count(),
+        4,
+        "only the names that are not UTF-8 carry path_b64: {m}"
+    );
+    let dest = h.path(&format!("pulled-{job}"));
+    h.run(&["pull", job, dest.to_str().unwrap()]).assert_code(0);
+    let a = dest.join("artifacts");
+    let every = every_byte_name();
+    for (name, body) in [
+        (b"caf\xe9.txt".to_vec(), None),
+        (b"\x83e\x83X\x83g.sjis".to_vec(), None),
+        (every.clone(), None),
+        (b"plain.txt".to_vec(), None),
+        (b"dir\xff/inner\xfe".to_vec(), Some(b"deep".to_vec())),
+    ] {
+        let path = a.join(std::ffi::OsStr::from_bytes(&name));
+        let got = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&name)));
+        let last = name.rsplit(|b| *b == b'/').next().unwrap().to_vec();
+        let want = body.unwrap_or_else(|| [b"content of ".to_vec(), last].concat());
+        assert_eq!(got, want, "{}", String::from_utf8_lossy(&name));
+    }
+    let text = h.run(&["ls", job]);
+    assert!(text.stdout.contains("name not UTF-8"), "{}", text.stdout);
+}
+
+#[test]
+fn names_that_are_not_utf8_round_trip_on_the_file_store() {
+    round_trip(&Harness::file(), "names-file");
+}
+
+#[test]
+fn names_that_are_not_utf8_round_trip_on_s3() {
+    round_trip(&Harness::new(Store::s3()), "names-s3");
+}
