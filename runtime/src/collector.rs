@@ -58,7 +58,12 @@ impl CollectorConfig {
         )
         .confined_to(&workdir)
         .readable_by(reader.clone())
-        .knowing(ctx.known.clone());
+        .knowing(ctx.known.clone())
+        .recording_added(
+            ctx.state
+                .attempt_dir(&spec.job_id, spec.attempt)
+                .join("added-blobs"),
+        );
         CollectorConfig {
             uploader,
             workdir,
@@ -283,6 +288,7 @@ async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync 
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
         out.unstored.push(format!("{dir}/"));
     }
+    crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
     let at_end = config
         .uploader
@@ -363,7 +369,11 @@ async fn seal(
         manifest_sha256,
         files: book.len(),
         bytes: book.total_bytes(),
-        new_bytes: book.new_bytes,
+        // Whoever uploaded them: a crashed agent's blobs are this attempt's too.
+        new_bytes: config
+            .uploader
+            .added_bytes()
+            .map_or(book.new_bytes, |added| added.max(book.new_bytes)),
         unstored,
     }
 }

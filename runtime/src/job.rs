@@ -519,11 +519,16 @@ impl<'a> Run<'a> {
                 self.spec().job_id);
         }
         self.record.unstored = unstored;
+        // `sealed.new_bytes` is what the attempt added in all (a crashed agent's uploads
+        // included); an earlier registration of this attempt (before a resync) said part of it.
+        let registered = self.record.synced.as_ref().map_or(0, |s| s.new_bytes);
+        let attempt_total = sealed.new_bytes;
+        sealed.new_bytes = attempt_total.saturating_sub(registered);
         if sealed.manifest_sha256.is_some() {
             self.record.synced = Some(c3_proto::Synced {
                 files: sealed.files as u64,
                 bytes: sealed.bytes,
-                new_bytes: sealed.new_bytes,
+                new_bytes: attempt_total,
             });
         }
         self.report(&verdict, &sealed, upload_errors, result).await;

@@ -124,9 +124,14 @@ pub async fn upload_all(
                         report.uploaded += 1;
                         book.record(up);
                     }
-                    // Deleted by the job before we got to it: nothing to collect.
+                    // Deleted (by the job, or whoever may write there) before it could be read:
+                    // nothing to collect, and no failure; said, since the scan had seen it.
                     Err(UploadError::Vanished { .. }) => {
-                        tracing::debug!(path = %rel, "file vanished before upload")
+                        let shown = c3_proto::manifest::rel_display(&rel);
+                        tracing::debug!(path = %shown, "file vanished before upload");
+                        report.warnings.push(format!(
+                            "{shown} vanished before it could be read; not in the manifest"
+                        ));
                     }
                     Err(e @ UploadError::NotReadable { .. }) => {
                         tracing::debug!(path = %rel, "{e}");

@@ -66,3 +66,70 @@ fn names_that_are_not_utf8_round_trip_on_the_file_store() {
 fn names_that_are_not_utf8_round_trip_on_s3() {
     round_trip(&Harness::new(Store::s3()), "names-s3");
 }
+
+#[test]
+fn a_file_that_vanishes_before_its_read_is_a_warning_not_an_upload_error() {
+    use std::time::Duration;
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nlive = false\n".into();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
+    let spec = h.spec(json!({"job_id": "vanish", "command": ["sh", "-c",
+        "echo k > $C3_ARTIFACTS_DIR/keep; echo g > $C3_ARTIFACTS_DIR/gone"]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    // The final scan has seen both files; the agent waits 2 s before reading them.
+    let record = h.state.join("jobs/vanish/attempts/1/run.json");
+    crate::support::wait_for("the final sync", Duration::from_secs(20), || {
+        std::fs::read_to_string(&record)
+            .ok()
+            .filter(|r| r.contains("\"finishing\""))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(h.workdir("vanish").join("artifacts/gone")).unwrap();
+    let run = h.wait("run".into(), agent);
+    run.assert_code(0);
+    let t = h.terminal("vanish");
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert_eq!(t["upload_errors"], 0);
+    assert!(
+        t["warnings"]
+            .to_string()
+            .contains("vanished before it could be read"),
+        "{t}"
+    );
+    assert_eq!(h.manifest_paths("vanish"), vec!["artifacts/keep"]);
+}
+
+#[test]
+fn recover_after_a_crash_registers_the_bytes_the_crashed_agent_added() {
+    use std::time::Duration;
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nsettle_ms = 100\n".into();
+    let script = "head -c 30000 /dev/urandom > $C3_ARTIFACTS_DIR/a; \
+                  head -c 20000 /dev/urandom > $C3_ARTIFACTS_DIR/b; exec sleep 60";
+    let spec = h.spec(json!({"job_id": "crashed", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    // Both files stored while the job runs (the in-progress manifest lists them).
+    crate::support::wait_for("live uploads", Duration::from_secs(20), || {
+        let m: Value =
+            serde_json::from_slice(&h.object("jobs/crashed/attempts/1/manifest.json")?).ok()?;
+        (m["files"].as_array()?.len() == 2).then_some(())
+    });
+    crate::support::signal(agent.id(), "KILL");
+    let _ = h.wait("killed agent".into(), agent);
+    h.run(&["recover"]);
+    let registration = h
+        .local_reports("crashed")
+        .into_iter()
+        .find(|r| {
+            r["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("/artifacts"))
+        })
+        .expect("an artifacts registration");
+    let new_bytes = registration["body"]["new_bytes"].as_u64().unwrap();
+    assert!(
+        new_bytes >= 50_000,
+        "the crashed agent's uploads are this job's storage delta too: {registration}"
+    );
+}

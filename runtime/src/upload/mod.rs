@@ -187,8 +187,25 @@ pub struct Uploader {
     reader: Option<Arc<JobReader>>,
     /// Blobs this node knows are stored: checked with a HEAD instead of sent again.
     known: Arc<crate::known::KnownBlobs>,
+    /// `<attempt dir>/added-blobs`: every blob this attempt added to the store, whoever of its
+    /// agents uploaded it, so that `recover` after a crash registers the right storage delta.
+    added_log: Option<Arc<Path>>,
     /// Large files hashed ahead while the job writes them, by (dev, ino).
     prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), multipart::Prehashed>>>,
+}
+
+/// The bytes the blobs recorded in an `added-blobs` file add up to (each blob once), or
+/// `None` when there is no such file.
+pub fn added_bytes(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(sha, _)| seen.insert(sha.to_string()))
+            .filter_map(|(_, size)| size.trim().parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// Large files followed at once, at most (each entry is a hasher and a CRC per part).
@@ -306,8 +323,20 @@ impl Uploader {
             root: None,
             reader: None,
             known: Arc::new(crate::known::KnownBlobs::none()),
+            added_log: None,
             prehashed: Default::default(),
         }
+    }
+
+    /// What the blobs recorded as added (by this attempt's agents) add up to, if recorded.
+    pub fn added_bytes(&self) -> Option<u64> {
+        self.added_log.as_deref().and_then(added_bytes)
+    }
+
+    /// Blobs this uploader adds are recorded in `path` (see [`added_bytes`]).
+    pub fn recording_added(mut self, path: PathBuf) -> Self {
+        self.added_log = Some(Arc::from(path));
+        self
     }
 
     /// The same uploader (budget, staging, owners shared) with `opts`: the final sync's.
@@ -386,6 +415,19 @@ impl Uploader {
         if let Some(limit) = &self.opts.bandwidth_limit {
             limit.take(bytes).await;
         }
+    }
+
+    fn record_added(&self, digests: &Digests) {
+        use std::io::Write;
+        let Some(path) = &self.added_log else { return };
+        let line = format!("{} {}\n", digests.sha256_hex(), digests.size);
+        // One short line per write (O_APPEND): never interleaved, nothing to fsync for: a
+        // line lost in a crash only makes the delta smaller, never a blob lost.
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
     }
 
     /// Hashes ahead the whole parts of a large file the job is still writing (nothing is
@@ -483,6 +525,9 @@ impl Uploader {
             self.known.insert(&up.0.sha256_hex());
             up
         };
+        if new {
+            self.record_added(&digests);
+        }
         Ok(Uploaded {
             rel: file.rel.clone(),
             digests,
