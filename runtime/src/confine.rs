@@ -196,8 +196,9 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
     match openat2(dir, rel, how) {
         Ok(fd) => return Ok(fd),
-        // Kernels before 5.6 (or a seccomp filter) lack openat2: walk it ourselves.
-        Err(Errno::ENOSYS) => {}
+        // Kernels before 5.6 (or a seccomp filter) lack openat2, and no path call takes more
+        // than PATH_MAX: walk it ourselves, one component (never a symlink) at a time.
+        Err(Errno::ENOSYS | Errno::ENAMETOOLONG) => {}
         Err(e) => return Err(e.into()),
     }
     let mut parts = Vec::new();

@@ -133,3 +133,56 @@ fn recover_after_a_crash_registers_the_bytes_the_crashed_agent_added() {
         "the crashed agent's uploads are this job's storage delta too: {registration}"
     );
 }
+
+/// A file 5,000+ bytes deep below `artifacts/` (PATH_MAX is 4,096): 25 directories of 200
+/// characters. Python walks there with chdir, as a job would.
+const DEEP: &str = r#"
+import os, sys
+os.chdir(os.environ['C3_ARTIFACTS_DIR'])
+for i in range(25):
+    n = ('d%02d' % i) + 'x' * 197
+    os.mkdir(n)
+    os.chdir(n)
+open('deep.txt', 'w').write('at the bottom')
+"#;
+
+const READ_DEEP: &str = r#"
+import os, sys
+os.chdir(sys.argv[1])
+for i in range(25):
+    os.chdir(('d%02d' % i) + 'x' * 197)
+print(open('deep.txt').read())
+"#;
+
+fn deep_round_trip(h: &Harness, job: &str) {
+    h.run_job(json!({"job_id": job, "command": ["python3", "-c", DEEP]}))
+        .assert_code(0);
+    let ls = h.run(&["ls", job, "--json"]);
+    let m: Value = serde_json::from_str(ls.stdout.trim()).unwrap();
+    let path = m["files"][0]["path"].as_str().unwrap().to_string();
+    assert!(
+        path.len() > 5000 && path.ends_with("/deep.txt"),
+        "{}",
+        path.len()
+    );
+    let dest = h.path(&format!("pulled-{job}"));
+    h.run(&["pull", job, dest.to_str().unwrap()]).assert_code(0);
+    let read = std::process::Command::new("python3")
+        .args(["-c", READ_DEEP, dest.join("artifacts").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout).trim(),
+        "at the bottom"
+    );
+}
+
+#[test]
+fn a_path_longer_than_path_max_round_trips_on_the_file_store() {
+    deep_round_trip(&Harness::file(), "deep-file");
+}
+
+#[test]
+fn a_path_longer_than_path_max_round_trips_on_s3() {
+    deep_round_trip(&Harness::new(Store::s3()), "deep-s3");
+}

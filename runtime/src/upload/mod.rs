@@ -228,6 +228,9 @@ fn store_err(path: &Path) -> impl Fn(StoreError) -> UploadError + Copy + '_ {
 fn stat(path: &Path) -> Result<FileStamp, UploadError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(FileStamp::of(&m)),
+        // Longer than PATH_MAX (deep nesting below the workdir): from `/`, one directory at a
+        // time, never through a symlink.
+        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => stat_long(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(UploadError::Vanished { path: path.into() })
         }
@@ -235,6 +238,35 @@ fn stat(path: &Path) -> Result<FileStamp, UploadError> {
             path: path.into(),
             source,
         }),
+    }
+}
+
+fn stat_long(path: &Path) -> Result<FileStamp, UploadError> {
+    let read_err = |source| UploadError::Read {
+        path: path.into(),
+        source,
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(UploadError::Vanished { path: path.into() });
+    };
+    let rel = parent
+        .strip_prefix("/")
+        .map_err(|_| read_err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)))?;
+    let dir = crate::confine::DirFd::open(Path::new("/"))
+        .and_then(|root| root.open_dir(rel))
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                UploadError::Vanished { path: path.into() }
+            } else {
+                read_err(e)
+            }
+        })?;
+    match dir.stat(name) {
+        Ok(st) => Ok(FileStamp::of_stat(&st)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(UploadError::Vanished { path: path.into() })
+        }
+        Err(e) => Err(read_err(e)),
     }
 }
 
