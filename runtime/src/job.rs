@@ -349,7 +349,7 @@ impl<'a> Run<'a> {
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let live_progress = self.progress("live");
-        crate::upload::set_gentle(true);
+        crate::pace::set_gentle(true);
         let stop_socket = CancellationToken::new();
         let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);
         let server =
@@ -361,7 +361,7 @@ impl<'a> Run<'a> {
             .await;
         drop(live_progress);
         // The job's processes are gone: the final sync may use the whole host.
-        crate::upload::set_gentle(false);
+        crate::pace::set_gentle(false);
         self.gpu_released(Some(supervised.facts.clone()), supervised.gone)
             .await;
         stop_socket.cancel();

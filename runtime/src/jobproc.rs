@@ -481,7 +481,7 @@ impl JobProcesses {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {
                     let this = self.clone();
-                    let _ = tokio::task::spawn_blocking(move || this.reap()).await;
+                    let _ = crate::pace::spawn_gently(move || this.reap()).await;
                 }
             }
         }

@@ -28,6 +28,7 @@ pub mod live;
 pub mod manifest;
 pub mod outcome;
 pub mod output;
+pub mod pace;
 pub mod prepare;
 pub mod procfs;
 pub mod progress;

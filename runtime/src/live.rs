@@ -256,7 +256,7 @@ impl Syncer {
         let Some(mut w) = self.watcher.take() else {
             return;
         };
-        let joined = tokio::task::spawn_blocking(move || {
+        let joined = crate::pace::spawn_gently(move || {
             let r = w.watch_tree(&dir);
             (w, r)
         })
@@ -365,7 +365,7 @@ impl Syncer {
                 }
                 let probe = path.clone();
                 let gone =
-                    tokio::task::spawn_blocking(move || std::fs::symlink_metadata(probe).is_err())
+                    crate::pace::spawn_gently(move || std::fs::symlink_metadata(probe).is_err())
                         .await
                         .unwrap_or(false);
                 if gone {
@@ -403,7 +403,7 @@ impl Syncer {
     async fn touch(&mut self, path: &Path) {
         let Some(rel) = self.rel_of(path) else { return };
         let probe = path.to_path_buf();
-        let Ok(meta) = tokio::task::spawn_blocking(move || std::fs::symlink_metadata(probe)).await
+        let Ok(meta) = crate::pace::spawn_gently(move || std::fs::symlink_metadata(probe)).await
         else {
             return;
         };
@@ -427,7 +427,7 @@ impl Syncer {
                 // Files created before the new directory's watch was set left no events.
                 let (workdir, reader) = (self.workdir.clone(), self.reader.clone());
                 let Ok(found) =
-                    tokio::task::spawn_blocking(move || scan(&workdir, &[rel], reader.as_ref()))
+                    crate::pace::spawn_gently(move || scan(&workdir, &[rel], reader.as_ref()))
                         .await
                 else {
                     return;
@@ -461,7 +461,7 @@ impl Syncer {
         let (workdir, dirs, reader) =
             (self.workdir.clone(), self.dirs.clone(), self.reader.clone());
         let Ok(found) =
-            tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref())).await
+            crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref())).await
         else {
             return;
         };
@@ -520,7 +520,7 @@ impl Syncer {
         let due: Vec<String> = due.into_iter().take(room).collect();
         let procs = self.procs.clone();
         let (workdir, paths) = (self.workdir.clone(), due.clone());
-        let looked = tokio::task::spawn_blocking(move || {
+        let looked = crate::pace::spawn_gently(move || {
             let open = crate::procfs::written_by(&procs.members());
             let stamps: Vec<Option<FileStamp>> = paths
                 .iter()

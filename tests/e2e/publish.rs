@@ -92,8 +92,9 @@ fn the_socket_refuses_a_stranger() {
     let mut conn = std::os::unix::net::UnixStream::connect(sock.trim()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    conn.write_all(b"{\"op\":\"publish\",\"paths\":[\"artifacts/f\"]}\n")
-        .unwrap();
+    // The agent may answer a stranger and hang up before reading: the request's write may
+    // then find the pipe closed, and the refusal is still there to read.
+    let _ = conn.write_all(b"{\"op\":\"publish\",\"paths\":[\"artifacts/f\"]}\n");
     let mut reply = String::new();
     BufReader::new(&conn).read_line(&mut reply).unwrap();
     let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
@@ -131,7 +132,8 @@ fn a_job_as_another_user_refuses_root_on_its_socket() {
     let mut conn = std::os::unix::net::UnixStream::connect(sock.trim()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    conn.write_all(b"{\"op\":\"wait_all\"}\n").unwrap();
+    // Refused at once, maybe before the request is read: a closed pipe here is no failure.
+    let _ = conn.write_all(b"{\"op\":\"wait_all\"}\n");
     let mut reply = String::new();
     BufReader::new(&conn).read_line(&mut reply).unwrap();
     assert!(reply.contains("refused"), "{reply}");

@@ -284,48 +284,16 @@ fn fill(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// While the job runs it owns the host: the agent's reading and hashing (its heaviest work)
-/// run at a low CPU priority then, and at the normal one for the final sync.
-static GENTLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The nice value of hashing and reading threads while a job runs.
-const GENTLE_NICE: i32 = 10;
-
-/// Live sync (true) or the final sync (false): see [`GENTLE`].
-pub fn set_gentle(gentle: bool) {
-    GENTLE.store(gentle, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// This thread's nice value for the phase (a thread's nice is its own on Linux). Raising
-/// it back needs privilege: an unprivileged agent's threads stay gentle, never worse.
-fn pace_thread() {
-    let want = if GENTLE.load(std::sync::atomic::Ordering::Relaxed) {
-        GENTLE_NICE
-    } else {
-        0
-    };
-    // SAFETY: gettid and setpriority have no memory effects.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::getpriority(libc::PRIO_PROCESS, tid) != want {
-            libc::setpriority(libc::PRIO_PROCESS, tid, want);
-        }
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T, UploadError> + Send + 'static,
 ) -> Result<T, UploadError> {
-    tokio::task::spawn_blocking(move || {
-        pace_thread();
-        f()
-    })
-    .await
-    .map_err(|source| UploadError::Task {
-        path: path.into(),
-        source,
-    })?
+    crate::pace::spawn_gently(f)
+        .await
+        .map_err(|source| UploadError::Task {
+            path: path.into(),
+            source,
+        })?
 }
 
 fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
