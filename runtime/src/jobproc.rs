@@ -145,6 +145,47 @@ impl Cgroup {
     }
 }
 
+/// Removes the empty job cgroups (`c3-<job>-<attempt>-<agent pid>`) next to where this agent
+/// would create its jobs' whose agent is gone: an agent killed between creating a job's
+/// cgroup and launching into it leaves one behind. A live agent's are never touched (its
+/// job's cgroup is empty for a moment before the launch). Returns how many went.
+pub fn sweep_leaked_cgroups() -> usize {
+    let Some(mount) = v2_mount() else { return 0 };
+    let Some(own) = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+    else {
+        return 0;
+    };
+    let mut base = mount.join(own.trim_start_matches('/'));
+    if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
+        base.pop();
+    }
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let agent: Option<i32> = name
+            .strip_prefix("c3-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|pid| pid.parse().ok());
+        let Some(agent) = agent else { continue };
+        if procfs::stat(agent).is_some() {
+            continue;
+        }
+        let cg = Cgroup { dir: e.path() };
+        if !cg.populated() && std::fs::remove_dir(cg.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Where the agent moves itself inside its own (delegated) cgroup, see [`enable_controllers`].
 const AGENT_LEAF: &str = "c3-agent";
 

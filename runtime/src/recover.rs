@@ -64,6 +64,15 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
             );
         }
     }
+    let swept = tokio::task::spawn_blocking(crate::jobproc::sweep_leaked_cgroups)
+        .await
+        .unwrap_or(0);
+    if swept > 0 {
+        tracing::info!(
+            cgroups = swept,
+            "removed empty job cgroups that crashed agents left"
+        );
+    }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
         if let Some(summary) = recover_record(ctx, &path, false).await {

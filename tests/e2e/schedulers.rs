@@ -588,3 +588,47 @@ fn the_gpus_a_job_sees_are_in_its_launch_line() {
         .unwrap();
     assert_eq!(launched["cuda_visible_devices"], "1,3");
 }
+
+#[test]
+fn recover_removes_empty_job_cgroups_that_dead_agents_left() {
+    // Where this process's agents create their jobs' cgroups (cgroup v2, writable: root).
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(own) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return;
+    };
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(str::to_string))
+                .flatten()
+        });
+    let Some(mount) = mount else { return };
+    let base = Path::new(&mount).join(own.trim_start_matches('/'));
+    let dead = base.join(format!("c3-leaked-1-{}", 4_194_300));
+    let live = base.join(format!("c3-busy-1-{}", std::process::id()));
+    if std::fs::create_dir(&dead).is_err() {
+        eprintln!("skipped: cannot create a cgroup in {}", base.display());
+        return;
+    }
+    std::fs::create_dir(&live).unwrap();
+    let h = Harness::file();
+    let run = h.run(&["recover"]);
+    let (live_survived, dead_gone) = (live.exists(), !dead.exists());
+    let _ = std::fs::remove_dir(&live);
+    let _ = std::fs::remove_dir(&dead);
+    run.assert_code(0);
+    assert!(
+        live_survived,
+        "an agent that still runs keeps its job's cgroup"
+    );
+    assert!(dead_gone, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("removed empty job cgroups"),
+        "{}",
+        run.stderr
+    );
+}
