@@ -34,19 +34,9 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `<agent's cgroup>/<name>`; `Err` says why the job runs without one.
     pub fn create(name: &str) -> Result<Cgroup, String> {
-        let mount = v2_mount().ok_or("no cgroup v2 hierarchy is mounted")?;
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-            })
-            .ok_or("the agent is not in a cgroup v2 hierarchy")?;
-        let mut base = mount.join(own.trim_start_matches('/'));
-        if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
-            // Moved there by an earlier call: the jobs are its siblings.
-            base.pop();
-        } else if own.ends_with(".service")
+        let (base, own) = jobs_base()?;
+        // In its unit's own cgroup (not yet moved into its leaf): make the controllers the job's.
+        if own.ends_with(".service")
             && std::env::var_os("INVOCATION_ID").is_some()
             && alone_in(&base)
         {
@@ -150,20 +140,9 @@ impl Cgroup {
 /// cgroup and launching into it leaves one behind. A live agent's are never touched (its
 /// job's cgroup is empty for a moment before the launch). Returns how many went.
 pub fn sweep_leaked_cgroups() -> usize {
-    let Some(mount) = v2_mount() else { return 0 };
-    let Some(own) = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-    else {
+    let Ok((base, _)) = jobs_base() else {
         return 0;
     };
-    let mut base = mount.join(own.trim_start_matches('/'));
-    if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
-        base.pop();
-    }
     let Ok(entries) = std::fs::read_dir(&base) else {
         return 0;
     };
@@ -184,6 +163,24 @@ pub fn sweep_leaked_cgroups() -> usize {
         }
     }
     removed
+}
+
+/// Where this agent's jobs' cgroups go (its own cgroup, or the parent of the leaf it moved
+/// itself into), and its own cgroup path as `/proc/self/cgroup` says it.
+fn jobs_base() -> Result<(PathBuf, String), String> {
+    let mount = v2_mount().ok_or("no cgroup v2 hierarchy is mounted")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .ok_or("the agent is not in a cgroup v2 hierarchy")?;
+    let mut base = mount.join(own.trim_start_matches('/'));
+    if base.file_name().is_some_and(|n| n == AGENT_LEAF) {
+        base.pop();
+    }
+    Ok((base, own))
 }
 
 /// Where the agent moves itself inside its own (delegated) cgroup, see [`enable_controllers`].
