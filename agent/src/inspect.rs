@@ -148,20 +148,9 @@ fn outbox_len(ctx: &AgentContext, job_id: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn phase_name(p: Phase) -> &'static str {
-    match p {
-        Phase::Preparing => "preparing",
-        Phase::Running => "running",
-        Phase::Finishing => "finishing",
-        Phase::Done => "done",
-    }
-}
-
-/// The agent named in the record still runs (same pid and start time).
+/// The agent named in the record still runs (same boot, pid and start time).
 fn agent_alive(record: &RunRecord) -> bool {
-    record.agent.is_some_and(|(pid, started)| {
-        c3_runtime::procfs::stat(pid).is_some_and(|s| s.start_ticks == started && !s.is_zombie())
-    })
+    c3_runtime::recover::owner_alive(record)
 }
 
 fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Value {
@@ -172,7 +161,7 @@ fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Va
         "job_id": job_id,
         "attempts": all.iter().map(|a| a.n).collect::<Vec<_>>(),
         "attempt": last.map(|a| a.n),
-        "phase": r.map(|r| phase_name(r.phase)),
+        "phase": r.map(|r| r.phase.as_str()),
         "agent_running": r.is_some_and(agent_alive),
         "state": r.and_then(|r| r.state).map(|s| s.as_str()),
         "reason": r.and_then(|r| r.reason).map(|x| x.as_str()),

@@ -237,28 +237,11 @@ fn failure(message: &str, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// An anyhow error and its causes on one line, each cause said once (wrappers often repeat
-/// theirs: `...: Permission denied (os error 13): Permission denied (os error 13)`).
-fn chain_once(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
 /// `pull`/`ls`: 0 on success, 1 on any failure, with the whole error chain.
 fn edge(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => failure(&chain_once(&e), 1),
+        Err(e) => failure(&error_chain(&*e), 1),
     }
 }
 

@@ -19,6 +19,18 @@ pub enum Phase {
     Done,
 }
 
+impl Phase {
+    /// The record's spelling, for `status` and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Running => "running",
+            Phase::Finishing => "finishing",
+            Phase::Done => "done",
+        }
+    }
+}
+
 /// `<state_dir>/jobs/<job_id>/attempts/<n>/run.json`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {

@@ -145,7 +145,7 @@ pub async fn run_job(
         }
         let mut run = Run::new(ctx, spec);
         run.lock = Some(lock);
-        run.stop_requested = Some(crate::sidecar::stop_clock(&cancel));
+        run.stop_requested = Some(stop_clock(&cancel));
         let end = match run.prepare(&cancel).await {
             Ok(workdir) => run.execute(workdir, &cancel).await,
             Err(e) => run.failed_before_launch(e),
@@ -166,6 +166,24 @@ pub async fn run_job(
     }
     .instrument(span)
     .await)
+}
+
+/// A stop request's time, for the stop deadline of the final sync.
+pub(crate) fn stop_clock(
+    cancel: &CancellationToken,
+) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
+    let (stopped_at, stop_rx) = tokio::sync::watch::channel(None);
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = stopped_at.send(Some(tokio::time::Instant::now()));
+            }
+            // Nobody waits for the time any more: the run is over.
+            _ = stopped_at.closed() => {}
+        }
+    });
+    stop_rx
 }
 
 /// The state of one attempt while the agent works on it.

@@ -85,6 +85,20 @@ pub fn decide(end: &JobEnd, upload_failed: bool, oom_killed: bool) -> Verdict {
     }
 }
 
+/// The exit code of an attempt that was finished (by an earlier agent), from the state and
+/// reason its record kept: the same table as [`decide`], read backwards.
+pub fn recorded_exit(record: &c3_proto::RunRecord) -> ExitCode {
+    use c3_proto::JobState;
+    match (record.state, record.reason) {
+        (Some(JobState::Succeeded), _) => ExitCode::Succeeded,
+        (Some(JobState::Canceled), _) => ExitCode::Canceled,
+        (Some(JobState::TimedOut), _) => ExitCode::TimedOut,
+        (_, Some(FailReason::UploadError)) => ExitCode::UploadError,
+        (_, Some(FailReason::ScriptError | FailReason::OutOfMemory)) => ExitCode::ScriptError,
+        _ => ExitCode::AgentOrDataset,
+    }
+}
+
 /// Records in the run record how the job ended, so that `recover` never invents an outcome.
 pub fn note_end(end: &JobEnd, record: &mut c3_proto::RunRecord) {
     use c3_proto::JobState;

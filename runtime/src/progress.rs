@@ -58,13 +58,17 @@ pub async fn report(
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
     let mut last = (Instant::now(), progress.snapshot().2);
+    let mut recorded = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let (files_done, files_queued, bytes_done, bytes_queued) = progress.snapshot();
-        if let Some(path) = &record {
+        let now = (files_done, files_queued, bytes_done, bytes_queued);
+        // Written (and fsync'd) only when it says something new: a job idle for days costs nothing.
+        if let Some(path) = record.as_ref().filter(|_| recorded != Some(now)) {
+            recorded = Some(now);
             let body = c3_proto::ProgressRecord {
                 phase: phase.into(),
                 files_done,

@@ -26,23 +26,8 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
     }
 }
 
-/// The exit code (contract §1) of a finished attempt, from its record.
-pub fn recorded_exit(record: &RunRecord) -> u8 {
-    use crate::outcome::ExitCode;
-    use c3_proto::FailReason;
-    let code = match (record.state, record.reason) {
-        (Some(JobState::Succeeded), _) => ExitCode::Succeeded,
-        (Some(JobState::Canceled), _) => ExitCode::Canceled,
-        (Some(JobState::TimedOut), _) => ExitCode::TimedOut,
-        (_, Some(FailReason::UploadError)) => ExitCode::UploadError,
-        (_, Some(FailReason::ScriptError | FailReason::OutOfMemory)) => ExitCode::ScriptError,
-        _ => ExitCode::AgentOrDataset,
-    };
-    code.code()
-}
-
 /// Whether the agent that wrote the record still runs (same boot, pid and start time).
-fn owner_alive(record: &RunRecord) -> bool {
+pub fn owner_alive(record: &RunRecord) -> bool {
     let same_boot = match &record.agent_boot_id {
         Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
         None => true,

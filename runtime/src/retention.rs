@@ -226,7 +226,7 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
         if record.phase != Phase::Done {
             return Err(format!(
                 "attempt {n} is not done (phase {})",
-                phase_name(record.phase)
+                record.phase.as_str()
             ));
         }
         if !record.unstored.is_empty() {
@@ -541,15 +541,6 @@ fn days(d: Duration) -> String {
         format!("{days:.1} d")
     } else {
         format!("{:.1} h", d.as_secs_f64() / 3600.0)
-    }
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Preparing => "preparing",
-        Phase::Running => "running",
-        Phase::Finishing => "finishing",
-        Phase::Done => "done",
     }
 }
 

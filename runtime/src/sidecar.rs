@@ -154,7 +154,7 @@ async fn watch_attempt(
         .read_record(&ctx.state.run_record_path(&plan.job_id, plan.attempt))
         .ok();
     if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {
-        let exit = crate::recover::recorded_exit(done);
+        let exit = crate::outcome::recorded_exit(done).code();
         tracing::info!(job_id = %plan.job_id, attempt = plan.attempt, exit_code = exit,
             "this attempt was finished by an earlier agent; nothing to do");
         return Ok(Watched::AlreadyFinished(exit));
@@ -187,7 +187,7 @@ async fn watch_attempt(
         }
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
-        run.stop_requested = Some(stop_clock(cancel));
+        run.stop_requested = Some(crate::job::stop_clock(cancel));
         run.record.phase = Phase::Running;
         let seq = run.next_seq().await;
         run.reports.running(seq, ctx.report_deadline());
@@ -209,24 +209,6 @@ async fn watch_attempt(
     }
     .instrument(span)
     .await
-}
-
-/// A stop request's time, for the stop deadline of the final sync.
-pub(crate) fn stop_clock(
-    cancel: &CancellationToken,
-) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
-    let (stopped_at, stop_rx) = tokio::sync::watch::channel(None);
-    let cancel = cancel.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = stopped_at.send(Some(tokio::time::Instant::now()));
-            }
-            // Nobody waits for the time any more: the run is over.
-            _ = stopped_at.closed() => {}
-        }
-    });
-    stop_rx
 }
 
 /// Opens the parent and each watched directory in it, never through a symlink. A missing
