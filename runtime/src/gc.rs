@@ -11,10 +11,10 @@
 //!
 //! Manifests written while the collection runs are read again just before deleting (those
 //! new or changed since the first pass), so a job finishing meanwhile keeps what it lists.
-//! One race is left that only the upload side can close: a blob that was already present
-//! (an old, unreferenced one) is not rewritten by a new upload of the same bytes, so its
-//! mtime stays old; if that job's manifest naming it is written after the second pass, the
-//! blob is gone. The empty blob, which every preflight writes, is never deleted.
+//! A blob that was already present (an old, unreferenced one) when a new upload of the same
+//! bytes found it gets its mtime set to now by the upload (`BlobStore::still_wanted`), so
+//! the grace period covers it until the manifest that names it is written. The empty blob,
+//! which every preflight writes, is never deleted.
 //!
 //! File store only: blobs are listed from its directory (object_store's listing carries no
 //! mtime through [`BlobStore`]), manifests are read and blobs deleted through the store.
