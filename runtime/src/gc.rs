@@ -225,16 +225,12 @@ async fn delete_blob(
 
 /// The file store's directory, as [`BlobStore::open`] derives it from the URL.
 fn file_root(store: &BlobStore) -> Result<PathBuf, GcError> {
-    let refuse = || GcError::NotFileStore {
-        url: store.url().to_string(),
-    };
-    if !store.is_local() {
-        return Err(refuse());
-    }
-    url::Url::parse(store.url())
-        .ok()
-        .and_then(|u| u.to_file_path().ok())
-        .ok_or_else(refuse)
+    store
+        .local_root()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| GcError::NotFileStore {
+            url: store.url().to_string(),
+        })
 }
 
 /// What the manifests reference, built up over one or more passes.

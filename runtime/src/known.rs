@@ -16,7 +16,8 @@ const MAX_KEYS: usize = 200_000;
 
 #[derive(Debug)]
 pub struct KnownBlobs {
-    keys: Mutex<HashSet<String>>,
+    /// Loaded at the first question, not at start: most commands never ask one.
+    keys: std::sync::OnceLock<Mutex<HashSet<String>>>,
     /// `<state_dir>/known-blobs/<store id>`, appended to as keys become known; opened at the
     /// first key (the state dir may not exist when the agent starts), never if `None`.
     path: Option<PathBuf>,
@@ -27,40 +28,59 @@ impl KnownBlobs {
     /// Nothing known, nothing kept (tests, stores where a PUT costs nothing to repeat).
     pub fn none() -> KnownBlobs {
         KnownBlobs {
-            keys: Mutex::new(HashSet::new()),
+            keys: std::sync::OnceLock::new(),
             path: None,
             file: Mutex::new(None),
         }
     }
 
-    /// The record of `store_url` in `state_root`, loaded (blocking: at start).
+    /// The record of `store_url` in `state_root` (read when first needed).
     pub fn open(state_root: &Path, store_url: &str) -> KnownBlobs {
         let dir = state_root.join("known-blobs");
-        let path = dir.join(&crate::digest::sha256_hex(store_url.as_bytes())[..16]);
-        let mut keys = load(&path);
-        if keys.len() > MAX_KEYS {
-            let keep: Vec<String> = keys.split_off(keys.len() - MAX_KEYS / 2);
-            let _ = crate::statedir::write_atomic(&path, (keep.join("\n") + "\n").as_bytes());
-            keys = keep;
-        }
         KnownBlobs {
-            keys: Mutex::new(keys.into_iter().collect()),
-            path: Some(path),
+            keys: std::sync::OnceLock::new(),
+            path: Some(dir.join(&crate::digest::sha256_hex(store_url.as_bytes())[..16])),
             file: Mutex::new(None),
         }
     }
 
+    /// The keys, read from the record the first time (blocking, once: a few MB at most).
+    fn keys(&self) -> &Mutex<HashSet<String>> {
+        self.keys.get_or_init(|| {
+            let Some(path) = &self.path else {
+                return Mutex::new(HashSet::new());
+            };
+            let mut keys = load(path);
+            if keys.len() > MAX_KEYS {
+                let keep: Vec<String> = keys.split_off(keys.len() - MAX_KEYS / 2);
+                let _ = crate::statedir::write_atomic(path, (keep.join("\n") + "\n").as_bytes());
+                keys = keep;
+            }
+            Mutex::new(keys.into_iter().collect())
+        })
+    }
+
     pub fn contains(&self, sha256_hex: &str) -> bool {
-        self.keys.lock().is_ok_and(|k| k.contains(sha256_hex))
+        self.keys().lock().is_ok_and(|k| k.contains(sha256_hex))
     }
 
     /// `sha256_hex` is in the store (uploaded, or found there).
     pub fn insert(&self, sha256_hex: &str) {
-        let new = self
-            .keys
-            .lock()
-            .is_ok_and(|mut k| k.len() < MAX_KEYS && k.insert(sha256_hex.to_string()));
-        let (true, Some(path)) = (new, &self.path) else {
+        self.extend(std::iter::once(sha256_hex));
+    }
+
+    /// Each of `keys` is in the store: the new ones are kept, in one write.
+    pub fn extend<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let new: String = {
+            let Ok(mut known) = self.keys().lock() else {
+                return;
+            };
+            keys.into_iter()
+                .filter(|k| known.len() < MAX_KEYS && known.insert(k.to_string()))
+                .map(|k| format!("{k}\n"))
+                .collect()
+        };
+        let (false, Some(path)) = (new.is_empty(), &self.path) else {
             return;
         };
         let Ok(mut file) = self.file.lock() else {
@@ -70,8 +90,8 @@ impl KnownBlobs {
             *file = open_append(path);
         }
         if let Some(f) = file.as_mut() {
-            // One line per write (O_APPEND): concurrent agents never interleave a key.
-            let _ = f.write_all(format!("{sha256_hex}\n").as_bytes());
+            // Whole lines in one write (O_APPEND): concurrent agents never interleave a key.
+            let _ = f.write_all(new.as_bytes());
         }
     }
 }

@@ -225,8 +225,7 @@ async fn materialize(
     )
     .await?;
     // Those blobs are in the store: a job that writes the same files sends nothing again.
-    for f in &manifest.files {
-        ctx.known.insert(&f.sha256);
-    }
+    ctx.known
+        .extend(manifest.files.iter().map(|f| f.sha256.as_str()));
     Ok(pulled)
 }

@@ -12,6 +12,7 @@
 //!   One WARN marks the start of an outage and one its end, never a line per retry.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +143,8 @@ pub struct BlobStore {
     retry: Arc<Retry>,
     /// Where S3 credentials come from, checked by the preflight.
     credentials: Arc<Credentials>,
+    /// The file store's directory (`gc` lists it; a re-used blob's mtime is set in it).
+    root: Option<Arc<Path>>,
 }
 
 /// Where the store's credentials come from, as far as the preflight must know.
@@ -374,6 +377,7 @@ impl BlobStore {
                         multipart: None,
                         retry: Retry::new(config.retry_deadline),
                         credentials: Arc::new(Credentials::Given),
+                        root: None,
                     });
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
@@ -390,6 +394,7 @@ impl BlobStore {
                     multipart: None,
                     retry: Retry::new(config.retry_deadline),
                     credentials: Arc::new(Credentials::Given),
+                    root: Some(Arc::from(path.as_path())),
                 });
             }
             "s3" | "s3a" => {
@@ -475,6 +480,7 @@ impl BlobStore {
             multipart: Some((multipart, prefix)),
             retry: Retry::new(config.retry_deadline),
             credentials: Arc::new(credentials),
+            root: None,
         })
     }
 
@@ -532,6 +538,7 @@ impl BlobStore {
             multipart: Some((mem, String::new())),
             retry: Retry::new(Duration::from_secs(5)),
             credentials: Arc::new(Credentials::Given),
+            root: None,
         }
     }
 
@@ -603,13 +610,7 @@ impl BlobStore {
     /// set to now, so that `c3-agent gc` (which spares blobs younger than its grace period)
     /// cannot delete it between now and the manifest that will name it.
     async fn still_wanted(&self, sha256_hex: &str) {
-        if !self.is_local() {
-            return;
-        }
-        let Some(root) = url::Url::parse(self.url())
-            .ok()
-            .and_then(|u| u.to_file_path().ok())
-        else {
+        let Some(root) = self.local_root() else {
             return;
         };
         let path = root.join(blob_key(sha256_hex));
@@ -633,6 +634,11 @@ impl BlobStore {
                 source,
             }),
         }
+    }
+
+    /// The file store's directory (a working one: not one that could not be created).
+    pub fn local_root(&self) -> Option<&Path> {
+        self.root.as_deref()
     }
 
     /// Whether this is the file store, where a staged object becomes a blob by a hard link.
