@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The data path at full speed: c3-agent vs rclone and aws-cli on the same endpoints, same run.
 
-Workloads:   1 x 2 GiB random file;  10,000 x 4 KiB files.
+Workloads:   1 x 2 GiB random file;  10,000 x 4 KiB files (--files N);  --only many: 100,000 x 4 KiB.
 Endpoints:   s3s-fs (a real S3 server on 127.0.0.1);  c3-s3sink (an S3 server that discards
              every byte, so client ceilings are measured, not the server's);  the file store
              (c3-agent's file:// store vs `cp` + `sha256sum`, the local physical reference).
@@ -12,7 +12,11 @@ c3-agent is measured doing what it does at a job's end: `run --job` on a workdir
 artifacts/ already holds the files (job `true`, live sync off), so the figure includes
 hashing (SHA-256 + BLAKE3), the upload, the manifest and the agent's start-up.
 
-    python3 scripts/bench_data_path.py [--runs 3] [--only big|small] [--no-build]
+    python3 scripts/bench_data_path.py [--runs 3] [--only big|small|many] [--files N] [--no-build]
+        [--endpoints s3s-fs,sink,file] [--peers rclone,aws-cli,cp]
+
+c3-agent's own stage timings (its `final sync timings` log line: the walk, the uploads, the
+logs, the manifest) are printed per run and as medians.
 
 Installs rclone (Debian) and aws-cli (PyPI) if missing. Needs s3s-fs (scripts/test.sh installs it).
 """
@@ -98,7 +102,23 @@ def measure(cmd, env=None, cwd=None):
     err = proc.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, stages_of(err)
+
+
+STAGES = ("scan_ms", "upload_ms", "logs_ms", "manifest_ms")
+
+
+def stages_of(log):
+    """The agent's `final sync timings` line (JSON log), if any."""
+    for line in log.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        fields = ev.get("fields", ev)
+        if fields.get("message") == "final sync timings":
+            return {k: float(fields[k]) for k in STAGES if k in fields}
+    return None
 
 
 def clean_env():
@@ -119,7 +139,7 @@ def run_agent(tmp, workdir, store_url, server, run_id):
     spec = os.path.join(tmp, "spec.json")
     json.dump({"job_id": f"bench-{run_id}", "command": ["true"], "workdir": workdir}, open(spec, "w"))
     env = clean_env()
-    env.update(C3_AGENT_CONFIG=cfg, C3_AGENT_LOG="warn")
+    env.update(C3_AGENT_CONFIG=cfg, C3_AGENT_LOG="warn,c3_runtime::collector=info", C3_AGENT_LOG_FORMAT="json")
     return measure([AGENT, "run", "--job", spec], env=env)
 
 
@@ -154,7 +174,7 @@ def run_cp_sha(src, tmp, is_dir):
     return r
 
 
-def make_workloads(tmp, only):
+def make_workloads(tmp, only, files):
     loads = []
     if only in (None, "big"):
         work = os.path.join(tmp, "work-big")
@@ -164,22 +184,28 @@ def make_workloads(tmp, only):
             for _ in range(2048):
                 f.write(os.urandom(1 << 20))
         loads.append(("1 x 2 GiB", work, path, 1, 2 * GIB))
-    if only in (None, "small"):
+    if only in (None, "small", "many"):
+        n = 100_000 if only == "many" else files
         work = os.path.join(tmp, "work-small")
         d = os.path.join(work, "artifacts")
-        for i in range(10_000):
-            sub = os.path.join(d, f"d{i % 100:02d}")
-            os.makedirs(sub, exist_ok=True)
-            with open(os.path.join(sub, f"f{i:05d}"), "wb") as f:
+        # 100 files per directory, like per-sample outputs sharded by step.
+        for i in range(n):
+            sub = os.path.join(d, f"d{i // 100:04d}")
+            if i % 100 == 0:
+                os.makedirs(sub, exist_ok=True)
+            with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
                 f.write(os.urandom(4096))
-        loads.append(("10,000 x 4 KiB", work, d, 10_000, 10_000 * 4096))
+        loads.append((f"{n:,} x 4 KiB", work, d, n, n * 4096))
     return loads
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", choices=["big", "small"])
+    ap.add_argument("--only", choices=["big", "small", "many"])
+    ap.add_argument("--files", type=int, default=10_000, help="files in the small workload")
+    ap.add_argument("--endpoints", default="s3s-fs,sink,file")
+    ap.add_argument("--peers", default="rclone,aws-cli,cp")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS-vs-file-size check")
     args = ap.parse_args()
@@ -190,21 +216,28 @@ def main():
     tmp = tempfile.mkdtemp(prefix="c3-bench-data-", dir=os.environ.get("BENCH_TMP", "/var/tmp"))
     servers = {}
     rows = []
+    stage_rows = []
     try:
-        loads = make_workloads(tmp, args.only)
+        loads = make_workloads(tmp, args.only, args.files)
+        endpoints, peers = args.endpoints.split(","), args.peers.split(",")
         for kind in ("s3s-fs", "sink"):
-            servers[kind] = Server(kind, tmp)
+            if kind in endpoints:
+                servers[kind] = Server(kind, tmp)
         counter = 0
         for name, work, src, files, size in loads:
             is_dir = files > 1
             cases = []
             for kind, server in servers.items():
                 cases.append((kind, "c3-agent", lambda s=server, w=work: run_agent(tmp, w, f"s3://{BUCKET}/c3-{counter}", s, counter), server))
-                cases.append((kind, "rclone", lambda s=server: run_rclone(src, s, counter, is_dir), server))
-                cases.append((kind, "aws-cli", lambda s=server: run_aws(src, s, counter, is_dir), server))
+                if "rclone" in peers:
+                    cases.append((kind, "rclone", lambda s=server: run_rclone(src, s, counter, is_dir), server))
+                if "aws-cli" in peers:
+                    cases.append((kind, "aws-cli", lambda s=server: run_aws(src, s, counter, is_dir), server))
             store_dir = os.path.join(tmp, "file-store")
-            cases.append(("file", "c3-agent", lambda w=work: run_agent(tmp, w, f"file://{store_dir}", None, counter), None))
-            cases.append(("file", "cp+sha256sum", lambda: run_cp_sha(src, tmp, is_dir), None))
+            if "file" in endpoints:
+                cases.append(("file", "c3-agent", lambda w=work: run_agent(tmp, w, f"file://{store_dir}", None, counter), None))
+                if "cp" in peers:
+                    cases.append(("file", "cp+sha256sum", lambda: run_cp_sha(src, tmp, is_dir), None))
             results = {}
             for _ in range(args.runs):
                 for endpoint, tool, fn, server in cases:
@@ -214,12 +247,15 @@ def main():
                     if server:
                         server.clean()
                     shutil.rmtree(store_dir, ignore_errors=True)
-                    print(f"  {name:<15} {endpoint:<7} {tool:<13} wall {r[0]:7.2f} s  cpu {r[1]:6.2f} s  rss {r[2]:7.1f} MiB", file=sys.stderr)
+                    st = "  " + " ".join(f"{k[:-3]} {v:.0f} ms" for k, v in r[3].items()) if r[3] else ""
+                    print(f"  {name:<15} {endpoint:<7} {tool:<13} wall {r[0]:7.2f} s  cpu {r[1]:6.2f} s  rss {r[2]:7.1f} MiB{st}", file=sys.stderr)
             for (endpoint, tool), rs in results.items():
                 wall = statistics.median(r[0] for r in rs)
                 cpu = statistics.median(r[1] for r in rs)
                 rss = statistics.median(r[2] for r in rs)
-                rows.append((name, endpoint, tool, wall, size / wall / 1e6, files / wall, cpu / (size / GIB), rss))
+                rows.append((name, endpoint, tool, wall, size / wall / 1e6, files / wall, cpu / (size / GIB), rss, cpu))
+                if rs[0][3]:
+                    stage_rows.append((name, endpoint, {k: statistics.median(r[3].get(k, 0) for r in rs) for k in STAGES}, wall))
     finally:
         for s in servers.values():
             s.stop()
@@ -227,13 +263,20 @@ def main():
 
     print(f"\nmedian of {args.runs} runs, {os.cpu_count()} CPUs; files read from the page cache")
     print(f"{'workload':<15} {'endpoint':<8} {'tool':<13} {'wall s':>7} {'MB/s':>7} {'files/s':>8} {'CPU s/GiB':>9} {'RSS MiB':>8}  vs peers (speed, CPU)")
-    for name, endpoint, tool, wall, mbs, fps, cpu_gib, rss in rows:
+    for name, endpoint, tool, wall, mbs, fps, cpu_gib, rss, cpu in rows:
         ratios = ""
         if tool == "c3-agent":
             for other in rows:
                 if other[0] == name and other[1] == endpoint and other[2] != tool:
                     ratios += f" {other[2]}: {other[3] / wall:.2f}x faster, {other[6] / cpu_gib:.2f}x less CPU;"
-        print(f"{name:<15} {endpoint:<8} {tool:<13} {wall:>7.2f} {mbs:>7.1f} {fps:>8.0f} {cpu_gib:>9.2f} {rss:>8.1f} {ratios}")
+        per_file = f" {cpu / fps / wall * 1e6:.0f} CPU-us/file;" if fps and "x 4 KiB" in name else ""
+        print(f"{name:<15} {endpoint:<8} {tool:<13} {wall:>7.2f} {mbs:>7.1f} {fps:>8.0f} {cpu_gib:>9.2f} {rss:>8.1f}{per_file}{ratios}")
+    if stage_rows:
+        print("\nc3-agent's final sync by stage (medians, ms; the rest of the wall time is start-up, the")
+        print("launch of the job and the reports)")
+        print(f"{'workload':<15} {'endpoint':<8} " + " ".join(f"{k[:-3]:>9}" for k in STAGES) + f" {'wall':>9}")
+        for name, endpoint, st, wall in stage_rows:
+            print(f"{name:<15} {endpoint:<8} " + " ".join(f"{st[k]:>9.0f}" for k in STAGES) + f" {wall * 1000:>9.0f}")
 
 
 def rss_vs_size():
@@ -250,7 +293,7 @@ def rss_vs_size():
                 while f.tell() < gib * GIB:
                     f.write(os.urandom(1 << 20))
                 f.flush()
-                wall, cpu, rss = run_agent(tmp, work, f"s3://{BUCKET}/rss-{gib}", sink, f"rss{gib}")
+                wall, cpu, rss, _ = run_agent(tmp, work, f"s3://{BUCKET}/rss-{gib}", sink, f"rss{gib}")
                 rows.append((gib, wall, cpu, rss))
     finally:
         sink.stop()

@@ -490,7 +490,7 @@ pub fn resolve(
             .bandwidth_limit_bytes_per_sec
             .filter(|&n| n > 0)
             .map(c3_runtime::ratelimit::RateLimit::new),
-        scale_at_end: file.upload.files_in_flight.is_none()
+        auto_in_flight: file.upload.files_in_flight.is_none()
             && file.upload.parts_in_flight.is_none(),
     };
     if upload.min_part_size < 5 * 1024 * 1024 {

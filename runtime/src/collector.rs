@@ -11,6 +11,7 @@
 //! `run` and `recover` drive the same collector; `recover` simply starts it without a job.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -244,7 +245,8 @@ async fn run(
         return;
     };
     // Phase 2: the final scan.
-    let final_sync = final_sync(&config, &mut book).await;
+    let mut timings = Timings::default();
+    let final_sync = final_sync(&config, &mut book, &mut timings).await;
     let _ = reply.send(final_sync);
     // Phase 3: seal.
     if let Some(Command::Seal {
@@ -253,14 +255,51 @@ async fn run(
         reply,
     }) = rx.recv().await
     {
-        let sealed = seal(&config, &mut book, logs, result).await;
+        let sealed = seal(&config, &mut book, logs, result, &mut timings).await;
+        timings.log();
         let _ = reply.send(sealed);
     }
 }
 
+/// Where the final sync's time went: one line per job, so that a slow end can be told apart
+/// (a huge tree to walk, many files to send, a slow manifest write).
+#[derive(Debug, Default)]
+struct Timings {
+    scan: Duration,
+    scanned: usize,
+    upload: Duration,
+    uploaded: usize,
+    already_synced: usize,
+    logs: Duration,
+    manifest: Duration,
+}
+
+impl Timings {
+    fn log(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let per_sec = self.uploaded as f64 / self.upload.as_secs_f64().max(1e-6);
+        tracing::info!(
+            scan_ms = ms(self.scan),
+            scanned = self.scanned,
+            upload_ms = ms(self.upload),
+            uploaded = self.uploaded,
+            already_synced = self.already_synced,
+            files_per_sec = per_sec.round(),
+            logs_ms = ms(self.logs),
+            manifest_ms = ms(self.manifest),
+            "final sync timings"
+        );
+    }
+}
+
 /// Scans the output dirs and uploads what the book does not have.
-async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync {
+async fn final_sync(
+    config: &CollectorConfig,
+    book: &mut SyncBook,
+    timings: &mut Timings,
+) -> FinalSync {
     let mut out = FinalSync::default();
+    let started = Instant::now();
     let (workdir, dirs, reader) = (
         config.workdir.clone(),
         config.dirs.clone(),
@@ -276,6 +315,8 @@ async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync 
                 return out;
             }
         };
+    timings.scan = started.elapsed();
+    timings.scanned = found.files.len();
     out.warnings = found.warnings.clone();
     if found.more_warnings > 0 {
         out.warnings.push(format!(
@@ -294,17 +335,16 @@ async fn final_sync(config: &CollectorConfig, book: &mut SyncBook) -> FinalSync 
         .uploader
         .clone()
         .with_options(config.uploader.options().at_end());
+    let started = Instant::now();
     let report = sync_scan(&at_end, &found, book).await;
+    timings.upload = started.elapsed();
+    timings.uploaded = report.uploaded;
+    timings.already_synced = report.skipped;
     out.warnings.extend(report.warnings.iter().cloned());
     for (path, e) in &report.failures {
         tracing::error!(path = %path, error = %crate::error_chain(e), retryable = e.is_retryable(), "upload failed");
         out.unstored.push(path.clone());
     }
-    tracing::debug!(
-        uploaded = report.uploaded,
-        already_synced = report.skipped,
-        "final sync done"
-    );
     out
 }
 
@@ -314,7 +354,9 @@ async fn seal(
     book: &mut SyncBook,
     logs: [(Stream, PathBuf); 2],
     result: serde_json::Value,
+    timings: &mut Timings,
 ) -> Sealed {
+    let started = Instant::now();
     let mut unstored = Vec::new();
     let mut entries = Vec::new();
     for (stream, path) in logs {
@@ -355,8 +397,10 @@ async fn seal(
         Ok([stdout, stderr]) => Some(Logs { stdout, stderr }),
         Err(_) => None,
     };
+    timings.logs = started.elapsed();
     // Whatever multipart upload is still journaled will never be completed now.
     config.uploader.abort_orphans().await;
+    let started = Instant::now();
     let manifest_sha256 = match config.manifest.complete(book, logs, result).await {
         Ok(sha) => Some(sha),
         Err(e) => {
@@ -365,6 +409,7 @@ async fn seal(
             None
         }
     };
+    timings.manifest = started.elapsed();
     Sealed {
         manifest_sha256,
         files: book.len(),

@@ -18,6 +18,7 @@ pub mod digest;
 pub mod display;
 pub mod fault;
 pub mod gc;
+pub mod inflight;
 pub mod job;
 pub mod jobproc;
 pub mod jobreport;

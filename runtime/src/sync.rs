@@ -7,15 +7,19 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::StreamExt;
+use tracing::Instrument;
 
 use c3_proto::FileEntry;
 
 use crate::collect::{LocalFile, Scan};
+use crate::inflight::FilesInFlight;
 use crate::upload::{UploadError, Uploaded, Uploader};
 
 /// A file that changes while being read is tried again this many times.
 const CHANGED_RETRIES: usize = 3;
+/// The most files an adaptive limit may put in flight (bytes held stay within the memory
+/// budget whatever the count).
+const MAX_ADAPTIVE: usize = 256;
 
 /// The newest synced version of every collected file, keyed by manifest path.
 #[derive(Debug, Default)]
@@ -96,6 +100,10 @@ pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) ->
 }
 
 /// Uploads `todo` into the book, a bounded number at a time (progress in `book.progress`).
+///
+/// Each file is its own task, so that the per-file work (opening, the request, its signature,
+/// the response) spreads over the runtime's threads instead of queueing behind one; how many
+/// run at once adapts unless the config fixed it ([`crate::inflight`]).
 pub async fn upload_all(
     uploader: &Uploader,
     todo: Vec<LocalFile>,
@@ -105,43 +113,70 @@ pub async fn upload_all(
     for f in &todo {
         book.progress.queue(f.stamp.size);
     }
-    let mut uploads = futures::stream::iter(todo)
-        .map(|file| {
-            let uploader = uploader.clone();
-            async move {
-                let (rel, result) = upload_settled(&uploader, &file).await;
-                (rel, file.stamp.size, result)
-            }
-        })
-        .buffer_unordered(uploader.options().files_in_flight.max(1));
+    let opts = uploader.options();
+    let mut limit = if opts.auto_in_flight {
+        let start = opts.files_in_flight.max(1);
+        FilesInFlight::adaptive(
+            start,
+            (start / 4).max(2),
+            (start * 8).min(MAX_ADAPTIVE).max(start),
+        )
+    } else {
+        FilesInFlight::fixed(opts.files_in_flight.max(1))
+    };
+    let mut todo = todo.into_iter();
+    let mut uploads = tokio::task::JoinSet::new();
     loop {
-        match uploads.next().await {
-            None => break,
-            Some((rel, size, result)) => {
-                book.progress.finish(size);
-                match result {
-                    Ok(up) => {
-                        report.uploaded += 1;
-                        book.record(up);
-                    }
-                    // Deleted (by the job, or whoever may write there) before it could be read:
-                    // nothing to collect, and no failure; said, since the scan had seen it.
-                    Err(UploadError::Vanished { .. }) => {
-                        let shown = c3_proto::manifest::rel_display(&rel);
-                        tracing::debug!(path = %shown, "file vanished before upload");
-                        report.warnings.push(format!(
-                            "{shown} vanished before it could be read; not in the manifest"
-                        ));
-                    }
-                    Err(e @ UploadError::NotReadable { .. }) => {
-                        tracing::debug!(path = %rel, "{e}");
-                        report.warnings.push(format!(
-                            "{rel} is not readable by the job's user; not uploaded"
-                        ));
-                    }
-                    Err(e) => report.failures.push((rel, e)),
+        while uploads.len() < limit.limit() {
+            let Some(file) = todo.next() else { break };
+            let uploader = uploader.clone();
+            uploads.spawn(
+                async move {
+                    let (rel, result) = upload_settled(&uploader, &file).await;
+                    (rel, file.stamp.size, result)
                 }
+                .in_current_span(),
+            );
+        }
+        let Some(joined) = uploads.join_next().await else {
+            break;
+        };
+        let (rel, size, result) = match joined {
+            Ok(done) => done,
+            // A panic in one upload is a bug; it must not take the other files with it.
+            Err(e) => {
+                tracing::error!(error = %e, "an upload task failed");
+                let path = std::path::PathBuf::from("(an upload task)");
+                report.failures.push((
+                    "(an upload task)".into(),
+                    UploadError::Task { path, source: e },
+                ));
+                continue;
             }
+        };
+        limit.done(size, std::time::Instant::now());
+        book.progress.finish(size);
+        match result {
+            Ok(up) => {
+                report.uploaded += 1;
+                book.record(up);
+            }
+            // Deleted (by the job, or whoever may write there) before it could be read:
+            // nothing to collect, and no failure; said, since the scan had seen it.
+            Err(UploadError::Vanished { .. }) => {
+                let shown = c3_proto::manifest::rel_display(&rel);
+                tracing::debug!(path = %shown, "file vanished before upload");
+                report.warnings.push(format!(
+                    "{shown} vanished before it could be read; not in the manifest"
+                ));
+            }
+            Err(e @ UploadError::NotReadable { .. }) => {
+                tracing::debug!(path = %rel, "{e}");
+                report.warnings.push(format!(
+                    "{rel} is not readable by the job's user; not uploaded"
+                ));
+            }
+            Err(e) => report.failures.push((rel, e)),
         }
     }
     report

@@ -50,9 +50,10 @@ pub struct UploadOptions {
     pub files_in_flight: usize,
     /// File bytes held in memory by all uploads together.
     pub memory_budget: u64,
-    /// Scale files and parts in flight for the final sync ([`UploadOptions::at_end`]); false
-    /// when the config sets them.
-    pub scale_at_end: bool,
+    /// Files and parts in flight are the agent's to choose (false when the config sets
+    /// them): the final sync scales them to the host ([`UploadOptions::at_end`]) and the
+    /// number of files in flight adapts to the throughput ([`crate::inflight`]).
+    pub auto_in_flight: bool,
     /// Bytes per second sent to the store by all uploads together (`None`: unlimited).
     /// Clones share the bucket: build it once per agent.
     pub bandwidth_limit: Option<RateLimit>,
@@ -67,7 +68,7 @@ impl Default for UploadOptions {
             files_in_flight: 16,
             memory_budget: 32 * MIB,
             bandwidth_limit: None,
-            scale_at_end: true,
+            auto_in_flight: true,
         }
     }
 }
@@ -76,10 +77,10 @@ impl UploadOptions {
     /// The final sync's options: the job's processes are gone, so the whole host may work
     /// on the upload (files and parts in flight scaled to the CPU count; the memory budget
     /// stays the one limit on bytes held). Live sync keeps the configured, gentle values. A
-    /// value set in the config is kept as it is (`scale_at_end` false).
+    /// value set in the config is kept as it is (`auto_in_flight` false).
     pub fn at_end(&self) -> UploadOptions {
         let mut end = self.clone();
-        if self.scale_at_end {
+        if self.auto_in_flight {
             let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
             end.files_in_flight = self.files_in_flight.max(8 * cpus);
             end.parts_in_flight = self.parts_in_flight.max(cpus).min(32);
@@ -190,6 +191,8 @@ pub struct Uploader {
     /// `<attempt dir>/added-blobs`: every blob this attempt added to the store, whoever of its
     /// agents uploaded it, so that `recover` after a crash registers the right storage delta.
     added_log: Option<Arc<Path>>,
+    /// `added_log`, opened at the first blob added (one write per blob, not an open).
+    added_file: Arc<std::sync::Mutex<Option<File>>>,
     /// Large files hashed ahead while the job writes them, by (dev, ino).
     prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), multipart::Prehashed>>>,
 }
@@ -296,6 +299,39 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// Opens the version of the file that `before` describes: no symlink on the way (below
+/// `root`), the same inode (a swapped-in file is "changed"), and one `reader` may read.
+fn open_confined(
+    root: Option<&Path>,
+    reader: Option<&JobReader>,
+    path: &Path,
+    before: FileStamp,
+) -> Result<File, UploadError> {
+    let file = crate::confine::open_read(root, path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            UploadError::Vanished { path: path.into() }
+        } else {
+            UploadError::Read {
+                path: path.into(),
+                source,
+            }
+        }
+    })?;
+    let st = crate::confine::fstat(&file).map_err(|source| UploadError::Read {
+        path: path.into(),
+        source,
+    })?;
+    if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev {
+        return Err(UploadError::Changed { path: path.into() });
+    }
+    // The agent's own files (the job's logs in the state dir) are not the job's to read.
+    let confined = root.is_some_and(|r| path.starts_with(r));
+    if confined && reader.is_some_and(|r| !r.can_read(&st)) {
+        return Err(UploadError::NotReadable { path: path.into() });
+    }
+    Ok(file)
+}
+
 fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
     if stat(path)? != before {
         return Err(UploadError::Changed { path: path.into() });
@@ -324,6 +360,7 @@ impl Uploader {
             reader: None,
             known: Arc::new(crate::known::KnownBlobs::none()),
             added_log: None,
+            added_file: Default::default(),
             prehashed: Default::default(),
         }
     }
@@ -336,6 +373,7 @@ impl Uploader {
     /// Blobs this uploader adds are recorded in `path` (see [`added_bytes`]).
     pub fn recording_added(mut self, path: PathBuf) -> Self {
         self.added_log = Some(Arc::from(path));
+        self.added_file = Default::default();
         self
     }
 
@@ -363,32 +401,9 @@ impl Uploader {
         self
     }
 
-    /// Opens the version of the file that `before` describes: no symlink on the way, the
-    /// same inode (a swapped-in file is "changed"), and one the job's user may read.
+    /// Opens the version of the file that `before` describes (see [`open_confined`]).
     fn open(&self, path: &Path, before: FileStamp) -> Result<File, UploadError> {
-        let file = crate::confine::open_read(self.root.as_deref(), path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                UploadError::Vanished { path: path.into() }
-            } else {
-                UploadError::Read {
-                    path: path.into(),
-                    source,
-                }
-            }
-        })?;
-        let st = crate::confine::fstat(&file).map_err(|source| UploadError::Read {
-            path: path.into(),
-            source,
-        })?;
-        if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev {
-            return Err(UploadError::Changed { path: path.into() });
-        }
-        // The agent's own files (the job's logs in the state dir) are not the job's to read.
-        let confined = self.root.as_deref().is_some_and(|r| path.starts_with(r));
-        if confined && self.reader.as_ref().is_some_and(|r| !r.can_read(&st)) {
-            return Err(UploadError::NotReadable { path: path.into() });
-        }
-        Ok(file)
+        open_confined(self.root.as_deref(), self.reader.as_deref(), path, before)
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -423,11 +438,17 @@ impl Uploader {
         let line = format!("{} {}\n", digests.sha256_hex(), digests.size);
         // One short line per write (O_APPEND): never interleaved, nothing to fsync for: a
         // line lost in a crash only makes the delta smaller, never a blob lost.
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
+        let mut file = self.added_file.lock().unwrap_or_else(|p| p.into_inner());
+        if file.is_none() {
+            *file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok();
+        }
+        if let Some(f) = file.as_mut() {
+            let _ = f.write_all(line.as_bytes());
+        }
     }
 
     /// Hashes ahead the whole parts of a large file the job is still writing (nothing is
@@ -515,9 +536,22 @@ impl Uploader {
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
         let path = file.abs.clone();
+        // Most files (by count) are small: one trip to the blocking pool stats, opens, reads,
+        // hashes and re-stats it, with budget held for the size the scan saw.
+        if file.stamp.size <= self.opts.multipart_threshold {
+            if let Some((before, digests, new)) = self.upload_small(&path, file.stamp.size).await? {
+                return Ok(self.uploaded(file, before, digests, new));
+            }
+        }
         let before = stat(&path)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
-            self.upload_small(&path, before).await?
+            // Grew since the scan, still small: once more with budget for this size.
+            match self.upload_small(&path, before.size).await? {
+                Some((before, digests, new)) => {
+                    return Ok(self.uploaded(file, before, digests, new))
+                }
+                None => return Err(UploadError::Changed { path }),
+            }
         } else if self.store.is_local() {
             self.upload_staged(&path, before).await?
         } else {
@@ -525,45 +559,68 @@ impl Uploader {
             self.known.insert(&up.0.sha256_hex());
             up
         };
+        Ok(self.uploaded(file, before, digests, new))
+    }
+
+    fn uploaded(
+        &self,
+        file: &LocalFile,
+        before: FileStamp,
+        digests: Digests,
+        new: bool,
+    ) -> Uploaded {
         if new {
             self.record_added(&digests);
         }
-        Ok(Uploaded {
+        Uploaded {
             rel: file.rel.clone(),
             digests,
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
-        })
+        }
     }
 
+    /// Uploads a file of at most `budgeted` bytes in one PUT; `None` when it has grown past
+    /// that (nothing was read).
     async fn upload_small(
         &self,
         path: &Path,
-        before: FileStamp,
-    ) -> Result<(Digests, bool), UploadError> {
-        // The PUT body is the file: at most `before.size` bytes (a grown file is not sent).
-        self.pace(before.size).await;
-        let guard = self.budget.acquire(before.size).await;
+        budgeted: u64,
+    ) -> Result<Option<(FileStamp, Digests, bool)>, UploadError> {
+        // The PUT body is the file: at most `budgeted` bytes (a grown file is not sent).
+        self.pace(budgeted).await;
+        let guard = self.budget.acquire(budgeted).await;
         let p = path.to_path_buf();
-        let file = self.open(path, before)?;
-        let (digests, bytes) = blocking(path, move || {
-            let read_err = |source| UploadError::Read {
-                path: p.clone(),
-                source,
-            };
+        let (root, reader) = (self.root.clone(), self.reader.clone());
+        let read = blocking(path, move || {
+            let before = stat(&p)?;
+            if before.size > budgeted {
+                return Ok(None);
+            }
+            let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
             let mut buf = Vec::with_capacity(before.size as usize);
-            // One byte past the size we hold budget for: a file that grew (or was swapped for
-            // a huge sparse one) is "changed", never read into memory.
+            // One byte past the size: a file that grew (or was swapped for a huge sparse one)
+            // is "changed", never read into memory.
             file.take(before.size + 1)
                 .read_to_end(&mut buf)
-                .map_err(read_err)?;
-            Ok((crate::digest::digest_bytes(&buf), Bytes::from(buf)))
+                .map_err(|source| UploadError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+            if buf.len() as u64 != before.size {
+                return Err(UploadError::Changed { path: p });
+            }
+            ensure_unchanged(&p, before)?;
+            Ok(Some((
+                before,
+                crate::digest::digest_bytes(&buf),
+                Bytes::from(buf),
+            )))
         })
         .await?;
-        if digests.size != before.size {
-            return Err(UploadError::Changed { path: path.into() });
-        }
-        ensure_unchanged(path, before)?;
+        let Some((before, digests, bytes)) = read else {
+            return Ok(None);
+        };
         let sha = digests.sha256_hex();
         // A blob already stored costs one HEAD, not its body again.
         let head_first = !self.store.is_local()
@@ -584,7 +641,7 @@ impl Uploader {
         };
         drop(guard);
         self.known.insert(&sha);
-        Ok((digests, new))
+        Ok(Some((before, digests, new)))
     }
 }
 
@@ -612,7 +669,7 @@ mod tests {
         );
         let fixed = UploadOptions {
             files_in_flight: 3,
-            scale_at_end: false,
+            auto_in_flight: false,
             ..UploadOptions::default()
         };
         assert_eq!(fixed.at_end().files_in_flight, 3, "a configured value wins");
@@ -745,7 +802,7 @@ mod tests {
             files_in_flight: 4,
             memory_budget: 3 * MIB,
             bandwidth_limit: None,
-            scale_at_end: false,
+            auto_in_flight: false,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();
