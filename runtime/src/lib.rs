@@ -17,6 +17,7 @@ pub mod context;
 pub mod digest;
 pub mod display;
 pub mod fault;
+pub mod filestore;
 pub mod gc;
 pub mod inflight;
 pub mod job;

@@ -145,6 +145,8 @@ pub struct BlobStore {
     credentials: Arc<Credentials>,
     /// The file store's directory (`gc` lists it; a re-used blob's mtime is set in it).
     root: Option<Arc<Path>>,
+    /// The file store's group commit of `blobs/sha256/` ([`crate::filestore`]).
+    dir_sync: Arc<crate::filestore::DirSync>,
 }
 
 /// Where the store's credentials come from, as far as the preflight must know.
@@ -378,6 +380,7 @@ impl BlobStore {
                         retry: Retry::new(config.retry_deadline),
                         credentials: Arc::new(Credentials::Given),
                         root: None,
+                        dir_sync: Default::default(),
                     });
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
@@ -395,6 +398,7 @@ impl BlobStore {
                     retry: Retry::new(config.retry_deadline),
                     credentials: Arc::new(Credentials::Given),
                     root: Some(Arc::from(path.as_path())),
+                    dir_sync: Default::default(),
                 });
             }
             "s3" | "s3a" => {
@@ -481,6 +485,7 @@ impl BlobStore {
             retry: Retry::new(config.retry_deadline),
             credentials: Arc::new(credentials),
             root: None,
+            dir_sync: Default::default(),
         })
     }
 
@@ -539,6 +544,7 @@ impl BlobStore {
             retry: Retry::new(Duration::from_secs(5)),
             credentials: Arc::new(Credentials::Given),
             root: None,
+            dir_sync: Default::default(),
         }
     }
 
@@ -576,6 +582,31 @@ impl BlobStore {
 
     async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
+        if let (true, Some(root)) = (self.is_local(), self.local_root()) {
+            let (root, sha, sync) = (
+                root.to_path_buf(),
+                sha256_hex.to_string(),
+                self.dir_sync.clone(),
+            );
+            let added = tokio::task::spawn_blocking(move || {
+                crate::filestore::put_blob(&root, &sha, &bytes, &sync)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| StoreError::Op {
+                op: "put",
+                key,
+                source: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            })?;
+            if !added {
+                self.still_wanted(sha256_hex).await;
+            }
+            return Ok(added);
+        }
         let path = StorePath::from(key.as_str());
         match self
             .store()?

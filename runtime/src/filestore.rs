@@ -1,0 +1,171 @@
+//! Small blobs on the file store without one directory as the bottleneck.
+//!
+//! Every blob lives in `blobs/sha256/` (contract §6), so every create there takes that
+//! directory's lock. A generic create-if-absent put makes three changes to it per blob (a
+//! temp file, the link, the temp's removal) and fsyncs it each time; with many files in
+//! flight the writers spin on the lock (measured: 22 % of the agent's CPU in
+//! `rwsem_spin_on_owner`, 0.15x `cp -r` + `sha256sum` for 10,000 small files). Here the
+//! temp file is written and fsync'd in one of [`SHARDS`] staging directories, then hard-linked
+//! to its key (create-if-absent: an existing blob is never replaced), and the blobs
+//! directory is fsync'd once for every link that happened before the fsync began
+//! ([`DirSync`], a group commit), so a put still returns only when its blob is durable.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Staging directories the temp files are spread over.
+const SHARDS: u64 = 16;
+
+/// Group commit of the blobs directory: one fsync covers every link made before it began.
+#[derive(Debug, Default)]
+pub struct DirSync {
+    linked: AtomicU64,
+    synced: Mutex<u64>,
+}
+
+impl DirSync {
+    /// Returns once the link numbered `mine` (from [`DirSync::linked`]) is durable.
+    fn sync(&self, dir: &Path, mine: u64) -> io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= mine {
+            return Ok(());
+        }
+        // Every link counted by now is complete, so this fsync covers it too.
+        let upto = self.linked.load(Ordering::SeqCst);
+        File::open(dir)?.sync_all()?;
+        *synced = upto;
+        Ok(())
+    }
+
+    fn linked(&self) -> u64 {
+        self.linked.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+/// Stores `bytes` as `blobs/sha256/<sha256_hex>` under `root` unless that blob exists;
+/// returns whether it was added. Durable when it returns (blob and directory entry).
+pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> io::Result<bool> {
+    let dir = root.join("blobs/sha256");
+    let dest = dir.join(sha256_hex);
+    if std::fs::symlink_metadata(&dest).is_ok() {
+        return Ok(false);
+    }
+    let (tmp, mut file) = temp_file(root)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            std::fs::create_dir_all(&dir)?;
+            match std::fs::hard_link(&tmp, &dest) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        });
+    let _ = std::fs::remove_file(&tmp);
+    let added = written?;
+    if added {
+        sync.sync(&dir, sync.linked())?;
+    }
+    Ok(added)
+}
+
+/// A new temp file in one of the staging shards, which nobody else can have opened.
+fn temp_file(root: &Path) -> io::Result<(PathBuf, File)> {
+    let mut rand = [0u8; 8];
+    // SAFETY: getrandom writes at most `rand.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(rand.as_mut_ptr().cast(), rand.len(), 0) };
+    if n != rand.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    let shard = u64::from_le_bytes(rand) % SHARDS;
+    let dir = root.join("staging").join(format!(".small-{shard:02}"));
+    let path = dir.join(format!("{}-{}", std::process::id(), hex::encode(rand)));
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir)?;
+            open()?
+        }
+        other => other?,
+    };
+    Ok((path, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_added_once_and_never_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let sync = DirSync::default();
+        let sha = crate::digest::sha256_hex(b"hello");
+        assert!(put_blob(root.path(), &sha, b"hello", &sync).unwrap());
+        // The same key again (a second job with the same file): not added, not rewritten.
+        assert!(!put_blob(root.path(), &sha, b"other bytes", &sync).unwrap());
+        let stored = std::fs::read(root.path().join("blobs/sha256").join(&sha)).unwrap();
+        assert_eq!(stored, b"hello");
+        // No temp file is left behind.
+        let staging = root.path().join("staging");
+        let left: Vec<_> = walk(&staging);
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(*sync.synced.lock().unwrap(), 1, "one link, synced");
+    }
+
+    #[test]
+    fn concurrent_puts_share_directory_fsyncs_and_all_land() {
+        let root = tempfile::tempdir().unwrap();
+        let sync = DirSync::default();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (root, sync) = (root.path(), &sync);
+                s.spawn(move || {
+                    for i in 0..25 {
+                        let body = format!("{t}-{i}");
+                        let sha = crate::digest::sha256_hex(body.as_bytes());
+                        assert!(put_blob(root, &sha, body.as_bytes(), sync).unwrap());
+                    }
+                });
+            }
+        });
+        assert_eq!(sync.linked.load(Ordering::SeqCst), 200);
+        assert_eq!(
+            *sync.synced.lock().unwrap(),
+            200,
+            "the last fsync covers all"
+        );
+        let blobs = std::fs::read_dir(root.path().join("blobs/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(blobs, 200);
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .flat_map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p)
+                } else {
+                    vec![p]
+                }
+            })
+            .collect()
+    }
+}
