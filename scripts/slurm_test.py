@@ -598,11 +598,14 @@ class Scenario:
         self.timings.append(f"{label} {secs:.1f}s")
 
 
-def wait_terminal(rec, cluster, job, job_id, timeout):
-    """(time, body) of the job's terminal status; None after timeout s, or 10 s after Slurm ended the job."""
+def wait_terminal(rec, cluster, job, job_id, timeout, interval=0.1, each_poll=None):
+    """(time, body) of the job's terminal status; None after timeout s, or 10 s after Slurm ended the job.
+    `each_poll` runs at every poll (to time something else meanwhile)."""
     ended = []
 
     def pred():
+        if each_poll:
+            each_poll()
         term = rec.terminal(job_id)
         if term:
             return term
@@ -610,7 +613,7 @@ def wait_terminal(rec, cluster, job, job_id, timeout):
             ended.append(time.monotonic())
         return ended and time.monotonic() - ended[0] > 10
 
-    got = wait_for(pred, timeout, 0.1)
+    got = wait_for(pred, timeout, interval)
     return got if isinstance(got, tuple) else None
 
 
@@ -810,20 +813,11 @@ def scenario_b(sc, cluster, rec):
     ckpt = os.path.join(workdir, "artifacts", "last.ckpt")
     t_ckpt = {}
 
-    ended = []
-
-    def poll():
+    def see_ckpt():
         if "t" not in t_ckpt and os.path.exists(ckpt):
             t_ckpt["t"] = time.monotonic()
-        term = rec.terminal(job_id)
-        if term:
-            return term
-        if not ended and cluster.job_done(job):
-            ended.append(time.monotonic())
-        return ended and time.monotonic() - ended[0] > 10
 
-    term = wait_for(poll, 150, 0.2)
-    term = term if isinstance(term, tuple) else None
+    term = wait_terminal(rec, cluster, job, job_id, 150, 0.2, see_ckpt)
     if "t" in t_ckpt:
         sc.timing("running->USR1 checkpoint", t_ckpt["t"] - t_run)
     done = wait_for(lambda: cluster.job_done(job), 40, 0.5)

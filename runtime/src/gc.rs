@@ -382,13 +382,10 @@ mod tests {
         async fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("store");
-            let store = BlobStore::open(&StoreConfig {
-                url: format!("file://{}", root.display()),
-                options: Default::default(),
-                max_retries: 0,
-                retry_timeout: Duration::from_secs(1),
-                retry_deadline: Duration::from_secs(1),
-            })
+            let store = BlobStore::open(&StoreConfig::for_tests(&format!(
+                "file://{}",
+                root.display()
+            )))
             .unwrap();
             store.preflight().await.unwrap();
             Fixture {
@@ -614,13 +611,10 @@ mod tests {
     #[tokio::test]
     async fn an_empty_store_is_fine() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&StoreConfig {
-            url: format!("file://{}/never-used", dir.path().display()),
-            options: Default::default(),
-            max_retries: 0,
-            retry_timeout: Duration::from_secs(1),
-            retry_deadline: Duration::from_secs(1),
-        })
+        let store = BlobStore::open(&StoreConfig::for_tests(&format!(
+            "file://{}/never-used",
+            dir.path().display()
+        )))
         .unwrap();
         let report = collect_garbage(&store, DEFAULT_GRACE, false).await.unwrap();
         assert_eq!(report, GcReport::default());

@@ -34,7 +34,6 @@ pub struct FilesInFlight {
     limit: usize,
     min: usize,
     max: usize,
-    adaptive: bool,
     trend: Trend,
     last_score: Option<f64>,
     window_start: Instant,
@@ -48,22 +47,22 @@ pub struct FilesInFlight {
 impl FilesInFlight {
     /// Fixed at `limit`.
     pub fn fixed(limit: usize) -> Self {
-        Self::new(limit, limit, limit, false)
+        let limit = limit.max(1);
+        Self::new(limit, limit, limit)
     }
 
     /// Starts at `start` and adapts within `min..=max`.
     pub fn adaptive(start: usize, min: usize, max: usize) -> Self {
         let min = min.max(1);
         let max = max.max(min);
-        Self::new(start.clamp(min, max), min, max, true)
+        Self::new(start.clamp(min, max), min, max)
     }
 
-    fn new(limit: usize, min: usize, max: usize, adaptive: bool) -> Self {
+    fn new(limit: usize, min: usize, max: usize) -> Self {
         FilesInFlight {
-            limit: limit.max(1),
+            limit,
             min,
             max,
-            adaptive,
             trend: Trend::Up,
             last_score: None,
             window_start: Instant::now(),
@@ -79,7 +78,8 @@ impl FilesInFlight {
 
     /// One file done (`bytes` long), at `now`.
     pub fn done(&mut self, bytes: u64, now: Instant) {
-        if !self.adaptive {
+        // Nowhere to go: fixed.
+        if self.min == self.max {
             return;
         }
         self.files += 1;

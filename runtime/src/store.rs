@@ -46,6 +46,20 @@ pub struct StoreConfig {
     pub retry_deadline: Duration,
 }
 
+#[cfg(test)]
+impl StoreConfig {
+    /// A store at `url` for unit tests: no options, no request retries, 1 s deadlines.
+    pub(crate) fn for_tests(url: &str) -> StoreConfig {
+        StoreConfig {
+            url: url.into(),
+            options: BTreeMap::new(),
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(1),
+            retry_deadline: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store url `{url}`: {problem}")]
@@ -981,13 +995,7 @@ mod tests {
     }
 
     fn config(url: &str) -> StoreConfig {
-        StoreConfig {
-            url: url.into(),
-            options: BTreeMap::new(),
-            max_retries: 0,
-            retry_timeout: Duration::from_secs(1),
-            retry_deadline: Duration::from_secs(1),
-        }
+        StoreConfig::for_tests(url)
     }
 
     #[test]

@@ -912,13 +912,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn file_store_large_files_are_staged_then_linked() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::store::StoreConfig {
-            url: format!("file://{}/store", dir.path().display()),
-            options: Default::default(),
-            max_retries: 0,
-            retry_timeout: std::time::Duration::from_secs(1),
-            retry_deadline: std::time::Duration::from_secs(1),
-        };
+        let config =
+            crate::store::StoreConfig::for_tests(&format!("file://{}/store", dir.path().display()));
         let store = BlobStore::open(&config).unwrap();
         let opts = UploadOptions {
             multipart_threshold: MIB,
@@ -982,13 +977,8 @@ mod tests {
             bandwidth_limit: Some(limit.clone()),
             ..UploadOptions::default()
         };
-        let config = crate::store::StoreConfig {
-            url: format!("file://{}/store", dir.path().display()),
-            options: Default::default(),
-            max_retries: 0,
-            retry_timeout: std::time::Duration::from_secs(1),
-            retry_deadline: std::time::Duration::from_secs(1),
-        };
+        let config =
+            crate::store::StoreConfig::for_tests(&format!("file://{}/store", dir.path().display()));
         let remote = Uploader::new(BlobStore::in_memory(), opts.clone(), "j", None);
         let local = Uploader::new(BlobStore::open(&config).unwrap(), opts, "j", None);
         let (small, _) = file_of(dir.path(), "small", MIB as usize / 2, 1);
