@@ -276,7 +276,8 @@ struct Timings {
 
 impl Timings {
     fn log(&self) {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Tenths of a millisecond: enough to tell the stages apart, short to read.
+        let ms = |d: Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
         let per_sec = self.uploaded as f64 / self.upload.as_secs_f64().max(1e-6);
         tracing::info!(
             scan_ms = ms(self.scan),
