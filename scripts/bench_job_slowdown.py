@@ -14,9 +14,15 @@ own CPU does not count against the agent. Reported: the job's median wall time a
 and the same for its compute alone (the time outside its checkpoint writes). The target is
 under 1%, on a host whose cores are not all taken by the job.
 
-    python3 scripts/bench_job_slowdown.py [--runs 3] [--steps 40] [--every 8] [--ckpt-mib 128]
+Each run starts after a `sync` (otherwise the previous run's checkpoints are written back
+during the next one), and the modes run in a shuffled order each round (on a VM, what the
+previous run freed changes what the next one's page-cache allocations cost; a fixed order
+charges that to whichever mode comes second). `--also BIN` adds a live-sync
+row for another build (an older commit, say), in the same alternation.
+
+    python3 scripts/bench_job_slowdown.py [--runs 7] [--steps 40] [--every 8] [--ckpt-mib 128] [--also BIN]
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, random, shutil, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -45,20 +51,24 @@ open(out, 'w').write(f"{time.perf_counter() - t0} {compute}")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=8)
     ap.add_argument("--ckpt-mib", type=int, default=128)
+    ap.add_argument("--also", action="append", default=[], help="another c3-agent binary, live sync")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="c3-slow-")
     sink, toml = start_sink(tmp)
     # The sink stands for a remote store: its CPU is not this host's (nice 19, out of the way).
     subprocess.run(["renice", "-n", "19", "-p", str(sink.pid)], check=False, stdout=subprocess.DEVNULL)
-    times = {"bare": [], "live": [], "off": []}
-    computes = {"bare": [], "live": [], "off": []}
+    modes = ["bare", "live", "off"] + [f"also{k}" for k in range(len(args.also))]
+    times = {m: [] for m in modes}
+    computes = {m: [] for m in modes}
+    order = random.Random(13)
     try:
         for i in range(args.runs):
-            for mode in ("bare", "live", "off"):
+            for mode in order.sample(modes, len(modes)):
+                os.sync()
                 out = os.path.join(tmp, f"{mode}-{i}.t")
                 work = os.path.join(tmp, f"w-{mode}-{i}")
                 os.makedirs(os.path.join(work, "artifacts"))
@@ -69,12 +79,13 @@ def main():
                 else:
                     cfg = os.path.join(tmp, f"{mode}-{i}.toml")
                     open(cfg, "w").write(f'state_dir = "{tmp}/state-{mode}-{i}"\njobs_root = "{tmp}"\n'
-                                         f'[sync]\nlive = {"true" if mode == "live" else "false"}\n' + toml)
+                                         f'[sync]\nlive = {"false" if mode == "off" else "true"}\n' + toml)
                     spec = os.path.join(tmp, f"{mode}-{i}.json")
                     json.dump({"job_id": f"{mode}-{i}", "command": job, "workdir": work}, open(spec, "w"))
                     env = {k: v for k, v in os.environ.items() if not k.startswith("C3_AGENT")}
                     env.update(C3_AGENT_CONFIG=cfg, C3_AGENT_LOG="warn")
-                    subprocess.run([BIN, "run", "--job", spec], env=env, check=True, stdout=subprocess.DEVNULL)
+                    exe = args.also[int(mode[4:])] if mode.startswith("also") else BIN
+                    subprocess.run([exe, "run", "--job", spec], env=env, check=True, stdout=subprocess.DEVNULL)
                 total, compute = map(float, open(out).read().split())
                 times[mode].append(total)
                 computes[mode].append(compute)
@@ -88,7 +99,9 @@ def main():
     print(f"job: {args.steps} steps, a {args.ckpt_mib} MiB checkpoint every {args.every} ({ckpts} in all), "
           f"median of {args.runs}, {os.cpu_count()} CPUs, store: discarding sink")
     print(f"{'run':<24} {'job wall s':>10} {'slowdown':>9}  {'min':>6} {'max':>6}  {'compute s':>9} {'slowdown':>9}")
-    for mode, name in (("bare", "bare"), ("live", "c3-agent, live sync"), ("off", "c3-agent, sync off")):
+    names = [("bare", "bare"), ("live", "c3-agent, live sync"), ("off", "c3-agent, sync off")]
+    names += [(f"also{k}", f"{os.path.basename(b)}, live sync") for k, b in enumerate(args.also)]
+    for mode, name in names:
         m, c = statistics.median(times[mode]), statistics.median(computes[mode])
         print(f"{name:<24} {m:>10.3f} {100 * (m / bare - 1):>8.2f}%  {min(times[mode]):>6.3f} {max(times[mode]):>6.3f}"
               f"  {c:>9.3f} {100 * (c / bare_c - 1):>8.2f}%")

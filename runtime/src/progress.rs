@@ -66,7 +66,8 @@ pub async fn report(
         }
         let (files_done, files_queued, bytes_done, bytes_queued) = progress.snapshot();
         let now = (files_done, files_queued, bytes_done, bytes_queued);
-        // Written (and fsync'd) only when it says something new: a job idle for days costs nothing.
+        // Written only when it says something new: a job idle for days costs nothing. Not
+        // fsync'd: it is there for `c3-agent status`, and a commit stalls the job's writes.
         if let Some(path) = record.as_ref().filter(|_| recorded != Some(now)) {
             recorded = Some(now);
             let body = c3_proto::ProgressRecord {
@@ -80,7 +81,7 @@ pub async fn report(
             .to_json();
             let path = path.clone();
             let _ =
-                tokio::task::spawn_blocking(move || crate::statedir::write_atomic(&path, &body))
+                tokio::task::spawn_blocking(move || crate::statedir::write_replace(&path, &body))
                     .await;
         }
         let pending = files_queued.saturating_sub(files_done);

@@ -246,6 +246,18 @@ impl AttemptLock {
 /// Write to a temp file (unique name, 0600), fsync, rename: a reader (or a crash) never
 /// sees half a file, and two writers never share a temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    replace(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsyncs, for records that are only hints after a host crash
+/// (losing the newest version costs work, never data). Each fsync on ext4 forces a journal
+/// commit, and a commit stalls the job's own writes on the same filesystem: one per part of
+/// every upload made a checkpointing job's writes measurably slower.
+pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let err = |source| StateError::Write {
         path: path.into(),
         source,
@@ -258,10 +270,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .tempfile_in(dir)
         .map_err(err)?;
     tmp.write_all(bytes).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
+    if durable {
+        tmp.as_file().sync_all().map_err(err)?;
+    }
     tmp.persist(path).map_err(|e| err(e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

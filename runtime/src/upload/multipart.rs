@@ -16,7 +16,7 @@ use super::{
 };
 use crate::collect::FileStamp;
 use crate::digest::{Digests, DualHasher};
-use crate::statedir::write_atomic;
+use crate::statedir::write_replace;
 use crate::store::StoreError;
 
 /// A part task's outcome: index, the store's id for it, bytes sent.
@@ -40,13 +40,15 @@ impl MultipartJournal {
             .and_then(|b| MultipartRecord::from_json(&b).ok())
     }
 
-    /// Writes the journal, off the reactor (it is fsync'd).
+    /// Writes the journal, off the reactor. Not fsync'd: an agent that is killed leaves it in
+    /// the page cache, and after a host crash a stale journal only resends parts (the store
+    /// acknowledged every part it lists, and a part sent again replaces itself).
     async fn save(&self) {
         let Some(path) = self.path.clone() else {
             return;
         };
         let bytes = self.record.to_json();
-        let written = tokio::task::spawn_blocking(move || write_atomic(&path, &bytes)).await;
+        let written = tokio::task::spawn_blocking(move || write_replace(&path, &bytes)).await;
         if let Ok(Err(e)) = written {
             tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it may not be resumable");
         }
