@@ -69,7 +69,8 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
         Some(Ok(r)) => serde_json::json!({
             "manifests": r.manifests, "blobs": r.blobs, "referenced": r.referenced,
             "deleted": r.deleted, "bytes_freed": r.bytes_freed, "kept_young": r.kept_young,
-            "missing": r.missing, "dry_run": r.dry_run,
+            "missing": r.missing, "staging_deleted": r.staging_deleted,
+            "staging_bytes": r.staging_bytes, "dry_run": r.dry_run,
         }),
         Some(Err(_)) => serde_json::Value::Null,
     };
@@ -88,7 +89,16 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
             } else {
                 String::new()
             }
-        ),
+        ) + &if r.staging_deleted > 0 {
+            format!(
+                "; {} staging files a crash left {} ({} bytes)",
+                r.staging_deleted,
+                if r.dry_run { "would be deleted" } else { "deleted" },
+                r.staging_bytes
+            )
+        } else {
+            String::new()
+        },
         Some(Err(e)) => {
             code = ExitCode::FAILURE;
             out::error(&format!("gc: {}", c3_runtime::error_chain(e)));

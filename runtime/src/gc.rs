@@ -52,6 +52,10 @@ pub struct GcReport {
     pub missing: usize,
     /// Entries of `blobs/sha256/` that are no blob (temp files, symlinks, directories): left alone.
     pub ignored: usize,
+    /// Temp files under `staging/` older than the grace period (a put a crash interrupted):
+    /// deleted (with `dry_run`: would be), and their bytes.
+    pub staging_deleted: usize,
+    pub staging_bytes: u64,
     pub dry_run: bool,
 }
 
@@ -151,6 +155,12 @@ pub async fn collect_garbage_capped(
             doomed.push(blob);
         }
     }
+    let (staged, staged_bytes) = {
+        let staging = root.join("staging");
+        tokio::task::spawn_blocking(move || sweep_staging(&staging, cutoff, dry_run)).await?
+    };
+    report.staging_deleted = staged;
+    report.staging_bytes = staged_bytes;
     if dry_run {
         report.deleted = doomed.len();
         report.bytes_freed = doomed.iter().map(|b| b.size).sum();
@@ -221,6 +231,43 @@ async fn delete_blob(
     store.delete(&key).await.map_err(|e| (key.clone(), e))?;
     tracing::debug!(key = %key, bytes = blob.size, "deleted an unreferenced blob");
     Ok(Deleted::Yes(blob.size))
+}
+
+/// Deletes the plain files under `staging/` last modified before `cutoff`: the temp files of
+/// puts a crash interrupted (small blobs' shards, large files' staging objects). A put takes
+/// seconds, so one that old is nobody's. Directories stay: a put creates its shard only when
+/// missing, and removing one under it would fail that put. Symlinks are never followed.
+fn sweep_staging(dir: &Path, cutoff: SystemTime, dry_run: bool) -> (usize, u64) {
+    fn walk(dir: &Path, depth: usize, cutoff: SystemTime, dry_run: bool, out: &mut (usize, u64)) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(md) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() && depth > 0 {
+                walk(&entry.path(), depth - 1, cutoff, dry_run, out);
+            } else if md.is_file()
+                && md.modified().is_ok_and(|m| m < cutoff)
+                && (dry_run || std::fs::remove_file(entry.path()).is_ok())
+            {
+                out.0 += 1;
+                out.1 += md.len();
+            }
+        }
+    }
+    let mut swept = (0, 0);
+    // staging/<shard or job>/<temp>, and one level more for object_store's own temp names.
+    walk(dir, 3, cutoff, dry_run, &mut swept);
+    if swept.0 > 0 && !dry_run {
+        tracing::info!(
+            files = swept.0,
+            bytes = swept.1,
+            "deleted staging files a crash left"
+        );
+    }
+    swept
 }
 
 /// The file store's directory, as [`BlobStore::open`] derives it from the URL.
@@ -505,6 +552,7 @@ mod tests {
                 missing: 1,
                 ignored: 2,
                 dry_run: false,
+                ..GcReport::default()
             }
         );
         assert!(!f.exists(&old));
@@ -606,6 +654,45 @@ mod tests {
         assert!(report.dry_run);
         assert_eq!((report.deleted, report.bytes_freed), (1, 3));
         assert!(f.exists(&old));
+    }
+
+    #[tokio::test]
+    async fn staging_files_a_crash_left_go_once_older_than_the_grace_period() {
+        let f = Fixture::new().await;
+        let staging = f.root.join("staging");
+        let file = |rel: &str, bytes: &[u8], age: Duration| {
+            let path = staging.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+            path
+        };
+        let small = file(".small-07/4242-0011223344556677", b"12345", 2 * DAY);
+        let large = file("job-1/4242-0", b"123", 2 * DAY);
+        let busy = file(".small-08/4343-8899aabbccddeeff", b"young", Duration::ZERO);
+        // A symlink is no temp file, and what it points to is not the store's.
+        let outside = f.root.parent().unwrap().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        std::os::unix::fs::symlink(&outside, staging.join(".small-08/link")).unwrap();
+
+        let dry = collect_garbage(&f.store, DEFAULT_GRACE, true)
+            .await
+            .unwrap();
+        assert_eq!((dry.staging_deleted, dry.staging_bytes), (2, 8));
+        assert!(small.exists() && large.exists());
+
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!((report.staging_deleted, report.staging_bytes), (2, 8));
+        assert!(!small.exists() && !large.exists());
+        assert!(busy.exists(), "a put under way keeps its temp file");
+        assert!(outside.exists() && staging.join(".small-08").is_dir());
     }
 
     #[tokio::test]
