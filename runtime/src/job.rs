@@ -409,8 +409,12 @@ impl<'a> Run<'a> {
     }
 
     /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and
-    /// `recover`. After a stop request, bounded by the stop deadline: what is not done by
-    /// then stays in the run record (phase `finishing`) for `recover`.
+    /// `recover`. After a stop request, bounded by the stop deadline: the final sync gets
+    /// all of it but a last slice ([`status_reserve`]), in which a terminal status says the
+    /// job was stopped before its output was all stored; what is not done stays in the run
+    /// record (phase `finishing`) for `recover`, which stores it and sends the status again
+    /// with a higher `seq`. Without that status a control plane would wait for one until
+    /// `recover` runs, which in a pod with an `emptyDir` state dir is never.
     pub async fn finish(mut self, end: JobEnd, started: Instant) -> JobSummary {
         crate::outcome::note_end(&end, &mut self.record);
         self.record.phase = Phase::Finishing;
@@ -422,7 +426,10 @@ impl<'a> Run<'a> {
                     Ok(at) => {
                         let at = at.unwrap_or_else(tokio::time::Instant::now);
                         match at.checked_add(within) {
-                            Some(deadline) => tokio::time::sleep_until(deadline).await,
+                            Some(hard) => {
+                                tokio::time::sleep_until(hard - status_reserve(within)).await;
+                                hard
+                            }
                             None => std::future::pending().await,
                         }
                     }
@@ -430,37 +437,51 @@ impl<'a> Run<'a> {
                 }
             }
         });
-        let done = match deadline {
-            None => Some(self.finish_steps(&end, started).await),
+        let hard = match deadline {
+            None => return self.finish_steps(&end, started).await,
             Some(deadline) => tokio::select! {
-                summary = self.finish_steps(&end, started) => Some(summary),
-                _ = deadline => None,
+                summary = self.finish_steps(&end, started) => return summary,
+                hard = deadline => hard,
             },
         };
-        done.unwrap_or_else(|| {
-            // Uploads in flight are dropped; a resumable multipart journal stays for recover.
-            self.collector.take();
-            // Statuses still under way go to the outbox, in order, for recover to deliver.
-            self.reports.keep_background();
-            // Not finished is never success: the agent was stopped before its work was done.
-            let mut verdict = decide(&end, false, false);
-            if verdict.exit == crate::outcome::ExitCode::Succeeded {
-                verdict = decide(&JobEnd::Canceled, false, false);
-            }
-            let summary = JobSummary {
-                job_id: self.spec().job_id.clone(),
-                verdict,
-                files: 0,
-                bytes: 0,
-                new_bytes: 0,
-                upload_errors: 0,
-                manifest: None,
-                unfinished: true,
-                script_exit_code: self.record.exit_code,
-            };
-            summary.log(started.elapsed());
-            summary
-        })
+        // Uploads in flight are dropped; a resumable multipart journal stays for recover.
+        self.collector.take();
+        // Not finished is never success: the agent was stopped before its work was done.
+        let mut verdict = decide(&end, false, false);
+        if verdict.exit == crate::outcome::ExitCode::Succeeded {
+            verdict = decide(&JobEnd::Canceled, false, false);
+        }
+        let note = format!(
+            "stopped before the final sync was done (job.stop_deadline_secs = {}): output not yet stored stays on the node; `c3-agent recover` stores it and sends this status again",
+            self.ctx.stop_deadline.as_secs()
+        );
+        let ending = Ending {
+            exit_code: self.record.exit_code,
+            signal: self.record.signal.clone(),
+            message: Some(match &self.message {
+                Some(m) => format!("{m}; {note}"),
+                None => note,
+            }),
+            upload_errors: 0,
+            result: serde_json::Value::Null,
+            facts: self.record.facts.clone(),
+        };
+        let seq = self.next_seq().await;
+        // RUNNING and FINALIZING first, then this; past `hard`, all go to the outbox in order.
+        self.reports.finish(seq, None, &verdict, ending, hard).await;
+        let summary = JobSummary {
+            job_id: self.spec().job_id.clone(),
+            verdict,
+            files: 0,
+            bytes: 0,
+            new_bytes: 0,
+            upload_errors: 0,
+            manifest: None,
+            unfinished: true,
+            script_exit_code: self.record.exit_code,
+        };
+        summary.log(started.elapsed());
+        summary
     }
 
     async fn finish_steps(&mut self, end: &JobEnd, started: Instant) -> JobSummary {
@@ -603,5 +624,32 @@ impl<'a> Run<'a> {
         self.reports
             .finish(seq, registration, verdict, ending, stay)
             .await;
+    }
+}
+
+/// The last slice of the stop deadline, kept for the terminal status: a fifth of it, at
+/// least 1 s and at most 5 s (never more than the deadline itself).
+fn status_reserve(stop_deadline: Duration) -> Duration {
+    (stop_deadline / 5)
+        .clamp(Duration::from_secs(1), Duration::from_secs(5))
+        .min(stop_deadline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_reserve_is_a_fifth_of_the_stop_deadline_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(status_reserve(s(25)), s(5));
+        assert_eq!(status_reserve(s(10)), s(2));
+        assert_eq!(status_reserve(s(2)), s(1), "at least a second to be heard");
+        assert_eq!(status_reserve(s(120)), s(5), "the sync keeps the rest");
+        assert_eq!(
+            status_reserve(Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(status_reserve(Duration::ZERO), Duration::ZERO);
     }
 }

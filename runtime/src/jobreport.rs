@@ -131,12 +131,6 @@ impl JobReporter {
         }
     }
 
-    /// The stop deadline came: statuses still under way go to the outbox now, in order.
-    pub fn keep_background(&mut self) {
-        let all = std::mem::take(&mut self.background);
-        self.keep_all(all);
-    }
-
     /// Aborts the newest first (an aborted one releases the next, which must not get out
     /// ahead of it), then keeps each that was not delivered, oldest first.
     fn keep_all(&mut self, tasks: Vec<(JoinHandle<Delivery>, u64, Vec<u8>)>) {

@@ -135,17 +135,32 @@ fn stop_deadline_leaves_the_final_sync_to_recover() {
         "{:?}",
         asked.elapsed()
     );
-    assert_eq!(
-        states(&h),
-        vec!["RUNNING", "FINALIZING"],
-        "no terminal status yet"
+    // The control plane hears of the end within the deadline, not only once recover runs
+    // (in a pod with an emptyDir state dir, never).
+    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "CANCELED"]);
+    let statuses = h.cp().delivered("/status");
+    let at_deadline = statuses.last().unwrap().clone();
+    assert!(
+        at_deadline["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("c3-agent recover")),
+        "{at_deadline}"
     );
     let Store::S3(s3) = &mut h.store else {
         unreachable!()
     };
     s3.restart();
     h.run(&["recover"]).assert_code(4);
-    assert_eq!(h.terminal("late")["state"], "CANCELED");
+    // The same end again, now with everything stored, under a higher seq.
+    assert_eq!(
+        states(&h),
+        vec!["RUNNING", "FINALIZING", "CANCELED", "CANCELED"]
+    );
+    let amended = h.cp().delivered("/status").last().unwrap().clone();
+    assert!(
+        amended["seq"].as_u64() > at_deadline["seq"].as_u64(),
+        "{at_deadline} then {amended}"
+    );
     let m = h.manifest("late");
     assert_eq!(m["complete"], true);
     assert!(h
