@@ -43,6 +43,7 @@ pub mod result;
 pub mod retention;
 pub mod sdnotify;
 pub mod sidecar;
+pub mod slurm;
 pub mod statedir;
 pub mod store;
 pub mod supervise;

@@ -416,8 +416,9 @@ impl Supervisor {
         };
         if let Wake::Exited(Ok(status)) = &wake {
             if stopped_with_the_job(status, cancel).await {
-                tracing::warn!("agent asked to stop as the job died of the same signal; canceled");
-                return (JobEnd::Canceled, Some("canceled".into()));
+                let limit = crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await;
+                tracing::warn!("agent asked to stop as the job died of the same signal");
+                return stop_end(limit);
             }
         }
         match wake {
@@ -451,10 +452,24 @@ impl Supervisor {
                 )
             }
             Wake::Canceled => {
-                tracing::warn!("agent asked to stop; canceling the job");
-                self.procs.terminate(Some(&mut self.child), grace).await;
-                (JobEnd::Canceled, Some("canceled".into()))
+                tracing::warn!("agent asked to stop; stopping the job");
+                let (_, limit) = tokio::join!(
+                    self.procs.terminate(Some(&mut self.child), grace),
+                    crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN)
+                );
+                stop_end(limit)
             }
         }
+    }
+}
+
+/// A stop request is a cancel, unless Slurm says its time limit sent it.
+fn stop_end(slurm_time_limit: bool) -> (JobEnd, Option<String>) {
+    if slurm_time_limit {
+        tracing::warn!("Slurm's time limit stopped the job (squeue: TimeLimit); timed out");
+        (JobEnd::TimedOut, Some("ran past Slurm's time limit".into()))
+    } else {
+        tracing::warn!("job canceled");
+        (JobEnd::Canceled, Some("canceled".into()))
     }
 }

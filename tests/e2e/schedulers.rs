@@ -102,6 +102,51 @@ fn a_stop_that_reaches_the_job_and_the_agent_at_once_is_a_cancel() {
     }
 }
 
+/// Slurm's time limit and `scancel` both arrive as SIGTERM: the agent asks `squeue` for the
+/// job's reason (here a stand-in on PATH that answers what the real one does; the real one
+/// is checked by `scripts/slurm_test.py`, scenario b).
+#[test]
+fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
+    for (reason, state, code) in [("TimeLimit", "TIMED_OUT", 5), ("None", "CANCELED", 4)] {
+        let mut h = Harness::file().with_control_plane(10);
+        let bin = h.dir.path().join("fake-slurm");
+        std::fs::create_dir(&bin).unwrap();
+        let asked = h.dir.path().join("squeue-args");
+        let squeue = bin.join("squeue");
+        std::fs::write(
+            &squeue,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {}\necho {reason}\n",
+                asked.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&squeue, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        h.env.push(("PATH".into(), path));
+        h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
+        let script = "echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
+        let spec = h.spec(json!({"job_id": "limit", "command": ["sh", "-c", script]}));
+        let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+        let started = h.workdir("limit").join("artifacts/started");
+        wait_for("the job to start", Duration::from_secs(20), || {
+            started.exists().then_some(())
+        });
+        signal(child.id(), "TERM");
+        h.wait(format!("run stopped, squeue says {reason}"), child)
+            .assert_code(code);
+        assert_eq!(h.terminal("limit")["state"], state, "squeue said {reason}");
+        assert_eq!(
+            std::fs::read_to_string(&asked).unwrap().trim(),
+            "--noheader --jobs 4242 --format %r"
+        );
+        assert!(h
+            .manifest_paths("limit")
+            .contains(&"artifacts/started".to_string()));
+    }
+}
+
 #[test]
 fn stop_deadline_leaves_the_final_sync_to_recover() {
     let mut h = Harness::new(Store::s3()).with_control_plane(2);

@@ -1,0 +1,58 @@
+//! Slurm's own word on why it stopped a job. Its time limit and `scancel` both reach the
+//! agent as SIGTERM; only the controller knows which it was, and a job that ran out of
+//! time must say TIMED_OUT (ask for more time), not CANCELED.
+
+use std::time::Duration;
+
+/// How long the controller gets to answer; the stop goes on meanwhile.
+pub const ASK_WITHIN: Duration = Duration::from_secs(3);
+
+/// Whether Slurm stopped the job the agent runs in (`SLURM_JOB_ID`) for its time limit:
+/// `squeue`'s reason for it is `TimeLimit`. False outside Slurm, without `squeue`, or when
+/// the controller does not answer within `within`.
+pub async fn stopped_by_time_limit(within: Duration) -> bool {
+    let Some(id) = std::env::var("SLURM_JOB_ID")
+        .ok()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return false;
+    };
+    let asked = tokio::process::Command::new("squeue")
+        .args(["--noheader", "--jobs", &id, "--format", "%r"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(within, asked).await {
+        Ok(Ok(out)) if out.status.success() => says_time_limit(&out.stdout),
+        Ok(Ok(_)) | Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::warn!(
+                within_s = within.as_secs(),
+                "squeue did not answer; a Slurm time limit is reported as a cancel"
+            );
+            false
+        }
+    }
+}
+
+/// `squeue --format %r` for one job: its reason, `TimeLimit` when the limit ended it.
+fn says_time_limit(stdout: &[u8]) -> bool {
+    String::from_utf8_lossy(stdout).trim() == "TimeLimit"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_time_limit_reason_counts() {
+        assert!(says_time_limit(b"TimeLimit\n"));
+        assert!(!says_time_limit(b"None\n"));
+        assert!(!says_time_limit(b""));
+        assert!(
+            !says_time_limit(b"TimeLimit\nTimeLimit\n"),
+            "one job asked, one line"
+        );
+    }
+}
