@@ -35,6 +35,10 @@ use crate::store::{blob_key, BlobStore, StoreError, EMPTY_SHA256};
 /// How long an unreferenced blob is kept by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Staging files younger than this are never deleted: a put takes seconds, a large file's
+/// staging object as long as the file takes to read.
+const STAGING_MIN_AGE: Duration = Duration::from_secs(60 * 60);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
     /// Manifests read.
@@ -157,6 +161,11 @@ pub async fn collect_garbage_capped(
     }
     let (staged, staged_bytes) = {
         let staging = root.join("staging");
+        // Whatever the grace period (`--older-than 0`), a put under way is never swept.
+        let cutoff = cutoff.min(
+            now.checked_sub(STAGING_MIN_AGE)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        );
         tokio::task::spawn_blocking(move || sweep_staging(&staging, cutoff, dry_run)).await?
     };
     report.staging_deleted = staged;
@@ -680,6 +689,11 @@ mod tests {
         std::fs::write(&outside, b"keep").unwrap();
         std::os::unix::fs::symlink(&outside, staging.join(".small-08/link")).unwrap();
 
+        // A grace period of zero still spares a put under way.
+        let now = collect_garbage(&f.store, Duration::ZERO, true)
+            .await
+            .unwrap();
+        assert_eq!((now.staging_deleted, now.staging_bytes), (2, 8));
         let dry = collect_garbage(&f.store, DEFAULT_GRACE, true)
             .await
             .unwrap();

@@ -409,17 +409,19 @@ impl<'a> Run<'a> {
     }
 
     /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and
-    /// `recover`. After a stop request, bounded by the stop deadline: the final sync gets
-    /// all of it but a last slice ([`status_reserve`]), in which a terminal status says the
-    /// job was stopped before its output was all stored; what is not done stays in the run
-    /// record (phase `finishing`) for `recover`, which stores it and sends the status again
-    /// with a higher `seq`. Without that status a control plane would wait for one until
-    /// `recover` runs, which in a pod with an `emptyDir` state dir is never.
+    /// `recover`. After a stop request, bounded by the stop deadline: the final sync and the
+    /// manifest get all of it but a last slice ([`status_reserve`]), in which the terminal
+    /// status is sent whatever happened; a cut final sync leaves the attempt in phase
+    /// `finishing` for `recover`, which stores the rest and sends the status again with a
+    /// higher `seq`. Without that status a control plane would wait for one until `recover`
+    /// runs, which in a pod with an `emptyDir` state dir is never. Only the final sync is ever
+    /// cut: the reports and the run record are written whole, or a delivered SUCCEEDED could
+    /// be followed by a CANCELED that nothing corrects.
     pub async fn finish(mut self, end: JobEnd, started: Instant) -> JobSummary {
         crate::outcome::note_end(&end, &mut self.record);
         self.record.phase = Phase::Finishing;
         self.save().await;
-        let deadline = self.stop_requested.clone().map(|mut requested| {
+        let sync_deadline = self.stop_requested.clone().map(|mut requested| {
             let within = self.ctx.stop_deadline;
             async move {
                 match requested.wait_for(Option::is_some).await {
@@ -427,8 +429,7 @@ impl<'a> Run<'a> {
                         let at = at.unwrap_or_else(tokio::time::Instant::now);
                         match at.checked_add(within) {
                             Some(hard) => {
-                                tokio::time::sleep_until(hard - status_reserve(within)).await;
-                                hard
+                                tokio::time::sleep_until(hard - status_reserve(within)).await
                             }
                             None => std::future::pending().await,
                         }
@@ -437,13 +438,40 @@ impl<'a> Run<'a> {
                 }
             }
         });
-        let hard = match deadline {
-            None => return self.finish_steps(&end, started).await,
-            Some(deadline) => tokio::select! {
-                summary = self.finish_steps(&end, started) => return summary,
-                hard = deadline => hard,
-            },
+        let collected = {
+            let _final_progress = self.progress("final");
+            match sync_deadline {
+                None => Some(self.collect_output(&end).await),
+                Some(deadline) => tokio::select! {
+                    collected = self.collect_output(&end) => Some(collected),
+                    () = deadline => None,
+                },
+            }
         };
+        match collected {
+            Some(collected) => self.conclude(end, collected, started).await,
+            None => self.conclude_cut(end, started).await,
+        }
+    }
+
+    /// When reports must be done by: `give_up_secs` from now, and after a stop request also
+    /// a moment before the stop deadline, so that what is kept reaches the outbox in time.
+    fn report_stay(&self) -> tokio::time::Instant {
+        let stay = self.ctx.report_deadline();
+        let requested = self.stop_requested.as_ref().and_then(|r| *r.borrow());
+        match requested.and_then(|at| at.checked_add(self.ctx.stop_deadline)) {
+            Some(hard) => {
+                let margin =
+                    (status_reserve(self.ctx.stop_deadline) / 4).min(Duration::from_millis(500));
+                stay.min(hard - margin)
+            }
+            None => stay,
+        }
+    }
+
+    /// The stop deadline cut the final sync: the terminal status says so, and the attempt
+    /// stays in phase `finishing` for `recover`.
+    async fn conclude_cut(&mut self, end: JobEnd, started: Instant) -> JobSummary {
         // Uploads in flight are dropped; a resumable multipart journal stays for recover.
         self.collector.take();
         // Not finished is never success: the agent was stopped before its work was done.
@@ -466,9 +494,10 @@ impl<'a> Run<'a> {
             result: serde_json::Value::Null,
             facts: self.record.facts.clone(),
         };
+        let stay = self.report_stay();
         let seq = self.next_seq().await;
-        // RUNNING and FINALIZING first, then this; past `hard`, all go to the outbox in order.
-        self.reports.finish(seq, None, &verdict, ending, hard).await;
+        // RUNNING and FINALIZING first, then this; past `stay`, all go to the outbox in order.
+        self.reports.finish(seq, None, &verdict, ending, stay).await;
         let summary = JobSummary {
             job_id: self.spec().job_id.clone(),
             verdict,
@@ -481,14 +510,6 @@ impl<'a> Run<'a> {
             script_exit_code: self.record.exit_code,
         };
         summary.log(started.elapsed());
-        summary
-    }
-
-    async fn finish_steps(&mut self, end: &JobEnd, started: Instant) -> JobSummary {
-        let end = end.clone();
-        let final_progress = self.progress("final");
-        let summary = self.final_steps(end, started).await;
-        drop(final_progress);
         summary
     }
 
@@ -513,8 +534,10 @@ impl<'a> Run<'a> {
         stop.drop_guard()
     }
 
-    async fn final_steps(&mut self, end: JobEnd, started: Instant) -> JobSummary {
-        let launched = match &end {
+    /// The final sync and the seal (logs, the complete manifest): the part of finishing that
+    /// the stop deadline may cut.
+    async fn collect_output(&mut self, end: &JobEnd) -> Collected {
+        let launched = match end {
             JobEnd::Exited(_) | JobEnd::Killed(_) | JobEnd::TimedOut | JobEnd::AgentLost => true,
             // Canceled before launch leaves no record of a pgid.
             JobEnd::Canceled => self.record.pgid.is_some() || self.record.watched_dirs.is_some(),
@@ -549,6 +572,25 @@ impl<'a> Run<'a> {
             }
             unstored.append(&mut sealed.unstored);
         }
+        Collected {
+            unstored,
+            sealed,
+            result,
+        }
+    }
+
+    /// Verdict, artifacts registration, terminal status, the run record's `done`: never cut.
+    async fn conclude(
+        &mut self,
+        end: JobEnd,
+        collected: Collected,
+        started: Instant,
+    ) -> JobSummary {
+        let Collected {
+            unstored,
+            mut sealed,
+            result,
+        } = collected;
         let upload_errors = unstored.len() as u64;
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
         let verdict = decide(&end, upload_errors > 0, oom);
@@ -600,7 +642,7 @@ impl<'a> Run<'a> {
         upload_errors: u64,
         result: serde_json::Value,
     ) {
-        let stay = self.ctx.report_deadline();
+        let stay = self.report_stay();
         let seq = self.next_seq().await;
         let registration = sealed
             .manifest_sha256
@@ -625,6 +667,13 @@ impl<'a> Run<'a> {
             .finish(seq, registration, verdict, ending, stay)
             .await;
     }
+}
+
+/// What the final sync and the seal left for the reports.
+struct Collected {
+    unstored: Vec<String>,
+    sealed: Sealed,
+    result: serde_json::Value,
 }
 
 /// The last slice of the stop deadline, kept for the terminal status: a fifth of it, at

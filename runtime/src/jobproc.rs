@@ -262,6 +262,40 @@ pub fn become_subreaper() {
     }
 }
 
+/// Processes the agent runs for itself (`squeue`), which are the agent's children like the
+/// job's orphans: the orphan reaper must leave their exit to tokio, and a stop must not take
+/// them for the job's.
+static OWN_HELPERS: std::sync::Mutex<BTreeSet<i32>> = std::sync::Mutex::new(BTreeSet::new());
+
+fn own_helpers() -> std::sync::MutexGuard<'static, BTreeSet<i32>> {
+    OWN_HELPERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps a child spawned by [`spawn_helper`] a helper until dropped (after its wait).
+pub struct HelperGuard(Option<i32>);
+
+impl Drop for HelperGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            own_helpers().remove(&pid);
+        }
+    }
+}
+
+/// Spawns a process of the agent's own. The registry is held across the spawn, so the
+/// reaper never sees the child before it is known as a helper.
+pub fn spawn_helper(
+    command: &mut tokio::process::Command,
+) -> std::io::Result<(Child, HelperGuard)> {
+    let mut helpers = own_helpers();
+    let child = command.spawn()?;
+    let pid = child.id().map(|p| p as i32);
+    if let Some(pid) = pid {
+        helpers.insert(pid);
+    }
+    Ok((child, HelperGuard(pid)))
+}
+
 /// Stops every process this agent started (and every orphan re-parented to it): SIGTERM,
 /// up to `grace`, SIGKILL, reaped. For the agent's own panic path, where no `JobProcesses`
 /// survives; blocking, called outside any async runtime.
@@ -434,6 +468,9 @@ impl JobProcesses {
             set.extend(cg.members());
         }
         set.remove(&self.inner.agent);
+        for helper in own_helpers().iter() {
+            set.remove(helper);
+        }
         set.into_iter().collect()
     }
 
@@ -501,10 +538,16 @@ impl JobProcesses {
         let _ = tokio::task::spawn_blocking(move || this.kill_hard()).await;
     }
 
-    /// Reaps re-parented job processes that exited (never the leader: tokio waits for it).
+    /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
+    /// agent's own: tokio waits for those).
     pub fn reap(&self) {
+        let helpers = own_helpers();
         for (pid, s) in procfs::all() {
-            if s.ppid == self.inner.agent && s.is_zombie() && pid != self.inner.leader {
+            if s.ppid == self.inner.agent
+                && s.is_zombie()
+                && pid != self.inner.leader
+                && !helpers.contains(&pid)
+            {
                 let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
             }
         }

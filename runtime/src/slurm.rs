@@ -17,15 +17,36 @@ pub async fn stopped_by_time_limit(within: Duration) -> bool {
     else {
         return false;
     };
-    let asked = tokio::process::Command::new("squeue")
+    let mut command = tokio::process::Command::new("squeue");
+    command
         .args(["--noheader", "--jobs", &id, "--format", "%r"])
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .kill_on_drop(true);
+    // The agent reaps its orphans: its own helper must be known as one, or its exit is lost.
+    let (child, helper) = match crate::jobproc::spawn_helper(&mut command) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            tracing::info!(error = %e, "cannot run squeue; the stop is taken for a cancel");
+            return false;
+        }
+    };
+    let asked = async move {
+        let out = child.wait_with_output().await;
+        drop(helper);
+        out
+    };
     match tokio::time::timeout(within, asked).await {
         Ok(Ok(out)) if out.status.success() => says_time_limit(&out.stdout),
-        Ok(Ok(_)) | Ok(Err(_)) => false,
+        Ok(Ok(out)) => {
+            tracing::info!(status = %out.status, "squeue failed; the stop is taken for a cancel");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "cannot run squeue; the stop is taken for a cancel");
+            false
+        }
         Err(_) => {
             tracing::warn!(
                 within_s = within.as_secs(),

@@ -134,13 +134,12 @@ fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
             started.exists().then_some(())
         });
         signal(child.id(), "TERM");
-        h.wait(format!("run stopped, squeue says {reason}"), child)
-            .assert_code(code);
+        let run = h.wait(format!("run stopped, squeue says {reason}"), child);
+        let args = std::fs::read_to_string(&asked)
+            .unwrap_or_else(|e| panic!("squeue was not run ({e}):\n{}", run.stderr));
+        assert_eq!(args.trim(), "--noheader --jobs 4242 --format %r");
+        run.assert_code(code);
         assert_eq!(h.terminal("limit")["state"], state, "squeue said {reason}");
-        assert_eq!(
-            std::fs::read_to_string(&asked).unwrap().trim(),
-            "--noheader --jobs 4242 --format %r"
-        );
         assert!(h
             .manifest_paths("limit")
             .contains(&"artifacts/started".to_string()));

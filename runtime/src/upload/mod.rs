@@ -791,6 +791,39 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_resumed_upload_checks_the_parts_hashed_ahead_that_it_does_not_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(store.clone(), small_parts(), "j", Some(journal.clone()));
+        let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 9);
+        up.prehash(&file).await;
+        // An earlier agent of this job sent part 0 of this content, then died.
+        let old_sha = crate::digest::sha256_hex(&data);
+        let id = store.create_multipart(&old_sha).await.unwrap();
+        let part0 = Bytes::copy_from_slice(&data[..MIB as usize]);
+        let record = MultipartRecord {
+            sha256: old_sha.clone(),
+            upload_id: id.clone(),
+            size: data.len() as u64,
+            part_size: MIB,
+            parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
+        };
+        write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
+        // The job rewrites a byte of part 0 after it was hashed ahead.
+        data[10] ^= 0xff;
+        std::fs::write(&file.abs, &data).unwrap();
+        restamp(&mut file);
+        let first = up.upload(&file).await;
+        assert!(
+            matches!(first, Err(UploadError::Changed { .. })),
+            "the journaled part is checked, not taken on trust: {first:?}"
+        );
+        let again = up.upload(&file).await.unwrap();
+        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_parts_stay_within_the_memory_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -877,6 +910,56 @@ mod tests {
             &data[..]
         );
         assert!(!journal.join(format!("{sha}.json")).exists());
+    }
+
+    #[tokio::test]
+    async fn a_journal_for_other_content_or_parts_is_not_resumed() {
+        async fn resumes(up: &Uploader, at: &Path, sha: &str, record: &MultipartRecord) -> bool {
+            write_atomic(at, &record.to_json()).unwrap();
+            up.open_journal(sha, 3 * MIB, MIB).await.unwrap().resumed
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(
+            store.clone(),
+            UploadOptions::default(),
+            "j",
+            Some(journal.clone()),
+        );
+        let sha = "ab".repeat(32);
+        let id = store.create_multipart(&sha).await.unwrap();
+        let sound = MultipartRecord {
+            sha256: sha.clone(),
+            upload_id: id,
+            size: 3 * MIB,
+            part_size: MIB,
+            parts: [(0, "p0".to_string()), (2, "p2".to_string())].into(),
+        };
+        let at = journal.join(format!("{sha}.json"));
+        assert!(
+            resumes(&up, &at, &sha, &sound).await,
+            "a sound journal resumes"
+        );
+        let other_blob = MultipartRecord {
+            sha256: "cd".repeat(32),
+            ..sound.clone()
+        };
+        assert!(
+            !resumes(&up, &at, &sha, &other_blob).await,
+            "a journal of another blob"
+        );
+        let mut past_the_end = sound.clone();
+        past_the_end.parts.insert(3, "p3".into());
+        assert!(
+            !resumes(&up, &at, &sha, &past_the_end).await,
+            "a part the file does not have"
+        );
+        std::fs::write(&at, b"").unwrap();
+        assert!(
+            !up.open_journal(&sha, 3 * MIB, MIB).await.unwrap().resumed,
+            "an empty journal (a host crash before write-back)"
+        );
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ pub(super) struct MultipartJournal {
     record: MultipartRecord,
     path: Option<PathBuf>,
     /// Taken over from an earlier agent (a crash), not started by this one.
-    resumed: bool,
+    pub(super) resumed: bool,
 }
 
 impl MultipartJournal {
@@ -232,6 +232,13 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let resumed = journal.resumed;
+            if resumed {
+                // The parts an earlier agent sent are not read again below: those hashed
+                // ahead must still hold what was hashed, or the manifest would name content
+                // the file no longer has.
+                self.verify_parts(path, before, part_size, &part_crcs[..ahead_parts])
+                    .await?;
+            }
             let sent = self.send_parts(path, before, part_crcs, &mut journal).await;
             let verified =
                 sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
@@ -277,7 +284,14 @@ impl Uploader {
     ) -> Result<MultipartJournal, StoreError> {
         let path = self.journal_path(sha);
         if let Some(record) = path.as_deref().and_then(MultipartJournal::load) {
-            if record.size == size && record.part_size == part_size {
+            // A journal is a hint, not a proof: one that names another blob or parts this
+            // file does not have (a torn or stale file after a host crash) starts over.
+            let parts = size.div_ceil(part_size.max(1));
+            if record.sha256 == sha
+                && record.size == size
+                && record.part_size == part_size
+                && record.parts.keys().all(|&idx| u64::from(idx) < parts)
+            {
                 tracing::info!(sha256 = %sha, parts_done = record.parts.len(), "resuming multipart upload");
                 return Ok(MultipartJournal {
                     record,
