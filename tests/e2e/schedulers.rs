@@ -26,17 +26,23 @@ const USR1_JOB: &str = "A=$C3_ARTIFACTS_DIR; \
     trap 'echo ckpt > $A/last.ckpt; sleep 0.5; kill $child; wait $child; exit 0' USR1; \
     echo up > $A/started; while :; do sleep 0.1; done";
 
+/// `c3-agent run` of `command`, once the job wrote `artifacts/started`.
+fn spawn_until_started(h: &Harness, job: &str, command: serde_json::Value) -> std::process::Child {
+    let spec = h.spec(json!({"job_id": job, "command": command}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let started = h.workdir(job).join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    child
+}
+
 fn usr1_run(forward_to: Option<&str>) -> Harness {
     let mut h = Harness::file().with_control_plane(10);
     if let Some(to) = forward_to {
         h.env.push(("C3_AGENT_FORWARD_TO".into(), to.into()));
     }
-    let spec = h.spec(json!({"job_id": "usr1", "command": ["bash", "-c", USR1_JOB]}));
-    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    let started = h.workdir("usr1").join("artifacts/started");
-    wait_for("the job to start", Duration::from_secs(20), || {
-        started.exists().then_some(())
-    });
+    let child = spawn_until_started(&h, "usr1", json!(["bash", "-c", USR1_JOB]));
     // Slurm's `--signal=B:USR1@N` reaches the batch shell only: the agent.
     signal(child.id(), "USR1");
     let run = h.wait("run with USR1".into(), child);
@@ -127,12 +133,7 @@ fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
         h.env.push(("PATH".into(), path));
         h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
         let script = "echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
-        let spec = h.spec(json!({"job_id": "limit", "command": ["sh", "-c", script]}));
-        let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-        let started = h.workdir("limit").join("artifacts/started");
-        wait_for("the job to start", Duration::from_secs(20), || {
-            started.exists().then_some(())
-        });
+        let child = spawn_until_started(&h, "limit", json!(["sh", "-c", script]));
         signal(child.id(), "TERM");
         let run = h.wait(format!("run stopped, squeue says {reason}"), child);
         let args = std::fs::read_to_string(&asked)
@@ -154,12 +155,7 @@ fn stop_deadline_leaves_the_final_sync_to_recover() {
         .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "2".into()));
     let script = "head -c 100000 /dev/urandom > $C3_ARTIFACTS_DIR/data; \
                   echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
-    let spec = h.spec(json!({"job_id": "late", "command": ["sh", "-c", script]}));
-    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    let started = h.workdir("late").join("artifacts/started");
-    wait_for("the job to start", Duration::from_secs(20), || {
-        started.exists().then_some(())
-    });
+    let child = spawn_until_started(&h, "late", json!(["sh", "-c", script]));
     let Store::S3(s3) = &mut h.store else {
         unreachable!()
     };

@@ -757,17 +757,7 @@ mod tests {
         let up = Uploader::new(store.clone(), small_parts(), "j", None);
         let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 9);
         up.prehash(&file).await;
-        // The writer seeks back and rewrites a byte of the first part (same size).
-        data[10] ^= 0xff;
-        std::fs::write(&file.abs, &data).unwrap();
-        restamp(&mut file);
-        let first = up.upload(&file).await;
-        assert!(
-            matches!(first, Err(UploadError::Changed { .. })),
-            "{first:?}"
-        );
-        let again = up.upload(&file).await.unwrap();
-        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+        let again = rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
         // The old content is in the store already: a stale head start must not pass as it.
         let old = data.clone();
         up.prehash(&file).await;
@@ -811,17 +801,28 @@ mod tests {
             parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
         };
         write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
-        // The job rewrites a byte of part 0 after it was hashed ahead.
+        // The journaled part is checked, not taken on trust.
+        rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
+    }
+
+    /// The job seeks back and rewrites a byte of the first part (same size) after it was
+    /// hashed ahead: that upload fails "changed", and the next one stores the new content.
+    async fn rewrite_is_caught_then_stored(
+        up: &Uploader,
+        file: &mut LocalFile,
+        data: &mut [u8],
+    ) -> Uploaded {
         data[10] ^= 0xff;
-        std::fs::write(&file.abs, &data).unwrap();
-        restamp(&mut file);
-        let first = up.upload(&file).await;
+        std::fs::write(&file.abs, &*data).unwrap();
+        restamp(file);
+        let first = up.upload(file).await;
         assert!(
             matches!(first, Err(UploadError::Changed { .. })),
-            "the journaled part is checked, not taken on trust: {first:?}"
+            "{first:?}"
         );
-        let again = up.upload(&file).await.unwrap();
-        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+        let again = up.upload(file).await.unwrap();
+        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(data));
+        again
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -912,15 +913,11 @@ mod tests {
         assert!(!journal.join(format!("{sha}.json")).exists());
     }
 
-    #[tokio::test]
-    async fn a_journal_for_other_content_or_parts_is_not_resumed() {
-        async fn resumes(up: &Uploader, at: &Path, sha: &str, record: &MultipartRecord) -> bool {
-            write_atomic(at, &record.to_json()).unwrap();
-            up.open_journal(sha, 3 * MIB, MIB).await.unwrap().resumed
-        }
-        let dir = tempfile::tempdir().unwrap();
+    /// An in-memory store, an uploader journaling into `<dir>/journal`, and a multipart
+    /// upload of one blob started there, as a crashed agent leaves it (not yet journaled).
+    async fn journaling(dir: &Path) -> (BlobStore, PathBuf, Uploader, MultipartRecord) {
         let store = BlobStore::in_memory();
-        let journal = dir.path().join("journal");
+        let journal = dir.join("journal");
         let up = Uploader::new(
             store.clone(),
             UploadOptions::default(),
@@ -928,13 +925,30 @@ mod tests {
             Some(journal.clone()),
         );
         let sha = "ab".repeat(32);
-        let id = store.create_multipart(&sha).await.unwrap();
-        let sound = MultipartRecord {
-            sha256: sha.clone(),
-            upload_id: id,
-            size: 3 * MIB,
+        let upload_id = store.create_multipart(&sha).await.unwrap();
+        let record = MultipartRecord {
+            sha256: sha,
+            upload_id,
+            size: 1,
             part_size: MIB,
+            parts: Default::default(),
+        };
+        (store, journal, up, record)
+    }
+
+    #[tokio::test]
+    async fn a_journal_for_other_content_or_parts_is_not_resumed() {
+        async fn resumes(up: &Uploader, at: &Path, sha: &str, record: &MultipartRecord) -> bool {
+            write_atomic(at, &record.to_json()).unwrap();
+            up.open_journal(sha, 3 * MIB, MIB).await.unwrap().resumed
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (_, journal, up, started) = journaling(dir.path()).await;
+        let sha = started.sha256.clone();
+        let sound = MultipartRecord {
+            size: 3 * MIB,
             parts: [(0, "p0".to_string()), (2, "p2".to_string())].into(),
+            ..started
         };
         let at = journal.join(format!("{sha}.json"));
         assert!(
@@ -965,23 +979,8 @@ mod tests {
     #[tokio::test]
     async fn orphaned_uploads_are_aborted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::in_memory();
-        let journal = dir.path().join("journal");
-        let up = Uploader::new(
-            store.clone(),
-            UploadOptions::default(),
-            "j",
-            Some(journal.clone()),
-        );
-        let sha = "ab".repeat(32);
-        let id = store.create_multipart(&sha).await.unwrap();
-        let record = MultipartRecord {
-            sha256: sha.clone(),
-            upload_id: id.clone(),
-            size: 1,
-            part_size: MIB,
-            parts: Default::default(),
-        };
+        let (store, journal, up, record) = journaling(dir.path()).await;
+        let (sha, id) = (record.sha256.clone(), record.upload_id.clone());
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
         assert_eq!(up.abort_orphans().await, 1);
         assert!(std::fs::read_dir(&journal).unwrap().next().is_none());
