@@ -34,15 +34,15 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def ensure_tools(build):
+def ensure_tools(build, peers):
     if build:
         sh("cargo", "build", "--release", "-q", "-p", "c3-agent", cwd=ROOT)
         sh("cargo", "build", "--release", "-q", "--manifest-path", os.path.join(ROOT, "bench/s3sink/Cargo.toml"),
            env={**os.environ, "CARGO_TARGET_DIR": TARGET})
-    if not shutil.which("rclone"):
+    if "rclone" in peers and not shutil.which("rclone"):
         sh("apt-get", "update", "-q")
         sh("apt-get", "install", "-y", "-q", "rclone")
-    if not shutil.which("aws"):
+    if "aws-cli" in peers and not shutil.which("aws"):
         sh(sys.executable, "-m", "pip", "install", "-q", "awscli")
 
 
@@ -210,9 +210,9 @@ def main():
     ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS-vs-file-size check")
     args = ap.parse_args()
     if args.rss_only:
-        ensure_tools(not args.no_build)
+        ensure_tools(not args.no_build, args.peers.split(","))
         return rss_vs_size()
-    ensure_tools(not args.no_build)
+    ensure_tools(not args.no_build, args.peers.split(","))
     tmp = tempfile.mkdtemp(prefix="c3-bench-data-", dir=os.environ.get("BENCH_TMP", "/var/tmp"))
     servers = {}
     rows = []
