@@ -401,7 +401,15 @@ struct Inner {
     /// The leader's start (clock ticks after boot), to tell its kernel-log lines from those
     /// of an earlier process with the same pid.
     leader_start_ticks: u64,
+    /// Every process of the job seen by the reaper's once-a-second look (pid -> start
+    /// ticks), at most [`MAX_SEEN`]: where no cgroup counts OOM kills, the kernel log is
+    /// searched for these, so a shell leader's OOM-killed child is found too.
+    seen: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
 }
+
+/// Processes of one job remembered for the OOM search; a job that forks more is searched
+/// for the first ones (the long-lived ones that hold memory come first).
+const MAX_SEEN: usize = 4096;
 
 impl JobProcesses {
     pub fn new(leader: i32, cgroup: Option<Cgroup>) -> Self {
@@ -427,6 +435,7 @@ impl JobProcesses {
                 agent: std::process::id() as i32,
                 facts: std::sync::Mutex::new(None),
                 leader_start_ticks: procfs::stat(leader).map_or(0, |s| s.start_ticks),
+                seen: Default::default(),
             }),
         }
     }
@@ -542,7 +551,19 @@ impl JobProcesses {
     /// agent's own: tokio waits for those).
     pub fn reap(&self) {
         let helpers = own_helpers();
-        for (pid, s) in procfs::all() {
+        let procs = procfs::all();
+        if let Scope::Launched = self.inner.scope {
+            let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for pid in procfs::descendants(self.inner.agent, &procs) {
+                if seen.len() >= MAX_SEEN {
+                    break;
+                }
+                if let Some(s) = procs.get(&pid).filter(|_| !helpers.contains(&pid)) {
+                    seen.entry(pid).or_insert(s.start_ticks);
+                }
+            }
+        }
+        for (pid, s) in procs {
             if s.ppid == self.inner.agent
                 && s.is_zombie()
                 && pid != self.inner.leader
@@ -649,7 +670,8 @@ impl JobProcesses {
     /// The job's resource facts once it was stopped: its cgroup's, completed from
     /// `getrusage` of the agent's reaped children (the job's processes: the agent, a
     /// subreaper, starts no others). Where no `memory.events` counts OOM kills, one is
-    /// looked for in the kernel log when the leader died of SIGKILL (`leader_sigkilled`).
+    /// looked for in the kernel log when the leader died of SIGKILL or exited 137
+    /// (`leader_sigkilled`): of the leader, or of any process of the job the reaper saw.
     pub fn facts(&self, leader_sigkilled: bool) -> c3_proto::JobFacts {
         use nix::sys::resource::{getrusage, UsageWho};
         let (mut facts, oom_counted) = self
@@ -670,8 +692,21 @@ impl JobProcesses {
                 .or(Some(usage.max_rss() as u64 * 1024));
         }
         if !oom_counted && leader_sigkilled {
-            let since_us = procfs::start_micros(self.inner.leader_start_ticks);
-            if crate::kernlog::oom_killed(self.inner.leader, since_us) {
+            let mut processes: std::collections::BTreeMap<i32, u64> = self
+                .inner
+                .seen
+                .lock()
+                .map(|seen| {
+                    seen.iter()
+                        .map(|(&pid, &ticks)| (pid, procfs::start_micros(ticks)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            processes.insert(
+                self.inner.leader,
+                procfs::start_micros(self.inner.leader_start_ticks),
+            );
+            if crate::kernlog::oom_killed(&processes) {
                 facts.oom_kills = 1;
             }
         }

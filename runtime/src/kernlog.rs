@@ -1,16 +1,21 @@
 //! The kernel's log (`/dev/kmsg`), read for one fact: did the OOM killer kill this process?
 //! Used only where the job has no cgroup whose `memory.events` would say so.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Records read at most: the ring buffer holds a few thousand; a flood must not stall us.
 const MAX_RECORDS: usize = 100_000;
 
-/// Whether the kernel log says the OOM killer killed `pid` at or after `since_us`
-/// (microseconds after boot, the log's own clock), so a pid reused since does not count.
-/// False when the log cannot be read (no privilege, `ProtectKernelLogs=`).
-pub fn oom_killed(pid: i32, since_us: u64) -> bool {
+/// Whether the kernel log says the OOM killer killed one of `processes` (pid -> the
+/// microseconds after boot when it started, the log's own clock) after it started, so a pid
+/// reused since does not count. False when the log cannot be read (no privilege,
+/// `ProtectKernelLogs=`).
+pub fn oom_killed(processes: &BTreeMap<i32, u64>) -> bool {
+    if processes.is_empty() {
+        return false;
+    }
     let Ok(mut kmsg) = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -28,7 +33,7 @@ pub fn oom_killed(pid: i32, since_us: u64) -> bool {
             Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
             Err(_) => return false,
         };
-        if record_says_oom(&buf[..n], pid, since_us) {
+        if record_says_oom(&buf[..n], processes) {
             return true;
         }
     }
@@ -37,7 +42,7 @@ pub fn oom_killed(pid: i32, since_us: u64) -> bool {
 
 /// `prio,seq,usec,flags;message`: "Out of memory: Killed process 123 (python3) ..." and
 /// "Memory cgroup out of memory: Killed process 123 (python3) ...".
-fn record_says_oom(record: &[u8], pid: i32, since_us: u64) -> bool {
+fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, u64>) -> bool {
     let text = String::from_utf8_lossy(record);
     let Some((head, message)) = text.split_once(';') else {
         return false;
@@ -47,7 +52,13 @@ fn record_says_oom(record: &[u8], pid: i32, since_us: u64) -> bool {
         .nth(2)
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    usec >= since_us && message.contains(&format!("Killed process {pid} ("))
+    let killed = message
+        .split_once("Killed process ")
+        .and_then(|(_, rest)| rest.split_once(" ("))
+        .and_then(|(pid, _)| pid.parse::<i32>().ok());
+    killed
+        .and_then(|pid| processes.get(&pid))
+        .is_some_and(|&since_us| usec >= since_us)
 }
 
 #[cfg(test)]
@@ -55,14 +66,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_oom_record_of_this_pid_only_after_its_start() {
+    fn finds_the_oom_record_of_a_process_of_the_job_only_after_its_start() {
         let rec = b"3,1234,5000000,-;Memory cgroup out of memory: Killed process 4242 (python3) total-vm:1kB\n";
-        assert!(record_says_oom(rec, 4242, 4_000_000));
+        let job = |pid, since| BTreeMap::from([(1, 0), (pid, since)]);
+        assert!(record_says_oom(rec, &job(4242, 4_000_000)));
         assert!(
-            !record_says_oom(rec, 4242, 6_000_000),
+            !record_says_oom(rec, &job(4242, 6_000_000)),
             "an earlier process with that pid"
         );
-        assert!(!record_says_oom(rec, 424, 0), "pid 424 is not 4242");
-        assert!(!record_says_oom(b"6,1,5,-;eth0: link up", 1, 0));
+        assert!(!record_says_oom(rec, &job(424, 0)), "pid 424 is not 4242");
+        assert!(!record_says_oom(b"6,1,5,-;eth0: link up", &job(1, 0)));
     }
 }

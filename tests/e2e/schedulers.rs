@@ -257,6 +257,36 @@ fn a_job_the_oom_killer_ended_is_out_of_memory() {
         .contains(&"artifacts/before".to_string()));
 }
 
+/// The usual launcher: a shell that runs the trainer as its child (no `exec`), and exits 137
+/// when the OOM killer killed that child. The leader itself was never killed.
+#[test]
+fn a_shell_whose_child_the_oom_killer_ended_is_out_of_memory() {
+    let name = format!("c3-e2e-oom-child-{}", std::process::id());
+    let Some(cg) = MemoryCgroup::create(&name, "40M") else {
+        eprintln!("skipped: no writable v1 memory cgroup here");
+        return;
+    };
+    let h = Harness::file().with_control_plane(10);
+    // The child lives past the agent's once-a-second look before it grows.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; \
+         python3 -c 'import time; time.sleep(2.5); a = bytearray(400 << 20)'; exit $?",
+        cg.0.display()
+    );
+    let run = h.run_job(json!({"job_id": "oomchild", "command": ["sh", "-c", script]}));
+    run.assert_code(1);
+    let t = h.terminal("oomchild");
+    assert_eq!(
+        (
+            t["state"].as_str(),
+            t["reason"].as_str(),
+            t["exit_code"].as_i64()
+        ),
+        (Some("FAILED"), Some("OUT_OF_MEMORY"), Some(137)),
+        "{t}"
+    );
+}
+
 #[test]
 fn a_script_killed_by_sigkill_without_oom_is_a_script_error() {
     let h = Harness::file();
