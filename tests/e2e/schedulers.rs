@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{signal, wait_for, Harness, Store};
+use crate::support::{signal, wait_for, Harness, Run, Store};
 
 fn states(h: &Harness) -> Vec<String> {
     h.cp()
@@ -229,20 +229,29 @@ impl Drop for MemoryCgroup {
     }
 }
 
-#[test]
-fn a_job_the_oom_killer_ended_is_out_of_memory() {
-    let name = format!("c3-e2e-oom-{}", std::process::id());
+/// Runs the job `job`, whose `sh -c script` finds a 40 MB v1 memory cgroup in `$CG` to move
+/// into (so the kernel's OOM killer really kills it), with a control plane; None where
+/// this machine has no writable v1 memory cgroup.
+fn run_in_memory_cgroup(job: &str, script: &str) -> Option<(Harness, Run)> {
+    let name = format!("c3-e2e-{job}-{}", std::process::id());
     let Some(cg) = MemoryCgroup::create(&name, "40M") else {
         eprintln!("skipped: no writable v1 memory cgroup here");
-        return;
+        return None;
     };
     let h = Harness::file().with_control_plane(10);
-    let script = format!(
-        "echo x > $C3_ARTIFACTS_DIR/before; echo $$ > {}/cgroup.procs; \
-         exec python3 -c 'a = bytearray(400 << 20); print(len(a))'",
-        cg.0.display()
-    );
-    let run = h.run_job(json!({"job_id": "oom", "command": ["sh", "-c", script]}));
+    let script = format!("CG={}; {script}", cg.0.display());
+    let run = h.run_job(json!({"job_id": job, "command": ["sh", "-c", script]}));
+    drop(cg);
+    Some((h, run))
+}
+
+#[test]
+fn a_job_the_oom_killer_ended_is_out_of_memory() {
+    let script = "echo x > $C3_ARTIFACTS_DIR/before; echo $$ > $CG/cgroup.procs; \
+                  exec python3 -c 'a = bytearray(400 << 20); print(len(a))'";
+    let Some((h, run)) = run_in_memory_cgroup("oom", script) else {
+        return;
+    };
     run.assert_code(1);
     let t = h.terminal("oom");
     assert_eq!(
@@ -261,19 +270,12 @@ fn a_job_the_oom_killer_ended_is_out_of_memory() {
 /// when the OOM killer killed that child. The leader itself was never killed.
 #[test]
 fn a_shell_whose_child_the_oom_killer_ended_is_out_of_memory() {
-    let name = format!("c3-e2e-oom-child-{}", std::process::id());
-    let Some(cg) = MemoryCgroup::create(&name, "40M") else {
-        eprintln!("skipped: no writable v1 memory cgroup here");
+    // The child lives past the agent's once-a-second look before it grows.
+    let script = "echo $$ > $CG/cgroup.procs; \
+                  python3 -c 'import time; time.sleep(2.5); a = bytearray(400 << 20)'; exit $?";
+    let Some((h, run)) = run_in_memory_cgroup("oomchild", script) else {
         return;
     };
-    let h = Harness::file().with_control_plane(10);
-    // The child lives past the agent's once-a-second look before it grows.
-    let script = format!(
-        "echo $$ > {}/cgroup.procs; \
-         python3 -c 'import time; time.sleep(2.5); a = bytearray(400 << 20)'; exit $?",
-        cg.0.display()
-    );
-    let run = h.run_job(json!({"job_id": "oomchild", "command": ["sh", "-c", script]}));
     run.assert_code(1);
     let t = h.terminal("oomchild");
     assert_eq!(
