@@ -75,30 +75,29 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
         Some(Err(_)) => serde_json::Value::Null,
     };
     let blob_text = match &blobs {
-        None => "store: not a file store (use the bucket's lifecycle rules); no blobs deleted".to_string(),
-        Some(Ok(r)) => format!(
-            "store: {} manifests, {} blobs, {} {} ({} bytes), {} unreferenced but younger than the grace period{}",
-            r.manifests,
-            r.blobs,
-            r.deleted,
-            if r.dry_run { "would be deleted" } else { "deleted" },
-            r.bytes_freed,
-            r.kept_young,
-            if r.missing > 0 {
-                format!("; {} blobs that manifests list are MISSING", r.missing)
+        None => "store: not a file store (use the bucket's lifecycle rules); no blobs deleted"
+            .to_string(),
+        Some(Ok(r)) => {
+            let deleted = if r.dry_run {
+                "would be deleted"
             } else {
-                String::new()
+                "deleted"
+            };
+            let mut text = format!(
+                "store: {} manifests, {} blobs, {} {deleted} ({} bytes), {} unreferenced but younger than the grace period",
+                r.manifests, r.blobs, r.deleted, r.bytes_freed, r.kept_young,
+            );
+            if r.missing > 0 {
+                text += &format!("; {} blobs that manifests list are MISSING", r.missing);
             }
-        ) + &if r.staging_deleted > 0 {
-            format!(
-                "; {} staging files a crash left {} ({} bytes)",
-                r.staging_deleted,
-                if r.dry_run { "would be deleted" } else { "deleted" },
-                r.staging_bytes
-            )
-        } else {
-            String::new()
-        },
+            if r.staging_deleted > 0 {
+                text += &format!(
+                    "; {} staging files a crash left {deleted} ({} bytes)",
+                    r.staging_deleted, r.staging_bytes
+                );
+            }
+            text
+        }
         Some(Err(e)) => {
             code = ExitCode::FAILURE;
             out::error(&format!("gc: {}", c3_runtime::error_chain(e)));
