@@ -139,9 +139,11 @@ fn a_fork_hopping_process_does_not_outlive_its_job() {
     std::fs::write(&beat, "").unwrap();
     crate::support::chmod(&beat, 0o666);
     let hopper = format!(
-        "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.setsid()\nend = time.time() + 60\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n    open('{}', 'w').write(str(time.time()))\n    time.sleep(0.01)\n",
+        "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nos.setsid()\nend = time.time() + 60\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n    with open('{}', 'r+') as f: f.write('%20.6f' % time.time())\n    time.sleep(0.01)\n",
         beat.display()
     );
+    // The beat is overwritten in place at a fixed width, never truncated first: a hopper
+    // killed between a truncate and its write would leave the file empty, as if it never ran.
     // Exit only once the hopper is hopping (a loaded machine may start python3 late).
     let script = format!(
         "/usr/bin/python3 -c \"$HOPPER\" & for i in $(seq 200); do [ -s '{}' ] && break; sleep 0.05; done; sleep 0.3; exit 0",
