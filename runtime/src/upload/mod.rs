@@ -472,14 +472,9 @@ impl Uploader {
             }
             map.get(&key).cloned()
         };
-        let mut state = ahead.unwrap_or(multipart::Prehashed {
-            part_size,
-            hashed: 0,
-            hasher: crate::digest::DualHasher::new(),
-            part_crcs: Vec::new(),
-        });
-        let target = (stamp.size / part_size * part_size).min(state.hashed + PREHASH_STEP);
-        if target <= state.hashed {
+        let mut state = ahead.unwrap_or_else(|| multipart::PartHasher::new(part_size));
+        let target = (stamp.size / part_size * part_size).min(state.hashed() + PREHASH_STEP);
+        if target <= state.hashed() {
             return;
         }
         let Ok(opened) = self.open(&file.abs, stamp) else {
@@ -489,9 +484,8 @@ impl Uploader {
         let shown = path.clone();
         let done = blocking(&path, move || {
             let mut buf = vec![0u8; HASH_BUF];
-            let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-            let mut at = state.hashed;
-            while at < target {
+            while state.hashed() < target {
+                let at = state.hashed();
                 let want = (target - at).min(HASH_BUF as u64) as usize;
                 let n = std::os::unix::fs::FileExt::read_at(&opened, &mut buf[..want], at)
                     .map_err(|source| UploadError::Read {
@@ -501,14 +495,11 @@ impl Uploader {
                 if n == 0 {
                     break;
                 }
-                state.hasher.update(&buf[..n]);
-                part.update(&buf[..n]);
-                at += n as u64;
-                if at % part_size == 0 {
-                    state.part_crcs.push(part.finalize());
-                    part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-                    state.hashed = at;
-                }
+                state.update(&buf[..n]);
+            }
+            // Shorter than it was (truncated as it was read): nothing worth keeping.
+            if !state.whole_parts() {
+                return Err(UploadError::Changed { path: shown });
             }
             Ok(state)
         })
@@ -525,7 +516,7 @@ impl Uploader {
         let ahead = map.remove(&(stamp.dev, stamp.ino));
         if let Some(a) = &ahead {
             tracing::debug!(
-                hashed_ahead = a.hashed,
+                hashed_ahead = a.hashed(),
                 size = stamp.size,
                 "hashed while written: only the tail is left"
             );
@@ -725,7 +716,14 @@ mod tests {
         // Two and a half parts written so far: two whole parts are hashed ahead.
         let (mut file, mut data) = file_of(dir.path(), "ckpt", 5 * MIB as usize / 2, 7);
         up.prehash(&file).await;
-        let ahead = up.prehashed.lock().unwrap().values().next().unwrap().hashed;
+        let ahead = up
+            .prehashed
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .hashed();
         assert_eq!(ahead, 2 * MIB, "whole parts only");
         // The writer goes on, then closes the file.
         let more: Vec<u8> = (0..MIB as usize + 123).map(|i| (i % 251) as u8).collect();
@@ -1093,5 +1091,32 @@ mod tests {
         assert_eq!(d, crate::digest::digest_bytes(&data));
         let expected: Vec<u64> = data.chunks((MIB + 5) as usize).map(crc).collect();
         assert_eq!(crcs, expected);
+    }
+
+    #[test]
+    fn a_part_hasher_fed_in_any_pieces_gives_what_one_pass_gives() {
+        let data: Vec<u8> = (0..(2 * MIB as usize + 77))
+            .map(|i| (i * 13 % 241) as u8)
+            .collect();
+        let part = 300_007u64;
+        let mut whole = super::multipart::PartHasher::new(part);
+        whole.update(&data);
+        // Odd splits: across pieces, across part boundaries, one byte.
+        let mut split = super::multipart::PartHasher::new(part);
+        let mut at = 0;
+        for len in [1usize, 131_071, 300_006, 2, 700_000].into_iter().cycle() {
+            let end = (at + len).min(data.len());
+            split.update(&data[at..end]);
+            at = end;
+            if at == data.len() {
+                break;
+            }
+        }
+        let expected: Vec<u64> = data.chunks(part as usize).map(crc).collect();
+        assert_eq!(split.clone().finish(), whole.finish());
+        assert_eq!(
+            split.finish(),
+            (crate::digest::digest_bytes(&data), expected)
+        );
     }
 }

@@ -15,7 +15,7 @@ use super::{
     blocking, ensure_unchanged, fill, part_size_for, store_err, UploadError, Uploader, HASH_BUF,
 };
 use crate::collect::FileStamp;
-use crate::digest::{Digests, DualHasher};
+use crate::digest::{Digests, DualHasher, PIECE};
 use crate::statedir::write_replace;
 use crate::store::StoreError;
 
@@ -62,6 +62,7 @@ impl MultipartJournal {
 }
 
 /// Reads the part at `offset` into `buf` (its length) and checks it is what pass 1 hashed.
+/// Read and CRC'd a piece at a time, so the CRC finds each piece still in this core's cache.
 fn read_part(
     file: &std::fs::File,
     buf: &mut [u8],
@@ -69,86 +70,124 @@ fn read_part(
     expected_crc: u64,
     path: &Path,
 ) -> Result<(), UploadError> {
-    file.read_exact_at(buf, offset)
-        .map_err(|source| UploadError::Read {
-            path: path.into(),
-            source,
-        })?;
-    if crc(buf) != expected_crc {
+    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let mut at = offset;
+    for piece in buf.chunks_mut(PIECE) {
+        file.read_exact_at(piece, at)
+            .map_err(|source| UploadError::Read {
+                path: path.into(),
+                source,
+            })?;
+        part.update(piece);
+        at += piece.len() as u64;
+    }
+    if part.finalize() != expected_crc {
         return Err(UploadError::Changed { path: path.into() });
     }
     Ok(())
 }
 
+#[cfg(test)]
 pub(super) fn crc(bytes: &[u8]) -> u64 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
 }
 
-/// Pass 1 of a large file, done ahead while the job still writes it: the digests' state and
-/// the CRCs of the whole parts hashed so far. The final pass 1 goes on from `hashed`; pass 2
-/// still checks every part's CRC against these, so a region rewritten after it was hashed
-/// fails that upload ("changed") and the file is hashed again from its start.
+/// Pass 1 of a large file: both digests and a CRC per part. Also the state kept for a file
+/// hashed ahead while the job still writes it ([`Prehashed`]): the final pass 1 goes on from
+/// there, and pass 2 still checks every part's CRC against these, so a region rewritten after
+/// it was hashed fails that upload ("changed") and the file is hashed again from its start.
 #[derive(Clone)]
-pub(super) struct Prehashed {
+pub(super) struct PartHasher {
     pub part_size: u64,
-    /// Bytes hashed: whole parts only.
-    pub hashed: u64,
-    pub hasher: DualHasher,
+    hasher: DualHasher,
+    /// The CRCs of the whole parts hashed so far.
     pub part_crcs: Vec<u64>,
+    part: crc_fast::Digest,
+    in_part: u64,
 }
 
-impl std::fmt::Debug for Prehashed {
+/// A [`PartHasher`] stopped at a part boundary.
+pub(super) type Prehashed = PartHasher;
+
+impl std::fmt::Debug for PartHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prehashed")
+        f.debug_struct("PartHasher")
             .field("part_size", &self.part_size)
-            .field("hashed", &self.hashed)
+            .field("hashed", &self.hashed())
             .finish_non_exhaustive()
     }
 }
 
-/// Pass 1 of a large file: both digests and a CRC per part (from `from`, a prefix hashed
-/// ahead, if any; `file` then reads on where it stopped).
+impl PartHasher {
+    pub fn new(part_size: u64) -> Self {
+        Self {
+            part_size: part_size.max(1),
+            hasher: DualHasher::new(),
+            part_crcs: Vec::new(),
+            part: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme),
+            in_part: 0,
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn hashed(&self) -> u64 {
+        self.hasher.size()
+    }
+
+    /// Whether it stands at a part boundary (what a hash-ahead may keep).
+    pub fn whole_parts(&self) -> bool {
+        self.in_part == 0
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for piece in bytes.chunks(PIECE) {
+            self.hasher.update(piece);
+            // A part boundary may fall inside this piece.
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let take = rest.len().min((self.part_size - self.in_part) as usize);
+                self.part.update(&rest[..take]);
+                self.in_part += take as u64;
+                rest = &rest[take..];
+                if self.in_part == self.part_size {
+                    self.part_crcs.push(self.part.finalize());
+                    self.part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+                    self.in_part = 0;
+                }
+            }
+        }
+    }
+
+    /// The digests and every part's CRC (the last part may be short).
+    pub fn finish(mut self) -> (Digests, Vec<u64>) {
+        if self.in_part > 0 {
+            self.part_crcs.push(self.part.finalize());
+        }
+        (self.hasher.finish(), self.part_crcs)
+    }
+}
+
+/// Pass 1 of a large file, from `from` (a prefix hashed ahead, if any; `file` then reads on
+/// where it stopped).
 pub(super) fn hash_file(
     path: &Path,
     mut file: impl Read,
     part_size: u64,
     from: Option<Prehashed>,
 ) -> Result<(Digests, Vec<u64>), UploadError> {
-    let read_err = |source| UploadError::Read {
-        path: path.into(),
-        source,
-    };
-    let (mut hasher, mut part_crcs) = match from {
-        Some(p) => (p.hasher, p.part_crcs),
-        None => (DualHasher::new(), Vec::new()),
-    };
-    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-    let mut in_part = 0u64;
+    let mut state = from.unwrap_or_else(|| PartHasher::new(part_size));
     let mut buf = vec![0u8; HASH_BUF];
     loop {
-        let n = fill(&mut file, &mut buf).map_err(read_err)?;
+        let n = fill(&mut file, &mut buf).map_err(|source| UploadError::Read {
+            path: path.into(),
+            source,
+        })?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
-        // A part boundary may fall inside this buffer.
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let take = rest.len().min((part_size - in_part) as usize);
-            part.update(&rest[..take]);
-            in_part += take as u64;
-            rest = &rest[take..];
-            if in_part == part_size {
-                part_crcs.push(part.finalize());
-                part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-                in_part = 0;
-            }
-        }
+        state.update(&buf[..n]);
     }
-    if in_part > 0 {
-        part_crcs.push(part.finalize());
-    }
-    Ok((hasher.finish(), part_crcs))
+    Ok(state.finish())
 }
 
 impl Uploader {
@@ -163,10 +202,10 @@ impl Uploader {
         // What was hashed while the job wrote it: only the tail is left to read.
         let ahead = self
             .take_prehashed(before)
-            .filter(|a| a.part_size == part_size && a.hashed <= before.size);
+            .filter(|a| a.part_size == part_size && a.hashed() <= before.size);
         let ahead_parts = ahead.as_ref().map_or(0, |a| a.part_crcs.len());
         let (digests, part_crcs) = blocking(path, move || {
-            let start = ahead.as_ref().map_or(0, |a| a.hashed);
+            let start = ahead.as_ref().map_or(0, |a| a.hashed());
             std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(|source| {
                 UploadError::Read {
                     path: p.clone(),
