@@ -91,6 +91,7 @@ struct SyncSection {
     event_queue: Option<usize>,
     manifest_interval_ms: Option<u64>,
     max_watches: Option<usize>,
+    live_cpus: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +188,7 @@ const KNOWN_VARS: &[&str] = &[
     "C3_AGENT_GIVE_UP_SECS",
     "C3_AGENT_JOBS_ROOT",
     "C3_AGENT_KILL_GRACE_SECS",
+    "C3_AGENT_LIVE_CPUS",
     "C3_AGENT_LOG",
     "C3_AGENT_LOG_FORMAT",
     "C3_AGENT_PRIVATE_FILES",
@@ -373,6 +375,9 @@ pub fn resolve(
     if let Some(v) = env("C3_AGENT_LOG_FORMAT") {
         file.log_format = Some(v);
     }
+    if let Some(v) = env("C3_AGENT_LIVE_CPUS") {
+        file.sync.live_cpus = Some(v);
+    }
     if let Some(v) = env("C3_AGENT_SYNC_MODE") {
         file.sync.mode = Some(v);
     }
@@ -514,6 +519,7 @@ pub fn resolve(
     if file.sync.event_queue == Some(0) || file.sync.poll_ms == Some(0) {
         problems.push("`sync.event_queue` and `sync.poll_ms` must be at least 1".into());
     }
+    let live_cpus = live_cpus(file.sync.live_cpus.as_deref(), &mut problems);
     let live = file.sync.live.unwrap_or(true).then(|| LiveOptions {
         settle: Duration::from_millis(file.sync.settle_ms.unwrap_or(1000)),
         mode,
@@ -521,6 +527,7 @@ pub fn resolve(
         event_queue: file.sync.event_queue.unwrap_or(4096),
         manifest_interval: Duration::from_millis(file.sync.manifest_interval_ms.unwrap_or(3000)),
         max_watches: file.sync.max_watches.unwrap_or(8192),
+        cpus: live_cpus,
     });
     if let Some(v) = env("C3_AGENT_FORWARD_SIGNALS") {
         file.job.forward_signals = Some(
@@ -596,6 +603,29 @@ pub fn resolve(
         ),
         gc_grace: Duration::from_secs(file.gc.grace_hours.unwrap_or(24).saturating_mul(3600)),
     })
+}
+
+/// `sync.live_cpus`: a CPU list this agent may run on (empty or absent: no pinning).
+fn live_cpus(list: Option<&str>, problems: &mut Vec<String>) -> Vec<usize> {
+    let Some(list) = list.map(str::trim).filter(|l| !l.is_empty()) else {
+        return Vec::new();
+    };
+    let cpus = match c3_runtime::pace::parse_cpu_list(list) {
+        Ok(cpus) => cpus,
+        Err(e) => {
+            problems.push(format!("`sync.live_cpus`: {e}"));
+            return Vec::new();
+        }
+    };
+    let allowed = c3_runtime::pace::allowed_cpus();
+    if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+        problems.push(format!(
+            "`sync.live_cpus`: CPU {c} is not one this agent may run on (it may use {})",
+            c3_runtime::pace::cpu_list(&allowed)
+        ));
+        return Vec::new();
+    }
+    cpus
 }
 
 /// `USR1`, `SIGUSR1` or `10` -> 10. SIGTERM and SIGINT are the agent's own (stop), SIGKILL
@@ -842,6 +872,40 @@ mod tests {
         assert!(
             unknown.contains("line 3") && unknown.contains("bucket"),
             "{unknown}"
+        );
+    }
+
+    #[test]
+    fn live_cpus_must_be_a_cpu_list_this_agent_may_use() {
+        let first = c3_runtime::pace::allowed_cpus()[0];
+        let ok = resolve(
+            None,
+            &format!("[sync]\nlive_cpus = \"{first}\"\n"),
+            &env_of(&[]),
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        assert_eq!(ok.live.unwrap().cpus, vec![first]);
+        let from_env = resolve(
+            None,
+            "",
+            &env_of(&[("C3_AGENT_LIVE_CPUS", "x-1")]),
+            "/s".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(from_env.contains("`sync.live_cpus`: `x-1`"), "{from_env}");
+        let absent = resolve(
+            None,
+            "[sync]\nlive_cpus = \"1000\"\n",
+            &env_of(&[]),
+            "/s".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            absent.contains("`sync.live_cpus`: CPU 1000 is not one this agent may run on"),
+            "{absent}"
         );
     }
 }

@@ -44,6 +44,9 @@ pub struct LiveOptions {
     pub manifest_interval: Duration,
     /// Directories watched at most; past that, the output dirs are polled.
     pub max_watches: usize,
+    /// `sync.live_cpus`: the CPUs the agent's reading and hashing run on while the job runs
+    /// (empty: wherever the kernel puts them).
+    pub cpus: Vec<usize>,
 }
 
 /// The live phase: starts from the collector's book, ends at `JobEnded`.

@@ -1,10 +1,90 @@
 //! While a job runs it owns the host: the agent's background work (reading and hashing
 //! files, scanning the output dirs, reading `/proc` for open files and orphans) runs at the
-//! lowest CPU priority then, and at the normal one for the final sync.
+//! lowest CPU priority then, on the operator's housekeeping CPUs if `sync.live_cpus` names
+//! some, and at the normal priority on every CPU for the final sync.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 static GENTLE: AtomicBool = AtomicBool::new(false);
+/// `sync.live_cpus`: where gentle work runs (None: wherever the kernel puts it).
+static LIVE_CPUS: Mutex<Option<libc::cpu_set_t>> = Mutex::new(None);
+
+/// CPU numbers from a Linux CPU list (`0-3,8,10-11`, as in `/sys/devices/system/cpu/online`
+/// and `taskset -c`). The error says what is wrong, for a config line.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let (lo, hi) = item.split_once('-').unwrap_or((item, item));
+        let num = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n < libc::CPU_SETSIZE as usize)
+                .ok_or_else(|| format!("`{item}` is not a CPU number or range (as in `0-3,8`)"))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo > hi {
+            return Err(format!("`{item}` is an empty range"));
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// `[0, 1, 2, 5]` -> `0-2,5`.
+pub fn cpu_list(cpus: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &c in cpus {
+        match runs.last_mut() {
+            Some((_, hi)) if *hi + 1 == c => *hi = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    let items: Vec<String> = runs
+        .into_iter()
+        .map(|(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    items.join(",")
+}
+
+/// The CPUs this process may run on now (its affinity, the cgroup's cpuset included).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the size passed is its own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Gentle work runs on `cpus` (empty: wherever the kernel puts it). The job and the final
+/// sync are not affected: a thread is pinned only for the length of one [`gently`] call.
+pub fn set_live_cpus(cpus: &[usize]) {
+    let set = (!cpus.is_empty()).then(|| {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds were checked at parse.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            set
+        }
+    });
+    *LIVE_CPUS.lock().unwrap_or_else(|p| p.into_inner()) = set;
+}
 
 /// Live sync (true) or the final sync (false).
 pub fn set_gentle(gentle: bool) {
@@ -20,6 +100,32 @@ pub fn gently<T>(f: impl FnOnce() -> T) -> T {
     if !GENTLE.load(Ordering::Relaxed) {
         return f();
     }
+    let pinned = *LIVE_CPUS.lock().unwrap_or_else(|p| p.into_inner());
+    match pinned {
+        Some(cpus) => on_cpus(&cpus, || idle_class(f)),
+        None => idle_class(f),
+    }
+}
+
+/// Runs `f` with this thread's affinity set to `cpus`, and puts the thread's own back after.
+fn on_cpus<T>(cpus: &libc::cpu_set_t, f: impl FnOnce() -> T) -> T {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: affinity calls on this thread (0) with valid sets of their own size.
+    unsafe {
+        let mut own: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut own) != 0
+            || libc::sched_setaffinity(0, size, cpus) != 0
+        {
+            // None of them is ours any more (a cpuset changed): run where we are.
+            return f();
+        }
+        let out = f();
+        libc::sched_setaffinity(0, size, &own);
+        out
+    }
+}
+
+fn idle_class<T>(f: impl FnOnce() -> T) -> T {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: scheduling calls on this thread (0 / its tid) with a valid param; no memory effects.
     unsafe {
@@ -39,4 +145,43 @@ pub async fn spawn_gently<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
     tokio::task::spawn_blocking(move || gently(f)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_linux_writes_them() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Ok(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list(" 5 , 2-3,3"), Ok(vec![2, 3, 5]));
+        assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        for bad in ["", "a", "3-1", "1-", "0,,1", "99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn gentle_work_runs_on_the_live_cpus_and_the_thread_gets_its_own_back() {
+        let allowed = allowed_cpus();
+        let last = *allowed.last().unwrap();
+        // On a thread of its own: the statics are process-wide, so nothing else may run gently
+        // in this test binary (no other test sets GENTLE).
+        std::thread::spawn(move || {
+            set_live_cpus(&[last]);
+            set_gentle(true);
+            let inside = gently(allowed_cpus);
+            set_gentle(false);
+            let outside = gently(allowed_cpus);
+            set_live_cpus(&[]);
+            assert_eq!(inside, vec![last]);
+            assert_eq!(outside, allowed);
+            assert_eq!(allowed_cpus(), allowed);
+        })
+        .join()
+        .unwrap();
+    }
 }

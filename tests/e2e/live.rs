@@ -81,6 +81,49 @@ fn s3_syncs_while_the_job_runs() {
     synced_while_running(Store::s3());
 }
 
+fn cpus_allowed(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .expect("Cpus_allowed_list in a status file")
+}
+
+#[test]
+fn live_cpus_pin_the_agents_work_but_never_the_job() {
+    let mine = cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let last = mine.rsplit([',', '-']).next().unwrap().to_string();
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str(&format!("live_cpus = \"{last}\"\n"));
+    let go = h.path("go");
+    let script = format!(
+        "grep Cpus_allowed_list /proc/self/status > $C3_ARTIFACTS_DIR/cpus.txt; {}",
+        wait_go(&go)
+    );
+    let spec = h.spec(json!({"job_id": "pin", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let entry = wait_synced(&h, "pin", "artifacts/cpus.txt");
+    std::fs::write(&go, "").unwrap();
+    let run = h.wait("pin".into(), child);
+    run.assert_code(0);
+    let blob = h
+        .object(&format!(
+            "blobs/sha256/{}",
+            entry["sha256"].as_str().unwrap()
+        ))
+        .unwrap();
+    assert_eq!(
+        cpus_allowed(&String::from_utf8(blob).unwrap()),
+        mine,
+        "the job keeps every CPU the agent was given"
+    );
+    assert!(
+        run.stderr.contains(&format!("live_cpus=\"{last}\"")),
+        "the launch line names the live CPUs: {}",
+        run.stderr
+    );
+}
+
 #[test]
 fn nested_dirs_made_after_start_are_synced() {
     let h = harness(Store::File);
