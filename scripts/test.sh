@@ -8,6 +8,7 @@
 #   s3s-fs 0.14.1   a real S3 server on a directory (the newest release that builds on Rust 1.95; ~140 s to install)
 #   cargo-nextest   the test runner (each test its own process, timeouts from .config/nextest.toml)
 #   python3         example jobs such as examples/train.py, the chaos benchmark
+#   btrfs-progs     mkfs.btrfs: a test runs jobs on a loop-mounted btrfs (root only; it says so when skipped)
 #   azurite 3.37.0  the Azure Storage emulator (npm; Node.js from Debian if missing)
 #   slurm           slurmctld, slurmd, slurm-client, munge (Debian packages) for the single-node Slurm test;
 #                   that test needs root (or passwordless sudo): it starts the daemons and adds a test user
@@ -101,6 +102,13 @@ if [[ $install -eq 1 ]]; then
         "${sudo[@]}" apt-get update
         "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
             slurmctld slurmd slurm-client munge
+    fi
+
+    stage "checking btrfs-progs"
+    if [[ $(id -u) -eq 0 ]] && ! PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.btrfs >/dev/null 2>&1; then
+        stage "installing btrfs-progs"
+        apt-get update
+        env DEBIAN_FRONTEND=noninteractive apt-get install -y btrfs-progs
     fi
 
     stage "checking python3"

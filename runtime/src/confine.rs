@@ -115,9 +115,10 @@ impl DirFd {
             if created {
                 // What we opened must be what we made: someone who may write the parent could
                 // have renamed another directory into the name between mkdirat and openat, and
-                // must not get it chowned to them. Ours is the agent's and empty (2 links).
+                // must not get it chowned to them. Ours is the agent's and empty (read, not
+                // judged by a link count of 2: btrfs counts 1 for every directory).
                 let st = nix::sys::stat::fstat(&next)?;
-                if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_nlink != 2 {
+                if st.st_uid != nix::unistd::geteuid().as_raw() || !is_empty_dir(&next)? {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!(
@@ -182,6 +183,19 @@ impl DirFd {
         }
         self.ensure_dir(Path::new(name), mode, owner)
     }
+}
+
+/// Whether the open directory `dir` holds nothing (its own open file description is read,
+/// so `dir`'s offset is left alone).
+fn is_empty_dir(dir: &OwnedFd) -> io::Result<bool> {
+    let mut listing = nix::dir::Dir::openat(dir, ".", DIR_FLAGS, Mode::empty())?;
+    for entry in listing.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Opens `rel` below `dir` with `flags`, refusing symlinks and escapes in every component.
@@ -383,6 +397,23 @@ mod tests {
         c3.remove_file(OsStr::new("result.json")).unwrap();
         assert!(victim.join("result.json").exists());
         assert!(root.join(".c3").symlink_metadata().unwrap().is_dir());
+    }
+
+    #[test]
+    fn a_new_directory_is_judged_by_its_listing_not_its_link_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = DirFd::open(dir.path()).unwrap();
+        assert!(is_empty_dir(&fd.0).unwrap());
+        // A subdirectory raises the link count, a file does not: both make it not new.
+        std::fs::write(dir.path().join("f"), "x").unwrap();
+        assert!(!is_empty_dir(&fd.0).unwrap());
+        // Reading the listing leaves the fd's own offset alone.
+        let again = nix::dir::Dir::from_fd(fd.0.try_clone().unwrap())
+            .unwrap()
+            .iter()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_bytes() == b"f");
+        assert!(again);
     }
 
     #[test]

@@ -148,6 +148,29 @@ pub async fn pull_into(
     force: bool,
 ) -> Result<PullSummary, PullError> {
     let root = Arc::new(root);
+    // Every directory first, one at a time: created concurrently, one download's `d/sub`
+    // could land in `d` before the download that made `d` checked it was still empty (which
+    // is how a directory swapped in is told from the one just made).
+    let mut parents = std::collections::BTreeMap::new();
+    for entry in files {
+        let (parent, _, target) = split(entry, shown)?;
+        if !parent.as_os_str().is_empty() {
+            parents.entry(parent).or_insert((entry.clone(), target));
+        }
+    }
+    let made = root.clone();
+    tokio::task::spawn_blocking(move || {
+        parents
+            .into_iter()
+            .try_for_each(|(parent, (entry, target))| {
+                make_parent(&made, &parent, owner, &entry, &target).map(drop)
+            })
+    })
+    .await
+    .map_err(|e| PullError::Write {
+        path: shown.to_path_buf(),
+        source: std::io::Error::other(e),
+    })??;
     let results = futures::stream::iter(files.iter())
         .map(|entry| fetch(store, entry, root.clone(), shown, owner, force))
         .buffer_unordered(8)
@@ -156,6 +179,49 @@ pub async fn pull_into(
     Ok(PullSummary {
         files: results.len() as u64,
         bytes: results.iter().sum(),
+    })
+}
+
+/// An entry's parent directory and name below the pull root (the exact bytes: a name that
+/// is not UTF-8 comes back as it was written), and its target path for messages.
+fn split(
+    entry: &FileEntry,
+    shown: &Path,
+) -> Result<(PathBuf, std::ffi::OsString, PathBuf), PullError> {
+    use std::os::unix::ffi::OsStrExt;
+    let raw = entry.raw_path().map_err(|_| PullError::Escapes {
+        path: entry.path.clone(),
+    })?;
+    let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&raw[..i], &raw[i + 1..]),
+        None => (&raw[..0], &raw[..]),
+    };
+    Ok((
+        PathBuf::from(std::ffi::OsStr::from_bytes(parent)),
+        std::ffi::OsStr::from_bytes(name).to_os_string(),
+        shown.join(std::ffi::OsStr::from_bytes(&raw)),
+    ))
+}
+
+/// Opens `parent` below `root`, creating what is missing (never through a symlink).
+fn make_parent(
+    root: &DirFd,
+    parent: &Path,
+    owner: Owner,
+    entry: &FileEntry,
+    target: &Path,
+) -> Result<DirFd, PullError> {
+    root.ensure_dir(parent, 0o755, owner).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::InvalidInput {
+            PullError::Escapes {
+                path: entry.path.clone(),
+            }
+        } else {
+            PullError::Write {
+                path: target.to_path_buf(),
+                source,
+            }
+        }
     })
 }
 
@@ -169,20 +235,7 @@ async fn fetch(
     owner: Owner,
     force: bool,
 ) -> Result<u64, PullError> {
-    use std::os::unix::ffi::OsStrExt;
-    // The exact bytes (a name that is not UTF-8 comes back as it was written).
-    let raw = entry.raw_path().map_err(|_| PullError::Escapes {
-        path: entry.path.clone(),
-    })?;
-    let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
-        Some(i) => (raw[..i].to_vec(), raw[i + 1..].to_vec()),
-        None => (Vec::new(), raw.clone()),
-    };
-    let (parent, name) = (
-        PathBuf::from(std::ffi::OsStr::from_bytes(&parent)),
-        std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&name)),
-    );
-    let target = shown.join(std::ffi::OsStr::from_bytes(&raw));
+    let (parent, name, target) = split(entry, shown)?;
     let result = store
         .get_blob(&entry.sha256)
         .await
@@ -203,15 +256,7 @@ async fn fetch(
             let dir = if parent.as_os_str().is_empty() {
                 root.try_clone().map_err(werr)?
             } else {
-                root.ensure_dir(&parent, 0o755, owner).map_err(|source| {
-                    if source.kind() == std::io::ErrorKind::InvalidInput {
-                        PullError::Escapes {
-                            path: entry.path.clone(),
-                        }
-                    } else {
-                        werr(source)
-                    }
-                })?
+                make_parent(&root, &parent, owner, &entry, &target)?
             };
             if let Some(same) = existing(&dir, &name, &entry, force).map_err(werr)? {
                 return if same {

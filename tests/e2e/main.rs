@@ -10,6 +10,7 @@ mod bandwidth;
 mod control_plane;
 mod dedup;
 mod faults;
+mod filesystems;
 mod input;
 mod lifecycle;
 mod live;
