@@ -106,7 +106,7 @@ impl Scan {
 /// only what that user could read itself is collected.
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan {
     let mut out = Scan::default();
-    let root = match DirFd::open(workdir) {
+    let root = match DirFd::open_root(workdir) {
         Ok(d) => Arc::new(d),
         Err(e) => {
             for dir in dirs {

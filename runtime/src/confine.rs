@@ -22,6 +22,10 @@ use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 
+/// Job roots checked once (device, inode), by path: see [`DirFd::open_root`].
+static PINNED: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, (u64, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 /// An open directory that job-controlled paths are resolved beneath.
 #[derive(Debug)]
 pub struct DirFd(OwnedFd);
@@ -46,6 +50,42 @@ impl DirFd {
     pub fn open(path: &Path) -> io::Result<DirFd> {
         let fd = nix::fcntl::open(path, DIR_FLAGS, Mode::empty())?;
         Ok(DirFd(fd))
+    }
+
+    /// Opens a job's root (its workdir, or a sidecar's parent dir) by path. If [`DirFd::pin`]
+    /// recorded which directory that path named when it was checked, anything else there now
+    /// is refused: whoever may write above it (a job's own scratch tree) could have swapped a
+    /// component for a symlink to another tenant's tree, and the path would follow it.
+    pub fn open_root(path: &Path) -> io::Result<DirFd> {
+        let dir = DirFd::open(path)?;
+        let pinned = PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+            .copied();
+        if let Some(id) = pinned {
+            let st = nix::sys::stat::fstat(&dir)?;
+            if (st.st_dev, st.st_ino) != id {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is no longer the directory it was when the job started (a path above it was swapped); refusing it",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Records that `path` names this directory, for every later [`DirFd::open_root`].
+    pub fn pin(&self, path: &Path) -> io::Result<()> {
+        let st = nix::sys::stat::fstat(self)?;
+        PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), (st.st_dev, st.st_ino));
+        Ok(())
     }
 
     pub fn try_clone(&self) -> io::Result<DirFd> {
@@ -242,7 +282,7 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
 /// elsewhere (the agent's own files) only the last component is protected.
 pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
     if let Some((root, rel)) = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel))) {
-        return DirFd::open(root)?.open_file(rel);
+        return DirFd::open_root(root)?.open_file(rel);
     }
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()

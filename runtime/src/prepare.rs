@@ -136,6 +136,8 @@ fn open_workdir(
             DirFd::open(workdir)?
         }
     };
+    // Every later open of the workdir by path must find this directory.
+    fd.pin(workdir)?;
     for dir in dirs {
         fd.ensure_dir(Path::new(dir), 0o755, owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;

@@ -160,7 +160,7 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         parts.reader.cloned(),
     );
     let checked = tokio::task::spawn_blocking(move || -> Result<FileStamp, String> {
-        let file = DirFd::open(&workdir)
+        let file = DirFd::open_root(&workdir)
             .and_then(|d| d.open_file(Path::new(&r)))
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ELOOP) | Some(libc::EXDEV) => {

@@ -219,6 +219,9 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>
     // No symlink anywhere on the way: a job that may write above its dirs (a scratch dir of
     // its own) must not point the agent at another tenant's tree.
     let fd = from_root(parent, |root, rel| root.open_dir(rel))?;
+    // The scans, uploads and watches that follow open `parent` by path: pinned, a component
+    // swapped for a symlink after this check is refused there.
+    fd.pin(parent)?;
     let meta = nix::sys::stat::fstat(&fd)?;
     let (uid, gid, mode) = (meta.st_uid, meta.st_gid, meta.st_mode as u32);
     let owner = nix::unistd::geteuid().is_root().then_some((uid, gid));

@@ -62,7 +62,7 @@ impl DirWatcher {
         let Ok(rel) = dir.strip_prefix(&self.workdir) else {
             return Ok(());
         };
-        let Ok(root) = DirFd::open(&self.workdir) else {
+        let Ok(root) = DirFd::open_root(&self.workdir) else {
             return Ok(());
         };
         let mut stack = vec![rel.to_path_buf()];

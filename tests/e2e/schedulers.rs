@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{signal, wait_for, Harness, Run, Store};
+use crate::support::{sha256_hex, signal, wait_for, Harness, Run, Store};
 
 fn states(h: &Harness) -> Vec<String> {
     h.cp()
@@ -717,5 +717,50 @@ fn recover_removes_empty_job_cgroups_that_dead_agents_left() {
         run.stderr.contains("removed empty job cgroups"),
         "{}",
         run.stderr
+    );
+}
+
+/// A job that owns the tree above its dirs (its own scratch space) swaps a component for a
+/// symlink to another tenant's tree once the sidecar checked it: the sidecar must not scan
+/// and store that tree as this job's output.
+#[test]
+fn watch_never_follows_a_swapped_parent_into_another_tenants_tree() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("scratch/a/b/shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let victim = h.path("victim/shared/artifacts");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("secret.txt"), "another tenant's data\n").unwrap();
+    let done = h.path("done");
+    let done_arg = done.display().to_string();
+    let agent = watch(
+        &h,
+        "swap",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts")],
+    );
+    wait_for("the watched dir", Duration::from_secs(20), || {
+        shared.join("artifacts").is_dir().then_some(())
+    });
+    std::fs::rename(h.path("scratch/a/b"), h.path("scratch/a/b.orig")).unwrap();
+    std::os::unix::fs::symlink(h.path("victim"), h.path("scratch/a/b")).unwrap();
+    std::fs::write(&done, "0\n").unwrap();
+    let run = h.wait("watch".into(), agent);
+    let secret = sha256_hex(b"another tenant's data\n");
+    assert!(
+        h.object(&format!("blobs/sha256/{secret}")).is_none(),
+        "the other tenant's file was stored: {}",
+        run.stderr
+    );
+    let manifest = h.object("jobs/swap/manifest.json").unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&manifest).contains("secret"));
+    assert!(
+        run.stderr.contains("no longer the directory it was"),
+        "{}",
+        run.stderr
+    );
+    assert_ne!(
+        run.code, 0,
+        "an output it could not collect is not a success"
     );
 }
