@@ -199,10 +199,14 @@ async fn watch_attempt(
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
-        let (end, message) = wait_for_end(&plan, leader.as_ref(), cancel).await;
+        let Ended { end, message, oom } = wait_for_end(&plan, leader.as_ref(), cancel).await;
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
-            run.gpu_released(None, true).await;
+            let facts = oom.then(|| c3_proto::JobFacts {
+                oom_kills: 1,
+                ..Default::default()
+            });
+            run.gpu_released(facts, true).await;
         }
         run.message = message;
         Ok(Watched::Finished(run.finish(end, started).await))
@@ -250,13 +254,31 @@ fn groups_of(uid: u32) -> Option<Vec<u32>> {
     Some(groups.into_iter().map(|g| g.as_raw()).collect())
 }
 
+/// How the watched job ended, as far as the agent can tell.
+struct Ended {
+    end: JobEnd,
+    message: Option<String>,
+    /// The kernel's log says the OOM killer killed the job's main process.
+    oom: bool,
+}
+
+impl From<(JobEnd, Option<String>)> for Ended {
+    fn from((end, message): (JobEnd, Option<String>)) -> Self {
+        Ended {
+            end,
+            message,
+            oom: false,
+        }
+    }
+}
+
 /// Waits until the job is over; a stop request first looks whether it is (Kubernetes stops
 /// a sidecar after the main containers ended).
 async fn wait_for_end(
     plan: &WatchPlan,
     leader: Option<&c3_proto::ProcIdentity>,
     cancel: &CancellationToken,
-) -> (JobEnd, Option<String>) {
+) -> Ended {
     let mut tick = tokio::time::interval(POLL);
     loop {
         let stopped = tokio::select! {
@@ -264,31 +286,59 @@ async fn wait_for_end(
             _ = cancel.cancelled() => true,
         };
         if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
-            return said.end();
+            return said.end().into();
         }
         if let Some(leader) = leader {
             if !crate::procfs::is_alive(leader) {
                 tracing::info!(pid = leader.pid, "the job's main process ended");
-                let Some(done) = &plan.done_file else {
-                    return (
-                        JobEnd::Exited(0),
-                        Some(format!(
-                            "process {} ended; its exit code is unknown to the agent (write it to --done-file)",
+                if let Some(done) = &plan.done_file {
+                    // Its wrapper may still be writing the done file.
+                    for _ in 0..10 {
+                        if let Some(said) = read_done_file(done) {
+                            return said.end().into();
+                        }
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                // Not our child, so no exit status: the kernel's log still tells an OOM kill.
+                let started = crate::procfs::start_micros(leader.start_ticks);
+                let processes = std::collections::BTreeMap::from([(leader.pid, started)]);
+                let ticket =
+                    tokio::task::spawn_blocking(move || crate::kernlog::oom_killed(&processes));
+                if ticket.await.unwrap_or(false) {
+                    tracing::warn!(
+                        pid = leader.pid,
+                        "the kernel's OOM killer killed the job's main process"
+                    );
+                    return Ended {
+                        end: JobEnd::Killed("SIGKILL".into()),
+                        message: Some(format!(
+                            "process {} was killed by the kernel's OOM killer",
                             leader.pid
                         )),
-                    );
-                };
-                // Its wrapper may still be writing the done file.
-                for _ in 0..10 {
-                    if let Some(said) = read_done_file(done) {
-                        return said.end();
-                    }
-                    tokio::time::sleep(POLL).await;
+                        oom: true,
+                    };
                 }
-                return killed();
+                if plan.done_file.is_some() {
+                    return killed().into();
+                }
+                return (
+                    JobEnd::Exited(0),
+                    Some(format!(
+                        "process {} ended; its exit code is unknown to the agent (write it to --done-file)",
+                        leader.pid
+                    )),
+                )
+                    .into();
             }
         }
         if stopped {
+            if leader.is_some() {
+                // Its main process still runs (it was alive just above): the agent is stopped
+                // with the job (scancel, a pod deletion), not after it.
+                tracing::warn!("agent asked to stop while the job's main process runs; canceled");
+                return (JobEnd::Canceled, Some("canceled".into())).into();
+            }
             if plan.done_file.is_some() {
                 // Kubernetes stops a sidecar only after the main containers ended, and the
                 // job's wrapper writes its done file (`canceled` on a pod deletion) before it
@@ -296,10 +346,10 @@ async fn wait_for_end(
                 tracing::warn!(
                     "agent asked to stop, and the job never wrote its done file: it was killed"
                 );
-                return killed();
+                return killed().into();
             }
             tracing::warn!("agent asked to stop before the job said it was done; canceled");
-            return (JobEnd::Canceled, Some("canceled".into()));
+            return (JobEnd::Canceled, Some("canceled".into())).into();
         }
     }
 }

@@ -764,3 +764,69 @@ fn watch_never_follows_a_swapped_parent_into_another_tenants_tree() {
         "an output it could not collect is not a success"
     );
 }
+
+/// `watch --pid` on a trainer the kernel's OOM killer ends: not a success with an unknown
+/// exit code, but what the kernel's log says.
+#[test]
+fn watch_pid_of_a_trainer_the_oom_killer_ended_is_out_of_memory() {
+    let name = format!("c3-e2e-sideoom-{}", std::process::id());
+    let Some(cg) = MemoryCgroup::create(&name, "40M") else {
+        eprintln!("skipped: no writable v1 memory cgroup here");
+        return;
+    };
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let go = shared.join("go");
+    // It waits for the agent to know it, then moves into the cgroup and grows.
+    let script = format!(
+        "echo x > out/before; i=0; while [ ! -e go ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; \
+         echo $$ > {}/cgroup.procs; exec python3 -c 'a = bytearray(400 << 20)'",
+        cg.0.display()
+    );
+    let mut t = trainer(&script, &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sideoom", &["--pid", &pid], &[&shared.join("out")]);
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        (!h.cp().delivered("/status").is_empty()).then_some(())
+    });
+    std::fs::write(&go, "").unwrap();
+    t.wait().unwrap();
+    let run = h.wait("watch --pid".into(), agent);
+    drop(cg);
+    run.assert_code(1);
+    let term = h.terminal("sideoom");
+    assert_eq!(
+        (term["state"].as_str(), term["reason"].as_str()),
+        (Some("FAILED"), Some("OUT_OF_MEMORY")),
+        "{term}"
+    );
+    assert_eq!(h.manifest_paths("sideoom"), vec!["out/before"]);
+}
+
+/// A stop while the watched trainer still runs (scancel, a pod deletion) is a cancel, even
+/// with a done file the trainer had no chance to write.
+#[test]
+fn watch_stopped_while_its_trainer_runs_is_canceled() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 30", &shared);
+    let pid = t.id().to_string();
+    let done = shared.join("done").display().to_string();
+    let agent = watch(
+        &h,
+        "sidestop",
+        &["--pid", &pid, "--done-file", &done],
+        &[&shared.join("out")],
+    );
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        (!h.cp().delivered("/status").is_empty()).then_some(())
+    });
+    signal(agent.id(), "TERM");
+    let run = h.wait("watch stopped".into(), agent);
+    let _ = t.kill();
+    let _ = t.wait();
+    run.assert_code(4);
+    assert_eq!(h.terminal("sidestop")["state"], "CANCELED");
+}
