@@ -34,20 +34,17 @@ pub fn filter() -> Result<EnvFilter, String> {
 pub fn init(format: LogFormat, filter: EnvFilter) {
     // A closed stderr (journald restarted, `2>&- `, a reader that went away) loses log lines,
     // never the agent: tracing-subscriber's own error report would `eprintln!` and panic.
+    use std::io::IsTerminal;
+    let ansi = format == LogFormat::Human && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Stderr {
             journal: stderr_is_journal(),
+            ansi,
         })
         .log_internal_errors(false);
     match format {
-        LogFormat::Human => {
-            use std::io::IsTerminal;
-            builder
-                .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal())
-                .init()
-        }
+        LogFormat::Human => builder.with_target(false).with_ansi(ansi).init(),
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
             .event_format(FlatJson)
@@ -60,6 +57,8 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
 #[derive(Clone, Copy)]
 struct Stderr {
     journal: bool,
+    /// The formatter colours its output (stderr is a terminal, human format).
+    ansi: bool,
 }
 
 fn stderr_is_journal() -> bool {
@@ -82,11 +81,34 @@ fn priority(level: &tracing::Level) -> &'static [u8] {
     }
 }
 
-/// One event's text, written to stderr at once with the priority before every line (an
-/// error with a multi-line cause stays one priority).
+/// One event's text, written to stderr at once as one line, with its priority in front.
+/// What the job chose (file names in warnings, a path in a field) may hold newlines and
+/// terminal escapes: written raw, a name such as `x\n<3>... ERROR ...` would forge a log line
+/// (a journal entry of its own, at the priority it names). Control characters inside an
+/// event are therefore written escaped (`\n`, `\x1b`), except the colours the formatter
+/// itself adds on a terminal.
 struct Line {
     prefix: Option<&'static [u8]>,
+    ansi: bool,
     buf: Vec<u8>,
+}
+
+/// `event` (which ends in one newline) with every other control character escaped.
+fn one_line(event: &[u8], ansi: bool) -> Vec<u8> {
+    let body = event.strip_suffix(b"\n").unwrap_or(event);
+    let mut out = Vec::with_capacity(body.len() + 1);
+    for &b in body {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.push(b),
+            0x1b if ansi => out.push(b),
+            0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\n');
+    out
 }
 
 impl std::io::Write for Line {
@@ -102,16 +124,13 @@ impl std::io::Write for Line {
 impl Drop for Line {
     fn drop(&mut self) {
         use std::io::Write;
+        if self.buf.is_empty() {
+            return;
+        }
+        let line = one_line(&self.buf, self.ansi);
         let out = match self.prefix {
-            None => std::mem::take(&mut self.buf),
-            Some(p) => {
-                let mut out = Vec::with_capacity(self.buf.len() + 8);
-                for line in self.buf.split_inclusive(|b| *b == b'\n') {
-                    out.extend_from_slice(p);
-                    out.extend_from_slice(line);
-                }
-                out
-            }
+            None => line,
+            Some(p) => [p, &line[..]].concat(),
         };
         let _ = std::io::stderr().lock().write_all(&out);
     }
@@ -122,12 +141,14 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Stderr {
     fn make_writer(&'a self) -> Line {
         Line {
             prefix: None,
+            ansi: self.ansi,
             buf: Vec::new(),
         }
     }
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
         Line {
             prefix: self.journal.then(|| priority(meta.level())),
+            ansi: self.ansi,
             buf: Vec::new(),
         }
     }
@@ -203,5 +224,26 @@ impl Visit for Visitor<'_> {
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn an_event_is_one_line_whatever_the_job_named_its_files() {
+        let forged =
+            b"WARN skipping a symlink: artifacts/x\n<3>2026 ERROR forged\r\x1b[2J\x07\tok\n";
+        assert_eq!(
+            one_line(forged, false),
+            b"WARN skipping a symlink: artifacts/x\\n<3>2026 ERROR forged\\r\\x1b[2J\\x07\tok\n"
+        );
+        // On a terminal the formatter's own colours stay; other controls are still escaped.
+        assert_eq!(
+            one_line(b"\x1b[33mWARN\x1b[0m a\nb\n", true),
+            b"\x1b[33mWARN\x1b[0m a\\nb\n"
+        );
+        assert_eq!(one_line(b"plain\n", false), b"plain\n");
     }
 }

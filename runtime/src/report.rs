@@ -139,7 +139,9 @@ impl ControlPlane {
         let bytes = body.freeze();
         match status {
             200..=299 => Ok(bytes),
-            408 | 429 | 500..=599 => Err(ReportError::Unavailable {
+            // A redirect is not followed (the body and token would go with it), but it is
+            // no verdict on the report either: a proxy or load balancer in maintenance says it.
+            300..=399 | 408 | 429 | 500..=599 => Err(ReportError::Unavailable {
                 endpoint: endpoint.into(),
                 status,
             }),
@@ -345,4 +347,98 @@ fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP server on 127.0.0.1 that answers each request with the next of `replies`
+    /// (status line, body), and counts the requests.
+    async fn serve(replies: Vec<(&'static str, &'static str)>) -> (url::Url, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            url::Url::parse(&format!("http://{}/api", listener.local_addr().unwrap())).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            for (status, body) in replies {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                // Headers, then the Content-Length bytes of the body.
+                loop {
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        (url, count)
+    }
+
+    fn control_plane(url: url::Url) -> ControlPlane {
+        ControlPlane::new(ControlPlaneConfig {
+            url,
+            token: Some("t".into()),
+            give_up: Duration::from_secs(20),
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_retried_not_followed_and_not_a_verdict() {
+        let (url, count) = serve(vec![
+            ("307 Temporary Redirect", ""),
+            ("308 Permanent Redirect", ""),
+            ("200 OK", "{}"),
+        ])
+        .await;
+        let cp = control_plane(url);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let reply = cp.post("v1/jobs/j/status", b"{}", deadline).await.unwrap();
+        assert_eq!(&reply[..], b"{}");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_4xx_is_a_verdict() {
+        let (url, count) = serve(vec![("400 Bad Request", "no"), ("200 OK", "{}")]).await;
+        let e = control_plane(url)
+            .post(
+                "v1/jobs/j/status",
+                b"{}",
+                Instant::now() + Duration::from_secs(20),
+            )
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
 }
