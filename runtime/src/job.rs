@@ -304,7 +304,7 @@ impl<'a> Run<'a> {
         if cancel.is_cancelled() {
             return Err(PrepareError::Canceled);
         }
-        crate::prepare::datasets(
+        let warnings = crate::prepare::datasets(
             self.ctx,
             self.spec(),
             &workdir,
@@ -313,6 +313,9 @@ impl<'a> Run<'a> {
             cancel,
         )
         .await?;
+        for w in warnings {
+            self.reports.warn(w);
+        }
         Ok(workdir)
     }
 

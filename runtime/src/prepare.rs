@@ -51,6 +51,7 @@ pub enum PrepareError {
 pub enum DatasetError {
     #[error("cannot create the mount directory")]
     Mount(#[source] std::io::Error),
+
     #[error(transparent)]
     Pull(#[from] PullError),
 }
@@ -181,7 +182,8 @@ pub async fn datasets(
     workdir: &Path,
     owner: Owner,
     cancel: &CancellationToken,
-) -> Result<(), PrepareError> {
+) -> Result<Vec<String>, PrepareError> {
+    let mut warnings = Vec::new();
     for dataset in &spec.datasets {
         let source = dataset.source_job().expect("validated with the spec");
         let pulled = tokio::select! {
@@ -189,8 +191,17 @@ pub async fn datasets(
             _ = cancel.cancelled() => return Err(PrepareError::Canceled),
         };
         match pulled {
-            Ok(summary) => {
-                tracing::info!(dataset = %dataset.reference, mount = %dataset.mount, files = summary.files, bytes = summary.bytes, "input materialized");
+            Ok((summary, complete)) => {
+                tracing::info!(dataset = %dataset.reference, mount = %dataset.mount, files = summary.files, bytes = summary.bytes, complete, "input materialized");
+                if !complete {
+                    // Resuming from a crashed or preempted job is what this is for; a job
+                    // that chained on one still running should know it got a snapshot.
+                    let w = format!(
+                        "dataset {} is an in-progress manifest (its job is running, or ended without finishing it): {} files as stored so far",
+                        dataset.reference, summary.files
+                    );
+                    warnings.push(w);
+                }
             }
             Err(source) => {
                 return Err(PrepareError::Dataset {
@@ -201,7 +212,7 @@ pub async fn datasets(
             }
         }
     }
-    Ok(())
+    Ok(warnings)
 }
 
 async fn materialize(
@@ -211,7 +222,7 @@ async fn materialize(
     workdir: &Path,
     mount: &str,
     owner: Owner,
-) -> Result<crate::pull::PullSummary, DatasetError> {
+) -> Result<(crate::pull::PullSummary, bool), DatasetError> {
     let dir = workdir_fd
         .ensure_dir(Path::new(mount), 0o755, owner)
         .map_err(DatasetError::Mount)?;
@@ -229,5 +240,5 @@ async fn materialize(
     // Those blobs are in the store: a job that writes the same files sends nothing again.
     ctx.known
         .extend(manifest.files.iter().map(|f| f.sha256.as_str()));
-    Ok(pulled)
+    Ok((pulled, manifest.complete))
 }

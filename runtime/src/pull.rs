@@ -40,6 +40,13 @@ pub enum PullError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} needs {} for {files} files and {} is free there", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
+    NoRoom {
+        path: PathBuf,
+        needed: u64,
+        files: usize,
+        free: u64,
+    },
     #[error("{} exists and differs from the job's file; `--force` overwrites it", .path.display())]
     Exists { path: PathBuf },
     #[error("{path}: content does not match the manifest (sha256 {actual}, expected {expected})")]
@@ -147,6 +154,22 @@ pub async fn pull_into(
     owner: Owner,
     force: bool,
 ) -> Result<PullSummary, PullError> {
+    // The manifest's sizes are the store's word, and each file is written out whole (one huge
+    // blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
+    // reserved blocks: what does not fit in what an ordinary user could still write is
+    // refused up front rather than filling the node's disk, the agent's state dir included.
+    let needed: u64 = files.iter().map(|f| f.size).fold(0, u64::saturating_add);
+    if let Ok(fs) = nix::sys::statvfs::fstatvfs(&root) {
+        let free = (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64);
+        if needed > free {
+            return Err(PullError::NoRoom {
+                path: shown.to_path_buf(),
+                needed,
+                files: files.len(),
+                free,
+            });
+        }
+    }
     let root = Arc::new(root);
     // Every directory first, one at a time: created concurrently, one download's `d/sub`
     // could land in `d` before the download that made `d` checked it was still empty (which

@@ -97,3 +97,62 @@ fn ls_refuses_a_manifest_past_max_manifest_bytes() {
         run.stderr
     );
 }
+
+/// Copies job `real`'s manifest to job `liar`, changed by `edit`.
+fn forge_manifest(h: &Harness, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut manifest = h.manifest("real");
+    manifest["job_id"] = json!("liar");
+    edit(&mut manifest);
+    let path = h.object_path("jobs/liar/manifest.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn a_dataset_bigger_than_the_free_space_is_refused_before_a_byte_is_written() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    // One entry whose size says 4 PiB (the blob is 3 bytes: the size alone is the lie).
+    forge_manifest(&h, |m| m["files"][0]["size"] = json!(4u64 << 50));
+    let marker = h.path("launched");
+    let run = h.run_job(
+        json!({"job_id": "eat", "command": ["touch", marker.display().to_string()],
+        "datasets": [{"ref": "/jobs/liar", "mount": "in"}]}),
+    );
+    run.assert_code(6);
+    assert!(!marker.exists(), "the script ran");
+    let t = h.terminal("eat");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert!(
+        t["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("is free there"),
+        "{t}"
+    );
+    assert!(crate::common::files_under(&h.workdir("eat").join("in")).is_empty());
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "liar", dest.to_str().unwrap()]);
+    assert_ne!(pulled.code, 0);
+    assert!(pulled.stderr.contains("is free there"), "{}", pulled.stderr);
+}
+
+#[test]
+fn an_in_progress_dataset_is_materialized_with_a_warning() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    forge_manifest(&h, |m| m["complete"] = json!(false));
+    h.run_job(
+        json!({"job_id": "resume", "command": ["cat", "in/artifacts/f"],
+        "datasets": [{"ref": "/jobs/liar", "mount": "in"}]}),
+    )
+    .assert_code(0);
+    let warnings = h.terminal("resume")["warnings"].to_string();
+    assert!(warnings.contains("in-progress manifest"), "{warnings}");
+}
