@@ -160,7 +160,7 @@ pub async fn pull_into(
     // refused up front rather than filling the node's disk, the agent's state dir included.
     let needed: u64 = files.iter().map(|f| f.size).fold(0, u64::saturating_add);
     if let Ok(fs) = nix::sys::statvfs::fstatvfs(&root) {
-        let free = (fs.blocks_available() as u64).saturating_mul(fs.fragment_size() as u64);
+        let free = fs.blocks_available().saturating_mul(fs.fragment_size());
         if needed > free {
             return Err(PullError::NoRoom {
                 path: shown.to_path_buf(),
