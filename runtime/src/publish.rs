@@ -160,15 +160,31 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         parts.reader.cloned(),
     );
     let checked = tokio::task::spawn_blocking(move || -> Result<FileStamp, String> {
-        let file = DirFd::open_root(&workdir)
-            .and_then(|d| d.open_file(Path::new(&r)))
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::EXDEV) => {
-                    format!("{r} is (or goes through) a symlink; not published")
+        let why = |e: std::io::Error| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => {
+                format!("{r} is (or goes through) a symlink; not published")
+            }
+            _ if e.kind() == std::io::ErrorKind::NotFound => format!("{r} does not exist"),
+            _ => format!("{r}: {e}"),
+        };
+        let root = DirFd::open_root(&workdir).map_err(|e| format!("{r}: {e}"))?;
+        // As the scan does: every directory on the way must be one the job's user may enter
+        // (a 0644 file under a root-owned 0700 directory is not the job's to publish).
+        if let (Some(rd), Some(parent)) = (&reader, Path::new(&r).parent()) {
+            let mut at = std::path::PathBuf::new();
+            for part in parent.components() {
+                at.push(part);
+                let dir = root.open_dir(&at).map_err(why)?;
+                let st = crate::confine::fstat(&dir).map_err(|e| format!("{r}: {e}"))?;
+                if !rd.can_enter(&st) {
+                    return Err(format!(
+                        "{r}: {}/ is not readable by the job's user; not published",
+                        at.display()
+                    ));
                 }
-                _ if e.kind() == std::io::ErrorKind::NotFound => format!("{r} does not exist"),
-                _ => format!("{r}: {e}"),
-            })?;
+            }
+        }
+        let file = root.open_file(Path::new(&r)).map_err(why)?;
         let st = crate::confine::fstat(&file).map_err(|e| format!("{r}: {e}"))?;
         if !crate::confine::is_regular(&st) {
             return Err(format!("{r} is not a regular file; not published"));

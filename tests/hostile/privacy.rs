@@ -82,3 +82,44 @@ fn state_dir_records_logs_workdir_and_store_are_private() {
     }
     assert!(blobs >= 2, "expected the job's blobs in the store");
 }
+
+/// A file the job's user may read, under a directory it may not enter (root's, 0700, left in
+/// an output dir): `publish` refuses it as the scan skips it, and it is never stored.
+#[test]
+fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
+    if not_root("publish_refuses_a_file_behind_a_directory_the_job_cannot_enter") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let h = open_harness();
+    let artifacts = h.workdir("locked").join("artifacts");
+    std::fs::create_dir_all(artifacts.join("locked")).unwrap();
+    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        artifacts.join("locked"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(artifacts.join("locked/secret"), "root's eyes only\n").unwrap();
+    std::fs::set_permissions(
+        artifacts.join("locked/secret"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let ask = "import json, os, socket, sys; s = socket.socket(socket.AF_UNIX); \
+               s.connect(os.environ['C3_AGENT_SOCKET']); \
+               req = {'op': 'publish', 'paths': ['artifacts/locked/secret']}; \
+               s.sendall(json.dumps(req).encode() + bytes([10])); \
+               sys.stdout.write(s.makefile().readline())";
+    let script = format!("python3 -c \"{ask}\" > $C3_ARTIFACTS_DIR/reply.txt");
+    h.run_job(json!({"job_id": "locked", "user": "nobody", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let reply = std::fs::read_to_string(artifacts.join("reply.txt")).unwrap();
+    assert!(
+        reply.contains("\"ok\":false") && reply.contains("not readable by the job's user"),
+        "{reply}"
+    );
+    let secret = crate::support::sha256_hex(b"root's eyes only\n");
+    assert!(h.object(&format!("blobs/sha256/{secret}")).is_none());
+    assert_eq!(h.manifest_paths("locked"), vec!["artifacts/reply.txt"]);
+}
