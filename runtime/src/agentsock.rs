@@ -91,7 +91,15 @@ impl AgentSocket {
                         _ = stop.cancelled() => break,
                         Some(_) = conns.join_next(), if !conns.is_empty() => {}
                         accepted = self.listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
+                            let Ok((stream, _)) = accepted else {
+                                // Out of fds, say: the error stays until something closes, and
+                                // looping straight back would spin a core beside the job.
+                                tokio::select! {
+                                    _ = stop.cancelled() => break,
+                                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                                }
+                                continue;
+                            };
                             if conns.len() >= MAX_CONNECTIONS {
                                 let _ = refuse(stream, "too many connections").await;
                                 continue;
