@@ -278,6 +278,18 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// `lstat` of `rel` below the job root `root`, with no symlink followed in any component
+/// (a path-based `lstat` would go through a directory swapped for a symlink).
+pub fn lstat_beneath(root: &DirFd, rel: &Path) -> io::Result<FileStat> {
+    let name = rel
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a plain relative path"))?;
+    match rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => root.open_dir(parent)?.stat(name),
+        None => root.stat(name),
+    }
+}
+
 /// Opens `path` for reading. Below `root` no symlink is followed in any component;
 /// elsewhere (the agent's own files) only the last component is protected.
 pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::collect::{scan, FileStamp, LocalFile};
-use crate::confine::JobReader;
+use crate::confine::{lstat_beneath, DirFd, JobReader};
 use crate::jobproc::JobProcesses;
 use crate::manifest::ManifestWriter;
 use crate::publish::{Parts, PublishCall};
@@ -366,13 +366,16 @@ impl Syncer {
                 if let Some(w) = self.watcher.as_mut() {
                     w.unwatch_tree(&path);
                 }
-                let probe = path.clone();
-                let gone =
-                    crate::pace::spawn_gently(move || std::fs::symlink_metadata(probe).is_err())
-                        .await
-                        .unwrap_or(false);
-                if gone {
-                    if let Some(rel) = self.rel_of(&path) {
+                if let Some(rel) = self.rel_of(&path).filter(|r| !r.is_empty()) {
+                    let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));
+                    let gone = crate::pace::spawn_gently(move || {
+                        DirFd::open_root(&workdir)
+                            .and_then(|root| lstat_beneath(&root, &probe))
+                            .is_err()
+                    })
+                    .await
+                    .unwrap_or(false);
+                    if gone {
                         self.forget(&rel);
                     }
                 }
@@ -405,14 +408,17 @@ impl Syncer {
     /// A path changed: a file becomes a candidate; a directory (made or moved in) is walked.
     async fn touch(&mut self, path: &Path) {
         let Some(rel) = self.rel_of(path) else { return };
-        let probe = path.to_path_buf();
-        let Ok(meta) = crate::pace::spawn_gently(move || std::fs::symlink_metadata(probe)).await
+        let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));
+        let Ok(meta) = crate::pace::spawn_gently(move || {
+            DirFd::open_root(&workdir).and_then(|root| lstat_beneath(&root, &probe))
+        })
+        .await
         else {
             return;
         };
         match meta {
-            Ok(m) if m.is_file() => {
-                let stamp = FileStamp::of(&m);
+            Ok(m) if crate::confine::is_regular(&m) => {
+                let stamp = FileStamp::of_stat(&m);
                 // A large file that grows: hash what it holds while the job writes on.
                 self.prehash(&rel, path, stamp);
                 self.candidates.insert(
@@ -423,7 +429,7 @@ impl Syncer {
                     },
                 );
             }
-            Ok(m) if m.is_dir() => {
+            Ok(m) if crate::confine::is_dir(&m) => {
                 if !self.polling {
                     self.watch_tree(path.to_path_buf()).await;
                 }
@@ -525,12 +531,17 @@ impl Syncer {
         let (workdir, paths) = (self.workdir.clone(), due.clone());
         let looked = crate::pace::spawn_gently(move || {
             let open = crate::procfs::written_by(&procs.members());
+            let root = DirFd::open_root(&workdir).ok();
             let stamps: Vec<Option<FileStamp>> = paths
                 .iter()
-                .map(|rel| match std::fs::symlink_metadata(workdir.join(rel)) {
-                    Ok(m) if m.is_file() => Some(FileStamp::of(&m)),
-                    _ => None,
-                })
+                .map(
+                    |rel| match root.as_ref().map(|r| lstat_beneath(r, Path::new(rel))) {
+                        Some(Ok(m)) if crate::confine::is_regular(&m) => {
+                            Some(FileStamp::of_stat(&m))
+                        }
+                        _ => None,
+                    },
+                )
                 .collect();
             (open, stamps)
         })
