@@ -25,10 +25,11 @@ during the next one), and the modes run in a shuffled order each round (on a VM,
 previous run freed changes what the next one's page-cache allocations cost; a fixed order
 charges that to whichever mode comes second). `--also BIN` adds a live-sync
 row for another build (an older commit, say), in the same alternation; `--live-cpus LIST` a
-live-sync row with `sync.live_cpus = LIST` (the agent's reading and hashing kept on those CPUs).
+live-sync row with `sync.live_cpus = LIST` (the agent's reading and hashing kept on those CPUs);
+`--job-cpus LIST` runs the job under `taskset -c LIST` in every mode.
 
     python3 scripts/bench_job_slowdown.py [--runs 7] [--steps 40] [--every 8] [--ckpt-mib 128]
-        [--compute sha|python] [--also BIN] [--live-cpus LIST]
+        [--compute sha|python] [--also BIN] [--live-cpus LIST] [--job-cpus LIST]
 """
 import argparse, json, os, random, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -77,6 +78,7 @@ def main():
     ap.add_argument("--ckpt-mib", type=int, default=128)
     ap.add_argument("--compute", choices=["sha", "python"], default="sha")
     ap.add_argument("--live-cpus", help="add a live-sync row with sync.live_cpus = this CPU list")
+    ap.add_argument("--job-cpus", help="run the job under `taskset -c LIST` in every mode")
     ap.add_argument("--also", action="append", default=[], help="another c3-agent binary, live sync")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="c3-slow-")
@@ -95,7 +97,8 @@ def main():
                 out = os.path.join(tmp, f"{mode}-{i}.t")
                 work = os.path.join(tmp, f"w-{mode}-{i}")
                 os.makedirs(os.path.join(work, "artifacts"))
-                job = ["python3", "-c", JOB, str(args.steps), str(args.every), str(args.ckpt_mib), out,
+                pin = ["taskset", "-c", args.job_cpus] if args.job_cpus else []
+                job = pin + ["python3", "-c", JOB, str(args.steps), str(args.every), str(args.ckpt_mib), out,
                        os.path.join(work, "artifacts"), args.compute]
                 if mode == "bare":
                     subprocess.run(job, check=True)
@@ -121,7 +124,8 @@ def main():
     bare = statistics.median(times["bare"])
     bare_c = statistics.median(computes["bare"])
     ckpts = args.steps // args.every
-    print(f"job: {args.steps} steps of {args.compute} compute, a {args.ckpt_mib} MiB checkpoint every "
+    where = f", job on CPUs {args.job_cpus}" if args.job_cpus else ""
+    print(f"job: {args.steps} steps of {args.compute} compute{where}, a {args.ckpt_mib} MiB checkpoint every "
           f"{args.every} ({ckpts} in all), median of {args.runs}, {os.cpu_count()} CPUs, store: discarding sink")
     print(f"{'run':<24} {'job wall s':>10} {'slowdown':>9}  {'min':>6} {'max':>6}  {'compute s':>9} {'slowdown':>9}")
     names = [("bare", "bare"), ("live", "c3-agent, live sync"), ("off", "c3-agent, sync off")]
