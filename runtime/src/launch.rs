@@ -17,6 +17,8 @@ const SECRET_PREFIXES: &[&str] = &["AWS_", "AZURE_", "GOOGLE_", "C3_AGENT_"];
 /// STATUS in the agent's name, or feed its watchdog.
 const SECRET_NAMES: &[&str] = &[
     "CREDENTIALS_DIRECTORY",
+    // object_store's GCS builder reads the key file's path from it, unprefixed.
+    "SERVICE_ACCOUNT",
     "NOTIFY_SOCKET",
     "WATCHDOG_PID",
     "WATCHDOG_USEC",
@@ -230,6 +232,7 @@ mod tests {
             ("GOOGLE_APPLICATION_CREDENTIALS", "/k"),
             ("C3_AGENT_STORE_URL", "s3://b"),
             ("CREDENTIALS_DIRECTORY", "/run/credentials/x"),
+            ("SERVICE_ACCOUNT", "/etc/c3-agent/gcs.json"),
             ("NOTIFY_SOCKET", "/run/systemd/notify"),
             ("WATCHDOG_USEC", "30000000"),
             ("SNEAKY", "Bearer tok123"),
