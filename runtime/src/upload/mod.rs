@@ -803,6 +803,71 @@ mod tests {
         rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
     }
 
+    /// Changes `part` (same length) so that its CRC64 stays what it was: a CRC is affine in
+    /// the data, so a set of bit flips whose effects on it XOR to zero leaves it alone. Of
+    /// 128 flips in the last 16 bytes (more than the CRC's 64 bits) some set always does.
+    fn keep_crc_while_changing(part: &mut [u8]) {
+        let base = crc(part);
+        let n = part.len();
+        let mut basis: Vec<(u64, u128)> = Vec::new();
+        for bit in 0..128usize {
+            let at = n - 16 + bit / 8;
+            part[at] ^= 1 << (bit % 8);
+            let mut effect = crc(part) ^ base;
+            part[at] ^= 1 << (bit % 8);
+            let mut flips = 1u128 << bit;
+            for (v, m) in &basis {
+                if effect ^ v < effect {
+                    effect ^= v;
+                    flips ^= m;
+                }
+            }
+            if effect == 0 {
+                for b in (0..128usize).filter(|b| flips >> b & 1 == 1) {
+                    part[n - 16 + b / 8] ^= 1 << (b % 8);
+                }
+                assert_eq!(crc(part), base);
+                return;
+            }
+            basis.push((effect, flips));
+            basis.sort_by(|a, b| b.0.cmp(&a.0));
+        }
+        unreachable!("129 vectors in a 64-bit space are dependent");
+    }
+
+    /// A job rewrites a part it had written (after the agent hashed it ahead) with different
+    /// bytes that have the same CRC: the upload must not complete under the old content's key.
+    #[tokio::test]
+    async fn a_rewrite_that_keeps_the_part_crc_never_lands_under_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let up = Uploader::new(
+            store.clone(),
+            small_parts(),
+            "j",
+            Some(dir.path().join("journal")),
+        );
+        let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 11);
+        up.prehash(&file).await;
+        let old_sha = crate::digest::sha256_hex(&data);
+        let before = data.clone();
+        keep_crc_while_changing(&mut data[..MIB as usize]);
+        assert_ne!(data, before);
+        std::fs::write(&file.abs, &data).unwrap();
+        restamp(&mut file);
+        let first = up.upload(&file).await;
+        assert!(
+            matches!(first, Err(UploadError::Changed { .. })),
+            "{first:?}"
+        );
+        assert!(
+            !store.blob_exists(&old_sha).await.unwrap(),
+            "bytes stored under a key they do not hash to"
+        );
+        let again = up.upload(&file).await.unwrap();
+        assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+    }
+
     /// The job seeks back and rewrites a byte of the first part (same size) after it was
     /// hashed ahead: that upload fails "changed", and the next one stores the new content.
     async fn rewrite_is_caught_then_stored(
@@ -893,9 +958,9 @@ mod tests {
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
         let mut journal_now = up.open_journal(&sha, data.len() as u64, MIB).await.unwrap();
-        let (_, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
+        let (d, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
         let sent = up
-            .send_parts(&file.abs, file.stamp, &crcs, &mut journal_now)
+            .send_parts(&file.abs, file.stamp, &crcs, &d.blake3, &mut journal_now)
             .await
             .unwrap();
         assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");

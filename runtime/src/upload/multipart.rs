@@ -223,7 +223,7 @@ impl Uploader {
         let owner = self.owner_of(&sha);
         let turn = owner.lock().await;
         let result = self
-            .upload_large_owned(path, before, &sha, part_size, &part_crcs, ahead_parts)
+            .upload_large_owned(path, before, &digests, part_size, &part_crcs, ahead_parts)
             .await;
         drop(turn);
         self.release_owner(&sha, owner);
@@ -248,13 +248,13 @@ impl Uploader {
         &self,
         path: &Path,
         before: FileStamp,
-        sha: &str,
+        digests: &Digests,
         part_size: u64,
         part_crcs: &[u64],
         ahead_parts: usize,
     ) -> Result<bool, UploadError> {
         let store_err = store_err(path);
-        let sha = sha.to_string();
+        let sha = digests.sha256_hex();
         if self.store.blob_exists(&sha).await.map_err(store_err)? {
             // Nothing is sent, so nothing re-reads the parts hashed ahead: check them here, or
             // a region rewritten since would be taken for the old content.
@@ -271,14 +271,9 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let resumed = journal.resumed;
-            if resumed {
-                // The parts an earlier agent sent are not read again below: those hashed
-                // ahead must still hold what was hashed, or the manifest would name content
-                // the file no longer has.
-                self.verify_parts(path, before, part_size, &part_crcs[..ahead_parts])
-                    .await?;
-            }
-            let sent = self.send_parts(path, before, part_crcs, &mut journal).await;
+            let sent = self
+                .send_parts(path, before, part_crcs, &digests.blake3, &mut journal)
+                .await;
             let verified =
                 sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
             let outcome = match verified {
@@ -382,11 +377,19 @@ impl Uploader {
         .await
     }
 
+    /// Pass 2: reads every part in order, checks its CRC against pass 1 (a rewrite shows
+    /// early) and sends those the journal does not already hold. A CRC is no proof, though: a
+    /// job that rewrites a part after it was hashed ahead can give the new bytes the old CRC
+    /// (CRCs are linear). So the parts, as read here, in order, are also hashed with BLAKE3,
+    /// and the upload completes only if that is pass 1's BLAKE3: a key never names bytes it
+    /// is not the hash of, or every later upload of the real content would be skipped as
+    /// "already stored". Parts an earlier agent sent (a resumed upload) are read for it too.
     pub(super) async fn send_parts(
         &self,
         path: &Path,
         before: FileStamp,
         part_crcs: &[u64],
+        expected_blake3: &[u8; 32],
         journal: &mut MultipartJournal,
     ) -> Result<u64, UploadError> {
         let (sha, part_size) = (journal.record.sha256.clone(), journal.record.part_size);
@@ -395,11 +398,10 @@ impl Uploader {
         let mut in_flight: JoinSet<PartResult> = JoinSet::new();
         let mut bytes_sent = 0u64;
         let mut result = Ok(());
+        let mut chain = Some(blake3::Hasher::new());
         for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
-            if journal.record.parts.contains_key(&(idx as u32)) {
-                continue;
-            }
-            while in_flight.len() >= self.opts.parts_in_flight.max(1) {
+            let sent_before = journal.record.parts.contains_key(&(idx as u32));
+            while !sent_before && in_flight.len() >= self.opts.parts_in_flight.max(1) {
                 let done = in_flight.join_next().await;
                 if let Err(e) = part_done(done, journal, &mut bytes_sent, path).await {
                     result = Err(e);
@@ -411,22 +413,34 @@ impl Uploader {
             }
             let offset = idx as u64 * part_size;
             let len = part_size.min(size.saturating_sub(offset));
-            self.pace(len).await;
+            if !sent_before {
+                self.pace(len).await;
+            }
             let guard = self.budget.acquire(len).await;
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);
-            let chunk = blocking(path, move || {
+            let mut hasher = chain.take().expect("the chain is back after each part");
+            let read = blocking(path, move || {
                 read_part(&f, &mut buf, offset, expected_crc, &p)?;
-                Ok(buf.freeze())
+                hasher.update(&buf);
+                Ok((buf.freeze(), hasher))
             })
             .await;
-            let chunk = match chunk {
-                Ok(c) => c,
+            let chunk = match read {
+                Ok((c, hasher)) => {
+                    chain = Some(hasher);
+                    c
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             };
+            if sent_before {
+                self.budget.recycle(chunk);
+                drop(guard);
+                continue;
+            }
             let (store, sha, id) = (
                 self.store.clone(),
                 sha.clone(),
@@ -449,6 +463,10 @@ impl Uploader {
             if result.is_ok() {
                 result = r;
             }
+        }
+        if result.is_ok() && chain.map(|c| *c.finalize().as_bytes()) != Some(*expected_blake3) {
+            tracing::warn!(path = %path.display(), "the bytes sent are not the bytes hashed (rewritten under an unchanged CRC); not completed");
+            result = Err(UploadError::Changed { path: path.into() });
         }
         result.map(|()| bytes_sent)
     }
