@@ -830,7 +830,7 @@ mod tests {
                 return;
             }
             basis.push((effect, flips));
-            basis.sort_by(|a, b| b.0.cmp(&a.0));
+            basis.sort_by_key(|b| std::cmp::Reverse(b.0));
         }
         unreachable!("129 vectors in a 64-bit space are dependent");
     }

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::task::JoinSet;
 
 use c3_proto::MultipartRecord;
@@ -18,6 +19,11 @@ use crate::collect::FileStamp;
 use crate::digest::{Digests, DualHasher, PIECE};
 use crate::statedir::write_replace;
 use crate::store::StoreError;
+
+/// One part's step of pass 2's BLAKE3 chain: the hasher after that part (None if a step
+/// failed), awaited by the next step and by the part's own send.
+type HashStep =
+    futures::future::Shared<futures::future::BoxFuture<'static, Option<blake3::Hasher>>>;
 
 /// A part task's outcome: index, the store's id for it, bytes sent.
 type PartResult = Result<(usize, String, u64), UploadError>;
@@ -398,7 +404,9 @@ impl Uploader {
         let mut in_flight: JoinSet<PartResult> = JoinSet::new();
         let mut bytes_sent = 0u64;
         let mut result = Ok(());
-        let mut chain = Some(blake3::Hasher::new());
+        // Each part's BLAKE3 step runs beside the next part's read, in order: each step
+        // waits for the one before it.
+        let mut chain: Option<HashStep> = None;
         for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
             let sent_before = journal.record.parts.contains_key(&(idx as u32));
             while !sent_before && in_flight.len() >= self.opts.parts_in_flight.max(1) {
@@ -419,24 +427,38 @@ impl Uploader {
             let guard = self.budget.acquire(len).await;
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);
-            let mut hasher = chain.take().expect("the chain is back after each part");
             let read = blocking(path, move || {
                 read_part(&f, &mut buf, offset, expected_crc, &p)?;
-                hasher.update(&buf);
-                Ok((buf.freeze(), hasher))
+                Ok(buf.freeze())
             })
             .await;
             let chunk = match read {
-                Ok((c, hasher)) => {
-                    chain = Some(hasher);
-                    c
-                }
+                Ok(c) => c,
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             };
+            let (before_this, hashed) = (chain.take(), chunk.clone());
+            let step: HashStep = tokio::spawn(async move {
+                let mut hasher = match before_this {
+                    Some(step) => step.await?,
+                    None => blake3::Hasher::new(),
+                };
+                crate::pace::spawn_gently(move || {
+                    hasher.update(&hashed);
+                    hasher
+                })
+                .await
+                .ok()
+            })
+            .map(|joined| joined.ok().flatten())
+            .boxed()
+            .shared();
+            chain = Some(step.clone());
             if sent_before {
+                // The budget covers the part until its hash step let go of it too.
+                let _ = step.await;
                 self.budget.recycle(chunk);
                 drop(guard);
                 continue;
@@ -452,6 +474,7 @@ impl Uploader {
                     .put_part(&sha, &id, idx, chunk.clone())
                     .await
                     .map_err(|source| UploadError::Store { path: p, source })?;
+                let _ = step.await;
                 budget.recycle(chunk);
                 drop(guard);
                 Ok((idx, content_id, len))
@@ -464,7 +487,11 @@ impl Uploader {
                 result = r;
             }
         }
-        if result.is_ok() && chain.map(|c| *c.finalize().as_bytes()) != Some(*expected_blake3) {
+        let chained = match chain {
+            Some(last) => last.await,
+            None => Some(blake3::Hasher::new()),
+        };
+        if result.is_ok() && chained.map(|c| *c.finalize().as_bytes()) != Some(*expected_blake3) {
             tracing::warn!(path = %path.display(), "the bytes sent are not the bytes hashed (rewritten under an unchanged CRC); not completed");
             result = Err(UploadError::Changed { path: path.into() });
         }
