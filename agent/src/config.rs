@@ -102,6 +102,7 @@ struct UploadSection {
     parts_in_flight: Option<usize>,
     files_in_flight: Option<usize>,
     memory_budget_bytes: Option<u64>,
+    max_file_bytes: Option<u64>,
     /// Bytes per second for all uploads together; 0 or absent: unlimited.
     bandwidth_limit_bytes_per_sec: Option<u64>,
 }
@@ -497,7 +498,14 @@ pub fn resolve(
             .map(c3_runtime::ratelimit::RateLimit::new),
         auto_in_flight: file.upload.files_in_flight.is_none()
             && file.upload.parts_in_flight.is_none(),
+        max_file_bytes: file
+            .upload
+            .max_file_bytes
+            .unwrap_or(defaults.max_file_bytes),
     };
+    if upload.max_file_bytes == 0 {
+        problems.push("`upload.max_file_bytes` must be at least 1".into());
+    }
     if upload.min_part_size < 5 * 1024 * 1024 {
         problems.push(
             "`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into(),

@@ -101,3 +101,36 @@ fn a_huge_control_plane_reply_is_not_buffered() {
     );
     assert_eq!(h.manifest_paths("cp"), vec!["artifacts/x"]);
 }
+
+/// `truncate -s` costs a job no disk and no quota, but a file that is mostly holes would cost
+/// the agent hours of hashing zeros (a larger one than S3 takes, forever): both are refused by
+/// name, at once, and the rest of the output is stored.
+fn sparse_and_oversized_files_are_refused(h: Harness) {
+    let script = "cd $C3_ARTIFACTS_DIR && echo ok > real && truncate -s 2T holes && \
+                  printf x | dd of=holes bs=1 seek=1000 conv=notrunc 2>/dev/null && truncate -s 6T huge";
+    let run = h.run_job(json!({"job_id": "sparse", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    let t = h.terminal("sparse");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert_eq!(h.manifest_paths("sparse"), vec!["artifacts/real"]);
+    assert!(
+        run.stderr.contains("holes is a sparse file"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("over upload.max_file_bytes"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn file_store_refuses_sparse_and_oversized_files() {
+    sparse_and_oversized_files_are_refused(Harness::file());
+}
+
+#[test]
+fn s3_refuses_sparse_and_oversized_files() {
+    sparse_and_oversized_files_are_refused(Harness::new(crate::support::Store::s3()));
+}

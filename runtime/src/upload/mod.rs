@@ -35,6 +35,7 @@ use crate::budget::ByteBudget;
 use crate::collect::{FileStamp, LocalFile};
 use crate::confine::JobReader;
 use crate::digest::Digests;
+use crate::display::human_bytes;
 use crate::ratelimit::RateLimit;
 use crate::store::{BlobStore, StoreError};
 
@@ -57,6 +58,9 @@ pub struct UploadOptions {
     /// Bytes per second sent to the store by all uploads together (`None`: unlimited).
     /// Clones share the bucket: build it once per agent.
     pub bandwidth_limit: Option<RateLimit>,
+    /// A larger file is not stored (an upload error naming it): S3's and GCS's own limit by
+    /// default, and a bound on the work one file can ask for.
+    pub max_file_bytes: u64,
 }
 
 impl Default for UploadOptions {
@@ -69,6 +73,7 @@ impl Default for UploadOptions {
             memory_budget: 32 * MIB,
             bandwidth_limit: None,
             auto_in_flight: true,
+            max_file_bytes: MAX_FILE_BYTES,
         }
     }
 }
@@ -91,6 +96,10 @@ impl UploadOptions {
 
 /// S3's limit on parts per upload.
 const MAX_PARTS: u64 = 10_000;
+/// S3's and GCS's largest object: 5 TiB.
+pub const MAX_FILE_BYTES: u64 = 5 << 40;
+/// A file with more holes than this (and holes over half its size) is refused as sparse.
+const MAX_HOLE_BYTES: u64 = 1 << 30;
 const MIB: u64 = 1024 * 1024;
 const HASH_BUF: usize = MIB as usize;
 
@@ -140,6 +149,10 @@ pub enum UploadError {
     Vanished { path: PathBuf },
     #[error("{path} is not readable by the job's user; not uploaded")]
     NotReadable { path: PathBuf },
+    #[error("{path} is {}, over upload.max_file_bytes ({}); not stored", human_bytes(*.size), human_bytes(*.max))]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
+    #[error("{path} is a sparse file ({} long, {} of it written); not stored: a file that is mostly holes costs no disk to make and hours to hash, so write it out densely", human_bytes(*.size), human_bytes(*.data))]
+    Sparse { path: PathBuf, size: u64, data: u64 },
     #[error("upload of {path} failed")]
     Store {
         path: PathBuf,
@@ -163,6 +176,8 @@ impl UploadError {
             UploadError::Read { .. }
             | UploadError::Vanished { .. }
             | UploadError::NotReadable { .. }
+            | UploadError::TooLarge { .. }
+            | UploadError::Sparse { .. }
             | UploadError::Task { .. } => false,
         }
     }
@@ -271,6 +286,59 @@ fn stat_long(path: &Path) -> Result<FileStamp, UploadError> {
         }
         Err(e) => Err(read_err(e)),
     }
+}
+
+/// Refuses a large file that is mostly holes (`truncate -s 16T`: no disk, no quota, and
+/// hours of hashing zeros). The data is counted with SEEK_DATA/SEEK_HOLE on the open file
+/// (at most `MAX_EXTENTS` extents; past that it is taken as dense); a filesystem without
+/// them reports one extent, the whole file. Leaves the file offset at 0.
+fn ensure_dense(file: &File, path: &Path, size: u64) -> Result<(), UploadError> {
+    use std::os::fd::AsRawFd;
+    const MAX_EXTENTS: usize = 10_000;
+    if size <= MAX_HOLE_BYTES {
+        return Ok(());
+    }
+    let fd = file.as_raw_fd();
+    let (mut data, mut at, mut finished) = (0u64, 0i64, false);
+    for _ in 0..MAX_EXTENTS {
+        // SAFETY: lseek on an fd this function borrows; no memory is touched.
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            // ENXIO: no data past `at`. Anything else: no answer, so taken as dense.
+            finished = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            if !finished {
+                data = size;
+            }
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < start {
+            data = size;
+            break;
+        }
+        data += (end - start) as u64;
+        at = end;
+        if at as u64 >= size {
+            finished = true;
+            break;
+        }
+    }
+    if !finished {
+        // Stopped at MAX_EXTENTS: what was not looked at counts as data.
+        data = data.saturating_add(size.saturating_sub(at as u64));
+    }
+    // SAFETY: as above.
+    unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
+    let holes = size.saturating_sub(data);
+    if holes > MAX_HOLE_BYTES && holes > size / 2 {
+        return Err(UploadError::Sparse {
+            path: path.into(),
+            size,
+            data,
+        });
+    }
+    Ok(())
 }
 
 /// Reads into `buf` until it is full or the file ends.
@@ -480,6 +548,9 @@ impl Uploader {
         let Ok(opened) = self.open(&file.abs, stamp) else {
             return;
         };
+        if ensure_dense(&opened, &file.abs, stamp.size).is_err() {
+            return;
+        }
         let path = file.abs.clone();
         let shown = path.clone();
         let done = blocking(&path, move || {
@@ -527,6 +598,7 @@ impl Uploader {
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
         let path = file.abs.clone();
+        self.within_max(&path, file.stamp.size)?;
         // Most files (by count) are small: one trip to the blocking pool stats, opens, reads,
         // hashes and re-stats it, with budget held for the size the scan saw.
         if file.stamp.size <= self.opts.multipart_threshold {
@@ -535,6 +607,7 @@ impl Uploader {
             }
         }
         let before = stat(&path)?;
+        self.within_max(&path, before.size)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
             match self.upload_small(&path, before.size).await? {
@@ -551,6 +624,17 @@ impl Uploader {
             up
         };
         Ok(self.uploaded(file, before, digests, new))
+    }
+
+    fn within_max(&self, path: &Path, size: u64) -> Result<(), UploadError> {
+        if size > self.opts.max_file_bytes {
+            return Err(UploadError::TooLarge {
+                path: path.into(),
+                size,
+                max: self.opts.max_file_bytes,
+            });
+        }
+        Ok(())
     }
 
     fn uploaded(
@@ -900,6 +984,7 @@ mod tests {
             memory_budget: 3 * MIB,
             bandwidth_limit: None,
             auto_in_flight: false,
+            max_file_bytes: MAX_FILE_BYTES,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();

@@ -205,6 +205,7 @@ impl Uploader {
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
         let mut file = self.open(path, before)?;
+        super::ensure_dense(&file, path, before.size)?;
         // What was hashed while the job wrote it: only the tail is left to read.
         let ahead = self
             .take_prehashed(before)

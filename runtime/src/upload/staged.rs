@@ -24,12 +24,14 @@ impl Uploader {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging_key = format!("{}/{}-{n}", self.staging, std::process::id());
         let part_size = part_size_for(before.size, self.opts.min_part_size);
+        let opened = self.open(path, before)?;
+        super::ensure_dense(&opened, path, before.size)?;
+        let file = opened.take(before.size + 1);
         let mut upload = self
             .store
             .start_multipart_at(&staging_key)
             .await
             .map_err(store_err)?;
-        let file = self.open(path, before)?.take(before.size + 1);
         let mut reader = Some((file, DualHasher::new()));
         let mut parts: JoinSet<Result<(), UploadError>> = JoinSet::new();
         let mut outcome = Ok(());
