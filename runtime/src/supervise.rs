@@ -251,20 +251,11 @@ impl Supervisor {
         let mut script = match spawned {
             Ok(s) => s,
             Err(e) => {
-                // The shell's convention: 127 not found, 126 not executable.
-                let code = match &e {
-                    LaunchError::Spawn { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        127
-                    }
-                    _ => 126,
-                };
                 if let Some(cg) = cgroup {
                     cg.remove();
                 }
                 return Err(LaunchFailed {
-                    end: JobEnd::Exited(code),
+                    end: launch_failure_end(&e),
                     message: error_chain(&e),
                 });
             }
@@ -471,5 +462,56 @@ fn stop_end(slurm_time_limit: bool) -> (JobEnd, Option<String>) {
     } else {
         tracing::warn!("job canceled");
         (JobEnd::Canceled, Some("canceled".into()))
+    }
+}
+
+/// How a launch that failed ends. The script's own fault, in the shell's convention: 127 not
+/// found, 126 not executable (a FAILED/SCRIPT_ERROR no retry helps). The node's fault (no
+/// pids, no memory, a cgroup that refused the process, a user lookup that failed): AGENT_ERROR,
+/// retryable, for another node may well run it.
+fn launch_failure_end(e: &LaunchError) -> JobEnd {
+    match e {
+        LaunchError::Spawn { source, .. } => match source.raw_os_error() {
+            Some(libc::ENOENT) => JobEnd::Exited(127),
+            Some(
+                libc::EACCES
+                | libc::EPERM
+                | libc::ENOEXEC
+                | libc::EISDIR
+                | libc::ETXTBSY
+                | libc::ELOOP
+                | libc::ENOTDIR
+                | libc::ENAMETOOLONG
+                | libc::E2BIG,
+            ) => JobEnd::Exited(126),
+            _ => JobEnd::AgentFailed,
+        },
+        LaunchError::NoSuchUser(_) | LaunchError::NotRoot(_) | LaunchError::UserLookup { .. } => {
+            JobEnd::AgentFailed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn_failed(errno: i32) -> JobEnd {
+        launch_failure_end(&LaunchError::Spawn {
+            program: "train.py".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn a_launch_the_node_failed_is_the_agents_error_not_the_scripts() {
+        assert_eq!(spawn_failed(libc::ENOENT), JobEnd::Exited(127));
+        for errno in [libc::EACCES, libc::ENOEXEC, libc::ETXTBSY, libc::EISDIR] {
+            assert_eq!(spawn_failed(errno), JobEnd::Exited(126), "errno {errno}");
+        }
+        // fork out of pids or memory, a cgroup that refused the process: another node may do.
+        for errno in [libc::EAGAIN, libc::ENOMEM, libc::EBUSY, libc::ENODEV] {
+            assert_eq!(spawn_failed(errno), JobEnd::AgentFailed, "errno {errno}");
+        }
     }
 }
