@@ -130,6 +130,7 @@ async fn recover_record(
     if record.phase == Phase::Done && record.unstored.is_empty() {
         return None;
     }
+    crate::fault::pause_point("recover-after-read").await;
     if !own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
         return None;
@@ -142,6 +143,19 @@ async fn recover_record(
             return None;
         }
     };
+    // Read again under the lock: the agent that held it may have finished the attempt (and
+    // sent its terminal status) between the first read and the lock, and finishing it again
+    // from the stale phase would send a second, contradicting one.
+    let record = match ctx.state.read_record(path) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "skipping an unreadable run record");
+            return None;
+        }
+    };
+    if record.phase == Phase::Done && record.unstored.is_empty() {
+        return None;
+    }
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();

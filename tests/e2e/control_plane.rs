@@ -256,3 +256,44 @@ fn give_up_secs_bounds_the_whole_stay() {
     }
     drop(server);
 }
+
+/// `recover` (the housekeeping timer) reads a job's record while its agent is finishing it;
+/// by the time `recover` holds the lock that agent has finished. Finishing it again from the
+/// phase first read would send a second terminal status.
+#[test]
+fn recover_never_finishes_again_what_its_agent_finished_meanwhile() {
+    let h = Harness::file().with_control_plane(10);
+    let go = h.path("go");
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/x; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": "race", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("RUNNING", Duration::from_secs(20), || {
+        (!h.cp().delivered("/status").is_empty()).then_some(())
+    });
+    // recover reads the record (RUNNING), then waits 2 s before it looks at the agent.
+    let mut recover = h.command(&["recover"]);
+    recover
+        .env("C3_AGENT_FAULT", "recover-after-read")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let recover = recover.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, "").unwrap();
+    h.wait("race".into(), agent).assert_code(0);
+    let out = recover.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let terminal: Vec<_> = h
+        .cp()
+        .delivered("/status")
+        .into_iter()
+        .filter(|s| s["state"] != "RUNNING" && s["state"] != "FINALIZING")
+        .collect();
+    assert_eq!(terminal.len(), 1, "{terminal:?}");
+}
