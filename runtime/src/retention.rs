@@ -427,29 +427,62 @@ fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Gives the owner rwx on every directory of the tree (checked with lstat: never a symlink).
+/// Gives the owner rwx on every directory of the tree. Every directory is opened from its
+/// parent's fd, never through a symlink, and changed on its own fd: a process of the job
+/// still inside the tree (its cwd) may swap a directory for a symlink to `/etc/shadow` at any
+/// moment, and a path-based chmod would follow it, as root.
 fn open_up_dirs(root: &Path) {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(md) = std::fs::symlink_metadata(&dir) else {
+    use crate::confine::DirFd;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(top) = DirFd::open(root) else {
+        return;
+    };
+    // Children are opened when their turn comes, so the fds held are the parents of what is
+    // pending (about the depth), not every directory seen.
+    let mut pending: Vec<(std::sync::Arc<DirFd>, std::ffi::OsString)> = Vec::new();
+    let mut next = Some(top);
+    // Bounded: a tree larger than this is left for the next sweep.
+    let mut budget = 1_000_000usize;
+    loop {
+        let dir = match next.take() {
+            Some(d) => std::sync::Arc::new(d),
+            None => match pending.pop() {
+                Some((parent, name)) => match parent.open_dir(Path::new(&name)) {
+                    Ok(d) => std::sync::Arc::new(d),
+                    Err(_) => continue,
+                },
+                None => break,
+            },
+        };
+        if let Ok(st) = nix::sys::stat::fstat(&*dir) {
+            let mode = st.st_mode & 0o7777;
+            if mode & 0o700 != 0o700 {
+                let _ = nix::sys::stat::fchmod(
+                    &*dir,
+                    nix::sys::stat::Mode::from_bits_truncate(mode | 0o700),
+                );
+            }
+        }
+        let Ok(mut entries) = nix::dir::Dir::openat(
+            &*dir,
+            ".",
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) else {
             continue;
         };
-        if !md.is_dir() {
-            continue;
-        }
-        if md.mode() & 0o700 != 0o700 {
-            let _ = std::fs::set_permissions(
-                &dir,
-                std::fs::Permissions::from_mode((md.mode() & 0o7777) | 0o700),
-            );
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            stack.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+        for entry in entries.iter().flatten() {
+            let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." || budget == 0 {
+                continue;
+            }
+            // lstat through the fd: only directories, never a symlink to one.
+            if dir.stat(name).is_ok_and(|st| crate::confine::is_dir(&st)) {
+                budget -= 1;
+                pending.push((dir.clone(), name.to_os_string()));
+            }
         }
     }
 }
@@ -788,6 +821,26 @@ mod tests {
             "keep"
         );
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "secret");
+    }
+
+    /// What a job left closed to its owner is opened up on the fds of the tree itself: a
+    /// symlink to a directory outside is never followed (its target keeps its mode).
+    #[test]
+    fn opening_up_a_tree_changes_its_own_directories_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("t"), dir.path().join("outside"));
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
+        std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(root.join("a"), std::fs::Permissions::from_mode(0o500)).unwrap();
+        open_up_dirs(&root);
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&root.join("a")), 0o700);
+        assert_eq!(mode(&root.join("a/b")), 0o700);
+        assert_eq!(mode(&outside), 0o555, "followed a symlink");
     }
 
     #[test]
