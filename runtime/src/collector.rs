@@ -73,7 +73,7 @@ impl CollectorConfig {
                 .clone()
                 .unwrap_or_else(|| spec.collected_dirs()),
             reader,
-            manifest: ManifestWriter::new(ctx.store.clone(), spec),
+            manifest: ManifestWriter::new(ctx.store.clone(), spec, ctx.max_manifest_bytes),
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
         }

@@ -83,6 +83,7 @@ impl LiveSync {
             candidates: HashMap::new(),
             in_flight: HashMap::new(),
             manifest_dirty: false,
+            manifest_too_large: false,
             manifest_written: None,
             polling: false,
             rescans: RescanPace::default(),
@@ -129,6 +130,8 @@ struct Syncer {
     /// Uploads under way: manifest path -> task id.
     in_flight: HashMap<String, tokio::task::Id>,
     manifest_dirty: bool,
+    /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
+    manifest_too_large: bool,
     manifest_written: Option<Instant>,
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
@@ -634,7 +637,7 @@ impl Syncer {
         let due = self
             .manifest_written
             .is_none_or(|t| t.elapsed() >= self.opts.manifest_interval);
-        if !self.manifest_dirty || !due {
+        if !self.manifest_dirty || !due || self.manifest_too_large {
             return;
         }
         self.manifest_written = Some(Instant::now());
@@ -642,6 +645,15 @@ impl Syncer {
             Ok(_) => {
                 self.manifest_dirty = false;
                 tracing::debug!(files = self.book.len(), "in-progress manifest written");
+            }
+            // Too large stays too large (more files only make it larger): said once, and
+            // the final sync's error says it again.
+            Err(e @ crate::store::StoreError::TooLarge { .. }) => {
+                if !self.manifest_too_large {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; not tried again while the job runs");
+                    self.manifest_too_large = true;
+                }
+                self.manifest_dirty = false;
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")

@@ -14,12 +14,16 @@ pub struct ManifestWriter {
     job_id: String,
     project: Option<String>,
     attempt: u32,
+    /// `store.max_manifest_bytes`: what readers (`pull`, `ls`, datasets, `gc`) accept. A
+    /// bigger manifest is not written: every `gc` after it would refuse to run.
+    max_bytes: u64,
 }
 
 impl ManifestWriter {
-    pub fn new(store: BlobStore, spec: &JobSpec) -> Self {
+    pub fn new(store: BlobStore, spec: &JobSpec, max_bytes: u64) -> Self {
         ManifestWriter {
             store,
+            max_bytes,
             job_id: spec.job_id.clone(),
             project: spec.project.clone(),
             attempt: spec.attempt,
@@ -58,6 +62,13 @@ impl ManifestWriter {
     /// attempt's output.
     async fn write(&self, manifest: &Manifest) -> Result<String, StoreError> {
         let bytes = bytes::Bytes::from(manifest.to_json());
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(StoreError::TooLarge {
+                key: manifest_key(&self.job_id),
+                size: bytes.len() as u64,
+                max: self.max_bytes,
+            });
+        }
         let sha = crate::digest::sha256_hex(&bytes);
         self.store
             .put_document(

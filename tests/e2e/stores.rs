@@ -344,3 +344,24 @@ fn s3_without_any_credentials_fails_preflight_at_once() {
     assert!(!marker.exists(), "nothing is launched");
     assert!(run.stderr.contains("AWS_ACCESS_KEY_ID"), "{}", run.stderr);
 }
+
+/// A manifest readers would refuse (over `store.max_manifest_bytes`) is never written: every
+/// `gc` after it would refuse to run. The job says why, and fails as an upload error.
+#[test]
+fn a_manifest_over_the_readers_limit_is_not_written() {
+    let mut h = Harness::file();
+    h.extra_toml = "[store]\nmax_manifest_bytes = 4096\n".into();
+    let script =
+        "cd $C3_ARTIFACTS_DIR && for i in $(seq 1 60); do echo $i > file-with-a-long-name-$i; done";
+    let run = h.run_job(json!({"job_id": "wide", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    assert!(
+        run.stderr.contains("store.max_manifest_bytes"),
+        "{}",
+        run.stderr
+    );
+    assert!(h
+        .object("jobs/wide/manifest.json")
+        .is_none_or(|m| m.len() <= 4096));
+    h.run(&["gc"]).assert_code(0);
+}
