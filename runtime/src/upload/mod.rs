@@ -243,7 +243,25 @@ fn store_err(path: &Path) -> impl Fn(StoreError) -> UploadError + Copy + '_ {
     }
 }
 
-fn stat(path: &Path) -> Result<FileStamp, UploadError> {
+/// The file's stamp: below the job's `root`, an lstat beneath the pinned root with no
+/// symlink in any component (a path lstat would go through a directory the job swapped for
+/// a symlink, to an automount or a hung network mount, say); elsewhere (the agent's own
+/// files) by path.
+fn stat(root: Option<&Path>, path: &Path) -> Result<FileStamp, UploadError> {
+    if let Some((root, rel)) = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel))) {
+        return match crate::confine::DirFd::open_root(root)
+            .and_then(|d| crate::confine::lstat_beneath(&d, rel))
+        {
+            Ok(st) => Ok(FileStamp::of_stat(&st)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(UploadError::Vanished { path: path.into() })
+            }
+            Err(source) => Err(UploadError::Read {
+                path: path.into(),
+                source,
+            }),
+        };
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) => Ok(FileStamp::of(&m)),
         // Longer than PATH_MAX (deep nesting below the workdir): from `/`, one directory at a
@@ -400,8 +418,12 @@ fn open_confined(
     Ok(file)
 }
 
-fn ensure_unchanged(path: &Path, before: FileStamp) -> Result<(), UploadError> {
-    if stat(path)? != before {
+fn ensure_unchanged(
+    root: Option<&Path>,
+    path: &Path,
+    before: FileStamp,
+) -> Result<(), UploadError> {
+    if stat(root, path)? != before {
         return Err(UploadError::Changed { path: path.into() });
     }
     Ok(())
@@ -606,7 +628,7 @@ impl Uploader {
                 return Ok(self.uploaded(file, before, digests, new));
             }
         }
-        let before = stat(&path)?;
+        let before = stat(self.root.as_deref(), &path)?;
         self.within_max(&path, before.size)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
@@ -668,7 +690,7 @@ impl Uploader {
         let p = path.to_path_buf();
         let (root, reader) = (self.root.clone(), self.reader.clone());
         let read = blocking(path, move || {
-            let before = stat(&p)?;
+            let before = stat(root.as_deref(), &p)?;
             if before.size > budgeted {
                 return Ok(None);
             }
@@ -685,7 +707,7 @@ impl Uploader {
             if buf.len() as u64 != before.size {
                 return Err(UploadError::Changed { path: p });
             }
-            ensure_unchanged(&p, before)?;
+            ensure_unchanged(root.as_deref(), &p, before)?;
             Ok(Some((
                 before,
                 crate::digest::digest_bytes(&buf),

@@ -225,7 +225,7 @@ impl Uploader {
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
-        ensure_unchanged(path, before)?;
+        ensure_unchanged(self.root.as_deref(), path, before)?;
         let sha = digests.sha256_hex();
         let owner = self.owner_of(&sha);
         let turn = owner.lock().await;
@@ -281,8 +281,9 @@ impl Uploader {
             let sent = self
                 .send_parts(path, before, part_crcs, &digests.blake3, &mut journal)
                 .await;
-            let verified =
-                sent.and_then(|bytes_sent| ensure_unchanged(path, before).map(|()| bytes_sent));
+            let verified = sent.and_then(|bytes_sent| {
+                ensure_unchanged(self.root.as_deref(), path, before).map(|()| bytes_sent)
+            });
             let outcome = match verified {
                 Ok(bytes_sent) => match self.complete(journal).await {
                     Ok(()) => {

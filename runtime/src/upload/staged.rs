@@ -106,7 +106,9 @@ impl Uploader {
         }
         let digests = reader.map(|(_, h)| h.finish());
         let verified = outcome.and_then(|()| match digests {
-            Some(d) if d.size == before.size => ensure_unchanged(path, before).map(|()| d),
+            Some(d) if d.size == before.size => {
+                ensure_unchanged(self.root.as_deref(), path, before).map(|()| d)
+            }
             _ => Err(UploadError::Changed { path: path.into() }),
         });
         let digests = match verified {
