@@ -113,11 +113,10 @@ pub async fn recover_own(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     recover_record(ctx, &ctx.state.run_record_path(job_id, attempt), true).await
 }
 
-async fn recover_record(
-    ctx: &AgentContext,
-    path: &std::path::Path,
-    own: bool,
-) -> Option<JobSummary> {
+/// The run record at `path`, if it is one `recover` has work to do on. A finished attempt
+/// whose output could not all be stored is finished again: its files are still on the node,
+/// and the store may be back.
+fn unfinished_record(ctx: &AgentContext, path: &std::path::Path) -> Option<c3_proto::RunRecord> {
     let record = match ctx.state.read_record(path) {
         Ok(r) => r,
         Err(e) => {
@@ -125,11 +124,15 @@ async fn recover_record(
             return None;
         }
     };
-    // A finished attempt whose output could not all be stored is finished again: its files
-    // are still on the node, and the store may be back.
-    if record.phase == Phase::Done && record.unstored.is_empty() {
-        return None;
-    }
+    (record.phase != Phase::Done || !record.unstored.is_empty()).then_some(record)
+}
+
+async fn recover_record(
+    ctx: &AgentContext,
+    path: &std::path::Path,
+    own: bool,
+) -> Option<JobSummary> {
+    let record = unfinished_record(ctx, path)?;
     crate::fault::pause_point("recover-after-read").await;
     if !own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
@@ -146,16 +149,7 @@ async fn recover_record(
     // Read again under the lock: the agent that held it may have finished the attempt (and
     // sent its terminal status) between the first read and the lock, and finishing it again
     // from the stale phase would send a second, contradicting one.
-    let record = match ctx.state.read_record(path) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "skipping an unreadable run record");
-            return None;
-        }
-    };
-    if record.phase == Phase::Done && record.unstored.is_empty() {
-        return None;
-    }
+    let record = unfinished_record(ctx, path)?;
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();

@@ -433,7 +433,6 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 /// moment, and a path-based chmod would follow it, as root.
 fn open_up_dirs(root: &Path) {
     use crate::confine::DirFd;
-    use std::os::unix::ffi::OsStrExt;
     let Ok(top) = DirFd::open(root) else {
         return;
     };
@@ -463,26 +462,12 @@ fn open_up_dirs(root: &Path) {
                 );
             }
         }
-        let Ok(mut entries) = nix::dir::Dir::openat(
-            &*dir,
-            ".",
-            nix::fcntl::OFlag::O_RDONLY
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        ) else {
-            continue;
-        };
-        for entry in entries.iter().flatten() {
-            let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
-            if name == "." || name == ".." || budget == 0 {
-                continue;
+        for name in dir.subdirs() {
+            if budget == 0 {
+                break;
             }
-            // lstat through the fd: only directories, never a symlink to one.
-            if dir.stat(name).is_ok_and(|st| crate::confine::is_dir(&st)) {
-                budget -= 1;
-                pending.push((dir.clone(), name.to_os_string()));
-            }
+            budget -= 1;
+            pending.push((dir.clone(), name));
         }
     }
 }

@@ -6,7 +6,6 @@
 //! depend on any of this.
 
 use std::collections::HashSet;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -90,26 +89,7 @@ impl DirWatcher {
                     Err(_) => continue,
                 }
             }
-            let Ok(mut entries) = nix::dir::Dir::openat(
-                &fd,
-                ".",
-                nix::fcntl::OFlag::O_RDONLY
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            ) else {
-                continue;
-            };
-            for entry in entries.iter().flatten() {
-                let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
-                if name == "." || name == ".." {
-                    continue;
-                }
-                // lstat through the fd: symlinks are not directories here.
-                if fd.stat(name).is_ok_and(|st| crate::confine::is_dir(&st)) {
-                    stack.push(rel.join(name));
-                }
-            }
+            stack.extend(fd.subdirs().into_iter().map(|name| rel.join(name)));
         }
         Ok(())
     }
