@@ -93,6 +93,35 @@ fn read_part(
     Ok(())
 }
 
+/// Checks the part at `offset` (`len` bytes) against its CRC from pass 1 without keeping it:
+/// read through `scratch` a piece at a time, so checking a 500 MiB part of a 5 TiB file
+/// holds one piece, not the part.
+fn check_part(
+    file: &std::fs::File,
+    scratch: &mut [u8],
+    offset: u64,
+    len: u64,
+    expected_crc: u64,
+    path: &Path,
+) -> Result<(), UploadError> {
+    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let mut at = offset;
+    while at < offset + len {
+        let n = scratch.len().min((offset + len - at) as usize);
+        file.read_exact_at(&mut scratch[..n], at)
+            .map_err(|source| UploadError::Read {
+                path: path.into(),
+                source,
+            })?;
+        part.update(&scratch[..n]);
+        at += n as u64;
+    }
+    if part.finalize() != expected_crc {
+        return Err(UploadError::Changed { path: path.into() });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(super) fn crc(bytes: &[u8]) -> u64 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
@@ -376,9 +405,10 @@ impl Uploader {
         let file = self.open(path, before)?;
         let (p, crcs) = (path.to_path_buf(), crcs.to_vec());
         blocking(path, move || {
-            let mut buf = vec![0u8; part_size as usize];
+            let mut scratch = vec![0u8; PIECE];
             for (idx, expected) in crcs.into_iter().enumerate() {
-                read_part(&file, &mut buf, idx as u64 * part_size, expected, &p)?;
+                let offset = idx as u64 * part_size;
+                check_part(&file, &mut scratch, offset, part_size, expected, &p)?;
             }
             Ok(())
         })
