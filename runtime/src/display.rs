@@ -15,6 +15,25 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = inner.source();
     }
+    clip_text(s, MAX_ERROR_TEXT)
+}
+
+/// An error line's longest text. A store or proxy may answer with an error body of any size
+/// (object_store puts it whole into the error): a log line, status or record keeps its head.
+pub const MAX_ERROR_TEXT: usize = 2048;
+
+/// `s` cut to at most about `max` bytes at a character boundary, saying how much was cut.
+pub fn clip_text(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    let cut = s.len() - at;
+    s.truncate(at);
+    s.push_str(&format!("… ({cut} bytes more)"));
     s
 }
 
@@ -88,6 +107,21 @@ mod tests {
             c[1].len()
         );
         assert!(c[2].contains("more bytes"));
+    }
+
+    #[test]
+    fn a_huge_error_body_is_cut_to_its_head() {
+        let body = "é".repeat(1_000_000);
+        let e = std::io::Error::other(format!("400 Bad Request: {body}"));
+        let line = error_chain(&e);
+        assert!(line.len() < MAX_ERROR_TEXT + 40, "{}", line.len());
+        assert!(line.starts_with("400 Bad Request: é"));
+        assert!(
+            line.ends_with("bytes more)"),
+            "{}",
+            &line[line.len() - 40..]
+        );
+        assert_eq!(clip_text("short".into(), 10), "short");
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -248,6 +248,10 @@ fn make_parent(
     })
 }
 
+/// Resumes of one download in a row that bring no byte before it fails (each resume's
+/// request is itself retried for the store's retry deadline).
+const MAX_FRUITLESS_RESUMES: u32 = 3;
+
 /// Streams one blob into a new temp file beside its target, hashing off the reactor and
 /// stopping at the manifest's size, then renames it into place.
 async fn fetch(
@@ -310,21 +314,39 @@ async fn fetch(
     };
     let mut body = result.into_stream();
     let mut fetch_error = None;
-    while let Some(chunk) = body.next().await {
+    // A body that breaks off (a reset, a stall, a request over its time limit) goes on from
+    // the byte it reached, as often as each new request brings bytes: a big blob on a slow
+    // or blinking link arrives in several requests rather than failing the pull.
+    let (mut received, mut fruitless) = (0u64, 0u32);
+    loop {
+        let Some(chunk) = body.next().await else {
+            break;
+        };
         match chunk {
             Ok(bytes) => {
+                received += bytes.len() as u64;
+                fruitless = 0;
                 if tx.send(Some(bytes)).await.is_err() {
                     break; // the writer stopped (an error, or more bytes than the manifest says)
                 }
             }
             Err(source) => {
+                let broke = StoreError::Op {
+                    op: "get",
+                    key: crate::store::blob_key(&entry.sha256),
+                    source,
+                };
+                fruitless += 1;
+                if received < entry.size && fruitless <= MAX_FRUITLESS_RESUMES {
+                    tracing::debug!(path = %entry.path, received, error = %crate::error_chain(&broke), "download broke off; resuming");
+                    if let Ok(rest) = store.get_blob_from(&entry.sha256, received).await {
+                        body = rest.into_stream();
+                        continue;
+                    }
+                }
                 fetch_error = Some(PullError::Blob {
                     path: entry.path.clone(),
-                    source: StoreError::Op {
-                        op: "get",
-                        key: crate::store::blob_key(&entry.sha256),
-                        source,
-                    },
+                    source: broke,
                 });
                 let _ = tx.send(None).await;
                 break;

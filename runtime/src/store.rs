@@ -82,6 +82,8 @@ pub enum StoreError {
     TooLarge { key: String, size: u64, max: u64 },
     #[error("no S3 credentials found ({why}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials, or store.options aws_access_key_id/aws_secret_access_key")]
     NoCredentials { why: String },
+    #[error("store: create-if-absent of `{key}` was refused as existing, but {found}; retrying")]
+    NotThere { key: String, found: String },
     #[error("store {op} of `{key}` failed")]
     Op {
         op: &'static str,
@@ -102,6 +104,7 @@ impl StoreError {
             | StoreError::Build { .. }
             | StoreError::TooLarge { .. }
             | StoreError::NoCredentials { .. } => true,
+            StoreError::NotThere { .. } => false,
             StoreError::Op { source, .. } => {
                 matches!(
                     source,
@@ -133,13 +136,47 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         // object_store's RetryError is not nameable outside the crate; its text is stable:
-        // "Server returned non-2xx status code: 400 Bad Request: ...".
-        if err.to_string().contains("status code: 400 ") {
+        // "Server returned non-2xx status code: 400 Bad Request: ...", with the body after it.
+        let text = err.to_string();
+        if text.contains("status code: 400 ") {
+            return !TRANSIENT_400.iter().any(|code| text.contains(code));
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Whether `e` or any of its sources mentions `needle` (an S3 error code in the body).
+fn says(e: &(dyn std::error::Error + 'static), needle: &str) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().contains(needle) {
             return true;
         }
         cur = err.source();
     }
     false
+}
+
+/// S3 error codes that come with a 400 and yet are blips: the connection stalled or broke
+/// mid-body (`RequestTimeout`, `IncompleteBody`), or a session token ran out a moment before
+/// object_store refreshed it (`ExpiredToken`).
+const TRANSIENT_400: &[&str] = &[
+    "<Code>RequestTimeout</Code>",
+    "<Code>IncompleteBody</Code>",
+    "<Code>ExpiredToken</Code>",
+];
+
+/// How the HTTP client of a remote store bounds its waits. object_store's default, 30 s for a
+/// whole request body included, fails any part or download slower than 30 s (a 500 MiB part
+/// under 17 MB/s, a 4 GiB pull at 100 MB/s) on a link that works. Instead: 5 s to connect
+/// (the default), 60 s without a byte read, and 5 min for one request, so a PUT the server
+/// stops reading is still given up. A download longer than that resumes where it broke off
+/// (pull). Store options (`timeout`, `read_timeout`, `connect_timeout`) override these.
+fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_timeout(Duration::from_secs(300))
+        .with_read_timeout(Duration::from_secs(60))
 }
 
 /// A store and the key layout of contract §6.
@@ -155,6 +192,8 @@ pub struct BlobStore {
     multipart: Option<(Arc<dyn MultipartStore>, String)>,
     /// Retrying transient failures, and whether the store is in an outage right now.
     retry: Arc<Retry>,
+    /// Whether "HEAD is denied" was logged already (once per store).
+    head_warned: Arc<std::sync::atomic::AtomicBool>,
     /// Where S3 credentials come from, checked by the preflight.
     credentials: Arc<Credentials>,
     /// The file store's directory (`gc` lists it; a re-used blob's mtime is set in it).
@@ -392,6 +431,7 @@ impl BlobStore {
                         broken,
                         multipart: None,
                         retry: Retry::new(config.retry_deadline),
+                        head_warned: Default::default(),
                         credentials: Arc::new(Credentials::Given),
                         root: None,
                         dir_sync: Default::default(),
@@ -410,6 +450,7 @@ impl BlobStore {
                     broken: None,
                     multipart: None,
                     retry: Retry::new(config.retry_deadline),
+                    head_warned: Default::default(),
                     credentials: Arc::new(Credentials::Given),
                     root: Some(Arc::from(path.as_path())),
                     dir_sync: Default::default(),
@@ -422,6 +463,7 @@ impl BlobStore {
                 let mut b = AmazonS3Builder::from_env()
                     .with_url(url.as_str())
                     .with_retry(retry)
+                    .with_client_options(client_options())
                     .with_unsigned_payload(true)
                     .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
                 for (k, v) in &config.options {
@@ -442,7 +484,8 @@ impl BlobStore {
             "gs" => {
                 let mut b = GoogleCloudStorageBuilder::from_env()
                     .with_url(url.as_str())
-                    .with_retry(retry);
+                    .with_retry(retry)
+                    .with_client_options(client_options());
                 for (k, v) in &config.options {
                     let key: GoogleConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -459,7 +502,8 @@ impl BlobStore {
             "az" | "azure" | "abfs" | "abfss" => {
                 let mut b = MicrosoftAzureBuilder::from_env()
                     .with_url(url.as_str())
-                    .with_retry(retry);
+                    .with_retry(retry)
+                    .with_client_options(client_options());
                 for (k, v) in &config.options {
                     let key: AzureConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -497,6 +541,7 @@ impl BlobStore {
             broken: None,
             multipart: Some((multipart, prefix)),
             retry: Retry::new(config.retry_deadline),
+            head_warned: Default::default(),
             credentials: Arc::new(credentials),
             root: None,
             dir_sync: Default::default(),
@@ -556,6 +601,7 @@ impl BlobStore {
             broken: None,
             multipart: Some((mem, String::new())),
             retry: Retry::new(Duration::from_secs(5)),
+            head_warned: Default::default(),
             credentials: Arc::new(Credentials::Given),
             root: None,
             dir_sync: Default::default(),
@@ -622,33 +668,90 @@ impl BlobStore {
             return Ok(added);
         }
         let path = StorePath::from(key.as_str());
-        match self
+        let size = bytes.len() as u64;
+        let refused = match self
             .store()?
-            .put_opts(&path, PutPayload::from(bytes), PutMode::Create.into())
+            .put_opts(
+                &path,
+                PutPayload::from(bytes.clone()),
+                PutMode::Create.into(),
+            )
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(_) => return Ok(true),
             Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => {
+                e @ (object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }),
+            ) => e,
+            Err(source) => {
+                return Err(StoreError::Op {
+                    op: "put",
+                    key,
+                    source,
+                })
+            }
+        };
+        // "Exists" is the store's word, and a 409 is also S3's answer to two conditional
+        // PUTs of one key at once (ConditionalRequestConflict: the other may yet fail). The
+        // blob counts as stored only once a HEAD shows it whole.
+        let not_there = |found: &str| StoreError::NotThere {
+            key: key.clone(),
+            found: found.into(),
+        };
+        if says(&refused, "ConditionalRequestConflict") {
+            return Err(not_there("another upload of it is in flight"));
+        }
+        match self.stored_size(sha256_hex).await {
+            Ok(Some(s)) if s == size => {
                 self.still_wanted(sha256_hex).await;
                 Ok(false)
             }
-            Err(source) => Err(StoreError::Op {
-                op: "put",
-                key,
-                source,
-            }),
+            // A short or torn object under a content-addressed key (another tool, an old
+            // bug): these bytes hash to the key, so replacing it can only mend it.
+            Ok(Some(other)) => {
+                tracing::warn!(key = %key, stored_bytes = other, bytes = size, "a blob in the store has the wrong size; replacing it");
+                self.put_document_once(&key, bytes).await.map(|()| true)
+            }
+            Ok(None) => Err(not_there("a HEAD does not find it")),
+            // A write-only policy (no s3:GetObject) cannot check: the refusal, not a conflict
+            // (answered above), is the store saying the key exists, and is taken.
+            Err(e) if self.head_denied(&e) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
-    pub async fn blob_exists(&self, sha256_hex: &str) -> Result<bool, StoreError> {
-        let exists = self.retrying(|| self.blob_exists_once(sha256_hex)).await?;
+    /// Whether the blob is stored whole (`size` bytes): one of another size is not taken for
+    /// it, and is replaced by the upload that follows. A store that denies HEAD (a write-only
+    /// policy) answers "not known", so the file is sent.
+    pub async fn blob_exists(&self, sha256_hex: &str, size: u64) -> Result<bool, StoreError> {
+        let stored = match self.retrying(|| self.stored_size(sha256_hex)).await {
+            Err(e) if self.head_denied(&e) => return Ok(false),
+            r => r?,
+        };
+        let exists = stored == Some(size);
         if exists {
             self.still_wanted(sha256_hex).await;
         }
         Ok(exists)
+    }
+
+    /// Whether `e` is a HEAD refused for lack of permission; said once per store.
+    fn head_denied(&self, e: &StoreError) -> bool {
+        let denied = matches!(
+            e,
+            StoreError::Op {
+                source: object_store::Error::PermissionDenied { .. },
+                ..
+            }
+        );
+        if denied
+            && !self
+                .head_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(error = %crate::error_chain(e), "the store denies HEAD (a write-only policy?): files are sent without asking first whether their blob is stored");
+        }
+        denied
     }
 
     /// A blob this job is about to list was already stored: on the file store its mtime is
@@ -668,11 +771,12 @@ impl BlobStore {
         .await;
     }
 
-    async fn blob_exists_once(&self, sha256_hex: &str) -> Result<bool, StoreError> {
+    /// The stored blob's size, `None` if there is none.
+    async fn stored_size(&self, sha256_hex: &str) -> Result<Option<u64>, StoreError> {
         let key = blob_key(sha256_hex);
         match self.store()?.head(&StorePath::from(key.as_str())).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(source) => Err(StoreError::Op {
                 op: "head",
                 key,
@@ -811,7 +915,7 @@ impl BlobStore {
     async fn completed_meanwhile(&self, sha256_hex: &str) -> bool {
         for wait_ms in [0, 250, 1000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            if matches!(self.blob_exists_once(sha256_hex).await, Ok(true)) {
+            if matches!(self.stored_size(sha256_hex).await, Ok(Some(_))) {
                 return true;
             }
         }
@@ -904,6 +1008,30 @@ impl BlobStore {
         self.get(&blob_key(sha256_hex)).await
     }
 
+    /// The blob from byte `offset` on (a download resumed where it broke off).
+    pub async fn get_blob_from(
+        &self,
+        sha256_hex: &str,
+        offset: u64,
+    ) -> Result<GetResult, StoreError> {
+        let key = blob_key(sha256_hex);
+        self.retrying(|| async {
+            let opts = object_store::GetOptions {
+                range: Some(object_store::GetRange::Offset(offset)),
+                ..Default::default()
+            };
+            self.store()?
+                .get_opts(&StorePath::from(key.as_str()), opts)
+                .await
+                .map_err(|source| StoreError::Op {
+                    op: "get",
+                    key: key.clone(),
+                    source,
+                })
+        })
+        .await
+    }
+
     pub async fn get(&self, key: &str) -> Result<GetResult, StoreError> {
         self.retrying(|| self.get_once(key)).await
     }
@@ -942,7 +1070,8 @@ impl BlobStore {
         if result.meta.size > max {
             return Err(too_large(result.meta.size));
         }
-        let mut out = bytes::BytesMut::with_capacity(result.meta.size as usize);
+        // The size is the store's word: room for a small document up front, the rest as read.
+        let mut out = bytes::BytesMut::with_capacity(result.meta.size.min(1 << 20) as usize);
         let mut body = result.into_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|source| StoreError::Op {
@@ -1064,7 +1193,7 @@ mod tests {
             .put_blob(&sha, Bytes::from_static(b"y"))
             .await
             .unwrap());
-        assert!(store.blob_exists(&sha).await.unwrap());
+        assert!(store.blob_exists(&sha, 1).await.unwrap());
         assert_eq!(
             store.get_bytes(&blob_key(&sha)).await.unwrap(),
             Bytes::from_static(b"x")

@@ -15,6 +15,7 @@ mod input;
 mod lifecycle;
 mod live;
 mod logs;
+mod lying_store;
 mod names;
 mod operations;
 mod publish;

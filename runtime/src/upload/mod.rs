@@ -725,7 +725,7 @@ impl Uploader {
         let present = head_first
             && self
                 .store
-                .blob_exists(&sha)
+                .blob_exists(&sha, before.size)
                 .await
                 .map_err(store_err(path))?;
         let new = if present {
@@ -967,7 +967,10 @@ mod tests {
             "{first:?}"
         );
         assert!(
-            !store.blob_exists(&old_sha).await.unwrap(),
+            !store
+                .blob_exists(&old_sha, data.len() as u64)
+                .await
+                .unwrap(),
             "bytes stored under a key they do not hash to"
         );
         let again = up.upload(&file).await.unwrap();

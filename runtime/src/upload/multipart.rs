@@ -291,7 +291,12 @@ impl Uploader {
     ) -> Result<bool, UploadError> {
         let store_err = store_err(path);
         let sha = digests.sha256_hex();
-        if self.store.blob_exists(&sha).await.map_err(store_err)? {
+        if self
+            .store
+            .blob_exists(&sha, before.size)
+            .await
+            .map_err(store_err)?
+        {
             // Nothing is sent, so nothing re-reads the parts hashed ahead: check them here, or
             // a region rewritten since would be taken for the old content.
             self.verify_parts(path, before, part_size, &part_crcs[..ahead_parts])

@@ -1,0 +1,322 @@
+//! An S3 endpoint that answers the way real S3 does on a bad day, or the way a broken proxy
+//! lies: "exists" for a blob it does not hold, a 409 for two conditional PUTs at once, a 400
+//! `RequestTimeout` for a stalled body, a HEAD denied by a write-only policy, a short object
+//! under a blob's key, downloads that break off. A blob is counted as stored only when it is,
+//! and a blip never fails a job or a pull.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::json;
+
+use crate::support::{sha256_hex, Harness};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The first create-if-absent PUT of each blob: 409 ConditionalRequestConflict.
+    ConflictOnce,
+    /// Every create-if-absent PUT of a non-empty blob: 412, and nothing stored.
+    ClaimsExists,
+    /// The first PUT of each blob: 400 RequestTimeout.
+    RequestTimeoutOnce,
+    /// Every HEAD: 403.
+    HeadDenied,
+    /// Every GET response breaks off after at most 256 KiB.
+    CutDownloads,
+}
+
+#[derive(Default)]
+struct State {
+    objects: HashMap<String, Vec<u8>>,
+    seen_puts: HashMap<String, usize>,
+    fault: Option<Fault>,
+}
+
+/// The fake endpoint: one bucket, path-style, on 127.0.0.1; a thread with its own runtime.
+struct FakeS3 {
+    port: u16,
+    state: Arc<Mutex<State>>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+const DATE: &str = "Tue, 01 Dec 2026 00:00:00 GMT";
+
+fn reply(status: StatusCode, headers: &[(&str, String)], body: Body) -> Response {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(body).unwrap()
+}
+
+fn s3_error(status: StatusCode, code: &str) -> Response {
+    reply(
+        status,
+        &[("content-type", "application/xml".into())],
+        Body::from(format!(
+            "<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>{code}</Message></Error>"
+        )),
+    )
+}
+
+fn object_headers(bytes: &[u8]) -> Vec<(&'static str, String)> {
+    vec![
+        ("etag", format!("\"{}\"", &sha256_hex(bytes)[..32])),
+        ("last-modified", DATE.into()),
+    ]
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = uri
+        .path()
+        .trim_start_matches('/')
+        .split_once('/')
+        .map_or(String::new(), |(_, k)| k.to_string());
+    let mut st = state.lock().unwrap();
+    let fault = st.fault.unwrap_or(Fault::None);
+    let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
+    match method {
+        Method::PUT => {
+            let seen = {
+                let n = st.seen_puts.entry(key.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            if is_blob && seen == 1 && fault == Fault::RequestTimeoutOnce {
+                return s3_error(StatusCode::BAD_REQUEST, "RequestTimeout");
+            }
+            if headers.contains_key("if-none-match") {
+                if is_blob && seen == 1 && fault == Fault::ConflictOnce {
+                    return s3_error(StatusCode::CONFLICT, "ConditionalRequestConflict");
+                }
+                if is_blob && fault == Fault::ClaimsExists {
+                    return s3_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+                }
+                if st.objects.contains_key(&key) {
+                    return s3_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+                }
+            }
+            let h = object_headers(&body);
+            st.objects.insert(key, body.to_vec());
+            reply(StatusCode::OK, &h, Body::empty())
+        }
+        Method::HEAD => {
+            if fault == Fault::HeadDenied {
+                return reply(StatusCode::FORBIDDEN, &[], Body::empty());
+            }
+            match st.objects.get(&key) {
+                Some(o) => {
+                    let mut h = object_headers(o);
+                    h.push(("content-length", o.len().to_string()));
+                    reply(StatusCode::OK, &h, Body::empty())
+                }
+                None => reply(StatusCode::NOT_FOUND, &[], Body::empty()),
+            }
+        }
+        Method::GET if uri.query().is_some_and(|q| q.contains("list-type")) => reply(
+            StatusCode::OK,
+            &[("content-type", "application/xml".into())],
+            Body::from("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>false</IsTruncated><KeyCount>0</KeyCount></ListBucketResult>"),
+        ),
+        Method::GET => {
+            let Some(o) = st.objects.get(&key).cloned() else {
+                return s3_error(StatusCode::NOT_FOUND, "NoSuchKey");
+            };
+            let from: usize = headers
+                .get("range")
+                .and_then(|r| r.to_str().ok())
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse().ok())
+                .unwrap_or(0);
+            let mut h = object_headers(&o);
+            h.push(("content-length", (o.len() - from).to_string()));
+            let status = if from > 0 {
+                h.push((
+                    "content-range",
+                    format!("bytes {from}-{}/{}", o.len() - 1, o.len()),
+                ));
+                StatusCode::PARTIAL_CONTENT
+            } else {
+                StatusCode::OK
+            };
+            let rest = Bytes::from(o[from..].to_vec());
+            let body = if fault == Fault::CutDownloads && rest.len() > 256 << 10 {
+                // Promise the whole rest, send 256 KiB, then break the connection.
+                let head = rest.slice(..256 << 10);
+                use futures::StreamExt;
+                let cut = futures::stream::once(async {
+                    // After the head has left (a failing body drops what is unsent).
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Err(std::io::Error::other("cut"))
+                });
+                Body::from_stream(futures::stream::once(async { Ok(head) }).chain(cut))
+            } else {
+                Body::from(rest)
+            };
+            reply(status, &h, body)
+        }
+        _ => s3_error(StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
+    }
+}
+
+impl FakeS3 {
+    fn start(fault: Fault) -> Self {
+        let state = Arc::new(Mutex::new(State {
+            fault: Some(fault),
+            ..State::default()
+        }));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new()
+                    .fallback(
+                        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                            handle(st.clone(), method, uri, headers, body)
+                        },
+                    )
+                    .layer(axum::extract::DefaultBodyLimit::disable());
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let _ = axum::serve(listener, app).await;
+            });
+        });
+        FakeS3 {
+            port,
+            state,
+            _thread: thread,
+        }
+    }
+
+    fn set_fault(&self, fault: Fault) {
+        self.state.lock().unwrap().fault = Some(fault);
+    }
+
+    fn blob(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let key = format!("pre/blobs/sha256/{}", sha256_hex(bytes));
+        self.state.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    fn put_blob(&self, key_of: &[u8], bytes: &[u8]) {
+        let key = format!("pre/blobs/sha256/{}", sha256_hex(key_of));
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(key, bytes.to_vec());
+    }
+
+    /// A harness whose store is this endpoint (no retries inside object_store, 4 s deadline).
+    fn harness(&self) -> Harness {
+        let mut h = Harness::file();
+        h.extra_toml = format!(
+            "[store]\nurl = \"s3://bucket/pre\"\nmax_retries = 0\nretry_timeout_secs = 2\nretry_deadline_secs = 4\n[store.options]\naws_endpoint = \"http://127.0.0.1:{}\"\naws_allow_http = \"true\"\naws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\naws_region = \"us-east-1\"\n",
+            self.port
+        );
+        h
+    }
+}
+
+/// A job writing `bytes` (via a file the job copies) to `artifacts/out`.
+fn job_writing(h: &Harness, id: &str, bytes: &[u8]) -> serde_json::Value {
+    let src = h.path(&format!("{id}.src"));
+    std::fs::write(&src, bytes).unwrap();
+    json!({"job_id": id, "command": ["sh", "-c", format!("cp {} $C3_ARTIFACTS_DIR/out", src.display())]})
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[test]
+fn a_409_for_a_concurrent_conditional_put_is_retried_until_the_blob_is_stored() {
+    let s3 = FakeS3::start(Fault::ConflictOnce);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "c409", b"checkpoint bytes"))
+        .assert_code(0);
+    assert_eq!(h.terminal("c409")["state"], "SUCCEEDED");
+    assert_eq!(
+        s3.blob(b"checkpoint bytes").as_deref(),
+        Some(&b"checkpoint bytes"[..]),
+        "the job succeeded, but its blob is not in the store"
+    );
+}
+
+#[test]
+fn a_store_that_claims_a_blob_it_does_not_hold_fails_the_job() {
+    let s3 = FakeS3::start(Fault::ClaimsExists);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "liar", b"never stored"));
+    run.assert_code(3);
+    let t = h.terminal("liar");
+    assert_eq!(t["state"], "FAILED", "{t}");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert!(s3.blob(b"never stored").is_none());
+}
+
+#[test]
+fn a_400_request_timeout_is_a_blip() {
+    let s3 = FakeS3::start(Fault::RequestTimeoutOnce);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "rt400", b"slow link"))
+        .assert_code(0);
+    assert_eq!(s3.blob(b"slow link").as_deref(), Some(&b"slow link"[..]));
+}
+
+#[test]
+fn a_store_that_denies_head_still_gets_every_file() {
+    let s3 = FakeS3::start(Fault::HeadDenied);
+    let h = s3.harness();
+    // Over 1 MiB: the agent would ask with a HEAD first whether the blob is stored.
+    let data = pattern(2 << 20);
+    let run = h.run_job(job_writing(&h, "wonly", &data));
+    run.assert_code(0);
+    assert!(s3.blob(&data).as_deref() == Some(&data[..]));
+    assert!(
+        run.stderr.matches("denies HEAD").count() == 1,
+        "said once\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_short_object_under_a_blobs_key_is_replaced_not_trusted() {
+    let s3 = FakeS3::start(Fault::None);
+    let data = pattern(2 << 20);
+    s3.put_blob(&data, &data[..1000]);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "short", &data)).assert_code(0);
+    assert!(
+        s3.blob(&data).as_deref() == Some(&data[..]),
+        "the torn object was taken for the blob"
+    );
+}
+
+#[test]
+fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(3 << 20);
+    h.run_job(job_writing(&h, "cut", &data)).assert_code(0);
+    s3.set_fault(Fault::CutDownloads);
+    let dest = h.path("dest");
+    h.run(&["pull", "cut", dest.to_str().unwrap()])
+        .assert_code(0);
+    assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
