@@ -315,15 +315,18 @@ pub async fn logs(
         );
     };
     let entry = if stderr { logs.stderr } else { logs.stdout };
-    let blob = ctx
+    let mut stdout = std::io::stdout().lock();
+    let whole = ctx
         .store
-        .get_bytes_capped(&c3_runtime::store::blob_key(&entry.sha256), entry.size)
+        .stream_blob(&entry.sha256, entry.size, |chunk| {
+            let _ = stdout.write_all(chunk);
+        })
         .await
         .context("the log's blob")?;
-    if c3_runtime::digest::sha256_hex(&blob) != entry.sha256 {
-        anyhow::bail!("the log's blob does not match its manifest entry");
+    let _ = stdout.flush();
+    if !whole {
+        anyhow::bail!("the log's blob does not match its manifest entry (what was shown above is not the job's log)");
     }
-    let _ = std::io::stdout().lock().write_all(&blob);
     Ok(())
 }
 

@@ -1087,6 +1087,36 @@ impl BlobStore {
         Ok(out.freeze())
     }
 
+    /// Streams the blob (at most `size` bytes, its manifest entry's) into `out` a chunk at a
+    /// time, and says whether what came is that blob: exactly `size` bytes hashing to its
+    /// key. For readers that show bytes as they come (`c3-agent logs`): a multi-GiB log is
+    /// never held whole, and a lying store is caught at the end.
+    pub async fn stream_blob(
+        &self,
+        sha256_hex: &str,
+        size: u64,
+        mut out: impl FnMut(&[u8]),
+    ) -> Result<bool, StoreError> {
+        use futures::StreamExt;
+        let key = blob_key(sha256_hex);
+        let mut body = self.get(&key).await?.into_stream();
+        let (mut hasher, mut seen) = (crate::digest::Sha256Hasher::default(), 0u64);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| StoreError::Op {
+                op: "get",
+                key: key.clone(),
+                source,
+            })?;
+            seen += chunk.len() as u64;
+            if seen > size {
+                return Ok(false);
+            }
+            hasher.update(&chunk);
+            out(&chunk);
+        }
+        Ok(seen == size && hasher.finish_hex() == sha256_hex)
+    }
+
     /// Overwrites a small document (a manifest): a single PUT, never torn.
     pub async fn put_document(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         self.retrying(|| self.put_document_once(key, bytes.clone()))

@@ -82,6 +82,21 @@ fn logs_come_from_the_node_and_else_from_the_store() {
     let from_store = h.run(&["logs", "lg"]);
     from_store.assert_code(0);
     assert_eq!(from_store.stdout, "hello-out\n");
+    // Shown as it comes, but a blob that is not the log (longer, or other bytes) is said so.
+    let sha = h.manifest("lg")["logs"]["stdout"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for lie in [&b"hello-out\nand more\n"[..], b"hello-ouT\n"] {
+        h.tamper(&format!("blobs/sha256/{sha}"), lie);
+        let shown = h.run(&["logs", "lg"]);
+        shown.assert_code(1);
+        assert!(
+            shown.stderr.contains("does not match its manifest entry"),
+            "{}",
+            shown.stderr
+        );
+    }
     let none = h.run(&["logs", "nope"]);
     none.assert_code(1);
     assert!(
