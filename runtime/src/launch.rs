@@ -174,7 +174,7 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
     let cgroup = plan.cgroup_procs.map(|f| f.as_raw_fd());
     let umask = plan.umask;
     // SAFETY: the closure runs in the forked child before exec. It only makes raw
-    // syscalls (setsid, write, fchdir, setgroups, setgid, setuid, umask), which are
+    // syscalls (setsid, write, fchdir, setgroups, setgid, setuid, umask, close_range), which are
     // async-signal-safe, on fds and a group list prepared before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -199,15 +199,49 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
                 check(libc::setuid(*uid))?;
             }
             libc::umask(umask as libc::mode_t);
+            close_on_exec_from(3);
             Ok(())
         });
     }
-    // std opens every fd with O_CLOEXEC, so the child inherits only stdio.
     let child = cmd
         .spawn()
         .map_err(|source| LaunchError::Spawn { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     Ok(Script { child, pid })
+}
+
+/// Marks every fd from `first` up close-on-exec, so the job gets only its stdio. std opens
+/// its own fds with O_CLOEXEC, but not what the agent inherited from whoever started it (a
+/// wrapper script, a prolog, a scheduler daemon: a root-opened file as fd 7) nor what a crate
+/// opened without the flag. Marked, not closed: std's exec-error pipe must live until exec.
+/// Runs between fork and exec: syscalls only, nothing allocated.
+fn close_on_exec_from(first: libc::c_int) {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: plain syscalls on fd numbers; an fd that is not open is EBADF, ignored.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        // Kernels before 5.11: one fcntl per possible fd, up to the fd limit (bounded).
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            1 << 16
+        };
+        for fd in first..top {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
 }
 
 /// The signal name for an exit status, if the process was killed by one.

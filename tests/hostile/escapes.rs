@@ -162,3 +162,40 @@ fn a_fork_hopping_process_does_not_outlive_its_job() {
         "a fork-hopping process of the job still runs after the agent exited"
     );
 }
+
+/// Whoever starts the agent (a wrapper script, a Slurm prolog, a scheduler daemon) may leave
+/// an fd open without close-on-exec, say a root-only file: the job must not get it.
+#[test]
+fn a_file_the_agent_inherited_never_reaches_the_job() {
+    use std::os::fd::AsRawFd;
+    let h = Harness::file();
+    let secret = h.path("root-only");
+    std::fs::write(&secret, "root only\n").unwrap();
+    crate::support::chmod(&secret, 0o600);
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&secret)
+        .unwrap();
+    // Inheritable, as a shell's `exec 7<>file` would leave it (nextest runs each test in its
+    // own process, so no other test's child gets it).
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let fd = file.as_raw_fd();
+    let script = format!(
+        "ls -l /proc/self/fd/ > $C3_ARTIFACTS_DIR/fds; echo leaked >&{fd} && echo yes > $C3_ARTIFACTS_DIR/wrote; true"
+    );
+    h.run_job(json!({"job_id": "fds", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let fds = std::fs::read_to_string(h.workdir("fds").join("artifacts/fds")).unwrap();
+    assert!(
+        !fds.contains("root-only"),
+        "the job got the agent's fd:\n{fds}"
+    );
+    assert!(!h.workdir("fds").join("artifacts/wrote").exists());
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only\n");
+    drop(file);
+}
