@@ -165,7 +165,16 @@ async fn connection(
         let reply = match SocketRequest::from_line(&line) {
             Err(e) => SocketReply::error(format!("not a request: {e}")),
             Ok(request) => {
-                tracing::info!(request = ?request, "job request on the agent socket");
+                match &request {
+                    SocketRequest::Publish { paths } => tracing::info!(
+                        paths = paths.len(),
+                        first = ?paths.iter().take(3).collect::<Vec<_>>(),
+                        "job asks to publish on the agent socket"
+                    ),
+                    SocketRequest::WaitAll => {
+                        tracing::info!("job asks to wait_all on the agent socket")
+                    }
+                }
                 let (tx, rx) = oneshot::channel();
                 let call = PublishCall { request, reply: tx };
                 if publisher.send(call).await.is_err() {

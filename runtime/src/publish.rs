@@ -16,6 +16,9 @@ use crate::manifest::ManifestWriter;
 use crate::sync::{upload_all, SyncBook};
 use crate::upload::{UploadError, Uploader};
 
+/// Distinct paths one `publish` may name.
+pub const MAX_PATHS: usize = 1000;
+
 /// One request from the socket, and where its answer goes.
 pub struct PublishCall {
     pub request: SocketRequest,
@@ -45,6 +48,19 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
     if paths.is_empty() {
         return SocketReply::error("publish needs at least one path");
     }
+    // The root agent's work per request is bounded: a 1 MiB request line holds 65,000 copies
+    // of one short path, and each would be a file to open and hash.
+    let mut seen = std::collections::HashSet::new();
+    let paths: Vec<String> = paths
+        .into_iter()
+        .filter(|p| seen.insert(p.clone()))
+        .collect();
+    if paths.len() > MAX_PATHS {
+        return SocketReply::error(format!(
+            "publish takes at most {MAX_PATHS} paths at once ({} given); publish a directory's files in batches, or use wait_all",
+            paths.len()
+        ));
+    }
     let mut files = Vec::new();
     for path in &paths {
         match locate(parts, path).await {
@@ -52,8 +68,12 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
             Err(e) => return SocketReply::error(e),
         }
     }
-    let uploads = files.iter().map(|f| parts.uploader.upload(f));
-    let results = futures::future::join_all(uploads).await;
+    let at_once = parts.uploader.options().files_in_flight.max(1);
+    let mut results = Vec::with_capacity(files.len());
+    for batch in files.chunks(at_once) {
+        let uploads = batch.iter().map(|f| parts.uploader.upload(f));
+        results.extend(futures::future::join_all(uploads).await);
+    }
     let mut published = Vec::new();
     for (file, result) in files.iter().zip(results) {
         match result {

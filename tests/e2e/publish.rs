@@ -248,3 +248,27 @@ fn the_python_example_publishes() {
         .contains("published artifacts/p.txt"));
     assert_eq!(std::fs::read_to_string(w.join("seen")).unwrap(), "ok\n");
 }
+
+/// One request costs the root agent a bounded amount of work: the same path named 5,000
+/// times is one file published, and more than 1,000 distinct paths are refused in one line.
+#[test]
+fn one_publish_request_is_bounded() {
+    let h = slow_settle();
+    let script = format!(
+        "echo a > $C3_ARTIFACTS_DIR/a; {BIN} publish $(for i in $(seq 5000); do echo $C3_ARTIFACTS_DIR/a; done) > dup.txt; echo $? > r1; \
+         for i in $(seq 1001); do : > $C3_ARTIFACTS_DIR/f$i; done; {BIN} publish $C3_ARTIFACTS_DIR/f* 2> e2; echo $? > r2"
+    );
+    h.run_job(json!({"job_id": "many", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("many");
+    let read = |f: &str| std::fs::read_to_string(w.join(f)).unwrap();
+    assert_eq!(read("r1").trim(), "0", "{}", read("dup.txt"));
+    assert_eq!(
+        read("dup.txt").matches("artifacts/a").count(),
+        1,
+        "{}",
+        read("dup.txt")
+    );
+    assert_ne!(read("r2").trim(), "0");
+    assert!(read("e2").contains("at most 1000 paths"), "{}", read("e2"));
+}
