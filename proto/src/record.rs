@@ -37,6 +37,12 @@ pub struct RunRecord {
     pub spec: JobSpec,
     /// Resolved absolute workdir.
     pub workdir: String,
+    /// Which directory `workdir` named when the agent checked it (prepare, or a sidecar's
+    /// start): a later agent (`recover`, `resync`) has only the path, and whoever may write
+    /// above the workdir could meanwhile have swapped a component for a symlink to another
+    /// tenant's tree. `None` in records of agents that kept it in memory only.
+    #[serde(default)]
+    pub workdir_pin: Option<DirPin>,
     pub phase: Phase,
     /// Process group id of the script while it runs.
     pub pgid: Option<i32>,
@@ -110,6 +116,13 @@ pub struct JobFacts {
     pub oom_kills: u64,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
+}
+
+/// A directory, told apart from whatever is renamed into its path later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirPin {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,14 +17,25 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use c3_proto::record::DirPin;
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 
-/// Job roots checked once (device, inode), by path: see [`DirFd::open_root`].
-static PINNED: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, (u64, u64)>> =
+/// Job roots checked once, by path: see [`DirFd::open_root`].
+static PINNED: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, Pin>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// What a job root's path must name from now on in this process.
+#[derive(Debug, Clone)]
+enum Pin {
+    /// This directory, and nothing else.
+    Dir(DirPin),
+    /// Nothing: the path could not be checked safely (why, in words), so no open of it by
+    /// path is safe either.
+    Refused(String),
+}
 
 /// An open directory that job-controlled paths are resolved beneath.
 #[derive(Debug)]
@@ -57,15 +68,22 @@ impl DirFd {
     /// is refused: whoever may write above it (a job's own scratch tree) could have swapped a
     /// component for a symlink to another tenant's tree, and the path would follow it.
     pub fn open_root(path: &Path) -> io::Result<DirFd> {
-        let dir = DirFd::open(path)?;
         let pinned = PINNED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(path)
-            .copied();
-        if let Some(id) = pinned {
-            let st = nix::sys::stat::fstat(&dir)?;
-            if (st.st_dev, st.st_ino) != id {
+            .cloned();
+        // Refused before any open by path: the path may lead anywhere (an automount, a hung
+        // network mount).
+        if let Some(Pin::Refused(why)) = &pinned {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: {why}; refusing it", path.display()),
+            ));
+        }
+        let dir = DirFd::open(path)?;
+        if let Some(Pin::Dir(id)) = pinned {
+            if dir.pin_id()? != id {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
@@ -80,12 +98,29 @@ impl DirFd {
 
     /// Records that `path` names this directory, for every later [`DirFd::open_root`].
     pub fn pin(&self, path: &Path) -> io::Result<()> {
-        let st = nix::sys::stat::fstat(self)?;
+        let id = self.pin_id()?;
         PINNED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_path_buf(), (st.st_dev, st.st_ino));
+            .insert(path.to_path_buf(), Pin::Dir(id));
         Ok(())
+    }
+
+    /// Makes every later [`DirFd::open_root`] of `path` fail, saying `why`.
+    pub fn refuse(path: &Path, why: String) {
+        PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), Pin::Refused(why));
+    }
+
+    /// Which directory this is (device, inode), as the run record keeps it.
+    pub fn pin_id(&self) -> io::Result<DirPin> {
+        let st = nix::sys::stat::fstat(self)?;
+        Ok(DirPin {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
     }
 
     pub fn try_clone(&self) -> io::Result<DirFd> {

@@ -55,6 +55,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         .unwrap_or_else(|| ctx.state.default_workdir(&spec.job_id));
     RunRecord {
         workdir: workdir.display().to_string(),
+        workdir_pin: None,
         spec,
         phase: Phase::Preparing,
         pgid: None,
@@ -215,8 +216,10 @@ impl<'a> Run<'a> {
 
     /// A run rebuilt from its record, for `recover`. Readability is checked against the
     /// identity recorded at launch, else a fresh lookup, else (the user is gone from the
-    /// node) a reader that may read only what anyone may.
-    pub fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
+    /// node) a reader that may read only what anyone may. The workdir is the one the record
+    /// pinned, or none at all ([`crate::prepare::reopen_recorded_workdir`]).
+    pub async fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
+        crate::prepare::reopen_recorded_workdir(ctx, &record).await;
         let run_as = record
             .spec
             .user
@@ -298,6 +301,9 @@ impl<'a> Run<'a> {
         }
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
         let workdir = crate::prepare::workdir(self.ctx, self.spec(), &self.workdir, owner).await?;
+        // Saved with the record before the launch: a later agent, which knows the workdir by
+        // path only, must find this very directory there.
+        self.record.workdir_pin = workdir.pin_id().ok();
         if let Some(warning) = crate::prepare::store_check(self.ctx).await? {
             self.reports.warn(warning);
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
-use c3_proto::JobSpec;
+use c3_proto::{JobSpec, RunRecord};
 
 use crate::confine::{DirFd, Owner};
 use crate::context::AgentContext;
@@ -108,10 +108,7 @@ fn open_workdir(
     dirs: &[String],
     owner: Owner,
 ) -> std::io::Result<DirFd> {
-    let root = roots
-        .iter()
-        .find(|r| workdir.starts_with(r) && workdir != r.as_path());
-    let fd = match root {
+    let fd = match root_of(roots, workdir) {
         Some(root) => {
             if !root.exists() {
                 std::fs::create_dir_all(root)?;
@@ -148,6 +145,73 @@ fn open_workdir(
     // A result left by an earlier attempt in the same workdir is not this attempt's.
     c3.remove_file(OsStr::new("result.json"))?;
     Ok(fd)
+}
+
+/// The trusted root (`jobs_root`, the state dir's jobs dir) the workdir lies below, if any.
+/// The root's own path may hold symlinks (`/scratch -> /mnt/scratch`): the operator's choice.
+/// Below it the job may write, and no symlink is followed.
+fn root_of<'a>(roots: &'a [PathBuf], workdir: &Path) -> Option<&'a PathBuf> {
+    roots
+        .iter()
+        .find(|r| workdir.starts_with(r) && workdir != r.as_path())
+}
+
+/// Before a later agent (`recover`, `resync`) touches a recorded attempt's workdir, which it
+/// knows by path only: opens it as the attempt did (below its root with no symlink in any
+/// component; a sidecar's parent from `/` with none at all), and requires the directory the
+/// record pinned there. Every later open of it by path (scan, uploads, the result file) then
+/// finds that directory, or, when this check failed, is refused: the attempt's files are
+/// counted as not stored (the way a vanished workdir's are), and another tenant's tree that
+/// the job swapped in above its workdir is never read. Off the reactor.
+pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
+    let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
+    let workdir = PathBuf::from(&record.workdir);
+    let (sidecar, pin) = (record.watched_dirs.is_some(), record.workdir_pin);
+    let path = workdir.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let fd = reopen(&roots, &path, sidecar)?;
+        if pin.is_some_and(|pin| fd.pin_id().ok() != Some(pin)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not the directory the attempt used (a directory above it was swapped since)",
+            ));
+        }
+        fd.pin(&path)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    if let Err(e) = checked {
+        tracing::warn!(workdir = %workdir.display(), error = %e, "the recorded workdir is refused; its files are left unstored");
+        DirFd::refuse(&workdir, e.to_string());
+    }
+}
+
+/// Opens a recorded workdir with no symlink below its trusted root.
+fn reopen(roots: &[PathBuf], workdir: &Path, sidecar: bool) -> std::io::Result<DirFd> {
+    if sidecar {
+        return crate::sidecar::from_root(workdir, |root, rel| root.open_dir(rel));
+    }
+    let Some(root) = root_of(roots, workdir) else {
+        // A quick local run's workdir: a path its operator gave; the pin is all to check.
+        return DirFd::open(workdir);
+    };
+    let rel = workdir.strip_prefix(root).expect("checked by root_of");
+    DirFd::open(root)?.open_dir(rel).map_err(|e| {
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+        ) {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a component below `{}` is a symlink or not a directory",
+                    root.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// Proves the store is writable before any GPU time is spent. A permanent failure is an

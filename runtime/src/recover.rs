@@ -174,7 +174,7 @@ async fn recover_record(
     }
     let end = recorded_end(&record);
     drop(entered);
-    let run = Run::from_record(ctx, record);
+    let run = tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
     let summary = tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await;
     drop(lock);
     Some(summary)

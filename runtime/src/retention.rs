@@ -614,6 +614,7 @@ mod tests {
             let record = RunRecord {
                 spec,
                 workdir: workdir.display().to_string(),
+                workdir_pin: None,
                 phase: Phase::Done,
                 pgid: None,
                 seq: 3,

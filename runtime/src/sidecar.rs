@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use c3_proto::record::DirPin;
 use c3_proto::{JobSpec, JobUser, Phase};
 
 use crate::collector::CollectorHandle;
@@ -135,7 +136,7 @@ async fn watch_attempt(
         ),
         None => None,
     };
-    let job_user = {
+    let (job_user, parent_pin) = {
         let (p, n) = (parent.clone(), names.clone());
         tokio::task::spawn_blocking(move || open_dirs(&p, &n))
             .await
@@ -177,6 +178,7 @@ async fn watch_attempt(
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
         record.job_user = job_user;
+        record.workdir_pin = Some(parent_pin);
         if let Some(earlier) = earlier {
             // A restarted sidecar takes the attempt over: statuses go on from its seq.
             tracing::warn!(
@@ -218,8 +220,9 @@ async fn watch_attempt(
 /// Opens the parent and each watched directory in it, never through a symlink. A missing
 /// one is created as its parent is (owner and mode), as if the job had made it: the job
 /// (another container, another user) must be able to write into it. Returns whom the
-/// job's files are read as: the parent's owner, when the agent is root and that is not root.
-fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>> {
+/// job's files are read as: the parent's owner, when the agent is root and that is not root;
+/// and which directory the parent is, for the run record.
+fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<(Option<JobUser>, DirPin)> {
     // No symlink anywhere on the way: a job that may write above its dirs (a scratch dir of
     // its own) must not point the agent at another tenant's tree.
     let fd = from_root(parent, |root, rel| root.open_dir(rel))?;
@@ -232,7 +235,7 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>
     for name in names {
         fd.ensure_dir_with(Path::new(name), |_| (mode & 0o7777, owner))?;
     }
-    Ok(match owner {
+    let reader = match owner {
         Some((uid, gid)) if uid != 0 => Some(JobUser {
             uid,
             gids: groups_of(uid).unwrap_or_else(|| vec![gid]),
@@ -244,7 +247,8 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<Option<JobUser>
             gids: Vec::new(),
         }),
         None => None,
-    })
+    };
+    Ok((reader, fd.pin_id()?))
 }
 
 fn groups_of(uid: u32) -> Option<Vec<u32>> {
@@ -355,7 +359,7 @@ async fn wait_for_end(
 }
 
 /// `abs`, opened from `/` with no symlink in any component (`DirFd`'s rules).
-fn from_root<T>(
+pub(crate) fn from_root<T>(
     abs: &Path,
     open: impl FnOnce(&DirFd, &Path) -> std::io::Result<T>,
 ) -> std::io::Result<T> {

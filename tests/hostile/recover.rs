@@ -1,13 +1,17 @@
 //! `recover` never kills a stranger: a run record's pgid is only trusted while the recorded
-//! job leader (pid, start time, boot id) is the very process that runs under that pid.
+//! job leader (pid, start time, boot id) is the very process that runs under that pid. Nor
+//! does it store a stranger's files: a workdir whose path a job redirected (a directory above
+//! it swapped for a symlink) while no agent was watching is refused.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{not_root, KillOnDrop};
-use crate::support::{alive, wait_for, Harness};
+use crate::common::{files_under, nobody, not_root, open_harness, pid_from, uid_of, KillOnDrop};
+use crate::support::{alive, chmod, wait_for, Harness, Run};
 
 /// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat.
 fn stat_field(pid: i32, n: usize) -> Option<String> {
@@ -70,4 +74,188 @@ fn recover_does_not_kill_a_process_that_reused_a_recorded_pgid() {
     );
     let _ = stranger.kill();
     let _ = stranger.wait();
+}
+
+const SECRET: &str = "TOP-SECRET-OF-ANOTHER-TENANT\n";
+
+/// Another tenant's tree, `<h>/other/<below>/artifacts/secret.txt`: the file and the
+/// directories below `other` anyone may read, `other` itself is `daemon`'s and 0700, so the
+/// job's user cannot reach it.
+fn other_tenant(h: &Harness, below: &str) -> PathBuf {
+    let other = h.path("other");
+    let artifacts = other.join(below).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::write(artifacts.join("secret.txt"), SECRET).unwrap();
+    let daemon = uid_of("daemon");
+    for p in [
+        other.join(below),
+        artifacts.clone(),
+        artifacts.join("secret.txt"),
+    ] {
+        std::os::unix::fs::chown(&p, Some(daemon), Some(daemon)).unwrap();
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::os::unix::fs::chown(&other, Some(daemon), Some(daemon)).unwrap();
+    chmod(&other, 0o700);
+    other
+}
+
+/// What the job (the owner of `scratch`) may do while no agent runs: move its own directory
+/// away and put a symlink to `target` in its place.
+fn swap_for_symlink(dir: &Path, target: &Path) {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".old");
+    std::fs::rename(dir, &aside).unwrap();
+    std::os::unix::fs::symlink(target, dir).unwrap();
+}
+
+/// SIGKILL: the agent leaves its attempt unfinished, as a crash or an OOM kill would.
+fn kill_agent(mut agent: std::process::Child) {
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
+/// Neither the secret's bytes in any blob nor its name in any manifest.
+fn assert_nothing_of_the_other_tenant_stored(h: &Harness, job: &str, recover: &Run) {
+    let stored = files_under(&h.state.join("store"));
+    let holding: Vec<_> = stored
+        .iter()
+        .filter(|(p, _)| {
+            std::fs::read(p).is_ok_and(|b| b.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()))
+        })
+        .collect();
+    assert!(
+        holding.is_empty(),
+        "another tenant's file was stored by recover: {holding:?}\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    let manifests: Vec<_> = stored
+        .iter()
+        .filter(|(p, _)| p.starts_with(h.state.join("store/jobs")))
+        .collect();
+    for (path, _) in manifests {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            !text.contains("secret.txt"),
+            "{} lists the other tenant's file:\n{text}",
+            path.display()
+        );
+    }
+    assert!(
+        recover.stderr.contains("the recorded workdir is refused"),
+        "recover said nothing of the swapped workdir\n--- stderr\n{}",
+        recover.stderr
+    );
+    let term = h.terminal(job);
+    assert_ne!(
+        term["state"], "SUCCEEDED",
+        "output it refused is not stored: {term}"
+    );
+}
+
+/// Job `job`, as nobody, with its workdir `<h>/scratch/jobX/work` in a scratch tree of its
+/// own (below `jobs_root`): it writes `artifacts/mine.txt` and waits, and its agent is
+/// killed. Returns `scratch` and the job's (still running) process.
+fn left_for_recover(h: &Harness, job: &str) -> (PathBuf, KillOnDrop) {
+    let scratch = h.path("scratch");
+    std::fs::create_dir_all(scratch.join("jobX")).unwrap();
+    for p in [&scratch, &scratch.join("jobX")] {
+        std::os::unix::fs::chown(p, Some(nobody()), Some(nobody())).unwrap();
+        chmod(p, 0o755);
+    }
+    let workdir = scratch.join("jobX/work");
+    let agent = crate::common::spawn_job(
+        h,
+        json!({
+            "job_id": job, "user": "nobody", "workdir": workdir.display().to_string(),
+            "command": ["sh", "-c", "echo mine > $C3_ARTIFACTS_DIR/mine.txt; echo $$ > ready; exec sleep 60"],
+        }),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let process = KillOnDrop(pid_from(&workdir.join("ready")));
+    kill_agent(agent);
+    (scratch, process)
+}
+
+/// The agent is killed; the job swaps the directory above its workdir for a symlink to
+/// another tenant's tree. `recover` (a new process: it knows the workdir by path only) must
+/// refuse it.
+#[test]
+fn recover_never_follows_a_swapped_parent_of_the_workdir_into_another_tenants_tree() {
+    if not_root("recover_never_follows_a_swapped_parent_of_the_workdir_into_another_tenants_tree") {
+        return;
+    }
+    let h = open_harness();
+    let other = other_tenant(&h, "work");
+    let (scratch, _job) = left_for_recover(&h, "swap");
+    swap_for_symlink(&scratch.join("jobX"), &other);
+    let recover = h.run(&["recover"]);
+    assert_nothing_of_the_other_tenant_stored(&h, "swap", &recover);
+}
+
+/// No symlink, but another directory where the workdir was (renamed into place from
+/// elsewhere): not the one the run record pinned, so refused as well.
+#[test]
+fn recover_refuses_a_workdir_that_is_not_the_pinned_one() {
+    if not_root("recover_refuses_a_workdir_that_is_not_the_pinned_one") {
+        return;
+    }
+    let h = open_harness();
+    let (scratch, _job) = left_for_recover(&h, "moved");
+    let record = std::fs::read_to_string(h.state.join("jobs/moved/attempts/1/run.json")).unwrap();
+    assert!(record.contains("\"workdir_pin\""), "{record}");
+    let jobx = scratch.join("jobX");
+    std::fs::rename(&jobx, scratch.join("jobX.old")).unwrap();
+    std::fs::create_dir_all(jobx.join("work/artifacts")).unwrap();
+    std::fs::write(jobx.join("work/artifacts/planted.txt"), "planted\n").unwrap();
+    let recover = h.run(&["recover"]);
+    assert!(
+        recover
+            .stderr
+            .contains("not the directory the attempt used"),
+        "{}",
+        recover.stderr
+    );
+    let manifest = h.object("jobs/moved/manifest.json").unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&manifest).contains("planted.txt"));
+    assert_ne!(h.terminal("moved")["state"], "SUCCEEDED");
+}
+
+/// The same through a sidecar (`watch`) whose parent dir lies in the job's scratch tree.
+#[test]
+fn recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree() {
+    if not_root("recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree") {
+        return;
+    }
+    let h = open_harness();
+    let scratch = h.path("scratch");
+    let artifacts = scratch.join("jobX/out/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    std::fs::write(artifacts.join("mine.txt"), "mine\n").unwrap();
+    for p in [
+        &scratch,
+        &scratch.join("jobX"),
+        &scratch.join("jobX/out"),
+        &artifacts,
+    ] {
+        std::os::unix::fs::chown(p, Some(nobody()), Some(nobody())).unwrap();
+        chmod(p, 0o755);
+    }
+    let other = other_tenant(&h, "out");
+    let agent = h.spawn(&["watch", "--job-id", "side", artifacts.to_str().unwrap()]);
+    let _agent = KillOnDrop(agent.id() as i32);
+    let record = h.state.join("jobs/side/attempts/1/run.json");
+    wait_for(
+        "the sidecar to record its attempt",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(&record).ok()?;
+            text.contains("\"running\"").then_some(())
+        },
+    );
+    kill_agent(agent);
+    swap_for_symlink(&scratch.join("jobX"), &other);
+    let recover = h.run(&["recover"]);
+    assert_nothing_of_the_other_tenant_stored(&h, "side", &recover);
 }
