@@ -57,6 +57,7 @@ struct JobSection {
     forward_signals: Option<Vec<String>>,
     forward_to: Option<String>,
     stop_deadline_secs: Option<u64>,
+    max_log_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +140,8 @@ pub struct Config {
     pub forward_to: ForwardTo,
     /// `[job] stop_deadline_secs`: after SIGTERM, the agent is done within this.
     pub stop_deadline: Duration,
+    /// `[job] max_log_bytes`: what is kept of each of the job's streams.
+    pub max_log_bytes: u64,
     /// `[retention]`: how long finished jobs' local data is kept.
     pub retention: c3_runtime::retention::Retention,
     /// `[gc] grace_hours`: unreferenced blobs younger than this are kept.
@@ -296,6 +299,11 @@ pub fn resolve(
             "C3_AGENT_STOP_DEADLINE_SECS",
             "job.stop_deadline_secs",
             &mut file.job.stop_deadline_secs,
+        ),
+        (
+            "C3_AGENT_MAX_LOG_BYTES",
+            "job.max_log_bytes",
+            &mut file.job.max_log_bytes,
         ),
         (
             "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
@@ -605,6 +613,10 @@ pub fn resolve(
         forward_signals,
         forward_to,
         stop_deadline: Duration::from_secs(file.job.stop_deadline_secs.unwrap_or(25)),
+        max_log_bytes: file
+            .job
+            .max_log_bytes
+            .unwrap_or(c3_runtime::output::DEFAULT_MAX_LOG_BYTES),
         retention: c3_runtime::retention::Retention::from_days(
             file.retention.succeeded_days.unwrap_or(7),
             file.retention.failed_days.unwrap_or(30),

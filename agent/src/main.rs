@@ -290,6 +290,7 @@ fn context(env: &Env) -> Result<AgentContext, String> {
         forward_signals: config.forward_signals.clone(),
         forward_to: config.forward_to,
         stop_deadline: config.stop_deadline,
+        max_log_bytes: config.max_log_bytes,
     })
 }
 

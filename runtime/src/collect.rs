@@ -75,11 +75,13 @@ pub struct Scan {
     pub incomplete: Vec<String>,
 }
 
-/// The longest path, relative to the workdir, that is collected (PATH_MAX less its NUL).
-/// Deeper ones are refused by name: a job's chain of 15,000 one-letter directories would
-/// otherwise cost memory with the square of its depth (each file keeps its whole path, in
-/// the scan, the book and the manifest) and a path walk per level for every open.
-pub const MAX_REL_PATH: usize = 4095;
+/// The deepest and the longest path, relative to the workdir, that is collected (paths past
+/// PATH_MAX are, opened a directory at a time). Beyond, they are refused by name: a job's
+/// chain of 15,000 one-letter directories with a file in each would otherwise cost memory
+/// with the square of its depth (each file keeps its whole path, in the scan, the book and
+/// the manifest) and a walk of every level for each open.
+pub const MAX_DEPTH: usize = 128;
+pub const MAX_REL_PATH: usize = 16 * 1024;
 
 /// Warnings kept per scan: a job with a million symlinks must not cost a million lines.
 pub const MAX_SCAN_WARNINGS: usize = 1000;
@@ -204,13 +206,12 @@ fn walk(
                     continue;
                 }
             };
-            if child_raw.len() > MAX_REL_PATH {
+            let depth = child_raw.iter().filter(|&&b| b == b'/').count() + 1;
+            if child_raw.len() > MAX_REL_PATH || depth > MAX_DEPTH {
                 // Not walked, not stored: counted as a failure by the final sync, by name.
                 out.broken(
                     &child_rel,
-                    format!(
-                        "{child_rel}: the path is longer than {MAX_REL_PATH} bytes; not uploaded"
-                    ),
+                    format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; not uploaded"),
                 );
             } else if is_dir(&st) {
                 stack.push((dir.clone(), PathBuf::from(&name), child_raw));
@@ -297,42 +298,33 @@ mod tests {
     }
 
     #[test]
-    fn a_path_longer_than_path_max_is_refused_by_name_not_walked() {
-        use nix::fcntl::{openat, OFlag};
-        use nix::sys::stat::{mkdirat, Mode};
+    fn a_path_deeper_than_max_depth_is_refused_by_name_not_walked() {
         let dir = tempfile::tempdir().unwrap();
         let w = dir.path();
-        std::fs::create_dir(w.join("artifacts")).unwrap();
-        // 25 levels of 200-byte names (5 KiB below artifacts/), each with a file:
-        // made with *at calls, as a path this long cannot be named from the root.
-        let name = "d".repeat(200);
-        let mut fd = std::fs::File::open(w.join("artifacts")).unwrap().into();
-        for _ in 0..25 {
-            std::fs::write(
-                format!("/proc/self/fd/{}/f", std::os::fd::AsRawFd::as_raw_fd(&fd)),
-                "x",
-            )
-            .unwrap();
-            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).unwrap();
-            let next = openat(
-                &fd,
-                name.as_str(),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-                Mode::empty(),
-            )
-            .unwrap();
-            fd = next;
+        // artifacts/ and 140 levels below it, a file in each.
+        let mut d = w.join("artifacts");
+        for _ in 0..=140 {
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("f"), "x").unwrap();
+            d.push("d");
         }
         let s = scan(w, &["artifacts".into()], None);
-        let deepest = s.files.keys().map(String::len).max().unwrap();
-        assert!(deepest <= MAX_REL_PATH, "{deepest}");
-        assert_eq!(s.files.len(), 21, "the files above the limit are collected");
-        assert_eq!(s.incomplete.len(), 1, "{:?}", s.incomplete);
+        // artifacts/f has 2 components, artifacts/d/f 3, ...: MAX_DEPTH - 1 files fit.
+        assert_eq!(
+            s.files.len(),
+            MAX_DEPTH - 1,
+            "the files above the limit are collected"
+        );
+        // The directory at the limit and the file beside it, each by name.
+        let last = format!("artifacts{}", "/d".repeat(MAX_DEPTH - 1));
+        let mut refused = s.incomplete.clone();
+        refused.sort();
+        assert_eq!(refused, vec![format!("{last}/d"), format!("{last}/f")]);
         assert!(s
             .warnings
             .iter()
-            .any(|w| w.contains("longer than 4095 bytes")));
-        assert!(!s.covers(&format!("{}/{name}/f", s.incomplete[0])));
+            .any(|w| w.contains("deeper than 128 directories")));
+        assert!(!s.covers(&format!("{last}/d/d/f")));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct AgentContext {
     /// this; what is left is `recover`'s (`[job] stop_deadline_secs`: Slurm's KillWait,
     /// systemd's TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds).
     pub stop_deadline: Duration,
+    /// What is kept of each of the job's streams (`[job] max_log_bytes`): past it the
+    /// output is still drained, counted and dropped.
+    pub max_log_bytes: u64,
     /// Blobs this node knows to be in the store (uploads skip sending them again).
     pub known: std::sync::Arc<crate::known::KnownBlobs>,
 }

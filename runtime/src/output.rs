@@ -21,13 +21,25 @@ const MAX_POST: usize = 1024 * 1024;
 /// The contract's "at most every 2 s while output flows".
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Copies `reader` to `log_path` and echoes each line into the log. Returns bytes copied.
-/// A log file that cannot be written (a full disk) never stops the draining: the job must
-/// not block on a full pipe because the agent's disk is full. The error is returned at the end.
+/// What is kept of each stream by default (`[job] max_log_bytes`).
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
+/// Lines echoed into the agent's log per second, sustained, and in a burst: journald
+/// drops a unit's messages past its rate limit (10,000 per 30 s by default), and a job
+/// printing faster must not make it drop the agent's own.
+const ECHO_PER_SEC: f64 = 100.0;
+const ECHO_BURST: f64 = 2000.0;
+
+/// Copies `reader` to `log_path` (its first `max_bytes` bytes) and echoes lines into the
+/// log (at a rate journald keeps). Returns bytes read. Past `max_bytes` the output is still
+/// drained, so the job never blocks on a full pipe, but only counted: the agent writes the
+/// log as root, where neither the job user's quota nor the root reserve stops it, and it
+/// becomes a blob too. A log file that cannot be written (a full disk) never stops the
+/// draining either; the error is returned at the end.
 pub async fn pump(
     mut reader: impl AsyncRead + Unpin,
     stream: Stream,
     log_path: PathBuf,
+    max_bytes: u64,
 ) -> std::io::Result<u64> {
     let mut file = match tokio::fs::File::create(&log_path).await {
         Ok(f) => Some(f),
@@ -40,15 +52,20 @@ pub async fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::new();
     let mut total = 0u64;
+    let mut echo = EchoLimit::new(stream);
     loop {
         let n = reader.read(&mut buf).await?;
         if n == 0 {
             break;
         }
-        if let Some(f) = file.as_mut() {
+        let keep = (max_bytes.saturating_sub(total)).min(n as u64) as usize;
+        if keep < n && total <= max_bytes {
+            tracing::warn!(stream = stream.as_str(), max_log_bytes = max_bytes, "the job's output is over job.max_log_bytes: the rest is drained and counted, not kept or echoed");
+        }
+        if let (Some(f), true) = (file.as_mut(), keep > 0) {
             // Flushing each read keeps the file current for the live forwarder and for `recover`.
             let written = async {
-                f.write_all(&buf[..n]).await?;
+                f.write_all(&buf[..keep]).await?;
                 f.flush().await
             }
             .await;
@@ -59,21 +76,38 @@ pub async fn pump(
             }
         }
         total += n as u64;
-        for &b in &buf[..n] {
+        for &b in &buf[..keep] {
             if b == b'\n' {
-                emit(stream, &line);
+                echo.line(&line);
                 line.clear();
             } else {
                 line.push(b);
                 if line.len() >= MAX_LINE {
-                    emit(stream, &line);
+                    echo.line(&line);
                     line.clear();
                 }
             }
         }
     }
     if !line.is_empty() {
-        emit(stream, &line);
+        echo.line(&line);
+    }
+    echo.finish();
+    if total > max_bytes {
+        let note = format!(
+            "\n[c3-agent: {} more bytes of {} were dropped past job.max_log_bytes = {max_bytes}]\n",
+            total - max_bytes,
+            stream.as_str()
+        );
+        tracing::warn!(
+            stream = stream.as_str(),
+            dropped_bytes = total - max_bytes,
+            total_bytes = total,
+            "the job's output past job.max_log_bytes was dropped"
+        );
+        if let Some(f) = file.as_mut() {
+            let _ = f.write_all(note.as_bytes()).await;
+        }
     }
     if let Some(f) = file {
         f.sync_all().await?;
@@ -81,6 +115,53 @@ pub async fn pump(
     match failed {
         Some(e) => Err(e),
         None => Ok(total),
+    }
+}
+
+/// A token bucket for echoed lines; what it holds back is counted and said in one line
+/// once lines flow again (or at the end), pointing at where the whole output is.
+struct EchoLimit {
+    stream: Stream,
+    tokens: f64,
+    last: std::time::Instant,
+    held_back: u64,
+    said: std::time::Instant,
+}
+
+impl EchoLimit {
+    fn new(stream: Stream) -> Self {
+        EchoLimit {
+            stream,
+            tokens: ECHO_BURST,
+            last: std::time::Instant::now(),
+            held_back: 0,
+            said: std::time::Instant::now(),
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * ECHO_PER_SEC;
+        self.tokens = (self.tokens + earned).min(ECHO_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.held_back += 1;
+            return;
+        }
+        self.tokens -= 1.0;
+        if now.duration_since(self.said) >= std::time::Duration::from_secs(1) {
+            self.finish();
+        }
+        emit(self.stream, line);
+    }
+
+    /// Says what was held back, if anything (at most once a second while lines flow).
+    fn finish(&mut self) {
+        self.said = std::time::Instant::now();
+        if self.held_back > 0 {
+            tracing::info!(target: "c3::job", stream = self.stream.as_str(), lines = self.held_back, "(lines of the job's output not echoed here: faster than the journal keeps; all are in `c3-agent logs`)");
+            self.held_back = 0;
+        }
     }
 }
 

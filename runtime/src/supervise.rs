@@ -269,10 +269,12 @@ impl Supervisor {
         let logs = [Stream::Stdout, Stream::Stderr]
             .map(|s| (s, ctx.state.log_path(&spec.job_id, spec.attempt, s)));
         if let Some(out) = script.child.stdout.take() {
-            pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone()).in_current_span());
+            let keep = ctx.max_log_bytes;
+            pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone(), keep).in_current_span());
         }
         if let Some(err) = script.child.stderr.take() {
-            pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone()).in_current_span());
+            let keep = ctx.max_log_bytes;
+            pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone(), keep).in_current_span());
         }
         let output_done = CancellationToken::new();
         let forwarder = ctx.control_plane.clone().map(|cp| {

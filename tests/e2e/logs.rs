@@ -212,3 +212,36 @@ fn a_malformed_log_filter_is_a_config_error() {
     run.assert_code(2);
     assert!(run.stderr.contains("C3_AGENT_LOG"), "{}", run.stderr);
 }
+
+/// A job that floods its output costs the node at most `job.max_log_bytes` per stream (the
+/// agent writes the log as root, and stores it as a blob too), never blocks on a full pipe,
+/// and is echoed into the journal only as fast as journald keeps lines.
+#[test]
+fn a_flooding_job_is_kept_up_to_max_log_bytes_and_echoed_at_a_rate_journald_keeps() {
+    let mut h = Harness::file();
+    h.extra_toml = "[job]\nmax_log_bytes = 1048576\n".into();
+    // 3 MiB in 30,000 lines of 100 bytes, then a last word on stderr.
+    let script = "python3 -c \"import sys\nfor i in range(30000): sys.stdout.write('%099d\\n' % i)\"; echo done >&2";
+    let run = h.run_job(json!({"job_id": "flood", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    let log = std::fs::read(h.state.join("jobs/flood/attempts/1/stdout.log")).unwrap();
+    assert!(log.len() < (1 << 20) + 200, "{} bytes kept", log.len());
+    assert!(log.starts_with(&b"0000"[..]));
+    let tail = String::from_utf8_lossy(&log[log.len() - 120..]).into_owned();
+    assert!(
+        tail.contains("1951424 more bytes of stdout were dropped"),
+        "{tail}"
+    );
+    assert_eq!(
+        h.manifest("flood")["logs"]["stdout"]["size"],
+        log.len() as u64
+    );
+    let echoed = run.stderr.lines().filter(|l| l.contains(" 000")).count();
+    assert!(echoed <= 2100, "{echoed} lines echoed");
+    assert!(
+        run.stderr.contains("not echoed here"),
+        "{}",
+        &run.stderr[..2000]
+    );
+    assert!(run.stderr.contains("done"), "stderr is kept apart");
+}

@@ -825,6 +825,20 @@ impl Harness {
     }
 
     pub fn wait(&self, what: String, mut child: Child) -> Run {
+        // Drained while it runs: an agent that logs more than a pipe holds (64 KiB) must not
+        // block on its own stderr.
+        fn drain(
+            pipe: Option<impl std::io::Read + Send + 'static>,
+        ) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut out);
+                }
+                out
+            })
+        }
+        let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
         let deadline = Instant::now() + RUN_LIMIT;
         loop {
             if child.try_wait().expect("try_wait").is_some() {
@@ -836,7 +850,13 @@ impl Harness {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        finish(what, child.wait_with_output().expect("output"))
+        let status = child.wait().expect("wait");
+        let output = Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        finish(what, output)
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
