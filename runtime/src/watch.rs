@@ -5,10 +5,11 @@
 //! [`Hint::Degraded`] so the syncer falls back to polling. The final scan does not
 //! depend on any of this.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use notify::event::{ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
@@ -34,12 +35,42 @@ pub enum Hint {
 /// decides what is watched: never through a symlink (a job's `u -> /usr` must not cost the
 /// node its inotify watches, which systemd and udev need too), and never more than
 /// `max_watches` of them.
+///
+/// A watch is set on the directory the agent opened, not on its path: notify takes a path
+/// and inotify follows symlinks in it, so a job that swaps the directory for a symlink
+/// between the open and the watch (`renameat2(RENAME_EXCHANGE)`) would have root watch
+/// whatever it points at (another tenant's tree, an automount, a dead NFS mount that hangs
+/// the watcher). Each watch goes through an alias of its own, a symlink in a root-only
+/// temp dir to `/proc/self/fd/<the open fd>`, which the kernel resolves to that very
+/// directory. The alias is removed at once; events name it, and are mapped back.
 pub struct DirWatcher {
     watcher: notify::RecommendedWatcher,
     /// Watched directories are opened beneath it, never through a symlink.
     workdir: PathBuf,
-    watched: HashSet<PathBuf>,
+    /// Each watched directory (its path under the workdir) and the alias it is watched by.
+    watched: HashMap<PathBuf, PathBuf>,
+    aliases: Arc<Aliases>,
     max_watches: usize,
+}
+
+/// Where watch aliases are made, and which directory each one stands for.
+struct Aliases {
+    dir: tempfile::TempDir,
+    next: std::sync::atomic::AtomicU64,
+    of: Mutex<HashMap<std::ffi::OsString, PathBuf>>,
+}
+
+impl Aliases {
+    /// `path` as notify reports it (an alias, or a name below one), as the watched path.
+    fn resolve(&self, path: &Path) -> Option<PathBuf> {
+        let below = path.strip_prefix(self.dir.path()).ok()?;
+        let mut parts = below.components();
+        let Some(Component::Normal(id)) = parts.next() else {
+            return None;
+        };
+        let of = self.of.lock().unwrap_or_else(|p| p.into_inner());
+        Some(of.get(id)?.join(parts.as_path()))
+    }
 }
 
 /// Setting watches stopped at the cap: poll from now on.
@@ -52,6 +83,42 @@ pub struct WatchCapReached {
 impl DirWatcher {
     pub fn watch_count(&self) -> usize {
         self.watched.len()
+    }
+
+    /// Watches the open directory `fd` (which is `d`) through a fresh alias.
+    fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> notify::Result<()> {
+        let id = self
+            .aliases
+            .next
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        let alias = self.aliases.dir.path().join(&id);
+        std::os::unix::fs::symlink(
+            format!("/proc/self/fd/{}", std::os::fd::AsFd::as_fd(fd).as_raw_fd()),
+            &alias,
+        )
+        .map_err(notify::Error::io)?;
+        self.aliases
+            .of
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone().into(), d.to_path_buf());
+        let watched = self.watcher.watch(&alias, RecursiveMode::NonRecursive);
+        let _ = std::fs::remove_file(&alias);
+        match watched {
+            Ok(()) => {
+                self.watched.insert(d.to_path_buf(), alias);
+                Ok(())
+            }
+            Err(e) => {
+                self.aliases
+                    .of
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(std::ffi::OsStr::new(&id));
+                Err(e)
+            }
+        }
     }
 
     /// Watches `dir` (below the workdir) and every directory below it. Each directory is
@@ -70,16 +137,14 @@ impl DirWatcher {
                 continue;
             };
             let d = self.workdir.join(&rel);
-            if !self.watched.contains(&d) {
+            if !self.watched.contains_key(&d) {
                 if self.watched.len() >= self.max_watches {
                     return Err(WatchCapReached {
                         max: self.max_watches,
                     });
                 }
-                match self.watcher.watch(&d, RecursiveMode::NonRecursive) {
-                    Ok(()) => {
-                        self.watched.insert(d.clone());
-                    }
+                match self.watch_fd(&fd, &d) {
+                    Ok(()) => {}
                     Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                         return Err(WatchCapReached {
                             max: self.watched.len(),
@@ -98,14 +163,20 @@ impl DirWatcher {
     pub fn unwatch_tree(&mut self, dir: &Path) {
         let gone: Vec<PathBuf> = self
             .watched
-            .iter()
+            .keys()
             .filter(|p| p.starts_with(dir))
             .cloned()
             .collect();
         for p in gone {
+            let Some(alias) = self.watched.remove(&p) else {
+                continue;
+            };
             // The kernel already dropped the watch of a deleted directory.
-            let _ = self.watcher.unwatch(&p);
-            self.watched.remove(&p);
+            let _ = self.watcher.unwatch(&alias);
+            if let Some(id) = alias.file_name() {
+                let mut of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
+                of.remove(id);
+            }
         }
     }
 }
@@ -120,11 +191,29 @@ pub fn watcher(
 ) -> Result<(DirWatcher, mpsc::Receiver<Hint>), notify::Error> {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let overflowed = Arc::new(AtomicBool::new(false));
+    // Root's own, 0700: nobody else can put a symlink of theirs where an alias goes.
+    let aliases = Arc::new(Aliases {
+        dir: tempfile::Builder::new()
+            .prefix("c3-agent-watch-")
+            .tempdir()
+            .map_err(notify::Error::io)?,
+        next: Default::default(),
+        of: Mutex::new(HashMap::new()),
+    });
     let handler = {
         let overflowed = overflowed.clone();
+        let aliases = aliases.clone();
         move |res: notify::Result<Event>| {
             let hints = match res {
-                Ok(event) => hints_of(event),
+                Ok(mut event) => {
+                    // A name under a watch already dropped has no directory any more.
+                    event.paths = event
+                        .paths
+                        .iter()
+                        .filter_map(|p| aliases.resolve(p))
+                        .collect();
+                    hints_of(event)
+                }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                     vec![Hint::Degraded(format!("inotify watch limit reached: {e}"))]
                 }
@@ -154,7 +243,8 @@ pub fn watcher(
         DirWatcher {
             watcher,
             workdir: workdir.to_path_buf(),
-            watched: HashSet::new(),
+            watched: HashMap::new(),
+            aliases,
             max_watches: max_watches.max(1),
         },
         rx,
@@ -189,4 +279,68 @@ fn hints_of(event: Event) -> Vec<Hint> {
 /// Is `path` inside one of `roots`?
 pub fn under_any(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// The inodes the agent's inotify instances watch, from `/proc/self/fdinfo`.
+    fn watched_inodes() -> Vec<u64> {
+        let mut out = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+                let ino = line.split_whitespace().find_map(|f| f.strip_prefix("ino:"));
+                out.extend(ino.and_then(|h| u64::from_str_radix(h, 16).ok()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_watch_is_on_the_opened_directory_and_its_events_name_the_workdir_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        std::fs::create_dir_all(art.join("sub")).unwrap();
+        let (mut watcher, mut hints) = watcher(&w, 64, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        assert_eq!(watcher.watch_count(), 2);
+        let inodes = watched_inodes();
+        for d in [&art, &art.join("sub")] {
+            let ino = std::fs::metadata(d).unwrap().ino();
+            assert!(
+                inodes.contains(&ino),
+                "{} not watched: {inodes:?}",
+                d.display()
+            );
+        }
+        // No alias is left behind, and events come back under the workdir's paths.
+        assert_eq!(
+            std::fs::read_dir(watcher.aliases.dir.path())
+                .unwrap()
+                .count(),
+            0
+        );
+        std::fs::write(art.join("sub/f"), "x").unwrap();
+        let want = Hint::Touched(art.join("sub/f"));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match hints.recv().await {
+                    Some(h) if h == want => return h,
+                    Some(_) => continue,
+                    None => panic!("the watcher stopped"),
+                }
+            }
+        })
+        .await;
+        assert!(got.is_ok(), "no event for sub/f");
+        watcher.unwatch_tree(&art.join("sub"));
+        assert_eq!(watcher.watch_count(), 1);
+        assert!(watcher.aliases.of.lock().unwrap().len() == 1);
+    }
 }
