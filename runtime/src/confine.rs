@@ -431,6 +431,29 @@ impl JobReader {
 }
 
 /// `fstat` of an open file, for the checks above.
+/// `root/rel`, opened with `open` from the trusted `root` (the operator's: its own path may
+/// hold symlinks) with no symlink in any component below it; a symlink there is said as such.
+pub(crate) fn below_root<T>(
+    root: &Path,
+    rel: &Path,
+    open: impl FnOnce(&DirFd, &Path) -> io::Result<T>,
+) -> io::Result<T> {
+    open(&DirFd::open(root)?, rel).map_err(|e| {
+        if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "`{}`: a component below `{}` is a symlink or not a directory; the agent never goes through a symlink",
+                    root.join(rel).display(),
+                    root.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
     Ok(nix::sys::stat::fstat(file)?)
 }

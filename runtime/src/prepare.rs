@@ -196,22 +196,7 @@ fn reopen(roots: &[PathBuf], workdir: &Path, sidecar: bool) -> std::io::Result<D
         return DirFd::open(workdir);
     };
     let rel = workdir.strip_prefix(root).expect("checked by root_of");
-    DirFd::open(root)?.open_dir(rel).map_err(|e| {
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
-        ) {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "a component below `{}` is a symlink or not a directory",
-                    root.display()
-                ),
-            )
-        } else {
-            e
-        }
-    })
+    crate::confine::below_root(root, rel, |root, rel| root.open_dir(rel))
 }
 
 /// Proves the store is writable before any GPU time is spent. A permanent failure is an

@@ -366,19 +366,7 @@ pub(crate) fn from_root<T>(
     let rel = abs.strip_prefix("/").map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an absolute path")
     })?;
-    open(&DirFd::open(Path::new("/"))?, rel).map_err(|e| {
-        if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "`{}`: a component is a symlink or not a directory; the agent never goes through a symlink",
-                    abs.display()
-                ),
-            )
-        } else {
-            e
-        }
-    })
+    crate::confine::below_root(Path::new("/"), rel, open)
 }
 
 /// A job that was to write a done file and ended without one.
