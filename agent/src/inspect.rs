@@ -319,7 +319,7 @@ pub async fn logs(
     let whole = ctx
         .store
         .stream_blob(&entry.sha256, entry.size, |chunk| {
-            let _ = stdout.write_all(chunk);
+            stdout.write_all(chunk).is_ok()
         })
         .await
         .context("the log's blob")?;

@@ -304,6 +304,9 @@ impl<'a> Run<'a> {
         // Saved with the record before the launch: a later agent, which knows the workdir by
         // path only, must find this very directory there.
         self.record.workdir_pin = workdir.pin_id().ok();
+        // Now, not at launch: an agent that dies in the store check or a long dataset pull
+        // leaves recover a record that already names its directory.
+        self.save().await;
         if let Some(warning) = crate::prepare::store_check(self.ctx).await? {
             self.reports.warn(warning);
         }

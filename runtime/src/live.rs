@@ -269,12 +269,12 @@ impl Syncer {
         .await;
         match joined {
             Ok((w, Ok(()))) => self.watcher = Some(w),
-            Ok((w, Err(cap))) => {
+            Ok((w, Err(stopped))) => {
                 tracing::warn!(
                     watches = w.watch_count(),
-                    max_watches = cap.max,
+                    why = %stopped,
                     poll_ms = self.opts.poll_interval.as_millis() as u64,
-                    "too many directories to watch (sync.max_watches); live sync polls from now on"
+                    "no more directories can be watched; live sync polls from now on"
                 );
                 self.polling = true;
                 // The watches set so far stay useful; no more are added.

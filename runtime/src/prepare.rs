@@ -167,10 +167,18 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
     let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
     let workdir = PathBuf::from(&record.workdir);
     let (sidecar, pin) = (record.watched_dirs.is_some(), record.workdir_pin);
+    // A device number holds for one boot only (NFS, Lustre, overlay, even NVMe partitions and
+    // LVM get theirs at mount, probe or activation): after a reboot, the inode is what is left
+    // to compare, and `recover` at boot is the common case.
+    let same_boot = record
+        .agent_boot_id
+        .as_ref()
+        .is_some_and(|b| crate::procfs::boot_id().as_ref() == Some(b));
     let path = workdir.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let fd = reopen(&roots, &path, sidecar)?;
-        if pin.is_some_and(|pin| fd.pin_id().ok() != Some(pin)) {
+        let found = fd.pin_id().ok();
+        if pin.is_some_and(|pin| !pin_matches(found, pin, same_boot)) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not the directory the attempt used (a directory above it was swapped since)",
@@ -184,6 +192,16 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
         tracing::warn!(workdir = %workdir.display(), error = %e, "the recorded workdir is refused; its files are left unstored");
         DirFd::refuse(&workdir, e.to_string());
     }
+}
+
+/// Whether the directory found is the one pinned: same inode, and same device unless the
+/// machine rebooted since the pin was taken.
+fn pin_matches(
+    found: Option<c3_proto::record::DirPin>,
+    pin: c3_proto::record::DirPin,
+    same_boot: bool,
+) -> bool {
+    found.is_some_and(|f| f.ino == pin.ino && (f.dev == pin.dev || !same_boot))
 }
 
 /// Opens a recorded workdir with no symlink below its trusted root.
@@ -290,4 +308,31 @@ async fn materialize(
     ctx.known
         .extend(manifest.files.iter().map(|f| f.sha256.as_str()));
     Ok((pulled, manifest.complete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use c3_proto::record::DirPin;
+
+    #[test]
+    fn a_pin_survives_a_reboot_that_renumbered_the_device_but_never_another_inode() {
+        let pin = DirPin { dev: 2049, ino: 77 };
+        let renumbered = Some(DirPin { dev: 66, ino: 77 });
+        assert!(pin_matches(Some(pin), pin, true));
+        assert!(
+            !pin_matches(renumbered, pin, true),
+            "same boot: the device counts"
+        );
+        assert!(
+            pin_matches(renumbered, pin, false),
+            "after a reboot: the inode"
+        );
+        assert!(!pin_matches(
+            Some(DirPin { dev: 2049, ino: 78 }),
+            pin,
+            false
+        ));
+        assert!(!pin_matches(None, pin, false));
+    }
 }

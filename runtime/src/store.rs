@@ -25,8 +25,8 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
 use object_store::{
-    BackoffConfig, GetResult, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
-    RetryConfig,
+    BackoffConfig, ClientConfigKey, GetResult, MultipartUpload, ObjectStore, ObjectStoreExt,
+    PutMode, PutPayload, RetryConfig,
 };
 
 /// SHA-256 of zero bytes: the blob the preflight check writes (a real, valid blob).
@@ -135,6 +135,11 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
                 return true;
             }
         }
+        // A store that ignores a Range request (a full 200, or other bytes than asked for)
+        // will not start honouring it on a retry.
+        if text_is_range_refusal(err) {
+            return true;
+        }
         // object_store's RetryError is not nameable outside the crate; its text is stable:
         // "Server returned non-2xx status code: 400 Bad Request: ...", with the body after it.
         let text = err.to_string();
@@ -144,6 +149,13 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+fn text_is_range_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
+    let text = err.to_string();
+    text.contains("Received non-partial response when range requested")
+        || text.contains("Content-Range header not present in partial response")
+        || (text.starts_with("Requested ") && text.contains(", got "))
 }
 
 /// Whether `e` or any of its sources mentions `needle` (an S3 error code in the body).
@@ -172,11 +184,20 @@ const TRANSIENT_400: &[&str] = &[
 /// under 17 MB/s, a 4 GiB pull at 100 MB/s) on a link that works. Instead: 5 s to connect
 /// (the default), 60 s without a byte read, and 5 min for one request, so a PUT the server
 /// stops reading is still given up. A download longer than that resumes where it broke off
-/// (pull). Store options (`timeout`, `read_timeout`, `connect_timeout`) override these.
-fn client_options() -> object_store::ClientOptions {
-    object_store::ClientOptions::new()
-        .with_timeout(Duration::from_secs(300))
-        .with_read_timeout(Duration::from_secs(60))
+/// (pull). Set key by key over what `from_env` read (a proxy, `AWS_ALLOW_HTTP`), unless the
+/// environment sets that very key (`AWS_TIMEOUT`); store options (`timeout`, `read_timeout`,
+/// `connect_timeout`) override them all.
+fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str) -> B) -> B {
+    for (key, value) in [
+        (ClientConfigKey::Timeout, "300s"),
+        (ClientConfigKey::ReadTimeout, "60s"),
+    ] {
+        let var = format!("{env_prefix}{}", key.as_ref().to_ascii_uppercase());
+        if std::env::var_os(var).is_none() {
+            b = set(b, key, value);
+        }
+    }
+    b
 }
 
 /// A store and the key layout of contract §6.
@@ -460,12 +481,13 @@ impl BlobStore {
                 // The agent hashes every byte itself and checks each part's bytes before sending:
                 // a second SHA-256 for request signing would double the CPU per GiB. CRC64-NVME
                 // (cheap, verified by the server) guards the transfer instead. Options may override both.
-                let mut b = AmazonS3Builder::from_env()
-                    .with_url(url.as_str())
-                    .with_retry(retry)
-                    .with_client_options(client_options())
-                    .with_unsigned_payload(true)
-                    .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
+                let mut b = bounded(AmazonS3Builder::from_env(), "AWS_", |b, k, v| {
+                    b.with_config(AmazonS3ConfigKey::Client(k), v)
+                })
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .with_unsigned_payload(true)
+                .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
                 for (k, v) in &config.options {
                     let key: AmazonS3ConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -482,10 +504,13 @@ impl BlobStore {
                 (built.clone(), built)
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_url(url.as_str())
-                    .with_retry(retry)
-                    .with_client_options(client_options());
+                let mut b = bounded(
+                    GoogleCloudStorageBuilder::from_env(),
+                    "GOOGLE_",
+                    |b, k, v| b.with_config(GoogleConfigKey::Client(k), v),
+                )
+                .with_url(url.as_str())
+                .with_retry(retry);
                 for (k, v) in &config.options {
                     let key: GoogleConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -500,10 +525,11 @@ impl BlobStore {
                 (built.clone(), built)
             }
             "az" | "azure" | "abfs" | "abfss" => {
-                let mut b = MicrosoftAzureBuilder::from_env()
-                    .with_url(url.as_str())
-                    .with_retry(retry)
-                    .with_client_options(client_options());
+                let mut b = bounded(MicrosoftAzureBuilder::from_env(), "AZURE_", |b, k, v| {
+                    b.with_config(AzureConfigKey::Client(k), v)
+                })
+                .with_url(url.as_str())
+                .with_retry(retry);
                 for (k, v) in &config.options {
                     let key: AzureConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -713,9 +739,17 @@ impl BlobStore {
                 self.put_document_once(&key, bytes).await.map(|()| true)
             }
             Ok(None) => Err(not_there("a HEAD does not find it")),
-            // A write-only policy (no s3:GetObject) cannot check: the refusal, not a conflict
-            // (answered above), is the store saying the key exists, and is taken.
-            Err(e) if self.head_denied(&e) => Ok(false),
+            // A write-only policy (no s3:GetObject) cannot check: a 412 (or Azure's "blob
+            // already exists") is the store saying the key exists, and is taken; a bare 409
+            // may be S3's OperationAborted, a conflict.
+            Err(e) if self.head_denied(&e) => {
+                if says(&refused, "412 Precondition Failed") || says(&refused, "BlobAlreadyExists")
+                {
+                    Ok(false)
+                } else {
+                    Err(not_there("HEAD is denied and a 409 may be a conflict"))
+                }
+            }
             Err(e) => Err(e),
         }
     }
@@ -892,6 +926,7 @@ impl BlobStore {
         &self,
         sha256_hex: &str,
         upload_id: &str,
+        size: u64,
         parts: Vec<String>,
     ) -> Result<(), StoreError> {
         self.retrying(|| async {
@@ -899,7 +934,7 @@ impl BlobStore {
                 .complete_multipart_once(sha256_hex, upload_id, parts.clone())
                 .await
             {
-                Err(e) if self.completed_meanwhile(sha256_hex).await => {
+                Err(e) if self.completed_meanwhile(sha256_hex, size).await => {
                     tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
                     Ok(())
                 }
@@ -912,10 +947,10 @@ impl BlobStore {
     /// Whether the blob exists now, or a moment later: a store may forget the upload id
     /// before it has finished assembling the object (s3s-fs does), so a retried complete can
     /// see neither the upload nor the blob for a short while.
-    async fn completed_meanwhile(&self, sha256_hex: &str) -> bool {
+    async fn completed_meanwhile(&self, sha256_hex: &str, size: u64) -> bool {
         for wait_ms in [0, 250, 1000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            if matches!(self.stored_size(sha256_hex).await, Ok(Some(_))) {
+            if matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size) {
                 return true;
             }
         }
@@ -1090,12 +1125,13 @@ impl BlobStore {
     /// Streams the blob (at most `size` bytes, its manifest entry's) into `out` a chunk at a
     /// time, and says whether what came is that blob: exactly `size` bytes hashing to its
     /// key. For readers that show bytes as they come (`c3-agent logs`): a multi-GiB log is
-    /// never held whole, and a lying store is caught at the end.
+    /// never held whole, and a lying store is caught at the end. `out` returns false to stop
+    /// (its reader went away): `Ok(true)` then, as nothing false was shown.
     pub async fn stream_blob(
         &self,
         sha256_hex: &str,
         size: u64,
-        mut out: impl FnMut(&[u8]),
+        mut out: impl FnMut(&[u8]) -> bool,
     ) -> Result<bool, StoreError> {
         use futures::StreamExt;
         let key = blob_key(sha256_hex);
@@ -1112,7 +1148,9 @@ impl BlobStore {
                 return Ok(false);
             }
             hasher.update(&chunk);
-            out(&chunk);
+            if !out(&chunk) {
+                return Ok(true);
+            }
         }
         Ok(seen == size && hasher.finish_hex() == sha256_hex)
     }
@@ -1139,6 +1177,16 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_that_ignores_a_range_request_is_not_retried() {
+        let e = std::io::Error::other("Received non-partial response when range requested");
+        assert!(permanent_cause(&e));
+        let e = std::io::Error::other("Requested 100..200, got 0..200");
+        assert!(permanent_cause(&e));
+        let e = std::io::Error::other("error decoding response body");
+        assert!(!permanent_cause(&e));
+    }
 
     #[test]
     fn a_misspelt_store_option_gets_a_suggestion() {
@@ -1194,16 +1242,22 @@ mod tests {
             .await
             .unwrap();
         store
-            .complete_multipart(&sha, &id, vec![part.clone()])
+            .complete_multipart(&sha, &id, 4, vec![part.clone()])
             .await
             .unwrap();
         store
-            .complete_multipart(&sha, &id, vec![part])
+            .complete_multipart(&sha, &id, 4, vec![part.clone()])
             .await
             .unwrap();
+        // Present, but not at the size this upload was for (a short object left by another
+        // tool): not taken for its completion.
+        assert!(store
+            .complete_multipart(&sha, &id, 5, vec![part])
+            .await
+            .is_err());
         let other = crate::digest::sha256_hex(b"never stored");
         assert!(store
-            .complete_multipart(&other, &id, Vec::new())
+            .complete_multipart(&other, &id, 0, Vec::new())
             .await
             .is_err());
     }

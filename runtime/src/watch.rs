@@ -73,11 +73,14 @@ impl Aliases {
     }
 }
 
-/// Setting watches stopped at the cap: poll from now on.
+/// Setting watches stopped: poll from now on.
 #[derive(Debug, thiserror::Error)]
-#[error("more than {max} directories to watch (sync.max_watches)")]
-pub struct WatchCapReached {
-    pub max: usize,
+pub enum WatchStopped {
+    #[error("more than {max} directories to watch (sync.max_watches)")]
+    Cap { max: usize },
+    /// The alias a watch goes through could not be made (the temp dir gone: a tmp cleaner).
+    #[error("cannot make a watch alias: {0}")]
+    Alias(std::io::Error),
 }
 
 impl DirWatcher {
@@ -86,7 +89,7 @@ impl DirWatcher {
     }
 
     /// Watches the open directory `fd` (which is `d`) through a fresh alias.
-    fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> notify::Result<()> {
+    fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> Result<notify::Result<()>, WatchStopped> {
         let id = self
             .aliases
             .next
@@ -97,7 +100,7 @@ impl DirWatcher {
             format!("/proc/self/fd/{}", std::os::fd::AsFd::as_fd(fd).as_raw_fd()),
             &alias,
         )
-        .map_err(notify::Error::io)?;
+        .map_err(WatchStopped::Alias)?;
         self.aliases
             .of
             .lock()
@@ -105,7 +108,7 @@ impl DirWatcher {
             .insert(id.clone().into(), d.to_path_buf());
         let watched = self.watcher.watch(&alias, RecursiveMode::NonRecursive);
         let _ = std::fs::remove_file(&alias);
-        match watched {
+        Ok(match watched {
             Ok(()) => {
                 self.watched.insert(d.to_path_buf(), alias);
                 Ok(())
@@ -118,13 +121,13 @@ impl DirWatcher {
                     .remove(std::ffi::OsStr::new(&id));
                 Err(e)
             }
-        }
+        })
     }
 
     /// Watches `dir` (below the workdir) and every directory below it. Each directory is
     /// first opened from the workdir with no symlink in any component, and its children are
     /// listed from that fd: a directory swapped for a symlink is never walked into.
-    pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchCapReached> {
+    pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchStopped> {
         let Ok(rel) = dir.strip_prefix(&self.workdir) else {
             return Ok(());
         };
@@ -139,14 +142,14 @@ impl DirWatcher {
             let d = self.workdir.join(&rel);
             if !self.watched.contains_key(&d) {
                 if self.watched.len() >= self.max_watches {
-                    return Err(WatchCapReached {
+                    return Err(WatchStopped::Cap {
                         max: self.max_watches,
                     });
                 }
-                match self.watch_fd(&fd, &d) {
+                match self.watch_fd(&fd, &d)? {
                     Ok(()) => {}
                     Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                        return Err(WatchCapReached {
+                        return Err(WatchStopped::Cap {
                             max: self.watched.len(),
                         })
                     }
@@ -205,14 +208,11 @@ pub fn watcher(
         let aliases = aliases.clone();
         move |res: notify::Result<Event>| {
             let hints = match res {
-                Ok(mut event) => {
-                    // A name under a watch already dropped has no directory any more.
-                    event.paths = event
-                        .paths
-                        .iter()
-                        .filter_map(|p| aliases.resolve(p))
-                        .collect();
-                    hints_of(event)
+                Ok(event) => {
+                    // A name under a watch already dropped has no directory any more (None),
+                    // and keeps its place: a rename's destination stays its destination.
+                    let paths = event.paths.iter().map(|p| aliases.resolve(p)).collect();
+                    hints_of(&event, paths)
                 }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                     vec![Hint::Degraded(format!("inotify watch limit reached: {e}"))]
@@ -251,27 +251,28 @@ pub fn watcher(
     ))
 }
 
-fn hints_of(event: Event) -> Vec<Hint> {
+/// The hints of `event`, whose paths (in order) are already mapped to the workdir's.
+fn hints_of(event: &Event, paths: Vec<Option<PathBuf>>) -> Vec<Hint> {
     if event.need_rescan() {
         return vec![Hint::Rescan("inotify queue overflowed".into())];
     }
-    let mut paths = event.paths.into_iter();
+    let mut paths = paths.into_iter();
     match event.kind {
         EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-            paths.map(Hint::Gone).collect()
+            paths.flatten().map(Hint::Gone).collect()
         }
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            let from = paths.next().map(Hint::Gone);
-            let to = paths.next().map(Hint::Touched);
+            let from = paths.next().flatten().map(Hint::Gone);
+            let to = paths.next().flatten().map(Hint::Touched);
             from.into_iter().chain(to).collect()
         }
         // Opening or reading tells nothing new; closing after a write does.
         EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write)) => {
-            paths.map(Hint::Touched).collect()
+            paths.flatten().map(Hint::Touched).collect()
         }
         EventKind::Access(_) => Vec::new(),
         EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
-            paths.map(Hint::Touched).collect()
+            paths.flatten().map(Hint::Touched).collect()
         }
     }
 }
@@ -299,6 +300,21 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_rename_from_an_unwatched_directory_is_still_a_new_file_at_its_destination() {
+        let event = Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)));
+        let to = PathBuf::from("/w/artifacts/ckpt");
+        assert_eq!(
+            hints_of(&event, vec![None, Some(to.clone())]),
+            vec![Hint::Touched(to.clone())]
+        );
+        let from = PathBuf::from("/w/artifacts/tmp");
+        assert_eq!(
+            hints_of(&event, vec![Some(from.clone()), Some(to.clone())]),
+            vec![Hint::Gone(from), Hint::Touched(to)]
+        );
     }
 
     #[tokio::test]

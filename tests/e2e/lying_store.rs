@@ -320,3 +320,16 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
         .assert_code(0);
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
 }
+
+/// Client settings the environment gives (`AWS_ALLOW_HTTP`, a proxy) survive the agent's own
+/// request bounds.
+#[test]
+fn client_settings_from_the_environment_are_kept() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml = h.extra_toml.replace("aws_allow_http = \"true\"\n", "");
+    h.env.push(("AWS_ALLOW_HTTP".into(), "true".into()));
+    h.run_job(job_writing(&h, "envhttp", b"over plain http"))
+        .assert_code(0);
+    assert!(s3.blob(b"over plain http").is_some());
+}

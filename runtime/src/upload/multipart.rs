@@ -539,7 +539,12 @@ impl Uploader {
     pub(super) async fn complete(&self, journal: MultipartJournal) -> Result<(), StoreError> {
         let parts = journal.record.parts.values().cloned().collect();
         self.store
-            .complete_multipart(&journal.record.sha256, &journal.record.upload_id, parts)
+            .complete_multipart(
+                &journal.record.sha256,
+                &journal.record.upload_id,
+                journal.record.size,
+                parts,
+            )
             .await?;
         journal.remove();
         Ok(())
