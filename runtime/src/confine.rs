@@ -430,7 +430,6 @@ impl JobReader {
     }
 }
 
-/// `fstat` of an open file, for the checks above.
 /// `root/rel`, opened with `open` from the trusted `root` (the operator's: its own path may
 /// hold symlinks) with no symlink in any component below it; a symlink there is said as such.
 pub(crate) fn below_root<T>(
@@ -454,6 +453,7 @@ pub(crate) fn below_root<T>(
     })
 }
 
+/// `fstat` of an open file, for the checks above.
 pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
     Ok(nix::sys::stat::fstat(file)?)
 }

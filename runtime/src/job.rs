@@ -301,11 +301,10 @@ impl<'a> Run<'a> {
         }
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
         let workdir = crate::prepare::workdir(self.ctx, self.spec(), &self.workdir, owner).await?;
-        // Saved with the record before the launch: a later agent, which knows the workdir by
-        // path only, must find this very directory there.
+        // A later agent knows the workdir by path only and must find this very directory
+        // there: saved now, not at launch, so that an agent dying in the store check or a
+        // long dataset pull leaves a record that already names it.
         self.record.workdir_pin = workdir.pin_id().ok();
-        // Now, not at launch: an agent that dies in the store check or a long dataset pull
-        // leaves recover a record that already names its directory.
         self.save().await;
         if let Some(warning) = crate::prepare::store_check(self.ctx).await? {
             self.reports.warn(warning);
