@@ -19,6 +19,7 @@ pub mod display;
 pub mod fault;
 pub mod filestore;
 pub mod gc;
+pub mod httpcap;
 pub mod inflight;
 pub mod job;
 pub mod jobproc;

@@ -486,6 +486,7 @@ impl BlobStore {
                 })
                 .with_url(url.as_str())
                 .with_retry(retry)
+                .with_http_connector(crate::httpcap::CappedConnector)
                 .with_unsigned_payload(true)
                 .with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME);
                 for (k, v) in &config.options {
@@ -510,7 +511,8 @@ impl BlobStore {
                     |b, k, v| b.with_config(GoogleConfigKey::Client(k), v),
                 )
                 .with_url(url.as_str())
-                .with_retry(retry);
+                .with_retry(retry)
+                .with_http_connector(crate::httpcap::CappedConnector);
                 for (k, v) in &config.options {
                     let key: GoogleConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),
@@ -529,7 +531,8 @@ impl BlobStore {
                     b.with_config(AzureConfigKey::Client(k), v)
                 })
                 .with_url(url.as_str())
-                .with_retry(retry);
+                .with_retry(retry)
+                .with_http_connector(crate::httpcap::CappedConnector);
                 for (k, v) in &config.options {
                     let key: AzureConfigKey = k.parse().map_err(|_| StoreError::BadOption {
                         key: k.clone(),

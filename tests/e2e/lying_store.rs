@@ -28,13 +28,40 @@ enum Fault {
     HeadDenied,
     /// Every GET response breaks off after at most 256 KiB.
     CutDownloads,
+    /// Every blob PUT: 403 with a 256 MiB body.
+    EndlessError,
+    /// Every multipart start: 200 with 256 MiB of XML.
+    EndlessXml,
 }
+
+/// The size of the endless bodies: far over any cap, small enough that a test of code that
+/// reads them whole still ends.
+const ENDLESS: usize = 256 << 20;
 
 #[derive(Default)]
 struct State {
     objects: HashMap<String, Vec<u8>>,
     seen_puts: HashMap<String, usize>,
     fault: Option<Fault>,
+    /// The most bytes of one endless body handed to its connection (a retry sends another).
+    endless_sent: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
+/// when it is the longest yet.
+fn endless(status: StatusCode, sent: Arc<std::sync::atomic::AtomicUsize>) -> Response {
+    use futures::StreamExt;
+    let chunk = Bytes::from(vec![b'<'; 64 << 10]);
+    let body = futures::stream::iter(0..ENDLESS / chunk.len()).map(move |i| {
+        let so_far = (i + 1) * chunk.len();
+        sent.fetch_max(so_far, std::sync::atomic::Ordering::Relaxed);
+        Ok::<_, std::io::Error>(chunk.clone())
+    });
+    reply(
+        status,
+        &[("content-type", "application/xml".into())],
+        Body::from_stream(body),
+    )
 }
 
 /// The fake endpoint: one bucket, path-style, on 127.0.0.1; a thread with its own runtime.
@@ -93,6 +120,9 @@ async fn handle(
                 *n += 1;
                 *n
             };
+            if is_blob && fault == Fault::EndlessError {
+                return endless(StatusCode::FORBIDDEN, st.endless_sent.clone());
+            }
             if is_blob && seen == 1 && fault == Fault::RequestTimeoutOnce {
                 return s3_error(StatusCode::BAD_REQUEST, "RequestTimeout");
             }
@@ -123,6 +153,9 @@ async fn handle(
                 }
                 None => reply(StatusCode::NOT_FOUND, &[], Body::empty()),
             }
+        }
+        Method::POST if fault == Fault::EndlessXml => {
+            endless(StatusCode::OK, st.endless_sent.clone())
         }
         Method::GET if uri.query().is_some_and(|q| q.contains("list-type")) => reply(
             StatusCode::OK,
@@ -206,6 +239,11 @@ impl FakeS3 {
 
     fn set_fault(&self, fault: Fault) {
         self.state.lock().unwrap().fault = Some(fault);
+    }
+
+    fn endless_sent(&self) -> usize {
+        let st = self.state.lock().unwrap();
+        st.endless_sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn blob(&self, bytes: &[u8]) -> Option<Vec<u8>> {
@@ -332,4 +370,37 @@ fn client_settings_from_the_environment_are_kept() {
     h.run_job(job_writing(&h, "envhttp", b"over plain http"))
         .assert_code(0);
     assert!(s3.blob(b"over plain http").is_some());
+}
+
+/// An error reply is read for its message, a listing for its keys: neither may make the root
+/// agent hold whatever the store sends. Counted at the store: what it got to send before the
+/// agent let go of one reply (the kernel's socket buffers included), against the 256 MiB on offer.
+#[test]
+fn an_endless_error_reply_is_cut_not_held() {
+    let s3 = FakeS3::start(Fault::EndlessError);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "endless", b"refused"));
+    run.assert_code(3);
+    assert_eq!(h.terminal("endless")["reason"], "UPLOAD_ERROR");
+    let sent = s3.endless_sent();
+    assert!(
+        sent < 32 << 20,
+        "the agent read {sent} bytes of one error reply"
+    );
+}
+
+#[test]
+fn an_endless_xml_reply_fails_the_upload_without_holding_it() {
+    let s3 = FakeS3::start(Fault::EndlessXml);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+    let run = h.run_job(job_writing(&h, "xml", &pattern(2 << 20)));
+    run.assert_code(3);
+    assert_eq!(h.terminal("xml")["reason"], "UPLOAD_ERROR");
+    let sent = s3.endless_sent();
+    assert!(
+        sent < 64 << 20,
+        "the agent read {sent} bytes of one XML reply"
+    );
 }
