@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 
@@ -25,7 +25,37 @@ const SECRET_NAMES: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
+    // Azure managed identity on App Service, Container Apps and Arc: object_store's Azure
+    // builder sends IDENTITY_HEADER as the secret that buys a token from IDENTITY_ENDPOINT.
+    "IDENTITY_HEADER",
+    "IDENTITY_ENDPOINT",
+    "MSI_SECRET",
+    "MSI_ENDPOINT",
+    "IMDS_ENDPOINT",
 ];
+
+/// A proxy the agent reaches its store through may carry the operator's login
+/// (`http://svc:pass@proxy:3128`): the job keeps the proxy, not the login.
+fn is_proxy_var(name: &[u8]) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.ends_with(b"_proxy") && lower != b"no_proxy"
+}
+
+/// `scheme://user:pass@host:port/path` without `user:pass@` (and the same without a scheme).
+fn without_userinfo(value: &[u8]) -> Option<Vec<u8>> {
+    let start = value
+        .windows(3)
+        .position(|w| w == b"://")
+        .map_or(0, |i| i + 3);
+    let end = value[start..]
+        .iter()
+        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .map_or(value.len(), |i| start + i);
+    let at = value[start..end].iter().rposition(|&b| b == b'@')?;
+    let mut out = value[..start].to_vec();
+    out.extend_from_slice(&value[start + at + 1..]);
+    Some(out)
+}
 
 /// The child's environment: the agent's minus its credentials, then the spec's `env`,
 /// then the job variables the contract promises.
@@ -48,6 +78,12 @@ pub fn child_env(
             let holds_token =
                 token.is_some_and(|t| v.as_bytes().windows(t.len()).any(|w| w == t.as_bytes()));
             !(secret_name || holds_token)
+        })
+        .map(|(k, v)| {
+            let bare = is_proxy_var(k.as_bytes())
+                .then(|| without_userinfo(v.as_bytes()))
+                .flatten();
+            (k, bare.map_or(v, |b| OsString::from_vec(b)))
         })
         .collect();
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
@@ -269,6 +305,11 @@ mod tests {
             ("SERVICE_ACCOUNT", "/etc/c3-agent/gcs.json"),
             ("NOTIFY_SOCKET", "/run/systemd/notify"),
             ("WATCHDOG_USEC", "30000000"),
+            ("IDENTITY_HEADER", "azsecret"),
+            ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+            ("MSI_SECRET", "old"),
+            ("HTTPS_PROXY", "http://svc:pass@proxy:3128"),
+            ("no_proxy", "a@b"),
             ("SNEAKY", "Bearer tok123"),
             ("PYTHONUNBUFFERED", "0"),
         ]
@@ -284,8 +325,32 @@ mod tests {
         let keys: Vec<_> = env.keys().map(|k| k.to_str().unwrap()).collect();
         assert_eq!(
             keys,
-            vec!["AWS_PROFILE", "C3_AGENT_SOCKET", "PATH", "PYTHONUNBUFFERED"]
+            vec![
+                "AWS_PROFILE",
+                "C3_AGENT_SOCKET",
+                "HTTPS_PROXY",
+                "PATH",
+                "PYTHONUNBUFFERED",
+                "no_proxy"
+            ]
         );
         assert_eq!(env[&OsString::from("PYTHONUNBUFFERED")], "1");
+        assert_eq!(env[&OsString::from("HTTPS_PROXY")], "http://proxy:3128");
+        assert_eq!(env[&OsString::from("no_proxy")], "a@b");
+    }
+
+    #[test]
+    fn a_proxy_loses_its_login_and_keeps_the_rest() {
+        let strip = |v: &str| without_userinfo(v.as_bytes()).map(|b| String::from_utf8(b).unwrap());
+        assert_eq!(
+            strip("http://u:p@h:1/x@y").as_deref(),
+            Some("http://h:1/x@y")
+        );
+        assert_eq!(strip("u:p@h:1").as_deref(), Some("h:1"));
+        assert_eq!(strip("socks5://a@b@h").as_deref(), Some("socks5://h"));
+        assert_eq!(strip("http://h:1/p@q"), None);
+        assert_eq!(strip("http://h:1"), None);
+        assert!(is_proxy_var(b"all_proxy") && is_proxy_var(b"HTTP_PROXY"));
+        assert!(!is_proxy_var(b"NO_PROXY"));
     }
 }
