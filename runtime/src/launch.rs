@@ -83,7 +83,7 @@ pub fn child_env(
             let bare = is_proxy_var(k.as_bytes())
                 .then(|| without_userinfo(v.as_bytes()))
                 .flatten();
-            (k, bare.map_or(v, |b| OsString::from_vec(b)))
+            (k, bare.map_or(v, OsString::from_vec))
         })
         .collect();
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
