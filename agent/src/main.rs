@@ -294,13 +294,79 @@ fn context(env: &Env) -> Result<AgentContext, String> {
     })
 }
 
-fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
+/// The largest job spec read: a real one is a few KiB (its `env` included).
+const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// Reads a job spec: a regular file (a FIFO never blocks the start), at most 1 MiB. Below
+/// `under` (the `--job-id` place, `<jobs_root>/<id>/job.json`) no component is a symlink, and
+/// the file and its directory must be root's (or the agent's) and not writable by others: a
+/// workdir is made its job's, and a job owning `<jobs_root>/<id>` before a job of that id is
+/// placed could otherwise swap in the spec that job starts with (another command, user root).
+fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| format!("cannot read job spec {}: {e}", path.display());
+    let file = match under {
+        Some(root) => {
+            let rel = path
+                .strip_prefix(root)
+                .map_err(|_| "spec outside its root".to_string())?;
+            let root = c3_runtime::confine::DirFd::open_root(root).map_err(err)?;
+            let owned_here = |st: &nix::sys::stat::FileStat, what: &str| {
+                let euid = nix::unistd::geteuid().as_raw();
+                if (st.st_uid != 0 && st.st_uid != euid) || st.st_mode & 0o002 != 0 {
+                    return Err(format!(
+                        "job spec {}: its {what} is owned by uid {} (mode {:o}), not root's: a job may have written it",
+                        path.display(),
+                        st.st_uid,
+                        st.st_mode & 0o7777
+                    ));
+                }
+                Ok(())
+            };
+            if let Some(dir) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+                let st =
+                    c3_runtime::confine::fstat(&root.open_dir(dir).map_err(err)?).map_err(err)?;
+                owned_here(&st, "directory")?;
+            }
+            let file = root.open_file(rel).map_err(err)?;
+            owned_here(&c3_runtime::confine::fstat(&file).map_err(err)?, "file")?;
+            file
+        }
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(err)?,
+    };
+    let st = c3_runtime::confine::fstat(&file).map_err(err)?;
+    if !c3_runtime::confine::is_regular(&st) {
+        return Err(format!("job spec {}: not a regular file", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(format!(
+            "job spec {}: over {MAX_SPEC_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
+fn spec_from_args(
+    args: RunArgs,
+    jobs_root: &Path,
+    state: &StateDir,
+    under: Option<&Path>,
+) -> Result<JobSpec, String> {
     if let Some(path) = &args.job {
         if !args.command.is_empty() {
             return Err("`run --job SPEC.json` takes no command after `--`".into());
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read job spec {}: {e}", path.display()))?;
+        let bytes = read_spec(path, under)?;
         let parsed = JobSpec::from_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         // A scheduler's spec may only name a workdir the operator set aside for jobs: an
         // existing tree elsewhere (`/etc`, another tenant's data) is never the job's.
@@ -312,6 +378,12 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
                     path.display(),
                     w.display(),
                     jobs_root.display()
+                ));
+            }
+            if let Some(problem) = state.workdir_problem(&parsed.spec.job_id, w) {
+                return Err(format!(
+                    "{}: job spec field `workdir`: {problem}",
+                    path.display()
                 ));
             }
         }
@@ -338,6 +410,8 @@ fn spec_from_args(args: RunArgs, jobs_root: &Path) -> Result<JobSpec, String> {
                     command: Vec::new(),
                 },
                 jobs_root,
+                state,
+                Some(jobs_root),
             )?;
             if &spec.job_id != id {
                 return Err(format!(
@@ -449,7 +523,8 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
 
 async fn run(args: RunArgs, env: &Env) -> ExitCode {
     let config = &env.config;
-    let spec = match spec_from_args(args, &config.jobs_root) {
+    let state = StateDir::new(&config.state_dir);
+    let spec = match spec_from_args(args, &config.jobs_root, &state, None) {
         Ok(s) => s,
         Err(e) => return usage(&e),
     };

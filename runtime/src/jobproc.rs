@@ -717,12 +717,30 @@ impl JobProcesses {
 /// Stops what a crashed agent's job left running, signalling only what provably is the
 /// job: its own cgroup, or its process group while the recorded leader (pid, start time,
 /// boot) still exists. A pid or group id reused by a stranger is never signalled.
+/// A cgroup the agent made for a job (`c3-<job>-<attempt>-<pid>`, under the cgroup2 mount):
+/// the only kind a run record may have `recover` kill and remove, whatever the record says.
+fn is_agents_cgroup(path: &str) -> bool {
+    let p = Path::new(path);
+    p.starts_with("/sys/fs/cgroup")
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        })
+        && p.file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"c3-"))
+}
+
 pub async fn stop_recorded(
     leader: Option<&c3_proto::ProcIdentity>,
     cgroup: Option<&str>,
     grace: Duration,
 ) {
-    if let Some(cg) = cgroup.and_then(Cgroup::existing) {
+    if let Some(cg) = cgroup
+        .filter(|p| is_agents_cgroup(p))
+        .and_then(Cgroup::existing)
+    {
         let members = cg.members();
         if !members.is_empty() {
             tracing::warn!(

@@ -109,6 +109,31 @@ impl StateDir {
         self.job_dir(job_id).join("work")
     }
 
+    /// Why a spec's `workdir` may not be used, when it reaches into the agent's own tree: the
+    /// workdir is made the job's, and a job owning a directory among the run records could
+    /// plant one that a root `recover` then acts on (its lock, its cgroup, another job's
+    /// manifest). Inside the state dir only this job's default workdir (and below) is the
+    /// job's; a workdir above the state dir would let an output dir reach into it.
+    pub fn workdir_problem(&self, job_id: &str, workdir: &Path) -> Option<String> {
+        let own = self.default_workdir(job_id);
+        if workdir.starts_with(&self.root) && !workdir.starts_with(&own) {
+            return Some(format!(
+                "`{}` is inside the agent's state dir `{}`; only `{}` (the default) may be",
+                workdir.display(),
+                self.root.display(),
+                own.display()
+            ));
+        }
+        if self.root.starts_with(workdir) {
+            return Some(format!(
+                "`{}` holds the agent's state dir `{}`",
+                workdir.display(),
+                self.root.display()
+            ));
+        }
+        None
+    }
+
     pub fn attempt_dir(&self, job_id: &str, attempt: u32) -> PathBuf {
         self.job_dir(job_id)
             .join("attempts")
@@ -162,7 +187,7 @@ impl StateDir {
             };
             for attempt in attempts.flatten() {
                 let record = attempt.path().join("run.json");
-                if record.is_file() {
+                if agents_own(&[&job.path(), &attempt.path(), &record]) {
                     out.push(record);
                 }
             }
@@ -170,6 +195,21 @@ impl StateDir {
         out.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
         out
     }
+}
+
+/// Whether each path is the agent's own, as a record `recover` acts on as root must be: not a
+/// symlink, owned by root (or the agent's user), writable by no one else. A record anywhere
+/// else was not written by an agent.
+fn agents_own(paths: &[&Path]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    paths.iter().all(|p| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| {
+            !m.file_type().is_symlink()
+                && (m.uid() == 0 || m.uid() == euid)
+                && m.mode() & 0o022 == 0
+        })
+    })
 }
 
 /// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it).
@@ -207,17 +247,20 @@ pub enum LockError {
 
 impl AttemptLock {
     pub fn acquire(state: &StateDir, job_id: &str, attempt: u32) -> Result<Self, LockError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = state.ensure_attempt_dir(job_id, attempt)?;
         let path = dir.join("lock");
         let err = |source| StateError::Write {
             path: path.clone(),
             source,
         };
+        // Never through a symlink: a lock planted as one would have root truncate its target.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .map_err(err)?;
         match file.try_lock() {
@@ -280,4 +323,30 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workdir_reaches_into_the_state_dir_only_at_its_own_default() {
+        let s = StateDir::new(Path::new("/var/lib/c3"));
+        let problem = |w: &str| s.workdir_problem("j1", Path::new(w));
+        assert_eq!(problem("/var/lib/c3/jobs/j1/work"), None);
+        assert_eq!(problem("/var/lib/c3/jobs/j1/work/deeper"), None);
+        assert_eq!(problem("/srv/jobs/j1"), None);
+        assert_eq!(problem("/var/lib/c3x/jobs"), None);
+        for bad in [
+            "/var/lib/c3/jobs/plant",
+            "/var/lib/c3/jobs/j1",
+            "/var/lib/c3/jobs/j1/attempts/9",
+            "/var/lib/c3/jobs/other/work",
+            "/var/lib/c3/jobs/.trash",
+            "/var/lib/c3/outbox",
+            "/var/lib",
+        ] {
+            assert!(problem(bad).is_some(), "{bad} was allowed");
+        }
+    }
 }

@@ -117,3 +117,70 @@ fn existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected() {
     assert_eq!(owner(&art.join("secret")), 0);
     assert_eq!(mode(&art.join("secret")), 0o600);
 }
+
+/// The default jobs_root is the state dir's jobs dir, where the run records live: a workdir
+/// there would be made the job's, and a job owning a directory among the records could plant
+/// one that a root `recover` acts on. Only the job's own default workdir is allowed there.
+#[test]
+fn a_workdir_among_the_agents_run_records_is_a_spec_error() {
+    if not_root("a_workdir_among_the_agents_run_records_is_a_spec_error") {
+        return;
+    }
+    let mut h = open_harness();
+    let jobs = h.state.join("jobs");
+    h.extra_toml = format!("jobs_root = \"{}\"\n", jobs.display());
+    let marker = h.path("launched");
+    for workdir in [jobs.join("plant"), jobs.join("other/work"), jobs.join("j")] {
+        let run = h.run_job(json!({
+            "job_id": "j", "user": "nobody", "workdir": workdir.display().to_string(),
+            "command": ["touch", marker.display().to_string()],
+        }));
+        run.assert_code(2);
+        assert!(run.stderr.contains("`workdir`"), "{}", run.stderr);
+        assert!(!workdir.exists(), "{} was made", workdir.display());
+    }
+    assert!(!marker.exists(), "nothing may be launched");
+    // The default one still works.
+    let own = jobs.join("j/work").display().to_string();
+    h.run_job(json!({"job_id": "j", "user": "nobody", "workdir": own, "command": ["true"]}))
+        .assert_code(0);
+}
+
+/// `run --job-id ID` reads `<jobs_root>/ID/job.json`: a directory a job owns there (an earlier
+/// job's workdir named after an id to come) must not supply the spec a later job starts with.
+#[test]
+fn a_spec_in_a_directory_a_job_owns_is_refused() {
+    if not_root("a_spec_in_a_directory_a_job_owns_is_refused") {
+        return;
+    }
+    let h = open_harness();
+    let marker = h.path("launched");
+    let spec = json!({"job_id": "next", "command": ["touch", marker.display().to_string()]});
+    let dir = h.path("next");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("job.json"), spec.to_string()).unwrap();
+    std::os::unix::fs::chown(&dir, Some(crate::common::nobody()), None).unwrap();
+    let run = h.run(&["run", "--job-id", "next"]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("owned by uid"), "{}", run.stderr);
+    // A symlink for the spec, or a FIFO, is refused at once too.
+    std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    std::fs::remove_file(dir.join("job.json")).unwrap();
+    let elsewhere = h.path("elsewhere.json");
+    std::fs::write(&elsewhere, spec.to_string()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("job.json")).unwrap();
+    h.run(&["run", "--job-id", "next"]).assert_code(2);
+    std::fs::remove_file(dir.join("job.json")).unwrap();
+    nix::unistd::mkfifo(
+        &dir.join("job.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let fifo = crate::common::wait_within(
+        "a FIFO spec",
+        h.spawn(&["run", "--job-id", "next"]),
+        std::time::Duration::from_secs(20),
+    );
+    fifo.assert_code(2);
+    assert!(!marker.exists(), "nothing may be launched");
+}
