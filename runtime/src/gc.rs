@@ -38,6 +38,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Staging files younger than this are never deleted: a put takes seconds, a large file's
 /// staging object as long as the file takes to read.
 const STAGING_MIN_AGE: Duration = Duration::from_secs(60 * 60);
+/// The youngest an unreferenced blob may be and still be deleted.
+const BLOB_MIN_AGE: Duration = Duration::from_secs(60 * 60);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -121,7 +123,12 @@ pub async fn collect_garbage_capped(
 ) -> Result<GcReport, GcError> {
     let root = file_root(store)?;
     let now = SystemTime::now();
-    let cutoff = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
+    // job stores a blob before its manifest names it, and a sync under way may be minutes
+    // from writing that manifest.
+    let cutoff = now
+        .checked_sub(grace.max(BLOB_MIN_AGE))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut report = GcReport {
         dry_run,
         ..GcReport::default()
@@ -161,7 +168,7 @@ pub async fn collect_garbage_capped(
     }
     let (staged, staged_bytes) = {
         let staging = root.join("staging");
-        // Whatever the grace period (`--older-than 0`), a put under way is never swept.
+        // A put under way is never swept either.
         let cutoff = cutoff.min(
             now.checked_sub(STAGING_MIN_AGE)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
@@ -521,7 +528,7 @@ mod tests {
         let stderr = f.blob(b"stderr", 10 * DAY).await;
         let in_progress = f.blob(b"listed by a running attempt", 10 * DAY).await;
         let old = f.blob(b"nobody's, old", 2 * DAY).await;
-        let young = f.blob(b"nobody's yet", Duration::from_secs(3600)).await;
+        let young = f.blob(b"nobody's yet", Duration::from_secs(2 * 3600)).await;
         f.age(EMPTY_SHA256, 10 * DAY);
         let never_stored = "f".repeat(64);
         f.put(
@@ -581,6 +588,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.deleted, 0);
+
+        // Even with no grace at all: a blob just stored may be one a manifest is yet to name.
+        let just = f.blob(b"stored a second ago", Duration::from_secs(1)).await;
+        let report = collect_garbage(&f.store, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!((report.deleted, report.kept_young), (0, 1));
+        assert!(f.exists(&just));
     }
 
     #[tokio::test]
