@@ -8,6 +8,12 @@ use crate::confine::JobReader;
 /// Largest structured result a job may hand back (contract §4).
 pub const MAX_RESULT_BYTES: u64 = 64 * 1024;
 
+/// Deepest nesting a result may have. serde_json reads at most 128 levels, and the result is
+/// carried a level or two down inside the manifest and the terminal status: a result 127
+/// deep would make its job's manifest unreadable, and every later gc refuses to delete
+/// anything while one manifest cannot be read.
+pub const MAX_RESULT_DEPTH: usize = 64;
+
 /// `<workdir>/.c3/result.json`.
 pub fn result_path(workdir: &Path) -> std::path::PathBuf {
     workdir.join(".c3").join("result.json")
@@ -43,5 +49,56 @@ pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Va
     if bytes.len() as u64 > MAX_RESULT_BYTES {
         return Err(format!("over the limit of {MAX_RESULT_BYTES} bytes"));
     }
-    c3_proto::parse_json_value(&bytes).map_err(|e| format!("not valid JSON: {e}"))
+    let value = c3_proto::parse_json_value(&bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    if depth(&value) > MAX_RESULT_DEPTH {
+        return Err(format!(
+            "nested over the limit of {MAX_RESULT_DEPTH} levels"
+        ));
+    }
+    Ok(value)
+}
+
+/// How many arrays and objects deep `value` goes (a scalar is 0), without recursion.
+fn depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            serde_json::Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(d + 1);
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(levels: usize) -> String {
+        "[".repeat(levels) + &"]".repeat(levels)
+    }
+
+    #[test]
+    fn depth_counts_arrays_and_objects() {
+        let v = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        assert_eq!(depth(&v("1")), 0);
+        assert_eq!(depth(&v(r#"{"a":[1,{"b":2}],"c":3}"#)), 3);
+        assert_eq!(depth(&v(&nested(100))), 100);
+    }
+
+    #[test]
+    fn a_result_nested_too_deep_is_refused_and_one_at_the_limit_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".c3")).unwrap();
+        let write = |s: String| std::fs::write(result_path(dir.path()), s).unwrap();
+        write(nested(127));
+        let err = read(dir.path(), None).unwrap_err();
+        assert!(err.contains("nested"), "{err}");
+        write(format!("{{\"a\":{}}}", nested(MAX_RESULT_DEPTH - 1)));
+        assert_eq!(depth(&read(dir.path(), None).unwrap()), MAX_RESULT_DEPTH);
+    }
 }
