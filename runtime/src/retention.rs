@@ -120,15 +120,13 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
         }
     }
     // Every workdir any job's record names: a job whose dir holds another job's workdir stays.
-    // Each resolved once: a node may keep thousands of jobs.
-    let claims: Vec<(&str, PathBuf, Option<PathBuf>)> = jobs
+    // Compared as recorded, never resolved (see `inside`); each job dir resolved once.
+    let claims: Vec<(&str, PathBuf)> = jobs
         .iter()
         .flat_map(|j| {
-            j.attempts.iter().map(|(_, r)| {
-                let workdir = PathBuf::from(&r.workdir);
-                let real = std::fs::canonicalize(&workdir).ok();
-                (j.id.as_str(), workdir, real)
-            })
+            j.attempts
+                .iter()
+                .map(|(_, r)| (j.id.as_str(), PathBuf::from(&r.workdir)))
         })
         .collect();
 
@@ -138,10 +136,10 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
             continue;
         }
         let real_dir = std::fs::canonicalize(&job.dir).ok();
-        if let Some((other, _, _)) = claims.iter().find(|(other, workdir, real)| {
+        if let Some((other, _)) = claims.iter().find(|(other, workdir)| {
             *other != job.id
                 && (workdir.starts_with(&job.dir)
-                    || matches!((real, &real_dir), (Some(r), Some(d)) if r.starts_with(d)))
+                    || real_dir.as_ref().is_some_and(|d| workdir.starts_with(d)))
         }) {
             report.kept.push((
                 job.id.clone(),
@@ -541,16 +539,14 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// Whether `path` is `dir` or below it: lexically, or once both are resolved (a state dir
-/// reached through a symlink, a workdir recorded by its real path).
+/// Whether the recorded workdir `path` is the job dir `dir` or below it: as recorded, or
+/// below `dir` resolved (a state dir reached through a symlink, a quick run's workdir
+/// recorded by its real path). `path` itself is never resolved: a job may have swapped a
+/// directory on it for a symlink (to another job's dir, which would then be kept for as long
+/// as its records exist, or to an automount, where resolving waits without bound). The job
+/// dir is root's, and `prepare` followed no symlink below a root: as recorded is as made.
 fn inside(dir: &Path, path: &Path) -> bool {
-    if path.starts_with(dir) {
-        return true;
-    }
-    match (std::fs::canonicalize(dir), std::fs::canonicalize(path)) {
-        (Ok(d), Ok(p)) => p.starts_with(d),
-        _ => false,
-    }
+    path.starts_with(dir) || std::fs::canonicalize(dir).is_ok_and(|d| path.starts_with(d))
 }
 
 fn days(d: Duration) -> String {
@@ -868,6 +864,22 @@ mod tests {
         );
         // `shared-data` is no job: it has no attempts, and stays.
         assert_eq!(reason(&report, "shared-data"), "no attempt records");
+    }
+
+    /// A job that owns a parent of its workdir can swap it for a symlink into another job's
+    /// dir after the fact: resolving the recorded workdir would keep that job forever.
+    #[test]
+    fn a_workdir_swapped_for_a_symlink_keeps_no_other_job() {
+        let f = Fixture::new();
+        f.job("victim", 1, JobState::Succeeded, 10 * DAY, None);
+        let scratch = f.base().join("scratch");
+        let workdir = scratch.join("mine/work");
+        f.job("swapper", 1, JobState::Succeeded, DAY, Some(&workdir));
+        std::fs::remove_dir_all(scratch.join("mine")).unwrap();
+        std::os::unix::fs::symlink(f.state.job_dir("victim"), scratch.join("mine")).unwrap();
+        std::fs::create_dir_all(f.state.job_dir("victim").join("work")).unwrap();
+        let report = f.sweep();
+        assert_eq!(report.removed_jobs, ["victim"], "{report:?}");
     }
 
     #[test]
