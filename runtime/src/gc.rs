@@ -141,7 +141,13 @@ pub async fn collect_garbage_capped(
     let dir = root.join("blobs").join("sha256");
     let listed = {
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || list_blobs(&dir)).await?
+        tokio::task::spawn_blocking(move || {
+            if !dry_run {
+                put_back_left_aside(&dir);
+            }
+            list_blobs(&dir)
+        })
+        .await?
     }
     .map_err(|source| GcError::Blobs {
         path: dir.clone(),
@@ -194,9 +200,9 @@ pub async fn collect_garbage_capped(
             !referenced
         })
         .collect();
-    // A few at once: the file store syncs the directory after each delete.
+    // A few at once: each is a rename, a stat and an unlink.
     let mut deletions = futures::stream::iter(doomed)
-        .map(|blob| delete_blob(store, &dir, blob, cutoff))
+        .map(|blob| delete_blob(&dir, blob, cutoff))
         .buffer_unordered(DELETE_CONCURRENCY);
     while let Some(outcome) = deletions.next().await {
         match outcome {
@@ -230,23 +236,93 @@ enum Deleted {
 
 /// Deletes one unreferenced blob, unless it was written again since the listing.
 async fn delete_blob(
-    store: &BlobStore,
     dir: &Path,
     blob: &Blob,
     cutoff: SystemTime,
 ) -> Result<Deleted, (String, StoreError)> {
-    match std::fs::symlink_metadata(dir.join(&blob.sha256)) {
-        Ok(md) if md.is_file() => {
-            if md.modified().map_or(true, |m| m >= cutoff) {
-                return Ok(Deleted::Young);
-            }
-        }
+    let key = blob_key(&blob.sha256);
+    let (dir, sha) = (dir.to_path_buf(), blob.sha256.clone());
+    let outcome = tokio::task::spawn_blocking(move || set_aside_and_delete(&dir, &sha, cutoff))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    let deleted = outcome.map_err(|e| {
+        let source = StoreError::Op {
+            op: "delete",
+            key: key.clone(),
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            },
+        };
+        (key.clone(), source)
+    })?;
+    if let Deleted::Yes(bytes) = deleted {
+        tracing::debug!(key = %key, bytes, "deleted an unreferenced blob");
+    }
+    Ok(deleted)
+}
+
+/// The name a blob is moved to while gc makes its last check (in its own directory: a rename).
+const ASIDE: &str = ".gc-";
+
+/// Moves the blob aside, then checks its mtime one last time, then deletes it or puts it
+/// back. A job that finds the blob stored touches it and then checks it is still at its key
+/// ([`BlobStore`]'s `still_wanted`): touched before the move, the mtime here is young and
+/// the blob is put back; after it, the job finds the key empty and stores the blob again.
+/// Checking the mtime and then deleting in place would lose a blob touched in between.
+fn set_aside_and_delete(dir: &Path, sha: &str, cutoff: SystemTime) -> std::io::Result<Deleted> {
+    let path = dir.join(sha);
+    match std::fs::symlink_metadata(&path) {
+        Ok(md) if md.is_file() => {}
         _ => return Ok(Deleted::Gone),
     }
-    let key = blob_key(&blob.sha256);
-    store.delete(&key).await.map_err(|e| (key.clone(), e))?;
-    tracing::debug!(key = %key, bytes = blob.size, "deleted an unreferenced blob");
-    Ok(Deleted::Yes(blob.size))
+    let aside = dir.join(format!("{ASIDE}{sha}.{}", std::process::id()));
+    match std::fs::rename(&path, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::Gone),
+        Err(e) => return Err(e),
+    }
+    let md = std::fs::symlink_metadata(&aside)?;
+    if md.modified().map_or(true, |m| m >= cutoff) {
+        put_back(&aside, &path)?;
+        return Ok(Deleted::Young);
+    }
+    std::fs::remove_file(&aside)?;
+    Ok(Deleted::Yes(md.len()))
+}
+
+/// Returns a blob set aside to its key; a copy stored there meanwhile holds the same bytes.
+fn put_back(aside: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(aside, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::remove_file(aside)
+}
+
+/// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
+/// and this run decides again.
+fn put_back_left_aside(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(sha) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(ASIDE))
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(sha, _)| sha)
+            .filter(|sha| is_sha256_hex(sha))
+        else {
+            continue;
+        };
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = put_back(&entry.path(), &dir.join(sha));
+        }
+    }
 }
 
 /// Deletes the plain files under `staging/` last modified before `cutoff`: the temp files of
@@ -596,6 +672,58 @@ mod tests {
             .unwrap();
         assert_eq!((report.deleted, report.kept_young), (0, 1));
         assert!(f.exists(&just));
+    }
+
+    /// The race a job and gc run on one blob: the job finds it stored and touches it, gc
+    /// finds it old and deletes it. Whichever goes first, the blob is there when the job's
+    /// manifest names it.
+    #[tokio::test]
+    async fn a_blob_a_job_finds_stored_is_never_lost_to_gc() {
+        let f = Fixture::new().await;
+        let bytes: &[u8] = b"found stored by a job";
+        let sha = f.blob(bytes, 10 * DAY).await;
+        let cutoff = SystemTime::now() - DAY;
+        let dir = f.root.join("blobs/sha256");
+
+        // gc set it aside first: the job finds its key empty and stores it again.
+        let aside = dir.join(format!("{ASIDE}{sha}.1"));
+        std::fs::rename(f.blob_path(&sha), &aside).unwrap();
+        assert!(f
+            .store
+            .put_blob(&sha, Bytes::from_static(bytes))
+            .await
+            .unwrap());
+        assert!(f.exists(&sha));
+        // ... and an interrupted gc's leftover is put back (same bytes) on the next run.
+        put_back_left_aside(&dir);
+        assert!(!aside.exists() && f.exists(&sha));
+
+        // The job touched it first: gc's last look, after the move, sees it young.
+        f.age(&sha, 10 * DAY);
+        assert!(!f
+            .store
+            .put_blob(&sha, Bytes::from_static(bytes))
+            .await
+            .unwrap());
+        assert!(matches!(
+            set_aside_and_delete(&dir, &sha, cutoff).unwrap(),
+            Deleted::Young
+        ));
+        assert!(f.exists(&sha), "put back");
+
+        // Nobody wants it: deleted, and nothing left aside.
+        f.age(&sha, 10 * DAY);
+        assert!(matches!(
+            set_aside_and_delete(&dir, &sha, cutoff).unwrap(),
+            Deleted::Yes(_)
+        ));
+        assert!(!f.exists(&sha));
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(ASIDE))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[tokio::test]

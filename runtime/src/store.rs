@@ -691,8 +691,11 @@ impl BlobStore {
                     source: Box::new(e),
                 },
             })?;
-            if !added {
-                self.still_wanted(sha256_hex).await;
+            if !added && !self.still_wanted(sha256_hex).await {
+                return Err(StoreError::NotThere {
+                    key: blob_key(sha256_hex),
+                    found: "gc deleted it meanwhile".into(),
+                });
             }
             return Ok(added);
         }
@@ -732,7 +735,9 @@ impl BlobStore {
         }
         match self.stored_size(sha256_hex).await {
             Ok(Some(s)) if s == size => {
-                self.still_wanted(sha256_hex).await;
+                if !self.still_wanted(sha256_hex).await {
+                    return Err(not_there("gc deleted it meanwhile"));
+                }
                 Ok(false)
             }
             // A short or torn object under a content-addressed key (another tool, an old
@@ -765,11 +770,7 @@ impl BlobStore {
             Err(e) if self.head_denied(&e) => return Ok(false),
             r => r?,
         };
-        let exists = stored == Some(size);
-        if exists {
-            self.still_wanted(sha256_hex).await;
-        }
-        Ok(exists)
+        Ok(stored == Some(size) && self.still_wanted(sha256_hex).await)
     }
 
     /// Whether `e` is a HEAD refused for lack of permission; said once per store.
@@ -793,19 +794,28 @@ impl BlobStore {
 
     /// A blob this job is about to list was already stored: on the file store its mtime is
     /// set to now, so that `c3-agent gc` (which spares blobs younger than its grace period)
-    /// cannot delete it between now and the manifest that will name it.
-    async fn still_wanted(&self, sha256_hex: &str) {
+    /// cannot delete it between now and the manifest that will name it. `false`: gc took it
+    /// first (the blob must be stored again). gc moves a blob aside before it checks the
+    /// mtime a last time, so a blob still at its key after the touch is one gc will keep.
+    async fn still_wanted(&self, sha256_hex: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
         let Some(root) = self.local_root() else {
-            return;
+            return true;
         };
         let path = root.join(blob_key(sha256_hex));
-        let _ = tokio::task::spawn_blocking(move || {
-            std::fs::File::options()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        let touched = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::options().write(true).open(&path)?;
+            file.set_modified(std::time::SystemTime::now())?;
+            let ino = file.metadata()?.ino();
+            std::fs::symlink_metadata(&path).map(|now| now.ino() == ino)
         })
         .await;
+        match touched {
+            Ok(Ok(in_place)) => in_place,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
+            // Best effort otherwise (a blob another user wrote read-only): as before the touch.
+            _ => true,
+        }
     }
 
     /// The stored blob's size, `None` if there is none.
@@ -1004,8 +1014,11 @@ impl BlobStore {
         match self.store()?.rename_if_not_exists(&from, &to).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => {
+                if !self.still_wanted(sha256_hex).await {
+                    // gc took the blob in between: the staging object becomes it after all.
+                    return Box::pin(self.promote(staging_key, sha256_hex)).await;
+                }
                 self.delete(staging_key).await?;
-                self.still_wanted(sha256_hex).await;
                 Ok(false)
             }
             Err(source) => Err(StoreError::Op {
