@@ -371,7 +371,6 @@ fn existing(
     entry: &FileEntry,
     force: bool,
 ) -> std::io::Result<Option<bool>> {
-    use std::io::Read;
     let st = match dir.stat(name) {
         Ok(st) => st,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -379,21 +378,35 @@ fn existing(
     };
     let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
     if regular && st.st_size as u64 == entry.size {
-        let mut file = dir.open_file(Path::new(name))?;
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            sha2::Digest::update(&mut hasher, &buf[..n]);
-        }
-        if hex::encode(sha2::Digest::finalize(hasher)) == entry.sha256 {
+        let file = dir.open_file(Path::new(name))?;
+        if same_bytes(file, entry)? {
             return Ok(Some(true));
         }
     }
     Ok((!force).then_some(false))
+}
+
+/// Whether the file opened is the entry: checked on the fd (a job's process may have swapped
+/// a FIFO or a file that grows to a sparse terabyte in since the stat by name), and read no
+/// further than the entry's size + 1 byte.
+fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
+    use std::io::Read;
+    let st = crate::confine::fstat(&file)?;
+    if !crate::confine::is_regular(&st) || st.st_size as u64 != entry.size {
+        return Ok(false);
+    }
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut file, mut read) = (file.take(entry.size.saturating_add(1)), 0u64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        sha2::Digest::update(&mut hasher, &buf[..n]);
+    }
+    Ok(read == entry.size && hex::encode(sha2::Digest::finalize(hasher)) == entry.sha256)
 }
 
 enum WriteFailure {
@@ -461,4 +474,42 @@ fn write_verified(
     }
     file.sync_all()?;
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry_of(bytes: &[u8]) -> FileEntry {
+        FileEntry {
+            path: "artifacts/f".into(),
+            path_b64: None,
+            size: bytes.len() as u64,
+            sha256: crate::digest::sha256_hex(bytes),
+            blake3: String::new(),
+            mode: 0o644,
+            mtime_ns: 0,
+        }
+    }
+
+    /// A job's process grows the file to a sparse terabyte the moment root opens it: the
+    /// agent must not read (and hash) the terabyte.
+    #[test]
+    fn a_file_grown_after_its_check_is_not_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let entry = entry_of(b"abc");
+        assert!(same_bytes(std::fs::File::open(&path).unwrap(), &entry).unwrap());
+        let opened = std::fs::File::open(&path).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(!same_bytes(opened, &entry).unwrap());
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
 }
