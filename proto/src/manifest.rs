@@ -102,13 +102,18 @@ impl Manifest {
         let manifest: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
         for f in &manifest.files {
             check_entry_path(&f.path)?;
-            if f.path_b64.is_some() {
-                let raw = f.raw_path().map_err(|_| ManifestError::UnsafePath {
-                    path: f.path.clone(),
-                    problem: "path_b64 is not base64",
-                })?;
-                check_raw_path(&raw, &f.path)?;
-            }
+            let raw = match f.path_b64 {
+                Some(_) => {
+                    let raw = f.raw_path().map_err(|_| ManifestError::UnsafePath {
+                        path: f.path.clone(),
+                        problem: "path_b64 is not base64",
+                    })?;
+                    check_raw_path(&raw, &f.path)?;
+                    std::borrow::Cow::Owned(raw)
+                }
+                None => std::borrow::Cow::Borrowed(f.path.as_bytes()),
+            };
+            check_size_of_path(&raw, &f.path)?;
             if !is_sha256_hex(&f.sha256) {
                 return Err(ManifestError::BadDigest {
                     path: f.path.clone(),
@@ -179,6 +184,26 @@ pub fn entry_paths(key: &str) -> (String, Option<String>) {
         Some(b64) => (rel_display(key), Some(b64.to_string())),
         None => (key.to_string(), None),
     }
+}
+
+/// The deepest path, in components, that the agent collects or writes (a manifest entry, a
+/// file below the workdir).
+pub const MAX_PATH_DEPTH: usize = 128;
+/// The longest path, in bytes, that the agent collects or writes.
+pub const MAX_PATH_BYTES: usize = 16 * 1024;
+
+/// No agent writes an entry deeper or longer than it collects: one that is came from
+/// elsewhere, and `pull` (perhaps as root) would make a directory for each of its thousands
+/// of components, past quotas and the free-space check, which counts file bytes.
+fn check_size_of_path(raw: &[u8], shown: &str) -> Result<(), ManifestError> {
+    let depth = raw.iter().filter(|&&b| b == b'/').count() + 1;
+    if depth > MAX_PATH_DEPTH || raw.len() > MAX_PATH_BYTES {
+        return Err(ManifestError::UnsafePath {
+            path: shown.chars().take(200).collect(),
+            problem: "deeper than 128 directories or longer than 16 KiB",
+        });
+    }
+    Ok(())
 }
 
 /// The exact bytes of a path: relative, no NUL, no empty/`.`/`..` component.
@@ -263,6 +288,12 @@ mod tests {
             assert!(check_entry_path(p).is_err(), "{p}");
         }
         assert!(check_entry_path("artifacts/ok..name").is_ok());
+        let deep = format!("artifacts/{}f", "d/".repeat(MAX_PATH_DEPTH - 1));
+        assert!(check_size_of_path(deep.as_bytes(), &deep).is_err());
+        let deepest = format!("artifacts/{}f", "d/".repeat(MAX_PATH_DEPTH - 2));
+        assert!(check_size_of_path(deepest.as_bytes(), &deepest).is_ok());
+        let long = format!("artifacts/{}", "x".repeat(MAX_PATH_BYTES));
+        assert!(check_size_of_path(long.as_bytes(), &long).is_err());
     }
 
     #[test]

@@ -80,8 +80,8 @@ pub struct Scan {
 /// chain of 15,000 one-letter directories with a file in each would otherwise cost memory
 /// with the square of its depth (each file keeps its whole path, in the scan, the book and
 /// the manifest) and a walk of every level for each open.
-pub const MAX_DEPTH: usize = 128;
-pub const MAX_REL_PATH: usize = 16 * 1024;
+pub const MAX_DEPTH: usize = c3_proto::manifest::MAX_PATH_DEPTH;
+pub const MAX_REL_PATH: usize = c3_proto::manifest::MAX_PATH_BYTES;
 
 /// Warnings kept per scan: a job with a million symlinks must not cost a million lines.
 pub const MAX_SCAN_WARNINGS: usize = 1000;

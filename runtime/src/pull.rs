@@ -158,10 +158,16 @@ pub async fn pull_into(
     // blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
     // reserved blocks: what does not fit in what an ordinary user could still write is
     // refused up front rather than filling the node's disk, the agent's state dir included.
-    let needed: u64 = files.iter().map(|f| f.size).fold(0, u64::saturating_add);
+    // Each file takes whole blocks and an inode: a million 1-byte files are not 1 MB.
     if let Ok(fs) = nix::sys::statvfs::fstatvfs(&root) {
+        let block = fs.fragment_size().max(1);
+        let needed: u64 = files
+            .iter()
+            .map(|f| f.size.div_ceil(block).saturating_add(1).saturating_mul(block))
+            .fold(0, u64::saturating_add);
         let free = fs.blocks_available().saturating_mul(fs.fragment_size());
-        if needed > free {
+        let no_inodes = fs.files_available() > 0 && files.len() as u64 > fs.files_available();
+        if needed > free || no_inodes {
             return Err(PullError::NoRoom {
                 path: shown.to_path_buf(),
                 needed,

@@ -156,3 +156,38 @@ fn an_in_progress_dataset_is_materialized_with_a_warning() {
     let warnings = h.terminal("resume")["warnings"].to_string();
     assert!(warnings.contains("in-progress manifest"), "{warnings}");
 }
+
+/// An entry no agent writes: 5,000 directories deep, 0 bytes (the free-space check counts file
+/// bytes). `pull` would make every directory as root before a byte is fetched.
+#[test]
+fn a_manifest_entry_deeper_than_any_agent_writes_is_refused_before_a_directory_is_made() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "real", "command": ["sh", "-c", ": > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    forge_manifest(&h, |m| {
+        m["files"][0]["path"] = json!(format!("artifacts/{}f", "d/".repeat(5000)));
+    });
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "liar", dest.to_str().unwrap()]);
+    assert_ne!(pulled.code, 0);
+    assert!(pulled.stderr.contains("deeper than"), "{}", pulled.stderr);
+    let made = walk_dirs(&dest);
+    assert!(made < 10, "{made} directories made");
+}
+
+fn walk_dirs(dir: &std::path::Path) -> usize {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && count < 100_000 {
+                count += 1;
+                stack.push(e.path());
+            }
+        }
+    }
+    count
+}
