@@ -404,7 +404,7 @@ impl<'a> Run<'a> {
         if let Some(server) = server {
             let _ = server.await;
         }
-        let drained = supervised.output.drain().await;
+        let drained = supervised.output.drain(self.report_stay()).await;
         for w in supervised.warnings.into_iter().chain(drained) {
             self.reports.warn(w);
         }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use c3_proto::{OutputChunk, Stream};
 
@@ -20,6 +21,11 @@ const MAX_LINE: usize = 16 * 1024;
 const MAX_POST: usize = 1024 * 1024;
 /// The contract's "at most every 2 s while output flows".
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one post may try while the job runs (best effort: the next round sends it again).
+const LIVE_POST: Duration = Duration::from_secs(5);
+/// The most the last round of posts takes once the job is gone, all posts together; less
+/// when `give_up_secs` or the stop deadline leave less.
+pub const LAST_ROUND: Duration = Duration::from_secs(2);
 
 /// What is kept of each stream by default (`[job] max_log_bytes`).
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
@@ -171,56 +177,85 @@ fn emit(stream: Stream, line: &[u8]) {
     tracing::info!(target: "c3::job", stream = stream.as_str(), "{text}");
 }
 
-/// Posts new output every [`POST_INTERVAL`] until `done`, then sends the rest.
+/// Posts new output every [`POST_INTERVAL`] while the job runs; once `last_by` holds a
+/// deadline, sends the rest by then and returns (at once if the sender is gone).
+///
+/// One deadline covers the whole last round, every post of both streams: per-post timeouts
+/// add up (5 s, per stream, per post) past `give_up_secs` and the stop deadline when the
+/// control plane takes connections and never answers. A live post under way when the end
+/// comes is dropped; its bytes are sent again from the same offset in the last round.
 pub async fn forward_live(
     cp: ControlPlane,
     job_id: String,
     attempt: u32,
     logs: [(Stream, PathBuf); 2],
-    done: CancellationToken,
+    mut last_by: watch::Receiver<Option<Instant>>,
 ) {
     let endpoint = format!("v1/jobs/{job_id}/output");
     let mut offsets = [0u64; 2];
     let mut tick = tokio::time::interval(POST_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    loop {
-        let last = tokio::select! {
-            _ = tick.tick() => false,
-            _ = done.cancelled() => true,
-        };
-        // On the last round drain everything, a bounded number of posts per stream.
-        let rounds = if last { 64 } else { 1 };
+    let by = 'live: loop {
+        // The end first: a tick that is ready too must not start one more live round.
+        tokio::select! {
+            biased;
+            by = last_by.wait_for(Option::is_some) => break 'live by.ok().and_then(|b| *b),
+            _ = tick.tick() => {}
+        }
         for (i, (stream, path)) in logs.iter().enumerate() {
-            for _ in 0..rounds {
-                let Some((data, consumed)) = read_text(path, offsets[i]).await else {
-                    break;
-                };
-                let chunk = OutputChunk {
-                    attempt,
-                    stream: *stream,
-                    offset: offsets[i],
-                    data,
-                };
-                // Live output is best effort: a short retry, never the outbox.
-                match cp
-                    .post(
-                        &endpoint,
-                        &chunk.to_json(),
-                        tokio::time::Instant::now() + Duration::from_secs(5),
-                    )
-                    .await
-                {
-                    Ok(_) => offsets[i] += consumed,
-                    Err(e) => {
-                        tracing::debug!(error = %crate::error_chain(&e), "live output not delivered");
-                        break;
-                    }
-                }
+            let post = post_next(
+                &cp,
+                &endpoint,
+                attempt,
+                *stream,
+                path,
+                offsets[i],
+                Instant::now() + LIVE_POST,
+            );
+            tokio::select! {
+                biased;
+                by = last_by.wait_for(Option::is_some) => break 'live by.ok().and_then(|b| *b),
+                sent = post => offsets[i] += sent.unwrap_or(0),
             }
         }
-        if last {
-            return;
+    };
+    let by = by.unwrap_or_else(Instant::now);
+    // On the last round drain everything, a bounded number of posts per stream.
+    for (i, (stream, path)) in logs.iter().enumerate() {
+        for _ in 0..64 {
+            match post_next(&cp, &endpoint, attempt, *stream, path, offsets[i], by).await {
+                Some(n) => offsets[i] += n,
+                None => break,
+            }
+        }
+    }
+}
+
+/// Posts the next piece of `path` from `offset` by `deadline`; the bytes it covered, or
+/// `None` when there was nothing new or it was not delivered.
+async fn post_next(
+    cp: &ControlPlane,
+    endpoint: &str,
+    attempt: u32,
+    stream: Stream,
+    path: &PathBuf,
+    offset: u64,
+    deadline: Instant,
+) -> Option<u64> {
+    let (data, consumed) = read_text(path, offset).await?;
+    let chunk = OutputChunk {
+        attempt,
+        stream,
+        offset,
+        data,
+    };
+    // Live output is best effort: a short retry, never the outbox.
+    match cp.post(endpoint, &chunk.to_json(), deadline).await {
+        Ok(_) => Some(consumed),
+        Err(e) => {
+            tracing::debug!(error = %crate::error_chain(&e), "live output not delivered");
+            None
         }
     }
 }

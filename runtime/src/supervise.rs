@@ -18,7 +18,7 @@ use crate::display::error_chain;
 use crate::jobproc::{Cgroup, JobProcesses};
 use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
 use crate::outcome::JobEnd;
-use crate::output::{forward_live, pump};
+use crate::output::{forward_live, pump, LAST_ROUND};
 
 /// How long the output pumps may run on once the job's processes are gone.
 const PUMP_DRAIN: Duration = Duration::from_secs(5);
@@ -38,8 +38,11 @@ pub struct Supervisor {
 /// The job's output, still being read after its processes are gone.
 pub struct Output {
     pumps: JoinSet<std::io::Result<u64>>,
+    /// Live posts to the control plane; owned here, and aborted if it overruns its deadline.
     forwarder: Option<JoinHandle<()>>,
-    output_done: CancellationToken,
+    /// Written once, by [`Output::drain`]: the deadline of the forwarder's last round. Dropped
+    /// unwritten (an `Output` never drained), it stops the forwarder at once.
+    last_by: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
 /// The script could not be started: `end` says how (127 not found, 126 not executable).
@@ -79,8 +82,10 @@ pub fn job_cgroup(spec: &JobSpec) -> Option<Cgroup> {
 
 impl Output {
     /// Reads what the job's pipes still hold (bounded: a process outside the job may keep
-    /// them open) and lets the live posts finish; warnings for the terminal status.
-    pub async fn drain(mut self) -> Vec<String> {
+    /// them open) and lets the live posts finish by [`LAST_ROUND`] from now or `stay` (what
+    /// `give_up_secs` and the stop deadline leave), whichever is first; warnings for the
+    /// terminal status.
+    pub async fn drain(mut self, stay: tokio::time::Instant) -> Vec<String> {
         let mut warnings = Vec::new();
         let drained = tokio::time::timeout(PUMP_DRAIN, async {
             while let Some(r) = self.pumps.join_next().await {
@@ -96,13 +101,18 @@ impl Output {
                 .push("a process outside the job keeps its output open; stopped reading it".into());
             self.pumps.shutdown().await;
         }
-        self.output_done.cancel();
-        if let Some(f) = self.forwarder {
-            if tokio::time::timeout(Duration::from_secs(30), f)
+        let by = (tokio::time::Instant::now() + LAST_ROUND).min(stay);
+        let _ = self.last_by.send(Some(by));
+        if let Some(mut f) = self.forwarder.take() {
+            // The forwarder keeps to `by` itself; this also bounds a read of the log files
+            // that hangs. A moment's slack lets a post that just got its answer finish.
+            if tokio::time::timeout_at(by + Duration::from_millis(200), &mut f)
                 .await
                 .is_err()
             {
-                tracing::warn!("live output forwarding did not finish in time");
+                f.abort();
+                let _ = f.await;
+                tracing::warn!("live output forwarding did not finish in time; stopped");
             }
         }
         warnings
@@ -276,17 +286,11 @@ impl Supervisor {
             let keep = ctx.max_log_bytes;
             pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone(), keep).in_current_span());
         }
-        let output_done = CancellationToken::new();
+        let (last_by, last_by_rx) = tokio::sync::watch::channel(None);
         let forwarder = ctx.control_plane.clone().map(|cp| {
             tokio::spawn(
-                forward_live(
-                    cp,
-                    spec.job_id.clone(),
-                    spec.attempt,
-                    logs,
-                    output_done.clone(),
-                )
-                .in_current_span(),
+                forward_live(cp, spec.job_id.clone(), spec.attempt, logs, last_by_rx)
+                    .in_current_span(),
             )
         });
         let forwarding = CancellationToken::new();
@@ -306,7 +310,7 @@ impl Supervisor {
             output: Output {
                 pumps,
                 forwarder,
-                output_done,
+                last_by,
             },
             reaping,
             reaper,

@@ -257,6 +257,54 @@ fn give_up_secs_bounds_the_whole_stay() {
     drop(server);
 }
 
+/// Live output is best effort and keeps to the same bounds: a control plane that takes the
+/// posts' connections and never answers holds the agent no longer than `give_up_secs` after
+/// the job, and never past the stop deadline (each post once waited 5 s of its own, per
+/// stream and per round, and the end waited 30 s for them).
+#[test]
+fn live_output_posts_keep_to_give_up_secs_and_the_stop_deadline() {
+    const GIVE_UP: u64 = 2;
+    const JOB_SECS: u64 = 3;
+    let (hanging, server) = hanging_server(Duration::from_secs(90));
+    let mut h = Harness::file();
+    h.extra_toml = format!("[control_plane]\nurl = \"{hanging}\"\ngive_up_secs = {GIVE_UP}\n");
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "8".into()));
+
+    let script = format!("echo a; echo b >&2; sleep {JOB_SECS}");
+    let started = std::time::Instant::now();
+    let run = h.run_job(json!({"job_id": "plain", "command": ["sh", "-c", script]}));
+    let took = started.elapsed();
+    run.assert_code(0);
+    assert!(
+        took < Duration::from_secs(JOB_SECS + GIVE_UP + 6),
+        "a {JOB_SECS} s job held {took:?}\n{}",
+        run.stderr
+    );
+
+    let script = "echo a; echo b >&2; echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
+    let spec = h.spec(json!({"job_id": "stopped", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let up = h.workdir("stopped").join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        up.exists().then_some(())
+    });
+    // Live posts of both streams are in flight by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let asked = std::time::Instant::now();
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("run stopped with a hanging control plane".into(), agent);
+    let took = asked.elapsed();
+    run.assert_code(4);
+    // The stop deadline (8 s), with room for a loaded machine; it is the bound that matters.
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after SIGTERM\n{}",
+        run.stderr
+    );
+    drop(server);
+}
+
 /// `recover` (the housekeeping timer) reads a job's record while its agent is finishing it;
 /// by the time `recover` holds the lock that agent has finished. Finishing it again from the
 /// phase first read would send a second terminal status.
