@@ -8,6 +8,7 @@
 //! uid and a pid among the job's processes; anything else is refused.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use c3_proto::{SocketReply, SocketRequest};
 
 use crate::jobproc::JobProcesses;
+use crate::loglimit::LineLimit;
 use crate::publish::PublishCall;
 use crate::statedir::StateDir;
 
@@ -28,6 +30,47 @@ const MAX_LINE: u64 = 1024 * 1024;
 const MAX_CONNECTIONS: usize = 16;
 /// `sun_path` holds 108 bytes with its NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// Log lines a second for the socket's requests and refusals, sustained and in a burst: the
+/// job sets their pace.
+const LOG_PER_SEC: f64 = 20.0;
+const LOG_BURST: f64 = 20.0;
+/// Most bytes of one path in a log line; a request line may hold a 1 MiB path.
+const LOGGED_PATH: usize = 256;
+
+/// One [`LineLimit`] for the log lines of every connection of the socket.
+#[derive(Clone)]
+struct LogGate(Arc<Mutex<LineLimit>>);
+
+impl LogGate {
+    fn new() -> Self {
+        LogGate(Arc::new(Mutex::new(LineLimit::new(LOG_PER_SEC, LOG_BURST))))
+    }
+
+    /// Whether to log one more line now; at most once a second it first says how many were
+    /// held back.
+    fn admit(&self) -> bool {
+        let mut limit = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let admitted = limit.admit();
+        if admitted {
+            say_held_back(limit.held_back(false));
+        }
+        admitted
+    }
+
+    fn finish(&self) {
+        let mut limit = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        say_held_back(limit.held_back(true));
+    }
+}
+
+fn say_held_back(lines: Option<u64>) {
+    if let Some(lines) = lines {
+        tracing::info!(
+            lines,
+            "(agent socket: log lines of requests and refusals left out: they came faster than the log keeps)"
+        );
+    }
+}
 
 pub struct AgentSocket {
     path: PathBuf,
@@ -86,6 +129,7 @@ impl AgentSocket {
         tokio::spawn(
             async move {
                 let mut conns = JoinSet::new();
+                let log = LogGate::new();
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -105,11 +149,12 @@ impl AgentSocket {
                                 continue;
                             }
                             let (p, procs, stop) = (publisher.clone(), procs.clone(), stop.clone());
-                            conns.spawn(connection(stream, p, procs, uid, stop).in_current_span());
+                            conns.spawn(connection(stream, p, procs, uid, stop, log.clone()).in_current_span());
                         }
                     }
                 }
                 conns.shutdown().await;
+                log.finish();
                 let _ = std::fs::remove_file(&self.path);
             }
             .in_current_span(),
@@ -128,6 +173,7 @@ async fn connection(
     procs: JobProcesses,
     uid: u32,
     stop: CancellationToken,
+    log: LogGate,
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
     let pid = cred.pid().unwrap_or(0);
@@ -135,11 +181,13 @@ async fn connection(
         .await
         .unwrap_or(false);
     if cred.uid() != uid || !member {
-        tracing::warn!(
-            peer_uid = cred.uid(),
-            peer_pid = pid,
-            "agent socket: refused a process that is not the job's"
-        );
+        if log.admit() {
+            tracing::warn!(
+                peer_uid = cred.uid(),
+                peer_pid = pid,
+                "agent socket: refused a process that is not the job's"
+            );
+        }
         let _ = refuse(stream, "refused: not a process of this job").await;
         return;
     }
@@ -166,14 +214,19 @@ async fn connection(
             Err(e) => SocketReply::error(format!("not a request: {e}")),
             Ok(request) => {
                 match &request {
-                    SocketRequest::Publish { paths } => tracing::info!(
+                    SocketRequest::Publish { paths } if log.admit() => tracing::info!(
                         paths = paths.len(),
-                        first = ?paths.iter().take(3).collect::<Vec<_>>(),
+                        first = ?paths
+                            .iter()
+                            .take(3)
+                            .map(|p| crate::display::clip_text(p.clone(), LOGGED_PATH))
+                            .collect::<Vec<_>>(),
                         "job asks to publish on the agent socket"
                     ),
-                    SocketRequest::WaitAll => {
+                    SocketRequest::WaitAll if log.admit() => {
                         tracing::info!("job asks to wait_all on the agent socket")
                     }
+                    _ => {}
                 }
                 let (tx, rx) = oneshot::channel();
                 let call = PublishCall { request, reply: tx };

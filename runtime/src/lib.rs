@@ -28,6 +28,7 @@ pub mod kernlog;
 pub mod known;
 pub mod launch;
 pub mod live;
+pub mod loglimit;
 pub mod manifest;
 pub mod outcome;
 pub mod output;

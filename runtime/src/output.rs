@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use c3_proto::{OutputChunk, Stream};
 
+use crate::loglimit::LineLimit;
 use crate::report::ControlPlane;
 
 /// Longest line echoed to the log as one event; longer ones are split.
@@ -124,49 +125,37 @@ pub async fn pump(
     }
 }
 
-/// A token bucket for echoed lines; what it holds back is counted and said in one line
-/// once lines flow again (or at the end), pointing at where the whole output is.
+/// The echo's [`LineLimit`]; what it holds back is counted and said in one line once lines
+/// flow again (or at the end), pointing at where the whole output is.
 struct EchoLimit {
     stream: Stream,
-    tokens: f64,
-    last: std::time::Instant,
-    held_back: u64,
-    said: std::time::Instant,
+    limit: LineLimit,
 }
 
 impl EchoLimit {
     fn new(stream: Stream) -> Self {
         EchoLimit {
             stream,
-            tokens: ECHO_BURST,
-            last: std::time::Instant::now(),
-            held_back: 0,
-            said: std::time::Instant::now(),
+            limit: LineLimit::new(ECHO_PER_SEC, ECHO_BURST),
         }
     }
 
     fn line(&mut self, line: &[u8]) {
-        let now = std::time::Instant::now();
-        let earned = now.duration_since(self.last).as_secs_f64() * ECHO_PER_SEC;
-        self.tokens = (self.tokens + earned).min(ECHO_BURST);
-        self.last = now;
-        if self.tokens < 1.0 {
-            self.held_back += 1;
+        if !self.limit.admit() {
             return;
         }
-        self.tokens -= 1.0;
-        if now.duration_since(self.said) >= std::time::Duration::from_secs(1) {
-            self.finish();
-        }
+        self.say_held_back(false);
         emit(self.stream, line);
     }
 
-    /// Says what was held back, if anything (at most once a second while lines flow).
+    /// Says what was held back, if anything.
     fn finish(&mut self) {
-        self.said = std::time::Instant::now();
-        if self.held_back > 0 {
-            tracing::info!(target: "c3::job", stream = self.stream.as_str(), lines = self.held_back, "(lines of the job's output not echoed here: faster than the journal keeps; all are in `c3-agent logs`)");
-            self.held_back = 0;
+        self.say_held_back(true);
+    }
+
+    fn say_held_back(&mut self, at_end: bool) {
+        if let Some(lines) = self.limit.held_back(at_end) {
+            tracing::info!(target: "c3::job", stream = self.stream.as_str(), lines, "(lines of the job's output not echoed here: faster than the journal keeps; all are in `c3-agent logs`)");
         }
     }
 }

@@ -272,3 +272,27 @@ fn one_publish_request_is_bounded() {
     assert_ne!(read("r2").trim(), "0");
     assert!(read("e2").contains("at most 1000 paths"), "{}", read("e2"));
 }
+
+/// Every socket request is logged, and a job may send as many as it likes with paths as long
+/// as a request line allows: the agent's log keeps a clipped, rate-limited account of them
+/// (it once wrote each request's first three paths whole: 500 MB in 20 s).
+#[test]
+fn socket_requests_cannot_flood_the_agents_log() {
+    let h = slow_settle();
+    let script = format!(
+        "p=$C3_ARTIFACTS_DIR/$(head -c 100000 /dev/zero | tr '\\0' a); i=0; \
+         while [ $i -lt 200 ]; do {BIN} publish $p $p.1 $p.2 2>/dev/null; i=$((i+1)); done"
+    );
+    let run = h.run_job(json!({"job_id": "flood", "command": ["sh", "-c", script]}));
+    // Before anything that prints the whole log.
+    assert!(
+        run.stderr.len() < 2 << 20,
+        "{} bytes of agent log for 200 requests",
+        run.stderr.len()
+    );
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("job asks to publish"),
+        "requests are still logged"
+    );
+}
