@@ -177,10 +177,12 @@ async fn connection(
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
     let pid = cred.pid().unwrap_or(0);
-    let member = tokio::task::spawn_blocking(move || procs.members().contains(&pid))
-        .await
-        .unwrap_or(false);
-    if cred.uid() != uid || !member {
+    // The uid first: a stranger's connection costs no scan of /proc.
+    let member = cred.uid() == uid
+        && tokio::task::spawn_blocking(move || procs.members().contains(&pid))
+            .await
+            .unwrap_or(false);
+    if !member {
         if log.admit() {
             tracing::warn!(
                 peer_uid = cred.uid(),

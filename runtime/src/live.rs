@@ -641,7 +641,7 @@ impl Syncer {
             return;
         }
         self.manifest_written = Some(Instant::now());
-        match self.manifest.in_progress(&self.book).await {
+        match self.manifest.in_progress(&mut self.book).await {
             Ok(_) => {
                 self.manifest_dirty = false;
                 tracing::debug!(files = self.book.len(), "in-progress manifest written");

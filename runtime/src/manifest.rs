@@ -36,11 +36,18 @@ impl ManifestWriter {
     }
 
     /// What is stored so far, `complete: false`. Lists only blobs that exist (the book holds
-    /// only uploads that returned).
-    pub async fn in_progress(&self, book: &SyncBook) -> Result<String, StoreError> {
+    /// only uploads that returned). Not written again while the book is as the last one
+    /// written lists it: a job calling `wait_all` in a loop would otherwise have both
+    /// manifests rewritten each time, whatever `manifest_interval_ms` says.
+    pub async fn in_progress(&self, book: &mut SyncBook) -> Result<(), StoreError> {
+        if book.listed() {
+            return Ok(());
+        }
         let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
         m.files = book.entries();
-        self.write(&m).await
+        self.write(&m).await?;
+        book.mark_listed();
+        Ok(())
     }
 
     /// The last write, after every blob it lists: `complete: true`. Returns its sha256.

@@ -25,6 +25,12 @@ const MAX_ADAPTIVE: usize = 256;
 #[derive(Debug, Default)]
 pub struct SyncBook {
     synced: BTreeMap<String, Uploaded>,
+    /// Moves with every change to `synced`.
+    generation: u64,
+    /// The `generation` the last in-progress manifest written lists (set by
+    /// [`crate::manifest::ManifestWriter::in_progress`]): while it is current, writing one
+    /// again would store the same document.
+    listed: Option<u64>,
     /// Bytes this job added to the store so far.
     pub new_bytes: u64,
     /// Uploads queued and done, for the progress line.
@@ -73,19 +79,33 @@ impl SyncBook {
     pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
         let before = self.synced.len();
         self.synced.retain(|k, _| !gone(k));
-        before - self.synced.len()
+        let dropped = before - self.synced.len();
+        if dropped > 0 {
+            self.generation += 1;
+        }
+        dropped
     }
 
     pub fn record(&mut self, up: Uploaded) {
         self.new_bytes += up.new_bytes;
         self.synced.insert(up.rel.clone(), up);
+        self.generation += 1;
+    }
+
+    /// Whether the last in-progress manifest written lists the book as it is now.
+    pub fn listed(&self) -> bool {
+        self.listed == Some(self.generation)
+    }
+
+    /// An in-progress manifest of the book as it is now is stored.
+    pub fn mark_listed(&mut self) {
+        self.listed = Some(self.generation);
     }
 }
 
 /// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
 pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
-    book.synced
-        .retain(|rel, _| scan.files.contains_key(rel) || !scan.covers(rel));
+    book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
     // Owned, so that the stream below is `Send` for any lifetime (the collector is a task).
     let todo: Vec<LocalFile> = scan
         .files

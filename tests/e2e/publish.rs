@@ -296,3 +296,34 @@ fn socket_requests_cannot_flood_the_agents_log() {
         "requests are still logged"
     );
 }
+
+/// A `wait_all` with nothing new to store writes no manifest: a job calling it in a loop
+/// cannot make the agent rewrite manifests faster than `manifest_interval_ms`. The job
+/// removes the manifest before each call and counts how often it came back.
+#[test]
+fn wait_all_with_nothing_new_writes_no_manifest() {
+    let h = slow_settle();
+    let manifest = h.object_path("jobs/idle/manifest.json");
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/x; n=0; i=0; while [ $i -lt 100 ]; do rm -f '{m}'; \
+         {BIN} publish --wait-all > /dev/null || echo failed >> failed; \
+         [ -e '{m}' ] && n=$((n+1)); i=$((i+1)); done; echo $n > written",
+        m = manifest.display()
+    );
+    h.run_job(json!({"job_id": "idle", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("idle");
+    assert!(!w.join("failed").exists(), "every wait_all answered ok");
+    let written: u32 = std::fs::read_to_string(w.join("written"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        written <= 2,
+        "100 wait_all calls with nothing new wrote the manifest {written} times"
+    );
+    assert!(h
+        .manifest_paths("idle")
+        .contains(&"artifacts/x".to_string()));
+}
