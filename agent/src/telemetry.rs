@@ -200,11 +200,12 @@ struct Visitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
 impl Visit for Visitor<'_> {
     /// Lists (`command = ?vec`) stay lists; everything else recorded by `Debug`/`Display`
-    /// is a string.
+    /// is a string. The message never is parsed: a job's output line is echoed as one, and
+    /// `{"level":"ERROR","job_id":"other"}` must stay text, not become an object in the log.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let text = format!("{value:?}");
         let json = match text.as_bytes().first() {
-            Some(b'[') | Some(b'{') => serde_json::from_str(&text).ok(),
+            Some(b'[') if field.name() != "message" => serde_json::from_str(&text).ok(),
             _ => None,
         };
         self.0
@@ -229,7 +230,49 @@ impl Visit for Visitor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{one_line, FlatJson};
+
+    /// Each event logged under `tracing::subscriber::with_default`, through the JSON format.
+    fn json_lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(FlatJson)
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_message_that_looks_like_json_stays_a_string() {
+        let forged = r#"{"level":"ERROR","job_id":"other"}"#;
+        let lines = json_lines(|| {
+            tracing::info!(target: "c3::job", stream = "stdout", "{forged}");
+            tracing::info!(command = ?vec!["sh", "-c"], "job launched");
+        });
+        assert_eq!(lines[0]["message"], serde_json::Value::from(forged));
+        assert_eq!(lines[0]["level"], "INFO");
+        assert!(lines[0].get("job_id").is_none(), "{}", lines[0]);
+        // A list field stays a list.
+        assert_eq!(lines[1]["command"], serde_json::json!(["sh", "-c"]));
+    }
 
     #[test]
     fn an_event_is_one_line_whatever_the_job_named_its_files() {
