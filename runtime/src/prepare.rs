@@ -54,6 +54,9 @@ pub enum DatasetError {
 
     #[error(transparent)]
     Pull(#[from] PullError),
+
+    #[error("not materialized within the job's timeout_secs ({0} s): the store is too slow")]
+    TimedOut(u64),
 }
 
 impl PrepareError {
@@ -251,11 +254,23 @@ pub async fn datasets(
     cancel: &CancellationToken,
 ) -> Result<Vec<String>, PrepareError> {
     let mut warnings = Vec::new();
+    // A store that trickles a byte now and then never fails a request: the job's own time
+    // limit bounds its inputs too (as long again, before the script's clock starts).
+    let limit = spec.timeout_secs;
+    let deadline =
+        limit.map(|secs| tokio::time::Instant::now() + std::time::Duration::from_secs(secs));
     for dataset in &spec.datasets {
         let source = dataset.source_job().expect("validated with the spec");
+        let past_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         let pulled = tokio::select! {
             r = materialize(ctx, source, workdir_fd, workdir, &dataset.mount, owner) => r,
             _ = cancel.cancelled() => return Err(PrepareError::Canceled),
+            _ = past_deadline => Err(DatasetError::TimedOut(limit.unwrap_or_default())),
         };
         match pulled {
             Ok((summary, complete)) => {

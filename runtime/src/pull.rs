@@ -163,7 +163,12 @@ pub async fn pull_into(
         let block = fs.fragment_size().max(1);
         let needed: u64 = files
             .iter()
-            .map(|f| f.size.div_ceil(block).saturating_add(1).saturating_mul(block))
+            .map(|f| {
+                f.size
+                    .div_ceil(block)
+                    .saturating_add(1)
+                    .saturating_mul(block)
+            })
             .fold(0, u64::saturating_add);
         let free = fs.blocks_available().saturating_mul(fs.fragment_size());
         let no_inodes = fs.files_available() > 0 && files.len() as u64 > fs.files_available();

@@ -32,6 +32,8 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// Every blob GET: a byte every 100 ms (never slow enough to time a request out).
+    Trickle,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -184,7 +186,14 @@ async fn handle(
                 StatusCode::OK
             };
             let rest = Bytes::from(o[from..].to_vec());
-            let body = if fault == Fault::CutDownloads && rest.len() > 256 << 10 {
+            let body = if fault == Fault::Trickle && key.contains("/blobs/") {
+                use futures::StreamExt;
+                let bytes: Vec<u8> = rest.to_vec();
+                Body::from_stream(futures::stream::iter(bytes).then(|b| async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(Bytes::from(vec![b]))
+                }))
+            } else if fault == Fault::CutDownloads && rest.len() > 256 << 10 {
                 // Promise the whole rest, send 256 KiB, then break the connection.
                 let head = rest.slice(..256 << 10);
                 use futures::StreamExt;
@@ -402,5 +411,30 @@ fn an_endless_xml_reply_fails_the_upload_without_holding_it() {
     assert!(
         sent < 64 << 20,
         "the agent read {sent} bytes of one XML reply"
+    );
+}
+
+/// A store that sends a byte now and then fails no request: the job's timeout_secs bounds
+/// its inputs, or the node's GPUs wait in "preparing" for as long as the store likes.
+#[test]
+fn a_dataset_from_a_trickling_store_ends_at_the_jobs_timeout() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "slowsrc", &pattern(4096)))
+        .assert_code(0);
+    s3.set_fault(Fault::Trickle);
+    let marker = h.path("launched");
+    let started = std::time::Instant::now();
+    let run = h.run_job(json!({"job_id": "waits", "timeout_secs": 2,
+        "command": ["touch", marker.display().to_string()],
+        "datasets": [{"ref": "/jobs/slowsrc", "mount": "in"}]}));
+    run.assert_code(6);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(!marker.exists(), "the script ran");
+    let t = h.terminal("waits");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert!(
+        t["message"].as_str().unwrap_or("").contains("timeout_secs"),
+        "{t}"
     );
 }
