@@ -316,10 +316,11 @@ pub async fn logs(
     };
     let entry = if stderr { logs.stderr } else { logs.stdout };
     let mut stdout = std::io::stdout().lock();
+    let mut shown = crate::out::JobBytes::for_stdout();
     let whole = ctx
         .store
         .stream_blob(&entry.sha256, entry.size, |chunk| {
-            stdout.write_all(chunk).is_ok()
+            shown.write(&mut stdout, chunk)
         })
         .await
         .context("the log's blob")?;
@@ -341,13 +342,14 @@ async fn local_log(
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 64 * 1024];
     let record = ctx.state.run_record_path(job_id, attempt);
+    let mut shown = crate::out::JobBytes::for_stdout();
     loop {
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            if std::io::stdout().lock().write_all(&buf[..n]).is_err() {
+            if !shown.write(&mut std::io::stdout().lock(), &buf[..n]) {
                 return Ok(());
             }
         }

@@ -60,3 +60,78 @@ fn to_stderr(level: &str, prefix: &str, message: &str) {
     };
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
+
+/// A job's log bytes on their way to stdout. To a terminal (an operator's, often root's),
+/// escape sequences the job printed are shown, not obeyed: OSC 52 writes the clipboard, others
+/// make the terminal answer as if typed. Control bytes other than `\n`, `\t`, `\r` (a progress
+/// bar's) and C1 controls in UTF-8 become `\xNN`. To a pipe or file the bytes pass as they are.
+pub struct JobBytes {
+    terminal: bool,
+    /// A UTF-8 lead byte of a C1 control (0xC2) ended the last chunk.
+    pending_c2: bool,
+}
+
+impl JobBytes {
+    pub fn for_stdout() -> Self {
+        use std::io::IsTerminal;
+        JobBytes {
+            terminal: std::io::stdout().is_terminal(),
+            pending_c2: false,
+        }
+    }
+
+    /// Writes `chunk`, escaped when stdout is a terminal; false once stdout is gone.
+    pub fn write(&mut self, out: &mut impl Write, chunk: &[u8]) -> bool {
+        if !self.terminal {
+            return out.write_all(chunk).is_ok();
+        }
+        out.write_all(&self.escape(chunk)).is_ok()
+    }
+
+    fn escape(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut shown = Vec::with_capacity(chunk.len());
+        for &b in chunk {
+            if std::mem::take(&mut self.pending_c2) {
+                if (0x80..=0x9f).contains(&b) {
+                    shown.extend_from_slice(format!("\\xc2\\x{b:02x}").as_bytes());
+                    continue;
+                }
+                shown.push(0xc2);
+            }
+            match b {
+                b'\n' | b'\t' | b'\r' => shown.push(b),
+                0x00..=0x1f | 0x7f => shown.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+                0xc2 => self.pending_c2 = true,
+                _ => shown.push(b),
+            }
+        }
+        shown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_sees_escape_sequences_shown_not_obeyed() {
+        let mut t = JobBytes {
+            terminal: true,
+            pending_c2: false,
+        };
+        let mut out = Vec::new();
+        assert!(t.write(&mut out, b"ok\t1\r\n\x1b]52;c;aGk=\x07caf\xc3\xa9 \xc2"));
+        assert!(t.write(&mut out, b"\x9b2J\xc2\xa0end\n"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ok\t1\r\n\\x1b]52;c;aGk=\\x07caf\u{e9} \\xc2\\x9b2J\u{a0}end\n"
+        );
+        let mut pipe = JobBytes {
+            terminal: false,
+            pending_c2: false,
+        };
+        let mut raw = Vec::new();
+        assert!(pipe.write(&mut raw, b"\x1b[31m"));
+        assert_eq!(raw, b"\x1b[31m");
+    }
+}
