@@ -572,6 +572,14 @@ async fn already_ran(ctx: &AgentContext, spec: &JobSpec) -> Option<String> {
     })
 }
 
+/// A URL as the journal may show it: a `user:pass@` in it is a credential.
+fn without_login(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
 /// The agent's first log line; the systemd watchdog, if the unit has one.
 fn starting(env: &Env, ctx: &AgentContext) {
     let config = &env.config;
@@ -580,7 +588,7 @@ fn starting(env: &Env, ctx: &AgentContext) {
         version = env!("CARGO_PKG_VERSION"),
         config = %config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into()),
         store = ctx.store.url(),
-        control_plane = %config.control_plane.as_ref().map(|c| c.url.to_string()).unwrap_or_else(|| "none".into()),
+        control_plane = %config.control_plane.as_ref().map(|c| without_login(&c.url)).unwrap_or_else(|| "none".into()),
         state_dir = %config.state_dir.display(),
         "c3-agent starting"
     );
@@ -708,5 +716,14 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => failure(&error_chain(&e), 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_logged_url_keeps_no_login() {
+        let url = url::Url::parse("https://svc:secret@cp.example:8443/api?x=1").unwrap();
+        assert_eq!(super::without_login(&url), "https://cp.example:8443/api?x=1");
     }
 }
