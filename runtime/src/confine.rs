@@ -141,6 +141,16 @@ impl DirFd {
     /// The names of the directories in this one (lstat through the fd: a symlink to a
     /// directory is not one); empty when it cannot be listed.
     pub fn subdirs(&self) -> Vec<std::ffi::OsString> {
+        self.entries()
+            .into_iter()
+            .filter(|(_, st)| is_dir(st))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Every entry of this directory with its `lstat` (through the fd); empty when it cannot
+    /// be listed, an entry gone meanwhile left out.
+    pub fn entries(&self) -> Vec<(std::ffi::OsString, FileStat)> {
         let Ok(mut entries) = nix::dir::Dir::openat(
             self,
             ".",
@@ -154,7 +164,7 @@ impl DirFd {
             .flatten()
             .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
             .filter(|name| name != "." && name != "..")
-            .filter(|name| self.stat(name).is_ok_and(|st| is_dir(&st)))
+            .filter_map(|name| self.stat(&name).ok().map(|st| (name, st)))
             .collect()
     }
 

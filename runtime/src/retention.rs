@@ -470,33 +470,45 @@ fn open_up_dirs(root: &Path) {
     }
 }
 
-/// Apparent size of the tree's regular files (lstat only: no symlink followed), and a
-/// directory on another device than the root, if any.
+/// Apparent size of the tree's regular files, and a directory on another device than the
+/// root, if any (not walked: an automount or a hung network mount would hold the sweep).
+/// Walked on directory fds, each opened from its parent's with no symlink: a job's process
+/// swapping a directory for a symlink mid-walk never sends it into another tree.
 fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
+    use crate::confine::{is_dir, is_regular, DirFd};
+    use std::rc::Rc;
     let Ok(top) = std::fs::symlink_metadata(root) else {
         return (0, None);
     };
     if !top.is_dir() {
         return (if top.is_file() { top.len() } else { 0 }, None);
     }
+    let Ok(fd) = DirFd::open_root(root) else {
+        return (0, None);
+    };
     let (mut bytes, mut foreign) = (0, None);
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+    // A directory is opened when its turn comes, from its parent, which stays open only while
+    // a child waits: a directory of 100,000 subdirectories costs one fd, not 100,000.
+    type Pending = (Rc<DirFd>, Option<std::ffi::OsString>, PathBuf);
+    let mut stack: Vec<Pending> = vec![(Rc::new(fd), None, root.to_path_buf())];
+    while let Some((parent, name, path)) = stack.pop() {
+        let dir = match name {
+            None => parent,
+            Some(name) => match parent.open_dir(Path::new(&name)) {
+                Ok(dir) => Rc::new(dir),
+                Err(_) => continue,
+            },
         };
-        for entry in entries.flatten() {
-            // `DirEntry::metadata` does not traverse a symlink.
-            let Ok(md) = entry.metadata() else {
-                continue;
-            };
-            if md.is_dir() {
-                if md.dev() != top.dev() && foreign.is_none() {
-                    foreign = Some(entry.path());
+        for (name, st) in dir.entries() {
+            if is_dir(&st) {
+                if st.st_dev != top.dev() {
+                    foreign.get_or_insert_with(|| path.join(&name));
+                } else {
+                    let child = path.join(&name);
+                    stack.push((dir.clone(), Some(name), child));
                 }
-                stack.push(entry.path());
-            } else if md.is_file() {
-                bytes += md.len();
+            } else if is_regular(&st) {
+                bytes += u64::try_from(st.st_size).unwrap_or(0);
             }
         }
     }
