@@ -135,8 +135,56 @@ pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
                 }
             }
         }
+        shared_writable_maps(*pid, &mut open);
     }
     open
+}
+
+/// Files a process has mapped shared and writable (`np.memmap(mode="r+")`, `mmap` then
+/// `close`): still being written with no fd open, and a store to a page already dirty changes
+/// neither mtime nor ctime, so a copy taken now could be listed with bytes the file no longer
+/// has. `(dev, ino)` from the mapping's `map_files` link (the maps line's device number is
+/// not `st_dev` on btrfs), else from the line itself.
+fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return;
+    };
+    for line in maps.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(range), Some(perms), Some(_), Some(dev), Some(ino), Some(path)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        let perms = perms.as_bytes();
+        let shared_writable = perms.get(1) == Some(&b'w') && perms.get(3) == Some(&b's');
+        // Device memory (a GPU's /dev/nvidia* is mapped rw-s many times over) is no file.
+        if !shared_writable || !path.starts_with('/') || path.starts_with("/dev/") || ino == "0" {
+            continue;
+        }
+        match std::fs::metadata(format!("/proc/{pid}/map_files/{range}")) {
+            Ok(meta) if meta.is_file() => {
+                open.insert((meta.dev(), meta.ino()));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let dev = dev.split_once(':').and_then(|(major, minor)| {
+                    Some(libc::makedev(
+                        u32::from_str_radix(major, 16).ok()?,
+                        u32::from_str_radix(minor, 16).ok()?,
+                    ))
+                });
+                if let (Some(dev), Ok(ino)) = (dev, ino.parse()) {
+                    open.insert((dev, ino));
+                }
+            }
+        }
+    }
 }
 
 fn opened_for_write(pid: i32, fd: &str) -> bool {
@@ -168,6 +216,37 @@ mod tests {
         };
         assert!(open.contains(&id(&w)));
         assert!(!open.contains(&id(&r)));
+    }
+
+    #[test]
+    fn sees_a_file_mapped_shared_and_writable_with_its_fd_closed() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mapped");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a fresh 4 KiB shared mapping of a file we own, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        drop(file);
+        let m = std::fs::metadata(&path).unwrap();
+        let open = written_by(&[std::process::id() as i32]);
+        // SAFETY: the mapping made above, 4096 bytes.
+        unsafe { libc::munmap(addr, 4096) };
+        assert!(open.contains(&(m.dev(), m.ino())), "a writable shared mapping was missed");
     }
 
     #[test]
