@@ -724,6 +724,9 @@ mod tests {
     #[test]
     fn a_logged_url_keeps_no_login() {
         let url = url::Url::parse("https://svc:secret@cp.example:8443/api?x=1").unwrap();
-        assert_eq!(super::without_login(&url), "https://cp.example:8443/api?x=1");
+        assert_eq!(
+            super::without_login(&url),
+            "https://cp.example:8443/api?x=1"
+        );
     }
 }

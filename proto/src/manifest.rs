@@ -192,12 +192,17 @@ pub const MAX_PATH_DEPTH: usize = 128;
 /// The longest path, in bytes, that the agent collects or writes.
 pub const MAX_PATH_BYTES: usize = 16 * 1024;
 
+/// Whether a path (relative to the workdir, `/`-separated) is one a manifest may list.
+pub fn path_fits(raw: &[u8]) -> bool {
+    let depth = raw.iter().filter(|&&b| b == b'/').count() + 1;
+    depth <= MAX_PATH_DEPTH && raw.len() <= MAX_PATH_BYTES
+}
+
 /// No agent writes an entry deeper or longer than it collects: one that is came from
 /// elsewhere, and `pull` (perhaps as root) would make a directory for each of its thousands
 /// of components, past quotas and the free-space check, which counts file bytes.
 fn check_size_of_path(raw: &[u8], shown: &str) -> Result<(), ManifestError> {
-    let depth = raw.iter().filter(|&&b| b == b'/').count() + 1;
-    if depth > MAX_PATH_DEPTH || raw.len() > MAX_PATH_BYTES {
+    if !path_fits(raw) {
         return Err(ManifestError::UnsafePath {
             path: shown.chars().take(200).collect(),
             problem: "deeper than 128 directories or longer than 16 KiB",

@@ -352,6 +352,8 @@ impl Syncer {
         wake.max(Instant::now() + Duration::from_millis(5))
     }
 
+    /// The path's key below the workdir; none for a path the manifest could not list (too
+    /// deep or long: not watched, not synced; the final scan names it).
     fn rel_of(&self, path: &Path) -> Option<String> {
         if !crate::watch::under_any(path, &self.roots) {
             return None;
@@ -359,6 +361,7 @@ impl Syncer {
         path.strip_prefix(&self.workdir)
             .ok()?
             .to_str()
+            .filter(|rel| c3_proto::manifest::path_fits(rel.as_bytes()))
             .map(str::to_string)
     }
 

@@ -246,7 +246,10 @@ mod tests {
         let open = written_by(&[std::process::id() as i32]);
         // SAFETY: the mapping made above, 4096 bytes.
         unsafe { libc::munmap(addr, 4096) };
-        assert!(open.contains(&(m.dev(), m.ino())), "a writable shared mapping was missed");
+        assert!(
+            open.contains(&(m.dev(), m.ino())),
+            "a writable shared mapping was missed"
+        );
     }
 
     #[test]

@@ -165,6 +165,11 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         }
     }
     let rel = parts_of.join("/");
+    if !c3_proto::manifest::path_fits(rel.as_bytes()) {
+        return Err(format!(
+            "{path}: deeper than 128 directories or longer than 16 KiB; not published"
+        ));
+    }
     if !parts
         .dirs
         .iter()

@@ -50,8 +50,15 @@ pub struct SyncReport {
 impl SyncBook {
     /// Manifest entries for files that are still present, sorted by path.
     /// The manifest's entries, sorted by path (a name that is not UTF-8 by its lossy form).
+    /// A path no reader would accept is never listed (the final scan counts it as unstored):
+    /// one such entry would make the whole manifest unreadable.
     pub fn entries(&self) -> Vec<FileEntry> {
-        let mut all: Vec<FileEntry> = self.synced.values().map(Uploaded::entry).collect();
+        let mut all: Vec<FileEntry> = self
+            .synced
+            .iter()
+            .filter(|(rel, _)| c3_proto::manifest::path_fits(&c3_proto::manifest::rel_bytes(rel)))
+            .map(|(_, u)| u.entry())
+            .collect();
         all.sort_by(|a, b| (&a.path, &a.path_b64).cmp(&(&b.path, &b.path_b64)));
         all
     }

@@ -337,3 +337,25 @@ fn sigkill_of_the_agent_then_recover_finishes_the_job() {
     // A second recover has nothing left to do.
     h.run(&["recover"]).assert_code(0);
 }
+
+/// A file deeper than any manifest may list, published (or seen by live sync) while the job
+/// runs: refused, left to the final scan (which names it, UPLOAD_ERROR), and the manifest stays
+/// readable; one such entry in it would fail `ls`, `pull` and datasets of the job, and stop
+/// every gc.
+#[test]
+fn a_file_too_deep_to_list_keeps_the_manifest_readable() {
+    let h = harness(Store::File);
+    let deep = format!("$C3_ARTIFACTS_DIR/{}", "d/".repeat(130));
+    let script = format!(
+        "mkdir -p {deep} && echo deep > {deep}f && echo ok > $C3_ARTIFACTS_DIR/ok; \
+         {} publish {deep}f; echo $? > rc; sleep 1",
+        crate::support::BIN
+    );
+    let run = h.run_job(json!({"job_id": "deep", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    assert_eq!(h.terminal("deep")["reason"], "UPLOAD_ERROR");
+    h.run(&["ls", "deep"]).assert_code(0);
+    assert_eq!(h.manifest_paths("deep"), vec!["artifacts/ok"]);
+    let rc = std::fs::read_to_string(h.workdir("deep").join("rc")).unwrap();
+    assert_ne!(rc.trim(), "0", "publish stored a path no manifest may list");
+}
