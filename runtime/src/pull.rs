@@ -158,17 +158,13 @@ pub async fn pull_into(
     // blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
     // reserved blocks: what does not fit in what an ordinary user could still write is
     // refused up front rather than filling the node's disk, the agent's state dir included.
-    // Each file takes whole blocks and an inode: a million 1-byte files are not 1 MB.
+    // Each file takes whole blocks (counted at most 4 KiB each: NFS, CephFS and ZFS report
+    // 128 KiB to 4 MiB here, and pack small files tighter) and an inode.
     if let Ok(fs) = nix::sys::statvfs::fstatvfs(&root) {
-        let block = fs.fragment_size().max(1);
+        let block = fs.fragment_size().clamp(1, 4096);
         let needed: u64 = files
             .iter()
-            .map(|f| {
-                f.size
-                    .div_ceil(block)
-                    .saturating_add(1)
-                    .saturating_mul(block)
-            })
+            .map(|f| f.size.div_ceil(block).saturating_mul(block))
             .fold(0, u64::saturating_add);
         let free = fs.blocks_available().saturating_mul(fs.fragment_size());
         let no_inodes = fs.files_available() > 0 && files.len() as u64 > fs.files_available();

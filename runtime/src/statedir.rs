@@ -11,6 +11,7 @@
 //! <state_dir>/outbox/<job_id>/<attempt>-<order>-<kind>.json  reports not yet delivered
 //! ```
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -112,24 +113,39 @@ impl StateDir {
     /// Why a spec's `workdir` may not be used, when it reaches into the agent's own tree: the
     /// workdir is made the job's, and a job owning a directory among the run records could
     /// plant one that a root `recover` then acts on (its lock, its cgroup, another job's
-    /// manifest). Inside the state dir only this job's default workdir (and below) is the
-    /// job's; a workdir above the state dir would let an output dir reach into it.
+    /// manifest). Inside the state dir only `jobs/<own id>/<name>` and below is the job's,
+    /// `<name>` none of the agent's; a workdir above the state dir would let an output dir
+    /// reach into it.
     pub fn workdir_problem(&self, job_id: &str, workdir: &Path) -> Option<String> {
-        let own = self.default_workdir(job_id);
-        if workdir.starts_with(&self.root) && !workdir.starts_with(&own) {
-            return Some(format!(
-                "`{}` is inside the agent's state dir `{}`; only `{}` (the default) may be",
-                workdir.display(),
-                self.root.display(),
-                own.display()
-            ));
-        }
-        if self.root.starts_with(workdir) {
-            return Some(format!(
-                "`{}` holds the agent's state dir `{}`",
-                workdir.display(),
-                self.root.display()
-            ));
+        // The state dir is root's: resolving it is safe, and a `jobs_root` given by the real
+        // path of a state dir reached through a symlink is held to the same rule.
+        let real = std::fs::canonicalize(&self.root).ok();
+        for root in std::iter::once(&self.root).chain(real.as_ref()) {
+            if root.starts_with(workdir) {
+                return Some(format!(
+                    "`{}` holds the agent's state dir `{}`",
+                    workdir.display(),
+                    self.root.display()
+                ));
+            }
+            let Ok(below) = workdir.strip_prefix(root) else {
+                continue;
+            };
+            let mut parts = below.components().map(|c| c.as_os_str());
+            let own = parts.next() == Some(OsStr::new("jobs"))
+                && parts.next() == Some(OsStr::new(job_id))
+                && parts
+                    .next()
+                    .is_some_and(|name| !AGENTS_NAMES.iter().any(|n| name == OsStr::new(n)));
+            if !own {
+                return Some(format!(
+                    "`{}` is inside the agent's state dir `{}`: only below `{}` (not in its {}) may it be",
+                    workdir.display(),
+                    self.root.display(),
+                    self.job_dir(job_id).display(),
+                    AGENTS_NAMES.join(", ")
+                ));
+            }
         }
         None
     }
@@ -189,6 +205,8 @@ impl StateDir {
                 let record = attempt.path().join("run.json");
                 if agents_own(&[&job.path(), &attempt.path(), &record]) {
                     out.push(record);
+                } else if std::fs::symlink_metadata(&record).is_ok() {
+                    tracing::warn!(record = %record.display(), "a run record in a directory that is not the agent's alone (a symlink, another owner, writable by others) is left alone");
                 }
             }
         }
@@ -198,8 +216,8 @@ impl StateDir {
 }
 
 /// Whether each path is the agent's own, as a record `recover` acts on as root must be: not a
-/// symlink, owned by root (or the agent's user), writable by no one else. A record anywhere
-/// else was not written by an agent.
+/// symlink, owned by root (or the agent's user), not writable by others (the rule `run
+/// --job-id` holds its spec to). A record anywhere else was not written by an agent.
 fn agents_own(paths: &[&Path]) -> bool {
     use std::os::unix::fs::MetadataExt;
     let euid = nix::unistd::geteuid().as_raw();
@@ -207,10 +225,13 @@ fn agents_own(paths: &[&Path]) -> bool {
         std::fs::symlink_metadata(p).is_ok_and(|m| {
             !m.file_type().is_symlink()
                 && (m.uid() == 0 || m.uid() == euid)
-                && m.mode() & 0o022 == 0
+                && m.mode() & 0o002 == 0
         })
     })
 }
+
+/// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.
+const AGENTS_NAMES: &[&str] = &["attempts", "uploads", "job.json"];
 
 /// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it).
 fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
@@ -330,17 +351,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_workdir_reaches_into_the_state_dir_only_at_its_own_default() {
+    fn a_workdir_reaches_into_the_state_dir_only_below_its_own_job_dir() {
         let s = StateDir::new(Path::new("/var/lib/c3"));
         let problem = |w: &str| s.workdir_problem("j1", Path::new(w));
         assert_eq!(problem("/var/lib/c3/jobs/j1/work"), None);
         assert_eq!(problem("/var/lib/c3/jobs/j1/work/deeper"), None);
+        assert_eq!(problem("/var/lib/c3/jobs/j1/run"), None);
         assert_eq!(problem("/srv/jobs/j1"), None);
         assert_eq!(problem("/var/lib/c3x/jobs"), None);
         for bad in [
             "/var/lib/c3/jobs/plant",
             "/var/lib/c3/jobs/j1",
             "/var/lib/c3/jobs/j1/attempts/9",
+            "/var/lib/c3/jobs/j1/uploads",
             "/var/lib/c3/jobs/other/work",
             "/var/lib/c3/jobs/.trash",
             "/var/lib/c3/outbox",
@@ -348,5 +371,22 @@ mod tests {
         ] {
             assert!(problem(bad).is_some(), "{bad} was allowed");
         }
+    }
+
+    #[test]
+    fn a_record_in_a_directory_others_may_write_is_not_listed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        for job in ["good", "open", "linked"] {
+            let attempt = s.ensure_attempt_dir(job, 1).unwrap();
+            std::fs::write(attempt.join("run.json"), "{}").unwrap();
+        }
+        let open = s.attempt_dir("open", 1);
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o707)).unwrap();
+        let linked = s.run_record_path("linked", 1);
+        std::fs::remove_file(&linked).unwrap();
+        std::os::unix::fs::symlink(s.run_record_path("good", 1), &linked).unwrap();
+        assert_eq!(s.all_records(), vec![s.run_record_path("good", 1)]);
     }
 }

@@ -130,7 +130,12 @@ fn a_workdir_among_the_agents_run_records_is_a_spec_error() {
     let jobs = h.state.join("jobs");
     h.extra_toml = format!("jobs_root = \"{}\"\n", jobs.display());
     let marker = h.path("launched");
-    for workdir in [jobs.join("plant"), jobs.join("other/work"), jobs.join("j")] {
+    for workdir in [
+        jobs.join("plant"),
+        jobs.join("other/work"),
+        jobs.join("j"),
+        jobs.join("j/attempts/7"),
+    ] {
         let run = h.run_job(json!({
             "job_id": "j", "user": "nobody", "workdir": workdir.display().to_string(),
             "command": ["touch", marker.display().to_string()],
