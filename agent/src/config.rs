@@ -58,6 +58,7 @@ struct JobSection {
     forward_to: Option<String>,
     stop_deadline_secs: Option<u64>,
     max_log_bytes: Option<u64>,
+    dataset_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +143,8 @@ pub struct Config {
     pub stop_deadline: Duration,
     /// `[job] max_log_bytes`: what is kept of each of the job's streams.
     pub max_log_bytes: u64,
+    /// `[job] dataset_timeout_secs`: how long a job's input datasets may take to arrive.
+    pub dataset_timeout: Duration,
     /// `[retention]`: how long finished jobs' local data is kept.
     pub retention: c3_runtime::retention::Retention,
     /// `[gc] grace_hours`: unreferenced blobs younger than this are kept.
@@ -304,6 +307,11 @@ pub fn resolve(
             "C3_AGENT_MAX_LOG_BYTES",
             "job.max_log_bytes",
             &mut file.job.max_log_bytes,
+        ),
+        (
+            "C3_AGENT_DATASET_TIMEOUT_SECS",
+            "job.dataset_timeout_secs",
+            &mut file.job.dataset_timeout_secs,
         ),
         (
             "C3_AGENT_RETENTION_SUCCEEDED_DAYS",
@@ -617,6 +625,11 @@ pub fn resolve(
             .job
             .max_log_bytes
             .unwrap_or(c3_runtime::output::DEFAULT_MAX_LOG_BYTES),
+        dataset_timeout: Duration::from_secs(
+            file.job
+                .dataset_timeout_secs
+                .unwrap_or(c3_runtime::prepare::DEFAULT_DATASET_TIMEOUT_SECS),
+        ),
         retention: c3_runtime::retention::Retention::from_days(
             file.retention.succeeded_days.unwrap_or(7),
             file.retention.failed_days.unwrap_or(30),

@@ -291,6 +291,7 @@ fn context(env: &Env) -> Result<AgentContext, String> {
         forward_to: config.forward_to,
         stop_deadline: config.stop_deadline,
         max_log_bytes: config.max_log_bytes,
+        dataset_timeout: config.dataset_timeout,
     })
 }
 

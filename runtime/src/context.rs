@@ -50,6 +50,8 @@ pub struct AgentContext {
     /// What is kept of each of the job's streams (`[job] max_log_bytes`): past it the
     /// output is still drained, counted and dropped.
     pub max_log_bytes: u64,
+    /// How long a job's input datasets may take to arrive (`[job] dataset_timeout_secs`).
+    pub dataset_timeout: std::time::Duration,
     /// Blobs this node knows to be in the store (uploads skip sending them again).
     pub known: std::sync::Arc<crate::known::KnownBlobs>,
 }

@@ -55,8 +55,8 @@ pub enum DatasetError {
     #[error(transparent)]
     Pull(#[from] PullError),
 
-    #[error("not materialized within the job's timeout_secs ({0} s): the store is too slow")]
-    TimedOut(u64),
+    #[error("not materialized within job.dataset_timeout_secs ({secs} s): the store is too slow")]
+    TimedOut { secs: u64 },
 }
 
 impl PrepareError {
@@ -243,6 +243,9 @@ pub async fn store_check(ctx: &AgentContext) -> Result<Option<String>, PrepareEr
     }
 }
 
+/// How long a job's datasets may take to arrive, by default: 10 TB at 1 GB/s, with room.
+pub const DEFAULT_DATASET_TIMEOUT_SECS: u64 = 6 * 60 * 60;
+
 /// Copies each input dataset (another job's files) below the workdir: a private copy the
 /// job may modify freely, created as the job's user, never written through a symlink.
 pub async fn datasets(
@@ -254,23 +257,16 @@ pub async fn datasets(
     cancel: &CancellationToken,
 ) -> Result<Vec<String>, PrepareError> {
     let mut warnings = Vec::new();
-    // A store that trickles a byte now and then never fails a request: the job's own time
-    // limit bounds its inputs too (as long again, before the script's clock starts).
-    let limit = spec.timeout_secs;
-    let deadline =
-        limit.map(|secs| tokio::time::Instant::now() + std::time::Duration::from_secs(secs));
+    // A store that trickles a byte now and then never fails a request: the node's GPUs would
+    // wait in "preparing" for as long as it likes.
+    let limit = ctx.dataset_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
     for dataset in &spec.datasets {
         let source = dataset.source_job().expect("validated with the spec");
-        let past_deadline = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
         let pulled = tokio::select! {
             r = materialize(ctx, source, workdir_fd, workdir, &dataset.mount, owner) => r,
             _ = cancel.cancelled() => return Err(PrepareError::Canceled),
-            _ = past_deadline => Err(DatasetError::TimedOut(limit.unwrap_or_default())),
+            _ = tokio::time::sleep_until(deadline) => Err(DatasetError::TimedOut { secs: limit.as_secs() }),
         };
         match pulled {
             Ok((summary, complete)) => {

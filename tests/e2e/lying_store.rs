@@ -414,18 +414,19 @@ fn an_endless_xml_reply_fails_the_upload_without_holding_it() {
     );
 }
 
-/// A store that sends a byte now and then fails no request: the job's timeout_secs bounds
-/// its inputs, or the node's GPUs wait in "preparing" for as long as the store likes.
+/// A store that sends a byte now and then fails no request: `job.dataset_timeout_secs` bounds
+/// a job's inputs, or the node's GPUs wait in "preparing" for as long as the store likes.
 #[test]
-fn a_dataset_from_a_trickling_store_ends_at_the_jobs_timeout() {
+fn a_dataset_from_a_trickling_store_ends_at_the_dataset_timeout() {
     let s3 = FakeS3::start(Fault::None);
-    let h = s3.harness();
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[job]\ndataset_timeout_secs = 2\n");
     h.run_job(job_writing(&h, "slowsrc", &pattern(4096)))
         .assert_code(0);
     s3.set_fault(Fault::Trickle);
     let marker = h.path("launched");
     let started = std::time::Instant::now();
-    let run = h.run_job(json!({"job_id": "waits", "timeout_secs": 2,
+    let run = h.run_job(json!({"job_id": "waits",
         "command": ["touch", marker.display().to_string()],
         "datasets": [{"ref": "/jobs/slowsrc", "mount": "in"}]}));
     run.assert_code(6);
@@ -434,7 +435,7 @@ fn a_dataset_from_a_trickling_store_ends_at_the_jobs_timeout() {
     let t = h.terminal("waits");
     assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
     assert!(
-        t["message"].as_str().unwrap_or("").contains("timeout_secs"),
+        t["message"].as_str().unwrap_or("").contains("dataset_timeout_secs"),
         "{t}"
     );
 }
