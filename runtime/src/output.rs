@@ -210,13 +210,25 @@ pub async fn forward_live(
         }
     };
     let by = by.unwrap_or_else(Instant::now);
-    // On the last round drain everything, a bounded number of posts per stream.
-    for (i, (stream, path)) in logs.iter().enumerate() {
-        for _ in 0..64 {
+    // On the last round drain everything, a bounded number of posts per stream, the streams
+    // taking turns and stderr first: a stdout backlog must not spend the whole deadline while
+    // the traceback that says why the job failed waits behind it.
+    let mut order: Vec<usize> = (0..logs.len()).collect();
+    order.sort_by_key(|&i| logs[i].0 != Stream::Stderr);
+    let mut drained = [false; 2];
+    for _ in 0..64 {
+        for &i in &order {
+            if drained[i] {
+                continue;
+            }
+            let (stream, path) = &logs[i];
             match post_next(&cp, &endpoint, attempt, *stream, path, offsets[i], by).await {
                 Some(n) => offsets[i] += n,
-                None => break,
+                None => drained[i] = true,
             }
+        }
+        if drained.iter().all(|d| *d) {
+            break;
         }
     }
 }
