@@ -714,9 +714,6 @@ impl JobProcesses {
     }
 }
 
-/// Stops what a crashed agent's job left running, signalling only what provably is the
-/// job: its own cgroup, or its process group while the recorded leader (pid, start time,
-/// boot) still exists. A pid or group id reused by a stranger is never signalled.
 /// A cgroup the agent made for a job (`c3-<job>-<attempt>-<pid>`, under the cgroup2 mount):
 /// the only kind a run record may have `recover` kill and remove, whatever the record says.
 fn is_agents_cgroup(path: &str) -> bool {
@@ -728,10 +725,16 @@ fn is_agents_cgroup(path: &str) -> bool {
                 std::path::Component::RootDir | std::path::Component::Normal(_)
             )
         })
-        && p.file_name()
-            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"c3-"))
+        && p.file_name().is_some_and(|n| {
+            let n = n.as_encoded_bytes();
+            // Not the agent's own leaf (`c3-agent`), where an agent itself runs.
+            n.starts_with(b"c3-") && !n.starts_with(AGENT_LEAF.as_bytes())
+        })
 }
 
+/// Stops what a crashed agent's job left running, signalling only what provably is the
+/// job: its own cgroup, or its process group while the recorded leader (pid, start time,
+/// boot) still exists. A pid or group id reused by a stranger is never signalled.
 pub async fn stop_recorded(
     leader: Option<&c3_proto::ProcIdentity>,
     cgroup: Option<&str>,
@@ -785,5 +788,26 @@ pub async fn stop_recorded(
     // Only while the leader is still the same process: the group cannot have been reused.
     if procfs::is_alive(leader) || killpg(group, None).is_ok() {
         let _ = killpg(group, Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_may_name_only_a_cgroup_the_agent_makes() {
+        assert!(is_agents_cgroup(
+            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-j-1-42"
+        ));
+        for other in [
+            "/sys/fs/cgroup/system.slice/sshd.service",
+            "/sys/fs/cgroup/c3-x/../system.slice",
+            "/tmp/c3-j-1-42",
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-agent",
+        ] {
+            assert!(!is_agents_cgroup(other), "{other}");
+        }
     }
 }

@@ -435,7 +435,10 @@ fn a_dataset_from_a_trickling_store_ends_at_the_dataset_timeout() {
     let t = h.terminal("waits");
     assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
     assert!(
-        t["message"].as_str().unwrap_or("").contains("dataset_timeout_secs"),
+        t["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("dataset_timeout_secs"),
         "{t}"
     );
 }
