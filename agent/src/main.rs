@@ -312,7 +312,9 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             let rel = path
                 .strip_prefix(root)
                 .map_err(|_| "spec outside its root".to_string())?;
-            let root = c3_runtime::confine::DirFd::open_root(root).map_err(err)?;
+            // jobs_root is the operator's: a symlink in it (its last component too) is theirs.
+            let real = std::fs::canonicalize(root).map_err(err)?;
+            let root = c3_runtime::confine::DirFd::open_root(&real).map_err(err)?;
             let owned_here = |st: &nix::sys::stat::FileStat, what: &str| {
                 let euid = nix::unistd::geteuid().as_raw();
                 if (st.st_uid != 0 && st.st_uid != euid) || st.st_mode & 0o002 != 0 {

@@ -303,22 +303,25 @@ fn put_back(aside: &Path, path: &Path) -> std::io::Result<()> {
 }
 
 /// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
-/// and this run decides again.
+/// and this run decides again. One set aside by a gc still running (the timer's and an
+/// operator's at once) is that gc's to finish.
 fn put_back_left_aside(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(sha) = name
+        let Some((sha, pid)) = name
             .to_str()
             .and_then(|n| n.strip_prefix(ASIDE))
             .and_then(|rest| rest.split_once('.'))
-            .map(|(sha, _)| sha)
-            .filter(|sha| is_sha256_hex(sha))
+            .filter(|(sha, _)| is_sha256_hex(sha))
         else {
             continue;
         };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
         if entry.file_type().is_ok_and(|t| t.is_file()) {
             let _ = put_back(&entry.path(), &dir.join(sha));
         }
@@ -686,7 +689,8 @@ mod tests {
         let dir = f.root.join("blobs/sha256");
 
         // gc set it aside first: the job finds its key empty and stores it again.
-        let aside = dir.join(format!("{ASIDE}{sha}.1"));
+        // Set aside by a gc that is gone (pid 0 is no process's).
+        let aside = dir.join(format!("{ASIDE}{sha}.0"));
         std::fs::rename(f.blob_path(&sha), &aside).unwrap();
         assert!(f
             .store
