@@ -196,18 +196,23 @@ where
     }
 }
 
+/// The fields the agent logs as lists.
+const LIST_FIELDS: &[&str] = &["command", "unstored", "dirs", "watched", "first", "to"];
+
 struct Visitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
 impl Visit for Visitor<'_> {
-    /// Lists (`command = ?vec`) stay lists; everything else recorded by `Debug`/`Display`
-    /// is a string. The message never is parsed: a job's output line is echoed as one, and
-    /// `{"level":"ERROR","job_id":"other"}` must stay text, not become an object in the log.
+    /// The agent's list fields (`command = ?vec`) stay lists; everything else recorded by
+    /// `Debug`/`Display` is a string. Nothing else is parsed: a job's output line is echoed as
+    /// the message and a file name as a `path`, and `{"level":"ERROR"}` or `[1,2]` a job wrote
+    /// must stay text, not become structure a log pipeline takes for the agent's.
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let text = format!("{value:?}");
-        let json = match text.as_bytes().first() {
-            Some(b'[') if field.name() != "message" => serde_json::from_str(&text).ok(),
-            _ => None,
-        };
+        let json = LIST_FIELDS
+            .contains(&field.name())
+            .then(|| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .flatten()
+            .filter(serde_json::Value::is_array);
         self.0
             .insert(field.name().into(), json.unwrap_or(text.into()));
     }
@@ -266,12 +271,14 @@ mod tests {
         let lines = json_lines(|| {
             tracing::info!(target: "c3::job", stream = "stdout", "{forged}");
             tracing::info!(command = ?vec!["sh", "-c"], "job launched");
+            tracing::info!(path = %"[1,2]", "a file the job named");
         });
         assert_eq!(lines[0]["message"], serde_json::Value::from(forged));
         assert_eq!(lines[0]["level"], "INFO");
         assert!(lines[0].get("job_id").is_none(), "{}", lines[0]);
         // A list field stays a list.
         assert_eq!(lines[1]["command"], serde_json::json!(["sh", "-c"]));
+        assert_eq!(lines[2]["path"], "[1,2]");
     }
 
     #[test]
