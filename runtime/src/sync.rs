@@ -75,11 +75,12 @@ impl SyncBook {
         self.synced.is_empty()
     }
 
-    /// Whether this exact version of the file is already a blob.
+    /// Whether this exact version of the file is already a blob (a stamp taken racily, too
+    /// soon after a change to tell the next one, says nothing: read again).
     pub fn is_current(&self, file: &LocalFile) -> bool {
         self.synced
             .get(&file.rel)
-            .is_some_and(|u| u.stamp == file.stamp)
+            .is_some_and(|u| u.stamp == file.stamp && !u.racy)
     }
 
     /// Drops the entries whose path matches; returns how many.
@@ -95,8 +96,15 @@ impl SyncBook {
 
     pub fn record(&mut self, up: Uploaded) {
         self.new_bytes += up.new_bytes;
+        // The same entry read again (a racy stamp confirmed) is no change to list.
+        let same = self
+            .synced
+            .get(&up.rel)
+            .is_some_and(|old| old.entry() == up.entry());
         self.synced.insert(up.rel.clone(), up);
-        self.generation += 1;
+        if !same {
+            self.generation += 1;
+        }
     }
 
     /// Whether the last in-progress manifest written lists the book as it is now.

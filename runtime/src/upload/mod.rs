@@ -118,6 +118,23 @@ pub struct Uploaded {
     pub stamp: FileStamp,
     /// Bytes this upload added to the store (0 when the blob already existed).
     pub new_bytes: u64,
+    /// The file changed too shortly before it was read for its stamp to tell a later change:
+    /// it is read again at the next look rather than taken as current ([`racy`]).
+    pub racy: bool,
+}
+
+/// How long after a change the file's stamp may still be the one a further change leaves. A
+/// kernel before 6.13 sets mtime and ctime from a clock that moves once a tick (1-10 ms): a
+/// rewrite of the same size in the tick of the read (a job publishing a file and writing it
+/// again at once) would leave every field of the stamp as it was. Git calls this racily clean.
+const RACY_WINDOW_NS: i64 = 50_000_000;
+
+/// Whether `stamp`'s last change lies within [`RACY_WINDOW_NS`] of now (a read just done).
+pub fn racy(stamp: &FileStamp) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    stamp.mtime_ns.max(stamp.ctime_ns) > now - RACY_WINDOW_NS
 }
 
 impl Uploaded {
@@ -672,6 +689,7 @@ impl Uploader {
         Uploaded {
             rel: file.rel.clone(),
             digests,
+            racy: racy(&before),
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
         }
@@ -812,6 +830,28 @@ mod tests {
             min_part_size: MIB,
             ..UploadOptions::default()
         }
+    }
+
+    /// On a kernel whose file times move once a tick, a rewrite of the same size within the
+    /// tick of a read leaves the stamp as it was: a file read that soon after a change is
+    /// read again at the next look, not taken as current.
+    #[tokio::test]
+    async fn a_file_read_just_after_a_change_is_read_again_at_the_next_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploader::new(BlobStore::in_memory(), UploadOptions::default(), "j", None);
+        let (file, _) = file_of(dir.path(), "fresh", 100, 1);
+        let fresh = up.upload(&file).await.unwrap();
+        assert!(fresh.racy);
+        let mut book = crate::sync::SyncBook::default();
+        book.record(fresh);
+        assert!(!book.is_current(&file), "a racy stamp was trusted");
+        std::thread::sleep(std::time::Duration::from_millis(
+            2 * RACY_WINDOW_NS as u64 / 1_000_000,
+        ));
+        let settled = up.upload(&file).await.unwrap();
+        assert!(!settled.racy);
+        book.record(settled);
+        assert!(book.is_current(&file));
     }
 
     #[tokio::test]
