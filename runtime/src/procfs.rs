@@ -140,6 +140,27 @@ pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
     open
 }
 
+/// The paths of the regular files `pids` hold open for write (as the kernel names them now;
+/// ` (deleted)` for one removed), sorted, each once.
+pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
+    let mut paths = std::collections::BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let name = fd.file_name();
+            let written = name.to_str().is_some_and(|n| opened_for_write(*pid, n));
+            if written && std::fs::metadata(fd.path()).is_ok_and(|m| m.is_file()) {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    paths.insert(target);
+                }
+            }
+        }
+    }
+    paths.into_iter().collect()
+}
+
 /// Files a process has mapped shared and writable (`np.memmap(mode="r+")`, `mmap` then
 /// `close`): still being written with no fd open, and a store to a page already dirty changes
 /// neither mtime nor ctime, so a copy taken now could be listed with bytes the file no longer

@@ -350,10 +350,32 @@ impl Supervisor {
                 .unwrap_or_default()
         };
         if !left.is_empty() {
-            warnings.push(format!(
+            // What they were still writing is stored as it stands, perhaps cut short: say which
+            // files (a `save.py &` whose script exited 0 leaves a half-written checkpoint).
+            let writing = {
+                let left = left.clone();
+                tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left))
+                    .await
+                    .unwrap_or_default()
+            };
+            let mut warning = format!(
                 "the job's script ended but left {} processes running; terminating them",
                 left.len()
-            ));
+            );
+            if !writing.is_empty() {
+                let shown: Vec<String> = writing
+                    .iter()
+                    .take(5)
+                    .map(|p| crate::display::clip_text(p.display().to_string(), 256))
+                    .collect();
+                warning.push_str(&format!(
+                    " (still writing {} file(s), stored as they are, perhaps incomplete: {}{})",
+                    writing.len(),
+                    shown.join(", "),
+                    if writing.len() > 5 { ", ..." } else { "" }
+                ));
+            }
+            warnings.push(warning);
         }
         // Always: it also reaps orphans and removes the job's cgroup.
         self.procs.terminate(None, grace).await;

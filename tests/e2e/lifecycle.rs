@@ -268,3 +268,20 @@ fn recover_leaves_a_job_with_a_live_agent_alone() {
     h.wait("busy".into(), child).assert_code(0);
     assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
 }
+
+/// A background writer the script left behind (`python save.py &` then exit 0) is stopped and
+/// its file stored as it stands: the status names the file, which may be cut short.
+#[test]
+fn a_file_a_left_process_was_still_writing_is_named_in_the_warnings() {
+    let h = Harness::file();
+    let script = "sh -c 'exec 3> $C3_ARTIFACTS_DIR/model.pt; printf half >&3; exec sleep 30' & \
+                  sleep 0.5; exit 0";
+    h.run_job(json!({"job_id": "leftw", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let t = h.terminal("leftw");
+    let warnings = t["warnings"].to_string();
+    assert!(
+        warnings.contains("artifacts/model.pt") && warnings.contains("incomplete"),
+        "{t}"
+    );
+}
