@@ -42,19 +42,40 @@ pub fn oom_killed(processes: &BTreeMap<i32, u64>) -> bool {
 
 /// `prio,seq,usec,flags;message`: "Out of memory: Killed process 123 (python3) ..." and
 /// "Memory cgroup out of memory: Killed process 123 (python3) ...".
+///
+/// Only the kernel's own records (facility 0: userspace writes to /dev/kmsg carry another) and
+/// only a message that starts with one of the OOM killer's sentences: the `oom-kill:` record
+/// carries cgroup paths, which an unprivileged user names freely in its delegated subtree
+/// (a cgroup called `Killed process 4242 (x` would otherwise turn another job's SIGKILL into
+/// OUT_OF_MEMORY).
 fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, u64>) -> bool {
+    const SENTENCES: &[&str] = &[
+        "Out of memory: Killed process ",
+        "Memory cgroup out of memory: Killed process ",
+        "Out of memory (oom_kill_allocating_task): Killed process ",
+        // Kernels before 5.1: its own record after "Out of memory: Kill process ...".
+        "Killed process ",
+    ];
     let text = String::from_utf8_lossy(record);
     let Some((head, message)) = text.split_once(';') else {
         return false;
     };
-    let usec: u64 = head
-        .split(',')
-        .nth(2)
+    let mut fields = head.split(',');
+    let kernel = fields
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|prio| prio >> 3 == 0);
+    let usec: u64 = fields
+        .nth(1)
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    let killed = message
-        .split_once("Killed process ")
-        .and_then(|(_, rest)| rest.split_once(" ("))
+    if !kernel {
+        return false;
+    }
+    let killed = SENTENCES
+        .iter()
+        .find_map(|s| message.strip_prefix(s))
+        .and_then(|rest| rest.split_once(" ("))
         .and_then(|(pid, _)| pid.parse::<i32>().ok());
     killed
         .and_then(|pid| processes.get(&pid))
@@ -76,5 +97,12 @@ mod tests {
         );
         assert!(!record_says_oom(rec, &job(424, 0)), "pid 424 is not 4242");
         assert!(!record_says_oom(b"6,1,5,-;eth0: link up", &job(1, 0)));
+        // A cgroup a user named after the sentence, and a userspace write to /dev/kmsg.
+        let forged = b"6,1,5000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/user.slice/Killed process 4242 (x,task_memcg=/a\n";
+        assert!(!record_says_oom(forged, &job(4242, 0)));
+        let user = b"14,1,5000000,-;Out of memory: Killed process 4242 (x) total-vm:1kB\n";
+        assert!(!record_says_oom(user, &job(4242, 0)));
+        let plain = b"3,1,5000000,-;Out of memory: Killed process 4242 (x) total-vm:1kB\n";
+        assert!(record_says_oom(plain, &job(4242, 0)));
     }
 }
