@@ -65,10 +65,7 @@ fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, u64>) -> bool {
         .next()
         .and_then(|p| p.parse::<u32>().ok())
         .is_some_and(|prio| prio >> 3 == 0);
-    let usec: u64 = fields
-        .nth(1)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
+    let usec: u64 = fields.nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
     if !kernel {
         return false;
     }

@@ -175,6 +175,19 @@ async fn watch_attempt(
             user: None,
             datasets: Vec::new(),
         };
+        // A done file from before this attempt (a workdir a retry shares, a Slurm submit dir)
+        // is not this attempt's word: ignored until it is written again. A sidecar taking an
+        // unfinished attempt over honours it (it may have been written while none watched).
+        let stale = match (&earlier, plan.done_file.as_deref()) {
+            (None, Some(done)) => {
+                let stale = done_stamp(done);
+                if stale.is_some() {
+                    tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
+                }
+                stale
+            }
+            _ => None,
+        };
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
         record.job_user = job_user;
@@ -201,7 +214,8 @@ async fn watch_attempt(
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
-        let Ended { end, message, oom } = wait_for_end(&plan, leader.as_ref(), cancel).await;
+        let Ended { end, message, oom } =
+            wait_for_end(&plan, leader.as_ref(), cancel, stale).await;
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -282,7 +296,11 @@ async fn wait_for_end(
     plan: &WatchPlan,
     leader: Option<&c3_proto::ProcIdentity>,
     cancel: &CancellationToken,
+    stale: Option<DoneStamp>,
 ) -> Ended {
+    let read_done_file = |path: &Path| {
+        read_done_file(path).and_then(|(said, stamp)| (Some(stamp) != stale).then_some(said))
+    };
     let mut tick = tokio::time::interval(POLL);
     loop {
         let stopped = tokio::select! {
@@ -406,22 +424,45 @@ enum DoneFile {
 
 /// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
 /// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
-fn read_done_file(path: &Path) -> Option<DoneFile> {
+/// Which version of the done file is there: (dev, inode, size, mtime, ctime).
+type DoneStamp = (u64, u64, u64, i64, i64);
+
+fn stamp_of(meta: &std::fs::Metadata) -> DoneStamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+    )
+}
+
+/// The done file's version, if one is there.
+fn done_stamp(path: &Path) -> Option<DoneStamp> {
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
-    if !file.metadata().ok()?.is_file() {
+    file.metadata().ok().map(|m| stamp_of(&m))
+}
+
+fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
+    let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
         return None;
     }
+    let stamp = stamp_of(&meta);
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
     let text = text.trim();
     if text.is_empty() {
         return None;
     }
-    Some(match text.parse() {
+    let said = match text.parse() {
         Ok(code) => DoneFile::Exit(code),
         Err(_) if text.eq_ignore_ascii_case("canceled") => DoneFile::Canceled,
         Err(_) => DoneFile::Unclear,
-    })
+    };
+    Some((said, stamp))
 }
 
 #[cfg(test)]
@@ -456,23 +497,20 @@ mod tests {
 
     #[test]
     fn done_file_says_the_exit_code() {
+        let said = |p: &Path| read_done_file(p).map(|(said, _)| said);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("done");
-        assert_eq!(read_done_file(&f), None);
+        assert_eq!(said(&f), None);
         std::fs::write(&f, "3\n").unwrap();
-        assert_eq!(read_done_file(&f), Some(DoneFile::Exit(3)));
+        assert_eq!(said(&f), Some(DoneFile::Exit(3)));
         std::fs::write(&f, "").unwrap();
-        assert_eq!(read_done_file(&f), None, "not written yet");
+        assert_eq!(said(&f), None, "not written yet");
         std::fs::write(&f, "done\n").unwrap();
-        assert_eq!(read_done_file(&f), Some(DoneFile::Unclear));
+        assert_eq!(said(&f), Some(DoneFile::Unclear));
         std::fs::write(&f, "canceled\n").unwrap();
-        assert_eq!(read_done_file(&f), Some(DoneFile::Canceled));
+        assert_eq!(said(&f), Some(DoneFile::Canceled));
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&f, &link).unwrap();
-        assert_eq!(
-            read_done_file(&link),
-            None,
-            "a symlink is not the done file"
-        );
+        assert_eq!(said(&link), None, "a symlink is not the done file");
     }
 }

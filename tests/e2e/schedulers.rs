@@ -350,6 +350,31 @@ fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
     assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
 }
 
+/// A done file an earlier attempt left in a workdir a retry shares is not this attempt's end:
+/// the watch ends when it is written again, with the trainer's files.
+#[test]
+fn watch_ignores_a_done_file_from_before_it_started() {
+    let h = Harness::file();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("artifacts")).unwrap();
+    let done = shared.join(".c3-done");
+    std::fs::write(&done, "0\n").unwrap();
+    let done_arg = done.display().to_string();
+    let agent = watch(
+        &h,
+        "stale",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts")],
+    );
+    let mut t = trainer(
+        "sleep 1 && echo w > artifacts/model.pt && echo 0 > .c3-done.tmp && mv .c3-done.tmp .c3-done",
+        &shared,
+    );
+    assert!(t.wait().unwrap().success());
+    h.wait("watch".into(), agent).assert_code(0);
+    assert_eq!(h.manifest_paths("stale"), vec!["artifacts/model.pt"]);
+}
+
 #[test]
 fn watch_reports_the_exit_code_the_done_file_holds() {
     let h = Harness::file().with_control_plane(10);
@@ -451,13 +476,15 @@ fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_tw
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
     std::fs::write(shared.join("out/a"), "a").unwrap();
-    std::fs::write(shared.join("done"), "canceled\n").unwrap();
     let done = shared.join("done").display().to_string();
     let out = shared.join("out");
-    let run = h.wait(
-        "watch".into(),
-        watch(&h, "sidecan", &["--done-file", &done], &[&out]),
-    );
+    let first = watch(&h, "sidecan", &["--done-file", &done], &[&out]);
+    // Written once the watch runs: one there before it started is an earlier attempt's.
+    wait_for("RUNNING", Duration::from_secs(20), || {
+        states(&h).iter().any(|s| s == "RUNNING").then_some(())
+    });
+    std::fs::write(shared.join("done"), "canceled\n").unwrap();
+    let run = h.wait("watch".into(), first);
     run.assert_code(4);
     assert_eq!(h.terminal("sidecan")["state"], "CANCELED");
     let reported = h.cp().requests().len();
