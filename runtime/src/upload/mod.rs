@@ -641,8 +641,10 @@ impl Uploader {
         // Most files (by count) are small: one trip to the blocking pool stats, opens, reads,
         // hashes and re-stats it, with budget held for the size the scan saw.
         if file.stamp.size <= self.opts.multipart_threshold {
-            if let Some((before, digests, new)) = self.upload_small(&path, file.stamp.size).await? {
-                return Ok(self.uploaded(file, before, digests, new));
+            if let Some((before, digests, new, racy)) =
+                self.upload_small(&path, file.stamp.size).await?
+            {
+                return Ok(self.uploaded(file, before, digests, new, racy));
             }
         }
         let before = stat(self.root.as_deref(), &path)?;
@@ -650,8 +652,8 @@ impl Uploader {
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
             match self.upload_small(&path, before.size).await? {
-                Some((before, digests, new)) => {
-                    return Ok(self.uploaded(file, before, digests, new))
+                Some((before, digests, new, racy)) => {
+                    return Ok(self.uploaded(file, before, digests, new, racy))
                 }
                 None => return Err(UploadError::Changed { path }),
             }
@@ -662,7 +664,9 @@ impl Uploader {
             self.known.insert(&up.0.sha256_hex());
             up
         };
-        Ok(self.uploaded(file, before, digests, new))
+        // Read whole after the stamp, over 16 MiB: a tick (at most 10 ms) has passed since any
+        // change the stamp holds, unless the read was very fast; judged now, near enough.
+        Ok(self.uploaded(file, before, digests, new, racy(&before)))
     }
 
     fn within_max(&self, path: &Path, size: u64) -> Result<(), UploadError> {
@@ -682,6 +686,7 @@ impl Uploader {
         before: FileStamp,
         digests: Digests,
         new: bool,
+        racy: bool,
     ) -> Uploaded {
         if new {
             self.record_added(&digests);
@@ -689,7 +694,7 @@ impl Uploader {
         Uploaded {
             rel: file.rel.clone(),
             digests,
-            racy: racy(&before),
+            racy,
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
         }
@@ -701,7 +706,7 @@ impl Uploader {
         &self,
         path: &Path,
         budgeted: u64,
-    ) -> Result<Option<(FileStamp, Digests, bool)>, UploadError> {
+    ) -> Result<Option<(FileStamp, Digests, bool, bool)>, UploadError> {
         // The PUT body is the file: at most `budgeted` bytes (a grown file is not sent).
         self.pace(budgeted).await;
         let guard = self.budget.acquire(budgeted).await;
@@ -726,14 +731,18 @@ impl Uploader {
                 return Err(UploadError::Changed { path: p });
             }
             ensure_unchanged(root.as_deref(), &p, before)?;
+            // Judged at this last look, not after the PUT: what matters is whether a change
+            // from now on could still land in the tick the stamp holds.
+            let racy = racy(&before);
             Ok(Some((
                 before,
                 crate::digest::digest_bytes(&buf),
                 Bytes::from(buf),
+                racy,
             )))
         })
         .await?;
-        let Some((before, digests, bytes)) = read else {
+        let Some((before, digests, bytes, racy)) = read else {
             return Ok(None);
         };
         let sha = digests.sha256_hex();
@@ -756,7 +765,7 @@ impl Uploader {
         };
         drop(guard);
         self.known.insert(&sha);
-        Ok(Some((before, digests, new)))
+        Ok(Some((before, digests, new, racy)))
     }
 }
 
