@@ -192,7 +192,7 @@ async fn watch_attempt(
         record.watched_dirs = Some(names.clone());
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
-        if let Some(earlier) = earlier {
+        if let Some(earlier) = &earlier {
             // A restarted sidecar takes the attempt over: statuses go on from its seq.
             tracing::warn!(
                 seq = earlier.seq,
@@ -200,9 +200,25 @@ async fn watch_attempt(
             );
             record.seq = earlier.seq;
         }
+        // An earlier agent that saw the job end (it was in its final sync) left the end in the
+        // record: finish that, never watch again (a RUNNING after FINALIZING, and a done file
+        // read anew, could tell another story than the one already reported).
+        let ended = earlier
+            .as_ref()
+            .filter(|r| r.phase == Phase::Finishing)
+            .map(crate::recover::recorded_end)
+            .filter(|end| *end != JobEnd::AgentLost);
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
         run.stop_requested = Some(crate::job::stop_clock(cancel));
+        if let Some(end) = ended {
+            tracing::warn!(end = ?end, "the job had ended when the earlier agent stopped; finishing its final sync");
+            run.collector = Some(CollectorHandle::start(
+                run.collector_config.clone(),
+                Some(JobProcesses::watched(None)),
+            ));
+            return Ok(Watched::Finished(run.finish(end, started).await));
+        }
         run.record.phase = Phase::Running;
         let seq = run.next_seq().await;
         run.reports.running(seq, ctx.report_deadline());

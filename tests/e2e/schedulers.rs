@@ -375,6 +375,39 @@ fn watch_ignores_a_done_file_from_before_it_started() {
     assert_eq!(h.manifest_paths("stale"), vec!["artifacts/model.pt"]);
 }
 
+/// A sidecar killed in its final sync (its container's memory limit) and restarted finishes
+/// that sync from the end it recorded: no RUNNING after FINALIZING, one terminal status.
+#[test]
+fn a_sidecar_restarted_in_its_final_sync_finishes_it_without_watching_again() {
+    let mut h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done").display().to_string();
+    let out = shared.join("out");
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
+    let first = watch(&h, "sidefin", &["--done-file", &done], &[&out]);
+    wait_for("RUNNING", Duration::from_secs(20), || {
+        states(&h).iter().any(|s| s == "RUNNING").then_some(())
+    });
+    std::fs::write(out.join("a"), "a").unwrap();
+    std::fs::write(&done, "0\n").unwrap();
+    wait_for("FINALIZING", Duration::from_secs(20), || {
+        states(&h).iter().any(|s| s == "FINALIZING").then_some(())
+    });
+    // In the 2 s pause after the final scan.
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    h.env.clear();
+    h.wait(
+        "watch again".into(),
+        watch(&h, "sidefin", &["--done-file", &done], &[&out]),
+    )
+    .assert_code(0);
+    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
+    assert_eq!(h.manifest_paths("sidefin"), vec!["out/a"]);
+}
+
 #[test]
 fn watch_reports_the_exit_code_the_done_file_holds() {
     let h = Harness::file().with_control_plane(10);
