@@ -405,6 +405,9 @@ struct Inner {
     /// ticks), at most [`MAX_SEEN`]: where no cgroup counts OOM kills, the kernel log is
     /// searched for these, so a shell leader's OOM-killed child is found too.
     seen: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
+    /// `--pid`'s tree as seen at each look (pid -> start ticks): a descendant the leader left
+    /// behind is re-parented out of the tree when the leader ends, and is still the job's.
+    tree: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
 }
 
 /// Processes of one job remembered for the OOM search; a job that forks more is searched
@@ -436,6 +439,7 @@ impl JobProcesses {
                 facts: std::sync::Mutex::new(None),
                 leader_start_ticks: procfs::stat(leader).map_or(0, |s| s.start_ticks),
                 seen: Default::default(),
+                tree: Default::default(),
             }),
         }
     }
@@ -472,6 +476,21 @@ impl JobProcesses {
                 .collect(),
             Scope::Everyone => procs.keys().copied().filter(live).collect(),
         };
+        if let Scope::Tree(_) = self.inner.scope {
+            let mut tree = self.inner.tree.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &set {
+                if let (Some(s), true) = (procs.get(p), tree.len() < MAX_SEEN) {
+                    tree.entry(*p).or_insert(s.start_ticks);
+                }
+            }
+            // The same process (pid and start), alive, wherever it was re-parented to.
+            tree.retain(|p, start| {
+                procs
+                    .get(p)
+                    .is_some_and(|s| s.start_ticks == *start && !s.is_zombie())
+            });
+            set.extend(tree.keys());
+        }
         // Not filtered through the snapshot above: a process forked after it is still ours.
         if let Some(cg) = &self.inner.cgroup {
             set.extend(cg.members());

@@ -225,13 +225,13 @@ async fn watch_attempt(
         let procs = JobProcesses::watched(plan.pid);
         run.collector = Some(CollectorHandle::start(
             run.collector_config.clone(),
-            Some(procs),
+            Some(procs.clone()),
         ));
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
         let Ended { end, message, oom } =
-            wait_for_end(&plan, leader.as_ref(), cancel, stale).await;
+            wait_for_end(&plan, leader.as_ref(), &procs, cancel, stale).await;
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -306,11 +306,35 @@ impl From<(JobEnd, Option<String>)> for Ended {
     }
 }
 
+/// How long the processes a `--pid` leader left behind (a `save.py &`) are waited for.
+const LEFT_BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits, bounded, for what the leader left running to end: what they still write is the
+/// job's, and the final sync would store it cut short.
+async fn left_behind(procs: &JobProcesses, cancel: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + LEFT_BEHIND_WAIT;
+    loop {
+        let p = procs.clone();
+        let left = tokio::task::spawn_blocking(move || p.members())
+            .await
+            .unwrap_or_default();
+        if left.is_empty() || cancel.is_cancelled() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(processes = left.len(), "processes the job's main process left behind still run; syncing without waiting for them (files they write may be stored incomplete)");
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits until the job is over; a stop request first looks whether it is (Kubernetes stops
 /// a sidecar after the main containers ended).
 async fn wait_for_end(
     plan: &WatchPlan,
     leader: Option<&c3_proto::ProcIdentity>,
+    procs: &JobProcesses,
     cancel: &CancellationToken,
     stale: Option<DoneStamp>,
 ) -> Ended {
@@ -318,17 +342,26 @@ async fn wait_for_end(
         read_done_file(path).and_then(|(said, stamp)| (Some(stamp) != stale).then_some(said))
     };
     let mut tick = tokio::time::interval(POLL);
+    let mut looks = 0u32;
     loop {
         let stopped = tokio::select! {
             _ = tick.tick() => false,
             _ = cancel.cancelled() => true,
         };
+        // Once a second while the leader lives: its tree as it is, so that a process it
+        // leaves behind is known as the job's once re-parented away.
+        looks = looks.wrapping_add(1);
+        if leader.is_some() && looks % 5 == 0 {
+            let p = procs.clone();
+            let _ = tokio::task::spawn_blocking(move || p.members()).await;
+        }
         if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
             return said.end().into();
         }
         if let Some(leader) = leader {
             if !crate::procfs::is_alive(leader) {
                 tracing::info!(pid = leader.pid, "the job's main process ended");
+                left_behind(procs, cancel).await;
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
                     for _ in 0..10 {

@@ -456,6 +456,24 @@ fn watch_ends_when_the_watched_process_exits() {
     );
 }
 
+/// A process the `--pid` leader left behind (`save.py &`) still writes the job's files: the
+/// watch waits for it (bounded) before its final sync.
+#[test]
+fn watch_waits_for_what_the_watched_process_left_behind() {
+    let h = Harness::file();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer(
+        "(sleep 2.5; echo late > out/late.tmp; mv out/late.tmp out/late) & sleep 1.5",
+        &shared,
+    );
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sideleft", &["--pid", &pid], &[&shared.join("out")]);
+    t.wait().unwrap();
+    h.wait("watch --pid".into(), agent).assert_code(0);
+    assert_eq!(h.manifest_paths("sideleft"), vec!["out/late"]);
+}
+
 /// Starts `watch` on `shared/out` (holding one file), waits until it runs, stops it.
 fn stopped_watch(h: &Harness, job: &str, extra: &[&str]) -> crate::support::Run {
     let shared = h.path("shared");
