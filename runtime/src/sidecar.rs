@@ -351,7 +351,7 @@ async fn wait_for_end(
         // Once a second while the leader lives: its tree as it is, so that a process it
         // leaves behind is known as the job's once re-parented away.
         looks = looks.wrapping_add(1);
-        if leader.is_some() && looks % 5 == 0 {
+        if leader.is_some() && looks.is_multiple_of(5) {
             let p = procs.clone();
             let _ = tokio::task::spawn_blocking(move || p.members()).await;
         }
