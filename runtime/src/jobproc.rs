@@ -469,11 +469,20 @@ impl JobProcesses {
                 .into_iter()
                 .filter(live)
                 .collect(),
-            Scope::Tree(root) => procfs::descendants(root, &procs)
-                .into_iter()
-                .chain(std::iter::once(root))
-                .filter(live)
-                .collect(),
+            // Only while `root` is the leader still: a stranger that reused its pid has its own
+            // tree.
+            Scope::Tree(root)
+                if procs
+                    .get(&root)
+                    .is_some_and(|s| s.start_ticks == self.inner.leader_start_ticks) =>
+            {
+                procfs::descendants(root, &procs)
+                    .into_iter()
+                    .chain(std::iter::once(root))
+                    .filter(live)
+                    .collect()
+            }
+            Scope::Tree(_) => BTreeSet::new(),
             Scope::Everyone => procs.keys().copied().filter(live).collect(),
         };
         if let Scope::Tree(_) = self.inner.scope {

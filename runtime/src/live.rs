@@ -536,7 +536,7 @@ impl Syncer {
         let procs = self.procs.clone();
         let (workdir, paths) = (self.workdir.clone(), due.clone());
         let looked = crate::pace::spawn_gently(move || {
-            let open = crate::procfs::written_by(&procs.members());
+            let open = crate::procfs::written_by_lately(&procs.members());
             let root = DirFd::open_root(&workdir).ok();
             let stamps: Vec<Option<FileStamp>> = paths
                 .iter()

@@ -113,8 +113,27 @@ pub fn descendants(root: i32, procs: &HashMap<i32, Stat>) -> Vec<i32> {
     out
 }
 
-/// `(dev, ino)` of every regular file open with O_WRONLY or O_RDWR by one of `pids`.
+/// `(dev, ino)` of every regular file open with O_WRONLY or O_RDWR by one of `pids`, or
+/// mapped shared and writable.
 pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
+    written(pids, None)
+}
+
+/// [`written_by`] for live sync's look every second: each process's mappings as read within
+/// the last [`MAPS_TTL`]. A PyTorch process has thousands of them (megabytes of text with its
+/// DataLoader workers, each read under the process's mmap lock), and they change far less
+/// often than files are opened. A mapping younger than that may be missed by one look; its
+/// first store to each clean page still moves the file's mtime, which the settle sees.
+pub fn written_by_lately(pids: &[i32]) -> HashSet<(u64, u64)> {
+    written(pids, Some(MAPS_TTL))
+}
+
+const MAPS_TTL: std::time::Duration = std::time::Duration::from_secs(3);
+
+type MapsCache = std::collections::HashMap<(i32, u64), (std::time::Instant, Vec<(u64, u64)>)>;
+static MAPS: std::sync::Mutex<Option<MapsCache>> = std::sync::Mutex::new(None);
+
+fn written(pids: &[i32], maps_ttl: Option<std::time::Duration>) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
     for pid in pids {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -135,9 +154,35 @@ pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
                 }
             }
         }
-        shared_writable_maps(*pid, &mut open);
+        match maps_ttl {
+            None => shared_writable_maps(*pid, &mut open),
+            Some(ttl) => open.extend(lately_mapped(*pid, ttl)),
+        }
     }
     open
+}
+
+/// A process's shared writable mappings, from the cache while younger than `ttl`.
+fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
+    let Some(start) = stat(pid).map(|s| s.start_ticks) else {
+        return Vec::new();
+    };
+    let now = std::time::Instant::now();
+    let mut cache = MAPS.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if let Some((at, found)) = cache.get(&(pid, start)) {
+        if now.duration_since(*at) < ttl {
+            return found.clone();
+        }
+    }
+    let mut found = HashSet::new();
+    shared_writable_maps(pid, &mut found);
+    let found: Vec<(u64, u64)> = found.into_iter().collect();
+    if cache.len() >= 4096 {
+        cache.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+    }
+    cache.insert((pid, start), (now, found.clone()));
+    found
 }
 
 /// The paths of the regular files `pids` hold open for write (as the kernel names them now;

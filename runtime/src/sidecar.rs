@@ -113,7 +113,8 @@ pub async fn watch_job(
     cancel: CancellationToken,
 ) -> Result<Watched, WatchError> {
     let stay = plan.stay;
-    let watched = watch_attempt(ctx, plan, &cancel).await?;
+    let begun = std::time::SystemTime::now();
+    let watched = watch_attempt(ctx, plan, &cancel, begun).await?;
     if stay {
         tracing::info!("finished; staying until stopped (sidecar)");
         cancel.cancelled().await;
@@ -125,6 +126,7 @@ async fn watch_attempt(
     ctx: &AgentContext,
     plan: WatchPlan,
     cancel: &CancellationToken,
+    begun: std::time::SystemTime,
 ) -> Result<Watched, WatchError> {
     c3_proto::spec::validate_job_id(&plan.job_id)
         .map_err(|e| WatchError::Usage(format!("--job-id {e}")))?;
@@ -148,6 +150,8 @@ async fn watch_attempt(
                 ))
             })?
     };
+    // Made by an earlier agent for this attempt (it may have died before its first record).
+    let attempt_known = ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
     let lock = AttemptLock::acquire(&ctx.state, &plan.job_id, plan.attempt)?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
     let earlier = ctx
@@ -176,11 +180,12 @@ async fn watch_attempt(
             datasets: Vec::new(),
         };
         // A done file from before this attempt (a workdir a retry shares, a Slurm submit dir)
-        // is not this attempt's word: ignored until it is written again. A sidecar taking an
-        // unfinished attempt over honours it (it may have been written while none watched).
-        let stale = match (&earlier, plan.done_file.as_deref()) {
-            (None, Some(done)) => {
-                let stale = done_stamp(done);
+        // is not this attempt's word: ignored until it is written again. Only one changed
+        // before this agent began counts as that (a short trainer may finish while the agent
+        // starts); a sidecar taking an attempt over honours it (written while none watched).
+        let stale = match (attempt_known, plan.done_file.as_deref()) {
+            (false, Some(done)) => {
+                let stale = done_stamp(done).filter(|s| s.4 < since_epoch_ns(begun));
                 if stale.is_some() {
                     tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
                 }
@@ -193,12 +198,14 @@ async fn watch_attempt(
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
         if let Some(earlier) = &earlier {
-            // A restarted sidecar takes the attempt over: statuses go on from its seq.
+            // A restarted sidecar takes the attempt over: statuses go on from its seq, and
+            // what it learnt of the job's end (an OOM kill) stands.
             tracing::warn!(
                 seq = earlier.seq,
                 "taking over an attempt an earlier agent left unfinished"
             );
             record.seq = earlier.seq;
+            record.facts = earlier.facts.clone();
         }
         // An earlier agent that saw the job end (it was in its final sync) left the end in the
         // record: finish that, never watch again (a RUNNING after FINALIZING, and a done file
@@ -351,11 +358,15 @@ async fn wait_for_end(
         // Once a second while the leader lives: its tree as it is, so that a process it
         // leaves behind is known as the job's once re-parented away.
         looks = looks.wrapping_add(1);
-        if leader.is_some() && looks.is_multiple_of(5) {
+        if leader.is_some() && looks % 5 == 1 {
             let p = procs.clone();
             let _ = tokio::task::spawn_blocking(move || p.members()).await;
         }
         if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
+            if leader.is_some() {
+                // The wrapper says it is over; what the trainer left behind may still write.
+                left_behind(procs, cancel).await;
+            }
             return said.end().into();
         }
         if let Some(leader) = leader {
@@ -471,10 +482,13 @@ enum DoneFile {
     Unclear,
 }
 
-/// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
-/// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 /// Which version of the done file is there: (dev, inode, size, mtime, ctime).
 type DoneStamp = (u64, u64, u64, i64, i64);
+
+fn since_epoch_ns(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
 
 fn stamp_of(meta: &std::fs::Metadata) -> DoneStamp {
     use std::os::unix::fs::MetadataExt;
@@ -493,6 +507,8 @@ fn done_stamp(path: &Path) -> Option<DoneStamp> {
     file.metadata().ok().map(|m| stamp_of(&m))
 }
 
+/// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
+/// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     let meta = file.metadata().ok()?;

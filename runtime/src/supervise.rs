@@ -369,7 +369,7 @@ impl Supervisor {
                     .map(|p| crate::display::clip_text(p.display().to_string(), 256))
                     .collect();
                 warning.push_str(&format!(
-                    " (still writing {} file(s), stored as they are, perhaps incomplete: {}{})",
+                    " (they still wrote {} file(s); any in the output dirs is stored as it stands, perhaps incomplete: {}{})",
                     writing.len(),
                     shown.join(", "),
                     if writing.len() > 5 { ", ..." } else { "" }

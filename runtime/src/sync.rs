@@ -94,13 +94,18 @@ impl SyncBook {
         dropped
     }
 
-    pub fn record(&mut self, up: Uploaded) {
+    pub fn record(&mut self, mut up: Uploaded) {
         self.new_bytes += up.new_bytes;
-        // The same entry read again (a racy stamp confirmed) is no change to list.
+        // The same entry read again (a racy stamp confirmed) is no change to list. Two reads
+        // at least a tick apart that found the same stamp and bytes settle it (a file whose
+        // mtime is in the future, set by `tar` or a skewed NFS server, stays racy otherwise).
         let same = self
             .synced
             .get(&up.rel)
             .is_some_and(|old| old.entry() == up.entry());
+        if same && up.stamp == self.synced[&up.rel].stamp {
+            up.racy = false;
+        }
         self.synced.insert(up.rel.clone(), up);
         if !same {
             self.generation += 1;
