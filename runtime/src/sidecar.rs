@@ -316,20 +316,28 @@ impl From<(JobEnd, Option<String>)> for Ended {
 /// How long the processes a `--pid` leader left behind (a `save.py &`) are waited for.
 const LEFT_BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Waits, bounded, for what the leader left running to end: what they still write is the
-/// job's, and the final sync would store it cut short.
+/// Waits, bounded, while what the leader left running (the leader itself aside: a wrapper
+/// that wrote the done file) still writes files: those are the job's, and the final sync would
+/// store them cut short. One that writes nothing (a TensorBoard) holds nothing up.
 async fn left_behind(procs: &JobProcesses, cancel: &CancellationToken) {
     let deadline = tokio::time::Instant::now() + LEFT_BEHIND_WAIT;
     loop {
-        let p = procs.clone();
-        let left = tokio::task::spawn_blocking(move || p.members())
-            .await
-            .unwrap_or_default();
+        let (p, leader) = (procs.clone(), procs.leader());
+        let left = tokio::task::spawn_blocking(move || {
+            let left: Vec<i32> = p.members().into_iter().filter(|&q| q != leader).collect();
+            if crate::procfs::written_by(&left).is_empty() {
+                Vec::new()
+            } else {
+                left
+            }
+        })
+        .await
+        .unwrap_or_default();
         if left.is_empty() || cancel.is_cancelled() {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(processes = left.len(), "processes the job's main process left behind still run; syncing without waiting for them (files they write may be stored incomplete)");
+            tracing::warn!(processes = left.len(), "processes the job's main process left behind still write files; syncing without waiting for them (those files may be stored incomplete)");
             return;
         }
         tokio::time::sleep(POLL).await;

@@ -463,8 +463,9 @@ fn watch_waits_for_what_the_watched_process_left_behind() {
     let h = Harness::file();
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
+    // It holds its file open while it works, as a `torch.save` does.
     let mut t = trainer(
-        "(sleep 2.5; echo late > out/late.tmp; mv out/late.tmp out/late) & sleep 1.5",
+        "(exec 3> out/late; printf half >&3; sleep 2.5; echo late >&3) & sleep 1.5",
         &shared,
     );
     let pid = t.id().to_string();
@@ -472,6 +473,11 @@ fn watch_waits_for_what_the_watched_process_left_behind() {
     t.wait().unwrap();
     h.wait("watch --pid".into(), agent).assert_code(0);
     assert_eq!(h.manifest_paths("sideleft"), vec!["out/late"]);
+    assert_eq!(
+        h.manifest("sideleft")["files"][0]["size"],
+        9,
+        "stored whole"
+    );
 }
 
 /// Starts `watch` on `shared/out` (holding one file), waits until it runs, stops it.
