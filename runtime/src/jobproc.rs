@@ -422,9 +422,17 @@ impl JobProcesses {
     /// A job this agent did not launch (`c3-agent watch`): the process `pid` and its
     /// descendants, or without one every process in sight. Only for the open-for-write
     /// check: such a job is never signalled.
-    pub fn watched(pid: Option<i32>) -> Self {
-        match pid {
-            Some(p) => Self::with_scope(p, None, Scope::Tree(p)),
+    pub fn watched(leader: Option<&c3_proto::ProcIdentity>) -> Self {
+        match leader {
+            // The identity checked when the watch began: read again later, a leader gone by
+            // then would leave a start of 0, and a stranger reusing its pid would be taken in.
+            Some(l) => {
+                let mut procs = Self::with_scope(l.pid, None, Scope::Tree(l.pid));
+                if let Some(inner) = Arc::get_mut(&mut procs.inner) {
+                    inner.leader_start_ticks = l.start_ticks;
+                }
+                procs
+            }
             None => Self::with_scope(0, None, Scope::Everyone),
         }
     }

@@ -168,18 +168,26 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
         return Vec::new();
     };
     let now = std::time::Instant::now();
-    let mut cache = MAPS.lock().unwrap_or_else(|p| p.into_inner());
-    let cache = cache.get_or_insert_with(Default::default);
-    if let Some((at, found)) = cache.get(&(pid, start)) {
-        if now.duration_since(*at) < ttl {
-            return found.clone();
+    {
+        let cache = MAPS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, found)) = cache.as_ref().and_then(|c| c.get(&(pid, start))) {
+            if now.duration_since(*at) < ttl {
+                return found.clone();
+            }
         }
     }
+    // Read without the lock: another look may read the same process meanwhile, no harm.
     let mut found = HashSet::new();
     shared_writable_maps(pid, &mut found);
     let found: Vec<(u64, u64)> = found.into_iter().collect();
+    let mut cache = MAPS.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
     if cache.len() >= 4096 {
         cache.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+        // All fresh (thousands of processes in sight): start over rather than scan each time.
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
     }
     cache.insert((pid, start), (now, found.clone()));
     found

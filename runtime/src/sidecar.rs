@@ -185,7 +185,10 @@ async fn watch_attempt(
         // starts); a sidecar taking an attempt over honours it (written while none watched).
         let stale = match (attempt_known, plan.done_file.as_deref()) {
             (false, Some(done)) => {
-                let stale = done_stamp(done).filter(|s| s.4 < since_epoch_ns(begun));
+                // With a margin: file times move once a tick (seconds on some file systems,
+                // and an NFS server's clock is its own).
+                let before = since_epoch_ns(begun) - 2_000_000_000;
+                let stale = done_stamp(done).filter(|s| s.4 < before);
                 if stale.is_some() {
                     tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
                 }
@@ -229,7 +232,13 @@ async fn watch_attempt(
         run.record.phase = Phase::Running;
         let seq = run.next_seq().await;
         run.reports.running(seq, ctx.report_deadline());
-        let procs = JobProcesses::watched(plan.pid);
+        let procs = JobProcesses::watched(leader.as_ref());
+        // Its tree at once: a leader that ends soon may leave a writer behind.
+        let _ = tokio::task::spawn_blocking({
+            let p = procs.clone();
+            move || p.members()
+        })
+        .await;
         run.collector = Some(CollectorHandle::start(
             run.collector_config.clone(),
             Some(procs.clone()),
@@ -245,6 +254,8 @@ async fn watch_attempt(
                 oom_kills: 1,
                 ..Default::default()
             });
+            // An OOM kill an earlier sidecar learnt of stands.
+            let facts = facts.or_else(|| run.record.facts.clone());
             run.gpu_released(facts, true).await;
         }
         run.message = message;
@@ -313,30 +324,35 @@ impl From<(JobEnd, Option<String>)> for Ended {
     }
 }
 
-/// How long the processes a `--pid` leader left behind (a `save.py &`) are waited for.
+/// How long the processes a `--pid` leader left behind (a `save.py &`) are waited for while
+/// they write files, and while they do not (a save still computing, or a TensorBoard that
+/// never ends and must not hold the GPU's release long).
 const LEFT_BEHIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const LEFT_BEHIND_IDLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Waits, bounded, while what the leader left running (the leader itself aside: a wrapper
-/// that wrote the done file) still writes files: those are the job's, and the final sync would
-/// store them cut short. One that writes nothing (a TensorBoard) holds nothing up.
+/// Waits, bounded, for what the leader left running (the leader itself aside: a wrapper that
+/// wrote the done file): what they write is the job's, and the final sync would store it cut
+/// short.
 async fn left_behind(procs: &JobProcesses, cancel: &CancellationToken) {
-    let deadline = tokio::time::Instant::now() + LEFT_BEHIND_WAIT;
+    let begun = tokio::time::Instant::now();
     loop {
         let (p, leader) = (procs.clone(), procs.leader());
-        let left = tokio::task::spawn_blocking(move || {
+        let (left, writing) = tokio::task::spawn_blocking(move || {
             let left: Vec<i32> = p.members().into_iter().filter(|&q| q != leader).collect();
-            if crate::procfs::written_by(&left).is_empty() {
-                Vec::new()
-            } else {
-                left
-            }
+            let writing = !crate::procfs::written_by(&left).is_empty();
+            (left, writing)
         })
         .await
         .unwrap_or_default();
         if left.is_empty() || cancel.is_cancelled() {
             return;
         }
-        if tokio::time::Instant::now() >= deadline {
+        let limit = if writing {
+            LEFT_BEHIND_WAIT
+        } else {
+            LEFT_BEHIND_IDLE_WAIT
+        };
+        if begun.elapsed() >= limit {
             tracing::warn!(processes = left.len(), "processes the job's main process left behind still write files; syncing without waiting for them (those files may be stored incomplete)");
             return;
         }

@@ -103,8 +103,13 @@ impl SyncBook {
             .synced
             .get(&up.rel)
             .is_some_and(|old| old.entry() == up.entry());
-        if same && up.stamp == self.synced[&up.rel].stamp {
-            up.racy = false;
+        if same {
+            let old = &self.synced[&up.rel];
+            if up.stamp == old.stamp
+                && up.judged_ns - old.judged_ns >= crate::upload::SETTLE_APART_NS
+            {
+                up.racy = false;
+            }
         }
         self.synced.insert(up.rel.clone(), up);
         if !same {

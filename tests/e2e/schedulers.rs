@@ -359,6 +359,8 @@ fn watch_ignores_a_done_file_from_before_it_started() {
     std::fs::create_dir_all(shared.join("artifacts")).unwrap();
     let done = shared.join(".c3-done");
     std::fs::write(&done, "0\n").unwrap();
+    // Older than the margin the agent allows for coarse file times.
+    std::thread::sleep(Duration::from_millis(2500));
     let done_arg = done.display().to_string();
     let agent = watch(
         &h,

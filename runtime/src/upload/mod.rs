@@ -121,6 +121,9 @@ pub struct Uploaded {
     /// The file changed too shortly before it was read for its stamp to tell a later change:
     /// it is read again at the next look rather than taken as current ([`racy`]).
     pub racy: bool,
+    /// When that was judged (ns since the epoch): a second read settles a racy stamp only if
+    /// it comes later than any tick the first could share with a change.
+    pub judged_ns: i64,
 }
 
 /// How long after a change the file's stamp may still be the one a further change leaves. A
@@ -129,12 +132,21 @@ pub struct Uploaded {
 /// again at once) would leave every field of the stamp as it was. Git calls this racily clean.
 const RACY_WINDOW_NS: i64 = 50_000_000;
 
+/// Now, in ns since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// How far apart two reads of a racy stamp must be for the second to settle it: past a tick,
+/// and past a second where file systems keep whole seconds.
+pub const SETTLE_APART_NS: i64 = 1_000_000_000 + RACY_WINDOW_NS;
+
 /// Whether `stamp`'s last change lies within [`RACY_WINDOW_NS`] of now (a read just done); on
 /// a file system that keeps whole seconds only, within a second and a little.
 pub fn racy(stamp: &FileStamp) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    let now = now_ns();
     let whole_seconds = stamp.mtime_ns % 1_000_000_000 == 0 && stamp.ctime_ns % 1_000_000_000 == 0;
     let window = if whole_seconds {
         1_000_000_000 + RACY_WINDOW_NS
@@ -702,6 +714,7 @@ impl Uploader {
             rel: file.rel.clone(),
             digests,
             racy,
+            judged_ns: now_ns(),
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
         }
@@ -865,15 +878,22 @@ mod tests {
             .set_modified(std::time::SystemTime::now() + hour)
             .unwrap();
         restamp(&mut file);
-        let first = up.upload(&file).await.unwrap();
+        let mut first = up.upload(&file).await.unwrap();
         assert!(first.racy);
         let mut book = crate::sync::SyncBook::default();
-        book.record(first);
+        book.record(first.clone());
         assert!(!book.is_current(&file), "a racy stamp was trusted");
         book.record(up.upload(&file).await.unwrap());
         assert!(
+            !book.is_current(&file),
+            "two reads within a tick (or a second) settle nothing"
+        );
+        first.judged_ns -= 2 * SETTLE_APART_NS;
+        book.record(first);
+        book.record(up.upload(&file).await.unwrap());
+        assert!(
             book.is_current(&file),
-            "two reads of the same stamp and bytes"
+            "two reads of the same stamp and bytes, apart"
         );
 
         let stamp = |mtime_ns: i64, ctime_ns: i64| FileStamp {
