@@ -316,8 +316,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             let real = std::fs::canonicalize(root).map_err(err)?;
             let root = c3_runtime::confine::DirFd::open_root(&real).map_err(err)?;
             let owned_here = |st: &nix::sys::stat::FileStat, what: &str| {
-                let euid = nix::unistd::geteuid().as_raw();
-                if (st.st_uid != 0 && st.st_uid != euid) || st.st_mode & 0o002 != 0 {
+                if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_mode) {
                     return Err(format!(
                         "job spec {}: its {what} is owned by uid {} (mode {:o}), not root's: a job may have written it",
                         path.display(),

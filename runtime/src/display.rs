@@ -38,6 +38,12 @@ pub fn clip_text(mut s: String, max: usize) -> String {
 }
 
 /// Now, as RFC 3339 UTC with milliseconds (statuses, records).
+/// `t` in ns since the epoch, as file times are kept (0 before it).
+pub fn epoch_ns(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

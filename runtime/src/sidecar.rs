@@ -187,8 +187,8 @@ async fn watch_attempt(
             (false, Some(done)) => {
                 // With a margin: file times move once a tick (seconds on some file systems,
                 // and an NFS server's clock is its own).
-                let before = since_epoch_ns(begun) - 2_000_000_000;
-                let stale = done_stamp(done).filter(|s| s.4 < before);
+                let before = crate::display::epoch_ns(begun) - 2_000_000_000;
+                let stale = done_stamp(done).filter(|s| s.ctime_ns < before);
                 if stale.is_some() {
                     tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
                 }
@@ -506,29 +506,13 @@ enum DoneFile {
     Unclear,
 }
 
-/// Which version of the done file is there: (dev, inode, size, mtime, ctime).
-type DoneStamp = (u64, u64, u64, i64, i64);
-
-fn since_epoch_ns(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
-fn stamp_of(meta: &std::fs::Metadata) -> DoneStamp {
-    use std::os::unix::fs::MetadataExt;
-    (
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-    )
-}
+/// Which version of the done file is there.
+type DoneStamp = crate::collect::FileStamp;
 
 /// The done file's version, if one is there.
 fn done_stamp(path: &Path) -> Option<DoneStamp> {
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
-    file.metadata().ok().map(|m| stamp_of(&m))
+    file.metadata().ok().map(|m| DoneStamp::of(&m))
 }
 
 /// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
@@ -539,7 +523,7 @@ fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
     if !meta.is_file() {
         return None;
     }
-    let stamp = stamp_of(&meta);
+    let stamp = DoneStamp::of(&meta);
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
     let text = text.trim();

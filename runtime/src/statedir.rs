@@ -220,14 +220,17 @@ impl StateDir {
 /// --job-id` holds its spec to). A record anywhere else was not written by an agent.
 fn agents_own(paths: &[&Path]) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let euid = nix::unistd::geteuid().as_raw();
     paths.iter().all(|p| {
-        std::fs::symlink_metadata(p).is_ok_and(|m| {
-            !m.file_type().is_symlink()
-                && (m.uid() == 0 || m.uid() == euid)
-                && m.mode() & 0o002 == 0
-        })
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| !m.file_type().is_symlink() && root_alone_writes(m.uid(), m.mode()))
     })
+}
+
+/// Whether only root (or the agent's user) may write what has this owner and mode: what root
+/// acts on by path (a run record, a scheduler's spec) must be no one else's to plant.
+pub fn root_alone_writes(uid: u32, mode: u32) -> bool {
+    let euid = nix::unistd::geteuid().as_raw();
+    (uid == 0 || uid == euid) && mode & 0o002 == 0
 }
 
 /// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.

@@ -133,10 +133,8 @@ pub struct Uploaded {
 const RACY_WINDOW_NS: i64 = 50_000_000;
 
 /// Now, in ns since the epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+fn now_ns() -> i64 {
+    crate::display::epoch_ns(std::time::SystemTime::now())
 }
 
 /// How far apart two reads of a racy stamp must be for the second to settle it: past a tick,
