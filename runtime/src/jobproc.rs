@@ -539,7 +539,8 @@ impl JobProcesses {
             .unwrap_or(false)
     }
 
-    async fn members_async(&self) -> Vec<i32> {
+    /// [`JobProcesses::members`], off the reactor.
+    pub async fn members_async(&self) -> Vec<i32> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.members())
             .await

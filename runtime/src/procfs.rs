@@ -136,24 +136,11 @@ static MAPS: std::sync::Mutex<Option<MapsCache>> = std::sync::Mutex::new(None);
 fn written(pids: &[i32], maps_ttl: Option<std::time::Duration>) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
     for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let fd_name = fd.file_name();
-            let Some(fd_num) = fd_name.to_str() else {
-                continue;
-            };
-            if !opened_for_write(*pid, fd_num) {
-                continue;
-            }
-            // metadata() follows the magic link to the open file itself, even if renamed or deleted.
-            if let Ok(meta) = std::fs::metadata(fd.path()) {
-                if meta.is_file() {
-                    open.insert((meta.dev(), meta.ino()));
-                }
-            }
-        }
+        open.extend(
+            write_fds(*pid)
+                .into_iter()
+                .map(|(_, meta)| (meta.dev(), meta.ino())),
+        );
         match maps_ttl {
             None => shared_writable_maps(*pid, &mut open),
             Some(ttl) => open.extend(lately_mapped(*pid, ttl)),
@@ -196,22 +183,32 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
 /// The paths of the regular files `pids` hold open for write (as the kernel names them now;
 /// ` (deleted)` for one removed), sorted, each once.
 pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
-    let mut paths = std::collections::BTreeSet::new();
-    for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let name = fd.file_name();
-            let written = name.to_str().is_some_and(|n| opened_for_write(*pid, n));
-            if written && std::fs::metadata(fd.path()).is_ok_and(|m| m.is_file()) {
-                if let Ok(target) = std::fs::read_link(fd.path()) {
-                    paths.insert(target);
-                }
-            }
-        }
-    }
+    let paths: std::collections::BTreeSet<_> = pids
+        .iter()
+        .flat_map(|pid| write_fds(*pid))
+        .filter_map(|(fd, _)| std::fs::read_link(fd).ok())
+        .collect();
     paths.into_iter().collect()
+}
+
+/// The `/proc/<pid>/fd/N` links of the regular files `pid` holds open with O_WRONLY or
+/// O_RDWR, each with the file's metadata (`metadata` follows the magic link to the open file
+/// itself, even if renamed or deleted).
+fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter(|fd| {
+            fd.file_name()
+                .to_str()
+                .is_some_and(|n| opened_for_write(pid, n))
+        })
+        .filter_map(|fd| {
+            let meta = std::fs::metadata(fd.path()).ok()?;
+            meta.is_file().then(|| (fd.path(), meta))
+        })
+        .collect()
 }
 
 /// Files a process has mapped shared and writable (`np.memmap(mode="r+")`, `mmap` then

@@ -402,7 +402,7 @@ fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
     if !crate::confine::is_regular(&st) || st.st_size as u64 != entry.size {
         return Ok(false);
     }
-    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut hasher = crate::digest::Sha256Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
     let (mut file, mut read) = (file.take(entry.size.saturating_add(1)), 0u64);
     loop {
@@ -411,9 +411,9 @@ fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
             break;
         }
         read += n as u64;
-        sha2::Digest::update(&mut hasher, &buf[..n]);
+        hasher.update(&buf[..n]);
     }
-    Ok(read == entry.size && hex::encode(sha2::Digest::finalize(hasher)) == entry.sha256)
+    Ok(read == entry.size && hasher.finish_hex() == entry.sha256)
 }
 
 enum WriteFailure {

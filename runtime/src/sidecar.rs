@@ -234,11 +234,7 @@ async fn watch_attempt(
         run.reports.running(seq, ctx.report_deadline());
         let procs = JobProcesses::watched(leader.as_ref());
         // Its tree at once: a leader that ends soon may leave a writer behind.
-        let _ = tokio::task::spawn_blocking({
-            let p = procs.clone();
-            move || p.members()
-        })
-        .await;
+        let _ = procs.members_async().await;
         run.collector = Some(CollectorHandle::start(
             run.collector_config.clone(),
             Some(procs.clone()),
@@ -383,8 +379,7 @@ async fn wait_for_end(
         // leaves behind is known as the job's once re-parented away.
         looks = looks.wrapping_add(1);
         if leader.is_some() && looks % 5 == 1 {
-            let p = procs.clone();
-            let _ = tokio::task::spawn_blocking(move || p.members()).await;
+            let _ = procs.members_async().await;
         }
         if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
             if leader.is_some() {

@@ -195,10 +195,7 @@ async fn forward_signals(
                 )
             }
             (ForwardTo::All, _) => {
-                let p = procs.clone();
-                let members = tokio::task::spawn_blocking(move || p.members())
-                    .await
-                    .unwrap_or_default();
+                let members = procs.members_async().await;
                 for pid in &members {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
                 }
@@ -343,12 +340,7 @@ impl Supervisor {
         let (end, message) = self.wait_script(cancel, timeout_secs, grace).await;
         // The script is over: nothing more to pass on (its pid may be reused from now on).
         self.forwarding.cancel();
-        let left = {
-            let p = self.procs.clone();
-            tokio::task::spawn_blocking(move || p.members())
-                .await
-                .unwrap_or_default()
-        };
+        let left = self.procs.members_async().await;
         if !left.is_empty() {
             // What they were still writing is stored as it stands, perhaps cut short: say which
             // files (a `save.py &` whose script exited 0 leaves a half-written checkpoint).
