@@ -161,6 +161,10 @@ pub struct MultipartRecord {
     pub part_size: u64,
     /// Part index -> the store's opaque id for it.
     pub parts: std::collections::BTreeMap<u32, String>,
+    /// Part index -> the BLAKE3 tag (hex) of the bytes sent as that part: a resumed upload
+    /// keeps a part only if this is the content's tag for it (absent: sent again).
+    #[serde(default)]
+    pub part_blake3: std::collections::BTreeMap<u32, String>,
 }
 
 json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord, ProgressRecord);

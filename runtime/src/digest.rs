@@ -19,7 +19,7 @@ impl Digests {
 }
 
 /// How much of a buffer each digest takes at a time: small enough that SHA-256, BLAKE3 (and
-/// a multipart upload's part CRC) all find the piece in this core's L2, so a byte comes from
+/// a multipart upload's part subtrees) all find the piece in this core's L2, so a byte comes from
 /// memory, or the L3 the job shares, once and not once per digest. Live sync shares that
 /// memory path with the job.
 pub const PIECE: usize = 128 * 1024;
@@ -70,13 +70,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Streaming SHA-256 for verification on download.
-#[derive(Default)]
+/// Streaming SHA-256 for verification on download, and a large file's key.
+#[derive(Default, Clone)]
 pub struct Sha256Hasher(Sha256);
 
 impl Sha256Hasher {
     pub fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
+    }
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
     }
     pub fn finish_hex(self) -> String {
         hex::encode(self.0.finalize())

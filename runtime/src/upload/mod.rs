@@ -4,16 +4,18 @@
 //! * Small files (up to `multipart_threshold`): one read into memory (counted against the
 //!   [`ByteBudget`]), SHA-256 + BLAKE3 over that very buffer, PUT create-if-absent. One read.
 //! * Large files: the key (SHA-256) must be known before the upload starts, so the file is
-//!   read twice. Pass 1 computes SHA-256, BLAKE3 and a CRC64 per part. Pass 2 reads each part
-//!   again (`pread`), checks its CRC against pass 1 (cheap: no second SHA-256) and sends it;
+//!   read twice. Pass 1 computes SHA-256 and BLAKE3, the latter as the BLAKE3 subtrees of
+//!   each part (`subtree`: a tag per part, merged into the file's BLAKE3). Pass 2 reads each
+//!   part again (`pread`), checks its tag against pass 1 (no second SHA-256) and sends it;
 //!   several parts in flight, each holding budget until the store has it. The upload is
 //!   completed only if every part matched and the file's stamp did not move, so a file
 //!   that changes meanwhile is re-queued and a torn version never becomes a blob.
 //! * On the file store, a large file is read once: streamed into a staging object while
 //!   hashed, then hard-linked to its key (unless that blob exists) once the stamp proves
 //!   the file did not change meanwhile.
-//! * On S3, GCS and Azure the upload id and every finished part are journaled in the state
-//!   dir: after a crash the same file resumes with only the missing parts.
+//! * On S3, GCS and Azure the upload id and every finished part (with the tag of the bytes
+//!   sent) are journaled in the state dir: after a crash the same file resumes with only the
+//!   parts not proven sent.
 //! * With a bandwidth limit ([`RateLimit`], shared by every upload of the agent), every body
 //!   sent to the store (a small file's PUT, each multipart part, each staged write) first
 //!   takes its bytes from the bucket: see `Uploader::pace` for why before the budget.
@@ -260,7 +262,7 @@ pub fn added_bytes(path: &Path) -> Option<u64> {
     )
 }
 
-/// Large files followed at once, at most (each entry is a hasher and a CRC per part).
+/// Large files followed at once, at most (each entry is a hasher and a tag per part).
 const MAX_PREHASHED: usize = 64;
 /// Read ahead per call at most, so one fast writer cannot keep the agent reading.
 const PREHASH_STEP: u64 = 256 * MIB;
@@ -789,10 +791,11 @@ impl Uploader {
 
 mod multipart;
 mod staged;
+mod subtree;
 
 #[cfg(test)]
 mod tests {
-    use super::multipart::{crc, hash_file};
+    use super::multipart::hash_file;
     use super::*;
     use crate::statedir::write_atomic;
     use c3_proto::MultipartRecord;
@@ -1003,10 +1006,15 @@ mod tests {
             size: data.len() as u64,
             part_size: MIB,
             parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
+            part_blake3: Default::default(),
         };
         write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
         // The journaled part is checked, not taken on trust.
         rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
+    }
+
+    fn crc(bytes: &[u8]) -> u64 {
+        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
     }
 
     /// Changes `part` (same length) so that its CRC64 stays what it was: a CRC is affine in
@@ -1148,8 +1156,10 @@ mod tests {
         let journal = dir.path().join("journal");
         let up = Uploader::new(store.clone(), opts, "j", Some(journal.clone()));
         let (file, data) = file_of(dir.path(), "big", 5 * MIB as usize, 9);
-        // A crashed agent's upload: created, two parts sent, journaled.
-        let sha = crate::digest::digest_bytes(&data).sha256_hex();
+        let (d, tags) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
+        // A crashed agent's upload: created, three parts sent, journaled; one of them by an
+        // older agent that kept no tag, so it is not known to hold these bytes.
+        let sha = d.sha256_hex();
         let id = store.create_multipart(&sha).await.unwrap();
         let mut record = MultipartRecord {
             sha256: sha.clone(),
@@ -1157,23 +1167,32 @@ mod tests {
             size: data.len() as u64,
             part_size: MIB,
             parts: Default::default(),
+            part_blake3: Default::default(),
         };
-        for idx in [0usize, 3] {
+        for idx in [0usize, 2, 3] {
             let part = Bytes::copy_from_slice(&data[idx * MIB as usize..(idx + 1) * MIB as usize]);
             record.parts.insert(
                 idx as u32,
                 store.put_part(&sha, &id, idx, part).await.unwrap(),
             );
+            if idx != 2 {
+                record
+                    .part_blake3
+                    .insert(idx as u32, hex::encode(tags[idx]));
+            }
         }
         write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
 
         let mut journal_now = up.open_journal(&sha, data.len() as u64, MIB).await.unwrap();
-        let (d, crcs) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
         let sent = up
-            .send_parts(&file.abs, file.stamp, &crcs, &d.blake3, &mut journal_now)
+            .send_parts(&file.abs, file.stamp, &tags, &mut journal_now)
             .await
             .unwrap();
-        assert_eq!(sent, 3 * MIB, "only the three missing parts are sent");
+        assert_eq!(
+            sent,
+            3 * MIB,
+            "only the three parts not proven sent are sent"
+        );
         up.complete(journal_now).await.unwrap();
         assert_eq!(
             store
@@ -1184,6 +1203,48 @@ mod tests {
             &data[..]
         );
         assert!(!journal.join(format!("{sha}.json")).exists());
+    }
+
+    /// An earlier agent sent part 0 as the job had just rewritten it (the same CRC, so pass 2's
+    /// check then could not tell), journaled it with the tag of what it sent, and died; the job
+    /// put the part back. The resumed upload must not complete with the rewritten part in it.
+    #[tokio::test]
+    async fn a_journaled_part_of_other_bytes_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(store.clone(), small_parts(), "j", Some(journal.clone()));
+        let (file, data) = file_of(dir.path(), "big", 3 * MIB as usize, 5);
+        let (d, _) = hash_file(&file.abs, File::open(&file.abs).unwrap(), MIB, None).unwrap();
+        let sha = d.sha256_hex();
+        let mut rewritten = data[..MIB as usize].to_vec();
+        keep_crc_while_changing(&mut rewritten);
+        let mut sent = super::subtree::PartTrees::at(MIB, 0);
+        sent.update(&rewritten);
+        let id = store.create_multipart(&sha).await.unwrap();
+        let record = MultipartRecord {
+            sha256: sha.clone(),
+            upload_id: id.clone(),
+            size: data.len() as u64,
+            part_size: MIB,
+            parts: [(
+                0,
+                store
+                    .put_part(&sha, &id, 0, rewritten.into())
+                    .await
+                    .unwrap(),
+            )]
+            .into(),
+            part_blake3: [(0, hex::encode(sent.finish_part()))].into(),
+        };
+        write_atomic(&journal.join(format!("{sha}.json")), &record.to_json()).unwrap();
+        let done = up.upload(&file).await.unwrap();
+        assert_eq!(done.digests.sha256_hex(), sha);
+        let stored = store
+            .get_bytes(&crate::store::blob_key(&sha))
+            .await
+            .unwrap();
+        assert!(stored.as_ref() == &data[..], "the blob holds the content");
     }
 
     /// An in-memory store, an uploader journaling into `<dir>/journal`, and a multipart
@@ -1205,6 +1266,7 @@ mod tests {
             size: 1,
             part_size: MIB,
             parts: Default::default(),
+            part_blake3: Default::default(),
         };
         (store, journal, up, record)
     }
@@ -1355,17 +1417,18 @@ mod tests {
     }
 
     #[test]
-    fn part_crcs_follow_part_boundaries() {
+    fn pass_one_gives_both_digests_and_a_tag_per_part() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..(3 * MIB as usize + 123))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&path, &data).unwrap();
-        let (d, crcs) = hash_file(&path, File::open(&path).unwrap(), MIB + 5, None).unwrap();
+        // Not a power of two: each part is several BLAKE3 subtrees.
+        let part = MIB + 5 * 1024;
+        let (d, tags) = hash_file(&path, File::open(&path).unwrap(), part, None).unwrap();
         assert_eq!(d, crate::digest::digest_bytes(&data));
-        let expected: Vec<u64> = data.chunks((MIB + 5) as usize).map(crc).collect();
-        assert_eq!(crcs, expected);
+        assert_eq!(tags.len(), data.len().div_ceil(part as usize));
     }
 
     #[test]
@@ -1373,7 +1436,7 @@ mod tests {
         let data: Vec<u8> = (0..(2 * MIB as usize + 77))
             .map(|i| (i * 13 % 241) as u8)
             .collect();
-        let part = 300_007u64;
+        let part = 300 * 1024;
         let mut whole = super::multipart::PartHasher::new(part);
         whole.update(&data);
         // Odd splits: across pieces, across part boundaries, one byte.
@@ -1387,11 +1450,8 @@ mod tests {
                 break;
             }
         }
-        let expected: Vec<u64> = data.chunks(part as usize).map(crc).collect();
-        assert_eq!(split.clone().finish(), whole.finish());
-        assert_eq!(
-            split.finish(),
-            (crate::digest::digest_bytes(&data), expected)
-        );
+        let (digests, tags) = split.finish();
+        assert_eq!(digests, crate::digest::digest_bytes(&data));
+        assert_eq!((digests, tags), whole.finish());
     }
 }

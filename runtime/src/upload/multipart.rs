@@ -1,36 +1,32 @@
 //! Large files on S3, GCS and Azure: hashed first (the key must be known), then sent part
-//! by part, each part's CRC checked against the hashing pass, the upload journaled in a
-//! [`MultipartJournal`] so that a crashed agent's upload resumes with the missing parts only.
+//! by part, each part checked against its BLAKE3 [`Tag`] from the hashing pass, the upload
+//! journaled in a [`MultipartJournal`] so that a crashed agent's upload resumes with the
+//! missing parts only.
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::FutureExt;
 use tokio::task::JoinSet;
 
 use c3_proto::MultipartRecord;
 
+use super::subtree::{PartTrees, Tag};
 use super::{
     blocking, ensure_unchanged, fill, part_size_for, store_err, UploadError, Uploader, HASH_BUF,
 };
 use crate::collect::FileStamp;
-use crate::digest::{Digests, DualHasher, PIECE};
+use crate::digest::{Digests, Sha256Hasher, PIECE};
 use crate::statedir::write_replace;
 use crate::store::StoreError;
 
-/// One part's step of pass 2's BLAKE3 chain: the hasher after that part (None if a step
-/// failed), awaited by the next step and by the part's own send.
-type HashStep =
-    futures::future::Shared<futures::future::BoxFuture<'static, Option<blake3::Hasher>>>;
-
-/// A part task's outcome: index, the store's id for it, bytes sent.
-type PartResult = Result<(usize, String, u64), UploadError>;
+/// A part task's outcome: index, the store's id for it, bytes sent, the tag of those bytes.
+type PartResult = Result<(usize, String, u64, Tag), UploadError>;
 
 /// A multipart upload under way and its journal (`<state_dir>/jobs/<id>/uploads/<sha>.json`):
-/// the upload id and every finished part's id, rewritten after each part. object_store has
-/// no list-parts call, so this file is the only way to resume.
+/// the upload id and every finished part's id and tag, rewritten after each part. object_store
+/// has no list-parts call, so this file is the only way to resume.
 pub(super) struct MultipartJournal {
     record: MultipartRecord,
     path: Option<PathBuf>,
@@ -65,18 +61,28 @@ impl MultipartJournal {
             let _ = std::fs::remove_file(p);
         }
     }
+
+    /// Whether part `idx` is in the store with exactly the bytes tagged `tag`: an earlier
+    /// agent's part counts only if it journaled the tag of what it sent (it may have sent a
+    /// version the job rewrote afterwards, or be an older agent that kept no tags).
+    fn holds(&self, idx: usize, tag: &Tag) -> bool {
+        let idx = idx as u32;
+        self.record.parts.contains_key(&idx)
+            && self.record.part_blake3.get(&idx) == Some(&hex::encode(tag))
+    }
 }
 
 /// Reads the part at `offset` into `buf` (its length) and checks it is what pass 1 hashed.
-/// Read and CRC'd a piece at a time, so the CRC finds each piece still in this core's cache.
+/// Read and hashed a piece at a time, so the hash finds each piece still in this core's cache.
 fn read_part(
     file: &std::fs::File,
     buf: &mut [u8],
     offset: u64,
-    expected_crc: u64,
+    part_size: u64,
+    expected: &Tag,
     path: &Path,
-) -> Result<(), UploadError> {
-    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+) -> Result<Tag, UploadError> {
+    let mut part = PartTrees::at(part_size, offset);
     let mut at = offset;
     for piece in buf.chunks_mut(PIECE) {
         file.read_exact_at(piece, at)
@@ -87,27 +93,28 @@ fn read_part(
         part.update(piece);
         at += piece.len() as u64;
     }
-    if part.finalize() != expected_crc {
+    let tag = part.finish_part();
+    if tag != *expected {
         return Err(UploadError::Changed { path: path.into() });
     }
-    Ok(())
+    Ok(tag)
 }
 
-/// Checks the part at `offset` (`len` bytes) against its CRC from pass 1 without keeping it:
+/// Checks the part at `offset` (`len` bytes) against its tag from pass 1 without keeping it:
 /// read through `scratch` a piece at a time, so checking a 500 MiB part of a 5 TiB file
 /// holds one piece, not the part.
 fn check_part(
     file: &std::fs::File,
     scratch: &mut [u8],
     offset: u64,
-    len: u64,
-    expected_crc: u64,
+    part_size: u64,
+    expected: &Tag,
     path: &Path,
 ) -> Result<(), UploadError> {
-    let mut part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
+    let mut part = PartTrees::at(part_size, offset);
     let mut at = offset;
-    while at < offset + len {
-        let n = scratch.len().min((offset + len - at) as usize);
+    while at < offset + part_size {
+        let n = scratch.len().min((offset + part_size - at) as usize);
         file.read_exact_at(&mut scratch[..n], at)
             .map_err(|source| UploadError::Read {
                 path: path.into(),
@@ -116,29 +123,22 @@ fn check_part(
         part.update(&scratch[..n]);
         at += n as u64;
     }
-    if part.finalize() != expected_crc {
+    if part.finish_part() != *expected {
         return Err(UploadError::Changed { path: path.into() });
     }
     Ok(())
 }
 
-#[cfg(test)]
-pub(super) fn crc(bytes: &[u8]) -> u64 {
-    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
-}
-
-/// Pass 1 of a large file: both digests and a CRC per part. Also the state kept for a file
-/// hashed ahead while the job still writes it ([`Prehashed`]): the final pass 1 goes on from
-/// there, and pass 2 still checks every part's CRC against these, so a region rewritten after
-/// it was hashed fails that upload ("changed") and the file is hashed again from its start.
+/// Pass 1 of a large file: SHA-256 (the key), and BLAKE3 as the subtrees of each part (its
+/// tag), merged into the file's BLAKE3 at the end. Also the state kept for a file hashed
+/// ahead while the job still writes it ([`Prehashed`]): the final pass 1 goes on from there,
+/// and pass 2 still checks every part against its tag, so a region rewritten after it was
+/// hashed fails that upload ("changed") and the file is hashed again from its start.
 #[derive(Clone)]
 pub(super) struct PartHasher {
     pub part_size: u64,
-    hasher: DualHasher,
-    /// The CRCs of the whole parts hashed so far.
-    pub part_crcs: Vec<u64>,
-    part: crc_fast::Digest,
-    in_part: u64,
+    sha256: Sha256Hasher,
+    trees: PartTrees,
 }
 
 /// A [`PartHasher`] stopped at a part boundary.
@@ -155,50 +155,46 @@ impl std::fmt::Debug for PartHasher {
 
 impl PartHasher {
     pub fn new(part_size: u64) -> Self {
+        let part_size = part_size.max(1);
         Self {
-            part_size: part_size.max(1),
-            hasher: DualHasher::new(),
-            part_crcs: Vec::new(),
-            part: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme),
-            in_part: 0,
+            part_size,
+            sha256: Sha256Hasher::default(),
+            trees: PartTrees::whole_file(part_size),
         }
     }
 
     /// Bytes fed so far.
     pub fn hashed(&self) -> u64 {
-        self.hasher.size()
+        self.trees.pos()
     }
 
     /// Whether it stands at a part boundary (what a hash-ahead may keep).
     pub fn whole_parts(&self) -> bool {
-        self.in_part == 0
+        self.hashed().is_multiple_of(self.part_size)
+    }
+
+    /// The tags of the whole parts hashed so far.
+    pub fn tags(&self) -> &[Tag] {
+        self.trees.tags()
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
         for piece in bytes.chunks(PIECE) {
-            self.hasher.update(piece);
-            // A part boundary may fall inside this piece.
-            let mut rest = piece;
-            while !rest.is_empty() {
-                let take = rest.len().min((self.part_size - self.in_part) as usize);
-                self.part.update(&rest[..take]);
-                self.in_part += take as u64;
-                rest = &rest[take..];
-                if self.in_part == self.part_size {
-                    self.part_crcs.push(self.part.finalize());
-                    self.part = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme);
-                    self.in_part = 0;
-                }
-            }
+            self.sha256.update(piece);
+            self.trees.update(piece);
         }
     }
 
-    /// The digests and every part's CRC (the last part may be short).
-    pub fn finish(mut self) -> (Digests, Vec<u64>) {
-        if self.in_part > 0 {
-            self.part_crcs.push(self.part.finalize());
-        }
-        (self.hasher.finish(), self.part_crcs)
+    /// The digests and every part's tag (the last part may be short).
+    pub fn finish(self) -> (Digests, Vec<Tag>) {
+        let size = self.hashed();
+        let (blake3, tags) = self.trees.finish();
+        let digests = Digests {
+            sha256: self.sha256.finish(),
+            blake3,
+            size,
+        };
+        (digests, tags)
     }
 }
 
@@ -209,7 +205,7 @@ pub(super) fn hash_file(
     mut file: impl Read,
     part_size: u64,
     from: Option<Prehashed>,
-) -> Result<(Digests, Vec<u64>), UploadError> {
+) -> Result<(Digests, Vec<Tag>), UploadError> {
     let mut state = from.unwrap_or_else(|| PartHasher::new(part_size));
     let mut buf = vec![0u8; HASH_BUF];
     loop {
@@ -239,8 +235,8 @@ impl Uploader {
         let ahead = self
             .take_prehashed(before)
             .filter(|a| a.part_size == part_size && a.hashed() <= before.size);
-        let ahead_parts = ahead.as_ref().map_or(0, |a| a.part_crcs.len());
-        let (digests, part_crcs) = blocking(path, move || {
+        let ahead_parts = ahead.as_ref().map_or(0, |a| a.tags().len());
+        let (digests, tags) = blocking(path, move || {
             let start = ahead.as_ref().map_or(0, |a| a.hashed());
             std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(|source| {
                 UploadError::Read {
@@ -259,7 +255,7 @@ impl Uploader {
         let owner = self.owner_of(&sha);
         let turn = owner.lock().await;
         let result = self
-            .upload_large_owned(path, before, &digests, part_size, &part_crcs, ahead_parts)
+            .upload_large_owned(path, before, &digests, part_size, &tags, ahead_parts)
             .await;
         drop(turn);
         self.release_owner(&sha, owner);
@@ -286,7 +282,7 @@ impl Uploader {
         before: FileStamp,
         digests: &Digests,
         part_size: u64,
-        part_crcs: &[u64],
+        tags: &[Tag],
         ahead_parts: usize,
     ) -> Result<bool, UploadError> {
         let store_err = store_err(path);
@@ -299,7 +295,7 @@ impl Uploader {
         {
             // Nothing is sent, so nothing re-reads the parts hashed ahead: check them here, or
             // a region rewritten since would be taken for the old content.
-            self.verify_parts(path, before, part_size, &part_crcs[..ahead_parts])
+            self.verify_parts(path, before, part_size, &tags[..ahead_parts])
                 .await?;
             self.forget_journal(&sha).await;
             return Ok(false);
@@ -312,16 +308,14 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let resumed = journal.resumed;
-            let sent = self
-                .send_parts(path, before, part_crcs, &digests.blake3, &mut journal)
-                .await;
+            let sent = self.send_parts(path, before, tags, &mut journal).await;
             let verified = sent.and_then(|bytes_sent| {
                 ensure_unchanged(self.root.as_deref(), path, before).map(|()| bytes_sent)
             });
             let outcome = match verified {
                 Ok(bytes_sent) => match self.complete(journal).await {
                     Ok(()) => {
-                        tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = part_crcs.len(), "multipart upload complete");
+                        tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = tags.len(), "multipart upload complete");
                         return Ok(true);
                     }
                     Err(e) => Err(store_err(e)),
@@ -386,6 +380,7 @@ impl Uploader {
                 size,
                 part_size,
                 parts: Default::default(),
+                part_blake3: Default::default(),
             },
             path,
             resumed: false,
@@ -394,24 +389,23 @@ impl Uploader {
         Ok(journal)
     }
 
-    /// Pass 2: each missing part read, checked against pass 1, sent; returns bytes sent.
-    /// Re-reads the first `crcs.len()` parts and checks each against its CRC: `Changed` if
+    /// Re-reads the first `tags.len()` parts and checks each against its tag: `Changed` if
     /// any part is not what was hashed.
     async fn verify_parts(
         &self,
         path: &Path,
         before: FileStamp,
         part_size: u64,
-        crcs: &[u64],
+        tags: &[Tag],
     ) -> Result<(), UploadError> {
-        if crcs.is_empty() {
+        if tags.is_empty() {
             return Ok(());
         }
         let file = self.open(path, before)?;
-        let (p, crcs) = (path.to_path_buf(), crcs.to_vec());
+        let (p, tags) = (path.to_path_buf(), tags.to_vec());
         blocking(path, move || {
             let mut scratch = vec![0u8; PIECE];
-            for (idx, expected) in crcs.into_iter().enumerate() {
+            for (idx, expected) in tags.iter().enumerate() {
                 let offset = idx as u64 * part_size;
                 check_part(&file, &mut scratch, offset, part_size, expected, &p)?;
             }
@@ -420,19 +414,17 @@ impl Uploader {
         .await
     }
 
-    /// Pass 2: reads every part in order, checks its CRC against pass 1 (a rewrite shows
-    /// early) and sends those the journal does not already hold. A CRC is no proof, though: a
-    /// job that rewrites a part after it was hashed ahead can give the new bytes the old CRC
-    /// (CRCs are linear). So the parts, as read here, in order, are also hashed with BLAKE3,
-    /// and the upload completes only if that is pass 1's BLAKE3: a key never names bytes it
-    /// is not the hash of, or every later upload of the real content would be skipped as
-    /// "already stored". Parts an earlier agent sent (a resumed upload) are read for it too.
+    /// Pass 2: reads each part the store does not hold yet, checks it against its tag from
+    /// pass 1 (a rewrite since shows; unlike a CRC, a tag cannot be forged to match other
+    /// bytes), and sends it. A part an earlier agent sent (a resumed upload) is kept without
+    /// a read only if the journal holds the tag of the bytes it sent and that tag is this
+    /// content's: a key never names bytes it is not the hash of, or every later upload of
+    /// the real content would be skipped as "already stored". Returns the bytes sent.
     pub(super) async fn send_parts(
         &self,
         path: &Path,
         before: FileStamp,
-        part_crcs: &[u64],
-        expected_blake3: &[u8; 32],
+        tags: &[Tag],
         journal: &mut MultipartJournal,
     ) -> Result<u64, UploadError> {
         let (sha, part_size) = (journal.record.sha256.clone(), journal.record.part_size);
@@ -441,12 +433,11 @@ impl Uploader {
         let mut in_flight: JoinSet<PartResult> = JoinSet::new();
         let mut bytes_sent = 0u64;
         let mut result = Ok(());
-        // Each part's BLAKE3 step runs beside the next part's read, in order: each step
-        // waits for the one before it.
-        let mut chain: Option<HashStep> = None;
-        for (idx, expected_crc) in part_crcs.iter().copied().enumerate() {
-            let sent_before = journal.record.parts.contains_key(&(idx as u32));
-            while !sent_before && in_flight.len() >= self.opts.parts_in_flight.max(1) {
+        for (idx, expected) in tags.iter().copied().enumerate() {
+            if journal.holds(idx, &expected) {
+                continue;
+            }
+            while in_flight.len() >= self.opts.parts_in_flight.max(1) {
                 let done = in_flight.join_next().await;
                 if let Err(e) = part_done(done, journal, &mut bytes_sent, path).await {
                     result = Err(e);
@@ -458,48 +449,22 @@ impl Uploader {
             }
             let offset = idx as u64 * part_size;
             let len = part_size.min(size.saturating_sub(offset));
-            if !sent_before {
-                self.pace(len).await;
-            }
+            self.pace(len).await;
             let guard = self.budget.acquire(len).await;
             let (f, p) = (file.clone(), path.to_path_buf());
             let mut buf = self.budget.buffer(len as usize);
             let read = blocking(path, move || {
-                read_part(&f, &mut buf, offset, expected_crc, &p)?;
-                Ok(buf.freeze())
+                let tag = read_part(&f, &mut buf, offset, part_size, &expected, &p)?;
+                Ok((buf.freeze(), tag))
             })
             .await;
-            let chunk = match read {
+            let (chunk, tag) = match read {
                 Ok(c) => c,
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             };
-            let (before_this, hashed) = (chain.take(), chunk.clone());
-            let step: HashStep = tokio::spawn(async move {
-                let mut hasher = match before_this {
-                    Some(step) => step.await?,
-                    None => blake3::Hasher::new(),
-                };
-                crate::pace::spawn_gently(move || {
-                    hasher.update(&hashed);
-                    hasher
-                })
-                .await
-                .ok()
-            })
-            .map(|joined| joined.ok().flatten())
-            .boxed()
-            .shared();
-            chain = Some(step.clone());
-            if sent_before {
-                // The budget covers the part until its hash step let go of it too.
-                let _ = step.await;
-                self.budget.recycle(chunk);
-                drop(guard);
-                continue;
-            }
             let (store, sha, id) = (
                 self.store.clone(),
                 sha.clone(),
@@ -511,10 +476,9 @@ impl Uploader {
                     .put_part(&sha, &id, idx, chunk.clone())
                     .await
                     .map_err(|source| UploadError::Store { path: p, source })?;
-                let _ = step.await;
                 budget.recycle(chunk);
                 drop(guard);
-                Ok((idx, content_id, len))
+                Ok((idx, content_id, len, tag))
             });
         }
         while !in_flight.is_empty() {
@@ -523,14 +487,6 @@ impl Uploader {
             if result.is_ok() {
                 result = r;
             }
-        }
-        let chained = match chain {
-            Some(last) => last.await,
-            None => Some(blake3::Hasher::new()),
-        };
-        if result.is_ok() && chained.map(|c| *c.finalize().as_bytes()) != Some(*expected_blake3) {
-            tracing::warn!(path = %path.display(), "the bytes sent are not the bytes hashed (rewritten under an unchanged CRC); not completed");
-            result = Err(UploadError::Changed { path: path.into() });
         }
         result.map(|()| bytes_sent)
     }
@@ -612,7 +568,7 @@ impl Uploader {
     }
 }
 
-/// Books a finished part: its id into the journal (saved, so a crash loses no part).
+/// Books a finished part: its id and tag into the journal (saved, so a crash loses no part).
 async fn part_done(
     joined: Option<Result<PartResult, tokio::task::JoinError>>,
     journal: &mut MultipartJournal,
@@ -620,12 +576,16 @@ async fn part_done(
     path: &Path,
 ) -> Result<(), UploadError> {
     let Some(joined) = joined else { return Ok(()) };
-    let (idx, content_id, len) = joined.map_err(|source| UploadError::Task {
+    let (idx, content_id, len, tag) = joined.map_err(|source| UploadError::Task {
         path: path.into(),
         source,
     })??;
     *bytes_sent += len;
     journal.record.parts.insert(idx as u32, content_id);
+    journal
+        .record
+        .part_blake3
+        .insert(idx as u32, hex::encode(tag));
     journal.save().await;
     Ok(())
 }
