@@ -51,11 +51,14 @@ pub struct DirWatcher {
     watched: HashMap<PathBuf, PathBuf>,
     aliases: Arc<Aliases>,
     max_watches: usize,
+    /// Owned here, not by `Aliases`: the event handler holds those until notify's thread lets
+    /// go of it, which an exiting agent does not wait for, and /tmp kept one dir per job.
+    _alias_dir: tempfile::TempDir,
 }
 
 /// Where watch aliases are made, and which directory each one stands for.
 struct Aliases {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
     next: std::sync::atomic::AtomicU64,
     of: Mutex<HashMap<std::ffi::OsString, PathBuf>>,
 }
@@ -63,7 +66,7 @@ struct Aliases {
 impl Aliases {
     /// `path` as notify reports it (an alias, or a name below one), as the watched path.
     fn resolve(&self, path: &Path) -> Option<PathBuf> {
-        let below = path.strip_prefix(self.dir.path()).ok()?;
+        let below = path.strip_prefix(&self.dir).ok()?;
         let mut parts = below.components();
         let Some(Component::Normal(id)) = parts.next() else {
             return None;
@@ -95,7 +98,7 @@ impl DirWatcher {
             .next
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let alias = self.aliases.dir.path().join(&id);
+        let alias = self.aliases.dir.join(&id);
         std::os::unix::fs::symlink(
             format!("/proc/self/fd/{}", std::os::fd::AsFd::as_fd(fd).as_raw_fd()),
             &alias,
@@ -195,11 +198,12 @@ pub fn watcher(
     let (tx, rx) = mpsc::channel(queue.max(1));
     let overflowed = Arc::new(AtomicBool::new(false));
     // Root's own, 0700: nobody else can put a symlink of theirs where an alias goes.
+    let alias_dir = tempfile::Builder::new()
+        .prefix("c3-agent-watch-")
+        .tempdir()
+        .map_err(notify::Error::io)?;
     let aliases = Arc::new(Aliases {
-        dir: tempfile::Builder::new()
-            .prefix("c3-agent-watch-")
-            .tempdir()
-            .map_err(notify::Error::io)?,
+        dir: alias_dir.path().to_path_buf(),
         next: Default::default(),
         of: Mutex::new(HashMap::new()),
     });
@@ -246,6 +250,7 @@ pub fn watcher(
             watched: HashMap::new(),
             aliases,
             max_watches: max_watches.max(1),
+            _alias_dir: alias_dir,
         },
         rx,
     ))
@@ -336,12 +341,7 @@ mod tests {
             );
         }
         // No alias is left behind, and events come back under the workdir's paths.
-        assert_eq!(
-            std::fs::read_dir(watcher.aliases.dir.path())
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(&watcher.aliases.dir).unwrap().count(), 0);
         std::fs::write(art.join("sub/f"), "x").unwrap();
         let want = Hint::Touched(art.join("sub/f"));
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -358,5 +358,9 @@ mod tests {
         watcher.unwatch_tree(&art.join("sub"));
         assert_eq!(watcher.watch_count(), 1);
         assert!(watcher.aliases.of.lock().unwrap().len() == 1);
+        // Its scratch dir goes with it (an agent's exit does not wait for notify's thread).
+        let scratch = watcher.aliases.dir.clone();
+        drop(watcher);
+        assert!(!scratch.exists(), "{} left behind", scratch.display());
     }
 }

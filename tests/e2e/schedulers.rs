@@ -397,6 +397,14 @@ fn a_sidecar_restarted_in_its_final_sync_finishes_it_without_watching_again() {
     wait_for("FINALIZING", Duration::from_secs(20), || {
         states(&h).iter().any(|s| s == "FINALIZING").then_some(())
     });
+    // FINALIZING is posted as the end is recorded, not after: wait for the record too.
+    let record = h.state.join("jobs/sidefin/attempts/1/run.json");
+    wait_for("the recorded end", Duration::from_secs(20), || {
+        std::fs::read_to_string(&record)
+            .ok()
+            .filter(|r| r.contains("\"finishing\""))
+            .map(|_| ())
+    });
     // In the 2 s pause after the final scan.
     signal(first.id(), "KILL");
     let _ = h.wait("killed watch".into(), first);
