@@ -559,7 +559,7 @@ impl<'a> Run<'a> {
             JobEnd::Exited(_) | JobEnd::Killed(_) | JobEnd::TimedOut | JobEnd::AgentLost => true,
             // Canceled before launch leaves no record of a pgid.
             JobEnd::Canceled => self.record.pgid.is_some() || self.record.watched_dirs.is_some(),
-            JobEnd::AgentFailed | JobEnd::DatasetFailed => false,
+            JobEnd::AgentFailed | JobEnd::DatasetFailed { .. } => false,
         };
         let mut unstored = Vec::new();
         let mut sealed = Sealed::default();

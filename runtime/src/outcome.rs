@@ -16,8 +16,10 @@ pub enum JobEnd {
     TimedOut,
     /// Nothing was launched: the store failed its preflight or the agent could not launch.
     AgentFailed,
-    /// Nothing was launched: an input dataset could not be materialized.
-    DatasetFailed,
+    /// Nothing was launched: an input dataset could not be materialized. `retryable` when
+    /// the cause is the store or the node (a fault past its retries, a timeout, no room here),
+    /// not the reference (no such job, a manifest or blob that is not what it claims).
+    DatasetFailed { retryable: bool },
     /// The agent died while the job ran; `recover` found it.
     AgentLost,
 }
@@ -79,9 +81,12 @@ pub fn decide(end: &JobEnd, upload_failed: bool, oom_killed: bool) -> Verdict {
         (JobEnd::AgentFailed | JobEnd::AgentLost, _, _) => {
             v(Failed, Some(AgentError), true, ExitCode::AgentOrDataset)
         }
-        (JobEnd::DatasetFailed, _, _) => {
-            v(Failed, Some(DatasetError), false, ExitCode::AgentOrDataset)
-        }
+        (JobEnd::DatasetFailed { retryable }, _, _) => v(
+            Failed,
+            Some(DatasetError),
+            *retryable,
+            ExitCode::AgentOrDataset,
+        ),
     }
 }
 
@@ -110,7 +115,7 @@ pub fn note_end(end: &JobEnd, record: &mut c3_proto::RunRecord) {
         JobEnd::Killed(sig) => record.signal = Some(sig.clone()),
         JobEnd::Canceled => record.state = Some(JobState::Canceled),
         JobEnd::TimedOut => record.state = Some(JobState::TimedOut),
-        JobEnd::AgentFailed | JobEnd::DatasetFailed | JobEnd::AgentLost => {
+        JobEnd::AgentFailed | JobEnd::DatasetFailed { .. } | JobEnd::AgentLost => {
             record.state = Some(JobState::Failed)
         }
     }
@@ -147,9 +152,10 @@ mod tests {
             (JobState::Failed, Some(FailReason::AgentError), 6)
         );
         assert_eq!(
-            d(JobEnd::DatasetFailed, false),
+            d(JobEnd::DatasetFailed { retryable: false }, false),
             (JobState::Failed, Some(FailReason::DatasetError), 6)
         );
+        assert!(decide(&JobEnd::DatasetFailed { retryable: true }, false, false).retryable);
         let oom = |e: JobEnd| {
             let v = decide(&e, false, true);
             (v.state, v.reason, v.exit.code())

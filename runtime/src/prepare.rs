@@ -59,11 +59,35 @@ pub enum DatasetError {
     TimedOut { secs: u64 },
 }
 
+impl DatasetError {
+    /// Whether another attempt (later, or on another node) may succeed: the store or this
+    /// node failed, not the reference. Every fault is taken as transient until proven
+    /// permanent: only a job with no manifest, a manifest or blob the store holds wrong, a
+    /// store that refuses this node, or a workdir the job itself blocked are not retried.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DatasetError::Mount(_) | DatasetError::TimedOut { .. } => true,
+            DatasetError::Pull(e) => match e {
+                PullError::NoManifest { source, .. } | PullError::Blob { source, .. } => {
+                    !source.is_permanent()
+                }
+                PullError::Write { .. } | PullError::NoRoom { .. } | PullError::Task { .. } => true,
+                PullError::BadManifest { .. }
+                | PullError::Mismatch { .. }
+                | PullError::Exists { .. }
+                | PullError::Escapes { .. } => false,
+            },
+        }
+    }
+}
+
 impl PrepareError {
     /// How the attempt ends when its preparation fails.
     pub fn end(&self) -> JobEnd {
         match self {
-            PrepareError::Dataset { .. } => JobEnd::DatasetFailed,
+            PrepareError::Dataset { source, .. } => JobEnd::DatasetFailed {
+                retryable: source.is_retryable(),
+            },
             PrepareError::Canceled => JobEnd::Canceled,
             PrepareError::State(_)
             | PrepareError::User(_)

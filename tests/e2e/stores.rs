@@ -259,7 +259,10 @@ fn datasets_are_materialized_as_private_copies() {
     let run = h.run_job(json!({"job_id": "orphan", "command": ["touch", marker.display().to_string()], "datasets": [{"ref": "/jobs/never-ran", "mount": "in"}]}));
     run.assert_code(6);
     assert!(!marker.exists());
-    assert_eq!(h.terminal("orphan")["reason"], "DATASET_ERROR");
+    let t = h.terminal("orphan");
+    assert_eq!(t["reason"], "DATASET_ERROR");
+    // No such job: no retry can help.
+    assert_eq!(t["retryable"], false, "{t}");
 }
 
 #[test]
