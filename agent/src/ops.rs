@@ -45,6 +45,13 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
     let retention = if dry_run {
         None
     } else {
+        let swept = c3_runtime::watch::sweep_alias_dirs();
+        if swept > 0 {
+            tracing::info!(
+                dirs = swept,
+                "removed the watch scratch dirs of agents that were killed"
+            );
+        }
         Some(sweep_retention(ctx, policy).await)
     };
     let blobs = if ctx.store.is_local() {

@@ -277,7 +277,7 @@ fn set_aside_and_delete(dir: &Path, sha: &str, cutoff: SystemTime) -> std::io::R
         Ok(md) if md.is_file() => {}
         _ => return Ok(Deleted::Gone),
     }
-    let aside = dir.join(format!("{ASIDE}{sha}.{}", this_gc()));
+    let aside = dir.join(format!("{ASIDE}{sha}.{}", crate::procfs::self_tag()));
     match std::fs::rename(&path, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::Gone),
@@ -290,25 +290,6 @@ fn set_aside_and_delete(dir: &Path, sha: &str, cutoff: SystemTime) -> std::io::R
     }
     std::fs::remove_file(&aside)?;
     Ok(Deleted::Yes(md.len()))
-}
-
-/// This process as an aside name says it: `pid.start`, start in clock ticks after boot (a pid
-/// alone is soon another process's after a crash or a reboot).
-fn this_gc() -> String {
-    let pid = std::process::id();
-    let start = crate::procfs::stat(pid as i32).map_or(0, |s| s.start_ticks);
-    format!("{pid}.{start}")
-}
-
-/// Whether the gc that set a blob aside (`pid.start`) still runs.
-fn gc_running(owner: &str) -> bool {
-    let Some((pid, start)) = owner.split_once('.') else {
-        return false;
-    };
-    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
-        return false;
-    };
-    crate::procfs::stat(pid).is_some_and(|s| s.start_ticks == start && !s.is_zombie())
 }
 
 /// Returns a blob set aside to its key; a copy stored there meanwhile holds the same bytes.
@@ -338,7 +319,7 @@ fn put_back_left_aside(dir: &Path) {
         else {
             continue;
         };
-        if gc_running(owner) {
+        if crate::procfs::tag_alive(owner) {
             continue;
         }
         if entry.file_type().is_ok_and(|t| t.is_file()) {

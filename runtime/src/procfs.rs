@@ -24,6 +24,25 @@ impl Stat {
 }
 
 /// Parses `/proc/<pid>/stat`; the command name may hold spaces and parentheses.
+/// This process as a name it leaves behind says it: `pid.start`, start in clock ticks after
+/// boot (a pid alone is soon another process's after a crash or a reboot).
+pub fn self_tag() -> String {
+    let pid = std::process::id();
+    let start = stat(pid as i32).map_or(0, |s| s.start_ticks);
+    format!("{pid}.{start}")
+}
+
+/// Whether the process a [`self_tag`] names still runs.
+pub fn tag_alive(tag: &str) -> bool {
+    let Some((pid, start)) = tag.split_once('.') else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    stat(pid).is_some_and(|s| s.start_ticks == start && !s.is_zombie())
+}
+
 pub fn stat(pid: i32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let mut f = text[text.rfind(')')? + 1..].split_whitespace();

@@ -187,6 +187,38 @@ impl DirWatcher {
     }
 }
 
+/// The alias scratch dirs' names: `c3-agent-watch-<pid>.<start>-XXXXXX` in the temp dir.
+const ALIAS_DIR: &str = "c3-agent-watch-";
+
+/// Removes the alias scratch dirs of agents that are gone (a SIGKILL or an OOM kill leaves
+/// its dir in /tmp). Only root's own directories, never through a symlink. Returns how many.
+pub fn sweep_alias_dirs() -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(ALIAS_DIR))
+            .and_then(|rest| rest.rsplit_once('-'))
+            .map(|(owner, _)| owner)
+        else {
+            continue;
+        };
+        let ours = std::fs::symlink_metadata(entry.path())
+            .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw());
+        if ours && !crate::procfs::tag_alive(owner) && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Creates the watcher (no watches yet: see [`DirWatcher::watch_tree`]). Hints arrive on the
 /// returned channel, which holds at most `queue` of them: past that, one `Rescan` replaces
 /// what was dropped.
@@ -199,7 +231,7 @@ pub fn watcher(
     let overflowed = Arc::new(AtomicBool::new(false));
     // Root's own, 0700: nobody else can put a symlink of theirs where an alias goes.
     let alias_dir = tempfile::Builder::new()
-        .prefix("c3-agent-watch-")
+        .prefix(&format!("{ALIAS_DIR}{}-", crate::procfs::self_tag()))
         .tempdir()
         .map_err(notify::Error::io)?;
     let aliases = Arc::new(Aliases {
@@ -305,6 +337,40 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A killed agent's scratch dir goes at the next sweep; a live agent's, a symlink and
+    /// another user's dir of the same name stay.
+    #[test]
+    fn the_scratch_dirs_of_dead_agents_are_swept() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = std::env::temp_dir();
+        // pid 0 is no process's: the tag of an agent long gone.
+        let dead = tmp.join(format!("{ALIAS_DIR}0.1-sweeptest{}", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dead.join("alias")).unwrap();
+        let alive = tempfile::Builder::new()
+            .prefix(&format!("{ALIAS_DIR}{}-", crate::procfs::self_tag()))
+            .tempdir()
+            .unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let link = tmp.join(format!("{ALIAS_DIR}0.2-sweeptest{}", std::process::id()));
+        std::os::unix::fs::symlink(target.path(), &link).unwrap();
+        let foreign = tmp.join(format!("{ALIAS_DIR}0.3-sweeptest{}", std::process::id()));
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        let chowned = nix::unistd::chown(&foreign, Some(nobody), None).is_ok();
+
+        assert!(sweep_alias_dirs() >= 1);
+        assert!(!dead.exists(), "a dead agent's dir stays");
+        assert!(alive.path().exists(), "a live agent's dir was removed");
+        assert!(target.path().exists() && link.symlink_metadata().is_ok());
+        if chowned {
+            assert!(foreign.exists(), "another user's dir was removed");
+        }
+        let _ = std::fs::remove_file(&link);
+        let _ = std::fs::remove_dir(&foreign);
     }
 
     #[test]
