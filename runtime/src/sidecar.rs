@@ -188,7 +188,9 @@ async fn watch_attempt(
                 // With a margin: file times move once a tick (seconds on some file systems,
                 // and an NFS server's clock is its own).
                 let before = crate::display::epoch_ns(begun) - 2_000_000_000;
-                let stale = done_stamp(done).filter(|s| s.ctime_ns < before);
+                let stale = off_reactor(done, done_stamp)
+                    .await
+                    .filter(|s| s.ctime_ns < before);
                 if stale.is_some() {
                     tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
                 }
@@ -365,8 +367,12 @@ async fn wait_for_end(
     cancel: &CancellationToken,
     stale: Option<DoneStamp>,
 ) -> Ended {
-    let read_done_file = |path: &Path| {
-        read_done_file(path).and_then(|(said, stamp)| (Some(stamp) != stale).then_some(said))
+    let mut done_reader = DoneReader::default();
+    let mut read_done_file = async |path: &Path| {
+        done_reader
+            .look(path)
+            .await
+            .and_then(|(said, stamp)| (Some(stamp) != stale).then_some(said))
     };
     let mut tick = tokio::time::interval(POLL);
     let mut looks = 0u32;
@@ -381,7 +387,11 @@ async fn wait_for_end(
         if leader.is_some() && looks % 5 == 1 {
             let _ = procs.members_async().await;
         }
-        if let Some(said) = plan.done_file.as_deref().and_then(read_done_file) {
+        let said = match plan.done_file.as_deref() {
+            Some(done) => read_done_file(done).await,
+            None => None,
+        };
+        if let Some(said) = said {
             if leader.is_some() {
                 // The wrapper says it is over; what the trainer left behind may still write.
                 left_behind(procs, cancel).await;
@@ -395,7 +405,7 @@ async fn wait_for_end(
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
                     for _ in 0..10 {
-                        if let Some(said) = read_done_file(done) {
+                        if let Some(said) = read_done_file(done).await {
                             return said.end().into();
                         }
                         tokio::time::sleep(POLL).await;
@@ -503,6 +513,33 @@ enum DoneFile {
 
 /// Which version of the done file is there.
 type DoneStamp = crate::collect::FileStamp;
+
+/// Runs `look` on the done file off the reactor, giving up after [`POLL`]s: a FUSE mount a job
+/// made there (`allow_other`) could hold a read forever, and the reactor with it.
+async fn off_reactor<T: Send + 'static>(path: &Path, look: fn(&Path) -> Option<T>) -> Option<T> {
+    let path = path.to_path_buf();
+    let handle = tokio::task::spawn_blocking(move || look(&path));
+    tokio::time::timeout(POLL * 25, handle).await.ok()?.ok()?
+}
+
+/// Reads the done file off the reactor, one read at a time: a look that finds the last read
+/// still hanging does not start another (each would hold a blocking thread).
+#[derive(Default)]
+struct DoneReader {
+    pending: Option<tokio::task::JoinHandle<Option<(DoneFile, DoneStamp)>>>,
+}
+
+impl DoneReader {
+    async fn look(&mut self, path: &Path) -> Option<(DoneFile, DoneStamp)> {
+        let pending = self.pending.get_or_insert_with(|| {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || read_done_file(&path))
+        });
+        let read = tokio::time::timeout(POLL, pending).await.ok()?;
+        self.pending = None;
+        read.ok().flatten()
+    }
+}
 
 /// The done file's version, if one is there.
 fn done_stamp(path: &Path) -> Option<DoneStamp> {
