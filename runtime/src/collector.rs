@@ -218,6 +218,8 @@ async fn run(
             book = live
                 .run(async {
                     first = rx.recv().await;
+                    // The final sync gets a whole deadline, counted from the job's end.
+                    config.uploader.store().restart_outage_clock();
                 })
                 .await;
             first
@@ -225,7 +227,10 @@ async fn run(
         // No live sync: the job's publish requests are still served.
         (_, procs) => loop {
             tokio::select! {
-                first = rx.recv() => break first,
+                first = rx.recv() => {
+                    config.uploader.store().restart_outage_clock();
+                    break first;
+                }
                 Some(call) = publish_rx.recv() => {
                     let parts = Parts {
                         uploader: &config.uploader,

@@ -356,8 +356,17 @@ async fn metadata_endpoint_answers(endpoint: &str) -> bool {
 #[derive(Debug)]
 struct Retry {
     deadline: Duration,
-    /// Since when operations have been failing; `None` while the store answers.
-    outage: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The outage under way; `None` while the store answers. Shared by every operation: one
+    /// that starts during an outage gets what is left of its deadline.
+    outage: std::sync::Mutex<Option<Outage>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    /// When operations began failing (for the log line at its end).
+    began: tokio::time::Instant,
+    /// What the deadline counts from: `began`, or the start of the final sync if later.
+    clock: tokio::time::Instant,
 }
 
 impl Retry {
@@ -368,20 +377,35 @@ impl Retry {
         })
     }
 
-    fn failed(&self, e: &StoreError) {
+    /// Books a transient failure; returns when the outage it belongs to has lasted the
+    /// deadline.
+    fn failed(&self, e: &StoreError) -> tokio::time::Instant {
         let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if outage.is_none() {
-            *outage = Some(std::time::Instant::now());
-            tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
-                "store is failing; retrying with backoff (one line when it answers again)");
+        if let Some(o) = *outage {
+            return o.clock + self.deadline;
+        }
+        let now = tokio::time::Instant::now();
+        *outage = Some(Outage {
+            began: now,
+            clock: now,
+        });
+        tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
+            "store is failing; retrying with backoff (one line when it answers again)");
+        now + self.deadline
+    }
+
+    fn restart_clock(&self) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = outage.as_mut() {
+            o.clock = tokio::time::Instant::now();
         }
     }
 
     fn answered(&self) {
         let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(since) = outage.take() {
+        if let Some(o) = outage.take() {
             tracing::warn!(
-                outage_secs = since.elapsed().as_secs_f64(),
+                outage_secs = o.began.elapsed().as_secs_f64(),
                 "store answers again"
             );
         }
@@ -577,7 +601,11 @@ impl BlobStore {
         })
     }
 
-    /// Runs `op` until it succeeds, fails permanently, or `retry_deadline` has passed.
+    /// Runs `op` until it succeeds, fails permanently, or `retry_deadline` has passed, since
+    /// it began or since the outage it met began, whichever is sooner. The deadline bounds how
+    /// long the store may fail, not each operation: with a deadline per operation a dead store
+    /// held the final sync for files / files_in_flight deadlines (1,000 files, 16 at a time,
+    /// 600 s each: ten hours), each file starting its own wait after the last one gave up.
     async fn retrying<T, Fut>(&self, mut op: impl FnMut() -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -598,9 +626,9 @@ impl BlobStore {
                 }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    self.retry.failed(&e);
+                    let outage_ends = self.retry.failed(&e);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
-                    if tokio::time::Instant::now() + wait >= deadline {
+                    if tokio::time::Instant::now() + wait >= deadline.min(outage_ends) {
                         return Err(e);
                     }
                     tracing::debug!(error = %crate::error_chain(&e), retry_in_ms = wait.as_millis() as u64, "store operation failed; retrying");
@@ -608,6 +636,13 @@ impl BlobStore {
                 }
             }
         }
+    }
+
+    /// The final sync begins: an outage under way gets a whole `retry_deadline` again from
+    /// now, so a store that was down for hours of a long job and is back a minute after it
+    /// still gets every file, which is first tried now.
+    pub fn restart_outage_clock(&self) {
+        self.retry.restart_clock();
     }
 
     /// The backing store, unless it could not be set up.

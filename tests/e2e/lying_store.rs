@@ -13,7 +13,9 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use serde_json::json;
 
-use crate::support::{sha256_hex, Harness};
+use std::time::Duration;
+
+use crate::support::{sha256_hex, wait_for, Harness};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fault {
@@ -34,6 +36,8 @@ enum Fault {
     EndlessXml,
     /// Every blob GET: a byte every 100 ms (never slow enough to time a request out).
     Trickle,
+    /// Every request: 503 SlowDown (PUTs still counted), nothing stored.
+    Down,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -114,6 +118,12 @@ async fn handle(
         .map_or(String::new(), |(_, k)| k.to_string());
     let mut st = state.lock().unwrap();
     let fault = st.fault.unwrap_or(Fault::None);
+    if fault == Fault::Down {
+        if method == Method::PUT {
+            *st.seen_puts.entry(key).or_default() += 1;
+        }
+        return s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown");
+    }
     let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
     match method {
         Method::PUT => {
@@ -260,6 +270,13 @@ impl FakeS3 {
         self.state.lock().unwrap().objects.get(&key).cloned()
     }
 
+    /// How many PUTs of the blob of `bytes` the store was sent.
+    fn puts_of(&self, bytes: &[u8]) -> usize {
+        let key = format!("pre/blobs/sha256/{}", sha256_hex(bytes));
+        let st = self.state.lock().unwrap();
+        st.seen_puts.get(&key).copied().unwrap_or(0)
+    }
+
     fn put_blob(&self, key_of: &[u8], bytes: &[u8]) {
         let key = format!("pre/blobs/sha256/{}", sha256_hex(key_of));
         self.state
@@ -366,6 +383,79 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     h.run(&["pull", "cut", dest.to_str().unwrap()])
         .assert_code(0);
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
+
+/// A store that is down for good: `retry_deadline_secs` is how long the store may fail before
+/// the uploads do, not a fresh wait for each file in turn. Each file once got its own
+/// deadline, so a dead store held the final sync for files / files_in_flight deadlines (10
+/// files, one at a time: 10 x 4 s here; 1,000 files, 16 at a time, 600 s each: 10 hours).
+/// Counted at the store: once the outage is older than the deadline, a file gets one try.
+#[test]
+fn a_dead_store_fails_the_uploads_after_one_deadline_not_one_per_file() {
+    let s3 = FakeS3::start(Fault::Down);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[upload]\nfiles_in_flight = 1\n");
+    let files: Vec<Vec<u8>> = (0..10).map(|i| format!("file {i}").into_bytes()).collect();
+    let src = h.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (i, bytes) in files.iter().enumerate() {
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
+    }
+    let cmd = format!("cp {}/* $C3_ARTIFACTS_DIR/", src.display());
+    let run = h.run_job(json!({"job_id": "dead", "command": ["sh", "-c", cmd]}));
+    run.assert_code(3);
+    assert_eq!(h.terminal("dead")["reason"], "UPLOAD_ERROR");
+    let puts: Vec<usize> = files.iter().map(|b| s3.puts_of(b)).collect();
+    assert!(
+        puts.iter().all(|&n| n >= 1),
+        "every file was tried: {puts:?}"
+    );
+    let total: usize = puts.iter().sum();
+    assert!(
+        total <= 2 * files.len(),
+        "each file waited out a deadline of its own: {total} PUTs {puts:?}\n{}",
+        run.stderr
+    );
+}
+
+/// The other side of one deadline for the whole outage: the final sync gets a whole deadline
+/// of its own, from the job's end. A store down for longer than the deadline during the job and
+/// back a moment after it still gets every file, though the outage began long before.
+#[test]
+fn a_store_back_soon_after_a_long_outage_during_the_job_gets_every_file() {
+    let s3 = FakeS3::start(Fault::Down);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[sync]\nsettle_ms = 100\n");
+    let go = h.path("go");
+    let script = format!(
+        "echo early > $C3_ARTIFACTS_DIR/a; i=0; while [ ! -e '{}' ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": "back", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let a = b"early\n";
+    wait_for("live sync to try the file", Duration::from_secs(30), || {
+        (s3.puts_of(a) >= 1).then_some(())
+    });
+    // The outage outlasts the 4 s deadline while the job runs.
+    std::thread::sleep(Duration::from_secs(5));
+    let tried = s3.puts_of(a);
+    std::fs::write(&go, "").unwrap();
+    wait_for(
+        "the final sync to try the file",
+        Duration::from_secs(30),
+        || {
+            let finalizing = h
+                .local_reports("back")
+                .iter()
+                .any(|r| r["body"]["state"] == "FINALIZING");
+            (finalizing && s3.puts_of(a) > tried).then_some(())
+        },
+    );
+    s3.set_fault(Fault::None);
+    let run = h.wait("back".into(), child);
+    run.assert_code(0);
+    assert_eq!(s3.blob(a).as_deref(), Some(&a[..]));
 }
 
 /// Client settings the environment gives (`AWS_ALLOW_HTTP`, a proxy) survive the agent's own
