@@ -1,7 +1,8 @@
 //! An S3 endpoint that answers the way real S3 does on a bad day, or the way a broken proxy
 //! lies: "exists" for a blob it does not hold, a 409 for two conditional PUTs at once, a 400
 //! `RequestTimeout` for a stalled body, a HEAD denied by a write-only policy, a short object
-//! under a blob's key, downloads that break off. A blob is counted as stored only when it is,
+//! under a blob's key, downloads that break off, a multipart completion answered 200 with an
+//! `InternalError` body. A blob is counted as stored only when it is,
 //! and a blip never fails a job or a pull.
 
 use std::collections::HashMap;
@@ -38,6 +39,12 @@ enum Fault {
     Trickle,
     /// Every request: 503 SlowDown (PUTs still counted), nothing stored.
     Down,
+    /// The first CompleteMultipartUpload of each upload: 200 with an `InternalError` body
+    /// (S3 sends 200 before it knows), and nothing completed.
+    CompleteFailsWith200,
+    /// The first CompleteMultipartUpload of each upload completes it, forgets the upload and
+    /// answers 200 with an `InternalError` body.
+    CompleteAppliedWith200,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -51,6 +58,10 @@ struct State {
     fault: Option<Fault>,
     /// The most bytes of one endless body handed to its connection (a retry sends another).
     endless_sent: Arc<std::sync::atomic::AtomicUsize>,
+    /// Multipart uploads under way: upload id -> (key, part number -> bytes).
+    uploads: HashMap<String, (String, std::collections::BTreeMap<u32, Vec<u8>>)>,
+    /// CompleteMultipartUpload requests, in all.
+    completes: usize,
 }
 
 /// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
@@ -125,6 +136,67 @@ async fn handle(
         return s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown");
     }
     let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
+    let query = |name: &str| {
+        uri.query().and_then(|q| {
+            q.split('&').find_map(|kv| match kv.split_once('=') {
+                Some((k, v)) if k == name => Some(v.to_string()),
+                None if kv == name => Some(String::new()),
+                _ => None,
+            })
+        })
+    };
+    let xml = |body: String| {
+        reply(
+            StatusCode::OK,
+            &[("content-type", "application/xml".into())],
+            Body::from(format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>{body}")),
+        )
+    };
+    if method == Method::POST && fault == Fault::EndlessXml {
+        return endless(StatusCode::OK, st.endless_sent.clone());
+    }
+    if method == Method::POST && query("uploads").is_some() {
+        let id = format!("upload-{}", st.uploads.len() + st.completes + 1);
+        st.uploads
+            .insert(id.clone(), (key.clone(), Default::default()));
+        return xml(format!("<InitiateMultipartUploadResult><Bucket>bucket</Bucket><Key>{key}</Key><UploadId>{id}</UploadId></InitiateMultipartUploadResult>"));
+    }
+    if let (true, Some(n), Some(id)) = (
+        method == Method::PUT,
+        query("partNumber"),
+        query("uploadId"),
+    ) {
+        let Some((_, parts)) = st.uploads.get_mut(&id) else {
+            return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
+        };
+        parts.insert(n.parse().unwrap(), body.to_vec());
+        return reply(StatusCode::OK, &object_headers(&body), Body::empty());
+    }
+    if let (true, Some(id)) = (method == Method::POST, query("uploadId")) {
+        st.completes += 1;
+        let first = !st.seen_puts.contains_key(&format!("complete {id}"));
+        st.seen_puts.insert(format!("complete {id}"), 1);
+        let internal_error = s3_error(StatusCode::OK, "InternalError");
+        if first && fault == Fault::CompleteFailsWith200 {
+            return internal_error;
+        }
+        let Some((key, parts)) = st.uploads.remove(&id) else {
+            return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
+        };
+        let whole: Vec<u8> = parts.into_values().flatten().collect();
+        st.objects.insert(key, whole);
+        if first && fault == Fault::CompleteAppliedWith200 {
+            return internal_error;
+        }
+        return xml(
+            "<CompleteMultipartUploadResult><ETag>\"done\"</ETag></CompleteMultipartUploadResult>"
+                .into(),
+        );
+    }
+    if let (true, Some(id)) = (method == Method::DELETE, query("uploadId")) {
+        st.uploads.remove(&id);
+        return reply(StatusCode::NO_CONTENT, &[], Body::empty());
+    }
     match method {
         Method::PUT => {
             let seen = {
@@ -165,9 +237,6 @@ async fn handle(
                 }
                 None => reply(StatusCode::NOT_FOUND, &[], Body::empty()),
             }
-        }
-        Method::POST if fault == Fault::EndlessXml => {
-            endless(StatusCode::OK, st.endless_sent.clone())
         }
         Method::GET if uri.query().is_some_and(|q| q.contains("list-type")) => reply(
             StatusCode::OK,
@@ -456,6 +525,31 @@ fn a_store_back_soon_after_a_long_outage_during_the_job_gets_every_file() {
     let run = h.wait("back".into(), child);
     run.assert_code(0);
     assert_eq!(s3.blob(a).as_deref(), Some(&a[..]));
+}
+
+/// S3 may answer CompleteMultipartUpload 200 and then, in the body, `InternalError`: the
+/// upload is not complete (or is, and the answer was lost). Neither may be taken for success
+/// unless the blob is there, nor fail the job.
+#[test]
+fn a_complete_answered_200_with_an_error_body_is_not_taken_for_success() {
+    for (fault, id) in [
+        (Fault::CompleteFailsWith200, "c200fail"),
+        (Fault::CompleteAppliedWith200, "c200done"),
+    ] {
+        let s3 = FakeS3::start(fault);
+        let mut h = s3.harness();
+        h.extra_toml
+            .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+        let data = pattern(3 << 20);
+        h.run_job(job_writing(&h, id, &data)).assert_code(0);
+        assert!(
+            s3.blob(&data).as_deref() == Some(&data[..]),
+            "{id}: the job succeeded, but its blob is not in the store"
+        );
+        if fault == Fault::CompleteFailsWith200 {
+            assert!(s3.state.lock().unwrap().completes >= 2, "{id}: no retry");
+        }
+    }
 }
 
 /// Client settings the environment gives (`AWS_ALLOW_HTTP`, a proxy) survive the agent's own
