@@ -367,6 +367,10 @@ struct Outage {
     began: tokio::time::Instant,
     /// What the deadline counts from: `began`, or the start of the final sync if later.
     clock: tokio::time::Instant,
+    /// The latest failure. An outage nobody has met for a deadline's time is stale (its
+    /// operations were cancelled, not answered: a timeout around them): a failure then starts
+    /// the clock again rather than find it run out.
+    last: tokio::time::Instant,
 }
 
 impl Retry {
@@ -381,13 +385,18 @@ impl Retry {
     /// deadline.
     fn failed(&self, e: &StoreError) -> tokio::time::Instant {
         let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = *outage {
+        let now = tokio::time::Instant::now();
+        if let Some(o) = outage.as_mut() {
+            if now.duration_since(o.last) > self.deadline {
+                o.clock = now;
+            }
+            o.last = now;
             return o.clock + self.deadline;
         }
-        let now = tokio::time::Instant::now();
         *outage = Some(Outage {
             began: now,
             clock: now,
+            last: now,
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
             "store is failing; retrying with backoff (one line when it answers again)");
@@ -1237,6 +1246,32 @@ mod tests {
         assert!(permanent_cause(&e));
         let e = std::io::Error::other("error decoding response body");
         assert!(!permanent_cause(&e));
+    }
+
+    /// One outage, one deadline, whichever operation meets it; but an outage left behind by
+    /// operations that were cancelled (nobody failed for a deadline's time) is not held
+    /// against the next one, and the final sync gets a whole deadline of its own.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_has_one_deadline_unless_it_went_stale() {
+        let retry = Retry::new(Duration::from_secs(10));
+        let e = StoreError::NotThere {
+            key: "k".into(),
+            found: "nothing".into(),
+        };
+        let start = tokio::time::Instant::now();
+        assert_eq!(retry.failed(&e), start + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(retry.failed(&e), start + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        retry.restart_clock();
+        assert_eq!(retry.failed(&e), start + Duration::from_secs(18));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let now = tokio::time::Instant::now();
+        assert_eq!(retry.failed(&e), now + Duration::from_secs(10));
+        retry.answered();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let now = tokio::time::Instant::now();
+        assert_eq!(retry.failed(&e), now + Duration::from_secs(10));
     }
 
     #[test]
