@@ -120,6 +120,17 @@ impl StoreError {
     }
 }
 
+/// The store no longer knows the upload (S3's NoSuchUpload): completed already, or aborted.
+fn upload_gone(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Op {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }
+    )
+}
+
 /// Causes that no retry cures, found anywhere in an error's chain: a file store that is
 /// read-only, denied or not a directory, and an HTTP 400 (object_store does not type it).
 fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -991,7 +1002,11 @@ impl BlobStore {
                 .complete_multipart_once(sha256_hex, upload_id, parts.clone())
                 .await
             {
-                Err(e) if self.completed_meanwhile(sha256_hex, size).await => {
+                Err(e)
+                    if self
+                        .completed_meanwhile(sha256_hex, size, upload_gone(&e))
+                        .await =>
+                {
                     tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
                     Ok(())
                 }
@@ -1003,9 +1018,20 @@ impl BlobStore {
 
     /// Whether the blob exists now, or a moment later: a store may forget the upload id
     /// before it has finished assembling the object (s3s-fs does), so a retried complete can
-    /// see neither the upload nor the blob for a short while.
-    async fn completed_meanwhile(&self, sha256_hex: &str, size: u64) -> bool {
-        for wait_ms in [0, 250, 1000] {
+    /// see neither the upload nor the blob for a while, the longer the larger the object:
+    /// looked for over 1.25 s, or, once the upload is known gone, over 5 s or as long as
+    /// assembling the object at 100 MB/s takes (at most 60 s).
+    async fn completed_meanwhile(&self, sha256_hex: &str, size: u64, upload_gone: bool) -> bool {
+        let patience = if upload_gone {
+            Duration::from_millis((size / 100_000).clamp(5_000, 60_000))
+        } else {
+            Duration::from_millis(1_250)
+        };
+        let started = tokio::time::Instant::now();
+        for wait_ms in [0u64, 250, 1000, 2000, 4000, 8000, 15_000, 30_000] {
+            if wait_ms > 0 && started.elapsed() >= patience {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
             if matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size) {
                 return true;

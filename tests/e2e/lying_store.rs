@@ -45,6 +45,10 @@ enum Fault {
     /// The first CompleteMultipartUpload of each upload completes it, forgets the upload and
     /// answers 200 with an `InternalError` body.
     CompleteAppliedWith200,
+    /// The first CompleteMultipartUpload of each upload forgets the upload, answers 200 with
+    /// an `InternalError` body, and the object shows only 3 s later (a large object still
+    /// being assembled): the retried complete meets NoSuchUpload meanwhile.
+    CompleteAssemblesSlowly,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -62,6 +66,8 @@ struct State {
     uploads: HashMap<String, (String, std::collections::BTreeMap<u32, Vec<u8>>)>,
     /// CompleteMultipartUpload requests, in all.
     completes: usize,
+    /// Objects being assembled: key, bytes, when they show.
+    assembling: Vec<(String, Vec<u8>, std::time::Instant)>,
 }
 
 /// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
@@ -128,6 +134,14 @@ async fn handle(
         .split_once('/')
         .map_or(String::new(), |(_, k)| k.to_string());
     let mut st = state.lock().unwrap();
+    let now = std::time::Instant::now();
+    let (ready, assembling): (Vec<_>, Vec<_>) = std::mem::take(&mut st.assembling)
+        .into_iter()
+        .partition(|a| a.2 <= now);
+    st.assembling = assembling;
+    for (k, bytes, _) in ready {
+        st.objects.insert(k, bytes);
+    }
     let fault = st.fault.unwrap_or(Fault::None);
     if fault == Fault::Down {
         if method == Method::PUT {
@@ -184,6 +198,11 @@ async fn handle(
             return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
         };
         let whole: Vec<u8> = parts.into_values().flatten().collect();
+        if first && fault == Fault::CompleteAssemblesSlowly {
+            let shows = now + std::time::Duration::from_secs(3);
+            st.assembling.push((key, whole, shows));
+            return internal_error;
+        }
         st.objects.insert(key, whole);
         if first && fault == Fault::CompleteAppliedWith200 {
             return internal_error;
@@ -535,6 +554,7 @@ fn a_complete_answered_200_with_an_error_body_is_not_taken_for_success() {
     for (fault, id) in [
         (Fault::CompleteFailsWith200, "c200fail"),
         (Fault::CompleteAppliedWith200, "c200done"),
+        (Fault::CompleteAssemblesSlowly, "c200slow"),
     ] {
         let s3 = FakeS3::start(fault);
         let mut h = s3.harness();
