@@ -190,6 +190,19 @@ const TRANSIENT_400: &[&str] = &[
     "<Code>ExpiredToken</Code>",
 ];
 
+/// S3 error codes that say the bytes the store got are not the bytes sent (their checksum
+/// does not match): corruption on the way, which a resend cures, or a store that mishandles
+/// the checksum, which no resend does. So a few tries, then permanent.
+const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDigest</Code>"];
+const CORRUPT_TRIES: u32 = 3;
+
+impl StoreError {
+    /// The store got other bytes than were sent (see [`CORRUPT_IN_TRANSIT`]).
+    fn corrupt_in_transit(&self) -> bool {
+        CORRUPT_IN_TRANSIT.iter().any(|code| says(self, code))
+    }
+}
+
 /// How the HTTP client of a remote store bounds its waits. object_store's default, 30 s for a
 /// whole request body included, fails any part or download slower than 30 s (a 500 MiB part
 /// under 17 MB/s, a 4 GiB pull at 100 MB/s) on a link that works. Instead: 5 s to connect
@@ -638,11 +651,18 @@ impl BlobStore {
             .with_jitter()
             .with_max_times(usize::MAX)
             .build();
+        let mut corrupt = 0;
         loop {
             match op().await {
                 Ok(v) => {
                     self.retry.answered();
                     return Ok(v);
+                }
+                Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
+                    corrupt += 1;
+                    let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %crate::error_chain(&e), tries = corrupt, "the store got other bytes than were sent; sending again");
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {

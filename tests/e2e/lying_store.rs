@@ -27,6 +27,10 @@ enum Fault {
     ClaimsExists,
     /// The first PUT of each blob: 400 RequestTimeout.
     RequestTimeoutOnce,
+    /// The first PUT of each blob: 400 BadDigest (its bytes were corrupted on the way).
+    BadDigestOnce,
+    /// Every PUT of a blob: 400 BadDigest (a store that mishandles the checksum).
+    BadDigestAlways,
     /// Every HEAD: 403.
     HeadDenied,
     /// Every GET response breaks off after at most 256 KiB.
@@ -229,6 +233,11 @@ async fn handle(
             if is_blob && seen == 1 && fault == Fault::RequestTimeoutOnce {
                 return s3_error(StatusCode::BAD_REQUEST, "RequestTimeout");
             }
+            if is_blob
+                && (fault == Fault::BadDigestAlways || seen == 1 && fault == Fault::BadDigestOnce)
+            {
+                return s3_error(StatusCode::BAD_REQUEST, "BadDigest");
+            }
             if headers.contains_key("if-none-match") {
                 if is_blob && seen == 1 && fault == Fault::ConflictOnce {
                     return s3_error(StatusCode::CONFLICT, "ConditionalRequestConflict");
@@ -429,6 +438,27 @@ fn a_400_request_timeout_is_a_blip() {
     h.run_job(job_writing(&h, "rt400", b"slow link"))
         .assert_code(0);
     assert_eq!(s3.blob(b"slow link").as_deref(), Some(&b"slow link"[..]));
+}
+
+/// Bytes corrupted on the way (the store's checksum check says so) are sent again; a store
+/// that refuses every checksum fails after a few tries, not after the retry deadline.
+#[test]
+fn a_bad_digest_is_sent_again_a_few_times() {
+    let s3 = FakeS3::start(Fault::BadDigestOnce);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "digest", b"flipped bit"))
+        .assert_code(0);
+    assert_eq!(
+        s3.blob(b"flipped bit").as_deref(),
+        Some(&b"flipped bit"[..])
+    );
+
+    let s3 = FakeS3::start(Fault::BadDigestAlways);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "digests", b"never right"))
+        .assert_code(3);
+    let puts = s3.state.lock().unwrap().seen_puts.values().copied().max();
+    assert_eq!(puts, Some(3), "three tries of the blob");
 }
 
 #[test]
