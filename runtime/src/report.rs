@@ -63,6 +63,20 @@ impl ReportError {
             ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
         }
     }
+
+    /// The control plane refused the agent's credentials (401, 403), not the report: a token
+    /// that ran out or was rotated mid-job. Not retried now, but kept, so that `recover` (or
+    /// the next run) delivers it once the node's credentials are right again; dropped, a
+    /// job's terminal status was lost for good.
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            ReportError::Rejected {
+                status: 401 | 403,
+                ..
+            }
+        )
+    }
 }
 
 /// An HTTP client for one control plane; cheap to clone.
@@ -244,6 +258,10 @@ impl Reporter {
                 tracing::warn!(endpoint = %endpoint, error = %crate::error_chain(&e), give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
                 self.keep(kind, order, &endpoint, &body)
             }
+            Err(e) if e.is_auth() => {
+                tracing::error!(endpoint = %endpoint, error = %crate::error_chain(&e), "control plane refused the agent's credentials; keeping the report for `c3-agent recover` once they are fixed");
+                self.keep(kind, order, &endpoint, &body)
+            }
             Err(e) => {
                 tracing::error!(endpoint = %endpoint, error = %crate::error_chain(&e), "control plane rejected a report; not retried");
                 Delivery::Rejected
@@ -306,6 +324,10 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) 
         match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
             Err(e) if e.is_retryable() => return false,
+            Err(e) if e.is_auth() => {
+                tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
+                return false;
+            }
             Err(e) => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane rejected a kept report; dropped")
             }

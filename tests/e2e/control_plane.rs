@@ -139,6 +139,27 @@ fn undeliverable_terminal_status_is_kept_and_recovered() {
     assert!(!outbox.exists() || std::fs::read_dir(&outbox).unwrap().count() == 0);
 }
 
+/// A token that ran out mid-job (401) is the node's fault, not the report's: the reports are
+/// kept, and `recover` delivers them once the control plane takes the agent's credentials.
+#[test]
+fn reports_refused_for_the_agents_credentials_are_kept() {
+    let h = Harness::file().with_control_plane(2);
+    h.cp().set_fail_status(401);
+    h.cp().fail_all(true);
+    h.run_job(json!({"job_id": "token", "command": ["true"]}))
+        .assert_code(0);
+    assert!(h.cp().terminal_status().is_none());
+    h.cp().fail_all(false);
+    h.run(&["recover"]).assert_code(0);
+    let states: Vec<String> = h
+        .cp()
+        .delivered("/status")
+        .iter()
+        .map(|s| s["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
+}
+
 #[test]
 fn a_later_run_delivers_kept_reports() {
     let h = Harness::file().with_control_plane(1);

@@ -501,6 +501,8 @@ struct CpState {
     requests: Mutex<Vec<Recorded>>,
     fail_next: AtomicUsize,
     fail_all: AtomicBool,
+    /// What failing requests are answered (0: 503).
+    fail_status: std::sync::atomic::AtomicU16,
     quota: Mutex<(u64, Option<u64>)>,
     /// Non-zero: every 200 reply body is exactly this many bytes (see `set_reply_padding`).
     reply_padding: AtomicUsize,
@@ -557,8 +559,9 @@ impl ControlPlane {
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                             .is_ok();
                     let (code, reply) = if failing {
+                        let status = st.fail_status.load(Ordering::SeqCst);
                         (
-                            StatusCode::SERVICE_UNAVAILABLE,
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                             json!({"error": "try later"}),
                         )
                     } else if rest.ends_with("/artifacts") {
@@ -619,6 +622,11 @@ impl ControlPlane {
 
     pub fn fail_all(&self, on: bool) {
         self.state.fail_all.store(on, Ordering::SeqCst);
+    }
+
+    /// The HTTP status failing requests get (503 unless set).
+    pub fn set_fail_status(&self, status: u16) {
+        self.state.fail_status.store(status, Ordering::SeqCst);
     }
 
     /// Non-zero: every 200 reply body is `bytes` bytes long (a JSON object with one huge string
