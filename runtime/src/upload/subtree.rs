@@ -296,6 +296,44 @@ mod tests {
         assert_eq!(differ, vec![1]);
     }
 
+    /// The cut's shape at real sizes (up to 5 TiB, the part sizes `part_size_for` picks),
+    /// without hashing a byte: every subtree is one BLAKE3 allows where it starts, and the
+    /// merge finds each one where the tree has it.
+    #[test]
+    fn cuts_of_real_sizes_tile_the_tree() {
+        use blake3::hazmat::max_subtree_len;
+        let mib: u64 = 1024 * 1024;
+        for part_size in [mib, 8 * mib, 9 * mib, 64 * mib, 525 * mib] {
+            for size in [
+                part_size + 1,
+                3 * part_size,
+                10 * part_size - 4097,
+                1 << 40,
+                (5 << 40) - 12_345,
+            ] {
+                if size.div_ceil(part_size) > 10_000 {
+                    continue;
+                }
+                let mut trees = Vec::new();
+                let mut pos = 0;
+                while pos < size {
+                    let len = planned_len(part_size, pos).min(size - pos);
+                    if pos > 0 {
+                        assert!(len <= max_subtree_len(pos).unwrap(), "{pos} {len}");
+                    }
+                    // Never across a part boundary.
+                    assert_eq!(pos / part_size, (pos + len - 1) / part_size);
+                    trees.push((pos, len, [0u8; 32]));
+                    pos += len;
+                }
+                assert!(
+                    merge(&trees, 0, size, true).is_some(),
+                    "part {part_size}, size {size}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn real_part_sizes_cut_few_subtrees() {
         let mib = 1024 * 1024;
