@@ -122,10 +122,6 @@ impl Manifest {
         }
         Ok(manifest)
     }
-
-    pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
-    }
 }
 
 pub fn is_sha256_hex(s: &str) -> bool {
