@@ -528,9 +528,11 @@ fn a_dead_store_fails_the_uploads_after_one_deadline_not_one_per_file() {
         puts.iter().all(|&n| n >= 1),
         "every file was tried: {puts:?}"
     );
+    // One deadline for the outage: the first files retry within it, the rest get a try or two
+    // (live sync's and the final sync's). A deadline per file made it 50 and more.
     let total: usize = puts.iter().sum();
     assert!(
-        total <= 2 * files.len(),
+        total <= 3 * files.len(),
         "each file waited out a deadline of its own: {total} PUTs {puts:?}\n{}",
         run.stderr
     );
