@@ -28,9 +28,11 @@ pub enum PrepareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("store {url} is not usable")]
+    #[error("store {url} is not usable{hint}")]
     Store {
         url: String,
+        /// What to look at when the cause is this node, not the store ("" if none known).
+        hint: &'static str,
         #[source]
         source: StoreError,
     },
@@ -254,6 +256,7 @@ pub async fn store_check(ctx: &AgentContext) -> Result<Option<String>, PrepareEr
         }
         Ok(Err(e)) if e.is_permanent() => Err(PrepareError::Store {
             url: ctx.store.url().to_string(),
+            hint: e.node_hint(),
             source: e,
         }),
         Ok(Err(e)) => Ok(Some(format!(

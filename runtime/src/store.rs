@@ -197,6 +197,17 @@ const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDi
 const CORRUPT_TRIES: u32 = 3;
 
 impl StoreError {
+    /// A permanent failure whose cause is this node, not the store: what its operator should
+    /// look at ("" if none known). S3 refuses requests signed more than 15 minutes off its
+    /// clock; aws-cli corrects for that from the reply's Date, object_store cannot.
+    pub fn node_hint(&self) -> &'static str {
+        if says(self, "RequestTimeTooSkewed") {
+            " (this node's clock is more than 15 minutes off the store's: check its time sync, e.g. `timedatectl` or `chronyc tracking`)"
+        } else {
+            ""
+        }
+    }
+
     /// The store got other bytes than were sent (see [`CORRUPT_IN_TRANSIT`]).
     fn corrupt_in_transit(&self) -> bool {
         CORRUPT_IN_TRANSIT.iter().any(|code| says(self, code))

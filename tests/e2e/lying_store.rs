@@ -43,6 +43,8 @@ enum Fault {
     Trickle,
     /// Every request: 503 SlowDown (PUTs still counted), nothing stored.
     Down,
+    /// Every request: 403 RequestTimeTooSkewed (the node's clock is off by over 15 minutes).
+    Skewed,
     /// The first CompleteMultipartUpload of each upload: 200 with an `InternalError` body
     /// (S3 sends 200 before it knows), and nothing completed.
     CompleteFailsWith200,
@@ -152,6 +154,9 @@ async fn handle(
             *st.seen_puts.entry(key).or_default() += 1;
         }
         return s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown");
+    }
+    if fault == Fault::Skewed {
+        return s3_error(StatusCode::FORBIDDEN, "RequestTimeTooSkewed");
     }
     let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
     let query = |name: &str| {
@@ -459,6 +464,19 @@ fn a_bad_digest_is_sent_again_a_few_times() {
         .assert_code(3);
     let puts = s3.state.lock().unwrap().seen_puts.values().copied().max();
     assert_eq!(puts, Some(3), "three tries of the blob");
+}
+
+/// A store that refuses the node's clock fails the job before launch, and says to look at the
+/// clock, not at the store's permissions.
+#[test]
+fn a_skewed_clock_is_named_as_the_cause() {
+    let s3 = FakeS3::start(Fault::Skewed);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "skew", b"x"));
+    run.assert_code(6);
+    let t = h.terminal("skew");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+    assert!(t["message"].as_str().unwrap_or("").contains("clock"), "{t}");
 }
 
 #[test]
