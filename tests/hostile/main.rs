@@ -14,6 +14,7 @@ mod corpus;
 mod escapes;
 mod exclusive;
 mod groups;
+mod links;
 mod logs;
 mod memory;
 mod ownership;
