@@ -15,6 +15,9 @@ use c3_runtime::upload::UploadOptions;
 
 pub const SYSTEM_CONFIG: &str = "/etc/c3-agent/config.toml";
 
+/// The longest duration a setting may hold: a century, in seconds.
+const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -588,6 +591,60 @@ pub fn resolve(
             ForwardTo::Leader
         }
     };
+    // Every duration is added to a clock somewhere (a deadline, a sleep): past what a clock
+    // holds, that panics (`kill_grace_secs = 18446744073709551615` was exit 101 at the job's
+    // first stop). A century is more than any setting means.
+    let (s, ms) = (1, 1_000);
+    for (key, value, per_sec) in [
+        ("kill_grace_secs", file.kill_grace_secs, s),
+        ("job.stop_deadline_secs", file.job.stop_deadline_secs, s),
+        ("job.dataset_timeout_secs", file.job.dataset_timeout_secs, s),
+        ("store.retry_timeout_secs", file.store.retry_timeout_secs, s),
+        (
+            "store.retry_deadline_secs",
+            file.store.retry_deadline_secs,
+            s,
+        ),
+        (
+            "store.preflight_timeout_secs",
+            file.store.preflight_timeout_secs,
+            s,
+        ),
+        ("sync.settle_ms", file.sync.settle_ms, ms),
+        ("sync.poll_ms", file.sync.poll_ms, ms),
+        (
+            "sync.manifest_interval_ms",
+            file.sync.manifest_interval_ms,
+            ms,
+        ),
+    ] {
+        let most = MAX_DURATION_SECS * per_sec;
+        if value.is_some_and(|v| v > most) {
+            problems.push(format!("`{key}`: at most {most} (a century)"));
+        }
+    }
+    if control_plane
+        .as_ref()
+        .is_some_and(|c| c.give_up.as_secs() > MAX_DURATION_SECS)
+    {
+        problems.push(format!(
+            "`control_plane.give_up_secs`: at most {MAX_DURATION_SECS} (a century)"
+        ));
+    }
+    for (key, value, unit_secs) in [
+        (
+            "retention.succeeded_days",
+            file.retention.succeeded_days,
+            86_400,
+        ),
+        ("retention.failed_days", file.retention.failed_days, 86_400),
+        ("gc.grace_hours", file.gc.grace_hours, 3_600),
+    ] {
+        let most = MAX_DURATION_SECS / unit_secs;
+        if value.is_some_and(|v| v > most) {
+            problems.push(format!("`{key}`: at most {most} (a century)"));
+        }
+    }
     if file.sync.max_watches == Some(0) {
         problems.push(
             "`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into(),
@@ -757,6 +814,62 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
         }
+    }
+
+    #[test]
+    fn a_duration_past_a_century_is_named_not_a_crash() {
+        let max = u64::MAX;
+        let text = format!(
+            "kill_grace_secs = {max}\n[job]\nstop_deadline_secs = {max}\ndataset_timeout_secs = {max}\n\
+             [store]\nretry_deadline_secs = {max}\nretry_timeout_secs = {max}\npreflight_timeout_secs = {max}\n\
+             [sync]\nsettle_ms = {max}\npoll_ms = {max}\nmanifest_interval_ms = {max}\n\
+             [retention]\nsucceeded_days = {max}\nfailed_days = {max}\n[gc]\ngrace_hours = {max}\n\
+             [control_plane]\nurl = \"http://cp\"\ngive_up_secs = {max}\n"
+        );
+        let e = resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap_err();
+        for key in [
+            "kill_grace_secs",
+            "job.stop_deadline_secs",
+            "job.dataset_timeout_secs",
+            "store.retry_deadline_secs",
+            "store.retry_timeout_secs",
+            "store.preflight_timeout_secs",
+            "sync.settle_ms",
+            "sync.poll_ms",
+            "sync.manifest_interval_ms",
+            "retention.succeeded_days",
+            "retention.failed_days",
+            "gc.grace_hours",
+            "control_plane.give_up_secs",
+        ] {
+            assert!(
+                e.problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("`{key}`: at most"))),
+                "{key}: {:?}",
+                e.problems
+            );
+        }
+        // The environment's overrides are held to it too; a century itself is fine.
+        let e = resolve(
+            None,
+            "",
+            &env_of(&[("C3_AGENT_KILL_GRACE_SECS", "18446744073709551615")]),
+            PathBuf::from("/s"),
+        )
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{:?}", e.problems);
+        let c = resolve(
+            None,
+            &format!(
+                "kill_grace_secs = {MAX_DURATION_SECS}\n[sync]\nsettle_ms = {}\n",
+                MAX_DURATION_SECS * 1000
+            ),
+            &|_| None,
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        assert_eq!(c.kill_grace, Duration::from_secs(MAX_DURATION_SECS));
     }
 
     #[test]
