@@ -15,6 +15,10 @@ use c3_runtime::upload::UploadOptions;
 
 pub const SYSTEM_CONFIG: &str = "/etc/c3-agent/config.toml";
 
+/// S3's largest part.
+const MAX_PART_BYTES: u64 = 5 << 30;
+/// Most watcher events queued: far past any use, far below what a channel can hold.
+const MAX_EVENT_QUEUE: usize = 1 << 24;
 /// The longest duration a setting may hold: a century, in seconds.
 const MAX_DURATION_SECS: u64 = 100 * 365 * 86_400;
 
@@ -530,6 +534,12 @@ pub fn resolve(
             "`upload.min_part_size_bytes`: must be at least 5 MiB (S3's smallest part)".into(),
         );
     }
+    // Part sizes are rounded up to whole MiB: near 2^64 that overflowed (a panic mid-upload).
+    if upload.min_part_size > MAX_PART_BYTES {
+        problems.push(format!(
+            "`upload.min_part_size_bytes`: at most {MAX_PART_BYTES} (5 GiB, S3's largest part)"
+        ));
+    }
     if upload.parts_in_flight == 0 || upload.files_in_flight == 0 {
         problems.push(
             "`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into(),
@@ -545,6 +555,10 @@ pub fn resolve(
     };
     if file.sync.event_queue == Some(0) || file.sync.poll_ms == Some(0) {
         problems.push("`sync.event_queue` and `sync.poll_ms` must be at least 1".into());
+    }
+    // A channel's capacity: tokio panics past usize::MAX >> 3, when the job starts.
+    if file.sync.event_queue.is_some_and(|n| n > MAX_EVENT_QUEUE) {
+        problems.push(format!("`sync.event_queue`: at most {MAX_EVENT_QUEUE}"));
     }
     let live_cpus = live_cpus(file.sync.live_cpus.as_deref(), &mut problems);
     let live = file.sync.live.unwrap_or(true).then(|| LiveOptions {
@@ -870,6 +884,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kill_grace, Duration::from_secs(MAX_DURATION_SECS));
+    }
+
+    #[test]
+    fn a_part_size_or_event_queue_past_its_limit_is_named_not_a_crash() {
+        let max = u64::MAX;
+        let text = format!("[upload]\nmin_part_size_bytes = {max}\n[sync]\nevent_queue = {max}\n");
+        let e = resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap_err();
+        for key in ["upload.min_part_size_bytes", "sync.event_queue"] {
+            assert!(
+                e.problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("`{key}`: at most"))),
+                "{key}: {:?}",
+                e.problems
+            );
+        }
+        let text = format!("[upload]\nmin_part_size_bytes = {MAX_PART_BYTES}\n[sync]\nevent_queue = {MAX_EVENT_QUEUE}\n");
+        resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap();
     }
 
     #[test]
