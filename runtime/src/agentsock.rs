@@ -28,6 +28,11 @@ use crate::statedir::StateDir;
 const MAX_LINE: u64 = 1024 * 1024;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 16;
+/// Connections accepted a second (and in a burst): each costs the root agent a peer check
+/// in /proc, on CPU outside the job's cgroup, and a job can connect in a loop from many
+/// threads. `c3-agent publish` connects once per call; a client that asks often keeps
+/// its connection.
+const CONNECTIONS_PER_SEC: u64 = 100;
 /// `sun_path` holds 108 bytes with its NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// Log lines a second for the socket's requests and refusals, sustained and in a burst: the
@@ -130,6 +135,7 @@ impl AgentSocket {
             async move {
                 let mut conns = JoinSet::new();
                 let log = LogGate::new();
+                let pace = crate::ratelimit::RateLimit::new(CONNECTIONS_PER_SEC);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -144,6 +150,9 @@ impl AgentSocket {
                                 }
                                 continue;
                             };
+                            // Past the rate, the next accept waits (one token at a time, so
+                            // at most 1/rate): further clients queue in the listen backlog.
+                            pace.take(1).await;
                             if conns.len() >= MAX_CONNECTIONS {
                                 let _ = refuse(stream, "too many connections").await;
                                 continue;
@@ -179,7 +188,7 @@ async fn connection(
     let pid = cred.pid().unwrap_or(0);
     // The uid first: a stranger's connection costs no scan of /proc.
     let member = cred.uid() == uid
-        && tokio::task::spawn_blocking(move || procs.members().contains(&pid))
+        && tokio::task::spawn_blocking(move || procs.contains(pid))
             .await
             .unwrap_or(false);
     if !member {

@@ -22,6 +22,7 @@ mod paths;
 mod privacy;
 mod pull_lies;
 mod recover;
+mod socket;
 mod symlinks;
 mod watches;
 
