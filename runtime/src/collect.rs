@@ -111,8 +111,10 @@ impl Scan {
 }
 
 /// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
-/// only what that user could read itself is collected.
-pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan {
+/// only what that user could read itself is collected. At most `max_files` files: past
+/// that the walk stops and every dir counts as incomplete (nothing taken as deleted, each
+/// an upload failure at the end), since a manifest could not list them all anyway.
+pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_files: usize) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
         Ok(d) => Arc::new(d),
@@ -127,10 +129,19 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>) -> Scan
         }
     };
     for dir in dirs {
-        walk(workdir, &root, dir, reader, &mut out);
+        if walk(workdir, &root, dir, reader, max_files, &mut out).is_err() {
+            out.warn(format!(
+                "more than {max_files} files in the output dirs, more than a manifest can list (store.max_manifest_bytes); the rest are not uploaded"
+            ));
+            out.incomplete = dirs.to_vec();
+            break;
+        }
     }
     out
 }
+
+/// The walk stopped at `max_files`.
+struct TooMany;
 
 /// Depth first, and a directory is opened only when its turn comes: pending entries hold
 /// their parent's fd (shared), so open fds grow with the depth, not with the width.
@@ -139,8 +150,9 @@ fn walk(
     root: &Arc<DirFd>,
     root_rel: &str,
     reader: Option<&JobReader>,
+    max_files: usize,
     out: &mut Scan,
-) {
+) -> Result<(), TooMany> {
     // The relative path's exact bytes travel with each directory: a name that is not UTF-8
     // is collected like any other (its key is a `rel_key`, its manifest entry has `path_b64`).
     let mut stack: Vec<(Arc<DirFd>, PathBuf, Vec<u8>)> = vec![(
@@ -222,6 +234,9 @@ fn walk(
                     ));
                     continue;
                 }
+                if out.files.len() >= max_files && !out.files.contains_key(&child_key) {
+                    return Err(TooMany);
+                }
                 out.files.insert(
                     child_key.clone(),
                     LocalFile {
@@ -243,6 +258,7 @@ fn walk(
             }
         }
     }
+    Ok(())
 }
 
 /// The entry names of an open directory (without `.` and `..`).
@@ -286,7 +302,7 @@ mod tests {
             limit.1,
         )
         .unwrap();
-        let s = scan(w, &["artifacts".into()], None);
+        let s = scan(w, &["artifacts".into()], None, usize::MAX);
         nix::sys::resource::setrlimit(
             nix::sys::resource::Resource::RLIMIT_NOFILE,
             limit.0,
@@ -308,7 +324,7 @@ mod tests {
             std::fs::write(d.join("f"), "x").unwrap();
             d.push("d");
         }
-        let s = scan(w, &["artifacts".into()], None);
+        let s = scan(w, &["artifacts".into()], None, usize::MAX);
         // artifacts/f has 2 components, artifacts/d/f 3, ...: MAX_DEPTH - 1 files fit.
         assert_eq!(
             s.files.len(),
@@ -358,10 +374,34 @@ mod tests {
                 "artifacts/deep".into(),
             ],
             None,
+            usize::MAX,
         );
         let names: Vec<_> = s.files.keys().cloned().collect();
         assert_eq!(names, vec!["artifacts/deep/er/a.txt", "out/b"]);
         assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
         assert!(s.incomplete.is_empty());
+    }
+
+    /// Past `max_files` the walk stops: what it holds is bounded, nothing is taken as deleted
+    /// (every dir incomplete), and one warning says why.
+    #[test]
+    fn a_scan_stops_at_max_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        for d in ["artifacts/a", "artifacts/b", "out"] {
+            std::fs::create_dir_all(w.join(d)).unwrap();
+            for i in 0..10 {
+                std::fs::write(w.join(d).join(format!("f{i}")), "").unwrap();
+            }
+        }
+        let dirs = vec!["artifacts".to_string(), "out".to_string()];
+        let s = scan(w, &dirs, None, 15);
+        assert_eq!(s.files.len(), 15);
+        assert_eq!(s.incomplete, dirs);
+        assert!(!s.covers("artifacts/a/f0") && !s.covers("out/f9"));
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("more than 15 files"));
+        let all = scan(w, &dirs, None, 30);
+        assert_eq!((all.files.len(), all.incomplete.len()), (30, 0));
     }
 }

@@ -90,6 +90,7 @@ impl LiveSync {
             prehashing: JoinSet::new(),
             prehash_busy: Default::default(),
             warned_upload: false,
+            warned_files: false,
         };
         LiveSync { syncer }
     }
@@ -136,6 +137,8 @@ struct Syncer {
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
     warned_upload: bool,
+    /// Said once: more files than a manifest can list.
+    warned_files: bool,
     /// Large files being hashed ahead while the job writes them, and which.
     prehashing: JoinSet<(u64, u64)>,
     prehash_busy: std::collections::HashSet<(u64, u64)>,
@@ -424,6 +427,9 @@ impl Syncer {
         };
         match meta {
             Ok(m) if crate::confine::is_regular(&m) => {
+                if !self.admits(&rel) {
+                    return;
+                }
                 let stamp = FileStamp::of_stat(&m);
                 // A large file that grows: hash what it holds while the job writes on.
                 self.prehash(&rel, path, stamp);
@@ -441,14 +447,16 @@ impl Syncer {
                 }
                 // Files created before the new directory's watch was set left no events.
                 let (workdir, reader) = (self.workdir.clone(), self.reader.clone());
-                let Ok(found) =
-                    crate::pace::spawn_gently(move || scan(&workdir, &[rel], reader.as_ref()))
-                        .await
+                let max_files = self.manifest.max_files();
+                let Ok(found) = crate::pace::spawn_gently(move || {
+                    scan(&workdir, &[rel], reader.as_ref(), max_files)
+                })
+                .await
                 else {
                     return;
                 };
                 for (rel, f) in found.files {
-                    if !self.book.is_current(&f) {
+                    if !self.book.is_current(&f) && self.admits(&rel) {
                         self.candidates.insert(
                             rel,
                             Candidate {
@@ -472,11 +480,34 @@ impl Syncer {
         }
     }
 
+    /// Whether `rel` may be tracked: files known (listed, uploading or waiting) stay under
+    /// what a manifest can list, or a job's million empty files cost the root agent GBs. The
+    /// final scan names what is left out.
+    fn admits(&mut self, rel: &str) -> bool {
+        let tracked = self.book.len() + self.candidates.len() + self.in_flight.len();
+        if tracked < self.manifest.max_files()
+            || self.candidates.contains_key(rel)
+            || self.book.contains(rel)
+        {
+            return true;
+        }
+        if !self.warned_files {
+            tracing::warn!(
+                max_files = self.manifest.max_files(),
+                "more files in the output dirs than a manifest can list; no more are synced while the job runs"
+            );
+            self.warned_files = true;
+        }
+        false
+    }
+
     async fn rescan(&mut self) {
         let (workdir, dirs, reader) =
             (self.workdir.clone(), self.dirs.clone(), self.reader.clone());
+        let max_files = self.manifest.max_files();
         let Ok(found) =
-            crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref())).await
+            crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref(), max_files))
+                .await
         else {
             return;
         };
@@ -499,7 +530,7 @@ impl Syncer {
                 .candidates
                 .get(&rel)
                 .is_some_and(|c| c.stamp == Some(f.stamp));
-            if !unchanged {
+            if !unchanged && self.admits(&rel) {
                 self.candidates.insert(
                     rel,
                     Candidate {

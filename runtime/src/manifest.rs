@@ -7,6 +7,10 @@ use c3_proto::{JobSpec, Logs, Manifest};
 use crate::store::{attempt_manifest_key, manifest_key, BlobStore, StoreError};
 use crate::sync::SyncBook;
 
+/// No manifest entry is shorter: its two hex digests alone are 128 bytes, and its keys,
+/// indentation and shortest path and numbers over 100 more.
+const MIN_ENTRY_BYTES: u64 = 200;
+
 /// Writes manifests of one attempt. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ManifestWriter {
@@ -28,6 +32,14 @@ impl ManifestWriter {
             project: spec.project.clone(),
             attempt: spec.attempt,
         }
+    }
+
+    /// The most files a manifest of at most `max_bytes` can list: collecting more is of no use
+    /// (the manifest could not be written), and each file tracked costs the root agent memory
+    /// (about 1.5 KiB: scan, book, manifest), which a job could otherwise run up without
+    /// bound with empty files. 256 MiB: 1,342,177 files.
+    pub fn max_files(&self) -> usize {
+        usize::try_from(self.max_bytes / MIN_ENTRY_BYTES).unwrap_or(usize::MAX)
     }
 
     /// The job's manifest key (what the artifacts registration names).

@@ -83,6 +83,11 @@ impl SyncBook {
             .is_some_and(|u| u.stamp == file.stamp && !u.racy)
     }
 
+    /// Whether `rel` is listed, in any version.
+    pub fn contains(&self, rel: &str) -> bool {
+        self.synced.contains_key(rel)
+    }
+
     /// Drops the entries whose path matches; returns how many.
     pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
         let before = self.synced.len();
