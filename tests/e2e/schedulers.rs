@@ -716,7 +716,18 @@ fn the_systemd_unit_verifies_clean() {
     let about_ours: Vec<&str> = stderr.lines().filter(|l| l.contains("c3-agent@")).collect();
     assert!(out.status.success(), "{stderr}");
     assert!(about_ours.is_empty(), "{}", about_ours.join("\n"));
-    // The housekeeping pair (recover + gc, at boot and hourly) verifies too.
+    // The housekeeping pair (recover + gc, at boot and hourly) verifies too. recover exits with
+    // the last finished job's code (6 after a crash): that must not stop gc from running.
+    let housekeeping = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/c3-agent-housekeeping.service"),
+    )
+    .unwrap();
+    assert!(
+        housekeeping
+            .lines()
+            .any(|l| l == "ExecStart=-/usr/local/bin/c3-agent recover"),
+        "a recover that finished a failed job stops the unit before gc"
+    );
     for name in [
         "c3-agent-housekeeping.service",
         "c3-agent-housekeeping.timer",
