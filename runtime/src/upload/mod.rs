@@ -1081,6 +1081,35 @@ mod tests {
         rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
     }
 
+    /// As above, but the earlier agent journaled the tag of what it sent: that tag is pass 1's
+    /// (both come from the prefix hashed ahead), yet the file no longer holds those bytes.
+    /// Kept unread, the old part would complete the old content's blob and the file would be
+    /// listed with the digests of bytes it no longer has.
+    #[tokio::test]
+    async fn a_journaled_part_hashed_ahead_is_read_again_before_it_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let journal = dir.path().join("journal");
+        let up = Uploader::new(store.clone(), small_parts(), "j", Some(journal.clone()));
+        let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 9);
+        up.prehash(&file).await;
+        let old_sha = crate::digest::sha256_hex(&data);
+        let id = store.create_multipart(&old_sha).await.unwrap();
+        let part0 = Bytes::copy_from_slice(&data[..MIB as usize]);
+        let mut tag = super::subtree::PartTrees::at(MIB, 0);
+        tag.update(&part0);
+        let record = MultipartRecord {
+            sha256: old_sha.clone(),
+            upload_id: id.clone(),
+            size: data.len() as u64,
+            part_size: MIB,
+            parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
+            part_blake3: [(0, hex::encode(tag.finish_part()))].into(),
+        };
+        write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
+        rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
+    }
+
     fn crc(bytes: &[u8]) -> u64 {
         crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, bytes)
     }
@@ -1253,7 +1282,7 @@ mod tests {
 
         let mut journal_now = up.open_journal(&sha, data.len() as u64, MIB).await.unwrap();
         let sent = up
-            .send_parts(&file.abs, file.stamp, &tags, &mut journal_now)
+            .send_parts(&file.abs, file.stamp, &tags, 0, &mut journal_now)
             .await
             .unwrap();
         assert_eq!(

@@ -308,7 +308,9 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let resumed = journal.resumed;
-            let sent = self.send_parts(path, before, tags, &mut journal).await;
+            let sent = self
+                .send_parts(path, before, tags, ahead_parts, &mut journal)
+                .await;
             let verified = sent.and_then(|bytes_sent| {
                 ensure_unchanged(self.root.as_deref(), path, before).map(|()| bytes_sent)
             });
@@ -419,12 +421,16 @@ impl Uploader {
     /// bytes), and sends it. A part an earlier agent sent (a resumed upload) is kept without
     /// a read only if the journal holds the tag of the bytes it sent and that tag is this
     /// content's: a key never names bytes it is not the hash of, or every later upload of
-    /// the real content would be skipped as "already stored". Returns the bytes sent.
+    /// the real content would be skipped as "already stored". Such a part among the first
+    /// `ahead_parts` (hashed ahead while the job wrote the file) is read again, unsent: its
+    /// tag proves what the store holds, not that the file still holds it. Returns the bytes
+    /// sent.
     pub(super) async fn send_parts(
         &self,
         path: &Path,
         before: FileStamp,
         tags: &[Tag],
+        ahead_parts: usize,
         journal: &mut MultipartJournal,
     ) -> Result<u64, UploadError> {
         let (sha, part_size) = (journal.record.sha256.clone(), journal.record.part_size);
@@ -435,6 +441,21 @@ impl Uploader {
         let mut result = Ok(());
         for (idx, expected) in tags.iter().copied().enumerate() {
             if journal.holds(idx, &expected) {
+                if idx < ahead_parts {
+                    // As when the blob is stored already: a region rewritten since it was
+                    // hashed ahead would otherwise be listed with the old bytes' digests.
+                    let (f, p) = (file.clone(), path.to_path_buf());
+                    let offset = idx as u64 * part_size;
+                    let checked = blocking(path, move || {
+                        let mut scratch = vec![0u8; PIECE];
+                        check_part(&f, &mut scratch, offset, part_size, &expected, &p)
+                    })
+                    .await;
+                    if let Err(e) = checked {
+                        result = Err(e);
+                        break;
+                    }
+                }
                 continue;
             }
             while in_flight.len() >= self.opts.parts_in_flight.max(1) {
