@@ -32,7 +32,9 @@ pub mod spec;
 pub use control::{
     ArtifactsRegistration, ArtifactsReply, FailReason, JobState, OutputChunk, StatusReport, Stream,
 };
-pub use manifest::{FileEntry, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION};
+pub use manifest::{
+    EntryRef, FileEntry, ListedFile, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION,
+};
 pub use record::{
     JobFacts, JobUser, MultipartRecord, OutboxEntry, Phase, ProcIdentity, ProgressRecord,
     RunRecord, Synced,

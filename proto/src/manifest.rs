@@ -84,6 +84,38 @@ impl Manifest {
         out
     }
 
+    /// The bytes [`Manifest::to_json`] would write were `files` its entries (its own `files`
+    /// are not written), one entry at a time: an agent's manifest of a million files is
+    /// written from its book, never held as a million [`FileEntry`]s (hex strings and all)
+    /// beside the document.
+    pub fn to_json_with<T: ListedFile>(&self, files: impl Iterator<Item = T>) -> Vec<u8> {
+        // The field order (and so the bytes) of the derived `Serialize` of `Manifest`.
+        #[derive(Serialize)]
+        struct Out<'a, F: Serialize> {
+            version: u32,
+            job_id: &'a str,
+            project: &'a Option<String>,
+            attempt: u32,
+            complete: bool,
+            files: F,
+            logs: &'a Option<Logs>,
+            result: &'a serde_json::Value,
+        }
+        let out = Out {
+            version: self.version,
+            job_id: &self.job_id,
+            project: &self.project,
+            attempt: self.attempt,
+            complete: self.complete,
+            files: Entries(std::cell::RefCell::new(Some(files))),
+            logs: &self.logs,
+            result: &self.result,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&out).expect("a Manifest always serializes");
+        bytes.push(b'\n');
+        bytes
+    }
+
     /// Parse, refusing other versions and any entry that could escape a destination dir.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
         // The version first, without building the document: a huge manifest is parsed once,
@@ -128,6 +160,71 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// One manifest entry as its holder keeps it (see [`Manifest::to_json_with`]): written
+/// exactly as the [`FileEntry`] it stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub path: &'a str,
+    pub path_b64: Option<&'a str>,
+    pub size: u64,
+    pub sha256: &'a [u8; 32],
+    pub blake3: &'a [u8; 32],
+    pub mode: u32,
+    pub mtime_ns: i64,
+}
+
+/// Something that is listed as one manifest entry.
+pub trait ListedFile {
+    fn entry(&self) -> EntryRef<'_>;
+}
+
+impl<T: ListedFile> ListedFile for &T {
+    fn entry(&self) -> EntryRef<'_> {
+        (**self).entry()
+    }
+}
+
+/// A sequence written as it is drawn (`Serialize` takes `&self`; it is drawn once).
+struct Entries<I>(std::cell::RefCell<Option<I>>);
+
+impl<T: ListedFile, I: Iterator<Item = T>> Serialize for Entries<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let files = self.0.borrow_mut().take().expect("written once");
+        s.collect_seq(files.map(Listed))
+    }
+}
+
+struct Listed<T>(T);
+
+impl<T: ListedFile> Serialize for Listed<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let e = self.0.entry();
+        let mut st = s.serialize_struct("FileEntry", 6 + usize::from(e.path_b64.is_some()))?;
+        st.serialize_field("path", e.path)?;
+        match e.path_b64 {
+            Some(b64) => st.serialize_field("path_b64", b64)?,
+            None => st.skip_field("path_b64")?,
+        }
+        st.serialize_field("size", &e.size)?;
+        st.serialize_field("sha256", hex(e.sha256, &mut [0; 64]))?;
+        st.serialize_field("blake3", hex(e.blake3, &mut [0; 64]))?;
+        st.serialize_field("mode", &e.mode)?;
+        st.serialize_field("mtime_ns", &e.mtime_ns)?;
+        st.end()
+    }
+}
+
+/// `digest` in lower-case hex, written into `buf`.
+fn hex<'b>(digest: &[u8; 32], buf: &'b mut [u8; 64]) -> &'b str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in digest.iter().enumerate() {
+        buf[2 * i] = DIGITS[usize::from(b >> 4)];
+        buf[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    }
+    std::str::from_utf8(buf).expect("hex digits are ASCII")
 }
 
 impl FileEntry {
@@ -259,6 +356,88 @@ fn check_entry_path(path: &str) -> Result<(), ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an agent's book holds for an entry: digests as bytes.
+    struct Held(String, Option<String>, [u8; 32], [u8; 32], u64, u32, i64);
+
+    impl ListedFile for Held {
+        fn entry(&self) -> EntryRef<'_> {
+            EntryRef {
+                path: &self.0,
+                path_b64: self.1.as_deref(),
+                size: self.4,
+                sha256: &self.2,
+                blake3: &self.3,
+                mode: self.5,
+                mtime_ns: self.6,
+            }
+        }
+    }
+
+    fn hex_of(d: &[u8; 32]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A manifest written entry by entry is the one `to_json` writes, byte for byte.
+    #[test]
+    fn a_streamed_manifest_is_to_json_byte_for_byte() {
+        let held = [
+            Held(
+                "a \"q\"\n\u{1}é".into(),
+                None,
+                [0xab; 32],
+                [7; 32],
+                0,
+                0o644,
+                -5,
+            ),
+            Held(
+                "b\u{fffd}".into(),
+                Some("YoA=".into()),
+                [0; 32],
+                [0xff; 32],
+                u64::MAX,
+                0o7777,
+                i64::MIN,
+            ),
+        ];
+        for complete in [false, true] {
+            for n in 0..=held.len() {
+                let mut m = Manifest::new("j\"1", complete.then(|| "p".into()), 3);
+                m.complete = complete;
+                if complete {
+                    m.logs = Some(Logs {
+                        stdout: LogEntry {
+                            size: 1,
+                            sha256: "0".repeat(64),
+                        },
+                        stderr: LogEntry {
+                            size: 2,
+                            sha256: "1".repeat(64),
+                        },
+                    });
+                    m.result = serde_json::json!({"loss": 0.5, "a": [1, {}]});
+                }
+                let streamed = m.to_json_with(held[..n].iter());
+                m.files = held[..n]
+                    .iter()
+                    .map(|h| FileEntry {
+                        path: h.0.clone(),
+                        path_b64: h.1.clone(),
+                        size: h.4,
+                        sha256: hex_of(&h.2),
+                        blake3: hex_of(&h.3),
+                        mode: h.5,
+                        mtime_ns: h.6,
+                    })
+                    .collect();
+                assert_eq!(
+                    String::from_utf8(streamed).unwrap(),
+                    String::from_utf8(m.to_json()).unwrap()
+                );
+            }
+        }
+    }
 
     #[test]
     fn round_trip_and_version_check() {

@@ -55,9 +55,8 @@ impl ManifestWriter {
         if book.listed() {
             return Ok(());
         }
-        let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
-        m.files = book.entries();
-        self.write(&m).await?;
+        let m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        self.write(m.to_json_with(book.listing())).await?;
         book.mark_listed();
         Ok(())
     }
@@ -71,16 +70,15 @@ impl ManifestWriter {
     ) -> Result<String, StoreError> {
         let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
         m.complete = true;
-        m.files = book.entries();
         m.logs = logs;
         m.result = result;
-        self.write(&m).await
+        self.write(m.to_json_with(book.listing())).await
     }
 
     /// The per-attempt key first, then the job's: a retried job never hides its failed
     /// attempt's output.
-    async fn write(&self, manifest: &Manifest) -> Result<String, StoreError> {
-        let bytes = bytes::Bytes::from(manifest.to_json());
+    async fn write(&self, json: Vec<u8>) -> Result<String, StoreError> {
+        let bytes = bytes::Bytes::from(json);
         if bytes.len() as u64 > self.max_bytes {
             return Err(StoreError::TooLarge {
                 key: manifest_key(&self.job_id),

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use c3_proto::FileEntry;
-
 use crate::collect::{LocalFile, Scan};
 use crate::inflight::FilesInFlight;
 use crate::upload::{UploadError, Uploaded, Uploader};
@@ -37,6 +35,27 @@ pub struct SyncBook {
     pub progress: std::sync::Arc<crate::progress::Progress>,
 }
 
+/// One entry of the book as its manifest lists it.
+pub struct Listing<'a> {
+    path: std::borrow::Cow<'a, str>,
+    path_b64: Option<&'a str>,
+    up: &'a Uploaded,
+}
+
+impl c3_proto::ListedFile for Listing<'_> {
+    fn entry(&self) -> c3_proto::EntryRef<'_> {
+        c3_proto::EntryRef {
+            path: &self.path,
+            path_b64: self.path_b64,
+            size: self.up.digests.size,
+            sha256: &self.up.digests.sha256,
+            blake3: &self.up.digests.blake3,
+            mode: self.up.stamp.mode,
+            mtime_ns: self.up.stamp.mtime_ns,
+        }
+    }
+}
+
 /// What one sync pass did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -48,19 +67,45 @@ pub struct SyncReport {
 }
 
 impl SyncBook {
-    /// Manifest entries for files that are still present, sorted by path.
-    /// The manifest's entries, sorted by path (a name that is not UTF-8 by its lossy form).
+    /// The manifest's entries, sorted by path (a name that is not UTF-8 by its lossy form),
+    /// drawn from the book one at a time (see [`c3_proto::Manifest::to_json_with`]).
     /// A path no reader would accept is never listed (the final scan counts it as unstored):
     /// one such entry would make the whole manifest unreadable.
-    pub fn entries(&self) -> Vec<FileEntry> {
-        let mut all: Vec<FileEntry> = self
+    pub fn listing(&self) -> impl Iterator<Item = Listing<'_>> {
+        use c3_proto::manifest::{path_fits, rel_bytes, rel_display};
+        let odd_key = |rel: &str| rel.starts_with('\0');
+        // The keys of names that are not UTF-8 (a NUL, then base64) come first in the book,
+        // but are listed by their lossy path: few, so sorted apart and merged in.
+        let mut odd: Vec<Listing<'_>> = self
             .synced
             .iter()
-            .filter(|(rel, _)| c3_proto::manifest::path_fits(&c3_proto::manifest::rel_bytes(rel)))
-            .map(|(_, u)| u.entry())
+            .take_while(|(rel, _)| odd_key(rel))
+            .filter(|(rel, _)| path_fits(&rel_bytes(rel)))
+            .map(|(rel, up)| Listing {
+                path: std::borrow::Cow::Owned(rel_display(rel)),
+                path_b64: Some(&rel[1..]),
+                up,
+            })
             .collect();
-        all.sort_by(|a, b| (&a.path, &a.path_b64).cmp(&(&b.path, &b.path_b64)));
-        all
+        odd.sort_by(|a, b| (&a.path, a.path_b64).cmp(&(&b.path, b.path_b64)));
+        let mut odd = odd.into_iter().peekable();
+        let mut plain = self
+            .synced
+            .iter()
+            .skip_while(move |(rel, _)| odd_key(rel))
+            .filter(|(rel, _)| path_fits(rel.as_bytes()))
+            .map(|(rel, up)| Listing {
+                path: std::borrow::Cow::Borrowed(rel.as_str()),
+                path_b64: None,
+                up,
+            })
+            .peekable();
+        // On an equal path, the entry without `path_b64` first.
+        std::iter::from_fn(move || match (odd.peek(), plain.peek()) {
+            (Some(o), Some(p)) if o.path < p.path => odd.next(),
+            (_, Some(_)) => plain.next(),
+            _ => odd.next(),
+        })
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -246,5 +291,67 @@ async fn upload_settled(
             }
             result => return (file.rel.clone(), result),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::FileStamp;
+    use crate::digest::Digests;
+
+    fn up(rel: &str, n: u8) -> Uploaded {
+        Uploaded {
+            rel: rel.into(),
+            digests: Digests {
+                sha256: [n; 32],
+                blake3: [!n; 32],
+                size: u64::from(n),
+            },
+            stamp: FileStamp {
+                size: u64::from(n),
+                mtime_ns: i64::from(n),
+                ctime_ns: 0,
+                ino: 0,
+                dev: 0,
+                mode: 0o644,
+            },
+            new_bytes: 0,
+            racy: false,
+            judged_ns: 0,
+        }
+    }
+
+    /// The listing is the book's entries sorted by (path, path_b64): a name that is not
+    /// UTF-8 by its lossy form, after a UTF-8 path equal to it; an unreadable path left out.
+    #[test]
+    fn the_listing_is_sorted_by_lossy_path() {
+        let key = |raw: &[u8]| c3_proto::manifest::rel_key(raw);
+        let mut book = SyncBook::default();
+        let rels = [
+            key(b"a/z\xff"),
+            key(b"a/\xfe"),
+            "a/\u{fffd}".to_string(),
+            "a/b".into(),
+            "a/\u{fffd}x".into(),
+            key(b"a/\xff"),
+            format!("a{}", "/d".repeat(200)),
+            "b".into(),
+        ];
+        for (n, rel) in rels.iter().enumerate() {
+            book.record(up(rel, n as u8));
+        }
+        let mut want: Vec<_> = book
+            .synced
+            .iter()
+            .filter(|(rel, _)| c3_proto::manifest::path_fits(&c3_proto::manifest::rel_bytes(rel)))
+            .map(|(_, u)| u.entry())
+            .collect();
+        want.sort_by(|a, b| (&a.path, &a.path_b64).cmp(&(&b.path, &b.path_b64)));
+        let m = c3_proto::Manifest::new("j", None, 1);
+        let mut expected = m.clone();
+        expected.files = want;
+        assert_eq!(m.to_json_with(book.listing()), expected.to_json());
+        assert_eq!(expected.files.len(), rels.len() - 1);
     }
 }
