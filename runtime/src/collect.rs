@@ -53,19 +53,35 @@ impl FileStamp {
     }
 }
 
-/// A regular file found under a collected dir.
+/// A file to upload: a regular file found under a collected dir, or a log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalFile {
-    /// Relative to the workdir, `/`-separated: the manifest path.
+    /// Relative to the workdir, `/`-separated: the manifest path (a [`rel_key`]).
+    ///
+    /// [`rel_key`]: c3_proto::manifest::rel_key
     pub rel: String,
     pub abs: PathBuf,
     pub stamp: FileStamp,
 }
 
+impl LocalFile {
+    /// The file `rel` (a scan's key) below `workdir`.
+    pub fn below(workdir: &Path, rel: String, stamp: FileStamp) -> LocalFile {
+        let abs = if rel.starts_with('\0') {
+            workdir.join(OsStr::from_bytes(&c3_proto::manifest::rel_bytes(&rel)))
+        } else {
+            workdir.join(&rel)
+        };
+        LocalFile { rel, abs, stamp }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Scan {
     /// Keyed (and so sorted) by manifest path; nested output dirs do not duplicate files.
-    pub files: BTreeMap<String, LocalFile>,
+    /// Only the stamp: the path below the workdir is the key's ([`LocalFile::below`]), so a
+    /// scan of many files keeps one copy of each path.
+    pub files: BTreeMap<String, FileStamp>,
     /// The first [`MAX_SCAN_WARNINGS`] warnings; the rest are only counted.
     pub warnings: Vec<String>,
     pub more_warnings: usize,
@@ -129,7 +145,7 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_fil
         }
     };
     for dir in dirs {
-        if walk(workdir, &root, dir, reader, max_files, &mut out).is_err() {
+        if walk(&root, dir, reader, max_files, &mut out).is_err() {
             out.warn(format!(
                 "more than {max_files} files in the output dirs, more than a manifest can list (store.max_manifest_bytes); the rest are not uploaded"
             ));
@@ -146,7 +162,6 @@ struct TooMany;
 /// Depth first, and a directory is opened only when its turn comes: pending entries hold
 /// their parent's fd (shared), so open fds grow with the depth, not with the width.
 fn walk(
-    workdir: &Path,
     root: &Arc<DirFd>,
     root_rel: &str,
     reader: Option<&JobReader>,
@@ -237,14 +252,7 @@ fn walk(
                 if out.files.len() >= max_files && !out.files.contains_key(&child_key) {
                     return Err(TooMany);
                 }
-                out.files.insert(
-                    child_key.clone(),
-                    LocalFile {
-                        abs: workdir.join(std::ffi::OsStr::from_bytes(&child_raw)),
-                        rel: child_key,
-                        stamp: FileStamp::of_stat(&st),
-                    },
-                );
+                out.files.insert(child_key, FileStamp::of_stat(&st));
             } else {
                 let symlink = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
                     & nix::sys::stat::SFlag::S_IFMT

@@ -346,7 +346,7 @@ async fn final_sync(
         .clone()
         .with_options(config.uploader.options().at_end());
     let started = Instant::now();
-    let report = sync_scan(&at_end, &found, book).await;
+    let report = sync_scan(&at_end, &config.workdir, found, book).await;
     timings.upload = started.elapsed();
     timings.uploaded = report.uploaded;
     timings.already_synced = report.skipped;

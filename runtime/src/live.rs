@@ -455,12 +455,12 @@ impl Syncer {
                 else {
                     return;
                 };
-                for (rel, f) in found.files {
-                    if !self.book.is_current(&f) && self.admits(&rel) {
+                for (rel, stamp) in found.files {
+                    if !self.book.is_current(&rel, &stamp) && self.admits(&rel) {
                         self.candidates.insert(
                             rel,
                             Candidate {
-                                stamp: Some(f.stamp),
+                                stamp: Some(stamp),
                                 since: Instant::now(),
                             },
                         );
@@ -521,20 +521,20 @@ impl Syncer {
         }
         self.candidates
             .retain(|k, _| found.files.contains_key(k) || !found.covers(k));
-        for (rel, f) in found.files {
-            if self.book.is_current(&f) || self.in_flight.contains_key(&rel) {
+        for (rel, stamp) in found.files {
+            if self.book.is_current(&rel, &stamp) || self.in_flight.contains_key(&rel) {
                 continue;
             }
             // Keep the clock of a candidate that still looks the same.
             let unchanged = self
                 .candidates
                 .get(&rel)
-                .is_some_and(|c| c.stamp == Some(f.stamp));
+                .is_some_and(|c| c.stamp == Some(stamp));
             if !unchanged && self.admits(&rel) {
                 self.candidates.insert(
                     rel,
                     Candidate {
-                        stamp: Some(f.stamp),
+                        stamp: Some(stamp),
                         since: Instant::now(),
                     },
                 );
@@ -618,7 +618,7 @@ impl Syncer {
                 abs,
                 stamp,
             };
-            if self.book.is_current(&file) {
+            if self.book.is_current(&file.rel, &file.stamp) {
                 continue;
             }
             let uploader = self.uploader.clone();

@@ -124,12 +124,14 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
     let Ok((found, open)) = looked else {
         return SocketReply::error("the scan of the output dirs failed");
     };
-    let todo: Vec<LocalFile> = found
+    let todo: Vec<_> = found
         .files
-        .into_values()
-        .filter(|f| !book.is_current(f) && !open.contains(&(f.stamp.dev, f.stamp.ino)))
+        .into_iter()
+        .filter(|(rel, stamp)| {
+            !book.is_current(rel, stamp) && !open.contains(&(stamp.dev, stamp.ino))
+        })
         .collect();
-    let report = upload_all(parts.uploader, todo, book).await;
+    let report = upload_all(parts.uploader, parts.workdir, todo, book).await;
     if let Some((path, e)) = report.failures.first() {
         return SocketReply::error(format!("{path}: {}", crate::error_chain(e)));
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
-use crate::collect::{LocalFile, Scan};
+use crate::collect::{FileStamp, LocalFile, Scan};
 use crate::inflight::FilesInFlight;
 use crate::upload::{UploadError, Uploaded, Uploader};
 
@@ -120,12 +120,12 @@ impl SyncBook {
         self.synced.is_empty()
     }
 
-    /// Whether this exact version of the file is already a blob (a stamp taken racily, too
-    /// soon after a change to tell the next one, says nothing: read again).
-    pub fn is_current(&self, file: &LocalFile) -> bool {
+    /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
+    /// taken racily, too soon after a change to tell the next one, says nothing: read again).
+    pub fn is_current(&self, rel: &str, stamp: &FileStamp) -> bool {
         self.synced
-            .get(&file.rel)
-            .is_some_and(|u| u.stamp == file.stamp && !u.racy)
+            .get(rel)
+            .is_some_and(|u| u.stamp == *stamp && !u.racy)
     }
 
     /// Whether `rel` is listed, in any version.
@@ -178,35 +178,42 @@ impl SyncBook {
     }
 }
 
-/// Uploads every file of `scan` not already current in `book`; forgets files no longer on disk.
-pub async fn sync_scan(uploader: &Uploader, scan: &Scan, book: &mut SyncBook) -> SyncReport {
+/// Uploads every file of `scan` (below `workdir`) not already current in `book`; forgets
+/// files no longer on disk. The scan is used up as its files are queued.
+pub async fn sync_scan(
+    uploader: &Uploader,
+    workdir: &std::path::Path,
+    mut scan: Scan,
+    book: &mut SyncBook,
+) -> SyncReport {
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
-    // Owned, so that the stream below is `Send` for any lifetime (the collector is a task).
-    let todo: Vec<LocalFile> = scan
-        .files
-        .values()
-        .filter(|f| !book.is_current(f))
-        .cloned()
+    let files = std::mem::take(&mut scan.files);
+    let found = files.len();
+    let todo: Vec<(String, FileStamp)> = files
+        .into_iter()
+        .filter(|(rel, stamp)| !book.is_current(rel, stamp))
         .collect();
-    let skipped = scan.files.len() - todo.len();
-    let mut report = upload_all(uploader, todo, book).await;
+    let skipped = found - todo.len();
+    let mut report = upload_all(uploader, workdir, todo, book).await;
     report.skipped = skipped;
     report
 }
 
-/// Uploads `todo` into the book, a bounded number at a time (progress in `book.progress`).
+/// Uploads `todo` (paths below `workdir` and the stamps they were found with) into the book, a
+/// bounded number at a time (progress in `book.progress`).
 ///
 /// Each file is its own task, so that the per-file work (opening, the request, its signature,
 /// the response) spreads over the runtime's threads instead of queueing behind one; how many
 /// run at once adapts unless the config fixed it ([`crate::inflight`]).
 pub async fn upload_all(
     uploader: &Uploader,
-    todo: Vec<LocalFile>,
+    workdir: &std::path::Path,
+    todo: Vec<(String, FileStamp)>,
     book: &mut SyncBook,
 ) -> SyncReport {
     let mut report = SyncReport::default();
-    for f in &todo {
-        book.progress.queue(f.stamp.size);
+    for (_, stamp) in &todo {
+        book.progress.queue(stamp.size);
     }
     let opts = uploader.options();
     let mut limit = if opts.auto_in_flight {
@@ -223,7 +230,11 @@ pub async fn upload_all(
     let mut uploads = tokio::task::JoinSet::new();
     loop {
         while uploads.len() < limit.limit() {
-            let Some(file) = todo.next() else { break };
+            let Some((rel, stamp)) = todo.next() else {
+                break;
+            };
+            // The absolute path only while its upload runs.
+            let file = LocalFile::below(workdir, rel, stamp);
             let uploader = uploader.clone();
             uploads.spawn(
                 async move {

@@ -951,17 +951,20 @@ mod tests {
         assert!(first.racy);
         let mut book = crate::sync::SyncBook::default();
         book.record(first.clone());
-        assert!(!book.is_current(&file), "a racy stamp was trusted");
+        assert!(
+            !book.is_current(&file.rel, &file.stamp),
+            "a racy stamp was trusted"
+        );
         book.record(up.upload(&file).await.unwrap());
         assert!(
-            !book.is_current(&file),
+            !book.is_current(&file.rel, &file.stamp),
             "two reads within a tick (or a second) settle nothing"
         );
         first.judged_ns -= 2 * SETTLE_APART_NS;
         book.record(first);
         book.record(up.upload(&file).await.unwrap());
         assert!(
-            book.is_current(&file),
+            book.is_current(&file.rel, &file.stamp),
             "two reads of the same stamp and bytes, apart"
         );
 
