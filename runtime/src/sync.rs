@@ -22,7 +22,7 @@ const MAX_ADAPTIVE: usize = 256;
 /// The newest synced version of every collected file, keyed by manifest path.
 #[derive(Debug, Default)]
 pub struct SyncBook {
-    synced: BTreeMap<String, Uploaded>,
+    synced: BTreeMap<Box<str>, Synced>,
     /// Moves with every change to `synced`.
     generation: u64,
     /// The `generation` the last in-progress manifest written lists (set by
@@ -39,7 +39,29 @@ pub struct SyncBook {
 pub struct Listing<'a> {
     path: std::borrow::Cow<'a, str>,
     path_b64: Option<&'a str>,
-    up: &'a Uploaded,
+    up: &'a Synced,
+}
+
+/// What the book keeps of one upload (its path is the key; a book of many files keeps no
+/// more per file than the manifest and the next look need).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Synced {
+    digests: crate::digest::Digests,
+    /// The version of the file that was uploaded.
+    stamp: FileStamp,
+    /// See [`Uploaded::racy`].
+    racy: bool,
+    /// See [`Uploaded::judged_ns`].
+    judged_ns: i64,
+}
+
+impl Synced {
+    /// Whether `other` makes the same manifest entry (for the same path).
+    fn lists_as(&self, other: &Synced) -> bool {
+        self.digests == other.digests
+            && self.stamp.mode == other.stamp.mode
+            && self.stamp.mtime_ns == other.stamp.mtime_ns
+    }
 }
 
 impl c3_proto::ListedFile for Listing<'_> {
@@ -95,7 +117,7 @@ impl SyncBook {
             .skip_while(move |(rel, _)| odd_key(rel))
             .filter(|(rel, _)| path_fits(rel.as_bytes()))
             .map(|(rel, up)| Listing {
-                path: std::borrow::Cow::Borrowed(rel.as_str()),
+                path: std::borrow::Cow::Borrowed(&**rel),
                 path_b64: None,
                 up,
             })
@@ -144,24 +166,33 @@ impl SyncBook {
         dropped
     }
 
-    pub fn record(&mut self, mut up: Uploaded) {
+    pub fn record(&mut self, up: Uploaded) {
         self.new_bytes += up.new_bytes;
+        let mut new = Synced {
+            digests: up.digests,
+            stamp: up.stamp,
+            racy: up.racy,
+            judged_ns: up.judged_ns,
+        };
+        let old = self.synced.get_mut(up.rel.as_str());
         // The same entry read again (a racy stamp confirmed) is no change to list. Two reads
         // at least a tick apart that found the same stamp and bytes settle it (a file whose
         // mtime is in the future, set by `tar` or a skewed NFS server, stays racy otherwise).
-        let same = self
-            .synced
-            .get(&up.rel)
-            .is_some_and(|old| old.entry() == up.entry());
-        if same {
-            let old = &self.synced[&up.rel];
-            if up.stamp == old.stamp
-                && up.judged_ns - old.judged_ns >= crate::upload::SETTLE_APART_NS
-            {
-                up.racy = false;
+        let same = old.as_ref().is_some_and(|old| old.lists_as(&new));
+        match old {
+            Some(old) => {
+                if same
+                    && new.stamp == old.stamp
+                    && new.judged_ns - old.judged_ns >= crate::upload::SETTLE_APART_NS
+                {
+                    new.racy = false;
+                }
+                *old = new;
+            }
+            None => {
+                self.synced.insert(up.rel.into_boxed_str(), new);
             }
         }
-        self.synced.insert(up.rel.clone(), up);
         if !same {
             self.generation += 1;
         }
@@ -352,11 +383,11 @@ mod tests {
         for (n, rel) in rels.iter().enumerate() {
             book.record(up(rel, n as u8));
         }
-        let mut want: Vec<_> = book
-            .synced
+        let mut want: Vec<_> = rels
             .iter()
-            .filter(|(rel, _)| c3_proto::manifest::path_fits(&c3_proto::manifest::rel_bytes(rel)))
-            .map(|(_, u)| u.entry())
+            .enumerate()
+            .map(|(n, rel)| up(rel, n as u8).entry())
+            .filter(|e| c3_proto::manifest::path_fits(&e.raw_path().unwrap()))
             .collect();
         want.sort_by(|a, b| (&a.path, &a.path_b64).cmp(&(&b.path, &b.path_b64)));
         let m = c3_proto::Manifest::new("j", None, 1);
