@@ -10,14 +10,14 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Keys kept at most (about 100 bytes each in memory); past it the file is cut to the
-/// newest half when it is loaded.
+/// Keys kept at most (about 50 bytes each in memory: the digest's 32 bytes, not its hex);
+/// past it the file is cut to the newest half when it is loaded.
 const MAX_KEYS: usize = 200_000;
 
 #[derive(Debug)]
 pub struct KnownBlobs {
     /// Loaded at the first question, not at start: most commands never ask one.
-    keys: std::sync::OnceLock<Mutex<HashSet<String>>>,
+    keys: std::sync::OnceLock<Mutex<HashSet<[u8; 32]>>>,
     /// `<state_dir>/known-blobs/<store id>`, appended to as keys become known; opened at the
     /// first key (the state dir may not exist when the agent starts), never if `None`.
     path: Option<PathBuf>,
@@ -45,7 +45,7 @@ impl KnownBlobs {
     }
 
     /// The keys, read from the record the first time (blocking, once: a few MB at most).
-    fn keys(&self) -> &Mutex<HashSet<String>> {
+    fn keys(&self) -> &Mutex<HashSet<[u8; 32]>> {
         self.keys.get_or_init(|| {
             let Some(path) = &self.path else {
                 return Mutex::new(HashSet::new());
@@ -56,28 +56,30 @@ impl KnownBlobs {
                 let _ = crate::statedir::write_atomic(path, (keep.join("\n") + "\n").as_bytes());
                 keys = keep;
             }
-            Mutex::new(keys.into_iter().collect())
+            // A line in capitals was never asked about (keys are asked in lower case).
+            Mutex::new(keys.iter().filter_map(|k| from_hex(k)).collect())
         })
     }
 
-    pub fn contains(&self, sha256_hex: &str) -> bool {
-        self.keys().lock().is_ok_and(|k| k.contains(sha256_hex))
+    /// Whether the blob `sha256` is known to be stored.
+    pub fn contains(&self, sha256: &[u8; 32]) -> bool {
+        self.keys().lock().is_ok_and(|k| k.contains(sha256))
     }
 
-    /// `sha256_hex` is in the store (uploaded, or found there).
-    pub fn insert(&self, sha256_hex: &str) {
-        self.extend(std::iter::once(sha256_hex));
+    /// The blob `sha256` is in the store (uploaded, or found there).
+    pub fn insert(&self, sha256: &[u8; 32]) {
+        self.extend(std::iter::once(*sha256));
     }
 
     /// Each of `keys` is in the store: the new ones are kept, in one write.
-    pub fn extend<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+    pub fn extend(&self, keys: impl IntoIterator<Item = [u8; 32]>) {
         let new: String = {
             let Ok(mut known) = self.keys().lock() else {
                 return;
             };
             keys.into_iter()
-                .filter(|k| known.len() < MAX_KEYS && known.insert(k.to_string()))
-                .map(|k| format!("{k}\n"))
+                .filter(|k| known.len() < MAX_KEYS && known.insert(*k))
+                .map(|k| format!("{}\n", hex::encode(k)))
                 .collect()
         };
         let (false, Some(path)) = (new.is_empty(), &self.path) else {
@@ -112,6 +114,15 @@ fn open_append(path: &Path) -> Option<std::fs::File> {
         .ok()
 }
 
+/// The digest a SHA-256 in lower-case hex (a key line, a manifest's `sha256`) stands for.
+pub fn from_hex(line: &str) -> Option<[u8; 32]> {
+    let lower = line
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let mut out = [0; 32];
+    (lower && hex::decode_to_slice(line, &mut out).is_ok()).then_some(out)
+}
+
 fn load(path: &PathBuf) -> Vec<String> {
     let Ok(file) = std::fs::File::open(path) else {
         return Vec::new();
@@ -130,7 +141,7 @@ mod tests {
     #[test]
     fn known_blobs_survive_a_restart_per_store() {
         let dir = tempfile::tempdir().unwrap();
-        let a = "a".repeat(64);
+        let a = [0xaa; 32];
         let k = KnownBlobs::open(dir.path(), "s3://one/x");
         assert!(!k.contains(&a));
         k.insert(&a);
@@ -148,6 +159,6 @@ mod tests {
             .map(|e| std::fs::read_to_string(e.path()).unwrap())
             .find(|t| !t.is_empty())
             .unwrap();
-        assert_eq!(file, format!("{a}\n"), "one line, once");
+        assert_eq!(file, format!("{}\n", "a".repeat(64)), "one line, once");
     }
 }

@@ -343,8 +343,12 @@ async fn materialize(
     )
     .await?;
     // Those blobs are in the store: a job that writes the same files sends nothing again.
-    ctx.known
-        .extend(manifest.files.iter().map(|f| f.sha256.as_str()));
+    ctx.known.extend(
+        manifest
+            .files
+            .iter()
+            .filter_map(|f| crate::known::from_hex(&f.sha256)),
+    );
     Ok((pulled, manifest.complete))
 }
 

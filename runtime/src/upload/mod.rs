@@ -748,7 +748,7 @@ impl Uploader {
             self.upload_staged(&path, before).await?
         } else {
             let up = self.upload_large(&path, before).await?;
-            self.known.insert(&up.0.sha256_hex());
+            self.known.insert(&up.0.sha256);
             up
         };
         // Read whole after the stamp, over 16 MiB: a tick (at most 10 ms) has passed since any
@@ -836,7 +836,7 @@ impl Uploader {
         let sha = digests.sha256_hex();
         // A blob already stored costs one HEAD, not its body again.
         let head_first = !self.store.is_local()
-            && (before.size >= HEAD_FIRST_BYTES || self.known.contains(&sha));
+            && (before.size >= HEAD_FIRST_BYTES || self.known.contains(&digests.sha256));
         let present = head_first
             && self
                 .store
@@ -852,7 +852,7 @@ impl Uploader {
                 .map_err(store_err(path))?
         };
         drop(guard);
-        self.known.insert(&sha);
+        self.known.insert(&digests.sha256);
         Ok(Some((before, digests, new, racy)))
     }
 }
