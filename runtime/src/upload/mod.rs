@@ -303,11 +303,17 @@ fn store_err(path: &Path) -> impl Fn(StoreError) -> UploadError + Copy + '_ {
 /// a symlink, to an automount or a hung network mount, say); elsewhere (the agent's own
 /// files) by path.
 fn stat(root: Option<&Path>, path: &Path) -> Result<FileStamp, UploadError> {
+    stat_linked(root, path).map(|(stamp, _)| stamp)
+}
+
+/// [`stat`], and the inode's link count.
+fn stat_linked(root: Option<&Path>, path: &Path) -> Result<(FileStamp, u64), UploadError> {
+    let linked = |st: &nix::sys::stat::FileStat| (FileStamp::of_stat(st), links(st));
     if let Some((root, rel)) = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel))) {
         return match crate::confine::DirFd::open_root(root)
             .and_then(|d| crate::confine::lstat_beneath(&d, rel))
         {
-            Ok(st) => Ok(FileStamp::of_stat(&st)),
+            Ok(st) => Ok(linked(&st)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(UploadError::Vanished { path: path.into() })
             }
@@ -318,7 +324,7 @@ fn stat(root: Option<&Path>, path: &Path) -> Result<FileStamp, UploadError> {
         };
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) => Ok(FileStamp::of(&m)),
+        Ok(m) => Ok((FileStamp::of(&m), std::os::unix::fs::MetadataExt::nlink(&m))),
         // Longer than PATH_MAX (deep nesting below the workdir): from `/`, one directory at a
         // time, never through a symlink.
         Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => stat_long(path),
@@ -332,7 +338,13 @@ fn stat(root: Option<&Path>, path: &Path) -> Result<FileStamp, UploadError> {
     }
 }
 
-fn stat_long(path: &Path) -> Result<FileStamp, UploadError> {
+/// The inode's link count.
+#[allow(clippy::unnecessary_cast)] // `nlink_t` is a u32 on some targets (aarch64).
+fn links(st: &nix::sys::stat::FileStat) -> u64 {
+    st.st_nlink as u64
+}
+
+fn stat_long(path: &Path) -> Result<(FileStamp, u64), UploadError> {
     let read_err = |source| UploadError::Read {
         path: path.into(),
         source,
@@ -353,7 +365,7 @@ fn stat_long(path: &Path) -> Result<FileStamp, UploadError> {
             }
         })?;
     match dir.stat(name) {
-        Ok(st) => Ok(FileStamp::of_stat(&st)),
+        Ok(st) => Ok((FileStamp::of_stat(&st), links(&st))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(UploadError::Vanished { path: path.into() })
         }
@@ -698,8 +710,12 @@ impl Uploader {
         let up = self.upload_read(file).await;
         *last = match &up {
             // A racy version may hold bytes its stamp does not tell: read each link again.
-            Ok(up)
-                if !up.racy && (up.stamp.dev, up.stamp.ino) == (file.stamp.dev, file.stamp.ino) =>
+            // An inode of one link has no other path in this version (a new link, or a
+            // rename, changes its ctime): its read is of no use to keep.
+            Ok((up, links))
+                if *links > 1
+                    && !up.racy
+                    && (up.stamp.dev, up.stamp.ino) == (file.stamp.dev, file.stamp.ino) =>
             {
                 Some(InodeRead {
                     stamp: up.stamp,
@@ -709,7 +725,27 @@ impl Uploader {
             }
             _ => None,
         };
-        up
+        let kept = last.is_some();
+        drop(last);
+        if !kept {
+            self.drop_inode_slot(file.stamp.dev, file.stamp.ino, slot);
+        }
+        up.map(|(up, _)| up)
+    }
+
+    /// Forgets an inode's slot that holds no read and that no other upload holds or waits
+    /// for: a job's many files of one link each cost the map nothing once uploaded.
+    fn drop_inode_slot(&self, dev: u64, ino: u64, slot: InodeSlot) {
+        let mut inodes = self.inodes.lock().unwrap_or_else(|p| p.into_inner());
+        // Slots are only handed out under this lock: two holders are the map and `slot`.
+        let unused = inodes.get(&(dev, ino)).is_some_and(|s| {
+            Arc::ptr_eq(s, &slot)
+                && Arc::strong_count(&slot) == 2
+                && s.try_lock().is_ok_and(|read| read.is_none())
+        });
+        if unused {
+            inodes.remove(&(dev, ino));
+        }
     }
 
     /// The lock and last read of one inode (see `Uploader::inodes`).
@@ -721,26 +757,26 @@ impl Uploader {
         inodes.entry((dev, ino)).or_default().clone()
     }
 
-    /// Reads, hashes and stores one file.
-    async fn upload_read(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
+    /// Reads, hashes and stores one file; also the inode's link count when it was read.
+    async fn upload_read(&self, file: &LocalFile) -> Result<(Uploaded, u64), UploadError> {
         let path = file.abs.clone();
         self.within_max(&path, file.stamp.size)?;
         // Most files (by count) are small: one trip to the blocking pool stats, opens, reads,
         // hashes and re-stats it, with budget held for the size the scan saw.
         if file.stamp.size <= self.opts.multipart_threshold {
-            if let Some((before, digests, new, racy)) =
+            if let Some(((before, links), digests, new, racy)) =
                 self.upload_small(&path, file.stamp.size).await?
             {
-                return Ok(self.uploaded(file, before, digests, new, racy));
+                return Ok((self.uploaded(file, before, digests, new, racy), links));
             }
         }
-        let before = stat(self.root.as_deref(), &path)?;
+        let (before, links) = stat_linked(self.root.as_deref(), &path)?;
         self.within_max(&path, before.size)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
             match self.upload_small(&path, before.size).await? {
-                Some((before, digests, new, racy)) => {
-                    return Ok(self.uploaded(file, before, digests, new, racy))
+                Some(((before, links), digests, new, racy)) => {
+                    return Ok((self.uploaded(file, before, digests, new, racy), links))
                 }
                 None => return Err(UploadError::Changed { path }),
             }
@@ -753,7 +789,10 @@ impl Uploader {
         };
         // Read whole after the stamp, over 16 MiB: a tick (at most 10 ms) has passed since any
         // change the stamp holds, unless the read was very fast; judged now, near enough.
-        Ok(self.uploaded(file, before, digests, new, racy(&before)))
+        Ok((
+            self.uploaded(file, before, digests, new, racy(&before)),
+            links,
+        ))
     }
 
     fn within_max(&self, path: &Path, size: u64) -> Result<(), UploadError> {
@@ -794,14 +833,14 @@ impl Uploader {
         &self,
         path: &Path,
         budgeted: u64,
-    ) -> Result<Option<(FileStamp, Digests, bool, bool)>, UploadError> {
+    ) -> Result<Option<((FileStamp, u64), Digests, bool, bool)>, UploadError> {
         // The PUT body is the file: at most `budgeted` bytes (a grown file is not sent).
         self.pace(budgeted).await;
         let guard = self.budget.acquire(budgeted).await;
         let p = path.to_path_buf();
         let (root, reader) = (self.root.clone(), self.reader.clone());
         let read = blocking(path, move || {
-            let before = stat(root.as_deref(), &p)?;
+            let (before, links) = stat_linked(root.as_deref(), &p)?;
             if before.size > budgeted {
                 return Ok(None);
             }
@@ -823,14 +862,14 @@ impl Uploader {
             // from now on could still land in the tick the stamp holds.
             let racy = racy(&before);
             Ok(Some((
-                before,
+                (before, links),
                 crate::digest::digest_bytes(&buf),
                 Bytes::from(buf),
                 racy,
             )))
         })
         .await?;
-        let Some((before, digests, bytes, racy)) = read else {
+        let Some(((before, links), digests, bytes, racy)) = read else {
             return Ok(None);
         };
         let sha = digests.sha256_hex();
@@ -853,7 +892,7 @@ impl Uploader {
         };
         drop(guard);
         self.known.insert(&digests.sha256);
-        Ok(Some((before, digests, new, racy)))
+        Ok(Some(((before, links), digests, new, racy)))
     }
 }
 
@@ -916,6 +955,38 @@ mod tests {
             },
             data,
         )
+    }
+
+    /// The read of an inode is kept for its other links only when it has some: a job's
+    /// many files of one link each leave nothing in `Uploader::inodes`.
+    #[tokio::test]
+    async fn only_an_inode_of_several_links_keeps_its_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            crate::store::StoreConfig::for_tests(&format!("file://{}/store", dir.path().display()));
+        let up = Uploader::new(
+            BlobStore::open(&config).unwrap(),
+            UploadOptions::default(),
+            "j",
+            None,
+        );
+        let (a, _) = file_of(dir.path(), "a", 100, 1);
+        let (mut b, _) = file_of(dir.path(), "b", 100, 2);
+        std::fs::hard_link(&b.abs, dir.path().join("c")).unwrap();
+        restamp(&mut b);
+        let c = LocalFile {
+            rel: "artifacts/c".into(),
+            abs: dir.path().join("c"),
+            stamp: b.stamp,
+        };
+        // Past the racy window: a racy read is never kept.
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        up.upload(&a).await.unwrap();
+        let read = up.upload(&b).await.unwrap();
+        let kept: Vec<_> = up.inodes.lock().unwrap().keys().copied().collect();
+        assert_eq!(kept, vec![(b.stamp.dev, b.stamp.ino)]);
+        let linked = up.upload(&c).await.unwrap();
+        assert_eq!((linked.digests, linked.new_bytes), (read.digests, 0));
     }
 
     fn restamp(file: &mut LocalFile) {
