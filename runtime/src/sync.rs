@@ -22,7 +22,13 @@ const MAX_ADAPTIVE: usize = 256;
 /// The newest synced version of every collected file, keyed by manifest path.
 #[derive(Debug, Default)]
 pub struct SyncBook {
-    synced: BTreeMap<Box<str>, Synced>,
+    /// Manifest path -> where its version is in `versions`. Small slots: a map's nodes
+    /// filled in path order stay half empty, and it is mostly these that a file costs.
+    synced: BTreeMap<Box<str>, u32>,
+    /// The version of each file in `synced`, at its index; the slots of forgotten files are
+    /// in `free`, for the next ones.
+    versions: Vec<Synced>,
+    free: Vec<u32>,
     /// Moves with every change to `synced`.
     generation: u64,
     /// The `generation` the last in-progress manifest written lists (set by
@@ -99,8 +105,7 @@ impl SyncBook {
         // The keys of names that are not UTF-8 (a NUL, then base64) come first in the book,
         // but are listed by their lossy path: few, so sorted apart and merged in.
         let mut odd: Vec<Listing<'_>> = self
-            .synced
-            .iter()
+            .entries()
             .take_while(|(rel, _)| odd_key(rel))
             .filter(|(rel, _)| path_fits(&rel_bytes(rel)))
             .map(|(rel, up)| Listing {
@@ -112,12 +117,11 @@ impl SyncBook {
         odd.sort_by(|a, b| (&a.path, a.path_b64).cmp(&(&b.path, b.path_b64)));
         let mut odd = odd.into_iter().peekable();
         let mut plain = self
-            .synced
-            .iter()
+            .entries()
             .skip_while(move |(rel, _)| odd_key(rel))
             .filter(|(rel, _)| path_fits(rel.as_bytes()))
             .map(|(rel, up)| Listing {
-                path: std::borrow::Cow::Borrowed(&**rel),
+                path: std::borrow::Cow::Borrowed(rel),
                 path_b64: None,
                 up,
             })
@@ -130,8 +134,19 @@ impl SyncBook {
         })
     }
 
+    /// Each path and its version, in path order.
+    fn entries(&self) -> impl Iterator<Item = (&str, &Synced)> {
+        self.synced
+            .iter()
+            .map(|(rel, &at)| (&**rel, &self.versions[at as usize]))
+    }
+
+    fn get(&self, rel: &str) -> Option<&Synced> {
+        self.synced.get(rel).map(|&at| &self.versions[at as usize])
+    }
+
     pub fn total_bytes(&self) -> u64 {
-        self.synced.values().map(|u| u.digests.size).sum()
+        self.entries().map(|(_, u)| u.digests.size).sum()
     }
 
     pub fn len(&self) -> usize {
@@ -145,9 +160,7 @@ impl SyncBook {
     /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
     /// taken racily, too soon after a change to tell the next one, says nothing: read again).
     pub fn is_current(&self, rel: &str, stamp: &FileStamp) -> bool {
-        self.synced
-            .get(rel)
-            .is_some_and(|u| u.stamp == *stamp && !u.racy)
+        self.get(rel).is_some_and(|u| u.stamp == *stamp && !u.racy)
     }
 
     /// Whether `rel` is listed, in any version.
@@ -158,7 +171,14 @@ impl SyncBook {
     /// Drops the entries whose path matches; returns how many.
     pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
         let before = self.synced.len();
-        self.synced.retain(|k, _| !gone(k));
+        let free = &mut self.free;
+        self.synced.retain(|k, &mut at| {
+            let keep = !gone(k);
+            if !keep {
+                free.push(at);
+            }
+            keep
+        });
         let dropped = before - self.synced.len();
         if dropped > 0 {
             self.generation += 1;
@@ -174,7 +194,10 @@ impl SyncBook {
             racy: up.racy,
             judged_ns: up.judged_ns,
         };
-        let old = self.synced.get_mut(up.rel.as_str());
+        let old = match self.synced.get(up.rel.as_str()) {
+            Some(&at) => Some(&mut self.versions[at as usize]),
+            None => None,
+        };
         // The same entry read again (a racy stamp confirmed) is no change to list. Two reads
         // at least a tick apart that found the same stamp and bytes settle it (a file whose
         // mtime is in the future, set by `tar` or a skewed NFS server, stays racy otherwise).
@@ -190,7 +213,18 @@ impl SyncBook {
                 *old = new;
             }
             None => {
-                self.synced.insert(up.rel.into_boxed_str(), new);
+                let at = match self.free.pop() {
+                    Some(at) => {
+                        self.versions[at as usize] = new;
+                        at
+                    }
+                    None => {
+                        self.versions.push(new);
+                        u32::try_from(self.versions.len() - 1)
+                            .expect("fewer files than a manifest can list")
+                    }
+                };
+                self.synced.insert(up.rel.into_boxed_str(), at);
             }
         }
         if !same {
@@ -362,6 +396,25 @@ mod tests {
             racy: false,
             judged_ns: 0,
         }
+    }
+
+    /// A forgotten file's slot goes to the next new one; every path keeps its own version.
+    #[test]
+    fn forgotten_slots_are_reused() {
+        let mut book = SyncBook::default();
+        for (n, rel) in ["a", "b", "c"].iter().enumerate() {
+            book.record(up(rel, n as u8));
+        }
+        assert_eq!(book.forget(|rel| rel == "a" || rel == "c"), 2);
+        book.record(up("d", 3));
+        book.record(up("e", 4));
+        book.record(up("f", 5));
+        assert_eq!((book.len(), book.versions.len()), (4, 4));
+        assert!(!book.contains("a") && !book.contains("c"));
+        for (rel, n) in [("b", 1), ("d", 3), ("e", 4), ("f", 5)] {
+            assert!(book.is_current(rel, &up(rel, n).stamp), "{rel}");
+        }
+        assert_eq!(book.total_bytes(), 1 + 3 + 4 + 5);
     }
 
     /// The listing is the book's entries sorted by (path, path_b64): a name that is not
