@@ -64,18 +64,14 @@ impl ReportError {
         }
     }
 
-    /// The control plane refused the agent's credentials (401, 403), not the report: a token
+    /// The control plane refused the agent's credentials (401), not the report: a token
     /// that ran out or was rotated mid-job. Not retried now, but kept, so that `recover` (or
     /// the next run) delivers it once the node's credentials are right again; dropped, a
-    /// job's terminal status was lost for good.
+    /// job's terminal status was lost for good. A 403 (this token may not report on this
+    /// job) is a verdict on the report: kept, it would hold the job's local data forever,
+    /// since retention waits for an empty outbox.
     pub fn is_auth(&self) -> bool {
-        matches!(
-            self,
-            ReportError::Rejected {
-                status: 401 | 403,
-                ..
-            }
-        )
+        matches!(self, ReportError::Rejected { status: 401, .. })
     }
 }
 
