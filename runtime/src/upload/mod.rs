@@ -1130,37 +1130,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_resumed_upload_checks_the_parts_hashed_ahead_that_it_does_not_send() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::in_memory();
-        let journal = dir.path().join("journal");
-        let up = Uploader::new(store.clone(), small_parts(), "j", Some(journal.clone()));
-        let (mut file, mut data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 9);
-        up.prehash(&file).await;
-        // An earlier agent of this job sent part 0 of this content, then died.
-        let old_sha = crate::digest::sha256_hex(&data);
-        let id = store.create_multipart(&old_sha).await.unwrap();
-        let part0 = Bytes::copy_from_slice(&data[..MIB as usize]);
-        let record = MultipartRecord {
-            sha256: old_sha.clone(),
-            upload_id: id.clone(),
-            size: data.len() as u64,
-            part_size: MIB,
-            parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
-            part_blake3: Default::default(),
-        };
-        write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
-        // The journaled part is checked, not taken on trust.
-        rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
-    }
-
-    /// As above, but the earlier agent journaled the tag of what it sent: that tag is pass 1's
-    /// (both come from the prefix hashed ahead), yet the file no longer holds those bytes.
-    /// Kept unread, the old part would complete the old content's blob and the file would be
-    /// listed with the digests of bytes it no longer has.
-    #[tokio::test]
-    async fn a_journaled_part_hashed_ahead_is_read_again_before_it_is_kept() {
+    /// An earlier agent of this job sent part 0 of the content hashed ahead, journaled it
+    /// (with the tag of what it sent, if `tagged`), then died; the job rewrites the file.
+    async fn journaled_part_then_rewritten(tagged: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::in_memory();
         let journal = dir.path().join("journal");
@@ -1172,16 +1144,36 @@ mod tests {
         let part0 = Bytes::copy_from_slice(&data[..MIB as usize]);
         let mut tag = super::subtree::PartTrees::at(MIB, 0);
         tag.update(&part0);
+        let part_blake3 = if tagged {
+            [(0, hex::encode(tag.finish_part()))].into()
+        } else {
+            Default::default()
+        };
         let record = MultipartRecord {
             sha256: old_sha.clone(),
             upload_id: id.clone(),
             size: data.len() as u64,
             part_size: MIB,
             parts: [(0, store.put_part(&old_sha, &id, 0, part0).await.unwrap())].into(),
-            part_blake3: [(0, hex::encode(tag.finish_part()))].into(),
+            part_blake3,
         };
         write_atomic(&journal.join(format!("{old_sha}.json")), &record.to_json()).unwrap();
         rewrite_is_caught_then_stored(&up, &mut file, &mut data).await;
+    }
+
+    /// The journaled part is checked, not taken on trust.
+    #[tokio::test]
+    async fn a_resumed_upload_checks_the_parts_hashed_ahead_that_it_does_not_send() {
+        journaled_part_then_rewritten(false).await;
+    }
+
+    /// As above, but the earlier agent journaled the tag of what it sent: that tag is pass 1's
+    /// (both come from the prefix hashed ahead), yet the file no longer holds those bytes.
+    /// Kept unread, the old part would complete the old content's blob and the file would be
+    /// listed with the digests of bytes it no longer has.
+    #[tokio::test]
+    async fn a_journaled_part_hashed_ahead_is_read_again_before_it_is_kept() {
+        journaled_part_then_rewritten(true).await;
     }
 
     fn crc(bytes: &[u8]) -> u64 {
