@@ -10,13 +10,11 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use nix::dir::Dir;
-use nix::fcntl::OFlag;
-use nix::sys::stat::{FileStat, Mode};
+use nix::sys::stat::FileStat;
 
 use crate::confine::{is_dir, is_regular, DirFd, JobReader};
+use crate::treewalk::{Item, TreeWalk};
 
 /// What identifies one version of a file on disk; a change in any field means new content may exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +87,8 @@ pub struct Scan {
     /// I/O error, no fds left): what they hold is unknown, so it is neither collected nor
     /// taken as deleted. The final sync counts each as an upload failure.
     pub incomplete: Vec<String>,
+    /// Places past [`MAX_INCOMPLETE`]: then every output dir counts as incomplete.
+    incomplete_overflow: usize,
 }
 
 /// The deepest and the longest path, relative to the workdir, that is collected (paths past
@@ -98,6 +98,11 @@ pub struct Scan {
 /// the manifest) and a walk of every level for each open.
 pub const MAX_DEPTH: usize = c3_proto::manifest::MAX_PATH_DEPTH;
 pub const MAX_REL_PATH: usize = c3_proto::manifest::MAX_PATH_BYTES;
+
+/// Places that could not be read whole, kept by name per scan; past them, every output dir
+/// counts as incomplete (each name is an upload failure and an error line, and
+/// [`Scan::covers`] looks through them all for every file).
+pub const MAX_INCOMPLETE: usize = 100;
 
 /// Warnings kept per scan: a job with a million symlinks must not cost a million lines.
 pub const MAX_SCAN_WARNINGS: usize = 1000;
@@ -122,18 +127,23 @@ impl Scan {
 
     fn broken(&mut self, rel: &str, what: String) {
         self.warn(what);
-        self.incomplete.push(rel.to_string());
+        if self.incomplete.len() < MAX_INCOMPLETE {
+            self.incomplete.push(rel.to_string());
+        } else {
+            self.incomplete_overflow += 1;
+        }
     }
 }
 
 /// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
 /// only what that user could read itself is collected. At most `max_files` files: past
 /// that the walk stops and every dir counts as incomplete (nothing taken as deleted, each
-/// an upload failure at the end), since a manifest could not list them all anyway.
+/// an upload failure at the end), since a manifest could not list them all anyway. So do
+/// they past [`MAX_INCOMPLETE`] places that could not be read whole.
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_files: usize) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
-        Ok(d) => Arc::new(d),
+        Ok(d) => d,
         Err(e) => {
             for dir in dirs {
                 out.broken(
@@ -150,8 +160,14 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_fil
                 "more than {max_files} files in the output dirs, more than a manifest can list (store.max_manifest_bytes); the rest are not uploaded"
             ));
             out.incomplete = dirs.to_vec();
-            break;
+            return out;
         }
+    }
+    if out.incomplete_overflow > 0 {
+        out.warn(format!(
+            "more than {MAX_INCOMPLETE} places in the output dirs could not be read whole; every output dir counts as incomplete"
+        ));
+        out.incomplete = dirs.to_vec();
     }
     out
 }
@@ -159,133 +175,135 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_fil
 /// The walk stopped at `max_files`.
 struct TooMany;
 
-/// Depth first, and a directory is opened only when its turn comes: pending entries hold
-/// their parent's fd (shared), so open fds grow with the depth, not with the width.
+/// Depth first, reading each directory as a stream ([`TreeWalk`]): open fds and memory grow
+/// with the depth, not with the width.
 fn walk(
-    root: &Arc<DirFd>,
+    root: &DirFd,
     root_rel: &str,
     reader: Option<&JobReader>,
     max_files: usize,
     out: &mut Scan,
 ) -> Result<(), TooMany> {
-    // The relative path's exact bytes travel with each directory: a name that is not UTF-8
+    let Some(top) = open_walked(root, OsStr::new(root_rel), root_rel, reader, out) else {
+        return Ok(());
+    };
+    // The relative path's exact bytes travel with each entry: a name that is not UTF-8
     // is collected like any other (its key is a `rel_key`, its manifest entry has `path_b64`).
-    let mut stack: Vec<(Arc<DirFd>, PathBuf, Vec<u8>)> = vec![(
-        root.clone(),
-        PathBuf::from(root_rel),
-        root_rel.as_bytes().to_vec(),
-    )];
-    while let Some((parent, name, rel_raw)) = stack.pop() {
-        let rel = c3_proto::manifest::rel_display(&c3_proto::manifest::rel_key(&rel_raw));
-        let dir = match parent.open_dir(&name) {
-            Ok(d) => d,
-            // Deleted meanwhile: nothing to collect.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            // A symlink (planted, or swapped in for the directory): never followed.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
-                ) =>
-            {
-                out.warn(format!("{rel} is not a directory (a symlink?); skipped"));
-                continue;
-            }
-            Err(e) => {
-                out.broken(&rel, format!("cannot open {rel}/: {e}"));
-                continue;
-            }
-        };
-        drop(parent);
-        if let Some(reader) = reader {
-            match crate::confine::fstat(&dir) {
-                Ok(st) if reader.can_enter(&st) => {}
-                Ok(_) => {
-                    out.warn(format!("{rel}/ is not readable by the job's user; skipped"));
-                    continue;
-                }
-                Err(e) => {
-                    out.broken(&rel, format!("cannot stat {rel}/: {e}"));
-                    continue;
-                }
-            }
+    let mut tree = match TreeWalk::new(top, root_rel.as_bytes().to_vec()) {
+        Ok(t) => t,
+        Err(e) => {
+            out.broken(root_rel, format!("cannot read {root_rel}/: {e}"));
+            return Ok(());
         }
-        let names = match list(&dir) {
-            Ok(n) => n,
-            Err(e) => {
-                out.broken(&rel, format!("cannot read {rel}/: {e}"));
+    };
+    while let Some(item) = tree.next() {
+        let entry = match item {
+            Item::Entry(entry) => entry,
+            Item::Unlisted { rel, error } => {
+                let rel = display_rel(&rel);
+                out.broken(&rel, format!("cannot read {rel}/: {error}"));
                 continue;
             }
         };
-        let dir = Arc::new(dir);
-        for name in names {
-            let mut child_raw = rel_raw.clone();
-            child_raw.push(b'/');
-            child_raw.extend_from_slice(name.as_bytes());
-            let child_key = c3_proto::manifest::rel_key(&child_raw);
-            let child_rel = c3_proto::manifest::rel_display(&child_key);
-            let st = match dir.stat(&name) {
-                Ok(st) => st,
-                // Deleted between readdir and stat: the job removed it, nothing to collect.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"));
-                    continue;
-                }
-            };
-            let depth = child_raw.iter().filter(|&&b| b == b'/').count() + 1;
-            if child_raw.len() > MAX_REL_PATH || depth > MAX_DEPTH {
-                // Not walked, not stored: counted as a failure by the final sync, by name.
-                out.broken(
-                    &child_rel,
-                    format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; not uploaded"),
-                );
-            } else if is_dir(&st) {
-                stack.push((dir.clone(), PathBuf::from(&name), child_raw));
-            } else if is_regular(&st) {
-                if reader.is_some_and(|r| !r.can_read(&st)) {
-                    out.warn(format!(
-                        "{child_rel} is not readable by the job's user; not uploaded"
-                    ));
-                    continue;
-                }
-                if out.files.len() >= max_files && !out.files.contains_key(&child_key) {
-                    return Err(TooMany);
-                }
-                out.files.insert(child_key, FileStamp::of_stat(&st));
-            } else {
-                let symlink = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
-                    & nix::sys::stat::SFlag::S_IFMT
-                    == nix::sys::stat::SFlag::S_IFLNK;
-                let kind = if symlink {
-                    "a symlink"
-                } else {
-                    "not a regular file"
-                };
-                out.warn(format!("{child_rel} is {kind}; not uploaded"));
+        let child_key = c3_proto::manifest::rel_key(&entry.rel);
+        let child_rel = c3_proto::manifest::rel_display(&child_key);
+        let st = match &entry.stat {
+            Ok(st) => *st,
+            // Deleted between readdir and stat: the job removed it, nothing to collect.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"));
+                continue;
             }
+        };
+        let depth = entry.rel.iter().filter(|&&b| b == b'/').count() + 1;
+        if entry.rel.len() > MAX_REL_PATH || depth > MAX_DEPTH {
+            // Not walked, not stored. The directory that holds it is named once (a job can
+            // put a million such entries there), and counted as a failure by the final sync.
+            if out.covers(&child_rel) {
+                let parent = display_rel(entry.parent_rel());
+                out.broken(
+                    &parent,
+                    format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; it and whatever else in {parent}/ is so are not uploaded"),
+                );
+            }
+        } else if is_dir(&st) {
+            if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_rel, reader, out) {
+                if let Err(e) = tree.enter(dir, entry.rel) {
+                    out.broken(&child_rel, format!("cannot read {child_rel}/: {e}"));
+                }
+            }
+        } else if is_regular(&st) {
+            if reader.is_some_and(|r| !r.can_read(&st)) {
+                out.warn(format!(
+                    "{child_rel} is not readable by the job's user; not uploaded"
+                ));
+                continue;
+            }
+            if out.files.len() >= max_files && !out.files.contains_key(&child_key) {
+                return Err(TooMany);
+            }
+            out.files.insert(child_key, FileStamp::of_stat(&st));
+        } else {
+            let symlink = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode)
+                & nix::sys::stat::SFlag::S_IFMT
+                == nix::sys::stat::SFlag::S_IFLNK;
+            let kind = if symlink {
+                "a symlink"
+            } else {
+                "not a regular file"
+            };
+            out.warn(format!("{child_rel} is {kind}; not uploaded"));
         }
     }
     Ok(())
 }
 
-/// The entry names of an open directory (without `.` and `..`).
-fn list(dir: &DirFd) -> std::io::Result<Vec<std::ffi::OsString>> {
-    let mut d = Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut names = Vec::new();
-    for entry in d.iter() {
-        let entry = entry?;
-        let name = OsStr::from_bytes(entry.file_name().to_bytes());
-        if name != "." && name != ".." {
-            names.push(name.to_os_string());
+/// Opens the directory `name` below `parent` to walk it, or says why not (into `out`).
+fn open_walked(
+    parent: &DirFd,
+    name: &OsStr,
+    rel: &str,
+    reader: Option<&JobReader>,
+    out: &mut Scan,
+) -> Option<DirFd> {
+    let dir = match parent.open_dir(Path::new(name)) {
+        Ok(d) => d,
+        // Deleted meanwhile: nothing to collect.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        // A symlink (planted, or swapped in for the directory): never followed.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+            ) =>
+        {
+            out.warn(format!("{rel} is not a directory (a symlink?); skipped"));
+            return None;
+        }
+        Err(e) => {
+            out.broken(rel, format!("cannot open {rel}/: {e}"));
+            return None;
+        }
+    };
+    if let Some(reader) = reader {
+        match crate::confine::fstat(&dir) {
+            Ok(st) if reader.can_enter(&st) => {}
+            Ok(_) => {
+                out.warn(format!("{rel}/ is not readable by the job's user; skipped"));
+                return None;
+            }
+            Err(e) => {
+                out.broken(rel, format!("cannot stat {rel}/: {e}"));
+                return None;
+            }
         }
     }
-    Ok(names)
+    Some(dir)
+}
+
+fn display_rel(raw: &[u8]) -> String {
+    c3_proto::manifest::rel_display(&c3_proto::manifest::rel_key(raw))
 }
 
 #[cfg(test)]
@@ -339,16 +357,95 @@ mod tests {
             MAX_DEPTH - 1,
             "the files above the limit are collected"
         );
-        // The directory at the limit and the file beside it, each by name.
+        // The directory at the limit and the file beside it, by the directory that holds them.
         let last = format!("artifacts{}", "/d".repeat(MAX_DEPTH - 1));
-        let mut refused = s.incomplete.clone();
-        refused.sort();
-        assert_eq!(refused, vec![format!("{last}/d"), format!("{last}/f")]);
+        assert_eq!(s.incomplete, vec![last.clone()]);
+        assert!(!s.covers(&format!("{last}/f")));
         assert!(s
             .warnings
             .iter()
             .any(|w| w.contains("deeper than 128 directories")));
         assert!(!s.covers(&format!("{last}/d/d/f")));
+    }
+
+    /// Makes `artifacts/` + components of 250 bytes until the path is `len` bytes long or
+    /// more (through fds: past PATH_MAX); returns it (relative) and its fd.
+    fn long_dir(w: &Path, len: usize) -> (String, DirFd) {
+        let mut rel = "artifacts".to_string();
+        while rel.len() < len {
+            rel.push('/');
+            rel.push_str(&"n".repeat(250.min(len - rel.len())));
+        }
+        let dir = DirFd::open(w)
+            .unwrap()
+            .ensure_dir(Path::new(&rel), 0o755, None)
+            .unwrap();
+        (rel, dir)
+    }
+
+    fn touch(dir: &DirFd, name: &str) {
+        use nix::fcntl::{openat, OFlag};
+        let flags = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        openat(
+            dir,
+            name,
+            flags,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+    }
+
+    /// A job that puts thousands of entries too long to store in one directory gets that
+    /// directory named once: the scan's memory, the error lines and the failures named do
+    /// not grow with the count (each name there is up to 16 KiB).
+    #[test]
+    fn entries_past_the_path_limit_name_their_directory_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        let (base, fd) = long_dir(w, MAX_REL_PATH - 20);
+        for i in 0..3000 {
+            touch(&fd, &format!("{i:040}"));
+        }
+        touch(&fd, "ok");
+        let s = scan(w, &["artifacts".into()], None, usize::MAX);
+        assert_eq!(s.incomplete, vec![base.clone()]);
+        assert_eq!(s.files.len(), 1, "the short name beside them is collected");
+        assert_eq!(
+            s.warnings.len(),
+            1,
+            "{:?}",
+            &s.warnings[..2.min(s.warnings.len())]
+        );
+        assert_eq!(s.more_warnings, 0);
+    }
+
+    /// Past `MAX_INCOMPLETE` places that cannot be read whole, every output dir counts as
+    /// incomplete: the list `covers` goes through for each file stays short.
+    #[test]
+    fn many_unreadable_places_make_every_dir_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        // Each subdirectory fits, the entry in it does not.
+        let (_, fd) = long_dir(w, MAX_REL_PATH - 300);
+        for i in 0..MAX_INCOMPLETE + 20 {
+            let sub = fd
+                .ensure_dir(Path::new(&format!("{i:0250}")), 0o755, None)
+                .unwrap();
+            touch(&sub, &"f".repeat(100));
+        }
+        std::fs::create_dir(w.join("out")).unwrap();
+        std::fs::write(w.join("out/g"), "x").unwrap();
+        let dirs = vec!["artifacts".to_string(), "out".to_string()];
+        let s = scan(w, &dirs, None, usize::MAX);
+        assert_eq!(s.incomplete, dirs);
+        assert_eq!(s.files.len(), 1);
+        assert!(s
+            .warnings
+            .last()
+            .unwrap()
+            .contains("could not be read whole"));
+        let few = scan(w, &["out".to_string()], None, usize::MAX);
+        assert!(few.incomplete.is_empty());
     }
 
     #[test]

@@ -138,36 +138,6 @@ impl DirFd {
         beneath(self, rel, flags).map(File::from)
     }
 
-    /// The names of the directories in this one (lstat through the fd: a symlink to a
-    /// directory is not one); empty when it cannot be listed.
-    pub fn subdirs(&self) -> Vec<std::ffi::OsString> {
-        self.entries()
-            .into_iter()
-            .filter(|(_, st)| is_dir(st))
-            .map(|(name, _)| name)
-            .collect()
-    }
-
-    /// Every entry of this directory with its `lstat` (through the fd); empty when it cannot
-    /// be listed, an entry gone meanwhile left out.
-    pub fn entries(&self) -> Vec<(std::ffi::OsString, FileStat)> {
-        let Ok(mut entries) = nix::dir::Dir::openat(
-            self,
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) else {
-            return Vec::new();
-        };
-        entries
-            .iter()
-            .flatten()
-            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
-            .filter(|name| name != "." && name != "..")
-            .filter_map(|name| self.stat(&name).ok().map(|st| (name, st)))
-            .collect()
-    }
-
     /// `lstat` of one entry of this directory.
     pub fn stat(&self, name: &OsStr) -> io::Result<FileStat> {
         Ok(fstatat(self, name, AtFlags::AT_SYMLINK_NOFOLLOW)?)

@@ -50,6 +50,7 @@ pub mod statedir;
 pub mod store;
 pub mod supervise;
 pub mod sync;
+pub mod treewalk;
 pub mod upload;
 pub mod watch;
 

@@ -430,43 +430,46 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 /// still inside the tree (its cwd) may swap a directory for a symlink to `/etc/shadow` at any
 /// moment, and a path-based chmod would follow it, as root.
 fn open_up_dirs(root: &Path) {
-    use crate::confine::DirFd;
-    let Ok(top) = DirFd::open(root) else {
-        return;
-    };
-    // Children are opened when their turn comes, so the fds held are the parents of what is
-    // pending (about the depth), not every directory seen.
-    let mut pending: Vec<(std::sync::Arc<DirFd>, std::ffi::OsString)> = Vec::new();
-    let mut next = Some(top);
-    // Bounded: a tree larger than this is left for the next sweep.
-    let mut budget = 1_000_000usize;
-    loop {
-        let dir = match next.take() {
-            Some(d) => std::sync::Arc::new(d),
-            None => match pending.pop() {
-                Some((parent, name)) => match parent.open_dir(Path::new(&name)) {
-                    Ok(d) => std::sync::Arc::new(d),
-                    Err(_) => continue,
-                },
-                None => break,
-            },
-        };
-        if let Ok(st) = nix::sys::stat::fstat(&*dir) {
+    use crate::confine::{is_dir, DirFd};
+    use crate::treewalk::{Item, TreeWalk};
+    fn open_up(dir: &DirFd) {
+        if let Ok(st) = nix::sys::stat::fstat(dir) {
             let mode = st.st_mode & 0o7777;
             if mode & 0o700 != 0o700 {
                 let _ = nix::sys::stat::fchmod(
-                    &*dir,
+                    dir,
                     nix::sys::stat::Mode::from_bits_truncate(mode | 0o700),
                 );
             }
         }
-        for name in dir.subdirs() {
-            if budget == 0 {
-                break;
-            }
-            budget -= 1;
-            pending.push((dir.clone(), name));
+    }
+    let Ok(top) = DirFd::open(root) else {
+        return;
+    };
+    open_up(&top);
+    // Each directory is read as a stream: the fds and memory held follow the depth, not
+    // the width.
+    let Ok(mut walk) = TreeWalk::new(top, Vec::new()) else {
+        return;
+    };
+    // Bounded: a tree larger than this is left for the next sweep.
+    let mut budget = 1_000_000usize;
+    while let Some(item) = walk.next() {
+        let Item::Entry(entry) = item else {
+            continue;
+        };
+        if !entry.stat.as_ref().is_ok_and(is_dir) {
+            continue;
         }
+        if budget == 0 {
+            break;
+        }
+        budget -= 1;
+        let Ok(dir) = entry.open_dir() else {
+            continue;
+        };
+        open_up(&dir);
+        let _ = walk.enter(dir, entry.rel);
     }
 }
 
@@ -476,7 +479,8 @@ fn open_up_dirs(root: &Path) {
 /// swapping a directory for a symlink mid-walk never sends it into another tree.
 fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
     use crate::confine::{is_dir, is_regular, DirFd};
-    use std::rc::Rc;
+    use crate::treewalk::{Item, TreeWalk};
+    use std::os::unix::ffi::OsStrExt;
     let Ok(top) = std::fs::symlink_metadata(root) else {
         return (0, None);
     };
@@ -487,29 +491,27 @@ fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
         return (0, None);
     };
     let (mut bytes, mut foreign) = (0, None);
-    // A directory is opened when its turn comes, from its parent, which stays open only while
-    // a child waits: a directory of 100,000 subdirectories costs one fd, not 100,000.
-    type Pending = (Rc<DirFd>, Option<std::ffi::OsString>, PathBuf);
-    let mut stack: Vec<Pending> = vec![(Rc::new(fd), None, root.to_path_buf())];
-    while let Some((parent, name, path)) = stack.pop() {
-        let dir = match name {
-            None => parent,
-            Some(name) => match parent.open_dir(Path::new(&name)) {
-                Ok(dir) => Rc::new(dir),
-                Err(_) => continue,
-            },
+    // Each directory is read as a stream, opened from its parent when met: a directory of
+    // 100,000 subdirectories costs one listing at a time, not 100,000 paths.
+    let Ok(mut walk) = TreeWalk::new(fd, Vec::new()) else {
+        return (0, None);
+    };
+    while let Some(item) = walk.next() {
+        let Item::Entry(entry) = item else {
+            continue;
         };
-        for (name, st) in dir.entries() {
-            if is_dir(&st) {
-                if st.st_dev != top.dev() {
-                    foreign.get_or_insert_with(|| path.join(&name));
-                } else {
-                    let child = path.join(&name);
-                    stack.push((dir.clone(), Some(name), child));
-                }
-            } else if is_regular(&st) {
-                bytes += u64::try_from(st.st_size).unwrap_or(0);
+        let Ok(st) = entry.stat else {
+            continue;
+        };
+        if is_dir(&st) {
+            if st.st_dev != top.dev() {
+                foreign
+                    .get_or_insert_with(|| root.join(std::ffi::OsStr::from_bytes(&entry.rel[1..])));
+            } else if let Ok(dir) = entry.open_dir() {
+                let _ = walk.enter(dir, entry.rel);
             }
+        } else if is_regular(&st) {
+            bytes += u64::try_from(st.st_size).unwrap_or(0);
         }
     }
     (bytes, foreign)

@@ -6,7 +6,9 @@
 //! depend on any of this.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,8 @@ use notify::event::{ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::confine::DirFd;
+use crate::confine::{is_dir, DirFd};
+use crate::treewalk::{Item, TreeWalk};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
@@ -137,32 +140,56 @@ impl DirWatcher {
         let Ok(root) = DirFd::open_root(&self.workdir) else {
             return Ok(());
         };
-        let mut stack = vec![rel.to_path_buf()];
-        while let Some(rel) = stack.pop() {
-            let Ok(fd) = root.open_dir(&rel) else {
+        let Ok(top) = root.open_dir(rel) else {
+            return Ok(());
+        };
+        if !self.watch_once(&top, rel)? {
+            return Ok(());
+        }
+        // Each directory is read as a stream: a directory of a million subdirectories is not
+        // listed into memory first (past `max_watches` the walk stops anyway).
+        let Ok(mut walk) = TreeWalk::new(top, rel.as_os_str().as_bytes().to_vec()) else {
+            return Ok(());
+        };
+        while let Some(item) = walk.next() {
+            let Item::Entry(entry) = item else {
                 continue;
             };
-            let d = self.workdir.join(&rel);
-            if !self.watched.contains_key(&d) {
-                if self.watched.len() >= self.max_watches {
-                    return Err(WatchStopped::Cap {
-                        max: self.max_watches,
-                    });
-                }
-                match self.watch_fd(&fd, &d)? {
-                    Ok(()) => {}
-                    Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                        return Err(WatchStopped::Cap {
-                            max: self.watched.len(),
-                        })
-                    }
-                    // Gone meanwhile: nothing to watch.
-                    Err(_) => continue,
-                }
+            if !entry.stat.as_ref().is_ok_and(is_dir) {
+                continue;
             }
-            stack.extend(fd.subdirs().into_iter().map(|name| rel.join(name)));
+            let Ok(fd) = entry.open_dir() else {
+                continue;
+            };
+            if self.watch_once(&fd, Path::new(OsStr::from_bytes(&entry.rel)))? {
+                let _ = walk.enter(fd, entry.rel);
+            }
         }
         Ok(())
+    }
+
+    /// Watches the open directory `rel` (below the workdir) unless it is already; `false`
+    /// when it is gone.
+    fn watch_once(&mut self, fd: &DirFd, rel: &Path) -> Result<bool, WatchStopped> {
+        let d = self.workdir.join(rel);
+        if self.watched.contains_key(&d) {
+            return Ok(true);
+        }
+        if self.watched.len() >= self.max_watches {
+            return Err(WatchStopped::Cap {
+                max: self.max_watches,
+            });
+        }
+        match self.watch_fd(fd, &d)? {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                Err(WatchStopped::Cap {
+                    max: self.watched.len(),
+                })
+            }
+            // Gone meanwhile: nothing to watch.
+            Err(_) => Ok(false),
+        }
     }
 
     /// Drops the watches of `dir` and below (removed or moved away).

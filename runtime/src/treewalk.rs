@@ -1,0 +1,200 @@
+//! A depth-first walk of a job's tree that reads each directory as a stream: one open
+//! listing per level, so what the walk holds grows with the depth, never with the width.
+//!
+//! A job can put millions of entries in one directory (each costs it an inode, nothing
+//! more). A walk that read a whole listing before acting on it, or kept the path of every
+//! directory still to visit, held all of them at once in the root agent's memory: a million
+//! 255-byte names, or a million 16 KiB paths below a deep directory. Here a level is a
+//! directory fd and its `readdir` stream; the caller decides, entry by entry, whether to
+//! descend (opening the child itself, from the parent's fd, with whatever checks it needs).
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::dir::{Dir, OwningIter};
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode};
+
+use crate::confine::DirFd;
+
+/// One entry of a directory the walk is reading.
+pub struct Entry {
+    /// The directory that holds it, open: open the entry from here, never by path.
+    pub parent: Arc<DirFd>,
+    pub name: OsString,
+    /// The entry's path from the walk's start, its exact bytes (`start/.../name`).
+    pub rel: Vec<u8>,
+    /// `lstat` through the parent's fd (an entry removed since the listing: `NotFound`).
+    pub stat: io::Result<FileStat>,
+}
+
+impl Entry {
+    /// Opens this entry as a directory below its parent (no symlink, never `..`).
+    pub fn open_dir(&self) -> io::Result<DirFd> {
+        self.parent.open_dir(Path::new(&self.name))
+    }
+
+    /// The path of the directory that holds it, from the walk's start.
+    pub fn parent_rel(&self) -> &[u8] {
+        &self.rel[..self.rel.len() - self.name.len() - 1]
+    }
+}
+
+/// What the walk found next.
+pub enum Item {
+    Entry(Entry),
+    /// Reading the listing of `rel` failed part way (an I/O error): the rest of it is unknown.
+    Unlisted {
+        rel: Vec<u8>,
+        error: io::Error,
+    },
+}
+
+struct Level {
+    dir: Arc<DirFd>,
+    names: OwningIter,
+    rel: Vec<u8>,
+}
+
+/// The walk: [`TreeWalk::next`] yields every entry of the directories entered, depth first;
+/// [`TreeWalk::enter`] makes the directory just opened the one read next.
+pub struct TreeWalk {
+    levels: Vec<Level>,
+}
+
+impl TreeWalk {
+    /// Starts at `dir`, whose path from the walk's start (used as the prefix of every `rel`)
+    /// is `rel`.
+    pub fn new(dir: DirFd, rel: Vec<u8>) -> io::Result<TreeWalk> {
+        let mut walk = TreeWalk { levels: Vec::new() };
+        walk.enter(dir, rel)?;
+        Ok(walk)
+    }
+
+    /// Reads `dir` (at `rel`) before the rest of the current directory: depth first.
+    pub fn enter(&mut self, dir: DirFd, rel: Vec<u8>) -> io::Result<()> {
+        let names = Dir::openat(
+            &dir,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?
+        .into_iter();
+        self.levels.push(Level {
+            dir: Arc::new(dir),
+            names,
+            rel,
+        });
+        Ok(())
+    }
+
+    /// How many directories are open (the depth below the start, plus one).
+    pub fn depth(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// The next entry of the deepest directory still being read; `None` when every one is
+    /// read to its end.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Item> {
+        loop {
+            let level = self.levels.last_mut()?;
+            let entry = match level.names.next() {
+                None => {
+                    self.levels.pop();
+                    continue;
+                }
+                Some(Err(e)) => {
+                    // A listing that fails keeps failing: the rest of it is given up.
+                    let level = self.levels.pop()?;
+                    return Some(Item::Unlisted {
+                        rel: level.rel,
+                        error: e.into(),
+                    });
+                }
+                Some(Ok(entry)) => entry,
+            };
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let mut rel = Vec::with_capacity(level.rel.len() + 1 + name.len());
+            rel.extend_from_slice(&level.rel);
+            rel.push(b'/');
+            rel.extend_from_slice(name.as_bytes());
+            return Some(Item::Entry(Entry {
+                parent: level.dir.clone(),
+                stat: level.dir.stat(name),
+                name: name.to_os_string(),
+                rel,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::confine::is_dir;
+
+    fn names(walk: &mut TreeWalk, descend: bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some(item) = walk.next() {
+            let Item::Entry(e) = item else {
+                panic!("listing failed")
+            };
+            seen.push(String::from_utf8(e.rel.clone()).unwrap());
+            assert_eq!(
+                e.parent_rel(),
+                &e.rel[..e.rel.iter().rposition(|&b| b == b'/').unwrap()]
+            );
+            if descend && is_dir(e.stat.as_ref().unwrap()) {
+                let dir = e.open_dir().unwrap();
+                walk.enter(dir, e.rel).unwrap();
+            }
+        }
+        seen.sort();
+        seen
+    }
+
+    #[test]
+    fn walks_depth_first_only_where_told() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b/c")).unwrap();
+        std::fs::write(t.path().join("a/b/c/f"), "x").unwrap();
+        std::fs::write(t.path().join("a/g"), "x").unwrap();
+        std::os::unix::fs::symlink(t.path().join("a"), t.path().join("a/link")).unwrap();
+        let root = DirFd::open(t.path()).unwrap();
+        let mut walk =
+            TreeWalk::new(root.open_dir(Path::new("a")).unwrap(), b"a".to_vec()).unwrap();
+        assert_eq!(
+            names(&mut walk, true),
+            ["a/b", "a/b/c", "a/b/c/f", "a/g", "a/link"]
+        );
+        let mut walk =
+            TreeWalk::new(root.open_dir(Path::new("a")).unwrap(), b"a".to_vec()).unwrap();
+        assert_eq!(names(&mut walk, false), ["a/b", "a/g", "a/link"]);
+    }
+
+    /// A directory of many subdirectories is read with one listing open: the walk holds one
+    /// level per depth, whatever the width.
+    #[test]
+    fn a_wide_directory_keeps_one_level_open() {
+        let t = tempfile::tempdir().unwrap();
+        for i in 0..2000 {
+            std::fs::create_dir(t.path().join(format!("d{i}"))).unwrap();
+        }
+        let mut walk = TreeWalk::new(DirFd::open(t.path()).unwrap(), b"r".to_vec()).unwrap();
+        let mut seen = 0;
+        let mut deepest = 0;
+        while let Some(Item::Entry(e)) = walk.next() {
+            seen += 1;
+            walk.enter(e.open_dir().unwrap(), e.rel).unwrap();
+            deepest = deepest.max(walk.depth());
+        }
+        assert_eq!((seen, deepest), (2000, 2));
+    }
+}
