@@ -287,9 +287,62 @@ fn opened_for_write(pid: i32, fd: &str) -> bool {
         .is_some_and(|flags| flags & 0o3 != 0)
 }
 
+/// Every mount point of this mount namespace, as `/proc/self/mountinfo` lists them (no
+/// path is touched: a stat of a hung network mount or a job's FUSE mount waits without bound).
+pub fn mount_points() -> Vec<std::path::PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_path(s: &str) -> std::path::PathBuf {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')));
+        match octal.and_then(|v| u8::try_from(v).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::path::PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path(r"/a\040b\134c\011"),
+            std::path::PathBuf::from("/a b\\c\t")
+        );
+        assert_eq!(
+            unescape_mount_path(r"/x\9"),
+            std::path::PathBuf::from(r"/x\9")
+        );
+        assert_eq!(
+            unescape_mount_path("/é\\"),
+            std::path::PathBuf::from("/é\\")
+        );
+    }
 
     #[test]
     fn sees_own_writable_file_but_not_readonly() {

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -521,36 +520,9 @@ fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
 /// file system have no other device number: only the mount table tells).
 fn mount_inside(dir: &Path) -> Option<PathBuf> {
     let dir = std::fs::canonicalize(dir).ok()?;
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mount_path)
+    crate::procfs::mount_points()
+        .into_iter()
         .find(|p| p.starts_with(&dir))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_path(s: &str) -> PathBuf {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .map(|d| d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')));
-        match octal.and_then(|v| u8::try_from(v).ok()) {
-            Some(b) => {
-                out.push(b);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Whether the recorded workdir `path` is the job dir `dir` or below it: as recorded, or
@@ -944,16 +916,6 @@ mod tests {
             "{report:?}"
         );
         assert!(point.join("dataset").is_file());
-    }
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(
-            unescape_mount_path(r"/a\040b\134c\011"),
-            PathBuf::from("/a b\\c\t")
-        );
-        assert_eq!(unescape_mount_path(r"/x\9"), PathBuf::from(r"/x\9"));
-        assert_eq!(unescape_mount_path("/é\\"), PathBuf::from("/é\\"));
     }
 
     #[test]

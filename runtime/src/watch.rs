@@ -218,15 +218,27 @@ impl DirWatcher {
 const ALIAS_DIR: &str = "c3-agent-watch-";
 
 /// Removes the alias scratch dirs of agents that are gone (a SIGKILL or an OOM kill leaves
-/// its dir in /tmp). Only root's own directories, never through a symlink. Returns how many.
+/// its dir in /tmp). Only root's own directories, never through a symlink, never a mount
+/// point. Returns how many.
 pub fn sweep_alias_dirs() -> usize {
     use std::os::unix::fs::MetadataExt;
     let tmp = std::env::temp_dir();
     let Ok(entries) = std::fs::read_dir(&tmp) else {
         return 0;
     };
+    // A job may mount a FUSE file system of its own on a dir of that name in /tmp: a stat of
+    // it would wait on the job's server (with `user_allow_other`, forever), and a root-owned
+    // root there would have its contents removed. Mount points are known without a stat.
+    let real_tmp = std::fs::canonicalize(&tmp).unwrap_or_else(|_| tmp.clone());
+    let mounts: std::collections::HashSet<PathBuf> = crate::procfs::mount_points()
+        .into_iter()
+        .filter(|p| p.parent() == Some(real_tmp.as_path()))
+        .collect();
     let mut removed = 0;
     for entry in entries.flatten() {
+        if mounts.contains(&real_tmp.join(entry.file_name())) {
+            continue;
+        }
         let name = entry.file_name();
         let Some(owner) = name
             .to_str()
@@ -389,7 +401,30 @@ mod tests {
         let nobody = nix::unistd::Uid::from_raw(65534);
         let chowned = nix::unistd::chown(&foreign, Some(nobody), None).is_ok();
 
+        // A mount on a dead agent's name: never stat'd, never emptied (a job's FUSE server
+        // could hold the stat forever).
+        let mounted = tmp.join(format!("{ALIAS_DIR}0.4-sweeptest{}", std::process::id()));
+        std::fs::create_dir(&mounted).unwrap();
+        let is_mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mounted)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if is_mounted {
+            std::fs::write(mounted.join("keep"), "x").unwrap();
+        } else {
+            eprintln!("cannot mount a tmpfs here (not root?): the mount point case is not checked");
+        }
+
         assert!(sweep_alias_dirs() >= 1);
+        if is_mounted {
+            let kept = mounted.join("keep").exists();
+            let umounted = std::process::Command::new("umount").arg(&mounted).status();
+            assert!(umounted.is_ok_and(|s| s.success()));
+            assert!(kept, "a mount point was swept");
+        }
+        let _ = std::fs::remove_dir(&mounted);
         assert!(!dead.exists(), "a dead agent's dir stays");
         assert!(alive.path().exists(), "a live agent's dir was removed");
         assert!(target.path().exists() && link.symlink_metadata().is_ok());
