@@ -114,7 +114,7 @@ impl StoreError {
                         | object_store::Error::NotSupported { .. }
                         | object_store::Error::NotImplemented { .. }
                         | object_store::Error::InvalidPath { .. }
-                ) || permanent_cause(source)
+                ) || permanent_cause(source, is_local(source))
             }
         }
     }
@@ -131,12 +131,20 @@ fn upload_gone(e: &StoreError) -> bool {
     )
 }
 
-/// Causes that no retry cures, found anywhere in an error's chain: a file store that is
-/// read-only, denied or not a directory, and an HTTP 400 (object_store does not type it).
-fn permanent_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether the error comes from the file store (object_store's `LocalFileSystem`, or ours).
+fn is_local(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::Generic { store, .. } if *store == "LocalFileSystem")
+}
+
+/// Causes that no retry cures, found anywhere in an error's chain: a file store (`local`)
+/// that is read-only, denied or not a directory, and an HTTP 400 (object_store does not
+/// type it). For a remote store an I/O error is the node's network: a `connect` refused
+/// with EPERM by a full conntrack table or a firewall being reloaded passes, so it is
+/// retried (the store's own refusals come as HTTP statuses).
+fn permanent_cause(e: &(dyn std::error::Error + 'static), local: bool) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        if let (true, Some(io)) = (local, err.downcast_ref::<std::io::Error>()) {
             if matches!(
                 io.kind(),
                 std::io::ErrorKind::PermissionDenied
@@ -1298,11 +1306,28 @@ mod tests {
     #[test]
     fn a_store_that_ignores_a_range_request_is_not_retried() {
         let e = std::io::Error::other("Received non-partial response when range requested");
-        assert!(permanent_cause(&e));
+        assert!(permanent_cause(&e, false));
         let e = std::io::Error::other("Requested 100..200, got 0..200");
-        assert!(permanent_cause(&e));
+        assert!(permanent_cause(&e, false));
         let e = std::io::Error::other("error decoding response body");
-        assert!(!permanent_cause(&e));
+        assert!(!permanent_cause(&e, false));
+    }
+
+    /// An EPERM on the way to a remote store is the node's network (a full conntrack table,
+    /// a firewall reload): retried. On the file store it is the directory's mode: not.
+    #[test]
+    fn an_io_permission_error_is_permanent_only_on_the_file_store() {
+        let op = |store: &'static str| StoreError::Op {
+            op: "put",
+            key: "k".into(),
+            source: object_store::Error::Generic {
+                store,
+                source: Box::new(std::io::Error::from_raw_os_error(libc::EPERM)),
+            },
+        };
+        assert!(!op("S3").is_permanent());
+        assert!(!op("MicrosoftAzure").is_permanent());
+        assert!(op("LocalFileSystem").is_permanent());
     }
 
     /// One outage, one deadline, whichever operation meets it; but an outage left behind by
