@@ -39,3 +39,15 @@ pub fn crash_point(name: &str) {
     #[cfg(not(debug_assertions))]
     let _ = name;
 }
+
+/// Blocks the calling thread for an hour if `C3_AGENT_FAULT` names this point, in debug
+/// builds: a look that never comes back (a stat held by a job's FUSE server, a hard NFS mount
+/// whose server is gone), for the tests of the bounds around such looks.
+pub fn hang_point(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}

@@ -2,7 +2,8 @@
 //! and which files a set of processes holds open for writing.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use c3_proto::ProcIdentity;
 
@@ -155,11 +156,7 @@ static MAPS: std::sync::Mutex<Option<MapsCache>> = std::sync::Mutex::new(None);
 fn written(pids: &[i32], maps_ttl: Option<std::time::Duration>) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
     for pid in pids {
-        open.extend(
-            write_fds(*pid)
-                .into_iter()
-                .map(|(_, meta)| (meta.dev(), meta.ino())),
-        );
+        open.extend(write_fds(*pid).into_iter().map(|(_, id)| id));
         match maps_ttl {
             None => shared_writable_maps(*pid, &mut open),
             Some(ttl) => open.extend(lately_mapped(*pid, ttl)),
@@ -202,6 +199,7 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
 /// The paths of the regular files `pids` hold open for write (as the kernel names them now;
 /// ` (deleted)` for one removed), sorted, each once.
 pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
+    crate::fault::hang_point("written-paths");
     let paths: std::collections::BTreeSet<_> = pids
         .iter()
         .flat_map(|pid| write_fds(*pid))
@@ -211,9 +209,9 @@ pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
 }
 
 /// The `/proc/<pid>/fd/N` links of the regular files `pid` holds open with O_WRONLY or
-/// O_RDWR, each with the file's metadata (`metadata` follows the magic link to the open file
-/// itself, even if renamed or deleted).
-fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
+/// O_RDWR, each with the file's `(dev, ino)` (the magic link leads to the open file itself,
+/// even if renamed or deleted).
+fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, (u64, u64))> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -224,8 +222,8 @@ fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
                 .is_some_and(|n| opened_for_write(pid, n))
         })
         .filter_map(|fd| {
-            let meta = std::fs::metadata(fd.path()).ok()?;
-            meta.is_file().then(|| (fd.path(), meta))
+            let (is_file, id) = cached_stat(&fd.path())?;
+            is_file.then(|| (fd.path(), id))
         })
         .collect()
 }
@@ -257,12 +255,12 @@ fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
         if !shared_writable || !path.starts_with('/') || path.starts_with("/dev/") || ino == "0" {
             continue;
         }
-        match std::fs::metadata(format!("/proc/{pid}/map_files/{range}")) {
-            Ok(meta) if meta.is_file() => {
-                open.insert((meta.dev(), meta.ino()));
+        match cached_stat(Path::new(&format!("/proc/{pid}/map_files/{range}"))) {
+            Some((true, id)) => {
+                open.insert(id);
             }
-            Ok(_) => {}
-            Err(_) => {
+            Some(_) => {}
+            None => {
                 let dev = dev.split_once(':').and_then(|(major, minor)| {
                     Some(libc::makedev(
                         u32::from_str_radix(major, 16).ok()?,
@@ -275,6 +273,33 @@ fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
             }
         }
     }
+}
+
+/// Whether a `/proc` magic link names a regular file, and its `(dev, ino)`, from the
+/// attributes the kernel holds (`AT_STATX_DONT_SYNC`): a plain stat asks the file's own file
+/// system, and a job's FUSE server may never answer (a hard NFS mount whose server is gone
+/// neither), which held the agent before it stopped the job.
+fn cached_stat(link: &Path) -> Option<(bool, (u64, u64))> {
+    let path = std::ffi::CString::new(link.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `stx` is a writable statx the
+    // kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE | libc::STATX_INO,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let is_file = u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFREG;
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Some((is_file, (dev, stx.stx_ino)))
 }
 
 fn opened_for_write(pid: i32, fd: &str) -> bool {
@@ -327,6 +352,25 @@ fn unescape_mount_path(s: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// The cached look names the open file itself, as a stat through the link would.
+    #[test]
+    fn a_cached_stat_of_an_fd_link_is_the_open_file() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let meta = file.metadata().unwrap();
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        assert_eq!(
+            cached_stat(Path::new(&link)),
+            Some((true, (meta.dev(), meta.ino())))
+        );
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let pipe = format!("/proc/self/fd/{}", read.as_raw_fd());
+        assert!(matches!(cached_stat(Path::new(&pipe)), Some((false, _))));
+        assert_eq!(cached_stat(Path::new("/proc/self/fd/999999")), None);
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped() {

@@ -206,6 +206,9 @@ async fn forward_signals(
     }
 }
 
+/// How long the look at what the processes a script left behind still write may take.
+const LEFT_LOOK: Duration = Duration::from_secs(2);
+
 impl Supervisor {
     /// Starts the script in `workdir_fd` with the job's environment and user.
     pub fn launch(
@@ -344,16 +347,27 @@ impl Supervisor {
         if !left.is_empty() {
             // What they were still writing is stored as it stands, perhaps cut short: say which
             // files (a `save.py &` whose script exited 0 leaves a half-written checkpoint).
+            // Bounded: the look stats each open file, and a file system of the job's (FUSE) or
+            // a hung network mount may never answer; the job is stopped either way.
             let writing = {
                 let left = left.clone();
-                tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left))
-                    .await
-                    .unwrap_or_default()
+                let look = tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left));
+                tokio::time::timeout(LEFT_LOOK, look).await
             };
             let mut warning = format!(
                 "the job's script ended but left {} processes running; terminating them",
                 left.len()
             );
+            let writing = match writing {
+                Ok(found) => found.unwrap_or_default(),
+                Err(_) => {
+                    warning.push_str(&format!(
+                        " (which files they still wrote is unknown: /proc did not answer within {} s)",
+                        LEFT_LOOK.as_secs()
+                    ));
+                    Vec::new()
+                }
+            };
             if !writing.is_empty() {
                 let shown: Vec<String> = writing
                     .iter()

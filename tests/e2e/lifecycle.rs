@@ -285,3 +285,30 @@ fn a_file_a_left_process_was_still_writing_is_named_in_the_warnings() {
         "{t}"
     );
 }
+
+/// The look at what the processes a script left behind still write stats each open file,
+/// and a job's own FUSE server (or a hung NFS mount) may never answer: bounded, it cannot hold
+/// the job's end (the GPU, the terminal status). The fault point stands for that stat.
+#[test]
+fn a_look_at_left_processes_that_never_answers_does_not_hold_the_end() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "written-paths".into()));
+    let script = "sh -c 'exec 3> $C3_ARTIFACTS_DIR/model.pt; printf half >&3; exec sleep 30' & \
+                  sleep 0.5; exit 0";
+    let spec = h.spec(json!({"job_id": "hung", "command": ["sh", "-c", script]}));
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while agent.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if agent.try_wait().unwrap().is_none() {
+        let _ = agent.kill();
+        panic!("the agent was still waiting on the look 60 s after the script ended");
+    }
+    h.wait("c3-agent run".into(), agent).assert_code(0);
+    let t = h.terminal("hung");
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert!(t["warnings"].to_string().contains("is unknown"), "{t}");
+    assert_eq!(h.manifest_paths("hung"), vec!["artifacts/model.pt"]);
+}
