@@ -1,11 +1,22 @@
 //! The manifest (contract §6): which blobs make up a job's output.
 
+use std::io::Write;
 use std::path::{Component, Path};
 
 use serde::{Deserialize, Serialize};
 
 /// The only manifest version this build reads and writes.
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// No manifest entry is shorter than this plus its path: its two hex digests alone are 128
+/// bytes, and its keys, indentation and shortest numbers over 70 more.
+pub const MIN_ENTRY_BYTES: u64 = 200;
+
+/// The least a manifest's entry for the file keyed `rel` takes: what a scan or live sync
+/// counts against `store.max_manifest_bytes` (a path may be 16 KiB).
+pub fn entry_floor(rel: &str) -> u64 {
+    MIN_ENTRY_BYTES + rel.len() as u64
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -89,6 +100,18 @@ impl Manifest {
     /// written from its book, never held as a million [`FileEntry`]s (hex strings and all)
     /// beside the document.
     pub fn to_json_with<T: ListedFile>(&self, files: impl Iterator<Item = T>) -> Vec<u8> {
+        self.to_json_within(files, u64::MAX)
+            .expect("a Manifest always serializes")
+    }
+
+    /// [`Manifest::to_json_with`], given up (`None`) as soon as the document passes `max`
+    /// bytes: a job's names can make it many times its entries' count would say (a control
+    /// character is six bytes escaped), and it is never built whole past what may be stored.
+    pub fn to_json_within<T: ListedFile>(
+        &self,
+        files: impl Iterator<Item = T>,
+        max: u64,
+    ) -> Option<Vec<u8>> {
         // The field order (and so the bytes) of the derived `Serialize` of `Manifest`.
         #[derive(Serialize)]
         struct Out<'a, F: Serialize> {
@@ -111,9 +134,13 @@ impl Manifest {
             logs: &self.logs,
             result: &self.result,
         };
-        let mut bytes = serde_json::to_vec_pretty(&out).expect("a Manifest always serializes");
-        bytes.push(b'\n');
-        bytes
+        let mut capped = Capped {
+            bytes: Vec::new(),
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+        };
+        serde_json::to_writer_pretty(&mut capped, &out).ok()?;
+        capped.write_all(b"\n").ok()?;
+        Some(capped.bytes)
     }
 
     /// Parse, refusing other versions and any entry that could escape a destination dir.
@@ -353,6 +380,26 @@ fn check_entry_path(path: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// A `Vec` that refuses to grow past `max` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.max {
+            return Err(std::io::Error::other("over the size limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,9 +478,17 @@ mod tests {
                         mtime_ns: h.6,
                     })
                     .collect();
+                let whole = m.to_json();
+                // Capped: the same bytes at exactly their size, nothing one byte short.
+                let len = whole.len() as u64;
+                assert_eq!(
+                    m.to_json_within(held[..n].iter(), len).as_ref(),
+                    Some(&whole)
+                );
+                assert_eq!(m.to_json_within(held[..n].iter(), len - 1), None);
                 assert_eq!(
                     String::from_utf8(streamed).unwrap(),
-                    String::from_utf8(m.to_json()).unwrap()
+                    String::from_utf8(whole).unwrap()
                 );
             }
         }

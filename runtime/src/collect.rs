@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::FileStat;
 
+use c3_proto::manifest::entry_floor;
+
 use crate::confine::{is_dir, is_regular, DirFd, JobReader};
 use crate::treewalk::{Item, TreeWalk};
 
@@ -89,6 +91,8 @@ pub struct Scan {
     pub incomplete: Vec<String>,
     /// Places past [`MAX_INCOMPLETE`]: then every output dir counts as incomplete.
     incomplete_overflow: usize,
+    /// The least the manifest entries of `files` take ([`entry_floor`] each).
+    listed_bytes: u64,
 }
 
 /// The deepest and the longest path, relative to the workdir, that is collected (paths past
@@ -136,11 +140,12 @@ impl Scan {
 }
 
 /// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
-/// only what that user could read itself is collected. At most `max_files` files: past
-/// that the walk stops and every dir counts as incomplete (nothing taken as deleted, each
+/// only what that user could read itself is collected. At most the files one manifest of
+/// `room` bytes could list (each at least [`entry_floor`]: short paths, `room` / 200; a path
+/// can be 16 KiB, and a million of those would be 16 GiB): past that the walk stops and every dir counts as incomplete (nothing taken as deleted, each
 /// an upload failure at the end), since a manifest could not list them all anyway. So do
 /// they past [`MAX_INCOMPLETE`] places that could not be read whole.
-pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_files: usize) -> Scan {
+pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u64) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
         Ok(d) => d,
@@ -155,9 +160,10 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_fil
         }
     };
     for dir in dirs {
-        if walk(&root, dir, reader, max_files, &mut out).is_err() {
+        if walk(&root, dir, reader, room, &mut out).is_err() {
             out.warn(format!(
-                "more than {max_files} files in the output dirs, more than a manifest can list (store.max_manifest_bytes); the rest are not uploaded"
+                "more files in the output dirs than a manifest can list (store.max_manifest_bytes = {room}; {} files were found first); the rest are not uploaded",
+                out.files.len()
             ));
             out.incomplete = dirs.to_vec();
             return out;
@@ -172,7 +178,7 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, max_fil
     out
 }
 
-/// The walk stopped at `max_files`.
+/// The walk stopped: the files found fill a manifest.
 struct TooMany;
 
 /// Depth first, reading each directory as a stream ([`TreeWalk`]): open fds and memory grow
@@ -181,7 +187,7 @@ fn walk(
     root: &DirFd,
     root_rel: &str,
     reader: Option<&JobReader>,
-    max_files: usize,
+    room: u64,
     out: &mut Scan,
 ) -> Result<(), TooMany> {
     let Some(top) = open_walked(root, OsStr::new(root_rel), root_rel, reader, out) else {
@@ -240,8 +246,12 @@ fn walk(
                 ));
                 continue;
             }
-            if out.files.len() >= max_files && !out.files.contains_key(&child_key) {
-                return Err(TooMany);
+            let floor = entry_floor(&child_key);
+            if !out.files.contains_key(&child_key) {
+                if out.listed_bytes.saturating_add(floor) > room {
+                    return Err(TooMany);
+                }
+                out.listed_bytes += floor;
             }
             out.files.insert(child_key, FileStamp::of_stat(&st));
         } else {
@@ -328,7 +338,7 @@ mod tests {
             limit.1,
         )
         .unwrap();
-        let s = scan(w, &["artifacts".into()], None, usize::MAX);
+        let s = scan(w, &["artifacts".into()], None, u64::MAX);
         nix::sys::resource::setrlimit(
             nix::sys::resource::Resource::RLIMIT_NOFILE,
             limit.0,
@@ -350,7 +360,7 @@ mod tests {
             std::fs::write(d.join("f"), "x").unwrap();
             d.push("d");
         }
-        let s = scan(w, &["artifacts".into()], None, usize::MAX);
+        let s = scan(w, &["artifacts".into()], None, u64::MAX);
         // artifacts/f has 2 components, artifacts/d/f 3, ...: MAX_DEPTH - 1 files fit.
         assert_eq!(
             s.files.len(),
@@ -407,7 +417,7 @@ mod tests {
             touch(&fd, &format!("{i:040}"));
         }
         touch(&fd, "ok");
-        let s = scan(w, &["artifacts".into()], None, usize::MAX);
+        let s = scan(w, &["artifacts".into()], None, u64::MAX);
         assert_eq!(s.incomplete, vec![base.clone()]);
         assert_eq!(s.files.len(), 1, "the short name beside them is collected");
         assert_eq!(
@@ -436,7 +446,7 @@ mod tests {
         std::fs::create_dir(w.join("out")).unwrap();
         std::fs::write(w.join("out/g"), "x").unwrap();
         let dirs = vec!["artifacts".to_string(), "out".to_string()];
-        let s = scan(w, &dirs, None, usize::MAX);
+        let s = scan(w, &dirs, None, u64::MAX);
         assert_eq!(s.incomplete, dirs);
         assert_eq!(s.files.len(), 1);
         assert!(s
@@ -444,7 +454,7 @@ mod tests {
             .last()
             .unwrap()
             .contains("could not be read whole"));
-        let few = scan(w, &["out".to_string()], None, usize::MAX);
+        let few = scan(w, &["out".to_string()], None, u64::MAX);
         assert!(few.incomplete.is_empty());
     }
 
@@ -479,7 +489,7 @@ mod tests {
                 "artifacts/deep".into(),
             ],
             None,
-            usize::MAX,
+            u64::MAX,
         );
         let names: Vec<_> = s.files.keys().cloned().collect();
         assert_eq!(names, vec!["artifacts/deep/er/a.txt", "out/b"]);
@@ -487,10 +497,10 @@ mod tests {
         assert!(s.incomplete.is_empty());
     }
 
-    /// Past `max_files` the walk stops: what it holds is bounded, nothing is taken as deleted
-    /// (every dir incomplete), and one warning says why.
+    /// Past what a manifest can list the walk stops: what it holds is bounded, nothing is
+    /// taken as deleted (every dir incomplete), and one warning says why.
     #[test]
-    fn a_scan_stops_at_max_files() {
+    fn a_scan_stops_where_a_manifest_is_full() {
         let dir = tempfile::tempdir().unwrap();
         let w = dir.path();
         for d in ["artifacts/a", "artifacts/b", "out"] {
@@ -500,13 +510,34 @@ mod tests {
             }
         }
         let dirs = vec!["artifacts".to_string(), "out".to_string()];
-        let s = scan(w, &dirs, None, 15);
+        // artifacts/ is walked first: 20 keys of 14 bytes, then out/'s 10 of 6.
+        let s = scan(w, &dirs, None, 15 * entry_floor("artifacts/a/f0"));
         assert_eq!(s.files.len(), 15);
         assert_eq!(s.incomplete, dirs);
         assert!(!s.covers("artifacts/a/f0") && !s.covers("out/f9"));
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
-        assert!(s.warnings[0].contains("more than 15 files"));
-        let all = scan(w, &dirs, None, 30);
+        assert!(s.warnings[0].contains("than a manifest can list"));
+        let room = 20 * entry_floor("artifacts/a/f0") + 10 * entry_floor("out/f0");
+        let all = scan(w, &dirs, None, room);
         assert_eq!((all.files.len(), all.incomplete.len()), (30, 0));
+        let short = scan(w, &dirs, None, room - 1);
+        assert_eq!((short.files.len(), short.incomplete.len()), (29, 2));
+    }
+
+    /// Long paths count with their length: 200 files below a 15 KiB path are 3 MB of keys, far
+    /// more than a 100 KB manifest could list, and the scan does not hold them.
+    #[test]
+    fn long_paths_fill_a_manifest_sooner() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        let (_, fd) = long_dir(w, 15_000);
+        for i in 0..200 {
+            touch(&fd, &format!("f{i}"));
+        }
+        let s = scan(w, &["artifacts".into()], None, 100_000);
+        let held: u64 = s.files.keys().map(|k| entry_floor(k)).sum();
+        assert!(held <= 100_000, "{} files, {held} bytes", s.files.len());
+        assert_eq!(s.files.len(), 6);
+        assert_eq!(s.incomplete, vec!["artifacts".to_string()]);
     }
 }

@@ -311,20 +311,19 @@ async fn final_sync(
         config.dirs.clone(),
         config.reader.clone(),
     );
-    let max_files = config.manifest.max_files();
-    let found = match tokio::task::spawn_blocking(move || {
-        scan(&workdir, &dirs, reader.as_ref(), max_files)
-    })
-    .await
-    {
-        Ok(found) => found,
-        Err(e) => {
-            // Never an empty scan: that would shrink the manifest silently.
-            tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
-            out.unstored.push("(the final scan)".into());
-            return out;
-        }
-    };
+    let room = config.manifest.max_bytes();
+    let found =
+        match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref(), room))
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                // Never an empty scan: that would shrink the manifest silently.
+                tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
+                out.unstored.push("(the final scan)".into());
+                return out;
+            }
+        };
     timings.scan = started.elapsed();
     timings.scanned = found.files.len();
     out.warnings = found.warnings.clone();

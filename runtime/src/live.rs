@@ -447,9 +447,9 @@ impl Syncer {
                 }
                 // Files created before the new directory's watch was set left no events.
                 let (workdir, reader) = (self.workdir.clone(), self.reader.clone());
-                let max_files = self.manifest.max_files();
+                let room = self.manifest.max_bytes();
                 let Ok(found) = crate::pace::spawn_gently(move || {
-                    scan(&workdir, &[rel], reader.as_ref(), max_files)
+                    scan(&workdir, &[rel], reader.as_ref(), room)
                 })
                 .await
                 else {
@@ -504,10 +504,9 @@ impl Syncer {
     async fn rescan(&mut self) {
         let (workdir, dirs, reader) =
             (self.workdir.clone(), self.dirs.clone(), self.reader.clone());
-        let max_files = self.manifest.max_files();
+        let room = self.manifest.max_bytes();
         let Ok(found) =
-            crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref(), max_files))
-                .await
+            crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref(), room)).await
         else {
             return;
         };

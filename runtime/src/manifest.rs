@@ -7,9 +7,7 @@ use c3_proto::{JobSpec, Logs, Manifest};
 use crate::store::{attempt_manifest_key, manifest_key, BlobStore, StoreError};
 use crate::sync::SyncBook;
 
-/// No manifest entry is shorter: its two hex digests alone are 128 bytes, and its keys,
-/// indentation and shortest path and numbers over 100 more.
-const MIN_ENTRY_BYTES: u64 = 200;
+use c3_proto::manifest::MIN_ENTRY_BYTES;
 
 /// Writes manifests of one attempt. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -42,6 +40,12 @@ impl ManifestWriter {
         usize::try_from(self.max_bytes / MIN_ENTRY_BYTES).unwrap_or(usize::MAX)
     }
 
+    /// `store.max_manifest_bytes`: the room the files tracked may take, each at least
+    /// [`c3_proto::manifest::entry_floor`] (with long paths, fewer than [`Self::max_files`]).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     /// The job's manifest key (what the artifacts registration names).
     pub fn key(&self) -> String {
         manifest_key(&self.job_id)
@@ -56,7 +60,7 @@ impl ManifestWriter {
             return Ok(());
         }
         let m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
-        self.write(m.to_json_with(book.listing())).await?;
+        self.write(self.document(&m, book)?).await?;
         book.mark_listed();
         Ok(())
     }
@@ -72,7 +76,17 @@ impl ManifestWriter {
         m.complete = true;
         m.logs = logs;
         m.result = result;
-        self.write(m.to_json_with(book.listing())).await
+        self.write(self.document(&m, book)?).await
+    }
+
+    /// The document, never built past `max_bytes` (what could not be stored anyway).
+    fn document(&self, m: &Manifest, book: &SyncBook) -> Result<Vec<u8>, StoreError> {
+        m.to_json_within(book.listing(), self.max_bytes)
+            .ok_or_else(|| StoreError::TooLarge {
+                key: manifest_key(&self.job_id),
+                size: self.max_bytes.saturating_add(1),
+                max: self.max_bytes,
+            })
     }
 
     /// The per-attempt key first, then the job's: a retried job never hides its failed

@@ -112,9 +112,9 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         parts.reader.cloned(),
         parts.procs.cloned(),
     );
-    let max_files = parts.manifest.max_files();
+    let room = parts.manifest.max_bytes();
     let looked = tokio::task::spawn_blocking(move || {
-        let found = scan(&workdir, &dirs, reader.as_ref(), max_files);
+        let found = scan(&workdir, &dirs, reader.as_ref(), room);
         let open = procs
             .map(|p| crate::procfs::written_by(&p.members()))
             .unwrap_or_default();

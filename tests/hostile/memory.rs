@@ -136,18 +136,22 @@ fn s3_refuses_sparse_and_oversized_files() {
 }
 
 /// A job's files cost the root agent memory each (scan, book, manifest): it tracks no more of
-/// them than a manifest can list (`store.max_manifest_bytes` / 200 bytes), however many empty
+/// them than a manifest can list (`store.max_manifest_bytes`, 200 bytes and the path each), however many empty
 /// files the job makes, and says so; the job is an upload error, as its manifest could never
 /// list them all.
 #[test]
 fn files_past_what_a_manifest_can_list_are_not_tracked() {
     let mut h = Harness::file();
-    // 100,000 bytes: at most 500 files.
+    // 100,000 bytes: at most 500 files, 460 with these paths.
     h.extra_toml = "[store]\nmax_manifest_bytes = 100000\n[sync]\nsettle_ms = 0\n".into();
     let script = "import os\nos.chdir(os.environ['C3_ARTIFACTS_DIR'])\nfor d in range(20):\n    os.mkdir('d%d' % d)\n    for i in range(500):\n        with open('d%d/f%d' % (d, i), 'w') as f:\n            f.write('%d %d' % (d, i))\n";
     let run = h.run_job(json!({"job_id": "many", "command": ["python3", "-c", script]}));
     run.assert_code(3);
-    assert!(run.stderr.contains("more than 500 files"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("than a manifest can list"),
+        "{}",
+        run.stderr
+    );
     let blobs = std::fs::read_dir(h.object_path("blobs/sha256"))
         .map(|d| d.count())
         .unwrap_or(0);
