@@ -173,6 +173,7 @@ fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Va
         "files_pending": p.filter(|_| r.is_some_and(|r| r.phase != Phase::Done)).map(|p| p.files_queued.saturating_sub(p.files_done)),
         "bytes_pending": p.filter(|_| r.is_some_and(|r| r.phase != Phase::Done)).map(|p| p.bytes_queued.saturating_sub(p.bytes_done)),
         "unstored": r.map(|r| r.unstored.clone()).unwrap_or_default(),
+        "unstored_more": r.map_or(0, |r| r.unstored_more),
         "outbox": outbox_len(ctx, job_id),
         "peak_memory_bytes": r.and_then(|r| r.facts.as_ref()).and_then(|f| f.peak_memory_bytes),
     })
@@ -207,7 +208,8 @@ fn job_line(v: &serde_json::Value) -> String {
             ));
         }
     }
-    let unstored = v["unstored"].as_array().map_or(0, Vec::len);
+    let unstored = v["unstored"].as_array().map_or(0, Vec::len) as u64
+        + v["unstored_more"].as_u64().unwrap_or(0);
     if unstored > 0 {
         line.push_str(&format!(
             "  {unstored} unstored: `c3-agent resync {}`",

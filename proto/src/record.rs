@@ -72,6 +72,10 @@ pub struct RunRecord {
     /// files stay on the node, and `resync`/`recover` try again.
     #[serde(default)]
     pub unstored: Vec<String>,
+    /// How many more could not be stored than `unstored` names (it names the first 100: a
+    /// job's million unstorable files must not make this record a gigabyte).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unstored_more: u64,
     /// The job user's uid and groups, as resolved at launch: `recover` and `resync` check
     /// readability against them even if the user is gone from the node by then.
     #[serde(default)]
@@ -190,4 +194,8 @@ impl OutboxEntry {
     pub fn body_json(&self) -> Vec<u8> {
         serde_json::to_vec(&self.body).expect("values always serialize")
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -85,8 +85,26 @@ impl CollectorConfig {
 pub struct FinalSync {
     /// For the status' warnings (skipped files, unreadable ones).
     pub warnings: Vec<String>,
-    /// Files (or subtrees) that could not be stored.
+    /// Files (or subtrees) that could not be stored: the first [`MAX_NAMED_UNSTORED`].
     pub unstored: Vec<String>,
+    /// How many more could not be stored.
+    pub unstored_more: u64,
+}
+
+/// Unstored files named (in the log, the run record, `status`); the rest are counted. A job
+/// can make a million files that cannot be stored (hard links to one sparse file), each
+/// with a 16 KiB path: one error line and one record entry each flooded the journal and grew
+/// the run record to gigabytes.
+pub const MAX_NAMED_UNSTORED: usize = 100;
+
+impl FinalSync {
+    fn unstored(&mut self, name: String) {
+        if self.unstored.len() < MAX_NAMED_UNSTORED {
+            self.unstored.push(crate::display::clip_text(name, 1024));
+        } else {
+            self.unstored_more += 1;
+        }
+    }
 }
 
 /// What the collector leaves behind.
@@ -187,8 +205,8 @@ impl CollectorHandle {
 fn lost(what: &str) -> FinalSync {
     tracing::error!("the collector task failed during {what}; counted as an upload failure");
     FinalSync {
-        warnings: Vec::new(),
         unstored: vec![format!("({what})")],
+        ..FinalSync::default()
     }
 }
 
@@ -320,7 +338,7 @@ async fn final_sync(
             Err(e) => {
                 // Never an empty scan: that would shrink the manifest silently.
                 tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
-                out.unstored.push("(the final scan)".into());
+                out.unstored("(the final scan)".into());
                 return out;
             }
         };
@@ -336,7 +354,7 @@ async fn final_sync(
     // What could not be read at all is unknown output: never a silent loss.
     for dir in &found.incomplete {
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
-        out.unstored.push(format!("{dir}/"));
+        out.unstored(format!("{dir}/"));
     }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
@@ -350,9 +368,18 @@ async fn final_sync(
     timings.uploaded = report.uploaded;
     timings.already_synced = report.skipped;
     out.warnings.extend(report.warnings.iter().cloned());
-    for (path, e) in &report.failures {
-        tracing::error!(path = %path, error = %crate::error_chain(e), retryable = e.is_retryable(), "upload failed");
-        out.unstored.push(path.clone());
+    for (path, e) in report.failures {
+        if out.unstored.len() < MAX_NAMED_UNSTORED {
+            tracing::error!(path = %path, error = %crate::error_chain(&e), retryable = e.is_retryable(), "upload failed");
+        }
+        out.unstored(path);
+    }
+    if out.unstored_more > 0 {
+        tracing::error!(
+            named = out.unstored.len(),
+            more = out.unstored_more,
+            "more uploads failed than are named one by one"
+        );
     }
     out
 }

@@ -70,6 +70,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         leader: None,
         cgroup: None,
         unstored: Vec::new(),
+        unstored_more: 0,
         job_user: None,
         facts: None,
         watched_dirs: None,
@@ -562,6 +563,7 @@ impl<'a> Run<'a> {
             JobEnd::AgentFailed | JobEnd::DatasetFailed { .. } => false,
         };
         let mut unstored = Vec::new();
+        let mut unstored_more = 0;
         let mut sealed = Sealed::default();
         let mut result = serde_json::Value::Null;
         if launched {
@@ -577,6 +579,7 @@ impl<'a> Run<'a> {
                 self.reports.warn(w);
             }
             unstored.extend(final_sync.unstored);
+            unstored_more = final_sync.unstored_more;
             result = crate::result::read(&self.workdir, self.collector_config.reader.as_ref())
                 .unwrap_or_else(|problem| {
                     self.reports.warn(format!("result file ignored: {problem}"));
@@ -592,6 +595,7 @@ impl<'a> Run<'a> {
         }
         Collected {
             unstored,
+            unstored_more,
             sealed,
             result,
         }
@@ -606,18 +610,20 @@ impl<'a> Run<'a> {
     ) -> JobSummary {
         let Collected {
             unstored,
+            unstored_more,
             mut sealed,
             result,
         } = collected;
-        let upload_errors = unstored.len() as u64;
+        let upload_errors = unstored.len() as u64 + unstored_more;
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
         let verdict = decide(&end, upload_errors > 0, oom);
         if upload_errors > 0 {
-            tracing::error!(upload_errors, unstored = ?unstored,
+            tracing::error!(upload_errors, unstored = ?&unstored[..unstored.len().min(20)],
                 "some output could not be stored; it stays on the node: `c3-agent resync {}` (or `recover`) stores it later",
                 self.spec().job_id);
         }
         self.record.unstored = unstored;
+        self.record.unstored_more = unstored_more;
         // `sealed.new_bytes` is what the attempt added in all (a crashed agent's uploads
         // included); an earlier registration of this attempt (before a resync) said part of it.
         let registered = self.record.synced.as_ref().map_or(0, |s| s.new_bytes);
@@ -689,7 +695,9 @@ impl<'a> Run<'a> {
 
 /// What the final sync and the seal left for the reports.
 struct Collected {
+    /// The first [`crate::collector::MAX_NAMED_UNSTORED`] (and the seal's), by name.
     unstored: Vec<String>,
+    unstored_more: u64,
     sealed: Sealed,
     result: serde_json::Value,
 }

@@ -610,6 +610,7 @@ mod tests {
                 leader: None,
                 cgroup: None,
                 unstored: Vec::new(),
+                unstored_more: 0,
                 job_user: None,
                 facts: None,
                 watched_dirs: None,

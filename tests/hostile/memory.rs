@@ -158,3 +158,28 @@ fn files_past_what_a_manifest_can_list_are_not_tracked() {
     // Live sync's 500 and the final scan's 500 may differ; the job made 10,000.
     assert!(blobs <= 1_010, "{blobs} blobs stored for 10,000 files");
 }
+
+/// Hard links to one sparse file cost a job nothing, and each is refused: the failures are
+/// counted in full, but only the first 100 are named (in the log, the run record, `status`):
+/// one error line and one record entry each flooded the journal and grew `run.json` (root's
+/// disk, read whole by every `recover`) with the job's file count and path lengths.
+#[test]
+fn unstorable_files_are_counted_not_each_named() {
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nlive = false\n".into();
+    let script = "cd $C3_ARTIFACTS_DIR && truncate -s 2G s && mkdir -p d && \
+                  i=0; while [ $i -lt 300 ]; do ln s d/link$i; i=$((i+1)); done";
+    let run = h.run_job(json!({"job_id": "links", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    let t = h.terminal("links");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert_eq!(t["upload_errors"], 301, "{t}");
+    let failed_lines = run.stderr.matches("upload failed").count();
+    assert!(failed_lines <= 101, "{failed_lines} error lines");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/links/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["unstored"].as_array().map(Vec::len), Some(100));
+    assert_eq!(record["unstored_more"], 201);
+}
