@@ -51,3 +51,14 @@ pub fn hang_point(name: &str) {
     #[cfg(not(debug_assertions))]
     let _ = name;
 }
+
+/// Blocks the calling thread for 1 s if `C3_AGENT_FAULT` names this point, in debug builds: a
+/// slow network mount.
+pub fn slow_point(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}

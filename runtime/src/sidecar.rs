@@ -183,21 +183,11 @@ async fn watch_attempt(
         // is not this attempt's word: ignored until it is written again. Only one changed
         // before this agent began counts as that (a short trainer may finish while the agent
         // starts); a sidecar taking an attempt over honours it (written while none watched).
-        let stale = match (attempt_known, plan.done_file.as_deref()) {
-            (false, Some(done)) => {
-                // With a margin: file times move once a tick (seconds on some file systems,
-                // and an NFS server's clock is its own).
-                let before = crate::display::epoch_ns(begun) - 2_000_000_000;
-                let stale = off_reactor(done, done_stamp)
-                    .await
-                    .filter(|s| s.ctime_ns < before);
-                if stale.is_some() {
-                    tracing::warn!(done_file = %done.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
-                }
-                stale
-            }
-            _ => None,
-        };
+        // Each read is judged by its own ctime, so a look that does not answer in time (a
+        // cold network mount) can never make an old file count. With a margin: file times
+        // move once a tick (seconds on some file systems, and an NFS server's clock is its own).
+        let ignore_before =
+            (!attempt_known).then(|| crate::display::epoch_ns(begun) - 2_000_000_000);
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
         record.job_user = job_user;
@@ -245,7 +235,7 @@ async fn watch_attempt(
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
         let Ended { end, message, oom } =
-            wait_for_end(&plan, leader.as_ref(), &procs, cancel, stale).await;
+            wait_for_end(&plan, leader.as_ref(), &procs, cancel, ignore_before).await;
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -365,14 +355,11 @@ async fn wait_for_end(
     leader: Option<&c3_proto::ProcIdentity>,
     procs: &JobProcesses,
     cancel: &CancellationToken,
-    stale: Option<DoneStamp>,
+    ignore_before: Option<i64>,
 ) -> Ended {
-    let mut done_reader = DoneReader::default();
-    let mut read_done_file = async |path: &Path| {
-        done_reader
-            .look(path)
-            .await
-            .and_then(|(said, stamp)| (Some(stamp) != stale).then_some(said))
+    let mut done_reader = DoneReader {
+        ignore_before,
+        ..DoneReader::default()
     };
     let mut tick = tokio::time::interval(POLL);
     let mut looks = 0u32;
@@ -388,10 +375,10 @@ async fn wait_for_end(
             let _ = procs.members_async().await;
         }
         let said = match plan.done_file.as_deref() {
-            Some(done) => read_done_file(done).await,
-            None => None,
+            Some(done) => done_reader.look(done).await,
+            None => Look::Absent,
         };
-        if let Some(said) = said {
+        if let Look::Said(said) = said {
             if leader.is_some() {
                 // The wrapper says it is over; what the trainer left behind may still write.
                 left_behind(procs, cancel).await;
@@ -405,7 +392,7 @@ async fn wait_for_end(
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
                     for _ in 0..10 {
-                        if let Some(said) = read_done_file(done).await {
+                        if let Look::Said(said) = done_reader.look(done).await {
                             return said.end().into();
                         }
                         tokio::time::sleep(POLL).await;
@@ -450,7 +437,13 @@ async fn wait_for_end(
                 tracing::warn!("agent asked to stop while the job's main process runs; canceled");
                 return (JobEnd::Canceled, Some("canceled".into())).into();
             }
-            if plan.done_file.is_some() {
+            if let Some(done) = plan.done_file.as_deref() {
+                // A read still under way (a network mount slow just after the last
+                // checkpoint) may hold the job's own word: it gets a few seconds of the stop
+                // deadline, and one read begun after the stop, before the job is called killed.
+                if let Some(said) = done_reader.last_word(done).await {
+                    return said.end().into();
+                }
                 // Kubernetes stops a sidecar only after the main containers ended, and the
                 // job's wrapper writes its done file (`canceled` on a pod deletion) before it
                 // exits: a job that wrote none was killed (OOM, SIGKILL).
@@ -514,42 +507,74 @@ enum DoneFile {
 /// Which version of the done file is there.
 type DoneStamp = crate::collect::FileStamp;
 
-/// Runs `look` on the done file off the reactor, giving up after [`POLL`]s: a FUSE mount a job
-/// made there (`allow_other`) could hold a read forever, and the reactor with it.
-async fn off_reactor<T: Send + 'static>(path: &Path, look: fn(&Path) -> Option<T>) -> Option<T> {
-    let path = path.to_path_buf();
-    let handle = tokio::task::spawn_blocking(move || look(&path));
-    tokio::time::timeout(POLL * 25, handle).await.ok()?.ok()?
+/// What one look at the done file found.
+enum Look {
+    Said(DoneFile),
+    /// Not there, empty, or from before this attempt.
+    Absent,
+    /// The read has not answered yet (it goes on; the next look waits for it again).
+    Pending,
 }
 
+/// How long a stop request waits for the done file's read to answer.
+const STOP_READ_WAIT: Duration = Duration::from_secs(5);
+
 /// Reads the done file off the reactor, one read at a time: a look that finds the last read
-/// still hanging does not start another (each would hold a blocking thread).
+/// still hanging does not start another (each would hold a blocking thread), and a FUSE
+/// mount a job made there (`allow_other`) could hold a read forever, and the reactor with it.
 #[derive(Default)]
 struct DoneReader {
     pending: Option<tokio::task::JoinHandle<Option<(DoneFile, DoneStamp)>>>,
+    /// A done file changed before this (ns since the epoch) is an earlier attempt's.
+    ignore_before: Option<i64>,
+    warned_stale: bool,
 }
 
 impl DoneReader {
-    async fn look(&mut self, path: &Path) -> Option<(DoneFile, DoneStamp)> {
+    /// Waits up to [`POLL`] for the read under way (or a new one).
+    async fn look(&mut self, path: &Path) -> Look {
         let pending = self.pending.get_or_insert_with(|| {
             let path = path.to_path_buf();
             tokio::task::spawn_blocking(move || read_done_file(&path))
         });
-        let read = tokio::time::timeout(POLL, pending).await.ok()?;
+        let Ok(read) = tokio::time::timeout(POLL, pending).await else {
+            return Look::Pending;
+        };
         self.pending = None;
-        read.ok().flatten()
+        match read.ok().flatten() {
+            Some((_, stamp)) if self.ignore_before.is_some_and(|t| stamp.ctime_ns < t) => {
+                if !self.warned_stale {
+                    self.warned_stale = true;
+                    tracing::warn!(done_file = %path.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
+                }
+                Look::Absent
+            }
+            Some((said, _)) => Look::Said(said),
+            None => Look::Absent,
+        }
     }
-}
 
-/// The done file's version, if one is there.
-fn done_stamp(path: &Path) -> Option<DoneStamp> {
-    let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
-    file.metadata().ok().map(|m| DoneStamp::of(&m))
+    /// After a stop request: what the done file says, waiting up to [`STOP_READ_WAIT`] for a
+    /// read begun after the request to answer (one already under way may predate the file).
+    async fn last_word(&mut self, path: &Path) -> Option<DoneFile> {
+        let until = tokio::time::Instant::now() + STOP_READ_WAIT;
+        let mut began_before = self.pending.is_some();
+        loop {
+            let in_time = tokio::time::Instant::now() < until;
+            match self.look(path).await {
+                Look::Said(said) => return Some(said),
+                Look::Pending if in_time => {}
+                Look::Absent if began_before && in_time => began_before = false,
+                Look::Pending | Look::Absent => return None,
+            }
+        }
+    }
 }
 
 /// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
 /// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
+    crate::fault::slow_point("slow-done-read");
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     let meta = file.metadata().ok()?;
     if !meta.is_file() {

@@ -537,6 +537,41 @@ fn watch_stopped_before_the_promised_done_file_says_the_job_was_killed() {
     assert_eq!(h.manifest_paths("sidekill"), vec!["out/a"]);
 }
 
+/// The trainer wrote its done file, and the sidecar is stopped while its read of it is still
+/// under way (a network mount slow just after the last checkpoint; the fault point makes each
+/// read take 1 s): the read's answer is the job's end, not "killed".
+#[test]
+fn watch_stopped_during_a_slow_read_of_the_done_file_takes_its_word() {
+    let mut h = Harness::file().with_control_plane(10);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "slow-done-read".into()));
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/a"), "a").unwrap();
+    let done = shared.join("done");
+    let done_arg = done.display().to_string();
+    let agent = watch(
+        &h,
+        "sideslow",
+        &["--done-file", &done_arg],
+        &[&shared.join("out")],
+    );
+    let rec = h.state.join("jobs/sideslow/attempts/1/run.json");
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    // Reads under way from now on take 1 s each: the stop comes before one answers.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&done, "0\n").unwrap();
+    signal(agent.id(), "TERM");
+    h.wait("watch stopped".into(), agent).assert_code(0);
+    let t = h.terminal("sideslow");
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert_eq!(h.manifest_paths("sideslow"), vec!["out/a"]);
+}
+
 #[test]
 fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_twice() {
     let h = Harness::file().with_control_plane(10);
