@@ -40,25 +40,14 @@ pub fn crash_point(name: &str) {
     let _ = name;
 }
 
-/// Blocks the calling thread for an hour if `C3_AGENT_FAULT` names this point, in debug
-/// builds: a look that never comes back (a stat held by a job's FUSE server, a hard NFS mount
-/// whose server is gone), for the tests of the bounds around such looks.
-pub fn hang_point(name: &str) {
+/// Blocks the calling thread for `how_long` if `C3_AGENT_FAULT` names this point, in debug
+/// builds: a look that is slow (a network mount after a checkpoint) or never comes back (a
+/// stat held by a job's FUSE server), for the tests of the bounds around such looks.
+pub fn blocking_pause(name: &str, how_long: std::time::Duration) {
     #[cfg(debug_assertions)]
     if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+        std::thread::sleep(how_long);
     }
     #[cfg(not(debug_assertions))]
-    let _ = name;
-}
-
-/// Blocks the calling thread for 1 s if `C3_AGENT_FAULT` names this point, in debug builds: a
-/// slow network mount.
-pub fn slow_point(name: &str) {
-    #[cfg(debug_assertions)]
-    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
-    #[cfg(not(debug_assertions))]
-    let _ = name;
+    let _ = (name, how_long);
 }

@@ -199,7 +199,7 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
 /// The paths of the regular files `pids` hold open for write (as the kernel names them now;
 /// ` (deleted)` for one removed), sorted, each once.
 pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
-    crate::fault::hang_point("written-paths");
+    crate::fault::blocking_pause("written-paths", std::time::Duration::from_secs(3600));
     let paths: std::collections::BTreeSet<_> = pids
         .iter()
         .flat_map(|pid| write_fds(*pid))

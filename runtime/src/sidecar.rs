@@ -574,7 +574,7 @@ impl DoneReader {
 /// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
 /// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
 fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
-    crate::fault::slow_point("slow-done-read");
+    crate::fault::blocking_pause("slow-done-read", Duration::from_secs(1));
     let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
     let meta = file.metadata().ok()?;
     if !meta.is_file() {
