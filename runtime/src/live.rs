@@ -544,25 +544,23 @@ impl Syncer {
     /// Uploads the candidates that settled and that nobody writes to any more.
     async fn settle(&mut self, uploads: &mut JoinSet<UploadResult>) {
         let now = Instant::now();
-        let due: Vec<String> = self
-            .candidates
-            .iter()
-            .filter(|(rel, c)| {
-                now >= c.since + self.opts.settle && !self.in_flight.contains_key(*rel)
-            })
-            .map(|(rel, _)| rel.clone())
-            .collect();
-        if due.is_empty() {
-            return;
-        }
-        // One trip off the reactor: who writes what, and how each due file looks now.
         let room = self
             .uploader
             .options()
             .files_in_flight
             .max(1)
             .saturating_sub(self.in_flight.len());
-        let due: Vec<String> = due.into_iter().take(room).collect();
+        let due = due(
+            &self.candidates,
+            &self.in_flight,
+            now,
+            self.opts.settle,
+            room,
+        );
+        if due.is_empty() {
+            return;
+        }
+        // One trip off the reactor: who writes what, and how each due file looks now.
         let procs = self.procs.clone();
         let (workdir, paths) = (self.workdir.clone(), due.clone());
         let looked = crate::pace::spawn_gently(move || {
@@ -695,9 +693,70 @@ impl Syncer {
     }
 }
 
+/// The candidates that settled and are not being uploaded, at most `room` of them: only
+/// those are copied. All of them were, at every wake, to start the few there was room for:
+/// a job's 100,000 fresh files cost a copy of every path each time (and a full pass to
+/// collect them), however few could start.
+fn due(
+    candidates: &HashMap<String, Candidate>,
+    in_flight: &HashMap<String, tokio::task::Id>,
+    now: Instant,
+    settle: Duration,
+    room: usize,
+) -> Vec<String> {
+    candidates
+        .iter()
+        .filter(|(rel, c)| now >= c.since + settle && !in_flight.contains_key(*rel))
+        .take(room)
+        .map(|(rel, _)| rel.clone())
+        .collect()
+}
+
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wake copies no more paths than there is room to upload, however many settled.
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_takes_only_as_many_settled_files_as_there_is_room_for() {
+        let settle = Duration::from_millis(100);
+        let start = Instant::now();
+        let mut candidates: HashMap<String, Candidate> = (0..10_000)
+            .map(|i| {
+                let c = Candidate {
+                    stamp: None,
+                    since: start,
+                };
+                (format!("artifacts/f{i}"), c)
+            })
+            .collect();
+        // Not settled yet: never due.
+        candidates.insert(
+            "artifacts/fresh".into(),
+            Candidate {
+                stamp: None,
+                since: start + settle,
+            },
+        );
+        let in_flight = HashMap::new();
+        let now = start + settle;
+        let got = due(&candidates, &in_flight, now, settle, 16);
+        assert_eq!(got.len(), 16);
+        assert!(!got.contains(&"artifacts/fresh".to_string()));
+        assert!(due(&candidates, &in_flight, now, settle, 0).is_empty());
+        // What is being uploaded is not taken again.
+        let mut in_flight = HashMap::new();
+        let busy = tokio::spawn(async {}).id();
+        for rel in candidates.keys().filter(|k| *k != "artifacts/fresh") {
+            in_flight.insert(rel.clone(), busy);
+        }
+        assert!(due(&candidates, &in_flight, now, settle, 16).is_empty());
     }
 }
