@@ -298,7 +298,41 @@ impl Syncer {
     async fn paced_rescan(&mut self) {
         self.rescans.last = Some(Instant::now());
         self.rescans.due = None;
+        self.rewatch().await;
         self.rescan().await;
+    }
+
+    /// Hints were lost (or polling looks again): the watches of directories removed
+    /// meanwhile are dropped (their `Gone` may be among the lost: each would keep a watch
+    /// slot and its name for the rest of the job), and directories made meanwhile are
+    /// watched (their `Touched` too), before the rescan looks at the files.
+    async fn rewatch(&mut self) {
+        let Some(mut w) = self.watcher.take() else {
+            return;
+        };
+        match crate::pace::spawn_gently(move || {
+            let dropped = w.prune();
+            (w, dropped)
+        })
+        .await
+        {
+            Ok((w, dropped)) => {
+                if dropped > 0 {
+                    tracing::debug!(dropped, "watches of removed directories dropped");
+                }
+                self.watcher = Some(w);
+            }
+            Err(_) => {
+                self.polling = true;
+                return;
+            }
+        }
+        // Past `max_watches` polling has taken over: walking again would only hit the cap.
+        if !self.polling {
+            for root in self.roots.clone() {
+                self.watch_tree(root).await;
+            }
+        }
     }
 
     /// Hashes ahead what a large file being written already holds (one task per file).

@@ -50,13 +50,21 @@ pub struct DirWatcher {
     watcher: notify::RecommendedWatcher,
     /// Watched directories are opened beneath it, never through a symlink.
     workdir: PathBuf,
-    /// Each watched directory (its path under the workdir) and the alias it is watched by.
-    watched: HashMap<PathBuf, PathBuf>,
+    /// Each watched directory (its path under the workdir): the alias it is watched by, and
+    /// which directory it was (see [`DirWatcher::prune`]).
+    watched: HashMap<PathBuf, Watch>,
     aliases: Arc<Aliases>,
     max_watches: usize,
     /// Owned here, not by `Aliases`: the event handler holds those until notify's thread lets
     /// go of it, which an exiting agent does not wait for, and /tmp kept one dir per job.
     _alias_dir: tempfile::TempDir,
+}
+
+/// One watched directory.
+struct Watch {
+    alias: PathBuf,
+    /// Device and inode of the directory watched: a name may be another directory later.
+    id: (u64, u64),
 }
 
 /// Where watch aliases are made, and which directory each one stands for.
@@ -79,6 +87,24 @@ impl Aliases {
     }
 }
 
+impl Aliases {
+    /// A watched directory removed (`DELETE_SELF`: the event names the alias itself) took its
+    /// kernel watch with it: its alias stands for nothing any more. Done here, on notify's
+    /// thread, whatever becomes of the hint: [`DirWatcher::prune`] must know the watch is gone
+    /// even when a new directory got the old one's inode number.
+    fn forget_removed(&self, event: &Event) {
+        if !matches!(event.kind, EventKind::Remove(_)) {
+            return;
+        }
+        for p in &event.paths {
+            if let Some(name) = p.file_name().filter(|_| p.parent() == Some(&self.dir)) {
+                let mut of = self.of.lock().unwrap_or_else(|p| p.into_inner());
+                of.remove(name);
+            }
+        }
+    }
+}
+
 /// Setting watches stopped: poll from now on.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchStopped {
@@ -96,12 +122,16 @@ impl DirWatcher {
 
     /// Watches the open directory `fd` (which is `d`) through a fresh alias.
     fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> Result<notify::Result<()>, WatchStopped> {
-        let id = self
+        let id = match crate::confine::fstat(fd) {
+            Ok(st) => (st.st_dev, st.st_ino),
+            Err(e) => return Ok(Err(notify::Error::io(e))),
+        };
+        let name = self
             .aliases
             .next
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let alias = self.aliases.dir.join(&id);
+        let alias = self.aliases.dir.join(&name);
         std::os::unix::fs::symlink(
             format!("/proc/self/fd/{}", std::os::fd::AsFd::as_fd(fd).as_raw_fd()),
             &alias,
@@ -111,12 +141,12 @@ impl DirWatcher {
             .of
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone().into(), d.to_path_buf());
+            .insert(name.clone().into(), d.to_path_buf());
         let watched = self.watcher.watch(&alias, RecursiveMode::NonRecursive);
         let _ = std::fs::remove_file(&alias);
         Ok(match watched {
             Ok(()) => {
-                self.watched.insert(d.to_path_buf(), alias);
+                self.watched.insert(d.to_path_buf(), Watch { alias, id });
                 Ok(())
             }
             Err(e) => {
@@ -124,7 +154,7 @@ impl DirWatcher {
                     .of
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(std::ffi::OsStr::new(&id));
+                    .remove(std::ffi::OsStr::new(&name));
                 Err(e)
             }
         })
@@ -201,16 +231,58 @@ impl DirWatcher {
             .cloned()
             .collect();
         for p in gone {
-            let Some(alias) = self.watched.remove(&p) else {
-                continue;
-            };
-            // The kernel already dropped the watch of a deleted directory.
-            let _ = self.watcher.unwatch(&alias);
-            if let Some(id) = alias.file_name() {
-                let mut of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
-                of.remove(id);
-            }
+            self.unwatch(&p);
         }
+    }
+
+    /// Drops the watch of the directory `d` (only that one).
+    fn unwatch(&mut self, d: &Path) {
+        let Some(w) = self.watched.remove(d) else {
+            return;
+        };
+        // The kernel already dropped the watch of a deleted directory.
+        let _ = self.watcher.unwatch(&w.alias);
+        if let Some(name) = w.alias.file_name() {
+            let mut of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
+            of.remove(name);
+        }
+    }
+
+    /// Drops the watches of directories that are gone, or whose name is another directory
+    /// now; returns how many. Such a watch normally goes with the `Gone` hint of its removal,
+    /// but hints are lost when the queue overflows: each lost one kept its name and a slot
+    /// of `max_watches` for the rest of the job (a job making and removing directories in
+    /// bursts pushed live sync into polling), and a directory made again under that name was
+    /// taken as watched and never was.
+    pub fn prune(&mut self) -> usize {
+        let Ok(root) = DirFd::open_root(&self.workdir) else {
+            return 0;
+        };
+        let of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<PathBuf> = self
+            .watched
+            .iter()
+            .filter(|(d, w)| {
+                if w.alias
+                    .file_name()
+                    .is_none_or(|name| !of.contains_key(name))
+                {
+                    return true;
+                }
+                let now = match d.strip_prefix(&self.workdir) {
+                    Ok(rel) if rel.as_os_str().is_empty() => crate::confine::fstat(&root),
+                    Ok(rel) => crate::confine::lstat_beneath(&root, rel),
+                    Err(_) => return true,
+                };
+                !now.is_ok_and(|st| is_dir(&st) && (st.st_dev, st.st_ino) == w.id)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        drop(of);
+        for d in &stale {
+            self.unwatch(d);
+        }
+        stale.len()
     }
 }
 
@@ -287,7 +359,9 @@ pub fn watcher(
                     // A name under a watch already dropped has no directory any more (None),
                     // and keeps its place: a rename's destination stays its destination.
                     let paths = event.paths.iter().map(|p| aliases.resolve(p)).collect();
-                    hints_of(&event, paths)
+                    let hints = hints_of(&event, paths);
+                    aliases.forget_removed(&event);
+                    hints
                 }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                     vec![Hint::Degraded(format!("inotify watch limit reached: {e}"))]
@@ -378,6 +452,14 @@ mod tests {
         out
     }
 
+    fn wait_until(mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "not within 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// A killed agent's scratch dir goes at the next sweep; a live agent's, a symlink and
     /// another user's dir of the same name stay.
     #[test]
@@ -447,6 +529,44 @@ mod tests {
         assert_eq!(
             hints_of(&event, vec![Some(from.clone()), Some(to.clone())]),
             vec![Hint::Gone(from), Hint::Touched(to)]
+        );
+    }
+
+    /// Directories removed, moved away or made again under their name while every hint was
+    /// lost (nobody reads the queue here) give back their watches at the next prune, and a
+    /// walk then watches what is there now.
+    #[test]
+    fn watches_of_directories_gone_while_hints_were_lost_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        for d in ["gone", "moved", "again", "kept"] {
+            std::fs::create_dir_all(art.join(d)).unwrap();
+        }
+        let (mut watcher, _hints) = watcher(&w, 1, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        assert_eq!(watcher.watch_count(), 5);
+        std::fs::remove_dir(art.join("gone")).unwrap();
+        std::fs::rename(art.join("moved"), w.join("elsewhere")).unwrap();
+        std::fs::remove_dir(art.join("again")).unwrap();
+        std::fs::create_dir(art.join("again")).unwrap();
+        // Its inode number may be the old one's: the removal's event tells them apart.
+        wait_until(|| watcher.aliases.of.lock().unwrap().len() == 3);
+
+        assert_eq!(watcher.prune(), 3);
+        assert_eq!(watcher.watch_count(), 2, "artifacts and kept");
+        assert_eq!(watcher.aliases.of.lock().unwrap().len(), 2);
+        assert!(
+            !watched_inodes().contains(&std::fs::metadata(w.join("elsewhere")).unwrap().ino()),
+            "a directory moved out of the output dirs is still watched"
+        );
+        assert_eq!(watcher.prune(), 0);
+        watcher.watch_tree(&art).unwrap();
+        assert_eq!(watcher.watch_count(), 3);
+        let again = std::fs::metadata(art.join("again")).unwrap().ino();
+        assert!(
+            watched_inodes().contains(&again),
+            "the new `again` is not watched"
         );
     }
 

@@ -252,6 +252,42 @@ fn event_queue_overflow_rescans_and_loses_nothing() {
 }
 
 #[test]
+fn directories_removed_while_hints_overflow_give_their_watches_back() {
+    let mut h = Harness::file();
+    // Every burst overflows the one-slot queue, so the removal of a watched directory is
+    // often among the lost hints; 10 watches are 3 in use (artifacts, flood, the newest)
+    // and room for what one rescan's pace (1 s, 5 rounds) loses, never for a whole job's.
+    h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\nmax_watches = 10\n".into();
+    let py = r#"
+import os, time
+d = os.environ['C3_ARTIFACTS_DIR']
+flood = os.path.join(d, 'flood')
+os.mkdir(flood)
+for i in range(40):
+    s = os.path.join(d, 'd%03d' % i)
+    os.mkdir(s)
+    time.sleep(0.1)
+    for j in range(200):
+        open(os.path.join(flood, 'f%d' % j), 'w').write('x')
+    os.rmdir(s)
+    time.sleep(0.05)
+"#;
+    let run = h.run_job(json!({"job_id": "dirs", "command": ["python3", "-c", py]}));
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("rescanning"),
+        "no hint was lost: {}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("no more directories can be watched"),
+        "the watches of removed directories were kept: {}",
+        run.stderr
+    );
+    assert_eq!(h.manifest_paths("dirs").len(), 200);
+}
+
+#[test]
 fn poll_mode_syncs_without_inotify() {
     let mut h = harness(Store::File);
     h.extra_toml.push_str("mode = \"poll\"\npoll_ms = 100\n");
