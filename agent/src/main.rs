@@ -332,7 +332,19 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 owned_here(&st, "directory")?;
             }
             let file = root.open_file(rel).map_err(err)?;
-            owned_here(&c3_runtime::confine::fstat(&file).map_err(err)?, "file")?;
+            let st = c3_runtime::confine::fstat(&file).map_err(err)?;
+            owned_here(&st, "file")?;
+            // The agent makes `<jobs_root>` and the job's dir traversable (0711) for the job's
+            // user: a spec a scheduler wrote with umask 022 was then readable, `env` secrets
+            // and all, by every other tenant's job that guessed its id (unit names and
+            // `/proc/<pid>/cmdline` tell it). It is root's (checked above): closed on its fd.
+            if st.st_mode & 0o077 != 0 {
+                let closed = nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o700);
+                match nix::sys::stat::fchmod(&file, closed) {
+                    Ok(()) => tracing::warn!(spec = %path.display(), was = format!("{:o}", st.st_mode & 0o7777), "the job spec was readable by other users (its env may hold secrets); made 0600: have the scheduler write it so"),
+                    Err(e) => return Err(format!("job spec {}: readable by other users (mode {:o}) and cannot be closed: {e}", path.display(), st.st_mode & 0o7777)),
+                }
+            }
             file
         }
         None => std::fs::OpenOptions::new()

@@ -123,3 +123,28 @@ fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
     assert!(h.object(&format!("blobs/sha256/{secret}")).is_none());
     assert_eq!(h.manifest_paths("locked"), vec!["artifacts/reply.txt"]);
 }
+
+/// The scheduler's spec at `<jobs_root>/<id>/job.json`, written with umask 022, sat in
+/// directories the agent makes traversable for the job's user: any other tenant's job that
+/// guessed the id (`systemctl list-units`, `/proc/<pid>/cmdline`) read its `env` secrets. The
+/// agent closes it (0600) on its fd and says so.
+#[test]
+fn a_spec_readable_by_others_is_closed_before_the_job_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = open_harness();
+    let dir = h.path("specx");
+    std::fs::create_dir(&dir).unwrap();
+    let spec = dir.join("job.json");
+    let body = json!({"job_id": "specx", "workdir": h.path("specx/work").display().to_string(),
+        "env": {"SECRET": "xyzzy"}, "command": ["true"]});
+    std::fs::write(&spec, body.to_string()).unwrap();
+    std::fs::set_permissions(&spec, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = h.run(&["run", "--job-id", "specx"]);
+    run.assert_code(0);
+    assert_eq!(mode(&spec), 0o600);
+    assert!(
+        run.stderr.contains("readable by other users"),
+        "{}",
+        run.stderr
+    );
+}
