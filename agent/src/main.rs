@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod exposure;
 mod inspect;
 mod ops;
 mod out;
@@ -552,6 +553,10 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // First: a stop (or a forwarded signal) from now on is handled, never the default action.
     let cancel = cancel_on_signals(&config.forward_signals);
     starting(env, &ctx);
+    let metadata = ctx.store.instance_metadata_endpoint();
+    for exposed in exposure::warnings(config, spec.user.is_some(), metadata) {
+        tracing::warn!("{exposed}");
+    }
     tokio::spawn(unitcheck::warn_if_stop_timeout_too_short(
         config.stop_deadline,
         config.kill_grace,
@@ -618,6 +623,9 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
     // restart takes the attempt over.
     let cancel = cancel_on_signals(&[]);
     starting(env, &ctx);
+    for exposed in exposure::warnings(&env.config, false, None) {
+        tracing::warn!("{exposed}");
+    }
     let plan = c3_runtime::sidecar::WatchPlan {
         job_id: args.job_id,
         attempt: args.attempt,

@@ -735,6 +735,16 @@ impl BlobStore {
         &self.url
     }
 
+    /// The instance-metadata endpoint the store's credentials come from, if that is where
+    /// (nothing configured: object_store asks it). Any process of the node that can reach it
+    /// gets the same keys, a job's too, unless the node blocks it for users other than root.
+    pub fn instance_metadata_endpoint(&self) -> Option<&str> {
+        match &*self.credentials {
+            Credentials::InstanceMetadata(endpoint) => Some(endpoint),
+            _ => None,
+        }
+    }
+
     /// Proves before launch that the store is reachable and writable by
     /// creating the empty blob (which is itself a valid blob).
     /// One attempt, no retries: a transient failure here does not block the launch. Missing

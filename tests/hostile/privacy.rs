@@ -148,3 +148,26 @@ fn a_spec_readable_by_others_is_closed_before_the_job_starts() {
         run.stderr
     );
 }
+
+/// The agent's control-plane token in a file every user may read is named at each run with
+/// its fix (a job could report as this node with it); closed, nothing is said.
+#[test]
+fn a_token_file_every_user_may_read_is_named_at_each_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = open_harness().with_control_plane(10);
+    let config = h.config_path();
+    let token = h.path("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = h.run_job(json!({"job_id": "tok1", "command": ["true"]}));
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("control-plane token file") && run.stderr.contains("chmod 600"),
+        "{}",
+        run.stderr
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = h.run_job(json!({"job_id": "tok2", "command": ["true"]}));
+    run.assert_code(0);
+    assert!(!run.stderr.contains("may be read by every user"), "{}", run.stderr);
+}
