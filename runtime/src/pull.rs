@@ -292,7 +292,7 @@ async fn fetch(
             } else {
                 make_parent(&root, &parent, owner, &entry, &target)?
             };
-            if let Some(same) = existing(&dir, &name, &entry, force).map_err(werr)? {
+            if let Some(same) = existing(&dir, &name, &entry, owner, force).map_err(werr)? {
                 return if same {
                     Ok(entry.size)
                 } else {
@@ -372,10 +372,14 @@ async fn fetch(
 
 /// What is at `name` already: `None` nothing (or `force`: it will be replaced),
 /// `Some(true)` a regular file with the entry's size and sha256, `Some(false)` anything else.
+/// With `owner`, only a file of that user is kept: a job may plant a hard link to another
+/// user's file there (`fs.protected_hardlinks=0`), and whether root kept it would tell the
+/// job whether that file holds the entry's bytes.
 fn existing(
     dir: &DirFd,
     name: &std::ffi::OsStr,
     entry: &FileEntry,
+    owner: Owner,
     force: bool,
 ) -> std::io::Result<Option<bool>> {
     let st = match dir.stat(name) {
@@ -386,7 +390,8 @@ fn existing(
     let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
     if regular && st.st_size as u64 == entry.size {
         let file = dir.open_file(Path::new(name))?;
-        if same_bytes(file, entry)? {
+        let theirs = crate::confine::fstat(&file)?.st_uid;
+        if owner.is_none_or(|(uid, _)| uid == theirs) && same_bytes(file, entry)? {
             return Ok(Some(true));
         }
     }
@@ -497,6 +502,32 @@ mod tests {
             mode: 0o644,
             mtime_ns: 0,
         }
+    }
+
+    /// Pulled for a job's user, a file of another user at the entry's path (a hard link the
+    /// job planted) is replaced whatever it holds, never kept for matching bytes.
+    #[test]
+    fn only_the_jobs_own_file_is_kept_for_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"abc").unwrap();
+        let fd = DirFd::open(dir.path()).unwrap();
+        let entry = entry_of(b"abc");
+        let name = std::ffi::OsStr::new("f");
+        let me = nix::unistd::geteuid().as_raw();
+        let other = me.wrapping_add(1);
+        assert_eq!(existing(&fd, name, &entry, None, true).unwrap(), Some(true));
+        assert_eq!(
+            existing(&fd, name, &entry, Some((me, me)), true).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            existing(&fd, name, &entry, Some((other, other)), true).unwrap(),
+            None
+        );
+        assert_eq!(
+            existing(&fd, name, &entry, Some((other, other)), false).unwrap(),
+            Some(false)
+        );
     }
 
     /// A job's process grows the file to a sparse terabyte the moment root opens it: the
