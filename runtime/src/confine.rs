@@ -383,10 +383,28 @@ impl JobReader {
         }
     }
 
-    /// Whether this user may read a file with this owner and mode (ACLs aside: they can
-    /// only narrow what the mode bits grant to the owner class here, never widen "other").
+    /// Whether this user may read a file with this owner and mode, by the mode bits alone:
+    /// what a scan can tell from a stat. The read itself is decided by [`JobReader::may_read`].
     pub fn can_read(&self, st: &FileStat) -> bool {
         self.allows(st, 0o4)
+    }
+
+    /// Whether this user may read the open `file` (whose stat is `st`), its access ACL
+    /// included: a named entry may deny what "other" grants (`user:bob:---` on a 0644
+    /// file someone else put in bob's output dir), or grant what the mode bits refuse. An
+    /// ACL that cannot be read is a refusal.
+    pub fn may_read(&self, file: &impl AsFd, st: &FileStat) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        match crate::acl::of(file) {
+            Ok(None) => self.can_read(st),
+            Ok(Some(acl)) => acl.allows(self.uid, &self.gids, st, 0o4),
+            Err(e) => {
+                tracing::debug!(error = %e, "taken as not readable by the job's user");
+                false
+            }
+        }
     }
 
     /// Whether this user may list and enter a directory.

@@ -7,6 +7,7 @@
 //! [`store`] and the manifest last ([`manifest`]); [`jobreport`] tells the control plane.
 //! [`recover`] finishes what a crashed agent left; [`pull`] reads back.
 
+pub mod acl;
 pub mod agentsock;
 pub mod awsprofile;
 pub mod budget;

@@ -217,7 +217,7 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         if !crate::confine::is_regular(&st) {
             return Err(format!("{r} is not a regular file; not published"));
         }
-        if reader.is_some_and(|rd| !rd.can_read(&st)) {
+        if reader.is_some_and(|rd| !rd.may_read(&file, &st)) {
             return Err(format!(
                 "{r} is not readable by the job's user; not published"
             ));

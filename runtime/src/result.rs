@@ -32,7 +32,7 @@ pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Va
     if !crate::confine::is_regular(&st) {
         return Err("not a regular file".into());
     }
-    if reader.is_some_and(|r| !r.can_read(&st)) {
+    if reader.is_some_and(|r| !r.may_read(&file, &st)) {
         return Err("not readable by the job's user".into());
     }
     if st.st_size as u64 > MAX_RESULT_BYTES {

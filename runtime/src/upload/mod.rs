@@ -479,7 +479,7 @@ fn open_confined(
     }
     // The agent's own files (the job's logs in the state dir) are not the job's to read.
     let confined = root.is_some_and(|r| path.starts_with(r));
-    if confined && reader.is_some_and(|r| !r.can_read(&st)) {
+    if confined && reader.is_some_and(|r| !r.may_read(&file, &st)) {
         return Err(UploadError::NotReadable { path: path.into() });
     }
     Ok(file)
