@@ -143,6 +143,8 @@ for line in err.splitlines():
     f = ev.get("fields", ev)
     if f.get("message") == "final sync timings":
         stages = {k: f[k] for k in f if k.endswith("_ms")}
+        # Files the final sync found stored already: those live sync sent while the job ran.
+        stages["synced_live"] = f.get("already_synced")
 manifest = os.path.join(store, "jobs", f"mem-{n}", "manifest.json")
 out = {"label": label, "n": n, "wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
        "peak_rss_mib": round(ru.ru_maxrss / 1024, 1), "manifest": manifest, "stages": stages}

@@ -11,6 +11,7 @@ pub mod acl;
 pub mod agentsock;
 pub mod awsprofile;
 pub mod budget;
+pub mod candidates;
 pub mod collect;
 pub mod collector;
 pub mod confine;

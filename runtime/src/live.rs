@@ -16,6 +16,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use c3_proto::manifest::entry_floor;
+
+use crate::candidates::{Candidate, Candidates};
 use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::{lstat_beneath, DirFd, JobReader};
 use crate::jobproc::JobProcesses;
@@ -80,7 +83,7 @@ impl LiveSync {
             manifest,
             book,
             opts,
-            candidates: HashMap::new(),
+            candidates: Candidates::default(),
             in_flight: HashMap::new(),
             manifest_dirty: false,
             manifest_too_large: false,
@@ -102,12 +105,6 @@ impl LiveSync {
     }
 }
 
-/// A path that may need uploading, and since when it has looked this way.
-struct Candidate {
-    stamp: Option<FileStamp>,
-    since: Instant,
-}
-
 struct Syncer {
     /// Requests from the job (`c3-agent publish`): served before the live queue.
     publishes: mpsc::Receiver<PublishCall>,
@@ -127,7 +124,7 @@ struct Syncer {
     book: SyncBook,
     opts: LiveOptions,
     /// Keyed by manifest path.
-    candidates: HashMap<String, Candidate>,
+    candidates: Candidates,
     /// Uploads under way: manifest path -> task id.
     in_flight: HashMap<String, tokio::task::Id>,
     manifest_dirty: bool,
@@ -364,14 +361,12 @@ impl Syncer {
         let mut wake = Instant::now() + Duration::from_secs(3600);
         // At capacity, a finished upload wakes the loop; due candidates must not spin it.
         let has_room = self.in_flight.len() < self.uploader.options().files_in_flight.max(1);
-        if let Some(earliest) = self
+        if let Some(due) = self
             .candidates
-            .values()
-            .map(|c| c.since)
-            .min()
+            .next_due(self.opts.settle)
             .filter(|_| has_room)
         {
-            wake = wake.min(earliest + self.opts.settle);
+            wake = wake.min(due);
         }
         if self.manifest_dirty {
             let due = self
@@ -508,7 +503,7 @@ impl Syncer {
     fn forget(&mut self, rel: &str) {
         let prefix = format!("{rel}/");
         self.candidates
-            .retain(|k, _| k != rel && !k.starts_with(&prefix));
+            .retain(|k| k != rel && !k.starts_with(&prefix));
         if self.book.forget(|k| k == rel || k.starts_with(&prefix)) > 0 {
             self.manifest_dirty = true;
         }
@@ -518,16 +513,21 @@ impl Syncer {
     /// what a manifest can list, or a job's million empty files cost the root agent GBs. The
     /// final scan names what is left out.
     fn admits(&mut self, rel: &str) -> bool {
-        let tracked = self.book.len() + self.candidates.len() + self.in_flight.len();
-        if tracked < self.manifest.max_files()
-            || self.candidates.contains_key(rel)
+        // What the book, the candidates and the uploads under way hold, as manifest entries
+        // at the least (a path may be 16 KiB: a count alone let a million such cost 16 GiB).
+        let held = (self.candidates.len() + self.in_flight.len()) as u64;
+        let tracked = self.book.entries_floor()
+            + self.candidates.path_bytes()
+            + held * c3_proto::manifest::MIN_ENTRY_BYTES;
+        if tracked + entry_floor(rel) <= self.manifest.max_bytes()
+            || self.candidates.contains(rel)
             || self.book.contains(rel)
         {
             return true;
         }
         if !self.warned_files {
             tracing::warn!(
-                max_files = self.manifest.max_files(),
+                max_manifest_bytes = self.manifest.max_bytes(),
                 "more files in the output dirs than a manifest can list; no more are synced while the job runs"
             );
             self.warned_files = true;
@@ -553,7 +553,7 @@ impl Syncer {
             self.manifest_dirty = true;
         }
         self.candidates
-            .retain(|k, _| found.files.contains_key(k) || !found.covers(k));
+            .retain(|k| found.files.contains_key(k) || !found.covers(k));
         for (rel, stamp) in found.files {
             if self.book.is_current(&rel, &stamp) || self.in_flight.contains_key(&rel) {
                 continue;
@@ -584,13 +584,10 @@ impl Syncer {
             .files_in_flight
             .max(1)
             .saturating_sub(self.in_flight.len());
-        let due = due(
-            &self.candidates,
-            &self.in_flight,
-            now,
-            self.opts.settle,
-            room,
-        );
+        let in_flight = &self.in_flight;
+        let due = self.candidates.due(now, self.opts.settle, room, |rel| {
+            in_flight.contains_key(rel)
+        });
         if due.is_empty() {
             return;
         }
@@ -630,17 +627,17 @@ impl Syncer {
                 // Not to be sent yet, but its written part may be hashed already.
                 self.prehash(&rel, &abs, stamp);
             }
-            let candidate = self.candidates.get_mut(&rel).expect("due candidates exist");
             if growing {
-                *candidate = Candidate {
+                let candidate = Candidate {
                     stamp: Some(stamp),
                     since: now,
                 };
+                self.candidates.insert(rel, candidate);
                 continue;
             }
             if writing {
                 // Still open for writing: wait for the close (or the job's end).
-                candidate.since = now;
+                self.candidates.restart(&rel, now);
                 continue;
             }
             self.candidates.remove(&rel);
@@ -727,25 +724,6 @@ impl Syncer {
     }
 }
 
-/// The candidates that settled and are not being uploaded, at most `room` of them: only
-/// those are copied. All of them were, at every wake, to start the few there was room for:
-/// a job's 100,000 fresh files cost a copy of every path each time (and a full pass to
-/// collect them), however few could start.
-fn due(
-    candidates: &HashMap<String, Candidate>,
-    in_flight: &HashMap<String, tokio::task::Id>,
-    now: Instant,
-    settle: Duration,
-    room: usize,
-) -> Vec<String> {
-    candidates
-        .iter()
-        .filter(|(rel, c)| now >= c.since + settle && !in_flight.contains_key(*rel))
-        .take(room)
-        .map(|(rel, _)| rel.clone())
-        .collect()
-}
-
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
         Some(rx) => rx.recv().await,
@@ -762,15 +740,14 @@ mod tests {
     async fn a_wake_takes_only_as_many_settled_files_as_there_is_room_for() {
         let settle = Duration::from_millis(100);
         let start = Instant::now();
-        let mut candidates: HashMap<String, Candidate> = (0..10_000)
-            .map(|i| {
-                let c = Candidate {
-                    stamp: None,
-                    since: start,
-                };
-                (format!("artifacts/f{i}"), c)
-            })
-            .collect();
+        let mut candidates = Candidates::default();
+        for i in 0..10_000 {
+            let c = Candidate {
+                stamp: None,
+                since: start,
+            };
+            candidates.insert(format!("artifacts/f{i}"), c);
+        }
         // Not settled yet: never due.
         candidates.insert(
             "artifacts/fresh".into(),
@@ -779,18 +756,14 @@ mod tests {
                 since: start + settle,
             },
         );
-        let in_flight = HashMap::new();
         let now = start + settle;
-        let got = due(&candidates, &in_flight, now, settle, 16);
+        let got = candidates.due(now, settle, 16, |_| false);
         assert_eq!(got.len(), 16);
         assert!(!got.contains(&"artifacts/fresh".to_string()));
-        assert!(due(&candidates, &in_flight, now, settle, 0).is_empty());
+        assert!(candidates.due(now, settle, 0, |_| false).is_empty());
         // What is being uploaded is not taken again.
-        let mut in_flight = HashMap::new();
-        let busy = tokio::spawn(async {}).id();
-        for rel in candidates.keys().filter(|k| *k != "artifacts/fresh") {
-            in_flight.insert(rel.clone(), busy);
-        }
-        assert!(due(&candidates, &in_flight, now, settle, 16).is_empty());
+        assert!(candidates
+            .due(now, settle, 16, |rel| rel != "artifacts/fresh")
+            .is_empty());
     }
 }

@@ -7,8 +7,6 @@ use c3_proto::{JobSpec, Logs, Manifest};
 use crate::store::{attempt_manifest_key, manifest_key, BlobStore, StoreError};
 use crate::sync::SyncBook;
 
-use c3_proto::manifest::MIN_ENTRY_BYTES;
-
 /// Writes manifests of one attempt. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ManifestWriter {
@@ -32,16 +30,11 @@ impl ManifestWriter {
         }
     }
 
-    /// The most files a manifest of at most `max_bytes` can list: collecting more is of no use
-    /// (the manifest could not be written), and each file tracked costs the root agent memory
-    /// (about 0.7 KiB in the final sync: book, manifest, scan), which a job could otherwise
-    /// run up without bound with empty files. 256 MiB: 1,342,177 files.
-    pub fn max_files(&self) -> usize {
-        usize::try_from(self.max_bytes / MIN_ENTRY_BYTES).unwrap_or(usize::MAX)
-    }
-
     /// `store.max_manifest_bytes`: the room the files tracked may take, each at least
-    /// [`c3_proto::manifest::entry_floor`] (with long paths, fewer than [`Self::max_files`]).
+    /// [`c3_proto::manifest::entry_floor`]. Collecting more is of no use (the manifest could
+    /// not be written), and each file tracked costs the root agent memory, which a job could
+    /// otherwise run up without bound with empty files (256 MiB: at most 1,342,177 files,
+    /// fewer with long paths).
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
     }

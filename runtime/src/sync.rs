@@ -29,6 +29,8 @@ pub struct SyncBook {
     /// in `free`, for the next ones.
     versions: Vec<Synced>,
     free: Vec<u32>,
+    /// The bytes of every path in `synced`.
+    path_bytes: u64,
     /// Moves with every change to `synced`.
     generation: u64,
     /// The `generation` the last in-progress manifest written lists (set by
@@ -163,6 +165,11 @@ impl SyncBook {
         self.get(rel).is_some_and(|u| u.stamp == *stamp && !u.racy)
     }
 
+    /// The least its manifest's entries take (see [`c3_proto::manifest::entry_floor`]).
+    pub fn entries_floor(&self) -> u64 {
+        self.path_bytes + self.synced.len() as u64 * c3_proto::manifest::MIN_ENTRY_BYTES
+    }
+
     /// Whether `rel` is listed, in any version.
     pub fn contains(&self, rel: &str) -> bool {
         self.synced.contains_key(rel)
@@ -171,11 +178,12 @@ impl SyncBook {
     /// Drops the entries whose path matches; returns how many.
     pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
         let before = self.synced.len();
-        let free = &mut self.free;
+        let (free, path_bytes) = (&mut self.free, &mut self.path_bytes);
         self.synced.retain(|k, &mut at| {
             let keep = !gone(k);
             if !keep {
                 free.push(at);
+                *path_bytes -= k.len() as u64;
             }
             keep
         });
@@ -224,6 +232,7 @@ impl SyncBook {
                             .expect("fewer files than a manifest can list")
                     }
                 };
+                self.path_bytes += up.rel.len() as u64;
                 self.synced.insert(up.rel.into_boxed_str(), at);
             }
         }

@@ -169,5 +169,9 @@ fn a_token_file_every_user_may_read_is_named_at_each_run() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let run = h.run_job(json!({"job_id": "tok2", "command": ["true"]}));
     run.assert_code(0);
-    assert!(!run.stderr.contains("may be read by every user"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("may be read by every user"),
+        "{}",
+        run.stderr
+    );
 }
