@@ -240,7 +240,7 @@ fn walk(
                 }
             }
         } else if is_regular(&st) {
-            if reader.is_some_and(|r| !r.can_read(&st)) {
+            if reader.is_some_and(|r| !r.might_read(&*entry.parent, &entry.name, &st)) {
                 out.warn(format!(
                     "{child_rel} is not readable by the job's user; not uploaded"
                 ));
@@ -297,9 +297,9 @@ fn open_walked(
         }
     };
     if let Some(reader) = reader {
-        match crate::confine::fstat(&dir) {
-            Ok(st) if reader.can_enter(&st) => {}
-            Ok(_) => {
+        match crate::confine::fstat(&dir).and_then(|st| reader.may_enter(&dir, &st)) {
+            Ok(true) => {}
+            Ok(false) => {
                 out.warn(format!("{rel}/ is not readable by the job's user; skipped"));
                 return None;
             }

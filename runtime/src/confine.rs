@@ -389,27 +389,47 @@ impl JobReader {
         self.allows(st, 0o4)
     }
 
+    /// Whether this user may list and enter a directory, by the mode bits alone.
+    pub fn can_enter(&self, st: &FileStat) -> bool {
+        self.allows(st, 0o5)
+    }
+
     /// Whether this user may read the open `file` (whose stat is `st`), its access ACL
     /// included: a named entry may deny what "other" grants (`user:bob:---` on a 0644
     /// file someone else put in bob's output dir), or grant what the mode bits refuse. An
-    /// ACL that cannot be read is a refusal.
-    pub fn may_read(&self, file: &impl AsFd, st: &FileStat) -> bool {
-        if self.uid == 0 {
-            return true;
-        }
-        match crate::acl::of(file) {
-            Ok(None) => self.can_read(st),
-            Ok(Some(acl)) => acl.allows(self.uid, &self.gids, st, 0o4),
-            Err(e) => {
-                tracing::debug!(error = %e, "taken as not readable by the job's user");
-                false
-            }
-        }
+    /// ACL this code cannot understand is a refusal; one that cannot be read is an error
+    /// (a transient fault is never a silent "not the job's").
+    pub fn may_read(&self, file: &impl AsFd, st: &FileStat) -> io::Result<bool> {
+        self.may(crate::acl::of(file), st, 0o4)
     }
 
-    /// Whether this user may list and enter a directory.
-    pub fn can_enter(&self, st: &FileStat) -> bool {
-        self.allows(st, 0o5)
+    /// [`JobReader::may_read`] for listing and entering the open directory `dir`.
+    pub fn may_enter(&self, dir: &impl AsFd, st: &FileStat) -> io::Result<bool> {
+        self.may(crate::acl::of(dir), st, 0o5)
+    }
+
+    /// For a scan, which opens no file: whether the entry `name` of `dir` may be the job's
+    /// to read. The mode bits' yes, or (where they refuse) any ACL on it: the read gate,
+    /// [`JobReader::may_read`], decides on the open file.
+    pub fn might_read(&self, dir: &impl AsFd, name: &OsStr, st: &FileStat) -> bool {
+        self.can_read(st) || !matches!(crate::acl::of_entry(dir, name), Ok(None))
+    }
+
+    fn may(
+        &self,
+        acl: Result<Option<crate::acl::Acl>, crate::acl::AclError>,
+        st: &FileStat,
+        want: u16,
+    ) -> io::Result<bool> {
+        if self.uid == 0 {
+            return Ok(true);
+        }
+        match acl {
+            Ok(None) => Ok(self.allows(st, u32::from(want))),
+            Ok(Some(acl)) => Ok(acl.allows(self.uid, &self.gids, st, want)),
+            Err(crate::acl::AclError::Malformed) => Ok(false),
+            Err(crate::acl::AclError::Read(e)) => Err(e),
+        }
     }
 
     fn allows(&self, st: &FileStat, want: u32) -> bool {
@@ -554,16 +574,17 @@ mod tests {
         assert_eq!(fstat(&fa).unwrap().st_mode & 0o777, 0o600);
     }
 
+    fn st(uid: u32, gid: u32, mode: u32) -> FileStat {
+        // SAFETY: FileStat is plain old data; zeroed is a valid value.
+        let mut s: FileStat = unsafe { std::mem::zeroed() };
+        s.st_uid = uid;
+        s.st_gid = gid;
+        s.st_mode = mode;
+        s
+    }
+
     #[test]
     fn job_reader_follows_mode_bits() {
-        let st = |uid, gid, mode| {
-            // SAFETY: FileStat is plain old data; zeroed is a valid value.
-            let mut s: FileStat = unsafe { std::mem::zeroed() };
-            s.st_uid = uid;
-            s.st_gid = gid;
-            s.st_mode = mode;
-            s
-        };
         let job = JobReader {
             uid: 1000,
             gids: vec![1000, 44],
@@ -574,5 +595,20 @@ mod tests {
         assert!(!job.can_read(&st(0, 45, 0o640)));
         assert!(job.can_read(&st(0, 0, 0o644)));
         assert!(!job.can_enter(&st(0, 0, 0o744)));
+    }
+
+    /// An ACL that could not be read (an I/O error on a network file system) is an error,
+    /// which the upload counts as a failure: never a silent "not the job's to read".
+    #[test]
+    fn an_acl_that_cannot_be_read_is_an_error_not_a_refusal() {
+        let job = JobReader {
+            uid: 65534,
+            gids: Vec::new(),
+        };
+        let eio = crate::acl::AclError::Read(io::Error::from_raw_os_error(libc::EIO));
+        assert!(job.may(Err(eio), &st(0, 0, 0o644), 0o4).is_err());
+        let malformed = crate::acl::AclError::Malformed;
+        assert!(!job.may(Err(malformed), &st(0, 0, 0o644), 0o4).unwrap());
+        assert!(job.may(Ok(None), &st(0, 0, 0o644), 0o4).unwrap());
     }
 }

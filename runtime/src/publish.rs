@@ -204,7 +204,7 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
                 at.push(part);
                 let dir = root.open_dir(&at).map_err(why)?;
                 let st = crate::confine::fstat(&dir).map_err(|e| format!("{r}: {e}"))?;
-                if !rd.can_enter(&st) {
+                if !rd.may_enter(&dir, &st).map_err(|e| format!("{r}: {e}"))? {
                     return Err(format!(
                         "{r}: {}/ is not readable by the job's user; not published",
                         at.display()
@@ -217,7 +217,11 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         if !crate::confine::is_regular(&st) {
             return Err(format!("{r} is not a regular file; not published"));
         }
-        if reader.is_some_and(|rd| !rd.may_read(&file, &st)) {
+        if let Some(false) = reader
+            .map(|rd| rd.may_read(&file, &st))
+            .transpose()
+            .map_err(|e| format!("{r}: {e}"))?
+        {
             return Err(format!(
                 "{r} is not readable by the job's user; not published"
             ));

@@ -32,8 +32,12 @@ pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Va
     if !crate::confine::is_regular(&st) {
         return Err("not a regular file".into());
     }
-    if reader.is_some_and(|r| !r.may_read(&file, &st)) {
-        return Err("not readable by the job's user".into());
+    if let Some(reader) = reader {
+        match reader.may_read(&file, &st) {
+            Ok(true) => {}
+            Ok(false) => return Err("not readable by the job's user".into()),
+            Err(e) => return Err(format!("cannot read its ACL: {e}")),
+        }
     }
     if st.st_size as u64 > MAX_RESULT_BYTES {
         return Err(format!(

@@ -479,8 +479,17 @@ fn open_confined(
     }
     // The agent's own files (the job's logs in the state dir) are not the job's to read.
     let confined = root.is_some_and(|r| path.starts_with(r));
-    if confined && reader.is_some_and(|r| !r.may_read(&file, &st)) {
-        return Err(UploadError::NotReadable { path: path.into() });
+    if let (true, Some(reader)) = (confined, reader) {
+        match reader.may_read(&file, &st) {
+            Ok(true) => {}
+            Ok(false) => return Err(UploadError::NotReadable { path: path.into() }),
+            Err(source) => {
+                return Err(UploadError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
     }
     Ok(file)
 }
