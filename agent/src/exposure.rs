@@ -11,6 +11,10 @@ use crate::config::Config;
 /// Store options whose values are secrets (keys, tokens, passwords), not names of them.
 fn is_secret_option(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
+    // A key naming a file (`azure_federated_token_file`) holds its path, not the secret.
+    if key.ends_with("_file") || key.ends_with("_path") {
+        return false;
+    }
     ["secret", "token", "password", "sas"]
         .iter()
         .any(|w| key.contains(w))
@@ -86,7 +90,13 @@ mod tests {
         ] {
             assert!(is_secret_option(k), "{k}");
         }
-        for k in ["aws_access_key_id", "aws_region", "aws_endpoint", "bucket"] {
+        for k in [
+            "aws_access_key_id",
+            "aws_region",
+            "aws_endpoint",
+            "bucket",
+            "azure_federated_token_file",
+        ] {
             assert!(!is_secret_option(k), "{k}");
         }
     }

@@ -354,6 +354,51 @@ fn random_hex() -> String {
     hex::encode(bytes)
 }
 
+/// What [`cached_stat`] tells.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedStat {
+    pub mode: u32,
+    pub uid: u32,
+    pub dev: u64,
+    pub ino: u64,
+    /// The root of a mount (a file system mounted there, a job's FUSE one say).
+    pub mount_root: bool,
+}
+
+/// A stat from the attributes the kernel holds (`statx` with `AT_STATX_DONT_SYNC`): no round
+/// trip to the file's own file system, which a job's FUSE server (or a hung network mount)
+/// may never answer. `follow`: through a last-component symlink (a `/proc` magic link).
+pub fn cached_stat(path: &Path, follow: bool) -> Option<CachedStat> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let flags = libc::AT_STATX_DONT_SYNC | if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and outlives the call; `stx` is a writable statx the
+    // kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            flags,
+            libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_INO,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let mount_attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    Some(CachedStat {
+        mode: u32::from(stx.stx_mode),
+        uid: stx.stx_uid,
+        dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        ino: stx.stx_ino,
+        mount_root: stx.stx_attributes_mask & mount_attr != 0
+            && stx.stx_attributes & mount_attr != 0,
+    })
+}
+
 /// The job's user as the kernel would check it: uid and every group (primary and supplementary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobReader {

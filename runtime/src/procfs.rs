@@ -2,7 +2,6 @@
 //! and which files a set of processes holds open for writing.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use c3_proto::ProcIdentity;
@@ -276,30 +275,12 @@ fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
 }
 
 /// Whether a `/proc` magic link names a regular file, and its `(dev, ino)`, from the
-/// attributes the kernel holds (`AT_STATX_DONT_SYNC`): a plain stat asks the file's own file
-/// system, and a job's FUSE server may never answer (a hard NFS mount whose server is gone
-/// neither), which held the agent before it stopped the job.
+/// attributes the kernel holds ([`crate::confine::cached_stat`]): a plain stat asks the file's
+/// own file system, and a job's FUSE server may never answer, which held the agent before it
+/// stopped the job.
 fn cached_stat(link: &Path) -> Option<(bool, (u64, u64))> {
-    let path = std::ffi::CString::new(link.as_os_str().as_bytes()).ok()?;
-    // SAFETY: an all-zero statx is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and outlives the call; `stx` is a writable statx the
-    // kernel fills.
-    let rc = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::AT_STATX_DONT_SYNC,
-            libc::STATX_TYPE | libc::STATX_INO,
-            &mut stx,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    let is_file = u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFREG;
-    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-    Some((is_file, (dev, stx.stx_ino)))
+    let st = crate::confine::cached_stat(link, true)?;
+    Some((st.mode & libc::S_IFMT == libc::S_IFREG, (st.dev, st.ino)))
 }
 
 fn opened_for_write(pid: i32, fd: &str) -> bool {

@@ -428,6 +428,11 @@ fn remove_tree(path: &Path) -> io::Result<()> {
 /// parent's fd, never through a symlink, and changed on its own fd: a process of the job
 /// still inside the tree (its cwd) may swap a directory for a symlink to `/etc/shadow` at any
 /// moment, and a path-based chmod would follow it, as root.
+/// How deep retention's walks go: each level holds two fds while walked, and a job's chain
+/// of a million directories must not run the housekeeping unit out of them (what lies deeper
+/// is left for a later sweep, or counted out of `tree_bytes`).
+const MAX_WALK_DEPTH: usize = 256;
+
 fn open_up_dirs(root: &Path) {
     use crate::confine::{is_dir, DirFd};
     use crate::treewalk::{Item, TreeWalk};
@@ -468,7 +473,9 @@ fn open_up_dirs(root: &Path) {
             continue;
         };
         open_up(&dir);
-        let _ = walk.enter(dir, entry.rel);
+        if walk.depth() < MAX_WALK_DEPTH {
+            let _ = walk.enter(dir, Vec::new());
+        }
     }
 }
 
@@ -506,8 +513,10 @@ fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
             if st.st_dev != top.dev() {
                 foreign
                     .get_or_insert_with(|| root.join(std::ffi::OsStr::from_bytes(&entry.rel[1..])));
-            } else if let Ok(dir) = entry.open_dir() {
-                let _ = walk.enter(dir, entry.rel);
+            } else if walk.depth() < MAX_WALK_DEPTH {
+                if let Ok(dir) = entry.open_dir() {
+                    let _ = walk.enter(dir, entry.rel);
+                }
             }
         } else if is_regular(&st) {
             bytes += u64::try_from(st.st_size).unwrap_or(0);

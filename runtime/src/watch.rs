@@ -188,6 +188,14 @@ impl DirWatcher {
             if !entry.stat.as_ref().is_ok_and(is_dir) {
                 continue;
             }
+            // Deeper or longer than a manifest path can be: its files are never synced live
+            // (the final scan names them), and each level holds two fds while walked.
+            let depth = entry.rel.iter().filter(|&&b| b == b'/').count() + 1;
+            if depth > c3_proto::manifest::MAX_PATH_DEPTH
+                || entry.rel.len() > c3_proto::manifest::MAX_PATH_BYTES
+            {
+                continue;
+            }
             let Ok(fd) = entry.open_dir() else {
                 continue;
             };
@@ -258,15 +266,25 @@ impl DirWatcher {
         let Ok(root) = DirFd::open_root(&self.workdir) else {
             return 0;
         };
-        let of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
+        // Which aliases still stand for a watch, taken under the lock and then let go: the
+        // looks below touch the job's paths, and notify's thread needs the lock for every event.
+        let removed: std::collections::HashSet<PathBuf> = {
+            let of = self.aliases.of.lock().unwrap_or_else(|p| p.into_inner());
+            self.watched
+                .iter()
+                .filter(|(_, w)| {
+                    w.alias
+                        .file_name()
+                        .is_none_or(|name| !of.contains_key(name))
+                })
+                .map(|(d, _)| d.clone())
+                .collect()
+        };
         let stale: Vec<PathBuf> = self
             .watched
             .iter()
             .filter(|(d, w)| {
-                if w.alias
-                    .file_name()
-                    .is_none_or(|name| !of.contains_key(name))
-                {
+                if removed.contains(*d) {
                     return true;
                 }
                 let now = match d.strip_prefix(&self.workdir) {
@@ -278,7 +296,6 @@ impl DirWatcher {
             })
             .map(|(d, _)| d.clone())
             .collect();
-        drop(of);
         for d in &stale {
             self.unwatch(d);
         }
@@ -293,7 +310,6 @@ const ALIAS_DIR: &str = "c3-agent-watch-";
 /// its dir in /tmp). Only root's own directories, never through a symlink, never a mount
 /// point. Returns how many.
 pub fn sweep_alias_dirs() -> usize {
-    use std::os::unix::fs::MetadataExt;
     let tmp = std::env::temp_dir();
     let Ok(entries) = std::fs::read_dir(&tmp) else {
         return 0;
@@ -320,8 +336,14 @@ pub fn sweep_alias_dirs() -> usize {
         else {
             continue;
         };
-        let ours = std::fs::symlink_metadata(entry.path())
-            .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw());
+        // From the kernel's cached attributes, never the file system's: a mount made after
+        // the mountinfo read above is told by its mount-root attribute, without a round trip
+        // to a job's FUSE server.
+        let ours = crate::confine::cached_stat(&entry.path(), false).is_some_and(|st| {
+            st.mode & libc::S_IFMT == libc::S_IFDIR
+                && !st.mount_root
+                && st.uid == nix::unistd::geteuid().as_raw()
+        });
         if ours && !crate::procfs::tag_alive(owner) && std::fs::remove_dir_all(entry.path()).is_ok()
         {
             removed += 1;
@@ -494,6 +516,9 @@ mod tests {
             .status()
             .is_ok_and(|s| s.success());
         if is_mounted {
+            // A mount made after the sweep read mountinfo is told by its cached attributes.
+            let cached = crate::confine::cached_stat(&mounted, false).unwrap();
+            assert!(cached.mount_root && cached.mode & libc::S_IFMT == libc::S_IFDIR);
             std::fs::write(mounted.join("keep"), "x").unwrap();
         } else {
             eprintln!("cannot mount a tmpfs here (not root?): the mount point case is not checked");
@@ -568,6 +593,23 @@ mod tests {
             watched_inodes().contains(&again),
             "the new `again` is not watched"
         );
+    }
+
+    /// A chain deeper than a manifest path can be is watched down to that depth only: below,
+    /// no file could be synced live, and each level walked holds fds.
+    #[tokio::test]
+    async fn a_chain_is_watched_no_deeper_than_a_path_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let mut d = w.join("artifacts");
+        for _ in 0..160 {
+            d.push("d");
+        }
+        std::fs::create_dir_all(&d).unwrap();
+        let (mut watcher, _hints) = watcher(&w, 64, 1000).unwrap();
+        watcher.watch_tree(&w.join("artifacts")).unwrap();
+        // artifacts/ (depth 1) and d/ levels down to depth MAX_PATH_DEPTH.
+        assert_eq!(watcher.watch_count(), c3_proto::manifest::MAX_PATH_DEPTH);
     }
 
     #[tokio::test]
