@@ -89,6 +89,9 @@ pub struct Scan {
     /// I/O error, no fds left): what they hold is unknown, so it is neither collected nor
     /// taken as deleted. The final sync counts each as an upload failure.
     pub incomplete: Vec<String>,
+    /// Directories holding entries too deep or too long to store (each an upload failure at
+    /// the end, named once); at most [`MAX_INCOMPLETE`].
+    pub refused: Vec<String>,
     /// Places past [`MAX_INCOMPLETE`]: then every output dir counts as incomplete.
     incomplete_overflow: usize,
     /// The least the manifest entries of `files` take ([`entry_floor`] each).
@@ -226,12 +229,16 @@ fn walk(
         if entry.rel.len() > MAX_REL_PATH || depth > MAX_DEPTH {
             // Not walked, not stored. The directory that holds it is named once (a job can
             // put a million such entries there), and counted as a failure by the final sync.
-            if out.covers(&child_rel) {
-                let parent = display_rel(entry.parent_rel());
-                out.broken(
-                    &parent,
-                    format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; it and whatever else in {parent}/ is so are not uploaded"),
-                );
+            // It is no unread place: what it holds that fits was seen, and the book never
+            // holds a path that does not fit, so nothing else there is kept as not covered.
+            let parent = display_rel(entry.parent_rel());
+            if out.refused.last() != Some(&parent) && !out.refused.contains(&parent) {
+                out.warn(format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; it and whatever else in {parent}/ is so are not uploaded"));
+                if out.refused.len() < MAX_INCOMPLETE {
+                    out.refused.push(parent);
+                } else {
+                    out.incomplete_overflow += 1;
+                }
             }
         } else if is_dir(&st) {
             if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_rel, reader, out) {
@@ -367,15 +374,15 @@ mod tests {
             MAX_DEPTH - 1,
             "the files above the limit are collected"
         );
-        // The directory at the limit and the file beside it, by the directory that holds them.
+        // The directory at the limit and the file beside it, by the directory that holds them:
+        // refused, not unread (a file deleted beside them is gone from the manifest).
         let last = format!("artifacts{}", "/d".repeat(MAX_DEPTH - 1));
-        assert_eq!(s.incomplete, vec![last.clone()]);
-        assert!(!s.covers(&format!("{last}/f")));
+        assert_eq!(s.refused, vec![last.clone()]);
+        assert!(s.incomplete.is_empty());
         assert!(s
             .warnings
             .iter()
             .any(|w| w.contains("deeper than 128 directories")));
-        assert!(!s.covers(&format!("{last}/d/d/f")));
     }
 
     /// Makes `artifacts/` + components of 250 bytes until the path is `len` bytes long or
@@ -418,7 +425,10 @@ mod tests {
         }
         touch(&fd, "ok");
         let s = scan(w, &["artifacts".into()], None, u64::MAX);
-        assert_eq!(s.incomplete, vec![base.clone()]);
+        assert_eq!(s.refused, vec![base.clone()]);
+        assert!(s.incomplete.is_empty());
+        // A file that fits and is gone from beside them is known gone (off the manifest).
+        assert!(s.covers(&format!("{base}/gone")));
         assert_eq!(s.files.len(), 1, "the short name beside them is collected");
         assert_eq!(
             s.warnings.len(),

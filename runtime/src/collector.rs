@@ -356,6 +356,10 @@ async fn final_sync(
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
         out.unstored(format!("{dir}/"));
     }
+    for dir in &found.refused {
+        tracing::error!(path = %dir, "paths in it are too deep or too long to store; counted as an upload failure");
+        out.unstored(format!("{dir}/ (paths too deep or long)"));
+    }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
     let at_end = config
