@@ -32,14 +32,19 @@ base = os.environ.get("BENCH_RSS_DIR", "/var/tmp/c3-bench-rss")
 root = os.path.join(base, f"n{n}" if mode == "files" else f"{mode}-n{n}")
 work = os.path.join(root, "work")
 d = os.path.join(work, "artifacts")
+# N 4 KiB files of random bytes, 100 a directory, in `d`: made here once (files mode), or by
+# the job while it runs (live mode: the same lines in its source).
+MAKE = """
+for i in range(n):
+    sub = os.path.join(d, f"d{i // 100:04d}")
+    if i % 100 == 0:
+        os.makedirs(sub, exist_ok=True)
+    with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
+        f.write(os.urandom(4096))
+"""
 if mode == "files" and not os.path.exists(os.path.join(root, "ready")):
     shutil.rmtree(root, ignore_errors=True)
-    for i in range(n):
-        sub = os.path.join(d, f"d{i // 100:04d}")
-        if i % 100 == 0:
-            os.makedirs(sub, exist_ok=True)
-        with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
-            f.write(os.urandom(4096))
+    exec(MAKE, {"os": os, "n": n, "d": d})
     open(os.path.join(root, "ready"), "w").close()
 if mode != "files":
     shutil.rmtree(work, ignore_errors=True)
@@ -57,13 +62,7 @@ WRITE = """
 import json, os, sys, time
 n, d, report = int(sys.argv[1]), os.environ["C3_ARTIFACTS_DIR"], sys.argv[2]
 t0 = time.perf_counter()
-for i in range(n):
-    sub = os.path.join(d, f"d{i // 100:04d}")
-    if i % 100 == 0:
-        os.makedirs(sub, exist_ok=True)
-    with open(os.path.join(sub, f"f{i:06d}"), "wb") as f:
-        f.write(os.urandom(4096))
-"""
+""" + MAKE
 JOBS = {
     "live": WRITE + """
 job_s = round(time.perf_counter() - t0, 2)
