@@ -366,8 +366,9 @@ pub struct CachedStat {
 }
 
 /// A stat from the attributes the kernel holds (`statx` with `AT_STATX_DONT_SYNC`): no round
-/// trip to the file's own file system, which a job's FUSE server (or a hung network mount)
-/// may never answer. `follow`: through a last-component symlink (a `/proc` magic link).
+/// trip to the file's own file system for them, which a job's FUSE server may never answer.
+/// (Reaching the file through a `/proc` magic link may still revalidate it on NFS: callers
+/// that must not wait bound the look.) `follow`: through a last-component symlink.
 pub fn cached_stat(path: &Path, follow: bool) -> Option<CachedStat> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
