@@ -45,6 +45,11 @@ pub enum Command {
     },
     /// Finish jobs a crashed agent left unfinished and deliver kept reports
     Recover,
+    /// (internal) Exit 0 if a TCP connection to ENDPOINT's host and port opens within a
+    /// second, 1 if not: the agent runs it as a job's user to learn whether jobs reach the
+    /// instance-metadata endpoint its store credentials come from
+    #[command(hide = true, name = "probe-connect")]
+    ProbeConnect { endpoint: String },
     /// Inside a job: store these files now; exits 0 only once every blob is stored and listed
     /// in the in-progress manifest (talks to $C3_AGENT_SOCKET)
     Publish {

@@ -32,9 +32,68 @@ fn readable_by_everyone(path: &Path) -> bool {
     others(&real, 0o004) && real.ancestors().skip(1).all(|dir| others(dir, 0o001))
 }
 
-/// One warning per secret a job could read; `runs_as_user`: the job runs as another user
-/// than root (a job running as root can read anything anyway).
-pub fn warnings(config: &Config, runs_as_user: bool, metadata: Option<&str>) -> Vec<String> {
+/// Whether a job's user reaches the instance-metadata endpoint the store's credentials come
+/// from (then it may take them).
+pub enum MetadataReach {
+    Reached(String),
+    Blocked,
+    /// The probe could not run (the user, the agent's binary): said as a possibility.
+    Unknown(String),
+}
+
+/// Runs `c3-agent probe-connect ENDPOINT` as `user` (no groups beyond its own, no env),
+/// bounded to 3 s.
+pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
+    let unknown = || MetadataReach::Unknown(endpoint.to_string());
+    let name = user.to_string();
+    let Ok(Ok(who)) =
+        tokio::task::spawn_blocking(move || c3_runtime::launch::RunAs::lookup(&name)).await
+    else {
+        return unknown();
+    };
+    // The agent's own binary through its magic link: the job's user may not be able to pass
+    // the directories it lies in, and the link is followed without them.
+    let child = tokio::process::Command::new("/proc/self/exe")
+        .args(["probe-connect", endpoint])
+        .env_clear()
+        .current_dir("/")
+        .uid(who.uid)
+        .gid(who.gid)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(std::time::Duration::from_secs(3), child).await {
+        Ok(Ok(status)) if status.code() == Some(0) => MetadataReach::Reached(endpoint.to_string()),
+        Ok(Ok(status)) if status.code() == Some(1) => MetadataReach::Blocked,
+        _ => unknown(),
+    }
+}
+
+/// `c3-agent probe-connect`: 0 if a TCP connection to the endpoint's host and port opens
+/// within a second, 1 if not, 2 for an endpoint that is no URL.
+pub fn probe_connect(endpoint: &str) -> std::process::ExitCode {
+    use std::net::ToSocketAddrs;
+    let Some(addrs) = url::Url::parse(endpoint).ok().and_then(|u| {
+        let port = u.port_or_known_default().unwrap_or(80);
+        (u.host_str()?.trim_matches(['[', ']']), port)
+            .to_socket_addrs()
+            .ok()
+    }) else {
+        return std::process::ExitCode::from(2);
+    };
+    let timeout = std::time::Duration::from_secs(1);
+    let reached = addrs
+        .into_iter()
+        .any(|a| std::net::TcpStream::connect_timeout(&a, timeout).is_ok());
+    std::process::ExitCode::from(if reached { 0 } else { 1 })
+}
+
+/// One warning per secret a job could read; `metadata`: what the job's user reaches of the
+/// instance-metadata endpoint, when the store's credentials come from there and the job runs
+/// as another user (a job running as root can read anything anyway).
+pub fn warnings(config: &Config, metadata: Option<&MetadataReach>) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(file) = &config.source {
         let secrets: Vec<&str> = config
@@ -66,10 +125,15 @@ pub fn warnings(config: &Config, runs_as_user: bool, metadata: Option<&str>) -> 
             ));
         }
     }
-    if let (true, Some(endpoint)) = (runs_as_user, metadata) {
-        out.push(format!(
-            "the store's credentials come from the instance-metadata endpoint {endpoint}, which the job's processes can reach too unless the node blocks it for users other than root (e.g. `iptables -A OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT`); or give the agent keys of its own"
-        ));
+    let block = "block it for users other than root (e.g. `iptables -A OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT`) or give the agent keys of its own";
+    match metadata {
+        Some(MetadataReach::Reached(endpoint)) => out.push(format!(
+            "the store's credentials come from the instance-metadata endpoint {endpoint}, and the job's user reaches it too (it may take them): {block}"
+        )),
+        Some(MetadataReach::Unknown(endpoint)) => out.push(format!(
+            "the store's credentials come from the instance-metadata endpoint {endpoint}, which the job's processes may reach too (not checked): {block}"
+        )),
+        Some(MetadataReach::Blocked) | None => {}
     }
     out
 }
@@ -117,16 +181,17 @@ mod tests {
         }
         let config =
             crate::config::resolve(Some(file.clone()), &text, &|_| None, "/s".into()).unwrap();
-        let said = warnings(&config, true, Some("http://169.254.169.254"));
+        let reached = MetadataReach::Reached("http://169.254.169.254".into());
+        let said = warnings(&config, Some(&reached));
         assert_eq!(said.len(), 3, "{said:?}");
         assert!(said[0].contains("(aws_secret_access_key)") && said[0].contains("chmod 600"));
         assert!(said[1].contains("control-plane token file"));
         assert!(said[2].contains("instance-metadata endpoint"));
-        assert!(warnings(&config, false, Some("http://169.254.169.254")).len() == 2);
+        assert_eq!(warnings(&config, Some(&MetadataReach::Blocked)).len(), 2);
         for p in [&file, &token] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
-        assert!(warnings(&config, false, None).is_empty());
+        assert!(warnings(&config, None).is_empty());
     }
 
     #[test]

@@ -38,6 +38,10 @@ fn main() -> ExitCode {
     if let Command::Publish { wait_all, paths } = &cli.command {
         return publish::client(*wait_all, paths);
     }
+    // Run as a job's user, with no config either.
+    if let Command::ProbeConnect { endpoint } = &cli.command {
+        return exposure::probe_connect(endpoint);
+    }
     // Generated from the command line's own definition: nothing to configure.
     match &cli.command {
         Command::Completions { shell } => {
@@ -196,7 +200,9 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
                 .unwrap_or(env.config.gc_grace);
             ops::gc(&ctx, env.config.retention, grace, dry_run).await
         }
-        Command::Publish { .. } => unreachable!("handled before the config is read"),
+        Command::Publish { .. } | Command::ProbeConnect { .. } => {
+            unreachable!("handled before the config is read")
+        }
     }
 }
 
@@ -553,8 +559,11 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // First: a stop (or a forwarded signal) from now on is handled, never the default action.
     let cancel = cancel_on_signals(&config.forward_signals);
     starting(env, &ctx);
-    let metadata = ctx.store.instance_metadata_endpoint();
-    for exposed in exposure::warnings(config, spec.user.is_some(), metadata) {
+    let metadata = match (ctx.store.instance_metadata_endpoint(), &spec.user) {
+        (Some(endpoint), Some(user)) => Some(exposure::metadata_reach(endpoint, user).await),
+        _ => None,
+    };
+    for exposed in exposure::warnings(config, metadata.as_ref()) {
         tracing::warn!("{exposed}");
     }
     tokio::spawn(unitcheck::warn_if_stop_timeout_too_short(
@@ -623,7 +632,7 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
     // restart takes the attempt over.
     let cancel = cancel_on_signals(&[]);
     starting(env, &ctx);
-    for exposed in exposure::warnings(&env.config, false, None) {
+    for exposed in exposure::warnings(&env.config, None) {
         tracing::warn!("{exposed}");
     }
     let plan = c3_runtime::sidecar::WatchPlan {

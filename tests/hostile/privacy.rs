@@ -175,3 +175,52 @@ fn a_token_file_every_user_may_read_is_named_at_each_run() {
         run.stderr
     );
 }
+
+/// Store credentials from the instance-metadata endpoint: a job running as another user
+/// that reaches the endpoint could take them. The agent probes it as the job's user (a
+/// node that blocks it for non-root users hears nothing) and names the risk when it is open.
+/// A local listener stands for the endpoint; the store itself is unusable here.
+#[test]
+fn a_metadata_endpoint_the_jobs_user_reaches_is_named() {
+    if not_root("a_metadata_endpoint_the_jobs_user_reaches_is_named") {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            drop(conn);
+        }
+    });
+    let mut h = open_harness();
+    h.extra_toml = format!(
+        "[store]\nurl = \"s3://bucket\"\nmax_retries = 0\nretry_timeout_secs = 1\nretry_deadline_secs = 1\n[store.options]\naws_endpoint = \"http://127.0.0.1:{port}\"\naws_allow_http = \"true\"\naws_region = \"us-east-1\"\naws_metadata_endpoint = \"http://127.0.0.1:{port}\"\n"
+    );
+    for (k, v) in [
+        ("HOME", "/nonexistent"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ] {
+        h.env.push((k.into(), v.into()));
+    }
+    let run = h.run_job(json!({"job_id": "imds", "user": "nobody", "command": ["true"]}));
+    assert!(
+        run.stderr.contains("the job's user reaches it too"),
+        "{}",
+        run.stderr
+    );
+    // The probe itself: 0 reached, 1 not, 2 no URL.
+    let probe = |endpoint: &str| {
+        std::process::Command::new(crate::support::BIN)
+            .args(["probe-connect", endpoint])
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(probe(&format!("http://127.0.0.1:{port}")), Some(0));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    assert_eq!(probe(&format!("http://127.0.0.1:{closed_port}")), Some(1));
+    assert_eq!(probe("not a url"), Some(2));
+}
