@@ -501,11 +501,16 @@ impl Syncer {
     }
 
     fn forget(&mut self, rel: &str) {
-        let prefix = format!("{rel}/");
-        self.candidates
-            .retain(|k| k != rel && !k.starts_with(&prefix));
-        if self.book.forget(|k| k == rel || k.starts_with(&prefix)) > 0 {
+        let (listed, dropped) = self.book.forget_under(rel);
+        if dropped > 0 {
             self.manifest_dirty = true;
+        }
+        // A file known by that name has nothing below it: the candidates are looked through
+        // only for a directory (or a name never seen). A stale candidate left below a file
+        // that replaced its directory goes at its settle look (it is no longer there).
+        if self.candidates.remove(rel).is_none() && !listed {
+            let prefix = format!("{rel}/");
+            self.candidates.retain(|k| !k.starts_with(&prefix));
         }
     }
 
