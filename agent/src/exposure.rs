@@ -75,12 +75,9 @@ pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
 /// within a second, 1 if not, 2 for an endpoint that is no URL.
 pub fn probe_connect(endpoint: &str) -> std::process::ExitCode {
     use std::net::ToSocketAddrs;
-    let Some(addrs) = url::Url::parse(endpoint).ok().and_then(|u| {
-        let port = u.port_or_known_default().unwrap_or(80);
-        (u.host_str()?.trim_matches(['[', ']']), port)
-            .to_socket_addrs()
-            .ok()
-    }) else {
+    let Some(addrs) = c3_runtime::store::endpoint_host_port(endpoint)
+        .and_then(|(host, port)| (host.as_str(), port).to_socket_addrs().ok())
+    else {
         return std::process::ExitCode::from(2);
     };
     let timeout = std::time::Duration::from_secs(1);

@@ -69,24 +69,15 @@ impl Candidates {
     /// Restarts `rel`'s clock (still written to: it settles from `since` on).
     pub fn restart(&mut self, rel: &str, since: Instant) {
         if let Some(old) = self.by_path.get(rel).copied() {
-            let key = self.remove_entry(rel, &old);
-            self.by_since.insert((since, key.clone()));
-            self.by_path.insert(key, Candidate { since, ..old });
-            self.path_bytes += rel.len() as u64;
+            self.insert(rel.to_string(), Candidate { since, ..old });
         }
     }
 
     pub fn remove(&mut self, rel: &str) -> Option<Candidate> {
-        let old = self.by_path.get(rel).copied()?;
-        self.remove_entry(rel, &old);
-        Some(old)
-    }
-
-    fn remove_entry(&mut self, rel: &str, old: &Candidate) -> Arc<str> {
-        let (key, _) = self.by_path.remove_entry(rel).expect("the caller found it");
-        self.by_since.remove(&(old.since, key.clone()));
+        let (key, old) = self.by_path.remove_entry(rel)?;
+        self.by_since.remove(&(old.since, key));
         self.path_bytes -= rel.len() as u64;
-        key
+        Some(old)
     }
 
     /// Keeps only the paths `keep` says.
@@ -159,5 +150,37 @@ mod tests {
         assert_eq!((c.len(), c.path_bytes()), (1, 1));
         assert_eq!(c.due(now + s, s, 10, |_| false), ["a"]);
         assert_eq!(c.by_since.len(), 1);
+    }
+
+    /// A wake copies no more paths than there is room to upload, however many settled.
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_takes_only_as_many_settled_files_as_there_is_room_for() {
+        let settle = Duration::from_millis(100);
+        let start = Instant::now();
+        let mut candidates = Candidates::default();
+        for i in 0..10_000 {
+            let c = Candidate {
+                stamp: None,
+                since: start,
+            };
+            candidates.insert(format!("artifacts/f{i}"), c);
+        }
+        // Not settled yet: never due.
+        candidates.insert(
+            "artifacts/fresh".into(),
+            Candidate {
+                stamp: None,
+                since: start + settle,
+            },
+        );
+        let now = start + settle;
+        let got = candidates.due(now, settle, 16, |_| false);
+        assert_eq!(got.len(), 16);
+        assert!(!got.contains(&"artifacts/fresh".to_string()));
+        assert!(candidates.due(now, settle, 0, |_| false).is_empty());
+        // What is being uploaded is not taken again.
+        assert!(candidates
+            .due(now, settle, 16, |rel| rel != "artifacts/fresh")
+            .is_empty());
     }
 }

@@ -145,9 +145,10 @@ impl Scan {
 /// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
 /// only what that user could read itself is collected. At most the files one manifest of
 /// `room` bytes could list (each at least [`entry_floor`]: short paths, `room` / 200; a path
-/// can be 16 KiB, and a million of those would be 16 GiB): past that the walk stops and every dir counts as incomplete (nothing taken as deleted, each
-/// an upload failure at the end), since a manifest could not list them all anyway. So do
-/// they past [`MAX_INCOMPLETE`] places that could not be read whole.
+/// can be 16 KiB, and a million of those would be 16 GiB): past that the walk stops and every
+/// dir counts as incomplete (nothing taken as deleted, each an upload failure at the end),
+/// since a manifest could not list them all anyway. So do they past [`MAX_INCOMPLETE`]
+/// places that could not be read whole.
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u64) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
@@ -225,14 +226,13 @@ fn walk(
                 continue;
             }
         };
-        let depth = entry.rel.iter().filter(|&&b| b == b'/').count() + 1;
-        if entry.rel.len() > MAX_REL_PATH || depth > MAX_DEPTH {
+        if !c3_proto::manifest::path_fits(&entry.rel) {
             // Not walked, not stored. The directory that holds it is named once (a job can
             // put a million such entries there), and counted as a failure by the final sync.
             // It is no unread place: what it holds that fits was seen, and the book never
             // holds a path that does not fit, so nothing else there is kept as not covered.
             let parent = display_rel(entry.parent_rel());
-            if out.refused.last() != Some(&parent) && !out.refused.contains(&parent) {
+            if !out.refused.contains(&parent) {
                 out.warn(format!("{child_rel}: deeper than {MAX_DEPTH} directories or longer than {MAX_REL_PATH} bytes; it and whatever else in {parent}/ is so are not uploaded"));
                 if out.refused.len() < MAX_INCOMPLETE {
                     out.refused.push(parent);

@@ -379,21 +379,26 @@ fn did_you_mean(key: &str, scheme: &str) -> String {
 /// Whether the instance-metadata endpoint accepts a connection within a second: on a cloud
 /// instance it does at once; off-cloud nothing answers and object_store would retry for minutes.
 async fn metadata_endpoint_answers(endpoint: &str) -> bool {
-    let Ok(url) = url::Url::parse(endpoint) else {
+    let Some((host, port)) = endpoint_host_port(endpoint) else {
         return false;
     };
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let port = url.port_or_known_default().unwrap_or(80);
     matches!(
         tokio::time::timeout(
             Duration::from_secs(1),
-            tokio::net::TcpStream::connect((host, port))
+            tokio::net::TcpStream::connect((host.as_str(), port))
         )
         .await,
         Ok(Ok(_))
     )
+}
+
+/// The host (an IPv6 address without its brackets: `http://[fd00:ec2::254]`) and port an
+/// endpoint URL names, to connect to.
+pub fn endpoint_host_port(endpoint: &str) -> Option<(String, u16)> {
+    let url = url::Url::parse(endpoint).ok()?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let host = url.host_str()?.trim_matches(['[', ']']).to_string();
+    Some((host, port))
 }
 
 #[derive(Debug)]
@@ -1321,6 +1326,21 @@ mod tests {
         assert!(permanent_cause(&e, false));
         let e = std::io::Error::other("error decoding response body");
         assert!(!permanent_cause(&e, false));
+    }
+
+    #[test]
+    fn endpoint_urls_name_a_host_and_port() {
+        let hp = |e: &str| endpoint_host_port(e);
+        assert_eq!(
+            hp("http://169.254.169.254"),
+            Some(("169.254.169.254".into(), 80))
+        );
+        assert_eq!(
+            hp("http://[fd00:ec2::254]"),
+            Some(("fd00:ec2::254".into(), 80))
+        );
+        assert_eq!(hp("https://h:8443/x"), Some(("h".into(), 8443)));
+        assert_eq!(hp("not a url"), None);
     }
 
     /// An EPERM on the way to a remote store is the node's network (a full conntrack table,

@@ -190,10 +190,7 @@ impl DirWatcher {
             }
             // Deeper or longer than a manifest path can be: its files are never synced live
             // (the final scan names them), and each level holds two fds while walked.
-            let depth = entry.rel.iter().filter(|&&b| b == b'/').count() + 1;
-            if depth > c3_proto::manifest::MAX_PATH_DEPTH
-                || entry.rel.len() > c3_proto::manifest::MAX_PATH_BYTES
-            {
+            if !c3_proto::manifest::path_fits(&entry.rel) {
                 continue;
             }
             let Ok(fd) = entry.open_dir() else {
