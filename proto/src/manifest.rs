@@ -29,8 +29,30 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub logs: Option<Logs>,
     /// The job's structured result, or null.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_result")]
     pub result: serde_json::Value,
+}
+
+/// The most a manifest's `result` may hold, not counting whitespace, when it is read. An
+/// agent writes at most 64 KiB of the job's JSON (numbers re-spelt may grow it a little); a
+/// forged `[0,0,...]` of 256 MiB would be a `Value` tree of 4 GiB in the root agent.
+pub const MAX_READ_RESULT_BYTES: usize = 1024 * 1024;
+
+/// `result` as written, measured before any `Value` is built from it.
+fn bounded_result<'de, D: serde::Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+    use serde::de::Error;
+    let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+    let dense = raw
+        .get()
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b'\n' | b'\t' | b'\r'))
+        .count();
+    if dense > MAX_READ_RESULT_BYTES {
+        return Err(D::Error::custom(format_args!(
+            "result holds {dense} bytes; at most {MAX_READ_RESULT_BYTES} are read"
+        )));
+    }
+    serde_json::from_str(raw.get()).map_err(D::Error::custom)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +201,16 @@ impl Manifest {
                 });
             }
         }
+        if let Some(logs) = &manifest.logs {
+            for (name, log) in [("stdout", &logs.stdout), ("stderr", &logs.stderr)] {
+                if !is_sha256_hex(&log.sha256) {
+                    return Err(ManifestError::BadDigest {
+                        path: format!("logs.{name}"),
+                    });
+                }
+            }
+        }
+        check_one_place_each(&manifest.files)?;
         Ok(manifest)
     }
 }
@@ -322,10 +354,52 @@ pub fn path_fits(raw: &[u8]) -> bool {
 /// elsewhere, and `pull` (perhaps as root) would make a directory for each of its thousands
 /// of components, past quotas and the free-space check, which counts file bytes.
 fn check_size_of_path(raw: &[u8], shown: &str) -> Result<(), ManifestError> {
-    if !path_fits(raw) {
+    let problem = if !path_fits(raw) {
+        "deeper than 128 directories or longer than 16 KiB"
+    } else if raw.split(|b| *b == b'/').any(|name| name.len() > 255) {
+        // No Linux file system holds such a name: `pull` would fail on it at the very end.
+        "a name longer than 255 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(ManifestError::UnsafePath {
+        path: shown.chars().take(200).collect(),
+        problem,
+    })
+}
+
+/// No path is listed twice or as a file with entries below it: an agent's manifest never
+/// does, and `pull` would write both (the last rename wins) or leave a verified download
+/// behind a directory it made for the other. Entries are compared in an order where `/`
+/// sorts first, so a file's path is followed at once by any path below it.
+fn check_one_place_each(files: &[FileEntry]) -> Result<(), ManifestError> {
+    let raws: Vec<std::borrow::Cow<'_, [u8]>> = files
+        .iter()
+        .map(|f| match f.raw_path() {
+            Ok(raw) if f.path_b64.is_some() => std::borrow::Cow::Owned(raw),
+            _ => std::borrow::Cow::Borrowed(f.path.as_bytes()),
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    let slash_first = |b: &u8| if *b == b'/' { 0 } else { *b };
+    order.sort_unstable_by(|&a, &b| {
+        raws[a]
+            .iter()
+            .map(slash_first)
+            .cmp(raws[b].iter().map(slash_first))
+    });
+    for pair in order.windows(2) {
+        let (a, b) = (&raws[pair[0]], &raws[pair[1]]);
+        let problem = if a == b {
+            "listed twice"
+        } else if b.starts_with(a) && b.get(a.len()) == Some(&b'/') {
+            "a file with entries below it"
+        } else {
+            continue;
+        };
         return Err(ManifestError::UnsafePath {
-            path: shown.chars().take(200).collect(),
-            problem: "deeper than 128 directories or longer than 16 KiB",
+            path: files[pair[0]].path.chars().take(200).collect(),
+            problem,
         });
     }
     Ok(())
@@ -563,5 +637,70 @@ mod tests {
             bad.files[0].path_b64 = Some(base64::engine::general_purpose::STANDARD.encode(evil));
             assert!(Manifest::from_json(&bad.to_json()).is_err(), "{evil:?}");
         }
+    }
+
+    fn with_paths(paths: &[&str]) -> Manifest {
+        let mut m = Manifest::new("j", None, 1);
+        for p in paths {
+            m.files.push(FileEntry {
+                path: p.to_string(),
+                path_b64: None,
+                size: 0,
+                sha256: "0".repeat(64),
+                blake3: String::new(),
+                mode: 0o644,
+                mtime_ns: 0,
+            });
+        }
+        m
+    }
+
+    /// A forged manifest naming one place twice, or a file with entries below it, is refused
+    /// whatever order it lists them in; neighbours that only share a prefix are not.
+    #[test]
+    fn each_path_names_one_place() {
+        let refused = |paths: &[&str]| {
+            matches!(
+                Manifest::from_json(&with_paths(paths).to_json()),
+                Err(ManifestError::UnsafePath { .. })
+            )
+        };
+        assert!(refused(&["a/x", "a/x"]));
+        assert!(refused(&["a/x", "a/x-1", "a/x/y"]));
+        assert!(refused(&["a/x/y/z", "a/x-1", "a/x"]));
+        assert!(!refused(&["a/x", "a/x-1", "a/x.d/y", "a/xy/z", "b"]));
+        let long = format!("a/{}", "n".repeat(256));
+        assert!(refused(&[&long]));
+        assert!(!refused(&[&format!("a/{}", "n".repeat(255))]));
+    }
+
+    /// A result that would be a huge `Value` tree is refused before it is built; the logs'
+    /// digests are blob keys and held to the same form as the files'.
+    #[test]
+    fn a_manifest_is_read_within_bounds() {
+        let mut m = with_paths(&["a/x"]);
+        m.result = serde_json::json!({"loss": [0.5, 0.25], "ok": true});
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        m.result = serde_json::Value::Array(vec![0.into(); MAX_READ_RESULT_BYTES / 2 + 1]);
+        assert!(matches!(
+            Manifest::from_json(&m.to_json()),
+            Err(ManifestError::Syntax(_))
+        ));
+        m.result = serde_json::Value::Null;
+        let log = LogEntry {
+            size: 1,
+            sha256: "x/../../jobs/v/manifest.json".into(),
+        };
+        m.logs = Some(Logs {
+            stdout: LogEntry {
+                size: 0,
+                sha256: "0".repeat(64),
+            },
+            stderr: log,
+        });
+        assert!(matches!(
+            Manifest::from_json(&m.to_json()),
+            Err(ManifestError::BadDigest { .. })
+        ));
     }
 }
