@@ -338,6 +338,38 @@ pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens `rel` below the job root `root` for reading the way `reader` would reach it: each
+/// directory on the way is opened from the one before (never through a symlink) and must be
+/// one `reader` may enter, and the file is opened from the last one checked. `None`: a
+/// directory on the way shuts `reader` out. (Checking the directories by path and then
+/// opening the file by path again let a job rename a directory it may enter aside and one
+/// it may not into its place in between: a rename needs write access to the parent only.)
+pub fn open_read_as(root: &Path, rel: &Path, reader: &JobReader) -> io::Result<Option<File>> {
+    let mut parts = Vec::new();
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(p) => parts.push(p),
+            std::path::Component::CurDir => {}
+            _ => return Err(Errno::EXDEV.into()),
+        }
+    }
+    let Some((last, dirs)) = parts.split_last() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a file below the root",
+        ));
+    };
+    let mut dir = DirFd::open_root(root)?;
+    for name in dirs {
+        dir = dir.open_dir(Path::new(name))?;
+        let st = fstat(&dir)?;
+        if !reader.may_enter(&dir, &st)? {
+            return Ok(None);
+        }
+    }
+    dir.open_file(Path::new(last)).map(Some)
+}
+
 /// 16 hex digits from the kernel's random source: temp names a job cannot predict.
 fn random_hex() -> String {
     let mut bytes = [0u8; 8];
@@ -540,6 +572,31 @@ pub fn lossy(name: &OsStr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory the reader may not enter shuts it out of what lies below, however the
+    /// file's own bits read; the same file through a directory it may enter opens.
+    #[test]
+    fn open_read_as_checks_each_directory_on_the_way() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        for (dir, mode) in [("open", 0o755), ("shut", 0o700)] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+            std::fs::write(root.path().join(dir).join("f"), b"x").unwrap();
+            std::fs::set_permissions(root.path().join(dir), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        let stranger = JobReader {
+            uid: nix::unistd::geteuid().as_raw().wrapping_add(4242),
+            gids: vec![],
+        };
+        assert!(open_read_as(root.path(), Path::new("open/f"), &stranger)
+            .unwrap()
+            .is_some());
+        assert!(open_read_as(root.path(), Path::new("shut/f"), &stranger)
+            .unwrap()
+            .is_none());
+        assert!(open_read_as(root.path(), Path::new("../f"), &stranger).is_err());
+    }
 
     #[test]
     fn symlinked_directories_below_the_root_are_refused() {

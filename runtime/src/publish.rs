@@ -195,24 +195,19 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
             _ if e.kind() == std::io::ErrorKind::NotFound => format!("{r} does not exist"),
             _ => format!("{r}: {e}"),
         };
-        let root = DirFd::open_root(&workdir).map_err(|e| format!("{r}: {e}"))?;
         // As the scan does: every directory on the way must be one the job's user may enter
         // (a 0644 file under a root-owned 0700 directory is not the job's to publish).
-        if let (Some(rd), Some(parent)) = (&reader, Path::new(&r).parent()) {
-            let mut at = std::path::PathBuf::new();
-            for part in parent.components() {
-                at.push(part);
-                let dir = root.open_dir(&at).map_err(why)?;
-                let st = crate::confine::fstat(&dir).map_err(|e| format!("{r}: {e}"))?;
-                if !rd.may_enter(&dir, &st).map_err(|e| format!("{r}: {e}"))? {
-                    return Err(format!(
-                        "{r}: {}/ is not readable by the job's user; not published",
-                        at.display()
-                    ));
-                }
-            }
-        }
-        let file = root.open_file(Path::new(&r)).map_err(why)?;
+        let file = match &reader {
+            Some(rd) => crate::confine::open_read_as(&workdir, Path::new(&r), rd)
+                .map_err(why)?
+                .ok_or_else(|| {
+                    format!("{r}: a directory on the way is not readable by the job's user; not published")
+                })?,
+            None => DirFd::open_root(&workdir)
+                .map_err(|e| format!("{r}: {e}"))?
+                .open_file(Path::new(&r))
+                .map_err(why)?,
+        };
         let st = crate::confine::fstat(&file).map_err(|e| format!("{r}: {e}"))?;
         if !crate::confine::is_regular(&st) {
             return Err(format!("{r} is not a regular file; not published"));

@@ -23,8 +23,16 @@ pub fn result_path(workdir: &Path) -> std::path::PathBuf {
 pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Value, String> {
     use std::io::Read;
     let path = result_path(workdir);
-    let mut file = match crate::confine::open_read(Some(workdir), &path) {
-        Ok(f) => f,
+    // Through `.c3/` as the job's user would go: the job may have made it a directory of
+    // someone else's that it cannot enter.
+    let opened = match reader {
+        Some(reader) => crate::confine::open_read_as(workdir, Path::new(".c3/result.json"), reader)
+            .map(|f| f.ok_or("its directory is not readable by the job's user")),
+        None => crate::confine::open_read(Some(workdir), &path).map(Ok),
+    };
+    let mut file = match opened {
+        Ok(Ok(f)) => f,
+        Ok(Err(why)) => return Err(why.into()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::Value::Null),
         Err(e) => return Err(format!("cannot open it: {e}")),
     };

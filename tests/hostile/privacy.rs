@@ -124,6 +124,56 @@ fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
     assert_eq!(h.manifest_paths("locked"), vec!["artifacts/reply.txt"]);
 }
 
+/// The directories on the way were checked by path and the file opened by path again, so
+/// a job that may write `artifacts/` swapped (RENAME_EXCHANGE, which needs write access to
+/// the parent only) its own `mine/`, whose `secret` live sync had already seen close, with
+/// root's 0700 `locked/`: live sync then read root's `locked/secret` as `mine/secret`.
+#[test]
+fn a_directory_swapped_in_after_its_check_keeps_its_file() {
+    if not_root("a_directory_swapped_in_after_its_check_keeps_its_file") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = open_harness();
+    h.extra_toml = "[sync]\nsettle_ms = 1000\n".into();
+    let artifacts = h.workdir("swapper").join("artifacts");
+    std::fs::create_dir_all(artifacts.join("locked")).unwrap();
+    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        artifacts.join("locked"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(artifacts.join("locked/secret"), "root's eyes only\n").unwrap();
+    std::fs::set_permissions(
+        artifacts.join("locked/secret"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let swap = "import ctypes, os, time; a = os.environ['C3_ARTIFACTS_DIR']; \
+                os.mkdir(a + '/mine'); open(a + '/mine/secret', 'w').write('decoy'); \
+                time.sleep(0.3); libc = ctypes.CDLL(None, use_errno=True); \
+                r = libc.renameat2(-100, (a + '/mine').encode(), -100, (a + '/locked').encode(), 2); \
+                assert r == 0, os.strerror(ctypes.get_errno()); time.sleep(4)";
+    let run = h.run_job(json!({"job_id": "swapper", "user": "nobody",
+        "command": ["python3", "-c", swap]}));
+    assert!(
+        !run.stderr.contains("Traceback"),
+        "the swap failed: {}",
+        run.stderr
+    );
+    eprintln!("STDERR {}", run.stderr);
+    let secret = crate::support::sha256_hex(b"root's eyes only\n");
+    assert!(
+        h.object(&format!("blobs/sha256/{secret}")).is_none(),
+        "root's file was stored: {}",
+        run.stderr
+    );
+    assert!(!h
+        .manifest_paths("swapper")
+        .contains(&"artifacts/mine/secret".to_string()));
+}
+
 /// The scheduler's spec at `<jobs_root>/<id>/job.json`, written with umask 022, sat in
 /// directories the agent makes traversable for the job's user: any other tenant's job that
 /// guessed the id (`systemctl list-units`, `/proc/<pid>/cmdline`) read its `env` secrets. The

@@ -453,14 +453,15 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Opens the version of the file that `before` describes: no symlink on the way (below
-/// `root`), the same inode (a swapped-in file is "changed"), and one `reader` may read.
+/// `root`), the same inode (a swapped-in file is "changed"), reached through directories
+/// `reader` may enter, and one `reader` may read.
 fn open_confined(
     root: Option<&Path>,
     reader: Option<&JobReader>,
     path: &Path,
     before: FileStamp,
 ) -> Result<File, UploadError> {
-    let file = crate::confine::open_read(root, path).map_err(|source| {
+    let open_error = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::NotFound {
             UploadError::Vanished { path: path.into() }
         } else {
@@ -469,7 +470,15 @@ fn open_confined(
                 source,
             }
         }
-    })?;
+    };
+    // The agent's own files (the job's logs in the state dir) are not the job's to read.
+    let below = root.and_then(|r| path.strip_prefix(r).ok().map(|rel| (r, rel)));
+    let file = match (below, reader) {
+        (Some((root, rel)), Some(reader)) => crate::confine::open_read_as(root, rel, reader)
+            .map_err(open_error)?
+            .ok_or_else(|| UploadError::NotReadable { path: path.into() })?,
+        _ => crate::confine::open_read(root, path).map_err(open_error)?,
+    };
     let st = crate::confine::fstat(&file).map_err(|source| UploadError::Read {
         path: path.into(),
         source,
@@ -477,9 +486,7 @@ fn open_confined(
     if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev {
         return Err(UploadError::Changed { path: path.into() });
     }
-    // The agent's own files (the job's logs in the state dir) are not the job's to read.
-    let confined = root.is_some_and(|r| path.starts_with(r));
-    if let (true, Some(reader)) = (confined, reader) {
+    if let (Some(_), Some(reader)) = (below, reader) {
         match reader.may_read(&file, &st) {
             Ok(true) => {}
             Ok(false) => return Err(UploadError::NotReadable { path: path.into() }),
