@@ -81,7 +81,7 @@ pub async fn pull(
         }
         let root = c3_runtime::confine::DirFd::open(dest)
             .with_context(|| format!("cannot open {}", dest.display()))?;
-        let got = c3_runtime::pull::pull_into(&ctx.store, &entries, root, dest, None, force)
+        let got = c3_runtime::pull::pull_into(&ctx.store, entries.into(), root, dest, None, force)
             .await
             .with_context(|| format!("logs of job {job_id}"))?;
         summary.files += got.files;

@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +76,7 @@ impl DatasetError {
                 }
                 PullError::Write { .. } | PullError::NoRoom { .. } | PullError::Task { .. } => true,
                 PullError::BadManifest { .. }
+                | PullError::WrongJob { .. }
                 | PullError::Mismatch { .. }
                 | PullError::Exists { .. }
                 | PullError::Escapes { .. } => false,
@@ -328,14 +330,22 @@ async fn materialize(
     mount: &str,
     owner: Owner,
 ) -> Result<(crate::pull::PullSummary, bool), DatasetError> {
-    let dir = workdir_fd
-        .ensure_dir(Path::new(mount), 0o755, owner)
+    // Off the reactor, where a dataset's timeout and a cancel are heard (a hung network
+    // file system holds the call).
+    let (at, name) = (
+        workdir_fd.try_clone().map_err(DatasetError::Mount)?,
+        mount.to_string(),
+    );
+    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), 0o755, owner))
+        .await
+        .map_err(|e| DatasetError::Mount(std::io::Error::other(e)))?
         .map_err(DatasetError::Mount)?;
     let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     // A dataset is the earlier job's files, as they are: what an earlier attempt left is replaced.
+    let files: Arc<[c3_proto::FileEntry]> = manifest.files.into();
     let pulled = crate::pull::pull_into(
         &ctx.store,
-        &manifest.files,
+        files.clone(),
         dir,
         &workdir.join(mount),
         owner,
@@ -344,8 +354,7 @@ async fn materialize(
     .await?;
     // Those blobs are in the store: a job that writes the same files sends nothing again.
     ctx.known.extend(
-        manifest
-            .files
+        files
             .iter()
             .filter_map(|f| crate::known::from_hex(&f.sha256)),
     );

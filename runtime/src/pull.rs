@@ -40,11 +40,12 @@ pub enum PullError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{} needs {} for {files} files and {} is free there", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
+    #[error("{} needs {} for {files} files and {dirs} directories and {} is free there (or too few inodes)", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
     NoRoom {
         path: PathBuf,
         needed: u64,
         files: usize,
+        dirs: u64,
         free: u64,
     },
     #[error("{} exists and differs from the job's file; `--force` overwrites it", .path.display())]
@@ -59,6 +60,8 @@ pub enum PullError {
     Escapes { path: String },
     #[error("download task for {path} failed")]
     Task { path: String },
+    #[error("the store's manifest for job {job_id} is job {found}'s")]
+    WrongJob { job_id: String, found: String },
 }
 
 impl PullError {
@@ -99,10 +102,26 @@ pub async fn read_manifest(
             job_id: job_id.into(),
             source,
         })?;
-    Manifest::from_json(&bytes).map_err(|source| PullError::BadManifest {
-        job_id: job_id.into(),
-        source,
-    })
+    // Up to 256 MiB of JSON: parsed off the reactor, where a dataset's timeout and a cancel
+    // are heard.
+    let manifest = tokio::task::spawn_blocking(move || Manifest::from_json(&bytes))
+        .await
+        .map_err(|_| PullError::Task {
+            path: manifest_key(job_id),
+        })?
+        .map_err(|source| PullError::BadManifest {
+            job_id: job_id.into(),
+            source,
+        })?;
+    // A key swapped or misrouted (a cache, a gateway, a copy) would hand this job another
+    // job's files, perhaps another tenant's.
+    if manifest.job_id != job_id {
+        return Err(PullError::WrongJob {
+            job_id: job_id.into(),
+            found: manifest.job_id,
+        });
+    }
+    Ok(manifest)
 }
 
 /// Writes every file of `manifest` under `dest` (created if missing); stops at the first
@@ -120,7 +139,15 @@ pub async fn pull(
     };
     std::fs::create_dir_all(dest).map_err(werr)?;
     let root = DirFd::open(dest).map_err(werr)?;
-    pull_into(store, &manifest.files, root, dest, None, force).await
+    pull_into(
+        store,
+        manifest.files.clone().into(),
+        root,
+        dest,
+        None,
+        force,
+    )
+    .await
 }
 
 /// The job's logs as entries to pull (`.c3/stdout.log`, `.c3/stderr.log`: `.c3` is never
@@ -148,59 +175,46 @@ pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
 /// through a symlink; with `owner`, what is created belongs to that uid/gid.
 pub async fn pull_into(
     store: &BlobStore,
-    files: &[FileEntry],
+    files: Arc<[FileEntry]>,
     root: DirFd,
     shown: &Path,
     owner: Owner,
     force: bool,
 ) -> Result<PullSummary, PullError> {
-    // The manifest's sizes are the store's word, and each file is written out whole (one huge
-    // blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
-    // reserved blocks: what does not fit in what an ordinary user could still write is
-    // refused up front rather than filling the node's disk, the agent's state dir included.
-    // Each file takes whole blocks (counted at most 4 KiB each: NFS, CephFS and ZFS report
-    // 128 KiB to 4 MiB here, and pack small files tighter) and an inode.
-    if let Ok(fs) = nix::sys::statvfs::fstatvfs(&root) {
-        let block = fs.fragment_size().clamp(1, 4096);
-        let needed: u64 = files
-            .iter()
-            .map(|f| f.size.div_ceil(block).saturating_mul(block))
-            .fold(0, u64::saturating_add);
-        let free = fs.blocks_available().saturating_mul(fs.fragment_size());
-        let no_inodes = fs.files_available() > 0 && files.len() as u64 > fs.files_available();
-        if needed > free || no_inodes {
-            return Err(PullError::NoRoom {
-                path: shown.to_path_buf(),
-                needed,
-                files: files.len(),
-                free,
-            });
-        }
-    }
     let root = Arc::new(root);
     // Every directory first, one at a time: created concurrently, one download's `d/sub`
     // could land in `d` before the download that made `d` checked it was still empty (which
-    // is how a directory swapped in is told from the one just made).
+    // is how a directory swapped in is told from the one just made). Ordered by component,
+    // so the directories a path adds are those it does not share with the one before.
     let mut parents = std::collections::BTreeMap::new();
-    for entry in files {
-        let (parent, _, target) = split(entry, shown)?;
+    for (i, entry) in files.iter().enumerate() {
+        let (parent, _, _) = split(entry, shown)?;
         if !parent.as_os_str().is_empty() {
-            parents.entry(parent).or_insert((entry.clone(), target));
+            parents.entry(parent).or_insert(i);
         }
     }
-    let made = root.clone();
+    let (made, checked) = (root.clone(), files.clone());
+    let (shown_dir, stop) = (shown.to_path_buf(), Stop::default());
+    let stopped = stop.0.clone();
     tokio::task::spawn_blocking(move || {
-        parents
-            .into_iter()
-            .try_for_each(|(parent, (entry, target))| {
-                make_parent(&made, &parent, owner, &entry, &target).map(drop)
-            })
+        check_room(&made, &checked, &parents, &shown_dir, owner)?;
+        for (parent, i) in parents {
+            // The pull was given up (a dataset's timeout, a cancel): no more directories.
+            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let entry = &checked[i];
+            let (_, _, target) = split(entry, &shown_dir)?;
+            make_parent(&made, &parent, owner, entry, &target)?;
+        }
+        Ok::<_, PullError>(())
     })
     .await
     .map_err(|e| PullError::Write {
         path: shown.to_path_buf(),
         source: std::io::Error::other(e),
     })??;
+    drop(stop);
     let results = futures::stream::iter(files.iter())
         .map(|entry| fetch(store, entry, root.clone(), shown, owner, force))
         .buffer_unordered(8)
@@ -210,6 +224,85 @@ pub async fn pull_into(
         files: results.len() as u64,
         bytes: results.iter().sum(),
     })
+}
+
+/// Set when its holder is dropped: a blocking task that outlives the future that awaited it
+/// (given up on at a timeout) sees it and stops.
+#[derive(Default)]
+struct Stop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The manifest's sizes are the store's word, and each file is written out whole (one huge
+/// blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
+/// reserved blocks: what does not fit in what an ordinary user could still write is refused
+/// up front rather than filling the node's disk, the agent's state dir included. Each file
+/// takes whole blocks (counted at most 4 KiB each: NFS, CephFS and ZFS report 128 KiB to
+/// 4 MiB here, and pack small files tighter) and an inode, and so does each directory made
+/// for them (a forged manifest of 0-byte files, each below its own chain of 127 directories,
+/// asked for 87 million of them). A file already in place with the entry's size (an earlier
+/// attempt's, a pull that broke off) is not counted again.
+fn check_room(
+    root: &DirFd,
+    files: &[FileEntry],
+    parents: &std::collections::BTreeMap<PathBuf, usize>,
+    shown: &Path,
+    owner: Owner,
+) -> Result<(), PullError> {
+    let Ok(fs) = nix::sys::statvfs::fstatvfs(root) else {
+        return Ok(());
+    };
+    let block = fs.fragment_size().clamp(1, 4096);
+    let blocks_of = |size: u64| size.div_ceil(block).saturating_mul(block);
+    let mut dirs = 0u64;
+    let mut before: Option<&PathBuf> = None;
+    for parent in parents.keys() {
+        let shared = before.map_or(0, |b| {
+            b.components()
+                .zip(parent.components())
+                .take_while(|(a, b)| a == b)
+                .count()
+        });
+        dirs += (parent.components().count() - shared) as u64;
+        before = Some(parent);
+    }
+    let in_place = |entry: &FileEntry| {
+        let Ok((parent, name, _)) = split(entry, shown) else {
+            return false;
+        };
+        let dir = if parent.as_os_str().is_empty() {
+            root.try_clone()
+        } else {
+            root.open_dir(&parent)
+        };
+        dir.and_then(|d| d.stat(&name)).is_ok_and(|st| {
+            crate::confine::is_regular(&st)
+                && st.st_size as u64 == entry.size
+                && owner.is_none_or(|(uid, _)| uid == st.st_uid)
+        })
+    };
+    let needed = files
+        .iter()
+        .filter(|f| f.size > 0 && !in_place(f))
+        .map(|f| blocks_of(f.size))
+        .fold(dirs.saturating_mul(block), u64::saturating_add);
+    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    let inodes = (files.len() as u64).saturating_add(dirs);
+    let no_inodes = fs.files_available() > 0 && inodes > fs.files_available();
+    if needed > free || no_inodes {
+        return Err(PullError::NoRoom {
+            path: shown.to_path_buf(),
+            needed,
+            files: files.len(),
+            dirs,
+            free,
+        });
+    }
+    Ok(())
 }
 
 /// An entry's parent directory and name below the pull root (the exact bytes: a name that
@@ -259,8 +352,9 @@ fn make_parent(
 /// request is itself retried for the store's retry deadline).
 const MAX_FRUITLESS_RESUMES: u32 = 3;
 
-/// Streams one blob into a new temp file beside its target, hashing off the reactor and
-/// stopping at the manifest's size, then renames it into place.
+/// One blob into place; a body that did not match its sha256 is fetched once more from the
+/// start (a cache or proxy that served a wrong or cut body once is not the blob), and only
+/// a second mismatch is the store's word.
 async fn fetch(
     store: &BlobStore,
     entry: &FileEntry,
@@ -269,7 +363,60 @@ async fn fetch(
     owner: Owner,
     force: bool,
 ) -> Result<u64, PullError> {
+    match fetch_once(store, entry, root.clone(), shown, owner, force).await {
+        Err(PullError::Mismatch { actual, .. }) => {
+            tracing::warn!(path = %entry.path, sha256 = %actual, "the blob's bytes did not match its sha256; fetching it again");
+            fetch_once(store, entry, root, shown, owner, force).await
+        }
+        done => done,
+    }
+}
+
+/// Streams one blob into a new temp file beside its target, hashing off the reactor and
+/// stopping at the manifest's size, then renames it into place. A file already there with
+/// the entry's bytes is kept without asking the store.
+async fn fetch_once(
+    store: &BlobStore,
+    entry: &FileEntry,
+    root: Arc<DirFd>,
+    shown: &Path,
+    owner: Owner,
+    force: bool,
+) -> Result<u64, PullError> {
     let (parent, name, target) = split(entry, shown)?;
+    let task_failed = || PullError::Task {
+        path: entry.path.clone(),
+    };
+    let werr = {
+        let target = target.clone();
+        move |source| PullError::Write {
+            path: target.clone(),
+            source,
+        }
+    };
+    let dir = {
+        let (entry, target, name, werr) =
+            (entry.clone(), target.clone(), name.clone(), werr.clone());
+        tokio::task::spawn_blocking(move || -> Result<Option<DirFd>, PullError> {
+            let dir = if parent.as_os_str().is_empty() {
+                root.try_clone().map_err(&werr)?
+            } else {
+                make_parent(&root, &parent, owner, &entry, &target)?
+            };
+            match existing(&dir, &name, &entry, owner, force).map_err(&werr)? {
+                None => Ok(Some(dir)),
+                Some(true) => Ok(None),
+                Some(false) => Err(PullError::Exists {
+                    path: target.clone(),
+                }),
+            }
+        })
+        .await
+        .map_err(|_| task_failed())??
+    };
+    let Some(dir) = dir else {
+        return Ok(entry.size);
+    };
     let result = store
         .get_blob(&entry.sha256)
         .await
@@ -281,42 +428,32 @@ async fn fetch(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(4);
     let writer = {
         let entry = entry.clone();
-        let target = target.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
-            let werr = |source| PullError::Write {
-                path: target.clone(),
-                source,
-            };
-            let dir = if parent.as_os_str().is_empty() {
-                root.try_clone().map_err(werr)?
-            } else {
-                make_parent(&root, &parent, owner, &entry, &target)?
-            };
-            if let Some(same) = existing(&dir, &name, &entry, owner, force).map_err(werr)? {
-                return if same {
-                    Ok(entry.size)
-                } else {
-                    Err(PullError::Exists {
-                        path: target.clone(),
-                    })
-                };
-            }
-            let (tmp, file) = dir.create_temp(".c3-pull-").map_err(werr)?;
-            let written = write_verified(file, &mut rx, &entry, owner).map_err(|e| match e {
-                WriteFailure::Io(source) => werr(source),
-                WriteFailure::Other(e) => e,
-            });
+            let (tmp, file) = dir.create_temp(".c3-pull-").map_err(&werr)?;
             let tmp = std::ffi::OsString::from(tmp);
-            match written {
-                Ok(size) => {
-                    dir.rename(&tmp, &name).map_err(werr)?;
-                    Ok(size)
-                }
-                Err(e) => {
-                    let _ = dir.remove_file(&tmp);
-                    Err(e)
-                }
+            let written = write_verified(file, &mut rx, &entry, owner)
+                .map_err(|e| match e {
+                    WriteFailure::Io(source) => werr(source),
+                    WriteFailure::Other(e) => e,
+                })
+                .and_then(|size| {
+                    dir.rename(&tmp, &name).map(|()| size).map_err(|source| {
+                        // A directory (or a file below one) is where the job's file goes: the
+                        // job made it; root neither removes nor writes into it.
+                        match source.raw_os_error() {
+                            Some(libc::EISDIR | libc::ENOTEMPTY | libc::ENOTDIR) => {
+                                PullError::Escapes {
+                                    path: entry.path.clone(),
+                                }
+                            }
+                            _ => werr(source),
+                        }
+                    })
+                });
+            if written.is_err() {
+                let _ = dir.remove_file(&tmp);
             }
+            written
         })
     };
     let mut body = result.into_stream();
@@ -361,9 +498,7 @@ async fn fetch(
         }
     }
     drop(tx);
-    let written = writer.await.map_err(|_| PullError::Task {
-        path: entry.path.clone(),
-    })?;
+    let written = writer.await.map_err(|_| task_failed())?;
     match fetch_error {
         Some(e) => Err(e),
         None => written,

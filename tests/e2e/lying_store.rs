@@ -35,6 +35,9 @@ enum Fault {
     HeadDenied,
     /// Every GET response breaks off after at most 256 KiB.
     CutDownloads,
+    /// The first GET of each blob: its bytes with the first one flipped (a cache that served
+    /// a corrupted copy once).
+    FlipOnce,
     /// Every blob PUT: 403 with a 256 MiB body.
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
@@ -65,6 +68,7 @@ const ENDLESS: usize = 256 << 20;
 struct State {
     objects: HashMap<String, Vec<u8>>,
     seen_puts: HashMap<String, usize>,
+    seen_gets: HashMap<String, usize>,
     fault: Option<Fault>,
     /// The most bytes of one endless body handed to its connection (a retry sends another).
     endless_sent: Arc<std::sync::atomic::AtomicUsize>,
@@ -297,7 +301,13 @@ async fn handle(
             } else {
                 StatusCode::OK
             };
-            let rest = Bytes::from(o[from..].to_vec());
+            let mut rest = o[from..].to_vec();
+            let gets = st.seen_gets.entry(key.clone()).or_default();
+            *gets += 1;
+            if fault == Fault::FlipOnce && *gets == 1 && key.contains("/blobs/") && !rest.is_empty() {
+                rest[0] ^= 0xff;
+            }
+            let rest = Bytes::from(rest);
             let body = if fault == Fault::Trickle && key.contains("/blobs/") {
                 use futures::StreamExt;
                 let bytes: Vec<u8> = rest.to_vec();
@@ -518,6 +528,26 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     let dest = h.path("dest");
     h.run(&["pull", "cut", dest.to_str().unwrap()])
         .assert_code(0);
+    assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
+
+/// A body that does not hash to its key, once: a proxy's or cache's fault, which a second
+/// GET cures. It failed the pull (and a dataset, for good: `retryable: false`).
+#[test]
+fn a_blob_served_wrong_once_is_fetched_again() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(1 << 20);
+    h.run_job(job_writing(&h, "flip", &data)).assert_code(0);
+    s3.set_fault(Fault::FlipOnce);
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "flip", dest.to_str().unwrap()]);
+    pulled.assert_code(0);
+    assert!(
+        pulled.stderr.contains("fetching it again"),
+        "{}",
+        pulled.stderr
+    );
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
 }
 

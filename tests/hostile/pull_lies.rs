@@ -175,6 +175,145 @@ fn a_manifest_entry_deeper_than_any_agent_writes_is_refused_before_a_directory_i
     assert!(made < 10, "{made} directories made");
 }
 
+/// A tmpfs at `dir`, unmounted on drop; None (said) where this machine cannot mount one.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs here");
+        }
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// 0-byte files, each below its own chain of 60 directories (every entry within the depth
+/// cap): the free-space check counted file bytes and one inode a file, so `pull` made
+/// directories as root until the file system had no inode left (87 million for a forged
+/// manifest of 256 MiB), the agent's state dir on it included.
+#[test]
+fn the_directories_a_manifest_asks_for_count_against_the_room() {
+    if not_root("the_directories_a_manifest_asks_for_count_against_the_room") {
+        return;
+    }
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "real", "command": ["sh", "-c", ": > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    forge_manifest(&h, |m| {
+        let one = m["files"][0].clone();
+        let files: Vec<_> = (0..100)
+            .map(|i| {
+                let mut e = one.clone();
+                e["path"] = json!(format!("artifacts/c{i}/{}f", "d/".repeat(60)));
+                e
+            })
+            .collect();
+        m["files"] = json!(files);
+    });
+    let dest = h.path("dest");
+    let Some(_fs) = Tmpfs::mount(&dest, "size=64m,nr_inodes=2000") else {
+        return;
+    };
+    let pulled = h.run(&["pull", "liar", dest.to_str().unwrap()]);
+    assert_ne!(pulled.code, 0);
+    assert!(pulled.stderr.contains("is free there"), "{}", pulled.stderr);
+    let made = walk_dirs(&dest);
+    assert!(made < 10, "{made} directories made");
+}
+
+/// A pull that finished (or broke off) and runs again, or an attempt that finds its dataset
+/// in place: the files already there are not asked for room again. The check counted every
+/// file, so a dataset of over half the free space failed on every attempt after the first.
+#[test]
+fn files_already_in_place_need_no_room_again() {
+    if not_root("files_already_in_place_need_no_room_again") {
+        return;
+    }
+    let h = Harness::file();
+    let script = "head -c 5000000 /dev/urandom > $C3_ARTIFACTS_DIR/big";
+    h.run_job(json!({"job_id": "real", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let dest = h.path("dest");
+    let Some(_fs) = Tmpfs::mount(&dest, "size=8m") else {
+        return;
+    };
+    h.run(&["pull", "real", dest.to_str().unwrap()])
+        .assert_code(0);
+    let again = h.run(&["pull", "real", dest.to_str().unwrap()]);
+    again.assert_code(0);
+}
+
+/// A manifest the store holds under another job's key (a cache or gateway that swapped keys,
+/// a copy): its files are another job's, perhaps another tenant's.
+#[test]
+fn a_manifest_of_another_job_is_refused() {
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    let path = h.object_path("jobs/liar/manifest.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::copy(h.object_path("jobs/real/manifest.json"), &path).unwrap();
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "liar", dest.to_str().unwrap()]);
+    assert_ne!(pulled.code, 0);
+    assert!(pulled.stderr.contains("is job real's"), "{}", pulled.stderr);
+    assert!(crate::common::files_under(&dest).is_empty());
+}
+
+/// An earlier attempt made a directory where a dataset file goes: the verified download was
+/// left beside it as a `.c3-pull-*` temp file, and the attempt called retryable (it fails the
+/// same way on every attempt, each leaving another copy).
+#[test]
+fn a_directory_where_a_dataset_file_goes_is_the_jobs_doing() {
+    if not_root("a_directory_where_a_dataset_file_goes_is_the_jobs_doing") {
+        return;
+    }
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    let spec = |attempt: u32| {
+        json!({"job_id": "planter", "attempt": attempt, "user": "nobody",
+            "command": ["sh", "-c", "rm -f in/artifacts/f; mkdir -p in/artifacts/f/sub"],
+            "datasets": [{"ref": "/jobs/real", "mount": "in"}]})
+    };
+    h.run_job(spec(1)).assert_code(0);
+    let run = h.run_job(spec(2));
+    assert_ne!(run.code, 0);
+    let reports = h.state.join("jobs/planter/attempts/2/reports.jsonl");
+    let t: serde_json::Value = std::fs::read_to_string(reports)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["body"].clone())
+        .find(|b| b["state"] == "FAILED")
+        .expect("attempt 2's terminal status");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert_eq!(t["retryable"], false, "{t}");
+    let left: Vec<_> = crate::common::files_under(&h.workdir("planter").join("in"))
+        .into_iter()
+        .filter(|(f, _)| f.to_string_lossy().contains(".c3-pull-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 fn walk_dirs(dir: &std::path::Path) -> usize {
     let mut count = 0;
     let mut stack = vec![dir.to_path_buf()];
