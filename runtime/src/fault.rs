@@ -21,12 +21,17 @@ pub fn point(name: &str) {
 /// Waits 2 s if `C3_AGENT_FAULT` names this point, in debug builds: a window for a test to
 /// change the world at that moment (a file vanishing between the final scan and its read).
 pub async fn pause_point(name: &str) {
+    pause_for(name, std::time::Duration::from_secs(2)).await;
+}
+
+/// [`pause_point`], for `dur`.
+pub async fn pause_for(name: &str, dur: std::time::Duration) {
     #[cfg(debug_assertions)]
     if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        tokio::time::sleep(dur).await;
     }
     #[cfg(not(debug_assertions))]
-    let _ = name;
+    let _ = (name, dur);
 }
 
 /// Ends the process at once (like a SIGKILL: nothing cleaned up) if `C3_AGENT_FAULT` names

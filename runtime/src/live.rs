@@ -88,6 +88,7 @@ impl LiveSync {
             manifest_dirty: false,
             manifest_too_large: false,
             manifest_written: None,
+            requests_from: Instant::now(),
             polling: false,
             rescans: RescanPace::default(),
             prehashing: JoinSet::new(),
@@ -131,6 +132,8 @@ struct Syncer {
     /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
     manifest_too_large: bool,
     manifest_written: Option<Instant>,
+    /// The job's next socket request is served no sooner than this: see [`Syncer::serve`].
+    requests_from: Instant,
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
     warned_upload: bool,
@@ -157,6 +160,9 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const RESCAN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Manifest path, size queued, outcome.
+/// The longest rest after one socket request (see [`Syncer::serve`]).
+const MAX_REQUEST_REST: Duration = Duration::from_secs(5);
+
 type UploadResult = (String, u64, Result<Uploaded, UploadError>);
 
 impl Syncer {
@@ -176,7 +182,9 @@ impl Syncer {
                     // The watcher is gone (it failed): keep going by polling.
                     None => self.degrade("watcher stopped".into(), &mut hints),
                 },
-                Some(call) = self.publishes.recv() => self.serve(call, &mut uploads).await,
+                Some(call) = self.publishes.recv(), if Instant::now() >= self.requests_from => {
+                    self.serve(call, &mut uploads).await;
+                }
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
                 Some(done) = self.prehashing.join_next(), if !self.prehashing.is_empty() => {
                     if let Ok(key) = done {
@@ -208,7 +216,20 @@ impl Syncer {
 
     /// A request from the job, ahead of the live queue. A barrier first lets the uploads
     /// under way land.
+    /// Serves one request, then rests as long as it took (at most [`MAX_REQUEST_REST`])
+    /// before the next: a job's requests get at most half the collector's time. A request's
+    /// cost is the job's to choose (a `touch` before each `publish` rewrites both manifests,
+    /// up to `store.max_manifest_bytes` each; a `wait_all` scans the tree and `/proc`), and
+    /// in a loop it was all the root agent did, at full speed, past `bandwidth_limit`. A
+    /// cheap request (a small book, nothing new) rests a few milliseconds.
     async fn serve(&mut self, call: PublishCall, uploads: &mut JoinSet<UploadResult>) {
+        let began = Instant::now();
+        crate::fault::pause_for("slow-request", Duration::from_secs(1)).await;
+        self.serve_now(call, uploads).await;
+        self.requests_from = Instant::now() + began.elapsed().min(MAX_REQUEST_REST);
+    }
+
+    async fn serve_now(&mut self, call: PublishCall, uploads: &mut JoinSet<UploadResult>) {
         if call.request == c3_proto::SocketRequest::WaitAll {
             while let Some(done) = uploads.join_next().await {
                 self.on_uploaded(done);
@@ -377,6 +398,10 @@ impl Syncer {
         }
         if self.polling {
             wake = wake.min(next_poll);
+        }
+        // A request that came while the last one's rest lasts is served when it ends.
+        if self.requests_from > Instant::now() {
+            wake = wake.min(self.requests_from);
         }
         if let Some(due) = self.rescans.due {
             wake = wake.min(due);

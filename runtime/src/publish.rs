@@ -61,39 +61,63 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
             paths.len()
         ));
     }
-    let mut files = Vec::new();
+    // One file named in many spellings (`a`, `./a`, `././a`, an absolute path) is one file:
+    // each spelling was read and hashed again, a 20 GiB checkpoint a thousand times.
+    let mut files: Vec<LocalFile> = Vec::new();
+    let mut located = std::collections::HashSet::new();
     for path in &paths {
         match locate(parts, path).await {
-            Ok(file) => files.push(file),
+            Ok(file) => {
+                if located.insert(file.rel.clone()) {
+                    files.push(file);
+                }
+            }
             Err(e) => return SocketReply::error(e),
         }
     }
+    // A version the book already holds is answered from it, not read again; the reply
+    // lists the files in the order they were named.
+    let mut published: Vec<Option<PublishedFile>> = files
+        .iter()
+        .map(|f| {
+            book.current_digests(&f.rel, &f.stamp)
+                .map(|d| PublishedFile {
+                    path: f.rel.clone(),
+                    sha256: d.sha256_hex(),
+                    size: d.size,
+                })
+        })
+        .collect();
+    let todo: Vec<(usize, &LocalFile)> = files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| published[*i].is_none())
+        .collect();
     let at_once = parts.uploader.options().files_in_flight.max(1);
-    let mut results = Vec::with_capacity(files.len());
-    for batch in files.chunks(at_once) {
-        let uploads = batch.iter().map(|f| parts.uploader.upload(f));
-        results.extend(futures::future::join_all(uploads).await);
-    }
-    let mut published = Vec::new();
-    for (file, result) in files.iter().zip(results) {
-        match result {
-            Ok(up) => {
-                published.push(PublishedFile {
-                    path: up.rel.clone(),
-                    sha256: up.digests.sha256_hex(),
-                    size: up.digests.size,
-                });
-                book.record(up);
+    for batch in todo.chunks(at_once) {
+        let uploads = batch.iter().map(|(_, f)| parts.uploader.upload(f));
+        let results = futures::future::join_all(uploads).await;
+        for ((i, file), result) in batch.iter().zip(results) {
+            match result {
+                Ok(up) => {
+                    published[*i] = Some(PublishedFile {
+                        path: up.rel.clone(),
+                        sha256: up.digests.sha256_hex(),
+                        size: up.digests.size,
+                    });
+                    book.record(up);
+                }
+                Err(UploadError::Changed { .. }) => {
+                    return SocketReply::error(format!(
+                        "{} changed while publishing; not published (it is synced again once it settles)",
+                        file.rel
+                    ))
+                }
+                Err(e) => return SocketReply::error(told_the_job(&e)),
             }
-            Err(UploadError::Changed { .. }) => {
-                return SocketReply::error(format!(
-                "{} changed while publishing; not published (it is synced again once it settles)",
-                file.rel
-            ))
-            }
-            Err(e) => return SocketReply::error(crate::error_chain(&e)),
         }
     }
+    let published: Vec<PublishedFile> = published.into_iter().flatten().collect();
     match parts.manifest.in_progress(book).await {
         Ok(_) => SocketReply::ok(published),
         Err(e) => SocketReply::error(format!(
@@ -113,7 +137,9 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         parts.procs.cloned(),
     );
     let room = parts.manifest.max_bytes();
-    let looked = tokio::task::spawn_blocking(move || {
+    // At the agent's gentle priority, as live sync's own scans: a job calling wait_all in a
+    // loop must not get a node-wide /proc walk and a tree scan at full priority each time.
+    let looked = crate::pace::spawn_gently(move || {
         let found = scan(&workdir, &dirs, reader.as_ref(), room);
         let open = procs
             .map(|p| crate::procfs::written_by(&p.members()))
@@ -133,7 +159,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         .collect();
     let report = upload_all(parts.uploader, parts.workdir, todo, book).await;
     if let Some((path, e)) = report.failures.first() {
-        return SocketReply::error(format!("{path}: {}", crate::error_chain(e)));
+        return SocketReply::error(format!("{path}: {}", told_the_job(e)));
     }
     match parts.manifest.in_progress(book).await {
         Ok(_) => SocketReply::ok(Vec::new()),
@@ -141,6 +167,22 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
             "stored, but the in-progress manifest could not be written: {}",
             crate::error_chain(&e)
         )),
+    }
+}
+
+/// What a failed upload tells the job: its own file's trouble in full, the store's only as
+/// "failed" (the store's error names its endpoint, bucket, keys and a piece of its reply:
+/// the node's business, logged for the operator).
+fn told_the_job(e: &UploadError) -> String {
+    match e {
+        UploadError::Store { path, .. } | UploadError::Task { path, .. } => {
+            tracing::warn!(path = %path.display(), error = %crate::error_chain(e), "a publish or wait_all upload failed");
+            format!(
+                "{}: the upload failed (the agent's log says why); it is retried at the end",
+                path.display()
+            )
+        }
+        _ => crate::error_chain(e),
     }
 }
 
@@ -187,7 +229,7 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         rel.clone(),
         parts.reader.cloned(),
     );
-    let checked = tokio::task::spawn_blocking(move || -> Result<FileStamp, String> {
+    let checked = crate::pace::spawn_gently(move || -> Result<FileStamp, String> {
         let why = |e: std::io::Error| match e.raw_os_error() {
             Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => {
                 format!("{r} is (or goes through) a symlink; not published")

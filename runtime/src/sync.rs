@@ -162,7 +162,14 @@ impl SyncBook {
     /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
     /// taken racily, too soon after a change to tell the next one, says nothing: read again).
     pub fn is_current(&self, rel: &str, stamp: &FileStamp) -> bool {
-        self.get(rel).is_some_and(|u| u.stamp == *stamp && !u.racy)
+        self.current_digests(rel, stamp).is_some()
+    }
+
+    /// The digests of this exact version of `rel`, when [`SyncBook::is_current`].
+    pub fn current_digests(&self, rel: &str, stamp: &FileStamp) -> Option<crate::digest::Digests> {
+        self.get(rel)
+            .filter(|u| u.stamp == *stamp && !u.racy)
+            .map(|u| u.digests)
     }
 
     /// The least its manifest's entries take (see [`c3_proto::manifest::entry_floor`]).

@@ -273,6 +273,74 @@ fn one_publish_request_is_bounded() {
     assert!(read("e2").contains("at most 1000 paths"), "{}", read("e2"));
 }
 
+/// One file in many spellings (`artifacts/big`, `artifacts/./big`, ...) is one file, read
+/// once; a version already stored is answered from the book, not read again (its stamp not
+/// racy: the file was last written over a second before it was read). Each spelling
+/// was read and hashed in full, every time: a 1,000-spelling request cost a checkpoint's
+/// size a thousand times over, as root.
+#[test]
+fn a_file_named_many_ways_or_already_stored_is_not_read_again() {
+    let h = slow_settle();
+    let script = format!(
+        "head -c 16000000 /dev/urandom > $C3_ARTIFACTS_DIR/big; sleep 1.5; \
+         names=$(i=0; d=; while [ $i -lt 100 ]; do echo artifacts/$d''big; d=$d./; i=$((i+1)); done); \
+         io() {{ sed -n 's/^rchar: //p' /proc/$PPID/io; }}; cat /proc/$PPID/comm > comm; \
+         a=$(io); {BIN} publish $names > one.txt; b=$(io); {BIN} publish $names > two.txt; c=$(io); \
+         echo $((b - a)) $((c - b)) > reads"
+    );
+    h.run_job(json!({"job_id": "spell", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("spell");
+    let read = |f: &str| std::fs::read_to_string(w.join(f)).unwrap();
+    assert!(read("comm").starts_with("c3-agent"), "{}", read("comm"));
+    for reply in [read("one.txt"), read("two.txt")] {
+        assert_eq!(reply.matches("artifacts/big").count(), 1, "{reply}");
+    }
+    let reads: Vec<u64> = read("reads")
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        reads[0] < 64_000_000,
+        "the first publish read {} bytes",
+        reads[0]
+    );
+    assert!(
+        reads[1] < 4_000_000,
+        "the second publish read {} bytes",
+        reads[1]
+    );
+}
+
+/// A job's requests get at most about half the collector's time: after each, the next waits
+/// as long as it took. Each request here is made to take a second (fault point
+/// `slow-request`); four in a row took 4 s, and a job whose requests were costly (a `touch`
+/// before each `publish` rewrites both manifests) kept the root agent at it without a pause.
+/// Only a lower bound on the time is asserted: a slow machine makes it longer, not shorter.
+#[test]
+fn a_jobs_requests_rest_as_long_as_each_took() {
+    let mut h = slow_settle();
+    h.env.push(("C3_AGENT_FAULT".into(), "slow-request".into()));
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/x; a=$(date +%s%N); \
+         for i in 1 2 3 4; do {BIN} publish --wait-all > /dev/null || echo failed >> failed; done; \
+         echo $(( ($(date +%s%N) - a) / 1000000 )) > took_ms"
+    );
+    h.run_job(json!({"job_id": "paced", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("paced");
+    assert!(!w.join("failed").exists(), "every wait_all answered ok");
+    let took: u64 = std::fs::read_to_string(w.join("took_ms"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        took >= 6_500,
+        "4 requests of 1 s each took {took} ms: no rest between them"
+    );
+}
+
 /// Every socket request is logged, and a job may send as many as it likes with paths as long
 /// as a request line allows: the agent's log keeps a clipped, rate-limited account of them
 /// (it once wrote each request's first three paths whole: 500 MB in 20 s).
