@@ -153,8 +153,15 @@ pub async fn run_job(
             Err(e) => run.failed_before_launch(e),
         };
         let summary = run.finish(end, started).await;
-        // Earlier jobs' reports get a little longer, but never hold the GPU hostage.
-        if tokio::time::timeout(Duration::from_secs(5), async {
+        // Earlier jobs' reports get a little longer, but never hold the GPU hostage, and
+        // after a stop request not at all: the stop deadline is the agent's to keep (Slurm's
+        // KillWait follows it), and they stay in the outbox.
+        let linger = if cancel.is_cancelled() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(5)
+        };
+        if tokio::time::timeout(linger, async {
             while background.join_next().await.is_some() {}
         })
         .await
@@ -381,7 +388,7 @@ impl<'a> Run<'a> {
             .filter(|l| !l.cpus.is_empty())
             .map(|l| crate::pace::cpu_list(&l.cpus));
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), cuda_visible_devices, live_cpus, "job launched");
-        self.reports.running(seq, self.ctx.report_deadline());
+        self.reports.running(seq);
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let live_progress = self.progress("live");
@@ -418,8 +425,7 @@ impl<'a> Run<'a> {
     pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>, gone: bool) {
         self.record.facts = facts;
         let seq = self.next_seq().await;
-        self.reports
-            .finalizing(seq, gone, self.ctx.report_deadline());
+        self.reports.finalizing(seq, gone);
         crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
         tracing::info!(
             seq,

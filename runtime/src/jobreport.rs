@@ -16,6 +16,14 @@ use crate::report::{Delivery, Reporter};
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
 
+/// How long RUNNING and FINALIZING are retried in the background: as long as the attempt
+/// lasts. Given up after `give_up_secs` and kept in the outbox, a RUNNING that met a control
+/// plane down at launch reached it only with the next status, hours later, while the job's
+/// output streamed in (a scheduler may place the job again meanwhile). The terminal status
+/// still waits for them only until its own `give_up_secs`; past it they go to the outbox
+/// first, in order ([`JobReporter::settle_background`]).
+const UNTIL_SUPERSEDED: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// What the terminal status says about how the job ended.
 #[derive(Debug, Clone, Default)]
 pub struct Ending {
@@ -83,18 +91,21 @@ impl JobReporter {
         }
     }
 
-    /// RUNNING, sent in the background (the job must not wait for the control plane).
-    pub fn running(&mut self, seq: u64, deadline: Instant) {
+    /// RUNNING, sent in the background (the job must not wait for the control plane), and
+    /// retried until it is delivered or the next status's turn ends it (see
+    /// [`UNTIL_SUPERSEDED`]).
+    pub fn running(&mut self, seq: u64) {
         let body = self.status(seq, JobState::Running).to_json();
-        self.in_background(seq, body, deadline);
+        self.in_background(seq, body, Instant::now() + UNTIL_SUPERSEDED);
     }
 
     /// FINALIZING with `gpu_released`: the job's processes are gone, so a scheduler may place
-    /// the next job on its GPU while the final sync runs. In the background, right away.
-    pub fn finalizing(&mut self, seq: u64, gpu_released: bool, deadline: Instant) {
+    /// the next job on its GPU while the final sync runs. In the background, right away,
+    /// retried as RUNNING is.
+    pub fn finalizing(&mut self, seq: u64, gpu_released: bool) {
         let mut status = self.status(seq, JobState::Finalizing);
         status.gpu_released = Some(gpu_released);
-        self.in_background(seq, status.to_json(), deadline);
+        self.in_background(seq, status.to_json(), Instant::now() + UNTIL_SUPERSEDED);
     }
 
     fn in_background(&mut self, seq: u64, body: Vec<u8>, deadline: Instant) {

@@ -71,7 +71,13 @@ impl ReportError {
     /// job) is a verdict on the report: kept, it would hold the job's local data forever,
     /// since retention waits for an empty outbox.
     pub fn is_auth(&self) -> bool {
-        matches!(self, ReportError::Rejected { status: 401, .. })
+        matches!(
+            self,
+            ReportError::Rejected {
+                status: 401 | 407,
+                ..
+            }
+        )
     }
 }
 
@@ -149,16 +155,18 @@ impl ControlPlane {
         let bytes = body.freeze();
         match status {
             200..=299 => Ok(bytes),
-            // A redirect is not followed (the body and token would go with it), but it is
-            // no verdict on the report either: a proxy or load balancer in maintenance says it.
-            300..=399 | 408 | 429 | 500..=599 => Err(ReportError::Unavailable {
-                endpoint: endpoint.into(),
-                status,
-            }),
-            _ => Err(ReportError::Rejected {
+            // Only the control plane's own 4xx is a verdict on the report (a 401 or 407 on
+            // the node's credentials, which keep it). Anything else is not: a redirect is not
+            // followed (the body and token would go with it) but a proxy or load balancer in
+            // maintenance says it; a 1xx or a code past 599 is a middlebox's.
+            400..=499 if !matches!(status, 408 | 429) => Err(ReportError::Rejected {
                 endpoint: endpoint.into(),
                 status,
                 body: String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
+            }),
+            _ => Err(ReportError::Unavailable {
+                endpoint: endpoint.into(),
+                status,
             }),
         }
     }
@@ -279,7 +287,18 @@ impl Reporter {
         let entry = OutboxEntry::new(&self.job_id, endpoint.to_string(), body);
         let name = format!("{:06}-{order:08}-{kind}.json", self.attempt);
         let path = self.state.outbox_dir(&self.job_id).join(name);
-        match write_atomic(&path, &entry.to_json()) {
+        let json = entry.to_json();
+        // Another flusher of this outbox (a `recover`, a later job's run) removes the folder
+        // once it is empty: it may have gone between this write's mkdir and its temp file.
+        let written = write_atomic(&path, &json).or_else(|e| match &e {
+            crate::statedir::StateError::Write { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                write_atomic(&path, &json)
+            }
+            _ => Err(e),
+        });
+        match written {
             Ok(()) => Delivery::Kept,
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), endpoint, "report lost: cannot write the outbox");
@@ -330,8 +349,28 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) 
         }
         let _ = std::fs::remove_file(&path);
     }
+    remove_stale_temps(dir);
     let _ = std::fs::remove_dir(dir);
     true
+}
+
+/// A keep that a kill interrupted leaves its temp file (`.c3-*.tmp`): never delivered, it
+/// held the folder (and retention's "reports wait") for good. One written a minute ago may be
+/// a keep under way.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if name.to_string_lossy().starts_with(".c3-") && stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Delivers every job's outbox; returns how many jobs still have undelivered reports.
@@ -346,8 +385,14 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         .filter(|p| p.is_dir())
         .collect();
     dirs.sort();
-    for dir in dirs {
-        if !flush_job_outbox(cp, &dir, deadline).await {
+    // Order matters within a job only: each job's outbox gets its share of the time left,
+    // so one job whose reports the control plane keeps failing (a job it deleted, a body
+    // that crashes it) does not hold every later job's reports back until the deadline.
+    let count = dirs.len();
+    for (i, dir) in dirs.into_iter().enumerate() {
+        let now = Instant::now();
+        let share = deadline.saturating_duration_since(now) / (count - i) as u32;
+        if !flush_job_outbox(cp, &dir, (now + share).min(deadline)).await {
             left += 1;
         }
     }
@@ -376,13 +421,22 @@ mod tests {
     /// An HTTP server on 127.0.0.1 that answers each request with the next of `replies`
     /// (status line, body), and counts the requests.
     async fn serve(replies: Vec<(&'static str, &'static str)>) -> (url::Url, Arc<AtomicUsize>) {
+        let replies = std::sync::Mutex::new(replies.into_iter());
+        serve_with(move |_| replies.lock().unwrap().next()).await
+    }
+
+    /// An HTTP server on 127.0.0.1 that answers each request (its request line given) with
+    /// what `answer` says, until it says None; counts the requests.
+    async fn serve_with(
+        answer: impl Fn(&str) -> Option<(&'static str, &'static str)> + Send + 'static,
+    ) -> (url::Url, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url =
-            url::Url::parse(&format!("http://{}/api", listener.local_addr().unwrap())).unwrap();
+            url::Url::parse(&format!("http://{}/api/", listener.local_addr().unwrap())).unwrap();
         let count = Arc::new(AtomicUsize::new(0));
         let seen = count.clone();
         tokio::spawn(async move {
-            for (status, body) in replies {
+            loop {
                 let Ok((mut conn, _)) = listener.accept().await else {
                     return;
                 };
@@ -410,6 +464,10 @@ mod tests {
                         }
                     }
                 }
+                let text = String::from_utf8_lossy(&got);
+                let Some((status, body)) = answer(text.lines().next().unwrap_or("")) else {
+                    return;
+                };
                 seen.fetch_add(1, Ordering::SeqCst);
                 let reply = format!(
                     "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -458,5 +516,79 @@ mod tests {
             .unwrap_err();
         assert!(!e.is_retryable(), "{e}");
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    /// Only the control plane's own 4xx is a verdict: a status past 599 (a middlebox's) is
+    /// retried, and a 407 (the node's proxy credentials) keeps the report as a 401 does.
+    #[tokio::test]
+    async fn a_status_outside_the_known_classes_is_retried() {
+        let (url, count) = serve(vec![("600 Odd", ""), ("200 OK", "{}")]).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        control_plane(url)
+            .post("v1/jobs/j/status", b"{}", deadline)
+            .await
+            .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        let (url, _) = serve(vec![("407 Proxy Authentication Required", "")]).await;
+        let e = control_plane(url)
+            .post("v1/jobs/j/status", b"{}", deadline)
+            .await
+            .unwrap_err();
+        assert!(e.is_auth(), "{e}");
+    }
+
+    /// One job whose reports keep failing gets its share of the time, not all of it: the
+    /// outboxes were flushed one after another against one deadline, so job `a`'s 503s held
+    /// job `b`'s kept terminal status back on every run and every `recover`.
+    #[tokio::test]
+    async fn one_failing_outbox_does_not_hold_the_others_back() {
+        let (url, count) = serve_with(|line| {
+            Some(if line.contains("/jobs/a/") {
+                ("503 Service Unavailable", "")
+            } else {
+                ("200 OK", "{}")
+            })
+        })
+        .await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        for job in ["a", "b"] {
+            let reporter = Reporter::new(Some(cp.clone()), state.clone(), job, 1);
+            assert!(matches!(
+                reporter.keep_unsent("status", 1, b"{}"),
+                Delivery::Kept
+            ));
+        }
+        let left = flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(3)).await;
+        assert_eq!(left, 1);
+        assert!(!state.outbox_dir("b").exists(), "b's report was delivered");
+        assert!(count.load(Ordering::SeqCst) >= 2);
+    }
+
+    /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it
+    /// with the folder (it held the folder, and retention, for good).
+    #[tokio::test]
+    async fn a_stale_temp_file_does_not_hold_the_outbox() {
+        let (url, _) = serve(vec![]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox/j");
+        std::fs::create_dir_all(&outbox).unwrap();
+        let tmp = outbox.join(".c3-abc.tmp");
+        std::fs::write(&tmp, b"{").unwrap();
+        let young = outbox.join(".c3-new.tmp");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(600))
+            .unwrap();
+        assert!(flush_job_outbox(&control_plane(url.clone()), &outbox, deadline).await);
+        assert!(!outbox.exists());
+        std::fs::create_dir_all(&outbox).unwrap();
+        std::fs::write(&young, b"{").unwrap();
+        flush_job_outbox(&control_plane(url), &outbox, deadline).await;
+        assert!(young.exists(), "a keep under way is left alone");
     }
 }

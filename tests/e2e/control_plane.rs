@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::{wait_for, Harness};
 
@@ -318,6 +318,80 @@ fn live_output_posts_keep_to_give_up_secs_and_the_stop_deadline() {
     let took = asked.elapsed();
     run.assert_code(4);
     // The stop deadline (8 s), with room for a loaded machine; it is the bound that matters.
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after SIGTERM\n{}",
+        run.stderr
+    );
+    drop(server);
+}
+
+/// A control plane down at launch for longer than `give_up_secs` hears RUNNING as soon as it
+/// is back, not with the next status: RUNNING went to the outbox, which nothing read while
+/// the job ran (for hours, while its output streamed in).
+#[test]
+fn running_reaches_a_control_plane_back_from_an_outage_while_the_job_runs() {
+    let h = Harness::file().with_control_plane(1);
+    h.cp().fail_all(true);
+    let spec = h.spec(json!({"job_id": "late", "command": ["sleep", "14"]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(3));
+    h.cp().fail_all(false);
+    let back = std::time::Instant::now();
+    wait_for(
+        "RUNNING, while the job runs",
+        Duration::from_secs(9),
+        || {
+            h.cp()
+                .delivered("/status")
+                .iter()
+                .any(|b| b["state"] == "RUNNING")
+                .then_some(())
+        },
+    );
+    assert!(back.elapsed() < Duration::from_secs(10));
+    h.wait("late".into(), agent).assert_code(0);
+    let states: Vec<Value> = h
+        .cp()
+        .delivered("/status")
+        .iter()
+        .map(|b| b["state"].clone())
+        .collect();
+    assert_eq!(
+        states,
+        vec![json!("RUNNING"), json!("FINALIZING"), json!("SUCCEEDED")]
+    );
+}
+
+/// After a stop request the agent is gone by the stop deadline even while earlier jobs'
+/// kept reports are being delivered to a control plane that never answers: it waited 5 s
+/// more for them after its own end (8 s deadline + 5 s here; 25 + 5 = Slurm's KillWait by
+/// default, and a SIGKILL then).
+#[test]
+fn earlier_jobs_reports_do_not_hold_a_stopped_agent_past_its_deadline() {
+    let (hanging, server) = hanging_server(Duration::from_secs(90));
+    let mut h = Harness::file();
+    h.extra_toml = format!("[control_plane]\nurl = \"{hanging}\"\ngive_up_secs = 1\n");
+    h.run_job(json!({"job_id": "earlier", "command": ["true"]}));
+    assert!(
+        h.state.join("outbox/earlier").exists(),
+        "the earlier job's reports were kept"
+    );
+    h.extra_toml = format!("[control_plane]\nurl = \"{hanging}\"\ngive_up_secs = 60\n");
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "8".into()));
+    let script = "echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
+    let spec = h.spec(json!({"job_id": "stopped", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let up = h.workdir("stopped").join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        up.exists().then_some(())
+    });
+    let asked = std::time::Instant::now();
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("run stopped while old reports hang".into(), agent);
+    let took = asked.elapsed();
+    run.assert_code(4);
     assert!(
         took < Duration::from_secs(10),
         "exited {took:?} after SIGTERM\n{}",
