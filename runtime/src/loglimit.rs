@@ -28,15 +28,20 @@ impl LineLimit {
 
     /// Whether one more line may be logged now; one that may not is counted.
     pub fn admit(&mut self) -> bool {
+        self.admit_costing(1.0)
+    }
+
+    /// [`LineLimit::admit`] for a line that counts as `cost` lines (a long one).
+    pub fn admit_costing(&mut self, cost: f64) -> bool {
         let now = Instant::now();
         let earned = now.duration_since(self.last).as_secs_f64() * self.per_sec;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.last = now;
-        if self.tokens < 1.0 {
+        if self.tokens < cost {
             self.held_back += 1;
             return false;
         }
-        self.tokens -= 1.0;
+        self.tokens -= cost;
         true
     }
 
@@ -62,5 +67,9 @@ mod tests {
         assert_eq!(admitted, 3);
         assert_eq!(limit.held_back(true), Some(7));
         assert_eq!(limit.held_back(true), None);
+        let mut limit = LineLimit::new(1.0, 20.0);
+        assert!(limit.admit_costing(17.0));
+        assert!(!limit.admit_costing(17.0));
+        assert!(limit.admit());
     }
 }

@@ -18,8 +18,16 @@ use crate::report::ControlPlane;
 
 /// Longest line echoed to the log as one event; longer ones are split.
 const MAX_LINE: usize = 16 * 1024;
-/// Most bytes of one stream sent in one live post.
-const MAX_POST: usize = 1024 * 1024;
+/// Most bytes of one stream read for one live post.
+const MAX_POST: usize = 256 * 1024;
+/// Most bytes of one live post's body, as JSON: the job's control characters are six bytes
+/// escaped and its invalid UTF-8 three, so a read is halved until its post fits (a proxy's
+/// usual body limit is 1 MiB, and a post over it is refused every time).
+const MAX_POST_BODY: usize = 1024 * 1024;
+/// The smallest read a refused-as-too-large post is cut down to.
+const MIN_POST: usize = 4 * 1024;
+/// After a rejected post (a 4xx), a stream skips up to 2^this rounds before its next one.
+const MAX_REJECTED_BACKOFF: u32 = 5;
 /// The contract's "at most every 2 s while output flows".
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one post may try while the job runs (best effort: the next round sends it again).
@@ -140,8 +148,10 @@ impl EchoLimit {
         }
     }
 
+    /// Each KiB of a line counts as a line more: 100 lines a second of 16 KiB each were
+    /// 1.6 MB/s into the journal, which turned it over until the agent's own lines were gone.
     fn line(&mut self, line: &[u8]) {
-        if !self.limit.admit() {
+        if !self.limit.admit_costing(1.0 + (line.len() / 1024) as f64) {
             return;
         }
         self.say_held_back(false);
@@ -181,7 +191,7 @@ pub async fn forward_live(
     mut last_by: watch::Receiver<Option<Instant>>,
 ) {
     let endpoint = format!("v1/jobs/{job_id}/output");
-    let mut offsets = [0u64; 2];
+    let mut streams = [StreamPosts::default(), StreamPosts::default()];
     let mut tick = tokio::time::interval(POST_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -193,19 +203,22 @@ pub async fn forward_live(
             _ = tick.tick() => {}
         }
         for (i, (stream, path)) in logs.iter().enumerate() {
+            if streams[i].resting() {
+                continue;
+            }
             let post = post_next(
                 &cp,
                 &endpoint,
                 attempt,
                 *stream,
                 path,
-                offsets[i],
+                &streams[i],
                 Instant::now() + LIVE_POST,
             );
             tokio::select! {
                 biased;
                 by = last_by.wait_for(Option::is_some) => break 'live by.ok().and_then(|b| *b),
-                sent = post => offsets[i] += sent.unwrap_or(0),
+                posted = post => streams[i].after(posted, *stream),
             }
         }
     };
@@ -222,10 +235,11 @@ pub async fn forward_live(
                 continue;
             }
             let (stream, path) = &logs[i];
-            match post_next(&cp, &endpoint, attempt, *stream, path, offsets[i], by).await {
-                Some(n) => offsets[i] += n,
-                None => drained[i] = true,
+            let posted = post_next(&cp, &endpoint, attempt, *stream, path, &streams[i], by).await;
+            if !matches!(posted, Posted::Sent(_)) && !streams[i].cut_down(&posted) {
+                drained[i] = true;
             }
+            streams[i].after(posted, *stream);
         }
         if drained.iter().all(|d| *d) {
             break;
@@ -233,41 +247,129 @@ pub async fn forward_live(
     }
 }
 
-/// Posts the next piece of `path` from `offset` by `deadline`; the bytes it covered, or
-/// `None` when there was nothing new or it was not delivered.
+/// Where one stream's live posts stand.
+struct StreamPosts {
+    offset: u64,
+    /// Bytes read for the next post (cut down by a 413).
+    limit: usize,
+    /// Rejected posts in a row, and rounds still to skip because of them.
+    rejected: u32,
+    rest: u32,
+}
+
+impl Default for StreamPosts {
+    fn default() -> Self {
+        StreamPosts {
+            offset: 0,
+            limit: MAX_POST,
+            rejected: 0,
+            rest: 0,
+        }
+    }
+}
+
+impl StreamPosts {
+    /// Whether this round is skipped (a rest after rejections); counts it down.
+    fn resting(&mut self) -> bool {
+        let resting = self.rest > 0;
+        self.rest = self.rest.saturating_sub(1);
+        resting
+    }
+
+    /// Whether `posted` was refused as too large and the next read is smaller.
+    fn cut_down(&self, posted: &Posted) -> bool {
+        matches!(posted, Posted::Rejected { status: 413, .. }) && self.limit > MIN_POST
+    }
+
+    /// The contract's "other 4xx are not retried": a rejected piece is passed over (the
+    /// whole log is still stored at the end), and the stream rests 1, 2, 4 ... 32 rounds,
+    /// so a control plane without the endpoint (404) or refusing the agent (401) is not sent
+    /// each new piece every 2 s. A 413 cuts the reads down first. Before, a rejected piece
+    /// was read and sent again every round, for the rest of the job.
+    fn after(&mut self, posted: Posted, stream: Stream) {
+        match posted {
+            Posted::Sent(n) => {
+                self.offset += n;
+                self.rejected = 0;
+            }
+            Posted::Nothing | Posted::Undelivered => {}
+            Posted::Rejected { .. } if self.cut_down(&posted) => {
+                self.limit = (self.limit / 2).max(MIN_POST);
+            }
+            Posted::Rejected { status, covered } => {
+                if self.rejected == 0 {
+                    tracing::warn!(stream = stream.as_str(), status, "the control plane refused live output; skipped (the whole log is stored with the job's files)");
+                }
+                self.offset += covered;
+                self.rest = 1 << self.rejected.min(MAX_REJECTED_BACKOFF);
+                self.rejected += 1;
+            }
+        }
+    }
+}
+
+/// What one live post did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    /// Delivered; the bytes it covered.
+    Sent(u64),
+    /// No new output.
+    Nothing,
+    /// Not delivered in time (sent again from the same offset).
+    Undelivered,
+    /// Refused with this 4xx; the bytes it covered.
+    Rejected { status: u16, covered: u64 },
+}
+
+/// Posts the next piece of `path` from the stream's offset by `deadline`.
 async fn post_next(
     cp: &ControlPlane,
     endpoint: &str,
     attempt: u32,
     stream: Stream,
     path: &PathBuf,
-    offset: u64,
+    at: &StreamPosts,
     deadline: Instant,
-) -> Option<u64> {
-    let (data, consumed) = read_text(path, offset).await?;
-    let chunk = OutputChunk {
-        attempt,
-        stream,
-        offset,
-        data,
+) -> Posted {
+    let offset = at.offset;
+    let mut limit = at.limit;
+    let (body, consumed) = loop {
+        let Some((data, consumed)) = read_text(path, offset, limit).await else {
+            return Posted::Nothing;
+        };
+        let body = OutputChunk {
+            attempt,
+            stream,
+            offset,
+            data,
+        }
+        .to_json();
+        if body.len() <= MAX_POST_BODY || limit <= MIN_POST {
+            break (body, consumed);
+        }
+        limit /= 2;
     };
     // Live output is best effort: a short retry, never the outbox.
-    match cp.post(endpoint, &chunk.to_json(), deadline).await {
-        Ok(_) => Some(consumed),
+    match cp.post(endpoint, &body, deadline).await {
+        Ok(_) => Posted::Sent(consumed),
+        Err(crate::report::ReportError::Rejected { status, .. }) => Posted::Rejected {
+            status,
+            covered: consumed,
+        },
         Err(e) => {
             tracing::debug!(error = %crate::error_chain(&e), "live output not delivered");
-            None
+            Posted::Undelivered
         }
     }
 }
 
-/// Up to [`MAX_POST`] bytes of new text from `offset`, cut at a UTF-8 boundary.
-async fn read_text(path: &PathBuf, offset: u64) -> Option<(String, u64)> {
+/// Up to `limit` bytes of new text from `offset`, cut at a UTF-8 boundary.
+async fn read_text(path: &PathBuf, offset: u64, limit: usize) -> Option<(String, u64)> {
     let mut file = tokio::fs::File::open(path).await.ok()?;
     file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
-    let mut buf = Vec::with_capacity(MAX_POST.min(64 * 1024));
+    let mut buf = Vec::with_capacity(limit.min(64 * 1024));
     (&mut file)
-        .take(MAX_POST as u64)
+        .take(limit as u64)
         .read_to_end(&mut buf)
         .await
         .ok()?;
@@ -282,5 +384,59 @@ async fn read_text(path: &PathBuf, offset: u64) -> Option<(String, u64)> {
             Some((String::from_utf8_lossy(&buf[..n]).into_owned(), n as u64))
         }
         Err(_) => Some((String::from_utf8_lossy(&buf).into_owned(), buf.len() as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 413 halves the next read down to [`MIN_POST`] without passing anything over; at
+    /// the floor, or on any other 4xx, the piece is passed over and the stream rests longer
+    /// each time; a delivery ends the rests.
+    #[test]
+    fn a_refused_post_is_cut_down_then_passed_over() {
+        let mut at = StreamPosts::default();
+        let too_large = Posted::Rejected {
+            status: 413,
+            covered: 100,
+        };
+        while at.limit > MIN_POST {
+            let before = at.limit;
+            at.after(too_large, Stream::Stdout);
+            assert_eq!((at.offset, at.limit), (0, before / 2));
+            assert!(!at.resting());
+        }
+        at.after(too_large, Stream::Stdout);
+        assert_eq!(at.offset, 100);
+        let rests = |at: &mut StreamPosts| (0..100).take_while(|_| at.resting()).count();
+        assert_eq!(rests(&mut at), 1);
+        at.after(
+            Posted::Rejected {
+                status: 404,
+                covered: 5,
+            },
+            Stream::Stdout,
+        );
+        assert_eq!((at.offset, rests(&mut at)), (105, 2));
+        for _ in 0..10 {
+            at.after(
+                Posted::Rejected {
+                    status: 404,
+                    covered: 0,
+                },
+                Stream::Stdout,
+            );
+        }
+        assert_eq!(rests(&mut at), 1 << MAX_REJECTED_BACKOFF);
+        at.after(Posted::Sent(7), Stream::Stdout);
+        at.after(
+            Posted::Rejected {
+                status: 404,
+                covered: 0,
+            },
+            Stream::Stdout,
+        );
+        assert_eq!((at.offset, rests(&mut at)), (112, 1));
     }
 }

@@ -363,6 +363,39 @@ fn running_reaches_a_control_plane_back_from_an_outage_while_the_job_runs() {
     );
 }
 
+/// A control plane that refuses live output (404: no such endpoint; a proxy's 413) is not
+/// sent the same piece again and again: a rejected piece is passed over and the stream rests
+/// longer after each refusal. The same 1 MiB was read and posted every 2 s for the whole job.
+#[test]
+fn refused_live_output_is_passed_over_not_sent_again() {
+    let h = Harness::file().with_control_plane(2);
+    h.cp().set_fail_status(404);
+    h.cp().fail_all(true);
+    let script = "head -c 1000000 /dev/zero | tr '\\0' x; echo; sleep 11";
+    h.run_job(json!({"job_id": "refused", "command": ["sh", "-c", script]}));
+    let posts: Vec<(String, u64)> = h
+        .cp()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/output"))
+        .map(|r| {
+            (
+                r.body["stream"].as_str().unwrap_or("").to_string(),
+                r.body["offset"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let mut distinct = posts.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        posts.len(),
+        "a piece was sent again: {posts:?}"
+    );
+    assert!(posts.len() <= 5, "{} posts: {posts:?}", posts.len());
+}
+
 /// After a stop request the agent is gone by the stop deadline even while earlier jobs'
 /// kept reports are being delivered to a control plane that never answers: it waited 5 s
 /// more for them after its own end (8 s deadline + 5 s here; 25 + 5 = Slurm's KillWait by
