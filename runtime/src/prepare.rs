@@ -173,8 +173,20 @@ fn open_workdir(
     }
     // `.c3` is the agent's: whatever a job put in its place is replaced.
     let c3 = fd.replace_with_dir(OsStr::new(".c3"), 0o755, owner)?;
-    // A result left by an earlier attempt in the same workdir is not this attempt's.
-    c3.remove_file(OsStr::new("result.json"))?;
+    // A result left by an earlier attempt in the same workdir is not this attempt's. A
+    // directory made there is the job's (it failed every later attempt before its launch):
+    // moved aside, never removed as root.
+    let result = OsStr::new("result.json");
+    match c3.remove_file(result) {
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let aside = format!(".result.json-aside-{}-{nanos}", std::process::id());
+            c3.rename(result, OsStr::new(&aside))?;
+        }
+        done => done?,
+    }
     Ok(fd)
 }
 

@@ -143,6 +143,26 @@ fn planted_dot_c3_symlink_is_replaced_and_its_target_kept() {
     );
 }
 
+/// A directory an attempt made at `.c3/result.json`: every later attempt failed before its
+/// launch (the agent's unlink met EISDIR) and ended AGENT_ERROR.
+#[test]
+fn a_directory_at_the_result_path_does_not_fail_the_next_attempt() {
+    if not_root("a_directory_at_the_result_path_does_not_fail_the_next_attempt") {
+        return;
+    }
+    let h = open_harness();
+    plant(&h, "rd", "rm -f .c3/result.json; mkdir -p .c3/result.json/x");
+    let run = h.run_job(json!({
+        "job_id": "rd", "attempt": 2, "user": "nobody",
+        "command": ["sh", "-c", "echo 7 > \"$C3_RESULT_FILE\""],
+    }));
+    run.assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(h.workdir("rd").join(".c3/result.json")).unwrap(),
+        "7\n"
+    );
+}
+
 #[test]
 fn pull_refuses_a_destination_symlink_to_a_victim_dir() {
     if not_root("pull_refuses_a_destination_symlink_to_a_victim_dir") {
