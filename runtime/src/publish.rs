@@ -190,10 +190,23 @@ fn told_the_job(e: &UploadError) -> String {
 /// symlink, one its user may read.
 async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
     let given = Path::new(path);
+    let real_workdir;
     let rel_path = if given.is_absolute() {
-        given
-            .strip_prefix(parts.workdir)
-            .map_err(|_| format!("{path} is outside the job's output dirs; not published"))?
+        // The job's cwd is the workdir's physical path (it was entered by fd, and getcwd
+        // resolves a jobs_root reached through a symlink, `/scratch -> /mnt/scratch`): that
+        // spelling is the workdir too. What follows is resolved below the pinned directory.
+        match given.strip_prefix(parts.workdir) {
+            Ok(rel) => rel,
+            Err(_) => {
+                real_workdir = std::fs::canonicalize(parts.workdir).ok();
+                real_workdir
+                    .as_deref()
+                    .and_then(|real| given.strip_prefix(real).ok())
+                    .ok_or_else(|| {
+                        format!("{path} is outside the job's output dirs; not published")
+                    })?
+            }
+        }
     } else {
         given
     };

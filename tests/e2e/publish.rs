@@ -312,6 +312,32 @@ fn a_file_named_many_ways_or_already_stored_is_not_read_again() {
     );
 }
 
+/// Jobs under a jobs_root reached through a symlink (`/scratch -> /mnt/scratch`): the job's
+/// cwd is the physical path, so `publish` of a relative name sent that spelling, which the
+/// agent took for a path outside the workdir.
+#[test]
+fn a_relative_publish_works_below_a_symlinked_jobs_root() {
+    let mut h = slow_settle();
+    let real = h.path("real-scratch");
+    std::fs::create_dir_all(real.join("jobs")).unwrap();
+    let link = h.path("scratch");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (link, real) = (link.join("jobs"), real.join("jobs"));
+    h.extra_toml = format!("jobs_root = \"{}\"\n{}", link.display(), h.extra_toml);
+    let script = format!(
+        "cd artifacts && echo weights > ckpt.bin && {BIN} publish ckpt.bin > ../published.txt 2>&1; echo $? > ../rc"
+    );
+    h.run_job(
+        json!({"job_id": "linked", "workdir": link.join("linked").display().to_string(),
+        "command": ["sh", "-c", script]}),
+    )
+    .assert_code(0);
+    let w = real.join("linked");
+    let read = |f: &str| std::fs::read_to_string(w.join(f)).unwrap();
+    assert_eq!(read("rc").trim(), "0", "{}", read("published.txt"));
+    assert!(read("published.txt").contains("artifacts/ckpt.bin"));
+}
+
 /// A job's requests get at most about half the collector's time: after each, the next waits
 /// as long as it took. Each request here is made to take a second (fault point
 /// `slow-request`); four in a row took 4 s, and a job whose requests were costly (a `touch`
