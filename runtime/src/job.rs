@@ -635,14 +635,16 @@ impl<'a> Run<'a> {
         let registered = self.record.synced.as_ref().map_or(0, |s| s.new_bytes);
         let attempt_total = sealed.new_bytes;
         sealed.new_bytes = attempt_total.saturating_sub(registered);
-        if sealed.manifest_sha256.is_some() {
-            self.record.synced = Some(c3_proto::Synced {
+        let synced = sealed
+            .manifest_sha256
+            .is_some()
+            .then_some(c3_proto::Synced {
                 files: sealed.files as u64,
                 bytes: sealed.bytes,
                 new_bytes: attempt_total,
             });
-        }
-        self.report(&verdict, &sealed, upload_errors, result).await;
+        self.report(&verdict, &sealed, synced, upload_errors, result)
+            .await;
         self.record.state = Some(verdict.state);
         self.record.reason = verdict.reason;
         self.record.phase = Phase::Done;
@@ -665,10 +667,14 @@ impl<'a> Run<'a> {
     }
 
     /// Artifacts registration and terminal status, within one deadline (`give_up_secs`).
+    /// `synced` (what the registration says the attempt added) is recorded only once the
+    /// registration is kept: recorded before, a crash while it waited on the control plane
+    /// left a `recover` that registered 0 bytes.
     async fn report(
         &mut self,
         verdict: &Verdict,
         sealed: &Sealed,
+        synced: Option<c3_proto::Synced>,
         upload_errors: u64,
         result: serde_json::Value,
     ) {
@@ -693,6 +699,11 @@ impl<'a> Run<'a> {
             result,
             facts: self.record.facts.clone(),
         };
+        let registration = self.reports.settle_and_keep(seq, registration, stay).await;
+        if synced.is_some() {
+            self.record.synced = synced;
+            self.save().await;
+        }
         self.reports
             .finish(seq, registration, verdict, ending, stay)
             .await;

@@ -11,7 +11,7 @@ use c3_proto::{ArtifactsRegistration, ArtifactsReply, JobState, StatusReport};
 
 use crate::display::now_rfc3339;
 use crate::outcome::Verdict;
-use crate::report::{Delivery, Reporter};
+use crate::report::{Ahead, Delivery, Reporter};
 
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
@@ -160,17 +160,28 @@ impl JobReporter {
         }
     }
 
-    /// Everything after the final sync, within `stay`: RUNNING settled, the artifacts
-    /// registration (if a manifest was written), the terminal status.
-    pub async fn finish(
+    /// Everything after the final sync, within `stay`, step one: RUNNING and FINALIZING
+    /// settled, then the artifacts registration (if a manifest was written) kept ahead of
+    /// its sending, so that a crash from here on cannot lose it.
+    pub async fn settle_and_keep(
         &mut self,
         seq: u64,
         registration: Option<ArtifactsRegistration>,
+        stay: Instant,
+    ) -> Option<Ahead> {
+        self.settle_background(stay).await;
+        registration.map(|r| self.reporter.keep_ahead("artifacts", seq, r.to_json()))
+    }
+
+    /// Step two: the registration delivered, then the terminal status.
+    pub async fn finish(
+        &mut self,
+        seq: u64,
+        registration: Option<Ahead>,
         verdict: &Verdict,
         ending: Ending,
         stay: Instant,
     ) {
-        self.settle_background(stay).await;
         if let Some(registration) = registration {
             self.artifacts(seq, registration, stay).await;
         }
@@ -178,10 +189,10 @@ impl JobReporter {
     }
 
     /// The artifacts registration; over quota is a warning, never a failure.
-    async fn artifacts(&mut self, order: u64, registration: ArtifactsRegistration, stay: Instant) {
+    async fn artifacts(&mut self, order: u64, registration: Ahead, stay: Instant) {
         let delivered = self
             .reporter
-            .send("artifacts", order, registration.to_json(), stay)
+            .deliver_ahead(registration, "artifacts", order, stay)
             .await;
         let Delivery::Delivered(body) = delivered else {
             return;

@@ -220,6 +220,16 @@ pub enum Delivery {
     Local,
 }
 
+/// A report kept ahead of its sending (see [`Reporter::keep_ahead`]).
+#[derive(Debug)]
+pub enum Ahead {
+    /// No control plane: recorded in the attempt's `reports.jsonl`.
+    Local,
+    Kept(PathBuf),
+    /// The outbox could not be written (logged): sent the ordinary way.
+    NotKept(Vec<u8>),
+}
+
 /// Sends one job's reports, in order, never losing one.
 #[derive(Debug, Clone)]
 pub struct Reporter {
@@ -273,6 +283,53 @@ impl Reporter {
         }
     }
 
+    /// For a report that a crash must not lose while it is under way (the artifacts
+    /// registration: once it is kept, the attempt's `new_bytes` is recorded as registered),
+    /// step one: kept in the outbox (or, with no control plane, recorded locally).
+    pub fn keep_ahead(&self, kind: &str, order: u64, body: Vec<u8>) -> Ahead {
+        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
+        if self.control_plane.is_none() {
+            self.append_local(&endpoint, &body);
+            return Ahead::Local;
+        }
+        match self.keep_at(kind, order, &endpoint, &body) {
+            Some(path) => Ahead::Kept(path),
+            None => Ahead::NotKept(body),
+        }
+    }
+
+    /// Step two of [`Reporter::keep_ahead`]: delivered from the outbox, after the entries
+    /// before it, and removed once delivered or rejected; else it stays kept.
+    pub async fn deliver_ahead(
+        &self,
+        ahead: Ahead,
+        kind: &str,
+        order: u64,
+        deadline: Instant,
+    ) -> Delivery {
+        let mine = match ahead {
+            Ahead::Local => return Delivery::Local,
+            Ahead::NotKept(body) => return self.send(kind, order, body, deadline).await,
+            Ahead::Kept(mine) => mine,
+        };
+        let Some(cp) = &self.control_plane else {
+            return Delivery::Kept;
+        };
+        let dir = self.state.outbox_dir(&self.job_id);
+        match flush_outbox_for(cp, &dir, deadline, Some(&mine)).await {
+            (_, Some(Ok(reply))) => Delivery::Delivered(reply),
+            (_, Some(Err(()))) => Delivery::Rejected,
+            (_, None) => {
+                tracing::warn!(
+                    kind,
+                    give_up_secs = cp.give_up().as_secs(),
+                    "control plane unreachable; the report stays kept for later delivery"
+                );
+                Delivery::Kept
+            }
+        }
+    }
+
     /// Puts a report straight into the outbox (one whose sending ran out of time).
     pub fn keep_unsent(&self, kind: &str, order: u64, body: &[u8]) -> Delivery {
         let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
@@ -284,6 +341,14 @@ impl Reporter {
     }
 
     fn keep(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Delivery {
+        match self.keep_at(kind, order, endpoint, body) {
+            Some(_) => Delivery::Kept,
+            None => Delivery::Rejected,
+        }
+    }
+
+    /// Writes the outbox entry; its path, or None (logged) when it cannot be written.
+    fn keep_at(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Option<PathBuf> {
         let entry = OutboxEntry::new(&self.job_id, endpoint.to_string(), body);
         let name = format!("{:06}-{order:08}-{kind}.json", self.attempt);
         let path = self.state.outbox_dir(&self.job_id).join(name);
@@ -299,10 +364,10 @@ impl Reporter {
             _ => Err(e),
         });
         match written {
-            Ok(()) => Delivery::Kept,
+            Ok(()) => Some(path),
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), endpoint, "report lost: cannot write the outbox");
-                Delivery::Rejected
+                None
             }
         }
     }
@@ -327,6 +392,18 @@ impl Reporter {
 
 /// Delivers a job's outbox in order; true when it is empty afterwards.
 pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) -> bool {
+    flush_outbox_for(cp, dir, deadline, None).await.0
+}
+
+/// [`flush_job_outbox`], telling also what became of the entry `mine` (None: not delivered
+/// yet; `Err`: rejected).
+async fn flush_outbox_for(
+    cp: &ControlPlane,
+    dir: &Path,
+    deadline: Instant,
+    mine: Option<&Path>,
+) -> (bool, Option<Result<Bytes, ()>>) {
+    let mut outcome = None;
     for path in sorted_entries(dir) {
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
@@ -336,22 +413,27 @@ pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) 
                 continue;
             }
         };
+        let is_mine = mine == Some(path.as_path());
         match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
+            Ok(reply) if is_mine => outcome = Some(Ok(reply)),
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
-            Err(e) if e.is_retryable() => return false,
+            Err(e) if e.is_retryable() => return (false, outcome),
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
-                return false;
+                return (false, outcome);
             }
             Err(e) => {
-                tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane rejected a kept report; dropped")
+                tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane rejected a kept report; dropped");
+                if is_mine {
+                    outcome = Some(Err(()));
+                }
             }
         }
         let _ = std::fs::remove_file(&path);
     }
     remove_stale_temps(dir);
     let _ = std::fs::remove_dir(dir);
-    true
+    (true, outcome)
 }
 
 /// A keep that a kill interrupted leaves its temp file (`.c3-*.tmp`): never delivered, it

@@ -433,6 +433,37 @@ fn earlier_jobs_reports_do_not_hold_a_stopped_agent_past_its_deadline() {
     drop(server);
 }
 
+/// The agent killed while its artifacts registration waits on the control plane: the
+/// attempt's `new_bytes` was recorded as registered before it went, so `recover` registered
+/// 0 and the storage delta never reached the control plane. The registration is kept in the
+/// outbox before it is sent.
+#[test]
+fn a_registration_under_way_when_the_agent_is_killed_is_not_lost() {
+    let mut h = Harness::file().with_control_plane(30);
+    h.extra_toml.push_str("[sync]\nlive = false\n");
+    h.cp().fail_all(true);
+    let script = "head -c 1024 /dev/zero > $C3_ARTIFACTS_DIR/k";
+    let spec = h.spec(json!({"job_id": "killed", "command": ["sh", "-c", script]}));
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the complete manifest", Duration::from_secs(30), || {
+        h.object("jobs/killed/manifest.json")
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .filter(|m| m["complete"] == true)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    agent.kill().unwrap();
+    let _ = agent.wait();
+    h.cp().fail_all(false);
+    h.run(&["recover"]);
+    let registered: u64 = h
+        .cp()
+        .delivered("/artifacts")
+        .iter()
+        .map(|b| b["new_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(registered, 1024, "{:?}", h.cp().delivered("/artifacts"));
+}
+
 /// `recover` (the housekeeping timer) reads a job's record while its agent is finishing it;
 /// by the time `recover` holds the lock that agent has finished. Finishing it again from the
 /// phase first read would send a second terminal status.
