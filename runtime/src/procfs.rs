@@ -24,19 +24,35 @@ impl Stat {
 }
 
 /// Parses `/proc/<pid>/stat`; the command name may hold spaces and parentheses.
-/// This process as a name it leaves behind says it: `pid.start`, start in clock ticks after
-/// boot (a pid alone is soon another process's after a crash or a reboot).
+/// This process as a name it leaves behind says it: `pid.start.boot`, start in clock ticks
+/// after boot and the first 8 hex digits of the boot id (a pid alone is soon another
+/// process's after a crash, and after a reboot even the pid and start may come again).
 pub fn self_tag() -> String {
     let pid = std::process::id();
     let start = stat(pid as i32).map_or(0, |s| s.start_ticks);
-    format!("{pid}.{start}")
+    format!("{pid}.{start}.{}", boot_tag())
 }
 
-/// Whether the process a [`self_tag`] names still runs.
+/// The first 8 hex digits of this boot's id ("" when it cannot be read).
+fn boot_tag() -> String {
+    boot_id()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect()
+}
+
+/// Whether the process a [`self_tag`] names still runs (a tag of an earlier boot never does;
+/// one written before tags held the boot is judged by pid and start).
 pub fn tag_alive(tag: &str) -> bool {
-    let Some((pid, start)) = tag.split_once('.') else {
+    let mut parts = tag.splitn(3, '.');
+    let (Some(pid), Some(start)) = (parts.next(), parts.next()) else {
         return false;
     };
+    if parts.next().is_some_and(|boot| boot != boot_tag()) {
+        return false;
+    }
     let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
         return false;
     };
@@ -333,6 +349,17 @@ fn unescape_mount_path(s: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tag names this process in this boot only: the same pid and start under another
+    /// boot id are another process (the gc's set-aside blobs were kept for it for good).
+    #[test]
+    fn a_tag_of_another_boot_is_not_alive() {
+        let tag = self_tag();
+        assert!(tag_alive(&tag), "{tag}");
+        let (pid_start, _) = tag.rsplit_once('.').unwrap();
+        assert!(tag_alive(pid_start), "a tag without its boot: {pid_start}");
+        assert!(!tag_alive(&format!("{pid_start}.00000000")));
+    }
     use std::os::unix::fs::MetadataExt;
 
     /// The cached look names the open file itself, as a stat through the link would.
