@@ -1,10 +1,14 @@
 //! The one place that assembles and writes a job's manifest (contract §6): in progress
 //! (`complete: false`, while the job runs) and complete (after the final sync), always at the
-//! attempt's key first and then at the job's.
+//! attempt's key first and then at the job's, unless a newer attempt's is there.
+
+use std::sync::{Arc, Mutex};
 
 use c3_proto::{JobSpec, Logs, Manifest};
 
-use crate::store::{attempt_manifest_key, manifest_key, BlobStore, StoreError};
+use crate::store::{
+    attempt_manifest_key, manifest_key, BlobStore, DocVersion, DocWrite, StoreError,
+};
 use crate::sync::SyncBook;
 
 /// Writes manifests of one attempt. Cheap to clone.
@@ -17,7 +21,29 @@ pub struct ManifestWriter {
     /// `store.max_manifest_bytes`: what readers (`pull`, `ls`, datasets, `gc`) accept. A
     /// bigger manifest is not written: every `gc` after it would refuse to run.
     max_bytes: u64,
+    /// What this attempt knows of the job's key, shared by the clones (live sync's, publish's,
+    /// the seal's; all in the collector task, one write at a time).
+    job_key: Arc<Mutex<JobKey>>,
 }
+
+/// The job's manifest key as this attempt's writer last saw it.
+#[derive(Debug, Default)]
+struct JobKey {
+    /// The version of the document this writer last put there: the next write replaces
+    /// that one without looking first, and anything else only after a look.
+    ours: Option<DocVersion>,
+    /// A newer attempt's manifest is there (or under way): this attempt's manifests stay at
+    /// its own key. An older attempt finished late (`recover`, `resync`, a node cut off
+    /// while the job was retried elsewhere) must not replace what the job's key says.
+    superseded: bool,
+    /// The store refused a look (a policy without HEAD or LIST): the job's key is written
+    /// as it always was, without one (and without a warning each time).
+    blind: bool,
+}
+
+/// Rounds of "look, then write over what was seen" before the job's key counts as not
+/// written: each lost round means another writer put a document there meanwhile.
+const JOB_KEY_TRIES: usize = 5;
 
 impl ManifestWriter {
     pub fn new(store: BlobStore, spec: &JobSpec, max_bytes: u64) -> Self {
@@ -27,6 +53,7 @@ impl ManifestWriter {
             job_id: spec.job_id.clone(),
             project: spec.project.clone(),
             attempt: spec.attempt,
+            job_key: Arc::default(),
         }
     }
 
@@ -39,9 +66,21 @@ impl ManifestWriter {
         self.max_bytes
     }
 
-    /// The job's manifest key (what the artifacts registration names).
+    /// Where the last manifest written is (what the artifacts registration names): the
+    /// job's key, or the attempt's when a newer attempt's manifest holds the job's.
     pub fn key(&self) -> String {
-        manifest_key(&self.job_id)
+        if self.superseded() {
+            attempt_manifest_key(&self.job_id, self.attempt)
+        } else {
+            manifest_key(&self.job_id)
+        }
+    }
+
+    fn superseded(&self) -> bool {
+        self.job_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .superseded
     }
 
     /// What is stored so far, `complete: false`. Lists only blobs that exist (the book holds
@@ -83,7 +122,7 @@ impl ManifestWriter {
     }
 
     /// The per-attempt key first, then the job's: a retried job never hides its failed
-    /// attempt's output.
+    /// attempt's output, and the job's key says the newest attempt's.
     async fn write(&self, json: Vec<u8>) -> Result<String, StoreError> {
         let bytes = bytes::Bytes::from(json);
         if bytes.len() as u64 > self.max_bytes {
@@ -100,9 +139,181 @@ impl ManifestWriter {
                 bytes.clone(),
             )
             .await?;
-        self.store
-            .put_document(&manifest_key(&self.job_id), bytes)
-            .await?;
+        self.write_job_key(bytes).await?;
         Ok(sha)
+    }
+
+    /// The job's key, unless a newer attempt wrote its manifest. Each write replaces only
+    /// the document this writer saw there (a conditional put): a newer attempt's write that
+    /// lands between the look and the write makes it look again, and then stay away.
+    async fn write_job_key(&self, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        let key = manifest_key(&self.job_id);
+        let (superseded, blind, ours) = {
+            let known = self.job_key.lock().unwrap_or_else(|e| e.into_inner());
+            (known.superseded, known.blind, known.ours.clone())
+        };
+        if superseded {
+            return Ok(());
+        }
+        if blind {
+            return self.store.put_document(&key, bytes).await;
+        }
+        // `Some(expected)`: what should be there (`None` inside: nothing); `None`: look first.
+        let mut expected = Some(ours);
+        for _ in 0..JOB_KEY_TRIES {
+            let over = match expected.take() {
+                Some(over) => over,
+                None => match self.look().await {
+                    Ok(Look::Newer(newer)) => {
+                        self.job_key
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .superseded = true;
+                        tracing::info!(
+                            newer,
+                            "a newer attempt's manifest is the job's; this attempt's stays at its own key"
+                        );
+                        return Ok(());
+                    }
+                    Ok(Look::At(version)) => version,
+                    // Without a look (a policy that denies HEAD or LIST) the write goes
+                    // ahead as it always did: the job's manifest must not go missing.
+                    Err(e) if e.is_permanent() => {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot tell whether a newer attempt wrote the job's manifest; writing it anyway");
+                        self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
+                        return self.store.put_document(&key, bytes).await;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            match self
+                .store
+                .put_document_over(&key, bytes.clone(), over.as_ref())
+                .await?
+            {
+                DocWrite::Written(version) => {
+                    self.job_key.lock().unwrap_or_else(|e| e.into_inner()).ours = Some(version);
+                    return Ok(());
+                }
+                DocWrite::Changed => {}
+            }
+        }
+        Err(StoreError::Contended { key })
+    }
+
+    /// The job's key now, and whether a newer attempt has stored a manifest: at its own key,
+    /// which comes first (so a newer attempt that is about to write the job's key counts).
+    async fn look(&self) -> Result<Look, StoreError> {
+        let version = self
+            .store
+            .document_version(&manifest_key(&self.job_id))
+            .await?;
+        match self.store.newest_attempt(&self.job_id).await? {
+            Some(newer) if newer > self.attempt => Ok(Look::Newer(newer)),
+            _ => Ok(Look::At(version)),
+        }
+    }
+}
+
+/// What [`ManifestWriter::look`] found.
+enum Look {
+    /// The job's key holds this version (`None`: nothing), and no newer attempt wrote.
+    At(Option<DocVersion>),
+    /// This newer attempt stored a manifest.
+    Newer(u32),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    fn writer(store: &BlobStore, attempt: u32) -> ManifestWriter {
+        let json = format!(r#"{{"job_id":"j","command":["true"],"attempt":{attempt}}}"#);
+        let spec = JobSpec::from_json(json.as_bytes()).unwrap().spec;
+        ManifestWriter::new(store.clone(), &spec, 1 << 20)
+    }
+
+    async fn stored_attempt(store: &BlobStore, key: &str) -> u32 {
+        let bytes = store.get_bytes(key).await.unwrap();
+        Manifest::from_json(&bytes).unwrap().attempt
+    }
+
+    /// A resync of attempt 1 after attempt 2 finished: attempt 1's manifest goes to its own
+    /// key only, and says so to whoever registers it; attempt 2 keeps the job's key.
+    async fn an_older_attempt_never_replaces_the_job_manifest(store: BlobStore) {
+        let book = SyncBook::default();
+        let (first, second) = (writer(&store, 1), writer(&store, 2));
+        first
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 1);
+        second
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 2);
+        assert_eq!(second.key(), "jobs/j/manifest.json");
+        // The late writer of attempt 1: the one that wrote before, and a fresh one (recover).
+        for late in [first, writer(&store, 1)] {
+            late.complete(&book, None, serde_json::Value::Null)
+                .await
+                .unwrap();
+            assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 2);
+            assert_eq!(
+                stored_attempt(&store, "jobs/j/attempts/1/manifest.json").await,
+                1
+            );
+            assert_eq!(late.key(), "jobs/j/attempts/1/manifest.json");
+        }
+        // Attempt 2 goes on writing over its own document, and a third attempt over it.
+        second
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        let third = writer(&store, 3);
+        third
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 3);
+        second
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 3);
+    }
+
+    #[tokio::test]
+    async fn an_older_attempt_never_replaces_the_job_manifest_in_a_conditional_store() {
+        an_older_attempt_never_replaces_the_job_manifest(BlobStore::in_memory()).await;
+    }
+
+    #[tokio::test]
+    async fn an_older_attempt_never_replaces_the_job_manifest_in_the_file_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("store").display());
+        let store = BlobStore::open(&StoreConfig::for_tests(&url)).unwrap();
+        an_older_attempt_never_replaces_the_job_manifest(store).await;
+    }
+
+    /// Another writer of the same attempt (an agent whose work `recover` took over) put a
+    /// document there meanwhile: the write looks again and goes over it, never blindly.
+    #[tokio::test]
+    async fn a_document_changed_meanwhile_is_looked_at_before_it_is_replaced() {
+        let store = BlobStore::in_memory();
+        let book = SyncBook::default();
+        let (one, other) = (writer(&store, 1), writer(&store, 1));
+        one.in_progress(&mut SyncBook::default()).await.unwrap();
+        other
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        one.complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(one.key(), "jobs/j/manifest.json");
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 1);
     }
 }

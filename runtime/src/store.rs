@@ -84,6 +84,8 @@ pub enum StoreError {
     NoCredentials { why: String },
     #[error("store: create-if-absent of `{key}` was refused as existing, but {found}; retrying")]
     NotThere { key: String, found: String },
+    #[error("`{key}` kept changing under other writers while it was being written")]
+    Contended { key: String },
     #[error("store {op} of `{key}` failed")]
     Op {
         op: &'static str,
@@ -104,7 +106,7 @@ impl StoreError {
             | StoreError::Build { .. }
             | StoreError::TooLarge { .. }
             | StoreError::NoCredentials { .. } => true,
-            StoreError::NotThere { .. } => false,
+            StoreError::NotThere { .. } | StoreError::Contended { .. } => false,
             StoreError::Op { source, .. } => {
                 matches!(
                     source,
@@ -476,6 +478,19 @@ impl std::fmt::Debug for BlobStore {
             .field("resumable", &self.multipart.is_some())
             .finish()
     }
+}
+
+/// A stored document's version as the store showed it (ETag, and GCS's generation): what
+/// a write that must not replace another writer's document names.
+pub type DocVersion = object_store::UpdateVersion;
+
+/// What [`BlobStore::put_document_over`] did.
+#[derive(Debug)]
+pub enum DocWrite {
+    /// Written; the store's version of it now.
+    Written(DocVersion),
+    /// Another document is there than the one expected (or none is): look again.
+    Changed,
 }
 
 pub fn blob_key(sha256_hex: &str) -> String {
@@ -1311,6 +1326,125 @@ impl BlobStore {
                 key: key.to_string(),
                 source,
             })
+    }
+
+    /// The version of the document at `key` (`None`: there is none).
+    pub async fn document_version(&self, key: &str) -> Result<Option<DocVersion>, StoreError> {
+        self.retrying(|| self.document_version_once(key)).await
+    }
+
+    async fn document_version_once(&self, key: &str) -> Result<Option<DocVersion>, StoreError> {
+        match self.store()?.head(&StorePath::from(key)).await {
+            Ok(meta) => Ok(Some(DocVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(StoreError::Op {
+                op: "head",
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes a document only over `expected` (`None`: only where there is none), so that
+    /// what another writer put there meanwhile is never replaced unseen: `Changed` then,
+    /// and the caller looks again. Where the store cannot write conditionally (the file
+    /// store; object_store's `LocalFileSystem` has no `PutMode::Update`) the version is
+    /// checked by a HEAD just before a plain write: a write landing between the two is
+    /// replaced (a window of one round trip on the node's own disk).
+    pub async fn put_document_over(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expected: Option<&DocVersion>,
+    ) -> Result<DocWrite, StoreError> {
+        self.retrying(|| self.put_document_over_once(key, bytes.clone(), expected))
+            .await
+    }
+
+    async fn put_document_over_once(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expected: Option<&DocVersion>,
+    ) -> Result<DocWrite, StoreError> {
+        let op_error = |source| StoreError::Op {
+            op: "put",
+            key: key.to_string(),
+            source,
+        };
+        let path = StorePath::from(key);
+        let mode = match expected {
+            None => PutMode::Create,
+            // A version with nothing to match (a store that sends no ETag) cannot be asked for.
+            Some(v) if self.is_local() || v.e_tag.is_none() && v.version.is_none() => {
+                return self.put_document_checked(key, bytes, v).await
+            }
+            Some(v) => PutMode::Update(v.clone()),
+        };
+        match self
+            .store()?
+            .put_opts(&path, PutPayload::from(bytes.clone()), mode.into())
+            .await
+        {
+            Ok(put) => Ok(DocWrite::Written(put.into())),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(DocWrite::Changed),
+            // No conditional write here after all: object_store's own refusal, or an
+            // S3-compatible store's 501 for If-Match (retried as a server error until the
+            // deadline otherwise). Checked as on the file store.
+            Err(e)
+                if matches!(e, object_store::Error::NotImplemented { .. })
+                    || says(&e, "<Code>NotImplemented</Code>") =>
+            {
+                match expected {
+                    Some(v) => self.put_document_checked(key, bytes, v).await,
+                    None => Err(op_error(e)),
+                }
+            }
+            Err(source) => Err(op_error(source)),
+        }
+    }
+
+    /// [`BlobStore::put_document_over`] without a conditional write: HEAD, then a plain PUT.
+    async fn put_document_checked(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expected: &DocVersion,
+    ) -> Result<DocWrite, StoreError> {
+        match self.document_version_once(key).await? {
+            Some(now) if now == *expected => {}
+            _ => return Ok(DocWrite::Changed),
+        }
+        let put = self
+            .store()?
+            .put(&StorePath::from(key), PutPayload::from(bytes))
+            .await
+            .map_err(|source| StoreError::Op {
+                op: "put",
+                key: key.to_string(),
+                source,
+            })?;
+        Ok(DocWrite::Written(put.into()))
+    }
+
+    /// The highest attempt of `job_id` with a manifest at its attempt's key, if any: each
+    /// attempt writes that key before the job's.
+    pub async fn newest_attempt(&self, job_id: &str) -> Result<Option<u32>, StoreError> {
+        let prefix = format!("jobs/{job_id}/attempts/");
+        let keys = self.retrying(|| self.list(&prefix)).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| {
+                let n = k.strip_prefix(&prefix)?.strip_suffix("/manifest.json")?;
+                n.parse::<u32>().ok()
+            })
+            .max())
     }
 }
 

@@ -201,3 +201,77 @@ fn recover_stops_a_job_whose_agent_died_right_after_spawning_it() {
         .manifest_paths("orph")
         .contains(&"artifacts/f".to_string()));
 }
+
+/// Attempt 1 ends UPLOAD_ERROR (the store broke), attempt 2 succeeds with other files, and
+/// then `recover` stores what attempt 1 left: attempt 1's manifest goes to its own key and is
+/// registered there, while the job's manifest stays attempt 2's (every `recover` that came
+/// back for the older attempt overwrote it with attempt 1's).
+#[test]
+fn recover_of_an_older_attempt_leaves_the_job_manifest_to_the_newer_one() {
+    let mut h = Harness::file();
+    let blobs = h.state.join("store/blobs");
+    let first = format!(
+        "echo first > $C3_ARTIFACTS_DIR/a1; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    older_attempt_recovered(&mut h, &first, |_| std::fs::remove_file(&blobs).unwrap());
+}
+
+/// The same on S3, where the job's manifest is replaced only by a conditional put: the store
+/// is down for attempt 1 (none of its manifests is written then), back for attempt 2.
+#[test]
+fn s3_recover_of_an_older_attempt_leaves_the_job_manifest_to_the_newer_one() {
+    let mut h = Harness::new(crate::support::Store::s3());
+    if let crate::support::Store::S3(s3) = &mut h.store {
+        s3.stop();
+    }
+    older_attempt_recovered(&mut h, "echo first > $C3_ARTIFACTS_DIR/a1", |h| {
+        if let crate::support::Store::S3(s3) = &mut h.store {
+            s3.restart();
+        }
+    });
+}
+
+fn older_attempt_recovered(h: &mut Harness, first: &str, mend: impl FnOnce(&mut Harness)) {
+    let spec = |h: &Harness, attempt: u32, script: &str| {
+        json!({"job_id": "again", "attempt": attempt, "command": ["sh", "-c", script],
+               "workdir": h.path(&format!("w{attempt}")).display().to_string()})
+    };
+    h.run_job(spec(h, 1, first)).assert_code(3);
+    assert_eq!(h.terminal("again")["reason"], "UPLOAD_ERROR");
+    mend(h);
+    let second = spec(h, 2, "echo second attempt > $C3_ARTIFACTS_DIR/a2");
+    h.run_job(second).assert_code(0);
+    let newest = h.manifest("again");
+    assert_eq!(newest["attempt"], 2, "{newest}");
+
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    // Attempt 1 was finished again: its files are stored, under its own key.
+    let own: serde_json::Value = serde_json::from_slice(
+        &h.object("jobs/again/attempts/1/manifest.json")
+            .expect("attempt 1's manifest"),
+    )
+    .unwrap();
+    assert_eq!(own["attempt"], 1, "{own}");
+    assert_eq!(own["files"][0]["path"], "artifacts/a1", "{own}");
+    // The job's manifest is attempt 2's, as attempt 2 wrote it.
+    assert_eq!(h.manifest("again"), newest, "{}", run.stderr);
+    assert_eq!(h.manifest_paths("again"), vec!["artifacts/a2"]);
+    assert_eq!(
+        newest["files"][0]["sha256"],
+        crate::support::sha256_hex(b"second attempt\n")
+    );
+    // Attempt 1's registration names the manifest it wrote, not the job's.
+    let registered: Vec<serde_json::Value> = h
+        .local_reports("again")
+        .into_iter()
+        .filter(|r| r["endpoint"].as_str().unwrap().ends_with("/artifacts"))
+        .map(|r| r["body"].clone())
+        .collect();
+    assert_eq!(
+        registered.last().unwrap()["manifest"],
+        "jobs/again/attempts/1/manifest.json",
+        "{registered:?}"
+    );
+}
