@@ -174,6 +174,7 @@ fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Va
         "bytes_pending": p.filter(|_| r.is_some_and(|r| r.phase != Phase::Done)).map(|p| p.bytes_queued.saturating_sub(p.bytes_done)),
         "unstored": r.map(|r| r.unstored.clone()).unwrap_or_default(),
         "unstored_more": r.map_or(0, |r| r.unstored_more),
+        "unstored_for_good": r.map_or(0, |r| r.unstored_for_good),
         "outbox": outbox_len(ctx, job_id),
         "peak_memory_bytes": r.and_then(|r| r.facts.as_ref()).and_then(|f| f.peak_memory_bytes),
     })
@@ -210,10 +211,17 @@ fn job_line(v: &serde_json::Value) -> String {
     }
     let unstored = v["unstored"].as_array().map_or(0, Vec::len) as u64
         + v["unstored_more"].as_u64().unwrap_or(0);
-    if unstored > 0 {
+    // What the job made unstorable itself is named apart: no resync stores it as it is.
+    let for_good = v["unstored_for_good"].as_u64().unwrap_or(0).min(unstored);
+    if unstored > for_good {
+        line.push_str(&format!("  {unstored} unstored"));
+        if for_good > 0 {
+            line.push_str(&format!(" ({for_good} for good)"));
+        }
+        line.push_str(&format!(": `c3-agent resync {}`", s("job_id")));
+    } else if unstored > 0 {
         line.push_str(&format!(
-            "  {unstored} unstored: `c3-agent resync {}`",
-            s("job_id")
+            "  {unstored} unstored for good (too deep or long, too many, unreadable by the job's user, too large or sparse)"
         ));
     }
     if v["outbox"].as_u64().unwrap_or(0) > 0 {

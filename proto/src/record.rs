@@ -76,6 +76,14 @@ pub struct RunRecord {
     /// job's million unstorable files must not make this record a gigabyte).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unstored_more: u64,
+    /// How many of those (named or counted) the job made unstorable itself: paths too deep
+    /// or long, more files than a manifest lists, files or places its user cannot read,
+    /// files over `max_file_bytes` or mostly holes. They count as upload errors (the verdict
+    /// says so), but no later look stores them as they are: `recover` and retention look
+    /// only at the rest ([`RunRecord::unstored_to_retry`]). 0 in older records: all of them
+    /// are tried again, as they were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unstored_for_good: u64,
     /// The job user's uid and groups, as resolved at launch: `recover` and `resync` check
     /// readability against them even if the user is gone from the node by then.
     #[serde(default)]
@@ -173,6 +181,16 @@ pub struct MultipartRecord {
 
 json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord, ProgressRecord);
 
+impl RunRecord {
+    /// What the last finish left unstored that a later one may store: everything unstored
+    /// but what the job made unstorable for good.
+    pub fn unstored_to_retry(&self) -> u64 {
+        (self.unstored.len() as u64)
+            .saturating_add(self.unstored_more)
+            .saturating_sub(self.unstored_for_good)
+    }
+}
+
 impl OutboxEntry {
     /// Wrap any wire message as an outbox entry.
     pub fn new(job_id: &str, endpoint: String, body_json: &[u8]) -> Self {
@@ -198,4 +216,26 @@ impl OutboxEntry {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record from before `unstored_for_good`: everything unstored is tried again, as it
+    /// was; the field is written only when it says something.
+    #[test]
+    fn what_is_unstored_for_good_is_not_retried() {
+        let old = br#"{"spec": {"job_id": "j", "command": ["true"]}, "workdir": "/w",
+            "phase": "done", "seq": 3, "started_at": "2026-01-01T00:00:00Z",
+            "unstored": ["artifacts/a", "artifacts/b"], "unstored_more": 5}"#;
+        let mut r = RunRecord::from_json(old).unwrap();
+        assert_eq!((r.unstored_for_good, r.unstored_to_retry()), (0, 7));
+        assert!(!String::from_utf8(r.to_json()).unwrap().contains("for_good"));
+        r.unstored_for_good = 6;
+        assert_eq!(r.unstored_to_retry(), 1);
+        r.unstored_for_good = 7;
+        let back = RunRecord::from_json(&r.to_json()).unwrap();
+        assert_eq!((back.unstored_for_good, back.unstored_to_retry()), (7, 0));
+    }
 }

@@ -5,7 +5,7 @@
 //! that swaps a directory for a symlink mid-walk cannot lead it outside the workdir, and a
 //! file or directory the job's user could not read is skipped with a warning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -92,8 +92,15 @@ pub struct Scan {
     /// Directories holding entries too deep or too long to store (each an upload failure at
     /// the end, named once); at most [`MAX_INCOMPLETE`].
     pub refused: Vec<String>,
+    /// Of `incomplete`, the places no later look will read either: refused for lack of
+    /// permission (the agent reads as the job's user, or with more rights than it: the job
+    /// or its file system closed them), or every dir when the job made more files than a
+    /// manifest lists. An unstored item for good, which `recover` does not come back for.
+    pub for_good: BTreeSet<String>,
     /// Places past [`MAX_INCOMPLETE`]: then every output dir counts as incomplete.
     incomplete_overflow: usize,
+    /// One of the places past [`MAX_INCOMPLETE`] might be read at a later look.
+    overflow_retryable: bool,
     /// The least the manifest entries of `files` take ([`entry_floor`] each).
     listed_bytes: u64,
 }
@@ -132,13 +139,36 @@ impl Scan {
             .any(|d| rel.starts_with(d.as_str()) && rel.as_bytes().get(d.len()) == Some(&b'/'))
     }
 
-    fn broken(&mut self, rel: &str, what: String) {
+    fn broken(&mut self, rel: &str, what: String, cause: &std::io::Error) {
+        let for_good = cause.kind() == std::io::ErrorKind::PermissionDenied;
         self.warn(what);
         if self.incomplete.len() < MAX_INCOMPLETE {
             self.incomplete.push(rel.to_string());
+            if for_good {
+                self.for_good.insert(rel.to_string());
+            }
         } else {
             self.incomplete_overflow += 1;
+            self.overflow_retryable |= !for_good;
         }
+    }
+
+    /// Past [`MAX_INCOMPLETE`] places: every output dir counts as incomplete, for good if
+    /// every place was.
+    fn overflowed(&mut self, dirs: &[String]) {
+        let for_good =
+            !self.overflow_retryable && self.incomplete.iter().all(|d| self.for_good.contains(d));
+        self.all_incomplete(dirs, for_good);
+    }
+
+    /// Every output dir counts as incomplete; for good if every place that made it so is.
+    fn all_incomplete(&mut self, dirs: &[String], for_good: bool) {
+        self.incomplete = dirs.to_vec();
+        self.for_good = if for_good {
+            dirs.iter().cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
     }
 }
 
@@ -158,6 +188,7 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u
                 out.broken(
                     dir,
                     format!("cannot open the workdir {}: {e}", workdir.display()),
+                    &e,
                 );
             }
             return out;
@@ -169,7 +200,7 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u
                 "more files in the output dirs than a manifest can list (store.max_manifest_bytes = {room}; {} files were found first); the rest are not uploaded",
                 out.files.len()
             ));
-            out.incomplete = dirs.to_vec();
+            out.all_incomplete(dirs, true);
             return out;
         }
     }
@@ -177,7 +208,7 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u
         out.warn(format!(
             "more than {MAX_INCOMPLETE} places in the output dirs could not be read whole; every output dir counts as incomplete"
         ));
-        out.incomplete = dirs.to_vec();
+        out.overflowed(dirs);
     }
     out
 }
@@ -202,7 +233,7 @@ fn walk(
     let mut tree = match TreeWalk::new(top, root_rel.as_bytes().to_vec()) {
         Ok(t) => t,
         Err(e) => {
-            out.broken(root_rel, format!("cannot read {root_rel}/: {e}"));
+            out.broken(root_rel, format!("cannot read {root_rel}/: {e}"), &e);
             return Ok(());
         }
     };
@@ -211,7 +242,7 @@ fn walk(
             Item::Entry(entry) => entry,
             Item::Unlisted { rel, error } => {
                 let rel = display_rel(&rel);
-                out.broken(&rel, format!("cannot read {rel}/: {error}"));
+                out.broken(&rel, format!("cannot read {rel}/: {error}"), &error);
                 continue;
             }
         };
@@ -222,7 +253,7 @@ fn walk(
             // Deleted between readdir and stat: the job removed it, nothing to collect.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"));
+                out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"), e);
                 continue;
             }
         };
@@ -243,7 +274,7 @@ fn walk(
         } else if is_dir(&st) {
             if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_rel, reader, out) {
                 if let Err(e) = tree.enter(dir, entry.rel) {
-                    out.broken(&child_rel, format!("cannot read {child_rel}/: {e}"));
+                    out.broken(&child_rel, format!("cannot read {child_rel}/: {e}"), &e);
                 }
             }
         } else if is_regular(&st) {
@@ -299,7 +330,7 @@ fn open_walked(
             return None;
         }
         Err(e) => {
-            out.broken(rel, format!("cannot open {rel}/: {e}"));
+            out.broken(rel, format!("cannot open {rel}/: {e}"), &e);
             return None;
         }
     };
@@ -311,7 +342,7 @@ fn open_walked(
                 return None;
             }
             Err(e) => {
-                out.broken(rel, format!("cannot stat {rel}/: {e}"));
+                out.broken(rel, format!("cannot stat {rel}/: {e}"), &e);
                 return None;
             }
         }
@@ -458,6 +489,8 @@ mod tests {
         let dirs = vec!["artifacts".to_string(), "out".to_string()];
         let s = scan(w, &dirs, None, u64::MAX);
         assert_eq!(s.incomplete, dirs);
+        // Every one of them refused for its depth: no later look stores them either.
+        assert!(s.for_good.iter().eq(dirs.iter()), "{:?}", s.for_good);
         assert_eq!(s.files.len(), 1);
         assert!(s
             .warnings
@@ -466,6 +499,40 @@ mod tests {
             .contains("could not be read whole"));
         let few = scan(w, &["out".to_string()], None, u64::MAX);
         assert!(few.incomplete.is_empty());
+    }
+
+    /// A place refused for lack of permission is so for good (the agent reads as the job's
+    /// user, or with more rights); one that failed otherwise (I/O, no fds left) may be read
+    /// at a later look. Past `MAX_INCOMPLETE`, every dir is for good only if all of them were.
+    #[test]
+    fn a_place_refused_for_lack_of_permission_is_so_for_good() {
+        use std::io::{Error, ErrorKind};
+        let mut s = Scan::default();
+        s.broken(
+            "artifacts/shut",
+            "x".into(),
+            &Error::from(ErrorKind::PermissionDenied),
+        );
+        s.broken("artifacts/eio", "x".into(), &Error::other("I/O error"));
+        assert_eq!(s.incomplete, ["artifacts/shut", "artifacts/eio"]);
+        assert!(s.for_good.iter().eq(["artifacts/shut"].iter()));
+        let dirs = vec!["artifacts".to_string()];
+        let mut many = Scan::default();
+        for i in 0..MAX_INCOMPLETE + 1 {
+            let e = Error::from(ErrorKind::PermissionDenied);
+            many.broken(&format!("artifacts/{i}"), "x".into(), &e);
+        }
+        let mut mixed = Scan::default();
+        for i in 0..MAX_INCOMPLETE {
+            let e = Error::from(ErrorKind::PermissionDenied);
+            mixed.broken(&format!("artifacts/{i}"), "x".into(), &e);
+        }
+        mixed.broken("artifacts/eio", "x".into(), &Error::other("I/O error"));
+        for (s, for_good) in [(&mut many, true), (&mut mixed, false)] {
+            s.overflowed(&dirs);
+            assert_eq!(s.incomplete, dirs);
+            assert_eq!(s.for_good.contains("artifacts"), for_good);
+        }
     }
 
     #[test]
@@ -524,6 +591,8 @@ mod tests {
         let s = scan(w, &dirs, None, 15 * entry_floor("artifacts/a/f0"));
         assert_eq!(s.files.len(), 15);
         assert_eq!(s.incomplete, dirs);
+        // The job made more files than a manifest lists: so they stay.
+        assert!(s.for_good.iter().eq(dirs.iter()), "{:?}", s.for_good);
         assert!(!s.covers("artifacts/a/f0") && !s.covers("out/f9"));
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
         assert!(s.warnings[0].contains("than a manifest can list"));

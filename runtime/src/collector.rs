@@ -89,6 +89,10 @@ pub struct FinalSync {
     pub unstored: Vec<String>,
     /// How many more could not be stored.
     pub unstored_more: u64,
+    /// How many of those (named or counted) the job made unstorable itself: paths too deep
+    /// or long, more files than a manifest lists, places or files its user cannot read,
+    /// files too large or sparse. No later look stores them as they are.
+    pub for_good: u64,
 }
 
 /// Unstored files named (in the log, the run record, `status`); the rest are counted. A job
@@ -98,7 +102,8 @@ pub struct FinalSync {
 pub const MAX_NAMED_UNSTORED: usize = 100;
 
 impl FinalSync {
-    fn unstored(&mut self, name: String) {
+    fn unstored(&mut self, name: String, for_good: bool) {
+        self.for_good += u64::from(for_good);
         if self.unstored.len() < MAX_NAMED_UNSTORED {
             self.unstored.push(crate::display::clip_text(name, 1024));
         } else {
@@ -118,6 +123,8 @@ pub struct Sealed {
     pub new_bytes: u64,
     /// What could not be stored while sealing (`logs/<stream>`, `manifest`).
     pub unstored: Vec<String>,
+    /// How many of those no later seal stores (a manifest over `max_manifest_bytes`).
+    pub for_good: u64,
 }
 
 enum Command {
@@ -338,7 +345,7 @@ async fn final_sync(
             Err(e) => {
                 // Never an empty scan: that would shrink the manifest silently.
                 tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
-                out.unstored("(the final scan)".into());
+                out.unstored("(the final scan)".into(), false);
                 return out;
             }
         };
@@ -354,11 +361,11 @@ async fn final_sync(
     // What could not be read at all is unknown output: never a silent loss.
     for dir in &found.incomplete {
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
-        out.unstored(format!("{dir}/"));
+        out.unstored(format!("{dir}/"), found.for_good.contains(dir));
     }
     for dir in &found.refused {
         tracing::error!(path = %dir, "paths in it are too deep or too long to store; counted as an upload failure");
-        out.unstored(format!("{dir}/ (paths too deep or long)"));
+        out.unstored(format!("{dir}/ (paths too deep or long)"), true);
     }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
@@ -376,7 +383,7 @@ async fn final_sync(
         if out.unstored.len() < MAX_NAMED_UNSTORED {
             tracing::error!(path = %path, error = %crate::error_chain(&e), retryable = e.is_retryable(), "upload failed");
         }
-        out.unstored(path);
+        out.unstored(path, e.is_for_good());
     }
     if out.unstored_more > 0 {
         tracing::error!(
@@ -398,6 +405,7 @@ async fn seal(
 ) -> Sealed {
     let started = Instant::now();
     let mut unstored = Vec::new();
+    let mut for_good = 0;
     let mut entries = Vec::new();
     for (stream, path) in logs {
         let meta = match std::fs::metadata(&path) {
@@ -429,6 +437,7 @@ async fn seal(
             }
             Err(e) => {
                 tracing::error!(stream = stream.as_str(), error = %crate::error_chain(&e), "cannot store the job's log");
+                for_good += u64::from(e.is_for_good());
                 unstored.push(format!("logs/{}", stream.as_str()));
             }
         }
@@ -445,6 +454,8 @@ async fn seal(
         Ok(sha) => Some(sha),
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "cannot write the manifest");
+            // Too large: the job's files would make it so again.
+            for_good += u64::from(matches!(e, crate::store::StoreError::TooLarge { .. }));
             unstored.push("manifest".into());
             None
         }
@@ -460,5 +471,6 @@ async fn seal(
             .added_bytes()
             .map_or(book.new_bytes, |added| added.max(book.new_bytes)),
         unstored,
+        for_good,
     }
 }

@@ -71,6 +71,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         cgroup: None,
         unstored: Vec::new(),
         unstored_more: 0,
+        unstored_for_good: 0,
         job_user: None,
         facts: None,
         watched_dirs: None,
@@ -570,6 +571,7 @@ impl<'a> Run<'a> {
         };
         let mut unstored = Vec::new();
         let mut unstored_more = 0;
+        let mut unstored_for_good = 0;
         let mut sealed = Sealed::default();
         let mut result = serde_json::Value::Null;
         if launched {
@@ -586,6 +588,7 @@ impl<'a> Run<'a> {
             }
             unstored.extend(final_sync.unstored);
             unstored_more = final_sync.unstored_more;
+            unstored_for_good = final_sync.for_good;
             result = crate::result::read(&self.workdir, self.collector_config.reader.as_ref())
                 .unwrap_or_else(|problem| {
                     self.reports.warn(format!("result file ignored: {problem}"));
@@ -598,10 +601,12 @@ impl<'a> Run<'a> {
                 sealed = collector.seal(logs, result.clone()).await;
             }
             unstored.append(&mut sealed.unstored);
+            unstored_for_good += sealed.for_good;
         }
         Collected {
             unstored,
             unstored_more,
+            unstored_for_good,
             sealed,
             result,
         }
@@ -617,19 +622,25 @@ impl<'a> Run<'a> {
         let Collected {
             unstored,
             unstored_more,
+            unstored_for_good,
             mut sealed,
             result,
         } = collected;
         let upload_errors = unstored.len() as u64 + unstored_more;
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        // The verdict counts every upload error, whoever caused it (contract §8).
         let verdict = decide(&end, upload_errors > 0, oom);
-        if upload_errors > 0 {
-            tracing::error!(upload_errors, unstored = ?&unstored[..unstored.len().min(20)],
+        if upload_errors > unstored_for_good {
+            tracing::error!(upload_errors, for_good = unstored_for_good, unstored = ?&unstored[..unstored.len().min(20)],
                 "some output could not be stored; it stays on the node: `c3-agent resync {}` (or `recover`) stores it later",
                 self.spec().job_id);
+        } else if upload_errors > 0 {
+            tracing::error!(upload_errors, unstored = ?&unstored[..unstored.len().min(20)],
+                "some output can never be stored as it is (paths too deep or long, too many files, unreadable by the job's user, too large or sparse); `recover` leaves it");
         }
         self.record.unstored = unstored;
         self.record.unstored_more = unstored_more;
+        self.record.unstored_for_good = unstored_for_good;
         // `sealed.new_bytes` is what the attempt added in all (a crashed agent's uploads
         // included); an earlier registration of this attempt (before a resync) said part of it.
         let registered = self.record.synced.as_ref().map_or(0, |s| s.new_bytes);
@@ -715,6 +726,8 @@ struct Collected {
     /// The first [`crate::collector::MAX_NAMED_UNSTORED`] (and the seal's), by name.
     unstored: Vec<String>,
     unstored_more: u64,
+    /// How many of those the job made unstorable for good (`RunRecord::unstored_for_good`).
+    unstored_for_good: u64,
     sealed: Sealed,
     result: serde_json::Value,
 }

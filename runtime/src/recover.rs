@@ -60,7 +60,7 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
-        if let Some(summary) = recover_record(ctx, &path, false).await {
+        if let Some(summary) = recover_record(ctx, &path, Pass::Recover).await {
             finished.push(summary);
         }
     }
@@ -81,6 +81,8 @@ pub enum ResyncError {
 /// `c3-agent resync JOB`: stores what an attempt left unstored (its latest attempt unless
 /// given), writes the complete manifest and sends the amended terminal status with a higher
 /// `seq`. `Ok(None)`: nothing was left to store (or another agent is at work on it).
+/// Unlike `recover`, it also tries what the job made unstorable for good: the operator asked,
+/// and may have changed what made it so (`upload.max_file_bytes`, a directory's mode).
 pub async fn resync(
     ctx: &AgentContext,
     job_id: &str,
@@ -104,19 +106,38 @@ pub async fn resync(
             job_id: job_id.into(),
             attempt,
         })?;
-    Ok(recover_record(ctx, &path, false).await)
+    Ok(recover_record(ctx, &path, Pass::Resync).await)
 }
 
 /// Finishes the attempt this very process was running when it panicked: its processes
 /// stopped, final sync, manifest, status (`AGENT_ERROR` unless the real outcome was recorded).
 pub async fn recover_own(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<JobSummary> {
-    recover_record(ctx, &ctx.state.run_record_path(job_id, attempt), true).await
+    recover_record(ctx, &ctx.state.run_record_path(job_id, attempt), Pass::Own).await
 }
 
-/// The run record at `path`, if it is one `recover` has work to do on. A finished attempt
+/// Who finishes a recorded attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// `recover` (at boot, hourly): attempts not done, and done ones with output a later
+    /// look may store.
+    Recover,
+    /// `resync JOB`: also a done attempt whose unstored output the job made so for good.
+    Resync,
+    /// The agent's own attempt, after a panic in it.
+    Own,
+}
+
+/// The run record at `path`, if it is one `pass` has work to do on. A finished attempt
 /// whose output could not all be stored is finished again: its files are still on the node,
-/// and the store may be back.
-fn unfinished_record(ctx: &AgentContext, path: &std::path::Path) -> Option<c3_proto::RunRecord> {
+/// and the store may be back. What the job made unstorable itself (a path too deep, a file
+/// too large) is not come back for by `recover`: every hourly pass would otherwise redo the
+/// attempt (a rescan and rehash as root, new manifests, a registration and a status) for
+/// ever, and retention would keep the job for ever too.
+fn unfinished_record(
+    ctx: &AgentContext,
+    path: &std::path::Path,
+    pass: Pass,
+) -> Option<c3_proto::RunRecord> {
     let record = match ctx.state.read_record(path) {
         Ok(r) => r,
         Err(e) => {
@@ -124,17 +145,21 @@ fn unfinished_record(ctx: &AgentContext, path: &std::path::Path) -> Option<c3_pr
             return None;
         }
     };
-    (record.phase != Phase::Done || !record.unstored.is_empty()).then_some(record)
+    let left = match pass {
+        Pass::Recover | Pass::Own => record.unstored_to_retry() > 0,
+        Pass::Resync => !record.unstored.is_empty(),
+    };
+    (record.phase != Phase::Done || left).then_some(record)
 }
 
 async fn recover_record(
     ctx: &AgentContext,
     path: &std::path::Path,
-    own: bool,
+    pass: Pass,
 ) -> Option<JobSummary> {
-    let record = unfinished_record(ctx, path)?;
+    let record = unfinished_record(ctx, path, pass)?;
     crate::fault::pause_point("recover-after-read").await;
-    if !own && owner_alive(&record) {
+    if pass != Pass::Own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
         return None;
     }
@@ -149,13 +174,14 @@ async fn recover_record(
     // Read again under the lock: the agent that held it may have finished the attempt (and
     // sent its terminal status) between the first read and the lock, and finishing it again
     // from the stale phase would send a second, contradicting one.
-    let record = unfinished_record(ctx, path)?;
+    let record = unfinished_record(ctx, path, pass)?;
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
     if record.phase == Phase::Done {
         tracing::info!(
             unstored = record.unstored.len(),
+            for_good = record.unstored_for_good,
             "storing what an earlier run could not"
         );
     } else {

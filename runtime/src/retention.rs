@@ -226,10 +226,12 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
                 record.phase.as_str()
             ));
         }
-        if !record.unstored.is_empty() {
+        // What the job made unstorable for good (a path too deep, a file too large) keeps
+        // no job: no later look stores it, and the job would otherwise stay for ever.
+        let left = record.unstored_to_retry();
+        if left > 0 {
             return Err(format!(
-                "attempt {n} left {} item(s) unstored (`c3-agent resync`)",
-                record.unstored.len()
+                "attempt {n} left {left} item(s) unstored (`c3-agent resync`)"
             ));
         }
     }
@@ -620,6 +622,7 @@ mod tests {
                 cgroup: None,
                 unstored: Vec::new(),
                 unstored_more: 0,
+                unstored_for_good: 0,
                 job_user: None,
                 facts: None,
                 watched_dirs: None,
@@ -695,6 +698,36 @@ mod tests {
             SystemTime::now() + 23 * DAY,
         );
         assert_eq!(later.removed_jobs, ["canceled", "failed"], "{later:?}");
+    }
+
+    /// What the job made unstorable itself keeps no job: no later look stores it. What a
+    /// later look may store (beside it, or in a record from before the distinction) does.
+    #[test]
+    fn output_unstorable_for_good_keeps_no_job() {
+        let f = Fixture::new();
+        let mut deep = f.job("deep", 1, JobState::Failed, 31 * DAY, None);
+        deep.unstored = vec!["artifacts/d/d/d/ (paths too deep or long)".into()];
+        deep.unstored_more = 2;
+        deep.unstored_for_good = 3;
+        f.save(&deep, 31 * DAY);
+        let mut mixed = f.job("mixed", 1, JobState::Failed, 31 * DAY, None);
+        mixed.unstored = vec!["artifacts/big.bin".into(), "logs/stdout".into()];
+        mixed.unstored_for_good = 1;
+        f.save(&mixed, 31 * DAY);
+        let mut young = f.job("young", 1, JobState::Failed, 29 * DAY, None);
+        young.unstored = vec!["artifacts/sparse.bin".into()];
+        young.unstored_for_good = 1;
+        f.save(&young, 29 * DAY);
+        let report = f.sweep();
+        assert_eq!(report.removed_jobs, ["deep"], "{report:?}");
+        assert!(
+            reason(&report, "mixed").contains("1 item(s) unstored"),
+            "{report:?}"
+        );
+        assert!(
+            reason(&report, "young").contains("kept for 30.0 d"),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -275,3 +275,71 @@ fn older_attempt_recovered(h: &mut Harness, first: &str, mend: impl FnOnce(&mut 
         "{registered:?}"
     );
 }
+
+/// A job leaves an entry deeper than a manifest path may be: UPLOAD_ERROR, as the contract
+/// says, but no later look can store it, so `recover` leaves the attempt alone (it redid it
+/// every hour: a rescan and rehash as root, new manifests, another registration and status,
+/// exit 3), `status` says so, and retention lets the job go when it is old enough.
+#[test]
+fn output_the_job_made_unstorable_is_not_recovered_again_and_again() {
+    let mut h = Harness::file().with_control_plane(5);
+    let script = "d=$C3_ARTIFACTS_DIR; i=0; while [ $i -lt 130 ]; do d=$d/d; i=$((i+1)); done; \
+                  mkdir -p $d && echo deep > $d/f && echo ok > $C3_ARTIFACTS_DIR/ok";
+    let run = h.run_job(json!({"job_id": "deep", "command": ["sh", "-c", script]}));
+    run.assert_code(3);
+    let t = h.terminal("deep");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert_eq!(t["upload_errors"], 1, "{t}");
+    assert_eq!(h.manifest_paths("deep"), vec!["artifacts/ok"]);
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/deep/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["unstored"].as_array().unwrap().len(), 1, "{record}");
+    assert_eq!(record["unstored_for_good"], 1, "{record}");
+
+    let manifest = h.object_path("jobs/deep/manifest.json");
+    let written = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(p).unwrap();
+        (md.ino(), md.mtime_nsec(), md.mtime())
+    };
+    let before = written(&manifest);
+    let reports = |h: &Harness| {
+        (
+            h.cp().delivered("/status").len(),
+            h.cp().delivered("/artifacts").len(),
+        )
+    };
+    let reported = reports(&h);
+    for _ in 0..2 {
+        let recover = h.run(&["recover"]);
+        recover.assert_code(0);
+        assert!(
+            !recover
+                .stderr
+                .contains("storing what an earlier run could not"),
+            "{}",
+            recover.stderr
+        );
+        assert_eq!(reports(&h), reported, "no new status or registration");
+        assert_eq!(
+            written(&manifest),
+            before,
+            "the manifest is not written again"
+        );
+    }
+    let status = h.run(&["status", "deep"]);
+    assert!(
+        status.stdout.contains("1 unstored for good"),
+        "{}",
+        status.stdout
+    );
+    assert!(!status.stdout.contains("resync"), "{}", status.stdout);
+
+    // Retention lets it go (a failed job is kept 30 days by default; 0 here).
+    h.env
+        .push(("C3_AGENT_RETENTION_FAILED_DAYS".into(), "0".into()));
+    h.run(&["recover"]).assert_code(0);
+    assert!(!h.state.join("jobs/deep").exists(), "the job was kept");
+}

@@ -182,4 +182,6 @@ fn unstorable_files_are_counted_not_each_named() {
     .unwrap();
     assert_eq!(record["unstored"].as_array().map(Vec::len), Some(100));
     assert_eq!(record["unstored_more"], 201);
+    // Sparse, each of them: the job's doing, which `recover` does not come back for.
+    assert_eq!(record["unstored_for_good"], 301);
 }

@@ -217,6 +217,25 @@ impl UploadError {
             | UploadError::Task { .. } => false,
         }
     }
+
+    /// Whether the job made the file unstorable itself: over `max_file_bytes`, mostly
+    /// holes, or not readable by its user (the agent reads as that user, or with more
+    /// rights). No later sync stores it as it is, so `recover` does not come back for it; it
+    /// still counts as an upload error.
+    pub fn is_for_good(&self) -> bool {
+        match self {
+            UploadError::NotReadable { .. }
+            | UploadError::TooLarge { .. }
+            | UploadError::Sparse { .. } => true,
+            UploadError::Read { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            UploadError::Changed { .. }
+            | UploadError::Vanished { .. }
+            | UploadError::Store { .. }
+            | UploadError::Task { .. } => false,
+        }
+    }
 }
 
 /// Uploads files of one job: the store, the options, the shared memory budget and
