@@ -82,6 +82,14 @@ pub struct AgentSocket {
     listener: UnixListener,
 }
 
+/// The socket file goes with the socket, served or not: one bound for a launch that then
+/// failed was left in `<state_dir>/run` for good.
+impl Drop for AgentSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl AgentSocket {
     /// Binds the socket of one attempt; `owner` (the job's uid and gid) gets it.
     pub fn bind(
@@ -164,7 +172,7 @@ impl AgentSocket {
                 }
                 conns.shutdown().await;
                 log.finish();
-                let _ = std::fs::remove_file(&self.path);
+                drop(self);
             }
             .in_current_span(),
         )
@@ -253,5 +261,22 @@ async fn connection(
         if write.write_all(&reply.to_line()).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket bound for a launch that then failed is not left behind.
+    #[tokio::test]
+    async fn an_unserved_socket_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let socket = AgentSocket::bind(&state, "j", 1, None).unwrap();
+        let path = socket.path().to_path_buf();
+        assert!(path.exists());
+        drop(socket);
+        assert!(!path.exists());
     }
 }
