@@ -290,14 +290,7 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
         Err(Errno::ENOSYS | Errno::ENAMETOOLONG) => {}
         Err(e) => return Err(e.into()),
     }
-    let mut parts = Vec::new();
-    for c in rel.components() {
-        match c {
-            std::path::Component::Normal(p) => parts.push(p),
-            std::path::Component::CurDir => {}
-            _ => return Err(Errno::EXDEV.into()),
-        }
-    }
+    let parts = plain_parts(rel)?;
     let Some((last, dirs)) = parts.split_last() else {
         return Ok(openat(dir, ".", flags, Mode::empty())?);
     };
@@ -311,6 +304,17 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
         flags | OFlag::O_NOFOLLOW,
         Mode::empty(),
     )?)
+}
+
+/// The names of a relative path; `..` or a root in it escapes (EXDEV, as openat2 says).
+fn plain_parts(rel: &Path) -> io::Result<Vec<&OsStr>> {
+    rel.components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .map(|c| match c {
+            std::path::Component::Normal(p) => Ok(p),
+            _ => Err(Errno::EXDEV.into()),
+        })
+        .collect()
 }
 
 /// `lstat` of `rel` below the job root `root`, with no symlink followed in any component
@@ -345,14 +349,7 @@ pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
 /// opening the file by path again let a job rename a directory it may enter aside and one
 /// it may not into its place in between: a rename needs write access to the parent only.)
 pub fn open_read_as(root: &Path, rel: &Path, reader: &JobReader) -> io::Result<Option<File>> {
-    let mut parts = Vec::new();
-    for c in rel.components() {
-        match c {
-            std::path::Component::Normal(p) => parts.push(p),
-            std::path::Component::CurDir => {}
-            _ => return Err(Errno::EXDEV.into()),
-        }
-    }
+    let parts = plain_parts(rel)?;
     let Some((last, dirs)) = parts.split_last() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -363,10 +363,11 @@ async fn fetch(
     owner: Owner,
     force: bool,
 ) -> Result<u64, PullError> {
-    match fetch_once(store, entry, root.clone(), shown, owner, force).await {
+    let once = || fetch_once(store, entry, root.clone(), shown, owner, force);
+    match once().await {
         Err(PullError::Mismatch { actual, .. }) => {
             tracing::warn!(path = %entry.path, sha256 = %actual, "the blob's bytes did not match its sha256; fetching it again");
-            fetch_once(store, entry, root, shown, owner, force).await
+            once().await
         }
         done => done,
     }

@@ -278,6 +278,27 @@ fn give_up_secs_bounds_the_whole_stay() {
     drop(server);
 }
 
+/// Job `stopped` (`first`, then a long sleep) is sent SIGTERM `after` its start: its run and
+/// how long the agent took from the signal.
+fn stopped_once_started(
+    h: &Harness,
+    first: &str,
+    after: Duration,
+) -> (crate::support::Run, Duration) {
+    let script = format!("{first}; echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300");
+    let spec = h.spec(json!({"job_id": "stopped", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let up = h.workdir("stopped").join("artifacts/started");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        up.exists().then_some(())
+    });
+    std::thread::sleep(after);
+    let asked = std::time::Instant::now();
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("run stopped".into(), agent);
+    (run, asked.elapsed())
+}
+
 /// Live output is best effort and keeps to the same bounds: a control plane that takes the
 /// posts' connections and never answers holds the agent no longer than `give_up_secs` after
 /// the job, and never past the stop deadline (each post once waited 5 s of its own, per
@@ -303,19 +324,8 @@ fn live_output_posts_keep_to_give_up_secs_and_the_stop_deadline() {
         run.stderr
     );
 
-    let script = "echo a; echo b >&2; echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
-    let spec = h.spec(json!({"job_id": "stopped", "command": ["sh", "-c", script]}));
-    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    let up = h.workdir("stopped").join("artifacts/started");
-    wait_for("the job to start", Duration::from_secs(20), || {
-        up.exists().then_some(())
-    });
-    // Live posts of both streams are in flight by now.
-    std::thread::sleep(Duration::from_secs(3));
-    let asked = std::time::Instant::now();
-    crate::support::signal(agent.id(), "TERM");
-    let run = h.wait("run stopped with a hanging control plane".into(), agent);
-    let took = asked.elapsed();
+    // Live posts of both streams are in flight 3 s after the start.
+    let (run, took) = stopped_once_started(&h, "echo a; echo b >&2", Duration::from_secs(3));
     run.assert_code(4);
     // The stop deadline (8 s), with room for a loaded machine; it is the bound that matters.
     assert!(
@@ -413,17 +423,7 @@ fn earlier_jobs_reports_do_not_hold_a_stopped_agent_past_its_deadline() {
     h.extra_toml = format!("[control_plane]\nurl = \"{hanging}\"\ngive_up_secs = 60\n");
     h.env
         .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "8".into()));
-    let script = "echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
-    let spec = h.spec(json!({"job_id": "stopped", "command": ["sh", "-c", script]}));
-    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    let up = h.workdir("stopped").join("artifacts/started");
-    wait_for("the job to start", Duration::from_secs(20), || {
-        up.exists().then_some(())
-    });
-    let asked = std::time::Instant::now();
-    crate::support::signal(agent.id(), "TERM");
-    let run = h.wait("run stopped while old reports hang".into(), agent);
-    let took = asked.elapsed();
+    let (run, took) = stopped_once_started(&h, "true", Duration::ZERO);
     run.assert_code(4);
     assert!(
         took < Duration::from_secs(10),

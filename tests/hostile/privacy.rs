@@ -83,6 +83,27 @@ fn state_dir_records_logs_workdir_and_store_are_private() {
     assert!(blobs >= 2, "expected the job's blobs in the store");
 }
 
+/// The job's `artifacts/` (open to all) holding root's 0700 `locked/` with a 0644 `secret`:
+/// a file the job may read behind a directory it may not enter. Returns `artifacts/`.
+fn root_locked_dir(h: &crate::support::Harness, job: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let artifacts = h.workdir(job).join("artifacts");
+    std::fs::create_dir_all(artifacts.join("locked")).unwrap();
+    for (path, mode) in [
+        (artifacts.clone(), 0o777),
+        (artifacts.join("locked"), 0o700),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(artifacts.join("locked/secret"), "root's eyes only\n").unwrap();
+    std::fs::set_permissions(
+        artifacts.join("locked/secret"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    artifacts
+}
+
 /// A file the job's user may read, under a directory it may not enter (root's, 0700, left in
 /// an output dir): `publish` refuses it as the scan skips it, and it is never stored.
 #[test]
@@ -90,22 +111,8 @@ fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
     if not_root("publish_refuses_a_file_behind_a_directory_the_job_cannot_enter") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let h = open_harness();
-    let artifacts = h.workdir("locked").join("artifacts");
-    std::fs::create_dir_all(artifacts.join("locked")).unwrap();
-    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::set_permissions(
-        artifacts.join("locked"),
-        std::fs::Permissions::from_mode(0o700),
-    )
-    .unwrap();
-    std::fs::write(artifacts.join("locked/secret"), "root's eyes only\n").unwrap();
-    std::fs::set_permissions(
-        artifacts.join("locked/secret"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    let artifacts = root_locked_dir(&h, "locked");
     let ask = "import json, os, socket, sys; s = socket.socket(socket.AF_UNIX); \
                s.connect(os.environ['C3_AGENT_SOCKET']); \
                req = {'op': 'publish', 'paths': ['artifacts/locked/secret']}; \
@@ -133,23 +140,9 @@ fn a_directory_swapped_in_after_its_check_keeps_its_file() {
     if not_root("a_directory_swapped_in_after_its_check_keeps_its_file") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let mut h = open_harness();
     h.extra_toml = "[sync]\nsettle_ms = 1000\n".into();
-    let artifacts = h.workdir("swapper").join("artifacts");
-    std::fs::create_dir_all(artifacts.join("locked")).unwrap();
-    std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::set_permissions(
-        artifacts.join("locked"),
-        std::fs::Permissions::from_mode(0o700),
-    )
-    .unwrap();
-    std::fs::write(artifacts.join("locked/secret"), "root's eyes only\n").unwrap();
-    std::fs::set_permissions(
-        artifacts.join("locked/secret"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    root_locked_dir(&h, "swapper");
     let swap = "import ctypes, os, time; a = os.environ['C3_ARTIFACTS_DIR']; \
                 os.mkdir(a + '/mine'); open(a + '/mine/secret', 'w').write('decoy'); \
                 time.sleep(0.3); libc = ctypes.CDLL(None, use_errno=True); \

@@ -151,7 +151,11 @@ fn a_directory_at_the_result_path_does_not_fail_the_next_attempt() {
         return;
     }
     let h = open_harness();
-    plant(&h, "rd", "rm -f .c3/result.json; mkdir -p .c3/result.json/x");
+    plant(
+        &h,
+        "rd",
+        "rm -f .c3/result.json; mkdir -p .c3/result.json/x",
+    );
     let run = h.run_job(json!({
         "job_id": "rd", "attempt": 2, "user": "nobody",
         "command": ["sh", "-c", "echo 7 > \"$C3_RESULT_FILE\""],
