@@ -259,6 +259,7 @@ impl SyncBook {
                 *old = new;
             }
             None => {
+                self.forget_other_shapes(&up.rel);
                 let at = match self.free.pop() {
                     Some(at) => {
                         self.versions[at as usize] = new;
@@ -276,6 +277,39 @@ impl SyncBook {
         }
         if !same {
             self.generation += 1;
+        }
+    }
+
+    /// `rel` was just read as a file: a listed file above it (`a` for `a/x`) or anything
+    /// listed below it (`a/x` for `a`) is gone from disk, whatever hints were lost or came
+    /// too late (a file removed and made a directory, `RENAME_EXCHANGE` of a file and a
+    /// directory, a `Gone` hint handled after the path was back). Listed together, one
+    /// manifest would hold a file and entries below it, which every reader refuses (and a
+    /// manifest `gc` cannot read stops every `gc`). Names that are not UTF-8 are keyed by
+    /// their bytes in base64 and are not compared here.
+    fn forget_other_shapes(&mut self, rel: &str) {
+        let mut gone: Vec<Box<str>> = rel
+            .match_indices('/')
+            .map(|(i, _)| &rel[..i])
+            .filter(|above| self.synced.contains_key(*above))
+            .map(Into::into)
+            .collect();
+        let below = format!("{rel}/");
+        gone.extend(
+            self.synced
+                .range::<str, _>((
+                    std::ops::Bound::Included(below.as_str()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .map(|(k, _)| k)
+                .take_while(|k| k.starts_with(&below))
+                .cloned(),
+        );
+        for key in &gone {
+            if let Some(at) = self.synced.remove(key) {
+                self.free.push(at);
+                self.path_bytes -= key.len() as u64;
+            }
         }
     }
 
@@ -449,13 +483,13 @@ mod tests {
     #[test]
     fn forget_under_drops_a_path_and_what_is_below_it() {
         let mut book = SyncBook::default();
-        for (n, rel) in ["a", "a/b", "a/b/c", "a.b", "a0", "ab/x", "b"]
+        for (n, rel) in ["a/b/c", "a/d", "a.b", "a0", "ab/x", "b"]
             .iter()
             .enumerate()
         {
             book.record(up(rel, n as u8));
         }
-        assert_eq!(book.forget_under("a"), (true, 3));
+        assert_eq!(book.forget_under("a"), (false, 2));
         let left: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(left, ["a.b", "a0", "ab/x", "b"]);
         assert_eq!(book.forget_under("ab"), (false, 1));
@@ -463,6 +497,29 @@ mod tests {
         assert_eq!(book.forget_under("b"), (true, 1));
         assert_eq!(book.len(), 2);
         assert_eq!(book.path_bytes, 5);
+    }
+
+    /// A path read as a file drops a listed file above it and whatever is listed below it
+    /// (a file made a directory, or the other way round, with its hints lost or late): the
+    /// book listed `d` and `d/x` together, a manifest every reader refuses.
+    #[test]
+    fn a_file_and_entries_below_it_are_never_listed_together() {
+        let mut book = SyncBook::default();
+        book.record(up("artifacts/d", 1));
+        book.record(up("artifacts/d-1", 2));
+        book.record(up("artifacts/d/x", 3));
+        book.record(up("artifacts/d/y/z", 4));
+        let doc = c3_proto::Manifest::new("j", None, 1).to_json_with(book.listing());
+        assert!(c3_proto::Manifest::from_json(&doc).is_ok());
+        let paths: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
+        assert_eq!(paths, ["artifacts/d-1", "artifacts/d/x", "artifacts/d/y/z"]);
+        book.record(up("artifacts/d", 5));
+        let paths: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
+        assert_eq!(paths, ["artifacts/d", "artifacts/d-1"]);
+        assert_eq!(
+            book.path_bytes,
+            ("artifacts/d".len() + "artifacts/d-1".len()) as u64
+        );
     }
 
     /// A forgotten file's slot goes to the next new one; every path keeps its own version.
