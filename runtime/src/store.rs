@@ -227,16 +227,16 @@ impl StoreError {
 /// How the HTTP client of a remote store bounds its waits. object_store's default, 30 s for a
 /// whole request body included, fails any part or download slower than 30 s (a 500 MiB part
 /// under 17 MB/s, a 4 GiB pull at 100 MB/s) on a link that works. Instead: 5 s to connect
-/// (the default), 60 s without a byte read, and 5 min for one request, so a PUT the server
-/// stops reading is still given up. A download longer than that resumes where it broke off
-/// (pull). Set key by key over what `from_env` read (a proxy, `AWS_ALLOW_HTTP`), unless the
-/// environment sets that very key (`AWS_TIMEOUT`); store options (`timeout`, `read_timeout`,
-/// `connect_timeout`) override them all.
+/// (the default) and 5 min for one request, so a PUT the server stops reading is still given
+/// up. No read timeout: reqwest's (`read_timeout`) runs from the request's start to the
+/// reply's headers, a request body's upload included (it is not reset by bytes sent), so
+/// 60 s of it failed every part that took a minute to send (16 parts of 64 MiB sharing a
+/// 100 Mbit/s link) while bytes flowed. A download longer than 5 min resumes where it broke
+/// off (pull). Set key by key over what `from_env` read (a proxy, `AWS_ALLOW_HTTP`), unless
+/// the environment sets that very key (`AWS_TIMEOUT`); store options (`timeout`,
+/// `read_timeout`, `connect_timeout`) override them all.
 fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str) -> B) -> B {
-    for (key, value) in [
-        (ClientConfigKey::Timeout, "300s"),
-        (ClientConfigKey::ReadTimeout, "60s"),
-    ] {
+    for (key, value) in STORE_TIMEOUTS {
         let var = format!("{env_prefix}{}", key.as_ref().to_ascii_uppercase());
         if std::env::var_os(var).is_none() {
             b = set(b, key, value);
@@ -244,6 +244,9 @@ fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str)
     }
     b
 }
+
+/// The bounds [`bounded`] sets.
+const STORE_TIMEOUTS: [(ClientConfigKey, &str); 1] = [(ClientConfigKey::Timeout, "300s")];
 
 /// A store and the key layout of contract §6.
 #[derive(Clone)]
@@ -1451,6 +1454,18 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the whole request is bounded by default: reqwest's read timeout would also bound
+    /// a request body's upload to the reply's headers, and failed parts that took a minute
+    /// to send.
+    #[test]
+    fn a_store_request_has_no_default_read_timeout() {
+        let set = bounded(Vec::new(), "C3_TEST_NO_SUCH_", |mut v: Vec<String>, k, val| {
+            v.push(format!("{}={val}", k.as_ref()));
+            v
+        });
+        assert_eq!(set, ["timeout=300s"]);
+    }
 
     #[test]
     fn a_store_that_ignores_a_range_request_is_not_retried() {
