@@ -248,6 +248,18 @@ fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str)
 /// The bounds [`bounded`] sets.
 const STORE_TIMEOUTS: [(ClientConfigKey, &str); 1] = [(ClientConfigKey::Timeout, "300s")];
 
+/// The longest upload id a store's reply may give that the agent uses (S3's are about 100
+/// bytes, GCS's a few hundred, Azure's empty).
+pub const MAX_UPLOAD_ID: usize = 1024;
+
+/// Whether an upload id from the store (or from a journal) can go into the requests that
+/// name it: one of 64 KiB made every part's URI too long for the HTTP client, which panics
+/// on it (object_store's signing `expect`s a valid request), in the upload and again in every
+/// later look at its journal, the seal's included (no manifest was ever written).
+pub fn usable_upload_id(id: &str) -> bool {
+    id.len() <= MAX_UPLOAD_ID && !id.chars().any(char::is_control)
+}
+
 /// A store and the key layout of contract §6.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -1018,13 +1030,24 @@ impl BlobStore {
 
     async fn create_multipart_once(&self, sha256_hex: &str) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
-        mp.create_multipart(&path)
-            .await
-            .map_err(|source| StoreError::Op {
-                op: "create multipart upload",
-                key: blob_key(sha256_hex),
-                source,
-            })
+        let op_error = |source| StoreError::Op {
+            op: "create multipart upload",
+            key: blob_key(sha256_hex),
+            source,
+        };
+        let id = mp.create_multipart(&path).await.map_err(op_error)?;
+        if !usable_upload_id(&id) {
+            // Taken as a blip (a proxy that garbled one reply): a new upload is started.
+            return Err(op_error(object_store::Error::Generic {
+                store: "c3-agent",
+                source: format!(
+                    "the store named the upload with {} bytes (at most {MAX_UPLOAD_ID} are used)",
+                    id.len()
+                )
+                .into(),
+            }));
+        }
+        Ok(id)
     }
 
     /// Uploads part `idx` (0-based); returns the store's opaque id for it. Each part is
@@ -1460,10 +1483,14 @@ mod tests {
     /// to send.
     #[test]
     fn a_store_request_has_no_default_read_timeout() {
-        let set = bounded(Vec::new(), "C3_TEST_NO_SUCH_", |mut v: Vec<String>, k, val| {
-            v.push(format!("{}={val}", k.as_ref()));
-            v
-        });
+        let set = bounded(
+            Vec::new(),
+            "C3_TEST_NO_SUCH_",
+            |mut v: Vec<String>, k, val| {
+                v.push(format!("{}={val}", k.as_ref()));
+                v
+            },
+        );
         assert_eq!(set, ["timeout=300s"]);
     }
 

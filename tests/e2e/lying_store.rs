@@ -42,6 +42,9 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// The first multipart start: an upload id of 70,000 bytes (an HTTP request naming it
+    /// is too long to build).
+    HugeUploadIdOnce,
     /// Every blob GET: a byte every 100 ms (never slow enough to time a request out).
     Trickle,
     /// Every request: 503 SlowDown (PUTs still counted), nothing stored.
@@ -183,7 +186,11 @@ async fn handle(
         return endless(StatusCode::OK, st.endless_sent.clone());
     }
     if method == Method::POST && query("uploads").is_some() {
-        let id = format!("upload-{}", st.uploads.len() + st.completes + 1);
+        let mut id = format!("upload-{}", st.uploads.len() + st.completes + 1);
+        if fault == Fault::HugeUploadIdOnce {
+            st.fault = Some(Fault::None);
+            id = "U".repeat(70_000);
+        }
         st.uploads
             .insert(id.clone(), (key.clone(), Default::default()));
         return xml(format!("<InitiateMultipartUploadResult><Bucket>bucket</Bucket><Key>{key}</Key><UploadId>{id}</UploadId></InitiateMultipartUploadResult>"));
@@ -696,6 +703,32 @@ fn an_endless_xml_reply_fails_the_upload_without_holding_it() {
         sent < 64 << 20,
         "the agent read {sent} bytes of one XML reply"
     );
+}
+
+/// A multipart upload id too long for any request that names it: the HTTP client panicked
+/// on each part, on the abort, and then on every look at its journal, the seal's included,
+/// so no manifest was ever written. It is a blip now: a new upload is started.
+#[test]
+fn an_upload_id_no_request_can_carry_is_not_used() {
+    let s3 = FakeS3::start(Fault::HugeUploadIdOnce);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+    let data = pattern(3 << 20);
+    let run = h.run_job(job_writing(&h, "hugeid", &data));
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    run.assert_code(0);
+    assert!(s3.blob(&data).as_deref() == Some(&data[..]));
+    let manifest = s3
+        .state
+        .lock()
+        .unwrap()
+        .objects
+        .get("pre/jobs/hugeid/manifest.json")
+        .cloned();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest.expect("a manifest")).unwrap();
+    assert_eq!(manifest["complete"], true);
 }
 
 /// A store that sends a byte now and then fails no request: `job.dataset_timeout_secs` bounds

@@ -36,10 +36,13 @@ pub(super) struct MultipartJournal {
 
 impl MultipartJournal {
     /// The journaled upload at `path`, if there is a readable one.
+    /// One whose upload id no request could carry (see [`crate::store::usable_upload_id`])
+    /// is not read: it is of no use, and naming it would fail every look at it.
     fn load(path: &Path) -> Option<MultipartRecord> {
         std::fs::read(path)
             .ok()
             .and_then(|b| MultipartRecord::from_json(&b).ok())
+            .filter(|r| crate::store::usable_upload_id(&r.upload_id))
     }
 
     /// Writes the journal, off the reactor. Not fsync'd: an agent that is killed leaves it in
