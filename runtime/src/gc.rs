@@ -406,7 +406,11 @@ impl Scan {
     /// Reads every manifest not read before in the same version; fails, having deleted
     /// nothing, if any cannot be read.
     async fn run(&mut self, store: &BlobStore, root: &Path, max: u64) -> Result<(), GcError> {
-        let keys = store.list("jobs").await.map_err(GcError::List)?;
+        // The file store (gc runs on it only): a directory walk, never endless.
+        let keys = store
+            .list("jobs", usize::MAX)
+            .await
+            .map_err(GcError::List)?;
         let mut failures = Vec::new();
         let mut read = 0;
         for key in keys.into_iter().filter(|k| is_manifest_key(k)) {

@@ -248,6 +248,10 @@ fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str)
 /// The bounds [`bounded`] sets.
 const STORE_TIMEOUTS: [(ClientConfigKey, &str); 1] = [(ClientConfigKey::Timeout, "300s")];
 
+/// The most keys a job's attempts listing may hold (one manifest per attempt; attempts are
+/// numbered by the scheduler, thousands at most).
+const MAX_ATTEMPT_KEYS: usize = 100_000;
+
 /// The longest upload id a store's reply may give that the agent uses (S3's are about 100
 /// bytes, GCS's a few hundred, Azure's empty).
 pub const MAX_UPLOAD_ID: usize = 1024;
@@ -1206,18 +1210,28 @@ impl BlobStore {
     }
 
     /// Keys under `prefix` (staging leftovers).
-    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        use futures::TryStreamExt;
-        self.store()?
-            .list(Some(&StorePath::from(prefix)))
-            .map_ok(|meta| meta.location.to_string())
-            .try_collect()
-            .await
-            .map_err(|source| StoreError::Op {
-                op: "list",
-                key: prefix.to_string(),
-                source,
-            })
+    /// The keys below `prefix`, at most `max` of them: a listing past that is a permanent
+    /// error. A store or gateway that hands back its continuation token unchanged (or drops
+    /// the one it was sent) pages for ever, and the keys were gathered without end.
+    pub async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, StoreError> {
+        use futures::StreamExt;
+        let op_error = |source| StoreError::Op {
+            op: "list",
+            key: prefix.to_string(),
+            source,
+        };
+        let mut keys = Vec::new();
+        let mut listing = self.store()?.list(Some(&StorePath::from(prefix)));
+        while let Some(meta) = listing.next().await {
+            if keys.len() == max {
+                // Not a blip to list again: what asked for the listing decides without it.
+                return Err(op_error(object_store::Error::NotSupported {
+                    source: format!("the listing went past {max} keys").into(),
+                }));
+            }
+            keys.push(meta.map_err(op_error)?.location.to_string());
+        }
+        Ok(keys)
     }
 
     pub async fn get_blob(&self, sha256_hex: &str) -> Result<GetResult, StoreError> {
@@ -1463,7 +1477,9 @@ impl BlobStore {
     /// attempt writes that key before the job's.
     pub async fn newest_attempt(&self, job_id: &str) -> Result<Option<u32>, StoreError> {
         let prefix = format!("jobs/{job_id}/attempts/");
-        let keys = self.retrying(|| self.list(&prefix)).await?;
+        let keys = self
+            .retrying(|| self.list(&prefix, MAX_ATTEMPT_KEYS))
+            .await?;
         Ok(keys
             .iter()
             .filter_map(|k| {

@@ -42,6 +42,9 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// Every listing: a page of keys that says more follow, for ever (a gateway that drops
+    /// the continuation token).
+    EndlessListing,
     /// The first multipart start: an upload id of 70,000 bytes (an HTTP request naming it
     /// is too long to build).
     HugeUploadIdOnce,
@@ -281,6 +284,19 @@ async fn handle(
                 }
                 None => reply(StatusCode::NOT_FOUND, &[], Body::empty()),
             }
+        }
+        Method::GET
+            if fault == Fault::EndlessListing
+                && uri.query().is_some_and(|q| q.contains("list-type")) =>
+        {
+            let contents: String = (0..1000)
+                .map(|i| format!("<Contents><Key>pre/jobs/x/attempts/{i}/other</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>e</ETag><Size>1</Size></Contents>"))
+                .collect();
+            reply(
+                StatusCode::OK,
+                &[("content-type", "application/xml".into())],
+                Body::from(format!("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken><KeyCount>1000</KeyCount>{contents}</ListBucketResult>")),
+            )
         }
         Method::GET if uri.query().is_some_and(|q| q.contains("list-type")) => reply(
             StatusCode::OK,
@@ -729,6 +745,35 @@ fn an_upload_id_no_request_can_carry_is_not_used() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&manifest.expect("a manifest")).unwrap();
     assert_eq!(manifest["complete"], true);
+}
+
+/// A listing that never ends (every page says more follow): a later attempt's manifest
+/// write looks for a newer attempt through a listing, which gathered keys for ever while
+/// the agent never finished. The listing stops at a bound and the write goes on as when the
+/// store refuses to list.
+#[test]
+fn an_endless_listing_does_not_hold_the_manifest_write() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(4096);
+    h.run_job(job_writing(&h, "pages", &data)).assert_code(0);
+    s3.set_fault(Fault::EndlessListing);
+    let mut spec = job_writing(&h, "pages", &data);
+    spec["attempt"] = serde_json::json!(2);
+    let path = h.spec(spec);
+    let mut agent = h.spawn(&["run", "--job", path.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while agent.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let finished = agent.try_wait().unwrap();
+    if finished.is_none() {
+        let _ = agent.kill();
+    }
+    assert!(finished.is_some(), "attempt 2 did not finish in 90 s");
+    let run = h.wait("attempt 2".into(), agent);
+    run.assert_code(0);
+    assert!(run.stderr.contains("went past"), "{}", run.stderr);
 }
 
 /// A store that sends a byte now and then fails no request: `job.dataset_timeout_secs` bounds

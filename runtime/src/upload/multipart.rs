@@ -558,7 +558,13 @@ impl Uploader {
     /// staging objects a crash left. Returns how many uploads were aborted.
     pub async fn abort_orphans(&self) -> usize {
         if self.store.is_local() {
-            for key in self.store.list(&self.staging).await.unwrap_or_default() {
+            // The file store's own directory: only this job's staging objects, never endless.
+            for key in self
+                .store
+                .list(&self.staging, usize::MAX)
+                .await
+                .unwrap_or_default()
+            {
                 let _ = self.store.delete(&key).await;
             }
         }
