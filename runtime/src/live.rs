@@ -624,8 +624,14 @@ impl Syncer {
         // One trip off the reactor: who writes what, and how each due file looks now.
         let procs = self.procs.clone();
         let (workdir, paths) = (self.workdir.clone(), due.clone());
+        // Mappings read after the last change of every due file (see `written_by_lately`).
+        let changed = due
+            .iter()
+            .filter_map(|rel| self.candidates.get(rel).map(|c| c.since))
+            .max()
+            .unwrap_or(now);
         let looked = crate::pace::spawn_gently(move || {
-            let open = crate::procfs::written_by_lately(&procs.members());
+            let open = crate::procfs::written_by_lately(&procs.members(), changed.into_std());
             let root = DirFd::open_root(&workdir).ok();
             let stamps: Vec<Option<FileStamp>> = paths
                 .iter()

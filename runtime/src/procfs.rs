@@ -155,12 +155,15 @@ pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
 }
 
 /// [`written_by`] for live sync's look every second: each process's mappings as read within
-/// the last [`MAPS_TTL`]. A PyTorch process has thousands of them (megabytes of text with its
-/// DataLoader workers, each read under the process's mmap lock), and they change far less
-/// often than files are opened. A mapping younger than that may be missed by one look; its
-/// first store to each clean page still moves the file's mtime, which the settle sees.
-pub fn written_by_lately(pids: &[i32]) -> HashSet<(u64, u64)> {
-    written(pids, Some(MAPS_TTL))
+/// the last [`MAPS_TTL`] and not before `not_before`. A PyTorch process has thousands of them
+/// (megabytes of text with its DataLoader workers, each read under the process's mmap lock),
+/// and they change far less often than files are opened. `not_before` is when the files in
+/// question last changed: a mapping made since an older read (`mmap`, `close`, stores) moved
+/// the file's mtime at its first store, and only a read after that surely shows it; a read
+/// from before was trusted for 3 s, longer than the settle, and a file still being stored to
+/// through the mapping was listed.
+pub fn written_by_lately(pids: &[i32], not_before: std::time::Instant) -> HashSet<(u64, u64)> {
+    written(pids, Some((MAPS_TTL, not_before)))
 }
 
 const MAPS_TTL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -168,20 +171,28 @@ const MAPS_TTL: std::time::Duration = std::time::Duration::from_secs(3);
 type MapsCache = std::collections::HashMap<(i32, u64), (std::time::Instant, Vec<(u64, u64)>)>;
 static MAPS: std::sync::Mutex<Option<MapsCache>> = std::sync::Mutex::new(None);
 
-fn written(pids: &[i32], maps_ttl: Option<std::time::Duration>) -> HashSet<(u64, u64)> {
+fn written(
+    pids: &[i32],
+    cached: Option<(std::time::Duration, std::time::Instant)>,
+) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
     for pid in pids {
         open.extend(write_fds(*pid).into_iter().map(|(_, id)| id));
-        match maps_ttl {
+        match cached {
             None => shared_writable_maps(*pid, &mut open),
-            Some(ttl) => open.extend(lately_mapped(*pid, ttl)),
+            Some((ttl, not_before)) => open.extend(lately_mapped(*pid, ttl, not_before)),
         }
     }
     open
 }
 
-/// A process's shared writable mappings, from the cache while younger than `ttl`.
-fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
+/// A process's shared writable mappings, from the cache while younger than `ttl` and read
+/// at `not_before` or later.
+fn lately_mapped(
+    pid: i32,
+    ttl: std::time::Duration,
+    not_before: std::time::Instant,
+) -> Vec<(u64, u64)> {
     let Some(start) = stat(pid).map(|s| s.start_ticks) else {
         return Vec::new();
     };
@@ -189,7 +200,7 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
     {
         let cache = MAPS.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, found)) = cache.as_ref().and_then(|c| c.get(&(pid, start))) {
-            if now.duration_since(*at) < ttl {
+            if now.duration_since(*at) < ttl && *at >= not_before {
                 return found.clone();
             }
         }
@@ -211,16 +222,23 @@ fn lately_mapped(pid: i32, ttl: std::time::Duration) -> Vec<(u64, u64)> {
     found
 }
 
-/// The paths of the regular files `pids` hold open for write (as the kernel names them now;
-/// ` (deleted)` for one removed), sorted, each once.
-pub fn written_paths(pids: &[i32]) -> Vec<std::path::PathBuf> {
+/// How many regular files `pids` hold open for write, and the paths (as the kernel names
+/// them now; ` (deleted)` for one removed) of the first `named` of them, sorted. Counted by
+/// file, named in bounded memory: the job's processes may hold a million files open below
+/// 4 KB paths, and every path was gathered only to show five (gigabytes in the root agent,
+/// growing on after the look was given up).
+pub fn written_paths(pids: &[i32], named: usize) -> (usize, Vec<std::path::PathBuf>) {
     crate::fault::blocking_pause("written-paths", std::time::Duration::from_secs(3600));
-    let paths: std::collections::BTreeSet<_> = pids
-        .iter()
-        .flat_map(|pid| write_fds(*pid))
-        .filter_map(|(fd, _)| std::fs::read_link(fd).ok())
-        .collect();
-    paths.into_iter().collect()
+    let mut files = HashSet::new();
+    let mut paths = std::collections::BTreeSet::new();
+    for (fd, id) in pids.iter().flat_map(|pid| write_fds(*pid)) {
+        if files.insert(id) && paths.len() < named {
+            if let Ok(path) = std::fs::read_link(fd) {
+                paths.insert(path);
+            }
+        }
+    }
+    (files.len(), paths.into_iter().collect())
 }
 
 /// The `/proc/<pid>/fd/N` links of the regular files `pid` holds open with O_WRONLY or
@@ -349,6 +367,58 @@ fn unescape_mount_path(s: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files held open for write are all counted and only the first few named.
+    #[test]
+    fn written_paths_counts_every_file_and_names_a_few() {
+        let dir = tempfile::tempdir().unwrap();
+        let open: Vec<std::fs::File> = (0..20)
+            .map(|i| std::fs::File::create(dir.path().join(format!("f{i:02}"))).unwrap())
+            .collect();
+        let (count, named) = written_paths(&[std::process::id() as i32], 5);
+        assert!(count >= 20, "{count}");
+        assert_eq!(named.len(), 5);
+        drop(open);
+    }
+
+    /// A shared writable mapping made after the cache's last read of this process, its fd
+    /// closed: a look asked for mappings read after the file's change sees it (the cached
+    /// read, 3 s fresh, did not).
+    #[test]
+    fn a_mapping_made_after_the_cached_read_is_seen() {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::process::id() as i32;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mapped");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let md = std::fs::metadata(&path).unwrap();
+        let id = (md.dev(), md.ino());
+        let primed = written_by_lately(&[me], std::time::Instant::now());
+        assert!(!primed.contains(&id));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a fresh shared mapping of a 4096-byte file we own, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        drop(file);
+        let changed = std::time::Instant::now();
+        let seen = written_by_lately(&[me], changed);
+        // SAFETY: the mapping made above, of that length.
+        unsafe { libc::munmap(addr, 4096) };
+        assert!(seen.contains(&id), "the mapping was missed");
+    }
 
     /// A tag names this process in this boot only: the same pid and start under another
     /// boot id are another process (the gc's set-aside blobs were kept for it for good).

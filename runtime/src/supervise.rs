@@ -351,34 +351,33 @@ impl Supervisor {
             // a hung network mount may never answer; the job is stopped either way.
             let writing = {
                 let left = left.clone();
-                let look = tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left));
+                let look =
+                    tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left, 5));
                 tokio::time::timeout(LEFT_LOOK, look).await
             };
             let mut warning = format!(
                 "the job's script ended but left {} processes running; terminating them",
                 left.len()
             );
-            let writing = match writing {
+            let (count, named) = match writing {
                 Ok(found) => found.unwrap_or_default(),
                 Err(_) => {
                     warning.push_str(&format!(
                         " (which files they still wrote is unknown: /proc did not answer within {} s)",
                         LEFT_LOOK.as_secs()
                     ));
-                    Vec::new()
+                    (0, Vec::new())
                 }
             };
-            if !writing.is_empty() {
-                let shown: Vec<String> = writing
+            if count > 0 {
+                let shown: Vec<String> = named
                     .iter()
-                    .take(5)
                     .map(|p| crate::display::clip_text(p.display().to_string(), 256))
                     .collect();
                 warning.push_str(&format!(
-                    " (they still wrote {} file(s); any in the output dirs is stored as it stands, perhaps incomplete: {}{})",
-                    writing.len(),
+                    " (they still wrote {count} file(s); any in the output dirs is stored as it stands, perhaps incomplete: {}{})",
                     shown.join(", "),
-                    if writing.len() > 5 { ", ..." } else { "" }
+                    if count > shown.len() { ", ..." } else { "" }
                 ));
             }
             warnings.push(warning);
