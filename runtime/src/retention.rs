@@ -148,7 +148,10 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
         }
         match remove_job(state, policy, now, job, &trash, &mut report) {
             Ok(()) => {}
-            Err(why) => report.kept.push((job.id.clone(), why)),
+            Err(Left::Kept(why)) => report.kept.push((job.id.clone(), why)),
+            Err(Left::Gone) => {
+                tracing::debug!(job_id = %job.id, "removed meanwhile (by another sweep)");
+            }
         }
     }
     let _ = std::fs::remove_dir(&trash);
@@ -266,6 +269,26 @@ fn has_entries(dir: &Path, counts: impl Fn(&str) -> bool) -> Result<bool, String
     }
 }
 
+/// Why [`remove_job`] did not remove a job.
+enum Left {
+    /// It stays, for this reason.
+    Kept(String),
+    /// Its dir went meanwhile: an overlapping sweep removed it.
+    Gone,
+}
+
+impl From<String> for Left {
+    fn from(why: String) -> Left {
+        Left::Kept(why)
+    }
+}
+
+impl From<&str> for Left {
+    fn from(why: &str) -> Left {
+        Left::Kept(why.into())
+    }
+}
+
 /// Takes the job's locks, checks it again under them, moves its dir to the trash and
 /// removes it there.
 fn remove_job(
@@ -275,27 +298,33 @@ fn remove_job(
     job: &Job,
     trash: &Path,
     report: &mut RetentionReport,
-) -> Result<(), String> {
+) -> Result<(), Left> {
     let mut locks = Vec::new();
     for (n, _) in &job.attempts {
-        let lock = AttemptLock::acquire(state, &job.id, *n).map_err(|e| e.to_string())?;
-        locks.push(lock);
+        // Never creating the attempt's dir: an overlapping sweep may have removed the job
+        // since it was read, and taking a lock must not bring back an empty one.
+        match AttemptLock::acquire_existing(state, &job.id, *n) {
+            Ok(Some(lock)) => locks.push(lock),
+            Ok(None) => return Err(Left::Gone),
+            Err(e) => return Err(e.to_string().into()),
+        }
     }
     // Under the locks: what an agent did meanwhile (a resync, a new attempt) is seen now.
-    let again = read_job(state, &job.id)?.ok_or("its dir is gone")?;
+    let again = read_job(state, &job.id)?.ok_or(Left::Gone)?;
     if numbers(&again) != numbers(job) {
         return Err("a new attempt started meanwhile".into());
     }
     due(state, policy, now, &again)?;
     if let Some(mount) = mount_inside(&job.dir) {
-        return Err(format!("a file system is mounted at {}", mount.display()));
+        return Err(format!("a file system is mounted at {}", mount.display()).into());
     }
     let (bytes, foreign) = tree_bytes(&job.dir);
     if let Some(path) = foreign {
         return Err(format!(
             "{} is on another file system (a mount point?)",
             path.display()
-        ));
+        )
+        .into());
     }
 
     // Decided while the dir is in place (resolving it needs it).
@@ -959,6 +988,28 @@ mod tests {
             "{report:?}"
         );
         assert!(point.join("dataset").is_file());
+    }
+
+    /// Overlapping sweeps: the one that comes second to a job finds its dir gone and makes
+    /// none again (taking the attempt's lock created the job's directories).
+    #[test]
+    fn a_job_removed_meanwhile_is_not_made_again() {
+        let f = Fixture::new();
+        f.job("gone", 1, JobState::Succeeded, 10 * DAY, None);
+        let job = read_job(&f.state, "gone").unwrap().unwrap();
+        assert_eq!(f.sweep().removed_jobs, ["gone"]);
+        let mut report = RetentionReport::default();
+        let trash = f.state.jobs_dir().join(TRASH);
+        let left = remove_job(
+            &f.state,
+            &Retention::default(),
+            SystemTime::now(),
+            &job,
+            &trash,
+            &mut report,
+        );
+        assert!(matches!(left, Err(Left::Gone)), "{report:?}");
+        assert!(!f.state.job_dir("gone").exists());
     }
 
     #[test]

@@ -270,23 +270,50 @@ pub enum LockError {
 }
 
 impl AttemptLock {
+    /// Takes the attempt's lock, creating the attempt's dir (and the job's) if missing.
     pub fn acquire(state: &StateDir, job_id: &str, attempt: u32) -> Result<Self, LockError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = state.ensure_attempt_dir(job_id, attempt)?;
+        Self::lock_in(&dir, job_id, attempt)?.ok_or_else(|| {
+            LockError::State(StateError::Write {
+                path: dir.join("lock"),
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+        })
+    }
+
+    /// Takes the lock of an attempt whose dir exists; `Ok(None)`: the attempt's dir is gone
+    /// (removed meanwhile, by another retention sweep say), and nothing was created. For
+    /// whoever only acts on what is there: [`AttemptLock::acquire`] would make the job's
+    /// directories again, an empty job for every sweep that came second.
+    pub fn acquire_existing(
+        state: &StateDir,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Option<Self>, LockError> {
+        Self::lock_in(&state.attempt_dir(job_id, attempt), job_id, attempt)
+    }
+
+    fn lock_in(dir: &Path, job_id: &str, attempt: u32) -> Result<Option<Self>, LockError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join("lock");
         let err = |source| StateError::Write {
             path: path.clone(),
             source,
         };
         // Never through a symlink: a lock planted as one would have root truncate its target.
-        let mut file = std::fs::OpenOptions::new()
+        // The file alone is created: a missing dir is ENOENT.
+        let opened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(err)?;
+            .open(&path);
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err(e).into()),
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -306,7 +333,7 @@ impl AttemptLock {
         file.set_len(0).map_err(err)?;
         file.write_all(format!("{}\n", std::process::id()).as_bytes())
             .map_err(err)?;
-        Ok(AttemptLock { _file: file })
+        Ok(Some(AttemptLock { _file: file }))
     }
 }
 
