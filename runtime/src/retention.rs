@@ -238,7 +238,10 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
             ));
         }
     }
-    if has_entries(&state.outbox_dir(&job.id), |name| !name.ends_with(".bad"))? {
+    // What the flush delivers (`*.json`): a report it set aside (`*.bad`) or a temp file a
+    // killed keep left (`.c3-*.tmp`, which the flush removes once stale) waits for nothing.
+    let report = |name: &str| Path::new(name).extension().is_some_and(|x| x == "json");
+    if has_entries(&state.outbox_dir(&job.id), report)? {
         return Err("reports wait in the outbox".into());
     }
     if has_entries(&job.dir.join("uploads"), |_| true)? {
@@ -772,6 +775,10 @@ mod tests {
         f.job("badonly", 1, JobState::Succeeded, 100 * DAY, None);
         std::fs::create_dir_all(f.state.outbox_dir("badonly")).unwrap();
         std::fs::write(f.state.outbox_dir("badonly").join("x.bad"), "?").unwrap();
+        // A keep a kill interrupted: no report the flush would ever send.
+        f.job("tmponly", 1, JobState::Succeeded, 100 * DAY, None);
+        std::fs::create_dir_all(f.state.outbox_dir("tmponly")).unwrap();
+        std::fs::write(f.state.outbox_dir("tmponly").join(".c3-x.tmp"), "{").unwrap();
         let mut running = f.job("running", 2, JobState::Succeeded, 100 * DAY, None);
         f.job("running", 1, JobState::Failed, 100 * DAY, None);
         running.phase = Phase::Finishing;
@@ -783,7 +790,7 @@ mod tests {
         std::fs::create_dir_all(f.state.job_dir("fresh").join("attempts/1")).unwrap();
 
         let report = f.sweep();
-        assert_eq!(report.removed_jobs, ["badonly"], "{report:?}");
+        assert_eq!(report.removed_jobs, ["badonly", "tmponly"], "{report:?}");
         assert!(reason(&report, "unstored").contains("1 item(s) unstored"));
         assert!(reason(&report, "outbox").contains("outbox"));
         assert!(reason(&report, "running").contains("attempt 2 is not done (phase finishing)"));
