@@ -91,6 +91,8 @@ struct Job {
     attempts: Vec<(u32, RunRecord)>,
     /// The newest run record's mtime: when the job last changed.
     finished: SystemTime,
+    /// The mtime of the scheduler's `job.json`, if there is one.
+    job_json: Option<SystemTime>,
 }
 
 /// Removes the local data of every finished job past its retention period.
@@ -212,11 +214,15 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
         finished = finished.max(modified);
         attempts.push((n, record));
     }
+    let job_json = std::fs::symlink_metadata(dir.join("job.json"))
+        .and_then(|md| md.modified())
+        .ok();
     Ok(Some(Job {
         id: id.to_string(),
         dir,
         attempts,
         finished,
+        job_json,
     }))
 }
 
@@ -249,6 +255,20 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
     }
     let latest = job.attempts.last().map(|(_, r)| r.state).unwrap_or(None);
     let period = policy.period_for(latest);
+    // A `job.json` written after the newest record: the scheduler is starting another
+    // attempt of the job (a retry of an old one), whose agent has not taken its lock yet.
+    // Removing the dir now would take the spec from under it; the job stays a period from
+    // then, as if that attempt had ended.
+    if let Some(written) = job.job_json.filter(|t| *t > job.finished) {
+        let age = now.duration_since(written).unwrap_or_default();
+        if age < period {
+            return Err(format!(
+                "job.json written {} ago, after its last attempt (a new attempt?); kept for {}",
+                days(age),
+                days(period)
+            ));
+        }
+    }
     let age = now.duration_since(job.finished).unwrap_or_default();
     if age < period {
         return Err(format!(
@@ -995,6 +1015,38 @@ mod tests {
             "{report:?}"
         );
         assert!(point.join("dataset").is_file());
+    }
+
+    /// A scheduler that writes `job.json` for another attempt of an old job just before a
+    /// sweep keeps the job: its agent would find no spec. An older `job.json` (the first
+    /// attempt's) keeps nothing.
+    #[test]
+    fn a_job_json_written_after_the_last_attempt_keeps_the_job() {
+        let f = Fixture::new();
+        f.job("retried", 1, JobState::Failed, 40 * DAY, None);
+        std::fs::write(f.state.job_dir("retried").join("job.json"), "{}").unwrap();
+        f.job("plain", 1, JobState::Failed, 40 * DAY, None);
+        let spec = f.state.job_dir("plain").join("job.json");
+        std::fs::write(&spec, "{}").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&spec)
+            .unwrap()
+            .set_modified(SystemTime::now() - 41 * DAY)
+            .unwrap();
+        let report = f.sweep();
+        assert_eq!(report.removed_jobs, ["plain"], "{report:?}");
+        assert!(
+            reason(&report, "retried").contains("job.json written"),
+            "{report:?}"
+        );
+        assert!(f.state.job_dir("retried").join("job.json").is_file());
+        let later = sweep(
+            &f.state,
+            &Retention::default(),
+            SystemTime::now() + 31 * DAY,
+        );
+        assert_eq!(later.removed_jobs, ["retried"], "{later:?}");
     }
 
     /// Overlapping sweeps: the one that comes second to a job finds its dir gone and makes
