@@ -388,10 +388,23 @@ fn random_hex() -> String {
 pub struct CachedStat {
     pub mode: u32,
     pub uid: u32,
+    pub gid: u32,
     pub dev: u64,
     pub ino: u64,
+    /// Apparent size in bytes.
+    pub size: u64,
     /// The root of a mount (a file system mounted there, a job's FUSE one say).
     pub mount_root: bool,
+}
+
+impl CachedStat {
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    pub fn is_regular(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
 }
 
 /// A stat from the attributes the kernel holds (`statx` with `AT_STATX_DONT_SYNC`): no round
@@ -399,31 +412,56 @@ pub struct CachedStat {
 /// (Reaching the file through a `/proc` magic link may still revalidate it on NFS: callers
 /// that must not wait bound the look.) `follow`: through a last-component symlink.
 pub fn cached_stat(path: &Path, follow: bool) -> Option<CachedStat> {
-    use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let flags = libc::AT_STATX_DONT_SYNC | if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    statx_cached(libc::AT_FDCWD, &c, flags).ok()
+}
+
+/// [`cached_stat`] of the entry `name` of the open directory `dir`, never through a symlink
+/// and never triggering an automount: what a walk of a hostile tree may look at an entry
+/// with before deciding whether to open it (an entry that is a mount point shows the mounted
+/// root, `mount_root` set, without a word to its file system).
+pub fn cached_stat_at(dir: &impl AsFd, name: &OsStr) -> io::Result<CachedStat> {
+    let c = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    use std::os::fd::AsRawFd;
+    statx_cached(
+        dir.as_fd().as_raw_fd(),
+        &c,
+        libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+    )
+}
+
+fn statx_cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Result<CachedStat> {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and outlives the call; `stx` is a writable statx the
-    // kernel fills.
+    // SAFETY: `path` is NUL-terminated and outlives the call; `dirfd` is AT_FDCWD or an open
+    // fd the caller borrows for the call; `stx` is a writable statx the kernel fills.
     let rc = unsafe {
         libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            flags,
-            libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_INO,
+            dirfd,
+            path.as_ptr(),
+            flags | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE
+                | libc::STATX_MODE
+                | libc::STATX_UID
+                | libc::STATX_GID
+                | libc::STATX_INO
+                | libc::STATX_SIZE,
             &mut stx,
         )
     };
     if rc != 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
     let mount_attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    Some(CachedStat {
+    Ok(CachedStat {
         mode: u32::from(stx.stx_mode),
         uid: stx.stx_uid,
+        gid: stx.stx_gid,
         dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
         ino: stx.stx_ino,
+        size: stx.stx_size,
         mount_root: stx.stx_attributes_mask & mount_attr != 0
             && stx.stx_attributes & mount_attr != 0,
     })
@@ -481,6 +519,13 @@ impl JobReader {
     /// [`JobReader::may_read`] for listing and entering the open directory `dir`.
     pub fn may_enter(&self, dir: &impl AsFd, st: &FileStat) -> io::Result<bool> {
         self.may(crate::acl::of(dir), st, 0o5)
+    }
+
+    /// Whether this user may remove what the open directory `dir` holds: it owns it (it may
+    /// give itself any mode), or the mode bits or the ACL let it list, enter and write it.
+    /// An ACL that cannot be read or understood is a no.
+    pub fn may_empty(&self, dir: &impl AsFd, st: &FileStat) -> bool {
+        st.st_uid == self.uid || self.may(crate::acl::of(dir), st, 0o7).unwrap_or(false)
     }
 
     /// For a scan, which opens no file: whether the entry `name` of `dir` may be the job's

@@ -45,6 +45,7 @@ pub mod recover;
 pub mod report;
 pub mod result;
 pub mod retention;
+pub mod rmtree;
 pub mod sdnotify;
 pub mod sidecar;
 pub mod slurm;

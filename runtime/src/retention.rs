@@ -6,25 +6,32 @@
 //! What is never removed: a workdir outside the job's state dir (a spec's workdir elsewhere
 //! under the jobs root, or anywhere else, belongs to the operator: it is reported in
 //! [`RetentionReport::left_workdirs`]), a job another job's workdir lies in, a job with a file
-//! system mounted inside it, and anything reached through a symlink.
+//! system mounted inside it, anything reached through a symlink, and anything the job's
+//! users could not have removed themselves (root stands in for them: another user's
+//! directory one of them moved into its workdir stays, and the job with it).
 //!
 //! How a job goes: its attempt locks are taken (a held lock means an agent is at work on it:
 //! the job is left alone), its records read again under the locks, then its dir is renamed
 //! into `<state_dir>/jobs/.trash/` (one atomic step: `recover`, `resync` and a new attempt see
-//! the whole job or none of it, and the job's user can no longer reach anything in it: the
-//! trash is the agent's, 0700) and the trash entry removed. A sweep cut short leaves a trash
-//! entry that the next sweep removes first.
+//! the whole job or none of it, and the job's user can no longer reach anything in it by
+//! path: the trash is the agent's, 0700), the mount table read again (a mount made since
+//! the first look keeps the job), and the trash entry removed by [`crate::rmtree`], which
+//! enters no mount it meets, its records last.
+//! What stays puts the job back in place, kept. A sweep cut short leaves a trash entry that
+//! the next sweep removes first.
 //!
 //! Blocking: call it with `spawn_blocking`.
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use c3_proto::{JobState, Phase, RunRecord};
 
+use crate::confine::JobReader;
+use crate::rmtree;
 use crate::statedir::{AttemptLock, StateDir};
 
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -100,7 +107,7 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
     let mut report = RetentionReport::default();
     let jobs_dir = state.jobs_dir();
     let trash = jobs_dir.join(TRASH);
-    empty_trash(&trash, &mut report);
+    empty_trash(state, &trash, &mut report);
 
     let Ok(entries) = std::fs::read_dir(&jobs_dir) else {
         return report;
@@ -339,15 +346,8 @@ fn remove_job(
     }
     due(state, policy, now, &again)?;
     if let Some(mount) = mount_inside(&job.dir) {
-        return Err(format!("a file system is mounted at {}", mount.display()).into());
-    }
-    let (bytes, foreign) = tree_bytes(&job.dir);
-    if let Some(path) = foreign {
-        return Err(format!(
-            "{} is on another file system (a mount point?)",
-            path.display()
-        )
-        .into());
+        let at = job.dir.join(mount);
+        return Err(format!("a file system is mounted at {}", at.display()).into());
     }
 
     // Decided while the dir is in place (resolving it needs it).
@@ -367,6 +367,10 @@ fn remove_job(
     let doomed = trash.join(format!("{}.{}.{nanos}", job.id, std::process::id()));
     std::fs::rename(&job.dir, &doomed)
         .map_err(|e| format!("cannot move {} aside: {e}", job.dir.display()))?;
+    let put_back = |report: &mut RetentionReport, why: String| {
+        put_back(&doomed, &job.id, &job.dir, trash, nanos, report);
+        Left::Kept(why)
+    };
     // A new attempt whose lock was taken between the check above and the rename moved with
     // the dir: put it back (its agent recreated nothing yet, or we would not be here).
     let moved: BTreeSet<u32> = std::fs::read_dir(doomed.join("attempts"))
@@ -377,42 +381,165 @@ fn remove_job(
         })
         .unwrap_or_default();
     if moved != numbers(job) {
-        if std::fs::rename(&doomed, &job.dir).is_err() {
-            // Its agent made a new dir meanwhile: out of the trash (no sweep removes it: not a
-            // job id), for the operator to merge.
-            let aside = trash.with_file_name(format!("{}.moved-aside.{nanos}", job.id));
-            let at = match std::fs::rename(&doomed, &aside) {
-                Ok(()) => aside,
-                Err(_) => doomed,
-            };
-            let why = format!(
-                "job {}: a new attempt started while its dir was being moved; the old dir is at {}",
-                job.id,
-                at.display()
-            );
-            tracing::error!("{why}");
-            report.errors.push(why);
-        }
-        return Err("a new attempt started meanwhile".into());
+        return Err(put_back(report, "a new attempt started meanwhile".into()));
+    }
+    // The scheduler wrote job.json between the look under the locks and the move.
+    let job_json = std::fs::symlink_metadata(doomed.join("job.json"))
+        .and_then(|md| md.modified())
+        .ok();
+    if job_json != again.job_json {
+        return Err(put_back(
+            report,
+            "job.json was written while the job was being removed (a new attempt?)".into(),
+        ));
+    }
+    // In the trash (root's, 0700) no other user reaches the tree by path any more: what was
+    // mounted inside since the look above is seen here, and the tree goes back as it is.
+    // (The walk below enters no mount it meets either.)
+    if let Some(mount) = mount_inside(&doomed) {
+        let at = job.dir.join(mount);
+        return Err(put_back(
+            report,
+            format!("a file system is mounted at {}", at.display()),
+        ));
     }
 
+    let who = deputy(again.attempts.iter().map(|(_, r)| r));
+    let (bytes, removed) = remove_doomed(&doomed, &who);
+    report.bytes_freed += bytes;
+    if let Err(left) = removed {
+        // What the job's user could not have removed, a mount, a failure: the job stays
+        // with its records (they go last), and with what its user could not remove.
+        let why = left.describe(&job.dir);
+        tracing::warn!(job_id = %job.id, why = %why, "a finished job's local data is kept");
+        return Err(put_back(report, why));
+    }
     for workdir in workdirs {
         tracing::info!(job_id = %job.id, workdir = %workdir.display(), "workdir outside the job's state dir left in place");
         report.left_workdirs.push((job.id.clone(), workdir));
-    }
-    match remove_tree(&doomed) {
-        Ok(()) => report.bytes_freed += bytes,
-        Err(e) => {
-            report.bytes_freed += bytes.saturating_sub(tree_bytes(&doomed).0);
-            let why = format!("cannot remove {}: {e}", doomed.display());
-            tracing::warn!(job_id = %job.id, "{why}; the next sweep tries again");
-            report.errors.push(why);
-        }
     }
     tracing::info!(job_id = %job.id, bytes, "removed a finished job's local data");
     report.removed_jobs.push(job.id.clone());
     drop(locks);
     Ok(())
+}
+
+/// Moves a job's dir back out of the trash. A new attempt's agent that made the dir again
+/// meanwhile keeps it: the old one goes beside it (no sweep removes that: not a job id), for
+/// the operator to merge.
+fn put_back(
+    doomed: &Path,
+    id: &str,
+    dir: &Path,
+    trash: &Path,
+    nanos: u128,
+    report: &mut RetentionReport,
+) {
+    if std::fs::rename(doomed, dir).is_ok() {
+        return;
+    }
+    let aside = trash.with_file_name(format!("{id}.moved-aside.{nanos}"));
+    let at = match std::fs::rename(doomed, &aside) {
+        Ok(()) => aside,
+        Err(_) => doomed.to_path_buf(),
+    };
+    let why = format!(
+        "job {id}: a new attempt started while its dir was being moved; the old dir is at {}",
+        at.display()
+    );
+    tracing::error!("{why}");
+    report.errors.push(why);
+}
+
+/// Whose removals retention stands in for in a job's tree: every attempt's user (the one
+/// recorded at launch, else looked up by name). A job that always ran as the agent's own
+/// user could remove whatever the agent may.
+fn deputy<'a>(records: impl IntoIterator<Item = &'a RunRecord>) -> rmtree::Who {
+    let users: Vec<JobReader> = records
+        .into_iter()
+        .filter_map(|r| {
+            let looked_up = match (&r.job_user, &r.spec.user) {
+                (None, Some(name)) => look_up(name),
+                _ => None,
+            };
+            JobReader::for_record(r, looked_up)
+        })
+        .collect();
+    if users.is_empty() {
+        rmtree::Who::Anyone
+    } else {
+        rmtree::Who::Users(users)
+    }
+}
+
+/// A user and its groups by name (a record from before the user's ids were kept).
+fn look_up(name: &str) -> Option<JobReader> {
+    let user = nix::unistd::User::from_name(name).ok()??;
+    let cname = std::ffi::CString::new(name).ok()?;
+    let gids = nix::unistd::getgrouplist(&cname, user.gid)
+        .ok()?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    Some(JobReader {
+        uid: user.uid.as_raw(),
+        gids,
+    })
+}
+
+/// What stays of a tree [`remove_doomed`] could not remove whole.
+struct Leftover {
+    /// The first entry that stays, from the tree's top, and why.
+    first: Option<(PathBuf, String)>,
+    more: u64,
+}
+
+impl Leftover {
+    /// In words, the tree's top being at `top`.
+    fn describe(&self, top: &Path) -> String {
+        let more = if self.more > 0 {
+            format!(" (and {} more)", self.more)
+        } else {
+            String::new()
+        };
+        match &self.first {
+            Some((rel, why)) => format!("{} stays: {why}{more}", top.join(rel).display()),
+            None => format!("{} stays{more}", top.display()),
+        }
+    }
+}
+
+/// Removes a job's dir from the trash: its workdir and the rest first, its records and spec
+/// (`attempts`, `job.json`) only once all that is gone, then the dir. A job that keeps
+/// something (put back) is still a job, and a sweep cut short leaves the records of what it
+/// did not finish, and with them whose removals those are. Returns the bytes removed.
+fn remove_doomed(doomed: &Path, who: &rmtree::Who) -> (u64, Result<(), Leftover>) {
+    use std::ffi::OsStr;
+    let top = match crate::confine::DirFd::open(doomed) {
+        Ok(top) => top,
+        Err(e) => {
+            let first = Some((PathBuf::new(), format!("cannot open it: {e}")));
+            return (0, Err(Leftover { first, more: 0 }));
+        }
+    };
+    let mut bytes = 0;
+    for except in [&[OsStr::new("attempts"), OsStr::new("job.json")][..], &[]] {
+        let removal = rmtree::remove_entries(&top, except, who);
+        bytes += removal.bytes;
+        if removal.left > 0 {
+            let first = removal.first_left.map(|(rel, why)| (rel, why.to_string()));
+            let more = removal.left - 1;
+            return (bytes, Err(Leftover { first, more }));
+        }
+    }
+    drop(top);
+    match std::fs::remove_dir(doomed) {
+        Ok(()) => (bytes, Ok(())),
+        Err(e) => {
+            let first = Some((PathBuf::new(), e.to_string()));
+            (bytes, Err(Leftover { first, more: 0 }))
+        }
+    }
 }
 
 fn numbers(job: &Job) -> BTreeSet<u32> {
@@ -434,158 +561,68 @@ fn ensure_trash(trash: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes what an earlier sweep moved to the trash and did not finish removing.
-fn empty_trash(trash: &Path, report: &mut RetentionReport) {
+/// Removes what an earlier sweep moved to the trash and did not finish removing, as that
+/// sweep would have (whose removals: from the records still in it, else only the agent's
+/// own directories are emptied). An entry with a file system mounted in it stays, with a
+/// warning, until it is unmounted.
+fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
     let Ok(entries) = std::fs::read_dir(trash) else {
         return;
     };
+    // Read once: only root may mount below the trash (0700), and the walk never enters a
+    // mount it meets anyway.
+    let real_trash = std::fs::canonicalize(trash).unwrap_or_else(|_| trash.to_path_buf());
+    let mounts: Vec<PathBuf> = crate::procfs::mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&real_trash))
+        .collect();
     for entry in entries.flatten() {
         let path = entry.path();
-        let (bytes, _) = tree_bytes(&path);
-        match remove_tree(&path) {
-            Ok(()) => report.bytes_freed += bytes,
-            Err(e) => {
-                let why = format!("cannot remove {}: {e}", path.display());
-                tracing::warn!("{why}");
-                report.errors.push(why);
-            }
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let real = real_trash.join(entry.file_name());
+        if let Some(mount) = mounts.iter().find(|m| m.starts_with(&real)) {
+            let why = format!(
+                "{}: a file system is mounted at {}; left in the trash until it is unmounted",
+                path.display(),
+                mount.display()
+            );
+            tracing::warn!("{why}");
+            report.errors.push(why);
+            continue;
+        }
+        let records: Vec<RunRecord> = std::fs::read_dir(path.join("attempts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|a| state.read_record(&a.path().join("run.json")).ok())
+            .collect();
+        let who = if records.is_empty() {
+            rmtree::Who::Users(Vec::new())
+        } else {
+            deputy(&records)
+        };
+        let (bytes, removed) = remove_doomed(&path, &who);
+        report.bytes_freed += bytes;
+        if let Err(left) = removed {
+            let why = format!("cannot remove {}: {}", path.display(), left.describe(&path));
+            tracing::warn!("{why}");
+            report.errors.push(why);
         }
     }
     let _ = std::fs::remove_dir(trash);
 }
 
-/// Removes a directory tree without ever following a symlink.
-///
-/// The top entry is checked here (a symlink is refused; `remove_dir_all` would only remove
-/// the link). Inside, std's `remove_dir_all` (rustc 1.95 here; so since 1.58.1, the fix of
-/// CVE-2022-21658) works relative to directory fds: `openat(O_NOFOLLOW | O_DIRECTORY)`,
-/// `fdopendir`, `unlinkat`; a symlink inside is unlinked as a link, its target never
-/// touched (the test `symlinks_inside_a_workdir_are_not_followed` checks it). A job that left
-/// directories without write permission for its owner (the agent's own user, when the job
-/// ran as it) has them opened up first; nothing of the job runs any more and, in the trash,
-/// nobody else can reach them.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    let md = std::fs::symlink_metadata(path)?;
-    if !md.is_dir() {
-        return Err(io::Error::other("not a directory"));
-    }
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            open_up_dirs(path);
-            std::fs::remove_dir_all(path)
-        }
-        other => other,
-    }
-}
-
-/// Gives the owner rwx on every directory of the tree. Every directory is opened from its
-/// parent's fd, never through a symlink, and changed on its own fd: a process of the job
-/// still inside the tree (its cwd) may swap a directory for a symlink to `/etc/shadow` at any
-/// moment, and a path-based chmod would follow it, as root.
-/// How deep retention's walks go: each level holds two fds while walked, and a job's chain
-/// of a million directories must not run the housekeeping unit out of them (what lies deeper
-/// is left for a later sweep, or counted out of `tree_bytes`).
-const MAX_WALK_DEPTH: usize = 256;
-
-fn open_up_dirs(root: &Path) {
-    use crate::confine::{is_dir, DirFd};
-    use crate::treewalk::{Item, TreeWalk};
-    fn open_up(dir: &DirFd) {
-        if let Ok(st) = nix::sys::stat::fstat(dir) {
-            let mode = st.st_mode & 0o7777;
-            if mode & 0o700 != 0o700 {
-                let _ = nix::sys::stat::fchmod(
-                    dir,
-                    nix::sys::stat::Mode::from_bits_truncate(mode | 0o700),
-                );
-            }
-        }
-    }
-    let Ok(top) = DirFd::open(root) else {
-        return;
-    };
-    open_up(&top);
-    // Each directory is read as a stream: the fds and memory held follow the depth, not
-    // the width.
-    let Ok(mut walk) = TreeWalk::new(top, Vec::new()) else {
-        return;
-    };
-    // Bounded: a tree larger than this is left for the next sweep.
-    let mut budget = 1_000_000usize;
-    while let Some(item) = walk.next() {
-        let Item::Entry(entry) = item else {
-            continue;
-        };
-        if !entry.stat.as_ref().is_ok_and(is_dir) {
-            continue;
-        }
-        if budget == 0 {
-            break;
-        }
-        budget -= 1;
-        let Ok(dir) = entry.open_dir() else {
-            continue;
-        };
-        open_up(&dir);
-        if walk.depth() < MAX_WALK_DEPTH {
-            let _ = walk.enter(dir, Vec::new());
-        }
-    }
-}
-
-/// Apparent size of the tree's regular files, and a directory on another device than the
-/// root, if any (not walked: an automount or a hung network mount would hold the sweep).
-/// Walked on directory fds, each opened from its parent's with no symlink: a job's process
-/// swapping a directory for a symlink mid-walk never sends it into another tree.
-fn tree_bytes(root: &Path) -> (u64, Option<PathBuf>) {
-    use crate::confine::{is_dir, is_regular, DirFd};
-    use crate::treewalk::{Item, TreeWalk};
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(top) = std::fs::symlink_metadata(root) else {
-        return (0, None);
-    };
-    if !top.is_dir() {
-        return (if top.is_file() { top.len() } else { 0 }, None);
-    }
-    let Ok(fd) = DirFd::open_root(root) else {
-        return (0, None);
-    };
-    let (mut bytes, mut foreign) = (0, None);
-    // Each directory is read as a stream, opened from its parent when met: a directory of
-    // 100,000 subdirectories costs one listing at a time, not 100,000 paths.
-    let Ok(mut walk) = TreeWalk::new(fd, Vec::new()) else {
-        return (0, None);
-    };
-    while let Some(item) = walk.next() {
-        let Item::Entry(entry) = item else {
-            continue;
-        };
-        let Ok(st) = entry.stat else {
-            continue;
-        };
-        if is_dir(&st) {
-            if st.st_dev != top.dev() {
-                foreign
-                    .get_or_insert_with(|| root.join(std::ffi::OsStr::from_bytes(&entry.rel[1..])));
-            } else if walk.depth() < MAX_WALK_DEPTH {
-                if let Ok(dir) = entry.open_dir() {
-                    let _ = walk.enter(dir, entry.rel);
-                }
-            }
-        } else if is_regular(&st) {
-            bytes += u64::try_from(st.st_size).unwrap_or(0);
-        }
-    }
-    (bytes, foreign)
-}
-
 /// A mount point at or below `dir`, from `/proc/self/mountinfo` (bind mounts of the same
-/// file system have no other device number: only the mount table tells).
+/// file system have no other device number: only the mount table tells), by its path from
+/// `dir`.
 fn mount_inside(dir: &Path) -> Option<PathBuf> {
     let dir = std::fs::canonicalize(dir).ok()?;
     crate::procfs::mount_points()
         .into_iter()
-        .find(|p| p.starts_with(&dir))
+        .find_map(|p| p.strip_prefix(&dir).ok().map(Path::to_path_buf))
 }
 
 /// Whether the recorded workdir `path` is the job dir `dir` or below it: as recorded, or
@@ -620,6 +657,7 @@ fn state_name(state: Option<JobState>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rmtree::tests::Tmpfs;
     use c3_proto::JobSpec;
 
     struct Fixture {
@@ -890,26 +928,6 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "secret");
     }
 
-    /// What a job left closed to its owner is opened up on the fds of the tree itself: a
-    /// symlink to a directory outside is never followed (its target keeps its mode).
-    #[test]
-    fn opening_up_a_tree_changes_its_own_directories_only() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let (root, outside) = (dir.path().join("t"), dir.path().join("outside"));
-        std::fs::create_dir_all(root.join("a/b")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o555)).unwrap();
-        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
-        std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o000)).unwrap();
-        std::fs::set_permissions(root.join("a"), std::fs::Permissions::from_mode(0o500)).unwrap();
-        open_up_dirs(&root);
-        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o777;
-        assert_eq!(mode(&root.join("a")), 0o700);
-        assert_eq!(mode(&root.join("a/b")), 0o700);
-        assert_eq!(mode(&outside), 0o555, "followed a symlink");
-    }
-
     #[test]
     fn a_state_dir_that_is_a_symlink_is_not_followed() {
         let f = Fixture::new();
@@ -984,29 +1002,13 @@ mod tests {
     /// skipped where mounting is not allowed.
     #[test]
     fn a_mount_inside_keeps_the_job() {
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
         let f = Fixture::new();
         f.job("mounted", 1, JobState::Succeeded, 10 * DAY, None);
         let point = f.state.default_workdir("mounted").join("data");
         std::fs::create_dir_all(&point).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "c3-test", point.to_str().unwrap()])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: cannot mount a tmpfs here");
+        let Some(_mounted) = Tmpfs::mount(&point) else {
             return;
-        }
-        let _unmount = Unmount(point.clone());
+        };
         std::fs::write(point.join("dataset"), "d").unwrap();
         let report = f.sweep();
         assert!(report.removed_jobs.is_empty(), "{report:?}");
@@ -1069,6 +1071,104 @@ mod tests {
         );
         assert!(matches!(left, Err(Left::Gone)), "{report:?}");
         assert!(!f.state.job_dir("gone").exists());
+    }
+
+    /// What an earlier sweep left in the trash with a file system mounted in it (a job's FUSE
+    /// mount made during that sweep) stays mounted and whole, with an error: the trash is
+    /// emptied only where nothing is mounted. Root only; skipped where mounting is not
+    /// allowed.
+    #[test]
+    fn a_mount_in_the_trash_is_never_emptied() {
+        let f = Fixture::new();
+        f.job("other", 1, JobState::Succeeded, DAY, None);
+        let entry = f.state.jobs_dir().join(TRASH).join("x.1.2");
+        let point = entry.join("work/data");
+        std::fs::create_dir_all(&point).unwrap();
+        std::fs::write(entry.join("work/out.bin"), [0u8; 10]).unwrap();
+        let Some(_mounted) = Tmpfs::mount(&point) else {
+            return;
+        };
+        std::fs::write(point.join("f"), "keep").unwrap();
+        let report = f.sweep();
+        assert_eq!(std::fs::read_to_string(point.join("f")).unwrap(), "keep");
+        assert!(entry.join("work/out.bin").is_file(), "{report:?}");
+        assert!(
+            report.errors.len() == 1 && report.errors[0].contains("a file system is mounted"),
+            "{report:?}"
+        );
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+    }
+
+    /// A chain of directories deeper than the fds the housekeeping unit may open (its soft
+    /// limit, 1024) goes whole, with what comes after it in the listing.
+    #[test]
+    fn a_chain_deeper_than_the_fd_limit_goes() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        struct Restore(u64, u64);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, self.0, self.1);
+            }
+        }
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let _restore = Restore(soft, hard);
+        setrlimit(Resource::RLIMIT_NOFILE, soft.min(1024), hard).unwrap();
+        let depth = usize::try_from(soft.min(1024)).unwrap() + 64;
+        let f = Fixture::new();
+        f.job("deep", 1, JobState::Succeeded, 10 * DAY, None);
+        let work = f.state.default_workdir("deep");
+        let mut dir = crate::confine::DirFd::open(&work).unwrap();
+        for _ in 0..depth.max(2000) {
+            dir = dir.ensure_dir(Path::new("d"), 0o755, None).unwrap();
+        }
+        drop(dir);
+        std::fs::write(work.join("z-after"), "x").unwrap();
+        let report = f.sweep();
+        assert_eq!(report.removed_jobs, ["deep"], "{report:?}");
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(!f.state.job_dir("deep").exists());
+        assert!(!f.state.jobs_dir().join(TRASH).exists());
+    }
+
+    /// A job's user that moved another user's directory into its workdir (one it may write,
+    /// holding that user's 0755 subdirectory) does not get root to delete that user's
+    /// files: they stay, and so does the job, with its records. Root only (chown).
+    #[test]
+    fn what_the_jobs_user_could_not_remove_stays() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let f = Fixture::new();
+        let mut record = f.job("mover", 1, JobState::Succeeded, 10 * DAY, None);
+        record.job_user = Some(c3_proto::record::JobUser {
+            uid: 65534,
+            gids: vec![65534],
+        });
+        f.save(&record, 10 * DAY);
+        let moved = f.state.default_workdir("mover").join("moved");
+        std::fs::create_dir_all(moved.join("victim")).unwrap();
+        std::fs::write(moved.join("victim/f"), "bob's").unwrap();
+        std::fs::write(moved.join("mine"), "job's").unwrap();
+        for (path, uid) in [("victim/f", 1), ("victim", 1), ("mine", 65534), ("", 65534)] {
+            std::os::unix::fs::lchown(moved.join(path), Some(uid), Some(uid)).unwrap();
+        }
+        let report = f.sweep();
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        assert!(
+            reason(&report, "mover").contains("moved/victim stays"),
+            "{report:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(moved.join("victim/f")).unwrap(),
+            "bob's"
+        );
+        assert!(
+            !moved.join("mine").exists(),
+            "what the job could remove goes"
+        );
+        assert!(f.state.run_record_path("mover", 1).is_file());
+        assert!(!f.state.jobs_dir().join(TRASH).exists());
     }
 
     #[test]

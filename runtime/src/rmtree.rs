@@ -1,0 +1,638 @@
+//! Removal of a directory tree a job shaped, as root: retention's.
+//!
+//! std's `remove_dir_all` is the wrong tool there, in three ways a job can use:
+//! * It recurses, one open listing per level: a job's chain of 2,000 directories ran the
+//!   housekeeping unit out of fds near level 1,000 (soft limit 1024), leaving the chain and
+//!   what came after it in the listing, or out of stack under a high limit. Here the walk is
+//!   a loop with at most [`MAX_OPEN`] levels open (one fd each); a directory met deeper is
+//!   renamed up to the top of the tree and removed from there in its turn.
+//! * It crosses mount points: a file system mounted inside (a job's FUSE mount, a bind
+//!   mount) was emptied, and a stat could wait for ever on a FUSE server that never answers.
+//!   Here each entry is looked at with the kernel's cached attributes (`statx`
+//!   `AT_STATX_DONT_SYNC`, from its parent's fd), and a directory at a mount root or on
+//!   another device than the top is never opened (`openat2` `RESOLVE_NO_XDEV`): it stays.
+//! * It removes whatever root may: a job's user that moved another user's directory into
+//!   its workdir (one it may write, holding that user's 0755 subdirectory) had root delete
+//!   the other user's files. Here, for a job that ran as other users ([`Who::Users`]), a
+//!   directory is emptied only if one of them could have emptied it (it owns it, or its
+//!   mode or ACL lets it list, enter and write it) or it is the agent's own; in a sticky
+//!   directory an entry goes only if such a user owns it or the directory. A directory is
+//!   never chmod'ed as root (root needs no mode bits; only an agent that is not root gives
+//!   its own directories back the owner's rwx a job took away).
+//!
+//! Nothing is followed: a symlink is unlinked as a link, each directory is opened from its
+//! parent's fd with no symlink, and what stays is reported (the caller keeps the job).
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use nix::dir::{Dir, OwningIter};
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, renameat2, OFlag, OpenHow, RenameFlags, ResolveFlag};
+use nix::sys::stat::{fstat, FileStat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+use crate::confine::{cached_stat_at, CachedStat, DirFd, JobReader};
+
+/// Directories open at once (one fd each); one met deeper is moved up to the top first.
+pub const MAX_OPEN: usize = 64;
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Whose removals the agent stands in for.
+#[derive(Debug, Clone)]
+pub enum Who {
+    /// The job ran as the agent's own user: what the agent may remove, the job could.
+    Anyone,
+    /// The job ran as these users: nothing goes that none of them could have removed
+    /// (the agent's own directories aside). Empty: only the agent's own directories.
+    Users(Vec<JobReader>),
+}
+
+impl Who {
+    /// May the entries of the open directory `dir` (stat `st`) go?
+    fn may_empty(&self, dir: &impl AsFd, st: &FileStat, euid: u32) -> bool {
+        match self {
+            Who::Anyone => true,
+            Who::Users(users) => st.st_uid == euid || users.iter().any(|u| u.may_empty(dir, st)),
+        }
+    }
+
+    /// May an entry owned by `uid` go from the directory `dir`? Only a sticky one says no.
+    fn may_unlink(&self, dir: &FileStat, uid: u32) -> bool {
+        if dir.st_mode & libc::S_ISVTX == 0 {
+            return true;
+        }
+        match self {
+            Who::Anyone => true,
+            Who::Users(users) => users
+                .iter()
+                .any(|u| u.uid == 0 || u.uid == uid || u.uid == dir.st_uid),
+        }
+    }
+}
+
+/// Why an entry stays.
+#[derive(Debug)]
+pub enum Stay {
+    /// A mount point, or a directory on another device than the top.
+    Mount,
+    /// A directory, not empty, that the job's users could not have emptied.
+    NotTheirs { uid: u32 },
+    /// An entry of a sticky directory that neither belongs to them nor is in one of theirs.
+    Sticky { uid: u32 },
+    /// Removing it failed.
+    Failed(io::Error),
+}
+
+impl std::fmt::Display for Stay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stay::Mount => write!(f, "a file system is mounted there"),
+            Stay::NotTheirs { uid } => write!(
+                f,
+                "a directory of uid {uid} that the job's user could not have emptied"
+            ),
+            Stay::Sticky { uid } => write!(
+                f,
+                "uid {uid}'s, in a sticky directory: the job's user could not have removed it"
+            ),
+            Stay::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What [`remove_entries`] did.
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// Apparent size of the regular files removed.
+    pub bytes: u64,
+    /// Entries that stay (and with each, every directory above it).
+    pub left: u64,
+    /// The first of them, by its path from the top, and why.
+    pub first_left: Option<(PathBuf, Stay)>,
+}
+
+impl Removal {
+    fn leave(&mut self, rel: PathBuf, why: Stay) {
+        self.left += 1;
+        if self.first_left.is_none() {
+            self.first_left = Some((rel, why));
+        }
+    }
+}
+
+/// One directory being emptied.
+struct Level {
+    /// Its listing, read as a stream; the listing's fd is the one its entries are reached by.
+    names: OwningIter,
+    /// Its listing failed or ended.
+    ended: bool,
+    st: FileStat,
+    /// Its name in the directory above (removed by it once empty).
+    name: OsString,
+    /// Its path from the top, for messages.
+    rel: PathBuf,
+    /// Something in it stays, so it does too.
+    keeps: bool,
+}
+
+impl Level {
+    fn open(fd: OwnedFd, st: FileStat, name: OsString, rel: PathBuf) -> io::Result<Level> {
+        Ok(Level {
+            names: Dir::from_fd(fd)?.into_iter(),
+            ended: false,
+            st,
+            name,
+            rel,
+            keeps: false,
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the listing owns this fd and closes it only when dropped; the borrow is
+        // tied to `self`, so it cannot outlive the listing.
+        unsafe { BorrowedFd::borrow_raw(self.names.as_raw_fd()) }
+    }
+
+    /// The next name of its listing (never `.` or `..`); `Err`: the listing failed.
+    fn next_name(&mut self) -> Option<io::Result<OsString>> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            match self.names.next() {
+                None => self.ended = true,
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Some(Err(e.into()));
+                }
+                Some(Ok(entry)) => {
+                    let name = entry.file_name().to_bytes();
+                    if name != b"." && name != b".." {
+                        return Some(Ok(OsStr::from_bytes(name).to_os_string()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes every entry of `top` but those named in `except`, as `who` could have, and never
+/// across a mount; `top` itself stays. Blocking: the caller is off the reactor.
+pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
+    let mut out = Removal::default();
+    let euid = nix::unistd::geteuid().as_raw();
+    // A listing of its own (an open file description not shared with the caller's fd).
+    let opened = openat(top, ".", DIR_FLAGS, Mode::empty())
+        .map_err(io::Error::from)
+        .and_then(|fd| {
+            let st = fstat(&fd)?;
+            Ok((fd, st))
+        });
+    let (fd, st) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            out.leave(PathBuf::new(), Stay::Failed(e));
+            return out;
+        }
+    };
+    if !who.may_empty(&fd, &st, euid) {
+        out.leave(PathBuf::new(), Stay::NotTheirs { uid: st.st_uid });
+        return out;
+    }
+    open_up(&fd, &st, euid);
+    let top_dev = st.st_dev;
+    let mut stack = match Level::open(fd, st, OsString::new(), PathBuf::new()) {
+        Ok(level) => vec![level],
+        Err(e) => {
+            out.leave(PathBuf::new(), Stay::Failed(e));
+            return out;
+        }
+    };
+    // Directories moved up to the top, by the names given them there (this call's own
+    // prefix: met again in the top's listing, they are skipped there).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let prefix = format!(".c3-deep.{}.{nanos}.", std::process::id());
+    let mut moved_up: Vec<OsString> = Vec::new();
+    let mut moves = 0u64;
+
+    loop {
+        let depth = stack.len();
+        let Some(level) = stack.last_mut() else {
+            break;
+        };
+        let name = match level.next_name() {
+            Some(Ok(name)) => {
+                if depth == 1
+                    && (except.contains(&name.as_os_str())
+                        || name.as_bytes().starts_with(prefix.as_bytes()))
+                {
+                    continue;
+                }
+                name
+            }
+            Some(Err(e)) => {
+                level.keeps = true;
+                out.leave(level.rel.clone(), Stay::Failed(e));
+                continue;
+            }
+            None if depth == 1 => match moved_up.pop() {
+                Some(name) => name,
+                None => break,
+            },
+            None => {
+                let Some(done) = stack.pop() else { break };
+                let Some(parent) = stack.last_mut() else {
+                    break;
+                };
+                if done.keeps {
+                    parent.keeps = true;
+                    continue;
+                }
+                let (name, rel) = (done.name, done.rel);
+                drop(done.names);
+                match unlinkat(parent.fd(), name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    // ENOTEMPTY: something was put there meanwhile (a process of the job
+                    // with its cwd inside); the next sweep sees it.
+                    Err(e) => {
+                        parent.keeps = true;
+                        out.leave(rel, Stay::Failed(e.into()));
+                    }
+                }
+                continue;
+            }
+        };
+
+        let rel = level.rel.join(&name);
+        let cs = match cached_stat_at(&level.fd(), &name) {
+            Ok(cs) => cs,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                level.keeps = true;
+                out.leave(rel, Stay::Failed(e));
+                continue;
+            }
+        };
+        // Any type: a file can be a mount point too (a bind mount of one file).
+        if cs.mount_root || cs.dev != top_dev {
+            level.keeps = true;
+            out.leave(rel, Stay::Mount);
+            continue;
+        }
+        if !who.may_unlink(&level.st, cs.uid) {
+            level.keeps = true;
+            out.leave(rel, Stay::Sticky { uid: cs.uid });
+            continue;
+        }
+        if !cs.is_dir() {
+            match unlinkat(level.fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) if cs.is_regular() => out.bytes += cs.size,
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    level.keeps = true;
+                    out.leave(rel, Stay::Failed(e.into()));
+                }
+            }
+            continue;
+        }
+        let fd = match open_below(level.fd(), &name, &cs, euid) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => continue,
+            Err(Errno::EXDEV) => {
+                level.keeps = true;
+                out.leave(rel, Stay::Mount);
+                continue;
+            }
+            Err(e) => {
+                level.keeps = true;
+                out.leave(rel, Stay::Failed(e.into()));
+                continue;
+            }
+        };
+        let st = match fstat(&fd) {
+            Ok(st) if (st.st_dev, st.st_ino) == (cs.dev, cs.ino) => st,
+            Ok(st) if st.st_dev != top_dev => {
+                level.keeps = true;
+                out.leave(rel, Stay::Mount);
+                continue;
+            }
+            Ok(_) => {
+                level.keeps = true;
+                let e = io::Error::other("replaced while it was being removed");
+                out.leave(rel, Stay::Failed(e));
+                continue;
+            }
+            Err(e) => {
+                level.keeps = true;
+                out.leave(rel, Stay::Failed(e.into()));
+                continue;
+            }
+        };
+        if !who.may_empty(&fd, &st, euid) {
+            // Theirs only if empty: removing an empty directory needs the parent alone.
+            drop(fd);
+            match unlinkat(level.fd(), name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(Errno::ENOTEMPTY | Errno::EEXIST) => {
+                    level.keeps = true;
+                    out.leave(rel, Stay::NotTheirs { uid: st.st_uid });
+                }
+                Err(e) => {
+                    level.keeps = true;
+                    out.leave(rel, Stay::Failed(e.into()));
+                }
+            }
+            continue;
+        }
+        open_up(&fd, &st, euid);
+        if depth < MAX_OPEN {
+            match Level::open(fd, st, name, rel.clone()) {
+                Ok(next) => stack.push(next),
+                Err(e) => {
+                    level.keeps = true;
+                    out.leave(rel, Stay::Failed(e));
+                }
+            }
+            continue;
+        }
+        // As deep as the walk goes: up to the top with it, to be emptied from there.
+        drop(fd);
+        let top_fd = stack[0].fd().try_clone_to_owned();
+        let level = stack.last_mut().expect("a level is being read");
+        let moved = top_fd.and_then(|top_fd| loop {
+            moves += 1;
+            let new = OsString::from(format!("{prefix}{moves}"));
+            match renameat2(
+                level.fd(),
+                name.as_os_str(),
+                &top_fd,
+                new.as_os_str(),
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => break Ok(Some(new)),
+                Err(Errno::EEXIST) => continue,
+                Err(Errno::ENOENT) => break Ok(None),
+                Err(e) => break Err(io::Error::from(e)),
+            }
+        });
+        match moved {
+            Ok(Some(new)) => moved_up.push(new),
+            Ok(None) => {}
+            Err(e) => {
+                level.keeps = true;
+                out.leave(rel, Stay::Failed(e));
+            }
+        }
+    }
+    out
+}
+
+/// Opens the directory `name` below `parent`: no symlink, and never the root of a mount
+/// (EXDEV), so nothing of a mounted file system is asked for anything. A directory its owner
+/// closed to itself is opened up first when that owner is the agent (not root).
+fn open_below(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    cs: &CachedStat,
+    euid: u32,
+) -> nix::Result<OwnedFd> {
+    let how = || {
+        OpenHow::new().flags(DIR_FLAGS).resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        )
+    };
+    match openat2(parent, name, how()) {
+        // Before 5.6: the caller's device check after the open stands in (a bind mount of
+        // the same file system is the mount table's to tell, checked before any removal).
+        Err(Errno::ENOSYS) => openat(parent, name, DIR_FLAGS, Mode::empty()),
+        Err(Errno::EACCES) if euid != 0 && cs.uid == euid => {
+            let path = openat(parent, name, DIR_FLAGS | OFlag::O_PATH, Mode::empty())?;
+            let st = fstat(&path)?;
+            if st.st_dev != cs.dev || st.st_ino != cs.ino {
+                return Err(Errno::EACCES);
+            }
+            // An O_PATH fd takes no fchmod; its magic link names this very inode.
+            nix::sys::stat::fchmodat(
+                nix::fcntl::AT_FDCWD,
+                format!("/proc/self/fd/{}", path.as_raw_fd()).as_str(),
+                Mode::from_bits_truncate((st.st_mode & 0o7777) | 0o700),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )?;
+            openat2(parent, name, how())
+        }
+        other => other,
+    }
+}
+
+/// Gives the agent's own directory back the owner's rwx a job took away, on its fd. Only an
+/// agent that is not root needs it; root changes no mode.
+fn open_up(dir: &impl AsFd, st: &FileStat, euid: u32) {
+    if euid != 0 && st.st_uid == euid && st.st_mode & 0o700 != 0o700 {
+        let mode = Mode::from_bits_truncate((st.st_mode & 0o7777) | 0o700);
+        let _ = nix::sys::stat::fchmod(dir, mode);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn remove(dir: &Path, who: &Who) -> Removal {
+        remove_entries(&DirFd::open(dir).unwrap(), &[], who)
+    }
+
+    fn chown(path: &Path, uid: u32) {
+        std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+    }
+
+    fn job_user(uid: u32) -> Who {
+        Who::Users(vec![JobReader {
+            uid,
+            gids: vec![uid],
+        }])
+    }
+
+    #[test]
+    fn removes_everything_but_what_it_is_told_to_keep_and_counts_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b/c")).unwrap();
+        std::fs::write(t.path().join("a/b/c/f"), [0u8; 10]).unwrap();
+        std::fs::write(t.path().join("a/g"), [0u8; 5]).unwrap();
+        std::fs::create_dir_all(t.path().join("keep/x")).unwrap();
+        std::os::unix::fs::symlink("/etc", t.path().join("a/link")).unwrap();
+        let top = DirFd::open(t.path()).unwrap();
+        let r = remove_entries(&top, &[OsStr::new("keep")], &Who::Anyone);
+        assert_eq!((r.bytes, r.left), (15, 0), "{r:?}");
+        let left: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["keep"]);
+        assert!(Path::new("/etc/passwd").exists());
+    }
+
+    /// A chain deeper than the fds a process may open goes whole, with at most
+    /// [`MAX_OPEN`] directories open at a time.
+    #[test]
+    fn a_chain_deeper_than_the_fd_limit_goes() {
+        let t = tempfile::tempdir().unwrap();
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let depth = usize::try_from(soft).unwrap_or(usize::MAX).min(4000) + 64;
+        let mut dir = DirFd::open(t.path()).unwrap();
+        for _ in 0..depth {
+            dir = dir.ensure_dir(Path::new("d"), 0o755, None).unwrap();
+        }
+        std::fs::write(t.path().join("sibling"), "x").unwrap();
+        drop(dir);
+        let r = remove(t.path(), &Who::Anyone);
+        assert_eq!(r.left, 0, "{r:?}");
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// What is mounted inside is never opened, let alone emptied; the directories above it
+    /// stay, the rest goes. Root only (mount); skipped where mounting is not allowed.
+    #[test]
+    fn a_mount_inside_is_never_entered() {
+        let t = tempfile::tempdir().unwrap();
+        let point = t.path().join("w/data");
+        std::fs::create_dir_all(&point).unwrap();
+        std::fs::write(t.path().join("w/f"), "x").unwrap();
+        let Some(_mounted) = Tmpfs::mount(&point) else {
+            return;
+        };
+        std::fs::write(point.join("dataset"), "d").unwrap();
+        let r = remove(t.path(), &Who::Anyone);
+        assert_eq!(r.left, 1, "{r:?}");
+        assert!(matches!(&r.first_left, Some((p, Stay::Mount)) if p == Path::new("w/data")));
+        assert!(point.join("dataset").is_file());
+        assert!(!t.path().join("w/f").exists());
+    }
+
+    /// A job's user that moved another user's directory into its tree does not get root to
+    /// delete that user's files: a directory it could not have emptied stays, and so do
+    /// the entries of a sticky directory that are neither its nor in its own.
+    #[test]
+    fn only_what_the_jobs_user_could_remove_goes() {
+        if !is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join("work");
+        std::fs::create_dir_all(work.join("moved/victim")).unwrap();
+        std::fs::write(work.join("moved/victim/f"), "bob's").unwrap();
+        std::fs::write(work.join("moved/mine"), "job's").unwrap();
+        std::fs::create_dir_all(work.join("moved/empty")).unwrap();
+        chown(&work.join("moved/empty"), 1);
+        chown(&work.join("moved/victim/f"), 1);
+        chown(&work.join("moved/victim"), 1);
+        chown(&work.join("moved"), 65534);
+        // A sticky directory the job may write: its own file goes, another's stays.
+        std::fs::create_dir_all(work.join("shared")).unwrap();
+        std::fs::write(work.join("shared/theirs"), "x").unwrap();
+        std::fs::write(work.join("shared/ours"), "x").unwrap();
+        chown(&work.join("shared/theirs"), 1);
+        chown(&work.join("shared/ours"), 65534);
+        chown(&work.join("shared"), 2);
+        std::fs::set_permissions(work.join("shared"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
+        // A directory of another user the job may write (group): emptied.
+        std::fs::create_dir_all(work.join("team/sub")).unwrap();
+        std::fs::write(work.join("team/sub/f"), "x").unwrap();
+        chown(&work.join("team/sub/f"), 3);
+        chown(&work.join("team/sub"), 65534);
+        std::os::unix::fs::chown(work.join("team"), Some(3), Some(4242)).unwrap();
+        std::fs::set_permissions(work.join("team"), std::fs::Permissions::from_mode(0o770))
+            .unwrap();
+        let who = Who::Users(vec![JobReader {
+            uid: 65534,
+            gids: vec![65534, 4242],
+        }]);
+
+        let r = remove(t.path(), &who);
+        assert_eq!(r.left, 2, "{r:?}");
+        assert!(work.join("moved/victim/f").is_file());
+        assert!(work.join("shared/theirs").is_file());
+        for gone in ["moved/mine", "moved/empty", "shared/ours", "team"] {
+            assert!(!work.join(gone).exists(), "{gone}");
+        }
+        // The job's own user sees all of it go once the other user's things are gone.
+        std::fs::remove_dir_all(work.join("moved/victim")).unwrap();
+        std::fs::remove_file(work.join("shared/theirs")).unwrap();
+        assert_eq!(remove(t.path(), &job_user(65534)).left, 0);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// The agent's own directories a job closed to their owner are opened up on their fds;
+    /// a symlink to a directory outside is never followed (its target keeps its mode), and
+    /// as root no mode is changed at all.
+    #[test]
+    fn closed_directories_go_and_nothing_outside_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, outside) = (t.path().join("t"), t.path().join("outside"));
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), "x").unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
+        std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::set_permissions(root.join("a"), std::fs::Permissions::from_mode(0o500)).unwrap();
+        let r = remove(&root, &Who::Anyone);
+        assert_eq!(r.left, 0, "{r:?}");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        let mode = std::fs::symlink_metadata(&outside)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o555, "followed a symlink");
+    }
+
+    /// A tmpfs mounted for a test, unmounted (lazily) when dropped.
+    pub(crate) struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        /// `None` (and a line saying the test is skipped) where mounting is not allowed.
+        pub(crate) fn mount(at: &Path) -> Option<Tmpfs> {
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "c3-test"])
+                .arg(at)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("skipped: cannot mount a tmpfs here");
+                return None;
+            }
+            Some(Tmpfs(at.to_path_buf()))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+}
