@@ -117,6 +117,15 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
     };
     let local_text = match &retention {
         None => "local: dry run, nothing removed".to_string(),
+        Some(r) if !r.errors.is_empty() => {
+            // Logged one by one already; the exit status tells the housekeeping unit (a
+            // trash entry that cannot go, a job's dir that would not move, every hour).
+            code = ExitCode::FAILURE;
+            format!(
+                "local: {jobs} finished jobs removed ({local_bytes} bytes); {} could not be cleaned up (see the log)",
+                r.errors.len()
+            )
+        }
         Some(_) => format!("local: {jobs} finished jobs removed ({local_bytes} bytes)"),
     };
     out::result(
@@ -124,6 +133,7 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
         serde_json::json!({
             "jobs_removed": jobs,
             "local_bytes_freed": local_bytes,
+            "local_errors": retention.as_ref().map_or(0, |r| r.errors.len()),
             "store": blob_json,
         }),
     );

@@ -292,3 +292,47 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
     );
     assert!(!h2.state.join("jobs/keep").exists());
 }
+
+/// What retention could not clean up is no silent success: a trash entry with a file system
+/// mounted in it (a job's FUSE mount made during an earlier sweep) stays whole, and `gc`
+/// says so and exits 1. Root only (mount); skipped where mounting is not allowed.
+#[test]
+fn gc_fails_when_retention_leaves_something_behind() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let h = Harness::file();
+    let point = h.state.join("jobs/.trash/gone.1.2/work/data");
+    std::fs::create_dir_all(&point).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "c3-test"])
+        .arg(&point)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let _unmount = Unmount(point.clone());
+    std::fs::write(point.join("f"), "keep").unwrap();
+    let gc = h.run(&["gc"]);
+    gc.assert_code(1);
+    assert!(
+        gc.stdout.contains("1 could not be cleaned up"),
+        "{}",
+        gc.stdout
+    );
+    assert!(
+        gc.stderr.contains("a file system is mounted"),
+        "{}",
+        gc.stderr
+    );
+    assert_eq!(std::fs::read_to_string(point.join("f")).unwrap(), "keep");
+}
