@@ -472,6 +472,38 @@ fn deputy<'a>(records: impl IntoIterator<Item = &'a RunRecord>) -> rmtree::Who {
     }
 }
 
+/// [`deputy`] for a job's dir whose records are gone (a sweep of an older agent, cut short
+/// part way): the owners of its top-level directories. Those are the agent's making (the job
+/// dir is root's, 0711, and nobody else may add to it), given to the job's user, or root's.
+fn deputy_by_owners(dir: &Path) -> rmtree::Who {
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut uids: Vec<u32> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| crate::confine::cached_stat(&e.path(), false))
+        .filter(|st| st.is_dir() && st.uid != euid)
+        .map(|st| st.uid)
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    let users = uids
+        .into_iter()
+        .map(|uid| {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid));
+            user.ok()
+                .flatten()
+                .and_then(|u| look_up(&u.name))
+                .filter(|reader| reader.uid == uid)
+                .unwrap_or(JobReader {
+                    uid,
+                    gids: Vec::new(),
+                })
+        })
+        .collect();
+    rmtree::Who::Users(users)
+}
+
 /// A user and its groups by name (a record from before the user's ids were kept).
 fn look_up(name: &str) -> Option<JobReader> {
     let user = nix::unistd::User::from_name(name).ok()??;
@@ -562,9 +594,9 @@ fn ensure_trash(trash: &Path) -> io::Result<()> {
 }
 
 /// Removes what an earlier sweep moved to the trash and did not finish removing, as that
-/// sweep would have (whose removals: from the records still in it, else only the agent's
-/// own directories are emptied). An entry with a file system mounted in it stays, with a
-/// warning, until it is unmounted.
+/// sweep would have (whose removals: from the records still in it, else the owners of its
+/// top-level directories). An entry with a file system mounted in it stays, with a warning,
+/// until it is unmounted.
 fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
     let Ok(entries) = std::fs::read_dir(trash) else {
         return;
@@ -600,7 +632,7 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
             .filter_map(|a| state.read_record(&a.path().join("run.json")).ok())
             .collect();
         let who = if records.is_empty() {
-            rmtree::Who::Users(Vec::new())
+            deputy_by_owners(&path)
         } else {
             deputy(&records)
         };
@@ -1097,6 +1129,45 @@ mod tests {
             "{report:?}"
         );
         assert!(report.removed_jobs.is_empty(), "{report:?}");
+    }
+
+    /// A trash entry whose records an older agent's sweep removed before it stopped goes as
+    /// the owner of its workdir (the job's user) could have removed it. Root only (chown).
+    #[test]
+    fn a_trash_entry_without_records_goes_as_its_workdirs_owner_could() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let f = Fixture::new();
+        let entry = f.state.jobs_dir().join(TRASH).join("old.1.2");
+        let work = entry.join("work");
+        std::fs::create_dir_all(work.join("deep/er")).unwrap();
+        std::fs::write(work.join("deep/er/f"), [0u8; 10]).unwrap();
+        std::fs::create_dir_all(work.join("moved/victim")).unwrap();
+        std::fs::write(work.join("moved/victim/f"), "bob's").unwrap();
+        for (path, uid) in [
+            ("deep/er/f", 65534),
+            ("deep/er", 65534),
+            ("deep", 65534),
+            ("moved/victim/f", 1),
+            ("moved/victim", 1),
+            ("moved", 65534),
+            ("", 65534),
+        ] {
+            std::os::unix::fs::lchown(work.join(path), Some(uid), Some(uid)).unwrap();
+        }
+        let report = f.sweep();
+        assert!(!work.join("deep").exists(), "{report:?}");
+        assert!(work.join("moved/victim/f").is_file(), "{report:?}");
+        assert!(
+            report.errors.len() == 1 && report.errors[0].contains("moved/victim stays"),
+            "{report:?}"
+        );
+        std::fs::remove_dir_all(work.join("moved/victim")).unwrap();
+        let report = f.sweep();
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(!f.state.jobs_dir().join(TRASH).exists());
     }
 
     /// A chain of directories deeper than the fds the housekeeping unit may open (its soft
