@@ -90,6 +90,7 @@ impl LiveSync {
             manifest_written: None,
             requests_from: Instant::now(),
             polling: false,
+            roots_lost: false,
             rescans: RescanPace::default(),
             prehashing: JoinSet::new(),
             prehash_busy: Default::default(),
@@ -136,6 +137,9 @@ struct Syncer {
     requests_from: Instant,
     /// Polling instead of (or in addition to) inotify.
     polling: bool,
+    /// An output dir (or a directory above one) was removed: nothing watches the workdir, so
+    /// nothing would see it made again. Polled until every output dir is watched again.
+    roots_lost: bool,
     warned_upload: bool,
     /// Said once: more files than a manifest can list.
     warned_files: bool,
@@ -192,7 +196,7 @@ impl Syncer {
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if self.polling && Instant::now() >= next_poll {
+                    if (self.polling || self.roots_lost) && Instant::now() >= next_poll {
                         self.paced_rescan().await;
                         next_poll = Instant::now() + self.opts.poll_interval;
                     }
@@ -351,6 +355,12 @@ impl Syncer {
                 self.watch_tree(root).await;
             }
         }
+        if self.roots_lost {
+            self.roots_lost = !self
+                .watcher
+                .as_ref()
+                .is_some_and(|w| self.roots.iter().all(|root| w.watches(root)));
+        }
     }
 
     /// Hashes ahead what a large file being written already holds (one task per file).
@@ -396,7 +406,7 @@ impl Syncer {
                 .unwrap_or_else(Instant::now);
             wake = wake.min(due);
         }
-        if self.polling {
+        if self.polling || self.roots_lost {
             wake = wake.min(next_poll);
         }
         // A request that came while the last one's rest lasts is served when it ends.
@@ -428,6 +438,10 @@ impl Syncer {
             Hint::Gone(path) => {
                 if let Some(w) = self.watcher.as_mut() {
                     w.unwatch_tree(&path);
+                }
+                if self.roots.iter().any(|root| root.starts_with(&path)) {
+                    // `rm -rf out && mkdir out`: the new one is found by looking again.
+                    self.roots_lost = true;
                 }
                 if let Some(rel) = self.rel_of(&path).filter(|r| !r.is_empty()) {
                     let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));

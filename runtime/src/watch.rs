@@ -120,6 +120,11 @@ impl DirWatcher {
         self.watched.len()
     }
 
+    /// Whether `dir` has a watch.
+    pub fn watches(&self, dir: &Path) -> bool {
+        self.watched.contains_key(dir)
+    }
+
     /// Watches the open directory `fd` (which is `d`) through a fresh alias.
     fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> Result<notify::Result<()>, WatchStopped> {
         let id = match crate::confine::fstat(fd) {

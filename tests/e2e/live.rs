@@ -395,3 +395,24 @@ fn a_file_too_deep_to_list_keeps_the_manifest_readable() {
     let rc = std::fs::read_to_string(h.workdir("deep").join("rc")).unwrap();
     assert_ne!(rc.trim(), "0", "publish stored a path no manifest may list");
 }
+
+/// `rm -rf $C3_ARTIFACTS_DIR && mkdir $C3_ARTIFACTS_DIR` while the job runs: the workdir is
+/// not watched, so nothing saw the new directory, and nothing below it was synced live for
+/// the rest of the job (the final scan still found it).
+#[test]
+fn an_output_dir_made_again_is_watched_again() {
+    let h = harness(Store::File);
+    let go = h.path("go");
+    let script = format!(
+        "echo a > $C3_ARTIFACTS_DIR/first; sleep 1; rm -rf $C3_ARTIFACTS_DIR; \
+         mkdir $C3_ARTIFACTS_DIR; sleep 0.5; echo b > $C3_ARTIFACTS_DIR/again; {}",
+        wait_go(&go)
+    );
+    let spec = h.spec(json!({"job_id": "remade", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let entry = wait_synced(&h, "remade", "artifacts/again");
+    assert_eq!(entry["sha256"], sha256_hex(b"b\n"));
+    std::fs::write(&go, "").unwrap();
+    h.wait("remade".into(), child).assert_code(0);
+    assert_eq!(h.manifest_paths("remade"), vec!["artifacts/again"]);
+}
