@@ -1290,13 +1290,19 @@ impl BlobStore {
     /// Reads a document whole, refusing one larger than `max` bytes (checked on the object's
     /// size and again while reading: the store's word is not trusted).
     pub async fn get_bytes_capped(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
+        // The request and its body together: a body that breaks off (a reset after the
+        // headers) is a blip like a failed request, and a dataset's manifest failed on one.
+        self.retrying(|| self.get_bytes_capped_once(key, max)).await
+    }
+
+    async fn get_bytes_capped_once(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
         use futures::StreamExt;
         let too_large = |size: u64| StoreError::TooLarge {
             key: key.to_string(),
             size,
             max,
         };
-        let result = self.get(key).await?;
+        let result = self.get_once(key).await?;
         if result.meta.size > max {
             return Err(too_large(result.meta.size));
         }

@@ -42,6 +42,8 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// The first GET of each manifest: half its body, then the connection breaks.
+    CutManifestOnce,
     /// Every listing: a page of keys that says more follow, for ever (a gateway that drops
     /// the continuation token).
     EndlessListing,
@@ -338,6 +340,17 @@ async fn handle(
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     Ok::<_, std::io::Error>(Bytes::from(vec![b]))
                 }))
+            } else if fault == Fault::CutManifestOnce
+                && key.ends_with("/manifest.json")
+                && st.seen_gets.get(&key) == Some(&1)
+            {
+                let head = rest.slice(..rest.len() / 2);
+                use futures::StreamExt;
+                let cut = futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Err(std::io::Error::other("cut"))
+                });
+                Body::from_stream(futures::stream::once(async { Ok(head) }).chain(cut))
             } else if fault == Fault::CutDownloads && rest.len() > 256 << 10 {
                 // Promise the whole rest, send 256 KiB, then break the connection.
                 let head = rest.slice(..256 << 10);
@@ -745,6 +758,21 @@ fn an_upload_id_no_request_can_carry_is_not_used() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&manifest.expect("a manifest")).unwrap();
     assert_eq!(manifest["complete"], true);
+}
+
+/// A manifest read whose body breaks off after its headers: the request was retried, its
+/// body not, and a dataset failed before its launch on one reset.
+#[test]
+fn a_manifest_read_cut_once_is_read_again() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(4096);
+    h.run_job(job_writing(&h, "cutdoc", &data)).assert_code(0);
+    s3.set_fault(Fault::CutManifestOnce);
+    let dest = h.path("dest");
+    h.run(&["pull", "cutdoc", dest.to_str().unwrap()])
+        .assert_code(0);
+    assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
 }
 
 /// A listing that never ends (every page says more follow): a later attempt's manifest
