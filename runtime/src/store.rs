@@ -161,6 +161,14 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static), local: bool) -> bool {
         if text_is_range_refusal(err) {
             return true;
         }
+        // S3's answer to a request for a bucket of another region (a `301 PermanentRedirect`
+        // without a Location): the next try goes to the same wrong place.
+        if err
+            .to_string()
+            .contains("Received redirect without LOCATION")
+        {
+            return true;
+        }
         // object_store's RetryError is not nameable outside the crate; its text is stable:
         // "Server returned non-2xx status code: 400 Bad Request: ...", with the body after it.
         let text = err.to_string();

@@ -42,6 +42,8 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// Every request: 301 PermanentRedirect with no Location (a bucket of another region).
+    WrongRegion,
     /// The first GET of each manifest: half its body, then the connection breaks.
     CutManifestOnce,
     /// Every listing: a page of keys that says more follow, for ever (a gateway that drops
@@ -169,6 +171,9 @@ async fn handle(
     }
     if fault == Fault::Skewed {
         return s3_error(StatusCode::FORBIDDEN, "RequestTimeTooSkewed");
+    }
+    if fault == Fault::WrongRegion {
+        return s3_error(StatusCode::MOVED_PERMANENTLY, "PermanentRedirect");
     }
     let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
     let query = |name: &str| {
@@ -758,6 +763,23 @@ fn an_upload_id_no_request_can_carry_is_not_used() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&manifest.expect("a manifest")).unwrap();
     assert_eq!(manifest["complete"], true);
+}
+
+/// A bucket of another region than the one configured: S3 answers every request with a
+/// 301 PermanentRedirect and no Location. That was taken as a blip: the job launched, and
+/// every upload was retried to the deadline and failed (UPLOAD_ERROR). It is the node's
+/// configuration, said before the launch.
+#[test]
+fn a_bucket_of_another_region_fails_before_the_launch() {
+    let s3 = FakeS3::start(Fault::WrongRegion);
+    let h = s3.harness();
+    let marker = h.path("launched");
+    let run = h.run_job(
+        serde_json::json!({"job_id": "region", "command": ["touch", marker.display().to_string()]}),
+    );
+    run.assert_code(6);
+    assert!(!marker.exists(), "the script ran");
+    assert!(run.stderr.contains("region"), "{}", run.stderr);
 }
 
 /// A manifest read whose body breaks off after its headers: the request was retried, its
