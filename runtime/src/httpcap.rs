@@ -39,7 +39,29 @@ struct Capped(HttpClient);
 impl HttpService for Capped {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         let object_read = req.method() == http::Method::GET && !is_listing(req.uri().query());
+        let (method, sent_to) = (req.method().clone(), req.uri().clone());
         let res = self.0.execute(req).await?;
+        // reqwest follows redirects (object_store relies on it for a GET). For anything else
+        // the answer is not the store's word on this request: a PUT answered 303 comes back
+        // as the 200 of a GET elsewhere (an upload "done" that stored nothing), and a HEAD's
+        // size from another host says a blob exists. Refused (a blip, retried: the upload
+        // fails at the deadline rather than count as stored).
+        if method != http::Method::GET {
+            if let Some(at) = res
+                .extensions()
+                .get::<tower_http::follow_redirect::RequestUri>()
+            {
+                if !same_place(&at.0, &sent_to) {
+                    return Err(HttpError::new(
+                        HttpErrorKind::Unknown,
+                        Redirected {
+                            method: method.to_string(),
+                            to: at.0.host().unwrap_or("").to_string(),
+                        },
+                    ));
+                }
+            }
+        }
         let cap = if !res.status().is_success() {
             Cap::Truncate
         } else if object_read {
@@ -55,6 +77,26 @@ impl HttpService for Capped {
             done: false,
         };
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// A redirect of a request that is not a GET, followed by the HTTP client.
+#[derive(Debug, thiserror::Error)]
+#[error("the store answered a {method} with a redirect (to host `{to}`); its answer is not taken")]
+struct Redirected {
+    method: String,
+    to: String,
+}
+
+/// Whether two URIs name the same place once both are spelt as the HTTP client spells them
+/// (it parses every request's URI into a URL); one that does not parse is taken as the same.
+fn same_place(a: &http::Uri, b: &http::Uri) -> bool {
+    match (
+        url::Url::parse(&a.to_string()),
+        url::Url::parse(&b.to_string()),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => true,
     }
 }
 

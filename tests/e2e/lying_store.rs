@@ -42,6 +42,9 @@ enum Fault {
     EndlessError,
     /// Every multipart start: 200 with 256 MiB of XML.
     EndlessXml,
+    /// Every PUT of a non-empty blob: 303 See Other to `/portal/x`, whose GET answers 200 with
+    /// an ETag (a captive portal, a misrouted proxy).
+    RedirectPuts,
     /// Every request: 301 PermanentRedirect with no Location (a bucket of another region).
     WrongRegion,
     /// The first GET of each manifest: half its body, then the connection breaks.
@@ -171,6 +174,24 @@ async fn handle(
     }
     if fault == Fault::Skewed {
         return s3_error(StatusCode::FORBIDDEN, "RequestTimeTooSkewed");
+    }
+    if uri.path().starts_with("/portal/") {
+        return reply(
+            StatusCode::OK,
+            &[("etag", "\"portal\"".into())],
+            Body::empty(),
+        );
+    }
+    if fault == Fault::RedirectPuts
+        && method == Method::PUT
+        && key.contains("/blobs/sha256/")
+        && !body.is_empty()
+    {
+        return reply(
+            StatusCode::SEE_OTHER,
+            &[("location", "/portal/x".into())],
+            Body::empty(),
+        );
     }
     if fault == Fault::WrongRegion {
         return s3_error(StatusCode::MOVED_PERMANENTLY, "PermanentRedirect");
@@ -780,6 +801,25 @@ fn a_bucket_of_another_region_fails_before_the_launch() {
     run.assert_code(6);
     assert!(!marker.exists(), "the script ran");
     assert!(run.stderr.contains("region"), "{}", run.stderr);
+}
+
+/// A PUT answered with a redirect: the HTTP client followed it (a 303 turns the PUT into a
+/// GET of the new place) and the 200 there counted as the blob stored; the job ended 0 with
+/// a manifest listing a blob the store did not hold.
+#[test]
+fn a_redirected_upload_is_not_taken_as_stored() {
+    let s3 = FakeS3::start(Fault::RedirectPuts);
+    let h = s3.harness();
+    let data = pattern(4096);
+    let run = h.run_job(job_writing(&h, "redirected", &data));
+    let stored = s3.blob(&data).is_some();
+    assert!(
+        stored || run.code != 0,
+        "exit {} with the blob not in the store\n{}",
+        run.code,
+        run.stderr
+    );
+    assert!(run.stderr.contains("redirect"), "{}", run.stderr);
 }
 
 /// A manifest read whose body breaks off after its headers: the request was retried, its
