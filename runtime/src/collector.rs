@@ -454,8 +454,10 @@ async fn seal(
         Ok(sha) => Some(sha),
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "cannot write the manifest");
-            // Too large: the job's files would make it so again.
-            for_good += u64::from(matches!(e, crate::store::StoreError::TooLarge { .. }));
+            // Never "for good", even when too large: with no complete manifest, nothing lists
+            // the attempt's blobs (gc may take those of its final sync) and the workdir is
+            // the only copy of what was stored, so retention must keep it and recover look
+            // again.
             unstored.push("manifest".into());
             None
         }

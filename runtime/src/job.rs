@@ -389,7 +389,7 @@ impl<'a> Run<'a> {
             .filter(|l| !l.cpus.is_empty())
             .map(|l| crate::pace::cpu_list(&l.cpus));
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), cuda_visible_devices, live_cpus, "job launched");
-        self.reports.running(seq);
+        self.reports.running(seq, self.ctx.report_deadline());
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let live_progress = self.progress("live");
@@ -426,7 +426,8 @@ impl<'a> Run<'a> {
     pub(crate) async fn gpu_released(&mut self, facts: Option<c3_proto::JobFacts>, gone: bool) {
         self.record.facts = facts;
         let seq = self.next_seq().await;
-        self.reports.finalizing(seq, gone);
+        self.reports
+            .finalizing(seq, gone, self.ctx.report_deadline());
         crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
         tracing::info!(
             seq,

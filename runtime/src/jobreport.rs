@@ -16,14 +16,6 @@ use crate::report::{Ahead, Delivery, Reporter};
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
 
-/// How long RUNNING and FINALIZING are retried in the background: as long as the attempt
-/// lasts. Given up after `give_up_secs` and kept in the outbox, a RUNNING that met a control
-/// plane down at launch reached it only with the next status, hours later, while the job's
-/// output streamed in (a scheduler may place the job again meanwhile). The terminal status
-/// still waits for them only until its own `give_up_secs`; past it they go to the outbox
-/// first, in order ([`JobReporter::settle_background`]).
-const UNTIL_SUPERSEDED: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
-
 /// What the terminal status says about how the job ended.
 #[derive(Debug, Clone, Default)]
 pub struct Ending {
@@ -45,6 +37,9 @@ pub struct JobReporter {
     /// Fires when the newest background status is settled: the next one waits for it, so
     /// the control plane sees them in `seq` order.
     last_done: Option<oneshot::Receiver<()>>,
+    /// The terminal status's turn has come: background statuses kept in the outbox stop
+    /// trying it (the terminal status's send delivers the outbox first).
+    superseded: tokio_util::sync::CancellationToken,
 }
 
 impl JobReporter {
@@ -55,6 +50,7 @@ impl JobReporter {
             warnings: Vec::new(),
             background: Vec::new(),
             last_done: None,
+            superseded: Default::default(),
         }
     }
 
@@ -91,28 +87,30 @@ impl JobReporter {
         }
     }
 
-    /// RUNNING, sent in the background (the job must not wait for the control plane), and
-    /// retried until it is delivered or the next status's turn ends it (see
-    /// [`UNTIL_SUPERSEDED`]).
-    pub fn running(&mut self, seq: u64) {
+    /// RUNNING, sent in the background (the job must not wait for the control plane).
+    pub fn running(&mut self, seq: u64, deadline: Instant) {
         let body = self.status(seq, JobState::Running).to_json();
-        self.in_background(seq, body, Instant::now() + UNTIL_SUPERSEDED);
+        self.in_background(seq, body, deadline);
     }
 
     /// FINALIZING with `gpu_released`: the job's processes are gone, so a scheduler may place
-    /// the next job on its GPU while the final sync runs. In the background, right away,
-    /// retried as RUNNING is.
-    pub fn finalizing(&mut self, seq: u64, gpu_released: bool) {
+    /// the next job on its GPU while the final sync runs. In the background, right away.
+    pub fn finalizing(&mut self, seq: u64, gpu_released: bool, deadline: Instant) {
         let mut status = self.status(seq, JobState::Finalizing);
         status.gpu_released = Some(gpu_released);
-        self.in_background(seq, status.to_json(), Instant::now() + UNTIL_SUPERSEDED);
+        self.in_background(seq, status.to_json(), deadline);
     }
 
+    /// Sent until `deadline`, then kept in the outbox (where a crash cannot lose it) and
+    /// delivered from there as soon as the control plane answers again, until the terminal
+    /// status's turn. Kept and left there, a RUNNING that met a control plane down at launch
+    /// reached it only with the next status, hours later, while the job's output streamed in.
     fn in_background(&mut self, seq: u64, body: Vec<u8>, deadline: Instant) {
         let reporter = self.reporter.clone();
         let sent = body.clone();
         let (done, done_rx) = oneshot::channel();
         let before = self.last_done.replace(done_rx);
+        let superseded = self.superseded.clone();
         let task = tokio::spawn(
             async move {
                 if let Some(before) = before {
@@ -121,7 +119,10 @@ impl JobReporter {
                 }
                 let delivery = reporter.send("status", seq, sent, deadline).await;
                 let _ = done.send(());
-                delivery
+                match delivery {
+                    Delivery::Kept => reporter.deliver_kept(&superseded).await,
+                    other => other,
+                }
             }
             .in_current_span(),
         );
@@ -131,6 +132,7 @@ impl JobReporter {
     /// Waits for the background statuses until `stay`; past it, they go to the outbox
     /// first, in order.
     async fn settle_background(&mut self, stay: Instant) {
+        self.superseded.cancel();
         let mut tasks = std::mem::take(&mut self.background).into_iter();
         while let Some((mut task, seq, body)) = tasks.next() {
             if tokio::time::timeout_at(stay, &mut task).await.is_err() {

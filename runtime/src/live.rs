@@ -197,7 +197,11 @@ impl Syncer {
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if (self.polling || self.roots_lost) && Instant::now() >= next_poll {
-                        self.paced_rescan().await;
+                        // A lost output dir that is not back costs a look at its name only
+                        // (an output dir removed for good must not make every poll a walk).
+                        if self.polling || self.a_lost_root_is_back().await {
+                            self.paced_rescan().await;
+                        }
                         next_poll = Instant::now() + self.opts.poll_interval;
                     }
                     if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
@@ -315,6 +319,26 @@ impl Syncer {
             tracing::warn!(reason = %why, poll_ms = self.opts.poll_interval.as_millis() as u64, "live sync falls back to polling");
             self.polling = true;
         }
+    }
+
+    /// Whether an output dir that has no watch is a directory again.
+    async fn a_lost_root_is_back(&self) -> bool {
+        let lost: Vec<PathBuf> = self
+            .roots
+            .iter()
+            .filter(|root| !self.watcher.as_ref().is_some_and(|w| w.watches(root)))
+            .filter_map(|root| root.strip_prefix(&self.workdir).ok().map(Path::to_path_buf))
+            .collect();
+        let workdir = self.workdir.clone();
+        crate::pace::spawn_gently(move || {
+            let Ok(root) = DirFd::open_root(&workdir) else {
+                return false;
+            };
+            lost.iter()
+                .any(|rel| lstat_beneath(&root, rel).is_ok_and(|st| crate::confine::is_dir(&st)))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     async fn paced_rescan(&mut self) {

@@ -291,6 +291,8 @@ impl StreamPosts {
             Posted::Sent(n) => {
                 self.offset += n;
                 self.rejected = 0;
+                // A 413 was one proxy's limit at one moment: grown back a step at a time.
+                self.limit = (self.limit * 2).min(MAX_POST);
             }
             Posted::Nothing | Posted::Undelivered => {}
             Posted::Rejected { .. } if self.cut_down(&posted) => {
@@ -430,6 +432,7 @@ mod tests {
         }
         assert_eq!(rests(&mut at), 1 << MAX_REJECTED_BACKOFF);
         at.after(Posted::Sent(7), Stream::Stdout);
+        assert_eq!(at.limit, 2 * MIN_POST, "grown back after a delivery");
         at.after(
             Posted::Rejected {
                 status: 404,

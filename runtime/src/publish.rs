@@ -198,7 +198,15 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         match given.strip_prefix(parts.workdir) {
             Ok(rel) => rel,
             Err(_) => {
-                real_workdir = std::fs::canonicalize(parts.workdir).ok();
+                // By path, off the reactor and bounded: a component above the workdir may be
+                // on a mount that does not answer.
+                let workdir = parts.workdir.to_path_buf();
+                let real = crate::pace::spawn_gently(move || std::fs::canonicalize(workdir).ok());
+                real_workdir = tokio::time::timeout(std::time::Duration::from_secs(5), real)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
                 real_workdir
                     .as_deref()
                     .and_then(|real| given.strip_prefix(real).ok())

@@ -104,15 +104,17 @@ pub async fn read_manifest(
         })?;
     // Up to 256 MiB of JSON: parsed off the reactor, where a dataset's timeout and a cancel
     // are heard.
-    let manifest = tokio::task::spawn_blocking(move || Manifest::from_json(&bytes))
-        .await
-        .map_err(|_| PullError::Task {
-            path: manifest_key(job_id),
-        })?
-        .map_err(|source| PullError::BadManifest {
-            job_id: job_id.into(),
-            source,
-        })?;
+    let manifest = tokio::task::spawn_blocking(move || {
+        Manifest::from_json(&bytes).and_then(|m| m.check_places().map(|()| m))
+    })
+    .await
+    .map_err(|_| PullError::Task {
+        path: manifest_key(job_id),
+    })?
+    .map_err(|source| PullError::BadManifest {
+        job_id: job_id.into(),
+        source,
+    })?;
     // A key swapped or misrouted (a cache, a gateway, a copy) would hand this job another
     // job's files, perhaps another tenant's.
     if manifest.job_id != job_id {
@@ -244,8 +246,8 @@ impl Drop for Stop {
 /// takes whole blocks (counted at most 4 KiB each: NFS, CephFS and ZFS report 128 KiB to
 /// 4 MiB here, and pack small files tighter) and an inode, and so does each directory made
 /// for them (a forged manifest of 0-byte files, each below its own chain of 127 directories,
-/// asked for 87 million of them). A file already in place with the entry's size (an earlier
-/// attempt's, a pull that broke off) is not counted again.
+/// asked for 87 million of them). A file already in place with the entry's size and mtime
+/// (an earlier attempt's, a pull that broke off) is not counted again.
 fn check_room(
     root: &DirFd,
     files: &[FileEntry],
@@ -279,10 +281,14 @@ fn check_room(
         } else {
             root.open_dir(&parent)
         };
+        // The mtime too, which a pull sets from the entry: a file of the same size that was
+        // rewritten since (a job may change its dataset copy) is replaced, and its new copy
+        // needs room beside it until the rename.
         dir.and_then(|d| d.stat(&name)).is_ok_and(|st| {
             crate::confine::is_regular(&st)
                 && st.st_size as u64 == entry.size
                 && owner.is_none_or(|(uid, _)| uid == st.st_uid)
+                && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == entry.mtime_ns
         })
     };
     let needed = files

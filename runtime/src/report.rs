@@ -97,7 +97,7 @@ impl ControlPlane {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(ONE_REQUEST)
             // Contract §7: a POST is never redirected (the body and token would follow it).
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("c3-agent/", env!("CARGO_PKG_VERSION")))
@@ -220,6 +220,15 @@ pub enum Delivery {
     Local,
 }
 
+/// The longest one control-plane request may take.
+const ONE_REQUEST: Duration = Duration::from_secs(30);
+
+/// The least time one job's outbox gets in a flush of all of them.
+const SHARE_FLOOR: Duration = Duration::from_secs(5);
+
+/// How often a job's kept background status is tried again while the job runs.
+const KEPT_RETRY_EVERY: Duration = Duration::from_secs(5);
+
 /// A report kept ahead of its sending (see [`Reporter::keep_ahead`]).
 #[derive(Debug)]
 pub enum Ahead {
@@ -330,6 +339,28 @@ impl Reporter {
         }
     }
 
+    /// After a report was kept: tries the job's outbox every [`KEPT_RETRY_EVERY`] until it
+    /// is delivered (`Delivered`, with no body) or `stop` (`Kept`).
+    pub async fn deliver_kept(&self, stop: &tokio_util::sync::CancellationToken) -> Delivery {
+        let Some(cp) = &self.control_plane else {
+            return Delivery::Kept;
+        };
+        let dir = self.state.outbox_dir(&self.job_id);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Delivery::Kept,
+                _ = tokio::time::sleep(KEPT_RETRY_EVERY) => {}
+            }
+            let flushed = tokio::select! {
+                _ = stop.cancelled() => return Delivery::Kept,
+                flushed = flush_job_outbox(cp, &dir, Instant::now() + cp.give_up()) => flushed,
+            };
+            if flushed {
+                return Delivery::Delivered(Bytes::new());
+            }
+        }
+    }
+
     /// Puts a report straight into the outbox (one whose sending ran out of time).
     pub fn keep_unsent(&self, kind: &str, order: u64, body: &[u8]) -> Delivery {
         let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
@@ -407,6 +438,8 @@ async fn flush_outbox_for(
     for path in sorted_entries(dir) {
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
+            // Delivered by another flusher of this outbox meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             _ => {
                 tracing::warn!(path = %path.display(), "unreadable outbox entry; moved aside");
                 let _ = std::fs::rename(&path, path.with_extension("bad"));
@@ -470,15 +503,46 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
     // Order matters within a job only: each job's outbox gets its share of the time left,
     // so one job whose reports the control plane keeps failing (a job it deleted, a body
     // that crashes it) does not hold every later job's reports back until the deadline.
+    // A job whose agent runs delivers its own outbox, in order, with what it sends next: a
+    // second flusher would post its artifacts registration (kept ahead of its sending)
+    // again, counting its bytes twice, or after its terminal status.
+    dirs.retain(|dir| {
+        let job = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let running = job_is_running(state, job);
+        if running {
+            left += 1;
+        }
+        !running
+    });
     let count = dirs.len();
     for (i, dir) in dirs.into_iter().enumerate() {
         let now = Instant::now();
-        let share = deadline.saturating_duration_since(now) / (count - i) as u32;
+        let time_left = deadline.saturating_duration_since(now);
+        // At least time for a try or two each: a share shorter than one POST (200 outboxes
+        // in 60 s) cut every first try, and nothing was ever delivered. An outbox delivered
+        // at once leaves its share to the rest.
+        let share = (time_left / (count - i) as u32).max(time_left.min(SHARE_FLOOR));
         if !flush_job_outbox(cp, &dir, (now + share).min(deadline)).await {
             left += 1;
         }
     }
     left
+}
+
+/// Whether an agent holds the lock of one of `job`'s attempts now.
+fn job_is_running(state: &StateDir, job: &str) -> bool {
+    let Ok(attempts) = std::fs::read_dir(state.job_dir(job).join("attempts")) else {
+        return false;
+    };
+    attempts
+        .flatten()
+        .filter_map(|a| a.file_name().to_str()?.parse::<u32>().ok())
+        .any(|n| {
+            matches!(
+                crate::statedir::AttemptLock::acquire_existing(state, job, n),
+                Err(crate::statedir::LockError::Held { .. })
+            )
+        })
 }
 
 fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
@@ -642,10 +706,30 @@ mod tests {
                 Delivery::Kept
             ));
         }
-        let left = flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(3)).await;
+        let left = flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(12)).await;
         assert_eq!(left, 1);
         assert!(!state.outbox_dir("b").exists(), "b's report was delivered");
         assert!(count.load(Ordering::SeqCst) >= 2);
+    }
+
+    /// The outbox of a job whose agent runs is that agent's to deliver: another flusher (a
+    /// later job's start, `recover`) sent its registration, kept ahead of its sending, a
+    /// second time.
+    #[tokio::test]
+    async fn a_running_jobs_outbox_is_left_to_its_agent() {
+        let (url, count) = serve_with(|_| Some(("200 OK", "{}"))).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let lock = crate::statedir::AttemptLock::acquire(&state, "live", 1).unwrap();
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "live", 1);
+        reporter.keep_unsent("artifacts", 3, b"{}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        drop(lock);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it

@@ -223,7 +223,7 @@ async fn watch_attempt(
         }
         run.record.phase = Phase::Running;
         let seq = run.next_seq().await;
-        run.reports.running(seq);
+        run.reports.running(seq, ctx.report_deadline());
         let procs = JobProcesses::watched(leader.as_ref());
         // Its tree at once: a leader that ends soon may leave a writer behind.
         let _ = procs.members_async().await;

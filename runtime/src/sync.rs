@@ -288,6 +288,12 @@ impl SyncBook {
     /// manifest `gc` cannot read stops every `gc`). Names that are not UTF-8 are keyed by
     /// their bytes in base64 and are not compared here.
     fn forget_other_shapes(&mut self, rel: &str) {
+        // A key that is not UTF-8 is `\0` and base64, whose alphabet holds `/`: its text says
+        // nothing of its place (two sibling names could read as file and entry below it).
+        // A UTF-8 key's prefixes and its `rel/` range are UTF-8 keys only.
+        if rel.starts_with('\0') {
+            return;
+        }
         let mut gone: Vec<Box<str>> = rel
             .match_indices('/')
             .map(|(i, _)| &rel[..i])
@@ -520,6 +526,14 @@ mod tests {
             book.path_bytes,
             ("artifacts/d".len() + "artifacts/d-1".len()) as u64
         );
+        // Two sibling names that are not UTF-8, one's base64 a prefix of the other's and a
+        // `/` after it: both stay.
+        let a = c3_proto::manifest::rel_key(b"artifacts/\xff\xfe");
+        let b = c3_proto::manifest::rel_key(b"artifacts/\xff\xfe\xfcab");
+        assert!(b.starts_with(&format!("{a}/")), "{a} {b}");
+        book.record(up(&b, 6));
+        book.record(up(&a, 7));
+        assert!(book.contains(&a) && book.contains(&b));
     }
 
     /// A forgotten file's slot goes to the next new one; every path keeps its own version.
