@@ -368,6 +368,29 @@ fn unescape_mount_path(s: &str) -> std::path::PathBuf {
 mod tests {
     use super::*;
 
+    /// Maps the 4 KiB file at `path` shared and writable, then closes its fd (the caller
+    /// unmaps the address it gets).
+    fn map_shared_then_close(path: &std::path::Path) -> *mut libc::c_void {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        // SAFETY: a fresh 4 KiB shared mapping of a file we own; the caller unmaps it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        addr
+    }
+
     /// Files held open for write are all counted and only the first few named.
     #[test]
     fn written_paths_counts_every_file_and_names_a_few() {
@@ -395,24 +418,7 @@ mod tests {
         let id = (md.dev(), md.ino());
         let primed = written_by_lately(&[me], std::time::Instant::now());
         assert!(!primed.contains(&id));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        // SAFETY: a fresh shared mapping of a 4096-byte file we own, unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        drop(file);
+        let addr = map_shared_then_close(&path);
         let changed = std::time::Instant::now();
         let seen = written_by_lately(&[me], changed);
         // SAFETY: the mapping made above, of that length.
@@ -485,28 +491,10 @@ mod tests {
 
     #[test]
     fn sees_a_file_mapped_shared_and_writable_with_its_fd_closed() {
-        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mapped");
         std::fs::write(&path, [0u8; 4096]).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        // SAFETY: a fresh 4 KiB shared mapping of a file we own, unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        drop(file);
+        let addr = map_shared_then_close(&path);
         let m = std::fs::metadata(&path).unwrap();
         let open = written_by(&[std::process::id() as i32]);
         // SAFETY: the mapping made above, 4096 bytes.
