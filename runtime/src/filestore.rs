@@ -54,9 +54,13 @@ impl DirSync {
 pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> io::Result<bool> {
     let dir = root.join("blobs/sha256");
     let dest = dir.join(sha256_hex);
-    if std::fs::symlink_metadata(&dest).is_ok() {
-        return Ok(false);
-    }
+    // Something of another size at the blob's key (a torn copy, a file put there by hand)
+    // is not the blob: replaced, never taken for it.
+    let replace = match std::fs::symlink_metadata(&dest) {
+        Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => return Ok(false),
+        Ok(_) => true,
+        Err(_) => false,
+    };
     let (tmp, mut file) = temp_file(root)?;
     let written = file
         .write_all(bytes)
@@ -64,6 +68,9 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
         .and_then(|()| {
             std::fs::create_dir_all(&dir)?;
             let _one = sync.linking.lock().unwrap_or_else(|p| p.into_inner());
+            if replace {
+                return std::fs::rename(&tmp, &dest).map(|()| true);
+            }
             match std::fs::hard_link(&tmp, &dest) {
                 Ok(()) => Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
@@ -117,8 +124,9 @@ mod tests {
         let sync = DirSync::default();
         let sha = crate::digest::sha256_hex(b"hello");
         assert!(put_blob(root.path(), &sha, b"hello", &sync).unwrap());
-        // The same key again (a second job with the same file): not added, not rewritten.
-        assert!(!put_blob(root.path(), &sha, b"other bytes", &sync).unwrap());
+        // The same key again (a second job with the same file, here bytes of the same size
+        // that stand for it): not added, not rewritten.
+        assert!(!put_blob(root.path(), &sha, b"HELLO", &sync).unwrap());
         let stored = std::fs::read(root.path().join("blobs/sha256").join(&sha)).unwrap();
         assert_eq!(stored, b"hello");
         // No temp file is left behind.

@@ -1183,17 +1183,34 @@ impl BlobStore {
             })
     }
 
-    /// Makes a finished staging object the blob `sha256_hex` unless that blob exists.
-    /// Returns whether it was added. The staging object is gone either way.
-    pub async fn promote(&self, staging_key: &str, sha256_hex: &str) -> Result<bool, StoreError> {
+    /// Makes a finished staging object (of `size` bytes) the blob `sha256_hex` unless that
+    /// blob exists. Returns whether it was added. The staging object is gone either way.
+    pub async fn promote(
+        &self,
+        staging_key: &str,
+        sha256_hex: &str,
+        size: u64,
+    ) -> Result<bool, StoreError> {
         let key = blob_key(sha256_hex);
         let (from, to) = (StorePath::from(staging_key), StorePath::from(key.as_str()));
         match self.store()?.rename_if_not_exists(&from, &to).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => {
+                // Something of another size at the blob's key is not the blob: replaced.
+                if !matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size) {
+                    self.store()?
+                        .rename(&from, &to)
+                        .await
+                        .map_err(|source| StoreError::Op {
+                            op: "promote",
+                            key: key.clone(),
+                            source,
+                        })?;
+                    return Ok(true);
+                }
                 if !self.still_wanted(sha256_hex).await {
                     // gc took the blob in between: the staging object becomes it after all.
-                    return Box::pin(self.promote(staging_key, sha256_hex)).await;
+                    return Box::pin(self.promote(staging_key, sha256_hex, size)).await;
                 }
                 self.delete(staging_key).await?;
                 Ok(false)
@@ -1686,5 +1703,22 @@ mod tests {
             store.get_bytes(&blob_key(&sha)).await.unwrap(),
             Bytes::from_static(b"x")
         );
+    }
+
+    /// Something of another size at a blob's key on the file store is not the blob: a
+    /// `put_blob` replaced nothing and reported it stored.
+    #[tokio::test]
+    async fn a_file_store_entry_of_another_size_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        store.preflight().await.unwrap();
+        let data = Bytes::from_static(b"the real bytes");
+        let sha = crate::digest::sha256_hex(&data);
+        let at = dir.path().join("s").join(blob_key(&sha));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(&at, vec![0u8; 1000]).unwrap();
+        assert!(store.put_blob(&sha, data.clone()).await.unwrap());
+        assert_eq!(std::fs::read(&at).unwrap(), &data[..]);
     }
 }

@@ -129,7 +129,7 @@ impl Uploader {
         })?;
         let new = self
             .store
-            .promote(&staging_key, &digests.sha256_hex())
+            .promote(&staging_key, &digests.sha256_hex(), digests.size)
             .await
             .map_err(store_err)?;
         Ok((digests, new))
