@@ -130,6 +130,17 @@ impl Scan {
         }
     }
 
+    /// `rel` is left out for a reason no later look changes: said, named (the first
+    /// [`MAX_INCOMPLETE`]) and counted by the final sync as a failure.
+    fn refuse(&mut self, rel: String, why: &str) {
+        self.warn(format!("{rel} {why}"));
+        if self.refused.len() < MAX_INCOMPLETE {
+            self.refused.push(rel);
+        } else {
+            self.incomplete_overflow += 1;
+        }
+    }
+
     /// Whether the scan saw the whole place where `rel` would be: only then does its absence
     /// mean the file is gone.
     pub fn covers(&self, rel: &str) -> bool {
@@ -278,10 +289,14 @@ fn walk(
                 }
             }
         } else if is_regular(&st) {
-            if reader.is_some_and(|r| !r.might_read(&*entry.parent, &entry.name, &st)) {
-                out.warn(format!(
-                    "{child_rel} is not readable by the job's user; not uploaded"
-                ));
+            if let Some(r) = reader.filter(|r| !r.might_read(&*entry.parent, &entry.name, &st)) {
+                if r.is_unknown_owner() {
+                    out.refuse(child_rel, "is readable by its owner alone, and no job user is named to read it as; not uploaded");
+                } else {
+                    out.warn(format!(
+                        "{child_rel} is not readable by the job's user; not uploaded"
+                    ));
+                }
                 continue;
             }
             let floor = entry_floor(&child_key);
@@ -337,6 +352,13 @@ fn open_walked(
     if let Some(reader) = reader {
         match crate::confine::fstat(&dir).and_then(|st| reader.may_enter(&dir, &st)) {
             Ok(true) => {}
+            Ok(false) if reader.is_unknown_owner() => {
+                out.refuse(
+                    rel.to_string(),
+                    "is open to its owner alone, and no job user is named to read it as; skipped",
+                );
+                return None;
+            }
             Ok(false) => {
                 out.warn(format!("{rel}/ is not readable by the job's user; skipped"));
                 return None;

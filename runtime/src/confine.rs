@@ -467,6 +467,9 @@ fn statx_cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Re
     })
 }
 
+/// The uid a sidecar reads as when no job user is named (no account has it).
+pub const UNKNOWN_OWNER_UID: u32 = u32::MAX - 2;
+
 /// The job's user as the kernel would check it: uid and every group (primary and supplementary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobReader {
@@ -494,6 +497,13 @@ impl JobReader {
             }),
             (None, None, None) => None,
         }
+    }
+
+    /// Whether this reader stands in for an owner no one named (a sidecar's, when the watched
+    /// dirs' parent is root's: an emptyDir): what it may not read may well be the job's (a
+    /// root trainer's 0600 checkpoint), so it is not left out quietly.
+    pub fn is_unknown_owner(&self) -> bool {
+        self.uid == UNKNOWN_OWNER_UID
     }
 
     /// Whether this user may read a file with this owner and mode, by the mode bits alone:

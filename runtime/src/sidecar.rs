@@ -277,9 +277,11 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<(Option<JobUser
             gids: groups_of(uid).unwrap_or_else(|| vec![gid]),
         }),
         // A root-owned parent (an emptyDir, a root prolog's mkdir) names no job user: read
-        // only what anyone may, never what root alone may (a file renamed in by someone else).
+        // only what anyone may, never what root alone may (a file renamed in by someone else);
+        // what that leaves out is an upload failure, not a quiet skip (a root trainer's 0600
+        // checkpoint is the job's).
         Some(_) => Some(JobUser {
-            uid: u32::MAX - 1,
+            uid: crate::confine::UNKNOWN_OWNER_UID,
             gids: Vec::new(),
         }),
         None => None,

@@ -350,6 +350,38 @@ fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
     assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
 }
 
+/// The Kubernetes default: a root-owned emptyDir and a root trainer whose checkpoint is
+/// 0600 (`tempfile.mkstemp`, then a rename). No job user is named, so the sidecar reads only
+/// what anyone may: the checkpoint was skipped with a warning and the job SUCCEEDED without
+/// it. It is an upload failure now, named.
+#[test]
+fn watch_does_not_quietly_leave_out_what_no_named_user_may_read() {
+    let h = Harness::file();
+    let shared = h.path("shared0");
+    std::fs::create_dir_all(&shared).unwrap();
+    let done = shared.join(".c3-done");
+    let done_arg = done.display().to_string();
+    let agent = watch(
+        &h,
+        "private",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts")],
+    );
+    wait_for("the watched dir", Duration::from_secs(20), || {
+        shared.join("artifacts").is_dir().then_some(())
+    });
+    let mut t = trainer(
+        "echo open > artifacts/open.txt && (umask 077; echo w > artifacts/model.pt) && echo 0 > .c3-done",
+        &shared,
+    );
+    assert!(t.wait().unwrap().success());
+    let run = h.wait("watch".into(), agent);
+    run.assert_code(3);
+    assert!(run.stderr.contains("artifacts/model.pt"), "{}", run.stderr);
+    assert_eq!(h.manifest_paths("private"), vec!["artifacts/open.txt"]);
+    assert_eq!(h.terminal("private")["reason"], "UPLOAD_ERROR");
+}
+
 /// A done file an earlier attempt left in a workdir a retry shares is not this attempt's end:
 /// the watch ends when it is written again, with the trainer's files.
 #[test]
