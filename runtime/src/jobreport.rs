@@ -37,9 +37,10 @@ pub struct JobReporter {
     /// Fires when the newest background status is settled: the next one waits for it, so
     /// the control plane sees them in `seq` order.
     last_done: Option<oneshot::Receiver<()>>,
-    /// The terminal status's turn has come: background statuses kept in the outbox stop
-    /// trying it (the terminal status's send delivers the outbox first).
-    superseded: tokio_util::sync::CancellationToken,
+    /// Stops the newest background status's tries of the outbox once a later status's turn
+    /// comes (that one's send delivers the outbox first): two flushers of one outbox would
+    /// each post what it holds.
+    superseded: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl JobReporter {
@@ -50,7 +51,7 @@ impl JobReporter {
             warnings: Vec::new(),
             background: Vec::new(),
             last_done: None,
-            superseded: Default::default(),
+            superseded: None,
         }
     }
 
@@ -110,7 +111,10 @@ impl JobReporter {
         let sent = body.clone();
         let (done, done_rx) = oneshot::channel();
         let before = self.last_done.replace(done_rx);
-        let superseded = self.superseded.clone();
+        let superseded = tokio_util::sync::CancellationToken::new();
+        if let Some(earlier) = self.superseded.replace(superseded.clone()) {
+            earlier.cancel();
+        }
         let task = tokio::spawn(
             async move {
                 if let Some(before) = before {
@@ -132,7 +136,9 @@ impl JobReporter {
     /// Waits for the background statuses until `stay`; past it, they go to the outbox
     /// first, in order.
     async fn settle_background(&mut self, stay: Instant) {
-        self.superseded.cancel();
+        if let Some(newest) = self.superseded.take() {
+            newest.cancel();
+        }
         let mut tasks = std::mem::take(&mut self.background).into_iter();
         while let Some((mut task, seq, body)) = tasks.next() {
             if tokio::time::timeout_at(stay, &mut task).await.is_err() {
