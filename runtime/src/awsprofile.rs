@@ -22,14 +22,7 @@ pub struct Profile {
 pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, String> {
     let named = env("AWS_PROFILE").or_else(|| env("AWS_DEFAULT_PROFILE"));
     let name = named.clone().unwrap_or_else(|| "default".into());
-    let home = env("HOME").map(PathBuf::from);
-    let file = |var: &str, rel: &str| {
-        env(var)
-            .map(PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(rel)))
-    };
-    let creds_path = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
-    let config_path = file("AWS_CONFIG_FILE", ".aws/config");
+    let [creds_path, config_path] = files(env);
     let read = |p: &Option<PathBuf>| {
         p.as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
@@ -67,6 +60,94 @@ pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Profile>, Str
             config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "~/.aws/config".into()),
         )),
         _ => Ok(None),
+    }
+}
+
+/// Where the profile chain reads: the credentials file, then the config file.
+fn files(env: &dyn Fn(&str) -> Option<String>) -> [Option<PathBuf>; 2] {
+    let home = env("HOME").map(PathBuf::from);
+    let file = |var: &str, rel: &str| {
+        env(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(rel)))
+    };
+    [
+        file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"),
+        file("AWS_CONFIG_FILE", ".aws/config"),
+    ]
+}
+
+/// The variables [`load`] reads.
+const PROFILE_VARS: [&str; 5] = [
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "HOME",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+];
+
+/// A profile's keys for the S3 client, read again whenever its files change: a session
+/// token a helper (vault-agent, a cron running `aws sts`) rewrites there before it expires.
+/// Read once, a job that outlived the token had every later upload refused (`ExpiredToken`,
+/// retried with the same token until the deadline: UPLOAD_ERROR).
+#[derive(Debug)]
+pub struct ProfileCredentials {
+    env: HashMap<&'static str, String>,
+    last: std::sync::Mutex<(FilesStamp, std::sync::Arc<object_store::aws::AwsCredential>)>,
+}
+
+/// The files' (modified time, length, inode), to tell a rewrite (in place, or renamed over).
+type FilesStamp = [Option<(std::time::SystemTime, u64, u64)>; 2];
+
+impl ProfileCredentials {
+    /// From the profile just loaded with this process's environment.
+    pub fn new(profile: &Profile) -> Self {
+        let env: HashMap<&'static str, String> = PROFILE_VARS
+            .iter()
+            .filter_map(|k| Some((*k, std::env::var(k).ok().filter(|v| !v.is_empty())?)))
+            .collect();
+        let stamp = Self::stamp(&env);
+        ProfileCredentials {
+            env,
+            last: std::sync::Mutex::new((stamp, std::sync::Arc::new(credential(profile)))),
+        }
+    }
+
+    fn stamp(env: &HashMap<&'static str, String>) -> FilesStamp {
+        files(&|k| env.get(k).cloned()).map(|p| {
+            let md = std::fs::metadata(p?).ok()?;
+            Some((
+                md.modified().ok()?,
+                md.len(),
+                std::os::unix::fs::MetadataExt::ino(&md),
+            ))
+        })
+    }
+}
+
+fn credential(p: &Profile) -> object_store::aws::AwsCredential {
+    object_store::aws::AwsCredential {
+        key_id: p.access_key_id.clone().unwrap_or_default(),
+        secret_key: p.secret_access_key.clone().unwrap_or_default(),
+        token: p.session_token.clone(),
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::CredentialProvider for ProfileCredentials {
+    type Credential = object_store::aws::AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<std::sync::Arc<Self::Credential>> {
+        let stamp = Self::stamp(&self.env);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.0 != stamp {
+            // A file caught half rewritten (no keys in it yet) keeps the keys read before.
+            if let Ok(Some(p)) = load(&|k| self.env.get(k).cloned()) {
+                tracing::info!(profile = %p.name, "the AWS profile's files changed; its keys are read again");
+                *last = (stamp, std::sync::Arc::new(credential(&p)));
+            }
+        }
+        Ok(last.1.clone())
     }
 }
 

@@ -321,15 +321,7 @@ fn s3_credentials(mut b: AmazonS3Builder) -> (AmazonS3Builder, Credentials) {
     match crate::awsprofile::load(&env) {
         Ok(Some(p)) => {
             tracing::debug!(profile = %p.name, "S3 credentials from the AWS profile");
-            for (key, value) in [
-                (AmazonS3ConfigKey::AccessKeyId, p.access_key_id),
-                (AmazonS3ConfigKey::SecretAccessKey, p.secret_access_key),
-                (AmazonS3ConfigKey::Token, p.session_token),
-            ] {
-                if let Some(v) = value {
-                    b = b.with_config(key, v);
-                }
-            }
+            b = b.with_credentials(Arc::new(crate::awsprofile::ProfileCredentials::new(&p)));
             for (key, value) in [
                 (AmazonS3ConfigKey::Region, p.region),
                 (AmazonS3ConfigKey::Endpoint, p.endpoint_url),

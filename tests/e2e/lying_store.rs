@@ -79,6 +79,8 @@ const ENDLESS: usize = 256 << 20;
 
 #[derive(Default)]
 struct State {
+    /// Set: a request whose session token is another is refused (400 ExpiredToken).
+    valid_token: Option<String>,
     objects: HashMap<String, Vec<u8>>,
     seen_puts: HashMap<String, usize>,
     seen_gets: HashMap<String, usize>,
@@ -164,6 +166,14 @@ async fn handle(
     st.assembling = assembling;
     for (k, bytes, _) in ready {
         st.objects.insert(k, bytes);
+    }
+    if let Some(valid) = &st.valid_token {
+        let token = headers
+            .get("x-amz-security-token")
+            .and_then(|t| t.to_str().ok());
+        if token != Some(valid.as_str()) {
+            return s3_error(StatusCode::BAD_REQUEST, "ExpiredToken");
+        }
     }
     let fault = st.fault.unwrap_or(Fault::None);
     if fault == Fault::Down {
@@ -820,6 +830,48 @@ fn a_redirected_upload_is_not_taken_as_stored() {
         run.stderr
     );
     assert!(run.stderr.contains("redirect"), "{}", run.stderr);
+}
+
+/// A session token in the AWS profile that a helper rewrites before it expires: the agent
+/// read the profile once, so a job that outlived its token had every later upload refused
+/// (ExpiredToken, retried with the same token to the deadline: UPLOAD_ERROR).
+#[test]
+fn a_profile_rewritten_with_a_new_token_is_read_again() {
+    let s3 = FakeS3::start(Fault::None);
+    s3.state.lock().unwrap().valid_token = Some("T1".into());
+    let mut h = s3.harness();
+    h.extra_toml = h.extra_toml.replace(
+        "aws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\n",
+        "",
+    );
+    assert!(!h.extra_toml.contains("aws_access_key_id"));
+    let creds = h.dir.path().join("aws-credentials");
+    let write = |token: &str| {
+        std::fs::write(
+            &creds,
+            format!("[default]\naws_access_key_id = AK\naws_secret_access_key = SK\naws_session_token = {token}\n"),
+        )
+        .unwrap()
+    };
+    write("T1");
+    h.env.push((
+        "AWS_SHARED_CREDENTIALS_FILE".into(),
+        creds.display().to_string(),
+    ));
+    let spec = h.spec(serde_json::json!({"job_id": "rotated",
+        "command": ["sh", "-c", "sleep 2; echo late > $C3_ARTIFACTS_DIR/late"]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let tmp = h.dir.path().join("aws-credentials.new");
+    std::fs::write(
+        &tmp,
+        "[default]\naws_access_key_id = AK\naws_secret_access_key = SK\naws_session_token = T2\n",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &creds).unwrap();
+    s3.state.lock().unwrap().valid_token = Some("T2".into());
+    h.wait("rotated".into(), agent).assert_code(0);
+    assert!(s3.blob(b"late\n").is_some());
 }
 
 /// A manifest read whose body breaks off after its headers: the request was retried, its
