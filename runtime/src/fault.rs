@@ -56,3 +56,20 @@ pub fn blocking_pause(name: &str, how_long: std::time::Duration) {
     #[cfg(not(debug_assertions))]
     let _ = (name, how_long);
 }
+
+/// True once per process if `C3_AGENT_FAULT` names this point, in debug builds: a transient
+/// failure for a test to see retried.
+pub fn fail_once(name: &str) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static FIRED: AtomicBool = AtomicBool::new(false);
+        std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
+            && !FIRED.swap(true, Ordering::SeqCst)
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = name;
+        false
+    }
+}

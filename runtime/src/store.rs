@@ -736,6 +736,30 @@ impl BlobStore {
         }
     }
 
+    /// Runs `op` (an operation of several store calls, run again whole) under the same
+    /// retries as one store call: a store failure it reports (`Err(Err(_))`) is tried again
+    /// while transient, until the outage deadline; `Err(Ok(_))` is its own failure, handed
+    /// back at once.
+    pub async fn retrying_whole<T, E, Fut>(
+        &self,
+        mut op: impl FnMut() -> Fut,
+    ) -> Result<Result<T, E>, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, Result<E, StoreError>>>,
+    {
+        self.retrying(|| {
+            let run = op();
+            async move {
+                match run.await {
+                    Ok(v) => Ok(Ok(v)),
+                    Err(Ok(own)) => Ok(Err(own)),
+                    Err(Err(store)) => Err(store),
+                }
+            }
+        })
+        .await
+    }
+
     /// The final sync begins: an outage under way gets a whole `retry_deadline` again from
     /// now, so a store that was down for hours of a long job and is back a minute after it
     /// still gets every file, which is first tried now.

@@ -343,3 +343,17 @@ fn output_the_job_made_unstorable_is_not_recovered_again_and_again() {
     h.run(&["recover"]).assert_code(0);
     assert!(!h.state.join("jobs/deep").exists(), "the job was kept");
 }
+
+/// One I/O error from the file store (an NFS or Lustre blip) while a large file is staged:
+/// the staged upload is run again whole, as one store call would be. It failed the file at
+/// once, and a job that exited 0 ended UPLOAD_ERROR.
+#[test]
+fn a_blip_while_a_large_file_is_staged_is_retried() {
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nlive = false\n[upload]\nmultipart_threshold_bytes = 1048576\n".into();
+    h.env.push(("C3_AGENT_FAULT".into(), "staged-eio".into()));
+    let script = "head -c 3000000 /dev/urandom > $C3_ARTIFACTS_DIR/big";
+    h.run_job(json!({"job_id": "blip", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(h.manifest_paths("blip"), vec!["artifacts/big"]);
+}

@@ -816,7 +816,24 @@ impl Uploader {
                 None => return Err(UploadError::Changed { path }),
             }
         } else if self.store.is_local() {
-            self.upload_staged(&path, before).await?
+            // Run again whole on a transient store failure (an EIO or a timeout from an NFS
+            // or Lustre file store), as one store call is: one blip failed a large file.
+            let staged = self
+                .store
+                .retrying_whole(|| async {
+                    self.upload_staged(&path, before)
+                        .await
+                        .map_err(|e| match e {
+                            UploadError::Store { source, .. } => Err(source),
+                            own => Ok(own),
+                        })
+                })
+                .await
+                .map_err(|source| UploadError::Store {
+                    path: path.clone(),
+                    source,
+                })?;
+            staged?
         } else {
             let up = self.upload_large(&path, before).await?;
             self.known.insert(&up.0.sha256);

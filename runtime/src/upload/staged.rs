@@ -27,6 +27,16 @@ impl Uploader {
         let opened = self.open(path, before)?;
         super::ensure_dense(&opened, path, before.size)?;
         let file = opened.take(before.size + 1);
+        if crate::fault::fail_once("staged-eio") {
+            return Err(store_err(StoreError::Op {
+                op: "write part",
+                key: staging_key,
+                source: object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(std::io::Error::from_raw_os_error(libc::EIO)),
+                },
+            }));
+        }
         let mut upload = self
             .store
             .start_multipart_at(&staging_key)
