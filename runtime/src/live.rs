@@ -460,23 +460,41 @@ impl Syncer {
         match hint {
             Hint::Touched(path) => self.touch(&path).await,
             Hint::Gone(path) => {
+                // What is at the name now: nothing, or a directory that may be the one
+                // watched there (hints of an exchange come in an order of their own).
+                let probe = path
+                    .strip_prefix(&self.workdir)
+                    .ok()
+                    .filter(|rel| !rel.as_os_str().is_empty())
+                    .map(Path::to_path_buf);
+                let now = match probe {
+                    Some(probe) => {
+                        let workdir = self.workdir.clone();
+                        crate::pace::spawn_gently(move || {
+                            DirFd::open_root(&workdir)
+                                .and_then(|root| lstat_beneath(&root, &probe))
+                                .map(|st| {
+                                    crate::confine::is_dir(&st).then_some((st.st_dev, st.st_ino))
+                                })
+                        })
+                        .await
+                        .ok()
+                    }
+                    None => None,
+                };
+                let is_gone = matches!(now, Some(Err(_)));
                 if let Some(w) = self.watcher.as_mut() {
-                    w.unwatch_tree(&path);
+                    w.unwatch_tree_unless(&path, now.and_then(Result::ok).flatten());
                 }
-                if self.roots.iter().any(|root| root.starts_with(&path)) {
+                if self.roots.iter().any(|root| {
+                    root.starts_with(&path)
+                        && !self.watcher.as_ref().is_some_and(|w| w.watches(root))
+                }) {
                     // `rm -rf out && mkdir out`: the new one is found by looking again.
                     self.roots_lost = true;
                 }
                 if let Some(rel) = self.rel_of(&path).filter(|r| !r.is_empty()) {
-                    let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));
-                    let gone = crate::pace::spawn_gently(move || {
-                        DirFd::open_root(&workdir)
-                            .and_then(|root| lstat_beneath(&root, &probe))
-                            .is_err()
-                    })
-                    .await
-                    .unwrap_or(false);
-                    if gone {
+                    if is_gone {
                         self.forget(&rel);
                     }
                 }

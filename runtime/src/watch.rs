@@ -212,8 +212,14 @@ impl DirWatcher {
     /// when it is gone.
     fn watch_once(&mut self, fd: &DirFd, rel: &Path) -> Result<bool, WatchStopped> {
         let d = self.workdir.join(rel);
-        if self.watched.contains_key(&d) {
-            return Ok(true);
+        if let Some(w) = self.watched.get(&d) {
+            // The name's watch is on the directory there now, or it is another's (one
+            // exchanged in, `RENAME_EXCHANGE`, its hints not yet handled): that one's go.
+            let here = crate::confine::fstat(fd).map(|st| (st.st_dev, st.st_ino));
+            if here.as_ref().is_ok_and(|id| *id == w.id) {
+                return Ok(true);
+            }
+            self.unwatch_tree(&d);
         }
         if self.watched.len() >= self.max_watches {
             return Err(WatchStopped::Cap {
@@ -243,6 +249,16 @@ impl DirWatcher {
         for p in gone {
             self.unwatch(&p);
         }
+    }
+
+    /// [`DirWatcher::unwatch_tree`], unless the directory watched at `dir` is the one there
+    /// now (`now`: the device and inode found at the name): a `Gone` handled after the same
+    /// directory came back (the second half of an exchange) took the watch of what is there.
+    pub fn unwatch_tree_unless(&mut self, dir: &Path, now: Option<(u64, u64)>) {
+        if now.is_some() && self.watched.get(dir).map(|w| w.id) == now {
+            return;
+        }
+        self.unwatch_tree(dir);
     }
 
     /// Drops the watch of the directory `d` (only that one).
@@ -654,5 +670,53 @@ mod tests {
         let scratch = watcher.aliases.dir.clone();
         drop(watcher);
         assert!(!scratch.exists(), "{} left behind", scratch.display());
+    }
+
+    /// Two watched directories exchanged (`RENAME_EXCHANGE`), their hints handled in the
+    /// order they come (`Gone(A)`, `Touched(B)`, `Gone(B)`, `Touched(A)`): both directories
+    /// stay watched. Keyed by name alone, `Touched(B)` took B as watched (the watch was the
+    /// other directory's) and `Gone(B)` then dropped it: one subtree went unwatched.
+    #[tokio::test]
+    async fn exchanged_directories_both_stay_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        for d in ["A", "B"] {
+            std::fs::create_dir_all(art.join(d)).unwrap();
+        }
+        let (a, b) = (art.join("A"), art.join("B"));
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let (ino_a, ino_b) = (ino(&a), ino(&b));
+        let (mut watcher, _hints) = watcher(&w, 64, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        let (ca, cb) = (
+            std::ffi::CString::new(a.as_os_str().as_bytes()).unwrap(),
+            std::ffi::CString::new(b.as_os_str().as_bytes()).unwrap(),
+        );
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        let at = |p: &Path| {
+            let md = std::fs::symlink_metadata(p).unwrap();
+            Some((md.dev(), md.ino()))
+        };
+        watcher.unwatch_tree_unless(&a, at(&a));
+        watcher.watch_tree(&b).unwrap();
+        watcher.unwatch_tree_unless(&b, at(&b));
+        watcher.watch_tree(&a).unwrap();
+        let inodes = watched_inodes();
+        assert!(
+            inodes.contains(&ino_a) && inodes.contains(&ino_b),
+            "{ino_a} {ino_b} {inodes:?}"
+        );
+        assert_eq!(watcher.watch_count(), 3);
     }
 }
