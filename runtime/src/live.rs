@@ -321,12 +321,17 @@ impl Syncer {
         }
     }
 
+    /// The output dirs that have no watch.
+    fn unwatched_roots(&self) -> impl Iterator<Item = &PathBuf> {
+        self.roots
+            .iter()
+            .filter(|root| !self.watcher.as_ref().is_some_and(|w| w.watches(root)))
+    }
+
     /// Whether an output dir that has no watch is a directory again.
     async fn a_lost_root_is_back(&self) -> bool {
         let lost: Vec<PathBuf> = self
-            .roots
-            .iter()
-            .filter(|root| !self.watcher.as_ref().is_some_and(|w| w.watches(root)))
+            .unwatched_roots()
             .filter_map(|root| root.strip_prefix(&self.workdir).ok().map(Path::to_path_buf))
             .collect();
         let workdir = self.workdir.clone();
@@ -380,10 +385,8 @@ impl Syncer {
             }
         }
         if self.roots_lost {
-            self.roots_lost = !self
-                .watcher
-                .as_ref()
-                .is_some_and(|w| self.roots.iter().all(|root| w.watches(root)));
+            let still_lost = self.unwatched_roots().next().is_some();
+            self.roots_lost = still_lost;
         }
     }
 
@@ -486,10 +489,7 @@ impl Syncer {
                 if let Some(w) = self.watcher.as_mut() {
                     w.unwatch_tree_unless(&path, now.and_then(Result::ok).flatten());
                 }
-                if self.roots.iter().any(|root| {
-                    root.starts_with(&path)
-                        && !self.watcher.as_ref().is_some_and(|w| w.watches(root))
-                }) {
+                if self.unwatched_roots().any(|root| root.starts_with(&path)) {
                     // `rm -rf out && mkdir out`: the new one is found by looking again.
                     self.roots_lost = true;
                 }

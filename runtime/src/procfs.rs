@@ -163,7 +163,7 @@ pub fn written_by(pids: &[i32]) -> HashSet<(u64, u64)> {
 /// from before was trusted for 3 s, longer than the settle, and a file still being stored to
 /// through the mapping was listed.
 pub fn written_by_lately(pids: &[i32], not_before: std::time::Instant) -> HashSet<(u64, u64)> {
-    written(pids, Some((MAPS_TTL, not_before)))
+    written(pids, Some(not_before))
 }
 
 const MAPS_TTL: std::time::Duration = std::time::Duration::from_secs(3);
@@ -171,28 +171,23 @@ const MAPS_TTL: std::time::Duration = std::time::Duration::from_secs(3);
 type MapsCache = std::collections::HashMap<(i32, u64), (std::time::Instant, Vec<(u64, u64)>)>;
 static MAPS: std::sync::Mutex<Option<MapsCache>> = std::sync::Mutex::new(None);
 
-fn written(
-    pids: &[i32],
-    cached: Option<(std::time::Duration, std::time::Instant)>,
-) -> HashSet<(u64, u64)> {
+/// `cached`: mappings may come from [`MAPS`], read at that instant or later.
+fn written(pids: &[i32], cached: Option<std::time::Instant>) -> HashSet<(u64, u64)> {
     let mut open = HashSet::new();
     for pid in pids {
         open.extend(write_fds(*pid).into_iter().map(|(_, id)| id));
         match cached {
             None => shared_writable_maps(*pid, &mut open),
-            Some((ttl, not_before)) => open.extend(lately_mapped(*pid, ttl, not_before)),
+            Some(not_before) => open.extend(lately_mapped(*pid, not_before)),
         }
     }
     open
 }
 
-/// A process's shared writable mappings, from the cache while younger than `ttl` and read
-/// at `not_before` or later.
-fn lately_mapped(
-    pid: i32,
-    ttl: std::time::Duration,
-    not_before: std::time::Instant,
-) -> Vec<(u64, u64)> {
+/// A process's shared writable mappings, from the cache while younger than [`MAPS_TTL`]
+/// and read at `not_before` or later.
+fn lately_mapped(pid: i32, not_before: std::time::Instant) -> Vec<(u64, u64)> {
+    let ttl = MAPS_TTL;
     let Some(start) = stat(pid).map(|s| s.start_ticks) else {
         return Vec::new();
     };
@@ -314,7 +309,7 @@ fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
 /// stopped the job.
 fn cached_stat(link: &Path) -> Option<(bool, (u64, u64))> {
     let st = crate::confine::cached_stat(link, true)?;
-    Some((st.mode & libc::S_IFMT == libc::S_IFREG, (st.dev, st.ino)))
+    Some((st.is_regular(), (st.dev, st.ino)))
 }
 
 fn opened_for_write(pid: i32, fd: &str) -> bool {

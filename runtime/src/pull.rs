@@ -273,18 +273,15 @@ fn check_room(
         before = Some(parent);
     }
     let in_place = |entry: &FileEntry| {
-        let Ok((parent, name, _)) = split(entry, shown) else {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(raw) = entry.raw_path() else {
             return false;
         };
-        let dir = if parent.as_os_str().is_empty() {
-            root.try_clone()
-        } else {
-            root.open_dir(&parent)
-        };
+        let rel = Path::new(std::ffi::OsStr::from_bytes(&raw));
         // The mtime too, which a pull sets from the entry: a file of the same size that was
         // rewritten since (a job may change its dataset copy) is replaced, and its new copy
         // needs room beside it until the rename.
-        dir.and_then(|d| d.stat(&name)).is_ok_and(|st| {
+        crate::confine::lstat_beneath(root, rel).is_ok_and(|st| {
             crate::confine::is_regular(&st)
                 && st.st_size as u64 == entry.size
                 && owner.is_none_or(|(uid, _)| uid == st.st_uid)
@@ -529,7 +526,7 @@ fn existing(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    let regular = crate::confine::is_regular(&st);
     if regular && st.st_size as u64 == entry.size {
         let file = dir.open_file(Path::new(name))?;
         let theirs = crate::confine::fstat(&file)?.st_uid;

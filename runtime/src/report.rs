@@ -363,12 +363,11 @@ impl Reporter {
 
     /// Puts a report straight into the outbox (one whose sending ran out of time).
     pub fn keep_unsent(&self, kind: &str, order: u64, body: &[u8]) -> Delivery {
-        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
-        if self.control_plane.is_none() {
-            self.append_local(&endpoint, body);
-            return Delivery::Local;
+        match self.keep_ahead(kind, order, body.to_vec()) {
+            Ahead::Local => Delivery::Local,
+            Ahead::Kept(_) => Delivery::Kept,
+            Ahead::NotKept(_) => Delivery::Rejected,
         }
-        self.keep(kind, order, &endpoint, body)
     }
 
     fn keep(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Delivery {

@@ -358,9 +358,7 @@ pub fn sweep_alias_dirs() -> usize {
         // the mountinfo read above is told by its mount-root attribute, without a round trip
         // to a job's FUSE server.
         let ours = crate::confine::cached_stat(&entry.path(), false).is_some_and(|st| {
-            st.mode & libc::S_IFMT == libc::S_IFDIR
-                && !st.mount_root
-                && st.uid == nix::unistd::geteuid().as_raw()
+            st.is_dir() && !st.mount_root && st.uid == nix::unistd::geteuid().as_raw()
         });
         if ours && !crate::procfs::tag_alive(owner) && std::fs::remove_dir_all(entry.path()).is_ok()
         {
@@ -536,7 +534,7 @@ mod tests {
         if is_mounted {
             // A mount made after the sweep read mountinfo is told by its cached attributes.
             let cached = crate::confine::cached_stat(&mounted, false).unwrap();
-            assert!(cached.mount_root && cached.mode & libc::S_IFMT == libc::S_IFDIR);
+            assert!(cached.mount_root && cached.is_dir());
             std::fs::write(mounted.join("keep"), "x").unwrap();
         } else {
             eprintln!("cannot mount a tmpfs here (not root?): the mount point case is not checked");
