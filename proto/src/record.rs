@@ -162,9 +162,10 @@ pub struct OutboxEntry {
     pub body: serde_json::Value,
 }
 
-/// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<sha256>.json`.
-/// Kept after every finished part, so that a restarted agent sends only the missing parts
-/// (object_store offers no list-parts call), and so that an upload nobody will finish is aborted.
+/// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<sha256>.json`, with
+/// its finished parts appended to `<sha256>.parts` beside it (one JSON line each: `part`,
+/// `id`, `blake3`), so that a restarted agent sends only the missing parts (object_store
+/// offers no list-parts call), and so that an upload nobody will finish is aborted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MultipartRecord {
     pub sha256: String,
@@ -177,6 +178,20 @@ pub struct MultipartRecord {
     /// keeps a part only if this is the content's tag for it (absent: sent again).
     #[serde(default)]
     pub part_blake3: std::collections::BTreeMap<u32, String>,
+}
+
+/// One finished part of a [`MultipartRecord`]'s upload, a line of `<sha256>.parts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipartPart {
+    /// Ties the line to its upload (16 hex digits of the upload id's SHA-256): a line that an
+    /// agent still busy with an earlier upload of the blob appends (another attempt's, say)
+    /// names parts the journal's upload never had.
+    pub upload: String,
+    pub part: u32,
+    /// The store's opaque id for the part.
+    pub id: String,
+    /// The BLAKE3 tag (hex) of the bytes sent as the part.
+    pub blake3: String,
 }
 
 json_io!(to_vec_pretty; RunRecord, OutboxEntry, MultipartRecord, ProgressRecord);
