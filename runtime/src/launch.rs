@@ -209,9 +209,10 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
     let workdir = std::os::fd::AsFd::as_fd(plan.workdir).as_raw_fd();
     let cgroup = plan.cgroup_procs.map(|f| f.as_raw_fd());
     let umask = plan.umask;
-    // SAFETY: the closure runs in the forked child before exec. It only makes raw
-    // syscalls (setsid, write, fchdir, setgroups, setgid, setuid, umask, close_range), which are
-    // async-signal-safe, on fds and a group list prepared before the fork; it allocates nothing.
+    // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
+    // (setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask, close_range), which
+    // are async-signal-safe, on fds and a group list prepared before the fork; it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
@@ -233,6 +234,17 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
                 check(libc::setgroups(groups.len(), groups.as_ptr()))?;
                 check(libc::setgid(*gid))?;
                 check(libc::setuid(*uid))?;
+                // The job's own session keyring, as pam_keyinit gives a login: a keyring is
+                // possessed through its session, not by uid, so the agent's (a Kerberos or
+                // AFS token, a cifs key; shared by every job a prolog or daemon started) would
+                // be read, and written, by each job. An error is ignored: keyctl barred (a
+                // seccomp profile) is barred to the job too.
+                const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+                libc::syscall(
+                    libc::SYS_keyctl,
+                    KEYCTL_JOIN_SESSION_KEYRING,
+                    std::ptr::null::<libc::c_char>(),
+                );
             }
             libc::umask(umask as libc::mode_t);
             close_on_exec_from(3);

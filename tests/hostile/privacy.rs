@@ -267,3 +267,72 @@ fn a_metadata_endpoint_the_jobs_user_reaches_is_named() {
     assert_eq!(probe(&format!("http://127.0.0.1:{closed_port}")), Some(1));
     assert_eq!(probe("not a url"), Some(2));
 }
+
+/// The agent's session keyring is not the job's: a keyring is possessed through the session,
+/// not by uid, so a key the agent's session holds (a Kerberos or AFS token a prolog put there,
+/// shared by every job that prolog starts) could be read by the job's user.
+#[test]
+fn the_agents_session_keyring_is_not_the_jobs() {
+    use std::os::unix::process::CommandExt;
+    if not_root("the_agents_session_keyring_is_not_the_jobs") {
+        return;
+    }
+    let h = open_harness();
+    let name = format!("c3-probe-{}", std::process::id());
+    let probe = format!(
+        r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+keyctl = {{"x86_64": 250, "aarch64": 219}}[os.uname().machine]
+key = libc.syscall(keyctl, 10, ctypes.c_long(-3), b"user", b"{name}", 0)
+buf = ctypes.create_string_buffer(64)
+n = libc.syscall(keyctl, 11, ctypes.c_long(key), buf, 64) if key > 0 else -1
+with open(os.environ["C3_ARTIFACTS_DIR"] + "/key", "wb") as f:
+    f.write(buf.raw[:n] if n > 0 else b"none")
+"#
+    );
+    let spec = h.spec(json!({
+        "job_id": "keys", "user": "nobody", "command": ["python3", "-c", probe],
+    }));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    let (ty, desc, payload) = (
+        c"user",
+        std::ffi::CString::new(name).unwrap(),
+        b"root-only-secret",
+    );
+    // SAFETY: raw syscalls only, on buffers made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The agent's own session keyring (as a prolog's), holding the secret.
+            const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+            const KEY_SPEC_SESSION_KEYRING: libc::c_long = -3;
+            if libc::syscall(
+                libc::SYS_keyctl,
+                KEYCTL_JOIN_SESSION_KEYRING,
+                std::ptr::null::<libc::c_char>(),
+            ) < 0
+                || libc::syscall(
+                    libc::SYS_add_key,
+                    ty.as_ptr(),
+                    desc.as_ptr(),
+                    payload.as_ptr(),
+                    payload.len(),
+                    KEY_SPEC_SESSION_KEYRING,
+                ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn c3-agent in its own keyring");
+    h.wait("c3-agent run (keyring)".into(), child)
+        .assert_code(0);
+    let seen = std::fs::read(h.workdir("keys").join("artifacts/key")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        "none",
+        "the job read the agent's key"
+    );
+}
