@@ -41,8 +41,8 @@ pub enum MetadataReach {
     Unknown(String),
 }
 
-/// Runs `c3-agent probe-connect ENDPOINT` as `user` (no groups beyond its own, no env),
-/// bounded to 3 s.
+/// Runs `c3-agent probe-connect ENDPOINT` as `user` (no groups beyond its own, no env, none
+/// of the agent's fds or keys: another process of that user may attach to it), bounded to 3 s.
 pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
     let unknown = || MetadataReach::Unknown(endpoint.to_string());
     let name = user.to_string();
@@ -53,7 +53,8 @@ pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
     };
     // The agent's own binary through its magic link: the job's user may not be able to pass
     // the directories it lies in, and the link is followed without them.
-    let child = tokio::process::Command::new("/proc/self/exe")
+    let mut child = tokio::process::Command::new("/proc/self/exe");
+    child
         .args(["probe-connect", endpoint])
         .env_clear()
         .current_dir("/")
@@ -62,8 +63,15 @@ pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .status();
+        .kill_on_drop(true);
+    // SAFETY: runs between fork and exec (after std's uid switch): raw syscalls only.
+    unsafe {
+        child.pre_exec(|| {
+            c3_runtime::launch::shed_the_agents();
+            Ok(())
+        });
+    }
+    let child = child.status();
     match tokio::time::timeout(std::time::Duration::from_secs(3), child).await {
         Ok(Ok(status)) if status.code() == Some(0) => MetadataReach::Reached(endpoint.to_string()),
         Ok(Ok(status)) if status.code() == Some(1) => MetadataReach::Blocked,

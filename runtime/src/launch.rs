@@ -234,20 +234,9 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
                 check(libc::setgroups(groups.len(), groups.as_ptr()))?;
                 check(libc::setgid(*gid))?;
                 check(libc::setuid(*uid))?;
-                // The job's own session keyring, as pam_keyinit gives a login: a keyring is
-                // possessed through its session, not by uid, so the agent's (a Kerberos or
-                // AFS token, a cifs key; shared by every job a prolog or daemon started) would
-                // be read, and written, by each job. An error is ignored: keyctl barred (a
-                // seccomp profile) is barred to the job too.
-                const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
-                libc::syscall(
-                    libc::SYS_keyctl,
-                    KEYCTL_JOIN_SESSION_KEYRING,
-                    std::ptr::null::<libc::c_char>(),
-                );
             }
             libc::umask(umask as libc::mode_t);
-            close_on_exec_from(3);
+            shed_the_agents();
             Ok(())
         });
     }
@@ -256,6 +245,26 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         .map_err(|source| LaunchError::Spawn { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     Ok(Script { child, pid })
+}
+
+/// Leaves the agent's fds and session keyring behind, in a child that now runs as a job's
+/// user (the job, or a probe run as its user), between fork and exec: syscalls only, nothing
+/// allocated. Every fd from 3 up is marked close-on-exec ([`close_on_exec_from`]), and the
+/// child joins a session keyring of its own, as `pam_keyinit` gives a login: a keyring is
+/// possessed through its session, not by uid, so the agent's (a Kerberos or AFS token, a cifs
+/// key; shared by every job a prolog or daemon started) would be read, and written, by each
+/// job. A keyctl error is ignored: keyctl barred (a seccomp profile) is barred to the job too.
+pub fn shed_the_agents() {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a plain syscall; a null name asks for a new anonymous keyring.
+    unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        );
+    }
+    close_on_exec_from(3);
 }
 
 /// Marks every fd from `first` up close-on-exec, so the job gets only its stdio. std opens
