@@ -38,19 +38,21 @@ pub fn result(human: &str, json: serde_json::Value) -> bool {
 
 /// A problem on stderr: `c3-agent: ...`, or `{"level":"ERROR","message":...}`.
 pub fn error(message: &str) {
-    to_stderr("ERROR", "", message);
+    to_stderr(tracing::Level::ERROR, "", message);
 }
 
 /// A note on stderr (not an error): `c3-agent: note: ...`, or a WARN JSON line.
 pub fn note(message: &str) {
-    to_stderr("WARN", "note: ", message);
+    to_stderr(tracing::Level::WARN, "note: ", message);
 }
 
-fn to_stderr(level: &str, prefix: &str, message: &str) {
+/// One line, whatever `message` holds, with its priority in front under journald
+/// ([`crate::telemetry::stderr_line`]).
+fn to_stderr(level: tracing::Level, prefix: &str, message: &str) {
     let line = if json() {
         serde_json::json!({
             "timestamp": c3_runtime::display::now_rfc3339(),
-            "level": level,
+            "level": level.as_str(),
             "target": "c3_agent",
             "message": message,
         })
@@ -58,7 +60,9 @@ fn to_stderr(level: &str, prefix: &str, message: &str) {
     } else {
         format!("c3-agent: {prefix}{message}")
     };
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(&crate::telemetry::stderr_line(&level, &line));
 }
 
 /// A job's log bytes on their way to stdout. To a terminal (an operator's, often root's),

@@ -72,6 +72,19 @@ fn stderr_is_journal() -> bool {
     stream == format!("{}:{}", st.st_dev, st.st_ino)
 }
 
+/// One line the agent prints itself on stderr (a config error, a note), as log events are
+/// written: its priority in front under journald, so `journalctl -p warning` shows an exit-2
+/// error too, and every control character escaped, so a spec's or config's value holding
+/// `\n<3>...` is not a second journal entry of the writer's making.
+pub fn stderr_line(level: &tracing::Level, text: &str) -> Vec<u8> {
+    let mut line = Vec::with_capacity(text.len() + 4);
+    if stderr_is_journal() {
+        line.extend_from_slice(priority(level));
+    }
+    line.extend_from_slice(&one_line(text.as_bytes(), false));
+    line
+}
+
 fn priority(level: &tracing::Level) -> &'static [u8] {
     match *level {
         tracing::Level::ERROR => b"<3>",

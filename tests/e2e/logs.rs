@@ -204,6 +204,33 @@ fn under_journald_each_line_carries_its_priority() {
     );
 }
 
+/// An error the agent prints itself (a bad spec, exit 2) is one journal entry at error
+/// priority, whatever the spec holds: a value with `\n<3>...` in it was a second entry of the
+/// writer's making, and the error itself was filed at info, unseen by `journalctl -p warning`.
+#[test]
+fn a_bad_spec_is_one_error_line_under_journald() {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Harness::file();
+    let log = h.path("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    h.env.push((
+        "JOURNAL_STREAM".into(),
+        format!("{}:{}", meta.dev(), meta.ino()),
+    ));
+    let spec = h.spec(json!({
+        "job_id": "forge", "command": ["true"],
+        "datasets": [{"ref": "/jobs/x\n<3>c3-agent: FORGED", "mount": "d"}],
+    }));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    cmd.stderr(file);
+    assert_eq!(cmd.status().unwrap().code(), Some(2));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.starts_with("<3>c3-agent: "), "{text}");
+    assert!(text.contains("\\n<3>c3-agent: FORGED"), "{text}");
+}
+
 #[test]
 fn a_malformed_log_filter_is_a_config_error() {
     let mut h = Harness::file();
