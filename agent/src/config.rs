@@ -832,7 +832,8 @@ mod tests {
             .filter(|w| {
                 w.len() > "C3_AGENT_".len()
                     && w.starts_with("C3_AGENT_")
-                    && w.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                    && w.bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
             })
             .collect();
         assert!(read.len() > 20, "{read:?}");

@@ -24,7 +24,7 @@ async fn manifest(ctx: &AgentContext, job_id: &str) -> anyhow::Result<Manifest> 
         Ok(m) => Ok(m),
         Err(e) if e.is_not_found() => anyhow::bail!(
             "job {job_id} has no manifest in {}: check the job id (`c3-agent status` lists this node's jobs) and that the config names the job's store",
-            ctx.store.url()
+            ctx.store.shown_url()
         ),
         Err(e) => Err(e.into()),
     }
@@ -315,7 +315,7 @@ pub async fn logs(
         .map_err(|_| {
             anyhow::anyhow!(
                 "no log of job {job_id} on this node and no manifest in {}: check the job id (`c3-agent status`)",
-                ctx.store.url()
+                ctx.store.shown_url()
             )
         })?;
     let manifest = Manifest::from_json(&bytes).context("the job's manifest")?;

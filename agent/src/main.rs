@@ -600,14 +600,6 @@ async fn already_ran(ctx: &AgentContext, spec: &JobSpec) -> Option<String> {
     })
 }
 
-/// A URL as the journal may show it: a `user:pass@` in it is a credential.
-fn without_login(url: &url::Url) -> String {
-    let mut shown = url.clone();
-    let _ = shown.set_username("");
-    let _ = shown.set_password(None);
-    shown.to_string()
-}
-
 /// The agent's first log line; the systemd watchdog, if the unit has one.
 fn starting(env: &Env, ctx: &AgentContext) {
     let config = &env.config;
@@ -615,8 +607,8 @@ fn starting(env: &Env, ctx: &AgentContext) {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "defaults".into()),
-        store = ctx.store.url(),
-        control_plane = %config.control_plane.as_ref().map(|c| without_login(&c.url)).unwrap_or_else(|| "none".into()),
+        store = %ctx.store.shown_url(),
+        control_plane = %config.control_plane.as_ref().map(|c| c3_runtime::display::shown_url(c.url.as_str())).unwrap_or_else(|| "none".into()),
         state_dir = %config.state_dir.display(),
         "c3-agent starting"
     );
@@ -659,7 +651,7 @@ fn finished(ctx: &AgentContext, summary: &c3_runtime::job::JobSummary) -> ExitCo
     let manifest = summary
         .manifest
         .as_ref()
-        .map(|key| format!("{}/{key}", ctx.store.url().trim_end_matches('/')));
+        .map(|key| format!("{}/{key}", ctx.store.shown_url().trim_end_matches('/')));
     let json = serde_json::json!({
         "job_id": summary.job_id,
         "state": v.state.as_str(),
@@ -756,7 +748,7 @@ mod tests {
     fn a_logged_url_keeps_no_login() {
         let url = url::Url::parse("https://svc:secret@cp.example:8443/api?x=1").unwrap();
         assert_eq!(
-            super::without_login(&url),
+            c3_runtime::display::shown_url(url.as_str()),
             "https://cp.example:8443/api?x=1"
         );
     }

@@ -18,6 +18,22 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     clip_text(s, MAX_ERROR_TEXT)
 }
 
+/// A URL as a log, an error or a summary may show it: a `user:pass@` is a credential, and so
+/// may be a query (an S3 or Azure signature, `?code=`) or a fragment. The agent's own URLs
+/// (store, control plane) keep neither in what it says; one that does not parse is not shown.
+pub fn shown_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut shown) => {
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            shown.set_query(None);
+            shown.set_fragment(None);
+            shown.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".to_string(),
+    }
+}
+
 /// An error line's longest text. A store or proxy may answer with an error body of any size
 /// (object_store puts it whole into the error): a log line, status or record keeps its head.
 pub const MAX_ERROR_TEXT: usize = 2048;

@@ -371,7 +371,7 @@ fn file_root(store: &BlobStore) -> Result<PathBuf, GcError> {
         .local_root()
         .map(Path::to_path_buf)
         .ok_or_else(|| GcError::NotFileStore {
-            url: store.url().to_string(),
+            url: store.shown_url(),
         })
 }
 

@@ -265,11 +265,11 @@ fn reopen(roots: &[PathBuf], workdir: &Path, sidecar: bool) -> std::io::Result<D
 pub async fn store_check(ctx: &AgentContext) -> Result<Option<String>, PrepareError> {
     match tokio::time::timeout(ctx.preflight_timeout, ctx.store.preflight()).await {
         Ok(Ok(())) => {
-            tracing::debug!(store = ctx.store.url(), "store is writable");
+            tracing::debug!(store = %ctx.store.shown_url(), "store is writable");
             Ok(None)
         }
         Ok(Err(e)) if e.is_permanent() => Err(PrepareError::Store {
-            url: ctx.store.url().to_string(),
+            url: ctx.store.shown_url(),
             hint: e.node_hint(),
             source: e,
         }),

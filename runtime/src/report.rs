@@ -127,9 +127,11 @@ impl ControlPlane {
         if let Some(token) = &self.config.token {
             req = req.bearer_auth(token);
         }
-        let transport = |source| ReportError::Transport {
+        // The endpoint names the request; reqwest's text would add the whole URL, a
+        // `user:pass@` in it included.
+        let transport = |source: reqwest::Error| ReportError::Transport {
             endpoint: endpoint.to_string(),
-            source,
+            source: source.without_url(),
         };
         let mut resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();

@@ -493,7 +493,7 @@ impl Retry {
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobStore")
-            .field("url", &self.url)
+            .field("url", &self.shown_url())
             .field("resumable", &self.multipart.is_some())
             .finish()
     }
@@ -794,8 +794,14 @@ impl BlobStore {
         }
     }
 
+    /// The store's URL as configured: what names it (the node's record of known blobs).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL as logs, errors and summaries show it ([`crate::display::shown_url`]).
+    pub fn shown_url(&self) -> String {
+        crate::display::shown_url(&self.url)
     }
 
     /// The instance-metadata endpoint the store's credentials come from, if that is where

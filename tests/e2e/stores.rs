@@ -368,3 +368,31 @@ fn a_manifest_over_the_readers_limit_is_not_written() {
         .is_none_or(|m| m.len() <= 4096));
     h.run(&["gc"]).assert_code(0);
 }
+
+/// A credential in the store's or the control plane's URL (a `user:pass@`, a signature in
+/// the query) is never said: not in the log, the summary or an error the job's status carries.
+#[test]
+fn credentials_in_the_urls_are_never_shown() {
+    let mut h = Harness::new(Store::s3()).with_control_plane(10);
+    let Store::S3(s3) = &h.store else {
+        unreachable!()
+    };
+    let store_url = format!(
+        "s3://AKIDLEAK:STORESECRET@{}/pre?X-Amz-Signature=STORESIG",
+        s3.bucket
+    );
+    let cp = h.control_plane.as_ref().unwrap().url.clone();
+    let cp_url = cp.replacen("http://", "http://cpuser:CPSECRET@", 1) + "?code=CPCODE";
+    h.env.push(("C3_AGENT_STORE_URL".into(), store_url));
+    h.env.push(("C3_AGENT_CONTROL_PLANE_URL".into(), cp_url));
+    h.env.push(("C3_AGENT_LOG".into(), "debug".into()));
+    let run = h.run_job(
+        json!({"job_id": "urls", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/a"]}),
+    );
+    run.assert_code(0);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    for secret in ["STORESECRET", "STORESIG", "CPSECRET", "CPCODE", "AKIDLEAK"] {
+        assert!(!said.contains(secret), "{secret} shown: {said}");
+    }
+    assert!(said.contains("c3-agent starting"), "{said}");
+}
