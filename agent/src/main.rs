@@ -577,7 +577,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     c3_runtime::jobproc::become_subreaper();
     let summary = match c3_runtime::run_job(&ctx, spec, cancel).await {
         Ok(s) => s,
-        Err(e) => return usage(&error_chain(&e)),
+        Err(e) => return failure(&error_chain(&e), e.exit_code().code()),
     };
     finished(&ctx, &summary)
 }

@@ -125,6 +125,22 @@ pub enum RunError {
     Lock(#[from] crate::statedir::LockError),
 }
 
+impl RunError {
+    /// Another agent on the attempt is the caller's mistake (a usage error, exit 2); a
+    /// state dir that cannot be written (full, read-only) is the node's, retryable on
+    /// another: a scheduler takes exit 2 as a bad spec and fails the job for good.
+    pub fn exit_code(&self) -> crate::outcome::ExitCode {
+        match self {
+            RunError::Lock(crate::statedir::LockError::Held { .. }) => {
+                crate::outcome::ExitCode::Usage
+            }
+            RunError::Lock(crate::statedir::LockError::State(_)) => {
+                crate::outcome::ExitCode::AgentOrDataset
+            }
+        }
+    }
+}
+
 /// Runs one attempt of `spec` to its end. Cancelling `cancel` is `systemctl stop`.
 /// `Err` only when another agent already runs this attempt (nothing was touched).
 pub async fn run_job(

@@ -312,3 +312,21 @@ fn a_look_at_left_processes_that_never_answers_does_not_hold_the_end() {
     assert!(t["warnings"].to_string().contains("is unknown"), "{t}");
     assert_eq!(h.manifest_paths("hung"), vec!["artifacts/model.pt"]);
 }
+
+/// A state dir the agent cannot write (full, read-only, `jobs` not a directory) is the
+/// node's fault, retryable on another node (exit 6), not a bad spec: a scheduler takes exit 2
+/// as the job's own mistake and fails it for good.
+#[test]
+fn a_state_dir_that_cannot_be_written_is_the_nodes_error() {
+    let h = Harness::file();
+    std::fs::create_dir_all(&h.state).unwrap();
+    std::fs::write(h.state.join("jobs"), "not a directory").unwrap();
+    let run = h.run_job(json!({"job_id": "nodefault", "command": ["true"]}));
+    run.assert_code(6);
+    let said = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        said.starts_with("c3-agent: state dir: cannot write"),
+        "{}",
+        run.stderr
+    );
+}
