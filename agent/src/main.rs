@@ -532,11 +532,32 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
         tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
         return token;
     };
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
-            _ = int.recv() => tracing::info!(signal = "SIGINT", "stop requested"),
+    // A hangup (the ssh session or terminal of a `run` started by hand went away) and a quit
+    // (Ctrl-\) stop the job too: their default action ended the agent at once and left the job
+    // running unsupervised, with no final sync and no status. One forwarded to the job is
+    // the job's.
+    let also = |kind: SignalKind| {
+        (!forwarded.contains(&kind.as_raw_value()))
+            .then(|| signal(kind).ok())
+            .flatten()
+    };
+    let (mut hup, mut quit) = (also(SignalKind::hangup()), also(SignalKind::quit()));
+    async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
         }
+    }
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = next(&mut hup) => "SIGHUP",
+            _ = next(&mut quit) => "SIGQUIT",
+        };
+        tracing::info!(signal = name, "stop requested");
         t.cancel();
     });
     token

@@ -155,6 +155,24 @@ fn sigterm_to_agent_cancels_the_job() {
         .contains(&"artifacts/started".to_string()));
 }
 
+/// A hangup (the ssh session or terminal of a `run` started by hand went away) or a quit
+/// (Ctrl-\) is a stop like SIGTERM: by default either ended the agent at once, and the job ran
+/// on unsupervised, with no final sync and no status.
+#[test]
+fn a_hangup_or_quit_stops_the_job_as_sigterm_does() {
+    for (sig, job) in [("HUP", "hup"), ("QUIT", "quit")] {
+        let h = Harness::file();
+        let spec = h.spec(json!({"job_id": job, "command": ["sh", "-c", STUBBORN]}));
+        let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+        let pid = grandchild_pid(&h, job);
+        signal(child.id(), sig);
+        let run = h.wait(format!("run stopped by SIG{sig}"), child);
+        run.assert_code(4);
+        assert!(!alive(pid), "SIG{sig}: grandchild {pid} survived");
+        assert_eq!(h.terminal(job)["state"], "CANCELED");
+    }
+}
+
 #[test]
 fn preflight_failure_launches_nothing() {
     // A file store whose directory cannot be created.
