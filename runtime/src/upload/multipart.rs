@@ -154,6 +154,20 @@ fn remove_journal(path: &Path) {
     let _ = std::fs::remove_file(parts_path(path));
 }
 
+/// A part's read that failed. One that ended early is the file truncated under it (a
+/// `torch.save` rewriting a checkpoint with `O_TRUNC`): the file changed, to be looked at
+/// again, not a fault that fails its upload for good.
+fn part_read_error(path: &Path, source: std::io::Error) -> UploadError {
+    if source.kind() == std::io::ErrorKind::UnexpectedEof {
+        UploadError::Changed { path: path.into() }
+    } else {
+        UploadError::Read {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
 /// Reads the part at `offset` into `buf` (its length) and checks it is what pass 1 hashed.
 /// Read and hashed a piece at a time, so the hash finds each piece still in this core's cache.
 fn read_part(
@@ -168,10 +182,7 @@ fn read_part(
     let mut at = offset;
     for piece in buf.chunks_mut(PIECE) {
         file.read_exact_at(piece, at)
-            .map_err(|source| UploadError::Read {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(|source| part_read_error(path, source))?;
         part.update(piece);
         at += piece.len() as u64;
     }
@@ -198,10 +209,7 @@ fn check_part(
     while at < offset + part_size {
         let n = scratch.len().min((offset + part_size - at) as usize);
         file.read_exact_at(&mut scratch[..n], at)
-            .map_err(|source| UploadError::Read {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(|source| part_read_error(path, source))?;
         part.update(&scratch[..n]);
         at += n as u64;
     }
@@ -758,6 +766,25 @@ mod tests {
         );
         assert!(resumed.holds(1, &[2; 32]));
         assert!(!resumed.holds(2, &[3; 32]));
+    }
+
+    /// A file truncated while its parts are read or checked has changed; it is not a read
+    /// fault (those are not retried, and a job that exited 0 would end UPLOAD_ERROR).
+    #[test]
+    fn a_part_cut_short_by_a_truncation_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt");
+        std::fs::write(&path, vec![7u8; 512 << 10]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let read = read_part(&file, &mut buf, 0, 1 << 20, &[0; 32], &path);
+        assert!(matches!(read, Err(UploadError::Changed { .. })), "{read:?}");
+        let mut scratch = vec![0u8; PIECE];
+        let checked = check_part(&file, &mut scratch, 0, 1 << 20, &[0; 32], &path);
+        assert!(
+            matches!(checked, Err(UploadError::Changed { .. })),
+            "{checked:?}"
+        );
     }
 
     /// A parts file left beside no journal (a crash between the two removals) is not taken
