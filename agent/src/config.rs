@@ -661,6 +661,23 @@ pub fn resolve(
             problems.push(format!("`{key}`: at most {most} (a century)"));
         }
     }
+    // Zero is no setting at all here: no manifest fits in 0 bytes, and a zero deadline or
+    // timeout fails every store blip, every dataset and every preflight at once. Each was
+    // taken, and every job then failed after running (or without cause).
+    for (key, value) in [
+        ("store.max_manifest_bytes", file.store.max_manifest_bytes),
+        ("store.retry_deadline_secs", file.store.retry_deadline_secs),
+        (
+            "store.preflight_timeout_secs",
+            file.store.preflight_timeout_secs,
+        ),
+        ("job.dataset_timeout_secs", file.job.dataset_timeout_secs),
+        ("job.stop_deadline_secs", file.job.stop_deadline_secs),
+    ] {
+        if value == Some(0) {
+            problems.push(format!("`{key}` must be at least 1"));
+        }
+    }
     if file.sync.max_watches == Some(0) {
         problems.push(
             "`sync.max_watches` must be at least 1 (use `sync.mode = \"poll\"` for none)".into(),
@@ -768,6 +785,14 @@ impl ControlPlaneSettings {
         let token = match &self.token_file {
             None => None,
             Some(path) => match std::fs::read_to_string(path) {
+                // A token goes into a header: a second line or a control character made
+                // every report fail as "control plane unreachable" while the job looked fine.
+                Ok(t) if t.trim().bytes().any(|b| !(0x21..=0x7e).contains(&b)) => {
+                    return Err(format!(
+                        "`control_plane.token_file`: {} holds more than one token (a space, a second line or a control character)",
+                        path.display()
+                    ))
+                }
                 Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
                 Ok(_) => {
                     return Err(format!(
@@ -1020,6 +1045,62 @@ mod tests {
             only_token.control_plane.is_none(),
             "a token file alone does not make a control plane"
         );
+    }
+
+    /// A zero that would fail every job is refused by name, from the file or the environment.
+    #[test]
+    fn a_zero_that_fails_every_job_is_refused() {
+        for (text, key) in [
+            (
+                "[store]\nmax_manifest_bytes = 0\n",
+                "store.max_manifest_bytes",
+            ),
+            (
+                "[store]\nretry_deadline_secs = 0\n",
+                "store.retry_deadline_secs",
+            ),
+            (
+                "[store]\npreflight_timeout_secs = 0\n",
+                "store.preflight_timeout_secs",
+            ),
+            (
+                "[job]\ndataset_timeout_secs = 0\n",
+                "job.dataset_timeout_secs",
+            ),
+            ("[job]\nstop_deadline_secs = 0\n", "job.stop_deadline_secs"),
+        ] {
+            let e = resolve(None, text, &|_| None, PathBuf::from("/s"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{key}` must be at least 1")), "{e}");
+        }
+        let env = &[("C3_AGENT_STORE_RETRY_DEADLINE_SECS", "0")];
+        let e = resolve(None, "", &env_of(env), PathBuf::from("/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.retry_deadline_secs"), "{e}");
+    }
+
+    /// A token file of two lines (a token and a comment, two tokens) would go into every
+    /// report's header and fail it as "unreachable"; it is refused when the config is read.
+    #[test]
+    fn a_token_file_of_more_than_one_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = |body: &str| {
+            let path = dir.path().join("token");
+            std::fs::write(&path, body).unwrap();
+            ControlPlaneSettings {
+                url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
+                token_file: Some(path),
+                give_up: Duration::from_secs(1),
+                max_reply_bytes: 1,
+            }
+        };
+        assert!(settings("tok-1\n").resolve().is_ok());
+        for bad in ["tok-1\n# rotated\ntok-2\n", "tok 1", "tok\u{7}"] {
+            let e = settings(bad).resolve().unwrap_err();
+            assert!(e.contains("`control_plane.token_file`"), "{e}");
+        }
     }
 
     #[test]
