@@ -33,7 +33,10 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     bound_malloc();
     out::set_json(out::json_from_env());
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return bad_arguments(e),
+    };
     // Inside a job: no config to read (it may not be readable by the job's user).
     if let Command::Publish { wait_all, paths } = &cli.command {
         return publish::client(*wait_all, paths);
@@ -233,6 +236,30 @@ fn bound_malloc() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
     }
+}
+
+/// `--help` and `--version` as clap prints them; any other error in the arguments as one
+/// line (the contract's "one line naming the field, exit 2"; JSON under the JSON log format),
+/// not clap's block of error, tip, usage and hint.
+fn bad_arguments(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { USAGE } else { 0 });
+    }
+    let text = e.render().to_string();
+    let said: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(|l| l.trim().trim_start_matches("error: "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    usage(&format!("{} (`c3-agent --help`)", said.join("; ")))
 }
 
 fn usage(message: &str) -> ExitCode {

@@ -231,6 +231,32 @@ fn a_bad_spec_is_one_error_line_under_journald() {
     assert!(text.contains("\\n<3>c3-agent: FORGED"), "{text}");
 }
 
+/// A bad flag is one line that names it, exit 2 (clap printed a block of five); `--help` is
+/// still clap's whole text. A job id that starts with `-` runs when given as `--job-id=ID`
+/// (as the unit does).
+#[test]
+fn a_bad_flag_is_one_line_and_a_dash_id_runs() {
+    let h = Harness::file();
+    for args in [
+        &["run", "--bogus", "--", "true"][..],
+        &["run", "--timeout", "abc", "--", "true"],
+        &["run", "--job-id", "-x", "--", "true"],
+        &["frobnicate"],
+    ] {
+        let run = h.run(args);
+        run.assert_code(2);
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.starts_with("c3-agent: "), "{}", run.stderr);
+    }
+    let bogus = h.run(&["run", "--bogus", "--", "true"]);
+    assert!(bogus.stderr.contains("--bogus"), "{}", bogus.stderr);
+    let help = h.run(&["run", "--help"]);
+    help.assert_code(0);
+    assert!(help.stdout.lines().count() > 5, "{}", help.stdout);
+    h.run(&["run", "--job-id=-dash", "--", "true"])
+        .assert_code(0);
+}
+
 #[test]
 fn a_malformed_log_filter_is_a_config_error() {
     let mut h = Harness::file();

@@ -768,7 +768,7 @@ fn the_systemd_unit_verifies_clean() {
     .unwrap();
     // verify checks that ExecStart's binary exists: this build's.
     let unit = unit.replace("/usr/local/bin/c3-agent", crate::support::BIN);
-    assert!(unit.contains("Type=notify") && unit.contains("run --job-id %i"));
+    assert!(unit.contains("Type=notify") && unit.contains("run --job-id=%i"));
     assert!(
         !unit.lines().any(|l| l.starts_with("AssertPathExists")),
         "the config may move the state dir"
