@@ -64,7 +64,7 @@ pub enum Command {
     Resync {
         job_id: String,
         /// The attempt (default: the latest one this node ran)
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         attempt: Option<u32>,
     },
     /// This node's jobs (or one): phase, state, attempts, bytes synced and pending, unstored output, undelivered reports
@@ -78,7 +78,7 @@ pub enum Command {
     Logs {
         job_id: String,
         /// The attempt (default: the latest one)
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         attempt: Option<u32>,
         /// stderr instead of stdout
         #[arg(long)]
@@ -115,7 +115,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub output: Vec<String>,
     /// Quick run: the attempt (default: $SLURM_RESTART_COUNT + 1 under Slurm, else 1)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub attempt: Option<u32>,
     /// Quick run: the workdir (created if missing; default: the current dir)
     #[arg(long, value_name = "DIR")]
@@ -134,7 +134,7 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ID")]
     pub job_id: String,
     /// The job's attempt
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub attempt: u32,
     /// Finish when this process (the job's main process) exits; its descendants count as the job
     #[arg(long, value_name = "PID")]

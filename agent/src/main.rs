@@ -474,6 +474,10 @@ fn spec_from_args(
     }
     let cwd = std::env::current_dir().map_err(|e| format!("cannot read the current dir: {e}"))?;
     let cwd = match &args.workdir {
+        // Named as text in the spec: a path that is not UTF-8 would be another directory.
+        Some(dir) if std::path::absolute(dir).is_ok_and(|d| d.to_str().is_none()) => {
+            return Err(format!("--workdir {}: not UTF-8", dir.display()));
+        }
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("--workdir {}: {e}", dir.display()))?;
@@ -504,7 +508,16 @@ fn spec_from_args(
         project: None,
         attempt,
         command: args.command,
-        workdir: Some(cwd.display().to_string()),
+        workdir: Some(
+            cwd.to_str()
+                .ok_or_else(|| {
+                    format!(
+                        "{}: the workdir's path is not UTF-8 (a spec names it as text); run in another directory or pass --workdir",
+                        cwd.display()
+                    )
+                })?
+                .to_string(),
+        ),
         env: Default::default(),
         output: args.output,
         timeout_secs: args.timeout,

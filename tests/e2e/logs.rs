@@ -255,6 +255,35 @@ fn a_bad_flag_is_one_line_and_a_dash_id_runs() {
     assert!(help.stdout.lines().count() > 5, "{}", help.stdout);
     h.run(&["run", "--job-id=-dash", "--", "true"])
         .assert_code(0);
+    for args in [
+        &["run", "--attempt", "0", "--", "true"][..],
+        &["watch", "--job-id", "w", "--attempt", "0", "--pid", "1"],
+        &["logs", "j", "--attempt", "0"],
+    ] {
+        let run = h.run(args);
+        run.assert_code(2);
+        assert!(run.stderr.contains("--attempt"), "{args:?}: {}", run.stderr);
+    }
+}
+
+/// A quick run's workdir is named as text in its spec: in a directory whose path is not
+/// UTF-8 the run made and used another one (`nu\u{fffd}`, the bytes replaced); it is refused.
+#[test]
+fn a_workdir_that_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let h = Harness::file();
+    let odd = h
+        .path("x")
+        .with_file_name(std::ffi::OsStr::from_bytes(b"nu\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    let mut cmd = h.command(&["run", "--job-id", "nu", "--", "true"]);
+    cmd.current_dir(&odd);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not UTF-8"), "{stderr}");
+    let made = h.path("x").with_file_name("nu\u{fffd}");
+    assert!(!made.exists(), "another directory was made");
 }
 
 #[test]
