@@ -117,6 +117,11 @@ impl JobSpec {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| SpecError::Syntax(e.to_string()))?;
         let object = value.as_object().ok_or(SpecError::NotAnObject)?;
+        // A JSON object keeps the last of two equal keys: `"timeout_secs": 5, ...,
+        // "timeout_secs": null` ran with no time limit. Which one the writer meant is unknown.
+        if let Some(path) = duplicate_key(bytes) {
+            return Err(SpecError::field(path, "appears twice"));
+        }
         if let Some(unknown) = object.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
             let hint = closest(unknown, KNOWN_FIELDS)
                 .map(|k| format!("; did you mean `{k}`?"))
@@ -321,8 +326,117 @@ fn clean_parts(dir: &str, leading_dot_ok: bool) -> Result<Vec<&str>, String> {
     Ok(parts)
 }
 
+/// The path of the first key that appears twice in one object of `bytes` (valid JSON).
+fn duplicate_key(bytes: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+    struct Walk<'a> {
+        path: String,
+        found: &'a mut Option<String>,
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Walk { path, found } = self;
+            let mut i = 0;
+            while seq
+                .next_element_seed(Walk {
+                    path: format!("{path}[{i}]"),
+                    found: &mut *found,
+                })?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Walk { path, found } = self;
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if !seen.insert(key) && found.is_none() {
+                    *found = Some(at.clone());
+                }
+                map.next_value_seed(Walk {
+                    path: at,
+                    found: &mut *found,
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    Walk {
+        path: String::new(),
+        found: &mut found,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    found
+}
+
 #[cfg(test)]
 mod tests {
+    /// Two equal keys in one object are refused by path, at any depth: JSON readers keep one
+    /// of them, and which one the writer meant is unknown.
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        let twice = br#"{"job_id":"d1","command":["true"],"timeout_secs":5,"timeout_secs":null}"#;
+        assert_eq!(
+            super::JobSpec::from_json(twice).unwrap_err(),
+            super::SpecError::field("timeout_secs", "appears twice")
+        );
+        let env = br#"{"job_id":"d1","command":["true"],"env":{"A":"1","B":"2","A":"3"}}"#;
+        assert_eq!(
+            super::JobSpec::from_json(env).unwrap_err(),
+            super::SpecError::field("env.A", "appears twice")
+        );
+        let nested =
+            br#"{"job_id":"d1","command":["true"],"datasets":[{"ref":"a","ref":"b","mount":"m"}]}"#;
+        assert_eq!(
+            super::JobSpec::from_json(nested).unwrap_err(),
+            super::SpecError::field("datasets[0].ref", "appears twice")
+        );
+        assert!(super::JobSpec::from_json(
+            br#"{"job_id":"d1","command":["true"],"env":{"A":"1"}}"#
+        )
+        .is_ok());
+    }
+
     use super::*;
 
     fn err(json: &str) -> String {
