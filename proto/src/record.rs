@@ -162,8 +162,8 @@ pub struct OutboxEntry {
     pub body: serde_json::Value,
 }
 
-/// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<sha256>.json`, with
-/// its finished parts appended to `<sha256>.parts` beside it (one JSON line each: `part`,
+/// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<attempt>-<sha256>.json`,
+/// with its finished parts appended to `<attempt>-<sha256>.parts` beside it (one JSON line each: `part`,
 /// `id`, `blake3`), so that a restarted agent sends only the missing parts (object_store
 /// offers no list-parts call), and so that an upload nobody will finish is aborted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

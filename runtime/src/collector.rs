@@ -57,6 +57,7 @@ impl CollectorConfig {
             &spec.job_id,
             Some(journal),
         )
+        .for_attempt(spec.attempt)
         .confined_to(&workdir)
         .readable_by(reader.clone())
         .knowing(ctx.known.clone())

@@ -27,11 +27,24 @@ fn harness_on(store: Store) -> Harness {
 
 /// Starts the job, waits until its big file's upload journaled `parts` parts, SIGKILLs the agent.
 fn crash_mid_upload(h: &Harness, job: &str, parts: usize) -> Value {
+    let mut child = start_big(h, job);
+    let record = wait_booked(h, job, parts);
+    signal(child.id(), "KILL");
+    child.wait().unwrap();
+    record
+}
+
+/// Starts a job that writes one big file and exits.
+fn start_big(h: &Harness, job: &str) -> std::process::Child {
     let script = format!("head -c {SIZE} /dev/urandom > $C3_ARTIFACTS_DIR/big.bin");
     let spec = h.spec(json!({"job_id": job, "command": ["sh", "-c", script]}));
-    let mut child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    h.spawn(&["run", "--job", spec.to_str().unwrap()])
+}
+
+/// Waits until the job's big upload journaled `parts` parts; its journal's record.
+fn wait_booked(h: &Harness, job: &str, parts: usize) -> Value {
     let journal_dir = h.state.join(format!("jobs/{job}/uploads"));
-    let record = wait_for(
+    wait_for(
         "a journaled multipart upload",
         Duration::from_secs(60),
         || {
@@ -48,10 +61,83 @@ fn crash_mid_upload(h: &Harness, job: &str, parts: usize) -> Value {
                 .count();
             (booked >= parts).then_some(record)
         },
+    )
+}
+
+/// An outage longer than the retry deadline in the middle of a big upload fails the attempt
+/// (UPLOAD_ERROR), and keeps what was sent: `recover`, once the store is back, sends only the
+/// missing parts. The upload was aborted at its first fault and its journal dropped, so every
+/// recover sent the whole file again (an hour's upload redone for a minute's outage).
+#[test]
+fn an_outage_mid_upload_keeps_its_parts_for_recover() {
+    let mut h = harness();
+    let child = start_big(&h, "outage");
+    wait_booked(&h, "outage", 2);
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.stop();
+    let run = h.wait("run through an outage".into(), child);
+    run.assert_code(3);
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.restart();
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    let ev = events(&run.stderr);
+    let resumed = ev
+        .iter()
+        .find(|e| e["message"] == "resuming multipart upload")
+        .unwrap_or_else(|| panic!("no resume: {}", run.stderr));
+    let done = resumed["parts_done"].as_u64().unwrap();
+    assert!(done >= 2, "{done} parts kept");
+    let complete = ev
+        .iter()
+        .find(|e| e["message"] == "multipart upload complete")
+        .expect("completed");
+    assert_eq!(
+        complete["bytes_sent"].as_u64().unwrap(),
+        SIZE as u64 - done * 5 * 1024 * 1024
     );
-    signal(child.id(), "KILL");
-    child.wait().unwrap();
-    record
+    let local = std::fs::read(h.workdir("outage").join("artifacts/big.bin")).unwrap();
+    assert_eq!(
+        h.manifest("outage")["files"][0]["sha256"],
+        sha256_hex(&local)
+    );
+}
+
+/// Attempts of one job share its journal dir: the end of one (here `recover` of an attempt
+/// whose agent was killed) aborts its own uploads, never those of another attempt's agent
+/// still sending. Aborted under it, attempt 2's next part met NoSuchUpload.
+#[test]
+fn the_end_of_one_attempt_leaves_another_attempts_uploads_alone() {
+    let h = harness();
+    crash_mid_upload(&h, "two", 2);
+    let journals = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        names.sort();
+        names
+    };
+    let dir = h.state.join("jobs/two/uploads");
+    let first = journals(&dir);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].starts_with("1-"), "{first:?}");
+    // Attempt 2's upload, journaled under its own name, as if its agent were sending it now.
+    let theirs = dir.join(first[0].replacen("1-", "2-", 1));
+    std::fs::copy(dir.join(&first[0]), &theirs).unwrap();
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(theirs.exists(), "attempt 2's journal went: {}", run.stderr);
+    assert_eq!(
+        journals(&dir),
+        vec![theirs.file_name().unwrap().to_string_lossy().into_owned()]
+    );
 }
 
 fn events(stderr: &str) -> Vec<Value> {
@@ -187,10 +273,8 @@ fn a_resumed_upload_the_store_lost_is_started_over() {
     let run = h.run(&["recover"]);
     run.assert_code(0);
     assert!(
-        events(&run.stderr)
-            .iter()
-            .any(|e| e["message"]
-                == "the resumed multipart upload is not accepted; starting it over"),
+        events(&run.stderr).iter().any(|e| e["message"]
+            == "the store no longer accepts the multipart upload; starting it over"),
         "{}",
         run.stderr
     );

@@ -246,6 +246,14 @@ pub struct Uploader {
     opts: Arc<UploadOptions>,
     budget: ByteBudget,
     journal_dir: Option<PathBuf>,
+    /// `<attempt>-`, in front of this attempt's journal and staging names (empty: no
+    /// attempt named). Attempts of one job share the journal dir and the staging prefix: an
+    /// attempt's end (or `recover`'s) aborts what it journaled or staged, never another
+    /// attempt's uploads under way.
+    attempt_tag: Arc<str>,
+    /// Blobs whose multipart upload failed on a store fault and was kept (not aborted), its
+    /// journal with it, for a later sync or `recover` to resume rather than send again.
+    kept: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Key prefix of this job's staging objects (file store).
     staging: Arc<str>,
     staged: Arc<std::sync::atomic::AtomicU64>,
@@ -545,6 +553,8 @@ impl Uploader {
             opts: Arc::new(opts),
             budget,
             journal_dir,
+            attempt_tag: Arc::from(""),
+            kept: Default::default(),
             staging,
             staged: Default::default(),
             owners: Default::default(),
@@ -561,6 +571,12 @@ impl Uploader {
     /// What the blobs recorded as added (by this attempt's agents) add up to, if recorded.
     pub fn added_bytes(&self) -> Option<u64> {
         self.added_log.as_deref().and_then(added_bytes)
+    }
+
+    /// Journal and staging names of `attempt` (see `Uploader::attempt_tag`).
+    pub fn for_attempt(mut self, attempt: u32) -> Self {
+        self.attempt_tag = Arc::from(format!("{attempt}-"));
+        self
     }
 
     /// Blobs this uploader adds are recorded in `path` (see [`added_bytes`]).
@@ -1570,6 +1586,28 @@ mod tests {
             "no staging object left"
         );
         assert!(up.budget().peak() <= 2 * MIB);
+    }
+
+    /// An attempt's end deletes the staging objects of its own crash, never those of another
+    /// attempt of the job being staged right now (they share the job's staging prefix).
+    #[tokio::test]
+    async fn an_attempts_end_deletes_only_its_own_staging_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            crate::store::StoreConfig::for_tests(&format!("file://{}/store", dir.path().display()));
+        let store = BlobStore::open(&config).unwrap();
+        for key in ["staging/j/1-77-0", "staging/j/2-88-0", "staging/j/12-99-0"] {
+            store
+                .put_document(key, Bytes::from_static(b"part"))
+                .await
+                .unwrap();
+        }
+        let first =
+            Uploader::new(store.clone(), UploadOptions::default(), "j", None).for_attempt(1);
+        first.abort_orphans().await;
+        let mut left = store.list("staging", usize::MAX).await.unwrap();
+        left.sort();
+        assert_eq!(left, ["staging/j/12-99-0", "staging/j/2-88-0"]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use crate::store::StoreError;
 /// A part task's outcome: index, the store's id for it, bytes sent, the tag of those bytes.
 type PartResult = Result<(usize, String, u64, Tag), UploadError>;
 
-/// A multipart upload under way and its journal: `<state_dir>/jobs/<id>/uploads/<sha>.json`
+/// A multipart upload under way and its journal: `<state_dir>/jobs/<id>/uploads/<attempt>-<sha>.json`
 /// holds the upload (its id, size, part size), written once when the upload starts, and
 /// `<sha>.parts` one line per finished part (its index, the store's id for it, the tag of the
 /// bytes sent), appended as each part is done. object_store has no list-parts call, so these
@@ -145,6 +145,18 @@ impl MultipartJournal {
         self.record.parts.contains_key(&idx)
             && self.record.part_blake3.get(&idx) == Some(&hex::encode(tag))
     }
+}
+
+/// The store does not know the upload (S3's NoSuchUpload, a 404): completed, aborted or
+/// expired.
+fn upload_lost(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Op {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }
+    )
 }
 
 /// Removes a journal and its parts; the parts go last, so a crash between leaves no parts
@@ -390,8 +402,11 @@ impl Uploader {
             self.forget_journal(&sha).await;
             return Ok(false);
         }
-        // A resumed upload the store no longer accepts (expired, aborted by a lifecycle rule,
-        // lost in a crash of the server) is started over once, from scratch.
+        // An upload the store no longer knows (a resumed one it expired, or a lifecycle rule
+        // or another agent aborted under way: NoSuchUpload) is started over from scratch, at
+        // most twice.
+        let mut restarts = 0;
+        self.keep(&sha, false);
         loop {
             let mut journal = self
                 .open_journal(&sha, before.size, part_size)
@@ -412,6 +427,9 @@ impl Uploader {
                     }
                     Err(e) => Err(store_err(e)),
                 },
+                // A store fault: the parts sent stay at the store and in the journal, for the
+                // next look (or `recover`) to resume instead of sending them all again.
+                Err(e @ UploadError::Store { .. }) if e.is_retryable() => Err(e),
                 Err(e) => {
                     // Never completed, so nothing appears under the key; abort frees the parts.
                     self.abort(journal).await;
@@ -419,14 +437,34 @@ impl Uploader {
                 }
             };
             match outcome {
-                Err(UploadError::Store { source, .. }) if resumed && source.is_permanent() => {
-                    tracing::warn!(sha256 = %sha, error = %crate::error_chain(&source), "the resumed multipart upload is not accepted; starting it over");
+                Err(UploadError::Store { source, .. })
+                    if restarts < 2
+                        && ((resumed && source.is_permanent()) || upload_lost(&source)) =>
+                {
+                    restarts += 1;
+                    tracing::warn!(sha256 = %sha, error = %crate::error_chain(&source), "the store no longer accepts the multipart upload; starting it over");
                     if let Some(p) = self.journal_path(&sha) {
                         remove_journal(&p);
                     }
                 }
-                other => return other.map(|()| true),
+                Err(e) => {
+                    if matches!(e, UploadError::Store { .. }) && e.is_retryable() {
+                        self.keep(&sha, true);
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(true),
             }
+        }
+    }
+
+    /// Marks the upload of `sha` as kept for a later try (`yes`), or as this try's again.
+    fn keep(&self, sha: &str, yes: bool) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if yes {
+            kept.insert(sha.to_string());
+        } else {
+            kept.remove(sha);
         }
     }
 
@@ -434,7 +472,7 @@ impl Uploader {
     fn journal_path(&self, sha: &str) -> Option<PathBuf> {
         self.journal_dir
             .as_ref()
-            .map(|d| d.join(format!("{sha}.json")))
+            .map(|d| d.join(format!("{}{sha}.json", self.attempt_tag)))
     }
 
     /// Resumes the journaled upload of this blob if there is one, else starts a new one.
@@ -617,17 +655,23 @@ impl Uploader {
         Ok(())
     }
 
-    /// Aborts the upload (never completed, so nothing appears under the key).
+    /// Aborts the upload (never completed, so nothing appears under the key). Its journal
+    /// goes once the store has let the upload go: one that could not be aborted (the store
+    /// down) stays, for the attempt's end or `recover` to abort, rather than leave its parts
+    /// billed at the store with nothing on the node that names them.
     async fn abort(&self, journal: MultipartJournal) {
         let sha = journal.record.sha256.clone();
-        if let Err(e) = self
+        match self
             .store
             .abort_multipart(&sha, &journal.record.upload_id)
             .await
         {
-            tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload");
+            Ok(()) => journal.remove(),
+            Err(e) if upload_lost(&e) => journal.remove(),
+            Err(e) => {
+                tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later")
+            }
         }
-        journal.remove();
     }
 
     /// The blob exists after all: an upload of it left by a crash is useless.
@@ -641,18 +685,27 @@ impl Uploader {
         }
     }
 
-    /// Aborts every journaled upload nobody will finish (the job is over), and drops
-    /// staging objects a crash left. Returns how many uploads were aborted.
+    /// Aborts every upload of this attempt's journals nobody will finish (the attempt is
+    /// over), but those kept after a store fault (`recover` resumes them), and drops the
+    /// attempt's staging objects a crash left. Another attempt's are left alone: its agent
+    /// may be sending them now. Returns how many uploads were aborted.
     pub async fn abort_orphans(&self) -> usize {
         if self.store.is_local() {
-            // The file store's own directory: only this job's staging objects, never endless.
+            // The file store's own directory: only this job's staging objects, never endless;
+            // of those, this attempt's (another attempt's agent may be staging now).
             for key in self
                 .store
                 .list(&self.staging, usize::MAX)
                 .await
                 .unwrap_or_default()
             {
-                let _ = self.store.delete(&key).await;
+                if key
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|name| name.starts_with(&*self.attempt_tag))
+                {
+                    let _ = self.store.delete(&key).await;
+                }
             }
         }
         let Some(dir) = &self.journal_dir else {
@@ -661,9 +714,23 @@ impl Uploader {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
         };
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut aborted = 0;
         for entry in entries.flatten() {
             let path = entry.path();
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // This attempt's, or one an agent that named no attempt left (`<sha>.json`).
+            let Some(sha) = name
+                .strip_prefix(&*self.attempt_tag)
+                .or_else(|| (!name.contains('-')).then_some(name))
+                .and_then(|rest| rest.split('.').next())
+            else {
+                continue;
+            };
+            if kept.contains(sha) {
+                continue;
+            }
             if path.extension().is_some_and(|x| x == "parts") {
                 // Its journal's turn removes it; alone (a crash between the two removals) it
                 // names no upload.

@@ -22,7 +22,12 @@ impl Uploader {
         let n = self
             .staged
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let staging_key = format!("{}/{}-{n}", self.staging, std::process::id());
+        let staging_key = format!(
+            "{}/{}{}-{n}",
+            self.staging,
+            self.attempt_tag,
+            std::process::id()
+        );
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let opened = self.open(path, before)?;
         super::ensure_dense(&opened, path, before.size)?;
