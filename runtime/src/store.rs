@@ -8,7 +8,9 @@
 //!   transport errors, 5xx, 429/SlowDown, a reset mid-body (which object_store does not retry
 //!   for a PUT). Permanent errors (403, 404 bucket, 400, a file store path that is read-only or
 //!   not a directory) fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
-//!   "the store really refused" or "it stayed down past the deadline" does.
+//!   "the store really refused" or "it stayed down past the deadline" does. The deadline is
+//!   the outage's, shared by every operation: a try made during an outage is cut at it, and
+//!   past it operations fail without a try but for one probe at a time.
 //!   One WARN marks the start of an outage and one its end, never a line per retry.
 
 use std::collections::BTreeMap;
@@ -42,7 +44,8 @@ pub struct StoreConfig {
     pub max_retries: usize,
     /// Give up retrying one request after this long.
     pub retry_timeout: Duration,
-    /// Transient failures of one store operation are retried this long before it fails.
+    /// How long the store may fail (an outage, counted from its first failed try) before
+    /// operations do: transient failures are retried until then, and no try outlasts it.
     pub retry_deadline: Duration,
 }
 
@@ -86,6 +89,16 @@ pub enum StoreError {
     NotThere { key: String, found: String },
     #[error("`{key}` kept changing under other writers while it was being written")]
     Contended { key: String },
+    /// The store has been failing for longer than `retry_deadline`: the operation was not
+    /// tried, or its try was cut at the deadline (a request that takes minutes to fail).
+    #[error("store {}: it has been failing for {failing_secs} s, past store.retry_deadline_secs ({deadline_secs}); its latest failure: {latest}",
+        if *.tried { "did not answer by the retry deadline" } else { "not tried" })]
+    PastDeadline {
+        tried: bool,
+        failing_secs: u64,
+        deadline_secs: u64,
+        latest: String,
+    },
     #[error("store {op} of `{key}` failed")]
     Op {
         op: &'static str,
@@ -106,7 +119,9 @@ impl StoreError {
             | StoreError::Build { .. }
             | StoreError::TooLarge { .. }
             | StoreError::NoCredentials { .. } => true,
-            StoreError::NotThere { .. } | StoreError::Contended { .. } => false,
+            StoreError::NotThere { .. }
+            | StoreError::Contended { .. }
+            | StoreError::PastDeadline { .. } => false,
             StoreError::Op { source, .. } => {
                 matches!(
                     source,
@@ -422,66 +437,253 @@ pub fn endpoint_host_port(endpoint: &str) -> Option<(String, u16)> {
     Some((host, port))
 }
 
+/// How long a probe may take. Past an outage's deadline one operation at a time is still
+/// tried, a probe, so that a store that came back is noticed while a long job runs (its live
+/// sync), not only at its final sync; the probe is cut after this, as a try within the
+/// deadline is cut at the deadline. A HEAD or a small PUT answers well within it; a big part
+/// cut by it only fails as it would have without a try.
+const PROBE_BOUND: Duration = Duration::from_secs(30);
+
+/// The least time from one probe's end to the next one's start. Without it, operations one
+/// after another (a final sync of 1,000 files) would each probe, and with failures that take
+/// a request timeout each (an unreachable host, a connection accepted and never answered)
+/// cost `PROBE_BOUND` apiece: hours past the deadline again.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct Retry {
     deadline: Duration,
-    /// The outage under way; `None` while the store answers. Shared by every operation: one
-    /// that starts during an outage gets what is left of its deadline.
-    outage: std::sync::Mutex<Option<Outage>>,
+    /// Written by each try of every operation (a failure booked, an answer) and by the final
+    /// sync's start; read before each try, to bound it or refuse it.
+    state: std::sync::Mutex<RetryState>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default)]
+struct RetryState {
+    /// The outage under way; `None` while the store answers. Shared by every operation: one
+    /// that starts during an outage gets what is left of its deadline.
+    outage: Option<Outage>,
+    /// When the store last answered a request: an operation's try, or a look within one
+    /// ([`Retry::heard`]). An outage begins no earlier, however long before it the try that
+    /// met the outage started; and a try that began before it is not cut at the deadline.
+    answered_at: Option<tokio::time::Instant>,
+    /// How many outages have begun, each one's `id`: a try bounded by an outage's deadline
+    /// tells by it whether that outage is still the one under way.
+    outages: u64,
+}
+
+#[derive(Debug)]
 struct Outage {
-    /// When operations began failing (for the log line at its end).
+    id: u64,
+    /// When operations began failing: the start of the first failed try (for the log line at
+    /// its end).
     began: tokio::time::Instant,
     /// What the deadline counts from: `began`, or the start of the final sync if later.
     clock: tokio::time::Instant,
-    /// The latest failure. An outage nobody has met for a deadline's time is stale (its
-    /// operations were cancelled, not answered: a timeout around them): a failure then starts
-    /// the clock again rather than find it run out.
+    /// When a failure was last booked (its try's end). An outage nobody has met for a
+    /// deadline's time is stale (its operations were cancelled, not answered: a timeout
+    /// around them): a try that starts then is not bounded, and its failure starts the clock
+    /// again rather than find it run out. Operations refused without a try do not count: they
+    /// met no store.
     last: tokio::time::Instant,
+    /// Whether a probe (a try past the deadline) is in flight.
+    probing: bool,
+    /// When the latest probe ended.
+    probed: Option<tokio::time::Instant>,
+    /// The latest failure's error chain, for the operations that fail without a try.
+    error: String,
+}
+
+/// What an operation's next try may do, decided as it starts ([`Retry::admit`]).
+enum Admit<'a> {
+    /// No outage under way, or a stale one: the try is not bounded here. A healthy part
+    /// upload may take minutes while its bytes flow; the HTTP client's request timeout bounds
+    /// it.
+    Free,
+    /// Outage `id` is under way: the try is cut at `until` (what is left of the deadline, or
+    /// a probe's bound), unless that outage ends first or the store answers a request meanwhile
+    /// (the try is slow, not met by a dead store).
+    During {
+        id: u64,
+        until: tokio::time::Instant,
+        probe: Option<Probe<'a>>,
+    },
+    /// The outage is past its deadline and another operation probes it, or did a moment ago:
+    /// no try.
+    Refused(StoreError),
+}
+
+/// The probe slot of outage `id`, held for one try; given back when the try ends or is
+/// dropped (an operation cancelled by a timeout around it).
+struct Probe<'a> {
+    retry: &'a Retry,
+    id: u64,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        let mut state = self.retry.lock();
+        if let Some(o) = state.outage.as_mut().filter(|o| o.id == self.id) {
+            o.probing = false;
+            o.probed = Some(tokio::time::Instant::now());
+        }
+    }
 }
 
 impl Retry {
     fn new(deadline: Duration) -> Arc<Self> {
         Arc::new(Retry {
             deadline,
-            outage: std::sync::Mutex::new(None),
+            state: Default::default(),
         })
     }
 
-    /// Books a transient failure; returns when the outage it belongs to has lasted the
-    /// deadline.
-    fn failed(&self, e: &StoreError) -> tokio::time::Instant {
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, RetryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides how a try that starts now may run; `op_deadline` is its operation's own.
+    fn admit(&self, op_deadline: tokio::time::Instant) -> Admit<'_> {
         let now = tokio::time::Instant::now();
-        if let Some(o) = outage.as_mut() {
-            if now.duration_since(o.last) > self.deadline {
-                o.clock = now;
+        let mut state = self.lock();
+        let Some(o) = state.outage.as_mut() else {
+            return Admit::Free;
+        };
+        if now.saturating_duration_since(o.last) > self.deadline {
+            return Admit::Free;
+        }
+        let ends = o.clock + self.deadline;
+        if now < ends {
+            return Admit::During {
+                id: o.id,
+                until: ends.min(op_deadline),
+                probe: None,
+            };
+        }
+        if o.probing || o.probed.is_some_and(|t| now < t + PROBE_EVERY) {
+            return Admit::Refused(StoreError::PastDeadline {
+                tried: false,
+                failing_secs: now.duration_since(o.began).as_secs(),
+                deadline_secs: self.deadline.as_secs(),
+                latest: o.error.clone(),
+            });
+        }
+        o.probing = true;
+        Admit::During {
+            id: o.id,
+            until: now + PROBE_BOUND,
+            probe: Some(Probe {
+                retry: self,
+                id: o.id,
+            }),
+        }
+    }
+
+    /// Runs a try admitted `During` outage `id` at `started`: `None` if it was cut at
+    /// `until`. When the bound comes, the outage may be over or the store may have answered a
+    /// request since the try began (the try goes on unbounded, as it would have started then),
+    /// or the outage's clock may have been restarted by the final sync (the bound moves with it).
+    async fn bounded<F: std::future::Future>(
+        &self,
+        try_: F,
+        id: u64,
+        started: tokio::time::Instant,
+        mut until: tokio::time::Instant,
+        op_deadline: tokio::time::Instant,
+    ) -> Option<F::Output> {
+        let mut try_ = std::pin::pin!(try_);
+        loop {
+            if let Ok(out) = tokio::time::timeout_at(until, try_.as_mut()).await {
+                return Some(out);
             }
-            o.last = now;
+            let later = {
+                let state = self.lock();
+                let heard = state.answered_at.is_some_and(|at| at > started);
+                match &state.outage {
+                    Some(o) if o.id == id && !heard => {
+                        Some((o.clock + self.deadline).min(op_deadline))
+                    }
+                    _ => None,
+                }
+            };
+            let Some(later) = later else {
+                return Some(try_.await);
+            };
+            if later <= tokio::time::Instant::now() {
+                return None;
+            }
+            until = later;
+        }
+    }
+
+    /// The error of a try cut at the outage's deadline.
+    fn cut(&self) -> StoreError {
+        let state = self.lock();
+        let (failing_secs, latest) = state.outage.as_ref().map_or((0, String::new()), |o| {
+            (o.began.elapsed().as_secs(), o.error.clone())
+        });
+        StoreError::PastDeadline {
+            tried: true,
+            failing_secs,
+            deadline_secs: self.deadline.as_secs(),
+            latest,
+        }
+    }
+
+    /// Books a transient failure of a try that started at `started`; returns when the outage
+    /// it belongs to has lasted the deadline. Counted from the try's start, not its end: a
+    /// try that took a request timeout to fail neither starts a new outage late nor makes the
+    /// outage under way look stale.
+    fn failed(&self, e: &StoreError, started: tokio::time::Instant) -> tokio::time::Instant {
+        let mut state = self.lock();
+        let now = tokio::time::Instant::now();
+        let error = match e {
+            StoreError::PastDeadline { .. } => None,
+            e => Some(crate::error_chain(e)),
+        };
+        if let Some(o) = state.outage.as_mut() {
+            if started.saturating_duration_since(o.last) > self.deadline {
+                o.clock = started;
+            }
+            o.last = o.last.max(now);
+            if let Some(error) = error {
+                o.error = error;
+            }
             return o.clock + self.deadline;
         }
-        *outage = Some(Outage {
-            began: now,
-            clock: now,
+        let began = state.answered_at.map_or(started, |a| a.max(started));
+        state.outages += 1;
+        state.outage = Some(Outage {
+            id: state.outages,
+            began,
+            clock: began,
             last: now,
+            probing: false,
+            probed: None,
+            error: error.unwrap_or_default(),
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
             "store is failing; retrying with backoff (one line when it answers again)");
-        now + self.deadline
+        began + self.deadline
     }
 
     fn restart_clock(&self) {
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = outage.as_mut() {
+        if let Some(o) = self.lock().outage.as_mut() {
             o.clock = tokio::time::Instant::now();
         }
     }
 
+    /// The store answered a request within an operation's try (a look for a blob while a
+    /// complete's outcome is awaited): said without ending the outage, which the operation's
+    /// own outcome does, one WARN line each way.
+    fn heard(&self) {
+        self.lock().answered_at = Some(tokio::time::Instant::now());
+    }
+
     fn answered(&self) {
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = outage.take() {
+        let mut state = self.lock();
+        state.answered_at = Some(tokio::time::Instant::now());
+        if let Some(o) = state.outage.take() {
             tracing::warn!(
                 outage_secs = o.began.elapsed().as_secs_f64(),
                 "store answers again"
@@ -697,7 +899,28 @@ impl BlobStore {
     /// long the store may fail, not each operation: with a deadline per operation a dead store
     /// held the final sync for files / files_in_flight deadlines (1,000 files, 16 at a time,
     /// 600 s each: ten hours), each file starting its own wait after the last one gave up.
-    async fn retrying<T, Fut>(&self, mut op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    ///
+    /// Nor may one try outlast it: a failure can take a whole request timeout to come (an
+    /// unreachable host, ~30 s through object_store's retries; a connection accepted and never
+    /// answered, 300 s), and one first try per file held a dead store's final sync for hours
+    /// past the deadline. So a try made while an outage is under way is cut at its deadline,
+    /// and once it has passed an operation fails without a try, but for one probe at a time
+    /// ([`PROBE_BOUND`], [`PROBE_EVERY`]). A try made while the store answers is not bounded
+    /// here: a big part may take minutes to send.
+    async fn retrying<T, Fut>(&self, op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying_cut(op, true).await
+    }
+
+    /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
+    /// deadline.
+    async fn retrying_cut<T, Fut>(
+        &self,
+        mut op: impl FnMut() -> Fut,
+        cut: bool,
+    ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
@@ -710,8 +933,23 @@ impl BlobStore {
             .with_max_times(usize::MAX)
             .build();
         let mut corrupt = 0;
+        let mut failure = None;
         loop {
-            match op().await {
+            let started = tokio::time::Instant::now();
+            let tried = match self.retry.admit(deadline) {
+                Admit::Free => Some(op().await),
+                Admit::During { id, until, probe } => {
+                    let tried = match cut {
+                        true => self.retry.bounded(op(), id, started, until, deadline).await,
+                        false => Some(op().await),
+                    };
+                    drop(probe);
+                    tried
+                }
+                // This operation's own failure says more than "not tried".
+                Admit::Refused(e) => return Err(failure.unwrap_or(e)),
+            };
+            match tried.unwrap_or_else(|| Err(self.retry.cut())) {
                 Ok(v) => {
                     self.retry.answered();
                     return Ok(v);
@@ -724,12 +962,13 @@ impl BlobStore {
                 }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    let outage_ends = self.retry.failed(&e);
+                    let outage_ends = self.retry.failed(&e, started);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
                     if tokio::time::Instant::now() + wait >= deadline.min(outage_ends) {
                         return Err(e);
                     }
                     tracing::debug!(error = %crate::error_chain(&e), retry_in_ms = wait.as_millis() as u64, "store operation failed; retrying");
+                    failure = Some(e);
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -739,7 +978,11 @@ impl BlobStore {
     /// Runs `op` (an operation of several store calls, run again whole) under the same
     /// retries as one store call: a store failure it reports (`Err(Err(_))`) is tried again
     /// while transient, until the outage deadline; `Err(Ok(_))` is its own failure, handed
-    /// back at once.
+    /// back at once. Past the deadline it is refused as a store call is, but a try is not cut
+    /// at the deadline: a whole staged upload lasts as long as its file takes to copy (80 GB
+    /// to an NFS store: many minutes), and one that follows a blip nobody else answered since
+    /// would be cut while its bytes flow. Its store calls are file system calls, which fail
+    /// with an error rather than wait for a request timeout.
     pub async fn retrying_whole<T, E, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
@@ -747,16 +990,19 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, Result<E, StoreError>>>,
     {
-        self.retrying(|| {
-            let run = op();
-            async move {
-                match run.await {
-                    Ok(v) => Ok(Ok(v)),
-                    Err(Ok(own)) => Ok(Err(own)),
-                    Err(Err(store)) => Err(store),
+        self.retrying_cut(
+            || {
+                let run = op();
+                async move {
+                    match run.await {
+                        Ok(v) => Ok(Ok(v)),
+                        Err(Ok(own)) => Ok(Err(own)),
+                        Err(Err(store)) => Err(store),
+                    }
                 }
-            }
-        })
+            },
+            false,
+        )
         .await
     }
 
@@ -1162,7 +1408,13 @@ impl BlobStore {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            if matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size) {
+            let found = self.stored_size(sha256_hex).await;
+            if found.is_ok() {
+                // Looked for over a minute, perhaps: the store answers, so the try is not
+                // one a dead store holds, to be cut at the outage's deadline.
+                self.retry.heard();
+            }
+            if matches!(found, Ok(Some(s)) if s == size) {
                 return true;
             }
         }
@@ -1616,19 +1868,220 @@ mod tests {
             found: "nothing".into(),
         };
         let start = tokio::time::Instant::now();
-        assert_eq!(retry.failed(&e), start + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, tokio::time::Instant::now()),
+            start + Duration::from_secs(10)
+        );
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(retry.failed(&e), start + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, tokio::time::Instant::now()),
+            start + Duration::from_secs(10)
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         retry.restart_clock();
-        assert_eq!(retry.failed(&e), start + Duration::from_secs(18));
+        assert_eq!(
+            retry.failed(&e, tokio::time::Instant::now()),
+            start + Duration::from_secs(18)
+        );
         tokio::time::advance(Duration::from_secs(11)).await;
         let now = tokio::time::Instant::now();
-        assert_eq!(retry.failed(&e), now + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, tokio::time::Instant::now()),
+            now + Duration::from_secs(10)
+        );
         retry.answered();
         tokio::time::advance(Duration::from_secs(1)).await;
         let now = tokio::time::Instant::now();
-        assert_eq!(retry.failed(&e), now + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, tokio::time::Instant::now()),
+            now + Duration::from_secs(10)
+        );
+    }
+
+    /// A transient failure that takes `secs` to come, as from an unreachable host or a
+    /// connection accepted and never answered.
+    async fn fails_after(secs: u64) -> Result<(), StoreError> {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        Err(StoreError::NotThere {
+            key: "k".into(),
+            found: "no answer".into(),
+        })
+    }
+
+    fn store_with_deadline(secs: u64) -> BlobStore {
+        let mut store = BlobStore::in_memory();
+        store.retry = Retry::new(Duration::from_secs(secs));
+        store
+    }
+
+    /// Failures that take a request timeout each (300 s) against a 60 s deadline: the first
+    /// try was made before anyone knew of the outage and takes its 300 s; after it, nothing
+    /// may hold an operation past the deadline. One first try per operation held a dead
+    /// store's final sync 300 s per file in turn (1,000 files, 16 at a time: over 5 hours).
+    #[tokio::test(start_paused = true)]
+    async fn slow_failures_end_by_the_outage_deadline() {
+        let bound = Duration::from_secs(60 + 300);
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        for _ in 0..8 {
+            assert!(store.retrying(|| fails_after(300)).await.is_err());
+        }
+        assert!(start.elapsed() <= bound, "{:?}", start.elapsed());
+
+        // 16 operations in flight, 8 each.
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let store = store.clone();
+            workers.spawn(async move {
+                for _ in 0..8 {
+                    assert!(store.retrying(|| fails_after(300)).await.is_err());
+                }
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            done.unwrap();
+        }
+        assert!(start.elapsed() <= bound, "{:?}", start.elapsed());
+
+        // A try that starts during an outage gets what is left of its deadline, no more.
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        store
+            .retry
+            .failed(&StoreError::Contended { key: "k".into() }, start);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let e = store.retrying(|| fails_after(300)).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        assert!(
+            matches!(e, StoreError::PastDeadline { tried: true, .. }),
+            "{e}"
+        );
+    }
+
+    /// A slow try is booked at its start: one that took longer than the deadline to fail
+    /// neither restarts the clock of the outage it met (stale) nor begins a new one late.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_failure_does_not_make_its_outage_look_new() {
+        let retry = Retry::new(Duration::from_secs(10));
+        let e = StoreError::Contended { key: "k".into() };
+        let start = tokio::time::Instant::now();
+        assert_eq!(retry.failed(&e, start), start + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(300)).await;
+        let second = start + Duration::from_secs(5);
+        assert_eq!(retry.failed(&e, second), start + Duration::from_secs(10));
+        retry.answered();
+        let answered = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(300)).await;
+        // Failed after 300 s; but not before the store last answered.
+        assert_eq!(retry.failed(&e, start), answered + Duration::from_secs(10));
+    }
+
+    /// Only tries made during an outage are bounded: a slow request while the store answers
+    /// (a big part whose bytes flow for minutes) is not cut, nor one made during a blip that
+    /// ended while it ran.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_request_while_the_store_answers_is_not_cut() {
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        let slow_ok = || async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok::<_, StoreError>(())
+        };
+        store.retrying(slow_ok).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(600));
+
+        store
+            .retry
+            .failed(&StoreError::Contended { key: "k".into() }, start);
+        let start = tokio::time::Instant::now();
+        let answered = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.retrying(|| async { Ok::<_, StoreError>(()) }).await
+        };
+        let (slow, answered) = tokio::join!(store.retrying(slow_ok), answered);
+        slow.unwrap();
+        answered.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(600));
+
+        // A try within which the store answered (a complete's look for its blob).
+        let start = tokio::time::Instant::now();
+        store
+            .retry
+            .failed(&StoreError::Contended { key: "k".into() }, start);
+        let looked = store
+            .retrying(|| async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                store.retry.heard();
+                tokio::time::sleep(Duration::from_secs(90)).await;
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        assert!(looked.is_ok(), "{looked:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(91));
+
+        // A whole staged upload that follows a blip nobody else answered since.
+        let start = tokio::time::Instant::now();
+        store
+            .retry
+            .failed(&StoreError::Contended { key: "k".into() }, start);
+        let whole = store
+            .retrying_whole(|| async {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok::<_, Result<(), StoreError>>(())
+            })
+            .await;
+        assert!(matches!(whole, Ok(Ok(()))), "{whole:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(600));
+    }
+
+    /// Past the deadline an operation fails without a try, but for one probe at a time,
+    /// [`PROBE_EVERY`] apart, which finds the store back.
+    #[tokio::test(start_paused = true)]
+    async fn past_the_deadline_one_probe_at_a_time_finds_the_store_back() {
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        let e = StoreError::Contended { key: "k".into() };
+        store.retry.failed(&e, start);
+        tokio::time::advance(Duration::from_secs(55)).await;
+        store.retry.failed(&e, tokio::time::Instant::now());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let counted = |secs| {
+            tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            fails_after(secs)
+        };
+        let probe = store.retrying(|| counted(100));
+        let refused = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.retrying(|| counted(0)).await
+        };
+        let (probe, refused) = tokio::join!(probe, refused);
+        assert!(
+            matches!(probe, Err(StoreError::PastDeadline { tried: true, .. })),
+            "{probe:?}"
+        );
+        let refused = refused.unwrap_err();
+        assert!(
+            matches!(refused, StoreError::PastDeadline { tried: false, .. }),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("`k` kept changing"),
+            "{refused}"
+        );
+        assert_eq!(tries.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(61) + PROBE_BOUND);
+        // Right after a probe: none; PROBE_EVERY later, one, and the store answers it.
+        assert!(store.retrying(|| counted(0)).await.is_err());
+        assert_eq!(tries.load(std::sync::atomic::Ordering::Relaxed), 1);
+        tokio::time::advance(PROBE_EVERY).await;
+        store
+            .retrying(|| async { Ok::<_, StoreError>(()) })
+            .await
+            .unwrap();
+        assert!(store.retry.lock().outage.is_none());
     }
 
     #[test]

@@ -627,7 +627,8 @@ fn a_blob_served_wrong_once_is_fetched_again() {
 /// the uploads do, not a fresh wait for each file in turn. Each file once got its own
 /// deadline, so a dead store held the final sync for files / files_in_flight deadlines (10
 /// files, one at a time: 10 x 4 s here; 1,000 files, 16 at a time, 600 s each: 10 hours).
-/// Counted at the store: once the outage is older than the deadline, a file gets one try.
+/// Counted at the store: once the outage is older than the deadline, a file fails without a
+/// try, but for one probe at a time (store.rs `PROBE_EVERY`).
 #[test]
 fn a_dead_store_fails_the_uploads_after_one_deadline_not_one_per_file() {
     let s3 = FakeS3::start(Fault::Down);
@@ -645,11 +646,11 @@ fn a_dead_store_fails_the_uploads_after_one_deadline_not_one_per_file() {
     assert_eq!(h.terminal("dead")["reason"], "UPLOAD_ERROR");
     let puts: Vec<usize> = files.iter().map(|b| s3.puts_of(b)).collect();
     assert!(
-        puts.iter().all(|&n| n >= 1),
-        "every file was tried: {puts:?}"
+        puts.iter().any(|&n| n >= 1),
+        "the store was tried: {puts:?}"
     );
-    // One deadline for the outage: the first files retry within it, the rest get a try or two
-    // (live sync's and the final sync's). A deadline per file made it 50 and more.
+    // One deadline for the outage: the files in flight retry within it, the rest get a try or
+    // none (a probe past the deadline). A deadline per file made it 50 and more.
     let total: usize = puts.iter().sum();
     assert!(
         total <= 3 * files.len(),
