@@ -802,15 +802,3 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
         Err(e) => failure(&error_chain(&e), 1),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_logged_url_keeps_no_login() {
-        let url = url::Url::parse("https://svc:secret@cp.example:8443/api?x=1").unwrap();
-        assert_eq!(
-            c3_runtime::display::shown_url(url.as_str()),
-            "https://cp.example:8443/api?x=1"
-        );
-    }
-}

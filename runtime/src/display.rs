@@ -163,4 +163,23 @@ mod tests {
         ));
         assert_eq!(error_chain(&io), "cannot read /y: entity not found");
     }
+
+    /// A login, a query (a signature, `?code=`) and a fragment are not shown; a URL that
+    /// does not parse is not shown at all (it may be all secret).
+    #[test]
+    fn a_shown_url_keeps_no_credentials() {
+        assert_eq!(
+            super::shown_url("https://svc:secret@cp.example:8443/api?code=x#frag"),
+            "https://cp.example:8443/api"
+        );
+        assert_eq!(
+            super::shown_url("s3://AK:SK@bucket/pre?X-Amz-Signature=s"),
+            "s3://bucket/pre"
+        );
+        assert_eq!(
+            super::shown_url("file:///var/lib/store"),
+            "file:///var/lib/store"
+        );
+        assert!(!super::shown_url("not a url secret").contains("secret"));
+    }
 }
