@@ -36,8 +36,8 @@ pub use manifest::{
     EntryRef, FileEntry, ListedFile, LogEntry, Logs, Manifest, ManifestError, MANIFEST_VERSION,
 };
 pub use record::{
-    JobFacts, JobUser, MultipartPart, MultipartRecord, OutboxEntry, Phase, ProcIdentity,
-    ProgressRecord, RunRecord, Synced,
+    Destination, JobFacts, JobUser, MultipartPart, MultipartRecord, OutboxEntry, Phase,
+    ProcIdentity, ProgressRecord, RunRecord, Synced,
 };
 pub use socket::{PublishedFile, SocketReply, SocketRequest};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};

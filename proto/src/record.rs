@@ -99,6 +99,30 @@ pub struct RunRecord {
     /// What the attempt's final manifest lists (for `c3-agent status`), once written.
     #[serde(default)]
     pub synced: Option<Synced>,
+    /// Where the attempt's output and reports go, as logs show them (no credentials): the
+    /// store's URL and the control plane's (`None`: none). `recover` and `resync` run with
+    /// another config (a housekeeping unit without the job unit's environment) leave the
+    /// attempt alone rather than finish it into another store, or report to nobody. Absent
+    /// in older records: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+}
+
+/// [`RunRecord::destination`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub store: String,
+    pub control_plane: Option<String>,
+}
+
+impl Destination {
+    /// Whether an agent sending here may finish an attempt that was sending to `theirs`: the
+    /// same store, and the same control plane if the attempt had one (reports sent to one
+    /// where it had none are no loss).
+    pub fn serves(&self, theirs: &Destination) -> bool {
+        self.store == theirs.store
+            && (theirs.control_plane.is_none() || self.control_plane == theirs.control_plane)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -65,4 +65,12 @@ impl AgentContext {
             .map(ControlPlane::deadline)
             .unwrap_or_else(tokio::time::Instant::now)
     }
+
+    /// Where this agent sends output and reports (see [`c3_proto::RunRecord::destination`]).
+    pub fn destination(&self) -> c3_proto::Destination {
+        c3_proto::Destination {
+            store: self.store.shown_url(),
+            control_plane: self.control_plane.as_ref().map(ControlPlane::shown_url),
+        }
+    }
 }

@@ -76,6 +76,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         facts: None,
         watched_dirs: None,
         synced: None,
+        destination: Some(ctx.destination()),
     }
 }
 

@@ -158,6 +158,21 @@ async fn recover_record(
     pass: Pass,
 ) -> Option<JobSummary> {
     let record = unfinished_record(ctx, path, pass)?;
+    if let Some(theirs) = record
+        .destination
+        .as_ref()
+        .filter(|d| !ctx.destination().serves(d))
+    {
+        tracing::warn!(
+            job_id = %record.spec.job_id,
+            attempt = record.spec.attempt,
+            job_store = %theirs.store,
+            job_control_plane = theirs.control_plane.as_deref().unwrap_or("none"),
+            store = %ctx.store.shown_url(),
+            "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config)"
+        );
+        return None;
+    }
     crate::fault::pause_point("recover-after-read").await;
     if pass != Pass::Own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");

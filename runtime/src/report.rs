@@ -89,6 +89,11 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Its URL as logs show it ([`crate::display::shown_url`]).
+    pub fn shown_url(&self) -> String {
+        crate::display::shown_url(self.config.url.as_str())
+    }
+
     pub fn new(mut config: ControlPlaneConfig) -> Self {
         // `Url::join` replaces the last segment unless the base ends in '/'.
         if !config.url.path().ends_with('/') {

@@ -749,6 +749,7 @@ mod tests {
                 facts: None,
                 watched_dirs: None,
                 synced: None,
+                destination: None,
             };
             self.save(&record, age);
             record

@@ -356,6 +356,28 @@ fn sigkill_of_the_agent_then_recover_finishes_the_job() {
             .then_some(())
     });
 
+    // A recover run with another config (a housekeeping unit without the job unit's
+    // environment) leaves the attempt alone: it would finish it into another store, and
+    // report to nobody.
+    let elsewhere = h.path("elsewhere");
+    let mut other = h.command(&["recover"]);
+    other.env(
+        "C3_AGENT_STORE_URL",
+        format!("file://{}", elsewhere.display()),
+    );
+    let out = other.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("left alone (run recover with the job's config)"),
+        "{said}"
+    );
+    assert!(
+        !elsewhere.join("jobs/crash").exists(),
+        "finished into another store"
+    );
+    assert_eq!(h.manifest("crash")["complete"], false);
+
     let run = h.run(&["recover"]);
     run.assert_code(6);
     let m = h.manifest("crash");
