@@ -158,20 +158,26 @@ async fn recover_record(
     pass: Pass,
 ) -> Option<JobSummary> {
     let record = unfinished_record(ctx, path, pass)?;
+    // `resync JOB` is the operator's own word on the attempt: the way to move a job's
+    // output to the store the node uses now.
     if let Some(theirs) = record
         .destination
         .as_ref()
         .filter(|d| !ctx.destination().serves(d))
     {
-        tracing::warn!(
+        if pass == Pass::Resync {
+            tracing::warn!(job_id = %record.spec.job_id, job_store = %theirs.store, store = %ctx.store.shown_url(), "the attempt's output went to another store; resync stores it in this config's");
+        } else {
+            tracing::warn!(
             job_id = %record.spec.job_id,
             attempt = record.spec.attempt,
             job_store = %theirs.store,
             job_control_plane = theirs.control_plane.as_deref().unwrap_or("none"),
             store = %ctx.store.shown_url(),
-            "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config)"
-        );
-        return None;
+            "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config, or `c3-agent resync JOB` to move it here)"
+            );
+            return None;
+        }
     }
     crate::fault::pause_point("recover-after-read").await;
     if pass != Pass::Own && owner_alive(&record) {
