@@ -369,7 +369,7 @@ fn sigkill_of_the_agent_then_recover_finishes_the_job() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert!(
-        said.contains("left alone (run recover with the job's config)"),
+        said.contains("left alone (run recover with the job's config"),
         "{said}"
     );
     assert!(
