@@ -761,6 +761,11 @@ impl Syncer {
         self.book.progress.finish(size);
         self.in_flight.remove(&rel);
         match result {
+            // A publish recorded a later version while this one was sent: the job was told
+            // that one is in the manifest, and it stays.
+            Ok(up) if self.book.holds_later(&up.rel, &up.stamp) => {
+                self.book.new_bytes += up.new_bytes;
+            }
             Ok(up) => {
                 tracing::debug!(path = %rel, bytes = up.digests.size, new = up.new_bytes > 0, "synced while running");
                 self.book.record(up);

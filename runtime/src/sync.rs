@@ -172,6 +172,15 @@ impl SyncBook {
             .map(|u| u.digests)
     }
 
+    /// Whether the book holds a later version of `rel` than `stamp` (changed after it): a
+    /// `publish` recorded it while an upload of the version `stamp` was under way. Live sync
+    /// then does not record that upload over it; the final scan, which records what the file
+    /// holds at the end, is not asked (a clock stepped back would make this a wrong guess).
+    pub fn holds_later(&self, rel: &str, stamp: &FileStamp) -> bool {
+        self.get(rel)
+            .is_some_and(|u| u.stamp != *stamp && u.stamp.ctime_ns > stamp.ctime_ns)
+    }
+
     /// The least its manifest's entries take (see [`c3_proto::manifest::entry_floor`]).
     pub fn entries_floor(&self) -> u64 {
         self.path_bytes + self.synced.len() as u64 * c3_proto::manifest::MIN_ENTRY_BYTES
@@ -483,6 +492,25 @@ mod tests {
             racy: false,
             judged_ns: 0,
         }
+    }
+
+    /// A version published while an older one was being sent is later than that one: live
+    /// sync keeps the published one (the job was told it is in the manifest). The same
+    /// version, or an earlier one in the book, is not.
+    #[test]
+    fn a_version_published_meanwhile_is_later_than_the_one_sent() {
+        let mut book = SyncBook::default();
+        let mut published = up("artifacts/ckpt", 2);
+        published.stamp.ctime_ns = 200;
+        book.record(published.clone());
+        let mut sent = up("artifacts/ckpt", 1);
+        sent.stamp.ctime_ns = 100;
+        assert!(book.holds_later("artifacts/ckpt", &sent.stamp));
+        assert!(!book.holds_later("artifacts/ckpt", &published.stamp));
+        assert!(!book.holds_later("artifacts/other", &sent.stamp));
+        let mut newer = up("artifacts/ckpt", 3);
+        newer.stamp.ctime_ns = 300;
+        assert!(!book.holds_later("artifacts/ckpt", &newer.stamp));
     }
 
     /// Forgetting a path drops it and what lies below it, nothing beside it.
