@@ -174,8 +174,9 @@ fn a_succeeded_job_says_reason_null() {
     assert_eq!(fin["script_exit_code"], 0);
 }
 
-#[test]
-fn under_journald_each_line_carries_its_priority() {
+/// A harness whose agent takes its stderr for journald's stream (`JOURNAL_STREAM` names the
+/// file's device and inode): the log file, and the file to give the agent as its stderr.
+fn under_journald() -> (Harness, std::path::PathBuf, std::fs::File) {
     use std::os::unix::fs::MetadataExt;
     let mut h = Harness::file();
     let log = h.path("journal.log");
@@ -185,6 +186,12 @@ fn under_journald_each_line_carries_its_priority() {
         "JOURNAL_STREAM".into(),
         format!("{}:{}", meta.dev(), meta.ino()),
     ));
+    (h, log, file)
+}
+
+#[test]
+fn under_journald_each_line_carries_its_priority() {
+    let (h, log, file) = under_journald();
     let spec = h.spec(json!({"job_id": "prio", "command": ["sh", "-c", "exit 4"]}));
     let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
     cmd.stderr(file);
@@ -209,15 +216,7 @@ fn under_journald_each_line_carries_its_priority() {
 /// writer's making, and the error itself was filed at info, unseen by `journalctl -p warning`.
 #[test]
 fn a_bad_spec_is_one_error_line_under_journald() {
-    use std::os::unix::fs::MetadataExt;
-    let mut h = Harness::file();
-    let log = h.path("journal.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let meta = file.metadata().unwrap();
-    h.env.push((
-        "JOURNAL_STREAM".into(),
-        format!("{}:{}", meta.dev(), meta.ino()),
-    ));
+    let (h, log, file) = under_journald();
     let spec = h.spec(json!({
         "job_id": "forge", "command": ["true"],
         "datasets": [{"ref": "/jobs/x\n<3>c3-agent: FORGED", "mount": "d"}],
