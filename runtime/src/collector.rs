@@ -374,6 +374,10 @@ async fn final_sync(
         .uploader
         .clone()
         .with_options(config.uploader.options().at_end());
+    // Live sync's uploads cut short by an outage were kept for a later try: this is it. What
+    // it leaves unstored the same way is kept again; the rest (a version since rewritten or
+    // removed) is aborted when the attempt ends, not kept with its job for ever.
+    at_end.forget_kept();
     let started = Instant::now();
     let report = sync_scan(&at_end, &config.workdir, found, book).await;
     timings.upload = started.elapsed();

@@ -257,7 +257,9 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
     if has_entries(&state.outbox_dir(&job.id), report)? {
         return Err("reports wait in the outbox".into());
     }
-    if has_entries(&job.dir.join("uploads"), |_| true)? {
+    // A journal (`*.json`) names an upload at the store; a temp file a killed journal start
+    // left names none.
+    if has_entries(&job.dir.join("uploads"), |name| !name.starts_with(".c3-"))? {
         return Err("multipart uploads are journaled (not finished or aborted)".into());
     }
     let latest = job.attempts.last().map(|(_, r)| r.state).unwrap_or(None);

@@ -458,6 +458,12 @@ impl Uploader {
         }
     }
 
+    /// Forgets which uploads were kept: from now on only those this uploader's later tries
+    /// keep stay when the attempt ends ([`Uploader::abort_orphans`]).
+    pub fn forget_kept(&self) {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Marks the upload of `sha` as kept for a later try (`yes`), or as this try's again.
     fn keep(&self, sha: &str, yes: bool) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
@@ -720,6 +726,21 @@ impl Uploader {
             let path = entry.path();
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            // A journal's start an agent was killed in (`write_replace`'s temp file): it
+            // names no upload, and retention would keep the job for it. A minute old at
+            // least: a younger one may be another attempt's agent starting its journal.
+            if name.starts_with(".c3-") {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60));
+                if stale {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
             // This attempt's, or one an agent that named no attempt left (`<sha>.json`).
             let Some(sha) = name
                 .strip_prefix(&*self.attempt_tag)
@@ -852,6 +873,34 @@ mod tests {
             matches!(checked, Err(UploadError::Changed { .. })),
             "{checked:?}"
         );
+    }
+
+    /// An upload kept after a store fault stays when the attempt ends, for `recover`; once
+    /// the final sync has had its try (`forget_kept`), one it did not keep again is aborted
+    /// like any other, not kept with its job for ever. A stale temp file of a journal's start
+    /// goes too.
+    #[tokio::test]
+    async fn a_kept_upload_stays_only_while_a_try_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = uploader(dir.path());
+        let journal = up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
+        let path = journal.path.clone().unwrap();
+        let tmp = dir.path().join(".c3-killed.tmp");
+        std::fs::write(&tmp, b"{").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        up.keep(SHA, true);
+        assert_eq!(up.abort_orphans().await, 0);
+        assert!(path.exists(), "a kept upload was aborted");
+        assert!(!tmp.exists(), "a stale temp file stayed");
+        up.forget_kept();
+        assert_eq!(up.abort_orphans().await, 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     /// A parts file left beside no journal (a crash between the two removals) is not taken
