@@ -555,6 +555,16 @@ fn slurm_job() -> Result<(Option<String>, u32), String> {
 /// before this returns, so a stop that comes at once is a cancel, not a killed agent.
 /// Handlers for the signals passed on to the job are installed too: one that comes before
 /// the job runs (or after it ended) must not kill the agent, whose default action it is.
+/// Whether `signal` was ignored (`SIG_IGN`) when this process started.
+fn ignored_at_start(signal: i32) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
     use tokio::signal::unix::{signal, SignalKind};
     for n in forwarded {
@@ -576,8 +586,10 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
     // (Ctrl-\) stop the job too: their default action ended the agent at once and left the job
     // running unsupervised, with no final sync and no status. One forwarded to the job is
     // the job's.
+    // One ignored when the agent started (`nohup c3-agent run ...`) stays ignored: the
+    // caller asked that a hangup not end the run.
     let also = |kind: SignalKind| {
-        (!forwarded.contains(&kind.as_raw_value()))
+        (!forwarded.contains(&kind.as_raw_value()) && !ignored_at_start(kind.as_raw_value()))
             .then(|| signal(kind).ok())
             .flatten()
     };

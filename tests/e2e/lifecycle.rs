@@ -171,6 +171,21 @@ fn a_hangup_or_quit_stops_the_job_as_sigterm_does() {
         assert!(!alive(pid), "SIG{sig}: grandchild {pid} survived");
         assert_eq!(h.terminal(job)["state"], "CANCELED");
     }
+    // Under `nohup` (SIGHUP ignored when the agent starts) a hangup is nobody's stop.
+    let h = Harness::file();
+    let spec = h.spec(json!({"job_id": "nohup", "command": ["sh", "-c", "sleep 2"]}));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    // SAFETY: one async-signal-safe call between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    signal(child.id(), "HUP");
+    h.wait("run under nohup".into(), child).assert_code(0);
 }
 
 #[test]
