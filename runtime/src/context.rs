@@ -69,7 +69,7 @@ impl AgentContext {
     /// Where this agent sends output and reports (see [`c3_proto::RunRecord::destination`]).
     pub fn destination(&self) -> c3_proto::Destination {
         c3_proto::Destination {
-            store: self.store.shown_url(),
+            store: self.store.identity(),
             control_plane: self.control_plane.as_ref().map(ControlPlane::shown_url),
         }
     }

@@ -24,7 +24,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn shown_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut shown) => {
-            let _ = shown.set_username("");
+            // `abfss://container@account...`: the name before the `@` is the container.
+            let container =
+                matches!(shown.scheme(), "abfs" | "abfss") && shown.password().is_none();
+            if !container {
+                let _ = shown.set_username("");
+            }
             let _ = shown.set_password(None);
             shown.set_query(None);
             shown.set_fragment(None);

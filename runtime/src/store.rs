@@ -714,6 +714,18 @@ pub enum DocWrite {
     Changed,
 }
 
+/// See [`BlobStore::identity`].
+pub fn store_identity(url: &str) -> String {
+    let shown = crate::display::shown_url(url);
+    let (scheme, rest) = shown.split_once("://").unwrap_or(("", &shown));
+    let scheme = match scheme {
+        "s3a" => "s3",
+        "azure" => "az",
+        other => other,
+    };
+    format!("{scheme}://{}", rest.trim_end_matches('/'))
+}
+
 pub fn blob_key(sha256_hex: &str) -> String {
     format!("blobs/sha256/{sha256_hex}")
 }
@@ -1048,6 +1060,13 @@ impl BlobStore {
     /// The URL as logs, errors and summaries show it ([`crate::display::shown_url`]).
     pub fn shown_url(&self) -> String {
         crate::display::shown_url(&self.url)
+    }
+
+    /// Which store this is, as a run record keeps it ([`c3_proto::RunRecord::destination`]):
+    /// the shown URL with the spellings [`BlobStore::open`] takes for one store made one
+    /// (`s3a` is `s3`, `azure` is `az`, a trailing `/` is none).
+    pub fn identity(&self) -> String {
+        store_identity(&self.url)
     }
 
     /// The instance-metadata endpoint the store's credentials come from, if that is where
@@ -1797,6 +1816,25 @@ impl BlobStore {
 
 #[cfg(test)]
 mod tests {
+    /// One store spelt two ways is one identity: a run record written under one spelling
+    /// (the job unit's environment) is finished by a `recover` configured with the other.
+    /// Two stores are two.
+    #[test]
+    fn one_store_spelt_two_ways_is_one_identity() {
+        let id = super::store_identity;
+        assert_eq!(id("s3://b/p/"), id("s3://b/p"));
+        assert_eq!(id("s3a://b/p"), id("s3://b/p"));
+        assert_eq!(id("s3://AK:SK@b/p?X-Amz-Signature=s"), "s3://b/p");
+        assert_eq!(id("azure://c/x"), id("az://c/x/"));
+        assert_eq!(id("file:///var/store/"), id("file:///var/store"));
+        assert_ne!(id("s3://b/p"), id("s3://b/q"));
+        assert_ne!(id("s3://b/p"), id("gs://b/p"));
+        assert_ne!(
+            id("abfss://c1@acct.dfs.core.windows.net/x"),
+            id("abfss://c2@acct.dfs.core.windows.net/x")
+        );
+    }
+
     use super::*;
 
     /// Only the whole request is bounded by default: reqwest's read timeout would also bound
