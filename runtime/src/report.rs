@@ -512,13 +512,21 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
     // A job whose agent runs delivers its own outbox, in order, with what it sends next: a
     // second flusher would post its artifacts registration (kept ahead of its sending)
     // again, counting its bytes twice, or after its terminal status.
+    // A job that reported to another control plane (its run record says so: a housekeeping
+    // unit without the job unit's environment) keeps its reports for one that does: they
+    // name a manifest in its store, and would go out under this one's token.
+    let here = cp.shown_url();
     dirs.retain(|dir| {
         let job = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let running = job_is_running(state, job);
-        if running {
+        let elsewhere = !running && reports_go_elsewhere(state, job, &here);
+        if elsewhere {
+            tracing::warn!(job_id = job, control_plane = %here, "the job's kept reports are for another control plane than this config's; left in its outbox");
+        }
+        if running || elsewhere {
             left += 1;
         }
-        !running
+        !(running || elsewhere)
     });
     let count = dirs.len();
     for (i, dir) in dirs.into_iter().enumerate() {
@@ -533,6 +541,22 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         }
     }
     left
+}
+
+/// Whether a run record of `job` names a control plane other than `here` (shown URL).
+fn reports_go_elsewhere(state: &StateDir, job: &str, here: &str) -> bool {
+    let Ok(attempts) = std::fs::read_dir(state.job_dir(job).join("attempts")) else {
+        return false;
+    };
+    attempts
+        .flatten()
+        .filter_map(|a| a.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|n| state.read_record(&state.run_record_path(job, n)).ok())
+        .any(|r| {
+            r.destination
+                .and_then(|d| d.control_plane)
+                .is_some_and(|theirs| theirs != here)
+        })
 }
 
 /// Whether an agent holds the lock of one of `job`'s attempts now.
@@ -736,6 +760,33 @@ mod tests {
         drop(lock);
         assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    /// Reports a job kept for another control plane (its run record names it) stay in its
+    /// outbox: a flush with another config sent them, under its own token, to its own one.
+    #[tokio::test]
+    async fn reports_kept_for_another_control_plane_stay() {
+        let (url, count) = serve_with(|_| Some(("200 OK", "{}"))).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let record: c3_proto::RunRecord = serde_json::from_value(serde_json::json!({
+            "spec": {"job_id": "away", "command": ["true"]},
+            "workdir": "/w", "phase": "done", "seq": 3, "started_at": "x",
+            "destination": {"store": "s3://b", "control_plane": "http://cp-a.example/api/"},
+        }))
+        .unwrap();
+        state.write_record(&record).unwrap();
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "away", 1);
+        reporter.keep_unsent("status", 3, b"{}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            0,
+            "sent to another control plane"
+        );
+        assert!(state.outbox_dir("away").exists());
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it
