@@ -120,12 +120,88 @@ pub enum LaunchError {
     },
     #[error("running the job as user `{0}` needs the agent to run as root")]
     NotRoot(String),
+    /// A step of the agent's between fork and execve failed (a node that may not switch
+    /// users, a cgroup that refuses the process): the node's fault, whatever the errno.
+    #[error("cannot start `{program}`: {step} failed")]
+    Setup {
+        program: String,
+        step: Step,
+        #[source]
+        source: std::io::Error,
+    },
+    /// execve itself failed: the command (or its `#!` interpreter) is missing or not
+    /// executable, or the node is short of memory.
     #[error("cannot start `{program}`")]
-    Spawn {
+    Exec {
         program: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The steps of a launch between fork and execve, in order. The child names each on a
+/// close-on-exec pipe before it takes it: std returns every error before execve through
+/// the same channel as execve's own, and an EPERM from `setuid` (a pod without
+/// CAP_SETUID) must not read as a script that is not executable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    /// std's own preparation of the child (its stdio), before any step of the agent's.
+    Fork = b'f',
+    Session = b's',
+    Cgroup = b'c',
+    Workdir = b'w',
+    Groups = b'G',
+    Group = b'g',
+    User = b'u',
+    /// Every step of the agent's is done: what fails now is execve.
+    Exec = b'x',
+}
+
+impl Step {
+    fn from_code(code: u8) -> Option<Step> {
+        [
+            Step::Fork,
+            Step::Session,
+            Step::Cgroup,
+            Step::Workdir,
+            Step::Groups,
+            Step::Group,
+            Step::User,
+            Step::Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == code)
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Fork => "preparing the child",
+            Step::Session => "setsid",
+            Step::Cgroup => "moving into the job's cgroup",
+            Step::Workdir => "fchdir into the workdir",
+            Step::Groups => "setgroups",
+            Step::Group => "setgid",
+            Step::User => "setuid",
+            Step::Exec => "execve",
+        })
+    }
+}
+
+/// The last step the child named before it failed: what it reached. Read after std's
+/// spawn returned its error, so the child is gone and all it wrote is in the pipe.
+fn last_step(said: &std::os::fd::OwnedFd) -> Step {
+    let mut last = Step::Fork;
+    let mut buf = [0u8; 64];
+    // Non-blocking: an empty pipe is an end, never a wait.
+    while let Ok(n @ 1..) = nix::unistd::read(said, &mut buf) {
+        if let Some(step) = buf[..n].iter().rev().find_map(|b| Step::from_code(*b)) {
+            last = step;
+        }
+    }
+    last
 }
 
 impl RunAs {
@@ -209,12 +285,27 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
     let workdir = std::os::fd::AsFd::as_fd(plan.workdir).as_raw_fd();
     let cgroup = plan.cgroup_procs.map(|f| f.as_raw_fd());
     let umask = plan.umask;
+    // Where the child names its steps (close-on-exec: execve closes it). Non-blocking: the
+    // child never waits on it, nor does the agent when it reads what is there.
+    let (heard, said) = nix::unistd::pipe2(
+        nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
+    )
+    .map_err(|e| LaunchError::Setup {
+        program: program.clone(),
+        step: Step::Fork,
+        source: e.into(),
+    })?;
+    let said_fd = said.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
     // (setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask, close_range), which
     // are async-signal-safe, on fds and a group list prepared before the fork; it allocates
     // nothing.
     unsafe {
         cmd.pre_exec(move || {
+            let step = |step: Step| {
+                // A lost byte only blames the step before it: nothing to do about it here.
+                libc::write(said_fd, (&(step as u8) as *const u8).cast(), 1);
+            };
             let check = |r: libc::c_int| {
                 if r < 0 {
                     Err(std::io::Error::last_os_error())
@@ -222,27 +313,42 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
                     Ok(())
                 }
             };
+            step(Step::Session);
             check(libc::setsid())?;
             if let Some(fd) = cgroup {
+                step(Step::Cgroup);
                 // "0" is the writing process: the job enters its cgroup before it runs anything.
                 if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            step(Step::Workdir);
             check(libc::fchdir(workdir))?;
             if let Some((uid, gid, groups)) = &ids {
+                step(Step::Groups);
                 check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                step(Step::Group);
                 check(libc::setgid(*gid))?;
+                step(Step::User);
                 check(libc::setuid(*uid))?;
             }
             libc::umask(umask as libc::mode_t);
             shed_the_agents();
+            step(Step::Exec);
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|source| LaunchError::Spawn { program, source })?;
+    let spawned = cmd.spawn();
+    // The child has its own copy until execve (or its end): the pipe is at its end then.
+    drop(said);
+    let child = spawned.map_err(|source| match last_step(&heard) {
+        Step::Exec => LaunchError::Exec { program, source },
+        step => LaunchError::Setup {
+            program,
+            step,
+            source,
+        },
+    })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     Ok(Script { child, pid })
 }

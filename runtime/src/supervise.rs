@@ -499,12 +499,13 @@ fn stop_end(slurm_time_limit: bool) -> (JobEnd, Option<String>) {
 }
 
 /// How a launch that failed ends. The script's own fault, in the shell's convention: 127 not
-/// found, 126 not executable (a FAILED/SCRIPT_ERROR no retry helps). The node's fault (no
-/// pids, no memory, a cgroup that refused the process, a user lookup that failed): AGENT_ERROR,
+/// found, 126 not executable (a FAILED/SCRIPT_ERROR no retry helps); only execve's own
+/// errors can be that. The node's fault (no pids, no memory, a cgroup that refused the
+/// process, a user switch the node does not allow, a user lookup that failed): AGENT_ERROR,
 /// retryable, for another node may well run it.
 fn launch_failure_end(e: &LaunchError) -> JobEnd {
     match e {
-        LaunchError::Spawn { source, .. } => match source.raw_os_error() {
+        LaunchError::Exec { source, .. } => match source.raw_os_error() {
             Some(libc::ENOENT) => JobEnd::Exited(127),
             Some(
                 libc::EACCES
@@ -519,9 +520,10 @@ fn launch_failure_end(e: &LaunchError) -> JobEnd {
             ) => JobEnd::Exited(126),
             _ => JobEnd::AgentFailed,
         },
-        LaunchError::NoSuchUser(_) | LaunchError::NotRoot(_) | LaunchError::UserLookup { .. } => {
-            JobEnd::AgentFailed
-        }
+        LaunchError::Setup { .. }
+        | LaunchError::NoSuchUser(_)
+        | LaunchError::NotRoot(_)
+        | LaunchError::UserLookup { .. } => JobEnd::AgentFailed,
     }
 }
 
@@ -530,7 +532,7 @@ mod tests {
     use super::*;
 
     fn spawn_failed(errno: i32) -> JobEnd {
-        launch_failure_end(&LaunchError::Spawn {
+        launch_failure_end(&LaunchError::Exec {
             program: "train.py".into(),
             source: std::io::Error::from_raw_os_error(errno),
         })
@@ -546,5 +548,93 @@ mod tests {
         for errno in [libc::EAGAIN, libc::ENOMEM, libc::EBUSY, libc::ENODEV] {
             assert_eq!(spawn_failed(errno), JobEnd::AgentFailed, "errno {errno}");
         }
+    }
+
+    /// A file every write to fails with EPERM (a memfd sealed against writes): a stand-in
+    /// for a job cgroup whose `cgroup.procs` refuses the process.
+    fn refusing_file() -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create takes a valid C string and flags and returns a new fd or -1.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"refuses-writes".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh fd that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // SAFETY: fcntl on an fd this function owns.
+        let sealed = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(
+            sealed,
+            0,
+            "F_ADD_SEALS: {}",
+            std::io::Error::last_os_error()
+        );
+        file
+    }
+
+    /// A step of the agent's before execve that the node refuses (the job's cgroup, with
+    /// EPERM; a switch to another user where the agent may not make one, as in a pod
+    /// without CAP_SETUID) failed every job as the script's (EPERM read as 126, not
+    /// executable): the node's fault, retryable elsewhere, and the script never ran.
+    #[test]
+    fn a_step_before_execve_the_node_refuses_is_the_agents_error_not_the_scripts() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = DirFd::open(dir.path()).unwrap();
+        let command = ["/bin/sh".to_string(), "-c".into(), "echo ran > ran".into()];
+        let refusing = refusing_file();
+        let me = nix::unistd::geteuid().as_raw();
+        let other = RunAs {
+            name: "someone-else".into(),
+            uid: me + 1,
+            gid: me + 1,
+            groups: vec![me + 1],
+            home: "/".into(),
+        };
+        let mut cases = vec![("cgroup.procs refuses", Some(&refusing), None)];
+        if me != 0 {
+            cases.push(("no right to switch users", None, Some(&other)));
+        }
+        for (what, cgroup_procs, run_as) in cases {
+            let spawned = spawn(LaunchPlan {
+                command: &command,
+                workdir: &workdir,
+                env: std::collections::BTreeMap::new(),
+                run_as,
+                cgroup_procs,
+                umask: 0o022,
+            });
+            let Err(e) = spawned else {
+                panic!("{what}: the launch went through");
+            };
+            assert_eq!(
+                launch_failure_end(&e),
+                JobEnd::AgentFailed,
+                "{what}: {}",
+                error_chain(&e)
+            );
+            assert!(!dir.path().join("ran").exists(), "{what}: the script ran");
+        }
+        // execve's own errors are still the script's.
+        let missing = ["/no/such/program".to_string()];
+        let spawned = spawn(LaunchPlan {
+            command: &missing,
+            workdir: &workdir,
+            env: std::collections::BTreeMap::new(),
+            run_as: None,
+            cgroup_procs: None,
+            umask: 0o022,
+        });
+        let Err(e) = spawned else {
+            panic!("a missing program was started");
+        };
+        assert_eq!(launch_failure_end(&e), JobEnd::Exited(127));
     }
 }
