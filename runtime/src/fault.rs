@@ -73,3 +73,17 @@ pub fn fail_once(name: &str) -> bool {
         false
     }
 }
+
+/// Whether `C3_AGENT_FAULT` names this point, in debug builds: for a fault that must be
+/// decided before a fork (the child may make syscalls only, not read the environment).
+pub fn armed(name: &str) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = name;
+        false
+    }
+}

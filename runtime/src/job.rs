@@ -377,11 +377,17 @@ impl<'a> Run<'a> {
             self.run_as.as_ref(),
             socket.as_ref().map(AgentSocket::path),
             cgroup,
-        );
+            cancel,
+        )
+        .await;
         let supervisor = match launched {
             Ok(s) => s,
             Err(failed) => {
-                tracing::error!("{}", failed.message);
+                if failed.end == JobEnd::Canceled {
+                    tracing::warn!("{}", failed.message);
+                } else {
+                    tracing::error!("{}", failed.message);
+                }
                 self.message = Some(failed.message);
                 return failed.end;
             }

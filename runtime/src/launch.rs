@@ -1,14 +1,35 @@
 //! Starting the user's script: its environment (without the agent's credentials),
 //! its own session and process group, its user; and stopping the whole group.
+//!
+//! std's spawn blocks until the child's execve returns, which for a command (or a PATH
+//! entry, or a `#!` interpreter) on a hung NFS mount or a FUSE mount nobody serves is never:
+//! [`start`] runs it off the reactor and gives up on a stop or after [`LAUNCH_DEADLINE`],
+//! killing the child by the pid it reported first thing.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// How long a launch may take, from fork to execve's return, before it is taken as stuck.
+/// A healthy execve takes milliseconds and a cold network mount answers within seconds; one
+/// that has not returned in a minute waits on a server that does not answer (a hung NFS
+/// mount, a FUSE server that is stopped or is the job user's own process) and may never
+/// return. That is the node's state, not the script's: AGENT_ERROR, retryable elsewhere.
+pub const LAUNCH_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a stuck launch's child has to die of SIGKILL and be reaped. One asleep in the
+/// kernel on a hard NFS mount may not: it is left (in the job's cgroup, for `recover`).
+const KILLED_WITHIN: Duration = Duration::from_secs(5);
 
 /// Prefixes of variables that carry the agent's credentials or configuration.
 const SECRET_PREFIXES: &[&str] = &["AWS_", "AZURE_", "GOOGLE_", "C3_AGENT_"];
@@ -137,6 +158,17 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// The launch did not end within [`LAUNCH_DEADLINE`]: execve never returned.
+    #[error("`{program}` did not start within {secs} s: execve never returned (is the command, a directory on PATH or its interpreter on a hung network mount or an unanswered FUSE mount?); its process was killed")]
+    Stuck {
+        program: String,
+        secs: u64,
+        /// The stuck process, if it said its pid.
+        pid: Option<i32>,
+    },
+    /// A stop came before the script was started, or while its launch was stuck.
+    #[error("stopped before `{program}` was started")]
+    Canceled { program: String },
 }
 
 /// The steps of a launch between fork and execve, in order. The child names each on a
@@ -190,18 +222,35 @@ impl std::fmt::Display for Step {
     }
 }
 
-/// The last step the child named before it failed: what it reached. Read after std's
-/// spawn returned its error, so the child is gone and all it wrote is in the pipe.
-fn last_step(said: &std::os::fd::OwnedFd) -> Step {
-    let mut last = Step::Fork;
-    let mut buf = [0u8; 64];
-    // Non-blocking: an empty pipe is an end, never a wait.
-    while let Ok(n @ 1..) = nix::unistd::read(said, &mut buf) {
-        if let Some(step) = buf[..n].iter().rev().find_map(|b| Step::from_code(*b)) {
-            last = step;
+/// What the child said on its pipe: its pid (4 bytes, first of all), then one [`Step`] code
+/// before each step.
+#[derive(Default)]
+struct Heard(Vec<u8>);
+
+impl Heard {
+    const PID_BYTES: usize = std::mem::size_of::<libc::pid_t>();
+
+    fn pid(&self) -> Option<i32> {
+        let bytes = self.0.get(..Self::PID_BYTES)?;
+        Some(libc::pid_t::from_ne_bytes(bytes.try_into().ok()?))
+    }
+
+    /// The last step the child reached.
+    fn last_step(&self) -> Step {
+        self.0
+            .get(Self::PID_BYTES..)
+            .and_then(|steps| steps.iter().rev().find_map(|b| Step::from_code(*b)))
+            .unwrap_or(Step::Fork)
+    }
+
+    /// Takes what the pipe holds now, without waiting: after std's spawn returned its error
+    /// the child is gone (reaped) and all it said is there.
+    fn take_rest(&mut self, pipe: &tokio::net::unix::pipe::Receiver) {
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = pipe.try_read(&mut buf) {
+            self.0.extend_from_slice(&buf[..n]);
         }
     }
-    last
 }
 
 impl RunAs {
@@ -240,16 +289,150 @@ impl RunAs {
     }
 }
 
-pub struct LaunchPlan<'a> {
-    pub command: &'a [String],
+/// What a launch needs, owned: the fork runs on a blocking thread that may outlive the
+/// caller's wait for it.
+pub struct LaunchPlan {
+    pub command: Vec<String>,
     /// The workdir, already opened safely: the child `fchdir`s into it.
-    pub workdir: &'a crate::confine::DirFd,
+    pub workdir: crate::confine::DirFd,
     pub env: BTreeMap<OsString, OsString>,
-    pub run_as: Option<&'a RunAs>,
+    pub run_as: Option<RunAs>,
     /// `cgroup.procs` of the job's cgroup: the child moves itself there before exec.
-    pub cgroup_procs: Option<&'a std::fs::File>,
+    pub cgroup_procs: Option<std::fs::File>,
     /// The umask the job gets (the agent's own is private).
     pub umask: u32,
+    /// The child blocks where execve would, never returning (debug builds' fault point
+    /// `exec-hangs`, for the tests of a stuck launch). Decided before the fork: the child
+    /// may make syscalls only.
+    pub hang_before_exec: bool,
+}
+
+/// Starts the script, off the reactor: std's spawn returns only once execve did. Gives up
+/// on `cancel` or after `within` (the caller passes [`LAUNCH_DEADLINE`]), killing the child,
+/// which then never ran anything of the job's (it is alone: nothing of the job ran to fork).
+/// A stop already requested starts nothing.
+pub async fn start(
+    plan: LaunchPlan,
+    cancel: &CancellationToken,
+    within: Duration,
+) -> Result<Script, LaunchError> {
+    let program = plan.command[0].clone();
+    if cancel.is_cancelled() {
+        return Err(LaunchError::Canceled { program });
+    }
+    let setup = |source: std::io::Error| LaunchError::Setup {
+        program: program.clone(),
+        step: Step::Fork,
+        source,
+    };
+    // Where the child names its pid and steps (close-on-exec: execve closes it).
+    // Non-blocking: the child never waits on it, nor does the agent once the child is gone.
+    let (heard_fd, said) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .map_err(|e| setup(e.into()))?;
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(heard_fd).map_err(setup)?;
+    // Set once the launch is given up: a blocking thread that has not forked yet never will.
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let mut spawning = {
+        let abandoned = abandoned.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            // tokio's Command registers the child and its pipes with this runtime.
+            let _in = runtime.enter();
+            if abandoned.load(Ordering::SeqCst) {
+                let program = plan.command[0].clone();
+                return Err(LaunchError::Canceled { program });
+            }
+            let spawned = spawn(plan, &said);
+            // The child has its own copy until execve (or its end): the pipe ends then.
+            drop(said);
+            spawned
+        })
+    };
+    let mut heard = Heard::default();
+    let mut pipe_open = true;
+    let mut buf = [0u8; 64];
+    let give_up = tokio::time::sleep(within);
+    tokio::pin!(give_up);
+    let stuck = loop {
+        tokio::select! {
+            // A launch that is done counts even when a stop came at the same moment: the
+            // supervisor then stops the job like any other.
+            biased;
+            spawned = &mut spawning => {
+                let spawned = spawned.map_err(|e| setup(std::io::Error::other(e)))?;
+                return spawned.map_err(|e| match e {
+                    LaunchError::Exec { program, source } => {
+                        heard.take_rest(&pipe);
+                        match heard.last_step() {
+                            Step::Exec => LaunchError::Exec { program, source },
+                            step => LaunchError::Setup { program, step, source },
+                        }
+                    }
+                    other => other,
+                });
+            }
+            () = cancel.cancelled() => break false,
+            () = &mut give_up => break true,
+            read = pipe.read(&mut buf), if pipe_open => match read {
+                Ok(n @ 1..) => heard.0.extend_from_slice(&buf[..n]),
+                _ => pipe_open = false,
+            },
+        }
+    };
+    abandoned.store(true, Ordering::SeqCst);
+    // The pid is the first thing the child says: a stop in the first moment may come
+    // before it (or before the fork, which then never happens).
+    let _ = tokio::time::timeout(KILLED_WITHIN, async {
+        while pipe_open && heard.pid().is_none() {
+            match pipe.read(&mut buf).await {
+                Ok(n @ 1..) => heard.0.extend_from_slice(&buf[..n]),
+                _ => pipe_open = false,
+            }
+        }
+    })
+    .await;
+    let pid = heard.pid();
+    if let Some(pid) = pid {
+        // The agent's own child, not reaped until std's spawn returns and it is waited for
+        // below: the pid cannot be another process's. Its group too, in case execve went
+        // through just now and the script forked.
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+    }
+    match tokio::time::timeout(KILLED_WITHIN, &mut spawning).await {
+        Ok(Ok(Ok(mut script))) => {
+            // Dead of the SIGKILL above (or, started just now, killed here): reaped.
+            let group = nix::unistd::Pid::from_raw(script.pid);
+            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+            let _ = script.child.start_kill();
+            if tokio::time::timeout(KILLED_WITHIN, script.child.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    pid = script.pid,
+                    "the abandoned launch's process does not die of SIGKILL; left behind"
+                );
+            }
+        }
+        // std waited for it.
+        Ok(_) => {}
+        Err(_) => tracing::error!(
+            pid,
+            "the abandoned launch's process does not die of SIGKILL (asleep in the kernel on a hung mount?); left behind"
+        ),
+    }
+    Err(if stuck {
+        LaunchError::Stuck {
+            program,
+            secs: within.as_secs(),
+            pid,
+        }
+    } else {
+        LaunchError::Canceled { program }
+    })
 }
 
 /// A launched script: the child (always awaited) and its pid (= process group = session).
@@ -258,7 +441,8 @@ pub struct Script {
     pub pid: i32,
 }
 
-pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
+/// Forks and execs, blocking until execve returned; `said` is where the child reports.
+fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, LaunchError> {
     use std::os::fd::AsRawFd;
     let program = plan.command[0].clone();
     let mut cmd = Command::new(&program);
@@ -270,7 +454,7 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     let mut ids = None;
-    if let Some(user) = plan.run_as {
+    if let Some(user) = &plan.run_as {
         // A non-root agent may name its own user: nothing to switch (and setgroups would fail).
         if user.uid != nix::unistd::geteuid().as_raw() {
             ids = Some((user.uid, user.gid, user.groups.clone()));
@@ -282,24 +466,15 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
         }
         cmd.env("HOME", &user.home);
     }
-    let workdir = std::os::fd::AsFd::as_fd(plan.workdir).as_raw_fd();
-    let cgroup = plan.cgroup_procs.map(|f| f.as_raw_fd());
+    let workdir = std::os::fd::AsFd::as_fd(&plan.workdir).as_raw_fd();
+    let cgroup = plan.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
     let umask = plan.umask;
-    // Where the child names its steps (close-on-exec: execve closes it). Non-blocking: the
-    // child never waits on it, nor does the agent when it reads what is there.
-    let (heard, said) = nix::unistd::pipe2(
-        nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
-    )
-    .map_err(|e| LaunchError::Setup {
-        program: program.clone(),
-        step: Step::Fork,
-        source: e.into(),
-    })?;
+    let hang = plan.hang_before_exec;
     let said_fd = said.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // (setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask, close_range), which
-    // are async-signal-safe, on fds and a group list prepared before the fork; it allocates
-    // nothing.
+    // (getpid, setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask, close_range,
+    // pause), which are async-signal-safe, on fds and a group list prepared before the fork;
+    // it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             let step = |step: Step| {
@@ -313,6 +488,9 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
                     Ok(())
                 }
             };
+            // First of all: the agent can kill a child whose execve never returns.
+            let pid = libc::getpid().to_ne_bytes();
+            libc::write(said_fd, pid.as_ptr().cast(), pid.len());
             step(Step::Session);
             check(libc::setsid())?;
             if let Some(fd) = cgroup {
@@ -335,20 +513,19 @@ pub fn spawn(plan: LaunchPlan<'_>) -> Result<Script, LaunchError> {
             libc::umask(umask as libc::mode_t);
             shed_the_agents();
             step(Step::Exec);
+            if hang {
+                // Where a stuck execve would be; only SIGKILL ends this.
+                loop {
+                    libc::pause();
+                }
+            }
             Ok(())
         });
     }
-    let spawned = cmd.spawn();
-    // The child has its own copy until execve (or its end): the pipe is at its end then.
-    drop(said);
-    let child = spawned.map_err(|source| match last_step(&heard) {
-        Step::Exec => LaunchError::Exec { program, source },
-        step => LaunchError::Setup {
-            program,
-            step,
-            source,
-        },
-    })?;
+    // Which step failed is told apart by the caller, from what the child said.
+    let child = cmd
+        .spawn()
+        .map_err(|source| LaunchError::Exec { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     Ok(Script { child, pid })
 }

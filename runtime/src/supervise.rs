@@ -16,7 +16,9 @@ use crate::confine::DirFd;
 use crate::context::{AgentContext, ForwardTo};
 use crate::display::error_chain;
 use crate::jobproc::{Cgroup, JobProcesses};
-use crate::launch::{child_env, signal_name, spawn, LaunchError, LaunchPlan, RunAs};
+use crate::launch::{
+    child_env, signal_name, start, LaunchError, LaunchPlan, RunAs, LAUNCH_DEADLINE,
+};
 use crate::outcome::JobEnd;
 use crate::output::{forward_live, pump, LAST_ROUND};
 
@@ -45,7 +47,8 @@ pub struct Output {
     last_by: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
-/// The script could not be started: `end` says how (127 not found, 126 not executable).
+/// The script could not be started: `end` says how (127 not found, 126 not executable, the
+/// node's fault, a stop before it started).
 pub struct LaunchFailed {
     pub end: JobEnd,
     pub message: String,
@@ -210,8 +213,10 @@ async fn forward_signals(
 const LEFT_LOOK: Duration = Duration::from_secs(2);
 
 impl Supervisor {
-    /// Starts the script in `workdir_fd` with the job's environment and user.
-    pub fn launch(
+    /// Starts the script in `workdir_fd` with the job's environment and user; a stop
+    /// (`cancel`) before or while it starts ends the attempt with nothing of the job running.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn launch(
         ctx: &AgentContext,
         spec: &JobSpec,
         workdir: &Path,
@@ -219,6 +224,7 @@ impl Supervisor {
         run_as: Option<&RunAs>,
         socket: Option<&Path>,
         cgroup: Option<Cgroup>,
+        cancel: &CancellationToken,
     ) -> Result<Supervisor, LaunchFailed> {
         let mut job_vars = vec![
             (
@@ -249,26 +255,41 @@ impl Supervisor {
                 None
             }
         });
-        let spawned = spawn(LaunchPlan {
-            command: &spec.command,
+        let (cgroup, cgroup_procs) = cgroup.unzip();
+        let fail = |e: &LaunchError, cgroup: Option<Cgroup>| {
+            if let Some(cg) = cgroup {
+                // Empty unless a stuck launch's process outlived its SIGKILL.
+                cg.kill();
+                cg.remove();
+            }
+            LaunchFailed {
+                end: launch_failure_end(e),
+                message: error_chain(e),
+            }
+        };
+        let workdir_fd = match workdir_fd.try_clone() {
+            Ok(fd) => fd,
+            Err(source) => {
+                let e = LaunchError::Setup {
+                    program: spec.command[0].clone(),
+                    step: crate::launch::Step::Fork,
+                    source,
+                };
+                return Err(fail(&e, cgroup));
+            }
+        };
+        let plan = LaunchPlan {
+            command: spec.command.clone(),
             workdir: workdir_fd,
             env,
-            run_as,
-            cgroup_procs: cgroup.as_ref().map(|(_, f)| f),
+            run_as: run_as.cloned(),
+            cgroup_procs,
             umask: ctx.job_umask,
-        });
-        let cgroup = cgroup.map(|(cg, _)| cg);
-        let mut script = match spawned {
+            hang_before_exec: crate::fault::armed("exec-hangs"),
+        };
+        let mut script = match start(plan, cancel, LAUNCH_DEADLINE).await {
             Ok(s) => s,
-            Err(e) => {
-                if let Some(cg) = cgroup {
-                    cg.remove();
-                }
-                return Err(LaunchFailed {
-                    end: launch_failure_end(&e),
-                    message: error_chain(&e),
-                });
-            }
+            Err(e) => return Err(fail(&e, cgroup)),
         };
         let procs = JobProcesses::new(script.pid, cgroup);
         // Taken while the leader is surely alive and unreaped (nothing waited for it yet).
@@ -520,7 +541,9 @@ fn launch_failure_end(e: &LaunchError) -> JobEnd {
             ) => JobEnd::Exited(126),
             _ => JobEnd::AgentFailed,
         },
+        LaunchError::Canceled { .. } => JobEnd::Canceled,
         LaunchError::Setup { .. }
+        | LaunchError::Stuck { .. }
         | LaunchError::NoSuchUser(_)
         | LaunchError::NotRoot(_)
         | LaunchError::UserLookup { .. } => JobEnd::AgentFailed,
@@ -575,21 +598,39 @@ mod tests {
         file
     }
 
+    /// A plan for `command` in `dir`, as the agent's own user.
+    fn plan(command: &[&str], dir: &Path) -> LaunchPlan {
+        LaunchPlan {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            workdir: DirFd::open(dir).unwrap(),
+            env: std::collections::BTreeMap::new(),
+            run_as: None,
+            cgroup_procs: None,
+            umask: 0o022,
+            hang_before_exec: false,
+        }
+    }
+
+    /// The launch's error, which it must end with.
+    async fn failed(plan: LaunchPlan, cancel: &CancellationToken, within: Duration) -> LaunchError {
+        match start(plan, cancel, within).await {
+            Ok(mut script) => {
+                let _ = script.child.kill().await;
+                panic!("the launch went through");
+            }
+            Err(e) => e,
+        }
+    }
+
+    const RAN: [&str; 3] = ["/bin/sh", "-c", "echo ran > ran"];
+
     /// A step of the agent's before execve that the node refuses (the job's cgroup, with
     /// EPERM; a switch to another user where the agent may not make one, as in a pod
     /// without CAP_SETUID) failed every job as the script's (EPERM read as 126, not
     /// executable): the node's fault, retryable elsewhere, and the script never ran.
-    #[test]
-    fn a_step_before_execve_the_node_refuses_is_the_agents_error_not_the_scripts() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _in = rt.enter();
+    #[tokio::test]
+    async fn a_step_before_execve_the_node_refuses_is_the_agents_error_not_the_scripts() {
         let dir = tempfile::tempdir().unwrap();
-        let workdir = DirFd::open(dir.path()).unwrap();
-        let command = ["/bin/sh".to_string(), "-c".into(), "echo ran > ran".into()];
-        let refusing = refusing_file();
         let me = nix::unistd::geteuid().as_raw();
         let other = RunAs {
             name: "someone-else".into(),
@@ -598,22 +639,14 @@ mod tests {
             groups: vec![me + 1],
             home: "/".into(),
         };
-        let mut cases = vec![("cgroup.procs refuses", Some(&refusing), None)];
+        let mut cases = vec![("cgroup.procs refuses", Some(refusing_file()), None)];
         if me != 0 {
-            cases.push(("no right to switch users", None, Some(&other)));
+            cases.push(("no right to switch users", None, Some(other)));
         }
         for (what, cgroup_procs, run_as) in cases {
-            let spawned = spawn(LaunchPlan {
-                command: &command,
-                workdir: &workdir,
-                env: std::collections::BTreeMap::new(),
-                run_as,
-                cgroup_procs,
-                umask: 0o022,
-            });
-            let Err(e) = spawned else {
-                panic!("{what}: the launch went through");
-            };
+            let mut p = plan(&RAN, dir.path());
+            (p.cgroup_procs, p.run_as) = (cgroup_procs, run_as);
+            let e = failed(p, &CancellationToken::new(), LAUNCH_DEADLINE).await;
             assert_eq!(
                 launch_failure_end(&e),
                 JobEnd::AgentFailed,
@@ -623,18 +656,84 @@ mod tests {
             assert!(!dir.path().join("ran").exists(), "{what}: the script ran");
         }
         // execve's own errors are still the script's.
-        let missing = ["/no/such/program".to_string()];
-        let spawned = spawn(LaunchPlan {
-            command: &missing,
-            workdir: &workdir,
-            env: std::collections::BTreeMap::new(),
-            run_as: None,
-            cgroup_procs: None,
-            umask: 0o022,
-        });
-        let Err(e) = spawned else {
-            panic!("a missing program was started");
+        let missing = plan(&["/no/such/program"], dir.path());
+        let e = failed(missing, &CancellationToken::new(), LAUNCH_DEADLINE).await;
+        assert_eq!(
+            launch_failure_end(&e),
+            JobEnd::Exited(127),
+            "{}",
+            error_chain(&e)
+        );
+    }
+
+    /// An execve that never returns (the command, a PATH entry or its interpreter on a hung
+    /// NFS mount or an unanswered FUSE mount; here the child blocks where execve would)
+    /// held the agent in std's spawn for good: the launch is given up at its deadline,
+    /// AGENT_ERROR, and its process killed and reaped.
+    #[tokio::test]
+    async fn a_launch_whose_execve_never_returns_is_given_up_and_its_process_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = plan(&RAN, dir.path());
+        p.hang_before_exec = true;
+        let began = std::time::Instant::now();
+        let e = failed(p, &CancellationToken::new(), Duration::from_secs(1)).await;
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(
+            launch_failure_end(&e),
+            JobEnd::AgentFailed,
+            "{}",
+            error_chain(&e)
+        );
+        let LaunchError::Stuck { pid: Some(pid), .. } = e else {
+            panic!("not a stuck launch with its pid: {}", error_chain(&e));
         };
-        assert_eq!(launch_failure_end(&e), JobEnd::Exited(127));
+        assert!(crate::procfs::stat(pid).is_none(), "process {pid} is left");
+        assert!(!dir.path().join("ran").exists());
+    }
+
+    /// A stop that came before the launch still started the script (which then got SIGTERM);
+    /// one during a stuck launch was never heard. Both now end it, CANCELED, nothing left.
+    #[tokio::test]
+    async fn a_stop_before_or_during_a_launch_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let e = failed(plan(&RAN, dir.path()), &stopped, LAUNCH_DEADLINE).await;
+        assert_eq!(
+            launch_failure_end(&e),
+            JobEnd::Canceled,
+            "{}",
+            error_chain(&e)
+        );
+
+        let stop = CancellationToken::new();
+        let stopper = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                stop.cancel();
+            })
+        };
+        let mut p = plan(&RAN, dir.path());
+        p.hang_before_exec = true;
+        let began = std::time::Instant::now();
+        let e = failed(p, &stop, LAUNCH_DEADLINE).await;
+        stopper.await.unwrap();
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(
+            launch_failure_end(&e),
+            JobEnd::Canceled,
+            "{}",
+            error_chain(&e)
+        );
+        assert!(!dir.path().join("ran").exists());
     }
 }

@@ -188,6 +188,59 @@ fn a_hangup_or_quit_stops_the_job_as_sigterm_does() {
     h.wait("run under nohup".into(), child).assert_code(0);
 }
 
+/// A child of `parent` that leads its own session (the job's first process, past setsid).
+fn session_leader_under(parent: u32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+        let (ppid, sid): (u32, i32) = (fields.get(1)?.parse().ok()?, fields.get(3)?.parse().ok()?);
+        (ppid == parent && sid == pid).then_some(pid)
+    })
+}
+
+/// An execve that never returns (the command, a directory on PATH or a `#!` interpreter on
+/// a hung NFS mount, or a FUSE mount whose server never answers; here the fault point
+/// `exec-hangs` blocks the child where execve would) held the agent in std's spawn: a stop
+/// was never heard, no status ever sent, and the agent never exited. A stop now ends the
+/// launch: CANCELED within the stop deadline, its process killed, the script never run.
+#[test]
+fn a_stop_ends_a_launch_whose_execve_never_returns() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_FAULT".into(), "exec-hangs".into()));
+    h.extra_toml.push_str("[job]\nstop_deadline_secs = 10\n");
+    let script = "echo ran > $C3_ARTIFACTS_DIR/ran";
+    let spec = h.spec(json!({"job_id": "stuck", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let agent = child.id();
+    let stuck = wait_for("the launch's process", Duration::from_secs(20), || {
+        session_leader_under(agent)
+    });
+    signal(agent, "TERM");
+    let stopped = std::time::Instant::now();
+    let run = h.wait("run stopped during a stuck launch".into(), child);
+    let took = stopped.elapsed();
+    if alive(stuck) {
+        // The old agent left it, paused for good.
+        signal(stuck as u32, "KILL");
+        panic!(
+            "the launch's process {stuck} outlived the agent\n{}",
+            run.stderr
+        );
+    }
+    run.assert_code(4);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let t = h.terminal("stuck");
+    assert_eq!(t["state"], "CANCELED");
+    assert!(!h.workdir("stuck").join("artifacts/ran").exists());
+    assert!(
+        !h.local_reports("stuck")
+            .iter()
+            .any(|r| r["body"]["state"] == "RUNNING"),
+        "RUNNING was reported for a script that never started"
+    );
+}
+
 #[test]
 fn preflight_failure_launches_nothing() {
     // A file store whose directory cannot be created.
