@@ -122,24 +122,21 @@ impl Output {
     }
 }
 
-/// Whether a script that died of SIGTERM/SIGINT (or a shell's 143/130 for it) was stopped
-/// together with the agent: Slurm's scancel and time limit signal every process of the
-/// step at once, and the script's death may reach the agent a moment before its own
-/// signal does. Then the job was canceled, not failed.
-async fn stopped_with_the_job(
-    status: &std::process::ExitStatus,
-    cancel: &CancellationToken,
-) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    let stop_signal = matches!(status.signal(), Some(libc::SIGTERM | libc::SIGINT))
-        || matches!(status.code(), Some(143 | 130));
-    if cancel.is_cancelled() {
-        return status.code() != Some(0);
-    }
-    stop_signal
-        && tokio::time::timeout(Duration::from_millis(200), cancel.cancelled())
-            .await
-            .is_ok()
+/// How long after the script's end a stop of the agent's still counts as what ended it.
+/// Slurm's scancel and time limit (and systemd's stop of a unit's whole cgroup) signal every
+/// process of the step at once, and the script's end may reach the agent a moment before
+/// its own signal does; a moment, since the same kernel delivers both.
+const STOP_WITH_END: Duration = Duration::from_millis(200);
+
+/// Whether the script ended with a stop of the agent's: one already requested, or one
+/// within [`STOP_WITH_END`]. Then the job was stopped, whatever its exit code: a trainer
+/// that catches SIGTERM, saves a checkpoint and exits 0 (or 1) did not succeed (or fail)
+/// on its own, and dying of the signal is no different. An end that came longer before the
+/// stop predates it and stands (the code cannot tell one within the window apart).
+async fn stopped_with_the_job(cancel: &CancellationToken) -> bool {
+    tokio::time::timeout(STOP_WITH_END, cancel.cancelled())
+        .await
+        .is_ok()
 }
 
 /// The signals to pass on, each registered now: one that arrives the moment the job
@@ -460,9 +457,13 @@ impl Supervisor {
             _ = cancel.cancelled() => Wake::Canceled,
         };
         if let Wake::Exited(Ok(status)) = &wake {
-            if stopped_with_the_job(status, cancel).await {
+            if stopped_with_the_job(cancel).await {
                 let limit = crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await;
-                tracing::warn!("agent asked to stop as the job died of the same signal");
+                tracing::warn!(
+                    script_exit_code = status.code(),
+                    signal = signal_name(status),
+                    "agent asked to stop as the job's script ended: the stop ended it"
+                );
                 return stop_end(limit);
             }
         }

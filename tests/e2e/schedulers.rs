@@ -108,6 +108,48 @@ fn a_stop_that_reaches_the_job_and_the_agent_at_once_is_a_cancel() {
     }
 }
 
+/// A trainer that catches the SIGTERM scancel or Slurm's time limit sends every process of
+/// the step, checkpoints and exits 0 (or 1) before the agent has handled its own SIGTERM
+/// was reported SUCCEEDED (or SCRIPT_ERROR): only a death by SIGTERM/SIGINT (or 143/130)
+/// waited for the agent's stop. It was stopped: CANCELED, whatever its exit code.
+#[test]
+fn a_trainer_that_exits_on_the_stop_before_the_agent_hears_it_is_canceled() {
+    let h = Harness::file();
+    for (i, code) in [0, 1, 0, 1, 0, 1].into_iter().enumerate() {
+        let job = format!("caught{i}");
+        let script = format!(
+            "echo $$ > $C3_ARTIFACTS_DIR/pid; trap 'echo saved > $C3_ARTIFACTS_DIR/ckpt; exit {code}' TERM; \
+             while :; do sleep 0.1; done"
+        );
+        let spec = h.spec(json!({"job_id": job, "command": ["sh", "-c", script]}));
+        let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+        let pidfile = h.workdir(&job).join("artifacts/pid");
+        let group: u32 = wait_for("the job's pid", Duration::from_secs(20), || {
+            std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        });
+        // As slurmstepd does: the step's processes first, the batch shell (the agent) a
+        // moment later.
+        let ok = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{group}")])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        std::thread::sleep(Duration::from_millis(50));
+        signal(child.id(), "TERM");
+        let run = h.wait(format!("run {job}, exit {code} on SIGTERM"), child);
+        run.assert_code(4);
+        assert_eq!(h.terminal(&job)["state"], "CANCELED", "exit {code}");
+        assert!(
+            h.manifest_paths(&job)
+                .contains(&"artifacts/ckpt".to_string()),
+            "the checkpoint it saved on the stop is kept"
+        );
+    }
+}
+
 /// Slurm's time limit and `scancel` both arrive as SIGTERM: the agent asks `squeue` for the
 /// job's reason (here a stand-in on PATH that answers what the real one does; the real one
 /// is checked by `scripts/slurm_test.py`, scenario b).
