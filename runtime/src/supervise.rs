@@ -133,10 +133,26 @@ const STOP_WITH_END: Duration = Duration::from_millis(200);
 /// that catches SIGTERM, saves a checkpoint and exits 0 (or 1) did not succeed (or fail)
 /// on its own, and dying of the signal is no different. An end that came longer before the
 /// stop predates it and stands (the code cannot tell one within the window apart).
-async fn stopped_with_the_job(cancel: &CancellationToken) -> bool {
-    tokio::time::timeout(STOP_WITH_END, cancel.cancelled())
-        .await
-        .is_ok()
+///
+/// The window is waited only where a stop can race the script's end: a death by a stop
+/// signal (whoever sent it), or under Slurm, whose scancel and time limit signal the whole
+/// step at once. Elsewhere (systemd stops the agent alone, as does a pod's deletion) every
+/// job's end, and its GPU, would wait 200 ms for nothing.
+async fn stopped_with_the_job(
+    status: &std::process::ExitStatus,
+    cancel: &CancellationToken,
+) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    if cancel.is_cancelled() {
+        return true;
+    }
+    let stop_signal = matches!(status.signal(), Some(libc::SIGTERM | libc::SIGINT))
+        || matches!(status.code(), Some(143 | 130));
+    let under_slurm = std::env::var_os("SLURM_JOB_ID").is_some_and(|id| !id.is_empty());
+    (stop_signal || under_slurm)
+        && tokio::time::timeout(STOP_WITH_END, cancel.cancelled())
+            .await
+            .is_ok()
 }
 
 /// The signals to pass on, each registered now: one that arrives the moment the job
@@ -457,7 +473,7 @@ impl Supervisor {
             _ = cancel.cancelled() => Wake::Canceled,
         };
         if let Wake::Exited(Ok(status)) = &wake {
-            if stopped_with_the_job(cancel).await {
+            if stopped_with_the_job(status, cancel).await {
                 let limit = crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await;
                 tracing::warn!(
                     script_exit_code = status.code(),

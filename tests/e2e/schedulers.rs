@@ -114,7 +114,12 @@ fn a_stop_that_reaches_the_job_and_the_agent_at_once_is_a_cancel() {
 /// waited for the agent's stop. It was stopped: CANCELED, whatever its exit code.
 #[test]
 fn a_trainer_that_exits_on_the_stop_before_the_agent_hears_it_is_canceled() {
-    let h = Harness::file();
+    let mut h = Harness::file();
+    // Under Slurm (whose scancel signals the whole step): elsewhere only the agent is
+    // signalled, and a job's end does not wait for a stop that cannot race it. No squeue on
+    // this PATH answers for job 1: the stop is taken for a cancel.
+    h.env.push(("SLURM_JOB_ID".into(), "1".into()));
+    h.env.push(("PATH".into(), "/usr/bin:/bin".into()));
     for (i, code) in [0, 1, 0, 1, 0, 1].into_iter().enumerate() {
         let job = format!("caught{i}");
         let script = format!(
