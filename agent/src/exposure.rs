@@ -66,10 +66,7 @@ pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
         .kill_on_drop(true);
     // SAFETY: runs between fork and exec (after std's uid switch): raw syscalls only.
     unsafe {
-        child.pre_exec(|| {
-            c3_runtime::launch::shed_the_agents();
-            Ok(())
-        });
+        child.pre_exec(c3_runtime::launch::shed_the_agents);
     }
     let child = child.status();
     match tokio::time::timeout(std::time::Duration::from_secs(3), child).await {

@@ -183,6 +183,7 @@ pub enum Step {
     Session = b's',
     Cgroup = b'c',
     Workdir = b'w',
+    Keyring = b'k',
     Groups = b'G',
     Group = b'g',
     User = b'u',
@@ -197,6 +198,7 @@ impl Step {
             Step::Session,
             Step::Cgroup,
             Step::Workdir,
+            Step::Keyring,
             Step::Groups,
             Step::Group,
             Step::User,
@@ -214,6 +216,7 @@ impl std::fmt::Display for Step {
             Step::Session => "setsid",
             Step::Cgroup => "moving into the job's cgroup",
             Step::Workdir => "fchdir into the workdir",
+            Step::Keyring => "joining a session keyring of its own",
             Step::Groups => "setgroups",
             Step::Group => "setgid",
             Step::User => "setuid",
@@ -502,6 +505,11 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
             }
             step(Step::Workdir);
             check(libc::fchdir(workdir))?;
+            // Before the uid switch: a keyring made now is charged to root's key quota, not
+            // to the job user's, which another of its jobs may have filled (the join would
+            // fail, and the job keep the agent's keyring).
+            step(Step::Keyring);
+            join_own_keyring()?;
             if let Some((uid, gid, groups)) = &ids {
                 step(Step::Groups);
                 check(libc::setgroups(groups.len(), groups.as_ptr()))?;
@@ -511,7 +519,7 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                 check(libc::setuid(*uid))?;
             }
             libc::umask(umask as libc::mode_t);
-            shed_the_agents();
+            close_on_exec_from(3);
             step(Step::Exec);
             if hang {
                 // Where a stuck execve would be; only SIGKILL ends this.
@@ -530,24 +538,40 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
     Ok(Script { child, pid })
 }
 
-/// Leaves the agent's fds and session keyring behind, in a child that now runs as a job's
-/// user (the job, or a probe run as its user), between fork and exec: syscalls only, nothing
-/// allocated. Every fd from 3 up is marked close-on-exec ([`close_on_exec_from`]), and the
-/// child joins a session keyring of its own, as `pam_keyinit` gives a login: a keyring is
-/// possessed through its session, not by uid, so the agent's (a Kerberos or AFS token, a cifs
-/// key; shared by every job a prolog or daemon started) would be read, and written, by each
-/// job. A keyctl error is ignored: keyctl barred (a seccomp profile) is barred to the job too.
-pub fn shed_the_agents() {
+/// Leaves the agent's fds and session keyring behind, in a child that runs as a job's user
+/// (a probe run as its user), between fork and exec: syscalls only, nothing allocated. Every
+/// fd from 3 up is marked close-on-exec ([`close_on_exec_from`]), and the child joins a
+/// session keyring of its own ([`join_own_keyring`]).
+pub fn shed_the_agents() -> std::io::Result<()> {
+    join_own_keyring()?;
+    close_on_exec_from(3);
+    Ok(())
+}
+
+/// Joins a new session keyring, as `pam_keyinit` gives a login: a keyring is possessed
+/// through its session, not by uid, so the agent's (a Kerberos or AFS token, a cifs key;
+/// shared by every job a prolog or daemon started) would be read, and written, by each job.
+/// keyctl barred (ENOSYS, or EPERM from a seccomp profile) is no error: it is barred to the
+/// job too. Any other failure is: the child would keep the agent's keyring. Between fork and
+/// exec: one syscall.
+fn join_own_keyring() -> std::io::Result<()> {
     const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
     // SAFETY: a plain syscall; a null name asks for a new anonymous keyring.
-    unsafe {
+    let joined = unsafe {
         libc::syscall(
             libc::SYS_keyctl,
             KEYCTL_JOIN_SESSION_KEYRING,
             std::ptr::null::<libc::c_char>(),
-        );
+        )
+    };
+    if joined >= 0 {
+        return Ok(());
     }
-    close_on_exec_from(3);
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSYS | libc::EPERM) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Marks every fd from `first` up close-on-exec, so the job gets only its stdio. std opens
