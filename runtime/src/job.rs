@@ -314,7 +314,12 @@ impl<'a> Run<'a> {
             .state
             .ensure_attempt_dir(&self.spec().job_id, self.spec().attempt)?;
         self.save().await;
-        self.run_as = crate::prepare::user(self.spec()).await?;
+        self.run_as = crate::prepare::bounded(
+            "looking up the job's user",
+            cancel,
+            crate::prepare::user(self.spec()),
+        )
+        .await?;
         if let Some(user) = &self.run_as {
             self.record.job_user = Some(c3_proto::JobUser {
                 uid: user.uid,
@@ -326,7 +331,12 @@ impl<'a> Run<'a> {
                 self.collector_config.uploader.clone().readable_by(reader);
         }
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
-        let workdir = crate::prepare::workdir(self.ctx, self.spec(), &self.workdir, owner).await?;
+        let workdir = crate::prepare::bounded(
+            "opening the workdir",
+            cancel,
+            crate::prepare::workdir(self.ctx, self.spec(), &self.workdir, owner),
+        )
+        .await?;
         // A later agent knows the workdir by path only and must find this very directory
         // there: saved now, not at launch, so that an agent dying in the store check or a
         // long dataset pull leaves a record that already names it.

@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,8 @@ pub enum PrepareError {
     },
     #[error("canceled before launch")]
     Canceled,
+    #[error("{step} did not finish within {secs} s (a hung name service or network file system?)")]
+    Stuck { step: &'static str, secs: u64 },
     #[error("a preparation task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -97,12 +100,36 @@ impl PrepareError {
             | PrepareError::User(_)
             | PrepareError::Workdir { .. }
             | PrepareError::Store { .. }
+            | PrepareError::Stuck { .. }
             | PrepareError::Task(_) => JobEnd::AgentFailed,
         }
     }
 }
 
 /// The spec's user, looked up off the reactor (NSS may be slow: LDAP, sssd).
+/// How long a look at the node may take (the user's lookup through NSS, opening the workdir
+/// on a network file system) before the attempt is the node's error: on a healthy node either
+/// takes well under a second; behind a hung sssd or NFS server it never ends.
+pub const NODE_LOOK_DEADLINE: Duration = Duration::from_secs(120);
+
+/// `look`, given up on a stop (`Canceled`) or after [`NODE_LOOK_DEADLINE`] (`Stuck`, the
+/// node's error, retryable): it ran unbounded, and a stop was heard by nobody. The blocking
+/// task under it is left to end, or hang, on its own.
+pub async fn bounded<T>(
+    step: &'static str,
+    cancel: &CancellationToken,
+    look: impl std::future::Future<Output = Result<T, PrepareError>>,
+) -> Result<T, PrepareError> {
+    tokio::select! {
+        done = look => done,
+        _ = cancel.cancelled() => Err(PrepareError::Canceled),
+        _ = tokio::time::sleep(NODE_LOOK_DEADLINE) => Err(PrepareError::Stuck {
+            step,
+            secs: NODE_LOOK_DEADLINE.as_secs(),
+        }),
+    }
+}
+
 pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
     let Some(name) = spec.user.clone() else {
         return Ok(None);
@@ -124,9 +151,12 @@ pub async fn workdir(
 ) -> Result<DirFd, PrepareError> {
     let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
     let (path, dirs) = (workdir.to_path_buf(), spec.collected_dirs());
-    let opened = tokio::task::spawn_blocking(move || open_workdir(&roots, &path, &dirs, owner))
-        .await
-        .map_err(PrepareError::Task)?;
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::fault::blocking_pause("workdir-hangs", Duration::from_secs(600));
+        open_workdir(&roots, &path, &dirs, owner)
+    })
+    .await
+    .map_err(PrepareError::Task)?;
     opened.map_err(|source| PrepareError::Workdir {
         path: workdir.to_path_buf(),
         source,
@@ -375,6 +405,23 @@ async fn materialize(
 
 #[cfg(test)]
 mod tests {
+    /// A look at the node that never ends is the node's error (retryable) once its deadline
+    /// has passed, and a stop ends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_look_at_the_node_that_never_ends_is_given_up() {
+        let cancel = CancellationToken::new();
+        let never = std::future::pending::<Result<(), PrepareError>>();
+        let started = tokio::time::Instant::now();
+        let e = super::bounded("looking", &cancel, never).await.unwrap_err();
+        assert!(matches!(e, PrepareError::Stuck { .. }), "{e}");
+        assert!(matches!(e.end(), JobEnd::AgentFailed));
+        assert_eq!(started.elapsed(), super::NODE_LOOK_DEADLINE);
+        cancel.cancel();
+        let never = std::future::pending::<Result<(), PrepareError>>();
+        let e = super::bounded("looking", &cancel, never).await.unwrap_err();
+        assert!(matches!(e, PrepareError::Canceled));
+    }
+
     use super::*;
     use c3_proto::record::DirPin;
 

@@ -241,6 +241,30 @@ fn a_stop_ends_a_launch_whose_execve_never_returns() {
     );
 }
 
+/// A look at the node that never ends before the launch (the workdir on a hung NFS server,
+/// the user behind a hung sssd) is given up on a stop: it ran unbounded, and the agent heard
+/// SIGTERM only when the look ended, if ever.
+#[test]
+fn a_stop_ends_a_preparation_stuck_on_the_node() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "workdir-hangs".into()));
+    h.extra_toml.push_str("[job]\nstop_deadline_secs = 10\n");
+    let script = "echo ran > $C3_ARTIFACTS_DIR/ran";
+    let spec = h.spec(json!({"job_id": "hung", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let record = h.state.join("jobs/hung/attempts/1/run.json");
+    wait_for("the attempt's record", Duration::from_secs(20), || {
+        record.exists().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    signal(child.id(), "TERM");
+    let run = h.wait("run stopped in a stuck preparation".into(), child);
+    run.assert_code(4);
+    assert_eq!(h.terminal("hung")["state"], "CANCELED");
+    assert!(!h.workdir("hung").join("artifacts/ran").exists());
+}
+
 #[test]
 fn preflight_failure_launches_nothing() {
     // A file store whose directory cannot be created.
