@@ -599,18 +599,23 @@ impl JobProcesses {
         if let Some(cg) = &self.inner.cgroup {
             cg.kill();
         } else {
-            let mut seen: BTreeSet<i32> = BTreeSet::new();
+            let (mut seen, mut stopped) = (BTreeSet::new(), Vec::new());
             for _ in 0..100 {
                 let now: BTreeSet<i32> = self.members().into_iter().collect();
                 let new: Vec<i32> = now.difference(&seen).copied().collect();
                 if new.is_empty() {
                     break;
                 }
-                self.signal_each(&new, Signal::SIGSTOP);
-                seen.extend(new);
+                // Only a process that took the SIGSTOP is killed below: one already gone
+                // (ESRCH) may have its pid reused by the time of the SIGKILL, by a stranger.
+                for pid in new {
+                    seen.insert(pid);
+                    if kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok() {
+                        stopped.push(pid);
+                    }
+                }
             }
-            let all: Vec<i32> = seen.into_iter().collect();
-            self.signal_each(&all, Signal::SIGKILL);
+            self.signal_each(&stopped, Signal::SIGKILL);
         }
         // Stragglers: anything still listed (outside the cgroup, or forked meanwhile).
         let left = self.members();
