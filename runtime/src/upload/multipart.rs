@@ -26,7 +26,7 @@ type PartResult = Result<(usize, String, u64, Tag), UploadError>;
 
 /// A multipart upload under way and its journal: `<state_dir>/jobs/<id>/uploads/<attempt>-<sha>.json`
 /// holds the upload (its id, size, part size), written once when the upload starts, and
-/// `<sha>.parts` one line per finished part (its index, the store's id for it, the tag of the
+/// `<attempt>-<sha>.parts` one line per finished part (its index, the store's id for it, the tag of the
 /// bytes sent), appended as each part is done. object_store has no list-parts call, so these
 /// files are the only way to resume. Appending keeps a part's booking O(1): the whole record
 /// rewritten after each part was quadratic, gigabytes written for an 80 GB checkpoint's
@@ -113,8 +113,10 @@ impl MultipartJournal {
             id,
             blake3,
         };
-        let mut bytes = serde_json::to_vec(&line).expect("a part line serializes");
-        bytes.push(b'\n');
+        // The newline goes first: a line a crash tore stays a line of its own, not the head
+        // of the next one (which would be lost with it).
+        let mut bytes = vec![b'\n'];
+        bytes.extend(serde_json::to_vec(&line).expect("a part line serializes"));
         self.record.parts.insert(idx, line.id);
         self.record.part_blake3.insert(idx, line.blake3);
         let written = tokio::task::spawn_blocking(move || {
@@ -841,6 +843,7 @@ mod tests {
             id: "other-etag".into(),
             blake3: hex::encode([3u8; 32]),
         };
+        lines.push(b'\n');
         lines.extend_from_slice(&serde_json::to_vec(&other).unwrap());
         lines.push(b'\n');
         lines.extend_from_slice(br#"{"upload":"x","part":2,"id":"etag-"#);
@@ -854,6 +857,11 @@ mod tests {
         );
         assert!(resumed.holds(1, &[2; 32]));
         assert!(!resumed.holds(2, &[3; 32]));
+        // A part booked after the torn line is a line of its own, not glued to it.
+        let mut resumed = resumed;
+        resumed.book(2, "etag-2".into(), &[4; 32]).await;
+        let again = MultipartJournal::load(resumed.path.as_ref().unwrap()).unwrap();
+        assert_eq!(again.parts.get(&2).map(String::as_str), Some("etag-2"));
     }
 
     /// A file truncated while its parts are read or checked has changed; it is not a read
