@@ -1153,6 +1153,23 @@ impl BlobStore {
                 e @ (object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. }),
             ) => e,
+            // A store without conditional writes (an S3-compatible one's 501): a HEAD, then
+            // a plain PUT. The key names the bytes, so a PUT over a blob another upload
+            // stored meanwhile replaces it with itself. It was retried as a server error
+            // until the deadline: UPLOAD_ERROR where aws-cli, sending no condition, succeeds.
+            Err(e)
+                if matches!(e, object_store::Error::NotImplemented { .. })
+                    || says(&e, "<Code>NotImplemented</Code>") =>
+            {
+                return match self.stored_size(sha256_hex).await {
+                    Ok(Some(s)) if s == size && self.still_wanted(sha256_hex).await => Ok(false),
+                    Ok(_) => self.put_document_once(&key, bytes).await.map(|()| true),
+                    Err(e) if self.head_denied(&e) => {
+                        self.put_document_once(&key, bytes).await.map(|()| true)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
             Err(source) => {
                 return Err(StoreError::Op {
                     op: "put",
@@ -1744,7 +1761,7 @@ impl BlobStore {
             None => PutMode::Create,
             // A version with nothing to match (a store that sends no ETag) cannot be asked for.
             Some(v) if self.is_local() || v.e_tag.is_none() && v.version.is_none() => {
-                return self.put_document_checked(key, bytes, v).await
+                return self.put_document_checked(key, bytes, Some(v)).await
             }
             Some(v) => PutMode::Update(v.clone()),
         };
@@ -1765,25 +1782,22 @@ impl BlobStore {
                 if matches!(e, object_store::Error::NotImplemented { .. })
                     || says(&e, "<Code>NotImplemented</Code>") =>
             {
-                match expected {
-                    Some(v) => self.put_document_checked(key, bytes, v).await,
-                    None => Err(op_error(e)),
-                }
+                self.put_document_checked(key, bytes, expected).await
             }
             Err(source) => Err(op_error(source)),
         }
     }
 
     /// [`BlobStore::put_document_over`] without a conditional write: HEAD, then a plain PUT.
+    /// `expected`: `None` for "only if there is none".
     async fn put_document_checked(
         &self,
         key: &str,
         bytes: Bytes,
-        expected: &DocVersion,
+        expected: Option<&DocVersion>,
     ) -> Result<DocWrite, StoreError> {
-        match self.document_version_once(key).await? {
-            Some(now) if now == *expected => {}
-            _ => return Ok(DocWrite::Changed),
+        if self.document_version_once(key).await?.as_ref() != expected {
+            return Ok(DocWrite::Changed);
         }
         let put = self
             .store()?

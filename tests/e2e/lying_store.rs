@@ -71,6 +71,9 @@ enum Fault {
     /// an `InternalError` body, and the object shows only 3 s later (a large object still
     /// being assembled): the retried complete meets NoSuchUpload meanwhile.
     CompleteAssemblesSlowly,
+    /// Every conditional PUT (If-None-Match, If-Match): 501 NotImplemented, as S3-compatible
+    /// stores without conditional writes answer.
+    NoConditionalPut,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -295,6 +298,11 @@ async fn handle(
             {
                 return s3_error(StatusCode::BAD_REQUEST, "BadDigest");
             }
+            if fault == Fault::NoConditionalPut
+                && (headers.contains_key("if-none-match") || headers.contains_key("if-match"))
+            {
+                return s3_error(StatusCode::NOT_IMPLEMENTED, "NotImplemented");
+            }
             if headers.contains_key("if-none-match") {
                 if is_blob && seen == 1 && fault == Fault::ConflictOnce {
                     return s3_error(StatusCode::CONFLICT, "ConditionalRequestConflict");
@@ -516,6 +524,22 @@ fn a_store_that_claims_a_blob_it_does_not_hold_fails_the_job() {
     assert_eq!(t["state"], "FAILED", "{t}");
     assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
     assert!(s3.blob(b"never stored").is_none());
+}
+
+/// A store without conditional writes (501 NotImplemented to `If-None-Match`) still takes
+/// the job's blobs: a HEAD, then a plain PUT (content-addressed, so a PUT over the same blob
+/// replaces it with itself). Every blob's PUT was retried as a server error until the
+/// deadline: UPLOAD_ERROR where aws-cli, which sends no condition, succeeds.
+#[test]
+fn a_store_without_conditional_writes_takes_the_blobs() {
+    let s3 = FakeS3::start(Fault::NoConditionalPut);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "plain", b"no conditions here"))
+        .assert_code(0);
+    assert_eq!(
+        s3.blob(b"no conditions here").as_deref(),
+        Some(&b"no conditions here"[..])
+    );
 }
 
 #[test]
