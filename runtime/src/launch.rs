@@ -247,10 +247,13 @@ impl Heard {
     }
 
     /// Takes what the pipe holds now, without waiting: after std's spawn returned its error
-    /// the child is gone (reaped) and all it said is there.
-    fn take_rest(&mut self, pipe: &tokio::net::unix::pipe::Receiver) {
+    /// the child is gone (reaped) and all it said is there. Read from the fd itself: tokio's
+    /// `try_read` answers "would block" from its cached readiness without a syscall, and the
+    /// last byte (the step execve failed at) may not have reached the reactor yet: a missing
+    /// command (127, the script's error) read as the node's (retried for ever).
+    fn take_rest(&mut self, pipe: &impl std::os::fd::AsFd) {
         let mut buf = [0u8; 64];
-        while let Ok(n @ 1..) = pipe.try_read(&mut buf) {
+        while let Ok(n @ 1..) = nix::unistd::read(pipe.as_fd(), &mut buf) {
             self.0.extend_from_slice(&buf[..n]);
         }
     }
@@ -619,6 +622,27 @@ pub fn signal_name(status: &ExitStatus) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    /// What the child said last is read even when the reactor has not seen it yet: the
+    /// step execve failed at decides whether the error is the script's (127) or the node's.
+    #[tokio::test]
+    async fn the_last_step_said_is_read_before_the_reactor_sees_it() {
+        use std::os::fd::AsRawFd;
+        let (heard_fd, said) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .unwrap();
+        let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(heard_fd).unwrap();
+        let mut buf = [0u8; 8];
+        // Drained until it would block: tokio now holds "not readable" for it.
+        assert!(pipe.try_read(&mut buf).is_err());
+        // SAFETY: a plain write of one byte from a live buffer.
+        let wrote = unsafe { libc::write(said.as_raw_fd(), [Step::Exec as u8].as_ptr().cast(), 1) };
+        assert_eq!(wrote, 1);
+        drop(said);
+        let mut heard = Heard(vec![0; Heard::PID_BYTES]);
+        heard.take_rest(&pipe);
+        assert_eq!(heard.last_step(), Step::Exec);
+    }
+
     use super::*;
 
     #[test]
