@@ -555,8 +555,10 @@ pub fn shed_the_agents() -> std::io::Result<()> {
 /// through its session, not by uid, so the agent's (a Kerberos or AFS token, a cifs key;
 /// shared by every job a prolog or daemon started) would be read, and written, by each job.
 /// keyctl barred (ENOSYS, or EPERM from a seccomp profile) is no error: it is barred to the
-/// job too. Any other failure is: the child would keep the agent's keyring. Between fork and
-/// exec: one syscall.
+/// job too. Nor is any failure while the agent's keyring holds no key (a root in a user
+/// namespace has a 200-key quota, which runc's per-container keyrings fill: EDQUOT there
+/// failed every launch on the node for nothing to leak). Otherwise it is: the child would
+/// keep the agent's keys. Between fork and exec: syscalls only.
 fn join_own_keyring() -> std::io::Result<()> {
     const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
     // SAFETY: a plain syscall; a null name asks for a new anonymous keyring.
@@ -571,10 +573,30 @@ fn join_own_keyring() -> std::io::Result<()> {
         return Ok(());
     }
     let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENOSYS | libc::EPERM) => Ok(()),
-        _ => Err(e),
+    const KEYCTL_READ: libc::c_long = 11;
+    const KEY_SPEC_SESSION_KEYRING: libc::c_long = -3;
+    // SAFETY: a plain syscall; a null buffer of length 0 asks only for the payload's size
+    // (4 bytes per key the keyring holds).
+    let held = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_READ,
+            KEY_SPEC_SESSION_KEYRING,
+            std::ptr::null_mut::<libc::c_char>(),
+            0usize,
+        )
+    };
+    if join_failure_is_fatal(e.raw_os_error(), held) {
+        Err(e)
+    } else {
+        Ok(())
     }
+}
+
+/// Whether a failed join (its errno) leaves the child with keys of the agent's: `held` is
+/// what a read of the agent's session keyring said (its size in bytes, or -1).
+fn join_failure_is_fatal(errno: Option<i32>, held: libc::c_long) -> bool {
+    !matches!(errno, Some(libc::ENOSYS | libc::EPERM)) && held > 0
 }
 
 /// Marks every fd from `first` up close-on-exec, so the job gets only its stdio. std opens
@@ -622,6 +644,18 @@ pub fn signal_name(status: &ExitStatus) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    /// A join that fails leaves the child with the agent's keys only if it holds some, and
+    /// keyctl barred is barred to the job too.
+    #[test]
+    fn a_failed_keyring_join_is_fatal_only_with_keys_to_leak() {
+        assert!(join_failure_is_fatal(Some(libc::EDQUOT), 8));
+        assert!(!join_failure_is_fatal(Some(libc::EDQUOT), 0));
+        assert!(!join_failure_is_fatal(Some(libc::EDQUOT), -1));
+        assert!(!join_failure_is_fatal(Some(libc::EPERM), 8));
+        assert!(!join_failure_is_fatal(Some(libc::ENOSYS), 8));
+        assert!(join_failure_is_fatal(Some(libc::ENOMEM), 4));
+    }
+
     /// What the child said last is read even when the reactor has not seen it yet: the
     /// step execve failed at decides whether the error is the script's (127) or the node's.
     #[tokio::test]
