@@ -46,8 +46,11 @@ pub enum MetadataReach {
 pub async fn metadata_reach(endpoint: &str, user: &str) -> MetadataReach {
     let unknown = || MetadataReach::Unknown(endpoint.to_string());
     let name = user.to_string();
-    let Ok(Ok(who)) =
-        tokio::task::spawn_blocking(move || c3_runtime::launch::RunAs::lookup(&name)).await
+    // Bounded as the probe is: behind a hung name service the lookup never ends, and this
+    // runs before the attempt has a record or hears a stop (the launch's own lookup is
+    // bounded the same way, and says why).
+    let lookup = tokio::task::spawn_blocking(move || c3_runtime::launch::RunAs::lookup(&name));
+    let Ok(Ok(Ok(who))) = tokio::time::timeout(std::time::Duration::from_secs(3), lookup).await
     else {
         return unknown();
     };
