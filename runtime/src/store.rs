@@ -308,6 +308,10 @@ pub struct BlobStore {
     root: Option<Arc<Path>>,
     /// The file store's group commit of `blobs/sha256/` ([`crate::filestore`]).
     dir_sync: Arc<crate::filestore::DirSync>,
+    /// The store answered a create-if-absent PUT with 501: blobs go as a HEAD and a plain
+    /// PUT from then on. object_store retries a 501 as a server error, so each blob's body
+    /// went out `max_retries + 1` times before the fallback, past the bandwidth limit.
+    no_conditional_put: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Where the store's credentials come from, as far as the preflight must know.
@@ -785,6 +789,7 @@ impl BlobStore {
                         credentials: Arc::new(Credentials::Given),
                         root: None,
                         dir_sync: Default::default(),
+                        no_conditional_put: Default::default(),
                     });
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
@@ -804,6 +809,7 @@ impl BlobStore {
                     credentials: Arc::new(Credentials::Given),
                     root: Some(Arc::from(path.as_path())),
                     dir_sync: Default::default(),
+                    no_conditional_put: Default::default(),
                 });
             }
             "s3" | "s3a" => {
@@ -903,6 +909,7 @@ impl BlobStore {
             credentials: Arc::new(credentials),
             root: None,
             dir_sync: Default::default(),
+            no_conditional_put: Default::default(),
         })
     }
 
@@ -1049,6 +1056,7 @@ impl BlobStore {
             credentials: Arc::new(Credentials::Given),
             root: None,
             dir_sync: Default::default(),
+            no_conditional_put: Default::default(),
         }
     }
 
@@ -1139,6 +1147,12 @@ impl BlobStore {
         }
         let path = StorePath::from(key.as_str());
         let size = bytes.len() as u64;
+        if self
+            .no_conditional_put
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.put_blob_plain(sha256_hex, &key, bytes).await;
+        }
         let refused = match self
             .store()?
             .put_opts(
@@ -1161,14 +1175,13 @@ impl BlobStore {
                 if matches!(e, object_store::Error::NotImplemented { .. })
                     || says(&e, "<Code>NotImplemented</Code>") =>
             {
-                return match self.stored_size(sha256_hex).await {
-                    Ok(Some(s)) if s == size && self.still_wanted(sha256_hex).await => Ok(false),
-                    Ok(_) => self.put_document_once(&key, bytes).await.map(|()| true),
-                    Err(e) if self.head_denied(&e) => {
-                        self.put_document_once(&key, bytes).await.map(|()| true)
-                    }
-                    Err(e) => Err(e),
-                };
+                if !self
+                    .no_conditional_put
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!("the store has no conditional writes (501 to If-None-Match); blobs are checked with a HEAD, then written");
+                }
+                return self.put_blob_plain(sha256_hex, &key, bytes).await;
             }
             Err(source) => {
                 return Err(StoreError::Op {
@@ -1212,6 +1225,27 @@ impl BlobStore {
                 } else {
                     Err(not_there("HEAD is denied and a 409 may be a conflict"))
                 }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A blob on a store without conditional writes: a HEAD, then a plain PUT. The key names
+    /// the bytes, so a PUT over a blob another upload stored meanwhile replaces it with
+    /// itself.
+    async fn put_blob_plain(
+        &self,
+        sha256_hex: &str,
+        key: &str,
+        bytes: Bytes,
+    ) -> Result<bool, StoreError> {
+        match self.stored_size(sha256_hex).await {
+            Ok(Some(s)) if s == bytes.len() as u64 && self.still_wanted(sha256_hex).await => {
+                Ok(false)
+            }
+            Ok(_) => self.put_document_once(key, bytes).await.map(|()| true),
+            Err(e) if self.head_denied(&e) => {
+                self.put_document_once(key, bytes).await.map(|()| true)
             }
             Err(e) => Err(e),
         }

@@ -540,6 +540,13 @@ fn a_store_without_conditional_writes_takes_the_blobs() {
         s3.blob(b"no conditions here").as_deref(),
         Some(&b"no conditions here"[..])
     );
+    // Once the store said so (the preflight's own write meets the 501 first), every blob
+    // goes as one plain PUT: each conditional PUT's body went out again (object_store
+    // retries a 501) before the fallback, past the bandwidth limit.
+    let script = "echo one > $C3_ARTIFACTS_DIR/a; sleep 2; echo two > $C3_ARTIFACTS_DIR/b";
+    h.run_job(json!({"job_id": "plain2", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(s3.puts_of(b"one\n") + s3.puts_of(b"two\n"), 2);
 }
 
 #[test]
