@@ -102,6 +102,7 @@ SHAPES = ["small", "big", "rewrite"]
 MIB = 1 << 20
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
+BODY_IDLE_S = 10  # a request body that stops short is answered 400 RequestTimeout (S3: after 20 s)
 AGENT_TIMEOUT_S = 300  # one `c3-agent run` (its store retry deadline is 60 s per operation)
 RECOVER_TIMEOUT_S = 300
 AWS_TIMEOUT_S = 300
@@ -114,6 +115,10 @@ def log(msg):
 
 # --------------------------------------------------------------------------------------------
 # The fault proxy
+
+
+class BodyTimeout(Exception):
+    """No byte of a request's body came for BODY_IDLE_S."""
 
 
 def s3_error(status, reason, code, message, close):
@@ -202,20 +207,39 @@ class FaultProxy:
 
     @staticmethod
     async def read_body(reader, length, chunked):
+        """The request body as sent. `BodyTimeout` when no byte comes for BODY_IDLE_S: a client
+        that sends less than its Content-Length (aws-cli reading a file truncated under it)
+        would otherwise wait for its own read timeout, 60 s."""
+
+        async def idle(read):
+            try:
+                return await asyncio.wait_for(read, BODY_IDLE_S)
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
+
+        async def exactly(n):
+            out = bytearray()
+            while len(out) < n:
+                b = await idle(reader.read(min(n - len(out), 1 << 20)))
+                if not b:
+                    raise asyncio.IncompleteReadError(bytes(out), n)
+                out += b
+            return bytes(out)
+
         if chunked:
             out = bytearray()
             while True:
-                line = await reader.readuntil(b"\r\n")
+                line = await idle(reader.readuntil(b"\r\n"))
                 out += line
                 size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while True:  # trailers, then the empty line
-                        t = await reader.readuntil(b"\r\n")
+                        t = await idle(reader.readuntil(b"\r\n"))
                         out += t
                         if t == b"\r\n":
                             return bytes(out)
-                out += await reader.readexactly(size + 2)
-        return await reader.readexactly(length) if length else b""
+                out += await exactly(size + 2)
+        return await exactly(length) if length else b""
 
     async def forward(self, data):
         """One upstream connection per request (`Connection: close`): the whole answer, read to EOF.
@@ -317,7 +341,14 @@ class FaultProxy:
                 if expect:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     await writer.drain()
-                body = await self.read_body(reader, length, chunked)
+                try:
+                    body = await self.read_body(reader, length, chunked)
+                except BodyTimeout:
+                    writer.write(s3_error(400, "Bad Request", "RequestTimeout",
+                                          "Your socket connection to the server was not read from or written to "
+                                          "within the timeout period.", True))
+                    await writer.drain()
+                    return
 
                 if fault == "503":
                     writer.write(s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.",
