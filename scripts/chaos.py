@@ -611,14 +611,19 @@ class Bench:
             shape = "big" if s == 0 else ("small" if s % 2 else "rewrite")
             jobs.append({"i": i, "kind": kind, "rate": rate, "shape": shape})
         tasks = []
+        counted = 0  # agent jobs of the pairs with aws syncs, so far
         for kind, rate in combos:
             mine = [j for j in jobs if (j["kind"], j["rate"]) == (kind, rate)]
             if not mine:
                 continue
+            # One aws sync per --aws-every agent jobs of the run, spread over the pairs (one per
+            # pair, at least, made a sync for every pair of one or two jobs).
             aws = []
             if self.args.aws and kind != "kill":
+                n = (counted + len(mine)) // self.args.aws_every - counted // self.args.aws_every
+                counted += len(mine)
                 aws = [{"i": j["i"], "kind": kind, "rate": rate, "shape": j["shape"], "aws": True}
-                       for n, j in enumerate(mine) if n % self.args.aws_every == 0]
+                       for j in (mine[k * len(mine) // n] for k in range(n))]
             for kind_ in ("agent", "aws") if aws else ("agent",):
                 self.listeners[(kind, rate, kind_)] = self.proxy.add(
                     Listener(f"{kind}-{rate}-{kind_}", "mix" if kind == "kill" else kind, rate, self.args.seed))
