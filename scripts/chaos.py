@@ -5,17 +5,34 @@
     python3 scripts/chaos.py --quick --agent target/debug/c3-agent     # = --jobs 50, what scripts/test.sh runs
 
 A fault proxy (asyncio, stdlib only, 127.0.0.1) sits in front of s3s-fs. For a random fraction
-`rate` of the requests it injects one fault:
+`rate` of the requests it injects one fault (a kind that fits only some requests is drawn
+among those only):
 
-  503         answers `503 SlowDown` (S3 XML error body), nothing forwarded;
-  reset       reads the request head (and part of the body), then resets the connection
-              (SO_LINGER 0), nothing forwarded;
-  applied500  forwards the request, waits for the answer, drops it and answers
-              `500 InternalError`: the write happened, the ack is lost;
-  stall       waits 1-3 s, then forwards normally;
-  mix         one of the four above, drawn per fault.
+  503           answers `503 SlowDown` (S3 XML error body), nothing forwarded;
+  reset         reads the request head (and part of the body), then resets the connection
+                (SO_LINGER 0), nothing forwarded;
+  applied500    forwards the request, waits for the answer, drops it and answers
+                `500 InternalError`: the write happened, the ack is lost;
+  stall         waits 1-3 s, then forwards normally;
+  short200      (GETs) forwards, then relays the 200/206 answer's head and part of its body
+                (Content-Length unchanged) and closes the connection;
+  slowbody      the request's body (an upload) is read, or else the answer is sent, at 4 KB/s
+                for 1-3 s, then at full speed;
+  nosuchupload  (UploadPart, CompleteMultipartUpload) answers `404 NoSuchUpload`, nothing
+                forwarded, and so does every later request naming that upload (it expired, or
+                a lifecycle rule aborted it); the next upload of the same key is never expired;
+  slowdown      answers `503 SlowDown` with `Retry-After: 1-3`, and so does every request for
+                the same key until then (S3 throttling is per key or prefix); after that the
+                key is not throttled again for twice as long;
+  badetag       (PUTs of a whole object) forwards, and answers the store's 2xx with another
+                ETag than the object's;
+  mix           one of the kinds above, drawn per fault.
 
-The matrix: fault kinds (the five above, plus `kill` = `mix` faults and a SIGKILL of the agent
+Every agent job (but half the `kill` ones) takes an input dataset (`datasets`: the files of a
+job written into each bucket beside s3s-fs before the run: 2 MiB, 64 KiB and 300 bytes), so its
+GETs meet the faults too.
+
+The matrix: fault kinds (the ten above, plus `kill` = `mix` faults and a SIGKILL of the agent
 at a random point, then `c3-agent recover`) x rates (5%, 20%, 40%) x job shapes:
 
   small    20 x 4 KiB files, written in two batches (live sync picks up the first);
@@ -33,6 +50,8 @@ What is verified
     sha256, the blob exists with that size, every manifest entry (logs too) points at an existing
     blob, and no entry names a file that is not there. A SUCCEEDED job that fails this check is a
     **silent loss**.
+  * The input dataset a SUCCEEDED job was given is the dataset's bytes, file by file (else a
+    silent loss too: the job ran on wrong input).
   * After the last job of a (kind, rate) pair, every file under the bucket's `blobs/sha256/` is
     hashed: it must hash to its name (**corrupt blobs** must be 0).
   * SIGKILL + recover (kind `kill`): the agent is killed after a random delay (0-3 s after its
@@ -91,15 +110,21 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
-FAULT_KINDS = ["503", "reset", "applied500", "stall"]
+FAULT_KINDS = ["503", "reset", "applied500", "stall", "short200", "slowbody", "nosuchupload", "slowdown", "badetag"]
 KINDS = FAULT_KINDS + ["mix", "kill"]
+TRICKLE_BPS = 4096  # slowbody: bytes a second while it trickles
+TRICKLE_S = (1.0, 3.0)  # slowbody: for this long (drawn), then at full speed
+RETRY_AFTER_S = (1, 3)  # slowdown: Retry-After (drawn); the key is throttled that long, then calm twice as long
 RATES = [5, 20, 40]
 SHAPES = ["small", "big", "rewrite"]
 MIB = 1 << 20
+SEED_JOB = "chaos-input"  # the job whose output every agent job takes as its input dataset
+SEED_FILES = [("data.bin", 2 * MIB), ("labels.bin", 64 << 10), ("meta.json", 300)]
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 BODY_IDLE_S = 10  # a request body that stops short is answered 400 RequestTimeout (S3: after 20 s)
@@ -121,11 +146,11 @@ class BodyTimeout(Exception):
     """No byte of a request's body came for BODY_IDLE_S."""
 
 
-def s3_error(status, reason, code, message, close):
+def s3_error(status, reason, code, message, close, extra=""):
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
             f"<RequestId>chaos</RequestId></Error>").encode()
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
-            f"x-amz-request-id: chaos\r\n")
+            f"x-amz-request-id: chaos\r\n{extra}")
     if close:
         head += "Connection: close\r\n"
     return head.encode() + b"\r\n" + body
@@ -148,8 +173,29 @@ def header(headers, name):
     return None
 
 
+class Request:
+    """What the proxy needs to know of a request: the S3 operation, the path, the upload it names."""
+
+    def __init__(self, method, target):
+        path, _, query = target.partition(b"?")
+        q = urllib.parse.parse_qs(query.decode(errors="replace"), keep_blank_values=True)
+        self.path = path
+        self.upload_id = q.get("uploadId", [None])[0]
+        if method == b"PUT" and self.upload_id is not None and "partNumber" in q:
+            self.op = "part"
+        elif method == b"POST" and self.upload_id is not None:
+            self.op = "complete"
+        elif method == b"POST" and "uploads" in q:
+            self.op = "create"
+        elif method == b"DELETE" and self.upload_id is not None:
+            self.op = "abort"
+        else:
+            self.op = method.decode(errors="replace").lower()  # put (a whole object), get, head, ...
+
+
 class Listener:
-    """One port of the proxy: a fault kind, a rate, its own random stream and counters."""
+    """One port of the proxy: a fault kind, a rate, its own random stream, counters, and what
+    earlier faults left behind (uploads it expired, keys it throttles)."""
 
     def __init__(self, name, kind, rate, seed):
         self.name, self.kind, self.rate = name, kind, rate / 100.0
@@ -157,16 +203,56 @@ class Listener:
         self.port = None
         self.requests = 0
         self.faults = {k: 0 for k in FAULT_KINDS}
+        self.echoes = 0  # requests answered as an earlier fault left things: an expired upload, a throttled key
         self.upstream_errors = 0
+        self.expired = set()  # upload ids answered NoSuchUpload: every later request naming one is too
+        self.expired_keys = set()  # paths whose upload was expired once: the next upload of it never is
+        # path -> (monotonic time its SlowDown ends, time until which it is not throttled again).
+        # Without the calm after a window, a key every job writes (the empty log's blob) was
+        # throttled again at once by the retries of the others: throttled for a minute on end,
+        # 74% of the listener's requests answered SlowDown at a 20% rate.
+        self.throttled = {}
 
-    def draw(self):
-        """The fault for the next request, or None."""
+    def fits(self, kind, req):
+        """Whether fault `kind` can be injected into this request."""
+        if kind == "short200":
+            return req.op == "get"
+        if kind == "nosuchupload":
+            return req.op in ("part", "complete") and req.path not in self.expired_keys
+        if kind == "badetag":
+            return req.op == "put"
+        if kind == "slowdown":
+            return req.path not in self.throttled
+        return True
+
+    def draw(self, req):
+        """The fault for the next request, or None. An upload expired earlier stays expired, and a
+        throttled key stays throttled until its Retry-After has passed (not drawn: an echo)."""
         self.requests += 1
-        if self.rng.random() >= self.rate:
+        if req.upload_id is not None and req.upload_id in self.expired:
+            self.echoes += 1
+            return "nosuchupload"
+        window = self.throttled.get(req.path)
+        if window is not None:
+            now = time.monotonic()
+            if now < window[0]:
+                self.echoes += 1
+                return "slowdown"
+            if now >= window[1]:
+                del self.throttled[req.path]
+        kinds = [k for k in (FAULT_KINDS if self.kind not in FAULT_KINDS else [self.kind]) if self.fits(k, req)]
+        if not kinds or self.rng.random() >= self.rate:
             return None
-        kind = self.kind if self.kind in FAULT_KINDS else self.rng.choice(FAULT_KINDS)
+        kind = self.rng.choice(kinds)
         self.faults[kind] += 1
+        if kind == "nosuchupload":
+            self.expired.add(req.upload_id)
+            self.expired_keys.add(req.path)
         return kind
+
+    def not_applied(self, kind):
+        """A drawn fault the answer did not allow (short200 on a 404, badetag on a 412)."""
+        self.faults[kind] -= 1
 
 
 class FaultProxy:
@@ -206,10 +292,11 @@ class FaultProxy:
         self.thread.join(10)
 
     @staticmethod
-    async def read_body(reader, length, chunked):
-        """The request body as sent. `BodyTimeout` when no byte comes for BODY_IDLE_S: a client
-        that sends less than its Content-Length (aws-cli reading a file truncated under it)
-        would otherwise wait for its own read timeout, 60 s."""
+    async def read_body(reader, length, chunked, trickle_until=None):
+        """The request body as sent. Until `trickle_until` (monotonic) it is read at TRICKLE_BPS
+        (what the client sees: a link that stalls once its buffers are full). `BodyTimeout` when
+        no byte comes for BODY_IDLE_S: a client that sends less than its Content-Length (aws-cli
+        reading a file truncated under it) would otherwise wait for its own read timeout, 60 s."""
 
         async def idle(read):
             try:
@@ -220,10 +307,13 @@ class FaultProxy:
         async def exactly(n):
             out = bytearray()
             while len(out) < n:
-                b = await idle(reader.read(min(n - len(out), 1 << 20)))
+                trickling = trickle_until is not None and time.monotonic() < trickle_until
+                b = await idle(reader.read(min(n - len(out), TRICKLE_BPS // 16 if trickling else 1 << 20)))
                 if not b:
                     raise asyncio.IncompleteReadError(bytes(out), n)
                 out += b
+                if trickling:
+                    await asyncio.sleep(len(b) / TRICKLE_BPS)
             return bytes(out)
 
         if chunked:
@@ -240,6 +330,18 @@ class FaultProxy:
                             return bytes(out)
                 out += await exactly(size + 2)
         return await exactly(length) if length else b""
+
+    @staticmethod
+    async def write_trickled(writer, data, until):
+        """Writes `data` at TRICKLE_BPS until `until` (monotonic), the rest at once."""
+        at = 0
+        while at < len(data) and time.monotonic() < until:
+            piece = data[at:at + TRICKLE_BPS // 16]
+            writer.write(piece)
+            await writer.drain()
+            at += len(piece)
+            await asyncio.sleep(len(piece) / TRICKLE_BPS)
+        writer.write(data[at:])
 
     async def forward(self, data):
         """One upstream connection per request (`Connection: close`): the whole answer, read to EOF.
@@ -315,12 +417,13 @@ class FaultProxy:
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     return
                 request_line, headers = parse_head(head)
-                method = request_line.split(b" ", 1)[0]
+                method, _, rest = request_line.partition(b" ")
+                req = Request(method, rest.rpartition(b" ")[0] or rest)
                 expect = (header(headers, b"expect") or b"").lower() == b"100-continue"
                 chunked = b"chunked" in (header(headers, b"transfer-encoding") or b"").lower()
                 length = 0 if chunked else int(header(headers, b"content-length") or b"0")
                 client_close = (header(headers, b"connection") or b"").lower() == b"close"
-                fault = lst.draw()
+                fault = lst.draw(req)
 
                 if fault == "reset":
                     if expect:
@@ -341,8 +444,11 @@ class FaultProxy:
                 if expect:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     await writer.drain()
+                # slowbody: the request's body trickles (an upload), or else the answer.
+                trickle = (time.monotonic() + rng.uniform(*TRICKLE_S)) if fault == "slowbody" else None
+                has_body = bool(length or chunked)
                 try:
-                    body = await self.read_body(reader, length, chunked)
+                    body = await self.read_body(reader, length, chunked, trickle if has_body else None)
                 except BodyTimeout:
                     writer.write(s3_error(400, "Bad Request", "RequestTimeout",
                                           "Your socket connection to the server was not read from or written to "
@@ -350,9 +456,25 @@ class FaultProxy:
                     await writer.drain()
                     return
 
+                answer = None
                 if fault == "503":
-                    writer.write(s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.",
-                                          client_close))
+                    answer = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.", client_close)
+                elif fault == "slowdown":
+                    # S3 throttling: the key stays throttled for as long as Retry-After says.
+                    window = lst.throttled.get(req.path)
+                    if window is None:
+                        now, secs = time.monotonic(), rng.randint(*RETRY_AFTER_S)
+                        window = lst.throttled[req.path] = (now + secs, now + 3 * secs)
+                    wait = max(1, int(window[0] - time.monotonic() + 0.999))
+                    answer = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.", client_close,
+                                      extra=f"Retry-After: {wait}\r\n")
+                elif fault == "nosuchupload":
+                    # The upload is gone (a lifecycle rule, an expiry): nothing forwarded.
+                    answer = s3_error(404, "Not Found", "NoSuchUpload",
+                                      "The specified upload does not exist. The upload ID may be invalid, or the "
+                                      "upload may have been aborted or completed.", client_close)
+                if answer is not None:
+                    writer.write(answer)
                     await writer.drain()
                     if client_close:
                         return
@@ -379,7 +501,28 @@ class FaultProxy:
                     lst.upstream_errors += 1  # not a planned fault: reported as "proxy 502s"
                     close = True
                     out = s3_error(502, "Bad Gateway", "BadGateway", "chaos proxy: upstream failed", close)
-                writer.write(out)
+                    if fault in ("short200", "badetag"):
+                        lst.not_applied(fault)
+                elif fault == "short200":
+                    # The answer's head and part of its body, then the connection closes.
+                    end = out.find(b"\r\n\r\n") + 4
+                    if status_of(out) in (200, 206) and len(out) > end:
+                        writer.write(out[:rng.randint(end, len(out) - 1)])
+                        await writer.drain()
+                        return
+                    lst.not_applied(fault)
+                elif fault == "badetag":
+                    # A write acknowledged with an ETag that is not the object's.
+                    end = out.find(b"\r\n\r\n")
+                    if 200 <= status_of(out) < 300 and re.search(rb"(?im)^etag:", out[:end]):
+                        bogus = b'ETag: "%032x"' % rng.getrandbits(128)
+                        out = re.sub(rb"(?im)^etag:[^\r\n]*", bogus, out[:end], count=1) + out[end:]
+                    else:
+                        lst.not_applied(fault)
+                if fault == "slowbody" and not has_body:
+                    await self.write_trickled(writer, out, trickle)
+                else:
+                    writer.write(out)
                 await writer.drain()
                 if close:
                     return
@@ -390,6 +533,12 @@ class FaultProxy:
         finally:
             if not writer.transport.is_closing():
                 writer.close()
+
+
+def status_of(answer):
+    """The status code of an HTTP answer (0 if it has none)."""
+    parts = answer[:answer.find(b"\r\n")].split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,6 +741,7 @@ class Bench:
         self.aws_results = []
         self.done = 0
         self.total = 0
+        self.seed_files = None  # the input dataset's files: path -> bytes
         self.started = time.monotonic()
 
     # ---- setup
@@ -628,6 +778,7 @@ class Bench:
                 self.listeners[(kind, rate, kind_)] = self.proxy.add(
                     Listener(f"{kind}-{rate}-{kind_}", "mix" if kind == "kill" else kind, rate, self.args.seed))
             os.makedirs(os.path.join(self.s3root, self.bucket(kind, rate)))
+            self.seed_dataset(self.bucket(kind, rate))
             self.groups[(kind, rate)] = {"left": len(mine) + len(aws), "blobs": 0, "corrupt": [], "stray": 0}
             # Interleave: aws syncs run among the agent jobs of the same pair.
             step = max(1, len(mine) // max(1, len(aws))) if aws else 0
@@ -638,6 +789,29 @@ class Bench:
             tasks.extend(aws)
         self.total = len(tasks)
         return tasks
+
+    def seed_dataset(self, bucket):
+        """The input every agent job materializes (`datasets`: /jobs/SEED_JOB at `input/`), written
+        into the bucket's directory behind s3s-fs: a manifest and its blobs, as a finished job
+        leaves them. So each job GETs a manifest and three blobs through the proxy."""
+        if self.seed_files is None:
+            rng = random.Random(f"{self.args.seed}/seed")
+            self.seed_files = {f"artifacts/{name}": rng.randbytes(size) for name, size in SEED_FILES}
+        top = os.path.join(self.s3root, bucket, "c3")
+        os.makedirs(os.path.join(top, "blobs", "sha256"), exist_ok=True)
+        entries = []
+        for path, data in sorted(self.seed_files.items()):
+            digest = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(top, "blobs", "sha256", digest), "wb") as f:
+                f.write(data)
+            # blake3 left empty: nothing that reads a dataset checks it (pull checks sha256).
+            entries.append({"path": path, "size": len(data), "sha256": digest, "blake3": "", "mode": 0o644,
+                            "mtime_ns": 0})
+        manifest = {"version": 1, "job_id": SEED_JOB, "project": None, "attempt": 1, "complete": True,
+                    "files": entries, "logs": None, "result": None}
+        os.makedirs(os.path.join(top, "jobs", SEED_JOB), exist_ok=True)
+        with open(os.path.join(top, "jobs", SEED_JOB, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
 
     def config(self, jid, kind, rate):
         state = os.path.join(self.tmp, "state", jid)
@@ -742,14 +916,18 @@ multipart_threshold_bytes = {8 * MIB}
         workdir = os.path.join(self.tmp, "jobs", jid)
         cfg, state = self.config(jid, kind, rate)
         spec = os.path.join(self.tmp, "cfg", f"{jid}.json")
+        # Half the `kill` jobs take no input: its download (slowed by the faults) would hold most
+        # kills in the preparation, before the script is launched.
+        with_input = kind != "kill" or job["i"] % 2 == 0
         with open(spec, "w") as f:
-            json.dump({"job_id": jid, "command": ["sh", "-c", job_script(shape, rng)], "workdir": workdir}, f)
+            json.dump({"job_id": jid, "command": ["sh", "-c", job_script(shape, rng)], "workdir": workdir,
+                       "datasets": [{"ref": f"/jobs/{SEED_JOB}", "mount": "input"}] if with_input else []}, f)
         env = clean_env()
         env.update(C3_AGENT_CONFIG=cfg, C3_AGENT_LOG="info")
         errlog = os.path.join(self.tmp, "logs", f"{jid}.run.stderr")
         rec = {"id": jid, "kind": kind, "rate": rate, "shape": shape, "kill": kind == "kill", "killed": False,
                "hung": False, "rc": None, "recover_rc": None, "state": None, "reason": None, "message": None,
-               "problems": [], "verdict": None, "ok": False, "excerpt": ""}
+               "problems": [], "verdict": None, "ok": False, "excerpt": "", "input": with_input}
         kill_at = rng.uniform(0.0, 3.0) if kind == "kill" else None
         t0 = time.monotonic()
         with open(errlog, "wb") as err:
@@ -826,7 +1004,7 @@ multipart_threshold_bytes = {8 * MIB}
         except (OSError, ValueError):
             return None
 
-    def verify(self, kind, rate, workdir, m):
+    def verify(self, kind, rate, workdir, m, with_input):
         """Problems with a job's stored output (empty list: every file is stored exactly)."""
         blobs = os.path.join(self.s3root, self.bucket(kind, rate), "c3", "blobs", "sha256")
         problems = []
@@ -846,6 +1024,14 @@ multipart_threshold_bytes = {8 * MIB}
             elif e.get("size") != size or e.get("sha256") != digest:
                 problems.append(f"LOSS {path}: manifest has size {e.get('size')} sha256 {str(e.get('sha256'))[:12]}, "
                                 f"the file has size {size} sha256 {digest[:12]}")
+        for path, data in sorted(self.seed_files.items() if with_input else []):
+            full = os.path.join(workdir, "input", path)
+            try:
+                with open(full, "rb") as f:
+                    if f.read() != data:
+                        problems.append(f"INPUT input/{path}: not the dataset's bytes")
+            except OSError as e:
+                problems.append(f"INPUT input/{path}: {e.strerror}")
         for path, e in sorted(entries.items()):
             if path not in local:
                 problems.append(f"STALE {path}: in the manifest, not in the workdir")
@@ -886,7 +1072,7 @@ multipart_threshold_bytes = {8 * MIB}
             if st.get("state") == "SUCCEEDED" or (lost_script and upload_errors == 0 and m is not None
                                                   and m.get("complete") is True):
                 # The status claims every file is stored: check that it is.
-                problems = self.verify(kind, rate, workdir, m)
+                problems = self.verify(kind, rate, workdir, m, rec["input"])
                 rec["problems"] += problems
                 if not rec["killed"] and rec["rc"] != 0:
                     rec["problems"].append(f"SUCCEEDED but `run` exited {rec['rc']}")
@@ -1070,7 +1256,7 @@ def report(bench, wall, args):
 
     w("\n## Per fault kind and rate (store checks and proxy counts)\n")
     w("| fault | rate | jobs | ok | ok % | silent loss | blobs checked | corrupt blobs | agent requests | faults injected "
-      "(503/reset/applied500/stall) | proxy 502s | aws syncs | aws ok % | aws requests | aws faults |")
+      "(by kind; + echoes: later requests to an expired upload or a throttled key) | proxy 502s | aws syncs | aws ok % | aws requests | aws faults |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for kind in KINDS:
         for rate in RATES:
@@ -1080,7 +1266,9 @@ def report(bench, wall, args):
             ars = [r for r in aws if (r["kind"], r["rate"]) == (kind, rate)]
             a, b, g = agg(rs), aagg(ars), groups[(kind, rate)]
             la = lst[(kind, rate, "agent")]
-            fa = "/".join(str(la.faults[k]) for k in FAULT_KINDS)
+            fa = ", ".join(f"{k} {n}" for k, n in la.faults.items() if n) or "none"
+            if la.echoes:
+                fa += f"; + {la.echoes} echoes"
             lw = lst.get((kind, rate, "aws"))
             aws_ok = b["syncs"] - b["failed"] - b["silent"]
             w(f"| {kind} | {rate}% | {a['jobs']} | {a['ok']} | {pct(a['ok'], a['jobs'])} | {a['loss']} | {g['blobs']} | "
