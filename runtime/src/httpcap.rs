@@ -16,6 +16,10 @@ use object_store::client::{
 };
 use object_store::ClientOptions;
 
+/// The longest a throttled reply's `Retry-After` is honoured: a store asking for more is
+/// retried then anyway (the outage deadline bounds the whole).
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// An error reply is cut here: its first 64 KiB say everything a person will read.
 pub const MAX_ERROR_BODY: usize = 64 << 10;
 /// A listing page or an XML reply over this fails: S3's 1,000-key page is under 1 MiB.
@@ -62,6 +66,12 @@ impl HttpService for Capped {
                 }
             }
         }
+        // A throttled store (429, 503 SlowDown) that says when to come back is not asked
+        // again before: object_store neither reads `Retry-After` nor passes it up, and its
+        // next try came within the window, one more throttled request for every one.
+        if let Some(wait) = retry_after(&res) {
+            tokio::time::sleep(wait).await;
+        }
         let cap = if !res.status().is_success() {
             Cap::Truncate
         } else if object_read {
@@ -78,6 +88,24 @@ impl HttpService for Capped {
         };
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
     }
+}
+
+/// How long a throttled reply asks the client to wait (`Retry-After` in seconds; the
+/// HTTP-date form is not read), at most [`MAX_RETRY_AFTER`].
+fn retry_after(res: &HttpResponse) -> Option<std::time::Duration> {
+    let status = res.status().as_u16();
+    if status != 429 && status != 503 {
+        return None;
+    }
+    let secs: u64 = res
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// A redirect of a request that is not a GET, followed by the HTTP client.
@@ -246,6 +274,48 @@ mod tests {
             .unwrap()
             .to_bytes();
         assert_eq!(at_limit.len(), MAX_REPLY_BODY);
+    }
+
+    /// A reply that throttles with a number of seconds to wait.
+    #[derive(Debug)]
+    struct Throttles(&'static str);
+
+    #[async_trait::async_trait]
+    impl HttpService for Throttles {
+        async fn call(&self, _req: HttpRequest) -> Result<HttpResponse, HttpError> {
+            Ok(http::Response::builder()
+                .status(503)
+                .header("retry-after", self.0)
+                .body(HttpResponseBody::from(Bytes::from_static(
+                    b"<Code>SlowDown</Code>",
+                )))
+                .unwrap())
+        }
+    }
+
+    async fn held_for(retry_after: &'static str) -> std::time::Duration {
+        let client = Capped(HttpClient::new(Throttles(retry_after)));
+        let req = http::Request::builder()
+            .method("PUT")
+            .uri("http://127.0.0.1:9/bucket/key")
+            .body(object_store::client::HttpRequestBody::from(Bytes::new()))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let res = client.call(req).await.unwrap();
+        assert_eq!(res.status(), 503);
+        started.elapsed()
+    }
+
+    /// A throttled reply is handed back once its `Retry-After` has passed (at most 20 s), so
+    /// the next try does not come inside the window; one that says nothing usable is not held.
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_reply_is_held_for_its_retry_after() {
+        assert_eq!(held_for("3").await, std::time::Duration::from_secs(3));
+        assert_eq!(held_for("3600").await, MAX_RETRY_AFTER);
+        assert_eq!(
+            held_for("Wed, 21 Oct 2026 07:28:00 GMT").await,
+            std::time::Duration::ZERO
+        );
     }
 
     #[test]
