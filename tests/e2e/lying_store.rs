@@ -74,6 +74,9 @@ enum Fault {
     /// Every conditional PUT (If-None-Match, If-Match): 501 NotImplemented, as S3-compatible
     /// stores without conditional writes answer.
     NoConditionalPut,
+    /// The first CompleteMultipartUpload: 400 InvalidPart (a part's ETag changed on the way,
+    /// or the store lost a part), the upload left as it was.
+    CompleteInvalidPartOnce,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -257,6 +260,9 @@ async fn handle(
         let internal_error = s3_error(StatusCode::OK, "InternalError");
         if first && fault == Fault::CompleteFailsWith200 {
             return internal_error;
+        }
+        if st.completes == 1 && fault == Fault::CompleteInvalidPartOnce {
+            return s3_error(StatusCode::BAD_REQUEST, "InvalidPart");
         }
         let Some((key, parts)) = st.uploads.remove(&id) else {
             return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
@@ -547,6 +553,22 @@ fn a_store_without_conditional_writes_takes_the_blobs() {
     h.run_job(json!({"job_id": "plain2", "command": ["sh", "-c", script]}))
         .assert_code(0);
     assert_eq!(s3.puts_of(b"one\n") + s3.puts_of(b"two\n"), 2);
+}
+
+/// A complete refused with InvalidPart (a part's ETag changed on the way, a part the store
+/// lost) starts the upload over once, as NoSuchUpload does: it was permanent at once, and a
+/// job that exited 0 ended UPLOAD_ERROR.
+#[test]
+fn a_complete_refused_for_an_invalid_part_starts_the_upload_over() {
+    let s3 = FakeS3::start(Fault::CompleteInvalidPartOnce);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+    let data = pattern(3 << 20);
+    h.run_job(job_writing(&h, "invalidpart", &data))
+        .assert_code(0);
+    assert!(s3.blob(&data).as_deref() == Some(&data[..]));
+    assert_eq!(s3.state.lock().unwrap().completes, 2);
 }
 
 #[test]

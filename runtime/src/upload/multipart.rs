@@ -161,6 +161,11 @@ fn upload_lost(e: &StoreError) -> bool {
     )
 }
 
+/// The store refused the upload's complete for one of its parts (S3's InvalidPart).
+fn part_refused(e: &StoreError) -> bool {
+    crate::error_chain(e).contains("<Code>InvalidPart</Code>")
+}
+
 /// Removes a journal and its parts; the parts go last, so a crash between leaves no parts
 /// file beside a journal of another upload.
 fn remove_journal(path: &Path) {
@@ -405,8 +410,9 @@ impl Uploader {
             return Ok(false);
         }
         // An upload the store no longer knows (a resumed one it expired, or a lifecycle rule
-        // or another agent aborted under way: NoSuchUpload) is started over from scratch, at
-        // most twice.
+        // or another agent aborted under way: NoSuchUpload), or whose complete it refuses for
+        // a part (InvalidPart: an ETag changed on the way, a part it lost), is started over
+        // from scratch, at most twice.
         let mut restarts = 0;
         self.keep(&sha, false);
         loop {
@@ -441,7 +447,9 @@ impl Uploader {
             match outcome {
                 Err(UploadError::Store { source, .. })
                     if restarts < 2
-                        && ((resumed && source.is_permanent()) || upload_lost(&source)) =>
+                        && ((resumed && source.is_permanent())
+                            || upload_lost(&source)
+                            || part_refused(&source)) =>
                 {
                     restarts += 1;
                     tracing::warn!(sha256 = %sha, error = %crate::error_chain(&source), "the store no longer accepts the multipart upload; starting it over");
