@@ -16,9 +16,12 @@ use object_store::client::{
 };
 use object_store::ClientOptions;
 
-/// The longest a throttled reply's `Retry-After` is honoured: a store asking for more is
-/// retried then anyway (the outage deadline bounds the whole).
-pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(20);
+/// The longest a throttled reply's `Retry-After` is honoured here: enough for S3-style
+/// throttling (a second or a few), while a store that asks for minutes on every 503 (MinIO
+/// says 120 s during an outage) costs each try at most this, far inside the preflight's
+/// 20 s (an "already ran" look timed out by it would let a run replace a manifest) and an
+/// outage probe's 30 s. The outage deadline bounds the whole.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An error reply is cut here: its first 64 KiB say everything a person will read.
 pub const MAX_ERROR_BODY: usize = 64 << 10;
@@ -306,11 +309,11 @@ mod tests {
         started.elapsed()
     }
 
-    /// A throttled reply is handed back once its `Retry-After` has passed (at most 20 s), so
+    /// A throttled reply is handed back once its `Retry-After` has passed (at most 2 s), so
     /// the next try does not come inside the window; one that says nothing usable is not held.
     #[tokio::test(start_paused = true)]
     async fn a_throttled_reply_is_held_for_its_retry_after() {
-        assert_eq!(held_for("3").await, std::time::Duration::from_secs(3));
+        assert_eq!(held_for("1").await, std::time::Duration::from_secs(1));
         assert_eq!(held_for("3600").await, MAX_RETRY_AFTER);
         assert_eq!(
             held_for("Wed, 21 Oct 2026 07:28:00 GMT").await,
