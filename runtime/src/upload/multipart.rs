@@ -454,6 +454,11 @@ impl Uploader {
                     restarts += 1;
                     tracing::warn!(sha256 = %sha, error = %crate::error_chain(&source), "the store no longer accepts the multipart upload; starting it over");
                     if let Some(p) = self.journal_path(&sha) {
+                        // One refused for a part is still open at the store: its parts would
+                        // stay billed with nothing on the node naming them.
+                        if let Some(old) = MultipartJournal::load(&p) {
+                            let _ = self.store.abort_multipart(&sha, &old.upload_id).await;
+                        }
                         remove_journal(&p);
                     }
                 }
