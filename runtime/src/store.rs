@@ -1175,13 +1175,18 @@ impl BlobStore {
                 if matches!(e, object_store::Error::NotImplemented { .. })
                     || says(&e, "<Code>NotImplemented</Code>") =>
             {
-                if !self
-                    .no_conditional_put
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                // Taken for "no conditional writes" only once a plain PUT went through: a 501
+                // for another cause (a server-side encryption the store cannot do) fails
+                // that PUT too.
+                let put = self.put_blob_plain(sha256_hex, &key, bytes).await;
+                if put.is_ok()
+                    && !self
+                        .no_conditional_put
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
                 {
-                    tracing::warn!("the store has no conditional writes (501 to If-None-Match); blobs are checked with a HEAD, then written");
+                    tracing::warn!("the store has no conditional writes (501 to If-None-Match); blobs and manifests are checked with a HEAD, then written");
                 }
-                return self.put_blob_plain(sha256_hex, &key, bytes).await;
+                return put;
             }
             Err(source) => {
                 return Err(StoreError::Op {
@@ -1791,6 +1796,12 @@ impl BlobStore {
             source,
         };
         let path = StorePath::from(key);
+        if self
+            .no_conditional_put
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.put_document_checked(key, bytes, expected).await;
+        }
         let mode = match expected {
             None => PutMode::Create,
             // A version with nothing to match (a store that sends no ETag) cannot be asked for.

@@ -553,6 +553,27 @@ fn a_store_without_conditional_writes_takes_the_blobs() {
     h.run_job(json!({"job_id": "plain2", "command": ["sh", "-c", script]}))
         .assert_code(0);
     assert_eq!(s3.puts_of(b"one\n") + s3.puts_of(b"two\n"), 2);
+    // The manifests too: each of its writes is one plain PUT, not a conditional one first.
+    let manifest_puts = s3
+        .state
+        .lock()
+        .unwrap()
+        .seen_puts
+        .get("pre/jobs/plain2/manifest.json")
+        .copied()
+        .unwrap_or(0);
+    let attempt_puts = s3
+        .state
+        .lock()
+        .unwrap()
+        .seen_puts
+        .get("pre/jobs/plain2/attempts/1/manifest.json")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        manifest_puts <= attempt_puts,
+        "the job's key: {manifest_puts} PUTs for {attempt_puts} manifest writes"
+    );
 }
 
 /// A complete refused with InvalidPart (a part's ETag changed on the way, a part the store
@@ -568,7 +589,9 @@ fn a_complete_refused_for_an_invalid_part_starts_the_upload_over() {
     h.run_job(job_writing(&h, "invalidpart", &data))
         .assert_code(0);
     assert!(s3.blob(&data).as_deref() == Some(&data[..]));
-    assert_eq!(s3.state.lock().unwrap().completes, 2);
+    let st = s3.state.lock().unwrap();
+    assert_eq!(st.completes, 2);
+    assert!(st.uploads.is_empty(), "the refused upload is left open");
 }
 
 #[test]
