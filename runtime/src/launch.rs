@@ -509,10 +509,9 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
             step(Step::Workdir);
             check(libc::fchdir(workdir))?;
             // Before the uid switch: a keyring made now is charged to root's key quota, not
-            // to the job user's, which another of its jobs may have filled (the join would
-            // fail, and the job keep the agent's keyring).
+            // to the job user's, which another of its jobs may have filled.
             step(Step::Keyring);
-            join_own_keyring()?;
+            let joined = try_join_keyring();
             if let Some((uid, gid, groups)) = &ids {
                 step(Step::Groups);
                 check(libc::setgroups(groups.len(), groups.as_ptr()))?;
@@ -520,6 +519,12 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                 check(libc::setgid(*gid))?;
                 step(Step::User);
                 check(libc::setuid(*uid))?;
+            }
+            if joined.is_err() {
+                // Once more, charged to the job user's quota: a root in a user namespace has
+                // a quota of 200 keys, which runc's per-container keyrings fill.
+                step(Step::Keyring);
+                try_join_keyring().or_else(tolerated)?;
             }
             libc::umask(umask as libc::mode_t);
             close_on_exec_from(3);
@@ -546,7 +551,7 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
 /// fd from 3 up is marked close-on-exec ([`close_on_exec_from`]), and the child joins a
 /// session keyring of its own ([`join_own_keyring`]).
 pub fn shed_the_agents() -> std::io::Result<()> {
-    join_own_keyring()?;
+    try_join_keyring().or_else(tolerated)?;
     close_on_exec_from(3);
     Ok(())
 }
@@ -554,12 +559,8 @@ pub fn shed_the_agents() -> std::io::Result<()> {
 /// Joins a new session keyring, as `pam_keyinit` gives a login: a keyring is possessed
 /// through its session, not by uid, so the agent's (a Kerberos or AFS token, a cifs key;
 /// shared by every job a prolog or daemon started) would be read, and written, by each job.
-/// keyctl barred (ENOSYS, or EPERM from a seccomp profile) is no error: it is barred to the
-/// job too. Nor is any failure while the agent's keyring holds no key (a root in a user
-/// namespace has a 200-key quota, which runc's per-container keyrings fill: EDQUOT there
-/// failed every launch on the node for nothing to leak). Otherwise it is: the child would
-/// keep the agent's keys. Between fork and exec: syscalls only.
-fn join_own_keyring() -> std::io::Result<()> {
+/// Between fork and exec: one syscall.
+fn try_join_keyring() -> std::io::Result<()> {
     const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
     // SAFETY: a plain syscall; a null name asks for a new anonymous keyring.
     let joined = unsafe {
@@ -570,9 +571,17 @@ fn join_own_keyring() -> std::io::Result<()> {
         )
     };
     if joined >= 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let e = std::io::Error::last_os_error();
+}
+
+/// A join that failed (`e`) is no error when keyctl is barred (ENOSYS, or EPERM from a
+/// seccomp profile: barred to the job too), nor while the agent's session keyring is known
+/// to hold no key (nothing to leak: a full key quota must not fail every launch). Otherwise
+/// it is: the child would keep the agent's keys. Between fork and exec: syscalls only.
+fn tolerated(e: std::io::Error) -> std::io::Result<()> {
     const KEYCTL_READ: libc::c_long = 11;
     const KEY_SPEC_SESSION_KEYRING: libc::c_long = -3;
     // SAFETY: a plain syscall; a null buffer of length 0 asks only for the payload's size
@@ -593,10 +602,11 @@ fn join_own_keyring() -> std::io::Result<()> {
     }
 }
 
-/// Whether a failed join (its errno) leaves the child with keys of the agent's: `held` is
-/// what a read of the agent's session keyring said (its size in bytes, or -1).
+/// Whether a failed join (its errno) may leave the child with keys of the agent's: `held`
+/// is what a read of the agent's session keyring said (its size in bytes, or -1: unknown,
+/// so taken as holding some).
 fn join_failure_is_fatal(errno: Option<i32>, held: libc::c_long) -> bool {
-    !matches!(errno, Some(libc::ENOSYS | libc::EPERM)) && held > 0
+    !matches!(errno, Some(libc::ENOSYS | libc::EPERM)) && held != 0
 }
 
 /// Marks every fd from `first` up close-on-exec, so the job gets only its stdio. std opens
@@ -650,7 +660,7 @@ mod tests {
     fn a_failed_keyring_join_is_fatal_only_with_keys_to_leak() {
         assert!(join_failure_is_fatal(Some(libc::EDQUOT), 8));
         assert!(!join_failure_is_fatal(Some(libc::EDQUOT), 0));
-        assert!(!join_failure_is_fatal(Some(libc::EDQUOT), -1));
+        assert!(join_failure_is_fatal(Some(libc::EDQUOT), -1));
         assert!(!join_failure_is_fatal(Some(libc::EPERM), 8));
         assert!(!join_failure_is_fatal(Some(libc::ENOSYS), 8));
         assert!(join_failure_is_fatal(Some(libc::ENOMEM), 4));
