@@ -106,7 +106,6 @@ impl PrepareError {
     }
 }
 
-/// The spec's user, looked up off the reactor (NSS may be slow: LDAP, sssd).
 /// How long a look at the node may take (the user's lookup through NSS, opening the workdir
 /// on a network file system) before the attempt is the node's error: on a healthy node either
 /// takes well under a second; behind a hung sssd or NFS server it never ends.
@@ -130,6 +129,7 @@ pub async fn bounded<T>(
     }
 }
 
+/// The spec's user, looked up off the reactor (NSS may be slow: LDAP, sssd).
 pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
     let Some(name) = spec.user.clone() else {
         return Ok(None);

@@ -138,7 +138,7 @@ impl StoreError {
 }
 
 /// The store no longer knows the upload (S3's NoSuchUpload): completed already, or aborted.
-fn upload_gone(e: &StoreError) -> bool {
+pub(crate) fn upload_gone(e: &StoreError) -> bool {
     matches!(
         e,
         StoreError::Op {

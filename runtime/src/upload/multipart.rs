@@ -149,18 +149,6 @@ impl MultipartJournal {
     }
 }
 
-/// The store does not know the upload (S3's NoSuchUpload, a 404): completed, aborted or
-/// expired.
-fn upload_lost(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Op {
-            source: object_store::Error::NotFound { .. },
-            ..
-        }
-    )
-}
-
 /// The store refused the upload's complete for one of its parts (S3's InvalidPart).
 fn part_refused(e: &StoreError) -> bool {
     crate::error_chain(e).contains("<Code>InvalidPart</Code>")
@@ -448,7 +436,7 @@ impl Uploader {
                 Err(UploadError::Store { source, .. })
                     if restarts < 2
                         && ((resumed && source.is_permanent())
-                            || upload_lost(&source)
+                            || crate::store::upload_gone(&source)
                             || part_refused(&source)) =>
                 {
                     restarts += 1;
@@ -688,7 +676,7 @@ impl Uploader {
             .await
         {
             Ok(()) => journal.remove(),
-            Err(e) if upload_lost(&e) => journal.remove(),
+            Err(e) if crate::store::upload_gone(&e) => journal.remove(),
             Err(e) => {
                 tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later")
             }
