@@ -400,12 +400,7 @@ pub async fn start(
     .await;
     let pid = heard.pid();
     if let Some(pid) = pid {
-        // The agent's own child, not reaped until std's spawn returns and it is waited for
-        // below: the pid cannot be another process's. Its group too, in case execve went
-        // through just now and the script forked.
-        let pid = nix::unistd::Pid::from_raw(pid);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+        kill_own_child(pid);
     }
     match tokio::time::timeout(KILLED_WITHIN, &mut spawning).await {
         Ok(Ok(Ok(mut script))) => {
@@ -544,6 +539,45 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
         .map_err(|source| LaunchError::Exec { program, source })?;
     let pid = child.id().expect("a just-spawned child has a pid") as i32;
     Ok(Script { child, pid })
+}
+
+/// SIGKILL to the launch's child `pid` and its group (execve may have gone through just now
+/// and the script forked), only while `pid` is still this agent's child: std's spawn reaps a
+/// child whose execve failed, at any moment, and the pid may then be anyone's. Held by a
+/// pidfd from before the check to the signal, so the pid cannot change hands in between.
+fn kill_own_child(pid: i32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain syscall.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let held = if pidfd >= 0 {
+        // SAFETY: a new fd, owned by nobody else.
+        Some(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        None
+    } else {
+        // Gone already (reaped): nothing of the launch's to kill by this pid.
+        return;
+    };
+    let ours = crate::procfs::stat(pid).is_some_and(|s| s.ppid == std::process::id() as i32);
+    if !ours {
+        return;
+    }
+    let _ = match &held {
+        // SAFETY: a plain syscall on the pidfd held above.
+        Some(fd) => unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        },
+        // Kernels before 5.3: the parent check alone.
+        None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
+            .map_or(-1, |()| 0),
+    };
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// Leaves the agent's fds and session keyring behind, in a child that runs as a job's user
