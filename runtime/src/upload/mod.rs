@@ -694,7 +694,10 @@ impl Uploader {
         }
         let path = file.abs.clone();
         let shown = path.clone();
+        // Its buffer is held from the budget, as pass 1's is.
+        let hashing = self.budget.acquire(HASH_BUF as u64).await;
         let done = blocking(&path, move || {
+            let _hashing = hashing;
             let mut buf = vec![0u8; HASH_BUF];
             while state.hashed() < target {
                 let at = state.hashed();
@@ -1586,6 +1589,33 @@ mod tests {
             "no staging object left"
         );
         assert!(up.budget().peak() <= 2 * MIB);
+    }
+
+    /// Pass 1's buffer is held from the memory budget: with the budget all taken, a large
+    /// file's hashing waits for it (it went ahead, a MiB per file outside the budget, with
+    /// hundreds of large files at once in a final sync).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashing_a_large_file_holds_its_buffer_from_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let opts = UploadOptions {
+            memory_budget: 2 * MIB,
+            ..small_parts()
+        };
+        let up = Uploader::new(store.clone(), opts, "j", None);
+        let (file, data) = file_of(dir.path(), "ckpt", 3 * MIB as usize, 5);
+        // Stored already: no part needs the budget, only the hash would.
+        store
+            .put_blob(&crate::digest::sha256_hex(&data), Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let all = up.budget().acquire(2 * MIB).await;
+        let held =
+            tokio::time::timeout(std::time::Duration::from_millis(500), up.upload(&file)).await;
+        assert!(held.is_err(), "hashed with no budget left");
+        drop(all);
+        let done = up.upload(&file).await.unwrap();
+        assert_eq!(done.new_bytes, 0);
     }
 
     /// An attempt's end deletes the staging objects of its own crash, never those of another

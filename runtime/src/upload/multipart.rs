@@ -333,6 +333,9 @@ impl Uploader {
             .take_prehashed(before)
             .filter(|a| a.part_size == part_size && a.hashed() <= before.size);
         let ahead_parts = ahead.as_ref().map_or(0, |a| a.tags().len());
+        // Pass 1's buffer is file bytes in memory too: held from the budget, or the final
+        // sync's hundreds of large files at once (8 per CPU) held a MiB each beside it.
+        let hashing = self.budget.acquire(HASH_BUF as u64).await;
         let (digests, tags) = blocking(path, move || {
             let start = ahead.as_ref().map_or(0, |a| a.hashed());
             std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(|source| {
@@ -344,6 +347,7 @@ impl Uploader {
             hash_file(&p, file.take(before.size + 1 - start), part_size, ahead)
         })
         .await?;
+        drop(hashing);
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
