@@ -552,11 +552,12 @@ fn kill_own_child(pid: i32) {
     let held = if pidfd >= 0 {
         // SAFETY: a new fd, owned by nobody else.
         Some(unsafe { OwnedFd::from_raw_fd(pidfd as i32) })
-    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-        None
-    } else {
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
         // Gone already (reaped): nothing of the launch's to kill by this pid.
         return;
+    } else {
+        // No pidfds here (a kernel before 5.3, a seccomp profile that bars them).
+        None
     };
     let ours = crate::procfs::stat(pid).is_some_and(|s| s.ppid == std::process::id() as i32);
     if !ours {
@@ -573,7 +574,7 @@ fn kill_own_child(pid: i32) {
                 0,
             )
         },
-        // Kernels before 5.3: the parent check alone.
+        // Without a pidfd: the parent check alone.
         None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
             .map_or(-1, |()| 0),
     };
