@@ -90,14 +90,12 @@ pub async fn resync(
 ) -> Result<Option<JobSummary>, ResyncError> {
     let attempt = match attempt {
         Some(a) => Some(a),
-        None => std::fs::read_dir(ctx.state.job_dir(job_id).join("attempts"))
-            .ok()
-            .and_then(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                    .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
-                    .max()
-            }),
+        None => ctx
+            .state
+            .attempt_numbers(job_id)
+            .into_iter()
+            .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
+            .max(),
     };
     let path = attempt
         .map(|a| ctx.state.run_record_path(job_id, a))

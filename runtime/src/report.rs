@@ -545,12 +545,9 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
 
 /// Whether a run record of `job` names a control plane other than `here` (shown URL).
 fn reports_go_elsewhere(state: &StateDir, job: &str, here: &str) -> bool {
-    let Ok(attempts) = std::fs::read_dir(state.job_dir(job).join("attempts")) else {
-        return false;
-    };
-    attempts
-        .flatten()
-        .filter_map(|a| a.file_name().to_str()?.parse::<u32>().ok())
+    state
+        .attempt_numbers(job)
+        .into_iter()
         .filter_map(|n| state.read_record(&state.run_record_path(job, n)).ok())
         .any(|r| {
             r.destination
@@ -561,18 +558,12 @@ fn reports_go_elsewhere(state: &StateDir, job: &str, here: &str) -> bool {
 
 /// Whether an agent holds the lock of one of `job`'s attempts now.
 fn job_is_running(state: &StateDir, job: &str) -> bool {
-    let Ok(attempts) = std::fs::read_dir(state.job_dir(job).join("attempts")) else {
-        return false;
-    };
-    attempts
-        .flatten()
-        .filter_map(|a| a.file_name().to_str()?.parse::<u32>().ok())
-        .any(|n| {
-            matches!(
-                crate::statedir::AttemptLock::acquire_existing(state, job, n),
-                Err(crate::statedir::LockError::Held { .. })
-            )
-        })
+    state.attempt_numbers(job).into_iter().any(|n| {
+        matches!(
+            crate::statedir::AttemptLock::acquire_existing(state, job, n),
+            Err(crate::statedir::LockError::Held { .. })
+        )
+    })
 }
 
 fn sorted_entries(dir: &Path) -> Vec<PathBuf> {

@@ -160,6 +160,16 @@ impl StateDir {
         self.attempt_dir(job_id, attempt).join("run.json")
     }
 
+    /// The attempts `job_id` has a directory for (any order; none if the job has none).
+    pub fn attempt_numbers(&self, job_id: &str) -> Vec<u32> {
+        std::fs::read_dir(self.job_dir(job_id).join("attempts"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
     pub fn log_path(&self, job_id: &str, attempt: u32, stream: c3_proto::Stream) -> PathBuf {
         self.attempt_dir(job_id, attempt)
             .join(format!("{}.log", stream.as_str()))
