@@ -563,7 +563,7 @@ fn kill_own_child(pid: i32) {
     if !ours {
         return;
     }
-    let _ = match &held {
+    match &held {
         // SAFETY: a plain syscall on the pidfd held above.
         Some(fd) => unsafe {
             libc::syscall(
@@ -572,12 +572,13 @@ fn kill_own_child(pid: i32) {
                 libc::SIGKILL,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
-            )
+            );
         },
         // Without a pidfd: the parent check alone.
-        None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
-            .map_or(-1, |()| 0),
-    };
+        None => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
 }
 

@@ -203,7 +203,7 @@ fn text_is_range_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Whether `e` or any of its sources mentions `needle` (an S3 error code in the body).
-fn says(e: &(dyn std::error::Error + 'static), needle: &str) -> bool {
+pub(crate) fn says(e: &(dyn std::error::Error + 'static), needle: &str) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if err.to_string().contains(needle) {

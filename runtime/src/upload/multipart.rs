@@ -151,7 +151,7 @@ impl MultipartJournal {
 
 /// The store refused the upload's complete for one of its parts (S3's InvalidPart).
 fn part_refused(e: &StoreError) -> bool {
-    crate::error_chain(e).contains("<Code>InvalidPart</Code>")
+    crate::store::says(e, "<Code>InvalidPart</Code>")
 }
 
 /// Removes a journal and its parts; the parts go last, so a crash between leaves no parts
