@@ -88,6 +88,16 @@ impl Aliases {
 }
 
 impl Aliases {
+    /// Whether `w`'s kernel watch still stands: its alias was not forgotten when a removal
+    /// (`DELETE_SELF`) took the watch. Its directory id alone does not say so: a directory
+    /// made again at once often gets the removed one's inode number.
+    fn live(&self, w: &Watch) -> bool {
+        let of = self.of.lock().unwrap_or_else(|p| p.into_inner());
+        w.alias
+            .file_name()
+            .is_some_and(|name| of.contains_key(name))
+    }
+
     /// A watched directory removed (`DELETE_SELF`: the event names the alias itself) took its
     /// kernel watch with it: its alias stands for nothing any more. Done here, on notify's
     /// thread, whatever becomes of the hint: [`DirWatcher::prune`] must know the watch is gone
@@ -216,7 +226,7 @@ impl DirWatcher {
             // The name's watch is on the directory there now, or it is another's (one
             // exchanged in, `RENAME_EXCHANGE`, its hints not yet handled): that one's go.
             let here = crate::confine::fstat(fd).map(|st| (st.st_dev, st.st_ino));
-            if here.as_ref().is_ok_and(|id| *id == w.id) {
+            if here.as_ref().is_ok_and(|id| *id == w.id) && self.aliases.live(w) {
                 return Ok(true);
             }
             self.unwatch_tree(&d);
@@ -255,7 +265,12 @@ impl DirWatcher {
     /// now (`now`: the device and inode found at the name): a `Gone` handled after the same
     /// directory came back (the second half of an exchange) took the watch of what is there.
     pub fn unwatch_tree_unless(&mut self, dir: &Path, now: Option<(u64, u64)>) {
-        if now.is_some() && self.watched.get(dir).map(|w| w.id) == now {
+        if now.is_some()
+            && self
+                .watched
+                .get(dir)
+                .is_some_and(|w| Some(w.id) == now && self.aliases.live(w))
+        {
             return;
         }
         self.unwatch_tree(dir);
@@ -716,5 +731,32 @@ mod tests {
             "{ino_a} {ino_b} {inodes:?}"
         );
         assert_eq!(watcher.watch_count(), 3);
+    }
+
+    /// A watch whose directory was removed is dead, even when the directory at its name now
+    /// has the removed one's inode number (`rm -rf out && mkdir out` on ext4 often gives it):
+    /// taken for the same directory, its dead watch was kept, and nothing below the new one
+    /// was watched (a flaky `live::an_output_dir_made_again_is_watched_again` in CI).
+    #[tokio::test]
+    async fn a_dead_watch_is_not_taken_for_the_directory_that_reused_its_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        std::fs::create_dir_all(&art).unwrap();
+        let (mut watcher, _hints) = watcher(&w, 64, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        let md = std::fs::symlink_metadata(&art).unwrap();
+        let same = Some((md.dev(), md.ino()));
+        // The removal's DELETE_SELF, as notify's thread hands it over, as if the directory
+        // at the name now had reused the inode number (`same`).
+        let alias = watcher.watched.get(&art).unwrap().alias.clone();
+        watcher.aliases.forget_removed(
+            &Event::new(EventKind::Remove(notify::event::RemoveKind::Folder)).add_path(alias),
+        );
+        watcher.unwatch_tree_unless(&art, same);
+        assert!(!watcher.watches(&art), "a dead watch was kept");
+        watcher.watch_tree(&art).unwrap();
+        assert!(watcher.watches(&art));
+        assert!(watcher.aliases.live(watcher.watched.get(&art).unwrap()));
     }
 }
