@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
-    HttpResponseBody, HttpService, ReqwestConnector,
+    HttpResponseBody, HttpService,
 };
 use object_store::ClientOptions;
 
@@ -28,13 +28,14 @@ pub const MAX_ERROR_BODY: usize = 64 << 10;
 /// A listing page or an XML reply over this fails: S3's 1,000-key page is under 1 MiB.
 pub const MAX_REPLY_BODY: usize = 16 << 20;
 
-/// object_store's own reqwest client, with every reply body but an object read's capped.
+/// object_store's reqwest client, kept at the store's origin ([`crate::storehttp`]), with
+/// every reply body but an object read's capped.
 #[derive(Debug, Default)]
 pub struct CappedConnector;
 
 impl HttpConnector for CappedConnector {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
-        let inner = ReqwestConnector::default().connect(options)?;
+        let inner = HttpClient::new(crate::storehttp::client(options)?);
         Ok(HttpClient::new(Capped(inner)))
     }
 }
@@ -48,6 +49,24 @@ impl HttpService for Capped {
         let object_read = req.method() == http::Method::GET && !is_listing(req.uri().query());
         let (method, sent_to) = (req.method().clone(), req.uri().clone());
         let res = self.0.execute(req).await?;
+        // A redirect to another origin is not followed ([`crate::storehttp`]) and is not an
+        // answer either: refused like one followed below (a 304 and S3's wrong-region 301
+        // carry no Location and are object_store's to read).
+        if res.status().is_redirection() && res.headers().contains_key(http::header::LOCATION) {
+            let to = res.headers()[http::header::LOCATION]
+                .to_str()
+                .ok()
+                .and_then(|l| url::Url::parse(l).ok())
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_default();
+            return Err(HttpError::new(
+                HttpErrorKind::Unknown,
+                Redirected {
+                    method: method.to_string(),
+                    to,
+                },
+            ));
+        }
         // reqwest follows redirects (object_store relies on it for a GET). For anything else
         // the answer is not the store's word on this request: a PUT answered 303 comes back
         // as the 200 of a GET elsewhere (an upload "done" that stored nothing), and a HEAD's

@@ -51,6 +51,7 @@ pub mod sidecar;
 pub mod slurm;
 pub mod statedir;
 pub mod store;
+pub mod storehttp;
 pub mod supervise;
 pub mod sync;
 pub mod treewalk;

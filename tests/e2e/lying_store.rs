@@ -47,6 +47,9 @@ enum Fault {
     RedirectPuts,
     /// Every request: 301 PermanentRedirect with no Location (a bucket of another region).
     WrongRegion,
+    /// Every GET or non-empty PUT of a blob: 307 Temporary Redirect to the same path on the
+    /// port in `State::redirect_to` (another host, to the HTTP client).
+    RedirectAway,
     /// The first GET of each manifest: half its body, then the connection breaks.
     CutManifestOnce,
     /// Every listing: a page of keys that says more follow, for ever (a gateway that drops
@@ -99,6 +102,10 @@ struct State {
     completes: usize,
     /// Objects being assembled: key, bytes, when they show.
     assembling: Vec<(String, Vec<u8>, std::time::Instant)>,
+    /// Where `RedirectAway` sends requests.
+    redirect_to: Option<u16>,
+    /// Requests received, in all.
+    requests: usize,
 }
 
 /// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
@@ -165,6 +172,7 @@ async fn handle(
         .split_once('/')
         .map_or(String::new(), |(_, k)| k.to_string());
     let mut st = state.lock().unwrap();
+    st.requests += 1;
     let now = std::time::Instant::now();
     let (ready, assembling): (Vec<_>, Vec<_>) = std::mem::take(&mut st.assembling)
         .into_iter()
@@ -211,6 +219,21 @@ async fn handle(
     }
     if fault == Fault::WrongRegion {
         return s3_error(StatusCode::MOVED_PERMANENTLY, "PermanentRedirect");
+    }
+    if fault == Fault::RedirectAway
+        && key.contains("/blobs/sha256/")
+        && (method == Method::GET || method == Method::PUT && !body.is_empty())
+    {
+        let to = format!(
+            "http://localhost:{}{}",
+            st.redirect_to.expect("a port to redirect to"),
+            uri.path()
+        );
+        return reply(
+            StatusCode::TEMPORARY_REDIRECT,
+            &[("location", to)],
+            Body::empty(),
+        );
     }
     let is_blob = key.contains("/blobs/sha256/") && !body.is_empty();
     let query = |name: &str| {
@@ -907,6 +930,32 @@ fn a_redirected_upload_is_not_taken_as_stored() {
         run.stderr
     );
     assert!(run.stderr.contains("redirect"), "{}", run.stderr);
+}
+
+/// A store that redirects to another host. The HTTP client followed: a 307 re-sent a PUT's
+/// body, the job's file, with its session token to the host the store named, and a pull read
+/// a blob from there. Redirects are followed only within the store's origin.
+#[test]
+fn a_redirect_to_another_host_is_not_followed() {
+    let elsewhere = FakeS3::start(Fault::None);
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let first = pattern(5000);
+    h.run_job(job_writing(&h, "first", &first)).assert_code(0);
+    s3.state.lock().unwrap().redirect_to = Some(elsewhere.port);
+    s3.set_fault(Fault::RedirectAway);
+
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "first", dest.to_str().unwrap()]);
+    let sent_elsewhere = || elsewhere.state.lock().unwrap().requests;
+    assert_eq!(sent_elsewhere(), 0, "the pull's GET went to the other host");
+    assert_ne!(pulled.code, 0, "{}", pulled.stderr);
+    let second = pattern(6000);
+    let run = h.run_job(job_writing(&h, "second", &second));
+    assert_eq!(sent_elsewhere(), 0, "the job's PUT went to the other host");
+    run.assert_code(3);
+    assert!(run.stderr.contains("redirect"), "{}", run.stderr);
+    assert!(s3.blob(&second).is_none());
 }
 
 /// A session token in the AWS profile that a helper rewrites before it expires: the agent
