@@ -112,22 +112,28 @@ impl HttpService for Capped {
     }
 }
 
-/// How long a throttled reply asks the client to wait (`Retry-After` in seconds; the
-/// HTTP-date form is not read), at most [`MAX_RETRY_AFTER`].
+/// How long a throttled reply asks the client to wait (`Retry-After` in seconds or as an
+/// HTTP date, which Azure and some gateways send), at most [`MAX_RETRY_AFTER`].
 fn retry_after(res: &HttpResponse) -> Option<std::time::Duration> {
     let status = res.status().as_u16();
     if status != 429 && status != 503 {
         return None;
     }
-    let secs: u64 = res
+    let value = res
         .headers()
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(std::time::Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        // A date already past (or a node clock ahead of the store's) asks for no wait.
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// A redirect of a request that is not a GET, followed by the HTTP client.
@@ -300,14 +306,14 @@ mod tests {
 
     /// A reply that throttles with a number of seconds to wait.
     #[derive(Debug)]
-    struct Throttles(&'static str);
+    struct Throttles(String);
 
     #[async_trait::async_trait]
     impl HttpService for Throttles {
         async fn call(&self, _req: HttpRequest) -> Result<HttpResponse, HttpError> {
             Ok(http::Response::builder()
                 .status(503)
-                .header("retry-after", self.0)
+                .header("retry-after", self.0.as_str())
                 .body(HttpResponseBody::from(Bytes::from_static(
                     b"<Code>SlowDown</Code>",
                 )))
@@ -315,8 +321,8 @@ mod tests {
         }
     }
 
-    async fn held_for(retry_after: &'static str) -> std::time::Duration {
-        let client = Capped(HttpClient::new(Throttles(retry_after)));
+    async fn held_for(retry_after: impl Into<String>) -> std::time::Duration {
+        let client = Capped(HttpClient::new(Throttles(retry_after.into())));
         let req = http::Request::builder()
             .method("PUT")
             .uri("http://127.0.0.1:9/bucket/key")
@@ -336,8 +342,14 @@ mod tests {
         assert_eq!(held_for("3600").await, MAX_RETRY_AFTER);
         assert_eq!(
             held_for("Wed, 21 Oct 2026 07:28:00 GMT").await,
-            std::time::Duration::ZERO
+            std::time::Duration::ZERO,
+            "a date gone by"
         );
+        let in_a_minute = httpdate::fmt_http_date(
+            std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(held_for(in_a_minute).await, MAX_RETRY_AFTER);
+        assert_eq!(held_for("soon").await, std::time::Duration::ZERO);
     }
 
     #[test]
