@@ -12,10 +12,32 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// bytes, and its keys, indentation and shortest numbers over 70 more.
 pub const MIN_ENTRY_BYTES: u64 = 200;
 
-/// The least a manifest's entry for the file keyed `rel` takes: what a scan or live sync
-/// counts against `store.max_manifest_bytes` (a path may be 16 KiB).
+/// The least a manifest's entry for the file keyed `rel` (a [`rel_key`]) takes: what a scan
+/// or live sync counts against `store.max_manifest_bytes` (a path may be 16 KiB). The path as
+/// JSON spells it: a control character is six bytes there (`\u0001`), and a name that is not
+/// UTF-8 is written twice, lossy and in base64. Counting the raw bytes let a job fill a
+/// manifest six times over the cap with names of control characters: the scan took them all,
+/// the manifest could never be written, and every `recover` did the whole job again.
 pub fn entry_floor(rel: &str) -> u64 {
-    MIN_ENTRY_BYTES + rel.len() as u64
+    match rel.strip_prefix('\0') {
+        Some(b64) => {
+            let lossy = String::from_utf8_lossy(&rel_bytes(rel)).into_owned();
+            // `,\n    "path_b64": ""` and the base64 itself.
+            MIN_ENTRY_BYTES + json_len(&lossy) + 18 + b64.len() as u64
+        }
+        None => MIN_ENTRY_BYTES + json_len(rel),
+    }
+}
+
+/// The bytes of `s` inside a JSON string as serde_json writes it.
+fn json_len(s: &str) -> u64 {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\t' | b'\r' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -505,6 +527,42 @@ mod tests {
 
     fn hex_of(d: &[u8; 32]) -> String {
         d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// No entry takes less than its floor, whatever its name: a scan that counts floors
+    /// never collects more than the manifest can list.
+    #[test]
+    fn an_entry_takes_at_least_its_floor() {
+        let names: [&[u8]; 6] = [
+            b"a",
+            &[1u8; 255],
+            b"\"\\\n\t",
+            "caf\u{e9}/\u{7f}".as_bytes(),
+            b"art/\xff\x01\xfe",
+            &[0xffu8; 255],
+        ];
+        for raw in names {
+            let key = rel_key(raw);
+            let path_b64 = key.starts_with('\0').then(|| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            });
+            let entry = Held(rel_display(&key), path_b64, [0; 32], [0; 32], 0, 0, 0);
+            let m = Manifest::new("j", None, 1);
+            let one = m.to_json_with([&entry].into_iter());
+            let none = m.to_json_with(std::iter::empty::<&Held>());
+            let taken = (one.len() - none.len()) as u64;
+            assert!(
+                entry_floor(&key) <= taken,
+                "{raw:?}: floor {} over {taken}",
+                entry_floor(&key)
+            );
+            assert!(
+                taken - entry_floor(&key) < 100,
+                "{raw:?}: floor {} far under {taken}",
+                entry_floor(&key)
+            );
+        }
     }
 
     /// A manifest written entry by entry is the one `to_json` writes, byte for byte.
