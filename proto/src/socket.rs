@@ -10,13 +10,54 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most paths one `publish` may name.
+pub const MAX_PATHS: usize = 1000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SocketRequest {
     /// Store these files now.
-    Publish { paths: Vec<String> },
+    Publish {
+        #[serde(deserialize_with = "at_most_max_paths")]
+        paths: Vec<String>,
+    },
     /// Everything pending so far (settled, not open for writing) is stored.
     WaitAll,
+}
+
+/// `paths`, each once, refused as soon as more than [`MAX_PATHS`] distinct ones are read: a
+/// 1 MiB line holds 350,000 short paths, a vector of 12 MB or more in the root agent (16
+/// connections: 200 MB) were it read whole before being counted. A path named again is
+/// dropped as it is read (a shell glob or a script's list may repeat one).
+fn at_most_max_paths<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Paths;
+    impl<'de> serde::de::Visitor<'de> for Paths {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_PATHS} paths")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut paths = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            while let Some(path) = seq.next_element::<String>()? {
+                if seen.contains(&path) {
+                    continue;
+                }
+                if paths.len() == MAX_PATHS {
+                    return Err(serde::de::Error::custom(format!(
+                        "publish takes at most {MAX_PATHS} paths at once; publish a directory's files in batches, or use wait_all"
+                    )));
+                }
+                seen.insert(path.clone());
+                paths.push(path);
+            }
+            Ok(paths)
+        }
+    }
+    d.deserialize_seq(Paths)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,5 +139,23 @@ mod tests {
             reply.to_line(),
             b"{\"ok\":false,\"error\":\"no\"}\n".to_vec()
         );
+    }
+
+    /// A request naming more distinct paths than one publish may is refused as it is read,
+    /// not built whole first; a path named again is dropped as it is read.
+    #[test]
+    fn too_many_paths_are_refused_while_read() {
+        let line = |n: usize, distinct: usize| {
+            let paths: Vec<String> = (0..n).map(|i| format!("\"{}\"", i % distinct)).collect();
+            format!(r#"{{"op":"publish","paths":[{}]}}"#, paths.join(","))
+        };
+        let Ok(SocketRequest::Publish { paths }) =
+            SocketRequest::from_line(line(50_000, MAX_PATHS).as_bytes())
+        else {
+            panic!("{MAX_PATHS} distinct paths refused");
+        };
+        assert_eq!(paths.len(), MAX_PATHS);
+        let err = SocketRequest::from_line(line(150_000, 150_000).as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("at most 1000 paths"), "{err}");
     }
 }

@@ -16,8 +16,7 @@ use crate::manifest::ManifestWriter;
 use crate::sync::{upload_all, SyncBook};
 use crate::upload::{UploadError, Uploader};
 
-/// Distinct paths one `publish` may name.
-pub const MAX_PATHS: usize = 1000;
+pub use c3_proto::socket::MAX_PATHS;
 
 /// One request from the socket, and where its answer goes.
 pub struct PublishCall {
