@@ -165,7 +165,7 @@ const RESCAN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Manifest path, size queued, outcome.
 /// The longest rest after one socket request (see [`Syncer::serve`]).
-const MAX_REQUEST_REST: Duration = Duration::from_secs(5);
+pub(crate) const MAX_REQUEST_REST: Duration = Duration::from_secs(5);
 
 type UploadResult = (String, u64, Result<Uploaded, UploadError>);
 

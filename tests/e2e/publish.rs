@@ -345,8 +345,19 @@ fn a_relative_publish_works_below_a_symlinked_jobs_root() {
 /// Only a lower bound on the time is asserted: a slow machine makes it longer, not shorter.
 #[test]
 fn a_jobs_requests_rest_as_long_as_each_took() {
+    requests_rest(true);
+}
+
+/// The same without live sync (`sync.live = false`), where requests were served back to back.
+#[test]
+fn a_jobs_requests_rest_without_live_sync_too() {
+    requests_rest(false);
+}
+
+fn requests_rest(live: bool) {
     let mut h = slow_settle();
     h.env.push(("C3_AGENT_FAULT".into(), "slow-request".into()));
+    h.env.push(("C3_AGENT_SYNC_LIVE".into(), live.to_string()));
     let script = format!(
         "echo x > $C3_ARTIFACTS_DIR/x; a=$(date +%s%N); \
          for i in 1 2 3 4; do {BIN} publish --wait-all > /dev/null || echo failed >> failed; done; \
