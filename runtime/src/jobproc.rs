@@ -410,8 +410,11 @@ struct Inner {
     tree: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
 }
 
-/// Generations walked up from a process to find the agent ([`JobProcesses::contains`]).
-const MAX_ANCESTRY: usize = 1 << 16;
+/// Generations walked up from a process to find the agent ([`JobProcesses::contains`]),
+/// where no cgroup answers: each is a read of `/proc` by the root agent, outside the job's
+/// cgroup, for every connection to the job's socket. A job that nests its processes deeper
+/// (a fork chain 20,000 deep: 0.3 s of CPU per connection at 65,536) is refused the socket.
+const MAX_ANCESTRY: usize = 1024;
 
 /// Processes of one job remembered for the OOM search; a job that forks more is searched
 /// for the first ones (the long-lived ones that hold memory come first).
@@ -535,12 +538,17 @@ impl JobProcesses {
         let Scope::Launched = self.inner.scope else {
             return self.members().contains(&pid);
         };
+        // The cgroup first: one read, whatever the depth of the job's processes.
+        if let Some(cg) = &self.inner.cgroup {
+            if cg.members().contains(&pid) {
+                return true;
+            }
+        }
         let Some(own) = procfs::stat(pid) else {
             return false;
         };
         if !own.is_zombie() {
             let mut parent = own.ppid;
-            // A chain longer than the kernel's pid space is no chain.
             for _ in 0..MAX_ANCESTRY {
                 if parent == self.inner.agent {
                     return true;
@@ -551,10 +559,7 @@ impl JobProcesses {
                 }
             }
         }
-        self.inner
-            .cgroup
-            .as_ref()
-            .is_some_and(|cg| cg.members().contains(&pid))
+        false
     }
 
     /// Whether nothing of the job is left (off the reactor): only then is its GPU free.
