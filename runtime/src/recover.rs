@@ -150,6 +150,21 @@ fn unfinished_record(
     (record.phase != Phase::Done || left).then_some(record)
 }
 
+/// The first attempt of `record`'s job after it whose record names the same workdir.
+fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<u32> {
+    let mut later: Vec<u32> = state
+        .attempt_numbers(&record.spec.job_id)
+        .into_iter()
+        .filter(|n| *n > record.spec.attempt)
+        .collect();
+    later.sort_unstable();
+    later.into_iter().find(|n| {
+        state
+            .read_record(&state.run_record_path(&record.spec.job_id, *n))
+            .is_ok_and(|r| r.workdir == record.workdir)
+    })
+}
+
 async fn recover_record(
     ctx: &AgentContext,
     path: &std::path::Path,
@@ -174,6 +189,17 @@ async fn recover_record(
             store = %ctx.store.shown_url(),
             "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config, or `c3-agent resync JOB` to move it here)"
             );
+            return None;
+        }
+    }
+    // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
+    // once a later attempt has run in it, what is there is that attempt's, and finishing this
+    // one from it would list the later attempt's files as this one's (its manifest replaced,
+    // the blobs it did list left to gc). `resync` is the operator's word.
+    if pass == Pass::Recover {
+        if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
+            tracing::warn!(job_id = %record.spec.job_id, attempt = record.spec.attempt, later_attempt = later,
+                "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
             return None;
         }
     }

@@ -236,6 +236,14 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
 /// Whether the job may go now; `Err`: why it stays.
 fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Result<(), String> {
     for (n, record) in &job.attempts {
+        // A later attempt finished in the same workdir: what is left there is its, and
+        // `recover` leaves this one alone, so it holds the job no longer.
+        let superseded = job.attempts.iter().any(|(m, later)| {
+            m > n && later.workdir == record.workdir && later.phase == Phase::Done
+        });
+        if superseded {
+            continue;
+        }
         if record.phase != Phase::Done {
             return Err(format!(
                 "attempt {n} is not done (phase {})",

@@ -276,6 +276,48 @@ fn older_attempt_recovered(h: &mut Harness, first: &str, mend: impl FnOnce(&mut 
     );
 }
 
+/// Attempt 1 ends UPLOAD_ERROR (the store broke), and attempt 2 runs in the same workdir (the
+/// default one: a retry resumes from what the first left) and succeeds. `recover` finished
+/// attempt 1 again from what was there now, attempt 2's files: attempt 1's manifest was
+/// replaced by one listing attempt 2's output, and its status amended. It is left alone, and
+/// retention lets the job go once attempt 2 may go.
+#[test]
+fn recover_leaves_an_attempt_whose_workdir_a_later_one_took_over() {
+    let mut h = Harness::file();
+    let blobs = h.state.join("store/blobs");
+    let spec = |attempt: u32, script: String| json!({"job_id": "retried", "attempt": attempt, "command": ["sh", "-c", script]});
+    let first = format!(
+        "echo first > $C3_ARTIFACTS_DIR/a1; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    h.run_job(spec(1, first)).assert_code(3);
+    assert_eq!(h.terminal("retried")["reason"], "UPLOAD_ERROR");
+    let own_key = "jobs/retried/attempts/1/manifest.json";
+    let before = h.object(own_key);
+    std::fs::remove_file(&blobs).unwrap();
+    h.run_job(spec(
+        2,
+        "rm $C3_ARTIFACTS_DIR/a1; echo second > $C3_ARTIFACTS_DIR/a2".into(),
+    ))
+    .assert_code(0);
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(run.stderr.contains("left alone"), "{}", run.stderr);
+    assert_eq!(
+        h.object(own_key),
+        before,
+        "attempt 1's manifest was written again"
+    );
+    assert_eq!(h.manifest_paths("retried"), vec!["artifacts/a2"]);
+
+    h.env
+        .push(("C3_AGENT_RETENTION_FAILED_DAYS".into(), "0".into()));
+    h.env
+        .push(("C3_AGENT_RETENTION_SUCCEEDED_DAYS".into(), "0".into()));
+    h.run(&["recover"]).assert_code(0);
+    assert!(!h.state.join("jobs/retried").exists(), "the job was kept");
+}
+
 /// A job leaves an entry deeper than a manifest path may be: UPLOAD_ERROR, as the contract
 /// says, but no later look can store it, so `recover` leaves the attempt alone (it redid it
 /// every hour: a rescan and rehash as root, new manifests, another registration and status,
