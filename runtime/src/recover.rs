@@ -192,17 +192,6 @@ async fn recover_record(
             return None;
         }
     }
-    // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
-    // once a later attempt has run in it, what is there is that attempt's, and finishing this
-    // one from it would list the later attempt's files as this one's (its manifest replaced,
-    // the blobs it did list left to gc). `resync` is the operator's word.
-    if pass == Pass::Recover {
-        if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
-            tracing::warn!(job_id = %record.spec.job_id, attempt = record.spec.attempt, later_attempt = later,
-                "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
-            return None;
-        }
-    }
     crate::fault::pause_point("recover-after-read").await;
     if pass != Pass::Own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
@@ -223,15 +212,6 @@ async fn recover_record(
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
-    if record.phase == Phase::Done {
-        tracing::info!(
-            unstored = record.unstored.len(),
-            for_good = record.unstored_for_good,
-            "storing what an earlier run could not"
-        );
-    } else {
-        tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
-    }
     if record.phase == Phase::Running || record.cgroup.is_some() && record.phase == Phase::Preparing
     {
         // Nobody supervises these processes any more; they would hold the GPU forever.
@@ -242,6 +222,27 @@ async fn recover_record(
             ctx.kill_grace,
         )
         .await;
+    }
+    // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
+    // once a later attempt has run in it, what is there is that attempt's, and finishing this
+    // one from it would list the later attempt's files as this one's (its manifest replaced,
+    // the blobs it did list left to gc). Its processes are stopped all the same, above.
+    // `resync` is the operator's word.
+    if pass == Pass::Recover {
+        if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
+            tracing::warn!(later_attempt = later,
+                "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+            return None;
+        }
+    }
+    if record.phase == Phase::Done {
+        tracing::info!(
+            unstored = record.unstored.len(),
+            for_good = record.unstored_for_good,
+            "storing what an earlier run could not"
+        );
+    } else {
+        tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
     }
     let end = recorded_end(&record);
     drop(entered);
