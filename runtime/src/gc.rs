@@ -67,7 +67,7 @@ pub struct GcReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
-    #[error("gc works on a file store only; `{url}` is not a usable file store (remote stores: use the bucket's lifecycle rules)")]
+    #[error("gc works on a file store only; `{url}` is not a usable file store (on a bucket, expire only `staging/` and incomplete multipart uploads by lifecycle rules: an age rule on `blobs/` deletes blobs that newer manifests still list, since finding a blob stored does not make it younger)")]
     NotFileStore { url: String },
     #[error("cannot list the store's manifests; nothing was deleted")]
     List(#[source] StoreError),
