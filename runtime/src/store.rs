@@ -1299,7 +1299,13 @@ impl BlobStore {
         let path = root.join(blob_key(sha256_hex));
         let touched = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::options().write(true).open(&path)?;
-            file.set_modified(std::time::SystemTime::now())?;
+            // "Now" as the file system keeps time (UTIME_NOW): allowed to any writer, where an
+            // explicit time needs the owner (a blob another node's agent stored fails, and
+            // the touch was skipped), and on NFS the server's clock, which gc's ages are
+            // counted by, not this node's.
+            use nix::sys::stat::futimens;
+            use nix::sys::time::TimeSpec;
+            futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)?;
             let ino = file.metadata()?.ino();
             std::fs::symlink_metadata(&path).map(|now| now.ino() == ino)
         })
