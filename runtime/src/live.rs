@@ -526,6 +526,9 @@ impl Syncer {
 
     /// A path changed: a file becomes a candidate; a directory (made or moved in) is walked.
     async fn touch(&mut self, path: &Path) {
+        // A test's window to change the tree before a hint is handled, as a busy syncer
+        // handles it late (`mkdir new && mv a new/b` before `new` is walked).
+        crate::fault::pause_for("slow-touch", Duration::from_millis(500)).await;
         let Some(rel) = self.rel_of(path) else { return };
         let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));
         let Ok(meta) = crate::pace::spawn_gently(move || {

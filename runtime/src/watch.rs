@@ -53,6 +53,10 @@ pub struct DirWatcher {
     /// Each watched directory (its path under the workdir): the alias it is watched by, and
     /// which directory it was (see [`DirWatcher::prune`]).
     watched: HashMap<PathBuf, Watch>,
+    /// Which name in `watched` each directory (device, inode) is watched under: the kernel
+    /// keeps one watch per inode and gives it again when the inode is watched under another
+    /// name (see [`DirWatcher::watch_fd`]). Written with `watched`, by the syncer alone.
+    by_id: HashMap<(u64, u64), PathBuf>,
     aliases: Arc<Aliases>,
     max_watches: usize,
     /// Owned here, not by `Aliases`: the event handler holds those until notify's thread lets
@@ -135,12 +139,14 @@ impl DirWatcher {
         self.watched.contains_key(dir)
     }
 
-    /// Watches the open directory `fd` (which is `d`) through a fresh alias.
-    fn watch_fd(&mut self, fd: &DirFd, d: &Path) -> Result<notify::Result<()>, WatchStopped> {
-        let id = match crate::confine::fstat(fd) {
-            Ok(st) => (st.st_dev, st.st_ino),
-            Err(e) => return Ok(Err(notify::Error::io(e))),
-        };
+    /// Watches the open directory `fd` (which is `d`, the directory `id`) through a fresh
+    /// alias.
+    fn watch_fd(
+        &mut self,
+        fd: &DirFd,
+        d: &Path,
+        id: (u64, u64),
+    ) -> Result<notify::Result<()>, WatchStopped> {
         let name = self
             .aliases
             .next
@@ -162,6 +168,7 @@ impl DirWatcher {
         Ok(match watched {
             Ok(()) => {
                 self.watched.insert(d.to_path_buf(), Watch { alias, id });
+                self.by_id.insert(id, d.to_path_buf());
                 Ok(())
             }
             Err(e) => {
@@ -231,12 +238,26 @@ impl DirWatcher {
             }
             self.unwatch_tree(&d);
         }
+        let id = match crate::confine::fstat(fd) {
+            Ok(st) => (st.st_dev, st.st_ino),
+            // Gone meanwhile: nothing to watch.
+            Err(_) => return Ok(false),
+        };
+        // Watched already under another name (`mkdir new && mv a new/b`, `new` walked before
+        // `a`'s `Gone` came, or with that `Gone` lost): inotify would hand back the very
+        // watch `a` holds, and dropping `a` later (its `Gone`, a prune) would remove it from
+        // under `new/b`, leaving `new/b` taken as watched and unseen. The old name's watch
+        // goes first, so the inode has one name here as in the kernel. What happens there
+        // meanwhile is not missed: every walk is followed by a scan of what it walked.
+        if let Some(other) = self.by_id.get(&id).filter(|p| **p != d).cloned() {
+            self.unwatch(&other);
+        }
         if self.watched.len() >= self.max_watches {
             return Err(WatchStopped::Cap {
                 max: self.max_watches,
             });
         }
-        match self.watch_fd(fd, &d)? {
+        match self.watch_fd(fd, &d, id)? {
             Ok(()) => Ok(true),
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
                 Err(WatchStopped::Cap {
@@ -281,6 +302,9 @@ impl DirWatcher {
         let Some(w) = self.watched.remove(d) else {
             return;
         };
+        if self.by_id.get(&w.id).is_some_and(|p| p == d) {
+            self.by_id.remove(&w.id);
+        }
         // The kernel already dropped the watch of a deleted directory.
         let _ = self.watcher.unwatch(&w.alias);
         if let Some(name) = w.alias.file_name() {
@@ -446,6 +470,7 @@ pub fn watcher(
             watcher,
             workdir: workdir.to_path_buf(),
             watched: HashMap::new(),
+            by_id: HashMap::new(),
             aliases,
             max_watches: max_watches.max(1),
             _alias_dir: alias_dir,
@@ -731,6 +756,59 @@ mod tests {
             "{ino_a} {ino_b} {inodes:?}"
         );
         assert_eq!(watcher.watch_count(), 3);
+    }
+
+    /// A watched directory moved into a directory made just before (`mkdir new && mv a
+    /// new/b`), its hints handled as they come: `Touched(new)` walks into `new/b` first, and
+    /// `Gone(a)` follows (or is lost in an overflow, and the rescan's prune finds `a` gone).
+    /// inotify gives the inode's one watch again for `new/b`; keeping `a` too, dropping it
+    /// removed that watch, and nothing below `new/b` was seen until the job's end.
+    #[tokio::test]
+    async fn a_directory_moved_into_a_new_one_stays_watched_after_its_gone() {
+        for gone_lost in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let w = dir.path().to_path_buf();
+            let art = w.join("artifacts");
+            std::fs::create_dir_all(art.join("a/c")).unwrap();
+            let (mut watcher, mut hints) = watcher(&w, 64, 16).unwrap();
+            watcher.watch_tree(&art).unwrap();
+            assert_eq!(watcher.watch_count(), 3);
+            std::fs::create_dir(art.join("new")).unwrap();
+            std::fs::rename(art.join("a"), art.join("new/b")).unwrap();
+            // As the syncer handles them: the new directory is walked, then `a` is gone
+            // (nothing at its name now).
+            watcher.watch_tree(&art.join("new")).unwrap();
+            if gone_lost {
+                assert_eq!(watcher.prune(), 0, "gone_lost: {gone_lost}");
+            } else {
+                watcher.unwatch_tree_unless(&art.join("a"), None);
+            }
+            let inodes = watched_inodes();
+            for d in ["new/b", "new/b/c"] {
+                let ino = std::fs::metadata(art.join(d)).unwrap().ino();
+                assert!(
+                    inodes.contains(&ino) && watcher.watches(&art.join(d)),
+                    "{d} is not watched (gone_lost: {gone_lost}): {inodes:?}"
+                );
+            }
+            assert_eq!(watcher.watch_count(), 4, "artifacts, new, new/b, new/b/c");
+            std::fs::write(art.join("new/b/c/f"), "x").unwrap();
+            let want = Hint::Touched(art.join("new/b/c/f"));
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                loop {
+                    match hints.recv().await {
+                        Some(h) if h == want => return,
+                        Some(_) => continue,
+                        None => panic!("the watcher stopped"),
+                    }
+                }
+            })
+            .await;
+            assert!(
+                got.is_ok(),
+                "no event for new/b/c/f (gone_lost: {gone_lost})"
+            );
+        }
     }
 
     /// A watch whose directory was removed is dead, even when the directory at its name now

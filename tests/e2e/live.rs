@@ -438,3 +438,38 @@ fn an_output_dir_made_again_is_watched_again() {
     h.wait("remade".into(), child).assert_code(0);
     assert_eq!(h.manifest_paths("remade"), vec!["artifacts/again"]);
 }
+
+/// `mkdir new && mv a new/b` with `a` watched: `new` was walked (finding `b`, the inode `a`
+/// watched, whose watch inotify hands back) before `a`'s `Gone` came, and that `Gone`
+/// removed the one watch `b` and its subdirectories had: nothing written below them was
+/// synced while the job ran.
+#[test]
+fn a_watched_dir_moved_into_a_new_one_is_still_watched() {
+    let mut h = harness(Store::File);
+    // `new` is walked after the move, as a busy syncer would.
+    h.env.push(("C3_AGENT_FAULT".into(), "slow-touch".into()));
+    let go = h.path("go");
+    let py = format!(
+        r#"
+import os, time
+d = os.environ['C3_ARTIFACTS_DIR']
+os.makedirs(os.path.join(d, 'a', 'c'))
+time.sleep(1)
+os.mkdir(os.path.join(d, 'new'))
+os.rename(os.path.join(d, 'a'), os.path.join(d, 'new', 'b'))
+time.sleep(1)
+open(os.path.join(d, 'new', 'b', 'c', 'f'), 'w').write('moved')
+for _ in range(1200):
+    if os.path.exists({go:?}): break
+    time.sleep(0.05)
+"#,
+        go = go.display().to_string()
+    );
+    let spec = h.spec(json!({"job_id": "moved", "command": ["python3", "-c", py]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let entry = wait_synced(&h, "moved", "artifacts/new/b/c/f");
+    assert_eq!(entry["sha256"], sha256_hex(b"moved"));
+    std::fs::write(&go, "").unwrap();
+    h.wait("moved".into(), child).assert_code(0);
+    assert_eq!(h.manifest_paths("moved"), vec!["artifacts/new/b/c/f"]);
+}
