@@ -183,13 +183,16 @@ impl Scan {
     }
 }
 
-/// Walks `dirs` (relative to `workdir`) without following any symlink. With `reader`,
+/// Walks `dirs` (relative to `workdir`, each a [`rel_key`]: live sync walks a directory moved
+/// in whatever its name) without following any symlink. With `reader`,
 /// only what that user could read itself is collected. At most the files one manifest of
 /// `room` bytes could list (each at least [`entry_floor`]: short paths, `room` / 200; a path
 /// can be 16 KiB, and a million of those would be 16 GiB): past that the walk stops and every
 /// dir counts as incomplete (nothing taken as deleted, each an upload failure at the end),
 /// since a manifest could not list them all anyway. So do they past [`MAX_INCOMPLETE`]
 /// places that could not be read whole.
+///
+/// [`rel_key`]: c3_proto::manifest::rel_key
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u64) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
@@ -236,15 +239,18 @@ fn walk(
     room: u64,
     out: &mut Scan,
 ) -> Result<(), TooMany> {
-    let Some(top) = open_walked(root, OsStr::new(root_rel), root_rel, reader, out) else {
+    // A key (live sync walks a directory moved in, whose name may not be UTF-8).
+    let raw = c3_proto::manifest::rel_bytes(root_rel);
+    let shown = display_rel(&raw);
+    let Some(top) = open_walked(root, OsStr::from_bytes(&raw), &shown, reader, out) else {
         return Ok(());
     };
     // The relative path's exact bytes travel with each entry: a name that is not UTF-8
     // is collected like any other (its key is a `rel_key`, its manifest entry has `path_b64`).
-    let mut tree = match TreeWalk::new(top, root_rel.as_bytes().to_vec()) {
+    let mut tree = match TreeWalk::new(top, raw) {
         Ok(t) => t,
         Err(e) => {
-            out.broken(root_rel, format!("cannot read {root_rel}/: {e}"), &e);
+            out.broken(&shown, format!("cannot read {shown}/: {e}"), &e);
             return Ok(());
         }
     };

@@ -8,6 +8,7 @@
 //! is told the job ended; it hands the book back so the final scan only uploads what is new.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -446,17 +447,21 @@ impl Syncer {
         wake.max(Instant::now() + Duration::from_millis(5))
     }
 
-    /// The path's key below the workdir; none for a path the manifest could not list (too
+    /// The path's key below the workdir (a [`rel_key`], as a scan keys it: a name that is
+    /// not UTF-8 is synced like any other); none for a path the manifest could not list (too
     /// deep or long: not watched, not synced; the final scan names it).
+    ///
+    /// [`rel_key`]: c3_proto::manifest::rel_key
     fn rel_of(&self, path: &Path) -> Option<String> {
         if !crate::watch::under_any(path, &self.roots) {
             return None;
         }
-        path.strip_prefix(&self.workdir)
+        let raw = path
+            .strip_prefix(&self.workdir)
             .ok()?
-            .to_str()
-            .filter(|rel| c3_proto::manifest::path_fits(rel.as_bytes()))
-            .map(str::to_string)
+            .as_os_str()
+            .as_bytes();
+        c3_proto::manifest::path_fits(raw).then(|| c3_proto::manifest::rel_key(raw))
     }
 
     async fn on_hint(&mut self, hint: Hint) {
@@ -530,7 +535,7 @@ impl Syncer {
         // handles it late (`mkdir new && mv a new/b` before `new` is walked).
         crate::fault::pause_for("slow-touch", Duration::from_millis(500)).await;
         let Some(rel) = self.rel_of(path) else { return };
-        let (workdir, probe) = (self.workdir.clone(), PathBuf::from(&rel));
+        let (workdir, probe) = (self.workdir.clone(), path_of(&rel));
         let Ok(meta) = crate::pace::spawn_gently(move || {
             DirFd::open_root(&workdir).and_then(|root| lstat_beneath(&root, &probe))
         })
@@ -593,8 +598,7 @@ impl Syncer {
         // only for a directory (or a name never seen). A stale candidate left below a file
         // that replaced its directory goes at its settle look (it is no longer there).
         if self.candidates.remove(rel).is_none() && !listed {
-            let prefix = format!("{rel}/");
-            self.candidates.retain(|k| !k.starts_with(&prefix));
+            self.candidates.retain(|k| !is_below(k, rel));
         }
     }
 
@@ -695,7 +699,7 @@ impl Syncer {
             let stamps: Vec<Option<FileStamp>> = paths
                 .iter()
                 .map(
-                    |rel| match root.as_ref().map(|r| lstat_beneath(r, Path::new(rel))) {
+                    |rel| match root.as_ref().map(|r| lstat_beneath(r, &path_of(rel))) {
                         Some(Ok(m)) if crate::confine::is_regular(&m) => {
                             Some(FileStamp::of_stat(&m))
                         }
@@ -708,7 +712,7 @@ impl Syncer {
         .await;
         let Ok((open, stamps)) = looked else { return };
         for (rel, stamp) in due.into_iter().zip(stamps) {
-            let abs = self.workdir.join(&rel);
+            let abs = self.workdir.join(path_of(&rel));
             let Some(stamp) = stamp else {
                 self.candidates.remove(&rel);
                 continue;
@@ -822,6 +826,29 @@ impl Syncer {
             }
         }
     }
+}
+
+/// The path below the workdir that the key `rel` (a [`rel_key`]) stands for: the key of a
+/// name that is not UTF-8 is no path.
+///
+/// [`rel_key`]: c3_proto::manifest::rel_key
+fn path_of(rel: &str) -> PathBuf {
+    PathBuf::from(std::ffi::OsString::from_vec(c3_proto::manifest::rel_bytes(
+        rel,
+    )))
+}
+
+/// Whether the key `k` is below the directory key `dir`, by their bytes: a key that is not
+/// UTF-8 is base64, whose text says nothing of its place.
+fn is_below(k: &str, dir: &str) -> bool {
+    if !k.starts_with('\0') && !dir.starts_with('\0') {
+        return k.len() > dir.len() && k.starts_with(dir) && k.as_bytes()[dir.len()] == b'/';
+    }
+    let (k, dir) = (
+        c3_proto::manifest::rel_bytes(k),
+        c3_proto::manifest::rel_bytes(dir),
+    );
+    k.len() > dir.len() && k.starts_with(&dir) && k[dir.len()] == b'/'
 }
 
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {

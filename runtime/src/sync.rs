@@ -25,6 +25,10 @@ pub struct SyncBook {
     /// Manifest path -> where its version is in `versions`. Small slots: a map's nodes
     /// filled in path order stay half empty, and it is mostly these that a file costs.
     synced: BTreeMap<Box<str>, u32>,
+    /// The bytes of each key in `synced` that is not UTF-8 (`\0` and base64, whose text says
+    /// nothing of its place): what is above or below a path is looked up here by bytes, in
+    /// the set's order. Written with `synced`, wherever a key goes in or out.
+    odd: std::collections::BTreeSet<Vec<u8>>,
     /// The version of each file in `synced`, at its index; the slots of forgotten files are
     /// in `free`, for the next ones.
     versions: Vec<Synced>,
@@ -194,12 +198,15 @@ impl SyncBook {
     /// Drops the entries whose path matches; returns how many.
     pub fn forget(&mut self, mut gone: impl FnMut(&str) -> bool) -> usize {
         let before = self.synced.len();
-        let (free, path_bytes) = (&mut self.free, &mut self.path_bytes);
+        let (free, path_bytes, odd) = (&mut self.free, &mut self.path_bytes, &mut self.odd);
         self.synced.retain(|k, &mut at| {
             let keep = !gone(k);
             if !keep {
                 free.push(at);
                 *path_bytes -= k.len() as u64;
+                if k.starts_with('\0') {
+                    odd.remove(&c3_proto::manifest::rel_bytes(k));
+                }
             }
             keep
         });
@@ -214,31 +221,63 @@ impl SyncBook {
     /// pass over every entry: a job deleting 100,000 files sends as many hints. Returns
     /// whether `rel` itself was listed (a file: nothing can be below it) and how many went.
     pub fn forget_under(&mut self, rel: &str) -> (bool, usize) {
-        let prefix = format!("{rel}/");
         let exact = self.synced.contains_key(rel);
-        let mut gone: Vec<Box<str>> = self
-            .synced
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .map(|(k, _)| k)
-            .take_while(|k| k.starts_with(&prefix))
-            .cloned()
-            .collect();
+        let mut gone = self.keys_below(rel);
         if exact {
             gone.push(rel.into());
         }
-        for key in &gone {
-            if let Some(at) = self.synced.remove(key) {
-                self.free.push(at);
-                self.path_bytes -= key.len() as u64;
-            }
-        }
+        self.drop_keys(&gone);
         if !gone.is_empty() {
             self.generation += 1;
         }
         (exact, gone.len())
+    }
+
+    /// The keys listed below `rel` (`rel/...`), by the maps' order. A name that is not UTF-8
+    /// below a UTF-8 one has a key of its own kind, found in `odd`; nothing below a name
+    /// that is not UTF-8 is UTF-8.
+    fn keys_below(&self, rel: &str) -> Vec<Box<str>> {
+        let mut below: Vec<Box<str>> = Vec::new();
+        if !rel.starts_with('\0') {
+            let prefix = format!("{rel}/");
+            below.extend(
+                self.synced
+                    .range::<str, _>((
+                        std::ops::Bound::Included(prefix.as_str()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(&prefix))
+                    .cloned(),
+            );
+        }
+        if !self.odd.is_empty() {
+            let mut prefix = c3_proto::manifest::rel_bytes(rel);
+            prefix.push(b'/');
+            below.extend(
+                self.odd
+                    .range::<[u8], _>((
+                        std::ops::Bound::Included(prefix.as_slice()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take_while(|raw| raw.starts_with(&prefix))
+                    .map(|raw| c3_proto::manifest::rel_key(raw).into_boxed_str()),
+            );
+        }
+        below
+    }
+
+    /// Takes `keys` out of the book.
+    fn drop_keys(&mut self, keys: &[Box<str>]) {
+        for key in keys {
+            if let Some(at) = self.synced.remove(key) {
+                self.free.push(at);
+                self.path_bytes -= key.len() as u64;
+                if key.starts_with('\0') {
+                    self.odd.remove(&c3_proto::manifest::rel_bytes(key));
+                }
+            }
+        }
     }
 
     pub fn record(&mut self, up: Uploaded) {
@@ -281,6 +320,9 @@ impl SyncBook {
                     }
                 };
                 self.path_bytes += up.rel.len() as u64;
+                if up.rel.starts_with('\0') {
+                    self.odd.insert(c3_proto::manifest::rel_bytes(&up.rel));
+                }
                 self.synced.insert(up.rel.into_boxed_str(), at);
             }
         }
@@ -294,38 +336,20 @@ impl SyncBook {
     /// too late (a file removed and made a directory, `RENAME_EXCHANGE` of a file and a
     /// directory, a `Gone` hint handled after the path was back). Listed together, one
     /// manifest would hold a file and entries below it, which every reader refuses (and a
-    /// manifest `gc` cannot read stops every `gc`). Names that are not UTF-8 are keyed by
-    /// their bytes in base64 and are not compared here.
+    /// manifest `gc` cannot read stops every `gc`). Compared by their bytes: a name that is
+    /// not UTF-8 (live sync records those too) is in the same place as any other.
     fn forget_other_shapes(&mut self, rel: &str) {
-        // A key that is not UTF-8 is `\0` and base64, whose alphabet holds `/`: its text says
-        // nothing of its place (two sibling names could read as file and entry below it).
-        // A UTF-8 key's prefixes and its `rel/` range are UTF-8 keys only.
-        if rel.starts_with('\0') {
-            return;
-        }
-        let mut gone: Vec<Box<str>> = rel
-            .match_indices('/')
-            .map(|(i, _)| &rel[..i])
-            .filter(|above| self.synced.contains_key(*above))
-            .map(Into::into)
+        let raw = c3_proto::manifest::rel_bytes(rel);
+        let mut gone: Vec<Box<str>> = raw
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'/')
+            .map(|(i, _)| c3_proto::manifest::rel_key(&raw[..i]))
+            .filter(|above| self.synced.contains_key(above.as_str()))
+            .map(String::into_boxed_str)
             .collect();
-        let below = format!("{rel}/");
-        gone.extend(
-            self.synced
-                .range::<str, _>((
-                    std::ops::Bound::Included(below.as_str()),
-                    std::ops::Bound::Unbounded,
-                ))
-                .map(|(k, _)| k)
-                .take_while(|k| k.starts_with(&below))
-                .cloned(),
-        );
-        for key in &gone {
-            if let Some(at) = self.synced.remove(key) {
-                self.free.push(at);
-                self.path_bytes -= key.len() as u64;
-            }
-        }
+        gone.extend(self.keys_below(rel));
+        self.drop_keys(&gone);
     }
 
     /// Whether the last in-progress manifest written lists the book as it is now.
@@ -562,6 +586,33 @@ mod tests {
         book.record(up(&b, 6));
         book.record(up(&a, 7));
         assert!(book.contains(&a) && book.contains(&b));
+    }
+
+    /// Names that are not UTF-8 (keyed by their bytes in base64) have places like any other:
+    /// a file read where one was a directory drops what was listed below it, a directory
+    /// forgotten drops them too. Live sync records such names; with their keys compared as
+    /// text, `d` and `d/\xff` were listed together, a manifest every reader refuses.
+    #[test]
+    fn names_that_are_not_utf8_have_places_too() {
+        let key = |raw: &[u8]| c3_proto::manifest::rel_key(raw);
+        let mut book = SyncBook::default();
+        book.record(up(&key(b"artifacts/d/\xff"), 1));
+        book.record(up(&key(b"artifacts/\xfe/x"), 2));
+        book.record(up(&key(b"artifacts/\xfe/y/\xfd"), 3));
+        book.record(up(&key(b"artifacts/q/\xfc"), 4));
+        book.record(up(&key(b"artifacts/q\xfc"), 5));
+        book.record(up("artifacts/d", 6));
+        book.record(up(&key(b"artifacts/\xfe"), 7));
+        let doc = c3_proto::Manifest::new("j", None, 1).to_json_with(book.listing());
+        let read = c3_proto::Manifest::from_json(&doc).and_then(|m| m.check_places());
+        assert!(read.is_ok(), "{read:?}: {}", String::from_utf8_lossy(&doc));
+        assert!(!book.contains(&key(b"artifacts/d/\xff")));
+        assert!(!book.contains(&key(b"artifacts/\xfe/x")));
+        assert!(!book.contains(&key(b"artifacts/\xfe/y/\xfd")));
+        assert_eq!(book.forget_under("artifacts/q"), (false, 1));
+        assert!(book.contains(&key(b"artifacts/q\xfc")));
+        assert_eq!(book.forget_under(&key(b"artifacts/\xfe")), (true, 1));
+        assert_eq!(book.len(), 2, "artifacts/d and artifacts/q\\xfc");
     }
 
     /// A forgotten file's slot goes to the next new one; every path keeps its own version.

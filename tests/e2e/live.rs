@@ -473,3 +473,57 @@ for _ in range(1200):
     h.wait("moved".into(), child).assert_code(0);
     assert_eq!(h.manifest_paths("moved"), vec!["artifacts/new/b/c/f"]);
 }
+
+/// Names that are not UTF-8 are synced while the job runs, a file written there and a
+/// directory moved in: their hints were dropped (the path was taken as text), and a rescan's
+/// key for them (`\0` and base64) was looked up as a path, so they reached the store only
+/// at the end (never, with the agent killed first).
+#[test]
+fn names_that_are_not_utf8_are_synced_while_the_job_runs() {
+    let h = harness(Store::File);
+    let go = h.path("go");
+    let py = format!(
+        r#"
+import os, time
+d = os.environb[b'C3_ARTIFACTS_DIR']
+open(os.path.join(d, b'ck\xff'), 'wb').write(b'odd file')
+stage = os.path.join(os.path.dirname(d), b'stage\xfe')
+os.mkdir(stage)
+open(os.path.join(stage, b'f'), 'wb').write(b'odd dir')
+os.rename(stage, os.path.join(d, b'in\xfe'))
+for _ in range(1200):
+    if os.path.exists({go:?}): break
+    time.sleep(0.05)
+"#,
+        go = go.display().to_string()
+    );
+    let spec = h.spec(json!({"job_id": "odd", "command": ["python3", "-c", py]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    for (raw, body) in [
+        (&b"artifacts/ck\xff"[..], &b"odd file"[..]),
+        (b"artifacts/in\xfe/f", b"odd dir"),
+    ] {
+        let key = c3_proto::manifest::rel_key(raw);
+        let b64 = key.strip_prefix('\0').unwrap();
+        let entry = wait_for(
+            &format!(
+                "{} in the in-progress manifest",
+                String::from_utf8_lossy(raw)
+            ),
+            LIMIT,
+            || {
+                let m = try_manifest(&h, "odd")?;
+                assert_eq!(m["complete"], false, "the job still runs");
+                m["files"]
+                    .as_array()?
+                    .iter()
+                    .find(|f| f["path_b64"] == b64)
+                    .cloned()
+            },
+        );
+        assert_eq!(entry["sha256"], sha256_hex(body));
+    }
+    std::fs::write(&go, "").unwrap();
+    h.wait("odd".into(), child).assert_code(0);
+    assert_eq!(h.manifest_paths("odd").len(), 2);
+}
