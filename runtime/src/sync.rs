@@ -567,11 +567,20 @@ mod tests {
         book.record(up("artifacts/d-1", 2));
         book.record(up("artifacts/d/x", 3));
         book.record(up("artifacts/d/y/z", 4));
-        let doc = c3_proto::Manifest::new("j", None, 1).to_json_with(book.listing());
-        assert!(c3_proto::Manifest::from_json(&doc).is_ok());
+        // What a reader checks: `from_json` parses, `check_places` refuses a file with
+        // entries below it.
+        let readable = |book: &SyncBook| {
+            let doc = c3_proto::Manifest::new("j", None, 1).to_json_with(book.listing());
+            c3_proto::Manifest::from_json(&doc)
+                .unwrap()
+                .check_places()
+                .unwrap();
+        };
+        readable(&book);
         let paths: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(paths, ["artifacts/d-1", "artifacts/d/x", "artifacts/d/y/z"]);
         book.record(up("artifacts/d", 5));
+        readable(&book);
         let paths: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(paths, ["artifacts/d", "artifacts/d-1"]);
         assert_eq!(
