@@ -149,7 +149,7 @@ pub async fn run_job(
     spec: JobSpec,
     cancel: CancellationToken,
 ) -> Result<JobSummary, RunError> {
-    let lock = AttemptLock::acquire(&ctx.state, &spec.job_id, spec.attempt)?;
+    let lock = AttemptLock::acquire_patiently(&ctx.state, &spec.job_id, spec.attempt).await?;
     let span = tracing::info_span!("job", job_id = %spec.job_id, attempt = spec.attempt);
     Ok(async move {
         let started = Instant::now();

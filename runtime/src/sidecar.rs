@@ -152,7 +152,7 @@ async fn watch_attempt(
     };
     // Made by an earlier agent for this attempt (it may have died before its first record).
     let attempt_known = ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
-    let lock = AttemptLock::acquire(&ctx.state, &plan.job_id, plan.attempt)?;
+    let lock = AttemptLock::acquire_patiently(&ctx.state, &plan.job_id, plan.attempt).await?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
     let earlier = ctx
         .state

@@ -260,6 +260,9 @@ fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
     }
 }
 
+/// How long an agent starting an attempt waits out a lock held by another process's look.
+pub const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The exclusive claim of one agent on one job attempt, held until dropped: a second agent
 /// for the same attempt would mix logs and manifests and abort the first one's uploads.
 #[derive(Debug)]
@@ -289,6 +292,26 @@ impl AttemptLock {
                 source: std::io::ErrorKind::NotFound.into(),
             })
         })
+    }
+
+    /// [`AttemptLock::acquire`] for an agent starting its attempt: a lock held for a moment
+    /// only (another process's look at whether the attempt is running: an outbox flush,
+    /// retention) is waited out, up to [`LOCK_PATIENCE`]. The start failed `Held` at once,
+    /// exit 2, which a scheduler takes as a bad spec and fails the job for good.
+    pub async fn acquire_patiently(
+        state: &StateDir,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<Self, LockError> {
+        let until = tokio::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            match Self::acquire(state, job_id, attempt) {
+                Err(LockError::Held { .. }) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Takes the lock of an attempt whose dir exists; `Ok(None)`: the attempt's dir is gone
@@ -411,6 +434,29 @@ mod tests {
         ] {
             assert!(problem(bad).is_some(), "{bad} was allowed");
         }
+    }
+
+    /// Another process's look at the lock (an outbox flush asking whether the job runs)
+    /// holds it for a moment: an agent starting the attempt then waits it out. One held for
+    /// good (another agent at work) is still refused.
+    #[tokio::test]
+    async fn a_start_waits_out_a_look_at_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        s.ensure_attempt_dir("j", 1).unwrap();
+        let look = AttemptLock::acquire_existing(&s, "j", 1).unwrap().unwrap();
+        let ends = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(look);
+        });
+        let started = AttemptLock::acquire_patiently(&s, "j", 1).await;
+        ends.join().unwrap();
+        let held = started.expect("the start waited out the look");
+        assert!(matches!(
+            AttemptLock::acquire_patiently(&s, "j", 1).await,
+            Err(LockError::Held { .. })
+        ));
+        drop(held);
     }
 
     #[test]
