@@ -752,7 +752,11 @@ impl Syncer {
             self.book.progress.queue(file.stamp.size);
             let handle = uploads.spawn(
                 async move {
-                    let result = uploader.upload(&file).await;
+                    // A test's window between the look and the read (the job maps the file).
+                    crate::fault::pause_point("before-live-upload").await;
+                    // Only the version just looked at: what the job made of it since then
+                    // (mapped and stored to, say) is not known to be done.
+                    let result = uploader.upload_as_seen(&file).await;
                     (file.rel, file.stamp.size, result)
                 }
                 .in_current_span(),
@@ -855,5 +859,97 @@ async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BlobStore;
+    use crate::upload::UploadOptions;
+
+    const SETTLE: Duration = Duration::from_millis(200);
+
+    /// A syncer of `workdir/artifacts` for a job of no processes (nothing holds a file open).
+    fn syncer(workdir: &Path) -> Syncer {
+        std::fs::create_dir_all(workdir.join("artifacts")).unwrap();
+        let uploader = Uploader::new(BlobStore::in_memory(), UploadOptions::default(), "j", None)
+            .confined_to(workdir);
+        let spec = c3_proto::JobSpec::from_json(br#"{"job_id":"j","command":["true"]}"#)
+            .unwrap()
+            .spec;
+        let manifest = ManifestWriter::new(BlobStore::in_memory(), &spec, 1 << 20);
+        let procs = JobProcesses::new(std::process::id() as i32, None);
+        let opts = LiveOptions {
+            settle: SETTLE,
+            mode: WatchMode::Poll,
+            poll_interval: Duration::from_secs(1),
+            event_queue: 16,
+            manifest_interval: Duration::from_secs(1),
+            max_watches: 16,
+            cpus: Vec::new(),
+        };
+        let live = LiveSync::new(
+            uploader,
+            workdir.to_path_buf(),
+            vec!["artifacts".into()],
+            procs,
+            None,
+            manifest,
+            SyncBook::default(),
+            opts,
+            mpsc::channel(1).1,
+        );
+        live.syncer
+    }
+
+    /// Writes `rel` and makes it a candidate that has settled; its upload is spawned by the
+    /// next `settle` and runs only when the test awaits it (a current-thread runtime).
+    fn settled(s: &mut Syncer, rel: &str, data: &[u8]) {
+        let abs = s.workdir.join(rel);
+        std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
+        std::fs::write(&abs, data).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&abs).unwrap());
+        let since = Instant::now().checked_sub(2 * SETTLE).unwrap();
+        s.candidates.insert(
+            rel.into(),
+            Candidate {
+                stamp: Some(stamp),
+                since,
+            },
+        );
+    }
+
+    /// The job changes a file after the settle look (maps it and stores, say) and before
+    /// its upload reads it: that version was not looked at, so it is not recorded; the file
+    /// is a candidate again. The upload read and recorded it, and a store after the read
+    /// through the same dirty page left the stamp as it was: the final scan kept it.
+    #[tokio::test]
+    async fn a_file_changed_after_the_settle_look_is_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let mut uploads = JoinSet::new();
+        settled(&mut s, "artifacts/ckpt", b"v1");
+        s.settle(&mut uploads).await;
+        assert!(s.in_flight.contains_key("artifacts/ckpt"), "not sent");
+        std::fs::write(
+            dir.path().join("artifacts/ckpt"),
+            b"v2, stored after the look",
+        )
+        .unwrap();
+        let done = uploads.join_next().await.unwrap();
+        assert!(
+            matches!(&done, Ok((_, _, Err(UploadError::Changed { .. })))),
+            "{done:?}"
+        );
+        s.on_uploaded(done);
+        assert!(
+            !s.book.contains("artifacts/ckpt"),
+            "a version not looked at was recorded"
+        );
+        assert!(
+            s.candidates.contains("artifacts/ckpt"),
+            "not looked at again"
+        );
     }
 }

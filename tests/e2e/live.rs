@@ -218,6 +218,41 @@ fn rewrites_renames_and_deletes_are_followed() {
     assert_eq!(h.manifest("rw")["files"][0]["sha256"], sha256_hex(b"v2\n"));
 }
 
+/// The job maps its checkpoint right after live sync's settle look and stores to it (mtime
+/// moves at the first store), live sync's upload reads it (held 2 s between the look and the
+/// read), then the job stores again through the same dirty page (mtime stays) and exits.
+/// The version the upload read was never looked at: it was recorded, the final scan found
+/// the same stamp and kept it, and the complete manifest listed `ba...`, not `bc...`.
+#[test]
+fn a_file_mapped_after_the_settle_look_is_listed_as_it_ends() {
+    let mut h = harness(Store::File);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "before-live-upload".into()));
+    let py = r#"
+import mmap, os, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'ckpt')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+time.sleep(1.0)
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+m[0:1] = b'b'
+time.sleep(3.0)
+m[1:2] = b'c'
+m.close()
+f.close()
+"#;
+    h.run_job(json!({"job_id": "mapped", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    let mut last = b"bc".to_vec();
+    last.resize(4096, b'a');
+    assert_eq!(
+        h.manifest("mapped")["files"][0]["sha256"],
+        sha256_hex(&last),
+        "the manifest lists bytes the file no longer holds"
+    );
+}
+
 fn many_files(mut h: Harness, count: usize) -> crate::support::Run {
     h.extra_toml.push_str("");
     let py = format!(

@@ -288,6 +288,15 @@ struct InodeRead {
     judged_ns: i64,
 }
 
+/// Which version of a file an upload may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// Whatever the file holds when it is read (the final sync, a `publish`).
+    Current,
+    /// Only the one its `LocalFile::stamp` describes (see [`Uploader::upload_as_seen`]).
+    Seen,
+}
+
 /// One inode's turn to be uploaded, and what its last read found.
 type InodeSlot = Arc<tokio::sync::Mutex<Option<InodeRead>>>;
 
@@ -740,7 +749,28 @@ impl Uploader {
     }
 
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
+    /// The version read is whatever the file holds now, not necessarily `file.stamp`'s.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
+        self.upload_version(file, Version::Current).await
+    }
+
+    /// [`Uploader::upload`] of the version `file.stamp` describes and no other: `Changed`
+    /// when the file's stamp is another by the time it is read. Live sync looked at that
+    /// version (settled, open for writing and mapped shared-writable by none of the job's
+    /// processes) and may only send what it looked at: a job that maps the file right after
+    /// that look and stores through the mapping moves its mtime at the first store, and
+    /// the upload read that version, which nothing had looked at; stores to the same dirty
+    /// page after the read leave the stamp as it was, so the final scan took the live
+    /// version as current and the complete manifest listed bytes the file no longer held.
+    pub async fn upload_as_seen(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
+        self.upload_version(file, Version::Seen).await
+    }
+
+    async fn upload_version(
+        &self,
+        file: &LocalFile,
+        version: Version,
+    ) -> Result<Uploaded, UploadError> {
         // One upload of an inode at a time: its other links wait, then find it read.
         let slot = self.inode_slot(file.stamp.dev, file.stamp.ino);
         let mut last = slot.lock().await;
@@ -761,7 +791,7 @@ impl Uploader {
                 }
             }
         }
-        let up = self.upload_read(file).await;
+        let up = self.upload_read(file, version).await;
         *last = match &up {
             // A racy version may hold bytes its stamp does not tell: read each link again.
             // An inode of one link has no other path in this version (a new link, or a
@@ -812,23 +842,35 @@ impl Uploader {
     }
 
     /// Reads, hashes and stores one file; also the inode's link count when it was read.
-    async fn upload_read(&self, file: &LocalFile) -> Result<(Uploaded, u64), UploadError> {
+    async fn upload_read(
+        &self,
+        file: &LocalFile,
+        version: Version,
+    ) -> Result<(Uploaded, u64), UploadError> {
         let path = file.abs.clone();
         self.within_max(&path, file.stamp.size)?;
+        let expect = match version {
+            Version::Current => None,
+            Version::Seen => Some(file.stamp),
+        };
         // Most files (by count) are small: one trip to the blocking pool stats, opens, reads,
         // hashes and re-stats it, with budget held for the size the scan saw.
         if file.stamp.size <= self.opts.multipart_threshold {
             if let Some(((before, links), digests, new, racy)) =
-                self.upload_small(&path, file.stamp.size).await?
+                self.upload_small(&path, file.stamp.size, expect).await?
             {
                 return Ok((self.uploaded(file, before, digests, new, racy), links));
             }
         }
         let (before, links) = stat_linked(self.root.as_deref(), &path)?;
+        // The large paths read `before` and prove at the end that the stamp stayed it.
+        if expect.is_some_and(|seen| seen != before) {
+            return Err(UploadError::Changed { path });
+        }
         self.within_max(&path, before.size)?;
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
-            match self.upload_small(&path, before.size).await? {
+            match self.upload_small(&path, before.size, expect).await? {
                 Some(((before, links), digests, new, racy)) => {
                     return Ok((self.uploaded(file, before, digests, new, racy), links))
                 }
@@ -899,11 +941,12 @@ impl Uploader {
     }
 
     /// Uploads a file of at most `budgeted` bytes in one PUT; `None` when it has grown past
-    /// that (nothing was read).
+    /// that (nothing was read). `Changed` when its stamp is not `expect` (when given).
     async fn upload_small(
         &self,
         path: &Path,
         budgeted: u64,
+        expect: Option<FileStamp>,
     ) -> Result<Option<((FileStamp, u64), Digests, bool, bool)>, UploadError> {
         // The PUT body is the file: at most `budgeted` bytes (a grown file is not sent).
         self.pace(budgeted).await;
@@ -912,6 +955,9 @@ impl Uploader {
         let (root, reader) = (self.root.clone(), self.reader.clone());
         let read = blocking(path, move || {
             let (before, links) = stat_linked(root.as_deref(), &p)?;
+            if expect.is_some_and(|seen| seen != before) {
+                return Err(UploadError::Changed { path: p });
+            }
             if before.size > budgeted {
                 return Ok(None);
             }
@@ -1058,6 +1104,29 @@ mod tests {
         assert_eq!(kept, vec![(b.stamp.dev, b.stamp.ino)]);
         let linked = up.upload(&c).await.unwrap();
         assert_eq!((linked.digests, linked.new_bytes), (read.digests, 0));
+    }
+
+    /// `upload_as_seen` sends the version its stamp names or none: a file changed since the
+    /// stamp was taken, small or large, is `Changed` and nothing is stored. `upload` sends
+    /// what the file holds.
+    #[tokio::test]
+    async fn upload_as_seen_sends_only_the_version_its_stamp_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploader::new(BlobStore::in_memory(), small_parts(), "j", None);
+        for (name, len) in [("small", 100), ("large", 3 * MIB as usize)] {
+            let (seen, _) = file_of(dir.path(), name, len, 1);
+            let (_, now) = file_of(dir.path(), name, len + 1, 2);
+            let before = up.store().list("blobs/", 10).await.unwrap();
+            let sent = up.upload_as_seen(&seen).await;
+            assert!(
+                matches!(sent, Err(UploadError::Changed { .. })),
+                "{name}: {sent:?}"
+            );
+            let stored = up.store().list("blobs/", 10).await.unwrap();
+            assert_eq!(stored, before, "{name}: stored");
+            let current = up.upload(&seen).await.unwrap();
+            assert_eq!(current.digests, crate::digest::digest_bytes(&now), "{name}");
+        }
     }
 
     fn restamp(file: &mut LocalFile) {
