@@ -280,6 +280,18 @@ impl SyncBook {
         }
     }
 
+    /// Drops `rel` unless the book holds it in the version `stamp`: a newer version than the
+    /// book's could not be uploaded, and the book's is not what the file holds. Returns
+    /// whether it went.
+    pub fn forget_unless_at(&mut self, rel: &str, stamp: &FileStamp) -> bool {
+        if self.get(rel).is_none_or(|u| u.stamp == *stamp) {
+            return false;
+        }
+        self.drop_keys(&[rel.into()]);
+        self.generation += 1;
+        true
+    }
+
     pub fn record(&mut self, up: Uploaded) {
         self.new_bytes += up.new_bytes;
         let mut new = Synced {
@@ -424,7 +436,7 @@ pub async fn upload_all(
             uploads.spawn(
                 async move {
                     let (rel, result) = upload_settled(&uploader, &file).await;
-                    (rel, file.stamp.size, result)
+                    (rel, file.stamp, result)
                 }
                 .in_current_span(),
             );
@@ -432,7 +444,7 @@ pub async fn upload_all(
         let Some(joined) = uploads.join_next().await else {
             break;
         };
-        let (rel, size, result) = match joined {
+        let (rel, stamp, result) = match joined {
             Ok(done) => done,
             // A panic in one upload is a bug; it must not take the other files with it.
             Err(e) => {
@@ -445,8 +457,16 @@ pub async fn upload_all(
                 continue;
             }
         };
-        limit.done(size, std::time::Instant::now());
-        book.progress.finish(size);
+        limit.done(stamp.size, std::time::Instant::now());
+        book.progress.finish(stamp.size);
+        // Not stored: a version the book holds from before (live sync's, a `publish`'s) is
+        // not what the scan found, and must not be listed as if it were. Kept, a job that
+        // rewrote `m.bin` and made it unreadable (or that someone removed after the scan)
+        // left a complete manifest listing the version before. The version the scan found,
+        // held racily, stays: nothing says it is not the file's.
+        if result.is_err() {
+            book.forget_unless_at(&rel, &stamp);
+        }
         match result {
             Ok(up) => {
                 report.uploaded += 1;
@@ -535,6 +555,44 @@ mod tests {
         let mut newer = up("artifacts/ckpt", 3);
         newer.stamp.ctime_ns = 300;
         assert!(!book.holds_later("artifacts/ckpt", &newer.stamp));
+    }
+
+    /// The final scan finds a file in a version the book does not hold, and its upload
+    /// fails (removed after the scan here; made unreadable by the job it is `NotReadable`,
+    /// the same way): the book's older version is not listed as the file's. A file found in
+    /// the version the book holds (racily, so read again) keeps it.
+    #[tokio::test]
+    async fn a_newer_version_not_stored_takes_the_older_one_out_of_the_book() {
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        let uploader = Uploader::new(
+            crate::store::BlobStore::in_memory(),
+            crate::upload::UploadOptions::default(),
+            "j",
+            None,
+        )
+        .confined_to(dir.path());
+        let stamp_of = |name: &str| FileStamp::of(&std::fs::metadata(arts.join(name)).unwrap());
+        let mut book = SyncBook::default();
+        std::fs::write(arts.join("m.bin"), b"v1").unwrap();
+        let mut v1 = up("artifacts/m.bin", 1);
+        v1.stamp = stamp_of("m.bin");
+        book.record(v1);
+        std::fs::write(arts.join("m.bin"), b"v2, longer").unwrap();
+        std::fs::write(arts.join("r.bin"), b"r").unwrap();
+        let mut racy = up("artifacts/r.bin", 2);
+        racy.stamp = stamp_of("r.bin");
+        racy.racy = true;
+        book.record(racy);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        assert_eq!(found.files.len(), 2);
+        std::fs::remove_file(arts.join("m.bin")).unwrap();
+        std::fs::remove_file(arts.join("r.bin")).unwrap();
+        let report = sync_scan(&uploader, dir.path(), found, &mut book).await;
+        assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
+        let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
+        assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
     }
 
     /// Forgetting a path drops it and what lies below it, nothing beside it.
