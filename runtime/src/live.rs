@@ -128,8 +128,9 @@ struct Syncer {
     opts: LiveOptions,
     /// Keyed by manifest path.
     candidates: Candidates,
-    /// Uploads under way: manifest path -> task id.
-    in_flight: HashMap<String, tokio::task::Id>,
+    /// Uploads under way, by manifest path: added by `settle`, marked by `forget` and
+    /// `rescan`, taken out by `on_uploaded`.
+    in_flight: HashMap<String, Sending>,
     manifest_dirty: bool,
     /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
     manifest_too_large: bool,
@@ -150,6 +151,14 @@ struct Syncer {
     /// Watcher errors can come by the ten thousand (a job swapping a watched dir for a
     /// symlink): rescans at most once a second, logged at most once every 10 s.
     rescans: RescanPace,
+}
+
+/// One upload under way (see `Syncer::in_flight`).
+struct Sending {
+    /// The file was found removed while it was sent: what lands is not recorded. Recorded,
+    /// the in-progress manifest listed a deleted file until the final scan, and the hint
+    /// that said so had come and gone.
+    removed: bool,
 }
 
 #[derive(Default)]
@@ -590,6 +599,12 @@ impl Syncer {
     }
 
     fn forget(&mut self, rel: &str) {
+        // At most `files_in_flight` of them: looked through whole.
+        for (key, sending) in self.in_flight.iter_mut() {
+            if key == rel || is_below(key, rel) {
+                sending.removed = true;
+            }
+        }
         let (listed, dropped) = self.book.forget_under(rel);
         if dropped > 0 {
             self.manifest_dirty = true;
@@ -647,6 +662,11 @@ impl Syncer {
         }
         self.candidates
             .retain(|k| found.files.contains_key(k) || !found.covers(k));
+        for (key, sending) in self.in_flight.iter_mut() {
+            if !found.files.contains_key(key) && found.covers(key) {
+                sending.removed = true;
+            }
+        }
         for (rel, stamp) in found.files {
             if self.book.is_current(&rel, &stamp) || self.in_flight.contains_key(&rel) {
                 continue;
@@ -750,7 +770,7 @@ impl Syncer {
             }
             let uploader = self.uploader.clone();
             self.book.progress.queue(file.stamp.size);
-            let handle = uploads.spawn(
+            uploads.spawn(
                 async move {
                     // A test's window between the look and the read (the job maps the file).
                     crate::fault::pause_point("before-live-upload").await;
@@ -761,7 +781,7 @@ impl Syncer {
                 }
                 .in_current_span(),
             );
-            self.in_flight.insert(rel, handle.id());
+            self.in_flight.insert(rel, Sending { removed: false });
         }
     }
 
@@ -770,8 +790,13 @@ impl Syncer {
             return;
         };
         self.book.progress.finish(size);
-        self.in_flight.remove(&rel);
+        let removed = self.in_flight.remove(&rel).is_some_and(|s| s.removed);
         match result {
+            // Stored, but no longer the job's file: the blob is this job's bytes all the same.
+            Ok(up) if removed => {
+                tracing::debug!(path = %rel, "removed while it was sent; not listed");
+                self.book.new_bytes += up.new_bytes;
+            }
             // A publish recorded a later version while this one was sent: the job was told
             // that one is in the manifest, and it stays.
             Ok(up) if self.book.holds_later(&up.rel, &up.stamp) => {
@@ -951,5 +976,44 @@ mod tests {
             s.candidates.contains("artifacts/ckpt"),
             "not looked at again"
         );
+    }
+
+    /// A file removed while its upload is under way (its `Gone` hint, or a rescan that no
+    /// longer finds it, handled before the upload lands) is not recorded when it lands: the
+    /// in-progress manifest listed the deleted file until the final scan.
+    #[tokio::test]
+    async fn a_file_removed_while_it_is_sent_is_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let mut uploads = JoinSet::new();
+        settled(&mut s, "artifacts/a", b"a");
+        settled(&mut s, "artifacts/sub/b", b"b");
+        settled(&mut s, "artifacts/quiet", b"quiet");
+        settled(&mut s, "artifacts/kept", b"kept");
+        s.settle(&mut uploads).await;
+        assert_eq!(s.in_flight.len(), 4);
+        let mut landed = Vec::new();
+        while let Some(done) = uploads.join_next().await {
+            landed.push(done);
+        }
+        std::fs::remove_file(dir.path().join("artifacts/a")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("artifacts/sub")).unwrap();
+        s.on_hint(Hint::Gone(dir.path().join("artifacts/a"))).await;
+        s.on_hint(Hint::Gone(dir.path().join("artifacts/sub")))
+            .await;
+        // Its hint lost (a queue overflow): the rescan finds it gone.
+        std::fs::remove_file(dir.path().join("artifacts/quiet")).unwrap();
+        s.rescan().await;
+        for done in landed {
+            s.on_uploaded(done);
+        }
+        for gone in ["artifacts/a", "artifacts/sub/b", "artifacts/quiet"] {
+            assert!(
+                !s.book.contains(gone),
+                "{gone} recorded after it was removed"
+            );
+        }
+        assert!(s.book.contains("artifacts/kept"));
+        assert!(s.in_flight.is_empty());
     }
 }
