@@ -378,20 +378,68 @@ async fn read_text(path: &PathBuf, offset: u64, limit: usize) -> Option<(String,
     if buf.is_empty() {
         return None;
     }
-    match std::str::from_utf8(&buf) {
-        Ok(s) => Some((s.to_string(), buf.len() as u64)),
-        // A character split at the end of what was read: send the rest next time.
-        Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => {
-            let n = e.valid_up_to();
-            Some((String::from_utf8_lossy(&buf[..n]).into_owned(), n as u64))
-        }
-        Err(_) => Some((String::from_utf8_lossy(&buf).into_owned(), buf.len() as u64)),
+    if let Ok(s) = std::str::from_utf8(&buf) {
+        return Some((s.to_string(), buf.len() as u64));
     }
+    // A character split at the end of what was read is sent whole next time, also after bytes
+    // that are not UTF-8 (those go as U+FFFD): it was cut into two U+FFFD, one each side.
+    let n = buf.len() - split_at_end(&buf);
+    if n == 0 {
+        return None;
+    }
+    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), n as u64))
+}
+
+/// How many bytes at the end of `buf` begin a UTF-8 character and are not all of it.
+fn split_at_end(buf: &[u8]) -> usize {
+    for back in 1..=buf.len().min(3) {
+        let b = buf[buf.len() - back];
+        if b & 0xc0 == 0x80 {
+            continue;
+        }
+        let needs = match b {
+            0xc2..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf4 => 4,
+            _ => return 0,
+        };
+        let tail = &buf[buf.len() - back..];
+        let a_prefix = std::str::from_utf8(tail).is_err_and(|e| e.error_len().is_none());
+        return if needs > back && a_prefix { back } else { 0 };
+    }
+    0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A character split at the end of a read goes whole with the next one, also when the
+    /// read holds bytes that are not UTF-8 or only the character's first bytes.
+    #[tokio::test]
+    async fn a_character_split_by_a_read_is_sent_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        let e_acute = "\u{e9}".as_bytes();
+        std::fs::write(&log, [&b"\xff"[..], &e_acute[..1]].concat()).unwrap();
+        assert_eq!(
+            read_text(&log, 0, 1000).await,
+            Some(("\u{fffd}".to_string(), 1))
+        );
+        assert_eq!(read_text(&log, 1, 1000).await, None, "half a character");
+        let mut all = std::fs::read(&log).unwrap();
+        all.extend_from_slice(&e_acute[1..]);
+        all.extend_from_slice("\u{1f600}".as_bytes());
+        std::fs::write(&log, &all).unwrap();
+        assert_eq!(
+            read_text(&log, 1, 1000).await,
+            Some(("\u{e9}\u{1f600}".to_string(), 6))
+        );
+        assert_eq!(read_text(&log, 1, 4).await, Some(("\u{e9}".to_string(), 2)));
+        assert_eq!(split_at_end(b"ab\xff"), 0);
+        assert_eq!(split_at_end(b"a\xe2\x82"), 2);
+        assert_eq!(split_at_end(b"a\xe2\x82\xac"), 0);
+    }
 
     /// A 413 halves the next read down to [`MIN_POST`] without passing anything over; at
     /// the floor, or on any other 4xx, the piece is passed over and the stream rests longer
