@@ -51,6 +51,11 @@ pub struct RunRecord {
     /// Set once the script ended: what the outcome was, so `recover` does not invent one.
     pub state: Option<JobState>,
     pub reason: Option<FailReason>,
+    /// Whether a dataset's failure may be retried (its cause the store or the node, not the
+    /// reference), kept from the moment the attempt ends: a `recover` of an attempt whose
+    /// agent died while sending DATASET_ERROR sent AGENT_ERROR, retryable, in its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub started_at: String,

@@ -62,6 +62,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         seq: 0,
         state: None,
         reason: None,
+        retryable: None,
         exit_code: None,
         signal: None,
         started_at: now_rfc3339(),

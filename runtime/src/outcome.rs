@@ -110,14 +110,19 @@ pub fn note_end(end: &JobEnd, record: &mut c3_proto::RunRecord) {
     record.exit_code = None;
     record.signal = None;
     record.state = None;
+    record.reason = None;
+    record.retryable = None;
     match end {
         JobEnd::Exited(code) => record.exit_code = Some(*code),
         JobEnd::Killed(sig) => record.signal = Some(sig.clone()),
         JobEnd::Canceled => record.state = Some(JobState::Canceled),
         JobEnd::TimedOut => record.state = Some(JobState::TimedOut),
-        JobEnd::AgentFailed | JobEnd::DatasetFailed { .. } | JobEnd::AgentLost => {
-            record.state = Some(JobState::Failed)
+        JobEnd::DatasetFailed { retryable } => {
+            record.state = Some(JobState::Failed);
+            record.reason = Some(FailReason::DatasetError);
+            record.retryable = Some(*retryable);
         }
+        JobEnd::AgentFailed | JobEnd::AgentLost => record.state = Some(JobState::Failed),
     }
 }
 

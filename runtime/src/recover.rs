@@ -18,6 +18,13 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
         Phase::Running => JobEnd::AgentLost,
         Phase::Finishing | Phase::Done => match (record.state, record.exit_code, &record.signal) {
             (Some(JobState::Canceled), _, _) => JobEnd::Canceled,
+            (Some(JobState::Failed), None, None)
+                if record.reason == Some(c3_proto::FailReason::DatasetError) =>
+            {
+                JobEnd::DatasetFailed {
+                    retryable: record.retryable.unwrap_or(true),
+                }
+            }
             (Some(JobState::TimedOut), _, _) => JobEnd::TimedOut,
             (_, Some(code), _) => JobEnd::Exited(code),
             (_, None, Some(sig)) => JobEnd::Killed(sig.clone()),
@@ -250,4 +257,45 @@ async fn recover_record(
     let summary = tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await;
     drop(lock);
     Some(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::{decide, note_end};
+
+    /// An attempt whose agent died after its dataset failed (while the DATASET_ERROR was
+    /// being sent) is finished by `recover` with that failure, retryable or not as it was:
+    /// the record said only "failed", and `recover` sent AGENT_ERROR, retryable, in its
+    /// place, and a scheduler retried a job whose dataset reference was bad.
+    #[test]
+    fn a_dataset_failure_is_recovered_as_it_was() {
+        let spec = c3_proto::JobSpec::from_json(br#"{"job_id":"d","command":["true"]}"#)
+            .unwrap()
+            .spec;
+        let mut record: RunRecord = serde_json::from_value(serde_json::json!({
+            "spec": spec, "workdir": "/w", "phase": "preparing", "pgid": null, "seq": 1,
+            "state": null, "reason": null, "exit_code": null, "signal": null,
+            "started_at": "2026-12-01T00:00:00Z", "agent": null, "agent_boot_id": null,
+            "leader": null, "cgroup": null, "unstored": [], "unstored_more": 0,
+            "unstored_for_good": 0, "job_user": null, "facts": null,
+        }))
+        .unwrap();
+        for retryable in [false, true] {
+            note_end(&JobEnd::DatasetFailed { retryable }, &mut record);
+            record.phase = Phase::Finishing;
+            let verdict = decide(&recorded_end(&record), false, false);
+            assert_eq!(
+                verdict.reason,
+                Some(c3_proto::FailReason::DatasetError),
+                "{verdict:?}"
+            );
+            assert_eq!(verdict.retryable, retryable);
+        }
+        note_end(&JobEnd::AgentFailed, &mut record);
+        assert_eq!(
+            decide(&recorded_end(&record), false, false).reason,
+            Some(c3_proto::FailReason::AgentError)
+        );
+    }
 }

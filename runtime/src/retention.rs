@@ -745,6 +745,7 @@ mod tests {
                 seq: 3,
                 state: Some(state),
                 reason: None,
+                retryable: None,
                 exit_code: Some(0),
                 signal: None,
                 started_at: "2026-01-01T00:00:00Z".into(),
