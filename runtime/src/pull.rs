@@ -247,7 +247,9 @@ impl Drop for Stop {
 /// 4 MiB here, and pack small files tighter) and an inode, and so does each directory made
 /// for them (a forged manifest of 0-byte files, each below its own chain of 127 directories,
 /// asked for 87 million of them). A file already in place with the entry's size and mtime
-/// (an earlier attempt's, a pull that broke off) is not counted again.
+/// (an earlier attempt's, a pull that broke off) is not counted again, if its blocks hold
+/// its size: a sparse one (a job's `truncate` and `touch` over its dataset copy in a
+/// workdir a later attempt reuses) is downloaded again whole, as root.
 fn check_room(
     root: &DirFd,
     files: &[FileEntry],
@@ -284,6 +286,7 @@ fn check_room(
         crate::confine::lstat_beneath(root, rel).is_ok_and(|st| {
             crate::confine::is_regular(&st)
                 && st.st_size as u64 == entry.size
+                && (st.st_blocks as u64).saturating_mul(512) >= entry.size
                 && owner.is_none_or(|(uid, _)| uid == st.st_uid)
                 && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == entry.mtime_ns
         })
@@ -666,6 +669,89 @@ mod tests {
         assert_eq!(
             existing(&fd, name, &entry, Some((other, other)), false).unwrap(),
             Some(false)
+        );
+    }
+
+    /// A tmpfs of `size` at a new temp dir, unmounted (lazily) when dropped; None (said)
+    /// where this machine cannot mount one.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "c3-test"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !mounted {
+                eprintln!("skipped: cannot mount a tmpfs here");
+                return None;
+            }
+            Some(Tmpfs(dir))
+        }
+
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// An entry `name` of `size` bytes (of no one's content) with a fixed mtime, and a file
+    /// in place for it under `dir`: `dense` written out, else only its size set (a hole).
+    fn in_place(dir: &Path, name: &str, size: u64, dense: bool) -> FileEntry {
+        let path = dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        if dense {
+            std::fs::write(&path, vec![7u8; size as usize]).unwrap();
+        } else {
+            file.set_len(size).unwrap();
+        }
+        let mtime_ns = 1_700_000_000_123_456_789i64;
+        file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64))
+            .unwrap();
+        FileEntry {
+            path: name.into(),
+            path_b64: None,
+            size,
+            sha256: "0".repeat(64),
+            blake3: String::new(),
+            mode: 0o644,
+            mtime_ns,
+        }
+    }
+
+    /// A job (its workdir reused by the next attempt) swaps its dataset copy for a sparse file
+    /// of the same size and mtime: the room check took it as in place and counted nothing,
+    /// and root then wrote the whole file again, into the blocks kept for root, until the
+    /// file system was full. A file written out in place is still not counted again.
+    #[test]
+    fn a_sparse_file_in_place_is_not_taken_for_the_entry() {
+        let Some(fs) = Tmpfs::mount("8m") else {
+            return;
+        };
+        let root = DirFd::open(fs.path()).unwrap();
+        let none = std::collections::BTreeMap::new();
+        let me = nix::unistd::geteuid().as_raw();
+        let owner = Some((me, me));
+        // 5 MiB written out of 8: counted again, they would not fit beside themselves.
+        let dense = in_place(fs.path(), "dense", 5 << 20, true);
+        check_room(&root, std::slice::from_ref(&dense), &none, fs.path(), owner)
+            .expect("a file in place is not counted again");
+        let sparse = in_place(fs.path(), "sparse", 64 << 20, false);
+        let checked = check_room(&root, &[dense, sparse], &none, fs.path(), owner);
+        assert!(
+            matches!(checked, Err(PullError::NoRoom { .. })),
+            "64 MiB to write, with 3 MiB free: {checked:?}"
         );
     }
 
