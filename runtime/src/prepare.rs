@@ -77,7 +77,10 @@ impl DatasetError {
                 PullError::NoManifest { source, .. } | PullError::Blob { source, .. } => {
                     !source.is_permanent()
                 }
-                PullError::Write { .. } | PullError::NoRoom { .. } | PullError::Task { .. } => true,
+                PullError::Write { .. }
+                | PullError::NoRoom { .. }
+                | PullError::Filling { .. }
+                | PullError::Task { .. } => true,
                 PullError::BadManifest { .. }
                 | PullError::WrongJob { .. }
                 | PullError::Mismatch { .. }

@@ -48,6 +48,12 @@ pub enum PullError {
         dirs: u64,
         free: u64,
     },
+    #[error("{} still needs {} and {} is free there (what a user may write): stopped before the file system fills", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
+    Filling {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
     #[error("{} exists and differs from the job's file; `--force` overwrites it", .path.display())]
     Exists { path: PathBuf },
     #[error("{path}: content does not match the manifest (sha256 {actual}, expected {expected})")]
@@ -249,7 +255,8 @@ impl Drop for Stop {
 /// asked for 87 million of them). A file already in place with the entry's size and mtime
 /// (an earlier attempt's, a pull that broke off) is not counted again, if its blocks hold
 /// its size: a sparse one (a job's `truncate` and `touch` over its dataset copy in a
-/// workdir a later attempt reuses) is downloaded again whole, as root.
+/// workdir a later attempt reuses) is downloaded again whole, as root. (So is one of the
+/// right size with other bytes: [`write_verified`] stops before the file system fills.)
 fn check_room(
     root: &DirFd,
     files: &[FileEntry],
@@ -441,6 +448,11 @@ async fn fetch_once(
             let written = write_verified(file, &mut rx, &entry, owner)
                 .map_err(|e| match e {
                     WriteFailure::Io(source) => werr(source),
+                    WriteFailure::Filling { needed, free } => PullError::Filling {
+                        path: target.clone(),
+                        needed,
+                        free,
+                    },
                     WriteFailure::Other(e) => e,
                 })
                 .and_then(|size| {
@@ -565,6 +577,11 @@ fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
 
 enum WriteFailure {
     Io(std::io::Error),
+    /// `needed` bytes still to write, `free` what an ordinary user could still write there.
+    Filling {
+        needed: u64,
+        free: u64,
+    },
     Other(PullError),
 }
 
@@ -574,9 +591,17 @@ impl From<std::io::Error> for WriteFailure {
     }
 }
 
+/// Bytes written between two looks at the free space (with 8 downloads at once, root writes
+/// at most 8 times this into the blocks an ordinary user may not use).
+const ROOM_LOOK_EVERY: u64 = 4 << 20;
+
 /// Writes the chunks to `file`, refusing more bytes than the manifest's size (a store that
 /// serves 50 GiB for a 3-byte entry must not fill the disk), then checks size and sha256
-/// and sets mode, mtime and owner on the fd.
+/// and sets mode, mtime and owner on the fd. What is still to come must fit in what an
+/// ordinary user could still write there (looked at every [`ROOM_LOOK_EVERY`] bytes): the
+/// room check up front takes a file in place with the entry's size and mtime for the
+/// entry's, and one with other bytes (a job's, in a workdir a later attempt reuses) is
+/// written again here, perhaps as root, past reserved blocks and quotas.
 fn write_verified(
     mut file: std::fs::File,
     rx: &mut tokio::sync::mpsc::Receiver<Option<bytes::Bytes>>,
@@ -592,7 +617,7 @@ fn write_verified(
         })
     };
     let mut hasher = Sha256Hasher::default();
-    let mut size = 0u64;
+    let (mut size, mut next_look) = (0u64, 0u64);
     while let Some(chunk) = rx.blocking_recv() {
         let Some(chunk) = chunk else {
             return Err(WriteFailure::Io(std::io::Error::other(
@@ -605,6 +630,17 @@ fn write_verified(
                 "unknown: the store sent more than the manifest's {} bytes",
                 entry.size
             )));
+        }
+        let before = size - chunk.len() as u64;
+        if before >= next_look {
+            if let Ok(fs) = nix::sys::statvfs::fstatvfs(&file) {
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                let needed = entry.size - before;
+                if needed > free {
+                    return Err(WriteFailure::Filling { needed, free });
+                }
+            }
+            next_look = before.saturating_add(ROOM_LOOK_EVERY);
         }
         hasher.update(&chunk);
         file.write_all(&chunk)?;
@@ -753,6 +789,42 @@ mod tests {
             matches!(checked, Err(PullError::NoRoom { .. })),
             "64 MiB to write, with 3 MiB free: {checked:?}"
         );
+    }
+
+    /// A file of the right size and mtime with other bytes (dense: the room check takes it for
+    /// the entry's) is written again as root: what is still to come must fit in what an
+    /// ordinary user could write, else the download stops before root fills the file system.
+    /// It wrote on into the blocks kept for root until the disk was full.
+    #[test]
+    fn a_download_that_would_fill_the_file_system_stops_first() {
+        let Some(fs) = Tmpfs::mount("8m") else {
+            return;
+        };
+        let path = fs.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut entry = entry_of(b"");
+        entry.size = 64 << 20;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(4);
+        let sender = std::thread::spawn(move || {
+            for _ in 0..64 {
+                if tx.blocking_send(Some(vec![7u8; 1 << 20].into())).is_err() {
+                    break;
+                }
+            }
+        });
+        let written = write_verified(file, &mut rx, &entry, None);
+        drop(rx);
+        sender.join().unwrap();
+        match written {
+            Err(WriteFailure::Filling { needed, free }) => {
+                assert_eq!(needed, 64 << 20);
+                assert!(free <= 8 << 20, "{free}");
+            }
+            Err(WriteFailure::Io(e)) => panic!("written until: {e}"),
+            Err(WriteFailure::Other(e)) => panic!("{e}"),
+            Ok(n) => panic!("{n} bytes written"),
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
     /// A job's process grows the file to a sparse terabyte the moment root opens it: the
