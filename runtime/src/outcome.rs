@@ -18,7 +18,8 @@ pub enum JobEnd {
     AgentFailed,
     /// Nothing was launched: an input dataset could not be materialized. `retryable` when
     /// the cause is the store or the node (a fault past its retries, a timeout, no room here),
-    /// not the reference (no such job, a manifest or blob that is not what it claims).
+    /// not the reference (no such job, a manifest or blob that is not what it claims) or the
+    /// job's own workdir (what an earlier attempt left where a dataset goes).
     DatasetFailed { retryable: bool },
     /// The agent died while the job ran; `recover` found it.
     AgentLost,

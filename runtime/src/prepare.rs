@@ -55,6 +55,8 @@ pub enum PrepareError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
+    /// InvalidInput from [`DirFd::ensure_dir`]: a symlink or a file in the mount path (an
+    /// earlier attempt's, in the workdir this one reuses), or a directory swapped in there.
     #[error("cannot create the mount directory")]
     Mount(#[source] std::io::Error),
 
@@ -72,7 +74,9 @@ impl DatasetError {
     /// store that refuses this node, or a workdir the job itself blocked are not retried.
     pub fn is_retryable(&self) -> bool {
         match self {
-            DatasetError::Mount(_) | DatasetError::TimedOut { .. } => true,
+            // What the job left in its workdir is there on the next attempt too.
+            DatasetError::Mount(e) => e.kind() != std::io::ErrorKind::InvalidInput,
+            DatasetError::TimedOut { .. } => true,
             DatasetError::Pull(e) => match e {
                 PullError::NoManifest { source, .. } | PullError::Blob { source, .. } => {
                     !source.is_permanent()

@@ -298,13 +298,7 @@ fn a_directory_where_a_dataset_file_goes_is_the_jobs_doing() {
     h.run_job(spec(1)).assert_code(0);
     let run = h.run_job(spec(2));
     assert_ne!(run.code, 0);
-    let reports = h.state.join("jobs/planter/attempts/2/reports.jsonl");
-    let t: serde_json::Value = std::fs::read_to_string(reports)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["body"].clone())
-        .find(|b| b["state"] == "FAILED")
-        .expect("attempt 2's terminal status");
+    let t = failed_status(&h, "planter", 2);
     assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
     assert_eq!(t["retryable"], false, "{t}");
     let left: Vec<_> = crate::common::files_under(&h.workdir("planter").join("in"))
@@ -312,6 +306,47 @@ fn a_directory_where_a_dataset_file_goes_is_the_jobs_doing() {
         .filter(|(f, _)| f.to_string_lossy().contains(".c3-pull-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// An earlier attempt left a symlink (or a file) where a dataset is mounted: the mount
+/// directory cannot be made, the same on every attempt in that workdir, and the attempt was
+/// called retryable (a scheduler retried it for ever). One level deeper the same is refused
+/// as the job's doing, not retried.
+#[test]
+fn a_symlink_or_file_where_a_dataset_is_mounted_is_the_jobs_doing() {
+    if not_root("a_symlink_or_file_where_a_dataset_is_mounted_is_the_jobs_doing") {
+        return;
+    }
+    let h = Harness::file();
+    h.run_job(
+        json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    for (job, plant) in [("linker", "ln -s /tmp m"), ("filer", "printf x > m")] {
+        let spec = |attempt: u32| {
+            json!({"job_id": job, "attempt": attempt, "user": "nobody",
+                "command": ["sh", "-c", format!("rm -rf m; {plant}")],
+                "datasets": [{"ref": "/jobs/real", "mount": "m"}]})
+        };
+        h.run_job(spec(1)).assert_code(0);
+        h.run_job(spec(2)).assert_code(6);
+        let t = failed_status(&h, job, 2);
+        assert_eq!(t["reason"], "DATASET_ERROR", "{job}: {t}");
+        assert_eq!(t["retryable"], false, "{job}: {t}");
+    }
+}
+
+/// The FAILED status an attempt reported.
+fn failed_status(h: &Harness, job: &str, attempt: u32) -> serde_json::Value {
+    let reports = h
+        .state
+        .join(format!("jobs/{job}/attempts/{attempt}/reports.jsonl"));
+    std::fs::read_to_string(reports)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["body"].clone())
+        .find(|b| b["state"] == "FAILED")
+        .unwrap_or_else(|| panic!("attempt {attempt} of {job}: no FAILED status"))
 }
 
 fn walk_dirs(dir: &std::path::Path) -> usize {
