@@ -500,16 +500,25 @@ async fn fetch_once(
                     source,
                 };
                 fruitless += 1;
+                let mut failed = broke;
                 if received < entry.size && fruitless <= MAX_FRUITLESS_RESUMES {
-                    tracing::debug!(path = %entry.path, received, error = %crate::error_chain(&broke), "download broke off; resuming");
-                    if let Ok(rest) = store.get_blob_from(&entry.sha256, received).await {
-                        body = rest.into_stream();
-                        continue;
+                    tracing::debug!(path = %entry.path, received, error = %crate::error_chain(&failed), "download broke off; resuming");
+                    match store.get_blob_from(&entry.sha256, received).await {
+                        Ok(rest) => {
+                            body = rest.into_stream();
+                            continue;
+                        }
+                        // A store that ignores the Range, a blob deleted meanwhile: the next
+                        // attempt fails the same way, and says why.
+                        Err(e) if e.is_permanent() => failed = e,
+                        Err(e) => {
+                            tracing::debug!(path = %entry.path, error = %crate::error_chain(&e), "resuming failed");
+                        }
                     }
                 }
                 fetch_error = Some(PullError::Blob {
                     path: entry.path.clone(),
-                    source: broke,
+                    source: failed,
                 });
                 let _ = tx.send(None).await;
                 break;

@@ -35,6 +35,8 @@ enum Fault {
     HeadDenied,
     /// Every GET response breaks off after at most 256 KiB.
     CutDownloads,
+    /// As `CutDownloads`, and a Range is ignored: the whole object again, with a 200.
+    CutDownloadsNoRange,
     /// The first GET of each blob: its bytes with the first one flipped (a cache that served
     /// a corrupted copy once).
     FlipOnce,
@@ -387,6 +389,7 @@ async fn handle(
                 .and_then(|r| r.to_str().ok())
                 .and_then(|r| r.strip_prefix("bytes="))
                 .and_then(|r| r.trim_end_matches('-').parse().ok())
+                .filter(|_| fault != Fault::CutDownloadsNoRange)
                 .unwrap_or(0);
             let mut h = object_headers(&o);
             h.push(("content-length", (o.len() - from).to_string()));
@@ -424,7 +427,9 @@ async fn handle(
                     Err(std::io::Error::other("cut"))
                 });
                 Body::from_stream(futures::stream::once(async { Ok(head) }).chain(cut))
-            } else if fault == Fault::CutDownloads && rest.len() > 256 << 10 {
+            } else if matches!(fault, Fault::CutDownloads | Fault::CutDownloadsNoRange)
+                && rest.len() > 256 << 10
+            {
                 // Promise the whole rest, send 256 KiB, then break the connection.
                 let head = rest.slice(..256 << 10);
                 use futures::StreamExt;
@@ -700,6 +705,25 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     h.run(&["pull", "cut", dest.to_str().unwrap()])
         .assert_code(0);
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
+
+/// A download breaks off and the store ignores the Range of its resume (object_store refuses
+/// the 200 it gets): that will not change on a retry. The resume's error was dropped and the
+/// break reported, so the dataset failed as retryable, for ever.
+#[test]
+fn a_dataset_whose_store_ignores_the_resumes_range_is_not_retried() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(3 << 20);
+    h.run_job(job_writing(&h, "cut", &data)).assert_code(0);
+    s3.set_fault(Fault::CutDownloadsNoRange);
+    h.run_job(json!({"job_id": "chained", "command": ["true"],
+        "datasets": [{"ref": "/jobs/cut", "mount": "in"}]}))
+        .assert_code(6);
+    let t = h.terminal("chained");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert_eq!(t["retryable"], false, "{t}");
+    assert!(t["message"].as_str().unwrap_or("").contains("range"), "{t}");
 }
 
 /// A body that does not hash to its key, once: a proxy's or cache's fault, which a second
