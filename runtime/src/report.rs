@@ -427,7 +427,8 @@ impl Reporter {
     }
 }
 
-/// Delivers a job's outbox in order; true when it is empty afterwards.
+/// Delivers a job's outbox in order; true when it is empty afterwards. False also when
+/// another flusher holds it ([`claim_outbox`]): what it holds goes out with that one.
 pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) -> bool {
     flush_outbox_for(cp, dir, deadline, None).await.0
 }
@@ -440,6 +441,11 @@ async fn flush_outbox_for(
     deadline: Instant,
     mine: Option<&Path>,
 ) -> (bool, Option<Result<Bytes, ()>>) {
+    let claim = match claim_outbox(dir) {
+        Claim::Held(claim) => claim,
+        Claim::Missing => return (true, None),
+        Claim::Busy => return (false, None),
+    };
     let mut outcome = None;
     for path in sorted_entries(dir) {
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
@@ -471,8 +477,118 @@ async fn flush_outbox_for(
         let _ = std::fs::remove_file(&path);
     }
     remove_stale_temps(dir);
-    let _ = std::fs::remove_dir(dir);
+    claim.release_and_remove(dir);
     (true, outcome)
+}
+
+/// The lock file in a job's outbox folder; not an entry (entries are `*.json`).
+pub(crate) const OUTBOX_LOCK: &str = ".lock";
+
+/// What [`claim_outbox`] found.
+enum Claim {
+    Held(OutboxClaim),
+    /// Another flusher holds the outbox, or it is not one the agent may trust.
+    Busy,
+    /// No outbox folder: nothing kept.
+    Missing,
+}
+
+/// One flusher's flock on a job's outbox (`outbox/<job>/.lock`), held for its whole flush.
+/// Without it two flushers (two jobs starting after an outage, a run beside `recover`) each
+/// read an entry and posted it before either removed it: statuses are told apart by `seq`,
+/// but an artifacts registration sent twice counted its `new_bytes` twice.
+struct OutboxClaim {
+    /// The outbox folder, opened once: the lock file is made and removed in it, never through
+    /// a path that could be swapped meanwhile.
+    dir: std::fs::File,
+    /// The locked file; its flock goes when it is dropped.
+    _lock: std::fs::File,
+}
+
+/// Takes `dir`'s lock without waiting: [`Claim::Busy`] when another flusher has it.
+fn claim_outbox(dir: &Path) -> Claim {
+    use nix::fcntl::{AtFlags, OFlag};
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // A flusher that emptied the outbox unlinks its lock file, then removes the folder: a
+    // lock taken on the unlinked file (opened just before) or in the removed folder claims
+    // nothing, and the next try opens the current one.
+    for _ in 0..3 {
+        // Never through a symlink, and only a folder root alone writes: root makes the lock
+        // file in it and posts what it holds under the node's token.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir);
+        let folder = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Claim::Missing,
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot open the outbox; its reports stay");
+                return Claim::Busy;
+            }
+        };
+        let Ok(meta) = folder.metadata() else {
+            return Claim::Busy;
+        };
+        if !crate::statedir::root_alone_writes(meta.uid(), meta.mode()) {
+            tracing::warn!(path = %dir.display(), "the outbox is writable by others than root; its reports stay");
+            return Claim::Busy;
+        }
+        let lock = nix::fcntl::openat(
+            &folder,
+            OUTBOX_LOCK,
+            OFlag::O_RDWR
+                | OFlag::O_CREAT
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        );
+        let lock = match lock {
+            Ok(fd) => std::fs::File::from(fd),
+            // The folder went since it was opened (a flusher emptied it).
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => {
+                tracing::warn!(path = %dir.join(OUTBOX_LOCK).display(), error = %e, "cannot open the outbox's lock; its reports stay");
+                return Claim::Busy;
+            }
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Claim::Busy,
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(path = %dir.join(OUTBOX_LOCK).display(), error = %e, "cannot lock the outbox; its reports stay");
+                return Claim::Busy;
+            }
+        }
+        let Ok(locked) = lock.metadata() else {
+            return Claim::Busy;
+        };
+        let linked = nix::sys::stat::fstatat(&folder, OUTBOX_LOCK, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| st.st_ino == locked.ino() && st.st_dev == locked.dev());
+        let current = std::fs::symlink_metadata(dir)
+            .is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev());
+        if linked && current {
+            return Claim::Held(OutboxClaim {
+                dir: folder,
+                _lock: lock,
+            });
+        }
+    }
+    Claim::Busy
+}
+
+impl OutboxClaim {
+    /// The flush is done: the lock file goes (while still held, so that no flusher takes
+    /// it and then finds it gone), then the folder if nothing else is in it.
+    fn release_and_remove(self, dir: &Path) {
+        let _ = nix::unistd::unlinkat(
+            &self.dir,
+            OUTBOX_LOCK,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// A keep that a kill interrupted leaves its temp file (`.c3-*.tmp`): never delivered, it
@@ -580,7 +696,7 @@ fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -607,46 +723,93 @@ mod tests {
                 let Ok((mut conn, _)) = listener.accept().await else {
                     return;
                 };
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut got = Vec::new();
-                // Headers, then the Content-Length bytes of the body.
-                loop {
-                    let n = conn.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if got.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let text = String::from_utf8_lossy(&got);
-                let Some((status, body)) = answer(text.lines().next().unwrap_or("")) else {
+                let (line, _) = read_request(&mut conn).await;
+                let Some((status, body)) = answer(&line) else {
                     return;
                 };
                 seen.fetch_add(1, Ordering::SeqCst);
-                let reply = format!(
-                    "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(reply.as_bytes()).await;
+                write_reply(&mut conn, status, body).await;
             }
         });
         (url, count)
     }
 
-    fn control_plane(url: url::Url) -> ControlPlane {
+    /// A request the server got: its request line and its body.
+    pub(crate) type Request = (String, String);
+
+    /// An HTTP server on 127.0.0.1 that answers each request, `delay` after it came, with
+    /// what `answer` says (given its request line and body), several at once; records them
+    /// in the order they came.
+    pub(crate) async fn serve_recorded(
+        delay: Duration,
+        answer: impl Fn(&str, &str) -> (&'static str, &'static str) + Send + Sync + 'static,
+    ) -> (url::Url, Arc<std::sync::Mutex<Vec<Request>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            url::Url::parse(&format!("http://{}/api/", listener.local_addr().unwrap())).unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (seen, answer) = (seen.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let (line, body) = read_request(&mut conn).await;
+                    let (status, reply) = answer(&line, &body);
+                    seen.lock().unwrap().push((line, body));
+                    tokio::time::sleep(delay).await;
+                    write_reply(&mut conn, status, reply).await;
+                });
+            }
+        });
+        (url, requests)
+    }
+
+    /// Headers, then the Content-Length bytes of the body: the request line and the body.
+    async fn read_request(conn: &mut tokio::net::TcpStream) -> (String, String) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = Vec::new();
+        let mut body_at = None;
+        loop {
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                body_at = Some(end + 4);
+                if got.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        let line = text.lines().next().unwrap_or("").to_string();
+        let body = body_at.map(|at| text[at..].to_string()).unwrap_or_default();
+        (line, body)
+    }
+
+    async fn write_reply(conn: &mut tokio::net::TcpStream, status: &str, body: &str) {
+        let reply = format!(
+            "HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:9/elsewhere\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(reply.as_bytes()).await;
+    }
+
+    pub(crate) fn control_plane(url: url::Url) -> ControlPlane {
         ControlPlane::new(ControlPlaneConfig {
             url,
             token: Some("t".into()),
@@ -778,6 +941,46 @@ mod tests {
             "sent to another control plane"
         );
         assert!(state.outbox_dir("away").exists());
+    }
+
+    /// Two flushers of one outbox (two jobs starting after an outage, a run beside
+    /// `recover`) each read the kept registration and posted it before either removed it;
+    /// the control plane, which cannot tell one registration sent twice from two, counted
+    /// its `new_bytes` twice. One holds the outbox now; the other leaves it to that one.
+    #[tokio::test]
+    async fn two_flushers_post_a_kept_registration_once() {
+        let (url, requests) =
+            serve_recorded(Duration::from_millis(300), |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        let registration = br#"{"attempt":1,"new_bytes":1000}"#;
+        assert!(matches!(
+            reporter.keep_unsent("artifacts", 3, registration),
+            Delivery::Kept
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outbox = state.outbox_dir("j");
+        let (a, b) = tokio::join!(
+            flush_all_outboxes(&cp, &state, deadline),
+            flush_job_outbox(&cp, &outbox, deadline),
+        );
+        let requests = requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), 1, "posted more than once: {requests:?}");
+        assert!(
+            requests[0].0.contains("/v1/jobs/j/artifacts"),
+            "{requests:?}"
+        );
+        assert_eq!(
+            (a, b),
+            (0, false),
+            "the second flusher left it to the first"
+        );
+        assert!(
+            !state.outbox_dir("j").exists(),
+            "the lock file went with the outbox"
+        );
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it

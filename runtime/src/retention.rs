@@ -259,8 +259,9 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
             ));
         }
     }
-    // What the flush delivers (`*.json`): a report it set aside (`*.bad`) or a temp file a
-    // killed keep left (`.c3-*.tmp`, which the flush removes once stale) waits for nothing.
+    // What the flush delivers (`*.json`): a report it set aside (`*.bad`), a temp file a
+    // killed keep left (`.c3-*.tmp`, which the flush removes once stale) or the flush's lock
+    // file (`.lock`) waits for nothing.
     let report = |name: &str| Path::new(name).extension().is_some_and(|x| x == "json");
     if has_entries(&state.outbox_dir(&job.id), report)? {
         return Err("reports wait in the outbox".into());
@@ -881,6 +882,12 @@ mod tests {
         f.job("tmponly", 1, JobState::Succeeded, 100 * DAY, None);
         std::fs::create_dir_all(f.state.outbox_dir("tmponly")).unwrap();
         std::fs::write(f.state.outbox_dir("tmponly").join(".c3-x.tmp"), "{").unwrap();
+        // A flush cut short leaves its lock file: not a report.
+        let lock = f
+            .state
+            .outbox_dir("tmponly")
+            .join(crate::report::OUTBOX_LOCK);
+        std::fs::write(lock, "").unwrap();
         let mut running = f.job("running", 2, JobState::Succeeded, 100 * DAY, None);
         f.job("running", 1, JobState::Failed, 100 * DAY, None);
         running.phase = Phase::Finishing;

@@ -9,6 +9,7 @@
 //! <state_dir>/jobs/<job_id>/attempts/<n>/stderr.log
 //! <state_dir>/jobs/<job_id>/attempts/<n>/reports.jsonl  reports, when there is no control plane
 //! <state_dir>/outbox/<job_id>/<attempt>-<order>-<kind>.json  reports not yet delivered
+//! <state_dir>/outbox/<job_id>/.lock                   held by the one flusher of the outbox
 //! ```
 
 use std::ffi::OsStr;
