@@ -181,7 +181,11 @@ impl JobReporter {
         registration.map(|r| self.reporter.keep_ahead("artifacts", seq, r.to_json()))
     }
 
-    /// Step two: the registration delivered, then the terminal status.
+    /// Step two: the registration delivered, then the terminal status. RUNNING and
+    /// FINALIZING are settled first here too (a no-op after [`JobReporter::settle_and_keep`]):
+    /// the stop deadline's cut path comes here alone, and its terminal status went out while
+    /// FINALIZING was still being retried, reached the control plane ahead of it, or left it
+    /// in flight for the runtime's shutdown to drop, never kept.
     pub async fn finish(
         &mut self,
         seq: u64,
@@ -190,6 +194,7 @@ impl JobReporter {
         ending: Ending,
         stay: Instant,
     ) {
+        self.settle_background(stay).await;
         if let Some(registration) = registration {
             self.artifacts(seq, registration, stay).await;
         }
@@ -244,5 +249,53 @@ impl JobReporter {
         if matches!(delivery, Delivery::Kept) {
             tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::report::tests::{control_plane, serve_recorded};
+    use crate::statedir::StateDir;
+
+    /// The stop deadline's cut path sent the terminal status (seq 3) while FINALIZING
+    /// (seq 2), refused once with a 503, was still being retried: 3 reached the control plane
+    /// ahead of 2, and 2 was left to a task that the agent's exit dropped.
+    #[tokio::test]
+    async fn the_terminal_status_waits_for_finalizing_on_every_path() {
+        let refused = AtomicBool::new(false);
+        let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
+            if body.contains(r#""seq":2"#) && !refused.swap(true, Ordering::SeqCst) {
+                ("503 Service Unavailable", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        let mut reports = JobReporter::new(reporter, 1);
+        let stay = Instant::now() + Duration::from_secs(10);
+        reports.finalizing(2, true, stay);
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Canceled, false, false);
+        reports
+            .finish(3, None, &verdict, Ending::default(), stay)
+            .await;
+        let seqs: Vec<u64> = requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(body).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, [2, 2, 3], "2 refused once, then 2, then 3");
+        assert!(!state.outbox_dir("j").exists(), "nothing kept");
     }
 }
