@@ -279,7 +279,7 @@ impl Reporter {
             return Delivery::Local;
         };
         // Earlier undelivered reports of this job go first, or the control plane would see them out of order.
-        if !flush_job_outbox(cp, &self.state.outbox_dir(&self.job_id), deadline).await {
+        if !flush_job_outbox(cp, &self.state, &self.job_id, deadline).await {
             return self.keep(kind, order, &endpoint, &body);
         }
         match cp.post(&endpoint, &body, deadline).await {
@@ -331,11 +331,13 @@ impl Reporter {
         let Some(cp) = &self.control_plane else {
             return Delivery::Kept;
         };
-        let dir = self.state.outbox_dir(&self.job_id);
-        match flush_outbox_for(cp, &dir, deadline, Some(&mine)).await {
-            (_, Some(Ok(reply))) => Delivery::Delivered(reply),
-            (_, Some(Err(()))) => Delivery::Rejected,
-            (_, None) => {
+        match flush_outbox_for(cp, &self.state, &self.job_id, deadline, Some(&mine))
+            .await
+            .mine
+        {
+            Some(Ok(reply)) => Delivery::Delivered(reply),
+            Some(Err(())) => Delivery::Rejected,
+            None => {
                 tracing::warn!(
                     kind,
                     give_up_secs = cp.give_up().as_secs(),
@@ -352,7 +354,6 @@ impl Reporter {
         let Some(cp) = &self.control_plane else {
             return Delivery::Kept;
         };
-        let dir = self.state.outbox_dir(&self.job_id);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Delivery::Kept,
@@ -360,7 +361,7 @@ impl Reporter {
             }
             let flushed = tokio::select! {
                 _ = stop.cancelled() => return Delivery::Kept,
-                flushed = flush_job_outbox(cp, &dir, Instant::now() + cp.give_up()) => flushed,
+                flushed = flush_job_outbox(cp, &self.state, &self.job_id, Instant::now() + cp.give_up()) => flushed,
             };
             if flushed {
                 return Delivery::Delivered(Bytes::new());
@@ -427,27 +428,65 @@ impl Reporter {
     }
 }
 
-/// Delivers a job's outbox in order; true when it is empty afterwards. False also when
+/// Delivers a job's outbox in order; true when nothing for this control plane is left in it
+/// afterwards (what is for another one stays, and holds nothing back). False also when
 /// another flusher holds it ([`claim_outbox`]): what it holds goes out with that one.
-pub async fn flush_job_outbox(cp: &ControlPlane, dir: &Path, deadline: Instant) -> bool {
-    flush_outbox_for(cp, dir, deadline, None).await.0
+pub async fn flush_job_outbox(
+    cp: &ControlPlane,
+    state: &StateDir,
+    job: &str,
+    deadline: Instant,
+) -> bool {
+    flush_outbox_for(cp, state, job, deadline, None).await.done
 }
 
-/// [`flush_job_outbox`], telling also what became of the entry `mine` (None: not delivered
-/// yet; `Err`: rejected).
+/// What one flush of a job's outbox did.
+struct Flushed {
+    /// Nothing for this control plane is left.
+    done: bool,
+    /// Entries left for another control plane.
+    elsewhere: usize,
+    /// What became of the entry `mine` (None: not delivered yet; `Err`: rejected).
+    mine: Option<Result<Bytes, ()>>,
+}
+
+/// [`flush_job_outbox`], telling also what became of the entry `mine`.
 async fn flush_outbox_for(
     cp: &ControlPlane,
-    dir: &Path,
+    state: &StateDir,
+    job: &str,
     deadline: Instant,
     mine: Option<&Path>,
-) -> (bool, Option<Result<Bytes, ()>>) {
+) -> Flushed {
+    let dir = &state.outbox_dir(job);
+    let mut flushed = Flushed {
+        done: false,
+        elsewhere: 0,
+        mine: None,
+    };
     let claim = match claim_outbox(dir) {
         Claim::Held(claim) => claim,
-        Claim::Missing => return (true, None),
-        Claim::Busy => return (false, None),
+        Claim::Missing => {
+            flushed.done = true;
+            return flushed;
+        }
+        Claim::Busy => return flushed,
     };
-    let mut outcome = None;
+    let here = cp.shown_url();
+    let mut theirs = std::collections::HashMap::new();
     for path in sorted_entries(dir) {
+        // Entries of an attempt that reported to another control plane (its run record says
+        // so: attempt 1 under one config, attempt 2 or a `resync` under another) are its
+        // own: they name a manifest in its store, and would go out under this one's token.
+        // Passed over, not waited for: they hold this control plane's reports back for good.
+        let attempt = entry_attempt(&path);
+        let elsewhere = *theirs.entry(attempt).or_insert_with(|| {
+            attempt.is_some_and(|n| attempt_reports_elsewhere(state, job, n, &here))
+        });
+        if elsewhere {
+            flushed.elsewhere += 1;
+            continue;
+        }
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
             // Delivered by another flusher of this outbox meanwhile.
@@ -460,25 +499,35 @@ async fn flush_outbox_for(
         };
         let is_mine = mine == Some(path.as_path());
         match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
-            Ok(reply) if is_mine => outcome = Some(Ok(reply)),
+            Ok(reply) if is_mine => flushed.mine = Some(Ok(reply)),
             Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
-            Err(e) if e.is_retryable() => return (false, outcome),
+            Err(e) if e.is_retryable() => return flushed,
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
-                return (false, outcome);
+                return flushed;
             }
             Err(e) => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane rejected a kept report; dropped");
                 if is_mine {
-                    outcome = Some(Err(()));
+                    flushed.mine = Some(Err(()));
                 }
             }
         }
         let _ = std::fs::remove_file(&path);
     }
+    if flushed.elsewhere > 0 {
+        tracing::warn!(job_id = job, control_plane = %here, reports = flushed.elsewhere, "the job's kept reports are for another control plane than this config's; left in its outbox");
+    }
     remove_stale_temps(dir);
     claim.release_and_remove(dir);
-    (true, outcome)
+    flushed.done = true;
+    flushed
+}
+
+/// The attempt an outbox entry belongs to, by its name (`<attempt>-<order>-<kind>.json`).
+fn entry_attempt(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    name.split_once('-')?.0.parse().ok()
 }
 
 /// The lock file in a job's outbox folder; not an entry (entries are `*.json`).
@@ -616,60 +665,52 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         return 0;
     };
     let mut left = 0;
-    let mut dirs: Vec<PathBuf> = dirs
+    let mut jobs: Vec<String> = dirs
         .flatten()
-        .map(|d| d.path())
-        .filter(|p| p.is_dir())
+        .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|d| d.file_name().into_string().ok())
         .collect();
-    dirs.sort();
+    jobs.sort();
     // Order matters within a job only: each job's outbox gets its share of the time left,
     // so one job whose reports the control plane keeps failing (a job it deleted, a body
     // that crashes it) does not hold every later job's reports back until the deadline.
     // A job whose agent runs delivers its own outbox, in order, with what it sends next: a
     // second flusher would post its artifacts registration (kept ahead of its sending)
     // again, counting its bytes twice, or after its terminal status.
-    // A job that reported to another control plane (its run record says so: a housekeeping
-    // unit without the job unit's environment) keeps its reports for one that does: they
-    // name a manifest in its store, and would go out under this one's token.
-    let here = cp.shown_url();
-    dirs.retain(|dir| {
-        let job = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // Reports an attempt kept for another control plane (a housekeeping unit without the
+    // job unit's environment) stay for one that is it ([`flush_job_outbox`]).
+    jobs.retain(|job| {
         let running = job_is_running(state, job);
-        let elsewhere = !running && reports_go_elsewhere(state, job, &here);
-        if elsewhere {
-            tracing::warn!(job_id = job, control_plane = %here, "the job's kept reports are for another control plane than this config's; left in its outbox");
-        }
-        if running || elsewhere {
+        if running {
             left += 1;
         }
-        !(running || elsewhere)
+        !running
     });
-    let count = dirs.len();
-    for (i, dir) in dirs.into_iter().enumerate() {
+    let count = jobs.len();
+    for (i, job) in jobs.into_iter().enumerate() {
         let now = Instant::now();
         let time_left = deadline.saturating_duration_since(now);
         // At least time for a try or two each: a share shorter than one POST (200 outboxes
         // in 60 s) cut every first try, and nothing was ever delivered. An outbox delivered
         // at once leaves its share to the rest.
         let share = (time_left / (count - i) as u32).max(time_left.min(SHARE_FLOOR));
-        if !flush_job_outbox(cp, &dir, (now + share).min(deadline)).await {
+        let flushed = flush_outbox_for(cp, state, &job, (now + share).min(deadline), None).await;
+        if !flushed.done || flushed.elsewhere > 0 {
             left += 1;
         }
     }
     left
 }
 
-/// Whether a run record of `job` names a control plane other than `here` (shown URL).
-fn reports_go_elsewhere(state: &StateDir, job: &str, here: &str) -> bool {
+/// Whether the run record of `job`'s attempt `n` names a control plane other than `here`
+/// (shown URL). No record, or none named: this one's.
+fn attempt_reports_elsewhere(state: &StateDir, job: &str, n: u32, here: &str) -> bool {
     state
-        .attempt_numbers(job)
-        .into_iter()
-        .filter_map(|n| state.read_record(&state.run_record_path(job, n)).ok())
-        .any(|r| {
-            r.destination
-                .and_then(|d| d.control_plane)
-                .is_some_and(|theirs| theirs != here)
-        })
+        .read_record(&state.run_record_path(job, n))
+        .ok()
+        .and_then(|r| r.destination)
+        .and_then(|d| d.control_plane)
+        .is_some_and(|theirs| theirs != here)
 }
 
 /// Whether an agent holds the lock of one of `job`'s attempts now.
@@ -961,10 +1002,9 @@ pub(crate) mod tests {
             Delivery::Kept
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
-        let outbox = state.outbox_dir("j");
         let (a, b) = tokio::join!(
             flush_all_outboxes(&cp, &state, deadline),
-            flush_job_outbox(&cp, &outbox, deadline),
+            flush_job_outbox(&cp, &state, "j", deadline),
         );
         let requests = requests.lock().unwrap().clone();
         assert_eq!(requests.len(), 1, "posted more than once: {requests:?}");
@@ -981,6 +1021,58 @@ pub(crate) mod tests {
             !state.outbox_dir("j").exists(),
             "the lock file went with the outbox"
         );
+    }
+
+    /// A job's next attempt (or a `resync`) under another control plane's config delivered
+    /// the reports attempt 1 kept for its own one along with its own: `send` flushed the
+    /// job's outbox without the check a flush of all of them makes. Attempt 1's stay, and
+    /// hold none of attempt 2's back.
+    #[tokio::test]
+    async fn a_send_leaves_an_earlier_attempts_reports_for_its_control_plane() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        for (attempt, theirs) in [
+            (1, "http://cp-a.example/api/".to_string()),
+            (2, cp.shown_url()),
+        ] {
+            let record: c3_proto::RunRecord = serde_json::from_value(serde_json::json!({
+                "spec": {"job_id": "again", "command": ["true"], "attempt": attempt},
+                "workdir": "/w", "phase": "done", "seq": 3, "started_at": "x",
+                "destination": {"store": "s3://b", "control_plane": theirs},
+            }))
+            .unwrap();
+            state.write_record(&record).unwrap();
+        }
+        let first = Reporter::new(Some(cp.clone()), state.clone(), "again", 1);
+        first.keep_unsent("artifacts", 3, br#"{"attempt":1,"new_bytes":1000}"#);
+        let second = Reporter::new(Some(cp.clone()), state.clone(), "again", 2);
+        second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let sent = second
+            .send("status", 2, br#"{"attempt":2,"seq":2}"#.to_vec(), deadline)
+            .await;
+        assert!(matches!(sent, Delivery::Delivered(_)), "{sent:?}");
+        let bodies: Vec<String> = requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(
+            bodies,
+            [r#"{"attempt":2,"seq":1}"#, r#"{"attempt":2,"seq":2}"#],
+            "attempt 1's registration went to another control plane"
+        );
+        let left: Vec<PathBuf> = sorted_entries(&state.outbox_dir("again"));
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            left[0].ends_with("000001-00000003-artifacts.json"),
+            "{left:?}"
+        );
+        assert!(state.run_record_path("again", 2).is_file());
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it
@@ -1001,11 +1093,12 @@ pub(crate) mod tests {
             .unwrap()
             .set_modified(std::time::SystemTime::now() - Duration::from_secs(600))
             .unwrap();
-        assert!(flush_job_outbox(&control_plane(url.clone()), &outbox, deadline).await);
+        let state = StateDir::new(dir.path());
+        assert!(flush_job_outbox(&control_plane(url.clone()), &state, "j", deadline).await);
         assert!(!outbox.exists());
         std::fs::create_dir_all(&outbox).unwrap();
         std::fs::write(&young, b"{").unwrap();
-        flush_job_outbox(&control_plane(url), &outbox, deadline).await;
+        flush_job_outbox(&control_plane(url), &state, "j", deadline).await;
         assert!(young.exists(), "a keep under way is left alone");
     }
 }
