@@ -429,8 +429,8 @@ impl Reporter {
 }
 
 /// Delivers a job's outbox in order; true when nothing for this control plane is left in it
-/// afterwards (what is for another one stays, and holds nothing back). False also when
-/// another flusher holds it ([`claim_outbox`]): what it holds goes out with that one.
+/// afterwards (what is for another one stays, and holds nothing back). Another flusher's
+/// hold ([`claim_outbox`]) is waited out until `deadline`, then false.
 pub async fn flush_job_outbox(
     cp: &ControlPlane,
     state: &StateDir,
@@ -439,6 +439,9 @@ pub async fn flush_job_outbox(
 ) -> bool {
     flush_outbox_for(cp, state, job, deadline, None).await.done
 }
+
+/// How often a flush looks again at an outbox another flusher holds.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What one flush of a job's outbox did.
 struct Flushed {
@@ -464,13 +467,20 @@ async fn flush_outbox_for(
         elsewhere: 0,
         mine: None,
     };
-    let claim = match claim_outbox(dir) {
-        Claim::Held(claim) => claim,
-        Claim::Missing => {
-            flushed.done = true;
-            return flushed;
+    // Another flusher's hold is waited out within the deadline: a terminal status given up
+    // at once would wait in the outbox for the next `recover`, an hour maybe.
+    let claim = loop {
+        match claim_outbox(dir) {
+            Claim::Held(claim) => break claim,
+            Claim::Missing => {
+                flushed.done = true;
+                return flushed;
+            }
+            Claim::Busy if Instant::now() + CLAIM_RETRY < deadline => {
+                tokio::time::sleep(CLAIM_RETRY).await;
+            }
+            Claim::Busy => return flushed,
         }
-        Claim::Busy => return flushed,
     };
     let here = cp.shown_url();
     let mut theirs = std::collections::HashMap::new();
@@ -1014,8 +1024,8 @@ pub(crate) mod tests {
         );
         assert_eq!(
             (a, b),
-            (0, false),
-            "the second flusher left it to the first"
+            (0, true),
+            "the second flusher waited for the first and found it delivered"
         );
         assert!(
             !state.outbox_dir("j").exists(),
