@@ -16,7 +16,7 @@ use crate::store::{manifest_key, BlobStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error("job {job_id} has no manifest in the store")]
+    #[error("job {job_id}: {}", manifest_unread(.source))]
     NoManifest {
         job_id: String,
         #[source]
@@ -68,6 +68,25 @@ pub enum PullError {
     Task { path: String },
     #[error("the store's manifest for job {job_id} is job {found}'s")]
     WrongJob { job_id: String, found: String },
+}
+
+/// Why a job's manifest was not read, in words: "no manifest" only when the store said so (a
+/// dataset's status began with a false cause for a timeout, a denial or a manifest too large).
+fn manifest_unread(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Op {
+            source: object_store::Error::NotFound { .. },
+            ..
+        } => "no manifest in the store",
+        StoreError::TooLarge { .. } => "its manifest is larger than a manifest may be",
+        StoreError::Op {
+            source:
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. },
+            ..
+        } => "the store refuses to read its manifest",
+        _ => "its manifest could not be read from the store",
+    }
 }
 
 impl PullError {
@@ -678,6 +697,34 @@ fn write_verified(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "No manifest" only when the store said so: a manifest too large (or a timeout, a
+    /// denial) made a dataset's status begin with a false cause.
+    #[test]
+    fn a_manifest_not_read_says_why() {
+        let err = |source| {
+            PullError::NoManifest {
+                job_id: "j".into(),
+                source,
+            }
+            .to_string()
+        };
+        let missing = StoreError::Op {
+            op: "get",
+            key: "k".into(),
+            source: object_store::Error::NotFound {
+                path: "k".into(),
+                source: "gone".into(),
+            },
+        };
+        assert_eq!(err(missing), "job j: no manifest in the store");
+        let large = StoreError::TooLarge {
+            key: "k".into(),
+            size: 2,
+            max: 1,
+        };
+        assert!(err(large).contains("larger than"));
+    }
 
     fn entry_of(bytes: &[u8]) -> FileEntry {
         FileEntry {
