@@ -143,6 +143,10 @@ impl RunError {
     }
 }
 
+/// How far a later agent's `seq` starts past the one its attempt's record saved
+/// ([`Run::from_record`]).
+const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
+
 /// Runs one attempt of `spec` to its end. Cancelling `cancel` is `systemctl stop`.
 /// `Err` only when another agent already runs this attempt (nothing was touched).
 pub async fn run_job(
@@ -245,7 +249,14 @@ impl<'a> Run<'a> {
     /// identity recorded at launch, else a fresh lookup, else (the user is gone from the
     /// node) a reader that may read only what anyone may. The workdir is the one the record
     /// pinned, or none at all ([`crate::prepare::reopen_recorded_workdir`]).
-    pub async fn from_record(ctx: &'a AgentContext, record: RunRecord) -> Self {
+    pub async fn from_record(ctx: &'a AgentContext, mut record: RunRecord) -> Self {
+        // The record's `seq` is the last one saved, not always the last one sent: a status
+        // goes out even when its record could not be written (a full disk), and a `recover`
+        // that counted on from the saved one sent its terminal status with a `seq` the
+        // control plane had seen, dropped as a duplicate (the job stayed RUNNING there). A
+        // gap is allowed (`seq` only has to grow); more statuses than this are never sent
+        // without a record written between them.
+        record.seq += SEQ_GAP_AFTER_ITS_AGENT;
         crate::prepare::reopen_recorded_workdir(ctx, &record).await;
         let run_as = record
             .spec
