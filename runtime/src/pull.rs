@@ -764,37 +764,25 @@ mod tests {
         );
     }
 
-    /// A tmpfs of `size` at a new temp dir, unmounted (lazily) when dropped; None (said)
+    /// A tmpfs of `size` at a new temp dir (unmounted before the dir goes); None (said)
     /// where this machine cannot mount one.
-    struct Tmpfs(tempfile::TempDir);
+    struct Tmpfs {
+        _mounted: crate::rmtree::tests::Tmpfs,
+        dir: tempfile::TempDir,
+    }
 
     impl Tmpfs {
         fn mount(size: &str) -> Option<Tmpfs> {
             let dir = tempfile::tempdir().unwrap();
-            let mounted = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "c3-test"])
-                .arg(dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !mounted {
-                eprintln!("skipped: cannot mount a tmpfs here");
-                return None;
-            }
-            Some(Tmpfs(dir))
+            let mounted = crate::rmtree::tests::Tmpfs::mount_sized(dir.path(), Some(size))?;
+            Some(Tmpfs {
+                _mounted: mounted,
+                dir,
+            })
         }
 
         fn path(&self) -> &Path {
-            self.0.path()
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0.path())
-                .status();
+            self.dir.path()
         }
     }
 

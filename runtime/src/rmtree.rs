@@ -613,8 +613,16 @@ pub(crate) mod tests {
     impl Tmpfs {
         /// `None` (and a line saying the test is skipped) where mounting is not allowed.
         pub(crate) fn mount(at: &Path) -> Option<Tmpfs> {
+            Self::mount_sized(at, None)
+        }
+
+        /// [`Tmpfs::mount`] of `size` (`8m`), or the kernel's default.
+        pub(crate) fn mount_sized(at: &Path, size: Option<&str>) -> Option<Tmpfs> {
+            let options = size.map(|s| format!("size={s}"));
             let mounted = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "c3-test"])
+                .args(["-t", "tmpfs"])
+                .args(options.iter().flat_map(|o| ["-o", o.as_str()]))
+                .arg("c3-test")
                 .arg(at)
                 .stderr(std::process::Stdio::null())
                 .status()
