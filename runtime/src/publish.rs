@@ -13,7 +13,7 @@ use crate::collect::{scan, FileStamp, LocalFile};
 use crate::confine::{DirFd, JobReader};
 use crate::jobproc::JobProcesses;
 use crate::manifest::ManifestWriter;
-use crate::sync::{upload_all, SyncBook};
+use crate::sync::{upload_all, OlderVersion, SyncBook};
 use crate::upload::{UploadError, Uploader};
 
 pub use c3_proto::socket::MAX_PATHS;
@@ -156,7 +156,14 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
             !book.is_current(rel, stamp) && !open.contains(&(stamp.dev, stamp.ino))
         })
         .collect();
-    let report = upload_all(parts.uploader, parts.workdir, todo, book).await;
+    let report = upload_all(
+        parts.uploader,
+        parts.workdir,
+        todo,
+        book,
+        OlderVersion::Kept,
+    )
+    .await;
     if let Some((path, e)) = report.failures.first() {
         return SocketReply::error(format!("{path}: {}", told_the_job(e)));
     }

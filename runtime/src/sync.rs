@@ -375,6 +375,18 @@ impl SyncBook {
     }
 }
 
+/// What becomes of the version the book holds of a file whose newer version could not be
+/// stored ([`upload_all`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OlderVersion {
+    /// Listed still (a request while the job runs: the in-progress manifest lists the last
+    /// version stored, as live sync's does until the next lands; a crash keeps a checkpoint).
+    Kept,
+    /// Taken out (the final look: the complete manifest is what the job left, and the
+    /// book's version is not it).
+    Dropped,
+}
+
 /// Uploads every file of `scan` (below `workdir`) not already current in `book`; forgets
 /// files no longer on disk. The scan is used up as its files are queued.
 pub async fn sync_scan(
@@ -391,7 +403,7 @@ pub async fn sync_scan(
         .filter(|(rel, stamp)| !book.is_current(rel, stamp))
         .collect();
     let skipped = found - todo.len();
-    let mut report = upload_all(uploader, workdir, todo, book).await;
+    let mut report = upload_all(uploader, workdir, todo, book, OlderVersion::Dropped).await;
     report.skipped = skipped;
     report
 }
@@ -407,6 +419,7 @@ pub async fn upload_all(
     workdir: &std::path::Path,
     todo: Vec<(String, FileStamp)>,
     book: &mut SyncBook,
+    older: OlderVersion,
 ) -> SyncReport {
     let mut report = SyncReport::default();
     for (_, stamp) in &todo {
@@ -464,7 +477,7 @@ pub async fn upload_all(
         // rewrote `m.bin` and made it unreadable (or that someone removed after the scan)
         // left a complete manifest listing the version before. The version the scan found,
         // held racily, stays: nothing says it is not the file's.
-        if result.is_err() {
+        if result.is_err() && older == OlderVersion::Dropped {
             book.forget_unless_at(&rel, &stamp);
         }
         match result {
@@ -589,6 +602,10 @@ mod tests {
         assert_eq!(found.files.len(), 2);
         std::fs::remove_file(arts.join("m.bin")).unwrap();
         std::fs::remove_file(arts.join("r.bin")).unwrap();
+        // A request while the job runs (`wait_all`) keeps the version stored before.
+        let todo: Vec<_> = found.files.clone().into_iter().collect();
+        upload_all(&uploader, dir.path(), todo, &mut book, OlderVersion::Kept).await;
+        assert!(book.contains("artifacts/m.bin"), "a request dropped v1");
         let report = sync_scan(&uploader, dir.path(), found, &mut book).await;
         assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
         let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
