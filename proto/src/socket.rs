@@ -13,16 +13,46 @@ use serde::{Deserialize, Serialize};
 /// The most paths one `publish` may name.
 pub const MAX_PATHS: usize = 1000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum SocketRequest {
     /// Store these files now.
-    Publish {
-        #[serde(deserialize_with = "at_most_max_paths")]
-        paths: Vec<String>,
-    },
+    Publish { paths: Vec<String> },
     /// Everything pending so far (settled, not open for writing) is stored.
     WaitAll,
+}
+
+/// Read as a plain object, field by field: serde reads an internally tagged enum
+/// (`"op"` beside the fields) into a buffer of the whole object before it looks at a field,
+/// so `paths` would be built whole, however long, before anything counted it.
+impl<'de> Deserialize<'de> for SocketRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Op {
+            Publish,
+            WaitAll,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            op: Op,
+            #[serde(default, deserialize_with = "some_paths")]
+            paths: Option<Vec<String>>,
+        }
+        let raw = Raw::deserialize(d)?;
+        match (raw.op, raw.paths) {
+            (Op::Publish, Some(paths)) => Ok(SocketRequest::Publish { paths }),
+            (Op::Publish, None) => Err(D::Error::missing_field("paths")),
+            (Op::WaitAll, None) => Ok(SocketRequest::WaitAll),
+            (Op::WaitAll, Some(_)) => Err(D::Error::unknown_field("paths", &["op"])),
+        }
+    }
+}
+
+fn some_paths<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    at_most_max_paths(d).map(Some)
 }
 
 /// `paths`, each once, refused as soon as more than [`MAX_PATHS`] distinct ones are read: a
@@ -157,5 +187,14 @@ mod tests {
         assert_eq!(paths.len(), MAX_PATHS);
         let err = SocketRequest::from_line(line(150_000, 150_000).as_bytes()).unwrap_err();
         assert!(err.to_string().contains("at most 1000 paths"), "{err}");
+        // Refused at the 1,001st path, not after the line was read whole: what follows it
+        // (here not even JSON) is never looked at.
+        let cut = line(1_001, 1_001);
+        let cut = format!("{}, !!! not JSON", &cut[..cut.len() - 2]);
+        let err = SocketRequest::from_line(cut.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("at most 1000 paths"), "{err}");
+        assert!(SocketRequest::from_line(br#"{"op":"wait_all","paths":[]}"#).is_err());
+        assert!(SocketRequest::from_line(br#"{"op":"publish"}"#).is_err());
+        assert!(SocketRequest::from_line(br#"{"paths":["a"],"op":"publish"}"#).is_ok());
     }
 }
