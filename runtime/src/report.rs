@@ -479,7 +479,7 @@ async fn flush_outbox_for(
             Claim::Busy if Instant::now() + CLAIM_RETRY < deadline => {
                 tokio::time::sleep(CLAIM_RETRY).await;
             }
-            Claim::Busy => return flushed,
+            Claim::Busy | Claim::Refused => return flushed,
         }
     };
     let here = cp.shown_url();
@@ -546,8 +546,10 @@ pub(crate) const OUTBOX_LOCK: &str = ".lock";
 /// What [`claim_outbox`] found.
 enum Claim {
     Held(OutboxClaim),
-    /// Another flusher holds the outbox, or it is not one the agent may trust.
+    /// Another flusher holds the outbox (for a moment: worth waiting for).
     Busy,
+    /// It is not one the agent may trust, or cannot be locked: no wait makes it one.
+    Refused,
     /// No outbox folder: nothing kept.
     Missing,
 }
@@ -583,15 +585,15 @@ fn claim_outbox(dir: &Path) -> Claim {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Claim::Missing,
             Err(e) => {
                 tracing::warn!(path = %dir.display(), error = %e, "cannot open the outbox; its reports stay");
-                return Claim::Busy;
+                return Claim::Refused;
             }
         };
         let Ok(meta) = folder.metadata() else {
-            return Claim::Busy;
+            return Claim::Refused;
         };
         if !crate::statedir::root_alone_writes(meta.uid(), meta.mode()) {
             tracing::warn!(path = %dir.display(), "the outbox is writable by others than root; its reports stay");
-            return Claim::Busy;
+            return Claim::Refused;
         }
         let lock = nix::fcntl::openat(
             &folder,
@@ -609,7 +611,7 @@ fn claim_outbox(dir: &Path) -> Claim {
             Err(nix::errno::Errno::ENOENT) => continue,
             Err(e) => {
                 tracing::warn!(path = %dir.join(OUTBOX_LOCK).display(), error = %e, "cannot open the outbox's lock; its reports stay");
-                return Claim::Busy;
+                return Claim::Refused;
             }
         };
         match lock.try_lock() {
@@ -617,11 +619,11 @@ fn claim_outbox(dir: &Path) -> Claim {
             Err(std::fs::TryLockError::WouldBlock) => return Claim::Busy,
             Err(std::fs::TryLockError::Error(e)) => {
                 tracing::warn!(path = %dir.join(OUTBOX_LOCK).display(), error = %e, "cannot lock the outbox; its reports stay");
-                return Claim::Busy;
+                return Claim::Refused;
             }
         }
         let Ok(locked) = lock.metadata() else {
-            return Claim::Busy;
+            return Claim::Refused;
         };
         let linked = nix::sys::stat::fstatat(&folder, OUTBOX_LOCK, AtFlags::AT_SYMLINK_NOFOLLOW)
             .is_ok_and(|st| st.st_ino == locked.ino() && st.st_dev == locked.dev());
@@ -1031,6 +1033,25 @@ pub(crate) mod tests {
             !state.outbox_dir("j").exists(),
             "the lock file went with the outbox"
         );
+    }
+
+    /// An outbox the agent may not trust (writable by others than root) is left at once, not
+    /// polled as if another flusher held it until the send's deadline: every status of the
+    /// job would wait that long before it was kept.
+    #[tokio::test(start_paused = true)]
+    async fn an_outbox_not_to_be_trusted_is_not_waited_for() {
+        use std::os::unix::fs::PermissionsExt;
+        let cp = control_plane("http://127.0.0.1:9".parse().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 2, br#"{"attempt":1,"seq":2}"#);
+        let outbox = state.outbox_dir("j");
+        std::fs::set_permissions(&outbox, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(30);
+        assert!(!flush_job_outbox(&cp, &state, "j", deadline).await);
+        assert_eq!(started.elapsed(), Duration::ZERO, "waited for nobody");
     }
 
     /// A job's next attempt (or a `resync`) under another control plane's config delivered
