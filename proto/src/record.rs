@@ -189,6 +189,10 @@ pub struct OutboxEntry {
     /// Path below the control-plane URL, e.g. `v1/jobs/j1/status`.
     pub endpoint: String,
     pub body: serde_json::Value,
+    /// The control plane it was meant for (its URL as shown: no credentials), when kept;
+    /// absent in entries of older agents (their attempt's run record says it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<String>,
 }
 
 /// A multipart upload under way: `<state_dir>/jobs/<job_id>/uploads/<attempt>-<sha256>.json`,
@@ -243,6 +247,7 @@ impl OutboxEntry {
             job_id: job_id.to_string(),
             endpoint,
             body,
+            control_plane: None,
         }
     }
 

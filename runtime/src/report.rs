@@ -387,7 +387,8 @@ impl Reporter {
 
     /// Writes the outbox entry; its path, or None (logged) when it cannot be written.
     fn keep_at(&self, kind: &str, order: u64, endpoint: &str, body: &[u8]) -> Option<PathBuf> {
-        let entry = OutboxEntry::new(&self.job_id, endpoint.to_string(), body);
+        let mut entry = OutboxEntry::new(&self.job_id, endpoint.to_string(), body);
+        entry.control_plane = self.control_plane.as_ref().map(ControlPlane::shown_url);
         let name = format!("{:06}-{order:08}-{kind}.json", self.attempt);
         let path = self.state.outbox_dir(&self.job_id).join(name);
         let json = entry.to_json();
@@ -485,18 +486,6 @@ async fn flush_outbox_for(
     let here = cp.shown_url();
     let mut theirs = std::collections::HashMap::new();
     for path in sorted_entries(dir) {
-        // Entries of an attempt that reported to another control plane (its run record says
-        // so: attempt 1 under one config, attempt 2 or a `resync` under another) are its
-        // own: they name a manifest in its store, and would go out under this one's token.
-        // Passed over, not waited for: they hold this control plane's reports back for good.
-        let attempt = entry_attempt(&path);
-        let elsewhere = *theirs.entry(attempt).or_insert_with(|| {
-            attempt.is_some_and(|n| attempt_reports_elsewhere(state, job, n, &here))
-        });
-        if elsewhere {
-            flushed.elsewhere += 1;
-            continue;
-        }
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
             // Delivered by another flusher of this outbox meanwhile.
@@ -507,6 +496,24 @@ async fn flush_outbox_for(
                 continue;
             }
         };
+        // Entries kept for another control plane (attempt 1 under one config, attempt 2 or
+        // a `resync` under another) are its own: they name a manifest in its store, and
+        // would go out under this one's token. Each says whom it was for; an older agent's
+        // entry goes by its attempt's run record. Passed over, not waited for: they would
+        // hold this control plane's reports back for good.
+        let elsewhere = match &entry.control_plane {
+            Some(theirs) => *theirs != here,
+            None => {
+                let attempt = entry_attempt(&path);
+                *theirs.entry(attempt).or_insert_with(|| {
+                    attempt.is_some_and(|n| attempt_reports_elsewhere(state, job, n, &here))
+                })
+            }
+        };
+        if elsewhere {
+            flushed.elsewhere += 1;
+            continue;
+        }
         let is_mine = mine == Some(path.as_path());
         match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
             Ok(reply) if is_mine => flushed.mine = Some(Ok(reply)),
@@ -984,10 +991,16 @@ pub(crate) mod tests {
         }))
         .unwrap();
         state.write_record(&record).unwrap();
-        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "away", 1);
+        let cp_a = control_plane("http://cp-a.example/api/".parse().unwrap());
+        let reporter = Reporter::new(Some(cp_a), state.clone(), "away", 1);
         reporter.keep_unsent("status", 3, b"{}");
+        // An older agent's entry says nothing of its control plane: its record does.
+        let older = OutboxEntry::new("away", "v1/jobs/away/status".into(), b"{}");
+        let path = state.outbox_dir("away").join("000001-00000004-status.json");
+        write_atomic(&path, &older.to_json()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(sorted_entries(&state.outbox_dir("away")).len(), 2);
         assert_eq!(
             count.load(Ordering::SeqCst),
             0,
@@ -1076,7 +1089,8 @@ pub(crate) mod tests {
             .unwrap();
             state.write_record(&record).unwrap();
         }
-        let first = Reporter::new(Some(cp.clone()), state.clone(), "again", 1);
+        let cp_a = control_plane("http://cp-a.example/api/".parse().unwrap());
+        let first = Reporter::new(Some(cp_a), state.clone(), "again", 1);
         first.keep_unsent("artifacts", 3, br#"{"attempt":1,"new_bytes":1000}"#);
         let second = Reporter::new(Some(cp.clone()), state.clone(), "again", 2);
         second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
@@ -1104,6 +1118,29 @@ pub(crate) mod tests {
         );
         assert!(state.run_record_path("again", 2).is_file());
         assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+
+        // `resync` of attempt 1 under this config (the operator's move of the job here): its
+        // own reports are this control plane's, though the attempt's record names the other.
+        let resync = Reporter::new(Some(cp.clone()), state.clone(), "again", 1);
+        resync.keep_unsent("status", 20, br#"{"attempt":1,"seq":20}"#);
+        let sent = resync
+            .send(
+                "status",
+                21,
+                br#"{"attempt":1,"seq":21}"#.to_vec(),
+                deadline,
+            )
+            .await;
+        assert!(matches!(sent, Delivery::Delivered(_)), "{sent:?}");
+        let bodies: Vec<String> = requests.lock().unwrap()[2..]
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect();
+        assert_eq!(
+            bodies,
+            [r#"{"attempt":1,"seq":20}"#, r#"{"attempt":1,"seq":21}"#]
+        );
+        assert_eq!(sorted_entries(&state.outbox_dir("again")).len(), 1);
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it
