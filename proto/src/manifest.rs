@@ -29,6 +29,12 @@ pub fn entry_floor(rel: &str) -> u64 {
     }
 }
 
+/// What the file keyed `rel` adds to its entry beyond [`MIN_ENTRY_BYTES`]: its path as the
+/// manifest spells it. Every count of what a book or a queue will take in a manifest uses it.
+pub fn entry_path_bytes(rel: &str) -> u64 {
+    entry_floor(rel) - MIN_ENTRY_BYTES
+}
+
 /// The bytes of `s` inside a JSON string as serde_json writes it.
 fn json_len(s: &str) -> u64 {
     s.bytes()

@@ -58,7 +58,7 @@ impl Candidates {
                 key
             }
             None => {
-                self.path_bytes += rel.len() as u64;
+                self.path_bytes += c3_proto::manifest::entry_path_bytes(&rel);
                 Arc::from(rel)
             }
         };
@@ -76,7 +76,7 @@ impl Candidates {
     pub fn remove(&mut self, rel: &str) -> Option<Candidate> {
         let (key, old) = self.by_path.remove_entry(rel)?;
         self.by_since.remove(&(old.since, key));
-        self.path_bytes -= rel.len() as u64;
+        self.path_bytes -= c3_proto::manifest::entry_path_bytes(rel);
         Some(old)
     }
 

@@ -203,7 +203,7 @@ impl SyncBook {
             let keep = !gone(k);
             if !keep {
                 free.push(at);
-                *path_bytes -= k.len() as u64;
+                *path_bytes -= c3_proto::manifest::entry_path_bytes(k);
                 if k.starts_with('\0') {
                     odd.remove(&c3_proto::manifest::rel_bytes(k));
                 }
@@ -272,7 +272,7 @@ impl SyncBook {
         for key in keys {
             if let Some(at) = self.synced.remove(key) {
                 self.free.push(at);
-                self.path_bytes -= key.len() as u64;
+                self.path_bytes -= c3_proto::manifest::entry_path_bytes(key);
                 if key.starts_with('\0') {
                     self.odd.remove(&c3_proto::manifest::rel_bytes(key));
                 }
@@ -331,7 +331,7 @@ impl SyncBook {
                             .expect("fewer files than a manifest can list")
                     }
                 };
-                self.path_bytes += up.rel.len() as u64;
+                self.path_bytes += c3_proto::manifest::entry_path_bytes(&up.rel);
                 if up.rel.starts_with('\0') {
                     self.odd.insert(c3_proto::manifest::rel_bytes(&up.rel));
                 }
@@ -610,6 +610,36 @@ mod tests {
         assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
         let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
+    }
+
+    /// What the book counts against `max_manifest_bytes` is never under what its manifest
+    /// takes, names of control characters and names that are not UTF-8 included: live sync
+    /// counted their raw bytes (a sixth of a control character's), and a book it let grow
+    /// made a complete manifest over the cap.
+    #[test]
+    fn the_book_counts_what_its_manifest_takes() {
+        let mut book = SyncBook::default();
+        book.record(up(&format!("artifacts/{}", "\u{1}".repeat(200)), 1));
+        book.record(up(
+            &c3_proto::manifest::rel_key(b"artifacts/\xff\xfe\x01"),
+            2,
+        ));
+        book.record(up("artifacts/plain", 3));
+        let m = c3_proto::Manifest::new("j", None, 1);
+        let taken = (m.to_json_with(book.listing()).len()
+            - m.to_json_with(std::iter::empty::<Listing>()).len()) as u64;
+        assert!(
+            book.entries_floor() <= taken,
+            "{} over {taken}",
+            book.entries_floor()
+        );
+        assert!(
+            taken - book.entries_floor() < 300,
+            "{} far under {taken}",
+            book.entries_floor()
+        );
+        book.forget(|_| true);
+        assert_eq!((book.entries_floor(), book.path_bytes), (0, 0));
     }
 
     /// Forgetting a path drops it and what lies below it, nothing beside it.
