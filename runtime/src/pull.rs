@@ -114,6 +114,17 @@ pub struct PullSummary {
 /// Largest manifest the agent reads unless configured otherwise.
 pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Whether `file` has no hole before `size`: a sparse file of the entry's size and mtime (a
+/// job's stand-in for its dataset copy) is not the copy, and writing the copy takes room.
+/// Asked of the holes, not of the blocks: on a compressing file system (ZFS, btrfs) a copy
+/// written out takes fewer blocks than its size. One that cannot say counts as no copy.
+fn no_hole_before(file: &std::fs::File, size: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an fd borrowed for the call; no memory is touched.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    hole >= 0 && hole as u64 >= size
+}
+
 /// Reads a job's manifest; one larger than `max_bytes` is refused before it is parsed.
 pub async fn read_manifest(
     store: &BlobStore,
@@ -312,9 +323,11 @@ fn check_room(
         crate::confine::lstat_beneath(root, rel).is_ok_and(|st| {
             crate::confine::is_regular(&st)
                 && st.st_size as u64 == entry.size
-                && (st.st_blocks as u64).saturating_mul(512) >= entry.size
                 && owner.is_none_or(|(uid, _)| uid == st.st_uid)
                 && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == entry.mtime_ns
+                && root
+                    .open_file(rel)
+                    .is_ok_and(|f| no_hole_before(&f, entry.size))
         })
     };
     let needed = files
