@@ -4,8 +4,12 @@
 //! 308 re-sends a PUT's body, a job's checkpoint, with its `x-amz-security-token`, to
 //! whatever host the store's answer names; a GET reads from there. object_store builds its
 //! client in a crate-private method, so this is that method over the public option getters,
-//! with the redirect policy and nothing else changed. A redirect to another origin comes back
-//! unfollowed and is refused in [`crate::httpcap`].
+//! with the redirect policy changed and the agent named in `User-Agent`. A redirect to
+//! another origin comes back unfollowed and is refused in [`crate::httpcap`]. Root
+//! certificates added to the options have no getter: the agent adds none (the system's
+//! are used), and one added some day must be passed here too. A `user_agent` option that is
+//! no header value reads as none through the getter, so it gives the agent's own here where
+//! object_store refused it.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
