@@ -390,6 +390,12 @@ async fn wait_for_end(
         if let Some(leader) = leader {
             if !crate::procfs::is_alive(leader) {
                 tracing::info!(pid = leader.pid, "the job's main process ended");
+                // scancel and a pod deletion signal the whole job at once: the trainer dies of
+                // the SIGTERM this agent is sent too, and one look may see its death a moment
+                // before the agent's own stop. Both are the job stopped, not its own end (it
+                // was SUCCEEDED, "exit code unknown").
+                let stopped =
+                    stopped || tokio::time::timeout(POLL, cancel.cancelled()).await.is_ok();
                 left_behind(procs, cancel).await;
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
@@ -419,6 +425,13 @@ async fn wait_for_end(
                         oom: true,
                     };
                 }
+                if stopped {
+                    tracing::warn!(
+                        pid = leader.pid,
+                        "the job's main process ended with the agent's stop; canceled"
+                    );
+                    return stop_end().await.into();
+                }
                 if plan.done_file.is_some() {
                     return killed().into();
                 }
@@ -437,7 +450,7 @@ async fn wait_for_end(
                 // Its main process still runs (it was alive just above): the agent is stopped
                 // with the job (scancel, a pod deletion), not after it.
                 tracing::warn!("agent asked to stop while the job's main process runs; canceled");
-                return (JobEnd::Canceled, Some("canceled".into())).into();
+                return stop_end().await.into();
             }
             if let Some(done) = plan.done_file.as_deref() {
                 // A read still under way (a network mount slow just after the last
@@ -457,6 +470,16 @@ async fn wait_for_end(
             tracing::warn!("agent asked to stop before the job said it was done; canceled");
             return (JobEnd::Canceled, Some("canceled".into())).into();
         }
+    }
+}
+
+/// How a watched job the agent was stopped with ended: TIMED_OUT when Slurm stopped it for
+/// its time limit, else CANCELED.
+async fn stop_end() -> (JobEnd, Option<String>) {
+    if crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await {
+        (JobEnd::TimedOut, Some("Slurm's time limit".into()))
+    } else {
+        (JobEnd::Canceled, Some("canceled".into()))
     }
 }
 

@@ -545,6 +545,32 @@ fn watch_ends_when_the_watched_process_exits() {
     );
 }
 
+/// scancel and a pod deletion signal the whole job at once: the watched trainer dies of its
+/// SIGTERM as the agent gets its own, and the agent saw the death first. That was SUCCEEDED
+/// ("exit code unknown"), a canceled job reported as a success.
+#[test]
+fn watch_of_a_process_stopped_with_it_is_canceled() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sidekill", &["--pid", &pid], &[&shared.join("out")]);
+    let rec = h.state.join("jobs/sidekill/attempts/1/run.json");
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    signal(t.id(), "TERM");
+    t.wait().unwrap();
+    signal(agent.id(), "TERM");
+    let run = h.wait("watch --pid stopped".into(), agent);
+    run.assert_code(4);
+    assert_eq!(h.terminal("sidekill")["state"], "CANCELED");
+    assert_eq!(h.manifest_paths("sidekill"), vec!["out/f"]);
+}
+
 /// A process the `--pid` leader left behind (`save.py &`) still writes the job's files: the
 /// watch waits for it (bounded) before its final sync.
 #[test]
