@@ -101,6 +101,11 @@ pub struct RunRecord {
     /// (instead of `artifacts` + the spec's outputs). The agent launched nothing.
     #[serde(default)]
     pub watched_dirs: Option<Vec<String>>,
+    /// Sidecar mode with `--pid`: the job's main process the agent watches (never signals:
+    /// it launched nothing). While it lives, `recover` leaves the attempt to a restarted
+    /// sidecar rather than finish a job that still runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched_leader: Option<ProcIdentity>,
     /// What the attempt's final manifest lists (for `c3-agent status`), once written.
     #[serde(default)]
     pub synced: Option<Synced>,

@@ -76,6 +76,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         job_user: None,
         facts: None,
         watched_dirs: None,
+        watched_leader: None,
         synced: None,
         destination: Some(ctx.destination()),
     }

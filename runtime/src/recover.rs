@@ -200,6 +200,20 @@ async fn recover_record(
         }
     }
     crate::fault::pause_point("recover-after-read").await;
+    // A sidecar's job that still runs (its agent died, and the pod or the prolog restarts
+    // it): finished now, it would be AGENT_ERROR with a complete manifest, and the restarted
+    // sidecar would find it done and store nothing the job wrote after.
+    if pass == Pass::Recover
+        && record.phase != Phase::Done
+        && record
+            .watched_leader
+            .as_ref()
+            .is_some_and(crate::procfs::is_alive)
+    {
+        tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
+            "the watched job still runs; left to its sidecar");
+        return None;
+    }
     if pass != Pass::Own && owner_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
         return None;

@@ -760,6 +760,7 @@ mod tests {
                 job_user: None,
                 facts: None,
                 watched_dirs: None,
+                watched_leader: None,
                 synced: None,
                 destination: None,
             };

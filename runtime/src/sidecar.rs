@@ -190,6 +190,7 @@ async fn watch_attempt(
             (!attempt_known).then(|| crate::display::epoch_ns(begun) - 2_000_000_000);
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
+        record.watched_leader = leader.clone();
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
         if let Some(earlier) = &earlier {

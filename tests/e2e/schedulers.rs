@@ -571,6 +571,39 @@ fn watch_of_a_process_stopped_with_it_is_canceled() {
     assert_eq!(h.manifest_paths("sidekill"), vec!["out/f"]);
 }
 
+/// The sidecar dies (an OOM kill, a crash) while the job it watches runs, and `recover` (the
+/// hourly timer on a Slurm node, a hostPath state dir) comes before its restart: it finished
+/// the attempt as AGENT_ERROR with a complete manifest, and the restarted sidecar found it
+/// done and stored nothing the job wrote after. It is left alone while the watched process
+/// lives, and finished once it is gone.
+#[test]
+fn recover_leaves_a_watched_job_that_still_runs_to_its_sidecar() {
+    let h = Harness::file();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sidecrash", &["--pid", &pid], &[&shared.join("out")]);
+    let rec = h.state.join("jobs/sidecrash/attempts/1/run.json");
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    signal(agent.id(), "KILL");
+    h.wait("watch killed".into(), agent);
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(run.stderr.contains("left to its sidecar"), "{}", run.stderr);
+    assert!(std::fs::read_to_string(&rec)
+        .unwrap()
+        .contains("\"running\""));
+    signal(t.id(), "KILL");
+    t.wait().unwrap();
+    h.run(&["recover"]);
+    assert!(std::fs::read_to_string(&rec).unwrap().contains("\"done\""));
+}
+
 /// A process the `--pid` leader left behind (`save.py &`) still writes the job's files: the
 /// watch waits for it (bounded) before its final sync.
 #[test]
