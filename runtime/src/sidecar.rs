@@ -328,13 +328,25 @@ async fn left_behind(procs: &JobProcesses, cancel: &CancellationToken) {
     let begun = tokio::time::Instant::now();
     loop {
         let (p, leader) = (procs.clone(), procs.leader());
-        let (left, writing) = tokio::task::spawn_blocking(move || {
+        let look = tokio::task::spawn_blocking(move || {
+            crate::fault::blocking_pause("left-behind-hangs", std::time::Duration::from_secs(600));
             let left: Vec<i32> = p.members().into_iter().filter(|&q| q != leader).collect();
             let writing = !crate::procfs::written_by(&left).is_empty();
             (left, writing)
-        })
-        .await
-        .unwrap_or_default();
+        });
+        // A look at a process's fds or maps can hang (a file open on a dead NFS server, a
+        // fault stuck on the job's own FUSE mount): the wait is bounded whatever the look
+        // does, and a stop is heard; the look is then left to end on its own.
+        let until = begun + LEFT_BEHIND_WAIT;
+        let looked = tokio::select! {
+            looked = tokio::time::timeout_at(until, look) => looked,
+            () = cancel.cancelled() => return,
+        };
+        let Ok(looked) = looked else {
+            tracing::warn!("the look at what the job's main process left behind does not end; syncing without it");
+            return;
+        };
+        let (left, writing) = looked.unwrap_or_default();
         if left.is_empty() || cancel.is_cancelled() {
             return;
         }

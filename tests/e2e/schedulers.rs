@@ -571,6 +571,34 @@ fn watch_of_a_process_stopped_with_it_is_canceled() {
     assert_eq!(h.manifest_paths("sidekill"), vec!["out/f"]);
 }
 
+/// The look at what a `--pid` leader left behind reads each process's fds and maps, which
+/// can hang (a file open on a dead NFS server; fault point `left-behind-hangs`): the watch
+/// waited on it with no bound, SIGTERM heard by nobody, and never synced or reported.
+#[test]
+fn a_stop_ends_a_watch_whose_look_at_what_was_left_behind_hangs() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "left-behind-hangs".into()));
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; sleep 0.5", &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sidehang", &["--pid", &pid], &[&shared.join("out")]);
+    t.wait().unwrap();
+    let rec = h.state.join("jobs/sidehang/attempts/1/run.json");
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    signal(agent.id(), "TERM");
+    // The process had ended before the stop: its end, exit code unknown, as without a hang.
+    h.wait("watch stopped while its look hangs".into(), agent)
+        .assert_code(0);
+    assert_eq!(h.manifest_paths("sidehang"), vec!["out/f"]);
+}
+
 /// The sidecar dies (an OOM kill, a crash) while the job it watches runs, and `recover` (the
 /// hourly timer on a Slurm node, a hostPath state dir) comes before its restart: it finished
 /// the attempt as AGENT_ERROR with a complete manifest, and the restarted sidecar found it
