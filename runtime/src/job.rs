@@ -474,11 +474,19 @@ impl<'a> Run<'a> {
         let seq = self.next_seq().await;
         self.reports
             .finalizing(seq, gone, self.ctx.report_deadline());
-        crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
-        tracing::info!(
-            seq,
-            "job's processes are gone, GPU released (FINALIZING); final sync"
-        );
+        if gone {
+            crate::sdnotify::status("finalizing: the job's processes are gone; final sync");
+            tracing::info!(
+                seq,
+                "job's processes are gone, GPU released (FINALIZING); final sync"
+            );
+        } else {
+            crate::sdnotify::status("finalizing: processes of the job still run; final sync");
+            tracing::warn!(
+                seq,
+                "the job is over but processes it left still run: FINALIZING says the GPU is not released; final sync"
+            );
+        }
     }
 
     /// Final sync, manifest, artifacts registration, terminal status. Used by `run` and

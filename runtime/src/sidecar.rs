@@ -245,7 +245,11 @@ async fn watch_attempt(
             });
             // An OOM kill an earlier sidecar learnt of stands.
             let facts = facts.or_else(|| run.record.facts.clone());
-            run.gpu_released(facts, true).await;
+            // With `--pid`, what its leader left running is in sight: a process still holding
+            // the GPU after the waits (a TensorBoard, a save that writes nothing) is said, and
+            // a scheduler does not place the next job on it as if it were free.
+            let gone = leader.is_none() || procs.all_gone().await;
+            run.gpu_released(facts, gone).await;
         }
         run.message = message;
         Ok(Watched::Finished(run.finish(end, started).await))

@@ -599,6 +599,34 @@ fn a_stop_ends_a_watch_whose_look_at_what_was_left_behind_hangs() {
     assert_eq!(h.manifest_paths("sidehang"), vec!["out/f"]);
 }
 
+/// A `--pid` leader that leaves a process running that writes nothing (a TensorBoard, a
+/// save still computing): after the wait for it, FINALIZING said the GPU was released while
+/// that process, in sight, still ran.
+#[test]
+fn watch_says_the_gpu_is_not_released_while_a_process_left_behind_runs() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer(
+        "echo x > out/f; sleep 30 & echo $! > bg.pid; sleep 0.5",
+        &shared,
+    );
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sideleft2", &["--pid", &pid], &[&shared.join("out")]);
+    t.wait().unwrap();
+    h.wait("watch --pid".into(), agent).assert_code(0);
+    let finalizing: Vec<serde_json::Value> = h
+        .cp()
+        .delivered("/status")
+        .into_iter()
+        .filter(|s| s["state"] == "FINALIZING")
+        .collect();
+    let bg = std::fs::read_to_string(shared.join("bg.pid")).unwrap();
+    let _ = Command::new("kill").arg(bg.trim()).status();
+    assert_eq!(finalizing.len(), 1, "{finalizing:?}");
+    assert_eq!(finalizing[0]["gpu_released"], false, "{finalizing:?}");
+}
+
 /// The sidecar dies (an OOM kill, a crash) while the job it watches runs, and `recover` (the
 /// hourly timer on a Slurm node, a hostPath state dir) comes before its restart: it finished
 /// the attempt as AGENT_ERROR with a complete manifest, and the restarted sidecar found it
