@@ -548,7 +548,21 @@ fn slurm_job() -> Result<(Option<String>, u32), String> {
             .map_err(|_| format!("$SLURM_RESTART_COUNT: `{n}` is not a whole number"))?,
         Err(_) => 0,
     };
-    Ok((Some(format!("slurm-{id}")), restarts.saturating_add(1)))
+    // `srun c3-agent run ...` over several tasks: each is an agent with its own output (and
+    // its own state dir on its node), all with one SLURM_JOB_ID: under one job id each rank
+    // replaced the others' manifest. Rank 0 (the batch step's one) keeps the plain id.
+    let rank: u32 = match std::env::var("SLURM_PROCID") {
+        Ok(n) => n
+            .trim()
+            .parse()
+            .map_err(|_| format!("$SLURM_PROCID: `{n}` is not a whole number"))?,
+        Err(_) => 0,
+    };
+    let id = match rank {
+        0 => format!("slurm-{id}"),
+        r => format!("slurm-{id}-rank{r}"),
+    };
+    Ok((Some(id), restarts.saturating_add(1)))
 }
 
 /// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed

@@ -866,6 +866,15 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
     assert!(h
         .object("jobs/slurm-4242/attempts/5/manifest.json")
         .is_some());
+    // `srun c3-agent run` over several tasks: every rank but 0 is a job of its own (under
+    // one id each replaced the others' manifest).
+    h.env.push(("SLURM_PROCID".into(), "3".into()));
+    let rank = h.path("rank3").display().to_string();
+    h.run(&["run", "--workdir", &rank, "--", "true"])
+        .assert_code(0);
+    assert!(h
+        .object("jobs/slurm-4242-rank3/attempts/2/manifest.json")
+        .is_some());
 }
 
 #[test]
