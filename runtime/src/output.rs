@@ -214,6 +214,7 @@ pub async fn forward_live(
                 path,
                 &streams[i],
                 Instant::now() + LIVE_POST,
+                false,
             );
             tokio::select! {
                 biased;
@@ -235,7 +236,17 @@ pub async fn forward_live(
                 continue;
             }
             let (stream, path) = &logs[i];
-            let posted = post_next(&cp, &endpoint, attempt, *stream, path, &streams[i], by).await;
+            let posted = post_next(
+                &cp,
+                &endpoint,
+                attempt,
+                *stream,
+                path,
+                &streams[i],
+                by,
+                true,
+            )
+            .await;
             if !matches!(posted, Posted::Sent(_)) && !streams[i].cut_down(&posted) {
                 drained[i] = true;
             }
@@ -323,7 +334,9 @@ enum Posted {
     Rejected { status: u16, covered: u64 },
 }
 
-/// Posts the next piece of `path` from the stream's offset by `deadline`.
+/// Posts the next piece of `path` from the stream's offset by `deadline`; `at_end`: the job
+/// is over, and nothing will complete a character the log ends in the middle of.
+#[allow(clippy::too_many_arguments)]
 async fn post_next(
     cp: &ControlPlane,
     endpoint: &str,
@@ -332,11 +345,12 @@ async fn post_next(
     path: &PathBuf,
     at: &StreamPosts,
     deadline: Instant,
+    at_end: bool,
 ) -> Posted {
     let offset = at.offset;
     let mut limit = at.limit;
     let (body, consumed) = loop {
-        let Some((data, consumed)) = read_text(path, offset, limit).await else {
+        let Some((data, consumed)) = read_text(path, offset, limit, at_end).await else {
             return Posted::Nothing;
         };
         let body = OutputChunk {
@@ -365,8 +379,14 @@ async fn post_next(
     }
 }
 
-/// Up to `limit` bytes of new text from `offset`, cut at a UTF-8 boundary.
-async fn read_text(path: &PathBuf, offset: u64, limit: usize) -> Option<(String, u64)> {
+/// Up to `limit` bytes of new text from `offset`, cut at a UTF-8 boundary (`at_end`: what is
+/// left of a character cut by the log's end goes as U+FFFD).
+async fn read_text(
+    path: &PathBuf,
+    offset: u64,
+    limit: usize,
+    at_end: bool,
+) -> Option<(String, u64)> {
     let mut file = tokio::fs::File::open(path).await.ok()?;
     file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
     let mut buf = Vec::with_capacity(limit.min(64 * 1024));
@@ -383,7 +403,13 @@ async fn read_text(path: &PathBuf, offset: u64, limit: usize) -> Option<(String,
     }
     // A character split at the end of what was read is sent whole next time, also after bytes
     // that are not UTF-8 (those go as U+FFFD): it was cut into two U+FFFD, one each side.
-    let n = buf.len() - split_at_end(&buf);
+    let split = split_at_end(&buf);
+    // Held back only while more may come; a read cut by `limit` always may.
+    let n = if at_end && buf.len() < limit {
+        buf.len()
+    } else {
+        buf.len() - split
+    };
     if n == 0 {
         return None;
     }
@@ -423,19 +449,31 @@ mod tests {
         let e_acute = "\u{e9}".as_bytes();
         std::fs::write(&log, [&b"\xff"[..], &e_acute[..1]].concat()).unwrap();
         assert_eq!(
-            read_text(&log, 0, 1000).await,
+            read_text(&log, 0, 1000, false).await,
             Some(("\u{fffd}".to_string(), 1))
         );
-        assert_eq!(read_text(&log, 1, 1000).await, None, "half a character");
+        assert_eq!(
+            read_text(&log, 1, 1000, false).await,
+            None,
+            "half a character"
+        );
+        // Once the job is over nothing will complete it: sent as it is.
+        assert_eq!(
+            read_text(&log, 1, 1000, true).await,
+            Some(("\u{fffd}".to_string(), 1))
+        );
         let mut all = std::fs::read(&log).unwrap();
         all.extend_from_slice(&e_acute[1..]);
         all.extend_from_slice("\u{1f600}".as_bytes());
         std::fs::write(&log, &all).unwrap();
         assert_eq!(
-            read_text(&log, 1, 1000).await,
+            read_text(&log, 1, 1000, false).await,
             Some(("\u{e9}\u{1f600}".to_string(), 6))
         );
-        assert_eq!(read_text(&log, 1, 4).await, Some(("\u{e9}".to_string(), 2)));
+        assert_eq!(
+            read_text(&log, 1, 4, true).await,
+            Some(("\u{e9}".to_string(), 2))
+        );
         assert_eq!(split_at_end(b"ab\xff"), 0);
         assert_eq!(split_at_end(b"a\xe2\x82"), 2);
         assert_eq!(split_at_end(b"a\xe2\x82\xac"), 0);
