@@ -541,28 +541,26 @@ fn slurm_job() -> Result<(Option<String>, u32), String> {
     let Some(id) = std::env::var("SLURM_JOB_ID").ok().filter(|s| !s.is_empty()) else {
         return Ok((None, 1));
     };
-    let restarts: u32 = match std::env::var("SLURM_RESTART_COUNT") {
-        Ok(n) => n
-            .trim()
-            .parse()
-            .map_err(|_| format!("$SLURM_RESTART_COUNT: `{n}` is not a whole number"))?,
-        Err(_) => 0,
-    };
+    let restarts = slurm_number("SLURM_RESTART_COUNT")?;
     // `srun c3-agent run ...` over several tasks: each is an agent with its own output (and
     // its own state dir on its node), all with one SLURM_JOB_ID: under one job id each rank
     // replaced the others' manifest. Rank 0 (the batch step's one) keeps the plain id.
-    let rank: u32 = match std::env::var("SLURM_PROCID") {
-        Ok(n) => n
-            .trim()
-            .parse()
-            .map_err(|_| format!("$SLURM_PROCID: `{n}` is not a whole number"))?,
-        Err(_) => 0,
-    };
-    let id = match rank {
+    let id = match slurm_number("SLURM_PROCID")? {
         0 => format!("slurm-{id}"),
         r => format!("slurm-{id}-rank{r}"),
     };
     Ok((Some(id), restarts.saturating_add(1)))
+}
+
+/// A count Slurm gives in `$name` (0 when unset).
+fn slurm_number(name: &str) -> Result<u32, String> {
+    match std::env::var(name) {
+        Ok(n) => n
+            .trim()
+            .parse()
+            .map_err(|_| format!("${name}: `{n}` is not a whole number")),
+        Err(_) => Ok(0),
+    }
 }
 
 /// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed

@@ -354,6 +354,17 @@ fn watch(h: &Harness, job: &str, extra: &[&str], dirs: &[&Path]) -> std::process
     h.spawn(&args)
 }
 
+/// Waits until the watch of `job` (attempt 1) runs; the path of its run record.
+fn running_watch(h: &Harness, job: &str) -> std::path::PathBuf {
+    let rec = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
+    wait_for("the watch to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&rec)
+            .ok()
+            .filter(|r| r.contains("\"running\""))
+    });
+    rec
+}
+
 fn trainer(script: &str, shared: &Path) -> std::process::Child {
     Command::new("sh")
         .args(["-c", script])
@@ -556,12 +567,7 @@ fn watch_of_a_process_stopped_with_it_is_canceled() {
     let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
     let pid = t.id().to_string();
     let agent = watch(&h, "sidekill", &["--pid", &pid], &[&shared.join("out")]);
-    let rec = h.state.join("jobs/sidekill/attempts/1/run.json");
-    wait_for("the watch to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&rec)
-            .ok()
-            .filter(|r| r.contains("\"running\""))
-    });
+    running_watch(&h, "sidekill");
     signal(t.id(), "TERM");
     t.wait().unwrap();
     signal(agent.id(), "TERM");
@@ -585,12 +591,7 @@ fn a_stop_ends_a_watch_whose_look_at_what_was_left_behind_hangs() {
     let pid = t.id().to_string();
     let agent = watch(&h, "sidehang", &["--pid", &pid], &[&shared.join("out")]);
     t.wait().unwrap();
-    let rec = h.state.join("jobs/sidehang/attempts/1/run.json");
-    wait_for("the watch to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&rec)
-            .ok()
-            .filter(|r| r.contains("\"running\""))
-    });
+    running_watch(&h, "sidehang");
     std::thread::sleep(Duration::from_secs(1));
     signal(agent.id(), "TERM");
     // The process had ended before the stop: its end, exit code unknown, as without a hang.
@@ -640,12 +641,7 @@ fn recover_leaves_a_watched_job_that_still_runs_to_its_sidecar() {
     let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
     let pid = t.id().to_string();
     let agent = watch(&h, "sidecrash", &["--pid", &pid], &[&shared.join("out")]);
-    let rec = h.state.join("jobs/sidecrash/attempts/1/run.json");
-    wait_for("the watch to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&rec)
-            .ok()
-            .filter(|r| r.contains("\"running\""))
-    });
+    let rec = running_watch(&h, "sidecrash");
     signal(agent.id(), "KILL");
     h.wait("watch killed".into(), agent);
     let run = h.run(&["recover"]);
@@ -690,12 +686,7 @@ fn stopped_watch(h: &Harness, job: &str, extra: &[&str]) -> crate::support::Run 
     std::fs::create_dir_all(shared.join("out")).unwrap();
     std::fs::write(shared.join("out/a"), "a").unwrap();
     let agent = watch(h, job, extra, &[&shared.join("out")]);
-    let rec = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
-    wait_for("the watch to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&rec)
-            .ok()
-            .filter(|r| r.contains("\"running\""))
-    });
+    running_watch(h, job);
     signal(agent.id(), "TERM");
     h.wait(format!("watch {job} stopped"), agent)
 }
@@ -750,12 +741,7 @@ fn watch_stopped_during_a_slow_read_of_the_done_file_takes_its_word() {
         &["--done-file", &done_arg],
         &[&shared.join("out")],
     );
-    let rec = h.state.join("jobs/sideslow/attempts/1/run.json");
-    wait_for("the watch to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&rec)
-            .ok()
-            .filter(|r| r.contains("\"running\""))
-    });
+    running_watch(&h, "sideslow");
     // Reads under way from now on take 1 s each: the stop comes before one answers.
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(&done, "0\n").unwrap();
