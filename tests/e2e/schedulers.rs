@@ -556,6 +556,24 @@ fn watch_ends_when_the_watched_process_exits() {
     );
 }
 
+/// A watch of an attempt another run stored (a pod retried with the same `--attempt`, a
+/// second sidecar on another node: nothing of it in this node's state dir) replaced that
+/// run's manifest with its own. It is refused, as `run` refuses one, naming the next attempt.
+#[test]
+fn watch_of_an_attempt_stored_elsewhere_is_refused() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "wa", "command": ["sh", "-c", "echo a > $C3_ARTIFACTS_DIR/a"]}))
+        .assert_code(0);
+    std::fs::remove_dir_all(h.state.join("jobs/wa")).unwrap();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let out = shared.join("out").display().to_string();
+    let run = h.run(&["watch", "--job-id", "wa", &out]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("already ran"), "{}", run.stderr);
+    assert_eq!(h.manifest_paths("wa"), vec!["artifacts/a"]);
+}
+
 /// scancel and a pod deletion signal the whole job at once: the watched trainer dies of its
 /// SIGTERM as the agent gets its own, and the agent saw the death first. That was SUCCEEDED
 /// ("exit code unknown"), a canceled job reported as a success.
