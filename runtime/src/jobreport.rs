@@ -210,13 +210,11 @@ impl JobReporter {
         let Delivery::Delivered(body) = delivered else {
             return;
         };
+        if let Some((used, quota)) = crate::report::over_quota(&body) {
+            self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
+            return;
+        }
         match ArtifactsReply::from_json(&body) {
-            Ok(ArtifactsReply {
-                storage_used_bytes: used,
-                storage_quota_bytes: Some(quota),
-            }) if used > quota => {
-                self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
-            }
             Ok(reply) => {
                 tracing::info!(storage_used_bytes = reply.storage_used_bytes, storage_quota_bytes = ?reply.storage_quota_bytes, "artifacts registered")
             }

@@ -441,6 +441,18 @@ pub async fn flush_job_outbox(
     flush_outbox_for(cp, state, job, deadline, None).await.done
 }
 
+/// Storage used and quota, when an artifacts registration's reply says the project is over
+/// its quota (a warning, never a failure: contract §7).
+pub(crate) fn over_quota(reply: &[u8]) -> Option<(u64, u64)> {
+    match c3_proto::ArtifactsReply::from_json(reply) {
+        Ok(c3_proto::ArtifactsReply {
+            storage_used_bytes: used,
+            storage_quota_bytes: Some(quota),
+        }) if used > quota => Some((used, quota)),
+        _ => None,
+    }
+}
+
 /// How often a flush looks again at an outbox another flusher holds.
 const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -517,7 +529,23 @@ async fn flush_outbox_for(
         let is_mine = mine == Some(path.as_path());
         match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
             Ok(reply) if is_mine => flushed.mine = Some(Ok(reply)),
-            Ok(_) => tracing::info!(endpoint = %entry.endpoint, "delivered a kept report"),
+            Ok(reply) => {
+                tracing::info!(endpoint = %entry.endpoint, "delivered a kept report");
+                // The job's own status went long ago; the operator's log still hears of it.
+                if let Some((used, quota)) = entry
+                    .endpoint
+                    .ends_with("/artifacts")
+                    .then(|| over_quota(&reply))
+                    .flatten()
+                {
+                    tracing::warn!(
+                        job_id = job,
+                        storage_used_bytes = used,
+                        storage_quota_bytes = quota,
+                        "storage usage is over the quota (soft limit: nothing was rejected)"
+                    );
+                }
+            }
             Err(e) if e.is_retryable() => return flushed,
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
@@ -1046,6 +1074,20 @@ pub(crate) mod tests {
             !state.outbox_dir("j").exists(),
             "the lock file went with the outbox"
         );
+    }
+
+    /// A registration's reply over quota is told (a kept one's too, delivered later: its
+    /// warning went nowhere); one within its quota, without one, or unreadable is not.
+    #[test]
+    fn over_quota_is_read_from_a_registrations_reply() {
+        let over = br#"{"storage_used_bytes":2,"storage_quota_bytes":1}"#;
+        assert_eq!(over_quota(over), Some((2, 1)));
+        assert_eq!(
+            over_quota(br#"{"storage_used_bytes":1,"storage_quota_bytes":1}"#),
+            None
+        );
+        assert_eq!(over_quota(br#"{"storage_used_bytes":9}"#), None);
+        assert_eq!(over_quota(b"<html>"), None);
     }
 
     /// An outbox the agent may not trust (writable by others than root) is left at once, not
