@@ -638,7 +638,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
-    if let Some(problem) = already_ran(&ctx, &spec.job_id, spec.attempt).await {
+    if let Some(problem) = c3_runtime::job::already_ran(&ctx, &spec.job_id, spec.attempt).await {
         return usage(&problem);
     }
     // First: a stop (or a forwarded signal) from now on is handled, never the default action.
@@ -665,24 +665,6 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Err(e) => return failure(&error_chain(&e), e.exit_code().code()),
     };
     finished(&ctx, &summary)
-}
-
-/// A run never silently replaces an earlier run's manifest for the same job and attempt.
-/// A store that cannot answer now says nothing here (the preflight judges the store).
-async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
-    let key = c3_runtime::store::attempt_manifest_key(job_id, attempt);
-    let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
-    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
-        .await
-        .ok()?
-        .ok()?;
-    let complete = c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete);
-    let (id, n) = (job_id, attempt);
-    Some(if complete {
-        format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt (`--attempt {}`, or the spec's `attempt`) or job id", n + 1)
-    } else {
-        format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
-    })
 }
 
 /// The agent's first log line; the systemd watchdog, if the unit has one.
@@ -723,16 +705,6 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
         dirs: args.dirs,
         stay: args.stay,
     };
-    // The attempt's first start on this node (no earlier agent's directory for it, which a
-    // restarted sidecar takes over) never replaces a manifest another run of it stored: a
-    // pod retried with the same `--attempt`, a second sidecar on another node.
-    let first_here = c3_proto::spec::validate_job_id(&plan.job_id).is_ok()
-        && !ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
-    if first_here {
-        if let Some(problem) = already_ran(&ctx, &plan.job_id, plan.attempt).await {
-            return usage(&format!("watch: {problem}"));
-        }
-    }
     match c3_runtime::sidecar::watch_job(&ctx, plan, cancel).await {
         Ok(c3_runtime::sidecar::Watched::Finished(summary)) => finished(&ctx, &summary),
         Ok(c3_runtime::sidecar::Watched::AlreadyFinished(code)) => ExitCode::from(code),

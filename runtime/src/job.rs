@@ -144,6 +144,24 @@ impl RunError {
     }
 }
 
+/// A run never silently replaces an earlier run's manifest for the same job and attempt.
+/// A store that cannot answer now says nothing here (the preflight judges the store).
+pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
+    let key = crate::store::attempt_manifest_key(job_id, attempt);
+    let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
+    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
+        .await
+        .ok()?
+        .ok()?;
+    let complete = c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete);
+    let (id, n) = (job_id, attempt);
+    Some(if complete {
+        format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt (`--attempt {}`, or the spec's `attempt`) or job id", n + 1)
+    } else {
+        format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
+    })
+}
+
 /// How far a later agent's `seq` starts past the one its attempt's record saved
 /// ([`Run::from_record`]).
 const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;

@@ -204,7 +204,7 @@ async fn recover_record(
     // it): finished now, it would be AGENT_ERROR with a complete manifest, and the restarted
     // sidecar would find it done and store nothing the job wrote after.
     if pass == Pass::Recover
-        && record.phase != Phase::Done
+        && record.phase == Phase::Running
         && record
             .watched_leader
             .as_ref()

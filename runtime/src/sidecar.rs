@@ -152,6 +152,15 @@ async fn watch_attempt(
     };
     // Made by an earlier agent for this attempt (it may have died before its first record).
     let attempt_known = ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
+    // The attempt's first start on this node (a restarted sidecar takes it over) never
+    // replaces a manifest another run of it stored: a pod retried with the same `--attempt`,
+    // a second sidecar on another node. Looked at after the clock and the pid were read: the
+    // store may take a while to answer.
+    if !attempt_known {
+        if let Some(problem) = crate::job::already_ran(ctx, &plan.job_id, plan.attempt).await {
+            return Err(WatchError::Usage(problem));
+        }
+    }
     let lock = AttemptLock::acquire_patiently(&ctx.state, &plan.job_id, plan.attempt).await?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
     let earlier = ctx
@@ -248,7 +257,7 @@ async fn watch_attempt(
             // With `--pid`, what its leader left running is in sight: a process still holding
             // the GPU after the waits (a TensorBoard, a save that writes nothing) is said, and
             // a scheduler does not place the next job on it as if it were free.
-            let gone = leader.is_none() || procs.all_gone().await;
+            let gone = leader.is_none() || gone_within(&procs, GONE_WAIT).await;
             run.gpu_released(facts, gone).await;
         }
         run.message = message;
@@ -407,12 +416,15 @@ async fn wait_for_end(
         if let Some(leader) = leader {
             if !crate::procfs::is_alive(leader) {
                 tracing::info!(pid = leader.pid, "the job's main process ended");
-                // scancel and a pod deletion signal the whole job at once: the trainer dies of
-                // the SIGTERM this agent is sent too, and one look may see its death a moment
-                // before the agent's own stop. Both are the job stopped, not its own end (it
-                // was SUCCEEDED, "exit code unknown").
-                let stopped =
-                    stopped || tokio::time::timeout(POLL, cancel.cancelled()).await.is_ok();
+                // Under Slurm, scancel and the time limit signal the whole job at once: the
+                // trainer dies of the SIGTERM this agent is sent too, and one look may see its
+                // death a moment before the agent's own stop. Both are the job stopped, not its
+                // own end (it was SUCCEEDED, "exit code unknown"). Not elsewhere: Kubernetes
+                // stops a sidecar right after every trainer's end, its own ones included (as
+                // `run` waits for a stop only under Slurm or after a death by a stop signal).
+                let under_slurm = std::env::var_os("SLURM_JOB_ID").is_some_and(|id| !id.is_empty());
+                let stopped = under_slurm
+                    && (stopped || tokio::time::timeout(POLL, cancel.cancelled()).await.is_ok());
                 left_behind(procs, cancel).await;
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
@@ -487,6 +499,24 @@ async fn wait_for_end(
             tracing::warn!("agent asked to stop before the job said it was done; canceled");
             return (JobEnd::Canceled, Some("canceled".into())).into();
         }
+    }
+}
+
+/// How long the watched processes get to be gone before FINALIZING says whether the GPU is
+/// released: a wrapper that wrote the done file is still exiting a moment after.
+const GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether nothing of the watched job is left, looked at until `wait` has passed.
+async fn gone_within(procs: &JobProcesses, wait: std::time::Duration) -> bool {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        if procs.all_gone().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -574,21 +574,26 @@ fn watch_of_an_attempt_stored_elsewhere_is_refused() {
     assert_eq!(h.manifest_paths("wa"), vec!["artifacts/a"]);
 }
 
-/// scancel and a pod deletion signal the whole job at once: the watched trainer dies of its
+/// Under Slurm, scancel signals the whole job at once: the watched trainer dies of its
 /// SIGTERM as the agent gets its own, and the agent saw the death first. That was SUCCEEDED
 /// ("exit code unknown"), a canceled job reported as a success.
 #[test]
 fn watch_of_a_process_stopped_with_it_is_canceled() {
-    let h = Harness::file().with_control_plane(10);
+    let mut h = Harness::file().with_control_plane(10);
+    h.env.push(("SLURM_JOB_ID".into(), "4243".into()));
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
     let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
     let pid = t.id().to_string();
     let agent = watch(&h, "sidekill", &["--pid", &pid], &[&shared.join("out")]);
     running_watch(&h, "sidekill");
-    signal(t.id(), "TERM");
+    // As scancel does: both at once.
+    let both = Command::new("kill")
+        .args(["-TERM", &t.id().to_string(), &agent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(both.success());
     t.wait().unwrap();
-    signal(agent.id(), "TERM");
     let run = h.wait("watch --pid stopped".into(), agent);
     run.assert_code(4);
     assert_eq!(h.terminal("sidekill")["state"], "CANCELED");
@@ -605,11 +610,11 @@ fn a_stop_ends_a_watch_whose_look_at_what_was_left_behind_hangs() {
         .push(("C3_AGENT_FAULT".into(), "left-behind-hangs".into()));
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
-    let mut t = trainer("echo x > out/f; sleep 0.5", &shared);
+    let mut t = trainer("echo x > out/f; sleep 2", &shared);
     let pid = t.id().to_string();
     let agent = watch(&h, "sidehang", &["--pid", &pid], &[&shared.join("out")]);
-    t.wait().unwrap();
     running_watch(&h, "sidehang");
+    t.wait().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     signal(agent.id(), "TERM");
     // The process had ended before the stop: its end, exit code unknown, as without a hang.
@@ -627,11 +632,12 @@ fn watch_says_the_gpu_is_not_released_while_a_process_left_behind_runs() {
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
     let mut t = trainer(
-        "echo x > out/f; sleep 30 & echo $! > bg.pid; sleep 0.5",
+        "echo x > out/f; sleep 30 & echo $! > bg.pid; sleep 2",
         &shared,
     );
     let pid = t.id().to_string();
     let agent = watch(&h, "sideleft2", &["--pid", &pid], &[&shared.join("out")]);
+    running_watch(&h, "sideleft2");
     t.wait().unwrap();
     h.wait("watch --pid".into(), agent).assert_code(0);
     let finalizing: Vec<serde_json::Value> = h
@@ -672,6 +678,25 @@ fn recover_leaves_a_watched_job_that_still_runs_to_its_sidecar() {
     t.wait().unwrap();
     h.run(&["recover"]);
     assert!(std::fs::read_to_string(&rec).unwrap().contains("\"done\""));
+}
+
+/// Outside Slurm a stop that comes with the watched process's end is not a cancel: Kubernetes
+/// stops a sidecar right after every trainer's end, its own ones included.
+#[test]
+fn watch_stopped_as_its_process_ends_is_its_end_outside_slurm() {
+    let h = Harness::file();
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let agent = watch(&h, "sidek8s", &["--pid", &pid], &[&shared.join("out")]);
+    running_watch(&h, "sidek8s");
+    // The kubelet's order: the trainer's container has ended, then the sidecar is stopped.
+    signal(t.id(), "TERM");
+    t.wait().unwrap();
+    signal(agent.id(), "TERM");
+    h.wait("watch --pid stopped".into(), agent).assert_code(0);
+    assert_eq!(h.terminal("sidek8s")["state"], "SUCCEEDED");
 }
 
 /// A process the `--pid` leader left behind (`save.py &`) still writes the job's files: the
