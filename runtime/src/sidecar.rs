@@ -422,9 +422,14 @@ async fn wait_for_end(
                 // own end (it was SUCCEEDED, "exit code unknown"). Not elsewhere: Kubernetes
                 // stops a sidecar right after every trainer's end, its own ones included (as
                 // `run` waits for a stop only under Slurm or after a death by a stop signal).
-                let under_slurm = std::env::var_os("SLURM_JOB_ID").is_some_and(|id| !id.is_empty());
-                let stopped = under_slurm
-                    && (stopped || tokio::time::timeout(POLL, cancel.cancelled()).await.is_ok());
+                let stopped = crate::slurm::under_slurm()
+                    && (stopped
+                        || tokio::time::timeout(
+                            crate::supervise::STOP_WITH_END,
+                            cancel.cancelled(),
+                        )
+                        .await
+                        .is_ok());
                 left_behind(procs, cancel).await;
                 if let Some(done) = &plan.done_file {
                     // Its wrapper may still be writing the done file.
@@ -520,14 +525,10 @@ async fn gone_within(procs: &JobProcesses, wait: std::time::Duration) -> bool {
     }
 }
 
-/// How a watched job the agent was stopped with ended: TIMED_OUT when Slurm stopped it for
-/// its time limit, else CANCELED.
+/// How a watched job the agent was stopped with ended, as a launched one does: TIMED_OUT
+/// when Slurm stopped it for its time limit, else CANCELED.
 async fn stop_end() -> (JobEnd, Option<String>) {
-    if crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await {
-        (JobEnd::TimedOut, Some("Slurm's time limit".into()))
-    } else {
-        (JobEnd::Canceled, Some("canceled".into()))
-    }
+    crate::supervise::stop_end(crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN).await)
 }
 
 /// `abs`, opened from `/` with no symlink in any component (`DirFd`'s rules).

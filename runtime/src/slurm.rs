@@ -7,6 +7,12 @@ use std::time::Duration;
 /// How long the controller gets to answer; the stop goes on meanwhile.
 pub const ASK_WITHIN: Duration = Duration::from_secs(3);
 
+/// Whether the agent runs inside a Slurm job (`SLURM_JOB_ID` set): there scancel and the
+/// time limit signal the job's processes and the agent at once.
+pub fn under_slurm() -> bool {
+    std::env::var_os("SLURM_JOB_ID").is_some_and(|id| !id.is_empty())
+}
+
 /// Whether Slurm stopped the job the agent runs in (`SLURM_JOB_ID`) for its time limit:
 /// `squeue`'s reason for it is `TimeLimit`. False outside Slurm, without `squeue`, or when
 /// the controller does not answer within `within`.

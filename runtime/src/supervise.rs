@@ -126,7 +126,7 @@ impl Output {
 /// Slurm's scancel and time limit (and systemd's stop of a unit's whole cgroup) signal every
 /// process of the step at once, and the script's end may reach the agent a moment before
 /// its own signal does; a moment, since the same kernel delivers both.
-const STOP_WITH_END: Duration = Duration::from_millis(200);
+pub(crate) const STOP_WITH_END: Duration = Duration::from_millis(200);
 
 /// Whether the script ended with a stop of the agent's: one already requested, or one
 /// within [`STOP_WITH_END`]. Then the job was stopped, whatever its exit code: a trainer
@@ -148,8 +148,7 @@ async fn stopped_with_the_job(
     }
     let stop_signal = matches!(status.signal(), Some(libc::SIGTERM | libc::SIGINT))
         || matches!(status.code(), Some(143 | 130));
-    let under_slurm = std::env::var_os("SLURM_JOB_ID").is_some_and(|id| !id.is_empty());
-    (stop_signal || under_slurm)
+    (stop_signal || crate::slurm::under_slurm())
         && tokio::time::timeout(STOP_WITH_END, cancel.cancelled())
             .await
             .is_ok()
@@ -526,7 +525,7 @@ impl Supervisor {
 }
 
 /// A stop request is a cancel, unless Slurm says its time limit sent it.
-fn stop_end(slurm_time_limit: bool) -> (JobEnd, Option<String>) {
+pub(crate) fn stop_end(slurm_time_limit: bool) -> (JobEnd, Option<String>) {
     if slurm_time_limit {
         tracing::warn!("Slurm's time limit stopped the job (squeue: TimeLimit); timed out");
         (JobEnd::TimedOut, Some("ran past Slurm's time limit".into()))
