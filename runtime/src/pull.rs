@@ -114,6 +114,12 @@ pub struct PullSummary {
 /// Largest manifest the agent reads unless configured otherwise.
 pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 
+/// What an ordinary user may still write on the file system of `fs` (root's reserved
+/// blocks left out): the room a pull as root measures itself against.
+fn user_free(fs: &nix::sys::statvfs::Statvfs) -> u64 {
+    fs.blocks_available().saturating_mul(fs.fragment_size())
+}
+
 /// Whether `file` has no hole before `size`: a sparse file of the entry's size and mtime (a
 /// job's stand-in for its dataset copy) is not the copy, and writing the copy takes room.
 /// Asked of the holes, not of the blocks: on a compressing file system (ZFS, btrfs) a copy
@@ -335,7 +341,7 @@ fn check_room(
         .filter(|f| f.size > 0 && !in_place(f))
         .map(|f| blocks_of(f.size))
         .fold(dirs.saturating_mul(block), u64::saturating_add);
-    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    let free = user_free(&fs);
     let inodes = (files.len() as u64).saturating_add(dirs);
     let no_inodes = fs.files_available() > 0 && inodes > fs.files_available();
     if needed > free || no_inodes {
@@ -675,7 +681,7 @@ fn write_verified(
         let before = size - chunk.len() as u64;
         if before >= next_look {
             if let Ok(fs) = nix::sys::statvfs::fstatvfs(&file) {
-                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                let free = user_free(&fs);
                 let needed = entry.size - before;
                 if needed > free {
                     return Err(WriteFailure::Filling { needed, free });

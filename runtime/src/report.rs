@@ -496,7 +496,7 @@ async fn flush_outbox_for(
         }
     };
     let here = cp.shown_url();
-    let mut theirs = std::collections::HashMap::new();
+    let mut by_attempt = std::collections::HashMap::new();
     for path in sorted_entries(dir) {
         let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
             Ok(Ok(e)) => e,
@@ -517,7 +517,7 @@ async fn flush_outbox_for(
             Some(theirs) => *theirs != here,
             None => {
                 let attempt = entry_attempt(&path);
-                *theirs.entry(attempt).or_insert_with(|| {
+                *by_attempt.entry(attempt).or_insert_with(|| {
                     attempt.is_some_and(|n| attempt_reports_elsewhere(state, job, n, &here))
                 })
             }
