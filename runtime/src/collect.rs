@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -67,13 +67,19 @@ pub struct LocalFile {
 impl LocalFile {
     /// The file `rel` (a scan's key) below `workdir`.
     pub fn below(workdir: &Path, rel: String, stamp: FileStamp) -> LocalFile {
-        let abs = if rel.starts_with('\0') {
-            workdir.join(OsStr::from_bytes(&c3_proto::manifest::rel_bytes(&rel)))
-        } else {
-            workdir.join(&rel)
-        };
+        let abs = workdir.join(path_of(&rel));
         LocalFile { rel, abs, stamp }
     }
+}
+
+/// The path below the workdir that the key `rel` (a [`rel_key`]) stands for: the key of a
+/// name that is not UTF-8 is no path.
+///
+/// [`rel_key`]: c3_proto::manifest::rel_key
+pub fn path_of(rel: &str) -> PathBuf {
+    PathBuf::from(std::ffi::OsString::from_vec(c3_proto::manifest::rel_bytes(
+        rel,
+    )))
 }
 
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@
 //! is told the job ended; it hands the book back so the final scan only uploads what is new.
 
 use std::collections::HashMap;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use tracing::Instrument;
 use c3_proto::manifest::entry_floor;
 
 use crate::candidates::{Candidate, Candidates};
-use crate::collect::{scan, FileStamp, LocalFile};
+use crate::collect::{path_of, scan, FileStamp, LocalFile};
 use crate::confine::{lstat_beneath, DirFd, JobReader};
 use crate::jobproc::JobProcesses;
 use crate::manifest::ManifestWriter;
@@ -855,16 +855,6 @@ impl Syncer {
             }
         }
     }
-}
-
-/// The path below the workdir that the key `rel` (a [`rel_key`]) stands for: the key of a
-/// name that is not UTF-8 is no path.
-///
-/// [`rel_key`]: c3_proto::manifest::rel_key
-fn path_of(rel: &str) -> PathBuf {
-    PathBuf::from(std::ffi::OsString::from_vec(c3_proto::manifest::rel_bytes(
-        rel,
-    )))
 }
 
 /// Whether the key `k` is below the directory key `dir`, by their bytes: a key that is not
