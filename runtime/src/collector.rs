@@ -250,9 +250,9 @@ async fn run(
                 .await;
             first
         }
-        // No live sync: the job's publish requests are still served, each followed by a rest
-        // as long as it took, as live sync does (`MAX_REQUEST_REST`): in a loop they had the
-        // root agent at them without a pause.
+        // No live sync: the job's publish requests are still served, paced as live sync
+        // paces them (`publish::paced`): in a loop they had the root agent at them without a
+        // pause.
         (_, procs) => {
             let mut requests_from = tokio::time::Instant::now();
             loop {
@@ -263,8 +263,6 @@ async fn run(
                     }
                     () = tokio::time::sleep_until(requests_from), if tokio::time::Instant::now() < requests_from => {}
                     Some(call) = publish_rx.recv(), if tokio::time::Instant::now() >= requests_from => {
-                        let began = tokio::time::Instant::now();
-                        crate::fault::pause_for("slow-request", Duration::from_secs(1)).await;
                         let parts = Parts {
                             uploader: &config.uploader,
                             manifest: &config.manifest,
@@ -273,10 +271,10 @@ async fn run(
                             reader: config.reader.as_ref(),
                             procs: procs.as_ref(),
                         };
-                        let reply = crate::publish::serve(&parts, &mut book, call.request).await;
+                        let serving = crate::publish::serve(&parts, &mut book, call.request);
+                        let (reply, next) = crate::publish::paced(serving).await;
                         let _ = call.reply.send(reply);
-                        requests_from = tokio::time::Instant::now()
-                            + began.elapsed().min(crate::live::MAX_REQUEST_REST);
+                        requests_from = next;
                     }
                 }
             }

@@ -174,9 +174,6 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 const RESCAN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Manifest path, size queued, outcome.
-/// The longest rest after one socket request (see [`Syncer::serve`]).
-pub(crate) const MAX_REQUEST_REST: Duration = Duration::from_secs(5);
-
 type UploadResult = (String, u64, Result<Uploaded, UploadError>);
 
 impl Syncer {
@@ -232,19 +229,10 @@ impl Syncer {
         self.book
     }
 
-    /// A request from the job, ahead of the live queue. A barrier first lets the uploads
-    /// under way land.
-    /// Serves one request, then rests as long as it took (at most [`MAX_REQUEST_REST`])
-    /// before the next: a job's requests get at most half the collector's time. A request's
-    /// cost is the job's to choose (a `touch` before each `publish` rewrites both manifests,
-    /// up to `store.max_manifest_bytes` each; a `wait_all` scans the tree and `/proc`), and
-    /// in a loop it was all the root agent did, at full speed, past `bandwidth_limit`. A
-    /// cheap request (a small book, nothing new) rests a few milliseconds.
+    /// A request from the job, ahead of the live queue, paced ([`crate::publish::paced`]).
     async fn serve(&mut self, call: PublishCall, uploads: &mut JoinSet<UploadResult>) {
-        let began = Instant::now();
-        crate::fault::pause_for("slow-request", Duration::from_secs(1)).await;
-        self.serve_now(call, uploads).await;
-        self.requests_from = Instant::now() + began.elapsed().min(MAX_REQUEST_REST);
+        let ((), next) = crate::publish::paced(self.serve_now(call, uploads)).await;
+        self.requests_from = next;
     }
 
     async fn serve_now(&mut self, call: PublishCall, uploads: &mut JoinSet<UploadResult>) {

@@ -18,6 +18,26 @@ use crate::upload::{UploadError, Uploader};
 
 pub use c3_proto::socket::MAX_PATHS;
 
+/// The longest rest after one request ([`paced`]).
+pub const MAX_REQUEST_REST: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves one request; returns with when the next may be served: after a rest as long as
+/// this one took (at most [`MAX_REQUEST_REST`]), so that a job's requests get at most half
+/// the collector's time. A request's cost is the job's to choose (a `touch` before each
+/// `publish` rewrites both manifests, up to `store.max_manifest_bytes` each; a `wait_all`
+/// scans the tree and `/proc`), and in a loop it was all the root agent did, at full speed,
+/// past `bandwidth_limit`. A cheap request (a small book, nothing new) rests a few
+/// milliseconds. With live sync or without.
+pub async fn paced<F: std::future::Future>(serve: F) -> (F::Output, tokio::time::Instant) {
+    let began = tokio::time::Instant::now();
+    crate::fault::pause_for("slow-request", std::time::Duration::from_secs(1)).await;
+    let out = serve.await;
+    (
+        out,
+        tokio::time::Instant::now() + began.elapsed().min(MAX_REQUEST_REST),
+    )
+}
+
 /// One request from the socket, and where its answer goes.
 pub struct PublishCall {
     pub request: SocketRequest,
