@@ -47,6 +47,19 @@ impl DirSync {
     fn linked(&self) -> u64 {
         self.linked.fetch_add(1, Ordering::SeqCst) + 1
     }
+
+    /// Returns once every link this process made so far is durable. A blob found at its key
+    /// may be one another put linked a moment ago (two copies of a file in one job), whose
+    /// directory entry waits for that put's fsync: taken as stored before then, a manifest
+    /// could list it and a crash lose it (on btrfs or ZFS a file's fsync does not carry the
+    /// directory's). Links are counted under the link lock, so none made is left uncounted.
+    fn sync_linked(&self, dir: &Path) -> io::Result<()> {
+        let upto = {
+            let _one = self.linking.lock().unwrap_or_else(|p| p.into_inner());
+            self.linked.load(Ordering::SeqCst)
+        };
+        self.sync(dir, upto)
+    }
 }
 
 /// Stores `bytes` as `blobs/sha256/<sha256_hex>` under `root` unless that blob exists;
@@ -57,7 +70,10 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
     // Something of another size at the blob's key (a torn copy, a file put there by hand)
     // is not the blob: replaced, never taken for it.
     let replace = match std::fs::symlink_metadata(&dest) {
-        Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => return Ok(false),
+        Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => {
+            sync.sync_linked(&dir)?;
+            return Ok(false);
+        }
         Ok(_) => true,
         Err(_) => false,
     };
@@ -69,20 +85,19 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
             std::fs::create_dir_all(&dir)?;
             let _one = sync.linking.lock().unwrap_or_else(|p| p.into_inner());
             if replace {
-                return std::fs::rename(&tmp, &dest).map(|()| true);
+                return std::fs::rename(&tmp, &dest).map(|()| Some(sync.linked()));
             }
             match std::fs::hard_link(&tmp, &dest) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Ok(()) => Ok(Some(sync.linked())),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(e),
             }
         });
     let _ = std::fs::remove_file(&tmp);
-    let added = written?;
-    if added {
-        sync.sync(&dir, sync.linked())?;
+    match written? {
+        Some(mine) => sync.sync(&dir, mine).map(|()| true),
+        None => sync.sync_linked(&dir).map(|()| false),
     }
-    Ok(added)
 }
 
 /// A new temp file in one of the staging shards, which nobody else can have opened.
@@ -134,6 +149,27 @@ mod tests {
         let left: Vec<_> = walk(&staging);
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(*sync.synced.lock().unwrap(), 1, "one link, synced");
+    }
+
+    /// A blob another put linked and has not fsync'd the directory for yet is not taken as
+    /// stored before that fsync: a manifest listing it could outlive it after a crash.
+    #[test]
+    fn a_blob_found_linked_is_durable_before_it_counts_as_stored() {
+        let root = tempfile::tempdir().unwrap();
+        let sync = DirSync::default();
+        let sha = crate::digest::sha256_hex(b"twin");
+        let dir = root.path().join("blobs/sha256");
+        std::fs::create_dir_all(&dir).unwrap();
+        // The other put's state between its link and its fsync.
+        std::fs::write(dir.join(&sha), b"twin").unwrap();
+        sync.linked();
+        assert_eq!(*sync.synced.lock().unwrap(), 0);
+        assert!(!put_blob(root.path(), &sha, b"twin", &sync).unwrap());
+        assert_eq!(
+            *sync.synced.lock().unwrap(),
+            1,
+            "returned before the link was durable"
+        );
     }
 
     #[test]
