@@ -65,6 +65,13 @@ pub enum DatasetError {
 
     #[error("not materialized within job.dataset_timeout_secs ({secs} s): the store is too slow")]
     TimedOut { secs: u64 },
+
+    #[error("job {job_id} belongs to project {found:?}, not to this job's project {project:?}")]
+    OtherProject {
+        job_id: String,
+        project: String,
+        found: String,
+    },
 }
 
 impl DatasetError {
@@ -77,6 +84,7 @@ impl DatasetError {
             // What the job left in its workdir is there on the next attempt too.
             DatasetError::Mount(e) => e.kind() != std::io::ErrorKind::InvalidInput,
             DatasetError::TimedOut { .. } => true,
+            DatasetError::OtherProject { .. } => false,
             DatasetError::Pull(e) => match e {
                 PullError::NoManifest { source, .. } | PullError::Blob { source, .. } => {
                     !source.is_permanent()
@@ -342,7 +350,7 @@ pub async fn datasets(
     for dataset in &spec.datasets {
         let source = dataset.source_job().expect("validated with the spec");
         let pulled = tokio::select! {
-            r = materialize(ctx, source, workdir_fd, workdir, &dataset.mount, owner) => r,
+            r = materialize(ctx, spec, source, workdir_fd, workdir, &dataset.mount, owner) => r,
             _ = cancel.cancelled() => return Err(PrepareError::Canceled),
             _ = tokio::time::sleep_until(deadline) => Err(DatasetError::TimedOut { secs: limit.as_secs() }),
         };
@@ -373,6 +381,7 @@ pub async fn datasets(
 
 async fn materialize(
     ctx: &AgentContext,
+    spec: &JobSpec,
     job_id: &str,
     workdir_fd: &DirFd,
     workdir: &Path,
@@ -390,6 +399,17 @@ async fn materialize(
         .map_err(|e| DatasetError::Mount(std::io::Error::other(e)))?
         .map_err(DatasetError::Mount)?;
     let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
+    // The agent holds the store's keys for every tenant: a spec that names another project's
+    // job would otherwise get its files. Where either side names no project, nothing tells.
+    if let (Some(project), Some(found)) = (&spec.project, &manifest.project) {
+        if project != found {
+            return Err(DatasetError::OtherProject {
+                job_id: job_id.to_string(),
+                project: project.clone(),
+                found: found.clone(),
+            });
+        }
+    }
     // A dataset is the earlier job's files, as they are: what an earlier attempt left is replaced.
     let files: Arc<[c3_proto::FileEntry]> = manifest.files.into();
     let pulled = crate::pull::pull_into(

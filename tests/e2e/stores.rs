@@ -265,6 +265,26 @@ fn datasets_are_materialized_as_private_copies() {
     assert_eq!(t["retryable"], false, "{t}");
 }
 
+/// The agent holds the store's keys for every tenant: a dataset of another project's job is
+/// refused before launch, for good; one of the same project is materialized.
+#[test]
+fn a_dataset_of_another_projects_job_is_refused() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "theirs", "project": "alpha", "command": ["sh", "-c", "echo secret > $C3_ARTIFACTS_DIR/w"]}))
+        .assert_code(0);
+    let marker = h.path("launched");
+    let run = h.run_job(json!({"job_id": "mine", "project": "beta", "command": ["touch", marker.display().to_string()], "datasets": [{"ref": "/jobs/theirs", "mount": "in"}]}));
+    run.assert_code(6);
+    assert!(!marker.exists(), "launched with another project's dataset");
+    assert!(!h.workdir("mine").join("in/artifacts/w").exists());
+    let t = h.terminal("mine");
+    assert_eq!(t["reason"], "DATASET_ERROR");
+    assert_eq!(t["retryable"], false, "{t}");
+    assert!(t["message"].as_str().unwrap().contains("project"), "{t}");
+    h.run_job(json!({"job_id": "ours", "project": "alpha", "command": ["cat", "in/artifacts/w"], "datasets": [{"ref": "/jobs/theirs", "mount": "in"}]}))
+        .assert_code(0);
+}
+
 #[test]
 fn pull_never_writes_through_a_symlink_in_the_destination() {
     let h = Harness::file();
