@@ -26,7 +26,9 @@ struct Inner {
     in_use: AtomicU64,
     /// Highest `in_use` ever seen, for tests and benchmarks.
     peak: AtomicU64,
-    /// Finished part buffers, for reuse; never more than `limit` bytes of capacity.
+    /// Finished part buffers, for reuse. Their capacity and the bytes in use stay within
+    /// `limit` together: counted apart, a full budget of parts in flight beside a full pool
+    /// of spares held twice the budget.
     spare: Mutex<Vec<BytesMut>>,
 }
 
@@ -57,8 +59,24 @@ impl ByteBudget {
     }
 
     /// Waits until `bytes` fit. A request larger than the whole budget takes all of it,
-    /// so it runs alone rather than never.
+    /// so it runs alone rather than never. Spare buffers give way to it.
     pub async fn acquire(&self, bytes: u64) -> BudgetGuard {
+        let guard = self.acquire_alone(bytes).await;
+        self.trim_spare();
+        guard
+    }
+
+    /// [`ByteBudget::acquire`] for a part read into a buffer of `len` bytes (contents
+    /// unspecified), a spare one when there is one.
+    pub async fn acquire_buffer(&self, len: usize) -> (BudgetGuard, BytesMut) {
+        let guard = self.acquire_alone(len as u64).await;
+        // The spare that fits is taken before the others give way to the new part.
+        let buffer = self.buffer(len);
+        self.trim_spare();
+        (guard, buffer)
+    }
+
+    async fn acquire_alone(&self, bytes: u64) -> BudgetGuard {
         let held = bytes.clamp(1, self.inner.limit);
         let units = held.div_ceil(UNIT) as u32;
         let permit = self
@@ -77,15 +95,18 @@ impl ByteBudget {
         }
     }
 
-    /// A buffer of `len` bytes (contents unspecified), reused when one is spare.
-    pub fn buffer(&self, len: usize) -> BytesMut {
+    /// A buffer of `len` bytes (contents unspecified): the smallest spare one that fits, so
+    /// that a short last part does not pin a whole part's buffer.
+    fn buffer(&self, len: usize) -> BytesMut {
         let reused = {
             let mut spare = self
                 .inner
                 .spare
                 .lock()
                 .expect("the spare list is never poisoned");
-            let at = spare.iter().position(|b| b.capacity() >= len);
+            let at = (0..spare.len())
+                .filter(|&i| spare[i].capacity() >= len)
+                .min_by_key(|&i| spare[i].capacity());
             at.map(|i| spare.swap_remove(i))
         };
         match reused {
@@ -98,8 +119,9 @@ impl ByteBudget {
         }
     }
 
-    /// Hands a sent part's buffer back, if nothing else still refers to it.
-    pub fn recycle(&self, bytes: Bytes) {
+    /// Hands a sent part's buffer back with the budget it held: kept for reuse if nothing
+    /// else still refers to it and it fits beside the bytes others hold.
+    pub fn recycle(&self, bytes: Bytes, guard: BudgetGuard) {
         let Ok(mut buf) = bytes.try_into_mut() else {
             return;
         };
@@ -108,13 +130,36 @@ impl ByteBudget {
             .spare
             .lock()
             .expect("the spare list is never poisoned");
-        let kept: usize = spare.iter().map(|b| b.capacity()).sum();
-        if (kept + buf.capacity()) as u64 <= self.inner.limit {
+        let others = self.in_use().saturating_sub(guard.bytes);
+        let kept: u64 = spare.iter().map(|b| b.capacity() as u64).sum();
+        if others + kept + buf.capacity() as u64 <= self.inner.limit {
             let cap = buf.capacity();
             // Full length, so that the next `resize` to a part size zeroes nothing.
             buf.resize(cap, 0);
             spare.push(buf);
         }
+        drop(guard);
+    }
+
+    /// Drops spare buffers until they fit beside the bytes in use.
+    fn trim_spare(&self) {
+        let mut spare = self
+            .inner
+            .spare
+            .lock()
+            .expect("the spare list is never poisoned");
+        let mut kept: u64 = spare.iter().map(|b| b.capacity() as u64).sum();
+        while kept + self.in_use() > self.inner.limit {
+            let Some(buf) = spare.pop() else { break };
+            kept -= buf.capacity() as u64;
+        }
+    }
+
+    /// Bytes in use and spare capacity together: what uploads hold in memory at most.
+    #[cfg(test)]
+    fn held(&self) -> u64 {
+        let spare = self.inner.spare.lock().unwrap();
+        self.in_use() + spare.iter().map(|b| b.capacity() as u64).sum::<u64>()
     }
 
     pub fn in_use(&self) -> u64 {
@@ -158,5 +203,44 @@ mod tests {
         let g = budget.acquire(1 << 30).await;
         assert_eq!(budget.in_use(), budget.limit());
         drop(g);
+    }
+
+    /// Parts in flight and recycled buffers share the budget: a full budget of parts sent
+    /// and recycled, then a full budget of new ones, never holds more than the limit.
+    #[tokio::test]
+    async fn spare_buffers_and_parts_in_flight_share_the_budget() {
+        const PART: usize = 8 * 1024;
+        let budget = ByteBudget::new(4 * PART as u64);
+        let sent: Vec<_> = {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                held.push(budget.acquire_buffer(PART).await);
+            }
+            held
+        };
+        for (guard, buf) in sent {
+            budget.recycle(buf.freeze(), guard);
+            assert!(budget.held() <= budget.limit(), "{}", budget.held());
+        }
+        // Reused while it fits: no new buffer for a part of the same size.
+        let mut again = Vec::new();
+        for _ in 0..4 {
+            again.push(budget.acquire_buffer(PART).await);
+            assert!(budget.held() <= budget.limit(), "{}", budget.held());
+        }
+        // Bytes acquired for hashing make spares give way too.
+        for (guard, buf) in again.drain(..2) {
+            budget.recycle(buf.freeze(), guard);
+        }
+        let hashing = budget.acquire(2 * PART as u64).await;
+        assert!(budget.held() <= budget.limit(), "{}", budget.held());
+        // A short last part takes the smallest spare that fits.
+        drop(hashing);
+        for (guard, buf) in again.drain(..) {
+            budget.recycle(buf.freeze(), guard);
+        }
+        let (_g, tail) = budget.acquire_buffer(100).await;
+        assert!(tail.capacity() >= 100);
+        assert!(budget.held() <= budget.limit(), "{}", budget.held());
     }
 }

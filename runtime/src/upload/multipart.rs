@@ -612,9 +612,8 @@ impl Uploader {
             let offset = idx as u64 * part_size;
             let len = part_size.min(size.saturating_sub(offset));
             self.pace(len).await;
-            let guard = self.budget.acquire(len).await;
+            let (guard, mut buf) = self.budget.acquire_buffer(len as usize).await;
             let (f, p) = (file.clone(), path.to_path_buf());
-            let mut buf = self.budget.buffer(len as usize);
             let read = blocking(path, move || {
                 let tag = read_part(&f, &mut buf, offset, part_size, &expected, &p)?;
                 Ok((buf.freeze(), tag))
@@ -638,8 +637,7 @@ impl Uploader {
                     .put_part(&sha, &id, idx, chunk.clone())
                     .await
                     .map_err(|source| UploadError::Store { path: p, source })?;
-                budget.recycle(chunk);
-                drop(guard);
+                budget.recycle(chunk, guard);
                 Ok((idx, content_id, len, tag))
             });
         }

@@ -70,9 +70,8 @@ impl Uploader {
             // turns into "changed") there is nothing worth pacing.
             self.pace(part_size.min(before.size.saturating_sub(offset)))
                 .await;
-            let guard = self.budget.acquire(part_size).await;
+            let (guard, mut chunk) = self.budget.acquire_buffer(part_size as usize).await;
             let p = path.to_path_buf();
-            let mut chunk = self.budget.buffer(part_size as usize);
             let read = blocking(path, move || {
                 let (mut f, mut h) = (f, h);
                 let n = fill(&mut f, &mut chunk)
@@ -106,8 +105,7 @@ impl Uploader {
                         source,
                     },
                 })?;
-                budget.recycle(chunk);
-                drop(guard);
+                budget.recycle(chunk, guard);
                 Ok(())
             });
         }
