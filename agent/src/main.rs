@@ -8,6 +8,7 @@ mod inspect;
 mod ops;
 mod out;
 mod publish;
+mod specpath;
 mod telemetry;
 mod unitcheck;
 
@@ -332,11 +333,12 @@ fn context(env: &Env) -> Result<AgentContext, String> {
 /// The largest job spec read: a real one is a few KiB (its `env` included).
 const MAX_SPEC_BYTES: u64 = 1 << 20;
 
-/// Reads a job spec: a regular file (a FIFO never blocks the start), at most 1 MiB. Below
-/// `under` (the `--job-id` place, `<jobs_root>/<id>/job.json`) no component is a symlink, and
-/// the file and its directory must be root's (or the agent's) and not writable by others: a
+/// Reads a job spec: a regular file (a FIFO never blocks the start), at most 1 MiB, root's
+/// (or the agent's) and not writable by others. Below `under` (the `--job-id` place,
+/// `<jobs_root>/<id>/job.json`) no component is a symlink and its directory is root's too: a
 /// workdir is made its job's, and a job owning `<jobs_root>/<id>` before a job of that id is
 /// placed could otherwise swap in the spec that job starts with (another command, user root).
+/// A `--job PATH` may pass symlinks, but every directory on its way is held to that rule.
 fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
@@ -381,11 +383,29 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             }
             file
         }
-        None => std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(err)?,
+        None => {
+            // A path the scheduler chose: symlinks in it are taken, but nobody but root (or
+            // the agent's user) may be able to change what it leads to. Otherwise a job could
+            // write a spec (`workdir` set to where the scheduler's next spec goes, a dir the
+            // agent then makes the job's) and have root start its command.
+            let real = specpath::resolve_root_alone(path)
+                .map_err(|e| format!("job spec {}: {e}", path.display()))?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(&real)
+                .map_err(err)?;
+            let st = c3_runtime::confine::fstat(&file).map_err(err)?;
+            if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_mode) {
+                return Err(format!(
+                    "job spec {}: owned by uid {} (mode {:o}), not root's: a job may have written it",
+                    path.display(),
+                    st.st_uid,
+                    st.st_mode & 0o7777
+                ));
+            }
+            file
+        }
     };
     let st = c3_runtime::confine::fstat(&file).map_err(err)?;
     if !c3_runtime::confine::is_regular(&st) {

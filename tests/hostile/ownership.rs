@@ -151,6 +151,51 @@ fn a_workdir_among_the_agents_run_records_is_a_spec_error() {
         .assert_code(0);
 }
 
+/// `run --job PATH` holds the scheduler's path to the same rule: a spec a job wrote (in a
+/// directory it owns, or a file it owns, or behind a symlink it can change) never starts as
+/// root; a root-owned spec in a sticky dir others write (`/tmp`) and behind root's symlink runs.
+#[test]
+fn a_spec_path_a_job_could_write_is_refused() {
+    if not_root("a_spec_path_a_job_could_write_is_refused") {
+        return;
+    }
+    let h = open_harness();
+    let marker = h.path("launched");
+    let spec = json!({"job_id": "next", "command": ["touch", marker.display().to_string()]});
+    let nobody = crate::common::nobody();
+    let dir = h.path("jobs-dir");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("job.json");
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let run_spec = |p: &std::path::Path| h.run(&["run", "--job", p.to_str().unwrap()]);
+    // The job owns the directory: it could have put the file there.
+    std::os::unix::fs::chown(&dir, Some(nobody), None).unwrap();
+    let run = run_spec(&path);
+    run.assert_code(2);
+    assert!(run.stderr.contains("owned by uid"), "{}", run.stderr);
+    // The job owns the file.
+    std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    std::os::unix::fs::chown(&path, Some(nobody), None).unwrap();
+    run_spec(&path).assert_code(2);
+    // A symlink in a directory the job owns leads to a root-owned spec: the link is the job's.
+    std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+    let theirs = h.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink(&dir, theirs.join("link")).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(nobody), None).unwrap();
+    run_spec(&theirs.join("link/job.json")).assert_code(2);
+    assert!(!marker.exists(), "nothing may be launched");
+    // Root's all the way, through a sticky dir others write and root's own symlink: runs.
+    let sticky = h.path("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    crate::support::chmod(&sticky, 0o1777);
+    std::fs::create_dir(sticky.join("specs")).unwrap();
+    std::fs::copy(&path, sticky.join("specs/job.json")).unwrap();
+    std::os::unix::fs::symlink(sticky.join("specs"), h.path("root-link")).unwrap();
+    run_spec(&h.path("root-link/job.json")).assert_code(0);
+    assert!(marker.exists());
+}
+
 /// `run --job-id ID` reads `<jobs_root>/ID/job.json`: a directory a job owns there (an earlier
 /// job's workdir named after an id to come) must not supply the spec a later job starts with.
 #[test]

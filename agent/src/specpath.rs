@@ -1,0 +1,117 @@
+//! Whether a spec path the scheduler chose is root's alone: `run --job PATH` starts, as
+//! root, whatever command the file names, so no one else may be able to change what the path
+//! leads to, through any directory or symlink on the way.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Symlinks followed at most, as the kernel's own limit.
+const MAX_LINKS: usize = 40;
+
+/// Resolves `path` as the kernel would, checking that every directory an entry is read from
+/// (symlinks followed) is root's (or the agent's user's) and writable by no one else, or
+/// sticky (`/tmp`: its entries are checked in turn). Returns the real path, whose last
+/// component the caller opens with `O_NOFOLLOW` and checks on the fd. Checked top down, a
+/// directory found safe cannot be swapped afterwards by anyone but root.
+pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
+    let absolute = std::path::absolute(path).map_err(|e| e.to_string())?;
+    let mut todo: VecDeque<OsString> = parts(&absolute);
+    let mut cur = PathBuf::from("/");
+    check_dir(&cur)?;
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        match name.to_str() {
+            Some("/") => {
+                cur = PathBuf::from("/");
+                continue;
+            }
+            Some("..") => {
+                cur.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let next = cur.join(&name);
+        let meta =
+            std::fs::symlink_metadata(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(format!("{}: too many symlinks", path.display()));
+            }
+            let target =
+                std::fs::read_link(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+            for part in parts(&target).into_iter().rev() {
+                todo.push_front(part);
+            }
+            continue;
+        }
+        if !todo.is_empty() {
+            check_dir(&next)?;
+        }
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// A path's components as names, `/` standing for the root and `.` dropped.
+fn parts(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::RootDir => Some("/".into()),
+            Component::ParentDir => Some("..".into()),
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+fn check_dir(dir: &Path) -> Result<(), String> {
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !m.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let owner_ok = m.uid() == 0 || m.uid() == nix::unistd::geteuid().as_raw();
+    let sticky = m.mode() & libc::S_ISVTX != 0;
+    if owner_ok && (sticky || c3_runtime::statedir::root_alone_writes(m.uid(), m.mode())) {
+        return Ok(());
+    }
+    Err(format!(
+        "its directory {} is owned by uid {} (mode {:o}), not root's: a job may have written it",
+        dir.display(),
+        m.uid(),
+        m.mode() & 0o7777
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_resolves_as_the_kernel_resolves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(real.join("a/b")).unwrap();
+        std::fs::write(real.join("a/b/job.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("a/b", real.join("rel")).unwrap();
+        std::os::unix::fs::symlink(real.join("rel"), real.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../a/./b/job.json", real.join("a/b/up")).unwrap();
+        for p in [
+            "rel/job.json",
+            "abs/job.json",
+            "a/b/up",
+            "a/../a/b/job.json",
+        ] {
+            assert_eq!(
+                resolve_root_alone(&real.join(p)).unwrap(),
+                real.join("a/b/job.json"),
+                "{p}"
+            );
+        }
+        std::os::unix::fs::symlink("loop", real.join("loop")).unwrap();
+        assert!(resolve_root_alone(&real.join("loop/x")).is_err());
+    }
+}
