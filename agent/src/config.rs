@@ -464,7 +464,8 @@ pub fn resolve(
         ),
     };
     if let Err(e) = url::Url::parse(&store_url) {
-        problems.push(format!("`store.url`: `{store_url}` is not a URL: {e}"));
+        // Not echoed: it may hold a credential (`user:pass@`), and it does not parse.
+        problems.push(format!("`store.url`: not a URL: {e}"));
     }
     let control_plane = cp.and_then(|section| {
         let Some(raw) = section.url else {
@@ -484,12 +485,13 @@ pub fn resolve(
             }),
             Ok(_) => {
                 problems.push(format!(
-                    "`control_plane.url`: `{raw}` must be http:// or https://"
+                    "`control_plane.url`: `{}` must be http:// or https://",
+                    c3_runtime::display::shown_url(&raw)
                 ));
                 None
             }
             Err(e) => {
-                problems.push(format!("`control_plane.url`: `{raw}` is not a URL: {e}"));
+                problems.push(format!("`control_plane.url`: not a URL: {e}"));
                 None
             }
         }
@@ -528,6 +530,15 @@ pub fn resolve(
             .max_file_bytes
             .unwrap_or(defaults.max_file_bytes),
     };
+    // A file up to the threshold is read whole into memory, and sent in one PUT.
+    if let Some(t) = file.upload.multipart_threshold_bytes {
+        let most = upload.memory_budget.min(MAX_PART_BYTES);
+        if t > most {
+            problems.push(format!(
+                "`upload.multipart_threshold_bytes`: at most {most} (`upload.memory_budget_bytes`, and 5 GiB, S3's largest PUT): a file up to it is read whole into memory"
+            ));
+        }
+    }
     if upload.max_file_bytes == 0 {
         problems.push("`upload.max_file_bytes` must be at least 1".into());
     }
@@ -953,6 +964,42 @@ mod tests {
         }
         let text = format!("[upload]\nmin_part_size_bytes = {MAX_PART_BYTES}\n[sync]\nevent_queue = {MAX_EVENT_QUEUE}\n");
         resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap();
+    }
+
+    #[test]
+    fn a_multipart_threshold_past_the_memory_budget_is_named() {
+        let text = "[upload]\nmultipart_threshold_bytes = 18446744073709551615\n";
+        let e = resolve(None, text, &|_| None, PathBuf::from("/s")).unwrap_err();
+        assert!(
+            e.problems
+                .iter()
+                .any(|p| p.starts_with("`upload.multipart_threshold_bytes`: at most 33554432")),
+            "{:?}",
+            e.problems
+        );
+        let text =
+            "[upload]\nmultipart_threshold_bytes = 33554432\nmemory_budget_bytes = 33554432\n";
+        resolve(None, text, &|_| None, PathBuf::from("/s")).unwrap();
+    }
+
+    #[test]
+    fn a_url_in_a_config_error_shows_no_credential() {
+        for (text, key) in [
+            (
+                "[control_plane]\nurl = \"ftp://admin:S3CRETPW@cp.example/api\"\n",
+                "control_plane.url",
+            ),
+            (
+                "[control_plane]\nurl = \"http://u:S3CRETPW@h:99999/\"\n",
+                "control_plane.url",
+            ),
+            ("[store]\nurl = \"s3://u:S3CRETPW@b:99999/\"\n", "store.url"),
+        ] {
+            let e = resolve(None, text, &|_| None, PathBuf::from("/s")).unwrap_err();
+            let all = e.problems.join("\n");
+            assert!(all.contains(key), "{all}");
+            assert!(!all.contains("S3CRETPW"), "{all}");
+        }
     }
 
     #[test]

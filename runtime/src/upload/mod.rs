@@ -555,7 +555,11 @@ impl Uploader {
         job_id: &str,
         journal_dir: Option<PathBuf>,
     ) -> Self {
+        let mut opts = opts;
         let budget = ByteBudget::new(opts.memory_budget);
+        // A file up to the threshold is read whole into memory: one past the budget would
+        // take as much as the job made it (a 200 GB sparse file, and the agent aborts).
+        opts.multipart_threshold = opts.multipart_threshold.min(budget.limit());
         let staging = Arc::from(format!("staging/{job_id}"));
         Uploader {
             store,
@@ -1406,6 +1410,28 @@ mod tests {
         let again = up.upload(file).await.unwrap();
         assert_eq!(again.digests.sha256_hex(), crate::digest::sha256_hex(data));
         again
+    }
+
+    /// A file up to the threshold is read whole: a threshold past the budget is held to it,
+    /// and a file past the budget is sent in parts (a 200 GB sparse file read into memory
+    /// aborted the agent).
+    #[tokio::test]
+    async fn a_threshold_past_the_memory_budget_is_held_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let opts = UploadOptions {
+            multipart_threshold: u64::MAX,
+            min_part_size: MIB,
+            memory_budget: 2 * MIB,
+            auto_in_flight: false,
+            ..UploadOptions::default()
+        };
+        let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
+        assert_eq!(up.options().multipart_threshold, 2 * MIB);
+        let (file, data) = file_of(dir.path(), "big", 5 * MIB as usize, 3);
+        let uploaded = up.upload(&file).await.unwrap();
+        assert_eq!(uploaded.digests, crate::digest::digest_bytes(&data));
+        assert!(up.budget().peak() <= 2 * MIB, "peak {}", up.budget().peak());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
