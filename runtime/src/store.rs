@@ -1046,12 +1046,22 @@ impl BlobStore {
     /// A store in memory with resumable multipart uploads, for tests and benchmarks.
     pub fn in_memory() -> Self {
         let mem = Arc::new(object_store::memory::InMemory::new());
+        Self::in_memory_with(mem.clone(), mem, Duration::from_secs(5))
+    }
+
+    /// A store in memory whose multipart uploads go through `multipart` (a test's faulty
+    /// wrapper of `mem`), failing for at most `deadline`.
+    pub fn in_memory_with(
+        mem: Arc<object_store::memory::InMemory>,
+        multipart: Arc<dyn MultipartStore>,
+        deadline: Duration,
+    ) -> Self {
         BlobStore {
-            inner: mem.clone(),
+            inner: mem,
             url: "memory:///".into(),
             broken: None,
-            multipart: Some((mem, String::new())),
-            retry: Retry::new(Duration::from_secs(5)),
+            multipart: Some((multipart, String::new())),
+            retry: Retry::new(deadline),
             head_warned: Default::default(),
             credentials: Arc::new(Credentials::Given),
             root: None,
@@ -1523,7 +1533,18 @@ impl BlobStore {
             })
     }
 
+    /// Aborts an upload, retried as every operation is: an abort given up after one blip
+    /// left the upload's parts billed at the store.
     pub async fn abort_multipart(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+    ) -> Result<(), StoreError> {
+        self.retrying(|| self.abort_multipart_once(sha256_hex, upload_id))
+            .await
+    }
+
+    async fn abort_multipart_once(
         &self,
         sha256_hex: &str,
         upload_id: &str,

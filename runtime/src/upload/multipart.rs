@@ -448,10 +448,10 @@ impl Uploader {
                     if let Some(p) = self.journal_path(&sha) {
                         // One refused for a part is still open at the store: its parts would
                         // stay billed with nothing on the node naming them.
-                        if let Some(old) = MultipartJournal::load(&p) {
-                            let _ = self.store.abort_multipart(&sha, &old.upload_id).await;
+                        match MultipartJournal::load(&p) {
+                            Some(old) => self.replace_upload(&p, &old).await,
+                            None => remove_journal(&p),
                         }
-                        remove_journal(&p);
                     }
                 }
                 Err(e) => {
@@ -513,7 +513,9 @@ impl Uploader {
                 });
             }
             // Same content, other part size: its parts are of no use.
-            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
+            if let Some(p) = path.as_deref() {
+                self.replace_upload(p, &record).await;
+            }
         }
         let upload_id = self.store.create_multipart(sha).await?;
         let journal = MultipartJournal {
@@ -671,17 +673,55 @@ impl Uploader {
     /// down) stays, for the attempt's end or `recover` to abort, rather than leave its parts
     /// billed at the store with nothing on the node that names them.
     async fn abort(&self, journal: MultipartJournal) {
-        let sha = journal.record.sha256.clone();
-        match self
-            .store
-            .abort_multipart(&sha, &journal.record.upload_id)
-            .await
-        {
-            Ok(()) => journal.remove(),
-            Err(e) if crate::store::upload_gone(&e) => journal.remove(),
+        let record = &journal.record;
+        let _ = self
+            .abort_upload(&record.sha256, &record.upload_id, journal.path.as_deref())
+            .await;
+    }
+
+    /// Aborts the upload `upload_id` of `sha` and removes its journal at `path` once the store
+    /// has let the upload go, or no longer knows it. A journal whose abort failed (the store
+    /// down past its retry deadline, or refusing) stays: without it nothing on the node names
+    /// the upload, whose parts stay billed at the store; kept, it keeps its job from
+    /// retention, and this attempt's end or a later pass aborts it.
+    async fn abort_upload(
+        &self,
+        sha: &str,
+        upload_id: &str,
+        path: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        match self.store.abort_multipart(sha, upload_id).await {
+            Ok(()) => {}
+            Err(e) if crate::store::upload_gone(&e) => {}
             Err(e) => {
-                tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later")
+                tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later");
+                return Err(e);
             }
+        }
+        if let Some(p) = path {
+            remove_journal(p);
+        }
+        Ok(())
+    }
+
+    /// Lets go of the journaled upload at `path` that a new upload of its blob replaces: it is
+    /// aborted, or, if the store will not abort it now, its journal is set aside under a name
+    /// of its own (`<attempt>-<sha>.<upload tag>.json`), which the new upload's journal does
+    /// not overwrite and [`Uploader::abort_orphans`] still finds.
+    async fn replace_upload(&self, path: &Path, record: &MultipartRecord) {
+        if self
+            .abort_upload(&record.sha256, &record.upload_id, Some(path))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let aside = path.with_extension(format!("{}.json", upload_tag(&record.upload_id)));
+        // Its parts are of no use to an abort; beside the new upload they would be read as its.
+        let moved = std::fs::rename(path, &aside);
+        let _ = std::fs::remove_file(parts_path(path));
+        if let Err(e) = moved {
+            tracing::warn!(sha256 = %record.sha256, error = %e, "cannot set aside the journal of a multipart upload the store would not abort; its parts stay at the store");
         }
     }
 
@@ -691,15 +731,17 @@ impl Uploader {
             return;
         };
         if let Some(record) = MultipartJournal::load(&path) {
-            let _ = self.store.abort_multipart(sha, &record.upload_id).await;
-            remove_journal(&path);
+            let _ = self
+                .abort_upload(&record.sha256, &record.upload_id, Some(&path))
+                .await;
         }
     }
 
     /// Aborts every upload of this attempt's journals nobody will finish (the attempt is
     /// over), but those kept after a store fault (`recover` resumes them), and drops the
     /// attempt's staging objects a crash left. Another attempt's are left alone: its agent
-    /// may be sending them now. Returns how many uploads were aborted.
+    /// may be sending them now. One the store will not abort keeps its journal
+    /// ([`Uploader::abort_upload`]). Returns how many uploads were aborted.
     pub async fn abort_orphans(&self) -> usize {
         if self.store.is_local() {
             // The file store's own directory: only this job's staging objects, never endless;
@@ -765,22 +807,18 @@ impl Uploader {
                 }
                 continue;
             }
-            if let Some(record) = MultipartJournal::load(&path) {
-                match self
-                    .store
-                    .abort_multipart(&record.sha256, &record.upload_id)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload")
-                    }
-                    Err(e) => {
-                        tracing::warn!(sha256 = %record.sha256, error = %crate::error_chain(&e), "cannot abort an orphaned multipart upload")
-                    }
-                }
+            let Some(record) = MultipartJournal::load(&path) else {
+                remove_journal(&path);
+                continue;
+            };
+            if self
+                .abort_upload(&record.sha256, &record.upload_id, Some(&path))
+                .await
+                .is_ok()
+            {
+                tracing::info!(sha256 = %record.sha256, parts = record.parts.len(), "aborted an orphaned multipart upload");
                 aborted += 1;
             }
-            remove_journal(&path);
         }
         aborted
     }
@@ -911,6 +949,142 @@ mod tests {
         assert!(!tmp.exists(), "a stale temp file stayed");
         up.forget_kept();
         assert_eq!(up.abort_orphans().await, 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A store in memory whose aborts fail (a 503) while `failing` is above zero, one less
+    /// each time.
+    struct FlakyAbort {
+        mem: Arc<object_store::memory::InMemory>,
+        failing: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::multipart::MultipartStore for FlakyAbort {
+        async fn create_multipart(
+            &self,
+            path: &object_store::path::Path,
+        ) -> object_store::Result<object_store::MultipartId> {
+            self.mem.create_multipart(path).await
+        }
+
+        async fn put_part(
+            &self,
+            path: &object_store::path::Path,
+            id: &object_store::MultipartId,
+            part_idx: usize,
+            data: object_store::PutPayload,
+        ) -> object_store::Result<object_store::multipart::PartId> {
+            self.mem.put_part(path, id, part_idx, data).await
+        }
+
+        async fn complete_multipart(
+            &self,
+            path: &object_store::path::Path,
+            id: &object_store::MultipartId,
+            parts: Vec<object_store::multipart::PartId>,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.mem.complete_multipart(path, id, parts).await
+        }
+
+        async fn abort_multipart(
+            &self,
+            path: &object_store::path::Path,
+            id: &object_store::MultipartId,
+        ) -> object_store::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let down = self
+                .failing
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if down {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "Server returned non-2xx status code: 503 Service Unavailable".into(),
+                });
+            }
+            self.mem.abort_multipart(path, id).await
+        }
+    }
+
+    const DEADLINE: std::time::Duration = std::time::Duration::from_millis(300);
+
+    /// An uploader journaling in `dir` on a store whose next `failing` aborts fail.
+    fn flaky_uploader(dir: &Path, failing: usize) -> (Uploader, Arc<FlakyAbort>) {
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let flaky = Arc::new(FlakyAbort {
+            mem: mem.clone(),
+            failing: failing.into(),
+        });
+        let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
+        let up = Uploader::new(
+            store,
+            UploadOptions::default(),
+            "j",
+            Some(dir.to_path_buf()),
+        );
+        (up, flaky)
+    }
+
+    /// Whether the store still holds upload `id` of `SHA` open (it lets it be aborted).
+    async fn still_open(flaky: &FlakyAbort, id: &str) -> bool {
+        use object_store::multipart::MultipartStore;
+        let path = object_store::path::Path::from(crate::store::blob_key(SHA).as_str());
+        flaky
+            .mem
+            .abort_multipart(&path, &id.to_string())
+            .await
+            .is_ok()
+    }
+
+    /// An orphan's abort that meets a blip is retried; one the store does not take by its
+    /// retry deadline keeps its journal, the only thing on the node that names the upload,
+    /// and the next look aborts it. Its journal was removed whatever the abort's outcome,
+    /// and the upload's parts stayed billed at the store.
+    #[tokio::test]
+    async fn an_orphan_whose_abort_fails_keeps_its_journal_until_it_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 1);
+        let journal = up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
+        let id = journal.record.upload_id.clone();
+        assert_eq!(up.abort_orphans().await, 1);
+        assert!(
+            !still_open(&flaky, &id).await,
+            "a blip left the upload open"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let journal = up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
+        let (id, path) = (journal.record.upload_id.clone(), journal.path.clone());
+        flaky
+            .failing
+            .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(up.abort_orphans().await, 0);
+        assert!(path.unwrap().exists(), "the journal of an open upload went");
+        // The outage over (stale past its deadline), the next look aborts it.
+        flaky.failing.store(0, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(DEADLINE * 2).await;
+        assert_eq!(up.abort_orphans().await, 1);
+        assert!(!still_open(&flaky, &id).await);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A journaled upload replaced by a new one of its blob (another part size) whose abort
+    /// fails is set aside, not overwritten: the attempt's end aborts both.
+    #[tokio::test]
+    async fn a_replaced_upload_whose_abort_fails_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), usize::MAX);
+        let old = up.open_journal(SHA, 4 << 20, 1 << 20).await.unwrap();
+        let new = up.open_journal(SHA, 4 << 20, 2 << 20).await.unwrap();
+        assert!(!new.resumed);
+        assert_ne!(old.record.upload_id, new.record.upload_id);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        flaky.failing.store(0, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(DEADLINE * 2).await;
+        assert_eq!(up.abort_orphans().await, 2);
+        assert!(!still_open(&flaky, &old.record.upload_id).await);
+        assert!(!still_open(&flaky, &new.record.upload_id).await);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
