@@ -416,14 +416,19 @@ impl Uploader {
             let sent = self
                 .send_parts(path, before, tags, ahead_parts, &mut journal)
                 .await;
-            let verified = sent.and_then(|bytes_sent| {
-                ensure_unchanged(self.root.as_deref(), path, before).map(|()| bytes_sent)
-            });
-            let outcome = match verified {
+            let outcome = match sent {
                 Ok(bytes_sent) => match self.complete(journal).await {
                     Ok(()) => {
                         tracing::debug!(path = %path.display(), bytes = before.size, bytes_sent, parts = tags.len(), "multipart upload complete");
-                        return Ok(true);
+                        // Every part holds the bytes pass 1 hashed (each was checked against
+                        // its tag), so the blob is the key's content whatever the file did
+                        // since. Only the listing needs the file still to be `before`: a
+                        // change now (a chmod, a touch, a new link) is reported for the next
+                        // look, which finds the blob stored; checked before the complete, it
+                        // threw away every part sent and sent them all again.
+                        return ensure_unchanged(self.root.as_deref(), path, before)
+                            .map(|()| true)
+                            .inspect_err(|_| self.record_added(digests));
                     }
                     Err(e) => Err(store_err(e)),
                 },
@@ -953,10 +958,12 @@ mod tests {
     }
 
     /// A store in memory whose aborts fail (a 503) while `failing` is above zero, one less
-    /// each time.
+    /// each time, and that runs `after_part` once a part is stored.
     struct FlakyAbort {
         mem: Arc<object_store::memory::InMemory>,
         failing: std::sync::atomic::AtomicUsize,
+        after_part: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        creates: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -965,6 +972,8 @@ mod tests {
             &self,
             path: &object_store::path::Path,
         ) -> object_store::Result<object_store::MultipartId> {
+            self.creates
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.mem.create_multipart(path).await
         }
 
@@ -975,7 +984,12 @@ mod tests {
             part_idx: usize,
             data: object_store::PutPayload,
         ) -> object_store::Result<object_store::multipart::PartId> {
-            self.mem.put_part(path, id, part_idx, data).await
+            let part = self.mem.put_part(path, id, part_idx, data).await;
+            let hook = self.after_part.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            part
         }
 
         async fn complete_multipart(
@@ -1015,14 +1029,16 @@ mod tests {
         let flaky = Arc::new(FlakyAbort {
             mem: mem.clone(),
             failing: failing.into(),
+            after_part: Default::default(),
+            creates: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
-        let up = Uploader::new(
-            store,
-            UploadOptions::default(),
-            "j",
-            Some(dir.to_path_buf()),
-        );
+        let opts = UploadOptions {
+            multipart_threshold: 1 << 20,
+            min_part_size: 1 << 20,
+            ..UploadOptions::default()
+        };
+        let up = Uploader::new(store, opts, "j", Some(dir.join("journal")));
         (up, flaky)
     }
 
@@ -1045,6 +1061,7 @@ mod tests {
     async fn an_orphan_whose_abort_fails_keeps_its_journal_until_it_is_aborted() {
         let dir = tempfile::tempdir().unwrap();
         let (up, flaky) = flaky_uploader(dir.path(), 1);
+        let journals = dir.path().join("journal");
         let journal = up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
         let id = journal.record.upload_id.clone();
         assert_eq!(up.abort_orphans().await, 1);
@@ -1052,7 +1069,7 @@ mod tests {
             !still_open(&flaky, &id).await,
             "a blip left the upload open"
         );
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
 
         let journal = up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
         let (id, path) = (journal.record.upload_id.clone(), journal.path.clone());
@@ -1066,7 +1083,7 @@ mod tests {
         tokio::time::sleep(DEADLINE * 2).await;
         assert_eq!(up.abort_orphans().await, 1);
         assert!(!still_open(&flaky, &id).await);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
     }
 
     /// A journaled upload replaced by a new one of its blob (another part size) whose abort
@@ -1075,17 +1092,58 @@ mod tests {
     async fn a_replaced_upload_whose_abort_fails_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let (up, flaky) = flaky_uploader(dir.path(), usize::MAX);
+        let journals = dir.path().join("journal");
         let old = up.open_journal(SHA, 4 << 20, 1 << 20).await.unwrap();
         let new = up.open_journal(SHA, 4 << 20, 2 << 20).await.unwrap();
         assert!(!new.resumed);
         assert_ne!(old.record.upload_id, new.record.upload_id);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 2);
         flaky.failing.store(0, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(DEADLINE * 2).await;
         assert_eq!(up.abort_orphans().await, 2);
         assert!(!still_open(&flaky, &old.record.upload_id).await);
         assert!(!still_open(&flaky, &new.record.upload_id).await);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+    }
+
+    /// A file whose stamp moves (a chmod: its ctime and mode) once its parts were read and
+    /// checked against their tags is `Changed` for its listing, but its blob is stored: every
+    /// part holds the key's bytes. The next look finds it and sends nothing. The whole upload
+    /// was aborted, and every part sent again.
+    #[tokio::test]
+    async fn a_stamp_moved_after_the_parts_were_checked_keeps_the_blob() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        let abs = dir.path().join("ckpt");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&abs, &data).unwrap();
+        std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let stamp = || FileStamp::of(&std::fs::metadata(&abs).unwrap());
+        let mut file = crate::collect::LocalFile {
+            rel: "artifacts/ckpt".into(),
+            abs: abs.clone(),
+            stamp: stamp(),
+        };
+        let at = abs.clone();
+        *flaky.after_part.lock().unwrap() = Some(Box::new(move || {
+            std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }));
+        let first = up.upload(&file).await;
+        assert!(
+            matches!(first, Err(UploadError::Changed { .. })),
+            "{first:?}"
+        );
+        let sha = crate::digest::sha256_hex(&data);
+        assert!(
+            up.store.blob_exists(&sha, data.len() as u64).await.unwrap(),
+            "every part was sent and checked, and the blob was thrown away"
+        );
+        file.stamp = stamp();
+        let again = up.upload(&file).await.unwrap();
+        assert_eq!(again.digests.sha256_hex(), sha);
+        assert_eq!(again.new_bytes, 0, "sent again");
+        assert_eq!(flaky.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// A parts file left beside no journal (a crash between the two removals) is not taken
