@@ -6,8 +6,9 @@
 //! * every operation of [`BlobStore`] is retried here, with exponential backoff and jitter
 //!   (`backon`), for as long as `retry_deadline` allows, whenever the failure is transient:
 //!   transport errors, 5xx, 429/SlowDown, a reset mid-body (which object_store does not retry
-//!   for a PUT). Permanent errors (403, 404 bucket, 400, a file store path that is read-only or
-//!   not a directory) fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
+//!   for a PUT), a 404 to a write (the preflight found the bucket: a proxy's blip). Permanent
+//!   errors (403, 404 to a read, 400, a file store path that is read-only or not a directory)
+//!   fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
 //!   "the store really refused" or "it stayed down past the deadline" does. The deadline is
 //!   the outage's, shared by every operation: a try made during an outage is cut at it, and
 //!   past it operations fail without a try but for one probe at a time.
@@ -106,6 +107,26 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    /// A write answered 404 (S3's NoSuchBucket, or a proxy's own 404): see [`write_error`].
+    #[error("store {op} of `{key}` was answered \"not found\"")]
+    WriteNotFound {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// The error of a write (`op` of `key`). A 404 to a write is not the key missing (a write
+/// makes it): it is the bucket, which the preflight found there, or a proxy or load
+/// balancer between that answered for a moment with its own 404. Retried until the retry
+/// deadline, not failed at once: one such blip failed a file UPLOAD_ERROR.
+fn write_error(op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+    let key = key.to_string();
+    match source {
+        object_store::Error::NotFound { .. } => StoreError::WriteNotFound { op, key, source },
+        source => StoreError::Op { op, key, source },
+    }
 }
 
 impl StoreError {
@@ -121,7 +142,8 @@ impl StoreError {
             | StoreError::NoCredentials { .. } => true,
             StoreError::NotThere { .. }
             | StoreError::Contended { .. }
-            | StoreError::PastDeadline { .. } => false,
+            | StoreError::PastDeadline { .. }
+            | StoreError::WriteNotFound { .. } => false,
             StoreError::Op { source, .. } => {
                 matches!(
                     source,
@@ -1113,9 +1135,15 @@ impl BlobStore {
                 }
             }
         }
-        self.put_blob_once(EMPTY_SHA256, Bytes::new())
-            .await
-            .map(|_| ())
+        // Here a 404 is the bucket missing, said before the launch: the bucket is what the
+        // preflight proves.
+        match self.put_blob_once(EMPTY_SHA256, Bytes::new()).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::WriteNotFound { op, key, source }) => {
+                Err(StoreError::Op { op, key, source })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes a blob unless present. Returns whether this call added it. A retry after a
@@ -1198,13 +1226,7 @@ impl BlobStore {
                 }
                 return put;
             }
-            Err(source) => {
-                return Err(StoreError::Op {
-                    op: "put",
-                    key,
-                    source,
-                })
-            }
+            Err(source) => return Err(write_error("put", &key, source)),
         };
         // "Exists" is the store's word, and a 409 is also S3's answer to two conditional
         // PUTs of one key at once (ConditionalRequestConflict: the other may yet fail). The
@@ -1401,11 +1423,8 @@ impl BlobStore {
 
     async fn create_multipart_once(&self, sha256_hex: &str) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
-        let op_error = |source| StoreError::Op {
-            op: "create multipart upload",
-            key: blob_key(sha256_hex),
-            source,
-        };
+        let key = blob_key(sha256_hex);
+        let op_error = |source| write_error("create multipart upload", &key, source);
         let id = mp.create_multipart(&path).await.map_err(op_error)?;
         if !usable_upload_id(&id) {
             // Taken as a blip (a proxy that garbled one reply): a new upload is started.
@@ -1768,11 +1787,7 @@ impl BlobStore {
             .put(&StorePath::from(key), PutPayload::from(bytes))
             .await
             .map(|_| ())
-            .map_err(|source| StoreError::Op {
-                op: "put",
-                key: key.to_string(),
-                source,
-            })
+            .map_err(|source| write_error("put", key, source))
     }
 
     /// The version of the document at `key` (`None`: there is none).
@@ -1817,11 +1832,7 @@ impl BlobStore {
         bytes: Bytes,
         expected: Option<&DocVersion>,
     ) -> Result<DocWrite, StoreError> {
-        let op_error = |source| StoreError::Op {
-            op: "put",
-            key: key.to_string(),
-            source,
-        };
+        let op_error = |source| write_error("put", key, source);
         let path = StorePath::from(key);
         if self
             .no_conditional_put
@@ -1875,11 +1886,7 @@ impl BlobStore {
             .store()?
             .put(&StorePath::from(key), PutPayload::from(bytes))
             .await
-            .map_err(|source| StoreError::Op {
-                op: "put",
-                key: key.to_string(),
-                source,
-            })?;
+            .map_err(|source| write_error("put", key, source))?;
         Ok(DocWrite::Written(put.into()))
     }
 

@@ -82,6 +82,11 @@ enum Fault {
     /// The first CompleteMultipartUpload: 400 InvalidPart (a part's ETag changed on the way,
     /// or the store lost a part), the upload left as it was.
     CompleteInvalidPartOnce,
+    /// The first PUT of each blob, and the first multipart start: 404 NoSuchBucket (a proxy
+    /// or load balancer that lost the bucket for a moment).
+    NotFoundOnce,
+    /// Every request: 404 NoSuchBucket.
+    NoBucket,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -201,6 +206,9 @@ async fn handle(
     if fault == Fault::Skewed {
         return s3_error(StatusCode::FORBIDDEN, "RequestTimeTooSkewed");
     }
+    if fault == Fault::NoBucket {
+        return s3_error(StatusCode::NOT_FOUND, "NoSuchBucket");
+    }
     if uri.path().starts_with("/portal/") {
         return reply(
             StatusCode::OK,
@@ -258,6 +266,10 @@ async fn handle(
         return endless(StatusCode::OK, st.endless_sent.clone());
     }
     if method == Method::POST && query("uploads").is_some() {
+        if fault == Fault::NotFoundOnce && !st.seen_puts.contains_key("create") {
+            st.seen_puts.insert("create".into(), 1);
+            return s3_error(StatusCode::NOT_FOUND, "NoSuchBucket");
+        }
         let mut id = format!("upload-{}", st.uploads.len() + st.completes + 1);
         if fault == Fault::HugeUploadIdOnce {
             st.fault = Some(Fault::None);
@@ -323,6 +335,9 @@ async fn handle(
             }
             if is_blob && seen == 1 && fault == Fault::RequestTimeoutOnce {
                 return s3_error(StatusCode::BAD_REQUEST, "RequestTimeout");
+            }
+            if is_blob && seen == 1 && fault == Fault::NotFoundOnce {
+                return s3_error(StatusCode::NOT_FOUND, "NoSuchBucket");
             }
             if is_blob
                 && (fault == Fault::BadDigestAlways || seen == 1 && fault == Fault::BadDigestOnce)
@@ -629,6 +644,40 @@ fn a_400_request_timeout_is_a_blip() {
     h.run_job(job_writing(&h, "rt400", b"slow link"))
         .assert_code(0);
     assert_eq!(s3.blob(b"slow link").as_deref(), Some(&b"slow link"[..]));
+}
+
+/// A 404 to a write (a blob's PUT, a multipart start) is a blip, as a 503 is: the bucket was
+/// there at the preflight, and a proxy or load balancer may answer a moment for it. It was
+/// permanent for every operation, and one such answer failed the job UPLOAD_ERROR.
+#[test]
+fn a_404_to_a_write_is_a_blip() {
+    let s3 = FakeS3::start(Fault::NotFoundOnce);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+    let big = pattern(3 << 20);
+    let src = h.path("nf404.src");
+    std::fs::write(&src, &big).unwrap();
+    let script = format!(
+        "echo small > $C3_ARTIFACTS_DIR/small; cp {} $C3_ARTIFACTS_DIR/big",
+        src.display()
+    );
+    h.run_job(json!({"job_id": "nf404", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(s3.blob(b"small\n").as_deref(), Some(&b"small\n"[..]));
+    assert_eq!(s3.puts_of(b"small\n"), 2, "the 404 was not met");
+    assert!(s3.blob(&big).as_deref() == Some(&big[..]));
+    assert!(s3.state.lock().unwrap().seen_puts.contains_key("create"));
+}
+
+/// The bucket missing is still said before the launch: the preflight's 404 is no blip.
+#[test]
+fn a_missing_bucket_fails_before_the_launch() {
+    let s3 = FakeS3::start(Fault::NoBucket);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "nobucket", b"x"));
+    run.assert_code(6);
+    assert_eq!(h.terminal("nobucket")["reason"], "AGENT_ERROR");
 }
 
 /// Bytes corrupted on the way (the store's checksum check says so) are sent again; a store
