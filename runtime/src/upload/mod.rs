@@ -353,10 +353,7 @@ fn stat_linked(root: Option<&Path>, path: &Path) -> Result<(FileStamp, u64), Upl
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(UploadError::Vanished { path: path.into() })
             }
-            Err(source) => Err(UploadError::Read {
-                path: path.into(),
-                source,
-            }),
+            Err(source) => Err(read_error(path, source)),
         };
     }
     match std::fs::symlink_metadata(path) {
@@ -367,10 +364,7 @@ fn stat_linked(root: Option<&Path>, path: &Path) -> Result<(FileStamp, u64), Upl
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(UploadError::Vanished { path: path.into() })
         }
-        Err(source) => Err(UploadError::Read {
-            path: path.into(),
-            source,
-        }),
+        Err(source) => Err(read_error(path, source)),
     }
 }
 
@@ -501,10 +495,7 @@ fn open_confined(
         if source.kind() == std::io::ErrorKind::NotFound {
             UploadError::Vanished { path: path.into() }
         } else {
-            UploadError::Read {
-                path: path.into(),
-                source,
-            }
+            read_error(path, source)
         }
     };
     // The agent's own files (the job's logs in the state dir) are not the job's to read.
@@ -515,10 +506,7 @@ fn open_confined(
             .ok_or_else(|| UploadError::NotReadable { path: path.into() })?,
         _ => crate::confine::open_read(root, path).map_err(open_error)?,
     };
-    let st = crate::confine::fstat(&file).map_err(|source| UploadError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let st = crate::confine::fstat(&file).map_err(|source| read_error(path, source))?;
     if !crate::confine::is_regular(&st) || st.st_ino != before.ino || st.st_dev != before.dev {
         return Err(UploadError::Changed { path: path.into() });
     }
@@ -535,6 +523,20 @@ fn open_confined(
         }
     }
     Ok(file)
+}
+
+/// A look at or read of `path` that failed. ESTALE is the file (or a directory above it)
+/// replaced by another NFS client while the agent held its handle: the file changed, to be
+/// looked at again by path, not a read fault that fails its upload.
+pub(super) fn read_error(path: &Path, source: std::io::Error) -> UploadError {
+    if source.raw_os_error() == Some(libc::ESTALE) {
+        UploadError::Changed { path: path.into() }
+    } else {
+        UploadError::Read {
+            path: path.into(),
+            source,
+        }
+    }
 }
 
 fn ensure_unchanged(
@@ -971,10 +973,7 @@ impl Uploader {
             // is "changed", never read into memory.
             file.take(before.size + 1)
                 .read_to_end(&mut buf)
-                .map_err(|source| UploadError::Read {
-                    path: p.clone(),
-                    source,
-                })?;
+                .map_err(|source| read_error(&p, source))?;
             if buf.len() as u64 != before.size {
                 return Err(UploadError::Changed { path: p });
             }

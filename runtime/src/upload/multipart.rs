@@ -14,7 +14,8 @@ use c3_proto::{MultipartPart, MultipartRecord};
 
 use super::subtree::{PartTrees, Tag};
 use super::{
-    blocking, ensure_unchanged, fill, part_size_for, store_err, UploadError, Uploader, HASH_BUF,
+    blocking, ensure_unchanged, fill, part_size_for, read_error, store_err, UploadError, Uploader,
+    HASH_BUF,
 };
 use crate::collect::FileStamp;
 use crate::digest::{Digests, Sha256Hasher, PIECE};
@@ -168,10 +169,7 @@ fn part_read_error(path: &Path, source: std::io::Error) -> UploadError {
     if source.kind() == std::io::ErrorKind::UnexpectedEof {
         UploadError::Changed { path: path.into() }
     } else {
-        UploadError::Read {
-            path: path.into(),
-            source,
-        }
+        read_error(path, source)
     }
 }
 
@@ -306,10 +304,7 @@ pub(super) fn hash_file(
     let mut state = from.unwrap_or_else(|| PartHasher::new(part_size));
     let mut buf = vec![0u8; HASH_BUF];
     loop {
-        let n = fill(&mut file, &mut buf).map_err(|source| UploadError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let n = fill(&mut file, &mut buf).map_err(|source| read_error(path, source))?;
         if n == 0 {
             break;
         }
@@ -927,6 +922,38 @@ mod tests {
             matches!(checked, Err(UploadError::Changed { .. })),
             "{checked:?}"
         );
+    }
+
+    /// A read that meets ESTALE (another NFS client replaced the file) is a change, looked at
+    /// again; it failed the file UPLOAD_ERROR as a read fault. Other faults stay read faults.
+    #[test]
+    fn a_stale_nfs_handle_is_a_change() {
+        let path = Path::new("/w/ckpt");
+        let stale = std::io::Error::from_raw_os_error(libc::ESTALE);
+        assert!(matches!(
+            part_read_error(path, stale),
+            UploadError::Changed { .. }
+        ));
+        let stale = std::io::Error::from_raw_os_error(libc::ESTALE);
+        let hashed = hash_file(path, FailingRead(Some(stale)), 1 << 20, None);
+        assert!(
+            matches!(hashed, Err(UploadError::Changed { .. })),
+            "{hashed:?}"
+        );
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(matches!(
+            part_read_error(path, eio),
+            UploadError::Read { .. }
+        ));
+    }
+
+    /// A reader whose first read fails with the error it holds.
+    struct FailingRead(Option<std::io::Error>);
+
+    impl Read for FailingRead {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            self.0.take().map_or(Ok(0), Err)
+        }
     }
 
     /// An upload kept after a store fault stays when the attempt ends, for `recover`; once

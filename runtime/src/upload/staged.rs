@@ -74,8 +74,7 @@ impl Uploader {
             let p = path.to_path_buf();
             let read = blocking(path, move || {
                 let (mut f, mut h) = (f, h);
-                let n = fill(&mut f, &mut chunk)
-                    .map_err(|source| UploadError::Read { path: p, source })?;
+                let n = fill(&mut f, &mut chunk).map_err(|source| super::read_error(&p, source))?;
                 chunk.truncate(n);
                 h.update(&chunk);
                 Ok((f, h, chunk.freeze()))
