@@ -324,20 +324,30 @@ fn opened_for_write(pid: i32, fd: &str) -> bool {
 
 /// Every mount point of this mount namespace, as `/proc/self/mountinfo` lists them (no
 /// path is touched: a stat of a hung network mount or a job's FUSE mount waits without bound).
-pub fn mount_points() -> Vec<std::path::PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
+/// An error when the table cannot be read: callers decide on it whether root may remove a
+/// tree, so "no mounts" is never the answer to a failed read.
+pub fn mount_points() -> std::io::Result<Vec<std::path::PathBuf>> {
+    mount_points_in(&std::fs::read("/proc/self/mountinfo")?)
+}
+
+/// The table is bytes: the kernel escapes only space, tab, newline and backslash, so one
+/// mount path that is not UTF-8 (any user's FUSE mount, a USB stick's Latin-1 label) made a
+/// read as text fail, and every caller saw no mount at all.
+fn mount_points_in(table: &[u8]) -> std::io::Result<Vec<std::path::PathBuf>> {
     table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape_mount_path)
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            line.split(|&b| b == b' ')
+                .nth(4)
+                .map(unescape_mount_path)
+                .ok_or_else(|| std::io::Error::other("a mountinfo line with no mount point"))
+        })
         .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_path(s: &str) -> std::path::PathBuf {
-    let bytes = s.as_bytes();
+fn unescape_mount_path(bytes: &[u8]) -> std::path::PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -362,6 +372,25 @@ fn unescape_mount_path(s: &str) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_are_read_as_bytes() {
+        let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
+                      40 22 0:50 / /srv/x\xff\\040y rw - fuse f rw\n\
+                      41 22 0:51 / /tmp/z rw - tmpfs t rw\n";
+        let found = mount_points_in(table).unwrap();
+        let odd = std::path::PathBuf::from(
+            <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                b"/srv/x\xff y".to_vec(),
+            ),
+        );
+        assert_eq!(
+            found,
+            vec![std::path::PathBuf::from("/proc"), odd, "/tmp/z".into()]
+        );
+        assert!(mount_points_in(b"garbage\n").is_err());
+        assert!(!mount_points().unwrap().is_empty());
+    }
 
     /// Maps the 4 KiB file at `path` shared and writable, then closes its fd (the caller
     /// unmaps the address it gets).
@@ -454,15 +483,15 @@ mod tests {
     #[test]
     fn mountinfo_paths_are_unescaped() {
         assert_eq!(
-            unescape_mount_path(r"/a\040b\134c\011"),
+            unescape_mount_path(br"/a\040b\134c\011"),
             std::path::PathBuf::from("/a b\\c\t")
         );
         assert_eq!(
-            unescape_mount_path(r"/x\9"),
+            unescape_mount_path(br"/x\9"),
             std::path::PathBuf::from(r"/x\9")
         );
         assert_eq!(
-            unescape_mount_path("/é\\"),
+            unescape_mount_path("/é\\".as_bytes()),
             std::path::PathBuf::from("/é\\")
         );
     }

@@ -356,7 +356,7 @@ fn remove_job(
         return Err("a new attempt started meanwhile".into());
     }
     due(state, policy, now, &again)?;
-    if let Some(mount) = mount_inside(&job.dir) {
+    if let Some(mount) = mount_inside(&job.dir)? {
         let at = job.dir.join(mount);
         return Err(format!("a file system is mounted at {}", at.display()).into());
     }
@@ -407,12 +407,16 @@ fn remove_job(
     // In the trash (root's, 0700) no other user reaches the tree by path any more: what was
     // mounted inside since the look above is seen here, and the tree goes back as it is.
     // (The walk below enters no mount it meets either.)
-    if let Some(mount) = mount_inside(&doomed) {
-        let at = job.dir.join(mount);
-        return Err(put_back(
-            report,
-            format!("a file system is mounted at {}", at.display()),
-        ));
+    match mount_inside(&doomed) {
+        Ok(None) => {}
+        Ok(Some(mount)) => {
+            let at = job.dir.join(mount);
+            return Err(put_back(
+                report,
+                format!("a file system is mounted at {}", at.display()),
+            ));
+        }
+        Err(why) => return Err(put_back(report, why)),
     }
 
     let who = deputy(again.attempts.iter().map(|(_, r)| r));
@@ -615,10 +619,18 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
     // Read once: only root may mount below the trash (0700), and the walk never enters a
     // mount it meets anyway.
     let real_trash = std::fs::canonicalize(trash).unwrap_or_else(|_| trash.to_path_buf());
-    let mounts: Vec<PathBuf> = crate::procfs::mount_points()
-        .into_iter()
-        .filter(|m| m.starts_with(&real_trash))
-        .collect();
+    let mounts: Vec<PathBuf> = match crate::procfs::mount_points() {
+        Ok(all) => all
+            .into_iter()
+            .filter(|m| m.starts_with(&real_trash))
+            .collect(),
+        Err(e) => {
+            let why = format!("cannot read the mount table ({e}): the trash is left as it is");
+            tracing::warn!("{why}");
+            report.errors.push(why);
+            return;
+        }
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -661,11 +673,16 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
 /// A mount point at or below `dir`, from `/proc/self/mountinfo` (bind mounts of the same
 /// file system have no other device number: only the mount table tells), by its path from
 /// `dir`.
-fn mount_inside(dir: &Path) -> Option<PathBuf> {
-    let dir = std::fs::canonicalize(dir).ok()?;
-    crate::procfs::mount_points()
+/// `Err`: the table or `dir` could not be read, and nothing tells that no mount is there.
+fn mount_inside(dir: &Path) -> Result<Option<PathBuf>, String> {
+    let real =
+        std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    let mounts = crate::procfs::mount_points().map_err(|e| {
+        format!("cannot read the mount table ({e}), so mounts inside are not known")
+    })?;
+    Ok(mounts
         .into_iter()
-        .find_map(|p| p.strip_prefix(&dir).ok().map(Path::to_path_buf))
+        .find_map(|p| p.strip_prefix(&real).ok().map(Path::to_path_buf)))
 }
 
 /// Whether the recorded workdir `path` is the job dir `dir` or below it: as recorded, or

@@ -375,7 +375,10 @@ pub fn sweep_alias_dirs() -> usize {
     // it would wait on the job's server (with `user_allow_other`, forever), and a root-owned
     // root there would have its contents removed. Mount points are known without a stat.
     let real_tmp = std::fs::canonicalize(&tmp).unwrap_or_else(|_| tmp.clone());
-    let mounts: std::collections::HashSet<PathBuf> = crate::procfs::mount_points()
+    let Ok(mounts) = crate::procfs::mount_points() else {
+        return 0;
+    };
+    let mounts: std::collections::HashSet<PathBuf> = mounts
         .into_iter()
         .filter(|p| p.parent() == Some(real_tmp.as_path()))
         .collect();
