@@ -154,7 +154,18 @@ impl DirFd {
     pub fn ensure_dir_with(
         &self,
         rel: &Path,
+        how: impl FnMut(bool) -> (u32, Owner),
+    ) -> io::Result<DirFd> {
+        self.ensure_dir_vetted(rel, how, |_, _| Ok(()))
+    }
+
+    /// [`DirFd::ensure_dir_with`], where each component that already existed is first shown
+    /// to `vet` (its name and stat, on the open directory): an error there stops the walk.
+    pub fn ensure_dir_vetted(
+        &self,
+        rel: &Path,
         mut how: impl FnMut(bool) -> (u32, Owner),
+        vet: impl Fn(&OsStr, &FileStat) -> io::Result<()>,
     ) -> io::Result<DirFd> {
         let parts: Vec<&OsStr> = rel
             .components()
@@ -207,6 +218,8 @@ impl DirFd {
                 if let Some((uid, gid)) = owner {
                     fchown(&next, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
                 }
+            } else {
+                vet(name, &nix::sys::stat::fstat(&next)?)?;
             }
             dir = DirFd(next);
         }
@@ -342,9 +355,9 @@ pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Opens `rel` below the job root `root` for reading the way `reader` would reach it: each
-/// directory on the way is opened from the one before (never through a symlink) and must be
-/// one `reader` may enter, and the file is opened from the last one checked. `None`: a
+/// Opens `rel` below the job root `root` for reading the way `reader` would reach it: the
+/// root must be one `reader` may search, each directory on the way is opened from the one
+/// before (never through a symlink) and must be one `reader` may enter, and the file is opened from the last one checked. `None`: a
 /// directory on the way shuts `reader` out. (Checking the directories by path and then
 /// opening the file by path again let a job rename a directory it may enter aside and one
 /// it may not into its place in between: a rename needs write access to the parent only.)
@@ -357,6 +370,11 @@ pub fn open_read_as(root: &Path, rel: &Path, reader: &JobReader) -> io::Result<O
         ));
     };
     let mut dir = DirFd::open_root(root)?;
+    // The root too: a workdir another user owns and shuts (0700) hides what is in it from
+    // the job's user, however open the directories and files below it are.
+    if !reader.may_search(&dir, &fstat(&dir)?)? {
+        return Ok(None);
+    }
     for name in dirs {
         dir = dir.open_dir(Path::new(name))?;
         let st = fstat(&dir)?;
@@ -531,6 +549,12 @@ impl JobReader {
         self.may(crate::acl::of(dir), st, 0o5)
     }
 
+    /// Whether this user may pass through the open directory `dir` (search, not list): what
+    /// reaching a file below it by path takes.
+    pub fn may_search(&self, dir: &impl AsFd, st: &FileStat) -> io::Result<bool> {
+        self.may(crate::acl::of(dir), st, 0o1)
+    }
+
     /// Whether this user may remove what the open directory `dir` holds: it owns it (it may
     /// give itself any mode), or the mode bits or the ACL let it list, enter and write it.
     /// An ACL that cannot be read or understood is a no.
@@ -648,6 +672,36 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(open_read_as(root.path(), Path::new("../f"), &stranger).is_err());
+    }
+
+    /// The root itself counts: a file in an open directory of a root the reader may not
+    /// search (another user's 0700 workdir) is not the reader's to read.
+    #[test]
+    fn open_read_as_checks_the_root_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("work");
+        std::fs::create_dir_all(root.join("artifacts")).unwrap();
+        std::fs::write(root.join("artifacts/f"), b"x").unwrap();
+        std::fs::set_permissions(
+            root.join("artifacts"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            root.join("artifacts/f"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let stranger = JobReader {
+            uid: nix::unistd::geteuid().as_raw().wrapping_add(4242),
+            gids: vec![],
+        };
+        for (mode, readable) in [(0o711, true), (0o700, false)] {
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = open_read_as(&root, Path::new("artifacts/f"), &stranger).unwrap();
+            assert_eq!(got.is_some(), readable, "root mode {mode:o}");
+        }
     }
 
     #[test]

@@ -195,14 +195,19 @@ fn open_workdir(
             }
             let rel = workdir.strip_prefix(root).expect("checked above");
             // Parents of the workdir stay the agent's (traversable, not listable); the workdir
-            // itself, when created here, is the job's and private.
-            DirFd::open(root)?.ensure_dir_with(rel, |last| {
-                if last {
-                    (0o700, owner)
-                } else {
-                    (0o711, None)
-                }
-            })?
+            // itself, when created here, is the job's and private. One that exists must be
+            // root's or the job user's alone: root keeps `.c3` in it and collects from it.
+            DirFd::open(root)?.ensure_dir_vetted(
+                rel,
+                |last| {
+                    if last {
+                        (0o700, owner)
+                    } else {
+                        (0o711, None)
+                    }
+                },
+                |name, st| vet_existing(workdir, name, st, owner),
+            )?
         }
         // A quick local run: the current dir of whoever started the agent.
         None => {
@@ -233,6 +238,38 @@ fn open_workdir(
         done => done?,
     }
     Ok(fd)
+}
+
+/// For a job with a user: a directory on the way to its workdir (the workdir included) that
+/// existed already must be root's or the job user's, and writable by no one else (unless
+/// sticky). Another tenant's workdir named in a spec would otherwise be used as this job's:
+/// root keeps `.c3` there, removes its result, and collects its files into this job's
+/// manifest. A job without a user runs as the agent's own user, who may read it all anyway.
+fn vet_existing(
+    workdir: &Path,
+    name: &OsStr,
+    st: &nix::sys::stat::FileStat,
+    owner: Owner,
+) -> std::io::Result<()> {
+    let Some((job_uid, _)) = owner else {
+        return Ok(());
+    };
+    let agent = nix::unistd::geteuid().as_raw();
+    let owned = st.st_uid == 0 || st.st_uid == agent || st.st_uid == job_uid;
+    let shared = st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0;
+    if owned && !shared {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that no one else may write is used; refusing another user's",
+            name.to_string_lossy(),
+            workdir.display(),
+            st.st_uid,
+            st.st_mode & 0o7777
+        ),
+    ))
 }
 
 /// The trusted root (`jobs_root`, the state dir's jobs dir) the workdir lies below, if any.

@@ -234,3 +234,72 @@ fn a_spec_in_a_directory_a_job_owns_is_refused() {
     fifo.assert_code(2);
     assert!(!marker.exists(), "nothing may be launched");
 }
+
+/// A spec may name another tenant's existing workdir under jobs_root: the agent (root) must
+/// not take it as this job's (keep `.c3` there, remove its result, collect its files into
+/// this job's manifest). Only a directory of root's or the job user's that no one else may
+/// write is used; a root-owned one a scheduler made, and the job's own on a retry, still are.
+#[test]
+fn another_users_workdir_is_refused() {
+    if not_root("another_users_workdir_is_refused") {
+        return;
+    }
+    use std::os::unix::fs::chown;
+    let h = open_harness();
+    // Tenant B's workdir: B's (a uid no account needs), shut, with readable artifacts.
+    let b = h.workdir("b");
+    std::fs::create_dir_all(b.join("artifacts")).unwrap();
+    std::fs::create_dir_all(b.join(".c3")).unwrap();
+    std::fs::write(b.join("artifacts/weights"), "B's\n").unwrap();
+    std::fs::write(b.join(".c3/result.json"), "{\"b\":1}").unwrap();
+    chmod(b.join("artifacts"), 0o755);
+    chmod(b.join("artifacts/weights"), 0o644);
+    for p in [
+        "",
+        "artifacts",
+        "artifacts/weights",
+        ".c3",
+        ".c3/result.json",
+    ] {
+        chown(b.join(p), Some(4242), Some(4242)).unwrap();
+    }
+    chmod(&b, 0o700);
+    // A root-owned directory anyone may write, with a workdir in it.
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("w")).unwrap();
+    chmod(&shared, 0o777);
+    let marker = h.path("launched");
+    for (id, workdir) in [("a", &b), ("s", &shared.join("w"))] {
+        let before = snapshot(workdir);
+        let run = h.run_job(json!({
+            "job_id": id, "user": "nobody", "workdir": workdir.display().to_string(),
+            "command": ["touch", marker.display().to_string()],
+        }));
+        run.assert_code(6);
+        assert!(
+            run.stderr.contains("workdir") && run.stderr.contains("refusing another user's"),
+            "{}",
+            run.stderr
+        );
+        assert!(!marker.exists(), "nothing may be launched");
+        assert_eq!(snapshot(workdir), before, "the refused workdir was touched");
+        if let Some(m) = h.object(&format!("jobs/{id}/manifest.json")) {
+            let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            assert_eq!(m["files"], json!([]), "another user's files collected");
+        }
+    }
+    // Legit: a root-owned workdir a scheduler made, and the job's own on a retry.
+    let pre = h.workdir("p");
+    std::fs::create_dir(&pre).unwrap();
+    chmod(&pre, 0o755);
+    for attempt in 1..=2 {
+        for id in ["p", "own"] {
+            h.run_job(json!({
+                "job_id": id, "attempt": attempt, "user": "nobody",
+                "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"],
+            }))
+            .assert_code(0);
+        }
+    }
+    assert_eq!(owner(&h.workdir("own")), crate::common::nobody());
+}
