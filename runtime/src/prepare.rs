@@ -218,11 +218,11 @@ fn open_workdir(
     // Every later open of the workdir by path must find this directory.
     fd.pin(workdir)?;
     for dir in dirs {
-        fd.ensure_dir(Path::new(dir), 0o755, owner)
+        fd.ensure_dir(Path::new(dir), job_dir_mode(owner), owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
     }
     // `.c3` is the agent's: whatever a job put in its place is replaced.
-    let c3 = fd.replace_with_dir(OsStr::new(".c3"), 0o755, owner)?;
+    let c3 = fd.replace_with_dir(OsStr::new(".c3"), job_dir_mode(owner), owner)?;
     // A result left by an earlier attempt in the same workdir is not this attempt's. A
     // directory made there is the job's (it failed every later attempt before its launch):
     // moved aside, never removed as root.
@@ -238,6 +238,19 @@ fn open_workdir(
         done => done?,
     }
     Ok(fd)
+}
+
+/// The mode of a directory the agent makes in the workdir (output dirs, `.c3`, dataset
+/// mounts): a job with a user gets them private (0700, its own; root reads them anyway),
+/// for its workdir may be one others can search (a scheduler's root-owned 0755 one), and its
+/// files are no other tenant's to read. A job of the agent's own user keeps 0755 (a quick
+/// run in a user's own dir makes what that user's shell would).
+fn job_dir_mode(owner: Owner) -> u32 {
+    if owner.is_some() {
+        0o700
+    } else {
+        0o755
+    }
 }
 
 /// For a job with a user: a directory on the way to its workdir (the workdir included) that
@@ -431,7 +444,8 @@ async fn materialize(
         workdir_fd.try_clone().map_err(DatasetError::Mount)?,
         mount.to_string(),
     );
-    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), 0o755, owner))
+    let mode = job_dir_mode(owner);
+    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), mode, owner))
         .await
         .map_err(|e| DatasetError::Mount(std::io::Error::other(e)))?
         .map_err(DatasetError::Mount)?;

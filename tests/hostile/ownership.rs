@@ -303,3 +303,30 @@ fn another_users_workdir_is_refused() {
     }
     assert_eq!(owner(&h.workdir("own")), crate::common::nobody());
 }
+
+/// In a workdir other users may search (a scheduler's root-owned 0755 one), the directories
+/// the agent makes for a job with a user (output dirs, `.c3`, dataset mounts) are that
+/// user's and private: another tenant cannot read the job's artifacts or result.
+#[test]
+fn the_dirs_the_agent_makes_for_a_user_job_are_private() {
+    if not_root("the_dirs_the_agent_makes_for_a_user_job_are_private") {
+        return;
+    }
+    let h = open_harness();
+    h.run_job(json!({"job_id": "src", "command": ["sh", "-c", "echo d > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let wd = h.workdir("j");
+    std::fs::create_dir(&wd).unwrap();
+    chmod(&wd, 0o755);
+    h.run_job(json!({
+        "job_id": "j", "user": "nobody", "output": ["out/deep"],
+        "datasets": [{"ref": "/jobs/src", "mount": "in/src"}],
+        "command": ["sh", "-c", "echo r > $C3_ARTIFACTS_DIR/r"],
+    }))
+    .assert_code(0);
+    for dir in ["artifacts", "out", "out/deep", ".c3", "in", "in/src"] {
+        let p = wd.join(dir);
+        assert_eq!(owner(&p), crate::common::nobody(), "{dir}");
+        assert_eq!(mode(&p), 0o700, "{dir} may be read by other users");
+    }
+}
