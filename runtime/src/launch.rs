@@ -78,11 +78,35 @@ fn without_userinfo(value: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The child's environment: the agent's minus its credentials, then the spec's `env`,
-/// then the job variables the contract promises.
+/// Who the agent's environment says it is (its login, its session): a job of another user
+/// gets none of it. Under sudo or cron `USER=root` made `getpass.getuser()` say root, and
+/// tools keyed on it (PyTorch's `/tmp/torchinductor_$USER` cache) shared one place across
+/// tenants.
+const IDENTITY_NAMES: &[&str] = &[
+    "USER",
+    "LOGNAME",
+    "HOME",
+    "SHELL",
+    "MAIL",
+    "XDG_RUNTIME_DIR",
+    "XDG_SESSION_ID",
+    "XDG_SESSION_TYPE",
+    "XDG_SESSION_CLASS",
+    "XDG_SEAT",
+    "XDG_VTNR",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "XAUTHORITY",
+    "SSH_AUTH_SOCK",
+];
+
+/// The child's environment: the agent's minus its credentials (and, for a job of a `user`,
+/// minus the agent's identity, replaced by that user's `USER`, `LOGNAME`, `HOME`, `SHELL`),
+/// then the spec's `env` (which wins over all of that), then the job variables the contract
+/// promises.
 pub fn child_env(
     agent_env: impl IntoIterator<Item = (OsString, OsString)>,
     token: Option<&str>,
+    run_as: Option<&RunAs>,
     spec_env: &BTreeMap<String, String>,
     job_vars: &[(&str, String)],
 ) -> BTreeMap<OsString, OsString> {
@@ -107,6 +131,21 @@ pub fn child_env(
             (k, bare.map_or(v, OsString::from_vec))
         })
         .collect();
+    if let Some(user) = run_as {
+        // A non-root agent naming its own user keeps its session (the same user's).
+        if user.uid != nix::unistd::geteuid().as_raw() {
+            env.retain(|k, _| {
+                let name = k.as_bytes();
+                !(IDENTITY_NAMES.iter().any(|n| name == n.as_bytes()) || name.starts_with(b"SUDO_"))
+            });
+        }
+        env.insert("USER".into(), user.name.clone().into());
+        env.insert("LOGNAME".into(), user.name.clone().into());
+        env.insert("HOME".into(), user.home.clone().into());
+        if !user.shell.as_os_str().is_empty() {
+            env.insert("SHELL".into(), user.shell.clone().into());
+        }
+    }
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
     for (k, v) in spec_env {
         env.insert(k.into(), v.into());
@@ -127,6 +166,8 @@ pub struct RunAs {
     /// membership is what opens `/dev/nvidia*` and `/dev/infiniband/*` on many hosts.
     pub groups: Vec<u32>,
     pub home: PathBuf,
+    /// The login shell (`SHELL` in the job's environment; empty: unset).
+    pub shell: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +324,7 @@ impl RunAs {
             gid: user.gid.as_raw(),
             groups,
             home: user.dir,
+            shell: user.shell,
         })
     }
 
@@ -460,12 +502,6 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
         if user.uid != nix::unistd::geteuid().as_raw() {
             ids = Some((user.uid, user.gid, user.groups.clone()));
         }
-        for (k, v) in [("USER", user.name.clone()), ("LOGNAME", user.name.clone())] {
-            if !plan.env.contains_key(&OsString::from(k)) {
-                cmd.env(k, v);
-            }
-        }
-        cmd.env("HOME", &user.home);
     }
     let workdir = std::os::fd::AsFd::as_fd(&plan.workdir).as_raw_fd();
     let cgroup = plan.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
@@ -751,6 +787,7 @@ mod tests {
         let env = child_env(
             agent,
             Some("tok123"),
+            None,
             &spec,
             &[("C3_AGENT_SOCKET", "/s".into())],
         );
@@ -769,6 +806,50 @@ mod tests {
         assert_eq!(env[&OsString::from("PYTHONUNBUFFERED")], "1");
         assert_eq!(env[&OsString::from("HTTPS_PROXY")], "http://proxy:3128");
         assert_eq!(env[&OsString::from("no_proxy")], "a@b");
+    }
+
+    /// For a job of another user the agent's identity is replaced by the user's; the
+    /// spec's `env` still has the last word.
+    #[test]
+    fn a_user_job_gets_its_users_identity_and_the_spec_wins() {
+        let me = nix::unistd::geteuid().as_raw();
+        let user = RunAs {
+            name: "c3job".into(),
+            uid: me.wrapping_add(1),
+            gid: 1,
+            groups: vec![1],
+            home: "/home/c3job".into(),
+            shell: "/bin/bash".into(),
+        };
+        let agent = [
+            ("USER", "root"),
+            ("LOGNAME", "root"),
+            ("HOME", "/root"),
+            ("SHELL", "/bin/zsh"),
+            ("SUDO_UID", "0"),
+            ("XDG_RUNTIME_DIR", "/run/user/0"),
+            ("DBUS_SESSION_BUS_ADDRESS", "unix:path=/run/user/0/bus"),
+            ("PATH", "/usr/bin"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let mut spec = BTreeMap::new();
+        spec.insert("HOME".to_string(), "/scratch".to_string());
+        let env = child_env(agent, None, Some(&user), &spec, &[]);
+        let got: Vec<_> = env
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.to_str().unwrap(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "HOME=/scratch",
+                "LOGNAME=c3job",
+                "PATH=/usr/bin",
+                "PYTHONUNBUFFERED=1",
+                "SHELL=/bin/bash",
+                "USER=c3job"
+            ]
+        );
     }
 
     #[test]

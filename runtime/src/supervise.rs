@@ -256,6 +256,7 @@ impl Supervisor {
         let env = child_env(
             std::env::vars_os(),
             ctx.token.as_deref(),
+            run_as,
             &spec.env,
             &job_vars,
         );
@@ -654,6 +655,7 @@ mod tests {
             gid: me + 1,
             groups: vec![me + 1],
             home: "/".into(),
+            shell: "/bin/sh".into(),
         };
         let mut cases = vec![("cgroup.procs refuses", Some(refusing_file()), None)];
         if me != 0 {

@@ -341,3 +341,44 @@ with open(os.environ["C3_ARTIFACTS_DIR"] + "/key", "wb") as f:
         "the job read the agent's key, or could not use its own keyring"
     );
 }
+
+/// A job of another user gets that user's identity, not the agent's: under sudo or cron the
+/// agent's `USER=root` made `getpass.getuser()` say root (and PyTorch share
+/// `/tmp/torchinductor_root` across tenants). The spec's `env` still wins, `HOME` included.
+#[test]
+fn a_user_job_gets_its_users_identity_not_the_agents() {
+    if not_root("a_user_job_gets_its_users_identity_not_the_agents") {
+        return;
+    }
+    let mut h = open_harness();
+    for (k, v) in [
+        ("USER", "root"),
+        ("LOGNAME", "root"),
+        ("SUDO_USER", "admin"),
+        ("XDG_RUNTIME_DIR", "/run/user/0"),
+        ("MAIL", "/var/mail/root"),
+    ] {
+        h.env.push((k.into(), v.into()));
+    }
+    let home = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .dir
+        .display()
+        .to_string();
+    let script = "echo \"$USER|$LOGNAME|$HOME|${SUDO_USER-unset}|${XDG_RUNTIME_DIR-unset}|${MAIL-unset}\" > $C3_ARTIFACTS_DIR/who";
+    h.run_job(json!({"job_id": "j", "user": "nobody", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let who = std::fs::read_to_string(h.workdir("j").join("artifacts/who")).unwrap();
+    assert_eq!(
+        who.trim(),
+        format!("nobody|nobody|{home}|unset|unset|unset")
+    );
+    h.run_job(json!({
+        "job_id": "k", "user": "nobody", "env": {"HOME": "/scratch/k", "USER": "svc"},
+        "command": ["sh", "-c", script],
+    }))
+    .assert_code(0);
+    let who = std::fs::read_to_string(h.workdir("k").join("artifacts/who")).unwrap();
+    assert_eq!(who.trim(), "svc|nobody|/scratch/k|unset|unset|unset");
+}
