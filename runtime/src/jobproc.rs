@@ -810,11 +810,23 @@ fn is_agents_cgroup(path: &str) -> bool {
                 std::path::Component::RootDir | std::path::Component::Normal(_)
             )
         })
-        && p.file_name().is_some_and(|n| {
-            let n = n.as_encoded_bytes();
-            // Not the agent's own leaf (`c3-agent`), where an agent itself runs.
-            n.starts_with(b"c3-") && !n.starts_with(AGENT_LEAF.as_bytes())
-        })
+        && p.file_name()
+            .is_some_and(|n| is_job_leaf(n.as_encoded_bytes()))
+}
+
+/// `c3-<job>-<attempt>-<pid>` with a job id and two numbers: never the agent's own leaf
+/// (`c3-agent`, where an agent itself runs), while a job whose id starts with `agent`
+/// (`c3-agent42-1-999`) is a job's like any other.
+fn is_job_leaf(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(b"c3-") else {
+        return false;
+    };
+    let number = |p: &[u8]| !p.is_empty() && p.iter().all(u8::is_ascii_digit);
+    let mut parts = rest.rsplitn(3, |&b| b == b'-');
+    let (Some(pid), Some(attempt), Some(job)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    name != AGENT_LEAF.as_bytes() && number(pid) && number(attempt) && !job.is_empty()
 }
 
 /// Stops what a crashed agent's job left running, signalling only what provably is the
@@ -882,10 +894,19 @@ mod tests {
 
     #[test]
     fn a_record_may_name_only_a_cgroup_the_agent_makes() {
-        assert!(is_agents_cgroup(
-            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-j-1-42"
-        ));
+        for job in [
+            "c3-j-1-42",
+            "c3-agent42-1-999",
+            "c3-agent-2-7",
+            "c3-a-b-3-4",
+        ] {
+            let path = format!("/sys/fs/cgroup/system.slice/c3-agent@j.service/{job}");
+            assert!(is_agents_cgroup(&path), "{path}");
+        }
         for other in [
+            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-",
+            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-1-2",
+            "/sys/fs/cgroup/system.slice/c3-agent@j.service/c3-j-x-2",
             "/sys/fs/cgroup/system.slice/sshd.service",
             "/sys/fs/cgroup/c3-x/../system.slice",
             "/tmp/c3-j-1-42",
