@@ -7,6 +7,10 @@ use std::time::Duration;
 /// The unit this process runs in (`c3-agent@job1.service`), from its cgroup path.
 fn own_unit() -> Option<String> {
     std::env::var_os("INVOCATION_ID")?;
+    // For the test that the check's `systemctl` is none of the job's processes.
+    if c3_runtime::fault::armed("unitcheck-in-a-unit") {
+        return Some("c3-agent@test.service".into());
+    }
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
     path.split('/')
@@ -26,10 +30,24 @@ pub async fn warn_if_stop_timeout_too_short(stop_deadline: Duration, kill_grace:
         );
     }
     let Some(unit) = own_unit() else { return };
-    let asked = tokio::process::Command::new("systemctl")
+    let mut command = tokio::process::Command::new("systemctl");
+    command
         .args(["show", "--property=TimeoutStopUSec", "--value", &unit])
-        .kill_on_drop(true)
-        .output();
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // It runs while the job does: as a known helper of the agent's, or it would be counted
+    // among the job's processes (the agent's descendants), signalled on a stop, and its exit
+    // taken by the orphan reaper.
+    let Ok((child, helper)) = c3_runtime::jobproc::spawn_helper(&mut command) else {
+        return;
+    };
+    let asked = async move {
+        let out = child.wait_with_output().await;
+        drop(helper);
+        out
+    };
     let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(2), asked).await else {
         return;
     };

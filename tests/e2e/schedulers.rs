@@ -1202,3 +1202,46 @@ fn watch_stopped_while_its_trainer_runs_is_canceled() {
     run.assert_code(4);
     assert_eq!(h.terminal("sidestop")["state"], "CANCELED");
 }
+
+/// Under systemd the agent asks `systemctl` for its unit's stop timeout while the job runs:
+/// that `systemctl` is the agent's helper, never one of the job's processes (the agent's
+/// descendants) to be named as left running, signalled and reaped as the job's.
+#[test]
+fn the_unit_check_is_none_of_the_jobs_processes() {
+    let mut h = Harness::file();
+    let bin = h.dir.path().join("fake-systemd");
+    std::fs::create_dir(&bin).unwrap();
+    let asked = h.dir.path().join("systemctl-args");
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!(
+            // One process, as systemctl is (a helper's own children are not the agent's to
+            // tell from the job's).
+            "#!/bin/sh\necho \"$@\" > {}\nexec perl -e 'sleep 2; print \"1s\\n\"'\n",
+            asked.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &systemctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    h.env.push(("PATH".into(), path));
+    h.env.push(("INVOCATION_ID".into(), "0123abcd".into()));
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "unitcheck-in-a-unit".into()));
+    // The job outlives the start of the check and ends before the check does.
+    let script = "while [ ! -s ../systemctl-args ]; do sleep 0.05; done; sleep 0.3";
+    let run = h.run_job(json!({"job_id": "u", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    let args = std::fs::read_to_string(&asked).unwrap();
+    assert!(args.contains("TimeoutStopUSec"), "{args}");
+    assert!(
+        !run.stderr.contains("left"),
+        "the unit check was taken for the job's:\n{}",
+        run.stderr
+    );
+}
