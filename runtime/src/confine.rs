@@ -63,6 +63,13 @@ impl DirFd {
         Ok(DirFd(fd))
     }
 
+    /// Opens a root the operator named (`jobs_root`, the state dir's jobs dir), whose own
+    /// path, its last component included, may be a symlink (`/srv/jobs -> /mnt/jobs`): the
+    /// operator's choice, resolved here; what lies below it is opened from this fd.
+    pub fn open_trusted(path: &Path) -> io::Result<DirFd> {
+        DirFd::open(&std::fs::canonicalize(path)?)
+    }
+
     /// Opens a job's root (its workdir, or a sidecar's parent dir) by path. If [`DirFd::pin`]
     /// recorded which directory that path named when it was checked, anything else there now
     /// is refused: whoever may write above it (a job's own scratch tree) could have swapped a
@@ -609,7 +616,7 @@ pub(crate) fn below_root<T>(
     rel: &Path,
     open: impl FnOnce(&DirFd, &Path) -> io::Result<T>,
 ) -> io::Result<T> {
-    open(&DirFd::open(root)?, rel).map_err(|e| {
+    open(&DirFd::open_trusted(root)?, rel).map_err(|e| {
         if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -702,6 +709,19 @@ mod tests {
             let got = open_read_as(&root, Path::new("artifacts/f"), &stranger).unwrap();
             assert_eq!(got.is_some(), readable, "root mode {mode:o}");
         }
+    }
+
+    /// The trusted root's own path may be a symlink, its last component included; below
+    /// it none is followed.
+    #[test]
+    fn below_root_goes_through_a_symlinked_root_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("real/w")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("root")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real/w"), dir.path().join("real/l")).unwrap();
+        let root = dir.path().join("root");
+        assert!(below_root(&root, Path::new("w"), |r, rel| r.open_dir(rel)).is_ok());
+        assert!(below_root(&root, Path::new("l"), |r, rel| r.open_dir(rel)).is_err());
     }
 
     #[test]

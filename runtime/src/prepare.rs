@@ -197,7 +197,7 @@ fn open_workdir(
             // Parents of the workdir stay the agent's (traversable, not listable); the workdir
             // itself, when created here, is the job's and private. One that exists must be
             // root's or the job user's alone: root keeps `.c3` in it and collects from it.
-            DirFd::open(root)?.ensure_dir_vetted(
+            DirFd::open_trusted(root)?.ensure_dir_vetted(
                 rel,
                 |last| {
                     if last {

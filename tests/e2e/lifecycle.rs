@@ -440,3 +440,23 @@ fn a_state_dir_that_cannot_be_written_is_the_nodes_error() {
         run.stderr
     );
 }
+
+/// A jobs_root that is itself a symlink (`/srv/jobs -> /mnt/jobs`) is the operator's choice:
+/// it failed every job that named a workdir below it (ELOOP from the no-symlink open of the
+/// root).
+#[test]
+fn a_jobs_root_that_is_a_symlink_works() {
+    let mut h = Harness::file();
+    let real = h.path("mnt-jobs");
+    std::fs::create_dir(&real).unwrap();
+    let link = h.path("jobs");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    h.extra_toml = format!("jobs_root = \"{}\"\n", link.display());
+    let run = h.run_job(json!({
+        "job_id": "j", "workdir": link.join("j").display().to_string(),
+        "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"],
+    }));
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("j"), ["artifacts/x"]);
+    assert!(real.join("j/artifacts/x").exists());
+}
