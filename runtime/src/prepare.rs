@@ -187,6 +187,10 @@ fn open_workdir(
     let fd = match root_of(roots, workdir) {
         Some(root) => {
             if !root.exists() {
+                // What is missing above it is made traversable, not listable (0711).
+                if let Some(parent) = root.parent() {
+                    crate::statedir::make_dirs(parent, 0o711)?;
+                }
                 std::fs::create_dir_all(root)?;
                 std::fs::set_permissions(
                     root,

@@ -87,7 +87,7 @@ impl StateDir {
     pub fn ensure_root(&self) -> Result<(), StateError> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if let Some(parent) = self.root.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| StateError::Write {
+            make_dirs(parent, 0o711).map_err(|source| StateError::Write {
                 path: parent.into(),
                 source,
             })?;
@@ -246,6 +246,25 @@ pub fn root_alone_writes(uid: u32, mode: u32) -> bool {
 
 /// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.
 const AGENTS_NAMES: &[&str] = &["attempts", "uploads", "job.json"];
+
+/// Creates `dir` and whatever is missing above it (the operator's paths: the state dir's,
+/// `jobs_root`'s), each directory made here with exactly `mode`: under the agent's private
+/// umask they came out 0700, and a job's user could not reach its workdir, its
+/// `$C3_ARTIFACTS_DIR` or its socket below them by absolute path.
+pub fn make_dirs(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        make_dirs(parent, mode)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it).
 fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {

@@ -795,7 +795,15 @@ impl BlobStore {
                     url: url.clone(),
                     problem: "not an absolute path".into(),
                 })?;
-                if let Err(e) = std::fs::create_dir_all(&path) {
+                // What is missing above the store (the state dir and its parents, for the
+                // default one) is made traversable, not listable (0711): made first
+                // under the agent's private umask, a job's user could not reach its workdir
+                // below the state dir. The store's own dir stays private.
+                let made = path
+                    .parent()
+                    .map_or(Ok(()), |p| crate::statedir::make_dirs(p, 0o711))
+                    .and_then(|()| std::fs::create_dir_all(&path));
+                if let Err(e) = made {
                     let broken = Some(Arc::new((
                         path.display().to_string(),
                         e.kind(),

@@ -382,3 +382,45 @@ fn a_user_job_gets_its_users_identity_not_the_agents() {
     let who = std::fs::read_to_string(h.workdir("k").join("artifacts/who")).unwrap();
     assert_eq!(who.trim(), "svc|nobody|/scratch/k|unset|unset|unset");
 }
+
+/// A `jobs_root` or state dir whose parents do not exist yet: the agent makes them, and
+/// (its own umask being private) made them 0700, so a job's user could not reach its
+/// `$C3_ARTIFACTS_DIR` by absolute path. What is missing above them is made 0711.
+#[test]
+fn missing_parents_of_the_roots_are_made_traversable() {
+    if not_root("missing_parents_of_the_roots_are_made_traversable") {
+        return;
+    }
+    let mut h = open_harness();
+    let jobs = h.path("new/deeper/jobs");
+    h.extra_toml = format!("jobs_root = \"{}\"\n", jobs.display());
+    h.state = h.path("fresh/nested/state");
+    let script = "echo x > $C3_ARTIFACTS_DIR/x";
+    h.run_job(json!({
+        "job_id": "spec", "user": "nobody", "workdir": jobs.join("spec").display().to_string(),
+        "command": ["sh", "-c", script],
+    }))
+    .assert_code(0);
+    // The state dir's own jobs dir holds the default workdirs (jobs_root: the temp dir).
+    h.extra_toml.clear();
+    let default = h.state.join("jobs/dflt/work");
+    let run = h.run_job(json!({
+        "job_id": "dflt", "user": "nobody", "workdir": default.display().to_string(),
+        "command": ["sh", "-c", script],
+    }));
+    let modes: Vec<_> = ["fresh", "fresh/nested", "fresh/nested/state"]
+        .iter()
+        .map(|d| format!("{d}={:o}", mode(&h.path(d))))
+        .collect();
+    let log = h.run(&["logs", "dflt", "--stderr"]);
+    assert_eq!(run.code, 0, "{modes:?}\n{}\n{}", log.stdout, run.stderr);
+    for dir in ["new", "new/deeper", "fresh", "fresh/nested"] {
+        assert_eq!(mode(&h.path(dir)), 0o711, "{dir}");
+    }
+    assert!(h
+        .manifest_paths("spec")
+        .contains(&"artifacts/x".to_string()));
+    assert!(h
+        .manifest_paths("dflt")
+        .contains(&"artifacts/x".to_string()));
+}
