@@ -156,6 +156,10 @@ pub struct Config {
     pub retention: c3_runtime::retention::Retention,
     /// `[gc] grace_hours`: unreferenced blobs younger than this are kept.
     pub gc_grace: Duration,
+    /// Settings the config file gives one value and the environment another (the
+    /// environment's wins), in words: said at start, since a unit's `Environment=` line
+    /// (`C3_AGENT_STOP_DEADLINE_SECS=280`) silently beat an operator's edit of the file.
+    pub overridden: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -289,11 +293,19 @@ pub fn resolve(
         fail(vec![format!("{at}{msg}")])
     })?;
     let mut problems = Vec::new();
+    let mut overridden = Vec::new();
 
     let mut num = |var: &str, key: &str, slot: &mut Option<u64>| {
         if let Some(v) = env(var) {
             match v.trim().parse() {
-                Ok(n) => *slot = Some(n),
+                Ok(n) => {
+                    if let Some(was) = slot.filter(|&was| was != n) {
+                        overridden.push(format!(
+                            "`{key}` is {n} from ${var}, over the config file's {was}"
+                        ));
+                    }
+                    *slot = Some(n)
+                }
                 Err(_) => problems.push(format!(
                     "`{key}` (from ${var}): `{v}` is not a whole number"
                 )),
@@ -736,6 +748,7 @@ pub fn resolve(
             file.retention.failed_days.unwrap_or(30),
         ),
         gc_grace: Duration::from_secs(file.gc.grace_hours.unwrap_or(24).saturating_mul(3600)),
+        overridden,
     })
 }
 
@@ -1091,6 +1104,23 @@ mod tests {
         assert!(
             only_token.control_plane.is_none(),
             "a token file alone does not make a control plane"
+        );
+    }
+
+    /// The unit's `C3_AGENT_STOP_DEADLINE_SECS=280` beats the file's 900: said, not silent.
+    #[test]
+    fn an_environment_value_over_the_files_is_said() {
+        let text = "[job]\nstop_deadline_secs = 900\nmax_log_bytes = 5\n";
+        let env = env_of(&[
+            ("C3_AGENT_STOP_DEADLINE_SECS", "280"),
+            ("C3_AGENT_MAX_LOG_BYTES", "5"),
+            ("C3_AGENT_KILL_GRACE_SECS", "3"),
+        ]);
+        let c = resolve(None, text, &env, PathBuf::from("/s")).unwrap();
+        assert_eq!(c.stop_deadline, Duration::from_secs(280));
+        assert_eq!(
+            c.overridden,
+            vec!["`job.stop_deadline_secs` is 280 from $C3_AGENT_STOP_DEADLINE_SECS, over the config file's 900".to_string()]
         );
     }
 

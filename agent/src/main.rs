@@ -78,6 +78,24 @@ fn main() -> ExitCode {
         Ok(filter) => telemetry::init(config.log_format, filter),
         Err(e) => return usage(&e),
     }
+    for o in &config.overridden {
+        tracing::warn!("{o}");
+    }
+    // One escaped line with its priority, as every other error: the default hook wrote a
+    // raw block (and a backtrace note) that `journalctl -p err` did not show.
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(at, "the agent panicked: {message}");
+    }));
     let job_umask = private_umask(config.private_files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -115,13 +133,14 @@ static CURRENT: std::sync::Mutex<Option<(String, u32)>> = std::sync::Mutex::new(
 /// the attempt exactly as `recover` would (final sync, manifest, status kept or delivered),
 /// and exit with one of the contract's codes.
 fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
-    tracing::error!("the agent panicked; stopping the job and finishing it as `recover` would");
     let current = CURRENT.lock().ok().and_then(|g| g.clone());
-    c3_runtime::jobproc::stop_all_descendants(config.kill_grace);
     let agent_error = ExitCode::from(JobExit::AgentOrDataset.code());
     let Some((job_id, attempt)) = current else {
+        c3_runtime::jobproc::stop_all_descendants(config.kill_grace);
         return agent_error;
     };
+    tracing::error!("stopping the job and finishing it as `recover` would, after the panic");
+    c3_runtime::jobproc::stop_all_descendants(config.kill_grace);
     let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -172,6 +191,9 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
                 Ok(c) => c,
                 Err(e) => return usage(&e),
             };
+            if let Err(e) = ctx.state.check_listable() {
+                return usage(&c3_runtime::error_chain(&e));
+            }
             inspect::status(&ctx, job_id.as_deref(), json)
         }
         Command::Logs {
@@ -786,6 +808,9 @@ async fn recover(env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    if let Err(e) = ctx.state.check_listable() {
+        return usage(&c3_runtime::error_chain(&e));
+    }
     let finished = c3_runtime::recover::recover_all(&ctx).await;
     if finished.is_empty() {
         tracing::info!("nothing to recover");

@@ -156,7 +156,10 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     let complete = c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete);
     let (id, n) = (job_id, attempt);
     Some(if complete {
-        format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt (`--attempt {}`, or the spec's `attempt`) or job id", n + 1)
+        let next = n
+            .checked_add(1)
+            .map_or(String::new(), |next| format!("`--attempt {next}`, or "));
+        format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt ({next}the spec's `attempt`) or job id")
     } else {
         format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
     })

@@ -63,6 +63,20 @@ impl StateDir {
         self.root.join("jobs")
     }
 
+    /// Whether this node's jobs can be listed: none yet is fine, but a dir this user may not
+    /// read (an operator without sudo, a wrong `state_dir`) must not read as "no jobs" to
+    /// `recover` and `status`, while unfinished attempts and reports sit there.
+    pub fn check_listable(&self) -> Result<(), StateError> {
+        match std::fs::read_dir(self.jobs_dir()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Read {
+                path: self.jobs_dir(),
+                source,
+            }),
+        }
+    }
+
     pub fn job_dir(&self, job_id: &str) -> PathBuf {
         self.jobs_dir().join(job_id)
     }

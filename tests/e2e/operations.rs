@@ -48,6 +48,22 @@ fn status_lists_this_nodes_jobs_and_one_in_detail() {
     h.run(&["status", "../x"]).assert_code(2);
 }
 
+/// A state dir whose jobs cannot be listed is not "no jobs": `status` and `recover` say so
+/// and fail, rather than tell an operator there is nothing to recover.
+#[test]
+fn a_state_dir_that_cannot_be_listed_is_not_empty() {
+    let h = Harness::file();
+    h.run(&["status"]).assert_code(0);
+    std::fs::create_dir_all(&h.state).unwrap();
+    let _ = std::fs::remove_dir_all(h.state.join("jobs"));
+    std::fs::write(h.state.join("jobs"), "not a dir").unwrap();
+    for cmd in ["status", "recover"] {
+        let run = h.run(&[cmd]);
+        run.assert_code(2);
+        assert!(run.stderr.contains("cannot read"), "{cmd}: {}", run.stderr);
+    }
+}
+
 #[test]
 fn status_of_a_running_job_says_running() {
     let h = Harness::file();
