@@ -210,6 +210,14 @@ impl JobSpec {
             if user.is_empty() {
                 return Err(SpecError::field("user", "is empty"));
             }
+            // No name service has such a name: refused as the spec's error (exit 2), not
+            // looked up at launch and reported as the node's (retryable).
+            if user.len() > 256 || user.chars().any(|c| c.is_control() || c == '/' || c == ':') {
+                return Err(SpecError::field(
+                    "user",
+                    "is not a user name (control characters, `/` or `:`, or over 256 bytes)",
+                ));
+            }
         }
         let workdir = self.workdir.clone();
         for (i, d) in self.datasets.iter_mut().enumerate() {

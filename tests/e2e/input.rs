@@ -38,6 +38,14 @@ fn bad_specs_are_one_line_naming_the_field() {
             json!({"job_id": "j", "command": cmd, "datasets": [{"ref": "job_prev", "mount": "in"}]}),
             "`datasets[0].ref`",
         ),
+        (
+            json!({"job_id": "j", "command": cmd, "user": "no\u{0}pe"}),
+            "`user`",
+        ),
+        (
+            json!({"job_id": "j", "command": cmd, "user": "a:b"}),
+            "`user`",
+        ),
     ];
     for (spec, field) in cases {
         let path = h.path("bad.json");
