@@ -67,11 +67,55 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
-        if let Some(summary) = recover_record(ctx, &path, Pass::Recover).await {
-            finished.push(summary);
+        match recover_record(ctx, &path, Pass::Recover).await {
+            Some(summary) => finished.push(summary),
+            None => abort_left_uploads(ctx, &path).await,
         }
     }
     finished
+}
+
+/// Aborts the multipart uploads a finished attempt still has journaled: those whose abort
+/// failed when the attempt ended (the store was down then). Their journals keep the job from
+/// retention, and their parts stay billed at the store, until an abort goes through. An
+/// attempt with output left unstored keeps its uploads: recover resumes them.
+async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
+    let Ok(record) = ctx.state.read_record(path) else {
+        return;
+    };
+    let (job_id, attempt) = (record.spec.job_id.as_str(), record.spec.attempt);
+    let elsewhere = record
+        .destination
+        .as_ref()
+        .is_some_and(|d| !ctx.destination().serves(d));
+    if record.phase != Phase::Done || record.unstored_to_retry() > 0 || elsewhere {
+        return;
+    }
+    let journal = ctx.state.job_dir(job_id).join("uploads");
+    let tag = format!("{attempt}-");
+    let journaled = std::fs::read_dir(&journal).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&tag) && n.ends_with(".json"))
+        })
+    });
+    if !journaled {
+        return;
+    }
+    let Ok(_lock) = AttemptLock::acquire(&ctx.state, job_id, attempt) else {
+        return;
+    };
+    let uploader =
+        crate::upload::Uploader::new(ctx.store.clone(), ctx.upload.clone(), job_id, Some(journal))
+            .for_attempt(attempt);
+    let aborted = uploader.abort_orphans().await;
+    tracing::info!(
+        job_id,
+        attempt,
+        aborted,
+        "aborted the multipart uploads a finished attempt left journaled"
+    );
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1147,3 +1147,29 @@ fn a_dataset_from_a_trickling_store_ends_at_the_dataset_timeout() {
         "{t}"
     );
 }
+
+/// A finished attempt whose multipart abort failed (the store was down as it ended) keeps its
+/// journal; `recover` aborts the upload later, so neither the job (retention) nor the parts
+/// (billed at the store) stay for ever.
+#[test]
+fn recover_aborts_an_upload_a_finished_attempt_left_journaled() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "left", b"small")).assert_code(0);
+    let sha = "ab".repeat(32);
+    let uploads = h.state.join("jobs/left/uploads");
+    std::fs::create_dir_all(&uploads).unwrap();
+    let journal = uploads.join(format!("1-{sha}.json"));
+    let record = json!({"sha256": sha, "upload_id": "u-left", "size": 10, "part_size": 5 << 20, "parts": {}});
+    std::fs::write(&journal, record.to_string()).unwrap();
+    s3.state.lock().unwrap().uploads.insert(
+        "u-left".into(),
+        (format!("pre/blobs/sha256/{sha}"), Default::default()),
+    );
+    h.run(&["recover"]).assert_code(0);
+    assert!(!journal.exists(), "the journal is still there");
+    assert!(
+        !s3.state.lock().unwrap().uploads.contains_key("u-left"),
+        "the upload is still open at the store"
+    );
+}
