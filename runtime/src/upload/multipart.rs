@@ -693,6 +693,12 @@ impl Uploader {
         match self.store.abort_multipart(sha, upload_id).await {
             Ok(()) => {}
             Err(e) if crate::store::upload_gone(&e) => {}
+            // A store that will never abort it (a write-only policy without
+            // s3:AbortMultipartUpload): a journal kept for it would keep the job from
+            // retention for ever. Only the store's own lifecycle rule frees the parts now.
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "the store refuses to abort a multipart upload; its parts stay until a lifecycle rule for incomplete multipart uploads removes them");
+            }
             Err(e) => {
                 tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later");
                 return Err(e);
@@ -991,6 +997,8 @@ mod tests {
         failing: std::sync::atomic::AtomicUsize,
         after_part: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
         creates: std::sync::atomic::AtomicUsize,
+        /// Every abort is refused for good (a 403: no s3:AbortMultipartUpload).
+        denied: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -1034,6 +1042,12 @@ mod tests {
             id: &object_store::MultipartId,
         ) -> object_store::Result<()> {
             use std::sync::atomic::Ordering::SeqCst;
+            if self.denied.load(SeqCst) {
+                return Err(object_store::Error::PermissionDenied {
+                    path: path.to_string(),
+                    source: "403 AccessDenied".into(),
+                });
+            }
             let down = self
                 .failing
                 .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
@@ -1058,6 +1072,7 @@ mod tests {
             failing: failing.into(),
             after_part: Default::default(),
             creates: Default::default(),
+            denied: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
         let opts = UploadOptions {
@@ -1110,6 +1125,22 @@ mod tests {
         tokio::time::sleep(DEADLINE * 2).await;
         assert_eq!(up.abort_orphans().await, 1);
         assert!(!still_open(&flaky, &id).await);
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+    }
+
+    /// A store that refuses aborts for good (a write-only policy) does not keep the journal:
+    /// no later look aborts the upload either, and the journal would keep the job from
+    /// retention for ever.
+    #[tokio::test]
+    async fn a_journal_whose_abort_is_refused_for_good_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        flaky
+            .denied
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let journals = dir.path().join("journal");
+        up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
+        up.abort_orphans().await;
         assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
     }
 
