@@ -374,7 +374,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             let real = std::fs::canonicalize(root).map_err(err)?;
             let root = c3_runtime::confine::DirFd::open_root(&real).map_err(err)?;
             let owned_here = |st: &nix::sys::stat::FileStat, what: &str| {
-                if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_mode) {
+                if !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
                     return Err(format!(
                         "job spec {}: its {what} is owned by uid {} (mode {:o}), not root's: a job may have written it",
                         path.display(),
@@ -405,11 +405,12 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             }
             file
         }
-        None => {
-            // A path the scheduler chose: symlinks in it are taken, but nobody but root (or
-            // the agent's user) may be able to change what it leads to. Otherwise a job could
-            // write a spec (`workdir` set to where the scheduler's next spec goes, a dir the
-            // agent then makes the job's) and have root start its command.
+        // A path the scheduler chose: symlinks in it are taken, but nobody but root may be
+        // able to change what it leads to. Otherwise a job could write a spec (`workdir` set
+        // to where the scheduler's next spec goes, a dir the agent then makes the job's) and
+        // have root start its command. An agent that is not root gains a job nothing: its
+        // jobs run as itself.
+        None if nix::unistd::geteuid().is_root() => {
             let real = specpath::resolve_root_alone(path)
                 .map_err(|e| format!("job spec {}: {e}", path.display()))?;
             let file = std::fs::OpenOptions::new()
@@ -418,9 +419,9 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 .open(&real)
                 .map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
-            if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_mode) {
+            if !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
                 return Err(format!(
-                    "job spec {}: owned by uid {} (mode {:o}), not root's: a job may have written it",
+                    "job spec {}: owned by uid {} (mode {:o}), not root's alone: a job may have written it",
                     path.display(),
                     st.st_uid,
                     st.st_mode & 0o7777
@@ -428,6 +429,11 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             }
             file
         }
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(err)?,
     };
     let st = c3_runtime::confine::fstat(&file).map_err(err)?;
     if !c3_runtime::confine::is_regular(&st) {

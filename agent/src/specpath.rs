@@ -37,6 +37,18 @@ pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
         let meta =
             std::fs::symlink_metadata(&next).map_err(|e| format!("{}: {e}", next.display()))?;
         if meta.file_type().is_symlink() {
+            // In a sticky dir others write (`/tmp`), anyone may plant a link: followed only if
+            // it is root's, the agent's or the dir's owner's (the kernel's protected_symlinks).
+            let parent =
+                std::fs::symlink_metadata(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
+            let sticky = parent.mode() & libc::S_ISVTX != 0;
+            if sticky && !owned_by_us(meta.uid()) && meta.uid() != parent.uid() {
+                return Err(format!(
+                    "{} is a symlink of uid {} in a sticky directory others write",
+                    next.display(),
+                    meta.uid()
+                ));
+            }
             links += 1;
             if links > MAX_LINKS {
                 return Err(format!("{}: too many symlinks", path.display()));
@@ -68,20 +80,30 @@ fn parts(path: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
+fn owned_by_us(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Root's (or the agent's), and written by no one else: not by others, and not by its group
+/// unless that is root's group (a `root:jobs 2775` spec dir lets every job rewrite specs).
+pub fn root_alone_writes(st_uid: u32, st_gid: u32, mode: u32) -> bool {
+    owned_by_us(st_uid) && mode & 0o002 == 0 && (mode & 0o020 == 0 || st_gid == 0)
+}
+
 fn check_dir(dir: &Path) -> Result<(), String> {
     let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !m.is_dir() {
         return Err(format!("{}: not a directory", dir.display()));
     }
-    let owner_ok = m.uid() == 0 || m.uid() == nix::unistd::geteuid().as_raw();
     let sticky = m.mode() & libc::S_ISVTX != 0;
-    if owner_ok && (sticky || c3_runtime::statedir::root_alone_writes(m.uid(), m.mode())) {
+    if owned_by_us(m.uid()) && (sticky || root_alone_writes(m.uid(), m.gid(), m.mode())) {
         return Ok(());
     }
     Err(format!(
-        "its directory {} is owned by uid {} (mode {:o}), not root's: a job may have written it",
+        "its directory {} is owned by uid {} gid {} (mode {:o}), not root's alone: a job may have written it",
         dir.display(),
         m.uid(),
+        m.gid(),
         m.mode() & 0o7777
     ))
 }

@@ -184,6 +184,23 @@ fn a_spec_path_a_job_could_write_is_refused() {
     std::os::unix::fs::symlink(&dir, theirs.join("link")).unwrap();
     std::os::unix::fs::chown(&theirs, Some(nobody), None).unwrap();
     run_spec(&theirs.join("link/job.json")).assert_code(2);
+    // Root's, but its group (the job users') may write it.
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .or_else(|| nix::unistd::Group::from_name("nobody").unwrap())
+        .unwrap()
+        .gid;
+    std::os::unix::fs::chown(&dir, Some(0), Some(nogroup.as_raw())).unwrap();
+    crate::support::chmod(&dir, 0o775);
+    run_spec(&path).assert_code(2);
+    crate::support::chmod(&dir, 0o755);
+    // A link a job planted in a sticky dir others write (`/tmp`) leads to a root spec.
+    let tmp = h.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    crate::support::chmod(&tmp, 0o1777);
+    std::os::unix::fs::symlink(&path, tmp.join("job.json")).unwrap();
+    std::os::unix::fs::lchown(tmp.join("job.json"), Some(nobody), None).unwrap();
+    run_spec(&tmp.join("job.json")).assert_code(2);
     assert!(!marker.exists(), "nothing may be launched");
     // Root's all the way, through a sticky dir others write and root's own symlink: runs.
     let sticky = h.path("sticky");
