@@ -258,8 +258,10 @@ fn job_dir_mode(owner: Owner) -> u32 {
 }
 
 /// For a job with a user: a directory on the way to its workdir (the workdir included) that
-/// existed already must be root's or the job user's, and writable by no one else (unless
-/// sticky). Another tenant's workdir named in a spec would otherwise be used as this job's:
+/// existed already must be root's or the job user's, and not writable by every user (unless
+/// sticky). Its group may write it: a team's `root:team 2775` directory under `jobs_root` is
+/// a common layout, and one of its members can swap nothing in unseen, since a directory one
+/// of them made is refused as theirs. Another tenant's workdir named in a spec would otherwise be used as this job's:
 /// root keeps `.c3` there, removes its result, and collects its files into this job's
 /// manifest. A job without a user runs as the agent's own user, who may read it all anyway.
 fn vet_existing(
@@ -273,14 +275,14 @@ fn vet_existing(
     };
     let agent = nix::unistd::geteuid().as_raw();
     let owned = st.st_uid == 0 || st.st_uid == agent || st.st_uid == job_uid;
-    let shared = st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0;
+    let shared = st.st_mode & 0o002 != 0 && st.st_mode & libc::S_ISVTX == 0;
     if owned && !shared {
         return Ok(());
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::PermissionDenied,
         format!(
-            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that no one else may write is used; refusing another user's",
+            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that not every user may write is used; refusing another user's",
             name.to_string_lossy(),
             workdir.display(),
             st.st_uid,

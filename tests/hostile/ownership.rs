@@ -305,7 +305,20 @@ fn another_users_workdir_is_refused() {
             assert_eq!(m["files"], json!([]), "another user's files collected");
         }
     }
-    // Legit: a root-owned workdir a scheduler made, and the job's own on a retry.
+    // Legit: a root-owned workdir a scheduler made (in a team's group-writable dir, made with
+    // umask 002), and the job's own on a retry.
+    let team = h.path("team");
+    std::fs::create_dir(&team).unwrap();
+    chown(&team, Some(0), Some(4243)).unwrap();
+    chmod(&team, 0o2775);
+    let teams = team.join("t");
+    std::fs::create_dir(&teams).unwrap();
+    chmod(&teams, 0o775);
+    h.run_job(json!({
+        "job_id": "t", "user": "nobody", "workdir": teams.display().to_string(),
+        "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"],
+    }))
+    .assert_code(0);
     let pre = h.workdir("p");
     std::fs::create_dir(&pre).unwrap();
     chmod(&pre, 0o755);
