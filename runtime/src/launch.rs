@@ -142,7 +142,9 @@ pub fn child_env(
         env.insert("USER".into(), user.name.clone().into());
         env.insert("LOGNAME".into(), user.name.clone().into());
         env.insert("HOME".into(), user.home.clone().into());
-        if !user.shell.as_os_str().is_empty() {
+        // A service account's `nologin` is no shell to run: tools that start `$SHELL` (vim's
+        // `:!`, tmux, a Jupyter terminal) would fail with "account not available".
+        if is_a_shell(&user.shell) {
             env.insert("SHELL".into(), user.shell.clone().into());
         }
     }
@@ -724,6 +726,12 @@ pub fn signal_name(status: &ExitStatus) -> Option<String> {
     })
 }
 
+/// Whether a login shell from the user database is one to hand a job as `SHELL`.
+fn is_a_shell(shell: &std::path::Path) -> bool {
+    let name = shell.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    !shell.as_os_str().is_empty() && !matches!(name, "nologin" | "false" | "true")
+}
+
 #[cfg(test)]
 mod tests {
     /// A join that fails leaves the child with the agent's keys only if it holds some, and
@@ -834,7 +842,7 @@ mod tests {
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         let mut spec = BTreeMap::new();
         spec.insert("HOME".to_string(), "/scratch".to_string());
-        let env = child_env(agent, None, Some(&user), &spec, &[]);
+        let env = child_env(agent.clone(), None, Some(&user), &spec, &[]);
         let got: Vec<_> = env
             .iter()
             .map(|(k, v)| format!("{}={}", k.to_str().unwrap(), v.to_str().unwrap()))
@@ -850,6 +858,13 @@ mod tests {
                 "USER=c3job"
             ]
         );
+        // A service account's nologin is not handed on, nor is the agent's own shell.
+        let nologin = RunAs {
+            shell: "/usr/sbin/nologin".into(),
+            ..user
+        };
+        let env = child_env(agent, None, Some(&nologin), &spec, &[]);
+        assert!(!env.iter().any(|(k, _)| k == "SHELL"), "{env:?}");
     }
 
     #[test]
