@@ -156,10 +156,10 @@ pub struct Config {
     pub retention: c3_runtime::retention::Retention,
     /// `[gc] grace_hours`: unreferenced blobs younger than this are kept.
     pub gc_grace: Duration,
-    /// Settings the config file gives one value and the environment another (the
-    /// environment's wins), in words: said at start, since a unit's `Environment=` line
-    /// (`C3_AGENT_STOP_DEADLINE_SECS=280`) silently beat an operator's edit of the file.
-    pub overridden: Vec<String>,
+    /// What the agent says about its config at start: settings the file gives one value and
+    /// the environment another (a unit's `Environment=C3_AGENT_STOP_DEADLINE_SECS=280`
+    /// silently beat an operator's edit of the file), settings held to a limit.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,14 +293,14 @@ pub fn resolve(
         fail(vec![format!("{at}{msg}")])
     })?;
     let mut problems = Vec::new();
-    let mut overridden = Vec::new();
+    let mut warnings = Vec::new();
 
     let mut num = |var: &str, key: &str, slot: &mut Option<u64>| {
         if let Some(v) = env(var) {
             match v.trim().parse() {
                 Ok(n) => {
                     if let Some(was) = slot.filter(|&was| was != n) {
-                        overridden.push(format!(
+                        warnings.push(format!(
                             "`{key}` is {n} from ${var}, over the config file's {was}"
                         ));
                     }
@@ -542,12 +542,18 @@ pub fn resolve(
             .max_file_bytes
             .unwrap_or(defaults.max_file_bytes),
     };
-    // A file up to the threshold is read whole into memory, and sent in one PUT.
+    // A file up to the threshold is read whole into memory, and sent in one PUT. Past the
+    // budget it is held to the budget (the uploader does), as a config that worked before
+    // this limit still does; past S3's largest PUT nothing could work.
     if let Some(t) = file.upload.multipart_threshold_bytes {
-        let most = upload.memory_budget.min(MAX_PART_BYTES);
-        if t > most {
+        if t > MAX_PART_BYTES {
             problems.push(format!(
-                "`upload.multipart_threshold_bytes`: at most {most} (`upload.memory_budget_bytes`, and 5 GiB, S3's largest PUT): a file up to it is read whole into memory"
+                "`upload.multipart_threshold_bytes`: at most {MAX_PART_BYTES} (5 GiB, S3's largest PUT)"
+            ));
+        } else if t > upload.memory_budget {
+            warnings.push(format!(
+                "`upload.multipart_threshold_bytes` ({t}) is over `upload.memory_budget_bytes` ({}): a file up to it would be read whole into memory, so it is held to the budget",
+                upload.memory_budget
             ));
         }
     }
@@ -748,7 +754,7 @@ pub fn resolve(
             file.retention.failed_days.unwrap_or(30),
         ),
         gc_grace: Duration::from_secs(file.gc.grace_hours.unwrap_or(24).saturating_mul(3600)),
-        overridden,
+        warnings,
     })
 }
 
@@ -986,9 +992,16 @@ mod tests {
         assert!(
             e.problems
                 .iter()
-                .any(|p| p.starts_with("`upload.multipart_threshold_bytes`: at most 33554432")),
+                .any(|p| p.starts_with("`upload.multipart_threshold_bytes`: at most 5368709120")),
             "{:?}",
             e.problems
+        );
+        let text = "[upload]\nmultipart_threshold_bytes = 67108864\n";
+        let c = resolve(None, text, &|_| None, PathBuf::from("/s")).unwrap();
+        assert!(
+            c.warnings[0].contains("held to the budget"),
+            "{:?}",
+            c.warnings
         );
         let text =
             "[upload]\nmultipart_threshold_bytes = 33554432\nmemory_budget_bytes = 33554432\n";
@@ -1119,7 +1132,7 @@ mod tests {
         let c = resolve(None, text, &env, PathBuf::from("/s")).unwrap();
         assert_eq!(c.stop_deadline, Duration::from_secs(280));
         assert_eq!(
-            c.overridden,
+            c.warnings,
             vec!["`job.stop_deadline_secs` is 280 from $C3_AGENT_STOP_DEADLINE_SECS, over the config file's 900".to_string()]
         );
     }

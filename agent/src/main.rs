@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Ok(filter) => telemetry::init(config.log_format, filter),
         Err(e) => return usage(&e),
     }
-    for o in &config.overridden {
+    for o in &config.warnings {
         tracing::warn!("{o}");
     }
     // One escaped line with its priority, as every other error: the default hook wrote a
