@@ -69,11 +69,41 @@ impl ByteBudget {
     /// [`ByteBudget::acquire`] for a part read into a buffer of `len` bytes (contents
     /// unspecified), a spare one when there is one.
     pub async fn acquire_buffer(&self, len: usize) -> (BudgetGuard, BytesMut) {
-        let guard = self.acquire_alone(len as u64).await;
-        // The spare that fits is taken before the others give way to the new part.
-        let buffer = self.buffer(len);
+        let mut guard = self.acquire_alone(len as u64).await;
+        // The spare that fits is taken before the others give way to the new part, and the
+        // budget is charged for all it holds (a short last part in a whole part's buffer
+        // holds the whole buffer); one the budget has no room for is let go.
+        let buffer = match self.take_spare(len) {
+            Some(mut buf) if self.extend(&mut guard, buf.capacity() as u64) => {
+                // Only bytes past the old length are zeroed; a same-size part costs nothing.
+                buf.resize(len, 0);
+                buf
+            }
+            _ => BytesMut::zeroed(len),
+        };
         self.trim_spare();
         (guard, buffer)
+    }
+
+    /// Grows `guard` to hold `to` bytes if the budget has room now (never waits: the caller
+    /// already holds some of it).
+    fn extend(&self, guard: &mut BudgetGuard, to: u64) -> bool {
+        if to <= guard.bytes {
+            return true;
+        }
+        let (have, want) = (guard.bytes.div_ceil(UNIT), to.div_ceil(UNIT));
+        let Ok(units) = u32::try_from(want - have) else {
+            return false;
+        };
+        let Ok(more) = self.inner.permits.clone().try_acquire_many_owned(units) else {
+            return false;
+        };
+        guard._permit.merge(more);
+        let extra = to - guard.bytes;
+        guard.bytes = to;
+        let now = self.inner.in_use.fetch_add(extra, Ordering::SeqCst) + extra;
+        self.inner.peak.fetch_max(now, Ordering::SeqCst);
+        true
     }
 
     async fn acquire_alone(&self, bytes: u64) -> BudgetGuard {
@@ -95,28 +125,18 @@ impl ByteBudget {
         }
     }
 
-    /// A buffer of `len` bytes (contents unspecified): the smallest spare one that fits, so
-    /// that a short last part does not pin a whole part's buffer.
-    fn buffer(&self, len: usize) -> BytesMut {
-        let reused = {
-            let mut spare = self
-                .inner
-                .spare
-                .lock()
-                .expect("the spare list is never poisoned");
-            let at = (0..spare.len())
-                .filter(|&i| spare[i].capacity() >= len)
-                .min_by_key(|&i| spare[i].capacity());
-            at.map(|i| spare.swap_remove(i))
-        };
-        match reused {
-            Some(mut buf) => {
-                // Only bytes past the old length are zeroed; a same-size part costs nothing.
-                buf.resize(len, 0);
-                buf
-            }
-            None => BytesMut::zeroed(len),
-        }
+    /// The smallest spare buffer of at least `len` bytes, so that a short last part does not
+    /// take a whole part's buffer while a smaller one fits.
+    fn take_spare(&self, len: usize) -> Option<BytesMut> {
+        let mut spare = self
+            .inner
+            .spare
+            .lock()
+            .expect("the spare list is never poisoned");
+        let at = (0..spare.len())
+            .filter(|&i| spare[i].capacity() >= len)
+            .min_by_key(|&i| spare[i].capacity());
+        at.map(|i| spare.swap_remove(i))
     }
 
     /// Hands a sent part's buffer back with the budget it held: kept for reuse if nothing
@@ -241,6 +261,12 @@ mod tests {
         }
         let (_g, tail) = budget.acquire_buffer(100).await;
         assert!(tail.capacity() >= 100);
+        // Charged for all the buffer holds, not for the 100 bytes asked.
+        assert!(
+            budget.in_use() >= tail.capacity() as u64,
+            "{}",
+            budget.in_use()
+        );
         assert!(budget.held() <= budget.limit(), "{}", budget.held());
     }
 }
