@@ -72,6 +72,7 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
     let replace = match std::fs::symlink_metadata(&dest) {
         Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => {
             sync.sync_linked(&dir)?;
+            sync_if_young(&dir, &md)?;
             return Ok(false);
         }
         Ok(_) => true,
@@ -96,8 +97,29 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
     let _ = std::fs::remove_file(&tmp);
     match written? {
         Some(mine) => sync.sync(&dir, mine).map(|()| true),
-        None => sync.sync_linked(&dir).map(|()| false),
+        None => {
+            sync.sync_linked(&dir)?;
+            sync_if_young(&dir, &std::fs::symlink_metadata(&dest)?)?;
+            Ok(false)
+        }
     }
+}
+
+/// Makes the directory entry of a blob found at its key durable if it is young enough to
+/// be another process's link whose fsync may still be pending (another job's agent on the
+/// same store): this process's own links are covered by [`DirSync`]. An old blob costs
+/// nothing, so a re-run whose blobs are all stored makes no fsync per file.
+pub fn sync_if_young(dir: &Path, found: &std::fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let changed =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(found.ctime().max(0) as u64);
+    let young = std::time::SystemTime::now()
+        .duration_since(changed)
+        .map_or(true, |age| age < std::time::Duration::from_secs(60));
+    if young {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A new temp file in one of the staging shards, which nobody else can have opened.

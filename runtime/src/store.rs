@@ -1615,6 +1615,23 @@ impl BlobStore {
                     // gc took the blob in between: the staging object becomes it after all.
                     return Box::pin(self.promote(staging_key, sha256_hex, size)).await;
                 }
+                if let Some(root) = self.local_root() {
+                    let (dir, blob) = (root.join("blobs/sha256"), root.join(&key));
+                    let synced = tokio::task::spawn_blocking(move || {
+                        crate::filestore::sync_if_young(&dir, &std::fs::symlink_metadata(&blob)?)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                    synced.map_err(|e| StoreError::Op {
+                        op: "promote",
+                        key: key.clone(),
+                        source: object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        },
+                    })?;
+                }
                 self.delete(staging_key).await?;
                 Ok(false)
             }
