@@ -569,6 +569,18 @@ impl JobReader {
         st.st_uid == self.uid || self.may(crate::acl::of(dir), st, 0o7).unwrap_or(false)
     }
 
+    /// Whether this user may add an entry to the open directory `dir` (make one, or rename
+    /// one into it): it owns it, or the mode bits or the ACL let it write and enter it. An
+    /// ACL that cannot be read or understood is a yes: the caller asks what surely is not
+    /// this user's doing.
+    pub fn may_add(&self, dir: &impl AsFd, st: &FileStat) -> bool {
+        st.st_uid == self.uid
+            || match crate::acl::of(dir) {
+                Err(_) => true,
+                acl => self.may(acl, st, 0o3).unwrap_or(true),
+            }
+    }
+
     /// For a scan, which opens no file: whether the entry `name` of `dir` may be the job's
     /// to read. The mode bits' yes, or (where they refuse) any ACL on it: the read gate,
     /// [`JobReader::may_read`], decides on the open file.

@@ -1279,6 +1279,46 @@ mod tests {
         assert!(!f.state.jobs_dir().join(TRASH).exists());
     }
 
+    /// Root's directory inside a tree the job's user moved into its workdir (docker's
+    /// `out/`, holding another user's files the job's user could not delete) is not the
+    /// agent's own: its files stay, and so does the job. Root only (chown).
+    #[test]
+    fn a_roots_directory_the_jobs_user_moved_in_stays() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let f = Fixture::new();
+        let mut record = f.job("mover", 1, JobState::Succeeded, 10 * DAY, None);
+        record.job_user = Some(c3_proto::record::JobUser {
+            uid: 65534,
+            gids: vec![65534],
+        });
+        f.save(&record, 10 * DAY);
+        let work = f.state.default_workdir("mover");
+        std::fs::create_dir_all(work.join("proj/out")).unwrap();
+        std::fs::write(work.join("proj/out/f"), "alice's").unwrap();
+        for (path, uid) in [
+            ("proj/out/f", 1),
+            ("proj", 65534),
+            ("out.bin", 65534),
+            ("", 65534),
+        ] {
+            std::os::unix::fs::lchown(work.join(path), Some(uid), Some(uid)).unwrap();
+        }
+        let report = f.sweep();
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        assert!(
+            reason(&report, "mover").contains("work/proj/out stays"),
+            "{report:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(work.join("proj/out/f")).unwrap(),
+            "alice's"
+        );
+        assert!(f.state.run_record_path("mover", 1).is_file());
+    }
+
     #[test]
     fn policy_by_state() {
         let p = Retention::from_days(1, 2);

@@ -15,10 +15,12 @@
 //!   its workdir (one it may write, holding that user's 0755 subdirectory) had root delete
 //!   the other user's files. Here, for a job that ran as other users ([`Who::Users`]), a
 //!   directory is emptied only if one of them could have emptied it (it owns it, or its
-//!   mode or ACL lets it list, enter and write it) or it is the agent's own; in a sticky
-//!   directory an entry goes only if such a user owns it or the directory. A directory is
-//!   never chmod'ed as root (root needs no mode bits; only an agent that is not root gives
-//!   its own directories back the owner's rwx a job took away).
+//!   mode or ACL lets it list, enter and write it) or it is the agent's own: the agent's
+//!   user's, with every directory above it the agent's own and closed to those users (none
+//!   may add to it). Root's `out/` in a tree a user moved into its workdir is not the
+//!   agent's. In a sticky directory an entry goes only if such a user owns it or the
+//!   directory. A directory is never chmod'ed as root (root needs no mode bits; only an
+//!   agent that is not root gives its own directories back the owner's rwx a job took away).
 //!
 //! Nothing is followed: a symlink is unlinked as a link, each directory is opened from its
 //! parent's fd with no symlink, and what stays is reported (the caller keeps the job).
@@ -56,11 +58,26 @@ pub enum Who {
 }
 
 impl Who {
-    /// May the entries of the open directory `dir` (stat `st`) go?
-    fn may_empty(&self, dir: &impl AsFd, st: &FileStat, euid: u32) -> bool {
+    /// May the entries of the open directory `dir` (stat `st`) go? `sealed_above`: its parent
+    /// is [`Who::seals`]: then a directory of the agent's own user is the agent's making.
+    /// Anywhere else one of root's is not (docker's root `out/` in a tree a job's user moved
+    /// into its workdir): the user could not have emptied it, so neither does root.
+    fn may_empty(&self, dir: &impl AsFd, st: &FileStat, euid: u32, sealed_above: bool) -> bool {
         match self {
             Who::Anyone => true,
-            Who::Users(users) => st.st_uid == euid || users.iter().any(|u| u.may_empty(dir, st)),
+            Who::Users(users) => {
+                (sealed_above && st.st_uid == euid) || users.iter().any(|u| u.may_empty(dir, st))
+            }
+        }
+    }
+
+    /// Whether nothing in the open directory `dir` (stat `st`) can be the job's users' doing:
+    /// it is the agent's own (`own`: its user's, and below a directory that seals) and none of
+    /// them may add to it. The top seals when it is the agent's own: the caller vouches for it.
+    fn seals(&self, dir: &impl AsFd, st: &FileStat, own: bool) -> bool {
+        match self {
+            Who::Anyone => true,
+            Who::Users(users) => own && !users.iter().any(|u| u.may_add(dir, st)),
         }
     }
 
@@ -141,10 +158,18 @@ struct Level {
     rel: PathBuf,
     /// Something in it stays, so it does too.
     keeps: bool,
+    /// [`Who::seals`]: a directory of the agent's own user in it is the agent's own.
+    seals: bool,
 }
 
 impl Level {
-    fn open(fd: OwnedFd, st: FileStat, name: OsString, rel: PathBuf) -> io::Result<Level> {
+    fn open(
+        fd: OwnedFd,
+        st: FileStat,
+        name: OsString,
+        rel: PathBuf,
+        seals: bool,
+    ) -> io::Result<Level> {
         Ok(Level {
             names: Dir::from_fd(fd)?.into_iter(),
             ended: false,
@@ -152,6 +177,7 @@ impl Level {
             name,
             rel,
             keeps: false,
+            seals,
         })
     }
 
@@ -203,13 +229,14 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
             return out;
         }
     };
-    if !who.may_empty(&fd, &st, euid) {
+    if !who.may_empty(&fd, &st, euid, true) {
         out.leave(PathBuf::new(), Stay::NotTheirs { uid: st.st_uid });
         return out;
     }
     open_up(&fd, &st, euid);
     let top_dev = st.st_dev;
-    let mut stack = match Level::open(fd, st, OsString::new(), PathBuf::new()) {
+    let seals = who.seals(&fd, &st, st.st_uid == euid);
+    let mut stack = match Level::open(fd, st, OsString::new(), PathBuf::new(), seals) {
         Ok(level) => vec![level],
         Err(e) => {
             out.leave(PathBuf::new(), Stay::Failed(e));
@@ -339,7 +366,7 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
                 continue;
             }
         };
-        if !who.may_empty(&fd, &st, euid) {
+        if !who.may_empty(&fd, &st, euid, level.seals) {
             // Theirs only if empty: removing an empty directory needs the parent alone.
             drop(fd);
             match unlinkat(level.fd(), name.as_os_str(), UnlinkatFlags::RemoveDir) {
@@ -356,8 +383,12 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
             continue;
         }
         open_up(&fd, &st, euid);
+        // Moved up to the top (below), a directory seals as it does here: one that seals is
+        // the agent's own and closed to the job's users; one that does not is another user's,
+        // or one a job's user may add to, wherever it is.
+        let seals = who.seals(&fd, &st, level.seals && st.st_uid == euid);
         if depth < MAX_OPEN {
-            match Level::open(fd, st, name, rel.clone()) {
+            match Level::open(fd, st, name, rel.clone(), seals) {
                 Ok(next) => stack.push(next),
                 Err(e) => {
                     level.keeps = true;
@@ -581,6 +612,55 @@ pub(crate) mod tests {
         std::fs::remove_file(work.join("shared/theirs")).unwrap();
         assert_eq!(remove(t.path(), &job_user(65534)).left, 0);
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// Root's directories count as the agent's only where no job user could have put them:
+    /// one inside a directory the job's user may write (docker's `out/` in a tree the user
+    /// moved into its workdir, or in a root directory the user may write) is another's, and
+    /// what the user could not remove in it stays. The agent's own above the workdir go.
+    #[test]
+    fn roots_directory_inside_the_jobs_is_not_the_agents() {
+        if !is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join("parent/work");
+        std::fs::create_dir_all(work.join("proj/out")).unwrap();
+        std::fs::write(work.join("proj/out/f"), "alice's").unwrap();
+        std::fs::write(work.join("proj/mine"), "job's").unwrap();
+        chown(&work.join("proj/out/f"), 1);
+        chown(&work.join("proj/mine"), 65534);
+        chown(&work.join("proj"), 65534);
+        chown(&work, 65534);
+        // Root's, but the job's user may write it: what is in it may be the user's doing.
+        std::fs::create_dir_all(work.join("open/sub")).unwrap();
+        std::fs::write(work.join("open/sub/f"), "root's").unwrap();
+        std::fs::set_permissions(work.join("open"), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+        // The agent's own: root's, 0711 or 0700, nobody else's to write.
+        std::fs::set_permissions(
+            t.path().join("parent"),
+            std::fs::Permissions::from_mode(0o711),
+        )
+        .unwrap();
+        std::fs::create_dir_all(t.path().join("attempts/1")).unwrap();
+        std::fs::write(t.path().join("attempts/1/run.json"), "{}").unwrap();
+
+        let r = remove(t.path(), &job_user(65534));
+        assert_eq!(r.left, 2, "{r:?}");
+        assert!(
+            matches!(&r.first_left, Some((p, Stay::NotTheirs { uid: 0 }))
+                if p.starts_with("parent/work")),
+            "{r:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(work.join("proj/out/f")).unwrap(),
+            "alice's"
+        );
+        assert!(work.join("open/sub/f").is_file());
+        assert!(!work.join("proj/mine").exists());
+        assert!(!t.path().join("attempts").exists());
     }
 
     /// The agent's own directories a job closed to their owner are opened up on their fds;
