@@ -165,6 +165,9 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     })
 }
 
+/// How long the job's result file (at most 64 KiB) may take to read.
+const RESULT_READ_WAIT: Duration = Duration::from_secs(10);
+
 /// How far a later agent's `seq` starts past the one its attempt's record saved
 /// ([`Run::from_record`]).
 const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
@@ -665,11 +668,24 @@ impl<'a> Run<'a> {
             unstored.extend(final_sync.unstored);
             unstored_more = final_sync.unstored_more;
             unstored_for_good = final_sync.for_good;
-            result = crate::result::read(&self.workdir, self.collector_config.reader.as_ref())
-                .unwrap_or_else(|problem| {
-                    self.reports.warn(format!("result file ignored: {problem}"));
-                    serde_json::Value::Null
-                });
+            // Off the reactor and bounded: `.c3` is the job's, and a FUSE mount it made there
+            // (`allow_other`, its server kept alive elsewhere) could hold the read for ever,
+            // and the terminal status with it.
+            let (workdir, reader) = (self.workdir.clone(), self.collector_config.reader.clone());
+            let read =
+                tokio::task::spawn_blocking(move || crate::result::read(&workdir, reader.as_ref()));
+            result = match tokio::time::timeout(RESULT_READ_WAIT, read).await {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => Err(format!("its read failed: {e}")),
+                Err(_) => Err(format!(
+                    "not read within {} s (a hung file system?)",
+                    RESULT_READ_WAIT.as_secs()
+                )),
+            }
+            .unwrap_or_else(|problem| {
+                self.reports.warn(format!("result file ignored: {problem}"));
+                serde_json::Value::Null
+            });
             let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);
             let logs = [Stream::Stdout, Stream::Stderr]
                 .map(|s| (s, self.ctx.state.log_path(&job_id, attempt, s)));

@@ -22,6 +22,7 @@ pub fn result_path(workdir: &Path) -> std::path::PathBuf {
 /// The result, `Null` when there is none; `Err` says why a file that is there was ignored.
 pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Value, String> {
     use std::io::Read;
+    crate::fault::blocking_pause("result-read-hangs", std::time::Duration::from_secs(3600));
     let path = result_path(workdir);
     // Through `.c3/` as the job's user would go: the job may have made it a directory of
     // someone else's that it cannot enter.

@@ -407,3 +407,25 @@ fn a_blip_while_a_large_file_is_staged_is_retried() {
         .assert_code(0);
     assert_eq!(h.manifest_paths("blip"), vec!["artifacts/big"]);
 }
+
+/// A result file whose read never comes back (a FUSE mount the job left in `.c3`) costs the
+/// result, with a warning, not the terminal status: the read held the job's end for ever.
+#[test]
+fn a_result_read_that_hangs_is_given_up() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "result-read-hangs".into()));
+    let script = "echo '{\"a\": 1}' > $C3_RESULT_FILE; echo w > $C3_ARTIFACTS_DIR/w";
+    h.run_job(json!({"job_id": "hung", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let t = h.terminal("hung");
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert!(t["result"].is_null(), "{t}");
+    assert!(
+        t["warnings"]
+            .to_string()
+            .contains("result file ignored: not read within"),
+        "{t}"
+    );
+    assert_eq!(h.manifest("hung")["files"][0]["path"], "artifacts/w");
+}
