@@ -5,10 +5,7 @@
 //!   housekeeping unit out of fds near level 1,000 (soft limit 1024), leaving the chain and
 //!   what came after it in the listing, or out of stack under a high limit. Here the walk is
 //!   a loop with at most [`MAX_OPEN`] levels open (one fd each); a directory met deeper is
-//!   renamed up (into the job's workdir: the first directory open that does not seal, see
-//!   [`Who`]) and removed from there in its turn, found again by listing that directory
-//!   again (no list of them is kept). One that keeps something stays there, named
-//!   `.c3-kept.<pid>.<nanos>.<n>.<its name>`.
+//!   renamed up to the top of the tree and removed from there in its turn.
 //! * It crosses mount points: a file system mounted inside (a job's FUSE mount, a bind
 //!   mount) was emptied, and a stat could wait for ever on a FUSE server that never answers.
 //!   Here each entry is looked at with the kernel's cached attributes (`statx`
@@ -32,7 +29,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use nix::dir::{Dir, OwningIter};
 use nix::errno::Errno;
@@ -42,7 +39,7 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::confine::{cached_stat_at, CachedStat, DirFd, JobReader};
 
-/// Directories open at once (one fd each); one met deeper is moved up first.
+/// Directories open at once (one fd each); one met deeper is moved up to the top first.
 pub const MAX_OPEN: usize = 64;
 
 const DIR_FLAGS: OFlag = OFlag::O_RDONLY
@@ -163,11 +160,6 @@ struct Level {
     keeps: bool,
     /// [`Who::seals`]: a directory of the agent's own user in it is the agent's own.
     seals: bool,
-    /// Directories met too deep were moved in since its listing began, maybe behind where
-    /// the listing had got to: it is listed again for them once it ends.
-    moved_in: bool,
-    /// Listed again: only the directories moved in are taken, the rest was seen.
-    relisted: bool,
 }
 
 impl Level {
@@ -186,17 +178,7 @@ impl Level {
             rel,
             keeps: false,
             seals,
-            moved_in: false,
-            relisted: false,
         })
-    }
-
-    /// Starts its listing again (a listing of its own: the old one's offset means nothing).
-    fn relist(&mut self) -> io::Result<()> {
-        let fd = openat(self.fd(), ".", DIR_FLAGS, Mode::empty())?;
-        self.names = Dir::from_fd(fd)?.into_iter();
-        (self.ended, self.moved_in, self.relisted) = (false, false, true);
-        Ok(())
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -261,16 +243,14 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
             return out;
         }
     };
-    // Directories met too deep are moved up under names of this call's own (`prefix`), and
-    // found again by listing the directory they went to: no list of them is kept (a job's
-    // ten million would be hundreds of MB). One that keeps something is renamed out of the
-    // prefix (`kept`), so no later listing takes it again.
+    // Directories moved up to the top, by the names given them there (this call's own
+    // prefix: met again in the top's listing, they are skipped there).
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
     let prefix = format!(".c3-deep.{}.{nanos}.", std::process::id());
-    let kept = format!(".c3-kept.{}.{nanos}.", std::process::id());
+    let mut moved_up: Vec<OsString> = Vec::new();
     let mut moves = 0u64;
 
     loop {
@@ -280,10 +260,9 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
         };
         let name = match level.next_name() {
             Some(Ok(name)) => {
-                let moved = name.as_bytes().starts_with(prefix.as_bytes());
-                if (depth == 1 && except.contains(&name.as_os_str()))
-                    || name.as_bytes().starts_with(kept.as_bytes())
-                    || (level.relisted && !moved)
+                if depth == 1
+                    && (except.contains(&name.as_os_str())
+                        || name.as_bytes().starts_with(prefix.as_bytes()))
                 {
                     continue;
                 }
@@ -294,33 +273,29 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
                 out.leave(level.rel.clone(), Stay::Failed(e));
                 continue;
             }
-            None if level.moved_in => {
-                if let Err(e) = level.relist() {
-                    level.keeps = true;
-                    out.leave(level.rel.clone(), Stay::Failed(e));
-                }
-                continue;
-            }
+            None if depth == 1 => match moved_up.pop() {
+                Some(name) => name,
+                None => break,
+            },
             None => {
                 let Some(done) = stack.pop() else { break };
                 let Some(parent) = stack.last_mut() else {
                     break;
                 };
-                let stays = done.keeps || {
-                    drop(done.names);
-                    match unlinkat(parent.fd(), done.name.as_os_str(), UnlinkatFlags::RemoveDir) {
-                        Ok(()) | Err(Errno::ENOENT) => false,
-                        // ENOTEMPTY: something was put there meanwhile (a process of the job
-                        // with its cwd inside); the next sweep sees it.
-                        Err(e) => {
-                            out.leave(done.rel.clone(), Stay::Failed(e.into()));
-                            true
-                        }
-                    }
-                };
-                if stays {
+                if done.keeps {
                     parent.keeps = true;
-                    settle(parent, &done.name, &done.rel, (&prefix, &kept), &mut out);
+                    continue;
+                }
+                let (name, rel) = (done.name, done.rel);
+                drop(done.names);
+                match unlinkat(parent.fd(), name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    // ENOTEMPTY: something was put there meanwhile (a process of the job
+                    // with its cwd inside); the next sweep sees it.
+                    Err(e) => {
+                        parent.keeps = true;
+                        out.leave(rel, Stay::Failed(e.into()));
+                    }
                 }
                 continue;
             }
@@ -344,9 +319,7 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
         }
         if !who.may_unlink(&level.st, cs.uid) {
             level.keeps = true;
-            out.leave(rel.clone(), Stay::Sticky { uid: cs.uid });
-            // Moved up into a sticky directory that is not theirs.
-            settle(level, &name, &rel, (&prefix, &kept), &mut out);
+            out.leave(rel, Stay::Sticky { uid: cs.uid });
             continue;
         }
         if !cs.is_dir() {
@@ -410,9 +383,9 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
             continue;
         }
         open_up(&fd, &st, euid);
-        // Moved up (below), a directory seals as it does here: one that seals is the agent's
-        // own and closed to the job's users; one that does not is another user's, or one a
-        // job's user may add to, wherever it is.
+        // Moved up to the top (below), a directory seals as it does here: one that seals is
+        // the agent's own and closed to the job's users; one that does not is another user's,
+        // or one a job's user may add to, wherever it is.
         let seals = who.seals(&fd, &st, level.seals && st.st_uid == euid);
         if depth < MAX_OPEN {
             match Level::open(fd, st, name, rel.clone(), seals) {
@@ -424,41 +397,29 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
             }
             continue;
         }
-        // As deep as the walk goes: up with it, to be emptied from there. Into the first
-        // directory open that does not seal (the job's workdir: what stays of it stays where
-        // the job's user finds it, not among the agent's own), else the first below the top;
-        // always above where it was, so every move brings the tree's end nearer.
+        // As deep as the walk goes: up to the top with it, to be emptied from there.
         drop(fd);
-        let home = stack
-            .iter()
-            .position(|l| !l.seals)
-            .unwrap_or(1)
-            .min(stack.len() - 2);
-        let home_fd = stack[home].fd().try_clone_to_owned();
+        let top_fd = stack[0].fd().try_clone_to_owned();
         let level = stack.last_mut().expect("a level is being read");
-        let moved = home_fd.and_then(|home_fd| loop {
+        let moved = top_fd.and_then(|top_fd| loop {
             moves += 1;
-            // Its own name kept after the number where it fits, to be given back if it stays.
-            let mut new = OsString::from(format!("{prefix}{moves}."));
-            if new.len() + name.len() <= NAME_MAX {
-                new.push(&name);
-            }
+            let new = OsString::from(format!("{prefix}{moves}"));
             match renameat2(
                 level.fd(),
                 name.as_os_str(),
-                &home_fd,
+                &top_fd,
                 new.as_os_str(),
                 RenameFlags::RENAME_NOREPLACE,
             ) {
-                Ok(()) => break Ok(true),
+                Ok(()) => break Ok(Some(new)),
                 Err(Errno::EEXIST) => continue,
-                Err(Errno::ENOENT) => break Ok(false),
+                Err(Errno::ENOENT) => break Ok(None),
                 Err(e) => break Err(io::Error::from(e)),
             }
         });
         match moved {
-            Ok(true) => stack[home].moved_in = true,
-            Ok(false) => {}
+            Ok(Some(new)) => moved_up.push(new),
+            Ok(None) => {}
             Err(e) => {
                 level.keeps = true;
                 out.leave(rel, Stay::Failed(e));
@@ -466,42 +427,6 @@ pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
         }
     }
     out
-}
-
-/// The longest name of a directory entry.
-const NAME_MAX: usize = 255;
-
-/// Renames the entry `name` of `parent` (at `rel`), which stays, out of this call's prefix
-/// (`names`: the prefix, the name for what stays) when it has it: a directory moved up. Its
-/// number, and its own name where that fitted, are kept after the new prefix: a name no
-/// listing of this call takes again that still says what it was. The first entry `out`
-/// reports is renamed with it.
-fn settle(parent: &Level, name: &OsStr, rel: &Path, names: (&str, &str), out: &mut Removal) {
-    let (prefix, kept) = names;
-    let Some(rest) = name.as_bytes().strip_prefix(prefix.as_bytes()) else {
-        return;
-    };
-    let mut to = OsString::from(kept);
-    to.push(OsStr::from_bytes(rest));
-    let renamed = renameat2(
-        parent.fd(),
-        name,
-        parent.fd(),
-        to.as_os_str(),
-        RenameFlags::RENAME_NOREPLACE,
-    );
-    if renamed.is_err() {
-        return;
-    }
-    if let Some((first, _)) = out.first_left.as_mut() {
-        if let Ok(below) = first.strip_prefix(rel) {
-            let mut moved = parent.rel.join(&to);
-            if !below.as_os_str().is_empty() {
-                moved.push(below);
-            }
-            *first = moved;
-        }
-    }
 }
 
 /// Opens the directory `name` below `parent`: no symlink, and never the root of a mount
@@ -613,135 +538,6 @@ pub(crate) mod tests {
         let r = remove(t.path(), &Who::Anyone);
         assert_eq!(r.left, 0, "{r:?}");
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
-    }
-
-    /// Counts what this thread allocates while [`held_during`] runs, for the tests below:
-    /// the walk's memory must not grow with the width of the tree.
-    struct Counting;
-
-    thread_local! {
-        /// While set: the bytes allocated and not freed since it was set, and their peak.
-        static HELD: std::cell::Cell<Option<(isize, isize)>> =
-            const { std::cell::Cell::new(None) };
-    }
-
-    fn count(delta: isize) {
-        // `try_with`: an allocation while the thread is being torn down counts for nothing.
-        let _ = HELD.try_with(|held| {
-            if let Some((now, peak)) = held.get() {
-                held.set(Some((now + delta, peak.max(now + delta))));
-            }
-        });
-    }
-
-    // SAFETY: every call is passed on to the system allocator as it came; the counting
-    // allocates nothing.
-    unsafe impl std::alloc::GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-            count(layout.size() as isize);
-            // SAFETY: the caller's contract, passed on.
-            unsafe { std::alloc::System.alloc(layout) }
-        }
-
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-            count(-(layout.size() as isize));
-            // SAFETY: the caller's contract, passed on.
-            unsafe { std::alloc::System.dealloc(ptr, layout) }
-        }
-
-        unsafe fn realloc(
-            &self,
-            ptr: *mut u8,
-            layout: std::alloc::Layout,
-            new_size: usize,
-        ) -> *mut u8 {
-            count(new_size as isize - layout.size() as isize);
-            // SAFETY: the caller's contract, passed on.
-            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
-        }
-    }
-
-    #[global_allocator]
-    static COUNTING: Counting = Counting;
-
-    /// Runs `f`; returns what it returned and the most bytes it held at once.
-    fn held_during<T>(f: impl FnOnce() -> T) -> (T, isize) {
-        HELD.set(Some((0, 0)));
-        let out = f();
-        let (_, peak) = HELD.take().unwrap_or_default();
-        (out, peak)
-    }
-
-    /// A directory of many thousands of directories just past [`MAX_OPEN`] is removed in
-    /// memory that does not grow with their number: the walk keeps no list of the
-    /// directories it moved (a job's ten million would hold hundreds of MB of names).
-    #[test]
-    fn many_directories_past_the_depth_limit_take_no_memory_each() {
-        let t = tempfile::tempdir().unwrap();
-        let mut dir = DirFd::open(t.path()).unwrap();
-        for _ in 0..MAX_OPEN - 1 {
-            dir = dir.ensure_dir(Path::new("d"), 0o755, None).unwrap();
-        }
-        for i in 0..20_000 {
-            nix::sys::stat::mkdirat(
-                &dir,
-                format!("sibling-number-{i:08}").as_str(),
-                Mode::S_IRWXU,
-            )
-            .unwrap();
-        }
-        drop(dir);
-        let (r, peak) = held_during(|| remove(t.path(), &Who::Anyone));
-        assert_eq!(r.left, 0, "{r:?}");
-        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
-        assert!(peak < 256 * 1024, "held {peak} bytes at once");
-    }
-
-    /// A moved-up directory that keeps something ends where the job's user can see it, in
-    /// the directory below the agent's own that it came from (its workdir), never at the
-    /// top of the tree under the walk's temporary name. Root only (chown).
-    #[test]
-    fn what_stays_of_a_directory_moved_up_stays_in_the_workdir() {
-        if !is_root() {
-            eprintln!("skipped: needs root (chown)");
-            return;
-        }
-        let t = tempfile::tempdir().unwrap();
-        let work = t.path().join("work");
-        std::fs::create_dir(&work).unwrap();
-        let mut dir = DirFd::open(&work).unwrap();
-        for _ in 0..MAX_OPEN - 2 {
-            dir = dir
-                .ensure_dir(Path::new("d"), 0o755, Some((65534, 65534)))
-                .unwrap();
-        }
-        drop(dir);
-        let bottom = work.join("d/".repeat(MAX_OPEN - 2));
-        std::fs::create_dir_all(bottom.join("x/victim")).unwrap();
-        std::fs::write(bottom.join("x/victim/f"), "bob's").unwrap();
-        for (path, uid) in [("x/victim/f", 1), ("x/victim", 1), ("x", 65534)] {
-            chown(&bottom.join(path), uid);
-        }
-        chown(&work, 65534);
-
-        let r = remove(t.path(), &job_user(65534));
-        assert_eq!(r.left, 1, "{r:?}");
-        let top: Vec<_> = std::fs::read_dir(t.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(top, ["work"], "{r:?}");
-        let kept: Vec<_> = std::fs::read_dir(&work)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(kept.len(), 1, "{kept:?}");
-        assert_eq!(
-            std::fs::read_to_string(kept[0].join("victim/f")).unwrap(),
-            "bob's"
-        );
-        let (rel, _) = r.first_left.as_ref().unwrap();
-        assert_eq!(t.path().join(rel), kept[0].join("victim"), "{r:?}");
     }
 
     /// What is mounted inside is never opened, let alone emptied; the directories above it
