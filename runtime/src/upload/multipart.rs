@@ -696,7 +696,9 @@ impl Uploader {
             // A store that will never abort it (a write-only policy without
             // s3:AbortMultipartUpload): a journal kept for it would keep the job from
             // retention for ever. Only the store's own lifecycle rule frees the parts now.
-            Err(e) if e.is_permanent() => {
+            // Only that refusal: a skewed clock at boot, keys being rotated or an expired
+            // token are refusals too, and pass.
+            Err(e) if refuses_aborts(&e) => {
                 tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "the store refuses to abort a multipart upload; its parts stay until a lifecycle rule for incomplete multipart uploads removes them");
             }
             Err(e) => {
@@ -828,6 +830,21 @@ impl Uploader {
         }
         aborted
     }
+}
+
+/// Whether the store refuses this node aborts for good: its own "access denied" to the
+/// request (S3's `AccessDenied`, Azure's `AuthorizationPermissionMismatch`), nothing else.
+fn refuses_aborts(e: &StoreError) -> bool {
+    let denied = matches!(
+        e,
+        StoreError::Op {
+            source: object_store::Error::PermissionDenied { .. },
+            ..
+        }
+    );
+    denied
+        && (crate::store::says(e, "<Code>AccessDenied</Code>")
+            || crate::store::says(e, "AuthorizationPermissionMismatch"))
 }
 
 /// Books a finished part: its id and tag into the journal (appended, so a crash loses no part).
@@ -1045,7 +1062,7 @@ mod tests {
             if self.denied.load(SeqCst) {
                 return Err(object_store::Error::PermissionDenied {
                     path: path.to_string(),
-                    source: "403 AccessDenied".into(),
+                    source: "Server returned non-2xx status code: 403 Forbidden: <Error><Code>AccessDenied</Code></Error>".into(),
                 });
             }
             let down = self
@@ -1142,6 +1159,16 @@ mod tests {
         up.open_journal(SHA, 3 << 20, 1 << 20).await.unwrap();
         up.abort_orphans().await;
         assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+        // Other refusals pass (a clock skewed at boot): the journal stays for a later look.
+        let skewed = StoreError::Op {
+            op: "abort multipart upload",
+            key: "k".into(),
+            source: object_store::Error::PermissionDenied {
+                path: "k".into(),
+                source: "Server returned non-2xx status code: 403 Forbidden: <Error><Code>RequestTimeTooSkewed</Code></Error>".into(),
+            },
+        };
+        assert!(skewed.is_permanent() && !refuses_aborts(&skewed));
     }
 
     /// A journaled upload replaced by a new one of its blob (another part size) whose abort
