@@ -163,16 +163,17 @@ impl DirFd {
         rel: &Path,
         how: impl FnMut(bool) -> (u32, Owner),
     ) -> io::Result<DirFd> {
-        self.ensure_dir_vetted(rel, how, |_, _| Ok(()))
+        self.ensure_dir_vetted(rel, how, |_, _, _| Ok(()))
     }
 
     /// [`DirFd::ensure_dir_with`], where each component that already existed is first shown
-    /// to `vet` (its name and stat, on the open directory): an error there stops the walk.
+    /// to `vet` (its name, its stat on the open directory, and whether it is the last): an
+    /// error there stops the walk.
     pub fn ensure_dir_vetted(
         &self,
         rel: &Path,
         mut how: impl FnMut(bool) -> (u32, Owner),
-        vet: impl Fn(&OsStr, &FileStat) -> io::Result<()>,
+        vet: impl Fn(&OsStr, &FileStat, bool) -> io::Result<()>,
     ) -> io::Result<DirFd> {
         let parts: Vec<&OsStr> = rel
             .components()
@@ -186,7 +187,8 @@ impl DirFd {
             .collect::<io::Result<_>>()?;
         let mut dir = self.try_clone()?;
         for (i, name) in parts.iter().enumerate() {
-            let (mode, owner) = how(i + 1 == parts.len());
+            let last = i + 1 == parts.len();
+            let (mode, owner) = how(last);
             let created = match mkdirat(&dir, *name, Mode::from_bits_truncate(mode)) {
                 Ok(()) => true,
                 Err(Errno::EEXIST) => false,
@@ -226,7 +228,7 @@ impl DirFd {
                     fchown(&next, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
                 }
             } else {
-                vet(name, &nix::sys::stat::fstat(&next)?)?;
+                vet(name, &nix::sys::stat::fstat(&next)?, last)?;
             }
             dir = DirFd(next);
         }

@@ -210,7 +210,7 @@ fn open_workdir(
                         (0o711, None)
                     }
                 },
-                |name, st| vet_existing(workdir, name, st, owner),
+                |name, st, last| vet_existing(workdir, name, st, last, owner),
             )?
         }
         // A quick local run: the current dir of whoever started the agent.
@@ -259,15 +259,17 @@ fn job_dir_mode(owner: Owner) -> u32 {
 
 /// For a job with a user: a directory on the way to its workdir (the workdir included) that
 /// existed already must be root's or the job user's, and not writable by every user (unless
-/// sticky). Its group may write it: a team's `root:team 2775` directory under `jobs_root` is
-/// a common layout, and one of its members can swap nothing in unseen, since a directory one
-/// of them made is refused as theirs. Another tenant's workdir named in a spec would otherwise be used as this job's:
+/// sticky). A directory above the workdir may be its group's to write: a team's `root:team
+/// 2775` directory under `jobs_root` is a common layout, and a directory a member made in it
+/// is refused as theirs. The workdir itself may not: a member could make an output dir or
+/// `.c3` there before the job starts, or plant files root collects as this job's. Another tenant's workdir named in a spec would otherwise be used as this job's:
 /// root keeps `.c3` there, removes its result, and collects its files into this job's
 /// manifest. A job without a user runs as the agent's own user, who may read it all anyway.
 fn vet_existing(
     workdir: &Path,
     name: &OsStr,
     st: &nix::sys::stat::FileStat,
+    last: bool,
     owner: Owner,
 ) -> std::io::Result<()> {
     let Some((job_uid, _)) = owner else {
@@ -275,14 +277,16 @@ fn vet_existing(
     };
     let agent = nix::unistd::geteuid().as_raw();
     let owned = st.st_uid == 0 || st.st_uid == agent || st.st_uid == job_uid;
-    let shared = st.st_mode & 0o002 != 0 && st.st_mode & libc::S_ISVTX == 0;
+    // Root's group writing is root writing (a scheduler's `root:root 0775`, umask 002).
+    let writers = if last && st.st_gid != 0 { 0o022 } else { 0o002 };
+    let shared = st.st_mode & writers != 0 && st.st_mode & libc::S_ISVTX == 0;
     if owned && !shared {
         return Ok(());
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::PermissionDenied,
         format!(
-            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that not every user may write is used; refusing another user's",
+            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that others may not write is used; refusing another user's",
             name.to_string_lossy(),
             workdir.display(),
             st.st_uid,

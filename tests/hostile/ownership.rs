@@ -313,12 +313,22 @@ fn another_users_workdir_is_refused() {
     chmod(&team, 0o2775);
     let teams = team.join("t");
     std::fs::create_dir(&teams).unwrap();
-    chmod(&teams, 0o775);
+    chmod(&teams, 0o755);
     h.run_job(json!({
         "job_id": "t", "user": "nobody", "workdir": teams.display().to_string(),
         "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/x"],
     }))
     .assert_code(0);
+    // The workdir itself writable by the team: a member could plant its outputs.
+    let open = team.join("o");
+    std::fs::create_dir(&open).unwrap();
+    chown(&open, Some(0), Some(4243)).unwrap();
+    chmod(&open, 0o775);
+    h.run_job(json!({
+        "job_id": "o", "user": "nobody", "workdir": open.display().to_string(),
+        "command": ["true"],
+    }))
+    .assert_code(6);
     let pre = h.workdir("p");
     std::fs::create_dir(&pre).unwrap();
     chmod(&pre, 0o755);
