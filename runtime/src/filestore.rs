@@ -28,6 +28,9 @@ pub struct DirSync {
     /// Links into the blobs directory, one at a time: the kernel serializes them on the
     /// directory's lock anyway, and waiting here sleeps where waiting there spins.
     linking: Mutex<()>,
+    /// When the last fsync of the directory that went through began (ns since the epoch):
+    /// it covers every entry changed before then, whoever made it.
+    began_ns: AtomicU64,
 }
 
 impl DirSync {
@@ -39,9 +42,40 @@ impl DirSync {
         }
         // Every link counted by now is complete, so this fsync covers it too.
         let upto = self.linked.load(Ordering::SeqCst);
-        File::open(dir)?.sync_all()?;
+        self.fsync(dir)?;
         *synced = upto;
         Ok(())
+    }
+
+    /// One fsync of the directory, noting when it began. Called with `synced` held, so
+    /// fsyncs never overlap.
+    fn fsync(&self, dir: &Path) -> io::Result<()> {
+        let began = now_ns();
+        File::open(dir)?.sync_all()?;
+        self.began_ns.fetch_max(began, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes the directory entry of a blob found at its key durable if it may be another
+    /// process's link whose fsync is still pending (another job's agent on the same store;
+    /// this process's own are [`DirSync::sync_linked`]'s). One fsync that began after the
+    /// blob last changed covers it, so many copies of one file found at once cost one, and
+    /// an old blob (a re-run whose blobs are all stored) costs none.
+    pub fn sync_found(&self, dir: &Path, found: &std::fs::Metadata) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let changed = (found.ctime().max(0) as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(found.ctime_nsec().max(0) as u64);
+        // File times come from a coarse clock, up to a tick behind this one.
+        let changed = changed.saturating_add(MARGIN_NS);
+        if now_ns().saturating_sub(changed) > YOUNG_NS {
+            return Ok(());
+        }
+        let _synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if self.began_ns.load(Ordering::SeqCst) > changed {
+            return Ok(());
+        }
+        self.fsync(dir)
     }
 
     fn linked(&self) -> u64 {
@@ -72,7 +106,7 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
     let replace = match std::fs::symlink_metadata(&dest) {
         Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => {
             sync.sync_linked(&dir)?;
-            sync_if_young(&dir, &md)?;
+            sync.sync_found(&dir, &md)?;
             return Ok(false);
         }
         Ok(_) => true,
@@ -99,27 +133,21 @@ pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> 
         Some(mine) => sync.sync(&dir, mine).map(|()| true),
         None => {
             sync.sync_linked(&dir)?;
-            sync_if_young(&dir, &std::fs::symlink_metadata(&dest)?)?;
+            sync.sync_found(&dir, &std::fs::symlink_metadata(&dest)?)?;
             Ok(false)
         }
     }
 }
 
-/// Makes the directory entry of a blob found at its key durable if it is young enough to
-/// be another process's link whose fsync may still be pending (another job's agent on the
-/// same store): this process's own links are covered by [`DirSync`]. An old blob costs
-/// nothing, so a re-run whose blobs are all stored makes no fsync per file.
-pub fn sync_if_young(dir: &Path, found: &std::fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let changed =
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(found.ctime().max(0) as u64);
-    let young = std::time::SystemTime::now()
-        .duration_since(changed)
-        .map_or(true, |age| age < std::time::Duration::from_secs(60));
-    if young {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+/// A blob that changed longer ago than this is taken as durable: a put returns only once its
+/// link is, and no put takes a minute between its link and its fsync.
+const YOUNG_NS: u64 = 60_000_000_000;
+const MARGIN_NS: u64 = 20_000_000;
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A new temp file in one of the staging shards, which nobody else can have opened.
@@ -191,6 +219,31 @@ mod tests {
             *sync.synced.lock().unwrap(),
             1,
             "returned before the link was durable"
+        );
+    }
+
+    /// A blob found young (another agent's link) costs one directory fsync, however many
+    /// copies are found after it.
+    #[test]
+    fn blobs_found_young_share_one_fsync() {
+        let root = tempfile::tempdir().unwrap();
+        let sync = DirSync::default();
+        let dir = root.path().join("blobs/sha256");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sha = crate::digest::sha256_hex(b"theirs");
+        std::fs::write(dir.join(&sha), b"theirs").unwrap();
+        // Past the margin for the file system's coarse clock.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!put_blob(root.path(), &sha, b"theirs", &sync).unwrap());
+        let first = sync.began_ns.load(Ordering::SeqCst);
+        assert!(first > 0, "a young blob found was not made durable");
+        for _ in 0..3 {
+            assert!(!put_blob(root.path(), &sha, b"theirs", &sync).unwrap());
+        }
+        assert_eq!(
+            sync.began_ns.load(Ordering::SeqCst),
+            first,
+            "one fsync covers them"
         );
     }
 

@@ -1617,8 +1617,9 @@ impl BlobStore {
                 }
                 if let Some(root) = self.local_root() {
                     let (dir, blob) = (root.join("blobs/sha256"), root.join(&key));
+                    let sync = self.dir_sync.clone();
                     let synced = tokio::task::spawn_blocking(move || {
-                        crate::filestore::sync_if_young(&dir, &std::fs::symlink_metadata(&blob)?)
+                        sync.sync_found(&dir, &std::fs::symlink_metadata(&blob)?)
                     })
                     .await
                     .map_err(std::io::Error::other)
