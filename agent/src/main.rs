@@ -419,7 +419,9 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 .open(&real)
                 .map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
-            if !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
+            let acl_writers = specpath::acl_lets_others_write(&file, st.st_uid)
+                .map_err(|e| format!("job spec {}: {e}", path.display()))?;
+            if acl_writers || !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
                 return Err(format!(
                     "job spec {}: owned by uid {} (mode {:o}), not root's alone: a job may have written it",
                     path.display(),

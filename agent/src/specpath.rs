@@ -80,6 +80,26 @@ fn parts(path: &Path) -> VecDeque<OsString> {
         .collect()
 }
 
+fn open_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Whether the open file's access ACL lets a named user or group (not root) write it; an
+/// ACL that cannot be read or understood counts as letting them.
+pub fn acl_lets_others_write(file: &impl std::os::fd::AsFd, owner: u32) -> Result<bool, String> {
+    match c3_runtime::acl::of(file) {
+        Ok(None) => Ok(false),
+        Ok(Some(acl)) => Ok(acl.lets_others_write(owner)),
+        Err(c3_runtime::acl::AclError::Malformed) => Ok(true),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn owned_by_us(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
@@ -96,7 +116,11 @@ fn check_dir(dir: &Path) -> Result<(), String> {
         return Err(format!("{}: not a directory", dir.display()));
     }
     let sticky = m.mode() & libc::S_ISVTX != 0;
-    if owned_by_us(m.uid()) && (sticky || root_alone_writes(m.uid(), m.gid(), m.mode())) {
+    if owned_by_us(m.uid())
+        && (sticky || root_alone_writes(m.uid(), m.gid(), m.mode()))
+        && !acl_lets_others_write(&open_dir(dir)?, m.uid())
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+    {
         return Ok(());
     }
     Err(format!(

@@ -103,6 +103,18 @@ fn parse(bytes: &[u8]) -> Result<Acl, AclError> {
 }
 
 impl Acl {
+    /// Whether a named entry lets someone other than root (or `owner`) write: a `root:root
+    /// 0775` directory with `user:alice:rwx` shows its mask as the group bits, and alice may
+    /// write it.
+    pub fn lets_others_write(&self, owner: u32) -> bool {
+        const WRITE: u16 = 0o2;
+        let mask = self.0.iter().find(|e| e.0 == MASK).map_or(0o7, |e| e.1);
+        self.0.iter().any(|&(tag, perm, id)| {
+            let named = (tag == USER && id != 0 && id != owner) || (tag == GROUP && id != 0);
+            named && perm & mask & WRITE != 0
+        })
+    }
+
     /// The kernel's check (`posix_acl_permission`) for `uid` in `gids`, on a file owned by
     /// `st`'s uid and gid: owner, then a named user, then the group class (any matching
     /// group entry that grants; one that matches and none grants is a refusal), then other.
@@ -279,6 +291,34 @@ mod tests {
             !acl.allows(8, &[5], &st, 4),
             "the owning group gets its own bits"
         );
+    }
+
+    /// A named user or group that may write (through the mask) is someone else writing;
+    /// root's entries and the owner's are not, nor is one the mask cuts to reading.
+    #[test]
+    fn named_writers_through_the_mask_are_others() {
+        let with = |extra: &[(u16, u16, u32)], mask: u16| {
+            let mut e = vec![
+                (USER_OBJ, 7, 0),
+                (GROUP_OBJ, 5, 0),
+                (OTHER, 5, 0),
+                (MASK, mask, 0),
+            ];
+            e.extend_from_slice(extra);
+            Acl(e)
+        };
+        assert!(with(&[(USER, 7, 1000)], 7).lets_others_write(0));
+        assert!(
+            !with(&[(USER, 7, 1000)], 5).lets_others_write(0),
+            "the mask cuts it"
+        );
+        assert!(
+            !with(&[(USER, 7, 1000)], 7).lets_others_write(1000),
+            "the owner"
+        );
+        assert!(!with(&[(USER, 7, 0), (GROUP, 7, 0)], 7).lets_others_write(0));
+        assert!(with(&[(GROUP, 6, 1000)], 7).lets_others_write(0));
+        assert!(!with(&[(GROUP, 5, 1000)], 7).lets_others_write(0));
     }
 
     /// Sets `entries` as the access ACL of the open `fd`; false where ACLs are not supported.
