@@ -416,7 +416,8 @@ fn remove_job(
                 format!("a file system is mounted at {}", at.display()),
             ));
         }
-        Err(why) => return Err(put_back(report, why)),
+        Err(Left::Kept(why)) => return Err(put_back(report, why)),
+        Err(Left::Gone) => return Err(Left::Gone),
     }
 
     let who = deputy(again.attempts.iter().map(|(_, r)| r));
@@ -673,12 +674,17 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
 /// A mount point at or below `dir`, from `/proc/self/mountinfo` (bind mounts of the same
 /// file system have no other device number: only the mount table tells), by its path from
 /// `dir`.
-/// `Err`: the table or `dir` could not be read, and nothing tells that no mount is there.
-fn mount_inside(dir: &Path) -> Result<Option<PathBuf>, String> {
-    let real =
-        std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+/// `Err`: the table or `dir` could not be read, and nothing tells that no mount is there
+/// (or `dir` is gone: an overlapping sweep removed it).
+fn mount_inside(dir: &Path) -> Result<Option<PathBuf>, Left> {
+    let real = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Left::Gone,
+        _ => Left::from(format!("cannot resolve {}: {e}", dir.display())),
+    })?;
     let mounts = crate::procfs::mount_points().map_err(|e| {
-        format!("cannot read the mount table ({e}), so mounts inside are not known")
+        Left::from(format!(
+            "cannot read the mount table ({e}), so mounts inside are not known"
+        ))
     })?;
     Ok(mounts
         .into_iter()
