@@ -732,6 +732,16 @@ mod tests {
     }
 
     impl Fixture {
+        /// Job `mover`, succeeded 10 days ago, that ran as `nobody` (uid 65534).
+        fn mover_as_nobody(&self) {
+            let mut record = self.job("mover", 1, JobState::Succeeded, 10 * DAY, None);
+            record.job_user = Some(c3_proto::record::JobUser {
+                uid: 65534,
+                gids: vec![65534],
+            });
+            self.save(&record, 10 * DAY);
+        }
+
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let state = StateDir::new(dir.path().join("state"));
@@ -1254,12 +1264,7 @@ mod tests {
             return;
         }
         let f = Fixture::new();
-        let mut record = f.job("mover", 1, JobState::Succeeded, 10 * DAY, None);
-        record.job_user = Some(c3_proto::record::JobUser {
-            uid: 65534,
-            gids: vec![65534],
-        });
-        f.save(&record, 10 * DAY);
+        f.mover_as_nobody();
         let moved = f.state.default_workdir("mover").join("moved");
         std::fs::create_dir_all(moved.join("victim")).unwrap();
         std::fs::write(moved.join("victim/f"), "bob's").unwrap();
@@ -1295,12 +1300,7 @@ mod tests {
             return;
         }
         let f = Fixture::new();
-        let mut record = f.job("mover", 1, JobState::Succeeded, 10 * DAY, None);
-        record.job_user = Some(c3_proto::record::JobUser {
-            uid: 65534,
-            gids: vec![65534],
-        });
-        f.save(&record, 10 * DAY);
+        f.mover_as_nobody();
         let work = f.state.default_workdir("mover");
         std::fs::create_dir_all(work.join("proj/out")).unwrap();
         std::fs::write(work.join("proj/out/f"), "alice's").unwrap();
