@@ -113,6 +113,8 @@ struct State {
     redirect_to: Option<u16>,
     /// Requests received, in all.
     requests: usize,
+    /// UploadPart requests, in all.
+    parts_put: usize,
 }
 
 /// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
@@ -284,6 +286,7 @@ async fn handle(
         query("partNumber"),
         query("uploadId"),
     ) {
+        st.parts_put += 1;
         let Some((_, parts)) = st.uploads.get_mut(&id) else {
             return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
         };
@@ -1171,5 +1174,31 @@ fn recover_aborts_an_upload_a_finished_attempt_left_journaled() {
     assert!(
         !s3.state.lock().unwrap().uploads.contains_key("u-left"),
         "the upload is still open at the store"
+    );
+}
+
+/// A part read that fails (EIO: a network file system's blip) keeps the parts already sent:
+/// `recover` resumes the upload and sends only the rest. The upload was aborted, and every
+/// part sent again.
+#[test]
+fn a_read_fault_mid_upload_keeps_its_parts_for_recover() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml.push_str(
+        "[upload]\nmultipart_threshold_bytes = 5242880\nmin_part_size_bytes = 5242880\nparts_in_flight = 1\n[sync]\nlive = false\n",
+    );
+    let data = pattern((15 << 20) + 7);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "part-read-eio".into()));
+    h.run_job(job_writing(&h, "eio", &data)).assert_code(3);
+    h.env.pop();
+    let first = s3.state.lock().unwrap().parts_put;
+    assert!(first >= 1, "no part was sent before the fault");
+    h.run(&["recover"]).assert_code(0);
+    assert_eq!(s3.blob(&data).as_deref(), Some(&data[..]));
+    assert_eq!(
+        s3.state.lock().unwrap().parts_put,
+        4,
+        "parts sent again after the read fault"
     );
 }

@@ -173,6 +173,16 @@ fn part_read_error(path: &Path, source: std::io::Error) -> UploadError {
     }
 }
 
+/// Whether a failed upload's parts are worth keeping for a later try of the same content: a
+/// store fault, or a read fault the job did not make (its file is still what was hashed).
+fn keeps_parts(e: &UploadError) -> bool {
+    match e {
+        UploadError::Store { .. } => e.is_retryable(),
+        UploadError::Read { .. } => !e.is_for_good(),
+        _ => false,
+    }
+}
+
 /// Reads the part at `offset` into `buf` (its length) and checks it is what pass 1 hashed.
 /// Read and hashed a piece at a time, so the hash finds each piece still in this core's cache.
 fn read_part(
@@ -183,6 +193,12 @@ fn read_part(
     expected: &Tag,
     path: &Path,
 ) -> Result<Tag, UploadError> {
+    if offset > 0 && crate::fault::fail_once("part-read-eio") {
+        return Err(part_read_error(
+            path,
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
     let mut part = PartTrees::at(part_size, offset);
     let mut at = offset;
     for piece in buf.chunks_mut(PIECE) {
@@ -209,6 +225,12 @@ fn check_part(
     expected: &Tag,
     path: &Path,
 ) -> Result<(), UploadError> {
+    if offset > 0 && crate::fault::fail_once("part-read-eio") {
+        return Err(part_read_error(
+            path,
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
     let mut part = PartTrees::at(part_size, offset);
     let mut at = offset;
     while at < offset + part_size {
@@ -427,9 +449,10 @@ impl Uploader {
                     }
                     Err(e) => Err(store_err(e)),
                 },
-                // A store fault: the parts sent stay at the store and in the journal, for the
-                // next look (or `recover`) to resume instead of sending them all again.
-                Err(e @ UploadError::Store { .. }) if e.is_retryable() => Err(e),
+                // A store fault, or a read that failed (EIO from a network file system's
+                // blip): the parts sent stay at the store and in the journal, for the next
+                // look (or `recover`) to resume instead of sending them all again.
+                Err(e) if keeps_parts(&e) => Err(e),
                 Err(e) => {
                     // Never completed, so nothing appears under the key; abort frees the parts.
                     self.abort(journal).await;
@@ -455,7 +478,7 @@ impl Uploader {
                     }
                 }
                 Err(e) => {
-                    if matches!(e, UploadError::Store { .. }) && e.is_retryable() {
+                    if keeps_parts(&e) {
                         self.keep(&sha, true);
                     }
                     return Err(e);
