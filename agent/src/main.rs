@@ -688,11 +688,13 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    // First: a stop (or a forwarded signal) from now on is handled, never the default action.
+    // Before the look at the store (up to `preflight_timeout_secs`): a stop then ended the
+    // agent outright, and the attempt was never reported canceled.
+    let cancel = cancel_on_signals(&config.forward_signals);
     if let Some(problem) = c3_runtime::job::already_ran(&ctx, &spec.job_id, spec.attempt).await {
         return usage(&problem);
     }
-    // First: a stop (or a forwarded signal) from now on is handled, never the default action.
-    let cancel = cancel_on_signals(&config.forward_signals);
     starting(env, &ctx);
     let metadata = match (ctx.store.instance_metadata_endpoint(), &spec.user) {
         (Some(endpoint), Some(user)) => Some(exposure::metadata_reach(endpoint, user).await),

@@ -188,6 +188,26 @@ fn a_hangup_or_quit_stops_the_job_as_sigterm_does() {
     h.wait("run under nohup".into(), child).assert_code(0);
 }
 
+/// A stop while the agent still asks the store whether the attempt already ran (up to
+/// `preflight_timeout_secs`) cancels the attempt: the signal's default action ended the
+/// agent there, and nothing reported the attempt.
+#[test]
+fn a_stop_before_the_launch_is_a_cancel() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
+    let marker = h.path("launched");
+    let spec =
+        h.spec(json!({"job_id": "early", "command": ["touch", marker.display().to_string()]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    signal(child.id(), "TERM");
+    let run = h.wait("run stopped before its launch".into(), child);
+    run.assert_code(4);
+    assert!(!marker.exists(), "launched after a stop");
+    assert_eq!(h.terminal("early")["state"], "CANCELED");
+}
+
 /// A child of `parent` that leads its own session (the job's first process, past setsid).
 fn session_leader_under(parent: u32) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
