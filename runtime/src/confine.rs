@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use c3_proto::record::DirPin;
 use nix::errno::Errno;
@@ -30,8 +30,9 @@ static PINNED: std::sync::Mutex<std::collections::BTreeMap<std::path::PathBuf, P
 /// What a job root's path must name from now on in this process.
 #[derive(Debug, Clone)]
 enum Pin {
-    /// This directory, and nothing else.
-    Dir(DirPin),
+    /// This directory, and nothing else; reached below a trusted root (its path, and the
+    /// rest) when known.
+    Dir(DirPin, Option<(PathBuf, PathBuf)>),
     /// Nothing: the path could not be checked safely (why, in words), so no open of it by
     /// path is safe either.
     Refused(String),
@@ -88,8 +89,16 @@ impl DirFd {
                 format!("{}: {why}; refusing it", path.display()),
             ));
         }
-        let dir = DirFd::open(path)?;
-        if let Some(Pin::Dir(id)) = pinned {
+        // Below its trusted root no symlink is followed: a job user who owns a directory
+        // above its workdir could swap it for a link to an automount or a dead NFS server,
+        // and an open by path would go there (and wait) before the pin could refuse it.
+        let dir = match &pinned {
+            Some(Pin::Dir(_, Some((root, rel)))) => {
+                below_root(root, rel, |r, rel| r.open_dir(rel))?
+            }
+            _ => DirFd::open(path)?,
+        };
+        if let Some(Pin::Dir(id, _)) = pinned {
             if dir.pin_id()? != id {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -105,11 +114,27 @@ impl DirFd {
 
     /// Records that `path` names this directory, for every later [`DirFd::open_root`].
     pub fn pin(&self, path: &Path) -> io::Result<()> {
+        self.pin_as(path, None)
+    }
+
+    /// [`DirFd::pin`] for a directory reached below the trusted `root` with no symlink: every
+    /// later [`DirFd::open_root`] reaches it the same way.
+    pub fn pin_below(&self, path: &Path, root: &Path) -> io::Result<()> {
+        let rel = path.strip_prefix(root).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not below {}", path.display(), root.display()),
+            )
+        })?;
+        self.pin_as(path, Some((root.to_path_buf(), rel.to_path_buf())))
+    }
+
+    fn pin_as(&self, path: &Path, below: Option<(PathBuf, PathBuf)>) -> io::Result<()> {
         let id = self.pin_id()?;
         PINNED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_path_buf(), Pin::Dir(id));
+            .insert(path.to_path_buf(), Pin::Dir(id, below));
         Ok(())
     }
 
@@ -727,6 +752,26 @@ mod tests {
 
     /// The trusted root's own path may be a symlink, its last component included; below
     /// it none is followed.
+    #[test]
+    fn a_pinned_root_is_reached_again_without_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jobs");
+        std::fs::create_dir_all(root.join("bob/a/w")).unwrap();
+        let workdir = root.join("bob/a/w");
+        DirFd::open(&workdir)
+            .unwrap()
+            .pin_below(&workdir, &root)
+            .unwrap();
+        assert!(DirFd::open_root(&workdir).is_ok());
+        // The job's user swaps `a` for a link to where an open would wait (an automount,
+        // a dead server): here, a path that is not there, which an open by path would try.
+        std::fs::rename(root.join("bob/a"), root.join("bob/a.old")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("automount/a"), root.join("bob/a")).unwrap();
+        let e = DirFd::open_root(&workdir).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("symlink"), "{e}");
+    }
+
     #[test]
     fn below_root_goes_through_a_symlinked_root_only() {
         let dir = tempfile::tempdir().unwrap();

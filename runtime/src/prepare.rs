@@ -219,8 +219,12 @@ fn open_workdir(
             DirFd::open(workdir)?
         }
     };
-    // Every later open of the workdir by path must find this directory.
-    fd.pin(workdir)?;
+    // Every later open of the workdir by path must find this directory, the way it was
+    // found here.
+    match root_of(roots, workdir) {
+        Some(root) => fd.pin_below(workdir, root)?,
+        None => fd.pin(workdir)?,
+    }
     for dir in dirs {
         fd.ensure_dir(Path::new(dir), job_dir_mode(owner), owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
@@ -332,7 +336,11 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
                 "not the directory the attempt used (a directory above it was swapped since)",
             ));
         }
-        fd.pin(&path)
+        match (sidecar, root_of(&roots, &path)) {
+            (true, _) => fd.pin_below(&path, Path::new("/")),
+            (false, Some(root)) => fd.pin_below(&path, root),
+            (false, None) => fd.pin(&path),
+        }
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
