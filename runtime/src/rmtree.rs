@@ -489,6 +489,7 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
         drop(fd);
         let top_fd = stack[0].fd().try_clone_to_owned();
         let level = stack.last_mut().expect("a level is being read");
+        before_move_up(level.fd(), &name);
         let moved = top_fd.and_then(|top_fd| loop {
             moves += 1;
             let new = OsString::from(format!("{prefix}{moves}"));
@@ -499,18 +500,45 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
                 new.as_os_str(),
                 RenameFlags::RENAME_NOREPLACE,
             ) {
-                Ok(()) => break Ok(true),
+                Ok(()) => break Ok(Some((top_fd, new))),
                 Err(Errno::EEXIST) => continue,
-                Err(Errno::ENOENT) => break Ok(false),
+                Err(Errno::ENOENT) => break Ok(None),
                 Err(e) => break Err(io::Error::from(e)),
             }
         });
         match moved {
-            Ok(true) => {
-                at_top += 1;
-                moved_since = true;
+            Ok(Some((top_fd, new))) => {
+                // Moved by name from a directory a job's user may write: it may have swapped
+                // another directory in under that name since the checks above (root's `out/`
+                // of another user's files), which the top would take for the agent's own.
+                // Only the walk renames at the top, so what is there now is what was moved.
+                let same = cached_stat_at(&top_fd, &new)
+                    .is_ok_and(|cs| (cs.dev, cs.ino) == (st.st_dev, st.st_ino));
+                if same {
+                    at_top += 1;
+                    moved_since = true;
+                } else {
+                    level.keeps = true;
+                    let e = io::Error::other("replaced while it was being moved up");
+                    out.leave(rel, Stay::Failed(e));
+                    // Out of the prefix, so no listing again takes it; one left in it would
+                    // be, as the agent's own: no listing again then, and it stays.
+                    let mut to = OsString::from(&kept);
+                    to.push(format!("{moves}"));
+                    let renamed = renameat2(
+                        &top_fd,
+                        new.as_os_str(),
+                        &top_fd,
+                        to.as_os_str(),
+                        RenameFlags::RENAME_NOREPLACE,
+                    );
+                    if renamed.is_err() {
+                        at_top += 1;
+                        no_relist = true;
+                    }
+                }
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => {
                 level.keeps = true;
                 out.leave(rel, Stay::Failed(e));
@@ -538,6 +566,18 @@ fn relist_fault(step: RelistStep) -> Option<io::Error> {
     }
     let _ = step;
     None
+}
+
+/// A test's window between the checks of a directory met too deep and its move up (a job's
+/// user swapping another directory in under its name); nothing outside the tests.
+fn before_move_up(parent: BorrowedFd<'_>, name: &OsStr) {
+    #[cfg(test)]
+    tests::BEFORE_MOVE.with(|hook| {
+        if let Some(hook) = hook.borrow_mut().as_mut() {
+            hook(parent, name);
+        }
+    });
+    let _ = (parent, name);
 }
 
 /// Now in ns since the epoch, never the same twice in this process: two walks of one
@@ -651,7 +691,12 @@ pub(crate) mod tests {
         /// A step of the top's listing again that fails on this thread ([`relist_fault`]).
         pub(crate) static RELIST_FAULT: std::cell::Cell<Option<RelistStep>> =
             const { std::cell::Cell::new(None) };
+        /// Runs on this thread before a directory met too deep is moved up ([`before_move_up`]).
+        pub(crate) static BEFORE_MOVE: std::cell::RefCell<Option<MoveHook>> =
+            const { std::cell::RefCell::new(None) };
     }
+
+    pub(crate) type MoveHook = Box<dyn FnMut(BorrowedFd<'_>, &OsStr)>;
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
@@ -902,6 +947,73 @@ pub(crate) mod tests {
         );
         let (rel, _) = r.first_left.as_ref().unwrap();
         assert_eq!(t.path().join(rel), kept.join("victim"), "{r:?}");
+    }
+
+    /// A directory swapped in under the name of one met too deep, between its checks and its
+    /// move up (root's `out/` holding another user's file, for the job's user's own `x`), is
+    /// not taken at the top for the agent's own: the other user's file stays. Root only.
+    #[test]
+    fn a_directory_swapped_in_as_it_is_moved_up_is_not_emptied() {
+        if !is_root() {
+            eprintln!("skipped: needs root (chown)");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let work = t.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        chown(&work, 65534);
+        let mut dir = DirFd::open(&work).unwrap();
+        for _ in 0..MAX_OPEN - 2 {
+            dir = dir
+                .ensure_dir(Path::new("d"), 0o755, Some((65534, 65534)))
+                .unwrap();
+        }
+        drop(dir);
+        let bottom = work.join("d/".repeat(MAX_OPEN - 2));
+        std::fs::create_dir_all(bottom.join("x")).unwrap();
+        std::fs::create_dir_all(bottom.join("out")).unwrap();
+        std::fs::write(bottom.join("out/f"), "bob's").unwrap();
+        chown(&bottom.join("x"), 65534);
+        chown(&bottom.join("out/f"), 1);
+        let mut swapped = false;
+        BEFORE_MOVE.set(Some(Box::new(move |parent, name| {
+            if name == "x" && !swapped {
+                swapped = true;
+                nix::fcntl::renameat2(
+                    parent,
+                    "x",
+                    parent,
+                    "out",
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                )
+                .unwrap();
+            }
+        })));
+        let r = remove(t.path(), &job_user(65534));
+        BEFORE_MOVE.set(None);
+        assert!(r.left >= 1, "{r:?}");
+        let survived = walk_files(t.path());
+        assert!(
+            survived.iter().any(|(_, body)| body == "bob's"),
+            "the other user's file was removed: {r:?}"
+        );
+    }
+
+    /// Every regular file below `dir` and its contents.
+    fn walk_files(dir: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    todo.push(e.path());
+                } else if t.is_file() {
+                    out.push((e.path(), std::fs::read_to_string(e.path()).unwrap()));
+                }
+            }
+        }
+        out
     }
 
     /// What is mounted inside is never opened, let alone emptied; the directories above it
