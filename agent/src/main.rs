@@ -692,7 +692,12 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // Before the look at the store (up to `preflight_timeout_secs`): a stop then ended the
     // agent outright, and the attempt was never reported canceled.
     let cancel = cancel_on_signals(&config.forward_signals);
-    if let Some(problem) = c3_runtime::job::already_ran(&ctx, &spec.job_id, spec.attempt).await {
+    // A stop during the look ends it: the attempt is then canceled before its launch.
+    let ran = tokio::select! {
+        ran = c3_runtime::job::already_ran(&ctx, &spec.job_id, spec.attempt) => ran,
+        () = cancel.cancelled() => None,
+    };
+    if let Some(problem) = ran {
         return usage(&problem);
     }
     starting(env, &ctx);

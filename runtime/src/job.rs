@@ -147,7 +147,7 @@ impl RunError {
 /// A run never silently replaces an earlier run's manifest for the same job and attempt.
 /// A store that cannot answer now says nothing here (the preflight judges the store).
 pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
-    crate::fault::pause_point("slow-already-ran").await;
+    crate::fault::pause_for("slow-already-ran", Duration::from_secs(60)).await;
     let key = crate::store::attempt_manifest_key(job_id, attempt);
     let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
     let bytes = tokio::time::timeout(ctx.preflight_timeout, read)

@@ -189,8 +189,8 @@ fn a_hangup_or_quit_stops_the_job_as_sigterm_does() {
 }
 
 /// A stop while the agent still asks the store whether the attempt already ran (up to
-/// `preflight_timeout_secs`) cancels the attempt: the signal's default action ended the
-/// agent there, and nothing reported the attempt.
+/// `preflight_timeout_secs`) cancels the attempt at once: the signal's default action ended
+/// the agent there, and nothing reported the attempt.
 #[test]
 fn a_stop_before_the_launch_is_a_cancel() {
     let mut h = Harness::file();
@@ -201,9 +201,15 @@ fn a_stop_before_the_launch_is_a_cancel() {
         h.spec(json!({"job_id": "early", "command": ["touch", marker.display().to_string()]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     std::thread::sleep(std::time::Duration::from_millis(700));
+    let stopped = std::time::Instant::now();
     signal(child.id(), "TERM");
     let run = h.wait("run stopped before its launch".into(), child);
     run.assert_code(4);
+    // Heard during the look (held 60 s here), not after it.
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(30),
+        "the stop waited for the look"
+    );
     assert!(!marker.exists(), "launched after a stop");
     assert_eq!(h.terminal("early")["state"], "CANCELED");
 }
