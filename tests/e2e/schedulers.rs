@@ -1129,7 +1129,8 @@ fn watch_never_follows_a_swapped_parent_into_another_tenants_tree() {
     // Refused without going through the link (it could lead to an automount or a dead
     // server, where even a look waits).
     assert!(
-        run.stderr.contains("the agent never goes through a symlink"),
+        run.stderr
+            .contains("the agent never goes through a symlink"),
         "{}",
         run.stderr
     );
