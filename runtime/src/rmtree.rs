@@ -918,17 +918,7 @@ pub(crate) mod tests {
             return;
         }
         let t = tempfile::tempdir().unwrap();
-        let work = t.path().join("work");
-        std::fs::create_dir(&work).unwrap();
-        chown(&work, 65534);
-        let mut dir = DirFd::open(&work).unwrap();
-        for _ in 0..MAX_OPEN - 2 {
-            dir = dir
-                .ensure_dir(Path::new("d"), 0o755, Some((65534, 65534)))
-                .unwrap();
-        }
-        drop(dir);
-        let bottom = work.join("d/".repeat(MAX_OPEN - 2));
+        let bottom = nobodys_chain(t.path());
         std::fs::create_dir_all(bottom.join("x/victim")).unwrap();
         std::fs::write(bottom.join("x/victim/f"), "bob's").unwrap();
         for (path, uid) in [("x/victim/f", 1), ("x/victim", 1), ("x", 65534)] {
@@ -959,17 +949,7 @@ pub(crate) mod tests {
             return;
         }
         let t = tempfile::tempdir().unwrap();
-        let work = t.path().join("work");
-        std::fs::create_dir(&work).unwrap();
-        chown(&work, 65534);
-        let mut dir = DirFd::open(&work).unwrap();
-        for _ in 0..MAX_OPEN - 2 {
-            dir = dir
-                .ensure_dir(Path::new("d"), 0o755, Some((65534, 65534)))
-                .unwrap();
-        }
-        drop(dir);
-        let bottom = work.join("d/".repeat(MAX_OPEN - 2));
+        let bottom = nobodys_chain(t.path());
         std::fs::create_dir_all(bottom.join("x")).unwrap();
         std::fs::create_dir_all(bottom.join("out")).unwrap();
         std::fs::write(bottom.join("out/f"), "bob's").unwrap();
@@ -997,6 +977,21 @@ pub(crate) mod tests {
             survived.iter().any(|(_, body)| body == "bob's"),
             "the other user's file was removed: {r:?}"
         );
+    }
+
+    /// `work/d/d/...` below `top`, `nobody`'s, as deep as the walk goes before it moves what
+    /// it meets up: returns the deepest `d`, whose entries are moved.
+    fn nobodys_chain(top: &Path) -> PathBuf {
+        let work = top.join("work");
+        std::fs::create_dir(&work).unwrap();
+        chown(&work, 65534);
+        let mut dir = DirFd::open(&work).unwrap();
+        for _ in 0..MAX_OPEN - 2 {
+            dir = dir
+                .ensure_dir(Path::new("d"), 0o755, Some((65534, 65534)))
+                .unwrap();
+        }
+        work.join("d/".repeat(MAX_OPEN - 2))
     }
 
     /// Every regular file below `dir` and its contents.
