@@ -373,25 +373,14 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             // jobs_root is the operator's: a symlink in it (its last component too) is theirs.
             let real = std::fs::canonicalize(root).map_err(err)?;
             let root = c3_runtime::confine::DirFd::open_root(&real).map_err(err)?;
-            let owned_here = |st: &nix::sys::stat::FileStat, what: &str| {
-                if !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
-                    return Err(format!(
-                        "job spec {}: its {what} is owned by uid {} (mode {:o}), not root's: a job may have written it",
-                        path.display(),
-                        st.st_uid,
-                        st.st_mode & 0o7777
-                    ));
-                }
-                Ok(())
-            };
             if let Some(dir) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-                let st =
-                    c3_runtime::confine::fstat(&root.open_dir(dir).map_err(err)?).map_err(err)?;
-                owned_here(&st, "directory")?;
+                let dir = root.open_dir(dir).map_err(err)?;
+                let st = c3_runtime::confine::fstat(&dir).map_err(err)?;
+                owned_here(path, &dir, &st, "its directory")?;
             }
             let file = root.open_file(rel).map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
-            owned_here(&st, "file")?;
+            owned_here(path, &file, &st, "it")?;
             // The agent makes `<jobs_root>` and the job's dir traversable (0711) for the job's
             // user: a spec a scheduler wrote with umask 022 was then readable, `env` secrets
             // and all, by every other tenant's job that guessed its id (unit names and
@@ -419,16 +408,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 .open(&real)
                 .map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
-            let acl_writers = specpath::acl_lets_others_write(&file, st.st_uid)
-                .map_err(|e| format!("job spec {}: {e}", path.display()))?;
-            if acl_writers || !specpath::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
-                return Err(format!(
-                    "job spec {}: owned by uid {} (mode {:o}), not root's alone: a job may have written it",
-                    path.display(),
-                    st.st_uid,
-                    st.st_mode & 0o7777
-                ));
-            }
+            owned_here(path, &file, &st, "it")?;
             file
         }
         None => std::fs::OpenOptions::new()
@@ -452,6 +432,26 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// A spec (or its directory, `what`) only root may have written, or why not.
+fn owned_here(
+    path: &Path,
+    fd: &impl std::os::fd::AsFd,
+    st: &nix::sys::stat::FileStat,
+    what: &str,
+) -> Result<(), String> {
+    match specpath::root_alone(fd, st) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "job spec {}: {what} is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone: a job may have written it",
+            path.display(),
+            st.st_uid,
+            st.st_gid,
+            st.st_mode & 0o7777
+        )),
+        Err(e) => Err(format!("job spec {}: {e}", path.display())),
+    }
 }
 
 fn spec_from_args(

@@ -89,13 +89,20 @@ fn open_dir(dir: &Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-/// Whether the open file's access ACL lets a named user or group (not root) write it; an
-/// ACL that cannot be read or understood counts as letting them.
-pub fn acl_lets_others_write(file: &impl std::os::fd::AsFd, owner: u32) -> Result<bool, String> {
+/// Whether an open spec, or a directory on its way, is root's alone to write: its owner,
+/// mode and group ([`root_alone_writes`]), and no access ACL letting a named user or group
+/// write it (one that cannot be understood counts as letting them).
+pub fn root_alone(
+    file: &impl std::os::fd::AsFd,
+    st: &nix::sys::stat::FileStat,
+) -> Result<bool, String> {
+    if !root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
+        return Ok(false);
+    }
     match c3_runtime::acl::of(file) {
-        Ok(None) => Ok(false),
-        Ok(Some(acl)) => Ok(acl.lets_others_write(owner)),
-        Err(c3_runtime::acl::AclError::Malformed) => Ok(true),
+        Ok(None) => Ok(true),
+        Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
+        Err(c3_runtime::acl::AclError::Malformed) => Ok(false),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -115,12 +122,11 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     if !m.is_dir() {
         return Err(format!("{}: not a directory", dir.display()));
     }
-    let sticky = m.mode() & libc::S_ISVTX != 0;
-    if owned_by_us(m.uid())
-        && (sticky || root_alone_writes(m.uid(), m.gid(), m.mode()))
-        && !acl_lets_others_write(&open_dir(dir)?, m.uid())
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-    {
+    // A sticky dir others write (`/tmp`) passes: its entries are checked in turn.
+    let sticky = m.mode() & libc::S_ISVTX != 0 && owned_by_us(m.uid());
+    let fd = open_dir(dir)?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if sticky || root_alone(&fd, &st).map_err(|e| format!("{}: {e}", dir.display()))? {
         return Ok(());
     }
     Err(format!(
