@@ -90,13 +90,13 @@ fn open_dir(dir: &Path) -> Result<std::fs::File, String> {
 }
 
 /// Whether an open spec, or a directory on its way, is root's alone to write: its owner,
-/// mode and group ([`root_alone_writes`]), and no access ACL letting a named user or group
+/// mode and group (`statedir::root_alone_writes`), and no access ACL letting a named user or group
 /// write it (one that cannot be understood counts as letting them).
 pub fn root_alone(
     file: &impl std::os::fd::AsFd,
     st: &nix::sys::stat::FileStat,
 ) -> Result<bool, String> {
-    if !root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
+    if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
         return Ok(false);
     }
     match c3_runtime::acl::of(file) {
@@ -109,12 +109,6 @@ pub fn root_alone(
 
 fn owned_by_us(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
-}
-
-/// Root's (or the agent's), and written by no one else: not by others, and not by its group
-/// unless that is root's group (a `root:jobs 2775` spec dir lets every job rewrite specs).
-pub fn root_alone_writes(st_uid: u32, st_gid: u32, mode: u32) -> bool {
-    owned_by_us(st_uid) && mode & 0o002 == 0 && (mode & 0o020 == 0 || st_gid == 0)
 }
 
 fn check_dir(dir: &Path) -> Result<(), String> {

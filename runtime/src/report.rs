@@ -626,7 +626,7 @@ fn claim_outbox(dir: &Path) -> Claim {
         let Ok(meta) = folder.metadata() else {
             return Claim::Refused;
         };
-        if !crate::statedir::root_alone_writes(meta.uid(), meta.mode()) {
+        if !crate::statedir::root_alone_writes(meta.uid(), meta.gid(), meta.mode()) {
             tracing::warn!(path = %dir.display(), "the outbox is writable by others than root; its reports stay");
             return Claim::Refused;
         }

@@ -246,16 +246,19 @@ impl StateDir {
 fn agents_own(paths: &[&Path]) -> bool {
     use std::os::unix::fs::MetadataExt;
     paths.iter().all(|p| {
-        std::fs::symlink_metadata(p)
-            .is_ok_and(|m| !m.file_type().is_symlink() && root_alone_writes(m.uid(), m.mode()))
+        std::fs::symlink_metadata(p).is_ok_and(|m| {
+            !m.file_type().is_symlink() && root_alone_writes(m.uid(), m.gid(), m.mode())
+        })
     })
 }
 
-/// Whether only root (or the agent's user) may write what has this owner and mode: what root
-/// acts on by path (a run record, a scheduler's spec) must be no one else's to plant.
-pub fn root_alone_writes(uid: u32, mode: u32) -> bool {
+/// Whether only root (or the agent's user) may write what has this owner, group and mode:
+/// what root acts on by path (a run record, a scheduler's spec) must be no one else's to
+/// plant. Not others, and not its group unless that is root's (a `root:jobs 2775` spec dir
+/// let every job rewrite specs).
+pub fn root_alone_writes(uid: u32, gid: u32, mode: u32) -> bool {
     let euid = nix::unistd::geteuid().as_raw();
-    (uid == 0 || uid == euid) && mode & 0o002 == 0
+    (uid == 0 || uid == euid) && mode & 0o002 == 0 && (mode & 0o020 == 0 || gid == 0)
 }
 
 /// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.
