@@ -263,12 +263,13 @@ fn job_dir_mode(owner: Owner) -> u32 {
 
 /// For a job with a user: a directory on the way to its workdir (the workdir included) that
 /// existed already must be root's or the job user's, and not writable by every user (unless
-/// sticky). A directory above the workdir may be its group's to write: a team's `root:team
-/// 2775` directory under `jobs_root` is a common layout, and a directory a member made in it
-/// is refused as theirs. The workdir itself may not: a member could make an output dir or
-/// `.c3` there before the job starts, or plant files root collects as this job's. Another tenant's workdir named in a spec would otherwise be used as this job's:
+/// sticky). Another tenant's workdir named in a spec would otherwise be used as this job's:
 /// root keeps `.c3` there, removes its result, and collects its files into this job's
-/// manifest. A job without a user runs as the agent's own user, who may read it all anyway.
+/// manifest. A directory above the workdir may be its group's to write: a team's `root:team
+/// 2775` directory under `jobs_root` is a common layout, and a directory a member made in it
+/// is refused as theirs. The workdir itself may be only root's group's: a member could make
+/// an output dir or `.c3` there before the job starts, or plant files root collects as this
+/// job's. A job without a user runs as the agent's own user, who may read it all anyway.
 fn vet_existing(
     workdir: &Path,
     name: &OsStr,
