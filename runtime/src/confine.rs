@@ -113,23 +113,22 @@ impl DirFd {
     }
 
     /// Records that `path` names this directory, for every later [`DirFd::open_root`].
-    pub fn pin(&self, path: &Path) -> io::Result<()> {
-        self.pin_as(path, None)
-    }
-
-    /// [`DirFd::pin`] for a directory reached below the trusted `root` with no symlink: every
-    /// later [`DirFd::open_root`] reaches it the same way.
-    pub fn pin_below(&self, path: &Path, root: &Path) -> io::Result<()> {
-        let rel = path.strip_prefix(root).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not below {}", path.display(), root.display()),
-            )
-        })?;
-        self.pin_as(path, Some((root.to_path_buf(), rel.to_path_buf())))
-    }
-
-    fn pin_as(&self, path: &Path, below: Option<(PathBuf, PathBuf)>) -> io::Result<()> {
+    /// `below`: the trusted root it was reached below with no symlink (`jobs_root`, or `/`
+    /// for a sidecar's parent), the way every later open reaches it; `None` for a path the
+    /// operator gave (a quick run's current dir), opened as it is.
+    pub fn pin(&self, path: &Path, below: Option<&Path>) -> io::Result<()> {
+        let below = match below {
+            Some(root) => {
+                let rel = path.strip_prefix(root).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} is not below {}", path.display(), root.display()),
+                    )
+                })?;
+                Some((root.to_path_buf(), rel.to_path_buf()))
+            }
+            None => None,
+        };
         let id = self.pin_id()?;
         PINNED
             .lock()
@@ -760,7 +759,7 @@ mod tests {
         let workdir = root.join("bob/a/w");
         DirFd::open(&workdir)
             .unwrap()
-            .pin_below(&workdir, &root)
+            .pin(&workdir, Some(&root))
             .unwrap();
         assert!(DirFd::open_root(&workdir).is_ok());
         // The job's user swaps `a` for a link to where an open would wait (an automount,

@@ -145,9 +145,7 @@ const YOUNG_NS: u64 = 60_000_000_000;
 const MARGIN_NS: u64 = 20_000_000;
 
 fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    crate::display::epoch_ns(std::time::SystemTime::now()).max(0) as u64
 }
 
 /// A new temp file in one of the staging shards, which nobody else can have opened.

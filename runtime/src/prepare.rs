@@ -184,7 +184,8 @@ fn open_workdir(
     dirs: &[String],
     owner: Owner,
 ) -> std::io::Result<DirFd> {
-    let fd = match root_of(roots, workdir) {
+    let root = root_of(roots, workdir);
+    let fd = match root {
         Some(root) => {
             if !root.exists() {
                 // What is missing above it is made traversable, not listable (0711).
@@ -221,10 +222,7 @@ fn open_workdir(
     };
     // Every later open of the workdir by path must find this directory, the way it was
     // found here.
-    match root_of(roots, workdir) {
-        Some(root) => fd.pin_below(workdir, root)?,
-        None => fd.pin(workdir)?,
-    }
+    fd.pin(workdir, root.map(PathBuf::as_path))?;
     for dir in dirs {
         fd.ensure_dir(Path::new(dir), job_dir_mode(owner), owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
@@ -329,7 +327,17 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
         .is_some_and(|b| crate::procfs::boot_id().as_ref() == Some(b));
     let path = workdir.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let fd = reopen(&roots, &path, sidecar)?;
+        let root = recorded_root(&roots, &path, sidecar);
+        let fd = match root {
+            Some(root) => {
+                let rel = path.strip_prefix(root).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an absolute path")
+                })?;
+                crate::confine::below_root(root, rel, |root, rel| root.open_dir(rel))?
+            }
+            // A quick local run's workdir: a path its operator gave; the pin is all to check.
+            None => DirFd::open(&path)?,
+        };
         let found = fd.pin_id().ok();
         if pin.is_some_and(|pin| !pin_matches(found, pin, same_boot)) {
             return Err(std::io::Error::new(
@@ -337,11 +345,7 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
                 "not the directory the attempt used (a directory above it was swapped since)",
             ));
         }
-        match (sidecar, root_of(&roots, &path)) {
-            (true, _) => fd.pin_below(&path, Path::new("/")),
-            (false, Some(root)) => fd.pin_below(&path, root),
-            (false, None) => fd.pin(&path),
-        }
+        fd.pin(&path, root)
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -361,17 +365,13 @@ fn pin_matches(
     found.is_some_and(|f| f.ino == pin.ino && (f.dev == pin.dev || !same_boot))
 }
 
-/// Opens a recorded workdir with no symlink below its trusted root.
-fn reopen(roots: &[PathBuf], workdir: &Path, sidecar: bool) -> std::io::Result<DirFd> {
+/// The trusted root a recorded workdir is reached below with no symlink: `/` for a
+/// sidecar's parent, else its `jobs_root`; none for a quick local run's workdir.
+fn recorded_root<'a>(roots: &'a [PathBuf], workdir: &Path, sidecar: bool) -> Option<&'a Path> {
     if sidecar {
-        return crate::sidecar::from_root(workdir, |root, rel| root.open_dir(rel));
+        return Some(Path::new("/"));
     }
-    let Some(root) = root_of(roots, workdir) else {
-        // A quick local run's workdir: a path its operator gave; the pin is all to check.
-        return DirFd::open(workdir);
-    };
-    let rel = workdir.strip_prefix(root).expect("checked by root_of");
-    crate::confine::below_root(root, rel, |root, rel| root.open_dir(rel))
+    root_of(roots, workdir).map(PathBuf::as_path)
 }
 
 /// Proves the store is writable before any GPU time is spent. A permanent failure is an

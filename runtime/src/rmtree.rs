@@ -586,9 +586,7 @@ fn before_move_up(parent: BorrowedFd<'_>, name: &OsStr) {
 fn unique_nanos() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let now = crate::display::epoch_ns(std::time::SystemTime::now()).max(0) as u64;
     let prev = LAST.fetch_max(now, Ordering::Relaxed);
     if prev < now {
         now

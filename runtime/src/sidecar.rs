@@ -278,7 +278,7 @@ fn open_dirs(parent: &Path, names: &[String]) -> std::io::Result<(Option<JobUser
     let fd = from_root(parent, |root, rel| root.open_dir(rel))?;
     // The scans, uploads and watches that follow open `parent` by path: pinned, a component
     // swapped for a symlink after this check is refused there.
-    fd.pin_below(parent, Path::new("/"))?;
+    fd.pin(parent, Some(Path::new("/")))?;
     let meta = nix::sys::stat::fstat(&fd)?;
     let (uid, gid, mode) = (meta.st_uid, meta.st_gid, meta.st_mode as u32);
     let owner = nix::unistd::geteuid().is_root().then_some((uid, gid));
