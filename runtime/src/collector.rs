@@ -49,7 +49,7 @@ impl CollectorConfig {
     /// symlink, only what `reader` could read; multipart uploads journaled in the state dir.
     pub fn new(ctx: &AgentContext, record: &RunRecord, reader: Option<JobReader>) -> Self {
         let spec = &record.spec;
-        let journal = ctx.state.job_dir(&spec.job_id).join("uploads");
+        let journal = ctx.state.uploads_dir(&spec.job_id);
         let workdir = PathBuf::from(&record.workdir);
         let uploader = Uploader::new(
             ctx.store.clone(),

@@ -91,24 +91,19 @@ async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
     if record.phase != Phase::Done || record.unstored_to_retry() > 0 || elsewhere {
         return;
     }
-    let journal = ctx.state.job_dir(job_id).join("uploads");
-    let tag = format!("{attempt}-");
-    let journaled = std::fs::read_dir(&journal).is_ok_and(|d| {
-        d.flatten().any(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(&tag) && n.ends_with(".json"))
-        })
-    });
-    if !journaled {
+    let uploader = crate::upload::Uploader::new(
+        ctx.store.clone(),
+        ctx.upload.clone(),
+        job_id,
+        Some(ctx.state.uploads_dir(job_id)),
+    )
+    .for_attempt(attempt);
+    if !uploader.journaled() {
         return;
     }
     let Ok(_lock) = AttemptLock::acquire(&ctx.state, job_id, attempt) else {
         return;
     };
-    let uploader =
-        crate::upload::Uploader::new(ctx.store.clone(), ctx.upload.clone(), job_id, Some(journal))
-            .for_attempt(attempt);
     let aborted = uploader.abort_orphans().await;
     tracing::info!(
         job_id,

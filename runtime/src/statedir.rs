@@ -81,6 +81,11 @@ impl StateDir {
         self.jobs_dir().join(job_id)
     }
 
+    /// Where a job's multipart uploads are journaled (every attempt's).
+    pub fn uploads_dir(&self, job_id: &str) -> PathBuf {
+        self.job_dir(job_id).join("uploads")
+    }
+
     /// Creates the state dir and an attempt's dir with their modes: the path down to a
     /// job's dir is traversable (0711: a default workdir lives below it and its user must
     /// reach it) but not listable; everything of the agent's own below is 0700.

@@ -768,6 +768,22 @@ impl Uploader {
         }
     }
 
+    /// Whether this attempt has a multipart upload journaled (one [`Uploader::abort_orphans`]
+    /// would abort).
+    pub fn journaled(&self) -> bool {
+        let Some(dir) = &self.journal_dir else {
+            return false;
+        };
+        std::fs::read_dir(dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_str().is_some_and(|n| {
+                    n.strip_prefix(&*self.attempt_tag)
+                        .is_some_and(|rest| rest.ends_with(".json"))
+                })
+            })
+        })
+    }
+
     /// Aborts every upload of this attempt's journals nobody will finish (the attempt is
     /// over), but those kept after a store fault (`recover` resumes them), and drops the
     /// attempt's staging objects a crash left. Another attempt's are left alone: its agent
