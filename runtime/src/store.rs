@@ -117,6 +117,27 @@ pub enum StoreError {
     },
 }
 
+/// Runs a file store's blocking call off the reactor; its I/O error is the store's, as
+/// object_store's `LocalFileSystem` reports one (so `is_permanent` judges it the same way).
+async fn local_blocking<T: Send + 'static>(
+    op: &'static str,
+    key: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| StoreError::Op {
+            op,
+            key: key.to_string(),
+            source: object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(e),
+            },
+        })
+}
+
 /// The error of a write (`op` of `key`). A 404 to a write is not the key missing (a write
 /// makes it): it is the bucket, which the preflight found there, or a proxy or load
 /// balancer between that answered for a moment with its own 404. Retried until the retry
@@ -1169,20 +1190,10 @@ impl BlobStore {
                 sha256_hex.to_string(),
                 self.dir_sync.clone(),
             );
-            let added = tokio::task::spawn_blocking(move || {
+            let added = local_blocking("put", &key, move || {
                 crate::filestore::put_blob(&root, &sha, &bytes, &sync)
             })
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(|e| StoreError::Op {
-                op: "put",
-                key,
-                source: object_store::Error::Generic {
-                    store: "LocalFileSystem",
-                    source: Box::new(e),
-                },
-            })?;
+            .await?;
             if !added && !self.still_wanted(sha256_hex).await {
                 return Err(StoreError::NotThere {
                     key: blob_key(sha256_hex),
@@ -1618,20 +1629,10 @@ impl BlobStore {
                 if let Some(root) = self.local_root() {
                     let (dir, blob) = (root.join("blobs/sha256"), root.join(&key));
                     let sync = self.dir_sync.clone();
-                    let synced = tokio::task::spawn_blocking(move || {
+                    local_blocking("promote", &key, move || {
                         sync.sync_found(&dir, &std::fs::symlink_metadata(&blob)?)
                     })
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
-                    synced.map_err(|e| StoreError::Op {
-                        op: "promote",
-                        key: key.clone(),
-                        source: object_store::Error::Generic {
-                            store: "LocalFileSystem",
-                            source: Box::new(e),
-                        },
-                    })?;
+                    .await?;
                 }
                 self.delete(staging_key).await?;
                 Ok(false)
