@@ -157,7 +157,9 @@ impl Scan {
     }
 
     fn broken(&mut self, rel: &str, what: String, cause: &std::io::Error) {
-        let for_good = cause.kind() == std::io::ErrorKind::PermissionDenied;
+        // A FUSE mount is never looked into, whoever looks next.
+        let for_good = cause.kind() == std::io::ErrorKind::PermissionDenied
+            || crate::confine::is_mount_refused(cause);
         self.warn(what);
         if self.incomplete.len() < MAX_INCOMPLETE {
             self.incomplete.push(rel.to_string());

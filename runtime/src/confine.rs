@@ -13,14 +13,14 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use c3_proto::record::DirPin;
 use nix::errno::Errno;
-use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstatat, mkdirat, FileStat, Mode, SFlag};
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{mkdirat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
 
 /// Job roots checked once, by path: see [`DirFd::open_root`].
@@ -169,9 +169,21 @@ impl DirFd {
         beneath(self, rel, flags).map(File::from)
     }
 
-    /// `lstat` of one entry of this directory.
+    /// `lstat` of one entry of this directory, from the attributes the kernel holds (no
+    /// round trip to a file system that may never answer; on local file systems they are
+    /// the file's own). An entry that is the root of a FUSE mount is refused
+    /// ([`is_mount_refused`]): a caller that went on would open it.
     pub fn stat(&self, name: &OsStr) -> io::Result<FileStat> {
-        Ok(fstatat(self, name, AtFlags::AT_SYMLINK_NOFOLLOW)?)
+        let c = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let stx = raw_statx(
+            self.as_fd().as_raw_fd(),
+            &c,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+        )?;
+        let st = file_stat(&stx);
+        vet_mount(&stx, || Ok(dev_of(self)?))?;
+        Ok(st)
     }
 
     /// Opens (creating what is missing) the directory `rel` below this one. Every directory
@@ -319,21 +331,27 @@ fn is_empty_dir(dir: &OwnedFd) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Opens `rel` below `dir` with `flags`, refusing symlinks and escapes in every component.
+/// Opens `rel` below `dir` with `flags`, refusing symlinks and escapes in every component,
+/// and never entering a FUSE file system mounted on the way ([`is_mount_refused`]).
 fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")
     } else {
         rel
     };
-    let how = OpenHow::new()
-        .flags(flags)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    // No mount crossed: the kernel refuses one as it resolves, so a mount made after any
+    // check of ours is refused too.
+    let how = OpenHow::new().flags(flags).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_XDEV,
+    );
     match openat2(dir, rel, how) {
         Ok(fd) => return Ok(fd),
-        // Kernels before 5.6 (or a seccomp filter) lack openat2, and no path call takes more
-        // than PATH_MAX: walk it ourselves, one component (never a symlink) at a time.
-        Err(Errno::ENOSYS | Errno::ENAMETOOLONG) => {}
+        // A mount on the way (or an escape, which the walk refuses too); kernels before 5.6
+        // (or a seccomp filter) lack openat2, and no path call takes more than PATH_MAX: walk
+        // it ourselves, one component (never a symlink, never a FUSE mount) at a time.
+        Err(Errno::EXDEV | Errno::ENOSYS | Errno::ENAMETOOLONG) => {}
         Err(e) => return Err(e.into()),
     }
     let parts = plain_parts(rel)?;
@@ -342,14 +360,84 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
     };
     let mut cur = dir.try_clone()?.0;
     for p in dirs {
-        cur = openat(&cur, *p, DIR_FLAGS, Mode::empty())?;
+        cur = step(&cur, p, DIR_FLAGS)?;
     }
-    Ok(openat(
-        &cur,
-        *last,
-        flags | OFlag::O_NOFOLLOW,
+    step(&cur, last, flags)
+}
+
+/// Opens the entry `name` of `dir` with `flags`, never through a symlink and never into a
+/// FUSE mount. It is first opened as a handle only (`O_PATH`: no word to its file system,
+/// and the mount it is on held, so none made later is entered instead), judged from the
+/// kernel's cached attributes and the mount table, then opened through that handle.
+fn step(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
+    let handle = openat(
+        dir,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    let kind = u32::from(stx.stx_mode) & libc::S_IFMT;
+    if kind == libc::S_IFLNK {
+        return Err(Errno::ELOOP.into());
+    }
+    vet_mount(&stx, || dev_of(dir))?;
+    if kind == libc::S_IFDIR {
+        return Ok(openat(&handle, ".", flags, Mode::empty())?);
+    }
+    // The handle's magic link is the file itself; O_NOFOLLOW would refuse the link.
+    Ok(nix::fcntl::open(
+        format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+        flags & !OFlag::O_NOFOLLOW,
         Mode::empty(),
     )?)
+}
+
+/// A FUSE file system (or one the mount table does not name) mounted where a job's path
+/// leads: any user may mount one on a directory or file it owns (`fusermount`, with
+/// `allow_other` where the node allows it), and its server answers a stat, an open or a
+/// listing when it likes, or never, which held the root agent's scan (and the job's
+/// terminal status with it) for ever. Other file systems mounted below a job's dirs (only
+/// root mounts those) are entered.
+#[derive(Debug, thiserror::Error)]
+#[error("a {fstype} file system is mounted there, and the agent never looks into one (its server may never answer)")]
+pub struct MountRefused {
+    pub fstype: String,
+}
+
+/// Whether `e` is a [`MountRefused`].
+pub fn is_mount_refused(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<MountRefused>())
+}
+
+/// Refuses what `stx` describes if it is the root of a FUSE mount, or of one the mount table
+/// does not name. `parent_dev`: the device of the directory it was met in, asked only where
+/// the kernel does not mark mount roots (before 5.8).
+fn vet_mount(stx: &libc::statx, parent_dev: impl FnOnce() -> io::Result<u64>) -> io::Result<()> {
+    let attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    let marks = stx.stx_attributes_mask & attr != 0;
+    let mount_root = marks && stx.stx_attributes & attr != 0;
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    if !mount_root && (marks || dev == parent_dev()?) {
+        return Ok(());
+    }
+    let refused = |fstype: String| io::Error::other(MountRefused { fstype });
+    // Read again at each mount met: a device number freed by an unmount is soon another's.
+    let types = crate::procfs::mount_types()
+        .map_err(|e| refused(format!("unknown (the mount table could not be read: {e})")))?;
+    match types.get(&dev) {
+        Some(t) if t.starts_with(b"fuse") => Err(refused(String::from_utf8_lossy(t).into_owned())),
+        Some(_) => Ok(()),
+        // Another device that is no mount: a btrfs subvolume.
+        None if !mount_root => Ok(()),
+        None => Err(refused("unknown".into())),
+    }
+}
+
+/// The device of an open directory, from the kernel's cached attributes.
+fn dev_of(dir: &impl AsFd) -> io::Result<u64> {
+    let stx = raw_statx(dir.as_fd().as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    Ok(libc::makedev(stx.stx_dev_major, stx.stx_dev_minor))
 }
 
 /// The names of a relative path; `..` or a root in it escapes (EXDEV, as openat2 says).
@@ -475,7 +563,6 @@ pub fn cached_stat(path: &Path, follow: bool) -> Option<CachedStat> {
 pub fn cached_stat_at(dir: &impl AsFd, name: &OsStr) -> io::Result<CachedStat> {
     let c = std::ffi::CString::new(name.as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    use std::os::fd::AsRawFd;
     statx_cached(
         dir.as_fd().as_raw_fd(),
         &c,
@@ -484,27 +571,7 @@ pub fn cached_stat_at(dir: &impl AsFd, name: &OsStr) -> io::Result<CachedStat> {
 }
 
 fn statx_cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Result<CachedStat> {
-    // SAFETY: an all-zero statx is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and outlives the call; `dirfd` is AT_FDCWD or an open
-    // fd the caller borrows for the call; `stx` is a writable statx the kernel fills.
-    let rc = unsafe {
-        libc::statx(
-            dirfd,
-            path.as_ptr(),
-            flags | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_TYPE
-                | libc::STATX_MODE
-                | libc::STATX_UID
-                | libc::STATX_GID
-                | libc::STATX_INO
-                | libc::STATX_SIZE,
-            &mut stx,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let stx = raw_statx(dirfd, path, flags)?;
     let mount_attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
     Ok(CachedStat {
         mode: u32::from(stx.stx_mode),
@@ -516,6 +583,51 @@ fn statx_cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Re
         mount_root: stx.stx_attributes_mask & mount_attr != 0
             && stx.stx_attributes & mount_attr != 0,
     })
+}
+
+/// `statx` from the attributes the kernel holds (`AT_STATX_DONT_SYNC`): no round trip to
+/// the file's own file system, which a job's FUSE server may never answer.
+fn raw_statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Result<libc::statx> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `dirfd` is AT_FDCWD or an open
+    // fd the caller borrows for the call; `stx` is a writable statx the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            dirfd,
+            path.as_ptr(),
+            flags | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stx)
+}
+
+/// A `statx` as the `stat` the rest of the agent reads.
+fn file_stat(stx: &libc::statx) -> FileStat {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: FileStat = unsafe { std::mem::zeroed() };
+    st.st_dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    st.st_ino = stx.stx_ino;
+    st.st_mode = stx.stx_mode.into();
+    st.st_nlink = stx.stx_nlink as _;
+    st.st_uid = stx.stx_uid;
+    st.st_gid = stx.stx_gid;
+    st.st_rdev = libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor);
+    st.st_size = stx.stx_size as _;
+    st.st_blksize = stx.stx_blksize as _;
+    st.st_blocks = stx.stx_blocks as _;
+    st.st_atime = stx.stx_atime.tv_sec as _;
+    st.st_atime_nsec = stx.stx_atime.tv_nsec as _;
+    st.st_mtime = stx.stx_mtime.tv_sec as _;
+    st.st_mtime_nsec = stx.stx_mtime.tv_nsec as _;
+    st.st_ctime = stx.stx_ctime.tv_sec as _;
+    st.st_ctime_nsec = stx.stx_ctime.tv_nsec as _;
+    st
 }
 
 /// The uid a sidecar reads as when no job user is named (no account has it).

@@ -729,7 +729,7 @@ impl<'a> Run<'a> {
                 self.spec().job_id);
         } else if upload_errors > 0 {
             tracing::error!(upload_errors, unstored = ?&unstored[..unstored.len().min(20)],
-                "some output can never be stored as it is (paths too deep or long, too many files, unreadable by the job's user, too large or sparse); `recover` leaves it");
+                "some output can never be stored as it is (paths too deep or long, too many files, unreadable by the job's user, too large or sparse, on a FUSE mount); `recover` leaves it");
         }
         self.record.unstored = unstored;
         self.record.unstored_more = unstored_more;

@@ -330,6 +330,36 @@ pub fn mount_points() -> std::io::Result<Vec<std::path::PathBuf>> {
     mount_points_in(&std::fs::read("/proc/self/mountinfo")?)
 }
 
+/// The file system type of each mounted device of this mount namespace (`0:53` -> `fuse.sshfs`),
+/// from `/proc/self/mountinfo`: what a walk looks up for an entry that is the root of a mount,
+/// without a word to that file system.
+pub fn mount_types() -> std::io::Result<std::collections::HashMap<u64, Vec<u8>>> {
+    mount_types_in(&std::fs::read("/proc/self/mountinfo")?)
+}
+
+fn mount_types_in(table: &[u8]) -> std::io::Result<std::collections::HashMap<u64, Vec<u8>>> {
+    let bad = || std::io::Error::other("a mountinfo line without a device or a type");
+    let mut types = std::collections::HashMap::new();
+    for line in table.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let (major, minor) = fields
+            .get(2)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.split_once(':'))
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .ok_or_else(bad)?;
+        // Optional fields end at a lone `-`; the type follows it.
+        let fstype = fields
+            .iter()
+            .skip(6)
+            .skip_while(|f| **f != b"-")
+            .nth(1)
+            .ok_or_else(bad)?;
+        types.insert(libc::makedev(major, minor), fstype.to_vec());
+    }
+    Ok(types)
+}
+
 /// The table is bytes: the kernel escapes only space, tab, newline and backslash, so one
 /// mount path that is not UTF-8 (any user's FUSE mount, a USB stick's Latin-1 label) made a
 /// read as text fail, and every caller saw no mount at all.
@@ -390,6 +420,20 @@ mod tests {
         );
         assert!(mount_points_in(b"garbage\n").is_err());
         assert!(!mount_points().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mount_types_are_keyed_by_device() {
+        let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
+                      40 22 0:50 / /srv/x\xff\\040y rw shared:7 master:2 - fuse.sshfs u@h: rw\n\
+                      41 22 8:1 / /data rw - ext4 /dev/sda1 rw\n";
+        let types = mount_types_in(table).unwrap();
+        assert_eq!(types[&libc::makedev(0, 50)], b"fuse.sshfs");
+        assert_eq!(types[&libc::makedev(8, 1)], b"ext4");
+        assert_eq!(types.len(), 3);
+        assert!(mount_types_in(b"1 2 0:1 / /x rw proc\n").is_err());
+        assert!(mount_types_in(b"garbage\n").is_err());
+        assert!(!mount_types().unwrap().is_empty());
     }
 
     /// Maps the 4 KiB file at `path` shared and writable, then closes its fd (the caller

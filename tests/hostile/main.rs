@@ -17,6 +17,7 @@ mod groups;
 mod links;
 mod logs;
 mod memory;
+mod mounts;
 mod ownership;
 mod paths;
 mod privacy;

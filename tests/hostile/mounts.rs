@@ -1,0 +1,153 @@
+//! A job may mount a FUSE file system of its own below an output dir (`fusermount`, with
+//! `allow_other` where the node allows it) and never answer its kernel: each stat, open or
+//! listing the root agent sent it would wait for ever, and the job's terminal status with it.
+//! The agent never looks into one; what it holds is named and counted as not uploaded.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::{not_root, spawn_job, wait_within};
+use crate::support::{wait_for, Harness};
+
+/// A FUSE mount whose server never reads its device: every request to it waits until the
+/// device is closed (dropping this aborts the connection, then detaches the mount).
+struct SilentFuse {
+    dev: Option<OwnedFd>,
+    at: PathBuf,
+}
+
+impl SilentFuse {
+    /// `rootmode`: the mount root's type and mode, octal (`40755` a directory, `100644` a file).
+    fn mount(at: &Path, rootmode: &str) -> Option<SilentFuse> {
+        let dev: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .ok()?
+            .into();
+        let opts = CString::new(format!(
+            "fd={},rootmode={rootmode},user_id=0,group_id=0",
+            dev.as_raw_fd()
+        ))
+        .unwrap();
+        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"silent".as_ptr(),
+                target.as_ptr(),
+                c"fuse".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| SilentFuse {
+            dev: Some(dev),
+            at: at.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SilentFuse {
+    fn drop(&mut self) {
+        drop(self.dev.take());
+        let target = CString::new(self.at.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_fuse_mount_that_never_answers_is_not_looked_into() {
+    if not_root("a_fuse_mount_that_never_answers_is_not_looked_into") {
+        return;
+    }
+    let h = Harness::file();
+    let work = h.workdir("fm");
+    let script = "cd $C3_ARTIFACTS_DIR && mkdir sub && echo keep > keep.txt && : > plain && \
+                  touch ../ready && while [ ! -e ../go ]; do sleep 0.05; done; sleep 1";
+    let child = spawn_job(&h, json!({"job_id": "fm", "command": ["sh", "-c", script]}));
+    wait_for("the job's dirs", Duration::from_secs(30), || {
+        work.join("ready").exists().then_some(())
+    });
+    let arts = work.join("artifacts");
+    let (Some(dir), Some(file)) = (
+        SilentFuse::mount(&arts.join("sub"), "40755"),
+        SilentFuse::mount(&arts.join("plain"), "100644"),
+    ) else {
+        println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
+        std::fs::write(work.join("go"), "").unwrap();
+        let _ = wait_within("run fm", child, Duration::from_secs(60));
+        return;
+    };
+    std::fs::write(work.join("go"), "").unwrap();
+    let run = wait_within("run fm", child, Duration::from_secs(60));
+    drop((dir, file));
+    // Exit 0 with files not uploaded: UPLOAD_ERROR.
+    run.assert_code(3);
+    for place in ["artifacts/sub", "artifacts/plain"] {
+        assert!(
+            run.stderr
+                .lines()
+                .any(|l| l.contains(place) && l.contains("fuse file system is mounted there")),
+            "{place} not named\n{}",
+            run.stderr
+        );
+    }
+    let paths = h.manifest_paths("fm");
+    assert!(
+        paths.contains(&"artifacts/keep.txt".to_string()),
+        "{paths:?}"
+    );
+}
+
+/// An output dir that is itself a FUSE mount is not entered either; a file system only root
+/// could have mounted below one (a tmpfs here) is walked like the rest.
+#[test]
+fn an_output_dir_that_is_a_fuse_mount_is_not_looked_into() {
+    if not_root("an_output_dir_that_is_a_fuse_mount_is_not_looked_into") {
+        return;
+    }
+    let h = Harness::file();
+    let work = h.workdir("fo");
+    let script =
+        "mkdir $C3_ARTIFACTS_DIR/tmp && touch ready && while [ ! -e go ]; do sleep 0.05; done; \
+                  echo kept > $C3_ARTIFACTS_DIR/tmp/f && sleep 1";
+    let spec = json!({"job_id": "fo", "output": ["out"], "command": ["sh", "-c", script]});
+    let child = spawn_job(&h, spec);
+    wait_for("the job's dirs", Duration::from_secs(30), || {
+        work.join("ready").exists().then_some(())
+    });
+    let tmp = work.join("artifacts/tmp");
+    let tmpfs = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "c3test", tmp.to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    let out = SilentFuse::mount(&work.join("out"), "40755");
+    std::fs::write(work.join("go"), "").unwrap();
+    let run = wait_within("run fo", child, Duration::from_secs(60));
+    if tmpfs {
+        let _ = std::process::Command::new("umount").arg(&tmp).status();
+    }
+    let Some(_out) = out else {
+        println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
+        return;
+    };
+    run.assert_code(3);
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("out") && l.contains("fuse file system is mounted there")),
+        "out/ not named\n{}",
+        run.stderr
+    );
+    if tmpfs {
+        let paths = h.manifest_paths("fo");
+        assert!(paths.contains(&"artifacts/tmp/f".to_string()), "{paths:?}");
+    }
+}
