@@ -182,7 +182,7 @@ impl DirFd {
             libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
         )?;
         let st = file_stat(&stx);
-        vet_mount(&stx, || Ok(dev_of(self)?))?;
+        vet_mount(&stx, || dev_of(self))?;
         Ok(st)
     }
 
