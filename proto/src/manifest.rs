@@ -357,6 +357,16 @@ pub fn rel_bytes(key: &str) -> Vec<u8> {
     }
 }
 
+/// Whether the [`rel_key`] `k` names a path below the directory `dir` (a [`rel_key`] too),
+/// by their bytes: a key that is not UTF-8 is base64 and shares no prefix with its dir's.
+pub fn key_is_below(k: &str, dir: &str) -> bool {
+    if !k.starts_with('\0') && !dir.starts_with('\0') {
+        return k.len() > dir.len() && k.starts_with(dir) && k.as_bytes()[dir.len()] == b'/';
+    }
+    let (k, dir) = (rel_bytes(k), rel_bytes(dir));
+    k.len() > dir.len() && k.starts_with(&dir) && k[dir.len()] == b'/'
+}
+
 /// A [`rel_key`] for people: the lossy path of a name that is not UTF-8.
 pub fn rel_display(key: &str) -> String {
     if key.starts_with('\0') {

@@ -91,7 +91,7 @@ pub struct Scan {
     /// The first [`MAX_SCAN_WARNINGS`] warnings; the rest are only counted.
     pub warnings: Vec<String>,
     pub more_warnings: usize,
-    /// Directories that could not be read (not for lack of the job user's permission: an
+    /// Directories (their [`rel_key`]s) that could not be read (not for lack of the job user's permission: an
     /// I/O error, no fds left): what they hold is unknown, so it is neither collected nor
     /// taken as deleted. The final sync counts each as an upload failure.
     pub incomplete: Vec<String>,
@@ -153,7 +153,7 @@ impl Scan {
         !self
             .incomplete
             .iter()
-            .any(|d| rel.starts_with(d.as_str()) && rel.as_bytes().get(d.len()) == Some(&b'/'))
+            .any(|d| c3_proto::manifest::key_is_below(rel, d))
     }
 
     fn broken(&mut self, rel: &str, what: String, cause: &std::io::Error) {
@@ -250,7 +250,7 @@ fn walk(
     // A key (live sync walks a directory moved in, whose name may not be UTF-8).
     let raw = c3_proto::manifest::rel_bytes(root_rel);
     let shown = display_rel(&raw);
-    let Some(top) = open_walked(root, OsStr::from_bytes(&raw), &shown, reader, out) else {
+    let Some(top) = open_walked(root, OsStr::from_bytes(&raw), root_rel, reader, out) else {
         return Ok(());
     };
     // The relative path's exact bytes travel with each entry: a name that is not UTF-8
@@ -258,7 +258,7 @@ fn walk(
     let mut tree = match TreeWalk::new(top, raw) {
         Ok(t) => t,
         Err(e) => {
-            out.broken(&shown, format!("cannot read {shown}/: {e}"), &e);
+            out.broken(root_rel, format!("cannot read {shown}/: {e}"), &e);
             return Ok(());
         }
     };
@@ -266,8 +266,9 @@ fn walk(
         let entry = match item {
             Item::Entry(entry) => entry,
             Item::Unlisted { rel, error } => {
+                let key = c3_proto::manifest::rel_key(&rel);
                 let rel = display_rel(&rel);
-                out.broken(&rel, format!("cannot read {rel}/: {error}"), &error);
+                out.broken(&key, format!("cannot read {rel}/: {error}"), &error);
                 continue;
             }
         };
@@ -278,7 +279,7 @@ fn walk(
             // Deleted between readdir and stat: the job removed it, nothing to collect.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                out.broken(&child_rel, format!("cannot stat {child_rel}: {e}"), e);
+                out.broken(&child_key, format!("cannot stat {child_rel}: {e}"), e);
                 continue;
             }
         };
@@ -297,9 +298,9 @@ fn walk(
                 }
             }
         } else if is_dir(&st) {
-            if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_rel, reader, out) {
+            if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_key, reader, out) {
                 if let Err(e) = tree.enter(dir, entry.rel) {
-                    out.broken(&child_rel, format!("cannot read {child_rel}/: {e}"), &e);
+                    out.broken(&child_key, format!("cannot read {child_rel}/: {e}"), &e);
                 }
             }
         } else if is_regular(&st) {
@@ -336,14 +337,18 @@ fn walk(
     Ok(())
 }
 
-/// Opens the directory `name` below `parent` to walk it, or says why not (into `out`).
+/// Opens the directory `name` below `parent` (whose path is the [`rel_key`] `key`) to walk
+/// it, or says why not (into `out`).
+///
+/// [`rel_key`]: c3_proto::manifest::rel_key
 fn open_walked(
     parent: &DirFd,
     name: &OsStr,
-    rel: &str,
+    key: &str,
     reader: Option<&JobReader>,
     out: &mut Scan,
 ) -> Option<DirFd> {
+    let rel = &c3_proto::manifest::rel_display(key);
     let dir = match parent.open_dir(Path::new(name)) {
         Ok(d) => d,
         // Deleted meanwhile: nothing to collect.
@@ -359,7 +364,7 @@ fn open_walked(
             return None;
         }
         Err(e) => {
-            out.broken(rel, format!("cannot open {rel}/: {e}"), &e);
+            out.broken(key, format!("cannot open {rel}/: {e}"), &e);
             return None;
         }
     };
@@ -378,7 +383,7 @@ fn open_walked(
                 return None;
             }
             Err(e) => {
-                out.broken(rel, format!("cannot stat {rel}/: {e}"), &e);
+                out.broken(key, format!("cannot stat {rel}/: {e}"), &e);
                 return None;
             }
         }
@@ -580,6 +585,22 @@ mod tests {
         assert!(!s.covers("artifacts/a/f"));
         assert!(s.covers("artifacts/ab/f"));
         assert!(s.covers("artifacts/b"));
+    }
+
+    /// Places are kept as keys and compared by bytes: a file whose name is not UTF-8 (its key
+    /// is base64) below a place not read is not taken as deleted.
+    #[test]
+    fn covers_compares_paths_that_are_not_utf8_by_their_bytes() {
+        use c3_proto::manifest::rel_key;
+        let s = Scan {
+            incomplete: vec!["artifacts".into(), rel_key(b"out/\xffd")],
+            ..Scan::default()
+        };
+        assert!(!s.covers(&rel_key(b"artifacts/\xff.pt")));
+        assert!(!s.covers(&rel_key(b"out/\xffd/\xfe")));
+        assert!(s.covers("out/\u{fffd}d/x"));
+        assert!(s.covers(&rel_key(b"out/\xffe/x")));
+        assert!(s.covers(&rel_key(b"artifactsx/\xff")));
     }
 
     #[test]

@@ -368,9 +368,10 @@ async fn final_sync(
         ));
     }
     // What could not be read at all is unknown output: never a silent loss.
-    for dir in &found.incomplete {
+    for key in &found.incomplete {
+        let dir = c3_proto::manifest::rel_display(key);
         tracing::error!(path = %dir, "part of the output could not be read; counted as an upload failure");
-        out.unstored(format!("{dir}/"), found.for_good.contains(dir));
+        out.unstored(format!("{dir}/"), found.for_good.contains(key));
     }
     for dir in &found.refused {
         tracing::error!(path = %dir, "paths in it are too deep or too long to store; counted as an upload failure");

@@ -589,7 +589,7 @@ impl Syncer {
     fn forget(&mut self, rel: &str) {
         // At most `files_in_flight` of them: looked through whole.
         for (key, sending) in self.in_flight.iter_mut() {
-            if key == rel || is_below(key, rel) {
+            if key == rel || c3_proto::manifest::key_is_below(key, rel) {
                 sending.removed = true;
             }
         }
@@ -601,7 +601,8 @@ impl Syncer {
         // only for a directory (or a name never seen). A stale candidate left below a file
         // that replaced its directory goes at its settle look (it is no longer there).
         if self.candidates.remove(rel).is_none() && !listed {
-            self.candidates.retain(|k| !is_below(k, rel));
+            self.candidates
+                .retain(|k| !c3_proto::manifest::key_is_below(k, rel));
         }
     }
 
@@ -847,16 +848,6 @@ impl Syncer {
 
 /// Whether the key `k` is below the directory key `dir`, by their bytes: a key that is not
 /// UTF-8 is base64, whose text says nothing of its place.
-fn is_below(k: &str, dir: &str) -> bool {
-    if !k.starts_with('\0') && !dir.starts_with('\0') {
-        return k.len() > dir.len() && k.starts_with(dir) && k.as_bytes()[dir.len()] == b'/';
-    }
-    let (k, dir) = (
-        c3_proto::manifest::rel_bytes(k),
-        c3_proto::manifest::rel_bytes(dir),
-    );
-    k.len() > dir.len() && k.starts_with(&dir) && k[dir.len()] == b'/'
-}
 
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
