@@ -846,9 +846,6 @@ impl Syncer {
     }
 }
 
-/// Whether the key `k` is below the directory key `dir`, by their bytes: a key that is not
-/// UTF-8 is base64, whose text says nothing of its place.
-
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
         Some(rx) => rx.recv().await,
