@@ -163,7 +163,10 @@ struct Sending {
 
 #[derive(Default)]
 struct RescanPace {
+    /// When the last rescan ended.
     last: Option<Instant>,
+    /// How long after `last` the next may start ([`rescan_gap`]).
+    gap: Duration,
     /// A rescan asked for while the last one was too recent.
     due: Option<Instant>,
     logged: Option<Instant>,
@@ -171,6 +174,14 @@ struct RescanPace {
 }
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// The rest after a rescan that took `took`: at least [`RESCAN_EVERY`], and twice its cost, so
+/// rescans of a tree that takes long to walk (a million files on a network file system, each
+/// a metadata round trip the job's own I/O waits behind) keep to a third of the time however
+/// often the job overflows the event queue.
+fn rescan_gap(took: Duration) -> Duration {
+    RESCAN_EVERY.max(took.saturating_mul(2))
+}
 const RESCAN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Manifest path, size queued, outcome.
@@ -345,10 +356,22 @@ impl Syncer {
     }
 
     async fn paced_rescan(&mut self) {
-        self.rescans.last = Some(Instant::now());
+        let began = Instant::now();
         self.rescans.due = None;
         self.rewatch().await;
         self.rescan().await;
+        let end = Instant::now();
+        self.rescans.last = Some(end);
+        self.rescans.gap = rescan_gap(end - began);
+    }
+
+    /// A rescan now, or once the rest after the last one is over.
+    async fn ask_rescan(&mut self) {
+        let p = &mut self.rescans;
+        match p.last {
+            Some(t) if Instant::now() < t + p.gap => p.due = Some(t + p.gap),
+            _ => self.paced_rescan().await,
+        }
     }
 
     /// Hints were lost (or polling looks again): the watches of directories removed
@@ -511,17 +534,14 @@ impl Syncer {
                 } else {
                     p.unlogged += 1;
                 }
-                match p.last {
-                    Some(t) if now < t + RESCAN_EVERY => p.due = Some(t + RESCAN_EVERY),
-                    _ => self.paced_rescan().await,
-                }
+                self.ask_rescan().await;
             }
             Hint::Degraded(why) => {
                 if !self.polling {
                     tracing::warn!(reason = %why, "live sync adds polling to inotify");
                     self.polling = true;
                 }
-                self.rescan().await;
+                self.ask_rescan().await;
             }
         }
     }
@@ -909,6 +929,23 @@ mod tests {
                 since,
             },
         );
+    }
+
+    /// A rescan asked for during the rest after the last one waits for its end, and the
+    /// rest grows with what the last one cost.
+    #[tokio::test]
+    async fn rescans_keep_a_rest_that_grows_with_their_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        s.paced_rescan().await;
+        let last = s.rescans.last.unwrap();
+        assert!(s.rescans.gap >= RESCAN_EVERY);
+        s.on_hint(Hint::Rescan("overflow".into())).await;
+        s.on_hint(Hint::Degraded("watcher failed".into())).await;
+        assert_eq!(s.rescans.last, Some(last), "rescanned during the rest");
+        assert_eq!(s.rescans.due, Some(last + s.rescans.gap));
+        assert_eq!(rescan_gap(Duration::from_secs(3)), Duration::from_secs(6));
+        assert_eq!(rescan_gap(Duration::from_millis(10)), RESCAN_EVERY);
     }
 
     /// The job changes a file after the settle look (maps it and stores, say) and before
