@@ -5,7 +5,7 @@
 //! [`Hint::Degraded`] so the syncer falls back to polling. The final scan does not
 //! depend on any of this.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -32,6 +32,11 @@ pub enum Hint {
     Degraded(String),
 }
 
+/// The most bytes of watched paths a job may make the agent hold: a chain of 63 directories
+/// of 255-byte names with 8,000 short ones at its bottom held 400 MB (each path 16 KiB,
+/// kept three times), the inodes costing the job nothing. Past it, live sync polls.
+pub const MAX_WATCHED_PATH_BYTES: usize = 16 << 20;
+
 /// Owns the `notify` watcher; dropping it stops the watches.
 ///
 /// Watches are set one directory at a time (never notify's own recursion), so the agent
@@ -52,7 +57,12 @@ pub struct DirWatcher {
     workdir: PathBuf,
     /// Each watched directory (its path under the workdir): the alias it is watched by, and
     /// which directory it was (see [`DirWatcher::prune`]).
-    watched: HashMap<PathBuf, Watch>,
+    /// Sorted: what is below a directory follows it ([`DirWatcher::unwatch_tree`]).
+    watched: BTreeMap<PathBuf, Watch>,
+    /// The bytes of the paths in `watched` (each kept three times over, with `by_id` and the
+    /// aliases), held under [`MAX_WATCHED_PATH_BYTES`].
+    path_bytes: usize,
+    max_path_bytes: usize,
     /// Which name in `watched` each directory (device, inode) is watched under: the kernel
     /// keeps one watch per inode and gives it again when the inode is watched under another
     /// name (see [`DirWatcher::watch_fd`]). Written with `watched`, by the syncer alone.
@@ -124,6 +134,8 @@ impl Aliases {
 pub enum WatchStopped {
     #[error("more than {max} directories to watch (sync.max_watches)")]
     Cap { max: usize },
+    #[error("the paths of the directories to watch pass {max} bytes")]
+    PathBytes { max: usize },
     /// The alias a watch goes through could not be made (the temp dir gone: a tmp cleaner).
     #[error("cannot make a watch alias: {0}")]
     Alias(std::io::Error),
@@ -167,7 +179,14 @@ impl DirWatcher {
         let _ = std::fs::remove_file(&alias);
         Ok(match watched {
             Ok(()) => {
-                self.watched.insert(d.to_path_buf(), Watch { alias, id });
+                if self
+                    .watched
+                    .insert(d.to_path_buf(), Watch { alias, id })
+                    .is_some()
+                {
+                    self.path_bytes -= d.as_os_str().len();
+                }
+                self.path_bytes += d.as_os_str().len();
                 self.by_id.insert(id, d.to_path_buf());
                 Ok(())
             }
@@ -257,6 +276,11 @@ impl DirWatcher {
                 max: self.max_watches,
             });
         }
+        if self.path_bytes + d.as_os_str().len() > self.max_path_bytes {
+            return Err(WatchStopped::PathBytes {
+                max: self.max_path_bytes,
+            });
+        }
         match self.watch_fd(fd, &d, id)? {
             Ok(()) => Ok(true),
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
@@ -271,10 +295,13 @@ impl DirWatcher {
 
     /// Drops the watches of `dir` and below (removed or moved away).
     pub fn unwatch_tree(&mut self, dir: &Path) {
+        // What is below `dir` sorts right after it (paths compare by component): a `Gone` of
+        // a file looks at no other watch, however many a deep tree holds.
         let gone: Vec<PathBuf> = self
             .watched
-            .keys()
-            .filter(|p| p.starts_with(dir))
+            .range::<Path, _>((std::ops::Bound::Included(dir), std::ops::Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(dir))
             .cloned()
             .collect();
         for p in gone {
@@ -302,6 +329,7 @@ impl DirWatcher {
         let Some(w) = self.watched.remove(d) else {
             return;
         };
+        self.path_bytes -= d.as_os_str().len();
         if self.by_id.get(&w.id).is_some_and(|p| p == d) {
             self.by_id.remove(&w.id);
         }
@@ -472,7 +500,9 @@ pub fn watcher(
         DirWatcher {
             watcher,
             workdir: workdir.to_path_buf(),
-            watched: HashMap::new(),
+            watched: BTreeMap::new(),
+            path_bytes: 0,
+            max_path_bytes: MAX_WATCHED_PATH_BYTES,
             by_id: HashMap::new(),
             aliases,
             max_watches: max_watches.max(1),
@@ -669,6 +699,55 @@ mod tests {
         watcher.watch_tree(&w.join("artifacts")).unwrap();
         // artifacts/ (depth 1) and d/ levels down to depth MAX_PATH_DEPTH.
         assert_eq!(watcher.watch_count(), c3_proto::manifest::MAX_PATH_DEPTH);
+    }
+
+    /// Long names cost the agent memory the job does not pay for: past the bytes of paths
+    /// it may hold, watching stops (live sync polls), and dropping a tree gives them back.
+    #[tokio::test]
+    async fn the_paths_watched_are_held_to_a_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        let long = "n".repeat(200);
+        for i in 0..20 {
+            std::fs::create_dir_all(art.join(format!("{long}{i}/{long}"))).unwrap();
+        }
+        std::fs::create_dir_all(art.join("a0/b")).unwrap();
+        let (mut watcher, _hints) = watcher(&w, 1000, 16).unwrap();
+        watcher.max_path_bytes = 4096;
+        let stopped = watcher.watch_tree(&art);
+        assert!(
+            matches!(stopped, Err(WatchStopped::PathBytes { max: 4096 })),
+            "{stopped:?}"
+        );
+        assert!(watcher.path_bytes <= 4096);
+        let held: usize = watcher.watched.keys().map(|p| p.as_os_str().len()).sum();
+        assert_eq!(held, watcher.path_bytes);
+        watcher.unwatch_tree(&art);
+        assert_eq!((watcher.watch_count(), watcher.path_bytes), (0, 0));
+    }
+
+    /// What is below a directory, and only that, goes with it.
+    #[tokio::test]
+    async fn unwatching_a_tree_takes_what_is_below_it_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        for d in ["a/b/c", "a/b0", "a-b", "ab"] {
+            std::fs::create_dir_all(art.join(d)).unwrap();
+        }
+        let (mut watcher, _hints) = watcher(&w, 64, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        assert_eq!(watcher.watch_count(), 7);
+        watcher.unwatch_tree(&art.join("a/b"));
+        let left: Vec<_> = watcher.watched.keys().cloned().collect();
+        let mut want: Vec<PathBuf> = ["a", "a/b0", "a-b", "ab"]
+            .iter()
+            .map(|d| art.join(d))
+            .chain([art.clone()])
+            .collect();
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[tokio::test]
