@@ -334,6 +334,7 @@ pub async fn logs(
         })
         .await
         .context("the log's blob")?;
+    shown.finish(&mut stdout);
     let _ = stdout.flush();
     if !whole {
         anyhow::bail!("the log's blob does not match its manifest entry (what was shown above is not the job's log)");
@@ -363,10 +364,12 @@ async fn local_log(
                 return Ok(());
             }
         }
-        let _ = std::io::stdout().flush();
         if !follow {
+            shown.finish(&mut std::io::stdout().lock());
+            let _ = std::io::stdout().flush();
             return Ok(());
         }
+        let _ = std::io::stdout().flush();
         // Until the attempt is done (its agent wrote the last line before it said so).
         let done = ctx
             .state
@@ -375,6 +378,8 @@ async fn local_log(
         if done {
             let pos = file.stream_position()?;
             if file.metadata()?.len() <= pos {
+                shown.finish(&mut std::io::stdout().lock());
+                let _ = std::io::stdout().flush();
                 return Ok(());
             }
             continue;

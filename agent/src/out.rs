@@ -92,6 +92,13 @@ impl JobBytes {
         out.write_all(&self.escape(chunk)).is_ok()
     }
 
+    /// The end of the log: a lead byte held back to see what followed it is written.
+    pub fn finish(&mut self, out: &mut impl Write) {
+        if std::mem::take(&mut self.pending_c2) {
+            let _ = out.write_all(&[0xc2]);
+        }
+    }
+
     fn escape(&mut self, chunk: &[u8]) -> Vec<u8> {
         let mut shown = Vec::with_capacity(chunk.len());
         for &b in chunk {
@@ -130,6 +137,10 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "ok\t1\r\n\\x1b]52;c;aGk=\\x07caf\u{e9} \\xc2\\x9b2J\u{a0}end\n"
         );
+        let mut out = Vec::new();
+        assert!(t.write(&mut out, b"a\xc2"));
+        t.finish(&mut out);
+        assert_eq!(out, b"a\xc2", "the last byte was lost");
         let mut pipe = JobBytes {
             terminal: false,
             pending_c2: false,
