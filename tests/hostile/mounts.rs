@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::common::{not_root, spawn_job, wait_within};
-use crate::support::{wait_for, Harness};
+use crate::support::{wait_for, Harness, BIN};
 
 /// A FUSE mount whose server never reads its device: every request to it waits until the
 /// device is closed (dropping this aborts the connection, then detaches the mount).
@@ -150,4 +150,40 @@ fn an_output_dir_that_is_a_fuse_mount_is_not_looked_into() {
         let paths = h.manifest_paths("fo");
         assert!(paths.contains(&"artifacts/tmp/f".to_string()), "{paths:?}");
     }
+}
+
+/// `publish` of a path through a FUSE mount is refused at once: the agent's look at it never
+/// reaches the mount's server, and live sync goes on.
+#[test]
+fn a_publish_through_a_fuse_mount_is_refused() {
+    if not_root("a_publish_through_a_fuse_mount_is_refused") {
+        return;
+    }
+    let h = Harness::file();
+    let work = h.workdir("fp");
+    let script = format!(
+        "mkdir $C3_ARTIFACTS_DIR/m && touch ready && while [ ! -e go ]; do sleep 0.05; done; \
+         {BIN} publish $C3_ARTIFACTS_DIR/m/x 2> err; echo $? > rc; \
+         echo later > $C3_ARTIFACTS_DIR/later && {BIN} publish $C3_ARTIFACTS_DIR/later; echo $? > rc2"
+    );
+    let child = spawn_job(&h, json!({"job_id": "fp", "command": ["sh", "-c", script]}));
+    wait_for("the job's dirs", Duration::from_secs(30), || {
+        work.join("ready").exists().then_some(())
+    });
+    let fuse = SilentFuse::mount(&work.join("artifacts/m"), "40755");
+    std::fs::write(work.join("go"), "").unwrap();
+    let run = wait_within("run fp", child, Duration::from_secs(60));
+    let Some(_fuse) = fuse else {
+        println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
+        return;
+    };
+    let read = |name: &str| std::fs::read_to_string(work.join(name)).unwrap_or_default();
+    assert_ne!(read("rc").trim(), "0", "published through the mount");
+    assert!(read("err").contains("fuse"), "{}", read("err"));
+    assert_eq!(
+        read("rc2").trim(),
+        "0",
+        "publish after it failed\n{}",
+        run.stderr
+    );
 }
