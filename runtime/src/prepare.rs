@@ -66,10 +66,13 @@ pub enum DatasetError {
     #[error("not materialized within job.dataset_timeout_secs ({secs} s): the store is too slow")]
     TimedOut { secs: u64 },
 
-    #[error("job {job_id} belongs to project {found:?}, not to this job's project {project:?}")]
+    /// The source job's manifest names a project and this job's spec names none or another.
+    /// A manifest that names no project is anyone's: the control plane decides who may chain
+    /// on it.
+    #[error("job {job_id} belongs to project {found:?}, not to {}", .project.as_ref().map_or("this job, which names no project".to_string(), |p| format!("this job's project {p:?}")))]
     OtherProject {
         job_id: String,
-        project: String,
+        project: Option<String>,
         found: String,
     },
 }
@@ -470,12 +473,13 @@ async fn materialize(
         .map_err(DatasetError::Mount)?;
     let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
     // The agent holds the store's keys for every tenant: a spec that names another project's
-    // job would otherwise get its files. Where either side names no project, nothing tells.
-    if let (Some(project), Some(found)) = (&spec.project, &manifest.project) {
-        if project != found {
+    // job, or none, would otherwise get its files. A manifest that names no project tells
+    // nothing: the control plane decides who may chain on it.
+    if let Some(found) = &manifest.project {
+        if spec.project.as_ref() != Some(found) {
             return Err(DatasetError::OtherProject {
                 job_id: job_id.to_string(),
-                project: project.clone(),
+                project: spec.project.clone(),
                 found: found.clone(),
             });
         }

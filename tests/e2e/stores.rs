@@ -285,6 +285,30 @@ fn a_dataset_of_another_projects_job_is_refused() {
         .assert_code(0);
 }
 
+/// A spec that names no project got any project's job as its dataset: the check passed
+/// whenever either side named none. A manifest that names no project stays anyone's.
+#[test]
+fn a_dataset_of_a_projects_job_is_refused_to_a_job_of_no_project() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "theirs", "project": "alpha", "command": ["sh", "-c", "echo secret > $C3_ARTIFACTS_DIR/w"]}))
+        .assert_code(0);
+    let marker = h.path("launched");
+    let run = h.run_job(json!({"job_id": "mine", "command": ["touch", marker.display().to_string()], "datasets": [{"ref": "/jobs/theirs", "mount": "in"}]}));
+    run.assert_code(6);
+    assert!(!marker.exists(), "launched with another project's dataset");
+    assert!(!h.workdir("mine").join("in/artifacts/w").exists());
+    let t = h.terminal("mine");
+    assert_eq!(t["reason"], "DATASET_ERROR");
+    assert_eq!(t["retryable"], false, "{t}");
+    assert!(t["message"].as_str().unwrap().contains("no project"), "{t}");
+    h.run_job(
+        json!({"job_id": "open", "command": ["sh", "-c", "echo shared > $C3_ARTIFACTS_DIR/w"]}),
+    )
+    .assert_code(0);
+    h.run_job(json!({"job_id": "any", "project": "beta", "command": ["cat", "in/artifacts/w"], "datasets": [{"ref": "/jobs/open", "mount": "in"}]}))
+        .assert_code(0);
+}
+
 #[test]
 fn pull_never_writes_through_a_symlink_in_the_destination() {
     let h = Harness::file();
