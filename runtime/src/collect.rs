@@ -33,8 +33,8 @@ impl FileStamp {
     pub fn of(meta: &std::fs::Metadata) -> Self {
         FileStamp {
             size: meta.len(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            mtime_ns: crate::display::file_time_ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: crate::display::file_time_ns(meta.ctime(), meta.ctime_nsec()),
             ino: meta.ino(),
             dev: meta.dev(),
             mode: meta.mode() & 0o7777,
@@ -44,8 +44,8 @@ impl FileStamp {
     pub fn of_stat(st: &FileStat) -> Self {
         FileStamp {
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+            mtime_ns: crate::display::file_time_ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: crate::display::file_time_ns(st.st_ctime, st.st_ctime_nsec),
             ino: st.st_ino,
             dev: st.st_dev,
             mode: st.st_mode & 0o7777,
@@ -398,6 +398,21 @@ fn display_rel(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job's `touch -d 2300-01-01`: the time in ns overflowed an i64 (a panic in debug
+    /// builds, mid-scan).
+    #[test]
+    fn a_file_time_past_2262_is_stamped_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let in_2300 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10_413_792_000);
+        file.set_modified(in_2300).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&path).unwrap());
+        assert_eq!(stamp.mtime_ns, i64::MAX);
+        let st = nix::sys::stat::stat(&path).unwrap();
+        assert_eq!(FileStamp::of_stat(&st), stamp);
+    }
 
     #[test]
     fn a_wide_tree_is_walked_with_few_fds() {

@@ -65,6 +65,13 @@ pub fn epoch_ns(t: std::time::SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
+/// A file time (`st_mtime`, `st_mtime_nsec`) in ns since the epoch, saturated: a job may set
+/// its files' times past 2262, where the product overflows an i64 (a panic in debug builds,
+/// a wrapped time in release).
+pub fn file_time_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

@@ -330,7 +330,7 @@ fn check_room(
             crate::confine::is_regular(&st)
                 && st.st_size as u64 == entry.size
                 && owner.is_none_or(|(uid, _)| uid == st.st_uid)
-                && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == entry.mtime_ns
+                && crate::display::file_time_ns(st.st_mtime, st.st_mtime_nsec) == entry.mtime_ns
                 && root
                     .open_file(rel)
                     .is_ok_and(|f| no_hole_before(&f, entry.size))
@@ -852,6 +852,25 @@ mod tests {
             matches!(checked, Err(PullError::NoRoom { .. })),
             "64 MiB to write, with 3 MiB free: {checked:?}"
         );
+    }
+
+    /// A file in place with a time past 2262 (a job's `touch -d 2300-01-01` on its dataset
+    /// copy): its time in ns overflowed an i64 in the room check.
+    #[test]
+    fn a_file_in_place_from_past_2262_is_compared_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entry = in_place(dir.path(), "f", 3, true);
+        let in_2300 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("f"))
+            .unwrap()
+            .set_modified(in_2300)
+            .unwrap();
+        entry.mtime_ns = i64::MAX;
+        let root = DirFd::open(dir.path()).unwrap();
+        let none = std::collections::BTreeMap::new();
+        check_room(&root, &[entry], &none, dir.path(), None).unwrap();
     }
 
     /// A file of the right size and mtime with other bytes (dense: the room check takes it for
