@@ -40,7 +40,7 @@ pub enum PullError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{} needs {} for {files} files and {dirs} directories and {} is free there (or too few inodes)", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
+    #[error("{} needs {} for {files} files and {dirs} directories and {} is free there (or too few inodes beside a reserve)", .path.display(), crate::display::human_bytes(*.needed), crate::display::human_bytes(*.free))]
     NoRoom {
         path: PathBuf,
         needed: u64,
@@ -343,7 +343,7 @@ fn check_room(
         .fold(dirs.saturating_mul(block), u64::saturating_add);
     let free = user_free(&fs);
     let inodes = (files.len() as u64).saturating_add(dirs);
-    let no_inodes = fs.files_available() > 0 && inodes > fs.files_available();
+    let no_inodes = too_few_inodes(inodes, fs.files(), fs.files_available());
     if needed > free || no_inodes {
         return Err(PullError::NoRoom {
             path: shown.to_path_buf(),
@@ -354,6 +354,16 @@ fn check_room(
         });
     }
     Ok(())
+}
+
+/// Whether `needed` inodes would leave fewer than a reserve of the file system's `total`
+/// free: root creates the files (then chowns them), past inode quotas, and most file systems
+/// keep no inodes back for root, so a pull could take the last one of the file system that
+/// holds the state dir. The reserve is 1% of the inodes, and at least 10 000 (or a tenth of
+/// a small file system's). A file system that counts no inodes (btrfs: 0) is not judged.
+fn too_few_inodes(needed: u64, total: u64, available: u64) -> bool {
+    let reserve = (total / 100).max((total / 10).min(10_000));
+    available > 0 && needed.saturating_add(reserve) > available
 }
 
 /// An entry's parent directory and name below the pull root (the exact bytes: a name that
@@ -871,6 +881,32 @@ mod tests {
         let root = DirFd::open(dir.path()).unwrap();
         let none = std::collections::BTreeMap::new();
         check_room(&root, &[entry], &none, dir.path(), None).unwrap();
+    }
+
+    /// Root creates a pull's files past inode quotas: a pull that fit exactly took the last
+    /// inodes of the file system (perhaps the state dir's). A small one still fits.
+    #[test]
+    fn a_pull_leaves_a_reserve_of_inodes() {
+        let Some(fs) = Tmpfs::mount("8m,nr_inodes=1000") else {
+            return;
+        };
+        let root = DirFd::open(fs.path()).unwrap();
+        let none = std::collections::BTreeMap::new();
+        let files = |n: usize| -> Vec<FileEntry> {
+            (0..n)
+                .map(|i| FileEntry {
+                    path: format!("f{i}"),
+                    ..entry_of(b"")
+                })
+                .collect()
+        };
+        let checked = check_room(&root, &files(950), &none, fs.path(), None);
+        assert!(
+            matches!(checked, Err(PullError::NoRoom { .. })),
+            "950 files of 999 inodes free: {checked:?}"
+        );
+        check_room(&root, &files(10), &none, fs.path(), None).expect("10 files fit");
+        assert!(!too_few_inodes(1 << 30, 0, 0), "no inode count: not judged");
     }
 
     /// A file of the right size and mtime with other bytes (dense: the room check takes it for
