@@ -709,8 +709,13 @@ fn write_verified(
     if entry.mtime_ns >= 0 {
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64))?;
     }
-    // setuid/setgid/sticky are never restored.
-    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o777))?;
+    // setuid/setgid/sticky are never restored. With no owner the file is the agent's (root's,
+    // for `c3-agent pull`): a job's 0777 file would be a root file anyone may rewrite.
+    let mode = match owner {
+        Some(_) => entry.mode & 0o777,
+        None => entry.mode & 0o755,
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Some((uid, gid)) = owner {
         nix::unistd::fchown(
             &file,
@@ -943,6 +948,28 @@ mod tests {
             Ok(n) => panic!("{n} bytes written"),
         }
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    /// A job's 0777 file, pulled as root with no owner (`c3-agent pull`), became a root file
+    /// every user may rewrite. Pulled for the job's user it stays as the job made it.
+    #[test]
+    fn a_file_pulled_for_no_owner_is_writable_by_none_but_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        for (name, owner, want) in [("root", None, 0o755), ("job", Some((me, me)), 0o777)] {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).unwrap();
+            let mut entry = entry_of(b"abc");
+            entry.mode = 0o777;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(1);
+            tx.try_send(Some(bytes::Bytes::from_static(b"abc")))
+                .unwrap();
+            drop(tx);
+            assert!(write_verified(file, &mut rx, &entry, owner).is_ok());
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{name}: {mode:o}");
+        }
     }
 
     /// A job's process grows the file to a sparse terabyte the moment root opens it: the
