@@ -303,22 +303,19 @@ pub async fn logs(
             return local_log(ctx, job_id, n, &path, follow).await;
         }
     }
-    // Not (or no longer) on this node: the log blob the manifest lists.
-    let key = match n {
-        Some(n) => c3_runtime::store::attempt_manifest_key(job_id, n),
-        None => c3_runtime::store::manifest_key(job_id),
-    };
-    let bytes = ctx
-        .store
-        .get_bytes_capped(&key, ctx.max_manifest_bytes)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
+    // Not (or no longer) on this node: the log blob the manifest lists, from a manifest that
+    // is this job's (a key swapped or copied would show another job's, another tenant's, log).
+    let manifest =
+        match c3_runtime::pull::read_manifest_of(&ctx.store, job_id, n, ctx.max_manifest_bytes)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => anyhow::bail!(
                 "no log of job {job_id} on this node and no manifest in {}: check the job id (`c3-agent status`)",
                 ctx.store.shown_url()
-            )
-        })?;
-    let manifest = Manifest::from_json(&bytes).context("the job's manifest")?;
+            ),
+            Err(e) => return Err(e.into()),
+        };
     let Some(logs) = manifest.logs else {
         anyhow::bail!(
             "job {job_id}'s manifest lists no logs yet (the job may still run on its node)"

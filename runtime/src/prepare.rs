@@ -98,6 +98,7 @@ impl DatasetError {
                 | PullError::Task { .. } => true,
                 PullError::BadManifest { .. }
                 | PullError::WrongJob { .. }
+                | PullError::WrongAttempt { .. }
                 | PullError::Mismatch { .. }
                 | PullError::Exists { .. }
                 | PullError::Escapes { .. } => false,

@@ -68,6 +68,12 @@ pub enum PullError {
     Task { path: String },
     #[error("the store's manifest for job {job_id} is job {found}'s")]
     WrongJob { job_id: String, found: String },
+    #[error("the store's manifest for job {job_id} attempt {attempt} is attempt {found}'s")]
+    WrongAttempt {
+        job_id: String,
+        attempt: u32,
+        found: u32,
+    },
 }
 
 /// Why a job's manifest was not read, in words: "no manifest" only when the store said so (a
@@ -137,8 +143,22 @@ pub async fn read_manifest(
     job_id: &str,
     max_bytes: u64,
 ) -> Result<Manifest, PullError> {
+    read_manifest_of(store, job_id, None, max_bytes).await
+}
+
+/// [`read_manifest`] of one attempt's manifest (`Some`), or of the job's latest (`None`).
+pub async fn read_manifest_of(
+    store: &BlobStore,
+    job_id: &str,
+    attempt: Option<u32>,
+    max_bytes: u64,
+) -> Result<Manifest, PullError> {
+    let key = match attempt {
+        Some(n) => crate::store::attempt_manifest_key(job_id, n),
+        None => manifest_key(job_id),
+    };
     let bytes = store
-        .get_bytes_capped(&manifest_key(job_id), max_bytes)
+        .get_bytes_capped(&key, max_bytes)
         .await
         .map_err(|source| PullError::NoManifest {
             job_id: job_id.into(),
@@ -150,9 +170,7 @@ pub async fn read_manifest(
         Manifest::from_json(&bytes).and_then(|m| m.check_places().map(|()| m))
     })
     .await
-    .map_err(|_| PullError::Task {
-        path: manifest_key(job_id),
-    })?
+    .map_err(|_| PullError::Task { path: key })?
     .map_err(|source| PullError::BadManifest {
         job_id: job_id.into(),
         source,
@@ -163,6 +181,13 @@ pub async fn read_manifest(
         return Err(PullError::WrongJob {
             job_id: job_id.into(),
             found: manifest.job_id,
+        });
+    }
+    if let Some(n) = attempt.filter(|n| *n != manifest.attempt) {
+        return Err(PullError::WrongAttempt {
+            job_id: job_id.into(),
+            attempt: n,
+            found: manifest.attempt,
         });
     }
     Ok(manifest)

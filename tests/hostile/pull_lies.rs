@@ -277,6 +277,30 @@ fn a_manifest_of_another_job_is_refused() {
     assert!(crate::common::files_under(&dest).is_empty());
 }
 
+/// `logs` read the store's manifest with no look at whose it was: a manifest copied or
+/// swapped under this job's key showed another job's (another tenant's) log as this one's.
+#[test]
+fn logs_of_a_manifest_of_another_job_are_refused() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "real", "command": ["echo", "secret"]}))
+        .assert_code(0);
+    let path = h.object_path("jobs/liar/manifest.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::copy(h.object_path("jobs/real/manifest.json"), &path).unwrap();
+    let shown = h.run(&["logs", "liar"]);
+    assert_ne!(shown.code, 0);
+    assert!(!shown.stdout.contains("secret"), "{}", shown.stdout);
+    assert!(shown.stderr.contains("is job real's"), "{}", shown.stderr);
+    // Another attempt's manifest of the right job is not this attempt's either.
+    let path = h.object_path("jobs/real/attempts/2/manifest.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::copy(h.object_path("jobs/real/attempts/1/manifest.json"), &path).unwrap();
+    let shown = h.run(&["logs", "real", "--attempt", "2"]);
+    assert_ne!(shown.code, 0);
+    assert!(!shown.stdout.contains("secret"), "{}", shown.stdout);
+    assert!(shown.stderr.contains("is attempt 1's"), "{}", shown.stderr);
+}
+
 /// An earlier attempt made a directory where a dataset file goes: the verified download was
 /// left beside it as a `.c3-pull-*` temp file, and the attempt called retryable (it fails the
 /// same way on every attempt, each leaving another copy).
