@@ -71,7 +71,9 @@ pub async fn pull(
     logs: bool,
 ) -> anyhow::Result<()> {
     let manifest = manifest(ctx, job_id).await?;
-    let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, dest, force)
+    let root = open_dest(dest).with_context(|| format!("cannot open {}", dest.display()))?;
+    let logs_root = root.try_clone()?;
+    let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, root, dest, force)
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
     if logs {
@@ -79,11 +81,10 @@ pub async fn pull(
         if entries.is_empty() {
             out::note(&format!("job {job_id}'s manifest lists no logs yet"));
         }
-        let root = c3_runtime::confine::DirFd::open(dest)
-            .with_context(|| format!("cannot open {}", dest.display()))?;
-        let got = c3_runtime::pull::pull_into(&ctx.store, entries.into(), root, dest, None, force)
-            .await
-            .with_context(|| format!("logs of job {job_id}"))?;
+        let got =
+            c3_runtime::pull::pull_into(&ctx.store, entries.into(), logs_root, dest, None, force)
+                .await
+                .with_context(|| format!("logs of job {job_id}"))?;
         summary.files += got.files;
         summary.bytes += got.bytes;
     }
@@ -106,6 +107,23 @@ pub async fn pull(
         }),
     );
     Ok(())
+}
+
+/// DEST, made if missing, opened once for the files and the logs. As root, it is reached as
+/// a spec path is (`specpath`): symlinks are followed only in directories root's alone, and
+/// below the first one another user may write (a job's), none at all: that user could swap
+/// a directory on the way for a link, and root would create (or, with `--force`, replace)
+/// files wherever it leads.
+fn open_dest(dest: &Path) -> anyhow::Result<c3_runtime::confine::DirFd> {
+    use c3_runtime::confine::DirFd;
+    if !nix::unistd::geteuid().is_root() {
+        std::fs::create_dir_all(dest)?;
+        return Ok(DirFd::open(dest)?);
+    }
+    let (reached, rest) =
+        crate::specpath::resolve_root_alone_prefix(dest).map_err(anyhow::Error::msg)?;
+    let at = DirFd::open(&reached).with_context(|| format!("{}", reached.display()))?;
+    Ok(at.ensure_dir(&rest, 0o755, None)?)
 }
 
 /// One attempt as this node recorded it.

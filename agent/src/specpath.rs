@@ -16,6 +16,20 @@ const MAX_LINKS: usize = 40;
 /// component the caller opens with `O_NOFOLLOW` and checks on the fd. Checked top down, a
 /// directory found safe cannot be swapped afterwards by anyone but root.
 pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
+    walk(path, false).map(|(real, _)| real)
+}
+
+/// [`resolve_root_alone`] as far as it goes: the real path of the first directory that is
+/// not root's alone (or of the last one that exists), and the rest of `path` below it. Root
+/// may follow no symlink in that rest (whoever may write there could plant one): the caller
+/// opens the directory returned with `O_NOFOLLOW` and walks the rest from its fd.
+pub fn resolve_root_alone_prefix(path: &Path) -> Result<(PathBuf, PathBuf), String> {
+    walk(path, true).map(|(real, rest)| (real, rest.into_iter().collect()))
+}
+
+/// The walk of [`resolve_root_alone`]; with `stop`, a missing entry or a directory that is
+/// not root's alone ends it, and what is left of the path comes back.
+fn walk(path: &Path, stop: bool) -> Result<(PathBuf, VecDeque<OsString>), String> {
     let absolute = std::path::absolute(path).map_err(|e| e.to_string())?;
     let mut todo: VecDeque<OsString> = parts(&absolute);
     let mut cur = PathBuf::from("/");
@@ -34,8 +48,14 @@ pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
             _ => {}
         }
         let next = cur.join(&name);
-        let meta =
-            std::fs::symlink_metadata(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+        let meta = match std::fs::symlink_metadata(&next) {
+            Ok(meta) => meta,
+            Err(e) if stop && e.kind() == std::io::ErrorKind::NotFound => {
+                todo.push_front(name);
+                return Ok((cur, todo));
+            }
+            Err(e) => return Err(format!("{}: {e}", next.display())),
+        };
         if meta.file_type().is_symlink() {
             // In a sticky dir others write (`/tmp`), anyone may plant a link: followed only if
             // it is root's, the agent's or the dir's owner's (the kernel's protected_symlinks).
@@ -61,11 +81,16 @@ pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
             continue;
         }
         if !todo.is_empty() {
-            check_dir(&next)?;
+            match check_dir(&next) {
+                Ok(()) => {}
+                // Reached from a directory root's alone, it is this one for good.
+                Err(_) if stop => return Ok((next, todo)),
+                Err(e) => return Err(e),
+            }
         }
         cur = next;
     }
-    Ok(cur)
+    Ok((cur, todo))
 }
 
 /// A path's components as names, `/` standing for the root and `.` dropped.

@@ -193,26 +193,21 @@ pub async fn read_manifest_of(
     Ok(manifest)
 }
 
-/// Writes every file of `manifest` under `dest` (created if missing); stops at the first
-/// error. A file already there with other content is an error unless `force` (one with the
-/// same content is left as it is).
+/// Writes every file of `manifest` below the open directory `root` (`shown` is its path, for
+/// messages); stops at the first error. A file already there with other content is an error
+/// unless `force` (one with the same content is left as it is).
 pub async fn pull(
     store: &BlobStore,
     manifest: &Manifest,
-    dest: &Path,
+    root: DirFd,
+    shown: &Path,
     force: bool,
 ) -> Result<PullSummary, PullError> {
-    let werr = |source| PullError::Write {
-        path: dest.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(dest).map_err(werr)?;
-    let root = DirFd::open(dest).map_err(werr)?;
     pull_into(
         store,
         manifest.files.clone().into(),
         root,
-        dest,
+        shown,
         None,
         force,
     )

@@ -196,3 +196,43 @@ fn pull_refuses_a_destination_symlink_to_a_victim_dir() {
     );
     assert_untouched(&v, &before);
 }
+
+/// `pull` as root made DEST with `create_dir_all` through the links on its way: a job's user
+/// who may write a directory above DEST swaps a component for a link, and root creates (with
+/// `--force`, replaces) files wherever it leads. Below a directory root's alone no link is
+/// followed; a DEST made fresh in the job's directory is still fine.
+#[test]
+fn pull_follows_no_link_a_job_planted_above_its_destination() {
+    if not_root("pull_follows_no_link_a_job_planted_above_its_destination") {
+        return;
+    }
+    let h = open_harness();
+    let v = victim(&h);
+    let before = snapshot(&v);
+    dataset_source(&h);
+    let theirs = h.path("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(nobody()), Some(nobody())).unwrap();
+    let link = theirs.join("link");
+    std::os::unix::fs::symlink(&v, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(nobody()), Some(nobody())).unwrap();
+    for dest in [link.join("dest"), link.clone()] {
+        let run = h.run(&["pull", "--force", "src", dest.to_str().unwrap()]);
+        assert_ne!(
+            run.code,
+            0,
+            "pull into {} went through the job's link\n{}",
+            dest.display(),
+            run.stderr
+        );
+        assert!(run.stderr.contains("symlink"), "{}", run.stderr);
+    }
+    assert_untouched(&v, &before);
+    let fresh = theirs.join("new/dest");
+    h.run(&["pull", "src", fresh.to_str().unwrap()])
+        .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(fresh.join("artifacts/f")).unwrap(),
+        "dataset\n"
+    );
+}
