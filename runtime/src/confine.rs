@@ -292,6 +292,68 @@ impl DirFd {
         ))
     }
 
+    /// A new file in this directory that no name leads to (`O_TMPFILE`) until
+    /// [`DirFd::place_temp`] links it in: a process killed while writing it leaves nothing
+    /// behind. Where the file system cannot make one, a [`DirFd::create_temp`] file, whose
+    /// name comes back.
+    pub fn create_unnamed_temp(&self, prefix: &str) -> io::Result<(Option<String>, File)> {
+        let flags = OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        match openat(self, ".", flags, Mode::from_bits_truncate(0o600)) {
+            Ok(fd) => Ok((None, File::from(fd))),
+            // EISDIR: a kernel that predates O_TMPFILE (it carries O_DIRECTORY).
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR) => {
+                let (name, file) = self.create_temp(prefix)?;
+                Ok((Some(name), file))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts a [`DirFd::create_unnamed_temp`] file at `to` (a symlink there is replaced,
+    /// never followed): a named one is renamed; an unnamed one is linked in under a temp name
+    /// (`linkat` cannot replace), then renamed. An error leaves no name of it behind.
+    pub fn place_temp(
+        &self,
+        named: Option<&str>,
+        file: &File,
+        prefix: &str,
+        to: &OsStr,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if let Some(name) = named {
+            return self.rename(OsStr::new(name), to);
+        }
+        for _ in 0..16 {
+            let name = format!("{prefix}{}.part", random_hex());
+            // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it, the fd's /proc link.
+            let linked = nix::unistd::linkat(file, "", self, name.as_str(), AtFlags::AT_EMPTY_PATH);
+            let linked = match linked {
+                Err(Errno::EPERM | Errno::ENOENT) => nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    format!("/proc/self/fd/{}", file.as_raw_fd()).as_str(),
+                    self,
+                    name.as_str(),
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                ),
+                other => other,
+            };
+            match linked {
+                Ok(()) => {}
+                Err(Errno::EEXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let renamed = self.rename(OsStr::new(&name), to);
+            if renamed.is_err() {
+                let _ = self.remove_file(OsStr::new(&name));
+            }
+            return renamed;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free temporary name",
+        ))
+    }
+
     /// Renames within this directory; a symlink at `to` is replaced, never followed.
     pub fn rename(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
         Ok(nix::fcntl::renameat(self, from, self, to)?)
@@ -971,6 +1033,38 @@ mod tests {
         let (b, _) = d.create_temp(".x-").unwrap();
         assert_ne!(a, b);
         assert_eq!(fstat(&fa).unwrap().st_mode & 0o777, 0o600);
+    }
+
+    /// An unnamed temp file has no name in the directory until it is placed, and then only
+    /// its target's, over whatever was there; a named one (the fallback) is renamed.
+    #[test]
+    fn a_temp_file_is_named_only_once_placed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let d = DirFd::open(dir.path()).unwrap();
+        let names = || {
+            let mut n: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            n.sort();
+            n
+        };
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("f")).unwrap();
+        let (named, mut file) = d.create_unnamed_temp(".x-").unwrap();
+        if named.is_some() {
+            eprintln!("skipped: no O_TMPFILE on this file system");
+            return;
+        }
+        file.write_all(b"abc").unwrap();
+        assert_eq!(names(), ["f"]);
+        d.place_temp(None, &file, ".x-", OsStr::new("f")).unwrap();
+        assert_eq!(names(), ["f"]);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"abc");
+        let (tmp, file) = d.create_temp(".x-").unwrap();
+        d.place_temp(Some(&tmp), &file, ".x-", OsStr::new("g"))
+            .unwrap();
+        assert_eq!(names(), ["f", "g"]);
     }
 
     fn st(uid: u32, gid: u32, mode: u32) -> FileStat {

@@ -279,16 +279,27 @@ pub async fn pull_into(
         source: std::io::Error::other(e),
     })??;
     drop(stop);
+    let (writers, mut writers_done) = tokio::sync::mpsc::channel(1);
     let results = futures::stream::iter(files.iter())
-        .map(|entry| fetch(store, entry, root.clone(), shown, owner, force))
+        .map(|entry| fetch(store, entry, root.clone(), shown, owner, force, &writers))
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>()
-        .await?;
+        .await;
+    // On an error the other downloads were dropped, their writers not: those go on until
+    // they have removed their temp files (a CLI pull's runtime, shut down at once, would
+    // leave them in DEST).
+    drop(writers);
+    let _ = writers_done.recv().await;
+    let results = results?;
     Ok(PullSummary {
         files: results.len() as u64,
         bytes: results.iter().sum(),
     })
 }
+
+/// Held by each blocking writer of a pull until it returns: when every one is dropped, the
+/// pull's receiver hears the channel close (mini-redis's `shutdown_complete`).
+type Writers = tokio::sync::mpsc::Sender<()>;
 
 /// Set when its holder is dropped: a blocking task that outlives the future that awaited it
 /// (given up on at a timeout) sees it and stops.
@@ -443,8 +454,19 @@ async fn fetch(
     shown: &Path,
     owner: Owner,
     force: bool,
+    writers: &Writers,
 ) -> Result<u64, PullError> {
-    let once = || fetch_once(store, entry, root.clone(), shown, owner, force);
+    let once = || {
+        fetch_once(
+            store,
+            entry,
+            root.clone(),
+            shown,
+            owner,
+            force,
+            writers.clone(),
+        )
+    };
     match once().await {
         Err(PullError::Mismatch { actual, .. }) => {
             tracing::warn!(path = %entry.path, sha256 = %actual, "the blob's bytes did not match its sha256; fetching it again");
@@ -464,6 +486,7 @@ async fn fetch_once(
     shown: &Path,
     owner: Owner,
     force: bool,
+    writers: Writers,
 ) -> Result<u64, PullError> {
     let (parent, name, target) = split(entry, shown)?;
     let task_failed = || PullError::Task {
@@ -511,9 +534,10 @@ async fn fetch_once(
     let writer = {
         let entry = entry.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
-            let (tmp, file) = dir.create_temp(".c3-pull-").map_err(&werr)?;
-            let tmp = std::ffi::OsString::from(tmp);
-            let written = write_verified(file, &mut rx, &entry, owner)
+            // Held until this writer is done, its temp file gone or in place.
+            let _running = writers;
+            let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
+            let written = write_verified(&file, &mut rx, &entry, owner)
                 .map_err(|e| match e {
                     WriteFailure::Io(source) => werr(source),
                     WriteFailure::Filling { needed, free } => PullError::Filling {
@@ -524,7 +548,8 @@ async fn fetch_once(
                     WriteFailure::Other(e) => e,
                 })
                 .and_then(|size| {
-                    dir.rename(&tmp, &name).map(|()| size).map_err(|source| {
+                    let placed = dir.place_temp(tmp.as_deref(), &file, ".c3-pull-", &name);
+                    placed.map(|()| size).map_err(|source| {
                         // A directory (or a file below one) is where the job's file goes: the
                         // job made it; root neither removes nor writes into it.
                         match source.raw_os_error() {
@@ -537,8 +562,8 @@ async fn fetch_once(
                         }
                     })
                 });
-            if written.is_err() {
-                let _ = dir.remove_file(&tmp);
+            if let (Err(_), Some(tmp)) = (&written, &tmp) {
+                let _ = dir.remove_file(std::ffi::OsStr::new(tmp));
             }
             written
         })
@@ -680,7 +705,7 @@ const ROOM_LOOK_EVERY: u64 = 4 << 20;
 /// entry's, and one with other bytes (a job's, in a workdir a later attempt reuses) is
 /// written again here, perhaps as root, past reserved blocks and quotas.
 fn write_verified(
-    mut file: std::fs::File,
+    mut file: &std::fs::File,
     rx: &mut tokio::sync::mpsc::Receiver<Option<bytes::Bytes>>,
     entry: &FileEntry,
     owner: Owner,
@@ -710,7 +735,7 @@ fn write_verified(
         }
         let before = size - chunk.len() as u64;
         if before >= next_look {
-            if let Ok(fs) = nix::sys::statvfs::fstatvfs(&file) {
+            if let Ok(fs) = nix::sys::statvfs::fstatvfs(file) {
                 let free = user_free(&fs);
                 let needed = entry.size - before;
                 if needed > free {
@@ -738,7 +763,7 @@ fn write_verified(
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Some((uid, gid)) = owner {
         nix::unistd::fchown(
-            &file,
+            file,
             Some(nix::unistd::Uid::from_raw(uid)),
             Some(nix::unistd::Gid::from_raw(gid)),
         )
@@ -955,7 +980,7 @@ mod tests {
                 }
             }
         });
-        let written = write_verified(file, &mut rx, &entry, None);
+        let written = write_verified(&file, &mut rx, &entry, None);
         drop(rx);
         sender.join().unwrap();
         match written {
@@ -986,10 +1011,56 @@ mod tests {
             tx.try_send(Some(bytes::Bytes::from_static(b"abc")))
                 .unwrap();
             drop(tx);
-            assert!(write_verified(file, &mut rx, &entry, owner).is_ok());
+            assert!(write_verified(&file, &mut rx, &entry, owner).is_ok());
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, want, "{name}: {mode:o}");
         }
+    }
+
+    /// One blob missing while others download: the error returned at once, the other
+    /// writers went on detached, and a CLI pull's runtime shut down under them left their
+    /// `.c3-pull-*` temp files in DEST.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_that_fails_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("store").display());
+        let store = BlobStore::open(&crate::store::StoreConfig::for_tests(&url)).unwrap();
+        let large: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut files = vec![FileEntry {
+            path: "large".into(),
+            ..entry_of(&large)
+        }];
+        store
+            .put_blob(&files[0].sha256, large.into())
+            .await
+            .unwrap();
+        for i in 0..16 {
+            let small = format!("small {i}");
+            let entry = FileEntry {
+                path: format!("s{i}"),
+                ..entry_of(small.as_bytes())
+            };
+            store
+                .put_blob(&entry.sha256, small.into_bytes().into())
+                .await
+                .unwrap();
+            files.push(entry);
+        }
+        files.push(FileEntry {
+            path: "missing".into(),
+            ..entry_of(b"in no store")
+        });
+        let dest = dir.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let root = DirFd::open(&dest).unwrap();
+        let pulled = pull_into(&store, files.into(), root, &dest, None, false).await;
+        assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
+        let left: Vec<_> = std::fs::read_dir(&dest)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".c3-pull-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     /// A job's process grows the file to a sparse terabyte the moment root opens it: the
