@@ -169,6 +169,19 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
     let Ok((found, open)) = looked else {
         return SocketReply::error("the scan of the output dirs failed");
     };
+    // What the final sync counts as unstored is no "everything is stored" here: a job that
+    // deletes its older checkpoints once wait_all answers ok would delete what never was.
+    let unread: Vec<String> = found
+        .incomplete
+        .iter()
+        .map(|d| format!("{d}/ (could not be read whole)"))
+        .chain(
+            found
+                .refused
+                .iter()
+                .map(|d| format!("{d}/ (paths too deep or long to store)")),
+        )
+        .collect();
     let todo: Vec<_> = found
         .files
         .into_iter()
@@ -188,12 +201,33 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         return SocketReply::error(format!("{path}: {}", told_the_job(e)));
     }
     match parts.manifest.in_progress(book).await {
-        Ok(_) => SocketReply::ok(Vec::new()),
+        Ok(_) if unread.is_empty() => SocketReply::ok(Vec::new()),
+        Ok(_) => SocketReply::error(not_all_read(unread)),
         Err(e) => SocketReply::error(format!(
             "stored, but the in-progress manifest could not be written: {}",
             crate::error_chain(&e)
         )),
     }
+}
+
+/// Places named in a failed `wait_all`; the rest are counted (each may be 16 KiB long, and a
+/// scan keeps 100 of each kind).
+const NAMED_UNREAD: usize = 3;
+
+fn not_all_read(unread: Vec<String>) -> String {
+    let more = unread.len().saturating_sub(NAMED_UNREAD);
+    let mut named: Vec<String> = unread
+        .into_iter()
+        .take(NAMED_UNREAD)
+        .map(|p| crate::display::clip_text(p, 1024))
+        .collect();
+    if more > 0 {
+        named.push(format!("{more} more"));
+    }
+    format!(
+        "what could be read is stored, but not everything pending: {} (an upload failure at the end too)",
+        named.join(", ")
+    )
 }
 
 /// What a failed upload tells the job: its own file's trouble in full, the store's only as
@@ -319,4 +353,54 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         rel,
         stamp: checked,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BlobStore;
+    use crate::upload::UploadOptions;
+
+    fn writers(workdir: &Path) -> (Uploader, ManifestWriter) {
+        let uploader = Uploader::new(BlobStore::in_memory(), UploadOptions::default(), "j", None)
+            .confined_to(workdir);
+        let spec = c3_proto::JobSpec::from_json(br#"{"job_id":"j","command":["true"]}"#)
+            .unwrap()
+            .spec;
+        let manifest = ManifestWriter::new(BlobStore::in_memory(), &spec, 1 << 20);
+        (uploader, manifest)
+    }
+
+    /// A file deeper than a manifest lists is not stored; wait_all answered ok all the same,
+    /// and a job deleting its older checkpoints on that ok deleted what never was stored.
+    #[tokio::test]
+    async fn wait_all_is_not_ok_while_a_place_could_not_be_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path();
+        let deep = (0..c3_proto::manifest::MAX_PATH_DEPTH + 2)
+            .fold(workdir.join("artifacts"), |p, _| p.join("d"));
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("ckpt.pt"), "deep").unwrap();
+        std::fs::write(workdir.join("artifacts/ok.txt"), "ok").unwrap();
+        let (uploader, manifest) = writers(workdir);
+        let dirs = vec!["artifacts".to_string()];
+        let parts = Parts {
+            uploader: &uploader,
+            manifest: &manifest,
+            workdir,
+            dirs: &dirs,
+            reader: None,
+            procs: None,
+        };
+        let mut book = SyncBook::default();
+        let reply = serve(&parts, &mut book, SocketRequest::WaitAll).await;
+        assert!(!reply.ok, "{reply:?}");
+        let error = reply.error.unwrap();
+        assert!(
+            error.contains("artifacts/d/d/") && error.contains("too deep"),
+            "{error}"
+        );
+        // What could be stored still is.
+        assert!(book.contains("artifacts/ok.txt"));
+    }
 }
