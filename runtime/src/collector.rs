@@ -33,6 +33,10 @@ use crate::upload::Uploader;
 pub struct CollectorConfig {
     pub uploader: Uploader,
     pub workdir: PathBuf,
+    /// The workdir's physical path, the job's spelling of it in the paths it publishes: read
+    /// from the pinned fd once as the job starts (`publish::physical_path`); `None` for a
+    /// collector that serves no job (recover) or a sidecar's (no socket).
+    pub physical_workdir: Option<PathBuf>,
     /// Collected dirs, relative to the workdir (`artifacts` first).
     pub dirs: Vec<String>,
     /// The job's user, when it is not the agent's own: only what it could read is collected.
@@ -69,6 +73,7 @@ impl CollectorConfig {
         CollectorConfig {
             uploader,
             workdir,
+            physical_workdir: None,
             dirs: record
                 .watched_dirs
                 .clone()
@@ -233,6 +238,7 @@ async fn run(
             let live = LiveSync::new(
                 config.uploader.clone(),
                 config.workdir.clone(),
+                config.physical_workdir.clone(),
                 config.dirs.clone(),
                 procs,
                 config.reader.clone(),
@@ -267,6 +273,7 @@ async fn run(
                             uploader: &config.uploader,
                             manifest: &config.manifest,
                             workdir: &config.workdir,
+                            physical_workdir: config.physical_workdir.as_deref(),
                             dirs: &config.dirs,
                             reader: config.reader.as_ref(),
                             procs: procs.as_ref(),

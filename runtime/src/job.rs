@@ -462,6 +462,8 @@ impl<'a> Run<'a> {
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), cuda_visible_devices, live_cpus, "job launched");
         self.reports.running(seq, self.ctx.report_deadline());
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
+        // Once, from the fd: the job publishes in the spelling its cwd has.
+        self.collector_config.physical_workdir = crate::publish::physical_path(&workdir);
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let live_progress = self.progress("live");
         crate::pace::set_live_cpus(self.ctx.live.as_ref().map_or(&[], |l| &l.cpus));

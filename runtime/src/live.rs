@@ -64,6 +64,7 @@ impl LiveSync {
     pub fn new(
         uploader: Uploader,
         workdir: PathBuf,
+        physical_workdir: Option<PathBuf>,
         dirs: Vec<String>,
         procs: JobProcesses,
         reader: Option<JobReader>,
@@ -77,6 +78,7 @@ impl LiveSync {
             roots: dirs.iter().map(|d| workdir.join(d)).collect(),
             uploader,
             workdir,
+            physical_workdir,
             dirs,
             procs,
             reader,
@@ -113,6 +115,8 @@ struct Syncer {
     publishes: mpsc::Receiver<PublishCall>,
     uploader: Uploader,
     workdir: PathBuf,
+    /// The job's spelling of the workdir, for its publish requests.
+    physical_workdir: Option<PathBuf>,
     dirs: Vec<String>,
     /// Absolute collected dirs.
     roots: Vec<PathBuf>,
@@ -256,6 +260,7 @@ impl Syncer {
             uploader: &self.uploader,
             manifest: &self.manifest,
             workdir: &self.workdir,
+            physical_workdir: self.physical_workdir.as_deref(),
             dirs: &self.dirs,
             reader: self.reader.as_ref(),
             procs: Some(&self.procs),
@@ -903,6 +908,7 @@ mod tests {
         let live = LiveSync::new(
             uploader,
             workdir.to_path_buf(),
+            None,
             vec!["artifacts".into()],
             procs,
             None,

@@ -3,7 +3,8 @@
 //! agent socket; a reply says `ok` only once every blob is stored and listed in the
 //! in-progress manifest.
 
-use std::path::{Component, Path};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Component, Path, PathBuf};
 
 use tokio::sync::oneshot;
 
@@ -49,6 +50,8 @@ pub struct Parts<'a> {
     pub uploader: &'a Uploader,
     pub manifest: &'a ManifestWriter,
     pub workdir: &'a Path,
+    /// The job's spelling of the workdir, when it is not the agent's ([`physical_path`]).
+    pub physical_workdir: Option<&'a Path>,
     pub dirs: &'a [String],
     pub reader: Option<&'a JobReader>,
     pub procs: Option<&'a JobProcesses>,
@@ -246,35 +249,33 @@ fn told_the_job(e: &UploadError) -> String {
     }
 }
 
+/// The directory's path as the kernel names it, the spelling `getcwd` gives the job in it:
+/// read from the open fd, not looked up by path. A lookup by path for each request (a
+/// `canonicalize`, bounded in time but never cancelled) left a blocking thread stuck per
+/// request behind a mount that does not answer, until the pool was used up.
+pub fn physical_path(dir: &impl AsFd) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", dir.as_fd().as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute())
+}
+
 /// The file a job names: below one of its output dirs, a regular file reached without any
 /// symlink, one its user may read.
 async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
     let given = Path::new(path);
-    let real_workdir;
     let rel_path = if given.is_absolute() {
         // The job's cwd is the workdir's physical path (it was entered by fd, and getcwd
         // resolves a jobs_root reached through a symlink, `/scratch -> /mnt/scratch`): that
         // spelling is the workdir too. What follows is resolved below the pinned directory.
-        match given.strip_prefix(parts.workdir) {
-            Ok(rel) => rel,
-            Err(_) => {
-                // By path, off the reactor and bounded: a component above the workdir may be
-                // on a mount that does not answer.
-                let workdir = parts.workdir.to_path_buf();
-                let real = crate::pace::spawn_gently(move || std::fs::canonicalize(workdir).ok());
-                real_workdir = tokio::time::timeout(std::time::Duration::from_secs(5), real)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                real_workdir
-                    .as_deref()
-                    .and_then(|real| given.strip_prefix(real).ok())
-                    .ok_or_else(|| {
-                        format!("{path} is outside the job's output dirs; not published")
-                    })?
-            }
-        }
+        given
+            .strip_prefix(parts.workdir)
+            .ok()
+            .or_else(|| {
+                parts
+                    .physical_workdir
+                    .and_then(|p| given.strip_prefix(p).ok())
+            })
+            .ok_or_else(|| format!("{path} is outside the job's output dirs; not published"))?
     } else {
         given
     };
@@ -388,6 +389,7 @@ mod tests {
             uploader: &uploader,
             manifest: &manifest,
             workdir,
+            physical_workdir: None,
             dirs: &dirs,
             reader: None,
             procs: None,
@@ -402,5 +404,52 @@ mod tests {
         );
         // What could be stored still is.
         assert!(book.contains("artifacts/ok.txt"));
+    }
+
+    /// An absolute path in the job's spelling of the workdir is placed without any lookup by
+    /// path: each one took a blocking thread (a `canonicalize` of the workdir), and behind a
+    /// mount that does not answer each stayed stuck. Here the one blocking thread the runtime
+    /// has is held, as a stuck lookup would hold it: the requests are answered all the same.
+    #[test]
+    fn the_jobs_spelling_of_the_workdir_takes_no_blocking_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("w/artifacts")).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let workdir = link.join("w");
+        let physical = physical_path(&DirFd::open(&workdir).unwrap()).unwrap();
+        assert_eq!(physical, real.join("w"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let stuck = rt.spawn_blocking(move || held.recv());
+        let (uploader, manifest) = rt.block_on(async { writers(&workdir) });
+        let dirs = vec!["artifacts".to_string()];
+        let parts = Parts {
+            uploader: &uploader,
+            manifest: &manifest,
+            workdir: &workdir,
+            physical_workdir: Some(&physical),
+            dirs: &dirs,
+            reader: None,
+            procs: None,
+        };
+        for _ in 0..3 {
+            // Outside the output dirs: answered once placed, with no file to open.
+            let path = physical.join("notes.txt").display().to_string();
+            let placed = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(2), locate(&parts, &path)).await
+            });
+            let Ok(Err(e)) = placed else {
+                panic!("{path}: not answered in time ({placed:?})")
+            };
+            assert!(e.contains("outside the job's output dirs"), "{e}");
+        }
+        release.send(()).unwrap();
+        rt.block_on(stuck).unwrap().unwrap();
     }
 }
