@@ -36,10 +36,22 @@ pub fn client(wait_all: bool, paths: &[PathBuf]) -> ExitCode {
         // Absolute, but not resolved: a symlink on the way must reach the agent as one.
         let mut absolute = Vec::new();
         for p in paths {
-            match std::path::absolute(p) {
-                Ok(a) => absolute.push(a.display().to_string()),
+            let a = match std::path::absolute(p) {
+                Ok(a) => a,
                 Err(e) => return fail(&format!("{}: {e}", p.display()), 1),
-            }
+            };
+            // A request names paths as text: a lossy spelling (`\xff.pt` as `\u{FFFD}.pt`)
+            // named another file, which was stored and said published.
+            let Some(text) = a.to_str() else {
+                return fail(
+                    &format!(
+                        "{}: the path is not UTF-8, and publish names paths as text; `c3-agent publish --wait-all` stores such names",
+                        a.display()
+                    ),
+                    2,
+                );
+            };
+            absolute.push(text.to_string());
         }
         requests.push(SocketRequest::Publish { paths: absolute });
     }

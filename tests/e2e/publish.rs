@@ -230,6 +230,33 @@ fn publish_during_a_store_outage_fails_after_the_deadline() {
     assert!(!std::fs::read_to_string(w.join("err")).unwrap().is_empty());
 }
 
+/// A name that is not UTF-8 is refused by the client, not sent lossily: `\xff.pt` went as
+/// `\u{FFFD}.pt`, a sibling of that name was stored, and the client said it published.
+#[test]
+fn publish_refuses_a_name_that_is_not_utf8() {
+    let h = slow_settle();
+    let script = format!(
+        "cd $C3_ARTIFACTS_DIR && echo other > \"$(printf '\\357\\277\\275').pt\" && echo mine > \"$(printf '\\377').pt\" && \
+         {BIN} publish \"$(printf '\\377').pt\" > ../out 2> ../err; echo $? > ../rc"
+    );
+    h.run_job(json!({"job_id": "nonutf", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("nonutf");
+    let read = |f: &str| std::fs::read_to_string(w.join(f)).unwrap();
+    assert!(
+        w.join("artifacts/\u{FFFD}.pt").exists(),
+        "the sibling was made"
+    );
+    assert_eq!(read("rc").trim(), "2", "{}{}", read("out"), read("err"));
+    assert!(read("out").is_empty(), "{}", read("out"));
+    let err = read("err");
+    assert!(
+        err.contains("not UTF-8") && err.contains("--wait-all"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+}
+
 /// The stdlib-only Python client speaks the same protocol.
 #[test]
 fn the_python_example_publishes() {
