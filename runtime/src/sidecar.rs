@@ -14,7 +14,7 @@
 
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -131,6 +131,8 @@ async fn watch_attempt(
     c3_proto::spec::validate_job_id(&plan.job_id)
         .map_err(|e| WatchError::Usage(format!("--job-id {e}")))?;
     let (parent, names) = plan.layout().map_err(WatchError::Usage)?;
+    // The first look, at once: what it finds was there before this watch began.
+    let mut done_reader = DoneReader::start(plan.done_file.as_deref(), begun);
     let leader = match plan.pid {
         Some(pid) => Some(
             crate::procfs::identity(pid)
@@ -188,15 +190,10 @@ async fn watch_attempt(
             user: None,
             datasets: Vec::new(),
         };
-        // A done file from before this attempt (a workdir a retry shares, a Slurm submit dir)
-        // is not this attempt's word: ignored until it is written again. Only one changed
-        // before this agent began counts as that (a short trainer may finish while the agent
-        // starts); a sidecar taking an attempt over honours it (written while none watched).
-        // Each read is judged by its own ctime, so a look that does not answer in time (a
-        // cold network mount) can never make an old file count. With a margin: file times
-        // move once a tick (seconds on some file systems, and an NFS server's clock is its own).
-        let ignore_before =
-            (!attempt_known).then(|| crate::display::epoch_ns(begun) - 2_000_000_000);
+        // A sidecar taking an attempt over honours any done file (written while none watched).
+        if attempt_known {
+            done_reader.honour_any();
+        }
         let mut record = fresh_record(ctx, spec);
         record.watched_dirs = Some(names.clone());
         record.watched_leader = leader.clone();
@@ -245,7 +242,7 @@ async fn watch_attempt(
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
         let Ended { end, message, oom } =
-            wait_for_end(&plan, leader.as_ref(), &procs, cancel, ignore_before).await;
+            wait_for_end(&plan, leader.as_ref(), &procs, cancel, done_reader).await;
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -383,12 +380,8 @@ async fn wait_for_end(
     leader: Option<&c3_proto::ProcIdentity>,
     procs: &JobProcesses,
     cancel: &CancellationToken,
-    ignore_before: Option<i64>,
+    mut done_reader: DoneReader,
 ) -> Ended {
-    let mut done_reader = DoneReader {
-        ignore_before,
-        ..DoneReader::default()
-    };
     let mut tick = tokio::time::interval(POLL);
     let mut looks = 0u32;
     loop {
@@ -597,25 +590,88 @@ const STOP_READ_WAIT: Duration = Duration::from_secs(5);
 /// mount a job made there (`allow_other`) could hold a read forever, and the reactor with it.
 #[derive(Default)]
 struct DoneReader {
-    pending: Option<tokio::task::JoinHandle<Option<(DoneFile, DoneStamp)>>>,
-    /// A done file changed before this (ns since the epoch) is an earlier attempt's.
-    ignore_before: Option<i64>,
+    pending: Option<tokio::task::JoinHandle<DoneRead>>,
+    /// Which done file is an earlier attempt's.
+    before: Before,
     warned_stale: bool,
 }
 
+/// A done file there before the watch began (a workdir a retry shares, a Slurm submit dir) is
+/// not this attempt's word: ignored until it is written again. Told by the file itself (its
+/// device, inode, times and size changed, or it appeared), not by its time against this
+/// node's clock: an NFS server's clock is its own, and one ahead made an earlier attempt's
+/// file end the watch at once, one behind made this attempt's be ignored.
+#[derive(Default)]
+enum Before {
+    /// Every done file is the job's word: a sidecar taking an attempt over, or no done file.
+    #[default]
+    Nothing,
+    /// The first look, begun as the agent began (`begun_ns` on this node's clock, `begun`
+    /// to measure from), has not answered.
+    Looking { begun_ns: i64, begun: Instant },
+    /// What the first look found. `fresh`: a trainer that finished while the agent started
+    /// wrote it, by its time (which alone can tell): its own word.
+    Found { stamp: DoneStamp, fresh: bool },
+}
+
+impl Before {
+    /// Whether the done file in this version is an earlier attempt's.
+    fn is_earlier(&self, stamp: &DoneStamp) -> bool {
+        matches!(self, Before::Found { stamp: first, fresh: false } if first == stamp)
+    }
+}
+
+/// How far a done file's time may lie from this node's clock and still be taken as written
+/// while the agent started: file times move once a tick (seconds on some file systems), and
+/// a server's clock is a little apart.
+const FRESH_MARGIN_NS: i64 = 2_000_000_000;
+
 impl DoneReader {
+    /// Begins the first look at `path` now, as the agent begins (`begun`).
+    fn start(path: Option<&Path>, begun: std::time::SystemTime) -> DoneReader {
+        let Some(path) = path else {
+            return DoneReader::default();
+        };
+        DoneReader {
+            pending: Some(read_in_background(path)),
+            before: Before::Looking {
+                begun_ns: crate::display::epoch_ns(begun),
+                begun: Instant::now(),
+            },
+            warned_stale: false,
+        }
+    }
+
+    /// A sidecar taking an attempt over: the done file is this attempt's, whenever written.
+    fn honour_any(&mut self) {
+        self.before = Before::Nothing;
+    }
+
     /// Waits up to [`POLL`] for the read under way (or a new one).
     async fn look(&mut self, path: &Path) -> Look {
-        let pending = self.pending.get_or_insert_with(|| {
-            let path = path.to_path_buf();
-            tokio::task::spawn_blocking(move || read_done_file(&path))
-        });
+        let pending = self.pending.get_or_insert_with(|| read_in_background(path));
         let Ok(read) = tokio::time::timeout(POLL, pending).await else {
             return Look::Pending;
         };
         self.pending = None;
-        match read.ok().flatten() {
-            Some((_, stamp)) if self.ignore_before.is_some_and(|t| stamp.ctime_ns < t) => {
+        let (read, answered) = read.unwrap_or((None, Instant::now()));
+        if let Before::Looking { begun_ns, begun } = self.before {
+            // Only a time can tell a trainer that finished before the first look from an
+            // earlier attempt: one between the agent's start and the look's answer, give or
+            // take the margin (an hour-old file, or one in this node's future, is neither).
+            let until_ns = begun_ns
+                .saturating_add(answered.saturating_duration_since(begun).as_nanos() as i64);
+            self.before = match &read {
+                Some((_, stamp)) => Before::Found {
+                    stamp: *stamp,
+                    fresh: (begun_ns - FRESH_MARGIN_NS..=until_ns + FRESH_MARGIN_NS)
+                        .contains(&stamp.ctime_ns),
+                },
+                None => Before::Nothing,
+            };
+        }
+        match read {
+            Some((_, stamp)) if self.before.is_earlier(&stamp) => {
                 if !self.warned_stale {
                     self.warned_stale = true;
                     tracing::warn!(done_file = %path.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
@@ -642,6 +698,14 @@ impl DoneReader {
             }
         }
     }
+}
+
+/// What one read of the done file found, and when it answered.
+type DoneRead = (Option<(DoneFile, DoneStamp)>, Instant);
+
+fn read_in_background(path: &Path) -> tokio::task::JoinHandle<DoneRead> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || (read_done_file(&path), Instant::now()))
 }
 
 /// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
@@ -696,6 +760,65 @@ mod tests {
         assert!(e.contains("given twice"), "{e}");
         assert!(plan(&["/"]).layout().is_err());
         assert!(plan(&["/a/../b"]).layout().is_err());
+    }
+
+    /// The first look's answer, and then the next look that answers.
+    async fn answered(reader: &mut DoneReader, path: &Path) -> Option<DoneFile> {
+        loop {
+            match reader.look(path).await {
+                Look::Pending => {}
+                Look::Absent => return None,
+                Look::Said(said) => return Some(said),
+            }
+        }
+    }
+
+    fn rewrite(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// A done file there before the watch began is an earlier attempt's until written again,
+    /// whatever its time says against this node's clock: with the file server's clock an hour
+    /// ahead (the file's time in the node's future) it ended the watch at once, and with it
+    /// an hour behind, this attempt's own done file was ignored.
+    #[tokio::test]
+    async fn a_done_file_is_judged_by_what_it_is_not_by_the_servers_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let done = dir.path().join("done");
+        std::fs::write(&done, "0\n").unwrap();
+        let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() - hour);
+        assert_eq!(
+            answered(&mut reader, &done).await,
+            None,
+            "an earlier attempt's"
+        );
+        assert_eq!(answered(&mut reader, &done).await, None, "still");
+        rewrite(&done, "3\n");
+        assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(3)));
+
+        let later = dir.path().join("later");
+        let mut reader = DoneReader::start(Some(&later), std::time::SystemTime::now() + hour);
+        assert_eq!(answered(&mut reader, &later).await, None);
+        rewrite(&later, "0\n");
+        assert_eq!(
+            answered(&mut reader, &later).await,
+            Some(DoneFile::Exit(0)),
+            "this attempt's, written after the first look"
+        );
+
+        // A trainer that finished as the agent started, before its first look: its time
+        // alone tells, and counts.
+        let quick = dir.path().join("quick");
+        std::fs::write(&quick, "0\n").unwrap();
+        let mut reader = DoneReader::start(Some(&quick), std::time::SystemTime::now());
+        assert_eq!(answered(&mut reader, &quick).await, Some(DoneFile::Exit(0)));
+        // A sidecar taking an attempt over honours whatever is there.
+        let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() - hour);
+        reader.honour_any();
+        assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(3)));
     }
 
     #[test]
