@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use tokio::sync::oneshot;
 
+use c3_proto::manifest::rel_display;
 use c3_proto::{PublishedFile, SocketReply, SocketRequest};
 
 use crate::collect::{scan, FileStamp, LocalFile};
@@ -177,12 +178,12 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
     let unread: Vec<String> = found
         .incomplete
         .iter()
-        .map(|d| format!("{d}/ (could not be read whole)"))
+        .map(|d| format!("{}/ (could not be read whole)", rel_display(d)))
         .chain(
             found
                 .refused
                 .iter()
-                .map(|d| format!("{d}/ (paths too deep or long to store)")),
+                .map(|d| format!("{}/ (paths too deep or long to store)", rel_display(d))),
         )
         .collect();
     let todo: Vec<_> = found
