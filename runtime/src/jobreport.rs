@@ -16,6 +16,15 @@ use crate::report::{Ahead, Delivery, Reporter};
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
 
+/// A warning is cut to this many bytes: the job's file names go into them (16 KiB each at
+/// most), and 50 such made a terminal status of megabytes.
+const MAX_WARNING_BYTES: usize = 512;
+
+/// The most the terminal status's body may be; past it, its warnings go, then its result.
+/// A proxy's body limit (nginx's default is 1 MiB) answers a 413, a verdict on the report:
+/// the status was dropped for good, the job left FINALIZING at the control plane.
+const MAX_STATUS_BYTES: usize = 256 * 1024;
+
 /// What the terminal status says about how the job ended.
 #[derive(Debug, Clone, Default)]
 pub struct Ending {
@@ -58,6 +67,7 @@ impl JobReporter {
     /// A warning for the log and the terminal status; past `MAX_WARNINGS` only counted, so
     /// a job with a million symlinks costs neither a million log lines nor the memory.
     pub fn warn(&mut self, text: String) {
+        let text = cut(text, MAX_WARNING_BYTES);
         if self.warnings.len() < MAX_WARNINGS {
             tracing::warn!("{text}");
             self.warnings.push(text);
@@ -227,7 +237,7 @@ impl JobReporter {
     /// The one terminal status, with every warning gathered so far.
     async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
         let facts = ending.facts.unwrap_or_default();
-        let status = StatusReport {
+        let mut status = StatusReport {
             reason: verdict.reason,
             retryable: verdict.retryable,
             exit_code: ending.exit_code,
@@ -240,14 +250,44 @@ impl JobReporter {
             cpu_seconds: facts.cpu_seconds,
             ..self.status(seq, verdict.state)
         };
-        let delivery = self
-            .reporter
-            .send("status", seq, status.to_json(), stay)
-            .await;
+        let mut body = status.to_json();
+        if body.len() > MAX_STATUS_BYTES {
+            let dropped = status.warnings.len();
+            status.warnings = vec![format!("{dropped} warnings dropped: the status was over {MAX_STATUS_BYTES} bytes; see the agent's log")];
+            body = status.to_json();
+        }
+        if body.len() > MAX_STATUS_BYTES && !status.result.is_null() {
+            status.result = serde_json::Value::Null;
+            status.warnings.push(format!(
+                "the result was dropped: the status was over {MAX_STATUS_BYTES} bytes"
+            ));
+            body = status.to_json();
+        }
+        if body.len() > MAX_STATUS_BYTES {
+            tracing::warn!(
+                bytes = body.len(),
+                "the terminal status is large; a proxy may refuse it"
+            );
+        }
+        let delivery = self.reporter.send("status", seq, body, stay).await;
         if matches!(delivery, Delivery::Kept) {
             tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
         }
     }
+}
+
+/// `text` cut to at most `max` bytes on a character's boundary, "…" marking the cut.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut at = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push('…');
+    text
 }
 
 #[cfg(test)]
@@ -295,5 +335,94 @@ mod tests {
             .collect();
         assert_eq!(seqs, [2, 2, 3], "2 refused once, then 2, then 3");
         assert!(!state.outbox_dir("j").exists(), "nothing kept");
+    }
+
+    /// A job's file names (16 KiB each) in 50 warnings made a terminal status of megabytes;
+    /// a proxy answered 413, a verdict, and the status was dropped for good.
+    #[tokio::test]
+    async fn a_terminal_status_fits_a_proxys_body_limit() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, body| {
+            if body.len() > 1024 * 1024 {
+                ("413 Payload Too Large", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        let mut reports = JobReporter::new(reporter, 1);
+        for _ in 0..MAX_WARNINGS {
+            // As the final scan says it: a path too long to walk, named twice.
+            let path = "d/".repeat(8000);
+            reports.warn(format!(
+                "{path}: not uploaded (path longer than 16 KiB; {path})"
+            ));
+        }
+        reports.warn("one more".into());
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Canceled, false, false);
+        let stay = Instant::now() + Duration::from_secs(10);
+        reports
+            .finish(3, None, &verdict, Ending::default(), stay)
+            .await;
+        let requests = requests.lock().unwrap();
+        assert_eq!(requests.len(), 1);
+        let body = &requests[0].1;
+        assert!(body.len() <= MAX_STATUS_BYTES, "{} bytes", body.len());
+        let status: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(status["state"], "CANCELED");
+        let warnings = status["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), MAX_WARNINGS + 1);
+        assert!(warnings
+            .iter()
+            .all(|w| w.as_str().unwrap().len() <= MAX_WARNING_BYTES));
+        assert!(warnings[0].as_str().unwrap().ends_with('…'));
+    }
+
+    /// A warning is cut on a character's boundary.
+    #[test]
+    fn a_warning_is_cut_on_a_char_boundary() {
+        assert_eq!(cut("short".into(), 512), "short");
+        let cut_text = cut("é".repeat(600), 512);
+        assert!(cut_text.len() <= 512);
+        assert!(cut_text.ends_with("é…"));
+    }
+
+    /// Whatever the warnings, the status's body stays under the limit: they go, then the
+    /// result, each with a note.
+    #[tokio::test]
+    async fn an_oversized_status_drops_its_warnings_then_its_result() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, _| ("200 OK", "{}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        let mut reports = JobReporter::new(reporter, 1);
+        // Control characters are escaped six bytes each: 512 of them serialize to 3 KiB.
+        for _ in 0..MAX_WARNINGS {
+            reports.warn("\u{1}".repeat(MAX_WARNING_BYTES));
+        }
+        let big = serde_json::Value::String("\u{1}".repeat(MAX_STATUS_BYTES / 6 + 1));
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Canceled, false, false);
+        let stay = Instant::now() + Duration::from_secs(10);
+        let ending = Ending {
+            result: big,
+            ..Ending::default()
+        };
+        reports.finish(3, None, &verdict, ending, stay).await;
+        let body = requests.lock().unwrap()[0].1.clone();
+        assert!(body.len() <= MAX_STATUS_BYTES, "{} bytes", body.len());
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(status["result"].is_null());
+        let warnings = status["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0]
+            .as_str()
+            .unwrap()
+            .starts_with("50 warnings dropped"));
+        assert!(warnings[1]
+            .as_str()
+            .unwrap()
+            .starts_with("the result was dropped"));
     }
 }
