@@ -91,8 +91,8 @@ impl HttpService for Capped {
         // A throttled store (429, 503 SlowDown) that says when to come back is not asked
         // again before: object_store neither reads `Retry-After` nor passes it up, and its
         // next try came within the window, one more throttled request for every one.
-        if let Some(wait) = retry_after(&res) {
-            tokio::time::sleep(wait).await;
+        if let Some(wait) = retry_after(res.status().as_u16(), res.headers()) {
+            tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
         }
         let cap = if !res.status().is_success() {
             Cap::Truncate
@@ -112,28 +112,28 @@ impl HttpService for Capped {
     }
 }
 
-/// How long a throttled reply asks the client to wait (`Retry-After` in seconds or as an
-/// HTTP date, which Azure and some gateways send), at most [`MAX_RETRY_AFTER`].
-fn retry_after(res: &HttpResponse) -> Option<std::time::Duration> {
-    let status = res.status().as_u16();
+/// How long a throttled reply (429 or 503) asks the client to wait: `Retry-After` in seconds
+/// or as an HTTP date, which Azure and some gateways send. Uncapped: each caller has its own
+/// bound (the store's [`MAX_RETRY_AFTER`], the control plane's in `report.rs`).
+pub(crate) fn retry_after(status: u16, headers: &http::HeaderMap) -> Option<std::time::Duration> {
     if status != 429 && status != 503 {
         return None;
     }
-    let value = res
-        .headers()
+    let value = headers
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim();
-    let wait = match value.parse::<u64>() {
-        Ok(secs) => std::time::Duration::from_secs(secs),
-        // A date already past (or a node clock ahead of the store's) asks for no wait.
-        Err(_) => httpdate::parse_http_date(value)
-            .ok()?
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
+    match value.parse::<u64>() {
+        Ok(secs) => Some(std::time::Duration::from_secs(secs)),
+        // A date already past (or a node clock ahead of the server's) asks for no wait.
+        Err(_) => Some(
+            httpdate::parse_http_date(value)
+                .ok()?
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        ),
+    }
 }
 
 /// A redirect of a request that is not a GET, followed by the HTTP client.

@@ -41,7 +41,12 @@ pub enum ReportError {
         body: String,
     },
     #[error("control plane answered {endpoint} with HTTP {status}")]
-    Unavailable { endpoint: String, status: u16 },
+    Unavailable {
+        endpoint: String,
+        status: u16,
+        /// The wait its `Retry-After` asks for (a 429 or 503), uncapped.
+        retry_after: Option<Duration>,
+    },
     #[error("no answer from {endpoint} before the deadline (give_up_secs)")]
     Deadline { endpoint: String },
     #[error("request to {endpoint} failed")]
@@ -118,7 +123,12 @@ impl ControlPlane {
         self.config.give_up
     }
 
-    async fn post_once(&self, endpoint: &str, body: &[u8]) -> Result<Bytes, ReportError> {
+    async fn post_once(
+        &self,
+        endpoint: &str,
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<Bytes, ReportError> {
         let url = self
             .config
             .url
@@ -138,8 +148,16 @@ impl ControlPlane {
             endpoint: endpoint.to_string(),
             source: source.without_url(),
         };
-        let mut resp = req.send().await.map_err(transport)?;
+        let mut resp = match tokio::time::timeout_at(deadline, req.send()).await {
+            Ok(sent) => sent.map_err(transport)?,
+            Err(_) => {
+                return Err(ReportError::Deadline {
+                    endpoint: endpoint.to_string(),
+                })
+            }
+        };
         let status = resp.status().as_u16();
+        let retry_after = crate::httpcap::retry_after(status, resp.headers());
         let cap = if (200..300).contains(&status) {
             self.config.max_reply_bytes
         } else {
@@ -147,16 +165,41 @@ impl ControlPlane {
         };
         // A reply is untrusted: read at most `cap` bytes of it, whatever its length says.
         let mut body = bytes::BytesMut::new();
-        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-            let room = cap.saturating_sub(body.len());
-            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if chunk.len() > room {
-                tracing::warn!(
-                    endpoint,
-                    max_reply_bytes = cap,
-                    "control plane reply is over the size limit; the rest is ignored"
-                );
-                break;
+        let read = async {
+            while let Some(chunk) = resp.chunk().await? {
+                let room = cap.saturating_sub(body.len());
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if chunk.len() > room {
+                    tracing::warn!(
+                        endpoint,
+                        max_reply_bytes = cap,
+                        "control plane reply is over the size limit; the rest is ignored"
+                    );
+                    break;
+                }
+            }
+            Ok::<(), reqwest::Error>(())
+        };
+        // The status line is the answer: a 2xx whose body then broke off or stalled was
+        // taken as not delivered, and the same report went again until the deadline (a
+        // registration counted twice, a terminal status never sent behind it).
+        let read =
+            tokio::time::timeout_at(deadline.min(Instant::now() + REPLY_BODY_READ), read).await;
+        if (200..300).contains(&status) {
+            match read {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let e = e.without_url();
+                    tracing::warn!(endpoint, status, bytes = body.len(), error = %crate::error_chain(&e), "control plane accepted a report, but its reply broke off; taken as it came");
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        endpoint,
+                        status,
+                        bytes = body.len(),
+                        "control plane accepted a report, but its reply stalled; taken as it came"
+                    );
+                }
             }
         }
         let bytes = body.freeze();
@@ -174,6 +217,7 @@ impl ControlPlane {
             _ => Err(ReportError::Unavailable {
                 endpoint: endpoint.into(),
                 status,
+                retry_after,
             }),
         }
     }
@@ -196,15 +240,20 @@ impl ControlPlane {
             .with_max_delay(Duration::from_secs(10))
             .with_jitter()
             .with_max_times(usize::MAX);
-        let once = || async {
-            match tokio::time::timeout_at(deadline, self.post_once(endpoint, body)).await {
-                Ok(r) => r,
-                Err(_) => Err(ReportError::Deadline {
-                    endpoint: endpoint.to_string(),
-                }),
-            }
-        };
+        let once = || self.post_once(endpoint, body, deadline);
         once.retry(policy)
+            // A throttled control plane asked for a wait: tries inside it are refused too,
+            // and add to its load. Within the deadline, and at most `MAX_RETRY_AFTER`.
+            .adjust(move |e: &ReportError, wait: Option<Duration>| match e {
+                ReportError::Unavailable {
+                    retry_after: Some(asked),
+                    ..
+                } => wait.map(|wait| {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    wait.max((*asked).min(MAX_RETRY_AFTER).min(left))
+                }),
+                _ => wait,
+            })
             .sleep(move |wait: Duration| {
                 tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
             })
@@ -229,6 +278,13 @@ pub enum Delivery {
 
 /// The longest one control-plane request may take.
 const ONE_REQUEST: Duration = Duration::from_secs(30);
+
+/// How long a reply's body is waited for once its status line came.
+const REPLY_BODY_READ: Duration = Duration::from_secs(5);
+
+/// The longest a control plane's `Retry-After` holds the next try back: one asking for an
+/// hour would otherwise keep a terminal status until the deadline.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 /// The least time one job's outbox gets in a flush of all of them.
 const SHARE_FLOOR: Duration = Duration::from_secs(5);
@@ -1210,5 +1266,80 @@ pub(crate) mod tests {
         std::fs::write(&young, b"{").unwrap();
         flush_job_outbox(&control_plane(url), &state, "j", deadline).await;
         assert!(young.exists(), "a keep under way is left alone");
+    }
+
+    /// An HTTP server on 127.0.0.1 that answers each request with the next of `replies`
+    /// written as they are (status line, headers and body), then holds the connection for
+    /// `hold` before closing it; records when each request came.
+    async fn serve_raw(
+        replies: Vec<&'static str>,
+        hold: Duration,
+    ) -> (url::Url, Arc<std::sync::Mutex<Vec<Instant>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            url::Url::parse(&format!("http://{}/api/", listener.local_addr().unwrap())).unwrap();
+        let came = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = came.clone();
+        tokio::spawn(async move {
+            for reply in replies {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                read_request(&mut conn).await;
+                seen.lock().unwrap().push(Instant::now());
+                tokio::spawn(async move {
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                    tokio::time::sleep(hold).await;
+                });
+            }
+        });
+        (url, came)
+    }
+
+    /// A 2xx whose body broke off (or stalled) after its status line was taken as not
+    /// delivered: the same report went again until the deadline, a registration's bytes
+    /// counted twice.
+    #[tokio::test]
+    async fn a_2xx_whose_body_breaks_off_is_delivered_once() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let broken = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}";
+        let (url, came) = serve_raw(vec![broken, broken], Duration::ZERO).await;
+        let reply = control_plane(url)
+            .post("v1/jobs/j/artifacts", b"{}", deadline)
+            .await
+            .unwrap();
+        assert_eq!(&reply[..], b"{}");
+        assert_eq!(came.lock().unwrap().len(), 1);
+        // One that stalls is given up after a few seconds, delivered as well.
+        let (url, came) = serve_raw(vec![broken, broken], Duration::from_secs(60)).await;
+        let started = Instant::now();
+        control_plane(url)
+            .post("v1/jobs/j/artifacts", b"{}", deadline)
+            .await
+            .unwrap();
+        assert_eq!(came.lock().unwrap().len(), 1);
+        assert!(started.elapsed() < REPLY_BODY_READ + Duration::from_secs(2));
+    }
+
+    /// A throttled control plane's `Retry-After` is waited out: the next try came within it,
+    /// after the backoff's 200 ms.
+    #[tokio::test]
+    async fn a_retry_after_is_honoured() {
+        let (url, came) = serve_raw(
+            vec![
+                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            ],
+            Duration::ZERO,
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        control_plane(url)
+            .post("v1/jobs/j/status", b"{}", deadline)
+            .await
+            .unwrap();
+        let came = came.lock().unwrap();
+        assert_eq!(came.len(), 2);
+        assert!(came[1] - came[0] >= Duration::from_secs(2), "{came:?}");
     }
 }
