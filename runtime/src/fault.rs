@@ -87,3 +87,47 @@ pub fn armed(name: &str) -> bool {
         false
     }
 }
+
+/// Whether `C3_AGENT_FAULT` names `name` at `place` (`<name>:<place>`, e.g. a job's id), or
+/// a unit test armed it ([`arm`]), in debug builds: a fault one place meets and the others
+/// beside it (the tests running in the same process) do not.
+pub fn armed_at(name: &str, place: &str) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        let at = format!("{name}:{place}");
+        #[cfg(test)]
+        if ARMED.lock().unwrap().contains(&at) {
+            return true;
+        }
+        std::env::var("C3_AGENT_FAULT").is_ok_and(|v| v == at)
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = (name, place);
+        false
+    }
+}
+
+/// Points armed by unit tests: the environment is the whole test binary's, read by the tests
+/// running beside the one that would set it.
+#[cfg(test)]
+static ARMED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Arms [`armed_at`]'s `<name>:<place>` until the guard is dropped.
+#[cfg(test)]
+pub fn arm(name: &str, place: &str) -> Armed {
+    let at = format!("{name}:{place}");
+    ARMED.lock().unwrap().push(at.clone());
+    Armed(at)
+}
+
+/// A point armed by [`arm`]; disarmed on drop.
+#[cfg(test)]
+pub struct Armed(String);
+
+#[cfg(test)]
+impl Drop for Armed {
+    fn drop(&mut self) {
+        ARMED.lock().unwrap().retain(|armed| *armed != self.0);
+    }
+}

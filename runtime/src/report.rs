@@ -334,12 +334,24 @@ impl Reporter {
             self.append_local(&endpoint, &body);
             return Delivery::Local;
         };
-        // Earlier undelivered reports of this job go first, or the control plane would see them out of order.
-        if !flush_job_outbox(cp, &self.state, &self.job_id, deadline).await {
+        // Earlier undelivered reports of this job go first, or the control plane would see
+        // them out of order; a status supersedes the attempt's earlier RUNNING or FINALIZING.
+        let later = (kind == "status").then_some((self.attempt, order));
+        let flushed = flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later).await;
+        if !flushed.done {
             return self.keep(kind, order, &endpoint, &body);
         }
         match cp.post(&endpoint, &body, deadline).await {
-            Ok(reply) => Delivery::Delivered(reply),
+            Ok(reply) => {
+                if !flushed.superseded.is_empty() {
+                    for path in &flushed.superseded {
+                        remove_entry(path);
+                    }
+                    // Empty now but for a flusher's lock (which keeps it), as a flush leaves it.
+                    let _ = std::fs::remove_dir(self.state.outbox_dir(&self.job_id));
+                }
+                Delivery::Delivered(reply)
+            }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(endpoint = %endpoint, error = %crate::error_chain(&e), give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
                 self.keep(kind, order, &endpoint, &body)
@@ -387,7 +399,7 @@ impl Reporter {
         let Some(cp) = &self.control_plane else {
             return Delivery::Kept;
         };
-        match flush_outbox_for(cp, &self.state, &self.job_id, deadline, Some(&mine))
+        match flush_outbox_for(cp, &self.state, &self.job_id, deadline, Some(&mine), None)
             .await
             .mine
         {
@@ -494,7 +506,9 @@ pub async fn flush_job_outbox(
     job: &str,
     deadline: Instant,
 ) -> bool {
-    flush_outbox_for(cp, state, job, deadline, None).await.done
+    flush_outbox_for(cp, state, job, deadline, None, None)
+        .await
+        .done
 }
 
 /// Storage used and quota, when an artifacts registration's reply says the project is over
@@ -520,21 +534,28 @@ struct Flushed {
     elsewhere: usize,
     /// What became of the entry `mine` (None: not delivered yet; `Err`: rejected).
     mine: Option<Result<Bytes, ()>>,
+    /// Kept statuses that failed and that the status about to be sent (`later`) supersedes:
+    /// left for its sender to remove once that one is delivered (they do not count against
+    /// `done`).
+    superseded: Vec<PathBuf>,
 }
 
-/// [`flush_job_outbox`], telling also what became of the entry `mine`.
+/// [`flush_job_outbox`], telling also what became of the entry `mine`. `later`: the attempt
+/// and order of a status about to be sent, which supersedes the kept ones before it.
 async fn flush_outbox_for(
     cp: &ControlPlane,
     state: &StateDir,
     job: &str,
     deadline: Instant,
     mine: Option<&Path>,
+    later: Option<(u32, u64)>,
 ) -> Flushed {
     let dir = &state.outbox_dir(job);
     let mut flushed = Flushed {
         done: false,
         elsewhere: 0,
         mine: None,
+        superseded: Vec::new(),
     };
     // Another flusher's hold is waited out within the deadline: a terminal status given up
     // at once would wait in the outbox for the next `recover`, an hour maybe.
@@ -553,15 +574,51 @@ async fn flush_outbox_for(
     };
     let here = cp.shown_url();
     let mut by_attempt = std::collections::HashMap::new();
-    for path in sorted_entries(dir) {
-        let entry = match std::fs::read(&path).map(|b| OutboxEntry::from_json(&b)) {
-            Ok(Ok(e)) => e,
+    // A listing that failed is not an empty outbox.
+    let entries = match sorted_entries(dir, job) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot list the outbox; its reports stay");
+            return flushed;
+        }
+    };
+    // The newest status of each attempt kept here, with the one about to be sent.
+    let mut newest_status = std::collections::HashMap::new();
+    for (attempt, order) in entries
+        .iter()
+        .filter_map(|p| entry_name(p))
+        .filter(|(_, _, kind)| *kind == "status")
+        .map(|(attempt, order, _)| (attempt, order))
+        .chain(later)
+    {
+        let newest = newest_status.entry(attempt).or_insert(order);
+        *newest = order.max(*newest);
+    }
+    // Passed over (see `passing` below): attempt, order, path.
+    let mut passed_over = Vec::new();
+    for path in entries {
+        let read = if crate::fault::armed_at("outbox-read-eio", job) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            std::fs::read(&path)
+        };
+        let entry = match read {
+            Ok(bytes) => match OutboxEntry::from_json(&bytes) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable outbox entry; moved aside");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                    let _ = std::fs::remove_file(path.with_extension(TRIES));
+                    continue;
+                }
+            },
             // Delivered by another flusher of this outbox meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            _ => {
-                tracing::warn!(path = %path.display(), "unreadable outbox entry; moved aside");
-                let _ = std::fs::rename(&path, path.with_extension("bad"));
-                continue;
+            // A read that failed once (EIO, ENOMEM) may not fail again: the entry stays, and
+            // so do the ones after it.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read an outbox entry; its reports stay");
+                return flushed;
             }
         };
         // Entries kept for another control plane (attempt 1 under one config, attempt 2 or
@@ -582,8 +639,58 @@ async fn flush_outbox_for(
             flushed.elsewhere += 1;
             continue;
         }
+        // A RUNNING or FINALIZING that a later status of its attempt follows says nothing
+        // that one does not. It gets half the time left; failed, it is passed over, and
+        // dropped once a later status of its attempt is answered: a 5xx it met for ever held
+        // every later report of the job back (the terminal status among them). In an outage
+        // the later one fails too, and all stay, in order.
+        let name = entry_name(&path);
+        let passing = match name {
+            Some((attempt, order, "status")) => {
+                newest_status.get(&attempt).is_some_and(|&n| n > order)
+                    && c3_proto::StatusReport::from_json(&entry.body_json()).is_ok_and(|r| {
+                        matches!(
+                            r.state,
+                            c3_proto::JobState::Running | c3_proto::JobState::Finalizing
+                        )
+                    })
+            }
+            _ => false,
+        };
+        // Past the deadline nothing is asked, and no entry counts a failed flush for it.
+        let now = Instant::now();
+        if now >= deadline {
+            return flushed;
+        }
+        let by = if passing {
+            now + (deadline - now) / 2
+        } else {
+            deadline
+        };
         let is_mine = mine == Some(path.as_path());
-        match cp.post(&entry.endpoint, &entry.body_json(), deadline).await {
+        let posted = cp.post(&entry.endpoint, &entry.body_json(), by).await;
+        // A later status answered (delivered or refused) settles the ones passed over.
+        if let (Some((attempt, order, "status")), Ok(_) | Err(ReportError::Rejected { .. })) =
+            (name, &posted)
+        {
+            passed_over.retain(|(a, o, p): &(u32, u64, PathBuf)| {
+                let settled = *a == attempt && *o < order;
+                if settled {
+                    tracing::debug!(path = %p.display(), "a kept status a later one superseded; dropped");
+                    remove_entry(p);
+                }
+                !settled
+            });
+        }
+        match posted {
+            Err(e) if passing && e.is_retryable() => {
+                if !failed_again(&path, &e) {
+                    if let Some((attempt, order, _)) = name {
+                        passed_over.push((attempt, order, path));
+                    }
+                }
+                continue;
+            }
             Ok(reply) if is_mine => flushed.mine = Some(Ok(reply)),
             Ok(reply) => {
                 tracing::info!(endpoint = %entry.endpoint, "delivered a kept report");
@@ -602,7 +709,15 @@ async fn flush_outbox_for(
                     );
                 }
             }
-            Err(e) if e.is_retryable() => return flushed,
+            Err(e) if e.is_retryable() => {
+                if !failed_again(&path, &e) {
+                    return flushed;
+                }
+                if is_mine {
+                    flushed.mine = Some(Err(()));
+                }
+                continue;
+            }
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
                 return flushed;
@@ -614,10 +729,18 @@ async fn flush_outbox_for(
                 }
             }
         }
-        let _ = std::fs::remove_file(&path);
+        remove_entry(&path);
     }
     if flushed.elsewhere > 0 {
         tracing::warn!(job_id = job, control_plane = %here, reports = flushed.elsewhere, "the job's kept reports are for another control plane than this config's; left in its outbox");
+    }
+    // What was passed over and no later status in the outbox settled is for `later`'s
+    // sender; anything else stays, and holds the next report back.
+    for (attempt, order, path) in passed_over {
+        match later {
+            Some((a, o)) if a == attempt && o > order => flushed.superseded.push(path),
+            _ => return flushed,
+        }
     }
     remove_stale_temps(dir);
     claim.release_and_remove(dir);
@@ -629,6 +752,58 @@ async fn flush_outbox_for(
 fn entry_attempt(path: &Path) -> Option<u32> {
     let name = path.file_name()?.to_str()?;
     name.split_once('-')?.0.parse().ok()
+}
+
+/// An outbox entry's attempt, order and kind, by its name (`<attempt>-<order>-<kind>.json`).
+fn entry_name(path: &Path) -> Option<(u32, u64, &str)> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".json")?;
+    let (attempt, rest) = name.split_once('-')?;
+    let (order, kind) = rest.split_once('-')?;
+    Some((attempt.parse().ok()?, order.parse().ok()?, kind))
+}
+
+/// The extension of the file beside an outbox entry that counts the flushes it failed.
+const TRIES: &str = "tries";
+
+/// Flushes an entry may fail, each with a retryable answer, before it is moved aside (once it
+/// is also [`MIN_AGE_ASIDE`] old): one the control plane fails on for good (a body that
+/// crashes it) held every later report of its job back for ever. Reports of an earlier
+/// attempt keep going first, ahead of a later attempt's: the control plane hears how one
+/// attempt ended before the next one's news; this bound is what ends the wait.
+const MAX_FAILED_FLUSHES: u32 = 20;
+
+/// The least age of an entry moved aside for its failed flushes: a control-plane outage
+/// fails every entry on every flush (a running job's kept status is tried every few
+/// seconds), and an outage shorter than this loses no report.
+const MIN_AGE_ASIDE: Duration = Duration::from_secs(24 * 3600);
+
+/// Counts one more failed flush of the entry at `path`; true when it was moved aside for them.
+fn failed_again(path: &Path, e: &ReportError) -> bool {
+    let tries_path = path.with_extension(TRIES);
+    let tries = std::fs::read_to_string(&tries_path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .unwrap_or(0)
+        .saturating_add(1);
+    let old = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MIN_AGE_ASIDE));
+    if tries >= MAX_FAILED_FLUSHES && old {
+        tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept report the control plane keeps failing on; moved aside (`.bad`), the job's later reports go on");
+        let _ = std::fs::rename(path, path.with_extension("bad"));
+        let _ = std::fs::remove_file(&tries_path);
+        return true;
+    }
+    if let Err(e) = write_atomic(&tries_path, tries.to_string().as_bytes()) {
+        tracing::debug!(path = %tries_path.display(), error = %crate::error_chain(&e), "cannot count a failed flush");
+    }
+    false
+}
+
+/// Removes a delivered (or dropped) outbox entry and its count of failed flushes.
+fn remove_entry(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(path.with_extension(TRIES));
 }
 
 /// The lock file in a job's outbox folder; not an entry (entries are `*.json`).
@@ -797,7 +972,8 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         // in 60 s) cut every first try, and nothing was ever delivered. An outbox delivered
         // at once leaves its share to the rest.
         let share = (time_left / (count - i) as u32).max(time_left.min(SHARE_FLOOR));
-        let flushed = flush_outbox_for(cp, state, &job, (now + share).min(deadline), None).await;
+        let flushed =
+            flush_outbox_for(cp, state, &job, (now + share).min(deadline), None, None).await;
         if !flushed.done || flushed.elsewhere > 0 {
             left += 1;
         }
@@ -826,17 +1002,20 @@ fn job_is_running(state: &StateDir, job: &str) -> bool {
     })
 }
 
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
+/// The entries (`*.json`) of `job`'s outbox `dir`, in sending order.
+fn sorted_entries(dir: &Path, job: &str) -> std::io::Result<Vec<PathBuf>> {
+    if crate::fault::armed_at("outbox-list-eio", job) {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            v.push(path);
+        }
+    }
     v.sort();
-    v
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -1084,7 +1263,12 @@ pub(crate) mod tests {
         write_atomic(&path, &older.to_json()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
-        assert_eq!(sorted_entries(&state.outbox_dir("away")).len(), 2);
+        assert_eq!(
+            sorted_entries(&state.outbox_dir("away"), "away")
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(
             count.load(Ordering::SeqCst),
             0,
@@ -1208,7 +1392,7 @@ pub(crate) mod tests {
             [r#"{"attempt":2,"seq":1}"#, r#"{"attempt":2,"seq":2}"#],
             "attempt 1's registration went to another control plane"
         );
-        let left: Vec<PathBuf> = sorted_entries(&state.outbox_dir("again"));
+        let left: Vec<PathBuf> = sorted_entries(&state.outbox_dir("again"), "again").unwrap();
         assert_eq!(left.len(), 1, "{left:?}");
         assert!(
             left[0].ends_with("000001-00000003-artifacts.json"),
@@ -1238,7 +1422,12 @@ pub(crate) mod tests {
             bodies,
             [r#"{"attempt":1,"seq":20}"#, r#"{"attempt":1,"seq":21}"#]
         );
-        assert_eq!(sorted_entries(&state.outbox_dir("again")).len(), 1);
+        assert_eq!(
+            sorted_entries(&state.outbox_dir("again"), "again")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     /// A keep cut short by a kill leaves its temp file; once it is stale, a flush removes it
@@ -1341,5 +1530,128 @@ pub(crate) mod tests {
         let came = came.lock().unwrap();
         assert_eq!(came.len(), 2);
         assert!(came[1] - came[0] >= Duration::from_secs(2), "{came:?}");
+    }
+
+    /// A RUNNING kept in the outbox that the control plane answers with a 500 for ever held
+    /// every later status of the job back, its terminal one too. A later status of the
+    /// attempt supersedes it: passed over once it failed, dropped once that one is delivered.
+    #[tokio::test]
+    async fn a_later_status_supersedes_a_kept_one_that_keeps_failing() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, body| {
+            if body.contains(r#""seq":1"#) {
+                ("500 Internal Server Error", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        let status = |seq, state| {
+            c3_proto::StatusReport {
+                attempt: 1,
+                seq,
+                state,
+                reason: None,
+                retryable: false,
+                exit_code: None,
+                signal: None,
+                message: None,
+                upload_errors: 0,
+                warnings: Vec::new(),
+                result: serde_json::Value::Null,
+                time: "t".into(),
+                gpu_released: None,
+                peak_memory_bytes: None,
+                cpu_seconds: None,
+            }
+            .to_json()
+        };
+        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let sent = reporter
+            .send(
+                "status",
+                3,
+                status(3, c3_proto::JobState::Succeeded),
+                deadline,
+            )
+            .await;
+        assert!(matches!(sent, Delivery::Delivered(_)), "{sent:?}");
+        let requests = requests.lock().unwrap();
+        assert!(requests.last().unwrap().1.contains(r#""seq":3"#));
+        assert!(!state.outbox_dir("j").exists());
+    }
+
+    /// An entry that fails flush after flush, for long enough, is moved aside, and the
+    /// job's later reports go on; a terminal status is superseded by nothing.
+    #[tokio::test]
+    async fn an_entry_that_keeps_failing_is_moved_aside_in_the_end() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, body| {
+            if body.contains(r#""seq":3"#) {
+                ("500 Internal Server Error", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let first = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        first.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let second = Reporter::new(Some(cp.clone()), state.clone(), "j", 2);
+        second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
+        let entry = state.outbox_dir("j").join("000001-00000003-status.json");
+        let deadline = || Instant::now() + Duration::from_millis(500);
+        assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
+        assert_eq!(
+            std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
+            "1"
+        );
+        // Young, it stays however often it failed.
+        write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
+        assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
+        assert!(entry.exists());
+        std::fs::File::options()
+            .write(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - MIN_AGE_ASIDE)
+            .unwrap();
+        assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
+        assert!(!entry.exists());
+        assert!(entry.with_extension("bad").exists());
+        assert!(!entry.with_extension(TRIES).exists());
+        assert!(flush_job_outbox(&cp, &state, "j", deadline()).await);
+        let requests = requests.lock().unwrap();
+        assert!(requests.last().unwrap().1.contains(r#""attempt":2"#));
+    }
+
+    /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
+    /// aside for good, or took the outbox for delivered; both stay for the next flush.
+    #[tokio::test]
+    async fn a_passing_read_error_leaves_the_outbox_as_it_is() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "eio", 1);
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3}"#);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for point in ["outbox-read-eio", "outbox-list-eio"] {
+            let armed = crate::fault::arm(point, "eio");
+            assert!(
+                !flush_job_outbox(&cp, &state, "eio", deadline).await,
+                "{point}"
+            );
+            drop(armed);
+            let left = sorted_entries(&state.outbox_dir("eio"), "eio").unwrap();
+            assert_eq!(left.len(), 1, "{point}: {left:?}");
+        }
+        assert!(requests.lock().unwrap().is_empty());
+        assert!(flush_job_outbox(&cp, &state, "eio", deadline).await);
+        assert_eq!(requests.lock().unwrap().len(), 1);
     }
 }
