@@ -462,7 +462,7 @@ fn step(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
 /// terminal status with it) for ever. Other file systems mounted below a job's dirs (only
 /// root mounts those) are entered.
 #[derive(Debug, thiserror::Error)]
-#[error("a {fstype} file system is mounted there, and the agent never looks into one (its server may never answer)")]
+#[error("a file system of type {fstype} is mounted there, and the agent never looks into a FUSE or unnamed one (its server may never answer)")]
 pub struct MountRefused {
     pub fstype: String,
 }
@@ -484,11 +484,20 @@ fn vet_mount(stx: &libc::statx, parent_dev: impl FnOnce() -> io::Result<u64>) ->
         return Ok(());
     }
     let refused = |fstype: String| io::Error::other(MountRefused { fstype });
-    // Read again at each mount met: a device number freed by an unmount is soon another's.
-    let types = crate::procfs::mount_types()
+    // Read again at each mount met: a mount id or device freed by an unmount is soon another's.
+    let table = crate::procfs::mounts()
         .map_err(|e| refused(format!("unknown (the mount table could not be read: {e})")))?;
-    match types.get(&dev) {
-        Some(t) if t.starts_with(b"fuse") => Err(refused(String::from_utf8_lossy(t).into_owned())),
+    // By the mount's id where the kernel gives it (5.8): btrfs shows a device of its own per
+    // subvolume, not the one the table names.
+    let found = if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+        table.iter().find(|m| m.id == stx.stx_mnt_id)
+    } else {
+        table.iter().find(|m| m.dev == dev)
+    };
+    match found {
+        Some(m) if m.fstype.starts_with(b"fuse") => {
+            Err(refused(String::from_utf8_lossy(&m.fstype).into_owned()))
+        }
         Some(_) => Ok(()),
         // Another device that is no mount: a btrfs subvolume.
         None if !mount_root => Ok(()),
@@ -659,7 +668,7 @@ fn raw_statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Resul
             dirfd,
             path.as_ptr(),
             flags | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_BASIC_STATS,
+            libc::STATX_BASIC_STATS | libc::STATX_MNT_ID,
             &mut stx,
         )
     };

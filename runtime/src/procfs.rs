@@ -330,18 +330,33 @@ pub fn mount_points() -> std::io::Result<Vec<std::path::PathBuf>> {
     mount_points_in(&std::fs::read("/proc/self/mountinfo")?)
 }
 
-/// The file system type of each mounted device of this mount namespace (`0:53` -> `fuse.sshfs`),
-/// from `/proc/self/mountinfo`: what a walk looks up for an entry that is the root of a mount,
-/// without a word to that file system.
-pub fn mount_types() -> std::io::Result<std::collections::HashMap<u64, Vec<u8>>> {
-    mount_types_in(&std::fs::read("/proc/self/mountinfo")?)
+/// One mount of this mount namespace, as `/proc/self/mountinfo` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The mount's id (what `statx` gives as `stx_mnt_id`).
+    pub id: u64,
+    /// The device its files show (`0:53`); btrfs shows another per subvolume.
+    pub dev: u64,
+    /// Its file system type (`fuse.sshfs`).
+    pub fstype: Vec<u8>,
 }
 
-fn mount_types_in(table: &[u8]) -> std::io::Result<std::collections::HashMap<u64, Vec<u8>>> {
-    let bad = || std::io::Error::other("a mountinfo line without a device or a type");
-    let mut types = std::collections::HashMap::new();
+/// Every mount of this mount namespace, with its id, device and type: what a walk looks up
+/// for an entry that is the root of a mount, without a word to that file system.
+pub fn mounts() -> std::io::Result<Vec<Mount>> {
+    mounts_in(&std::fs::read("/proc/self/mountinfo")?)
+}
+
+fn mounts_in(table: &[u8]) -> std::io::Result<Vec<Mount>> {
+    let bad = || std::io::Error::other("a mountinfo line without an id, a device or a type");
+    let number = |f: Option<&&[u8]>| {
+        f.and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u64>().ok())
+    };
+    let mut out = Vec::new();
     for line in table.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let id = number(fields.first()).ok_or_else(bad)?;
         let (major, minor) = fields
             .get(2)
             .and_then(|d| std::str::from_utf8(d).ok())
@@ -355,9 +370,13 @@ fn mount_types_in(table: &[u8]) -> std::io::Result<std::collections::HashMap<u64
             .skip_while(|f| **f != b"-")
             .nth(1)
             .ok_or_else(bad)?;
-        types.insert(libc::makedev(major, minor), fstype.to_vec());
+        out.push(Mount {
+            id,
+            dev: libc::makedev(major, minor),
+            fstype: fstype.to_vec(),
+        });
     }
-    Ok(types)
+    Ok(out)
 }
 
 /// The table is bytes: the kernel escapes only space, tab, newline and backslash, so one
@@ -423,17 +442,27 @@ mod tests {
     }
 
     #[test]
-    fn mount_types_are_keyed_by_device() {
+    fn mounts_are_read_with_their_id_device_and_type() {
         let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
                       40 22 0:50 / /srv/x\xff\\040y rw shared:7 master:2 - fuse.sshfs u@h: rw\n\
                       41 22 8:1 / /data rw - ext4 /dev/sda1 rw\n";
-        let types = mount_types_in(table).unwrap();
-        assert_eq!(types[&libc::makedev(0, 50)], b"fuse.sshfs");
-        assert_eq!(types[&libc::makedev(8, 1)], b"ext4");
-        assert_eq!(types.len(), 3);
-        assert!(mount_types_in(b"1 2 0:1 / /x rw proc\n").is_err());
-        assert!(mount_types_in(b"garbage\n").is_err());
-        assert!(!mount_types().unwrap().is_empty());
+        let found = mounts_in(table).unwrap();
+        assert_eq!(found.len(), 3);
+        assert_eq!(
+            found[1],
+            Mount {
+                id: 40,
+                dev: libc::makedev(0, 50),
+                fstype: b"fuse.sshfs".to_vec()
+            }
+        );
+        assert_eq!(
+            (found[2].id, found[2].fstype.as_slice()),
+            (41, &b"ext4"[..])
+        );
+        assert!(mounts_in(b"1 2 0:1 / /x rw proc\n").is_err());
+        assert!(mounts_in(b"garbage\n").is_err());
+        assert!(!mounts().unwrap().is_empty());
     }
 
     /// Maps the 4 KiB file at `path` shared and writable, then closes its fd (the caller

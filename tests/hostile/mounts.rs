@@ -94,7 +94,7 @@ fn a_fuse_mount_that_never_answers_is_not_looked_into() {
         assert!(
             run.stderr
                 .lines()
-                .any(|l| l.contains(place) && l.contains("fuse file system is mounted there")),
+                .any(|l| l.contains(place) && l.contains("of type fuse is mounted there")),
             "{place} not named\n{}",
             run.stderr
         );
@@ -142,7 +142,7 @@ fn an_output_dir_that_is_a_fuse_mount_is_not_looked_into() {
     assert!(
         run.stderr
             .lines()
-            .any(|l| l.contains("out") && l.contains("fuse file system is mounted there")),
+            .any(|l| l.contains("out") && l.contains("of type fuse is mounted there")),
         "out/ not named\n{}",
         run.stderr
     );
