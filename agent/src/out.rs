@@ -92,10 +92,11 @@ impl JobBytes {
         out.write_all(&self.escape(chunk)).is_ok()
     }
 
-    /// The end of the log: a lead byte held back to see what followed it is written.
+    /// The end of the log: a lead byte held back to see what followed it is shown, escaped
+    /// (raw, the next output's first byte could make a C1 control of it).
     pub fn finish(&mut self, out: &mut impl Write) {
         if std::mem::take(&mut self.pending_c2) {
-            let _ = out.write_all(&[0xc2]);
+            let _ = out.write_all(b"\\xc2");
         }
     }
 
@@ -140,7 +141,7 @@ mod tests {
         let mut out = Vec::new();
         assert!(t.write(&mut out, b"a\xc2"));
         t.finish(&mut out);
-        assert_eq!(out, b"a\xc2", "the last byte was lost");
+        assert_eq!(out, b"a\\xc2", "the last byte was lost");
         let mut pipe = JobBytes {
             terminal: false,
             pending_c2: false,

@@ -153,7 +153,7 @@ impl Scan {
         !self
             .incomplete
             .iter()
-            .any(|d| c3_proto::manifest::key_is_below(rel, d))
+            .any(|d| rel == d || c3_proto::manifest::key_is_below(rel, d))
     }
 
     fn broken(&mut self, rel: &str, what: String, cause: &std::io::Error) {
@@ -616,6 +616,8 @@ mod tests {
         assert!(s.covers("out/\u{fffd}d/x"));
         assert!(s.covers(&rel_key(b"out/\xffe/x")));
         assert!(s.covers(&rel_key(b"artifactsx/\xff")));
+        // A file that could not be looked at (a FUSE mount over it) is no deleted one either.
+        assert!(!s.covers(&rel_key(b"out/\xffd")));
     }
 
     #[test]

@@ -182,7 +182,7 @@ impl DirFd {
             libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
         )?;
         let st = file_stat(&stx);
-        vet_mount(&stx, || dev_of(self))?;
+        vet_mount(&stx, || dev_of(self), None)?;
         Ok(st)
     }
 
@@ -230,8 +230,9 @@ impl DirFd {
                 Err(Errno::EEXIST) => false,
                 Err(e) => return Err(e.into()),
             };
-            let next = openat(&dir, *name, DIR_FLAGS, Mode::empty()).map_err(|e| {
-                if matches!(e, Errno::ELOOP | Errno::ENOTDIR) {
+            // A directory a retry finds, or a sidecar's, may be a job's FUSE mount by now.
+            let next = step(&dir.0, name, DIR_FLAGS).map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) {
                     io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!(
@@ -240,7 +241,7 @@ impl DirFd {
                         ),
                     )
                 } else {
-                    e.into()
+                    e
                 }
             })?;
             if created {
@@ -432,18 +433,21 @@ fn beneath(dir: &DirFd, rel: &Path, flags: OFlag) -> io::Result<OwnedFd> {
 /// and the mount it is on held, so none made later is entered instead), judged from the
 /// kernel's cached attributes and the mount table, then opened through that handle.
 fn step(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
-    let handle = openat(
-        dir,
-        name,
-        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    let handle_flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut handle = openat(dir, name, handle_flags, Mode::empty())?;
+    let mut stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    let automount = libc::STATX_ATTR_AUTOMOUNT as u64;
+    if stx.stx_attributes_mask & automount != 0 && stx.stx_attributes & automount != 0 {
+        // An automount point (an NFS submount, an autofs map: only root makes those) is
+        // opened as what it mounts, not its empty stub, which the walk took for no directory.
+        handle = openat(dir, name, handle_flags | OFlag::O_DIRECTORY, Mode::empty())?;
+        stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+    }
     let kind = u32::from(stx.stx_mode) & libc::S_IFMT;
     if kind == libc::S_IFLNK {
         return Err(Errno::ELOOP.into());
     }
-    vet_mount(&stx, || dev_of(dir))?;
+    vet_mount(&stx, || dev_of(dir), Some(&handle))?;
     if kind == libc::S_IFDIR {
         return Ok(openat(&handle, ".", flags, Mode::empty())?);
     }
@@ -455,14 +459,14 @@ fn step(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
     )?)
 }
 
-/// A FUSE file system (or one the mount table does not name) mounted where a job's path
-/// leads: any user may mount one on a directory or file it owns (`fusermount`, with
+/// A FUSE file system a user mounted (or one the mount table does not name) where a job's
+/// path leads: any user may mount one on a directory or file it owns (`fusermount`, with
 /// `allow_other` where the node allows it), and its server answers a stat, an open or a
 /// listing when it likes, or never, which held the root agent's scan (and the job's
-/// terminal status with it) for ever. Other file systems mounted below a job's dirs (only
-/// root mounts those) are entered.
+/// terminal status with it) for ever. File systems root mounted (an NFS scratch, a tmpfs, a
+/// gcsfuse or JuiceFS volume a CSI driver mounted) are entered.
 #[derive(Debug, thiserror::Error)]
-#[error("a file system of type {fstype} is mounted there, and the agent never looks into a FUSE or unnamed one (its server may never answer)")]
+#[error("a file system of type {fstype} is mounted there, and the agent never looks into a FUSE one a user mounted, or one it cannot name (its server may never answer)")]
 pub struct MountRefused {
     pub fstype: String,
 }
@@ -472,10 +476,15 @@ pub fn is_mount_refused(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<MountRefused>())
 }
 
-/// Refuses what `stx` describes if it is the root of a FUSE mount, or of one the mount table
-/// does not name. `parent_dev`: the device of the directory it was met in, asked only where
-/// the kernel does not mark mount roots (before 5.8).
-fn vet_mount(stx: &libc::statx, parent_dev: impl FnOnce() -> io::Result<u64>) -> io::Result<()> {
+/// Refuses what `stx` describes if it is the root of a FUSE mount a user made, or of one the
+/// mount table does not name. `parent_dev`: the device of the directory it was met in, asked
+/// only where the kernel does not mark mount roots (before 5.8); `handle`: an `O_PATH` fd of
+/// it, whose mount id `/proc` gives where `statx` does not.
+fn vet_mount(
+    stx: &libc::statx,
+    parent_dev: impl FnOnce() -> io::Result<u64>,
+    handle: Option<&OwnedFd>,
+) -> io::Result<()> {
     let attr = libc::STATX_ATTR_MOUNT_ROOT as u64;
     let marks = stx.stx_attributes_mask & attr != 0;
     let mount_root = marks && stx.stx_attributes & attr != 0;
@@ -484,23 +493,27 @@ fn vet_mount(stx: &libc::statx, parent_dev: impl FnOnce() -> io::Result<u64>) ->
         return Ok(());
     }
     let refused = |fstype: String| io::Error::other(MountRefused { fstype });
-    // Read again at each mount met: a mount id or device freed by an unmount is soon another's.
-    let table = crate::procfs::mounts()
-        .map_err(|e| refused(format!("unknown (the mount table could not be read: {e})")))?;
-    // By the mount's id where the kernel gives it (5.8): btrfs shows a device of its own per
-    // subvolume, not the one the table names.
-    let found = if stx.stx_mask & libc::STATX_MNT_ID != 0 {
-        table.iter().find(|m| m.id == stx.stx_mnt_id)
+    // By the mount's id, never its device: btrfs shows a device of its own per subvolume, not
+    // the one the table names, and a mount detached from the table (`umount -l`) while held
+    // shows a device no mount lists.
+    let id = if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+        Some(stx.stx_mnt_id)
     } else {
-        table.iter().find(|m| m.dev == dev)
+        handle.and_then(|h| crate::procfs::fd_mount_id(h.as_raw_fd()))
     };
+    let found = crate::procfs::find_mount(|m| match id {
+        Some(id) => m.id == id,
+        None => m.dev == dev,
+    })
+    .map_err(|e| refused(format!("unknown (the mount table could not be read: {e})")))?;
     match found {
-        Some(m) if m.fstype.starts_with(b"fuse") => {
+        Some(m) if m.made_by_a_user() => {
             Err(refused(String::from_utf8_lossy(&m.fstype).into_owned()))
         }
         Some(_) => Ok(()),
-        // Another device that is no mount: a btrfs subvolume.
-        None if !mount_root => Ok(()),
+        // Another device and no mount id to go by (a stat, not an open, on a kernel before
+        // 5.8): a btrfs subvolume; the open that follows judges it by its handle.
+        None if id.is_none() => Ok(()),
         None => Err(refused("unknown".into())),
     }
 }

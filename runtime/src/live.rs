@@ -224,7 +224,10 @@ impl Syncer {
                         if self.polling || self.a_lost_root_is_back().await {
                             self.paced_rescan().await;
                         }
-                        next_poll = Instant::now() + self.opts.poll_interval;
+                        // Polling keeps the rest a costly rescan earned too.
+                        let rested = self.rescans.last.map(|t| t + self.rescans.gap);
+                        next_poll = (Instant::now() + self.opts.poll_interval)
+                            .max(rested.unwrap_or_else(Instant::now));
                     }
                     if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
                         self.paced_rescan().await;

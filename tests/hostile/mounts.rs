@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::common::{not_root, spawn_job, wait_within};
 use crate::support::{wait_for, Harness, BIN};
 
-/// A FUSE mount whose server never reads its device: every request to it waits until the
+/// A user's FUSE mount whose server never reads its device: every request to it waits until the
 /// device is closed (dropping this aborts the connection, then detaches the mount).
 struct SilentFuse {
     dev: Option<OwnedFd>,
@@ -30,8 +30,9 @@ impl SilentFuse {
             .open("/dev/fuse")
             .ok()?
             .into();
+        // As `fusermount` mounts it for a user (nobody) who asked for `allow_other`.
         let opts = CString::new(format!(
-            "fd={},rootmode={rootmode},user_id=0,group_id=0",
+            "fd={},rootmode={rootmode},user_id=65534,group_id=65534,allow_other",
             dev.as_raw_fd()
         ))
         .unwrap();
