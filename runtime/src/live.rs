@@ -97,6 +97,7 @@ impl LiveSync {
             rescans: RescanPace::default(),
             prehashing: JoinSet::new(),
             prehash_busy: Default::default(),
+            looking: Default::default(),
             warned_upload: false,
             warned_files: false,
         };
@@ -152,6 +153,10 @@ struct Syncer {
     /// Large files being hashed ahead while the job writes them, and which.
     prehashing: JoinSet<(u64, u64)>,
     prehash_busy: std::collections::HashSet<(u64, u64)>,
+    /// A settle look (the job's processes' fds and maps) is under way, or stuck: reading a
+    /// job process's `maps` waits on its memory lock, which a thread faulting on a page of
+    /// its own silent FUSE mount holds for ever. One stuck look halts settling, not the sync.
+    looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Watcher errors can come by the ten thousand (a job swapping a watched dir for a
     /// symlink): rescans at most once a second, logged at most once every 10 s.
     rescans: RescanPace,
@@ -178,6 +183,9 @@ struct RescanPace {
 }
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a settle look may take before live sync stops waiting on it.
+const SETTLE_LOOK_LIMIT: Duration = Duration::from_secs(10);
 
 /// The rest after a rescan that took `took`: at least [`RESCAN_EVERY`], and twice its cost, so
 /// rescans of a tree that takes long to walk (a million files on a network file system, each
@@ -730,7 +738,13 @@ impl Syncer {
             .filter_map(|rel| self.candidates.get(rel).map(|c| c.since))
             .max()
             .unwrap_or(now);
-        let looked = crate::pace::spawn_gently(move || {
+        use std::sync::atomic::Ordering;
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let looking = self.looking.clone();
+        let look = crate::pace::spawn_gently(move || {
+            crate::fault::blocking_pause("settle-look-hangs", Duration::from_secs(3600));
             let open = crate::procfs::written_by_lately(&procs.members(), changed.into_std());
             let root = DirFd::open_root(&workdir).ok();
             let stamps: Vec<Option<FileStamp>> = paths
@@ -744,10 +758,23 @@ impl Syncer {
                     },
                 )
                 .collect();
+            looking.store(false, Ordering::Release);
             (open, stamps)
-        })
-        .await;
-        let Ok((open, stamps)) = looked else { return };
+        });
+        let (open, stamps) = match tokio::time::timeout(SETTLE_LOOK_LIMIT, look).await {
+            Ok(Ok(looked)) => looked,
+            Ok(Err(_)) => {
+                self.looking.store(false, Ordering::Release);
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    limit_s = SETTLE_LOOK_LIMIT.as_secs(),
+                    "a look at the job's open files did not answer; live sync stops settling files (the final sync takes them)"
+                );
+                return;
+            }
+        };
         for (rel, stamp) in due.into_iter().zip(stamps) {
             let abs = self.workdir.join(path_of(&rel));
             let Some(stamp) = stamp else {

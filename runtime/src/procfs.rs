@@ -243,16 +243,20 @@ fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, (u64, u64))> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
+    // Regular files first, their fdinfo after: the fdinfo of an epoll fd takes the epoll's
+    // lock, which a job's thread stuck in `epoll_ctl` on a file of its own silent FUSE mount
+    // holds for ever, and the look with it.
     fds.flatten()
-        .filter(|fd| {
+        .filter_map(|fd| {
+            let (is_file, id) = cached_stat(&fd.path())?;
+            is_file.then(|| (fd, id))
+        })
+        .filter(|(fd, _)| {
             fd.file_name()
                 .to_str()
                 .is_some_and(|n| opened_for_write(pid, n))
         })
-        .filter_map(|fd| {
-            let (is_file, id) = cached_stat(&fd.path())?;
-            is_file.then(|| (fd.path(), id))
-        })
+        .map(|(fd, id)| (fd.path(), id))
         .collect()
 }
 
@@ -505,6 +509,33 @@ mod tests {
         );
         assert!(mount_points_in(b"garbage\n").is_err());
         assert!(!mount_points().unwrap().is_empty());
+    }
+
+    /// Files open for writing are found, and nothing else: an epoll fd (whose fdinfo would
+    /// take its lock) or a pipe is passed over by its type before its fdinfo is read.
+    #[test]
+    fn write_fds_are_regular_files_open_for_writing() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let written = std::fs::File::create(t.path().join("w")).unwrap();
+        std::fs::write(t.path().join("r"), "x").unwrap();
+        let _read = std::fs::File::open(t.path().join("r")).unwrap();
+        // SAFETY: epoll_create1 returns a new fd we own, or -1.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(ep >= 0);
+        // SAFETY: `ep` is a fresh fd owned by nothing else.
+        let _ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let (_rx, _tx) = nix::unistd::pipe().unwrap();
+        let found = write_fds(std::process::id() as i32);
+        let meta = written.metadata().unwrap();
+        assert!(found.iter().any(|(_, id)| *id == (meta.dev(), meta.ino())));
+        let r = std::fs::metadata(t.path().join("r")).unwrap();
+        assert!(!found.iter().any(|(_, id)| *id == (r.dev(), r.ino())));
+        let named =
+            |fd: i32| std::path::PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()));
+        assert!(!found.iter().any(|(p, _)| *p == named(ep)));
+        assert!(!found.iter().any(|(p, _)| *p == named(_tx.as_raw_fd())));
     }
 
     #[test]

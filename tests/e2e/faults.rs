@@ -429,3 +429,23 @@ fn a_result_read_that_hangs_is_given_up() {
     );
     assert_eq!(h.manifest("hung")["files"][0]["path"], "artifacts/w");
 }
+
+/// A look at the job's open files that never answers (reading a process's `maps` waits on its
+/// memory lock, which a thread faulting on a page of the job's own silent FUSE mount holds)
+/// stops live sync's settling, not the job's end: the final sync takes the file.
+#[test]
+fn a_settle_look_that_hangs_does_not_hold_the_end() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "settle-look-hangs".into()));
+    let script = "echo w > $C3_ARTIFACTS_DIR/w; sleep 13";
+    let run = h.run_job(json!({"job_id": "look", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    assert!(
+        run.stderr
+            .contains("a look at the job's open files did not answer"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(h.manifest("look")["files"][0]["path"], "artifacts/w");
+}
