@@ -249,7 +249,7 @@ fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, (u64, u64))> {
     fds.flatten()
         .filter_map(|fd| {
             let (is_file, id) = cached_stat(&fd.path())?;
-            is_file.then(|| (fd, id))
+            is_file.then_some((fd, id))
         })
         .filter(|(fd, _)| {
             fd.file_name()
