@@ -169,11 +169,17 @@ impl DirFd {
         beneath(self, rel, flags).map(File::from)
     }
 
-    /// `lstat` of one entry of this directory, from the attributes the kernel holds (no
-    /// round trip to a file system that may never answer; on local file systems they are
-    /// the file's own). An entry that is the root of a FUSE mount is refused
-    /// ([`is_mount_refused`]): a caller that went on would open it.
+    /// `lstat` of one entry of this directory. An entry that is the root of a FUSE mount a
+    /// user made is refused ([`is_mount_refused`]): a caller that went on would open it. On a
+    /// local file system the kernel's own attributes are the file's, and asking them never
+    /// reaches a file system that may not answer. Elsewhere (NFS, Lustre, a root's FUSE) they
+    /// may be stale: another client's rewrite in place would be missed, so the entry is held
+    /// by an `O_PATH` handle (a mount made on its name later is not entered), judged, and
+    /// only then asked of its file system.
     pub fn stat(&self, name: &OsStr) -> io::Result<FileStat> {
+        if !attributes_are_local(self) {
+            return self.stat_held(name);
+        }
         let c = std::ffi::CString::new(name.as_bytes())
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let stx = raw_statx(
@@ -184,6 +190,19 @@ impl DirFd {
         let st = file_stat(&stx);
         vet_mount(&stx, || dev_of(self), None)?;
         Ok(st)
+    }
+
+    /// [`DirFd::stat`] from the file system itself, through a handle judged first.
+    fn stat_held(&self, name: &OsStr) -> io::Result<FileStat> {
+        let handle = openat(
+            self,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
+        vet_mount(&stx, || dev_of(self), Some(&handle))?;
+        Ok(nix::sys::stat::fstat(&handle)?)
     }
 
     /// Opens (creating what is missing) the directory `rel` below this one. Every directory
@@ -516,6 +535,26 @@ fn vet_mount(
         None if id.is_none() => Ok(()),
         None => Err(refused("unknown".into())),
     }
+}
+
+/// Whether the attributes the kernel holds for files in `dir` are the files' own: a local
+/// file system's. Unknown ones are taken as not (asked of their file system, as before).
+fn attributes_are_local(dir: &DirFd) -> bool {
+    const LOCAL: [i64; 9] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+        0x8584_58F6, // ramfs
+        0x794C_7630, // overlayfs
+        0x2FC1_2FC1, // zfs
+        0xF2F5_2010, // f2fs
+        0xCA45_1A4E, // bcachefs
+    ];
+    // The word's type differs by architecture (i64 here, u32 on s390x).
+    #[allow(clippy::useless_conversion)]
+    let local = |fs: nix::sys::statfs::Statfs| LOCAL.contains(&i64::from(fs.filesystem_type().0));
+    nix::sys::statfs::fstatfs(dir).is_ok_and(local)
 }
 
 /// The device of an open directory, from the kernel's cached attributes.
@@ -889,6 +928,35 @@ pub fn lossy(name: &OsStr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ways of looking at an entry (the kernel's attributes on a local file system, the
+    /// file system's own through a handle elsewhere) see what `lstat` sees.
+    #[test]
+    fn an_entry_is_seen_alike_either_way() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), "four").unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("l")).unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        let dir = DirFd::open(t.path()).unwrap();
+        for name in ["f", "l", "d"] {
+            let want = std::fs::symlink_metadata(t.path().join(name)).unwrap();
+            for st in [
+                dir.stat(OsStr::new(name)).unwrap(),
+                dir.stat_held(OsStr::new(name)).unwrap(),
+            ] {
+                assert_eq!(
+                    (st.st_ino, st.st_mode, st.st_size as u64, st.st_mtime_nsec),
+                    (want.ino(), want.mode(), want.size(), want.mtime_nsec()),
+                    "{name}"
+                );
+            }
+        }
+        assert_eq!(
+            dir.stat_held(OsStr::new("missing")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
 
     /// A directory the reader may not enter shuts it out of what lies below, however the
     /// file's own bits read; the same file through a directory it may enter opens.
