@@ -98,6 +98,7 @@ impl LiveSync {
             prehashing: JoinSet::new(),
             prehash_busy: Default::default(),
             looking: Default::default(),
+            touch_rest: None,
             warned_upload: false,
             warned_files: false,
         };
@@ -157,6 +158,9 @@ struct Syncer {
     /// job process's `maps` waits on its memory lock, which a thread faulting on a page of
     /// its own silent FUSE mount holds for ever. One stuck look halts settling, not the sync.
     looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Until when a directory made or moved in is left to the next rescan, not walked at
+    /// once (after a walk that cost [`TOUCH_WALK_FREE`] or more).
+    touch_rest: Option<Instant>,
     /// Watcher errors can come by the ten thousand (a job swapping a watched dir for a
     /// symlink): rescans at most once a second, logged at most once every 10 s.
     rescans: RescanPace,
@@ -183,6 +187,10 @@ struct RescanPace {
 }
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// A walk of a directory made or moved in that takes less earns no rest: a job making many
+/// small directories has each walked at once.
+const TOUCH_WALK_FREE: Duration = Duration::from_millis(50);
 
 /// How long a settle look may take before live sync stops waiting on it.
 const SETTLE_LOOK_LIMIT: Duration = Duration::from_secs(10);
@@ -593,6 +601,14 @@ impl Syncer {
                 );
             }
             Ok(m) if crate::confine::is_dir(&m) => {
+                // A walk costs what the directory holds, and a job may move a large tree in and
+                // out of its output dirs for nothing: while the rest the last costly walk earned
+                // lasts, the rescan when it ends looks at this one too.
+                let began = Instant::now();
+                if let Some(until) = self.touch_rest.filter(|t| began < *t) {
+                    self.rescans.due = Some(self.rescans.due.map_or(until, |d| d.min(until)));
+                    return;
+                }
                 if !self.polling {
                     self.watch_tree(path.to_path_buf()).await;
                 }
@@ -616,6 +632,10 @@ impl Syncer {
                             },
                         );
                     }
+                }
+                let took = began.elapsed();
+                if took >= TOUCH_WALK_FREE {
+                    self.touch_rest = Some(Instant::now() + rescan_gap(took));
                 }
             }
             _ => {}
@@ -982,6 +1002,31 @@ mod tests {
         assert_eq!(s.rescans.due, Some(last + s.rescans.gap));
         assert_eq!(rescan_gap(Duration::from_secs(3)), Duration::from_secs(6));
         assert_eq!(rescan_gap(Duration::from_millis(10)), RESCAN_EVERY);
+    }
+
+    /// After a costly walk of a directory moved in, the next one waits for the rescan the
+    /// rest ends with, instead of a walk of its own.
+    #[tokio::test]
+    async fn a_directory_moved_in_during_a_walks_rest_waits_for_the_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let sub = dir.path().join("artifacts/sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("f"), "x").unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        s.touch_rest = Some(until);
+        s.touch(&sub).await;
+        assert!(
+            !s.candidates.contains("artifacts/sub/f"),
+            "walked during the rest"
+        );
+        assert_eq!(s.rescans.due, Some(until));
+        s.touch_rest = None;
+        s.touch(&sub).await;
+        assert!(
+            s.candidates.contains("artifacts/sub/f"),
+            "not walked after it"
+        );
     }
 
     /// The job changes a file after the settle look (maps it and stores, say) and before
