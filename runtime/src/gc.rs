@@ -17,11 +17,16 @@
 //! which every preflight writes, is never deleted.
 //!
 //! File store only: blobs are listed from its directory (object_store's listing carries no
-//! mtime through [`BlobStore`]), manifests are read and blobs deleted through the store.
+//! mtime through [`BlobStore`]), manifests are read through the store. What gc deletes it
+//! reaches through directory fds opened from the store's root, never through a symlink; as
+//! root it refuses a root that anyone else may write (or swap, writing a directory above it).
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::sync::Arc;
 
 use futures::StreamExt;
+use nix::sys::stat::FileStat;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -29,8 +34,10 @@ use std::time::{Duration, SystemTime};
 use c3_proto::manifest::is_sha256_hex;
 use c3_proto::Manifest;
 
+use crate::confine::{is_dir, is_regular, DirFd};
 use crate::pull::DEFAULT_MAX_MANIFEST_BYTES;
 use crate::store::{blob_key, BlobStore, StoreError, EMPTY_SHA256};
+use crate::treewalk::{Item, TreeWalk};
 
 /// How long an unreferenced blob is kept by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -69,6 +76,14 @@ pub struct GcReport {
 pub enum GcError {
     #[error("gc works on a file store only; `{url}` is not a usable file store (on a bucket, expire only `staging/` and incomplete multipart uploads by lifecycle rules: an age rule on `blobs/` deletes blobs that newer manifests still list, since finding a blob stored does not make it younger)")]
     NotFileStore { url: String },
+    #[error("cannot open the file store {path}; nothing was deleted")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the file store {path} is refused: {why}; gc runs as root and deletes what it finds there, so only root may write it and every directory above it (chown root and chmod go-w, or name another store.url); nothing was deleted")]
+    UnsafeRoot { path: PathBuf, why: String },
     #[error("cannot list the store's manifests; nothing was deleted")]
     List(#[source] StoreError),
     #[error("{} manifest(s) could not be read, so what they reference is unknown; nothing was deleted: {}", .failures.len(), first_failures(.failures))]
@@ -122,6 +137,7 @@ pub async fn collect_garbage_capped(
     max_manifest_bytes: u64,
 ) -> Result<GcReport, GcError> {
     let root = file_root(store)?;
+    let root_dir = open_root(&root).await?;
     let now = SystemTime::now();
     // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
     // job stores a blob before its manifest names it, and a sync under way may be minutes
@@ -138,21 +154,28 @@ pub async fn collect_garbage_capped(
     scan.run(store, &root, max_manifest_bytes).await?;
     report.manifests = scan.read;
 
-    let dir = root.join("blobs").join("sha256");
-    let listed = {
-        let dir = dir.clone();
+    let dir_path = root.join("blobs").join("sha256");
+    let (dir, listed) = {
+        let root_dir = root_dir.clone();
         tokio::task::spawn_blocking(move || {
+            let dir = match root_dir.open_dir(Path::new("blobs/sha256")) {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
             if !dry_run {
                 put_back_left_aside(&dir);
             }
-            list_blobs(&dir)
+            let listed = list_blobs(&dir)?;
+            Ok(Some((Arc::new(dir), listed)))
         })
         .await?
     }
     .map_err(|source| GcError::Blobs {
-        path: dir.clone(),
+        path: dir_path.clone(),
         source,
-    })?;
+    })?
+    .map_or((None, Listing::default()), |(d, l)| (Some(d), l));
     report.blobs = listed.blobs.len();
     report.ignored = listed.ignored;
     let present: HashSet<&str> = listed.blobs.iter().map(|b| b.sha256.as_str()).collect();
@@ -173,13 +196,13 @@ pub async fn collect_garbage_capped(
         }
     }
     let (staged, staged_bytes) = {
-        let staging = root.join("staging");
+        let root_dir = root_dir.clone();
         // A put under way is never swept either.
         let cutoff = cutoff.min(
             now.checked_sub(STAGING_MIN_AGE)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
         );
-        tokio::task::spawn_blocking(move || sweep_staging(&staging, cutoff, dry_run)).await?
+        tokio::task::spawn_blocking(move || sweep_staging(&root_dir, cutoff, dry_run)).await?
     };
     report.staging_deleted = staged;
     report.staging_bytes = staged_bytes;
@@ -200,6 +223,9 @@ pub async fn collect_garbage_capped(
             !referenced
         })
         .collect();
+    let Some(dir) = dir else {
+        return Ok(report);
+    };
     // A few at once: each is a rename, a stat and an unlink.
     let mut deletions = futures::stream::iter(doomed)
         .map(|blob| delete_blob(&dir, blob, cutoff))
@@ -236,12 +262,12 @@ enum Deleted {
 
 /// Deletes one unreferenced blob, unless it was written again since the listing.
 async fn delete_blob(
-    dir: &Path,
+    dir: &Arc<DirFd>,
     blob: &Blob,
     cutoff: SystemTime,
 ) -> Result<Deleted, (String, StoreError)> {
     let key = blob_key(&blob.sha256);
-    let (dir, sha) = (dir.to_path_buf(), blob.sha256.clone());
+    let (dir, sha) = (dir.clone(), blob.sha256.clone());
     let outcome = tokio::task::spawn_blocking(move || set_aside_and_delete(&dir, &sha, cutoff))
         .await
         .map_err(std::io::Error::other)
@@ -271,46 +297,50 @@ const ASIDE: &str = ".gc-";
 /// ([`BlobStore`]'s `still_wanted`): touched before the move, the mtime here is young and
 /// the blob is put back; after it, the job finds the key empty and stores the blob again.
 /// Checking the mtime and then deleting in place would lose a blob touched in between.
-fn set_aside_and_delete(dir: &Path, sha: &str, cutoff: SystemTime) -> std::io::Result<Deleted> {
-    let path = dir.join(sha);
-    match std::fs::symlink_metadata(&path) {
-        Ok(md) if md.is_file() => {}
+fn set_aside_and_delete(dir: &DirFd, sha: &str, cutoff: SystemTime) -> std::io::Result<Deleted> {
+    match dir.stat(OsStr::new(sha)) {
+        Ok(st) if is_regular(&st) => {}
         _ => return Ok(Deleted::Gone),
     }
-    let aside = dir.join(format!("{ASIDE}{sha}.{}", crate::procfs::self_tag()));
-    match std::fs::rename(&path, &aside) {
+    let aside = format!("{ASIDE}{sha}.{}", crate::procfs::self_tag());
+    match dir.rename(OsStr::new(sha), OsStr::new(&aside)) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::Gone),
         Err(e) => return Err(e),
     }
-    let md = std::fs::symlink_metadata(&aside)?;
-    if md.modified().map_or(true, |m| m >= cutoff) {
-        put_back(&aside, &path)?;
+    let st = dir.stat(OsStr::new(&aside))?;
+    if modified(&st) >= cutoff {
+        put_back(dir, OsStr::new(&aside), OsStr::new(sha))?;
         return Ok(Deleted::Young);
     }
-    std::fs::remove_file(&aside)?;
-    Ok(Deleted::Yes(md.len()))
+    dir.remove_file(OsStr::new(&aside))?;
+    Ok(Deleted::Yes(st.st_size as u64))
 }
 
 /// Returns a blob set aside to its key; a copy stored there meanwhile holds the same bytes.
-fn put_back(aside: &Path, path: &Path) -> std::io::Result<()> {
-    match std::fs::hard_link(aside, path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+fn put_back(dir: &DirFd, aside: &OsStr, name: &OsStr) -> std::io::Result<()> {
+    match nix::unistd::linkat(dir, aside, dir, name, nix::fcntl::AtFlags::empty()) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(e.into()),
     }
-    std::fs::remove_file(aside)
+    dir.remove_file(aside)
+}
+
+/// A file's mtime as its stat says it (one before the epoch, as the epoch).
+fn modified(st: &FileStat) -> SystemTime {
+    let ns = crate::display::file_time_ns(st.st_mtime, st.st_mtime_nsec);
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
 }
 
 /// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
 /// and this run decides again. One set aside by a gc still running (the timer's and an
 /// operator's at once) is that gc's to finish.
-fn put_back_left_aside(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+fn put_back_left_aside(dir: &DirFd) {
+    let Ok(mut entries) = dir.try_clone().and_then(|d| TreeWalk::new(d, Vec::new())) else {
         return;
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    while let Some(Item::Entry(entry)) = entries.next() {
+        let name = entry.name;
         let Some((sha, owner)) = name
             .to_str()
             .and_then(|n| n.strip_prefix(ASIDE))
@@ -322,8 +352,8 @@ fn put_back_left_aside(dir: &Path) {
         if crate::procfs::tag_alive(owner) {
             continue;
         }
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
-            let _ = put_back(&entry.path(), &dir.join(sha));
+        if entry.stat.is_ok_and(|st| is_regular(&st)) {
+            let _ = put_back(dir, &name, OsStr::new(sha));
         }
     }
 }
@@ -331,30 +361,39 @@ fn put_back_left_aside(dir: &Path) {
 /// Deletes the plain files under `staging/` last modified before `cutoff`: the temp files of
 /// puts a crash interrupted (small blobs' shards, large files' staging objects). A put takes
 /// seconds, so one that old is nobody's. Directories stay: a put creates its shard only when
-/// missing, and removing one under it would fail that put. Symlinks are never followed.
-fn sweep_staging(dir: &Path, cutoff: SystemTime, dry_run: bool) -> (usize, u64) {
-    fn walk(dir: &Path, depth: usize, cutoff: SystemTime, dry_run: bool, out: &mut (usize, u64)) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
+/// missing, and removing one under it would fail that put. Each entry is reached from its
+/// directory's fd and no symlink is followed, `staging` itself included: one a job put in
+/// its place (or anywhere below) would have led root's unlinks into /etc.
+fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64) {
+    let mut swept = (0, 0);
+    let Ok(mut walk) = root
+        .open_dir(Path::new("staging"))
+        .and_then(|dir| TreeWalk::new(dir, b"staging".to_vec()))
+    else {
+        return swept;
+    };
+    // staging/<shard or job>/<temp>, and one level more for object_store's own temp names.
+    while let Some(item) = walk.next() {
+        let Item::Entry(entry) = item else {
+            continue;
         };
-        for entry in entries.flatten() {
-            let Ok(md) = entry.path().symlink_metadata() else {
-                continue;
-            };
-            if md.is_dir() && depth > 0 {
-                walk(&entry.path(), depth - 1, cutoff, dry_run, out);
-            } else if md.is_file()
-                && md.modified().is_ok_and(|m| m < cutoff)
-                && (dry_run || std::fs::remove_file(entry.path()).is_ok())
-            {
-                out.0 += 1;
-                out.1 += md.len();
+        let Ok(st) = &entry.stat else {
+            continue;
+        };
+        if is_dir(st) {
+            if walk.depth() <= 3 {
+                if let Ok(dir) = entry.open_dir() {
+                    let _ = walk.enter(dir, entry.rel);
+                }
             }
+        } else if is_regular(st)
+            && modified(st) < cutoff
+            && (dry_run || entry.parent.remove_file(&entry.name).is_ok())
+        {
+            swept.0 += 1;
+            swept.1 += st.st_size as u64;
         }
     }
-    let mut swept = (0, 0);
-    // staging/<shard or job>/<temp>, and one level more for object_store's own temp names.
-    walk(dir, 3, cutoff, dry_run, &mut swept);
     if swept.0 > 0 && !dry_run {
         tracing::info!(
             files = swept.0,
@@ -363,6 +402,73 @@ fn sweep_staging(dir: &Path, cutoff: SystemTime, dry_run: bool) -> (usize, u64) 
         );
     }
     swept
+}
+
+/// The file store's directory, opened (not through a symlink) and, as root, vetted.
+async fn open_root(root: &Path) -> Result<Arc<DirFd>, GcError> {
+    let path = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let dir = DirFd::open(&path).map_err(|source| GcError::Root {
+            path: path.clone(),
+            source,
+        })?;
+        if nix::unistd::geteuid().is_root() {
+            root_alone_above(&dir).map_err(|why| GcError::UnsafeRoot { path, why })?;
+        }
+        Ok(Arc::new(dir))
+    })
+    .await?
+}
+
+/// Whether `dir` and every directory above it (the real ones, reached by `..` from the fd,
+/// not by the path) only root may change. Someone who may write the store's root could put
+/// a symlink or a tree of their own in it, and someone who may write a directory above it
+/// could swap it for another. A sticky directory others write (`/tmp`) is fine above, for an
+/// entry root owns: only its owner may rename it there.
+fn root_alone_above(dir: &DirFd) -> Result<(), String> {
+    use nix::fcntl::{openat, OFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let fd = |e: nix::errno::Errno| e.to_string();
+    let mut cur = openat(dir, ".", flags, nix::sys::stat::Mode::empty()).map_err(fd)?;
+    let mut st = nix::sys::stat::fstat(&cur).map_err(fd)?;
+    let mut below: Option<FileStat> = None;
+    let mut up = "the store's directory".to_string();
+    loop {
+        let sticky_over_ours = below.is_some_and(|b| b.st_uid == 0)
+            && st.st_mode & libc::S_ISVTX != 0
+            && st.st_uid == 0;
+        if !sticky_over_ours && !root_alone(&cur, &st)? {
+            return Err(format!(
+                "{up} is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone",
+                st.st_uid,
+                st.st_gid,
+                st.st_mode & 0o7777
+            ));
+        }
+        let parent = openat(&cur, "..", flags, nix::sys::stat::Mode::empty()).map_err(fd)?;
+        let pst = nix::sys::stat::fstat(&parent).map_err(fd)?;
+        if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino) {
+            return Ok(());
+        }
+        (cur, below, st) = (parent, Some(st), pst);
+        up = format!(
+            "a directory above it (device {}, inode {})",
+            st.st_dev, st.st_ino
+        );
+    }
+}
+
+/// Whether only root may write the open directory: owner, group, mode, and its access ACL.
+fn root_alone(dir: &impl std::os::fd::AsFd, st: &FileStat) -> Result<bool, String> {
+    if !crate::statedir::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
+        return Ok(false);
+    }
+    match crate::acl::of(dir) {
+        Ok(None) => Ok(true),
+        Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
+        Err(crate::acl::AclError::Malformed) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The file store's directory, as [`BlobStore::open`] derives it from the URL.
@@ -473,35 +579,31 @@ struct Blob {
     modified: SystemTime,
 }
 
+#[derive(Default)]
 struct Listing {
     blobs: Vec<Blob>,
     ignored: usize,
 }
 
 /// The plain files of `blobs/sha256/` named by a sha256 (lstat: a symlink is no blob).
-fn list_blobs(dir: &Path) -> std::io::Result<Listing> {
-    let mut listing = Listing {
-        blobs: Vec::new(),
-        ignored: 0,
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(listing),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let md = match entry.metadata() {
-            Ok(md) => md,
+fn list_blobs(dir: &DirFd) -> std::io::Result<Listing> {
+    let mut listing = Listing::default();
+    let mut entries = TreeWalk::new(dir.try_clone()?, Vec::new())?;
+    while let Some(item) = entries.next() {
+        let entry = match item {
+            Item::Entry(entry) => entry,
+            Item::Unlisted { error, .. } => return Err(error),
+        };
+        let st = match entry.stat {
+            Ok(st) => st,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        match name.to_str() {
-            Some(sha) if md.is_file() && is_sha256_hex(sha) => listing.blobs.push(Blob {
+        match entry.name.to_str() {
+            Some(sha) if is_regular(&st) && is_sha256_hex(sha) => listing.blobs.push(Blob {
                 sha256: sha.to_string(),
-                size: md.len(),
-                modified: md.modified()?,
+                size: st.st_size as u64,
+                modified: modified(&st),
             }),
             _ => listing.ignored += 1,
         }
@@ -691,6 +793,7 @@ mod tests {
         let sha = f.blob(bytes, 10 * DAY).await;
         let cutoff = SystemTime::now() - DAY;
         let dir = f.root.join("blobs/sha256");
+        let dir_fd = DirFd::open(&dir).unwrap();
 
         // gc set it aside first: the job finds its key empty and stores it again.
         // Set aside by a gc that is gone (pid 0 is no process's).
@@ -703,7 +806,7 @@ mod tests {
             .unwrap());
         assert!(f.exists(&sha));
         // ... and an interrupted gc's leftover is put back (same bytes) on the next run.
-        put_back_left_aside(&dir);
+        put_back_left_aside(&dir_fd);
         assert!(!aside.exists() && f.exists(&sha));
 
         // The job touched it first: gc's last look, after the move, sees it young.
@@ -714,7 +817,7 @@ mod tests {
             .await
             .unwrap());
         assert!(matches!(
-            set_aside_and_delete(&dir, &sha, cutoff).unwrap(),
+            set_aside_and_delete(&dir_fd, &sha, cutoff).unwrap(),
             Deleted::Young
         ));
         assert!(f.exists(&sha), "put back");
@@ -722,7 +825,7 @@ mod tests {
         // Nobody wants it: deleted, and nothing left aside.
         f.age(&sha, 10 * DAY);
         assert!(matches!(
-            set_aside_and_delete(&dir, &sha, cutoff).unwrap(),
+            set_aside_and_delete(&dir_fd, &sha, cutoff).unwrap(),
             Deleted::Yes(_)
         ));
         assert!(!f.exists(&sha));
@@ -858,6 +961,77 @@ mod tests {
         assert!(!small.exists() && !large.exists());
         assert!(busy.exists(), "a put under way keeps its temp file");
         assert!(outside.exists() && staging.join(".small-08").is_dir());
+    }
+
+    /// A job that may write the store's root swapped `staging` for a symlink to a directory
+    /// of root's: gc, as root, deleted every file older than an hour there.
+    #[tokio::test]
+    async fn a_symlink_in_place_of_staging_is_not_followed() {
+        let f = Fixture::new().await;
+        let elsewhere = tempfile::tempdir().unwrap();
+        let keep = elsewhere.path().join("passwd");
+        std::fs::write(&keep, b"root:x:0:0").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&keep)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * Duration::from_secs(3600))
+            .unwrap();
+        let staging = f.root.join("staging");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::os::unix::fs::symlink(elsewhere.path(), &staging).unwrap();
+        let report = collect_garbage(&f.store, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!(report.staging_deleted, 0);
+        assert!(keep.exists(), "followed the symlink at staging/");
+
+        // blobs/sha256 too: the directory it leads to is no store's, and nothing in it goes.
+        let sha = crate::digest::sha256_hex(b"root:x:0:0");
+        let named_like_a_blob = elsewhere.path().join(&sha);
+        std::fs::rename(&keep, &named_like_a_blob).unwrap();
+        let blobs = f.root.join("blobs/sha256");
+        std::fs::rename(&blobs, f.root.join("blobs/moved")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &blobs).unwrap();
+        let e = collect_garbage(&f.store, Duration::ZERO, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GcError::Blobs { .. }), "{e}");
+        assert!(named_like_a_blob.exists(), "followed blobs/sha256");
+    }
+
+    /// As root, gc refuses a store whose directory (or one above it) someone else may write:
+    /// they could plant there, or swap it, whatever root then deletes.
+    #[tokio::test]
+    async fn a_store_others_may_write_is_refused_to_root() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let f = Fixture::new().await;
+        let old = f.blob(b"old", 10 * DAY).await;
+        for dir in [f.root.clone(), f.root.parent().unwrap().into()] {
+            let was = std::fs::metadata(&dir).unwrap().permissions();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+            let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+                .await
+                .unwrap_err();
+            std::fs::set_permissions(&dir, was).unwrap();
+            assert!(matches!(e, GcError::UnsafeRoot { .. }), "{e}");
+            assert!(e.to_string().contains("not root's alone"), "{e}");
+            assert!(f.exists(&old));
+        }
+        // Owned by a user.
+        std::os::unix::fs::chown(&f.root, Some(1000), None).unwrap();
+        let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GcError::UnsafeRoot { .. }), "{e}");
+        std::os::unix::fs::chown(&f.root, Some(0), None).unwrap();
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!(report.deleted, 1);
     }
 
     #[tokio::test]
