@@ -96,14 +96,22 @@ impl DirSync {
     }
 }
 
-/// Stores `bytes` as `blobs/sha256/<sha256_hex>` under `root` unless that blob exists;
-/// returns whether it was added. Durable when it returns (blob and directory entry).
-pub fn put_blob(root: &Path, sha256_hex: &str, bytes: &[u8], sync: &DirSync) -> io::Result<bool> {
+/// Stores `bytes` as `blobs/sha256/<sha256_hex>` under `root` unless that blob exists (with
+/// `replace`, whatever is there); returns whether it was added. Durable when it returns (blob
+/// and directory entry).
+pub fn put_blob(
+    root: &Path,
+    sha256_hex: &str,
+    bytes: &[u8],
+    sync: &DirSync,
+    replace: bool,
+) -> io::Result<bool> {
     let dir = root.join("blobs/sha256");
     let dest = dir.join(sha256_hex);
     // Something of another size at the blob's key (a torn copy, a file put there by hand)
     // is not the blob: replaced, never taken for it.
     let replace = match std::fs::symlink_metadata(&dest) {
+        Ok(_) if replace => true,
         Ok(md) if md.is_file() && md.len() == bytes.len() as u64 => {
             sync.sync_linked(&dir)?;
             sync.sync_found(&dir, &md)?;
@@ -186,10 +194,10 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let sync = DirSync::default();
         let sha = crate::digest::sha256_hex(b"hello");
-        assert!(put_blob(root.path(), &sha, b"hello", &sync).unwrap());
+        assert!(put_blob(root.path(), &sha, b"hello", &sync, false).unwrap());
         // The same key again (a second job with the same file, here bytes of the same size
         // that stand for it): not added, not rewritten.
-        assert!(!put_blob(root.path(), &sha, b"HELLO", &sync).unwrap());
+        assert!(!put_blob(root.path(), &sha, b"HELLO", &sync, false).unwrap());
         let stored = std::fs::read(root.path().join("blobs/sha256").join(&sha)).unwrap();
         assert_eq!(stored, b"hello");
         // No temp file is left behind.
@@ -212,7 +220,7 @@ mod tests {
         std::fs::write(dir.join(&sha), b"twin").unwrap();
         sync.linked();
         assert_eq!(*sync.synced.lock().unwrap(), 0);
-        assert!(!put_blob(root.path(), &sha, b"twin", &sync).unwrap());
+        assert!(!put_blob(root.path(), &sha, b"twin", &sync, false).unwrap());
         assert_eq!(
             *sync.synced.lock().unwrap(),
             1,
@@ -232,11 +240,11 @@ mod tests {
         std::fs::write(dir.join(&sha), b"theirs").unwrap();
         // Past the margin for the file system's coarse clock.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!put_blob(root.path(), &sha, b"theirs", &sync).unwrap());
+        assert!(!put_blob(root.path(), &sha, b"theirs", &sync, false).unwrap());
         let first = sync.began_ns.load(Ordering::SeqCst);
         assert!(first > 0, "a young blob found was not made durable");
         for _ in 0..3 {
-            assert!(!put_blob(root.path(), &sha, b"theirs", &sync).unwrap());
+            assert!(!put_blob(root.path(), &sha, b"theirs", &sync, false).unwrap());
         }
         assert_eq!(
             sync.began_ns.load(Ordering::SeqCst),
@@ -256,7 +264,7 @@ mod tests {
                     for i in 0..25 {
                         let body = format!("{t}-{i}");
                         let sha = crate::digest::sha256_hex(body.as_bytes());
-                        assert!(put_blob(root, &sha, body.as_bytes(), sync).unwrap());
+                        assert!(put_blob(root, &sha, body.as_bytes(), sync, false).unwrap());
                     }
                 });
             }

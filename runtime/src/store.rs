@@ -1190,17 +1190,22 @@ impl BlobStore {
                 sha256_hex.to_string(),
                 self.dir_sync.clone(),
             );
-            let added = local_blocking("put", &key, move || {
-                crate::filestore::put_blob(&root, &sha, &bytes, &sync)
-            })
-            .await?;
-            if !added && !self.still_wanted(sha256_hex).await {
-                return Err(StoreError::NotThere {
-                    key: blob_key(sha256_hex),
-                    found: "gc deleted it meanwhile".into(),
-                });
+            let put = |replace: bool| {
+                let (root, sha, bytes, sync) =
+                    (root.clone(), sha.clone(), bytes.clone(), sync.clone());
+                local_blocking("put", &key, move || {
+                    crate::filestore::put_blob(&root, &sha, &bytes, &sync, replace)
+                })
+            };
+            if put(false).await? {
+                return Ok(true);
             }
-            return Ok(added);
+            if self.still_wanted(sha256_hex).await {
+                return Ok(false);
+            }
+            // gc took it meanwhile, or it could not be touched (gc may take it before the
+            // manifest is written): a new copy takes its place, young.
+            return put(true).await;
         }
         let path = StorePath::from(key.as_str());
         let size = bytes.len() as u64;
@@ -1342,31 +1347,78 @@ impl BlobStore {
     /// cannot delete it between now and the manifest that will name it. `false`: gc took it
     /// first (the blob must be stored again). gc moves a blob aside before it checks the
     /// mtime a last time, so a blob still at its key after the touch is one gc will keep.
+    /// A blob that could not be touched is not wanted either: gc could take it before the
+    /// manifest that names it is written, so it is stored again (a copy of this node's).
     async fn still_wanted(&self, sha256_hex: &str) -> bool {
-        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let Some(root) = self.local_root() else {
             return true;
         };
         let path = root.join(blob_key(sha256_hex));
+        let sha = sha256_hex.to_string();
         let touched = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::options().write(true).open(&path)?;
             // "Now" as the file system keeps time (UTIME_NOW): allowed to any writer, where an
             // explicit time needs the owner (a blob another node's agent stored fails, and
             // the touch was skipped), and on NFS the server's clock, which gc's ages are
             // counted by, not this node's.
-            use nix::sys::stat::futimens;
+            use nix::sys::stat::{futimens, utimensat, UtimensatFlags};
             use nix::sys::time::TimeSpec;
-            futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)?;
-            let ino = file.metadata()?.ino();
-            std::fs::symlink_metadata(&path).map(|now| now.ino() == ino)
+            // Never through a symlink at the key: root would touch (and open for writing)
+            // whatever it leads to.
+            let opened = std::fs::File::options()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .and_then(
+                    |file| match crate::fault::armed_at("blob-touch-open", &sha) {
+                        true => Err(std::io::Error::from_raw_os_error(libc::EACCES)),
+                        false => Ok(file),
+                    },
+                );
+            let ino = match opened {
+                Ok(file) => {
+                    futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)?;
+                    file.metadata()?.ino()
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                // Not this user's to write (a blob another user stored read-only): its owner
+                // may still set its times.
+                Err(_) => {
+                    if crate::fault::armed_at("blob-touch-utimensat", &sha) {
+                        return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                    }
+                    utimensat(
+                        nix::fcntl::AT_FDCWD,
+                        &path,
+                        &TimeSpec::UTIME_OMIT,
+                        &TimeSpec::UTIME_NOW,
+                        UtimensatFlags::NoFollowSymlink,
+                    )?;
+                    std::fs::symlink_metadata(&path)?.ino()
+                }
+            };
+            std::fs::symlink_metadata(&path).map(|now| now.is_file() && now.ino() == ino)
         })
         .await;
-        match touched {
-            Ok(Ok(in_place)) => in_place,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => false,
-            // Best effort otherwise (a blob another user wrote read-only): as before the touch.
-            _ => true,
-        }
+        matches!(touched, Ok(Ok(true)))
+    }
+
+    /// Whether what is at the blob's key on the file store is a regular file (elsewhere: the
+    /// store's word, taken). A symlink there is no blob: its size and its touch would be its
+    /// target's.
+    async fn blob_is_file(&self, sha256_hex: &str) -> Result<bool, StoreError> {
+        let Some(root) = self.local_root() else {
+            return Ok(true);
+        };
+        let (key, path) = (blob_key(sha256_hex), root.join(blob_key(sha256_hex)));
+        local_blocking("promote", &key, move || {
+            match std::fs::symlink_metadata(&path) {
+                Ok(md) => Ok(md.is_file()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     /// The stored blob's size, `None` if there is none.
@@ -1610,8 +1662,14 @@ impl BlobStore {
         match self.store()?.rename_if_not_exists(&from, &to).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => {
-                // Something of another size at the blob's key is not the blob: replaced.
-                if !matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size) {
+                // Only a regular file of the blob's size is the blob: anything else at its key
+                // is replaced (a rename replaces a symlink, never follows it), and so is one
+                // gc took in between or the touch could not reach. Trying the conditional
+                // rename again instead went round for ever on a symlink at the key.
+                let found = self.blob_is_file(sha256_hex).await?
+                    && matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size)
+                    && self.still_wanted(sha256_hex).await;
+                if !found {
                     self.store()?
                         .rename(&from, &to)
                         .await
@@ -1621,10 +1679,6 @@ impl BlobStore {
                             source,
                         })?;
                     return Ok(true);
-                }
-                if !self.still_wanted(sha256_hex).await {
-                    // gc took the blob in between: the staging object becomes it after all.
-                    return Box::pin(self.promote(staging_key, sha256_hex, size)).await;
                 }
                 if let Some(root) = self.local_root() {
                     let (dir, blob) = (root.join("blobs/sha256"), root.join(&key));
@@ -2352,6 +2406,96 @@ mod tests {
         std::fs::create_dir_all(at.parent().unwrap()).unwrap();
         std::fs::write(&at, vec![0u8; 1000]).unwrap();
         assert!(store.put_blob(&sha, data.clone()).await.unwrap());
+        assert_eq!(std::fs::read(&at).unwrap(), &data[..]);
+    }
+
+    /// A symlink at a blob's key (to a copy of its bytes, so its size matched): the touch
+    /// followed it and found another inode at the key, promote tried again, and went round
+    /// for ever, touching the link's target as root each time.
+    #[tokio::test]
+    async fn a_symlink_at_the_key_is_replaced_by_promote() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        store.preflight().await.unwrap();
+        let data = Bytes::from_static(b"a large file's bytes");
+        let sha = crate::digest::sha256_hex(&data);
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, &data).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let at = dir.path().join("s").join(blob_key(&sha));
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, &at).unwrap();
+        let staging = "staging/job-1/0";
+        store.put_document(staging, data.clone()).await.unwrap();
+
+        let promoted = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.promote(staging, &sha, data.len() as u64),
+        )
+        .await
+        .expect("promote went round for ever");
+        assert!(promoted.unwrap());
+        let md = std::fs::symlink_metadata(&at).unwrap();
+        assert!(md.is_file(), "{md:?}");
+        assert_eq!(std::fs::read(&at).unwrap(), &data[..]);
+        let target_md = std::fs::metadata(&target).unwrap();
+        assert_eq!(
+            target_md.modified().unwrap(),
+            old,
+            "the link's target was touched"
+        );
+        assert_ne!(target_md.ino(), md.ino());
+    }
+
+    /// A blob found stored that could not be touched (here a fault: the open for writing
+    /// refused, as for a blob another user stored read-only) had its mtime left old and was
+    /// taken as stored: gc could delete it before the manifest named it. The owner's
+    /// `utimensat` is tried next; if that fails too, the blob is not taken, and storing it
+    /// puts a new copy in its place.
+    #[tokio::test]
+    async fn a_blob_that_cannot_be_touched_is_stored_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        store.preflight().await.unwrap();
+        let data = Bytes::from_static(b"stored by someone else");
+        let sha = crate::digest::sha256_hex(&data);
+        let at = dir.path().join("s").join(blob_key(&sha));
+        assert!(store.put_blob(&sha, data.clone()).await.unwrap());
+        let age = || {
+            std::fs::File::options()
+                .write(true)
+                .open(&at)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() - Duration::from_secs(86_400))
+                .unwrap();
+        };
+        let young = || {
+            let m = std::fs::metadata(&at).unwrap().modified().unwrap();
+            m.elapsed().unwrap_or_default() < Duration::from_secs(600)
+        };
+
+        age();
+        let _open = crate::fault::arm("blob-touch-open", &sha);
+        assert!(store.blob_exists(&sha, data.len() as u64).await.unwrap());
+        assert!(young(), "touched by utimensat");
+
+        age();
+        let _utimensat = crate::fault::arm("blob-touch-utimensat", &sha);
+        assert!(!store.blob_exists(&sha, data.len() as u64).await.unwrap());
+        let ino = std::fs::metadata(&at).unwrap().ino();
+        assert!(store.put_blob(&sha, data.clone()).await.unwrap());
+        assert!(young(), "a new copy");
+        assert_ne!(std::fs::metadata(&at).unwrap().ino(), ino);
         assert_eq!(std::fs::read(&at).unwrap(), &data[..]);
     }
 }
