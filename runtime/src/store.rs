@@ -539,6 +539,10 @@ struct Outage {
     probed: Option<tokio::time::Instant>,
     /// The latest failure's error chain, for the operations that fail without a try.
     error: String,
+    /// Whether a write failed in it: then only a write that succeeds ends it. A store that
+    /// serves reads and refuses writes (a 503 to every PUT, a full disk) answered each
+    /// file's HEAD, which ended the outage, and every file waited a deadline of its own.
+    writes_failed: bool,
 }
 
 /// What an operation's next try may do, decided as it starts ([`Retry::admit`]).
@@ -681,7 +685,13 @@ impl Retry {
     /// it belongs to has lasted the deadline. Counted from the try's start, not its end: a
     /// try that took a request timeout to fail neither starts a new outage late nor makes the
     /// outage under way look stale.
-    fn failed(&self, e: &StoreError, started: tokio::time::Instant) -> tokio::time::Instant {
+    /// `write`: whether the try was a write's.
+    fn failed(
+        &self,
+        e: &StoreError,
+        started: tokio::time::Instant,
+        write: bool,
+    ) -> tokio::time::Instant {
         let mut state = self.lock();
         let now = tokio::time::Instant::now();
         let error = match e {
@@ -693,6 +703,7 @@ impl Retry {
                 o.clock = started;
             }
             o.last = o.last.max(now);
+            o.writes_failed |= write;
             if let Some(error) = error {
                 o.error = error;
             }
@@ -708,6 +719,7 @@ impl Retry {
             probing: false,
             probed: None,
             error: error.unwrap_or_default(),
+            writes_failed: write,
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
             "store is failing; retrying with backoff (one line when it answers again)");
@@ -727,8 +739,13 @@ impl Retry {
         self.lock().answered_at = Some(tokio::time::Instant::now());
     }
 
-    fn answered(&self) {
+    /// A try succeeded; `write`: a write's. A read says nothing of an outage of writes, and
+    /// is not taken for the store answering within a write's try either.
+    fn answered(&self, write: bool) {
         let mut state = self.lock();
+        if !write && state.outage.as_ref().is_some_and(|o| o.writes_failed) {
+            return;
+        }
         state.answered_at = Some(tokio::time::Instant::now());
         if let Some(o) = state.outage.take() {
             tracing::warn!(
@@ -981,15 +998,25 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true).await
+        self.retrying_cut(op, true, true).await
+    }
+
+    /// [`BlobStore::retrying`] for an operation that only reads: its success does not end an
+    /// outage in which writes failed.
+    async fn retrying_read<T, Fut>(&self, op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying_cut(op, true, false).await
     }
 
     /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
-    /// deadline.
+    /// deadline; `write`: whether the operation writes.
     async fn retrying_cut<T, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
         cut: bool,
+        write: bool,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1021,7 +1048,7 @@ impl BlobStore {
             };
             match tried.unwrap_or_else(|| Err(self.retry.cut())) {
                 Ok(v) => {
-                    self.retry.answered();
+                    self.retry.answered(write);
                     return Ok(v);
                 }
                 Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
@@ -1032,7 +1059,7 @@ impl BlobStore {
                 }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    let outage_ends = self.retry.failed(&e, started);
+                    let outage_ends = self.retry.failed(&e, started, write);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
                     if tokio::time::Instant::now() + wait >= deadline.min(outage_ends) {
                         return Err(e);
@@ -1072,6 +1099,7 @@ impl BlobStore {
                 }
             },
             false,
+            true,
         )
         .await
     }
@@ -1316,7 +1344,7 @@ impl BlobStore {
     /// it, and is replaced by the upload that follows. A store that denies HEAD (a write-only
     /// policy) answers "not known", so the file is sent.
     pub async fn blob_exists(&self, sha256_hex: &str, size: u64) -> Result<bool, StoreError> {
-        let stored = match self.retrying(|| self.stored_size(sha256_hex)).await {
+        let stored = match self.retrying_read(|| self.stored_size(sha256_hex)).await {
             Err(e) if self.head_denied(&e) => return Ok(false),
             r => r?,
         };
@@ -1746,7 +1774,7 @@ impl BlobStore {
         offset: u64,
     ) -> Result<GetResult, StoreError> {
         let key = blob_key(sha256_hex);
-        self.retrying(|| async {
+        self.retrying_read(|| async {
             let opts = object_store::GetOptions {
                 range: Some(object_store::GetRange::Offset(offset)),
                 ..Default::default()
@@ -1764,7 +1792,7 @@ impl BlobStore {
     }
 
     pub async fn get(&self, key: &str) -> Result<GetResult, StoreError> {
-        self.retrying(|| self.get_once(key)).await
+        self.retrying_read(|| self.get_once(key)).await
     }
 
     async fn get_once(&self, key: &str) -> Result<GetResult, StoreError> {
@@ -1793,7 +1821,8 @@ impl BlobStore {
     pub async fn get_bytes_capped(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
         // The request and its body together: a body that breaks off (a reset after the
         // headers) is a blip like a failed request, and a dataset's manifest failed on one.
-        self.retrying(|| self.get_bytes_capped_once(key, max)).await
+        self.retrying_read(|| self.get_bytes_capped_once(key, max))
+            .await
     }
 
     async fn get_bytes_capped_once(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
@@ -1873,7 +1902,7 @@ impl BlobStore {
 
     /// The version of the document at `key` (`None`: there is none).
     pub async fn document_version(&self, key: &str) -> Result<Option<DocVersion>, StoreError> {
-        self.retrying(|| self.document_version_once(key)).await
+        self.retrying_read(|| self.document_version_once(key)).await
     }
 
     async fn document_version_once(&self, key: &str) -> Result<Option<DocVersion>, StoreError> {
@@ -1976,7 +2005,7 @@ impl BlobStore {
     pub async fn newest_attempt(&self, job_id: &str) -> Result<Option<u32>, StoreError> {
         let prefix = format!("jobs/{job_id}/attempts/");
         let keys = self
-            .retrying(|| self.list(&prefix, MAX_ATTEMPT_KEYS))
+            .retrying_read(|| self.list(&prefix, MAX_ATTEMPT_KEYS))
             .await?;
         Ok(keys
             .iter()
@@ -2081,31 +2110,31 @@ mod tests {
         };
         let start = tokio::time::Instant::now();
         assert_eq!(
-            retry.failed(&e, tokio::time::Instant::now()),
+            retry.failed(&e, tokio::time::Instant::now(), true),
             start + Duration::from_secs(10)
         );
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(
-            retry.failed(&e, tokio::time::Instant::now()),
+            retry.failed(&e, tokio::time::Instant::now(), true),
             start + Duration::from_secs(10)
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         retry.restart_clock();
         assert_eq!(
-            retry.failed(&e, tokio::time::Instant::now()),
+            retry.failed(&e, tokio::time::Instant::now(), true),
             start + Duration::from_secs(18)
         );
         tokio::time::advance(Duration::from_secs(11)).await;
         let now = tokio::time::Instant::now();
         assert_eq!(
-            retry.failed(&e, tokio::time::Instant::now()),
+            retry.failed(&e, tokio::time::Instant::now(), true),
             now + Duration::from_secs(10)
         );
-        retry.answered();
+        retry.answered(true);
         tokio::time::advance(Duration::from_secs(1)).await;
         let now = tokio::time::Instant::now();
         assert_eq!(
-            retry.failed(&e, tokio::time::Instant::now()),
+            retry.failed(&e, tokio::time::Instant::now(), true),
             now + Duration::from_secs(10)
         );
     }
@@ -2162,7 +2191,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         store
             .retry
-            .failed(&StoreError::Contended { key: "k".into() }, start);
+            .failed(&StoreError::Contended { key: "k".into() }, start, true);
         tokio::time::advance(Duration::from_secs(20)).await;
         let e = store.retrying(|| fails_after(300)).await.unwrap_err();
         assert_eq!(start.elapsed(), Duration::from_secs(60));
@@ -2179,15 +2208,24 @@ mod tests {
         let retry = Retry::new(Duration::from_secs(10));
         let e = StoreError::Contended { key: "k".into() };
         let start = tokio::time::Instant::now();
-        assert_eq!(retry.failed(&e, start), start + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, start, true),
+            start + Duration::from_secs(10)
+        );
         tokio::time::advance(Duration::from_secs(300)).await;
         let second = start + Duration::from_secs(5);
-        assert_eq!(retry.failed(&e, second), start + Duration::from_secs(10));
-        retry.answered();
+        assert_eq!(
+            retry.failed(&e, second, true),
+            start + Duration::from_secs(10)
+        );
+        retry.answered(true);
         let answered = tokio::time::Instant::now();
         tokio::time::advance(Duration::from_secs(300)).await;
         // Failed after 300 s; but not before the store last answered.
-        assert_eq!(retry.failed(&e, start), answered + Duration::from_secs(10));
+        assert_eq!(
+            retry.failed(&e, start, true),
+            answered + Duration::from_secs(10)
+        );
     }
 
     /// Only tries made during an outage are bounded: a slow request while the store answers
@@ -2206,7 +2244,7 @@ mod tests {
 
         store
             .retry
-            .failed(&StoreError::Contended { key: "k".into() }, start);
+            .failed(&StoreError::Contended { key: "k".into() }, start, true);
         let start = tokio::time::Instant::now();
         let answered = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -2221,7 +2259,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         store
             .retry
-            .failed(&StoreError::Contended { key: "k".into() }, start);
+            .failed(&StoreError::Contended { key: "k".into() }, start, true);
         let looked = store
             .retrying(|| async {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -2237,7 +2275,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         store
             .retry
-            .failed(&StoreError::Contended { key: "k".into() }, start);
+            .failed(&StoreError::Contended { key: "k".into() }, start, true);
         let whole = store
             .retrying_whole(|| async {
                 tokio::time::sleep(Duration::from_secs(600)).await;
@@ -2255,9 +2293,9 @@ mod tests {
         let store = store_with_deadline(60);
         let start = tokio::time::Instant::now();
         let e = StoreError::Contended { key: "k".into() };
-        store.retry.failed(&e, start);
+        store.retry.failed(&e, start, true);
         tokio::time::advance(Duration::from_secs(55)).await;
-        store.retry.failed(&e, tokio::time::Instant::now());
+        store.retry.failed(&e, tokio::time::Instant::now(), true);
         tokio::time::advance(Duration::from_secs(6)).await;
         let tries = std::sync::atomic::AtomicUsize::new(0);
         let counted = |secs| {
@@ -2294,6 +2332,95 @@ mod tests {
             .await
             .unwrap();
         assert!(store.retry.lock().outage.is_none());
+    }
+
+    /// A store that answers reads and refuses every write with a 503 (its disk full behind
+    /// it), as a test's wrapper of `mem`.
+    #[derive(Debug)]
+    struct RefusesWrites(object_store::memory::InMemory);
+
+    impl std::fmt::Display for RefusesWrites {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "RefusesWrites")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for RefusesWrites {
+        async fn put_opts(
+            &self,
+            _: &StorePath,
+            _: PutPayload,
+            _: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            Err(object_store::Error::Generic {
+                store: "S3",
+                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+            })
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &StorePath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &StorePath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.0.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<StorePath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<StorePath>> {
+            self.0.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.0.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &StorePath,
+            to: &StorePath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.0.copy_opts(from, to, options).await
+        }
+    }
+
+    /// Files of a final sync against a store that serves reads and refuses writes: each
+    /// file's HEAD (its blob not there) was an answer that ended the outage, and each PUT
+    /// then began one of its own: 1,000 files took ten hours to fail, not one deadline.
+    #[tokio::test(start_paused = true)]
+    async fn reads_answered_do_not_end_an_outage_of_writes() {
+        let mem = Arc::new(object_store::memory::InMemory::new());
+        let mut store = BlobStore::in_memory_with(mem.clone(), mem, Duration::from_secs(60));
+        store.inner = Arc::new(RefusesWrites(object_store::memory::InMemory::new()));
+        let start = tokio::time::Instant::now();
+        for i in 0..10 {
+            let data = Bytes::from(format!("file {i}"));
+            let sha = crate::digest::sha256_hex(&data);
+            // Answered, or refused past the deadline; never found.
+            let found = store.blob_exists(&sha, data.len() as u64).await;
+            assert!(!matches!(found, Ok(true)), "{found:?}");
+            let e = store.put_blob(&sha, data).await.unwrap_err();
+            assert!(!e.is_permanent(), "{e}");
+        }
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(60 + 30), "{took:?}");
     }
 
     #[test]
