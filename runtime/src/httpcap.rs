@@ -50,8 +50,8 @@ impl HttpService for Capped {
         let (method, sent_to) = (req.method().clone(), req.uri().clone());
         let res = self.0.execute(req).await?;
         // A redirect to another origin is not followed ([`crate::storehttp`]) and is not an
-        // answer either: refused like one followed below (a 304 and S3's wrong-region 301
-        // carry no Location and are object_store's to read).
+        // answer either: refused, for good, as every try meets it again (a 304 and S3's
+        // wrong-region 301 carry no Location and are object_store's to read).
         if res.status().is_redirection() && res.headers().contains_key(http::header::LOCATION) {
             let to = res.headers()[http::header::LOCATION]
                 .to_str()
@@ -61,7 +61,7 @@ impl HttpService for Capped {
                 .unwrap_or_default();
             return Err(HttpError::new(
                 HttpErrorKind::Unknown,
-                Redirected {
+                RedirectedAway {
                     method: method.to_string(),
                     to,
                 },
@@ -134,6 +134,15 @@ pub(crate) fn retry_after(status: u16, headers: &http::HeaderMap) -> Option<std:
                 .unwrap_or_default(),
         ),
     }
+}
+
+/// A redirect to another origin, not followed: permanent ([`crate::store`]), as every try
+/// is sent to the same store, which answers the same.
+#[derive(Debug, thiserror::Error)]
+#[error("the store answered a {method} with a redirect to another origin (host `{to}`), which is not followed")]
+pub(crate) struct RedirectedAway {
+    pub(crate) method: String,
+    pub(crate) to: String,
 }
 
 /// A redirect of a request that is not a GET, followed by the HTTP client.

@@ -7,8 +7,8 @@
 //!   (`backon`), for as long as `retry_deadline` allows, whenever the failure is transient:
 //!   transport errors, 5xx, 429/SlowDown, a reset mid-body (which object_store does not retry
 //!   for a PUT), a 404 to a write (the preflight found the bucket: a proxy's blip). Permanent
-//!   errors (403, 404 to a read, 400, a file store path that is read-only or not a directory)
-//!   fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
+//!   errors (403, 404 to a read, 400 and the other 4xx but [`TRANSIENT_4XX`], a redirect to
+//!   another origin, a file store path that is read-only or not a directory) fail at once. So "the network blinked" never becomes UPLOAD_ERROR; only
 //!   "the store really refused" or "it stayed down past the deadline" does. The deadline is
 //!   the outage's, shared by every operation: a try made during an outage is cut at it, and
 //!   past it operations fail without a try but for one probe at a time.
@@ -197,8 +197,8 @@ fn is_local(e: &object_store::Error) -> bool {
 }
 
 /// Causes that no retry cures, found anywhere in an error's chain: a file store (`local`)
-/// that is read-only, denied or not a directory, and an HTTP 400 (object_store does not
-/// type it). For a remote store an I/O error is the node's network: a `connect` refused
+/// that is read-only, denied or not a directory, an HTTP 4xx that object_store does not type
+/// (but [`TRANSIENT_4XX`]), and a redirect to another origin. For a remote store an I/O error is the node's network: a `connect` refused
 /// with EPERM by a full conntrack table or a firewall being reloaded passes, so it is
 /// retried (the store's own refusals come as HTTP statuses).
 fn permanent_cause(e: &(dyn std::error::Error + 'static), local: bool) -> bool {
@@ -227,16 +227,39 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static), local: bool) -> bool {
         {
             return true;
         }
+        // Not followed, and the next try is sent where it was refused again.
+        if err
+            .downcast_ref::<crate::httpcap::RedirectedAway>()
+            .is_some()
+        {
+            return true;
+        }
         // object_store's RetryError is not nameable outside the crate; its text is stable:
         // "Server returned non-2xx status code: 400 Bad Request: ...", with the body after it.
         let text = err.to_string();
-        if text.contains("status code: 400 ") {
-            return !TRANSIENT_400.iter().any(|code| text.contains(code));
+        match http_status(&text) {
+            Some(400) => return !TRANSIENT_400.iter().any(|code| text.contains(code)),
+            // A proxy's 413 (nginx's client_max_body_size), a 405, 411, 414, 431: each try
+            // is refused the same way, and was retried until the deadline.
+            Some(status @ 401..=499) => return !TRANSIENT_4XX.contains(&status),
+            _ => {}
         }
         cur = err.source();
     }
     false
 }
+
+/// The HTTP status object_store's error text names, if any.
+fn http_status(text: &str) -> Option<u16> {
+    let (_, rest) = text.split_once("status code: ")?;
+    rest.get(..3)?.parse().ok()
+}
+
+/// 4xx statuses that a later try may not get: a request timed out (408), a conflict or a
+/// failed condition another writer causes (409, 412), a connection reused for the wrong host
+/// (421), a lock (423), too early (425), throttling (429); and a 404, which object_store
+/// types, to a write a blip ([`write_error`]).
+const TRANSIENT_4XX: &[u16] = &[404, 408, 409, 412, 421, 423, 425, 429];
 
 fn text_is_range_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
     let text = err.to_string();
@@ -2054,6 +2077,60 @@ mod tests {
             },
         );
         assert_eq!(set, ["timeout=300s"]);
+    }
+
+    /// A 4xx refuses the request as it is: a proxy's 413 for a large part, retried until the
+    /// deadline, failed the upload after 10 minutes rather than at once. Those a later try
+    /// may not get are retried.
+    #[test]
+    fn a_4xx_is_permanent_but_for_those_a_later_try_may_pass() {
+        let status = |s: &str| {
+            std::io::Error::other(format!("Server returned non-2xx status code: {s}: <html>"))
+        };
+        for s in [
+            "413 Payload Too Large",
+            "405 Method Not Allowed",
+            "411 Length Required",
+            "414 URI Too Long",
+            "416 Range Not Satisfiable",
+            "431 Request Header Fields Too Large",
+            "400 Bad Request",
+        ] {
+            assert!(permanent_cause(&status(s), false), "{s}");
+        }
+        for s in [
+            "408 Request Timeout",
+            "429 Too Many Requests",
+            "421 Misdirected Request",
+            "423 Locked",
+            "425 Too Early",
+            "503 Service Unavailable",
+            "500 Internal Server Error",
+        ] {
+            assert!(!permanent_cause(&status(s), false), "{s}");
+        }
+        let e = std::io::Error::other(
+            "Server returned non-2xx status code: 400 Bad Request: <Code>RequestTimeout</Code>",
+        );
+        assert!(!permanent_cause(&e, false));
+        let op = StoreError::Op {
+            op: "upload part",
+            key: "k".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(status("413 Payload Too Large")),
+            },
+        };
+        assert!(op.is_permanent());
+        // A redirect to another origin, not followed: the next try meets it again.
+        let away = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(crate::httpcap::RedirectedAway {
+                method: "PUT".into(),
+                to: "elsewhere".into(),
+            }),
+        };
+        assert!(permanent_cause(&away, false));
     }
 
     #[test]

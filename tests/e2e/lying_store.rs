@@ -87,6 +87,9 @@ enum Fault {
     NotFoundOnce,
     /// Every request: 404 NoSuchBucket.
     NoBucket,
+    /// Every PUT of a non-empty blob: 413 Request Entity Too Large (a proxy's
+    /// `client_max_body_size`).
+    TooLarge,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -231,6 +234,17 @@ async fn handle(
     }
     if fault == Fault::WrongRegion {
         return s3_error(StatusCode::MOVED_PERMANENTLY, "PermanentRedirect");
+    }
+    if fault == Fault::TooLarge
+        && method == Method::PUT
+        && key.contains("/blobs/sha256/")
+        && !body.is_empty()
+    {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &[],
+            Body::from("<html>413 Request Entity Too Large</html>"),
+        );
     }
     if fault == Fault::RedirectAway
         && key.contains("/blobs/sha256/")
@@ -647,6 +661,29 @@ fn a_400_request_timeout_is_a_blip() {
     h.run_job(job_writing(&h, "rt400", b"slow link"))
         .assert_code(0);
     assert_eq!(s3.blob(b"slow link").as_deref(), Some(&b"slow link"[..]));
+}
+
+/// A proxy that refuses the upload's size (413): every try is refused the same way, and it
+/// was retried until the deadline (10 minutes by default) before the job failed.
+#[test]
+fn a_413_fails_the_upload_at_once() {
+    let s3 = FakeS3::start(Fault::TooLarge);
+    let mut h = s3.harness();
+    h.extra_toml = h
+        .extra_toml
+        .replace("retry_deadline_secs = 4", "retry_deadline_secs = 120");
+    assert!(h.extra_toml.contains("retry_deadline_secs = 120"));
+    let started = std::time::Instant::now();
+    let run = h.run_job(job_writing(&h, "too-large", b"a file a proxy refuses"));
+    run.assert_code(3);
+    assert_eq!(h.terminal("too-large")["reason"], "UPLOAD_ERROR");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "retried a 413 for {:?}\n{}",
+        started.elapsed(),
+        run.stderr
+    );
+    assert!(run.stderr.contains("413"), "{}", run.stderr);
 }
 
 /// A 404 to a write (a blob's PUT, a multipart start) is a blip, as a 503 is: the bucket was
