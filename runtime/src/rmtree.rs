@@ -823,7 +823,7 @@ pub(crate) mod tests {
     static COUNTING: Counting = Counting;
 
     /// Runs `f`; returns what it returned and the most bytes it held at once.
-    fn held_during<T>(f: impl FnOnce() -> T) -> (T, isize) {
+    pub(crate) fn held_during<T>(f: impl FnOnce() -> T) -> (T, isize) {
         HELD.set(Some((0, 0)));
         let out = f();
         let (_, peak) = HELD.take().unwrap_or_default();

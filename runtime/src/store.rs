@@ -337,9 +337,13 @@ fn bounded<B>(mut b: B, env_prefix: &str, set: impl Fn(B, ClientConfigKey, &str)
 /// The bounds [`bounded`] sets.
 const STORE_TIMEOUTS: [(ClientConfigKey, &str); 1] = [(ClientConfigKey::Timeout, "300s")];
 
-/// The most keys a job's attempts listing may hold (one manifest per attempt; attempts are
+/// The most keys a job's attempts listing may give (one manifest per attempt; attempts are
 /// numbered by the scheduler, thousands at most).
 const MAX_ATTEMPT_KEYS: usize = 100_000;
+
+/// The longest key of an attempts listing that is looked at (an attempt's manifest key is
+/// well under it; S3 allows no longer).
+const MAX_ATTEMPT_KEY_BYTES: usize = 1024;
 
 /// The longest upload id a store's reply may give that the agent uses (S3's are about 100
 /// bytes, GCS's a few hundred, Azure's empty).
@@ -2027,16 +2031,56 @@ impl BlobStore {
     /// attempt writes that key before the job's.
     pub async fn newest_attempt(&self, job_id: &str) -> Result<Option<u32>, StoreError> {
         let prefix = format!("jobs/{job_id}/attempts/");
-        let keys = self
-            .retrying_read(|| self.list(&prefix, MAX_ATTEMPT_KEYS))
-            .await?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| {
-                let n = k.strip_prefix(&prefix)?.strip_suffix("/manifest.json")?;
-                n.parse::<u32>().ok()
+        self.retrying_read(|| self.newest_attempt_once(&prefix))
+            .await
+    }
+
+    /// One listing of the attempts, read as it comes: only the highest number is kept, and a
+    /// key over [`MAX_ATTEMPT_KEY_BYTES`] is passed over. Gathered whole, a hostile listing
+    /// (100,000 keys of 16 MiB each) was held in the root agent's memory. A listing that
+    /// outlasts the retry deadline (pages that trickle) is given up, as one past
+    /// [`MAX_ATTEMPT_KEYS`] is: not a blip to list again.
+    async fn newest_attempt_once(&self, prefix: &str) -> Result<Option<u32>, StoreError> {
+        use futures::StreamExt;
+        let op_error = |source| StoreError::Op {
+            op: "list",
+            key: prefix.to_string(),
+            source,
+        };
+        let refused =
+            |why: String| op_error(object_store::Error::NotSupported { source: why.into() });
+        let mut listing = self.store()?.list(Some(&StorePath::from(prefix)));
+        let listed = async {
+            let (mut newest, mut seen) = (None, 0);
+            while let Some(meta) = listing.next().await {
+                seen += 1;
+                if seen > MAX_ATTEMPT_KEYS {
+                    return Err(refused(format!(
+                        "the listing went past {MAX_ATTEMPT_KEYS} keys"
+                    )));
+                }
+                let key = meta.map_err(op_error)?.location;
+                let key = key.as_ref();
+                if key.len() > MAX_ATTEMPT_KEY_BYTES {
+                    continue;
+                }
+                let n = key
+                    .strip_prefix(prefix)
+                    .and_then(|k| k.strip_suffix("/manifest.json"))
+                    .and_then(|n| n.parse::<u32>().ok());
+                newest = newest.max(n);
+            }
+            Ok(newest)
+        };
+        let limit = self.retry.deadline;
+        tokio::time::timeout(limit, listed)
+            .await
+            .unwrap_or_else(|_| {
+                Err(refused(format!(
+                    "the listing went on past {} s (store.retry_deadline_secs)",
+                    limit.as_secs()
+                )))
             })
-            .max())
     }
 }
 
@@ -2498,6 +2542,102 @@ mod tests {
         }
         let took = start.elapsed();
         assert!(took < Duration::from_secs(60 + 30), "{took:?}");
+    }
+
+    /// A store whose attempts listing gives `huge` keys of 1 MiB, then two attempts'.
+    #[derive(Debug)]
+    struct HugeKeys {
+        mem: object_store::memory::InMemory,
+        huge: usize,
+    }
+
+    impl std::fmt::Display for HugeKeys {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "HugeKeys")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for HugeKeys {
+        async fn put_opts(
+            &self,
+            location: &StorePath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.mem.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &StorePath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.mem.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &StorePath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.mem.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<StorePath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<StorePath>> {
+            self.mem.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            _: Option<&StorePath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            use futures::StreamExt;
+            let meta = |key: String| object_store::ObjectMeta {
+                location: StorePath::from(key),
+                last_modified: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+                size: 0,
+                e_tag: None,
+                version: None,
+            };
+            let huge = (0..self.huge)
+                .map(move |i| Ok(meta(format!("jobs/j/attempts/{i}{}", "x".repeat(1 << 20)))));
+            let real = [3, 7].map(|n| Ok(meta(format!("jobs/j/attempts/{n}/manifest.json"))));
+            futures::stream::iter(huge.chain(real)).boxed()
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.mem.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &StorePath,
+            to: &StorePath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.mem.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A listing of huge keys (a hostile store's, 100,000 of 16 MiB) is read one key at a
+    /// time: it was gathered whole before the attempt numbers were looked at.
+    #[test]
+    fn the_newest_attempt_is_found_without_holding_the_listing() {
+        let mut store = BlobStore::in_memory();
+        store.inner = Arc::new(HugeKeys {
+            mem: object_store::memory::InMemory::new(),
+            huge: 64,
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (newest, peak) =
+            crate::rmtree::tests::held_during(|| rt.block_on(store.newest_attempt("j")));
+        assert_eq!(newest.unwrap(), Some(7));
+        assert!(peak < 16 << 20, "held {peak} bytes at once");
     }
 
     #[test]
