@@ -265,6 +265,11 @@ fn walk(
     while let Some(item) = tree.next() {
         let entry = match item {
             Item::Entry(entry) => entry,
+            // Removed while it was read (a checkpoint rotation's rmtree): nothing to collect,
+            // and nothing unread either.
+            Item::Unlisted { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+                continue;
+            }
             Item::Unlisted { rel, error } => {
                 let key = c3_proto::manifest::rel_key(&rel);
                 let rel = display_rel(&rel);
@@ -299,8 +304,10 @@ fn walk(
             }
         } else if is_dir(&st) {
             if let Some(dir) = open_walked(&entry.parent, &entry.name, &child_key, reader, out) {
-                if let Err(e) = tree.enter(dir, entry.rel) {
-                    out.broken(&child_key, format!("cannot read {child_rel}/: {e}"), &e);
+                match tree.enter(dir, entry.rel) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => out.broken(&child_key, format!("cannot read {child_rel}/: {e}"), &e),
+                    Ok(()) => {}
                 }
             }
         } else if is_regular(&st) {

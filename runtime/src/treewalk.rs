@@ -179,6 +179,28 @@ mod tests {
         assert_eq!(names(&mut walk, false), ["a/b", "a/g", "a/link"]);
     }
 
+    /// A directory removed once opened reads as empty (glibc takes the kernel's ENOENT for a
+    /// dead directory as its end) or as NotFound, which the scan takes for "removed
+    /// meanwhile": never as a place it could not read (a checkpoint rotation's rmtree during
+    /// a `wait_all` is no failure).
+    #[test]
+    fn a_directory_removed_once_opened_is_not_found() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("gone")).unwrap();
+        let root = DirFd::open(t.path()).unwrap();
+        let gone = root.open_dir(Path::new("gone")).unwrap();
+        std::fs::remove_dir(t.path().join("gone")).unwrap();
+        let found = TreeWalk::new(gone, b"gone".to_vec()).map(|mut walk| walk.next());
+        match found {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            Ok(Some(Item::Unlisted { error, .. })) => {
+                assert_eq!(error.kind(), io::ErrorKind::NotFound)
+            }
+            Ok(Some(Item::Entry(e))) => panic!("listed {:?}", e.name),
+            Ok(None) => {}
+        }
+    }
+
     /// A directory of many subdirectories is read with one listing open: the walk holds one
     /// level per depth, whatever the width.
     #[test]
