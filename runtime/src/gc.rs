@@ -138,7 +138,14 @@ pub async fn collect_garbage_capped(
 ) -> Result<GcReport, GcError> {
     let root = file_root(store)?;
     let root_dir = open_root(&root).await?;
-    let now = SystemTime::now();
+    let now = {
+        let root_dir = root_dir.clone();
+        let fs_now = tokio::task::spawn_blocking(move || store_clock(&root_dir))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        earlier_now(SystemTime::now(), fs_now)
+    };
     // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
     // job stores a blob before its manifest names it, and a sync under way may be minutes
     // from writing that manifest.
@@ -405,6 +412,21 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64
 }
 
 /// The file store's directory, opened (not through a symlink) and, as root, vetted.
+/// The store's own time: the mtime of a file made there now. Blob mtimes are stamped by the
+/// file system's clock (an NFS server's), which a node's may be hours off.
+fn store_clock(root: &DirFd) -> std::io::Result<SystemTime> {
+    let (name, file) = root.create_temp(".c3-gc-clock-")?;
+    let stamped = file.metadata().and_then(|m| m.modified());
+    let _ = root.remove_file(std::ffi::OsStr::new(&name));
+    stamped
+}
+
+/// Ages are taken from the earlier of the node's time and the store's: either clock ahead
+/// would make blobs look older than they are, and gc delete one a job stored minutes ago.
+fn earlier_now(node: SystemTime, store: Option<SystemTime>) -> SystemTime {
+    store.map_or(node, |s| s.min(node))
+}
+
 async fn open_root(root: &Path) -> Result<Arc<DirFd>, GcError> {
     let path = root.to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -614,6 +636,29 @@ fn list_blobs(dir: &DirFd) -> std::io::Result<Listing> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node clock ahead of the store's (an NFS server's) does not age blobs: the earlier of
+    /// the two is now, and the store's is read from a file made there and removed.
+    #[test]
+    fn ages_are_taken_from_the_earlier_clock() {
+        let node = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let behind = node - Duration::from_secs(7200);
+        assert_eq!(earlier_now(node, Some(behind)), behind);
+        assert_eq!(earlier_now(behind, Some(node)), behind);
+        assert_eq!(earlier_now(node, None), node);
+        let t = tempfile::tempdir().unwrap();
+        let root = DirFd::open(t.path()).unwrap();
+        let fs_now = store_clock(&root).unwrap();
+        let skew = SystemTime::now()
+            .duration_since(fs_now)
+            .unwrap_or_else(|e| e.duration());
+        assert!(skew < Duration::from_secs(60), "{skew:?}");
+        assert_eq!(
+            std::fs::read_dir(t.path()).unwrap().count(),
+            0,
+            "left its file"
+        );
+    }
     use crate::store::{attempt_manifest_key, manifest_key, StoreConfig};
     use bytes::Bytes;
     use c3_proto::{FileEntry, LogEntry, Logs};
