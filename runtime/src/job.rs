@@ -21,6 +21,7 @@ use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
 use crate::confine::{DirFd, JobReader};
 pub use crate::context::AgentContext;
 use crate::display::{error_chain, now_rfc3339};
+use crate::jobproc::StopBy;
 use crate::jobreport::{Ending, JobReporter};
 use crate::launch::RunAs;
 use crate::outcome::{decide, JobEnd, Verdict};
@@ -474,8 +475,12 @@ impl<'a> Run<'a> {
             socket.map(|s| s.serve(collector.publisher(), procs, uid, stop_socket.clone()));
         self.collector = Some(collector);
         crate::fault::point("after-launch");
+        // The job's processes get what the stop deadline leaves the final sync: the status's
+        // own reserve stays whole however long they refuse to die.
+        let within = self.ctx.stop_deadline - status_reserve(self.ctx.stop_deadline);
+        let stop = StopBy::new(self.stop_requested.clone(), within);
         let supervised = supervisor
-            .wait(cancel, spec.timeout_secs, self.ctx.kill_grace)
+            .wait(cancel, spec.timeout_secs, self.ctx.kill_grace, &stop)
             .await;
         drop(live_progress);
         // The job's processes are gone: the final sync may use the whole host.
@@ -486,7 +491,7 @@ impl<'a> Run<'a> {
         if let Some(server) = server {
             let _ = server.await;
         }
-        let drained = supervised.output.drain(self.report_stay()).await;
+        let drained = supervised.output.drain(self.report_stay(), stop.by()).await;
         for w in supervised.warnings.into_iter().chain(drained) {
             self.reports.warn(w);
         }

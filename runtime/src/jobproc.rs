@@ -410,6 +410,77 @@ struct Inner {
     tree: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
 }
 
+/// How long SIGKILL rounds go on before the job's processes are said to survive them.
+const KILL_ROUNDS: Duration = Duration::from_secs(5);
+
+/// The shortest round of SIGKILLs, even past the stop's deadline.
+const LAST_ROUND: Duration = Duration::from_millis(250);
+
+/// How long the leader may take to die after its SIGKILL; a leader stuck in the kernel (a
+/// GPU driver call) must not hold the agent.
+const LEADER_AFTER_KILL: Duration = Duration::from_secs(10);
+
+/// When the stopping of the job must be over once the agent was asked to stop: every wait
+/// for the job's processes (grace, SIGKILL rounds, the leader's death) and for its output
+/// is measured from the stop, so that the final sync's cut and the terminal status still
+/// come by `stop_deadline_secs`, however long a process refuses to die. Without a stop,
+/// each wait is its own.
+#[derive(Debug, Clone, Default)]
+pub struct StopBy {
+    /// When the stop came (`job::stop_clock`): `None` in it until then.
+    at: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
+    /// How long after the stop the job's processes may take.
+    within: Duration,
+}
+
+impl StopBy {
+    pub fn new(
+        at: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
+        within: Duration,
+    ) -> Self {
+        StopBy { at, within }
+    }
+
+    /// The deadline, once a stop came.
+    pub fn by(&self) -> Option<tokio::time::Instant> {
+        let at = (*self.at.as_ref()?.borrow())?;
+        at.checked_add(self.within)
+    }
+
+    /// `t`, or the stop's deadline if it comes first.
+    fn cap(&self, t: tokio::time::Instant) -> tokio::time::Instant {
+        self.by().map_or(t, |by| by.min(t))
+    }
+
+    /// `f`'s output, unless `t` (or the deadline of a stop, also one that comes meanwhile)
+    /// passes first.
+    async fn timeout_at<F: std::future::Future>(
+        &self,
+        t: tokio::time::Instant,
+        f: F,
+    ) -> Option<F::Output> {
+        let mut at = self.at.clone();
+        tokio::pin!(f);
+        loop {
+            let stop = async {
+                match at.as_mut() {
+                    Some(rx) if self.by().is_none() => {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = &mut f => return Some(out),
+                () = tokio::time::sleep_until(self.cap(t)) => return None,
+                () = stop => {}
+            }
+        }
+    }
+}
+
 /// Generations walked up from a process to find the agent ([`JobProcesses::contains`]),
 /// where no cgroup answers: each is a read of `/proc` by the root agent, outside the job's
 /// cgroup, for every connection to the job's socket. A job that nests its processes deeper
@@ -682,72 +753,91 @@ impl JobProcesses {
     }
 
     /// SIGTERM to every process of the job, SIGKILL after `grace` to whatever is left,
-    /// everything reaped. Returns the leader's exit status if it had to be waited for here.
+    /// everything reaped; after a stop, all of it by `stop`'s deadline. Returns the leader's
+    /// exit status if it had to be waited for here.
     pub async fn terminate(
         &self,
         leader: Option<&mut Child>,
         grace: Duration,
+        stop: &StopBy,
     ) -> Option<ExitStatus> {
         let deadline = tokio::time::Instant::now() + grace;
         let members = self.members_async().await;
         self.signal_each(&members, Signal::SIGTERM);
         let mut status = None;
         if let Some(child) = leader {
-            match tokio::time::timeout_at(deadline, child.wait()).await {
-                Ok(s) => status = s.ok(),
-                Err(_) => {
+            match stop.timeout_at(deadline, child.wait()).await {
+                Some(s) => status = s.ok(),
+                None => {
                     tracing::warn!(
                         pid = self.inner.leader,
                         grace_secs = grace.as_secs_f64(),
                         "job ignored SIGTERM; sending SIGKILL"
                     );
                     self.kill_hard_async().await;
-                    // A leader stuck in the kernel (a GPU driver call) must not hold the agent:
-                    // stop_rest below says so, and the stop deadline still applies.
-                    status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    // A leader stuck for good is left to the SIGKILL rounds below, which say so.
+                    let until = tokio::time::Instant::now() + LEADER_AFTER_KILL;
+                    status = stop
+                        .timeout_at(until, child.wait())
                         .await
-                        .ok()
                         .and_then(Result::ok);
                 }
             }
         }
-        self.stop_rest(deadline).await;
-        status
-    }
-
-    /// Members that outlive `deadline` get SIGKILL; bounded, then everything is reaped.
-    async fn stop_rest(&self, deadline: tokio::time::Instant) {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             self.reap();
             if self.gone_async().await {
                 break;
             }
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= stop.cap(deadline) {
                 tracing::warn!(
                     processes = self.members_async().await.len(),
                     "processes of the job outlived the grace period; sending SIGKILL"
                 );
-                let until = tokio::time::Instant::now() + Duration::from_secs(5);
-                loop {
-                    self.kill_hard_async().await;
-                    tick.tick().await;
-                    self.reap();
-                    if self.gone_async().await {
-                        break;
-                    }
-                    if tokio::time::Instant::now() >= until {
-                        tracing::error!(
-                            processes = self.members_async().await.len(),
-                            "processes of the job survive SIGKILL (stuck in the kernel?)"
-                        );
-                        break;
-                    }
-                }
+                self.kill_rounds(KILL_ROUNDS, stop).await;
                 break;
             }
-            tick.tick().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        self.done();
+        status
+    }
+
+    /// After [`JobProcesses::terminate`] already ran for a stop: one short round of SIGKILL
+    /// for anything left (forked meanwhile, or still stuck), reaped; no second grace.
+    pub async fn last_round(&self, stop: &StopBy) {
+        self.reap();
+        if !self.gone_async().await {
+            self.kill_rounds(LAST_ROUND, stop).await;
+        }
+        self.done();
+    }
+
+    /// SIGKILL to whatever is left, for `rounds` (cut at `stop`'s deadline, but never below
+    /// [`LAST_ROUND`]).
+    async fn kill_rounds(&self, rounds: Duration, stop: &StopBy) {
+        let start = tokio::time::Instant::now();
+        let until = stop.cap(start + rounds).max(start + LAST_ROUND);
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            self.kill_hard_async().await;
+            tick.tick().await;
+            self.reap();
+            if self.gone_async().await {
+                return;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::error!(
+                    processes = self.members_async().await.len(),
+                    "processes of the job survive SIGKILL (stuck in the kernel?)"
+                );
+                return;
+            }
+        }
+    }
+
+    /// The job's cgroup's facts, kept, and the cgroup removed.
+    fn done(&self) {
         if let Some(cg) = &self.inner.cgroup {
             if let Ok(mut facts) = self.inner.facts.lock() {
                 // Once, while the cgroup exists: a second `terminate` finds it removed.

@@ -15,7 +15,7 @@ use c3_proto::{JobSpec, Stream};
 use crate::confine::DirFd;
 use crate::context::{AgentContext, ForwardTo};
 use crate::display::error_chain;
-use crate::jobproc::{Cgroup, JobProcesses};
+use crate::jobproc::{Cgroup, JobProcesses, StopBy};
 use crate::launch::{
     child_env, signal_name, start, LaunchError, LaunchPlan, RunAs, LAUNCH_DEADLINE,
 };
@@ -24,6 +24,9 @@ use crate::output::{forward_live, pump, LAST_ROUND};
 
 /// How long the output pumps may run on once the job's processes are gone.
 const PUMP_DRAIN: Duration = Duration::from_secs(5);
+
+/// How long the output pumps may run on when the stop's deadline has passed.
+const PUMP_MOMENT: Duration = Duration::from_millis(100);
 
 /// A launched job, until it ends.
 pub struct Supervisor {
@@ -84,13 +87,23 @@ pub fn job_cgroup(spec: &JobSpec) -> Option<Cgroup> {
 }
 
 impl Output {
-    /// Reads what the job's pipes still hold (bounded: a process outside the job may keep
-    /// them open) and lets the live posts finish by [`LAST_ROUND`] from now or `stay` (what
-    /// `give_up_secs` and the stop deadline leave), whichever is first; warnings for the
-    /// terminal status.
-    pub async fn drain(mut self, stay: tokio::time::Instant) -> Vec<String> {
+    /// Reads what the job's pipes still hold (bounded: a process outside the job, or one of
+    /// it stuck for good, may keep them open; after a stop, by `stop_by` too) and lets the
+    /// live posts finish by [`LAST_ROUND`] from now or `stay` (what `give_up_secs` and the
+    /// stop deadline leave), whichever is first; warnings for the terminal status.
+    pub async fn drain(
+        mut self,
+        stay: tokio::time::Instant,
+        stop_by: Option<tokio::time::Instant>,
+    ) -> Vec<String> {
         let mut warnings = Vec::new();
-        let drained = tokio::time::timeout(PUMP_DRAIN, async {
+        let now = tokio::time::Instant::now();
+        // A moment even past the stop's deadline: a pipe whose writers are gone only has its
+        // last bytes to give.
+        let until = stop_by.map_or(now + PUMP_DRAIN, |by| {
+            by.clamp(now + PUMP_MOMENT, now + PUMP_DRAIN)
+        });
+        let drained = tokio::time::timeout_at(until, async {
             while let Some(r) = self.pumps.join_next().await {
                 if let Ok(Err(e)) = r {
                     tracing::error!(error = %error_chain(&e), "cannot keep the job's output in the state dir");
@@ -366,19 +379,22 @@ impl Supervisor {
     }
 
     /// Waits for the job's end (exit, timeout or cancel); then every process of the job is
-    /// stopped and reaped. Its output may still be draining ([`Output::drain`]).
+    /// stopped and reaped, after a stop by `stop`'s deadline. Its output may still be
+    /// draining ([`Output::drain`]).
     pub async fn wait(
         mut self,
         cancel: &CancellationToken,
         timeout_secs: Option<u64>,
         grace: Duration,
+        stop: &StopBy,
     ) -> Supervised {
         let mut warnings = Vec::new();
-        let (end, message) = self.wait_script(cancel, timeout_secs, grace).await;
+        let (end, message, terminated) = self.wait_script(cancel, timeout_secs, grace, stop).await;
         // The script is over: nothing more to pass on (its pid may be reused from now on).
         self.forwarding.cancel();
         let left = self.procs.members_async().await;
-        if !left.is_empty() {
+        // After a terminate, what is left survived SIGKILL: no leftovers of the script's.
+        if !left.is_empty() && !terminated {
             // What they were still writing is stored as it stands, perhaps cut short: say which
             // files (a `save.py &` whose script exited 0 leaves a half-written checkpoint).
             // Bounded: the look stats each open file, and a file system of the job's (FUSE) or
@@ -387,7 +403,8 @@ impl Supervisor {
                 let left = left.clone();
                 let look =
                     tokio::task::spawn_blocking(move || crate::procfs::written_paths(&left, 5));
-                tokio::time::timeout(LEFT_LOOK, look).await
+                let until = tokio::time::Instant::now() + LEFT_LOOK;
+                tokio::time::timeout_at(stop.by().map_or(until, |by| by.min(until)), look).await
             };
             let mut warning = format!(
                 "the job's script ended but left {} processes running; terminating them",
@@ -416,8 +433,13 @@ impl Supervisor {
             }
             warnings.push(warning);
         }
-        // Always: it also reaps orphans and removes the job's cgroup.
-        self.procs.terminate(None, grace).await;
+        // Always: it also reaps orphans and removes the job's cgroup. A second grace after the
+        // stop's terminate would double the stop's time for a job that ignores SIGTERM.
+        if terminated {
+            self.procs.last_round(stop).await;
+        } else {
+            self.procs.terminate(None, grace, stop).await;
+        }
         let _ = self.forwarder.await;
         let gone = self.procs.all_gone().await;
         if !gone {
@@ -450,12 +472,14 @@ impl Supervisor {
         }
     }
 
+    /// How the script ended, and whether its processes were terminated for it.
     async fn wait_script(
         &mut self,
         cancel: &CancellationToken,
         timeout_secs: Option<u64>,
         grace: Duration,
-    ) -> (JobEnd, Option<String>) {
+        stop: &StopBy,
+    ) -> (JobEnd, Option<String>, bool) {
         enum Wake {
             Exited(std::io::Result<std::process::ExitStatus>),
             TimedOut,
@@ -480,46 +504,52 @@ impl Supervisor {
                     signal = signal_name(status),
                     "agent asked to stop as the job's script ended: the stop ended it"
                 );
-                return stop_end(limit);
+                let (end, message) = stop_end(limit);
+                return (end, message, false);
             }
         }
         match wake {
             Wake::Exited(Ok(status)) => match (status.code(), signal_name(&status)) {
                 (Some(code), _) => {
                     tracing::info!(script_exit_code = code, "job script exited");
-                    (JobEnd::Exited(code), None)
+                    (JobEnd::Exited(code), None, false)
                 }
                 (None, Some(signal)) => {
                     tracing::info!(signal = %signal, "job script was killed by a signal");
                     let message = format!("killed by {signal}");
-                    (JobEnd::Killed(signal), Some(message))
+                    (JobEnd::Killed(signal), Some(message), false)
                 }
-                (None, None) => (JobEnd::Exited(-1), None),
+                (None, None) => (JobEnd::Exited(-1), None, false),
             },
             Wake::Exited(Err(e)) => {
                 // waitpid failing means we lost the child: treat as a node fault.
-                self.procs.terminate(None, grace).await;
+                self.procs.terminate(None, grace, stop).await;
                 (
                     JobEnd::AgentLost,
                     Some(format!("lost track of the job's process: {e}")),
+                    true,
                 )
             }
             Wake::TimedOut => {
                 let secs = timeout_secs.unwrap_or_default();
                 tracing::warn!(timeout_secs = secs, "job ran past its timeout; stopping it");
-                self.procs.terminate(Some(&mut self.child), grace).await;
+                self.procs
+                    .terminate(Some(&mut self.child), grace, stop)
+                    .await;
                 (
                     JobEnd::TimedOut,
                     Some(format!("ran past timeout_secs={secs}")),
+                    true,
                 )
             }
             Wake::Canceled => {
                 tracing::warn!("agent asked to stop; stopping the job");
                 let (_, limit) = tokio::join!(
-                    self.procs.terminate(Some(&mut self.child), grace),
+                    self.procs.terminate(Some(&mut self.child), grace, stop),
                     crate::slurm::stopped_by_time_limit(crate::slurm::ASK_WITHIN)
                 );
-                stop_end(limit)
+                let (end, message) = stop_end(limit);
+                (end, message, true)
             }
         }
     }

@@ -24,6 +24,7 @@ mod privacy;
 mod pull_lies;
 mod recover;
 mod socket;
+mod stuck;
 mod symlinks;
 mod watches;
 

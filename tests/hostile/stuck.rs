@@ -1,0 +1,213 @@
+//! A job's process that survives SIGKILL: a thread waiting on a FUSE request that its file
+//! system's server read and never answers is unkillable for as long as the connection lives
+//! (the server holds `/dev/fuse` open). The stop must still keep to `stop_deadline_secs`, and a
+//! connection the job's user made during the job is aborted, which frees the process (and its
+//! GPU); one that predates the job, or is another user's, is left alone.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::{nobody, not_root, open_harness, pid_from, spawn_job, wait_within};
+use crate::support::{alive, chmod, signal, wait_for, Harness};
+
+/// A FUSE mount whose server answers `INIT` and then reads every request without answering
+/// it: a process that asked something is stuck until the connection is aborted, SIGKILL or
+/// not. Dropping it closes the device, which aborts the connection.
+struct DeafFuse {
+    at: PathBuf,
+    /// Requests read (and left unanswered) after `INIT`.
+    unanswered: Arc<AtomicUsize>,
+    /// The kernel ended the connection (a read said ENODEV).
+    aborted: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+}
+
+const FUSE_INIT: u32 = 26;
+
+impl DeafFuse {
+    /// Mounts at `at` as `fusermount` would for `uid` (whose group id is taken to be the same).
+    fn mount(at: &Path, uid: u32) -> Option<DeafFuse> {
+        let dev: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .ok()?
+            .into();
+        let opts = CString::new(format!(
+            "fd={},rootmode=40755,user_id={uid},group_id={uid},allow_other",
+            dev.as_raw_fd()
+        ))
+        .unwrap();
+        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"deaf".as_ptr(),
+                target.as_ptr(),
+                c"fuse".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        let (unanswered, aborted, stop) = Default::default();
+        let server = {
+            let (unanswered, aborted, stop): (Arc<AtomicUsize>, Arc<AtomicBool>, Arc<AtomicBool>) = (
+                Arc::clone(&unanswered),
+                Arc::clone(&aborted),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || serve(dev, &unanswered, &aborted, &stop))
+        };
+        Some(DeafFuse {
+            at: at.to_path_buf(),
+            unanswered,
+            aborted,
+            stop,
+            server: Some(server),
+        })
+    }
+
+    fn unanswered(&self) -> usize {
+        self.unanswered.load(Ordering::SeqCst)
+    }
+
+    fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads requests until the connection ends or `stop`; answers only `INIT`.
+fn serve(dev: OwnedFd, unanswered: &AtomicUsize, aborted: &AtomicBool, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 1 << 20];
+    while !stop.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: dev.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+            continue;
+        }
+        // SAFETY: reads into a buffer of the length given.
+        let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV) {
+                aborted.store(true, Ordering::SeqCst);
+                return;
+            }
+            continue;
+        }
+        let word = |at: usize| u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap());
+        if word(4) != FUSE_INIT {
+            unanswered.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        // fuse_out_header (len, error, unique), then fuse_init_out: 7.31, max_write 4096.
+        let mut reply = [0u8; 16 + 64];
+        reply[0..4].copy_from_slice(&(16u32 + 64).to_ne_bytes());
+        reply[8..16].copy_from_slice(&buf[8..16]);
+        reply[16..20].copy_from_slice(&7u32.to_ne_bytes());
+        reply[20..24].copy_from_slice(&31u32.to_ne_bytes());
+        reply[36..40].copy_from_slice(&4096u32.to_ne_bytes());
+        reply[40..44].copy_from_slice(&1u32.to_ne_bytes());
+        // SAFETY: writes a buffer of the length given.
+        unsafe { libc::write(dev.as_raw_fd(), reply.as_ptr().cast(), reply.len()) };
+    }
+}
+
+impl Drop for DeafFuse {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = self.server.take() {
+            let _ = s.join();
+        }
+        let target = CString::new(self.at.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// A directory anyone may enter, for a mount.
+fn mount_point(h: &Harness, name: &str) -> PathBuf {
+    let p = h.path(name);
+    std::fs::create_dir(&p).unwrap();
+    chmod(&p, 0o755);
+    p
+}
+
+/// A stop while a process of the job is stuck for good (on a FUSE mount that was there
+/// before the job, so nothing of the agent's may abort it) ended after ~19 s with grace 2 s
+/// and stop deadline 6 s: a second full grace, 5 s of SIGKILL rounds twice, 5 s for the
+/// output pumps. Under Slurm (KillWait 30 s with the defaults' ~45 s) the agent was killed
+/// with the record still running. Now all of it keeps to the stop deadline: CANCELED.
+#[test]
+fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
+    if not_root("a_stop_keeps_its_deadline_when_a_process_survives_sigkill") {
+        return;
+    }
+    let mut h = open_harness();
+    h.env = vec![
+        ("C3_AGENT_KILL_GRACE_SECS".into(), "2".into()),
+        ("C3_AGENT_STOP_DEADLINE_SECS".into(), "6".into()),
+    ];
+    let at = mount_point(&h, "fuse");
+    let Some(fuse) = DeafFuse::mount(&at, nobody()) else {
+        println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
+        return;
+    };
+    let script = format!(
+        "trap '' TERM; stat {}/x & echo $! > stat.pid; sleep 1000",
+        at.display()
+    );
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "sk", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let stat = pid_from(&h.workdir("sk").join("stat.pid"));
+    wait_for(
+        "the job's request to the mount",
+        Duration::from_secs(20),
+        || (fuse.unanswered() > 0).then_some(()),
+    );
+    let stopped = Instant::now();
+    signal(child.id(), "TERM");
+    let run = wait_within("stopped run", child, Duration::from_secs(60));
+    let took = stopped.elapsed();
+    run.assert_code(4);
+    assert!(
+        took < Duration::from_secs(8),
+        "the stop took {took:?} (stop deadline 6 s)\n{}",
+        run.stderr
+    );
+    assert_eq!(h.terminal("sk")["state"], "CANCELED", "{}", run.stderr);
+    // A mount that was there before the job is not the job's to abort.
+    assert!(
+        alive(stat) && state(stat) == Some('D'),
+        "{stat}: {:?}",
+        state(stat)
+    );
+    assert!(!fuse.aborted());
+}
