@@ -408,12 +408,19 @@ struct Inner {
     /// `--pid`'s tree as seen at each look (pid -> start ticks): a descendant the leader left
     /// behind is re-parented out of the tree when the leader ends, and is still the job's.
     tree: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
+    /// The FUSE connections at the launch: one the job's user made since may be aborted to
+    /// free a process of the job that survives SIGKILL.
+    fuse: Option<crate::fusectl::Before>,
 }
 
 /// How long SIGKILL rounds go on before the job's processes are said to survive them.
 const KILL_ROUNDS: Duration = Duration::from_secs(5);
 
-/// The shortest round of SIGKILLs, even past the stop's deadline.
+/// After this long surviving SIGKILL, a process is taken for stuck on a FUSE request.
+const ABORT_AFTER: Duration = Duration::from_secs(1);
+
+/// The shortest round of SIGKILLs, even past the stop's deadline: a process freed by an
+/// abort of its FUSE connection takes a moment to die.
 const LAST_ROUND: Duration = Duration::from_millis(250);
 
 /// How long the leader may take to die after its SIGKILL; a leader stuck in the kernel (a
@@ -493,7 +500,20 @@ const MAX_SEEN: usize = 4096;
 
 impl JobProcesses {
     pub fn new(leader: i32, cgroup: Option<Cgroup>) -> Self {
-        Self::with_scope(leader, cgroup, Scope::Launched)
+        Self::launched(leader, cgroup, None)
+    }
+
+    /// A launched job; `fuse`, the FUSE connections taken just before its launch.
+    pub fn launched(
+        leader: i32,
+        cgroup: Option<Cgroup>,
+        fuse: Option<crate::fusectl::Before>,
+    ) -> Self {
+        let mut procs = Self::with_scope(leader, cgroup, Scope::Launched);
+        if let Some(inner) = Arc::get_mut(&mut procs.inner) {
+            inner.fuse = fuse;
+        }
+        procs
     }
 
     /// A job this agent did not launch (`c3-agent watch`): the process `pid` and its
@@ -525,6 +545,7 @@ impl JobProcesses {
                 leader_start_ticks: procfs::stat(leader).map_or(0, |s| s.start_ticks),
                 seen: Default::default(),
                 tree: Default::default(),
+                fuse: None,
             }),
         }
     }
@@ -814,10 +835,14 @@ impl JobProcesses {
     }
 
     /// SIGKILL to whatever is left, for `rounds` (cut at `stop`'s deadline, but never below
-    /// [`LAST_ROUND`]).
+    /// [`LAST_ROUND`]). A process that survives them for [`ABORT_AFTER`] may be stuck on a
+    /// FUSE request its own server never answers: the job user's connections made since
+    /// the launch are aborted, and the rounds look again.
     async fn kill_rounds(&self, rounds: Duration, stop: &StopBy) {
         let start = tokio::time::Instant::now();
         let until = stop.cap(start + rounds).max(start + LAST_ROUND);
+        let abort_at = (start + ABORT_AFTER).min(until - LAST_ROUND);
+        let mut aborted = false;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             self.kill_hard_async().await;
@@ -826,7 +851,13 @@ impl JobProcesses {
             if self.gone_async().await {
                 return;
             }
-            if tokio::time::Instant::now() >= until {
+            let now = tokio::time::Instant::now();
+            if !aborted && now >= abort_at {
+                aborted = true;
+                self.abort_new_fuse().await;
+                continue;
+            }
+            if now >= until {
                 tracing::error!(
                     processes = self.members_async().await.len(),
                     "processes of the job survive SIGKILL (stuck in the kernel?)"
@@ -834,6 +865,18 @@ impl JobProcesses {
                 return;
             }
         }
+    }
+
+    async fn abort_new_fuse(&self) {
+        let this = self.clone();
+        let span = tracing::Span::current();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _job = span.enter();
+            if let Some(before) = &this.inner.fuse {
+                before.abort_new(&this.members());
+            }
+        })
+        .await;
     }
 
     /// The job's cgroup's facts, kept, and the cgroup removed.

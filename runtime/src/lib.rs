@@ -20,6 +20,7 @@ pub mod digest;
 pub mod display;
 pub mod fault;
 pub mod filestore;
+pub mod fusectl;
 pub mod gc;
 pub mod httpcap;
 pub mod inflight;

@@ -313,11 +313,15 @@ impl Supervisor {
             umask: ctx.job_umask,
             hang_before_exec: crate::fault::armed("exec-hangs"),
         };
+        // Just before the launch: every connection made from now on may be the job's.
+        let fuse = crate::fusectl::Before::take(
+            run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
+        );
         let mut script = match start(plan, cancel, LAUNCH_DEADLINE).await {
             Ok(s) => s,
             Err(e) => return Err(fail(&e, cgroup)),
         };
-        let procs = JobProcesses::new(script.pid, cgroup);
+        let procs = JobProcesses::launched(script.pid, cgroup, Some(fuse));
         // Taken while the leader is surely alive and unreaped (nothing waited for it yet).
         let leader_fd = crate::jobproc::PidFd::open(script.pid);
         let reaping = CancellationToken::new();

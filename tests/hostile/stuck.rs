@@ -23,6 +23,8 @@ use crate::support::{alive, chmod, signal, wait_for, Harness};
 /// not. Dropping it closes the device, which aborts the connection.
 struct DeafFuse {
     at: PathBuf,
+    /// The connection's name under `/sys/fs/fuse/connections` (the mount's device minor).
+    conn: String,
     /// Requests read (and left unanswered) after `INIT`.
     unanswered: Arc<AtomicUsize>,
     /// The kernel ended the connection (a read said ENODEV).
@@ -61,6 +63,7 @@ impl DeafFuse {
         if rc != 0 {
             return None;
         }
+        let conn = mount_minor(at)?;
         let (unanswered, aborted, stop) = Default::default();
         let server = {
             let (unanswered, aborted, stop): (Arc<AtomicUsize>, Arc<AtomicBool>, Arc<AtomicBool>) = (
@@ -72,6 +75,7 @@ impl DeafFuse {
         };
         Some(DeafFuse {
             at: at.to_path_buf(),
+            conn,
             unanswered,
             aborted,
             stop,
@@ -140,6 +144,33 @@ impl Drop for DeafFuse {
     }
 }
 
+/// The minor of the device mounted at `at` (`0:N` in mountinfo): the name of its FUSE
+/// connection. Read from the table, as a stat of the mount would wait on its server.
+fn mount_minor(at: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let at = at.to_str()?;
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(4) == Some(&at))
+            .then(|| f.get(2)?.split_once(':').map(|(_, m)| m.to_string()))
+            .flatten()
+    })
+}
+
+/// `/sys/fs/fuse/connections` mounted (as systemd does at boot), or why the test cannot run.
+fn fusectl() -> bool {
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|t| t.lines().any(|l| l.contains(" - fusectl ")))
+    };
+    mounted()
+        || std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .status()
+            .is_ok_and(|s| s.success())
+            && mounted()
+}
+
 fn state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')
@@ -174,7 +205,9 @@ fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
         ("C3_AGENT_STOP_DEADLINE_SECS".into(), "6".into()),
     ];
     let at = mount_point(&h, "fuse");
-    let Some(fuse) = DeafFuse::mount(&at, nobody()) else {
+    // Root's, and the job root's: no other test's agent (their jobs are nobody's) takes it
+    // for its job's.
+    let Some(fuse) = DeafFuse::mount(&at, 0) else {
         println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
         return;
     };
@@ -182,10 +215,7 @@ fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
         "trap '' TERM; stat {}/x & echo $! > stat.pid; sleep 1000",
         at.display()
     );
-    let child = spawn_job(
-        &h,
-        json!({"job_id": "sk", "user": "nobody", "command": ["sh", "-c", script]}),
-    );
+    let child = spawn_job(&h, json!({"job_id": "sk", "command": ["sh", "-c", script]}));
     let stat = pid_from(&h.workdir("sk").join("stat.pid"));
     wait_for(
         "the job's request to the mount",
@@ -203,11 +233,90 @@ fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
         run.stderr
     );
     assert_eq!(h.terminal("sk")["state"], "CANCELED", "{}", run.stderr);
-    // A mount that was there before the job is not the job's to abort.
+    // A mount that was there before the job, in the node's mount namespace, is not the job's
+    // to abort.
     assert!(
         alive(stat) && state(stat) == Some('D'),
         "{stat}: {:?}",
         state(stat)
     );
     assert!(!fuse.aborted());
+}
+
+/// The job's user mounts a FUSE file system during the job and leaves a process waiting on
+/// a request its server never answers: that process survives SIGKILL, and the agent said
+/// `gpu_released: false` for good. Its connection (new since the launch, the job user's,
+/// with a request waiting) is now aborted and the process dies; a connection of another
+/// user, made during the job too, is left alone.
+#[test]
+fn a_job_users_fuse_connection_is_aborted_when_its_processes_survive_sigkill() {
+    if not_root("a_job_users_fuse_connection_is_aborted_when_its_processes_survive_sigkill") {
+        return;
+    }
+    if !fusectl() {
+        println!("no /sys/fs/fuse/connections (fusectl) here: nothing checked");
+        return;
+    }
+    let h = open_harness();
+    let (mine, theirs) = (mount_point(&h, "fuse"), mount_point(&h, "other"));
+    let work = h.workdir("fa");
+    let script = format!(
+        "touch ready; while [ ! -e go ]; do sleep 0.05; done; \
+         stat {}/x & echo $! > stat.pid; \
+         while [ ! -e go2 ]; do sleep 0.05; done",
+        mine.display()
+    );
+    let child = spawn_job(
+        &h,
+        json!({"job_id": "fa", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    wait_for("the job's start", Duration::from_secs(30), || {
+        work.join("ready").exists().then_some(())
+    });
+    let (Some(fuse), Some(other)) = (
+        DeafFuse::mount(&mine, nobody()),
+        DeafFuse::mount(&theirs, 0),
+    ) else {
+        println!("cannot mount a FUSE file system here (no /dev/fuse?): nothing checked");
+        std::fs::write(work.join("go"), "").unwrap();
+        std::fs::write(work.join("go2"), "").unwrap();
+        let _ = wait_within("run fa", child, Duration::from_secs(60));
+        return;
+    };
+    // Stuck on the other user's mount too, but no process of the job's.
+    let mut outsider = std::process::Command::new("stat")
+        .arg(theirs.join("x"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(work.join("go"), "").unwrap();
+    let stat = pid_from(&work.join("stat.pid"));
+    wait_for(
+        "the requests to the mounts",
+        Duration::from_secs(20),
+        || (fuse.unanswered() > 0 && other.unanswered() > 0).then_some(()),
+    );
+    std::fs::write(work.join("go2"), "").unwrap();
+    let run = wait_within("run fa", child, Duration::from_secs(60));
+    let finalizing: Vec<_> = h
+        .local_reports("fa")
+        .into_iter()
+        .map(|r| r["body"].clone())
+        .filter(|b| b["state"] == "FINALIZING")
+        .collect();
+    assert_eq!(finalizing.len(), 1, "{finalizing:?}\n{}", run.stderr);
+    assert_eq!(finalizing[0]["gpu_released"], true, "{}", run.stderr);
+    assert!(!alive(stat), "{stat} is left: {:?}", state(stat));
+    assert!(fuse.aborted(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&format!("connection={}", fuse.conn))),
+        "the aborted connection is not named\n{}",
+        run.stderr
+    );
+    assert!(!other.aborted(), "another user's connection was aborted");
+    drop(other);
+    let _ = outsider.wait();
 }
