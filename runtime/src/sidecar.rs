@@ -598,17 +598,23 @@ struct DoneReader {
 
 /// A done file there before the watch began (a workdir a retry shares, a Slurm submit dir) is
 /// not this attempt's word: ignored until it is written again. Told by the file itself (its
-/// device, inode, times and size changed, or it appeared), not by its time against this
-/// node's clock: an NFS server's clock is its own, and one ahead made an earlier attempt's
-/// file end the watch at once, one behind made this attempt's be ignored.
+/// size, times, or its appearing), not by its time against this node's clock: an NFS
+/// server's clock is its own, and one ahead made an earlier attempt's file end the watch at
+/// once, one behind made this attempt's be ignored.
 #[derive(Default)]
 enum Before {
-    /// Every done file is the job's word: a sidecar taking an attempt over, or no done file.
+    /// Every done file is the job's word: a sidecar taking an attempt over, or no done file
+    /// in its directory at the first look.
     #[default]
     Nothing,
     /// The first look, begun as the agent began (`begun_ns` on this node's clock, `begun`
-    /// to measure from), has not answered.
+    /// to measure from), has not answered, or failed (an I/O error, a symlink on the way
+    /// that is later renamed away): what a later look finds may have been there all along.
     Looking { begun_ns: i64, begun: Instant },
+    /// The first look found no directory for the done file: one that comes later (made,
+    /// mounted or renamed into place) may bring an earlier attempt's file, which only its
+    /// time, long before the agent began, can tell.
+    NoDir { begun_ns: i64 },
     /// What the first look found. `fresh`: a trainer that finished while the agent started
     /// wrote it, by its time (which alone can tell): its own word.
     Found { stamp: DoneStamp, fresh: bool },
@@ -617,9 +623,28 @@ enum Before {
 impl Before {
     /// Whether the done file in this version is an earlier attempt's.
     fn is_earlier(&self, stamp: &DoneStamp) -> bool {
-        matches!(self, Before::Found { stamp: first, fresh: false } if first == stamp)
+        match self {
+            Before::Nothing | Before::Looking { .. } => false,
+            Before::NoDir { begun_ns } => stamp.ctime_ns < begun_ns.saturating_sub(LONG_BEFORE_NS),
+            // Not the device and inode: gcsfuse numbers inodes anew once the kernel forgets
+            // them, CIFS with `noserverino` makes them up, and a remount changes the device,
+            // and the unchanged old file then counted as written again.
+            Before::Found {
+                stamp: first,
+                fresh,
+            } => {
+                !fresh
+                    && (first.size, first.mtime_ns, first.ctime_ns)
+                        == (stamp.size, stamp.mtime_ns, stamp.ctime_ns)
+            }
+        }
     }
 }
+
+/// How long before the agent began a done file that came with its directory was written, to
+/// be taken for an earlier attempt's: well past any clock a file server keeps apart from this
+/// node's, so that this attempt's own (in a directory the job made) is not ignored.
+const LONG_BEFORE_NS: i64 = 600_000_000_000;
 
 /// How far a done file's time may lie from this node's clock and still be taken as written
 /// while the agent started: file times move once a tick (seconds on some file systems), and
@@ -654,32 +679,44 @@ impl DoneReader {
             return Look::Pending;
         };
         self.pending = None;
-        let (read, answered) = read.unwrap_or((None, Instant::now()));
+        let (read, answered) =
+            read.unwrap_or_else(|e| (Err(DoneError::Failed(e.into())), Instant::now()));
         if let Before::Looking { begun_ns, begun } = self.before {
             // Only a time can tell a trainer that finished before the first look from an
             // earlier attempt: one between the agent's start and the look's answer, give or
             // take the margin (an hour-old file, or one in this node's future, is neither).
-            let until_ns = begun_ns
-                .saturating_add(answered.saturating_duration_since(begun).as_nanos() as i64);
-            self.before = match &read {
-                Some((_, stamp)) => Before::Found {
-                    stamp: *stamp,
-                    fresh: (begun_ns - FRESH_MARGIN_NS..=until_ns + FRESH_MARGIN_NS)
-                        .contains(&stamp.ctime_ns),
-                },
-                None => Before::Nothing,
-            };
+            // A look that answered late (a slow mount, a first look that failed and was
+            // tried again) would stretch that span over an earlier attempt's file on a server
+            // whose clock is ahead: its file is then the earlier attempt's, whatever its time.
+            let took = answered.saturating_duration_since(begun).as_nanos() as i64;
+            let until_ns = begun_ns.saturating_add(took);
+            let quick = took <= FRESH_MARGIN_NS;
+            match &read {
+                Ok(Some((_, stamp))) => {
+                    self.before = Before::Found {
+                        stamp: *stamp,
+                        fresh: quick
+                            && (begun_ns - FRESH_MARGIN_NS..=until_ns + FRESH_MARGIN_NS)
+                                .contains(&stamp.ctime_ns),
+                    }
+                }
+                Ok(None) | Err(DoneError::Absent) => self.before = Before::Nothing,
+                Err(DoneError::NoDir) => self.before = Before::NoDir { begun_ns },
+                Err(DoneError::Failed(e)) => {
+                    tracing::debug!(done_file = %path.display(), error = %e, "the first look at the done file failed; looking again");
+                }
+            }
         }
         match read {
-            Some((_, stamp)) if self.before.is_earlier(&stamp) => {
+            Ok(Some((_, stamp))) if self.before.is_earlier(&stamp) => {
                 if !self.warned_stale {
                     self.warned_stale = true;
                     tracing::warn!(done_file = %path.display(), "a done file is there before the job started (an earlier attempt's?): ignored until it is written again");
                 }
                 Look::Absent
             }
-            Some((said, _)) => Look::Said(said),
-            None => Look::Absent,
+            Ok(Some((said, _))) => Look::Said(said),
+            Ok(None) | Err(_) => Look::Absent,
         }
     }
 
@@ -701,35 +738,58 @@ impl DoneReader {
 }
 
 /// What one read of the done file found, and when it answered.
-type DoneRead = (Option<(DoneFile, DoneStamp)>, Instant);
+type DoneRead = (Result<Option<(DoneFile, DoneStamp)>, DoneError>, Instant);
+
+/// Why a read of the done file found no word.
+#[derive(Debug)]
+enum DoneError {
+    /// Not in its directory.
+    Absent,
+    /// Its directory is not there either.
+    NoDir,
+    /// Anything else: whether the file is there is unknown.
+    Failed(std::io::Error),
+}
 
 fn read_in_background(path: &Path) -> tokio::task::JoinHandle<DoneRead> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || (read_done_file(&path), Instant::now()))
 }
 
-/// `None`: not there (yet), or still empty (a wrapper that writes it in place may not have
-/// written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
-fn read_done_file(path: &Path) -> Option<(DoneFile, DoneStamp)> {
+/// `Ok(None)`: there, but not a regular file, or still empty (a wrapper that writes it in
+/// place may not have written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
+fn read_done_file(path: &Path) -> Result<Option<(DoneFile, DoneStamp)>, DoneError> {
+    use std::io::ErrorKind::NotFound;
     crate::fault::blocking_pause("slow-done-read", Duration::from_secs(1));
-    let file = from_root(path, |root, rel| root.open_file(rel)).ok()?;
-    let meta = file.metadata().ok()?;
+    let file = match from_root(path, |root, rel| root.open_file(rel)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == NotFound => {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            return Err(match from_root(dir, |root, rel| root.open_dir(rel)) {
+                Ok(_) => DoneError::Absent,
+                Err(e) if e.kind() == NotFound => DoneError::NoDir,
+                Err(e) => DoneError::Failed(e),
+            });
+        }
+        Err(e) => return Err(DoneError::Failed(e)),
+    };
+    let meta = file.metadata().map_err(DoneError::Failed)?;
     if !meta.is_file() {
-        return None;
+        return Ok(None);
     }
     let stamp = DoneStamp::of(&meta);
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
     let text = text.trim();
     if text.is_empty() {
-        return None;
+        return Ok(None);
     }
     let said = match text.parse() {
         Ok(code) => DoneFile::Exit(code),
         Err(_) if text.eq_ignore_ascii_case("canceled") => DoneFile::Canceled,
         Err(_) => DoneFile::Unclear,
     };
-    Some((said, stamp))
+    Ok(Some((said, stamp)))
 }
 
 #[cfg(test)]
@@ -773,9 +833,17 @@ mod tests {
         }
     }
 
+    /// Writes `path` anew, its time a second ahead: file times move once a tick, and a file of
+    /// the same size written in the tick of the one it replaces is that version still.
     fn rewrite(path: &Path, text: &str) {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(1))
+            .unwrap();
         std::fs::rename(&tmp, path).unwrap();
     }
 
@@ -821,9 +889,84 @@ mod tests {
         assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(3)));
     }
 
+    /// A first look that failed (here a symlink on the way, renamed away after) was taken for
+    /// no done file there: the earlier attempt's, seen by the next look, ended the watch at
+    /// once with its exit code. Its directory made (or mounted) after the first look brings
+    /// one too, told by its time long before the agent began.
+    #[tokio::test]
+    async fn a_first_look_that_failed_takes_no_earlier_done_file_for_this_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::fs::write(dir.path().join("real/done"), "3\n").unwrap();
+        std::os::unix::fs::symlink("real", dir.path().join("via")).unwrap();
+        let done = dir.path().join("via/done");
+        let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
+        assert_eq!(
+            answered(&mut reader, &done).await,
+            None,
+            "through a symlink"
+        );
+        std::fs::remove_file(dir.path().join("via")).unwrap();
+        std::fs::rename(dir.path().join("real"), dir.path().join("via")).unwrap();
+        assert_eq!(
+            answered(&mut reader, &done).await,
+            None,
+            "the earlier attempt's, there all along"
+        );
+        rewrite(&done, "0\n");
+        assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(0)));
+
+        let later = dir.path().join("later/done");
+        let mut reader = DoneReader::start(Some(&later), std::time::SystemTime::now() + hour);
+        assert_eq!(answered(&mut reader, &later).await, None, "no directory");
+        std::fs::rename(dir.path().join("via"), dir.path().join("later")).unwrap();
+        assert_eq!(
+            answered(&mut reader, &later).await,
+            None,
+            "came with its directory, an hour before the agent began"
+        );
+        let mut reader = DoneReader::start(Some(&later), std::time::SystemTime::now());
+        assert_eq!(
+            answered(&mut reader, &later).await,
+            Some(DoneFile::Exit(0)),
+            "written as the agent began"
+        );
+    }
+
+    /// An earlier attempt's done file, unchanged, seen again with another device or inode
+    /// number (gcsfuse after the kernel forgot it, CIFS `noserverino`, a remount): it counted
+    /// as written again and ended the watch with the old exit code. A first look that
+    /// answered late takes no file as written while the agent started.
+    #[test]
+    fn an_earlier_done_file_is_told_by_its_size_and_times_alone() {
+        let stamp = DoneStamp {
+            size: 2,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            ino: 3,
+            dev: 4,
+            mode: 0o644,
+        };
+        let before = Before::Found {
+            stamp,
+            fresh: false,
+        };
+        let renumbered = DoneStamp {
+            ino: 30,
+            dev: 40,
+            ..stamp
+        };
+        assert!(before.is_earlier(&renumbered));
+        assert!(!before.is_earlier(&DoneStamp {
+            ctime_ns: 5,
+            ..stamp
+        }));
+    }
+
     #[test]
     fn done_file_says_the_exit_code() {
-        let said = |p: &Path| read_done_file(p).map(|(said, _)| said);
+        let said = |p: &Path| read_done_file(p).ok().flatten().map(|(said, _)| said);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("done");
         assert_eq!(said(&f), None);
