@@ -318,6 +318,11 @@ impl DirFd {
     /// name comes back.
     pub fn create_unnamed_temp(&self, prefix: &str) -> io::Result<(Option<String>, File)> {
         let flags = OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        let flags = if crate::fault::armed_at("no-o-tmpfile", prefix) {
+            OFlag::O_DIRECTORY | OFlag::O_WRONLY
+        } else {
+            flags
+        };
         match openat(self, ".", flags, Mode::from_bits_truncate(0o600)) {
             Ok(fd) => Ok((None, File::from(fd))),
             // EISDIR: a kernel that predates O_TMPFILE (it carries O_DIRECTORY).

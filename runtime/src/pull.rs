@@ -132,6 +132,10 @@ fn user_free(fs: &nix::sys::statvfs::Statvfs) -> u64 {
 /// written out takes fewer blocks than its size. One that cannot say counts as no copy.
 fn no_hole_before(file: &std::fs::File, size: u64) -> bool {
     use std::os::fd::AsRawFd;
+    // An empty file has none, and SEEK_HOLE at its end is ENXIO.
+    if size == 0 {
+        return true;
+    }
     // SAFETY: lseek on an fd borrowed for the call; no memory is touched.
     let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
     hole >= 0 && hole as u64 >= size
@@ -289,13 +293,28 @@ pub async fn pull_into(
     // they have removed their temp files (a CLI pull's runtime, shut down at once, would
     // leave them in DEST).
     drop(writers);
-    let _ = writers_done.recv().await;
+    // Not for ever: a writer blocked in write(2) on a hung NFS DEST would hang the pull. One
+    // still writing after the wait may leave its temp file (a named one, where the file
+    // system has no O_TMPFILE).
+    if tokio::time::timeout(WRITERS_WAIT, writers_done.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!(dest = %shown.display(), wait_secs = WRITERS_WAIT.as_secs(), "a failed pull's writers did not stop in time; returning without them");
+    }
     let results = results?;
     Ok(PullSummary {
         files: results.len() as u64,
         bytes: results.iter().sum(),
     })
 }
+
+/// How long a failed pull waits for its writers to remove their temp files.
+const WRITERS_WAIT: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_secs(30)
+};
 
 /// Held by each blocking writer of a pull until it returns: when every one is dropped, the
 /// pull's receiver hears the channel close (mini-redis's `shutdown_complete`).
@@ -336,6 +355,7 @@ fn check_room(
     };
     let block = fs.fragment_size().clamp(1, 4096);
     let blocks_of = |size: u64| size.div_ceil(block).saturating_mul(block);
+    // Only the directories still to make: a retry with its dataset in place needs none.
     let mut dirs = 0u64;
     let mut before: Option<&PathBuf> = None;
     for parent in parents.keys() {
@@ -345,7 +365,16 @@ fn check_room(
                 .take_while(|(a, b)| a == b)
                 .count()
         });
-        dirs += (parent.components().count() - shared) as u64;
+        let mut at: PathBuf = parent.components().take(shared).collect();
+        let mut missing = false;
+        for part in parent.components().skip(shared) {
+            at.push(part);
+            // Below a missing one, every one is missing: no look.
+            missing = missing
+                || !crate::confine::lstat_beneath(root, &at)
+                    .is_ok_and(|st| crate::confine::is_dir(&st));
+            dirs += u64::from(missing);
+        }
         before = Some(parent);
     }
     let in_place = |entry: &FileEntry| {
@@ -367,19 +396,21 @@ fn check_room(
                     .is_ok_and(|f| no_hole_before(&f, entry.size))
         })
     };
-    let needed = files
+    let new: Vec<&FileEntry> = files.iter().filter(|f| !in_place(f)).collect();
+    let needed = new
         .iter()
-        .filter(|f| f.size > 0 && !in_place(f))
         .map(|f| blocks_of(f.size))
         .fold(dirs.saturating_mul(block), u64::saturating_add);
     let free = user_free(&fs);
-    let inodes = (files.len() as u64).saturating_add(dirs);
+    // A file in place takes no new inode: a retry of a pull of more files than the reserve
+    // leaves was refused for ever, though it would make none.
+    let inodes = (new.len() as u64).saturating_add(dirs);
     let no_inodes = too_few_inodes(inodes, fs.files(), fs.files_available());
     if needed > free || no_inodes {
         return Err(PullError::NoRoom {
             path: shown.to_path_buf(),
             needed,
-            files: files.len(),
+            files: new.len(),
             dirs,
             free,
         });
@@ -391,10 +422,11 @@ fn check_room(
 /// free: root creates the files (then chowns them), past inode quotas, and most file systems
 /// keep no inodes back for root, so a pull could take the last one of the file system that
 /// holds the state dir. The reserve is 1% of the inodes, and at least 10 000 (or a tenth of
-/// a small file system's). A file system that counts no inodes (btrfs: 0) is not judged.
+/// a small file system's). A file system that counts no inodes (btrfs: 0) is not judged, nor
+/// a pull that makes none (a retry with all in place, on a file system already past it).
 fn too_few_inodes(needed: u64, total: u64, available: u64) -> bool {
     let reserve = (total / 100).max((total / 10).min(10_000));
-    available > 0 && needed.saturating_add(reserve) > available
+    needed > 0 && available > 0 && needed.saturating_add(reserve) > available
 }
 
 /// An entry's parent directory and name below the pull root (the exact bytes: a name that
@@ -536,6 +568,9 @@ async fn fetch_once(
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
             // Held until this writer is done, its temp file gone or in place.
             let _running = writers;
+            if crate::fault::armed_at("pull-writer-hangs", &entry.path) {
+                std::thread::sleep(WRITERS_WAIT * 3);
+            }
             let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
             let written = write_verified(&file, &mut rx, &entry, owner)
                 .map_err(|e| match e {
@@ -959,6 +994,42 @@ mod tests {
         assert!(!too_few_inodes(1 << 30, 0, 0), "no inode count: not judged");
     }
 
+    /// A retry with its 900 files in place (and their directory) on a file system of 1000
+    /// inodes: every one was counted again, and the retry refused for ever (NoRoom is
+    /// retryable), though it makes none.
+    #[test]
+    fn files_in_place_take_no_inodes_of_the_reserve() {
+        let Some(fs) = Tmpfs::mount("8m,nr_inodes=1000") else {
+            return;
+        };
+        let root = DirFd::open(fs.path()).unwrap();
+        std::fs::create_dir(fs.path().join("d")).unwrap();
+        let files: Vec<FileEntry> = (0..900)
+            .map(|i| in_place(fs.path(), &format!("d/f{i}"), 0, true))
+            .collect();
+        let parents = std::collections::BTreeMap::from([(PathBuf::from("d"), 0)]);
+        check_room(&root, &files, &parents, fs.path(), None).expect("nothing to make");
+        let mut more = files;
+        more.extend((0..50).map(|i| FileEntry {
+            path: format!("e/f{i}"),
+            ..entry_of(b"")
+        }));
+        let parents =
+            std::collections::BTreeMap::from([(PathBuf::from("d"), 0), (PathBuf::from("e"), 900)]);
+        let checked = check_room(&root, &more, &parents, fs.path(), None);
+        assert!(
+            matches!(
+                checked,
+                Err(PullError::NoRoom {
+                    files: 50,
+                    dirs: 1,
+                    ..
+                })
+            ),
+            "51 new inodes of 98 free, 100 kept back: {checked:?}"
+        );
+    }
+
     /// A file of the right size and mtime with other bytes (dense: the room check takes it for
     /// the entry's) is written again as root: what is still to come must fit in what an
     /// ordinary user could write, else the download stops before root fills the file system.
@@ -1017,13 +1088,10 @@ mod tests {
         }
     }
 
-    /// One blob missing while others download: the error returned at once, the other
-    /// writers went on detached, and a CLI pull's runtime shut down under them left their
-    /// `.c3-pull-*` temp files in DEST.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_pull_that_fails_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().join("store").display());
+    /// A store with a 64 MiB blob, 16 small ones, and entries for them and for one blob it
+    /// lacks (last).
+    async fn store_missing_one(dir: &Path) -> (BlobStore, Vec<FileEntry>) {
+        let url = format!("file://{}", dir.join("store").display());
         let store = BlobStore::open(&crate::store::StoreConfig::for_tests(&url)).unwrap();
         let large: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
         let mut files = vec![FileEntry {
@@ -1050,17 +1118,58 @@ mod tests {
             path: "missing".into(),
             ..entry_of(b"in no store")
         });
+        (store, files)
+    }
+
+    /// One blob missing while others download: the error returned at once, the other
+    /// writers went on detached, and a CLI pull's runtime shut down under them left their
+    /// `.c3-pull-*` temp files in DEST. So too where the file system has no O_TMPFILE, and
+    /// each temp file has a name from the start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_that_fails_leaves_no_temp_file() {
+        for named in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, files) = store_missing_one(dir.path()).await;
+            let dest = dir.path().join("dest");
+            std::fs::create_dir(&dest).unwrap();
+            let root = DirFd::open(&dest).unwrap();
+            let _armed = named.then(|| crate::fault::arm("no-o-tmpfile", ".c3-pull-"));
+            if named {
+                let (name, _) = root.create_unnamed_temp(".c3-pull-").unwrap();
+                root.remove_file(std::ffi::OsStr::new(&name.expect("a named temp file")))
+                    .unwrap();
+            }
+            let pulled = pull_into(&store, files.into(), root, &dest, None, false).await;
+            assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
+            let left: Vec<_> = std::fs::read_dir(&dest)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".c3-pull-"))
+                .collect();
+            assert!(left.is_empty(), "named {named}: {left:?}");
+        }
+    }
+
+    /// A writer blocked (in write(2) on a hung NFS DEST) held a failed pull for ever: it is
+    /// waited for a while, then the error returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_pull_waits_for_a_stuck_writer_a_while_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, files) = store_missing_one(dir.path()).await;
         let dest = dir.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
         let root = DirFd::open(&dest).unwrap();
+        // The first entry's writer begins before the missing one (past the 8 at a time) is
+        // asked for.
+        let _stuck = crate::fault::arm("pull-writer-hangs", &files[0].path);
+        let began = std::time::Instant::now();
         let pulled = pull_into(&store, files.into(), root, &dest, None, false).await;
         assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
-        let left: Vec<_> = std::fs::read_dir(&dest)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".c3-pull-"))
-            .collect();
-        assert!(left.is_empty(), "{left:?}");
+        assert!(
+            began.elapsed() < WRITERS_WAIT * 2,
+            "returned after {:?}",
+            began.elapsed()
+        );
     }
 
     /// A job's process grows the file to a sparse terabyte the moment root opens it: the
