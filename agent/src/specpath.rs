@@ -23,8 +23,28 @@ pub fn resolve_root_alone(path: &Path) -> Result<PathBuf, String> {
 /// not root's alone (or of the last one that exists), and the rest of `path` below it. Root
 /// may follow no symlink in that rest (whoever may write there could plant one): the caller
 /// opens the directory returned with `O_NOFOLLOW` and walks the rest from its fd.
+/// A `..` in the rest takes back the name before it, as the kernel would where that is a
+/// directory and no symlink (the only kind the caller goes through; `absolute` keeps the
+/// working directory's real path), and never goes above the directory returned: a relative
+/// DEST of `../out` from a directory below a user's came back with its `..`, refused by the
+/// walk as no plain relative path.
 pub fn resolve_root_alone_prefix(path: &Path) -> Result<(PathBuf, PathBuf), String> {
-    walk(path, true).map(|(real, rest)| (real, rest.into_iter().collect()))
+    let (real, todo) = walk(path, true)?;
+    let mut rest = PathBuf::new();
+    for name in todo {
+        if name == ".." {
+            if !rest.pop() {
+                return Err(format!(
+                    "{}: its `..` climbs above {}, a directory root does not own alone, which root does not go through: give it as an absolute path without `..`",
+                    path.display(),
+                    real.display()
+                ));
+            }
+        } else {
+            rest.push(name);
+        }
+    }
+    Ok((real, rest))
 }
 
 /// The walk of [`resolve_root_alone`]; with `stop`, a missing entry or a directory that is
@@ -184,5 +204,28 @@ mod tests {
         }
         std::os::unix::fs::symlink("loop", real.join("loop")).unwrap();
         assert!(resolve_root_alone(&real.join("loop/x")).is_err());
+    }
+
+    /// `c3-agent pull JOB ../out` as root, from a directory below one a user may write: the
+    /// rest below that one came back with its `..`, which the walk from its fd refused as no
+    /// plain relative path.
+    #[test]
+    fn a_dotdot_below_a_users_directory_is_taken_within_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        let user = real.join("u");
+        std::fs::create_dir_all(user.join("proj")).unwrap();
+        std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            resolve_root_alone_prefix(&user.join("proj/../out")).unwrap(),
+            (user.clone(), PathBuf::from("out"))
+        );
+        assert_eq!(
+            resolve_root_alone_prefix(&user.join("proj/new/../../out/x")).unwrap(),
+            (user.clone(), PathBuf::from("out/x"))
+        );
+        let e = resolve_root_alone_prefix(&user.join("proj/../../out")).unwrap_err();
+        assert!(e.contains("`..`") && e.contains("absolute path"), "{e}");
     }
 }
