@@ -441,7 +441,7 @@ fn owned_here(
     st: &nix::sys::stat::FileStat,
     what: &str,
 ) -> Result<(), String> {
-    match specpath::root_alone(fd, st) {
+    match c3_runtime::statedir::root_alone(fd, st) {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!(
             "job spec {}: {what} is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone: a job may have written it",

@@ -134,24 +134,6 @@ fn open_dir(dir: &Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-/// Whether an open spec, or a directory on its way, is root's alone to write: its owner,
-/// mode and group (`statedir::root_alone_writes`), and no access ACL letting a named user or group
-/// write it (one that cannot be understood counts as letting them).
-pub fn root_alone(
-    file: &impl std::os::fd::AsFd,
-    st: &nix::sys::stat::FileStat,
-) -> Result<bool, String> {
-    if !c3_runtime::statedir::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
-        return Ok(false);
-    }
-    match c3_runtime::acl::of(file) {
-        Ok(None) => Ok(true),
-        Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
-        Err(c3_runtime::acl::AclError::Malformed) => Ok(false),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 fn owned_by_us(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
@@ -165,7 +147,10 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     let sticky = m.mode() & libc::S_ISVTX != 0 && owned_by_us(m.uid());
     let fd = open_dir(dir)?;
     let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if sticky || root_alone(&fd, &st).map_err(|e| format!("{}: {e}", dir.display()))? {
+    if sticky
+        || c3_runtime::statedir::root_alone(&fd, &st)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+    {
         return Ok(());
     }
     Err(format!(

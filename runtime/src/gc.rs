@@ -459,7 +459,7 @@ fn root_alone_above(dir: &DirFd) -> Result<(), String> {
         let sticky_over_ours = below.is_some_and(|b| b.st_uid == 0)
             && st.st_mode & libc::S_ISVTX != 0
             && st.st_uid == 0;
-        if !sticky_over_ours && !root_alone(&cur, &st)? {
+        if !sticky_over_ours && !crate::statedir::root_alone(&cur, &st)? {
             return Err(format!(
                 "{up} is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone",
                 st.st_uid,
@@ -477,19 +477,6 @@ fn root_alone_above(dir: &DirFd) -> Result<(), String> {
             "a directory above it (device {}, inode {})",
             st.st_dev, st.st_ino
         );
-    }
-}
-
-/// Whether only root may write the open directory: owner, group, mode, and its access ACL.
-fn root_alone(dir: &impl std::os::fd::AsFd, st: &FileStat) -> Result<bool, String> {
-    if !crate::statedir::root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
-        return Ok(false);
-    }
-    match crate::acl::of(dir) {
-        Ok(None) => Ok(true),
-        Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
-        Err(crate::acl::AclError::Malformed) => Ok(false),
-        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -266,6 +266,24 @@ pub fn root_alone_writes(uid: u32, gid: u32, mode: u32) -> bool {
     (uid == 0 || uid == euid) && mode & 0o002 == 0 && (mode & 0o020 == 0 || gid == 0)
 }
 
+/// Whether only root may write the open `file` (a spec, a directory on its way, a store
+/// root): its owner, mode and group ([`root_alone_writes`]), and no access ACL letting a named
+/// user or group write it (one that cannot be understood counts as letting them).
+pub fn root_alone(
+    file: &impl std::os::fd::AsFd,
+    st: &nix::sys::stat::FileStat,
+) -> Result<bool, String> {
+    if !root_alone_writes(st.st_uid, st.st_gid, st.st_mode) {
+        return Ok(false);
+    }
+    match crate::acl::of(file) {
+        Ok(None) => Ok(true),
+        Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
+        Err(crate::acl::AclError::Malformed) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.
 const AGENTS_NAMES: &[&str] = &["attempts", "uploads", "job.json"];
 
