@@ -69,6 +69,32 @@ impl ReportError {
         }
     }
 
+    /// The control plane itself answered with a server error (500, 501, 505 and up): the
+    /// report reached it, and it failed on it. Not a proxy's or load balancer's 502, 503
+    /// (maintenance) or 504, not a time-out or a connection error: those say nothing of the
+    /// report, and an outage answers them to every one.
+    pub fn is_server_error(&self) -> bool {
+        matches!(
+            self,
+            ReportError::Unavailable {
+                status: 500 | 501 | 505..=599,
+                ..
+            }
+        )
+    }
+
+    /// The try may have reached the control plane with its answer lost on the way back: the
+    /// control plane may still be working on it (a time-out, a connection broken after
+    /// it was made, a gateway's 502 or 504).
+    fn may_be_in_flight(&self) -> bool {
+        match self {
+            ReportError::Deadline { .. } => true,
+            ReportError::Transport { source, .. } => !source.is_connect(),
+            ReportError::Unavailable { status, .. } => matches!(status, 502 | 504),
+            ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
+        }
+    }
+
     /// The control plane refused the agent's credentials (401), not the report: a token
     /// that ran out or was rotated mid-job. Not retried now, but kept, so that `recover` (or
     /// the next run) delivers it once the node's credentials are right again; dropped, a
@@ -235,31 +261,56 @@ impl ControlPlane {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Bytes, ReportError> {
+        self.post_tracked(endpoint, body, deadline).await.0
+    }
+
+    /// [`ControlPlane::post`], telling also whether a try of it may still be in flight
+    /// ([`ReportError::may_be_in_flight`]): only a report none of whose tries is may be
+    /// overtaken by a later one.
+    async fn post_tracked(
+        &self,
+        endpoint: &str,
+        body: &[u8],
+        deadline: Instant,
+    ) -> (Result<Bytes, ReportError>, bool) {
+        let in_flight = std::sync::atomic::AtomicBool::new(false);
+        let once = || async {
+            let tried = self.post_once(endpoint, body, deadline).await;
+            if tried.as_ref().is_err_and(ReportError::may_be_in_flight) {
+                in_flight.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            tried
+        };
         let policy = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(10))
             .with_jitter()
             .with_max_times(usize::MAX);
-        let once = || self.post_once(endpoint, body, deadline);
-        once.retry(policy)
+        let posted = once
+            .retry(policy)
             // A throttled control plane asked for a wait: tries inside it are refused too,
             // and add to its load. Within the deadline, and at most `MAX_RETRY_AFTER`.
-            .adjust(move |e: &ReportError, wait: Option<Duration>| match e {
-                ReportError::Unavailable {
-                    retry_after: Some(asked),
-                    ..
-                } => wait.map(|wait| {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    wait.max((*asked).min(MAX_RETRY_AFTER).min(left))
-                }),
-                _ => wait,
+            .adjust(move |e: &ReportError, wait: Option<Duration>| {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = match e {
+                    ReportError::Unavailable {
+                        retry_after: Some(asked),
+                        ..
+                    } => wait.map(|wait| wait.max((*asked).min(MAX_RETRY_AFTER).min(left))),
+                    _ => wait,
+                };
+                // A wait that leaves no time for a try ends the tries with the last answer:
+                // a try begun at the deadline is cut at once, its request maybe sent, and
+                // the control plane's own answer (a 500) was lost for a time-out.
+                wait.filter(|wait| *wait + LAST_TRY < left)
             })
             .sleep(move |wait: Duration| {
                 tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
             })
             .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
             .notify(|e, wait| tracing::debug!(error = %crate::error_chain(e), retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
-            .await
+            .await;
+        (posted, in_flight.into_inner())
     }
 }
 
@@ -278,6 +329,9 @@ pub enum Delivery {
 
 /// The longest one control-plane request may take.
 const ONE_REQUEST: Duration = Duration::from_secs(30);
+
+/// The least time a retry is begun with: one with less would be cut by the deadline.
+const LAST_TRY: Duration = Duration::from_millis(100);
 
 /// How long a reply's body is waited for once its status line came.
 const REPLY_BODY_READ: Duration = Duration::from_secs(5);
@@ -338,20 +392,24 @@ impl Reporter {
         // them out of order; a status supersedes the attempt's earlier RUNNING or FINALIZING.
         let later = (kind == "status").then_some((self.attempt, order));
         let flushed = flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later).await;
-        if !flushed.done {
+        if !flushed.done || flushed.held.contains(&Some(self.attempt)) {
             return self.keep(kind, order, &endpoint, &body);
         }
-        match cp.post(&endpoint, &body, deadline).await {
-            Ok(reply) => {
-                if !flushed.superseded.is_empty() {
-                    for path in &flushed.superseded {
-                        remove_entry(path);
-                    }
-                    // Empty now but for a flusher's lock (which keeps it), as a flush leaves it.
-                    let _ = std::fs::remove_dir(self.state.outbox_dir(&self.job_id));
-                }
-                Delivery::Delivered(reply)
+        // The outbox stays claimed (`flushed.claim`) until this report is settled, as in a
+        // flush: another flusher would post what this one passed over, and after it.
+        let posted = cp.post(&endpoint, &body, deadline).await;
+        // Answered (delivered or refused), it settles the kept statuses it supersedes:
+        // left, they went later, after it.
+        if posted
+            .as_ref()
+            .map_or_else(|e| !e.is_retryable() && !e.is_auth(), |_| true)
+        {
+            for path in &flushed.superseded {
+                remove_entry(path);
             }
+        }
+        let delivery = match posted {
+            Ok(reply) => Delivery::Delivered(reply),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(endpoint = %endpoint, error = %crate::error_chain(&e), give_up_secs = cp.give_up().as_secs(), "control plane unreachable; keeping the report for later delivery");
                 self.keep(kind, order, &endpoint, &body)
@@ -364,7 +422,12 @@ impl Reporter {
                 tracing::error!(endpoint = %endpoint, error = %crate::error_chain(&e), "control plane rejected a report; not retried");
                 Delivery::Rejected
             }
+        };
+        if let Some(claim) = flushed.claim {
+            // Empty now but for what was kept, as a flush leaves it.
+            claim.release_and_remove(&self.state.outbox_dir(&self.job_id));
         }
+        delivery
     }
 
     /// For a report that a crash must not lose while it is under way (the artifacts
@@ -429,9 +492,11 @@ impl Reporter {
             }
             let flushed = tokio::select! {
                 _ = stop.cancelled() => return Delivery::Kept,
-                flushed = flush_job_outbox(cp, &self.state, &self.job_id, Instant::now() + cp.give_up()) => flushed,
+                flushed = flush_outbox_for(cp, &self.state, &self.job_id, Instant::now() + cp.give_up(), None, None) => flushed,
             };
-            if flushed {
+            // An earlier attempt's entry the control plane keeps failing on stays, and holds
+            // none of this one's back.
+            if flushed.done && !flushed.held.contains(&Some(self.attempt)) {
                 return Delivery::Delivered(Bytes::new());
             }
         }
@@ -506,9 +571,8 @@ pub async fn flush_job_outbox(
     job: &str,
     deadline: Instant,
 ) -> bool {
-    flush_outbox_for(cp, state, job, deadline, None, None)
-        .await
-        .done
+    let flushed = flush_outbox_for(cp, state, job, deadline, None, None).await;
+    flushed.done && flushed.held.is_empty()
 }
 
 /// Storage used and quota, when an artifacts registration's reply says the project is over
@@ -528,8 +592,14 @@ const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What one flush of a job's outbox did.
 struct Flushed {
-    /// Nothing for this control plane is left.
+    /// Nothing for this control plane is left but the attempts in `held`.
     done: bool,
+    /// Attempts (by their entries' names) whose entries stay behind one the control plane
+    /// keeps failing on ([`Failed::Stuck`]); the other attempts' went past them.
+    held: std::collections::HashSet<Option<u32>>,
+    /// The outbox, still claimed, for the sender of `later` to post it under: released by
+    /// the flush itself otherwise.
+    claim: Option<OutboxClaim>,
     /// Entries left for another control plane.
     elsewhere: usize,
     /// What became of the entry `mine` (None: not delivered yet; `Err`: rejected).
@@ -553,6 +623,8 @@ async fn flush_outbox_for(
     let dir = &state.outbox_dir(job);
     let mut flushed = Flushed {
         done: false,
+        held: std::collections::HashSet::new(),
+        claim: None,
         elsewhere: 0,
         mine: None,
         superseded: Vec::new(),
@@ -639,36 +711,47 @@ async fn flush_outbox_for(
             flushed.elsewhere += 1;
             continue;
         }
-        // A RUNNING or FINALIZING that a later status of its attempt follows says nothing
-        // that one does not. It gets half the time left; failed, it is passed over, and
-        // dropped once a later status of its attempt is answered: a 5xx it met for ever held
-        // every later report of the job back (the terminal status among them). In an outage
-        // the later one fails too, and all stay, in order.
         let name = entry_name(&path);
-        let passing = match name {
-            Some((attempt, order, "status")) => {
+        let attempt = name.map(|(attempt, _, _)| attempt);
+        // Behind an entry of its attempt that stays: in order, or not at all.
+        if flushed.held.contains(&attempt) {
+            continue;
+        }
+        // A RUNNING or FINALIZING: what a later status of its attempt says supersedes it.
+        let progress = matches!(name, Some((_, _, "status")))
+            && c3_proto::StatusReport::from_json(&entry.body_json()).is_ok_and(|r| {
+                matches!(
+                    r.state,
+                    c3_proto::JobState::Running | c3_proto::JobState::Finalizing
+                )
+            });
+        // One that a later status of its attempt follows says nothing that one does not. It
+        // gets half the time left; if the control plane answered it with a failure (and no
+        // try of it may still be in flight, or the later one could get there first), it is
+        // passed over, and dropped once a later status of its attempt is answered: a 5xx it
+        // met for ever held every later report of the job back (the terminal status among
+        // them). In an outage, or on a time-out, the later ones wait, and all stay, in order.
+        let passing = progress
+            && name.is_some_and(|(attempt, order, _)| {
                 newest_status.get(&attempt).is_some_and(|&n| n > order)
-                    && c3_proto::StatusReport::from_json(&entry.body_json()).is_ok_and(|r| {
-                        matches!(
-                            r.state,
-                            c3_proto::JobState::Running | c3_proto::JobState::Finalizing
-                        )
-                    })
-            }
-            _ => false,
-        };
+            });
+        // One the control plane kept failing on gets half the time left too: it would take
+        // it all, each flush, from the other attempts' entries that go past it.
+        let stuck = !progress && is_stuck(&path);
         // Past the deadline nothing is asked, and no entry counts a failed flush for it.
         let now = Instant::now();
         if now >= deadline {
             return flushed;
         }
-        let by = if passing {
+        let by = if passing || stuck {
             now + (deadline - now) / 2
         } else {
             deadline
         };
         let is_mine = mine == Some(path.as_path());
-        let posted = cp.post(&entry.endpoint, &entry.body_json(), by).await;
+        let (posted, in_flight) = cp
+            .post_tracked(&entry.endpoint, &entry.body_json(), by)
+            .await;
         // A later status answered (delivered or refused) settles the ones passed over.
         if let (Some((attempt, order, "status")), Ok(_) | Err(ReportError::Rejected { .. })) =
             (name, &posted)
@@ -683,8 +766,8 @@ async fn flush_outbox_for(
             });
         }
         match posted {
-            Err(e) if passing && e.is_retryable() => {
-                if !failed_again(&path, &e) {
+            Err(e) if passing && e.is_server_error() && !in_flight => {
+                if matches!(failed_again(&path, &e, progress), Failed::Stays) {
                     if let Some((attempt, order, _)) = name {
                         passed_over.push((attempt, order, path));
                     }
@@ -709,15 +792,19 @@ async fn flush_outbox_for(
                     );
                 }
             }
-            Err(e) if e.is_retryable() => {
-                if !failed_again(&path, &e) {
-                    return flushed;
+            Err(e) if e.is_retryable() => match failed_again(&path, &e, progress) {
+                Failed::Stays => return flushed,
+                Failed::Stuck => {
+                    flushed.held.insert(attempt);
+                    continue;
                 }
-                if is_mine {
-                    flushed.mine = Some(Err(()));
+                Failed::MovedAside => {
+                    if is_mine {
+                        flushed.mine = Some(Err(()));
+                    }
+                    continue;
                 }
-                continue;
-            }
+            },
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
                 return flushed;
@@ -743,7 +830,11 @@ async fn flush_outbox_for(
         }
     }
     remove_stale_temps(dir);
-    claim.release_and_remove(dir);
+    if later.is_some() {
+        flushed.claim = Some(claim);
+    } else {
+        claim.release_and_remove(dir);
+    }
     flushed.done = true;
     flushed
 }
@@ -765,39 +856,76 @@ fn entry_name(path: &Path) -> Option<(u32, u64, &str)> {
 /// The extension of the file beside an outbox entry that counts the flushes it failed.
 const TRIES: &str = "tries";
 
-/// Flushes an entry may fail, each with a retryable answer, before it is moved aside (once it
-/// is also [`MIN_AGE_ASIDE`] old): one the control plane fails on for good (a body that
-/// crashes it) held every later report of its job back for ever. Reports of an earlier
-/// attempt keep going first, ahead of a later attempt's: the control plane hears how one
-/// attempt ended before the next one's news; this bound is what ends the wait.
+/// Flushes an entry may fail, each on the control plane's own server error
+/// ([`ReportError::is_server_error`]), before it counts as one the control plane fails on
+/// for good (once it is also [`MIN_AGE_ASIDE`] old): a body that crashes it held every later
+/// report of its job back for ever. Reports of an earlier attempt keep going first, ahead of
+/// a later attempt's: the control plane hears how one attempt ended before the next one's
+/// news; this bound is what ends the wait.
 const MAX_FAILED_FLUSHES: u32 = 20;
 
-/// The least age of an entry moved aside for its failed flushes: a control-plane outage
-/// fails every entry on every flush (a running job's kept status is tried every few
-/// seconds), and an outage shorter than this loses no report.
+/// The least age of an entry the control plane fails on for good: it may fail on every
+/// report for a while (a bad deploy), and a running job's kept status is tried every few
+/// seconds.
 const MIN_AGE_ASIDE: Duration = Duration::from_secs(24 * 3600);
 
-/// Counts one more failed flush of the entry at `path`; true when it was moved aside for them.
-fn failed_again(path: &Path, e: &ReportError) -> bool {
-    let tries_path = path.with_extension(TRIES);
-    let tries = std::fs::read_to_string(&tries_path)
+/// What became of an entry whose flush failed ([`failed_again`]).
+enum Failed {
+    /// It stays, and so do the entries after it.
+    Stays,
+    /// The control plane fails on it for good, and it is no RUNNING or FINALIZING: it stays
+    /// (a terminal status or an artifacts registration is never given up), and so do the
+    /// entries of its attempt after it; other attempts' go past it.
+    Stuck,
+    /// The control plane fails on it for good, and it is a RUNNING or FINALIZING, which the
+    /// attempt's terminal status says all of: moved aside (`.bad`).
+    MovedAside,
+}
+
+/// Whether the entry at `path` failed [`MAX_FAILED_FLUSHES`] flushes and is
+/// [`MIN_AGE_ASIDE`] old.
+fn is_stuck(path: &Path) -> bool {
+    failed_flushes(path) >= MAX_FAILED_FLUSHES && is_old(path)
+}
+
+/// The flushes the entry at `path` failed, by its `.tries` file.
+fn failed_flushes(path: &Path) -> u32 {
+    std::fs::read_to_string(path.with_extension(TRIES))
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok())
         .unwrap_or(0)
-        .saturating_add(1);
-    let old = std::fs::metadata(path)
+}
+
+fn is_old(path: &Path) -> bool {
+    std::fs::metadata(path)
         .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MIN_AGE_ASIDE));
-    if tries >= MAX_FAILED_FLUSHES && old {
-        tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept report the control plane keeps failing on; moved aside (`.bad`), the job's later reports go on");
-        let _ = std::fs::rename(path, path.with_extension("bad"));
-        let _ = std::fs::remove_file(&tries_path);
-        return true;
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MIN_AGE_ASIDE))
+}
+
+/// A flush of the entry at `path` failed with `e`; `progress`: it is a RUNNING or
+/// FINALIZING. Only the control plane's own server error counts (in `<entry>.tries`): an
+/// outage (refused connections, time-outs, a proxy's 502, 503 or 504) fails every entry on
+/// every flush, and one of a day moved a job's terminal status aside for good.
+fn failed_again(path: &Path, e: &ReportError, progress: bool) -> Failed {
+    let tries_path = path.with_extension(TRIES);
+    let mut tries = failed_flushes(path);
+    if e.is_server_error() {
+        tries = tries.saturating_add(1);
+        if let Err(e) = write_atomic(&tries_path, tries.to_string().as_bytes()) {
+            tracing::debug!(path = %tries_path.display(), error = %crate::error_chain(&e), "cannot count a failed flush");
+        }
     }
-    if let Err(e) = write_atomic(&tries_path, tries.to_string().as_bytes()) {
-        tracing::debug!(path = %tries_path.display(), error = %crate::error_chain(&e), "cannot count a failed flush");
+    if tries < MAX_FAILED_FLUSHES || !is_old(path) {
+        return Failed::Stays;
     }
-    false
+    if !progress {
+        tracing::warn!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept report the control plane keeps failing on; it stays, and the job's other attempts' reports go past it");
+        return Failed::Stuck;
+    }
+    tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept RUNNING or FINALIZING the control plane keeps failing on; moved aside (`.bad`), the job's later reports go on");
+    let _ = std::fs::rename(path, path.with_extension("bad"));
+    let _ = std::fs::remove_file(&tries_path);
+    Failed::MovedAside
 }
 
 /// Removes a delivered (or dropped) outbox entry and its count of failed flushes.
@@ -974,7 +1102,7 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         let share = (time_left / (count - i) as u32).max(time_left.min(SHARE_FLOOR));
         let flushed =
             flush_outbox_for(cp, state, &job, (now + share).min(deadline), None, None).await;
-        if !flushed.done || flushed.elsewhere > 0 {
+        if !flushed.done || flushed.elsewhere > 0 || !flushed.held.is_empty() {
             left += 1;
         }
     }
@@ -1584,13 +1712,21 @@ pub(crate) mod tests {
         assert!(!state.outbox_dir("j").exists());
     }
 
-    /// An entry that fails flush after flush, for long enough, is moved aside, and the
-    /// job's later reports go on; a terminal status is superseded by nothing.
+    /// An entry the control plane fails on flush after flush (its own 500), for long
+    /// enough, holds the other attempts' reports back no more; a terminal status stays kept
+    /// all the same (moved aside, nothing ever sent it), and so does what its attempt kept
+    /// after it. A 503 (maintenance) counts no failed flush.
     #[tokio::test]
-    async fn an_entry_that_keeps_failing_is_moved_aside_in_the_end() {
-        let (url, requests) = serve_recorded(Duration::ZERO, |_, body| {
+    async fn an_entry_that_keeps_failing_holds_only_its_attempt_back_in_the_end() {
+        let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let in_maintenance = maintenance.clone();
+        let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
             if body.contains(r#""seq":3"#) {
-                ("500 Internal Server Error", "")
+                if in_maintenance.load(Ordering::SeqCst) {
+                    ("503 Service Unavailable", "")
+                } else {
+                    ("500 Internal Server Error", "")
+                }
             } else {
                 ("200 OK", "{}")
             }
@@ -1601,19 +1737,32 @@ pub(crate) mod tests {
         let state = StateDir::new(dir.path());
         let first = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
         first.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        first.keep_unsent("status", 4, br#"{"attempt":1,"seq":4,"state":"FAILED"}"#);
         let second = Reporter::new(Some(cp.clone()), state.clone(), "j", 2);
         second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
         let entry = state.outbox_dir("j").join("000001-00000003-status.json");
         let deadline = || Instant::now() + Duration::from_millis(500);
         assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
+        assert!(
+            !entry.with_extension(TRIES).exists(),
+            "a 503 is no failed flush"
+        );
+        maintenance.store(false, Ordering::SeqCst);
+        let before = requests.lock().unwrap().len();
+        assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
         assert_eq!(
             std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
             "1"
         );
-        // Young, it stays however often it failed.
+        // Young, it holds everything back however often it failed.
         write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
         assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
-        assert!(entry.exists());
+        assert!(
+            requests.lock().unwrap()[before..]
+                .iter()
+                .all(|(_, b)| b.contains(r#""seq":3"#)),
+            "only seq 3 was posted"
+        );
         std::fs::File::options()
             .write(true)
             .open(&entry)
@@ -1621,12 +1770,13 @@ pub(crate) mod tests {
             .set_modified(std::time::SystemTime::now() - MIN_AGE_ASIDE)
             .unwrap();
         assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
-        assert!(!entry.exists());
-        assert!(entry.with_extension("bad").exists());
-        assert!(!entry.with_extension(TRIES).exists());
-        assert!(flush_job_outbox(&cp, &state, "j", deadline()).await);
+        assert!(entry.exists(), "a terminal status stays kept");
+        assert!(!entry.with_extension("bad").exists());
+        let left = sorted_entries(&state.outbox_dir("j"), "j").unwrap();
+        assert_eq!(left.len(), 2, "attempt 1's, in order: {left:?}");
         let requests = requests.lock().unwrap();
         assert!(requests.last().unwrap().1.contains(r#""attempt":2"#));
+        assert!(!requests.iter().any(|(_, b)| b.contains(r#""seq":4"#)));
     }
 
     /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
@@ -1653,5 +1803,151 @@ pub(crate) mod tests {
         assert!(requests.lock().unwrap().is_empty());
         assert!(flush_job_outbox(&cp, &state, "eio", deadline).await);
         assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    fn status(seq: u64, state: c3_proto::JobState) -> Vec<u8> {
+        c3_proto::StatusReport {
+            attempt: 1,
+            seq,
+            state,
+            reason: None,
+            retryable: false,
+            exit_code: None,
+            signal: None,
+            message: None,
+            upload_errors: 0,
+            warnings: Vec::new(),
+            result: serde_json::Value::Null,
+            time: "t".into(),
+            gpu_released: None,
+            peak_memory_bytes: None,
+            cpu_seconds: None,
+        }
+        .to_json()
+    }
+
+    /// A control plane that refuses connections, as one down for a day does.
+    async fn refused() -> ControlPlane {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        drop(listener);
+        control_plane(format!("http://{at}/api/").parse().unwrap())
+    }
+
+    /// An outage of a day or more (every flush failing on a refused connection) moved a
+    /// job's terminal status aside (`.bad`) for good: nothing ever sent it.
+    #[tokio::test]
+    async fn an_outage_never_moves_a_terminal_status_aside() {
+        let cp = refused().await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 3, &status(3, c3_proto::JobState::Failed));
+        let entry = state.outbox_dir("j").join("000001-00000003-status.json");
+        write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - 2 * MIN_AGE_ASIDE)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let flushed = flush_job_outbox(&cp, &state, "j", deadline).await;
+        assert!(entry.exists(), "the terminal status is still kept");
+        assert!(!entry.with_extension("bad").exists());
+        assert!(!flushed);
+        assert_eq!(
+            std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
+            "30",
+            "a refused connection is no failed flush"
+        );
+    }
+
+    /// A kept RUNNING whose answer was slow (the control plane still working on it) was
+    /// passed over on its time-out: the terminal status went and was answered, and then the
+    /// control plane finished the RUNNING, after it.
+    #[tokio::test]
+    async fn a_status_timed_out_is_not_overtaken_by_a_later_one() {
+        let (url, log) = serve_slow_first().await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let sent = reporter
+            .send("status", 3, status(3, c3_proto::JobState::Failed), deadline)
+            .await;
+        // Until the control plane has answered seq 1.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !log.lock().unwrap().contains(&"answered 1".to_string()) {
+            assert!(Instant::now() < until, "{:?}", log.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = log.lock().unwrap().clone();
+        let answered_1 = log.iter().position(|e| e == "answered 1").unwrap();
+        match log.iter().position(|e| e == "came 3") {
+            Some(came_3) => assert!(came_3 > answered_1, "{log:?}"),
+            None => {
+                assert!(matches!(sent, Delivery::Kept), "{sent:?}");
+                let left = sorted_entries(&state.outbox_dir("j"), "j").unwrap();
+                assert_eq!(left.len(), 2, "both kept, in order: {left:?}");
+            }
+        }
+    }
+
+    /// A server that answers seq 1 after 3 s and anything else at once, several at once;
+    /// logs "came N" and "answered N" as they happen.
+    async fn serve_slow_first() -> (url::Url, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            url::Url::parse(&format!("http://{}/api/", listener.local_addr().unwrap())).unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = log.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let (_, body) = read_request(&mut conn).await;
+                    let seq = serde_json::from_str::<serde_json::Value>(&body).unwrap()["seq"]
+                        .as_u64()
+                        .unwrap();
+                    seen.lock().unwrap().push(format!("came {seq}"));
+                    if seq == 1 {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    seen.lock().unwrap().push(format!("answered {seq}"));
+                    write_reply(&mut conn, "200 OK", "{}").await;
+                });
+            }
+        });
+        (url, log)
+    }
+
+    /// A terminal status the control plane refused (400) left the kept RUNNING it
+    /// superseded in the outbox, with nothing behind it: posted later, after the terminal.
+    #[tokio::test]
+    async fn a_rejected_status_settles_the_ones_it_superseded() {
+        let (url, _) = serve_recorded(Duration::ZERO, |_, body| {
+            if body.contains(r#""seq":1"#) {
+                ("500 Internal Server Error", "")
+            } else {
+                ("400 Bad Request", "no")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let sent = reporter
+            .send("status", 3, status(3, c3_proto::JobState::Failed), deadline)
+            .await;
+        assert!(matches!(sent, Delivery::Rejected), "{sent:?}");
+        let left = sorted_entries(&state.outbox_dir("j"), "j").unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
