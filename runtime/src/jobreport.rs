@@ -16,9 +16,13 @@ use crate::report::{Ahead, Delivery, Reporter};
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
 
-/// A warning is cut to this many bytes: the job's file names go into them (16 KiB each at
-/// most), and 50 such made a terminal status of megabytes.
+/// A warning is cut to this many bytes for the status: the job's file names go into them
+/// (16 KiB each at most), and 50 such made a terminal status of megabytes.
 const MAX_WARNING_BYTES: usize = 512;
+
+/// A warning is cut to this many bytes for the log, which the status sends people to when
+/// it had to cut or drop them: a path of 16 KiB, named twice, fits whole.
+const MAX_LOGGED_WARNING_BYTES: usize = 40 * 1024;
 
 /// The most the terminal status's body may be; past it, its warnings go, then its result.
 /// A proxy's body limit (nginx's default is 1 MiB) answers a 413, a verdict on the report:
@@ -67,10 +71,10 @@ impl JobReporter {
     /// A warning for the log and the terminal status; past `MAX_WARNINGS` only counted, so
     /// a job with a million symlinks costs neither a million log lines nor the memory.
     pub fn warn(&mut self, text: String) {
-        let text = cut(text, MAX_WARNING_BYTES);
         if self.warnings.len() < MAX_WARNINGS {
+            let text = cut(text, MAX_LOGGED_WARNING_BYTES);
             tracing::warn!("{text}");
-            self.warnings.push(text);
+            self.warnings.push(cut(text, MAX_WARNING_BYTES));
         } else if self.warnings.len() == MAX_WARNINGS {
             tracing::warn!("more warnings follow; they are not logged one by one");
             self.warnings
@@ -424,5 +428,50 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("the result was dropped"));
+    }
+
+    /// Records the messages of the events logged under it.
+    #[derive(Default)]
+    struct Messages(std::sync::Mutex<Vec<String>>);
+
+    impl tracing::Subscriber for Messages {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Message<'a>(&'a mut String);
+            impl tracing::field::Visit for Message<'_> {
+                fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        *self.0 = format!("{v:?}");
+                    }
+                }
+            }
+            let mut text = String::new();
+            event.record(&mut Message(&mut text));
+            self.0.lock().unwrap().push(text);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A warning was cut to the status's 512 bytes before it was logged, while a status
+    /// over its size limit says "see the agent's log": the log holds it whole.
+    #[test]
+    fn a_warning_is_logged_whole_and_cut_for_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let reporter = Reporter::new(None, StateDir::new(dir.path()), "j", 1);
+        let mut reports = JobReporter::new(reporter, 1);
+        let long = format!("{}: not uploaded", "d/".repeat(1024));
+        let messages = std::sync::Arc::new(Messages::default());
+        tracing::subscriber::with_default(messages.clone(), || reports.warn(long.clone()));
+        assert_eq!(*messages.0.lock().unwrap(), [long]);
+        assert_eq!(reports.warnings.len(), 1);
+        assert!(reports.warnings[0].len() <= MAX_WARNING_BYTES);
     }
 }
