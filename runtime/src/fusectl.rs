@@ -65,6 +65,12 @@ impl Before {
             }
             return Vec::new();
         }
+        // A survivor stuck on something else (a CUDA context torn down for seconds, the GPU
+        // driver, NFS) is not helped by an abort, and another job of the same user with a busy
+        // FUSE mount of its own would be broken by one.
+        if !stuck_on_fuse(members) {
+            return Vec::new();
+        }
         let roots = (self.uid == 0).then(|| mounted_only_in(members));
         let mut aborted = Vec::new();
         for (name, ino, owner) in connections() {
@@ -94,6 +100,23 @@ impl Before {
         }
         aborted
     }
+}
+
+/// Whether a thread of `pids` sleeps in the FUSE client, waiting on a request (its kernel
+/// wait channel, `wchan`: `request_wait_answer` or a `fuse_` function it is inlined into).
+fn stuck_on_fuse(pids: &[i32]) -> bool {
+    pids.iter().any(|pid| {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| is_fuse_wait(w.trim()))
+        })
+    })
+}
+
+fn is_fuse_wait(wchan: &str) -> bool {
+    wchan == "request_wait_answer" || wchan.contains("fuse")
 }
 
 /// Each connection: its name, its directory's inode and owner.
@@ -180,5 +203,32 @@ mod tests {
                      50 27 0:44 / /sys/fs/fuse/connections rw - fusectl none rw\n";
         let names: Vec<String> = fuse_mounts_in(table).into_iter().collect();
         assert_eq!(names, ["41", "42", &((8 << 20) | 17).to_string()]);
+    }
+
+    /// Nothing is aborted for survivors stuck elsewhere than in the FUSE client: a process
+    /// asleep in a plain wait is no reason to break anyone's mount.
+    #[test]
+    fn only_a_wait_in_the_fuse_client_counts() {
+        for (w, fuse) in [
+            ("request_wait_answer", true),
+            ("fuse_simple_request", true),
+            ("__fuse_simple_request", true),
+            ("do_nanosleep", false),
+            ("0", false),
+            ("", false),
+        ] {
+            assert_eq!(is_fuse_wait(w), fuse, "{w}");
+        }
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!stuck_on_fuse(&[
+            sleeper.id() as i32,
+            std::process::id() as i32
+        ]));
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
     }
 }

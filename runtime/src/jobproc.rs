@@ -840,8 +840,8 @@ impl JobProcesses {
     /// the launch are aborted, and the rounds look again.
     async fn kill_rounds(&self, rounds: Duration, stop: &StopBy) {
         let start = tokio::time::Instant::now();
-        let until = stop.cap(start + rounds).max(start + LAST_ROUND);
-        let abort_at = (start + ABORT_AFTER).min(until - LAST_ROUND);
+        // Looked at each round: a stop that comes during them shortens them.
+        let until = || stop.cap(start + rounds).max(start + LAST_ROUND);
         let mut aborted = false;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
@@ -852,6 +852,7 @@ impl JobProcesses {
                 return;
             }
             let now = tokio::time::Instant::now();
+            let (until, abort_at) = (until(), (start + ABORT_AFTER).min(until() - LAST_ROUND));
             if !aborted && now >= abort_at {
                 aborted = true;
                 self.abort_new_fuse().await;
