@@ -415,9 +415,13 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64
 /// The store's own time: the mtime of a file made there now. Blob mtimes are stamped by the
 /// file system's clock (an NFS server's), which a node's may be hours off.
 fn store_clock(root: &DirFd) -> std::io::Result<SystemTime> {
-    let (name, file) = root.create_temp(".c3-gc-clock-")?;
+    // Unnamed where the file system allows (a kill leaves nothing behind); a named one is
+    // a `.part` temp that gc's own staging sweep would not see, so it goes at once.
+    let (name, file) = root.create_unnamed_temp(".c3-gc-clock-")?;
     let stamped = file.metadata().and_then(|m| m.modified());
-    let _ = root.remove_file(std::ffi::OsStr::new(&name));
+    if let Some(name) = name {
+        let _ = root.remove_file(std::ffi::OsStr::new(&name));
+    }
     stamped
 }
 
