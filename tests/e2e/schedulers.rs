@@ -20,10 +20,12 @@ fn states(h: &Harness) -> Vec<String> {
 
 /// The leader traps USR1 and writes its checkpoint. Its worker (a stand-in for a data
 /// loader) notes a USR1 of its own; the leader gives it half a second, then stops it.
+// `started` only once the worker's traps are set: a USR1 before them killed it.
 const USR1_JOB: &str = "A=$C3_ARTIFACTS_DIR; \
-    ( trap 'echo got > $A/worker_got; exit 0' USR1; trap 'exit 0' TERM; \
+    ( trap 'echo got > $A/worker_got; exit 0' USR1; trap 'exit 0' TERM; : > $A/worker_up; \
       while :; do sleep 0.1; done ) & child=$!; \
     trap 'echo ckpt > $A/last.ckpt; sleep 0.5; kill $child; wait $child; exit 0' USR1; \
+    while [ ! -e $A/worker_up ]; do sleep 0.02; done; \
     echo up > $A/started; while :; do sleep 0.1; done";
 
 /// `c3-agent run` of `command`, once the job wrote `artifacts/started`.
