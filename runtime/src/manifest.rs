@@ -183,6 +183,9 @@ impl ManifestWriter {
                         self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
                         return self.store.put_document(&key, bytes).await;
                     }
+                    // A look that failed for now (a store down, a listing that trickled
+                    // past the deadline) is no refusal: the write waits for a look, since
+                    // going ahead blind is what lets an older attempt replace a newer one's.
                     Err(e) => return Err(e),
                 },
             };
@@ -296,6 +299,38 @@ mod tests {
         let url = format!("file://{}", dir.path().join("store").display());
         let store = BlobStore::open(&StoreConfig::for_tests(&url)).unwrap();
         an_older_attempt_never_replaces_the_job_manifest(store).await;
+    }
+
+    /// An attempts listing that never answers while attempt 1 (`recover`, a late writer)
+    /// completes after attempt 2: the look failed past the deadline, was taken for a
+    /// refusal, and attempt 1 wrote the job's key blind over attempt 2's manifest.
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_too_slow_never_lets_an_older_attempt_write_blind() {
+        use crate::store::tests::{store_over, Faulty};
+        let faulty = Faulty {
+            hanging_list: true,
+            ..Default::default()
+        };
+        let store = store_over(
+            std::sync::Arc::new(faulty),
+            std::time::Duration::from_secs(1),
+        );
+        let book = SyncBook::default();
+        writer(&store, 2)
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        let late = writer(&store, 1);
+        let e = late
+            .complete(&book, None, serde_json::Value::Null)
+            .await
+            .unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        assert_eq!(stored_attempt(&store, "jobs/j/manifest.json").await, 2);
+        assert_eq!(
+            stored_attempt(&store, "jobs/j/attempts/1/manifest.json").await,
+            1
+        );
     }
 
     /// Another writer of the same attempt (an agent whose work `recover` took over) put a

@@ -596,6 +596,20 @@ enum Admit<'a> {
 struct Probe<'a> {
     retry: &'a Retry,
     id: u64,
+    /// Whether the try succeeded ([`Probe::answered`]).
+    answered: bool,
+}
+
+impl Probe<'_> {
+    /// The probe succeeded: the slot is given back without [`PROBE_EVERY`]'s wait. A success
+    /// that ends no outage (a read, or a write that found its blob stored, in an outage of
+    /// writes) proves the store answers, and the write that follows it (a HEAD, then the
+    /// PUT) must be tried: made to wait, that PUT was refused, every file's HEAD took the
+    /// slot again, and writes that worked again were never probed until the outage went
+    /// stale, a deadline later. A probe that fails still holds the next one off.
+    fn answered(mut self) {
+        self.answered = true;
+    }
 }
 
 impl Drop for Probe<'_> {
@@ -603,7 +617,9 @@ impl Drop for Probe<'_> {
         let mut state = self.retry.lock();
         if let Some(o) = state.outage.as_mut().filter(|o| o.id == self.id) {
             o.probing = false;
-            o.probed = Some(tokio::time::Instant::now());
+            if !self.answered {
+                o.probed = Some(tokio::time::Instant::now());
+            }
         }
     }
 }
@@ -653,6 +669,7 @@ impl Retry {
             probe: Some(Probe {
                 retry: self,
                 id: o.id,
+                answered: false,
             }),
         }
     }
@@ -781,6 +798,28 @@ impl Retry {
             );
         }
     }
+}
+
+/// The youngest an unreferenced blob may be and still be taken by `c3-agent gc`, whatever
+/// its grace period: a job stores a blob before its manifest names it.
+pub const BLOB_MIN_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// How young (by its mtime) a blob found stored that could not be touched may be and still
+/// be taken as stored: half of [`BLOB_MIN_AGE`], so gc spares it at least half an hour more,
+/// time for the manifest that will name it (a sync takes minutes) and for this node's clock
+/// being somewhat behind the store's, by which gc may count.
+const UNTOUCHED_KEPT: Duration = Duration::from_secs(BLOB_MIN_AGE.as_secs() / 2);
+
+/// Whether the blob at `path` that could not be touched is a regular file made within
+/// [`UNTOUCHED_KEPT`]: `Ok(false)` has it stored again.
+fn young_enough_untouched(path: &Path) -> std::io::Result<bool> {
+    let md = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        md => md?,
+    };
+    // A time ahead of this node's clock (a store's clock ahead) is as young as now.
+    let age = md.modified()?.elapsed().unwrap_or_default();
+    Ok(md.is_file() && age < UNTOUCHED_KEPT)
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -1025,7 +1064,7 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true).await
+        self.retrying_cut(op, true, true, |_| true).await
     }
 
     /// [`BlobStore::retrying`] for an operation that only reads: its success does not end an
@@ -1034,16 +1073,35 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, false).await
+        self.retrying_cut(op, true, false, |_| false).await
+    }
+
+    /// [`BlobStore::retrying`] for a write that may succeed without writing (`wrote` says
+    /// whether it did): a blob found stored, a create-if-absent refused (412) because the
+    /// key is taken, an upload started or aborted. Those the store answers with its disk full
+    /// or its PUTs refused, so they end no outage in which writes failed: taken for writes,
+    /// each file's found blob ended the outage and its neighbour's PUT began a new one, with
+    /// a deadline of its own (1,000 files: ten hours).
+    async fn retrying_write<T, Fut>(
+        &self,
+        op: impl FnMut() -> Fut,
+        wrote: impl Fn(&T) -> bool,
+    ) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying_cut(op, true, true, wrote).await
     }
 
     /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
-    /// deadline; `write`: whether the operation writes.
+    /// deadline; `write`: whether the operation writes (a failure books a failed write);
+    /// `wrote`: whether its success wrote, which alone ends an outage in which writes failed.
     async fn retrying_cut<T, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
         cut: bool,
         write: bool,
+        wrote: impl Fn(&T) -> bool,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1060,22 +1118,25 @@ impl BlobStore {
         let mut failure = None;
         loop {
             let started = tokio::time::Instant::now();
-            let tried = match self.retry.admit(deadline) {
-                Admit::Free => Some(op().await),
-                Admit::During { id, until, probe } => {
-                    let tried = match cut {
-                        true => self.retry.bounded(op(), id, started, until, deadline).await,
-                        false => Some(op().await),
-                    };
-                    drop(probe);
-                    tried
-                }
+            let (tried, probe) = match self.retry.admit(deadline) {
+                Admit::Free => (Some(op().await), None),
+                Admit::During { id, until, probe } => match cut {
+                    true => (
+                        self.retry.bounded(op(), id, started, until, deadline).await,
+                        probe,
+                    ),
+                    false => (Some(op().await), probe),
+                },
                 // This operation's own failure says more than "not tried".
                 Admit::Refused(e) => return Err(failure.unwrap_or(e)),
             };
-            match tried.unwrap_or_else(|| Err(self.retry.cut())) {
+            let tried = tried.unwrap_or_else(|| Err(self.retry.cut()));
+            if let (Some(probe), Ok(_)) = (probe, &tried) {
+                probe.answered();
+            }
+            match tried {
                 Ok(v) => {
-                    self.retry.answered(write);
+                    self.retry.answered(write && wrote(&v));
                     return Ok(v);
                 }
                 Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
@@ -1127,6 +1188,9 @@ impl BlobStore {
             },
             false,
             true,
+            // A whole staged upload wrote its staging object, whether or not the blob was
+            // found stored after.
+            |_| true,
         )
         .await
     }
@@ -1233,8 +1297,11 @@ impl BlobStore {
     /// Writes a blob unless present. Returns whether this call added it. A retry after a
     /// lost acknowledgement finds the blob present: that is success (content-addressed).
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
-        self.retrying(|| self.put_blob_once(sha256_hex, bytes.clone()))
-            .await
+        self.retrying_write(
+            || self.put_blob_once(sha256_hex, bytes.clone()),
+            |added| *added,
+        )
+        .await
     }
 
     async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
@@ -1258,8 +1325,8 @@ impl BlobStore {
             if self.still_wanted(sha256_hex).await {
                 return Ok(false);
             }
-            // gc took it meanwhile, or it could not be touched (gc may take it before the
-            // manifest is written): a new copy takes its place, young.
+            // gc took it meanwhile, or it could not be touched and is old enough that gc
+            // may take it before the manifest is written: a new copy takes its place, young.
             return put(true).await;
         }
         let path = StorePath::from(key.as_str());
@@ -1402,8 +1469,11 @@ impl BlobStore {
     /// cannot delete it between now and the manifest that will name it. `false`: gc took it
     /// first (the blob must be stored again). gc moves a blob aside before it checks the
     /// mtime a last time, so a blob still at its key after the touch is one gc will keep.
-    /// A blob that could not be touched is not wanted either: gc could take it before the
-    /// manifest that names it is written, so it is stored again (a copy of this node's).
+    /// A blob that could not be touched (NFS's root_squash refuses every touch) is wanted
+    /// only while it is young enough ([`UNTOUCHED_KEPT`]) that gc spares it until the
+    /// manifest naming it is written; an older one is stored again (a copy of this node's).
+    /// Replacing every one renamed a new copy over each deduplicated blob, and readers on
+    /// other nodes that had it open got ESTALE.
     async fn still_wanted(&self, sha256_hex: &str) -> bool {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let Some(root) = self.local_root() else {
@@ -1432,23 +1502,28 @@ impl BlobStore {
                 );
             let ino = match opened {
                 Ok(file) => {
-                    futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW)?;
+                    if futimens(&file, &TimeSpec::UTIME_OMIT, &TimeSpec::UTIME_NOW).is_err() {
+                        return young_enough_untouched(&path);
+                    }
                     file.metadata()?.ino()
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
                 // Not this user's to write (a blob another user stored read-only): its owner
                 // may still set its times.
                 Err(_) => {
-                    if crate::fault::armed_at("blob-touch-utimensat", &sha) {
-                        return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                    let set = match crate::fault::armed_at("blob-touch-utimensat", &sha) {
+                        true => Err(nix::errno::Errno::EPERM),
+                        false => utimensat(
+                            nix::fcntl::AT_FDCWD,
+                            &path,
+                            &TimeSpec::UTIME_OMIT,
+                            &TimeSpec::UTIME_NOW,
+                            UtimensatFlags::NoFollowSymlink,
+                        ),
+                    };
+                    if set.is_err() {
+                        return young_enough_untouched(&path);
                     }
-                    utimensat(
-                        nix::fcntl::AT_FDCWD,
-                        &path,
-                        &TimeSpec::UTIME_OMIT,
-                        &TimeSpec::UTIME_NOW,
-                        UtimensatFlags::NoFollowSymlink,
-                    )?;
                     std::fs::symlink_metadata(&path)?.ino()
                 }
             };
@@ -1543,7 +1618,7 @@ impl BlobStore {
     }
 
     pub async fn create_multipart(&self, sha256_hex: &str) -> Result<String, StoreError> {
-        self.retrying(|| self.create_multipart_once(sha256_hex))
+        self.retrying_write(|| self.create_multipart_once(sha256_hex), |_| false)
             .await
     }
 
@@ -1685,8 +1760,11 @@ impl BlobStore {
         sha256_hex: &str,
         upload_id: &str,
     ) -> Result<(), StoreError> {
-        self.retrying(|| self.abort_multipart_once(sha256_hex, upload_id))
-            .await
+        self.retrying_write(
+            || self.abort_multipart_once(sha256_hex, upload_id),
+            |_| false,
+        )
+        .await
     }
 
     async fn abort_multipart_once(
@@ -1719,7 +1797,7 @@ impl BlobStore {
             Err(object_store::Error::AlreadyExists { .. }) => {
                 // Only a regular file of the blob's size is the blob: anything else at its key
                 // is replaced (a rename replaces a symlink, never follows it), and so is one
-                // gc took in between or the touch could not reach. Trying the conditional
+                // gc took in between or the touch could not reach (if old enough for gc). Trying the conditional
                 // rename again instead went round for ever on a symlink at the key.
                 let found = self.blob_is_file(sha256_hex).await?
                     && matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size)
@@ -1959,8 +2037,11 @@ impl BlobStore {
         bytes: Bytes,
         expected: Option<&DocVersion>,
     ) -> Result<DocWrite, StoreError> {
-        self.retrying(|| self.put_document_over_once(key, bytes.clone(), expected))
-            .await
+        self.retrying_write(
+            || self.put_document_over_once(key, bytes.clone(), expected),
+            |put| matches!(put, DocWrite::Written(_)),
+        )
+        .await
     }
 
     async fn put_document_over_once(
@@ -2037,9 +2118,11 @@ impl BlobStore {
 
     /// One listing of the attempts, read as it comes: only the highest number is kept, and a
     /// key over [`MAX_ATTEMPT_KEY_BYTES`] is passed over. Gathered whole, a hostile listing
-    /// (100,000 keys of 16 MiB each) was held in the root agent's memory. A listing that
-    /// outlasts the retry deadline (pages that trickle) is given up, as one past
-    /// [`MAX_ATTEMPT_KEYS`] is: not a blip to list again.
+    /// (100,000 keys of 16 MiB each) was held in the root agent's memory. One past
+    /// [`MAX_ATTEMPT_KEYS`] is refused for good; one that outlasts the retry deadline (pages
+    /// that trickle, a store that stops answering) is a transient failure like any slow
+    /// request: taken for a refusal, it let the manifest writer go ahead without a look, and a
+    /// late attempt's manifest replaced the newer attempt's at the job's key.
     async fn newest_attempt_once(&self, prefix: &str) -> Result<Option<u32>, StoreError> {
         use futures::StreamExt;
         let op_error = |source| StoreError::Op {
@@ -2076,16 +2159,20 @@ impl BlobStore {
         tokio::time::timeout(limit, listed)
             .await
             .unwrap_or_else(|_| {
-                Err(refused(format!(
-                    "the listing went on past {} s (store.retry_deadline_secs)",
-                    limit.as_secs()
-                )))
+                Err(op_error(object_store::Error::Generic {
+                    store: "c3-agent",
+                    source: format!(
+                        "the listing went on past {} s (store.retry_deadline_secs)",
+                        limit.as_secs()
+                    )
+                    .into(),
+                }))
             })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     /// One store spelt two ways is one identity: a run record written under one spelling
     /// (the job unit's environment) is finished by a `recover` configured with the other.
     /// Two stores are two.
@@ -2455,25 +2542,39 @@ mod tests {
         assert!(store.retry.lock().outage.is_none());
     }
 
-    /// A store that answers reads and refuses every write with a 503 (its disk full behind
-    /// it), as a test's wrapper of `mem`.
-    #[derive(Debug)]
-    struct RefusesWrites(object_store::memory::InMemory);
+    /// A store that answers reads and, while `refusing`, refuses every write with a 503 (its
+    /// disk full behind it) but a create-if-absent of a key it holds, which it answers as S3
+    /// does, before taking any bytes: "exists". With `hanging_list`, a listing never answers.
+    #[derive(Debug, Default)]
+    pub(crate) struct Faulty {
+        pub(crate) mem: object_store::memory::InMemory,
+        pub(crate) refusing: std::sync::atomic::AtomicBool,
+        pub(crate) hanging_list: bool,
+    }
 
-    impl std::fmt::Display for RefusesWrites {
+    impl std::fmt::Display for Faulty {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "RefusesWrites")
+            write!(f, "Faulty")
         }
     }
 
     #[async_trait::async_trait]
-    impl ObjectStore for RefusesWrites {
+    impl ObjectStore for Faulty {
         async fn put_opts(
             &self,
-            _: &StorePath,
-            _: PutPayload,
-            _: object_store::PutOptions,
+            location: &StorePath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
         ) -> object_store::Result<object_store::PutResult> {
+            if !self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
+                return self.mem.put_opts(location, payload, opts).await;
+            }
+            if opts.mode == PutMode::Create && self.mem.head(location).await.is_ok() {
+                return Err(object_store::Error::AlreadyExists {
+                    path: location.to_string(),
+                    source: "412 Precondition Failed".into(),
+                });
+            }
             Err(object_store::Error::Generic {
                 store: "S3",
                 source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
@@ -2484,33 +2585,37 @@ mod tests {
             location: &StorePath,
             opts: object_store::PutMultipartOptions,
         ) -> object_store::Result<Box<dyn MultipartUpload>> {
-            self.0.put_multipart_opts(location, opts).await
+            self.mem.put_multipart_opts(location, opts).await
         }
         async fn get_opts(
             &self,
             location: &StorePath,
             options: object_store::GetOptions,
         ) -> object_store::Result<GetResult> {
-            self.0.get_opts(location, options).await
+            self.mem.get_opts(location, options).await
         }
         fn delete_stream(
             &self,
             locations: futures::stream::BoxStream<'static, object_store::Result<StorePath>>,
         ) -> futures::stream::BoxStream<'static, object_store::Result<StorePath>> {
-            self.0.delete_stream(locations)
+            self.mem.delete_stream(locations)
         }
         fn list(
             &self,
             prefix: Option<&StorePath>,
         ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
         {
-            self.0.list(prefix)
+            use futures::StreamExt;
+            match self.hanging_list {
+                true => futures::stream::pending().boxed(),
+                false => self.mem.list(prefix),
+            }
         }
         async fn list_with_delimiter(
             &self,
             prefix: Option<&StorePath>,
         ) -> object_store::Result<object_store::ListResult> {
-            self.0.list_with_delimiter(prefix).await
+            self.mem.list_with_delimiter(prefix).await
         }
         async fn copy_opts(
             &self,
@@ -2518,8 +2623,23 @@ mod tests {
             to: &StorePath,
             options: object_store::CopyOptions,
         ) -> object_store::Result<()> {
-            self.0.copy_opts(from, to, options).await
+            self.mem.copy_opts(from, to, options).await
         }
+    }
+
+    /// A store over `inner` that fails for at most `deadline`.
+    pub(crate) fn store_over(inner: Arc<dyn ObjectStore>, deadline: Duration) -> BlobStore {
+        let mut store = store_with_deadline(deadline.as_secs());
+        store.inner = inner;
+        store
+    }
+
+    fn refusing_writes() -> Arc<Faulty> {
+        let faulty = Faulty::default();
+        faulty
+            .refusing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(faulty)
     }
 
     /// Files of a final sync against a store that serves reads and refuses writes: each
@@ -2527,9 +2647,7 @@ mod tests {
     /// then began one of its own: 1,000 files took ten hours to fail, not one deadline.
     #[tokio::test(start_paused = true)]
     async fn reads_answered_do_not_end_an_outage_of_writes() {
-        let mem = Arc::new(object_store::memory::InMemory::new());
-        let mut store = BlobStore::in_memory_with(mem.clone(), mem, Duration::from_secs(60));
-        store.inner = Arc::new(RefusesWrites(object_store::memory::InMemory::new()));
+        let store = store_over(refusing_writes(), Duration::from_secs(60));
         let start = tokio::time::Instant::now();
         for i in 0..10 {
             let data = Bytes::from(format!("file {i}"));
@@ -2542,6 +2660,86 @@ mod tests {
         }
         let took = start.elapsed();
         assert!(took < Duration::from_secs(60 + 30), "{took:?}");
+    }
+
+    /// Files found stored among files that are not, against a store that refuses writes:
+    /// a blob found stored (a 412 to its create-if-absent, then a HEAD) wrote nothing, yet
+    /// ended the outage, and the next file's PUT began a new one with a deadline of its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_writes_nothing_does_not_end_an_outage_of_writes() {
+        let faulty = refusing_writes();
+        let stored = Bytes::from_static(b"stored before the outage");
+        let stored_sha = crate::digest::sha256_hex(&stored);
+        faulty
+            .mem
+            .put(
+                &StorePath::from(blob_key(&stored_sha)),
+                PutPayload::from(stored.clone()),
+            )
+            .await
+            .unwrap();
+        let store = store_over(faulty, Duration::from_secs(60));
+        let start = tokio::time::Instant::now();
+        for i in 0..10 {
+            // Found stored, or refused past the deadline; never written.
+            let found = store.put_blob(&stored_sha, stored.clone()).await;
+            assert!(!matches!(found, Ok(true)), "{found:?}");
+            let data = Bytes::from(format!("file {i}"));
+            let sha = crate::digest::sha256_hex(&data);
+            let e = store.put_blob(&sha, data).await.unwrap_err();
+            assert!(!e.is_permanent(), "{e}");
+        }
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(60 + 30), "{took:?}");
+    }
+
+    /// Writes that work again after an outage of writes past its deadline, met by uploads
+    /// that look first (HEAD, then PUT): each HEAD was the probe, its success held the next
+    /// probe off, and the PUT after it was refused; the outage ended only when it went stale,
+    /// a whole deadline later.
+    #[tokio::test(start_paused = true)]
+    async fn writes_back_after_an_outage_of_writes_are_probed() {
+        let faulty = refusing_writes();
+        let store = store_over(faulty.clone(), Duration::from_secs(60));
+        let start = tokio::time::Instant::now();
+        let data = Bytes::from_static(b"refused");
+        let e = store
+            .put_blob(&crate::digest::sha256_hex(&data), data)
+            .await
+            .unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        // Past the deadline, and not a deadline since the last failure (a stale outage).
+        tokio::time::sleep_until(start + Duration::from_secs(70)).await;
+        faulty
+            .refusing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let back = tokio::time::Instant::now();
+        for i in 0.. {
+            let data = Bytes::from(format!("large file {i}"));
+            let sha = crate::digest::sha256_hex(&data);
+            if matches!(store.blob_exists(&sha, data.len() as u64).await, Ok(false))
+                && store.put_blob(&sha, data).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let took = back.elapsed();
+        assert!(took < 2 * PROBE_EVERY, "{took:?}");
+        assert!(store.retry.lock().outage.is_none());
+    }
+
+    /// An attempts listing that never answers: past the deadline it is a transient failure,
+    /// not a refusal (which has the manifest writer go ahead without a look).
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_too_slow_is_not_a_refusal() {
+        let faulty = Faulty {
+            hanging_list: true,
+            ..Default::default()
+        };
+        let store = store_over(Arc::new(faulty), Duration::from_secs(1));
+        let e = store.newest_attempt("j").await.unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
     }
 
     /// A store whose attempts listing gives `huge` keys of 1 MiB, then two attempts'.
@@ -2841,5 +3039,34 @@ mod tests {
         assert!(young(), "a new copy");
         assert_ne!(std::fs::metadata(&at).unwrap().ino(), ino);
         assert_eq!(std::fs::read(&at).unwrap(), &data[..]);
+    }
+
+    /// A young blob found stored that cannot be touched (NFS's root_squash refuses every
+    /// touch): gc spares it until the manifest naming it is written, so it is taken as it
+    /// is. A new copy renamed over each one left other nodes' readers with ESTALE.
+    #[tokio::test]
+    async fn a_young_blob_that_cannot_be_touched_is_kept() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
+        store.preflight().await.unwrap();
+        let data = Bytes::from_static(b"stored a moment ago by another node");
+        let sha = crate::digest::sha256_hex(&data);
+        let at = dir.path().join("s").join(blob_key(&sha));
+        assert!(store.put_blob(&sha, data.clone()).await.unwrap());
+        let ino = std::fs::metadata(&at).unwrap().ino();
+        let _open = crate::fault::arm("blob-touch-open", &sha);
+        let _utimensat = crate::fault::arm("blob-touch-utimensat", &sha);
+        assert!(store.blob_exists(&sha, data.len() as u64).await.unwrap());
+        assert!(!store.put_blob(&sha, data.clone()).await.unwrap());
+        let staging = "staging/job-1/0";
+        store.put_document(staging, data.clone()).await.unwrap();
+        assert!(!store
+            .promote(staging, &sha, data.len() as u64)
+            .await
+            .unwrap());
+        assert_eq!(std::fs::metadata(&at).unwrap().ino(), ino);
+        assert!(!dir.path().join("s").join(staging).exists());
     }
 }
