@@ -45,8 +45,7 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Staging files younger than this are never deleted: a put takes seconds, a large file's
 /// staging object as long as the file takes to read.
 const STAGING_MIN_AGE: Duration = Duration::from_secs(60 * 60);
-/// The youngest an unreferenced blob may be and still be deleted.
-const BLOB_MIN_AGE: Duration = Duration::from_secs(60 * 60);
+use crate::store::BLOB_MIN_AGE;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
