@@ -36,6 +36,7 @@ use c3_proto::Manifest;
 
 use crate::confine::{is_dir, is_regular, DirFd};
 use crate::pull::DEFAULT_MAX_MANIFEST_BYTES;
+use crate::store::BLOB_MIN_AGE;
 use crate::store::{blob_key, BlobStore, StoreError, EMPTY_SHA256};
 use crate::treewalk::{Item, TreeWalk};
 
@@ -45,7 +46,6 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Staging files younger than this are never deleted: a put takes seconds, a large file's
 /// staging object as long as the file takes to read.
 const STAGING_MIN_AGE: Duration = Duration::from_secs(60 * 60);
-use crate::store::BLOB_MIN_AGE;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
