@@ -116,7 +116,8 @@ fn stuck_on_fuse(pids: &[i32]) -> bool {
 }
 
 fn is_fuse_wait(wchan: &str) -> bool {
-    wchan == "request_wait_answer" || wchan.contains("fuse")
+    // A server's thread reading its device (`fuse_dev_do_read`) waits on no one.
+    wchan == "request_wait_answer" || (wchan.contains("fuse") && !wchan.starts_with("fuse_dev"))
 }
 
 /// Each connection: its name, its directory's inode and owner.
@@ -213,6 +214,7 @@ mod tests {
             ("request_wait_answer", true),
             ("fuse_simple_request", true),
             ("__fuse_simple_request", true),
+            ("fuse_dev_do_read", false),
             ("do_nanosleep", false),
             ("0", false),
             ("", false),
