@@ -68,7 +68,7 @@ impl Before {
         // A survivor stuck on something else (a CUDA context torn down for seconds, the GPU
         // driver, NFS) is not helped by an abort, and another job of the same user with a busy
         // FUSE mount of its own would be broken by one.
-        if !stuck_on_fuse(members) {
+        if stuck_on_fuse(members) == Some(false) {
             return Vec::new();
         }
         let roots = (self.uid == 0).then(|| mounted_only_in(members));
@@ -102,22 +102,54 @@ impl Before {
     }
 }
 
-/// Whether a thread of `pids` sleeps in the FUSE client, waiting on a request (its kernel
-/// wait channel, `wchan`: `request_wait_answer` or a `fuse_` function it is inlined into).
-fn stuck_on_fuse(pids: &[i32]) -> bool {
-    pids.iter().any(|pid| {
+/// Whether a thread of `pids` sleeps in the FUSE client, waiting on a request: its kernel
+/// wait channel (`wchan`: `request_wait_answer`, or a `fuse_` function it is inlined
+/// into), or where that says nothing (`0`: x86 kernels before 5.16 with the ORC unwinder),
+/// its kernel stack. `None` when neither can be read: nothing tells, and the caller aborts
+/// as it did before it could tell.
+fn stuck_on_fuse(pids: &[i32]) -> Option<bool> {
+    let mut told = false;
+    for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return false;
+            continue;
         };
-        tasks.flatten().any(|t| {
-            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| is_fuse_wait(w.trim()))
-        })
-    })
+        for task in tasks.flatten() {
+            let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+            let wchan = wchan.trim();
+            if !wchan.is_empty() && wchan != "0" {
+                told = true;
+                if is_fuse_wait(wchan) {
+                    return Some(true);
+                }
+                continue;
+            }
+            if let Ok(stack) = std::fs::read_to_string(task.path().join("stack")) {
+                told = true;
+                if stack_waits_on_fuse(&stack) {
+                    return Some(true);
+                }
+            }
+        }
+    }
+    told.then_some(false)
 }
 
 fn is_fuse_wait(wchan: &str) -> bool {
-    // A server's thread reading its device (`fuse_dev_do_read`) waits on no one.
-    wchan == "request_wait_answer" || (wchan.contains("fuse") && !wchan.starts_with("fuse_dev"))
+    // A server's thread reading its device (`fuse_dev_do_read`) waits on no one; a function
+    // the compiler specialised keeps its name before a suffix (`.isra.0`).
+    wchan.starts_with("request_wait_answer")
+        || (wchan.contains("fuse") && !wchan.starts_with("fuse_dev"))
+}
+
+/// `/proc/<pid>/task/<tid>/stack`: one `[<0>] function+0x1f/0x90` frame a line.
+fn stack_waits_on_fuse(stack: &str) -> bool {
+    stack.lines().any(|frame| {
+        let f = frame.split_once("] ").map_or(frame, |(_, f)| f);
+        f.starts_with("request_wait_answer")
+            || f.starts_with("fuse_simple_request")
+            || f.starts_with("__fuse_simple_request")
+            || f.starts_with("__fuse_request_send")
+    })
 }
 
 /// Each connection: its name, its directory's inode and owner.
@@ -221,15 +253,17 @@ mod tests {
         ] {
             assert_eq!(is_fuse_wait(w), fuse, "{w}");
         }
+        assert!(is_fuse_wait("request_wait_answer.constprop.0"));
+        let stuck = "[<0>] request_wait_answer+0x12a/0x260\n[<0>] fuse_simple_request+0x17/0x30\n";
+        assert!(stack_waits_on_fuse(stuck));
+        let server = "[<0>] fuse_dev_do_read+0x3b1/0x4e0\n[<0>] vfs_read+0x99/0x180\n";
+        assert!(!stack_waits_on_fuse(server));
         let mut sleeper = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!stuck_on_fuse(&[
-            sleeper.id() as i32,
-            std::process::id() as i32
-        ]));
+        assert_ne!(stuck_on_fuse(&[sleeper.id() as i32]), Some(true));
         let _ = sleeper.kill();
         let _ = sleeper.wait();
     }

@@ -418,6 +418,8 @@ const KILL_ROUNDS: Duration = Duration::from_secs(5);
 
 /// After this long surviving SIGKILL, a process is taken for stuck on a FUSE request.
 const ABORT_AFTER: Duration = Duration::from_secs(1);
+/// How often survivors are looked at again for a wait on their FUSE server.
+const ABORT_LOOK_EVERY: Duration = Duration::from_millis(500);
 
 /// The shortest round of SIGKILLs, even past the stop's deadline: a process freed by an
 /// abort of its FUSE connection takes a moment to die.
@@ -842,7 +844,9 @@ impl JobProcesses {
         let start = tokio::time::Instant::now();
         // Looked at each round: a stop that comes during them shortens them.
         let until = || stop.cap(start + rounds).max(start + LAST_ROUND);
-        let mut aborted = false;
+        // Looked at again while the rounds last: a survivor may come to wait on its FUSE
+        // server only after the first look.
+        let mut next_abort_look: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             self.kill_hard_async().await;
@@ -853,9 +857,12 @@ impl JobProcesses {
             }
             let now = tokio::time::Instant::now();
             let (until, abort_at) = (until(), (start + ABORT_AFTER).min(until() - LAST_ROUND));
-            if !aborted && now >= abort_at {
-                aborted = true;
-                self.abort_new_fuse().await;
+            if now >= next_abort_look.unwrap_or(abort_at) {
+                next_abort_look = Some(if self.abort_new_fuse().await {
+                    until
+                } else {
+                    now + ABORT_LOOK_EVERY
+                });
                 continue;
             }
             if now >= until {
@@ -868,16 +875,19 @@ impl JobProcesses {
         }
     }
 
-    async fn abort_new_fuse(&self) {
+    /// Whether a connection was aborted.
+    async fn abort_new_fuse(&self) -> bool {
         let this = self.clone();
         let span = tracing::Span::current();
-        let _ = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _job = span.enter();
-            if let Some(before) = &this.inner.fuse {
-                before.abort_new(&this.members());
-            }
+            this.inner
+                .fuse
+                .as_ref()
+                .is_some_and(|before| !before.abort_new(&this.members()).is_empty())
         })
-        .await;
+        .await
+        .unwrap_or(false)
     }
 
     /// The job's cgroup's facts, kept, and the cgroup removed.
