@@ -606,7 +606,9 @@ impl Syncer {
                 // lasts, the rescan when it ends looks at this one too.
                 let began = Instant::now();
                 if let Some(until) = self.touch_rest.filter(|t| began < *t) {
-                    self.rescans.due = Some(self.rescans.due.map_or(until, |d| d.min(until)));
+                    // Never sooner than the rescans' own rest: a full rescan may cost more.
+                    let at = until.max(self.rescans.last.map_or(until, |t| t + self.rescans.gap));
+                    self.rescans.due = Some(self.rescans.due.map_or(at, |d| d.min(at)));
                     return;
                 }
                 if !self.polling {
@@ -1021,6 +1023,12 @@ mod tests {
             "walked during the rest"
         );
         assert_eq!(s.rescans.due, Some(until));
+        // Nor sooner than the rest the last full rescan earned.
+        s.rescans.due = None;
+        s.rescans.last = Some(Instant::now());
+        s.rescans.gap = Duration::from_secs(60);
+        s.touch(&sub).await;
+        assert_eq!(s.rescans.due, Some(s.rescans.last.unwrap() + s.rescans.gap));
         s.touch_rest = None;
         s.touch(&sub).await;
         assert!(

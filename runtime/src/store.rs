@@ -1188,9 +1188,10 @@ impl BlobStore {
             },
             false,
             true,
-            // A whole staged upload wrote its staging object, whether or not the blob was
-            // found stored after.
-            |_| true,
+            // A whole staged upload that succeeded wrote its staging object, whether or not
+            // the blob was found stored after; one that failed on its own (the file could not
+            // be opened, was sparse, changed) may have written nothing.
+            |r| r.is_ok(),
         )
         .await
     }
