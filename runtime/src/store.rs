@@ -817,8 +817,23 @@ fn young_enough_untouched(path: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         md => md?,
     };
-    // A time ahead of this node's clock (a store's clock ahead) is as young as now.
-    let age = md.modified()?.elapsed().unwrap_or_default();
+    // Counted by the later of this node's clock and the store's (the mtime of a file made
+    // beside it): gc counts by the earlier of its own and the store's, and a store's clock
+    // ahead of this node's made a blob gc would take look young here. No store clock, no
+    // keeping.
+    let Some(store_now) = path.parent().and_then(|dir| {
+        let dir = crate::confine::DirFd::open(dir).ok()?;
+        let (name, file) = dir.create_unnamed_temp(".c3-clock-").ok()?;
+        let stamped = file.metadata().and_then(|m| m.modified()).ok();
+        if let Some(name) = name {
+            let _ = dir.remove_file(std::ffi::OsStr::new(&name));
+        }
+        stamped
+    }) else {
+        return Ok(false);
+    };
+    let now = store_now.max(std::time::SystemTime::now());
+    let age = now.duration_since(md.modified()?).unwrap_or_default();
     Ok(md.is_file() && age < UNTOUCHED_KEPT)
 }
 
