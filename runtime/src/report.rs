@@ -83,6 +83,21 @@ impl ReportError {
         )
     }
 
+    /// The answer counts a failed flush of a kept report ([`failed_again`]): the control
+    /// plane's own server error, or a gateway's 502 or 504 (a body that crashes it behind a
+    /// proxy is answered so, for ever); not a 503 (maintenance), a time-out or a refused
+    /// connection, which an outage answers to every report.
+    fn fails_a_flush(&self) -> bool {
+        self.is_server_error()
+            || matches!(
+                self,
+                ReportError::Unavailable {
+                    status: 502 | 504,
+                    ..
+                }
+            )
+    }
+
     /// The try may have reached the control plane with its answer lost on the way back: the
     /// control plane may still be working on it (a time-out, a connection broken after
     /// it was made, a gateway's 502 or 504).
@@ -266,18 +281,24 @@ impl ControlPlane {
 
     /// [`ControlPlane::post`], telling also whether a try of it may still be in flight
     /// ([`ReportError::may_be_in_flight`]): only a report none of whose tries is may be
-    /// overtaken by a later one.
+    /// overtaken by a later one; and whether a try was answered with a failure that counts a
+    /// failed flush ([`ReportError::fails_a_flush`]), whatever the last try met (one cut by
+    /// the deadline under load lost the answer that came before it).
     async fn post_tracked(
         &self,
         endpoint: &str,
         body: &[u8],
         deadline: Instant,
-    ) -> (Result<Bytes, ReportError>, bool) {
+    ) -> (Result<Bytes, ReportError>, bool, bool) {
         let in_flight = std::sync::atomic::AtomicBool::new(false);
+        let answered = std::sync::atomic::AtomicBool::new(false);
         let once = || async {
             let tried = self.post_once(endpoint, body, deadline).await;
             if tried.as_ref().is_err_and(ReportError::may_be_in_flight) {
                 in_flight.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if tried.as_ref().is_err_and(ReportError::fails_a_flush) {
+                answered.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             tried
         };
@@ -310,7 +331,7 @@ impl ControlPlane {
             .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
             .notify(|e, wait| tracing::debug!(error = %crate::error_chain(e), retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
             .await;
-        (posted, in_flight.into_inner())
+        (posted, in_flight.into_inner(), answered.into_inner())
     }
 }
 
@@ -749,7 +770,7 @@ async fn flush_outbox_for(
             deadline
         };
         let is_mine = mine == Some(path.as_path());
-        let (posted, in_flight) = cp
+        let (posted, in_flight, answered) = cp
             .post_tracked(&entry.endpoint, &entry.body_json(), by)
             .await;
         // A later status answered (delivered or refused) settles the ones passed over.
@@ -767,7 +788,7 @@ async fn flush_outbox_for(
         }
         match posted {
             Err(e) if passing && e.is_server_error() && !in_flight => {
-                if matches!(failed_again(&path, &e, progress), Failed::Stays) {
+                if matches!(failed_again(&path, &e, answered, progress), Failed::Stays) {
                     if let Some((attempt, order, _)) = name {
                         passed_over.push((attempt, order, path));
                     }
@@ -792,7 +813,7 @@ async fn flush_outbox_for(
                     );
                 }
             }
-            Err(e) if e.is_retryable() => match failed_again(&path, &e, progress) {
+            Err(e) if e.is_retryable() => match failed_again(&path, &e, answered, progress) {
                 Failed::Stays => return flushed,
                 Failed::Stuck => {
                     flushed.held.insert(attempt);
@@ -896,20 +917,30 @@ fn failed_flushes(path: &Path) -> u32 {
         .unwrap_or(0)
 }
 
+/// How long a terminal status or registration the control plane keeps failing on is kept.
+const MAX_AGE_STUCK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn is_ancient(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MAX_AGE_STUCK))
+}
+
 fn is_old(path: &Path) -> bool {
     std::fs::metadata(path)
         .and_then(|m| m.modified())
         .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MIN_AGE_ASIDE))
 }
 
-/// A flush of the entry at `path` failed with `e`; `progress`: it is a RUNNING or
-/// FINALIZING. Only the control plane's own server error counts (in `<entry>.tries`): an
-/// outage (refused connections, time-outs, a proxy's 502, 503 or 504) fails every entry on
-/// every flush, and one of a day moved a job's terminal status aside for good.
-fn failed_again(path: &Path, e: &ReportError, progress: bool) -> Failed {
+/// A flush of the entry at `path` failed with `e` (`answered`: a try of it met an answer
+/// that counts, [`ReportError::fails_a_flush`]); `progress`: it is a RUNNING or FINALIZING.
+/// Only such answers count (in `<entry>.tries`): an outage (refused connections, time-outs,
+/// a 503) fails every entry on every flush, and one of a day moved a job's terminal status
+/// aside for good.
+fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) -> Failed {
     let tries_path = path.with_extension(TRIES);
     let mut tries = failed_flushes(path);
-    if e.is_server_error() {
+    if answered || e.fails_a_flush() {
         tries = tries.saturating_add(1);
         if let Err(e) = write_atomic(&tries_path, tries.to_string().as_bytes()) {
             tracing::debug!(path = %tries_path.display(), error = %crate::error_chain(&e), "cannot count a failed flush");
@@ -918,9 +949,17 @@ fn failed_again(path: &Path, e: &ReportError, progress: bool) -> Failed {
     if tries < MAX_FAILED_FLUSHES || !is_old(path) {
         return Failed::Stays;
     }
-    if !progress {
+    if !progress && !is_ancient(path) {
         tracing::warn!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept report the control plane keeps failing on; it stays, and the job's other attempts' reports go past it");
         return Failed::Stuck;
+    }
+    if !progress {
+        // A week of the control plane failing on it: kept for ever, it held the job's data on
+        // the node (retention waits for an empty outbox) and half of every flush's time.
+        tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept terminal status or registration the control plane has failed on for a week; moved aside (`.bad`): the control plane never heard it");
+        let _ = std::fs::rename(path, path.with_extension("bad"));
+        let _ = std::fs::remove_file(&tries_path);
+        return Failed::MovedAside;
     }
     tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept RUNNING or FINALIZING the control plane keeps failing on; moved aside (`.bad`), the job's later reports go on");
     let _ = std::fs::rename(path, path.with_extension("bad"));
@@ -1741,7 +1780,7 @@ pub(crate) mod tests {
         let second = Reporter::new(Some(cp.clone()), state.clone(), "j", 2);
         second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
         let entry = state.outbox_dir("j").join("000001-00000003-status.json");
-        let deadline = || Instant::now() + Duration::from_millis(500);
+        let deadline = || Instant::now() + Duration::from_millis(1500);
         assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
         assert!(
             !entry.with_extension(TRIES).exists(),
@@ -1777,6 +1816,52 @@ pub(crate) mod tests {
         let requests = requests.lock().unwrap();
         assert!(requests.last().unwrap().1.contains(r#""attempt":2"#));
         assert!(!requests.iter().any(|(_, b)| b.contains(r#""seq":4"#)));
+    }
+
+    /// A terminal status a gateway answers 502 for every time (a body that crashes the
+    /// control plane behind it) counts its failed flushes, and after a week it is moved aside:
+    /// kept for ever, it held the job's data on the node and half of every flush.
+    #[tokio::test]
+    async fn a_report_failed_on_for_a_week_goes_aside_in_the_end() {
+        let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
+            if body.contains(r#""seq":3"#) {
+                ("502 Bad Gateway", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let first = Reporter::new(Some(cp.clone()), state.clone(), "w", 1);
+        first.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let entry = state.outbox_dir("w").join("000001-00000003-status.json");
+        let deadline = || Instant::now() + Duration::from_secs(2);
+        assert!(!flush_job_outbox(&cp, &state, "w", deadline()).await);
+        assert_eq!(
+            std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
+            "1",
+            "a gateway's 502 counts"
+        );
+        write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - MAX_AGE_STUCK)
+            .unwrap();
+        let second = Reporter::new(Some(cp.clone()), state.clone(), "w", 2);
+        second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
+        assert!(flush_job_outbox(&cp, &state, "w", deadline()).await);
+        assert!(!entry.exists() && entry.with_extension("bad").exists());
+        assert!(requests
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .1
+            .contains(r#""attempt":2"#));
     }
 
     /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
@@ -1942,7 +2027,7 @@ pub(crate) mod tests {
         let state = StateDir::new(dir.path());
         let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
         reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
         let sent = reporter
             .send("status", 3, status(3, c3_proto::JobState::Failed), deadline)
             .await;
