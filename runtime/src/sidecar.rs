@@ -610,7 +610,13 @@ enum Before {
     /// The first look, begun as the agent began (`begun_ns` on this node's clock, `begun`
     /// to measure from), has not answered, or failed (an I/O error, a symlink on the way
     /// that is later renamed away): what a later look finds may have been there all along.
-    Looking { begun_ns: i64, begun: Instant },
+    Looking {
+        begun_ns: i64,
+        begun: Instant,
+        /// A look failed (a mount starting up, ESTALE): the one that answers may be late,
+        /// and a file written since the agent began is still the job's.
+        failed: bool,
+    },
     /// The first look found no directory for the done file: one that comes later (made,
     /// mounted or renamed into place) may bring an earlier attempt's file, which only its
     /// time, long before the agent began, can tell.
@@ -662,6 +668,7 @@ impl DoneReader {
             before: Before::Looking {
                 begun_ns: crate::display::epoch_ns(begun),
                 begun: Instant::now(),
+                failed: false,
             },
             warned_stale: false,
         }
@@ -681,7 +688,12 @@ impl DoneReader {
         self.pending = None;
         let (read, answered) =
             read.unwrap_or_else(|e| (Err(DoneError::Failed(e.into())), Instant::now()));
-        if let Before::Looking { begun_ns, begun } = self.before {
+        if let Before::Looking {
+            begun_ns,
+            begun,
+            failed,
+        } = self.before
+        {
             // Only a time can tell a trainer that finished before the first look from an
             // earlier attempt: one between the agent's start and the look's answer, give or
             // take the margin (an hour-old file, or one in this node's future, is neither).
@@ -690,7 +702,10 @@ impl DoneReader {
             // whose clock is ahead: its file is then the earlier attempt's, whatever its time.
             let took = answered.saturating_duration_since(begun).as_nanos() as i64;
             let until_ns = begun_ns.saturating_add(took);
-            let quick = took <= FRESH_MARGIN_NS;
+            // After a failed look, the late answer is no stretch of the span but the first
+            // that could tell: a trainer that wrote its file while the looks failed (more
+            // than the margin, a mount coming up) was ignored for good.
+            let quick = took <= FRESH_MARGIN_NS || failed;
             match &read {
                 Ok(Some((_, stamp))) => {
                     self.before = Before::Found {
@@ -704,6 +719,11 @@ impl DoneReader {
                 Err(DoneError::NoDir) => self.before = Before::NoDir { begun_ns },
                 Err(DoneError::Failed(e)) => {
                     tracing::debug!(done_file = %path.display(), error = %e, "the first look at the done file failed; looking again");
+                    self.before = Before::Looking {
+                        begun_ns,
+                        begun,
+                        failed: true,
+                    };
                 }
             }
         }
@@ -932,6 +952,30 @@ mod tests {
             Some(DoneFile::Exit(0)),
             "written as the agent began"
         );
+    }
+
+    /// Looks that fail for longer than the margin (a mount coming up), then one that finds a
+    /// file the trainer wrote meanwhile: it is the job's word, not an earlier attempt's.
+    #[tokio::test]
+    async fn a_done_file_written_while_the_first_looks_failed_is_the_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", dir.path().join("via")).unwrap();
+        let done = dir.path().join("via/done");
+        let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now());
+        assert_eq!(
+            answered(&mut reader, &done).await,
+            None,
+            "through a symlink"
+        );
+        // The failing looks took longer than the margin.
+        if let Before::Looking { begun, .. } = &mut reader.before {
+            *begun -= Duration::from_secs(5);
+        }
+        std::fs::write(dir.path().join("real/done"), "0\n").unwrap();
+        std::fs::remove_file(dir.path().join("via")).unwrap();
+        std::fs::rename(dir.path().join("real"), dir.path().join("via")).unwrap();
+        assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(0)));
     }
 
     /// An earlier attempt's done file, unchanged, seen again with another device or inode
