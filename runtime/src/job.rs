@@ -414,7 +414,13 @@ impl<'a> Run<'a> {
                 ))
             })
             .ok();
-        let cgroup = crate::supervise::job_cgroup(&spec);
+        // `no-job-cgroup`: the node without a writable cgroup v2, where only the recorded
+        // leader and its process group tell `recover` what is the job's.
+        let cgroup = if crate::fault::armed("no-job-cgroup") {
+            None
+        } else {
+            crate::supervise::job_cgroup(&spec)
+        };
         // Recorded before the launch: an agent killed in between leaves `recover` the cgroup.
         self.record.cgroup = cgroup.as_ref().map(|cg| cg.path().display().to_string());
         self.save().await;
@@ -497,6 +503,16 @@ impl<'a> Run<'a> {
         }
         self.message = supervised.message;
         supervised.end
+    }
+
+    /// `recover` could not stop every process of the job: FINALIZING says the GPU is not
+    /// released, as the supervised path's does, and the terminal status carries the warning.
+    pub(crate) async fn processes_survive(&mut self) {
+        self.reports.warn(
+            "processes of the job survive SIGKILL (stuck in the kernel?): its GPU may still be in use"
+                .into(),
+        );
+        self.gpu_released(self.record.facts.clone(), false).await;
     }
 
     /// The job's processes are gone: FINALIZING, in the background, so a scheduler may

@@ -982,12 +982,17 @@ fn is_job_leaf(name: &[u8]) -> bool {
 
 /// Stops what a crashed agent's job left running, signalling only what provably is the
 /// job: its own cgroup, or its process group while the recorded leader (pid, start time,
-/// boot) still exists. A pid or group id reused by a stranger is never signalled.
+/// boot) still exists, or, the leader gone, while group `leader.pid` still exists with only
+/// the job user's processes of the leader's session in it, none older than the leader. A
+/// pid or group id reused by a stranger is never signalled. Returns whether processes of
+/// the job are left ([`KILL_ROUNDS`] after SIGKILL): then the job's GPU is not free, and a
+/// scheduler told the attempt is over must hear so.
 pub async fn stop_recorded(
     leader: Option<&c3_proto::ProcIdentity>,
     cgroup: Option<&str>,
+    job_uid: u32,
     grace: Duration,
-) {
+) -> bool {
     if let Some(cg) = cgroup
         .filter(|p| is_agents_cgroup(p))
         .and_then(Cgroup::existing)
@@ -1003,40 +1008,96 @@ pub async fn stop_recorded(
                 let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
             }
             let deadline = tokio::time::Instant::now() + grace;
-            while !cg.members().is_empty() && tokio::time::Instant::now() < deadline {
+            while cg.populated() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             cg.kill();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // A process in D state, or one tearing down its GPU memory, dies only when the
+            // kernel lets it: a removal tried at once failed, and nobody heard of it.
+            let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
+            while cg.populated() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         cg.remove();
-        return;
+        return cg.populated();
     }
     let Some(leader) = leader else {
         tracing::warn!("the run record names no job process; nothing signalled");
-        return;
+        return false;
     };
-    if !procfs::is_alive(leader) {
+    let group = Pid::from_raw(leader.pid);
+    let ours = || procfs::is_alive(leader) || !leaderless_group(leader, job_uid).is_empty();
+    if !ours() {
         tracing::info!(
             pid = leader.pid,
-            "the job's first process is gone (or its pid was reused); nothing signalled"
+            "the job's first process and its group are gone (or its pid was reused); nothing signalled"
         );
-        return;
+        return false;
     }
     tracing::warn!(
         pgid = leader.pid,
+        leader_alive = procfs::is_alive(leader),
         "the job's processes outlived the agent; stopping them"
     );
-    let group = Pid::from_raw(leader.pid);
     let _ = killpg(group, Signal::SIGTERM);
     let deadline = tokio::time::Instant::now() + grace;
-    while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
+    while ours() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Only while the leader is still the same process: the group cannot have been reused.
-    if procfs::is_alive(leader) || killpg(group, None).is_ok() {
+    // Looked at again: the group cannot have been reused while it (or its leader) exists.
+    if ours() {
         let _ = killpg(group, Signal::SIGKILL);
     }
+    let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
+    while ours() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ours()
+}
+
+/// The live members of process group `leader.pid` once the leader itself is gone, if the
+/// group is still provably the job's: pid `leader.pid` is not given out again while a group
+/// of that id exists, but a stranger given it after the whole group went could have made
+/// one of its own (and may have ended since, its group left behind). So every member must be of the leader's boot and session (the launch's
+/// `setsid` made the leader its session's leader), the job's user, and started no earlier
+/// than the leader; else none is taken for the job's.
+fn leaderless_group(leader: &c3_proto::ProcIdentity, job_uid: u32) -> Vec<i32> {
+    if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str()) {
+        return Vec::new();
+    }
+    // Pid P given to another process means group P went with the leader: any group P now
+    // is that process's.
+    if procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks) {
+        return Vec::new();
+    }
+    let members: Vec<(i32, procfs::Stat)> = procfs::all()
+        .into_iter()
+        .filter(|(_, s)| s.pgrp == leader.pid && !s.is_zombie())
+        .collect();
+    let provably_ours = members.iter().all(|(pid, s)| {
+        s.session == leader.pid
+            && s.start_ticks >= leader.start_ticks
+            && real_uid(*pid) == Some(job_uid)
+    });
+    if provably_ours {
+        members.into_iter().map(|(pid, _)| pid).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The real uid of `pid` (`/proc/<pid>/status`): the directory's owner is root for a
+/// process that made itself non-dumpable.
+fn real_uid(pid: i32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

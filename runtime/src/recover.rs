@@ -272,13 +272,20 @@ async fn recover_record(
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
+    let mut survivors = false;
     if record.phase == Phase::Running || record.cgroup.is_some() && record.phase == Phase::Preparing
     {
         // Nobody supervises these processes any more; they would hold the GPU forever.
         // Only what provably is the job is signalled: a reused pid is a stranger.
-        crate::jobproc::stop_recorded(
+        // No recorded user: the job ran as the agent's own.
+        let job_uid = record
+            .job_user
+            .as_ref()
+            .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+        survivors = crate::jobproc::stop_recorded(
             record.leader.as_ref(),
             record.cgroup.as_deref(),
+            job_uid,
             ctx.kill_grace,
         )
         .await;
@@ -306,7 +313,13 @@ async fn recover_record(
     }
     let end = recorded_end(&record);
     drop(entered);
-    let run = tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
+    let mut run =
+        tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
+    if survivors {
+        // A retryable end alone would have the platform place the job again while this
+        // copy still holds the GPU.
+        tracing::Instrument::instrument(run.processes_survive(), span.clone()).await;
+    }
     let summary = tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await;
     drop(lock);
     Some(summary)

@@ -259,3 +259,77 @@ fn recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree
     let recover = h.run(&["recover"]);
     assert_nothing_of_the_other_tenant_stored(&h, "side", &recover);
 }
+
+/// No cgroup (as on a node without a writable cgroup v2); the agent is SIGKILLed while the
+/// job's shell still runs, and the shell ends before `recover` comes, leaving its background
+/// child in its process group. The recorded leader is gone, but its group provably is not
+/// (pid P is not given out while group P exists): `recover` stopped nothing, and its
+/// retryable AGENT_ERROR let the platform place the job again beside the copy still on the
+/// GPU.
+#[test]
+fn recover_stops_the_group_a_gone_leader_left_running() {
+    if not_root("recover_stops_the_group_a_gone_leader_left_running") {
+        return;
+    }
+    let mut h = open_harness();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "no-job-cgroup".into()));
+    let agent = crate::common::spawn_job(
+        &h,
+        json!({
+            "job_id": "bg", "user": "nobody",
+            "command": ["sh", "-c", "sleep 300 & echo $! > bg.pid; sleep 2"],
+        }),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let background = pid_from(&h.workdir("bg").join("bg.pid"));
+    let _background = KillOnDrop(background);
+    let record = h.state.join("jobs/bg/attempts/1/run.json");
+    let record: serde_json::Value =
+        wait_for("the launch to be recorded", Duration::from_secs(20), || {
+            let bytes = std::fs::read(&record).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .filter(|r| r["phase"] == "running")
+        });
+    assert!(
+        record["cgroup"].is_null(),
+        "the job was meant to run without a cgroup: {record}"
+    );
+    kill_agent(agent);
+    let leader = record["pgid"].as_i64().unwrap() as i32;
+    wait_for(
+        "the job's shell to end on its own",
+        Duration::from_secs(10),
+        || (!alive(leader)).then_some(()),
+    );
+    assert!(alive(background), "the background child outlived its shell");
+    h.env.clear();
+    let recover = h.run(&["recover"]);
+    let stopped = wait_for_or_none(Duration::from_secs(5), || !alive(background));
+    let terminal = h.terminal("bg");
+    let warned = terminal["warnings"].as_array().is_some_and(|w| {
+        w.iter().any(|w| {
+            w.as_str()
+                .is_some_and(|w| w.contains("processes of the job survive"))
+        })
+    });
+    assert!(
+        stopped || warned,
+        "recover left the job's background process {background} running and said nothing: {terminal}\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    assert_eq!(terminal["reason"], "AGENT_ERROR", "{terminal}");
+}
+
+/// Polls `f` until `limit`; whether it came true.
+fn wait_for_or_none(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
