@@ -990,7 +990,7 @@ fn is_job_leaf(name: &[u8]) -> bool {
 pub async fn stop_recorded(
     leader: Option<&c3_proto::ProcIdentity>,
     cgroup: Option<&str>,
-    job_uid: u32,
+    job: JobMark<'_>,
     grace: Duration,
 ) -> bool {
     if let Some(cg) = cgroup
@@ -1027,8 +1027,11 @@ pub async fn stop_recorded(
         return false;
     };
     let group = Pid::from_raw(leader.pid);
-    let ours = || procfs::is_alive(leader) || !leaderless_group(leader, job_uid).is_empty();
-    if !ours() {
+    // Decided once: from then on the group's existence keeps its id from being given out
+    // again, so it stays the job's for as long as it is there. A recorded cgroup that is gone
+    // says the job's processes are (what holds group P then is a stranger's).
+    let leader_alive = procfs::is_alive(leader);
+    if !leader_alive && (cgroup.is_some() || !leaderless_group(leader, job)) {
         tracing::info!(
             pid = leader.pid,
             "the job's first process and its group are gone (or its pid was reused); nothing signalled"
@@ -1037,54 +1040,74 @@ pub async fn stop_recorded(
     }
     tracing::warn!(
         pgid = leader.pid,
-        leader_alive = procfs::is_alive(leader),
+        leader_alive,
         "the job's processes outlived the agent; stopping them"
     );
+    let there = || killpg(group, None).is_ok();
     let _ = killpg(group, Signal::SIGTERM);
     let deadline = tokio::time::Instant::now() + grace;
-    while ours() && tokio::time::Instant::now() < deadline {
+    while there() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Looked at again: the group cannot have been reused while it (or its leader) exists.
-    if ours() {
+    if there() {
         let _ = killpg(group, Signal::SIGKILL);
     }
     let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
-    while ours() && tokio::time::Instant::now() < deadline {
+    while there() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    ours()
+    there()
 }
 
-/// The live members of process group `leader.pid` once the leader itself is gone, if the
-/// group is still provably the job's: pid `leader.pid` is not given out again while a group
-/// of that id exists, but a stranger given it after the whole group went could have made
-/// one of its own (and may have ended since, its group left behind). So every member must be of the leader's boot and session (the launch's
-/// `setsid` made the leader its session's leader), the job's user, and started no earlier
-/// than the leader; else none is taken for the job's.
-fn leaderless_group(leader: &c3_proto::ProcIdentity, job_uid: u32) -> Vec<i32> {
+/// What marks a process as the job's: its user, and the `C3_JOB_ID` and `C3_ATTEMPT` the
+/// launch put in its environment.
+#[derive(Debug, Clone, Copy)]
+pub struct JobMark<'a> {
+    pub uid: u32,
+    pub job_id: &'a str,
+    pub attempt: u32,
+}
+
+/// Whether process group `leader.pid`, its leader gone, is provably the job's. Pid P is not
+/// given out again while a group of that id exists, but a stranger given it after the whole
+/// group went may have made one of its own (a double-forking daemon leaves just that: a group
+/// and session P whose leader is gone). So there must be members, each of the leader's boot
+/// and session (the launch's `setsid`), the job's user, and carrying the job's own
+/// `C3_JOB_ID` and `C3_ATTEMPT` (a process that dropped them is not taken for the job's).
+/// A member gone while looked at is passed over.
+fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str()) {
-        return Vec::new();
+        return false;
     }
     // Pid P given to another process means group P went with the leader: any group P now
     // is that process's.
     if procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks) {
-        return Vec::new();
+        return false;
     }
-    let members: Vec<(i32, procfs::Stat)> = procfs::all()
-        .into_iter()
-        .filter(|(_, s)| s.pgrp == leader.pid && !s.is_zombie())
-        .collect();
-    let provably_ours = members.iter().all(|(pid, s)| {
-        s.session == leader.pid
-            && s.start_ticks >= leader.start_ticks
-            && real_uid(*pid) == Some(job_uid)
-    });
-    if provably_ours {
-        members.into_iter().map(|(pid, _)| pid).collect()
-    } else {
-        Vec::new()
+    let id = format!("C3_JOB_ID={}", job.job_id);
+    let attempt = format!("C3_ATTEMPT={}", job.attempt);
+    let mut seen = false;
+    for (pid, st) in procfs::all() {
+        if st.pgrp != leader.pid || st.is_zombie() {
+            continue;
+        }
+        let (Some(uid), Ok(env)) = (real_uid(pid), std::fs::read(format!("/proc/{pid}/environ")))
+        else {
+            // Gone meanwhile.
+            continue;
+        };
+        let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
+        if st.session != leader.pid
+            || st.start_ticks < leader.start_ticks
+            || uid != job.uid
+            || !marked(&id)
+            || !marked(&attempt)
+        {
+            return false;
+        }
+        seen = true;
     }
+    seen
 }
 
 /// The real uid of `pid` (`/proc/<pid>/status`): the directory's owner is root for a
@@ -1103,6 +1126,46 @@ fn real_uid(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A group whose leader is gone is the job's only if its members carry the job's marks:
+    /// a stranger's session of the same user (a double-forking daemon's, with no
+    /// `C3_JOB_ID`) is not, nor another job's or attempt's.
+    #[test]
+    fn a_leaderless_group_is_the_jobs_only_by_its_marks() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        for (env, ours) in [
+            (vec![], false),
+            (vec![("C3_JOB_ID", "other"), ("C3_ATTEMPT", "1")], false),
+            (vec![("C3_JOB_ID", "j"), ("C3_ATTEMPT", "2")], false),
+            (vec![("C3_JOB_ID", "j"), ("C3_ATTEMPT", "1")], true),
+        ] {
+            // `setsid` makes a session and group P of the shell, which leaves its sleep there.
+            let mut leader = std::process::Command::new("setsid")
+                .args(["sh", "-c", "sleep 30 >/dev/null & echo $$"])
+                .envs(env.clone())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = String::new();
+            std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
+            let _ = leader.wait();
+            let p: i32 = out.trim().parse().unwrap();
+            let recorded = c3_proto::ProcIdentity {
+                pid: p,
+                start_ticks: before.start_ticks,
+                boot_id: before.boot_id.clone(),
+            };
+            let job = JobMark {
+                uid,
+                job_id: "j",
+                attempt: 1,
+            };
+            let found = leaderless_group(&recorded, job);
+            let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
+            assert_eq!(found, ours, "{env:?}");
+        }
+    }
 
     #[test]
     fn a_record_may_name_only_a_cgroup_the_agent_makes() {

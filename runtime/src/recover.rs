@@ -278,14 +278,18 @@ async fn recover_record(
         // Nobody supervises these processes any more; they would hold the GPU forever.
         // Only what provably is the job is signalled: a reused pid is a stranger.
         // No recorded user: the job ran as the agent's own.
-        let job_uid = record
-            .job_user
-            .as_ref()
-            .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+        let job = crate::jobproc::JobMark {
+            uid: record
+                .job_user
+                .as_ref()
+                .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
+            job_id: &record.spec.job_id,
+            attempt: record.spec.attempt,
+        };
         survivors = crate::jobproc::stop_recorded(
             record.leader.as_ref(),
             record.cgroup.as_deref(),
-            job_uid,
+            job,
             ctx.kill_grace,
         )
         .await;
