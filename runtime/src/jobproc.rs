@@ -411,6 +411,8 @@ struct Inner {
     /// The FUSE connections at the launch: one the job's user made since may be aborted to
     /// free a process of the job that survives SIGKILL.
     fuse: Option<crate::fusectl::Before>,
+    /// A look for survivors waiting on FUSE is under way (or stuck).
+    fuse_looking: std::sync::atomic::AtomicBool,
 }
 
 /// How long SIGKILL rounds go on before the job's processes are said to survive them.
@@ -420,6 +422,8 @@ const KILL_ROUNDS: Duration = Duration::from_secs(5);
 const ABORT_AFTER: Duration = Duration::from_secs(1);
 /// How often survivors are looked at again for a wait on their FUSE server.
 const ABORT_LOOK_EVERY: Duration = Duration::from_millis(500);
+/// How long one look at the survivors for a FUSE wait may take.
+const ABORT_LOOK_LIMIT: Duration = Duration::from_secs(1);
 
 /// The shortest round of SIGKILLs, even past the stop's deadline: a process freed by an
 /// abort of its FUSE connection takes a moment to die.
@@ -548,6 +552,7 @@ impl JobProcesses {
                 seen: Default::default(),
                 tree: Default::default(),
                 fuse: None,
+                fuse_looking: Default::default(),
             }),
         }
     }
@@ -857,7 +862,7 @@ impl JobProcesses {
             }
             let now = tokio::time::Instant::now();
             let (until, abort_at) = (until(), (start + ABORT_AFTER).min(until() - LAST_ROUND));
-            if now >= next_abort_look.unwrap_or(abort_at) {
+            if now < until && now >= next_abort_look.unwrap_or(abort_at) {
                 next_abort_look = Some(if self.abort_new_fuse().await {
                     until
                 } else {
@@ -875,19 +880,30 @@ impl JobProcesses {
         }
     }
 
-    /// Whether a connection was aborted.
+    /// Whether a connection was aborted. The look is given up after [`ABORT_LOOK_LIMIT`], and
+    /// none is begun while one is under way: a kernel stack is read under the process's exec
+    /// lock before 5.7, which an exec from the job's own stuck FUSE mount holds for ever.
     async fn abort_new_fuse(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.inner.fuse_looking.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         let this = self.clone();
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
+        let look = tokio::task::spawn_blocking(move || {
             let _job = span.enter();
-            this.inner
+            let aborted = this
+                .inner
                 .fuse
                 .as_ref()
-                .is_some_and(|before| !before.abort_new(&this.members()).is_empty())
-        })
-        .await
-        .unwrap_or(false)
+                .is_some_and(|before| !before.abort_new(&this.members()).is_empty());
+            this.inner.fuse_looking.store(false, Ordering::Release);
+            aborted
+        });
+        matches!(
+            tokio::time::timeout(ABORT_LOOK_LIMIT, look).await,
+            Ok(Ok(true))
+        )
     }
 
     /// The job's cgroup's facts, kept, and the cgroup removed.
