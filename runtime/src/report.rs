@@ -84,18 +84,11 @@ impl ReportError {
     }
 
     /// The answer counts a failed flush of a kept report ([`failed_again`]): the control
-    /// plane's own server error, or a gateway's 502 or 504 (a body that crashes it behind a
-    /// proxy is answered so, for ever); not a 503 (maintenance), a time-out or a refused
-    /// connection, which an outage answers to every report.
+    /// plane's own server error. Not a gateway's 502 or 504 (a load balancer answers them to
+    /// every report while the control plane is down), a 503, a time-out or a refused
+    /// connection: an outage behind a proxy would count, and move reports aside.
     fn fails_a_flush(&self) -> bool {
         self.is_server_error()
-            || matches!(
-                self,
-                ReportError::Unavailable {
-                    status: 502 | 504,
-                    ..
-                }
-            )
     }
 
     /// The try may have reached the control plane with its answer lost on the way back: the
@@ -1818,14 +1811,14 @@ pub(crate) mod tests {
         assert!(!requests.iter().any(|(_, b)| b.contains(r#""seq":4"#)));
     }
 
-    /// A terminal status a gateway answers 502 for every time (a body that crashes the
-    /// control plane behind it) counts its failed flushes, and after a week it is moved aside:
-    /// kept for ever, it held the job's data on the node and half of every flush.
+    /// A terminal status the control plane fails on every time counts its failed flushes,
+    /// whatever the last try met, and after a week it is moved aside: kept for ever, it held
+    /// the job's data on the node and half of every flush.
     #[tokio::test]
     async fn a_report_failed_on_for_a_week_goes_aside_in_the_end() {
         let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
             if body.contains(r#""seq":3"#) {
-                ("502 Bad Gateway", "")
+                ("500 Internal Server Error", "")
             } else {
                 ("200 OK", "{}")
             }
@@ -1842,7 +1835,7 @@ pub(crate) mod tests {
         assert_eq!(
             std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
             "1",
-            "a gateway's 502 counts"
+            "a server error counts"
         );
         write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
         std::fs::File::options()
