@@ -138,11 +138,11 @@ pub async fn collect_garbage_capped(
     let root = file_root(store)?;
     let root_dir = open_root(&root).await?;
     let now = {
-        let root_dir = root_dir.clone();
-        let fs_now = tokio::task::spawn_blocking(move || store_clock(&root_dir))
+        let root = root.clone();
+        let fs_now = tokio::task::spawn_blocking(move || crate::store::store_clock(&root))
             .await
             .ok()
-            .and_then(Result::ok);
+            .flatten();
         earlier_now(SystemTime::now(), fs_now)
     };
     // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
@@ -410,26 +410,13 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64
     swept
 }
 
-/// The file store's directory, opened (not through a symlink) and, as root, vetted.
-/// The store's own time: the mtime of a file made there now. Blob mtimes are stamped by the
-/// file system's clock (an NFS server's), which a node's may be hours off.
-fn store_clock(root: &DirFd) -> std::io::Result<SystemTime> {
-    // Unnamed where the file system allows (a kill leaves nothing behind); a named one is
-    // a `.part` temp that gc's own staging sweep would not see, so it goes at once.
-    let (name, file) = root.create_unnamed_temp(".c3-gc-clock-")?;
-    let stamped = file.metadata().and_then(|m| m.modified());
-    if let Some(name) = name {
-        let _ = root.remove_file(std::ffi::OsStr::new(&name));
-    }
-    stamped
-}
-
 /// Ages are taken from the earlier of the node's time and the store's: either clock ahead
 /// would make blobs look older than they are, and gc delete one a job stored minutes ago.
 fn earlier_now(node: SystemTime, store: Option<SystemTime>) -> SystemTime {
     store.map_or(node, |s| s.min(node))
 }
 
+/// The file store's directory, opened (not through a symlink) and, as root, vetted.
 async fn open_root(root: &Path) -> Result<Arc<DirFd>, GcError> {
     let path = root.to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -637,8 +624,7 @@ mod tests {
         assert_eq!(earlier_now(behind, Some(node)), behind);
         assert_eq!(earlier_now(node, None), node);
         let t = tempfile::tempdir().unwrap();
-        let root = DirFd::open(t.path()).unwrap();
-        let fs_now = store_clock(&root).unwrap();
+        let fs_now = crate::store::store_clock(t.path()).unwrap();
         let skew = SystemTime::now()
             .duration_since(fs_now)
             .unwrap_or_else(|e| e.duration());

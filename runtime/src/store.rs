@@ -821,20 +821,50 @@ fn young_enough_untouched(path: &Path) -> std::io::Result<bool> {
     // beside it): gc counts by the earlier of its own and the store's, and a store's clock
     // ahead of this node's made a blob gc would take look young here. No store clock, no
     // keeping.
-    let Some(store_now) = path.parent().and_then(|dir| {
-        let dir = crate::confine::DirFd::open(dir).ok()?;
-        let (name, file) = dir.create_unnamed_temp(".c3-clock-").ok()?;
-        let stamped = file.metadata().and_then(|m| m.modified()).ok();
-        if let Some(name) = name {
-            let _ = dir.remove_file(std::ffi::OsStr::new(&name));
-        }
-        stamped
-    }) else {
+    let Some(store_now) = path.parent().and_then(store_clock) else {
         return Ok(false);
     };
     let now = store_now.max(std::time::SystemTime::now());
     let age = now.duration_since(md.modified()?).unwrap_or_default();
     Ok(md.is_file() && age < UNTOUCHED_KEPT)
+}
+
+/// The store's time (blob mtimes are stamped by the file system's clock, an NFS server's,
+/// which a node's may be hours off), read in `dir` from a file made there (unnamed where the
+/// file system allows: a kill leaves nothing) at most once a minute, then kept as an offset
+/// from this node's clock: every deduplicated blob asked for it under NFS's root_squash, a
+/// create and an unlink each in a directory of millions.
+pub(crate) fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
+    use std::time::SystemTime;
+    static OFFSET: std::sync::Mutex<Option<(std::time::Instant, i128)>> =
+        std::sync::Mutex::new(None);
+    let ns = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    let at = |offset: i128| {
+        let t = ns(SystemTime::now()) + offset;
+        let d = Duration::from_nanos(u64::try_from(t.max(0)).unwrap_or(u64::MAX));
+        SystemTime::UNIX_EPOCH + d
+    };
+    let mut kept = OFFSET.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((when, offset)) = *kept {
+        if when.elapsed() < Duration::from_secs(60) {
+            return Some(at(offset));
+        }
+    }
+    let dir = crate::confine::DirFd::open(dir).ok()?;
+    let (name, file) = dir.create_unnamed_temp(".c3-clock-").ok()?;
+    let stamped = file.metadata().and_then(|m| m.modified()).ok();
+    if let Some(name) = name {
+        let _ = dir.remove_file(std::ffi::OsStr::new(&name));
+    }
+    let stamped = stamped?;
+    *kept = Some((
+        std::time::Instant::now(),
+        ns(stamped) - ns(SystemTime::now()),
+    ));
+    Some(stamped)
 }
 
 impl std::fmt::Debug for BlobStore {
