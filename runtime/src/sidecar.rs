@@ -650,6 +650,9 @@ impl Before {
 /// How long before the agent began a done file that came with its directory was written, to
 /// be taken for an earlier attempt's: well past any clock a file server keeps apart from this
 /// node's, so that this attempt's own (in a directory the job made) is not ignored.
+/// The most a span of failed first looks counts for a done file written as they failed.
+const FAILED_LOOKS_SPAN_NS: i64 = 60_000_000_000;
+
 const LONG_BEFORE_NS: i64 = 600_000_000_000;
 
 /// How far a done file's time may lie from this node's clock and still be taken as written
@@ -701,7 +704,13 @@ impl DoneReader {
             // tried again) would stretch that span over an earlier attempt's file on a server
             // whose clock is ahead: its file is then the earlier attempt's, whatever its time.
             let took = answered.saturating_duration_since(begun).as_nanos() as i64;
-            let until_ns = begun_ns.saturating_add(took);
+            // Failed looks stretch the span by no more than a minute: a server clock ahead by
+            // less than a long span would take an earlier attempt's file for a fresh one.
+            let until_ns = begun_ns.saturating_add(if failed {
+                took.min(FAILED_LOOKS_SPAN_NS)
+            } else {
+                took
+            });
             // After a failed look, the late answer is no stretch of the span but the first
             // that could tell: a trainer that wrote its file while the looks failed (more
             // than the margin, a mount coming up) was ignored for good.
