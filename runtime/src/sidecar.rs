@@ -650,10 +650,10 @@ impl Before {
 /// How long before the agent began a done file that came with its directory was written, to
 /// be taken for an earlier attempt's: well past any clock a file server keeps apart from this
 /// node's, so that this attempt's own (in a directory the job made) is not ignored.
+const LONG_BEFORE_NS: i64 = 600_000_000_000;
+
 /// The most a span of failed first looks counts for a done file written as they failed.
 const FAILED_LOOKS_SPAN_NS: i64 = 60_000_000_000;
-
-const LONG_BEFORE_NS: i64 = 600_000_000_000;
 
 /// How far a done file's time may lie from this node's clock and still be taken as written
 /// while the agent started: file times move once a tick (seconds on some file systems), and
