@@ -39,6 +39,38 @@ mod common {
 
     use crate::support::{chmod, Harness, Run};
 
+    /// Mounts a FUSE file system served through a fresh `/dev/fuse` fd at `at`, as
+    /// `fusermount` would for `uid` (group the same) with `allow_other`; `rootmode` is the
+    /// root's type and mode, octal (`40755` a directory, `100644` a file). The fd, or `None`
+    /// where the node cannot (no `/dev/fuse`, not root).
+    pub fn mount_fuse(at: &Path, rootmode: &str, uid: u32) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let dev: std::os::fd::OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .ok()?
+            .into();
+        let opts = std::ffi::CString::new(format!(
+            "fd={},rootmode={rootmode},user_id={uid},group_id={uid},allow_other",
+            dev.as_raw_fd()
+        ))
+        .unwrap();
+        let target = std::ffi::CString::new(at.as_os_str().as_bytes()).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"c3test".as_ptr(),
+                target.as_ptr(),
+                c"fuse".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then_some(dev)
+    }
+
     /// True (and says so) when the test cannot run: it needs root to switch users.
     pub fn not_root(test: &str) -> bool {
         if nix::unistd::geteuid().is_root() {

@@ -4,7 +4,7 @@
 //! The agent never looks into one; what it holds is named and counted as not uploaded.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,30 +24,8 @@ struct SilentFuse {
 impl SilentFuse {
     /// `rootmode`: the mount root's type and mode, octal (`40755` a directory, `100644` a file).
     fn mount(at: &Path, rootmode: &str) -> Option<SilentFuse> {
-        let dev: OwnedFd = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/fuse")
-            .ok()?
-            .into();
-        // As `fusermount` mounts it for a user (nobody) who asked for `allow_other`.
-        let opts = CString::new(format!(
-            "fd={},rootmode={rootmode},user_id=65534,group_id=65534,allow_other",
-            dev.as_raw_fd()
-        ))
-        .unwrap();
-        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"silent".as_ptr(),
-                target.as_ptr(),
-                c"fuse".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        (rc == 0).then(|| SilentFuse {
+        let dev = crate::common::mount_fuse(at, rootmode, 65534)?;
+        Some(SilentFuse {
             dev: Some(dev),
             at: at.to_path_buf(),
         })

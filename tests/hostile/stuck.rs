@@ -38,31 +38,7 @@ const FUSE_INIT: u32 = 26;
 impl DeafFuse {
     /// Mounts at `at` as `fusermount` would for `uid` (whose group id is taken to be the same).
     fn mount(at: &Path, uid: u32) -> Option<DeafFuse> {
-        let dev: OwnedFd = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/fuse")
-            .ok()?
-            .into();
-        let opts = CString::new(format!(
-            "fd={},rootmode=40755,user_id={uid},group_id={uid},allow_other",
-            dev.as_raw_fd()
-        ))
-        .unwrap();
-        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"deaf".as_ptr(),
-                target.as_ptr(),
-                c"fuse".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
+        let dev = crate::common::mount_fuse(at, "40755", uid)?;
         let conn = mount_minor(at)?;
         let (unanswered, aborted, stop) = Default::default();
         let server = {
