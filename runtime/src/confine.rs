@@ -523,9 +523,9 @@ fn vet_mount(
     let id = if stx.stx_mask & libc::STATX_MNT_ID != 0 {
         Some(stx.stx_mnt_id)
     } else {
-        handle.and_then(|h| crate::procfs::fd_mount_id(h.as_raw_fd()))
+        handle.and_then(|h| crate::mountinfo::fd_mount_id(h.as_raw_fd()))
     };
-    let found = crate::procfs::find_mount(|m| match id {
+    let found = crate::mountinfo::find_mount(|m| match id {
         Some(id) => m.id == id,
         None => m.dev == dev,
     })

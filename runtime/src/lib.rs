@@ -33,6 +33,7 @@ pub mod launch;
 pub mod live;
 pub mod loglimit;
 pub mod manifest;
+pub mod mountinfo;
 pub mod outcome;
 pub mod output;
 pub mod pace;

@@ -620,7 +620,7 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
     // Read once: only root may mount below the trash (0700), and the walk never enters a
     // mount it meets anyway.
     let real_trash = std::fs::canonicalize(trash).unwrap_or_else(|_| trash.to_path_buf());
-    let mounts: Vec<PathBuf> = match crate::procfs::mount_points() {
+    let mounts: Vec<PathBuf> = match crate::mountinfo::mount_points() {
         Ok(all) => all
             .into_iter()
             .filter(|m| m.starts_with(&real_trash))
@@ -681,7 +681,7 @@ fn mount_inside(dir: &Path) -> Result<Option<PathBuf>, Left> {
         io::ErrorKind::NotFound => Left::Gone,
         _ => Left::from(format!("cannot resolve {}: {e}", dir.display())),
     })?;
-    let mounts = crate::procfs::mount_points().map_err(|e| {
+    let mounts = crate::mountinfo::mount_points().map_err(|e| {
         Left::from(format!(
             "cannot read the mount table ({e}), so mounts inside are not known"
         ))

@@ -403,7 +403,7 @@ pub fn sweep_alias_dirs() -> usize {
     // it would wait on the job's server (with `user_allow_other`, forever), and a root-owned
     // root there would have its contents removed. Mount points are known without a stat.
     let real_tmp = std::fs::canonicalize(&tmp).unwrap_or_else(|_| tmp.clone());
-    let Ok(mounts) = crate::procfs::mount_points() else {
+    let Ok(mounts) = crate::mountinfo::mount_points() else {
         return 0;
     };
     let mounts: std::collections::HashSet<PathBuf> = mounts

@@ -1,0 +1,234 @@
+//! The mount table (`/proc/self/mountinfo`), read as bytes and never by touching a path: a
+//! stat of a hung network mount or of a job's FUSE mount waits without bound.
+
+/// Every mount point of this mount namespace, as `/proc/self/mountinfo` lists them (no
+/// path is touched: a stat of a hung network mount or a job's FUSE mount waits without bound).
+/// An error when the table cannot be read: callers decide on it whether root may remove a
+/// tree, so "no mounts" is never the answer to a failed read.
+pub fn mount_points() -> std::io::Result<Vec<std::path::PathBuf>> {
+    mount_points_in(&std::fs::read("/proc/self/mountinfo")?)
+}
+
+/// One mount of this mount namespace, as `/proc/self/mountinfo` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The mount's id (what `statx` gives as `stx_mnt_id`).
+    pub id: u64,
+    /// The device its files show (`0:53`); btrfs shows another per subvolume.
+    pub dev: u64,
+    /// Its file system type (`fuse.sshfs`).
+    pub fstype: Vec<u8>,
+    /// Whom a FUSE mount was made for (its `user_id=`): `fusermount` gives the user who ran it.
+    pub fuse_user: Option<u32>,
+}
+
+impl Mount {
+    /// A FUSE file system made for a user other than root: what any job may mount
+    /// (`fusermount`), served by a process of its own.
+    pub fn made_by_a_user(&self) -> bool {
+        (self.fstype == b"fuse" || self.fstype == b"fuseblk" || self.fstype.starts_with(b"fuse."))
+            && self.fuse_user != Some(0)
+    }
+}
+
+/// The table as last read, and the open file it was read from, which says when it changed.
+static MOUNTS: std::sync::Mutex<Option<(std::fs::File, Vec<Mount>)>> = std::sync::Mutex::new(None);
+
+/// The first mount of this mount namespace `pred` picks. The table is read again only when
+/// the kernel says it changed (`POLLPRI` on `/proc/self/mountinfo`, as libmount watches it),
+/// or on a miss: every open that crosses a mount asks (a workdir that is a mount of its own
+/// is crossed at each open of the job's root), and a node may list thousands.
+pub fn find_mount(pred: impl Fn(&Mount) -> bool) -> std::io::Result<Option<Mount>> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let mut cache = MOUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    for fresh in [false, true] {
+        let changed = match cache.as_ref() {
+            None => true,
+            Some((file, _)) => {
+                let mut fds = [libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLPRI,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd, the fd open for the call; no wait.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+                n != 0 || fds[0].revents != 0
+            }
+        };
+        if fresh || changed {
+            let mut file = match cache.take() {
+                Some((file, _)) => file,
+                None => std::fs::File::open("/proc/self/mountinfo")?,
+            };
+            file.rewind()?;
+            let mut table = Vec::new();
+            file.read_to_end(&mut table)?;
+            *cache = Some((file, mounts_in(&table)?));
+        }
+        if let Some(m) = cache.as_ref().and_then(|(_, t)| t.iter().find(|m| pred(m))) {
+            return Ok(Some(m.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// The id of the mount an open fd is on, from `/proc/self/fdinfo` (kernels before 5.8,
+/// whose `statx` does not give it).
+pub fn fd_mount_id(fd: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Every mount of this mount namespace, with its id, device and type: what a walk looks up
+/// for an entry that is the root of a mount, without a word to that file system.
+pub fn mounts() -> std::io::Result<Vec<Mount>> {
+    mounts_in(&std::fs::read("/proc/self/mountinfo")?)
+}
+
+fn mounts_in(table: &[u8]) -> std::io::Result<Vec<Mount>> {
+    let bad = || std::io::Error::other("a mountinfo line without an id, a device or a type");
+    let number = |f: Option<&&[u8]>| {
+        f.and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u64>().ok())
+    };
+    let mut out = Vec::new();
+    for line in table.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let id = number(fields.first()).ok_or_else(bad)?;
+        let (major, minor) = fields
+            .get(2)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.split_once(':'))
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .ok_or_else(bad)?;
+        // Optional fields end at a lone `-`; the type, the source and the super options
+        // follow it.
+        let mut after = fields.iter().skip(6).skip_while(|f| **f != b"-").skip(1);
+        let fstype = after.next().ok_or_else(bad)?;
+        let fuse_user = after.nth(1).and_then(|opts| {
+            opts.split(|&b| b == b',')
+                .find_map(|o| o.strip_prefix(b"user_id="))
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        });
+        out.push(Mount {
+            id,
+            dev: libc::makedev(major, minor),
+            fstype: fstype.to_vec(),
+            fuse_user,
+        });
+    }
+    Ok(out)
+}
+
+/// The table is bytes: the kernel escapes only space, tab, newline and backslash, so one
+/// mount path that is not UTF-8 (any user's FUSE mount, a USB stick's Latin-1 label) made a
+/// read as text fail, and every caller saw no mount at all.
+fn mount_points_in(table: &[u8]) -> std::io::Result<Vec<std::path::PathBuf>> {
+    table
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            line.split(|&b| b == b' ')
+                .nth(4)
+                .map(unescape_mount_path)
+                .ok_or_else(|| std::io::Error::other("a mountinfo line with no mount point"))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_path(bytes: &[u8]) -> std::path::PathBuf {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0')));
+        match octal.and_then(|v| u8::try_from(v).ok()) {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    std::path::PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_as_bytes() {
+        let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
+                      40 22 0:50 / /srv/x\xff\\040y rw - fuse f rw\n\
+                      41 22 0:51 / /tmp/z rw - tmpfs t rw\n";
+        let found = mount_points_in(table).unwrap();
+        let odd = std::path::PathBuf::from(
+            <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                b"/srv/x\xff y".to_vec(),
+            ),
+        );
+        assert_eq!(
+            found,
+            vec![std::path::PathBuf::from("/proc"), odd, "/tmp/z".into()]
+        );
+        assert!(mount_points_in(b"garbage\n").is_err());
+        assert!(!mount_points().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mounts_are_read_with_their_id_device_and_type() {
+        let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
+                      40 22 0:50 / /srv/x\xff\\040y rw shared:7 master:2 - fuse.sshfs u@h: rw,user_id=1000,group_id=1000\n\
+                      41 22 8:1 / /data rw - ext4 /dev/sda1 rw\n";
+        let found = mounts_in(table).unwrap();
+        assert_eq!(found.len(), 3);
+        assert_eq!(
+            found[1],
+            Mount {
+                id: 40,
+                dev: libc::makedev(0, 50),
+                fstype: b"fuse.sshfs".to_vec(),
+                fuse_user: Some(1000),
+            }
+        );
+        assert!(found[1].made_by_a_user() && !found[2].made_by_a_user());
+        let roots = mounts_in(b"7 1 0:9 / /gcs rw - fuse.gcsfuse b rw,user_id=0,group_id=0\n");
+        assert!(!roots.unwrap()[0].made_by_a_user());
+        assert_eq!(
+            (found[2].id, found[2].fstype.as_slice()),
+            (41, &b"ext4"[..])
+        );
+        assert!(mounts_in(b"1 2 0:1 / /x rw proc\n").is_err());
+        assert!(mounts_in(b"garbage\n").is_err());
+        assert!(!mounts().unwrap().is_empty());
+        assert!(find_mount(|m| m.fstype == b"proc").unwrap().is_some());
+        assert!(find_mount(|m| m.id == u64::MAX).unwrap().is_none());
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path(br"/a\040b\134c\011"),
+            std::path::PathBuf::from("/a b\\c\t")
+        );
+        assert_eq!(
+            unescape_mount_path(br"/x\9"),
+            std::path::PathBuf::from(r"/x\9")
+        );
+        assert_eq!(
+            unescape_mount_path("/é\\".as_bytes()),
+            std::path::PathBuf::from("/é\\")
+        );
+    }
+}
