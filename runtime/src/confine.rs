@@ -177,7 +177,13 @@ impl DirFd {
     /// by an `O_PATH` handle (a mount made on its name later is not entered), judged, and
     /// only then asked of its file system.
     pub fn stat(&self, name: &OsStr) -> io::Result<FileStat> {
-        if !attributes_are_local(self) {
+        self.stat_on(name, attributes_are_local(self))
+    }
+
+    /// [`DirFd::stat`], told whether this directory's file system is a local one
+    /// ([`attributes_are_local`]): a walk asks once per directory, not once per entry.
+    pub fn stat_on(&self, name: &OsStr, local: bool) -> io::Result<FileStat> {
+        if !local {
             return self.stat_held(name);
         }
         let c = std::ffi::CString::new(name.as_bytes())
@@ -544,7 +550,7 @@ fn vet_mount(
 
 /// Whether the attributes the kernel holds for files in `dir` are the files' own: a local
 /// file system's. Unknown ones are taken as not (asked of their file system, as before).
-fn attributes_are_local(dir: &DirFd) -> bool {
+pub fn attributes_are_local(dir: &DirFd) -> bool {
     const LOCAL: [i64; 9] = [
         0xEF53,      // ext2/3/4
         0x5846_5342, // xfs

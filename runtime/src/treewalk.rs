@@ -57,6 +57,8 @@ struct Level {
     dir: Arc<DirFd>,
     names: OwningIter,
     rel: Vec<u8>,
+    /// Its file system keeps attributes that are the files' own ([`DirFd::stat_on`]).
+    local: bool,
 }
 
 /// The walk: [`TreeWalk::next`] yields every entry of the directories entered, depth first;
@@ -83,10 +85,12 @@ impl TreeWalk {
             Mode::empty(),
         )?
         .into_iter();
+        let local = crate::confine::attributes_are_local(&dir);
         self.levels.push(Level {
             dir: Arc::new(dir),
             names,
             rel,
+            local,
         });
         Ok(())
     }
@@ -127,7 +131,7 @@ impl TreeWalk {
             rel.extend_from_slice(name.as_bytes());
             return Some(Item::Entry(Entry {
                 parent: level.dir.clone(),
-                stat: level.dir.stat(name),
+                stat: level.dir.stat_on(name, level.local),
                 name: name.to_os_string(),
                 rel,
             }));
