@@ -306,9 +306,9 @@ mod tests {
     /// refusal, and attempt 1 wrote the job's key blind over attempt 2's manifest.
     #[tokio::test(start_paused = true)]
     async fn a_listing_too_slow_never_lets_an_older_attempt_write_blind() {
-        use crate::store::tests::{store_over, Faulty};
+        use crate::store::tests::{store_over, Faulty, Listing};
         let faulty = Faulty {
-            hanging_list: true,
+            listing: Listing::Hanging,
             ..Default::default()
         };
         let store = store_over(

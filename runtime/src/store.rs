@@ -2590,12 +2590,24 @@ pub(crate) mod tests {
 
     /// A store that answers reads and, while `refusing`, refuses every write with a 503 (its
     /// disk full behind it) but a create-if-absent of a key it holds, which it answers as S3
-    /// does, before taking any bytes: "exists". With `hanging_list`, a listing never answers.
+    /// does, before taking any bytes: "exists". Its listings are as `listing` says.
     #[derive(Debug, Default)]
     pub(crate) struct Faulty {
         pub(crate) mem: object_store::memory::InMemory,
         pub(crate) refusing: std::sync::atomic::AtomicBool,
-        pub(crate) hanging_list: bool,
+        pub(crate) listing: Listing,
+    }
+
+    /// What a [`Faulty`] store's listings give.
+    #[derive(Debug, Default)]
+    pub(crate) enum Listing {
+        /// What it holds.
+        #[default]
+        Held,
+        /// Nothing, ever: a listing never answers.
+        Hanging,
+        /// `n` keys of 1 MiB below `jobs/j/attempts/`, then attempts 3's and 7's manifests.
+        HugeKeys(usize),
     }
 
     impl std::fmt::Display for Faulty {
@@ -2652,9 +2664,24 @@ pub(crate) mod tests {
         ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
         {
             use futures::StreamExt;
-            match self.hanging_list {
-                true => futures::stream::pending().boxed(),
-                false => self.mem.list(prefix),
+            let meta = |key: String| object_store::ObjectMeta {
+                location: StorePath::from(key),
+                last_modified: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+                size: 0,
+                e_tag: None,
+                version: None,
+            };
+            match self.listing {
+                Listing::Held => self.mem.list(prefix),
+                Listing::Hanging => futures::stream::pending().boxed(),
+                Listing::HugeKeys(n) => {
+                    let huge = (0..n).map(move |i| {
+                        Ok(meta(format!("jobs/j/attempts/{i}{}", "x".repeat(1 << 20))))
+                    });
+                    let real =
+                        [3, 7].map(|n| Ok(meta(format!("jobs/j/attempts/{n}/manifest.json"))));
+                    futures::stream::iter(huge.chain(real)).boxed()
+                }
             }
         }
         async fn list_with_delimiter(
@@ -2780,7 +2807,7 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_listing_too_slow_is_not_a_refusal() {
         let faulty = Faulty {
-            hanging_list: true,
+            listing: Listing::Hanging,
             ..Default::default()
         };
         let store = store_over(Arc::new(faulty), Duration::from_secs(1));
@@ -2788,91 +2815,14 @@ pub(crate) mod tests {
         assert!(!e.is_permanent(), "{e}");
     }
 
-    /// A store whose attempts listing gives `huge` keys of 1 MiB, then two attempts'.
-    #[derive(Debug)]
-    struct HugeKeys {
-        mem: object_store::memory::InMemory,
-        huge: usize,
-    }
-
-    impl std::fmt::Display for HugeKeys {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "HugeKeys")
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for HugeKeys {
-        async fn put_opts(
-            &self,
-            location: &StorePath,
-            payload: PutPayload,
-            opts: object_store::PutOptions,
-        ) -> object_store::Result<object_store::PutResult> {
-            self.mem.put_opts(location, payload, opts).await
-        }
-        async fn put_multipart_opts(
-            &self,
-            location: &StorePath,
-            opts: object_store::PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn MultipartUpload>> {
-            self.mem.put_multipart_opts(location, opts).await
-        }
-        async fn get_opts(
-            &self,
-            location: &StorePath,
-            options: object_store::GetOptions,
-        ) -> object_store::Result<GetResult> {
-            self.mem.get_opts(location, options).await
-        }
-        fn delete_stream(
-            &self,
-            locations: futures::stream::BoxStream<'static, object_store::Result<StorePath>>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<StorePath>> {
-            self.mem.delete_stream(locations)
-        }
-        fn list(
-            &self,
-            _: Option<&StorePath>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
-        {
-            use futures::StreamExt;
-            let meta = |key: String| object_store::ObjectMeta {
-                location: StorePath::from(key),
-                last_modified: chrono::DateTime::<chrono::Utc>::MIN_UTC,
-                size: 0,
-                e_tag: None,
-                version: None,
-            };
-            let huge = (0..self.huge)
-                .map(move |i| Ok(meta(format!("jobs/j/attempts/{i}{}", "x".repeat(1 << 20)))));
-            let real = [3, 7].map(|n| Ok(meta(format!("jobs/j/attempts/{n}/manifest.json"))));
-            futures::stream::iter(huge.chain(real)).boxed()
-        }
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&StorePath>,
-        ) -> object_store::Result<object_store::ListResult> {
-            self.mem.list_with_delimiter(prefix).await
-        }
-        async fn copy_opts(
-            &self,
-            from: &StorePath,
-            to: &StorePath,
-            options: object_store::CopyOptions,
-        ) -> object_store::Result<()> {
-            self.mem.copy_opts(from, to, options).await
-        }
-    }
-
     /// A listing of huge keys (a hostile store's, 100,000 of 16 MiB) is read one key at a
     /// time: it was gathered whole before the attempt numbers were looked at.
     #[test]
     fn the_newest_attempt_is_found_without_holding_the_listing() {
         let mut store = BlobStore::in_memory();
-        store.inner = Arc::new(HugeKeys {
-            mem: object_store::memory::InMemory::new(),
-            huge: 64,
+        store.inner = Arc::new(Faulty {
+            listing: Listing::HugeKeys(64),
+            ..Faulty::default()
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
