@@ -1708,26 +1708,6 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
-        let status = |seq, state| {
-            c3_proto::StatusReport {
-                attempt: 1,
-                seq,
-                state,
-                reason: None,
-                retryable: false,
-                exit_code: None,
-                signal: None,
-                message: None,
-                upload_errors: 0,
-                warnings: Vec::new(),
-                result: serde_json::Value::Null,
-                time: "t".into(),
-                gpu_released: None,
-                peak_memory_bytes: None,
-                cpu_seconds: None,
-            }
-            .to_json()
-        };
         reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
         let deadline = Instant::now() + Duration::from_secs(3);
         let sent = reporter
