@@ -80,6 +80,29 @@ pub struct StatusReport {
     pub cpu_seconds: Option<f64>,
 }
 
+impl StatusReport {
+    /// A status that says only its state: no reason, exit, warnings, result or facts.
+    pub fn plain(attempt: u32, seq: u64, state: JobState, time: String) -> StatusReport {
+        StatusReport {
+            attempt,
+            seq,
+            state,
+            reason: None,
+            retryable: false,
+            exit_code: None,
+            signal: None,
+            message: None,
+            upload_errors: 0,
+            warnings: Vec::new(),
+            result: serde_json::Value::Null,
+            time,
+            gpu_released: None,
+            peak_memory_bytes: None,
+            cpu_seconds: None,
+        }
+    }
+}
+
 /// `POST {url}/v1/jobs/{job_id}/artifacts`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArtifactsRegistration {

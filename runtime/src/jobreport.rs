@@ -83,23 +83,7 @@ impl JobReporter {
     }
 
     fn status(&self, seq: u64, state: JobState) -> StatusReport {
-        StatusReport {
-            attempt: self.attempt,
-            seq,
-            state,
-            reason: None,
-            retryable: false,
-            exit_code: None,
-            signal: None,
-            message: None,
-            upload_errors: 0,
-            warnings: Vec::new(),
-            result: serde_json::Value::Null,
-            time: now_rfc3339(),
-            gpu_released: None,
-            peak_memory_bytes: None,
-            cpu_seconds: None,
-        }
+        StatusReport::plain(self.attempt, seq, state, now_rfc3339())
     }
 
     /// RUNNING, sent in the background (the job must not wait for the control plane).

@@ -1864,24 +1864,7 @@ pub(crate) mod tests {
     }
 
     fn status(seq: u64, state: c3_proto::JobState) -> Vec<u8> {
-        c3_proto::StatusReport {
-            attempt: 1,
-            seq,
-            state,
-            reason: None,
-            retryable: false,
-            exit_code: None,
-            signal: None,
-            message: None,
-            upload_errors: 0,
-            warnings: Vec::new(),
-            result: serde_json::Value::Null,
-            time: "t".into(),
-            gpu_released: None,
-            peak_memory_bytes: None,
-            cpu_seconds: None,
-        }
-        .to_json()
+        c3_proto::StatusReport::plain(1, seq, state, "t".into()).to_json()
     }
 
     /// A control plane that refuses connections, as one down for a day does.
