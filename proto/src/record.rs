@@ -73,6 +73,11 @@ pub struct RunRecord {
     /// The job's own cgroup (v2), when the agent could create one.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Set (and saved) just before the script is launched: an agent that dies between the
+    /// launch and the record of its leader leaves `recover` this word that the job's
+    /// processes may run, to be found by their marks where no cgroup holds them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub launching: bool,
     /// What the last finish could not store (output paths, `logs/stdout`, `manifest`): the
     /// files stay on the node, and `resync`/`recover` try again.
     #[serde(default)]

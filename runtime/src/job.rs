@@ -71,6 +71,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         agent_boot_id: crate::procfs::boot_id(),
         leader: None,
         cgroup: None,
+        launching: false,
         unstored: Vec::new(),
         unstored_more: 0,
         unstored_for_good: 0,
@@ -416,13 +417,17 @@ impl<'a> Run<'a> {
             .ok();
         // `no-job-cgroup`: the node without a writable cgroup v2, where only the recorded
         // leader and its process group tell `recover` what is the job's.
-        let cgroup = if crate::fault::armed("no-job-cgroup") {
+        let cgroup = if crate::fault::armed("no-job-cgroup")
+            || crate::fault::armed("crash-after-spawn-without-cgroup")
+        {
             None
         } else {
             crate::supervise::job_cgroup(&spec)
         };
-        // Recorded before the launch: an agent killed in between leaves `recover` the cgroup.
+        // Recorded before the launch: an agent killed in between leaves `recover` the cgroup,
+        // or without one the word to look for the job's marked processes.
         self.record.cgroup = cgroup.as_ref().map(|cg| cg.path().display().to_string());
+        self.record.launching = true;
         self.save().await;
         let launched = Supervisor::launch(
             self.ctx,
@@ -438,6 +443,8 @@ impl<'a> Run<'a> {
         let supervisor = match launched {
             Ok(s) => s,
             Err(failed) => {
+                // The failed launch stopped what it started.
+                self.record.launching = false;
                 if failed.end == JobEnd::Canceled {
                     tracing::warn!("{}", failed.message);
                 } else {
@@ -448,6 +455,7 @@ impl<'a> Run<'a> {
             }
         };
         crate::fault::crash_point("crash-after-spawn");
+        crate::fault::crash_point("crash-after-spawn-without-cgroup");
         let procs = supervisor.procs().clone();
         self.record.phase = Phase::Running;
         self.record.pgid = Some(procs.leader());

@@ -1100,30 +1100,74 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     if procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks) {
         return false;
     }
-    let id = format!("C3_JOB_ID={}", job.job_id);
-    let attempt = format!("C3_ATTEMPT={}", job.attempt);
     let mut seen = false;
     for (pid, st) in procfs::all() {
         if st.pgrp != leader.pid || st.is_zombie() {
             continue;
         }
-        let (Some(uid), Ok(env)) = (real_uid(pid), std::fs::read(format!("/proc/{pid}/environ")))
-        else {
+        let Some(marked) = job.marks(pid) else {
             // Gone meanwhile.
             continue;
         };
-        let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
-        if st.session != leader.pid
-            || st.start_ticks < leader.start_ticks
-            || uid != job.uid
-            || !marked(&id)
-            || !marked(&attempt)
-        {
+        if st.session != leader.pid || st.start_ticks < leader.start_ticks || !marked {
             return false;
         }
         seen = true;
     }
     seen
+}
+
+impl JobMark<'_> {
+    /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`); `None`
+    /// when it is gone.
+    fn marks(&self, pid: i32) -> Option<bool> {
+        let uid = real_uid(pid)?;
+        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let id = format!("C3_JOB_ID={}", self.job_id);
+        let attempt = format!("C3_ATTEMPT={}", self.attempt);
+        let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
+        Some(uid == self.uid && marked(&id) && marked(&attempt))
+    }
+}
+
+/// The process groups of a job whose agent died after launching it and before recording its
+/// leader, where no cgroup holds it: the sessions (a job's leader starts its own, and only
+/// its processes can be in it) whose groups hold a process started after the agent
+/// (`agent_start`, clock ticks of boot `boot`) that carries the job's marks. Each comes as
+/// its leader's identity, or, with the leader gone, as one [`stop_recorded`] takes for a
+/// leaderless group (it checks every member's marks again before it signals).
+pub fn launched_sessions(
+    job: JobMark<'_>,
+    agent_start: u64,
+    boot: Option<&str>,
+) -> Vec<c3_proto::ProcIdentity> {
+    let Some(now) = procfs::boot_id() else {
+        return Vec::new();
+    };
+    if boot.is_some_and(|b| b != now) {
+        // Nothing of an earlier boot runs.
+        return Vec::new();
+    }
+    let procs = procfs::all();
+    let sessions: BTreeSet<i32> = procs
+        .iter()
+        .filter(|(_, st)| st.session == st.pgrp && st.start_ticks >= agent_start && !st.is_zombie())
+        .filter(|(pid, _)| job.marks(**pid) == Some(true))
+        .map(|(_, st)| st.session)
+        .collect();
+    sessions
+        .into_iter()
+        .filter_map(|session| match procs.get(&session) {
+            Some(st) if st.start_ticks >= agent_start => procfs::identity(session),
+            // A pid of the session's that started before the agent: a stranger's.
+            Some(_) => None,
+            None => Some(c3_proto::ProcIdentity {
+                pid: session,
+                start_ticks: agent_start,
+                boot_id: now.clone(),
+            }),
+        })
+        .collect()
 }
 
 /// The real uid of `pid` (`/proc/<pid>/status`): the directory's owner is root for a

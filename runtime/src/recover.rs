@@ -12,8 +12,8 @@ use crate::statedir::AttemptLock;
 /// What the record says about how the job ended; a job still "running" was lost with the agent.
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
     match record.phase {
-        // A cgroup recorded before the launch: the script may have started.
-        Phase::Preparing if record.cgroup.is_some() => JobEnd::AgentLost,
+        // A cgroup or a launch recorded before the launch: the script may have started.
+        Phase::Preparing if record.cgroup.is_some() || record.launching => JobEnd::AgentLost,
         Phase::Preparing => JobEnd::AgentFailed,
         Phase::Running => JobEnd::AgentLost,
         Phase::Finishing | Phase::Done => match (record.state, record.exit_code, &record.signal) {
@@ -273,7 +273,8 @@ async fn recover_record(
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
     let mut survivors = false;
-    if record.phase == Phase::Running || record.cgroup.is_some() && record.phase == Phase::Preparing
+    if record.phase == Phase::Running
+        || (record.cgroup.is_some() || record.launching) && record.phase == Phase::Preparing
     {
         // Nobody supervises these processes any more; they would hold the GPU forever.
         // Only what provably is the job is signalled: a reused pid is a stranger.
@@ -286,13 +287,27 @@ async fn recover_record(
             job_id: &record.spec.job_id,
             attempt: record.spec.attempt,
         };
-        survivors = crate::jobproc::stop_recorded(
-            record.leader.as_ref(),
-            record.cgroup.as_deref(),
-            job,
-            ctx.kill_grace,
-        )
-        .await;
+        // An agent that died between the launch and the record of its leader, where no
+        // cgroup holds the job: its groups are found by their marks.
+        let found = match (&record.leader, &record.cgroup, record.agent) {
+            (None, None, Some((_, agent_start))) if record.launching => {
+                crate::jobproc::launched_sessions(job, agent_start, record.agent_boot_id.as_deref())
+            }
+            _ => Vec::new(),
+        };
+        if found.is_empty() {
+            survivors = crate::jobproc::stop_recorded(
+                record.leader.as_ref(),
+                record.cgroup.as_deref(),
+                job,
+                ctx.kill_grace,
+            )
+            .await;
+        }
+        for leader in &found {
+            survivors |=
+                crate::jobproc::stop_recorded(Some(leader), None, job, ctx.kill_grace).await;
+        }
     }
     // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
     // once a later attempt has run in it, what is there is that attempt's, and finishing this

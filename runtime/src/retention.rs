@@ -787,6 +787,7 @@ mod tests {
                 agent_boot_id: None,
                 leader: None,
                 cgroup: None,
+                launching: false,
                 unstored: Vec::new(),
                 unstored_more: 0,
                 unstored_for_good: 0,

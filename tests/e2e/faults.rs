@@ -210,6 +210,48 @@ fn recover_stops_a_job_whose_agent_died_right_after_spawning_it() {
         .contains(&"artifacts/f".to_string()));
 }
 
+/// The same where no cgroup holds the job (a node without a writable cgroup v2): the agent
+/// dies after the launch and before it recorded the job's leader, and `recover` finds the
+/// job's processes by their marks (their user, `C3_JOB_ID`, `C3_ATTEMPT`, started after the
+/// agent). It signalled nothing and ended the attempt as one that never launched, with no
+/// manifest, while the job went on holding the GPU.
+#[test]
+fn recover_stops_a_job_launched_without_cgroup_whose_agent_died_at_once() {
+    let mut h = Harness::file();
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "crash-after-spawn-without-cgroup".into(),
+    ));
+    let script = "trap '' TERM; echo $$ > $C3_ARTIFACTS_DIR/job.pid; echo out > $C3_ARTIFACTS_DIR/f; sleep 300";
+    let run = h.run_job(json!({"job_id": "orphan", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/orphan/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        record["cgroup"].is_null() && record["phase"] == "preparing",
+        "the job was meant to run without a cgroup, its launch unrecorded: {record}"
+    );
+    let pid_file = h.workdir("orphan").join("artifacts/job.pid");
+    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    assert!(alive(pid), "the job outlived its agent");
+    h.env.clear();
+    h.run(&["recover"]).assert_code(6);
+    wait_for("the job to be stopped", Duration::from_secs(5), || {
+        (!alive(pid)).then_some(())
+    });
+    let t = h.terminal("orphan");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+    assert!(h
+        .manifest_paths("orphan")
+        .contains(&"artifacts/f".to_string()));
+}
+
 /// Attempt 1 ends UPLOAD_ERROR (the store broke), attempt 2 succeeds with other files, and
 /// then `recover` stores what attempt 1 left: attempt 1's manifest goes to its own key and is
 /// registered there, while the job's manifest stays attempt 2's (every `recover` that came
