@@ -1121,12 +1121,14 @@ impl JobMark<'_> {
     /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`); `None`
     /// when it is gone.
     fn marks(&self, pid: i32) -> Option<bool> {
-        let uid = real_uid(pid)?;
+        if real_uid(pid)? != self.uid {
+            return Some(false);
+        }
         let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
         let id = format!("C3_JOB_ID={}", self.job_id);
         let attempt = format!("C3_ATTEMPT={}", self.attempt);
         let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
-        Some(uid == self.uid && marked(&id) && marked(&attempt))
+        Some(marked(&id) && marked(&attempt))
     }
 }
 
@@ -1158,8 +1160,13 @@ pub fn launched_sessions(
     sessions
         .into_iter()
         .filter_map(|session| match procs.get(&session) {
-            Some(st) if st.start_ticks >= agent_start => procfs::identity(session),
-            // A pid of the session's that started before the agent: a stranger's.
+            // A live leader is signalled with its whole group: it must carry the marks too
+            // (another user's process leading the session a marked one sits in is not the
+            // job's, even if only its own user could have put the marks there).
+            Some(st) if st.start_ticks >= agent_start && job.marks(session) == Some(true) => {
+                procfs::identity(session)
+            }
+            // A leader that started before the agent or is unmarked: a stranger's.
             Some(_) => None,
             None => Some(c3_proto::ProcIdentity {
                 pid: session,
@@ -1186,6 +1193,48 @@ fn real_uid(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session found by its marks after an agent died mid-launch is signalled whole only
+    /// if its live leader carries the marks too: a marked process in a stranger's group
+    /// does not make the group the job's.
+    #[test]
+    fn a_launched_session_is_the_jobs_only_if_its_leader_is_marked_too() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        let job = JobMark {
+            uid,
+            job_id: "launched",
+            attempt: 3,
+        };
+        // A session whose live leader carries no marks, a marked process in its group; then
+        // one whose leader carries them.
+        for (leader_env, ours) in [("", false), ("C3_JOB_ID=launched C3_ATTEMPT=3", true)] {
+            let script = "C3_JOB_ID=launched C3_ATTEMPT=3 sleep 30 & echo $$; exec sleep 30";
+            let mut leader = std::process::Command::new("setsid")
+                .args(["env", "-i"])
+                .args(leader_env.split_whitespace())
+                .args(["sh", "-c", script])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let p: i32 = line.trim().parse().unwrap();
+            // The background sleep is in the group once the shell has printed its pid.
+            let found = launched_sessions(job, before.start_ticks, Some(&before.boot_id));
+            let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
+            let _ = leader.wait();
+            assert_eq!(
+                found.iter().any(|l| l.pid == p),
+                ours,
+                "leader env {leader_env:?}: {found:?}"
+            );
+        }
+    }
 
     /// A group whose leader is gone is the job's only if its members carry the job's marks:
     /// a stranger's session of the same user (a double-forking daemon's, with no
