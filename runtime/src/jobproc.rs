@@ -1048,6 +1048,15 @@ pub async fn stop_recorded(
     // says the job's processes are (what holds group P then is a stranger's).
     let leader_alive = procfs::is_alive(leader);
     if !leader_alive && (cgroup.is_some() || !leaderless_group(leader, job)) {
+        if cgroup.is_none() && unproven_group(leader, job.uid) {
+            // Not signalled (what is unproven may be a stranger's), but never "none left":
+            // the GPU may still be held.
+            tracing::warn!(
+                pgid = leader.pid,
+                "processes of the job's user remain in its group, some without the job's marks (an `env -i` child, a retitled worker); not signalled, the GPU is not reported free"
+            );
+            return true;
+        }
         tracing::info!(
             pid = leader.pid,
             "the job's first process and its group are gone (or its pid was reused); nothing signalled"
@@ -1117,6 +1126,23 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     seen
 }
 
+/// Whether group `leader.pid`, whose leader is gone and which [`leaderless_group`] did not
+/// prove the job's, still holds processes of the job's user started since the leader: a job
+/// process that dropped its marks keeps it there as surely as a marked one.
+fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32) -> bool {
+    if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str())
+        || procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks)
+    {
+        return false;
+    }
+    procfs::all().into_iter().any(|(pid, st)| {
+        st.pgrp == leader.pid
+            && !st.is_zombie()
+            && st.start_ticks >= leader.start_ticks
+            && real_uid(pid) == Some(uid)
+    })
+}
+
 impl JobMark<'_> {
     /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`); `None`
     /// when it is gone.
@@ -1132,15 +1158,16 @@ impl JobMark<'_> {
     }
 }
 
-/// The process groups of a job whose agent died after launching it and before recording its
-/// leader, where no cgroup holds it: the sessions (a job's leader starts its own, and only
-/// its processes can be in it) whose groups hold a process started after the agent
-/// (`agent_start`, clock ticks of boot `boot`) that carries the job's marks. Each comes as
-/// its leader's identity, or, with the leader gone, as one [`stop_recorded`] takes for a
-/// leaderless group (it checks every member's marks again before it signals).
-pub fn launched_sessions(
+/// The process groups of a job no cgroup holds, found by their marks: the sessions (a job's
+/// leader starts its own, and so does a job process that left it with `setsid`; only their
+/// processes can be in them) whose leading groups hold a process started after `since`
+/// (clock ticks of boot `boot`: the leader's start, or the agent's when the agent died
+/// before recording a leader) that carries the job's marks. Each comes as its leader's
+/// identity, or, with the leader gone, as one [`stop_recorded`] takes for a leaderless group
+/// (it checks every member's marks again before it signals).
+pub fn marked_sessions(
     job: JobMark<'_>,
-    agent_start: u64,
+    since: u64,
     boot: Option<&str>,
 ) -> Vec<c3_proto::ProcIdentity> {
     let Some(now) = procfs::boot_id() else {
@@ -1153,7 +1180,7 @@ pub fn launched_sessions(
     let procs = procfs::all();
     let sessions: BTreeSet<i32> = procs
         .iter()
-        .filter(|(_, st)| st.session == st.pgrp && st.start_ticks >= agent_start && !st.is_zombie())
+        .filter(|(_, st)| st.session == st.pgrp && st.start_ticks >= since && !st.is_zombie())
         .filter(|(pid, _)| job.marks(**pid) == Some(true))
         .map(|(_, st)| st.session)
         .collect();
@@ -1163,14 +1190,14 @@ pub fn launched_sessions(
             // A live leader is signalled with its whole group: it must carry the marks too
             // (another user's process leading the session a marked one sits in is not the
             // job's, even if only its own user could have put the marks there).
-            Some(st) if st.start_ticks >= agent_start && job.marks(session) == Some(true) => {
+            Some(st) if st.start_ticks >= since && job.marks(session) == Some(true) => {
                 procfs::identity(session)
             }
-            // A leader that started before the agent or is unmarked: a stranger's.
+            // A leader that started before `since` or is unmarked: a stranger's.
             Some(_) => None,
             None => Some(c3_proto::ProcIdentity {
                 pid: session,
-                start_ticks: agent_start,
+                start_ticks: since,
                 boot_id: now.clone(),
             }),
         })
@@ -1194,11 +1221,82 @@ fn real_uid(pid: i32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// A gone leader's group that still holds a process of the job's user without the
+    /// marks (an `env -i` child) is not signalled, and not reported empty either: it said
+    /// "nothing signalled", and `recover` reported the GPU free.
+    #[tokio::test]
+    async fn a_group_that_cannot_be_proven_the_jobs_is_not_reported_empty() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        let mut leader = std::process::Command::new("setsid")
+            .args([
+                "sh",
+                "-c",
+                "sleep 30 >/dev/null & env -i sleep 30 >/dev/null & echo $$",
+            ])
+            .envs([("C3_JOB_ID", "unproven"), ("C3_ATTEMPT", "1")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let _ = leader.wait();
+        let p: i32 = out.trim().parse().unwrap();
+        let recorded = c3_proto::ProcIdentity {
+            pid: p,
+            start_ticks: before.start_ticks,
+            boot_id: before.boot_id.clone(),
+        };
+        let job = JobMark {
+            uid,
+            job_id: "unproven",
+            attempt: 1,
+        };
+        let left = stop_recorded(Some(&recorded), None, job, Duration::from_millis(100)).await;
+        let there = killpg(Pid::from_raw(p), None).is_ok();
+        let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
+        assert!(there, "nothing unproven is signalled");
+        assert!(
+            left,
+            "a group still holding the job's processes was reported empty"
+        );
+    }
+
+    /// A job process that started a session of its own (`setsid`, a daemon's start) left
+    /// the leader's group; with no cgroup it is found by its marks.
+    #[test]
+    fn a_marked_process_in_a_session_of_its_own_is_found() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        let job = JobMark {
+            uid,
+            job_id: "daemon",
+            attempt: 2,
+        };
+        let mut daemon = std::process::Command::new("setsid")
+            .args(["sh", "-c", "echo $$; exec sleep 30"])
+            .envs([("C3_JOB_ID", "daemon"), ("C3_ATTEMPT", "2")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let p: i32 = line.trim().parse().unwrap();
+        let found = marked_sessions(job, before.start_ticks, Some(&before.boot_id));
+        let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
+        let _ = daemon.wait();
+        assert!(found.iter().any(|l| l.pid == p), "{found:?}");
+    }
+
     /// A session found by its marks after an agent died mid-launch is signalled whole only
     /// if its live leader carries the marks too: a marked process in a stranger's group
     /// does not make the group the job's.
     #[test]
-    fn a_launched_session_is_the_jobs_only_if_its_leader_is_marked_too() {
+    fn a_marked_session_is_the_jobs_only_if_its_leader_is_marked_too() {
         let uid = nix::unistd::getuid().as_raw();
         let before = procfs::identity(std::process::id() as i32).unwrap();
         let job = JobMark {
@@ -1225,7 +1323,7 @@ mod tests {
             .unwrap();
             let p: i32 = line.trim().parse().unwrap();
             // The background sleep is in the group once the shell has printed its pid.
-            let found = launched_sessions(job, before.start_ticks, Some(&before.boot_id));
+            let found = marked_sessions(job, before.start_ticks, Some(&before.boot_id));
             let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
             let _ = leader.wait();
             assert_eq!(

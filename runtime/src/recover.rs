@@ -287,15 +287,9 @@ async fn recover_record(
             job_id: &record.spec.job_id,
             attempt: record.spec.attempt,
         };
-        // An agent that died between the launch and the record of its leader, where no
-        // cgroup holds the job: its groups are found by their marks.
-        let found = match (&record.leader, &record.cgroup, record.agent) {
-            (None, None, Some((_, agent_start))) if record.launching => {
-                crate::jobproc::launched_sessions(job, agent_start, record.agent_boot_id.as_deref())
-            }
-            _ => Vec::new(),
-        };
-        if found.is_empty() {
+        // An agent that died mid-launch recorded no leader: without a cgroup, nothing but
+        // the marks below tells its processes.
+        if record.leader.is_some() || record.cgroup.is_some() || !record.launching {
             survivors = crate::jobproc::stop_recorded(
                 record.leader.as_ref(),
                 record.cgroup.as_deref(),
@@ -304,9 +298,28 @@ async fn recover_record(
             )
             .await;
         }
-        for leader in &found {
-            survivors |=
-                crate::jobproc::stop_recorded(Some(leader), None, job, ctx.kill_grace).await;
+        // Without a cgroup, the job's processes in sessions of their own (a `setsid`, a
+        // daemon's start, a `start_new_session` child) left the leader's group, and after a
+        // mid-launch death there is no leader at all: they are found by their marks, among
+        // what started after the leader (or the agent).
+        if record.cgroup.is_none() {
+            let since = match (&record.leader, record.agent) {
+                (Some(l), _) => Some((l.start_ticks, Some(l.boot_id.as_str()))),
+                (None, Some((_, agent_start))) if record.launching => {
+                    Some((agent_start, record.agent_boot_id.as_deref()))
+                }
+                _ => None,
+            };
+            let leader = record.leader.as_ref().map(|l| l.pid);
+            if let Some((since, boot)) = since {
+                for found in crate::jobproc::marked_sessions(job, since, boot) {
+                    if Some(found.pid) != leader {
+                        survivors |=
+                            crate::jobproc::stop_recorded(Some(&found), None, job, ctx.kill_grace)
+                                .await;
+                    }
+                }
+            }
         }
     }
     // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):

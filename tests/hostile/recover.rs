@@ -322,6 +322,48 @@ fn recover_stops_the_group_a_gone_leader_left_running() {
     assert_eq!(terminal["reason"], "AGENT_ERROR", "{terminal}");
 }
 
+/// No cgroup; the job starts a process in a session of its own (`setsid`, as `ray start`
+/// or `start_new_session=True` do) and the agent is SIGKILLed. `recover` signalled only the
+/// recorded leader's group, found it empty once the leader was stopped, and reported the
+/// GPU free while the daemon, still carrying the job's marks, went on running.
+#[test]
+fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
+    if not_root("recover_stops_a_job_process_that_left_for_a_session_of_its_own") {
+        return;
+    }
+    let mut h = open_harness();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "no-job-cgroup".into()));
+    let agent = crate::common::spawn_job(
+        &h,
+        json!({
+            "job_id": "daemon", "user": "nobody",
+            "command": ["sh", "-c", "setsid sleep 300 & echo $! > bg.pid; sleep 300"],
+        }),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let background = pid_from(&h.workdir("daemon").join("bg.pid"));
+    let _background = KillOnDrop(background);
+    let record = h.state.join("jobs/daemon/attempts/1/run.json");
+    wait_for("the launch to be recorded", Duration::from_secs(20), || {
+        let bytes = std::fs::read(&record).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .filter(|r| r["phase"] == "running" && r["cgroup"].is_null())
+    });
+    kill_agent(agent);
+    assert!(alive(background), "the daemon outlived the agent");
+    h.env.clear();
+    let recover = h.run(&["recover"]);
+    let stopped = wait_for_or_none(Duration::from_secs(5), || !alive(background));
+    assert!(
+        stopped,
+        "recover left the job's daemon {background} running\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    assert_eq!(h.terminal("daemon")["reason"], "AGENT_ERROR");
+}
+
 /// Polls `f` until `limit`; whether it came true.
 fn wait_for_or_none(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;
