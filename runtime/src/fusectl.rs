@@ -65,6 +65,16 @@ impl Before {
             }
             return Vec::new();
         }
+        if read_only(Path::new(CONNECTIONS)) {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    path = CONNECTIONS,
+                    "fusectl is read-only here (systemd's ProtectKernelTunables=): a process stuck on the job's own FUSE mount cannot be freed (add ReadWritePaths=-/sys/fs/fuse/connections to the unit)"
+                );
+            }
+            return Vec::new();
+        }
         // A survivor stuck on something else (a CUDA context torn down for seconds, the GPU
         // driver, NFS) is not helped by an abort, and another job of the same user with a busy
         // FUSE mount of its own would be broken by one.
@@ -166,6 +176,12 @@ fn connections() -> Vec<(String, u64, u32)> {
         .collect()
 }
 
+/// Whether the file system at `path` is mounted read-only for this process.
+fn read_only(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
 fn fusectl_mounted() -> bool {
     std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
         t.lines().any(|l| {
@@ -226,6 +242,36 @@ fn fuse_mounts_in(mountinfo: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read-only fusectl (systemd's ProtectKernelTunables= without the unit's
+    /// ReadWritePaths= for it) is told apart from a writable one.
+    #[test]
+    fn a_read_only_mount_is_seen_as_one() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mount = |opts: &str| {
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "none"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !mount("ro,size=1m") {
+            return; // no mounts allowed here
+        }
+        let ro = read_only(dir.path());
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        assert!(mount("rw,size=1m"));
+        let rw = read_only(dir.path());
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        assert!(ro && !rw, "ro {ro}, rw {rw}");
+    }
 
     #[test]
     fn a_fuse_mount_is_named_as_its_connection() {

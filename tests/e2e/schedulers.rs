@@ -975,6 +975,15 @@ fn the_systemd_unit_verifies_clean() {
         !unit.lines().any(|l| l.starts_with("AssertPathExists")),
         "the config may move the state dir"
     );
+    // ProtectKernelTunables= makes fusectl read-only with the rest of /sys: the abort that
+    // frees a job process stuck on its own FUSE mount failed with EROFS.
+    assert!(
+        !unit.lines().any(|l| l == "ProtectKernelTunables=yes")
+            || unit
+                .lines()
+                .any(|l| l == "ReadWritePaths=-/sys/fs/fuse/connections"),
+        "fusectl must stay writable for the agent"
+    );
     let path = dir.path().join("c3-agent@job1.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")
