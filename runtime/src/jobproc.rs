@@ -227,7 +227,24 @@ fn enable_controllers(base: &Path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
-    .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()));
+    .and_then(|()| {
+        // Helpers go along: a process left behind keeps the controllers off.
+        let helpers = own_helpers();
+        std::iter::once(std::process::id() as i32)
+            .chain(helpers.iter().copied())
+            .try_for_each(
+                |pid| match std::fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
+                    // A helper that ended meanwhile.
+                    Err(e)
+                        if pid != std::process::id() as i32
+                            && e.raw_os_error() == Some(libc::ESRCH) =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                },
+            )
+    });
     match moved.and_then(|()| enable()) {
         Ok(()) => tracing::debug!(controllers = %line, "enabled for the job's cgroup"),
         Err(e) => {
@@ -236,12 +253,20 @@ fn enable_controllers(base: &Path) {
     }
 }
 
-/// Whether the agent is the only process of its cgroup: its own unit's main process (a root
-/// agent inside another service, say slurmd's, must not rearrange that service's cgroup).
+/// Whether the agent is the only process of its cgroup but for its own helpers: its own
+/// unit's main process (a root agent inside another service, say slurmd's, must not
+/// rearrange that service's cgroup). A helper (the unit check's `systemctl`, spawned at the
+/// start) still running when the job's cgroup is made left the job without its memory
+/// controller, and an OOM kill was reported as the script's SIGKILL.
 fn alone_in(dir: &Path) -> bool {
+    let me = std::process::id() as i32;
     std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| {
-        let pids: Vec<&str> = t.split_whitespace().collect();
-        pids == [std::process::id().to_string().as_str()]
+        let helpers = own_helpers();
+        let pids: Vec<i32> = t
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        pids.contains(&me) && pids.iter().all(|p| *p == me || helpers.contains(p))
     })
 }
 
@@ -1290,6 +1315,32 @@ mod tests {
         let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
         let _ = daemon.wait();
         assert!(found.iter().any(|l| l.pid == p), "{found:?}");
+    }
+
+    /// The agent's own helpers (the unit check's `systemctl`) do not make its cgroup
+    /// shared; a stranger's process does.
+    #[tokio::test]
+    async fn the_agents_helpers_leave_it_alone_in_its_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, _helper) = spawn_helper(
+            tokio::process::Command::new("sleep")
+                .arg("5")
+                .kill_on_drop(true),
+        )
+        .unwrap();
+        let me = std::process::id();
+        let helper = child.id().unwrap();
+        let procs = dir.path().join("cgroup.procs");
+        std::fs::write(&procs, format!("{me}\n{helper}\n")).unwrap();
+        let with_helper = alone_in(dir.path());
+        std::fs::write(&procs, format!("{me}\n1\n")).unwrap();
+        let with_stranger = alone_in(dir.path());
+        let _ = child.kill().await;
+        assert!(
+            with_helper,
+            "a helper of the agent's made its cgroup shared"
+        );
+        assert!(!with_stranger);
     }
 
     /// A session found by its marks after an agent died mid-launch is signalled whole only
