@@ -85,17 +85,48 @@ impl Cgroup {
         }
     }
 
-    /// SIGKILL to every member at once (`cgroup.kill`, Linux 5.14), else one by one.
+    /// SIGKILL to every member at once (`cgroup.kill`, Linux 5.14), else one by one with
+    /// the cgroup frozen (`cgroup.freeze`, Linux 5.2): a process that forks and exits in a
+    /// loop is always newer than a list of pids, and a kill by list never caught it.
     pub fn kill(&self) {
-        let killed = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("cgroup.kill"))
-            .and_then(|mut f| f.write_all(b"1"));
-        if killed.is_err() {
-            for pid in self.members() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let killed = if crate::fault::armed("no-cgroup-kill") {
+            Err(std::io::ErrorKind::NotFound.into())
+        } else {
+            self.write("cgroup.kill", b"1")
+        };
+        if killed.is_ok() {
+            return;
+        }
+        let frozen = self.write("cgroup.freeze", b"1").is_ok();
+        if frozen {
+            // Freezing takes until every member has reached the freezer's trap; bounded, as
+            // a member in D state (a hung NFS read) reaches it only when the read ends.
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while !self.event("frozen") && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
+        for pid in self.members() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if frozen {
+            // A fatal signal ends a frozen process all the same; thawed, nothing the kill
+            // missed stays frozen for ever in a cgroup that can then not be removed.
+            let _ = self.write("cgroup.freeze", b"0");
+        }
+    }
+
+    fn write(&self, file: &str, value: &[u8]) -> std::io::Result<()> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join(file))
+            .and_then(|mut f| f.write_all(value))
+    }
+
+    /// Whether `cgroup.events` says `<key> 1`.
+    fn event(&self, key: &str) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.events"))
+            .is_ok_and(|t| t.lines().any(|l| l.split_whitespace().eq([key, "1"])))
     }
 
     /// What the kernel counted for the job: OOM kills (`memory.events`), peak memory
