@@ -49,20 +49,22 @@ pub fn note(message: &str) {
 /// One line, whatever `message` holds, with its priority in front under journald
 /// ([`crate::telemetry::stderr_line`]).
 fn to_stderr(level: tracing::Level, prefix: &str, message: &str) {
-    let line = if json() {
-        serde_json::json!({
+    use crate::telemetry::Style;
+    let (line, style) = if json() {
+        let line = serde_json::json!({
             "timestamp": c3_runtime::display::now_rfc3339(),
             "level": level.as_str(),
             "target": "c3_agent",
             "message": message,
         })
-        .to_string()
+        .to_string();
+        (line, Style::Json)
     } else {
-        format!("c3-agent: {prefix}{message}")
+        (format!("c3-agent: {prefix}{message}"), Style::Text)
     };
     let _ = std::io::stderr()
         .lock()
-        .write_all(&crate::telemetry::stderr_line(&level, &line));
+        .write_all(&crate::telemetry::stderr_line(&level, &line, style));
 }
 
 /// A job's log bytes on their way to stdout. To a terminal (an operator's, often root's),

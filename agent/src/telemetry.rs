@@ -36,11 +36,16 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
     // never the agent: tracing-subscriber's own error report would `eprintln!` and panic.
     use std::io::IsTerminal;
     let ansi = format == LogFormat::Human && std::io::stderr().is_terminal();
+    let style = match format {
+        LogFormat::Json => Style::Json,
+        LogFormat::Human if ansi => Style::Terminal,
+        LogFormat::Human => Style::Text,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Stderr {
             journal: stderr_is_journal(),
-            ansi,
+            style,
         })
         .log_internal_errors(false);
     match format {
@@ -57,8 +62,7 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
 #[derive(Clone, Copy)]
 struct Stderr {
     journal: bool,
-    /// The formatter colours its output (stderr is a terminal, human format).
-    ansi: bool,
+    style: Style,
 }
 
 fn stderr_is_journal() -> bool {
@@ -76,12 +80,12 @@ fn stderr_is_journal() -> bool {
 /// written: its priority in front under journald, so `journalctl -p warning` shows an exit-2
 /// error too, and every control character escaped, so a spec's or config's value holding
 /// `\n<3>...` is not a second journal entry of the writer's making.
-pub fn stderr_line(level: &tracing::Level, text: &str) -> Vec<u8> {
+pub fn stderr_line(level: &tracing::Level, text: &str, style: Style) -> Vec<u8> {
     let mut line = Vec::with_capacity(text.len() + 4);
     if stderr_is_journal() {
         line.extend_from_slice(priority(level));
     }
-    line.extend_from_slice(&one_line(text.as_bytes(), false));
+    line.extend_from_slice(&one_line(text.as_bytes(), style));
     line
 }
 
@@ -102,21 +106,44 @@ fn priority(level: &tracing::Level) -> &'static [u8] {
 /// itself adds on a terminal.
 struct Line {
     prefix: Option<&'static [u8]>,
-    ansi: bool,
+    style: Style,
     buf: Vec<u8>,
 }
 
-/// `event` (which ends in one newline) with every other control character escaped.
-fn one_line(event: &[u8], ansi: bool) -> Vec<u8> {
+/// How a line's control characters are escaped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Style {
+    /// Human lines to a pipe or the journal: `\n`, `\x1b`, C1 controls as `\u0080`.
+    Text,
+    /// Human lines to a terminal: as `Text`, but the formatter's own colours stay.
+    Terminal,
+    /// JSON lines: only JSON's own escapes (`\u007f`, `\u0080`), so the line still parses.
+    /// serde_json escapes C0 itself but leaves DEL and C1 raw, which terminals and
+    /// pagers obey (0x9b is CSI).
+    Json,
+}
+
+/// `event` (which ends in one newline) with every other control character escaped: C0, DEL
+/// and the C1 controls U+0080..U+009F (bytes C2 80..C2 9F in the UTF-8 the formatters write).
+fn one_line(event: &[u8], style: Style) -> Vec<u8> {
     let body = event.strip_suffix(b"\n").unwrap_or(event);
     let mut out = Vec::with_capacity(body.len() + 1);
-    for &b in body {
+    let mut bytes = body.iter().copied().peekable();
+    while let Some(b) = bytes.next() {
         match b {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' if style == Style::Json => out.extend_from_slice(b"\\t"),
             b'\t' => out.push(b),
-            0x1b if ansi => out.push(b),
+            0x1b if style == Style::Terminal => out.push(b),
+            0..=0x1f | 0x7f if style == Style::Json => {
+                out.extend_from_slice(format!("\\u{b:04x}").as_bytes())
+            }
             0..=0x1f | 0x7f => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            0xc2 => match bytes.next_if(|c| (0x80..=0x9f).contains(c)) {
+                Some(c1) => out.extend_from_slice(format!("\\u{c1:04x}").as_bytes()),
+                None => out.push(b),
+            },
             _ => out.push(b),
         }
     }
@@ -140,7 +167,7 @@ impl Drop for Line {
         if self.buf.is_empty() {
             return;
         }
-        let line = one_line(&self.buf, self.ansi);
+        let line = one_line(&self.buf, self.style);
         let out = match self.prefix {
             None => line,
             Some(p) => [p, &line[..]].concat(),
@@ -154,14 +181,14 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Stderr {
     fn make_writer(&'a self) -> Line {
         Line {
             prefix: None,
-            ansi: self.ansi,
+            style: self.style,
             buf: Vec::new(),
         }
     }
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
         Line {
             prefix: self.journal.then(|| priority(meta.level())),
-            ansi: self.ansi,
+            style: self.style,
             buf: Vec::new(),
         }
     }
@@ -248,7 +275,7 @@ impl Visit for Visitor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{one_line, FlatJson};
+    use super::{one_line, FlatJson, Style};
 
     /// Each event logged under `tracing::subscriber::with_default`, through the JSON format.
     fn json_lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
@@ -299,14 +326,38 @@ mod tests {
         let forged =
             b"WARN skipping a symlink: artifacts/x\n<3>2026 ERROR forged\r\x1b[2J\x07\tok\n";
         assert_eq!(
-            one_line(forged, false),
+            one_line(forged, Style::Text),
             b"WARN skipping a symlink: artifacts/x\\n<3>2026 ERROR forged\\r\\x1b[2J\\x07\tok\n"
         );
         // On a terminal the formatter's own colours stay; other controls are still escaped.
         assert_eq!(
-            one_line(b"\x1b[33mWARN\x1b[0m a\nb\n", true),
+            one_line(b"\x1b[33mWARN\x1b[0m a\nb\n", Style::Terminal),
             b"\x1b[33mWARN\x1b[0m a\\nb\n"
         );
-        assert_eq!(one_line(b"plain\n", false), b"plain\n");
+        assert_eq!(one_line(b"plain\n", Style::Text), b"plain\n");
+    }
+
+    /// C1 controls (U+009B is CSI to many terminals) and DEL are escaped too, in JSON as
+    /// JSON escapes: the line still parses, to the text the job wrote.
+    #[test]
+    fn c1_controls_and_del_are_escaped_and_json_stays_json() {
+        let text = "a\u{9b}2Jb\u{85}c\u{7f}d\u{a0}\u{e9}";
+        let lines = json_lines(|| tracing::info!(path = %text, "{text}"));
+        let json = format!("{}\n", lines[0]);
+        let escaped = one_line(json.as_bytes(), Style::Json);
+        let raw = std::str::from_utf8(&escaped).unwrap();
+        assert!(!raw.chars().any(|c| c.is_control() && c != '\n'), "{raw:?}");
+        assert!(
+            raw.contains("a\\u009b2Jb\\u0085c\\u007fd\u{a0}\u{e9}"),
+            "{raw}"
+        );
+        let back: serde_json::Value = serde_json::from_str(raw).unwrap();
+        assert_eq!(back["message"], text);
+        assert_eq!(back["path"], text);
+        // No-break space and other non-controls above U+009F pass as they are.
+        assert_eq!(
+            one_line("x\u{9b}y\u{a0}\n".as_bytes(), Style::Text),
+            "x\\u009by\u{a0}\n".as_bytes()
+        );
     }
 }
