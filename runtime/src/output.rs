@@ -16,7 +16,10 @@ use c3_proto::{OutputChunk, Stream};
 use crate::loglimit::LineLimit;
 use crate::report::ControlPlane;
 
-/// Longest line echoed to the log as one event; longer ones are split.
+/// The most one echoed line may take in the log once escaped; longer ones are split.
+/// journald cuts a stream line at `LineMax` (48 KiB) and reads a `<N>` priority at the start
+/// of each piece: a line that only grew past it when escaped (a control byte is six bytes as
+/// `\u0001`) ended in a journal entry of the job's making, at any priority it named.
 const MAX_LINE: usize = 16 * 1024;
 /// Most bytes of one stream read for one live post.
 const MAX_POST: usize = 256 * 1024;
@@ -65,7 +68,7 @@ pub async fn pump(
     };
     let mut failed: Option<std::io::Error> = None;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = Lines::default();
     let mut total = 0u64;
     let mut echo = EchoLimit::new(stream);
     loop {
@@ -91,22 +94,9 @@ pub async fn pump(
             }
         }
         total += n as u64;
-        for &b in &buf[..keep] {
-            if b == b'\n' {
-                echo.line(&line);
-                line.clear();
-            } else {
-                line.push(b);
-                if line.len() >= MAX_LINE {
-                    echo.line(&line);
-                    line.clear();
-                }
-            }
-        }
+        lines.feed(&buf[..keep], |line| echo.line(line));
     }
-    if !line.is_empty() {
-        echo.line(&line);
-    }
+    lines.finish(|line| echo.line(line));
     echo.finish();
     if total > max_bytes {
         let note = format!(
@@ -130,6 +120,59 @@ pub async fn pump(
     match failed {
         Some(e) => Err(e),
         None => Ok(total),
+    }
+}
+
+/// The most byte `b` of a job's line becomes in the log, in either format: a control byte
+/// is `\u0001` in JSON, `"` and a backslash are escaped there, and a byte of a multi-byte character
+/// at most three (a byte that is not UTF-8 is U+FFFD, and a C1 control is two bytes that
+/// become `\u0085`).
+fn escaped_len(b: u8) -> usize {
+    match b {
+        0..=0x1f | 0x7f => 6,
+        b'"' | b'\\' => 2,
+        0x80.. => 3,
+        _ => 1,
+    }
+}
+
+/// One stream's output cut into the lines echoed: at each newline, and where a line would
+/// pass [`MAX_LINE`] once escaped (never inside a UTF-8 character).
+#[derive(Default)]
+struct Lines {
+    line: Vec<u8>,
+    /// `line`'s escaped length, at most.
+    escaped: usize,
+}
+
+impl Lines {
+    /// Adds `data`, handing each line it completes to `each`.
+    fn feed(&mut self, data: &[u8], mut each: impl FnMut(&[u8])) {
+        for &b in data {
+            if b == b'\n' {
+                each(&self.line);
+                self.line.clear();
+                self.escaped = 0;
+                continue;
+            }
+            let len = escaped_len(b);
+            if self.escaped + len > MAX_LINE {
+                // A character begun at the end goes whole into the next line.
+                let cut = self.line.len() - split_at_end(&self.line);
+                each(&self.line[..cut]);
+                self.line.drain(..cut);
+                self.escaped = self.line.iter().map(|&b| escaped_len(b)).sum();
+            }
+            self.line.push(b);
+            self.escaped += len;
+        }
+    }
+
+    /// The last line, which no newline ended.
+    fn finish(&mut self, mut each: impl FnMut(&[u8])) {
+        if !self.line.is_empty() {
+            each(&std::mem::take(&mut self.line));
+        }
     }
 }
 
@@ -477,6 +520,67 @@ mod tests {
         assert_eq!(split_at_end(b"ab\xff"), 0);
         assert_eq!(split_at_end(b"a\xe2\x82"), 2);
         assert_eq!(split_at_end(b"a\xe2\x82\xac"), 0);
+    }
+
+    /// Every line echoed stays under [`MAX_LINE`] once escaped, as JSON (what serde_json
+    /// writes, then the C1 controls the log writer escapes) and as text (`\x01`), whatever the
+    /// job printed; nothing is lost and no character is cut in two.
+    #[test]
+    fn echoed_lines_stay_short_once_escaped() {
+        fn as_json(line: &[u8]) -> usize {
+            let text = String::from_utf8_lossy(line);
+            // serde_json leaves DEL and C1 controls raw; the log writer makes them `\u0085`.
+            let del = text.chars().filter(|&c| c == '\x7f').count();
+            let c1 = text
+                .chars()
+                .filter(|c| ('\u{80}'..='\u{9f}').contains(c))
+                .count();
+            serde_json::to_string(&text).unwrap().len() - 2 + 5 * del + 4 * c1
+        }
+        fn as_text(line: &[u8]) -> usize {
+            let text = String::from_utf8_lossy(line);
+            text.chars()
+                .map(|c| match c {
+                    '\0'..='\x1f' | '\x7f' => 4,
+                    '\u{80}'..='\u{9f}' => 6,
+                    c => c.len_utf8(),
+                })
+                .sum()
+        }
+        let forged = b"<0>c3-agent: job finished state=SUCCEEDED";
+        let mut inputs: Vec<Vec<u8>> = [b'\x01', b'\xff', b'"', b'\x7f', b'a']
+            .iter()
+            .map(|&b| [vec![b; 3 * MAX_LINE], forged.to_vec()].concat())
+            .collect();
+        inputs.push(
+            "\u{85}\u{e9}\u{20ac}\u{1f600}"
+                .repeat(MAX_LINE)
+                .into_bytes(),
+        );
+        for input in inputs {
+            let mut lines = Lines::default();
+            let mut echoed: Vec<Vec<u8>> = Vec::new();
+            // Fed in odd-sized reads, as a pipe hands them over.
+            for chunk in input.chunks(4093) {
+                lines.feed(chunk, |l| echoed.push(l.to_vec()));
+            }
+            lines.finish(|l| echoed.push(l.to_vec()));
+            assert!(echoed.len() > 1);
+            for line in &echoed {
+                assert!(as_json(line) <= MAX_LINE, "{} as JSON", as_json(line));
+                assert!(as_text(line) <= MAX_LINE, "{} as text", as_text(line));
+                if input.is_ascii() || input[0] != 0xff {
+                    assert!(std::str::from_utf8(line).is_ok(), "a character was cut");
+                }
+            }
+            assert_eq!(echoed.concat(), input);
+        }
+        // Plain text still fills a line.
+        let mut lines = Lines::default();
+        let mut echoed = Vec::new();
+        lines.feed(&[b'a'; MAX_LINE + 1], |l| echoed.push(l.len()));
+        lines.finish(|l| echoed.push(l.len()));
+        assert_eq!(echoed, [MAX_LINE, 1]);
     }
 
     /// A 413 halves the next read down to [`MIN_POST`] without passing anything over; at

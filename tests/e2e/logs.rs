@@ -326,3 +326,47 @@ fn a_flooding_job_is_kept_up_to_max_log_bytes_and_echoed_at_a_rate_journald_keep
     );
     assert!(run.stderr.contains("done"), "stderr is kept apart");
 }
+
+/// journald cuts a stream line at `LineMax` (48 KiB) and reads a `<N>` priority at the start of
+/// every piece. A job line of control bytes was cut at 16 KiB as the job wrote it, then grew
+/// fourfold (`\x01`) or sixfold (`\u0001`) when escaped: its tail, `<0>...`, was a journal
+/// entry of the job's making, at emergency priority (a wall message on every terminal).
+#[test]
+fn a_job_line_that_grows_when_escaped_is_never_cut_by_journald() {
+    const LINE_MAX: usize = 48 * 1024;
+    let script = "head -c 12270 /dev/zero | tr '\\0' '\\001'; echo '<0>c3-agent: job finished state=SUCCEEDED'; \
+                  head -c 16384 /dev/zero | tr '\\0' '\\377'; echo '<0>forged'";
+    for format in ["human", "json"] {
+        let (mut h, log, file) = under_journald();
+        h.env.push(("C3_AGENT_LOG_FORMAT".into(), format.into()));
+        let spec = h.spec(json!({"job_id": "forge", "command": ["sh", "-c", script]}));
+        let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+        cmd.stderr(file);
+        assert_eq!(cmd.status().unwrap().code(), Some(0));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let longest = text.lines().map(str::len).max().unwrap_or(0);
+        assert!(
+            longest <= 32 * 1024,
+            "{format}: a line of {longest} bytes (journald cuts at {LINE_MAX})"
+        );
+        for line in text.lines() {
+            assert!(
+                line.starts_with("<6>") || line.starts_with("<4>") || line.starts_with("<3>"),
+                "{format}: {}",
+                &line[..line.len().min(200)]
+            );
+            // What journald would make of it: no piece but the first reads as a priority.
+            for piece in line.as_bytes().chunks(LINE_MAX).skip(1) {
+                assert!(!piece.starts_with(b"<"), "{format}: a forged entry");
+            }
+            if format == "json" {
+                let body = &line[3..];
+                serde_json::from_str::<Value>(body)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {}", &body[..body.len().min(200)]));
+            }
+        }
+        // The job's text is all there, inside its own lines.
+        assert!(text.contains("<0>c3-agent: job finished"), "{format}");
+        assert!(text.contains("<0>forged"), "{format}");
+    }
+}
