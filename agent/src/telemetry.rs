@@ -81,12 +81,8 @@ fn stderr_is_journal() -> bool {
 /// error too, and every control character escaped, so a spec's or config's value holding
 /// `\n<3>...` is not a second journal entry of the writer's making.
 pub fn stderr_line(level: &tracing::Level, text: &str, style: Style) -> Vec<u8> {
-    let mut line = Vec::with_capacity(text.len() + 4);
-    if stderr_is_journal() {
-        line.extend_from_slice(priority(level));
-    }
-    line.extend_from_slice(&one_line(text.as_bytes(), style));
-    line
+    let prefix = stderr_is_journal().then(|| priority(level));
+    written(prefix, style, text.as_bytes())
 }
 
 fn priority(level: &tracing::Level) -> &'static [u8] {
@@ -151,6 +147,30 @@ fn one_line(event: &[u8], style: Style) -> Vec<u8> {
     out
 }
 
+/// The most one written line may take, its priority and newline included. journald cuts a
+/// stream line at `LineMax` (48 KiB by default) and reads a `<N>` priority at the start of
+/// each piece: nothing the agent writes may reach it, whatever an event holds once escaped.
+const MAX_WRITTEN: usize = 32 * 1024;
+
+/// One event as written: its priority, its text as [`one_line`], cut to [`MAX_WRITTEN`]
+/// with a note of how much was cut.
+fn written(prefix: Option<&[u8]>, style: Style, event: &[u8]) -> Vec<u8> {
+    let mut line = prefix.unwrap_or_default().to_vec();
+    line.extend_from_slice(&one_line(event, style));
+    if line.len() <= MAX_WRITTEN {
+        return line;
+    }
+    // Room for the note; the cut falls between characters, never inside one.
+    let mut keep = MAX_WRITTEN - 64;
+    while keep > 0 && line[keep] & 0xc0 == 0x80 {
+        keep -= 1;
+    }
+    let cut = line.len() - 1 - keep;
+    line.truncate(keep);
+    line.extend_from_slice(format!(" \u{2026} ({cut} bytes cut)\n").as_bytes());
+    line
+}
+
 impl std::io::Write for Line {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
@@ -167,11 +187,7 @@ impl Drop for Line {
         if self.buf.is_empty() {
             return;
         }
-        let line = one_line(&self.buf, self.style);
-        let out = match self.prefix {
-            None => line,
-            Some(p) => [p, &line[..]].concat(),
-        };
+        let out = written(self.prefix, self.style, &self.buf);
         let _ = std::io::stderr().lock().write_all(&out);
     }
 }
@@ -303,6 +319,87 @@ mod tests {
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Each event logged under `with_default`, in `style`'s format, as it is written.
+    fn written_lines(style: Style, log: impl FnOnce()) -> Vec<Vec<u8>> {
+        use std::sync::{Arc, Mutex};
+        /// One event's bytes, handed to the list whole when the formatter is done with it.
+        struct Event(Vec<u8>, Style, Arc<Mutex<Vec<Vec<u8>>>>);
+        impl std::io::Write for Event {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl Drop for Event {
+            fn drop(&mut self) {
+                let line = super::written(Some(b"<6>"), self.1, &self.0);
+                self.2.lock().unwrap().push(line);
+            }
+        }
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let to = events.clone();
+        let writer = move || Event(Vec::new(), style, to.clone());
+        let builder = tracing_subscriber::fmt().with_writer(writer);
+        match style {
+            Style::Json => {
+                let subscriber = builder
+                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                    .event_format(FlatJson)
+                    .finish();
+                tracing::subscriber::with_default(subscriber, log);
+            }
+            _ => {
+                let subscriber = builder.with_target(false).with_ansi(false).finish();
+                tracing::subscriber::with_default(subscriber, log);
+            }
+        }
+        let lines = events.lock().unwrap().clone();
+        lines
+    }
+
+    /// Nothing written is longer than [`super::MAX_WRITTEN`], however much an event grows when
+    /// escaped (16 KiB of control bytes are 64 KiB as `\x01`, 96 KiB as `\u0001`): a longer
+    /// one journald would cut, and read the rest as an entry of its own, at the priority its
+    /// first bytes name. The cut is said at the end of the line.
+    #[test]
+    fn no_line_written_is_long_enough_for_journald_to_cut() {
+        let controls = "\x01".repeat(16 * 1024);
+        let not_utf8 = String::from_utf8_lossy(&[0xff; 16 * 1024]).into_owned();
+        let c1 = "\u{85}".repeat(16 * 1024);
+        for style in [Style::Text, Style::Json] {
+            let lines = written_lines(style, || {
+                for text in [&controls, &not_utf8, &c1] {
+                    tracing::info!(target: "c3::job", stream = "stdout", "{text}<0>forged");
+                    tracing::warn!(path = %text, "a warning naming a path");
+                }
+                tracing::info!("short");
+            });
+            assert_eq!(lines.len(), 7);
+            for line in &lines {
+                let text = std::str::from_utf8(line).unwrap();
+                assert!(
+                    line.len() <= super::MAX_WRITTEN,
+                    "{style:?}: {}",
+                    line.len()
+                );
+                assert!(text.starts_with("<6>"), "{style:?}");
+                assert_eq!(text.matches('\n').count(), 1);
+            }
+            for line in &lines[..6] {
+                let text = std::str::from_utf8(line).unwrap();
+                assert!(text.ends_with(" bytes cut)\n"), "{style:?}: {text}");
+            }
+            let last = String::from_utf8_lossy(&lines[6]);
+            assert!(
+                last.contains("short") && !last.contains("cut)"),
+                "{style:?}: {last}"
+            );
+        }
     }
 
     #[test]
