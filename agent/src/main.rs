@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod exposure;
 mod inspect;
+mod logwriter;
 mod ops;
 mod out;
 mod publish;
@@ -31,7 +32,21 @@ use crate::cli::{Cli, Command, RunArgs, WatchArgs};
 /// Usage, config or spec error: nothing launched (contract §1).
 const USAGE: u8 = 2;
 
+/// How long the log lines still queued at exit may take to write: a slow journal still gets
+/// the job's last lines, a stalled one does not keep the agent (and the scheduler's kill
+/// timer) waiting.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(3);
+
 fn main() -> ExitCode {
+    let code = std::panic::catch_unwind(agent_main);
+    logwriter::flush(FLUSH_AT_EXIT);
+    match code {
+        Ok(code) => code,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn agent_main() -> ExitCode {
     bound_malloc();
     out::set_json(out::json_from_env());
     let cli = match Cli::try_parse() {

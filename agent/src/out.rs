@@ -62,9 +62,8 @@ fn to_stderr(level: tracing::Level, prefix: &str, message: &str) {
     } else {
         (format!("c3-agent: {prefix}{message}"), Style::Text)
     };
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(&crate::telemetry::stderr_line(&level, &line, style));
+    // Behind the log lines already queued, never before them.
+    crate::logwriter::send(crate::telemetry::stderr_line(&level, &line, style));
 }
 
 /// A job's log bytes on their way to stdout. To a terminal (an operator's, often root's),

@@ -48,6 +48,7 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
             style,
         })
         .log_internal_errors(false);
+    crate::logwriter::start(say_dropped);
     match format {
         LogFormat::Human => builder.with_target(false).with_ansi(ansi).init(),
         LogFormat::Json => builder
@@ -55,6 +56,14 @@ pub fn init(format: LogFormat, filter: EnvFilter) {
             .event_format(FlatJson)
             .init(),
     }
+}
+
+/// Said by the log writer once its queue has drained after lines were dropped.
+fn say_dropped(lines: u64) {
+    tracing::warn!(
+        dropped_lines = lines,
+        "{lines} log lines dropped: the journal did not keep up"
+    );
 }
 
 /// stderr, with each line's syslog priority in front (`<3>` error ... `<7>` debug) when
@@ -94,7 +103,7 @@ fn priority(level: &tracing::Level) -> &'static [u8] {
     }
 }
 
-/// One event's text, written to stderr at once as one line, with its priority in front.
+/// One event's text, handed to the log writer as one line, with its priority in front.
 /// What the job chose (file names in warnings, a path in a field) may hold newlines and
 /// terminal escapes: written raw, a name such as `x\n<3>... ERROR ...` would forge a log line
 /// (a journal entry of its own, at the priority it names). Control characters inside an
@@ -183,12 +192,10 @@ impl std::io::Write for Line {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        use std::io::Write;
         if self.buf.is_empty() {
             return;
         }
-        let out = written(self.prefix, self.style, &self.buf);
-        let _ = std::io::stderr().lock().write_all(&out);
+        crate::logwriter::send(written(self.prefix, self.style, &self.buf));
     }
 }
 

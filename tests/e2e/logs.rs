@@ -370,3 +370,34 @@ fn a_job_line_that_grows_when_escaped_is_never_cut_by_journald() {
         assert!(text.contains("<0>forged"), "{format}");
     }
 }
+
+/// A journal that stops reading (stderr a full pipe) costs log lines, never the job's
+/// timeout. Log lines were written in place, so every tokio worker that logged blocked on the
+/// pipe: the timeout was never enforced, the output pumps stopped reading and the job blocked
+/// on its own stdout, for ever.
+#[test]
+fn a_stalled_journal_does_not_stop_a_timeout() {
+    use std::time::{Duration, Instant};
+    let h = Harness::file();
+    // Kept open and never read: the pipe fills at 64 KiB and stays full.
+    let (unread, stderr) = nix::unistd::pipe().unwrap();
+    let script = "yes xxxxxxxx | head -c 20000000; sleep 60";
+    let mut cmd = h.command(&["run", "--timeout", "3", "--", "sh", "-c", script]);
+    cmd.stderr(std::process::Stdio::from(stderr));
+    let started = Instant::now();
+    let mut agent = cmd.spawn().unwrap();
+    drop(cmd);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent still runs 30 s into a 3 s timeout, its stderr full");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(5), "TIMED_OUT");
+    drop(unread);
+}
