@@ -191,10 +191,8 @@ impl EchoLimit {
         }
     }
 
-    /// Each KiB of a line counts as a line more: 100 lines a second of 16 KiB each were
-    /// 1.6 MB/s into the journal, which turned it over until the agent's own lines were gone.
     fn line(&mut self, line: &[u8]) {
-        if !self.limit.admit_costing(1.0 + (line.len() / 1024) as f64) {
+        if !self.limit.admit_costing(echo_cost(line)) {
             return;
         }
         self.say_held_back(false);
@@ -211,6 +209,15 @@ impl EchoLimit {
             tracing::info!(target: "c3::job", stream = self.stream.as_str(), lines, "(lines of the job's output not echoed here: faster than the journal keeps; all are in `c3-agent logs`)");
         }
     }
+}
+
+/// How many lines `line` counts as against the echo's rate: each KiB it takes in the log
+/// counts as a line more. 100 lines a second of 16 KiB each were 1.6 MB/s into the journal,
+/// which turned it over until the agent's own lines were gone; and a line of control bytes
+/// takes up to six times its length there, so its escaped length is what is charged.
+fn echo_cost(line: &[u8]) -> f64 {
+    let escaped: usize = line.iter().map(|&b| escaped_len(b)).sum();
+    1.0 + (escaped / 1024) as f64
 }
 
 fn emit(stream: Stream, line: &[u8]) {
@@ -581,6 +588,16 @@ mod tests {
         lines.feed(&[b'a'; MAX_LINE + 1], |l| echoed.push(l.len()));
         lines.finish(|l| echoed.push(l.len()));
         assert_eq!(echoed, [MAX_LINE, 1]);
+    }
+
+    /// A line is charged for what it takes in the log, escaped: control bytes as much as
+    /// plain text six times as long.
+    #[test]
+    fn an_echoed_line_costs_its_escaped_length() {
+        assert_eq!(echo_cost(b"ok"), 1.0);
+        assert_eq!(echo_cost(&[1; 2730]), echo_cost(&[b'a'; 6 * 2730]));
+        assert_eq!(echo_cost(&[0xff; 5461]), echo_cost(&[b'a'; 3 * 5461]));
+        assert_eq!(echo_cost(&[1; 2730]), 16.0);
     }
 
     /// A 413 halves the next read down to [`MIN_POST`] without passing anything over; at
