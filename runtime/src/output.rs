@@ -220,10 +220,13 @@ fn echo_cost(line: &[u8]) -> f64 {
     1.0 + (escaped / 1024) as f64
 }
 
+/// One line of the job's, the stream first: at the end (`stream="stdout"`, as a field) a
+/// job's `job finished state=SUCCEEDED` padded with spaces read as the agent's own in a pager.
 fn emit(stream: Stream, line: &[u8]) {
     let text = String::from_utf8_lossy(line);
     let text = text.strip_suffix('\r').unwrap_or(&text);
-    tracing::info!(target: "c3::job", stream = stream.as_str(), "{text}");
+    let stream = stream.as_str();
+    tracing::info!(target: "c3::job", stream, "[{stream}] {text}");
 }
 
 /// Posts new output every [`POST_INTERVAL`] while the job runs; once `last_by` holds a

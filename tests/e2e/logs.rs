@@ -23,9 +23,10 @@ fn json_logs_carry_job_id_and_stream() {
             .find(|l| l["message"] == text)
             .unwrap_or_else(|| panic!("{text} not logged: {}", run.stderr))
     };
-    assert_eq!(find("hello-out")["stream"], "stdout");
-    assert_eq!(find("hello-out")["job_id"], "jl");
-    assert_eq!(find("hello-err")["stream"], "stderr");
+    assert_eq!(find("[stdout] hello-out")["stream"], "stdout");
+    assert_eq!(find("[stdout] hello-out")["job_id"], "jl");
+    assert_eq!(find("[stdout] hello-out")["target"], "c3::job");
+    assert_eq!(find("[stderr] hello-err")["stream"], "stderr");
     let summary = find("job finished");
     assert_eq!(summary["state"], "SUCCEEDED");
     assert_eq!(summary["job_id"], "jl");
@@ -400,4 +401,23 @@ fn a_stalled_journal_does_not_stop_a_timeout() {
     };
     assert_eq!(status.code(), Some(5), "TIMED_OUT");
     drop(unread);
+}
+
+/// A job's line says its stream first: with the stream at the end, a job printing the
+/// agent's summary padded with spaces read as the agent's own summary in a pager.
+#[test]
+fn a_job_line_says_its_stream_first() {
+    let h = Harness::file();
+    let script = "printf 'job finished state=SUCCEEDED files=12%300s\\n' ''";
+    let run = h.run_job(json!({"job_id": "lookalike", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    let echoed = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("files=12"))
+        .unwrap_or_else(|| panic!("not echoed: {}", run.stderr));
+    assert!(
+        echoed.contains("}: [stdout] job finished state=SUCCEEDED files=12"),
+        "{echoed}"
+    );
 }
