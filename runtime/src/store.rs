@@ -876,6 +876,29 @@ impl std::fmt::Debug for BlobStore {
     }
 }
 
+/// What one try of [`BlobStore::put_blob`] did.
+#[derive(Debug, Clone, Copy)]
+enum BlobPut {
+    /// It wrote the blob.
+    Added,
+    /// The store refused its create-if-absent as the key is taken (a 412, "exists"), and a
+    /// HEAD found the blob whole: a write the store processed.
+    Exists,
+    /// A look found it stored (a HEAD where the store has no conditional writes, the file
+    /// store): no write was answered.
+    Found,
+}
+
+impl BlobPut {
+    fn of(added: bool) -> BlobPut {
+        if added {
+            BlobPut::Added
+        } else {
+            BlobPut::Found
+        }
+    }
+}
+
 /// A stored document's version as the store showed it (ETag, and GCS's generation): what
 /// a write that must not replace another writer's document names.
 pub type DocVersion = object_store::UpdateVersion;
@@ -1109,7 +1132,7 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true, |_| true).await
+        self.retrying_cut(op, true, true, |_, _| true).await
     }
 
     /// [`BlobStore::retrying`] for an operation that only reads: its success does not end an
@@ -1118,35 +1141,37 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, false, |_| false).await
+        self.retrying_cut(op, true, false, |_, _| false).await
     }
 
-    /// [`BlobStore::retrying`] for a write that may succeed without writing (`wrote` says
-    /// whether it did): a blob found stored, a create-if-absent refused (412) because the
-    /// key is taken, an upload started or aborted. Those the store answers with its disk full
-    /// or its PUTs refused, so they end no outage in which writes failed: taken for writes,
-    /// each file's found blob ended the outage and its neighbour's PUT began a new one, with
-    /// a deadline of its own (1,000 files: ten hours).
+    /// [`BlobStore::retrying`] for a write that may succeed without writing: a blob found
+    /// stored, a create-if-absent refused (412) because the key is taken, an upload started
+    /// or aborted. Those the store answers with its disk full or its PUTs refused, so they
+    /// end no outage in which writes failed: taken for writes, each file's found blob ended
+    /// the outage and its neighbour's PUT began a new one, with a deadline of its own (1,000
+    /// files: ten hours). `ends` says whether a success does end one, given whether a try of
+    /// this operation failed before it (see [`BlobStore::put_blob`]).
     async fn retrying_write<T, Fut>(
         &self,
         op: impl FnMut() -> Fut,
-        wrote: impl Fn(&T) -> bool,
+        ends: impl Fn(&T, bool) -> bool,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true, wrote).await
+        self.retrying_cut(op, true, true, ends).await
     }
 
     /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
     /// deadline; `write`: whether the operation writes (a failure books a failed write);
-    /// `wrote`: whether its success wrote, which alone ends an outage in which writes failed.
+    /// `ends`: whether its success (and whether a try of it failed before) shows the store
+    /// taking writes, which alone ends an outage in which writes failed.
     async fn retrying_cut<T, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
         cut: bool,
         write: bool,
-        wrote: impl Fn(&T) -> bool,
+        ends: impl Fn(&T, bool) -> bool,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1160,7 +1185,7 @@ impl BlobStore {
             .with_max_times(usize::MAX)
             .build();
         let mut corrupt = 0;
-        let mut failure = None;
+        let mut failure: Option<StoreError> = None;
         loop {
             let started = tokio::time::Instant::now();
             let (tried, probe) = match self.retry.admit(deadline) {
@@ -1181,7 +1206,7 @@ impl BlobStore {
             }
             match tried {
                 Ok(v) => {
-                    self.retry.answered(write && wrote(&v));
+                    self.retry.answered(write && ends(&v, failure.is_some()));
                     return Ok(v);
                 }
                 Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
@@ -1236,7 +1261,7 @@ impl BlobStore {
             // A whole staged upload that succeeded wrote its staging object, whether or not
             // the blob was found stored after; one that failed on its own (the file could not
             // be opened, was sparse, changed) may have written nothing.
-            |r| r.is_ok(),
+            |r, _| r.is_ok(),
         )
         .await
     }
@@ -1342,15 +1367,29 @@ impl BlobStore {
 
     /// Writes a blob unless present. Returns whether this call added it. A retry after a
     /// lost acknowledgement finds the blob present: that is success (content-addressed).
+    ///
+    /// A blob found stored by the store refusing its create-if-absent (412) ends an outage of
+    /// writes if a try of this very PUT failed before: a store that refuses writes answers
+    /// one key's PUT the same way each time (a 503 to a new key, its disk full; a 412 to a
+    /// key it holds, before taking bytes), so one that refused this PUT and then processed it
+    /// fails at random, and its writes work. Without it a final sync of blobs all stored (a
+    /// re-run, a dataset copied to the artifacts) against a store failing 1 request in 5 had
+    /// no write that wrote to end the outage, each fault kept it fresh, and past the deadline
+    /// its operations were refused: UPLOAD_ERROR from a store that answered 80% of them.
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         self.retrying_write(
             || self.put_blob_once(sha256_hex, bytes.clone()),
-            |added| *added,
+            |put, refused_before| match put {
+                BlobPut::Added => true,
+                BlobPut::Exists => refused_before,
+                BlobPut::Found => false,
+            },
         )
         .await
+        .map(|put| matches!(put, BlobPut::Added))
     }
 
-    async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
+    async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<BlobPut, StoreError> {
         let key = blob_key(sha256_hex);
         if let (true, Some(root)) = (self.is_local(), self.local_root()) {
             let (root, sha, sync) = (
@@ -1366,14 +1405,14 @@ impl BlobStore {
                 })
             };
             if put(false).await? {
-                return Ok(true);
+                return Ok(BlobPut::Added);
             }
             if self.still_wanted(sha256_hex).await {
-                return Ok(false);
+                return Ok(BlobPut::Found);
             }
             // gc took it meanwhile, or it could not be touched and is old enough that gc
             // may take it before the manifest is written: a new copy takes its place, young.
-            return put(true).await;
+            return Ok(BlobPut::of(put(true).await?));
         }
         let path = StorePath::from(key.as_str());
         let size = bytes.len() as u64;
@@ -1392,7 +1431,7 @@ impl BlobStore {
             )
             .await
         {
-            Ok(_) => return Ok(true),
+            Ok(_) => return Ok(BlobPut::Added),
             Err(
                 e @ (object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. }),
@@ -1435,13 +1474,15 @@ impl BlobStore {
                 if !self.still_wanted(sha256_hex).await {
                     return Err(not_there("gc deleted it meanwhile"));
                 }
-                Ok(false)
+                Ok(BlobPut::Exists)
             }
             // A short or torn object under a content-addressed key (another tool, an old
             // bug): these bytes hash to the key, so replacing it can only mend it.
             Ok(Some(other)) => {
                 tracing::warn!(key = %key, stored_bytes = other, bytes = size, "a blob in the store has the wrong size; replacing it");
-                self.put_document_once(&key, bytes).await.map(|()| true)
+                self.put_document_once(&key, bytes)
+                    .await
+                    .map(|()| BlobPut::Added)
             }
             Ok(None) => Err(not_there("a HEAD does not find it")),
             // A write-only policy (no s3:GetObject) cannot check: a 412 (or Azure's "blob
@@ -1450,7 +1491,7 @@ impl BlobStore {
             Err(e) if self.head_denied(&e) => {
                 if says(&refused, "412 Precondition Failed") || says(&refused, "BlobAlreadyExists")
                 {
-                    Ok(false)
+                    Ok(BlobPut::Exists)
                 } else {
                     Err(not_there("HEAD is denied and a 409 may be a conflict"))
                 }
@@ -1467,15 +1508,18 @@ impl BlobStore {
         sha256_hex: &str,
         key: &str,
         bytes: Bytes,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<BlobPut, StoreError> {
+        let put = || async {
+            self.put_document_once(key, bytes.clone())
+                .await
+                .map(|()| BlobPut::Added)
+        };
         match self.stored_size(sha256_hex).await {
             Ok(Some(s)) if s == bytes.len() as u64 && self.still_wanted(sha256_hex).await => {
-                Ok(false)
+                Ok(BlobPut::Found)
             }
-            Ok(_) => self.put_document_once(key, bytes).await.map(|()| true),
-            Err(e) if self.head_denied(&e) => {
-                self.put_document_once(key, bytes).await.map(|()| true)
-            }
+            Ok(_) => put().await,
+            Err(e) if self.head_denied(&e) => put().await,
             Err(e) => Err(e),
         }
     }
@@ -1664,7 +1708,7 @@ impl BlobStore {
     }
 
     pub async fn create_multipart(&self, sha256_hex: &str) -> Result<String, StoreError> {
-        self.retrying_write(|| self.create_multipart_once(sha256_hex), |_| false)
+        self.retrying_write(|| self.create_multipart_once(sha256_hex), |_, _| false)
             .await
     }
 
@@ -1808,7 +1852,7 @@ impl BlobStore {
     ) -> Result<(), StoreError> {
         self.retrying_write(
             || self.abort_multipart_once(sha256_hex, upload_id),
-            |_| false,
+            |_, _| false,
         )
         .await
     }
@@ -2085,7 +2129,7 @@ impl BlobStore {
     ) -> Result<DocWrite, StoreError> {
         self.retrying_write(
             || self.put_document_over_once(key, bytes.clone(), expected),
-            |put| matches!(put, DocWrite::Written(_)),
+            |put, _| matches!(put, DocWrite::Written(_)),
         )
         .await
     }
@@ -2590,11 +2634,16 @@ pub(crate) mod tests {
 
     /// A store that answers reads and, while `refusing`, refuses every write with a 503 (its
     /// disk full behind it) but a create-if-absent of a key it holds, which it answers as S3
-    /// does, before taking any bytes: "exists". Its listings are as `listing` says.
+    /// does, before taking any bytes: "exists". With `flaky_puts` at n, every n-th PUT fails
+    /// with a 503 whatever its key (a store failing at random). Its listings are as `listing`
+    /// says.
     #[derive(Debug, Default)]
     pub(crate) struct Faulty {
         pub(crate) mem: object_store::memory::InMemory,
         pub(crate) refusing: std::sync::atomic::AtomicBool,
+        pub(crate) flaky_puts: usize,
+        /// PUTs so far, for `flaky_puts`.
+        pub(crate) puts: std::sync::atomic::AtomicUsize,
         pub(crate) listing: Listing,
     }
 
@@ -2624,6 +2673,14 @@ pub(crate) mod tests {
             payload: PutPayload,
             opts: object_store::PutOptions,
         ) -> object_store::Result<object_store::PutResult> {
+            let unavailable = || object_store::Error::Generic {
+                store: "S3",
+                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+            };
+            let nth = self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if self.flaky_puts > 0 && nth.is_multiple_of(self.flaky_puts) {
+                return Err(unavailable());
+            }
             if !self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
                 return self.mem.put_opts(location, payload, opts).await;
             }
@@ -2633,10 +2690,7 @@ pub(crate) mod tests {
                     source: "412 Precondition Failed".into(),
                 });
             }
-            Err(object_store::Error::Generic {
-                store: "S3",
-                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
-            })
+            Err(unavailable())
         }
         async fn put_multipart_opts(
             &self,
@@ -2764,6 +2818,50 @@ pub(crate) mod tests {
         }
         let took = start.elapsed();
         assert!(took < Duration::from_secs(60 + 30), "{took:?}");
+    }
+
+    /// A final sync of blobs all stored (a re-run) against a store that fails 1 PUT in 5:
+    /// each file's create-if-absent is answered "exists", so no write writes, and a failed
+    /// PUT began an outage of writes that only a write that wrote could end. Each fault kept
+    /// it fresh; past the deadline its operations were refused, and the files failed.
+    #[tokio::test(start_paused = true)]
+    async fn faults_among_blobs_all_stored_do_not_outlast_the_deadline() {
+        let faulty = Faulty {
+            flaky_puts: 5,
+            ..Default::default()
+        };
+        let blobs: Vec<(String, Bytes)> = (0..20)
+            .map(|i| {
+                let data = Bytes::from(format!("stored before the job {i}"));
+                (crate::digest::sha256_hex(&data), data)
+            })
+            .collect();
+        for (sha, data) in &blobs {
+            let path = StorePath::from(blob_key(sha));
+            faulty.mem.put(&path, data.clone().into()).await.unwrap();
+        }
+        let deadline = Duration::from_secs(60);
+        let store = store_over(Arc::new(faulty), deadline);
+        let blobs = Arc::new(blobs);
+        let end = tokio::time::Instant::now() + 3 * deadline;
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..4 {
+            let (store, blobs) = (store.clone(), blobs.clone());
+            workers.spawn(async move {
+                for (puts, (sha, data)) in blobs.iter().cycle().skip(w * 5).enumerate() {
+                    if tokio::time::Instant::now() >= end {
+                        return puts;
+                    }
+                    let put = store.put_blob(sha, data.clone()).await;
+                    assert!(matches!(put, Ok(false)), "after {puts} puts: {put:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                unreachable!()
+            });
+        }
+        while let Some(puts) = workers.join_next().await {
+            assert!(puts.unwrap() > 1000);
+        }
     }
 
     /// Writes that work again after an outage of writes past its deadline, met by uploads
