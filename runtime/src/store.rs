@@ -150,6 +150,28 @@ fn write_error(op: &'static str, key: &str, source: object_store::Error) -> Stor
     }
 }
 
+/// The code S3 (and GCS's XML API, which the multipart uploads use) answers with a 404 to
+/// a request naming an upload it no longer knows.
+const NO_SUCH_UPLOAD: &str = "NoSuchUpload";
+
+/// The error of a request naming a multipart upload (`op` of `key`: a part, its complete,
+/// its abort). A 404 is the upload gone ([`upload_gone`]) only when the store says so;
+/// any other (a proxy's or load balancer's own, with no body) is a blip, as a 404 to any
+/// write is ([`write_error`]): taken for NoSuchUpload, one aborted the upload and sent every
+/// part again, the third failed the file, and one to an abort dropped the journal of an
+/// upload still open, its parts billed. Azure's uploads (blocks of the blob itself) have no
+/// such answer: a 404 there is never the upload gone.
+fn upload_error(op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+    match source {
+        object_store::Error::NotFound { .. } if says(&source, NO_SUCH_UPLOAD) => StoreError::Op {
+            op,
+            key: key.to_string(),
+            source,
+        },
+        source => write_error(op, key, source),
+    }
+}
+
 impl StoreError {
     /// A permanent error will not go away by retrying: fail fast instead of
     /// burning the retry budget (missing bucket, denied, bad credentials, bad config).
@@ -181,6 +203,7 @@ impl StoreError {
 }
 
 /// The store no longer knows the upload (S3's NoSuchUpload): completed already, or aborted.
+/// Only the store's word for it ([`upload_error`]), not any 404.
 pub(crate) fn upload_gone(e: &StoreError) -> bool {
     matches!(
         e,
@@ -188,7 +211,7 @@ pub(crate) fn upload_gone(e: &StoreError) -> bool {
             source: object_store::Error::NotFound { .. },
             ..
         }
-    )
+    ) && says(e, NO_SUCH_UPLOAD)
 }
 
 /// Whether the error comes from the file store (object_store's `LocalFileSystem`, or ours).
@@ -1756,11 +1779,7 @@ impl BlobStore {
         mp.put_part(&path, &id, idx, PutPayload::from(bytes))
             .await
             .map(|p| p.content_id)
-            .map_err(|source| StoreError::Op {
-                op: "upload part",
-                key: blob_key(sha256_hex),
-                source,
-            })
+            .map_err(|source| upload_error("upload part", &blob_key(sha256_hex), source))
     }
 
     /// Completes an upload. A retry after a lost acknowledgement (ours, or one object_store
@@ -1836,10 +1855,8 @@ impl BlobStore {
         mp.complete_multipart(&path, &upload_id.to_string(), parts)
             .await
             .map(|_| ())
-            .map_err(|source| StoreError::Op {
-                op: "complete multipart upload",
-                key: blob_key(sha256_hex),
-                source,
+            .map_err(|source| {
+                upload_error("complete multipart upload", &blob_key(sha256_hex), source)
             })
     }
 
@@ -1865,11 +1882,7 @@ impl BlobStore {
         let (mp, path) = self.multipart_path(sha256_hex)?;
         mp.abort_multipart(&path, &upload_id.to_string())
             .await
-            .map_err(|source| StoreError::Op {
-                op: "abort multipart upload",
-                key: blob_key(sha256_hex),
-                source,
-            })
+            .map_err(|source| upload_error("abort multipart upload", &blob_key(sha256_hex), source))
     }
 
     /// Makes a finished staging object (of `size` bytes) the blob `sha256_hex` unless that
@@ -2377,6 +2390,24 @@ pub(crate) mod tests {
         );
         assert_eq!(hp("https://h:8443/x"), Some(("h".into(), 8443)));
         assert_eq!(hp("not a url"), None);
+    }
+
+    /// Only the store's NoSuchUpload is an upload gone; a bare 404 to a part (a proxy's) is
+    /// retried.
+    #[test]
+    fn only_no_such_upload_is_an_upload_gone() {
+        let not_found = |body: &str| object_store::Error::NotFound {
+            path: "k".into(),
+            source: format!("Server returned non-2xx status code: 404 Not Found: {body}").into(),
+        };
+        let gone = upload_error(
+            "upload part",
+            "k",
+            not_found("<Error><Code>NoSuchUpload</Code></Error>"),
+        );
+        assert!(upload_gone(&gone) && gone.is_permanent(), "{gone:?}");
+        let blip = upload_error("upload part", "k", not_found(""));
+        assert!(!upload_gone(&blip) && !blip.is_permanent(), "{blip:?}");
     }
 
     /// An EPERM on the way to a remote store is the node's network (a full conntrack table,

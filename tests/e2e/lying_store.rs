@@ -87,6 +87,9 @@ enum Fault {
     NotFoundOnce,
     /// Every request: 404 NoSuchBucket.
     NoBucket,
+    /// The first three UploadParts: 404 with no body (a proxy's or load balancer's own, not
+    /// the store's NoSuchUpload), the part not stored.
+    BarePartNotFound,
     /// Every PUT of a non-empty blob: 413 Request Entity Too Large (a proxy's
     /// `client_max_body_size`).
     TooLarge,
@@ -118,6 +121,8 @@ struct State {
     requests: usize,
     /// UploadPart requests, in all.
     parts_put: usize,
+    /// CreateMultipartUpload requests answered with an upload, in all.
+    creates: usize,
 }
 
 /// A 200 or error body of `ENDLESS` bytes made as it is sent, its length so far kept in `sent`
@@ -286,6 +291,7 @@ async fn handle(
             st.seen_puts.insert("create".into(), 1);
             return s3_error(StatusCode::NOT_FOUND, "NoSuchBucket");
         }
+        st.creates += 1;
         let mut id = format!("upload-{}", st.uploads.len() + st.completes + 1);
         if fault == Fault::HugeUploadIdOnce {
             st.fault = Some(Fault::None);
@@ -301,6 +307,9 @@ async fn handle(
         query("uploadId"),
     ) {
         st.parts_put += 1;
+        if fault == Fault::BarePartNotFound && st.parts_put <= 3 {
+            return reply(StatusCode::NOT_FOUND, &[], Body::empty());
+        }
         let Some((_, parts)) = st.uploads.get_mut(&id) else {
             return s3_error(StatusCode::NOT_FOUND, "NoSuchUpload");
         };
@@ -708,6 +717,26 @@ fn a_404_to_a_write_is_a_blip() {
     assert_eq!(s3.puts_of(b"small\n"), 2, "the 404 was not met");
     assert!(s3.blob(&big).as_deref() == Some(&big[..]));
     assert!(s3.state.lock().unwrap().seen_puts.contains_key("create"));
+}
+
+/// A 404 to an UploadPart that is not the store's NoSuchUpload (no body: a proxy's or load
+/// balancer's own) is a blip: the part is sent again, in the same upload. Each was taken for
+/// the upload gone: it was aborted and started over, its parts sent again, and the third
+/// failed the job UPLOAD_ERROR.
+#[test]
+fn a_bare_404_to_a_part_is_a_blip() {
+    let s3 = FakeS3::start(Fault::BarePartNotFound);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[upload]\nmultipart_threshold_bytes = 1048576\n");
+    let data = pattern(3 << 20);
+    let run = h.run_job(job_writing(&h, "part404", &data));
+    run.assert_code(0);
+    assert!(s3.blob(&data).as_deref() == Some(&data[..]));
+    let st = s3.state.lock().unwrap();
+    assert_eq!(st.creates, 1, "the upload was started over\n{}", run.stderr);
+    assert_eq!(st.completes, 1);
+    assert!(st.uploads.is_empty(), "an upload is left open");
 }
 
 /// The bucket missing is still said before the launch: the preflight's 404 is no blip.
