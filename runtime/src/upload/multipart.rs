@@ -37,6 +37,10 @@ pub(super) struct MultipartJournal {
     path: Option<PathBuf>,
     /// Taken over from an earlier agent (a crash), not started by this one.
     pub(super) resumed: bool,
+    /// Whether a journal on disk names the upload: only then may a store fault keep it
+    /// open for a later try to resume; one nothing names is aborted, or its parts stay
+    /// billed at the store for ever.
+    journaled: bool,
 }
 
 /// The parts file beside the journal at `path`.
@@ -79,13 +83,18 @@ impl MultipartJournal {
     /// this blob go first: beside the new upload id they would name parts it never had.
     /// Not fsync'd: an agent that is killed leaves it in the page cache, and after a host
     /// crash a stale journal only resends parts (the store acknowledged every part it lists,
-    /// and a part sent again replaces itself).
-    async fn start(&self) {
+    /// and a part sent again replaces itself). Returns whether it was written.
+    async fn start(&self) -> bool {
         let Some(path) = self.path.clone() else {
-            return;
+            return false;
         };
         let bytes = self.record.to_json();
+        let eio = crate::fault::armed_at("journal-write-eio", &self.record.sha256);
         let written = tokio::task::spawn_blocking(move || {
+            if eio {
+                let source = std::io::Error::from_raw_os_error(libc::EIO);
+                return Err(crate::statedir::StateError::Write { path, source });
+            }
             match std::fs::remove_file(parts_path(&path)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(crate::statedir::StateError::Write { path, source: e })
@@ -95,8 +104,13 @@ impl MultipartJournal {
             write_replace(&path, &bytes)
         })
         .await;
-        if let Ok(Err(e)) = written {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it may not be resumable");
+        match written {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot journal a multipart upload; it is aborted rather than kept if it fails");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -429,7 +443,8 @@ impl Uploader {
                 .open_journal(&sha, before.size, part_size)
                 .await
                 .map_err(store_err)?;
-            let resumed = journal.resumed;
+            let (resumed, journaled) = (journal.resumed, journal.journaled);
+            let upload_id = journal.record.upload_id.clone();
             let sent = self
                 .send_parts(path, before, tags, ahead_parts, &mut journal)
                 .await;
@@ -447,12 +462,21 @@ impl Uploader {
                             .map(|()| true)
                             .inspect_err(|_| self.record_added(digests));
                     }
-                    Err(e) => Err(store_err(e)),
+                    Err(e) => {
+                        let e = store_err(e);
+                        if keeps_parts(&e) && !journaled {
+                            // Nothing on the node names it, to resume it or abort it later.
+                            let _ = self.abort_upload(&sha, &upload_id, None).await;
+                        }
+                        Err(e)
+                    }
                 },
                 // A store fault, or a read that failed (EIO from a network file system's
                 // blip): the parts sent stay at the store and in the journal, for the next
-                // look (or `recover`) to resume instead of sending them all again.
-                Err(e) if keeps_parts(&e) => Err(e),
+                // look (or `recover`) to resume instead of sending them all again. Unless
+                // no journal names the upload (the state dir full, or failing): kept, it
+                // would be neither resumed nor aborted, its parts billed for ever.
+                Err(e) if keeps_parts(&e) && journaled => Err(e),
                 Err(e) => {
                     // Never completed, so nothing appears under the key; abort frees the parts.
                     self.abort(journal).await;
@@ -478,7 +502,7 @@ impl Uploader {
                     }
                 }
                 Err(e) => {
-                    if keeps_parts(&e) {
+                    if keeps_parts(&e) && journaled {
                         self.keep(&sha, true);
                     }
                     return Err(e);
@@ -533,6 +557,7 @@ impl Uploader {
                     record,
                     path,
                     resumed: true,
+                    journaled: true,
                 });
             }
             // Same content, other part size: its parts are of no use.
@@ -541,7 +566,7 @@ impl Uploader {
             }
         }
         let upload_id = self.store.create_multipart(sha).await?;
-        let journal = MultipartJournal {
+        let mut journal = MultipartJournal {
             record: MultipartRecord {
                 sha256: sha.to_string(),
                 upload_id,
@@ -552,8 +577,9 @@ impl Uploader {
             },
             path,
             resumed: false,
+            journaled: false,
         };
-        journal.start().await;
+        journal.journaled = journal.start().await;
         Ok(journal)
     }
 
@@ -1047,12 +1073,16 @@ mod tests {
     }
 
     /// A store in memory whose aborts fail (a 503) while `failing` is above zero, one less
-    /// each time, and that runs `after_part` once a part is stored.
+    /// each time, that runs `after_part` once a part is stored, and whose parts fail (a 503)
+    /// once `parts_ok` have been stored.
     struct FlakyAbort {
         mem: Arc<object_store::memory::InMemory>,
         failing: std::sync::atomic::AtomicUsize,
         after_part: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+        parts_ok: std::sync::atomic::AtomicUsize,
         creates: std::sync::atomic::AtomicUsize,
+        /// The ids of the uploads started.
+        ids: std::sync::Mutex<Vec<String>>,
         /// Every abort is refused for good (a 403: no s3:AbortMultipartUpload).
         denied: std::sync::atomic::AtomicBool,
     }
@@ -1065,7 +1095,9 @@ mod tests {
         ) -> object_store::Result<object_store::MultipartId> {
             self.creates
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.mem.create_multipart(path).await
+            let id = self.mem.create_multipart(path).await?;
+            self.ids.lock().unwrap().push(id.clone());
+            Ok(id)
         }
 
         async fn put_part(
@@ -1075,6 +1107,17 @@ mod tests {
             part_idx: usize,
             data: object_store::PutPayload,
         ) -> object_store::Result<object_store::multipart::PartId> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .parts_ok
+                .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                .is_err()
+            {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "Server returned non-2xx status code: 503 Service Unavailable".into(),
+                });
+            }
             let part = self.mem.put_part(path, id, part_idx, data).await;
             let hook = self.after_part.lock().unwrap().take();
             if let Some(hook) = hook {
@@ -1127,7 +1170,9 @@ mod tests {
             mem: mem.clone(),
             failing: failing.into(),
             after_part: Default::default(),
+            parts_ok: usize::MAX.into(),
             creates: Default::default(),
+            ids: Default::default(),
             denied: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
@@ -1268,6 +1313,35 @@ mod tests {
         assert_eq!(again.digests.sha256_hex(), sha);
         assert_eq!(again.new_bytes, 0, "sent again");
         assert_eq!(flaky.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An upload whose journal could not be written (the state dir full, or failing) is
+    /// aborted when a store fault cuts it short, not kept for a later try: nothing on the
+    /// node names it, to resume it or to abort it, and its parts stayed billed for ever.
+    #[tokio::test]
+    async fn an_upload_no_journal_names_is_aborted_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        flaky.parts_ok.store(1, std::sync::atomic::Ordering::SeqCst);
+        let abs = dir.path().join("unjournaled");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&abs, &data).unwrap();
+        let file = crate::collect::LocalFile {
+            rel: "artifacts/unjournaled".into(),
+            abs: abs.clone(),
+            stamp: FileStamp::of(&std::fs::metadata(&abs).unwrap()),
+        };
+        let _eio = crate::fault::arm("journal-write-eio", &crate::digest::sha256_hex(&data));
+        let e = up.upload(&file).await.unwrap_err();
+        assert!(
+            matches!(e, UploadError::Store { .. }) && e.is_retryable(),
+            "{e:?}"
+        );
+        let ids = flaky.ids.lock().unwrap().clone();
+        assert!(!ids.is_empty());
+        for id in ids {
+            assert!(!still_open(&flaky, &id).await, "upload {id} is left open");
+        }
     }
 
     /// A parts file left beside no journal (a crash between the two removals) is not taken
