@@ -91,13 +91,7 @@ async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
     if record.phase != Phase::Done || record.unstored_to_retry() > 0 || elsewhere {
         return;
     }
-    let uploader = crate::upload::Uploader::new(
-        ctx.store.clone(),
-        ctx.upload.clone(),
-        job_id,
-        Some(ctx.state.uploads_dir(job_id)),
-    )
-    .for_attempt(attempt);
+    let uploader = attempt_uploader(ctx, job_id, attempt);
     if !uploader.journaled() {
         return;
     }
@@ -111,6 +105,18 @@ async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
         aborted,
         "aborted the multipart uploads a finished attempt left journaled"
     );
+}
+
+/// The uploader of `attempt`'s journals (what [`crate::upload::Uploader::abort_orphans`]
+/// aborts: that attempt's, never another's).
+fn attempt_uploader(ctx: &AgentContext, job_id: &str, attempt: u32) -> crate::upload::Uploader {
+    crate::upload::Uploader::new(
+        ctx.store.clone(),
+        ctx.upload.clone(),
+        job_id,
+        Some(ctx.state.uploads_dir(job_id)),
+    )
+    .for_attempt(attempt)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,8 +333,21 @@ async fn recover_record(
     // one from it would list the later attempt's files as this one's (its manifest replaced,
     // the blobs it did list left to gc). Its processes are stopped all the same, above.
     // `resync` is the operator's word.
+    // Its multipart uploads (its agent killed mid-upload, or kept after a store fault for a
+    // resume that will not come now) are aborted, under its lock: nothing else would (the
+    // later attempt aborts only its own, `abort_left_uploads` only a finished attempt's),
+    // and their journals kept the job (its whole workdir) and their parts at the store for
+    // ever. One the store will not abort now keeps its journal, for the next pass.
     if pass == Pass::Recover {
         if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
+            let uploader = attempt_uploader(ctx, &record.spec.job_id, record.spec.attempt);
+            if uploader.journaled() {
+                let aborted = uploader.abort_orphans().await;
+                tracing::info!(
+                    aborted,
+                    "aborted the multipart uploads of an attempt a later one took the workdir from"
+                );
+            }
             tracing::warn!(later_attempt = later,
                 "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
             return None;

@@ -1243,6 +1243,61 @@ fn recover_aborts_an_upload_a_finished_attempt_left_journaled() {
     );
 }
 
+/// A retried job whose attempt 1 left a multipart upload journaled (its agent killed
+/// mid-upload, its record still "running"; or its store down at its end, the upload kept for
+/// a resume, its output unstored) and whose attempt 2 ran since in the same workdir:
+/// `recover` leaves attempt 1 alone, and aborts its upload. Nothing did: the journal kept the
+/// job (its whole workdir) from retention, and the parts at the store, for ever.
+#[test]
+fn recover_aborts_the_uploads_of_an_attempt_a_later_one_took_over() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.env
+        .push(("C3_AGENT_RETENTION_FAILED_DAYS".into(), "0".into()));
+    h.env
+        .push(("C3_AGENT_RETENTION_SUCCEEDED_DAYS".into(), "0".into()));
+    for (job, upload) in [("killed", "u-killed"), ("kept", "u-kept")] {
+        for attempt in [1, 2] {
+            let mut spec = job_writing(&h, job, b"small");
+            spec["attempt"] = attempt.into();
+            h.run_job(spec).assert_code(0);
+        }
+        let path = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        if job == "killed" {
+            record["phase"] = "running".into();
+        } else {
+            record["unstored"] = json!(["artifacts/big.bin"]);
+        }
+        std::fs::write(&path, record.to_string()).unwrap();
+        let sha = "ab".repeat(32);
+        let uploads = h.state.join(format!("jobs/{job}/uploads"));
+        std::fs::create_dir_all(&uploads).unwrap();
+        let journal = json!({"sha256": sha, "upload_id": upload, "size": 10 << 20, "part_size": 5 << 20, "parts": {}});
+        std::fs::write(uploads.join(format!("1-{sha}.json")), journal.to_string()).unwrap();
+        s3.state.lock().unwrap().uploads.insert(
+            upload.into(),
+            (format!("pre/blobs/sha256/{sha}"), Default::default()),
+        );
+    }
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(run.stderr.contains("left alone"), "{}", run.stderr);
+    for (job, upload) in [("killed", "u-killed"), ("kept", "u-kept")] {
+        assert!(
+            !s3.state.lock().unwrap().uploads.contains_key(upload),
+            "{job}: the upload is still open at the store: {}",
+            run.stderr
+        );
+        assert!(
+            !h.state.join(format!("jobs/{job}")).exists(),
+            "{job}: the job was kept: {}",
+            run.stderr
+        );
+    }
+}
+
 /// A part read that fails (EIO: a network file system's blip) keeps the parts already sent:
 /// `recover` resumes the upload and sends only the rest. The upload was aborted, and every
 /// part sent again.
