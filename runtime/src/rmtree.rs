@@ -18,6 +18,9 @@
 //!   Here each entry is looked at with the kernel's cached attributes (`statx`
 //!   `AT_STATX_DONT_SYNC`, from its parent's fd), and a directory at a mount root or on
 //!   another device than the top is never opened (`openat2` `RESOLVE_NO_XDEV`): it stays.
+//!   But for a btrfs subvolume (a device of its own, and no mount: any user may make one
+//!   with `btrfs subvolume create`): on the top's own mount by its mount id (`statx`
+//!   `STATX_MNT_ID`) and no mount's root, it is emptied and removed as any directory.
 //! * It removes whatever root may: a job's user that moved another user's directory into
 //!   its workdir (one it may write, holding that user's 0755 subdirectory) had root delete
 //!   the other user's files. Here, for a job that ran as other users ([`Who::Users`]), a
@@ -110,8 +113,12 @@ impl Who {
 /// Why an entry stays.
 #[derive(Debug)]
 pub enum Stay {
-    /// A mount point, or a directory on another device than the top.
+    /// A mount point, or a directory on another device than the top not known to be on the
+    /// top's own mount.
     Mount,
+    /// A btrfs subvolume, emptied, that could not be removed (a kernel before 4.18 removes
+    /// none by `rmdir`).
+    Subvolume(io::Error),
     /// A directory, not empty, that the job's users could not have emptied.
     NotTheirs { uid: u32 },
     /// An entry of a sticky directory that neither belongs to them nor is in one of theirs.
@@ -132,6 +139,7 @@ impl std::fmt::Display for Stay {
                 f,
                 "uid {uid}'s, in a sticky directory: the job's user could not have removed it"
             ),
+            Stay::Subvolume(e) => write!(f, "a btrfs subvolume that could not be removed: {e}"),
             Stay::Failed(e) => write!(f, "{e}"),
         }
     }
@@ -172,6 +180,8 @@ struct Level {
     keeps: bool,
     /// [`Who::seals`]: a directory of the agent's own user in it is the agent's own.
     seals: bool,
+    /// A subvolume (another device than the directory above, on the same mount).
+    subvolume: bool,
 }
 
 impl Level {
@@ -190,6 +200,7 @@ impl Level {
             rel,
             keeps: false,
             seals,
+            subvolume: false,
         })
     }
 
@@ -266,6 +277,7 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
     }
     open_up(&fd, &st, euid);
     let top_dev = st.st_dev;
+    let top_mount = mount_of(fd.as_fd(), OsStr::new("")).map(|(id, _)| id);
     let seals = who.seals(&fd, &st, st.st_uid == euid);
     let mut stack = match Level::open(fd, st, OsString::new(), PathBuf::new(), seals) {
         Ok(level) => vec![level],
@@ -380,6 +392,10 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
                     Ok(()) | Err(Errno::ENOENT) => {}
                     // ENOTEMPTY: something was put there meanwhile (a process of the job
                     // with its cwd inside); the next sweep sees it.
+                    Err(e) if done.subvolume && e != Errno::ENOTEMPTY => {
+                        parent.keeps = true;
+                        out.leave(rel, Stay::Subvolume(e.into()));
+                    }
                     Err(e) => {
                         parent.keeps = true;
                         out.leave(rel, Stay::Failed(e.into()));
@@ -400,7 +416,8 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
             }
         };
         // Any type: a file can be a mount point too (a bind mount of one file).
-        if cs.mount_root || cs.dev != top_dev {
+        let elsewhere = cs.dev != top_dev && !on_mount(mount_of(level.fd(), &name), top_mount);
+        if cs.mount_root || elsewhere {
             level.keeps = true;
             out.leave(rel, Stay::Mount);
             continue;
@@ -475,9 +492,10 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
         // the agent's own and closed to the job's users; one that does not is another user's,
         // or one a job's user may add to, wherever it is.
         let seals = who.seals(&fd, &st, level.seals && st.st_uid == euid);
+        let subvolume = st.st_dev != level.st.st_dev;
         if depth < MAX_OPEN {
             match Level::open(fd, st, name, rel.clone(), seals) {
-                Ok(next) => stack.push(next),
+                Ok(next) => stack.push(Level { subvolume, ..next }),
                 Err(e) => {
                     level.keeps = true;
                     out.leave(rel, Stay::Failed(e));
@@ -668,6 +686,40 @@ fn open_below(
         }
         other => other,
     }
+}
+
+/// The mount the entry `name` of `dir` (`dir` itself for an empty name) is on, from the
+/// attributes the kernel holds: its id, and whether the entry is its root. `None` where the
+/// kernel tells either not (before 5.8).
+fn mount_of(dir: BorrowedFd<'_>, name: &OsStr) -> Option<(u64, bool)> {
+    let path = std::ffi::CString::new(name.as_bytes()).ok()?;
+    let mut flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC;
+    if name.is_empty() {
+        flags |= libc::AT_EMPTY_PATH;
+    }
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `dir` is an open fd borrowed
+    // for the call; `stx` is a writable statx the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            flags,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    let root = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0 && stx.stx_attributes_mask & root != 0)
+        .then_some((stx.stx_mnt_id, stx.stx_attributes & root != 0))
+}
+
+/// Whether an entry on another device than the top is on the top's own mount all the same
+/// ([`mount_of`] it, and the top's mount id): a btrfs subvolume, a directory like any other.
+/// Not known (an older kernel): a mount, as it may be.
+fn on_mount(entry: Option<(u64, bool)>, top: Option<u64>) -> bool {
+    matches!((entry, top), (Some((id, false)), Some(top)) if id == top)
 }
 
 /// Gives the agent's own directory back the owner's rwx a job took away, on its fd. Only an
@@ -1026,6 +1078,103 @@ pub(crate) mod tests {
         assert!(matches!(&r.first_left, Some((p, Stay::Mount)) if p == Path::new("w/data")));
         assert!(point.join("dataset").is_file());
         assert!(!t.path().join("w/f").exists());
+    }
+
+    /// A btrfs subvolume has a device of its own, as a mount does, but it is no mount (any
+    /// user may make one, `btrfs subvolume create`): on the top's own mount, and not its
+    /// root, it is a directory like any other. What the kernel does not tell is a mount.
+    #[test]
+    fn only_a_subvolume_of_the_tops_own_mount_is_entered() {
+        assert!(on_mount(Some((7, false)), Some(7)));
+        assert!(!on_mount(Some((8, false)), Some(7)), "another mount");
+        assert!(
+            !on_mount(Some((7, true)), Some(7)),
+            "a bind mount of the top's"
+        );
+        assert!(!on_mount(None, Some(7)));
+        assert!(!on_mount(Some((7, false)), None));
+    }
+
+    /// A subvolume a job made in its workdir goes, with what is in it; a file system mounted
+    /// beside it stays. The subvolume was taken for a mount: it stayed, and the job with it,
+    /// for ever. Root only (a loop mount); skipped where btrfs cannot be made and mounted.
+    #[test]
+    fn a_btrfs_subvolume_inside_goes() {
+        let t = tempfile::tempdir().unwrap();
+        let Some(fs) = Btrfs::mount(&t.path().join("img"), &t.path().join("m")) else {
+            return;
+        };
+        let top = fs.0.join("top");
+        std::fs::create_dir_all(top.join("w")).unwrap();
+        let made = std::process::Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(top.join("w/sub"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "btrfs subvolume create failed");
+        std::fs::create_dir_all(top.join("w/sub/d")).unwrap();
+        std::fs::write(top.join("w/sub/d/f"), [1u8; 10]).unwrap();
+        let point = top.join("data");
+        std::fs::create_dir_all(&point).unwrap();
+        let Some(_mounted) = Tmpfs::mount(&point) else {
+            return;
+        };
+        std::fs::write(point.join("dataset"), "d").unwrap();
+        let r = remove(&top, &Who::Anyone);
+        assert_eq!(r.left, 1, "{r:?}");
+        assert!(matches!(&r.first_left, Some((p, Stay::Mount)) if p == Path::new("data")));
+        assert!(!top.join("w").exists(), "{r:?}");
+        assert_eq!(r.bytes, 10);
+        assert!(point.join("dataset").is_file());
+    }
+
+    /// A loop-mounted btrfs, unmounted (lazily) when dropped.
+    struct Btrfs(PathBuf);
+
+    impl Btrfs {
+        /// `None` (and a line saying the test is skipped) without root, `mkfs.btrfs` or loop
+        /// devices.
+        fn mount(image: &Path, at: &Path) -> Option<Btrfs> {
+            if !is_root() {
+                eprintln!("skipped: mounting btrfs needs root");
+                return None;
+            }
+            std::fs::create_dir_all(at).unwrap();
+            let ok = |cmd: &mut std::process::Command| {
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            let mkfs = ["/usr/sbin/mkfs.btrfs", "/sbin/mkfs.btrfs"]
+                .into_iter()
+                .find(|p| Path::new(p).exists())
+                .unwrap_or("mkfs.btrfs");
+            let made = ok(std::process::Command::new("truncate")
+                .args(["-s", "256M"])
+                .arg(image))
+                && ok(std::process::Command::new(mkfs).arg("-q").arg(image));
+            if !made
+                || !ok(std::process::Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(image)
+                    .arg(at))
+            {
+                eprintln!("skipped: cannot make and loop-mount a btrfs here");
+                return None;
+            }
+            Some(Btrfs(at.to_path_buf()))
+        }
+    }
+
+    impl Drop for Btrfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
     }
 
     /// A job's user that moved another user's directory into its tree does not get root to
