@@ -94,12 +94,37 @@ pub struct RetentionReport {
 struct Job {
     id: String,
     dir: PathBuf,
-    /// Attempt numbers, ascending, with their records.
-    attempts: Vec<(u32, RunRecord)>,
+    /// Attempt numbers, ascending, with what their records say.
+    attempts: Vec<(u32, Attempt)>,
     /// The newest run record's mtime: when the job last changed.
     finished: SystemTime,
     /// The mtime of the scheduler's `job.json`, if there is one.
     job_json: Option<SystemTime>,
+}
+
+/// What a sweep needs of an attempt's run record. A sweep holds every job's at once, and a
+/// whole record (with its spec, up to a MiB, and the names of its unstored files) each: 5,000
+/// retained jobs with big specs made gigabytes every hour. [`remove_job`] reads the records
+/// again under the job's locks, one at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attempt {
+    /// As recorded.
+    workdir: String,
+    phase: Phase,
+    /// [`RunRecord::unstored_to_retry`].
+    unstored_to_retry: u64,
+    state: Option<JobState>,
+}
+
+impl Attempt {
+    fn of(record: &RunRecord) -> Attempt {
+        Attempt {
+            workdir: record.workdir.clone(),
+            phase: record.phase,
+            unstored_to_retry: record.unstored_to_retry(),
+            state: record.state,
+        }
+    }
 }
 
 /// Removes the local data of every finished job past its retention period.
@@ -219,7 +244,7 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
             ));
         }
         finished = finished.max(modified);
-        attempts.push((n, record));
+        attempts.push((n, Attempt::of(&record)));
     }
     let job_json = std::fs::symlink_metadata(dir.join("job.json"))
         .and_then(|md| md.modified())
@@ -259,7 +284,7 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
         }
         // What the job made unstorable for good (a path too deep, a file too large) keeps
         // no job: no later look stores it, and the job would otherwise stay for ever.
-        let left = record.unstored_to_retry();
+        let left = record.unstored_to_retry;
         if left > 0 {
             return Err(format!(
                 "attempt {n} left {left} item(s) unstored (`c3-agent resync`)"
@@ -377,6 +402,7 @@ fn remove_job(
         return Err(format!("a file system is mounted at {}", at.display()).into());
     }
 
+    let who = deputy(job_users(state, &again)?);
     // Decided while the dir is in place (resolving it needs it).
     let mut workdirs: Vec<PathBuf> = job
         .attempts
@@ -436,7 +462,6 @@ fn remove_job(
         Err(Left::Gone) => return Err(Left::Gone),
     }
 
-    let who = deputy(again.attempts.iter().map(|(_, r)| r));
     let (bytes, removed) = remove_doomed(&doomed, &who);
     report.bytes_freed += bytes;
     if let Err(left) = removed {
@@ -483,20 +508,33 @@ fn put_back(
     report.errors.push(why);
 }
 
-/// Whose removals retention stands in for in a job's tree: every attempt's user (the one
-/// recorded at launch, else looked up by name). A job that always ran as the agent's own
-/// user could remove whatever the agent may.
-fn deputy<'a>(records: impl IntoIterator<Item = &'a RunRecord>) -> rmtree::Who {
-    let users: Vec<JobReader> = records
-        .into_iter()
-        .filter_map(|r| {
-            let looked_up = match (&r.job_user, &r.spec.user) {
-                (None, Some(name)) => look_up(name),
-                _ => None,
-            };
-            JobReader::for_record(r, looked_up)
-        })
-        .collect();
+/// The users every attempt of `job` ran as, from its records, read again (under the job's
+/// locks) one at a time. `Err`: one could not be read, and whose removals these are is not
+/// known.
+fn job_users(state: &StateDir, job: &Job) -> Result<Vec<JobReader>, String> {
+    let mut users = Vec::new();
+    for (n, _) in &job.attempts {
+        let record = state
+            .read_record(&state.run_record_path(&job.id, *n))
+            .map_err(|e| format!("attempt {n}: {}", crate::error_chain(&e)))?;
+        users.extend(user_of(&record));
+    }
+    Ok(users)
+}
+
+/// Whom an attempt ran as (the user recorded at launch, else looked up by name); `None`: the
+/// agent's own user.
+fn user_of(record: &RunRecord) -> Option<JobReader> {
+    let looked_up = match (&record.job_user, &record.spec.user) {
+        (None, Some(name)) => look_up(name),
+        _ => None,
+    };
+    JobReader::for_record(record, looked_up)
+}
+
+/// Whose removals retention stands in for in a job's tree: every attempt's user. A job that
+/// always ran as the agent's own user could remove whatever the agent may.
+fn deputy(users: Vec<JobReader>) -> rmtree::Who {
     if users.is_empty() {
         rmtree::Who::Anyone
     } else {
@@ -665,16 +703,21 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
             report.errors.push(why);
             continue;
         }
-        let records: Vec<RunRecord> = std::fs::read_dir(path.join("attempts"))
+        let (mut records, mut users) = (0, Vec::new());
+        for attempt in std::fs::read_dir(path.join("attempts"))
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|a| state.read_record(&a.path().join("run.json")).ok())
-            .collect();
-        let who = if records.is_empty() {
+        {
+            if let Ok(record) = state.read_record(&attempt.path().join("run.json")) {
+                records += 1;
+                users.extend(user_of(&record));
+            }
+        }
+        let who = if records == 0 {
             deputy_by_owners(&path)
         } else {
-            deputy(&records)
+            deputy(users)
         };
         let (bytes, removed) = remove_doomed(&path, &who);
         report.bytes_freed += bytes;
@@ -1395,6 +1438,37 @@ mod tests {
             "alice's"
         );
         assert!(f.state.run_record_path("mover", 1).is_file());
+    }
+
+    /// A sweep holds what it needs of each record, not the records: every job's whole record
+    /// (its spec, up to a MiB) was held at once, 5,000 retained jobs with big specs
+    /// gigabytes every hour. What decides is the summary: a job past its period goes, with
+    /// its user read again from its record.
+    #[test]
+    fn a_sweep_holds_no_jobs_whole_record() {
+        let f = Fixture::new();
+        let big = "x".repeat(256 * 1024);
+        for i in 0..16 {
+            let id = format!("big{i:02}");
+            let mut record = f.job(&id, 1, JobState::Succeeded, DAY, None);
+            record.spec.env.insert("BIG".into(), big.clone());
+            f.save(&record, DAY);
+        }
+        let (report, peak) = crate::rmtree::tests::held_during(|| f.sweep());
+        assert_eq!(report.kept.len(), 16, "{report:?}");
+        assert!(peak < 2 << 20, "held {peak} bytes at once");
+
+        let job = read_job(&f.state, "big00").unwrap().unwrap();
+        let workdir = f.state.default_workdir("big00").display().to_string();
+        let summary = Attempt {
+            workdir,
+            phase: Phase::Done,
+            unstored_to_retry: 0,
+            state: Some(JobState::Succeeded),
+        };
+        assert_eq!(job.attempts, [(1, summary)]);
+        let later = sweep(&f.state, &Retention::default(), SystemTime::now() + 7 * DAY);
+        assert_eq!(later.removed_jobs.len(), 16, "{later:?}");
     }
 
     #[test]
