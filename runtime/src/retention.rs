@@ -299,17 +299,10 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
         return Err("reports wait in the outbox".into());
     }
     // A journal (`*.json`) names an upload at the store; a temp file a killed journal start
-    // left names none. A superseded attempt's (`<n>-<sha>.json`) holds the job no more than
-    // its output does: `recover` aborts its uploads (before the sweep, in the same run),
-    // and one the store would not abort then is left to its lifecycle rule.
-    let superseded_attempts = |name: &str| {
-        name.split_once('-')
-            .and_then(|(n, _)| n.parse::<u32>().ok())
-            .is_some_and(|n| superseded.contains(&n))
-    };
-    if has_entries(&job.dir.join("uploads"), |name| {
-        !name.starts_with(".c3-") && !superseded_attempts(name)
-    })? {
+    // left names none. A superseded attempt's too holds the job until `recover` has aborted
+    // its uploads (before the sweep, in the same run): removed with the job while the store
+    // was down, nothing on the node would name the upload any more, its parts billed.
+    if has_entries(&job.dir.join("uploads"), |name| !name.starts_with(".c3-"))? {
         return Err("multipart uploads are journaled (not finished or aborted)".into());
     }
     let latest = job.attempts.last().map(|(_, r)| r.state).unwrap_or(None);
@@ -1003,61 +996,6 @@ mod tests {
             assert!(
                 f.state.default_workdir(id).join("out.bin").is_file(),
                 "{id}"
-            );
-        }
-    }
-
-    /// A retried job whose first attempt left a multipart upload journaled (its agent killed
-    /// mid-upload, or a store outage at its end, kept for a resume) and whose second finished
-    /// in the same workdir: the first attempt holds the job no longer, its journal neither
-    /// (`recover` aborts its uploads). The journal kept the whole workdir for ever. A journal
-    /// of the attempt that supersedes it, or one naming no attempt, still keeps a job.
-    #[test]
-    fn a_superseded_attempts_journal_keeps_no_job() {
-        let f = Fixture::new();
-        let sha = "a".repeat(64);
-        let journal = |id: &str, name: String| {
-            let dir = f.state.job_dir(id).join("uploads");
-            std::fs::create_dir_all(&dir).unwrap();
-            let record = c3_proto::MultipartRecord {
-                sha256: sha.clone(),
-                upload_id: "u-1".into(),
-                size: 10 << 20,
-                part_size: 5 << 20,
-                parts: Default::default(),
-                part_blake3: Default::default(),
-            };
-            std::fs::write(dir.join(&name), serde_json::to_vec(&record).unwrap()).unwrap();
-            std::fs::write(dir.join(name.replace(".json", ".parts")), "").unwrap();
-        };
-        // Attempt 1's agent killed mid-upload: its record still says running.
-        let mut killed = f.job("killed", 1, JobState::Failed, 31 * DAY, None);
-        killed.phase = Phase::Running;
-        killed.state = None;
-        f.save(&killed, 31 * DAY);
-        f.job("killed", 2, JobState::Failed, 31 * DAY, None);
-        journal("killed", format!("1-{sha}.json"));
-        // Attempt 1 done with its output unstored (the store was down), its upload kept.
-        let mut kept = f.job("kept", 1, JobState::Failed, 31 * DAY, None);
-        kept.unstored = vec!["artifacts/big.bin".into()];
-        f.save(&kept, 31 * DAY);
-        f.job("kept", 2, JobState::Failed, 31 * DAY, None);
-        journal("kept", format!("1-{sha}.json"));
-        // The latest attempt's own journal, and one of an agent that named no attempt.
-        for (id, name) in [
-            ("own", format!("2-{sha}.json")),
-            ("bare", format!("{sha}.json")),
-        ] {
-            f.job(id, 1, JobState::Failed, 31 * DAY, None);
-            f.job(id, 2, JobState::Failed, 31 * DAY, None);
-            journal(id, name);
-        }
-        let report = f.sweep();
-        assert_eq!(report.removed_jobs, ["kept", "killed"], "{report:?}");
-        for id in ["own", "bare"] {
-            assert!(
-                reason(&report, id).contains("multipart uploads"),
-                "{report:?}"
             );
         }
     }
