@@ -146,14 +146,45 @@ pub const SETTLE_APART_NS: i64 = 1_000_000_000 + RACY_WINDOW_NS;
 /// Whether `stamp`'s last change lies within [`RACY_WINDOW_NS`] of now (a read just done); on
 /// a file system that keeps whole seconds only, within a second and a little.
 pub fn racy(stamp: &FileStamp) -> bool {
-    let now = now_ns();
+    changed_lately(stamp, stamp.mtime_ns.max(stamp.ctime_ns))
+}
+
+/// [`racy`] by the ctime alone. Every write moves the ctime to now, and the mtime can be set
+/// to another time only by `utimes`, which moves the ctime to now too: past this window, any
+/// later change leaves another ctime. A job chooses its file's mtime (`touch -d +1year`) but
+/// not its ctime, and a future mtime is [`racy`] for ever: the read an inode keeps for its
+/// other links (`Uploader::inodes`) is judged by this, or each of 10,000 links to a 1 GiB
+/// file was read whole. The book keeps [`racy`], which a second read settles.
+fn racy_ctime(stamp: &FileStamp) -> bool {
+    changed_lately(stamp, stamp.ctime_ns)
+}
+
+/// Whether `at` (one of `stamp`'s times) lies within the racy window of now.
+fn changed_lately(stamp: &FileStamp, at: i64) -> bool {
     let whole_seconds = stamp.mtime_ns % 1_000_000_000 == 0 && stamp.ctime_ns % 1_000_000_000 == 0;
     let window = if whole_seconds {
         1_000_000_000 + RACY_WINDOW_NS
     } else {
         RACY_WINDOW_NS
     };
-    stamp.mtime_ns.max(stamp.ctime_ns) > now - window
+    at > now_ns() - window
+}
+
+/// How soon after its last change a file was read: [`racy`], and [`racy_ctime`].
+#[derive(Debug, Clone, Copy)]
+struct Racy {
+    any: bool,
+    ctime: bool,
+}
+
+impl Racy {
+    /// Judged now (at the last look of a read).
+    fn of(stamp: &FileStamp) -> Racy {
+        Racy {
+            any: racy(stamp),
+            ctime: racy_ctime(stamp),
+        }
+    }
 }
 
 impl Uploaded {
@@ -784,7 +815,9 @@ impl Uploader {
             if read.stamp == file.stamp {
                 let (root, path) = (self.root.clone(), file.abs.clone());
                 let now = blocking(&file.abs, move || stat(root.as_deref(), &path)).await?;
-                // Still that inode in that version: the bytes read are this file's.
+                // Still that inode in that version: the bytes read are this file's. Settled
+                // too: the read was kept only if its ctime was past the racy window, so any
+                // change since would have left another stamp.
                 if now == read.stamp {
                     return Ok(Uploaded {
                         rel: file.rel.clone(),
@@ -800,11 +833,12 @@ impl Uploader {
         let up = self.upload_read(file, version).await;
         *last = match &up {
             // A racy version may hold bytes its stamp does not tell: read each link again.
+            // Judged by the ctime (see `racy_ctime`), so a future mtime does not make it so.
             // An inode of one link has no other path in this version (a new link, or a
             // rename, changes its ctime): its read is of no use to keep.
-            Ok((up, links))
+            Ok((up, links, racy))
                 if *links > 1
-                    && !up.racy
+                    && !racy.ctime
                     && (up.stamp.dev, up.stamp.ino) == (file.stamp.dev, file.stamp.ino) =>
             {
                 Some(InodeRead {
@@ -820,7 +854,7 @@ impl Uploader {
         if !kept {
             self.drop_inode_slot(file.stamp.dev, file.stamp.ino, slot);
         }
-        up.map(|(up, _)| up)
+        up.map(|(up, _, _)| up)
     }
 
     /// Forgets an inode's slot that holds no read and that no other upload holds or waits
@@ -847,12 +881,13 @@ impl Uploader {
         inodes.entry((dev, ino)).or_default().clone()
     }
 
-    /// Reads, hashes and stores one file; also the inode's link count when it was read.
+    /// Reads, hashes and stores one file; also the inode's link count when it was read, and
+    /// how racy the read was.
     async fn upload_read(
         &self,
         file: &LocalFile,
         version: Version,
-    ) -> Result<(Uploaded, u64), UploadError> {
+    ) -> Result<(Uploaded, u64, Racy), UploadError> {
         let path = file.abs.clone();
         self.within_max(&path, file.stamp.size)?;
         let expect = match version {
@@ -865,7 +900,7 @@ impl Uploader {
             if let Some(((before, links), digests, new, racy)) =
                 self.upload_small(&path, file.stamp.size, expect).await?
             {
-                return Ok((self.uploaded(file, before, digests, new, racy), links));
+                return Ok((self.uploaded(file, before, digests, new, racy), links, racy));
             }
         }
         let (before, links) = stat_linked(self.root.as_deref(), &path)?;
@@ -878,7 +913,7 @@ impl Uploader {
             // Grew since the scan, still small: once more with budget for this size.
             match self.upload_small(&path, before.size, expect).await? {
                 Some(((before, links), digests, new, racy)) => {
-                    return Ok((self.uploaded(file, before, digests, new, racy), links))
+                    return Ok((self.uploaded(file, before, digests, new, racy), links, racy))
                 }
                 None => return Err(UploadError::Changed { path }),
             }
@@ -908,10 +943,8 @@ impl Uploader {
         };
         // Read whole after the stamp, over 16 MiB: a tick (at most 10 ms) has passed since any
         // change the stamp holds, unless the read was very fast; judged now, near enough.
-        Ok((
-            self.uploaded(file, before, digests, new, racy(&before)),
-            links,
-        ))
+        let racy = Racy::of(&before);
+        Ok((self.uploaded(file, before, digests, new, racy), links, racy))
     }
 
     fn within_max(&self, path: &Path, size: u64) -> Result<(), UploadError> {
@@ -931,7 +964,7 @@ impl Uploader {
         before: FileStamp,
         digests: Digests,
         new: bool,
-        racy: bool,
+        racy: Racy,
     ) -> Uploaded {
         if new {
             self.record_added(&digests);
@@ -939,7 +972,7 @@ impl Uploader {
         Uploaded {
             rel: file.rel.clone(),
             digests,
-            racy,
+            racy: racy.any,
             judged_ns: now_ns(),
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
@@ -953,7 +986,7 @@ impl Uploader {
         path: &Path,
         budgeted: u64,
         expect: Option<FileStamp>,
-    ) -> Result<Option<((FileStamp, u64), Digests, bool, bool)>, UploadError> {
+    ) -> Result<Option<((FileStamp, u64), Digests, bool, Racy)>, UploadError> {
         // The PUT body is the file: at most `budgeted` bytes (a grown file is not sent).
         self.pace(budgeted).await;
         let guard = self.budget.acquire(budgeted).await;
@@ -980,7 +1013,7 @@ impl Uploader {
             ensure_unchanged(root.as_deref(), &p, before)?;
             // Judged at this last look, not after the PUT: what matters is whether a change
             // from now on could still land in the tick the stamp holds.
-            let racy = racy(&before);
+            let racy = Racy::of(&before);
             Ok(Some((
                 (before, links),
                 crate::digest::digest_bytes(&buf),
@@ -1107,6 +1140,50 @@ mod tests {
         assert_eq!(kept, vec![(b.stamp.dev, b.stamp.ino)]);
         let linked = up.upload(&c).await.unwrap();
         assert_eq!((linked.digests, linked.new_bytes), (read.digests, 0));
+    }
+
+    /// A job sets its file's mtime a year ahead (`touch -d +1year`) and links it 10,000 times:
+    /// the mtime is racy for ever, but the ctime (which the job cannot set) is not, so the
+    /// inode's read is kept and each other link costs a stat, not a read of the whole file.
+    /// Small and large (multipart) files alike.
+    #[tokio::test]
+    async fn a_future_mtime_does_not_make_each_link_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploader::new(BlobStore::in_memory(), small_parts(), "j", None);
+        for (name, len) in [("small", 100), ("large", 3 * MIB as usize)] {
+            let (mut first, _) = file_of(dir.path(), name, len, 3);
+            let year = std::time::Duration::from_secs(365 * 24 * 3600);
+            std::fs::File::options()
+                .write(true)
+                .open(&first.abs)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() + year)
+                .unwrap();
+            let other = dir.path().join(format!("{name}-link"));
+            std::fs::hard_link(&first.abs, &other).unwrap();
+            restamp(&mut first);
+            let link = LocalFile {
+                rel: format!("artifacts/{name}-link"),
+                abs: other,
+                stamp: first.stamp,
+            };
+            // Past the racy window of the ctime; the mtime stays racy.
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+            let read = up.upload(&first).await.unwrap();
+            assert!(read.racy, "{name}: a future mtime is racy for the book");
+            let key = (first.stamp.dev, first.stamp.ino);
+            let kept = up.inodes.lock().unwrap().get(&key).cloned();
+            assert!(
+                kept.is_some_and(|slot| slot.try_lock().unwrap().is_some()),
+                "{name}: the inode's read was not kept for its other link"
+            );
+            let linked = up.upload(&link).await.unwrap();
+            assert_eq!(
+                (linked.digests, linked.new_bytes),
+                (read.digests, 0),
+                "{name}"
+            );
+        }
     }
 
     /// `upload_as_seen` sends the version its stamp names or none: a file changed since the
