@@ -435,14 +435,41 @@ fn stat_long(path: &Path) -> Result<(FileStamp, u64), UploadError> {
 }
 
 /// Refuses a large file that is mostly holes (`truncate -s 16T`: no disk, no quota, and
-/// hours of hashing zeros). The data is counted with SEEK_DATA/SEEK_HOLE on the open file
-/// (at most `MAX_EXTENTS` extents; past that it is taken as dense); a filesystem without
-/// them reports one extent, the whole file. Leaves the file offset at 0.
+/// hours of hashing zeros), its data counted by [`data_bytes`]. Leaves the file offset at 0.
 fn ensure_dense(file: &File, path: &Path, size: u64) -> Result<(), UploadError> {
-    use std::os::fd::AsRawFd;
-    const MAX_EXTENTS: usize = 10_000;
     if size <= MAX_HOLE_BYTES {
         return Ok(());
+    }
+    let data = data_bytes(file, size);
+    let holes = size - data;
+    if holes > MAX_HOLE_BYTES && holes > size / 2 {
+        return Err(UploadError::Sparse {
+            path: path.into(),
+            size,
+            data,
+        });
+    }
+    Ok(())
+}
+
+/// The bytes of the open `file` (`size` long) that are data, not holes. A file with as many
+/// bytes allocated as it is long has none (the usual case: one fstat). Otherwise counted with
+/// SEEK_DATA/SEEK_HOLE, at most `MAX_EXTENTS` extents; past them the rest holds no more data
+/// than the allocated bytes not yet counted: a job's 10,000 small extents and then
+/// `truncate -s 5T` were 5 TiB taken as data. Allocated bytes only bound the count: a
+/// compressing file system (ZFS) allocates less than a dense file's data, so they decide
+/// nothing alone. A file system without SEEK_DATA reports one extent, the whole file; an
+/// fstat or lseek that fails counts the file as data. Leaves the file offset at 0.
+fn data_bytes(file: &File, size: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    const MAX_EXTENTS: usize = 10_000;
+    let Ok(st) = crate::confine::fstat(file) else {
+        return size;
+    };
+    #[allow(clippy::unnecessary_cast)] // `blkcnt_t` is an i64 on some targets, a u64 on others.
+    let allocated = (st.st_blocks as u64).saturating_mul(512);
+    if allocated >= size {
+        return size;
     }
     let fd = file.as_raw_fd();
     let (mut data, mut at, mut finished) = (0u64, 0i64, false);
@@ -471,20 +498,13 @@ fn ensure_dense(file: &File, path: &Path, size: u64) -> Result<(), UploadError> 
         }
     }
     if !finished {
-        // Stopped at MAX_EXTENTS: what was not looked at counts as data.
-        data = data.saturating_add(size.saturating_sub(at as u64));
+        // Stopped at MAX_EXTENTS: the rest holds at most what is allocated and not yet counted.
+        let rest = size.saturating_sub(at as u64);
+        data = data.saturating_add(rest.min(allocated.saturating_sub(data)));
     }
     // SAFETY: as above.
     unsafe { libc::lseek(fd, 0, libc::SEEK_SET) };
-    let holes = size.saturating_sub(data);
-    if holes > MAX_HOLE_BYTES && holes > size / 2 {
-        return Err(UploadError::Sparse {
-            path: path.into(),
-            size,
-            data,
-        });
-    }
-    Ok(())
+    data.min(size)
 }
 
 /// Reads into `buf` until it is full or the file ends.
@@ -1140,6 +1160,38 @@ mod tests {
         assert_eq!(kept, vec![(b.stamp.dev, b.stamp.ino)]);
         let linked = up.upload(&c).await.unwrap();
         assert_eq!((linked.digests, linked.new_bytes), (read.digests, 0));
+    }
+
+    /// A job writes 4 KiB every 8 KiB for 10,001 extents (40 MiB of disk), past the extents
+    /// that are counted, then `truncate -s 5T`: the rest is judged by the bytes allocated, not
+    /// taken as data, and the file is refused as mostly holes rather than hashed twice and
+    /// sent, 5 TiB of zeros. A dense file is all data.
+    #[test]
+    fn holes_past_the_counted_extents_are_still_holes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("extents");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let block = [7u8; 4096];
+        for i in 0..10_001u64 {
+            file.write_all_at(&block, i * 8192).unwrap();
+        }
+        let size = MAX_FILE_BYTES;
+        file.set_len(size).unwrap();
+        let judged = ensure_dense(&file, &path, size);
+        assert!(
+            matches!(judged, Err(UploadError::Sparse { data, .. }) if data < 64 * MIB),
+            "{judged:?}"
+        );
+        let (dense, _) = file_of(dir.path(), "dense", 100_000, 1);
+        let opened = File::open(&dense.abs).unwrap();
+        assert_eq!(data_bytes(&opened, 100_000), 100_000);
     }
 
     /// A job sets its file's mtime a year ahead (`touch -d +1year`) and links it 10,000 times:
