@@ -102,6 +102,15 @@ const MAX_PARTS: u64 = 10_000;
 pub const MAX_FILE_BYTES: u64 = 5 << 40;
 /// A file with more holes than this (and holes over half its size) is refused as sparse.
 const MAX_HOLE_BYTES: u64 = 1 << 30;
+/// Holes that one attempt's uploads read in all, past `HOLE_SLACK` a file. A hole costs the
+/// job no disk and the agent a read, a hash and bytes stored: below `MAX_HOLE_BYTES` each,
+/// 100,000 files of `truncate -s 1G` and a 4 KiB header were 400 MiB of disk and 100 TiB for
+/// the final sync to read and store. A few sparse files (an image, a checkpoint with gaps)
+/// fit; past it a file with holes is refused, so the work stays the job's disk and this.
+const HOLE_BUDGET: u64 = 4 << 30;
+/// Holes a file may have without drawing on `HOLE_BUDGET`, ever: the gaps a writer leaves as
+/// it seeks. The most a job gains a file over its disk once the budget is spent.
+const HOLE_SLACK: u64 = 1 << 20;
 const MIB: u64 = 1024 * 1024;
 const HASH_BUF: usize = MIB as usize;
 
@@ -220,6 +229,8 @@ pub enum UploadError {
     TooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("{path} is a sparse file ({} long, {} of it written); not stored: a file that is mostly holes costs no disk to make and hours to hash, so write it out densely", human_bytes(*.size), human_bytes(*.data))]
     Sparse { path: PathBuf, size: u64, data: u64 },
+    #[error("{path} is a sparse file ({} long, {} of it written); not stored: the job's sparse files had {} of holes read already, which cost no disk to make and hours to hash, so write it out densely", human_bytes(*.size), human_bytes(*.data), human_bytes(HOLE_BUDGET))]
+    HolesSpent { path: PathBuf, size: u64, data: u64 },
     #[error("upload of {path} failed")]
     Store {
         path: PathBuf,
@@ -245,6 +256,7 @@ impl UploadError {
             | UploadError::NotReadable { .. }
             | UploadError::TooLarge { .. }
             | UploadError::Sparse { .. }
+            | UploadError::HolesSpent { .. }
             | UploadError::Task { .. } => false,
         }
     }
@@ -257,7 +269,8 @@ impl UploadError {
         match self {
             UploadError::NotReadable { .. }
             | UploadError::TooLarge { .. }
-            | UploadError::Sparse { .. } => true,
+            | UploadError::Sparse { .. }
+            | UploadError::HolesSpent { .. } => true,
             UploadError::Read { source, .. } => {
                 source.kind() == std::io::ErrorKind::PermissionDenied
             }
@@ -309,6 +322,73 @@ pub struct Uploader {
     /// bytes, and costs a stat. A job's 1 GiB file with 10,000 links would otherwise be
     /// 10 TB of reads and hashing for the root agent, for 1 GiB of the job's disk.
     inodes: Arc<std::sync::Mutex<HashMap<(u64, u64), InodeSlot>>>,
+    /// Holes this attempt's uploads may still read (see [`HOLE_BUDGET`]): shared by live sync
+    /// and the final sync, as the uploader is.
+    holes: HoleBudget,
+}
+
+/// What is left of [`HOLE_BUDGET`], and what each inode drew: one read again (grown, changed,
+/// another link of it) draws only holes it did not have, so a sparse file live sync reads as
+/// it grows is not charged each time.
+#[derive(Debug, Clone)]
+struct HoleBudget(Arc<std::sync::Mutex<HoleBook>>);
+
+#[derive(Debug)]
+struct HoleBook {
+    left: u64,
+    drawn: HashMap<(u64, u64), u64>,
+}
+
+impl HoleBudget {
+    fn new(bytes: u64) -> Self {
+        HoleBudget(Arc::new(std::sync::Mutex::new(HoleBook {
+            left: bytes,
+            drawn: HashMap::new(),
+        })))
+    }
+
+    /// Draws `holes` for inode `key`; false, and nothing drawn, when they do not fit. Inodes
+    /// are remembered only when they draw, at most `HOLE_BUDGET / HOLE_SLACK` of them.
+    fn draw(&self, key: (u64, u64), holes: u64) -> bool {
+        let mut book = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let more = holes.saturating_sub(book.drawn.get(&key).copied().unwrap_or(0));
+        if more > book.left {
+            return false;
+        }
+        if more > 0 {
+            book.left -= more;
+            book.drawn.insert(key, holes);
+        }
+        true
+    }
+}
+
+/// Refuses the open `file` (the version `stamp` describes) when its holes may not be read:
+/// mostly holes (see [`ensure_dense`]), or more than [`HOLE_SLACK`] of them once the job's
+/// [`HOLE_BUDGET`] is spent. Leaves the file offset at 0.
+fn judge_holes(
+    budget: &HoleBudget,
+    file: &File,
+    path: &Path,
+    stamp: &FileStamp,
+) -> Result<(), UploadError> {
+    let size = stamp.size;
+    if size <= HOLE_SLACK {
+        return Ok(());
+    }
+    let data = data_bytes(file, size);
+    let holes = size - data;
+    if holes <= HOLE_SLACK {
+        return Ok(());
+    }
+    let path = path.into();
+    if holes > MAX_HOLE_BYTES && holes > size / 2 {
+        return Err(UploadError::Sparse { path, size, data });
+    }
+    if !budget.draw((stamp.dev, stamp.ino), holes) {
+        return Err(UploadError::HolesSpent { path, size, data });
+    }
+    Ok(())
 }
 
 /// What one read of an inode found (see `Uploader::inodes`).
@@ -631,7 +711,15 @@ impl Uploader {
             added_file: Default::default(),
             prehashed: Default::default(),
             inodes: Default::default(),
+            holes: HoleBudget::new(HOLE_BUDGET),
         }
+    }
+
+    /// The same uploader with `bytes` of holes to read instead of [`HOLE_BUDGET`].
+    #[cfg(test)]
+    fn holes_up_to(mut self, bytes: u64) -> Self {
+        self.holes = HoleBudget::new(bytes);
+        self
     }
 
     /// What the blobs recorded as added (by this attempt's agents) add up to, if recorded.
@@ -755,7 +843,8 @@ impl Uploader {
         let Ok(opened) = self.open(&file.abs, stamp) else {
             return;
         };
-        if ensure_dense(&opened, &file.abs, stamp.size).is_err() {
+        // Its holes drawn now, as the upload would: prehashing reads them as much.
+        if judge_holes(&self.holes, &opened, &file.abs, &stamp).is_err() {
             return;
         }
         let path = file.abs.clone();
@@ -929,6 +1018,17 @@ impl Uploader {
             return Err(UploadError::Changed { path });
         }
         self.within_max(&path, before.size)?;
+        if before.size > self.opts.multipart_threshold {
+            // On an fd of its own: the large paths open `before` again, and the stamp proves
+            // at the end that they read what was judged here.
+            let (root, reader, p) = (self.root.clone(), self.reader.clone(), path.clone());
+            let holes = self.holes.clone();
+            blocking(&path, move || {
+                let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
+                judge_holes(&holes, &file, &p, &before)
+            })
+            .await?;
+        }
         let (digests, new) = if before.size <= self.opts.multipart_threshold {
             // Grew since the scan, still small: once more with budget for this size.
             match self.upload_small(&path, before.size, expect).await? {
@@ -1012,6 +1112,7 @@ impl Uploader {
         let guard = self.budget.acquire(budgeted).await;
         let p = path.to_path_buf();
         let (root, reader) = (self.root.clone(), self.reader.clone());
+        let holes = self.holes.clone();
         let read = blocking(path, move || {
             let (before, links) = stat_linked(root.as_deref(), &p)?;
             if expect.is_some_and(|seen| seen != before) {
@@ -1021,6 +1122,7 @@ impl Uploader {
                 return Ok(None);
             }
             let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
+            judge_holes(&holes, &file, &p, &before)?;
             let mut buf = Vec::with_capacity(before.size as usize);
             // One byte past the size: a file that grew (or was swapped for a huge sparse one)
             // is "changed", never read into memory.
@@ -1192,6 +1294,83 @@ mod tests {
         let (dense, _) = file_of(dir.path(), "dense", 100_000, 1);
         let opened = File::open(&dense.abs).unwrap();
         assert_eq!(data_bytes(&opened, 100_000), 100_000);
+    }
+
+    /// A sparse file of `len` bytes with a 4 KiB header unique to `seed`: 4 KiB of disk.
+    fn sparse_of(dir: &Path, name: &str, len: u64, seed: u8) -> LocalFile {
+        let path = dir.join(name);
+        let file = File::create(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[seed; 4096], 0).unwrap();
+        file.set_len(len).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&path).unwrap());
+        LocalFile {
+            rel: format!("artifacts/{name}"),
+            abs: path,
+            stamp,
+        }
+    }
+
+    /// Each sparse file costs the job 4 KiB of disk and the agent its whole size to read, hash
+    /// and store: the job's holes have a budget, shared by its uploads, small and large. The
+    /// first files fit and are stored; once it is spent a file with holes is refused by name
+    /// (for good), while one with a few holes and a file already drawn for (read again, or
+    /// another link) still are stored.
+    #[tokio::test]
+    async fn sparse_files_past_the_jobs_hole_budget_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let large =
+            Uploader::new(BlobStore::in_memory(), small_parts(), "j", None).holes_up_to(10 * MIB);
+        let a = sparse_of(dir.path(), "a", 4 * MIB, 1);
+        let b = sparse_of(dir.path(), "b", 4 * MIB, 2);
+        for file in [&a, &b] {
+            let up = large.upload(file).await.unwrap();
+            assert_eq!(up.new_bytes, 4 * MIB, "{}", file.rel);
+        }
+        let c = sparse_of(dir.path(), "c", 4 * MIB, 3);
+        let refused = large.upload(&c).await;
+        match &refused {
+            Err(e @ UploadError::HolesSpent { path, .. }) => {
+                assert!(e.is_for_good() && !e.is_retryable());
+                assert_eq!(path, &c.abs);
+                assert!(e.to_string().contains("c is a sparse file"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let few = sparse_of(dir.path(), "few", HOLE_SLACK + 4096, 4);
+        large.upload(&few).await.unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a.abs)
+            .unwrap()
+            .set_len(7 * MIB)
+            .unwrap();
+        let mut grown = a.clone();
+        restamp(&mut grown);
+        let again = large.upload(&grown).await;
+        assert!(
+            matches!(again, Err(UploadError::HolesSpent { .. })),
+            "a file grows past what it drew and the budget: {again:?}"
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&a.abs)
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
+        restamp(&mut grown);
+        large.upload(&grown).await.unwrap();
+
+        // A small file (one read into memory) draws from the budget too.
+        let small = Uploader::new(BlobStore::in_memory(), UploadOptions::default(), "j", None)
+            .holes_up_to(10 * MIB);
+        let d = sparse_of(dir.path(), "d", 8 * MIB, 5);
+        small.upload(&d).await.unwrap();
+        let e = sparse_of(dir.path(), "e", 8 * MIB, 6);
+        let refused = small.upload(&e).await;
+        assert!(
+            matches!(refused, Err(UploadError::HolesSpent { .. })),
+            "{refused:?}"
+        );
     }
 
     /// A job sets its file's mtime a year ahead (`touch -d +1year`) and links it 10,000 times:
