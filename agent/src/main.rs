@@ -110,6 +110,9 @@ fn agent_main() -> ExitCode {
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
         tracing::error!(at, "the agent panicked: {message}");
+        // Out now: an abort, a second panic or a SIGKILL during the panic path's grace
+        // would lose it in the queue.
+        logwriter::flush(std::time::Duration::from_secs(1));
     }));
     let job_umask = private_umask(config.private_files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

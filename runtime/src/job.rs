@@ -445,6 +445,7 @@ impl<'a> Run<'a> {
             Err(failed) => {
                 // The failed launch stopped what it started.
                 self.record.launching = false;
+                self.save().await;
                 if failed.end == JobEnd::Canceled {
                     tracing::warn!("{}", failed.message);
                 } else {

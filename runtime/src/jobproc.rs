@@ -1070,7 +1070,9 @@ pub async fn stop_recorded(
         .and_then(Cgroup::existing)
     {
         let members = cg.members();
-        if !members.is_empty() {
+        let cg = if members.is_empty() {
+            cg
+        } else {
             tracing::warn!(
                 processes = members.len(),
                 cgroup = %cg.path().display(),
@@ -1083,14 +1085,24 @@ pub async fn stop_recorded(
             while cg.populated() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            cg.kill();
+            // Freezing first may take up to a second: off the reactor.
+            let cg = match tokio::task::spawn_blocking(move || {
+                cg.kill();
+                cg
+            })
+            .await
+            {
+                Ok(cg) => cg,
+                Err(_) => return true,
+            };
             // A process in D state, or one tearing down its GPU memory, dies only when the
             // kernel lets it: a removal tried at once failed, and nobody heard of it.
             let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
             while cg.populated() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        }
+            cg
+        };
         cg.remove();
         return cg.populated();
     }
@@ -1152,10 +1164,11 @@ pub struct JobMark<'a> {
 /// Whether process group `leader.pid`, its leader gone, is provably the job's. Pid P is not
 /// given out again while a group of that id exists, but a stranger given it after the whole
 /// group went may have made one of its own (a double-forking daemon leaves just that: a group
-/// and session P whose leader is gone). So there must be members, each of the leader's boot
-/// and session (the launch's `setsid`), the job's user, and carrying the job's own
-/// `C3_JOB_ID` and `C3_ATTEMPT` (a process that dropped them is not taken for the job's).
-/// A member gone while looked at is passed over.
+/// and session P whose leader is gone). So there must be members, each started since the
+/// leader, the job's user, and carrying the job's own `C3_JOB_ID` and `C3_ATTEMPT` (a
+/// process that dropped them is not taken for the job's). The group need not lead a session:
+/// a job process's `setpgrp` makes one inside the job's. A member gone while looked at is
+/// passed over.
 fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str()) {
         return false;
@@ -1174,7 +1187,7 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
             // Gone meanwhile.
             continue;
         };
-        if st.session != leader.pid || st.start_ticks < leader.start_ticks || !marked {
+        if st.start_ticks < leader.start_ticks || !marked {
             return false;
         }
         seen = true;
@@ -1193,6 +1206,7 @@ fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32) -> bool {
     }
     procfs::all().into_iter().any(|(pid, st)| {
         st.pgrp == leader.pid
+            && st.session == leader.pid
             && !st.is_zombie()
             && st.start_ticks >= leader.start_ticks
             && real_uid(pid) == Some(uid)
@@ -1214,14 +1228,13 @@ impl JobMark<'_> {
     }
 }
 
-/// The process groups of a job no cgroup holds, found by their marks: the sessions (a job's
-/// leader starts its own, and so does a job process that left it with `setsid`; only their
-/// processes can be in them) whose leading groups hold a process started after `since`
-/// (clock ticks of boot `boot`: the leader's start, or the agent's when the agent died
-/// before recording a leader) that carries the job's marks. Each comes as its leader's
-/// identity, or, with the leader gone, as one [`stop_recorded`] takes for a leaderless group
-/// (it checks every member's marks again before it signals).
-pub fn marked_sessions(
+/// The process groups of a job no cgroup holds, found by their marks: the groups (the
+/// leader's, and those a job process made with `setsid` or `setpgrp`) that hold a process
+/// started after `since` (clock ticks of boot `boot`: the leader's start, or the agent's
+/// when the agent died before recording a leader) that carries the job's marks. Each comes
+/// as its leader's identity, or, with the leader gone, as one [`stop_recorded`] takes for a
+/// leaderless group (it checks every member's marks again before it signals).
+pub fn marked_groups(
     job: JobMark<'_>,
     since: u64,
     boot: Option<&str>,
@@ -1234,25 +1247,25 @@ pub fn marked_sessions(
         return Vec::new();
     }
     let procs = procfs::all();
-    let sessions: BTreeSet<i32> = procs
+    let groups: BTreeSet<i32> = procs
         .iter()
-        .filter(|(_, st)| st.session == st.pgrp && st.start_ticks >= since && !st.is_zombie())
+        .filter(|(_, st)| st.start_ticks >= since && !st.is_zombie())
         .filter(|(pid, _)| job.marks(**pid) == Some(true))
-        .map(|(_, st)| st.session)
+        .map(|(_, st)| st.pgrp)
         .collect();
-    sessions
+    groups
         .into_iter()
-        .filter_map(|session| match procs.get(&session) {
+        .filter_map(|group| match procs.get(&group) {
             // A live leader is signalled with its whole group: it must carry the marks too
-            // (another user's process leading the session a marked one sits in is not the
+            // (another user's process leading the group a marked one sits in is not the
             // job's, even if only its own user could have put the marks there).
-            Some(st) if st.start_ticks >= since && job.marks(session) == Some(true) => {
-                procfs::identity(session)
+            Some(st) if st.start_ticks >= since && job.marks(group) == Some(true) => {
+                procfs::identity(group)
             }
             // A leader that started before `since` or is unmarked: a stranger's.
             Some(_) => None,
             None => Some(c3_proto::ProcIdentity {
-                pid: session,
+                pid: group,
                 start_ticks: since,
                 boot_id: now.clone(),
             }),
@@ -1342,7 +1355,7 @@ mod tests {
         )
         .unwrap();
         let p: i32 = line.trim().parse().unwrap();
-        let found = marked_sessions(job, before.start_ticks, Some(&before.boot_id));
+        let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
         let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
         let _ = daemon.wait();
         assert!(found.iter().any(|l| l.pid == p), "{found:?}");
@@ -1378,7 +1391,7 @@ mod tests {
     /// if its live leader carries the marks too: a marked process in a stranger's group
     /// does not make the group the job's.
     #[test]
-    fn a_marked_session_is_the_jobs_only_if_its_leader_is_marked_too() {
+    fn a_marked_group_is_the_jobs_only_if_its_leader_is_marked_too() {
         let uid = nix::unistd::getuid().as_raw();
         let before = procfs::identity(std::process::id() as i32).unwrap();
         let job = JobMark {
@@ -1405,7 +1418,7 @@ mod tests {
             .unwrap();
             let p: i32 = line.trim().parse().unwrap();
             // The background sleep is in the group once the shell has printed its pid.
-            let found = marked_sessions(job, before.start_ticks, Some(&before.boot_id));
+            let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
             let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
             let _ = leader.wait();
             assert_eq!(

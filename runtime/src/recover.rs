@@ -304,8 +304,9 @@ async fn recover_record(
             )
             .await;
         }
-        // Without a cgroup, the job's processes in sessions of their own (a `setsid`, a
-        // daemon's start, a `start_new_session` child) left the leader's group, and after a
+        // Without a cgroup, the job's processes in groups of their own (a `setsid`, a
+        // daemon's start, a `start_new_session` child, a `setpgrp`) left the leader's group,
+        // and after a
         // mid-launch death there is no leader at all: they are found by their marks, among
         // what started after the leader (or the agent).
         if record.cgroup.is_none() {
@@ -318,7 +319,7 @@ async fn recover_record(
             };
             let leader = record.leader.as_ref().map(|l| l.pid);
             if let Some((since, boot)) = since {
-                for found in crate::jobproc::marked_sessions(job, since, boot) {
+                for found in crate::jobproc::marked_groups(job, since, boot) {
                     if Some(found.pid) != leader {
                         survivors |=
                             crate::jobproc::stop_recorded(Some(&found), None, job, ctx.kill_grace)

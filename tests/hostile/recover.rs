@@ -323,7 +323,8 @@ fn recover_stops_the_group_a_gone_leader_left_running() {
 }
 
 /// No cgroup; the job starts a process in a session of its own (`setsid`, as `ray start`
-/// or `start_new_session=True` do) and the agent is SIGKILLed. `recover` signalled only the
+/// or `start_new_session=True` do) and one in a group of its own (`setpgrp`,
+/// `process_group=0`), and the agent is SIGKILLed. `recover` signalled only the
 /// recorded leader's group, found it empty once the leader was stopped, and reported the
 /// GPU free while the daemon, still carrying the job's marks, went on running.
 #[test]
@@ -338,12 +339,14 @@ fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
         &h,
         json!({
             "job_id": "daemon", "user": "nobody",
-            "command": ["sh", "-c", "setsid sleep 300 & echo $! > bg.pid; sleep 300"],
+            "command": ["sh", "-c", "setsid sleep 300 & echo $! > bg.pid; /usr/bin/python3 -c 'import os, time; os.setpgrp(); open(\"pg.pid\", \"w\").write(str(os.getpid())); time.sleep(300)' & sleep 300"],
         }),
     );
     let _agent = KillOnDrop(agent.id() as i32);
     let background = pid_from(&h.workdir("daemon").join("bg.pid"));
     let _background = KillOnDrop(background);
+    let grouped = pid_from(&h.workdir("daemon").join("pg.pid"));
+    let _grouped = KillOnDrop(grouped);
     let record = h.state.join("jobs/daemon/attempts/1/run.json");
     wait_for("the launch to be recorded", Duration::from_secs(20), || {
         let bytes = std::fs::read(&record).ok()?;
@@ -355,10 +358,14 @@ fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
     assert!(alive(background), "the daemon outlived the agent");
     h.env.clear();
     let recover = h.run(&["recover"]);
-    let stopped = wait_for_or_none(Duration::from_secs(5), || !alive(background));
+    let stopped = wait_for_or_none(Duration::from_secs(5), || {
+        !alive(background) && !alive(grouped)
+    });
     assert!(
         stopped,
-        "recover left the job's daemon {background} running\n--- recover stderr\n{}",
+        "recover left the job's daemon {background} ({}) or its process in a group of its own {grouped} ({}) running\n--- recover stderr\n{}",
+        alive(background),
+        alive(grouped),
         recover.stderr
     );
     assert_eq!(h.terminal("daemon")["reason"], "AGENT_ERROR");
