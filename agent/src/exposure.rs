@@ -1,24 +1,94 @@
 //! What of the agent's own secrets a job could read: its store keys in a config file every
-//! user may read, its control-plane token file, store credentials from the instance-metadata
+//! user may read, a file its store credentials come from (named by a store option or a
+//! variable such as `$GOOGLE_APPLICATION_CREDENTIALS`, which the job does not get, or the AWS
+//! profile's), its control-plane token file, store credentials from the instance-metadata
 //! endpoint. Said at every run, each in one line that names the fix; never changed for the
 //! operator (they are the operator's files and the node's network).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 
 /// Store options whose values are secrets (keys, tokens, passwords), not names of them.
 fn is_secret_option(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    // A key naming a file (`azure_federated_token_file`) holds its path, not the secret.
-    if key.ends_with("_file") || key.ends_with("_path") {
+    // A key naming a file (`azure_federated_token_file`) holds its path, not the secret: the
+    // file is checked itself (`names_a_credential_file`).
+    if names_a_credential_file(&key) {
         return false;
     }
     ["secret", "token", "password", "sas"]
         .iter()
         .any(|w| key.contains(w))
         || (key.ends_with("_key") && !key.ends_with("_key_id"))
+}
+
+/// Store options (and, upper-cased, the variables object_store reads them from) whose values
+/// are paths of files holding credentials: a key file, a web-identity or federated token, a
+/// service account. The variable is kept from the job; a file it may read is not.
+fn names_a_credential_file(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.ends_with("_file")
+        || key.ends_with("_path")
+        || [
+            "google_service_account",
+            "service_account",
+            "google_application_credentials",
+            "application_credentials",
+        ]
+        .contains(&key.as_str())
+}
+
+/// The files the store's credentials may come from, each with what names it: store options
+/// naming one, the variables of the store's provider naming one (`$GOOGLE_APPLICATION_CREDENTIALS`,
+/// `$AWS_WEB_IDENTITY_TOKEN_FILE`, `$AZURE_FEDERATED_TOKEN_FILE`...), and for S3 the AWS
+/// profile's files the agent reads when nothing else gives keys.
+fn credential_files(
+    config: &Config,
+    env: &[(String, std::ffi::OsString)],
+) -> Vec<(PathBuf, String)> {
+    let mut out: Vec<(PathBuf, String)> = config
+        .store
+        .options
+        .iter()
+        .filter(|(k, v)| names_a_credential_file(k) && !v.is_empty())
+        .map(|(k, v)| (PathBuf::from(v), format!("store option `{k}`")))
+        .collect();
+    let scheme = config.store.url.split_once("://").map_or("", |(s, _)| s);
+    let prefix = match scheme {
+        "s3" | "s3a" => "AWS_",
+        "gs" => "GOOGLE_",
+        "az" | "azure" | "abfs" | "abfss" => "AZURE_",
+        _ => return out,
+    };
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v))
+    };
+    for (k, v) in env {
+        // object_store's GCS builder reads the key file's path from it, unprefixed.
+        let provider = k.starts_with(prefix) || (prefix == "GOOGLE_" && k == "SERVICE_ACCOUNT");
+        if provider && !v.is_empty() && names_a_credential_file(k) {
+            out.push((PathBuf::from(v), format!("${k}")));
+        }
+    }
+    if prefix == "AWS_" {
+        let home = var("HOME");
+        for (name, rel) in [
+            ("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"),
+            ("AWS_CONFIG_FILE", ".aws/config"),
+        ] {
+            if let (None, Some(home)) = (var(name), &home) {
+                out.push((home.join(rel), "the AWS profile".into()));
+            }
+        }
+    }
+    // One line for a file named twice (an option and its variable).
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|(path, _)| seen.insert(path.clone()));
+    out
 }
 
 /// Whether any user may read `path`: the file is readable by others and every directory
@@ -99,6 +169,18 @@ pub fn probe_connect(endpoint: &str) -> std::process::ExitCode {
 /// instance-metadata endpoint, when the store's credentials come from there and the job runs
 /// as another user (a job running as root can read anything anyway).
 pub fn warnings(config: &Config, metadata: Option<&MetadataReach>) -> Vec<String> {
+    let env: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
+        .collect();
+    warnings_in(config, metadata, &env)
+}
+
+/// [`warnings`] for the agent's environment `env`.
+fn warnings_in(
+    config: &Config,
+    metadata: Option<&MetadataReach>,
+    env: &[(String, std::ffi::OsString)],
+) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(file) = &config.source {
         let secrets: Vec<&str> = config
@@ -127,6 +209,15 @@ pub fn warnings(config: &Config, metadata: Option<&MetadataReach>) -> Vec<String
                 "the control-plane token file {} may be read by every user, every job too (it could report as this node): `chmod 600 {}`",
                 token.display(),
                 token.display()
+            ));
+        }
+    }
+    for (file, named_by) in credential_files(config, env) {
+        if readable_by_everyone(&file) {
+            out.push(format!(
+                "{} holds the store's credentials ({named_by}) and may be read by every user, every job too: `chmod 600 {}`",
+                file.display(),
+                file.display()
             ));
         }
     }
@@ -187,16 +278,88 @@ mod tests {
         let config =
             crate::config::resolve(Some(file.clone()), &text, &|_| None, "/s".into()).unwrap();
         let reached = MetadataReach::Reached("http://169.254.169.254".into());
-        let said = warnings(&config, Some(&reached));
+        let said = warnings_in(&config, Some(&reached), &[]);
         assert_eq!(said.len(), 3, "{said:?}");
         assert!(said[0].contains("(aws_secret_access_key)") && said[0].contains("chmod 600"));
         assert!(said[1].contains("control-plane token file"));
         assert!(said[2].contains("instance-metadata endpoint"));
-        assert_eq!(warnings(&config, Some(&MetadataReach::Blocked)).len(), 2);
+        assert_eq!(
+            warnings_in(&config, Some(&MetadataReach::Blocked), &[]).len(),
+            2
+        );
         for p in [&file, &token] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
-        assert!(warnings(&config, None).is_empty());
+        assert!(warnings_in(&config, None, &[]).is_empty());
+    }
+
+    /// A variable or option naming a credential file is kept from the job, the file is not:
+    /// one every user may read is named with its fix, as the keys themselves are.
+    #[test]
+    fn credential_files_every_user_may_read_are_named() {
+        let top = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let key = top.path().join("gcp.json");
+        let fed = top.path().join("federated");
+        for p in [&key, &fed] {
+            std::fs::write(p, "{}").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let text = format!(
+            "[store]\nurl = \"gs://b\"\n[store.options]\nazure_federated_token_file = \"{}\"\n",
+            fed.display()
+        );
+        let config = crate::config::resolve(None, &text, &|_| None, "/s".into()).unwrap();
+        let env = [
+            (
+                "GOOGLE_APPLICATION_CREDENTIALS".to_string(),
+                key.clone().into(),
+            ),
+            // Another provider's variable is not the store's credential.
+            (
+                "AWS_WEB_IDENTITY_TOKEN_FILE".to_string(),
+                fed.clone().into(),
+            ),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+                key.clone().into(),
+            ),
+        ];
+        let said = warnings_in(&config, None, &env);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].contains("store option `azure_federated_token_file`")
+                && said[0].contains(&format!("`chmod 600 {}`", fed.display())),
+            "{said:?}"
+        );
+        assert!(
+            said[1].contains("$GOOGLE_APPLICATION_CREDENTIALS")
+                && said[1].contains(&format!("`chmod 600 {}`", key.display())),
+            "{said:?}"
+        );
+        // S3: its variables, and the AWS profile's default files under $HOME.
+        let config =
+            crate::config::resolve(None, "[store]\nurl = \"s3://b\"\n", &|_| None, "/s".into())
+                .unwrap();
+        std::fs::create_dir(top.path().join(".aws")).unwrap();
+        let profile = top.path().join(".aws/credentials");
+        std::fs::write(&profile, "[default]\n").unwrap();
+        std::fs::set_permissions(&profile, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let env = [
+            (
+                "AWS_WEB_IDENTITY_TOKEN_FILE".to_string(),
+                fed.clone().into(),
+            ),
+            ("HOME".to_string(), top.path().into()),
+        ];
+        let said = warnings_in(&config, None, &env);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("$AWS_WEB_IDENTITY_TOKEN_FILE"), "{said:?}");
+        assert!(said[1].contains("the AWS profile"), "{said:?}");
+        for p in [&key, &fed, &profile] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        assert!(warnings_in(&config, None, &env).is_empty());
     }
 
     #[test]
