@@ -5,7 +5,6 @@
 //! endpoint. Said at every run, each in one line that names the fix; never changed for the
 //! operator (they are the operator's files and the node's network).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
@@ -91,15 +90,118 @@ fn credential_files(
     out
 }
 
-/// Whether any user may read `path`: the file is readable by others and every directory
-/// above it may be passed by others (a 0644 file in a 0700 directory is private).
-fn readable_by_everyone(path: &Path) -> bool {
-    let Ok(real) = std::fs::canonicalize(path) else {
-        return false;
+/// A uid no account has: a user neither the file nor its ACL names.
+const STRANGER: u32 = u32::MAX - 1;
+
+/// Who besides root and the agent may read one of the agent's secrets (and so every job they
+/// run).
+#[derive(Debug, PartialEq, Eq)]
+enum Readers {
+    /// "Other" may: every user.
+    Everyone,
+    /// The members of the file's group (not root's, not the agent's own).
+    Group(String),
+    /// Its ACL lets users or groups it names read it (the group class grants reading).
+    Acl,
+}
+
+impl Readers {
+    /// "every user may read it, every job too", as a line's subject and verb.
+    fn may_read(&self) -> String {
+        match self {
+            Readers::Everyone => "every user may read it, every job too".into(),
+            Readers::Group(g) => format!("every member of group {g} may read it, their jobs too"),
+            Readers::Acl => "the users and groups its ACL names may read it, their jobs too".into(),
+        }
+    }
+
+    /// "may be read by every user, every job too".
+    fn may_be_read(&self) -> String {
+        match self {
+            Readers::Everyone => "may be read by every user, every job too".into(),
+            Readers::Group(g) => {
+                format!("may be read by every member of group {g}, their jobs too")
+            }
+            Readers::Acl => {
+                "may be read by the users and groups its ACL names, their jobs too".into()
+            }
+        }
+    }
+}
+
+/// Who besides root and the agent may read `path` through every directory above it (a 0644
+/// file in a 0700 directory is private), by the kernel's rules, ACLs included. The job's user
+/// is not known here (the config is checked before any spec): "other", the file's group, and
+/// an ACL's named entries stand for it. A file someone else owns is that owner's to read
+/// anyway, and is not judged by its group.
+fn who_may_read(path: &Path) -> Option<Readers> {
+    use c3_runtime::confine::{fstat, JobReader};
+    let real = std::fs::canonicalize(path).ok()?;
+    let file = std::fs::File::open(&real).ok()?;
+    let st = fstat(&file).ok()?;
+    let trusted = [0, nix::unistd::geteuid().as_raw()];
+    let own_groups = [0, nix::unistd::getegid().as_raw()];
+    // A transient fault reading an ACL is no finding: a warning must be a fact.
+    let reaches = |reader: &JobReader| {
+        reader.may_read(&file, &st).unwrap_or(false)
+            && real.ancestors().skip(1).all(|dir| passable(reader, dir))
     };
-    let others =
-        |p: &Path, bit: u32| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & bit != 0);
-    others(&real, 0o004) && real.ancestors().skip(1).all(|dir| others(dir, 0o001))
+    if reaches(&JobReader {
+        uid: STRANGER,
+        gids: Vec::new(),
+    }) {
+        return Some(Readers::Everyone);
+    }
+    if !trusted.contains(&st.st_uid) {
+        return None;
+    }
+    if !own_groups.contains(&st.st_gid)
+        && reaches(&JobReader {
+            uid: STRANGER,
+            gids: vec![st.st_gid],
+        })
+    {
+        return Some(Readers::Group(group_name(st.st_gid)));
+    }
+    // An ACL's named entries cannot be asked of here one by one: one whose group class (the
+    // mask, shown as the group bits) grants reading lets someone it names read, unless only
+    // the (trusted) owning group is granted, which the mask alone cannot tell.
+    let named = matches!(c3_runtime::acl::of(&file), Ok(Some(_)));
+    (named && st.st_mode & 0o040 != 0).then_some(Readers::Acl)
+}
+
+/// Whether `reader` may pass through `dir`: its ACL too where the agent may open it, else
+/// the mode bits.
+fn passable(reader: &c3_runtime::confine::JobReader, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(d) = std::fs::File::open(dir) {
+        if let Ok(st) = c3_runtime::confine::fstat(&d) {
+            return reader.may_search(&d, &st).unwrap_or(false);
+        }
+    }
+    std::fs::metadata(dir).is_ok_and(|m| {
+        let bits = if reader.gids.contains(&m.gid()) {
+            m.mode() >> 3
+        } else {
+            m.mode()
+        };
+        bits & 0o001 != 0
+    })
+}
+
+/// A group's name from `/etc/group` (never the name service: one that hangs would hold the
+/// agent's start), else its number.
+fn group_name(gid: u32) -> String {
+    std::fs::read_to_string("/etc/group")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)?.parse::<u32>().ok()? == gid).then(|| name.to_string())
+            })
+        })
+        .map_or_else(|| format!("gid {gid}"), |name| format!("`{name}`"))
 }
 
 /// Whether a job's user reaches the instance-metadata endpoint the store's credentials come
@@ -190,11 +292,12 @@ fn warnings_in(
             .map(String::as_str)
             .filter(|k| is_secret_option(k))
             .collect();
-        if !secrets.is_empty() && readable_by_everyone(file) {
+        if let Some(readers) = (!secrets.is_empty()).then(|| who_may_read(file)).flatten() {
             out.push(format!(
-                "{} holds store secrets ({}) and every user may read it, every job too: `chmod 600 {}`",
+                "{} holds store secrets ({}) and {}: `chmod 600 {}`",
                 file.display(),
                 secrets.join(", "),
+                readers.may_read(),
                 file.display()
             ));
         }
@@ -204,19 +307,21 @@ fn warnings_in(
         .as_ref()
         .and_then(|cp| cp.token_file.as_ref())
     {
-        if readable_by_everyone(token) {
+        if let Some(readers) = who_may_read(token) {
             out.push(format!(
-                "the control-plane token file {} may be read by every user, every job too (it could report as this node): `chmod 600 {}`",
+                "the control-plane token file {} {} (it could report as this node): `chmod 600 {}`",
                 token.display(),
+                readers.may_be_read(),
                 token.display()
             ));
         }
     }
     for (file, named_by) in credential_files(config, env) {
-        if readable_by_everyone(&file) {
+        if let Some(readers) = who_may_read(&file) {
             out.push(format!(
-                "{} holds the store's credentials ({named_by}) and may be read by every user, every job too: `chmod 600 {}`",
+                "{} holds the store's credentials ({named_by}) and {}: `chmod 600 {}`",
                 file.display(),
+                readers.may_be_read(),
                 file.display()
             ));
         }
@@ -237,6 +342,7 @@ fn warnings_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn secret_options_are_told_from_names() {
@@ -376,11 +482,100 @@ mod tests {
         chmod(&dir, 0o755);
         chmod(&f, 0o644);
         // /tmp and what is above it are passable on any normal system.
-        assert!(readable_by_everyone(&f));
+        assert_eq!(who_may_read(&f), Some(Readers::Everyone));
         chmod(&f, 0o600);
-        assert!(!readable_by_everyone(&f));
+        assert_eq!(who_may_read(&f), None);
         chmod(&f, 0o644);
         chmod(&dir, 0o700);
-        assert!(!readable_by_everyone(&f));
+        assert_eq!(who_may_read(&f), None);
+    }
+
+    /// A secret of root's that a group other than root's may read (`0640 root:hpcusers`), or
+    /// that an ACL lets a named user read, is the members' and that user's jobs' to read too.
+    /// Root's own group, or a file another user owns (theirs to read anyway), are no finding.
+    #[test]
+    fn a_file_a_group_or_an_acl_lets_others_read_is_named() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: a file's group cannot be set to another; not checked");
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("d");
+        std::fs::create_dir(&dir).unwrap();
+        let f = dir.join("f");
+        std::fs::write(&f, "x").unwrap();
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let chown =
+            |p: &Path, u: u32, g: u32| std::os::unix::fs::chown(p, Some(u), Some(g)).unwrap();
+        let gid = 4242;
+        chmod(top.path(), 0o755);
+        chmod(&dir, 0o755);
+        chmod(&f, 0o640);
+        chown(&f, 0, gid);
+        let group = Some(Readers::Group(group_name(gid)));
+        assert_eq!(who_may_read(&f), group);
+        assert!(group_name(gid).contains("4242") || group_name(gid).starts_with('`'));
+        chown(&f, 0, 0);
+        assert_eq!(who_may_read(&f), None, "root's group");
+        chown(&f, 0, gid);
+        chmod(&dir, 0o750);
+        assert_eq!(who_may_read(&f), None, "a directory the group may not pass");
+        chown(&dir, 0, gid);
+        assert_eq!(who_may_read(&f), group, "one it may");
+        let text = format!(
+            "[control_plane]\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n",
+            f.display()
+        );
+        let config = crate::config::resolve(None, &text, &|_| None, "/s".into()).unwrap();
+        let said = warnings_in(&config, None, &[]);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains("may be read by every member of group")
+                && said[0].contains("chmod 600"),
+            "{said:?}"
+        );
+        chown(&f, 4243, gid);
+        assert_eq!(who_may_read(&f), None, "another user's file");
+
+        // `setfacl -m u:4243:r f` on a `0600 root:root` file: the mode bits show 0640.
+        chown(&f, 0, 0);
+        let entries: [(u16, u16, u32); 5] = [
+            (0x01, 6, u32::MAX),
+            (0x02, 4, 4243),
+            (0x04, 0, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ];
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&id.to_le_bytes());
+        }
+        let path = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: both strings are NUL-terminated; `acl` is readable for its length.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            eprintln!("no POSIX ACLs here: the ACL case is not checked");
+            return;
+        }
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(who_may_read(&f), Some(Readers::Acl));
+        // `chmod 600`, the fix the line names, empties the mask.
+        chmod(&f, 0o600);
+        assert_eq!(who_may_read(&f), None);
     }
 }
