@@ -260,7 +260,13 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
     };
     let unknown = unknown_vars(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()));
     match resolve(file.clone(), &text, &env, default_state_dir()) {
-        Ok(c) if unknown.is_empty() => Ok(c),
+        Ok(c) if unknown.is_empty() => match state_dir_problem(&c.state_dir) {
+            None => Ok(c),
+            Some(problem) => Err(ConfigError {
+                source_file: file,
+                problems: vec![problem],
+            }),
+        },
         Ok(_) => Err(ConfigError {
             source_file: file,
             problems: unknown,
@@ -441,7 +447,11 @@ pub fn resolve(
     }
 
     let state_dir = file.state_dir.unwrap_or(default_state);
-    if !state_dir.is_absolute() {
+    if state_dir.as_os_str().is_empty() {
+        problems.push(
+            "`state_dir`: no default for this user (no $XDG_STATE_HOME, no $HOME, no home in its passwd entry): set one".into(),
+        );
+    } else if !state_dir.is_absolute() {
         problems.push(format!(
             "`state_dir`: `{}` must be an absolute path",
             state_dir.display()
@@ -452,7 +462,9 @@ pub fn resolve(
             .jobs_root
             .unwrap_or_else(|| c3_runtime::statedir::StateDir::new(&state_dir).jobs_dir()),
     );
-    if !jobs_root.is_absolute() || jobs_root == Path::new("/") {
+    // A jobs root below no state dir is that one problem, said once.
+    let below_no_state_dir = jobs_root.is_relative() && state_dir.as_os_str().is_empty();
+    if !below_no_state_dir && (!jobs_root.is_absolute() || jobs_root == Path::new("/")) {
         problems.push(format!(
             "`jobs_root`: `{}` must be an absolute path below /",
             jobs_root.display()
@@ -860,18 +872,67 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// `/var/lib/c3-agent` for root; the XDG state dir otherwise.
-pub fn default_state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+/// `/var/lib/c3-agent` for root; the XDG state dir otherwise, under `$XDG_STATE_HOME`, else
+/// the home (`$HOME`, else the passwd entry's). Never a shared place such as /tmp: another
+/// user could make it first, and read and rewrite all of it. Empty when no home is known.
+fn default_state_dir() -> PathBuf {
+    let euid = nix::unistd::geteuid();
+    default_state_dir_in(euid.is_root(), &|k| std::env::var_os(k), &|| {
+        nix::unistd::User::from_uid(euid)
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+    })
+}
+
+fn default_state_dir_in(
+    root: bool,
+    env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    passwd_home: &dyn Fn() -> Option<PathBuf>,
+) -> PathBuf {
+    if root {
         return PathBuf::from("/var/lib/c3-agent");
     }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return PathBuf::from(x).join("c3-agent");
+    // Relative values are ignored, as the XDG spec asks.
+    let absolute = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(x) = absolute("XDG_STATE_HOME") {
+        return x.join("c3-agent");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".local/state/c3-agent")
+    absolute("HOME")
+        .or_else(|| passwd_home().filter(|p| p.is_absolute()))
+        .map(|home| home.join(".local/state/c3-agent"))
+        .unwrap_or_default()
+}
+
+/// Why the existing state dir `dir` may not be used: another user than the agent's (or root)
+/// owns it, or its group, others or an ACL's named entries may write it. They could read and
+/// rewrite the records a root `recover` acts on, the logs, and the default store.
+fn state_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).ok()?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let shown = dir.display();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Some(format!(
+            "`state_dir`: {shown} is owned by uid {}, not by this agent's user (uid {euid}) or root: it could read and rewrite the agent's records and store (use a dir of the agent's own)",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "`state_dir`: {shown} may be written by its group or others (mode {:o}): they could rewrite the agent's records and store: `chmod 0711 {shown}`",
+            meta.mode() & 0o7777
+        ));
+    }
+    let acl = std::fs::File::open(dir)
+        .ok()
+        .and_then(|d| c3_runtime::acl::of(&d).ok().flatten());
+    if acl.is_some_and(|a| a.lets_others_write(meta.uid())) {
+        return Some(format!(
+            "`state_dir`: {shown} has an ACL that lets other users write it: they could rewrite the agent's records and store: `setfacl -b {shown}`"
+        ));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -965,6 +1026,76 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kill_grace, Duration::from_secs(MAX_DURATION_SECS));
+    }
+
+    /// A non-root agent without $HOME keeps its state in its passwd entry's home, never in
+    /// /tmp (where another user could make it first); with no home at all it asks for one.
+    #[test]
+    fn the_default_state_dir_is_never_a_shared_place() {
+        let none = |_: &str| None;
+        let home = || Some(PathBuf::from("/home/u"));
+        let no_home = || None;
+        assert_eq!(
+            default_state_dir_in(true, &none, &home),
+            Path::new("/var/lib/c3-agent")
+        );
+        assert_eq!(
+            default_state_dir_in(false, &none, &home),
+            Path::new("/home/u/.local/state/c3-agent")
+        );
+        let env = |k: &str| match k {
+            "HOME" => Some("/h".into()),
+            "XDG_STATE_HOME" => Some("relative".into()),
+            _ => None,
+        };
+        assert_eq!(
+            default_state_dir_in(false, &env, &home),
+            Path::new("/h/.local/state/c3-agent"),
+            "a relative XDG_STATE_HOME is ignored"
+        );
+        let empty = default_state_dir_in(false, &none, &no_home);
+        assert_eq!(empty, PathBuf::new());
+        let e = resolve(None, "", &|_| None, empty.clone()).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{:?}", e.problems);
+        assert!(
+            e.problems[0].starts_with("`state_dir`: no default"),
+            "{:?}",
+            e.problems
+        );
+        resolve(None, "state_dir = \"/s\"\n", &|_| None, empty).unwrap();
+    }
+
+    /// A state dir its group, others or another user may write is refused; the agent's own
+    /// 0711 or 0755 one is not.
+    #[test]
+    fn a_state_dir_others_may_write_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("state");
+        assert_eq!(state_dir_problem(&dir), None, "none yet");
+        std::fs::create_dir(&dir).unwrap();
+        let chmod = |m| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).unwrap();
+        for ok in [0o711, 0o755, 0o700] {
+            chmod(ok);
+            assert_eq!(state_dir_problem(&dir), None, "{ok:o}");
+        }
+        for bad in [0o777, 0o1777, 0o775, 0o757] {
+            chmod(bad);
+            let p = state_dir_problem(&dir).unwrap_or_default();
+            assert!(
+                p.starts_with("`state_dir`:") && p.contains("chmod 0711"),
+                "{bad:o}: {p}"
+            );
+        }
+        chmod(0o711);
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
+            let p = state_dir_problem(&dir).unwrap_or_default();
+            assert!(
+                p.starts_with("`state_dir`:") && p.contains("uid 4242"),
+                "{p}"
+            );
+        }
     }
 
     #[test]

@@ -102,7 +102,10 @@ impl StateDir {
         Ok(self.attempt_dir(job_id, attempt))
     }
 
-    /// Creates the state dir (0711), and sets an existing one of the agent's to 0711.
+    /// Creates the state dir (0711), and sets an existing one of the agent's to 0711. One
+    /// another user owns, or (root's) that group or others may write, is refused: its owner or
+    /// writers could read and rewrite the records a root `recover` acts on and the default
+    /// store (the config's check said so at start; this one holds for a dir made since).
     pub fn ensure_root(&self) -> Result<(), StateError> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if let Some(parent) = self.root.parent() {
@@ -112,8 +115,21 @@ impl StateDir {
             })?;
         }
         mkdir_mode(&self.root, 0o711)?;
-        if let Ok(meta) = std::fs::symlink_metadata(&self.root) {
+        if let Ok(meta) = std::fs::metadata(&self.root) {
             let mine = meta.uid() == nix::unistd::geteuid().as_raw();
+            if !mine && (meta.uid() != 0 || meta.mode() & 0o022 != 0) {
+                return Err(StateError::Write {
+                    path: self.root.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "owned by uid {} (mode {:o}), not by this agent's user or root, or others may write it",
+                            meta.uid(),
+                            meta.mode() & 0o7777
+                        ),
+                    ),
+                });
+            }
             // Exactly 0711: narrower and a job's user could not reach a default workdir below it.
             if mine && meta.mode() & 0o777 != 0o711 {
                 std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))
@@ -472,6 +488,30 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state dir another user made first (0777, theirs) is not taken over: they could read
+    /// and rewrite every record in it. The agent's own is set to 0711.
+    #[test]
+    fn a_state_dir_another_user_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let s = StateDir::new(top.path().join("state"));
+        std::fs::create_dir(s.root()).unwrap();
+        std::fs::set_permissions(s.root(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        s.ensure_root().unwrap();
+        let mode = std::fs::metadata(s.root()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o711);
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: a dir of another user's cannot be made; not checked");
+            return;
+        }
+        std::fs::set_permissions(s.root(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::chown(s.root(), Some(4242), Some(4242)).unwrap();
+        let e = s.ensure_root().unwrap_err();
+        assert!(format!("{:?}", e).contains("uid 4242"), "{e:?}");
+        assert!(s.ensure_attempt_dir("j", 1).is_err());
+        assert!(!s.jobs_dir().exists());
+    }
 
     #[test]
     fn a_workdir_reaches_into_the_state_dir_only_below_its_own_job_dir() {

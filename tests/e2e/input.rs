@@ -109,6 +109,44 @@ fn bad_config_is_one_line_naming_the_key() {
     assert!(!marker.exists());
 }
 
+/// A state dir another user could write (made 0777 before the agent, or owned by another
+/// user) is refused at start, exit 2 naming `state_dir`, nothing launched: its writers could
+/// read and rewrite the agent's records and store. It was taken over (chmod 0711) as it was.
+#[test]
+fn a_state_dir_others_may_write_or_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::file();
+    let marker = h.path("launched");
+    std::fs::create_dir(&h.state).unwrap();
+    std::fs::set_permissions(&h.state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
+    run.assert_code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("`state_dir`") && run.stderr.contains("chmod 0711"),
+        "{}",
+        run.stderr
+    );
+    assert!(!marker.exists());
+    if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(&h.state, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::os::unix::fs::chown(&h.state, Some(4242), Some(4242)).unwrap();
+        let run = h.run(&["run", "--", "touch", marker.to_str().unwrap()]);
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains("`state_dir`") && run.stderr.contains("uid 4242"),
+            "{}",
+            run.stderr
+        );
+        assert!(!marker.exists());
+        std::os::unix::fs::chown(&h.state, Some(0), Some(0)).unwrap();
+    }
+    std::fs::set_permissions(&h.state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.run(&["run", "--", "touch", marker.to_str().unwrap()])
+        .assert_code(0);
+    assert!(marker.exists());
+}
+
 #[test]
 fn bad_flags_exit_2() {
     let h = Harness::file();
