@@ -243,7 +243,67 @@ fn unknown_vars(names: impl Iterator<Item = String>) -> Vec<String> {
     problems
 }
 
+/// The setting a variable overrides, for a message about it.
+fn field_of(var: &str) -> Option<&'static str> {
+    Some(match var {
+        "C3_AGENT_BANDWIDTH_LIMIT" => "upload.bandwidth_limit_bytes_per_sec",
+        "C3_AGENT_CONFIG" => "the config file",
+        "C3_AGENT_CONTROL_PLANE_URL" => "control_plane.url",
+        "C3_AGENT_DATASET_TIMEOUT_SECS" => "job.dataset_timeout_secs",
+        "C3_AGENT_FORWARD_SIGNALS" => "job.forward_signals",
+        "C3_AGENT_FORWARD_TO" => "job.forward_to",
+        "C3_AGENT_GC_GRACE_HOURS" => "gc.grace_hours",
+        "C3_AGENT_GIVE_UP_SECS" => "control_plane.give_up_secs",
+        "C3_AGENT_JOBS_ROOT" => "jobs_root",
+        "C3_AGENT_KILL_GRACE_SECS" => "kill_grace_secs",
+        "C3_AGENT_LIVE_CPUS" => "sync.live_cpus",
+        "C3_AGENT_LOG" => "the log filter",
+        "C3_AGENT_LOG_FORMAT" => "log_format",
+        "C3_AGENT_MAX_LOG_BYTES" => "job.max_log_bytes",
+        "C3_AGENT_PRIVATE_FILES" => "private_files",
+        "C3_AGENT_RETENTION_FAILED_DAYS" => "retention.failed_days",
+        "C3_AGENT_RETENTION_SUCCEEDED_DAYS" => "retention.succeeded_days",
+        "C3_AGENT_SETTLE_MS" => "sync.settle_ms",
+        "C3_AGENT_STATE_DIR" => "state_dir",
+        "C3_AGENT_STOP_DEADLINE_SECS" => "job.stop_deadline_secs",
+        "C3_AGENT_STORE_MAX_RETRIES" => "store.max_retries",
+        "C3_AGENT_STORE_PREFLIGHT_TIMEOUT_SECS" => "store.preflight_timeout_secs",
+        "C3_AGENT_STORE_RETRY_DEADLINE_SECS" => "store.retry_deadline_secs",
+        "C3_AGENT_STORE_RETRY_TIMEOUT_SECS" => "store.retry_timeout_secs",
+        "C3_AGENT_STORE_URL" => "store.url",
+        "C3_AGENT_SYNC_LIVE" => "sync.live",
+        "C3_AGENT_SYNC_MODE" => "sync.mode",
+        "C3_AGENT_TOKEN_FILE" => "control_plane.token_file",
+        _ => return None,
+    })
+}
+
+/// A problem for each variable the agent reads as text whose value is not UTF-8: read as
+/// unset, `$C3_AGENT_STORE_URL` silently meant the node-local file store. (A path is refused
+/// too: the config file, UTF-8 by TOML's rule, could not name it either.) `$C3_AGENT_SOCKET`
+/// is a path read as it is.
+fn not_utf8_vars(get: &dyn Fn(&str) -> Option<std::ffi::OsString>) -> Vec<String> {
+    KNOWN_VARS
+        .iter()
+        .filter(|&&k| k != "C3_AGENT_SOCKET")
+        .filter(|&&k| get(k).is_some_and(|v| v.to_str().is_none()))
+        .map(|&k| match field_of(k) {
+            Some(field) if field.contains(' ') => format!("${k} ({field}): not UTF-8"),
+            Some(field) => format!("`{field}` (from ${k}): not UTF-8"),
+            None => format!("${k}: not UTF-8"),
+        })
+        .collect()
+}
+
 pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
+    let not_utf8 = not_utf8_vars(&|k| std::env::var_os(k));
+    if !not_utf8.is_empty() {
+        // Before the file is looked for: `$C3_AGENT_CONFIG` may be one of them.
+        return Err(ConfigError {
+            source_file: None,
+            problems: not_utf8,
+        });
+    }
     let env = |k: &str| std::env::var(k).ok();
     let located = locate(flag, &env);
     let (file, text) = match &located {
@@ -1094,6 +1154,33 @@ mod tests {
             assert!(
                 p.starts_with("`state_dir`:") && p.contains("uid 4242"),
                 "{p}"
+            );
+        }
+    }
+
+    /// A value that is not UTF-8 is named with its setting, never read as unset.
+    #[test]
+    fn a_variable_that_is_not_utf8_is_named() {
+        use std::os::unix::ffi::OsStrExt;
+        let get = |k: &str| match k {
+            "C3_AGENT_STORE_URL" => Some(std::ffi::OsStr::from_bytes(b"s3://b/\xe9").into()),
+            "C3_AGENT_CONFIG" | "C3_AGENT_SOCKET" => {
+                Some(std::ffi::OsStr::from_bytes(b"/x\xff").into())
+            }
+            "C3_AGENT_SETTLE_MS" => Some("5".into()),
+            _ => None,
+        };
+        assert_eq!(
+            not_utf8_vars(&get),
+            [
+                "$C3_AGENT_CONFIG (the config file): not UTF-8",
+                "`store.url` (from $C3_AGENT_STORE_URL): not UTF-8"
+            ]
+        );
+        for var in KNOWN_VARS {
+            assert!(
+                field_of(var).is_some() || ["C3_AGENT_FAULT", "C3_AGENT_SOCKET"].contains(var),
+                "{var} names no setting"
             );
         }
     }

@@ -109,6 +109,31 @@ fn bad_config_is_one_line_naming_the_key() {
     assert!(!marker.exists());
 }
 
+/// A variable whose value is not UTF-8 is exit 2 naming it: read as unset,
+/// `$C3_AGENT_STORE_URL` silently meant the node-local file store.
+#[test]
+fn a_variable_that_is_not_utf8_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let h = Harness::file();
+    let marker = h.path("launched");
+    let out = h
+        .command(&["run", "--", "touch", marker.to_str().unwrap()])
+        .env(
+            "C3_AGENT_STORE_URL",
+            std::ffi::OsStr::from_bytes(b"s3://bucket/\xe9"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("$C3_AGENT_STORE_URL") && stderr.contains("store.url"),
+        "{stderr}"
+    );
+    assert!(!marker.exists());
+}
+
 /// A state dir another user could write (made 0777 before the agent, or owned by another
 /// user) is refused at start, exit 2 naming `state_dir`, nothing launched: its writers could
 /// read and rewrite the agent's records and store. It was taken over (chmod 0711) as it was.
