@@ -51,6 +51,11 @@ pub struct DatasetSpec {
     pub mount: String,
 }
 
+/// The kernel's limit on one argument or one `NAME=VALUE` (`MAX_ARG_STRLEN`, its NUL
+/// included): past it execve fails (E2BIG) after the store check and the datasets ran, and the
+/// job was reported as its script's failure (exit 126) rather than a bad spec.
+pub const MAX_ARG_STRLEN: usize = 131_072;
+
 fn default_attempt() -> u32 {
     1
 }
@@ -179,6 +184,20 @@ impl JobSpec {
                 "contains a NUL byte",
             ));
         }
+        if let Some((i, a)) = self
+            .command
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.len() >= MAX_ARG_STRLEN)
+        {
+            return Err(SpecError::field(
+                format!("command[{i}]"),
+                format!(
+                    "is {} bytes; an argument must be under {MAX_ARG_STRLEN} (the kernel's limit)",
+                    a.len()
+                ),
+            ));
+        }
         if let Some(workdir) = &self.workdir {
             let clean = absolute_dir(workdir).map_err(|p| SpecError::field("workdir", p))?;
             self.workdir = Some(clean);
@@ -194,6 +213,17 @@ impl JobSpec {
                 return Err(SpecError::field(
                     format!("env.{key}"),
                     "value contains a NUL byte",
+                ));
+            }
+            let entry = key.len() + 1 + value.len();
+            if entry >= MAX_ARG_STRLEN {
+                // A name that long is not echoed whole.
+                let shown: String = key.chars().take(64).collect();
+                return Err(SpecError::field(
+                    format!("env.{shown}"),
+                    format!(
+                        "NAME=VALUE is {entry} bytes; a variable must be under {MAX_ARG_STRLEN} (the kernel's limit)"
+                    ),
                 ));
             }
         }
@@ -471,6 +501,39 @@ mod tests {
         assert_eq!(p.collected_dirs(), vec!["artifacts", "res", "a/b"]);
         assert_eq!(p.datasets[0].mount, "in/d");
         assert_eq!(p.datasets[1].mount, "e");
+    }
+
+    /// An argument or a variable the kernel would refuse at execve (E2BIG) is refused here;
+    /// one byte under the limit (the NUL makes it) passes.
+    #[test]
+    fn an_argument_or_variable_past_the_kernels_limit_is_refused() {
+        let spec = |command: Vec<String>, env: BTreeMap<String, String>| {
+            let mut s = JobSpec::from_json(br#"{"job_id":"j","command":["x"]}"#)
+                .unwrap()
+                .spec;
+            s.command = command;
+            s.env = env;
+            s.validate()
+        };
+        let big = "a".repeat(MAX_ARG_STRLEN);
+        let fits = "a".repeat(MAX_ARG_STRLEN - 1);
+        let e = spec(vec!["echo".into(), big.clone()], BTreeMap::new()).unwrap_err();
+        assert!(
+            e.to_string().contains("`command[1]`: is 131072 bytes"),
+            "{e}"
+        );
+        spec(vec!["echo".into(), fits], BTreeMap::new()).unwrap();
+        let env = |v: usize| BTreeMap::from([("BLOB".to_string(), "a".repeat(v))]);
+        // BLOB= is 5 bytes.
+        let e = spec(vec!["x".into()], env(MAX_ARG_STRLEN - 5)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`env.BLOB`: NAME=VALUE is 131072 bytes"),
+            "{e}"
+        );
+        spec(vec!["x".into()], env(MAX_ARG_STRLEN - 6)).unwrap();
+        let e = spec(vec!["x".into()], BTreeMap::from([(big, String::new())])).unwrap_err();
+        assert!(e.to_string().len() < 300, "the name is not echoed whole");
     }
 
     #[test]

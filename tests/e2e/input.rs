@@ -109,6 +109,30 @@ fn bad_config_is_one_line_naming_the_key() {
     assert!(!marker.exists());
 }
 
+/// An argument or variable the kernel refuses at execve (E2BIG, 128 KiB) is a bad spec, exit
+/// 2 naming it, before anything runs: it was a FAILED script (exit 126) after the store check
+/// and the datasets.
+#[test]
+fn an_argument_past_the_kernels_limit_is_a_bad_spec() {
+    let h = Harness::file();
+    let big = "a".repeat(131_072);
+    for (spec, field) in [
+        (
+            json!({"job_id": "j", "command": ["echo", big]}),
+            "`command[1]`",
+        ),
+        (
+            json!({"job_id": "j", "command": ["true"], "env": {"BLOB": big}}),
+            "`env.BLOB`",
+        ),
+    ] {
+        let run = h.run_job(spec);
+        run.assert_code(2);
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert!(run.stderr.contains(field), "{field}: {}", run.stderr);
+    }
+}
+
 /// A variable whose value is not UTF-8 is exit 2 naming it: read as unset,
 /// `$C3_AGENT_STORE_URL` silently meant the node-local file store.
 #[test]
