@@ -356,7 +356,11 @@ pub fn resolve(
             .map(|s| line_of(text, s.start))
             .map(|l| format!("line {l}: "))
             .unwrap_or_default();
-        fail(vec![format!("{at}{msg}")])
+        let key = toml_error_key(&e, text)
+            .filter(|k| !msg.contains(&format!("`{k}`")))
+            .map(|k| format!("`{k}`: "))
+            .unwrap_or_default();
+        fail(vec![format!("{at}{key}{msg}")])
     })?;
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
@@ -928,6 +932,33 @@ fn lexical_clean(p: &Path) -> PathBuf {
     p.components().collect()
 }
 
+/// The key a TOML error is about (`job.stop_deadline_secs` for `-1`, which names only the
+/// value): the path the parser kept, else the key on the line the error points into.
+fn toml_error_key(e: &toml::de::Error, text: &str) -> Option<String> {
+    // The parser's key path is shown only in an error without its input.
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let kept = bare.to_string().lines().find_map(|l| {
+        l.strip_prefix("in `")
+            .and_then(|k| k.strip_suffix('`'))
+            .map(String::from)
+    });
+    if kept.is_some() {
+        return kept;
+    }
+    let span = e.span()?;
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let key = match text[line_start..start].split_once('=') {
+        Some((key, _)) => key,
+        // The span is the key itself (`duplicate key`).
+        None => text.get(start..span.end)?,
+    }
+    .trim();
+    let bare = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    (!key.is_empty() && key.chars().all(bare)).then(|| key.to_string())
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -1466,6 +1497,27 @@ mod tests {
             unknown.contains("line 3") && unknown.contains("bucket"),
             "{unknown}"
         );
+    }
+
+    /// A value of the wrong type names its key, not only its line.
+    #[test]
+    fn a_type_error_names_the_key() {
+        let e = |text: &str| {
+            resolve(None, text, &env_of(&[]), PathBuf::from("/s"))
+                .unwrap_err()
+                .to_string()
+        };
+        let said = e("[job]\nstop_deadline_secs = -1\n");
+        assert!(
+            said.contains("line 2") && said.contains("`job.stop_deadline_secs`"),
+            "{said}"
+        );
+        let said = e("kill_grace_secs = \"ten\"\n");
+        assert!(said.contains("`kill_grace_secs`"), "{said}");
+        let said = e("[store]\noptions = { aws_region = 5 }\n");
+        assert!(said.contains("aws_region"), "{said}");
+        let said = e("kill_grace_secs = 1\nkill_grace_secs = 2\n");
+        assert!(said.contains("line 2: `kill_grace_secs`"), "{said}");
     }
 
     #[test]
