@@ -78,16 +78,26 @@ fn without_userinfo(value: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Who the agent's environment says it is (its login, its session): a job of another user
-/// gets none of it. Under sudo or cron `USER=root` made `getpass.getuser()` say root, and
-/// tools keyed on it (PyTorch's `/tmp/torchinductor_$USER` cache) shared one place across
-/// tenants.
+/// Who the agent's environment says it is (its login, its session, its own places): a job of
+/// another user gets none of it. Under sudo or cron `USER=root` made `getpass.getuser()` say
+/// root, and tools keyed on it (PyTorch's `/tmp/torchinductor_$USER` cache) shared one place
+/// across tenants; root's `XDG_CACHE_HOME=/root/.cache` or a private `TMPDIR` (pam_tmpdir's
+/// `/tmp/user/0`) sent the job's caches and temp files where it may not write; root's
+/// Kerberos ticket cache is root's; `PWD`/`OLDPWD` are where the agent was started.
 const IDENTITY_NAMES: &[&str] = &[
     "USER",
     "LOGNAME",
     "HOME",
     "SHELL",
     "MAIL",
+    "PWD",
+    "OLDPWD",
+    "TMPDIR",
+    "KRB5CCNAME",
+    "XDG_CACHE_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_STATE_HOME",
     "XDG_RUNTIME_DIR",
     "XDG_SESSION_ID",
     "XDG_SESSION_TYPE",
@@ -837,6 +847,14 @@ mod tests {
             ("SUDO_UID", "0"),
             ("XDG_RUNTIME_DIR", "/run/user/0"),
             ("DBUS_SESSION_BUS_ADDRESS", "unix:path=/run/user/0/bus"),
+            ("XDG_CACHE_HOME", "/root/.cache"),
+            ("XDG_CONFIG_HOME", "/root/.config"),
+            ("XDG_DATA_HOME", "/root/.local/share"),
+            ("XDG_STATE_HOME", "/root/.local/state"),
+            ("TMPDIR", "/tmp/user/0"),
+            ("KRB5CCNAME", "FILE:/tmp/krb5cc_0"),
+            ("PWD", "/root"),
+            ("OLDPWD", "/root/src"),
             ("PATH", "/usr/bin"),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
