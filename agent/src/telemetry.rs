@@ -169,6 +169,18 @@ fn written(prefix: Option<&[u8]>, style: Style, event: &[u8]) -> Vec<u8> {
     if line.len() <= MAX_WRITTEN {
         return line;
     }
+    if style == Style::Json {
+        // A JSON line cut anywhere no longer parses: log shippers and `jq` drop it, its level
+        // and job id with it. Its longest values are shortened instead.
+        let room = MAX_WRITTEN - prefix.map_or(0, <[u8]>::len);
+        if let Some(short) = shortened_json(event, room) {
+            let mut line = prefix.unwrap_or_default().to_vec();
+            line.extend_from_slice(&one_line(&short, style));
+            if line.len() <= MAX_WRITTEN {
+                return line;
+            }
+        }
+    }
     // Room for the note; the cut falls between characters, never inside one.
     let mut keep = MAX_WRITTEN - 64;
     while keep > 0 && line[keep] & 0xc0 == 0x80 {
@@ -178,6 +190,42 @@ fn written(prefix: Option<&[u8]>, style: Style, event: &[u8]) -> Vec<u8> {
     line.truncate(keep);
     line.extend_from_slice(format!(" \u{2026} ({cut} bytes cut)\n").as_bytes());
     line
+}
+
+/// `event` (one JSON object) with its longest string values halved, each ending in `…`,
+/// until it is written in at most `room` bytes (escaped as [`one_line`] writes it, less
+/// what the priority takes), and `cut_bytes` saying how many bytes of values went. `None`
+/// if it is not an object or no halving gets it there.
+fn shortened_json(event: &[u8], room: usize) -> Option<Vec<u8>> {
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(event).ok()?;
+    let size = |map: &serde_json::Map<String, serde_json::Value>| {
+        let text = serde_json::to_vec(map).unwrap_or_default();
+        one_line(&text, Style::Json).len() + 32
+    };
+    let mut cut = 0usize;
+    for _ in 0..64 {
+        if size(&map) <= room {
+            map.insert("cut_bytes".into(), cut.into());
+            let mut out = serde_json::to_vec(&map).ok()?;
+            out.push(b'\n');
+            return Some(out);
+        }
+        let longest = map
+            .iter_mut()
+            .filter_map(|(_, v)| match v {
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .max_by_key(|s| s.len())?;
+        let mut keep = longest.len() / 2;
+        while !longest.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        cut += longest.len() - keep;
+        longest.truncate(keep);
+        longest.push('\u{2026}');
+    }
+    None
 }
 
 impl std::io::Write for Line {
@@ -399,7 +447,15 @@ mod tests {
             }
             for line in &lines[..6] {
                 let text = std::str::from_utf8(line).unwrap();
-                assert!(text.ends_with(" bytes cut)\n"), "{style:?}: {text}");
+                if style == Style::Json {
+                    // Shortened, not cut: it still parses, its level and fields kept.
+                    let event: serde_json::Value =
+                        serde_json::from_str(text.strip_prefix("<6>").unwrap()).unwrap();
+                    assert!(event["cut_bytes"].as_u64().unwrap() > 0, "{event}");
+                    assert!(event["level"].is_string(), "{event}");
+                } else {
+                    assert!(text.ends_with(" bytes cut)\n"), "{style:?}: {text}");
+                }
             }
             let last = String::from_utf8_lossy(&lines[6]);
             assert!(
