@@ -419,6 +419,7 @@ impl<'a> Run<'a> {
         // leader and its process group tell `recover` what is the job's.
         let cgroup = if crate::fault::armed("no-job-cgroup")
             || crate::fault::armed("crash-after-spawn-without-cgroup")
+            || crate::fault::armed("exec-hangs-without-cgroup")
         {
             None
         } else {
@@ -429,22 +430,42 @@ impl<'a> Run<'a> {
         self.record.cgroup = cgroup.as_ref().map(|cg| cg.path().display().to_string());
         self.record.launching = true;
         self.save().await;
-        let launched = Supervisor::launch(
-            self.ctx,
-            &spec,
-            &self.workdir,
-            &workdir,
-            self.run_as.as_ref(),
-            socket.as_ref().map(AgentSocket::path),
-            cgroup,
-            cancel,
-        )
-        .await;
+        let (workdir_path, run_as) = (self.workdir.clone(), self.run_as.clone());
+        let (spawned, mut heard) = tokio::sync::oneshot::channel();
+        let launched = {
+            let launch = Supervisor::launch(
+                self.ctx,
+                &spec,
+                &workdir_path,
+                &workdir,
+                run_as.as_ref(),
+                socket.as_ref().map(AgentSocket::path),
+                cgroup,
+                cancel,
+                Some(spawned),
+            );
+            tokio::pin!(launch);
+            let mut pid_saved = false;
+            loop {
+                tokio::select! {
+                    launched = &mut launch => break launched,
+                    // Saved as soon as the child is forked: an execve stuck on a hung mount holds
+                    // the launch up to a minute, and an agent dying then left `recover` nothing
+                    // to find where no cgroup holds the job (it has no marks before the execve).
+                    Ok(pid) = &mut heard, if !pid_saved => {
+                        pid_saved = true;
+                        self.record.leader = crate::procfs::identity(pid);
+                        self.save().await;
+                    }
+                }
+            }
+        };
         let supervisor = match launched {
             Ok(s) => s,
             Err(failed) => {
                 // The failed launch stopped what it started.
                 self.record.launching = false;
+                self.record.leader = None;
                 self.save().await;
                 if failed.end == JobEnd::Canceled {
                     tracing::warn!("{}", failed.message);

@@ -365,16 +365,23 @@ pub struct LaunchPlan {
     /// `exec-hangs`, for the tests of a stuck launch). Decided before the fork: the child
     /// may make syscalls only.
     pub hang_before_exec: bool,
+    /// The flocks the agent holds ([`crate::statedir::held_flocks`]): fd, device, inode.
+    /// The child closes each before its execve, which may hang for a minute (a hung mount).
+    pub drop_in_child: Vec<(i32, u64, u64)>,
 }
 
 /// Starts the script, off the reactor: std's spawn returns only once execve did. Gives up
 /// on `cancel` or after `within` (the caller passes [`LAUNCH_DEADLINE`]), killing the child,
 /// which then never ran anything of the job's (it is alone: nothing of the job ran to fork).
 /// A stop already requested starts nothing.
+///
+/// `spawned` hears the child's pid as soon as the child says it, long before a stuck execve
+/// returns: an agent that dies meanwhile leaves its record naming the process.
 pub async fn start(
     plan: LaunchPlan,
     cancel: &CancellationToken,
     within: Duration,
+    mut spawned: Option<tokio::sync::oneshot::Sender<i32>>,
 ) -> Result<Script, LaunchError> {
     let program = plan.command[0].clone();
     if cancel.is_cancelled() {
@@ -435,7 +442,14 @@ pub async fn start(
             () = cancel.cancelled() => break false,
             () = &mut give_up => break true,
             read = pipe.read(&mut buf), if pipe_open => match read {
-                Ok(n @ 1..) => heard.0.extend_from_slice(&buf[..n]),
+                Ok(n @ 1..) => {
+                    heard.0.extend_from_slice(&buf[..n]);
+                    if let Some(pid) = heard.pid() {
+                        if let Some(tx) = spawned.take() {
+                            let _ = tx.send(pid);
+                        }
+                    }
+                }
                 _ => pipe_open = false,
             },
         }
@@ -519,11 +533,12 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
     let cgroup = plan.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
     let umask = plan.umask;
     let hang = plan.hang_before_exec;
+    let drop_in_child = plan.drop_in_child.clone();
     let said_fd = said.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // (getpid, setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask, close_range,
-    // pause), which are async-signal-safe, on fds and a group list prepared before the fork;
-    // it allocates nothing.
+    // (getpid, fstat, close, setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask,
+    // close_range, pause), which are async-signal-safe, on fds and a group list prepared
+    // before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             let step = |step: Step| {
@@ -540,6 +555,17 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
             // First of all: the agent can kill a child whose execve never returns.
             let pid = libc::getpid().to_ne_bytes();
             libc::write(said_fd, pid.as_ptr().cast(), pid.len());
+            // The agent's flocks are not the child's to hold while its execve hangs. An fd
+            // number given to another file since is left alone.
+            for (fd, dev, ino) in &drop_in_child {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(*fd, &mut st) == 0
+                    && st.st_dev as u64 == *dev
+                    && st.st_ino as u64 == *ino
+                {
+                    libc::close(*fd);
+                }
+            }
             step(Step::Session);
             check(libc::setsid())?;
             if let Some(fd) = cgroup {

@@ -989,7 +989,7 @@ struct OutboxClaim {
     /// a path that could be swapped meanwhile.
     dir: std::fs::File,
     /// The locked file; its flock goes when it is dropped.
-    _lock: std::fs::File,
+    _lock: crate::statedir::HeldFlock,
 }
 
 /// Takes `dir`'s lock without waiting: [`Claim::Busy`] when another flusher has it.
@@ -1058,7 +1058,7 @@ fn claim_outbox(dir: &Path) -> Claim {
         if linked && current {
             return Claim::Held(OutboxClaim {
                 dir: folder,
-                _lock: lock,
+                _lock: crate::statedir::HeldFlock::new(lock),
             });
         }
     }

@@ -343,7 +343,49 @@ pub const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2)
 /// for the same attempt would mix logs and manifests and abort the first one's uploads.
 #[derive(Debug)]
 pub struct AttemptLock {
-    _file: std::fs::File,
+    _file: HeldFlock,
+}
+
+/// A file whose flock this agent holds, known while held so that a forked child lets go of
+/// its share ([`held_flocks`]): a flock belongs to the open file, which a fork shares until
+/// execve closes it, and an execve stuck on a hung mount held the attempt's lock for as
+/// long as it hung: `recover` left the attempt "already being run", its process running.
+#[derive(Debug)]
+pub struct HeldFlock {
+    file: std::fs::File,
+}
+
+/// Each held flock's fd, device and inode (a child closes the fd only while it still is
+/// that file: the number may have been given to another since).
+static HELD_FLOCKS: std::sync::Mutex<Vec<(i32, u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+fn held_flocks_list() -> std::sync::MutexGuard<'static, Vec<(i32, u64, u64)>> {
+    HELD_FLOCKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HeldFlock {
+    /// `file`, whose flock is taken.
+    pub fn new(file: std::fs::File) -> HeldFlock {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = file.metadata() {
+            held_flocks_list().push((file.as_raw_fd(), meta.dev(), meta.ino()));
+        }
+        HeldFlock { file }
+    }
+}
+
+impl Drop for HeldFlock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        held_flocks_list().retain(|(f, _, _)| *f != fd);
+    }
+}
+
+/// The flocks this agent holds now, for a child to let go of before its execve.
+pub fn held_flocks() -> Vec<(i32, u64, u64)> {
+    held_flocks_list().clone()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -442,7 +484,9 @@ impl AttemptLock {
         file.set_len(0).map_err(err)?;
         file.write_all(format!("{}\n", std::process::id()).as_bytes())
             .map_err(err)?;
-        Ok(Some(AttemptLock { _file: file }))
+        Ok(Some(AttemptLock {
+            _file: HeldFlock::new(file),
+        }))
     }
 }
 

@@ -240,6 +240,7 @@ const LEFT_LOOK: Duration = Duration::from_secs(2);
 impl Supervisor {
     /// Starts the script in `workdir_fd` with the job's environment and user; a stop
     /// (`cancel`) before or while it starts ends the attempt with nothing of the job running.
+    /// `spawned` hears the script's pid once it is forked (see [`start`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn launch(
         ctx: &AgentContext,
@@ -250,6 +251,7 @@ impl Supervisor {
         socket: Option<&Path>,
         cgroup: Option<Cgroup>,
         cancel: &CancellationToken,
+        spawned: Option<tokio::sync::oneshot::Sender<i32>>,
     ) -> Result<Supervisor, LaunchFailed> {
         let mut job_vars = vec![
             (
@@ -311,13 +313,15 @@ impl Supervisor {
             run_as: run_as.cloned(),
             cgroup_procs,
             umask: ctx.job_umask,
-            hang_before_exec: crate::fault::armed("exec-hangs"),
+            hang_before_exec: crate::fault::armed("exec-hangs")
+                || crate::fault::armed("exec-hangs-without-cgroup"),
+            drop_in_child: crate::statedir::held_flocks(),
         };
         // Just before the launch: every connection made from now on may be the job's.
         let fuse = crate::fusectl::Before::take(
             run_as.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid),
         );
-        let mut script = match start(plan, cancel, LAUNCH_DEADLINE).await {
+        let mut script = match start(plan, cancel, LAUNCH_DEADLINE, spawned).await {
             Ok(s) => s,
             Err(e) => return Err(fail(&e, cgroup)),
         };
@@ -659,12 +663,13 @@ mod tests {
             cgroup_procs: None,
             umask: 0o022,
             hang_before_exec: false,
+            drop_in_child: Vec::new(),
         }
     }
 
     /// The launch's error, which it must end with.
     async fn failed(plan: LaunchPlan, cancel: &CancellationToken, within: Duration) -> LaunchError {
-        match start(plan, cancel, within).await {
+        match start(plan, cancel, within, None).await {
             Ok(mut script) => {
                 let _ = script.child.kill().await;
                 panic!("the launch went through");

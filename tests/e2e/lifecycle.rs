@@ -267,6 +267,47 @@ fn a_stop_ends_a_launch_whose_execve_never_returns() {
     );
 }
 
+/// The agent dies while the launch's execve is stuck (a hung mount), with no cgroup to hold
+/// the job: the child's pid, saved as soon as it was forked, lets `recover` stop it. The
+/// leader was recorded only once execve returned, and the child carries no marks before it:
+/// `recover` found nothing, and the script ran later with no agent.
+#[test]
+fn recover_stops_a_launch_whose_agent_died_during_its_execve() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "exec-hangs-without-cgroup".into()));
+    let spec = h.spec(json!({"job_id": "stuckexec", "command": ["true"]}));
+    let mut child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let record = h.state.join("jobs/stuckexec/attempts/1/run.json");
+    let leader: i32 = wait_for(
+        "the forked child to be recorded",
+        Duration::from_secs(20),
+        || {
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&record).ok()?).ok()?;
+            assert!(r["cgroup"].is_null(), "{r}");
+            r["leader"]["pid"].as_i64().map(|p| p as i32)
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(alive(leader), "the stuck launch outlived its agent");
+    h.env.clear();
+    let recover = h.run(&["recover"]);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        !alive(leader)
+    });
+    if !gone {
+        signal(leader as u32, "KILL");
+    }
+    assert!(
+        gone,
+        "recover left the stuck launch's process running\n{}",
+        recover.stderr
+    );
+}
+
 /// A look at the node that never ends before the launch (the workdir on a hung NFS server,
 /// the user behind a hung sssd) is given up on a stop: it ran unbounded, and the agent heard
 /// SIGTERM only when the look ended, if ever.
