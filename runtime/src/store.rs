@@ -138,6 +138,25 @@ async fn local_blocking<T: Send + 'static>(
         })
 }
 
+/// The error of a store's builder. object_store names the URL whole in some (`az://c:PW@host`
+/// "did not match any known pattern"), and a config error goes to the journal: one that
+/// does is said with the URL as [`crate::display::shown_url`] shows it.
+fn build_error(
+    scheme: &'static str,
+    source: object_store::Error,
+    url: &str,
+    shown: &str,
+) -> StoreError {
+    let text = crate::error_chain(&source);
+    if url != shown && text.contains(url) {
+        return StoreError::BadUrl {
+            url: shown.to_string(),
+            problem: text.replace(url, shown),
+        };
+    }
+    StoreError::Build { scheme, source }
+}
+
 /// The error of a write (`op` of `key`). A 404 to a write is not the key missing (a write
 /// makes it): it is the bucket, which the preflight found there, or a proxy or load
 /// balancer between that answered for a moment with its own 404. Retried until the retry
@@ -962,8 +981,11 @@ pub fn attempt_manifest_key(job_id: &str, attempt: u32) -> String {
 impl BlobStore {
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let url = config.url.clone();
+        // What an error names: the URL without its user, password and query (a config error
+        // goes to the journal, and `https://minio:PW@host/b` has the password in it).
+        let shown = crate::display::shown_url(&url);
         let parsed = url::Url::parse(&url).map_err(|e| StoreError::BadUrl {
-            url: url.clone(),
+            url: shown.clone(),
             problem: e.to_string(),
         })?;
         let retry = RetryConfig {
@@ -982,12 +1004,12 @@ impl BlobStore {
                     .is_some_and(|h| !h.is_empty() && h != "localhost")
                 {
                     return Err(StoreError::BadUrl {
-                        url,
+                        url: shown,
                         problem: "file URLs take no host: file:///abs/path".into(),
                     });
                 }
                 let path = parsed.to_file_path().map_err(|()| StoreError::BadUrl {
-                    url: url.clone(),
+                    url: shown.clone(),
                     problem: "not an absolute path".into(),
                 })?;
                 // What is missing above the store (the state dir and its parents, for the
@@ -1058,10 +1080,10 @@ impl BlobStore {
                 }
                 let (b, check) = s3_credentials(b);
                 credentials = check;
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
-                    scheme: "s3",
-                    source,
-                })?);
+                let built = Arc::new(
+                    b.build()
+                        .map_err(|source| build_error("s3", source, &url, &shown))?,
+                );
                 (built.clone(), built)
             }
             "gs" => {
@@ -1080,10 +1102,10 @@ impl BlobStore {
                     })?;
                     b = b.with_config(key, v);
                 }
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
-                    scheme: "gs",
-                    source,
-                })?);
+                let built = Arc::new(
+                    b.build()
+                        .map_err(|source| build_error("gs", source, &url, &shown))?,
+                );
                 (built.clone(), built)
             }
             "az" | "azure" | "abfs" | "abfss" => {
@@ -1100,15 +1122,15 @@ impl BlobStore {
                     })?;
                     b = b.with_config(key, v);
                 }
-                let built = Arc::new(b.build().map_err(|source| StoreError::Build {
-                    scheme: "azure",
-                    source,
-                })?);
+                let built = Arc::new(
+                    b.build()
+                        .map_err(|source| build_error("azure", source, &url, &shown))?,
+                );
                 (built.clone(), built)
             }
             other => {
                 return Err(StoreError::BadUrl {
-                    url: url.clone(),
+                    url: shown,
                     problem: format!("scheme `{other}` is not one of file, s3, gs, az"),
                 })
             }
@@ -2978,6 +3000,23 @@ pub(crate) mod tests {
 
     fn config(url: &str) -> StoreConfig {
         StoreConfig::for_tests(url)
+    }
+
+    /// A URL refused names the store without its user, password or query: the error is a
+    /// config line in the journal.
+    #[test]
+    fn a_url_refused_is_named_without_its_credentials() {
+        for url in [
+            "https://minio:S3CRETPW@minio:9000/bucket",
+            "file://u:S3CRETPW@host/x",
+            "az://c:S3CRETPW@not.azure.example/x",
+            "gs://u:S3CRETPW@/x?sig=S3CRETPW",
+        ] {
+            let e = BlobStore::open(&config(url)).unwrap_err();
+            let shown = format!("{} {e:?}", crate::error_chain(&e));
+            assert!(e.is_permanent(), "{shown}");
+            assert!(!shown.contains("S3CRETPW"), "{shown}");
+        }
     }
 
     #[test]

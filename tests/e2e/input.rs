@@ -196,6 +196,27 @@ fn a_state_dir_others_may_write_or_own_is_refused() {
     assert!(marker.exists());
 }
 
+/// A store URL the store cannot take (a scheme it has not, a host on a file URL, a pattern
+/// object_store does not know) is an exit 2 naming it, without its password: the line goes
+/// to the journal.
+#[test]
+fn a_store_url_refused_is_named_without_its_password() {
+    for url in [
+        "https://minio:S3CRETPW@minio:9000/bucket",
+        "file://u:S3CRETPW@host/x",
+        "az://c:S3CRETPW@not.azure.example/x",
+    ] {
+        let mut h = Harness::file();
+        h.env.push(("C3_AGENT_STORE_URL".into(), url.into()));
+        for args in [&["ls", "j"][..], &["run", "--", "true"][..]] {
+            let run = h.run(args);
+            run.assert_code(2);
+            assert!(run.stderr.contains("store"), "{url}: {}", run.stderr);
+            assert!(!run.stderr.contains("S3CRETPW"), "{url}: {}", run.stderr);
+        }
+    }
+}
+
 #[test]
 fn bad_flags_exit_2() {
     let h = Harness::file();
