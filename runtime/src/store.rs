@@ -612,6 +612,42 @@ struct Outage {
     /// serves reads and refuses writes (a 503 to every PUT, a full disk) answered each
     /// file's HEAD, which ended the outage, and every file waited a deadline of its own.
     writes_failed: bool,
+    /// How reads fare in an outage of writes.
+    reads: Reads,
+}
+
+/// How reads fare in an outage of writes. Once one has answered in it, reads are judged by
+/// their own failures, not by the writes': a final sync that needs no write (large files
+/// all stored: HEADs only) had nothing to end an outage that a failed write began, each read
+/// fault kept it fresh, and past its deadline every HEAD was refused, UPLOAD_ERROR from a
+/// store that answered 4 requests in 5. Writes are still refused as before: a store that
+/// answers reads and refuses writes fails the files it does not hold in one deadline.
+#[derive(Debug, Clone, Copy)]
+enum Reads {
+    /// None has answered in this outage: they are held to its clock, as writes are (a store
+    /// that is down, its first failure a write's).
+    Unknown,
+    /// The latest read answered: a read is tried unbounded, as with no outage under way.
+    Answering,
+    /// Reads have failed since `since` with none answering, the latest failure booked at
+    /// `last`: an outage of their own, as [`Outage::clock`] and [`Outage::last`] are.
+    Failing {
+        since: tokio::time::Instant,
+        last: tokio::time::Instant,
+    },
+}
+
+impl Outage {
+    /// The clock and the latest failure a try counts by (`write`: a write's), as
+    /// [`Outage::clock`] and [`Outage::last`]; `None` for a read where reads answer.
+    fn counted(&self, write: bool) -> Option<(tokio::time::Instant, tokio::time::Instant)> {
+        match (write || !self.writes_failed, self.reads) {
+            (true, _) | (false, Reads::Unknown) => Some((self.clock, self.last)),
+            (false, Reads::Answering) => None,
+            // The final sync's restart of the clock holds for reads too.
+            (false, Reads::Failing { since, last }) => Some((since.max(self.clock), last)),
+        }
+    }
 }
 
 /// What an operation's next try may do, decided as it starts ([`Retry::admit`]).
@@ -678,17 +714,21 @@ impl Retry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decides how a try that starts now may run; `op_deadline` is its operation's own.
-    fn admit(&self, op_deadline: tokio::time::Instant) -> Admit<'_> {
+    /// Decides how a try that starts now may run; `op_deadline` is its operation's own;
+    /// `write`: whether it is a write's.
+    fn admit(&self, op_deadline: tokio::time::Instant, write: bool) -> Admit<'_> {
         let now = tokio::time::Instant::now();
         let mut state = self.lock();
         let Some(o) = state.outage.as_mut() else {
             return Admit::Free;
         };
-        if now.saturating_duration_since(o.last) > self.deadline {
+        let Some((clock, last)) = o.counted(write) else {
+            return Admit::Free;
+        };
+        if now.saturating_duration_since(last) > self.deadline {
             return Admit::Free;
         }
-        let ends = o.clock + self.deadline;
+        let ends = clock + self.deadline;
         if now < ends {
             return Admit::During {
                 id: o.id,
@@ -720,10 +760,11 @@ impl Retry {
     /// `until`. When the bound comes, the outage may be over or the store may have answered a
     /// request since the try began (the try goes on unbounded, as it would have started then),
     /// or the outage's clock may have been restarted by the final sync (the bound moves with it).
+    /// `write`: whether the try is a write's ([`Outage::counted`]).
     async fn bounded<F: std::future::Future>(
         &self,
         try_: F,
-        id: u64,
+        (id, write): (u64, bool),
         started: tokio::time::Instant,
         mut until: tokio::time::Instant,
         op_deadline: tokio::time::Instant,
@@ -737,9 +778,9 @@ impl Retry {
                 let state = self.lock();
                 let heard = state.answered_at.is_some_and(|at| at > started);
                 match &state.outage {
-                    Some(o) if o.id == id && !heard => {
-                        Some((o.clock + self.deadline).min(op_deadline))
-                    }
+                    Some(o) if o.id == id && !heard => o
+                        .counted(write)
+                        .map(|(clock, _)| (clock + self.deadline).min(op_deadline)),
                     _ => None,
                 }
             };
@@ -785,6 +826,29 @@ impl Retry {
             e => Some(crate::error_chain(e)),
         };
         if let Some(o) = state.outage.as_mut() {
+            // A read that fails where reads answered: their own outage begins or goes on,
+            // and the outage of writes is not kept fresh by it (a read's fault says nothing
+            // of writes), so it goes stale a deadline after the last write failed.
+            if let (false, true, Reads::Answering | Reads::Failing { .. }) =
+                (write, o.writes_failed, o.reads)
+            {
+                let since = match o.reads {
+                    Reads::Failing { since, last }
+                        if started.saturating_duration_since(last) <= self.deadline =>
+                    {
+                        since
+                    }
+                    _ => started,
+                };
+                o.reads = Reads::Failing {
+                    since,
+                    last: now.max(started),
+                };
+                if let Some(error) = error {
+                    o.error = error;
+                }
+                return since.max(o.clock) + self.deadline;
+            }
             if started.saturating_duration_since(o.last) > self.deadline {
                 o.clock = started;
             }
@@ -806,10 +870,16 @@ impl Retry {
             probed: None,
             error: error.unwrap_or_default(),
             writes_failed: write,
+            reads: Reads::Unknown,
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
             "store is failing; retrying with backoff (one line when it answers again)");
         began + self.deadline
+    }
+
+    /// Whether an outage in which writes failed is under way.
+    fn writes_failing(&self) -> bool {
+        self.lock().outage.as_ref().is_some_and(|o| o.writes_failed)
     }
 
     fn restart_clock(&self) {
@@ -827,9 +897,12 @@ impl Retry {
 
     /// A try succeeded; `write`: a write's. A read says nothing of an outage of writes, and
     /// is not taken for the store answering within a write's try either.
+    /// In an outage of writes a read that answers has reads tried again as they come
+    /// ([`Reads`]).
     fn answered(&self, write: bool) {
         let mut state = self.lock();
-        if !write && state.outage.as_ref().is_some_and(|o| o.writes_failed) {
+        if let Some(o) = state.outage.as_mut().filter(|o| !write && o.writes_failed) {
+            o.reads = Reads::Answering;
             return;
         }
         state.answered_at = Some(tokio::time::Instant::now());
@@ -1233,11 +1306,13 @@ impl BlobStore {
         let mut failure: Option<StoreError> = None;
         loop {
             let started = tokio::time::Instant::now();
-            let (tried, probe) = match self.retry.admit(deadline) {
+            let (tried, probe) = match self.retry.admit(deadline, write) {
                 Admit::Free => (Some(op().await), None),
                 Admit::During { id, until, probe } => match cut {
                     true => (
-                        self.retry.bounded(op(), id, started, until, deadline).await,
+                        self.retry
+                            .bounded(op(), (id, write), started, until, deadline)
+                            .await,
                         probe,
                     ),
                     false => (Some(op().await), probe),
@@ -1421,17 +1496,33 @@ impl BlobStore {
     /// re-run, a dataset copied to the artifacts) against a store failing 1 request in 5 had
     /// no write that wrote to end the outage, each fault kept it fresh, and past the deadline
     /// its operations were refused: UPLOAD_ERROR from a store that answered 80% of them.
+    ///
+    /// Failed in an outage of writes (refused past its deadline, or its tries failing), it
+    /// looks, as a read, whether the blob is stored: one that is needs no write, and a store
+    /// that answers reads says so however its writes fare. Refused, a blob stored long ago
+    /// failed its file (a re-run's small files, the file store's).
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
-        self.retrying_write(
-            || self.put_blob_once(sha256_hex, bytes.clone()),
-            |put, refused_before| match put {
-                BlobPut::Added => true,
-                BlobPut::Exists => refused_before,
-                BlobPut::Found => false,
-            },
-        )
-        .await
-        .map(|put| matches!(put, BlobPut::Added))
+        let size = bytes.len() as u64;
+        let put = self
+            .retrying_write(
+                || self.put_blob_once(sha256_hex, bytes.clone()),
+                |put, refused_before| match put {
+                    BlobPut::Added => true,
+                    BlobPut::Exists => refused_before,
+                    BlobPut::Found => false,
+                },
+            )
+            .await;
+        match put {
+            Ok(put) => Ok(matches!(put, BlobPut::Added)),
+            Err(e) if !e.is_permanent() && self.retry.writes_failing() => {
+                match self.blob_exists(sha256_hex, size).await {
+                    Ok(true) => Ok(false),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<BlobPut, StoreError> {
@@ -2688,8 +2779,8 @@ pub(crate) mod tests {
     /// A store that answers reads and, while `refusing`, refuses every write with a 503 (its
     /// disk full behind it) but a create-if-absent of a key it holds, which it answers as S3
     /// does, before taking any bytes: "exists". With `flaky_puts` at n, every n-th PUT fails
-    /// with a 503 whatever its key (a store failing at random). Its listings are as `listing`
-    /// says.
+    /// with a 503 whatever its key (a store failing at random), and with `flaky_heads` at n
+    /// every n-th HEAD. Its listings are as `listing` says.
     #[derive(Debug, Default)]
     pub(crate) struct Faulty {
         pub(crate) mem: object_store::memory::InMemory,
@@ -2697,6 +2788,9 @@ pub(crate) mod tests {
         pub(crate) flaky_puts: usize,
         /// PUTs so far, for `flaky_puts`.
         pub(crate) puts: std::sync::atomic::AtomicUsize,
+        pub(crate) flaky_heads: usize,
+        /// HEADs so far, for `flaky_heads`.
+        pub(crate) heads: std::sync::atomic::AtomicUsize,
         pub(crate) listing: Listing,
     }
 
@@ -2757,6 +2851,19 @@ pub(crate) mod tests {
             location: &StorePath,
             options: object_store::GetOptions,
         ) -> object_store::Result<GetResult> {
+            if options.head && self.flaky_heads > 0 {
+                let nth = self
+                    .heads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if nth.is_multiple_of(self.flaky_heads) {
+                    return Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: "Server returned non-2xx status code: 503 Service Unavailable: "
+                            .into(),
+                    });
+                }
+            }
             self.mem.get_opts(location, options).await
         }
         fn delete_stream(
@@ -2915,6 +3022,81 @@ pub(crate) mod tests {
         while let Some(puts) = workers.join_next().await {
             assert!(puts.unwrap() > 1000);
         }
+    }
+
+    /// A final sync of large files all stored (HEAD first, then no PUT: a re-run, a dataset
+    /// copied to the artifacts) after a write failed, against a store that fails 1 HEAD in
+    /// 5: the outage of writes had no write to end it, each HEAD fault kept it fresh, and past
+    /// its deadline every HEAD was refused, its file failed.
+    #[tokio::test(start_paused = true)]
+    async fn read_faults_after_a_write_failed_do_not_outlast_the_deadline() {
+        let faulty = Faulty {
+            flaky_heads: 5,
+            ..Default::default()
+        };
+        let blobs: Vec<(String, Bytes)> = (0..20)
+            .map(|i| {
+                let data = Bytes::from(format!("large file stored before the job {i}"));
+                (crate::digest::sha256_hex(&data), data)
+            })
+            .collect();
+        for (sha, data) in &blobs {
+            let path = StorePath::from(blob_key(sha));
+            faulty.mem.put(&path, data.clone().into()).await.unwrap();
+        }
+        let deadline = Duration::from_secs(60);
+        let store = store_over(Arc::new(faulty), deadline);
+        // A write failed (a live sync's PUT): an outage of writes.
+        let e = StoreError::Op {
+            op: "put",
+            key: "k".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+            },
+        };
+        store.retry.failed(&e, tokio::time::Instant::now(), true);
+        let blobs = Arc::new(blobs);
+        let end = tokio::time::Instant::now() + 3 * deadline;
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..4 {
+            let (store, blobs) = (store.clone(), blobs.clone());
+            workers.spawn(async move {
+                for (looks, (sha, data)) in blobs.iter().cycle().skip(w * 5).enumerate() {
+                    if tokio::time::Instant::now() >= end {
+                        return looks;
+                    }
+                    // The HEAD-first path of a large file: a PUT only when not found.
+                    let found = store.blob_exists(sha, data.len() as u64).await;
+                    assert!(matches!(found, Ok(true)), "after {looks} looks: {found:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                unreachable!()
+            });
+        }
+        while let Some(looks) = workers.join_next().await {
+            assert!(looks.unwrap() > 1000);
+        }
+        // Nothing kept the outage of writes fresh: a write now gets a deadline of its own.
+        assert!(matches!(store.retry.admit(end, true), Admit::Free));
+        // And a blob stored is not failed by an outage of writes past its deadline, nor by
+        // its probe taken by a write that failed a moment ago.
+        let faulty = refusing_writes();
+        let data = Bytes::from_static(b"stored long ago");
+        let sha = crate::digest::sha256_hex(&data);
+        let path = StorePath::from(blob_key(&sha));
+        faulty.mem.put(&path, data.clone().into()).await.unwrap();
+        let store = store_over(faulty, deadline);
+        let refused = Bytes::from_static(b"not stored");
+        let refused_sha = crate::digest::sha256_hex(&refused);
+        let e = store.put_blob(&refused_sha, refused.clone()).await;
+        assert!(e.is_err(), "{e:?}");
+        let found = store.blob_exists(&refused_sha, refused.len() as u64).await;
+        assert!(matches!(found, Ok(false)), "{found:?}");
+        let e = store.put_blob(&refused_sha, refused).await;
+        assert!(e.is_err(), "{e:?}");
+        let stored = store.put_blob(&sha, data).await;
+        assert!(matches!(stored, Ok(false)), "{stored:?}");
     }
 
     /// Writes that work again after an outage of writes past its deadline, met by uploads
