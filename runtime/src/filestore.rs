@@ -185,6 +185,291 @@ fn temp_file(root: &Path) -> io::Result<(PathBuf, File)> {
     Ok((path, file))
 }
 
+/// How long one metadata call of the file store (a stat, a rename, a link, a directory's
+/// fsync, a look in a listing) may take. A network file system whose server stops answering
+/// (NFS mounted `hard`, its default; Lustre) blocks such a call for ever, and the agent with
+/// it: no terminal status until someone stops it. One that answers does so in milliseconds,
+/// seconds when loaded; a minute is a server gone, taken as a transient failure like a
+/// remote store's timeout, and retried until the retry deadline.
+pub const META_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The least time one data write of the file store (a blob, a part, the fsync that completes
+/// a staged file) may take: [`META_LIMIT`]'s, doubled for the fsync of what was written.
+pub const DATA_FLOOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The slowest rate a data write may go at above [`DATA_FLOOR`] (bytes a second): far below
+/// any network file system that works (a 1 Gbit/s link, 100 MiB/s), so only a hung one is cut.
+pub const DATA_RATE: u64 = 1 << 20;
+
+/// How long the file store's calls may take ([`META_LIMIT`], [`DATA_FLOOR`], [`DATA_RATE`]);
+/// shorter in tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub meta: std::time::Duration,
+    pub data_floor: std::time::Duration,
+    pub data_rate: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            meta: META_LIMIT,
+            data_floor: DATA_FLOOR,
+            data_rate: DATA_RATE,
+        }
+    }
+}
+
+impl Limits {
+    /// The limit of a data write of `bytes`.
+    pub fn data(&self, bytes: u64) -> std::time::Duration {
+        self.data_floor + std::time::Duration::from_secs(bytes / self.data_rate.max(1))
+    }
+}
+
+/// The error of a file store call cut at `limit`, as object_store's `LocalFileSystem`
+/// reports an I/O error (a transient one: see `store::is_permanent`).
+pub fn timed_out(op: &str, limit: std::time::Duration) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: Box::new(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the file store's {op} did not return within {} s (a network file system that stopped answering?)",
+                limit.as_secs()
+            ),
+        )),
+    }
+}
+
+/// Runs a file store call (`op`), cut at `limit`. The call's blocking thread, stuck in the
+/// kernel (D state on a hard NFS mount), cannot be stopped: it is abandoned, holding one
+/// thread of the blocking pool until the file system answers, and the agent goes on (its
+/// retries, the job's terminal status; the runtime is shut down without waiting for it).
+pub async fn bounded<T>(
+    op: &'static str,
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    let call = async {
+        if crate::fault::armed_at(HANG, op) {
+            let _ = tokio::task::spawn_blocking(move || hang_if_armed(op)).await;
+        }
+        call.await
+    };
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(op, limit)))
+}
+
+/// The fault point (`file-store-hang:<op>`) at which a file store call blocks as on a hung
+/// network file system, in debug builds.
+pub const HANG: &str = "file-store-hang";
+
+/// Blocks the calling thread (for an hour, or until a unit test disarms the point) if the
+/// fault [`HANG`] is armed for `op`.
+pub fn hang_if_armed(op: &str) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    while crate::fault::armed_at(HANG, op) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The file store's `LocalFileSystem` with every call cut at its [`Limits`] ([`bounded`]):
+/// it runs each in a blocking thread, with no bound of its own.
+#[derive(Debug)]
+pub struct Bounded {
+    inner: std::sync::Arc<dyn object_store::ObjectStore>,
+    limits: Limits,
+}
+
+impl Bounded {
+    pub fn new(inner: std::sync::Arc<dyn object_store::ObjectStore>, limits: Limits) -> Self {
+        Bounded { inner, limits }
+    }
+}
+
+impl std::fmt::Display for Bounded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.inner)
+    }
+}
+
+/// A stream whose every item comes within `limit`; one that does not ends it with an error.
+fn bounded_stream<T: Send + 'static>(
+    op: &'static str,
+    limit: std::time::Duration,
+    items: futures::stream::BoxStream<'static, object_store::Result<T>>,
+) -> futures::stream::BoxStream<'static, object_store::Result<T>> {
+    use futures::StreamExt;
+    futures::stream::unfold(Some(items), move |items| async move {
+        let mut items = items?;
+        match bounded(op, limit, async { Ok(items.next().await) }).await {
+            Ok(Some(item)) => Some((item, Some(items))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+    .boxed()
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Bounded {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let limit = self.limits.data(payload.content_length() as u64);
+        bounded("put", limit, self.inner.put_opts(location, payload, opts)).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        let inner = bounded(
+            "start upload",
+            self.limits.meta,
+            self.inner.put_multipart_opts(location, opts),
+        )
+        .await?;
+        Ok(Box::new(BoundedUpload {
+            inner,
+            limits: self.limits,
+            written: 0,
+        }))
+    }
+
+    /// The call that opens the object; its bytes are read later, by the caller, unbounded
+    /// here.
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        let op = if options.head { "head" } else { "get" };
+        bounded(op, self.limits.meta, self.inner.get_opts(location, options)).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &object_store::path::Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<bytes::Bytes>> {
+        let bytes = ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum();
+        let limit = self.limits.data(bytes);
+        bounded("get", limit, self.inner.get_ranges(location, ranges)).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        bounded_stream(
+            "delete",
+            self.limits.meta,
+            self.inner.delete_stream(locations),
+        )
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        bounded_stream("list", self.limits.meta, self.inner.list(prefix))
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+        offset: &object_store::path::Path,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        bounded_stream(
+            "list",
+            self.limits.meta,
+            self.inner.list_with_offset(prefix, offset),
+        )
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        bounded(
+            "list",
+            self.limits.meta,
+            self.inner.list_with_delimiter(prefix),
+        )
+        .await
+    }
+
+    /// A hard link on the file store, not a copy of the bytes.
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        bounded(
+            "copy",
+            self.limits.meta,
+            self.inner.copy_opts(from, to, options),
+        )
+        .await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::RenameOptions,
+    ) -> object_store::Result<()> {
+        bounded(
+            "rename",
+            self.limits.meta,
+            self.inner.rename_opts(from, to, options),
+        )
+        .await
+    }
+}
+
+/// A staged file's upload on the [`Bounded`] file store: each part cut at the limit of its
+/// size, the complete (an fsync of all of it, and a rename) at that of the whole.
+#[derive(Debug)]
+struct BoundedUpload {
+    inner: Box<dyn object_store::MultipartUpload>,
+    limits: Limits,
+    written: u64,
+}
+
+#[async_trait::async_trait]
+impl object_store::MultipartUpload for BoundedUpload {
+    fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
+        let size = data.content_length() as u64;
+        self.written += size;
+        Box::pin(bounded(
+            "write part",
+            self.limits.data(size),
+            self.inner.put_part(data),
+        ))
+    }
+
+    async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+        let limit = self.limits.data(self.written);
+        bounded("complete", limit, self.inner.complete()).await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        bounded("abort", self.limits.meta, self.inner.abort()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,24 +117,35 @@ pub enum StoreError {
     },
 }
 
-/// Runs a file store's blocking call off the reactor; its I/O error is the store's, as
-/// object_store's `LocalFileSystem` reports one (so `is_permanent` judges it the same way).
+/// Runs a file store's blocking call off the reactor, cut at `limit`
+/// ([`crate::filestore::bounded`]: a hung network file system never returns, and its thread
+/// is abandoned); its I/O error is the store's, as object_store's `LocalFileSystem` reports
+/// one (so `is_permanent` judges it the same way; a time-out is transient).
 async fn local_blocking<T: Send + 'static>(
     op: &'static str,
     key: &str,
+    limit: Duration,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
+    let call = async {
+        let ran = tokio::task::spawn_blocking(move || {
+            crate::filestore::hang_if_armed(op);
+            f()
+        })
         .await
         .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|e| StoreError::Op {
+        .and_then(|r| r);
+        ran.map_err(|e| object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(e),
+        })
+    };
+    crate::filestore::bounded(op, limit, call)
+        .await
+        .map_err(|source| StoreError::Op {
             op,
             key: key.to_string(),
-            source: object_store::Error::Generic {
-                store: "LocalFileSystem",
-                source: Box::new(e),
-            },
+            source,
         })
 }
 
@@ -420,6 +431,8 @@ pub struct BlobStore {
     root: Option<Arc<Path>>,
     /// The file store's group commit of `blobs/sha256/` ([`crate::filestore`]).
     dir_sync: Arc<crate::filestore::DirSync>,
+    /// How long the file store's calls may take.
+    file_limits: crate::filestore::Limits,
     /// The store answered a create-if-absent PUT with 501: blobs go as a HEAD and a plain
     /// PUT from then on. object_store retries a 501 as a server error, so each blob's body
     /// went out `max_retries + 1` times before the fallback, past the bandwidth limit.
@@ -1053,6 +1066,14 @@ pub fn attempt_manifest_key(job_id: &str, attempt: u32) -> String {
 
 impl BlobStore {
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        Self::open_with(config, Default::default())
+    }
+
+    /// [`BlobStore::open`], a file store's calls cut at `limits`.
+    fn open_with(
+        config: &StoreConfig,
+        limits: crate::filestore::Limits,
+    ) -> Result<Self, StoreError> {
         let url = config.url.clone();
         // What an error names: the URL without its user, password and query (a config error
         // goes to the journal, and `https://minio:PW@host/b` has the password in it).
@@ -1109,6 +1130,7 @@ impl BlobStore {
                         credentials: Arc::new(Credentials::Given),
                         root: None,
                         dir_sync: Default::default(),
+                        file_limits: limits,
                         no_conditional_put: Default::default(),
                     });
                 }
@@ -1119,8 +1141,9 @@ impl BlobStore {
                     }
                 })?;
                 // Durability matters more than speed for a job's only copy of its output.
+                let fs: Arc<dyn ObjectStore> = Arc::new(fs.with_fsync(true));
                 return Ok(BlobStore {
-                    inner: Arc::new(fs.with_fsync(true)),
+                    inner: Arc::new(crate::filestore::Bounded::new(fs, limits)),
                     url,
                     broken: None,
                     multipart: None,
@@ -1129,6 +1152,7 @@ impl BlobStore {
                     credentials: Arc::new(Credentials::Given),
                     root: Some(Arc::from(path.as_path())),
                     dir_sync: Default::default(),
+                    file_limits: limits,
                     no_conditional_put: Default::default(),
                 });
             }
@@ -1229,6 +1253,7 @@ impl BlobStore {
             credentials: Arc::new(credentials),
             root: None,
             dir_sync: Default::default(),
+            file_limits: Default::default(),
             no_conditional_put: Default::default(),
         })
     }
@@ -1427,6 +1452,7 @@ impl BlobStore {
             credentials: Arc::new(Credentials::Given),
             root: None,
             dir_sync: Default::default(),
+            file_limits: Default::default(),
             no_conditional_put: Default::default(),
         }
     }
@@ -1536,7 +1562,8 @@ impl BlobStore {
             let put = |replace: bool| {
                 let (root, sha, bytes, sync) =
                     (root.clone(), sha.clone(), bytes.clone(), sync.clone());
-                local_blocking("put", &key, move || {
+                let limit = self.file_limits.data(bytes.len() as u64);
+                local_blocking("put", &key, limit, move || {
                     crate::filestore::put_blob(&root, &sha, &bytes, &sync, replace)
                 })
             };
@@ -1707,7 +1734,8 @@ impl BlobStore {
         };
         let path = root.join(blob_key(sha256_hex));
         let sha = sha256_hex.to_string();
-        let touched = tokio::task::spawn_blocking(move || {
+        let touch = tokio::task::spawn_blocking(move || {
+            crate::filestore::hang_if_armed("touch");
             // "Now" as the file system keeps time (UTIME_NOW): allowed to any writer, where an
             // explicit time needs the owner (a blob another node's agent stored fails, and
             // the touch was skipped), and on NFS the server's clock, which gc's ages are
@@ -1754,9 +1782,11 @@ impl BlobStore {
                 }
             };
             std::fs::symlink_metadata(&path).map(|now| now.is_file() && now.ino() == ino)
-        })
-        .await;
-        matches!(touched, Ok(Ok(true)))
+        });
+        // A touch that does not return (a hung network file system; its thread abandoned)
+        // is a blob not known wanted: it is stored again, a write bounded as every other.
+        let touched = tokio::time::timeout(self.file_limits.meta, touch).await;
+        matches!(touched, Ok(Ok(Ok(true))))
     }
 
     /// Whether what is at the blob's key on the file store is a regular file (elsewhere: the
@@ -1767,7 +1797,7 @@ impl BlobStore {
             return Ok(true);
         };
         let (key, path) = (blob_key(sha256_hex), root.join(blob_key(sha256_hex)));
-        local_blocking("promote", &key, move || {
+        local_blocking("promote", &key, self.file_limits.meta, move || {
             match std::fs::symlink_metadata(&path) {
                 Ok(md) => Ok(md.is_file()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -2032,7 +2062,7 @@ impl BlobStore {
                 if let Some(root) = self.local_root() {
                     let (dir, blob) = (root.join("blobs/sha256"), root.join(&key));
                     let sync = self.dir_sync.clone();
-                    local_blocking("promote", &key, move || {
+                    local_blocking("promote", &key, self.file_limits.meta, move || {
                         sync.sync_found(&dir, &std::fs::symlink_metadata(&blob)?)
                     })
                     .await?;
@@ -3182,6 +3212,63 @@ pub(crate) mod tests {
 
     fn config(url: &str) -> StoreConfig {
         StoreConfig::for_tests(url)
+    }
+
+    /// A file store on a network file system whose server stops answering (a hard NFS
+    /// mount): a blob's write and a staged file's part each block for ever in the kernel. No
+    /// bound was set on them, and the final sync hung with them, no terminal status until a
+    /// stop. Each call is cut at its limit, a transient failure retried until the deadline.
+    #[tokio::test]
+    async fn a_hung_file_store_call_ends_by_the_retry_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let deadline = Duration::from_secs(2);
+        let limits = crate::filestore::Limits {
+            meta: Duration::from_secs(1),
+            data_floor: Duration::from_secs(1),
+            data_rate: u64::MAX,
+        };
+        let bound = deadline + Duration::from_secs(1) + Duration::from_secs(2);
+        let open = || {
+            let mut config = config(&format!("file://{}", dir.path().join("store").display()));
+            config.retry_deadline = deadline;
+            BlobStore::open_with(&config, limits).unwrap()
+        };
+        let ended = |what: &str, start: std::time::Instant, r: Result<(), StoreError>| {
+            let e = r.expect_err(what);
+            assert!(!e.is_permanent(), "{what}: {e}");
+            assert!(start.elapsed() < bound, "{what}: {:?}", start.elapsed());
+        };
+
+        let store = open();
+        let hang = crate::fault::arm(crate::filestore::HANG, "put");
+        let data = Bytes::from_static(b"never written");
+        let start = std::time::Instant::now();
+        let sha = crate::digest::sha256_hex(&data);
+        let put = store.put_blob(&sha, data);
+        let put = tokio::time::timeout(Duration::from_secs(20), put).await;
+        ended("a blob's write", start, put.expect("bounded").map(|_| ()));
+        drop(hang);
+
+        let store = open();
+        let hang = crate::fault::arm(crate::filestore::HANG, "write part");
+        let start = std::time::Instant::now();
+        let staged = store.retrying_whole(|| async {
+            let part_error = |source| {
+                Err(StoreError::Op {
+                    op: "write part",
+                    key: "staging/x".into(),
+                    source,
+                })
+            };
+            let mut upload = store.start_multipart_at("staging/x").await.map_err(Err)?;
+            let part = upload.put_part(Bytes::from_static(b"part").into());
+            part.await.map_err(part_error)?;
+            upload.complete().await.map_err(part_error)?;
+            Ok::<_, Result<(), StoreError>>(())
+        });
+        let staged = tokio::time::timeout(Duration::from_secs(20), staged).await;
+        ended("a staged part", start, staged.expect("bounded").map(|_| ()));
+        drop(hang);
     }
 
     /// A URL refused names the store without its user, password or query: the error is a
