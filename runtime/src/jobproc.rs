@@ -1064,6 +1064,7 @@ pub async fn stop_recorded(
     cgroup: Option<&str>,
     job: JobMark<'_>,
     grace: Duration,
+    leads_session: bool,
 ) -> bool {
     if let Some(cg) = cgroup
         .filter(|p| is_agents_cgroup(p))
@@ -1116,7 +1117,7 @@ pub async fn stop_recorded(
     // says the job's processes are (what holds group P then is a stranger's).
     let leader_alive = procfs::is_alive(leader);
     if !leader_alive && (cgroup.is_some() || !leaderless_group(leader, job)) {
-        if cgroup.is_none() && unproven_group(leader, job.uid) {
+        if cgroup.is_none() && unproven_group(leader, job.uid, leads_session) {
             // Not signalled (what is unproven may be a stranger's), but never "none left":
             // the GPU may still be held.
             tracing::warn!(
@@ -1197,8 +1198,11 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
 
 /// Whether group `leader.pid`, whose leader is gone and which [`leaderless_group`] did not
 /// prove the job's, still holds processes of the job's user started since the leader: a job
-/// process that dropped its marks keeps it there as surely as a marked one.
-fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32) -> bool {
+/// process that dropped its marks keeps it there as surely as a marked one. The recorded
+/// leader led its session too (`leads_session`): a group of the same user's whose members
+/// are of another session is then a stranger's that took the pid. A group found by marks
+/// (a `setpgrp` inside the job's session) does not.
+fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32, leads_session: bool) -> bool {
     if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str())
         || procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks)
     {
@@ -1206,7 +1210,7 @@ fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32) -> bool {
     }
     procfs::all().into_iter().any(|(pid, st)| {
         st.pgrp == leader.pid
-            && st.session == leader.pid
+            && (!leads_session || st.session == leader.pid)
             && !st.is_zombie()
             && st.start_ticks >= leader.start_ticks
             && real_uid(pid) == Some(uid)
@@ -1321,13 +1325,68 @@ mod tests {
             job_id: "unproven",
             attempt: 1,
         };
-        let left = stop_recorded(Some(&recorded), None, job, Duration::from_millis(100)).await;
+        let left =
+            stop_recorded(Some(&recorded), None, job, Duration::from_millis(100), true).await;
         let there = killpg(Pid::from_raw(p), None).is_ok();
         let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
         assert!(there, "nothing unproven is signalled");
         assert!(
             left,
             "a group still holding the job's processes was reported empty"
+        );
+    }
+
+    /// A group found by its marks inside the job's session (a `setpgrp`), its leader gone,
+    /// holding a marked process and one that dropped the marks (`env -i`): not signalled,
+    /// but counted as survivors. Its members are not of a session it leads, which made it
+    /// read as a stranger's: "nothing signalled", the GPU reported free.
+    #[tokio::test]
+    async fn a_marked_group_inside_the_jobs_session_is_not_reported_empty() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        let python = "import os, subprocess\nos.setpgrp()\nsubprocess.Popen(['sleep', '30'])\nsubprocess.Popen(['env', '-i', 'sleep', '30'])\nprint(os.getpid(), flush=True)\n";
+        let mut shell = std::process::Command::new("setsid")
+            .args(["sh", "-c", "/usr/bin/python3 -c \"$PY\"; sleep 30"])
+            .env("PY", python)
+            .envs([("C3_JOB_ID", "grouped"), ("C3_ATTEMPT", "1")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(shell.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let g: i32 = line.trim().parse().unwrap();
+        // The group's leader (python) is gone once it printed and exited.
+        for _ in 0..100 {
+            if procfs::stat(g).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let job = JobMark {
+            uid,
+            job_id: "grouped",
+            attempt: 1,
+        };
+        let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
+        let synthetic = found.iter().find(|l| l.pid == g).cloned();
+        let left = match &synthetic {
+            Some(l) => stop_recorded(Some(l), None, job, Duration::from_millis(100), false).await,
+            None => false,
+        };
+        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+        let _ = killpg(Pid::from_raw(shell.id() as i32), Signal::SIGKILL);
+        let _ = shell.wait();
+        assert!(
+            synthetic.is_some(),
+            "the marked group was not found: {found:?}"
+        );
+        assert!(
+            left,
+            "a job group holding an unmarked process was reported empty"
         );
     }
 

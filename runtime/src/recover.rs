@@ -301,6 +301,7 @@ async fn recover_record(
                 record.cgroup.as_deref(),
                 job,
                 ctx.kill_grace,
+                true,
             )
             .await;
         }
@@ -321,9 +322,14 @@ async fn recover_record(
             if let Some((since, boot)) = since {
                 for found in crate::jobproc::marked_groups(job, since, boot) {
                     if Some(found.pid) != leader {
-                        survivors |=
-                            crate::jobproc::stop_recorded(Some(&found), None, job, ctx.kill_grace)
-                                .await;
+                        survivors |= crate::jobproc::stop_recorded(
+                            Some(&found),
+                            None,
+                            job,
+                            ctx.kill_grace,
+                            false,
+                        )
+                        .await;
                     }
                 }
             }
