@@ -192,40 +192,75 @@ fn written(prefix: Option<&[u8]>, style: Style, event: &[u8]) -> Vec<u8> {
     line
 }
 
-/// `event` (one JSON object) with its longest string values halved, each ending in `…`,
-/// until it is written in at most `room` bytes (escaped as [`one_line`] writes it, less
-/// what the priority takes), and `cut_bytes` saying how many bytes of values went. `None`
-/// if it is not an object or no halving gets it there.
+/// Fields a shortened line keeps whole: what a log pipeline selects and sorts on.
+const KEPT_WHOLE: &[&str] = &["timestamp", "level", "target", "job_id", "attempt"];
+
+/// `event` (one JSON object) with its largest values halved (a string to half its length
+/// and `…`, a list to its first half and a last item saying how many went; never the fields
+/// of [`KEPT_WHOLE`]) until it is written in at most `room` bytes (escaped as [`one_line`]
+/// writes it), and `cut_bytes` saying how many bytes of values went. `None` if it is not an
+/// object or no halving gets it there.
 fn shortened_json(event: &[u8], room: usize) -> Option<Vec<u8>> {
-    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(event).ok()?;
-    let size = |map: &serde_json::Map<String, serde_json::Value>| {
-        let text = serde_json::to_vec(map).unwrap_or_default();
-        one_line(&text, Style::Json).len() + 32
-    };
+    use serde_json::Value;
+    let mut map: serde_json::Map<String, Value> = serde_json::from_slice(event).ok()?;
+    let size = |v: &Value| one_line(&serde_json::to_vec(v).unwrap_or_default(), Style::Json).len();
     let mut cut = 0usize;
-    for _ in 0..64 {
-        if size(&map) <= room {
+    for _ in 0..256 {
+        if size(&Value::Object(map.clone())) + 32 <= room {
             map.insert("cut_bytes".into(), cut.into());
             let mut out = serde_json::to_vec(&map).ok()?;
             out.push(b'\n');
             return Some(out);
         }
-        let longest = map
+        let largest = map
             .iter_mut()
-            .filter_map(|(_, v)| match v {
-                serde_json::Value::String(s) => Some(s),
-                _ => None,
-            })
-            .max_by_key(|s| s.len())?;
-        let mut keep = longest.len() / 2;
-        while !longest.is_char_boundary(keep) {
-            keep -= 1;
+            .filter(|(k, _)| !KEPT_WHOLE.contains(&k.as_str()))
+            .max_by_key(|(_, v)| size(v))?
+            .1;
+        let before = size(largest);
+        halve(largest);
+        let after = size(largest);
+        if after >= before {
+            return None;
         }
-        cut += longest.len() - keep;
-        longest.truncate(keep);
-        longest.push('\u{2026}');
+        cut += before - after;
     }
     None
+}
+
+/// Halves the largest part of `v`: a string's text, a list's items, an object's largest value.
+fn halve(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => {
+            let mut keep = s.len() / 2;
+            while !s.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            s.truncate(keep);
+            s.push('\u{2026}');
+        }
+        Value::Array(items) if items.len() > 2 => {
+            let keep = items.len() / 2;
+            let went = items.len() - keep;
+            items.truncate(keep);
+            items.push(format!("\u{2026} ({went} more)").into());
+        }
+        Value::Array(items) => {
+            if let Some(first) = items.first_mut() {
+                halve(first);
+            }
+        }
+        Value::Object(fields) => {
+            if let Some(largest) = fields
+                .values_mut()
+                .max_by_key(|v| serde_json::to_vec(v).map_or(0, |b| b.len()))
+            {
+                halve(largest);
+            }
+        }
+        _ => {}
+    }
 }
 
 impl std::io::Write for Line {
@@ -435,6 +470,19 @@ mod tests {
                 tracing::info!("short");
             });
             assert_eq!(lines.len(), 7);
+            if style == Style::Json {
+                // The failure line naming what the job made unstorable: a list of long
+                // paths, shortened, not cut.
+                let list = written_lines(style, || {
+                    tracing::error!(unstored = ?vec!["a/".repeat(1250); 20], job_id = "j", "the job's output could not be stored whole");
+                });
+                let text = std::str::from_utf8(&list[0]).unwrap();
+                assert!(list[0].len() <= super::MAX_WRITTEN, "{}", list[0].len());
+                let event: serde_json::Value = serde_json::from_str(&text[3..]).unwrap();
+                assert_eq!(event["job_id"], "j", "{event}");
+                assert_eq!(event["level"], "ERROR", "{event}");
+                assert!(event["unstored"].is_array(), "{event}");
+            }
             for line in &lines {
                 let text = std::str::from_utf8(line).unwrap();
                 assert!(
