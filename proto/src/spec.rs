@@ -53,8 +53,20 @@ pub struct DatasetSpec {
 
 /// The kernel's limit on one argument or one `NAME=VALUE` (`MAX_ARG_STRLEN`, its NUL
 /// included): past it execve fails (E2BIG) after the store check and the datasets ran, and the
-/// job was reported as its script's failure (exit 126) rather than a bad spec.
-pub const MAX_ARG_STRLEN: usize = 131_072;
+/// job was reported as its script's failure (exit 126) rather than a bad spec. It is 32
+/// pages: 128 KiB with 4 KiB pages, 2 MiB on the 64 KiB-page kernels of some arm64 GPU
+/// hosts (past the spec's own 1 MiB limit there, so no argument is refused by it).
+pub fn max_arg_strlen() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the system.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        32 * usize::try_from(page)
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or(4096)
+    })
+}
 
 fn default_attempt() -> u32 {
     1
@@ -188,13 +200,14 @@ impl JobSpec {
             .command
             .iter()
             .enumerate()
-            .find(|(_, a)| a.len() >= MAX_ARG_STRLEN)
+            .find(|(_, a)| a.len() >= max_arg_strlen())
         {
             return Err(SpecError::field(
                 format!("command[{i}]"),
                 format!(
-                    "is {} bytes; an argument must be under {MAX_ARG_STRLEN} (the kernel's limit)",
-                    a.len()
+                    "is {} bytes; an argument must be under {} (the kernel's limit)",
+                    a.len(),
+                    max_arg_strlen()
                 ),
             ));
         }
@@ -216,13 +229,14 @@ impl JobSpec {
                 ));
             }
             let entry = key.len() + 1 + value.len();
-            if entry >= MAX_ARG_STRLEN {
+            if entry >= max_arg_strlen() {
                 // A name that long is not echoed whole.
                 let shown: String = key.chars().take(64).collect();
                 return Err(SpecError::field(
                     format!("env.{shown}"),
                     format!(
-                        "NAME=VALUE is {entry} bytes; a variable must be under {MAX_ARG_STRLEN} (the kernel's limit)"
+                        "NAME=VALUE is {entry} bytes; a variable must be under {} (the kernel's limit)",
+                        max_arg_strlen()
                     ),
                 ));
             }
@@ -515,23 +529,25 @@ mod tests {
             s.env = env;
             s.validate()
         };
-        let big = "a".repeat(MAX_ARG_STRLEN);
-        let fits = "a".repeat(MAX_ARG_STRLEN - 1);
+        let max = max_arg_strlen();
+        let big = "a".repeat(max);
+        let fits = "a".repeat(max - 1);
         let e = spec(vec!["echo".into(), big.clone()], BTreeMap::new()).unwrap_err();
         assert!(
-            e.to_string().contains("`command[1]`: is 131072 bytes"),
+            e.to_string()
+                .contains(&format!("`command[1]`: is {max} bytes")),
             "{e}"
         );
         spec(vec!["echo".into(), fits], BTreeMap::new()).unwrap();
         let env = |v: usize| BTreeMap::from([("BLOB".to_string(), "a".repeat(v))]);
         // BLOB= is 5 bytes.
-        let e = spec(vec!["x".into()], env(MAX_ARG_STRLEN - 5)).unwrap_err();
+        let e = spec(vec!["x".into()], env(max - 5)).unwrap_err();
         assert!(
             e.to_string()
-                .contains("`env.BLOB`: NAME=VALUE is 131072 bytes"),
+                .contains(&format!("`env.BLOB`: NAME=VALUE is {max} bytes")),
             "{e}"
         );
-        spec(vec!["x".into()], env(MAX_ARG_STRLEN - 6)).unwrap();
+        spec(vec!["x".into()], env(max - 6)).unwrap();
         let e = spec(vec!["x".into()], BTreeMap::from([(big, String::new())])).unwrap_err();
         assert!(e.to_string().len() < 300, "the name is not echoed whole");
     }
