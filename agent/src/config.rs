@@ -1009,16 +1009,22 @@ fn state_dir_problem(dir: &Path) -> Option<String> {
             meta.uid()
         ));
     }
-    if meta.mode() & 0o022 != 0 {
+    let acl = std::fs::File::open(dir)
+        .ok()
+        .and_then(|d| c3_runtime::acl::of(&d).ok().flatten());
+    // With an ACL the group bits are its mask: the owning group's own entry says.
+    let group_writes = match &acl {
+        Some(a) => a.owning_group_may(0o2),
+        None => meta.mode() & 0o020 != 0,
+    };
+    if group_writes || meta.mode() & 0o002 != 0 {
         return Some(format!(
             "`state_dir`: {shown} may be written by its group or others (mode {:o}): they could rewrite the agent's records and store: `chmod 0711 {shown}`",
             meta.mode() & 0o7777
         ));
     }
-    let acl = std::fs::File::open(dir)
-        .ok()
-        .and_then(|d| c3_runtime::acl::of(&d).ok().flatten());
-    if acl.is_some_and(|a| a.lets_others_write(meta.uid())) {
+    let egid = nix::unistd::getegid().as_raw();
+    if acl.is_some_and(|a| a.named_others_may(0o2, &[0, euid], &[0, egid])) {
         return Some(format!(
             "`state_dir`: {shown} has an ACL that lets other users write it: they could rewrite the agent's records and store: `setfacl -b {shown}`"
         ));

@@ -163,11 +163,11 @@ fn who_may_read(path: &Path) -> Option<Readers> {
     {
         return Some(Readers::Group(group_name(st.st_gid)));
     }
-    // An ACL's named entries cannot be asked of here one by one: one whose group class (the
-    // mask, shown as the group bits) grants reading lets someone it names read, unless only
-    // the (trusted) owning group is granted, which the mask alone cannot tell.
-    let named = matches!(c3_runtime::acl::of(&file), Ok(Some(_)));
-    (named && st.st_mode & 0o040 != 0).then_some(Readers::Acl)
+    // An ACL's named entries, but root's and the agent's own (the usual way to give a
+    // non-root agent a root-owned secret: `setfacl -m u:c3:r`).
+    let acl = c3_runtime::acl::of(&file).ok().flatten();
+    acl.is_some_and(|a| a.named_others_may(0o4, &trusted, &own_groups))
+        .then_some(Readers::Acl)
 }
 
 /// Whether `reader` may pass through `dir`: its ACL too where the agent may open it, else
@@ -577,5 +577,33 @@ mod tests {
         // `chmod 600`, the fix the line names, empties the mask.
         chmod(&f, 0o600);
         assert_eq!(who_may_read(&f), None);
+        // An entry for the agent's own user (here root's) lets in no one else: granting a
+        // non-root agent a root-owned secret that way was named at every run, with a fix
+        // that took the agent's own access away.
+        let own = nix::unistd::geteuid().as_raw();
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (0x02, 4, own),
+            (0x04, 0, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            acl.extend_from_slice(&tag.to_le_bytes());
+            acl.extend_from_slice(&perm.to_le_bytes());
+            acl.extend_from_slice(&id.to_le_bytes());
+        }
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(who_may_read(&f), None, "the agent's own ACL entry");
     }
 }

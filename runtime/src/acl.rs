@@ -115,6 +115,26 @@ impl Acl {
         })
     }
 
+    /// Whether a named entry for a user not in `trusted_uids` or a group not in
+    /// `trusted_gids` grants `want` (under the mask): who besides those the ACL lets in.
+    pub fn named_others_may(&self, want: u16, trusted_uids: &[u32], trusted_gids: &[u32]) -> bool {
+        let mask = self.0.iter().find(|e| e.0 == MASK).map_or(0o7, |e| e.1);
+        self.0.iter().any(|&(tag, perm, id)| {
+            let other = (tag == USER && !trusted_uids.contains(&id))
+                || (tag == GROUP && !trusted_gids.contains(&id));
+            other && perm & mask & want == want
+        })
+    }
+
+    /// Whether the owning group's entry grants `want` (under the mask): with an ACL, the
+    /// group bits of the mode are the mask, not the owning group's own permission.
+    pub fn owning_group_may(&self, want: u16) -> bool {
+        let mask = self.0.iter().find(|e| e.0 == MASK).map_or(0o7, |e| e.1);
+        self.0
+            .iter()
+            .any(|&(tag, perm, _)| tag == GROUP_OBJ && perm & mask & want == want)
+    }
+
     /// The kernel's check (`posix_acl_permission`) for `uid` in `gids`, on a file owned by
     /// `st`'s uid and gid: owner, then a named user, then the group class (any matching
     /// group entry that grants; one that matches and none grants is a refusal), then other.
@@ -319,6 +339,14 @@ mod tests {
         assert!(!with(&[(USER, 7, 0), (GROUP, 7, 0)], 7).lets_others_write(0));
         assert!(with(&[(GROUP, 6, 1000)], 7).lets_others_write(0));
         assert!(!with(&[(GROUP, 5, 1000)], 7).lets_others_write(0));
+        // The agent's own entry (a root-owned dir or secret granted to a non-root agent with
+        // `setfacl -m u:c3:rwx`) lets in no one else.
+        assert!(!with(&[(USER, 7, 1000)], 7).named_others_may(0o4, &[0, 1000], &[0]));
+        assert!(
+            with(&[(USER, 7, 1000), (USER, 4, 1001)], 7).named_others_may(0o4, &[0, 1000], &[0])
+        );
+        assert!(!with(&[(USER, 4, 1001)], 0).named_others_may(0o4, &[0], &[0]));
+        assert!(with(&[(GROUP, 4, 50)], 7).named_others_may(0o4, &[0], &[0]));
     }
 
     /// Sets `entries` as the access ACL of the open `fd`; false where ACLs are not supported.
