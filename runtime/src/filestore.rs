@@ -243,23 +243,54 @@ pub fn timed_out(op: &str, limit: std::time::Duration) -> object_store::Error {
 }
 
 /// Runs a file store call (`op`), cut at `limit`. The call's blocking thread, stuck in the
-/// kernel (D state on a hard NFS mount), cannot be stopped: it is abandoned, holding one
-/// thread of the blocking pool until the file system answers, and the agent goes on (its
-/// retries, the job's terminal status; the runtime is shut down without waiting for it).
-pub async fn bounded<T>(
+/// kernel (D state on a hard NFS mount), cannot be stopped: the call goes on in a task of its
+/// own, and the agent goes on (its retries, the job's terminal status; the runtime is shut
+/// down without waiting for it).
+///
+/// At most [`CALLS`] calls are under way at once, the abandoned ones counted until they
+/// really return: each holds a thread of tokio's blocking pool (512), and a hung store with
+/// hundreds of files in flight filled it; then nothing else that needs one ran (the run
+/// record's save, DNS lookups, file reads), and the agent hung all the same. A call that
+/// finds every slot taken waits for one within its limit, then fails as timed out.
+pub async fn bounded<T: Send + 'static>(
     op: &'static str,
     limit: std::time::Duration,
-    call: impl std::future::Future<Output = object_store::Result<T>>,
+    call: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
 ) -> object_store::Result<T> {
-    let call = async {
+    let Some(slot) = slot(limit).await else {
+        return Err(timed_out(op, limit));
+    };
+    let mut running = tokio::spawn(async move {
         if crate::fault::armed_at(HANG, op) {
             let _ = tokio::task::spawn_blocking(move || hang_if_armed(op)).await;
         }
-        call.await
-    };
-    tokio::time::timeout(limit, call)
+        let done = call.await;
+        drop(slot);
+        done
+    });
+    match tokio::time::timeout(limit, &mut running).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => Err(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(e),
+        }),
+        // Left running, its slot with it, until the file system answers.
+        Err(_) => Err(timed_out(op, limit)),
+    }
+}
+
+/// File store calls under way at once, abandoned ones included ([`bounded`]).
+pub const CALLS: usize = 64;
+
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CALLS);
+
+/// A slot for a file store call, held by the task that runs it until the call really
+/// returns. `None` when none came free within `limit`.
+async fn slot(limit: std::time::Duration) -> Option<tokio::sync::SemaphorePermit<'static>> {
+    tokio::time::timeout(limit, SLOTS.acquire())
         .await
-        .unwrap_or_else(|_| Err(timed_out(op, limit)))
+        .ok()?
+        .ok()
 }
 
 /// The fault point (`file-store-hang:<op>`) at which a file store call blocks as on a hung
@@ -304,9 +335,13 @@ fn bounded_stream<T: Send + 'static>(
     use futures::StreamExt;
     futures::stream::unfold(Some(items), move |items| async move {
         let mut items = items?;
-        match bounded(op, limit, async { Ok(items.next().await) }).await {
-            Ok(Some(item)) => Some((item, Some(items))),
-            Ok(None) => None,
+        let next = async move {
+            let next = items.next().await;
+            Ok((next, items))
+        };
+        match bounded(op, limit, next).await {
+            Ok((Some(item), items)) => Some((item, Some(items))),
+            Ok((None, _)) => None,
             Err(e) => Some((Err(e), None)),
         }
     })
@@ -322,7 +357,11 @@ impl object_store::ObjectStore for Bounded {
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
         let limit = self.limits.data(payload.content_length() as u64);
-        bounded("put", limit, self.inner.put_opts(location, payload, opts)).await
+        let (inner, location) = (self.inner.clone(), location.clone());
+        bounded("put", limit, async move {
+            inner.put_opts(&location, payload, opts).await
+        })
+        .await
     }
 
     async fn put_multipart_opts(
@@ -330,14 +369,13 @@ impl object_store::ObjectStore for Bounded {
         location: &object_store::path::Path,
         opts: object_store::PutMultipartOptions,
     ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        let inner = bounded(
-            "start upload",
-            self.limits.meta,
-            self.inner.put_multipart_opts(location, opts),
-        )
+        let (store, location) = (self.inner.clone(), location.clone());
+        let inner = bounded("start upload", self.limits.meta, async move {
+            store.put_multipart_opts(&location, opts).await
+        })
         .await?;
         Ok(Box::new(BoundedUpload {
-            inner,
+            inner: std::sync::Arc::new(tokio::sync::Mutex::new(inner)),
             limits: self.limits,
             written: 0,
         }))
@@ -351,7 +389,11 @@ impl object_store::ObjectStore for Bounded {
         options: object_store::GetOptions,
     ) -> object_store::Result<object_store::GetResult> {
         let op = if options.head { "head" } else { "get" };
-        bounded(op, self.limits.meta, self.inner.get_opts(location, options)).await
+        let (inner, location) = (self.inner.clone(), location.clone());
+        bounded(op, self.limits.meta, async move {
+            inner.get_opts(&location, options).await
+        })
+        .await
     }
 
     async fn get_ranges(
@@ -361,7 +403,11 @@ impl object_store::ObjectStore for Bounded {
     ) -> object_store::Result<Vec<bytes::Bytes>> {
         let bytes = ranges.iter().map(|r| r.end.saturating_sub(r.start)).sum();
         let limit = self.limits.data(bytes);
-        bounded("get", limit, self.inner.get_ranges(location, ranges)).await
+        let (inner, location, ranges) = (self.inner.clone(), location.clone(), ranges.to_vec());
+        bounded("get", limit, async move {
+            inner.get_ranges(&location, &ranges).await
+        })
+        .await
     }
 
     fn delete_stream(
@@ -401,11 +447,10 @@ impl object_store::ObjectStore for Bounded {
         &self,
         prefix: Option<&object_store::path::Path>,
     ) -> object_store::Result<object_store::ListResult> {
-        bounded(
-            "list",
-            self.limits.meta,
-            self.inner.list_with_delimiter(prefix),
-        )
+        let (inner, prefix) = (self.inner.clone(), prefix.cloned());
+        bounded("list", self.limits.meta, async move {
+            inner.list_with_delimiter(prefix.as_ref()).await
+        })
         .await
     }
 
@@ -416,11 +461,10 @@ impl object_store::ObjectStore for Bounded {
         to: &object_store::path::Path,
         options: object_store::CopyOptions,
     ) -> object_store::Result<()> {
-        bounded(
-            "copy",
-            self.limits.meta,
-            self.inner.copy_opts(from, to, options),
-        )
+        let (inner, from, to) = (self.inner.clone(), from.clone(), to.clone());
+        bounded("copy", self.limits.meta, async move {
+            inner.copy_opts(&from, &to, options).await
+        })
         .await
     }
 
@@ -430,11 +474,10 @@ impl object_store::ObjectStore for Bounded {
         to: &object_store::path::Path,
         options: object_store::RenameOptions,
     ) -> object_store::Result<()> {
-        bounded(
-            "rename",
-            self.limits.meta,
-            self.inner.rename_opts(from, to, options),
-        )
+        let (inner, from, to) = (self.inner.clone(), from.clone(), to.clone());
+        bounded("rename", self.limits.meta, async move {
+            inner.rename_opts(&from, &to, options).await
+        })
         .await
     }
 }
@@ -443,7 +486,8 @@ impl object_store::ObjectStore for Bounded {
 /// size, the complete (an fsync of all of it, and a rename) at that of the whole.
 #[derive(Debug)]
 struct BoundedUpload {
-    inner: Box<dyn object_store::MultipartUpload>,
+    /// Shared with a call left running past its limit, which holds it until it returns.
+    inner: std::sync::Arc<tokio::sync::Mutex<Box<dyn object_store::MultipartUpload>>>,
     limits: Limits,
     written: u64,
 }
@@ -453,26 +497,73 @@ impl object_store::MultipartUpload for BoundedUpload {
     fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
         let size = data.content_length() as u64;
         self.written += size;
-        Box::pin(bounded(
-            "write part",
-            self.limits.data(size),
-            self.inner.put_part(data),
-        ))
+        let inner = self.inner.clone();
+        Box::pin(bounded("write part", self.limits.data(size), async move {
+            // The part's future is the upload's own, apart from it once made.
+            let part = inner.lock().await.put_part(data);
+            part.await
+        }))
     }
 
     async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
         let limit = self.limits.data(self.written);
-        bounded("complete", limit, self.inner.complete()).await
+        let inner = self.inner.clone();
+        bounded("complete", limit, async move {
+            inner.lock().await.complete().await
+        })
+        .await
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
-        bounded("abort", self.limits.meta, self.inner.abort()).await
+        let inner = self.inner.clone();
+        bounded("abort", self.limits.meta, async move {
+            inner.lock().await.abort().await
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hung file store with more calls in flight than tokio's blocking pool has threads:
+    /// the abandoned calls took every thread, and then nothing else that needs one ran (the
+    /// run record's save, DNS). At most [`CALLS`] are stuck now; a call past them fails
+    /// within its limit; once the file system answers, the slots come back.
+    #[test]
+    fn a_hung_file_store_leaves_the_blocking_pool_room() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(CALLS + 16)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let limit = std::time::Duration::from_millis(300);
+            let hung = crate::fault::arm(HANG, "put");
+            let calls: Vec<_> = (0..CALLS + 40)
+                .map(|_| tokio::spawn(bounded("put", limit, async { Ok(()) })))
+                .collect();
+            for call in calls {
+                assert!(call.await.unwrap().is_err(), "every call hangs");
+            }
+            let other = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::task::spawn_blocking(|| ()),
+            )
+            .await;
+            assert!(
+                other.is_ok(),
+                "the abandoned calls took every blocking thread"
+            );
+            drop(hung);
+            // The stuck threads see the fault disarmed and return, and their slots with them.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert_eq!(SLOTS.available_permits(), CALLS);
+            assert!(bounded("put", limit, async { Ok(()) }).await.is_ok());
+        });
+    }
 
     #[test]
     fn a_blob_is_added_once_and_never_replaced() {

@@ -127,7 +127,7 @@ async fn local_blocking<T: Send + 'static>(
     limit: Duration,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T, StoreError> {
-    let call = async {
+    let call = async move {
         let ran = tokio::task::spawn_blocking(move || {
             crate::filestore::hang_if_armed(op);
             f()
