@@ -627,6 +627,12 @@ struct Outage {
     writes_failed: bool,
     /// How reads fare in an outage of writes.
     reads: Reads,
+    /// Write operations whose tries failed in it and that have not succeeded since: still
+    /// trying, given up, or cancelled. While one has not, a blob found stored after a blip
+    /// of its own ([`Shows::Blips`]) ends nothing: a store that refuses new writes and fails
+    /// at random too answers a blob it holds after a blip, while another file's writes are
+    /// still refused.
+    failing_writes: usize,
 }
 
 /// How reads fare in an outage of writes. Once one has answered in it, reads are judged by
@@ -661,6 +667,20 @@ impl Outage {
             (false, Reads::Failing { since, last }) => Some((since.max(self.clock), last)),
         }
     }
+}
+
+/// What a write's success shows of the store taking writes ([`Retry::answered_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shows {
+    /// Nothing: it wrote nothing (a blob found stored, an upload started or aborted), or
+    /// may not have.
+    Nothing,
+    /// It wrote: the store takes writes.
+    Wrote,
+    /// A try of it failed, and then the store answered it, finding its blob stored (a 412
+    /// to its create-if-absent): the store fails at random, and its failures are blips,
+    /// unless another write's failure stands ([`Outage::failing_writes`]).
+    Blips,
 }
 
 /// What an operation's next try may do, decided as it starts ([`Retry::admit`]).
@@ -825,12 +845,15 @@ impl Retry {
     /// it belongs to has lasted the deadline. Counted from the try's start, not its end: a
     /// try that took a request timeout to fail neither starts a new outage late nor makes the
     /// outage under way look stale.
-    /// `write`: whether the try was a write's.
-    fn failed(
+    /// `write`: whether the try was a write's; `booked`: the outage in which a try of this
+    /// operation failed before, if any ([`Outage::failing_writes`]), set to the one this
+    /// failure is booked in.
+    fn failed_in(
         &self,
         e: &StoreError,
         started: tokio::time::Instant,
         write: bool,
+        booked: &mut Option<u64>,
     ) -> tokio::time::Instant {
         let mut state = self.lock();
         let now = tokio::time::Instant::now();
@@ -867,6 +890,10 @@ impl Retry {
             }
             o.last = o.last.max(now);
             o.writes_failed |= write;
+            if write && *booked != Some(o.id) {
+                o.failing_writes += 1;
+                *booked = Some(o.id);
+            }
             if let Some(error) = error {
                 o.error = error;
             }
@@ -874,6 +901,9 @@ impl Retry {
         }
         let began = state.answered_at.map_or(started, |a| a.max(started));
         state.outages += 1;
+        if write {
+            *booked = Some(state.outages);
+        }
         state.outage = Some(Outage {
             id: state.outages,
             began,
@@ -884,6 +914,7 @@ impl Retry {
             error: error.unwrap_or_default(),
             writes_failed: write,
             reads: Reads::Unknown,
+            failing_writes: usize::from(write),
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
             "store is failing; retrying with backoff (one line when it answers again)");
@@ -908,15 +939,28 @@ impl Retry {
         self.lock().answered_at = Some(tokio::time::Instant::now());
     }
 
-    /// A try succeeded; `write`: a write's. A read says nothing of an outage of writes, and
-    /// is not taken for the store answering within a write's try either.
-    /// In an outage of writes a read that answers has reads tried again as they come
-    /// ([`Reads`]).
-    fn answered(&self, write: bool) {
+    /// A try succeeded; `write`: a write's, whose success showed `shows`, a try of it having
+    /// failed in outage `booked` before. A read says nothing of an outage of writes, and is
+    /// not taken for the store answering within a write's try either: only a write that wrote
+    /// ends an outage in which writes failed, or one that found its blob stored after a blip
+    /// when no other write's failure stands ([`Shows::Blips`]). In an outage of writes a read
+    /// that answers has reads tried again as they come ([`Reads`]).
+    fn answered_as(&self, write: bool, shows: Shows, booked: Option<u64>) {
         let mut state = self.lock();
-        if let Some(o) = state.outage.as_mut().filter(|o| !write && o.writes_failed) {
-            o.reads = Reads::Answering;
-            return;
+        if let Some(o) = state.outage.as_mut().filter(|o| o.writes_failed) {
+            if write && booked == Some(o.id) {
+                o.failing_writes = o.failing_writes.saturating_sub(1);
+            }
+            let ends = write
+                && match shows {
+                    Shows::Nothing => false,
+                    Shows::Wrote => true,
+                    Shows::Blips => o.failing_writes == 0,
+                };
+            if !ends {
+                o.reads = Reads::Answering;
+                return;
+            }
         }
         state.answered_at = Some(tokio::time::Instant::now());
         if let Some(o) = state.outage.take() {
@@ -1275,7 +1319,7 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true, |_, _| true).await
+        self.retrying_cut(op, true, true, |_, _| Shows::Wrote).await
     }
 
     /// [`BlobStore::retrying`] for an operation that only reads: its success does not end an
@@ -1284,7 +1328,8 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, false, |_, _| false).await
+        self.retrying_cut(op, true, false, |_, _| Shows::Nothing)
+            .await
     }
 
     /// [`BlobStore::retrying`] for a write that may succeed without writing: a blob found
@@ -1292,12 +1337,12 @@ impl BlobStore {
     /// or aborted. Those the store answers with its disk full or its PUTs refused, so they
     /// end no outage in which writes failed: taken for writes, each file's found blob ended
     /// the outage and its neighbour's PUT began a new one, with a deadline of its own (1,000
-    /// files: ten hours). `ends` says whether a success does end one, given whether a try of
-    /// this operation failed before it (see [`BlobStore::put_blob`]).
+    /// files: ten hours). `ends` says what a success shows, given whether a try of this
+    /// operation failed before it (see [`BlobStore::put_blob`]).
     async fn retrying_write<T, Fut>(
         &self,
         op: impl FnMut() -> Fut,
-        ends: impl Fn(&T, bool) -> bool,
+        ends: impl Fn(&T, bool) -> Shows,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1307,14 +1352,14 @@ impl BlobStore {
 
     /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
     /// deadline; `write`: whether the operation writes (a failure books a failed write);
-    /// `ends`: whether its success (and whether a try of it failed before) shows the store
+    /// `ends`: what its success (and whether a try of it failed before) shows of the store
     /// taking writes, which alone ends an outage in which writes failed.
     async fn retrying_cut<T, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
         cut: bool,
         write: bool,
-        ends: impl Fn(&T, bool) -> bool,
+        ends: impl Fn(&T, bool) -> Shows,
     ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -1329,6 +1374,8 @@ impl BlobStore {
             .build();
         let mut corrupt = 0;
         let mut failure: Option<StoreError> = None;
+        // The outage a failure of this operation was booked in.
+        let mut booked = None;
         loop {
             let started = tokio::time::Instant::now();
             let (tried, probe) = match self.retry.admit(deadline, write) {
@@ -1351,7 +1398,8 @@ impl BlobStore {
             }
             match tried {
                 Ok(v) => {
-                    self.retry.answered(write && ends(&v, failure.is_some()));
+                    let shows = ends(&v, failure.is_some());
+                    self.retry.answered_as(write, shows, booked);
                     return Ok(v);
                 }
                 Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
@@ -1362,7 +1410,7 @@ impl BlobStore {
                 }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
-                    let outage_ends = self.retry.failed(&e, started, write);
+                    let outage_ends = self.retry.failed_in(&e, started, write, &mut booked);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
                     if tokio::time::Instant::now() + wait >= deadline.min(outage_ends) {
                         return Err(e);
@@ -1406,7 +1454,10 @@ impl BlobStore {
             // A whole staged upload that succeeded wrote its staging object, whether or not
             // the blob was found stored after; one that failed on its own (the file could not
             // be opened, was sparse, changed) may have written nothing.
-            |r, _| r.is_ok(),
+            |r, _| match r {
+                Ok(_) => Shows::Wrote,
+                Err(_) => Shows::Nothing,
+            },
         )
         .await
     }
@@ -1514,14 +1565,17 @@ impl BlobStore {
     /// Writes a blob unless present. Returns whether this call added it. A retry after a
     /// lost acknowledgement finds the blob present: that is success (content-addressed).
     ///
-    /// A blob found stored by the store refusing its create-if-absent (412) ends an outage of
-    /// writes if a try of this very PUT failed before: a store that refuses writes answers
-    /// one key's PUT the same way each time (a 503 to a new key, its disk full; a 412 to a
-    /// key it holds, before taking bytes), so one that refused this PUT and then processed it
-    /// fails at random, and its writes work. Without it a final sync of blobs all stored (a
-    /// re-run, a dataset copied to the artifacts) against a store failing 1 request in 5 had
-    /// no write that wrote to end the outage, each fault kept it fresh, and past the deadline
-    /// its operations were refused: UPLOAD_ERROR from a store that answered 80% of them.
+    /// A blob found stored by the store refusing its create-if-absent (412) after a try of
+    /// this very PUT failed ends an outage of writes, unless another write's failure in it
+    /// stands (a write still failing, given up or cancelled: [`Outage::failing_writes`]).
+    /// Its own failure was a blip, the store answering it after; with no other, the outage
+    /// was blips. Without it a final sync of blobs all stored (a re-run, a dataset copied to
+    /// the artifacts) against a store failing 1 request in 5 had no write that wrote to end
+    /// the outage, each fault kept it fresh, and past the deadline its operations were
+    /// refused: UPLOAD_ERROR from a store that answered 80% of them. With another's failure
+    /// standing it ends nothing: a store that refuses new writes (a 503, its disk full) and
+    /// answers a key it holds with a 412 fails at random too, and each blip on a stored blob
+    /// ended the outage, the next new file beginning one with a deadline of its own.
     ///
     /// Failed in an outage of writes (refused past its deadline, or its tries failing), it
     /// looks, as a read, whether the blob is stored: one that is needs no write, and a store
@@ -1532,10 +1586,10 @@ impl BlobStore {
         let put = self
             .retrying_write(
                 || self.put_blob_once(sha256_hex, bytes.clone()),
-                |put, refused_before| match put {
-                    BlobPut::Added => true,
-                    BlobPut::Exists => refused_before,
-                    BlobPut::Found => false,
+                |put, failed_before| match put {
+                    BlobPut::Added => Shows::Wrote,
+                    BlobPut::Exists if failed_before => Shows::Blips,
+                    BlobPut::Exists | BlobPut::Found => Shows::Nothing,
                 },
             )
             .await;
@@ -1874,8 +1928,11 @@ impl BlobStore {
     }
 
     pub async fn create_multipart(&self, sha256_hex: &str) -> Result<String, StoreError> {
-        self.retrying_write(|| self.create_multipart_once(sha256_hex), |_, _| false)
-            .await
+        self.retrying_write(
+            || self.create_multipart_once(sha256_hex),
+            |_, _| Shows::Nothing,
+        )
+        .await
     }
 
     async fn create_multipart_once(&self, sha256_hex: &str) -> Result<String, StoreError> {
@@ -2012,7 +2069,7 @@ impl BlobStore {
     ) -> Result<(), StoreError> {
         self.retrying_write(
             || self.abort_multipart_once(sha256_hex, upload_id),
-            |_, _| false,
+            |_, _| Shows::Nothing,
         )
         .await
     }
@@ -2285,7 +2342,10 @@ impl BlobStore {
     ) -> Result<DocWrite, StoreError> {
         self.retrying_write(
             || self.put_document_over_once(key, bytes.clone(), expected),
-            |put, _| matches!(put, DocWrite::Written(_)),
+            |put, _| match put {
+                DocWrite::Written(_) => Shows::Wrote,
+                DocWrite::Changed => Shows::Nothing,
+            },
         )
         .await
     }
@@ -2806,6 +2866,25 @@ pub(crate) mod tests {
         assert!(store.retry.lock().outage.is_none());
     }
 
+    impl Retry {
+        /// [`Retry::failed_in`] of an operation that booked no failure before.
+        fn failed(
+            &self,
+            e: &StoreError,
+            started: tokio::time::Instant,
+            write: bool,
+        ) -> tokio::time::Instant {
+            self.failed_in(e, started, write, &mut None)
+        }
+
+        /// [`Retry::answered_as`] of an operation that failed no try before, a write that
+        /// wrote.
+        fn answered(&self, write: bool) {
+            let shows = if write { Shows::Wrote } else { Shows::Nothing };
+            self.answered_as(write, shows, None)
+        }
+    }
+
     /// A store that answers reads and, while `refusing`, refuses every write with a 503 (its
     /// disk full behind it) but a create-if-absent of a key it holds, which it answers as S3
     /// does, before taking any bytes: "exists". With `flaky_puts` at n, every n-th PUT fails
@@ -3052,6 +3131,51 @@ pub(crate) mod tests {
         while let Some(puts) = workers.join_next().await {
             assert!(puts.unwrap() > 1000);
         }
+    }
+
+    /// A store that refuses new writes (a 503) and answers a blob it holds (a 412), and fails
+    /// at random too: a stored blob's PUT that met a blip, then a 412, ended the outage
+    /// while a new file's writes were refused, and the next new file's PUT began another,
+    /// a deadline of its own (for each blip on a stored blob among them: hours).
+    #[tokio::test(start_paused = true)]
+    async fn a_blip_on_a_stored_blob_does_not_end_an_outage_of_writes() {
+        let faulty = Arc::new(Faulty {
+            refusing: true.into(),
+            flaky_puts: 1_000_000,
+            ..Default::default()
+        });
+        let stored = Bytes::from_static(b"stored before the outage");
+        let stored_sha = crate::digest::sha256_hex(&stored);
+        let path = StorePath::from(blob_key(&stored_sha));
+        faulty.mem.put(&path, stored.clone().into()).await.unwrap();
+        let deadline = Duration::from_secs(60);
+        let store = store_over(faulty.clone(), deadline);
+        let start = tokio::time::Instant::now();
+        let new = |n: u32| {
+            let data = Bytes::from(format!("new file {n}"));
+            (crate::digest::sha256_hex(&data), data)
+        };
+        let (sha, data) = new(1);
+        let refused = tokio::spawn({
+            let store = store.clone();
+            async move { store.put_blob(&sha, data).await }
+        });
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        // Its first PUT meets the blip, the next the 412.
+        faulty
+            .puts
+            .store(faulty.flaky_puts - 1, std::sync::atomic::Ordering::Relaxed);
+        let put = store.put_blob(&stored_sha, stored).await;
+        assert!(matches!(put, Ok(false)), "{put:?}");
+        let puts = faulty.puts.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(puts > faulty.flaky_puts, "{puts}");
+        let e = refused.await.unwrap().unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        let (sha, data) = new(2);
+        let e = store.put_blob(&sha, data).await.unwrap_err();
+        assert!(!e.is_permanent(), "{e}");
+        let took = start.elapsed();
+        assert!(took < deadline + Duration::from_secs(10), "{took:?}");
     }
 
     /// A final sync of large files all stored (HEAD first, then no PUT: a re-run, a dataset
