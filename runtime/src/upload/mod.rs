@@ -298,6 +298,10 @@ pub struct Uploader {
     /// Blobs whose multipart upload failed on a store fault and was kept (not aborted), its
     /// journal with it, for a later sync or `recover` to resume rather than send again.
     kept: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Multipart uploads that no journal names (the state dir failing) whose abort failed
+    /// (the store down): [`Uploader::abort_orphans`] tries them again. Nothing else on the
+    /// node names them, and their parts stay billed at the store.
+    unjournaled: Arc<std::sync::Mutex<Vec<c3_proto::MultipartRecord>>>,
     /// Key prefix of this job's staging objects (file store).
     staging: Arc<str>,
     staged: Arc<std::sync::atomic::AtomicU64>,
@@ -701,6 +705,7 @@ impl Uploader {
             journal_dir,
             attempt_tag: Arc::from(""),
             kept: Default::default(),
+            unjournaled: Default::default(),
             staging,
             staged: Default::default(),
             owners: Default::default(),

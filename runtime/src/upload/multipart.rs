@@ -444,7 +444,8 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let (resumed, journaled) = (journal.resumed, journal.journaled);
-            let upload_id = journal.record.upload_id.clone();
+            // What an abort of an upload no journal names needs (a new upload: no parts yet).
+            let unjournaled = (!journaled).then(|| journal.record.clone());
             let sent = self
                 .send_parts(path, before, tags, ahead_parts, &mut journal)
                 .await;
@@ -464,9 +465,9 @@ impl Uploader {
                     }
                     Err(e) => {
                         let e = store_err(e);
-                        if keeps_parts(&e) && !journaled {
+                        if let (true, Some(record)) = (keeps_parts(&e), &unjournaled) {
                             // Nothing on the node names it, to resume it or abort it later.
-                            let _ = self.abort_upload(&sha, &upload_id, None).await;
+                            self.abort_unjournaled(record).await;
                         }
                         Err(e)
                     }
@@ -479,7 +480,10 @@ impl Uploader {
                 Err(e) if keeps_parts(&e) && journaled => Err(e),
                 Err(e) => {
                     // Never completed, so nothing appears under the key; abort frees the parts.
-                    self.abort(journal).await;
+                    match &unjournaled {
+                        Some(record) => self.abort_unjournaled(record).await,
+                        None => self.abort(journal).await,
+                    }
                     Err(e)
                 }
             };
@@ -751,7 +755,9 @@ impl Uploader {
                 tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "the store refuses to abort a multipart upload; its parts stay until a lifecycle rule for incomplete multipart uploads removes them");
             }
             Err(e) => {
-                tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later");
+                if path.is_some() {
+                    tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload; its journal is kept to abort it later");
+                }
                 return Err(e);
             }
         }
@@ -759,6 +765,43 @@ impl Uploader {
             remove_journal(p);
         }
         Ok(())
+    }
+
+    /// Aborts an upload no journal names (its journal could not be written). One whose abort
+    /// fails (a store outage cut the upload short, and it is still on) is journaled now if
+    /// the state dir takes it, under a name of its own as [`Uploader::replace_upload`] sets
+    /// one aside, else kept in memory: either way the attempt's end
+    /// ([`Uploader::abort_orphans`]) tries it again, and its parts are not left billed with
+    /// nothing naming them.
+    async fn abort_unjournaled(&self, record: &MultipartRecord) {
+        let (sha, id) = (&record.sha256, &record.upload_id);
+        let Err(e) = self.abort_upload(sha, id, None).await else {
+            return;
+        };
+        if self.journal_aside(record).await {
+            tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload that was not journaled; journaled now, to abort it later");
+            return;
+        }
+        tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload that was not journaled (nor can be now); this attempt's end tries again");
+        self.unjournaled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record.clone());
+    }
+
+    /// Writes the journal of `record`'s upload under a name of its own
+    /// (`<attempt>-<sha>.<upload tag>.json`), which no upload of its blob resumes or
+    /// overwrites and [`Uploader::abort_orphans`] finds. Returns whether it was written.
+    async fn journal_aside(&self, record: &MultipartRecord) -> bool {
+        let Some(path) = self.journal_path(&record.sha256) else {
+            return false;
+        };
+        let aside = path.with_extension(format!("{}.json", upload_tag(&record.upload_id)));
+        let eio = crate::fault::armed_at("journal-write-eio", &record.sha256);
+        let bytes = record.to_json();
+        tokio::task::spawn_blocking(move || !eio && write_replace(&aside, &bytes).is_ok())
+            .await
+            .unwrap_or(false)
     }
 
     /// Lets go of the journaled upload at `path` that a new upload of its blob replaces: it is
@@ -814,8 +857,37 @@ impl Uploader {
     /// over), but those kept after a store fault (`recover` resumes them), and drops the
     /// attempt's staging objects a crash left. Another attempt's are left alone: its agent
     /// may be sending them now. One the store will not abort keeps its journal
-    /// ([`Uploader::abort_upload`]). Returns how many uploads were aborted.
+    /// ([`Uploader::abort_upload`]). So do uploads no journal named whose abort failed
+    /// ([`Uploader::abort_unjournaled`]): journaled now if the state dir takes it (for
+    /// `recover`), else kept for a later call. Returns how many uploads were aborted.
     pub async fn abort_orphans(&self) -> usize {
+        let mut aborted = self.abort_journaled().await;
+        // Uploads no journal names, whose abort failed: only this uploader knows them.
+        let unjournaled =
+            std::mem::take(&mut *self.unjournaled.lock().unwrap_or_else(|p| p.into_inner()));
+        for record in unjournaled {
+            let (sha, id) = (&record.sha256, &record.upload_id);
+            match self.abort_upload(sha, id, None).await {
+                Ok(()) => {
+                    tracing::info!(sha256 = %sha, "aborted a multipart upload that was not journaled");
+                    aborted += 1;
+                }
+                // Journaled now, `recover` aborts it.
+                Err(_) if self.journal_aside(&record).await => {}
+                Err(e) => {
+                    tracing::warn!(sha256 = %sha, error = %crate::error_chain(&e), "could not abort a multipart upload that was not journaled (nor can be now); its parts stay at the store until a lifecycle rule for incomplete multipart uploads removes them");
+                    self.unjournaled
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(record);
+                }
+            }
+        }
+        aborted
+    }
+
+    /// [`Uploader::abort_orphans`] of the attempt's journals and staging objects.
+    async fn abort_journaled(&self) -> usize {
         if self.store.is_local() {
             // The file store's own directory: only this job's staging objects, never endless;
             // of those, this attempt's (another attempt's agent may be staging now).
@@ -1341,6 +1413,63 @@ mod tests {
         assert!(!ids.is_empty());
         for id in ids {
             assert!(!still_open(&flaky, &id).await, "upload {id} is left open");
+        }
+    }
+
+    /// An upload no journal names that a store outage cuts short: its abort fails too (the
+    /// store still down), and nothing on the node named it, to abort it when the store
+    /// answered again; its parts stayed billed for ever. Journaled once the state dir takes
+    /// it, or kept in memory, the attempt's end aborts it.
+    #[tokio::test]
+    async fn an_unjournaled_upload_whose_abort_fails_is_aborted_at_the_attempts_end() {
+        for journal_back in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (up, flaky) = flaky_uploader(dir.path(), usize::MAX);
+            flaky.parts_ok.store(1, std::sync::atomic::Ordering::SeqCst);
+            let abs = dir.path().join("unjournaled");
+            let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 239) as u8).collect();
+            std::fs::write(&abs, &data).unwrap();
+            let file = crate::collect::LocalFile {
+                rel: "artifacts/unjournaled".into(),
+                abs: abs.clone(),
+                stamp: FileStamp::of(&std::fs::metadata(&abs).unwrap()),
+            };
+            let eio = crate::fault::arm("journal-write-eio", &crate::digest::sha256_hex(&data));
+            // The state dir takes writes again once the upload started (its journal not written).
+            let mut eio = Some(eio);
+            if journal_back {
+                let eio = eio.take();
+                *flaky.after_part.lock().unwrap() = Some(Box::new(move || drop(eio)));
+            }
+            let e = up.upload(&file).await.unwrap_err();
+            assert!(
+                matches!(e, UploadError::Store { .. }) && e.is_retryable(),
+                "{e:?}"
+            );
+            let ids = flaky.ids.lock().unwrap().clone();
+            assert!(!ids.is_empty());
+            let journals = dir.path().join("journal");
+            let named = std::fs::read_dir(&journals).map_or(0, |d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            });
+            assert_eq!(named, usize::from(journal_back));
+            // The store answers again: the attempt ends.
+            flaky.failing.store(0, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(DEADLINE * 2).await;
+            up.abort_orphans().await;
+            for id in ids {
+                assert!(
+                    !still_open(&flaky, &id).await,
+                    "upload {id} is left open (journal back: {journal_back})"
+                );
+            }
+            let left: Vec<_> = std::fs::read_dir(&journals)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{left:?}");
+            drop(eio);
         }
     }
 
