@@ -102,6 +102,47 @@ pub enum GcError {
     },
     #[error("gc task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the file store does not answer; nothing more was deleted")]
+    Hung(#[source] std::io::Error),
+}
+
+/// Runs one of gc's own blocking file store calls (`op`) off the reactor, cut as the store's
+/// own calls are ([`crate::filestore::bounded`]) when it makes no progress for `limit`: a
+/// whole call, or, for a listing or a walk, between two of the entries it `tick`s. A hung
+/// network file system never returns (D state on a hard NFS mount): its thread is abandoned,
+/// and `c3-agent gc` (the hourly housekeeping's, after `recover`) fails instead of hanging.
+async fn blocking_cut<T: Send + 'static>(
+    op: &'static str,
+    limit: Duration,
+    f: impl FnOnce(&dyn Fn()) -> T + Send + 'static,
+) -> Result<T, GcError> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let ticks = Arc::new(AtomicU64::new(0));
+    let mut call = tokio::task::spawn_blocking({
+        let ticks = ticks.clone();
+        move || {
+            crate::filestore::hang_if_armed(op);
+            f(&|| {
+                ticks.fetch_add(1, Relaxed);
+            })
+        }
+    });
+    let mut seen = 0;
+    loop {
+        match tokio::time::timeout(limit, &mut call).await {
+            Ok(done) => return Ok(done?),
+            Err(_) if ticks.load(Relaxed) != seen => seen = ticks.load(Relaxed),
+            Err(_) => {
+                return Err(GcError::Hung(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "gc's {op} made no progress for {} s (a network file system that stopped answering?)",
+                        limit.as_secs()
+                    ),
+                )))
+            }
+        }
+    }
 }
 
 fn first_failures(failures: &[(String, String)]) -> String {
@@ -136,13 +177,12 @@ pub async fn collect_garbage_capped(
     max_manifest_bytes: u64,
 ) -> Result<GcReport, GcError> {
     let root = file_root(store)?;
-    let root_dir = open_root(&root).await?;
+    let limit = store.file_limits().meta;
+    let root_dir = open_root(&root, limit).await?;
     let now = {
         let root = root.clone();
-        let fs_now = tokio::task::spawn_blocking(move || crate::store::store_clock(&root))
-            .await
-            .ok()
-            .flatten();
+        let fs_now =
+            blocking_cut("gc clock", limit, move |_| crate::store::store_clock(&root)).await?;
         earlier_now(SystemTime::now(), fs_now)
     };
     // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
@@ -157,22 +197,22 @@ pub async fn collect_garbage_capped(
     };
 
     let mut scan = Scan::default();
-    scan.run(store, &root, max_manifest_bytes).await?;
+    scan.run(store, &root, max_manifest_bytes, limit).await?;
     report.manifests = scan.read;
 
     let dir_path = root.join("blobs").join("sha256");
     let (dir, listed) = {
         let root_dir = root_dir.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking_cut("gc list", limit, move |tick| {
             let dir = match root_dir.open_dir(Path::new("blobs/sha256")) {
                 Ok(dir) => dir,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
             if !dry_run {
-                put_back_left_aside(&dir);
+                put_back_left_aside(&dir, tick);
             }
-            let listed = list_blobs(&dir)?;
+            let listed = list_blobs(&dir, tick)?;
             Ok(Some((Arc::new(dir), listed)))
         })
         .await?
@@ -208,7 +248,10 @@ pub async fn collect_garbage_capped(
             now.checked_sub(STAGING_MIN_AGE)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
         );
-        tokio::task::spawn_blocking(move || sweep_staging(&root_dir, cutoff, dry_run)).await?
+        blocking_cut("gc sweep", limit, move |tick| {
+            sweep_staging(&root_dir, cutoff, dry_run, tick)
+        })
+        .await?
     };
     report.staging_deleted = staged;
     report.staging_bytes = staged_bytes;
@@ -219,7 +262,7 @@ pub async fn collect_garbage_capped(
     }
 
     // Manifests written since the first pass (a job that ended meanwhile) count too.
-    scan.run(store, &root, max_manifest_bytes).await?;
+    scan.run(store, &root, max_manifest_bytes, limit).await?;
     report.manifests = scan.read.max(report.manifests);
     let doomed: Vec<&Blob> = doomed
         .into_iter()
@@ -234,7 +277,7 @@ pub async fn collect_garbage_capped(
     };
     // A few at once: each is a rename, a stat and an unlink.
     let mut deletions = futures::stream::iter(doomed)
-        .map(|blob| delete_blob(&dir, blob, cutoff))
+        .map(|blob| delete_blob(&dir, blob, cutoff, limit))
         .buffer_unordered(DELETE_CONCURRENCY);
     while let Some(outcome) = deletions.next().await {
         match outcome {
@@ -244,13 +287,14 @@ pub async fn collect_garbage_capped(
             }
             Ok(Deleted::Young) => report.kept_young += 1,
             Ok(Deleted::Gone) => {}
-            Err((key, source)) => {
+            Err(Err((key, source))) => {
                 return Err(GcError::Delete {
                     key,
                     deleted: report.deleted,
                     source,
                 })
             }
+            Err(Ok(hung)) => return Err(hung),
         }
     }
     Ok(report)
@@ -267,17 +311,20 @@ enum Deleted {
 }
 
 /// Deletes one unreferenced blob, unless it was written again since the listing.
+/// `Err(Ok(_))`: the file store did not answer ([`blocking_cut`]).
 async fn delete_blob(
     dir: &Arc<DirFd>,
     blob: &Blob,
     cutoff: SystemTime,
-) -> Result<Deleted, (String, StoreError)> {
+    limit: Duration,
+) -> Result<Deleted, Result<GcError, (String, StoreError)>> {
     let key = blob_key(&blob.sha256);
     let (dir, sha) = (dir.clone(), blob.sha256.clone());
-    let outcome = tokio::task::spawn_blocking(move || set_aside_and_delete(&dir, &sha, cutoff))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+    let outcome = blocking_cut("gc delete", limit, move |_| {
+        set_aside_and_delete(&dir, &sha, cutoff)
+    })
+    .await
+    .map_err(Ok)?;
     let deleted = outcome.map_err(|e| {
         let source = StoreError::Op {
             op: "delete",
@@ -287,7 +334,7 @@ async fn delete_blob(
                 source: Box::new(e),
             },
         };
-        (key.clone(), source)
+        Err((key.clone(), source))
     })?;
     if let Deleted::Yes(bytes) = deleted {
         tracing::debug!(key = %key, bytes, "deleted an unreferenced blob");
@@ -341,11 +388,12 @@ fn modified(st: &FileStat) -> SystemTime {
 /// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
 /// and this run decides again. One set aside by a gc still running (the timer's and an
 /// operator's at once) is that gc's to finish.
-fn put_back_left_aside(dir: &DirFd) {
+fn put_back_left_aside(dir: &DirFd, tick: &dyn Fn()) {
     let Ok(mut entries) = dir.try_clone().and_then(|d| TreeWalk::new(d, Vec::new())) else {
         return;
     };
     while let Some(Item::Entry(entry)) = entries.next() {
+        tick();
         let name = entry.name;
         let Some((sha, owner)) = name
             .to_str()
@@ -370,7 +418,7 @@ fn put_back_left_aside(dir: &DirFd) {
 /// missing, and removing one under it would fail that put. Each entry is reached from its
 /// directory's fd and no symlink is followed, `staging` itself included: one a job put in
 /// its place (or anywhere below) would have led root's unlinks into /etc.
-fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64) {
+fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool, tick: &dyn Fn()) -> (usize, u64) {
     let mut swept = (0, 0);
     let Ok(mut walk) = root
         .open_dir(Path::new("staging"))
@@ -380,6 +428,7 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool) -> (usize, u64
     };
     // staging/<shard or job>/<temp>, and one level more for object_store's own temp names.
     while let Some(item) = walk.next() {
+        tick();
         let Item::Entry(entry) = item else {
             continue;
         };
@@ -417,9 +466,9 @@ fn earlier_now(node: SystemTime, store: Option<SystemTime>) -> SystemTime {
 }
 
 /// The file store's directory, opened (not through a symlink) and, as root, vetted.
-async fn open_root(root: &Path) -> Result<Arc<DirFd>, GcError> {
+async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> {
     let path = root.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    blocking_cut("gc open", limit, move |_| {
         let dir = DirFd::open(&path).map_err(|source| GcError::Root {
             path: path.clone(),
             source,
@@ -510,7 +559,14 @@ fn file_id(path: &Path) -> Option<FileId> {
 impl Scan {
     /// Reads every manifest not read before in the same version; fails, having deleted
     /// nothing, if any cannot be read.
-    async fn run(&mut self, store: &BlobStore, root: &Path, max: u64) -> Result<(), GcError> {
+    /// `limit`: how long a stat of gc's own may take ([`blocking_cut`]).
+    async fn run(
+        &mut self,
+        store: &BlobStore,
+        root: &Path,
+        max: u64,
+        limit: Duration,
+    ) -> Result<(), GcError> {
         // The file store (gc runs on it only): a directory walk, never endless.
         let keys = store
             .list("jobs", usize::MAX)
@@ -519,7 +575,8 @@ impl Scan {
         let mut failures = Vec::new();
         let mut read = 0;
         for key in keys.into_iter().filter(|k| is_manifest_key(k)) {
-            let id = file_id(&root.join(&key));
+            let path = root.join(&key);
+            let id = blocking_cut("gc stat", limit, move |_| file_id(&path)).await?;
             if let Some(Some(before)) = self.seen.get(&key) {
                 if id == Some(*before) {
                     read += 1;
@@ -585,10 +642,11 @@ struct Listing {
 }
 
 /// The plain files of `blobs/sha256/` named by a sha256 (lstat: a symlink is no blob).
-fn list_blobs(dir: &DirFd) -> std::io::Result<Listing> {
+fn list_blobs(dir: &DirFd, tick: &dyn Fn()) -> std::io::Result<Listing> {
     let mut listing = Listing::default();
     let mut entries = TreeWalk::new(dir.try_clone()?, Vec::new())?;
     while let Some(item) = entries.next() {
+        tick();
         let entry = match item {
             Item::Entry(entry) => entry,
             Item::Unlisted { error, .. } => return Err(error),
@@ -827,7 +885,7 @@ mod tests {
             .unwrap());
         assert!(f.exists(&sha));
         // ... and an interrupted gc's leftover is put back (same bytes) on the next run.
-        put_back_left_aside(&dir_fd);
+        put_back_left_aside(&dir_fd, &|| {});
         assert!(!aside.exists() && f.exists(&sha));
 
         // The job touched it first: gc's last look, after the move, sees it young.
@@ -914,7 +972,9 @@ mod tests {
         f.put(&attempt_manifest_key("j", 1), manifest("j", 1, &[&a], None))
             .await;
         let mut scan = Scan::default();
-        scan.run(&f.store, &f.root, 1 << 20).await.unwrap();
+        scan.run(&f.store, &f.root, 1 << 20, crate::filestore::META_LIMIT)
+            .await
+            .unwrap();
         assert_eq!((scan.read, scan.refs.len()), (1, 1));
         f.put(
             &attempt_manifest_key("j", 1),
@@ -923,9 +983,51 @@ mod tests {
         .await;
         f.put(&manifest_key("k"), manifest("k", 1, &[&c], None))
             .await;
-        scan.run(&f.store, &f.root, 1 << 20).await.unwrap();
+        scan.run(&f.store, &f.root, 1 << 20, crate::filestore::META_LIMIT)
+            .await
+            .unwrap();
         assert_eq!(scan.read, 2);
         assert!([&a, &b, &c].iter().all(|s| scan.refs.contains(*s)));
+    }
+
+    /// A file store that stops answering (a hung NFS server) at any of gc's own calls: gc
+    /// fails within the file store's limit instead of hanging for ever, the hourly
+    /// housekeeping with it.
+    #[tokio::test]
+    async fn a_hung_file_store_ends_gc_at_its_limit() {
+        let f = Fixture::new().await;
+        let old = f.blob(b"nobody's, old", 10 * DAY).await;
+        let kept = f.blob(b"listed", 10 * DAY).await;
+        f.put(&manifest_key("j"), manifest("j", 1, &[&kept], None))
+            .await;
+        let limits = crate::filestore::Limits {
+            meta: Duration::from_secs(1),
+            data_floor: Duration::from_secs(1),
+            data_rate: u64::MAX,
+        };
+        let config = StoreConfig::for_tests(&format!("file://{}", f.root.display()));
+        let store = BlobStore::open_with(&config, limits).unwrap();
+        for op in [
+            "gc open",
+            "gc clock",
+            "gc stat",
+            "gc list",
+            "gc sweep",
+            "gc delete",
+        ] {
+            let hang = crate::fault::arm(crate::filestore::HANG, op);
+            let start = std::time::Instant::now();
+            let gc = collect_garbage(&store, DAY, false);
+            let gc = tokio::time::timeout(Duration::from_secs(20), gc).await;
+            let took = start.elapsed();
+            drop(hang);
+            let gc = gc.unwrap_or_else(|_| panic!("gc hung at its {op}"));
+            assert!(matches!(gc, Err(GcError::Hung(_))), "{op}: {gc:?}");
+            assert!(took < Duration::from_secs(5), "{op}: {took:?}");
+        }
+        // The store back, gc works (the delete left hanging may have finished meanwhile).
+        collect_garbage(&store, DAY, false).await.unwrap();
+        assert!(!f.exists(&old) && f.exists(&kept));
     }
 
     #[tokio::test]

@@ -1114,7 +1114,7 @@ impl BlobStore {
     }
 
     /// [`BlobStore::open`], a file store's calls cut at `limits`.
-    fn open_with(
+    pub(crate) fn open_with(
         config: &StoreConfig,
         limits: crate::filestore::Limits,
     ) -> Result<Self, StoreError> {
@@ -1878,6 +1878,11 @@ impl BlobStore {
     /// The file store's directory (a working one: not one that could not be created).
     pub fn local_root(&self) -> Option<&Path> {
         self.root.as_deref()
+    }
+
+    /// How long the file store's calls may take (gc cuts its own at the same limits).
+    pub(crate) fn file_limits(&self) -> crate::filestore::Limits {
+        self.file_limits
     }
 
     /// Whether this is the file store, where a staged object becomes a blob by a hard link.
