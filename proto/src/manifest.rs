@@ -8,31 +8,34 @@ use serde::{Deserialize, Serialize};
 /// The only manifest version this build reads and writes.
 pub const MANIFEST_VERSION: u32 = 1;
 
-/// No manifest entry is shorter than this plus its path: its two hex digests alone are 128
-/// bytes, and its keys, indentation and shortest numbers over 70 more.
-pub const MIN_ENTRY_BYTES: u64 = 200;
+/// No manifest entry is longer than this plus its path: its two hex digests are 128 bytes,
+/// its keys and indentation about 125 more, its numbers at most 50 (a 20-digit size and
+/// mtime, a 10-digit mode). A count of the least an entry takes (200) let a scan collect
+/// a third more files than the manifest could list: then no manifest at all was written,
+/// and every `recover` did the whole job again.
+pub const ENTRY_FIXED_BYTES: u64 = 310;
 
-/// The least a manifest's entry for the file keyed `rel` (a [`rel_key`]) takes: what a scan
+/// The most a manifest's entry for the file keyed `rel` (a [`rel_key`]) takes: what a scan
 /// or live sync counts against `store.max_manifest_bytes` (a path may be 16 KiB). The path as
 /// JSON spells it: a control character is six bytes there (`\u0001`), and a name that is not
 /// UTF-8 is written twice, lossy and in base64. Counting the raw bytes let a job fill a
 /// manifest six times over the cap with names of control characters: the scan took them all,
 /// the manifest could never be written, and every `recover` did the whole job again.
-pub fn entry_floor(rel: &str) -> u64 {
+pub fn entry_ceiling(rel: &str) -> u64 {
     match rel.strip_prefix('\0') {
         Some(b64) => {
             let lossy = String::from_utf8_lossy(&rel_bytes(rel)).into_owned();
             // `,\n    "path_b64": ""` and the base64 itself.
-            MIN_ENTRY_BYTES + json_len(&lossy) + 18 + b64.len() as u64
+            ENTRY_FIXED_BYTES + json_len(&lossy) + 18 + b64.len() as u64
         }
-        None => MIN_ENTRY_BYTES + json_len(rel),
+        None => ENTRY_FIXED_BYTES + json_len(rel),
     }
 }
 
-/// What the file keyed `rel` adds to its entry beyond [`MIN_ENTRY_BYTES`]: its path as the
+/// What the file keyed `rel` adds to its entry beyond [`ENTRY_FIXED_BYTES`]: its path as the
 /// manifest spells it. Every count of what a book or a queue will take in a manifest uses it.
 pub fn entry_path_bytes(rel: &str) -> u64 {
-    entry_floor(rel) - MIN_ENTRY_BYTES
+    entry_ceiling(rel) - ENTRY_FIXED_BYTES
 }
 
 /// The bytes of `s` inside a JSON string as serde_json writes it.
@@ -545,10 +548,10 @@ mod tests {
         d.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// No entry takes less than its floor, whatever its name: a scan that counts floors
-    /// never collects more than the manifest can list.
+    /// No entry takes more than its ceiling, whatever its name and numbers: a scan that
+    /// counts ceilings never collects more than the manifest can list.
     #[test]
-    fn an_entry_takes_at_least_its_floor() {
+    fn an_entry_takes_at_most_its_ceiling() {
         let names: [&[u8]; 6] = [
             b"a",
             &[1u8; 255],
@@ -563,20 +566,30 @@ mod tests {
                 use base64::Engine;
                 base64::engine::general_purpose::STANDARD.encode(raw)
             });
-            let entry = Held(rel_display(&key), path_b64, [0; 32], [0; 32], 0, 0, 0);
             let m = Manifest::new("j", None, 1);
-            let one = m.to_json_with([&entry].into_iter());
             let none = m.to_json_with(std::iter::empty::<&Held>());
-            let taken = (one.len() - none.len()) as u64;
+            let taken = |entry: Held| {
+                let one = m.to_json_with([&entry].into_iter());
+                (one.len() - none.len()) as u64
+            };
+            let largest = taken(Held(
+                rel_display(&key),
+                path_b64.clone(),
+                [0xff; 32],
+                [0xff; 32],
+                u64::MAX,
+                u32::MAX,
+                i64::MIN,
+            ));
+            let least = taken(Held(rel_display(&key), path_b64, [0; 32], [0; 32], 0, 0, 0));
+            let ceiling = entry_ceiling(&key);
             assert!(
-                entry_floor(&key) <= taken,
-                "{raw:?}: floor {} over {taken}",
-                entry_floor(&key)
+                largest <= ceiling,
+                "{raw:?}: ceiling {ceiling} under {largest}"
             );
             assert!(
-                taken - entry_floor(&key) < 100,
-                "{raw:?}: floor {} far under {taken}",
-                entry_floor(&key)
+                ceiling - least < 100,
+                "{raw:?}: ceiling {ceiling} far over {least}"
             );
         }
     }

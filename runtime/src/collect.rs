@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::FileStat;
 
-use c3_proto::manifest::entry_floor;
+use c3_proto::manifest::entry_ceiling;
 
 use crate::confine::{is_dir, is_regular, DirFd, JobReader};
 use crate::treewalk::{Item, TreeWalk};
@@ -107,7 +107,7 @@ pub struct Scan {
     incomplete_overflow: usize,
     /// One of the places past [`MAX_INCOMPLETE`] might be read at a later look.
     overflow_retryable: bool,
-    /// The least the manifest entries of `files` take ([`entry_floor`] each).
+    /// The most the manifest entries of `files` take ([`entry_ceiling`] each).
     listed_bytes: u64,
 }
 
@@ -194,7 +194,7 @@ impl Scan {
 /// Walks `dirs` (relative to `workdir`, each a [`rel_key`]: live sync walks a directory moved
 /// in whatever its name) without following any symlink. With `reader`,
 /// only what that user could read itself is collected. At most the files one manifest of
-/// `room` bytes could list (each at least [`entry_floor`]: short paths, `room` / 200; a path
+/// `room` bytes could list (each at most [`entry_ceiling`]: short paths, `room` / 330; a path
 /// can be 16 KiB, and a million of those would be 16 GiB): past that the walk stops and every
 /// dir counts as incomplete (nothing taken as deleted, each an upload failure at the end),
 /// since a manifest could not list them all anyway. So do they past [`MAX_INCOMPLETE`]
@@ -321,12 +321,12 @@ fn walk(
                 }
                 continue;
             }
-            let floor = entry_floor(&child_key);
+            let ceiling = entry_ceiling(&child_key);
             if !out.files.contains_key(&child_key) {
-                if out.listed_bytes.saturating_add(floor) > room {
+                if out.listed_bytes.saturating_add(ceiling) > room {
                     return Err(TooMany);
                 }
-                out.listed_bytes += floor;
+                out.listed_bytes += ceiling;
             }
             out.files.insert(child_key, FileStamp::of_stat(&st));
         } else {
@@ -669,7 +669,7 @@ mod tests {
         }
         let dirs = vec!["artifacts".to_string(), "out".to_string()];
         // artifacts/ is walked first: 20 keys of 14 bytes, then out/'s 10 of 6.
-        let s = scan(w, &dirs, None, 15 * entry_floor("artifacts/a/f0"));
+        let s = scan(w, &dirs, None, 15 * entry_ceiling("artifacts/a/f0"));
         assert_eq!(s.files.len(), 15);
         assert_eq!(s.incomplete, dirs);
         // The job made more files than a manifest lists: so they stay.
@@ -677,7 +677,7 @@ mod tests {
         assert!(!s.covers("artifacts/a/f0") && !s.covers("out/f9"));
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
         assert!(s.warnings[0].contains("than a manifest can list"));
-        let room = 20 * entry_floor("artifacts/a/f0") + 10 * entry_floor("out/f0");
+        let room = 20 * entry_ceiling("artifacts/a/f0") + 10 * entry_ceiling("out/f0");
         let all = scan(w, &dirs, None, room);
         assert_eq!((all.files.len(), all.incomplete.len()), (30, 0));
         let short = scan(w, &dirs, None, room - 1);
@@ -695,7 +695,7 @@ mod tests {
             touch(&fd, &format!("f{i}"));
         }
         let s = scan(w, &["artifacts".into()], None, 100_000);
-        let held: u64 = s.files.keys().map(|k| entry_floor(k)).sum();
+        let held: u64 = s.files.keys().map(|k| entry_ceiling(k)).sum();
         assert!(held <= 100_000, "{} files, {held} bytes", s.files.len());
         assert_eq!(s.files.len(), 6);
         assert_eq!(s.incomplete, vec!["artifacts".to_string()]);

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use c3_proto::manifest::entry_floor;
+use c3_proto::manifest::entry_ceiling;
 
 use crate::candidates::{Candidate, Candidates};
 use crate::collect::{path_of, scan, FileStamp, LocalFile};
@@ -671,10 +671,10 @@ impl Syncer {
         // What the book, the candidates and the uploads under way hold, as manifest entries
         // at the least (a path may be 16 KiB: a count alone let a million such cost 16 GiB).
         let held = (self.candidates.len() + self.in_flight.len()) as u64;
-        let tracked = self.book.entries_floor()
+        let tracked = self.book.entries_ceiling()
             + self.candidates.path_bytes()
-            + held * c3_proto::manifest::MIN_ENTRY_BYTES;
-        if tracked + entry_floor(rel) <= self.manifest.max_bytes()
+            + held * c3_proto::manifest::ENTRY_FIXED_BYTES;
+        if tracked + entry_ceiling(rel) <= self.manifest.max_bytes()
             || self.candidates.contains(rel)
             || self.book.contains(rel)
         {

@@ -45,6 +45,18 @@ struct JobKey {
 /// written: each lost round means another writer put a document there meanwhile.
 const JOB_KEY_TRIES: usize = 5;
 
+/// What a manifest may take besides its files' entries (a quarter of a smaller cap): its
+/// header, the two logs, and the job's result as indented (64 KiB at most when read, more
+/// when nested and indented; one that does not fit gives way, see
+/// [`ManifestWriter::complete`]).
+pub const ENVELOPE_BYTES: u64 = 256 * 1024;
+
+/// What of a manifest of `max_bytes` its files' entries may take ([`ManifestWriter::max_bytes`]).
+pub fn entries_room(max_bytes: u64) -> u64 {
+    // A small cap (a test's, an operator's) keeps three quarters for the files.
+    max_bytes.saturating_sub(ENVELOPE_BYTES.min(max_bytes / 4))
+}
+
 impl ManifestWriter {
     pub fn new(store: BlobStore, spec: &JobSpec, max_bytes: u64) -> Self {
         ManifestWriter {
@@ -57,13 +69,14 @@ impl ManifestWriter {
         }
     }
 
-    /// `store.max_manifest_bytes`: the room the files tracked may take, each at least
-    /// [`c3_proto::manifest::entry_floor`]. Collecting more is of no use (the manifest could
-    /// not be written), and each file tracked costs the root agent memory, which a job could
-    /// otherwise run up without bound with empty files (256 MiB: at most 1,342,177 files,
-    /// fewer with long paths).
+    /// The room the files tracked may take, each at most
+    /// [`c3_proto::manifest::entry_ceiling`]: `store.max_manifest_bytes` but what the rest of
+    /// the manifest may take ([`ENVELOPE_BYTES`]). Collecting more is of no use (the manifest
+    /// could not be written), and each file tracked costs the root agent memory, which a job
+    /// could otherwise run up without bound with empty files (256 MiB: at most about 860,000
+    /// files, fewer with long paths).
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        entries_room(self.max_bytes)
     }
 
     /// Where the last manifest written is (what the artifacts registration names): the
@@ -108,7 +121,21 @@ impl ManifestWriter {
         m.complete = true;
         m.logs = logs;
         m.result = result;
-        self.write(self.document(&m, book)?).await
+        let document = match self.document(&m, book) {
+            // A result that takes more than its share once indented (a deep 64 KiB one can
+            // take megabytes) gives way: the files' listing is the manifest's purpose.
+            Err(StoreError::TooLarge { .. }) if !m.result.is_null() => {
+                tracing::warn!(
+                    "the job's result does not fit in the manifest beside its files; the manifest says so instead"
+                );
+                m.result = serde_json::json!({
+                    "c3_error": "the job's result did not fit in the manifest beside its files"
+                });
+                self.document(&m, book)?
+            }
+            other => other?,
+        };
+        self.write(document).await
     }
 
     /// The document, never built past `max_bytes` (what could not be stored anyway).

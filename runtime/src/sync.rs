@@ -185,9 +185,9 @@ impl SyncBook {
             .is_some_and(|u| u.stamp != *stamp && u.stamp.ctime_ns > stamp.ctime_ns)
     }
 
-    /// The least its manifest's entries take (see [`c3_proto::manifest::entry_floor`]).
-    pub fn entries_floor(&self) -> u64 {
-        self.path_bytes + self.synced.len() as u64 * c3_proto::manifest::MIN_ENTRY_BYTES
+    /// The most its manifest's entries take (see [`c3_proto::manifest::entry_ceiling`]).
+    pub fn entries_ceiling(&self) -> u64 {
+        self.path_bytes + self.synced.len() as u64 * c3_proto::manifest::ENTRY_FIXED_BYTES
     }
 
     /// Whether `rel` is listed, in any version.
@@ -612,6 +612,37 @@ mod tests {
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
     }
 
+    /// A book filled to its room (what a scan or live sync lets it hold), with the largest
+    /// numbers an entry can have, still makes a manifest within the cap, with a header, logs
+    /// and a result beside it. Counted at 200 bytes an entry (the least one takes), a scan
+    /// took a third more files than the manifest could list, and none was ever written.
+    #[test]
+    fn a_book_filled_to_its_room_fits_in_its_manifest() {
+        let max = 1 << 20;
+        let room = crate::manifest::entries_room(max);
+        let mut book = SyncBook::default();
+        let mut n = 0u32;
+        loop {
+            let rel = format!("artifacts/{n:08}");
+            if book.entries_ceiling() + c3_proto::manifest::entry_ceiling(&rel) > room {
+                break;
+            }
+            let mut u = up(&rel, 0xff);
+            u.digests.size = u64::MAX;
+            u.stamp.mtime_ns = i64::MIN;
+            u.stamp.mode = u32::MAX;
+            book.record(u);
+            n += 1;
+        }
+        let mut m = c3_proto::Manifest::new(&"j".repeat(128), Some("p".repeat(128)), u32::MAX);
+        m.complete = true;
+        m.result = serde_json::json!({ "loss": vec![0.5; 1000] });
+        assert!(
+            m.to_json_within(book.listing(), max).is_some(),
+            "{n} files counted within the room do not fit in the manifest"
+        );
+    }
+
     /// What the book counts against `max_manifest_bytes` is never under what its manifest
     /// takes, names of control characters and names that are not UTF-8 included: live sync
     /// counted their raw bytes (a sixth of a control character's), and a book it let grow
@@ -629,17 +660,17 @@ mod tests {
         let taken = (m.to_json_with(book.listing()).len()
             - m.to_json_with(std::iter::empty::<Listing>()).len()) as u64;
         assert!(
-            book.entries_floor() <= taken,
-            "{} over {taken}",
-            book.entries_floor()
+            taken <= book.entries_ceiling(),
+            "{} under {taken}",
+            book.entries_ceiling()
         );
         assert!(
-            taken - book.entries_floor() < 300,
-            "{} far under {taken}",
-            book.entries_floor()
+            book.entries_ceiling() - taken < 300,
+            "{} far over {taken}",
+            book.entries_ceiling()
         );
         book.forget(|_| true);
-        assert_eq!((book.entries_floor(), book.path_bytes), (0, 0));
+        assert_eq!((book.entries_ceiling(), book.path_bytes), (0, 0));
     }
 
     /// Forgetting a path drops it and what lies below it, nothing beside it.
