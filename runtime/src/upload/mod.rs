@@ -331,15 +331,23 @@ pub struct Uploader {
     holes: HoleBudget,
 }
 
-/// What is left of [`HOLE_BUDGET`], and what each inode drew: one read again (grown, changed,
-/// another link of it) draws only holes it did not have, so a sparse file live sync reads as
-/// it grows is not charged each time.
+/// What is left of [`HOLE_BUDGET`], and the holes of each inode's latest version read: the
+/// budget counts the holes of what the attempt stores, not of each state a file passed
+/// through. One read again draws only holes it did not have (a sparse file live sync reads as
+/// it grows is not charged each time) and gives back those it no longer has (a file stored
+/// while a parallel writer had gaps in it, then stored whole). Given back at most the budget
+/// again over the attempt: a job that makes one file sparse and dense in turn, for each
+/// version to be read, has holes read twice the budget at most.
 #[derive(Debug, Clone)]
 struct HoleBudget(Arc<std::sync::Mutex<HoleBook>>);
 
 #[derive(Debug)]
 struct HoleBook {
     left: u64,
+    /// What may still be given back.
+    refunds: u64,
+    /// Inodes whose latest version read had more than `HOLE_SLACK` of holes: each holds part
+    /// of the budget, so at most `budget / HOLE_SLACK` of them.
     drawn: HashMap<(u64, u64), u64>,
 }
 
@@ -347,20 +355,30 @@ impl HoleBudget {
     fn new(bytes: u64) -> Self {
         HoleBudget(Arc::new(std::sync::Mutex::new(HoleBook {
             left: bytes,
+            refunds: bytes,
             drawn: HashMap::new(),
         })))
     }
 
-    /// Draws `holes` for inode `key`; false, and nothing drawn, when they do not fit. Inodes
-    /// are remembered only when they draw, at most `HOLE_BUDGET / HOLE_SLACK` of them.
+    /// Inode `key`'s version being read has `holes` (0 for at most `HOLE_SLACK`): draws what
+    /// it has more than its last version read, or gives back what it has less; false, and
+    /// nothing drawn, when they do not fit.
     fn draw(&self, key: (u64, u64), holes: u64) -> bool {
         let mut book = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let more = holes.saturating_sub(book.drawn.get(&key).copied().unwrap_or(0));
-        if more > book.left {
-            return false;
+        let had = book.drawn.get(&key).copied().unwrap_or(0);
+        if holes > had {
+            if holes - had > book.left {
+                return false;
+            }
+            book.left -= holes - had;
+        } else {
+            let back = (had - holes).min(book.refunds);
+            book.refunds -= back;
+            book.left += back;
         }
-        if more > 0 {
-            book.left -= more;
+        if holes == 0 {
+            book.drawn.remove(&key);
+        } else {
             book.drawn.insert(key, holes);
         }
         true
@@ -369,30 +387,55 @@ impl HoleBudget {
 
 /// Refuses the open `file` (the version `stamp` describes) when its holes may not be read:
 /// mostly holes (see [`ensure_dense`]), or more than [`HOLE_SLACK`] of them once the job's
-/// [`HOLE_BUDGET`] is spent. Leaves the file offset at 0.
+/// hole budget is spent. Leaves the file offset at 0.
 fn judge_holes(
     budget: &HoleBudget,
     file: &File,
     path: &Path,
     stamp: &FileStamp,
 ) -> Result<(), UploadError> {
+    let key = (stamp.dev, stamp.ino);
     let size = stamp.size;
+    // Read as a version with no holes to count: what an earlier one of the inode drew is
+    // given back.
     if size <= HOLE_SLACK {
+        budget.draw(key, 0);
         return Ok(());
     }
     let data = data_bytes(file, size);
     let holes = size - data;
     if holes <= HOLE_SLACK {
+        budget.draw(key, 0);
         return Ok(());
     }
     let path = path.into();
     if holes > MAX_HOLE_BYTES && holes > size / 2 {
         return Err(UploadError::Sparse { path, size, data });
     }
-    if !budget.draw((stamp.dev, stamp.ino), holes) {
+    if !budget.draw(key, holes) {
         return Err(UploadError::HolesSpent { path, size, data });
     }
     Ok(())
+}
+
+/// Where the first hole at or past `from` starts in the open `file` (`size` long); `size` when
+/// there is none (or the file system keeps none), `from` when it cannot tell.
+fn first_hole(file: &File, from: u64, size: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(st) = crate::confine::fstat(file) else {
+        return from;
+    };
+    #[allow(clippy::unnecessary_cast)] // `blkcnt_t` is an i64 on some targets, a u64 on others.
+    if (st.st_blocks as u64).saturating_mul(512) >= size {
+        return size;
+    }
+    // SAFETY: lseek on an fd this function borrows; no memory is touched. The reads that
+    // follow are at offsets (pread), so where this leaves the offset does not matter.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from as i64, libc::SEEK_HOLE) };
+    if at < 0 {
+        return from;
+    }
+    (at as u64).clamp(from, size)
 }
 
 /// What one read of an inode found (see `Uploader::inodes`).
@@ -698,6 +741,7 @@ impl Uploader {
         // take as much as the job made it (a 200 GB sparse file, and the agent aborts).
         opts.multipart_threshold = opts.multipart_threshold.min(budget.limit());
         let staging = Arc::from(format!("staging/{job_id}"));
+        let holes = HoleBudget::new(HOLE_BUDGET);
         Uploader {
             store,
             opts: Arc::new(opts),
@@ -716,7 +760,7 @@ impl Uploader {
             added_file: Default::default(),
             prehashed: Default::default(),
             inodes: Default::default(),
-            holes: HoleBudget::new(HOLE_BUDGET),
+            holes,
         }
     }
 
@@ -848,8 +892,14 @@ impl Uploader {
         let Ok(opened) = self.open(&file.abs, stamp) else {
             return;
         };
-        // Its holes drawn now, as the upload would: prehashing reads them as much.
-        if judge_holes(&self.holes, &opened, &file.abs, &stamp).is_err() {
+        // Up to the first hole only: a hole in a file still being written is most often a
+        // stretch a parallel writer has yet to fill (its zeros would be hashed for nothing),
+        // and holes read here would be read for no upload, with nothing to count them
+        // against: a file deleted or filled before its upload stores none. The upload reads
+        // (and counts) what holes the file still has.
+        let target =
+            target.min(first_hole(&opened, state.hashed(), stamp.size) / part_size * part_size);
+        if target <= state.hashed() {
             return;
         }
         let path = file.abs.clone();
@@ -1376,6 +1426,115 @@ mod tests {
             matches!(refused, Err(UploadError::HolesSpent { .. })),
             "{refused:?}"
         );
+    }
+
+    /// A parallel writer fills a 40 MiB file out of order: live sync hashes it ahead while a
+    /// 6 MiB stretch is still a hole. Hashing ahead stops at the hole (it reads no holes, and
+    /// draws none), so once the file is whole and stored the job's budget is all there for
+    /// a sparse file later.
+    #[tokio::test]
+    async fn holes_hashed_ahead_and_filled_later_draw_nothing() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let up =
+            Uploader::new(BlobStore::in_memory(), small_parts(), "j", None).holes_up_to(8 * MIB);
+        let path = dir.path().join("ckpt");
+        let written = File::create(&path).unwrap();
+        let data: Vec<u8> = (0..40 * MIB as usize).map(|i| (i % 253) as u8).collect();
+        let (hole, after) = (10 * MIB as usize, 16 * MIB as usize);
+        written.write_all_at(&data[..hole], 0).unwrap();
+        written.write_all_at(&data[after..], after as u64).unwrap();
+        let mut file = LocalFile {
+            rel: "artifacts/ckpt".into(),
+            abs: path.clone(),
+            stamp: FileStamp::of(&std::fs::metadata(&path).unwrap()),
+        };
+        assert!(
+            data_bytes(&written, 40 * MIB) <= 34 * MIB,
+            "the hole is one"
+        );
+        up.prehash(&file).await;
+        let ahead = up
+            .prehashed
+            .lock()
+            .unwrap()
+            .values()
+            .map(|p| p.hashed())
+            .max();
+        assert_eq!(
+            ahead,
+            Some(hole as u64),
+            "hashed ahead up to the hole, no further"
+        );
+        written
+            .write_all_at(&data[hole..after], hole as u64)
+            .unwrap();
+        drop(written);
+        restamp(&mut file);
+        let done = up.upload(&file).await.unwrap();
+        assert_eq!(done.digests.sha256_hex(), crate::digest::sha256_hex(&data));
+        let sparse = sparse_of(dir.path(), "sparse", 4 * MIB, 1);
+        let stored = up.upload(&sparse).await;
+        assert!(stored.is_ok(), "the transient hole was drawn: {stored:?}");
+    }
+
+    /// An inode's holes are those of its latest version read: one stored sparse and then
+    /// written out (or stored again with fewer holes) gives back what it drew, so the
+    /// budget holds what the attempt stores, not each state a file passed through. What is
+    /// given back is at most the budget again: a job that makes one file sparse and dense in
+    /// turn has its holes read twice the budget at most, then refused.
+    #[tokio::test]
+    async fn a_file_read_again_with_fewer_holes_gives_them_back_up_to_the_budget() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let up =
+            Uploader::new(BlobStore::in_memory(), small_parts(), "j", None).holes_up_to(8 * MIB);
+        let dense = |file: &mut LocalFile, seed: u8| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file.abs)
+                .unwrap();
+            f.write_all_at(&vec![seed; 4 * MIB as usize], 0).unwrap();
+            restamp(file);
+        };
+        let mut a = sparse_of(dir.path(), "a", 4 * MIB, 1);
+        up.upload(&a).await.unwrap();
+        dense(&mut a, 2);
+        up.upload(&a).await.unwrap();
+        for (name, seed) in [("b", 3), ("c", 4)] {
+            let file = sparse_of(dir.path(), name, 4 * MIB, seed);
+            let stored = up.upload(&file).await;
+            assert!(
+                stored.is_ok(),
+                "{name}: a's holes were not given back: {stored:?}"
+            );
+        }
+
+        // One file, sparse and dense in turn.
+        let up =
+            Uploader::new(BlobStore::in_memory(), small_parts(), "j", None).holes_up_to(8 * MIB);
+        let holes = 4 * MIB - 4096;
+        let mut read = 0;
+        let mut x = sparse_of(dir.path(), "x", 4 * MIB, 10);
+        for turn in 0..20u8 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&x.abs)
+                .unwrap();
+            f.set_len(0).unwrap();
+            f.write_all_at(&[turn; 4096], 0).unwrap();
+            f.set_len(4 * MIB).unwrap();
+            restamp(&mut x);
+            match up.upload(&x).await {
+                Ok(_) => read += holes,
+                Err(UploadError::HolesSpent { .. }) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+            dense(&mut x, 100 + turn);
+            up.upload(&x).await.unwrap();
+        }
+        assert!(read > 8 * MIB, "nothing was given back: {read}");
+        assert!(read <= 16 * MIB, "holes read past twice the budget: {read}");
     }
 
     /// A job sets its file's mtime a year ahead (`touch -d +1year`) and links it 10,000 times:
