@@ -112,6 +112,7 @@ struct UploadSection {
     files_in_flight: Option<usize>,
     memory_budget_bytes: Option<u64>,
     max_file_bytes: Option<u64>,
+    hole_budget_bytes: Option<u64>,
     /// Bytes per second for all uploads together; 0 or absent: unlimited.
     bandwidth_limit_bytes_per_sec: Option<u64>,
 }
@@ -617,6 +618,10 @@ pub fn resolve(
             .upload
             .max_file_bytes
             .unwrap_or(defaults.max_file_bytes),
+        hole_budget: file
+            .upload
+            .hole_budget_bytes
+            .unwrap_or(defaults.hole_budget),
     };
     // A file up to the threshold is read whole into memory, and sent in one PUT. Past the
     // budget it is held to the budget (the uploader does), as a config that worked before
@@ -1280,6 +1285,20 @@ mod tests {
             let all = e.problems.join("\n");
             assert!(all.contains(key), "{all}");
             assert!(!all.contains("S3CRETPW"), "{all}");
+        }
+    }
+
+    /// The holes a job's files may have in all: 64 GiB unless set (a node on a compressing
+    /// file system, where zeros written out are holes too, may want more); 0 leaves each
+    /// file its 1 MiB and no more.
+    #[test]
+    fn the_hole_budget_is_set_in_the_upload_section() {
+        let c = resolve(None, "", &env_of(&[]), PathBuf::from("/s")).unwrap();
+        assert_eq!(c.upload.hole_budget, 64 << 30);
+        for n in [0u64, 1 << 40] {
+            let text = format!("[upload]\nhole_budget_bytes = {n}\n");
+            let c = resolve(None, &text, &env_of(&[]), PathBuf::from("/s")).unwrap();
+            assert_eq!(c.upload.hole_budget, n);
         }
     }
 

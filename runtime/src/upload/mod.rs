@@ -63,6 +63,9 @@ pub struct UploadOptions {
     /// A larger file is not stored (an upload error naming it): S3's and GCS's own limit by
     /// default, and a bound on the work one file can ask for.
     pub max_file_bytes: u64,
+    /// Holes the files one attempt stores may have in all, past [`HOLE_SLACK`] a file (see
+    /// [`HOLE_BUDGET`]).
+    pub hole_budget: u64,
 }
 
 impl Default for UploadOptions {
@@ -76,6 +79,7 @@ impl Default for UploadOptions {
             bandwidth_limit: None,
             auto_in_flight: true,
             max_file_bytes: MAX_FILE_BYTES,
+            hole_budget: HOLE_BUDGET,
         }
     }
 }
@@ -102,13 +106,17 @@ const MAX_PARTS: u64 = 10_000;
 pub const MAX_FILE_BYTES: u64 = 5 << 40;
 /// A file with more holes than this (and holes over half its size) is refused as sparse.
 const MAX_HOLE_BYTES: u64 = 1 << 30;
-/// Holes that one attempt's uploads read in all, past `HOLE_SLACK` a file. A hole costs the
-/// job no disk and the agent a read, a hash and bytes stored: below `MAX_HOLE_BYTES` each,
-/// 100,000 files of `truncate -s 1G` and a 4 KiB header were 400 MiB of disk and 100 TiB for
-/// the final sync to read and store. A few sparse files (an image, a checkpoint with gaps)
-/// fit; past it a file with holes is refused, so the work stays the job's disk and this.
-const HOLE_BUDGET: u64 = 4 << 30;
-/// Holes a file may have without drawing on `HOLE_BUDGET`, ever: the gaps a writer leaves as
+/// Holes that the files one attempt stores may have in all, past `HOLE_SLACK` a file, by
+/// default (`upload.hole_budget_bytes`). A hole costs the job no disk and the agent a read, a
+/// hash and bytes stored: below `MAX_HOLE_BYTES` each, 100,000 files of `truncate -s 1G` and a
+/// 4 KiB header were 400 MiB of disk and 100 TiB for the final sync to read and store. Not
+/// every hole is the job's doing: a compressing file system (ZFS, and Lustre or NFS servers on
+/// it) stores runs of zeros written out densely as holes, so a job's zero-padded tensors or
+/// `dd if=/dev/zero` image are holes too. 64 GiB is a large job's output: what a hostile one
+/// can make the agent do stays that of one such job (minutes of hashing, and the bytes
+/// stored; twice that where it gives holes back, see `HoleBudget`), while a legitimate one with zeros to spare rarely reaches it.
+pub const HOLE_BUDGET: u64 = 64 << 30;
+/// Holes a file may have without drawing on the hole budget, ever: the gaps a writer leaves as
 /// it seeks. The most a job gains a file over its disk once the budget is spent.
 const HOLE_SLACK: u64 = 1 << 20;
 const MIB: u64 = 1024 * 1024;
@@ -227,10 +235,15 @@ pub enum UploadError {
     NotReadable { path: PathBuf },
     #[error("{path} is {}, over upload.max_file_bytes ({}); not stored", human_bytes(*.size), human_bytes(*.max))]
     TooLarge { path: PathBuf, size: u64, max: u64 },
-    #[error("{path} is a sparse file ({} long, {} of it written); not stored: a file that is mostly holes costs no disk to make and hours to hash, so write it out densely", human_bytes(*.size), human_bytes(*.data))]
+    #[error("{path} is a sparse file ({} long, {} of it data, the rest holes); not stored: a file that is mostly holes costs no disk to make and hours to hash (a file system that compresses, as ZFS, keeps runs of zeros as holes however they were written)", human_bytes(*.size), human_bytes(*.data))]
     Sparse { path: PathBuf, size: u64, data: u64 },
-    #[error("{path} is a sparse file ({} long, {} of it written); not stored: the job's sparse files had {} of holes read already, which cost no disk to make and hours to hash, so write it out densely", human_bytes(*.size), human_bytes(*.data), human_bytes(HOLE_BUDGET))]
-    HolesSpent { path: PathBuf, size: u64, data: u64 },
+    #[error("{path} is a sparse file ({} long, {} of it data, the rest holes); not stored: the job's files have used up upload.hole_budget_bytes ({}), the holes they may have past 1 MiB a file: holes cost no disk to make and are read, hashed and stored as zeros (a file system that compresses, as ZFS, keeps runs of zeros as holes however they were written: there the setting may need raising)", human_bytes(*.size), human_bytes(*.data), human_bytes(*.budget))]
+    HolesSpent {
+        path: PathBuf,
+        size: u64,
+        data: u64,
+        budget: u64,
+    },
     #[error("upload of {path} failed")]
     Store {
         path: PathBuf,
@@ -331,7 +344,7 @@ pub struct Uploader {
     holes: HoleBudget,
 }
 
-/// What is left of [`HOLE_BUDGET`], and the holes of each inode's latest version read: the
+/// What is left of the hole budget, and the holes of each inode's latest version read: the
 /// budget counts the holes of what the attempt stores, not of each state a file passed
 /// through. One read again draws only holes it did not have (a sparse file live sync reads as
 /// it grows is not charged each time) and gives back those it no longer has (a file stored
@@ -343,6 +356,7 @@ struct HoleBudget(Arc<std::sync::Mutex<HoleBook>>);
 
 #[derive(Debug)]
 struct HoleBook {
+    budget: u64,
     left: u64,
     /// What may still be given back.
     refunds: u64,
@@ -354,6 +368,7 @@ struct HoleBook {
 impl HoleBudget {
     fn new(bytes: u64) -> Self {
         HoleBudget(Arc::new(std::sync::Mutex::new(HoleBook {
+            budget: bytes,
             left: bytes,
             refunds: bytes,
             drawn: HashMap::new(),
@@ -382,6 +397,10 @@ impl HoleBudget {
             book.drawn.insert(key, holes);
         }
         true
+    }
+
+    fn budget(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).budget
     }
 }
 
@@ -413,7 +432,13 @@ fn judge_holes(
         return Err(UploadError::Sparse { path, size, data });
     }
     if !budget.draw(key, holes) {
-        return Err(UploadError::HolesSpent { path, size, data });
+        let budget = budget.budget();
+        return Err(UploadError::HolesSpent {
+            path,
+            size,
+            data,
+            budget,
+        });
     }
     Ok(())
 }
@@ -741,7 +766,7 @@ impl Uploader {
         // take as much as the job made it (a 200 GB sparse file, and the agent aborts).
         opts.multipart_threshold = opts.multipart_threshold.min(budget.limit());
         let staging = Arc::from(format!("staging/{job_id}"));
-        let holes = HoleBudget::new(HOLE_BUDGET);
+        let holes = HoleBudget::new(opts.hole_budget);
         Uploader {
             store,
             opts: Arc::new(opts),
@@ -764,7 +789,7 @@ impl Uploader {
         }
     }
 
-    /// The same uploader with `bytes` of holes to read instead of [`HOLE_BUDGET`].
+    /// The same uploader with `bytes` of holes to read instead of the options' budget.
     #[cfg(test)]
     fn holes_up_to(mut self, bytes: u64) -> Self {
         self.holes = HoleBudget::new(bytes);
@@ -1388,6 +1413,13 @@ mod tests {
                 assert!(e.is_for_good() && !e.is_retryable());
                 assert_eq!(path, &c.abs);
                 assert!(e.to_string().contains("c is a sparse file"), "{e}");
+                // The file system may have made the holes of zeros the job wrote out: the
+                // message names the setting, and asks for no rewrite.
+                let shown = e.to_string();
+                for part in ["upload.hole_budget_bytes", "10.0 MiB", "ZFS"] {
+                    assert!(shown.contains(part), "{part}: {shown}");
+                }
+                assert!(!shown.contains("densely"), "{shown}");
             }
             other => panic!("{other:?}"),
         }
@@ -1918,6 +1950,7 @@ mod tests {
             bandwidth_limit: None,
             auto_in_flight: false,
             max_file_bytes: MAX_FILE_BYTES,
+            hole_budget: HOLE_BUDGET,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();
