@@ -134,7 +134,8 @@ pub enum ResyncError {
 /// given), writes the complete manifest and sends the amended terminal status with a higher
 /// `seq`. `Ok(None)`: nothing was left to store (or another agent is at work on it).
 /// Unlike `recover`, it also tries what the job made unstorable for good: the operator asked,
-/// and may have changed what made it so (`upload.max_file_bytes`, a directory's mode).
+/// and may have changed what made it so (`upload.max_file_bytes`, `upload.hole_budget_bytes`,
+/// a directory's mode).
 pub async fn resync(
     ctx: &AgentContext,
     job_id: &str,
