@@ -33,7 +33,7 @@ async fn manifest(ctx: &AgentContext, job_id: &str) -> anyhow::Result<Manifest> 
 pub async fn ls(ctx: &AgentContext, job_id: &str, json: bool) -> anyhow::Result<()> {
     let manifest = manifest(ctx, job_id).await?;
     if json {
-        out::say(String::from_utf8_lossy(&manifest.to_json()).trim_end());
+        out::say_json(String::from_utf8_lossy(&manifest.to_json()).trim_end());
         return Ok(());
     }
     if !manifest.complete {
@@ -286,7 +286,7 @@ pub fn status(ctx: &AgentContext, job_id: Option<&str>, json: bool) -> ExitCode 
     let as_json = json || out::json();
     if as_json {
         for j in &jobs {
-            out::say(&j.to_string());
+            out::say_json(&j.to_string());
         }
     } else if jobs.is_empty() {
         out::say(&format!("no jobs in {}", ctx.state.root().display()));

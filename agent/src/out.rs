@@ -27,10 +27,31 @@ pub fn say(line: &str) -> bool {
     writeln!(std::io::stdout().lock(), "{line}").is_ok()
 }
 
+/// JSON text (serde_json's) on stdout, with DEL and the C1 controls written as JSON escapes:
+/// serde_json writes them raw, and a job's file name or result holding `\u{9b}2J` or an OSC 52
+/// sequence reached the operator's terminal from `ls --json` or `status --json` as one. They
+/// occur only inside strings there, where the escape means the same.
+pub fn say_json(text: &str) -> bool {
+    say(&json_safe(text))
+}
+
+fn json_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\u{7f}'..='\u{9f}' => format!("\\u{:04x}", c as u32),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// One result: `human` as text, or `json` as one JSON line.
 pub fn result(human: &str, json: serde_json::Value) -> bool {
     if self::json() {
-        say(&json.to_string())
+        say_json(&json.to_string())
     } else {
         say(human)
     }
@@ -124,6 +145,22 @@ impl JobBytes {
 
 #[cfg(test)]
 mod tests {
+    /// A job's C1 controls (CSI, OSC) and DEL leave as JSON escapes, and the text still
+    /// parses to the same value.
+    #[test]
+    fn json_text_carries_no_terminal_controls() {
+        let value = serde_json::json!({"path": "artifacts/\u{9b}2J\u{9d}52;c;eA==\u{9c}\u{7f}é"});
+        let text = super::json_safe(&serde_json::to_string_pretty(&value).unwrap()).into_owned();
+        assert!(
+            !text.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)),
+            "{text:?}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            value
+        );
+    }
+
     use super::*;
 
     #[test]
