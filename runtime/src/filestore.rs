@@ -257,8 +257,20 @@ pub async fn bounded<T: Send + 'static>(
     limit: std::time::Duration,
     call: impl std::future::Future<Output = object_store::Result<T>> + Send + 'static,
 ) -> object_store::Result<T> {
-    let Some(slot) = slot(limit).await else {
-        return Err(timed_out(op, limit));
+    // Under a heavy load that answers, every slot may be a data write's for a while (16 files
+    // of 4 parts): a wait of its own limit alone read as a hung store.
+    let wait = limit.saturating_mul(4);
+    let Some(slot) = slot(wait).await else {
+        return Err(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "none of the file store's {CALLS} calls under way returned within {} s for its {op} (a network file system that stopped answering?)",
+                    wait.as_secs()
+                ),
+            )),
+        });
     };
     let mut running = tokio::spawn(async move {
         if crate::fault::armed_at(HANG, op) {
@@ -497,12 +509,23 @@ impl object_store::MultipartUpload for BoundedUpload {
     fn put_part(&mut self, data: object_store::PutPayload) -> object_store::UploadPart {
         let size = data.content_length() as u64;
         self.written += size;
-        let inner = self.inner.clone();
-        Box::pin(bounded("write part", self.limits.data(size), async move {
-            // The part's future is the upload's own, apart from it once made.
-            let part = inner.lock().await.put_part(data);
-            part.await
-        }))
+        // Made now, in call order: `LocalUpload` gives a part its offset in the file when the
+        // part is made, and parts made from tasks in the order they got a slot were written
+        // out of order (a blob of the right size and the wrong bytes, stored under the
+        // file's sha256). The lock is taken only by a complete or abort left running past
+        // its limit: the upload is over then.
+        let part = match self.inner.try_lock() {
+            Ok(mut upload) => upload.put_part(data),
+            Err(_) => {
+                return Box::pin(async {
+                    Err(object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: "a part of an upload whose complete or abort is under way".into(),
+                    })
+                })
+            }
+        };
+        Box::pin(bounded("write part", self.limits.data(size), part))
     }
 
     async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
@@ -526,6 +549,30 @@ impl object_store::MultipartUpload for BoundedUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parts are written where their order of making puts them, whatever order they are
+    /// awaited in (the upload's tasks run them as they get slots and threads).
+    #[tokio::test]
+    async fn staged_parts_land_in_the_order_they_were_made() {
+        use object_store::ObjectStore;
+        let dir = tempfile::tempdir().unwrap();
+        let local = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let store = Bounded::new(std::sync::Arc::new(local), Limits::default());
+        let key = object_store::path::Path::from("staged");
+        let mut upload = store
+            .put_multipart_opts(&key, Default::default())
+            .await
+            .unwrap();
+        let a = upload.put_part(bytes::Bytes::from_static(b"AAAAAAAA").into());
+        let b = upload.put_part(bytes::Bytes::from_static(b"BB").into());
+        b.await.unwrap();
+        a.await.unwrap();
+        upload.complete().await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("staged")).unwrap(),
+            b"AAAAAAAABB"
+        );
+    }
 
     /// A hung file store with more calls in flight than tokio's blocking pool has threads:
     /// the abandoned calls took every thread, and then nothing else that needs one ran (the
