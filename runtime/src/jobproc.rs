@@ -1294,6 +1294,22 @@ fn real_uid(pid: i32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// Runs `script` (which prints its pid and leaves processes behind) as the leader of a
+    /// session and group of its own (`setsid`), with `env`; returns that group once the
+    /// leader is gone.
+    fn gone_leaders_group(script: &str, env: &[(&str, &str)]) -> i32 {
+        let mut leader = std::process::Command::new("setsid")
+            .args(["sh", "-c", script])
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let _ = leader.wait();
+        out.trim().parse().unwrap()
+    }
+
     /// A gone leader's group that still holds a process of the job's user without the
     /// marks (an `env -i` child) is not signalled, and not reported empty either: it said
     /// "nothing signalled", and `recover` reported the GPU free.
@@ -1301,20 +1317,10 @@ mod tests {
     async fn a_group_that_cannot_be_proven_the_jobs_is_not_reported_empty() {
         let uid = nix::unistd::getuid().as_raw();
         let before = procfs::identity(std::process::id() as i32).unwrap();
-        let mut leader = std::process::Command::new("setsid")
-            .args([
-                "sh",
-                "-c",
-                "sleep 30 >/dev/null & env -i sleep 30 >/dev/null & echo $$",
-            ])
-            .envs([("C3_JOB_ID", "unproven"), ("C3_ATTEMPT", "1")])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = String::new();
-        std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
-        let _ = leader.wait();
-        let p: i32 = out.trim().parse().unwrap();
+        let p = gone_leaders_group(
+            "sleep 30 >/dev/null & env -i sleep 30 >/dev/null & echo $$",
+            &[("C3_JOB_ID", "unproven"), ("C3_ATTEMPT", "1")],
+        );
         let recorded = c3_proto::ProcIdentity {
             pid: p,
             start_ticks: before.start_ticks,
@@ -1501,17 +1507,7 @@ mod tests {
             (vec![("C3_JOB_ID", "j"), ("C3_ATTEMPT", "2")], false),
             (vec![("C3_JOB_ID", "j"), ("C3_ATTEMPT", "1")], true),
         ] {
-            // `setsid` makes a session and group P of the shell, which leaves its sleep there.
-            let mut leader = std::process::Command::new("setsid")
-                .args(["sh", "-c", "sleep 30 >/dev/null & echo $$"])
-                .envs(env.clone())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut out = String::new();
-            std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
-            let _ = leader.wait();
-            let p: i32 = out.trim().parse().unwrap();
+            let p = gone_leaders_group("sleep 30 >/dev/null & echo $$", &env);
             let recorded = c3_proto::ProcIdentity {
                 pid: p,
                 start_ticks: before.start_ticks,

@@ -3094,6 +3094,22 @@ pub(crate) mod tests {
         assert!(took < Duration::from_secs(60 + 30), "{took:?}");
     }
 
+    /// 20 blobs put into `faulty`'s memory before the test (a re-run's output), as (sha256,
+    /// bytes).
+    async fn stored_before(faulty: &Faulty, label: &str) -> Vec<(String, Bytes)> {
+        let blobs: Vec<(String, Bytes)> = (0..20)
+            .map(|i| {
+                let data = Bytes::from(format!("{label} {i}"));
+                (crate::digest::sha256_hex(&data), data)
+            })
+            .collect();
+        for (sha, data) in &blobs {
+            let path = StorePath::from(blob_key(sha));
+            faulty.mem.put(&path, data.clone().into()).await.unwrap();
+        }
+        blobs
+    }
+
     /// A final sync of blobs all stored (a re-run) against a store that fails 1 PUT in 5:
     /// each file's create-if-absent is answered "exists", so no write writes, and a failed
     /// PUT began an outage of writes that only a write that wrote could end. Each fault kept
@@ -3104,16 +3120,7 @@ pub(crate) mod tests {
             flaky_puts: 5,
             ..Default::default()
         };
-        let blobs: Vec<(String, Bytes)> = (0..20)
-            .map(|i| {
-                let data = Bytes::from(format!("stored before the job {i}"));
-                (crate::digest::sha256_hex(&data), data)
-            })
-            .collect();
-        for (sha, data) in &blobs {
-            let path = StorePath::from(blob_key(sha));
-            faulty.mem.put(&path, data.clone().into()).await.unwrap();
-        }
+        let blobs = stored_before(&faulty, "stored before the job").await;
         let deadline = Duration::from_secs(60);
         let store = store_over(Arc::new(faulty), deadline);
         let blobs = Arc::new(blobs);
@@ -3193,16 +3200,7 @@ pub(crate) mod tests {
             flaky_heads: 5,
             ..Default::default()
         };
-        let blobs: Vec<(String, Bytes)> = (0..20)
-            .map(|i| {
-                let data = Bytes::from(format!("large file stored before the job {i}"));
-                (crate::digest::sha256_hex(&data), data)
-            })
-            .collect();
-        for (sha, data) in &blobs {
-            let path = StorePath::from(blob_key(sha));
-            faulty.mem.put(&path, data.clone().into()).await.unwrap();
-        }
+        let blobs = stored_before(&faulty, "large file stored before the job").await;
         let deadline = Duration::from_secs(60);
         let store = store_over(Arc::new(faulty), deadline);
         // A write failed (a live sync's PUT): an outage of writes.
