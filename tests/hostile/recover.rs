@@ -284,18 +284,7 @@ fn recover_stops_the_group_a_gone_leader_left_running() {
     let _agent = KillOnDrop(agent.id() as i32);
     let background = pid_from(&h.workdir("bg").join("bg.pid"));
     let _background = KillOnDrop(background);
-    let record = h.state.join("jobs/bg/attempts/1/run.json");
-    let record: serde_json::Value =
-        wait_for("the launch to be recorded", Duration::from_secs(20), || {
-            let bytes = std::fs::read(&record).ok()?;
-            serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .filter(|r| r["phase"] == "running")
-        });
-    assert!(
-        record["cgroup"].is_null(),
-        "the job was meant to run without a cgroup: {record}"
-    );
+    let record = launched_without_cgroup(&h, "bg");
     kill_agent(agent);
     let leader = record["pgid"].as_i64().unwrap() as i32;
     wait_for(
@@ -347,13 +336,7 @@ fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
     let _background = KillOnDrop(background);
     let grouped = pid_from(&h.workdir("daemon").join("pg.pid"));
     let _grouped = KillOnDrop(grouped);
-    let record = h.state.join("jobs/daemon/attempts/1/run.json");
-    wait_for("the launch to be recorded", Duration::from_secs(20), || {
-        let bytes = std::fs::read(&record).ok()?;
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .filter(|r| r["phase"] == "running" && r["cgroup"].is_null())
-    });
+    launched_without_cgroup(&h, "daemon");
     kill_agent(agent);
     assert!(alive(background), "the daemon outlived the agent");
     h.env.clear();
@@ -369,6 +352,24 @@ fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
         recover.stderr
     );
     assert_eq!(h.terminal("daemon")["reason"], "AGENT_ERROR");
+}
+
+/// The run record of `job`'s attempt 1 once its launch is recorded, checked to have no
+/// cgroup (the test's fault `no-job-cgroup`).
+fn launched_without_cgroup(h: &Harness, job: &str) -> serde_json::Value {
+    let path = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
+    let record: serde_json::Value =
+        wait_for("the launch to be recorded", Duration::from_secs(20), || {
+            let bytes = std::fs::read(&path).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .filter(|r| r["phase"] == "running")
+        });
+    assert!(
+        record["cgroup"].is_null(),
+        "the job was meant to run without a cgroup: {record}"
+    );
+    record
 }
 
 /// Polls `f` until `limit`; whether it came true.
