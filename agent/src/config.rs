@@ -321,13 +321,7 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
     };
     let unknown = unknown_vars(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()));
     match resolve(file.clone(), &text, &env, default_state_dir()) {
-        Ok(c) if unknown.is_empty() => match state_dir_problem(&c.state_dir) {
-            None => Ok(c),
-            Some(problem) => Err(ConfigError {
-                source_file: file,
-                problems: vec![problem],
-            }),
-        },
+        Ok(c) if unknown.is_empty() => Ok(c),
         Ok(_) => Err(ConfigError {
             source_file: file,
             problems: unknown,
@@ -1003,7 +997,11 @@ fn default_state_dir_in(
 /// Why the existing state dir `dir` may not be used: another user than the agent's (or root)
 /// owns it, or its group, others or an ACL's named entries may write it. They could read and
 /// rewrite the records a root `recover` acts on, the logs, and the default store.
-fn state_dir_problem(dir: &Path) -> Option<String> {
+///
+/// Asked by the commands that write there or act on what is there (`run`, `watch`,
+/// `recover`, `resync`, `gc`): an operator's `ls`, `status` or `logs` as root may read
+/// another user's state dir (a job's agent run as that user under Slurm).
+pub fn state_dir_problem(dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir).ok()?;
     let euid = nix::unistd::geteuid().as_raw();

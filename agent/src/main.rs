@@ -88,6 +88,19 @@ fn agent_main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e.to_string()),
     };
+    let acts_on_state = matches!(
+        cli.command,
+        Command::Run(_)
+            | Command::Watch(_)
+            | Command::Recover
+            | Command::Resync { .. }
+            | Command::Gc { .. }
+    );
+    if acts_on_state {
+        if let Some(problem) = config::state_dir_problem(&config.state_dir) {
+            return usage(&format!("config: {problem}"));
+        }
+    }
     out::set_json(config.log_format == config::LogFormat::Json);
     match telemetry::filter() {
         Ok(filter) => telemetry::init(config.log_format, filter),

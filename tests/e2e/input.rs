@@ -188,6 +188,10 @@ fn a_state_dir_others_may_write_or_own_is_refused() {
             run.stderr
         );
         assert!(!marker.exists());
+        // An operator's look as root at another user's state dir (that user's agent under
+        // Slurm) reads only: not refused.
+        let look = h.run(&["status"]);
+        assert!(!look.stderr.contains("`state_dir`"), "{}", look.stderr);
         std::os::unix::fs::chown(&h.state, Some(0), Some(0)).unwrap();
     }
     std::fs::set_permissions(&h.state, std::fs::Permissions::from_mode(0o755)).unwrap();
