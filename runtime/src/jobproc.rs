@@ -1294,6 +1294,23 @@ fn real_uid(pid: i32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// Starts `command`, which prints a pid as its first line and goes on running; the child
+    /// and that pid.
+    fn first_line_pid(command: &mut std::process::Command) -> (std::process::Child, i32) {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid = line.trim().parse().unwrap();
+        (child, pid)
+    }
+
     /// Runs `script` (which prints its pid and leaves processes behind) as the leader of a
     /// session and group of its own (`setsid`), with `env`; returns that group once the
     /// leader is gone.
@@ -1351,20 +1368,12 @@ mod tests {
         let uid = nix::unistd::getuid().as_raw();
         let before = procfs::identity(std::process::id() as i32).unwrap();
         let python = "import os, subprocess\nos.setpgrp()\nsubprocess.Popen(['sleep', '30'])\nsubprocess.Popen(['env', '-i', 'sleep', '30'])\nprint(os.getpid(), flush=True)\n";
-        let mut shell = std::process::Command::new("setsid")
+        let mut setsid = std::process::Command::new("setsid");
+        setsid
             .args(["sh", "-c", "/usr/bin/python3 -c \"$PY\"; sleep 30"])
             .env("PY", python)
-            .envs([("C3_JOB_ID", "grouped"), ("C3_ATTEMPT", "1")])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(shell.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let g: i32 = line.trim().parse().unwrap();
+            .envs([("C3_JOB_ID", "grouped"), ("C3_ATTEMPT", "1")]);
+        let (mut shell, g) = first_line_pid(&mut setsid);
         // The group's leader (python) is gone once it printed and exited.
         for _ in 0..100 {
             if procfs::stat(g).is_none() {
@@ -1407,19 +1416,11 @@ mod tests {
             job_id: "daemon",
             attempt: 2,
         };
-        let mut daemon = std::process::Command::new("setsid")
+        let mut setsid = std::process::Command::new("setsid");
+        setsid
             .args(["sh", "-c", "echo $$; exec sleep 30"])
-            .envs([("C3_JOB_ID", "daemon"), ("C3_ATTEMPT", "2")])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let p: i32 = line.trim().parse().unwrap();
+            .envs([("C3_JOB_ID", "daemon"), ("C3_ATTEMPT", "2")]);
+        let (mut daemon, p) = first_line_pid(&mut setsid);
         let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
         let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
         let _ = daemon.wait();
@@ -1468,20 +1469,12 @@ mod tests {
         // one whose leader carries them.
         for (leader_env, ours) in [("", false), ("C3_JOB_ID=launched C3_ATTEMPT=3", true)] {
             let script = "C3_JOB_ID=launched C3_ATTEMPT=3 sleep 30 & echo $$; exec sleep 30";
-            let mut leader = std::process::Command::new("setsid")
+            let mut setsid = std::process::Command::new("setsid");
+            setsid
                 .args(["env", "-i"])
                 .args(leader_env.split_whitespace())
-                .args(["sh", "-c", script])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
-                &mut line,
-            )
-            .unwrap();
-            let p: i32 = line.trim().parse().unwrap();
+                .args(["sh", "-c", script]);
+            let (mut leader, p) = first_line_pid(&mut setsid);
             // The background sleep is in the group once the shell has printed its pid.
             let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
             let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
