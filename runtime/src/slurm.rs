@@ -63,9 +63,17 @@ pub async fn stopped_by_time_limit(within: Duration) -> bool {
     }
 }
 
-/// `squeue --format %r` for one job: its reason, `TimeLimit` when the limit ended it.
+/// `squeue --format %r` for one job: its reason, `TimeLimit` when the limit ended it. A
+/// heterogeneous job has a line per component, each `TimeLimit` when its limit ended them
+/// all: its one line wanted, its time limit read as a cancel.
 fn says_time_limit(stdout: &[u8]) -> bool {
-    String::from_utf8_lossy(stdout).trim() == "TimeLimit"
+    let text = String::from_utf8_lossy(stdout);
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .peekable();
+    lines.peek().is_some() && lines.all(|l| l == "TimeLimit")
 }
 
 #[cfg(test)]
@@ -78,8 +86,10 @@ mod tests {
         assert!(!says_time_limit(b"None\n"));
         assert!(!says_time_limit(b""));
         assert!(
-            !says_time_limit(b"TimeLimit\nTimeLimit\n"),
-            "one job asked, one line"
+            says_time_limit(b"TimeLimit\nTimeLimit\n"),
+            "a heterogeneous job's components"
         );
+        assert!(!says_time_limit(b"TimeLimit\nNone\n"));
+        assert!(!says_time_limit(b"\n\n"));
     }
 }
