@@ -1692,6 +1692,16 @@ pub(crate) mod tests {
         assert!(came[1] - came[0] >= Duration::from_secs(2), "{came:?}");
     }
 
+    /// A reporter of job `j`, attempt 1, sending to `url`, with a RUNNING (seq 1) kept in its
+    /// outbox; the state dir's temp dir, which must outlive it.
+    fn keeping_a_running(url: url::Url) -> (tempfile::TempDir, StateDir, Reporter) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        (dir, state, reporter)
+    }
+
     /// A RUNNING kept in the outbox that the control plane answers with a 500 for ever held
     /// every later status of the job back, its terminal one too. A later status of the
     /// attempt supersedes it: passed over once it failed, dropped once that one is delivered.
@@ -1705,10 +1715,7 @@ pub(crate) mod tests {
             }
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
-        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let (_dir, state, reporter) = keeping_a_running(url);
         let deadline = Instant::now() + Duration::from_secs(3);
         let sent = reporter
             .send(
@@ -1910,10 +1917,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_status_timed_out_is_not_overtaken_by_a_later_one() {
         let (url, log) = serve_slow_first().await;
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
-        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let (_dir, state, reporter) = keeping_a_running(url);
         let deadline = Instant::now() + Duration::from_secs(4);
         let sent = reporter
             .send("status", 3, status(3, c3_proto::JobState::Failed), deadline)
@@ -1979,10 +1983,7 @@ pub(crate) mod tests {
             }
         })
         .await;
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        let reporter = Reporter::new(Some(control_plane(url)), state.clone(), "j", 1);
-        reporter.keep_unsent("status", 1, &status(1, c3_proto::JobState::Running));
+        let (_dir, state, reporter) = keeping_a_running(url);
         let deadline = Instant::now() + Duration::from_secs(5);
         let sent = reporter
             .send("status", 3, status(3, c3_proto::JobState::Failed), deadline)

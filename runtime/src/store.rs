@@ -3472,12 +3472,17 @@ pub(crate) mod tests {
             .is_err());
     }
 
+    /// A file store at `<dir>/s`, preflighted.
+    async fn file_store_in(dir: &std::path::Path) -> BlobStore {
+        let store = BlobStore::open(&config(&format!("file://{}/s", dir.display()))).unwrap();
+        store.preflight().await.unwrap();
+        store
+    }
+
     #[tokio::test]
     async fn file_store_dedups() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
-        store.preflight().await.unwrap();
+        let store = file_store_in(dir.path()).await;
         let sha = "ab".repeat(32);
         assert!(store
             .put_blob(&sha, Bytes::from_static(b"x"))
@@ -3499,9 +3504,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_file_store_entry_of_another_size_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
-        store.preflight().await.unwrap();
+        let store = file_store_in(dir.path()).await;
         let data = Bytes::from_static(b"the real bytes");
         let sha = crate::digest::sha256_hex(&data);
         let at = dir.path().join("s").join(blob_key(&sha));
@@ -3518,9 +3521,7 @@ pub(crate) mod tests {
     async fn a_symlink_at_the_key_is_replaced_by_promote() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
-        store.preflight().await.unwrap();
+        let store = file_store_in(dir.path()).await;
         let data = Bytes::from_static(b"a large file's bytes");
         let sha = crate::digest::sha256_hex(&data);
         let target = dir.path().join("elsewhere");
@@ -3566,9 +3567,7 @@ pub(crate) mod tests {
     async fn a_blob_that_cannot_be_touched_is_stored_again() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
-        store.preflight().await.unwrap();
+        let store = file_store_in(dir.path()).await;
         let data = Bytes::from_static(b"stored by someone else");
         let sha = crate::digest::sha256_hex(&data);
         let at = dir.path().join("s").join(blob_key(&sha));
@@ -3608,9 +3607,7 @@ pub(crate) mod tests {
     async fn a_young_blob_that_cannot_be_touched_is_kept() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            BlobStore::open(&config(&format!("file://{}/s", dir.path().display()))).unwrap();
-        store.preflight().await.unwrap();
+        let store = file_store_in(dir.path()).await;
         let data = Bytes::from_static(b"stored a moment ago by another node");
         let sha = crate::digest::sha256_hex(&data);
         let at = dir.path().join("s").join(blob_key(&sha));
