@@ -128,13 +128,11 @@ async fn local_blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T, StoreError> {
     let call = async move {
-        let ran = tokio::task::spawn_blocking(move || {
-            crate::filestore::hang_if_armed(op);
-            f()
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+        // The fault `file-store-hang:<op>` is `bounded`'s, as for every file store call.
+        let ran = tokio::task::spawn_blocking(f)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
         ran.map_err(|e| object_store::Error::Generic {
             store: "LocalFileSystem",
             source: Box::new(e),
