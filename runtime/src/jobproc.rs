@@ -1217,6 +1217,9 @@ fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32, leads_session: bool
     })
 }
 
+/// The most of a process's environment [`JobMark::marks`] reads.
+const MAX_ENVIRON_READ: u64 = 16 << 20;
+
 impl JobMark<'_> {
     /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`); `None`
     /// when it is gone.
@@ -1224,7 +1227,17 @@ impl JobMark<'_> {
         if real_uid(pid)? != self.uid {
             return Some(false);
         }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        // The job sizes its own environment (up to a quarter of its stack limit, gigabytes
+        // under `ulimit -s unlimited`): the launch's marks are read from the first 16 MiB.
+        let mut env = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(
+                std::fs::File::open(format!("/proc/{pid}/environ")).ok()?,
+                MAX_ENVIRON_READ,
+            ),
+            &mut env,
+        )
+        .ok()?;
         let id = format!("C3_JOB_ID={}", self.job_id);
         let attempt = format!("C3_ATTEMPT={}", self.attempt);
         let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
