@@ -395,7 +395,15 @@ async fn final_sync(
     // removed) is aborted when the attempt ends, not kept with its job for ever.
     at_end.forget_kept();
     let started = Instant::now();
-    let report = sync_scan(&at_end, &config.workdir, found, book).await;
+    // Listed as it goes: gc may take a blob no manifest names once it is an hour old.
+    let report = sync_scan(
+        &at_end,
+        &config.workdir,
+        found,
+        book,
+        Some(&config.manifest),
+    )
+    .await;
     timings.upload = started.elapsed();
     timings.uploaded = report.uploaded;
     timings.already_synced = report.skipped;
@@ -495,5 +503,58 @@ async fn seal(
             .map_or(book.new_bytes, |added| added.max(book.new_bytes)),
         unstored,
         for_good,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BlobStore;
+    use crate::upload::UploadOptions;
+
+    /// The final sync of a large output takes hours; `gc` takes a blob no manifest names once
+    /// it is an hour old. What it stored is listed as it goes (an in-progress manifest),
+    /// before the seal: none was written after the job's end, and a blob stored at the start
+    /// of a long final sync was gone by the time the complete manifest named it.
+    #[tokio::test]
+    async fn a_final_sync_lists_what_it_stored_before_the_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        for name in ["a.bin", "b.bin", "c.bin"] {
+            std::fs::write(arts.join(name), name).unwrap();
+        }
+        let store = BlobStore::in_memory();
+        let spec = c3_proto::JobSpec::from_json(br#"{"job_id":"j","command":["true"]}"#)
+            .unwrap()
+            .spec;
+        let options = UploadOptions {
+            files_in_flight: 1,
+            auto_in_flight: false,
+            ..UploadOptions::default()
+        };
+        let config = CollectorConfig {
+            uploader: Uploader::new(store.clone(), options, "j", None).confined_to(dir.path()),
+            workdir: dir.path().to_path_buf(),
+            physical_workdir: None,
+            dirs: vec!["artifacts".into()],
+            reader: None,
+            manifest: ManifestWriter::new(store.clone(), &spec, 1 << 20)
+                .checkpoints_every(Duration::ZERO),
+            live: None,
+            progress: crate::progress::Progress::shared(),
+        };
+        let collector = CollectorHandle::start(config, None);
+        let ended = collector.job_ended().await;
+        assert!(ended.unstored.is_empty(), "{:?}", ended.unstored);
+        let key = crate::store::attempt_manifest_key("j", spec.attempt);
+        let listed = c3_proto::Manifest::from_json(&store.get_bytes(&key).await.unwrap()).unwrap();
+        assert!(!listed.complete);
+        let paths: Vec<&str> = listed.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["artifacts/a.bin", "artifacts/b.bin", "artifacts/c.bin"]
+        );
+        drop(collector);
     }
 }

@@ -3,7 +3,8 @@
 //! Every manifest under `jobs/` is read (the job's and each attempt's, complete or in
 //! progress), and every blob it names (files and logs) is kept. A blob no manifest names is
 //! deleted only once it is older than the grace period: a running job's blobs are uploaded
-//! before its (in-progress) manifest lists them.
+//! before its (in-progress) manifest lists them, which a sync, during the job or after it,
+//! rewrites at least every [`crate::manifest::CHECKPOINT_EVERY`] while it stores.
 //!
 //! A manifest that cannot be listed, read or parsed (corrupt, too large, a newer version)
 //! stops the collection before anything is deleted: what it references is unknown, and a

@@ -3,13 +3,19 @@
 //! attempt's key first and then at the job's, unless a newer attempt's is there.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use c3_proto::{JobSpec, Logs, Manifest};
 
 use crate::store::{
     attempt_manifest_key, manifest_key, BlobStore, DocVersion, DocWrite, StoreError,
 };
-use crate::sync::SyncBook;
+use crate::sync::{Checkpoint, SyncBook};
+
+/// How often a long sync after the job ([`Checkpoint`]) lists what it stored: well within
+/// the half hour that a blob found stored (and not touched) is trusted to stay
+/// (`store::UNTOUCHED_KEPT`), `gc` sparing only what a manifest names once it is an hour old.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10 * 60);
 
 /// Writes manifests of one attempt. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -24,6 +30,8 @@ pub struct ManifestWriter {
     /// What this attempt knows of the job's key, shared by the clones (live sync's, publish's,
     /// the seal's; all in the collector task, one write at a time).
     job_key: Arc<Mutex<JobKey>>,
+    /// [`CHECKPOINT_EVERY`]; shorter in tests.
+    checkpoint_every: Duration,
 }
 
 /// The job's manifest key as this attempt's writer last saw it.
@@ -66,7 +74,14 @@ impl ManifestWriter {
             project: spec.project.clone(),
             attempt: spec.attempt,
             job_key: Arc::default(),
+            checkpoint_every: CHECKPOINT_EVERY,
         }
+    }
+
+    /// Lists a long sync's progress this often instead of [`CHECKPOINT_EVERY`].
+    pub fn checkpoints_every(mut self, every: Duration) -> Self {
+        self.checkpoint_every = every;
+        self
     }
 
     /// The room the files tracked may take, each at most
@@ -251,6 +266,19 @@ enum Look {
     At(Option<DocVersion>),
     /// This newer attempt stored a manifest.
     Newer(u32),
+}
+
+impl Checkpoint for ManifestWriter {
+    fn every(&self) -> Duration {
+        self.checkpoint_every
+    }
+
+    fn save<'a>(
+        &'a self,
+        book: &'a mut SyncBook,
+    ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.in_progress(book))
+    }
 }
 
 #[cfg(test)]

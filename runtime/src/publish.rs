@@ -199,6 +199,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         todo,
         book,
         OlderVersion::Kept,
+        Some(parts.manifest),
     )
     .await;
     if let Some((path, e)) = report.failures.first() {

@@ -5,12 +5,13 @@
 //! a bounded number of files at a time, with a progress line every 10 s.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
 use crate::collect::{FileStamp, LocalFile, Scan};
 use crate::inflight::FilesInFlight;
+use crate::store::StoreError;
 use crate::upload::{UploadError, Uploaded, Uploader};
 
 /// A file that changes while being read is tried again this many times.
@@ -387,6 +388,19 @@ pub enum OlderVersion {
     Dropped,
 }
 
+/// Where a long [`upload_all`] lists what it stored so far (an in-progress manifest): a blob
+/// no manifest names is `c3-agent gc`'s once it is an hour old, and the final sync of a large
+/// output takes longer than that.
+pub trait Checkpoint: Sync {
+    /// At most this often.
+    fn every(&self) -> Duration;
+    /// Lists the book as it is now.
+    fn save<'a>(
+        &'a self,
+        book: &'a mut SyncBook,
+    ) -> futures::future::BoxFuture<'a, Result<(), StoreError>>;
+}
+
 /// Uploads every file of `scan` (below `workdir`) not already current in `book`; forgets
 /// files no longer on disk. The scan is used up as its files are queued.
 pub async fn sync_scan(
@@ -394,6 +408,7 @@ pub async fn sync_scan(
     workdir: &std::path::Path,
     mut scan: Scan,
     book: &mut SyncBook,
+    checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
     let files = std::mem::take(&mut scan.files);
@@ -403,7 +418,15 @@ pub async fn sync_scan(
         .filter(|(rel, stamp)| !book.is_current(rel, stamp))
         .collect();
     let skipped = found - todo.len();
-    let mut report = upload_all(uploader, workdir, todo, book, OlderVersion::Dropped).await;
+    let mut report = upload_all(
+        uploader,
+        workdir,
+        todo,
+        book,
+        OlderVersion::Dropped,
+        checkpoint,
+    )
+    .await;
     report.skipped = skipped;
     report
 }
@@ -413,15 +436,18 @@ pub async fn sync_scan(
 ///
 /// Each file is its own task, so that the per-file work (opening, the request, its signature,
 /// the response) spreads over the runtime's threads instead of queueing behind one; how many
-/// run at once adapts unless the config fixed it ([`crate::inflight`]).
+/// run at once adapts unless the config fixed it ([`crate::inflight`]). With a `checkpoint`,
+/// what is stored is listed as it goes.
 pub async fn upload_all(
     uploader: &Uploader,
     workdir: &std::path::Path,
     todo: Vec<(String, FileStamp)>,
     book: &mut SyncBook,
     older: OlderVersion,
+    mut checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
     let mut report = SyncReport::default();
+    let mut saved = Instant::now();
     for (_, stamp) in &todo {
         book.progress.queue(stamp.size);
     }
@@ -501,6 +527,20 @@ pub async fn upload_all(
                 ));
             }
             Err(e) => report.failures.push((rel, e)),
+        }
+        if let Some(cp) = checkpoint.filter(|cp| saved.elapsed() >= cp.every()) {
+            saved = Instant::now();
+            match cp.save(book).await {
+                Ok(()) => tracing::debug!(files = book.len(), "in-progress manifest written"),
+                // More files only make it larger.
+                Err(e @ StoreError::TooLarge { .. }) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; not tried again in this sync");
+                    checkpoint = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")
+                }
+            }
         }
     }
     report
@@ -604,9 +644,17 @@ mod tests {
         std::fs::remove_file(arts.join("r.bin")).unwrap();
         // A request while the job runs (`wait_all`) keeps the version stored before.
         let todo: Vec<_> = found.files.clone().into_iter().collect();
-        upload_all(&uploader, dir.path(), todo, &mut book, OlderVersion::Kept).await;
+        upload_all(
+            &uploader,
+            dir.path(),
+            todo,
+            &mut book,
+            OlderVersion::Kept,
+            None,
+        )
+        .await;
         assert!(book.contains("artifacts/m.bin"), "a request dropped v1");
-        let report = sync_scan(&uploader, dir.path(), found, &mut book).await;
+        let report = sync_scan(&uploader, dir.path(), found, &mut book, None).await;
         assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
         let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
