@@ -357,7 +357,7 @@ pub fn spawn_helper(
 /// survives; blocking, called outside any async runtime.
 pub fn stop_all_descendants(grace: Duration) {
     let me = std::process::id() as i32;
-    let live = || -> Vec<i32> {
+    let live = || -> Vec<Seen> {
         let procs = procfs::all();
         let d = procfs::descendants(me, &procs);
         for pid in &d {
@@ -369,12 +369,18 @@ pub fn stop_all_descendants(grace: Duration) {
             }
         }
         d.into_iter()
-            .filter(|p| procs.get(p).is_some_and(|s| !s.is_zombie()))
+            .filter_map(|pid| {
+                let s = procs.get(&pid).filter(|s| !s.is_zombie())?;
+                Some(Seen {
+                    pid,
+                    start: s.start_ticks,
+                })
+            })
             .collect()
     };
     let deadline = std::time::Instant::now() + grace;
-    for pid in live() {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    for one in live() {
+        signal_seen(one, Signal::SIGTERM);
     }
     while std::time::Instant::now() < deadline {
         if live().is_empty() {
@@ -387,10 +393,30 @@ pub fn stop_all_descendants(grace: Duration) {
         if left.is_empty() {
             return;
         }
-        for pid in left {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for one in left {
+            signal_seen(one, Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process as a look at `/proc` saw it: its pid and its start (clock ticks after boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seen {
+    pub pid: i32,
+    pub start: u64,
+}
+
+/// Sends `signal` to the process `seen` names only while it is that process. Between a look
+/// and its signal a job's process may end, its parent reap it and the pid go to a stranger
+/// (a job that forks fast wraps the pid space in seconds): the pidfd is opened before the
+/// start is compared, so it holds the process compared. Without pidfds (Linux < 5.3) the
+/// comparison comes just before kill(2). Whether the signal was delivered.
+pub fn signal_seen(seen: Seen, signal: Signal) -> bool {
+    let same = || procfs::stat(seen.pid).is_some_and(|s| s.start_ticks == seen.start);
+    match PidFd::open(seen.pid) {
+        Some(fd) => same() && fd.signal(signal),
+        None => same() && kill(Pid::from_raw(seen.pid), signal).is_ok(),
     }
 }
 
@@ -631,6 +657,12 @@ impl JobProcesses {
     /// alone: once the group is gone, its id may belong to a stranger. Reads `/proc`: call it
     /// off the reactor.
     pub fn members(&self) -> Vec<i32> {
+        self.members_seen().into_iter().map(|m| m.pid).collect()
+    }
+
+    /// [`JobProcesses::members`], each with its start as the look saw it: what a signal is
+    /// sent to ([`signal_seen`]).
+    fn members_seen(&self) -> Vec<Seen> {
         let procs = procfs::all();
         let live = |p: &i32| procs.get(p).is_some_and(|s| !s.is_zombie());
         let mut set: BTreeSet<i32> = match self.inner.scope {
@@ -677,7 +709,16 @@ impl JobProcesses {
         for helper in own_helpers().iter() {
             set.remove(helper);
         }
-        set.into_iter().collect()
+        set.into_iter()
+            .filter_map(|pid| {
+                // A cgroup member forked since the snapshot is looked at now.
+                let start = match procs.get(&pid) {
+                    Some(s) => s.start_ticks,
+                    None => procfs::stat(pid)?.start_ticks,
+                };
+                Some(Seen { pid, start })
+            })
+            .collect()
     }
 
     /// Whether `pid` is among [`JobProcesses::members`], looked up for that one process: for
@@ -745,10 +786,22 @@ impl JobProcesses {
             .unwrap_or_default()
     }
 
-    fn signal_each(&self, pids: &[i32], signal: Signal) {
-        for pid in pids {
-            let _ = kill(Pid::from_raw(*pid), signal);
+    fn signal_each(&self, seen: &[Seen], signal: Signal) {
+        for one in seen {
+            signal_seen(*one, signal);
         }
+    }
+
+    /// `signal` to every process of the job as it is now (off the reactor); how many it
+    /// reached.
+    pub async fn signal_all(&self, signal: Signal) -> usize {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let seen = this.members_seen();
+            seen.iter().filter(|one| signal_seen(**one, signal)).count()
+        })
+        .await
+        .unwrap_or(0)
     }
 
     /// SIGKILL to everything of the job, however fast it forks. With a cgroup, `cgroup.kill`
@@ -768,24 +821,24 @@ impl JobProcesses {
                 if started.elapsed() > Duration::from_secs(2) {
                     break;
                 }
-                let now: BTreeSet<i32> = self.members().into_iter().collect();
-                let new: Vec<i32> = now.difference(&seen).copied().collect();
+                let now: BTreeSet<Seen> = self.members_seen().into_iter().collect();
+                let new: Vec<Seen> = now.difference(&seen).copied().collect();
                 if new.is_empty() {
                     break;
                 }
-                // Only a process that took the SIGSTOP is killed below: one already gone
-                // (ESRCH) may have its pid reused by the time of the SIGKILL, by a stranger.
-                for pid in new {
-                    seen.insert(pid);
-                    if kill(Pid::from_raw(pid), Signal::SIGSTOP).is_ok() {
-                        stopped.push(pid);
+                // Only a process that took the SIGSTOP is killed below: a stopped process
+                // stays, its pid its own.
+                for one in new {
+                    seen.insert(one);
+                    if signal_seen(one, Signal::SIGSTOP) {
+                        stopped.push(one);
                     }
                 }
             }
             self.signal_each(&stopped, Signal::SIGKILL);
         }
         // Stragglers: anything still listed (outside the cgroup, or forked meanwhile).
-        let left = self.members();
+        let left = self.members_seen();
         self.signal_each(&left, Signal::SIGKILL);
     }
 
@@ -846,8 +899,7 @@ impl JobProcesses {
         stop: &StopBy,
     ) -> Option<ExitStatus> {
         let deadline = tokio::time::Instant::now() + grace;
-        let members = self.members_async().await;
-        self.signal_each(&members, Signal::SIGTERM);
+        self.signal_all(Signal::SIGTERM).await;
         let mut status = None;
         if let Some(child) = leader {
             match stop.timeout_at(deadline, child.wait()).await {
@@ -1307,6 +1359,28 @@ fn real_uid(pid: i32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// A pid whose process is not the one a look saw (another start: the pid changed hands
+    /// since) gets no signal; the process seen does.
+    #[test]
+    fn a_signal_reaches_only_the_process_seen() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = procfs::stat(pid).unwrap().start_ticks;
+        let stranger = Seen {
+            pid,
+            start: start + 1,
+        };
+        assert!(!signal_seen(stranger, Signal::SIGKILL));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none(), "a stranger was killed");
+        assert!(signal_seen(Seen { pid, start }, Signal::SIGKILL));
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+
     /// Starts `command`, which prints a pid as its first line and goes on running; the child
     /// and that pid.
     fn first_line_pid(command: &mut std::process::Command) -> (std::process::Child, i32) {
@@ -1337,7 +1411,23 @@ mod tests {
         let mut out = String::new();
         std::io::Read::read_to_string(leader.stdout.as_mut().unwrap(), &mut out).unwrap();
         let _ = leader.wait();
-        out.trim().parse().unwrap()
+        let group: i32 = out.trim().parse().unwrap();
+        // Each member forked before the leader's echo, but may still be a copy of the shell
+        // (with its marks) before its exec: a look then judged an `env -i` member marked.
+        for _ in 0..500 {
+            let execd = procfs::all()
+                .into_iter()
+                .filter(|(_, s)| s.pgrp == group)
+                .all(|(pid, _)| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+                });
+            if execd {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        group
     }
 
     /// A gone leader's group that still holds a process of the job's user without the

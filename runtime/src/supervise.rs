@@ -222,13 +222,7 @@ async fn forward_signals(
                     same && nix::sys::signal::kill(nix::unistd::Pid::from_raw(leader), sig).is_ok(),
                 )
             }
-            (ForwardTo::All, _) => {
-                let members = procs.members_async().await;
-                for pid in &members {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), sig);
-                }
-                members.len()
-            }
+            (ForwardTo::All, _) => procs.signal_all(sig).await,
         };
         tracing::info!(signal = %sig, processes = reached, to = ?to, "signal forwarded to the job");
     }
