@@ -46,6 +46,9 @@ pub struct CollectorConfig {
     pub live: Option<LiveOptions>,
     /// Uploads queued and done, read by the progress line.
     pub progress: std::sync::Arc<crate::progress::Progress>,
+    /// What the attempt's manifest listed when a collector that starts after its agent died
+    /// (`recover`) read it ([`SyncBook::listed_before`]).
+    pub listed_before: Option<std::sync::Arc<Vec<c3_proto::manifest::FileEntry>>>,
 }
 
 impl CollectorConfig {
@@ -82,6 +85,7 @@ impl CollectorConfig {
             manifest: ManifestWriter::new(ctx.store.clone(), spec, ctx.max_manifest_bytes),
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
+            listed_before: None,
         }
     }
 }
@@ -231,6 +235,13 @@ async fn run(
 ) {
     let mut book = SyncBook::default();
     book.progress = config.progress.clone();
+    if let Some(files) = &config.listed_before {
+        let taken = book.listed_before(files);
+        tracing::info!(
+            files = taken,
+            "the files the attempt's manifest listed stay listed where the final scan cannot look"
+        );
+    }
     // Phase 1: until the job ends (the first command is always JobEnded).
     let first = match (config.live.clone(), procs) {
         (Some(opts), Some(procs)) => {
@@ -543,6 +554,7 @@ mod tests {
                 .checkpoints_every(Duration::ZERO),
             live: None,
             progress: crate::progress::Progress::shared(),
+            listed_before: None,
         };
         let collector = CollectorHandle::start(config, None);
         let ended = collector.job_ended().await;

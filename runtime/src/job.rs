@@ -322,6 +322,12 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// What the attempt's manifest listed before this run of it
+    /// ([`crate::sync::SyncBook::listed_before`]).
+    pub(crate) fn listed_before(&mut self, files: Vec<c3_proto::manifest::FileEntry>) {
+        self.collector_config.listed_before = Some(std::sync::Arc::new(files));
+    }
+
     fn spec(&self) -> &JobSpec {
         &self.record.spec
     }

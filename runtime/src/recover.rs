@@ -203,6 +203,40 @@ fn unfinished_record(
     (record.phase != Phase::Done || left).then_some(record)
 }
 
+/// What the attempt's own manifest in this store (in progress or complete) lists: the files
+/// its dead agent (or an earlier finish) stored. Finished from an empty book, the seal would
+/// replace that manifest with one of what the final scan finds now (nothing, with the
+/// workdir gone or refused), and `gc` would take the rest. `Err` only for a fault that may
+/// pass; an unreadable manifest (or a store that refuses reads) is replaced, as before.
+async fn listed_before(
+    ctx: &AgentContext,
+    record: &RunRecord,
+) -> Result<Vec<c3_proto::manifest::FileEntry>, crate::store::StoreError> {
+    let key = crate::store::attempt_manifest_key(&record.spec.job_id, record.spec.attempt);
+    match ctx
+        .store
+        .get_bytes_capped(&key, ctx.max_manifest_bytes)
+        .await
+    {
+        Ok(bytes) => match c3_proto::Manifest::from_json(&bytes) {
+            Ok(m) => Ok(m.files),
+            Err(e) => {
+                tracing::warn!(error = %e, "the attempt's manifest in the store cannot be read; replaced by what the final sync finds");
+                Ok(Vec::new())
+            }
+        },
+        Err(crate::store::StoreError::Op {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => Ok(Vec::new()),
+        Err(e) if e.is_permanent() => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; replaced by what the final sync finds");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The first attempt of `record`'s job after it whose record names the same workdir.
 fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<u32> {
     let mut later: Vec<u32> = state
@@ -215,6 +249,19 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
         state
             .read_record(&state.run_record_path(&record.spec.job_id, *n))
             .is_ok_and(|r| r.workdir == record.workdir)
+    })
+}
+
+/// Another job whose record names `record`'s workdir and that started after it.
+fn later_job_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<String> {
+    let started = |r: &RunRecord| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok();
+    let since = started(record)?;
+    state.all_records().into_iter().find_map(|path| {
+        let other = state.read_record(&path).ok()?;
+        (other.spec.job_id != record.spec.job_id
+            && other.workdir == record.workdir
+            && started(&other)? > since)
+            .then_some(other.spec.job_id)
     })
 }
 
@@ -360,6 +407,17 @@ async fn recover_record(
                 "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
             return None;
         }
+        // The same for another job given the same workdir, once this attempt is done (its
+        // status sent): finished again from what that job left, its manifest listed the other
+        // job's files as its own and dropped those it had stored (gc took them). An attempt
+        // not done yet must still be finished: its book keeps what its manifest listed.
+        if record.phase == Phase::Done {
+            if let Some(other) = later_job_in_workdir(&ctx.state, &record) {
+                tracing::warn!(other_job = %other,
+                    "another job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+                return None;
+            }
+        }
     }
     if record.phase == Phase::Done {
         tracing::info!(
@@ -370,10 +428,18 @@ async fn recover_record(
     } else {
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
     }
+    let listed = match listed_before(ctx, &record).await {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");
+            return None;
+        }
+    };
     let end = recorded_end(&record);
     drop(entered);
     let mut run =
         tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
+    run.listed_before(listed);
     if survivors {
         // A retryable end alone would have the platform place the job again while this
         // copy still holds the GPU.

@@ -166,6 +166,48 @@ impl SyncBook {
 
     /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
     /// taken racily, too soon after a change to tell the next one, says nothing: read again).
+    /// Takes in the files an earlier look at the attempt stored (its last manifest, in
+    /// progress or complete), for a collector that starts after the agent that knew them
+    /// died (`recover`): from an empty book, a final scan that could not look (a workdir
+    /// refused or gone) sealed a manifest listing nothing over the one that listed them, and
+    /// `gc` then took their blobs. They stay listed wherever the scan cannot look; wherever it
+    /// can, each is read again or forgotten (no stamp of theirs is ever current). Entries
+    /// whose digests are not hex are left out. How many were taken.
+    pub fn listed_before(&mut self, files: &[c3_proto::manifest::FileEntry]) -> usize {
+        let mut taken = 0;
+        for f in files {
+            let (mut sha256, mut blake3) = ([0u8; 32], [0u8; 32]);
+            let (Ok(raw), Ok(()), Ok(())) = (
+                f.raw_path(),
+                hex::decode_to_slice(&f.sha256, &mut sha256),
+                hex::decode_to_slice(&f.blake3, &mut blake3),
+            ) else {
+                continue;
+            };
+            self.record(Uploaded {
+                rel: c3_proto::manifest::rel_key(&raw),
+                digests: crate::digest::Digests {
+                    sha256,
+                    blake3,
+                    size: f.size,
+                },
+                stamp: FileStamp {
+                    size: f.size,
+                    mtime_ns: f.mtime_ns,
+                    ctime_ns: 0,
+                    ino: 0,
+                    dev: 0,
+                    mode: f.mode,
+                },
+                new_bytes: 0,
+                racy: true,
+                judged_ns: 0,
+            });
+            taken += 1;
+        }
+        taken
+    }
+
     pub fn is_current(&self, rel: &str, stamp: &FileStamp) -> bool {
         self.current_digests(rel, stamp).is_some()
     }
@@ -658,6 +700,53 @@ mod tests {
         assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
         let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
+    }
+
+    /// What a manifest listed goes back into a book as it was listed, a name that is not
+    /// UTF-8 included, and is never taken as current: each file found again is read again.
+    #[test]
+    fn files_listed_before_are_listed_again_and_never_current() {
+        let entry = |path: &str, b64: Option<String>| c3_proto::manifest::FileEntry {
+            path: path.into(),
+            path_b64: b64,
+            size: 5,
+            sha256: "ab".repeat(32),
+            blake3: "cd".repeat(32),
+            mode: 0o644,
+            mtime_ns: 7,
+        };
+        let odd = entry(
+            "artifacts/\u{fffd}.bin",
+            // `artifacts/\xff.bin`
+            Some("YXJ0aWZhY3RzL/8uYmlu".into()),
+        );
+        let bad = c3_proto::manifest::FileEntry {
+            sha256: "not hex".into(),
+            ..entry("artifacts/bad", None)
+        };
+        let mut book = SyncBook::default();
+        let files = [entry("artifacts/a", None), odd.clone(), bad];
+        assert_eq!(book.listed_before(&files), 2);
+        let listed: Vec<(String, Option<&str>)> = book
+            .listing()
+            .map(|l| (l.path.to_string(), l.path_b64))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("artifacts/a".to_string(), None),
+                (odd.path.clone(), odd.path_b64.as_deref())
+            ]
+        );
+        let stamp = FileStamp {
+            size: 5,
+            mtime_ns: 7,
+            ctime_ns: 0,
+            ino: 0,
+            dev: 0,
+            mode: 0o644,
+        };
+        assert!(!book.is_current("artifacts/a", &stamp));
     }
 
     /// A book filled to its room (what a scan or live sync lets it hold), with the largest

@@ -368,6 +368,36 @@ fn recover_leaves_an_attempt_whose_workdir_a_later_one_took_over() {
     assert!(!h.state.join("jobs/retried").exists(), "the job was kept");
 }
 
+/// Two jobs given the same workdir: the first ends UPLOAD_ERROR (the store broke), the second
+/// runs there later, removes the first's file and leaves its own. `recover` finished the first
+/// again from what the second left: its manifest listed the second's file as its own.
+#[test]
+fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
+    let h = Harness::file();
+    let blobs = h.state.join("store/blobs");
+    let work = h.path("shared").display().to_string();
+    let first = format!(
+        "echo first > $C3_ARTIFACTS_DIR/a1; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    h.run_job(json!({"job_id": "one", "workdir": work, "command": ["sh", "-c", first]}))
+        .assert_code(3);
+    let own_key = "jobs/one/attempts/1/manifest.json";
+    let before = h.object(own_key);
+    std::fs::remove_file(&blobs).unwrap();
+    let second = "rm $C3_ARTIFACTS_DIR/a1; echo second > $C3_ARTIFACTS_DIR/a2";
+    h.run_job(json!({"job_id": "two", "workdir": work, "command": ["sh", "-c", second]}))
+        .assert_code(0);
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(run.stderr.contains("another job ran"), "{}", run.stderr);
+    assert_eq!(
+        h.object(own_key),
+        before,
+        "the first job's manifest was written again"
+    );
+}
+
 /// A job leaves an entry deeper than a manifest path may be: UPLOAD_ERROR, as the contract
 /// says, but no later look can store it, so `recover` leaves the attempt alone (it redid it
 /// every hour: a rescan and rehash as root, new manifests, another registration and status,
@@ -490,4 +520,56 @@ fn a_settle_look_that_hangs_does_not_hold_the_end() {
         run.stderr
     );
     assert_eq!(h.manifest("look")["files"][0]["path"], "artifacts/w");
+}
+
+/// The agent dies while its job runs, after live sync stored a file and listed it, and the
+/// workdir is gone when `recover` comes (a scratch wiped at boot; the job may also rename a
+/// directory above it). The attempt's manifest still lists what was stored, and `gc` keeps
+/// its blob: finished from an empty book, `recover` sealed a manifest listing nothing over
+/// the one that listed it, and the next `gc` deleted the only copy.
+#[test]
+fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
+    let h = Harness::file();
+    let work = h.path("w");
+    let spec = h.spec(
+        json!({"job_id": "wiped", "workdir": work.display().to_string(),
+        "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}),
+    );
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let own_key = "jobs/wiped/attempts/1/manifest.json";
+    wait_for(
+        "live sync to list the file",
+        Duration::from_secs(30),
+        || {
+            h.object(own_key)
+                .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
+        },
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    std::fs::remove_dir_all(&work).unwrap();
+    // Its exit is the finished job's (AGENT_ERROR: its agent died).
+    let run = h.run(&["recover"]);
+    let own: serde_json::Value = serde_json::from_slice(&h.object(own_key).unwrap()).unwrap();
+    assert_eq!(own["complete"], true, "{own}\n{}", run.stderr);
+    assert_eq!(
+        own["files"][0]["path"], "artifacts/a",
+        "{own}\n{}",
+        run.stderr
+    );
+    assert_eq!(h.manifest_paths("wiped"), vec!["artifacts/a"]);
+
+    let blob = h.object_path(&format!(
+        "blobs/sha256/{}",
+        crate::support::sha256_hex(b"stored\n")
+    ));
+    let past = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&blob)
+        .unwrap()
+        .set_modified(past)
+        .unwrap();
+    h.run(&["gc", "--older-than", "1"]).assert_code(0);
+    assert!(blob.exists(), "gc deleted a blob the job had stored");
 }
