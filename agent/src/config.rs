@@ -732,16 +732,26 @@ pub fn resolve(
         ),
         ("sync.settle_ms", file.sync.settle_ms, ms),
         ("sync.poll_ms", file.sync.poll_ms, ms),
-        (
-            "sync.manifest_interval_ms",
-            file.sync.manifest_interval_ms,
-            ms,
-        ),
     ] {
         let most = MAX_DURATION_SECS * per_sec;
         if value.is_some_and(|v| v > most) {
             problems.push(format!("`{key}`: at most {most} (a century)"));
         }
+    }
+    // `gc` takes a blob no manifest names once it is an hour old: live sync lists what it
+    // stored well within that (a blob found stored is trusted for half of it).
+    let most = c3_runtime::manifest::CHECKPOINT_EVERY.as_millis();
+    if file
+        .sync
+        .manifest_interval_ms
+        .is_some_and(|v| u128::from(v) > most)
+    {
+        problems.push(format!(
+            "`sync.manifest_interval_ms`: at most {most} (gc may delete a blob no manifest names once it is an hour old)"
+        ));
+    }
+    if control_plane.as_ref().is_some_and(|c| c.give_up.is_zero()) {
+        problems.push("`control_plane.give_up_secs` must be at least 1".into());
     }
     if control_plane
         .as_ref()
@@ -1430,6 +1440,10 @@ mod tests {
                 "job.dataset_timeout_secs",
             ),
             ("[job]\nstop_deadline_secs = 0\n", "job.stop_deadline_secs"),
+            (
+                "[control_plane]\nurl = \"http://cp\"\ngive_up_secs = 0\n",
+                "control_plane.give_up_secs",
+            ),
         ] {
             let e = resolve(None, text, &|_| None, PathBuf::from("/s"))
                 .unwrap_err()
@@ -1441,6 +1455,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("store.retry_deadline_secs"), "{e}");
+    }
+
+    /// Live sync lists what it stored at least as often as a long sync does: with a longer
+    /// interval, `gc` (which spares a blob no manifest names for an hour only) deleted blobs
+    /// the book had as stored, and the complete manifest listed them missing.
+    #[test]
+    fn a_manifest_interval_gc_could_outrun_is_refused() {
+        let e = resolve(
+            None,
+            "[sync]\nmanifest_interval_ms = 7200000\n",
+            &|_| None,
+            PathBuf::from("/s"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`sync.manifest_interval_ms`: at most 600000"),
+            "{e}"
+        );
+        assert!(resolve(
+            None,
+            "[sync]\nmanifest_interval_ms = 600000\n",
+            &|_| None,
+            PathBuf::from("/s")
+        )
+        .is_ok());
     }
 
     /// A token file of two lines (a token and a comment, two tokens) would go into every
