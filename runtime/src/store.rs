@@ -919,6 +919,15 @@ impl Retry {
         began + self.deadline
     }
 
+    /// A write whose try failed in outage `booked` was refused for good (a 403 for its key):
+    /// the store answered it, and its failure no longer stands for one that refuses writes
+    /// ([`Outage::failing_writes`]).
+    fn refused(&self, booked: Option<u64>) {
+        if let Some(o) = self.lock().outage.as_mut().filter(|o| booked == Some(o.id)) {
+            o.failing_writes = o.failing_writes.saturating_sub(1);
+        }
+    }
+
     /// Whether an outage in which writes failed is under way.
     fn writes_failing(&self) -> bool {
         self.lock().outage.as_ref().is_some_and(|o| o.writes_failed)
@@ -1406,7 +1415,12 @@ impl BlobStore {
                     tracing::warn!(error = %crate::error_chain(&e), tries = corrupt, "the store got other bytes than were sent; sending again");
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) if e.is_permanent() => {
+                    if write {
+                        self.retry.refused(booked);
+                    }
+                    return Err(e);
+                }
                 Err(e) => {
                     let outage_ends = self.retry.failed_in(&e, started, write, &mut booked);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
@@ -2904,6 +2918,8 @@ pub(crate) mod tests {
         /// HEADs so far, for `flaky_heads`.
         pub(crate) heads: std::sync::atomic::AtomicUsize,
         pub(crate) listing: Listing,
+        /// A key whose PUTs are refused for good (403), after `flaky_puts`' blips.
+        pub(crate) denied: std::sync::Mutex<Option<String>>,
     }
 
     /// What a [`Faulty`] store's listings give.
@@ -2939,6 +2955,12 @@ pub(crate) mod tests {
             let nth = self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if self.flaky_puts > 0 && nth.is_multiple_of(self.flaky_puts) {
                 return Err(unavailable());
+            }
+            if self.denied.lock().unwrap().as_deref() == Some(location.as_ref()) {
+                return Err(object_store::Error::PermissionDenied {
+                    path: location.to_string(),
+                    source: "403 Access Denied".into(),
+                });
             }
             if !self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
                 return self.mem.put_opts(location, payload, opts).await;
@@ -3186,6 +3208,51 @@ pub(crate) mod tests {
         assert!(!e.is_permanent(), "{e}");
         let took = start.elapsed();
         assert!(took < deadline + Duration::from_secs(10), "{took:?}");
+    }
+
+    /// A write that failed transiently and was then refused for good (a 403 for its key, a
+    /// policy on that prefix) got its answer: its failure no longer stands for a store that
+    /// refuses writes, and the next blob found stored after a blip of its own ends the
+    /// outage. It stood for ever, and a re-run's faults kept the outage fresh past its
+    /// deadline, every later operation refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_refused_for_good_does_not_keep_an_outage_of_writes() {
+        let faulty = Arc::new(Faulty {
+            flaky_puts: 1_000_000,
+            ..Default::default()
+        });
+        let stored = Bytes::from_static(b"stored before");
+        let stored_sha = crate::digest::sha256_hex(&stored);
+        faulty
+            .mem
+            .put(
+                &StorePath::from(blob_key(&stored_sha)),
+                stored.clone().into(),
+            )
+            .await
+            .unwrap();
+        let denied = Bytes::from_static(b"denied");
+        let denied_sha = crate::digest::sha256_hex(&denied);
+        *faulty.denied.lock().unwrap() = Some(blob_key(&denied_sha));
+        let store = store_over(faulty.clone(), Duration::from_secs(60));
+        let blip_next = |faulty: &Faulty| {
+            let puts = faulty.puts.load(std::sync::atomic::Ordering::Relaxed);
+            let next = (puts / faulty.flaky_puts + 1) * faulty.flaky_puts;
+            faulty
+                .puts
+                .store(next - 1, std::sync::atomic::Ordering::Relaxed);
+        };
+        blip_next(&faulty);
+        let e = store.put_blob(&denied_sha, denied).await.unwrap_err();
+        assert!(e.is_permanent(), "{e}");
+        assert!(store.retry.lock().outage.is_some(), "the blip began none");
+        blip_next(&faulty);
+        let put = store.put_blob(&stored_sha, stored).await;
+        assert!(matches!(put, Ok(false)), "{put:?}");
+        assert!(
+            store.retry.lock().outage.is_none(),
+            "the refused write still stands"
+        );
     }
 
     /// A final sync of large files all stored (HEAD first, then no PUT: a re-run, a dataset
