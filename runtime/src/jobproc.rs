@@ -1345,8 +1345,9 @@ pub fn marked_groups(
 /// The real uid of `pid` (`/proc/<pid>/status`): the directory's owner is root for a
 /// process that made itself non-dumpable.
 fn real_uid(pid: i32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
+    // Lossy: its `Name:` line is the process's own to set, in any bytes.
+    let status = std::fs::read(format!("/proc/{pid}/status")).ok()?;
+    String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))?
         .split_whitespace()

@@ -59,9 +59,15 @@ pub fn tag_alive(tag: &str) -> bool {
     stat(pid).is_some_and(|s| s.start_ticks == start && !s.is_zombie())
 }
 
+/// Read as bytes: the command name is the process's to set (`prctl(PR_SET_NAME)`, a write to
+/// `/proc/self/comm`, a non-ASCII name cut at 15 bytes), and one that is not UTF-8 made the
+/// whole line unreadable, the process (and, without a cgroup, everything below it) unseen
+/// and never signalled.
 pub fn stat(pid: i32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut f = text[text.rfind(')')? + 1..].split_whitespace();
+    let bytes = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let after = bytes.iter().rposition(|b| *b == b')')? + 1;
+    let text = std::str::from_utf8(&bytes[after..]).ok()?;
+    let mut f = text.split_whitespace();
     let state = f.next()?.chars().next()?;
     let ppid = f.next()?.parse().ok()?;
     let pgrp = f.next()?.parse().ok()?;
@@ -265,11 +271,19 @@ fn write_fds(pid: i32) -> Vec<(std::path::PathBuf, (u64, u64))> {
 /// neither mtime nor ctime, so a copy taken now could be listed with bytes the file no longer
 /// has. `(dev, ino)` from the mapping's `map_files` link (the maps line's device number is
 /// not `st_dev` on btrfs), else from the line itself.
+///
+/// Read a line at a time, each kept only up to [`MAPS_LINE_HEAD`] bytes: a mapped file's path
+/// is the job's to make (a chain of directories has no length limit), and 65,530 mappings
+/// under a 1 MB path made the whole text 64 GB, read into one string by the root agent.
+/// Lossy: one path that is not UTF-8 made the whole text unreadable, and every mapping with it.
 fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+    let Ok(maps) = std::fs::File::open(format!("/proc/{pid}/maps")) else {
         return;
     };
-    for line in maps.lines() {
+    let mut maps = std::io::BufReader::with_capacity(64 * 1024, maps);
+    let mut head = Vec::with_capacity(MAPS_LINE_HEAD);
+    while line_head(&mut maps, &mut head, MAPS_LINE_HEAD).unwrap_or(false) {
+        let line = String::from_utf8_lossy(&head);
         let mut fields = line.split_ascii_whitespace();
         let (Some(range), Some(perms), Some(_), Some(dev), Some(ino), Some(path)) = (
             fields.next(),
@@ -303,6 +317,37 @@ fn shared_writable_maps(pid: i32, open: &mut HashSet<(u64, u64)>) {
                     open.insert((dev, ino));
                 }
             }
+        }
+    }
+}
+
+/// What is kept of a maps line: its fields and the start of its path, enough to tell a file
+/// (`/`) from device memory (`/dev/`).
+const MAPS_LINE_HEAD: usize = 512;
+
+/// Reads the next line of `r` into `head`, at most `max` bytes of it (the rest passed over);
+/// false at the end.
+fn line_head(
+    r: &mut impl std::io::BufRead,
+    head: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    head.clear();
+    let mut read_any = false;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(read_any);
+        }
+        read_any = true;
+        let end = buf.iter().position(|b| *b == b'\n');
+        let line = &buf[..end.unwrap_or(buf.len())];
+        let room = max.saturating_sub(head.len());
+        head.extend_from_slice(&line[..line.len().min(room)]);
+        let used = end.map_or(buf.len(), |e| e + 1);
+        r.consume(used);
+        if end.is_some() {
+            return Ok(true);
         }
     }
 }
@@ -460,6 +505,75 @@ mod tests {
         };
         assert!(open.contains(&id(&w)));
         assert!(!open.contains(&id(&r)));
+    }
+
+    /// A mapping whose path is not UTF-8 (or is longer than a line's kept head) is read like
+    /// any other, and hides none of the others: one such name made the whole maps text
+    /// unreadable, and every file the process stored to through a mapping was missed.
+    #[test]
+    fn mappings_of_odd_and_long_paths_are_all_seen() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff.bin"));
+        let mut deep = dir.path().to_path_buf();
+        for _ in 0..12 {
+            deep.push("d".repeat(250));
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let long = deep.join("long.bin");
+        let plain = dir.path().join("plain.bin");
+        let paths = [odd, long, plain];
+        let mut addrs = Vec::new();
+        for path in &paths {
+            std::fs::write(path, [0u8; 4096]).unwrap();
+            addrs.push(map_shared_then_close(path));
+        }
+        let open = written_by(&[std::process::id() as i32]);
+        for addr in addrs {
+            // SAFETY: the mappings made above, 4096 bytes each.
+            unsafe { libc::munmap(addr, 4096) };
+        }
+        for path in &paths {
+            let m = std::fs::metadata(path).unwrap();
+            assert!(open.contains(&(m.dev(), m.ino())), "{path:?} was missed");
+        }
+    }
+
+    /// A line longer than the head kept is cut there, and the next line read whole.
+    #[test]
+    fn a_line_head_keeps_its_start_and_passes_the_rest() {
+        let text = format!("{}\nshort\n", "x".repeat(100_000));
+        let mut r = std::io::BufReader::with_capacity(16, std::io::Cursor::new(text));
+        let mut head = Vec::new();
+        assert!(line_head(&mut r, &mut head, 10).unwrap());
+        assert_eq!(head, b"xxxxxxxxxx");
+        assert!(line_head(&mut r, &mut head, 10).unwrap());
+        assert_eq!(head, b"short");
+        assert!(!line_head(&mut r, &mut head, 10).unwrap());
+    }
+
+    /// A process whose name is not UTF-8 (`prctl(PR_SET_NAME)`, a non-ASCII name cut at 15
+    /// bytes) is still seen: its stat line was unreadable, and the process (without a cgroup,
+    /// with everything below it) never found nor signalled.
+    #[test]
+    fn a_process_named_in_any_bytes_is_seen() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "printf '\\377x' > /proc/$$/comm; sleep 30; :"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let renamed = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"\xff"))
+        });
+        let seen = stat(pid);
+        // SAFETY: the group made above; its sleep goes with it.
+        unsafe { libc::killpg(pid, libc::SIGKILL) };
+        let _ = child.wait();
+        assert!(renamed);
+        assert!(seen.is_some_and(|s| s.ppid == std::process::id() as i32));
     }
 
     #[test]

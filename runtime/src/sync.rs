@@ -164,8 +164,6 @@ impl SyncBook {
         self.synced.is_empty()
     }
 
-    /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
-    /// taken racily, too soon after a change to tell the next one, says nothing: read again).
     /// Takes in the files an earlier look at the attempt stored (its last manifest, in
     /// progress or complete), for a collector that starts after the agent that knew them
     /// died (`recover`): from an empty book, a final scan that could not look (a workdir
@@ -208,6 +206,8 @@ impl SyncBook {
         taken
     }
 
+    /// Whether this exact version (`stamp`) of the file `rel` is already a blob (a stamp
+    /// taken racily, too soon after a change to tell the next one, says nothing: read again).
     pub fn is_current(&self, rel: &str, stamp: &FileStamp) -> bool {
         self.current_digests(rel, stamp).is_some()
     }
