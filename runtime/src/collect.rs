@@ -30,6 +30,20 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
+    /// Whether a version the book holds as `self` is the one found as `found`: the same
+    /// stamp, or, for one taken from a manifest (`SyncBook::listed_before`: no inode, no
+    /// device), the same size, mtime and mode. A file `recover` could not read again (a
+    /// store fault) that looks as it was listed stays listed, not dropped for a stamp that
+    /// never matches.
+    pub fn stands_for(&self, found: &FileStamp) -> bool {
+        self == found
+            || (self.ino == 0
+                && self.dev == 0
+                && self.ctime_ns == 0
+                && (self.size, self.mtime_ns, self.mode)
+                    == (found.size, found.mtime_ns, found.mode))
+    }
+
     pub fn of(meta: &std::fs::Metadata) -> Self {
         FileStamp {
             size: meta.len(),

@@ -322,10 +322,16 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// What the attempt's manifest listed before this run of it
-    /// ([`crate::sync::SyncBook::listed_before`]).
-    pub(crate) fn listed_before(&mut self, files: Vec<c3_proto::manifest::FileEntry>) {
-        self.collector_config.listed_before = Some(std::sync::Arc::new(files));
+    /// The attempt's manifest as it was before this run of it: its files stay listed
+    /// ([`crate::sync::SyncBook::listed_before`]), and a complete one stays complete until
+    /// the seal ([`crate::manifest::ManifestWriter::continuing`]).
+    pub(crate) fn listed_before(&mut self, earlier: Option<c3_proto::Manifest>) {
+        let Some(mut earlier) = earlier else {
+            return;
+        };
+        let config = &mut self.collector_config;
+        config.manifest = config.manifest.clone().continuing(&earlier);
+        config.listed_before = Some(std::sync::Arc::new(std::mem::take(&mut earlier.files)));
     }
 
     fn spec(&self) -> &JobSpec {

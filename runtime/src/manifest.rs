@@ -32,6 +32,10 @@ pub struct ManifestWriter {
     job_key: Arc<Mutex<JobKey>>,
     /// [`CHECKPOINT_EVERY`]; shorter in tests.
     checkpoint_every: Duration,
+    /// The logs and result of the complete manifest this writer's attempt had when `recover`
+    /// took it up again: its in-progress writes stay complete and carry them, rather than
+    /// put an incomplete manifest with neither over it until the seal.
+    carried: Option<Arc<(Option<Logs>, serde_json::Value)>>,
 }
 
 /// The job's manifest key as this attempt's writer last saw it.
@@ -75,7 +79,17 @@ impl ManifestWriter {
             attempt: spec.attempt,
             job_key: Arc::default(),
             checkpoint_every: CHECKPOINT_EVERY,
+            carried: None,
         }
+    }
+
+    /// Writes in progress as `earlier` (this attempt's manifest, read back) when it is
+    /// complete: with its logs and result, `complete: true`.
+    pub fn continuing(mut self, earlier: &Manifest) -> Self {
+        self.carried = earlier
+            .complete
+            .then(|| Arc::new((earlier.logs.clone(), earlier.result.clone())));
+        self
     }
 
     /// Lists a long sync's progress this often instead of [`CHECKPOINT_EVERY`].
@@ -119,7 +133,11 @@ impl ManifestWriter {
         if book.listed() {
             return Ok(());
         }
-        let m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        if let Some(carried) = &self.carried {
+            m.complete = true;
+            (m.logs, m.result) = (carried.0.clone(), carried.1.clone());
+        }
         self.write(self.document(&m, book)?).await?;
         book.mark_listed();
         Ok(())
@@ -290,6 +308,61 @@ mod tests {
         let json = format!(r#"{{"job_id":"j","command":["true"],"attempt":{attempt}}}"#);
         let spec = JobSpec::from_json(json.as_bytes()).unwrap().spec;
         ManifestWriter::new(store.clone(), &spec, 1 << 20)
+    }
+
+    /// `recover` taking up a finished attempt (its complete manifest, with logs and result,
+    /// sealed and registered) writes what it stores as it goes: those writes stay complete,
+    /// with the logs and result, where an incomplete manifest with neither went over it until
+    /// the seal (for ever, when `recover` was cut off each hour), and gc took the logs.
+    #[tokio::test]
+    async fn a_finished_attempt_taken_up_again_stays_complete_as_it_goes() {
+        let store = BlobStore::in_memory();
+        let log = c3_proto::LogEntry {
+            size: 3,
+            sha256: "ab".repeat(32),
+        };
+        let first = writer(&store, 1);
+        let logs = Logs {
+            stdout: log.clone(),
+            stderr: log,
+        };
+        let result = serde_json::json!({"loss": 0.5});
+        first
+            .complete(&SyncBook::default(), Some(logs.clone()), result.clone())
+            .await
+            .unwrap();
+        let earlier =
+            Manifest::from_json(&store.get_bytes("jobs/j/manifest.json").await.unwrap()).unwrap();
+        let again = writer(&store, 1).continuing(&earlier);
+        again.in_progress(&mut SyncBook::default()).await.unwrap();
+        for key in ["jobs/j/manifest.json", "jobs/j/attempts/1/manifest.json"] {
+            let now = Manifest::from_json(&store.get_bytes(key).await.unwrap()).unwrap();
+            assert!(now.complete, "{key}");
+            assert_eq!(now.logs, Some(logs.clone()), "{key}");
+            assert_eq!(now.result, result, "{key}");
+        }
+        // An attempt whose agent died mid-run is still in progress as it goes.
+        let crashed = writer(&store, 2);
+        crashed.in_progress(&mut SyncBook::default()).await.unwrap();
+        let earlier = Manifest::from_json(
+            &store
+                .get_bytes("jobs/j/attempts/2/manifest.json")
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let again = writer(&store, 2).continuing(&earlier);
+        let mut book = SyncBook::default();
+        book.listed_before(&[]);
+        again.in_progress(&mut book).await.unwrap();
+        let now = Manifest::from_json(
+            &store
+                .get_bytes("jobs/j/attempts/2/manifest.json")
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(!now.complete);
     }
 
     async fn stored_attempt(store: &BlobStore, key: &str) -> u32 {

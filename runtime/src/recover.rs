@@ -203,7 +203,7 @@ fn unfinished_record(
     (record.phase != Phase::Done || left).then_some(record)
 }
 
-/// What the attempt's own manifest in this store (in progress or complete) lists: the files
+/// The attempt's own manifest in this store (in progress or complete): what it lists is what
 /// its dead agent (or an earlier finish) stored. Finished from an empty book, the seal would
 /// replace that manifest with one of what the final scan finds now (nothing, with the
 /// workdir gone or refused), and `gc` would take the rest. `Err` only for a fault that may
@@ -211,7 +211,7 @@ fn unfinished_record(
 async fn listed_before(
     ctx: &AgentContext,
     record: &RunRecord,
-) -> Result<Vec<c3_proto::manifest::FileEntry>, crate::store::StoreError> {
+) -> Result<Option<c3_proto::Manifest>, crate::store::StoreError> {
     let key = crate::store::attempt_manifest_key(&record.spec.job_id, record.spec.attempt);
     match ctx
         .store
@@ -219,19 +219,19 @@ async fn listed_before(
         .await
     {
         Ok(bytes) => match c3_proto::Manifest::from_json(&bytes) {
-            Ok(m) => Ok(m.files),
+            Ok(m) => Ok(Some(m)),
             Err(e) => {
                 tracing::warn!(error = %e, "the attempt's manifest in the store cannot be read; replaced by what the final sync finds");
-                Ok(Vec::new())
+                Ok(None)
             }
         },
         Err(crate::store::StoreError::Op {
             source: object_store::Error::NotFound { .. },
             ..
-        }) => Ok(Vec::new()),
+        }) => Ok(None),
         Err(e) if e.is_permanent() => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; replaced by what the final sync finds");
-            Ok(Vec::new())
+            Ok(None)
         }
         Err(e) => Err(e),
     }
@@ -429,7 +429,7 @@ async fn recover_record(
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
     }
     let listed = match listed_before(ctx, &record).await {
-        Ok(files) => files,
+        Ok(earlier) => earlier,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");
             return None;

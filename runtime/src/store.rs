@@ -2920,6 +2920,8 @@ pub(crate) mod tests {
         pub(crate) listing: Listing,
         /// A key whose PUTs are refused for good (403), after `flaky_puts`' blips.
         pub(crate) denied: std::sync::Mutex<Option<String>>,
+        /// A key whose PUTs never answer.
+        pub(crate) hanging: std::sync::Mutex<Option<String>>,
     }
 
     /// What a [`Faulty`] store's listings give.
@@ -2955,6 +2957,9 @@ pub(crate) mod tests {
             let nth = self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if self.flaky_puts > 0 && nth.is_multiple_of(self.flaky_puts) {
                 return Err(unavailable());
+            }
+            if self.hanging.lock().unwrap().as_deref() == Some(location.as_ref()) {
+                std::future::pending::<()>().await;
             }
             if self.denied.lock().unwrap().as_deref() == Some(location.as_ref()) {
                 return Err(object_store::Error::PermissionDenied {

@@ -5,7 +5,7 @@
 //! a bounded number of files at a time, with a progress line every 10 s.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -327,7 +327,7 @@ impl SyncBook {
     /// book's could not be uploaded, and the book's is not what the file holds. Returns
     /// whether it went.
     pub fn forget_unless_at(&mut self, rel: &str, stamp: &FileStamp) -> bool {
-        if self.get(rel).is_none_or(|u| u.stamp == *stamp) {
+        if self.get(rel).is_none_or(|u| u.stamp.stands_for(stamp)) {
             return false;
         }
         self.drop_keys(&[rel.into()]);
@@ -489,7 +489,7 @@ pub async fn upload_all(
     mut checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
     let mut report = SyncReport::default();
-    let mut saved = Instant::now();
+    let mut saved = tokio::time::Instant::now();
     for (_, stamp) in &todo {
         book.progress.queue(stamp.size);
     }
@@ -522,7 +522,21 @@ pub async fn upload_all(
                 .in_current_span(),
             );
         }
-        let Some(joined) = uploads.join_next().await else {
+        // Due by the clock too: one large file may take hours to land, and what landed
+        // before it must be listed within the hour all the same.
+        let due = checkpoint
+            .filter(|_| !book.listed())
+            .map(|cp| saved + cp.every());
+        let joined = tokio::select! {
+            biased;
+            joined = uploads.join_next() => joined,
+            () = until(due) => {
+                saved = tokio::time::Instant::now();
+                save_checkpoint(&mut checkpoint, book).await;
+                continue;
+            }
+        };
+        let Some(joined) = joined else {
             break;
         };
         let (rel, stamp, result) = match joined {
@@ -570,22 +584,38 @@ pub async fn upload_all(
             }
             Err(e) => report.failures.push((rel, e)),
         }
-        if let Some(cp) = checkpoint.filter(|cp| saved.elapsed() >= cp.every()) {
-            saved = Instant::now();
-            match cp.save(book).await {
-                Ok(()) => tracing::debug!(files = book.len(), "in-progress manifest written"),
-                // More files only make it larger.
-                Err(e @ StoreError::TooLarge { .. }) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; not tried again in this sync");
-                    checkpoint = None;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")
-                }
-            }
+        if checkpoint.is_some_and(|cp| saved.elapsed() >= cp.every()) {
+            saved = tokio::time::Instant::now();
+            save_checkpoint(&mut checkpoint, book).await;
         }
     }
     report
+}
+
+/// Sleeps until `due`, for ever without one.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Lists the book through `checkpoint`; a book too large to list is not tried again.
+async fn save_checkpoint(checkpoint: &mut Option<&dyn Checkpoint>, book: &mut SyncBook) {
+    let Some(cp) = *checkpoint else {
+        return;
+    };
+    match cp.save(book).await {
+        Ok(()) => tracing::debug!(files = book.len(), "in-progress manifest written"),
+        // More files only make it larger.
+        Err(e @ StoreError::TooLarge { .. }) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; not tried again in this sync");
+            *checkpoint = None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest; will retry")
+        }
+    }
 }
 
 /// Uploads one file, trying again while it keeps changing under us.
@@ -747,6 +777,93 @@ mod tests {
             mode: 0o644,
         };
         assert!(!book.is_current("artifacts/a", &stamp));
+    }
+
+    /// `recover` could not store a file again (the store failing): one that looks as its
+    /// manifest listed it (size, mtime, mode) stays listed, one that changed since is dropped
+    /// as any newer version not stored. A stamp taken from a manifest never matched the one
+    /// found, and an unchanged, stored file was dropped from the list.
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_file_not_read_again_stays_listed_while_it_looks_the_same() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        std::fs::write(arts.join("same"), b"same").unwrap();
+        std::fs::write(arts.join("changed"), b"changed").unwrap();
+        let faulty = crate::store::tests::Faulty {
+            refusing: true.into(),
+            ..Default::default()
+        };
+        // Nothing is stored yet: each upload is a write the store refuses.
+        let store =
+            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(5));
+        let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
+            .confined_to(dir.path());
+        let listed = |name: &str, mtime_delta: i64| {
+            let md = std::fs::metadata(arts.join(name)).unwrap();
+            c3_proto::manifest::FileEntry {
+                path: format!("artifacts/{name}"),
+                path_b64: None,
+                size: md.len(),
+                sha256: "ab".repeat(32),
+                blake3: "cd".repeat(32),
+                mode: md.mode() & 0o7777,
+                mtime_ns: crate::display::file_time_ns(md.mtime(), md.mtime_nsec()) + mtime_delta,
+            }
+        };
+        let mut book = SyncBook::default();
+        book.listed_before(&[listed("same", 0), listed("changed", -1)]);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let report = sync_scan(&uploader, dir.path(), found, &mut book, None).await;
+        assert_eq!(report.failures.len(), 2, "{:?}", report.failures);
+        assert!(
+            book.contains("artifacts/same"),
+            "an unchanged listed file was dropped"
+        );
+        assert!(!book.contains("artifacts/changed"));
+    }
+
+    /// What landed is listed within the checkpoint's period even while one file's upload
+    /// takes hours: the checkpoint came only as an upload landed, and a 180 GB file left
+    /// the small files stored before it unlisted past gc's hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_comes_by_the_clock_while_a_long_upload_runs() {
+        struct Saves(std::sync::Mutex<Vec<usize>>);
+        impl Checkpoint for Saves {
+            fn every(&self) -> Duration {
+                Duration::from_secs(600)
+            }
+            fn save<'a>(
+                &'a self,
+                book: &'a mut SyncBook,
+            ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+                self.0.lock().unwrap().push(book.len());
+                book.mark_listed();
+                Box::pin(async { Ok(()) })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        std::fs::write(arts.join("a"), b"quick").unwrap();
+        std::fs::write(arts.join("b"), b"takes hours").unwrap();
+        let faulty = crate::store::tests::Faulty::default();
+        *faulty.hanging.lock().unwrap() = Some(crate::store::blob_key(&crate::digest::sha256_hex(
+            b"takes hours",
+        )));
+        let store =
+            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(60));
+        let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
+            .confined_to(dir.path());
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let saves = Saves(std::sync::Mutex::new(Vec::new()));
+        let mut book = SyncBook::default();
+        let syncing = sync_scan(&uploader, dir.path(), found, &mut book, Some(&saves));
+        assert!(tokio::time::timeout(Duration::from_secs(3600), syncing)
+            .await
+            .is_err());
+        assert_eq!(*saves.0.lock().unwrap(), [1], "what landed was not listed");
     }
 
     /// A book filled to its room (what a scan or live sync lets it hold), with the largest
