@@ -252,14 +252,29 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
     })
 }
 
-/// Another job whose record names `record`'s workdir and that started after it.
+/// Another job that collected from the same directory as `record` (the same pinned workdir,
+/// a collected dir in common) and started after it. Only records whose workdir was opened
+/// count (`workdir_pin`): a spec naming another job's workdir that its prepare refused
+/// never used it.
 fn later_job_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<String> {
     let started = |r: &RunRecord| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok();
     let since = started(record)?;
+    let pin = record.workdir_pin.as_ref()?;
+    let dirs = |r: &RunRecord| {
+        r.watched_dirs
+            .clone()
+            .unwrap_or_else(|| r.spec.collected_dirs())
+    };
+    let ours = dirs(record);
+    let within = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('/'));
     state.all_records().into_iter().find_map(|path| {
         let other = state.read_record(&path).ok()?;
+        let shared = dirs(&other)
+            .iter()
+            .any(|d| ours.iter().any(|o| within(d, o) || within(o, d)));
         (other.spec.job_id != record.spec.job_id
-            && other.workdir == record.workdir
+            && other.workdir_pin.as_ref() == Some(pin)
+            && shared
             && started(&other)? > since)
             .then_some(other.spec.job_id)
     })
@@ -411,10 +426,19 @@ async fn recover_record(
         // status sent): finished again from what that job left, its manifest listed the other
         // job's files as its own and dropped those it had stored (gc took them). An attempt
         // not done yet must still be finished: its book keeps what its manifest listed.
+        // What it left unstored counts as unstorable for good from then on: no later look
+        // stores it as this attempt's (`resync` still may, on the operator's word), so
+        // `recover` does not come back each hour and retention lets the job go.
         if record.phase == Phase::Done {
             if let Some(other) = later_job_in_workdir(&ctx.state, &record) {
                 tracing::warn!(other_job = %other,
-                    "another job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+                    "another job ran in its workdir since; left alone, what it left unstored counted as unstorable for good (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+                let mut record = record;
+                record.unstored_for_good =
+                    (record.unstored.len() as u64).saturating_add(record.unstored_more);
+                if let Err(e) = ctx.state.write_record(&record) {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot write the run record");
+                }
                 return None;
             }
         }

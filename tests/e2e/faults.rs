@@ -396,6 +396,50 @@ fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
         before,
         "the first job's manifest was written again"
     );
+    // Not looked at again each hour, and retention lets it go.
+    let again = h.run(&["recover"]);
+    assert!(
+        !again.stderr.contains("another job ran"),
+        "{}",
+        again.stderr
+    );
+    let mut h = h;
+    h.env
+        .push(("C3_AGENT_RETENTION_FAILED_DAYS".into(), "0".into()));
+    h.env
+        .push(("C3_AGENT_RETENTION_SUCCEEDED_DAYS".into(), "0".into()));
+    h.run(&["recover"]).assert_code(0);
+    assert!(!h.state.join("jobs/one").exists(), "the job was kept");
+}
+
+/// A job whose spec names another job's workdir but never used it (its prepare failed:
+/// here its user does not exist) takes nothing from the first: `recover` still stores what
+/// the first left unstored.
+#[test]
+fn a_job_that_never_opened_the_workdir_does_not_take_it_over() {
+    let h = Harness::file();
+    let blobs = h.state.join("store/blobs");
+    let work = h.path("shared").display().to_string();
+    let first = format!(
+        "echo first > $C3_ARTIFACTS_DIR/a1; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    h.run_job(json!({"job_id": "one", "workdir": work, "command": ["sh", "-c", first]}))
+        .assert_code(3);
+    std::fs::remove_file(&blobs).unwrap();
+    let run = h.run_job(
+        json!({"job_id": "two", "workdir": work, "user": "c3-no-such-user",
+        "command": ["true"]}),
+    );
+    assert_ne!(run.code, 0);
+    let run = h.run(&["recover"]);
+    assert!(!run.stderr.contains("another job ran"), "{}", run.stderr);
+    assert_eq!(
+        h.manifest_paths("one"),
+        vec!["artifacts/a1"],
+        "{}",
+        run.stderr
+    );
 }
 
 /// A job leaves an entry deeper than a manifest path may be: UPLOAD_ERROR, as the contract
