@@ -73,6 +73,7 @@ impl LiveSync {
         opts: LiveOptions,
         publishes: mpsc::Receiver<PublishCall>,
     ) -> LiveSync {
+        let manifest_interval = opts.manifest_interval;
         let syncer = Syncer {
             publishes,
             roots: dirs.iter().map(|d| workdir.join(d)).collect(),
@@ -91,6 +92,7 @@ impl LiveSync {
             manifest_dirty: false,
             manifest_too_large: false,
             manifest_written: None,
+            manifest_spacing: manifest_interval,
             requests_from: Instant::now(),
             polling: false,
             roots_lost: false,
@@ -141,6 +143,9 @@ struct Syncer {
     /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
     manifest_too_large: bool,
     manifest_written: Option<Instant>,
+    /// How long after the last in-progress manifest write the next may come
+    /// ([`manifest_spacing`]).
+    manifest_spacing: Duration,
     /// The job's next socket request is served no sooner than this: see [`Syncer::serve`].
     requests_from: Instant,
     /// Polling instead of (or in addition to) inotify.
@@ -474,7 +479,7 @@ impl Syncer {
         if self.manifest_dirty {
             let due = self
                 .manifest_written
-                .map(|t| t + self.opts.manifest_interval)
+                .map(|t| t + self.manifest_spacing)
                 .unwrap_or_else(Instant::now);
             wake = wake.min(due);
         }
@@ -897,12 +902,19 @@ impl Syncer {
     async fn write_manifest_if_due(&mut self) {
         let due = self
             .manifest_written
-            .is_none_or(|t| t.elapsed() >= self.opts.manifest_interval);
+            .is_none_or(|t| t.elapsed() >= self.manifest_spacing);
         if !self.manifest_dirty || !due || self.manifest_too_large {
             return;
         }
-        self.manifest_written = Some(Instant::now());
-        match self.manifest.in_progress(&mut self.book).await {
+        let started = Instant::now();
+        self.manifest_written = Some(started);
+        let written = self.manifest.in_progress(&mut self.book).await;
+        self.manifest_spacing = manifest_spacing(
+            self.opts.manifest_interval,
+            started.elapsed(),
+            self.book.entries_ceiling(),
+        );
+        match written {
             Ok(_) => {
                 self.manifest_dirty = false;
                 tracing::debug!(files = self.book.len(), "in-progress manifest written");
@@ -923,6 +935,19 @@ impl Syncer {
     }
 }
 
+/// How long after an in-progress manifest write the next may come: the configured interval,
+/// but no less than 20 times what the last write took nor its document's size at 1 MiB/s,
+/// and no more than a long sync's checkpoint period (gc spares what no manifest names for
+/// an hour only). A job of a million files that changed one every 3 s had a 256 MiB document
+/// built and put twice every 3 s by the root agent: terabytes a day to the store.
+fn manifest_spacing(interval: Duration, took: Duration, bytes: u64) -> Duration {
+    let by_size = Duration::from_secs(bytes >> 20);
+    interval
+        .max(took.saturating_mul(20))
+        .max(by_size)
+        .min(crate::manifest::CHECKPOINT_EVERY.max(interval))
+}
+
 async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
     match hints {
         Some(rx) => rx.recv().await,
@@ -933,6 +958,24 @@ async fn recv(hints: &mut Option<mpsc::Receiver<Hint>>) -> Option<Hint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small manifest is written at the configured interval; a large or slow one is
+    /// spaced by its cost, never past the checkpoint period.
+    #[test]
+    fn in_progress_manifests_are_spaced_by_their_cost() {
+        let s = Duration::from_secs;
+        let interval = Duration::from_millis(3000);
+        assert_eq!(
+            manifest_spacing(interval, Duration::from_millis(5), 50_000),
+            interval
+        );
+        assert_eq!(manifest_spacing(interval, s(1), 1 << 20), s(20));
+        assert_eq!(manifest_spacing(interval, s(1), 256 << 20), s(256));
+        assert_eq!(
+            manifest_spacing(interval, s(60), 1 << 30),
+            crate::manifest::CHECKPOINT_EVERY
+        );
+    }
     use crate::store::BlobStore;
     use crate::upload::UploadOptions;
 
