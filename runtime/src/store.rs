@@ -228,6 +228,19 @@ impl StoreError {
             }
         }
     }
+
+    /// A HEAD refused for lack of permission (a write-only bucket policy): the store will
+    /// not say what a key holds, whatever is tried again.
+    pub fn is_head_denied(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Op {
+                op: "head",
+                source: object_store::Error::PermissionDenied { .. },
+                ..
+            }
+        )
+    }
 }
 
 /// The store no longer knows the upload (S3's NoSuchUpload): completed already, or aborted.

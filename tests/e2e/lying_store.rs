@@ -79,6 +79,9 @@ enum Fault {
     /// Every conditional PUT (If-None-Match, If-Match): 501 NotImplemented, as S3-compatible
     /// stores without conditional writes answer.
     NoConditionalPut,
+    /// `NoConditionalPut` and `HeadDenied` at once: a store without conditional writes under
+    /// a write-only bucket policy.
+    NoConditionalPutHeadDenied,
     /// The first CompleteMultipartUpload: 400 InvalidPart (a part's ETag changed on the way,
     /// or the store lost a part), the upload left as it was.
     CompleteInvalidPartOnce,
@@ -370,8 +373,10 @@ async fn handle(
             {
                 return s3_error(StatusCode::BAD_REQUEST, "BadDigest");
             }
-            if fault == Fault::NoConditionalPut
-                && (headers.contains_key("if-none-match") || headers.contains_key("if-match"))
+            if matches!(
+                fault,
+                Fault::NoConditionalPut | Fault::NoConditionalPutHeadDenied
+            ) && (headers.contains_key("if-none-match") || headers.contains_key("if-match"))
             {
                 return s3_error(StatusCode::NOT_IMPLEMENTED, "NotImplemented");
             }
@@ -391,7 +396,7 @@ async fn handle(
             reply(StatusCode::OK, &h, Body::empty())
         }
         Method::HEAD => {
-            if fault == Fault::HeadDenied {
+            if matches!(fault, Fault::HeadDenied | Fault::NoConditionalPutHeadDenied) {
                 return reply(StatusCode::FORBIDDEN, &[], Body::empty());
             }
             match st.objects.get(&key) {
@@ -796,6 +801,24 @@ fn a_store_that_denies_head_still_gets_every_file() {
         run.stderr.matches("denies HEAD").count() == 1,
         "said once\n{}",
         run.stderr
+    );
+}
+
+/// No conditional writes and no HEAD (a write-only policy): the job's manifest key cannot be
+/// checked before it is written, so it is written as it is when no look is allowed. The check
+/// that the conditional write's 501 falls back to was a HEAD whose 403 was permanent: every
+/// job ended UPLOAD_ERROR with its blobs and attempt manifest stored.
+#[test]
+fn a_write_only_store_without_conditional_writes_gets_the_jobs_manifest() {
+    let s3 = FakeS3::start(Fault::NoConditionalPutHeadDenied);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "wo", b"x")).assert_code(0);
+    assert_eq!(h.terminal("wo")["state"], "SUCCEEDED");
+    let st = s3.state.lock().unwrap();
+    let stored = st.objects.get("pre/jobs/wo/manifest.json");
+    assert!(
+        stored.is_some_and(|m| m.starts_with(b"{")),
+        "no job manifest"
     );
 }
 
