@@ -453,7 +453,8 @@ pub struct BlobStore {
 /// Where the store's credentials come from, as far as the preflight must know.
 #[derive(Debug)]
 enum Credentials {
-    /// Keys in the environment or options, a profile, web identity, a container endpoint.
+    /// Keys in the environment or options, a profile, web identity, a container endpoint,
+    /// or no signing at all (`aws_skip_signature`).
     Given,
     /// Nothing configured: only the instance-metadata endpoint could answer.
     InstanceMetadata(String),
@@ -463,17 +464,46 @@ enum Credentials {
 
 /// Fills in static keys from the AWS profile chain when neither the environment nor the
 /// options give any, and says what the preflight must check.
-fn s3_credentials(mut b: AmazonS3Builder) -> (AmazonS3Builder, Credentials) {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+fn s3_credentials(b: AmazonS3Builder) -> (AmazonS3Builder, Credentials) {
+    s3_credentials_with(b, &|k: &str| {
+        std::env::var(k).ok().filter(|v| !v.is_empty())
+    })
+}
+
+/// Whether object_store will sign with credentials of its own other than the instance
+/// metadata's, or sign nothing: its builder's own rules (`AmazonS3Builder::build`), read from
+/// the builder, which `from_env` filled from the `AWS_*` variables as well as the options. A
+/// role the operator configured must not lose to root's `~/.aws` profile (an admin's keys), nor
+/// a half-configured one pass the preflight that the instance metadata then fails.
+fn s3_signs_without_metadata(b: &AmazonS3Builder) -> bool {
+    let has = |k| b.get_config_value(&k).is_some();
+    // Parsed as object_store parses a bool option.
+    let skips = b
+        .get_config_value(&AmazonS3ConfigKey::SkipSignature)
+        .is_some_and(|v| {
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "1" | "true" | "on" | "yes" | "y"
+            )
+        });
+    skips
+        || has(AmazonS3ConfigKey::AccessKeyId)
+        || has(AmazonS3ConfigKey::WebIdentityTokenFile) && has(AmazonS3ConfigKey::RoleArn)
+        || has(AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
+        || has(AmazonS3ConfigKey::ContainerCredentialsFullUri)
+            && has(AmazonS3ConfigKey::ContainerAuthorizationTokenFile)
+}
+
+/// [`s3_credentials`] with the profile chain's variables read through `env`.
+fn s3_credentials_with(
+    mut b: AmazonS3Builder,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (AmazonS3Builder, Credentials) {
     let has = |b: &AmazonS3Builder, k| b.get_config_value(&k).is_some();
-    if has(&b, AmazonS3ConfigKey::AccessKeyId)
-        || has(&b, AmazonS3ConfigKey::ContainerCredentialsRelativeUri)
-        || env("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
-        || env("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_some()
-    {
+    if s3_signs_without_metadata(&b) {
         return (b, Credentials::Given);
     }
-    match crate::awsprofile::load(&env) {
+    match crate::awsprofile::load(env) {
         Ok(Some(p)) => {
             tracing::debug!(profile = %p.name, "S3 credentials from the AWS profile");
             b = b.with_credentials(Arc::new(crate::awsprofile::ProfileCredentials::new(&p)));
@@ -2529,6 +2559,82 @@ pub(crate) mod tests {
     }
 
     use super::*;
+
+    /// A role configured in the options (web identity, a pod-identity endpoint) or unsigned
+    /// requests are object_store's to use: root's default profile (an admin's keys) must not
+    /// take their place, and with no profile the preflight must not ask the instance metadata.
+    /// Only the keys and the relative container URI counted: every tenant's artifacts were
+    /// written with the admin's keys, or the preflight failed off AWS.
+    #[test]
+    fn configured_credentials_are_not_replaced_by_roots_profile() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".aws")).unwrap();
+        std::fs::write(
+            home.path().join(".aws/credentials"),
+            "[default]\naws_access_key_id = ADMIN\naws_secret_access_key = ADMINSECRET\n",
+        )
+        .unwrap();
+        let with_home = {
+            let home = home.path().display().to_string();
+            move |k: &str| (k == "HOME").then(|| home.clone())
+        };
+        let no_home = |_: &str| None;
+        let builder = |options: &[(&str, &str)]| {
+            options
+                .iter()
+                .fold(AmazonS3Builder::new().with_url("s3://b/p"), |b, (k, v)| {
+                    b.with_config(k.parse().unwrap(), *v)
+                })
+        };
+        let judged = |options: &[(&str, &str)], env: &dyn Fn(&str) -> Option<String>| {
+            let (b, c) = s3_credentials_with(builder(options), env);
+            let profile = format!("{b:?}").contains("ProfileCredentials");
+            (c, profile)
+        };
+        let given = |c: &Credentials| matches!(c, Credentials::Given);
+        let metadata = |c: &Credentials| matches!(c, Credentials::InstanceMetadata(_));
+        // The profile is used when nothing else is configured (the test's premise).
+        let (c, profile) = judged(&[], &with_home);
+        assert!(given(&c) && profile);
+        for options in [
+            &[
+                ("aws_web_identity_token_file", "/var/run/token"),
+                ("aws_role_arn", "arn:aws:iam::1:role/r"),
+            ][..],
+            &[
+                (
+                    "aws_container_credentials_full_uri",
+                    "http://127.0.0.1:80/c",
+                ),
+                ("aws_container_authorization_token_file", "/var/run/t"),
+            ],
+            &[("aws_skip_signature", "true")],
+            &[("aws_skip_signature", "YES")],
+        ] {
+            let (c, profile) = judged(options, &with_home);
+            assert!(
+                given(&c) && !profile,
+                "{options:?}: the profile took their place"
+            );
+            let (c, _) = judged(options, &no_home);
+            assert!(
+                given(&c),
+                "{options:?}: the preflight would ask the instance metadata"
+            );
+        }
+        // Half of a pair is nothing to object_store, which falls back to the instance metadata.
+        for options in [
+            &[("aws_web_identity_token_file", "/var/run/token")][..],
+            &[(
+                "aws_container_credentials_full_uri",
+                "http://127.0.0.1:80/c",
+            )],
+            &[("aws_skip_signature", "false")],
+        ] {
+            let (c, _) = judged(options, &no_home);
+            assert!(metadata(&c), "{options:?}");
+        }
+    }
 
     /// Only the whole request is bounded by default: reqwest's read timeout would also bound
     /// a request body's upload to the reply's headers, and failed parts that took a minute

@@ -822,6 +822,30 @@ fn a_write_only_store_without_conditional_writes_gets_the_jobs_manifest() {
     );
 }
 
+/// A public-write endpoint (`aws_skip_signature`, no keys): nothing to sign with is needed,
+/// so the preflight does not look for the instance metadata (a closed port here). It did, and
+/// failed every job before its launch (AGENT_ERROR, exit 6).
+#[test]
+fn unsigned_requests_need_no_credentials() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    h.extra_toml = h
+        .extra_toml
+        .replace("aws_access_key_id = \"AK\"\n", "")
+        .replace("aws_secret_access_key = \"SK\"\n", "")
+        + &format!(
+            "aws_skip_signature = \"true\"\naws_metadata_endpoint = \"http://127.0.0.1:{closed}\"\n"
+        );
+    assert!(!h.extra_toml.contains("aws_access_key_id"));
+    h.run_job(job_writing(&h, "unsigned", b"public"))
+        .assert_code(0);
+    assert_eq!(s3.blob(b"public").as_deref(), Some(&b"public"[..]));
+}
+
 #[test]
 fn a_short_object_under_a_blobs_key_is_replaced_not_trusted() {
     let s3 = FakeS3::start(Fault::None);
