@@ -360,6 +360,89 @@ fn bounded_stream<T: Send + 'static>(
     .boxed()
 }
 
+/// The most bytes [`bounded_body`] reads in one call: object_store's own reader takes 8 KiB
+/// a call, a blocking thread each; a chunk is one [`bounded`] call, a task and a slot each.
+const BODY_CHUNK: u64 = 256 << 10;
+
+/// The bytes `range` of an opened file store object, read [`BODY_CHUNK`] at a time, each
+/// read cut at the data limit of its size. object_store's reader (`GetResult::into_stream`)
+/// has no bound: a network file system that stopped answering mid-read (NFS mounted `hard`,
+/// Lustre) held `c3-agent gc` until its unit's limit and a dataset until its time-out; cut,
+/// it is the file store's usual transient time-out. A file that ends before `range` does (cut
+/// short since it was opened) is an error, not an endless run of empty chunks.
+fn bounded_body(
+    file: File,
+    path: PathBuf,
+    range: std::ops::Range<u64>,
+    limits: Limits,
+) -> futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>> {
+    use futures::StreamExt;
+    let file = std::sync::Arc::new(file);
+    futures::stream::unfold(Some(range.start), move |at| {
+        let (file, path) = (file.clone(), path.clone());
+        async move {
+            let at = at?;
+            if at >= range.end {
+                return None;
+            }
+            let want = (range.end - at).min(BODY_CHUNK);
+            let read = async move {
+                tokio::task::spawn_blocking(move || read_at(&file, &path, at, want))
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "LocalFileSystem",
+                        source: Box::new(e),
+                    })?
+            };
+            match bounded("get body", limits.data(want), read).await {
+                Ok(chunk) => {
+                    let next = at + chunk.len() as u64;
+                    Some((Ok(chunk), Some(next)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Up to `want` bytes of `file` from `at` (fewer only at its end: then an error if none).
+fn read_at(file: &File, path: &Path, at: u64, want: u64) -> object_store::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; want as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(io::Error::new(
+                        source.kind(),
+                        format!("cannot read {}: {source}", path.display()),
+                    )),
+                })
+            }
+        }
+    }
+    if got == 0 {
+        return Err(object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} ended at byte {at}, before the range read",
+                    path.display()
+                ),
+            )),
+        });
+    }
+    buf.truncate(got);
+    Ok(buf.into())
+}
+
 #[async_trait::async_trait]
 impl object_store::ObjectStore for Bounded {
     async fn put_opts(
@@ -393,8 +476,8 @@ impl object_store::ObjectStore for Bounded {
         }))
     }
 
-    /// The call that opens the object; its bytes are read later, by the caller, unbounded
-    /// here.
+    /// The call that opens the object, then its bytes ([`bounded_body`]): each cut at its
+    /// limit.
     async fn get_opts(
         &self,
         location: &object_store::path::Path,
@@ -402,10 +485,22 @@ impl object_store::ObjectStore for Bounded {
     ) -> object_store::Result<object_store::GetResult> {
         let op = if options.head { "head" } else { "get" };
         let (inner, location) = (self.inner.clone(), location.clone());
-        bounded(op, self.limits.meta, async move {
+        let mut got = bounded(op, self.limits.meta, async move {
             inner.get_opts(&location, options).await
         })
-        .await
+        .await?;
+        got.payload = match got.payload {
+            object_store::GetResultPayload::File(file, path) => {
+                object_store::GetResultPayload::Stream(bounded_body(
+                    file,
+                    path,
+                    got.range.clone(),
+                    self.limits,
+                ))
+            }
+            stream => stream,
+        };
+        Ok(got)
     }
 
     async fn get_ranges(

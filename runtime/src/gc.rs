@@ -1031,6 +1031,38 @@ mod tests {
         assert!(!f.exists(&old) && f.exists(&kept));
     }
 
+    /// A file store that stops answering while a manifest's bytes are read (the open went
+    /// through): the read is cut at its limit, and gc fails (a manifest it cannot read)
+    /// instead of hanging until the unit's time limit. Only the open was bounded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_store_hung_mid_read_ends_gc_at_its_limit() {
+        let f = Fixture::new().await;
+        let kept = f.blob(b"listed", 10 * DAY).await;
+        f.put(&manifest_key("j"), manifest("j", 1, &[&kept], None))
+            .await;
+        let limits = crate::filestore::Limits {
+            meta: Duration::from_secs(1),
+            data_floor: Duration::from_secs(1),
+            data_rate: u64::MAX,
+        };
+        let config = StoreConfig::for_tests(&format!("file://{}", f.root.display()));
+        let store = BlobStore::open_with(&config, limits).unwrap();
+        let hang = crate::fault::arm(crate::filestore::HANG, "get body");
+        let start = std::time::Instant::now();
+        let gc = collect_garbage_capped(&store, DAY, false, 1 << 20);
+        let gc = tokio::time::timeout(Duration::from_secs(20), gc).await;
+        let took = start.elapsed();
+        drop(hang);
+        let gc = gc.expect("gc hung reading a manifest");
+        assert!(matches!(gc, Err(GcError::Manifests { .. })), "{gc:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // The store back, the manifest reads (and keeps its blob).
+        collect_garbage_capped(&store, DAY, false, 1 << 20)
+            .await
+            .unwrap();
+        assert!(f.exists(&kept));
+    }
+
     #[tokio::test]
     async fn a_dry_run_deletes_nothing() {
         let f = Fixture::new().await;
