@@ -478,7 +478,10 @@ const MAX_FRUITLESS_RESUMES: u32 = 3;
 
 /// One blob into place; a body that did not match its sha256 is fetched once more from the
 /// start (a cache or proxy that served a wrong or cut body once is not the blob), and only
-/// a second mismatch is the store's word.
+/// a second mismatch is the store's word. So is a download whose resume the store answered
+/// ignoring its Range (a gateway that does not do ranges): once more from the start, where
+/// no Range is asked, since one break (a reset) failed the dataset for good otherwise; only
+/// a second refusal, a store that breaks every download, is reported.
 async fn fetch(
     store: &BlobStore,
     entry: &FileEntry,
@@ -499,12 +502,19 @@ async fn fetch(
             writers.clone(),
         )
     };
-    match once().await {
-        Err(PullError::Mismatch { actual, .. }) => {
-            tracing::warn!(path = %entry.path, sha256 = %actual, "the blob's bytes did not match its sha256; fetching it again");
-            once().await
+    let (mut mismatch_left, mut refusal_left) = (true, true);
+    loop {
+        match once().await {
+            Err(PullError::Mismatch { actual, .. }) if mismatch_left => {
+                mismatch_left = false;
+                tracing::warn!(path = %entry.path, sha256 = %actual, "the blob's bytes did not match its sha256; fetching it again");
+            }
+            Err(PullError::Blob { source, .. }) if refusal_left && source.is_range_refusal() => {
+                refusal_left = false;
+                tracing::warn!(path = %entry.path, error = %crate::error_chain(&source), "the store ignored the Range of a resumed download; fetching it again from the start");
+            }
+            done => return done,
         }
-        done => done,
     }
 }
 

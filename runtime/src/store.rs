@@ -229,6 +229,19 @@ impl StoreError {
         }
     }
 
+    /// A store (or a gateway before it) that ignored a request's Range: a full 200, or other
+    /// bytes than asked for.
+    pub fn is_range_refusal(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = cur {
+            if text_is_range_refusal(err) {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
+
     /// A HEAD refused for lack of permission (a write-only bucket policy): the store will
     /// not say what a key holds, whatever is tried again.
     pub fn is_head_denied(&self) -> bool {

@@ -37,6 +37,9 @@ enum Fault {
     CutDownloads,
     /// As `CutDownloads`, and a Range is ignored: the whole object again, with a 200.
     CutDownloadsNoRange,
+    /// The first GET of each blob breaks off after 256 KiB, and a Range is ignored (a
+    /// gateway without ranges, one reset on the way).
+    CutOnceNoRange,
     /// The first GET of each blob: its bytes with the first one flipped (a cache that served
     /// a corrupted copy once).
     FlipOnce,
@@ -435,7 +438,7 @@ async fn handle(
                 .and_then(|r| r.to_str().ok())
                 .and_then(|r| r.strip_prefix("bytes="))
                 .and_then(|r| r.trim_end_matches('-').parse().ok())
-                .filter(|_| fault != Fault::CutDownloadsNoRange)
+                .filter(|_| !matches!(fault, Fault::CutDownloadsNoRange | Fault::CutOnceNoRange))
                 .unwrap_or(0);
             let mut h = object_headers(&o);
             h.push(("content-length", (o.len() - from).to_string()));
@@ -473,7 +476,10 @@ async fn handle(
                     Err(std::io::Error::other("cut"))
                 });
                 Body::from_stream(futures::stream::once(async { Ok(head) }).chain(cut))
-            } else if matches!(fault, Fault::CutDownloads | Fault::CutDownloadsNoRange)
+            } else if (matches!(fault, Fault::CutDownloads | Fault::CutDownloadsNoRange)
+                || fault == Fault::CutOnceNoRange
+                    && key.contains("/blobs/")
+                    && st.seen_gets.get(&key) == Some(&1))
                 && rest.len() > 256 << 10
             {
                 // Promise the whole rest, send 256 KiB, then break the connection.
@@ -872,9 +878,33 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
 }
 
+/// A download breaks off once and the store ignores the Range of its resume (object_store
+/// refuses the 200 it gets): the blob is fetched again from the start, with no Range. The
+/// refusal was taken as the store's last word, and one reset failed the dataset for good.
+#[test]
+fn a_dataset_whose_resume_the_store_answers_whole_is_fetched_again() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(3 << 20);
+    h.run_job(job_writing(&h, "once", &data)).assert_code(0);
+    s3.set_fault(Fault::CutOnceNoRange);
+    let run = h.run_job(json!({"job_id": "again", "command": ["true"],
+        "datasets": [{"ref": "/jobs/once", "mount": "in"}]}));
+    run.assert_code(0);
+    assert!(std::fs::read(h.workdir("again").join("in/artifacts/out")).unwrap() == data);
+    let key = format!("pre/blobs/sha256/{}", sha256_hex(&data));
+    let gets = s3.state.lock().unwrap().seen_gets.get(&key).copied();
+    assert_eq!(
+        gets,
+        Some(3),
+        "the cut GET, the resume refused, the GET from the start"
+    );
+}
+
 /// A download breaks off and the store ignores the Range of its resume (object_store refuses
-/// the 200 it gets): that will not change on a retry. The resume's error was dropped and the
-/// break reported, so the dataset failed as retryable, for ever.
+/// the 200 it gets), every time: that will not change on a retry. The resume's error was
+/// dropped and the break reported, so the dataset failed as retryable, for ever. Fetched
+/// again from the start once, it breaks off again, and the refusal is the store's word.
 #[test]
 fn a_dataset_whose_store_ignores_the_resumes_range_is_not_retried() {
     let s3 = FakeS3::start(Fault::None);
@@ -889,6 +919,9 @@ fn a_dataset_whose_store_ignores_the_resumes_range_is_not_retried() {
     assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
     assert_eq!(t["retryable"], false, "{t}");
     assert!(t["message"].as_str().unwrap_or("").contains("range"), "{t}");
+    let key = format!("pre/blobs/sha256/{}", sha256_hex(&data));
+    let gets = s3.state.lock().unwrap().seen_gets.get(&key).copied();
+    assert_eq!(gets, Some(4), "twice: a GET cut, its resume refused");
 }
 
 /// A body that does not hash to its key, once: a proxy's or cache's fault, which a second
