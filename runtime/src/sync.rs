@@ -324,10 +324,14 @@ impl SyncBook {
     }
 
     /// Drops `rel` unless the book holds it in the version `stamp`: a newer version than the
-    /// book's could not be uploaded, and the book's is not what the file holds. Returns
-    /// whether it went.
-    pub fn forget_unless_at(&mut self, rel: &str, stamp: &FileStamp) -> bool {
-        if self.get(rel).is_none_or(|u| u.stamp.stands_for(stamp)) {
+    /// book's could not be uploaded, and the book's is not what the file holds. With
+    /// `listed_stays` (the store's fault, not the file's), a version taken from a manifest
+    /// that the file looks like ([`FileStamp::stands_for`]) stays. Returns whether it went.
+    pub fn forget_unless_at(&mut self, rel: &str, stamp: &FileStamp, listed_stays: bool) -> bool {
+        if self
+            .get(rel)
+            .is_none_or(|u| u.stamp == *stamp || listed_stays && u.stamp.stands_for(stamp))
+        {
             return false;
         }
         self.drop_keys(&[rel.into()]);
@@ -559,8 +563,13 @@ pub async fn upload_all(
         // rewrote `m.bin` and made it unreadable (or that someone removed after the scan)
         // left a complete manifest listing the version before. The version the scan found,
         // held racily, stays: nothing says it is not the file's.
-        if result.is_err() && older == OlderVersion::Dropped {
-            book.forget_unless_at(&rel, &stamp);
+        if let (Err(e), OlderVersion::Dropped) = (&result, older) {
+            // A version taken from a manifest that the store's fault kept from being stored
+            // again stays, if the file looks as listed; the file's own fault (sparse, a read
+            // error, a change) says it is not that version any more.
+            let store_fault =
+                matches!(e, UploadError::Store { source, .. } if !source.is_permanent());
+            book.forget_unless_at(&rel, &stamp, store_fault);
         }
         match result {
             Ok(up) => {
@@ -822,6 +831,23 @@ mod tests {
             "an unchanged listed file was dropped"
         );
         assert!(!book.contains("artifacts/changed"));
+
+        // The file's own fault (over the size limit here; a sparse rewrite with its mtime put
+        // back the same way) says it is not the listed version any more.
+        let options = crate::upload::UploadOptions {
+            max_file_bytes: 1,
+            ..crate::upload::UploadOptions::default()
+        };
+        let strict = Uploader::new(crate::store::BlobStore::in_memory(), options, "j", None)
+            .confined_to(dir.path());
+        let mut book = SyncBook::default();
+        book.listed_before(&[listed("same", 0)]);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        sync_scan(&strict, dir.path(), found, &mut book, None).await;
+        assert!(
+            !book.contains("artifacts/same"),
+            "listed though not storable"
+        );
     }
 
     /// What landed is listed within the checkpoint's period even while one file's upload
