@@ -58,6 +58,21 @@ pub fn clip_text(mut s: String, max: usize) -> String {
     s
 }
 
+/// `text` cut to at most `max` bytes on a character's boundary, "…" marking the cut; one
+/// cut already is left as it is.
+pub fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut at = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push('…');
+    text
+}
+
 /// Now, as RFC 3339 UTC with milliseconds (statuses, records).
 /// `t` in ns since the epoch, as file times are kept (0 before it).
 pub fn epoch_ns(t: std::time::SystemTime) -> i64 {

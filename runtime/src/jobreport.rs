@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use c3_proto::{ArtifactsRegistration, ArtifactsReply, JobState, StatusReport};
 
-use crate::display::now_rfc3339;
+use crate::display::{cut, now_rfc3339};
 use crate::outcome::Verdict;
 use crate::report::{Ahead, Delivery, Reporter};
 
@@ -264,20 +264,6 @@ impl JobReporter {
     }
 }
 
-/// `text` cut to at most `max` bytes on a character's boundary, "…" marking the cut.
-fn cut(mut text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let mut at = max.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    text.truncate(at);
-    text.push('…');
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,6 +398,116 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("the result was dropped"));
+    }
+
+    /// A control plane that answers `refusal` to any body holding a NUL (`\u0000`, which
+    /// PostgreSQL's jsonb and text refuse) and 200 to the rest; a job's reporter sending to
+    /// it; and the terminal status of a job whose result holds one, with warnings.
+    async fn refusing_nul(
+        refusal: &'static str,
+    ) -> (
+        tempfile::TempDir,
+        StateDir,
+        JobReporter,
+        std::sync::Arc<std::sync::Mutex<Vec<crate::report::tests::Request>>>,
+        Ending,
+        crate::report::ControlPlane,
+    ) {
+        let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
+            if body.contains("\\u0000") {
+                (refusal, "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let cp = control_plane(url);
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        let mut reports = JobReporter::new(reporter, 1);
+        reports.warn("a warning".into());
+        let ending = Ending {
+            exit_code: Some(0),
+            message: Some("m".repeat(4096)),
+            result: serde_json::json!({"x": "\u{0}"}),
+            ..Ending::default()
+        };
+        (dir, state, reports, requests, ending, cp)
+    }
+
+    /// The terminal statuses a recording server got, parsed.
+    fn statuses(
+        requests: &std::sync::Mutex<Vec<crate::report::tests::Request>>,
+    ) -> Vec<serde_json::Value> {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, body)| serde_json::from_str(body).unwrap())
+            .collect()
+    }
+
+    /// What a status sent again without its extras says: the same seq and state, no result,
+    /// one note for the warnings, the message cut.
+    fn assert_fallback(status: &serde_json::Value, http: u16) {
+        assert_eq!(status["seq"], 3);
+        assert_eq!(status["state"], "SUCCEEDED");
+        assert!(status["result"].is_null());
+        assert_eq!(
+            status["warnings"],
+            serde_json::json!([format!(
+                "status refused with HTTP {http}; result and warnings dropped; see the agent log"
+            )])
+        );
+        assert!(status["message"].as_str().unwrap().len() <= 512);
+    }
+
+    /// A terminal status the control plane refused (a 422: a NUL in the job's result) was
+    /// dropped, and the job stayed FINALIZING at the control plane for good. It goes again
+    /// at once, with the same seq, without the result and warnings.
+    #[tokio::test]
+    async fn a_refused_terminal_status_goes_again_without_its_result() {
+        let (_dir, state, mut reports, requests, ending, _) =
+            refusing_nul("422 Unprocessable Entity").await;
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Exited(0), false, false);
+        let stay = Instant::now() + Duration::from_secs(10);
+        reports.finish(3, None, &verdict, ending, stay).await;
+        let statuses = statuses(&requests);
+        assert_eq!(statuses.len(), 2, "{statuses:?}");
+        assert_eq!(statuses[0]["result"]["x"], "\u{0}");
+        assert_fallback(&statuses[1], 422);
+        assert!(!state.outbox_dir("j").exists(), "nothing kept");
+    }
+
+    /// A terminal status the control plane fails on (a 500: a NUL in the job's result) was
+    /// kept, failed every flush, and went aside after a week, the job FINALIZING all along.
+    /// After a few failed flushes it goes without the result and warnings.
+    #[tokio::test]
+    async fn a_terminal_status_failed_on_goes_again_without_its_result() {
+        let (_dir, state, mut reports, requests, ending, cp) =
+            refusing_nul("500 Internal Server Error").await;
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Exited(0), false, false);
+        let stay = Instant::now() + Duration::from_millis(700);
+        reports.finish(3, None, &verdict, ending, stay).await;
+        let outbox = state.outbox_dir("j");
+        assert!(outbox.exists(), "kept");
+        let mut flushes = 0;
+        while outbox.exists() {
+            flushes += 1;
+            assert!(flushes <= 3, "still kept after 3 flushes");
+            let deadline = Instant::now() + Duration::from_millis(700);
+            crate::report::flush_job_outbox(&cp, &state, "j", deadline).await;
+        }
+        assert_eq!(
+            flushes, 3,
+            "not on the first failed flush: a bad deploy fails them all"
+        );
+        let statuses = statuses(&requests);
+        assert!(statuses[..statuses.len() - 1]
+            .iter()
+            .all(|s| s["result"]["x"] == "\u{0}"));
+        assert_fallback(statuses.last().unwrap(), 500);
     }
 
     /// Records the messages of the events logged under it.

@@ -274,24 +274,27 @@ impl ControlPlane {
 
     /// [`ControlPlane::post`], telling also whether a try of it may still be in flight
     /// ([`ReportError::may_be_in_flight`]): only a report none of whose tries is may be
-    /// overtaken by a later one; and whether a try was answered with a failure that counts a
-    /// failed flush ([`ReportError::fails_a_flush`]), whatever the last try met (one cut by
-    /// the deadline under load lost the answer that came before it).
+    /// overtaken by a later one; and the HTTP status of the last try answered with a failure
+    /// that counts a failed flush ([`ReportError::fails_a_flush`]), whatever the last try
+    /// met (one cut by the deadline under load lost the answer that came before it).
     async fn post_tracked(
         &self,
         endpoint: &str,
         body: &[u8],
         deadline: Instant,
-    ) -> (Result<Bytes, ReportError>, bool, bool) {
+    ) -> (Result<Bytes, ReportError>, bool, Option<u16>) {
         let in_flight = std::sync::atomic::AtomicBool::new(false);
-        let answered = std::sync::atomic::AtomicBool::new(false);
+        // 0: no such answer.
+        let answered = std::sync::atomic::AtomicU16::new(0);
         let once = || async {
             let tried = self.post_once(endpoint, body, deadline).await;
             if tried.as_ref().is_err_and(ReportError::may_be_in_flight) {
                 in_flight.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            if tried.as_ref().is_err_and(ReportError::fails_a_flush) {
-                answered.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e @ ReportError::Unavailable { status, .. }) = &tried {
+                if e.fails_a_flush() {
+                    answered.store(*status, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             tried
         };
@@ -324,7 +327,8 @@ impl ControlPlane {
             .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
             .notify(|e, wait| tracing::debug!(error = %crate::error_chain(e), retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
             .await;
-        (posted, in_flight.into_inner(), answered.into_inner())
+        let answered = Some(answered.into_inner()).filter(|&status| status != 0);
+        (posted, in_flight.into_inner(), answered)
     }
 }
 
@@ -396,7 +400,13 @@ impl Reporter {
 
     /// Sends `body` to `v1/jobs/<job>/<kind>` until `deadline`, then keeps it in the outbox.
     /// `order` keeps outbox entries in sending order.
-    pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>, deadline: Instant) -> Delivery {
+    pub async fn send(
+        &self,
+        kind: &str,
+        order: u64,
+        mut body: Vec<u8>,
+        deadline: Instant,
+    ) -> Delivery {
         let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
         let Some(cp) = &self.control_plane else {
             self.append_local(&endpoint, &body);
@@ -411,7 +421,7 @@ impl Reporter {
         }
         // The outbox stays claimed (`flushed.claim`) until this report is settled, as in a
         // flush: another flusher would post what this one passed over, and after it.
-        let posted = cp.post(&endpoint, &body, deadline).await;
+        let mut posted = cp.post(&endpoint, &body, deadline).await;
         // Answered (delivered or refused), it settles the kept statuses it supersedes:
         // left, they went later, after it.
         if posted
@@ -421,6 +431,22 @@ impl Reporter {
             for path in &flushed.superseded {
                 remove_entry(path);
             }
+        }
+        // A terminal status the control plane refuses may be refusing the job's result or
+        // warnings (a NUL in the result, which PostgreSQL refuses; a schema it checks):
+        // dropped, it left the job FINALIZING for good. At once, with the same seq, without
+        // them; kept as it now goes, should that one meet an outage.
+        let fallback = match &posted {
+            Err(e @ ReportError::Rejected { status, .. }) if !e.is_auth() => {
+                status_fallback(&body, *status).inspect(|_| {
+                    tracing::error!(endpoint = %endpoint, error = %crate::error_chain(e), "control plane refused the terminal status; sending it again without its result and warnings");
+                })
+            }
+            _ => None,
+        };
+        if let Some(fallback) = fallback {
+            body = fallback;
+            posted = cp.post(&endpoint, &body, deadline).await;
         }
         let delivery = match posted {
             Ok(reply) => Delivery::Delivered(reply),
@@ -688,7 +714,7 @@ async fn flush_outbox_for(
         } else {
             std::fs::read(&path)
         };
-        let entry = match read {
+        let mut entry = match read {
             Ok(bytes) => match OutboxEntry::from_json(&bytes) {
                 Ok(entry) => entry,
                 Err(e) => {
@@ -763,9 +789,32 @@ async fn flush_outbox_for(
             deadline
         };
         let is_mine = mine == Some(path.as_path());
-        let (posted, in_flight, answered) = cp
+        let (mut posted, mut in_flight, mut answered) = cp
             .post_tracked(&entry.endpoint, &entry.body_json(), by)
             .await;
+        // A terminal status the control plane refuses (its 4xx), or fails on flush after
+        // flush (its own 5xx): what it holds of the job's may be what it cannot take (a NUL
+        // in the result, which PostgreSQL refuses). Dropped, or moved aside in a week, it
+        // left the job FINALIZING for good; sent again at once, with the same seq, without it.
+        let fallback = fallback_due(&posted, answered, &path).and_then(|(http, e)| {
+            status_fallback(&entry.body_json(), http).inspect(|_| {
+                tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(e), "control plane refuses a kept terminal status, or keeps failing on it; sending it again without its result and warnings");
+            })
+        });
+        if let Some(fallback) = fallback {
+            let control_plane = entry.control_plane.take();
+            entry = OutboxEntry::new(job, entry.endpoint, &fallback);
+            entry.control_plane = control_plane;
+            // Kept as it now goes: a crash from here on must not send the refused one again.
+            if let Err(e) = write_atomic(&path, &entry.to_json()) {
+                tracing::warn!(path = %path.display(), error = %crate::error_chain(&e), "cannot keep the terminal status's fallback; the refused one stays kept");
+            }
+            // The failed flushes were the refused body's.
+            let _ = std::fs::remove_file(path.with_extension(TRIES));
+            (posted, in_flight, answered) = cp
+                .post_tracked(&entry.endpoint, &entry.body_json(), by)
+                .await;
+        }
         // A later status answered (delivered or refused) settles the ones passed over.
         if let (Some((attempt, order, "status")), Ok(_) | Err(ReportError::Rejected { .. })) =
             (name, &posted)
@@ -781,7 +830,10 @@ async fn flush_outbox_for(
         }
         match posted {
             Err(e) if passing && e.is_server_error() && !in_flight => {
-                if matches!(failed_again(&path, &e, answered, progress), Failed::Stays) {
+                if matches!(
+                    failed_again(&path, &e, answered.is_some(), progress),
+                    Failed::Stays
+                ) {
                     if let Some((attempt, order, _)) = name {
                         passed_over.push((attempt, order, path));
                     }
@@ -806,19 +858,21 @@ async fn flush_outbox_for(
                     );
                 }
             }
-            Err(e) if e.is_retryable() => match failed_again(&path, &e, answered, progress) {
-                Failed::Stays => return flushed,
-                Failed::Stuck => {
-                    flushed.held.insert(attempt);
-                    continue;
-                }
-                Failed::MovedAside => {
-                    if is_mine {
-                        flushed.mine = Some(Err(()));
+            Err(e) if e.is_retryable() => {
+                match failed_again(&path, &e, answered.is_some(), progress) {
+                    Failed::Stays => return flushed,
+                    Failed::Stuck => {
+                        flushed.held.insert(attempt);
+                        continue;
                     }
-                    continue;
+                    Failed::MovedAside => {
+                        if is_mine {
+                            flushed.mine = Some(Err(()));
+                        }
+                        continue;
+                    }
                 }
-            },
+            }
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
                 return flushed;
@@ -865,6 +919,68 @@ fn entry_name(path: &Path) -> Option<(u32, u64, &str)> {
     let (attempt, rest) = name.split_once('-')?;
     let (order, kind) = rest.split_once('-')?;
     Some((attempt.parse().ok()?, order.parse().ok()?, kind))
+}
+
+/// Flushes a kept terminal status may fail on the control plane's own server error before
+/// it goes again without the job's result and warnings ([`status_fallback`]): long before
+/// [`MAX_AGE_STUCK`] moves it aside, and not on the first, which a bad deploy fails too.
+const FALLBACK_AFTER_FLUSHES: u32 = 3;
+
+/// The one warning a terminal status sent again without its result and warnings carries,
+/// up to its HTTP status.
+const FALLBACK_NOTE: &str = "status refused with HTTP ";
+
+/// A terminal status sent again without its result and warnings keeps this much of its
+/// message.
+const MAX_FALLBACK_MESSAGE_BYTES: usize = 512;
+
+/// The HTTP status a kept report's flush was refused with, and the failure, when a terminal
+/// status goes again for it without its extras ([`status_fallback`]): the control plane's
+/// own 4xx (not 401 or 407: the node's credentials), or its own 5xx on the
+/// [`FALLBACK_AFTER_FLUSHES`]th flush.
+fn fallback_due<'a>(
+    posted: &'a Result<Bytes, ReportError>,
+    answered: Option<u16>,
+    path: &Path,
+) -> Option<(u16, &'a ReportError)> {
+    match posted {
+        Err(e @ ReportError::Rejected { status, .. }) if !e.is_auth() => Some((*status, e)),
+        Err(e) if e.is_retryable() => answered
+            .filter(|_| failed_flushes(path).saturating_add(1) >= FALLBACK_AFTER_FLUSHES)
+            .map(|http| (http, e)),
+        _ => None,
+    }
+}
+
+/// What a terminal status `body` the control plane refused with `http` is sent again as:
+/// the same status and seq with `result` null, its warnings replaced by one note, and its
+/// message cut. None for any other report, and for a status with nothing to drop (one such
+/// fallback included, so that one refused too is not sent a third time).
+pub(crate) fn status_fallback(body: &[u8], http: u16) -> Option<Vec<u8>> {
+    use c3_proto::JobState;
+    let mut status = c3_proto::StatusReport::from_json(body).ok()?;
+    match status.state {
+        JobState::Running | JobState::Finalizing => return None,
+        JobState::Succeeded | JobState::Failed | JobState::Canceled | JobState::TimedOut => {}
+    }
+    let noted = matches!(status.warnings.as_slice(), [only] if only.starts_with(FALLBACK_NOTE));
+    let extras = !status.result.is_null()
+        || !(status.warnings.is_empty() || noted)
+        || status
+            .message
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_FALLBACK_MESSAGE_BYTES);
+    if !extras {
+        return None;
+    }
+    status.result = serde_json::Value::Null;
+    status.warnings = vec![format!(
+        "{FALLBACK_NOTE}{http}; result and warnings dropped; see the agent log"
+    )];
+    status.message = status
+        .message
+        .map(|m| crate::display::cut(m, MAX_FALLBACK_MESSAGE_BYTES));
+    Some(status.to_json())
 }
 
 /// The extension of the file beside an outbox entry that counts the flushes it failed.

@@ -71,6 +71,36 @@ fn bad_result_file_is_a_warning() {
     assert!(t["warnings"].to_string().contains("result file"), "{t}");
 }
 
+/// A terminal status the control plane refused for the job's result (a schema it checks, a
+/// NUL its database cannot hold) was dropped: the job stayed FINALIZING there for good. It
+/// goes again at once, with the same seq, without the result and warnings.
+#[test]
+fn a_terminal_status_refused_for_its_result_goes_again_without_it() {
+    let h = Harness::file().with_control_plane(10);
+    h.cp().refuse_results(422);
+    let script = "echo '{\"accuracy\": 0.93}' > $C3_RESULT_FILE";
+    h.run_job(json!({"job_id": "refres", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let terminal: Vec<_> = h
+        .cp()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status") && r.body["state"] == "SUCCEEDED")
+        .collect();
+    let answered: Vec<u16> = terminal.iter().map(|r| r.answered).collect();
+    assert_eq!(answered, [422, 200], "{terminal:?}");
+    assert_eq!(terminal[0].body["result"], json!({"accuracy": 0.93}));
+    let t = &terminal[1].body;
+    assert_eq!(t["seq"], terminal[0].body["seq"]);
+    assert_eq!(t["result"], Value::Null);
+    assert_eq!(
+        t["warnings"],
+        json!(["status refused with HTTP 422; result and warnings dropped; see the agent log"])
+    );
+    assert!(!h.state.join("outbox/refres").exists(), "nothing kept");
+    assert_eq!(h.manifest("refres")["result"], json!({"accuracy": 0.93}));
+}
+
 #[test]
 fn control_plane_503s_are_retried() {
     let h = Harness::file().with_control_plane(30);

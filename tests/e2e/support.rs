@@ -504,6 +504,8 @@ struct CpState {
     /// What failing requests are answered (0: 503).
     fail_status: std::sync::atomic::AtomicU16,
     quota: Mutex<(u64, Option<u64>)>,
+    /// Non-zero: what a status with a result is answered (see `refuse_results`).
+    refuse_results: std::sync::atomic::AtomicU16,
     /// Non-zero: every 200 reply body is exactly this many bytes (see `set_reply_padding`).
     reply_padding: AtomicUsize,
     /// The padded body, built once per size.
@@ -558,7 +560,15 @@ impl ControlPlane {
                             .fail_next
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                             .is_ok();
-                    let (code, reply) = if failing {
+                    let refused = match st.refuse_results.load(Ordering::SeqCst) {
+                        0 => None,
+                        status => serde_json::from_str::<Value>(&body)
+                            .is_ok_and(|b| !b["result"].is_null())
+                            .then(|| StatusCode::from_u16(status).expect("a status code")),
+                    };
+                    let (code, reply) = if let Some(code) = refused {
+                        (code, json!({"error": "result refused"}))
+                    } else if failing {
                         let status = st.fail_status.load(Ordering::SeqCst);
                         (
                             StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -634,6 +644,12 @@ impl ControlPlane {
     /// a capped amount of a reply.
     pub fn set_reply_padding(&self, bytes: usize) {
         self.state.reply_padding.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Non-zero: a status that carries a result is answered `status` (a control plane whose
+    /// schema or database refuses it).
+    pub fn refuse_results(&self, status: u16) {
+        self.state.refuse_results.store(status, Ordering::SeqCst);
     }
 
     pub fn set_quota(&self, used: u64, quota: Option<u64>) {
