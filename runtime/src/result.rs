@@ -68,7 +68,34 @@ pub fn read(workdir: &Path, reader: Option<&JobReader>) -> Result<serde_json::Va
             "nested over the limit of {MAX_RESULT_DEPTH} levels"
         ));
     }
+    // PostgreSQL's jsonb and text refuse U+0000: a control plane on it answered the terminal
+    // status with a 500 (or a 4xx), for good. Refused here with a warning the job can read,
+    // and kept out of the manifest alike, rather than dropped there with the status's warnings.
+    if holds_nul(&value) {
+        return Err(
+            "it holds a NUL character (U+0000), which a control plane's database may refuse".into(),
+        );
+    }
     Ok(value)
+}
+
+/// Whether a string or key in `value` holds U+0000, without recursion.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::String(s) if s.contains('\0') => return true,
+            serde_json::Value::Array(a) => stack.extend(a),
+            serde_json::Value::Object(o) => {
+                if o.keys().any(|k| k.contains('\0')) {
+                    return true;
+                }
+                stack.extend(o.values());
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// How many arrays and objects deep `value` goes (a scalar is 0), without recursion.
@@ -101,6 +128,26 @@ mod tests {
         assert_eq!(depth(&v("1")), 0);
         assert_eq!(depth(&v(r#"{"a":[1,{"b":2}],"c":3}"#)), 3);
         assert_eq!(depth(&v(&nested(100))), 100);
+    }
+
+    /// A NUL (valid JSON, `\u0000`) made the terminal status one PostgreSQL refuses: the
+    /// control plane answered it with a 500 or a 4xx, and the job stayed FINALIZING there.
+    #[test]
+    fn a_result_holding_a_nul_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".c3")).unwrap();
+        let write = |s: &str| std::fs::write(result_path(dir.path()), s).unwrap();
+        for nul in [
+            r#"{"x":"\u0000"}"#,
+            r#"{"a":[{"\u0000k":1}]}"#,
+            r#""a\u0000""#,
+        ] {
+            write(nul);
+            let err = read(dir.path(), None).unwrap_err();
+            assert!(err.contains("NUL"), "{nul}: {err}");
+        }
+        write(r#"{"x":"\u0001 \\u0000"}"#);
+        assert!(read(dir.path(), None).is_ok(), "no NUL, only its spelling");
     }
 
     #[test]

@@ -101,6 +101,30 @@ fn a_terminal_status_refused_for_its_result_goes_again_without_it() {
     assert_eq!(h.manifest("refres")["result"], json!({"accuracy": 0.93}));
 }
 
+/// A result holding a NUL (`{"x":"\u0000"}`, valid JSON) made a terminal status that a
+/// control plane on PostgreSQL fails on (500) for good. It is ignored, with a warning.
+#[test]
+fn a_result_holding_a_nul_is_a_warning() {
+    let h = Harness::file().with_control_plane(10);
+    h.cp().refuse_results(500);
+    let script = r#"printf '{"x":"\u0000"}' > $C3_RESULT_FILE"#;
+    h.run_job(json!({"job_id": "nulres", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let terminal: Vec<_> = h
+        .cp()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status") && r.body["state"] == "SUCCEEDED")
+        .collect();
+    assert_eq!(terminal.len(), 1, "{terminal:?}");
+    let t = &terminal[0].body;
+    assert_eq!(terminal[0].answered, 200, "{t}");
+    assert_eq!(t["result"], Value::Null);
+    assert!(t["warnings"].to_string().contains("NUL"), "{t}");
+    assert!(!h.state.join("outbox/nulres").exists(), "nothing kept");
+    assert_eq!(h.manifest("nulres")["result"], Value::Null);
+}
+
 #[test]
 fn control_plane_503s_are_retried() {
     let h = Harness::file().with_control_plane(30);
