@@ -29,8 +29,15 @@ const MAX_POST: usize = 256 * 1024;
 const MAX_POST_BODY: usize = 1024 * 1024;
 /// The smallest read a refused-as-too-large post is cut down to.
 const MIN_POST: usize = 4 * 1024;
-/// After a rejected post (a 4xx), a stream skips up to 2^this rounds before its next one.
+/// After a rejected post (a 4xx), or one not delivered, a stream skips up to 2^this rounds
+/// before its next one.
 const MAX_REJECTED_BACKOFF: u32 = 5;
+/// Rounds in a row the control plane may fail on one piece with its own server error (500,
+/// 501, 505+) before it is passed over as a 4xx'd one is: a piece it cannot take (a NUL,
+/// which PostgreSQL refuses) held the stream's live output back for the whole job.
+const MAX_FAILED_ROUNDS: u32 = 3;
+/// The longest a control plane's `Retry-After` rests a stream.
+const MAX_LIVE_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// The contract's "at most every 2 s while output flows".
 pub const POST_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one post may try while the job runs (best effort: the next round sends it again).
@@ -319,6 +326,11 @@ struct StreamPosts {
     /// Rejected posts in a row, and rounds still to skip because of them.
     rejected: u32,
     rest: u32,
+    /// Undelivered posts in a row (they rest the stream too).
+    undelivered: u32,
+    /// Rounds in a row the control plane failed on the piece at `offset` with its own server
+    /// error.
+    failed: u32,
 }
 
 impl Default for StreamPosts {
@@ -328,6 +340,8 @@ impl Default for StreamPosts {
             limit: MAX_POST,
             rejected: 0,
             rest: 0,
+            undelivered: 0,
+            failed: 0,
         }
     }
 }
@@ -355,14 +369,40 @@ impl StreamPosts {
             Posted::Sent(n) => {
                 self.offset += n;
                 self.rejected = 0;
+                self.undelivered = 0;
+                self.failed = 0;
                 // A 413 was one proxy's limit at one moment: grown back a step at a time.
                 self.limit = (self.limit * 2).min(MAX_POST);
             }
-            Posted::Nothing | Posted::Undelivered => {}
+            Posted::Nothing => {}
+            // Sent again from the same offset, after a rest as a rejection's, or as long as
+            // the control plane asked: each round began its tries at 200 ms again, every
+            // agent of the cluster in step through an outage. A piece the control plane
+            // itself fails on round after round is passed over.
+            Posted::Undelivered {
+                server_error,
+                retry_after,
+                covered,
+            } => {
+                let asked = retry_after.map_or(0, |wait| {
+                    let wait = wait.min(MAX_LIVE_RETRY_AFTER);
+                    wait.as_millis().div_ceil(POST_INTERVAL.as_millis()) as u32
+                });
+                self.rest = (1 << self.undelivered.min(MAX_REJECTED_BACKOFF)).max(asked);
+                self.undelivered += 1;
+                self.failed = if server_error { self.failed + 1 } else { 0 };
+                if self.failed >= MAX_FAILED_ROUNDS {
+                    tracing::warn!(stream = stream.as_str(), offset = self.offset, bytes = covered, "the control plane keeps failing on a piece of live output; skipped (the whole log is stored with the job's files)");
+                    self.offset += covered;
+                    self.failed = 0;
+                }
+            }
             Posted::Rejected { .. } if self.cut_down(&posted) => {
                 self.limit = (self.limit / 2).max(MIN_POST);
             }
             Posted::Rejected { status, covered } => {
+                self.undelivered = 0;
+                self.failed = 0;
                 if self.rejected == 0 {
                     tracing::warn!(stream = stream.as_str(), status, "the control plane refused live output; skipped (the whole log is stored with the job's files)");
                 }
@@ -381,8 +421,14 @@ enum Posted {
     Sent(u64),
     /// No new output.
     Nothing,
-    /// Not delivered in time (sent again from the same offset).
-    Undelivered,
+    /// Not delivered in time (sent again from the same offset): `server_error`, a try met
+    /// the control plane's own server error ([`crate::report::ReportError::is_server_error`]);
+    /// the wait its last answer asked for; the bytes it covered.
+    Undelivered {
+        server_error: bool,
+        retry_after: Option<Duration>,
+        covered: u64,
+    },
     /// Refused with this 4xx; the bytes it covered.
     Rejected { status: u16, covered: u64 },
 }
@@ -419,7 +465,8 @@ async fn post_next(
         limit /= 2;
     };
     // Live output is best effort: a short retry, never the outbox.
-    match cp.post(endpoint, &body, deadline).await {
+    let (posted, _, answered) = cp.post_tracked(endpoint, &body, deadline).await;
+    match posted {
         Ok(_) => Posted::Sent(consumed),
         Err(crate::report::ReportError::Rejected { status, .. }) => Posted::Rejected {
             status,
@@ -427,7 +474,15 @@ async fn post_next(
         },
         Err(e) => {
             tracing::debug!(error = %crate::error_chain(&e), "live output not delivered");
-            Posted::Undelivered
+            let retry_after = match e {
+                crate::report::ReportError::Unavailable { retry_after, .. } => retry_after,
+                _ => None,
+            };
+            Posted::Undelivered {
+                server_error: answered.is_some(),
+                retry_after,
+                covered: consumed,
+            }
         }
     }
 }
@@ -651,5 +706,126 @@ mod tests {
             Stream::Stdout,
         );
         assert_eq!((at.offset, rests(&mut at)), (112, 1));
+    }
+
+    fn undelivered(server_error: bool, retry_after: Option<Duration>) -> Posted {
+        Posted::Undelivered {
+            server_error,
+            retry_after,
+            covered: 10,
+        }
+    }
+
+    /// A post not delivered (an outage) was sent again the very next round, its tries
+    /// beginning at 200 ms again, for the whole outage: the stream rests 1, 2, 4 ... 32 rounds
+    /// now, or as long as the control plane's `Retry-After` asked; the piece stays.
+    #[test]
+    fn an_undelivered_post_rests_the_stream() {
+        let rests = |at: &mut StreamPosts| (0..1000).take_while(|_| at.resting()).count();
+        let mut at = StreamPosts::default();
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            at.after(undelivered(false, None), Stream::Stdout);
+            seen.push(rests(&mut at));
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 32, 32]);
+        assert_eq!(at.offset, 0, "sent again from the same offset");
+        at.after(Posted::Sent(5), Stream::Stdout);
+        at.after(
+            undelivered(false, Some(Duration::from_secs(30))),
+            Stream::Stdout,
+        );
+        assert_eq!(
+            rests(&mut at),
+            15,
+            "the control plane's Retry-After, in rounds"
+        );
+        at.after(
+            undelivered(false, Some(Duration::from_secs(86400))),
+            Stream::Stdout,
+        );
+        assert_eq!(rests(&mut at), 150, "at most 5 min");
+        at.after(Posted::Sent(5), Stream::Stdout);
+        at.after(undelivered(false, None), Stream::Stdout);
+        assert_eq!(rests(&mut at), 1, "a delivery ends the rests");
+    }
+
+    /// A piece the control plane itself fails on (a 500: a NUL PostgreSQL refuses) was
+    /// posted ~4 times every 5 s for the whole job, and the stream's live output stopped
+    /// there. After [`MAX_FAILED_ROUNDS`] such rounds in a row it is passed over.
+    #[test]
+    fn a_piece_the_control_plane_keeps_failing_on_is_passed_over() {
+        let mut at = StreamPosts::default();
+        for _ in 1..MAX_FAILED_ROUNDS {
+            at.after(undelivered(true, None), Stream::Stdout);
+            assert_eq!(at.offset, 0);
+        }
+        // An outage's answer between them starts the count again.
+        at.after(undelivered(false, None), Stream::Stdout);
+        for _ in 1..MAX_FAILED_ROUNDS {
+            at.after(undelivered(true, None), Stream::Stdout);
+        }
+        assert_eq!(at.offset, 0);
+        at.after(undelivered(true, None), Stream::Stdout);
+        assert_eq!(at.offset, 10, "passed over");
+    }
+
+    /// What a live post met reaches the stream: the control plane's own 500, and a 503's
+    /// `Retry-After`.
+    #[tokio::test]
+    async fn an_undelivered_post_says_what_it_met() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        std::fs::write(&log, "line\n").unwrap();
+        async fn post_once(cp: ControlPlane, log: &PathBuf) -> Posted {
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let at = StreamPosts::default();
+            post_next(
+                &cp,
+                "v1/jobs/j/output",
+                1,
+                Stream::Stdout,
+                log,
+                &at,
+                deadline,
+                false,
+            )
+            .await
+        }
+        let post = |cp| post_once(cp, &log);
+        let (url, _) = crate::report::tests::serve_recorded(Duration::ZERO, |_, _| {
+            ("500 Internal Server Error", "")
+        })
+        .await;
+        assert_eq!(
+            post(crate::report::tests::control_plane(url)).await,
+            undelivered(true, None).with_covered(5)
+        );
+        let (url, _) = crate::report::tests::serve_raw(
+            vec!["HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"; 10],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(
+            post(crate::report::tests::control_plane(url)).await,
+            undelivered(false, Some(Duration::from_secs(30))).with_covered(5)
+        );
+    }
+
+    impl Posted {
+        fn with_covered(self, n: u64) -> Posted {
+            match self {
+                Posted::Undelivered {
+                    server_error,
+                    retry_after,
+                    ..
+                } => Posted::Undelivered {
+                    server_error,
+                    retry_after,
+                    covered: n,
+                },
+                other => other,
+            }
+        }
     }
 }

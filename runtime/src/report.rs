@@ -277,7 +277,7 @@ impl ControlPlane {
     /// overtaken by a later one; and the HTTP status of the last try answered with a failure
     /// that counts a failed flush ([`ReportError::fails_a_flush`]), whatever the last try
     /// met (one cut by the deadline under load lost the answer that came before it).
-    async fn post_tracked(
+    pub(crate) async fn post_tracked(
         &self,
         endpoint: &str,
         body: &[u8],
@@ -1736,7 +1736,7 @@ pub(crate) mod tests {
     /// An HTTP server on 127.0.0.1 that answers each request with the next of `replies`
     /// written as they are (status line, headers and body), then holds the connection for
     /// `hold` before closing it; records when each request came.
-    async fn serve_raw(
+    pub(crate) async fn serve_raw(
         replies: Vec<&'static str>,
         hold: Duration,
     ) -> (url::Url, Arc<std::sync::Mutex<Vec<Instant>>>) {
