@@ -26,7 +26,7 @@ use crate::jobreport::{Ending, JobReporter};
 use crate::launch::RunAs;
 use crate::outcome::{decide, JobEnd, Verdict};
 use crate::prepare::PrepareError;
-use crate::report::Reporter;
+use crate::report::{Ahead, Reporter};
 use crate::statedir::AttemptLock;
 use crate::supervise::Supervisor;
 
@@ -838,7 +838,9 @@ impl<'a> Run<'a> {
     /// Artifacts registration and terminal status, within one deadline (`give_up_secs`).
     /// `synced` (what the registration says the attempt added) is recorded only once the
     /// registration is kept: recorded before, a crash while it waited on the control plane
-    /// left a `recover` that registered 0 bytes.
+    /// left a `recover` that registered 0 bytes. One the outbox could not keep (a full disk)
+    /// is recorded once delivered: recorded at once, a control plane down as well lost it,
+    /// and a later `resync` registered only what it added.
     async fn report(
         &mut self,
         verdict: &Verdict,
@@ -868,8 +870,16 @@ impl<'a> Run<'a> {
             result,
             facts: self.record.facts.clone(),
         };
-        let registration = self.reports.settle_and_keep(seq, registration, stay).await;
-        if synced.is_some() {
+        let mut registration = self.reports.settle_and_keep(seq, registration, stay).await;
+        let registered = match registration {
+            Some(Ahead::Kept(_) | Ahead::Local) => true,
+            Some(Ahead::NotKept(_)) => {
+                let unkept = registration.take().expect("matched just now");
+                self.reports.register_unkept(seq, unkept, stay).await
+            }
+            None => false,
+        };
+        if registered && synced.is_some() {
             self.record.synced = synced;
             self.save().await;
         }

@@ -199,18 +199,32 @@ impl JobReporter {
         self.terminal(seq, verdict, ending, stay).await;
     }
 
-    /// The artifacts registration; over quota is a warning, never a failure.
-    async fn artifacts(&mut self, order: u64, registration: Ahead, stay: Instant) {
+    /// Step two for a registration the outbox could not keep ([`Ahead::NotKept`]): sent now,
+    /// ahead of [`JobReporter::finish`] (which then gets none); true once the control plane
+    /// has it, the only time such a one may be counted as registered.
+    pub async fn register_unkept(
+        &mut self,
+        order: u64,
+        registration: Ahead,
+        stay: Instant,
+    ) -> bool {
+        self.settle_background(stay).await;
+        self.artifacts(order, registration, stay).await
+    }
+
+    /// The artifacts registration; over quota is a warning, never a failure. True when it
+    /// was delivered.
+    async fn artifacts(&mut self, order: u64, registration: Ahead, stay: Instant) -> bool {
         let delivered = self
             .reporter
             .deliver_ahead(registration, "artifacts", order, stay)
             .await;
         let Delivery::Delivered(body) = delivered else {
-            return;
+            return false;
         };
         if let Some((used, quota)) = crate::report::over_quota(&body) {
             self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
-            return;
+            return true;
         }
         match ArtifactsReply::from_json(&body) {
             Ok(reply) => {
@@ -220,6 +234,7 @@ impl JobReporter {
                 tracing::warn!(error = %crate::error_chain(&e), "artifacts registration reply not understood")
             }
         }
+        true
     }
 
     /// The one terminal status, with every warning gathered so far.

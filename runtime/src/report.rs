@@ -565,6 +565,14 @@ impl Reporter {
         let name = format!("{:06}-{order:08}-{kind}.json", self.attempt);
         let path = self.state.outbox_dir(&self.job_id).join(name);
         let json = entry.to_json();
+        if crate::fault::armed_at("outbox-write-enospc", &self.job_id) {
+            let e = crate::statedir::StateError::Write {
+                path: path.clone(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            };
+            tracing::error!(error = %crate::error_chain(&e), endpoint, "report lost: cannot write the outbox");
+            return None;
+        }
         // Another flusher of this outbox (a `recover`, a later job's run) removes the folder
         // once it is empty: it may have gone between this write's mkdir and its temp file.
         let written = write_atomic(&path, &json).or_else(|e| match &e {

@@ -125,6 +125,35 @@ fn a_result_holding_a_nul_is_a_warning() {
     assert_eq!(h.manifest("nulres")["result"], Value::Null);
 }
 
+/// A registration the outbox could not keep (a full disk) is sent the ordinary way; with the
+/// control plane down too it was lost, yet the run record counted its bytes as registered,
+/// and a later `resync` registered only what it added. Recorded only once delivered.
+#[test]
+fn a_registration_neither_kept_nor_delivered_is_not_counted_as_registered() {
+    let synced = |h: &Harness, job: &str| {
+        let record = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
+        let record: Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+        record["synced"].clone()
+    };
+    let mut h = Harness::file().with_control_plane(2);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "outbox-write-enospc:lost".into()));
+    h.cp().fail_all(true);
+    let script = "echo data > $C3_ARTIFACTS_DIR/a";
+    h.run_job(json!({"job_id": "lost", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert!(h.cp().delivered("/artifacts").is_empty());
+    assert_eq!(synced(&h, "lost"), Value::Null, "registered, by the record");
+
+    h.env = vec![("C3_AGENT_FAULT".into(), "outbox-write-enospc:sent".into())];
+    h.cp().fail_all(false);
+    h.run_job(json!({"job_id": "sent", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(h.cp().delivered("/artifacts").len(), 1);
+    let sent = synced(&h, "sent");
+    assert_eq!(sent["files"], 1, "{sent}");
+}
+
 #[test]
 fn control_plane_503s_are_retried() {
     let h = Harness::file().with_control_plane(30);
