@@ -272,6 +272,7 @@ async fn run(
         // pause.
         (_, procs) => {
             let mut requests_from = tokio::time::Instant::now();
+            let looking = Default::default();
             loop {
                 tokio::select! {
                     first = rx.recv() => {
@@ -288,11 +289,21 @@ async fn run(
                             dirs: &config.dirs,
                             reader: config.reader.as_ref(),
                             procs: procs.as_ref(),
+                            looking: &looking,
                         };
                         let serving = crate::publish::serve(&parts, &mut book, call.request);
-                        let (reply, next) = crate::publish::paced(serving).await;
-                        let _ = call.reply.send(reply);
-                        requests_from = next;
+                        // Raced against the job's end, as live sync races it: the caller is
+                        // gone by then, and the call dropped answers "the job has ended".
+                        tokio::select! {
+                            (reply, next) = crate::publish::paced(serving) => {
+                                let _ = call.reply.send(reply);
+                                requests_from = next;
+                            }
+                            first = rx.recv() => {
+                                config.uploader.store().restart_outage_clock();
+                                break first;
+                            }
+                        }
                     }
                 }
             }

@@ -159,9 +159,10 @@ struct Syncer {
     /// Large files being hashed ahead while the job writes them, and which.
     prehashing: JoinSet<(u64, u64)>,
     prehash_busy: std::collections::HashSet<(u64, u64)>,
-    /// A settle look (the job's processes' fds and maps) is under way, or stuck: reading a
-    /// job process's `maps` waits on its memory lock, which a thread faulting on a page of
-    /// its own silent FUSE mount holds for ever. One stuck look halts settling, not the sync.
+    /// A look at the job's processes' fds and maps (a settle's or a wait_all's) is under way,
+    /// or stuck: reading a job process's `maps` waits on its memory lock, which a thread
+    /// faulting on a page of its own silent FUSE mount holds for ever. One stuck look halts
+    /// settling and wait_all, not the sync ([`crate::publish::look_at_open_files`]).
     looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Until when a directory made or moved in is left to the next rescan, not walked at
     /// once (after a walk that cost [`TOUCH_WALK_FREE`] or more).
@@ -197,9 +198,6 @@ const RESCAN_EVERY: Duration = Duration::from_secs(1);
 /// small directories has each walked at once.
 const TOUCH_WALK_FREE: Duration = Duration::from_millis(50);
 
-/// How long a settle look may take before live sync stops waiting on it.
-const SETTLE_LOOK_LIMIT: Duration = Duration::from_secs(10);
-
 /// The rest after a rescan that took `took`: at least [`RESCAN_EVERY`], and twice its cost, so
 /// rescans of a tree that takes long to walk (a million files on a network file system, each
 /// a metadata round trip the job's own I/O waits behind) keep to a third of the time however
@@ -230,7 +228,14 @@ impl Syncer {
                     None => self.degrade("watcher stopped".into(), &mut hints),
                 },
                 Some(call) = self.publishes.recv(), if Instant::now() >= self.requests_from => {
-                    self.serve(call, &mut uploads).await;
+                    // Raced against the job's end: a request that does not answer (a look at
+                    // the open files of a process stuck in D state) held the end for ever.
+                    // Its caller is one of the job's processes, all gone by then; the call
+                    // dropped, the socket answers "the job has ended".
+                    tokio::select! {
+                        () = self.serve(call, &mut uploads) => {}
+                        () = &mut ended => break,
+                    }
                 }
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
                 Some(done) = self.prehashing.join_next(), if !self.prehashing.is_empty() => {
@@ -288,6 +293,7 @@ impl Syncer {
             dirs: &self.dirs,
             reader: self.reader.as_ref(),
             procs: Some(&self.procs),
+            looking: &self.looking,
         };
         let reply = crate::publish::serve(&parts, &mut self.book, call.request).await;
         if reply.ok {
@@ -765,12 +771,7 @@ impl Syncer {
             .filter_map(|rel| self.candidates.get(rel).map(|c| c.since))
             .max()
             .unwrap_or(now);
-        use std::sync::atomic::Ordering;
-        if self.looking.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let looking = self.looking.clone();
-        let look = crate::pace::spawn_gently(move || {
+        let look = crate::publish::look_at_open_files(&self.looking, move || {
             crate::fault::blocking_pause("settle-look-hangs", Duration::from_secs(3600));
             let open = crate::procfs::written_by_lately(&procs.members(), changed.into_std());
             let root = DirFd::open_root(&workdir).ok();
@@ -785,22 +786,18 @@ impl Syncer {
                     },
                 )
                 .collect();
-            looking.store(false, Ordering::Release);
             (open, stamps)
         });
-        let (open, stamps) = match tokio::time::timeout(SETTLE_LOOK_LIMIT, look).await {
-            Ok(Ok(looked)) => looked,
-            Ok(Err(_)) => {
-                self.looking.store(false, Ordering::Release);
-                return;
-            }
-            Err(_) => {
+        let (open, stamps) = match look.await {
+            Ok(looked) => looked,
+            Err(crate::publish::LookFailed::TimedOut) => {
                 tracing::warn!(
-                    limit_s = SETTLE_LOOK_LIMIT.as_secs(),
+                    limit_s = crate::publish::OPEN_FILES_LOOK_LIMIT.as_secs(),
                     "a look at the job's open files did not answer; live sync stops settling files (the final sync takes them)"
                 );
                 return;
             }
+            Err(_) => return,
         };
         for (rel, stamp) in due.into_iter().zip(stamps) {
             let abs = self.workdir.join(path_of(&rel));

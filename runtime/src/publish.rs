@@ -5,6 +5,9 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -22,6 +25,52 @@ pub use c3_proto::socket::MAX_PATHS;
 
 /// The longest rest after one request ([`paced`]).
 pub const MAX_REQUEST_REST: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a look at the job's open files ([`look_at_open_files`]) may take before the
+/// agent stops waiting on it.
+pub const OPEN_FILES_LOOK_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why a look at the job's open files gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookFailed {
+    /// An earlier look never answered and still holds its thread: another would only stick
+    /// beside it.
+    Stuck,
+    /// This look did not answer within [`OPEN_FILES_LOOK_LIMIT`]; it is left to its thread.
+    TimedOut,
+    /// The look's task failed (a panic).
+    Failed,
+}
+
+/// Runs `look` (a read of the job's processes' fds and `maps`) off the reactor, at the
+/// agent's gentle priority, for at most [`OPEN_FILES_LOOK_LIMIT`]. Reading a process's `maps`
+/// waits on its memory lock, which a thread in D state holds for as long as it stays there (a
+/// wedged GPU, a page fault on a silent FUSE mount of the job's), past SIGKILL: waited for
+/// without a limit, one such process held the collector, the job's end and the agent's exit
+/// for ever. `looking` is held while a look runs, and stays held by one that never answers,
+/// so that at most one thread sticks; it is shared by live sync's settle looks and wait_all.
+pub async fn look_at_open_files<T: Send + 'static>(
+    looking: &Arc<AtomicBool>,
+    look: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, LookFailed> {
+    if looking.swap(true, Ordering::AcqRel) {
+        return Err(LookFailed::Stuck);
+    }
+    let done = looking.clone();
+    let task = crate::pace::spawn_gently(move || {
+        let found = look();
+        done.store(false, Ordering::Release);
+        found
+    });
+    match tokio::time::timeout(OPEN_FILES_LOOK_LIMIT, task).await {
+        Ok(Ok(found)) => Ok(found),
+        Ok(Err(_)) => {
+            looking.store(false, Ordering::Release);
+            Err(LookFailed::Failed)
+        }
+        Err(_) => Err(LookFailed::TimedOut),
+    }
+}
 
 /// Serves one request; returns with when the next may be served: after a rest as long as
 /// this one took (at most [`MAX_REQUEST_REST`]), so that a job's requests get at most half
@@ -56,6 +105,9 @@ pub struct Parts<'a> {
     pub dirs: &'a [String],
     pub reader: Option<&'a JobReader>,
     pub procs: Option<&'a JobProcesses>,
+    /// Held while a look at the job's open files runs ([`look_at_open_files`]): live sync's
+    /// own, when it serves the request.
+    pub looking: &'a Arc<AtomicBool>,
 }
 
 pub async fn serve(parts: &Parts<'_>, book: &mut SyncBook, request: SocketRequest) -> SocketReply {
@@ -153,25 +205,43 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
 /// A barrier: every file of the output dirs that is not stored in its current version and
 /// that no process of the job holds open for writing is stored now.
 async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
-    let (workdir, dirs, reader, procs) = (
+    let (workdir, dirs, reader) = (
         parts.workdir.to_path_buf(),
         parts.dirs.to_vec(),
         parts.reader.cloned(),
-        parts.procs.cloned(),
     );
     let room = parts.manifest.max_bytes();
     // At the agent's gentle priority, as live sync's own scans: a job calling wait_all in a
     // loop must not get a node-wide /proc walk and a tree scan at full priority each time.
-    let looked = crate::pace::spawn_gently(move || {
-        let found = scan(&workdir, &dirs, reader.as_ref(), room);
-        let open = procs
-            .map(|p| crate::procfs::written_by(&p.members()))
-            .unwrap_or_default();
-        (found, open)
-    })
-    .await;
-    let Ok((found, open)) = looked else {
+    let Ok(found) =
+        crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref(), room)).await
+    else {
         return SocketReply::error("the scan of the output dirs failed");
+    };
+    // Who writes what, looked at after the scan: a file opened since is still being written.
+    let open = match parts.procs.cloned() {
+        Some(procs) => {
+            let look = look_at_open_files(parts.looking, move || {
+                crate::fault::blocking_pause("wait-all-look-hangs", Duration::from_secs(3600));
+                crate::procfs::written_by(&procs.members())
+            })
+            .await;
+            match look {
+                Ok(open) => open,
+                Err(why) => {
+                    if why == LookFailed::TimedOut {
+                        tracing::warn!(
+                            limit_s = OPEN_FILES_LOOK_LIMIT.as_secs(),
+                            "a wait_all's look at the job's open files did not answer; wait_all is refused (the final sync takes the files)"
+                        );
+                    }
+                    return SocketReply::error(
+                        "the look at the job's open files did not answer; nothing stored by this call (the files are stored at the end)",
+                    );
+                }
+            }
+        }
+        None => Default::default(),
     };
     // What the final sync counts as unstored is no "everything is stored" here: a job that
     // deletes its older checkpoints once wait_all answers ok would delete what never was.
@@ -395,6 +465,7 @@ mod tests {
             dirs: &dirs,
             reader: None,
             procs: None,
+            looking: &Default::default(),
         };
         let mut book = SyncBook::default();
         let reply = serve(&parts, &mut book, SocketRequest::WaitAll).await;
@@ -439,6 +510,7 @@ mod tests {
             dirs: &dirs,
             reader: None,
             procs: None,
+            looking: &Default::default(),
         };
         for _ in 0..3 {
             // Outside the output dirs: answered once placed, with no file to open.

@@ -566,6 +566,85 @@ fn a_settle_look_that_hangs_does_not_hold_the_end() {
     assert_eq!(h.manifest("look")["files"][0]["path"], "artifacts/w");
 }
 
+/// `run --job` for `spec`, given `limit` to exit (killed past it, and the test fails): for
+/// the waits that were unbounded, whose old failure is an agent that never exits.
+fn run_within(h: &Harness, spec: serde_json::Value, limit: Duration) -> crate::support::Run {
+    let path = h.spec(spec);
+    let mut child = h.spawn(&["run", "--job", path.to_str().unwrap()]);
+    let began = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && began.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let in_time = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    let run = h.wait("c3-agent run".into(), child);
+    assert!(
+        in_time,
+        "the agent had not exited after {limit:?}\n--- stderr\n{}",
+        run.stderr
+    );
+    run
+}
+
+/// A wait_all whose look at the job's open files never answers (reading `maps` of a process
+/// stuck in D state, a wedged GPU, waits on its memory lock) is refused after a time: it held
+/// the collector, and with it the job's end and the agent's exit, for ever.
+#[test]
+fn a_wait_all_look_that_hangs_is_refused_in_time() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "wait-all-look-hangs".into()));
+    let script = format!(
+        "echo w > $C3_ARTIFACTS_DIR/w; {BIN} publish --wait-all 2> err; echo $? > rc",
+        BIN = crate::support::BIN
+    );
+    let run = run_within(
+        &h,
+        json!({"job_id": "waitlook", "command": ["sh", "-c", script]}),
+        Duration::from_secs(45),
+    );
+    run.assert_code(0);
+    let w = h.workdir("waitlook");
+    assert_ne!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "0");
+    let err = std::fs::read_to_string(w.join("err")).unwrap();
+    assert!(err.contains("did not answer"), "{err}");
+    assert_eq!(h.terminal("waitlook")["state"], "SUCCEEDED");
+    assert_eq!(h.manifest_paths("waitlook"), vec!["artifacts/w"]);
+}
+
+/// The job ends while its wait_all's look hangs (`publish --wait-all &`, then exit): the
+/// request is dropped at the end, and the final sync, the manifest and the terminal status
+/// come at once, not after the look's time limit (or never, as before: the collector served
+/// the request before it heard of the end).
+#[test]
+fn a_job_that_ends_during_a_hung_wait_all_ends_at_once() {
+    // With live sync and without: each serves the job's requests in its own loop.
+    for live in [true, false] {
+        let mut h = Harness::file();
+        h.extra_toml = format!("[sync]\nlive = {live}\n");
+        h.env
+            .push(("C3_AGENT_FAULT".into(), "wait-all-look-hangs".into()));
+        let script = format!(
+            "echo w > $C3_ARTIFACTS_DIR/w; {BIN} publish --wait-all > /dev/null 2>&1 & sleep 1",
+            BIN = crate::support::BIN
+        );
+        let began = std::time::Instant::now();
+        let run = run_within(
+            &h,
+            json!({"job_id": "waitend", "command": ["sh", "-c", script]}),
+            Duration::from_secs(30),
+        );
+        run.assert_code(0);
+        assert!(
+            began.elapsed() < Duration::from_secs(9),
+            "live = {live}: the end waited for the look's time limit: {:?}",
+            began.elapsed()
+        );
+        assert_eq!(h.terminal("waitend")["state"], "SUCCEEDED");
+        assert_eq!(h.manifest_paths("waitend"), vec!["artifacts/w"]);
+    }
+}
+
 /// The agent dies while its job runs, after live sync stored a file and listed it, and the
 /// workdir is gone when `recover` comes (a scratch wiped at boot; the job may also rename a
 /// directory above it). The attempt's manifest still lists what was stored, and `gc` keeps
