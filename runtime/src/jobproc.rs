@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
@@ -1168,7 +1168,7 @@ pub async fn stop_recorded(
     // again, so it stays the job's for as long as it is there. A recorded cgroup that is gone
     // says the job's processes are (what holds group P then is a stranger's).
     let leader_alive = procfs::is_alive(leader);
-    if !leader_alive && (cgroup.is_some() || !leaderless_group(leader, job)) {
+    if !leader_alive && (cgroup.is_some() || !leaderless_group_off_reactor(leader, job).await) {
         if cgroup.is_none() && unproven_group(leader, job.uid, leads_session) {
             // Not signalled (what is unproven may be a stranger's), but never "none left":
             // the GPU may still be held.
@@ -1231,21 +1231,41 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     if procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks) {
         return false;
     }
+    let deadline = Instant::now() + MARKS_SEARCH_LIMIT;
     let mut seen = false;
     for (pid, st) in procfs::all() {
         if st.pgrp != leader.pid || st.is_zombie() {
             continue;
         }
-        let Some(marked) = job.marks(pid) else {
-            // Gone meanwhile.
-            continue;
-        };
-        if st.start_ticks < leader.start_ticks || !marked {
+        if st.start_ticks < leader.start_ticks {
             return false;
         }
-        seen = true;
+        match job.marks(pid, deadline) {
+            // Gone meanwhile.
+            Marks::Gone => continue,
+            Marks::Marked => seen = true,
+            // A member whose environment does not answer proves nothing: the group is left
+            // to `unproven_group` (never signalled, counted as survivors).
+            Marks::Unmarked | Marks::Unproven => return false,
+        }
     }
     seen
+}
+
+/// [`leaderless_group`] on a blocking thread: its reads of environments wait up to seconds.
+async fn leaderless_group_off_reactor(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
+    let (leader, uid, job_id, attempt) =
+        (leader.clone(), job.uid, job.job_id.to_string(), job.attempt);
+    tokio::task::spawn_blocking(move || {
+        let job = JobMark {
+            uid,
+            job_id: &job_id,
+            attempt,
+        };
+        leaderless_group(&leader, job)
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Whether group `leader.pid`, whose leader is gone and which [`leaderless_group`] did not
@@ -1272,29 +1292,108 @@ fn unproven_group(leader: &c3_proto::ProcIdentity, uid: u32, leads_session: bool
 /// The most of a process's environment [`JobMark::marks`] reads.
 const MAX_ENVIRON_READ: u64 = 16 << 20;
 
+/// How long the read of one process's environment may take. Reading `/proc/<pid>/environ`
+/// takes the process's memory lock and faults its pages in: a job process stuck in D state
+/// holding that lock, or one that mapped a page of its own FUSE mount over its environment,
+/// held the root agent's `recover` for ever (the GPU kept, every later record unrecovered).
+const ENVIRON_LOOK_LIMIT: Duration = Duration::from_secs(1);
+
+/// How long one search by marks ([`marked_groups`], [`leaderless_group`]) may wait on
+/// environments in all: past it, what is left unread is unproven at once (a job of a
+/// thousand such processes cost a thousand seconds, and as many threads).
+const MARKS_SEARCH_LIMIT: Duration = Duration::from_secs(10);
+
+/// Processes whose environment a thread of [`read_environ`] is reading and has not come back
+/// from: a second look at one waits for nothing and takes no second thread. Written by that
+/// thread when its read returns (the process died, or let go of its lock).
+static ENVIRON_READS: std::sync::Mutex<BTreeSet<i32>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// What a look at one process's marks found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marks {
+    Gone,
+    Unmarked,
+    Marked,
+    /// Its environment did not answer in time: it may be the job's, and it may not.
+    Unproven,
+}
+
 impl JobMark<'_> {
-    /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`); `None`
-    /// when it is gone.
-    fn marks(&self, pid: i32) -> Option<bool> {
-        if real_uid(pid)? != self.uid {
-            return Some(false);
+    /// Whether `pid` carries the job's marks (its user, `C3_JOB_ID`, `C3_ATTEMPT`), read
+    /// for at most [`ENVIRON_LOOK_LIMIT`] and not past `deadline`.
+    fn marks(&self, pid: i32, deadline: Instant) -> Marks {
+        match real_uid(pid) {
+            None => return Marks::Gone,
+            Some(uid) if uid != self.uid => return Marks::Unmarked,
+            Some(_) => {}
         }
-        // The job sizes its own environment (up to a quarter of its stack limit, gigabytes
-        // under `ulimit -s unlimited`): the launch's marks are read from the first 16 MiB.
-        let mut env = Vec::new();
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(
-                std::fs::File::open(format!("/proc/{pid}/environ")).ok()?,
-                MAX_ENVIRON_READ,
-            ),
-            &mut env,
-        )
-        .ok()?;
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(ENVIRON_LOOK_LIMIT);
+        let env = match read_environ(pid, wait, self.job_id) {
+            Ok(Some(env)) => env,
+            Ok(None) => return Marks::Gone,
+            Err(Unanswered) => return Marks::Unproven,
+        };
         let id = format!("C3_JOB_ID={}", self.job_id);
         let attempt = format!("C3_ATTEMPT={}", self.attempt);
         let marked = |var: &str| env.split(|&b| b == 0).any(|v| v == var.as_bytes());
-        Some(marked(&id) && marked(&attempt))
+        if marked(&id) && marked(&attempt) {
+            Marks::Marked
+        } else {
+            Marks::Unmarked
+        }
     }
+}
+
+/// A read of a process's environment that did not answer in time.
+#[derive(Debug)]
+struct Unanswered;
+
+/// The first [`MAX_ENVIRON_READ`] bytes of `pid`'s environment (`None`: it is gone), read on
+/// a thread of its own and waited for `wait` at most; a read that does not answer is left to
+/// its thread ([`ENVIRON_READS`]). `job_id` is for the fault point of the tests.
+fn read_environ(pid: i32, wait: Duration, job_id: &str) -> Result<Option<Vec<u8>>, Unanswered> {
+    if wait.is_zero()
+        || !ENVIRON_READS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pid)
+    {
+        return Err(Unanswered);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let hangs = crate::fault::armed_at("environ-hangs", job_id);
+    let reader = std::thread::Builder::new()
+        .name("c3-environ".into())
+        .spawn(move || {
+            // As a read held by the process's memory lock: for as long as it lives.
+            let until = Instant::now() + Duration::from_secs(3600);
+            while hangs && procfs::stat(pid).is_some() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // The job sizes its own environment (up to a quarter of its stack limit,
+            // gigabytes under `ulimit -s unlimited`): the launch's marks are read from the
+            // first 16 MiB.
+            let read = std::fs::File::open(format!("/proc/{pid}/environ")).and_then(|f| {
+                let mut env = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_ENVIRON_READ), &mut env)
+                    .map(|_| env)
+            });
+            ENVIRON_READS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+            let _ = tx.send(read.ok());
+        });
+    if reader.is_err() {
+        ENVIRON_READS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
+        return Err(Unanswered);
+    }
+    rx.recv_timeout(wait).map_err(|_| Unanswered)
 }
 
 /// The process groups of a job no cgroup holds, found by their marks: the groups (the
@@ -1303,43 +1402,63 @@ impl JobMark<'_> {
 /// when the agent died before recording a leader) that carries the job's marks. Each comes
 /// as its leader's identity, or, with the leader gone, as one [`stop_recorded`] takes for a
 /// leaderless group (it checks every member's marks again before it signals).
-pub fn marked_groups(
-    job: JobMark<'_>,
-    since: u64,
-    boot: Option<&str>,
-) -> Vec<c3_proto::ProcIdentity> {
+pub fn marked_groups(job: JobMark<'_>, since: u64, boot: Option<&str>) -> MarkedGroups {
+    let mut found = MarkedGroups::default();
     let Some(now) = procfs::boot_id() else {
-        return Vec::new();
+        return found;
     };
     if boot.is_some_and(|b| b != now) {
         // Nothing of an earlier boot runs.
-        return Vec::new();
+        return found;
     }
+    let deadline = Instant::now() + MARKS_SEARCH_LIMIT;
     let procs = procfs::all();
-    let groups: BTreeSet<i32> = procs
-        .iter()
-        .filter(|(_, st)| st.start_ticks >= since && !st.is_zombie())
-        .filter(|(pid, _)| job.marks(**pid) == Some(true))
-        .map(|(_, st)| st.pgrp)
-        .collect();
-    groups
-        .into_iter()
-        .filter_map(|group| match procs.get(&group) {
+    let mut groups = BTreeSet::new();
+    for (pid, st) in &procs {
+        if st.start_ticks < since || st.is_zombie() {
+            continue;
+        }
+        match job.marks(*pid, deadline) {
+            Marks::Marked => {
+                groups.insert(st.pgrp);
+            }
+            Marks::Unproven => found.unproven = true,
+            Marks::Gone | Marks::Unmarked => {}
+        }
+    }
+    for group in groups {
+        match procs.get(&group) {
             // A live leader is signalled with its whole group: it must carry the marks too
             // (another user's process leading the group a marked one sits in is not the
             // job's, even if only its own user could have put the marks there).
-            Some(st) if st.start_ticks >= since && job.marks(group) == Some(true) => {
-                procfs::identity(group)
-            }
+            Some(st) if st.start_ticks >= since => match job.marks(group, deadline) {
+                Marks::Marked => found.groups.extend(procfs::identity(group)),
+                // A marked process sits in the group, and its leader cannot be told: never
+                // signalled, but the job may still hold the GPU.
+                Marks::Unproven => found.unproven = true,
+                Marks::Gone | Marks::Unmarked => {}
+            },
             // A leader that started before `since` or is unmarked: a stranger's.
-            Some(_) => None,
-            None => Some(c3_proto::ProcIdentity {
+            Some(_) => {}
+            None => found.groups.push(c3_proto::ProcIdentity {
                 pid: group,
                 start_ticks: since,
                 boot_id: now.clone(),
             }),
-        })
-        .collect()
+        }
+    }
+    found
+}
+
+/// What [`marked_groups`] found.
+#[derive(Debug, Default)]
+pub struct MarkedGroups {
+    /// Each group's leader, or one [`stop_recorded`] takes for a leaderless group.
+    pub groups: Vec<c3_proto::ProcIdentity>,
+    /// A process of the job's user, started since, whose environment did not answer in time
+    /// ([`ENVIRON_LOOK_LIMIT`]): never signalled (it may be a stranger's), but the job may be
+    /// holding the GPU through it.
+    pub unproven: bool,
 }
 
 /// The real uid of `pid` (`/proc/<pid>/status`): the directory's owner is root for a
@@ -1491,7 +1610,7 @@ mod tests {
             attempt: 1,
         };
         let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
-        let synthetic = found.iter().find(|l| l.pid == g).cloned();
+        let synthetic = found.groups.iter().find(|l| l.pid == g).cloned();
         let left = match &synthetic {
             Some(l) => stop_recorded(Some(l), None, job, Duration::from_millis(100), false).await,
             None => false,
@@ -1528,7 +1647,57 @@ mod tests {
         let found = marked_groups(job, before.start_ticks, Some(&before.boot_id));
         let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
         let _ = daemon.wait();
-        assert!(found.iter().any(|l| l.pid == p), "{found:?}");
+        assert!(found.groups.iter().any(|l| l.pid == p), "{found:?}");
+    }
+
+    /// A job process whose environment does not answer (its memory lock held: D state, a
+    /// page of its own FUSE mount over its environment) is neither signalled nor waited for:
+    /// the search answers within its limits and counts it as unproven. The read took the
+    /// root agent's `recover` for ever.
+    #[test]
+    fn a_process_whose_environment_hangs_is_unproven_not_waited_for() {
+        let uid = nix::unistd::getuid().as_raw();
+        let before = procfs::identity(std::process::id() as i32).unwrap();
+        let mut setsid = std::process::Command::new("setsid");
+        setsid
+            .args(["sh", "-c", "sleep 30 & echo $$; exec sleep 30"])
+            .envs([("C3_JOB_ID", "hung-environ"), ("C3_ATTEMPT", "1")]);
+        let (mut daemon, p) = first_line_pid(&mut setsid);
+        let _hangs = crate::fault::arm("environ-hangs", "hung-environ");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let boot = before.boot_id.clone();
+        std::thread::spawn(move || {
+            let job = JobMark {
+                uid,
+                job_id: "hung-environ",
+                attempt: 1,
+            };
+            let began = Instant::now();
+            let found = marked_groups(job, before.start_ticks, Some(&boot));
+            let recorded = c3_proto::ProcIdentity {
+                pid: p,
+                start_ticks: before.start_ticks,
+                boot_id: boot.clone(),
+            };
+            // Asked again, as `stop_recorded` asks of a leaderless group: the read still
+            // under way is not waited for again.
+            let proven = leaderless_group(&recorded, job);
+            let _ = tx.send((found, proven, began.elapsed()));
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(30));
+        let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
+        let _ = daemon.wait();
+        let (found, proven, took) = answered.expect("the search by marks did not answer");
+        assert!(found.unproven, "{found:?}");
+        assert!(!found.groups.iter().any(|l| l.pid == p), "{found:?}");
+        assert!(
+            !proven,
+            "a group whose members could not be read was proven the job's"
+        );
+        assert!(
+            took < MARKS_SEARCH_LIMIT * 2 + Duration::from_secs(2),
+            "the searches took {took:?}"
+        );
     }
 
     /// The agent's own helpers (the unit check's `systemctl`) do not make its cgroup
@@ -1584,7 +1753,7 @@ mod tests {
             let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
             let _ = leader.wait();
             assert_eq!(
-                found.iter().any(|l| l.pid == p),
+                found.groups.iter().any(|l| l.pid == p),
                 ours,
                 "leader env {leader_env:?}: {found:?}"
             );

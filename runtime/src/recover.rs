@@ -383,7 +383,30 @@ async fn recover_record(
             };
             let leader = record.leader.as_ref().map(|l| l.pid);
             if let Some((since, boot)) = since {
-                for found in crate::jobproc::marked_groups(job, since, boot) {
+                // Off the reactor: each process's environment may take a second to answer.
+                let (uid, job_id, attempt) = (job.uid, job.job_id.to_string(), job.attempt);
+                let boot = boot.map(str::to_string);
+                let marked = tokio::task::spawn_blocking(move || {
+                    let job = crate::jobproc::JobMark {
+                        uid,
+                        job_id: &job_id,
+                        attempt,
+                    };
+                    crate::jobproc::marked_groups(job, since, boot.as_deref())
+                })
+                .await
+                .unwrap_or_else(|_| crate::jobproc::MarkedGroups {
+                    groups: Vec::new(),
+                    unproven: true,
+                });
+                if marked.unproven {
+                    // Never signalled (it may be a stranger's), never "none left" either.
+                    tracing::warn!(
+                        "a process of the job's user did not let its environment be read in time (its memory lock held: D state, a FUSE page); not signalled, the GPU is not reported free"
+                    );
+                    survivors = true;
+                }
+                for found in marked.groups {
                     if Some(found.pid) != leader {
                         survivors |= crate::jobproc::stop_recorded(
                             Some(&found),

@@ -383,3 +383,58 @@ fn wait_for_or_none(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// No cgroup; the job leaves a process in a session of its own whose environment does not
+/// answer (a page of the job's own FUSE mount mapped over it, or its memory lock held in D
+/// state). `recover` read it on a reactor thread with no limit and never finished: not this
+/// record, nor any other (another job's here), nor retention and gc after them. Now the
+/// process is unproven: not signalled, counted as a survivor, and `recover` moves on.
+#[test]
+fn recover_moves_on_past_a_job_process_whose_environment_hangs() {
+    if not_root("recover_moves_on_past_a_job_process_whose_environment_hangs") {
+        return;
+    }
+    let mut h = open_harness();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "no-job-cgroup".into()));
+    let hung = crate::common::spawn_job(
+        &h,
+        json!({
+            "job_id": "hung", "user": "nobody",
+            "command": ["sh", "-c", "setsid sleep 300 & echo $! > bg.pid; sleep 300"],
+        }),
+    );
+    let _hung = KillOnDrop(hung.id() as i32);
+    let other = crate::common::spawn_job(
+        &h,
+        json!({"job_id": "other", "user": "nobody", "command": ["sh", "-c", "echo $$ > ready; exec sleep 300"]}),
+    );
+    let _other = KillOnDrop(other.id() as i32);
+    let background = pid_from(&h.workdir("hung").join("bg.pid"));
+    let _background = KillOnDrop(background);
+    let _other_job = KillOnDrop(pid_from(&h.workdir("other").join("ready")));
+    launched_without_cgroup(&h, "hung");
+    launched_without_cgroup(&h, "other");
+    kill_agent(hung);
+    kill_agent(other);
+    h.env = vec![("C3_AGENT_FAULT".into(), "environ-hangs:hung".into())];
+    let recover = crate::common::wait_within(
+        "c3-agent recover",
+        h.spawn(&["recover"]),
+        Duration::from_secs(60),
+    );
+    let terminal = h.terminal("hung");
+    assert_eq!(terminal["reason"], "AGENT_ERROR", "{terminal}");
+    assert!(
+        terminal["warnings"]
+            .to_string()
+            .contains("processes of the job survive"),
+        "the GPU was reported free: {terminal}\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    assert!(
+        alive(background),
+        "a process whose marks could not be read was signalled"
+    );
+    assert_eq!(h.terminal("other")["reason"], "AGENT_ERROR");
+}
