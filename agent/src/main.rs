@@ -185,6 +185,9 @@ fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
             c3_runtime::recover::recover_own(&ctx, &job_id, attempt).await
         })
     }));
+    // As after `dispatch`: dropped, the runtime waits for every blocking task, and one given
+    // up on (the result file's read over a hung mount) kept the process from exiting for ever.
+    runtime.shutdown_background();
     match recovered {
         Ok(Some(summary)) => ExitCode::from(summary.verdict.exit.code()),
         _ => agent_error,

@@ -1,6 +1,13 @@
 //! Fault injection for the tests of crash paths, compiled into debug builds only: with
-//! `C3_AGENT_FAULT=<point>` in its environment, the agent panics once at that point.
-//! Release builds ignore the variable.
+//! `C3_AGENT_FAULT=<point>` in its environment, the agent panics once at that point (or
+//! waits, or fails, as the point says); `<point>+<point>` arms both, for a fault met on the
+//! way out of another. Release builds ignore the variable.
+
+/// Whether `C3_AGENT_FAULT` names `name`, alone or among points joined by `+`.
+#[cfg(debug_assertions)]
+fn named(name: &str) -> bool {
+    std::env::var("C3_AGENT_FAULT").is_ok_and(|v| v.split('+').any(|n| n == name))
+}
 
 /// Panics (once per process) if `C3_AGENT_FAULT` names this point, in debug builds.
 pub fn point(name: &str) {
@@ -8,9 +15,7 @@ pub fn point(name: &str) {
     {
         use std::sync::atomic::{AtomicBool, Ordering};
         static FIRED: AtomicBool = AtomicBool::new(false);
-        if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
-            && !FIRED.swap(true, Ordering::SeqCst)
-        {
+        if named(name) && !FIRED.swap(true, Ordering::SeqCst) {
             panic!("injected fault at {name} (C3_AGENT_FAULT)");
         }
     }
@@ -27,7 +32,7 @@ pub async fn pause_point(name: &str) {
 /// [`pause_point`], for `dur`.
 pub async fn pause_for(name: &str, dur: std::time::Duration) {
     #[cfg(debug_assertions)]
-    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
+    if named(name) {
         tokio::time::sleep(dur).await;
     }
     #[cfg(not(debug_assertions))]
@@ -38,7 +43,7 @@ pub async fn pause_for(name: &str, dur: std::time::Duration) {
 /// this point, in debug builds.
 pub fn crash_point(name: &str) {
     #[cfg(debug_assertions)]
-    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
+    if named(name) {
         std::process::abort();
     }
     #[cfg(not(debug_assertions))]
@@ -50,7 +55,7 @@ pub fn crash_point(name: &str) {
 /// stat held by a job's FUSE server), for the tests of the bounds around such looks.
 pub fn blocking_pause(name: &str, how_long: std::time::Duration) {
     #[cfg(debug_assertions)]
-    if std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name) {
+    if named(name) {
         std::thread::sleep(how_long);
     }
     #[cfg(not(debug_assertions))]
@@ -64,8 +69,7 @@ pub fn fail_once(name: &str) -> bool {
     {
         use std::sync::atomic::{AtomicBool, Ordering};
         static FIRED: AtomicBool = AtomicBool::new(false);
-        std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
-            && !FIRED.swap(true, Ordering::SeqCst)
+        named(name) && !FIRED.swap(true, Ordering::SeqCst)
     }
     #[cfg(not(debug_assertions))]
     {
@@ -79,7 +83,7 @@ pub fn fail_once(name: &str) -> bool {
 pub fn armed(name: &str) -> bool {
     #[cfg(debug_assertions)]
     {
-        std::env::var("C3_AGENT_FAULT").as_deref() == Ok(name)
+        named(name)
     }
     #[cfg(not(debug_assertions))]
     {

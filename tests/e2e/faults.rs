@@ -67,6 +67,28 @@ fn a_panic_stops_the_job_and_finishes_it_as_recover_would() {
     }
 }
 
+/// A panic, then, while the job is finished as `recover` would, a result read that never
+/// answers (a FUSE mount the job left in `.c3`): given up after its limit, the status is
+/// sent, and the agent exits. The panic path's runtime was dropped without being shut down,
+/// which waits for every blocking task: the process never exited.
+#[test]
+fn a_panic_path_with_a_hung_result_read_still_exits() {
+    let mut h = Harness::file();
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "after-launch+result-read-hangs".into(),
+    ));
+    let script = "echo '{\"a\": 1}' > $C3_RESULT_FILE; sleep 30";
+    let run = run_within(
+        &h,
+        json!({"job_id": "boomhang", "command": ["sh", "-c", script]}),
+        Duration::from_secs(60),
+    );
+    run.assert_code(6);
+    let t = h.terminal("boomhang");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+}
+
 /// An UPLOAD_ERROR does not cost a re-run: the files stay on the node, and once the store
 /// works again `resync` stores them, writes the complete manifest and amends the status.
 #[test]
