@@ -168,6 +168,15 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
         .enumerate()
         .filter(|(i, _)| published[*i].is_none())
         .collect();
+    // The book holds no more than a manifest can list, as live sync's candidates do: each
+    // request of 1,000 hard links of 16 KiB paths added 16 MiB to the root agent's book,
+    // without end (a link is not read again, only listed).
+    let room = parts.manifest.max_bytes();
+    if admitted(book, todo.iter().map(|(_, f)| f.rel.as_str()), room) < todo.len() {
+        return SocketReply::error(format!(
+            "{TOO_MANY_FILES} (store.max_manifest_bytes); not published"
+        ));
+    }
     let at_once = parts.uploader.options().files_in_flight.max(1);
     for batch in todo.chunks(at_once) {
         let uploads = batch.iter().map(|(_, f)| parts.uploader.upload(f));
@@ -256,13 +265,21 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
                 .map(|d| format!("{}/ (paths too deep or long to store)", rel_display(d))),
         )
         .collect();
-    let todo: Vec<_> = found
+    // A file the scan could look for and did not find is gone: kept, a job that made and
+    // deleted new names between requests (with live sync off) had the book hold every name
+    // it ever made. A file still there keeps the version stored before until its new one
+    // lands (`OlderVersion::Kept`).
+    book.forget(|k| !found.files.contains_key(k) && found.covers(k));
+    let mut todo: Vec<_> = found
         .files
         .into_iter()
         .filter(|(rel, stamp)| {
             !book.is_current(rel, stamp) && !open.contains(&(stamp.dev, stamp.ino))
         })
         .collect();
+    let admits = admitted(book, todo.iter().map(|(rel, _)| rel.as_str()), room);
+    let left_out = todo.len() - admits;
+    todo.truncate(admits);
     let report = upload_all(
         parts.uploader,
         parts.workdir,
@@ -276,6 +293,9 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         return SocketReply::error(format!("{path}: {}", told_the_job(e)));
     }
     match parts.manifest.in_progress(book).await {
+        Ok(_) if left_out > 0 => SocketReply::error(format!(
+            "{TOO_MANY_FILES} (store.max_manifest_bytes): {left_out} not stored"
+        )),
         Ok(_) if unread.is_empty() => SocketReply::ok(Vec::new()),
         Ok(_) => SocketReply::error(not_all_read(unread)),
         Err(e) => SocketReply::error(format!(
@@ -283,6 +303,26 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
             crate::error_chain(&e)
         )),
     }
+}
+
+/// What a request is answered when storing its files would list more than a manifest can.
+const TOO_MANY_FILES: &str = "more files than a manifest can list";
+
+/// How many of `rels` (in order) the book may take in and still fit a manifest of `room`
+/// bytes of entries: a path it lists already costs nothing more.
+fn admitted<'a>(book: &SyncBook, rels: impl IntoIterator<Item = &'a str>, room: u64) -> usize {
+    let mut tracked = book.entries_ceiling();
+    let mut taken = 0;
+    for rel in rels {
+        if !book.contains(rel) {
+            tracked += c3_proto::manifest::entry_ceiling(rel);
+            if tracked > room {
+                break;
+            }
+        }
+        taken += 1;
+    }
+    taken
 }
 
 /// Places named in a failed `wait_all`; the rest are counted (each may be 16 KiB long, and a
@@ -435,13 +475,101 @@ mod tests {
     use crate::upload::UploadOptions;
 
     fn writers(workdir: &Path) -> (Uploader, ManifestWriter) {
+        writers_within(workdir, 1 << 20)
+    }
+
+    fn writers_within(workdir: &Path, max_manifest_bytes: u64) -> (Uploader, ManifestWriter) {
         let uploader = Uploader::new(BlobStore::in_memory(), UploadOptions::default(), "j", None)
             .confined_to(workdir);
         let spec = c3_proto::JobSpec::from_json(br#"{"job_id":"j","command":["true"]}"#)
             .unwrap()
             .spec;
-        let manifest = ManifestWriter::new(BlobStore::in_memory(), &spec, 1 << 20);
+        let manifest = ManifestWriter::new(BlobStore::in_memory(), &spec, max_manifest_bytes);
         (uploader, manifest)
+    }
+
+    fn parts<'a>(
+        uploader: &'a Uploader,
+        manifest: &'a ManifestWriter,
+        workdir: &'a Path,
+        dirs: &'a [String],
+    ) -> Parts<'a> {
+        Parts {
+            uploader,
+            manifest,
+            workdir,
+            physical_workdir: None,
+            dirs,
+            reader: None,
+            procs: None,
+        }
+    }
+
+    /// Requests publishing new files past what a manifest can list are refused: each one's
+    /// files went into the book whatever its size, and a job publishing hard links of long
+    /// paths ran the root agent's book up without end.
+    #[tokio::test]
+    async fn publish_keeps_the_book_within_a_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path();
+        std::fs::create_dir(workdir.join("artifacts")).unwrap();
+        let (uploader, manifest) = writers_within(workdir, 16 << 10);
+        let dirs = vec!["artifacts".to_string()];
+        let parts = parts(&uploader, &manifest, workdir, &dirs);
+        let mut book = SyncBook::default();
+        let mut refused = 0;
+        for request in 0..8 {
+            let paths: Vec<String> = (0..10)
+                .map(|i| {
+                    let name = format!("artifacts/{request}-{i}-{}", "x".repeat(200));
+                    std::fs::write(workdir.join(&name), b"same").unwrap();
+                    name
+                })
+                .collect();
+            let reply = serve(&parts, &mut book, SocketRequest::Publish { paths }).await;
+            if !reply.ok {
+                let error = reply.error.unwrap();
+                assert!(error.contains(TOO_MANY_FILES), "{error}");
+                refused += 1;
+            }
+            assert!(
+                book.entries_ceiling() <= manifest.max_bytes(),
+                "request {request}: the book takes {} bytes of entries, past {}",
+                book.entries_ceiling(),
+                manifest.max_bytes()
+            );
+        }
+        assert!(refused > 0);
+        assert!(book.len() >= 10, "the first requests were stored");
+    }
+
+    /// Without live sync, the book forgets what a `wait_all` no longer finds: a job making
+    /// new names and deleting them between requests had it keep every name it ever made.
+    /// A file still there stays listed in its stored version.
+    #[tokio::test]
+    async fn wait_all_forgets_files_gone_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path();
+        let arts = workdir.join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        std::fs::write(arts.join("kept.bin"), b"kept").unwrap();
+        let (uploader, manifest) = writers(workdir);
+        let dirs = vec!["artifacts".to_string()];
+        let parts = parts(&uploader, &manifest, workdir, &dirs);
+        let mut book = SyncBook::default();
+        for round in 0..5 {
+            let names: Vec<_> = (0..20).map(|i| arts.join(format!("{round}-{i}"))).collect();
+            for name in &names {
+                std::fs::write(name, b"x").unwrap();
+            }
+            let reply = serve(&parts, &mut book, SocketRequest::WaitAll).await;
+            assert!(reply.ok, "{reply:?}");
+            assert_eq!(book.len(), 21, "round {round}");
+            for name in &names {
+                std::fs::remove_file(name).unwrap();
+            }
+        }
+        assert!(book.contains("artifacts/kept.bin"));
     }
 
     /// A file deeper than a manifest lists is not stored; wait_all answered ok all the same,
