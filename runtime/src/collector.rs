@@ -105,11 +105,7 @@ pub struct FinalSync {
     pub for_good: u64,
 }
 
-/// Unstored files named (in the log, the run record, `status`); the rest are counted. A job
-/// can make a million files that cannot be stored (hard links to one sparse file), each
-/// with a 16 KiB path: one error line and one record entry each flooded the journal and grew
-/// the run record to gigabytes.
-pub const MAX_NAMED_UNSTORED: usize = 100;
+pub use crate::sync::MAX_NAMED_UNSTORED;
 
 impl FinalSync {
     fn unstored(&mut self, name: String, for_good: bool) {
@@ -430,12 +426,21 @@ async fn final_sync(
     timings.uploaded = report.uploaded;
     timings.already_synced = report.skipped;
     out.warnings.extend(report.warnings.iter().cloned());
+    if report.more_warnings > 0 {
+        out.warnings.push(format!(
+            "{} more warnings of the final sync",
+            report.more_warnings
+        ));
+    }
     for (path, e) in report.failures {
         if out.unstored.len() < MAX_NAMED_UNSTORED {
             tracing::error!(path = %path, error = %crate::error_chain(&e), retryable = e.is_retryable(), "upload failed");
         }
         out.unstored(path, e.is_for_good());
     }
+    // Counted only by the sync (see `SyncReport::failures`).
+    out.unstored_more += report.failures_more;
+    out.for_good += report.failures_more_for_good;
     if out.unstored_more > 0 {
         tracing::error!(
             named = out.unstored.len(),

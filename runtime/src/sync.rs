@@ -91,14 +91,49 @@ impl c3_proto::ListedFile for Listing<'_> {
     }
 }
 
+/// Unstored files named (in the log, the run record, `status`); the rest are counted. A job
+/// can make a million files that cannot be stored (hard links to one sparse file), each
+/// with a 16 KiB path: one error line and one record entry each flooded the journal and grew
+/// the run record to gigabytes.
+pub const MAX_NAMED_UNSTORED: usize = 100;
+
 /// What one sync pass did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub uploaded: usize,
     pub skipped: usize,
+    /// The first [`MAX_NAMED_UNSTORED`] files not stored, with their errors in full; the rest
+    /// are counted in `failures_more`. Kept whole, 800,000 failures each with a store's
+    /// 64 KiB error body held 52 GB until the pass ended.
     pub failures: Vec<(String, UploadError)>,
-    /// Files left out on purpose (not readable by the job's user), for the status' warnings.
+    /// Files not stored past those in `failures`.
+    pub failures_more: u64,
+    /// Of `failures_more`, those the job made unstorable ([`UploadError::is_for_good`]).
+    pub failures_more_for_good: u64,
+    /// Files left out on purpose (not readable by the job's user, vanished), for the status'
+    /// warnings: the first [`crate::collect::MAX_SCAN_WARNINGS`].
     pub warnings: Vec<String>,
+    /// Warnings past those.
+    pub more_warnings: usize,
+}
+
+impl SyncReport {
+    fn failed(&mut self, rel: String, e: UploadError) {
+        if self.failures.len() < MAX_NAMED_UNSTORED {
+            self.failures.push((rel, e));
+        } else {
+            self.failures_more += 1;
+            self.failures_more_for_good += u64::from(e.is_for_good());
+        }
+    }
+
+    fn warn(&mut self, warning: impl FnOnce() -> String) {
+        if self.warnings.len() < crate::collect::MAX_SCAN_WARNINGS {
+            self.warnings.push(warning());
+        } else {
+            self.more_warnings += 1;
+        }
+    }
 }
 
 impl SyncBook {
@@ -549,10 +584,10 @@ pub async fn upload_all(
             Err(e) => {
                 tracing::error!(error = %e, "an upload task failed");
                 let path = std::path::PathBuf::from("(an upload task)");
-                report.failures.push((
+                report.failed(
                     "(an upload task)".into(),
                     UploadError::Task { path, source: e },
-                ));
+                );
                 continue;
             }
         };
@@ -581,17 +616,15 @@ pub async fn upload_all(
             Err(UploadError::Vanished { .. }) => {
                 let shown = c3_proto::manifest::rel_display(&rel);
                 tracing::debug!(path = %shown, "file vanished before upload");
-                report.warnings.push(format!(
-                    "{shown} vanished before it could be read; not in the manifest"
-                ));
+                report.warn(|| {
+                    format!("{shown} vanished before it could be read; not in the manifest")
+                });
             }
             Err(e @ UploadError::NotReadable { .. }) => {
                 tracing::debug!(path = %rel, "{e}");
-                report.warnings.push(format!(
-                    "{rel} is not readable by the job's user; not uploaded"
-                ));
+                report.warn(|| format!("{rel} is not readable by the job's user; not uploaded"));
             }
-            Err(e) => report.failures.push((rel, e)),
+            Err(e) => report.failed(rel, e),
         }
         if checkpoint.is_some_and(|cp| saved.elapsed() >= cp.every()) {
             saved = tokio::time::Instant::now();
@@ -1038,6 +1071,50 @@ mod tests {
         assert!(book.contains(&key(b"artifacts/q\xfc")));
         assert_eq!(book.forget_under(&key(b"artifacts/\xfe")), (true, 1));
         assert_eq!(book.len(), 2, "artifacts/d and artifacts/q\\xfc");
+    }
+
+    /// A sync in which every file fails keeps the first failures whole and counts the rest
+    /// (800,000 failures with a store's 64 KiB error body each held 52 GB until the end),
+    /// with how many of those the job made unstorable.
+    #[tokio::test]
+    async fn failures_past_those_named_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        // A file store whose directory cannot be made: every call fails, for good.
+        std::fs::write(dir.path().join("f"), b"").unwrap();
+        let url = format!("file://{}/f/store", dir.path().display());
+        let store =
+            crate::store::BlobStore::open(&crate::store::StoreConfig::for_tests(&url)).unwrap();
+        let options = crate::upload::UploadOptions {
+            max_file_bytes: 10,
+            ..Default::default()
+        };
+        let uploader = Uploader::new(store, options, "j", None).confined_to(dir.path());
+        let (small, large) = (180, 120);
+        for i in 0..small + large {
+            let body = if i < small {
+                format!("{i}")
+            } else {
+                format!("{i:>20}")
+            };
+            std::fs::write(arts.join(format!("{i}")), body).unwrap();
+        }
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let mut book = SyncBook::default();
+        let report = sync_scan(&uploader, dir.path(), found, &mut book, None).await;
+        assert_eq!(report.uploaded, 0);
+        assert_eq!(report.failures.len(), MAX_NAMED_UNSTORED);
+        assert_eq!(
+            report.failures.len() as u64 + report.failures_more,
+            (small + large) as u64
+        );
+        let named_for_good = report
+            .failures
+            .iter()
+            .filter(|(_, e)| e.is_for_good())
+            .count() as u64;
+        assert_eq!(named_for_good + report.failures_more_for_good, large as u64);
     }
 
     /// A forgotten file's slot goes to the next new one; every path keeps its own version.
