@@ -327,11 +327,9 @@ pub struct Uploader {
     reader: Option<Arc<JobReader>>,
     /// Blobs this node knows are stored: checked with a HEAD instead of sent again.
     known: Arc<crate::known::KnownBlobs>,
-    /// `<attempt dir>/added-blobs`: every blob this attempt added to the store, whoever of its
-    /// agents uploaded it, so that `recover` after a crash registers the right storage delta.
-    added_log: Option<Arc<Path>>,
-    /// `added_log`, opened at the first blob added (one write per blob, not an open).
-    added_file: Arc<std::sync::Mutex<Option<File>>>,
+    /// `<attempt dir>/added-blobs`: the blobs this attempt added to the store, whoever of its
+    /// agents uploaded them, so that `recover` after a crash registers the right storage delta.
+    added_log: Option<added::AddedLog>,
     /// Large files hashed ahead while the job writes them, by (dev, ino).
     prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), multipart::Prehashed>>>,
     /// The version of each inode last read, by (dev, ino), behind a lock held through its
@@ -485,20 +483,6 @@ type InodeSlot = Arc<tokio::sync::Mutex<Option<InodeRead>>>;
 
 /// Inodes remembered at most; past that the ones no upload holds are forgotten.
 const MAX_INODES: usize = 65_536;
-
-/// The bytes the blobs recorded in an `added-blobs` file add up to (each blob once), or
-/// `None` when there is no such file.
-pub fn added_bytes(path: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut seen = std::collections::HashSet::new();
-    Some(
-        text.lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(sha, _)| seen.insert(sha.to_string()))
-            .filter_map(|(_, size)| size.trim().parse::<u64>().ok())
-            .sum(),
-    )
-}
 
 /// Large files followed at once, at most (each entry is a hasher and a tag per part).
 const MAX_PREHASHED: usize = 64;
@@ -782,7 +766,6 @@ impl Uploader {
             reader: None,
             known: Arc::new(crate::known::KnownBlobs::none()),
             added_log: None,
-            added_file: Default::default(),
             prehashed: Default::default(),
             inodes: Default::default(),
             holes,
@@ -798,7 +781,7 @@ impl Uploader {
 
     /// What the blobs recorded as added (by this attempt's agents) add up to, if recorded.
     pub fn added_bytes(&self) -> Option<u64> {
-        self.added_log.as_deref().and_then(added_bytes)
+        self.added_log.as_ref().and_then(added::AddedLog::bytes)
     }
 
     /// Journal and staging names of `attempt` (see `Uploader::attempt_tag`).
@@ -809,8 +792,7 @@ impl Uploader {
 
     /// Blobs this uploader adds are recorded in `path` (see [`added_bytes`]).
     pub fn recording_added(mut self, path: PathBuf) -> Self {
-        self.added_log = Some(Arc::from(path));
-        self.added_file = Default::default();
+        self.added_log = Some(added::AddedLog::new(&path));
         self
     }
 
@@ -870,21 +852,8 @@ impl Uploader {
     }
 
     fn record_added(&self, digests: &Digests) {
-        use std::io::Write;
-        let Some(path) = &self.added_log else { return };
-        let line = format!("{} {}\n", digests.sha256_hex(), digests.size);
-        // One short line per write (O_APPEND): never interleaved, nothing to fsync for: a
-        // line lost in a crash only makes the delta smaller, never a blob lost.
-        let mut file = self.added_file.lock().unwrap_or_else(|p| p.into_inner());
-        if file.is_none() {
-            *file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .ok();
-        }
-        if let Some(f) = file.as_mut() {
-            let _ = f.write_all(line.as_bytes());
+        if let Some(log) = &self.added_log {
+            log.record(digests);
         }
     }
 
@@ -1251,6 +1220,7 @@ impl Uploader {
     }
 }
 
+mod added;
 mod multipart;
 mod staged;
 mod subtree;
