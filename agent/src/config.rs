@@ -113,6 +113,7 @@ struct UploadSection {
     memory_budget_bytes: Option<u64>,
     max_file_bytes: Option<u64>,
     hole_budget_bytes: Option<u64>,
+    shared_budget_bytes: Option<u64>,
     /// Bytes per second for all uploads together; 0 or absent: unlimited.
     bandwidth_limit_bytes_per_sec: Option<u64>,
 }
@@ -616,6 +617,10 @@ pub fn resolve(
             .upload
             .hole_budget_bytes
             .unwrap_or(defaults.hole_budget),
+        shared_budget: file
+            .upload
+            .shared_budget_bytes
+            .unwrap_or(defaults.shared_budget),
     };
     // A file up to the threshold is read whole into memory, and sent in one PUT. Past the
     // budget it is held to the budget (the uploader does), as a config that worked before
@@ -1294,6 +1299,17 @@ mod tests {
             assert!(all.contains(key), "{all}");
             assert!(!all.contains("S3CRETPW"), "{all}");
         }
+    }
+
+    /// The bytes a job's files may share with other files (reflinked copies) in all: 64 GiB
+    /// unless set.
+    #[test]
+    fn the_shared_budget_is_set_in_the_upload_section() {
+        let c = resolve(None, "", &env_of(&[]), PathBuf::from("/s")).unwrap();
+        assert_eq!(c.upload.shared_budget, 64 << 30);
+        let text = "[upload]\nshared_budget_bytes = 8388608\n";
+        let c = resolve(None, text, &env_of(&[]), PathBuf::from("/s")).unwrap();
+        assert_eq!(c.upload.shared_budget, 8 << 20);
     }
 
     /// The holes a job's files may have in all: 64 GiB unless set (a node on a compressing

@@ -18,6 +18,7 @@ pub mod confine;
 pub mod context;
 pub mod digest;
 pub mod display;
+pub mod extents;
 pub mod fault;
 pub mod filestore;
 pub mod fusectl;

@@ -80,3 +80,42 @@ fn jobs_and_their_datasets_run_on_btrfs() {
     let got = std::fs::read_to_string(h.path("btr/work-consumer/artifacts/got")).unwrap();
     assert_eq!(got, "one\n9\n");
 }
+
+/// A reflinked copy (`cp --reflink`, the default of `cp` on btrfs and XFS) costs the job no
+/// data blocks and the root agent a whole read and hash: 10,000 copies of a 10 GiB file were
+/// 100 TB for it. Past `upload.shared_budget_bytes` copies are refused by name, unread, and
+/// what was stored stays within the budget and the originals.
+#[test]
+fn reflinked_copies_past_the_shared_budget_are_refused() {
+    let mut h = Harness::file();
+    let Some(_fs) = Btrfs::mount(&h.path("btrfs.img"), &h.path("btr")) else {
+        return;
+    };
+    h.state = h.path("btr/state");
+    let budget: u64 = 8 << 20;
+    h.extra_toml = format!("[upload]\nshared_budget_bytes = {budget}\n");
+    // A small file (one PUT) and a large one (staged), 100 copies of each.
+    let script = "cd $C3_ARTIFACTS_DIR && head -c 3000000 /dev/urandom > s \
+                  && head -c 20000000 /dev/urandom > l \
+                  && for i in $(seq 100); do cp --reflink=always s s.$i && cp --reflink=always l l.$i; done";
+    let work = h.path("btr/work-reflinks").display().to_string();
+    let run =
+        h.run_job(json!({"job_id": "reflinks", "command": ["sh", "-c", script], "workdir": work}));
+    run.assert_code(3);
+    let t = h.terminal("reflinks");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert!(
+        run.stderr.contains("upload.shared_budget_bytes"),
+        "{}",
+        run.stderr
+    );
+    let manifest = h.manifest("reflinks");
+    let files = manifest["files"].as_array().unwrap();
+    let stored: u64 = files.iter().map(|f| f["size"].as_u64().unwrap()).sum();
+    assert!(
+        stored <= budget + 23_000_000,
+        "{} files, {stored} bytes stored past a budget of {budget}",
+        files.len()
+    );
+    assert!(files.len() < 10, "{} of 202 stored", files.len());
+}

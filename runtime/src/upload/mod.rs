@@ -66,6 +66,9 @@ pub struct UploadOptions {
     /// Holes the files one attempt stores may have in all, past [`HOLE_SLACK`] a file (see
     /// [`HOLE_BUDGET`]).
     pub hole_budget: u64,
+    /// Bytes the files one attempt stores may share with other files (reflinked copies) in
+    /// all, past [`HOLE_SLACK`] a file (see [`SHARED_BUDGET`]).
+    pub shared_budget: u64,
 }
 
 impl Default for UploadOptions {
@@ -80,6 +83,7 @@ impl Default for UploadOptions {
             auto_in_flight: true,
             max_file_bytes: MAX_FILE_BYTES,
             hole_budget: HOLE_BUDGET,
+            shared_budget: SHARED_BUDGET,
         }
     }
 }
@@ -116,6 +120,16 @@ const MAX_HOLE_BYTES: u64 = 1 << 30;
 /// can make the agent do stays that of one such job (minutes of hashing, and the bytes
 /// stored; twice that where it gives holes back, see `HoleBudget`), while a legitimate one with zeros to spare rarely reaches it.
 pub const HOLE_BUDGET: u64 = 64 << 30;
+/// Bytes that the files one attempt stores may share with other files in all (extents
+/// `FIEMAP` flags shared: `cp --reflink`, a dedup tool, a snapshot), past `HOLE_SLACK` a file,
+/// by default (`upload.shared_budget_bytes`). A reflinked copy costs the job an inode, and the
+/// agent a read, a hash (and on the file store a staged write) of the whole file, with no
+/// hard link to tell it is the same bytes: on XFS or btrfs a 10 GiB file and 10,000
+/// `cp --reflink` copies of it were metadata for the job and 100 TB to read for the agent.
+/// 64 GiB lets a job copy a few checkpoints that way; a file system whose snapshots share
+/// every extent (btrfs under snapper) may need it raised. Counted per inode as the hole budget
+/// is (see `HoleBudget`).
+pub const SHARED_BUDGET: u64 = 64 << 30;
 /// Holes a file may have without drawing on the hole budget, ever: the gaps a writer leaves as
 /// it seeks. The most a job gains a file over its disk once the budget is spent.
 const HOLE_SLACK: u64 = 1 << 20;
@@ -244,6 +258,13 @@ pub enum UploadError {
         data: u64,
         budget: u64,
     },
+    #[error("{path} shares {} of its {} with other files (reflinked copies: `cp --reflink`, a dedup tool, a snapshot); not stored: the job's files have used up upload.shared_budget_bytes ({}), the shared bytes they may have past 1 MiB a file: a copy that shares its extents costs no disk to make and is read, hashed and stored whole (a file system whose snapshots share every extent, as btrfs under snapper, may need the setting raised)", human_bytes(*.shared), human_bytes(*.size), human_bytes(*.budget))]
+    SharedSpent {
+        path: PathBuf,
+        size: u64,
+        shared: u64,
+        budget: u64,
+    },
     #[error("upload of {path} failed")]
     Store {
         path: PathBuf,
@@ -270,6 +291,7 @@ impl UploadError {
             | UploadError::TooLarge { .. }
             | UploadError::Sparse { .. }
             | UploadError::HolesSpent { .. }
+            | UploadError::SharedSpent { .. }
             | UploadError::Task { .. } => false,
         }
     }
@@ -283,7 +305,8 @@ impl UploadError {
             UploadError::NotReadable { .. }
             | UploadError::TooLarge { .. }
             | UploadError::Sparse { .. }
-            | UploadError::HolesSpent { .. } => true,
+            | UploadError::HolesSpent { .. }
+            | UploadError::SharedSpent { .. } => true,
             UploadError::Read { source, .. } => {
                 source.kind() == std::io::ErrorKind::PermissionDenied
             }
@@ -340,6 +363,9 @@ pub struct Uploader {
     /// Holes this attempt's uploads may still read (see [`HOLE_BUDGET`]): shared by live sync
     /// and the final sync, as the uploader is.
     holes: HoleBudget,
+    /// Shared extents this attempt's uploads may still read (see [`SHARED_BUDGET`]), counted
+    /// the same way.
+    shared: HoleBudget,
 }
 
 /// What is left of the hole budget, and the holes of each inode's latest version read: the
@@ -439,6 +465,43 @@ fn judge_holes(
         });
     }
     Ok(())
+}
+
+/// Refuses the open `file` (the version `stamp` describes) when it shares more than
+/// [`HOLE_SLACK`] with other files once the attempt's shared budget is spent (see
+/// [`SHARED_BUDGET`]). Leaves the file offset as it was.
+fn judge_shared(
+    budget: &HoleBudget,
+    file: &File,
+    path: &Path,
+    stamp: &FileStamp,
+) -> Result<(), UploadError> {
+    let shared = if stamp.size <= HOLE_SLACK {
+        0
+    } else {
+        crate::extents::shared_bytes(file, stamp.size)
+    };
+    charge_shared(budget, path, stamp, shared)
+}
+
+/// Draws `shared` bytes of the version `stamp` of `path` from `budget` (nothing for at most
+/// [`HOLE_SLACK`]), or refuses it.
+fn charge_shared(
+    budget: &HoleBudget,
+    path: &Path,
+    stamp: &FileStamp,
+    shared: u64,
+) -> Result<(), UploadError> {
+    let drawn = if shared <= HOLE_SLACK { 0 } else { shared };
+    if budget.draw((stamp.dev, stamp.ino), drawn) {
+        return Ok(());
+    }
+    Err(UploadError::SharedSpent {
+        path: path.into(),
+        size: stamp.size,
+        shared,
+        budget: budget.budget(),
+    })
 }
 
 /// Where the first hole at or past `from` starts in the open `file` (`size` long); `size` when
@@ -751,6 +814,7 @@ impl Uploader {
         opts.multipart_threshold = opts.multipart_threshold.min(budget.limit());
         let staging = Arc::from(format!("staging/{job_id}"));
         let holes = HoleBudget::new(opts.hole_budget);
+        let shared = HoleBudget::new(opts.shared_budget);
         Uploader {
             store,
             opts: Arc::new(opts),
@@ -769,6 +833,7 @@ impl Uploader {
             prehashed: Default::default(),
             inodes: Default::default(),
             holes,
+            shared,
         }
     }
 
@@ -1071,10 +1136,11 @@ impl Uploader {
             // On an fd of its own: the large paths open `before` again, and the stamp proves
             // at the end that they read what was judged here.
             let (root, reader, p) = (self.root.clone(), self.reader.clone(), path.clone());
-            let holes = self.holes.clone();
+            let (holes, shared) = (self.holes.clone(), self.shared.clone());
             blocking(&path, move || {
                 let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
-                judge_holes(&holes, &file, &p, &before)
+                judge_holes(&holes, &file, &p, &before)?;
+                judge_shared(&shared, &file, &p, &before)
             })
             .await?;
         }
@@ -1161,7 +1227,7 @@ impl Uploader {
         let guard = self.budget.acquire(budgeted).await;
         let p = path.to_path_buf();
         let (root, reader) = (self.root.clone(), self.reader.clone());
-        let holes = self.holes.clone();
+        let (holes, shared) = (self.holes.clone(), self.shared.clone());
         let read = blocking(path, move || {
             let (before, links) = stat_linked(root.as_deref(), &p)?;
             if expect.is_some_and(|seen| seen != before) {
@@ -1172,6 +1238,7 @@ impl Uploader {
             }
             let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
             judge_holes(&holes, &file, &p, &before)?;
+            judge_shared(&shared, &file, &p, &before)?;
             let mut buf = Vec::with_capacity(before.size as usize);
             // One byte past the size: a file that grew (or was swapped for a huge sparse one)
             // is "changed", never read into memory.
@@ -1921,6 +1988,7 @@ mod tests {
             auto_in_flight: false,
             max_file_bytes: MAX_FILE_BYTES,
             hole_budget: HOLE_BUDGET,
+            shared_budget: SHARED_BUDGET,
         };
         let up = Uploader::new(store.clone(), opts, "j", Some(dir.path().join("journal")));
         let mut tasks = JoinSet::new();
@@ -2210,6 +2278,38 @@ mod tests {
         let mut left = store.list("staging", usize::MAX).await.unwrap();
         left.sort();
         assert_eq!(left, ["staging/j/12-99-0", "staging/j/2-88-0"]);
+    }
+
+    /// Reflinked copies draw what they share from the attempt's budget, by inode and version
+    /// as holes do: past it one is refused for good, naming the setting; a file read again in
+    /// the same state draws nothing more, one that shares no more than 1 MiB nothing at all,
+    /// and one that no longer shares gives its part back.
+    #[test]
+    fn shared_extents_draw_on_the_attempts_budget() {
+        let budget = HoleBudget::new(10 * MIB);
+        let stamp = |ino: u64| FileStamp {
+            size: 4 * MIB,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            ino,
+            dev: 1,
+            mode: 0o644,
+        };
+        let path = Path::new("artifacts/copy");
+        let charge = |ino: u64, shared: u64| charge_shared(&budget, path, &stamp(ino), shared);
+        assert!(charge(1, 4 * MIB).is_ok());
+        assert!(charge(2, 4 * MIB).is_ok());
+        assert!(charge(1, 4 * MIB).is_ok(), "the same inode drew again");
+        let refused = charge(3, 4 * MIB).unwrap_err();
+        assert!(refused.is_for_good() && !refused.is_retryable());
+        let said = crate::error_chain(&refused);
+        assert!(
+            said.contains("upload.shared_budget_bytes") && said.contains("10.0 MiB"),
+            "{said}"
+        );
+        assert!(charge(4, MIB).is_ok(), "1 MiB shared is free");
+        assert!(charge(1, 0).is_ok());
+        assert!(charge(3, 4 * MIB).is_ok(), "inode 1 gave its 4 MiB back");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
