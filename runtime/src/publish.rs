@@ -502,6 +502,8 @@ mod tests {
             dirs,
             reader: None,
             procs: None,
+            // A test's few: leaked, to live as long as the parts.
+            looking: Box::leak(Box::default()),
         }
     }
 
