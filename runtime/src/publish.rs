@@ -177,13 +177,30 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
             "{TOO_MANY_FILES} (store.max_manifest_bytes); not published"
         ));
     }
+    // Who writes what, looked at before the reads, each of which takes only the version
+    // located (`upload_as_seen`): a file the job holds open for writing or mapped writable is
+    // stored as it is now, but taken as racy, read again by the next look. Stores through a
+    // mapping to pages already dirty move no stamp, and a version published and taken as
+    // current was listed by the complete manifest over the bytes the file ended with.
+    let held = match parts.procs.cloned() {
+        Some(procs) if !todo.is_empty() => look_at_open_files(parts.looking, move || {
+            crate::procfs::written_by(&procs.members())
+        })
+        .await
+        .ok(),
+        _ => Some(Default::default()),
+    };
     let at_once = parts.uploader.options().files_in_flight.max(1);
     for batch in todo.chunks(at_once) {
-        let uploads = batch.iter().map(|(_, f)| parts.uploader.upload(f));
+        let uploads = batch.iter().map(|(_, f)| parts.uploader.upload_as_seen(f));
         let results = futures::future::join_all(uploads).await;
         for ((i, file), result) in batch.iter().zip(results) {
             match result {
-                Ok(up) => {
+                Ok(mut up) => {
+                    // Not looked at (the look did not answer) counts as held.
+                    up.racy |= held
+                        .as_ref()
+                        .is_none_or(|h| h.contains(&(up.stamp.dev, up.stamp.ino)));
                     published[*i] = Some(PublishedFile {
                         path: up.rel.clone(),
                         sha256: up.digests.sha256_hex(),
@@ -280,6 +297,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
     let admits = admitted(book, todo.iter().map(|(rel, _)| rel.as_str()), room);
     let left_out = todo.len() - admits;
     todo.truncate(admits);
+    crate::fault::pause_point("wait-all-before-reads").await;
     let report = upload_all(
         parts.uploader,
         parts.workdir,

@@ -463,6 +463,9 @@ impl SyncBook {
 pub enum OlderVersion {
     /// Listed still (a request while the job runs: the in-progress manifest lists the last
     /// version stored, as live sync's does until the next lands; a crash keeps a checkpoint).
+    /// Each file is then read only in the version found, the one its look at the job's
+    /// writers saw ([`Uploader::upload_as_seen`]): another may be one a job maps and stores to
+    /// after that look, then again after the read, with its stamp unmoved.
     Kept,
     /// Taken out (the final look: the complete manifest is what the job left, and the
     /// book's version is not it).
@@ -528,6 +531,7 @@ pub async fn upload_all(
     mut checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
     let mut report = SyncReport::default();
+    let as_seen = older == OlderVersion::Kept;
     let mut saved = tokio::time::Instant::now();
     for (_, stamp) in &todo {
         book.progress.queue(stamp.size);
@@ -555,7 +559,7 @@ pub async fn upload_all(
             let uploader = uploader.clone();
             uploads.spawn(
                 async move {
-                    let (rel, result) = upload_settled(&uploader, &file).await;
+                    let (rel, result) = upload_settled(&uploader, &file, as_seen).await;
                     (rel, file.stamp, result)
                 }
                 .in_current_span(),
@@ -664,7 +668,11 @@ async fn save_checkpoint(checkpoint: &mut Option<&dyn Checkpoint>, book: &mut Sy
 async fn upload_settled(
     uploader: &Uploader,
     file: &LocalFile,
+    as_seen: bool,
 ) -> (String, Result<Uploaded, UploadError>) {
+    if as_seen {
+        return (file.rel.clone(), uploader.upload_as_seen(file).await);
+    }
     let mut attempt = 0;
     loop {
         match uploader.upload(file).await {

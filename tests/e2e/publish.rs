@@ -459,3 +459,76 @@ fn wait_all_with_nothing_new_writes_no_manifest() {
         .manifest_paths("idle")
         .contains(&"artifacts/x".to_string()));
 }
+
+/// A file the job maps and stores to, then publishes, then stores to again through the same
+/// dirty page (its stamp unmoved): the complete manifest lists what it ended with. The
+/// publish was taken as current, the final scan skipped the file, and the manifest listed
+/// the bytes it held at the publish.
+#[test]
+fn a_mapped_file_published_and_stored_to_again_is_listed_as_it_ends() {
+    let h = slow_settle();
+    let py = format!(
+        r#"
+import mmap, os, subprocess, sys, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+m[0:1] = b'b'
+time.sleep(1.2)
+r = subprocess.run(['{BIN}', 'publish', p])
+m[1:2] = b'c'
+m.close()
+f.close()
+sys.exit(r.returncode)
+"#
+    );
+    h.run_job(json!({"job_id": "mappub", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    let mut last = b"bc".to_vec();
+    last.resize(4096, b'a');
+    assert_eq!(
+        h.manifest("mappub")["files"][0]["sha256"],
+        sha256_hex(&last),
+        "the manifest lists bytes the file no longer holds"
+    );
+}
+
+/// `wait_all` looks at the job's writers, then reads: a file the job maps and stores to in
+/// between (held there 2 s by the fault point), then stores to again after the read, is read
+/// only in the version the look saw (here none: it changed), and listed as it ends. The read
+/// took the version after the first store, as current, and the manifest listed it.
+#[test]
+fn a_file_mapped_between_wait_alls_look_and_its_read_is_listed_as_it_ends() {
+    let mut h = slow_settle();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "wait-all-before-reads".into()));
+    let py = format!(
+        r#"
+import mmap, os, subprocess, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+time.sleep(1.2)
+w = subprocess.Popen(['{BIN}', 'publish', '--wait-all'])
+time.sleep(0.8)
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+m[0:1] = b'b'
+w.wait()
+m[1:2] = b'c'
+m.close()
+f.close()
+"#
+    );
+    h.run_job(json!({"job_id": "mapwait", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    let mut last = b"bc".to_vec();
+    last.resize(4096, b'a');
+    assert_eq!(
+        h.manifest("mapwait")["files"][0]["sha256"],
+        sha256_hex(&last),
+        "the manifest lists bytes the file no longer holds"
+    );
+}
