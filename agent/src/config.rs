@@ -1301,12 +1301,12 @@ mod tests {
         }
     }
 
-    /// The bytes a job's files may share with other files (reflinked copies) in all: 64 GiB
+    /// The bytes a job's files may share with other files (reflinked copies) in all: 1 TiB
     /// unless set.
     #[test]
     fn the_shared_budget_is_set_in_the_upload_section() {
         let c = resolve(None, "", &env_of(&[]), PathBuf::from("/s")).unwrap();
-        assert_eq!(c.upload.shared_budget, 64 << 30);
+        assert_eq!(c.upload.shared_budget, 1 << 40);
         let text = "[upload]\nshared_budget_bytes = 8388608\n";
         let c = resolve(None, text, &env_of(&[]), PathBuf::from("/s")).unwrap();
         assert_eq!(c.upload.shared_budget, 8 << 20);

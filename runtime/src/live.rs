@@ -771,7 +771,7 @@ impl Syncer {
             .filter_map(|rel| self.candidates.get(rel).map(|c| c.since))
             .max()
             .unwrap_or(now);
-        let look = crate::publish::look_at_open_files(&self.looking, move || {
+        let look = crate::publish::look_at_open_files(&self.looking, true, move || {
             crate::fault::blocking_pause("settle-look-hangs", Duration::from_secs(3600));
             let open = crate::procfs::written_by_lately(&procs.members(), changed.into_std());
             let root = DirFd::open_root(&workdir).ok();

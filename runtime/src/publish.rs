@@ -49,19 +49,29 @@ pub enum LookFailed {
 /// without a limit, one such process held the collector, the job's end and the agent's exit
 /// for ever. `looking` is held while a look runs, and stays held by one that never answers,
 /// so that at most one thread sticks; it is shared by live sync's settle looks and wait_all.
+///
+/// `gently`: at the agent's idle priority (live sync's own looks); a look a job's request
+/// waits on runs at the normal one (`paced` already rests the job's requests), else on a node
+/// whose job keeps every core busy it took past the limit, and every `wait_all` was refused.
 pub async fn look_at_open_files<T: Send + 'static>(
     looking: &Arc<AtomicBool>,
+    gently: bool,
     look: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, LookFailed> {
     if looking.swap(true, Ordering::AcqRel) {
         return Err(LookFailed::Stuck);
     }
     let done = looking.clone();
-    let task = crate::pace::spawn_gently(move || {
+    let work = move || {
         let found = look();
         done.store(false, Ordering::Release);
         found
-    });
+    };
+    let task = if gently {
+        futures::FutureExt::boxed(crate::pace::spawn_gently(work))
+    } else {
+        futures::FutureExt::boxed(tokio::task::spawn_blocking(work))
+    };
     match tokio::time::timeout(OPEN_FILES_LOOK_LIMIT, task).await {
         Ok(Ok(found)) => Ok(found),
         Ok(Err(_)) => {
@@ -183,7 +193,7 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
     // mapping to pages already dirty move no stamp, and a version published and taken as
     // current was listed by the complete manifest over the bytes the file ended with.
     let held = match parts.procs.cloned() {
-        Some(procs) if !todo.is_empty() => look_at_open_files(parts.looking, move || {
+        Some(procs) if !todo.is_empty() => look_at_open_files(parts.looking, false, move || {
             crate::procfs::written_by(&procs.members())
         })
         .await
@@ -247,7 +257,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
     // Who writes what, looked at after the scan: a file opened since is still being written.
     let open = match parts.procs.cloned() {
         Some(procs) => {
-            let look = look_at_open_files(parts.looking, move || {
+            let look = look_at_open_files(parts.looking, false, move || {
                 crate::fault::blocking_pause("wait-all-look-hangs", Duration::from_secs(3600));
                 crate::procfs::written_by(&procs.members())
             })

@@ -606,8 +606,9 @@ pub async fn upload_all(
             // A version taken from a manifest that the store's fault kept from being stored
             // again stays, if the file looks as listed; the file's own fault (sparse, a read
             // error, a change) says it is not that version any more.
-            let store_fault =
-                matches!(e, UploadError::Store { source, .. } if !source.is_permanent());
+            // Permanent or not (a 403 from an expired token, a read-only file store): a
+            // store's error says nothing of the file's bytes.
+            let store_fault = matches!(e, UploadError::Store { .. });
             book.forget_unless_at(&rel, &stamp, store_fault);
         }
         match result {
@@ -872,6 +873,21 @@ mod tests {
             "an unchanged listed file was dropped"
         );
         assert!(!book.contains("artifacts/changed"));
+
+        // A store refusing for good (a 403 from an expired token) says nothing of the file
+        // either.
+        let faulty = crate::store::tests::Faulty::default();
+        *faulty.denied.lock().unwrap() =
+            Some(crate::store::blob_key(&crate::digest::sha256_hex(b"same")));
+        let store =
+            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(5));
+        let denied = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
+            .confined_to(dir.path());
+        let mut book = SyncBook::default();
+        book.listed_before(&[listed("same", 0)]);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        sync_scan(&denied, dir.path(), found, &mut book, None).await;
+        assert!(book.contains("artifacts/same"), "dropped on a store's 403");
 
         // The file's own fault (over the size limit here; a sparse rewrite with its mtime put
         // back the same way) says it is not the listed version any more.

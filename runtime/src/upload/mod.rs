@@ -126,10 +126,12 @@ pub const HOLE_BUDGET: u64 = 64 << 30;
 /// agent a read, a hash (and on the file store a staged write) of the whole file, with no
 /// hard link to tell it is the same bytes: on XFS or btrfs a 10 GiB file and 10,000
 /// `cp --reflink` copies of it were metadata for the job and 100 TB to read for the agent.
-/// 64 GiB lets a job copy a few checkpoints that way; a file system whose snapshots share
-/// every extent (btrfs under snapper) may need it raised. Counted per inode as the hole budget
-/// is (see `HoleBudget`).
-pub const SHARED_BUDGET: u64 = 64 << 30;
+/// 1 TiB: coreutils 9 `cp` reflinks by default on XFS and btrfs, so a job copying its
+/// checkpoints into its output dirs shares every extent with the copy's source, and a charge
+/// is never given back for a file deleted since; what a hostile job can make the agent read
+/// stays 1 TiB an attempt. A file system whose snapshots share every extent (btrfs under
+/// snapper) may need it raised. Counted per inode as the hole budget is (see `HoleBudget`).
+pub const SHARED_BUDGET: u64 = 1 << 40;
 /// Holes a file may have without drawing on the hole budget, ever: the gaps a writer leaves as
 /// it seeks. The most a job gains a file over its disk once the budget is spent.
 const HOLE_SLACK: u64 = 1 << 20;
