@@ -213,14 +213,18 @@ impl JobReporter {
     }
 
     /// The artifacts registration; over quota is a warning, never a failure. True when it
-    /// was delivered.
+    /// was delivered, or kept for a later delivery (a keep that failed once may succeed on
+    /// the send's own try: the registration then stands, and a resync that took it for lost
+    /// counted its bytes twice).
     async fn artifacts(&mut self, order: u64, registration: Ahead, stay: Instant) -> bool {
         let delivered = self
             .reporter
             .deliver_ahead(registration, "artifacts", order, stay)
             .await;
-        let Delivery::Delivered(body) = delivered else {
-            return false;
+        let body = match delivered {
+            Delivery::Delivered(body) => body,
+            Delivery::Kept | Delivery::Local => return true,
+            Delivery::Rejected => return false,
         };
         if let Some((used, quota)) = crate::report::over_quota(&body) {
             self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
@@ -240,14 +244,24 @@ impl JobReporter {
     /// The one terminal status, with every warning gathered so far.
     async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
         let facts = ending.facts.unwrap_or_default();
+        // A NUL in the message or a warning (a store's or a gateway's error body quoted in a
+        // dataset's failure, a file name) is refused by the control plane's storage (jsonb and
+        // text refuse U+0000), and the status with it: shown as U+FFFD.
+        let no_nul = |text: String| {
+            if text.contains('\0') {
+                text.replace('\0', "\u{fffd}")
+            } else {
+                text
+            }
+        };
         let mut status = StatusReport {
             reason: verdict.reason,
             retryable: verdict.retryable,
             exit_code: ending.exit_code,
             signal: ending.signal,
-            message: ending.message,
+            message: ending.message.map(no_nul),
             upload_errors: ending.upload_errors,
-            warnings: self.warnings.clone(),
+            warnings: self.warnings.iter().cloned().map(no_nul).collect(),
             result: ending.result,
             peak_memory_bytes: facts.peak_memory_bytes,
             cpu_seconds: facts.cpu_seconds,
@@ -449,6 +463,28 @@ mod tests {
             ..Ending::default()
         };
         (dir, state, reports, requests, ending, cp)
+    }
+
+    /// A NUL in the message or a warning (a store's error body quoted in a dataset's
+    /// failure) goes as U+FFFD: the control plane's storage refuses U+0000, and with nothing
+    /// to drop the status had no fallback and was lost.
+    #[tokio::test]
+    async fn a_nul_in_the_message_or_a_warning_is_not_sent() {
+        let (_dir, state, mut reports, requests, _, _) =
+            refusing_nul("422 Unprocessable Entity").await;
+        reports.warn("a gateway said x\0y".into());
+        let ending = Ending {
+            exit_code: Some(1),
+            message: Some("dataset: 403: x\0y".into()),
+            ..Ending::default()
+        };
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Exited(1), false, false);
+        let stay = Instant::now() + Duration::from_secs(10);
+        reports.finish(3, None, &verdict, ending, stay).await;
+        let statuses = statuses(&requests);
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        assert_eq!(statuses[0]["message"], "dataset: 403: x\u{fffd}y");
+        assert!(!state.outbox_dir("j").exists(), "nothing kept");
     }
 
     /// The terminal statuses a recording server got, parsed.

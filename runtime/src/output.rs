@@ -506,8 +506,18 @@ async fn read_text(
     if buf.is_empty() {
         return None;
     }
+    // A NUL (`find -print0`, a binary dump) goes as U+FFFD, as bytes that are not UTF-8 do:
+    // the control plane's storage refuses U+0000, and the whole piece around it was passed
+    // over once the control plane had failed on it three times. The count read is the file's.
+    let no_nul = |text: String| {
+        if text.contains('\0') {
+            text.replace('\0', "\u{fffd}")
+        } else {
+            text
+        }
+    };
     if let Ok(s) = std::str::from_utf8(&buf) {
-        return Some((s.to_string(), buf.len() as u64));
+        return Some((no_nul(s.to_string()), buf.len() as u64));
     }
     // A character split at the end of what was read is sent whole next time, also after bytes
     // that are not UTF-8 (those go as U+FFFD): it was cut into two U+FFFD, one each side.
@@ -521,7 +531,10 @@ async fn read_text(
     if n == 0 {
         return None;
     }
-    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), n as u64))
+    Some((
+        no_nul(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        n as u64,
+    ))
 }
 
 /// How many bytes at the end of `buf` begin a UTF-8 character and are not all of it.
@@ -547,6 +560,24 @@ fn split_at_end(buf: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NUL in the job's output goes as U+FFFD (the control plane's storage refuses U+0000,
+    /// and the piece around it was passed over); its byte still counts as read.
+    #[tokio::test]
+    async fn a_nul_in_the_output_is_not_posted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        std::fs::write(&log, b"a\0b\n").unwrap();
+        assert_eq!(
+            read_text(&log, 0, 1000, true).await,
+            Some(("a\u{fffd}b\n".to_string(), 4))
+        );
+        std::fs::write(&log, b"\xff\0").unwrap();
+        assert_eq!(
+            read_text(&log, 0, 1000, true).await,
+            Some(("\u{fffd}\u{fffd}".to_string(), 2))
+        );
+    }
 
     /// A character split at the end of a read goes whole with the next one, also when the
     /// read holds bytes that are not UTF-8 or only the character's first bytes.
