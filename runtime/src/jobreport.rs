@@ -487,6 +487,21 @@ mod tests {
         assert!(!state.outbox_dir("j").exists(), "nothing kept");
     }
 
+    /// Sets the kept entries' mtime an hour and a minute back.
+    fn kept_an_hour_ago(outbox: &std::path::Path) {
+        let past = std::time::SystemTime::now() - Duration::from_secs(3660);
+        for entry in std::fs::read_dir(outbox).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|x| x == "json") {
+                std::fs::File::options()
+                    .write(true)
+                    .open(entry.path())
+                    .unwrap()
+                    .set_modified(past)
+                    .unwrap();
+            }
+        }
+    }
+
     /// The terminal statuses a recording server got, parsed.
     fn statuses(
         requests: &std::sync::Mutex<Vec<crate::report::tests::Request>>,
@@ -543,6 +558,24 @@ mod tests {
         reports.finish(3, None, &verdict, ending, stay).await;
         let outbox = state.outbox_dir("j");
         assert!(outbox.exists(), "kept");
+        // Three flushes within the hour leave it whole: an outage fails them all too.
+        for _ in 0..3 {
+            let deadline = Instant::now() + Duration::from_millis(700);
+            crate::report::flush_job_outbox(&cp, &state, "j", deadline).await;
+        }
+        assert!(outbox.exists(), "stripped within the hour");
+        assert!(statuses(&requests)
+            .iter()
+            .all(|s| s["result"]["x"] == "\u{0}"));
+        kept_an_hour_ago(&outbox);
+        let _ = std::fs::remove_file(
+            std::fs::read_dir(&outbox)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "tries"))
+                .expect("its failed flushes counted"),
+        );
         let mut flushes = 0;
         while outbox.exists() {
             flushes += 1;

@@ -934,6 +934,12 @@ fn entry_name(path: &Path) -> Option<(u32, u64, &str)> {
 /// [`MAX_AGE_STUCK`] moves it aside, and not on the first, which a bad deploy fails too.
 const FALLBACK_AFTER_FLUSHES: u32 = 3;
 
+/// How long a kept terminal status has failed on the control plane's own server error
+/// before it goes without its result and warnings, however many flushes failed: a node that
+/// starts jobs every few minutes flushes three times in minutes, and an outage of the control
+/// plane's database (its own 500s) stripped every status that ended in it.
+const FALLBACK_MIN_AGE: Duration = Duration::from_secs(3600);
+
 /// The one warning a terminal status sent again without its result and warnings carries,
 /// up to its HTTP status.
 const FALLBACK_NOTE: &str = "status refused with HTTP ";
@@ -954,7 +960,10 @@ fn fallback_due<'a>(
     match posted {
         Err(e @ ReportError::Rejected { status, .. }) if !e.is_auth() => Some((*status, e)),
         Err(e) if e.is_retryable() => answered
-            .filter(|_| failed_flushes(path).saturating_add(1) >= FALLBACK_AFTER_FLUSHES)
+            .filter(|_| {
+                failed_flushes(path).saturating_add(1) >= FALLBACK_AFTER_FLUSHES
+                    && kept_for(path) >= FALLBACK_MIN_AGE
+            })
             .map(|http| (http, e)),
         _ => None,
     }
@@ -1027,6 +1036,15 @@ fn is_stuck(path: &Path) -> bool {
 }
 
 /// The flushes the entry at `path` failed, by its `.tries` file.
+/// How long ago the entry at `path` was kept (nothing for one that cannot be read).
+fn kept_for(path: &Path) -> Duration {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default()
+}
+
 fn failed_flushes(path: &Path) -> u32 {
     std::fs::read_to_string(path.with_extension(TRIES))
         .ok()
