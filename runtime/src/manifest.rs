@@ -216,7 +216,7 @@ impl ManifestWriter {
             return Ok(());
         }
         if blind {
-            return self.store.put_document(&key, bytes).await;
+            return self.write_blind(&key, bytes).await;
         }
         // `Some(expected)`: what should be there (`None` inside: nothing); `None`: look first.
         let mut expected = Some(ours);
@@ -240,8 +240,7 @@ impl ManifestWriter {
                     // ahead as it always did: the job's manifest must not go missing.
                     Err(e) if e.is_permanent() => {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot tell whether a newer attempt wrote the job's manifest; writing it anyway");
-                        self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
-                        return self.store.put_document(&key, bytes).await;
+                        return self.write_blind(&key, bytes).await;
                     }
                     // A look that failed for now (a store down, a listing that trickled
                     // past the deadline) is no refusal: the write waits for a look, since
@@ -264,13 +263,38 @@ impl ManifestWriter {
                 // must not go missing over a check the store will never allow.
                 Err(e) if e.is_head_denied() => {
                     tracing::warn!(error = %crate::error_chain(&e), "cannot check the job's manifest before replacing it; writing it anyway");
-                    self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
-                    return self.store.put_document(&key, bytes).await;
+                    return self.write_blind(&key, bytes).await;
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(StoreError::Contended { key })
+    }
+
+    /// Writes the job's key without a check of what is there (the store allows none), unless
+    /// the attempts' keys, when the store lists them, show a newer attempt's manifest: a
+    /// store without conditional writes that denies HEAD had an older attempt finished late
+    /// (`recover`, `resync`) replace the newer one's, each write of it after.
+    async fn write_blind(&self, key: &str, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        match self.store.newest_attempt(&self.job_id).await {
+            Ok(Some(newer)) if newer > self.attempt => {
+                self.job_key
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .superseded = true;
+                tracing::info!(
+                    newer,
+                    "a newer attempt's manifest is the job's; this attempt's stays at its own key"
+                );
+                return Ok(());
+            }
+            Ok(_) => {}
+            // The listing denied too: the job's manifest must not go missing.
+            Err(e) if e.is_permanent() => {}
+            Err(e) => return Err(e),
+        }
+        self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
+        self.store.put_document(key, bytes).await
     }
 
     /// The job's key now, and whether a newer attempt has stored a manifest: at its own key,

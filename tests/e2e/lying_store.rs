@@ -182,6 +182,27 @@ fn object_headers(bytes: &[u8]) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A query value with its `%XX` escapes decoded.
+fn percent_decoded(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => {
+                let hex = std::str::from_utf8(hex).unwrap_or("");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn handle(
     state: Arc<Mutex<State>>,
     method: Method,
@@ -422,6 +443,31 @@ async fn handle(
                 StatusCode::OK,
                 &[("content-type", "application/xml".into())],
                 Body::from(format!("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken><KeyCount>1000</KeyCount>{contents}</ListBucketResult>")),
+            )
+        }
+        // A write-only policy still lets the agent list (ListBucket): the keys held below
+        // the prefix asked for.
+        Method::GET
+            if fault == Fault::NoConditionalPutHeadDenied
+                && uri.query().is_some_and(|q| q.contains("list-type")) =>
+        {
+            let prefix = uri
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("prefix="))
+                .map(percent_decoded)
+                .unwrap_or_default();
+            let contents: String = st
+                .objects
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, o)| format!("<Contents><Key>{k}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"e\"</ETag><Size>{}</Size></Contents>", o.len()))
+                .collect();
+            reply(
+                StatusCode::OK,
+                &[("content-type", "application/xml".into())],
+                Body::from(format!("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>")),
             )
         }
         Method::GET if uri.query().is_some_and(|q| q.contains("list-type")) => reply(
@@ -826,6 +872,28 @@ fn a_write_only_store_without_conditional_writes_gets_the_jobs_manifest() {
         stored.is_some_and(|m| m.starts_with(b"{")),
         "no job manifest"
     );
+}
+
+/// On that store, an older attempt finished after a newer one (`recover`, `resync`, a node
+/// cut off) leaves the job's manifest to the newer: the attempts' keys, which the store
+/// lists, show it. Its blind write replaced the newer attempt's manifest.
+#[test]
+fn on_a_write_only_store_an_older_attempt_leaves_the_newer_ones_manifest() {
+    let s3 = FakeS3::start(Fault::NoConditionalPutHeadDenied);
+    let h = s3.harness();
+    let mut second = job_writing(&h, "wo2", b"second");
+    second["attempt"] = 2.into();
+    h.run_job(second).assert_code(0);
+    let mut first = job_writing(&h, "wo2", b"first");
+    first["attempt"] = 1.into();
+    h.run_job(first).assert_code(0);
+    let st = s3.state.lock().unwrap();
+    let stored = st
+        .objects
+        .get("pre/jobs/wo2/manifest.json")
+        .expect("a job manifest");
+    let m: serde_json::Value = serde_json::from_slice(stored).unwrap();
+    assert_eq!(m["attempt"], 2, "{m}");
 }
 
 /// A public-write endpoint (`aws_skip_signature`, no keys): nothing to sign with is needed,
