@@ -30,25 +30,12 @@ pub async fn warn_if_stop_timeout_too_short(stop_deadline: Duration, kill_grace:
         );
     }
     let Some(unit) = own_unit() else { return };
-    let mut command = tokio::process::Command::new("systemctl");
-    command
-        .args(["show", "--property=TimeoutStopUSec", "--value", &unit])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+    let mut command = std::process::Command::new("systemctl");
+    command.args(["show", "--property=TimeoutStopUSec", "--value", &unit]);
     // It runs while the job does: as a known helper of the agent's, or it would be counted
     // among the job's processes (the agent's descendants), signalled on a stop, and its exit
     // taken by the orphan reaper.
-    let Ok((child, helper)) = c3_runtime::jobproc::spawn_helper(&mut command) else {
-        return;
-    };
-    let asked = async move {
-        let out = child.wait_with_output().await;
-        drop(helper);
-        out
-    };
-    let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(2), asked).await else {
+    let Ok(out) = c3_runtime::helper::ask(command, Duration::from_secs(2)).await else {
         return;
     };
     let text = String::from_utf8_lossy(&out.stdout);

@@ -260,21 +260,22 @@ fn enable_controllers(base: &Path) {
     }
     .and_then(|()| {
         // Helpers go along: a process left behind keeps the controllers off.
-        let helpers = own_helpers();
-        std::iter::once(std::process::id() as i32)
+        let helpers = crate::helper::settled_helpers();
+        let pids: Vec<i32> = std::iter::once(std::process::id() as i32)
             .chain(helpers.iter().copied())
-            .try_for_each(
-                |pid| match std::fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
-                    // A helper that ended meanwhile.
-                    Err(e)
-                        if pid != std::process::id() as i32
-                            && e.raw_os_error() == Some(libc::ESRCH) =>
-                    {
-                        Ok(())
-                    }
-                    other => other,
-                },
-            )
+            .collect();
+        pids.into_iter().try_for_each(|pid| {
+            match std::fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
+                // A helper that ended meanwhile.
+                Err(e)
+                    if pid != std::process::id() as i32
+                        && e.raw_os_error() == Some(libc::ESRCH) =>
+                {
+                    Ok(())
+                }
+                other => other,
+            }
+        })
     });
     match moved.and_then(|()| enable()) {
         Ok(()) => tracing::debug!(controllers = %line, "enabled for the job's cgroup"),
@@ -292,7 +293,7 @@ fn enable_controllers(base: &Path) {
 fn alone_in(dir: &Path) -> bool {
     let me = std::process::id() as i32;
     std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|t| {
-        let helpers = own_helpers();
+        let helpers = crate::helper::settled_helpers();
         let pids: Vec<i32> = t
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
@@ -316,40 +317,6 @@ pub fn become_subreaper() {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(error = %crate::error_chain(&e), "cannot become a child subreaper; a job's daemonized processes may escape");
     }
-}
-
-/// Processes the agent runs for itself (`squeue`), which are the agent's children like the
-/// job's orphans: the orphan reaper must leave their exit to tokio, and a stop must not take
-/// them for the job's.
-static OWN_HELPERS: std::sync::Mutex<BTreeSet<i32>> = std::sync::Mutex::new(BTreeSet::new());
-
-fn own_helpers() -> std::sync::MutexGuard<'static, BTreeSet<i32>> {
-    OWN_HELPERS.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Keeps a child spawned by [`spawn_helper`] a helper until dropped (after its wait).
-pub struct HelperGuard(Option<i32>);
-
-impl Drop for HelperGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            own_helpers().remove(&pid);
-        }
-    }
-}
-
-/// Spawns a process of the agent's own. The registry is held across the spawn, so the
-/// reaper never sees the child before it is known as a helper.
-pub fn spawn_helper(
-    command: &mut tokio::process::Command,
-) -> std::io::Result<(Child, HelperGuard)> {
-    let mut helpers = own_helpers();
-    let child = command.spawn()?;
-    let pid = child.id().map(|p| p as i32);
-    if let Some(pid) = pid {
-        helpers.insert(pid);
-    }
-    Ok((child, HelperGuard(pid)))
 }
 
 /// Stops every process this agent started (and every orphan re-parented to it): SIGTERM,
@@ -706,7 +673,9 @@ impl JobProcesses {
             set.extend(cg.members());
         }
         set.remove(&self.inner.agent);
-        for helper in own_helpers().iter() {
+        // Looked at after the snapshot: a helper in it was forked before, and is known once
+        // its spawn has settled.
+        for helper in crate::helper::settled_helpers().iter() {
             set.remove(helper);
         }
         set.into_iter()
@@ -728,7 +697,7 @@ impl JobProcesses {
     /// scan all of /proc each time: 12.8 s of CPU, outside the job's cgroup, for its 3.7 s.
     /// Reads `/proc`: call it off the reactor.
     pub fn contains(&self, pid: i32) -> bool {
-        if pid <= 0 || pid == self.inner.agent || own_helpers().contains(&pid) {
+        if pid <= 0 || pid == self.inner.agent || crate::helper::settled_helpers().contains(&pid) {
             return false;
         }
         let Scope::Launched = self.inner.scope else {
@@ -850,19 +819,30 @@ impl JobProcesses {
     /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
     /// agent's own: tokio waits for those).
     pub fn reap(&self) {
-        let helpers = own_helpers();
         let procs = procfs::all();
-        if let Scope::Launched = self.inner.scope {
-            let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for pid in procfs::descendants(self.inner.agent, &procs) {
-                if seen.len() >= MAX_SEEN {
-                    break;
-                }
-                if let Some(s) = procs.get(&pid).filter(|_| !helpers.contains(&pid)) {
-                    seen.entry(pid).or_insert(s.start_ticks);
-                }
+        let descendants = match self.inner.scope {
+            Scope::Launched => procfs::descendants(self.inner.agent, &procs),
+            _ => Vec::new(),
+        };
+        // Looked at after the snapshot (and not held across it, which would hold up every
+        // helper's start): a helper in it was forked before, and is known unless its spawn
+        // is still pending.
+        let helpers = crate::helper::helpers();
+        // A child forked for a helper that has not named itself yet cannot be told from an
+        // orphan of the job's: the next round reaps what this one leaves.
+        if helpers.pending() {
+            return;
+        }
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for pid in descendants {
+            if seen.len() >= MAX_SEEN {
+                break;
+            }
+            if let Some(s) = procs.get(&pid).filter(|_| !helpers.contains(&pid)) {
+                seen.entry(pid).or_insert(s.start_ticks);
             }
         }
+        drop(seen);
         for (pid, s) in procs {
             if s.ppid == self.inner.agent
                 && s.is_zombie()
@@ -1705,20 +1685,32 @@ mod tests {
     #[tokio::test]
     async fn the_agents_helpers_leave_it_alone_in_its_cgroup() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut child, _helper) = spawn_helper(
-            tokio::process::Command::new("sleep")
-                .arg("5")
-                .kill_on_drop(true),
-        )
-        .unwrap();
+        let pidfile = dir.path().join("helper-pid");
+        let mut command = std::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!("echo $$ > {}; exec sleep 5", pidfile.display()),
+        ]);
+        // Dropped at the end: the helper is killed then.
+        let asking = tokio::spawn(crate::helper::ask(command, Duration::from_secs(30)));
+        let mut helper = None;
+        for _ in 0..500 {
+            helper = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
+            if helper.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let helper = helper.expect("the helper never started");
         let me = std::process::id();
-        let helper = child.id().unwrap();
         let procs = dir.path().join("cgroup.procs");
         std::fs::write(&procs, format!("{me}\n{helper}\n")).unwrap();
         let with_helper = alone_in(dir.path());
         std::fs::write(&procs, format!("{me}\n1\n")).unwrap();
         let with_stranger = alone_in(dir.path());
-        let _ = child.kill().await;
+        asking.abort();
         assert!(
             with_helper,
             "a helper of the agent's made its cgroup shared"

@@ -23,6 +23,7 @@ pub mod fault;
 pub mod filestore;
 pub mod fusectl;
 pub mod gc;
+pub mod helper;
 pub mod httpcap;
 pub mod inflight;
 pub mod job;

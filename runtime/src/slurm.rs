@@ -23,41 +23,25 @@ pub async fn stopped_by_time_limit(within: Duration) -> bool {
     else {
         return false;
     };
-    let mut command = tokio::process::Command::new("squeue");
-    command
-        .args(["--noheader", "--jobs", &id, "--format", "%r"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
-    // The agent reaps its orphans: its own helper must be known as one, or its exit is lost.
-    let (child, helper) = match crate::jobproc::spawn_helper(&mut command) {
-        Ok(spawned) => spawned,
-        Err(e) => {
-            tracing::info!(error = %e, "cannot run squeue; the stop is taken for a cancel");
-            return false;
-        }
-    };
-    let asked = async move {
-        let out = child.wait_with_output().await;
-        drop(helper);
-        out
-    };
-    match tokio::time::timeout(within, asked).await {
-        Ok(Ok(out)) if out.status.success() => says_time_limit(&out.stdout),
-        Ok(Ok(out)) => {
+    let mut command = std::process::Command::new("squeue");
+    command.args(["--noheader", "--jobs", &id, "--format", "%r"]);
+    // The whole ask, its exec included: a `squeue` (or a PATH directory before it) on a
+    // hung mount must not hold up the stop it answers for.
+    match crate::helper::ask(command, within).await {
+        Ok(out) if out.status.success() => says_time_limit(&out.stdout),
+        Ok(out) => {
             tracing::info!(status = %out.status, "squeue failed; the stop is taken for a cancel");
             false
         }
-        Ok(Err(e)) => {
-            tracing::info!(error = %e, "cannot run squeue; the stop is taken for a cancel");
-            false
-        }
-        Err(_) => {
+        Err(e @ crate::helper::AskError::TimedOut { .. }) => {
             tracing::warn!(
-                within_s = within.as_secs(),
+                error = %crate::error_chain(&e),
                 "squeue did not answer; a Slurm time limit is reported as a cancel"
             );
+            false
+        }
+        Err(e) => {
+            tracing::info!(error = %crate::error_chain(&e), "cannot run squeue; the stop is taken for a cancel");
             false
         }
     }

@@ -196,6 +196,74 @@ fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
     }
 }
 
+/// Under Slurm a stop asks `squeue` why, while the job is stopped; a `squeue` (or a PATH
+/// directory before it) on a hung mount never returns from its exec. The spawn held the
+/// agent's helper registry across that exec, and every look at the job's processes waited
+/// on it: the SIGTERM never reached the job, and the stop deadline was not kept.
+#[test]
+fn a_stop_under_slurm_is_kept_when_squeues_exec_hangs() {
+    let mut h = Harness::file();
+    let bin = h.dir.path().join("fake-slurm");
+    std::fs::create_dir(&bin).unwrap();
+    let squeue = bin.join("squeue");
+    std::fs::write(&squeue, "#!/bin/sh\necho TimeLimit\n").unwrap();
+    std::fs::set_permissions(&squeue, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    h.env.push(("PATH".into(), path));
+    h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "10".into()));
+    // Every helper's exec hangs (after it named its pid), as on a hung mount.
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "helper-exec-hangs".into()));
+    let script = "echo $$ > $C3_ARTIFACTS_DIR/pid; sleep 300 & echo $! > $C3_ARTIFACTS_DIR/child; \
+                  echo up > $C3_ARTIFACTS_DIR/started; wait";
+    let mut child = spawn_until_started(&h, "hung", json!(["sh", "-c", script]));
+    let artifacts = h.workdir("hung").join("artifacts");
+    let pid_of = |name: &str| -> i32 {
+        std::fs::read_to_string(artifacts.join(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (leader, worker) = (pid_of("pid"), pid_of("child"));
+    let asked = Instant::now();
+    signal(child.id(), "TERM");
+    // The stop deadline and a margin for a slow machine, not the harness's two minutes.
+    let limit = Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() && asked.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = child.try_wait().unwrap().is_some();
+    if !ended {
+        let _ = child.kill();
+    }
+    let run = h.wait("run stopped with squeue's exec hung".into(), child);
+    assert!(
+        ended,
+        "the stop took longer than {limit:?} with squeue's exec hung:\n{}",
+        run.stderr
+    );
+    run.assert_code(4);
+    assert_eq!(h.terminal("hung")["state"], "CANCELED");
+    for pid in [leader, worker] {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        });
+        assert!(!alive, "the job's process {pid} outlived the stop");
+    }
+    assert!(
+        run.stderr.contains("squeue did not answer"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn stop_deadline_leaves_the_final_sync_to_recover() {
     let mut h = Harness::new(Store::s3()).with_control_plane(2);
