@@ -225,14 +225,7 @@ impl ManifestWriter {
                 Some(over) => over,
                 None => match self.look().await {
                     Ok(Look::Newer(newer)) => {
-                        self.job_key
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .superseded = true;
-                        tracing::info!(
-                            newer,
-                            "a newer attempt's manifest is the job's; this attempt's stays at its own key"
-                        );
+                        self.superseded_by(newer);
                         return Ok(());
                     }
                     Ok(Look::At(version)) => version,
@@ -271,6 +264,18 @@ impl ManifestWriter {
         Err(StoreError::Contended { key })
     }
 
+    /// A newer attempt's manifest is the job's: this attempt's stay at its own key.
+    fn superseded_by(&self, newer: u32) {
+        self.job_key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .superseded = true;
+        tracing::info!(
+            newer,
+            "a newer attempt's manifest is the job's; this attempt's stays at its own key"
+        );
+    }
+
     /// Writes the job's key without a check of what is there (the store allows none), unless
     /// the attempts' keys, when the store lists them, show a newer attempt's manifest: a
     /// store without conditional writes that denies HEAD had an older attempt finished late
@@ -278,14 +283,7 @@ impl ManifestWriter {
     async fn write_blind(&self, key: &str, bytes: bytes::Bytes) -> Result<(), StoreError> {
         match self.store.newest_attempt(&self.job_id).await {
             Ok(Some(newer)) if newer > self.attempt => {
-                self.job_key
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .superseded = true;
-                tracing::info!(
-                    newer,
-                    "a newer attempt's manifest is the job's; this attempt's stays at its own key"
-                );
+                self.superseded_by(newer);
                 return Ok(());
             }
             Ok(_) => {}

@@ -390,11 +390,9 @@ fn recover_leaves_an_attempt_whose_workdir_a_later_one_took_over() {
     assert!(!h.state.join("jobs/retried").exists(), "the job was kept");
 }
 
-/// Two jobs given the same workdir: the first ends UPLOAD_ERROR (the store broke), the second
-/// runs there later, removes the first's file and leaves its own. `recover` finished the first
-/// again from what the second left: its manifest listed the second's file as its own.
-#[test]
-fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
+/// Job `one` in the workdir `shared`, ended UPLOAD_ERROR (its store broken while it ran: its
+/// file `a1` unstored), the store mended after; returns the harness and the workdir.
+fn first_of_two_in_one_workdir() -> (Harness, String) {
     let h = Harness::file();
     let blobs = h.state.join("store/blobs");
     let work = h.path("shared").display().to_string();
@@ -404,9 +402,18 @@ fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
     );
     h.run_job(json!({"job_id": "one", "workdir": work, "command": ["sh", "-c", first]}))
         .assert_code(3);
+    std::fs::remove_file(&blobs).unwrap();
+    (h, work)
+}
+
+/// Two jobs given the same workdir: the first ends UPLOAD_ERROR (the store broke), the second
+/// runs there later, removes the first's file and leaves its own. `recover` finished the first
+/// again from what the second left: its manifest listed the second's file as its own.
+#[test]
+fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
+    let (h, work) = first_of_two_in_one_workdir();
     let own_key = "jobs/one/attempts/1/manifest.json";
     let before = h.object(own_key);
-    std::fs::remove_file(&blobs).unwrap();
     let second = "rm $C3_ARTIFACTS_DIR/a1; echo second > $C3_ARTIFACTS_DIR/a2";
     h.run_job(json!({"job_id": "two", "workdir": work, "command": ["sh", "-c", second]}))
         .assert_code(0);
@@ -439,16 +446,7 @@ fn recover_leaves_a_done_attempt_whose_workdir_another_job_used_since() {
 /// the first left unstored.
 #[test]
 fn a_job_that_never_opened_the_workdir_does_not_take_it_over() {
-    let h = Harness::file();
-    let blobs = h.state.join("store/blobs");
-    let work = h.path("shared").display().to_string();
-    let first = format!(
-        "echo first > $C3_ARTIFACTS_DIR/a1; rm -rf '{0}' && touch '{0}'",
-        blobs.display()
-    );
-    h.run_job(json!({"job_id": "one", "workdir": work, "command": ["sh", "-c", first]}))
-        .assert_code(3);
-    std::fs::remove_file(&blobs).unwrap();
+    let (h, work) = first_of_two_in_one_workdir();
     let run = h.run_job(
         json!({"job_id": "two", "workdir": work, "user": "c3-no-such-user",
         "command": ["true"]}),
