@@ -253,10 +253,11 @@ f.close()
     );
 }
 
-fn many_files(mut h: Harness, count: usize) -> crate::support::Run {
-    h.extra_toml.push_str("");
+/// A job writing `count` files in 50 dirs as fast as it can, `around` seconds after its start
+/// and before its end (time for live sync to be watching, and to see the burst).
+fn many_files(h: Harness, count: usize, around: f64) -> crate::support::Run {
     let py = format!(
-        "import os\nd=os.environ['C3_ARTIFACTS_DIR']\nfor i in range({count}):\n    sub=os.path.join(d,'s%02d'%(i%50))\n    os.makedirs(sub,exist_ok=True)\n    open(os.path.join(sub,'f%05d'%i),'w').write('file %d'%i)\n"
+        "import os, time\ntime.sleep({around})\nd=os.environ['C3_ARTIFACTS_DIR']\nfor i in range({count}):\n    sub=os.path.join(d,'s%02d'%(i%50))\n    os.makedirs(sub,exist_ok=True)\n    open(os.path.join(sub,'f%05d'%i),'w').write('file %d'%i)\ntime.sleep({around})\n"
     );
     let run = h.run_job(json!({"job_id": "many", "command": ["python3", "-c", py]}));
     run.assert_code(0);
@@ -270,15 +271,17 @@ fn many_files(mut h: Harness, count: usize) -> crate::support::Run {
 
 #[test]
 fn five_thousand_files_written_fast_are_all_there() {
-    many_files(harness(Store::File), 5000);
+    many_files(harness(Store::File), 5000, 0.0);
 }
 
 #[test]
 fn event_queue_overflow_rescans_and_loses_nothing() {
     let mut h = Harness::file();
-    // A one-slot queue between the watcher and the syncer: every burst overflows.
+    // A one-slot queue between the watcher and the syncer: every burst overflows. The burst
+    // comes once live sync watches (a loaded machine started its watches after a job that
+    // wrote everything at once had ended), and the job lives on a moment after it.
     h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\n".into();
-    let run = many_files(h, 2000);
+    let run = many_files(h, 2000, 1.0);
     assert!(
         run.stderr.contains("rescanning"),
         "the overflow path ran: {}",
