@@ -707,6 +707,17 @@ mod tests {
     }
 
     impl Fixture {
+        /// The fixture's file store with every call cut at a second.
+        fn store_cut_at_a_second(&self) -> BlobStore {
+            let limits = crate::filestore::Limits {
+                meta: Duration::from_secs(1),
+                data_floor: Duration::from_secs(1),
+                data_rate: u64::MAX,
+            };
+            let config = StoreConfig::for_tests(&format!("file://{}", self.root.display()));
+            BlobStore::open_with(&config, limits).unwrap()
+        }
+
         async fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("store");
@@ -1001,13 +1012,7 @@ mod tests {
         let kept = f.blob(b"listed", 10 * DAY).await;
         f.put(&manifest_key("j"), manifest("j", 1, &[&kept], None))
             .await;
-        let limits = crate::filestore::Limits {
-            meta: Duration::from_secs(1),
-            data_floor: Duration::from_secs(1),
-            data_rate: u64::MAX,
-        };
-        let config = StoreConfig::for_tests(&format!("file://{}", f.root.display()));
-        let store = BlobStore::open_with(&config, limits).unwrap();
+        let store = f.store_cut_at_a_second();
         for op in [
             "gc open",
             "gc clock",
@@ -1040,13 +1045,7 @@ mod tests {
         let kept = f.blob(b"listed", 10 * DAY).await;
         f.put(&manifest_key("j"), manifest("j", 1, &[&kept], None))
             .await;
-        let limits = crate::filestore::Limits {
-            meta: Duration::from_secs(1),
-            data_floor: Duration::from_secs(1),
-            data_rate: u64::MAX,
-        };
-        let config = StoreConfig::for_tests(&format!("file://{}", f.root.display()));
-        let store = BlobStore::open_with(&config, limits).unwrap();
+        let store = f.store_cut_at_a_second();
         let hang = crate::fault::arm(crate::filestore::HANG, "get body");
         let start = std::time::Instant::now();
         let gc = collect_garbage_capped(&store, DAY, false, 1 << 20);
