@@ -1387,6 +1387,20 @@ mod tests {
         assert_eq!(flaky.creates.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
+    /// A 3 MiB file `unjournaled` in `dir` (bytes counting modulo `modulus`), as collected.
+    fn patterned_file(dir: &Path, modulus: u32) -> (Vec<u8>, crate::collect::LocalFile) {
+        let abs = dir.join("unjournaled");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % modulus) as u8).collect();
+        std::fs::write(&abs, &data).unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&abs).unwrap());
+        let file = crate::collect::LocalFile {
+            rel: "artifacts/unjournaled".into(),
+            abs,
+            stamp,
+        };
+        (data, file)
+    }
+
     /// An upload whose journal could not be written (the state dir full, or failing) is
     /// aborted when a store fault cuts it short, not kept for a later try: nothing on the
     /// node names it, to resume it or to abort it, and its parts stayed billed for ever.
@@ -1395,14 +1409,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (up, flaky) = flaky_uploader(dir.path(), 0);
         flaky.parts_ok.store(1, std::sync::atomic::Ordering::SeqCst);
-        let abs = dir.path().join("unjournaled");
-        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 241) as u8).collect();
-        std::fs::write(&abs, &data).unwrap();
-        let file = crate::collect::LocalFile {
-            rel: "artifacts/unjournaled".into(),
-            abs: abs.clone(),
-            stamp: FileStamp::of(&std::fs::metadata(&abs).unwrap()),
-        };
+        let (data, file) = patterned_file(dir.path(), 241);
         let _eio = crate::fault::arm("journal-write-eio", &crate::digest::sha256_hex(&data));
         let e = up.upload(&file).await.unwrap_err();
         assert!(
@@ -1426,14 +1433,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (up, flaky) = flaky_uploader(dir.path(), usize::MAX);
             flaky.parts_ok.store(1, std::sync::atomic::Ordering::SeqCst);
-            let abs = dir.path().join("unjournaled");
-            let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 239) as u8).collect();
-            std::fs::write(&abs, &data).unwrap();
-            let file = crate::collect::LocalFile {
-                rel: "artifacts/unjournaled".into(),
-                abs: abs.clone(),
-                stamp: FileStamp::of(&std::fs::metadata(&abs).unwrap()),
-            };
+            let (data, file) = patterned_file(dir.path(), 239);
             let eio = crate::fault::arm("journal-write-eio", &crate::digest::sha256_hex(&data));
             // The state dir takes writes again once the upload started (its journal not written).
             let mut eio = Some(eio);
