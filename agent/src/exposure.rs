@@ -541,31 +541,16 @@ mod tests {
 
         // `setfacl -m u:4243:r f` on a `0600 root:root` file: the mode bits show 0640.
         chown(&f, 0, 0);
-        let entries: [(u16, u16, u32); 5] = [
-            (0x01, 6, u32::MAX),
-            (0x02, 4, 4243),
-            (0x04, 0, u32::MAX),
-            (0x10, 4, u32::MAX),
-            (0x20, 0, u32::MAX),
-        ];
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in entries {
-            acl.extend_from_slice(&tag.to_le_bytes());
-            acl.extend_from_slice(&perm.to_le_bytes());
-            acl.extend_from_slice(&id.to_le_bytes());
-        }
-        let path = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: both strings are NUL-terminated; `acl` is readable for its length.
-        let rc = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                c"system.posix_acl_access".as_ptr(),
-                acl.as_ptr().cast(),
-                acl.len(),
-                0,
-            )
+        let named = |user: u32| {
+            [
+                (0x01u16, 6u16, u32::MAX),
+                (0x02, 4, user),
+                (0x04, 0, u32::MAX),
+                (0x10, 4, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ]
         };
-        if rc != 0 {
+        if !set_acl(&f, &named(4243)) {
             eprintln!("no POSIX ACLs here: the ACL case is not checked");
             return;
         }
@@ -581,19 +566,21 @@ mod tests {
         // non-root agent a root-owned secret that way was named at every run, with a fix
         // that took the agent's own access away.
         let own = nix::unistd::geteuid().as_raw();
+        assert!(set_acl(&f, &named(own)));
+        assert_eq!(who_may_read(&f), None, "the agent's own ACL entry");
+    }
+
+    /// Sets `entries` (tag, permissions, id) as the access ACL of `path`, as `setfacl` does
+    /// (the runtime's `acl` tests have the same, on an fd); false where ACLs are not supported.
+    fn set_acl(path: &std::path::Path, entries: &[(u16, u16, u32)]) -> bool {
         let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [
-            (0x01u16, 6u16, u32::MAX),
-            (0x02, 4, own),
-            (0x04, 0, u32::MAX),
-            (0x10, 4, u32::MAX),
-            (0x20, 0, u32::MAX),
-        ] {
+        for (tag, perm, id) in entries {
             acl.extend_from_slice(&tag.to_le_bytes());
             acl.extend_from_slice(&perm.to_le_bytes());
             acl.extend_from_slice(&id.to_le_bytes());
         }
-        // SAFETY: as above.
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: both strings are NUL-terminated; `acl` is readable for its length.
         let rc = unsafe {
             libc::setxattr(
                 path.as_ptr(),
@@ -603,7 +590,6 @@ mod tests {
                 0,
             )
         };
-        assert_eq!(rc, 0);
-        assert_eq!(who_may_read(&f), None, "the agent's own ACL entry");
+        rc == 0
     }
 }
