@@ -71,6 +71,15 @@ fn bad_result_file_is_a_warning() {
     assert!(t["warnings"].to_string().contains("result file"), "{t}");
 }
 
+/// Every SUCCEEDED status the control plane was sent, answered or not.
+fn succeeded_statuses(h: &Harness) -> Vec<crate::support::Recorded> {
+    h.cp()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status") && r.body["state"] == "SUCCEEDED")
+        .collect()
+}
+
 /// A terminal status the control plane refused for the job's result (a schema it checks, a
 /// NUL its database cannot hold) was dropped: the job stayed FINALIZING there for good. It
 /// goes again at once, with the same seq, without the result and warnings.
@@ -81,12 +90,7 @@ fn a_terminal_status_refused_for_its_result_goes_again_without_it() {
     let script = "echo '{\"accuracy\": 0.93}' > $C3_RESULT_FILE";
     h.run_job(json!({"job_id": "refres", "command": ["sh", "-c", script]}))
         .assert_code(0);
-    let terminal: Vec<_> = h
-        .cp()
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.ends_with("/status") && r.body["state"] == "SUCCEEDED")
-        .collect();
+    let terminal = succeeded_statuses(&h);
     let answered: Vec<u16> = terminal.iter().map(|r| r.answered).collect();
     assert_eq!(answered, [422, 200], "{terminal:?}");
     assert_eq!(terminal[0].body["result"], json!({"accuracy": 0.93}));
@@ -110,12 +114,7 @@ fn a_result_holding_a_nul_is_a_warning() {
     let script = r#"printf '{"x":"\u0000"}' > $C3_RESULT_FILE"#;
     h.run_job(json!({"job_id": "nulres", "command": ["sh", "-c", script]}))
         .assert_code(0);
-    let terminal: Vec<_> = h
-        .cp()
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.ends_with("/status") && r.body["state"] == "SUCCEEDED")
-        .collect();
+    let terminal = succeeded_statuses(&h);
     assert_eq!(terminal.len(), 1, "{terminal:?}");
     let t = &terminal[0].body;
     assert_eq!(terminal[0].answered, 200, "{t}");
