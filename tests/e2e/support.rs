@@ -31,6 +31,19 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// The job's one file, `a` 4096 times stored to through a mapping (`b` at 0, then `c` at 1,
+/// the second store to a dirty page that moves no stamp), is listed as it ended: `bc` then
+/// `a`s, not the version an upload read between the stores.
+pub fn assert_listed_as_it_ends(h: &Harness, job: &str) {
+    let mut last = b"bc".to_vec();
+    last.resize(4096, b'a');
+    assert_eq!(
+        h.manifest(job)["files"][0]["sha256"],
+        sha256_hex(&last),
+        "the manifest lists bytes the file no longer holds"
+    );
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
