@@ -43,6 +43,16 @@ pub fn shown_url(url: &str) -> String {
 /// (object_store puts it whole into the error): a log line, status or record keeps its head.
 pub const MAX_ERROR_TEXT: usize = 2048;
 
+/// `text` with each NUL as U+FFFD, for what goes to the control plane: its storage (jsonb,
+/// text) refuses U+0000, and a status or a live piece holding one was refused with it.
+pub fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    }
+}
+
 /// `s` cut to at most about `max` bytes at a character boundary, saying how much was cut.
 pub fn clip_text(mut s: String, max: usize) -> String {
     if s.len() <= max {

@@ -245,15 +245,8 @@ impl JobReporter {
     async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
         let facts = ending.facts.unwrap_or_default();
         // A NUL in the message or a warning (a store's or a gateway's error body quoted in a
-        // dataset's failure, a file name) is refused by the control plane's storage (jsonb and
-        // text refuse U+0000), and the status with it: shown as U+FFFD.
-        let no_nul = |text: String| {
-            if text.contains('\0') {
-                text.replace('\0', "\u{fffd}")
-            } else {
-                text
-            }
-        };
+        // dataset's failure, a file name) would have the status refused.
+        let no_nul = crate::display::without_nul;
         let mut status = StatusReport {
             reason: verdict.reason,
             retryable: verdict.retryable,

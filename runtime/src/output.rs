@@ -507,15 +507,9 @@ async fn read_text(
         return None;
     }
     // A NUL (`find -print0`, a binary dump) goes as U+FFFD, as bytes that are not UTF-8 do:
-    // the control plane's storage refuses U+0000, and the whole piece around it was passed
-    // over once the control plane had failed on it three times. The count read is the file's.
-    let no_nul = |text: String| {
-        if text.contains('\0') {
-            text.replace('\0', "\u{fffd}")
-        } else {
-            text
-        }
-    };
+    // the whole piece around it was passed over once the control plane had failed on it
+    // three times. The count read is the file's.
+    let no_nul = crate::display::without_nul;
     if let Ok(s) = std::str::from_utf8(&buf) {
         return Some((no_nul(s.to_string()), buf.len() as u64));
     }
