@@ -228,7 +228,7 @@ fn open_workdir(
     // found here.
     fd.pin(workdir, root.map(PathBuf::as_path))?;
     for dir in dirs {
-        fd.ensure_dir(Path::new(dir), job_dir_mode(owner), owner)
+        ensure_output_dir(&fd, Path::new(dir), owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
     }
     // `.c3` is the agent's: whatever a job put in its place is replaced.
@@ -248,6 +248,41 @@ fn open_workdir(
         done => done?,
     }
     Ok(fd)
+}
+
+/// Makes the output dir `rel` below the workdir. What an earlier attempt's job left in the
+/// way (`rm -r artifacts && ln -s /etc artifacts`, a file in its place) is its own doing and
+/// is there on every later attempt: refused, it failed each of them before launch as the
+/// node's error (AGENT_ERROR, retryable), for ever. It is moved aside in its own directory
+/// (the link itself, never its target; a file kept, never removed as root), as `.c3` is
+/// replaced and a result left a directory is moved aside.
+fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Result<DirFd> {
+    let mut dir = workdir.try_clone()?;
+    for part in rel.components() {
+        let std::path::Component::Normal(name) = part else {
+            // `ensure_dir` says what is wrong with the path.
+            return workdir.ensure_dir(rel, job_dir_mode(owner), owner);
+        };
+        match dir.stat(name) {
+            Ok(st) if !crate::confine::is_dir(&st) => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let mut aside = std::ffi::OsString::from(".");
+                aside.push(name);
+                aside.push(format!("-aside-{}-{nanos}", std::process::id()));
+                dir.rename(name, &aside)?;
+                tracing::warn!(
+                    path = %rel.display(),
+                    aside = %Path::new(&aside).display(),
+                    "something other than a directory was where an output dir goes (an earlier attempt's?); moved aside"
+                );
+            }
+            _ => {}
+        }
+        dir = dir.ensure_dir(Path::new(name), job_dir_mode(owner), owner)?;
+    }
+    Ok(dir)
 }
 
 /// The mode of a directory the agent makes in the workdir (output dirs, `.c3`, dataset

@@ -93,23 +93,54 @@ fn dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed() {
     assert_eq!(owner(&f), nobody(), "the job's dataset copy belongs to it");
 }
 
+/// An output dir an earlier attempt's job replaced with a symlink (or a file, or a symlink
+/// on the way to a nested one): moved aside, never followed, and the next attempt runs.
+/// Refused, it failed every later attempt as the node's error, retryable, for ever.
 #[test]
-fn output_dir_that_is_a_planted_symlink_is_refused() {
-    if not_root("output_dir_that_is_a_planted_symlink_is_refused") {
+fn output_dir_that_is_a_planted_symlink_is_moved_aside() {
+    if not_root("output_dir_that_is_a_planted_symlink_is_moved_aside") {
         return;
     }
     let h = open_harness();
     let v = victim(&h);
     let before = snapshot(&v);
-    plant(&h, "j", &format!("ln -s '{}' results", v.display()));
-    // Were the link followed and the victim given to nobody, this would write into it.
+    plant(
+        &h,
+        "j",
+        &format!(
+            "ln -s '{}' results && echo mine > deep && ln -s '{}' up",
+            v.display(),
+            v.display()
+        ),
+    );
+    // Were a link followed and the victim given to nobody, this would write into it.
     let run = h.run_job(json!({
-        "job_id": "j", "attempt": 2, "user": "nobody", "output": ["results"],
-        "command": ["sh", "-c", "touch results/ckpt"],
+        "job_id": "j", "attempt": 2, "user": "nobody", "output": ["results", "deep", "up/sub"],
+        "command": ["sh", "-c", "touch results/ckpt deep/a up/sub/b"],
     }));
-    run.assert_code(6);
+    run.assert_code(0);
     assert!(!v.join("ckpt").exists());
+    assert!(!v.join("sub").exists());
     assert_untouched(&v, &before);
+    let w = h.workdir("j");
+    for dir in ["results", "deep", "up/sub"] {
+        let m = std::fs::symlink_metadata(w.join(dir)).unwrap();
+        assert!(m.is_dir(), "{dir} is a real directory now");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&m),
+            nobody(),
+            "{dir} is the job's"
+        );
+    }
+    // What the job had put there is kept beside, as it was.
+    let aside: Vec<String> = std::fs::read_dir(&w)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-aside-"))
+        .collect();
+    assert_eq!(aside.len(), 3, "{aside:?}");
+    let kept = aside.iter().find(|n| n.starts_with(".deep-")).unwrap();
+    assert_eq!(std::fs::read_to_string(w.join(kept)).unwrap(), "mine\n");
 }
 
 #[test]
