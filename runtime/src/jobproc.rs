@@ -451,9 +451,11 @@ struct Inner {
     /// of an earlier process with the same pid.
     leader_start_ticks: u64,
     /// Every process of the job seen by the reaper's once-a-second look (pid -> start
-    /// ticks), at most [`MAX_SEEN`]: where no cgroup counts OOM kills, the kernel log is
-    /// searched for these, so a shell leader's OOM-killed child is found too.
-    seen: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
+    /// ticks, and when a look first found it gone, on the kernel log's clock), at most
+    /// [`MAX_SEEN`]: where no cgroup counts OOM kills, the kernel log is searched for these,
+    /// so a shell leader's OOM-killed child is found too, and not a later process that took
+    /// its pid.
+    seen: std::sync::Mutex<std::collections::BTreeMap<i32, (u64, Option<u64>)>>,
     /// `--pid`'s tree as seen at each look (pid -> start ticks): a descendant the leader left
     /// behind is re-parented out of the tree when the leader ends, and is still the job's.
     tree: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
@@ -833,13 +835,22 @@ impl JobProcesses {
         if helpers.pending() {
             return;
         }
+        let now = procfs::now_micros();
         let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (pid, (start, gone)) in seen.iter_mut() {
+            let there = procs
+                .get(pid)
+                .is_some_and(|s| s.start_ticks == *start && !s.is_zombie());
+            if !there && gone.is_none() {
+                *gone = Some(now);
+            }
+        }
         for pid in descendants {
             if seen.len() >= MAX_SEEN {
                 break;
             }
             if let Some(s) = procs.get(&pid).filter(|_| !helpers.contains(&pid)) {
-                seen.entry(pid).or_insert(s.start_ticks);
+                seen.entry(pid).or_insert((s.start_ticks, None));
             }
         }
         drop(seen);
@@ -1032,20 +1043,24 @@ impl JobProcesses {
                 .or(Some(usage.max_rss() as u64 * 1024));
         }
         if !oom_counted && leader_sigkilled {
-            let mut processes: std::collections::BTreeMap<i32, u64> = self
+            // One still there (or whose end no look saw) is counted up to now, and a second
+            // past a look that found it gone, for the two clocks' drift.
+            let now = procfs::now_micros().saturating_add(1_000_000);
+            let life = |ticks: u64, gone: Option<u64>| crate::kernlog::Lifetime {
+                from_us: procfs::start_micros(ticks),
+                until_us: gone.map_or(now, |g| g.saturating_add(1_000_000)),
+            };
+            let mut processes: std::collections::BTreeMap<i32, crate::kernlog::Lifetime> = self
                 .inner
                 .seen
                 .lock()
                 .map(|seen| {
                     seen.iter()
-                        .map(|(&pid, &ticks)| (pid, procfs::start_micros(ticks)))
+                        .map(|(&pid, &(ticks, gone))| (pid, life(ticks, gone)))
                         .collect()
                 })
                 .unwrap_or_default();
-            processes.insert(
-                self.inner.leader,
-                procfs::start_micros(self.inner.leader_start_ticks),
-            );
+            processes.insert(self.inner.leader, life(self.inner.leader_start_ticks, None));
             if crate::kernlog::oom_killed(&processes) {
                 facts.oom_kills = 1;
             }
@@ -1458,6 +1473,31 @@ fn real_uid(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process of the job the reaper saw is marked gone when a look no longer finds it:
+    /// a kernel-log OOM record of its pid after that is another process's.
+    #[test]
+    fn a_process_seen_gone_is_marked_with_when() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let procs = JobProcesses::new(i32::MAX, None);
+        procs.reap();
+        let seen = |procs: &JobProcesses| procs.inner.seen.lock().unwrap().get(&pid).copied();
+        assert!(
+            matches!(seen(&procs), Some((_, None))),
+            "{:?}",
+            seen(&procs)
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let before = procfs::now_micros();
+        procs.reap();
+        let gone = seen(&procs).and_then(|s| s.1).expect("marked gone");
+        assert!(gone >= before);
+    }
 
     /// A pid whose process is not the one a look saw (another start: the pid changed hands
     /// since) gets no signal; the process seen does.

@@ -8,11 +8,21 @@ use std::os::unix::fs::OpenOptionsExt;
 /// Records read at most: the ring buffer holds a few thousand; a flood must not stall us.
 const MAX_RECORDS: usize = 100_000;
 
-/// Whether the kernel log says the OOM killer killed one of `processes` (pid -> the
-/// microseconds after boot when it started, the log's own clock) after it started, so a pid
-/// reused since does not count. False when the log cannot be read (no privilege,
-/// `ProtectKernelLogs=`).
-pub fn oom_killed(processes: &BTreeMap<i32, u64>) -> bool {
+/// When a process of the job lived, in microseconds on the kernel log's clock
+/// ([`crate::procfs::start_micros`], [`crate::procfs::now_micros`]): a record of its pid
+/// counts only between the two, so neither an earlier process with that pid nor a later one
+/// (another tenant's, cycling pids until it holds one the job's process left) is taken for
+/// the job's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub from_us: u64,
+    /// When it was found gone (or, still there, when the log is read).
+    pub until_us: u64,
+}
+
+/// Whether the kernel log says the OOM killer killed one of `processes` while it lived.
+/// False when the log cannot be read (no privilege, `ProtectKernelLogs=`).
+pub fn oom_killed(processes: &BTreeMap<i32, Lifetime>) -> bool {
     if processes.is_empty() {
         return false;
     }
@@ -48,7 +58,7 @@ pub fn oom_killed(processes: &BTreeMap<i32, u64>) -> bool {
 /// carries cgroup paths, which an unprivileged user names freely in its delegated subtree
 /// (a cgroup called `Killed process 4242 (x` would otherwise turn another job's SIGKILL into
 /// OUT_OF_MEMORY).
-fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, u64>) -> bool {
+fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, Lifetime>) -> bool {
     const SENTENCES: &[&str] = &[
         "Out of memory: Killed process ",
         "Memory cgroup out of memory: Killed process ",
@@ -76,30 +86,55 @@ fn record_says_oom(record: &[u8], processes: &BTreeMap<i32, u64>) -> bool {
         .and_then(|(pid, _)| pid.parse::<i32>().ok());
     killed
         .and_then(|pid| processes.get(&pid))
-        .is_some_and(|&since_us| usec >= since_us)
+        .is_some_and(|life| (life.from_us..=life.until_us).contains(&usec))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn life(from_us: u64, until_us: u64) -> Lifetime {
+        Lifetime { from_us, until_us }
+    }
+
     #[test]
-    fn finds_the_oom_record_of_a_process_of_the_job_only_after_its_start() {
+    fn finds_the_oom_record_of_a_process_of_the_job_only_while_it_lived() {
         let rec = b"3,1234,5000000,-;Memory cgroup out of memory: Killed process 4242 (python3) total-vm:1kB\n";
-        let job = |pid, since| BTreeMap::from([(1, 0), (pid, since)]);
-        assert!(record_says_oom(rec, &job(4242, 4_000_000)));
+        let job =
+            |pid, from, until| BTreeMap::from([(1, life(0, u64::MAX)), (pid, life(from, until))]);
+        assert!(record_says_oom(rec, &job(4242, 4_000_000, u64::MAX)));
         assert!(
-            !record_says_oom(rec, &job(4242, 6_000_000)),
+            !record_says_oom(rec, &job(4242, 6_000_000, u64::MAX)),
             "an earlier process with that pid"
         );
-        assert!(!record_says_oom(rec, &job(424, 0)), "pid 424 is not 4242");
-        assert!(!record_says_oom(b"6,1,5,-;eth0: link up", &job(1, 0)));
+        assert!(
+            !record_says_oom(rec, &job(4242, 1_000_000, 4_000_000)),
+            "a later process with that pid: the job's had gone by then"
+        );
+        assert!(record_says_oom(rec, &job(4242, 1_000_000, 5_000_000)));
+        assert!(
+            !record_says_oom(rec, &job(424, 0, u64::MAX)),
+            "pid 424 is not 4242"
+        );
+        assert!(!record_says_oom(
+            b"6,1,5,-;eth0: link up",
+            &job(1, 0, u64::MAX)
+        ));
         // A cgroup a user named after the sentence, and a userspace write to /dev/kmsg.
         let forged = b"6,1,5000000,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/user.slice/Killed process 4242 (x,task_memcg=/a\n";
-        assert!(!record_says_oom(forged, &job(4242, 0)));
+        assert!(!record_says_oom(forged, &job(4242, 0, u64::MAX)));
         let user = b"14,1,5000000,-;Out of memory: Killed process 4242 (x) total-vm:1kB\n";
-        assert!(!record_says_oom(user, &job(4242, 0)));
+        assert!(!record_says_oom(user, &job(4242, 0, u64::MAX)));
         let plain = b"3,1,5000000,-;Out of memory: Killed process 4242 (x) total-vm:1kB\n";
-        assert!(record_says_oom(plain, &job(4242, 0)));
+        assert!(record_says_oom(plain, &job(4242, 0, u64::MAX)));
+    }
+
+    #[test]
+    fn a_start_is_on_the_logs_clock() {
+        // This process's start, read from /proc, is before now on the log's clock.
+        let ticks = crate::procfs::stat(std::process::id() as i32)
+            .unwrap()
+            .start_ticks;
+        assert!(crate::procfs::start_micros(ticks) <= crate::procfs::now_micros());
     }
 }

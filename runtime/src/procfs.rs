@@ -89,12 +89,40 @@ pub fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// Clock ticks after boot (a process's start) as microseconds, the kernel log's clock,
-/// less a second for the two clocks' drift.
+/// Clock ticks after boot (a process's start) as microseconds on the kernel log's clock,
+/// less a second for the two clocks' drift. A start is counted on the boot clock, which runs
+/// through a suspend; the log's does not: after a suspend of S seconds every start read
+/// plainly was S late, and an OOM kill within S of the job's start was taken for an
+/// earlier process's. The time spent suspended so far is taken off (all of it: a process
+/// started before a suspend gets an earlier start, never a later one).
 pub fn start_micros(ticks: u64) -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    (ticks.saturating_mul(1_000_000) / hz).saturating_sub(1_000_000)
+    let suspended =
+        clock_micros(libc::CLOCK_BOOTTIME).saturating_sub(clock_micros(libc::CLOCK_MONOTONIC));
+    (ticks.saturating_mul(1_000_000) / hz)
+        .saturating_sub(suspended)
+        .saturating_sub(1_000_000)
+}
+
+/// Now, in microseconds on the kernel log's clock (which stops while the node is
+/// suspended, as `CLOCK_MONOTONIC` does).
+pub fn now_micros() -> u64 {
+    clock_micros(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_micros(clock: libc::clockid_t) -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+        return 0;
+    }
+    (t.tv_sec.max(0) as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(t.tv_nsec.max(0) as u64 / 1_000)
 }
 
 /// Who `pid` is right now.
