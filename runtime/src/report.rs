@@ -1035,16 +1035,32 @@ fn is_stuck(path: &Path) -> bool {
     failed_flushes(path) >= MAX_FAILED_FLUSHES && is_old(path)
 }
 
-/// The flushes the entry at `path` failed, by its `.tries` file.
-/// How long ago the entry at `path` was kept (nothing for one that cannot be read).
+/// How long ago the entry at `path` was kept (nothing for one that cannot be read). One
+/// kept in the future was kept before the node's clock stepped back (NTP at boot, a VM
+/// resumed): counted as kept now, and its time set so, for it otherwise stayed young until
+/// the clock caught up, never falling back to a status without its result nor stuck, and
+/// held every later report of its job behind it.
 fn kept_for(path: &Path) -> Duration {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .unwrap_or_default()
+    let Ok(kept) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return Duration::ZERO;
+    };
+    match kept.elapsed() {
+        Ok(age) => age,
+        Err(_) => {
+            let now = std::time::SystemTime::now();
+            if let Err(e) = std::fs::File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(now))
+            {
+                tracing::debug!(path = %path.display(), error = %e, "cannot set the time of a report kept in the future");
+            }
+            Duration::ZERO
+        }
+    }
 }
 
+/// The flushes the entry at `path` failed, by its `.tries` file.
 fn failed_flushes(path: &Path) -> u32 {
     std::fs::read_to_string(path.with_extension(TRIES))
         .ok()
@@ -1056,15 +1072,11 @@ fn failed_flushes(path: &Path) -> u32 {
 const MAX_AGE_STUCK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn is_ancient(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MAX_AGE_STUCK))
+    kept_for(path) >= MAX_AGE_STUCK
 }
 
 fn is_old(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= MIN_AGE_ASIDE))
+    kept_for(path) >= MIN_AGE_ASIDE
 }
 
 /// A flush of the entry at `path` failed with `e` (`answered`: a try of it met an answer
@@ -1938,6 +1950,36 @@ pub(crate) mod tests {
         let requests = requests.lock().unwrap();
         assert!(requests.last().unwrap().1.contains(r#""attempt":2"#));
         assert!(!requests.iter().any(|(_, b)| b.contains(r#""seq":4"#)));
+    }
+
+    /// A report kept before the node's clock stepped back is counted as kept now, and its
+    /// time put right: left in the future it stayed young (no fallback, never stuck, every
+    /// later report of its job held behind it) until the clock caught up, a year here.
+    #[test]
+    fn a_report_kept_in_the_future_is_counted_as_kept_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("000001-00000003-status.json");
+        std::fs::write(&entry, "{}").unwrap();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + year)
+            .unwrap();
+        assert_eq!(kept_for(&entry), Duration::ZERO);
+        let kept = std::fs::metadata(&entry).unwrap().modified().unwrap();
+        assert!(
+            kept <= std::time::SystemTime::now(),
+            "its time was put right"
+        );
+        std::fs::File::options()
+            .write(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - MIN_AGE_ASIDE)
+            .unwrap();
+        assert!(is_old(&entry));
     }
 
     /// A terminal status the control plane fails on every time counts its failed flushes,
