@@ -28,9 +28,10 @@ pub struct DirSync {
     /// Links into the blobs directory, one at a time: the kernel serializes them on the
     /// directory's lock anyway, and waiting here sleeps where waiting there spins.
     linking: Mutex<()>,
-    /// When the last fsync of the directory that went through began (ns since the epoch):
-    /// it covers every entry changed before then, whoever made it.
-    began_ns: AtomicU64,
+    /// When the last fsync of the directory that went through began (ns since the epoch,
+    /// and on the monotonic clock): it covers every entry changed before then, whoever made
+    /// it.
+    began: Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl DirSync {
@@ -50,9 +51,9 @@ impl DirSync {
     /// One fsync of the directory, noting when it began. Called with `synced` held, so
     /// fsyncs never overlap.
     fn fsync(&self, dir: &Path) -> io::Result<()> {
-        let began = now_ns();
+        let began = (now_ns(), std::time::Instant::now());
         File::open(dir)?.sync_all()?;
-        self.began_ns.fetch_max(began, Ordering::SeqCst);
+        *self.began.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
         Ok(())
     }
 
@@ -72,10 +73,23 @@ impl DirSync {
             return Ok(());
         }
         let _synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
-        if self.began_ns.load(Ordering::SeqCst) > changed {
+        if self.began_covers(changed) {
             return Ok(());
         }
         self.fsync(dir)
+    }
+
+    /// Whether the last fsync began after `changed` (ns since the epoch, a file's ctime).
+    /// Only while the node's clock has run as the monotonic one since that fsync: after a
+    /// step back, a blob linked since looked older than the fsync, and no fsync covered it
+    /// for the length of the step.
+    fn began_covers(&self, changed: u64) -> bool {
+        let Some((wall, mono)) = *self.began.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return false;
+        };
+        let ran = now_ns().saturating_sub(wall) as i128;
+        let steady = (ran - mono.elapsed().as_nanos() as i128).abs() < 1_000_000_000;
+        steady && now_ns() >= wall && wall > changed
     }
 
     fn linked(&self) -> u64 {
@@ -759,16 +773,30 @@ mod tests {
         // Past the margin for the file system's coarse clock.
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!put_blob(root.path(), &sha, b"theirs", &sync, false).unwrap());
-        let first = sync.began_ns.load(Ordering::SeqCst);
-        assert!(first > 0, "a young blob found was not made durable");
+        let first = *sync.began.lock().unwrap();
+        assert!(first.is_some(), "a young blob found was not made durable");
         for _ in 0..3 {
             assert!(!put_blob(root.path(), &sha, b"theirs", &sync, false).unwrap());
         }
-        assert_eq!(
-            sync.began_ns.load(Ordering::SeqCst),
-            first,
-            "one fsync covers them"
-        );
+        assert_eq!(*sync.began.lock().unwrap(), first, "one fsync covers them");
+    }
+
+    /// An fsync that began "later" than a blob's change only by a clock that stepped back
+    /// since does not cover it.
+    #[test]
+    fn an_fsync_seen_across_a_clock_step_covers_nothing() {
+        let sync = DirSync::default();
+        let now = now_ns();
+        let hour = 3_600_000_000_000;
+        // Began at an honest time, a blob changed a second before: covered.
+        *sync.began.lock().unwrap() = Some((now, std::time::Instant::now()));
+        assert!(sync.began_covers(now - 1_000_000_000));
+        // Began an hour "ahead" of the clock now (it stepped back an hour since): not.
+        *sync.began.lock().unwrap() = Some((now + hour, std::time::Instant::now()));
+        assert!(!sync.began_covers(now - 1_000_000_000));
+        // Began, by the wall clock, an hour ago, but a second ago by the monotonic one.
+        *sync.began.lock().unwrap() = Some((now - hour, std::time::Instant::now()));
+        assert!(!sync.began_covers(now - 2 * hour));
     }
 
     #[test]

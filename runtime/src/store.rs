@@ -1071,7 +1071,8 @@ fn young_enough_untouched(path: &Path) -> std::io::Result<bool> {
 /// create and an unlink each in a directory of millions.
 pub(crate) fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
     use std::time::SystemTime;
-    static OFFSET: std::sync::Mutex<Option<(std::time::Instant, i128)>> =
+    // When measured (monotonic and wall), and the store's clock less the node's.
+    static OFFSET: std::sync::Mutex<Option<(std::time::Instant, i128, i128)>> =
         std::sync::Mutex::new(None);
     let ns = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i128,
@@ -1083,8 +1084,12 @@ pub(crate) fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
         SystemTime::UNIX_EPOCH + d
     };
     let mut kept = OFFSET.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((when, offset)) = *kept {
-        if when.elapsed() < Duration::from_secs(60) {
+    if let Some((when, wall, offset)) = *kept {
+        // Kept a minute, while the node's clock runs as the monotonic one: across a step
+        // the offset is the step wrong, and a young blob looked old (or an old one young).
+        let ran = ns(SystemTime::now()) - wall;
+        let steady = (ran - when.elapsed().as_nanos() as i128).abs() < 1_000_000_000;
+        if steady && when.elapsed() < Duration::from_secs(60) {
             return Some(at(offset));
         }
     }
@@ -1095,10 +1100,8 @@ pub(crate) fn store_clock(dir: &Path) -> Option<std::time::SystemTime> {
         let _ = dir.remove_file(std::ffi::OsStr::new(&name));
     }
     let stamped = stamped?;
-    *kept = Some((
-        std::time::Instant::now(),
-        ns(stamped) - ns(SystemTime::now()),
-    ));
+    let now = ns(SystemTime::now());
+    *kept = Some((std::time::Instant::now(), now, ns(stamped) - now));
     Some(stamped)
 }
 
