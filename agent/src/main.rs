@@ -745,6 +745,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     tokio::spawn(unitcheck::warn_if_stop_timeout_too_short(
         config.stop_deadline,
         config.kill_grace,
+        config.control_plane.as_ref().map(|c| c.give_up),
     ));
     if let Ok(mut current) = CURRENT.lock() {
         *current = Some((spec.job_id.clone(), spec.attempt));

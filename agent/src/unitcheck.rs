@@ -1,6 +1,8 @@
 //! Under systemd: does the unit give the agent the time its config says it needs to stop?
 //! `TimeoutStopSec` shorter than `job.stop_deadline_secs` means systemd SIGKILLs the agent
-//! in the middle of the final sync; said once, at start, instead of discovered in an incident.
+//! in the middle of the final sync; `TimeoutStopSec` shorter than `control_plane.give_up_secs`
+//! means a stop on a path no stop deadline bounds (the panic path's reports) is killed while
+//! it still has reports to send. Said once, at start, instead of discovered in an incident.
 
 use std::time::Duration;
 
@@ -21,7 +23,11 @@ fn own_unit() -> Option<String> {
 
 /// Warns if the unit's stop timeout is shorter than what the agent may take to stop, and
 /// if the stop deadline leaves no time for a final sync after the kill grace.
-pub async fn warn_if_stop_timeout_too_short(stop_deadline: Duration, kill_grace: Duration) {
+pub async fn warn_if_stop_timeout_too_short(
+    stop_deadline: Duration,
+    kill_grace: Duration,
+    give_up: Option<Duration>,
+) {
     if stop_deadline <= kill_grace {
         tracing::warn!(
             stop_deadline_secs = stop_deadline.as_secs(),
@@ -48,6 +54,14 @@ pub async fn warn_if_stop_timeout_too_short(stop_deadline: Duration, kill_grace:
             timeout_stop_secs = timeout.as_secs_f64(),
             stop_deadline_secs = stop_deadline.as_secs(),
             "the unit's stop timeout (TimeoutStopSec) is shorter than job.stop_deadline_secs: on a cancel systemd would kill the agent during the final sync; raise TimeoutStopSec or lower C3_AGENT_STOP_DEADLINE_SECS"
+        );
+    }
+    if let Some(give_up) = give_up.filter(|&g| timeout < g) {
+        tracing::warn!(
+            unit = %unit,
+            timeout_stop_secs = timeout.as_secs_f64(),
+            give_up_secs = give_up.as_secs(),
+            "the unit's stop timeout (TimeoutStopSec) is shorter than control_plane.give_up_secs: a stop while reports are retried outside the stop deadline (after an agent's panic) is killed before they are kept; raise TimeoutStopSec or lower C3_AGENT_GIVE_UP_SECS"
         );
     }
 }

@@ -631,12 +631,31 @@ impl<'a> Run<'a> {
         let stay = self.ctx.report_deadline();
         let requested = self.stop_requested.as_ref().and_then(|r| *r.borrow());
         match requested.and_then(|at| at.checked_add(self.ctx.stop_deadline)) {
-            Some(hard) => {
-                let margin =
-                    (status_reserve(self.ctx.stop_deadline) / 4).min(Duration::from_millis(500));
-                stay.min(hard - margin)
-            }
+            Some(hard) => stay.min(hard - report_margin(self.ctx.stop_deadline)),
             None => stay,
+        }
+    }
+
+    /// Fires when a stop that comes while the reports are under way leaves them no more
+    /// time: [`Run::report_stay`] looks at the stop clock once, and a stop after it (a
+    /// control plane that takes the reports and answers slowly) was waited out for all of
+    /// `give_up_secs`, past the stop deadline and a scheduler's kill. Never without a stop
+    /// clock (`recover`).
+    fn stop_cut(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let requested = self.stop_requested.clone();
+        let within = self.ctx.stop_deadline;
+        async move {
+            let Some(mut requested) = requested else {
+                return std::future::pending().await;
+            };
+            let at = match requested.wait_for(Option::is_some).await {
+                Ok(at) => at.unwrap_or_else(tokio::time::Instant::now),
+                Err(_) => return std::future::pending().await,
+            };
+            match at.checked_add(within) {
+                Some(hard) => tokio::time::sleep_until(hard - report_margin(within)).await,
+                None => std::future::pending().await,
+            }
         }
     }
 
@@ -835,12 +854,13 @@ impl<'a> Run<'a> {
         summary
     }
 
-    /// Artifacts registration and terminal status, within one deadline (`give_up_secs`).
-    /// `synced` (what the registration says the attempt added) is recorded only once the
-    /// registration is kept: recorded before, a crash while it waited on the control plane
-    /// left a `recover` that registered 0 bytes. One the outbox could not keep (a full disk)
-    /// is recorded once delivered: recorded at once, a control plane down as well lost it,
-    /// and a later `resync` registered only what it added.
+    /// Artifacts registration and terminal status, within one deadline (`give_up_secs`), cut
+    /// short by a stop that comes meanwhile ([`Run::stop_cut`]): what is not delivered by
+    /// then is kept in the outbox. `synced` (what the registration says the attempt added)
+    /// is recorded only once the registration is kept: recorded before, a crash while it
+    /// waited on the control plane left a `recover` that registered 0 bytes. One the outbox
+    /// could not keep (a full disk) is recorded once delivered: recorded at once, a control
+    /// plane down as well lost it, and a later `resync` registered only what it added.
     async fn report(
         &mut self,
         verdict: &Verdict,
@@ -850,6 +870,7 @@ impl<'a> Run<'a> {
         result: serde_json::Value,
     ) {
         let stay = self.report_stay();
+        let cut = self.stop_cut();
         let seq = self.next_seq().await;
         let registration = sealed
             .manifest_sha256
@@ -870,6 +891,33 @@ impl<'a> Run<'a> {
             result,
             facts: self.record.facts.clone(),
         };
+        self.reports.owe_terminal(seq, verdict, ending.clone());
+        let reported = tokio::select! {
+            () = self.deliver_reports(seq, registration, synced.clone(), verdict, ending, stay) => true,
+            () = cut => false,
+        };
+        if !reported {
+            tracing::warn!(
+                stop_deadline_secs = self.ctx.stop_deadline.as_secs(),
+                "the stop deadline is near: the reports not yet delivered are kept for `c3-agent recover` or the next run"
+            );
+            if self.reports.keep_owed() && synced.is_some() {
+                self.record.synced = synced;
+            }
+        }
+    }
+
+    /// [`Run::report`]'s deliveries, which a stop may drop at any of its waits: each report
+    /// is owed to [`JobReporter::keep_owed`] until it is kept or delivered.
+    async fn deliver_reports(
+        &mut self,
+        seq: u64,
+        registration: Option<ArtifactsRegistration>,
+        synced: Option<c3_proto::Synced>,
+        verdict: &Verdict,
+        ending: Ending,
+        stay: tokio::time::Instant,
+    ) {
         let mut registration = self.reports.settle_and_keep(seq, registration, stay).await;
         let registered = match registration {
             Some(Ahead::Kept(_) | Ahead::Local) => true,
@@ -898,6 +946,12 @@ struct Collected {
     unstored_for_good: u64,
     sealed: Sealed,
     result: serde_json::Value,
+}
+
+/// How long before the stop deadline the reports give up, for what they keep to reach the
+/// outbox: a quarter of [`status_reserve`], at most half a second.
+fn report_margin(stop_deadline: Duration) -> Duration {
+    (status_reserve(stop_deadline) / 4).min(Duration::from_millis(500))
 }
 
 /// The last slice of the stop deadline, kept for the terminal status: a fifth of it, at

@@ -54,6 +54,12 @@ pub struct JobReporter {
     /// comes (that one's send delivers the outbox first): two flushers of one outbox would
     /// each post what it holds.
     superseded: Option<tokio_util::sync::CancellationToken>,
+    /// The artifacts registration (order, body) from when its turn is awaited until it is
+    /// kept ahead: [`JobReporter::keep_owed`] keeps it if a stop cuts the wait.
+    owed_registration: Option<(u64, Vec<u8>)>,
+    /// The terminal status from when the reports after the final sync begin until it is
+    /// kept ahead of its sending: [`JobReporter::keep_owed`] keeps it if a stop cuts them.
+    owed_terminal: Option<(u64, Verdict, Ending)>,
 }
 
 impl JobReporter {
@@ -65,6 +71,8 @@ impl JobReporter {
             background: Vec::new(),
             last_done: None,
             superseded: None,
+            owed_registration: None,
+            owed_terminal: None,
         }
     }
 
@@ -132,19 +140,20 @@ impl JobReporter {
     }
 
     /// Waits for the background statuses until `stay`; past it, they go to the outbox
-    /// first, in order.
+    /// first, in order. Each stays in `self.background` until it is settled, so that a stop
+    /// that drops this wait leaves them for [`JobReporter::keep_owed`].
     async fn settle_background(&mut self, stay: Instant) {
         if let Some(newest) = self.superseded.take() {
             newest.cancel();
         }
-        let mut tasks = std::mem::take(&mut self.background).into_iter();
-        while let Some((mut task, seq, body)) = tasks.next() {
-            if tokio::time::timeout_at(stay, &mut task).await.is_err() {
+        while let Some((task, _, _)) = self.background.first_mut() {
+            if tokio::time::timeout_at(stay, task).await.is_err() {
                 // Past `stay`: this one and every later one go to the outbox, in order.
-                let rest: Vec<_> = std::iter::once((task, seq, body)).chain(tasks).collect();
+                let rest = std::mem::take(&mut self.background);
                 self.keep_all(rest);
                 return;
             }
+            self.background.remove(0);
         }
     }
 
@@ -175,8 +184,37 @@ impl JobReporter {
         registration: Option<ArtifactsRegistration>,
         stay: Instant,
     ) -> Option<Ahead> {
+        self.owed_registration = registration.map(|r| (seq, r.to_json()));
         self.settle_background(stay).await;
-        registration.map(|r| self.reporter.keep_ahead("artifacts", seq, r.to_json()))
+        self.owed_registration
+            .take()
+            .map(|(seq, body)| self.reporter.keep_ahead("artifacts", seq, body))
+    }
+
+    /// The terminal status the reports after the final sync end with, owed from now on: a
+    /// stop that cuts them before it is kept leaves it to [`JobReporter::keep_owed`].
+    pub fn owe_terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending) {
+        self.owed_terminal = Some((seq, *verdict, ending));
+    }
+
+    /// A stop cut the reports short (its deadline is near): what is still owed goes to the
+    /// outbox, in order, for `recover` or the next run: RUNNING and FINALIZING not yet
+    /// settled, the registration, the terminal status. True when a registration was kept
+    /// here (the attempt's `new_bytes` then count as registered).
+    pub fn keep_owed(&mut self) -> bool {
+        let background = std::mem::take(&mut self.background);
+        self.keep_all(background);
+        let registered = self.owed_registration.take().is_some_and(|(seq, body)| {
+            matches!(
+                self.reporter.keep_unsent("artifacts", seq, &body),
+                Delivery::Kept | Delivery::Local
+            )
+        });
+        if let Some((seq, verdict, ending)) = self.owed_terminal.take() {
+            let body = self.terminal_body(seq, &verdict, ending);
+            self.reporter.keep_unsent("status", seq, &body);
+        }
+        registered
     }
 
     /// Step two: the registration delivered, then the terminal status. RUNNING and
@@ -192,11 +230,12 @@ impl JobReporter {
         ending: Ending,
         stay: Instant,
     ) {
+        self.owe_terminal(seq, verdict, ending);
         self.settle_background(stay).await;
         if let Some(registration) = registration {
             self.artifacts(seq, registration, stay).await;
         }
-        self.terminal(seq, verdict, ending, stay).await;
+        self.terminal(stay).await;
     }
 
     /// Step two for a registration the outbox could not keep ([`Ahead::NotKept`]): sent now,
@@ -241,8 +280,29 @@ impl JobReporter {
         true
     }
 
-    /// The one terminal status, with every warning gathered so far.
-    async fn terminal(&mut self, seq: u64, verdict: &Verdict, ending: Ending, stay: Instant) {
+    /// The one terminal status, with every warning gathered so far: kept in the outbox
+    /// first, then delivered from there, so that a kill while it is in flight (a scheduler's
+    /// SIGKILL after its grace) cannot lose it. A control plane that got it before the kill
+    /// gets it again from the outbox with the same `seq`, which it drops as a duplicate
+    /// (contract §7).
+    async fn terminal(&mut self, stay: Instant) {
+        let Some((seq, verdict, ending)) = self.owed_terminal.take() else {
+            return;
+        };
+        let body = self.terminal_body(seq, &verdict, ending);
+        let ahead = self.reporter.keep_ahead("status", seq, body);
+        let delivery = self
+            .reporter
+            .deliver_ahead(ahead, "status", seq, stay)
+            .await;
+        if matches!(delivery, Delivery::Kept) {
+            tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
+        }
+    }
+
+    /// The terminal status's body, within [`MAX_STATUS_BYTES`] as far as dropping its
+    /// warnings and result takes it.
+    fn terminal_body(&self, seq: u64, verdict: &Verdict, ending: Ending) -> Vec<u8> {
         let facts = ending.facts.unwrap_or_default();
         // A NUL in the message or a warning (a store's or a gateway's error body quoted in a
         // dataset's failure, a file name) would have the status refused.
@@ -279,10 +339,7 @@ impl JobReporter {
                 "the terminal status is large; a proxy may refuse it"
             );
         }
-        let delivery = self.reporter.send("status", seq, body, stay).await;
-        if matches!(delivery, Delivery::Kept) {
-            tracing::warn!("terminal status kept in the state dir; `c3-agent recover` or the next run delivers it");
-        }
+        body
     }
 }
 

@@ -360,6 +360,65 @@ fn give_up_secs_bounds_the_whole_stay() {
     drop(server);
 }
 
+/// A stop that comes once the reports after the final sync are under way ends them by the
+/// stop deadline, not `give_up_secs` later: the deadline they started with was looked at
+/// once, and a control plane that took the terminal status and answered slowly held the agent
+/// 60 s, past a scheduler's kill (Slurm's KillWait, k8s's grace), which then lost the status
+/// in flight. It is in the outbox before it is sent, and `recover` delivers it.
+#[test]
+fn a_stop_during_the_reports_ends_them_by_the_stop_deadline() {
+    let mut h = Harness::file().with_control_plane(60);
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "5".into()));
+    h.cp().hold_terminal(true);
+    let spec = h.spec(json!({"job_id": "late-stop", "command": ["true"]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for(
+        "the terminal status to be posted",
+        Duration::from_secs(30),
+        || (h.cp().held() > 0).then_some(()),
+    );
+    let asked = std::time::Instant::now();
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("run stopped during its reports".into(), agent);
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "exited {took:?} after SIGTERM (stop deadline 5 s, give_up_secs 60)\n{}",
+        run.stderr
+    );
+    let outbox = h.state.join("outbox/late-stop");
+    let kept: Vec<String> = std::fs::read_dir(&outbox)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with("-status.json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !kept.is_empty(),
+        "the terminal status is kept ({}): {kept:?}\n{}",
+        outbox.display(),
+        run.stderr
+    );
+    h.cp().hold_terminal(false);
+    h.run(&["recover"]);
+    let terminal = h
+        .cp()
+        .terminal_status()
+        .expect("a terminal status delivered");
+    assert_eq!(terminal["state"], "SUCCEEDED", "{terminal}");
+    assert!(
+        !outbox.exists()
+            || !std::fs::read_dir(&outbox)
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".json")),
+        "recover delivered what was kept"
+    );
+}
+
 /// Job `stopped` (`first`, then a long sleep) is sent SIGTERM `after` its start, with the
 /// stop deadline at 8 s: the agent must exit 4 within it (10 s, with room for a loaded
 /// machine; it is the bound that matters).

@@ -523,6 +523,10 @@ struct CpState {
     reply_padding: AtomicUsize,
     /// The padded body, built once per size.
     padded: Mutex<Option<axum::body::Bytes>>,
+    /// While set, a terminal status is taken and not answered (see `hold_terminal`).
+    hold_terminal: AtomicBool,
+    /// Terminal statuses that came while `hold_terminal` was set.
+    held: AtomicUsize,
 }
 
 /// A JSON object of exactly `bytes` bytes (at least its fixed fields), with a huge `pad` string.
@@ -568,6 +572,15 @@ impl ControlPlane {
                                AxPath(rest): AxPath<String>,
                                headers: HeaderMap,
                                body: String| async move {
+                    let terminal = rest.ends_with("/status")
+                        && serde_json::from_str::<Value>(&body)
+                            .is_ok_and(|b| b["state"] != "RUNNING" && b["state"] != "FINALIZING");
+                    if terminal && st.hold_terminal.load(Ordering::SeqCst) {
+                        st.held.fetch_add(1, Ordering::SeqCst);
+                        while st.hold_terminal.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                     let failing = st.fail_all.load(Ordering::SeqCst)
                         || st
                             .fail_next
@@ -663,6 +676,17 @@ impl ControlPlane {
     /// schema or database refuses it).
     pub fn refuse_results(&self, status: u16) {
         self.state.refuse_results.store(status, Ordering::SeqCst);
+    }
+
+    /// On: a terminal status is taken and not answered until this is turned off (a control
+    /// plane that accepts and answers slowly).
+    pub fn hold_terminal(&self, on: bool) {
+        self.state.hold_terminal.store(on, Ordering::SeqCst);
+    }
+
+    /// How many terminal statuses came while `hold_terminal` was on.
+    pub fn held(&self) -> usize {
+        self.state.held.load(Ordering::SeqCst)
     }
 
     pub fn set_quota(&self, used: u64, quota: Option<u64>) {
