@@ -705,6 +705,8 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
             _ = next(&mut hup) => "SIGHUP",
             _ = next(&mut quit) => "SIGQUIT",
         };
+        // Before the cancel: a stop clock that sees it counts the stop deadline from here.
+        c3_runtime::job::note_stop_asked();
         tracing::info!(signal = name, "stop requested");
         t.cancel();
     });
@@ -735,8 +737,12 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         return usage(&problem);
     }
     starting(env, &ctx);
+    // Up to 6 s, which a stop does not wait out: its deadline runs.
     let metadata = match (ctx.store.instance_metadata_endpoint(), &spec.user) {
-        (Some(endpoint), Some(user)) => Some(exposure::metadata_reach(endpoint, user).await),
+        (Some(endpoint), Some(user)) => tokio::select! {
+            reach = exposure::metadata_reach(endpoint, user) => Some(reach),
+            () = cancel.cancelled() => None,
+        },
         _ => None,
     };
     for exposed in exposure::warnings(config, metadata.as_ref()) {

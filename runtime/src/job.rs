@@ -228,7 +228,25 @@ pub async fn run_job(
     .await)
 }
 
-/// A stop request's time, for the stop deadline of the final sync.
+/// When the agent was first asked to stop (a signal): set once, by whoever turns the signal
+/// into a cancellation, before it cancels.
+static STOP_ASKED: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+
+/// Notes that a stop was asked for now (the first call counts): the stop deadline is counted
+/// from here. A stop clock made later (the run is made after the look at the store and the
+/// attempt's lock, either of which a stop may come during) counted from its own start, and
+/// the agent outlived the deadline a scheduler's kill follows by as much.
+pub fn note_stop_asked() {
+    STOP_ASKED.get_or_init(tokio::time::Instant::now);
+}
+
+/// When a stop was asked for, if one was ([`note_stop_asked`]).
+pub fn stop_asked_at() -> Option<tokio::time::Instant> {
+    STOP_ASKED.get().copied()
+}
+
+/// A stop request's time, for the stop deadline of the final sync: the signal's
+/// ([`note_stop_asked`]), else the moment `cancel` is seen cancelled.
 pub(crate) fn stop_clock(
     cancel: &CancellationToken,
 ) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
@@ -237,7 +255,8 @@ pub(crate) fn stop_clock(
     tokio::spawn(async move {
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = stopped_at.send(Some(tokio::time::Instant::now()));
+                let at = stop_asked_at().unwrap_or_else(tokio::time::Instant::now);
+                let _ = stopped_at.send(Some(at));
             }
             // Nobody waits for the time any more: the run is over.
             _ = stopped_at.closed() => {}
@@ -394,7 +413,12 @@ impl<'a> Run<'a> {
         // long dataset pull leaves a record that already names it.
         self.record.workdir_pin = workdir.pin_id().ok();
         self.save().await;
-        if let Some(warning) = crate::prepare::store_check(self.ctx).await? {
+        // Up to `preflight_timeout_secs`, which a stop does not wait out: its deadline runs.
+        let checked = tokio::select! {
+            checked = crate::prepare::store_check(self.ctx) => checked?,
+            () = cancel.cancelled() => return Err(PrepareError::Canceled),
+        };
+        if let Some(warning) = checked {
             self.reports.warn(warning);
         }
         if cancel.is_cancelled() {

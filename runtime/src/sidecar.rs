@@ -158,8 +158,14 @@ async fn watch_attempt(
     // replaces a manifest another run of it stored: a pod retried with the same `--attempt`,
     // a second sidecar on another node. Looked at after the clock and the pid were read: the
     // store may take a while to answer.
+    // A stop during the look (up to `preflight_timeout_secs`) ends it as a store that does
+    // not answer does: the watch goes on to its end, canceled, within the stop deadline.
     if !attempt_known {
-        if let Some(problem) = crate::job::already_ran(ctx, &plan.job_id, plan.attempt).await {
+        let ran = tokio::select! {
+            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => ran,
+            () = cancel.cancelled() => None,
+        };
+        if let Some(problem) = ran {
             return Err(WatchError::Usage(problem));
         }
     }

@@ -478,6 +478,41 @@ fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
     assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
 }
 
+/// A stop while the sidecar still asks the store whether the attempt already ran (held 60 s
+/// here; up to `preflight_timeout_secs` in life) is heard at once, and the stop deadline
+/// counts from the signal: the look was waited out, then the stop clock started, and the
+/// sidecar outlived a pod's grace by all of it, its status never sent.
+#[test]
+fn watch_stopped_during_its_look_at_the_store_ends_by_the_stop_deadline() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "3".into()));
+    let shared = h.path("shared-look");
+    std::fs::create_dir_all(&shared).unwrap();
+    let done_arg = shared.join(".c3-done").display().to_string();
+    let agent = watch(
+        &h,
+        "look",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts")],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // As a pod's wrapper does on a deletion, before the sidecar is stopped.
+    std::fs::write(shared.join(".c3-done"), "canceled\n").unwrap();
+    let asked = Instant::now();
+    signal(agent.id(), "TERM");
+    let run = h.wait("watch stopped during its look".into(), agent);
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "exited {took:?} after SIGTERM (stop deadline 3 s)\n{}",
+        run.stderr
+    );
+    assert_eq!(h.terminal("look")["state"], "CANCELED");
+}
+
 /// The Kubernetes default: a root-owned emptyDir and a root trainer whose checkpoint is
 /// 0600 (`tempfile.mkstemp`, then a rename). No job user is named, so the sidecar reads only
 /// what anyone may: the checkpoint was skipped with a warning and the job SUCCEEDED without
