@@ -23,6 +23,29 @@ pub fn point(name: &str) {
     let _ = name;
 }
 
+/// Panics the first time each `place` (a file, say) meets this point if `C3_AGENT_FAULT`
+/// names it, in debug builds: a bug every upload meets once, for the tests of what a panicked
+/// task leaves behind and of its retry.
+pub fn point_once_per(name: &str, place: &str) {
+    #[cfg(debug_assertions)]
+    {
+        use std::collections::HashSet;
+        use std::sync::Mutex;
+        static FIRED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+        let first = named(name)
+            && FIRED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert_with(HashSet::new)
+                .insert(place.to_string());
+        if first {
+            panic!("injected fault at {name} for {place} (C3_AGENT_FAULT)");
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = (name, place);
+}
+
 /// Waits 2 s if `C3_AGENT_FAULT` names this point, in debug builds: a window for a test to
 /// change the world at that moment (a file vanishing between the final scan and its read).
 pub async fn pause_point(name: &str) {

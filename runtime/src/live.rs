@@ -89,6 +89,7 @@ impl LiveSync {
             opts,
             candidates: Candidates::default(),
             in_flight: HashMap::new(),
+            panicked: Default::default(),
             manifest_dirty: false,
             manifest_too_large: false,
             manifest_written: None,
@@ -137,8 +138,12 @@ struct Syncer {
     /// Keyed by manifest path.
     candidates: Candidates,
     /// Uploads under way, by manifest path: added by `settle`, marked by `forget` and
-    /// `rescan`, taken out by `on_uploaded`.
+    /// `rescan`, taken out by `on_uploaded` (by the task's id when the task panicked: its
+    /// result, the path with it, is lost).
     in_flight: HashMap<String, Sending>,
+    /// Files whose live upload panicked once: sent again once, then left to the final sync,
+    /// so that a bug every read of a file meets does not panic at every settle.
+    panicked: std::collections::HashSet<String>,
     manifest_dirty: bool,
     /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
     manifest_too_large: bool,
@@ -156,9 +161,10 @@ struct Syncer {
     warned_upload: bool,
     /// Said once: more files than a manifest can list.
     warned_files: bool,
-    /// Large files being hashed ahead while the job writes them, and which.
+    /// Large files being hashed ahead while the job writes them, and which (by the task
+    /// hashing each: a task that panicked names no file, and its file must not stay busy).
     prehashing: JoinSet<(u64, u64)>,
-    prehash_busy: std::collections::HashSet<(u64, u64)>,
+    prehash_busy: HashMap<(u64, u64), tokio::task::Id>,
     /// A look at the job's processes' fds and maps (a settle's or a wait_all's) is under way,
     /// or stuck: reading a job process's `maps` waits on its memory lock, which a thread
     /// faulting on a page of its own silent FUSE mount holds for ever. One stuck look halts
@@ -178,6 +184,11 @@ struct Sending {
     /// the in-progress manifest listed a deleted file until the final scan, and the hint
     /// that said so had come and gone.
     removed: bool,
+    /// The task sending it: a panicked task's error names only this. Left in the map, the
+    /// file was skipped by every later look and held an upload slot for the rest of the job.
+    task: tokio::task::Id,
+    /// Bytes queued in `book.progress` for it.
+    size: u64,
 }
 
 #[derive(Default)]
@@ -238,10 +249,8 @@ impl Syncer {
                     }
                 }
                 Some(done) = uploads.join_next(), if !uploads.is_empty() => self.on_uploaded(done),
-                Some(done) = self.prehashing.join_next(), if !self.prehashing.is_empty() => {
-                    if let Ok(key) = done {
-                        self.prehash_busy.remove(&key);
-                    }
+                Some(done) = self.prehashing.join_next_with_id(), if !self.prehashing.is_empty() => {
+                    self.on_prehashed(done);
                 }
                 _ = tokio::time::sleep_until(wake) => {
                     if (self.polling || self.roots_lost) && Instant::now() >= next_poll {
@@ -449,9 +458,10 @@ impl Syncer {
     /// Hashes ahead what a large file being written already holds (one task per file).
     fn prehash(&mut self, rel: &str, abs: &Path, stamp: FileStamp) {
         let opts = self.uploader.options();
+        let key = (stamp.dev, stamp.ino);
         if stamp.size <= opts.multipart_threshold
             || self.uploader.store().is_local()
-            || !self.prehash_busy.insert((stamp.dev, stamp.ino))
+            || self.prehash_busy.contains_key(&key)
         {
             return;
         }
@@ -461,13 +471,30 @@ impl Syncer {
             stamp,
         };
         let uploader = self.uploader.clone();
-        self.prehashing.spawn(
+        let task = self.prehashing.spawn(
             async move {
                 uploader.prehash(&file).await;
                 (file.stamp.dev, file.stamp.ino)
             }
             .in_current_span(),
         );
+        self.prehash_busy.insert(key, task.id());
+    }
+
+    /// A file's hashing ahead is over: it may be hashed ahead again.
+    fn on_prehashed(
+        &mut self,
+        done: Result<(tokio::task::Id, (u64, u64)), tokio::task::JoinError>,
+    ) {
+        let task = match done {
+            Ok((task, _)) => task,
+            Err(e) => {
+                tracing::error!(error = %e, "a task hashing a file ahead failed");
+                e.id()
+            }
+        };
+        // At most one per large file being written: looked through whole.
+        self.prehash_busy.retain(|_, busy| *busy != task);
     }
 
     /// The next moment something is due: a candidate settling, the manifest, a poll.
@@ -837,11 +864,13 @@ impl Syncer {
                 continue;
             }
             let uploader = self.uploader.clone();
-            self.book.progress.queue(file.stamp.size);
-            uploads.spawn(
+            let size = file.stamp.size;
+            self.book.progress.queue(size);
+            let task = uploads.spawn(
                 async move {
                     // A test's window between the look and the read (the job maps the file).
                     crate::fault::pause_point("before-live-upload").await;
+                    crate::fault::point_once_per("live-upload-panics", &file.rel);
                     // Only the version just looked at: what the job made of it since then
                     // (mapped and stored to, say) is not known to be done.
                     let result = uploader.upload_as_seen(&file).await;
@@ -849,13 +878,19 @@ impl Syncer {
                 }
                 .in_current_span(),
             );
-            self.in_flight.insert(rel, Sending { removed: false });
+            let sending = Sending {
+                removed: false,
+                task: task.id(),
+                size,
+            };
+            self.in_flight.insert(rel, sending);
         }
     }
 
     fn on_uploaded(&mut self, done: Result<UploadResult, tokio::task::JoinError>) {
-        let Ok((rel, size, result)) = done else {
-            return;
+        let (rel, size, result) = match done {
+            Ok(done) => done,
+            Err(e) => return self.on_upload_panicked(e),
         };
         self.book.progress.finish(size);
         let removed = self.in_flight.remove(&rel).is_some_and(|s| s.removed);
@@ -893,6 +928,35 @@ impl Syncer {
                     self.warned_upload = true;
                 }
             }
+        }
+    }
+
+    /// An upload task panicked (a bug) or was cancelled: its file is known by the task's id
+    /// only. Its slot is given back and the file looked at again (once: the final sync takes
+    /// a file that panics again).
+    fn on_upload_panicked(&mut self, e: tokio::task::JoinError) {
+        // At most `files_in_flight` of them: looked through whole.
+        let Some(rel) = self
+            .in_flight
+            .iter()
+            .find(|(_, sending)| sending.task == e.id())
+            .map(|(rel, _)| rel.clone())
+        else {
+            tracing::error!(error = %e, "an upload task failed");
+            return;
+        };
+        let Some(sending) = self.in_flight.remove(&rel) else {
+            return;
+        };
+        self.book.progress.finish(sending.size);
+        let again = !sending.removed && self.panicked.insert(rel.clone());
+        tracing::error!(path = %rel, error = %e, sent_again = again, "an upload task failed");
+        if again {
+            let candidate = Candidate {
+                stamp: None,
+                since: Instant::now(),
+            };
+            self.candidates.insert(rel, candidate);
         }
     }
 

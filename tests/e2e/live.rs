@@ -247,6 +247,37 @@ f.close()
     crate::support::assert_listed_as_it_ends(&h, "mapped");
 }
 
+/// Every live upload panics once (a bug in the upload path): each panicked task held one of
+/// the two upload slots for the rest of the job, its file skipped by every later look, so
+/// nothing written after the first two was synced while the job ran. The slots come back
+/// and each file is sent again.
+#[test]
+fn panicked_live_uploads_give_their_slots_back_and_are_sent_again() {
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str("[upload]\nfiles_in_flight = 2\n");
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "live-upload-panics".into()));
+    let go = h.path("go");
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do echo $i > $C3_ARTIFACTS_DIR/f$i; sleep 0.3; done; {}",
+        wait_go(&go)
+    );
+    let spec = h.spec(json!({"job_id": "panics", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    for i in 1..=6 {
+        wait_synced(&h, "panics", &format!("artifacts/f{i}"));
+    }
+    std::fs::write(&go, "").unwrap();
+    let run = h.wait("panics".into(), child);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("injected fault at live-upload-panics"),
+        "no upload panicked: {}",
+        run.stderr
+    );
+    assert_eq!(h.manifest_paths("panics").len(), 6);
+}
+
 /// A job writing `count` files in 50 dirs as fast as it can, `around` seconds after its start
 /// and before its end (time for live sync to be watching, and to see the burst).
 fn many_files(h: Harness, count: usize, around: f64) -> crate::support::Run {
