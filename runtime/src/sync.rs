@@ -4,7 +4,7 @@
 //! file synced earlier is not read again; [`sync_scan`] uploads what is new or changed,
 //! a bounded number of files at a time, with a progress line every 10 s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tracing::Instrument;
@@ -549,21 +549,27 @@ pub async fn upload_all(
     };
     let mut todo = todo.into_iter();
     let mut uploads = tokio::task::JoinSet::new();
+    // Which file each task uploads: a task that panicked returns nothing else to tell.
+    let mut sending: HashMap<tokio::task::Id, (String, FileStamp)> = HashMap::new();
     loop {
         while uploads.len() < limit.limit() {
             let Some((rel, stamp)) = todo.next() else {
                 break;
             };
             // The absolute path only while its upload runs.
-            let file = LocalFile::below(workdir, rel, stamp);
+            let file = LocalFile::below(workdir, rel.clone(), stamp);
             let uploader = uploader.clone();
-            uploads.spawn(
+            let task = uploads.spawn(
                 async move {
+                    if crate::fault::armed_at("upload-panics", &file.rel) {
+                        panic!("injected fault at upload-panics for {}", file.rel);
+                    }
                     let (rel, result) = upload_settled(&uploader, &file, as_seen).await;
                     (rel, file.stamp, result)
                 }
                 .in_current_span(),
             );
+            sending.insert(task.id(), (rel, stamp));
         }
         // Due by the clock too: one large file may take hours to land, and what landed
         // before it must be listed within the hour all the same.
@@ -572,7 +578,7 @@ pub async fn upload_all(
             .map(|cp| saved + cp.every());
         let joined = tokio::select! {
             biased;
-            joined = uploads.join_next() => joined,
+            joined = uploads.join_next_with_id() => joined,
             () = until(due) => {
                 saved = tokio::time::Instant::now();
                 save_checkpoint(&mut checkpoint, book).await;
@@ -583,16 +589,20 @@ pub async fn upload_all(
             break;
         };
         let (rel, stamp, result) = match joined {
-            Ok(done) => done,
-            // A panic in one upload is a bug; it must not take the other files with it.
+            Ok((task, done)) => {
+                sending.remove(&task);
+                done
+            }
+            // A panic in one upload is a bug; it must not take the other files with it. The
+            // file is not stored, as after any other failure (its older version included).
             Err(e) => {
-                tracing::error!(error = %e, "an upload task failed");
-                let path = std::path::PathBuf::from("(an upload task)");
-                report.failed(
-                    "(an upload task)".into(),
-                    UploadError::Task { path, source: e },
-                );
-                continue;
+                let Some((rel, stamp)) = sending.remove(&e.id()) else {
+                    tracing::error!(error = %e, "an upload task failed");
+                    continue;
+                };
+                tracing::error!(path = %rel, error = %e, "an upload task failed");
+                let path = workdir.join(crate::collect::path_of(&rel));
+                (rel, stamp, Err(UploadError::Task { path, source: e }))
             }
         };
         limit.done(stamp.size, std::time::Instant::now());
@@ -781,6 +791,45 @@ mod tests {
         assert_eq!(report.warnings.len(), 2, "{:?}", report.warnings);
         let listed: Vec<String> = book.listing().map(|l| l.path.to_string()).collect();
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
+    }
+
+    /// The final sync's upload of a file's newer version panics (a bug): it is failed by its
+    /// name, and the version the book held (live sync's) is not sealed into the complete
+    /// manifest as the file's content. The panic was booked as "(an upload task)", the
+    /// older version listed as final.
+    #[tokio::test]
+    async fn a_panicked_upload_names_its_file_and_takes_the_older_version_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        let uploader = Uploader::new(
+            crate::store::BlobStore::in_memory(),
+            crate::upload::UploadOptions::default(),
+            "j",
+            None,
+        )
+        .confined_to(dir.path());
+        let mut book = SyncBook::default();
+        std::fs::write(arts.join("p.bin"), b"A").unwrap();
+        let mut a = up("artifacts/p.bin", 1);
+        a.stamp = FileStamp::of(&std::fs::metadata(arts.join("p.bin")).unwrap());
+        book.record(a);
+        std::fs::write(arts.join("p.bin"), b"B, the version the job ended with").unwrap();
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let _armed = crate::fault::arm("upload-panics", "artifacts/p.bin");
+        let report = sync_scan(&uploader, dir.path(), found, &mut book, None).await;
+        let failed: Vec<&str> = report
+            .failures
+            .iter()
+            .map(|(rel, _)| rel.as_str())
+            .collect();
+        assert_eq!(failed, ["artifacts/p.bin"]);
+        assert!(
+            matches!(report.failures[0].1, UploadError::Task { .. }),
+            "{:?}",
+            report.failures[0].1
+        );
+        assert_eq!(book.listing().count(), 0, "version A listed as final");
     }
 
     /// What a manifest listed goes back into a book as it was listed, a name that is not
