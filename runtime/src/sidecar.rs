@@ -628,8 +628,12 @@ enum Before {
     },
     /// The first look found no directory for the done file: one that comes later (made,
     /// mounted or renamed into place) may bring an earlier attempt's file, which only its
-    /// time, long before the agent began, can tell.
-    NoDir { begun_ns: i64 },
+    /// time, long before the agent began, can tell. When the agent began is worked out at
+    /// each judgment from `begun` (monotonic), on the clock as it is then: taken from the
+    /// clock at the start, a step back since (NTP correcting a clock that was ahead) made
+    /// this attempt's own done file look older than the agent, ignored until the clock
+    /// caught up.
+    NoDir { begun: Instant },
     /// What the first look found. `fresh`: a trainer that finished while the agent started
     /// wrote it, by its time (which alone can tell): its own word.
     Found { stamp: DoneStamp, fresh: bool },
@@ -640,7 +644,9 @@ impl Before {
     fn is_earlier(&self, stamp: &DoneStamp) -> bool {
         match self {
             Before::Nothing | Before::Looking { .. } => false,
-            Before::NoDir { begun_ns } => stamp.ctime_ns < begun_ns.saturating_sub(LONG_BEFORE_NS),
+            Before::NoDir { begun } => {
+                stamp.ctime_ns < wall_ns_of(*begun).saturating_sub(LONG_BEFORE_NS)
+            }
             // Not the device and inode: gcsfuse numbers inodes anew once the kernel forgets
             // them, CIFS with `noserverino` makes them up, and a remount changes the device,
             // and the unchanged old file then counted as written again.
@@ -653,6 +659,21 @@ impl Before {
                         == (stamp.size, stamp.mtime_ns, stamp.ctime_ns)
             }
         }
+    }
+}
+
+/// What this node's clock says `at` (a monotonic instant) was, read now: a step of the clock
+/// between `at` and now moves the answer with it, as it moved the times of files written
+/// since.
+fn wall_ns_of(at: Instant) -> i64 {
+    let (now, wall) = (
+        Instant::now(),
+        crate::display::epoch_ns(std::time::SystemTime::now()),
+    );
+    match now.checked_duration_since(at) {
+        Some(ago) => wall.saturating_sub(ago.as_nanos() as i64),
+        // Later than now: only a test's.
+        None => wall.saturating_add(at.saturating_duration_since(now).as_nanos() as i64),
     }
 }
 
@@ -734,7 +755,7 @@ impl DoneReader {
                     }
                 }
                 Ok(None) | Err(DoneError::Absent) => self.before = Before::Nothing,
-                Err(DoneError::NoDir) => self.before = Before::NoDir { begun_ns },
+                Err(DoneError::NoDir) => self.before = Before::NoDir { begun },
                 Err(DoneError::Failed(e)) => {
                     tracing::debug!(done_file = %path.display(), error = %e, "the first look at the done file failed; looking again");
                     self.before = Before::Looking {
@@ -956,8 +977,13 @@ mod tests {
         assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(0)));
 
         let later = dir.path().join("later/done");
-        let mut reader = DoneReader::start(Some(&later), std::time::SystemTime::now() + hour);
+        let mut reader = DoneReader::start(Some(&later), std::time::SystemTime::now());
         assert_eq!(answered(&mut reader, &later).await, None, "no directory");
+        // The agent began an hour after the file was written.
+        match &mut reader.before {
+            Before::NoDir { begun } => *begun += hour,
+            _ => panic!("the first look found a directory"),
+        }
         std::fs::rename(dir.path().join("via"), dir.path().join("later")).unwrap();
         assert_eq!(
             answered(&mut reader, &later).await,
@@ -970,6 +996,23 @@ mod tests {
             Some(DoneFile::Exit(0)),
             "written as the agent began"
         );
+    }
+
+    /// The sidecar started with the node's clock an hour ahead, NTP stepped it back, and the
+    /// trainer made the done file's directory and wrote its file: the file's time was before
+    /// the agent's start as the clock had said it then, taken for an earlier attempt's, and
+    /// the job's own word ignored until the clock caught up.
+    #[tokio::test]
+    async fn a_clock_stepped_back_after_the_start_leaves_this_attempts_done_file_its_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let done = dir.path().join("out/done");
+        // `begun` as read from the clock an hour ahead.
+        let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
+        assert_eq!(answered(&mut reader, &done).await, None, "no directory");
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        std::fs::write(&done, "0\n").unwrap();
+        assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(0)));
     }
 
     /// Looks that fail for longer than the margin (a mount coming up), then one that finds a
