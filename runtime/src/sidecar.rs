@@ -565,6 +565,12 @@ impl DoneFile {
                 JobEnd::Exited(-1),
                 Some("the done file holds no exit code (an integer, or `canceled`)".into()),
             ),
+            DoneFile::Unreadable => (
+                JobEnd::Exited(-1),
+                Some(
+                    "the done file is not one the owner of its directory may read; not read".into(),
+                ),
+            ),
         }
     }
 }
@@ -577,6 +583,10 @@ enum DoneFile {
     Canceled,
     /// Neither: the job is over, how is unknown.
     Unclear,
+    /// There, but not readable by whom the job's files are read as (see
+    /// [`done_file_reader`]): not read, so that a file the job may not read (a root-only
+    /// one hard-linked to the done file's name) tells nothing of itself through the status.
+    Unreadable,
 }
 
 /// Which version of the done file is there.
@@ -816,27 +826,33 @@ fn read_in_background(path: &Path) -> tokio::task::JoinHandle<DoneRead> {
 }
 
 /// `Ok(None)`: there, but not a regular file, or still empty (a wrapper that writes it in
-/// place may not have written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes.
+/// place may not have written it yet). Never through a symlink, at most `MAX_DONE_FILE` bytes,
+/// and only a file the owner of its directory may read ([`done_file_reader`]).
 fn read_done_file(path: &Path) -> Result<Option<(DoneFile, DoneStamp)>, DoneError> {
     use std::io::ErrorKind::NotFound;
     crate::fault::blocking_pause("slow-done-read", Duration::from_secs(1));
-    let file = match from_root(path, |root, rel| root.open_file(rel)) {
-        Ok(file) => file,
-        Err(e) if e.kind() == NotFound => {
-            let dir = path.parent().unwrap_or(Path::new("/"));
-            return Err(match from_root(dir, |root, rel| root.open_dir(rel)) {
-                Ok(_) => DoneError::Absent,
-                Err(e) if e.kind() == NotFound => DoneError::NoDir,
-                Err(e) => DoneError::Failed(e),
-            });
-        }
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => (dir, Path::new(name)),
+        _ => return Err(DoneError::Failed(std::io::ErrorKind::InvalidInput.into())),
+    };
+    let dir = match from_root(dir, |root, rel| root.open_dir(rel)) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == NotFound => return Err(DoneError::NoDir),
         Err(e) => return Err(DoneError::Failed(e)),
     };
-    let meta = file.metadata().map_err(DoneError::Failed)?;
-    if !meta.is_file() {
+    let file = match dir.open_file(name) {
+        Ok(file) => file,
+        Err(e) if e.kind() == NotFound => return Err(DoneError::Absent),
+        Err(e) => return Err(DoneError::Failed(e)),
+    };
+    let st = crate::confine::fstat(&file).map_err(DoneError::Failed)?;
+    if !crate::confine::is_regular(&st) {
         return Ok(None);
     }
-    let stamp = DoneStamp::of(&meta);
+    let stamp = DoneStamp::of_stat(&st);
+    if !done_file_reader(&dir, &file, &st).map_err(DoneError::Failed)? {
+        return Ok(Some((DoneFile::Unreadable, stamp)));
+    }
     let mut text = String::new();
     let _ = file.take(MAX_DONE_FILE).read_to_string(&mut text);
     let text = text.trim();
@@ -849,6 +865,44 @@ fn read_done_file(path: &Path) -> Result<Option<(DoneFile, DoneStamp)>, DoneErro
         Err(_) => DoneFile::Unclear,
     };
     Ok(Some((said, stamp)))
+}
+
+/// Whether the done file open as `file` (its stat `st`) is one the owner of its directory
+/// `dir` may read, when the agent is root: the job (or whoever may write there) names the
+/// file, and root's read of a root-only one (hard-linked to that name where
+/// `fs.protected_hardlinks` is off) put a number no tenant may read into the tenant's status.
+/// A root-owned directory (an emptyDir) names no one: then only what anyone may read, as the
+/// watched dirs' files are read ([`open_dirs`]).
+fn done_file_reader(
+    dir: &DirFd,
+    file: &std::fs::File,
+    st: &nix::sys::stat::FileStat,
+) -> std::io::Result<bool> {
+    use crate::confine::JobReader;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(true);
+    }
+    let owner = crate::confine::fstat(dir)?;
+    if owner.st_uid == 0 {
+        let anyone = JobReader {
+            uid: crate::confine::UNKNOWN_OWNER_UID,
+            gids: Vec::new(),
+        };
+        return anyone.may_read(file, st);
+    }
+    // The directory's group first: a look-up of the owner's groups (NSS, maybe a network
+    // directory) every poll only where that does not settle it.
+    let reader = JobReader {
+        uid: owner.st_uid,
+        gids: vec![owner.st_gid],
+    };
+    if reader.may_read(file, st)? {
+        return Ok(true);
+    }
+    match groups_of(owner.st_uid) {
+        Some(gids) => JobReader { gids, ..reader }.may_read(file, st),
+        None => Ok(false),
+    }
 }
 
 #[cfg(test)]
@@ -1067,6 +1121,41 @@ mod tests {
             ctime_ns: 5,
             ..stamp
         }));
+    }
+
+    /// The watched container hard-links a root-only file to the done file's name (where
+    /// `fs.protected_hardlinks` is 0): root read it and reported the number in it as the
+    /// job's exit code. Only what the owner of the done file's directory may read is read.
+    #[test]
+    fn a_done_file_its_directorys_owner_may_not_read_is_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let said = |p: &Path| read_done_file(p).ok().flatten().map(|(said, _)| said);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = tmp.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let job = nix::unistd::Uid::from_raw(64123);
+        nix::unistd::chown(&out, Some(job), Some(nix::unistd::Gid::from_raw(64123))).unwrap();
+        let done = out.join("done");
+        std::fs::write(&done, "42\n").unwrap();
+        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Unreadable), "root's file read");
+        // The job's own, however shut to others.
+        nix::unistd::chown(&done, Some(job), None).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Exit(42)));
+        // A root-owned directory: only what anyone may read.
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let done = shared.join("done");
+        std::fs::write(&done, "42\n").unwrap();
+        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Unreadable));
+        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Exit(42)));
     }
 
     #[test]
