@@ -357,10 +357,11 @@ impl<'a> Run<'a> {
         &self.record.spec
     }
 
-    /// Saves the run record, off the reactor (it is fsync'd).
+    /// Saves the run record, off the reactor (it is fsync'd), on a full disk too (the
+    /// attempt's reserve, [`crate::statedir::StateDir::write_record_reserved`]).
     async fn save(&self) {
         let (state, record) = (self.ctx.state.clone(), self.record.clone());
-        let saved = tokio::task::spawn_blocking(move || state.write_record(&record)).await;
+        let saved = tokio::task::spawn_blocking(move || state.write_record_reserved(&record)).await;
         if let Ok(Err(e)) = saved {
             tracing::error!(error = %error_chain(&e), "cannot write the run record; recover may not find this job");
         }

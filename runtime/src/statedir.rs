@@ -5,6 +5,7 @@
 //! <state_dir>/jobs/<job_id>/job.json                  written by the scheduler
 //! <state_dir>/jobs/<job_id>/work/                     default workdir
 //! <state_dir>/jobs/<job_id>/attempts/<n>/run.json     RunRecord: what recover needs
+//! <state_dir>/jobs/<job_id>/attempts/<n>/run.reserve  space kept for run.json while not done
 //! <state_dir>/jobs/<job_id>/attempts/<n>/stdout.log   the job's whole output
 //! <state_dir>/jobs/<job_id>/attempts/<n>/stderr.log
 //! <state_dir>/jobs/<job_id>/attempts/<n>/reports.jsonl  reports, when there is no control plane
@@ -43,6 +44,18 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl StateError {
+    /// A write that failed for lack of room (blocks or a quota).
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StateError::Write { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            StateError::Read { .. } | StateError::Corrupt { .. } => false,
+        }
+    }
 }
 
 impl StateDir {
@@ -226,6 +239,57 @@ impl StateDir {
         )
     }
 
+    /// Where an attempt keeps [`RECORD_RESERVE_BYTES`] for its run record.
+    pub fn record_reserve_path(&self, job_id: &str, attempt: u32) -> PathBuf {
+        self.attempt_dir(job_id, attempt).join("run.reserve")
+    }
+
+    /// [`StateDir::write_record`] for the agent at work on the attempt, which a full disk
+    /// must not stop: the job and root's own copies into a file store on the same filesystem
+    /// can eat every block, the reserved ones included, and a record left at `running` made
+    /// `recover` send FAILED/AGENT_ERROR (retryable, with a higher `seq`) after the agent had
+    /// delivered SUCCEEDED, and the scheduler ran a finished job again. Out of space, the
+    /// write frees the attempt's reserve and is tried again; while the attempt is not done the
+    /// reserve is made again when there is room, and once it is done it is given back.
+    pub fn write_record_reserved(&self, record: &RunRecord) -> Result<(), StateError> {
+        let (job_id, attempt) = (record.spec.job_id.as_str(), record.spec.attempt);
+        let reserve = self.record_reserve_path(job_id, attempt);
+        let written = match self.write_record_or_full(record) {
+            Err(e) if e.is_out_of_space() && std::fs::remove_file(&reserve).is_ok() => {
+                tracing::warn!(
+                    "the state dir's filesystem is full: the run record's reserve was freed for it"
+                );
+                #[cfg(debug_assertions)]
+                RESERVE_FREED.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.write_record_or_full(record)
+            }
+            other => other,
+        };
+        if record.phase == c3_proto::Phase::Done {
+            let _ = std::fs::remove_file(&reserve);
+        } else if written.is_ok() && std::fs::symlink_metadata(&reserve).is_err() {
+            make_reserve(&reserve);
+        }
+        written
+    }
+
+    /// [`StateDir::write_record`], and under the `record-write-enospc` fault (debug builds),
+    /// past the record of the launch (`seq` 2 on), a filesystem with no room for it until a
+    /// reserve is freed.
+    fn write_record_or_full(&self, record: &RunRecord) -> Result<(), StateError> {
+        #[cfg(debug_assertions)]
+        if record.seq >= 2
+            && crate::fault::armed("record-write-enospc")
+            && !RESERVE_FREED.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(StateError::Write {
+                path: self.run_record_path(&record.spec.job_id, record.spec.attempt),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        self.write_record(record)
+    }
+
     pub fn read_record(&self, path: &Path) -> Result<RunRecord, StateError> {
         let bytes = std::fs::read(path).map_err(|source| StateError::Read {
             path: path.into(),
@@ -333,6 +397,56 @@ fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(err(e)),
+    }
+}
+
+/// What an attempt keeps for its run record (a few records' worth: one is at most a few
+/// hundred KiB, the unstored paths it names capped), so that a full filesystem cannot stop
+/// the writes that tell `recover` how the attempt ended.
+pub const RECORD_RESERVE_BYTES: u64 = 4 << 20;
+
+/// Set once a reserve was freed for a record: the `record-write-enospc` fault's filesystem
+/// has room from then on (each record's rename frees the one before).
+#[cfg(debug_assertions)]
+static RESERVE_FREED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the reserve file at `path`, its blocks allocated (not a sparse file, which frees
+/// nothing). Best effort: no room, no reserve (the next record write tries again); a
+/// partly made one is removed.
+fn make_reserve(path: &Path) {
+    #[cfg(debug_assertions)]
+    if crate::fault::armed("record-write-enospc")
+        && RESERVE_FREED.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return; // the fault's filesystem, once full, has no room for another
+    }
+    let made = (|| -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        let len = RECORD_RESERVE_BYTES as i64;
+        match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+            Ok(()) => {}
+            // A filesystem without fallocate (ZFS, some NFS): written out instead.
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                let zeros = vec![0u8; 64 << 10];
+                let mut file = &file;
+                for _ in 0..RECORD_RESERVE_BYTES / zeros.len() as u64 {
+                    file.write_all(&zeros)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        file.sync_all()
+    })();
+    if let Err(e) = made {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            let _ = std::fs::remove_file(path);
+            tracing::debug!(error = %e, "no reserve for the run record now");
+        }
     }
 }
 

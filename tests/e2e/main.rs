@@ -19,6 +19,7 @@ mod lying_store;
 mod names;
 mod operations;
 mod publish;
+mod records;
 mod resume;
 mod schedulers;
 mod stores;

@@ -1,0 +1,59 @@
+//! The run record against what ends an agent early: a full disk, a crash between two of
+//! its writes, a rerun of an attempt. Whatever `recover` sends afterwards never contradicts
+//! what was already delivered.
+
+use serde_json::{json, Value};
+
+use crate::support::Harness;
+
+/// The states of the statuses the control plane took, in order, with their `seq`.
+fn statuses(h: &Harness) -> Vec<(String, u64)> {
+    h.cp()
+        .delivered("/status")
+        .iter()
+        .map(|s| {
+            (
+                s["state"].as_str().unwrap().to_string(),
+                s["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The terminal statuses (neither RUNNING nor FINALIZING) the control plane took.
+fn terminals(h: &Harness) -> Vec<(String, u64)> {
+    statuses(h)
+        .into_iter()
+        .filter(|(state, _)| state != "RUNNING" && state != "FINALIZING")
+        .collect()
+}
+
+/// The job's filesystem fills once it runs (the fault: no room for a record until a reserve
+/// is freed). The record stayed at `running`: the agent delivered SUCCEEDED, and `recover`
+/// then sent FAILED/AGENT_ERROR, retryable, with a higher `seq`, and the scheduler ran the
+/// finished job again. The attempt's reserve is freed for the record instead.
+#[test]
+fn a_full_disk_after_the_launch_does_not_let_recover_contradict_the_result() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "record-write-enospc".into()));
+    h.run_job(json!({"job_id": "full", "command": ["sh", "-c", "exit 0"]}))
+        .assert_code(0);
+    assert_eq!(terminals(&h), vec![("SUCCEEDED".to_string(), 3)]);
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/full/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        terminals(&h),
+        vec![("SUCCEEDED".to_string(), 3)],
+        "recover sent another verdict; the record: {record}"
+    );
+    assert_eq!(record["phase"], "done", "{record}");
+    assert!(
+        !h.state.join("jobs/full/attempts/1/run.reserve").exists(),
+        "a done attempt gives its reserve back"
+    );
+}
