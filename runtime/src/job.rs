@@ -558,8 +558,13 @@ impl<'a> Run<'a> {
         drop(live_progress);
         // The job's processes are gone: the final sync may use the whole host.
         crate::pace::set_gentle(false);
+        // Saved with FINALIZING's record, not only at `finish`: the output's drain and the
+        // socket's end take seconds, and an agent killed then left a record at `running`
+        // with no outcome, which `recover` ended FAILED/AGENT_ERROR though the exit was known.
+        crate::outcome::note_end(&supervised.end, &mut self.record);
         self.gpu_released(Some(supervised.facts.clone()), supervised.gone)
             .await;
+        crate::fault::crash_point("crash-after-gpu-released");
         stop_socket.cancel();
         if let Some(server) = server {
             let _ = server.await;

@@ -9,27 +9,32 @@ use crate::job::{JobSummary, Run};
 use crate::outcome::JobEnd;
 use crate::statedir::AttemptLock;
 
-/// What the record says about how the job ended; a job still "running" was lost with the agent.
+/// What the record says about how the job ended; a job still "running" was lost with the
+/// agent, unless the record already says how it ended (saved with FINALIZING, before the
+/// output's drain and the move to `finishing`).
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
+    let ended = record.state.is_some() || record.exit_code.is_some() || record.signal.is_some();
     match record.phase {
         // A cgroup or a launch recorded before the launch: the script may have started.
         Phase::Preparing if record.cgroup.is_some() || record.launching => JobEnd::AgentLost,
         Phase::Preparing => JobEnd::AgentFailed,
-        Phase::Running => JobEnd::AgentLost,
-        Phase::Finishing | Phase::Done => match (record.state, record.exit_code, &record.signal) {
-            (Some(JobState::Canceled), _, _) => JobEnd::Canceled,
-            (Some(JobState::Failed), None, None)
-                if record.reason == Some(c3_proto::FailReason::DatasetError) =>
-            {
-                JobEnd::DatasetFailed {
-                    retryable: record.retryable.unwrap_or(true),
+        Phase::Running if !ended => JobEnd::AgentLost,
+        Phase::Running | Phase::Finishing | Phase::Done => {
+            match (record.state, record.exit_code, &record.signal) {
+                (Some(JobState::Canceled), _, _) => JobEnd::Canceled,
+                (Some(JobState::Failed), None, None)
+                    if record.reason == Some(c3_proto::FailReason::DatasetError) =>
+                {
+                    JobEnd::DatasetFailed {
+                        retryable: record.retryable.unwrap_or(true),
+                    }
                 }
+                (Some(JobState::TimedOut), _, _) => JobEnd::TimedOut,
+                (_, Some(code), _) => JobEnd::Exited(code),
+                (_, None, Some(sig)) => JobEnd::Killed(sig.clone()),
+                _ => JobEnd::AgentLost,
             }
-            (Some(JobState::TimedOut), _, _) => JobEnd::TimedOut,
-            (_, Some(code), _) => JobEnd::Exited(code),
-            (_, None, Some(sig)) => JobEnd::Killed(sig.clone()),
-            _ => JobEnd::AgentLost,
-        },
+        }
     }
 }
 

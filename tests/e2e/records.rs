@@ -57,3 +57,21 @@ fn a_full_disk_after_the_launch_does_not_let_recover_contradict_the_result() {
         "a done attempt gives its reserve back"
     );
 }
+
+/// The agent dies right after FINALIZING (the job's exit known, its output not yet drained):
+/// the record said only `running`, and `recover` sent FAILED/AGENT_ERROR for a job that
+/// exited 0. The exit is saved with FINALIZING's record.
+#[test]
+fn a_crash_after_finalizing_keeps_the_known_exit() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
+    let run = h.run_job(json!({"job_id": "fin", "command": ["sh", "-c", "exit 0"]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    assert!(terminals(&h).is_empty(), "{:?}", statuses(&h));
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let t = h.cp().terminal_status().unwrap();
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert_eq!(t["exit_code"], 0, "{t}");
+}
