@@ -887,10 +887,11 @@ impl<'a> Run<'a> {
     /// Artifacts registration and terminal status, within one deadline (`give_up_secs`), cut
     /// short by a stop that comes meanwhile ([`Run::stop_cut`]): what is not delivered by
     /// then is kept in the outbox. `synced` (what the registration says the attempt added)
-    /// is recorded only once the registration is kept: recorded before, a crash while it
-    /// waited on the control plane left a `recover` that registered 0 bytes. One the outbox
-    /// could not keep (a full disk) is recorded once delivered: recorded at once, a control
-    /// plane down as well lost it, and a later `resync` registered only what it added.
+    /// is recorded just before the registration is kept in the outbox, never while it waits
+    /// on the control plane: recorded then, a crash while it waited left a `recover` that
+    /// registered 0 bytes. One the outbox could not keep (a full disk) is recorded once
+    /// delivered: recorded at once, a control plane down as well lost it, and a later
+    /// `resync` registered only what it added.
     async fn report(
         &mut self,
         verdict: &Verdict,
@@ -948,17 +949,35 @@ impl<'a> Run<'a> {
         ending: Ending,
         stay: tokio::time::Instant,
     ) {
-        let mut registration = self.reports.settle_and_keep(seq, registration, stay).await;
+        self.reports.settle(seq, registration, stay).await;
+        // Recorded as registered before it is kept: a kill between the keep and the record
+        // left `recover` to deliver the kept one and then register the same bytes again
+        // (the quota charged twice). A kill before the keep undercounts instead.
+        let before = self.record.synced.clone();
+        if self.reports.owes_registration() && synced.is_some() {
+            self.record.synced = synced.clone();
+            self.save().await;
+        }
+        let mut registration = self.reports.keep();
+        crate::fault::crash_point("crash-after-registration-kept");
         let registered = match registration {
             Some(Ahead::Kept(_) | Ahead::Local) => true,
             Some(Ahead::NotKept(_)) => {
+                // Sent now, maybe for as long as `stay`: counted only once delivered.
+                self.record.synced = before.clone();
+                self.save().await;
                 let unkept = registration.take().expect("matched just now");
                 self.reports.register_unkept(seq, unkept, stay).await
             }
             None => false,
         };
-        if registered && synced.is_some() {
-            self.record.synced = synced;
+        let now = if registered && synced.is_some() {
+            synced
+        } else {
+            before
+        };
+        if self.record.synced != now {
+            self.record.synced = now;
             self.save().await;
         }
         self.reports

@@ -176,16 +176,28 @@ impl JobReporter {
     }
 
     /// Everything after the final sync, within `stay`, step one: RUNNING and FINALIZING
-    /// settled, then the artifacts registration (if a manifest was written) kept ahead of
-    /// its sending, so that a crash from here on cannot lose it.
-    pub async fn settle_and_keep(
+    /// settled, the artifacts registration (if a manifest was written) owed from now on.
+    /// Then [`JobReporter::keep`].
+    pub async fn settle(
         &mut self,
         seq: u64,
         registration: Option<ArtifactsRegistration>,
         stay: Instant,
-    ) -> Option<Ahead> {
+    ) {
         self.owed_registration = registration.map(|r| (seq, r.to_json()));
         self.settle_background(stay).await;
+    }
+
+    /// Whether an artifacts registration is owed (and [`JobReporter::keep`] keeps one).
+    pub fn owes_registration(&self) -> bool {
+        self.owed_registration.is_some()
+    }
+
+    /// The artifacts registration kept ahead of its sending, so that a crash from here on
+    /// cannot lose it. The caller records it as registered first: kept, and the agent killed
+    /// before it said so, a `recover` delivered the kept one and then registered the same
+    /// bytes again.
+    pub fn keep(&mut self) -> Option<Ahead> {
         self.owed_registration
             .take()
             .map(|(seq, body)| self.reporter.keep_ahead("artifacts", seq, body))
@@ -218,7 +230,7 @@ impl JobReporter {
     }
 
     /// Step two: the registration delivered, then the terminal status. RUNNING and
-    /// FINALIZING are settled first here too (a no-op after [`JobReporter::settle_and_keep`]):
+    /// FINALIZING are settled first here too (a no-op after [`JobReporter::settle`]):
     /// the stop deadline's cut path comes here alone, and its terminal status went out while
     /// FINALIZING was still being retried, reached the control plane ahead of it, or left it
     /// in flight for the runtime's shutdown to drop, never kept.

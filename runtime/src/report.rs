@@ -1114,10 +1114,21 @@ fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) ->
     Failed::MovedAside
 }
 
-/// Removes a delivered (or dropped) outbox entry and its count of failed flushes.
+/// Removes a delivered (or dropped) outbox entry and its count of failed flushes. A
+/// registration's removal is made durable: come back after a power loss, it was delivered
+/// again, and its bytes counted twice against the quota.
 fn remove_entry(path: &Path) {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path.with_extension(TRIES));
+    let registration = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with("-artifacts.json"));
+    if registration {
+        if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+            let _ = dir.sync_all();
+        }
+    }
 }
 
 /// The lock file in a job's outbox folder; not an entry (entries are `*.json`).

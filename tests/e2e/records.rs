@@ -75,3 +75,31 @@ fn a_crash_after_finalizing_keeps_the_known_exit() {
     assert_eq!(t["state"], "SUCCEEDED", "{t}");
     assert_eq!(t["exit_code"], 0, "{t}");
 }
+
+/// The agent dies between keeping its artifacts registration in the outbox and recording
+/// that it did: `recover` delivered the kept one, then finished the attempt again as one that
+/// registered nothing and sent the same bytes again (the quota charged twice). The record
+/// says so before the keep.
+#[test]
+fn a_crash_after_the_registration_is_kept_does_not_count_its_bytes_twice() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "crash-after-registration-kept".into(),
+    ));
+    let script = "head -c 4096 /dev/urandom > $C3_ARTIFACTS_DIR/data";
+    let run = h.run_job(json!({"job_id": "twice", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    assert!(h.cp().delivered("/artifacts").is_empty());
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let registrations = h.cp().delivered("/artifacts");
+    let first = registrations[0]["new_bytes"].as_u64().unwrap();
+    assert!(first >= 4096, "{registrations:?}");
+    let registered: u64 = registrations
+        .iter()
+        .map(|b| b["new_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(registered, first, "{registrations:?}");
+    assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
+}
