@@ -59,6 +59,11 @@ pub struct RunRecord {
     pub exit_code: Option<i32>,
     pub signal: Option<String>,
     pub started_at: String,
+    /// Where the attempt's start falls among every attempt this state dir started (a counter
+    /// taken at its start): which of two jobs that shared a workdir ran later, which a wall
+    /// clock stepped back could not say. `None` in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_order: Option<u64>,
     /// The agent working on this attempt: pid and its start time (clock ticks after boot,
     /// field 22 of /proc/<pid>/stat), so that `recover` never takes over a live agent's job.
     #[serde(default)]

@@ -67,6 +67,13 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         exit_code: None,
         signal: None,
         started_at: now_rfc3339(),
+        start_order: ctx.state.next_start_order().map_or_else(
+            |e| {
+                tracing::warn!(error = %error_chain(&e), "no start order for the attempt; recover orders it by its start time");
+                None
+            },
+            Some,
+        ),
         agent: crate::procfs::this_agent(),
         agent_boot_id: crate::procfs::boot_id(),
         leader: None,

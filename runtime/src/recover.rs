@@ -257,13 +257,23 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
     })
 }
 
+/// Whether attempt `a` started after `b`: by [`RunRecord::start_order`] where both have one,
+/// else (an older record) by `started_at`; `None` when that cannot be read.
+fn started_after(a: &RunRecord, b: &RunRecord) -> Option<bool> {
+    if let (Some(a), Some(b)) = (a.start_order, b.start_order) {
+        return Some(a > b);
+    }
+    let at = |r: &RunRecord| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok();
+    Some(at(a)? > at(b)?)
+}
+
 /// Another job that collected from the same directory as `record` (the same pinned workdir,
-/// a collected dir in common) and started after it. Only records whose workdir was opened
-/// count (`workdir_pin`): a spec naming another job's workdir that its prepare refused
-/// never used it.
+/// a collected dir in common) and started after it: by the state dir's start order, not
+/// the wall clock (stepped back between the two, the earlier job's unstored output counted
+/// as unstorable for good, or it was finished again from the later one's files). Only
+/// records whose workdir was opened count (`workdir_pin`): a spec naming another job's
+/// workdir that its prepare refused never used it.
 fn later_job_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<String> {
-    let started = |r: &RunRecord| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok();
-    let since = started(record)?;
     let pin = record.workdir_pin.as_ref()?;
     let dirs = |r: &RunRecord| {
         r.watched_dirs
@@ -280,8 +290,8 @@ fn later_job_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -
         (other.spec.job_id != record.spec.job_id
             && other.workdir_pin.as_ref() == Some(pin)
             && shared
-            && started(&other)? > since)
-            .then_some(other.spec.job_id)
+            && started_after(&other, record)?)
+        .then_some(other.spec.job_id)
     })
 }
 
@@ -506,6 +516,41 @@ async fn recover_record(
 mod tests {
     use super::*;
     use crate::outcome::{decide, note_end};
+
+    /// Two jobs ran in one workdir, A first, B after it, but the wall clock was stepped back
+    /// between their starts: B's `started_at` is earlier. By the clock, A counted as the later
+    /// one, and `recover` finished B again from A's files (or gave B's unstored output up).
+    /// The state dir's start order says B is the later one.
+    #[test]
+    fn a_clock_stepped_back_does_not_change_which_job_ran_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::statedir::StateDir::new(dir.path().join("state"));
+        let record = |id: &str, started_at: &str, order: Option<u64>| {
+            let json = format!(r#"{{"job_id":"{id}","command":["true"]}}"#);
+            let spec = c3_proto::JobSpec::from_json(json.as_bytes()).unwrap().spec;
+            let mut r: RunRecord = serde_json::from_value(serde_json::json!({
+                "spec": spec, "workdir": "/shared", "phase": "done", "pgid": null, "seq": 3,
+                "state": "SUCCEEDED", "reason": null, "exit_code": 0, "signal": null,
+                "started_at": started_at, "workdir_pin": {"dev": 1, "ino": 2},
+            }))
+            .unwrap();
+            r.start_order = order;
+            state.ensure_attempt_dir(id, 1).unwrap();
+            state.write_record(&r).unwrap();
+            r
+        };
+        let a = record("a", "2026-12-01T10:00:00Z", Some(order_of(&state)));
+        let b = record("b", "2026-12-01T09:00:00Z", Some(order_of(&state)));
+        assert_eq!(later_job_in_workdir(&state, &a).as_deref(), Some("b"));
+        assert_eq!(later_job_in_workdir(&state, &b), None, "b ran last");
+        // Older records, without an order: the clock is all there is.
+        let old_a = record("a", "2026-12-01T10:00:00Z", None);
+        assert_eq!(later_job_in_workdir(&state, &old_a), None);
+    }
+
+    fn order_of(state: &crate::statedir::StateDir) -> u64 {
+        state.next_start_order().unwrap()
+    }
 
     /// An attempt whose agent died after its dataset failed (while the DATASET_ERROR was
     /// being sent) is finished by `recover` with that failure, retryable or not as it was:

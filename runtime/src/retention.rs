@@ -835,6 +835,7 @@ mod tests {
                 exit_code: Some(0),
                 signal: None,
                 started_at: "2026-01-01T00:00:00Z".into(),
+                start_order: None,
                 agent: None,
                 agent_boot_id: None,
                 leader: None,

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <state_dir>/store/                                  the embedded default store (file://)
+//! <state_dir>/start.order                             how many attempts were started here
 //! <state_dir>/jobs/<job_id>/job.json                  written by the scheduler
 //! <state_dir>/jobs/<job_id>/work/                     default workdir
 //! <state_dir>/jobs/<job_id>/attempts/<n>/run.json     RunRecord: what recover needs
@@ -237,6 +238,39 @@ impl StateDir {
             &self.run_record_path(&record.spec.job_id, record.spec.attempt),
             &record.to_json(),
         )
+    }
+
+    /// The next number of `<state_dir>/start.order`, a counter every attempt's start takes
+    /// (under its flock, for agents starting at once): the order attempts started in, which
+    /// no step of the wall clock changes ([`RunRecord::start_order`]).
+    pub fn next_start_order(&self) -> Result<u64, StateError> {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join("start.order");
+        let err = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        self.ensure_root()?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(err)?;
+        file.lock().map_err(err)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(err)?;
+        let next = text.trim().parse::<u64>().unwrap_or(0).saturating_add(1);
+        file.set_len(0).map_err(err)?;
+        file.rewind().map_err(err)?;
+        file.write_all(format!("{next}\n").as_bytes())
+            .map_err(err)?;
+        file.sync_all().map_err(err)?;
+        Ok(next)
     }
 
     /// Where an attempt keeps [`RECORD_RESERVE_BYTES`] for its run record.
