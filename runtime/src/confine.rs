@@ -33,6 +33,10 @@ enum Pin {
     /// This directory, and nothing else; reached below a trusted root (its path, and the
     /// rest) when known.
     Dir(DirPin, Option<(PathBuf, PathBuf)>),
+    /// This open directory, held by a running attempt ([`DirFd::hold`]), whose path is not
+    /// looked at again while it is held; the [`HeldRoot`] that holds it is named by its
+    /// number, and the pin it replaced comes back when that lets go.
+    Held(std::sync::Arc<OwnedFd>, u64, Box<Pin>),
     /// Nothing: the path could not be checked safely (why, in words), so no open of it by
     /// path is safe either.
     Refused(String),
@@ -41,6 +45,31 @@ enum Pin {
 /// An open directory that job-controlled paths are resolved beneath.
 #[derive(Debug)]
 pub struct DirFd(OwnedFd);
+
+/// A job root held open for [`DirFd::open_root`] ([`DirFd::hold`]) until this is dropped:
+/// the run of an attempt keeps it to its end, and a long-lived agent keeps no directory of a
+/// finished job open (an fd each, and a file system that could not be unmounted).
+#[derive(Debug)]
+#[must_use = "the root is held only while this lives"]
+pub struct HeldRoot {
+    path: PathBuf,
+    /// Which hold this is: a later attempt in the same workdir may hold it anew, and this
+    /// one's end must not take that one's away.
+    token: u64,
+}
+
+impl Drop for HeldRoot {
+    fn drop(&mut self) {
+        let mut pinned = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Pin::Held(_, token, before)) = pinned.get(&self.path) {
+            if *token == self.token {
+                // The pin by path stays: a late look finds this directory there, or nothing.
+                let before = (**before).clone();
+                pinned.insert(self.path.clone(), before);
+            }
+        }
+    }
+}
 
 /// Who gets the directories the agent creates for the job (its uid and gid).
 pub type Owner = Option<(u32, u32)>;
@@ -81,6 +110,12 @@ impl DirFd {
             .unwrap_or_else(|p| p.into_inner())
             .get(path)
             .cloned();
+        // A running attempt's own directory, wherever it lies now: another member of a
+        // team's group-writable directory may rename the workdir in it (a rename needs write
+        // access to the parent only), and the job goes on in it (its cwd is the inode).
+        if let Some(Pin::Held(fd, ..)) = &pinned {
+            return Ok(DirFd(fd.try_clone()?));
+        }
         // Refused before any open by path: the path may lead anywhere (an automount, a hung
         // network mount).
         if let Some(Pin::Refused(why)) = &pinned {
@@ -117,6 +152,36 @@ impl DirFd {
     /// for a sidecar's parent), the way every later open reaches it; `None` for a path the
     /// operator gave (a quick run's current dir), opened as it is.
     pub fn pin(&self, path: &Path, below: Option<&Path>) -> io::Result<()> {
+        let pin = self.pin_for(path, below)?;
+        PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), pin);
+        Ok(())
+    }
+
+    /// [`DirFd::pin`], and while the returned [`HeldRoot`] lives, every
+    /// [`DirFd::open_root`] of `path` hands out this very directory without a look at the
+    /// path: a running attempt's scans, uploads and result read do not depend on where the
+    /// workdir is now. Only a later agent (`recover`, `resync`), which has no open
+    /// directory to go on, reaches it by path again.
+    pub fn hold(&self, path: &Path, below: Option<&Path>) -> io::Result<HeldRoot> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let pin = self.pin_for(path, below)?;
+        let fd = std::sync::Arc::new(self.0.try_clone()?);
+        let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), Pin::Held(fd, token, Box::new(pin)));
+        Ok(HeldRoot {
+            path: path.to_path_buf(),
+            token,
+        })
+    }
+
+    /// What [`DirFd::pin`] records for `path`.
+    fn pin_for(&self, path: &Path, below: Option<&Path>) -> io::Result<Pin> {
         let below = match below {
             Some(root) => {
                 let rel = path.strip_prefix(root).map_err(|_| {
@@ -129,12 +194,7 @@ impl DirFd {
             }
             None => None,
         };
-        let id = self.pin_id()?;
-        PINNED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_path_buf(), Pin::Dir(id, below));
-        Ok(())
+        Ok(Pin::Dir(self.pin_id()?, below))
     }
 
     /// Makes every later [`DirFd::open_root`] of `path` fail, saying `why`.
@@ -1044,6 +1104,43 @@ mod tests {
         let e = DirFd::open_root(&workdir).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         assert!(e.to_string().contains("symlink"), "{e}");
+    }
+
+    /// A held root is the directory opened, wherever it is renamed to, and what now lies
+    /// at its path is not looked at; once let go, its path is pinned as before.
+    #[test]
+    fn a_held_root_is_the_directory_opened_wherever_it_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("jobs");
+        std::fs::create_dir_all(root.join("team/b/artifacts")).unwrap();
+        let workdir = root.join("team/b");
+        let opened = DirFd::open(&workdir).unwrap();
+        let held = opened.hold(&workdir, Some(&root)).unwrap();
+        // Another member renames it in the team's directory, and makes one of its own there.
+        std::fs::rename(&workdir, root.join("team/b.x")).unwrap();
+        std::fs::create_dir_all(workdir.join("artifacts")).unwrap();
+        let got = DirFd::open_root(&workdir).unwrap();
+        assert_eq!(got.pin_id().unwrap(), opened.pin_id().unwrap());
+        std::fs::write(root.join("team/b.x/artifacts/f"), b"x").unwrap();
+        let reader = JobReader {
+            uid: nix::unistd::geteuid().as_raw(),
+            gids: vec![],
+        };
+        assert!(open_read_as(&workdir, Path::new("artifacts/f"), &reader)
+            .unwrap()
+            .is_some());
+        drop(held);
+        let e = DirFd::open_root(&workdir).unwrap_err();
+        assert!(e.to_string().contains("no longer the directory"), "{e}");
+        // A later hold of the same path is not let go by an earlier one's end.
+        let again = DirFd::open(&workdir).unwrap();
+        let first = again.hold(&workdir, Some(&root)).unwrap();
+        let second = again.hold(&workdir, Some(&root)).unwrap();
+        drop(first);
+        std::fs::rename(&workdir, root.join("team/b.y")).unwrap();
+        assert!(DirFd::open_root(&workdir).is_ok());
+        drop(second);
+        assert!(DirFd::open_root(&workdir).is_err());
     }
 
     #[test]

@@ -288,6 +288,9 @@ pub struct Run<'a> {
     pub(crate) run_as: Option<RunAs>,
     /// This agent's claim on the attempt, held until the run is dropped.
     pub(crate) lock: Option<AttemptLock>,
+    /// The workdir this attempt opened, which every look at it goes to until the run is
+    /// dropped ([`crate::confine::DirFd::hold`]); `None` before `prepare` and in `recover`.
+    pub(crate) held_workdir: Option<crate::confine::HeldRoot>,
     /// When a stop (SIGTERM) was requested, if it was: the final sync then ends by
     /// `stop_deadline` after it. `recover` has none.
     pub(crate) stop_requested: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
@@ -343,6 +346,7 @@ impl<'a> Run<'a> {
             message: None,
             run_as,
             lock: None,
+            held_workdir: None,
             stop_requested: None,
             record,
         }
@@ -410,12 +414,13 @@ impl<'a> Run<'a> {
                 self.collector_config.uploader.clone().readable_by(reader);
         }
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
-        let workdir = crate::prepare::bounded(
+        let (workdir, held) = crate::prepare::bounded(
             "opening the workdir",
             cancel,
             crate::prepare::workdir(self.ctx, self.spec(), &self.workdir, owner),
         )
         .await?;
+        self.held_workdir = Some(held);
         // A later agent knows the workdir by path only and must find this very directory
         // there: saved now, not at launch, so that an agent dying in the store check or a
         // long dataset pull leaves a record that already names it.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use c3_proto::{JobSpec, RunRecord};
 
-use crate::confine::{DirFd, Owner};
+use crate::confine::{DirFd, HeldRoot, Owner};
 use crate::context::AgentContext;
 use crate::display::error_chain;
 use crate::launch::{LaunchError, RunAs};
@@ -161,13 +161,15 @@ pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
 
 /// Opens the workdir from a trusted root and creates the output dirs and `.c3` in it, all
 /// relative to directory fds: a symlink a job (or its earlier attempt) planted is never
-/// followed, and only directories created here are given to the job's user. Off the reactor.
+/// followed, and only directories created here are given to the job's user. The workdir is
+/// held open for the attempt: every later open of it by path finds this directory while the
+/// [`HeldRoot`] lives, wherever it was renamed to. Off the reactor.
 pub async fn workdir(
     ctx: &AgentContext,
     spec: &JobSpec,
     workdir: &Path,
     owner: Owner,
-) -> Result<DirFd, PrepareError> {
+) -> Result<(DirFd, HeldRoot), PrepareError> {
     let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
     let (path, dirs) = (workdir.to_path_buf(), spec.collected_dirs());
     let opened = tokio::task::spawn_blocking(move || {
@@ -187,7 +189,7 @@ fn open_workdir(
     workdir: &Path,
     dirs: &[String],
     owner: Owner,
-) -> std::io::Result<DirFd> {
+) -> std::io::Result<(DirFd, HeldRoot)> {
     let root = root_of(roots, workdir);
     let fd = match root {
         Some(root) => {
@@ -224,9 +226,10 @@ fn open_workdir(
             DirFd::open(workdir)?
         }
     };
-    // Every later open of the workdir by path must find this directory, the way it was
-    // found here.
-    fd.pin(workdir, root.map(PathBuf::as_path))?;
+    // Every later open of the workdir by path must find this directory: while the attempt
+    // runs, without a look at the path (a member of the team's group-writable directory above
+    // it may rename it there, and the job goes on in it); after, the way it was found here.
+    let held = fd.hold(workdir, root.map(PathBuf::as_path))?;
     for dir in dirs {
         ensure_output_dir(&fd, Path::new(dir), owner)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
@@ -247,7 +250,7 @@ fn open_workdir(
         }
         done => done?,
     }
-    Ok(fd)
+    Ok((fd, held))
 }
 
 /// Makes the output dir `rel` below the workdir. What an earlier attempt's job left in the

@@ -370,3 +370,59 @@ fn the_dirs_the_agent_makes_for_a_user_job_are_private() {
         assert_eq!(mode(&p), 0o700, "{dir} may be read by other users");
     }
 }
+
+/// In a team's group-writable directory (`root:team 2775`, accepted above a workdir), another
+/// member may rename a running job's workdir: a rename needs write access to the parent only.
+/// The job goes on in its own directory (its cwd is the inode, not the path), and so must
+/// the agent: every scan, upload and the result read reach the directory opened at prepare,
+/// wherever it now lies in that parent, not whatever the path names now.
+#[test]
+fn a_workdir_renamed_in_a_shared_dir_is_still_the_jobs() {
+    if not_root("a_workdir_renamed_in_a_shared_dir_is_still_the_jobs") {
+        return;
+    }
+    use std::time::Duration;
+    let h = open_harness();
+    let team = h.path("team");
+    std::fs::create_dir(&team).unwrap();
+    nix::unistd::chown(
+        &team,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(4243)),
+    )
+    .unwrap();
+    chmod(&team, 0o2775);
+    let workdir = team.join("b");
+    let go = h.path("go");
+    // Relative paths only: the job's environment names the workdir by path, which the
+    // rename takes away; its cwd stays.
+    let script = format!(
+        "echo x > artifacts/x; i=0; while [ ! -e '{}' ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo y > artifacts/y; echo '{{\"r\": 1}}' > .c3/result.json",
+        go.display()
+    );
+    let agent = crate::common::spawn_job(
+        &h,
+        json!({
+            "job_id": "b", "user": "nobody", "workdir": workdir.display().to_string(),
+            "command": ["sh", "-c", script],
+        }),
+    );
+    crate::support::wait_for("the job's first file", Duration::from_secs(20), || {
+        workdir.join("artifacts/x").exists().then_some(())
+    });
+    // Root stands for the other member here: the rename is the same, and the agent must not
+    // depend on who made it.
+    let moved = team.join("b.x");
+    std::fs::rename(&workdir, &moved).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let run = crate::common::wait_within("the agent", agent, Duration::from_secs(60));
+    run.assert_code(0);
+    assert_eq!(h.terminal("b")["state"], "SUCCEEDED");
+    assert_eq!(h.manifest("b")["complete"], true);
+    assert_eq!(h.manifest("b")["result"], json!({"r": 1}));
+    assert_eq!(h.manifest_paths("b"), vec!["artifacts/x", "artifacts/y"]);
+    assert_eq!(
+        std::fs::read_to_string(moved.join("artifacts/y")).unwrap(),
+        "y\n"
+    );
+}
