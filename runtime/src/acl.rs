@@ -42,19 +42,17 @@ pub fn of(file: &impl AsFd) -> Result<Option<Acl>, AclError> {
     })
 }
 
-/// [`of`] for the entry `name` of the open directory `dir`, without opening it (a scan
-/// asks only when the mode bits refuse): through `/proc/self/fd`, never following a symlink
-/// that `name` may be by now.
-pub fn of_entry(dir: &impl AsFd, name: &std::ffi::OsStr) -> Result<Option<Acl>, AclError> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut path = format!("/proc/self/fd/{}/", dir.as_fd().as_raw_fd()).into_bytes();
-    path.extend_from_slice(name.as_bytes());
-    let path = std::ffi::CString::new(path).map_err(|_| AclError::Malformed)?;
+/// [`of`] for an `O_PATH` handle (which `fgetxattr` refuses), through its `/proc/self/fd`
+/// link: the link leads to the handle's own file and nowhere else, so a name swapped or
+/// mounted over since the handle was taken (and judged) is not what is asked.
+pub fn of_handle(handle: &impl AsFd) -> Result<Option<Acl>, AclError> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", handle.as_fd().as_raw_fd()))
+        .map_err(|_| AclError::Malformed)?;
     read(|buf| {
         // SAFETY: `path` and `NAME` are NUL-terminated; `buf` is writable for its whole
         // length, which is what the kernel is told.
         unsafe {
-            libc::lgetxattr(
+            libc::getxattr(
                 path.as_ptr(),
                 NAME.as_ptr(),
                 buf.as_mut_ptr().cast(),

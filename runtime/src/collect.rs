@@ -325,7 +325,7 @@ fn walk(
                 }
             }
         } else if is_regular(&st) {
-            if let Some(r) = reader.filter(|r| !r.might_read(&*entry.parent, &entry.name, &st)) {
+            if let Some(r) = reader.filter(|r| !r.might_read(&entry.parent, &entry.name, &st)) {
                 if r.is_unknown_owner() {
                     out.refuse(child_rel, "is readable by its owner alone, and no job user is named to read it as; not uploaded");
                 } else {

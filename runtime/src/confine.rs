@@ -260,6 +260,14 @@ impl DirFd {
 
     /// [`DirFd::stat`] from the file system itself, through a handle judged first.
     fn stat_held(&self, name: &OsStr) -> io::Result<FileStat> {
+        let handle = self.entry_handle(name)?;
+        Ok(nix::sys::stat::fstat(&handle)?)
+    }
+
+    /// An `O_PATH` handle of the entry `name` (the symlink itself, if it is one), judged by
+    /// [`vet_mount`] from the kernel's cached attributes before anything asks its file system:
+    /// the job may have mounted its own there since the entry was last looked at.
+    fn entry_handle(&self, name: &OsStr) -> io::Result<OwnedFd> {
         let handle = openat(
             self,
             name,
@@ -268,7 +276,7 @@ impl DirFd {
         )?;
         let stx = raw_statx(handle.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
         vet_mount(&stx, || dev_of(self), Some(&handle))?;
-        Ok(nix::sys::stat::fstat(&handle)?)
+        Ok(handle)
     }
 
     /// Opens (creating what is missing) the directory `rel` below this one. Every directory
@@ -915,9 +923,18 @@ impl JobReader {
 
     /// For a scan, which opens no file: whether the entry `name` of `dir` may be the job's
     /// to read. The mode bits' yes, or (where they refuse) any ACL on it: the read gate,
-    /// [`JobReader::may_read`], decides on the open file.
-    pub fn might_read(&self, dir: &impl AsFd, name: &OsStr, st: &FileStat) -> bool {
-        self.can_read(st) || !matches!(crate::acl::of_entry(dir, name), Ok(None))
+    /// [`JobReader::may_read`], decides on the open file. The ACL is read through a handle
+    /// judged first ([`DirFd::entry_handle`]): the job may have mounted a file system of its
+    /// own on the name since the walk's stat, whose server would hold the scan for as long as
+    /// it liked. An entry that cannot be judged or asked is left to the read gate too.
+    pub fn might_read(&self, dir: &DirFd, name: &OsStr, st: &FileStat) -> bool {
+        self.can_read(st)
+            || !matches!(
+                dir.entry_handle(name)
+                    .map_err(crate::acl::AclError::Read)
+                    .and_then(|h| crate::acl::of_handle(&h)),
+                Ok(None)
+            )
     }
 
     fn may(
@@ -1141,6 +1158,129 @@ mod tests {
         assert!(DirFd::open_root(&workdir).is_ok());
         drop(second);
         assert!(DirFd::open_root(&workdir).is_err());
+    }
+
+    /// A scan's ACL look at a file the mode bits shut the job out of asks nothing of a file
+    /// system the job mounted on its name since the walk's stat: the mount is judged from
+    /// the kernel's attributes first, and a user's FUSE one refused. Staged with a FUSE
+    /// server of the test's own that answers INIT (with POSIX ACLs, so the kernel would ask
+    /// it for them) and never answers anything after; needs root and `/dev/fuse`.
+    #[test]
+    fn might_read_asks_nothing_of_a_file_system_mounted_on_the_name() {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("f");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o000))
+            .unwrap();
+        let parent = DirFd::open(dir.path()).unwrap();
+        let st = parent.stat(OsStr::new("f")).unwrap();
+        let Ok(dev) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/fuse")
+        else {
+            return;
+        };
+        // As `fusermount` mounts for uid 65534: a file system a user made, on a file.
+        let opts = std::ffi::CString::new(format!(
+            "fd={},rootmode=100000,user_id=65534,group_id=65534,allow_other",
+            dev.as_raw_fd()
+        ))
+        .unwrap();
+        let at = std::ffi::CString::new(target.as_os_str().as_bytes()).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"c3test".as_ptr(),
+                at.as_ptr(),
+                c"fuse".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (asked, heard) = mpsc::channel();
+        let (ready, initialized) = mpsc::channel();
+        let server = {
+            let (mut dev, stop) = (dev.try_clone().unwrap(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 17];
+                while !stop.load(Ordering::Relaxed) {
+                    let n = match dev.read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
+                    let opcode = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+                    let unique = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+                    const FUSE_INIT: u32 = 26;
+                    const FUSE_POSIX_ACL: u32 = 1 << 20;
+                    if opcode != FUSE_INIT || n < 40 {
+                        // Never answered: what the job's server would do.
+                        let _ = asked.send(opcode);
+                        continue;
+                    }
+                    // fuse_out_header, then fuse_init_out (64 bytes): 7.31, POSIX ACLs.
+                    let mut reply = Vec::with_capacity(80);
+                    reply.extend_from_slice(&80u32.to_le_bytes());
+                    reply.extend_from_slice(&0i32.to_le_bytes());
+                    reply.extend_from_slice(&unique.to_le_bytes());
+                    for word in [7u32, 31, 0, FUSE_POSIX_ACL] {
+                        reply.extend_from_slice(&word.to_le_bytes());
+                    }
+                    reply.extend_from_slice(&[0u8; 4]); // max_background, congestion_threshold
+                    reply.extend_from_slice(&4096u32.to_le_bytes()); // max_write
+                    reply.extend_from_slice(&1u32.to_le_bytes()); // time_gran
+                    reply.resize(80, 0);
+                    dev.write_all(&reply).unwrap();
+                    let _ = ready.send(());
+                }
+            })
+        };
+        let answered = initialized.recv_timeout(Duration::from_secs(10)).is_ok();
+        let (done, looked) = mpsc::channel();
+        {
+            let parent = parent.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let job = JobReader {
+                    uid: 65534,
+                    gids: Vec::new(),
+                };
+                let _ = done.send(job.might_read(&parent, OsStr::new("f"), &st));
+            });
+        }
+        let got = looked.recv_timeout(Duration::from_secs(5));
+        let requests: Vec<u32> = heard.try_iter().collect();
+        // Undone before any assertion: the last /dev/fuse fd closed aborts the connection,
+        // and a look still waiting on it ends.
+        stop.store(true, Ordering::Relaxed);
+        let _ = server.join();
+        drop(dev);
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(at.as_ptr(), libc::MNT_DETACH) };
+        assert!(answered, "the test's FUSE server got no INIT");
+        assert_eq!(
+            requests,
+            Vec::<u32>::new(),
+            "the look asked the job's file system"
+        );
+        // Refused to judge, it is left to the read gate (which opens nothing through a mount).
+        assert_eq!(got, Ok(true), "the look waited on the job's file system");
     }
 
     #[test]
