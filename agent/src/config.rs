@@ -743,6 +743,16 @@ pub fn resolve(
             problems.push(format!("`{key}`: at most {most} (a century)"));
         }
     }
+    // The store's HTTP client reads these only when a store is opened, and some values it
+    // cannot hold (a timeout past what a clock adds, a frame size h2 asserts on) panicked
+    // in a request the retries then waited out: refused here, naming the key.
+    for (key, value) in &file.store.options {
+        if let Some(client_key) = c3_runtime::storehttp::client_key(key) {
+            if let Err(why) = c3_runtime::storehttp::check(client_key, value) {
+                problems.push(format!("`store.options.{key}`: {why}"));
+            }
+        }
+    }
     // `gc` takes a blob no manifest names once it is an hour old: live sync lists what it
     // stored well within that (a blob found stored is trusted for half of it).
     let most = c3_runtime::manifest::CHECKPOINT_EVERY.as_millis();
@@ -1576,6 +1586,38 @@ mod tests {
             unknown.contains("line 3") && unknown.contains("bucket"),
             "{unknown}"
         );
+    }
+
+    /// A store option the HTTP client cannot hold is named at load: a century-past timeout
+    /// panicked in reqwest at each request (the job then waited out the retry deadline), an
+    /// unparsable one was "failed to parse" without the key, a frame size asserted in h2.
+    #[test]
+    fn a_store_option_the_client_cannot_hold_is_named() {
+        let huge = "18446744073709551615s";
+        let text = format!(
+            "[store]\nurl = \"s3://b/p\"\n[store.options]\naws_region = \"x\"\n\
+             read_timeout = \"{huge}\"\naws_timeout = \"{huge}\"\nconnect_timeout = \"abc\"\n\
+             pool_idle_timeout = \"{huge}\"\nhttp2_keep_alive_interval = \"{huge}\"\n\
+             aws_http2_keep_alive_timeout = \"{huge}\"\nhttp2_max_frame_size = \"1\"\n"
+        );
+        let e = resolve(None, &text, &|_| None, PathBuf::from("/s"))
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "read_timeout",
+            "aws_timeout",
+            "connect_timeout",
+            "pool_idle_timeout",
+            "http2_keep_alive_interval",
+            "aws_http2_keep_alive_timeout",
+            "http2_max_frame_size",
+        ] {
+            assert!(e.contains(&format!("`store.options.{key}`")), "{key}: {e}");
+        }
+        assert!(!e.contains("aws_region"), "{e}");
+        let fine = "[store]\nurl = \"s3://b/p\"\n[store.options]\nread_timeout = \"5m\"\n\
+                    http2_max_frame_size = \"16384\"\n";
+        resolve(None, fine, &|_| None, PathBuf::from("/s")).unwrap();
     }
 
     /// A value of the wrong type names its key, not only its line.

@@ -10,8 +10,13 @@
 //! are used), and one added some day must be passed here too. A `user_agent` option that is
 //! no header value reads as none through the getter, so it gives the agent's own here where
 //! object_store refused it.
+//!
+//! [`check`] is what a value must be for this client: the agent's config asks it of each
+//! `store.options` value, so that one the HTTP stack cannot hold (a duration past what a clock
+//! adds, a frame size h2 asserts on) is named at load instead of panicking or hanging later.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +25,56 @@ use object_store::{ClientConfigKey, ClientOptions};
 
 /// Hops followed within the origin before the redirect is an error (reqwest's own default).
 const MAX_HOPS: usize = 10;
+
+/// The longest duration an option may give: a century, as for the agent's own settings.
+/// reqwest adds a timeout to `Instant::now()` for each request (and hyper an HTTP/2
+/// keep-alive to its clock): `read_timeout = "18446744073709551615s"` panicked there, in a
+/// task the retries then waited out.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// The HTTP/2 frame sizes a peer may be told (RFC 9113 §6.5.2); h2 asserts on any other.
+const FRAME_SIZES: RangeInclusive<u32> = 16_384..=16_777_215;
+
+/// The client option a store option's key names, as the stores' builders read their keys:
+/// bare (`read_timeout`) or with a store's prefix (`aws_read_timeout`). `None` for a key
+/// that is no client option (`aws_region`), which the store's builder judges.
+pub fn client_key(key: &str) -> Option<ClientConfigKey> {
+    ["aws_", "google_", "azure_"]
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
+        .unwrap_or(key)
+        .parse()
+        .ok()
+}
+
+/// Why `value` is no value of the client option `key` as [`client`] reads it.
+pub fn check(key: ClientConfigKey, value: &str) -> Result<(), String> {
+    use ClientConfigKey as K;
+    match key {
+        K::AllowHttp
+        | K::AllowInvalidCertificates
+        | K::NoSystemCertificates
+        | K::Http1Only
+        | K::Http2Only
+        | K::Http2KeepAliveWhileIdle
+        | K::RandomizeAddresses => parse_flag(value)
+            .map(drop)
+            .ok_or_else(|| format!("`{value}` is not true or false")),
+        K::Timeout
+        | K::ConnectTimeout
+        | K::ReadTimeout
+        | K::PoolIdleTimeout
+        | K::Http2KeepAliveInterval
+        | K::Http2KeepAliveTimeout => parse_duration(value).map(drop),
+        K::PoolMaxIdlePerHost => value
+            .parse::<usize>()
+            .map(drop)
+            .map_err(|_| format!("`{value}` is not a number")),
+        K::Http2MaxFrameSize => frame_size(value).map(drop),
+        // Text: a URL, a header value, a certificate, which the client judges when built.
+        _ => Ok(()),
+    }
+}
 
 /// A reqwest client as object_store 0.14's `ClientOptions::client` builds it, but for the
 /// redirect policy.
@@ -69,7 +124,9 @@ pub fn client(options: &ClientOptions) -> object_store::Result<reqwest::Client> 
     if flag(options, ClientConfigKey::Http2KeepAliveWhileIdle)? {
         b = b.http2_keep_alive_while_idle(true);
     }
-    if let Some(n) = number::<u32>(options, ClientConfigKey::Http2MaxFrameSize)? {
+    if let Some(v) = get(ClientConfigKey::Http2MaxFrameSize) {
+        let n =
+            frame_size(&v).map_err(|why| config_error(ClientConfigKey::Http2MaxFrameSize, why))?;
         b = b.http2_max_frame_size(Some(n));
     }
     if flag(options, ClientConfigKey::Http1Only)? {
@@ -122,32 +179,65 @@ fn client_error(e: reqwest::Error) -> object_store::Error {
     }
 }
 
-fn config_error(key: ClientConfigKey, value: &str, kind: &str) -> object_store::Error {
+fn config_error(key: ClientConfigKey, why: String) -> object_store::Error {
     object_store::Error::Generic {
         store: "Config",
-        source: format!("failed to parse \"{value}\" as {kind} ({key:?})").into(),
+        source: format!("option `{}`: {why}", key.as_ref()).into(),
     }
 }
 
-/// A boolean option, read as object_store reads one.
+/// A boolean as object_store reads one.
+fn parse_flag(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" | "y" => Some(true),
+        "0" | "false" | "off" | "no" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// A duration as object_store reads one (humantime), at most [`MAX_DURATION`].
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(v)
+        .map_err(|_| format!("`{v}` is not a duration (e.g. \"30s\", \"5m\")"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "`{v}` is more than a century ({} s at most)",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+/// An HTTP/2 frame size h2 takes.
+fn frame_size(v: &str) -> Result<u32, String> {
+    v.parse()
+        .ok()
+        .filter(|n| FRAME_SIZES.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "`{v}` is not a frame size from {} to {} bytes",
+                FRAME_SIZES.start(),
+                FRAME_SIZES.end()
+            )
+        })
+}
+
+/// A boolean option.
 fn flag(options: &ClientOptions, key: ClientConfigKey) -> object_store::Result<bool> {
     let Some(v) = options.get_config_value(&key) else {
         return Ok(false);
     };
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "on" | "yes" | "y" => Ok(true),
-        "0" | "false" | "off" | "no" | "n" => Ok(false),
-        _ => Err(config_error(key, &v, "boolean")),
-    }
+    parse_flag(&v).ok_or_else(|| config_error(key, format!("`{v}` is not true or false")))
 }
 
+/// A duration option; the environment's (`AWS_READ_TIMEOUT`) is checked here, past the config.
 fn duration(
     options: &ClientOptions,
     key: ClientConfigKey,
 ) -> object_store::Result<Option<Duration>> {
     options
         .get_config_value(&key)
-        .map(|v| humantime::parse_duration(&v).map_err(|_| config_error(key, &v, "Duration")))
+        .map(|v| parse_duration(&v).map_err(|why| config_error(key, why)))
         .transpose()
 }
 
@@ -157,7 +247,10 @@ fn number<T: FromStr>(
 ) -> object_store::Result<Option<T>> {
     options
         .get_config_value(&key)
-        .map(|v| v.parse().map_err(|_| config_error(key, &v, "number")))
+        .map(|v| {
+            v.parse()
+                .map_err(|_| config_error(key, format!("`{v}` is not a number")))
+        })
         .transpose()
 }
 
@@ -218,7 +311,53 @@ mod tests {
         client(&options).unwrap();
         let bad = ClientOptions::new().with_config(ClientConfigKey::Timeout, "soon");
         let err = client(&bad).unwrap_err().to_string();
-        assert!(err.contains("soon"), "{err}");
+        assert!(err.contains("soon") && err.contains("`timeout`"), "{err}");
+    }
+
+    /// A value the HTTP stack cannot hold is refused, by [`check`] and by [`client`] (for one
+    /// from the environment): a century-past timeout panicked in reqwest per request, a frame
+    /// size outside RFC 9113's range asserted in h2.
+    #[test]
+    fn a_value_the_http_stack_cannot_hold_is_refused() {
+        let huge = "18446744073709551615s";
+        for key in [
+            ClientConfigKey::Timeout,
+            ClientConfigKey::ConnectTimeout,
+            ClientConfigKey::ReadTimeout,
+            ClientConfigKey::PoolIdleTimeout,
+            ClientConfigKey::Http2KeepAliveInterval,
+            ClientConfigKey::Http2KeepAliveTimeout,
+        ] {
+            assert!(check(key, huge).is_err(), "{key:?}");
+            assert!(check(key, "abc").is_err(), "{key:?}");
+            check(key, "36500d").unwrap_or_else(|e| panic!("{key:?}: {e}"));
+            check(key, "30s").unwrap();
+            let err = client(&ClientOptions::new().with_config(key, huge)).unwrap_err();
+            assert!(err.to_string().contains(key.as_ref()), "{err}");
+        }
+        for bad in ["0", "16383", "16777216", "4294967295", "x"] {
+            assert!(
+                check(ClientConfigKey::Http2MaxFrameSize, bad).is_err(),
+                "{bad}"
+            );
+            let options = ClientOptions::new().with_config(ClientConfigKey::Http2MaxFrameSize, bad);
+            assert!(client(&options).is_err(), "{bad}");
+        }
+        for good in ["16384", "16777215"] {
+            check(ClientConfigKey::Http2MaxFrameSize, good).unwrap();
+        }
+        assert!(check(ClientConfigKey::AllowHttp, "maybe").is_err());
+        assert!(check(ClientConfigKey::PoolMaxIdlePerHost, "-1").is_err());
+        assert_eq!(
+            client_key("aws_read_timeout"),
+            Some(ClientConfigKey::ReadTimeout)
+        );
+        assert_eq!(client_key("azure_timeout"), Some(ClientConfigKey::Timeout));
+        assert_eq!(
+            client_key("http2_max_frame_size"),
+            Some(ClientConfigKey::Http2MaxFrameSize)
+        );
+        assert_eq!(client_key("aws_region"), None);
     }
 
     #[test]

@@ -350,6 +350,38 @@ fn s3_without_keys(s3: &S3Server, extra_options: &str) -> String {
     )
 }
 
+/// A store option the HTTP client cannot hold is a config error naming it: exit 2, before
+/// any job. A century-past `read_timeout` panicked in reqwest at each request, and the job
+/// waited out the retry deadline; a frame size outside RFC 9113's range asserted in h2.
+#[test]
+fn a_store_option_the_http_client_cannot_hold_is_named() {
+    let s3 = S3Server::start();
+    for (key, value) in [
+        ("read_timeout", "18446744073709551615s"),
+        ("aws_http2_keep_alive_interval", "18446744073709551615s"),
+        ("http2_max_frame_size", "1"),
+    ] {
+        let mut h = Harness::file();
+        h.extra_toml = s3_without_keys(
+            &s3,
+            &format!(
+                "aws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\n{key} = \"{value}\"\n"
+            ),
+        );
+        let marker = h.path("launched");
+        let run =
+            h.run_job(json!({"job_id": "opt", "command": ["touch", marker.to_str().unwrap()]}));
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains(&format!("store.options.{key}")),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+        assert!(!marker.exists(), "nothing is launched");
+    }
+}
+
 /// Keys only in `~/.aws/credentials`, chosen with `AWS_PROFILE`: the standard chain works.
 #[test]
 fn s3_keys_from_an_aws_profile() {
