@@ -430,7 +430,8 @@ pub async fn store_check(ctx: &AgentContext) -> Result<Option<String>, PrepareEr
             source: e,
         }),
         Ok(Err(e)) => Ok(Some(format!(
-            "store check failed, launching anyway (uploads retry later): {}",
+            "store check failed, launching anyway (uploads retry later){}: {}",
+            e.node_hint(),
             error_chain(&e)
         ))),
         Err(_) => Ok(Some(format!(

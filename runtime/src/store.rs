@@ -215,6 +215,9 @@ impl StoreError {
             | StoreError::Contended { .. }
             | StoreError::PastDeadline { .. }
             | StoreError::WriteNotFound { .. } => false,
+            // Denied, but for the request's date: the clock will be set (NTP had not synced
+            // at boot), so it goes through the outage and its deadline.
+            StoreError::Op { .. } if self.clock_skewed() => false,
             StoreError::Op { source, .. } => {
                 matches!(
                     source,
@@ -252,7 +255,13 @@ impl StoreError {
                 source: object_store::Error::PermissionDenied { .. },
                 ..
             }
-        )
+        ) && !self.clock_skewed()
+    }
+
+    /// The store refused the request for its date, too far off the store's clock
+    /// ([`CLOCK_SKEW`]): a denial that says nothing of the node's permissions.
+    pub fn clock_skewed(&self) -> bool {
+        CLOCK_SKEW.iter().any(|needle| says(self, needle))
     }
 }
 
@@ -366,6 +375,11 @@ const TRANSIENT_400: &[&str] = &[
     "<Code>ExpiredToken</Code>",
 ];
 
+/// What a store answers a request signed by a clock far off its own (15 minutes for both):
+/// S3's 403 `RequestTimeTooSkewed`, and Azure's 403 `AuthenticationFailed` detailed "Request
+/// date header too old". aws-cli corrects for it from the reply's Date; object_store cannot.
+const CLOCK_SKEW: &[&str] = &["RequestTimeTooSkewed", "Request date header too old"];
+
 /// S3 error codes that say the bytes the store got are not the bytes sent (their checksum
 /// does not match): corruption on the way, which a resend cures, or a store that mishandles
 /// the checksum, which no resend does. So a few tries, then permanent.
@@ -373,12 +387,11 @@ const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDi
 const CORRUPT_TRIES: u32 = 3;
 
 impl StoreError {
-    /// A permanent failure whose cause is this node, not the store: what its operator should
-    /// look at ("" if none known). S3 refuses requests signed more than 15 minutes off its
-    /// clock; aws-cli corrects for that from the reply's Date, object_store cannot.
+    /// A failure whose cause is this node, not the store: what its operator should look at
+    /// ("" if none known), said where it fails and in the outage's WARN line.
     pub fn node_hint(&self) -> &'static str {
-        if says(self, "RequestTimeTooSkewed") {
-            " (this node's clock is more than 15 minutes off the store's: check its time sync, e.g. `timedatectl` or `chronyc tracking`)"
+        if self.clock_skewed() {
+            " (this node's clock may be off: the store says it is more than 15 minutes off its own; check its time sync, e.g. `timedatectl` or `chronyc tracking`)"
         } else {
             ""
         }
@@ -911,9 +924,11 @@ impl Retry {
     ) -> tokio::time::Instant {
         let mut state = self.lock();
         let now = tokio::time::Instant::now();
+        // With the node's hint: a store refusing a skewed clock fails each try until the
+        // clock is set, and the deadline's error says why from this.
         let error = match e {
             StoreError::PastDeadline { .. } => None,
-            e => Some(crate::error_chain(e)),
+            e => Some(format!("{}{}", crate::error_chain(e), e.node_hint())),
         };
         if let Some(o) = state.outage.as_mut() {
             // A read that fails where reads answered: their own outage begins or goes on,
@@ -971,7 +986,7 @@ impl Retry {
             failing_writes: usize::from(write),
         });
         tracing::warn!(error = %crate::error_chain(e), retry_deadline_secs = self.deadline.as_secs(),
-            "store is failing; retrying with backoff (one line when it answers again)");
+            "store is failing; retrying with backoff (one line when it answers again){}", e.node_hint());
         began + self.deadline
     }
 
@@ -1831,7 +1846,7 @@ impl BlobStore {
                 source: object_store::Error::PermissionDenied { .. },
                 ..
             }
-        );
+        ) && !e.clock_skewed();
         if denied
             && !self
                 .head_warned
@@ -2720,6 +2735,34 @@ pub(crate) mod tests {
             }),
         };
         assert!(permanent_cause(&away, false));
+    }
+
+    /// A 403 for the request's date (S3's RequestTimeTooSkewed, Azure's "Request date header
+    /// too old") is the node's clock, set soon after boot: retried through the outage, said
+    /// to be the clock, and no HEAD denial. It was a denial, and the job's final sync failed
+    /// at once. Any other 403 stays a denial.
+    #[test]
+    fn a_refusal_of_the_nodes_clock_is_retried_and_named() {
+        let denied = |op: &'static str, body: &str| StoreError::Op {
+            op,
+            key: "k".into(),
+            source: object_store::Error::PermissionDenied {
+                path: "k".into(),
+                source: format!("Server returned non-2xx status code: 403 Forbidden: {body}")
+                    .into(),
+            },
+        };
+        for body in [
+            "<Error><Code>RequestTimeTooSkewed</Code><Message>The difference between the request time and the current time is too large.</Message></Error>",
+            "<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>Request date header too old: 'Fri, 04 Oct 2019 18:02:12 GMT'</AuthenticationErrorDetail></Error>",
+        ] {
+            let e = denied("put", body);
+            assert!(!e.is_permanent(), "{body}");
+            assert!(e.node_hint().contains("clock"), "{body}");
+            assert!(!denied("head", body).is_head_denied(), "{body}");
+        }
+        let e = denied("head", "<Error><Code>AccessDenied</Code></Error>");
+        assert!(e.is_permanent() && e.is_head_denied() && e.node_hint().is_empty());
     }
 
     #[test]

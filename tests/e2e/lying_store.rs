@@ -241,6 +241,9 @@ async fn handle(
         return s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown");
     }
     if fault == Fault::Skewed {
+        if method == Method::PUT {
+            *st.seen_puts.entry(key).or_default() += 1;
+        }
         return s3_error(StatusCode::FORBIDDEN, "RequestTimeTooSkewed");
     }
     if fault == Fault::NoBucket {
@@ -827,17 +830,62 @@ fn a_bad_digest_is_sent_again_a_few_times() {
     assert_eq!(puts, Some(3), "three tries of the blob");
 }
 
-/// A store that refuses the node's clock fails the job before launch, and says to look at the
-/// clock, not at the store's permissions.
+/// A store that refuses the node's clock for good is an outage that outlasts its deadline:
+/// the job runs (its preflight's warning names the clock), its files stay for `resync`, and the
+/// outage's WARN line says to look at the clock, not at the store's permissions.
 #[test]
 fn a_skewed_clock_is_named_as_the_cause() {
     let s3 = FakeS3::start(Fault::Skewed);
     let h = s3.harness();
     let run = h.run_job(job_writing(&h, "skew", b"x"));
-    run.assert_code(6);
+    run.assert_code(3);
     let t = h.terminal("skew");
-    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
-    assert!(t["message"].as_str().unwrap_or("").contains("clock"), "{t}");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+    assert!(
+        t["warnings"][0].as_str().unwrap_or("").contains("clock"),
+        "{t}"
+    );
+    assert!(run.stderr.contains("clock may be off"), "{}", run.stderr);
+}
+
+/// A store that refuses the node's clock for a while (a node booted before NTP synced, its
+/// housekeeping `recover` run two minutes later) is an outage, not a denial: once the clock
+/// is set the uploads go through and the job SUCCEEDS. The 403 was taken as permanent: a job
+/// that exited 0 ended UPLOAD_ERROR at once, not retryable.
+#[test]
+fn a_clock_skewed_for_a_while_is_an_outage() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml = h
+        .extra_toml
+        .replace("retry_deadline_secs = 4", "retry_deadline_secs = 60");
+    let data = b"written while the clock was off";
+    let src = h.path("skewed.src");
+    std::fs::write(&src, data).unwrap();
+    let (started, go) = (h.path("started"), h.path("go"));
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.1; done; cp {} $C3_ARTIFACTS_DIR/out",
+        started.display(),
+        go.display(),
+        src.display()
+    );
+    let spec = h.spec(json!({"job_id": "skewed", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the job to start", Duration::from_secs(30), || {
+        started.exists().then_some(())
+    });
+    s3.set_fault(Fault::Skewed);
+    std::fs::write(&go, "").unwrap();
+    wait_for("a PUT of the job's blob", Duration::from_secs(30), || {
+        (s3.puts_of(data) > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    s3.set_fault(Fault::None);
+    let run = h.wait("c3-agent run (skewed)".into(), child);
+    run.assert_code(0);
+    assert_eq!(h.terminal("skewed")["state"], "SUCCEEDED");
+    assert_eq!(s3.blob(data).as_deref(), Some(&data[..]));
+    assert!(run.stderr.contains("clock may be off"), "{}", run.stderr);
 }
 
 #[test]

@@ -1324,7 +1324,7 @@ mod tests {
                 source: "Server returned non-2xx status code: 403 Forbidden: <Error><Code>RequestTimeTooSkewed</Code></Error>".into(),
             },
         };
-        assert!(skewed.is_permanent() && !refuses_aborts(&skewed));
+        assert!(!skewed.is_permanent() && !refuses_aborts(&skewed));
     }
 
     /// A journaled upload replaced by a new one of its blob (another part size) whose abort
