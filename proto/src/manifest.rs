@@ -126,6 +126,9 @@ pub enum ManifestError {
     UnsafePath { path: String, problem: &'static str },
     #[error("manifest entry `{path}` has a malformed sha256")]
     BadDigest { path: String },
+    /// No store holds 2^64 bytes: the manifest lies, and its sizes would overflow a total.
+    #[error("manifest entries' sizes add up past 2^64 bytes (at `{path}`)")]
+    SizesOverflow { path: String },
 }
 
 impl Manifest {
@@ -212,7 +215,13 @@ impl Manifest {
             return Err(ManifestError::UnsupportedVersion { found });
         }
         let manifest: Manifest = serde_json::from_slice(bytes).map_err(ManifestError::Syntax)?;
+        let mut total: u64 = 0;
         for f in &manifest.files {
+            total = total
+                .checked_add(f.size)
+                .ok_or_else(|| ManifestError::SizesOverflow {
+                    path: f.path.clone(),
+                })?;
             check_entry_path(&f.path)?;
             let raw = match f.path_b64 {
                 Some(_) => {
@@ -748,6 +757,23 @@ mod tests {
             });
         }
         m
+    }
+
+    /// A manifest whose entries' sizes add past u64 is a lie no store holds: refused, so no
+    /// reader adds them up (`recover`'s book of what was stored overflowed on it).
+    #[test]
+    fn sizes_that_add_past_u64_are_refused() {
+        let mut m = with_paths(&["artifacts/a", "artifacts/b"]);
+        for f in &mut m.files {
+            f.size = u64::MAX / 2 + 1;
+        }
+        let e = Manifest::from_json(&m.to_json()).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::SizesOverflow { path } if path == "artifacts/b"),
+            "{e}"
+        );
+        m.files[1].size = u64::MAX / 2;
+        assert!(Manifest::from_json(&m.to_json()).is_ok());
     }
 
     /// A forged manifest naming one place twice, or a file with entries below it, is refused

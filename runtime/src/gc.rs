@@ -258,7 +258,8 @@ pub async fn collect_garbage_capped(
     report.staging_bytes = staged_bytes;
     if dry_run {
         report.deleted = doomed.len();
-        report.bytes_freed = doomed.iter().map(|b| b.size).sum();
+        // Saturating, as the report is a count for a person: sizes come from the store.
+        report.bytes_freed = doomed.iter().map(|b| b.size).fold(0, u64::saturating_add);
         return Ok(report);
     }
 
@@ -284,7 +285,7 @@ pub async fn collect_garbage_capped(
         match outcome {
             Ok(Deleted::Yes(bytes)) => {
                 report.deleted += 1;
-                report.bytes_freed += bytes;
+                report.bytes_freed = report.bytes_freed.saturating_add(bytes);
             }
             Ok(Deleted::Young) => report.kept_young += 1,
             Ok(Deleted::Gone) => {}

@@ -187,8 +187,13 @@ impl SyncBook {
         self.synced.get(rel).map(|&at| &self.versions[at as usize])
     }
 
+    /// Saturating: sizes a lying store's manifest gave (kept by `recover` through
+    /// `listed_before`) may add past u64, which overflowed here (a panic, or in release a
+    /// wrapped total registered with the quota).
     pub fn total_bytes(&self) -> u64 {
-        self.entries().map(|(_, u)| u.digests.size).sum()
+        self.entries()
+            .map(|(_, u)| u.digests.size)
+            .fold(0, u64::saturating_add)
     }
 
     pub fn len(&self) -> usize {
@@ -1188,6 +1193,20 @@ mod tests {
             .filter(|(_, e)| e.is_for_good())
             .count() as u64;
         assert_eq!(named_for_good + report.failures_more_for_good, large as u64);
+    }
+
+    /// Entries a lying store's manifest gave, whose sizes add past u64 (kept by `recover`
+    /// through `listed_before`): the total saturates. It overflowed (a panic in debug, a
+    /// wrapped byte count registered with the quota in release).
+    #[test]
+    fn sizes_that_add_past_u64_saturate() {
+        let mut book = SyncBook::default();
+        for (n, rel) in ["a", "b"].iter().enumerate() {
+            let mut u = up(rel, n as u8);
+            u.digests.size = u64::MAX / 2 + 1;
+            book.record(u);
+        }
+        assert_eq!(book.total_bytes(), u64::MAX);
     }
 
     /// A forgotten file's slot goes to the next new one; every path keeps its own version.
