@@ -476,7 +476,7 @@ async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> 
             source,
         })?;
         if nix::unistd::geteuid().is_root() {
-            root_alone_above(&dir).map_err(|why| GcError::UnsafeRoot { path, why })?;
+            alone_above(&dir, None).map_err(|why| GcError::UnsafeRoot { path, why })?;
         }
         Ok(Arc::new(dir))
     })
@@ -487,8 +487,9 @@ async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> 
 /// not by the path) only root may change. Someone who may write the store's root could put
 /// a symlink or a tree of their own in it, and someone who may write a directory above it
 /// could swap it for another. A sticky directory others write (`/tmp`) is fine above, for an
-/// entry root owns: only its owner may rename it there.
-fn root_alone_above(dir: &DirFd) -> Result<(), String> {
+/// entry root owns: only its owner may rename it there. `squashed`: a user taken as root's
+/// equal, the owner NFS's root_squash gives what root makes there (see [`BlobStore::open`]).
+pub(crate) fn alone_above(dir: &DirFd, squashed: Option<u32>) -> Result<(), String> {
     use nix::fcntl::{openat, OFlag};
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
     let fd = |e: nix::errno::Errno| e.to_string();
@@ -496,11 +497,18 @@ fn root_alone_above(dir: &DirFd) -> Result<(), String> {
     let mut st = nix::sys::stat::fstat(&cur).map_err(fd)?;
     let mut below: Option<FileStat> = None;
     let mut up = "the store's directory".to_string();
+    let roots = |uid: u32| uid == 0 || Some(uid) == squashed;
     loop {
-        let sticky_over_ours = below.is_some_and(|b| b.st_uid == 0)
+        let sticky_over_ours = below.is_some_and(|b| roots(b.st_uid))
             && st.st_mode & libc::S_ISVTX != 0
             && st.st_uid == 0;
-        if !sticky_over_ours && !crate::statedir::root_alone(&cur, &st)? {
+        // Judged as root's when the squashed user owns it: its group and others, and any
+        // named entry of an ACL, still may not write it.
+        let mut judged = st;
+        if roots(st.st_uid) {
+            judged.st_uid = 0;
+        }
+        if !sticky_over_ours && !crate::statedir::root_alone(&cur, &judged)? {
             return Err(format!(
                 "{up} is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone",
                 st.st_uid,

@@ -70,6 +70,10 @@ pub enum StoreError {
     BadUrl { url: String, problem: String },
     #[error("store option `{key}` is not an option of the {scheme} store{}", did_you_mean(.key, .scheme))]
     BadOption { key: String, scheme: &'static str },
+    /// A file store root acts on by path (blobs, staging shards, manifests) that someone else
+    /// may write: they could plant symlinks root writes through, forged manifests, or blobs.
+    #[error("`store.url`: the file store {path} is refused: {why}; the agent runs as root and writes there by path, so only root (on NFS, or the user root_squash makes it) may write it and every directory above it (chown root and chmod go-w, or name another store.url)")]
+    UnsafeRoot { path: String, why: String },
     #[error("cannot create the store directory {path}")]
     CreateDir {
         path: String,
@@ -207,6 +211,7 @@ impl StoreError {
         match self {
             StoreError::BadUrl { .. }
             | StoreError::BadOption { .. }
+            | StoreError::UnsafeRoot { .. }
             | StoreError::CreateDir { .. }
             | StoreError::Build { .. }
             | StoreError::TooLarge { .. }
@@ -551,6 +556,29 @@ fn s3_credentials_with(
         }
         Err(why) => (b, Credentials::Broken(why)),
     }
+}
+
+/// Whether root may use the file store at `path`: it and every directory above it only
+/// root may change ([`crate::gc::alone_above`], the rule `gc` holds it to). On NFS the store's
+/// owner counts as root: under root_squash what root makes there belongs to the export's
+/// anonymous user, and root cannot own the store. That user can write it, so no job may run
+/// as it (an `anonuid` of its own on the server); its group and others, and named ACL
+/// entries, are still refused. A 1777 store let any job plant symlinks in `staging/` that root
+/// wrote through, forged manifests, or blobs dedup took by their size.
+fn vet_file_root(path: &Path) -> Result<(), String> {
+    let dir = crate::confine::DirFd::open(path).map_err(|e| e.to_string())?;
+    let on_nfs = nix::sys::statfs::fstatfs(&dir)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NFS_SUPER_MAGIC);
+    let squashed = if on_nfs {
+        Some(
+            nix::sys::stat::fstat(&dir)
+                .map_err(|e| e.to_string())?
+                .st_uid,
+        )
+    } else {
+        None
+    };
+    crate::gc::alone_above(&dir, squashed)
 }
 
 /// The usual options of each store, for a suggestion when one is misspelt (object_store
@@ -1258,6 +1286,12 @@ impl BlobStore {
                         file_limits: limits,
                         no_conditional_put: Default::default(),
                     });
+                }
+                if nix::unistd::geteuid().is_root() {
+                    vet_file_root(&path).map_err(|why| StoreError::UnsafeRoot {
+                        path: path.display().to_string(),
+                        why,
+                    })?;
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
                     StoreError::Build {

@@ -342,6 +342,37 @@ fn a_file_store_that_cannot_be_written_fails_before_launch() {
     assert_eq!(h.terminal("nostore")["reason"], "AGENT_ERROR");
 }
 
+/// A file store other users may write is refused to the root agent, naming `store.url`
+/// (exit 2, nothing launched), as `gc` refused it: a job's user could plant a symlink in
+/// `staging/` that root wrote through, a forged manifest, or a blob dedup took by its size.
+#[test]
+fn a_file_store_others_may_write_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Harness::file();
+    let store = h.path("shared-store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    h.extra_toml = format!("[store]\nurl = \"file://{}\"\n", store.display());
+    let marker = h.path("launched");
+    let run =
+        h.run_job(json!({"job_id": "shared", "command": ["touch", marker.to_str().unwrap()]}));
+    run.assert_code(2);
+    assert!(run.stderr.contains("store.url"), "{}", run.stderr);
+    assert!(!marker.exists(), "nothing is launched");
+    for args in [&["recover"][..], &["ls", "shared"]] {
+        let run = h.run(args);
+        run.assert_code(2);
+        assert!(run.stderr.contains("store.url"), "{args:?}: {}", run.stderr);
+    }
+    // Root's alone again: taken.
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.run_job(json!({"job_id": "mine", "command": ["true"]}))
+        .assert_code(0);
+}
+
 fn s3_without_keys(s3: &S3Server, extra_options: &str) -> String {
     format!(
         "[store]\nurl = \"s3://{}/pre\"\nretry_deadline_secs = 3\n[store.options]\naws_endpoint = \"{}\"\naws_allow_http = \"true\"\naws_region = \"us-east-1\"\n{extra_options}",
