@@ -944,8 +944,20 @@ impl<'a> Run<'a> {
                 stop_deadline_secs = self.ctx.stop_deadline.as_secs(),
                 "the stop deadline is near: the reports not yet delivered are kept for `c3-agent recover` or the next run"
             );
-            if self.reports.keep_owed() && synced.is_some() {
+            // As on the way without a stop: recorded as registered before it is kept (a kill
+            // between the keep and the Done save left `recover` to deliver the kept one and
+            // register the same bytes again), put back if the outbox could not keep it.
+            let before = self.record.synced.clone();
+            let owes = self.reports.owes_registration() && synced.is_some();
+            if owes && self.record.synced != synced {
                 self.record.synced = synced;
+                self.save().await;
+            }
+            let kept = self.reports.keep_owed();
+            crate::fault::crash_point("crash-after-owed-reports-kept");
+            if owes && !kept {
+                self.record.synced = before;
+                self.save().await;
             }
         }
     }

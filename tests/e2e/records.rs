@@ -2,6 +2,8 @@
 //! its writes, a rerun of an attempt. Whatever `recover` sends afterwards never contradicts
 //! what was already delivered.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::support::Harness;
@@ -94,6 +96,51 @@ fn a_crash_after_the_registration_is_kept_does_not_count_its_bytes_twice() {
     h.env.clear();
     h.run(&["recover"]).assert_code(0);
     let registrations = h.cp().delivered("/artifacts");
+    let first = registrations[0]["new_bytes"].as_u64().unwrap();
+    assert!(first >= 4096, "{registrations:?}");
+    let registered: u64 = registrations
+        .iter()
+        .map(|b| b["new_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(registered, first, "{registrations:?}");
+    assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
+}
+
+/// A stop that cuts the reports short keeps the registration in the outbox: recorded as
+/// registered first, so a kill right after the keep does not have `recover` deliver the kept
+/// one and then register the same bytes again.
+#[test]
+fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
+    let mut h = Harness::file().with_control_plane(60);
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "crash-after-owed-reports-kept".into(),
+    ));
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "4".into()));
+    h.cp().hold_finalizing(true);
+    let script = "head -c 4096 /dev/urandom > $C3_ARTIFACTS_DIR/data";
+    let spec = h.spec(json!({"job_id": "cut", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    // Sealed, and its reports waiting on the FINALIZING the control plane holds.
+    crate::support::wait_for(
+        "the manifest and a held FINALIZING",
+        Duration::from_secs(30),
+        || (h.cp().held() > 0 && h.object("jobs/cut/manifest.json").is_some()).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("run stopped during its reports".into(), agent);
+    assert_ne!(run.code, 0, "the agent was meant to crash\n{}", run.stderr);
+    assert!(h.cp().delivered("/artifacts").is_empty());
+    h.cp().hold_finalizing(false);
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let registrations = h.cp().delivered("/artifacts");
+    assert!(
+        !registrations.is_empty(),
+        "the kept registration is delivered"
+    );
     let first = registrations[0]["new_bytes"].as_u64().unwrap();
     assert!(first >= 4096, "{registrations:?}");
     let registered: u64 = registrations

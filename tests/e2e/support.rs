@@ -527,6 +527,8 @@ struct CpState {
     hold_terminal: AtomicBool,
     /// Terminal statuses that came while `hold_terminal` was set.
     held: AtomicUsize,
+    /// While set, a FINALIZING is taken and not answered (see `hold_finalizing`).
+    hold_finalizing: AtomicBool,
 }
 
 /// A JSON object of exactly `bytes` bytes (at least its fixed fields), with a huge `pad` string.
@@ -575,6 +577,15 @@ impl ControlPlane {
                     let terminal = rest.ends_with("/status")
                         && serde_json::from_str::<Value>(&body)
                             .is_ok_and(|b| b["state"] != "RUNNING" && b["state"] != "FINALIZING");
+                    let finalizing = rest.ends_with("/status")
+                        && serde_json::from_str::<Value>(&body)
+                            .is_ok_and(|b| b["state"] == "FINALIZING");
+                    if finalizing && st.hold_finalizing.load(Ordering::SeqCst) {
+                        st.held.fetch_add(1, Ordering::SeqCst);
+                        while st.hold_finalizing.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                     if terminal && st.hold_terminal.load(Ordering::SeqCst) {
                         st.held.fetch_add(1, Ordering::SeqCst);
                         while st.hold_terminal.load(Ordering::SeqCst) {
@@ -682,6 +693,12 @@ impl ControlPlane {
     /// plane that accepts and answers slowly).
     pub fn hold_terminal(&self, on: bool) {
         self.state.hold_terminal.store(on, Ordering::SeqCst);
+    }
+
+    /// On: a FINALIZING is taken and not answered until this is turned off (counted in
+    /// `held` too).
+    pub fn hold_finalizing(&self, on: bool) {
+        self.state.hold_finalizing.store(on, Ordering::SeqCst);
     }
 
     /// How many terminal statuses came while `hold_terminal` was on.
