@@ -818,6 +818,24 @@ impl JobProcesses {
         let _ = tokio::task::spawn_blocking(move || this.kill_hard()).await;
     }
 
+    /// Marks each process of the job seen before that the look `procs` no longer finds as
+    /// gone at `now` (on the kernel log's clock).
+    fn mark_gone(&self, procs: &std::collections::HashMap<i32, procfs::Stat>, now: u64) {
+        let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // A look that read nothing (`/proc` unreadable for a moment: no fd left, no memory)
+        // says nothing of who is gone; nor does a pid whose entry could not be read but is
+        // there.
+        for (pid, (start, gone)) in seen.iter_mut().filter(|_| !procs.is_empty()) {
+            let there = match procs.get(pid) {
+                Some(s) => s.start_ticks == *start && !s.is_zombie(),
+                None => Path::new(&format!("/proc/{pid}")).exists(),
+            };
+            if !there && gone.is_none() {
+                *gone = Some(now);
+            }
+        }
+    }
+
     /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
     /// agent's own: tokio waits for those).
     pub fn reap(&self) {
@@ -835,16 +853,8 @@ impl JobProcesses {
         if helpers.pending() {
             return;
         }
-        let now = procfs::now_micros();
+        self.mark_gone(&procs, procfs::now_micros());
         let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
-        for (pid, (start, gone)) in seen.iter_mut() {
-            let there = procs
-                .get(pid)
-                .is_some_and(|s| s.start_ticks == *start && !s.is_zombie());
-            if !there && gone.is_none() {
-                *gone = Some(now);
-            }
-        }
         for pid in descendants {
             if seen.len() >= MAX_SEEN {
                 break;
@@ -1043,12 +1053,14 @@ impl JobProcesses {
                 .or(Some(usage.max_rss() as u64 * 1024));
         }
         if !oom_counted && leader_sigkilled {
-            // One still there (or whose end no look saw) is counted up to now, and a second
-            // past a look that found it gone, for the two clocks' drift.
-            let now = procfs::now_micros().saturating_add(1_000_000);
+            // One still there (or whose end no look saw) is counted up to now, and one found
+            // gone up to a margin past that look, for the clocks' drift (a pid taken over by
+            // another tenant's process takes wrapping the pid space, minutes, not seconds).
+            const MARGIN_US: u64 = 30_000_000;
+            let now = procfs::now_micros().saturating_add(MARGIN_US);
             let life = |ticks: u64, gone: Option<u64>| crate::kernlog::Lifetime {
                 from_us: procfs::start_micros(ticks),
-                until_us: gone.map_or(now, |g| g.saturating_add(1_000_000)),
+                until_us: gone.map_or(now, |g| g.saturating_add(MARGIN_US)),
             };
             let mut processes: std::collections::BTreeMap<i32, crate::kernlog::Lifetime> = self
                 .inner
@@ -1473,6 +1485,24 @@ fn real_uid(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A look at `/proc` that read nothing marks no process of the job gone: marked, an OOM
+    /// kill of each later was not counted.
+    #[test]
+    fn a_look_that_read_nothing_marks_nothing_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let procs = JobProcesses::new(i32::MAX, None);
+        procs.reap();
+        procs.mark_gone(&Default::default(), procfs::now_micros());
+        let seen = procs.inner.seen.lock().unwrap().get(&pid).copied();
+        assert!(matches!(seen, Some((_, None))), "{seen:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     /// A process of the job the reaper saw is marked gone when a look no longer finds it:
     /// a kernel-log OOM record of its pid after that is another process's.

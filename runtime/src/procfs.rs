@@ -91,24 +91,26 @@ pub fn boot_id() -> Option<String> {
 
 /// Clock ticks after boot (a process's start) as microseconds on the kernel log's clock,
 /// less a second for the two clocks' drift. A start is counted on the boot clock, which runs
-/// through a suspend; the log's does not: after a suspend of S seconds every start read
-/// plainly was S late, and an OOM kill within S of the job's start was taken for an
-/// earlier process's. The time spent suspended so far is taken off (all of it: a process
-/// started before a suspend gets an earlier start, never a later one).
+/// through a suspend and is slewed by NTP; the log's (`local_clock`) does neither, and runs
+/// as `CLOCK_MONOTONIC_RAW` does: after a suspend of S seconds every start read plainly was
+/// S late, and an OOM kill within S of the job's start was taken for an earlier process's.
+/// The difference of the two clocks so far is taken off (all of it: a process started before
+/// a suspend gets an earlier start, never a later one).
 pub fn start_micros(ticks: u64) -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let suspended =
-        clock_micros(libc::CLOCK_BOOTTIME).saturating_sub(clock_micros(libc::CLOCK_MONOTONIC));
+    let apart = clock_micros(libc::CLOCK_BOOTTIME).saturating_sub(now_micros());
     (ticks.saturating_mul(1_000_000) / hz)
-        .saturating_sub(suspended)
+        .saturating_sub(apart)
         .saturating_sub(1_000_000)
 }
 
-/// Now, in microseconds on the kernel log's clock (which stops while the node is
-/// suspended, as `CLOCK_MONOTONIC` does).
+/// Now, in microseconds on (about) the kernel log's clock: it stops while the node is
+/// suspended and NTP does not slew it (`CLOCK_MONOTONIC` is slewed: over days of uptime it
+/// drifted seconds from the log's, and an OOM kill a second after a process was seen gone
+/// fell outside its life).
 pub fn now_micros() -> u64 {
-    clock_micros(libc::CLOCK_MONOTONIC)
+    clock_micros(libc::CLOCK_MONOTONIC_RAW)
 }
 
 fn clock_micros(clock: libc::clockid_t) -> u64 {

@@ -442,7 +442,7 @@ async fn wait_for_end(
                 // Not our child, so no exit status: the kernel's log still tells an OOM kill.
                 let life = crate::kernlog::Lifetime {
                     from_us: crate::procfs::start_micros(leader.start_ticks),
-                    until_us: crate::procfs::now_micros().saturating_add(1_000_000),
+                    until_us: crate::procfs::now_micros().saturating_add(30_000_000),
                 };
                 let processes = std::collections::BTreeMap::from([(leader.pid, life)]);
                 let ticket =
