@@ -44,6 +44,7 @@ pub mod procfs;
 pub mod progress;
 pub mod publish;
 pub mod pull;
+pub mod quota;
 pub mod ratelimit;
 pub mod recover;
 pub mod report;

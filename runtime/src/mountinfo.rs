@@ -124,6 +124,33 @@ fn mounts_in(table: &[u8]) -> std::io::Result<Vec<Mount>> {
     Ok(out)
 }
 
+/// The block device a mount of device `dev` was made from (`/dev/sda1`), as the table names
+/// it; None for a mount of no device under `/dev` (tmpfs, NFS, a FUSE server's own word for
+/// its source, which root must not go and look up).
+pub fn device_of(dev: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let table = std::fs::read("/proc/self/mountinfo")?;
+    Ok(device_in(&table, dev))
+}
+
+fn device_in(table: &[u8], dev: u64) -> Option<Vec<u8>> {
+    table
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .find_map(|line| {
+            let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+            let (major, minor) = std::str::from_utf8(fields.get(2)?).ok()?.split_once(':')?;
+            if libc::makedev(major.parse().ok()?, minor.parse().ok()?) != dev {
+                return None;
+            }
+            let source = fields.iter().skip(6).skip_while(|f| **f != b"-").nth(2)?;
+            let source = unescape_mount_path(source);
+            let source = <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::into_vec(
+                source.into_os_string(),
+            );
+            source.starts_with(b"/dev/").then_some(source)
+        })
+}
+
 /// The table is bytes: the kernel escapes only space, tab, newline and backslash, so one
 /// mount path that is not UTF-8 (any user's FUSE mount, a USB stick's Latin-1 label) made a
 /// read as text fail, and every caller saw no mount at all.
@@ -214,6 +241,28 @@ mod tests {
         assert!(!mounts().unwrap().is_empty());
         assert!(find_mount(|m| m.fstype == b"proc").unwrap().is_some());
         assert!(find_mount(|m| m.id == u64::MAX).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_mounts_device_is_found_by_its_number() {
+        let table = b"22 1 0:21 / /proc rw - proc proc rw\n\
+                      40 22 0:50 / /srv/x rw - fuse.sshfs /dev/sdz rw,user_id=1000\n\
+                      41 22 8:1 / /data rw shared:1 - ext4 /dev/sda1 rw\n";
+        assert_eq!(
+            device_in(table, libc::makedev(8, 1)),
+            Some(b"/dev/sda1".to_vec())
+        );
+        assert_eq!(
+            device_in(table, libc::makedev(0, 21)),
+            None,
+            "not a /dev path"
+        );
+        assert_eq!(
+            device_in(table, libc::makedev(0, 50)),
+            Some(b"/dev/sdz".to_vec()),
+            "a FUSE server's word: quota.rs checks it names this device"
+        );
+        assert_eq!(device_in(table, libc::makedev(9, 9)), None);
     }
 
     #[test]

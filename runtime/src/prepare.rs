@@ -95,6 +95,8 @@ impl DatasetError {
                 PullError::Write { .. }
                 | PullError::NoRoom { .. }
                 | PullError::Filling { .. }
+                // Freed by the user, or another node's scratch, the quota may let it in.
+                | PullError::OverQuota { .. }
                 | PullError::Task { .. } => true,
                 PullError::BadManifest { .. }
                 | PullError::WrongJob { .. }

@@ -54,6 +54,15 @@ pub enum PullError {
         needed: u64,
         free: u64,
     },
+    /// Root passes quotas (and so does the chown that gives the user its files): the job's
+    /// user's hard limit is measured here, or one tenant fills a shared file system.
+    #[error("{} {}, and the disk quota of {} there leaves {} and {}: stopped before the user's hard limit", .path.display(), needs_text(*.needed, *.inodes), .left.whose, .left.bytes_text(), .left.inodes_text())]
+    OverQuota {
+        path: PathBuf,
+        needed: u64,
+        inodes: u64,
+        left: crate::quota::Left,
+    },
     #[error("{} exists and differs from the job's file; `--force` overwrites it", .path.display())]
     Exists { path: PathBuf },
     #[error("{path}: content does not match the manifest (sha256 {actual}, expected {expected})")]
@@ -74,6 +83,16 @@ pub enum PullError {
         attempt: u32,
         found: u32,
     },
+}
+
+/// What a pull still needs, in words: a download under way needs no new inode.
+fn needs_text(needed: u64, inodes: u64) -> String {
+    let bytes = crate::display::human_bytes(needed);
+    if inodes == 0 {
+        format!("still needs {bytes}")
+    } else {
+        format!("needs {bytes} and {inodes} inodes")
+    }
 }
 
 /// Why a job's manifest was not read, in words: "no manifest" only when the store said so (a
@@ -334,7 +353,10 @@ impl Drop for Stop {
 /// The manifest's sizes are the store's word, and each file is written out whole (one huge
 /// blob listed a thousand times is a thousand copies), perhaps as root, past quotas and
 /// reserved blocks: what does not fit in what an ordinary user could still write is refused
-/// up front rather than filling the node's disk, the agent's state dir included. Each file
+/// up front rather than filling the node's disk, the agent's state dir included, and so is
+/// what does not fit the hard quota limits (blocks, inodes) of the user and group it is
+/// pulled for, whom the chown at the end charges past them (a tenant with 1 TB of quota
+/// filled a shared scratch with 5 TB). Each file
 /// takes whole blocks (counted at most 4 KiB each: NFS, CephFS and ZFS report 128 KiB to
 /// 4 MiB here, and pack small files tighter) and an inode, and so does each directory made
 /// for them (a forged manifest of 0-byte files, each below its own chain of 127 directories,
@@ -414,6 +436,19 @@ fn check_room(
             dirs,
             free,
         });
+    }
+    if let Some((uid, gid)) = owner {
+        if let Some(left) = crate::quota::left(root, uid, gid)
+            .into_iter()
+            .find(|q| needed > q.bytes || inodes > q.inodes)
+        {
+            return Err(PullError::OverQuota {
+                path: shown.to_path_buf(),
+                needed,
+                inodes,
+                left,
+            });
+        }
     }
     Ok(())
 }
@@ -590,6 +625,12 @@ async fn fetch_once(
                         needed,
                         free,
                     },
+                    WriteFailure::OverQuota { needed, left } => PullError::OverQuota {
+                        path: target.clone(),
+                        needed,
+                        inodes: 0,
+                        left,
+                    },
                     WriteFailure::Other(e) => e,
                 })
                 .and_then(|size| {
@@ -729,6 +770,11 @@ enum WriteFailure {
         needed: u64,
         free: u64,
     },
+    /// `needed` bytes still to be given to the owner, past what its hard limit `left` allows.
+    OverQuota {
+        needed: u64,
+        left: crate::quota::Left,
+    },
     Other(PullError),
 }
 
@@ -745,10 +791,11 @@ const ROOM_LOOK_EVERY: u64 = 4 << 20;
 /// Writes the chunks to `file`, refusing more bytes than the manifest's size (a store that
 /// serves 50 GiB for a 3-byte entry must not fill the disk), then checks size and sha256
 /// and sets mode, mtime and owner on the fd. What is still to come must fit in what an
-/// ordinary user could still write there (looked at every [`ROOM_LOOK_EVERY`] bytes): the
-/// room check up front takes a file in place with the entry's size and mtime for the
-/// entry's, and one with other bytes (a job's, in a workdir a later attempt reuses) is
-/// written again here, perhaps as root, past reserved blocks and quotas.
+/// ordinary user could still write there, and the whole file within the hard quota of the
+/// `owner` it is given to (looked at every [`ROOM_LOOK_EVERY`] bytes): the room check up
+/// front takes a file in place with the entry's size and mtime for the entry's, and one
+/// with other bytes (a job's, in a workdir a later attempt reuses) is written again here,
+/// perhaps as root, past reserved blocks and quotas.
 fn write_verified(
     mut file: &std::fs::File,
     rx: &mut tokio::sync::mpsc::Receiver<Option<bytes::Bytes>>,
@@ -787,6 +834,9 @@ fn write_verified(
                     return Err(WriteFailure::Filling { needed, free });
                 }
             }
+            if let Some((uid, gid)) = owner {
+                over_quota(file, entry.size, uid, gid)?;
+            }
             next_look = before.saturating_add(ROOM_LOOK_EVERY);
         }
         hasher.update(&chunk);
@@ -816,6 +866,32 @@ fn write_verified(
     }
     file.sync_all()?;
     Ok(size)
+}
+
+/// Whether a file of `size` bytes, given to `uid`:`gid` once written, fits what their hard
+/// limits still allow. The file is root's until then, and none of it is charged to them yet
+/// (unless it is charged already: a group's, in a setgid directory of theirs); nor are the
+/// other downloads of the pull, which the room check up front counted.
+fn over_quota(file: &std::fs::File, size: u64, uid: u32, gid: u32) -> Result<(), WriteFailure> {
+    let Ok(st) = crate::confine::fstat(file) else {
+        return Ok(());
+    };
+    let charged = (st.st_blocks as u64).saturating_mul(512);
+    for left in crate::quota::left(file, uid, gid) {
+        let already = match left.whose {
+            crate::quota::Whose::User(id) => id == st.st_uid,
+            crate::quota::Whose::Group(id) => id == st.st_gid,
+        };
+        let needed = if already {
+            size.saturating_sub(charged)
+        } else {
+            size
+        };
+        if needed > left.bytes {
+            return Err(WriteFailure::OverQuota { needed, left });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1040,6 +1116,141 @@ mod tests {
         );
     }
 
+    /// What the kernel says of the job's user's quota, on this thread, until dropped.
+    struct FakeQuota;
+
+    impl FakeQuota {
+        fn set(bytes: u64, inodes: u64) -> FakeQuota {
+            let me = nix::unistd::geteuid().as_raw();
+            let left = crate::quota::Left {
+                whose: crate::quota::Whose::User(me),
+                bytes,
+                inodes,
+            };
+            crate::quota::FAKE.with(|f| *f.borrow_mut() = Some(vec![left]));
+            FakeQuota
+        }
+    }
+
+    impl Drop for FakeQuota {
+        fn drop(&mut self) {
+            crate::quota::FAKE.with(|f| *f.borrow_mut() = None);
+        }
+    }
+
+    /// Root writes a dataset past the job user's quota, then chowns it to the user (which
+    /// passes it too): a tenant with 1 TB of quota pulled 5 TB onto shared scratch. What it
+    /// pulls must fit its hard limits, in blocks and in inodes; a pull for no user (`c3-agent
+    /// pull`, as the agent) is not judged by them.
+    #[test]
+    fn a_pull_past_the_users_quota_is_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = DirFd::open(dir.path()).unwrap();
+        let none = std::collections::BTreeMap::new();
+        let me = nix::unistd::geteuid().as_raw();
+        let owner = Some((me, me));
+        let big = FileEntry {
+            size: 5 << 20,
+            ..entry_of(b"")
+        };
+        let _quota = FakeQuota::set(1 << 20, u64::MAX);
+        let checked = check_room(&root, std::slice::from_ref(&big), &none, dir.path(), owner);
+        match &checked {
+            Err(e @ PullError::OverQuota { needed, left, .. }) => {
+                assert_eq!((*needed, left.bytes), (5 << 20, 1 << 20));
+                assert!(e.to_string().contains("disk quota of user"), "{e}");
+            }
+            other => panic!("5 MiB with 1 MiB of quota left: {other:?}"),
+        }
+        check_room(&root, std::slice::from_ref(&big), &none, dir.path(), None)
+            .expect("no user, no quota");
+        let small = FileEntry {
+            size: 512 << 10,
+            ..entry_of(b"")
+        };
+        check_room(&root, &[small], &none, dir.path(), owner).expect("512 KiB fits");
+        drop(_quota);
+        let _quota = FakeQuota::set(u64::MAX, 3);
+        let files: Vec<FileEntry> = (0..5)
+            .map(|i| FileEntry {
+                path: format!("f{i}"),
+                ..entry_of(b"")
+            })
+            .collect();
+        let checked = check_room(&root, &files, &none, dir.path(), owner);
+        assert!(
+            matches!(checked, Err(PullError::OverQuota { inodes: 5, .. })),
+            "5 files with 3 inodes of quota left: {checked:?}"
+        );
+        check_room(&root, &files[..3], &none, dir.path(), owner).expect("3 files fit");
+    }
+
+    /// A download the room check let through (a file in place of the right size with other
+    /// bytes, or a quota that shrank since) stops before the user's hard limit, as it does
+    /// before the file system fills: root wrote on past it.
+    #[test]
+    fn a_download_past_the_users_quota_stops_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut entry = entry_of(b"");
+        entry.size = 8 << 20;
+        let me = nix::unistd::geteuid().as_raw();
+        let _quota = FakeQuota::set(1 << 20, u64::MAX);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(1);
+        tx.try_send(Some(vec![7u8; 1 << 20].into())).unwrap();
+        drop(tx);
+        match write_verified(&file, &mut rx, &entry, Some((me, me))) {
+            Err(WriteFailure::OverQuota { needed, left }) => {
+                assert_eq!((needed, left.bytes), (8 << 20, 1 << 20));
+            }
+            Err(WriteFailure::Io(e)) => panic!("{e}"),
+            Err(WriteFailure::Other(e)) => panic!("{e}"),
+            Err(WriteFailure::Filling { needed, free }) => panic!("{needed} {free}"),
+            Ok(n) => panic!("{n} bytes written"),
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    /// The kernel's own limit, on an ext4 with quotas: a 50 MiB dataset for a user with a
+    /// 10 MiB hard limit is refused before a byte is written (root wrote it all, and the
+    /// chown gave the user five times its quota).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dataset_past_a_kernel_quota_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let Some(fs) = crate::quota::tests::QuotaExt4::mount(&dir.path().join("img"), &mnt) else {
+            return;
+        };
+        let nobody = 65534;
+        fs.limit(nobody, 10 << 10);
+        let url = format!("file://{}", dir.path().join("store").display());
+        let store = BlobStore::open(&crate::store::StoreConfig::for_tests(&url)).unwrap();
+        let large: Vec<u8> = (0..50u32 << 20).map(|i| (i % 251) as u8).collect();
+        let entry = FileEntry {
+            path: "d/large".into(),
+            ..entry_of(&large)
+        };
+        store.put_blob(&entry.sha256, large.into()).await.unwrap();
+        let root = DirFd::open(&mnt).unwrap();
+        let pulled = pull_into(
+            &store,
+            vec![entry].into(),
+            root,
+            &mnt,
+            Some((nobody, nobody)),
+            true,
+        )
+        .await;
+        assert!(
+            matches!(&pulled, Err(PullError::OverQuota { left, .. }) if left.bytes == 10 << 20),
+            "{pulled:?}"
+        );
+        assert!(!mnt.join("d").exists(), "nothing made");
+        drop(fs);
+    }
+
     /// A file of the right size and mtime with other bytes (dense: the room check takes it for
     /// the entry's) is written again as root: what is still to come must fit in what an
     /// ordinary user could write, else the download stops before root fills the file system.
@@ -1069,6 +1280,7 @@ mod tests {
                 assert_eq!(needed, 64 << 20);
                 assert!(free <= 8 << 20, "{free}");
             }
+            Err(WriteFailure::OverQuota { .. }) => panic!("no owner, no quota"),
             Err(WriteFailure::Io(e)) => panic!("written until: {e}"),
             Err(WriteFailure::Other(e)) => panic!("{e}"),
             Ok(n) => panic!("{n} bytes written"),
