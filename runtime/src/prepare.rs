@@ -256,11 +256,11 @@ fn open_workdir(
 }
 
 /// Makes the output dir `rel` below the workdir. What an earlier attempt's job left in the
-/// way (`rm -r artifacts && ln -s /etc artifacts`, a file in its place) is its own doing and
-/// is there on every later attempt: refused, it failed each of them before launch as the
-/// node's error (AGENT_ERROR, retryable), for ever. It is moved aside in its own directory
-/// (the link itself, never its target; a file kept, never removed as root), as `.c3` is
-/// replaced and a result left a directory is moved aside.
+/// way (`rm -r artifacts && ln -s /etc artifacts`, a file in its place; the job's user's) is
+/// its own doing and is there on every later attempt: refused, it failed each of them before
+/// launch as the node's error (AGENT_ERROR, retryable), for ever. It is moved aside in its
+/// own directory (the link itself, never its target; a file kept, never removed as root),
+/// as `.c3` is replaced and a result left a directory is moved aside.
 fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Result<DirFd> {
     let mut dir = workdir.try_clone()?;
     for part in rel.components() {
@@ -268,19 +268,21 @@ fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Resu
             // `ensure_dir` says what is wrong with the path.
             return workdir.ensure_dir(rel, job_dir_mode(owner), owner);
         };
-        match dir.stat(name) {
-            Ok(st) if !crate::confine::is_dir(&st) => {
+        match (dir.stat(name), owner) {
+            // Only what the job's user made: an operator's own `artifacts -> /big/disk` (a
+            // quick run in their dir, a scheduler's link in a root-owned workdir) is refused
+            // by name as before, never moved out of the way.
+            (Ok(st), Some((uid, _))) if !crate::confine::is_dir(&st) && st.st_uid == uid => {
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos());
-                let mut aside = std::ffi::OsString::from(".");
-                aside.push(name);
-                aside.push(format!("-aside-{}-{nanos}", std::process::id()));
-                dir.rename(name, &aside)?;
+                // Of a fixed length: a name near NAME_MAX with a suffix would not fit.
+                let aside = format!(".c3-aside-{}-{nanos}", std::process::id());
+                dir.rename(name, OsStr::new(&aside))?;
                 tracing::warn!(
                     path = %rel.display(),
-                    aside = %Path::new(&aside).display(),
-                    "something other than a directory was where an output dir goes (an earlier attempt's?); moved aside"
+                    aside = %aside,
+                    "something of the job's other than a directory was where an output dir goes (an earlier attempt's?); moved aside"
                 );
             }
             _ => {}
