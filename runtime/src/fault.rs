@@ -23,6 +23,17 @@ pub fn point(name: &str) {
     let _ = name;
 }
 
+/// Panics every time this point is met if `C3_AGENT_FAULT` names it, in debug builds: a bug
+/// every try meets.
+pub fn point_always(name: &str) {
+    #[cfg(debug_assertions)]
+    if named(name) {
+        panic!("injected fault at {name} (C3_AGENT_FAULT)");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
+
 /// Panics the first time each `place` (a file, say) meets this point if `C3_AGENT_FAULT`
 /// names it, in debug builds: a bug every upload meets once, for the tests of what a panicked
 /// task leaves behind and of its retry.

@@ -141,9 +141,10 @@ struct Syncer {
     /// `rescan`, taken out by `on_uploaded` (by the task's id when the task panicked: its
     /// result, the path with it, is lost).
     in_flight: HashMap<String, Sending>,
-    /// Files whose live upload panicked once: sent again once, then left to the final sync,
-    /// so that a bug every read of a file meets does not panic at every settle.
-    panicked: std::collections::HashSet<String>,
+    /// Files whose live upload panicked, with the version and how often: a version is sent
+    /// again once, then left to the final sync, so that a bug every read of a file meets
+    /// does not panic at every settle (a rescan or a hint finds the file again each time).
+    panicked: HashMap<String, (FileStamp, u32)>,
     manifest_dirty: bool,
     /// The in-progress manifest is over `store.max_manifest_bytes`: not written again.
     manifest_too_large: bool,
@@ -189,6 +190,8 @@ struct Sending {
     task: tokio::task::Id,
     /// Bytes queued in `book.progress` for it.
     size: u64,
+    /// The version sent.
+    stamp: FileStamp,
 }
 
 #[derive(Default)]
@@ -863,6 +866,13 @@ impl Syncer {
             if self.book.is_current(&file.rel, &file.stamp) {
                 continue;
             }
+            if self
+                .panicked
+                .get(&file.rel)
+                .is_some_and(|&(version, times)| version == file.stamp && times > 1)
+            {
+                continue;
+            }
             let uploader = self.uploader.clone();
             let size = file.stamp.size;
             self.book.progress.queue(size);
@@ -871,6 +881,7 @@ impl Syncer {
                     // A test's window between the look and the read (the job maps the file).
                     crate::fault::pause_point("before-live-upload").await;
                     crate::fault::point_once_per("live-upload-panics", &file.rel);
+                    crate::fault::point_always("live-upload-always-panics");
                     // Only the version just looked at: what the job made of it since then
                     // (mapped and stored to, say) is not known to be done.
                     let result = uploader.upload_as_seen(&file).await;
@@ -882,6 +893,7 @@ impl Syncer {
                 removed: false,
                 task: task.id(),
                 size,
+                stamp,
             };
             self.in_flight.insert(rel, sending);
         }
@@ -949,7 +961,12 @@ impl Syncer {
             return;
         };
         self.book.progress.finish(sending.size);
-        let again = !sending.removed && self.panicked.insert(rel.clone());
+        let times = match self.panicked.get(&rel) {
+            Some(&(version, times)) if version == sending.stamp => times + 1,
+            _ => 1,
+        };
+        self.panicked.insert(rel.clone(), (sending.stamp, times));
+        let again = !sending.removed && times == 1;
         tracing::error!(path = %rel, error = %e, sent_again = again, "an upload task failed");
         if again {
             let candidate = Candidate {

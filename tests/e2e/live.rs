@@ -278,6 +278,25 @@ fn panicked_live_uploads_give_their_slots_back_and_are_sent_again() {
     assert_eq!(h.manifest_paths("panics").len(), 6);
 }
 
+/// A file whose every live upload panics is sent again once, then left to the final sync:
+/// polling found it again at every look, and it panicked (re-read, re-hashed) at each.
+#[test]
+fn a_file_whose_live_upload_always_panics_is_tried_twice() {
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str("mode = \"poll\"\npoll_ms = 100\n");
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "live-upload-always-panics".into()));
+    let script = "echo once > $C3_ARTIFACTS_DIR/f; sleep 4";
+    let run = h.run_job(json!({"job_id": "always", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    let panics = run
+        .stderr
+        .matches("an upload task failed path=artifacts/f")
+        .count();
+    assert_eq!(panics, 2, "{}", run.stderr);
+    assert_eq!(h.manifest_paths("always"), ["artifacts/f"]);
+}
+
 /// A job writing `count` files in 50 dirs as fast as it can, `around` seconds after its start
 /// and before its end (time for live sync to be watching, and to see the burst).
 fn many_files(h: Harness, count: usize, around: f64) -> crate::support::Run {
