@@ -203,7 +203,11 @@ pub async fn run_job(
                 .in_current_span(),
             );
         }
+        let earlier_seq = take_over_earlier_run(ctx, &spec).await;
         let mut run = Run::new(ctx, spec);
+        if let Some(seq) = earlier_seq {
+            run.record.seq = seq.saturating_add(SEQ_GAP_AFTER_ITS_AGENT);
+        }
         run.lock = Some(lock);
         run.stop_requested = Some(stop_clock(&cancel));
         let end = match run.prepare(&cancel).await {
@@ -233,6 +237,42 @@ pub async fn run_job(
     }
     .instrument(span)
     .await)
+}
+
+/// An earlier run of this attempt, its record left in the state dir: `already_ran` lets a
+/// run through when the store holds no manifest of the attempt, as after an agent killed
+/// before its first one (OOM, early on) that the scheduler starts again with the same spec.
+/// Started afresh, the record forgot the earlier job's leader and cgroup (it ran on in the
+/// same workdir, named in no record) and `seq` began at 0 again, below the statuses the dead
+/// agent sent, which the control plane then dropped as duplicates. An unfinished one is
+/// taken over as `recover` would: its processes stopped first. Returns its `seq`, which this
+/// run goes on past (with [`Run::from_record`]'s gap: a status may have gone out unsaved).
+async fn take_over_earlier_run(ctx: &AgentContext, spec: &JobSpec) -> Option<u64> {
+    let path = ctx.state.run_record_path(&spec.job_id, spec.attempt);
+    if !path.is_file() {
+        return None;
+    }
+    let state = ctx.state.clone();
+    let record = match tokio::task::spawn_blocking(move || state.read_record(&path)).await {
+        Ok(Ok(record)) => record,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %error_chain(&e), "the attempt's earlier run record cannot be read; replaced");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    if record.phase != Phase::Done {
+        tracing::warn!(
+            phase = ?record.phase,
+            earlier_seq = record.seq,
+            earlier_agent_pid = record.agent.map(|a| a.0),
+            "taking over an unfinished earlier run of this attempt (its agent died): its processes are stopped first"
+        );
+        if crate::recover::stop_survivors(ctx, &record).await {
+            tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
+        }
+    }
+    Some(record.seq)
 }
 
 /// When the agent was first asked to stop (a signal): set once, by whoever turns the signal

@@ -295,67 +295,10 @@ fn later_job_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -
     })
 }
 
-async fn recover_record(
-    ctx: &AgentContext,
-    path: &std::path::Path,
-    pass: Pass,
-) -> Option<JobSummary> {
-    let record = unfinished_record(ctx, path, pass)?;
-    // `resync JOB` is the operator's own word on the attempt: the way to move a job's
-    // output to the store the node uses now.
-    if let Some(theirs) = record
-        .destination
-        .as_ref()
-        .filter(|d| !ctx.destination().serves(d))
-    {
-        if pass == Pass::Resync {
-            tracing::warn!(job_id = %record.spec.job_id, job_store = %theirs.store, store = %ctx.store.shown_url(), "the attempt's output went to another store; resync stores it in this config's");
-        } else {
-            tracing::warn!(
-            job_id = %record.spec.job_id,
-            attempt = record.spec.attempt,
-            job_store = %theirs.store,
-            job_control_plane = theirs.control_plane.as_deref().unwrap_or("none"),
-            store = %ctx.store.shown_url(),
-            "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config, or `c3-agent resync JOB` to move it here)"
-            );
-            return None;
-        }
-    }
-    crate::fault::pause_point("recover-after-read").await;
-    // A sidecar's job that still runs (its agent died, and the pod or the prolog restarts
-    // it): finished now, it would be AGENT_ERROR with a complete manifest, and the restarted
-    // sidecar would find it done and store nothing the job wrote after.
-    if pass == Pass::Recover
-        && record.phase == Phase::Running
-        && record
-            .watched_leader
-            .as_ref()
-            .is_some_and(crate::procfs::is_alive)
-    {
-        tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
-            "the watched job still runs; left to its sidecar");
-        return None;
-    }
-    if pass != Pass::Own && owner_alive(&record) {
-        tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
-        return None;
-    }
-    // The attempt's lock is the final word: an agent holding it is at work on the job.
-    let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt) {
-        Ok(lock) => lock,
-        Err(e) => {
-            tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");
-            return None;
-        }
-    };
-    // Read again under the lock: the agent that held it may have finished the attempt (and
-    // sent its terminal status) between the first read and the lock, and finishing it again
-    // from the stale phase would send a second, contradicting one.
-    let record = unfinished_record(ctx, path, pass)?;
-    let span =
-        tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
-    let entered = span.enter();
+/// Stops what an attempt's dead agent left running (only what provably is the job: its
+/// cgroup, its recorded leader's group, or without a cgroup its marked processes). Returns
+/// whether processes of the job survive SIGKILL: its GPU is then not free.
+pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bool {
     let mut survivors = false;
     if record.phase == Phase::Running
         || (record.cgroup.is_some() || record.launching) && record.phase == Phase::Preparing
@@ -436,6 +379,71 @@ async fn recover_record(
             }
         }
     }
+    survivors
+}
+
+async fn recover_record(
+    ctx: &AgentContext,
+    path: &std::path::Path,
+    pass: Pass,
+) -> Option<JobSummary> {
+    let record = unfinished_record(ctx, path, pass)?;
+    // `resync JOB` is the operator's own word on the attempt: the way to move a job's
+    // output to the store the node uses now.
+    if let Some(theirs) = record
+        .destination
+        .as_ref()
+        .filter(|d| !ctx.destination().serves(d))
+    {
+        if pass == Pass::Resync {
+            tracing::warn!(job_id = %record.spec.job_id, job_store = %theirs.store, store = %ctx.store.shown_url(), "the attempt's output went to another store; resync stores it in this config's");
+        } else {
+            tracing::warn!(
+            job_id = %record.spec.job_id,
+            attempt = record.spec.attempt,
+            job_store = %theirs.store,
+            job_control_plane = theirs.control_plane.as_deref().unwrap_or("none"),
+            store = %ctx.store.shown_url(),
+            "the attempt's output and reports go elsewhere than this config says; left alone (run recover with the job's config, or `c3-agent resync JOB` to move it here)"
+            );
+            return None;
+        }
+    }
+    crate::fault::pause_point("recover-after-read").await;
+    // A sidecar's job that still runs (its agent died, and the pod or the prolog restarts
+    // it): finished now, it would be AGENT_ERROR with a complete manifest, and the restarted
+    // sidecar would find it done and store nothing the job wrote after.
+    if pass == Pass::Recover
+        && record.phase == Phase::Running
+        && record
+            .watched_leader
+            .as_ref()
+            .is_some_and(crate::procfs::is_alive)
+    {
+        tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
+            "the watched job still runs; left to its sidecar");
+        return None;
+    }
+    if pass != Pass::Own && owner_alive(&record) {
+        tracing::info!(job_id = %record.spec.job_id, agent_pid = record.agent.map(|a| a.0), "job still has its agent; left alone");
+        return None;
+    }
+    // The attempt's lock is the final word: an agent holding it is at work on the job.
+    let lock = match AttemptLock::acquire(&ctx.state, &record.spec.job_id, record.spec.attempt) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::info!(job_id = %record.spec.job_id, reason = %e, "job left alone");
+            return None;
+        }
+    };
+    // Read again under the lock: the agent that held it may have finished the attempt (and
+    // sent its terminal status) between the first read and the lock, and finishing it again
+    // from the stale phase would send a second, contradicting one.
+    let record = unfinished_record(ctx, path, pass)?;
+    let span =
+        tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
+    let entered = span.enter();
+    let survivors = stop_survivors(ctx, &record).await;
     // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
     // once a later attempt has run in it, what is there is that attempt's, and finishing this
     // one from it would list the later attempt's files as this one's (its manifest replaced,

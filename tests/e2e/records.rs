@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::Harness;
+use crate::support::{alive, wait_for, Harness};
 
 /// The states of the statuses the control plane took, in order, with their `seq`.
 fn statuses(h: &Harness) -> Vec<(String, u64)> {
@@ -148,5 +148,82 @@ fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
         .map(|b| b["new_bytes"].as_u64().unwrap())
         .sum();
     assert_eq!(registered, first, "{registrations:?}");
+    assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
+}
+
+/// The agent dies right after starting the job, before the store holds any manifest of the
+/// attempt (an OOM kill early on), and the scheduler starts it again with the same spec. The
+/// rerun wrote a fresh record over the dead agent's: its job (`sleep 300` here) was named in
+/// no record any more and ran on in the same workdir for good. The rerun takes the attempt
+/// over: the earlier job is stopped first, and the status is the rerun's.
+#[test]
+fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
+    // The job's cgroup needs root; without it the dead agent's job is found by its marks.
+    let fault = if nix::unistd::geteuid().is_root() {
+        "crash-after-spawn"
+    } else {
+        "crash-after-spawn-without-cgroup"
+    };
+    let mut h = Harness::file().with_control_plane(5);
+    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
+    let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
+    let run = h.run_job(json!({"job_id": "again", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let pid_file = h.workdir("again").join("artifacts/job.pid");
+    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    assert!(alive(pid), "the job outlived its agent");
+    h.env.clear();
+    let rerun = h.run_job(json!({"job_id": "again", "command": ["true"]}));
+    rerun.assert_code(0);
+    wait_for(
+        "the earlier job to be stopped",
+        Duration::from_secs(5),
+        || (!alive(pid)).then_some(()),
+    );
+    assert!(
+        rerun
+            .stderr
+            .contains("taking over an unfinished earlier run"),
+        "{}",
+        rerun.stderr
+    );
+    let t = h.cp().terminal_status().unwrap();
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    assert_eq!(terminals(&h).len(), 1, "{:?}", statuses(&h));
+}
+
+/// The agent dies after RUNNING and FINALIZING went out, before the store held a manifest of
+/// the attempt; the same spec is run again. The rerun counted `seq` from 0 again: its RUNNING
+/// and FINALIZING repeated the dead agent's `seq`s, which a control plane drops as
+/// duplicates. It goes on past them.
+#[test]
+fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
+    let run = h.run_job(json!({"job_id": "seqs", "command": ["true"]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let first = statuses(&h);
+    assert!(
+        first.iter().any(|(s, _)| s == "FINALIZING"),
+        "the dead agent was meant to send FINALIZING: {first:?}"
+    );
+    assert!(
+        h.object("jobs/seqs/attempts/1/manifest.json").is_none(),
+        "the store was meant to hold no manifest of the attempt, or the rerun is refused"
+    );
+    h.env.clear();
+    h.run_job(json!({"job_id": "seqs", "command": ["true"]}))
+        .assert_code(0);
+    let all = statuses(&h);
+    let seqs: Vec<u64> = all.iter().map(|(_, seq)| *seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "a status repeated or went below an earlier one's seq: {all:?}"
+    );
     assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
 }
