@@ -162,7 +162,8 @@ static CURRENT: std::sync::Mutex<Option<(String, u32)>> = std::sync::Mutex::new(
 
 /// A bug must not orphan a job or lose its status: stop the job's processes, then finish
 /// the attempt exactly as `recover` would (final sync, manifest, status kept or delivered),
-/// and exit with one of the contract's codes.
+/// and exit with one of the contract's codes. A stop ends it by the stop deadline, as it
+/// would have ended `run`.
 fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
     let current = CURRENT.lock().ok().and_then(|g| g.clone());
     let agent_error = ExitCode::from(JobExit::AgentOrDataset.code());
@@ -181,8 +182,15 @@ fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
     let env = Env { config, job_umask };
     let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async {
+            // The first runtime's handlers stay installed for the process's life, and with it
+            // gone nothing read them: a stop now was swallowed. One asked before the panic
+            // counts from its own time (`job::stop_asked_at`).
+            let stop = cancel_on_signals(&env.config.forward_signals);
+            if c3_runtime::job::stop_asked_at().is_some() {
+                stop.cancel();
+            }
             let ctx = context(&env).ok()?;
-            c3_runtime::recover::recover_own(&ctx, &job_id, attempt).await
+            c3_runtime::recover::recover_own(&ctx, &job_id, attempt, &stop).await
         })
     }));
     // As after `dispatch`: dropped, the runtime waits for every blocking task, and one given

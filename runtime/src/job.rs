@@ -332,7 +332,7 @@ pub struct Run<'a> {
     /// dropped ([`crate::confine::DirFd::hold`]); `None` before `prepare` and in `recover`.
     pub(crate) held_workdir: Option<crate::confine::HeldRoot>,
     /// When a stop (SIGTERM) was requested, if it was: the final sync then ends by
-    /// `stop_deadline` after it. `recover` has none.
+    /// `stop_deadline` after it. `recover` has none; the panic path's `recover_own` has one.
     pub(crate) stop_requested: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
 }
 
@@ -674,36 +674,48 @@ impl<'a> Run<'a> {
         crate::outcome::note_end(&end, &mut self.record);
         self.record.phase = Phase::Finishing;
         self.save().await;
-        let sync_deadline = self.stop_requested.clone().map(|mut requested| {
-            let within = self.ctx.stop_deadline;
-            async move {
-                match requested.wait_for(Option::is_some).await {
-                    Ok(at) => {
-                        let at = at.unwrap_or_else(tokio::time::Instant::now);
-                        match at.checked_add(within) {
-                            Some(hard) => {
-                                tokio::time::sleep_until(hard - status_reserve(within)).await
-                            }
-                            None => std::future::pending().await,
-                        }
-                    }
-                    Err(_) => std::future::pending().await,
-                }
-            }
-        });
+        let deadline = self.sync_cut();
         let collected = {
             let _final_progress = self.progress("final");
-            match sync_deadline {
-                None => Some(self.collect_output(&end).await),
-                Some(deadline) => tokio::select! {
-                    collected = self.collect_output(&end) => Some(collected),
-                    () = deadline => None,
-                },
+            tokio::select! {
+                collected = self.collect_output(&end) => Some(collected),
+                () = deadline => None,
             }
         };
         match collected {
             Some(collected) => self.conclude(end, collected, started).await,
             None => self.conclude_cut(end, started).await,
+        }
+    }
+
+    /// [`Run::finish`] for a run that the stop deadline left no time to sync at all (the
+    /// panic path, stopped while it still read what the attempt's manifest lists): the cut
+    /// path's status, the attempt left in phase `finishing` for `recover`.
+    pub(crate) async fn finish_cut(mut self, end: JobEnd, started: Instant) -> JobSummary {
+        crate::outcome::note_end(&end, &mut self.record);
+        self.record.phase = Phase::Finishing;
+        self.save().await;
+        self.conclude_cut(end, started).await
+    }
+
+    /// Fires when a stop leaves the final sync no more time: `stop_deadline` after the stop
+    /// request, less the terminal status's reserve ([`status_reserve`]). Never without a
+    /// stop clock.
+    pub(crate) fn sync_cut(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let requested = self.stop_requested.clone();
+        let within = self.ctx.stop_deadline;
+        async move {
+            let Some(mut requested) = requested else {
+                return std::future::pending().await;
+            };
+            let at = match requested.wait_for(Option::is_some).await {
+                Ok(at) => at.unwrap_or_else(tokio::time::Instant::now),
+                Err(_) => return std::future::pending().await,
+            };
+            match at.checked_add(within) {
+                Some(hard) => tokio::time::sleep_until(hard - status_reserve(within)).await,
+                None => std::future::pending().await,
+            }
         }
     }
 

@@ -72,7 +72,7 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
-        match recover_record(ctx, &path, Pass::Recover).await {
+        match recover_record(ctx, &path, Pass::Recover, None).await {
             Some(summary) => finished.push(summary),
             None => abort_left_uploads(ctx, &path).await,
         }
@@ -162,13 +162,21 @@ pub async fn resync(
             job_id: job_id.into(),
             attempt,
         })?;
-    Ok(recover_record(ctx, &path, Pass::Resync).await)
+    Ok(recover_record(ctx, &path, Pass::Resync, None).await)
 }
 
 /// Finishes the attempt this very process was running when it panicked: its processes
 /// stopped, final sync, manifest, status (`AGENT_ERROR` unless the real outcome was recorded).
-pub async fn recover_own(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<JobSummary> {
-    recover_record(ctx, &ctx.state.run_record_path(job_id, attempt), Pass::Own).await
+/// Cancelling `stop` (a stop asked before the panic, or during this) ends it by the stop
+/// deadline as `run` would have: the cut path's status, the rest left to `recover`.
+pub async fn recover_own(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: u32,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<JobSummary> {
+    let path = ctx.state.run_record_path(job_id, attempt);
+    recover_record(ctx, &path, Pass::Own, Some(stop)).await
 }
 
 /// Who finishes a recorded attempt.
@@ -386,6 +394,7 @@ async fn recover_record(
     ctx: &AgentContext,
     path: &std::path::Path,
     pass: Pass,
+    stop: Option<&tokio_util::sync::CancellationToken>,
 ) -> Option<JobSummary> {
     let record = unfinished_record(ctx, path, pass)?;
     // `resync JOB` is the operator's own word on the attempt: the way to move a job's
@@ -498,26 +507,48 @@ async fn recover_record(
     } else {
         tracing::info!(phase = ?record.phase, "recovering a job the agent did not finish");
     }
-    let listed = match listed_before(ctx, &record).await {
-        Ok(earlier) => earlier,
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");
-            return None;
-        }
-    };
     let end = recorded_end(&record);
     drop(entered);
     let mut run =
         tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
-    run.listed_before(listed);
+    // The panic path's stop clock, from the signal's own time: without one, a stop during
+    // it (or before the panic) was never heard of, and a store outage held it until
+    // `retry_deadline_secs`, past the kill a scheduler sends after the stop deadline.
+    if let Some(stop) = stop {
+        run.stop_requested = Some(crate::job::stop_clock(stop));
+    }
+    // This read retries through a store outage too.
+    let cut = run.sync_cut();
+    let listed = tokio::select! {
+        listed = tracing::Instrument::instrument(listed_before(ctx, &run.record), span.clone()) => Some(listed),
+        () = cut => None,
+    };
+    let listed = match listed {
+        Some(Ok(earlier)) => Some(earlier),
+        Some(Err(e)) => {
+            let _entered = span.enter();
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");
+            return None;
+        }
+        // Not a sync at all: without that list a seal could replace the manifest with less.
+        None => None,
+    };
+    let cut = listed.is_none();
+    if let Some(earlier) = listed {
+        run.listed_before(earlier);
+    }
     if survivors {
         // A retryable end alone would have the platform place the job again while this
         // copy still holds the GPU.
         tracing::Instrument::instrument(run.processes_survive(), span.clone()).await;
     }
-    let summary = tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await;
+    let finished = if cut {
+        tracing::Instrument::instrument(run.finish_cut(end, Instant::now()), span).await
+    } else {
+        tracing::Instrument::instrument(run.finish(end, Instant::now()), span).await
+    };
     drop(lock);
-    Some(summary)
+    Some(finished)
 }
 
 #[cfg(test)]

@@ -89,6 +89,60 @@ fn a_panic_path_with_a_hung_result_read_still_exits() {
     assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
 }
 
+/// A stop (SIGTERM) while a panic's job is being finished, the store down so that the final
+/// sync retries: the panic path's runtime listened for no signal (the first runtime's
+/// handler took it, and nothing read it) and had no stop clock, so it went on until
+/// `retry_deadline_secs`, past the kill a scheduler sends after the stop deadline, and no
+/// status came. It ends by the stop deadline, with the cut path's status.
+#[test]
+fn a_stop_during_the_panic_path_ends_it_by_the_stop_deadline() {
+    let mut s3 = crate::support::S3Server::start();
+    s3.retry_deadline_secs = 90;
+    let mut h = Harness::new(crate::support::Store::File);
+    h.extra_toml = format!("[job]\nstop_deadline_secs = 5\n{}", s3.store_toml("pre"));
+    h.env.push(("C3_AGENT_FAULT".into(), "after-launch".into()));
+    // TERM ignored: the panic path's stop of the job takes its whole grace, in which the
+    // store goes down.
+    let script = "trap '' TERM; echo x > $C3_ARTIFACTS_DIR/a; sleep 30";
+    let spec = h.spec(json!({"job_id": "boomstop", "command": ["sh", "-c", script]}));
+    let mut child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the job to start", Duration::from_secs(20), || {
+        h.workdir("boomstop")
+            .join("artifacts/a")
+            .exists()
+            .then_some(())
+    });
+    s3.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    crate::support::signal(child.id(), "TERM");
+    let stopped = std::time::Instant::now();
+    // The stop deadline, and a moment for the exit.
+    let limit = Duration::from_secs(5 + 4);
+    while child.try_wait().unwrap().is_none() && stopped.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let in_time = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    let run = h.wait("c3-agent run".into(), child);
+    assert!(
+        in_time,
+        "the agent had not exited {limit:?} after the stop\n--- stderr\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("the agent panicked: injected fault"),
+        "{}",
+        run.stderr
+    );
+    let t = h.terminal("boomstop");
+    assert!(
+        t["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped before the final sync was done")),
+        "{t}"
+    );
+}
+
 /// An UPLOAD_ERROR does not cost a re-run: the files stay on the node, and once the store
 /// works again `resync` stores them, writes the complete manifest and amends the status.
 #[test]
