@@ -461,25 +461,85 @@ fn make_reserve(path: &Path) {
             .create_new(true)
             .mode(0o600)
             .open(path)?;
-        let len = RECORD_RESERVE_BYTES as i64;
-        match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, len) {
-            Ok(()) => {}
-            // A filesystem without fallocate (ZFS, some NFS): written out instead.
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeros = vec![0u8; 64 << 10];
-                let mut file = &file;
-                for _ in 0..RECORD_RESERVE_BYTES / zeros.len() as u64 {
-                    file.write_all(&zeros)?;
-                }
+        reserve_blocks(&file, |file| {
+            let len = RECORD_RESERVE_BYTES as i64;
+            match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, len) {
+                // A filesystem without fallocate (ZFS before 2.0, some NFS): written out below.
+                Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+                Err(e) => Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
-        }
-        file.sync_all()
+        })
     })();
     if let Err(e) = made {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             let _ = std::fs::remove_file(path);
             tracing::debug!(error = %e, "no reserve for the run record now");
+        }
+    }
+}
+
+/// Gives `file` [`RECORD_RESERVE_BYTES`] of blocks of its own: `allocate`'s (fallocate), and
+/// where those fall short, bytes written out. A successful fallocate is not enough: OpenZFS
+/// 2.x answers it with a sparse file, and zeros written to a compressing filesystem are
+/// stored as holes; either way the reserve held no block, and freeing it on a full disk
+/// gave the run record no room. The bytes written are a PRNG's, which no compression
+/// shrinks, seeded per file so that no dedup folds two reserves into one.
+fn reserve_blocks(
+    file: &std::fs::File,
+    allocate: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let held = |file: &std::fs::File| -> std::io::Result<u64> {
+        Ok(file.metadata()?.blocks().saturating_mul(512))
+    };
+    allocate(file)?;
+    if held(file)? >= RECORD_RESERVE_BYTES {
+        return file.sync_all();
+    }
+    let meta = file.metadata()?;
+    let mut rng = XorShift::seeded(meta.ino() ^ u64::from(std::process::id()));
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut offset = 0;
+    while offset < RECORD_RESERVE_BYTES {
+        rng.fill(&mut chunk);
+        file.write_all_at(&chunk, offset)?;
+        offset += chunk.len() as u64;
+    }
+    file.sync_all()?;
+    // Some filesystems (ZFS) count a file's blocks only once its transaction group is
+    // written out, seconds later: a short count now is not proof, so only said once.
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let now = held(file)?;
+    if now < RECORD_RESERVE_BYTES && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            held_bytes = now,
+            wanted_bytes = RECORD_RESERVE_BYTES,
+            "the run record's reserve holds fewer blocks than written (a copy-on-write or deduplicating filesystem?): on a full disk it is best effort"
+        );
+    }
+    Ok(())
+}
+
+/// xorshift64*: bytes no compression or dedup shrinks, at memory speed, for
+/// [`reserve_blocks`] (nothing here needs them unpredictable).
+struct XorShift(u64);
+
+impl XorShift {
+    fn seeded(salt: u64) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        // Never zero: xorshift's one fixed point.
+        XorShift((nanos ^ salt.rotate_left(32)) | 1)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let out = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            word.copy_from_slice(&out[..word.len()]);
         }
     }
 }
@@ -749,6 +809,49 @@ mod tests {
             Err(LockError::Held { .. })
         ));
         drop(held);
+    }
+
+    fn blocks_held(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_reserve_holds_its_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.reserve");
+        make_reserve(&path);
+        assert!(
+            blocks_held(&path) >= RECORD_RESERVE_BYTES,
+            "{}",
+            blocks_held(&path)
+        );
+    }
+
+    /// A fallocate that succeeds and leaves a sparse file (OpenZFS 2.x) is not taken for a
+    /// reserve: the bytes are written out, and not as zeros (a compressing filesystem stores
+    /// those as holes).
+    #[test]
+    fn a_reserve_a_sparse_fallocate_left_empty_is_written_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.reserve");
+        let file = std::fs::File::create_new(&path).unwrap();
+        reserve_blocks(&file, |file| file.set_len(RECORD_RESERVE_BYTES)).unwrap();
+        assert!(
+            blocks_held(&path) >= RECORD_RESERVE_BYTES,
+            "{}",
+            blocks_held(&path)
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, RECORD_RESERVE_BYTES);
+        let zeros = bytes
+            .chunks(4096)
+            .filter(|c| c.iter().all(|b| *b == 0))
+            .count();
+        assert_eq!(
+            zeros, 0,
+            "pages of zeros a compressing filesystem keeps as holes"
+        );
     }
 
     #[test]
