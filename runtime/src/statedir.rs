@@ -3,6 +3,7 @@
 //! ```text
 //! <state_dir>/store/                                  the embedded default store (file://)
 //! <state_dir>/start.order                             how many attempts were started here
+//! <state_dir>/start.order.lock                        held while one start takes its number
 //! <state_dir>/jobs/<job_id>/job.json                  written by the scheduler
 //! <state_dir>/jobs/<job_id>/work/                     default workdir
 //! <state_dir>/jobs/<job_id>/attempts/<n>/run.json     RunRecord: what recover needs
@@ -241,36 +242,47 @@ impl StateDir {
     }
 
     /// The next number of `<state_dir>/start.order`, a counter every attempt's start takes
-    /// (under its flock, for agents starting at once): the order attempts started in, which
-    /// no step of the wall clock changes ([`RunRecord::start_order`]).
+    /// (under the flock of `start.order.lock`, for agents starting at once): the order
+    /// attempts started in, which no step of the wall clock changes
+    /// ([`RunRecord::start_order`]). The counter is replaced whole ([`write_atomic`]):
+    /// rewritten in place, a kill or a full disk between the truncate and the write left it
+    /// empty, read as 0, and the next attempts took orders below those already recorded
+    /// (`recover` then took the earlier job in a workdir for the later one). One missing or
+    /// unreadable all the same goes on from the largest order in the run records.
     pub fn next_start_order(&self) -> Result<u64, StateError> {
-        use std::io::{Read, Seek};
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.root.join("start.order");
-        let err = |source| StateError::Write {
-            path: path.clone(),
-            source,
-        };
         self.ensure_root()?;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(err)?;
-        file.lock().map_err(err)?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(err)?;
-        let next = text.trim().parse::<u64>().unwrap_or(0).saturating_add(1);
-        file.set_len(0).map_err(err)?;
-        file.rewind().map_err(err)?;
-        file.write_all(format!("{next}\n").as_bytes())
-            .map_err(err)?;
-        file.sync_all().map_err(err)?;
+        let _held = lock_patiently(&self.root.join("start.order.lock"))?;
+        let path = self.root.join("start.order");
+        let last = match read_no_follow(&path) {
+            Ok(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let last = last.unwrap_or_else(|| {
+            let recorded = self.largest_start_order();
+            if recorded > 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    recorded,
+                    "the start order counter was missing or unreadable: it goes on from the run records"
+                );
+            }
+            recorded
+        });
+        let next = last.saturating_add(1);
+        write_atomic(&path, format!("{next}\n").as_bytes())?;
         Ok(next)
+    }
+
+    /// The largest [`RunRecord::start_order`] of the run records here (0: none has one).
+    fn largest_start_order(&self) -> u64 {
+        self.all_records()
+            .iter()
+            .filter_map(|path| self.read_record(path).ok()?.start_order)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Where an attempt keeps [`RECORD_RESERVE_BYTES`] for its run record.
@@ -704,6 +716,53 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     replace(path, bytes, true)
 }
 
+/// Takes the flock of the file at `path` (made if missing, never through a symlink), waiting
+/// out another agent's hold up to [`LOCK_PATIENCE`]: such a lock is held for a read and a
+/// write, and a blocking flock behind a stuck holder would hang the start (and the reactor
+/// thread it runs on) for good.
+fn lock_patiently(path: &Path) -> Result<HeldFlock, StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| StateError::Write {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(err)?;
+    let until = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(HeldFlock::new(file)),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(err(std::io::ErrorKind::WouldBlock.into()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+    }
+}
+
+/// The bytes of the file at `path`, not through a symlink.
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = Vec::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// [`write_atomic`] without the fsyncs, for records that are only hints after a host crash
 /// (losing the newest version costs work, never data). Each fsync on ext4 forces a journal
 /// commit, and a commit stalls the job's own writes on the same filesystem: one per part of
@@ -852,6 +911,62 @@ mod tests {
             zeros, 0,
             "pages of zeros a compressing filesystem keeps as holes"
         );
+    }
+
+    /// A run record of job `job_id` (attempt 1), started `start_order`th.
+    fn record_started(s: &StateDir, job_id: &str, start_order: u64) {
+        let spec = c3_proto::JobSpec::from_json(
+            format!(r#"{{"job_id":"{job_id}","command":["true"]}}"#).as_bytes(),
+        )
+        .unwrap()
+        .spec;
+        let mut r: RunRecord = serde_json::from_value(serde_json::json!({
+            "spec": spec, "workdir": "/w", "phase": "running", "pgid": null, "seq": 1,
+            "state": null, "reason": null, "exit_code": null, "signal": null,
+            "started_at": "2026-12-01T00:00:00Z",
+        }))
+        .unwrap();
+        r.start_order = Some(start_order);
+        s.ensure_attempt_dir(job_id, 1).unwrap();
+        s.write_record(&r).unwrap();
+    }
+
+    /// A counter left empty (a kill between a truncate and a write) or unreadable goes on
+    /// from the orders in the run records: read as 0, it handed out 1 again, below orders
+    /// already recorded, and `recover` took the earlier job in a workdir for the later one.
+    #[test]
+    fn a_lost_start_order_goes_on_from_the_run_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path().join("state"));
+        for (job, expected) in [("a", 1), ("b", 2), ("c", 3)] {
+            let order = s.next_start_order().unwrap();
+            assert_eq!(order, expected);
+            record_started(&s, job, order);
+        }
+        let mut last = 3;
+        for (job, lost) in [("d", ""), ("e", "garbage\n"), ("f", "\u{0}\u{0}")] {
+            std::fs::write(s.root().join("start.order"), lost).unwrap();
+            let order = s.next_start_order().unwrap();
+            assert!(order > last, "{lost:?}: {order} after {last}");
+            record_started(&s, job, order);
+            last = order;
+        }
+        assert_eq!(s.next_start_order().unwrap(), last + 1);
+    }
+
+    /// The counter's lock held by another (a start stuck meanwhile) is waited out for a while,
+    /// not for good.
+    #[test]
+    fn a_start_order_held_too_long_is_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path().join("state"));
+        assert_eq!(s.next_start_order().unwrap(), 1);
+        let held = lock_patiently(&s.root().join("start.order.lock")).unwrap();
+        let started = std::time::Instant::now();
+        assert!(s.next_start_order().is_err());
+        assert!(started.elapsed() >= LOCK_PATIENCE);
+        drop(held);
+        assert_eq!(s.next_start_order().unwrap(), 2);
     }
 
     #[test]
