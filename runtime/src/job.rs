@@ -317,6 +317,8 @@ pub struct Run<'a> {
     pub(crate) ctx: &'a AgentContext,
     /// What `recover` needs; saved at every step.
     pub(crate) record: RunRecord,
+    /// The order of the record's saves, shared with their blocking writes ([`Run::save`]).
+    pub(crate) record_writes: std::sync::Arc<crate::statedir::RecordWrites>,
     pub(crate) workdir: PathBuf,
     pub(crate) reports: JobReporter,
     /// What the collector needs; it becomes the collector's when the job is launched (or,
@@ -389,6 +391,7 @@ impl<'a> Run<'a> {
             held_workdir: None,
             stop_requested: None,
             record,
+            record_writes: Default::default(),
         }
     }
 
@@ -410,9 +413,15 @@ impl<'a> Run<'a> {
 
     /// Saves the run record, off the reactor (it is fsync'd), on a full disk too (the
     /// attempt's reserve, [`crate::statedir::StateDir::write_record_reserved`]).
+    /// Its number is taken here, before the wait, so that a save whose task is dropped (the
+    /// stop cut) and whose write runs late never lands over a newer one
+    /// ([`crate::statedir::RecordWrites`]).
     async fn save(&self) {
         let (state, record) = (self.ctx.state.clone(), self.record.clone());
-        let saved = tokio::task::spawn_blocking(move || state.write_record_reserved(&record)).await;
+        let writes = std::sync::Arc::clone(&self.record_writes);
+        let ticket = writes.ticket();
+        let saved =
+            tokio::task::spawn_blocking(move || writes.write(&state, &record, ticket)).await;
         if let Ok(Err(e)) = saved {
             tracing::error!(error = %error_chain(&e), "cannot write the run record; recover may not find this job");
         }

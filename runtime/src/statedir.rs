@@ -371,6 +371,55 @@ impl StateDir {
     }
 }
 
+/// The order of one attempt's run record writes, for the agent at work on it: a write runs
+/// on a blocking thread and goes on after the task that asked for it is dropped (the stop
+/// cut drops the reports' deliveries), so an older write could run beside a newer one, and
+/// the last rename won: a `finishing` record landed over the `done` one (`recover` then
+/// finished the attempt again, a second terminal status), and its "not done" branch made
+/// the reserve again after the done one gave it back.
+#[derive(Debug, Default)]
+pub struct RecordWrites {
+    /// The number of the last write asked for: taken by the attempt's task as it asks, so
+    /// the numbers follow the records' order.
+    asked: std::sync::atomic::AtomicU64,
+    /// The number of the newest write begun, held by a write from its start to its end:
+    /// writes never overlap, and one older than the newest begun is skipped.
+    newest: std::sync::Mutex<u64>,
+}
+
+impl RecordWrites {
+    /// The number of a write asked for now, to pass to [`RecordWrites::write`].
+    pub fn ticket(&self) -> u64 {
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .saturating_add(1)
+    }
+
+    /// [`StateDir::write_record_reserved`], unless a write asked for after `ticket` has
+    /// begun (its record is newer); blocking, as that is.
+    pub fn write(
+        &self,
+        state: &StateDir,
+        record: &RunRecord,
+        ticket: u64,
+    ) -> Result<(), StateError> {
+        let mut newest = self
+            .newest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *newest > ticket {
+            tracing::debug!(
+                ticket,
+                newest = *newest,
+                "a run record older than the one written is not written"
+            );
+            return Ok(());
+        }
+        *newest = ticket;
+        state.write_record_reserved(record)
+    }
+}
+
 /// Whether each path is the agent's own, as a record `recover` acts on as root must be: not a
 /// symlink, owned by root (or the agent's user), not writable by others (the rule `run
 /// --job-id` holds its spec to). A record anywhere else was not written by an agent.
@@ -967,6 +1016,38 @@ mod tests {
         assert!(started.elapsed() >= LOCK_PATIENCE);
         drop(held);
         assert_eq!(s.next_start_order().unwrap(), 2);
+    }
+
+    /// A record write that runs late (its task dropped by the stop cut, its blocking thread
+    /// not) after the newer `done` one is skipped: it left `finishing` in run.json and made
+    /// the reserve again.
+    #[test]
+    fn an_older_record_write_never_lands_over_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path().join("state"));
+        record_started(&s, "j", 1);
+        let path = s.run_record_path("j", 1);
+        let mut record = s.read_record(&path).unwrap();
+        let writes = RecordWrites::default();
+        record.phase = c3_proto::Phase::Finishing;
+        writes.write(&s, &record, writes.ticket()).unwrap();
+        assert!(s.record_reserve_path("j", 1).exists());
+        let (older, newer) = (writes.ticket(), writes.ticket());
+        let mut done = record.clone();
+        done.seq += 1;
+        done.phase = c3_proto::Phase::Done;
+        writes.write(&s, &done, newer).unwrap();
+        record.synced = Some(c3_proto::Synced {
+            files: 1,
+            bytes: 1,
+            new_bytes: 1,
+        });
+        writes.write(&s, &record, older).unwrap();
+        assert_eq!(s.read_record(&path).unwrap().phase, c3_proto::Phase::Done);
+        assert!(
+            !s.record_reserve_path("j", 1).exists(),
+            "the reserve was made again"
+        );
     }
 
     #[test]
