@@ -123,7 +123,7 @@ fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
     let spec = h.spec(json!({"job_id": "cut", "command": ["sh", "-c", script]}));
     let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     // Sealed, and its reports waiting on the FINALIZING the control plane holds.
-    crate::support::wait_for(
+    wait_for(
         "the manifest and a held FINALIZING",
         Duration::from_secs(30),
         || (h.cp().held() > 0 && h.object("jobs/cut/manifest.json").is_some()).then_some(()),
