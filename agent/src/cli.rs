@@ -44,7 +44,13 @@ pub enum Command {
         json: bool,
     },
     /// Finish jobs a crashed agent left unfinished and deliver kept reports
-    Recover,
+    Recover {
+        /// Stop after this many seconds, as on SIGTERM: the attempt under way keeps what it
+        /// stored and the next `recover` goes on with it (the housekeeping unit's, so that
+        /// `gc` still runs within its timeout)
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        budget_secs: Option<u64>,
+    },
     /// (internal) Exit 0 if a TCP connection to ENDPOINT's host and port opens within a
     /// second, 1 if not: the agent runs it as a job's user to learn whether jobs reach the
     /// instance-metadata endpoint its store credentials come from

@@ -92,7 +92,7 @@ fn agent_main() -> ExitCode {
         cli.command,
         Command::Run(_)
             | Command::Watch(_)
-            | Command::Recover
+            | Command::Recover { .. }
             | Command::Resync { .. }
             | Command::Gc { .. }
     );
@@ -253,7 +253,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
         Command::Completions { .. } | Command::Man => {
             unreachable!("handled before the config is read")
         }
-        Command::Recover => recover(&env).await,
+        Command::Recover { budget_secs } => recover(&env, budget_secs).await,
         Command::Resync { job_id, attempt } => resync(&env, &job_id, attempt).await,
         Command::Gc {
             older_than,
@@ -867,7 +867,10 @@ fn finished(ctx: &AgentContext, summary: &c3_runtime::job::JobSummary) -> ExitCo
     ExitCode::from(v.exit.code())
 }
 
-async fn recover(env: &Env) -> ExitCode {
+async fn recover(env: &Env, budget_secs: Option<u64>) -> ExitCode {
+    // First: a SIGTERM (the housekeeping unit's timeout, `systemctl stop`) that came at once
+    // ended the process mid-write; now it stops at the next safe point.
+    let halt = cancel_on_signals(&[]);
     let ctx = match context(env) {
         Ok(c) => c,
         Err(e) => return usage(&e),
@@ -875,24 +878,66 @@ async fn recover(env: &Env) -> ExitCode {
     if let Err(e) = ctx.state.check_listable() {
         return usage(&c3_runtime::error_chain(&e));
     }
-    let finished = c3_runtime::recover::recover_all(&ctx).await;
+    let spent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(secs) = budget_secs {
+        let (halt, spent) = (halt.clone(), spent.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            spent.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(budget_secs = secs, "recover's time budget is spent");
+            halt.cancel();
+        });
+    }
+    let finished = c3_runtime::recover::recover_all(&ctx, &halt).await;
+    let code = ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0));
+    if halt.is_cancelled() {
+        // Retention is left to `gc`, which the housekeeping unit runs next (and to the next
+        // pass): who stopped `recover` is waiting for it to end.
+        let why = if spent.load(std::sync::atomic::Ordering::Relaxed) {
+            format!("its --budget-secs {} were spent", budget_secs.unwrap_or(0))
+        } else {
+            "it was asked to stop (a signal)".to_string()
+        };
+        let cut: Vec<String> = finished
+            .iter()
+            .filter(|s| s.unfinished)
+            .map(|s| s.job_id.clone())
+            .collect();
+        let left = if cut.is_empty() {
+            String::new()
+        } else {
+            format!("; left in phase finishing: {}", cut.join(", "))
+        };
+        out::say(&format!(
+            "recover stopped before it was done: {why}{left}; what it stored is kept and the next `c3-agent recover` goes on from there"
+        ));
+        return code;
+    }
     if finished.is_empty() {
         tracing::info!("nothing to recover");
     }
     // `recover` runs at boot and from timers: the natural moment to let old jobs go.
     ops::sweep_retention(&ctx, env.config.retention).await;
-    ExitCode::from(finished.last().map(|s| s.verdict.exit.code()).unwrap_or(0))
+    code
 }
 
 async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
     if let Err(e) = c3_proto::spec::validate_job_id(job_id) {
         return usage(&format!("job id {e}"));
     }
+    let halt = cancel_on_signals(&[]);
     let ctx = match context(env) {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
-    match c3_runtime::recover::resync(&ctx, job_id, attempt).await {
+    match c3_runtime::recover::resync(&ctx, job_id, attempt, &halt).await {
+        Ok(Some(summary)) if summary.unfinished => {
+            out::say(&format!(
+                "job {}: resync stopped (a signal) before it was done; what it stored is kept and `c3-agent resync {}` goes on from there",
+                summary.job_id, summary.job_id
+            ));
+            ExitCode::from(summary.verdict.exit.code())
+        }
         Ok(Some(summary)) => {
             let v = summary.verdict;
             out::say(&format!(

@@ -25,7 +25,7 @@ use crate::jobproc::JobProcesses;
 use crate::live::{LiveOptions, LiveSync};
 use crate::manifest::ManifestWriter;
 use crate::publish::{Parts, PublishCall};
-use crate::sync::{sync_scan, SyncBook};
+use crate::sync::{sync_scan_until, SyncBook};
 use crate::upload::Uploader;
 
 /// What the collector works on.
@@ -49,6 +49,9 @@ pub struct CollectorConfig {
     /// What the attempt's manifest listed when a collector that starts after its agent died
     /// (`recover`) read it ([`SyncBook::listed_before`]).
     pub listed_before: Option<std::sync::Arc<Vec<c3_proto::manifest::FileEntry>>>,
+    /// Cancelled when `recover` is told to stop (a signal, its time budget): the final sync
+    /// stops at once, lists what it stored, and reports itself halted ([`FinalSync::halted`]).
+    pub halt: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl CollectorConfig {
@@ -86,6 +89,7 @@ impl CollectorConfig {
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            halt: None,
         }
     }
 }
@@ -103,6 +107,9 @@ pub struct FinalSync {
     /// or long, more files than a manifest lists, places or files its user cannot read,
     /// files too large or sparse. No later look stores them as they are.
     pub for_good: u64,
+    /// Stopped by [`CollectorConfig::halt`] before it was done: not to be sealed (a complete
+    /// manifest would leave out what it did not get to).
+    pub halted: bool,
 }
 
 pub use crate::sync::MAX_NAMED_UNSTORED;
@@ -371,18 +378,37 @@ async fn final_sync(
         config.reader.clone(),
     );
     let room = config.manifest.max_bytes();
-    let found =
-        match tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref(), room))
-            .await
-        {
-            Ok(found) => found,
-            Err(e) => {
-                // Never an empty scan: that would shrink the manifest silently.
-                tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
-                out.unstored("(the final scan)".into(), false);
-                return out;
-            }
-        };
+    let halt = config.halt.clone();
+    let halted = async {
+        match &halt {
+            Some(halt) => halt.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    if halt.as_ref().is_some_and(|h| h.is_cancelled()) {
+        out.halted = true;
+        return out;
+    }
+    let scanning =
+        tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref(), room));
+    // The walk of a huge tree takes minutes; a halt does not wait for it (it is left to end
+    // on its own thread, its result unused).
+    let scanned = tokio::select! {
+        scanned = scanning => scanned,
+        () = halted => {
+            out.halted = true;
+            return out;
+        }
+    };
+    let found = match scanned {
+        Ok(found) => found,
+        Err(e) => {
+            // Never an empty scan: that would shrink the manifest silently.
+            tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
+            out.unstored("(the final scan)".into(), false);
+            return out;
+        }
+    };
     timings.scan = started.elapsed();
     timings.scanned = found.files.len();
     out.warnings = found.warnings.clone();
@@ -414,14 +440,16 @@ async fn final_sync(
     at_end.forget_kept();
     let started = Instant::now();
     // Listed as it goes: gc may take a blob no manifest names once it is an hour old.
-    let report = sync_scan(
+    let report = sync_scan_until(
         &at_end,
         &config.workdir,
         found,
         book,
         Some(&config.manifest),
+        config.halt.as_ref(),
     )
     .await;
+    out.halted = report.halted;
     timings.upload = started.elapsed();
     timings.uploaded = report.uploaded;
     timings.already_synced = report.skipped;
@@ -571,6 +599,7 @@ mod tests {
             live: None,
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            halt: None,
         };
         let collector = CollectorHandle::start(config, None);
         let ended = collector.job_ended().await;

@@ -684,11 +684,24 @@ impl<'a> Run<'a> {
         self.record.phase = Phase::Finishing;
         self.save().await;
         let deadline = self.sync_cut();
+        // A halted `recover`'s sync stops on its own, its checkpoint written; this is for
+        // what does not look at the halt (a hung look at the workdir, a slow seal).
+        let halt = self.collector_config.halt.clone();
+        let halt_backstop = async move {
+            match halt {
+                Some(halt) => {
+                    halt.cancelled().await;
+                    tokio::time::sleep(HALT_GRACE).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let collected = {
             let _final_progress = self.progress("final");
             tokio::select! {
-                collected = self.collect_output(&end) => Some(collected),
+                collected = self.collect_output(&end) => Some(collected).filter(|c| !c.halted),
                 () = deadline => None,
+                () = halt_backstop => None,
             }
         };
         match collected {
@@ -728,10 +741,29 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// `recover` and `resync` stop this run's final sync when `halt` is cancelled (a signal,
+    /// the time budget): what it stored is listed, the attempt stays in phase `finishing`,
+    /// and the next pass goes on from there.
+    pub fn halt_on(&mut self, halt: CancellationToken) {
+        self.collector_config.halt = Some(halt);
+    }
+
+    /// Whether `recover` was told to stop this run.
+    fn halted(&self) -> bool {
+        self.collector_config
+            .halt
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
+
     /// When reports must be done by: `give_up_secs` from now, and after a stop request also
     /// a moment before the stop deadline, so that what is kept reaches the outbox in time.
     fn report_stay(&self) -> tokio::time::Instant {
-        let stay = self.ctx.report_deadline();
+        let mut stay = self.ctx.report_deadline();
+        if self.halted() {
+            // Whoever stopped `recover` waits for it: what is not delivered by then is kept.
+            stay = stay.min(tokio::time::Instant::now() + HALT_REPORTS);
+        }
         let requested = self.stop_requested.as_ref().and_then(|r| *r.borrow());
         match requested.and_then(|at| at.checked_add(self.ctx.stop_deadline)) {
             Some(hard) => stay.min(hard - report_margin(self.ctx.stop_deadline)),
@@ -769,13 +801,23 @@ impl<'a> Run<'a> {
         self.collector.take();
         // Not finished is never success: the agent was stopped before its work was done.
         let mut verdict = decide(&end, false, false);
-        if verdict.exit == crate::outcome::ExitCode::Succeeded {
+        if self.halted() {
+            // The job was not canceled, `recover` was: its output is not all stored (yet). A
+            // done attempt taken up again keeps the verdict it had (UPLOAD_ERROR), not a
+            // CANCELED that nothing corrects until the next pass.
+            let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+            verdict = decide(&end, true, oom);
+        } else if verdict.exit == crate::outcome::ExitCode::Succeeded {
             verdict = decide(&JobEnd::Canceled, false, false);
         }
-        let note = format!(
-            "stopped before the final sync was done (job.stop_deadline_secs = {}): output not yet stored stays on the node; `c3-agent recover` stores it and sends this status again",
-            self.ctx.stop_deadline.as_secs()
-        );
+        let note = if self.halted() {
+            "`c3-agent recover` was stopped (a signal, or its --budget-secs) before the final sync was done: output not yet stored stays on the node; the next `recover` goes on with it and sends this status again".to_string()
+        } else {
+            format!(
+                "stopped before the final sync was done (job.stop_deadline_secs = {}): output not yet stored stays on the node; `c3-agent recover` stores it and sends this status again",
+                self.ctx.stop_deadline.as_secs()
+            )
+        };
         let ending = Ending {
             exit_code: self.record.exit_code,
             signal: self.record.signal.clone(),
@@ -850,6 +892,13 @@ impl<'a> Run<'a> {
                 unreachable!("started above")
             };
             let final_sync = collector.job_ended().await;
+            if final_sync.halted {
+                // Not sealed: a complete manifest would leave out what the sync did not get to.
+                return Collected {
+                    halted: true,
+                    ..Collected::default()
+                };
+            }
             for w in final_sync.warnings {
                 self.reports.warn(w);
             }
@@ -889,6 +938,7 @@ impl<'a> Run<'a> {
             unstored_for_good,
             sealed,
             result,
+            halted: false,
         }
     }
 
@@ -905,6 +955,7 @@ impl<'a> Run<'a> {
             unstored_for_good,
             mut sealed,
             result,
+            halted: _,
         } = collected;
         let upload_errors = unstored.len() as u64 + unstored_more;
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
@@ -1072,6 +1123,7 @@ impl<'a> Run<'a> {
 }
 
 /// What the final sync and the seal left for the reports.
+#[derive(Default)]
 struct Collected {
     /// The first [`crate::collector::MAX_NAMED_UNSTORED`] (and the seal's), by name.
     unstored: Vec<String>,
@@ -1080,7 +1132,16 @@ struct Collected {
     unstored_for_good: u64,
     sealed: Sealed,
     result: serde_json::Value,
+    /// `recover` was told to stop ([`Run::halt_on`]) before the final sync was done.
+    halted: bool,
 }
+
+/// How long a halted `recover` (a signal, its time budget) waits for a final sync that does
+/// not stop on its own (a hung look at the workdir, a seal under way) before it drops it.
+const HALT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a halted `recover` tries to deliver the cut attempt's status; then it is kept.
+const HALT_REPORTS: Duration = Duration::from_secs(5);
 
 /// How long before the stop deadline the reports give up, for what they keep to reach the
 /// outbox: a quarter of [`status_reserve`], at most half a second.

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use c3_proto::{JobState, Phase, RunRecord};
+use tokio_util::sync::CancellationToken;
 
 use crate::context::AgentContext;
 use crate::job::{JobSummary, Run};
@@ -50,10 +51,18 @@ pub fn owner_alive(record: &RunRecord) -> bool {
         })
 }
 
-/// Finishes every unfinished job in the state dir, oldest first.
-pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
+/// Finishes every unfinished job in the state dir, oldest first. Once `halt` is cancelled (a
+/// signal, the time budget) it stops at the next safe point: the attempt under way is cut
+/// as a stop deadline cuts a run's final sync (what it stored listed, its record in phase
+/// `finishing`, its status sent or kept), and the jobs after it are left for the next pass.
+pub async fn recover_all(ctx: &AgentContext, halt: &CancellationToken) -> Vec<JobSummary> {
     if let Some(cp) = &ctx.control_plane {
-        let left = crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline()).await;
+        let flushing = crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline());
+        // Dropped between two deliveries at worst: each kept report stays until delivered.
+        let left = tokio::select! {
+            left = flushing => left,
+            () = halt.cancelled() => 0,
+        };
         if left > 0 {
             tracing::warn!(
                 jobs = left,
@@ -72,7 +81,10 @@ pub async fn recover_all(ctx: &AgentContext) -> Vec<JobSummary> {
     }
     let mut finished = Vec::new();
     for path in ctx.state.all_records() {
-        match recover_record(ctx, &path, Pass::Recover, None).await {
+        if halt.is_cancelled() {
+            break;
+        }
+        match recover_record(ctx, &path, Pass::Recover, None, Some(halt)).await {
             Some(summary) => finished.push(summary),
             None => abort_left_uploads(ctx, &path).await,
         }
@@ -145,6 +157,7 @@ pub async fn resync(
     ctx: &AgentContext,
     job_id: &str,
     attempt: Option<u32>,
+    halt: &CancellationToken,
 ) -> Result<Option<JobSummary>, ResyncError> {
     let attempt = match attempt {
         Some(a) => Some(a),
@@ -162,7 +175,7 @@ pub async fn resync(
             job_id: job_id.into(),
             attempt,
         })?;
-    Ok(recover_record(ctx, &path, Pass::Resync, None).await)
+    Ok(recover_record(ctx, &path, Pass::Resync, None, Some(halt)).await)
 }
 
 /// Finishes the attempt this very process was running when it panicked: its processes
@@ -176,7 +189,7 @@ pub async fn recover_own(
     stop: &tokio_util::sync::CancellationToken,
 ) -> Option<JobSummary> {
     let path = ctx.state.run_record_path(job_id, attempt);
-    recover_record(ctx, &path, Pass::Own, Some(stop)).await
+    recover_record(ctx, &path, Pass::Own, Some(stop), None).await
 }
 
 /// Who finishes a recorded attempt.
@@ -394,7 +407,8 @@ async fn recover_record(
     ctx: &AgentContext,
     path: &std::path::Path,
     pass: Pass,
-    stop: Option<&tokio_util::sync::CancellationToken>,
+    stop: Option<&CancellationToken>,
+    halt: Option<&CancellationToken>,
 ) -> Option<JobSummary> {
     let record = unfinished_record(ctx, path, pass)?;
     // `resync JOB` is the operator's own word on the attempt: the way to move a job's
@@ -517,11 +531,24 @@ async fn recover_record(
     if let Some(stop) = stop {
         run.stop_requested = Some(crate::job::stop_clock(stop));
     }
+    if let Some(halt) = halt {
+        run.halt_on(halt.clone());
+    }
     // This read retries through a store outage too.
     let cut = run.sync_cut();
+    let halted = {
+        let halt = halt.cloned();
+        async move {
+            match halt {
+                Some(halt) => halt.cancelled_owned().await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let listed = tokio::select! {
         listed = tracing::Instrument::instrument(listed_before(ctx, &run.record), span.clone()) => Some(listed),
         () = cut => None,
+        () = halted => None,
     };
     let listed = match listed {
         Some(Ok(earlier)) => Some(earlier),

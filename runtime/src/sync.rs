@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::collect::{FileStamp, LocalFile, Scan};
@@ -115,6 +116,9 @@ pub struct SyncReport {
     pub warnings: Vec<String>,
     /// Warnings past those.
     pub more_warnings: usize,
+    /// Stopped by a halt ([`sync_scan_until`]) before every file was tried: what landed is
+    /// in the book (and listed), the rest was not looked at.
+    pub halted: bool,
 }
 
 impl SyncReport {
@@ -495,9 +499,24 @@ pub trait Checkpoint: Sync {
 pub async fn sync_scan(
     uploader: &Uploader,
     workdir: &std::path::Path,
+    scan: Scan,
+    book: &mut SyncBook,
+    checkpoint: Option<&dyn Checkpoint>,
+) -> SyncReport {
+    sync_scan_until(uploader, workdir, scan, book, checkpoint, None).await
+}
+
+/// [`sync_scan`] that stops when `halt` is cancelled (`recover` told to stop: a signal, its
+/// time budget): the uploads under way are dropped (a multipart one keeps its journal, for
+/// the next pass to resume), and what landed is listed through `checkpoint` before it
+/// returns, so that the next pass does not store it again and `gc` does not take it.
+pub async fn sync_scan_until(
+    uploader: &Uploader,
+    workdir: &std::path::Path,
     mut scan: Scan,
     book: &mut SyncBook,
     checkpoint: Option<&dyn Checkpoint>,
+    halt: Option<&CancellationToken>,
 ) -> SyncReport {
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
     let files = std::mem::take(&mut scan.files);
@@ -507,13 +526,14 @@ pub async fn sync_scan(
         .filter(|(rel, stamp)| !book.is_current(rel, stamp))
         .collect();
     let skipped = found - todo.len();
-    let mut report = upload_all(
+    let mut report = upload_all_until(
         uploader,
         workdir,
         todo,
         book,
         OlderVersion::Dropped,
         checkpoint,
+        halt,
     )
     .await;
     report.skipped = skipped;
@@ -533,7 +553,20 @@ pub async fn upload_all(
     todo: Vec<(String, FileStamp)>,
     book: &mut SyncBook,
     older: OlderVersion,
+    checkpoint: Option<&dyn Checkpoint>,
+) -> SyncReport {
+    upload_all_until(uploader, workdir, todo, book, older, checkpoint, None).await
+}
+
+/// [`upload_all`] that stops when `halt` is cancelled (see [`sync_scan_until`]).
+async fn upload_all_until(
+    uploader: &Uploader,
+    workdir: &std::path::Path,
+    todo: Vec<(String, FileStamp)>,
+    book: &mut SyncBook,
+    older: OlderVersion,
     mut checkpoint: Option<&dyn Checkpoint>,
+    halt: Option<&CancellationToken>,
 ) -> SyncReport {
     let mut report = SyncReport::default();
     let as_seen = older == OlderVersion::Kept;
@@ -583,6 +616,17 @@ pub async fn upload_all(
             .map(|cp| saved + cp.every());
         let joined = tokio::select! {
             biased;
+            () = halted(halt) => {
+                // Dropped, not waited for: a multi-GB file may be minutes from landing.
+                uploads.abort_all();
+                report.halted = true;
+                // The same listing a checkpoint by the clock writes, only sooner: what landed
+                // since the last one is not read and stored again by the next pass.
+                if !book.listed() {
+                    save_checkpoint(&mut checkpoint, book).await;
+                }
+                break;
+            }
             joined = uploads.join_next_with_id() => joined,
             () = until(due) => {
                 saved = tokio::time::Instant::now();
@@ -654,6 +698,14 @@ pub async fn upload_all(
     report
 }
 
+/// Fires when `halt` is cancelled; never without one.
+async fn halted(halt: Option<&CancellationToken>) {
+    match halt {
+        Some(halt) => halt.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sleeps until `due`, for ever without one.
 async fn until(due: Option<tokio::time::Instant>) {
     match due {
@@ -686,6 +738,8 @@ async fn upload_settled(
     file: &LocalFile,
     as_seen: bool,
 ) -> (String, Result<Uploaded, UploadError>) {
+    // A store that takes a second a file: a window for a test to stop a long sync in.
+    crate::fault::pause_for("slow-upload", Duration::from_secs(1)).await;
     if as_seen {
         return (file.rel.clone(), uploader.upload_as_seen(file).await);
     }

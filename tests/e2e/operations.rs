@@ -352,3 +352,144 @@ fn gc_fails_when_retention_leaves_something_behind() {
     );
     assert_eq!(std::fs::read_to_string(point.join("f")).unwrap(), "keep");
 }
+
+/// How many files there are in the slow attempt: at a second a file, one at a time, its
+/// final sync takes this many seconds.
+const SLOW_FILES: usize = 40;
+
+/// A harness whose uploads take a second a file, one at a time (`slow-upload`), and an
+/// attempt of job `slow` whose final sync a stop cut (as on a node whose multi-TB output
+/// does not fit the stop deadline): phase `finishing`, most of its output not stored.
+fn cut_slow_attempt() -> Harness {
+    let mut h = Harness::file();
+    h.extra_toml.push_str(
+        "[job]\nstop_deadline_secs = 3\n[sync]\nlive = false\n[upload]\nfiles_in_flight = 1\n",
+    );
+    h.env.push(("C3_AGENT_FAULT".into(), "slow-upload".into()));
+    let script = format!(
+        "for i in $(seq 1 {SLOW_FILES}); do echo $i > $C3_ARTIFACTS_DIR/f$i; done; touch ready; exec sleep 300"
+    );
+    let spec = h.spec(json!({"job_id": "slow", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let ready = h.workdir("slow").join("ready");
+    wait_for("the job's files", Duration::from_secs(30), || {
+        ready.exists().then_some(())
+    });
+    signal(child.id(), "TERM");
+    let run = h.wait("run, stopped".into(), child);
+    run.assert_code(4);
+    assert!(
+        run.stdout
+            .contains("stopped before the final sync was done"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(phase(&h), "finishing");
+    h
+}
+
+fn phase(h: &Harness) -> String {
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(h.state.join("jobs/slow/attempts/1/run.json")).unwrap(),
+    )
+    .unwrap();
+    record["phase"].as_str().unwrap_or_default().to_string()
+}
+
+/// How many files the attempt's manifest lists now (in progress or complete).
+fn listed(h: &Harness) -> usize {
+    h.object("jobs/slow/attempts/1/manifest.json")
+        .map(|b| {
+            serde_json::from_slice::<Value>(&b).unwrap()["files"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .unwrap_or(0)
+}
+
+/// The hourly `recover` of a cut attempt with a large output was SIGTERMed by the
+/// housekeeping unit's timeout mid-sync: it died at once, listed nothing of what it stored
+/// that pass, and the next pass started over, for ever. A SIGTERM now stops it within a few
+/// seconds at a safe point: what it stored is listed, the record stays `finishing`, and a
+/// later `recover` finishes the attempt.
+#[test]
+fn a_sigterm_stops_recover_at_a_safe_point_and_the_next_one_goes_on() {
+    let mut h = cut_slow_attempt();
+    let before = listed(&h);
+    let child = h.spawn(&["recover"]);
+    // A few files land (a second each), then the stop.
+    std::thread::sleep(Duration::from_secs(4));
+    signal(child.id(), "TERM");
+    let stopped = std::time::Instant::now();
+    let recover = h.wait("recover, stopped".into(), child);
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}\n{}",
+        recover.stderr
+    );
+    assert!(
+        recover
+            .stdout
+            .contains("recover stopped before it was done")
+            && recover.stdout.contains("slow"),
+        "code {}\n--- stdout\n{}\n--- stderr\n{}",
+        recover.code,
+        recover.stdout,
+        recover.stderr
+    );
+    assert_eq!(phase(&h), "finishing", "{}", recover.stderr);
+    let kept = listed(&h);
+    assert!(
+        kept > before && kept < SLOW_FILES,
+        "listed {before} before, {kept} after the stop\n{}",
+        recover.stderr
+    );
+    // The next pass (a store back to speed) finishes it, with every file.
+    h.env.clear();
+    let done = h.run(&["recover"]);
+    done.assert_code(4);
+    assert_eq!(phase(&h), "done");
+    let m = h.manifest("slow");
+    assert_eq!(m["complete"], true);
+    assert_eq!(listed(&h), SLOW_FILES);
+    assert_eq!(h.terminal("slow")["state"], "CANCELED");
+}
+
+/// `recover --budget-secs` (the housekeeping unit's) stops by then as on a SIGTERM, so that
+/// the unit's `gc` runs within its timeout; `gc` then works beside the attempt left
+/// `finishing`, and takes none of what the cut pass stored.
+#[test]
+fn recover_stops_when_its_budget_is_spent_and_gc_runs_after() {
+    let h = cut_slow_attempt();
+    let started = std::time::Instant::now();
+    let recover = h.run(&["recover", "--budget-secs", "4"]);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}\n{}",
+        recover.stderr
+    );
+    assert!(
+        recover.stdout.contains("its --budget-secs 4 were spent"),
+        "code {}\n--- stdout\n{}\n--- stderr\n{}",
+        recover.code,
+        recover.stdout,
+        recover.stderr
+    );
+    assert_eq!(phase(&h), "finishing");
+    let kept = listed(&h);
+    assert!(kept > 0 && kept < SLOW_FILES, "{kept}\n{}", recover.stderr);
+    let gc = h.run(&["gc", "--older-than", "0"]);
+    gc.assert_code(0);
+    assert_eq!(listed(&h), kept);
+    let mut h = h;
+    h.env.clear();
+    h.run(&["recover", "--budget-secs", "600"]).assert_code(4);
+    assert_eq!(phase(&h), "done");
+    assert_eq!(listed(&h), SLOW_FILES);
+    // What the cut passes stored is still there: every listed file pulls.
+    h.run(&["pull", "slow", h.path("p").to_str().unwrap()])
+        .assert_code(0);
+}
