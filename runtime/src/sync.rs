@@ -1057,6 +1057,63 @@ mod tests {
         assert_eq!(*saves.0.lock().unwrap(), [1], "what landed was not listed");
     }
 
+    /// A halted sync (`recover` told to stop) returns at once, though an upload hangs, and
+    /// lists what landed before it does: without it, `recover` died mid-sync, and what it
+    /// stored since the last checkpoint was unlisted (gc's, and read and stored again).
+    #[tokio::test(start_paused = true)]
+    async fn a_halted_sync_returns_at_once_and_lists_what_landed() {
+        struct Saves(std::sync::Mutex<Vec<usize>>);
+        impl Checkpoint for Saves {
+            fn every(&self) -> Duration {
+                Duration::from_secs(600)
+            }
+            fn save<'a>(
+                &'a self,
+                book: &'a mut SyncBook,
+            ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+                self.0.lock().unwrap().push(book.len());
+                book.mark_listed();
+                Box::pin(async { Ok(()) })
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let arts = dir.path().join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        std::fs::write(arts.join("a"), b"quick").unwrap();
+        std::fs::write(arts.join("b"), b"takes hours").unwrap();
+        let faulty = crate::store::tests::Faulty::default();
+        *faulty.hanging.lock().unwrap() = Some(crate::store::blob_key(&crate::digest::sha256_hex(
+            b"takes hours",
+        )));
+        let store =
+            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(60));
+        let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
+            .confined_to(dir.path());
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let saves = Saves(std::sync::Mutex::new(Vec::new()));
+        let mut book = SyncBook::default();
+        let halt = CancellationToken::new();
+        let stop = halt.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            stop.cancel();
+        });
+        let syncing = sync_scan_until(
+            &uploader,
+            dir.path(),
+            found,
+            &mut book,
+            Some(&saves),
+            Some(&halt),
+        );
+        let report = tokio::time::timeout(Duration::from_secs(120), syncing)
+            .await
+            .expect("a halted sync returns");
+        assert!(report.halted);
+        assert_eq!(*saves.0.lock().unwrap(), [1], "what landed was not listed");
+        assert!(book.contains("artifacts/a") && !book.contains("artifacts/b"));
+    }
+
     /// A book filled to its room (what a scan or live sync lets it hold), with the largest
     /// numbers an entry can have, still makes a manifest within the cap, with a header, logs
     /// and a result beside it. Counted at 200 bytes an entry (the least one takes), a scan
