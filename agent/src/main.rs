@@ -736,10 +736,16 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // Before the look at the store (up to `preflight_timeout_secs`): a stop then ended the
     // agent outright, and the attempt was never reported canceled.
     let cancel = cancel_on_signals(&config.forward_signals);
-    // A stop during the look ends it: the attempt is then canceled before its launch.
+    // A stop during the look ends it: the attempt is then canceled before its launch, and
+    // nothing of it is stored (an attempt that never launched seals no manifest), so a run of
+    // it the look would have found keeps its manifest.
     let ran = tokio::select! {
         ran = c3_runtime::job::already_ran(&ctx, &spec.job_id, spec.attempt) => ran,
-        () = cancel.cancelled() => None,
+        () = cancel.cancelled() => {
+            tracing::warn!(job_id = %spec.job_id, attempt = spec.attempt,
+                "stopped before the store said whether this attempt already ran: nothing is launched or stored");
+            None
+        }
     };
     if let Some(problem) = ran {
         return usage(&problem);

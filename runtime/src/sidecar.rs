@@ -106,6 +106,29 @@ pub enum Watched {
     AlreadyFinished(u8),
 }
 
+/// Ends an attempt stopped before the store said whether it already ran: CANCELED, and
+/// nothing stored (no sync, no manifest), since what the store holds for it may be another
+/// run's. With no watched dirs in its record, neither its finish nor a `recover` of it syncs
+/// or seals anything.
+async fn stopped_unclaimed(
+    ctx: &AgentContext,
+    record: c3_proto::record::RunRecord,
+    lock: AttemptLock,
+    cancel: &CancellationToken,
+    started: std::time::Instant,
+) -> JobSummary {
+    let message = format!(
+        "stopped before the store said whether attempt {} already ran: nothing of this watch was stored, and what the store holds for the attempt is left as it is",
+        record.spec.attempt
+    );
+    tracing::warn!("{message}");
+    let mut run = Run::with_user(ctx, record, None);
+    run.lock = Some(lock);
+    run.stop_requested = Some(crate::job::stop_clock(cancel));
+    run.message = Some(message);
+    run.finish(JobEnd::Canceled, started).await
+}
+
 /// Runs one watched attempt to its end. `cancel`: the agent was asked to stop.
 pub async fn watch_job(
     ctx: &AgentContext,
@@ -158,15 +181,20 @@ async fn watch_attempt(
     // replaces a manifest another run of it stored: a pod retried with the same `--attempt`,
     // a second sidecar on another node. Looked at after the clock and the pid were read: the
     // store may take a while to answer.
-    // A stop during the look (up to `preflight_timeout_secs`) ends it as a store that does
-    // not answer does: the watch goes on to its end, canceled, within the stop deadline.
+    // A stop during the look (up to `preflight_timeout_secs`) leaves the attempt unclaimed:
+    // taken as "never ran", its final sync replaced the complete manifest of the run the
+    // look was there to find (a retried pod stopped at once), and `gc` could then delete
+    // that run's files.
+    let mut unclaimed = false;
     if !attempt_known {
-        let ran = tokio::select! {
-            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => ran,
+        let asked = tokio::select! {
+            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => Some(ran),
             () = cancel.cancelled() => None,
         };
-        if let Some(problem) = ran {
-            return Err(WatchError::Usage(problem));
+        match asked {
+            Some(Some(problem)) => return Err(WatchError::Usage(problem)),
+            Some(None) => {}
+            None => unclaimed = true,
         }
     }
     let lock = AttemptLock::acquire_patiently(&ctx.state, &plan.job_id, plan.attempt).await?;
@@ -201,6 +229,11 @@ async fn watch_attempt(
             done_reader.honour_any();
         }
         let mut record = fresh_record(ctx, spec);
+        if unclaimed {
+            return Ok(Watched::Finished(
+                stopped_unclaimed(ctx, record, lock, cancel, started).await,
+            ));
+        }
         record.watched_dirs = Some(names.clone());
         record.watched_leader = leader.clone();
         record.job_user = job_user;

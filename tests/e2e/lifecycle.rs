@@ -214,6 +214,33 @@ fn a_stop_before_the_launch_is_a_cancel() {
     assert_eq!(h.terminal("early")["state"], "CANCELED");
 }
 
+/// The same stop, for an attempt whose complete manifest is already in the store (run again
+/// from a node that has no record of it): canceled before its launch, it stores nothing, and
+/// the earlier run's manifest stays as it was.
+#[test]
+fn a_stop_before_the_launch_leaves_an_earlier_runs_manifest_alone() {
+    let mut h = Harness::file();
+    let script = "echo $$ > $C3_ARTIFACTS_DIR/pid.txt";
+    h.run_job(json!({"job_id": "twice", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let key = "jobs/twice/attempts/1/manifest.json";
+    let before = h.object(key).expect("the first run's manifest");
+    std::fs::remove_dir_all(h.state.join("jobs/twice")).unwrap();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
+    let spec = h.spec(json!({"job_id": "twice", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    signal(child.id(), "TERM");
+    let run = h.wait("run stopped before its launch".into(), child);
+    run.assert_code(4);
+    assert!(
+        h.object(key).as_deref() == Some(&before[..]),
+        "the earlier run's manifest was replaced\n{}",
+        run.stderr
+    );
+}
+
 /// A child of `parent` that leads its own session (the job's first process, past setsid).
 fn session_leader_under(parent: u32) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {

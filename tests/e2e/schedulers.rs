@@ -513,6 +513,62 @@ fn watch_stopped_during_its_look_at_the_store_ends_by_the_stop_deadline() {
     assert_eq!(h.terminal("look")["state"], "CANCELED");
 }
 
+/// A retried pod starts its sidecar with the attempt of a run whose complete manifest is in
+/// the store (a fresh state dir knows nothing of it); the trainer ends at once and the
+/// sidecar is stopped while it still asks the store about that run. The stop was taken as
+/// "never ran": the final sync replaced that run's manifest with one of this pod's files
+/// (and `gc` could then delete the earlier run's). The attempt is left unclaimed now:
+/// CANCELED, nothing stored.
+#[test]
+fn watch_stopped_before_the_store_answered_leaves_an_earlier_runs_manifest_alone() {
+    let mut h = Harness::file();
+    h.run_job(
+        json!({"job_id": "again", "command": ["sh", "-c", "echo 1 > $C3_ARTIFACTS_DIR/first.txt"]}),
+    )
+    .assert_code(0);
+    let keys = [
+        "jobs/again/manifest.json",
+        "jobs/again/attempts/1/manifest.json",
+    ];
+    let stored = |h: &Harness| -> Vec<Vec<u8>> {
+        keys.iter()
+            .map(|k| h.object(k).unwrap_or_else(|| panic!("no {k}")))
+            .collect()
+    };
+    let before = stored(&h);
+    // The retry pod's own state dir.
+    std::fs::remove_dir_all(h.state.join("jobs/again")).unwrap();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
+    let shared = h.path("shared-again");
+    std::fs::create_dir_all(shared.join("artifacts")).unwrap();
+    std::fs::write(shared.join("artifacts/second.txt"), "2\n").unwrap();
+    let done_arg = shared.join(".c3-done").display().to_string();
+    let agent = watch(
+        &h,
+        "again",
+        &["--done-file", &done_arg],
+        &[&shared.join("artifacts")],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    signal(agent.id(), "TERM");
+    let run = h.wait("watch stopped during its look".into(), agent);
+    assert!(
+        stored(&h) == before,
+        "the earlier run's manifest was replaced\n{}",
+        run.stderr
+    );
+    run.assert_code(4);
+    let terminal = h.terminal("again");
+    assert_eq!(terminal["state"], "CANCELED");
+    assert!(
+        terminal["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing of this watch was stored")),
+        "{terminal}"
+    );
+}
+
 /// The Kubernetes default: a root-owned emptyDir and a root trainer whose checkpoint is
 /// 0600 (`tempfile.mkstemp`, then a rename). No job user is named, so the sidecar reads only
 /// what anyone may: the checkpoint was skipped with a warning and the job SUCCEEDED without
