@@ -900,26 +900,33 @@ fn read_done_file(path: &Path) -> Result<Option<(DoneFile, DoneStamp)>, DoneErro
     Ok(Some((said, stamp)))
 }
 
-/// Whether the done file open as `file` (its stat `st`) is one the owner of its directory
-/// `dir` may read, when the agent is root: the job (or whoever may write there) names the
-/// file, and root's read of a root-only one (hard-linked to that name where
-/// `fs.protected_hardlinks` is off) put a number no tenant may read into the tenant's status.
-/// A root-owned directory (an emptyDir) names no one: then only what anyone may read, as the
-/// watched dirs' files are read ([`open_dirs`]).
+/// Whether root may read the done file open as `file` (its stat `st`) for the job. The
+/// threat is a file the job may not read put at the done name, its number then reported as
+/// the job's exit code: a root-only file hard-linked there (where `fs.protected_hardlinks`
+/// is off). A file with one link has no other name, so it is the one written there
+/// (however shut to others: `mktemp` and `NamedTemporaryFile` make it 0600, a umask of 077
+/// does too), read whatever its mode; judged on the open file (opened with no symlink), a
+/// link added or removed since the open does not change what is read. A file with more
+/// links is read only if the owner of its directory `dir` may read it; a root-owned
+/// directory (an emptyDir, `root:<fsGroup>` with the setgid bit) names no user, so then
+/// anyone, or its group when that is not root's.
 fn done_file_reader(
     dir: &DirFd,
     file: &std::fs::File,
     st: &nix::sys::stat::FileStat,
 ) -> std::io::Result<bool> {
     use crate::confine::JobReader;
-    if !nix::unistd::geteuid().is_root() {
+    if !nix::unistd::geteuid().is_root() || st.st_nlink == 1 {
         return Ok(true);
     }
     let owner = crate::confine::fstat(dir)?;
     if owner.st_uid == 0 {
         let anyone = JobReader {
             uid: crate::confine::UNKNOWN_OWNER_UID,
-            gids: Vec::new(),
+            gids: (owner.st_gid != 0)
+                .then_some(owner.st_gid)
+                .into_iter()
+                .collect(),
         };
         return anyone.may_read(file, st);
     }
@@ -1167,28 +1174,73 @@ mod tests {
             return;
         }
         let said = |p: &Path| read_done_file(p).ok().flatten().map(|(said, _)| said);
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let chown = |p: &Path, uid: u32, gid: u32| {
+            nix::unistd::chown(
+                p,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .unwrap()
+        };
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        mode(tmp.path(), 0o755);
+        // Root's own, out of the job's reach, hard-linked to the done name.
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, "42\n").unwrap();
+        mode(&secret, 0o600);
         let out = tmp.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        let job = nix::unistd::Uid::from_raw(64123);
-        nix::unistd::chown(&out, Some(job), Some(nix::unistd::Gid::from_raw(64123))).unwrap();
+        chown(&out, 64123, 64123);
         let done = out.join("done");
-        std::fs::write(&done, "42\n").unwrap();
-        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::hard_link(&secret, &done).unwrap();
         assert_eq!(said(&done), Some(DoneFile::Unreadable), "root's file read");
+        std::fs::remove_file(&done).unwrap();
         // The job's own, however shut to others.
-        nix::unistd::chown(&done, Some(job), None).unwrap();
+        std::fs::write(&done, "42\n").unwrap();
+        mode(&done, 0o600);
+        chown(&done, 64123, 64123);
         assert_eq!(said(&done), Some(DoneFile::Exit(42)));
-        // A root-owned directory: only what anyone may read.
+        // A root-owned directory (an emptyDir).
         let shared = tmp.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
+        mode(&shared, 0o777);
         let done = shared.join("done");
-        std::fs::write(&done, "42\n").unwrap();
-        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(said(&done), Some(DoneFile::Unreadable));
-        std::fs::set_permissions(&done, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(said(&done), Some(DoneFile::Exit(42)));
+        std::fs::hard_link(&secret, &done).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Unreadable), "root's file read");
+        mode(&secret, 0o644);
+        assert_eq!(said(&done), Some(DoneFile::Exit(42)), "anyone may read it");
+        mode(&secret, 0o600);
+        std::fs::remove_file(&done).unwrap();
+        // Written there atomically (`mktemp`, then a rename): 0600, one link, the trainer's
+        // or (a root trainer) root's.
+        std::fs::write(&done, "0\n").unwrap();
+        mode(&done, 0o600);
+        assert_eq!(said(&done), Some(DoneFile::Exit(0)), "a root trainer's own");
+        chown(&done, 64123, 64123);
+        assert_eq!(said(&done), Some(DoneFile::Exit(0)), "a trainer's own");
+        std::fs::remove_file(&done).unwrap();
+        // `root:<fsGroup>` with the setgid bit: the group may read what it is given.
+        let grouped = tmp.path().join("grouped");
+        std::fs::create_dir(&grouped).unwrap();
+        chown(&grouped, 0, 4000);
+        mode(&grouped, 0o2777);
+        let theirs = grouped.join("theirs");
+        std::fs::write(&theirs, "7\n").unwrap();
+        chown(&theirs, 64123, 4000);
+        mode(&theirs, 0o640);
+        let done = grouped.join("done");
+        std::fs::hard_link(&theirs, &done).unwrap();
+        assert_eq!(
+            said(&done),
+            Some(DoneFile::Exit(7)),
+            "the group may read it"
+        );
+        std::fs::remove_file(&done).unwrap();
+        std::fs::hard_link(&secret, &done).unwrap();
+        assert_eq!(said(&done), Some(DoneFile::Unreadable), "root's file read");
     }
 
     #[test]
