@@ -724,6 +724,15 @@ impl<'a> Run<'a> {
     /// request, less the terminal status's reserve ([`status_reserve`]). Never without a
     /// stop clock.
     pub(crate) fn sync_cut(&self) -> impl std::future::Future<Output = ()> + 'static {
+        self.before_stop_deadline(status_reserve)
+    }
+
+    /// Fires `margin(stop_deadline)` before the stop deadline, once a stop was asked for.
+    /// Never without a stop clock (`recover`).
+    fn before_stop_deadline(
+        &self,
+        margin: fn(Duration) -> Duration,
+    ) -> impl std::future::Future<Output = ()> + 'static {
         let requested = self.stop_requested.clone();
         let within = self.ctx.stop_deadline;
         async move {
@@ -735,7 +744,7 @@ impl<'a> Run<'a> {
                 Err(_) => return std::future::pending().await,
             };
             match at.checked_add(within) {
-                Some(hard) => tokio::time::sleep_until(hard - status_reserve(within)).await,
+                Some(hard) => tokio::time::sleep_until(hard - margin(within)).await,
                 None => std::future::pending().await,
             }
         }
@@ -777,21 +786,7 @@ impl<'a> Run<'a> {
     /// `give_up_secs`, past the stop deadline and a scheduler's kill. Never without a stop
     /// clock (`recover`).
     fn stop_cut(&self) -> impl std::future::Future<Output = ()> + 'static {
-        let requested = self.stop_requested.clone();
-        let within = self.ctx.stop_deadline;
-        async move {
-            let Some(mut requested) = requested else {
-                return std::future::pending().await;
-            };
-            let at = match requested.wait_for(Option::is_some).await {
-                Ok(at) => at.unwrap_or_else(tokio::time::Instant::now),
-                Err(_) => return std::future::pending().await,
-            };
-            match at.checked_add(within) {
-                Some(hard) => tokio::time::sleep_until(hard - report_margin(within)).await,
-                None => std::future::pending().await,
-            }
-        }
+        self.before_stop_deadline(report_margin)
     }
 
     /// The stop deadline cut the final sync: the terminal status says so, and the attempt

@@ -1015,25 +1015,25 @@ mod tests {
         );
     }
 
-    /// What landed is listed within the checkpoint's period even while one file's upload
-    /// takes hours: the checkpoint came only as an upload landed, and a 180 GB file left
-    /// the small files stored before it unlisted past gc's hour.
-    #[tokio::test(start_paused = true)]
-    async fn a_checkpoint_comes_by_the_clock_while_a_long_upload_runs() {
-        struct Saves(std::sync::Mutex<Vec<usize>>);
-        impl Checkpoint for Saves {
-            fn every(&self) -> Duration {
-                Duration::from_secs(600)
-            }
-            fn save<'a>(
-                &'a self,
-                book: &'a mut SyncBook,
-            ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
-                self.0.lock().unwrap().push(book.len());
-                book.mark_listed();
-                Box::pin(async { Ok(()) })
-            }
+    /// Checkpoints taken: how many files the book held at each.
+    struct Saves(std::sync::Mutex<Vec<usize>>);
+
+    impl Checkpoint for Saves {
+        fn every(&self) -> Duration {
+            Duration::from_secs(600)
         }
+        fn save<'a>(
+            &'a self,
+            book: &'a mut SyncBook,
+        ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
+            self.0.lock().unwrap().push(book.len());
+            book.mark_listed();
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// `artifacts/a`, stored at once, and `artifacts/b`, whose upload hangs.
+    fn quick_and_hanging() -> (tempfile::TempDir, Uploader, crate::collect::Scan) {
         let dir = tempfile::tempdir().unwrap();
         let arts = dir.path().join("artifacts");
         std::fs::create_dir(&arts).unwrap();
@@ -1048,6 +1048,15 @@ mod tests {
         let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
             .confined_to(dir.path());
         let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        (dir, uploader, found)
+    }
+
+    /// What landed is listed within the checkpoint's period even while one file's upload
+    /// takes hours: the checkpoint came only as an upload landed, and a 180 GB file left
+    /// the small files stored before it unlisted past gc's hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_comes_by_the_clock_while_a_long_upload_runs() {
+        let (dir, uploader, found) = quick_and_hanging();
         let saves = Saves(std::sync::Mutex::new(Vec::new()));
         let mut book = SyncBook::default();
         let syncing = sync_scan(&uploader, dir.path(), found, &mut book, Some(&saves));
@@ -1062,34 +1071,7 @@ mod tests {
     /// stored since the last checkpoint was unlisted (gc's, and read and stored again).
     #[tokio::test(start_paused = true)]
     async fn a_halted_sync_returns_at_once_and_lists_what_landed() {
-        struct Saves(std::sync::Mutex<Vec<usize>>);
-        impl Checkpoint for Saves {
-            fn every(&self) -> Duration {
-                Duration::from_secs(600)
-            }
-            fn save<'a>(
-                &'a self,
-                book: &'a mut SyncBook,
-            ) -> futures::future::BoxFuture<'a, Result<(), StoreError>> {
-                self.0.lock().unwrap().push(book.len());
-                book.mark_listed();
-                Box::pin(async { Ok(()) })
-            }
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let arts = dir.path().join("artifacts");
-        std::fs::create_dir(&arts).unwrap();
-        std::fs::write(arts.join("a"), b"quick").unwrap();
-        std::fs::write(arts.join("b"), b"takes hours").unwrap();
-        let faulty = crate::store::tests::Faulty::default();
-        *faulty.hanging.lock().unwrap() = Some(crate::store::blob_key(&crate::digest::sha256_hex(
-            b"takes hours",
-        )));
-        let store =
-            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(60));
-        let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
-            .confined_to(dir.path());
-        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        let (dir, uploader, found) = quick_and_hanging();
         let saves = Saves(std::sync::Mutex::new(Vec::new()));
         let mut book = SyncBook::default();
         let halt = CancellationToken::new();
