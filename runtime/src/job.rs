@@ -135,6 +135,18 @@ impl JobSummary {
 pub enum RunError {
     #[error(transparent)]
     Lock(#[from] crate::statedir::LockError),
+    /// This node's record of the attempt says it ran (or its final sync was under way),
+    /// whatever the store said or did not say in time.
+    #[error(
+        "job {job_id} attempt {attempt} {what} on this node (its run record is {phase}): {next}"
+    )]
+    AlreadyRan {
+        job_id: String,
+        attempt: u32,
+        what: &'static str,
+        phase: &'static str,
+        next: &'static str,
+    },
 }
 
 impl RunError {
@@ -149,6 +161,7 @@ impl RunError {
             RunError::Lock(crate::statedir::LockError::State(_)) => {
                 crate::outcome::ExitCode::AgentOrDataset
             }
+            RunError::AlreadyRan { .. } => crate::outcome::ExitCode::Usage,
         }
     }
 }
@@ -191,7 +204,7 @@ pub async fn run_job(
 ) -> Result<JobSummary, RunError> {
     let lock = AttemptLock::acquire_patiently(&ctx.state, &spec.job_id, spec.attempt).await?;
     let span = tracing::info_span!("job", job_id = %spec.job_id, attempt = spec.attempt);
-    Ok(async move {
+    async move {
         let started = Instant::now();
         let mut background = JoinSet::new();
         if let Some(cp) = ctx.control_plane.clone() {
@@ -203,7 +216,7 @@ pub async fn run_job(
                 .in_current_span(),
             );
         }
-        let earlier_seq = take_over_earlier_run(ctx, &spec).await;
+        let earlier_seq = take_over_earlier_run(ctx, &spec).await?;
         let mut run = Run::new(ctx, spec);
         if let Some(seq) = earlier_seq {
             run.record.seq = seq.saturating_add(SEQ_GAP_AFTER_ITS_AGENT);
@@ -233,10 +246,10 @@ pub async fn run_job(
                 "earlier undelivered reports stay in the outbox for a later run or recover"
             );
         }
-        summary
+        Ok(summary)
     }
     .instrument(span)
-    .await)
+    .await
 }
 
 /// An earlier run of this attempt, its record left in the state dir: `already_ran` lets a
@@ -247,20 +260,56 @@ pub async fn run_job(
 /// agent sent, which the control plane then dropped as duplicates. An unfinished one is
 /// taken over as `recover` would: its processes stopped first. Returns its `seq`, which this
 /// run goes on past (with [`Run::from_record`]'s gap: a status may have gone out unsaved).
-async fn take_over_earlier_run(ctx: &AgentContext, spec: &JobSpec) -> Option<u64> {
+/// One whose job ran to its end, or whose final sync was under way, is refused: run again,
+/// the job's second terminal status went past the first (its `seq` higher), its manifest
+/// replaced the first's, and its bytes were registered twice. Only one that never launched
+/// (failed or canceled before) runs again.
+async fn take_over_earlier_run(
+    ctx: &AgentContext,
+    spec: &JobSpec,
+) -> Result<Option<u64>, RunError> {
     let path = ctx.state.run_record_path(&spec.job_id, spec.attempt);
     if !path.is_file() {
-        return None;
+        return Ok(None);
     }
     let state = ctx.state.clone();
     let record = match tokio::task::spawn_blocking(move || state.read_record(&path)).await {
         Ok(Ok(record)) => record,
         Ok(Err(e)) => {
             tracing::warn!(error = %error_chain(&e), "the attempt's earlier run record cannot be read; replaced");
-            return None;
+            return Ok(None);
         }
-        Err(_) => return None,
+        Err(_) => return Ok(None),
     };
+    let launched = record.pgid.is_some()
+        || record.leader.is_some()
+        || record.cgroup.is_some()
+        || record.launching
+        || record.watched_dirs.is_some();
+    let refused = |what, phase, next| RunError::AlreadyRan {
+        job_id: spec.job_id.clone(),
+        attempt: spec.attempt,
+        what,
+        phase,
+        next,
+    };
+    match record.phase {
+        Phase::Done if launched => {
+            return Err(refused(
+                "already ran",
+                "done",
+                "a new run needs a new attempt or job id",
+            ))
+        }
+        Phase::Finishing => {
+            return Err(refused(
+                "has a final sync left unfinished",
+                "finishing",
+                "`c3-agent recover` finishes it; a new run needs a new attempt or job id",
+            ))
+        }
+        _ => {}
+    }
     if record.phase != Phase::Done {
         tracing::warn!(
             phase = ?record.phase,
@@ -272,7 +321,7 @@ async fn take_over_earlier_run(ctx: &AgentContext, spec: &JobSpec) -> Option<u64
             tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
         }
     }
-    Some(record.seq)
+    Ok(Some(record.seq))
 }
 
 /// When the agent was first asked to stop (a signal): set once, by whoever turns the signal
@@ -1042,6 +1091,9 @@ impl<'a> Run<'a> {
             facts: self.record.facts.clone(),
         };
         self.reports.owe_terminal(seq, verdict, ending.clone());
+        // What the record said before the deliveries, which may have recorded the
+        // registration (and be cut during that save) before the outbox kept it.
+        let before = self.record.synced.clone();
         let reported = tokio::select! {
             () = self.deliver_reports(seq, registration, synced.clone(), verdict, ending, stay) => true,
             () = cut => false,
@@ -1054,7 +1106,6 @@ impl<'a> Run<'a> {
             // As on the way without a stop: recorded as registered before it is kept (a kill
             // between the keep and the Done save left `recover` to deliver the kept one and
             // register the same bytes again), put back if the outbox could not keep it.
-            let before = self.record.synced.clone();
             let owes = self.reports.owes_registration() && synced.is_some();
             if owes && self.record.synced != synced {
                 self.record.synced = synced;

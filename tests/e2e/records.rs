@@ -227,3 +227,32 @@ fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
     seqs.dedup();
     assert_eq!(seqs.len(), all.len(), "a seq was used twice: {all:?}");
 }
+
+/// A second run of an attempt that ran to its end on this node, let through by a store that
+/// did not show its manifest (gone, or a look that could not read it): refused by the
+/// attempt's own record. Taken over, the job ran again, its statuses (past the first run's
+/// `seq`) went back to RUNNING after SUCCEEDED, and it wrote the attempt's manifest again.
+#[test]
+fn a_second_run_of_an_attempt_that_ran_here_is_refused_by_its_record() {
+    let h = Harness::file().with_control_plane(5);
+    h.run_job(json!({"job_id": "again", "command": ["sh", "-c", "echo 1 > $C3_ARTIFACTS_DIR/a"]}))
+        .assert_code(0);
+    for key in [
+        "jobs/again/manifest.json",
+        "jobs/again/attempts/1/manifest.json",
+    ] {
+        std::fs::remove_file(h.object_path(key)).unwrap();
+    }
+    let before = statuses(&h);
+    let run = h.run_job(
+        json!({"job_id": "again", "command": ["sh", "-c", "echo 2 > $C3_ARTIFACTS_DIR/a"]}),
+    );
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("already ran on this node"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(statuses(&h), before, "no status after the first run's");
+    assert!(h.object("jobs/again/attempts/1/manifest.json").is_none());
+}
