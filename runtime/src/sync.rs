@@ -590,7 +590,10 @@ async fn upload_all_until(
     // Which file each task uploads: a task that panicked returns nothing else to tell.
     let mut sending: HashMap<tokio::task::Id, (String, FileStamp)> = HashMap::new();
     loop {
-        while uploads.len() < limit.limit() {
+        // None started once halted: an upload aborted a moment after its start may leave a
+        // multipart upload nothing names.
+        let open = halt.is_none_or(|h| !h.is_cancelled());
+        while open && uploads.len() < limit.limit() {
             let Some((rel, stamp)) = todo.next() else {
                 break;
             };
