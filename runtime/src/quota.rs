@@ -3,6 +3,7 @@
 //! (CAP_SYS_RESOURCE), and so does the chown, so nothing but the agent's own look keeps a
 //! tenant within its quota on a shared scratch file system.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 
 /// Whose limit it is: a user's, or a group's.
@@ -129,7 +130,11 @@ fn get(fd: std::os::fd::BorrowedFd<'_>, kind: libc::c_int, id: u32) -> Option<li
         return None;
     }
     let st = crate::confine::fstat(&fd).ok()?;
-    let device = crate::mountinfo::device_of(st.st_dev).ok()??;
+    // An anonymous device (NFS, tmpfs, FUSE, overlay) has no block device to ask.
+    if libc::major(st.st_dev) == 0 {
+        return None;
+    }
+    let device = device_of(st.st_dev)?;
     let device = std::ffi::CString::new(device).ok()?;
     // The source is the mount's own word (a FUSE server names its own): only the block
     // device of this very file system is asked.
@@ -150,6 +155,27 @@ fn get(fd: std::os::fd::BorrowedFd<'_>, kind: libc::c_int, id: u32) -> Option<li
 }
 
 static HAS_QUOTACTL_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The block device the mount table names for `dev`, looked up once per device: asked for
+/// every 4 MiB of every download, the whole table (hundreds of KiB on a node with thousands
+/// of mounts) was read twice each time, under the kernel's namespace lock.
+fn device_of(dev: u64) -> Option<Vec<u8>> {
+    static DEVICES: std::sync::Mutex<Option<HashMap<u64, Option<Vec<u8>>>>> =
+        std::sync::Mutex::new(None);
+    let mut devices = DEVICES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let devices = devices.get_or_insert_with(HashMap::new);
+    if let Some(known) = devices.get(&dev) {
+        return known.clone();
+    }
+    let found = crate::mountinfo::device_of(dev).ok()?;
+    // A node's mounts are few; a table past this is not worth keeping.
+    if devices.len() < 1024 {
+        devices.insert(dev, found.clone());
+    }
+    found
+}
 
 /// Whether the kernel has `quotactl_fd` (5.14): asked of no fd, it answers EBADF.
 fn has_quotactl_fd() -> bool {
