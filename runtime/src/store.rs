@@ -1263,30 +1263,37 @@ impl BlobStore {
                 // default one) is made traversable, not listable (0711): made first
                 // under the agent's private umask, a job's user could not reach its workdir
                 // below the state dir. The store's own dir stays private.
+                // Resolved once, and that directory is the store from here on (vetted, written,
+                // gc's): a store URL may name a symlink the operator made (`/srv/c3store ->
+                // /mnt/nvme/c3store`), and the vet opens it without following one.
                 let made = path
                     .parent()
                     .map_or(Ok(()), |p| crate::statedir::make_dirs(p, 0o711))
-                    .and_then(|()| std::fs::create_dir_all(&path));
-                if let Err(e) = made {
-                    let broken = Some(Arc::new((
-                        path.display().to_string(),
-                        e.kind(),
-                        e.to_string(),
-                    )));
-                    return Ok(BlobStore {
-                        inner: Arc::new(object_store::memory::InMemory::new()),
-                        url,
-                        broken,
-                        multipart: None,
-                        retry: Retry::new(config.retry_deadline),
-                        head_warned: Default::default(),
-                        credentials: Arc::new(Credentials::Given),
-                        root: None,
-                        dir_sync: Default::default(),
-                        file_limits: limits,
-                        no_conditional_put: Default::default(),
-                    });
-                }
+                    .and_then(|()| std::fs::create_dir_all(&path))
+                    .and_then(|()| std::fs::canonicalize(&path));
+                let path = match made {
+                    Ok(resolved) => resolved,
+                    Err(e) => {
+                        let broken = Some(Arc::new((
+                            path.display().to_string(),
+                            e.kind(),
+                            e.to_string(),
+                        )));
+                        return Ok(BlobStore {
+                            inner: Arc::new(object_store::memory::InMemory::new()),
+                            url,
+                            broken,
+                            multipart: None,
+                            retry: Retry::new(config.retry_deadline),
+                            head_warned: Default::default(),
+                            credentials: Arc::new(Credentials::Given),
+                            root: None,
+                            dir_sync: Default::default(),
+                            file_limits: limits,
+                            no_conditional_put: Default::default(),
+                        });
+                    }
+                };
                 if nix::unistd::geteuid().is_root() {
                     vet_file_root(&path).map_err(|why| StoreError::UnsafeRoot {
                         path: path.display().to_string(),
@@ -3907,5 +3914,39 @@ pub(crate) mod tests {
             .unwrap());
         assert_eq!(std::fs::metadata(&at).unwrap().ino(), ino);
         assert!(!dir.path().join("s").join(staging).exists());
+    }
+
+    /// A store URL that names a symlink root made, in a directory only root may write
+    /// (`/srv/c3store -> /mnt/nvme/c3store`), is the operator's choice: the store is the
+    /// directory it leads to, vetted and used (gc's too). The vet's no-follow open refused it
+    /// as unsafe.
+    #[tokio::test]
+    async fn a_file_store_through_roots_symlink_opens() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("nvme/c3store");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("c3store");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let store = BlobStore::open(&StoreConfig::for_tests(&format!(
+            "file://{}",
+            link.display()
+        )))
+        .unwrap();
+        assert_eq!(
+            store.local_root(),
+            Some(std::fs::canonicalize(&real).unwrap().as_path())
+        );
+        let sha = crate::digest::sha256_hex(b"x");
+        store
+            .put_blob(&sha, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(real.join(blob_key(&sha)).is_file());
+        crate::gc::collect_garbage(&store, Duration::ZERO, true)
+            .await
+            .unwrap();
     }
 }
