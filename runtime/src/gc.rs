@@ -467,7 +467,8 @@ fn earlier_now(node: SystemTime, store: Option<SystemTime>) -> SystemTime {
     store.map_or(node, |s| s.min(node))
 }
 
-/// The file store's directory, opened (not through a symlink) and, as root, vetted.
+/// The file store's directory, opened (not through a symlink) and, as root, vetted as
+/// [`BlobStore::open`] vets it.
 async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> {
     let path = root.to_path_buf();
     blocking_cut("gc open", limit, move |_| {
@@ -476,7 +477,7 @@ async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> 
             source,
         })?;
         if nix::unistd::geteuid().is_root() {
-            alone_above(&dir, None).map_err(|why| GcError::UnsafeRoot { path, why })?;
+            crate::store::vet_file_root(&dir).map_err(|why| GcError::UnsafeRoot { path, why })?;
         }
         Ok(Arc::new(dir))
     })

@@ -558,27 +558,29 @@ fn s3_credentials_with(
     }
 }
 
-/// Whether root may use the file store at `path`: it and every directory above it only
-/// root may change ([`crate::gc::alone_above`], the rule `gc` holds it to). On NFS the store's
-/// owner counts as root: under root_squash what root makes there belongs to the export's
-/// anonymous user, and root cannot own the store. That user can write it, so no job may run
-/// as it (an `anonuid` of its own on the server); its group and others, and named ACL
-/// entries, are still refused. A 1777 store let any job plant symlinks in `staging/` that root
-/// wrote through, forged manifests, or blobs dedup took by their size.
-fn vet_file_root(path: &Path) -> Result<(), String> {
-    let dir = crate::confine::DirFd::open(path).map_err(|e| e.to_string())?;
-    let on_nfs = nix::sys::statfs::fstatfs(&dir)
+/// Whether root may use the file store whose directory `dir` is: it and every directory
+/// above it only root may change ([`crate::gc::alone_above`]). One rule for every command
+/// that opens a file store as root, `gc` included: two disagreed, and gc refused the NFS
+/// store the agent wrote to. On NFS the store's owner counts as root: under root_squash what
+/// root makes there belongs to the export's anonymous user, and root cannot own the store.
+/// That user can write it, so no job may run as it (an `anonuid` of its own on the server);
+/// its group and others, and named ACL entries, are still refused. A 1777 store let any job
+/// plant symlinks in `staging/` that root wrote through, forged manifests, or blobs dedup
+/// took by their size.
+pub(crate) fn vet_file_root(dir: &crate::confine::DirFd) -> Result<(), String> {
+    crate::gc::alone_above(dir, squashed_owner(dir)?)
+}
+
+/// The user root's files belong to in `dir`, when not root (see [`vet_file_root`]).
+fn squashed_owner(dir: &crate::confine::DirFd) -> Result<Option<u32>, String> {
+    let st = nix::sys::stat::fstat(dir).map_err(|e| e.to_string())?;
+    #[cfg(test)]
+    if let Some(uid) = tests::squash_said(&st) {
+        return Ok(Some(uid));
+    }
+    let on_nfs = nix::sys::statfs::fstatfs(dir)
         .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NFS_SUPER_MAGIC);
-    let squashed = if on_nfs {
-        Some(
-            nix::sys::stat::fstat(&dir)
-                .map_err(|e| e.to_string())?
-                .st_uid,
-        )
-    } else {
-        None
-    };
-    crate::gc::alone_above(&dir, squashed)
+    Ok(on_nfs.then_some(st.st_uid))
 }
 
 /// The usual options of each store, for a suggestion when one is misspelt (object_store
@@ -1295,7 +1297,10 @@ impl BlobStore {
                     }
                 };
                 if nix::unistd::geteuid().is_root() {
-                    vet_file_root(&path).map_err(|why| StoreError::UnsafeRoot {
+                    let vetted = crate::confine::DirFd::open(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|dir| vet_file_root(&dir));
+                    vetted.map_err(|why| StoreError::UnsafeRoot {
                         path: path.display().to_string(),
                         why,
                     })?;
@@ -2611,6 +2616,25 @@ impl BlobStore {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    /// Directories (device, inode) whose owner a test says root_squash made: a root_squash
+    /// export cannot be had in a unit test.
+    static SQUASHED: std::sync::Mutex<Vec<(u64, u64, u32)>> = std::sync::Mutex::new(Vec::new());
+
+    pub(crate) fn squash_said(st: &nix::sys::stat::FileStat) -> Option<u32> {
+        let said = SQUASHED.lock().unwrap_or_else(|p| p.into_inner());
+        said.iter()
+            .find(|(dev, ino, _)| (*dev, *ino) == (st.st_dev, st.st_ino))
+            .map(|&(.., uid)| uid)
+    }
+
+    /// Has the vet take `dir` for a root_squash store, whose root's files `uid` owns.
+    pub(crate) fn say_squashed(dir: &std::path::Path, uid: u32) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(dir).unwrap();
+        let mut said = SQUASHED.lock().unwrap_or_else(|p| p.into_inner());
+        said.push((md.dev(), md.ino(), uid));
+    }
+
     /// One store spelt two ways is one identity: a run record written under one spelling
     /// (the job unit's environment) is finished by a `recover` configured with the other.
     /// Two stores are two.
@@ -3948,5 +3972,44 @@ pub(crate) mod tests {
         crate::gc::collect_garbage(&store, Duration::ZERO, true)
             .await
             .unwrap();
+    }
+
+    /// gc and the agent vet a file store alike: gc refused the root_squash store (owned by
+    /// the export's anonymous user) that `BlobStore::open` accepted, and accepting one the
+    /// agent refuses would be worse.
+    #[tokio::test]
+    async fn gc_and_the_agent_vet_a_file_store_alike() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = |name: &str| format!("file://{}/{name}", dir.path().display());
+        let cases: [(&str, u32, u32, Option<u32>); 4] = [
+            ("root", 0, 0o700, None),
+            ("squashed", 65534, 0o700, Some(65534)),
+            ("a-user", 1000, 0o700, None),
+            ("squashed-all-write", 65534, 0o777, Some(65534)),
+        ];
+        for (name, uid, mode, squash) in cases {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            if let Some(squash) = squash {
+                say_squashed(&path, squash);
+            }
+            let agent = BlobStore::open(&StoreConfig::for_tests(&url(name)));
+            let gc = match &agent {
+                Ok(store) => crate::gc::collect_garbage(store, Duration::ZERO, true)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err("not opened".into()),
+            };
+            let ok = matches!(name, "root" | "squashed");
+            assert_eq!(agent.is_ok(), ok, "{name}: {:?}", agent.err());
+            assert_eq!(gc.is_ok(), ok, "{name}: {gc:?}");
+        }
     }
 }
