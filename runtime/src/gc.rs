@@ -82,7 +82,7 @@ pub enum GcError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the file store {path} is refused: {why}; gc runs as root and deletes what it finds there, so only root may write it and every directory above it (chown root and chmod go-w, or name another store.url); nothing was deleted")]
+    #[error("the file store {path} is refused: {why}; gc runs as root and deletes what it finds there, so only root (or the user root_squash makes it there) may write it and every directory above it (chown root and chmod go-w, or name another store.url); nothing was deleted")]
     UnsafeRoot { path: PathBuf, why: String },
     #[error("cannot list the store's manifests; nothing was deleted")]
     List(#[source] StoreError),
@@ -489,7 +489,7 @@ async fn open_root(root: &Path, limit: Duration) -> Result<Arc<DirFd>, GcError> 
 /// a symlink or a tree of their own in it, and someone who may write a directory above it
 /// could swap it for another. A sticky directory others write (`/tmp`) is fine above, for an
 /// entry root owns: only its owner may rename it there. `squashed`: a user taken as root's
-/// equal, the owner NFS's root_squash gives what root makes there (see [`BlobStore::open`]).
+/// equal, the owner root_squash gives what root makes there (see [`crate::store::vet_file_root`]).
 pub(crate) fn alone_above(dir: &DirFd, squashed: Option<u32>) -> Result<(), String> {
     use nix::fcntl::{openat, OFlag};
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;

@@ -72,7 +72,7 @@ pub enum StoreError {
     BadOption { key: String, scheme: &'static str },
     /// A file store root acts on by path (blobs, staging shards, manifests) that someone else
     /// may write: they could plant symlinks root writes through, forged manifests, or blobs.
-    #[error("`store.url`: the file store {path} is refused: {why}; the agent runs as root and writes there by path, so only root (on NFS, or the user root_squash makes it) may write it and every directory above it (chown root and chmod go-w, or name another store.url)")]
+    #[error("`store.url`: the file store {path} is refused: {why}; the agent runs as root and writes there by path, so only root (or the user root_squash makes it there) may write it and every directory above it (chown root and chmod go-w, or name another store.url)")]
     UnsafeRoot { path: String, why: String },
     #[error("cannot create the store directory {path}")]
     CreateDir {
@@ -471,6 +471,9 @@ pub struct BlobStore {
     credentials: Arc<Credentials>,
     /// The file store's directory (`gc` lists it; a re-used blob's mtime is set in it).
     root: Option<Arc<Path>>,
+    /// Whom root's files belong to in the file store, when not root (NFS's root_squash):
+    /// that user may write the store, so no job may run as it ([`vet_file_root`]).
+    squashed: Option<u32>,
     /// The file store's group commit of `blobs/sha256/` ([`crate::filestore`]).
     dir_sync: Arc<crate::filestore::DirSync>,
     /// How long the file store's calls may take.
@@ -561,26 +564,39 @@ fn s3_credentials_with(
 /// Whether root may use the file store whose directory `dir` is: it and every directory
 /// above it only root may change ([`crate::gc::alone_above`]). One rule for every command
 /// that opens a file store as root, `gc` included: two disagreed, and gc refused the NFS
-/// store the agent wrote to. On NFS the store's owner counts as root: under root_squash what
-/// root makes there belongs to the export's anonymous user, and root cannot own the store.
-/// That user can write it, so no job may run as it (an `anonuid` of its own on the server);
-/// its group and others, and named ACL entries, are still refused. A 1777 store let any job
-/// plant symlinks in `staging/` that root wrote through, forged manifests, or blobs dedup
-/// took by their size.
-pub(crate) fn vet_file_root(dir: &crate::confine::DirFd) -> Result<(), String> {
-    crate::gc::alone_above(dir, squashed_owner(dir)?)
+/// store the agent wrote to. Root is who root's files belong to there ([`root_becomes`]):
+/// under root_squash (NFS, Lustre, GPFS) the export's anonymous user, and root cannot own
+/// the store. That user can write it, so no job may run as it (returned here: the store
+/// records it, and launch refuses a job of that uid); its group and others, named ACL
+/// entries and any other owner are still refused. The store's owner was trusted on NFS
+/// whoever it was: a store a user owned passed. A 1777 store let any job plant symlinks in
+/// `staging/` that root wrote through, forged manifests, or blobs dedup took by their size.
+pub(crate) fn vet_file_root(dir: &crate::confine::DirFd) -> Result<Option<u32>, String> {
+    let squashed = root_becomes(dir)?.filter(|&uid| uid != 0);
+    crate::gc::alone_above(dir, squashed)?;
+    Ok(squashed)
 }
 
-/// The user root's files belong to in `dir`, when not root (see [`vet_file_root`]).
-fn squashed_owner(dir: &crate::confine::DirFd) -> Result<Option<u32>, String> {
-    let st = nix::sys::stat::fstat(dir).map_err(|e| e.to_string())?;
+/// Whom a file root makes in `dir` belongs to, from one made there (unnamed where the file
+/// system allows; else a new name, never through a symlink) and removed: 0, or root_squash's
+/// anonymous user. None where none can be made (a read-only store): root's alone then. A
+/// file system that lies about owners (a user's FUSE server) could lie about the store's own.
+fn root_becomes(dir: &crate::confine::DirFd) -> Result<Option<u32>, String> {
     #[cfg(test)]
-    if let Some(uid) = tests::squash_said(&st) {
-        return Ok(Some(uid));
+    {
+        let st = nix::sys::stat::fstat(dir).map_err(|e| e.to_string())?;
+        if let Some(uid) = tests::squash_said(&st) {
+            return Ok(Some(uid));
+        }
     }
-    let on_nfs = nix::sys::statfs::fstatfs(dir)
-        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NFS_SUPER_MAGIC);
-    Ok(on_nfs.then_some(st.st_uid))
+    let Ok((name, file)) = dir.create_unnamed_temp(".c3-owner-") else {
+        return Ok(None);
+    };
+    let owner = nix::sys::stat::fstat(&file).map(|st| st.st_uid);
+    if let Some(name) = name {
+        let _ = dir.remove_file(std::ffi::OsStr::new(&name));
+    }
+    Ok(owner.ok())
 }
 
 /// The usual options of each store, for a suggestion when one is misspelt (object_store
@@ -1290,21 +1306,24 @@ impl BlobStore {
                             head_warned: Default::default(),
                             credentials: Arc::new(Credentials::Given),
                             root: None,
+                            squashed: None,
                             dir_sync: Default::default(),
                             file_limits: limits,
                             no_conditional_put: Default::default(),
                         });
                     }
                 };
-                if nix::unistd::geteuid().is_root() {
+                let squashed = if nix::unistd::geteuid().is_root() {
                     let vetted = crate::confine::DirFd::open(&path)
                         .map_err(|e| e.to_string())
                         .and_then(|dir| vet_file_root(&dir));
                     vetted.map_err(|why| StoreError::UnsafeRoot {
                         path: path.display().to_string(),
                         why,
-                    })?;
-                }
+                    })?
+                } else {
+                    None
+                };
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(|source| {
                     StoreError::Build {
                         scheme: "file",
@@ -1322,6 +1341,7 @@ impl BlobStore {
                     head_warned: Default::default(),
                     credentials: Arc::new(Credentials::Given),
                     root: Some(Arc::from(path.as_path())),
+                    squashed,
                     dir_sync: Default::default(),
                     file_limits: limits,
                     no_conditional_put: Default::default(),
@@ -1423,6 +1443,7 @@ impl BlobStore {
             head_warned: Default::default(),
             credentials: Arc::new(credentials),
             root: None,
+            squashed: None,
             dir_sync: Default::default(),
             file_limits: Default::default(),
             no_conditional_put: Default::default(),
@@ -1634,6 +1655,7 @@ impl BlobStore {
             head_warned: Default::default(),
             credentials: Arc::new(Credentials::Given),
             root: None,
+            squashed: None,
             dir_sync: Default::default(),
             file_limits: Default::default(),
             no_conditional_put: Default::default(),
@@ -2010,6 +2032,12 @@ impl BlobStore {
     /// The file store's directory (a working one: not one that could not be created).
     pub fn local_root(&self) -> Option<&Path> {
         self.root.as_deref()
+    }
+
+    /// The user root's files belong to in the file store when not root (root_squash's
+    /// anonymous user, found when it was opened as root): it may write the whole store.
+    pub fn squashed_uid(&self) -> Option<u32> {
+        self.squashed
     }
 
     /// How long the file store's calls may take (gc cuts its own at the same limits).
@@ -4011,5 +4039,57 @@ pub(crate) mod tests {
             assert_eq!(agent.is_ok(), ok, "{name}: {:?}", agent.err());
             assert_eq!(gc.is_ok(), ok, "{name}: {gc:?}");
         }
+    }
+
+    /// Root's equal in a file store is whom root's own files belong to there, found by
+    /// making one: a store the probed root_squash user owns passes, one any other user owns
+    /// does not, whatever the file system. The owner of an NFS store was trusted whoever it
+    /// was (a user's own store passed as root_squash's).
+    #[test]
+    fn a_store_passes_as_roots_only_when_the_probe_says_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        let dir = |name: &str, uid: u32, probe: Option<u32>| {
+            let path = top.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+            if let Some(probe) = probe {
+                say_squashed(&path, probe);
+            }
+            vet_file_root(&crate::confine::DirFd::open(&path).unwrap())
+        };
+        assert_eq!(dir("squashed", 65534, Some(65534)), Ok(Some(65534)));
+        assert!(dir("another-user", 1000, Some(65534)).is_err());
+        assert!(dir("probe-says-root", 65534, Some(0)).is_err());
+        // The real probe here (root's files are root's): only root's store.
+        assert!(dir("not-squashed", 65534, None).is_err());
+        assert_eq!(dir("root", 0, None), Ok(None));
+        let left: Vec<_> = std::fs::read_dir(top.path().join("root"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "the probe left {left:?}");
+        let store = BlobStore::open(&StoreConfig::for_tests(&format!(
+            "file://{}/squashed",
+            top.path().display()
+        )))
+        .unwrap();
+        assert_eq!(store.squashed_uid(), Some(65534));
+    }
+
+    /// The probe itself: root's file is root's on a local file system, made without a name
+    /// or with one, and none is left.
+    #[test]
+    fn the_probe_finds_roots_files_are_roots() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        let dir = crate::confine::DirFd::open(top.path()).unwrap();
+        assert_eq!(root_becomes(&dir), Ok(Some(0)));
+        assert_eq!(std::fs::read_dir(top.path()).unwrap().count(), 0);
     }
 }
