@@ -502,6 +502,7 @@ impl<'a> Run<'a> {
         )
         .await?;
         if let Some(user) = &self.run_as {
+            crate::prepare::not_the_store_owner(user, &self.ctx.store)?;
             self.record.job_user = Some(c3_proto::JobUser {
                 uid: user.uid,
                 gids: user.groups.clone(),

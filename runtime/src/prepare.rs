@@ -51,6 +51,14 @@ pub enum PrepareError {
     Stuck { step: &'static str, secs: u64 },
     #[error("a preparation task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The job's user is whom root's files belong to in the file store (root_squash's
+    /// anonymous user): it may write the whole store, every job's blobs and manifests.
+    #[error("the job's user `{name}` (uid {uid}) is the user root's files belong to in the file store {store} (its export's root_squash user): a job of it could rewrite every stored output; refusing to run it (give the export an `anonuid` no job runs as)")]
+    StoreOwner {
+        name: String,
+        uid: u32,
+        store: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +130,8 @@ impl PrepareError {
             | PrepareError::Workdir { .. }
             | PrepareError::Store { .. }
             | PrepareError::Stuck { .. }
-            | PrepareError::Task(_) => JobEnd::AgentFailed,
+            | PrepareError::Task(_)
+            | PrepareError::StoreOwner { .. } => JobEnd::AgentFailed,
         }
     }
 }
@@ -159,6 +168,22 @@ pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
         .await
         .map_err(PrepareError::Task)?;
     Ok(Some(found?))
+}
+
+/// Refuses a job of the user the file store's root_squash makes root
+/// ([`crate::store::BlobStore::squashed_uid`]), before anything of it runs.
+pub fn not_the_store_owner(
+    user: &RunAs,
+    store: &crate::store::BlobStore,
+) -> Result<(), PrepareError> {
+    if store.squashed_uid() != Some(user.uid) {
+        return Ok(());
+    }
+    Err(PrepareError::StoreOwner {
+        name: user.name.clone(),
+        uid: user.uid,
+        store: store.shown_url(),
+    })
 }
 
 /// Opens the workdir from a trusted root and creates the output dirs and `.c3` in it, all
@@ -569,6 +594,44 @@ mod tests {
 
     use super::*;
     use c3_proto::record::DirPin;
+
+    /// A job of the user root_squash makes root in the file store (it may write every
+    /// stored output) is refused before it runs, as the node's error; any other user runs.
+    #[test]
+    fn a_job_of_the_store_squash_user_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        let path = top.path().join("store");
+        std::fs::create_dir(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        crate::store::tests::say_squashed(&path, 65534);
+        let store = crate::store::BlobStore::open(&crate::store::StoreConfig::for_tests(&format!(
+            "file://{}",
+            path.display()
+        )))
+        .unwrap();
+        let user = |uid| RunAs {
+            name: "nobody".into(),
+            uid,
+            gid: 65534,
+            groups: vec![65534],
+            home: "/".into(),
+            shell: "".into(),
+        };
+        let e = not_the_store_owner(&user(65534), &store).unwrap_err();
+        assert!(
+            matches!(e, PrepareError::StoreOwner { uid: 65534, .. }),
+            "{e}"
+        );
+        assert!(matches!(e.end(), JobEnd::AgentFailed));
+        assert!(e.to_string().contains("root_squash"), "{e}");
+        assert!(not_the_store_owner(&user(1000), &store).is_ok());
+        assert!(not_the_store_owner(&user(65534), &crate::store::BlobStore::in_memory()).is_ok());
+    }
 
     #[test]
     fn a_pin_survives_a_reboot_that_renumbered_the_device_but_never_another_inode() {
