@@ -264,9 +264,20 @@ impl StoreError {
     }
 
     /// The store refused the request for its date, too far off the store's clock
-    /// ([`CLOCK_SKEW`]): a denial that says nothing of the node's permissions.
+    /// ([`CLOCK_SKEW`]): a denial that says nothing of the node's permissions. Read in the
+    /// denial's reply only: the key is in the error's text too, and a job named
+    /// `RequestTimeTooSkewed` made any 403 on its keys a clock retried for the outage's
+    /// deadline (a dataset reference denied failed after 600 s, not at once).
     pub fn clock_skewed(&self) -> bool {
-        CLOCK_SKEW.iter().any(|needle| says(self, needle))
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = cur {
+            if let Some(object_store::Error::PermissionDenied { source, .. }) = err.downcast_ref() {
+                let reply: &(dyn std::error::Error + 'static) = source.as_ref();
+                return CLOCK_SKEW.iter().any(|needle| says(reply, needle));
+            }
+            cur = err.source();
+        }
+        false
     }
 }
 
@@ -383,7 +394,12 @@ const TRANSIENT_400: &[&str] = &[
 /// What a store answers a request signed by a clock far off its own (15 minutes for both):
 /// S3's 403 `RequestTimeTooSkewed`, and Azure's 403 `AuthenticationFailed` detailed "Request
 /// date header too old". aws-cli corrects for it from the reply's Date; object_store cannot.
-const CLOCK_SKEW: &[&str] = &["RequestTimeTooSkewed", "Request date header too old"];
+/// As the reply's XML spells them: the request's URL (its key) is in the same text, and
+/// there `<`, `>` and spaces are escaped.
+const CLOCK_SKEW: &[&str] = &[
+    "<Code>RequestTimeTooSkewed</Code>",
+    "<AuthenticationErrorDetail>Request date header too old",
+];
 
 /// S3 error codes that say the bytes the store got are not the bytes sent (their checksum
 /// does not match): corruption on the way, which a resend cures, or a store that mishandles
@@ -2856,6 +2872,22 @@ pub(crate) mod tests {
         }
         let e = denied("head", "<Error><Code>AccessDenied</Code></Error>");
         assert!(e.is_permanent() && e.is_head_denied() && e.node_hint().is_empty());
+        // A key (a job's id) that names the code is no clock: the denial is permanent.
+        let key = "jobs/RequestTimeTooSkewed/Request date header too old/manifest.json";
+        let e = StoreError::Op {
+            op: "get",
+            key: key.into(),
+            source: object_store::Error::PermissionDenied {
+                path: key.into(),
+                source: format!(
+                    "Error performing GET http://s3/b/{} - Server returned non-2xx status code: 403 Forbidden: <Error><Code>AccessDenied</Code></Error>",
+                    key.replace(' ', "%20")
+                )
+                .into(),
+            },
+        };
+        assert!(!e.clock_skewed(), "{e}");
+        assert!(e.is_permanent() && e.node_hint().is_empty(), "{e}");
     }
 
     #[test]
