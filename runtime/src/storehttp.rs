@@ -65,7 +65,7 @@ pub fn check(key: ClientConfigKey, value: &str) -> Result<(), String> {
         | K::ReadTimeout
         | K::PoolIdleTimeout
         | K::Http2KeepAliveInterval
-        | K::Http2KeepAliveTimeout => parse_duration(value).map(drop),
+        | K::Http2KeepAliveTimeout => key_duration(key, value).map(drop),
         K::PoolMaxIdlePerHost => value
             .parse::<usize>()
             .map(drop)
@@ -208,6 +208,20 @@ fn parse_duration(v: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The duration `key` is set to. A request's bounds under a second (`timeout = "0s"`)
+/// time out every request at once: each job's upload failed after the outage's deadline.
+fn key_duration(key: ClientConfigKey, v: &str) -> Result<Duration, String> {
+    use ClientConfigKey as K;
+    let d = parse_duration(v)?;
+    let bounds_a_request = matches!(key, K::Timeout | K::ConnectTimeout | K::ReadTimeout);
+    if bounds_a_request && d < Duration::from_secs(1) {
+        return Err(format!(
+            "must be at least 1 s: `{v}` times out every request at once"
+        ));
+    }
+    Ok(d)
+}
+
 /// An HTTP/2 frame size h2 takes.
 fn frame_size(v: &str) -> Result<u32, String> {
     v.parse()
@@ -237,7 +251,7 @@ fn duration(
 ) -> object_store::Result<Option<Duration>> {
     options
         .get_config_value(&key)
-        .map(|v| parse_duration(&v).map_err(|why| config_error(key, why)))
+        .map(|v| key_duration(key, &v).map_err(|why| config_error(key, why)))
         .transpose()
 }
 
@@ -358,6 +372,27 @@ mod tests {
             Some(ClientConfigKey::Http2MaxFrameSize)
         );
         assert_eq!(client_key("aws_region"), None);
+    }
+
+    /// A request bound under a second fails every request (every job's upload, after the
+    /// outage's deadline): refused, by [`check`] and by [`client`], naming the key. Other
+    /// durations may be 0 (a pool that keeps no idle connection).
+    #[test]
+    fn a_request_bound_that_times_out_every_request_is_refused() {
+        for key in [
+            ClientConfigKey::Timeout,
+            ClientConfigKey::ConnectTimeout,
+            ClientConfigKey::ReadTimeout,
+        ] {
+            for zero in ["0s", "0", "500ms"] {
+                let why = check(key, zero).unwrap_err();
+                assert!(why.contains("at least 1 s"), "{key:?} {zero}: {why}");
+                let err = client(&ClientOptions::new().with_config(key, zero)).unwrap_err();
+                assert!(err.to_string().contains(key.as_ref()), "{err}");
+            }
+            check(key, "1s").unwrap();
+        }
+        check(ClientConfigKey::PoolIdleTimeout, "0s").unwrap();
     }
 
     #[test]
