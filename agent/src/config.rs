@@ -832,6 +832,7 @@ pub fn resolve(
             max_retries: retries.unwrap_or(3) as usize,
             retry_timeout: Duration::from_secs(file.store.retry_timeout_secs.unwrap_or(30)),
             retry_deadline: Duration::from_secs(file.store.retry_deadline_secs.unwrap_or(600)),
+            reads_only: false,
         },
         preflight_timeout: Duration::from_secs(file.store.preflight_timeout_secs.unwrap_or(20)),
         control_plane,

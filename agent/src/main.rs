@@ -227,8 +227,8 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
             edge(inspect::ls(&ctx, &job_id, json).await)
         }
         Command::Status { job_id, json } => {
-            let ctx = match job_id.as_deref().map_or(context(&env), |id| {
-                inspect::checked_job_id(id).and_then(|()| context(&env))
+            let ctx = match job_id.as_deref().map_or(context_to_read(&env), |id| {
+                inspect::checked_job_id(id).and_then(|()| context_to_read(&env))
             }) {
                 Ok(c) => c,
                 Err(e) => return usage(&e),
@@ -344,17 +344,29 @@ fn edge(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// A command about one job: its id checked like `run` checks it, then the context.
+/// A command that reads one job (`ls`, `pull`, `logs`): its id checked like `run` checks
+/// it, then the context, its store opened only to read.
 fn checked(env: &Env, job_id: &str) -> Result<AgentContext, ExitCode> {
     inspect::checked_job_id(job_id)
-        .and_then(|()| context(env))
+        .and_then(|()| context_to_read(env))
         .map_err(|e| usage(&e))
 }
 
 /// Builds the engine's context; `Err` is a usage/config problem (exit 2).
 fn context(env: &Env) -> Result<AgentContext, String> {
+    context_with(env, env.config.store.clone())
+}
+
+/// [`context`] for a command that only reads the store.
+fn context_to_read(env: &Env) -> Result<AgentContext, String> {
+    let mut store = env.config.store.clone();
+    store.reads_only = true;
+    context_with(env, store)
+}
+
+fn context_with(env: &Env, store: c3_runtime::store::StoreConfig) -> Result<AgentContext, String> {
     let config = &env.config;
-    let store = BlobStore::open(&config.store).map_err(|e| match e {
+    let store = BlobStore::open(&store).map_err(|e| match e {
         StoreError::BadUrl { .. } | StoreError::BadOption { .. } | StoreError::Build { .. } => {
             format!("config: `store`: {}", error_chain(&e))
         }
