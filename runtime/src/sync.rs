@@ -805,12 +805,8 @@ mod tests {
         assert!(!book.holds_later("artifacts/ckpt", &newer.stamp));
     }
 
-    /// The final scan finds a file in a version the book does not hold, and its upload
-    /// fails (removed after the scan here; made unreadable by the job it is `NotReadable`,
-    /// the same way): the book's older version is not listed as the file's. A file found in
-    /// the version the book holds (racily, so read again) keeps it.
-    #[tokio::test]
-    async fn a_newer_version_not_stored_takes_the_older_one_out_of_the_book() {
+    /// A workdir with an empty `artifacts/`, and an uploader to an in-memory store.
+    fn artifacts_in_memory() -> (tempfile::TempDir, std::path::PathBuf, Uploader) {
         let dir = tempfile::tempdir().unwrap();
         let arts = dir.path().join("artifacts");
         std::fs::create_dir(&arts).unwrap();
@@ -821,6 +817,16 @@ mod tests {
             None,
         )
         .confined_to(dir.path());
+        (dir, arts, uploader)
+    }
+
+    /// The final scan finds a file in a version the book does not hold, and its upload
+    /// fails (removed after the scan here; made unreadable by the job it is `NotReadable`,
+    /// the same way): the book's older version is not listed as the file's. A file found in
+    /// the version the book holds (racily, so read again) keeps it.
+    #[tokio::test]
+    async fn a_newer_version_not_stored_takes_the_older_one_out_of_the_book() {
+        let (dir, arts, uploader) = artifacts_in_memory();
         let stamp_of = |name: &str| FileStamp::of(&std::fs::metadata(arts.join(name)).unwrap());
         let mut book = SyncBook::default();
         std::fs::write(arts.join("m.bin"), b"v1").unwrap();
@@ -861,16 +867,7 @@ mod tests {
     /// older version listed as final.
     #[tokio::test]
     async fn a_panicked_upload_names_its_file_and_takes_the_older_version_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let arts = dir.path().join("artifacts");
-        std::fs::create_dir(&arts).unwrap();
-        let uploader = Uploader::new(
-            crate::store::BlobStore::in_memory(),
-            crate::upload::UploadOptions::default(),
-            "j",
-            None,
-        )
-        .confined_to(dir.path());
+        let (dir, arts, uploader) = artifacts_in_memory();
         let mut book = SyncBook::default();
         std::fs::write(arts.join("p.bin"), b"A").unwrap();
         let mut a = up("artifacts/p.bin", 1);
