@@ -1947,12 +1947,7 @@ pub(crate) mod tests {
                 .all(|(_, b)| b.contains(r#""seq":3"#)),
             "only seq 3 was posted"
         );
-        std::fs::File::options()
-            .write(true)
-            .open(&entry)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - MIN_AGE_ASIDE)
-            .unwrap();
+        kept_at(&entry, std::time::SystemTime::now() - MIN_AGE_ASIDE);
         assert!(!flush_job_outbox(&cp, &state, "j", deadline()).await);
         assert!(entry.exists(), "a terminal status stays kept");
         assert!(!entry.with_extension("bad").exists());
@@ -1961,6 +1956,16 @@ pub(crate) mod tests {
         let requests = requests.lock().unwrap();
         assert!(requests.last().unwrap().1.contains(r#""attempt":2"#));
         assert!(!requests.iter().any(|(_, b)| b.contains(r#""seq":4"#)));
+    }
+
+    /// Sets when the entry at `path` was kept (its mtime), for the ages of the outbox.
+    fn kept_at(path: &Path, when: std::time::SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
     }
 
     /// A report kept before the node's clock stepped back is counted as kept now, and its
@@ -1972,24 +1977,14 @@ pub(crate) mod tests {
         let entry = dir.path().join("000001-00000003-status.json");
         std::fs::write(&entry, "{}").unwrap();
         let year = Duration::from_secs(365 * 24 * 3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&entry)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() + year)
-            .unwrap();
+        kept_at(&entry, std::time::SystemTime::now() + year);
         assert_eq!(kept_for(&entry), Duration::ZERO);
         let kept = std::fs::metadata(&entry).unwrap().modified().unwrap();
         assert!(
             kept <= std::time::SystemTime::now(),
             "its time was put right"
         );
-        std::fs::File::options()
-            .write(true)
-            .open(&entry)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - MIN_AGE_ASIDE)
-            .unwrap();
+        kept_at(&entry, std::time::SystemTime::now() - MIN_AGE_ASIDE);
         assert!(is_old(&entry));
     }
 
@@ -2020,12 +2015,7 @@ pub(crate) mod tests {
             "a server error counts"
         );
         write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&entry)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - MAX_AGE_STUCK)
-            .unwrap();
+        kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
         let second = Reporter::new(Some(cp.clone()), state.clone(), "w", 2);
         second.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
         assert!(flush_job_outbox(&cp, &state, "w", deadline()).await);
@@ -2088,12 +2078,7 @@ pub(crate) mod tests {
         reporter.keep_unsent("status", 3, &status(3, c3_proto::JobState::Failed));
         let entry = state.outbox_dir("j").join("000001-00000003-status.json");
         write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&entry)
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - 2 * MIN_AGE_ASIDE)
-            .unwrap();
+        kept_at(&entry, std::time::SystemTime::now() - 2 * MIN_AGE_ASIDE);
         let deadline = Instant::now() + Duration::from_millis(500);
         let flushed = flush_job_outbox(&cp, &state, "j", deadline).await;
         assert!(entry.exists(), "the terminal status is still kept");
