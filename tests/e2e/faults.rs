@@ -251,12 +251,7 @@ fn recover_stops_a_job_whose_agent_died_right_after_spawning_it() {
     let script = "trap '' TERM; echo $$ > $C3_ARTIFACTS_DIR/job.pid; echo out > $C3_ARTIFACTS_DIR/f; sleep 300";
     let run = h.run_job(json!({"job_id": "orph", "command": ["sh", "-c", script]}));
     assert_ne!(run.code, 0, "the agent was meant to crash");
-    let pid_file = h.workdir("orph").join("artifacts/job.pid");
-    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    });
+    let pid = crate::support::job_pid(&h, "orph");
     assert!(
         alive(pid),
         "the job outlived its agent, as it would after a SIGKILL"
@@ -297,12 +292,7 @@ fn recover_stops_a_job_launched_without_cgroup_whose_agent_died_at_once() {
         record["cgroup"].is_null() && record["phase"] == "preparing",
         "the job was meant to run without a cgroup, its launch unrecorded: {record}"
     );
-    let pid_file = h.workdir("orphan").join("artifacts/job.pid");
-    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    });
+    let pid = crate::support::job_pid(&h, "orphan");
     assert!(alive(pid), "the job outlived its agent");
     h.env.clear();
     h.run(&["recover"]).assert_code(6);

@@ -166,12 +166,7 @@ fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
     let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
     let run = h.run_job(json!({"job_id": "again", "command": ["sh", "-c", script]}));
     assert_ne!(run.code, 0, "the agent was meant to crash");
-    let pid_file = h.workdir("again").join("artifacts/job.pid");
-    let pid: i32 = wait_for("the job to start", Duration::from_secs(20), || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    });
+    let pid = crate::support::job_pid(&h, "again");
     assert!(alive(pid), "the job outlived its agent");
     h.env.clear();
     let rerun = h.run_job(json!({"job_id": "again", "command": ["true"]}));

@@ -1038,6 +1038,16 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// The pid the job `job` wrote to `artifacts/job.pid` (`echo $$ > ...`), once it has.
+pub fn job_pid(h: &Harness, job: &str) -> i32 {
+    let pid_file = h.workdir(job).join("artifacts/job.pid");
+    wait_for("the job to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
