@@ -90,10 +90,12 @@ fn at_most_max_paths<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Strin
     d.deserialize_seq(Paths)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `files` is written in every `ok` reply, `[]` included (a client reading `reply["files"]`
+/// after a `wait_all` must find it, as §4 shows it), and in no error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct SocketReply {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub files: Vec<PublishedFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -116,6 +118,23 @@ impl SocketRequest {
 
     pub fn from_line(line: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(line)
+    }
+}
+
+impl Serialize for SocketReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let listed = self.ok || !self.files.is_empty();
+        let fields = 1 + usize::from(listed) + usize::from(self.error.is_some());
+        let mut out = s.serialize_struct("SocketReply", fields)?;
+        out.serialize_field("ok", &self.ok)?;
+        if listed {
+            out.serialize_field("files", &self.files)?;
+        }
+        if let Some(error) = &self.error {
+            out.serialize_field("error", error)?;
+        }
+        out.end()
     }
 }
 
@@ -169,6 +188,13 @@ mod tests {
             reply.to_line(),
             b"{\"ok\":false,\"error\":\"no\"}\n".to_vec()
         );
+        // A wait_all's reply lists no file, and still says `files` (§4's shape).
+        assert_eq!(
+            SocketReply::ok(Vec::new()).to_line(),
+            b"{\"ok\":true,\"files\":[]}\n".to_vec()
+        );
+        let back = SocketReply::from_line(&SocketReply::ok(Vec::new()).to_line()).unwrap();
+        assert_eq!(back, SocketReply::ok(Vec::new()));
     }
 
     /// A request naming more distinct paths than one publish may is refused as it is read,
