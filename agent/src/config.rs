@@ -72,8 +72,10 @@ struct JobSection {
 #[serde(deny_unknown_fields)]
 struct StoreSection {
     url: Option<String>,
+    /// Strings for object_store's builder, and `retry_deadline_secs` (a number) where the
+    /// contract's own example puts it: see [`store_options`].
     #[serde(default)]
-    options: BTreeMap<String, String>,
+    options: BTreeMap<String, toml::Value>,
     max_retries: Option<usize>,
     retry_timeout_secs: Option<u64>,
     preflight_timeout_secs: Option<u64>,
@@ -334,6 +336,38 @@ pub fn load(flag: Option<&Path>) -> Result<Config, ConfigError> {
     }
 }
 
+/// The store's builder options, as strings. The contract's config example puts
+/// `retry_deadline_secs` after `[store.options]`, where TOML files it: a config copied from it
+/// was refused on S3 ("unknown option") and the value ignored on a file store, so there it
+/// means `store.retry_deadline_secs` (both set and different: a problem naming both).
+fn store_options(store: &mut StoreSection, problems: &mut Vec<String>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, value) in std::mem::take(&mut store.options) {
+        match (key.as_str(), value) {
+            ("retry_deadline_secs", toml::Value::Integer(n)) if n >= 0 => {
+                let n = n as u64;
+                match store.retry_deadline_secs {
+                    Some(was) if was != n => problems.push(format!(
+                        "`store.options.retry_deadline_secs` ({n}) differs from `store.retry_deadline_secs` ({was}): keep one"
+                    )),
+                    _ => store.retry_deadline_secs = Some(n),
+                }
+            }
+            ("retry_deadline_secs", _) => problems.push(
+                "`store.options.retry_deadline_secs`: a whole number of seconds (it means `store.retry_deadline_secs`)".into(),
+            ),
+            (_, toml::Value::String(v)) => {
+                out.insert(key, v);
+            }
+            (_, other) => problems.push(format!(
+                "`store.options.{key}`: a string (\"...\"), not a {}",
+                other.type_str()
+            )),
+        }
+    }
+    out
+}
+
 /// Parses `text`, applies `env` overrides and defaults.
 pub fn resolve(
     source_file: Option<PathBuf>,
@@ -360,6 +394,7 @@ pub fn resolve(
     })?;
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
+    let options = store_options(&mut file.store, &mut problems);
 
     let mut num = |var: &str, key: &str, slot: &mut Option<u64>| {
         if let Some(v) = env(var) {
@@ -746,7 +781,7 @@ pub fn resolve(
     // The store's HTTP client reads these only when a store is opened, and some values it
     // cannot hold (a timeout past what a clock adds, a frame size h2 asserts on) panicked
     // in a request the retries then waited out: refused here, naming the key.
-    for (key, value) in &file.store.options {
+    for (key, value) in &options {
         if let Some(client_key) = c3_runtime::storehttp::client_key(key) {
             if let Err(why) = c3_runtime::storehttp::check(client_key, value) {
                 problems.push(format!("`store.options.{key}`: {why}"));
@@ -828,7 +863,7 @@ pub fn resolve(
         log_format,
         store: StoreConfig {
             url: store_url,
-            options: file.store.options,
+            options,
             max_retries: retries.unwrap_or(3) as usize,
             retry_timeout: Duration::from_secs(file.store.retry_timeout_secs.unwrap_or(30)),
             retry_deadline: Duration::from_secs(file.store.retry_deadline_secs.unwrap_or(600)),
@@ -913,7 +948,9 @@ fn forwardable_signal(name: &str) -> Result<i32, &'static str> {
 impl ControlPlaneSettings {
     /// Reads the bearer token; its absence is a configuration error.
     pub fn resolve(&self) -> Result<(ControlPlaneConfig, Option<String>), String> {
-        let token = match &self.token_file {
+        // Empty: no token (a node whose control plane takes none sets the unit's variable so).
+        let file = self.token_file.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let token = match file {
             None => None,
             Some(path) => match std::fs::read_to_string(path) {
                 // A token goes into a header: a second line or a control character made
@@ -1427,6 +1464,20 @@ mod tests {
             only_token.control_plane.is_none(),
             "a token file alone does not make a control plane"
         );
+        // The unit sets C3_AGENT_TOKEN_FILE; a drop-in that empties it runs without a token
+        // (it named no file, and every run and recover was exit 2).
+        let no_token = resolve(
+            None,
+            "",
+            &env_of(&[
+                ("C3_AGENT_CONTROL_PLANE_URL", "http://127.0.0.1:1/api"),
+                ("C3_AGENT_TOKEN_FILE", ""),
+            ]),
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        let (_, token) = no_token.control_plane.unwrap().resolve().unwrap();
+        assert_eq!(token, None);
     }
 
     /// The unit's `C3_AGENT_STOP_DEADLINE_SECS=280` beats the file's 900: said, not silent.
@@ -1621,6 +1672,26 @@ mod tests {
         resolve(None, fine, &|_| None, PathBuf::from("/s")).unwrap();
     }
 
+    /// The contract's config example puts `retry_deadline_secs` after `[store.options]`: read
+    /// as the store's (it was refused on S3 as an unknown option, ignored on a file store).
+    #[test]
+    fn retry_deadline_where_the_contract_example_puts_it() {
+        let text = "[store]\nurl = \"s3://b/p\"\n[store.options]\naws_region = \"x\"\n\
+                    retry_deadline_secs = 60\n";
+        let c = resolve(None, text, &|_| None, PathBuf::from("/s")).unwrap();
+        assert_eq!(c.store.retry_deadline, Duration::from_secs(60));
+        assert_eq!(c.store.options.keys().collect::<Vec<_>>(), ["aws_region"]);
+        let e = |text: &str| {
+            resolve(None, text, &|_| None, PathBuf::from("/s"))
+                .unwrap_err()
+                .to_string()
+        };
+        let both = e("[store]\nretry_deadline_secs = 30\n[store.options]\nretry_deadline_secs = 60\n");
+        assert!(both.contains("keep one"), "{both}");
+        let text = e("[store.options]\nretry_deadline_secs = \"60\"\n");
+        assert!(text.contains("`store.options.retry_deadline_secs`"), "{text}");
+    }
+
     /// A value of the wrong type names its key, not only its line.
     #[test]
     fn a_type_error_names_the_key() {
@@ -1637,7 +1708,7 @@ mod tests {
         let said = e("kill_grace_secs = \"ten\"\n");
         assert!(said.contains("`kill_grace_secs`"), "{said}");
         let said = e("[store]\noptions = { aws_region = 5 }\n");
-        assert!(said.contains("aws_region"), "{said}");
+        assert!(said.contains("`store.options.aws_region`"), "{said}");
         let said = e("kill_grace_secs = 1\nkill_grace_secs = 2\n");
         assert!(said.contains("line 2: `kill_grace_secs`"), "{said}");
     }
