@@ -106,12 +106,25 @@ fn open_append(path: &Path) -> Option<std::fs::File> {
     if !state.is_dir() {
         return None;
     }
-    std::fs::create_dir_all(dir).ok()?;
-    std::fs::OpenOptions::new()
+    // The record lists every blob this node stored or read, of every tenant: the agent's
+    // alone whatever the umask (with `private_files = false` it was 0644 in a 0755 dir, in
+    // the 0711 state dir anyone may pass through), and one an older agent made so is closed.
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .ok()?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
-        .ok()
+        .ok()?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .ok()?;
+    Some(file)
 }
 
 /// The digest a SHA-256 in lower-case hex (a key line, a manifest's `sha256`) stands for.
@@ -160,5 +173,24 @@ mod tests {
             .find(|t| !t.is_empty())
             .unwrap();
         assert_eq!(file, format!("{}\n", "a".repeat(64)), "one line, once");
+    }
+
+    /// The record is the agent's alone under any umask, and one made open is closed.
+    #[test]
+    fn the_record_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let was = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        KnownBlobs::open(dir.path(), "s3://b/x").insert(&[1; 32]);
+        let known = dir.path().join("known-blobs");
+        let record = std::fs::read_dir(&known).unwrap().next().unwrap().unwrap().path();
+        assert_eq!((mode(&known), mode(&record)), (0o700, 0o600));
+        // As an older agent left them.
+        std::fs::set_permissions(&known, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o644)).unwrap();
+        KnownBlobs::open(dir.path(), "s3://b/x").insert(&[2; 32]);
+        assert_eq!((mode(&known), mode(&record)), (0o700, 0o600));
+        nix::sys::stat::umask(was);
     }
 }
