@@ -132,7 +132,10 @@ pub fn put_blob(
             return Ok(false);
         }
         Ok(_) => true,
-        Err(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        // Not "absent" (an NFS blip): a file of another size there would then be taken
+        // for the blob by the link's EEXIST below (that is checked too, for a race).
+        Err(e) => return Err(e),
     };
     let (tmp, mut file) = temp_file(root)?;
     let written = file
@@ -141,14 +144,7 @@ pub fn put_blob(
         .and_then(|()| {
             std::fs::create_dir_all(&dir)?;
             let _one = sync.linking.lock().unwrap_or_else(|p| p.into_inner());
-            if replace {
-                return std::fs::rename(&tmp, &dest).map(|()| Some(sync.linked()));
-            }
-            match std::fs::hard_link(&tmp, &dest) {
-                Ok(()) => Ok(Some(sync.linked())),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(e),
-            }
+            Ok(link_or_found(&tmp, &dest, bytes.len() as u64, replace)?.then(|| sync.linked()))
         });
     let _ = std::fs::remove_file(&tmp);
     match written? {
@@ -159,6 +155,25 @@ pub fn put_blob(
             Ok(false)
         }
     }
+}
+
+/// Puts the written `tmp` at `dest`: whether it was linked (false: the blob was there, a
+/// regular file of `len` bytes). Anything else at `dest` (a torn copy, a file of another size
+/// that appeared after the first look) is replaced, never taken for the blob.
+fn link_or_found(tmp: &Path, dest: &Path, len: u64, replace: bool) -> io::Result<bool> {
+    if !replace {
+        match std::fs::hard_link(tmp, dest) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let md = std::fs::symlink_metadata(dest)?;
+                if md.is_file() && md.len() == len {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::rename(tmp, dest).map(|()| true)
 }
 
 /// A blob that changed longer ago than this is taken as durable: a put returns only once its
@@ -719,6 +734,27 @@ mod tests {
             assert_eq!(SLOTS.available_permits(), CALLS);
             assert!(bounded("put", limit, async { Ok(()) }).await.is_ok());
         });
+    }
+
+    /// What a put finds at the blob's key when it links (after a first look saw nothing) is
+    /// the blob only if it is a regular file of its size: a torn copy is replaced.
+    #[test]
+    fn a_link_finding_another_size_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, dest) = (dir.path().join("tmp"), dir.path().join("blob"));
+        std::fs::write(&tmp, b"whole").unwrap();
+        std::fs::write(&dest, b"torn").unwrap();
+        assert!(link_or_found(&tmp, &dest, 5, false).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        // The blob itself there: found, left as it is.
+        std::fs::write(&tmp, b"other").unwrap();
+        assert!(!link_or_found(&tmp, &dest, 5, false).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        // A symlink of any target is no blob.
+        std::fs::remove_file(&dest).unwrap();
+        std::os::unix::fs::symlink(&tmp, &dest).unwrap();
+        assert!(link_or_found(&tmp, &dest, 5, false).unwrap());
+        assert!(std::fs::symlink_metadata(&dest).unwrap().is_file());
     }
 
     #[test]
