@@ -81,9 +81,11 @@ impl MultipartJournal {
 
     /// Starts the journal of a new upload, off the reactor. Parts of an earlier upload of
     /// this blob go first: beside the new upload id they would name parts it never had.
-    /// Not fsync'd: an agent that is killed leaves it in the page cache, and after a host
-    /// crash a stale journal only resends parts (the store acknowledged every part it lists,
-    /// and a part sent again replaces itself). Returns whether it was written.
+    /// fsync'd once, here: the upload id is in no other place, and a host crash could
+    /// otherwise leave the journal empty (a new file renamed into place), the upload never
+    /// aborted and its parts billed for ever. The parts' lines are not: after a crash a stale
+    /// list only resends parts (the store acknowledged every part it lists, and a part sent
+    /// again replaces itself). Returns whether it was written.
     async fn start(&self) -> bool {
         let Some(path) = self.path.clone() else {
             return false;
@@ -101,7 +103,7 @@ impl MultipartJournal {
                 }
                 _ => {}
             }
-            write_replace(&path, &bytes)
+            crate::statedir::write_atomic(&path, &bytes)
         })
         .await;
         match written {
@@ -918,7 +920,7 @@ impl Uploader {
             let path = entry.path();
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            // A journal's start an agent was killed in (`write_replace`'s temp file): it
+            // A journal's start an agent was killed in (`write_atomic`'s temp file): it
             // names no upload, and retention would keep the job for it. A minute old at
             // least: a younger one may be another attempt's agent starting its journal.
             if name.starts_with(".c3-") {
@@ -953,6 +955,10 @@ impl Uploader {
                 continue;
             }
             let Some(record) = MultipartJournal::load(&path) else {
+                // Its upload, if the store began one, can no longer be named: said, since
+                // its parts stay billed until the bucket's lifecycle rule for incomplete
+                // uploads takes them.
+                tracing::warn!(journal = %path.display(), "a multipart upload's journal cannot be read; removed (an upload it named, if any, is left to the bucket's lifecycle rule for incomplete uploads)");
                 remove_journal(&path);
                 continue;
             };
