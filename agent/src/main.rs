@@ -12,6 +12,7 @@ mod publish;
 mod specpath;
 mod telemetry;
 mod unitcheck;
+mod workmark;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -589,15 +590,6 @@ fn spec_from_args(
         }
         None => cwd,
     };
-    // An earlier run's output would be mistaken for this one's (and uploaded again under
-    // this job's name): start clean.
-    let artifacts = cwd.join("artifacts");
-    if std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(format!(
-            "{} holds files from an earlier run: move them away, or run in another directory (`--workdir DIR`)",
-            artifacts.display()
-        ));
-    }
     let (slurm_id, slurm_attempt) = slurm_job()?;
     let attempt = args.attempt.unwrap_or(slurm_attempt);
     let job_id = args.job_id.or(slurm_id).unwrap_or_else(|| {
@@ -607,6 +599,12 @@ fn spec_from_args(
             std::process::id()
         )
     });
+    // Another run's output would be mistaken for this one's (and uploaded again under this
+    // job's name): start clean, unless this is a later attempt of the job that left it (a
+    // requeue resuming from its checkpoint).
+    if let Some(refused) = workmark::refusal(&cwd, &job_id, attempt) {
+        return Err(refused);
+    }
     let mut spec = JobSpec {
         job_id,
         project: None,
@@ -736,6 +734,7 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
 async fn run(args: RunArgs, env: &Env) -> ExitCode {
     let config = &env.config;
     let state = StateDir::new(&config.state_dir);
+    let quick = args.job.is_none() && !args.command.is_empty();
     let spec = match spec_from_args(args, &config.jobs_root, &state, None) {
         Ok(s) => s,
         Err(e) => return usage(&e),
@@ -761,6 +760,13 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     };
     if let Some(problem) = ran {
         return usage(&problem);
+    }
+    // Only now, once the store said this attempt is a new one: one refused above leaves the
+    // marker naming the run whose files ./artifacts holds.
+    if let (true, Some(workdir)) = (quick, &spec.workdir) {
+        if let Err(e) = workmark::record(Path::new(workdir), &spec.job_id, spec.attempt) {
+            return usage(&e);
+        }
     }
     starting(env, &ctx);
     // Up to 6 s, which a stop does not wait out: its deadline runs.

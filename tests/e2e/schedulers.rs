@@ -1046,16 +1046,33 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
         std::fs::read_to_string(h.dir.path().join("artifacts/id")).unwrap(),
         "slurm-4242 2\n"
     );
-    // The platform's own attempt number wins (a Kubernetes Job retried by the platform).
-    // The earlier run's ./artifacts is not empty: a quick run refuses it, --workdir is the way.
+    // The platform's own attempt number wins (a Kubernetes Job retried by the platform). The
+    // earlier run's ./artifacts is not empty, but it is this job's, from an earlier attempt:
+    // a later one starts on it.
     h.run(&["run", "--attempt", "5", "--", "true"])
-        .assert_code(2);
-    let again = h.path("again").display().to_string();
-    h.run(&["run", "--attempt", "5", "--workdir", &again, "--", "true"])
         .assert_code(0);
     assert!(h
         .object("jobs/slurm-4242/attempts/5/manifest.json")
         .is_some());
+    // Another job's files, or those of a later attempt than this one, are refused; --workdir
+    // is the way.
+    let other = h.run(&["run", "--job-id", "other", "--", "true"]);
+    other.assert_code(2);
+    assert!(other.stderr.contains("`slurm-4242`"), "{}", other.stderr);
+    h.run(&["run", "--attempt", "4", "--", "true"])
+        .assert_code(2);
+    let again = h.path("again").display().to_string();
+    h.run(&[
+        "run",
+        "--job-id",
+        "other",
+        "--workdir",
+        &again,
+        "--",
+        "true",
+    ])
+    .assert_code(0);
+    assert!(h.object("jobs/other/manifest.json").is_some());
     // `srun c3-agent run` over several tasks: every rank but 0 is a job of its own (under
     // one id each replaced the others' manifest).
     h.env.push(("SLURM_PROCID".into(), "3".into()));
@@ -1065,6 +1082,81 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
     assert!(h
         .object("jobs/slurm-4242-rank3/attempts/2/manifest.json")
         .is_some());
+}
+
+fn set_env(h: &mut Harness, name: &str, value: &str) {
+    h.env.retain(|(k, _)| k != name);
+    h.env.push((name.into(), value.into()));
+}
+
+/// A requeued Slurm job runs again in its submit dir, where attempt 1 left ./artifacts (its
+/// checkpoint): the next attempt of the same job starts on it; another job does not.
+#[test]
+fn a_requeued_quick_run_resumes_from_what_its_earlier_attempt_left() {
+    let mut h = Harness::file();
+    set_env(&mut h, "SLURM_JOB_ID", "42");
+    set_env(&mut h, "SLURM_RESTART_COUNT", "0");
+    h.run(&["run", "--", "sh", "-c", "echo 1 > $C3_ARTIFACTS_DIR/a"])
+        .assert_code(0);
+    set_env(&mut h, "SLURM_RESTART_COUNT", "1");
+    let resume = "test -f $C3_ARTIFACTS_DIR/a && echo resumed > $C3_ARTIFACTS_DIR/b";
+    h.run(&["run", "--", "sh", "-c", resume]).assert_code(0);
+    let second: serde_json::Value =
+        serde_json::from_slice(&h.object("jobs/slurm-42/attempts/2/manifest.json").unwrap())
+            .unwrap();
+    let paths: Vec<&str> = second["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["artifacts/a", "artifacts/b"]);
+    assert_eq!(
+        std::fs::read_to_string(h.path("artifacts/b")).unwrap(),
+        "resumed\n"
+    );
+    // The same attempt again, or another job, would take these files for its own.
+    let same = h.run(&["run", "--", "true"]);
+    same.assert_code(2);
+    assert!(
+        same.stderr.contains("attempt 2 of job `slurm-42`"),
+        "{}",
+        same.stderr
+    );
+    set_env(&mut h, "SLURM_JOB_ID", "43");
+    set_env(&mut h, "SLURM_RESTART_COUNT", "2");
+    let other = h.run(&["run", "--", "true"]);
+    other.assert_code(2);
+    assert!(other.stderr.contains("`slurm-42`"), "{}", other.stderr);
+    // A marker that is not one (a symlink to a real one, or junk) says nothing: refused.
+    let marker = h.path(".c3-agent-job");
+    let elsewhere = h.path("marker-elsewhere");
+    std::fs::write(&elsewhere, r#"{"job_id":"slurm-43","attempt":1}"#).unwrap();
+    std::fs::remove_file(&marker).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &marker).unwrap();
+    h.run(&["run", "--", "true"]).assert_code(2);
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::write(&marker, "x".repeat(5000)).unwrap();
+    let junk = h.run(&["run", "--", "true"]);
+    junk.assert_code(2);
+    assert!(
+        junk.stderr.contains("files from an earlier run"),
+        "{}",
+        junk.stderr
+    );
+    // Written over a symlink, the marker replaces it and leaves its target alone.
+    std::fs::remove_file(&marker).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &marker).unwrap();
+    std::fs::remove_dir_all(h.path("artifacts")).unwrap();
+    h.run(&["run", "--", "true"]).assert_code(0);
+    assert!(!marker.is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(&elsewhere).unwrap(),
+        r#"{"job_id":"slurm-43","attempt":1}"#
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
+    assert_eq!(written, json!({"job_id": "slurm-43", "attempt": 3}));
 }
 
 #[test]
