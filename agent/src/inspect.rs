@@ -129,7 +129,9 @@ fn open_dest(dest: &Path) -> anyhow::Result<c3_runtime::confine::DirFd> {
 /// One attempt as this node recorded it.
 struct Attempt {
     n: u32,
-    record: RunRecord,
+    /// Why a record that is there could not be read (I/O, corrupt, a newer agent's): the
+    /// attempt is listed all the same, never hidden.
+    record: Result<RunRecord, String>,
     progress: Option<ProgressRecord>,
 }
 
@@ -141,7 +143,12 @@ fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
         .flatten()
         .filter_map(|e| {
             let n: u32 = e.file_name().to_str()?.parse().ok()?;
-            let record = ctx.state.read_record(&e.path().join("run.json")).ok()?;
+            let path = e.path().join("run.json");
+            std::fs::symlink_metadata(&path).ok()?;
+            let record = ctx
+                .state
+                .read_record(&path)
+                .map_err(|e| c3_runtime::display::error_chain(&e));
             let progress = std::fs::read(e.path().join("progress.json"))
                 .ok()
                 .and_then(|b| ProgressRecord::from_json(&b).ok());
@@ -173,12 +180,13 @@ fn agent_alive(record: &RunRecord) -> bool {
 
 fn job_json(ctx: &AgentContext, job_id: &str, all: &[Attempt]) -> serde_json::Value {
     let last = all.last();
-    let r = last.map(|a| &a.record);
+    let r = last.and_then(|a| a.record.as_ref().ok());
     let p = last.and_then(|a| a.progress.as_ref());
     serde_json::json!({
         "job_id": job_id,
         "attempts": all.iter().map(|a| a.n).collect::<Vec<_>>(),
         "attempt": last.map(|a| a.n),
+        "record_unreadable": last.and_then(|a| a.record.as_ref().err()),
         "phase": r.map(|r| r.phase.as_str()),
         "agent_running": r.is_some_and(agent_alive),
         "state": r.and_then(|r| r.state).map(|s| s.as_str()),
@@ -212,6 +220,9 @@ fn job_line(v: &serde_json::Value) -> String {
     );
     if let Some(reason) = v["reason"].as_str() {
         line.push_str(&format!(" {reason}"));
+    }
+    if let Some(why) = v["record_unreadable"].as_str() {
+        line.push_str(&format!("  record unreadable: {why}"));
     }
     if let (Some(f), Some(b)) = (v["files_synced"].as_u64(), v["bytes_synced"].as_u64()) {
         line.push_str(&format!(

@@ -147,6 +147,15 @@ pub enum RunError {
         phase: &'static str,
         next: &'static str,
     },
+    /// The attempt's earlier run record is there but could not be read (an I/O error): run
+    /// over it, the earlier job's processes were never stopped and its `seq` was lost.
+    #[error("job {job_id} attempt {attempt}: its earlier run record cannot be read; nothing was started")]
+    EarlierRecord {
+        job_id: String,
+        attempt: u32,
+        #[source]
+        source: crate::statedir::StateError,
+    },
 }
 
 impl RunError {
@@ -158,9 +167,8 @@ impl RunError {
             RunError::Lock(crate::statedir::LockError::Held { .. }) => {
                 crate::outcome::ExitCode::Usage
             }
-            RunError::Lock(crate::statedir::LockError::State(_)) => {
-                crate::outcome::ExitCode::AgentOrDataset
-            }
+            RunError::Lock(crate::statedir::LockError::State(_))
+            | RunError::EarlierRecord { .. } => crate::outcome::ExitCode::AgentOrDataset,
             RunError::AlreadyRan { .. } => crate::outcome::ExitCode::Usage,
         }
     }
@@ -194,6 +202,54 @@ const RESULT_READ_WAIT: Duration = Duration::from_secs(10);
 /// How far a later agent's `seq` starts past the one its attempt's record saved
 /// ([`Run::from_record`]).
 const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
+
+/// Where `seq` starts when the attempt's earlier record was set aside unread: past anything
+/// its agent can have sent, which the control plane would otherwise take the new statuses
+/// for duplicates of.
+pub(crate) const SEQ_AFTER_UNREADABLE_RECORD: u64 = 1_000_000;
+
+/// The attempt's earlier run record, as far as it could be read.
+pub(crate) enum Earlier {
+    None,
+    Record(Box<RunRecord>),
+    /// It did not parse (corrupt, or a newer agent's): set aside, what it said unknown.
+    SetAside,
+}
+
+/// Reads the attempt's earlier run record, if one is there (the attempt's lock held). One
+/// that does not parse is set aside ([`crate::statedir::StateDir::set_aside`]); one that
+/// cannot be read (an I/O error, likely transient) is an error, the record left as it is.
+pub(crate) async fn read_earlier_record(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: u32,
+) -> Result<Earlier, crate::statedir::StateError> {
+    let path = ctx.state.run_record_path(job_id, attempt);
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(Earlier::None);
+    }
+    let state = ctx.state.clone();
+    let read = tokio::task::spawn_blocking(move || match state.read_record(&path) {
+        Ok(record) => Ok(Earlier::Record(Box::new(record))),
+        Err(e @ crate::statedir::StateError::Corrupt { .. }) => {
+            let aside = state.set_aside(&path)?;
+            tracing::error!(
+                error = %error_chain(&e),
+                set_aside = %aside.display(),
+                "the attempt's earlier run record does not parse (corrupt, or written by a newer agent); set aside, the run goes on without what it said"
+            );
+            Ok(Earlier::SetAside)
+        }
+        Err(e) => Err(e),
+    })
+    .await;
+    read.unwrap_or_else(|_| {
+        Err(crate::statedir::StateError::Read {
+            path: ctx.state.run_record_path(job_id, attempt),
+            source: std::io::Error::other("the record's read panicked"),
+        })
+    })
+}
 
 /// Runs one attempt of `spec` to its end. Cancelling `cancel` is `systemctl stop`.
 /// `Err` only when another agent already runs this attempt (nothing was touched).
@@ -268,18 +324,20 @@ async fn take_over_earlier_run(
     ctx: &AgentContext,
     spec: &JobSpec,
 ) -> Result<Option<u64>, RunError> {
-    let path = ctx.state.run_record_path(&spec.job_id, spec.attempt);
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let state = ctx.state.clone();
-    let record = match tokio::task::spawn_blocking(move || state.read_record(&path)).await {
-        Ok(Ok(record)) => record,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %error_chain(&e), "the attempt's earlier run record cannot be read; replaced");
-            return Ok(None);
+    let record = match read_earlier_record(ctx, &spec.job_id, spec.attempt).await {
+        Ok(Earlier::Record(record)) => record,
+        Ok(Earlier::None) => return Ok(None),
+        Ok(Earlier::SetAside) => {
+            stop_unrecorded_run(ctx, spec).await;
+            return Ok(Some(SEQ_AFTER_UNREADABLE_RECORD));
         }
-        Err(_) => return Ok(None),
+        Err(source) => {
+            return Err(RunError::EarlierRecord {
+                job_id: spec.job_id.clone(),
+                attempt: spec.attempt,
+                source,
+            })
+        }
     };
     let launched = record.pgid.is_some()
         || record.leader.is_some()
@@ -322,6 +380,31 @@ async fn take_over_earlier_run(
         }
     }
     Ok(Some(record.seq))
+}
+
+/// Stops what an earlier run of the attempt whose record was set aside may have left, as
+/// for an agent that died mid-launch: by the job's marks alone (no leader, no cgroup known),
+/// among everything started since boot (its agent's start is unknown too). The attempt's
+/// lock says no live agent runs the attempt: a marked process is the earlier copy's, which
+/// would keep the GPU and write the same workdir.
+async fn stop_unrecorded_run(ctx: &AgentContext, spec: &JobSpec) {
+    let mut record = fresh_record(ctx, spec.clone());
+    record.launching = true;
+    record.agent = Some((0, 0));
+    if let Some(user) = spec.user.as_deref() {
+        let Ok(user) = RunAs::lookup(user) else {
+            // Its processes cannot be told: never signalled.
+            tracing::warn!("the job's user is unknown on this node: the earlier run's processes, if any, are not stopped");
+            return;
+        };
+        record.job_user = Some(c3_proto::JobUser {
+            uid: user.uid,
+            gids: user.groups,
+        });
+    }
+    if crate::recover::stop_survivors(ctx, &record).await {
+        tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
+    }
 }
 
 /// When the agent was first asked to stop (a signal): set once, by whoever turns the signal

@@ -25,7 +25,7 @@ use c3_proto::{JobSpec, JobUser, Phase};
 use crate::collector::CollectorHandle;
 use crate::confine::DirFd;
 use crate::context::AgentContext;
-use crate::job::{fresh_record, JobSummary, Run};
+use crate::job::{fresh_record, Earlier, JobSummary, Run};
 use crate::jobproc::JobProcesses;
 use crate::outcome::JobEnd;
 use crate::statedir::AttemptLock;
@@ -199,10 +199,15 @@ async fn watch_attempt(
     }
     let lock = AttemptLock::acquire_patiently(&ctx.state, &plan.job_id, plan.attempt).await?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
-    let earlier = ctx
-        .state
-        .read_record(&ctx.state.run_record_path(&plan.job_id, plan.attempt))
-        .ok();
+    // A record that cannot be read now (I/O) stops the watch, the record kept: watched over
+    // it, `seq` began again below what the earlier sidecar sent. One that does not parse is
+    // set aside and `seq` starts past anything it can have sent.
+    let (earlier, set_aside) =
+        match crate::job::read_earlier_record(ctx, &plan.job_id, plan.attempt).await? {
+            Earlier::Record(record) => (Some(*record), false),
+            Earlier::None => (None, false),
+            Earlier::SetAside => (None, true),
+        };
     if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {
         let exit = crate::outcome::recorded_exit(done).code();
         tracing::info!(job_id = %plan.job_id, attempt = plan.attempt, exit_code = exit,
@@ -238,6 +243,9 @@ async fn watch_attempt(
         record.watched_leader = leader.clone();
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
+        if set_aside {
+            record.seq = crate::job::SEQ_AFTER_UNREADABLE_RECORD;
+        }
         if let Some(earlier) = &earlier {
             // A restarted sidecar takes the attempt over: statuses go on from its seq, and
             // what it learnt of the job's end (an OOM kill) stands.

@@ -347,6 +347,29 @@ impl StateDir {
         })
     }
 
+    /// Moves a run record that does not parse out of the way (`run.json.bad`, or
+    /// `run.json.bad-<nanos>` beside an earlier one), for an operator or a newer agent: a
+    /// record written over in its place loses what the earlier run was (its leader, its
+    /// `seq`), and one left in place stops every later run of the attempt.
+    pub fn set_aside(&self, path: &Path) -> Result<PathBuf, StateError> {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".bad");
+        let mut aside = PathBuf::from(aside);
+        if std::fs::symlink_metadata(&aside).is_ok() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let mut later = aside.into_os_string();
+            later.push(format!("-{nanos}"));
+            aside = later.into();
+        }
+        std::fs::rename(path, &aside).map_err(|source| StateError::Write {
+            path: aside.clone(),
+            source,
+        })?;
+        Ok(aside)
+    }
+
     /// Every run record, oldest job first.
     pub fn all_records(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();

@@ -251,3 +251,71 @@ fn a_second_run_of_an_attempt_that_ran_here_is_refused_by_its_record() {
     assert_eq!(statuses(&h), before, "no status after the first run's");
     assert!(h.object("jobs/again/attempts/1/manifest.json").is_none());
 }
+
+/// The dead agent's record of the attempt does not parse (cut short here; a newer agent's
+/// enum variant after a rollback reads the same) and the scheduler starts the attempt again.
+/// The rerun wrote a fresh record over it: the earlier job (`sleep 300`) was never stopped,
+/// and `seq` began at 0 again, below the statuses the dead agent sent (dropped by the
+/// control plane as duplicates). The record is set aside, the job found by its marks, and
+/// `seq` goes on past anything the dead agent can have sent.
+#[test]
+fn a_rerun_over_a_record_that_does_not_parse_stops_the_earlier_job_and_goes_past_its_seq() {
+    let fault = if nix::unistd::geteuid().is_root() {
+        "crash-after-spawn"
+    } else {
+        "crash-after-spawn-without-cgroup"
+    };
+    let mut h = Harness::file().with_control_plane(5);
+    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
+    let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
+    let run = h.run_job(json!({"job_id": "cut", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let pid = crate::support::job_pid(&h, "cut");
+    assert!(alive(pid), "the job outlived its agent");
+    h.env.clear();
+    let path = h.state.join("jobs/cut/attempts/1/run.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record["phase"] = json!("running");
+    record["seq"] = json!(40);
+    let mut bytes = serde_json::to_vec(&record).unwrap();
+    let whole = bytes.clone();
+    bytes.pop();
+    std::fs::write(&path, &bytes).unwrap();
+    let before = statuses(&h).len();
+    let rerun = h.run_job(json!({"job_id": "cut", "command": ["true"]}));
+    rerun.assert_code(0);
+    let after = statuses(&h)[before..].to_vec();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|(_, seq)| *seq > 40),
+        "a status at or below the dead agent's seq: {after:?}"
+    );
+    wait_for(
+        "the earlier job to be stopped",
+        Duration::from_secs(5),
+        || (!alive(pid)).then_some(()),
+    );
+    let aside = std::fs::read(h.state.join("jobs/cut/attempts/1/run.json.bad"))
+        .expect("the record is set aside");
+    assert_eq!(aside, whole[..whole.len() - 1], "set aside as it was");
+    assert!(rerun.stderr.contains("run.json.bad"), "{}", rerun.stderr);
+}
+
+/// A run record that cannot be read at all (here a directory in its place: EISDIR, as an
+/// I/O error reads) is never run over: the run is refused as the node's fault (retryable
+/// elsewhere), nothing posted, the record's place left as it was.
+#[test]
+fn a_rerun_over_a_record_that_cannot_be_read_is_refused_as_the_nodes_fault() {
+    let h = Harness::file().with_control_plane(5);
+    let path = h.state.join("jobs/eio/attempts/1/run.json");
+    std::fs::create_dir_all(&path).unwrap();
+    let run = h.run_job(json!({"job_id": "eio", "command": ["true"]}));
+    run.assert_code(6);
+    assert!(
+        run.stderr.contains("earlier run record cannot be read"),
+        "{}",
+        run.stderr
+    );
+    assert!(statuses(&h).is_empty(), "{:?}", statuses(&h));
+    assert!(path.is_dir());
+}
