@@ -229,35 +229,54 @@ fn unfinished_record(
     (record.phase != Phase::Done || left).then_some(record)
 }
 
+/// What the attempt's own manifest in the store says it stored, as far as this agent can tell.
+enum Listed {
+    /// Its manifest (`None`: there is none, or one cut short that lists nothing usable).
+    Before(Option<c3_proto::Manifest>),
+    /// A manifest this agent cannot take in (a newer agent's version, over this config's
+    /// `store.max_manifest_bytes`, an entry it refuses) but which may well be fine: logged,
+    /// the attempt left alone this pass for an operator or a newer agent.
+    NotThisAgents,
+}
+
 /// The attempt's own manifest in this store (in progress or complete): what it lists is what
 /// its dead agent (or an earlier finish) stored. Finished from an empty book, the seal would
 /// replace that manifest with one of what the final scan finds now (nothing, with the
 /// workdir gone or refused), and `gc` would take the rest. `Err` only for a fault that may
-/// pass; an unreadable manifest (or a store that refuses reads) is replaced, as before.
+/// pass. Only a manifest that is not JSON at all (cut short) is replaced, or one a store
+/// refuses to read: one this agent merely cannot take in is no reason to list less than it.
 async fn listed_before(
     ctx: &AgentContext,
     record: &RunRecord,
-) -> Result<Option<c3_proto::Manifest>, crate::store::StoreError> {
+) -> Result<Listed, crate::store::StoreError> {
     let key = crate::store::attempt_manifest_key(&record.spec.job_id, record.spec.attempt);
+    let not_this_agents = |reason: String| {
+        tracing::error!(key = %key, reason = %reason, "the attempt's manifest in the store is not one this agent can take in; the attempt is left alone (a newer agent, or a config with a higher store.max_manifest_bytes, finishes it)");
+        Ok(Listed::NotThisAgents)
+    };
     match ctx
         .store
         .get_bytes_capped(&key, ctx.max_manifest_bytes)
         .await
     {
         Ok(bytes) => match c3_proto::Manifest::from_json(&bytes) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) => {
-                tracing::warn!(error = %e, "the attempt's manifest in the store cannot be read; replaced by what the final sync finds");
-                Ok(None)
+            Ok(m) => Ok(Listed::Before(Some(m))),
+            Err(e @ c3_proto::manifest::ManifestError::Syntax(_)) => {
+                tracing::warn!(error = %crate::error_chain(&e), "the attempt's manifest in the store is not valid JSON; replaced by what the final sync finds");
+                Ok(Listed::Before(None))
             }
+            Err(e) => not_this_agents(crate::error_chain(&e)),
         },
         Err(crate::store::StoreError::Op {
             source: object_store::Error::NotFound { .. },
             ..
-        }) => Ok(None),
+        }) => Ok(Listed::Before(None)),
+        Err(e @ crate::store::StoreError::TooLarge { .. }) => {
+            not_this_agents(crate::error_chain(&e))
+        }
         Err(e) if e.is_permanent() => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; replaced by what the final sync finds");
-            Ok(None)
+            Ok(Listed::Before(None))
         }
         Err(e) => Err(e),
     }
@@ -551,7 +570,8 @@ async fn recover_record(
         () = halted => None,
     };
     let listed = match listed {
-        Some(Ok(earlier)) => Some(earlier),
+        Some(Ok(Listed::Before(earlier))) => Some(earlier),
+        Some(Ok(Listed::NotThisAgents)) => return None,
         Some(Err(e)) => {
             let _entered = span.enter();
             tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");

@@ -758,3 +758,46 @@ fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
     h.run(&["gc", "--older-than", "1"]).assert_code(0);
     assert!(blob.exists(), "gc deleted a blob the job had stored");
 }
+
+/// As above, but the attempt's manifest is a newer agent's (version 2; this node was rolled
+/// back): taken for unreadable, it was replaced by a complete one listing nothing (the
+/// workdir gone), and `gc` then deleted every blob only it named. It is left as it is, the
+/// attempt left for a newer agent, with an error naming the key.
+#[test]
+fn recover_leaves_a_manifest_it_cannot_take_in_as_it_is() {
+    let h = Harness::file();
+    let work = h.path("w");
+    let spec = h.spec(
+        json!({"job_id": "newer", "workdir": work.display().to_string(),
+        "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}),
+    );
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let own_key = "jobs/newer/attempts/1/manifest.json";
+    let listed = wait_for(
+        "live sync to list the file",
+        Duration::from_secs(30),
+        || {
+            h.object(own_key)
+                .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
+        },
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    std::fs::remove_dir_all(&work).unwrap();
+    let mut newer: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    newer["version"] = json!(2);
+    let newer = serde_json::to_vec(&newer).unwrap();
+    h.tamper(own_key, &newer);
+    let run = h.run(&["recover"]);
+    assert_eq!(
+        h.object(own_key).unwrap(),
+        newer,
+        "the manifest was replaced\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(own_key) && run.stderr.contains("version 2"),
+        "{}",
+        run.stderr
+    );
+}
