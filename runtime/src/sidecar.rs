@@ -156,12 +156,18 @@ async fn watch_attempt(
     let (parent, names) = plan.layout().map_err(WatchError::Usage)?;
     // The first look, at once: what it finds was there before this watch began.
     let mut done_reader = DoneReader::start(plan.done_file.as_deref(), begun);
-    let leader = match plan.pid {
-        Some(pid) => Some(
-            crate::procfs::identity(pid)
-                .ok_or_else(|| WatchError::Usage(format!("--pid {pid}: no such process")))?,
-        ),
-        None => None,
+    // A pid already gone is a job that ended before its sidecar came up (a short job, a
+    // sidecar OOM-killed and restarted after the trainer ended): its files are still the
+    // job's, so it is watched and finished, never refused before anything is stored.
+    let (mut leader, mut gone) = match plan.pid {
+        Some(pid) if pid <= 0 => {
+            return Err(WatchError::Usage(format!("--pid {pid}: not a process id")))
+        }
+        Some(pid) => match crate::procfs::identity(pid) {
+            Some(id) => (Some(id), None),
+            None => (None, Some(pid)),
+        },
+        None => (None, None),
     };
     let (job_user, parent_pin) = {
         let (p, n) = (parent.clone(), names.clone());
@@ -214,6 +220,13 @@ async fn watch_attempt(
             "this attempt was finished by an earlier agent; nothing to do");
         return Ok(Watched::AlreadyFinished(exit));
     }
+    // The leader an earlier agent watched, its pid now another process's: the job ended.
+    let recorded = earlier.as_ref().and_then(|r| r.watched_leader.as_ref());
+    if let (Some(now), Some(was)) = (&leader, recorded) {
+        if now.pid == was.pid && now != was {
+            (leader, gone) = (None, Some(now.pid));
+        }
+    }
     let span = tracing::info_span!("job", job_id = %plan.job_id, attempt = plan.attempt);
     async move {
         let started = std::time::Instant::now();
@@ -229,8 +242,9 @@ async fn watch_attempt(
             user: None,
             datasets: Vec::new(),
         };
-        // A sidecar taking an attempt over honours any done file (written while none watched).
-        if attempt_known {
+        // A sidecar taking an attempt over honours any done file (written while none watched),
+        // as does one whose job ended before it began.
+        if attempt_known || gone.is_some() {
             done_reader.honour_any();
         }
         let mut record = fresh_record(ctx, spec);
@@ -288,8 +302,10 @@ async fn watch_attempt(
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
-        let Ended { end, message, oom } =
-            wait_for_end(&plan, leader.as_ref(), &procs, cancel, done_reader).await;
+        let Ended { end, message, oom } = match gone {
+            Some(pid) => ended_before(&plan, pid, done_reader).await,
+            None => wait_for_end(&plan, leader.as_ref(), &procs, cancel, done_reader).await,
+        };
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -471,14 +487,8 @@ async fn wait_for_end(
                         .await
                         .is_ok());
                 left_behind(procs, cancel).await;
-                if let Some(done) = &plan.done_file {
-                    // Its wrapper may still be writing the done file.
-                    for _ in 0..10 {
-                        if let Look::Said(said) = done_reader.look(done).await {
-                            return said.end().into();
-                        }
-                        tokio::time::sleep(POLL).await;
-                    }
+                if let Some(said) = done_after_end(plan, &mut done_reader).await {
+                    return said.into();
                 }
                 // Not our child, so no exit status: the kernel's log still tells an OOM kill.
                 let life = crate::kernlog::Lifetime {
@@ -548,6 +558,50 @@ async fn wait_for_end(
             return (JobEnd::Canceled, Some("canceled".into())).into();
         }
     }
+}
+
+/// What the done file says once the job's main process ended, looked at for a few seconds:
+/// its wrapper may still be writing it.
+async fn done_after_end(
+    plan: &WatchPlan,
+    done_reader: &mut DoneReader,
+) -> Option<(JobEnd, Option<String>)> {
+    let done = plan.done_file.as_deref()?;
+    for _ in 0..10 {
+        if let Look::Said(said) = done_reader.look(done).await {
+            return Some(said.end());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    None
+}
+
+/// The end of a job whose main process (`--pid`) had ended before the watch began: as that
+/// process ending under watch, save the OOM look (no start time to bound the kernel log's
+/// search by) and a stop (the job's end came first, whatever stopped the agent).
+async fn ended_before(plan: &WatchPlan, pid: i32, mut done_reader: DoneReader) -> Ended {
+    if let Some(said) = done_after_end(plan, &mut done_reader).await {
+        tracing::warn!(
+            pid,
+            "the job's main process had ended before the watch began"
+        );
+        return said.into();
+    }
+    if plan.done_file.is_some() {
+        tracing::warn!(
+            pid,
+            "the job's main process had ended before the watch began, and wrote no done file"
+        );
+        return killed().into();
+    }
+    tracing::warn!(pid, "the job's main process had ended before the watch began; its exit code is unknown, reported as SUCCEEDED (give --done-file to know it)");
+    (
+        JobEnd::Exited(0),
+        Some(format!(
+            "process {pid} had ended before the watch began; its exit code is unknown to the agent (write it to --done-file)"
+        )),
+    )
+        .into()
 }
 
 /// How long the watched processes get to be gone before FINALIZING says whether the GPU is

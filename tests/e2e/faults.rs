@@ -628,7 +628,7 @@ fn run_within(h: &Harness, spec: serde_json::Value, limit: Duration) -> crate::s
 
 /// `child` (a `c3-agent run`) waited for, given `limit` from now to exit (killed past it,
 /// and the test fails).
-fn exited_within(
+pub(crate) fn exited_within(
     h: &Harness,
     mut child: std::process::Child,
     limit: Duration,

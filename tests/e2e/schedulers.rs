@@ -717,6 +717,133 @@ fn watch_ends_when_the_watched_process_exits() {
     );
 }
 
+/// A pid that had ended before the watch began (a short job, a sidecar restarted after the
+/// trainer ended) was "no such process", exit 2, before anything was stored or reported: the
+/// job's files were never listed. It is the job's end now.
+#[test]
+fn watch_of_a_pid_already_gone_stores_the_jobs_files() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/f"), "x").unwrap();
+    let pid = dead_pid();
+    let out = shared.join("out").display().to_string();
+    let run = h.run(&["watch", "--job-id", "gone", "--pid", &pid, &out]);
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("gone"), vec!["out/f"]);
+    let term = h.terminal("gone");
+    assert!(
+        term["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("had ended before the watch began"),
+        "{term}"
+    );
+    assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
+    let run = h.run(&["watch", "--job-id", "nopid", "--pid", "0", &out]);
+    run.assert_code(2);
+}
+
+/// A done file the job's wrapper wrote before the watch began is its word when the job's
+/// main process was gone by then: the job ended first.
+#[test]
+fn watch_of_a_pid_already_gone_honours_the_done_file() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/f"), "x").unwrap();
+    let done = shared.join("done");
+    std::fs::write(&done, "3\n").unwrap();
+    // Older than the margin a fresh done file is allowed: only the gone pid makes it count.
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = dead_pid();
+    let (out, done) = (
+        shared.join("out").display().to_string(),
+        done.display().to_string(),
+    );
+    let run = h.run(&[
+        "watch",
+        "--job-id",
+        "gone3",
+        "--pid",
+        &pid,
+        "--done-file",
+        &done,
+        &out,
+    ]);
+    run.assert_code(1);
+    let term = h.terminal("gone3");
+    assert_eq!(
+        (term["state"].as_str(), term["reason"].as_str()),
+        (Some("FAILED"), Some("SCRIPT_ERROR")),
+        "{term}"
+    );
+    assert_eq!(term["exit_code"], 3);
+    assert_eq!(h.manifest_paths("gone3"), vec!["out/f"]);
+}
+
+/// A sidecar killed while its trainer ran, and restarted after the trainer ended (same
+/// `--pid`, now gone), takes the attempt over and finishes it: it exited 2 and left the
+/// attempt RUNNING, its files unlisted.
+#[test]
+fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let out = shared.join("out");
+    let first = watch(&h, "sidere", &["--pid", &pid], &[&out]);
+    running_watch(&h, "sidere");
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    t.kill().unwrap();
+    t.wait().unwrap();
+    let run = h.wait(
+        "watch again".into(),
+        watch(&h, "sidere", &["--pid", &pid], &[&out]),
+    );
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("sidere"), vec!["out/f"]);
+    assert_eq!(states(&h).last().map(String::as_str), Some("SUCCEEDED"));
+}
+
+/// As above, the leader's pid since taken by another process (here: the record's leader
+/// made another start time): the restarted sidecar watched that stranger as the job (here
+/// for its whole minute).
+#[test]
+fn a_sidecar_restarted_after_its_pid_was_reused_finishes_the_attempt() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let out = shared.join("out");
+    let first = watch(&h, "sidereuse", &["--pid", &pid], &[&out]);
+    let rec = running_watch(&h, "sidereuse");
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    let ticks = &mut record["watched_leader"]["start_ticks"];
+    *ticks = json!(ticks.as_u64().expect("a recorded leader") - 1);
+    std::fs::write(&rec, record.to_string()).unwrap();
+    let again = watch(&h, "sidereuse", &["--pid", &pid], &[&out]);
+    let run = crate::faults::exited_within(&h, again, Duration::from_secs(30));
+    t.kill().unwrap();
+    t.wait().unwrap();
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("sidereuse"), vec!["out/f"]);
+}
+
+/// The pid of a process that ended and was reaped.
+fn dead_pid() -> String {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid.to_string()
+}
+
 /// A watch of an attempt another run stored (a pod retried with the same `--attempt`, a
 /// second sidecar on another node: nothing of it in this node's state dir) replaced that
 /// run's manifest with its own. It is refused, as `run` refuses one, naming the next attempt.
