@@ -14,6 +14,7 @@ mod filesystems;
 mod input;
 mod lifecycle;
 mod live;
+mod log_reference;
 mod logs;
 mod lying_store;
 mod names;
