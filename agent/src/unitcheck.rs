@@ -13,8 +13,14 @@ fn own_unit() -> Option<String> {
     if c3_runtime::fault::armed("unitcheck-in-a-unit") {
         return Some("c3-agent@test.service".into());
     }
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    unit_of(&std::fs::read_to_string("/proc/self/cgroup").ok()?)
+}
+
+/// The unit of a `/proc/<pid>/cgroup`: the last `.service` of the unified (`0::`) path, for
+/// the agent may sit in a leaf below its unit's cgroup (`.../c3-agent@j.service/c3-agent`).
+/// Without a unified line (a pure cgroup-v1 host) there is no answer and the check is skipped.
+fn unit_of(cgroup_text: &str) -> Option<String> {
+    let path = cgroup_text.lines().find_map(|l| l.strip_prefix("0::"))?;
     path.split('/')
         .rev()
         .find(|c| c.ends_with(".service"))
@@ -109,5 +115,33 @@ mod tests {
         assert_eq!(parse_timespan("300ms"), Some(Duration::from_millis(300)));
         assert_eq!(parse_timespan("infinity"), None);
         assert_eq!(parse_timespan("soon"), None);
+    }
+
+    #[test]
+    fn the_unit_comes_from_the_unified_cgroup_line() {
+        assert_eq!(
+            unit_of("0::/system.slice/system-c3\\x2dagent.slice/c3-agent@j1.service\n").as_deref(),
+            Some("c3-agent@j1.service")
+        );
+        // A leaf below the unit's cgroup (processes may not sit in an inner node with children).
+        assert_eq!(
+            unit_of("0::/system.slice/c3-agent@j.service/c3-agent\n").as_deref(),
+            Some("c3-agent@j.service")
+        );
+        // Hybrid: v1 controllers name other paths; only the unified line counts.
+        let hybrid = "12:memory:/system.slice/other.service\n\
+                      1:name=systemd:/system.slice/other.service\n\
+                      0::/system.slice/c3-agent@h.service\n";
+        assert_eq!(unit_of(hybrid).as_deref(), Some("c3-agent@h.service"));
+        assert_eq!(
+            unit_of("1:name=systemd:/system.slice/c3-agent@v1.service\n"),
+            None
+        );
+        assert_eq!(
+            unit_of("0::/user.slice/user-0.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(unit_of("0::/\n"), None);
+        assert_eq!(unit_of(""), None);
     }
 }
