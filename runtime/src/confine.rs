@@ -1391,7 +1391,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("f")).unwrap();
         let (named, mut file) = d.create_unnamed_temp(".x-").unwrap();
         if named.is_some() {
-            eprintln!("skipped: no O_TMPFILE on this file system");
+            crate::testskip::skip("no O_TMPFILE on this file system");
             return;
         }
         file.write_all(b"abc").unwrap();

@@ -59,6 +59,9 @@ pub mod store;
 pub mod storehttp;
 pub mod supervise;
 pub mod sync;
+#[cfg(test)]
+#[path = "../../tests/skip.rs"]
+mod testskip;
 pub mod treewalk;
 pub mod upload;
 pub mod watch;

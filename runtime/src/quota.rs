@@ -235,7 +235,7 @@ pub(crate) mod tests {
         pub(crate) fn mount(image: &std::path::Path, dir: &std::path::Path) -> Option<QuotaExt4> {
             use std::process::Command;
             if !nix::unistd::geteuid().is_root() {
-                eprintln!("skipped: mounting ext4 needs root");
+                crate::testskip::skip("mounting ext4 needs root");
                 return None;
             }
             let ok = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
@@ -248,7 +248,7 @@ pub(crate) mod tests {
                     .args(["-q", "-O", "quota", "-E", "quotatype=usrquota"])
                     .arg(image))
             {
-                eprintln!("skipped: no mkfs.ext4 with quotas here");
+                crate::testskip::skip("no mkfs.ext4 with quotas here");
                 return None;
             }
             if !ok(Command::new("mount")
@@ -256,7 +256,9 @@ pub(crate) mod tests {
                 .arg(image)
                 .arg(dir))
             {
-                eprintln!("skipped: cannot loop-mount an ext4 with quotas here (a kernel without CONFIG_QFMT_V2?)");
+                crate::testskip::skip(
+                    "cannot loop-mount an ext4 with quotas here (a kernel without CONFIG_QFMT_V2?)",
+                );
                 return None;
             }
             Some(QuotaExt4(dir.to_path_buf()))

@@ -1243,7 +1243,7 @@ mod tests {
     #[test]
     fn a_trash_entry_without_records_goes_as_its_workdirs_owner_could() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let f = Fixture::new();
@@ -1314,7 +1314,7 @@ mod tests {
     #[test]
     fn what_the_jobs_user_could_not_remove_stays() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let f = Fixture::new();
@@ -1350,7 +1350,7 @@ mod tests {
     #[test]
     fn a_roots_directory_the_jobs_user_moved_in_stays() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let f = Fixture::new();

@@ -964,7 +964,7 @@ pub(crate) mod tests {
     #[test]
     fn what_stays_of_a_directory_moved_up_leaves_the_prefix() {
         if !is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -995,7 +995,7 @@ pub(crate) mod tests {
     #[test]
     fn a_directory_swapped_in_as_it_is_moved_up_is_not_emptied() {
         if !is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -1137,7 +1137,7 @@ pub(crate) mod tests {
         /// devices.
         fn mount(image: &Path, at: &Path) -> Option<Btrfs> {
             if !is_root() {
-                eprintln!("skipped: mounting btrfs needs root");
+                crate::testskip::skip("mounting btrfs needs root");
                 return None;
             }
             std::fs::create_dir_all(at).unwrap();
@@ -1161,7 +1161,7 @@ pub(crate) mod tests {
                     .arg(image)
                     .arg(at))
             {
-                eprintln!("skipped: cannot make and loop-mount a btrfs here");
+                crate::testskip::skip("cannot make and loop-mount a btrfs here");
                 return None;
             }
             Some(Btrfs(at.to_path_buf()))
@@ -1183,7 +1183,7 @@ pub(crate) mod tests {
     #[test]
     fn only_what_the_jobs_user_could_remove_goes() {
         if !is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -1239,7 +1239,7 @@ pub(crate) mod tests {
     #[test]
     fn roots_directory_inside_the_jobs_is_not_the_agents() {
         if !is_root() {
-            eprintln!("skipped: needs root (chown)");
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -1326,7 +1326,7 @@ pub(crate) mod tests {
                 .status()
                 .is_ok_and(|s| s.success());
             if !mounted {
-                eprintln!("skipped: cannot mount a tmpfs here");
+                crate::testskip::skip("cannot mount a tmpfs here");
                 return None;
             }
             Some(Tmpfs(at.to_path_buf()))

@@ -1232,7 +1232,7 @@ mod tests {
     fn a_done_file_its_directorys_owner_may_not_read_is_not_read() {
         use std::os::unix::fs::PermissionsExt;
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+            crate::testskip::skip("needs root");
             return;
         }
         let said = |p: &Path| read_done_file(p).ok().flatten().map(|(said, _)| said);

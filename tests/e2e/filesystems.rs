@@ -15,7 +15,7 @@ struct Btrfs(PathBuf);
 impl Btrfs {
     fn mount(image: &Path, dir: &Path) -> Option<Btrfs> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: mounting btrfs needs root");
+            crate::support::skip("mounting btrfs needs root");
             return None;
         }
         std::fs::create_dir_all(dir).ok()?;
@@ -23,7 +23,7 @@ impl Btrfs {
         if !ok(Command::new("truncate").args(["-s", "256M"]).arg(image))
             || !ok(Command::new(mkfs_btrfs()).arg("-q").arg(image))
         {
-            eprintln!("skipped: no mkfs.btrfs here");
+            crate::support::skip("no mkfs.btrfs here");
             return None;
         }
         if !ok(Command::new("mount")
@@ -31,7 +31,7 @@ impl Btrfs {
             .arg(image)
             .arg(dir))
         {
-            eprintln!("skipped: cannot loop-mount here");
+            crate::support::skip("cannot loop-mount here");
             return None;
         }
         Some(Btrfs(dir.to_path_buf()))

@@ -333,7 +333,7 @@ fn gc_fails_when_retention_leaves_something_behind() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here");
+        crate::support::skip("cannot mount a tmpfs here");
         return;
     }
     let _unmount = Unmount(point.clone());

@@ -352,7 +352,7 @@ impl Drop for MemoryCgroup {
 fn run_in_memory_cgroup(job: &str, script: &str) -> Option<(Harness, Run)> {
     let name = format!("c3-e2e-{job}-{}", std::process::id());
     let Some(cg) = MemoryCgroup::create(&name, "40M") else {
-        eprintln!("skipped: no writable v1 memory cgroup here");
+        crate::support::skip("no writable v1 memory cgroup here");
         return None;
     };
     let h = Harness::file().with_control_plane(10);
@@ -1337,7 +1337,7 @@ fn systemd_hears_ready_and_status_and_the_job_never_gets_the_socket() {
 #[test]
 fn the_systemd_unit_verifies_clean() {
     let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("skipped: no systemd-analyze here");
+        crate::support::skip("no systemd-analyze here");
         return;
     };
     assert!(version.status.success());
@@ -1459,7 +1459,7 @@ fn recover_removes_empty_job_cgroups_that_dead_agents_left() {
     let dead = base.join(format!("c3-leaked-1-{}", 4_194_300));
     let live = base.join(format!("c3-busy-1-{}", std::process::id()));
     if std::fs::create_dir(&dead).is_err() {
-        eprintln!("skipped: cannot create a cgroup in {}", base.display());
+        crate::support::skip(&format!("cannot create a cgroup in {}", base.display()));
         return;
     }
     std::fs::create_dir(&live).unwrap();
@@ -1535,7 +1535,7 @@ fn watch_never_follows_a_swapped_parent_into_another_tenants_tree() {
 fn watch_pid_of_a_trainer_the_oom_killer_ended_is_out_of_memory() {
     let name = format!("c3-e2e-sideoom-{}", std::process::id());
     let Some(cg) = MemoryCgroup::create(&name, "40M") else {
-        eprintln!("skipped: no writable v1 memory cgroup here");
+        crate::support::skip("no writable v1 memory cgroup here");
         return;
     };
     let h = Harness::file().with_control_plane(10);

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "../skip.rs"]
+mod skip;
+pub use skip::skip;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_c3-agent");
 /// Upper bound for any one agent run in a test.
 const RUN_LIMIT: Duration = Duration::from_secs(120);

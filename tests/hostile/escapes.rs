@@ -33,7 +33,7 @@ fn assert_dead(pid: i32, what: &str) {
 
 #[test]
 fn cancel_kills_a_process_that_left_the_jobs_session() {
-    if not_root("cancel_kills_a_process_that_left_the_jobs_session") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -52,7 +52,7 @@ fn cancel_kills_a_process_that_left_the_jobs_session() {
 
 #[test]
 fn timeout_kills_a_process_that_left_the_jobs_session() {
-    if not_root("timeout_kills_a_process_that_left_the_jobs_session") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -70,7 +70,7 @@ fn timeout_kills_a_process_that_left_the_jobs_session() {
 
 #[test]
 fn job_exit_kills_a_process_that_left_the_jobs_session() {
-    if not_root("job_exit_kills_a_process_that_left_the_jobs_session") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -91,7 +91,7 @@ fn job_exit_kills_a_process_that_left_the_jobs_session() {
 
 #[test]
 fn a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written() {
-    if not_root("a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -131,7 +131,7 @@ fn a_file_held_open_by_a_setsid_writer_is_not_uploaded_half_written() {
 /// own word (or freezing the job first) decides, not a snapshot.
 #[test]
 fn a_fork_hopping_process_does_not_outlive_its_job() {
-    if not_root("a_fork_hopping_process_does_not_outlive_its_job") {
+    if not_root() {
         return;
     }
     fork_hopper_is_stopped(open_harness(), "0.01");
@@ -142,7 +142,7 @@ fn a_fork_hopping_process_does_not_outlive_its_job() {
 /// round after round, never caught it; the cgroup is frozen first now.
 #[test]
 fn a_fork_hopping_process_is_stopped_without_cgroup_kill() {
-    if not_root("a_fork_hopping_process_is_stopped_without_cgroup_kill") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();

@@ -10,7 +10,7 @@ use crate::support::{wait_for, Harness};
 
 #[test]
 fn a_second_agent_for_a_running_job_is_refused_naming_the_first() {
-    if not_root("a_second_agent_for_a_running_job_is_refused_naming_the_first") {
+    if not_root() {
         return;
     }
     let h = Harness::file();

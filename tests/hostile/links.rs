@@ -9,7 +9,7 @@ use crate::common::{not_root, open_harness, spawn_job, wait_within};
 
 #[test]
 fn a_file_with_hundreds_of_hard_links_is_read_once() {
-    if not_root("a_file_with_hundreds_of_hard_links_is_read_once") {
+    if not_root() {
         return;
     }
     let h = open_harness();

@@ -72,11 +72,11 @@ mod common {
     }
 
     /// True (and says so) when the test cannot run: it needs root to switch users.
-    pub fn not_root(test: &str) -> bool {
+    pub fn not_root() -> bool {
         if nix::unistd::geteuid().is_root() {
             return false;
         }
-        println!("{test}: skipped, needs root (the agent switches to the job user)");
+        crate::support::skip("needs root (the agent switches to the job user)");
         true
     }
 

@@ -43,7 +43,7 @@ impl Drop for SilentFuse {
 
 #[test]
 fn a_fuse_mount_that_never_answers_is_not_looked_into() {
-    if not_root("a_fuse_mount_that_never_answers_is_not_looked_into") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -89,7 +89,7 @@ fn a_fuse_mount_that_never_answers_is_not_looked_into() {
 /// could have mounted below one (a tmpfs here) is walked like the rest.
 #[test]
 fn an_output_dir_that_is_a_fuse_mount_is_not_looked_into() {
-    if not_root("an_output_dir_that_is_a_fuse_mount_is_not_looked_into") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -135,7 +135,7 @@ fn an_output_dir_that_is_a_fuse_mount_is_not_looked_into() {
 /// reaches the mount's server, and live sync goes on.
 #[test]
 fn a_publish_through_a_fuse_mount_is_refused() {
-    if not_root("a_publish_through_a_fuse_mount_is_refused") {
+    if not_root() {
         return;
     }
     let h = Harness::file();

@@ -8,7 +8,7 @@ use crate::support::chmod;
 
 #[test]
 fn workdir_outside_jobs_root_is_a_spec_error() {
-    if not_root("workdir_outside_jobs_root_is_a_spec_error") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -40,7 +40,7 @@ impl Drop for RemoveOnDrop {
 
 #[test]
 fn absolute_dataset_mount_outside_the_workdir_is_a_spec_error() {
-    if not_root("absolute_dataset_mount_outside_the_workdir_is_a_spec_error") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -78,7 +78,7 @@ fn absolute_dataset_mount_outside_the_workdir_is_a_spec_error() {
 
 #[test]
 fn existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected() {
-    if not_root("existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -123,7 +123,7 @@ fn existing_workdir_is_not_reowned_and_unreadable_files_are_not_collected() {
 /// one that a root `recover` acts on. Only the job's own default workdir is allowed there.
 #[test]
 fn a_workdir_among_the_agents_run_records_is_a_spec_error() {
-    if not_root("a_workdir_among_the_agents_run_records_is_a_spec_error") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -156,7 +156,7 @@ fn a_workdir_among_the_agents_run_records_is_a_spec_error() {
 /// root; a root-owned spec in a sticky dir others write (`/tmp`) and behind root's symlink runs.
 #[test]
 fn a_spec_path_a_job_could_write_is_refused() {
-    if not_root("a_spec_path_a_job_could_write_is_refused") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -217,7 +217,7 @@ fn a_spec_path_a_job_could_write_is_refused() {
 /// job's workdir named after an id to come) must not supply the spec a later job starts with.
 #[test]
 fn a_spec_in_a_directory_a_job_owns_is_refused() {
-    if not_root("a_spec_in_a_directory_a_job_owns_is_refused") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -258,7 +258,7 @@ fn a_spec_in_a_directory_a_job_owns_is_refused() {
 /// write is used; a root-owned one a scheduler made, and the job's own on a retry, still are.
 #[test]
 fn another_users_workdir_is_refused() {
-    if not_root("another_users_workdir_is_refused") {
+    if not_root() {
         return;
     }
     use std::os::unix::fs::chown;
@@ -349,7 +349,7 @@ fn another_users_workdir_is_refused() {
 /// user's and private: another tenant cannot read the job's artifacts or result.
 #[test]
 fn the_dirs_the_agent_makes_for_a_user_job_are_private() {
-    if not_root("the_dirs_the_agent_makes_for_a_user_job_are_private") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -378,7 +378,7 @@ fn the_dirs_the_agent_makes_for_a_user_job_are_private() {
 /// wherever it now lies in that parent, not whatever the path names now.
 #[test]
 fn a_workdir_renamed_in_a_shared_dir_is_still_the_jobs() {
-    if not_root("a_workdir_renamed_in_a_shared_dir_is_still_the_jobs") {
+    if not_root() {
         return;
     }
     use std::time::Duration;

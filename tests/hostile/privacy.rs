@@ -29,7 +29,7 @@ fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn state_dir_records_logs_workdir_and_store_are_private() {
-    if not_root("state_dir_records_logs_workdir_and_store_are_private") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -108,7 +108,7 @@ fn root_locked_dir(h: &crate::support::Harness, job: &str) -> std::path::PathBuf
 /// an output dir): `publish` refuses it as the scan skips it, and it is never stored.
 #[test]
 fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
-    if not_root("publish_refuses_a_file_behind_a_directory_the_job_cannot_enter") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -137,7 +137,7 @@ fn publish_refuses_a_file_behind_a_directory_the_job_cannot_enter() {
 /// root's 0700 `locked/`: live sync then read root's `locked/secret` as `mine/secret`.
 #[test]
 fn a_directory_swapped_in_after_its_check_keeps_its_file() {
-    if not_root("a_directory_swapped_in_after_its_check_keeps_its_file") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -225,7 +225,7 @@ fn a_token_file_every_user_may_read_is_named_at_each_run() {
 /// A local listener stands for the endpoint; the store itself is unusable here.
 #[test]
 fn a_metadata_endpoint_the_jobs_user_reaches_is_named() {
-    if not_root("a_metadata_endpoint_the_jobs_user_reaches_is_named") {
+    if not_root() {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -274,7 +274,7 @@ fn a_metadata_endpoint_the_jobs_user_reaches_is_named() {
 #[test]
 fn the_agents_session_keyring_is_not_the_jobs() {
     use std::os::unix::process::CommandExt;
-    if not_root("the_agents_session_keyring_is_not_the_jobs") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -347,7 +347,7 @@ with open(os.environ["C3_ARTIFACTS_DIR"] + "/key", "wb") as f:
 /// `/tmp/torchinductor_root` across tenants). The spec's `env` still wins, `HOME` included.
 #[test]
 fn a_user_job_gets_its_users_identity_not_the_agents() {
-    if not_root("a_user_job_gets_its_users_identity_not_the_agents") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -388,7 +388,7 @@ fn a_user_job_gets_its_users_identity_not_the_agents() {
 /// `$C3_ARTIFACTS_DIR` by absolute path. What is missing above them is made 0711.
 #[test]
 fn missing_parents_of_the_roots_are_made_traversable() {
-    if not_root("missing_parents_of_the_roots_are_made_traversable") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();

@@ -11,7 +11,7 @@ use crate::support::{sha256_hex, Harness};
 
 #[test]
 fn pull_stops_at_the_manifest_size_of_an_oversized_blob() {
-    if not_root("pull_stops_at_the_manifest_size_of_an_oversized_blob") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -69,7 +69,7 @@ fn pull_stops_at_the_manifest_size_of_an_oversized_blob() {
 
 #[test]
 fn ls_refuses_a_manifest_past_max_manifest_bytes() {
-    if not_root("ls_refuses_a_manifest_past_max_manifest_bytes") {
+    if not_root() {
         return;
     }
     let mut h = Harness::file();
@@ -187,7 +187,7 @@ impl Tmpfs {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("skipped: cannot mount a tmpfs here");
+            crate::support::skip("cannot mount a tmpfs here");
         }
         ok.then(|| Tmpfs(dir.to_path_buf()))
     }
@@ -208,7 +208,7 @@ impl Drop for Tmpfs {
 /// manifest of 256 MiB), the agent's state dir on it included.
 #[test]
 fn the_directories_a_manifest_asks_for_count_against_the_room() {
-    if not_root("the_directories_a_manifest_asks_for_count_against_the_room") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -241,7 +241,7 @@ fn the_directories_a_manifest_asks_for_count_against_the_room() {
 /// file, so a dataset of over half the free space failed on every attempt after the first.
 #[test]
 fn files_already_in_place_need_no_room_again() {
-    if not_root("files_already_in_place_need_no_room_again") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -306,7 +306,7 @@ fn logs_of_a_manifest_of_another_job_are_refused() {
 /// same way on every attempt, each leaving another copy).
 #[test]
 fn a_directory_where_a_dataset_file_goes_is_the_jobs_doing() {
-    if not_root("a_directory_where_a_dataset_file_goes_is_the_jobs_doing") {
+    if not_root() {
         return;
     }
     let h = Harness::file();
@@ -338,7 +338,7 @@ fn a_directory_where_a_dataset_file_goes_is_the_jobs_doing() {
 /// as the job's doing, not retried.
 #[test]
 fn a_symlink_or_file_where_a_dataset_is_mounted_is_the_jobs_doing() {
-    if not_root("a_symlink_or_file_where_a_dataset_is_mounted_is_the_jobs_doing") {
+    if not_root() {
         return;
     }
     let h = Harness::file();

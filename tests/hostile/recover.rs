@@ -22,7 +22,7 @@ fn stat_field(pid: i32, n: usize) -> Option<String> {
 
 #[test]
 fn recover_does_not_kill_a_process_that_reused_a_recorded_pgid() {
-    if not_root("recover_does_not_kill_a_process_that_reused_a_recorded_pgid") {
+    if not_root() {
         return;
     }
     // The stranger: a session leader the agent never started.
@@ -183,7 +183,7 @@ fn left_for_recover(h: &Harness, job: &str) -> (PathBuf, KillOnDrop) {
 /// refuse it.
 #[test]
 fn recover_never_follows_a_swapped_parent_of_the_workdir_into_another_tenants_tree() {
-    if not_root("recover_never_follows_a_swapped_parent_of_the_workdir_into_another_tenants_tree") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -198,7 +198,7 @@ fn recover_never_follows_a_swapped_parent_of_the_workdir_into_another_tenants_tr
 /// elsewhere): not the one the run record pinned, so refused as well.
 #[test]
 fn recover_refuses_a_workdir_that_is_not_the_pinned_one() {
-    if not_root("recover_refuses_a_workdir_that_is_not_the_pinned_one") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -225,7 +225,7 @@ fn recover_refuses_a_workdir_that_is_not_the_pinned_one() {
 /// The same through a sidecar (`watch`) whose parent dir lies in the job's scratch tree.
 #[test]
 fn recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree() {
-    if not_root("recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -268,7 +268,7 @@ fn recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree
 /// GPU.
 #[test]
 fn recover_stops_the_group_a_gone_leader_left_running() {
-    if not_root("recover_stops_the_group_a_gone_leader_left_running") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -314,7 +314,7 @@ fn recover_stops_the_group_a_gone_leader_left_running() {
 /// GPU free while the daemon, still carrying the job's marks, went on running.
 #[test]
 fn recover_stops_a_job_process_that_left_for_a_session_of_its_own() {
-    if not_root("recover_stops_a_job_process_that_left_for_a_session_of_its_own") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -387,7 +387,7 @@ fn wait_for_or_none(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// process is unproven: not signalled, counted as a survivor, and `recover` moves on.
 #[test]
 fn recover_moves_on_past_a_job_process_whose_environment_hangs() {
-    if not_root("recover_moves_on_past_a_job_process_whose_environment_hangs") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();

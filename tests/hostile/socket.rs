@@ -9,7 +9,7 @@ use crate::common::{not_root, open_harness, spawn_job, wait_within};
 
 #[test]
 fn a_job_connecting_in_a_loop_gets_a_bounded_rate_and_can_still_publish() {
-    if not_root("a_job_connecting_in_a_loop_gets_a_bounded_rate_and_can_still_publish") {
+    if not_root() {
         return;
     }
     let h = open_harness();

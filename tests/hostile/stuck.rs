@@ -172,7 +172,7 @@ fn mount_point(h: &Harness, name: &str) -> PathBuf {
 /// with the record still running. Now all of it keeps to the stop deadline: CANCELED.
 #[test]
 fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
-    if not_root("a_stop_keeps_its_deadline_when_a_process_survives_sigkill") {
+    if not_root() {
         return;
     }
     let mut h = open_harness();
@@ -226,7 +226,7 @@ fn a_stop_keeps_its_deadline_when_a_process_survives_sigkill() {
 /// user, made during the job too, is left alone.
 #[test]
 fn a_job_users_fuse_connection_is_aborted_when_its_processes_survive_sigkill() {
-    if not_root("a_job_users_fuse_connection_is_aborted_when_its_processes_survive_sigkill") {
+    if not_root() {
         return;
     }
     if !fusectl() {

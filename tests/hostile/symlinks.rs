@@ -37,7 +37,7 @@ fn assert_untouched(victim: &Path, before: &[String]) {
 
 #[test]
 fn dataset_mount_that_is_a_planted_dir_symlink_is_refused() {
-    if not_root("dataset_mount_that_is_a_planted_dir_symlink_is_refused") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -60,7 +60,7 @@ fn dataset_mount_that_is_a_planted_dir_symlink_is_refused() {
 
 #[test]
 fn dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed() {
-    if not_root("dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -98,7 +98,7 @@ fn dataset_file_that_is_a_planted_file_symlink_is_replaced_not_followed() {
 /// Refused, it failed every later attempt as the node's error, retryable, for ever.
 #[test]
 fn output_dir_that_is_a_planted_symlink_is_moved_aside() {
-    if not_root("output_dir_that_is_a_planted_symlink_is_moved_aside") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -149,7 +149,7 @@ fn output_dir_that_is_a_planted_symlink_is_moved_aside() {
 /// to a big disk) is not moved out of the way: refused by name, as before.
 #[test]
 fn an_output_dir_symlink_not_the_jobs_is_left_and_refused() {
-    if not_root("an_output_dir_symlink_not_the_jobs_is_left_and_refused") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -173,7 +173,7 @@ fn an_output_dir_symlink_not_the_jobs_is_left_and_refused() {
 
 #[test]
 fn planted_dot_c3_symlink_is_replaced_and_its_target_kept() {
-    if not_root("planted_dot_c3_symlink_is_replaced_and_its_target_kept") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -206,7 +206,7 @@ fn planted_dot_c3_symlink_is_replaced_and_its_target_kept() {
 /// launch (the agent's unlink met EISDIR) and ended AGENT_ERROR.
 #[test]
 fn a_directory_at_the_result_path_does_not_fail_the_next_attempt() {
-    if not_root("a_directory_at_the_result_path_does_not_fail_the_next_attempt") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -228,7 +228,7 @@ fn a_directory_at_the_result_path_does_not_fail_the_next_attempt() {
 
 #[test]
 fn pull_refuses_a_destination_symlink_to_a_victim_dir() {
-    if not_root("pull_refuses_a_destination_symlink_to_a_victim_dir") {
+    if not_root() {
         return;
     }
     let h = open_harness();
@@ -262,7 +262,7 @@ fn pull_refuses_a_destination_symlink_to_a_victim_dir() {
 /// followed; a DEST made fresh in the job's directory is still fine.
 #[test]
 fn pull_follows_no_link_a_job_planted_above_its_destination() {
-    if not_root("pull_follows_no_link_a_job_planted_above_its_destination") {
+    if not_root() {
         return;
     }
     let h = open_harness();
