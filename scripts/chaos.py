@@ -203,6 +203,7 @@ class Listener:
         self.port = None
         self.requests = 0
         self.faults = {k: 0 for k in FAULT_KINDS}
+        self.expected = {k: 0.0 for k in FAULT_KINDS}  # draws each kind should have had (see draw)
         self.echoes = 0  # requests answered as an earlier fault left things: an expired upload, a throttled key
         self.upstream_errors = 0
         self.expired = set()  # upload ids answered NoSuchUpload: every later request naming one is too
@@ -241,6 +242,10 @@ class Listener:
             if now >= window[1]:
                 del self.throttled[req.path]
         kinds = [k for k in (FAULT_KINDS if self.kind not in FAULT_KINDS else [self.kind]) if self.fits(k, req)]
+        # What each kind should have drawn: the gate fails a kind that drew none where this says
+        # it could not plausibly miss (the injection silently broken makes every job pass).
+        for k in kinds:
+            self.expected[k] += self.rate / len(kinds)
         if not kinds or self.rng.random() >= self.rate:
             return None
         kind = self.rng.choice(kinds)
@@ -1367,6 +1372,36 @@ def gate(bench):
             why.append(f"at {rate}%: {ok}/{len(rs)} jobs OK ({100.0 * ok / len(rs):.1f}%, needs {100 * floor:.1f}%)")
     if len(res) < bench.args.jobs:
         why.append(f"only {len(res)} of {bench.args.jobs} jobs ran")
+    why += injection_gaps(bench.listeners, res)
+    return why
+
+
+# Expected draws under which a kind that drew none fails the gate (Poisson: P(0) = e^-10 < 5e-5).
+PLAUSIBLE_FAULTS = 10
+# Kill jobs under which none killed after launch and recovered fails the gate.
+PLAUSIBLE_KILLS = 10
+
+
+def injection_gaps(listeners, res):
+    """Reasons the faults the run was to test were not injected: a run that injected nothing, or
+    a kind that drew none where that is implausible, or kill jobs none of which was killed after
+    launch and recovered, passes every other check while testing nothing."""
+    why = []
+    agent = [l for (_, _, side), l in listeners.items() if side == "agent"]
+    expected = sum(sum(l.expected.values()) for l in agent)
+    if expected >= PLAUSIBLE_FAULTS and sum(sum(l.faults.values()) for l in agent) == 0:
+        why.append(f"no fault was injected (about {expected:.0f} expected)")
+    for (kind, rate, side), l in sorted(listeners.items()):
+        if side != "agent":
+            continue
+        for k, e in sorted(l.expected.items()):
+            if e >= PLAUSIBLE_FAULTS and l.faults[k] == 0:
+                why.append(f"{kind} at {rate}%: no {k} fault injected (about {e:.0f} expected)")
+    # A kill job may finish before its kill or be killed before launch: with few of them (3 in the
+    # quick run) none killed mid-run is plausible, so only a run with enough of them is gated.
+    kills = [r for r in res if r["kind"] == "kill"]
+    if len(kills) >= PLAUSIBLE_KILLS and not any(r["killed"] and r["verdict"] == "recovered" for r in kills):
+        why.append(f"none of the {len(kills)} kill job(s) was killed after launch and recovered")
     return why
 
 
