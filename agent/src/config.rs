@@ -949,7 +949,10 @@ impl ControlPlaneSettings {
     /// Reads the bearer token; its absence is a configuration error.
     pub fn resolve(&self) -> Result<(ControlPlaneConfig, Option<String>), String> {
         // Empty: no token (a node whose control plane takes none sets the unit's variable so).
-        let file = self.token_file.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let file = self
+            .token_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty());
         let token = match file {
             None => None,
             Some(path) => match std::fs::read_to_string(path) {
@@ -1686,10 +1689,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        let both = e("[store]\nretry_deadline_secs = 30\n[store.options]\nretry_deadline_secs = 60\n");
+        let both =
+            e("[store]\nretry_deadline_secs = 30\n[store.options]\nretry_deadline_secs = 60\n");
         assert!(both.contains("keep one"), "{both}");
         let text = e("[store.options]\nretry_deadline_secs = \"60\"\n");
-        assert!(text.contains("`store.options.retry_deadline_secs`"), "{text}");
+        assert!(
+            text.contains("`store.options.retry_deadline_secs`"),
+            "{text}"
+        );
     }
 
     /// A value of the wrong type names its key, not only its line.

@@ -225,8 +225,11 @@ pub(crate) async fn read_earlier_record(
     attempt: u32,
 ) -> Result<Earlier, crate::statedir::StateError> {
     let path = ctx.state.run_record_path(job_id, attempt);
-    if std::fs::symlink_metadata(&path).is_err() {
-        return Ok(Earlier::None);
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Earlier::None),
+        // Not "no record" (a state dir's disk failing): the record may be there.
+        Err(source) => return Err(crate::statedir::StateError::Read { path, source }),
     }
     let state = ctx.state.clone();
     let read = tokio::task::spawn_blocking(move || match state.read_record(&path) {

@@ -184,7 +184,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         KnownBlobs::open(dir.path(), "s3://b/x").insert(&[1; 32]);
         let known = dir.path().join("known-blobs");
-        let record = std::fs::read_dir(&known).unwrap().next().unwrap().unwrap().path();
+        let record = std::fs::read_dir(&known)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         assert_eq!((mode(&known), mode(&record)), (0o700, 0o600));
         // As an older agent left them.
         std::fs::set_permissions(&known, std::fs::Permissions::from_mode(0o755)).unwrap();

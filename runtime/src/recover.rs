@@ -261,7 +261,15 @@ async fn listed_before(
     {
         Ok(bytes) => match c3_proto::Manifest::from_json(&bytes) {
             Ok(m) => Ok(Listed::Before(Some(m))),
-            Err(e @ c3_proto::manifest::ManifestError::Syntax(_)) => {
+            // Only bytes that are not JSON at all (cut short, garbled): valid JSON of
+            // another shape (a field of another type, a result past its bound) may be a
+            // newer agent's, whose blobs gc would take once it is replaced.
+            Err(e @ c3_proto::manifest::ManifestError::Syntax(ref json))
+                if matches!(
+                    json.classify(),
+                    serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+                ) =>
+            {
                 tracing::warn!(error = %crate::error_chain(&e), "the attempt's manifest in the store is not valid JSON; replaced by what the final sync finds");
                 Ok(Listed::Before(None))
             }
