@@ -396,11 +396,12 @@ async fn local_log(
             return Ok(());
         }
         let _ = std::io::stdout().flush();
-        // Until the attempt is done (its agent wrote the last line before it said so).
+        // Until the attempt is done (its agent wrote the last line before it said so). A
+        // record that cannot be read names no agent that writes on: followed for ever.
         let done = ctx
             .state
             .read_record(&record)
-            .is_ok_and(|r| r.phase == Phase::Done || !agent_alive(&r));
+            .map_or(true, |r| r.phase == Phase::Done || !agent_alive(&r));
         if done {
             let pos = file.stream_position()?;
             if file.metadata()?.len() <= pos {

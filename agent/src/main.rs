@@ -765,7 +765,9 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // marker naming the run whose files ./artifacts holds.
     if let (true, Some(workdir)) = (quick, &spec.workdir) {
         if let Err(e) = workmark::record(Path::new(workdir), &spec.job_id, spec.attempt) {
-            return usage(&e);
+            // The workdir's disk (full, failing), not the run's arguments: a scheduler may
+            // try it again, elsewhere.
+            return failure(&e, JobExit::AgentOrDataset.code());
         }
     }
     starting(env, &ctx);

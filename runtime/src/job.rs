@@ -203,17 +203,21 @@ const RESULT_READ_WAIT: Duration = Duration::from_secs(10);
 /// ([`Run::from_record`]).
 const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
 
-/// Where `seq` starts when the attempt's earlier record was set aside unread: past anything
-/// its agent can have sent, which the control plane would otherwise take the new statuses
-/// for duplicates of.
+/// Where `seq` starts when the attempt's earlier record was set aside unread, per record set
+/// aside so far: past anything its agent can have sent, which the control plane would
+/// otherwise take the new statuses for duplicates of (a second set-aside starts past the
+/// first one's run).
 pub(crate) const SEQ_AFTER_UNREADABLE_RECORD: u64 = 1_000_000;
 
 /// The attempt's earlier run record, as far as it could be read.
 pub(crate) enum Earlier {
     None,
     Record(Box<RunRecord>),
-    /// It did not parse (corrupt, or a newer agent's): set aside, what it said unknown.
-    SetAside,
+    /// It did not parse (corrupt, or a newer agent's): set aside, what it said unknown;
+    /// `seq` goes on from here.
+    SetAside {
+        seq: u64,
+    },
 }
 
 /// Reads the attempt's earlier run record, if one is there (the attempt's lock held). One
@@ -241,7 +245,16 @@ pub(crate) async fn read_earlier_record(
                 set_aside = %aside.display(),
                 "the attempt's earlier run record does not parse (corrupt, or written by a newer agent); set aside, the run goes on without what it said"
             );
-            Ok(Earlier::SetAside)
+            // Each set-aside record's run went on from its own floor: the next one starts
+            // past all of them.
+            let set_aside = aside.parent().and_then(|d| std::fs::read_dir(d).ok()).map_or(1, |d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("run.json.bad"))
+                    .count() as u64
+            });
+            Ok(Earlier::SetAside {
+                seq: SEQ_AFTER_UNREADABLE_RECORD.saturating_mul(set_aside.max(1)),
+            })
         }
         Err(e) => Err(e),
     })
@@ -330,9 +343,9 @@ async fn take_over_earlier_run(
     let record = match read_earlier_record(ctx, &spec.job_id, spec.attempt).await {
         Ok(Earlier::Record(record)) => record,
         Ok(Earlier::None) => return Ok(None),
-        Ok(Earlier::SetAside) => {
+        Ok(Earlier::SetAside { seq }) => {
             stop_unrecorded_run(ctx, spec).await;
-            return Ok(Some(SEQ_AFTER_UNREADABLE_RECORD));
+            return Ok(Some(seq));
         }
         Err(source) => {
             return Err(RunError::EarlierRecord {

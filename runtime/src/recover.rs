@@ -264,12 +264,7 @@ async fn listed_before(
             // Only bytes that are not JSON at all (cut short, garbled): valid JSON of
             // another shape (a field of another type, a result past its bound) may be a
             // newer agent's, whose blobs gc would take once it is replaced.
-            Err(e @ c3_proto::manifest::ManifestError::Syntax(ref json))
-                if matches!(
-                    json.classify(),
-                    serde_json::error::Category::Syntax | serde_json::error::Category::Eof
-                ) =>
-            {
+            Err(e) if not_json(&e) => {
                 tracing::warn!(error = %crate::error_chain(&e), "the attempt's manifest in the store is not valid JSON; replaced by what the final sync finds");
                 Ok(Listed::Before(None))
             }
@@ -288,6 +283,13 @@ async fn listed_before(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether a manifest that did not parse is not JSON at all (not merely another shape).
+fn not_json(e: &c3_proto::manifest::ManifestError) -> bool {
+    use serde_json::error::Category;
+    matches!(e, c3_proto::manifest::ManifestError::Syntax(json)
+        if matches!(json.classify(), Category::Syntax | Category::Eof))
 }
 
 /// The first attempt of `record`'s job after it whose record names the same workdir.
@@ -608,6 +610,17 @@ async fn recover_record(
 
 #[cfg(test)]
 mod tests {
+
+    /// Only a manifest that is not JSON at all is replaced by recover's seal: valid JSON this
+    /// agent cannot take in (another shape: a newer agent's) is left for one that can.
+    #[test]
+    fn only_a_manifest_that_is_not_json_is_taken_for_unreadable() {
+        let err = |b: &[u8]| c3_proto::Manifest::from_json(b).unwrap_err();
+        assert!(not_json(&err(b"{\"version\":1,\"files\":[")));
+        assert!(not_json(&err(b"\x00garbage")));
+        assert!(!not_json(&err(br#"{"version":1,"files":null}"#)));
+        assert!(!not_json(&err(br#"{"version":2,"files":[]}"#)));
+    }
     use super::*;
     use crate::outcome::{decide, note_end};
 

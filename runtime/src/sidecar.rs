@@ -158,7 +158,8 @@ async fn watch_attempt(
     let mut done_reader = DoneReader::start(plan.done_file.as_deref(), begun);
     // A pid already gone is a job that ended before its sidecar came up (a short job, a
     // sidecar OOM-killed and restarted after the trainer ended): its files are still the
-    // job's, so it is watched and finished, never refused before anything is stored.
+    // job's, so it is watched and finished, never refused before anything is stored, where
+    // that end is proven (below).
     let (mut leader, mut gone) = match plan.pid {
         Some(pid) if pid <= 0 => {
             return Err(WatchError::Usage(format!("--pid {pid}: not a process id")))
@@ -183,6 +184,22 @@ async fn watch_attempt(
     };
     // Made by an earlier agent for this attempt (it may have died before its first record).
     let attempt_known = ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
+    // A pid not found at the attempt's first watch proves no end by itself: a pid of another
+    // pid namespace (no shareProcessNamespace), one /proc hides (hidepid), a typo. Finished
+    // as SUCCEEDED, the trainer still running there, its later files were never stored. So
+    // only a done file already written, or an earlier watch of this attempt (a restart), says
+    // the job ended; otherwise nothing is watched, as before.
+    if let Some(pid) = gone {
+        let said = plan
+            .done_file
+            .as_deref()
+            .is_some_and(|f| std::fs::symlink_metadata(f).is_ok());
+        if !attempt_known && !said {
+            return Err(WatchError::Usage(format!(
+                "--pid {pid}: no such process here (it ended, lives in another pid namespace, or /proc hides it); nothing watched: a job that may end before its sidecar starts writes --done-file, which is then honoured"
+            )));
+        }
+    }
     // The attempt's first start on this node (a restarted sidecar takes it over) never
     // replaces a manifest another run of it stored: a pod retried with the same `--attempt`,
     // a second sidecar on another node. Looked at after the clock and the pid were read: the
@@ -210,10 +227,24 @@ async fn watch_attempt(
     // set aside and `seq` starts past anything it can have sent.
     let (earlier, set_aside) =
         match crate::job::read_earlier_record(ctx, &plan.job_id, plan.attempt).await? {
-            Earlier::Record(record) => (Some(*record), false),
-            Earlier::None => (None, false),
-            Earlier::SetAside => (None, true),
+            Earlier::Record(record) => (Some(*record), None),
+            Earlier::None => (None, None),
+            Earlier::SetAside { seq } => (None, Some(seq)),
         };
+    // What the set-aside record said is unknown, its attempt's end too: the store is asked as
+    // at a first start. A finished attempt watched again sent a second terminal status, past
+    // every seq the control plane had, and its manifest was replaced by what is there now.
+    if set_aside.is_some() && !unclaimed {
+        let asked = tokio::select! {
+            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => Some(ran),
+            () = cancel.cancelled() => None,
+        };
+        match asked {
+            Some(Some(problem)) => return Err(WatchError::Usage(problem)),
+            Some(None) => {}
+            None => unclaimed = true,
+        }
+    }
     if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {
         let exit = crate::outcome::recorded_exit(done).code();
         tracing::info!(job_id = %plan.job_id, attempt = plan.attempt, exit_code = exit,
@@ -248,6 +279,9 @@ async fn watch_attempt(
             done_reader.honour_any();
         }
         let mut record = fresh_record(ctx, spec);
+        if let Some(seq) = set_aside {
+            record.seq = seq;
+        }
         if unclaimed {
             return Ok(Watched::Finished(
                 stopped_unclaimed(ctx, record, lock, cancel, started).await,
@@ -257,9 +291,6 @@ async fn watch_attempt(
         record.watched_leader = leader.clone();
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
-        if set_aside {
-            record.seq = crate::job::SEQ_AFTER_UNREADABLE_RECORD;
-        }
         if let Some(earlier) = &earlier {
             // A restarted sidecar takes the attempt over: statuses go on from its seq, and
             // what it learnt of the job's end (an OOM kill) stands.
