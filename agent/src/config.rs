@@ -537,6 +537,14 @@ pub fn resolve(
             section.url = Some(v);
         }
         if let Some(v) = env("C3_AGENT_TOKEN_FILE") {
+            if let (true, Some(file)) = (v.is_empty(), &section.token_file) {
+                // Meant by a unit's drop-in for a control plane that takes no token: said,
+                // since the 401s it would cause otherwise come only later.
+                warnings.push(format!(
+                    "`control_plane.token_file` is {} in the config file, emptied by $C3_AGENT_TOKEN_FILE: no token is sent",
+                    file.display()
+                ));
+            }
             section.token_file = Some(PathBuf::from(v));
         }
     }
@@ -1481,6 +1489,19 @@ mod tests {
         .unwrap();
         let (_, token) = no_token.control_plane.unwrap().resolve().unwrap();
         assert_eq!(token, None);
+        // Emptying a token file the config file names is said.
+        let emptied = resolve(
+            None,
+            "[control_plane]\nurl = \"http://127.0.0.1:1/api\"\ntoken_file = \"/etc/t\"\n",
+            &env_of(&[("C3_AGENT_TOKEN_FILE", "")]),
+            PathBuf::from("/s"),
+        )
+        .unwrap();
+        assert!(
+            emptied.warnings.iter().any(|w| w.contains("no token is sent")),
+            "{:?}",
+            emptied.warnings
+        );
     }
 
     /// The unit's `C3_AGENT_STOP_DEADLINE_SECS=280` beats the file's 900: said, not silent.
