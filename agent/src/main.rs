@@ -11,6 +11,9 @@ mod out;
 mod publish;
 mod specpath;
 mod telemetry;
+#[cfg(test)]
+#[path = "../../tests/skip.rs"]
+mod testskip;
 mod unitcheck;
 mod workmark;
 

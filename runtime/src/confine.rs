@@ -1173,6 +1173,7 @@ mod tests {
         use std::sync::{mpsc, Arc};
         use std::time::Duration;
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (mount)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1188,6 +1189,7 @@ mod tests {
             .custom_flags(libc::O_NONBLOCK)
             .open("/dev/fuse")
         else {
+            crate::testskip::skip("no /dev/fuse here");
             return;
         };
         // As `fusermount` mounts for uid 65534: a file system a user made, on a file.

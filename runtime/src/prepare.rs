@@ -601,6 +601,7 @@ mod tests {
     fn a_job_of_the_store_squash_user_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let top = tempfile::tempdir().unwrap();

@@ -4012,6 +4012,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_file_store_through_roots_symlink_opens() {
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (a symlink in a directory only root may write)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -4046,6 +4047,7 @@ pub(crate) mod tests {
     async fn gc_and_the_agent_vet_a_file_store_alike() {
         use std::os::unix::fs::PermissionsExt;
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -4086,6 +4088,7 @@ pub(crate) mod tests {
     fn a_store_passes_as_roots_only_when_the_probe_says_its_owner() {
         use std::os::unix::fs::PermissionsExt;
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (chown)");
             return;
         }
         let top = tempfile::tempdir().unwrap();
@@ -4122,6 +4125,7 @@ pub(crate) mod tests {
     #[test]
     fn the_probe_finds_roots_files_are_roots() {
         if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (the probe makes a file as root)");
             return;
         }
         let top = tempfile::tempdir().unwrap();

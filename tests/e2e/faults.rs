@@ -243,7 +243,8 @@ fn a_store_outage_shorter_than_the_deadline_is_not_a_failure() {
 #[test]
 fn recover_stops_a_job_whose_agent_died_right_after_spawning_it() {
     if !nix::unistd::geteuid().is_root() {
-        return; // the job's cgroup needs root here
+        crate::support::skip("needs root (the job's cgroup)");
+        return;
     }
     let mut h = Harness::file();
     h.env
