@@ -80,7 +80,9 @@ sync exited 0 but some object differs or is missing.
 
 Exit status: 0 if there is no silent loss, no corrupt blob, no agent timeout, no process left
 behind, and OK jobs (SUCCEEDED, or recovered as defined above) are at least 99.5% of the jobs at
-the 5% and 20% fault rates and at least 95% at 40%; 1 otherwise; 2 on a setup error. With 50 jobs
+the 5% and 20% fault rates and at least 95% at 40%, and the faults were in fact tried (the
+proxy saw at least 5 requests a job, each kind drew a fault where about 10 draws were due, and
+with 10+ kill jobs one was killed mid-run and recovered); 1 otherwise; 2 on a setup error. With 50 jobs
 (about 17 a rate) this means any job that is not OK fails the run. aws-cli figures are never
 gated. Random draws use a fixed seed (--seed), so the fault sequence each listener draws is
 fixed; which request gets which draw still depends on timing.
@@ -204,6 +206,9 @@ class Listener:
         self.requests = 0
         self.faults = {k: 0 for k in FAULT_KINDS}
         self.expected = {k: 0.0 for k in FAULT_KINDS}  # draws each kind should have had (see draw)
+        # Draws, counting those not_applied takes back from `faults` (short200 on a 404): what
+        # `expected` bounds, as it counts every request a kind fits, whatever the answer.
+        self.drawn = {k: 0 for k in FAULT_KINDS}
         self.echoes = 0  # requests answered as an earlier fault left things: an expired upload, a throttled key
         self.upstream_errors = 0
         self.expired = set()  # upload ids answered NoSuchUpload: every later request naming one is too
@@ -249,6 +254,7 @@ class Listener:
         if not kinds or self.rng.random() >= self.rate:
             return None
         kind = self.rng.choice(kinds)
+        self.drawn[kind] += 1
         self.faults[kind] += 1
         if kind == "nosuchupload":
             self.expired.add(req.upload_id)
@@ -256,7 +262,8 @@ class Listener:
         return kind
 
     def not_applied(self, kind):
-        """A drawn fault the answer did not allow (short200 on a 404, badetag on a 412)."""
+        """A drawn fault the answer did not allow (short200 on a 404, badetag on a 412): not a
+        fault injected, still a draw (`drawn`)."""
         self.faults[kind] -= 1
 
 
@@ -1380,23 +1387,33 @@ def gate(bench):
 PLAUSIBLE_FAULTS = 10
 # Kill jobs under which none killed after launch and recovered fails the gate.
 PLAUSIBLE_KILLS = 10
+# Proxy requests per agent job under which the run fails: every job pulls its input and uploads
+# its outputs and manifest through the proxy, so an agent that went around it (another endpoint,
+# a config the proxy's port did not reach) made jobs pass that no fault could touch.
+MIN_REQUESTS_PER_JOB = 5
 
 
 def injection_gaps(listeners, res):
-    """Reasons the faults the run was to test were not injected: a run that injected nothing, or
-    a kind that drew none where that is implausible, or kill jobs none of which was killed after
-    launch and recovered, passes every other check while testing nothing."""
+    """Reasons the faults the run was to test were not injected: agents whose requests mostly
+    went around the proxy, a run that drew no fault, or a kind that drew none where that is
+    implausible, or kill jobs none of which was killed after launch and recovered, passes every
+    other check while testing nothing. Draws, not faults applied, are held to `expected`: a
+    fault the answer did not allow is a draw `expected` counted."""
     why = []
     agent = [l for (_, _, side), l in listeners.items() if side == "agent"]
+    seen = sum(l.requests for l in agent)
+    if res and seen < MIN_REQUESTS_PER_JOB * len(res):
+        why.append(f"the proxy saw {seen} request(s) from {len(res)} agent job(s), "
+                   f"fewer than {MIN_REQUESTS_PER_JOB} a job: the agents went around it")
     expected = sum(sum(l.expected.values()) for l in agent)
-    if expected >= PLAUSIBLE_FAULTS and sum(sum(l.faults.values()) for l in agent) == 0:
-        why.append(f"no fault was injected (about {expected:.0f} expected)")
+    if expected >= PLAUSIBLE_FAULTS and sum(sum(l.drawn.values()) for l in agent) == 0:
+        why.append(f"no fault was drawn (about {expected:.0f} expected)")
     for (kind, rate, side), l in sorted(listeners.items()):
         if side != "agent":
             continue
         for k, e in sorted(l.expected.items()):
-            if e >= PLAUSIBLE_FAULTS and l.faults[k] == 0:
-                why.append(f"{kind} at {rate}%: no {k} fault injected (about {e:.0f} expected)")
+            if e >= PLAUSIBLE_FAULTS and l.drawn[k] == 0:
+                why.append(f"{kind} at {rate}%: no {k} fault drawn (about {e:.0f} expected)")
     # A kill job may finish before its kill or be killed before launch: with few of them (3 in the
     # quick run) none killed mid-run is plausible, so only a run with enough of them is gated.
     kills = [r for r in res if r["kind"] == "kill"]
