@@ -796,6 +796,11 @@ fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
     running_watch(&h, "sidere");
     signal(first.id(), "KILL");
     let _ = h.wait("killed watch".into(), first);
+    // Killed before its echo ran (a loaded host), the trainer left no out/f and the manifest
+    // check failed for a reason that is not the test's.
+    wait_for("the trainer's out/f", Duration::from_secs(20), || {
+        (std::fs::read_to_string(out.join("f")).ok()? == "x\n").then_some(())
+    });
     t.kill().unwrap();
     t.wait().unwrap();
     let run = h.wait(
