@@ -1498,7 +1498,10 @@ mod tests {
         )
         .unwrap();
         assert!(
-            emptied.warnings.iter().any(|w| w.contains("no token is sent")),
+            emptied
+                .warnings
+                .iter()
+                .any(|w| w.contains("no token is sent")),
             "{:?}",
             emptied.warnings
         );
