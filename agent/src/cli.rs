@@ -142,7 +142,7 @@ pub struct WatchArgs {
     /// The job's attempt
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub attempt: u32,
-    /// Finish when this process (the job's main process) exits (at once if it already has, where a done file already written or an earlier watch of the attempt proves it); its descendants count as the job
+    /// Finish when this process (the job's main process) exits (at once if it already has when a restarted watch of the attempt starts; a first watch refuses a pid not found); its descendants count as the job
     #[arg(long, value_name = "PID")]
     pub pid: Option<i32>,
     /// Finish when this file appears: an integer in it is the job's exit code, `canceled` a cancel;

@@ -397,11 +397,12 @@ async fn local_log(
         }
         let _ = std::io::stdout().flush();
         // Until the attempt is done (its agent wrote the last line before it said so). A
-        // record that cannot be read names no agent that writes on: followed for ever.
-        let done = ctx
-            .state
-            .read_record(&record)
-            .map_or(true, |r| r.phase == Phase::Done || !agent_alive(&r));
+        // record that does not parse names no agent that writes on: followed for ever. One
+        // not read this time (a blip, a run's first record still to come) is looked at again.
+        let done = match ctx.state.read_record(&record) {
+            Ok(r) => r.phase == Phase::Done || !agent_alive(&r),
+            Err(e) => matches!(e, c3_runtime::statedir::StateError::Corrupt { .. }),
+        };
         if done {
             let pos = file.stream_position()?;
             if file.metadata()?.len() <= pos {

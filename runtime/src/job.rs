@@ -7,7 +7,7 @@
 //! and calls the same [`Run::finish`], so a crashed agent's job ends the same way. `Run`
 //! itself only keeps the run record (saved at each step, for `recover`) and wires the phases.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -177,14 +177,7 @@ impl RunError {
 /// A run never silently replaces an earlier run's manifest for the same job and attempt.
 /// A store that cannot answer now says nothing here (the preflight judges the store).
 pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
-    crate::fault::pause_for("slow-already-ran", Duration::from_secs(60)).await;
-    let key = crate::store::attempt_manifest_key(job_id, attempt);
-    let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
-    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
-        .await
-        .ok()?
-        .ok()?;
-    let complete = c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete);
+    let complete = stored_manifest(ctx, job_id, attempt).await?;
     let (id, n) = (job_id, attempt);
     Some(if complete {
         let next = n
@@ -194,6 +187,19 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     } else {
         format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
     })
+}
+
+/// Whether the store holds the attempt's manifest, and if so whether it is complete (`None`:
+/// none, or the store did not answer within the preflight's time).
+pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<bool> {
+    crate::fault::pause_for("slow-already-ran", Duration::from_secs(60)).await;
+    let key = crate::store::attempt_manifest_key(job_id, attempt);
+    let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
+    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
+        .await
+        .ok()?
+        .ok()?;
+    Some(c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete))
 }
 
 /// How long the job's result file (at most 64 KiB) may take to read.
@@ -220,6 +226,27 @@ pub(crate) enum Earlier {
     },
 }
 
+/// Where `seq` goes on after the records set aside beside `record` (0: none): each one's
+/// run went on from its own floor, so the next starts past all of them.
+fn set_aside_floor(record: &Path) -> Result<u64, crate::statedir::StateError> {
+    let dir = record.parent().unwrap_or(Path::new("."));
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(crate::statedir::StateError::Read {
+                path: dir.into(),
+                source,
+            })
+        }
+    };
+    let count = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("run.json.bad"))
+        .count() as u64;
+    Ok(SEQ_AFTER_UNREADABLE_RECORD.saturating_mul(count))
+}
+
 /// Reads the attempt's earlier run record, if one is there (the attempt's lock held). One
 /// that does not parse is set aside ([`crate::statedir::StateDir::set_aside`]); one that
 /// cannot be read (an I/O error, likely transient) is an error, the record left as it is.
@@ -231,7 +258,15 @@ pub(crate) async fn read_earlier_record(
     let path = ctx.state.run_record_path(job_id, attempt);
     match std::fs::symlink_metadata(&path) {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Earlier::None),
+        // None, but one was set aside and the run after it died before its first record:
+        // still past what the set-aside ones' runs sent (from 0, its statuses were dropped
+        // as duplicates).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(match set_aside_floor(&path)? {
+                0 => Earlier::None,
+                seq => Earlier::SetAside { seq },
+            })
+        }
         // Not "no record" (a state dir's disk failing): the record may be there.
         Err(source) => return Err(crate::statedir::StateError::Read { path, source }),
     }
@@ -245,15 +280,8 @@ pub(crate) async fn read_earlier_record(
                 set_aside = %aside.display(),
                 "the attempt's earlier run record does not parse (corrupt, or written by a newer agent); set aside, the run goes on without what it said"
             );
-            // Each set-aside record's run went on from its own floor: the next one starts
-            // past all of them.
-            let set_aside = aside.parent().and_then(|d| std::fs::read_dir(d).ok()).map_or(1, |d| {
-                d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("run.json.bad"))
-                    .count() as u64
-            });
             Ok(Earlier::SetAside {
-                seq: SEQ_AFTER_UNREADABLE_RECORD.saturating_mul(set_aside.max(1)),
+                seq: set_aside_floor(&path)?.max(SEQ_AFTER_UNREADABLE_RECORD),
             })
         }
         Err(e) => Err(e),

@@ -186,19 +186,13 @@ async fn watch_attempt(
     let attempt_known = ctx.state.attempt_dir(&plan.job_id, plan.attempt).exists();
     // A pid not found at the attempt's first watch proves no end by itself: a pid of another
     // pid namespace (no shareProcessNamespace), one /proc hides (hidepid), a typo. Finished
-    // as SUCCEEDED, the trainer still running there, its later files were never stored. So
-    // only a done file already written, or an earlier watch of this attempt (a restart), says
-    // the job ended; otherwise nothing is watched, as before.
-    if let Some(pid) = gone {
-        let said = plan
-            .done_file
-            .as_deref()
-            .is_some_and(|f| std::fs::symlink_metadata(f).is_ok());
-        if !attempt_known && !said {
-            return Err(WatchError::Usage(format!(
-                "--pid {pid}: no such process here (it ended, lives in another pid namespace, or /proc hides it); nothing watched: a job that may end before its sidecar starts writes --done-file, which is then honoured"
-            )));
-        }
+    // as SUCCEEDED, the trainer still running there, its later files were never stored; nor
+    // does a done file already there (an earlier attempt's, in a shared workdir, reads the
+    // same). Only an earlier watch of this attempt (a restart) says the job ended.
+    if let (Some(pid), false) = (gone, attempt_known) {
+        return Err(WatchError::Usage(format!(
+            "--pid {pid}: no such process here (it ended, lives in another pid namespace, or /proc hides it); nothing watched"
+        )));
     }
     // The attempt's first start on this node (a restarted sidecar takes it over) never
     // replaces a manifest another run of it stored: a pod retried with the same `--attempt`,
@@ -231,18 +225,30 @@ async fn watch_attempt(
             Earlier::None => (None, None),
             Earlier::SetAside { seq } => (None, Some(seq)),
         };
-    // What the set-aside record said is unknown, its attempt's end too: the store is asked as
-    // at a first start. A finished attempt watched again sent a second terminal status, past
-    // every seq the control plane had, and its manifest was replaced by what is there now.
-    if set_aside.is_some() && !unclaimed {
+    // What the set-aside record said is unknown, whether the attempt finished too: the store
+    // is asked. A finished attempt watched again sent a second terminal status, past every seq
+    // the control plane had, and its manifest was replaced by what is there now. A manifest
+    // in progress is the earlier watch's own (watched on); a stop during the question leaves
+    // the attempt as it is, no status sent, for the next start (it asks again).
+    if set_aside.is_some() {
         let asked = tokio::select! {
-            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => Some(ran),
+            stored = crate::job::stored_manifest(ctx, &plan.job_id, plan.attempt) => Some(stored),
             () = cancel.cancelled() => None,
         };
         match asked {
-            Some(Some(problem)) => return Err(WatchError::Usage(problem)),
-            Some(None) => {}
-            None => unclaimed = true,
+            Some(Some(true)) => {
+                return Err(WatchError::Usage(format!(
+                    "job {} attempt {} already ran (its complete manifest is in the store; its run record did not parse and was set aside): nothing to do",
+                    plan.job_id, plan.attempt
+                )))
+            }
+            Some(_) => {}
+            None => {
+                return Err(WatchError::Usage(
+                    "stopped while asking the store whether the attempt finished; left as it is"
+                        .into(),
+                ))
+            }
         }
     }
     if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {

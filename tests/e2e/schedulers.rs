@@ -743,42 +743,67 @@ fn watch_of_a_pid_not_found_at_a_first_watch_without_a_done_file_watches_nothing
     run.assert_code(2);
 }
 
-/// A done file the job's wrapper wrote before the watch began is its word when the job's
-/// main process was gone by then: the job ended first.
+/// A sidecar restarted after the trainer ended takes the done file its wrapper wrote while
+/// no sidecar watched as the job's word (an earlier watch of the attempt proves the pid was
+/// the job's); at a first watch a done file already there proves nothing (an earlier
+/// attempt's, in a shared workdir, reads the same) and the gone pid is refused.
 #[test]
-fn watch_of_a_pid_already_gone_honours_the_done_file() {
+fn a_sidecar_restarted_after_its_pid_ended_honours_the_done_file() {
     let h = Harness::file().with_control_plane(10);
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
-    std::fs::write(shared.join("out/f"), "x").unwrap();
     let done = shared.join("done");
-    std::fs::write(&done, "3\n").unwrap();
-    // Older than the margin a fresh done file is allowed: only the gone pid makes it count.
-    std::thread::sleep(Duration::from_millis(2500));
-    let pid = dead_pid();
-    let (out, done) = (
-        shared.join("out").display().to_string(),
-        done.display().to_string(),
-    );
-    let run = h.run(&[
+    std::fs::write(&done, "0\n").unwrap();
+    let stale = dead_pid();
+    let (out, done_arg) = (shared.join("out"), done.display().to_string());
+    let first = h.run(&[
         "watch",
         "--job-id",
-        "gone3",
+        "gonedone",
         "--pid",
-        &pid,
+        &stale,
         "--done-file",
-        &done,
-        &out,
+        &done_arg,
+        &out.display().to_string(),
     ]);
+    first.assert_code(2);
+    assert!(states(&h).is_empty(), "{:?}", states(&h));
+    std::fs::remove_file(&done).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let first = watch(
+        &h,
+        "gonedone",
+        &["--pid", &pid, "--done-file", &done_arg],
+        &[&out],
+    );
+    running_watch(&h, "gonedone");
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    wait_for("the trainer's out/f", Duration::from_secs(20), || {
+        (std::fs::read_to_string(out.join("f")).ok()? == "x\n").then_some(())
+    });
+    t.kill().unwrap();
+    t.wait().unwrap();
+    std::fs::write(&done, "3\n").unwrap();
+    let run = h.wait(
+        "watch again".into(),
+        watch(
+            &h,
+            "gonedone",
+            &["--pid", &pid, "--done-file", &done_arg],
+            &[&out],
+        ),
+    );
     run.assert_code(1);
-    let term = h.terminal("gone3");
+    let term = h.terminal("gonedone");
     assert_eq!(
         (term["state"].as_str(), term["reason"].as_str()),
         (Some("FAILED"), Some("SCRIPT_ERROR")),
         "{term}"
     );
     assert_eq!(term["exit_code"], 3);
-    assert_eq!(h.manifest_paths("gone3"), vec!["out/f"]);
+    assert_eq!(h.manifest_paths("gonedone"), vec!["out/f"]);
 }
 
 /// A sidecar killed while its trainer ran, and restarted after the trainer ended (same
@@ -810,6 +835,44 @@ fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
     run.assert_code(0);
     assert_eq!(h.manifest_paths("sidere"), vec!["out/f"]);
     assert_eq!(states(&h).last().map(String::as_str), Some("SUCCEEDED"));
+}
+
+/// A restarted sidecar whose run record does not parse sets it aside and watches on over the
+/// in-progress manifest its earlier watch stored, past every seq sent (it was refused, exit 2,
+/// "an unfinished run", and the restart after that began again from seq 0).
+#[test]
+fn a_sidecar_restarted_over_a_record_that_does_not_parse_watches_on() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let out = shared.join("out");
+    let first = watch(&h, "sidebad", &["--pid", &pid], &[&out]);
+    let rec = running_watch(&h, "sidebad");
+    wait_for("live sync to list out/f", Duration::from_secs(30), || {
+        let m = h.object("jobs/sidebad/attempts/1/manifest.json")?;
+        String::from_utf8_lossy(&m).contains("out/f").then_some(())
+    });
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    let mut bytes = std::fs::read(&rec).unwrap();
+    bytes.pop();
+    std::fs::write(&rec, &bytes).unwrap();
+    let again = watch(&h, "sidebad", &["--pid", &pid], &[&out]);
+    let aside = h.state.join("jobs/sidebad/attempts/1/run.json.bad");
+    wait_for("the restart to watch", Duration::from_secs(30), || {
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).ok()?).ok()?;
+        (aside.is_file() && r["phase"] == "running").then_some(())
+    });
+    t.kill().unwrap();
+    t.wait().unwrap();
+    let run = crate::faults::exited_within(&h, again, Duration::from_secs(30));
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("sidebad"), vec!["out/f"]);
+    let term = h.terminal("sidebad");
+    assert_eq!(term["state"], "SUCCEEDED", "{term}");
+    assert!(term["seq"].as_u64() >= Some(1_000_000), "{term}");
 }
 
 /// As above, the leader's pid since taken by another process (here: the record's leader
