@@ -435,6 +435,42 @@ fn running_watch(h: &Harness, job: &str) -> std::path::PathBuf {
     rec
 }
 
+/// A watch of `job` over a trainer that wrote `out/f`, killed once live sync listed the file
+/// (a sidecar OOM-killed while the trainer runs): the trainer (running), its pid, the watched
+/// dir and the attempt's run record. `extra` follows `--pid PID`.
+struct KilledWatch {
+    trainer: std::process::Child,
+    pid: String,
+    out: std::path::PathBuf,
+    rec: std::path::PathBuf,
+}
+
+fn a_watch_killed_over_its_trainer(h: &Harness, job: &str, extra: &[&str]) -> KilledWatch {
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let trainer = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = trainer.id().to_string();
+    let out = shared.join("out");
+    let mut args = vec!["--pid", pid.as_str()];
+    args.extend_from_slice(extra);
+    let first = watch(h, job, &args, &[&out]);
+    let rec = running_watch(h, job);
+    // Killed before its echo ran (a loaded host), the trainer left no out/f and a manifest
+    // check failed for a reason that is not the test's.
+    wait_for("live sync to list out/f", Duration::from_secs(30), || {
+        let m = h.object(&format!("jobs/{job}/attempts/1/manifest.json"))?;
+        String::from_utf8_lossy(&m).contains("out/f").then_some(())
+    });
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    KilledWatch {
+        trainer,
+        pid,
+        out,
+        rec,
+    }
+}
+
 fn trainer(script: &str, shared: &Path) -> std::process::Child {
     Command::new("sh")
         .args(["-c", script])
@@ -769,20 +805,11 @@ fn a_sidecar_restarted_after_its_pid_ended_honours_the_done_file() {
     first.assert_code(2);
     assert!(states(&h).is_empty(), "{:?}", states(&h));
     std::fs::remove_file(&done).unwrap();
-    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
-    let pid = t.id().to_string();
-    let first = watch(
-        &h,
-        "gonedone",
-        &["--pid", &pid, "--done-file", &done_arg],
-        &[&out],
-    );
-    running_watch(&h, "gonedone");
-    signal(first.id(), "KILL");
-    let _ = h.wait("killed watch".into(), first);
-    wait_for("the trainer's out/f", Duration::from_secs(20), || {
-        (std::fs::read_to_string(out.join("f")).ok()? == "x\n").then_some(())
-    });
+    let KilledWatch {
+        trainer: mut t,
+        pid,
+        ..
+    } = a_watch_killed_over_its_trainer(&h, "gonedone", &["--done-file", &done_arg]);
     t.kill().unwrap();
     t.wait().unwrap();
     std::fs::write(&done, "3\n").unwrap();
@@ -812,20 +839,12 @@ fn a_sidecar_restarted_after_its_pid_ended_honours_the_done_file() {
 #[test]
 fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
     let h = Harness::file().with_control_plane(10);
-    let shared = h.path("shared");
-    std::fs::create_dir_all(shared.join("out")).unwrap();
-    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
-    let pid = t.id().to_string();
-    let out = shared.join("out");
-    let first = watch(&h, "sidere", &["--pid", &pid], &[&out]);
-    running_watch(&h, "sidere");
-    signal(first.id(), "KILL");
-    let _ = h.wait("killed watch".into(), first);
-    // Killed before its echo ran (a loaded host), the trainer left no out/f and the manifest
-    // check failed for a reason that is not the test's.
-    wait_for("the trainer's out/f", Duration::from_secs(20), || {
-        (std::fs::read_to_string(out.join("f")).ok()? == "x\n").then_some(())
-    });
+    let KilledWatch {
+        trainer: mut t,
+        pid,
+        out,
+        ..
+    } = a_watch_killed_over_its_trainer(&h, "sidere", &[]);
     t.kill().unwrap();
     t.wait().unwrap();
     let run = h.wait(
@@ -843,19 +862,12 @@ fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
 #[test]
 fn a_sidecar_restarted_over_a_record_that_does_not_parse_watches_on() {
     let h = Harness::file().with_control_plane(10);
-    let shared = h.path("shared");
-    std::fs::create_dir_all(shared.join("out")).unwrap();
-    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
-    let pid = t.id().to_string();
-    let out = shared.join("out");
-    let first = watch(&h, "sidebad", &["--pid", &pid], &[&out]);
-    let rec = running_watch(&h, "sidebad");
-    wait_for("live sync to list out/f", Duration::from_secs(30), || {
-        let m = h.object("jobs/sidebad/attempts/1/manifest.json")?;
-        String::from_utf8_lossy(&m).contains("out/f").then_some(())
-    });
-    signal(first.id(), "KILL");
-    let _ = h.wait("killed watch".into(), first);
+    let KilledWatch {
+        trainer: mut t,
+        pid,
+        out,
+        rec,
+    } = a_watch_killed_over_its_trainer(&h, "sidebad", &[]);
     let mut bytes = std::fs::read(&rec).unwrap();
     bytes.pop();
     std::fs::write(&rec, &bytes).unwrap();
@@ -881,15 +893,12 @@ fn a_sidecar_restarted_over_a_record_that_does_not_parse_watches_on() {
 #[test]
 fn a_sidecar_restarted_after_its_pid_was_reused_finishes_the_attempt() {
     let h = Harness::file().with_control_plane(10);
-    let shared = h.path("shared");
-    std::fs::create_dir_all(shared.join("out")).unwrap();
-    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
-    let pid = t.id().to_string();
-    let out = shared.join("out");
-    let first = watch(&h, "sidereuse", &["--pid", &pid], &[&out]);
-    let rec = running_watch(&h, "sidereuse");
-    signal(first.id(), "KILL");
-    let _ = h.wait("killed watch".into(), first);
+    let KilledWatch {
+        trainer: mut t,
+        pid,
+        out,
+        rec,
+    } = a_watch_killed_over_its_trainer(&h, "sidereuse", &[]);
     let mut record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
     let ticks = &mut record["watched_leader"]["start_ticks"];
