@@ -147,6 +147,11 @@ pub enum RunError {
         phase: &'static str,
         next: &'static str,
     },
+    /// The attempt's run record was set aside unread and the store did not say in time
+    /// whether the attempt finished: run over it, a finished one got a second terminal status
+    /// and its manifest replaced.
+    #[error("job {job_id} attempt {attempt}: its run record did not parse and the store did not say whether the attempt finished; nothing was started (try again)")]
+    StoreSilent { job_id: String, attempt: u32 },
     /// The attempt's earlier run record is there but could not be read (an I/O error): run
     /// over it, the earlier job's processes were never stopped and its `seq` was lost.
     #[error("job {job_id} attempt {attempt}: its earlier run record cannot be read; nothing was started")]
@@ -168,7 +173,8 @@ impl RunError {
                 crate::outcome::ExitCode::Usage
             }
             RunError::Lock(crate::statedir::LockError::State(_))
-            | RunError::EarlierRecord { .. } => crate::outcome::ExitCode::AgentOrDataset,
+            | RunError::EarlierRecord { .. }
+            | RunError::StoreSilent { .. } => crate::outcome::ExitCode::AgentOrDataset,
             RunError::AlreadyRan { .. } => crate::outcome::ExitCode::Usage,
         }
     }
@@ -177,7 +183,11 @@ impl RunError {
 /// A run never silently replaces an earlier run's manifest for the same job and attempt.
 /// A store that cannot answer now says nothing here (the preflight judges the store).
 pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
-    let complete = stored_manifest(ctx, job_id, attempt).await?;
+    let complete = match stored_manifest(ctx, job_id, attempt).await {
+        Stored::Complete => true,
+        Stored::InProgress => false,
+        Stored::Absent | Stored::Unknown => return None,
+    };
     let (id, n) = (job_id, attempt);
     Some(if complete {
         let next = n
@@ -189,17 +199,34 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     })
 }
 
-/// Whether the store holds the attempt's manifest, and if so whether it is complete (`None`:
-/// none, or the store did not answer within the preflight's time).
-pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<bool> {
+/// What the store says of the attempt's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Absent,
+    InProgress,
+    Complete,
+    /// No answer within the preflight's time, an error, or a manifest this agent cannot
+    /// take in.
+    Unknown,
+}
+
+/// What the store says of the attempt's manifest, within the preflight's time.
+pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> Stored {
     crate::fault::pause_for("slow-already-ran", Duration::from_secs(60)).await;
     let key = crate::store::attempt_manifest_key(job_id, attempt);
     let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
-    let bytes = tokio::time::timeout(ctx.preflight_timeout, read)
-        .await
-        .ok()?
-        .ok()?;
-    Some(c3_proto::Manifest::from_json(&bytes).is_ok_and(|m| m.complete))
+    match tokio::time::timeout(ctx.preflight_timeout, read).await {
+        Ok(Ok(bytes)) => match c3_proto::Manifest::from_json(&bytes) {
+            Ok(m) if m.complete => Stored::Complete,
+            Ok(_) => Stored::InProgress,
+            Err(_) => Stored::Unknown,
+        },
+        Ok(Err(crate::store::StoreError::Op {
+            source: object_store::Error::NotFound { .. },
+            ..
+        })) => Stored::Absent,
+        _ => Stored::Unknown,
+    }
 }
 
 /// How long the job's result file (at most 64 KiB) may take to read.
@@ -372,6 +399,26 @@ async fn take_over_earlier_run(
         Ok(Earlier::Record(record)) => record,
         Ok(Earlier::None) => return Ok(None),
         Ok(Earlier::SetAside { seq }) => {
+            // What the record said is unknown, whether the attempt finished too: the store
+            // is asked again, under the lock (the look before it may have timed out).
+            match stored_manifest(ctx, &spec.job_id, spec.attempt).await {
+                Stored::Complete => {
+                    return Err(RunError::AlreadyRan {
+                        job_id: spec.job_id.clone(),
+                        attempt: spec.attempt,
+                        what: "already ran",
+                        phase: "set aside, unread",
+                        next: "its manifest is complete in the store; a new run needs a new attempt or job id",
+                    })
+                }
+                Stored::Unknown => {
+                    return Err(RunError::StoreSilent {
+                        job_id: spec.job_id.clone(),
+                        attempt: spec.attempt,
+                    })
+                }
+                Stored::Absent | Stored::InProgress => {}
+            }
             stop_unrecorded_run(ctx, spec).await;
             return Ok(Some(seq));
         }

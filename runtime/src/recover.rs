@@ -230,7 +230,7 @@ fn unfinished_record(
 }
 
 /// What the attempt's own manifest in the store says it stored, as far as this agent can tell.
-enum Listed {
+pub(crate) enum Listed {
     /// Its manifest (`None`: there is none, or one cut short that lists nothing usable).
     Before(Option<c3_proto::Manifest>),
     /// A manifest this agent cannot take in (a newer agent's version, over this config's
@@ -245,7 +245,7 @@ enum Listed {
 /// workdir gone or refused), and `gc` would take the rest. `Err` only for a fault that may
 /// pass. Only a manifest that is not JSON at all (cut short) is replaced, or one a store
 /// refuses to read: one this agent merely cannot take in is no reason to list less than it.
-async fn listed_before(
+pub(crate) async fn listed_before(
     ctx: &AgentContext,
     record: &RunRecord,
 ) -> Result<Listed, crate::store::StoreError> {

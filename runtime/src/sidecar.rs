@@ -28,6 +28,7 @@ use crate::context::AgentContext;
 use crate::job::{fresh_record, Earlier, JobSummary, Run};
 use crate::jobproc::JobProcesses;
 use crate::outcome::JobEnd;
+use crate::recover::Listed;
 use crate::statedir::AttemptLock;
 
 /// How often the done file and the main process are looked at.
@@ -225,32 +226,6 @@ async fn watch_attempt(
             Earlier::None => (None, None),
             Earlier::SetAside { seq } => (None, Some(seq)),
         };
-    // What the set-aside record said is unknown, whether the attempt finished too: the store
-    // is asked. A finished attempt watched again sent a second terminal status, past every seq
-    // the control plane had, and its manifest was replaced by what is there now. A manifest
-    // in progress is the earlier watch's own (watched on); a stop during the question leaves
-    // the attempt as it is, no status sent, for the next start (it asks again).
-    if set_aside.is_some() {
-        let asked = tokio::select! {
-            stored = crate::job::stored_manifest(ctx, &plan.job_id, plan.attempt) => Some(stored),
-            () = cancel.cancelled() => None,
-        };
-        match asked {
-            Some(Some(true)) => {
-                return Err(WatchError::Usage(format!(
-                    "job {} attempt {} already ran (its complete manifest is in the store; its run record did not parse and was set aside): nothing to do",
-                    plan.job_id, plan.attempt
-                )))
-            }
-            Some(_) => {}
-            None => {
-                return Err(WatchError::Usage(
-                    "stopped while asking the store whether the attempt finished; left as it is"
-                        .into(),
-                ))
-            }
-        }
-    }
     if let Some(done) = earlier.as_ref().filter(|r| r.phase == Phase::Done) {
         let exit = crate::outcome::recorded_exit(done).code();
         tracing::info!(job_id = %plan.job_id, attempt = plan.attempt, exit_code = exit,
@@ -318,6 +293,46 @@ async fn watch_attempt(
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
         run.stop_requested = Some(crate::job::stop_clock(cancel));
+        // A restart goes on from what the attempt's manifest lists, as `recover` does: a file
+        // the earlier watch stored and the job deleted since (a rotated checkpoint) left the
+        // sealed manifest, and gc took its blob. Over a record set aside unread, a complete
+        // manifest says the attempt finished (watched again, it got a second terminal status
+        // and its manifest replaced). No answer: left as it is, nothing reported, for the
+        // next start.
+        if attempt_known {
+            let left = |why: String| {
+                Err(WatchError::Usage(format!(
+                    "job {} attempt {}: {why}; the attempt is left as it is, nothing reported",
+                    plan.job_id, plan.attempt
+                )))
+            };
+            let asked = tokio::select! {
+                listed = tokio::time::timeout(
+                    ctx.preflight_timeout,
+                    crate::recover::listed_before(ctx, &run.record),
+                ) => Some(listed),
+                () = cancel.cancelled() => None,
+            };
+            match asked {
+                Some(Ok(Ok(Listed::Before(Some(m))))) if set_aside.is_some() && m.complete => {
+                    return left("its run record did not parse and its manifest in the store is complete: it already ran".into());
+                }
+                Some(Ok(Ok(Listed::Before(m)))) => run.listed_before(m),
+                Some(Ok(Ok(Listed::NotThisAgents))) => {
+                    return left("its manifest in the store is not one this agent can take in".into());
+                }
+                Some(Ok(Err(e))) => {
+                    return left(format!(
+                        "cannot read its manifest in the store ({})",
+                        crate::error_chain(&e)
+                    ));
+                }
+                Some(Err(_)) => {
+                    return left("the store did not answer within preflight_timeout_secs".into())
+                }
+                None => return left("stopped while reading its manifest in the store".into()),
+            }
+        }
         if let Some(end) = ended {
             tracing::warn!(end = ?end, "the job had ended when the earlier agent stopped; finishing its final sync");
             run.collector = Some(CollectorHandle::start(

@@ -887,6 +887,48 @@ fn a_sidecar_restarted_over_a_record_that_does_not_parse_watches_on() {
     assert!(term["seq"].as_u64() >= Some(1_000_000), "{term}");
 }
 
+/// A sidecar started again over a finished attempt whose run record no longer parses sets
+/// the record aside and finds the complete manifest in the store: nothing to do, no second
+/// terminal status (past every seq, the control plane would take it), the manifest as it was.
+#[test]
+fn a_sidecar_over_a_finished_attempt_whose_record_does_not_parse_does_nothing() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let mut t = trainer("echo x > out/f; exec sleep 60", &shared);
+    let pid = t.id().to_string();
+    let out = shared.join("out");
+    let first = watch(&h, "sidedone", &["--pid", &pid], &[&out]);
+    running_watch(&h, "sidedone");
+    wait_for("the trainer's out/f", Duration::from_secs(20), || {
+        (std::fs::read_to_string(out.join("f")).ok()? == "x\n").then_some(())
+    });
+    t.kill().unwrap();
+    t.wait().unwrap();
+    h.wait("watch".into(), first).assert_code(0);
+    let manifest = h.object("jobs/sidedone/attempts/1/manifest.json").unwrap();
+    let sent = states(&h).len();
+    let rec = h.state.join("jobs/sidedone/attempts/1/run.json");
+    let mut bytes = std::fs::read(&rec).unwrap();
+    bytes.pop();
+    std::fs::write(&rec, &bytes).unwrap();
+    let again = h.run(&[
+        "watch",
+        "--job-id",
+        "sidedone",
+        "--pid",
+        &pid,
+        &out.display().to_string(),
+    ]);
+    again.assert_code(2);
+    assert!(again.stderr.contains("it already ran"), "{}", again.stderr);
+    assert_eq!(states(&h).len(), sent, "{:?}", states(&h));
+    assert_eq!(
+        h.object("jobs/sidedone/attempts/1/manifest.json").unwrap(),
+        manifest
+    );
+}
+
 /// As above, the leader's pid since taken by another process (here: the record's leader
 /// made another start time): the restarted sidecar watched that stranger as the job (here
 /// for its whole minute).
