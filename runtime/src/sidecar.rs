@@ -293,12 +293,13 @@ async fn watch_attempt(
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
         run.stop_requested = Some(crate::job::stop_clock(cancel));
-        // A restart goes on from what the attempt's manifest lists, as `recover` does: a file
-        // the earlier watch stored and the job deleted since (a rotated checkpoint) left the
-        // sealed manifest, and gc took its blob. Over a record set aside unread, a complete
+        // A restart goes on from what the attempt's manifest lists, as `recover` does: what
+        // the earlier watch stored stays listed wherever the final scan cannot look (a dir
+        // refused or gone), never sealed over by an empty list for gc to take its blobs.
+        // Over a record set aside unread, a complete
         // manifest says the attempt finished (watched again, it got a second terminal status
-        // and its manifest replaced). No answer: left as it is, nothing reported, for the
-        // next start.
+        // and its manifest replaced), and no answer leaves the attempt as it is, nothing
+        // reported, for the next start.
         if attempt_known {
             let left = |why: String| {
                 Err(WatchError::Usage(format!(
@@ -320,6 +321,14 @@ async fn watch_attempt(
                 Some(Ok(Ok(Listed::Before(m)))) => run.listed_before(m),
                 Some(Ok(Ok(Listed::NotThisAgents))) => {
                     return left("its manifest in the store is not one this agent can take in".into());
+                }
+                // Over a readable record the watch goes on without it (a store blip must not
+                // keep a restarted sidecar from its final sync: the pod's files go with it).
+                Some(Ok(Err(e))) if set_aside.is_none() => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest in the store; watching on from what the scan finds");
+                }
+                Some(Err(_)) | None if set_aside.is_none() => {
+                    tracing::warn!("the attempt's manifest in the store was not read in time; watching on from what the scan finds");
                 }
                 Some(Ok(Err(e))) => {
                     return left(format!(
