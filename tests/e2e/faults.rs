@@ -708,6 +708,28 @@ fn a_job_that_ends_during_a_hung_wait_all_ends_at_once() {
     }
 }
 
+/// Runs `job`, whose script stores `artifacts/a` and sleeps, kills its agent once live sync
+/// listed the file in the attempt's manifest, and removes the workdir; that manifest.
+fn killed_after_live_sync_then_workdir_gone(h: &Harness, job: &str) -> Vec<u8> {
+    let work = h.path("w");
+    let spec = h.spec(json!({"job_id": job, "workdir": work.display().to_string(),
+        "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}));
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let own_key = format!("jobs/{job}/attempts/1/manifest.json");
+    let listed = wait_for(
+        "live sync to list the file",
+        Duration::from_secs(30),
+        || {
+            h.object(&own_key)
+                .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
+        },
+    );
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    std::fs::remove_dir_all(&work).unwrap();
+    listed
+}
+
 /// The agent dies while its job runs, after live sync stored a file and listed it, and the
 /// workdir is gone when `recover` comes (a scratch wiped at boot; the job may also rename a
 /// directory above it). The attempt's manifest still lists what was stored, and `gc` keeps
@@ -716,24 +738,8 @@ fn a_job_that_ends_during_a_hung_wait_all_ends_at_once() {
 #[test]
 fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
     let h = Harness::file();
-    let work = h.path("w");
-    let spec = h.spec(
-        json!({"job_id": "wiped", "workdir": work.display().to_string(),
-        "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}),
-    );
-    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     let own_key = "jobs/wiped/attempts/1/manifest.json";
-    wait_for(
-        "live sync to list the file",
-        Duration::from_secs(30),
-        || {
-            h.object(own_key)
-                .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
-        },
-    );
-    agent.kill().unwrap();
-    agent.wait().unwrap();
-    std::fs::remove_dir_all(&work).unwrap();
+    killed_after_live_sync_then_workdir_gone(&h, "wiped");
     // Its exit is the finished job's (AGENT_ERROR: its agent died).
     let run = h.run(&["recover"]);
     let own: serde_json::Value = serde_json::from_slice(&h.object(own_key).unwrap()).unwrap();
@@ -767,24 +773,8 @@ fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
 #[test]
 fn recover_leaves_a_manifest_it_cannot_take_in_as_it_is() {
     let h = Harness::file();
-    let work = h.path("w");
-    let spec = h.spec(
-        json!({"job_id": "newer", "workdir": work.display().to_string(),
-        "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}),
-    );
-    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     let own_key = "jobs/newer/attempts/1/manifest.json";
-    let listed = wait_for(
-        "live sync to list the file",
-        Duration::from_secs(30),
-        || {
-            h.object(own_key)
-                .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
-        },
-    );
-    agent.kill().unwrap();
-    agent.wait().unwrap();
-    std::fs::remove_dir_all(&work).unwrap();
+    let listed = killed_after_live_sync_then_workdir_gone(&h, "newer");
     let mut newer: serde_json::Value = serde_json::from_slice(&listed).unwrap();
     newer["version"] = json!(2);
     let newer = serde_json::to_vec(&newer).unwrap();

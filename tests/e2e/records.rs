@@ -148,6 +148,25 @@ fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
     recover_registers_once(&h);
 }
 
+/// Runs `job` (`sleep 300`, its pid in `artifacts/job.pid`) under an agent that crashes right
+/// after the launch; the pid of the job, which outlives it.
+fn job_outliving_its_crashed_agent(h: &mut Harness, job: &str) -> i32 {
+    // The job's cgroup needs root; without it the dead agent's job is found by its marks.
+    let fault = if nix::unistd::geteuid().is_root() {
+        "crash-after-spawn"
+    } else {
+        "crash-after-spawn-without-cgroup"
+    };
+    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
+    let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
+    let run = h.run_job(json!({"job_id": job, "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let pid = crate::support::job_pid(h, job);
+    assert!(alive(pid), "the job outlived its agent");
+    h.env.clear();
+    pid
+}
+
 /// The agent dies right after starting the job, before the store holds any manifest of the
 /// attempt (an OOM kill early on), and the scheduler starts it again with the same spec. The
 /// rerun wrote a fresh record over the dead agent's: its job (`sleep 300` here) was named in
@@ -155,20 +174,8 @@ fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
 /// over: the earlier job is stopped first, and the status is the rerun's.
 #[test]
 fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
-    // The job's cgroup needs root; without it the dead agent's job is found by its marks.
-    let fault = if nix::unistd::geteuid().is_root() {
-        "crash-after-spawn"
-    } else {
-        "crash-after-spawn-without-cgroup"
-    };
     let mut h = Harness::file().with_control_plane(5);
-    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
-    let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
-    let run = h.run_job(json!({"job_id": "again", "command": ["sh", "-c", script]}));
-    assert_ne!(run.code, 0, "the agent was meant to crash");
-    let pid = crate::support::job_pid(&h, "again");
-    assert!(alive(pid), "the job outlived its agent");
-    h.env.clear();
+    let pid = job_outliving_its_crashed_agent(&mut h, "again");
     let rerun = h.run_job(json!({"job_id": "again", "command": ["true"]}));
     rerun.assert_code(0);
     wait_for(
@@ -260,19 +267,8 @@ fn a_second_run_of_an_attempt_that_ran_here_is_refused_by_its_record() {
 /// `seq` goes on past anything the dead agent can have sent.
 #[test]
 fn a_rerun_over_a_record_that_does_not_parse_stops_the_earlier_job_and_goes_past_its_seq() {
-    let fault = if nix::unistd::geteuid().is_root() {
-        "crash-after-spawn"
-    } else {
-        "crash-after-spawn-without-cgroup"
-    };
     let mut h = Harness::file().with_control_plane(5);
-    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
-    let script = "echo $$ > $C3_ARTIFACTS_DIR/job.pid; exec sleep 300";
-    let run = h.run_job(json!({"job_id": "cut", "command": ["sh", "-c", script]}));
-    assert_ne!(run.code, 0, "the agent was meant to crash");
-    let pid = crate::support::job_pid(&h, "cut");
-    assert!(alive(pid), "the job outlived its agent");
-    h.env.clear();
+    let pid = job_outliving_its_crashed_agent(&mut h, "cut");
     let path = h.state.join("jobs/cut/attempts/1/run.json");
     let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     record["phase"] = json!("running");

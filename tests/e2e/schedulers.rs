@@ -929,8 +929,8 @@ fn a_sidecar_over_a_finished_attempt_whose_record_does_not_parse_does_nothing() 
     );
 }
 
-/// As above, the leader's pid since taken by another process (here: the record's leader
-/// made another start time): the restarted sidecar watched that stranger as the job (here
+/// As `a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt`, the leader's pid since
+/// taken by another process (here: the record's leader made another start time): the restarted sidecar watched that stranger as the job (here
 /// for its whole minute).
 #[test]
 fn a_sidecar_restarted_after_its_pid_was_reused_finishes_the_attempt() {
