@@ -53,6 +53,10 @@ pub enum WatchError {
     /// A bad argument: nothing was watched (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// The attempt is left as it is, nothing reported, for a later start: the store did not
+    /// answer, or the agent was stopped, while its answer was needed (exit 6, retryable).
+    #[error("{0}")]
+    Left(String),
     #[error(transparent)]
     Lock(#[from] crate::statedir::LockError),
     #[error(transparent)]
@@ -301,12 +305,16 @@ async fn watch_attempt(
         // and its manifest replaced), and no answer leaves the attempt as it is, nothing
         // reported, for the next start.
         if attempt_known {
-            let left = |why: String| {
-                Err(WatchError::Usage(format!(
+            let say = |why: String| {
+                format!(
                     "job {} attempt {}: {why}; the attempt is left as it is, nothing reported",
                     plan.job_id, plan.attempt
-                )))
+                )
             };
+            // What the store said (it ran; not this agent's to take in) stands; its silence
+            // or a stop passes, and a later start asks again.
+            let left = |why: String| Err(WatchError::Usage(say(why)));
+            let later = |why: String| Err(WatchError::Left(say(why)));
             let asked = tokio::select! {
                 listed = tokio::time::timeout(
                     ctx.preflight_timeout,
@@ -331,15 +339,15 @@ async fn watch_attempt(
                     tracing::warn!("the attempt's manifest in the store was not read in time; watching on from what the scan finds");
                 }
                 Some(Ok(Err(e))) => {
-                    return left(format!(
+                    return later(format!(
                         "cannot read its manifest in the store ({})",
                         crate::error_chain(&e)
                     ));
                 }
                 Some(Err(_)) => {
-                    return left("the store did not answer within preflight_timeout_secs".into())
+                    return later("the store did not answer within preflight_timeout_secs".into())
                 }
-                None => return left("stopped while reading its manifest in the store".into()),
+                None => return later("stopped while reading its manifest in the store".into()),
             }
         }
         if let Some(end) = ended {
