@@ -144,11 +144,15 @@ fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
         .filter_map(|e| {
             let n: u32 = e.file_name().to_str()?.parse().ok()?;
             let path = e.path().join("run.json");
-            std::fs::symlink_metadata(&path).ok()?;
-            let record = ctx
-                .state
-                .read_record(&path)
-                .map_err(|e| c3_runtime::display::error_chain(&e));
+            let record = match std::fs::symlink_metadata(&path) {
+                Ok(_) => ctx
+                    .state
+                    .read_record(&path)
+                    .map_err(|e| c3_runtime::display::error_chain(&e)),
+                // Its record set aside unread and none written since (the run after it died
+                // first): still an attempt this node ran, never hidden.
+                Err(_) => Err(set_aside_only(&e.path())?),
+            };
             let progress = std::fs::read(e.path().join("progress.json"))
                 .ok()
                 .and_then(|b| ProgressRecord::from_json(&b).ok());
@@ -161,6 +165,22 @@ fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
         .collect();
     found.sort_by_key(|a| a.n);
     found
+}
+
+/// Why an attempt dir without a run record still lists: the record(s) set aside in it.
+fn set_aside_only(dir: &Path) -> Option<String> {
+    let mut aside: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.starts_with("run.json.bad"))
+        .collect();
+    aside.sort();
+    let last = aside.last()?;
+    Some(format!(
+        "its run record did not parse and was set aside ({}), and none was written since",
+        dir.join(last).display()
+    ))
 }
 
 fn outbox_len(ctx: &AgentContext, job_id: &str) -> usize {
@@ -368,6 +388,9 @@ pub async fn logs(
     Ok(())
 }
 
+/// How long `logs -f` waits on an attempt whose run record cannot be read, its log still.
+const FOLLOW_WITHOUT_RECORD: Duration = Duration::from_secs(10);
+
 async fn local_log(
     ctx: &AgentContext,
     job_id: &str,
@@ -380,6 +403,8 @@ async fn local_log(
     let mut buf = vec![0u8; 64 * 1024];
     let record = ctx.state.run_record_path(job_id, attempt);
     let mut shown = crate::out::JobBytes::for_stdout();
+    // The log's length when it last grew, and when.
+    let mut grown = (0u64, std::time::Instant::now());
     loop {
         loop {
             let n = file.read(&mut buf)?;
@@ -396,12 +421,27 @@ async fn local_log(
             return Ok(());
         }
         let _ = std::io::stdout().flush();
+        let pos = file.stream_position()?;
+        if pos > grown.0 {
+            grown = (pos, std::time::Instant::now());
+        }
         // Until the attempt is done (its agent wrote the last line before it said so). A
-        // record that does not parse names no agent that writes on: followed for ever. One
-        // not read this time (a blip, a run's first record still to come) is looked at again.
+        // record that does not parse names no agent that writes on: the end. One not read
+        // this time (a blip, a run's first record still to come) is looked at again, for a
+        // while: one gone for good (set aside, its attempt removed by retention) names no
+        // agent either, and a follow is a bounded wait.
         let done = match ctx.state.read_record(&record) {
             Ok(r) => r.phase == Phase::Done || !agent_alive(&r),
-            Err(e) => matches!(e, c3_runtime::statedir::StateError::Corrupt { .. }),
+            Err(c3_runtime::statedir::StateError::Corrupt { .. }) => true,
+            Err(e) if grown.1.elapsed() >= FOLLOW_WITHOUT_RECORD => {
+                out::note(&format!(
+                    "no longer following: the attempt's run record has not been readable for {} s and the log did not grow ({})",
+                    FOLLOW_WITHOUT_RECORD.as_secs(),
+                    c3_runtime::display::error_chain(&e)
+                ));
+                true
+            }
+            Err(_) => false,
         };
         if done {
             let pos = file.stream_position()?;

@@ -843,11 +843,7 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
     match c3_runtime::sidecar::watch_job(&ctx, plan, cancel).await {
         Ok(c3_runtime::sidecar::Watched::Finished(summary)) => finished(&ctx, &summary),
         Ok(c3_runtime::sidecar::Watched::AlreadyFinished(code)) => ExitCode::from(code),
-        Err(e @ c3_runtime::sidecar::WatchError::Left(_)) => failure(
-            &format!("watch: {}", error_chain(&e)),
-            JobExit::AgentOrDataset.code(),
-        ),
-        Err(e) => usage(&format!("watch: {}", error_chain(&e))),
+        Err(e) => failure(&format!("watch: {}", error_chain(&e)), e.exit_code().code()),
     }
 }
 

@@ -63,6 +63,22 @@ pub enum WatchError {
     State(#[from] crate::statedir::StateError),
 }
 
+impl WatchError {
+    /// As [`crate::job::RunError::exit_code`]: another agent on the attempt and a bad
+    /// argument are the caller's (exit 2); a state dir that cannot be read or written is the
+    /// node's, and a scheduler takes exit 2 as a bad spec and fails the job for good.
+    pub fn exit_code(&self) -> crate::outcome::ExitCode {
+        match self {
+            WatchError::Usage(_) | WatchError::Lock(crate::statedir::LockError::Held { .. }) => {
+                crate::outcome::ExitCode::Usage
+            }
+            WatchError::Left(_)
+            | WatchError::Lock(crate::statedir::LockError::State(_))
+            | WatchError::State(_) => crate::outcome::ExitCode::AgentOrDataset,
+        }
+    }
+}
+
 impl WatchPlan {
     /// The one parent directory and each watched directory's name in it.
     fn layout(&self) -> Result<(PathBuf, Vec<String>), String> {

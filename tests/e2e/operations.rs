@@ -142,6 +142,43 @@ fn logs_follow_a_running_job_to_its_end() {
     h.wait("run".into(), agent).assert_code(0);
 }
 
+/// An attempt whose record was set aside (it did not parse) with none written since is still
+/// this node's: `status` lists it as unreadable (it said "no record of job"), and `logs -f`
+/// shows its log. One whose record cannot be read at all (a directory in its place) names no
+/// agent that writes on either: the follow ends once the log stays quiet, never waits for ever.
+#[test]
+fn an_attempt_whose_record_is_set_aside_or_unreadable_is_listed_and_its_follow_ends() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "sa", "command": ["sh", "-c", "echo said"]}))
+        .assert_code(0);
+    let dir = h.state.join("jobs/sa/attempts/1");
+    std::fs::rename(dir.join("run.json"), dir.join("run.json.bad")).unwrap();
+    let status = h.run(&["status", "sa"]);
+    status.assert_code(0);
+    assert!(
+        status.stdout.contains("record unreadable") && status.stdout.contains("set aside"),
+        "{}",
+        status.stdout
+    );
+    let follow = h.run(&["logs", "sa", "--follow"]);
+    follow.assert_code(0);
+    assert_eq!(follow.stdout, "said\n");
+    assert!(
+        follow.stderr.contains("no longer following"),
+        "{}",
+        follow.stderr
+    );
+    std::fs::create_dir(dir.join("run.json")).unwrap();
+    let follow = h.run(&["logs", "sa", "--follow"]);
+    follow.assert_code(0);
+    assert_eq!(follow.stdout, "said\n");
+    assert!(
+        follow.stderr.contains("no longer following"),
+        "{}",
+        follow.stderr
+    );
+}
+
 #[test]
 fn pull_refuses_to_overwrite_a_different_file_unless_forced_and_fetches_logs() {
     let h = Harness::file();
