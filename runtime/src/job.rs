@@ -215,18 +215,43 @@ pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> 
     crate::fault::pause_for("slow-already-ran", Duration::from_secs(60)).await;
     let key = crate::store::attempt_manifest_key(job_id, attempt);
     let read = ctx.store.get_bytes_capped(&key, ctx.max_manifest_bytes);
+    let read = async {
+        match read.await {
+            Ok(bytes) => Ok(parse_off_reactor(bytes).await),
+            Err(e) => Err(e),
+        }
+    };
     match tokio::time::timeout(ctx.preflight_timeout, read).await {
-        Ok(Ok(bytes)) => match c3_proto::Manifest::from_json(&bytes) {
-            Ok(m) if m.complete => Stored::Complete,
-            Ok(_) => Stored::InProgress,
-            Err(_) => Stored::Unknown,
-        },
+        // Another job's or attempt's at this key (misrouted, copied) says nothing of this one.
+        Ok(Ok(Ok(m))) if !is_attempts(&m, job_id, attempt) => {
+            tracing::error!(key = %key, found_job = %crate::display::cut(m.job_id.clone(), 256), found_attempt = m.attempt,
+                "the attempt's manifest key in the store holds another job's or attempt's manifest; taken as no answer");
+            Stored::Unknown
+        }
+        Ok(Ok(Ok(m))) if m.complete => Stored::Complete,
+        Ok(Ok(Ok(_))) => Stored::InProgress,
+        Ok(Ok(Err(_))) => Stored::Unknown,
         Ok(Err(crate::store::StoreError::Op {
             source: object_store::Error::NotFound { .. },
             ..
         })) => Stored::Absent,
         _ => Stored::Unknown,
     }
+}
+
+/// Up to `store.max_manifest_bytes` (256 MiB) of JSON, parsed where a timeout and a stop
+/// are still heard (on a runtime worker it holds the reactor for seconds).
+pub(crate) async fn parse_off_reactor(
+    bytes: bytes::Bytes,
+) -> Result<c3_proto::Manifest, c3_proto::manifest::ManifestError> {
+    tokio::task::spawn_blocking(move || c3_proto::Manifest::from_json(&bytes))
+        .await
+        .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+}
+
+/// Whether `m` is the manifest of `job_id`'s attempt `attempt`, the one its key names.
+pub(crate) fn is_attempts(m: &c3_proto::Manifest, job_id: &str, attempt: u32) -> bool {
+    m.job_id == job_id && m.attempt == attempt
 }
 
 /// How long the job's result file (at most 64 KiB) may take to read.

@@ -259,7 +259,16 @@ pub(crate) async fn listed_before(
         .get_bytes_capped(&key, ctx.max_manifest_bytes)
         .await
     {
-        Ok(bytes) => match c3_proto::Manifest::from_json(&bytes) {
+        Ok(bytes) => match crate::job::parse_off_reactor(bytes).await {
+            // Another job's or attempt's at this key (a cache, a gateway, a copy): taken in,
+            // its files (another tenant's) were listed in this attempt's manifest.
+            Ok(m) if !crate::job::is_attempts(&m, &record.spec.job_id, record.spec.attempt) => {
+                not_this_agents(format!(
+                    "it is job {} attempt {}'s",
+                    crate::display::cut(m.job_id.clone(), 256),
+                    m.attempt
+                ))
+            }
             Ok(m) => Ok(Listed::Before(Some(m))),
             // Only bytes that are not JSON at all (cut short, garbled): valid JSON of
             // another shape (a field of another type, a result past its bound) may be a

@@ -766,6 +766,40 @@ fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
     assert!(blob.exists(), "gc deleted a blob the job had stored");
 }
 
+/// As above, but the attempt's manifest key holds another job's complete manifest (a cache
+/// or gateway answering for the wrong key, a copy): taken in, its files, another tenant's,
+/// were listed in this job's manifests, where a chained job would pull them. It is left as
+/// it is, the attempt alone, with an error naming whose it is.
+#[test]
+fn recover_never_takes_in_another_jobs_manifest_at_its_key() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "tenant", "command": ["sh", "-c", "echo secret > $C3_ARTIFACTS_DIR/secret"]}))
+        .assert_code(0);
+    let foreign = h.object("jobs/tenant/attempts/1/manifest.json").unwrap();
+    let own_key = "jobs/mine/attempts/1/manifest.json";
+    killed_after_live_sync_then_workdir_gone(&h, "mine");
+    h.tamper(own_key, &foreign);
+    let run = h.run(&["recover"]);
+    assert_eq!(
+        h.object(own_key).unwrap(),
+        foreign,
+        "the manifest was replaced\n{}",
+        run.stderr
+    );
+    if let Some(job) = h.object("jobs/mine/manifest.json") {
+        assert!(
+            !String::from_utf8_lossy(&job).contains("secret"),
+            "another job's file listed as this job's: {}",
+            String::from_utf8_lossy(&job)
+        );
+    }
+    assert!(
+        run.stderr.contains(own_key) && run.stderr.contains("job tenant attempt 1"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// As above, but the attempt's manifest is a newer agent's (version 2; this node was rolled
 /// back): taken for unreadable, it was replaced by a complete one listing nothing (the
 /// workdir gone), and `gc` then deleted every blob only it named. It is left as it is, the

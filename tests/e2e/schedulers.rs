@@ -980,6 +980,49 @@ fn watch_of_an_attempt_stored_elsewhere_is_refused() {
     assert_eq!(h.manifest_paths("wa"), vec!["artifacts/a"]);
 }
 
+/// A run whose attempt key holds another job's complete manifest (misrouted by a cache or
+/// gateway, a copy) was refused as having "already ran": that manifest says nothing of
+/// this attempt.
+#[test]
+fn another_jobs_manifest_at_the_attempts_key_is_no_earlier_run() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "theirs", "command": ["sh", "-c", "echo t > $C3_ARTIFACTS_DIR/t"]}))
+        .assert_code(0);
+    let foreign = h.object("jobs/theirs/attempts/1/manifest.json").unwrap();
+    let key = "jobs/ours/attempts/1/manifest.json";
+    std::fs::create_dir_all(h.object_path(key).parent().unwrap()).unwrap();
+    h.tamper(key, &foreign);
+    let run = h.run_job(
+        json!({"job_id": "ours", "command": ["sh", "-c", "echo o > $C3_ARTIFACTS_DIR/o"]}),
+    );
+    run.assert_code(0);
+    assert!(run.stderr.contains("another job's"), "{}", run.stderr);
+    assert_eq!(h.manifest_paths("ours"), vec!["artifacts/o"]);
+}
+
+/// A watch over a run record that cannot be read (a directory in its place: EISDIR, as a
+/// failing disk reads) is refused as the node's fault, retryable elsewhere (exit 6), as `run`
+/// refuses one: exit 2 told the scheduler the job itself was bad and failed it for good.
+#[test]
+fn watch_over_a_record_that_cannot_be_read_is_refused_as_the_nodes_fault() {
+    let h = Harness::file().with_control_plane(5);
+    let path = h.state.join("jobs/weio/attempts/1/run.json");
+    std::fs::create_dir_all(&path).unwrap();
+    let out = h.path("shared/out");
+    std::fs::create_dir_all(&out).unwrap();
+    let run = h.run(&["watch", "--job-id", "weio", out.to_str().unwrap()]);
+    run.assert_code(6);
+    assert!(
+        run.stderr.contains("earlier run record cannot be read")
+            || run.stderr.contains("cannot read"),
+        "{}",
+        run.stderr
+    );
+    let posted = h.cp().delivered("/status");
+    assert!(posted.is_empty(), "{posted:?}");
+    assert!(path.is_dir());
+}
+
 /// Under Slurm, scancel signals the whole job at once: the watched trainer dies of its
 /// SIGTERM as the agent gets its own, and the agent saw the death first. That was SUCCEEDED
 /// ("exit code unknown"), a canceled job reported as a success.
