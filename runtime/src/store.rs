@@ -465,8 +465,8 @@ const MAX_ATTEMPT_KEY_BYTES: usize = 1024;
 /// bytes, GCS's a few hundred, Azure's empty).
 pub const MAX_UPLOAD_ID: usize = 1024;
 
-/// Whether an upload id from the store (or from a journal) can go into the requests that
-/// name it: one of 64 KiB made every part's URI too long for the HTTP client, which panics
+/// Whether an upload id (or a part's id) from the store (or from a journal) can go into
+/// the requests that name it: one of 64 KiB made every part's URI too long for the HTTP client, which panics
 /// on it (object_store's signing `expect`s a valid request), in the upload and again in every
 /// later look at its journal, the seal's included (no manifest was ever written).
 pub fn usable_upload_id(id: &str) -> bool {
@@ -2162,10 +2162,29 @@ impl BlobStore {
     ) -> Result<String, StoreError> {
         let (mp, path) = self.multipart_path(sha256_hex)?;
         let id = upload_id.to_string();
-        mp.put_part(&path, &id, idx, PutPayload::from(bytes))
+        let key = blob_key(sha256_hex);
+        let part = mp
+            .put_part(&path, &id, idx, PutPayload::from(bytes))
             .await
-            .map(|p| p.content_id)
-            .map_err(|source| upload_error("upload part", &blob_key(sha256_hex), source))
+            .map_err(|source| upload_error("upload part", &key, source))?;
+        // Kept in memory, journaled and sent back whole at the completion, for each of up
+        // to 10,000 parts: an ETag of 400 KiB (the most a reply's headers hold) was 4 GB of a
+        // big checkpoint's. Taken as a blip, as a garbled upload id is: the part is sent again.
+        if !usable_upload_id(&part.content_id) {
+            return Err(upload_error(
+                "upload part",
+                &key,
+                object_store::Error::Generic {
+                    store: "c3-agent",
+                    source: format!(
+                        "the store named part {idx} with {} bytes (at most {MAX_UPLOAD_ID} are used)",
+                        part.content_id.len()
+                    )
+                    .into(),
+                },
+            ));
+        }
+        Ok(part.content_id)
     }
 
     /// Completes an upload. A retry after a lost acknowledgement (ours, or one object_store
