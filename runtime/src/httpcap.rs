@@ -166,15 +166,16 @@ fn same_place(a: &http::Uri, b: &http::Uri) -> bool {
 }
 
 /// Whether a GET's query names a listing (S3 and GCS `list-type`, Azure `comp`/`restype`,
-/// multipart `uploads`/`uploadId`) rather than an object's bytes. An Azure SAS token's
-/// parameters (`sv`, `sig`, ...) are none of these.
+/// multipart `uploads`/`uploadId`) or another document object_store reads whole (S3
+/// Express's `session`, from the store's own origin) rather than an object's bytes. An
+/// Azure SAS token's parameters (`sv`, `sig`, ...) are none of these.
 fn is_listing(query: Option<&str>) -> bool {
     query.is_some_and(|q| {
         q.split('&').any(|pair| {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
             matches!(
                 key,
-                "list-type" | "comp" | "restype" | "uploads" | "uploadId"
+                "list-type" | "comp" | "restype" | "uploads" | "uploadId" | "session"
             )
         })
     })
@@ -366,6 +367,7 @@ mod tests {
         assert!(is_listing(Some("list-type=2&prefix=a")));
         assert!(is_listing(Some("restype=container&comp=list")));
         assert!(is_listing(Some("uploads")));
+        assert!(is_listing(Some("session")), "S3 Express CreateSession");
         assert!(!is_listing(None));
         assert!(!is_listing(Some("sv=2024&sig=abc&se=now")));
         assert!(!is_listing(Some("x-id=GetObject")));
