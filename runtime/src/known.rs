@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Keys kept at most (about 50 bytes each in memory: the digest's 32 bytes, not its hex);
-/// past it the file is cut to the newest half when it is loaded.
+/// a file that reached it is cut to the newest half when it is loaded: left full, it took
+/// no key again, frozen on its oldest for good (one dataset of 200,000 files did it).
 const MAX_KEYS: usize = 200_000;
 
 #[derive(Debug)]
@@ -51,7 +52,7 @@ impl KnownBlobs {
                 return Mutex::new(HashSet::new());
             };
             let mut keys = load(path);
-            if keys.len() > MAX_KEYS {
+            if keys.len() >= MAX_KEYS {
                 let keep: Vec<String> = keys.split_off(keys.len() - MAX_KEYS / 2);
                 let _ = crate::statedir::write_atomic(path, (keep.join("\n") + "\n").as_bytes());
                 keys = keep;
@@ -173,6 +174,31 @@ mod tests {
             .find(|t| !t.is_empty())
             .unwrap();
         assert_eq!(file, format!("{}\n", "a".repeat(64)), "one line, once");
+    }
+
+    /// A record that reached its size (one dataset of 200,000 files) is cut to its newest
+    /// half when loaded: left as it was, the next agent loaded a full set and kept no key
+    /// for good.
+    #[test]
+    fn a_full_record_takes_new_keys_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |i: usize| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            k
+        };
+        let full = KnownBlobs::open(dir.path(), "s3://b/x");
+        full.extend((0..MAX_KEYS).map(key));
+        assert!(full.contains(&key(MAX_KEYS - 1)));
+        drop(full);
+        let next = KnownBlobs::open(dir.path(), "s3://b/x");
+        let new = [0xee; 32];
+        next.insert(&new);
+        assert!(next.contains(&new));
+        assert!(next.contains(&key(MAX_KEYS - 1)), "the newest stay");
+        assert!(!next.contains(&key(0)), "the oldest go");
+        drop(next);
+        assert!(KnownBlobs::open(dir.path(), "s3://b/x").contains(&new));
     }
 
     /// The record is the agent's alone under any umask, and one made open is closed.
