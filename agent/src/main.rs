@@ -937,7 +937,7 @@ async fn recover(env: &Env, budget_secs: Option<u64>) -> ExitCode {
         } else {
             format!("; left in phase finishing: {}", cut.join(", "))
         };
-        out::say(&format!(
+        out::summary(format!(
             "recover stopped before it was done: {why}{left}; what it stored is kept and the next `c3-agent recover` goes on from there"
         ));
         return code;
@@ -961,7 +961,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
     };
     match c3_runtime::recover::resync(&ctx, job_id, attempt, &halt).await {
         Ok(Some(summary)) if summary.unfinished => {
-            out::say(&format!(
+            out::summary(format!(
                 "job {}: resync stopped (a signal) before it was done; what it stored is kept and `c3-agent resync {}` goes on from there",
                 summary.job_id, summary.job_id
             ));
@@ -969,7 +969,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
         }
         Ok(Some(summary)) => {
             let v = summary.verdict;
-            out::say(&format!(
+            out::summary(format!(
                 "job {} {}{}: {} files, {} bytes ({} new)",
                 summary.job_id,
                 v.state.as_str(),
@@ -983,7 +983,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ExitCode::from(v.exit.code())
         }
         Ok(None) => {
-            out::say(&format!(
+            out::summary(format!(
                 "job {job_id}: nothing left to store (or another agent is at work on it)"
             ));
             ExitCode::SUCCESS

@@ -48,12 +48,51 @@ fn json_safe(text: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-/// One result: `human` as text, or `json` as one JSON line.
+/// One result: `human` as text, or `json` as one JSON line ([`summary`]: the last word of
+/// a command that a unit or a timer runs).
 pub fn result(human: &str, json: serde_json::Value) -> bool {
     if self::json() {
-        say_json(&json.to_string())
+        summary(json_safe(&json.to_string()).into_owned())
     } else {
-        say(human)
+        summary(human.to_string())
+    }
+}
+
+/// How long a command's summary line may wait on stdout.
+const SUMMARY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Set once a summary line was given up on: its writer holds stdout, and the next would
+/// wait out its own [`SUMMARY_WAIT`] behind it.
+static STALLED: AtomicBool = AtomicBool::new(false);
+
+/// A command's summary line on stdout, given up on after [`SUMMARY_WAIT`]: under systemd
+/// stdout is journald's stream socket, and a stalled journal held the agent in a blocking
+/// write after the job was done and reported, until the stop timeout's SIGKILL made its
+/// exit status 9/KILL instead of the job's code (which schedulers read). The line is
+/// written from a thread of its own that the process does not wait for at exit.
+pub fn summary(line: String) -> bool {
+    if STALLED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::Builder::new()
+        .name("summary".into())
+        .spawn(move || {
+            let _ = tx.send(say(&line));
+        });
+    if writer.is_err() {
+        return false;
+    }
+    match rx.recv_timeout(SUMMARY_WAIT) {
+        Ok(said) => said,
+        Err(_) => {
+            STALLED.store(true, Ordering::Relaxed);
+            note(&format!(
+                "stdout did not take the summary line within {} s (a stalled journal?); exiting without it",
+                SUMMARY_WAIT.as_secs()
+            ));
+            false
+        }
     }
 }
 

@@ -403,6 +403,51 @@ fn a_stalled_journal_does_not_stop_a_timeout() {
     drop(unread);
 }
 
+/// A stdout that takes nothing (journald's stream socket, stalled) never holds the agent
+/// after its job is done and reported: the summary line blocked the exit until the stop
+/// timeout's SIGKILL, and the unit's exit status, which schedulers read, said 9/KILL
+/// instead of the job's code.
+#[test]
+fn a_stdout_that_takes_nothing_does_not_hold_the_exit() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let h = Harness::file();
+    let (unread, stdout) = nix::unistd::pipe().unwrap();
+    // Filled to the brim without blocking here, then handed over blocking, as a socket
+    // whose reader stopped is.
+    let flags = |fd: &std::os::fd::OwnedFd, on: bool| {
+        let mut f = nix::fcntl::OFlag::from_bits_truncate(
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).unwrap(),
+        );
+        f.set(nix::fcntl::OFlag::O_NONBLOCK, on);
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(f)).unwrap();
+    };
+    flags(&stdout, true);
+    let mut full = std::fs::File::from(stdout);
+    while full.write(&[b'x'; 4096]).is_ok_and(|n| n > 0) {}
+    let stdout: std::os::fd::OwnedFd = full.into();
+    flags(&stdout, false);
+    let mut cmd = h.command(&["run", "--job-id", "quiet", "--", "sh", "-c", "exit 3"]);
+    cmd.stdout(std::process::Stdio::from(stdout));
+    let started = Instant::now();
+    let mut agent = cmd.spawn().unwrap();
+    drop(cmd);
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent still runs 30 s after its job ended, its stdout full");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "the job's failure, not a kill");
+    assert_eq!(h.terminal("quiet")["reason"], "SCRIPT_ERROR");
+    drop(unread);
+}
+
 /// A job's line says its stream first: with the stream at the end, a job printing the
 /// agent's summary padded with spaces read as the agent's own summary in a pager.
 #[test]
