@@ -90,6 +90,30 @@ impl Drop for AgentSocket {
     }
 }
 
+/// The socket of `job_id`'s attempt served by the agent of pid `pid`: short and unique per
+/// attempt and agent (job ids can be 128 characters long).
+fn socket_path(state: &StateDir, job_id: &str, attempt: u32, pid: u32) -> PathBuf {
+    let name = crate::digest::sha256_hex(format!("{job_id}\0{attempt}\0{pid}").as_bytes());
+    state
+        .root()
+        .join("run")
+        .join(format!("{}.sock", &name[..16]))
+}
+
+/// Removes the socket an agent of pid `pid` left for the attempt (killed, OOM-killed, dead
+/// of a panic: its `Drop` never ran), once that agent is known gone: one inode in the state
+/// dir per crash, for ever.
+pub fn remove_left(state: &StateDir, job_id: &str, attempt: u32, pid: u32) {
+    let path = socket_path(state, job_id, attempt, pid);
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "removed the socket a dead agent left"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "cannot remove the socket a dead agent left")
+        }
+    }
+}
+
 impl AgentSocket {
     /// Binds the socket of one attempt; `owner` (the job's uid and gid) gets it.
     pub fn bind(
@@ -105,11 +129,7 @@ impl AgentSocket {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        // Short and unique per attempt and agent: job ids can be 128 characters long.
-        let name = crate::digest::sha256_hex(
-            format!("{job_id}\0{attempt}\0{}", std::process::id()).as_bytes(),
-        );
-        let path = dir.join(format!("{}.sock", &name[..16]));
+        let path = socket_path(state, job_id, attempt, std::process::id());
         if path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,

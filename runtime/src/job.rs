@@ -495,6 +495,10 @@ async fn take_over_earlier_run(
             tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
         }
     }
+    // The attempt's lock is held: the earlier agent is gone.
+    if let Some((pid, _)) = record.agent {
+        crate::agentsock::remove_left(&ctx.state, &spec.job_id, spec.attempt, pid.unsigned_abs());
+    }
     Ok(Some(record.seq))
 }
 

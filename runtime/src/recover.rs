@@ -505,6 +505,14 @@ async fn recover_record(
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
     let survivors = stop_survivors(ctx, &record).await;
+    if let Some((pid, _)) = record.agent {
+        crate::agentsock::remove_left(
+            &ctx.state,
+            &record.spec.job_id,
+            record.spec.attempt,
+            pid.unsigned_abs(),
+        );
+    }
     // The workdir is shared by the job's attempts (the default one, `jobs/<id>/work`, is):
     // once a later attempt has run in it, what is there is that attempt's, and finishing this
     // one from it would list the later attempt's files as this one's (its manifest replaced,

@@ -150,6 +150,18 @@ fn a_crash_after_a_stop_kept_the_registration_does_not_count_its_bytes_twice() {
 
 /// Runs `job` (`sleep 300`, its pid in `artifacts/job.pid`) under an agent that crashes right
 /// after the launch; the pid of the job, which outlives it.
+/// The agent sockets in the state dir: each one a dead agent left stays for ever unless
+/// the agent that takes its attempt over (a rerun, `recover`) removes it.
+fn sockets(h: &Harness) -> usize {
+    std::fs::read_dir(h.state.join("run"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".sock"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn job_outliving_its_crashed_agent(h: &mut Harness, job: &str) -> i32 {
     // The job's cgroup needs root; without it the dead agent's job is found by its marks.
     let fault = if nix::unistd::geteuid().is_root() {
@@ -176,6 +188,7 @@ fn job_outliving_its_crashed_agent(h: &mut Harness, job: &str) -> i32 {
 fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
     let mut h = Harness::file().with_control_plane(5);
     let pid = job_outliving_its_crashed_agent(&mut h, "again");
+    assert_eq!(sockets(&h), 1, "the crashed agent's socket");
     let rerun = h.run_job(json!({"job_id": "again", "command": ["true"]}));
     rerun.assert_code(0);
     wait_for(
@@ -193,6 +206,18 @@ fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
     let t = h.cp().terminal_status().unwrap();
     assert_eq!(t["state"], "SUCCEEDED", "{t}");
     assert_eq!(terminals(&h).len(), 1, "{:?}", statuses(&h));
+    assert_eq!(sockets(&h), 0, "the dead agent's socket stayed");
+}
+
+/// `recover` of an attempt whose agent died removes the socket that agent left.
+#[test]
+fn recover_removes_the_socket_a_dead_agent_left() {
+    let mut h = Harness::file();
+    job_outliving_its_crashed_agent(&mut h, "sock");
+    assert_eq!(sockets(&h), 1, "the crashed agent's socket");
+    h.run(&["recover"]);
+    assert_eq!(h.terminal("sock")["reason"], "AGENT_ERROR");
+    assert_eq!(sockets(&h), 0, "the dead agent's socket stayed");
 }
 
 /// The agent dies after RUNNING (and FINALIZING) went out, before the store held a manifest
