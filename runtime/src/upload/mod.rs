@@ -356,7 +356,7 @@ pub struct Uploader {
     /// agents uploaded them, so that `recover` after a crash registers the right storage delta.
     added_log: Option<added::AddedLog>,
     /// Large files hashed ahead while the job writes them, by (dev, ino).
-    prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), multipart::Prehashed>>>,
+    prehashed: Arc<std::sync::Mutex<HashMap<(u64, u64), Ahead>>>,
     /// The version of each inode last read, by (dev, ino), behind a lock held through its
     /// upload: a hard link to a file already read in the version it has now is the same
     /// bytes, and costs a stat. A job's 1 GiB file with 10,000 links would otherwise be
@@ -551,6 +551,17 @@ const MAX_INODES: usize = 65_536;
 
 /// Large files followed at once, at most (each entry is a hasher and a tag per part).
 const MAX_PREHASHED: usize = 64;
+/// A file hashed ahead that has not grown for this long gives its place up to a new one
+/// when all are taken: one deleted or refused before its upload is never taken, and 64 of
+/// them (checkpoints rotated away) stopped hashing ahead for the rest of the attempt.
+const PREHASH_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A file's prefix hashed ahead, and when it last grew.
+#[derive(Debug)]
+struct Ahead {
+    state: multipart::Prehashed,
+    at: std::time::Instant,
+}
 /// Read ahead per call at most, so one fast writer cannot keep the agent reading.
 const PREHASH_STEP: u64 = 256 * MIB;
 
@@ -939,11 +950,14 @@ impl Uploader {
         }
         let key = (stamp.dev, stamp.ino);
         let ahead = {
-            let map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
             if !map.contains_key(&key) && map.len() >= MAX_PREHASHED {
-                return;
+                map.retain(|_, a| a.at.elapsed() < PREHASH_IDLE);
+                if map.len() >= MAX_PREHASHED {
+                    return;
+                }
             }
-            map.get(&key).cloned()
+            map.get(&key).map(|a| a.state.clone())
         };
         let mut state = ahead.unwrap_or_else(|| multipart::PartHasher::new(part_size));
         let target = (stamp.size / part_size * part_size).min(state.hashed() + PREHASH_STEP);
@@ -992,14 +1006,15 @@ impl Uploader {
         .await;
         if let Ok(state) = done {
             let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
-            map.insert(key, state);
+            let at = std::time::Instant::now();
+            map.insert(key, Ahead { state, at });
         }
     }
 
     /// The file's prefix hashed ahead, if any (taken: a retry after "changed" starts over).
     fn take_prehashed(&self, stamp: FileStamp) -> Option<multipart::Prehashed> {
         let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
-        let ahead = map.remove(&(stamp.dev, stamp.ino));
+        let ahead = map.remove(&(stamp.dev, stamp.ino)).map(|a| a.state);
         if let Some(a) = &ahead {
             tracing::debug!(
                 hashed_ahead = a.hashed(),
@@ -1530,7 +1545,7 @@ mod tests {
             .lock()
             .unwrap()
             .values()
-            .map(|p| p.hashed())
+            .map(|p| p.state.hashed())
             .max();
         assert_eq!(
             ahead,
@@ -1760,6 +1775,7 @@ mod tests {
             .values()
             .next()
             .unwrap()
+            .state
             .hashed();
         assert_eq!(ahead, 2 * MIB, "whole parts only");
         // The writer goes on, then closes the file.
@@ -1783,6 +1799,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored.as_ref(), &data[..], "the blob hashes to its key");
+    }
+
+    /// Files hashed ahead then deleted (checkpoints rotated away) are never taken by an
+    /// upload: once 64 such took every place, no file was hashed ahead for the rest of the
+    /// attempt. One idle past `PREHASH_IDLE` gives its place up; busy ones keep theirs.
+    #[tokio::test]
+    async fn files_hashed_ahead_then_gone_give_their_places_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Uploader::new(BlobStore::in_memory(), small_parts(), "j", None);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(PREHASH_IDLE * 2)
+            .unwrap_or_else(std::time::Instant::now);
+        let fill = |at: std::time::Instant| {
+            let mut map = up.prehashed.lock().unwrap();
+            map.clear();
+            for i in 0..MAX_PREHASHED as u64 {
+                let state = multipart::PartHasher::new(MIB);
+                map.insert((u64::MAX, i), Ahead { state, at });
+            }
+        };
+        let (file, _) = file_of(dir.path(), "ckpt", 5 * MIB as usize / 2, 3);
+        let key = (file.stamp.dev, file.stamp.ino);
+        fill(std::time::Instant::now());
+        up.prehash(&file).await;
+        assert!(
+            !up.prehashed.lock().unwrap().contains_key(&key),
+            "busy ones keep their places"
+        );
+        if long_ago.elapsed() >= PREHASH_IDLE {
+            fill(long_ago);
+            up.prehash(&file).await;
+            let map = up.prehashed.lock().unwrap();
+            assert!(map.contains_key(&key), "idle ones kept every place");
+            assert_eq!(map.len(), 1);
+        }
     }
 
     #[tokio::test]
