@@ -1961,10 +1961,12 @@ impl BlobStore {
         let Some(root) = self.local_root() else {
             return true;
         };
-        let path = root.join(blob_key(sha256_hex));
+        let (key, path) = (blob_key(sha256_hex), root.join(blob_key(sha256_hex)));
         let sha = sha256_hex.to_string();
-        let touch = tokio::task::spawn_blocking(move || {
-            crate::filestore::hang_if_armed("touch");
+        // In one of the file store's call slots, as every other call: a touch that does not
+        // return (a hung network file system whose stats still answer) keeps its thread, and
+        // every deduplicated file's left one stuck until tokio's blocking pool was full.
+        let touch = local_blocking("touch", &key, self.file_limits.meta, move || {
             // "Now" as the file system keeps time (UTIME_NOW): allowed to any writer, where an
             // explicit time needs the owner (a blob another node's agent stored fails, and
             // the touch was skipped), and on NFS the server's clock, which gc's ages are
@@ -2012,10 +2014,9 @@ impl BlobStore {
             };
             std::fs::symlink_metadata(&path).map(|now| now.is_file() && now.ino() == ino)
         });
-        // A touch that does not return (a hung network file system; its thread abandoned)
-        // is a blob not known wanted: it is stored again, a write bounded as every other.
-        let touched = tokio::time::timeout(self.file_limits.meta, touch).await;
-        matches!(touched, Ok(Ok(Ok(true))))
+        // A touch that failed or did not return (its thread abandoned), or found no slot, is
+        // a blob not known wanted: it is stored again, a write bounded as every other.
+        matches!(touch.await, Ok(true))
     }
 
     /// Whether what is at the blob's key on the file store is a regular file (elsewhere: the
@@ -4022,6 +4023,69 @@ pub(crate) mod tests {
             .unwrap());
         assert_eq!(std::fs::metadata(&at).unwrap().ino(), ino);
         assert!(!dir.path().join("s").join(staging).exists());
+    }
+
+    /// A file store whose stats answer but whose touches hang (an NFS or Lustre server that
+    /// stopped taking setattr): each touch was cut at its limit, but on a thread of its own,
+    /// outside the file store's call slots. Every deduplicated file left one stuck; once
+    /// tokio's blocking pool was full, nothing else that needs it ran (run record saves, job
+    /// kills, upload reads).
+    #[test]
+    fn hung_touches_leave_the_blocking_pool_room() {
+        use crate::filestore::CALLS;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(CALLS + 16)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let limits = crate::filestore::Limits {
+                meta: Duration::from_millis(300),
+                data_floor: Duration::from_secs(1),
+                data_rate: u64::MAX,
+            };
+            let mut config = config(&format!("file://{}", dir.path().join("s").display()));
+            config.retry_deadline = Duration::from_secs(2);
+            let store = BlobStore::open_with(&config, limits).unwrap();
+            store.preflight().await.unwrap();
+            let data = Bytes::from_static(b"a file every job has");
+            let sha = crate::digest::sha256_hex(&data);
+            let size = data.len() as u64;
+            assert!(store.put_blob(&sha, data).await.unwrap());
+
+            let hung = crate::fault::arm(crate::filestore::HANG, "touch");
+            let calls: Vec<_> = (0..CALLS + 40)
+                .map(|_| {
+                    let (store, sha) = (store.clone(), sha.clone());
+                    tokio::spawn(async move { store.blob_exists(&sha, size).await })
+                })
+                .collect();
+            for call in calls {
+                let wanted = tokio::time::timeout(Duration::from_secs(30), call).await;
+                // Not known wanted (the blob is stored again) or the store's transient
+                // time-out: either way not taken as stored.
+                assert!(!matches!(wanted, Ok(Ok(Ok(true)))), "a hung touch counted");
+            }
+            let other =
+                tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(|| ()))
+                    .await;
+            assert!(
+                other.is_ok(),
+                "the abandoned touches took every blocking thread"
+            );
+            drop(hung);
+            // The stuck threads see the fault disarmed and return, their slots with them.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !store.blob_exists(&sha, size).await.unwrap() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "touches never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
 
     /// A store URL that names a symlink root made, in a directory only root may write
