@@ -77,7 +77,8 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
             "manifests": r.manifests, "blobs": r.blobs, "referenced": r.referenced,
             "deleted": r.deleted, "bytes_freed": r.bytes_freed, "kept_young": r.kept_young,
             "missing": r.missing, "staging_deleted": r.staging_deleted,
-            "staging_bytes": r.staging_bytes, "dry_run": r.dry_run,
+            "staging_bytes": r.staging_bytes, "torn_deleted": r.torn_deleted,
+            "torn_bytes": r.torn_bytes, "dry_run": r.dry_run,
         }),
         Some(Err(_)) => serde_json::Value::Null,
     };
@@ -101,6 +102,12 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
                 text += &format!(
                     "; {} staging files a crash left {deleted} ({} bytes)",
                     r.staging_deleted, r.staging_bytes
+                );
+            }
+            if r.torn_deleted > 0 {
+                text += &format!(
+                    "; {} temp files of manifests a crash left {deleted} ({} bytes)",
+                    r.torn_deleted, r.torn_bytes
                 );
             }
             text

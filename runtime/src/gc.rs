@@ -17,6 +17,10 @@
 //! the grace period covers it until the manifest that names it is written. The empty blob,
 //! which every preflight writes, is never deleted.
 //!
+//! The temp files a crash left go once as old as the grace period (never under an hour):
+//! puts' under `staging/`, and the `<key>#<N>` object_store writes a manifest to beside its
+//! key under `jobs/`, which its listing hides.
+//!
 //! File store only: blobs are listed from its directory (object_store's listing carries no
 //! mtime through [`BlobStore`]), manifests are read through the store. What gc deletes it
 //! reaches through directory fds opened from the store's root, never through a symlink; as
@@ -69,6 +73,11 @@ pub struct GcReport {
     /// deleted (with `dry_run`: would be), and their bytes.
     pub staging_deleted: usize,
     pub staging_bytes: u64,
+    /// Temp files of documents under `jobs/` (`<key>#<N>`, a manifest's write a crash
+    /// interrupted) as old as `staging/`'s: deleted (with `dry_run`: would be), and their
+    /// bytes.
+    pub torn_deleted: usize,
+    pub torn_bytes: u64,
     pub dry_run: bool,
 }
 
@@ -242,20 +251,27 @@ pub async fn collect_garbage_capped(
             doomed.push(blob);
         }
     }
+    // A put under way is never swept either.
+    let staging_cutoff = cutoff.min(
+        now.checked_sub(STAGING_MIN_AGE)
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    );
     let (staged, staged_bytes) = {
         let root_dir = root_dir.clone();
-        // A put under way is never swept either.
-        let cutoff = cutoff.min(
-            now.checked_sub(STAGING_MIN_AGE)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        );
         blocking_cut("gc sweep", limit, move |tick| {
-            sweep_staging(&root_dir, cutoff, dry_run, tick)
+            sweep_staging(&root_dir, staging_cutoff, dry_run, tick)
         })
         .await?
     };
     report.staging_deleted = staged;
     report.staging_bytes = staged_bytes;
+    (report.torn_deleted, report.torn_bytes) = {
+        let root_dir = root_dir.clone();
+        blocking_cut("gc sweep jobs", limit, move |tick| {
+            sweep_torn_documents(&root_dir, staging_cutoff, dry_run, tick)
+        })
+        .await?
+    };
     if dry_run {
         report.deleted = doomed.len();
         // Saturating, as the report is a count for a person: sizes come from the store.
@@ -459,6 +475,73 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool, tick: &dyn Fn(
         );
     }
     swept
+}
+
+/// Deletes the temp files of documents under `jobs/` last modified before `cutoff`: object_store's
+/// `LocalFileSystem` writes a manifest to `<key>#<N>` beside its key and renames it over the
+/// key once whole, so an agent killed mid-write left one there, which object_store's own
+/// listing hides and nothing else removes. Only plain files named `<name>#<digits>` go (no
+/// job id or key of the agent's has a `#`), at most as deep as an attempt's manifest
+/// (`jobs/<id>/attempts/<n>/`), each reached from its directory's fd with no symlink followed,
+/// `jobs` itself included. A write that stalled past `cutoff` and then went on finds its temp
+/// gone: its rename fails, a transient failure retried with a new temp.
+fn sweep_torn_documents(
+    root: &DirFd,
+    cutoff: SystemTime,
+    dry_run: bool,
+    tick: &dyn Fn(),
+) -> (usize, u64) {
+    let mut swept = (0, 0);
+    let Ok(mut walk) = root
+        .open_dir(Path::new("jobs"))
+        .and_then(|dir| TreeWalk::new(dir, b"jobs".to_vec()))
+    else {
+        return swept;
+    };
+    while let Some(item) = walk.next() {
+        tick();
+        let Item::Entry(entry) = item else {
+            continue;
+        };
+        let Ok(st) = &entry.stat else {
+            continue;
+        };
+        if is_dir(st) {
+            // jobs/<id>/attempts/<n>: four levels open at most.
+            if walk.depth() < 4 {
+                if let Ok(dir) = entry.open_dir() {
+                    let _ = walk.enter(dir, entry.rel);
+                }
+            }
+        } else if is_regular(st)
+            && is_staged_temp(&entry.name)
+            && modified(st) < cutoff
+            && (dry_run || entry.parent.remove_file(&entry.name).is_ok())
+        {
+            swept.0 += 1;
+            swept.1 += st.st_size as u64;
+        }
+    }
+    if swept.0 > 0 && !dry_run {
+        tracing::info!(
+            files = swept.0,
+            bytes = swept.1,
+            "deleted temp files of manifests a crash left"
+        );
+    }
+    swept
+}
+
+/// Whether `name` is one object_store's `LocalFileSystem` stages a write to: `<name>#<digits>`
+/// (the names its listing hides).
+fn is_staged_temp(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let name = name.as_bytes();
+    let Some(at) = name.iter().rposition(|&b| b == b'#') else {
+        return false;
+    };
+    let (stem, suffix) = (&name[..at], &name[at + 1..]);
+    !stem.is_empty() && !suffix.is_empty() && suffix.iter().all(u8::is_ascii_digit)
 }
 
 /// Ages are taken from the earlier of the node's time and the store's: either clock ahead
@@ -1029,6 +1112,7 @@ mod tests {
             "gc stat",
             "gc list",
             "gc sweep",
+            "gc sweep jobs",
             "gc delete",
         ] {
             let hang = crate::fault::arm(crate::filestore::HANG, op);
@@ -1126,6 +1210,91 @@ mod tests {
         assert!(!small.exists() && !large.exists());
         assert!(busy.exists(), "a put under way keeps its temp file");
         assert!(outside.exists() && staging.join(".small-08").is_dir());
+    }
+
+    /// An agent killed while it wrote a manifest left object_store's temp file beside the key
+    /// (`<key>#<N>`, renamed over it once whole). object_store's listing hides such names, and
+    /// gc swept only `staging/`: they stayed for ever, a manifest's size each.
+    #[tokio::test]
+    async fn torn_manifest_temps_go_once_older_than_the_grace_period() {
+        let f = Fixture::new().await;
+        let kept = f.blob(b"listed", 10 * DAY).await;
+        let listing = manifest("j", 1, &[&kept], None);
+        f.put(&manifest_key("j"), listing.clone()).await;
+        f.put(&attempt_manifest_key("j", 1), listing.clone()).await;
+        let aged = |path: &Path, age: Duration| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+        };
+        let file = |rel: &str, bytes: &[u8], age: Duration| {
+            let path = f.root.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            aged(&path, age);
+            path
+        };
+        let torn = [
+            file("jobs/j/manifest.json#1", b"{\"vers", 2 * DAY),
+            file("jobs/j/attempts/1/manifest.json#1", b"{", 2 * DAY),
+            file("jobs/j/attempts/2/manifest.json#12", b"", 2 * DAY),
+        ];
+        // A write under way, and what is no temp of object_store's: kept.
+        let busy = file(
+            "jobs/j/attempts/3/manifest.json#1",
+            b"young",
+            Duration::ZERO,
+        );
+        let not_temps = [
+            file("jobs/j/manifest.json#", b"x", 2 * DAY),
+            file("jobs/j/manifest.json#1a", b"x", 2 * DAY),
+            file("jobs/j/#1", b"x", 2 * DAY),
+        ];
+        let manifests = [
+            f.root.join(manifest_key("j")),
+            f.root.join(attempt_manifest_key("j", 1)),
+        ];
+        for m in &manifests {
+            aged(m, 2 * DAY);
+        }
+        // Symlinks are not followed: neither one named like a temp nor a job's directory.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("manifest.json#1");
+        std::fs::write(&target, b"root's").unwrap();
+        aged(&target, 2 * DAY);
+        let link = f.root.join("jobs/j/attempts/4/manifest.json#1");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), f.root.join("jobs/linked")).unwrap();
+
+        let dry = collect_garbage(&f.store, DEFAULT_GRACE, true)
+            .await
+            .unwrap();
+        assert!(torn.iter().all(|t| t.exists()), "a dry run deleted");
+
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        for t in &torn {
+            assert!(!t.exists(), "{} stayed", t.display());
+        }
+        assert!(busy.exists(), "a write under way keeps its temp file");
+        for kept in not_temps.iter().chain(&manifests) {
+            assert!(kept.exists(), "{} went", kept.display());
+        }
+        assert!(std::fs::symlink_metadata(&link).is_ok() && target.exists());
+        assert!(f.exists(&kept));
+        assert_eq!((dry.torn_deleted, dry.torn_bytes), (3, 7));
+        assert_eq!((report.torn_deleted, report.torn_bytes), (3, 7));
+        assert_eq!((report.staging_deleted, report.deleted), (0, 0));
+        // Running again finds nothing more.
+        let again = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!(again.torn_deleted, 0);
     }
 
     /// A job that may write the store's root swapped `staging` for a symlink to a directory

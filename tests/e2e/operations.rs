@@ -314,20 +314,32 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
     let young = blobs.join("1".repeat(64));
     std::fs::write(&old, "orphan").unwrap();
     std::fs::write(&young, "recent").unwrap();
+    // The temp file of a manifest's write a killed agent left beside its key.
+    let torn = h.state.join("store/jobs/keep/manifest.json#1");
+    std::fs::write(&torn, "{\"vers").unwrap();
     let past = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
-    std::fs::File::options()
-        .write(true)
-        .open(&old)
-        .unwrap()
-        .set_modified(past)
-        .unwrap();
+    for file in [&old, &torn] {
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(past)
+            .unwrap();
+    }
     let dry = h.run(&["gc", "--older-than", "1", "--dry-run"]);
     dry.assert_code(0);
-    assert!(old.exists(), "a dry run deletes nothing");
+    assert!(old.exists() && torn.exists(), "a dry run deletes nothing");
     assert!(dry.stdout.contains("1 would be deleted"), "{}", dry.stdout);
+    assert!(
+        dry.stdout
+            .contains("1 temp files of manifests a crash left would be deleted (6 bytes)"),
+        "{}",
+        dry.stdout
+    );
     let gc = h.run(&["gc", "--older-than", "1"]);
     gc.assert_code(0);
     assert!(!old.exists(), "{}", gc.stdout);
+    assert!(!torn.exists(), "{}", gc.stdout);
     assert!(young.exists(), "younger than the grace period");
     // What the job's manifest lists is still there and pulls.
     h.run(&["pull", "keep", h.path("p").to_str().unwrap()])
