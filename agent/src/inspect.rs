@@ -69,11 +69,15 @@ pub async fn pull(
     dest: &Path,
     force: bool,
     logs: bool,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let manifest = manifest(ctx, job_id).await?;
+    let manifest = tokio::select! {
+        m = manifest(ctx, job_id) => m?,
+        () = stop.cancelled() => anyhow::bail!("stopped (a signal) before the manifest was read"),
+    };
     let root = open_dest(dest).with_context(|| format!("cannot open {}", dest.display()))?;
     let logs_root = root.try_clone()?;
-    let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, root, dest, force)
+    let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, root, dest, force, stop)
         .await
         .with_context(|| format!("pull of job {job_id} into {}", dest.display()))?;
     if logs {
@@ -81,10 +85,17 @@ pub async fn pull(
         if entries.is_empty() {
             out::note(&format!("job {job_id}'s manifest lists no logs yet"));
         }
-        let got =
-            c3_runtime::pull::pull_into(&ctx.store, entries.into(), logs_root, dest, None, force)
-                .await
-                .with_context(|| format!("logs of job {job_id}"))?;
+        let got = c3_runtime::pull::pull_into(
+            &ctx.store,
+            entries.into(),
+            logs_root,
+            dest,
+            None,
+            force,
+            stop,
+        )
+        .await
+        .with_context(|| format!("logs of job {job_id}"))?;
         summary.files += got.files;
         summary.bytes += got.bytes;
     }

@@ -217,11 +217,15 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
             force,
             logs,
         } => {
+            // Ctrl-C or a SIGTERM ends it as a failure does: its writers' temp files (named
+            // ones where DEST has no O_TMPFILE: NFS) removed, where the default action left
+            // them, root's, in DEST.
+            let stop = cancel_on_signals(&[]);
             let ctx = match checked(&env, &job_id) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            edge(inspect::pull(&ctx, &job_id, &dest, force, logs).await)
+            edge(inspect::pull(&ctx, &job_id, &dest, force, logs, &stop).await)
         }
         Command::Ls { job_id, json } => {
             let ctx = match checked(&env, &job_id) {

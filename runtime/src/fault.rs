@@ -126,7 +126,8 @@ pub fn armed(name: &str) -> bool {
     }
 }
 
-/// Whether `C3_AGENT_FAULT` names `name` at `place` (`<name>:<place>`, e.g. a job's id), or
+/// Whether `C3_AGENT_FAULT` names `name` at `place` (`<name>:<place>`, e.g. a job's id; alone
+/// or among points joined by `+`), or
 /// a unit test armed it ([`arm`]), in debug builds: a fault one place meets and the others
 /// beside it (the tests running in the same process) do not.
 pub fn armed_at(name: &str, place: &str) -> bool {
@@ -137,7 +138,7 @@ pub fn armed_at(name: &str, place: &str) -> bool {
         if ARMED.lock().unwrap().contains(&at) {
             return true;
         }
-        std::env::var("C3_AGENT_FAULT").is_ok_and(|v| v == at)
+        std::env::var("C3_AGENT_FAULT").is_ok_and(|v| v.split('+').any(|n| n == at))
     }
     #[cfg(not(debug_assertions))]
     {

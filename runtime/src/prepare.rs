@@ -105,7 +105,8 @@ impl DatasetError {
                 | PullError::Filling { .. }
                 // Freed by the user, or another node's scratch, the quota may let it in.
                 | PullError::OverQuota { .. }
-                | PullError::Task { .. } => true,
+                | PullError::Task { .. }
+                | PullError::Stopped => true,
                 PullError::BadManifest { .. }
                 | PullError::WrongJob { .. }
                 | PullError::WrongAttempt { .. }
@@ -490,10 +491,39 @@ pub async fn datasets(
     let deadline = tokio::time::Instant::now() + limit;
     for dataset in &spec.datasets {
         let source = dataset.source_job().expect("validated with the spec");
-        let pulled = tokio::select! {
-            r = materialize(ctx, spec, source, workdir_fd, workdir, &dataset.mount, owner) => r,
-            _ = cancel.cancelled() => return Err(PrepareError::Canceled),
-            _ = tokio::time::sleep_until(deadline) => Err(DatasetError::TimedOut { secs: limit.as_secs() }),
+        // Given up (a stop, the timeout), the pull is told and its writers waited for: a
+        // download dropped mid-write leaves its writer alone, and its named temp file (no
+        // O_TMPFILE: NFS) stayed in the mount once the agent exited. A pull that does not
+        // wind down in time (a hung store call before it) is dropped all the same.
+        let give_up = cancel.child_token();
+        let work = materialize(
+            ctx,
+            spec,
+            source,
+            workdir_fd,
+            workdir,
+            &dataset.mount,
+            owner,
+            &give_up,
+        );
+        tokio::pin!(work);
+        let ended = tokio::select! {
+            r = &mut work => Some(r),
+            _ = cancel.cancelled() => None,
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        let pulled = match ended {
+            Some(r) => r,
+            None => {
+                give_up.cancel();
+                let _ = tokio::time::timeout(WIND_DOWN, &mut work).await;
+                if cancel.is_cancelled() {
+                    return Err(PrepareError::Canceled);
+                }
+                Err(DatasetError::TimedOut {
+                    secs: limit.as_secs(),
+                })
+            }
         };
         match pulled {
             Ok((summary, complete)) => {
@@ -520,6 +550,11 @@ pub async fn datasets(
     Ok(warnings)
 }
 
+/// How long a dataset pull given up on may take to wind down (its writers' temp files).
+const WIND_DOWN: std::time::Duration =
+    crate::pull::WRITERS_WAIT.saturating_add(std::time::Duration::from_secs(2));
+
+#[allow(clippy::too_many_arguments)]
 async fn materialize(
     ctx: &AgentContext,
     spec: &JobSpec,
@@ -528,6 +563,7 @@ async fn materialize(
     workdir: &Path,
     mount: &str,
     owner: Owner,
+    stop: &CancellationToken,
 ) -> Result<(crate::pull::PullSummary, bool), DatasetError> {
     // Off the reactor, where a dataset's timeout and a cancel are heard (a hung network
     // file system holds the call).
@@ -536,11 +572,19 @@ async fn materialize(
         mount.to_string(),
     );
     let mode = job_dir_mode(owner);
-    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), mode, owner))
-        .await
+    let stopped = || DatasetError::from(crate::pull::PullError::Stopped);
+    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), mode, owner));
+    let dir = tokio::select! {
+        dir = dir => dir,
+        () = stop.cancelled() => return Err(stopped()),
+    };
+    let dir = dir
         .map_err(|e| DatasetError::Mount(std::io::Error::other(e)))?
         .map_err(DatasetError::Mount)?;
-    let manifest = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await?;
+    let manifest = tokio::select! {
+        m = crate::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes) => m?,
+        () = stop.cancelled() => return Err(stopped()),
+    };
     // The agent holds the store's keys for every tenant: a spec that names another project's
     // job, or none, would otherwise get its files. A manifest that names no project tells
     // nothing: the control plane decides who may chain on it.
@@ -562,6 +606,7 @@ async fn materialize(
         &workdir.join(mount),
         owner,
         true,
+        stop,
     )
     .await?;
     // Those blobs are in the store: a job that writes the same files sends nothing again.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
 
 use c3_proto::{FileEntry, Manifest, ManifestError};
 
@@ -75,6 +76,9 @@ pub enum PullError {
     Escapes { path: String },
     #[error("download task for {path} failed")]
     Task { path: String },
+    /// Given up (a signal, a dataset's timeout), its writers waited for.
+    #[error("the pull was stopped before it was done")]
+    Stopped,
     #[error("the store's manifest for job {job_id} is job {found}'s")]
     WrongJob { job_id: String, found: String },
     #[error("the store's manifest for job {job_id} attempt {attempt} is attempt {found}'s")]
@@ -225,6 +229,7 @@ pub async fn pull(
     root: DirFd,
     shown: &Path,
     force: bool,
+    stop: &CancellationToken,
 ) -> Result<PullSummary, PullError> {
     pull_into(
         store,
@@ -233,6 +238,7 @@ pub async fn pull(
         shown,
         None,
         force,
+        stop,
     )
     .await
 }
@@ -259,7 +265,10 @@ pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
 
 /// Writes every file of `manifest` below the open directory `root` (`shown` is its path,
 /// for messages). Directories and files are created relative to directory fds, never
-/// through a symlink; with `owner`, what is created belongs to that uid/gid.
+/// through a symlink; with `owner`, what is created belongs to that uid/gid. `stop` ends
+/// it as an error would ([`PullError::Stopped`]): its writers are waited for, their temp
+/// files removed. Dropped instead, its writers went on alone, and a process that then
+/// exited left their named temp files (no O_TMPFILE: NFS, CIFS) in DEST.
 pub async fn pull_into(
     store: &BlobStore,
     files: Arc<[FileEntry]>,
@@ -267,6 +276,7 @@ pub async fn pull_into(
     shown: &Path,
     owner: Owner,
     force: bool,
+    stop: &CancellationToken,
 ) -> Result<PullSummary, PullError> {
     let root = Arc::new(root);
     // Every directory first, one at a time: created concurrently, one download's `d/sub`
@@ -281,9 +291,9 @@ pub async fn pull_into(
         }
     }
     let (made, checked) = (root.clone(), files.clone());
-    let (shown_dir, stop) = (shown.to_path_buf(), Stop::default());
-    let stopped = stop.0.clone();
-    tokio::task::spawn_blocking(move || {
+    let (shown_dir, dirs_stop) = (shown.to_path_buf(), Stop::default());
+    let stopped = dirs_stop.0.clone();
+    let making = tokio::task::spawn_blocking(move || {
         check_room(&made, &checked, &parents, &shown_dir, owner)?;
         for (parent, i) in parents {
             // The pull was given up (a dataset's timeout, a cancel): no more directories.
@@ -295,20 +305,27 @@ pub async fn pull_into(
             make_parent(&made, &parent, owner, entry, &target)?;
         }
         Ok::<_, PullError>(())
-    })
-    .await
-    .map_err(|e| PullError::Write {
+    });
+    let made = tokio::select! {
+        made = making => made,
+        // `dirs_stop`, dropped, stops it after the directory it is making.
+        () = stop.cancelled() => return Err(PullError::Stopped),
+    };
+    made.map_err(|e| PullError::Write {
         path: shown.to_path_buf(),
         source: std::io::Error::other(e),
     })??;
-    drop(stop);
+    drop(dirs_stop);
     let (writers, mut writers_done) = tokio::sync::mpsc::channel(1);
-    let results = futures::stream::iter(files.iter())
+    let fetching = futures::stream::iter(files.iter())
         .map(|entry| fetch(store, entry, root.clone(), shown, owner, force, &writers))
         .buffer_unordered(8)
-        .try_collect::<Vec<u64>>()
-        .await;
-    // On an error the other downloads were dropped, their writers not: those go on until
+        .try_collect::<Vec<u64>>();
+    let results = tokio::select! {
+        results = fetching => results,
+        () = stop.cancelled() => Err(PullError::Stopped),
+    };
+    // On an error or a stop the other downloads were dropped, their writers not: those go on until
     // they have removed their temp files (a CLI pull's runtime, shut down at once, would
     // leave them in DEST).
     drop(writers);
@@ -319,7 +336,7 @@ pub async fn pull_into(
         .await
         .is_err()
     {
-        tracing::warn!(dest = %shown.display(), wait_secs = WRITERS_WAIT.as_secs(), "a failed pull's writers did not stop in time; returning without them");
+        tracing::warn!(dest = %shown.display(), wait_secs = WRITERS_WAIT.as_secs(), "a failed or stopped pull's writers did not stop in time; returning without them");
     }
     let results = results?;
     Ok(PullSummary {
@@ -328,8 +345,8 @@ pub async fn pull_into(
     })
 }
 
-/// How long a failed pull waits for its writers to remove their temp files.
-const WRITERS_WAIT: Duration = if cfg!(test) {
+/// How long a failed or stopped pull waits for its writers to remove their temp files.
+pub const WRITERS_WAIT: Duration = if cfg!(test) {
     Duration::from_secs(2)
 } else {
     Duration::from_secs(30)
@@ -617,6 +634,10 @@ async fn fetch_once(
                 std::thread::sleep(WRITERS_WAIT * 3);
             }
             let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
+            // A window with the temp file made, for a test's stop to come in.
+            if crate::fault::armed_at("pull-writer-pauses", &entry.path) {
+                std::thread::sleep(Duration::from_secs(2));
+            }
             let written = write_verified(&file, &mut rx, &entry, owner)
                 .map_err(|e| match e {
                     WriteFailure::Io(source) => werr(source),
@@ -1241,6 +1262,7 @@ mod tests {
             &mnt,
             Some((nobody, nobody)),
             true,
+            &CancellationToken::new(),
         )
         .await;
         assert!(
@@ -1361,7 +1383,16 @@ mod tests {
                 root.remove_file(std::ffi::OsStr::new(&name.expect("a named temp file")))
                     .unwrap();
             }
-            let pulled = pull_into(&store, files.into(), root, &dest, None, false).await;
+            let pulled = pull_into(
+                &store,
+                files.into(),
+                root,
+                &dest,
+                None,
+                false,
+                &CancellationToken::new(),
+            )
+            .await;
             assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
             let left: Vec<_> = std::fs::read_dir(&dest)
                 .unwrap()
@@ -1385,7 +1416,16 @@ mod tests {
         // asked for.
         let _stuck = crate::fault::arm("pull-writer-hangs", &files[0].path);
         let began = std::time::Instant::now();
-        let pulled = pull_into(&store, files.into(), root, &dest, None, false).await;
+        let pulled = pull_into(
+            &store,
+            files.into(),
+            root,
+            &dest,
+            None,
+            false,
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
         assert!(
             began.elapsed() < WRITERS_WAIT * 2,

@@ -179,6 +179,47 @@ fn an_attempt_whose_record_is_set_aside_or_unreadable_is_listed_and_its_follow_e
     );
 }
 
+/// Ctrl-C during a pull into a DEST without O_TMPFILE (NFS, CIFS: the writers' temp files
+/// are named there) leaves none of them: the default action ended the process at once and
+/// left `.c3-pull-*.part` files, root's, in DEST. Ended as a failure, its writers are waited
+/// for.
+#[test]
+fn a_pull_stopped_by_a_signal_leaves_no_temp_files() {
+    let mut h = Harness::file();
+    h.run_job(json!({"job_id": "ps", "command": ["sh", "-c", "echo data > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let dest = h.path("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "no-o-tmpfile:.c3-pull-+pull-writer-pauses:artifacts/f".into(),
+    ));
+    let pull = h.spawn(&["pull", "ps", dest.to_str().unwrap()]);
+    let temps = || {
+        std::fs::read_dir(dest.join("artifacts"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".c3-pull-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    wait_for(
+        "the writer's named temp file",
+        Duration::from_secs(20),
+        || (temps() > 0).then_some(()),
+    );
+    crate::support::signal(pull.id(), "INT");
+    let pulled = h.wait("pull".into(), pull);
+    assert_eq!(pulled.code, 1, "{}", pulled.stderr);
+    assert!(pulled.stderr.contains("stopped"), "{}", pulled.stderr);
+    assert_eq!(temps(), 0, "a temp file stayed in DEST");
+    // The writer had every byte already: placed whole, or not at all.
+    if let Ok(f) = std::fs::read(dest.join("artifacts/f")) {
+        assert_eq!(f, b"data\n");
+    }
+}
+
 #[test]
 fn pull_refuses_to_overwrite_a_different_file_unless_forced_and_fetches_logs() {
     let h = Harness::file();
