@@ -1170,46 +1170,127 @@ pub async fn stop_recorded(
         tracing::warn!("the run record names no job process; nothing signalled");
         return false;
     };
-    let group = Pid::from_raw(leader.pid);
-    // Decided once: from then on the group's existence keeps its id from being given out
-    // again, so it stays the job's for as long as it is there. A recorded cgroup that is gone
-    // says the job's processes are (what holds group P then is a stranger's).
-    let leader_alive = procfs::is_alive(leader);
-    if !leader_alive && (cgroup.is_some() || !leaderless_group_off_reactor(leader, job).await) {
-        if cgroup.is_none() && unproven_group(leader, job.uid, leads_session) {
-            // Not signalled (what is unproven may be a stranger's), but never "none left":
-            // the GPU may still be held.
-            tracing::warn!(
-                pgid = leader.pid,
-                "processes of the job's user remain in its group, some without the job's marks (an `env -i` child, a retitled worker); not signalled, the GPU is not reported free"
-            );
-            return true;
-        }
-        tracing::info!(
-            pid = leader.pid,
-            "the job's first process and its group are gone (or its pid was reused); nothing signalled"
-        );
+    let group = RecordedGroup {
+        leader: leader.clone(),
+        leads_session,
+    };
+    stop_groups(vec![group], cgroup.is_some(), job, grace).await
+}
+
+/// A process group a crashed agent's job left where no cgroup holds it: the recorded
+/// leader's, or one found by the job's marks ([`marked_groups`]).
+#[derive(Debug, Clone)]
+pub struct RecordedGroup {
+    pub leader: c3_proto::ProcIdentity,
+    /// The leader led its session too (the launch's own leader does); not one found by
+    /// marks, which may be a `setpgrp` inside the job's session.
+    pub leads_session: bool,
+}
+
+/// Stops the process groups of a crashed agent's job that no cgroup holds, signalling only
+/// what provably is the job's (as [`stop_recorded`] says). Every group proven is sent
+/// SIGTERM before any grace is waited, and the one `grace` is shared: a job that left N
+/// groups ignoring SIGTERM (`setsid` children with a `trap '' TERM`) cost N graces when each
+/// was waited for in turn, and `recover`, a stop and every record after waited with it.
+/// Returns whether processes of the job are left ([`KILL_ROUNDS`] after SIGKILL).
+pub async fn stop_recorded_groups(
+    groups: Vec<RecordedGroup>,
+    job: JobMark<'_>,
+    grace: Duration,
+) -> bool {
+    stop_groups(groups, false, job, grace).await
+}
+
+/// [`stop_recorded_groups`]; `cgroup_recorded`: the record named a cgroup, now gone, which
+/// says the job's processes are (what holds a group of a recorded id then is a stranger's).
+async fn stop_groups(
+    groups: Vec<RecordedGroup>,
+    cgroup_recorded: bool,
+    job: JobMark<'_>,
+    grace: Duration,
+) -> bool {
+    if groups.is_empty() {
         return false;
     }
-    tracing::warn!(
-        pgid = leader.pid,
-        leader_alive,
-        "the job's processes outlived the agent; stopping them"
-    );
-    let there = || killpg(group, None).is_ok();
-    let _ = killpg(group, Signal::SIGTERM);
+    // Off the reactor: telling a leaderless group reads its members' environments, up to a
+    // second each. One deadline for all of them, as for one search by marks.
+    let (uid, job_id, attempt) = (job.uid, job.job_id.to_string(), job.attempt);
+    let span = tracing::Span::current();
+    let judged = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let job = JobMark {
+            uid,
+            job_id: &job_id,
+            attempt,
+        };
+        let deadline = Instant::now() + MARKS_SEARCH_LIMIT;
+        let mut proven = Vec::new();
+        let mut unproven = false;
+        for group in &groups {
+            match judge_group(group, cgroup_recorded, job, deadline) {
+                // Signalled at once, as it is proven: from then on the group's existence
+                // keeps its id from being given out again.
+                Some(leader_alive) => {
+                    tracing::warn!(
+                        pgid = group.leader.pid,
+                        leader_alive,
+                        "the job's processes outlived the agent; stopping them"
+                    );
+                    let pgid = Pid::from_raw(group.leader.pid);
+                    let _ = killpg(pgid, Signal::SIGTERM);
+                    proven.push(pgid);
+                }
+                None if !cgroup_recorded
+                    && unproven_group(&group.leader, job.uid, group.leads_session) =>
+                {
+                    // Not signalled (what is unproven may be a stranger's), but never "none
+                    // left": the GPU may still be held.
+                    tracing::warn!(
+                        pgid = group.leader.pid,
+                        "processes of the job's user remain in its group, some without the job's marks (an `env -i` child, a retitled worker); not signalled, the GPU is not reported free"
+                    );
+                    unproven = true;
+                }
+                None => tracing::info!(
+                    pid = group.leader.pid,
+                    "the job's first process and its group are gone (or its pid was reused); nothing signalled"
+                ),
+            }
+        }
+        (proven, unproven)
+    })
+    .await;
+    let Ok((proven, unproven)) = judged else {
+        return true;
+    };
+    let there = |g: &Pid| killpg(*g, None).is_ok();
     let deadline = tokio::time::Instant::now() + grace;
-    while there() && tokio::time::Instant::now() < deadline {
+    while proven.iter().any(there) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if there() {
-        let _ = killpg(group, Signal::SIGKILL);
+    for group in proven.iter().filter(|g| there(g)) {
+        let _ = killpg(*group, Signal::SIGKILL);
     }
     let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
-    while there() && tokio::time::Instant::now() < deadline {
+    while proven.iter().any(there) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    there()
+    unproven || proven.iter().any(there)
+}
+
+/// Whether `group` provably is the job's, and then whether its leader is alive: its
+/// recorded leader still is (pid, start time, boot), or, the leader gone and no cgroup
+/// recorded, its members prove it ([`leaderless_group`]). `None`: not signalled.
+fn judge_group(
+    group: &RecordedGroup,
+    cgroup_recorded: bool,
+    job: JobMark<'_>,
+    deadline: Instant,
+) -> Option<bool> {
+    if procfs::is_alive(&group.leader) {
+        return Some(true);
+    }
+    (!cgroup_recorded && leaderless_group(&group.leader, job, deadline)).then_some(false)
 }
 
 /// What marks a process as the job's: its user, and the `C3_JOB_ID` and `C3_ATTEMPT` the
@@ -1228,8 +1309,9 @@ pub struct JobMark<'a> {
 /// leader, the job's user, and carrying the job's own `C3_JOB_ID` and `C3_ATTEMPT` (a
 /// process that dropped them is not taken for the job's). The group need not lead a session:
 /// a job process's `setpgrp` makes one inside the job's. A member gone while looked at is
-/// passed over.
-fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
+/// passed over. Environments are read until `deadline` (one for every group told in a
+/// stop); what is left unread then proves nothing.
+fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>, deadline: Instant) -> bool {
     if procfs::boot_id().as_deref() != Some(leader.boot_id.as_str()) {
         return false;
     }
@@ -1238,7 +1320,6 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
     if procfs::stat(leader.pid).is_some_and(|s| s.start_ticks != leader.start_ticks) {
         return false;
     }
-    let deadline = Instant::now() + MARKS_SEARCH_LIMIT;
     let mut seen = false;
     for (pid, st) in procfs::all() {
         if st.pgrp != leader.pid || st.is_zombie() {
@@ -1257,22 +1338,6 @@ fn leaderless_group(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
         }
     }
     seen
-}
-
-/// [`leaderless_group`] on a blocking thread: its reads of environments wait up to seconds.
-async fn leaderless_group_off_reactor(leader: &c3_proto::ProcIdentity, job: JobMark<'_>) -> bool {
-    let (leader, uid, job_id, attempt) =
-        (leader.clone(), job.uid, job.job_id.to_string(), job.attempt);
-    tokio::task::spawn_blocking(move || {
-        let job = JobMark {
-            uid,
-            job_id: &job_id,
-            attempt,
-        };
-        leaderless_group(&leader, job)
-    })
-    .await
-    .unwrap_or(false)
 }
 
 /// Whether group `leader.pid`, whose leader is gone and which [`leaderless_group`] did not
@@ -1407,7 +1472,7 @@ fn read_environ(pid: i32, wait: Duration, job_id: &str) -> Result<Option<Vec<u8>
 /// leader's, and those a job process made with `setsid` or `setpgrp`) that hold a process
 /// started after `since` (clock ticks of boot `boot`: the leader's start, or the agent's
 /// when the agent died before recording a leader) that carries the job's marks. Each comes
-/// as its leader's identity, or, with the leader gone, as one [`stop_recorded`] takes for a
+/// as its leader's identity, or, with the leader gone, as one [`stop_recorded_groups`] takes for a
 /// leaderless group (it checks every member's marks again before it signals).
 pub fn marked_groups(job: JobMark<'_>, since: u64, boot: Option<&str>) -> MarkedGroups {
     let mut found = MarkedGroups::default();
@@ -1460,7 +1525,7 @@ pub fn marked_groups(job: JobMark<'_>, since: u64, boot: Option<&str>) -> Marked
 /// What [`marked_groups`] found.
 #[derive(Debug, Default)]
 pub struct MarkedGroups {
-    /// Each group's leader, or one [`stop_recorded`] takes for a leaderless group.
+    /// Each group's leader, or one [`stop_recorded_groups`] takes for a leaderless group.
     pub groups: Vec<c3_proto::ProcIdentity>,
     /// A process of the job's user, started since, whose environment did not answer in time
     /// ([`ENVIRON_LOOK_LIMIT`]): never signalled (it may be a stranger's), but the job may be
@@ -1731,7 +1796,7 @@ mod tests {
             };
             // Asked again, as `stop_recorded` asks of a leaderless group: the read still
             // under way is not waited for again.
-            let proven = leaderless_group(&recorded, job);
+            let proven = leaderless_group(&recorded, job, Instant::now() + MARKS_SEARCH_LIMIT);
             let _ = tx.send((found, proven, began.elapsed()));
         });
         let answered = rx.recv_timeout(Duration::from_secs(30));
@@ -1846,7 +1911,7 @@ mod tests {
                 job_id: "j",
                 attempt: 1,
             };
-            let found = leaderless_group(&recorded, job);
+            let found = leaderless_group(&recorded, job, Instant::now() + MARKS_SEARCH_LIMIT);
             let _ = killpg(Pid::from_raw(p), Signal::SIGKILL);
             assert_eq!(found, ours, "{env:?}");
         }

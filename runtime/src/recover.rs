@@ -373,12 +373,10 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
             job_id: &record.spec.job_id,
             attempt: record.spec.attempt,
         };
-        // An agent that died mid-launch recorded no leader: without a cgroup, nothing but
-        // the marks below tells its processes.
-        if record.leader.is_some() || record.cgroup.is_some() || !record.launching {
-            survivors = crate::jobproc::stop_recorded(
+        if let Some(cgroup) = record.cgroup.as_deref() {
+            return crate::jobproc::stop_recorded(
                 record.leader.as_ref(),
-                record.cgroup.as_deref(),
+                Some(cgroup),
                 job,
                 ctx.kill_grace,
                 true,
@@ -387,56 +385,69 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
         }
         // Without a cgroup, the job's processes in groups of their own (a `setsid`, a
         // daemon's start, a `start_new_session` child, a `setpgrp`) left the leader's group,
-        // and after a
-        // mid-launch death there is no leader at all: they are found by their marks, among
-        // what started after the leader (or the agent).
-        if record.cgroup.is_none() {
-            let since = match (&record.leader, record.agent) {
-                (Some(l), _) => Some((l.start_ticks, Some(l.boot_id.as_str()))),
-                (None, Some((_, agent_start))) if record.launching => {
-                    Some((agent_start, record.agent_boot_id.as_deref()))
-                }
-                _ => None,
-            };
-            let leader = record.leader.as_ref().map(|l| l.pid);
-            if let Some((since, boot)) = since {
-                // Off the reactor: each process's environment may take a second to answer.
-                let (uid, job_id, attempt) = (job.uid, job.job_id.to_string(), job.attempt);
-                let boot = boot.map(str::to_string);
-                let marked = tokio::task::spawn_blocking(move || {
-                    let job = crate::jobproc::JobMark {
-                        uid,
-                        job_id: &job_id,
-                        attempt,
-                    };
-                    crate::jobproc::marked_groups(job, since, boot.as_deref())
-                })
-                .await
-                .unwrap_or_else(|_| crate::jobproc::MarkedGroups {
-                    groups: Vec::new(),
-                    unproven: true,
-                });
-                if marked.unproven {
-                    // Never signalled (it may be a stranger's), never "none left" either.
-                    tracing::warn!(
-                        "a process of the job's user did not let its environment be read in time (its memory lock held: D state, a FUSE page); not signalled, the GPU is not reported free"
-                    );
-                    survivors = true;
-                }
-                for found in marked.groups {
-                    if Some(found.pid) != leader {
-                        survivors |= crate::jobproc::stop_recorded(
-                            Some(&found),
-                            None,
-                            job,
-                            ctx.kill_grace,
-                            false,
-                        )
-                        .await;
-                    }
-                }
+        // and after a mid-launch death there is no leader at all: they are found by their
+        // marks, among what started after the leader (or the agent). Found before anything
+        // is signalled, so that the leader's group and these share one grace.
+        let mut groups = Vec::new();
+        let since = match (&record.leader, record.agent) {
+            (Some(l), _) => Some((l.start_ticks, Some(l.boot_id.as_str()))),
+            (None, Some((_, agent_start))) if record.launching => {
+                Some((agent_start, record.agent_boot_id.as_deref()))
             }
+            _ => None,
+        };
+        let leader = record.leader.as_ref().map(|l| l.pid);
+        if let Some((since, boot)) = since {
+            // Off the reactor: each process's environment may take a second to answer.
+            let (uid, job_id, attempt) = (job.uid, job.job_id.to_string(), job.attempt);
+            let boot = boot.map(str::to_string);
+            let marked = tokio::task::spawn_blocking(move || {
+                let job = crate::jobproc::JobMark {
+                    uid,
+                    job_id: &job_id,
+                    attempt,
+                };
+                crate::jobproc::marked_groups(job, since, boot.as_deref())
+            })
+            .await
+            .unwrap_or_else(|_| crate::jobproc::MarkedGroups {
+                groups: Vec::new(),
+                unproven: true,
+            });
+            if marked.unproven {
+                // Never signalled (it may be a stranger's), never "none left" either.
+                tracing::warn!(
+                    "a process of the job's user did not let its environment be read in time (its memory lock held: D state, a FUSE page); not signalled, the GPU is not reported free"
+                );
+                survivors = true;
+            }
+            groups.extend(
+                marked
+                    .groups
+                    .into_iter()
+                    .filter(|found| Some(found.pid) != leader)
+                    .map(|found| crate::jobproc::RecordedGroup {
+                        leader: found,
+                        leads_session: false,
+                    }),
+            );
         }
+        match &record.leader {
+            Some(l) => groups.insert(
+                0,
+                crate::jobproc::RecordedGroup {
+                    leader: l.clone(),
+                    leads_session: true,
+                },
+            ),
+            // An agent that died mid-launch recorded no leader: nothing but the marks tells
+            // its processes.
+            None if !record.launching => {
+                tracing::warn!("the run record names no job process; nothing signalled");
+            }
+            None => {}
+        }
+        survivors |= crate::jobproc::stop_recorded_groups(groups, job, ctx.kill_grace).await;
     }
     survivors
 }

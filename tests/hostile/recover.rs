@@ -434,3 +434,66 @@ fn recover_moves_on_past_a_job_process_whose_environment_hangs() {
     );
     assert_eq!(h.terminal("other")["reason"], "AGENT_ERROR");
 }
+
+/// No cgroup; the job leaves six process groups of its own (`setsid`), each ignoring
+/// SIGTERM, and the agent is SIGKILLed. `recover` stopped them one at a time, a full kill
+/// grace each (six graces of 2 s here; 10 s each with the defaults, a minute and more for a
+/// job of a few dozen): the housekeeping unit's timeout and every record after this one
+/// waited. Now every group gets SIGTERM at once and the one grace is shared.
+#[test]
+fn recover_stops_a_jobs_many_leftover_groups_within_one_grace() {
+    if not_root() {
+        return;
+    }
+    const GROUPS: usize = 6;
+    const GRACE: Duration = Duration::from_secs(2);
+    let mut h = open_harness();
+    h.env = vec![
+        ("C3_AGENT_FAULT".into(), "no-job-cgroup".into()),
+        (
+            "C3_AGENT_KILL_GRACE_SECS".into(),
+            GRACE.as_secs().to_string(),
+        ),
+    ];
+    let script = format!(
+        "for i in $(seq {GROUPS}); do \
+           setsid sh -c 'trap \"\" TERM; echo $$ > g'$i'.pid; exec sleep 1000' & \
+         done; sleep 300"
+    );
+    let agent = crate::common::spawn_job(
+        &h,
+        json!({"job_id": "many", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let groups: Vec<i32> = (1..=GROUPS)
+        .map(|i| pid_from(&h.workdir("many").join(format!("g{i}.pid"))))
+        .collect();
+    let _groups: Vec<KillOnDrop> = groups.iter().map(|&p| KillOnDrop(p)).collect();
+    launched_without_cgroup(&h, "many");
+    kill_agent(agent);
+    assert!(
+        groups.iter().all(|&p| alive(p)),
+        "the groups outlived the agent"
+    );
+    h.env.retain(|(k, _)| k != "C3_AGENT_FAULT");
+    let started = std::time::Instant::now();
+    let recover = crate::common::wait_within(
+        "c3-agent recover",
+        h.spawn(&["recover"]),
+        Duration::from_secs(120),
+    );
+    let took = started.elapsed();
+    let left: Vec<i32> = groups.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(
+        left.is_empty(),
+        "recover left the job's groups {left:?} running\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    // One at a time it is at least six graces (12 s); together, one and SIGKILL's rounds.
+    assert!(
+        took < 4 * GRACE,
+        "recover took {took:?} to stop {GROUPS} groups with a kill grace of {GRACE:?}\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    assert_eq!(h.terminal("many")["reason"], "AGENT_ERROR");
+}
