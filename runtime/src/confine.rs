@@ -42,6 +42,23 @@ enum Pin {
     Refused(String),
 }
 
+/// A pin taken ([`DirFd::pin_later`]) and not yet recorded.
+#[derive(Debug)]
+pub struct PendingPin {
+    path: PathBuf,
+    pin: Pin,
+}
+
+impl PendingPin {
+    /// Records it, as [`DirFd::pin`] does.
+    pub fn record(self) {
+        PINNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.path, self.pin);
+    }
+}
+
 /// An open directory that job-controlled paths are resolved beneath.
 #[derive(Debug)]
 pub struct DirFd(OwnedFd);
@@ -152,12 +169,17 @@ impl DirFd {
     /// for a sidecar's parent), the way every later open reaches it; `None` for a path the
     /// operator gave (a quick run's current dir), opened as it is.
     pub fn pin(&self, path: &Path, below: Option<&Path>) -> io::Result<()> {
-        let pin = self.pin_for(path, below)?;
-        PINNED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_path_buf(), pin);
-        Ok(())
+        self.pin_later(path, below).map(PendingPin::record)
+    }
+
+    /// [`DirFd::pin`], recorded only when [`PendingPin::record`] says so: a look made on a
+    /// blocking thread that was given up on (a mount that stopped answering) must not pin
+    /// the path over the refusal made meanwhile, when it ends after all.
+    pub fn pin_later(&self, path: &Path, below: Option<&Path>) -> io::Result<PendingPin> {
+        Ok(PendingPin {
+            path: path.to_path_buf(),
+            pin: self.pin_for(path, below)?,
+        })
     }
 
     /// [`DirFd::pin`], and while the returned [`HeldRoot`] lives, every

@@ -368,7 +368,7 @@ pub async fn run_job(
                 .in_current_span(),
             );
         }
-        let earlier_seq = take_over_earlier_run(ctx, &spec).await?;
+        let earlier_seq = take_over_earlier_run(ctx, &spec, &cancel).await?;
         let mut run = Run::new(ctx, spec);
         if let Some(seq) = earlier_seq {
             run.record.seq = seq.saturating_add(SEQ_GAP_AFTER_ITS_AGENT);
@@ -419,6 +419,7 @@ pub async fn run_job(
 async fn take_over_earlier_run(
     ctx: &AgentContext,
     spec: &JobSpec,
+    cancel: &CancellationToken,
 ) -> Result<Option<u64>, RunError> {
     let record = match read_earlier_record(ctx, &spec.job_id, spec.attempt).await {
         Ok(Earlier::Record(record)) => record,
@@ -444,7 +445,7 @@ async fn take_over_earlier_run(
                 }
                 Stored::Absent | Stored::InProgress => {}
             }
-            stop_unrecorded_run(ctx, spec).await;
+            stop_unrecorded_run(ctx, spec, cancel).await;
             return Ok(Some(seq));
         }
         Err(source) => {
@@ -506,21 +507,31 @@ async fn take_over_earlier_run(
 /// for an agent that died mid-launch: by the job's marks alone (no leader, no cgroup known),
 /// among everything started since boot (its agent's start is unknown too). The attempt's
 /// lock says no live agent runs the attempt: a marked process is the earlier copy's, which
-/// would keep the GPU and write the same workdir.
-async fn stop_unrecorded_run(ctx: &AgentContext, spec: &JobSpec) {
+/// would keep the GPU and write the same workdir. The user is looked up off the reactor, bounded as `prepare`'s lookup is and given up on a
+/// stop: behind a hung sssd it held the run, a stop unheard.
+async fn stop_unrecorded_run(ctx: &AgentContext, spec: &JobSpec, cancel: &CancellationToken) {
     let mut record = fresh_record(ctx, spec.clone());
     record.launching = true;
     record.agent = Some((0, 0));
-    if let Some(user) = spec.user.as_deref() {
-        let Ok(user) = RunAs::lookup(user) else {
+    match crate::prepare::bounded(
+        "looking up the job's user",
+        cancel,
+        crate::prepare::user(spec),
+    )
+    .await
+    {
+        Ok(Some(user)) => {
+            record.job_user = Some(c3_proto::JobUser {
+                uid: user.uid,
+                gids: user.groups,
+            });
+        }
+        Ok(None) => {}
+        Err(e) => {
             // Its processes cannot be told: never signalled.
-            tracing::warn!("the job's user is unknown on this node: the earlier run's processes, if any, are not stopped");
+            tracing::warn!(error = %error_chain(&e), "the job's user is not known on this node: the earlier run's processes, if any, are not stopped");
             return;
-        };
-        record.job_user = Some(c3_proto::JobUser {
-            uid: user.uid,
-            gids: user.groups,
-        });
+        }
     }
     if crate::recover::stop_survivors(ctx, &record).await {
         tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
@@ -599,8 +610,15 @@ impl<'a> Run<'a> {
     /// A run rebuilt from its record, for `recover`. Readability is checked against the
     /// identity recorded at launch, else a fresh lookup, else (the user is gone from the
     /// node) a reader that may read only what anyone may. The workdir is the one the record
-    /// pinned, or none at all ([`crate::prepare::reopen_recorded_workdir`]).
-    pub async fn from_record(ctx: &'a AgentContext, mut record: RunRecord) -> Self {
+    /// pinned, or none at all ([`crate::prepare::reopen_recorded_workdir`]). Both looks at
+    /// the node (the workdir's open, the user's lookup through NSS) end when `given_up` is
+    /// cancelled or after [`crate::prepare::NODE_LOOK_DEADLINE`]: behind a hung NFS mount
+    /// or sssd they never did, and a stop or `recover`'s budget went unheard.
+    pub async fn from_record(
+        ctx: &'a AgentContext,
+        mut record: RunRecord,
+        given_up: &CancellationToken,
+    ) -> Self {
         // The record's `seq` is the last one saved, not always the last one sent: a status
         // goes out even when its record could not be written (a full disk), and a `recover`
         // that counted on from the saved one sent its terminal status with a `seq` the
@@ -608,12 +626,22 @@ impl<'a> Run<'a> {
         // gap is allowed (`seq` only has to grow); more statuses than this are never sent
         // without a record written between them.
         record.seq += SEQ_GAP_AFTER_ITS_AGENT;
-        crate::prepare::reopen_recorded_workdir(ctx, &record).await;
-        let run_as = record
-            .spec
-            .user
-            .as_deref()
-            .and_then(|u| RunAs::lookup(u).ok());
+        crate::prepare::reopen_recorded_workdir(ctx, &record, given_up).await;
+        // The identity recorded at launch is the one files are checked against
+        // (`JobReader::for_record`): NSS is asked only by a record without one.
+        let run_as = match record.job_user {
+            Some(_) => None,
+            None => crate::prepare::bounded(
+                "looking up the job's user",
+                given_up,
+                crate::prepare::user(&record.spec),
+            )
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %error_chain(&e), "the job's user is not known; its files are read as anyone may");
+                None
+            }),
+        };
         Self::with_user(ctx, record, run_as)
     }
 
@@ -986,21 +1014,7 @@ impl<'a> Run<'a> {
         &self,
         margin: fn(Duration) -> Duration,
     ) -> impl std::future::Future<Output = ()> + 'static {
-        let requested = self.stop_requested.clone();
-        let within = self.ctx.stop_deadline;
-        async move {
-            let Some(mut requested) = requested else {
-                return std::future::pending().await;
-            };
-            let at = match requested.wait_for(Option::is_some).await {
-                Ok(at) => at.unwrap_or_else(tokio::time::Instant::now),
-                Err(_) => return std::future::pending().await,
-            };
-            match at.checked_add(within) {
-                Some(hard) => tokio::time::sleep_until(hard - margin(within)).await,
-                None => std::future::pending().await,
-            }
-        }
+        before_stop_deadline(self.stop_requested.clone(), self.ctx.stop_deadline, margin)
     }
 
     /// `recover` and `resync` stop this run's final sync when `halt` is cancelled (a signal,
@@ -1397,6 +1411,36 @@ const HALT_REPORTS: Duration = Duration::from_secs(5);
 /// outbox: a quarter of [`status_reserve`], at most half a second.
 fn report_margin(stop_deadline: Duration) -> Duration {
     (status_reserve(stop_deadline) / 4).min(Duration::from_millis(500))
+}
+
+/// [`Run::sync_cut`] before there is a run: what ends `recover_own`'s rebuilding of the run
+/// (its workdir's open, its user's lookup) on the panic path, as it ends the final sync.
+pub(crate) fn sync_cut(
+    requested: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
+    within: Duration,
+) -> impl std::future::Future<Output = ()> + 'static {
+    before_stop_deadline(requested, within, status_reserve)
+}
+
+/// Fires `margin(within)` before `within` after the stop `requested` says was asked for;
+/// never without one.
+async fn before_stop_deadline(
+    requested: Option<tokio::sync::watch::Receiver<Option<tokio::time::Instant>>>,
+    within: Duration,
+    margin: fn(Duration) -> Duration,
+) {
+    let Some(mut requested) = requested else {
+        return std::future::pending().await;
+    };
+    // The watch's borrow ends with this statement: the future stays `Send`.
+    let at = match requested.wait_for(Option::is_some).await {
+        Ok(at) => Some(at.unwrap_or_else(tokio::time::Instant::now)),
+        Err(_) => None,
+    };
+    match at.and_then(|at| at.checked_add(within)) {
+        Some(hard) => tokio::time::sleep_until(hard - margin(within)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The last slice of the stop deadline, kept for the terminal status: a fifth of it, at

@@ -385,8 +385,15 @@ fn root_of<'a>(roots: &'a [PathBuf], workdir: &Path) -> Option<&'a PathBuf> {
 /// record pinned there. Every later open of it by path (scan, uploads, the result file) then
 /// finds that directory, or, when this check failed, is refused: the attempt's files are
 /// counted as not stored (the way a vanished workdir's are), and another tenant's tree that
-/// the job swapped in above its workdir is never read. Off the reactor.
-pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
+/// the job swapped in above its workdir is never read. Off the reactor, and given up on (the
+/// workdir then refused) when `given_up` is cancelled or after [`NODE_LOOK_DEADLINE`]: on a
+/// hung NFS or FUSE mount the open never ends, and `recover` heard neither its budget nor a
+/// SIGTERM.
+pub async fn reopen_recorded_workdir(
+    ctx: &AgentContext,
+    record: &RunRecord,
+    given_up: &CancellationToken,
+) {
     let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
     let workdir = PathBuf::from(&record.workdir);
     let (sidecar, pin) = (record.watched_dirs.is_some(), record.workdir_pin);
@@ -417,10 +424,24 @@ pub async fn reopen_recorded_workdir(ctx: &AgentContext, record: &RunRecord) {
                 "not the directory the attempt used (a directory above it was swapped since)",
             ));
         }
-        fd.pin(&path, root)
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        fd.pin_later(&path, root)
+    });
+    let checked = tokio::select! {
+        checked = checked => checked
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map(crate::confine::PendingPin::record),
+        () = given_up.cancelled() => Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "a stop (a signal, recover's budget) came before it opened",
+        )),
+        () = tokio::time::sleep(NODE_LOOK_DEADLINE) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "it did not open within {} s (a hung network file system?)",
+                NODE_LOOK_DEADLINE.as_secs()
+            ),
+        )),
+    };
     if let Err(e) = checked {
         tracing::warn!(workdir = %workdir.display(), error = %e, "the recorded workdir is refused; its files are left unstored");
         DirFd::refuse(&workdir, e.to_string());

@@ -580,14 +580,27 @@ async fn recover_record(
     }
     let end = recorded_end(&record);
     drop(entered);
-    let mut run =
-        tracing::Instrument::instrument(Run::from_record(ctx, record), span.clone()).await;
     // The panic path's stop clock, from the signal's own time: without one, a stop during
     // it (or before the panic) was never heard of, and a store outage held it until
     // `retry_deadline_secs`, past the kill a scheduler sends after the stop deadline.
-    if let Some(stop) = stop {
-        run.stop_requested = Some(crate::job::stop_clock(stop));
-    }
+    let stop_requested = stop.map(crate::job::stop_clock);
+    // The run's rebuilding looks at the node (the workdir's open, the user's lookup) and
+    // ends, as its final sync does, on the halt or at the stop deadline's cut: behind a hung
+    // mount or sssd, neither a SIGTERM nor `--budget-secs` was heard.
+    let given_up = halt.map_or_else(CancellationToken::new, CancellationToken::child_token);
+    let cut = {
+        let cut = crate::job::sync_cut(stop_requested.clone(), ctx.stop_deadline);
+        let given_up = given_up.clone();
+        tokio::spawn(async move {
+            cut.await;
+            given_up.cancel();
+        })
+    };
+    let mut run =
+        tracing::Instrument::instrument(Run::from_record(ctx, record, &given_up), span.clone())
+            .await;
+    cut.abort();
+    run.stop_requested = stop_requested;
     if let Some(halt) = halt {
         run.halt_on(halt.clone());
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{nobody, not_root, open_harness, pid_from, spawn_job, wait_within};
+use crate::common::{nobody, not_root, open_harness, pid_from, spawn_job, wait_within, KillOnDrop};
 use crate::support::{alive, chmod, signal, wait_for, Harness};
 
 /// A FUSE mount whose server answers `INIT` and then reads every request without answering
@@ -295,4 +295,67 @@ fn a_job_users_fuse_connection_is_aborted_when_its_processes_survive_sigkill() {
     assert!(!other.aborted(), "another user's connection was aborted");
     drop(other);
     let _ = outsider.wait();
+}
+
+/// The agent is SIGKILLed mid-job, and the job's workdir then stops answering (a hung NFS
+/// server; here a FUSE mount over it whose server never answers). `recover` opened the
+/// recorded workdir, with no bound, before it listened for its budget or a SIGTERM: `recover
+/// --budget-secs 2` never ended, nor did the housekeeping unit's `gc` after it. Now the open
+/// is given up on when the budget is spent: the attempt is left for a later pass.
+#[test]
+fn recover_keeps_its_budget_when_the_recorded_workdir_hangs() {
+    if not_root() {
+        return;
+    }
+    let h = open_harness();
+    let work = h.workdir("hw");
+    let agent = spawn_job(
+        &h,
+        json!({"job_id": "hw", "command": ["sh", "-c", "echo $$ > ready; exec sleep 300"]}),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let _job = KillOnDrop(pid_from(&work.join("ready")));
+    let record = h.state.join("jobs/hw/attempts/1/run.json");
+    wait_for("the launch to be recorded", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&record).ok()?;
+        text.contains("\"running\"").then_some(())
+    });
+    let mut agent = agent;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Root's, and the job root's: no other test's agent (their jobs are nobody's) takes it
+    // for its job's.
+    let Some(fuse) = DeafFuse::mount(&work, 0) else {
+        crate::support::skip("cannot mount a FUSE file system here (no /dev/fuse?)");
+        return;
+    };
+    let started = Instant::now();
+    let recover = h.spawn(&["recover", "--budget-secs", "2"]);
+    let pid = recover.id() as i32;
+    // Its main thread's end: a thread of its still waiting on the mount keeps the process
+    // until the connection goes, below (a FUSE request its server read is not interrupted,
+    // not even by SIGKILL).
+    let ended = (|| {
+        while started.elapsed() < Duration::from_secs(15) {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    })();
+    let took = started.elapsed();
+    drop(fuse);
+    let run = wait_within("c3-agent recover", recover, Duration::from_secs(30));
+    assert!(
+        ended,
+        "recover --budget-secs 2 was still running after {took:?}\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("its --budget-secs 2 were spent"),
+        "--- stdout\n{}\n--- stderr\n{}",
+        run.stdout,
+        run.stderr
+    );
 }
