@@ -191,10 +191,28 @@ async fn watch_attempt(
         },
         None => (None, None),
     };
+    // The parent may be a network volume, and the owner's groups come from NSS: either may
+    // hang (a dead NFS server, sssd down), and unraced, a SIGTERM was never heard (the pod's
+    // grace ran out to its SIGKILL). Nothing is claimed yet: a stop or a hang leaves the
+    // attempt for a later start. The blocking task is left to end, or hang, on its own.
     let (job_user, parent_pin) = {
         let (p, n) = (parent.clone(), names.clone());
-        tokio::task::spawn_blocking(move || open_dirs(&p, &n))
-            .await
+        let opened = tokio::task::spawn_blocking(move || open_dirs(&p, &n));
+        let opened = tokio::select! {
+            opened = opened => opened,
+            () = cancel.cancelled() => return Err(WatchError::Left(format!(
+                "stopped while the watched directories in {} were being opened; nothing watched",
+                parent.display()
+            ))),
+            () = tokio::time::sleep(crate::prepare::NODE_LOOK_DEADLINE) => {
+                return Err(WatchError::Left(format!(
+                    "the watched directories in {} did not open within {} s (a hung network file system or name service?); nothing watched",
+                    parent.display(),
+                    crate::prepare::NODE_LOOK_DEADLINE.as_secs()
+                )))
+            }
+        };
+        opened
             .map_err(|e| WatchError::Usage(format!("cannot open the watched directories: {e}")))?
             .map_err(|e| {
                 WatchError::Usage(format!(

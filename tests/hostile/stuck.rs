@@ -359,3 +359,48 @@ fn recover_keeps_its_budget_when_the_recorded_workdir_hangs() {
         run.stderr
     );
 }
+
+/// A sidecar (`c3-agent watch`) whose watched directories' parent stops answering (a hung
+/// NFS volume; here a FUSE mount whose server never answers). The parent was opened with
+/// nothing racing the stop: the pod's SIGTERM went unheard until its SIGKILL. Now the
+/// stop ends the watch at once, the attempt left for a later start (exit 6).
+#[test]
+fn a_watch_hears_a_stop_while_its_watched_parent_hangs() {
+    if not_root() {
+        return;
+    }
+    let h = open_harness();
+    let at = mount_point(&h, "fuse");
+    let Some(fuse) = DeafFuse::mount(&at, 0) else {
+        crate::support::skip("cannot mount a FUSE file system here (no /dev/fuse?)");
+        return;
+    };
+    let agent = h.spawn(&[
+        "watch",
+        "--job-id",
+        "wh",
+        at.join("artifacts").to_str().unwrap(),
+    ]);
+    let pid = agent.id();
+    wait_for(
+        "the watch's open of the mount",
+        Duration::from_secs(20),
+        || (fuse.unanswered() > 0).then_some(()),
+    );
+    let stopped = Instant::now();
+    signal(pid, "TERM");
+    // Its main thread's end: as above, a thread left on the mount keeps the process until
+    // the connection goes.
+    while alive(pid as i32) && stopped.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = stopped.elapsed();
+    drop(fuse);
+    let run = wait_within("c3-agent watch", agent, Duration::from_secs(30));
+    assert!(
+        took < Duration::from_secs(5),
+        "the watch heard its SIGTERM after {took:?}\n{}",
+        run.stderr
+    );
+    run.assert_code(6);
+}
