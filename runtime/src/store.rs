@@ -298,6 +298,22 @@ pub(crate) fn upload_gone(e: &StoreError) -> bool {
     ) && says(e, NO_SUCH_UPLOAD)
 }
 
+/// Whether a file store call failed for time: it did not return, or found no call slot
+/// ([`crate::filestore::bounded`]).
+fn timed_out(e: &StoreError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Whether the error comes from the file store (object_store's `LocalFileSystem`, or ours).
 fn is_local(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::Generic { store, .. } if *store == "LocalFileSystem")
@@ -1799,7 +1815,7 @@ impl BlobStore {
             if put(false).await? {
                 return Ok(BlobPut::Added);
             }
-            if self.still_wanted(sha256_hex).await {
+            if self.still_wanted(sha256_hex).await? {
                 return Ok(BlobPut::Found);
             }
             // gc took it meanwhile, or it could not be touched and is old enough that gc
@@ -1863,7 +1879,7 @@ impl BlobStore {
         }
         match self.stored_size(sha256_hex).await {
             Ok(Some(s)) if s == size => {
-                if !self.still_wanted(sha256_hex).await {
+                if !self.still_wanted(sha256_hex).await? {
                     return Err(not_there("gc deleted it meanwhile"));
                 }
                 Ok(BlobPut::Exists)
@@ -1907,9 +1923,10 @@ impl BlobStore {
                 .map(|()| BlobPut::Added)
         };
         match self.stored_size(sha256_hex).await {
-            Ok(Some(s)) if s == bytes.len() as u64 && self.still_wanted(sha256_hex).await => {
-                Ok(BlobPut::Found)
-            }
+            Ok(Some(s)) if s == bytes.len() as u64 => match self.still_wanted(sha256_hex).await? {
+                true => Ok(BlobPut::Found),
+                false => put().await,
+            },
             Ok(_) => put().await,
             Err(e) if self.head_denied(&e) => put().await,
             Err(e) => Err(e),
@@ -1924,7 +1941,10 @@ impl BlobStore {
             Err(e) if self.head_denied(&e) => return Ok(false),
             r => r?,
         };
-        Ok(stored == Some(size) && self.still_wanted(sha256_hex).await)
+        if stored != Some(size) {
+            return Ok(false);
+        }
+        self.still_wanted(sha256_hex).await
     }
 
     /// Whether `e` is a HEAD refused for lack of permission; said once per store.
@@ -1956,10 +1976,10 @@ impl BlobStore {
     /// manifest naming it is written; an older one is stored again (a copy of this node's).
     /// Replacing every one renamed a new copy over each deduplicated blob, and readers on
     /// other nodes that had it open got ESTALE.
-    async fn still_wanted(&self, sha256_hex: &str) -> bool {
+    async fn still_wanted(&self, sha256_hex: &str) -> Result<bool, StoreError> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let Some(root) = self.local_root() else {
-            return true;
+            return Ok(true);
         };
         let (key, path) = (blob_key(sha256_hex), root.join(blob_key(sha256_hex)));
         let sha = sha256_hex.to_string();
@@ -2014,9 +2034,16 @@ impl BlobStore {
             };
             std::fs::symlink_metadata(&path).map(|now| now.is_file() && now.ino() == ino)
         });
-        // A touch that failed or did not return (its thread abandoned), or found no slot, is
-        // a blob not known wanted: it is stored again, a write bounded as every other.
-        matches!(touch.await, Ok(true))
+        match touch.await {
+            Ok(wanted) => Ok(wanted),
+            // No slot came free in time (every one a data write's, under a heavy load that
+            // answers), or the touch did not return: transient, the caller's try is retried.
+            // Taken for "not wanted", the blob was stored again over itself (readers on other
+            // nodes got ESTALE) and its bytes counted as new to the tenant.
+            Err(e) if timed_out(&e) => Err(e),
+            // A touch that failed: a blob not known wanted, stored again.
+            Err(_) => Ok(false),
+        }
     }
 
     /// Whether what is at the blob's key on the file store is a regular file (elsewhere: the
@@ -2310,7 +2337,7 @@ impl BlobStore {
                 // rename again instead went round for ever on a symlink at the key.
                 let found = self.blob_is_file(sha256_hex).await?
                     && matches!(self.stored_size(sha256_hex).await, Ok(Some(s)) if s == size)
-                    && self.still_wanted(sha256_hex).await;
+                    && self.still_wanted(sha256_hex).await?;
                 if !found {
                     self.store()?
                         .rename(&from, &to)
