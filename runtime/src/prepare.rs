@@ -516,7 +516,10 @@ pub async fn datasets(
         // download dropped mid-write leaves its writer alone, and its named temp file (no
         // O_TMPFILE: NFS) stayed in the mount once the agent exited. A pull that does not
         // wind down in time (a hung store call before it) is dropped all the same.
-        let give_up = cancel.child_token();
+        // Its own token, told only once the stop or the timeout is decided here: a child of
+        // `cancel`, the pull's inner waits heard the stop first and a canceled job was
+        // reported DATASET_ERROR (retryable, so run again).
+        let give_up = CancellationToken::new();
         let work = materialize(
             ctx,
             spec,
@@ -529,15 +532,24 @@ pub async fn datasets(
         );
         tokio::pin!(work);
         let ended = tokio::select! {
-            r = &mut work => Some(r),
+            biased;
             _ = cancel.cancelled() => None,
             _ = tokio::time::sleep_until(deadline) => None,
+            r = &mut work => Some(r),
         };
         let pulled = match ended {
             Some(r) => r,
             None => {
                 give_up.cancel();
-                let _ = tokio::time::timeout(WIND_DOWN, &mut work).await;
+                // A stop (now or during the wind-down) waits a few seconds at most: its
+                // deadline (25 s by default) holds the final sync and the status too.
+                tokio::select! {
+                    _ = tokio::time::timeout(WIND_DOWN, &mut work) => {}
+                    () = async {
+                        cancel.cancelled().await;
+                        tokio::time::sleep(STOPPED_WIND_DOWN).await;
+                    } => {}
+                }
                 if cancel.is_cancelled() {
                     return Err(PrepareError::Canceled);
                 }
@@ -574,6 +586,9 @@ pub async fn datasets(
 /// How long a dataset pull given up on may take to wind down (its writers' temp files).
 const WIND_DOWN: std::time::Duration =
     crate::pull::WRITERS_WAIT.saturating_add(std::time::Duration::from_secs(2));
+/// As [`WIND_DOWN`], on a stop: a writer that ends at once (its download dropped) removes its
+/// temp file in far less; one blocked in a write on a hung mount is left.
+const STOPPED_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[allow(clippy::too_many_arguments)]
 async fn materialize(

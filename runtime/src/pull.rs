@@ -634,9 +634,13 @@ async fn fetch_once(
                 std::thread::sleep(WRITERS_WAIT * 3);
             }
             let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
-            // A window with the temp file made, for a test's stop to come in.
+            // A window with the temp file made, for a test's stop to come in: until the
+            // download is given up (its sender dropped), 20 s at most.
             if crate::fault::armed_at("pull-writer-pauses", &entry.path) {
-                std::thread::sleep(Duration::from_secs(2));
+                let until = std::time::Instant::now() + Duration::from_secs(20);
+                while !rx.is_closed() && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
             let written = write_verified(&file, &mut rx, &entry, owner)
                 .map_err(|e| match e {

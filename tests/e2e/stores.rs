@@ -265,6 +265,46 @@ fn datasets_are_materialized_as_private_copies() {
     assert_eq!(t["retryable"], false, "{t}");
 }
 
+/// A stop while a dataset is being pulled (here with the writers' temp files named, as on
+/// NFS) is the job's cancel, not a dataset failure: told to the pull as it came, the pull's
+/// own waits heard it first and the canceled job was reported DATASET_ERROR, retryable, to be
+/// run again. The writers are waited for: no temp file stays in the mount.
+#[test]
+fn a_stop_during_a_dataset_pull_is_a_cancel_and_leaves_no_temp_files() {
+    let mut h = Harness::file();
+    h.run_job(
+        json!({"job_id": "big", "command": ["sh", "-c", "echo weights > $C3_ARTIFACTS_DIR/w"]}),
+    )
+    .assert_code(0);
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "no-o-tmpfile:.c3-pull-+pull-writer-pauses:artifacts/w".into(),
+    ));
+    let spec = h.spec(json!({"job_id": "chained", "command": ["true"], "datasets": [{"ref": "/jobs/big", "mount": "in"}]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let mount = h.workdir("chained").join("in/artifacts");
+    let temps = || {
+        std::fs::read_dir(&mount)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".c3-pull-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    crate::support::wait_for(
+        "the dataset writer's temp file",
+        std::time::Duration::from_secs(30),
+        || (temps() > 0).then_some(()),
+    );
+    crate::support::signal(agent.id(), "TERM");
+    let run = h.wait("stopped run".into(), agent);
+    run.assert_code(4);
+    let t = h.terminal("chained");
+    assert_eq!(t["state"], "CANCELED", "{t}\n{}", run.stderr);
+    assert_eq!(temps(), 0, "a temp file stayed in the mount");
+}
+
 /// The agent holds the store's keys for every tenant: a dataset of another project's job is
 /// refused before launch, for good; one of the same project is materialized.
 #[test]
