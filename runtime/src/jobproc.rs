@@ -1260,22 +1260,32 @@ async fn stop_groups(
         (proven, unproven)
     })
     .await;
-    let Ok((proven, unproven)) = judged else {
+    let Ok((mut proven, unproven)) = judged else {
         return true;
     };
+    // A group once seen gone is never looked at again: while the others' grace runs, its id
+    // may be given to a stranger's new group, which the SIGKILL below would reach.
     let there = |g: &Pid| killpg(*g, None).is_ok();
     let deadline = tokio::time::Instant::now() + grace;
-    while proven.iter().any(there) && tokio::time::Instant::now() < deadline {
+    loop {
+        proven.retain(there);
+        if proven.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for group in proven.iter().filter(|g| there(g)) {
+    for group in &proven {
         let _ = killpg(*group, Signal::SIGKILL);
     }
     let deadline = tokio::time::Instant::now() + KILL_ROUNDS;
-    while proven.iter().any(there) && tokio::time::Instant::now() < deadline {
+    loop {
+        proven.retain(there);
+        if proven.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    unproven || proven.iter().any(there)
+    unproven || !proven.is_empty()
 }
 
 /// Whether `group` provably is the job's, and then whether its leader is alive: its

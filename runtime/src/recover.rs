@@ -397,40 +397,46 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
             _ => None,
         };
         let leader = record.leader.as_ref().map(|l| l.pid);
-        if let Some((since, boot)) = since {
-            // Off the reactor: each process's environment may take a second to answer.
+        // Off the reactor: each process's environment may take a second to answer.
+        let search = |(since, boot): (u64, Option<&str>)| {
             let (uid, job_id, attempt) = (job.uid, job.job_id.to_string(), job.attempt);
             let boot = boot.map(str::to_string);
-            let marked = tokio::task::spawn_blocking(move || {
-                let job = crate::jobproc::JobMark {
-                    uid,
-                    job_id: &job_id,
-                    attempt,
-                };
-                crate::jobproc::marked_groups(job, since, boot.as_deref())
-            })
-            .await
-            .unwrap_or_else(|_| crate::jobproc::MarkedGroups {
-                groups: Vec::new(),
-                unproven: true,
-            });
-            if marked.unproven {
-                // Never signalled (it may be a stranger's), never "none left" either.
-                tracing::warn!(
-                    "a process of the job's user did not let its environment be read in time (its memory lock held: D state, a FUSE page); not signalled, the GPU is not reported free"
-                );
-                survivors = true;
-            }
-            groups.extend(
-                marked
+            async move {
+                let marked = tokio::task::spawn_blocking(move || {
+                    let job = crate::jobproc::JobMark {
+                        uid,
+                        job_id: &job_id,
+                        attempt,
+                    };
+                    crate::jobproc::marked_groups(job, since, boot.as_deref())
+                })
+                .await
+                .unwrap_or_else(|_| crate::jobproc::MarkedGroups {
+                    groups: Vec::new(),
+                    unproven: true,
+                });
+                if marked.unproven {
+                    // Never signalled (it may be a stranger's), never "none left" either.
+                    tracing::warn!(
+                        "a process of the job's user did not let its environment be read in time (its memory lock held: D state, a FUSE page); not signalled, the GPU is not reported free"
+                    );
+                }
+                let groups: Vec<_> = marked
                     .groups
                     .into_iter()
                     .filter(|found| Some(found.pid) != leader)
                     .map(|found| crate::jobproc::RecordedGroup {
                         leader: found,
                         leads_session: false,
-                    }),
-            );
+                    })
+                    .collect();
+                (groups, marked.unproven)
+            }
+        };
+        if let Some(since) = since {
+            let (found, unproven) = search(since).await;
+            survivors |= unproven;
+            groups.extend(found);
         }
         match &record.leader {
             Some(l) => groups.insert(
@@ -448,9 +454,29 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
             None => {}
         }
         survivors |= crate::jobproc::stop_recorded_groups(groups, job, ctx.kill_grace).await;
+        // Groups the job made while it was being stopped (a TERM trap's `setsid` child, a
+        // retry loop) were not found above: searched for again, a few rounds at most, and
+        // one still made at the last round keeps the GPU from being reported free.
+        if let Some(since) = since {
+            for round in 1..=STOP_ROUNDS {
+                let (found, unproven) = search(since).await;
+                survivors |= unproven;
+                if found.is_empty() {
+                    break;
+                }
+                if round == STOP_ROUNDS {
+                    survivors = true;
+                    break;
+                }
+                survivors |= crate::jobproc::stop_recorded_groups(found, job, ctx.kill_grace).await;
+            }
+        }
     }
     survivors
 }
+
+/// Searches by marks after the first stop, for groups the job made while being stopped.
+const STOP_ROUNDS: usize = 3;
 
 async fn recover_record(
     ctx: &AgentContext,

@@ -497,3 +497,44 @@ fn recover_stops_a_jobs_many_leftover_groups_within_one_grace() {
     );
     assert_eq!(h.terminal("many")["reason"], "AGENT_ERROR");
 }
+
+/// No cgroup; the job's SIGTERM trap starts a new group of its own (`setsid`, ignoring
+/// SIGTERM) as it is stopped. The marked groups were searched for before anything was
+/// signalled, so one made during the stop was never found: it ran on, and the GPU was
+/// reported free. It is searched for again after the stop.
+#[test]
+fn recover_stops_a_group_the_job_made_while_it_was_stopped() {
+    if not_root() {
+        return;
+    }
+    let mut h = open_harness();
+    h.env = vec![
+        ("C3_AGENT_FAULT".into(), "no-job-cgroup".into()),
+        ("C3_AGENT_KILL_GRACE_SECS".into(), "2".into()),
+    ];
+    let script = r#"trap 'setsid sh -c "trap \"\" TERM; echo \$\$ > late.pid; exec sleep 1000" & wait' TERM; echo $$ > lead.pid; sleep 300 & wait"#;
+    let agent = crate::common::spawn_job(
+        &h,
+        json!({"job_id": "late", "user": "nobody", "command": ["sh", "-c", script]}),
+    );
+    let _agent = KillOnDrop(agent.id() as i32);
+    let lead = pid_from(&h.workdir("late").join("lead.pid"));
+    let _lead = KillOnDrop(lead);
+    launched_without_cgroup(&h, "late");
+    kill_agent(agent);
+    assert!(alive(lead), "the job outlived the agent");
+    h.env.retain(|(k, _)| k != "C3_AGENT_FAULT");
+    let recover = crate::common::wait_within(
+        "c3-agent recover",
+        h.spawn(&["recover"]),
+        Duration::from_secs(120),
+    );
+    let late = pid_from(&h.workdir("late").join("late.pid"));
+    let _late = KillOnDrop(late);
+    assert!(
+        !alive(late),
+        "the group made during the stop ran on\n--- recover stderr\n{}",
+        recover.stderr
+    );
+    assert!(!alive(lead));
+}
