@@ -237,6 +237,10 @@ pub(crate) enum Listed {
     /// `store.max_manifest_bytes`, an entry it refuses) but which may well be fine: logged,
     /// the attempt left alone this pass for an operator or a newer agent.
     NotThisAgents,
+    /// Another job's or attempt's manifest at this attempt's key (a cache or gateway that
+    /// answered for the wrong key, a copy): says nothing of this attempt; left alone as
+    /// [`Listed::NotThisAgents`], but likely to pass.
+    Foreign,
 }
 
 /// The attempt's own manifest in this store (in progress or complete): what it lists is what
@@ -263,11 +267,12 @@ pub(crate) async fn listed_before(
             // Another job's or attempt's at this key (a cache, a gateway, a copy): taken in,
             // its files (another tenant's) were listed in this attempt's manifest.
             Ok(m) if !crate::job::is_attempts(&m, &record.spec.job_id, record.spec.attempt) => {
-                not_this_agents(format!(
+                let _ = not_this_agents(format!(
                     "it is job {} attempt {}'s",
                     crate::display::cut(m.job_id.clone(), 256),
                     m.attempt
-                ))
+                ));
+                Ok(Listed::Foreign)
             }
             Ok(m) => Ok(Listed::Before(Some(m))),
             // Only bytes that are not JSON at all (cut short, garbled): valid JSON of
@@ -648,7 +653,7 @@ async fn recover_record(
     };
     let listed = match listed {
         Some(Ok(Listed::Before(earlier))) => Some(earlier),
-        Some(Ok(Listed::NotThisAgents)) => return None,
+        Some(Ok(Listed::NotThisAgents | Listed::Foreign)) => return None,
         Some(Err(e)) => {
             let _entered = span.enter();
             tracing::warn!(error = %crate::error_chain(&e), "cannot read what the attempt's manifest lists; left for the next pass");

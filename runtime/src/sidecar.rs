@@ -364,6 +364,10 @@ async fn watch_attempt(
                 Some(Ok(Ok(Listed::NotThisAgents))) => {
                     return left("its manifest in the store is not one this agent can take in".into());
                 }
+                // Misrouted, likely to pass: not the job's fault (exit 2 failed it for good).
+                Some(Ok(Ok(Listed::Foreign))) => {
+                    return later("its manifest key in the store holds another job's or attempt's manifest".into());
+                }
                 // Over a readable record the watch goes on without it (a store blip must not
                 // keep a restarted sidecar from its final sync: the pod's files go with it).
                 Some(Ok(Err(e))) if set_aside.is_none() => {

@@ -887,6 +887,38 @@ fn a_sidecar_restarted_over_a_record_that_does_not_parse_watches_on() {
     assert!(term["seq"].as_u64() >= Some(1_000_000), "{term}");
 }
 
+/// A sidecar restarted while its attempt's key answers with another job's manifest (a cache
+/// or gateway misrouting, likely to pass) leaves the attempt as it is for a later start,
+/// exit 6: exit 2 ("not one this agent can take in") failed the pod's job for good.
+#[test]
+fn a_sidecar_restarted_over_another_jobs_manifest_at_its_key_is_left_for_later() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "other", "command": ["sh", "-c", "echo o > $C3_ARTIFACTS_DIR/o"]}))
+        .assert_code(0);
+    let foreign = h.object("jobs/other/attempts/1/manifest.json").unwrap();
+    let KilledWatch {
+        trainer: mut t,
+        pid,
+        out,
+        ..
+    } = a_watch_killed_over_its_trainer(&h, "sidefor", &[]);
+    let key = "jobs/sidefor/attempts/1/manifest.json";
+    h.tamper(key, &foreign);
+    let again = h.run(&[
+        "watch",
+        "--job-id",
+        "sidefor",
+        "--pid",
+        &pid,
+        &out.display().to_string(),
+    ]);
+    t.kill().unwrap();
+    t.wait().unwrap();
+    again.assert_code(6);
+    assert!(again.stderr.contains("another job's"), "{}", again.stderr);
+    assert_eq!(h.object(key).unwrap(), foreign);
+}
+
 /// A sidecar started again over a finished attempt whose run record no longer parses sets
 /// the record aside and finds the complete manifest in the store: nothing to do, no second
 /// terminal status (past every seq, the control plane would take it), the manifest as it was.
