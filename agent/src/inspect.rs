@@ -75,7 +75,17 @@ pub async fn pull(
         m = manifest(ctx, job_id) => m?,
         () = stop.cancelled() => anyhow::bail!("stopped (a signal) before the manifest was read"),
     };
-    let root = open_dest(dest).with_context(|| format!("cannot open {}", dest.display()))?;
+    // Off the reactor and raced with the stop: a DEST on a hung NFS mount holds the open,
+    // and a Ctrl-C (its default action gone) must still end the pull.
+    let opening = {
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || open_dest(&dest))
+    };
+    let root = tokio::select! {
+        opened = opening => opened.context("the open of DEST")?,
+        () = stop.cancelled() => anyhow::bail!("stopped (a signal) while {} was opened", dest.display()),
+    }
+    .with_context(|| format!("cannot open {}", dest.display()))?;
     let logs_root = root.try_clone()?;
     let mut summary = c3_runtime::pull::pull(&ctx.store, &manifest, root, dest, force, stop)
         .await

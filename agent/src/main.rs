@@ -221,6 +221,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
             // ones where DEST has no O_TMPFILE: NFS) removed, where the default action left
             // them, root's, in DEST.
             let stop = cancel_on_signals(&[]);
+            tokio::spawn(exit_on_second_stop(stop.clone()));
             let ctx = match checked(&env, &job_id) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -684,6 +685,27 @@ fn ignored_at_start(signal: i32) -> bool {
         libc::sigaction(signal, std::ptr::null(), &mut old) == 0
             && old.sa_sigaction == libc::SIG_IGN
     }
+}
+
+/// A second Ctrl-C (or SIGTERM) after `stop` ends the process at once, exit 130: the first
+/// one's wait for a pull's writers (30 s at most, on a hung DEST) is the user's to cut.
+async fn exit_on_second_stop(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    stop.cancelled().await;
+    // Listened to from now on: made before, the first stop's signal counted as a second.
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    out::note("stopped again: exiting without waiting for the pull's writers");
+    logwriter::flush(FLUSH_AT_EXIT);
+    std::process::exit(130);
 }
 
 fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {

@@ -220,6 +220,38 @@ fn a_pull_stopped_by_a_signal_leaves_no_temp_files() {
     }
 }
 
+/// A second Ctrl-C ends a pull at once (exit 130) while the first one's wait for its
+/// writers (30 s at most: one blocked on a hung DEST) runs: the signal's default action was
+/// gone, and nothing but SIGKILL ended it.
+#[test]
+fn a_second_signal_ends_a_pull_at_once() {
+    let mut h = Harness::file();
+    h.run_job(json!({"job_id": "p2", "command": ["sh", "-c", "echo data > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let dest = h.path("dest");
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "pull-writer-hangs:artifacts/f".into(),
+    ));
+    let pull = h.spawn(&["pull", "p2", dest.to_str().unwrap()]);
+    // Directories are made before the downloads start, and the writer hangs (90 s).
+    wait_for("the pull's directories", Duration::from_secs(20), || {
+        dest.join("artifacts").is_dir().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    crate::support::signal(pull.id(), "INT");
+    std::thread::sleep(Duration::from_millis(500));
+    crate::support::signal(pull.id(), "INT");
+    let pulled = h.wait("pull".into(), pull);
+    assert_eq!(pulled.code, 130, "{}", pulled.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the second signal was waited out: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn pull_refuses_to_overwrite_a_different_file_unless_forced_and_fetches_logs() {
     let h = Harness::file();
