@@ -161,6 +161,16 @@ pub enum RunError {
         #[source]
         source: crate::statedir::StateError,
     },
+    /// The processes an earlier run of the attempt (its record set aside) may have left
+    /// could not be looked for: the job's user did not come back from NSS in time. Run on,
+    /// the earlier copy and this one could both hold the GPU and write the same workdir.
+    #[error("job {job_id} attempt {attempt}: the earlier run's processes could not be looked for; nothing was started (try again)")]
+    EarlierUnstopped {
+        job_id: String,
+        attempt: u32,
+        #[source]
+        source: crate::prepare::PrepareError,
+    },
 }
 
 impl RunError {
@@ -174,6 +184,7 @@ impl RunError {
             }
             RunError::Lock(crate::statedir::LockError::State(_))
             | RunError::EarlierRecord { .. }
+            | RunError::EarlierUnstopped { .. }
             | RunError::StoreSilent { .. } => crate::outcome::ExitCode::AgentOrDataset,
             RunError::AlreadyRan { .. } => crate::outcome::ExitCode::Usage,
         }
@@ -445,7 +456,7 @@ async fn take_over_earlier_run(
                 }
                 Stored::Absent | Stored::InProgress => {}
             }
-            stop_unrecorded_run(ctx, spec, cancel).await;
+            stop_unrecorded_run(ctx, spec, cancel).await?;
             return Ok(Some(seq));
         }
         Err(source) => {
@@ -509,7 +520,11 @@ async fn take_over_earlier_run(
 /// lock says no live agent runs the attempt: a marked process is the earlier copy's, which
 /// would keep the GPU and write the same workdir. The user is looked up off the reactor, bounded as `prepare`'s lookup is and given up on a
 /// stop: behind a hung sssd it held the run, a stop unheard.
-async fn stop_unrecorded_run(ctx: &AgentContext, spec: &JobSpec, cancel: &CancellationToken) {
+async fn stop_unrecorded_run(
+    ctx: &AgentContext,
+    spec: &JobSpec,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
     let mut record = fresh_record(ctx, spec.clone());
     record.launching = true;
     record.agent = Some((0, 0));
@@ -527,15 +542,25 @@ async fn stop_unrecorded_run(ctx: &AgentContext, spec: &JobSpec, cancel: &Cancel
             });
         }
         Ok(None) => {}
+        // No answer in time: NSS may answer the launch's own look, and a second copy would
+        // run beside the first. A stop: nothing is launched after it.
+        Err(source @ crate::prepare::PrepareError::Stuck { .. }) => {
+            return Err(RunError::EarlierUnstopped {
+                job_id: spec.job_id.clone(),
+                attempt: spec.attempt,
+                source,
+            })
+        }
         Err(e) => {
-            // Its processes cannot be told: never signalled.
+            // Its processes cannot be told: never signalled (the launch fails on the user too).
             tracing::warn!(error = %error_chain(&e), "the job's user is not known on this node: the earlier run's processes, if any, are not stopped");
-            return;
+            return Ok(());
         }
     }
     if crate::recover::stop_survivors(ctx, &record).await {
         tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
     }
+    Ok(())
 }
 
 /// When the agent was first asked to stop (a signal): set once, by whoever turns the signal
