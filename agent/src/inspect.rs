@@ -424,8 +424,9 @@ async fn local_log(
     let mut buf = vec![0u8; 64 * 1024];
     let record = ctx.state.run_record_path(job_id, attempt);
     let mut shown = crate::out::JobBytes::for_stdout();
-    // The log's length when it last grew, and when.
+    // The log's length when it last grew, and when; when the run record was last read.
     let mut grown = (0u64, std::time::Instant::now());
+    let mut record_read = std::time::Instant::now();
     loop {
         loop {
             let n = file.read(&mut buf)?;
@@ -452,9 +453,15 @@ async fn local_log(
         // while: one gone for good (set aside, its attempt removed by retention) names no
         // agent either, and a follow is a bounded wait.
         let done = match ctx.state.read_record(&record) {
-            Ok(r) => r.phase == Phase::Done || !agent_alive(&r),
+            Ok(r) => {
+                record_read = std::time::Instant::now();
+                r.phase == Phase::Done || !agent_alive(&r)
+            }
             Err(c3_runtime::statedir::StateError::Corrupt { .. }) => true,
-            Err(e) if grown.1.elapsed() >= FOLLOW_WITHOUT_RECORD => {
+            Err(e)
+                if record_read.elapsed() >= FOLLOW_WITHOUT_RECORD
+                    && grown.1.elapsed() >= FOLLOW_WITHOUT_RECORD =>
+            {
                 out::note(&format!(
                     "no longer following: the attempt's run record has not been readable for {} s and the log did not grow ({})",
                     FOLLOW_WITHOUT_RECORD.as_secs(),

@@ -483,8 +483,11 @@ fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool, tick: &dyn Fn(
 /// listing hides and nothing else removes. Only plain files named `<name>#<digits>` go (no
 /// job id or key of the agent's has a `#`), at most as deep as an attempt's manifest
 /// (`jobs/<id>/attempts/<n>/`), each reached from its directory's fd with no symlink followed,
-/// `jobs` itself included. A write that stalled past `cutoff` and then went on finds its temp
-/// gone: its rename fails, a transient failure retried with a new temp.
+/// `jobs` itself included. A write that stalled past `cutoff` (an hour at least) and then
+/// went on finds its temp gone: its rename fails, a transient failure retried with a new
+/// temp; or, if another write of the same key took the freed `#N` meanwhile, it renames that
+/// one's file over the key and that write's own rename fails and is retried (the key is
+/// written again whole).
 fn sweep_torn_documents(
     root: &DirFd,
     cutoff: SystemTime,

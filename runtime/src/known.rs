@@ -89,7 +89,13 @@ impl KnownBlobs {
         let Ok(mut file) = self.file.lock() else {
             return;
         };
-        if file.is_none() {
+        // Another agent's trim at load replaces the record (`write_atomic`): appended to the
+        // old one, every key this agent learns from then on was lost with it.
+        let replaced = file.as_ref().is_some_and(|f| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().is_ok_and(|m| m.nlink() == 0)
+        });
+        if file.is_none() || replaced {
             *file = open_append(path);
         }
         if let Some(f) = file.as_mut() {
@@ -199,6 +205,19 @@ mod tests {
         assert!(!next.contains(&key(0)), "the oldest go");
         drop(next);
         assert!(KnownBlobs::open(dir.path(), "s3://b/x").contains(&new));
+    }
+
+    /// Another agent's trim replaces the record while this one appends to it: the keys
+    /// learnt after went to the unlinked file, lost.
+    #[test]
+    fn keys_learnt_after_another_agents_trim_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = KnownBlobs::open(dir.path(), "s3://b/x");
+        one.insert(&[1; 32]);
+        let path = one.path.clone().unwrap();
+        crate::statedir::write_atomic(&path, format!("{}\n", "1".repeat(64)).as_bytes()).unwrap();
+        one.insert(&[2; 32]);
+        assert!(KnownBlobs::open(dir.path(), "s3://b/x").contains(&[2; 32]));
     }
 
     /// The record is the agent's alone under any umask, and one made open is closed.

@@ -560,6 +560,8 @@ const PREHASH_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 #[derive(Debug)]
 struct Ahead {
     state: multipart::Prehashed,
+    /// The file's size when it last grew, and when.
+    size: u64,
     at: std::time::Instant,
 }
 /// Read ahead per call at most, so one fast writer cannot keep the agent reading.
@@ -951,6 +953,11 @@ impl Uploader {
         let key = (stamp.dev, stamp.ino);
         let ahead = {
             let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
+            // Growing counts as busy, whole parts hashed or not (a file stopped at its first
+            // hole while parallel writers fill it).
+            if let Some(a) = map.get_mut(&key).filter(|a| stamp.size > a.size) {
+                (a.size, a.at) = (stamp.size, std::time::Instant::now());
+            }
             if !map.contains_key(&key) && map.len() >= MAX_PREHASHED {
                 map.retain(|_, a| a.at.elapsed() < PREHASH_IDLE);
                 if map.len() >= MAX_PREHASHED {
@@ -1006,8 +1013,8 @@ impl Uploader {
         .await;
         if let Ok(state) = done {
             let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
-            let at = std::time::Instant::now();
-            map.insert(key, Ahead { state, at });
+            let (size, at) = (stamp.size, std::time::Instant::now());
+            map.insert(key, Ahead { state, size, at });
         }
     }
 
@@ -1816,7 +1823,7 @@ mod tests {
             map.clear();
             for i in 0..MAX_PREHASHED as u64 {
                 let state = multipart::PartHasher::new(MIB);
-                map.insert((u64::MAX, i), Ahead { state, at });
+                map.insert((u64::MAX, i), Ahead { state, size: 0, at });
             }
         };
         let (file, _) = file_of(dir.path(), "ckpt", 5 * MIB as usize / 2, 3);
