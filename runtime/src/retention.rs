@@ -192,6 +192,28 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
     report
 }
 
+/// A job dir that holds the scheduler's `job.json` and nothing else: a run refused before
+/// it made any attempt (a bad spec, "already ran", a unit stopped before it started). No
+/// record ever names it, and it was kept for ever; it goes as a failed job does, counted
+/// from when `job.json` was written. Anything else beside it (a dir another job uses as its
+/// workdir, an operator's data) keeps the dir.
+fn spec_alone(dir: &Path, id: &str) -> Option<Job> {
+    let mut entries = std::fs::read_dir(dir).ok()?;
+    let only = entries.next()?.ok()?;
+    if entries.next().is_some() || only.file_name() != "job.json" {
+        return None;
+    }
+    let md = std::fs::symlink_metadata(only.path()).ok()?;
+    let written = md.is_file().then(|| md.modified().ok()).flatten()?;
+    Some(Job {
+        id: id.to_string(),
+        dir: dir.to_path_buf(),
+        attempts: Vec::new(),
+        finished: written,
+        job_json: Some(written),
+    })
+}
+
 /// Reads a job's records. `Ok(None)`: not a job's dir (a plain file, a symlink).
 fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
     let dir = state.job_dir(id);
@@ -203,7 +225,9 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
     let entries = match std::fs::read_dir(&attempts_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err("no attempt records".into());
+            return spec_alone(&dir, id)
+                .map(Some)
+                .ok_or_else(|| "no attempt records".into());
         }
         Err(e) => return Err(format!("cannot read {}: {e}", attempts_dir.display())),
     };
@@ -879,6 +903,41 @@ mod tests {
             .find(|(k, _)| k == id)
             .map(|(_, why)| why.as_str())
             .unwrap_or_else(|| panic!("{id} not kept: {report:?}"))
+    }
+
+    /// A job dir with the scheduler's `job.json` alone (a run refused before it made any
+    /// attempt) was kept for ever ("no attempt records"); it goes as a failed job does. One
+    /// with anything else beside it stays: it may be another job's workdir, or an operator's.
+    #[test]
+    fn a_spec_no_run_ever_took_goes_as_a_failed_job() {
+        let f = Fixture::new();
+        let spec_only = |id: &str, age: Duration, more: bool| {
+            let dir = f.state.job_dir(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let spec = dir.join("job.json");
+            std::fs::write(&spec, "{}").unwrap();
+            if more {
+                std::fs::write(dir.join("data.bin"), "d").unwrap();
+            }
+            std::fs::File::options()
+                .write(true)
+                .open(&spec)
+                .unwrap()
+                .set_modified(SystemTime::now() - age)
+                .unwrap();
+        };
+        spec_only("refused", 40 * DAY, false);
+        spec_only("fresh", DAY, false);
+        spec_only("with-data", 40 * DAY, true);
+        let report = f.sweep();
+        assert_eq!(report.removed_jobs, ["refused"], "{report:?}");
+        assert!(!f.state.job_dir("refused").exists());
+        assert!(
+            reason(&report, "fresh").contains("kept for 30.0 d"),
+            "{report:?}"
+        );
+        assert_eq!(reason(&report, "with-data"), "no attempt records");
+        assert!(f.state.job_dir("with-data").join("data.bin").exists());
     }
 
     #[test]
