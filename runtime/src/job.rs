@@ -751,6 +751,7 @@ impl<'a> Run<'a> {
             .state
             .ensure_attempt_dir(&self.spec().job_id, self.spec().attempt)?;
         self.save().await;
+        crate::prepare::earlier_attempts_settled(self.ctx, &self.record, cancel).await?;
         self.run_as = crate::prepare::bounded(
             "looking up the job's user",
             cancel,

@@ -160,6 +160,64 @@ pub async fn bounded<T>(
     }
 }
 
+/// How long a run waits for the earlier attempts of its job in its workdir that another
+/// process holds (`recover` or `resync` finishing one, its own agent still in its final
+/// sync after a stop): a final sync of a large workdir takes minutes.
+pub const EARLIER_ATTEMPT_WAIT: Duration = Duration::from_secs(15 * 60);
+
+/// Waits until no earlier attempt of `record`'s job that ran in the same workdir is held by
+/// another process (its lock is taken and given back at once), up to
+/// [`EARLIER_ATTEMPT_WAIT`]. Called once this attempt's record is saved: a `recover` that
+/// locks an earlier attempt from then on sees this one and leaves it alone. One already past
+/// that look went on scanning the workdir this run is about to take: it stored this run's
+/// files as the earlier attempt's, forgot what that one had listed (its blobs then gc's), and
+/// read this run's result as its own.
+pub async fn earlier_attempts_settled(
+    ctx: &AgentContext,
+    record: &RunRecord,
+    cancel: &CancellationToken,
+) -> Result<(), PrepareError> {
+    let (job_id, attempt) = (&record.spec.job_id, record.spec.attempt);
+    let mut earlier: Vec<u32> = ctx
+        .state
+        .attempt_numbers(job_id)
+        .into_iter()
+        .filter(|n| *n < attempt)
+        .filter(|n| {
+            ctx.state
+                .read_record(&ctx.state.run_record_path(job_id, *n))
+                .is_ok_and(|r| r.workdir == record.workdir)
+        })
+        .collect();
+    earlier.sort_unstable();
+    let until = tokio::time::Instant::now() + EARLIER_ATTEMPT_WAIT;
+    for n in earlier {
+        let mut said = false;
+        // Free (taken and given back), gone, or a lock file that cannot be opened: nothing
+        // holds the attempt that this look can tell.
+        while let Err(crate::statedir::LockError::Held { holder, .. }) =
+            crate::statedir::AttemptLock::acquire_existing(&ctx.state, job_id, n)
+        {
+            if !said {
+                tracing::warn!(earlier_attempt = n, holder = %holder, wait_secs = EARLIER_ATTEMPT_WAIT.as_secs(),
+                            "an earlier attempt of the job in the same workdir is being finished by another process (recover, resync, its own agent's final sync); waiting for it before the workdir is touched");
+                said = true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(PrepareError::Stuck {
+                    step: "waiting for an earlier attempt in the same workdir to be finished",
+                    secs: EARLIER_ATTEMPT_WAIT.as_secs(),
+                });
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = cancel.cancelled() => return Err(PrepareError::Canceled),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The spec's user, looked up off the reactor (NSS may be slow: LDAP, sssd).
 pub async fn user(spec: &JobSpec) -> Result<Option<RunAs>, PrepareError> {
     let Some(name) = spec.user.clone() else {

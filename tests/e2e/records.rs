@@ -340,3 +340,42 @@ fn a_rerun_over_a_record_that_cannot_be_read_is_refused_as_the_nodes_fault() {
     assert!(statuses(&h).is_empty(), "{:?}", statuses(&h));
     assert!(path.is_dir());
 }
+
+/// A later attempt of a job starting in the workdir of an earlier one that another process
+/// holds (`recover` finishing it after its agent died, `resync`, its own agent's final sync
+/// after a stop; here the test holds its lock) waits for it before touching the workdir: a
+/// `recover` already past its look for later attempts scanned this run's files as the earlier
+/// attempt's, forgot what that one had listed (gc then took its blobs), and took this run's
+/// result for its own.
+#[test]
+fn a_later_attempt_waits_for_an_earlier_one_being_finished_in_its_workdir() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "wait", "command": ["true"]}))
+        .assert_code(0);
+    let lock = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(h.state.join("jobs/wait/attempts/1/lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let marker = h.path("launched");
+    let spec = h.spec(
+        json!({"job_id": "wait", "attempt": 2, "command": ["touch", marker.display().to_string()]}),
+    );
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !marker.exists(),
+        "attempt 2 launched while attempt 1 was held"
+    );
+    lock.unlock().unwrap();
+    let run = h.wait("attempt 2".into(), agent);
+    run.assert_code(0);
+    assert!(marker.exists());
+    assert!(
+        run.stderr
+            .contains("waiting for it before the workdir is touched"),
+        "{}",
+        run.stderr
+    );
+}
