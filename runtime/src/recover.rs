@@ -652,6 +652,20 @@ async fn recover_record(
         () = halted => None,
     };
     let listed = match listed {
+        // Complete, while this node's run of the attempt never reached its final sync (the
+        // seal comes after the record says `finishing`): another node's run of the same
+        // attempt sealed it (a rerun placed elsewhere with the same attempt number). Finished
+        // here, its manifest was replaced by what this node's workdir holds and a second,
+        // contradicting terminal status went out past its `seq`.
+        Some(Ok(Listed::Before(Some(m))))
+            if m.complete && matches!(run.record.phase, Phase::Running | Phase::Preparing) =>
+        {
+            let _entered = span.enter();
+            tracing::error!(
+                "the attempt's manifest in the store is complete, though this node's run of it never reached its final sync: another node ran the same attempt; left alone (no manifest written, no status sent)"
+            );
+            return None;
+        }
         Some(Ok(Listed::Before(earlier))) => Some(earlier),
         Some(Ok(Listed::NotThisAgents | Listed::Foreign)) => return None,
         Some(Err(e)) => {

@@ -800,6 +800,38 @@ fn recover_never_takes_in_another_jobs_manifest_at_its_key() {
     );
 }
 
+/// This node's agent of an attempt died before its final sync, and the scheduler ran the same
+/// attempt on another node, which sealed its manifest and reported it. This node's `recover`
+/// finished it again: the other run's manifest replaced by what this node's workdir holds,
+/// and a second, contradicting terminal status sent past its `seq`. A complete manifest of an
+/// attempt this node never took to its final sync is another run's: left alone.
+#[test]
+fn recover_leaves_an_attempt_another_node_completed_alone() {
+    let h = Harness::file().with_control_plane(5);
+    h.run_job(json!({"job_id": "twice", "command": ["sh", "-c", "echo b > $C3_ARTIFACTS_DIR/b"]}))
+        .assert_code(0);
+    let key = "jobs/twice/attempts/1/manifest.json";
+    let sealed = h.object(key).unwrap();
+    let sent = h.cp().delivered("/status").len();
+    // This node's record, as its agent left it when it died mid-run.
+    let rec = h.state.join("jobs/twice/attempts/1/run.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    record["phase"] = json!("running");
+    record["state"] = json!(null);
+    record["agent"] = json!([1, 1]);
+    std::fs::write(&rec, serde_json::to_vec(&record).unwrap()).unwrap();
+    std::fs::remove_dir_all(h.workdir("twice")).ok();
+    let run = h.run(&["recover"]);
+    assert_eq!(h.object(key).unwrap(), sealed, "{}", run.stderr);
+    assert_eq!(h.cp().delivered("/status").len(), sent, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("another node ran the same attempt"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// As above, but the attempt's manifest is a newer agent's (version 2; this node was rolled
 /// back): taken for unreadable, it was replaced by a complete one listing nothing (the
 /// workdir gone), and `gc` then deleted every blob only it named. It is left as it is, the
