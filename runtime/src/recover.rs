@@ -86,7 +86,7 @@ pub async fn recover_all(ctx: &AgentContext, halt: &CancellationToken) -> Vec<Jo
         }
         match recover_record(ctx, &path, Pass::Recover, None, Some(halt)).await {
             Some(summary) => finished.push(summary),
-            None => abort_left_uploads(ctx, &path).await,
+            None => abort_left_uploads(ctx, &path, halt).await,
         }
     }
     finished
@@ -96,18 +96,21 @@ pub async fn recover_all(ctx: &AgentContext, halt: &CancellationToken) -> Vec<Jo
 /// failed when the attempt ended (the store was down then). Their journals keep the job from
 /// retention, and their parts stay billed at the store, until an abort goes through. An
 /// attempt with output left unstored keeps its uploads: recover resumes them.
-async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
+async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path, halt: &CancellationToken) {
+    let settled = |record: &RunRecord| {
+        let elsewhere = record
+            .destination
+            .as_ref()
+            .is_some_and(|d| !ctx.destination().serves(d));
+        record.phase == Phase::Done && record.unstored_to_retry() == 0 && !elsewhere
+    };
     let Ok(record) = ctx.state.read_record(path) else {
         return;
     };
-    let (job_id, attempt) = (record.spec.job_id.as_str(), record.spec.attempt);
-    let elsewhere = record
-        .destination
-        .as_ref()
-        .is_some_and(|d| !ctx.destination().serves(d));
-    if record.phase != Phase::Done || record.unstored_to_retry() > 0 || elsewhere {
+    if !settled(&record) {
         return;
     }
+    let (job_id, attempt) = (record.spec.job_id.as_str(), record.spec.attempt);
     let uploader = attempt_uploader(ctx, job_id, attempt);
     if !uploader.journaled() {
         return;
@@ -115,7 +118,18 @@ async fn abort_left_uploads(ctx: &AgentContext, path: &std::path::Path) {
     let Ok(_lock) = AttemptLock::acquire(&ctx.state, job_id, attempt) else {
         return;
     };
-    let aborted = uploader.abort_orphans().await;
+    // Read again under the lock: a `resync` that held it meanwhile may have left output to
+    // retry, its uploads kept for the next pass to resume (aborted, they were sent again
+    // from their first byte).
+    if !ctx.state.read_record(path).is_ok_and(|r| settled(&r)) {
+        return;
+    }
+    // A stop is heard: the aborts retry through a store outage (up to its deadline), and an
+    // upload left open is aborted by the next pass.
+    let aborted = tokio::select! {
+        aborted = uploader.abort_orphans() => aborted,
+        () = halt.cancelled() => return,
+    };
     tracing::info!(
         job_id,
         attempt,
