@@ -437,36 +437,13 @@ fn put_back_left_aside(dir: &DirFd, tick: &dyn Fn()) {
 /// directory's fd and no symlink is followed, `staging` itself included: one a job put in
 /// its place (or anywhere below) would have led root's unlinks into /etc.
 fn sweep_staging(root: &DirFd, cutoff: SystemTime, dry_run: bool, tick: &dyn Fn()) -> (usize, u64) {
-    let mut swept = (0, 0);
-    let Ok(mut walk) = root
-        .open_dir(Path::new("staging"))
-        .and_then(|dir| TreeWalk::new(dir, b"staging".to_vec()))
-    else {
-        return swept;
-    };
     // staging/<shard or job>/<temp>, and one level more for object_store's own temp names.
-    while let Some(item) = walk.next() {
-        tick();
-        let Item::Entry(entry) = item else {
-            continue;
-        };
-        let Ok(st) = &entry.stat else {
-            continue;
-        };
-        if is_dir(st) {
-            if walk.depth() <= 3 {
-                if let Ok(dir) = entry.open_dir() {
-                    let _ = walk.enter(dir, entry.rel);
-                }
-            }
-        } else if is_regular(st)
-            && modified(st) < cutoff
-            && (dry_run || entry.parent.remove_file(&entry.name).is_ok())
-        {
-            swept.0 += 1;
-            swept.1 += st.st_size as u64;
-        }
-    }
+    let sweep = Sweep {
+        top: "staging",
+        depth: 4,
+        takes: |_| true,
+    };
+    let swept = sweep.run(root, cutoff, dry_run, tick);
     if swept.0 > 0 && !dry_run {
         tracing::info!(
             files = swept.0,
@@ -494,37 +471,13 @@ fn sweep_torn_documents(
     dry_run: bool,
     tick: &dyn Fn(),
 ) -> (usize, u64) {
-    let mut swept = (0, 0);
-    let Ok(mut walk) = root
-        .open_dir(Path::new("jobs"))
-        .and_then(|dir| TreeWalk::new(dir, b"jobs".to_vec()))
-    else {
-        return swept;
+    // jobs/<id>/attempts/<n>: four levels open at most.
+    let sweep = Sweep {
+        top: "jobs",
+        depth: 4,
+        takes: is_staged_temp,
     };
-    while let Some(item) = walk.next() {
-        tick();
-        let Item::Entry(entry) = item else {
-            continue;
-        };
-        let Ok(st) = &entry.stat else {
-            continue;
-        };
-        if is_dir(st) {
-            // jobs/<id>/attempts/<n>: four levels open at most.
-            if walk.depth() < 4 {
-                if let Ok(dir) = entry.open_dir() {
-                    let _ = walk.enter(dir, entry.rel);
-                }
-            }
-        } else if is_regular(st)
-            && is_staged_temp(&entry.name)
-            && modified(st) < cutoff
-            && (dry_run || entry.parent.remove_file(&entry.name).is_ok())
-        {
-            swept.0 += 1;
-            swept.1 += st.st_size as u64;
-        }
-    }
+    let swept = sweep.run(root, cutoff, dry_run, tick);
     if swept.0 > 0 && !dry_run {
         tracing::info!(
             files = swept.0,
@@ -533,6 +486,57 @@ fn sweep_torn_documents(
         );
     }
     swept
+}
+
+/// A walk of `top` (at most `depth` directories open, `top` included) that deletes the plain
+/// files `takes` names, last modified before a cutoff: each reached from its directory's fd,
+/// no symlink followed. Directories stay. Returns how many files, and their bytes.
+struct Sweep {
+    top: &'static str,
+    depth: usize,
+    takes: fn(&OsStr) -> bool,
+}
+
+impl Sweep {
+    fn run(
+        &self,
+        root: &DirFd,
+        cutoff: SystemTime,
+        dry_run: bool,
+        tick: &dyn Fn(),
+    ) -> (usize, u64) {
+        let mut swept = (0, 0);
+        let Ok(mut walk) = root
+            .open_dir(Path::new(self.top))
+            .and_then(|dir| TreeWalk::new(dir, self.top.as_bytes().to_vec()))
+        else {
+            return swept;
+        };
+        while let Some(item) = walk.next() {
+            tick();
+            let Item::Entry(entry) = item else {
+                continue;
+            };
+            let Ok(st) = &entry.stat else {
+                continue;
+            };
+            if is_dir(st) {
+                if walk.depth() < self.depth {
+                    if let Ok(dir) = entry.open_dir() {
+                        let _ = walk.enter(dir, entry.rel);
+                    }
+                }
+            } else if is_regular(st)
+                && (self.takes)(&entry.name)
+                && modified(st) < cutoff
+                && (dry_run || entry.parent.remove_file(&entry.name).is_ok())
+            {
+                swept.0 += 1;
+                swept.1 += st.st_size as u64;
+            }
+        }
+        swept
+    }
 }
 
 /// Whether `name` is one object_store's `LocalFileSystem` stages a write to: `<name>#<digits>`

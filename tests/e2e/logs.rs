@@ -388,17 +388,11 @@ fn a_stalled_journal_does_not_stop_a_timeout() {
     let started = Instant::now();
     let mut agent = cmd.spawn().unwrap();
     drop(cmd);
-    let status = loop {
-        if let Some(status) = agent.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = agent.kill();
-            let _ = agent.wait();
-            panic!("the agent still runs 30 s into a 3 s timeout, its stderr full");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = crate::support::exit_within(
+        &mut agent,
+        started + Duration::from_secs(30),
+        "the agent still runs 30 s into a 3 s timeout, its stderr full",
+    );
     assert_eq!(status.code(), Some(5), "TIMED_OUT");
     drop(unread);
 }
@@ -432,17 +426,11 @@ fn a_stdout_that_takes_nothing_does_not_hold_the_exit() {
     let started = Instant::now();
     let mut agent = cmd.spawn().unwrap();
     drop(cmd);
-    let status = loop {
-        if let Some(status) = agent.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = agent.kill();
-            let _ = agent.wait();
-            panic!("the agent still runs 30 s after its job ended, its stdout full");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = crate::support::exit_within(
+        &mut agent,
+        started + Duration::from_secs(30),
+        "the agent still runs 30 s after its job ended, its stdout full",
+    );
     assert_eq!(status.code(), Some(1), "the job's failure, not a kill");
     assert_eq!(h.terminal("quiet")["reason"], "SCRIPT_ERROR");
     drop(unread);

@@ -1052,6 +1052,22 @@ pub fn job_pid(h: &Harness, job: &str) -> i32 {
     })
 }
 
+/// The exit status of `child`, which must have exited by `deadline`: killed and `why`
+/// panicked with otherwise.
+pub fn exit_within(child: &mut Child, deadline: Instant, why: &str) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
