@@ -542,9 +542,13 @@ async fn stop_unrecorded_run(
             });
         }
         Ok(None) => {}
-        // No answer in time: NSS may answer the launch's own look, and a second copy would
-        // run beside the first. A stop: nothing is launched after it.
-        Err(source @ crate::prepare::PrepareError::Stuck { .. }) => {
+        // No answer in time (or a stop during the look): NSS may answer the launch's own look,
+        // or the next run's, and a second copy would run beside the first.
+        Err(
+            source @ (crate::prepare::PrepareError::Stuck { .. }
+            | crate::prepare::PrepareError::Canceled
+            | crate::prepare::PrepareError::Task(_)),
+        ) => {
             return Err(RunError::EarlierUnstopped {
                 job_id: spec.job_id.clone(),
                 attempt: spec.attempt,
@@ -721,7 +725,7 @@ impl<'a> Run<'a> {
     /// Its number is taken here, before the wait, so that a save whose task is dropped (the
     /// stop cut) and whose write runs late never lands over a newer one
     /// ([`crate::statedir::RecordWrites`]).
-    async fn save(&self) {
+    pub(crate) async fn save(&self) {
         let (state, record) = (self.ctx.state.clone(), self.record.clone());
         let writes = std::sync::Arc::clone(&self.record_writes);
         let ticket = writes.ticket();

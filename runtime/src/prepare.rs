@@ -198,7 +198,9 @@ pub async fn earlier_attempts_settled(
         while let Err(crate::statedir::LockError::Held { holder, .. }) =
             crate::statedir::AttemptLock::acquire_existing(&ctx.state, job_id, n)
         {
-            if !said {
+            // This process's own brief look (its outbox flush asking whether the attempt
+            // runs) is no other process's work.
+            if !said && holder.trim() != std::process::id().to_string() {
                 tracing::warn!(earlier_attempt = n, holder = %holder, wait_secs = EARLIER_ATTEMPT_WAIT.as_secs(),
                             "an earlier attempt of the job in the same workdir is being finished by another process (recover, resync, its own agent's final sync); waiting for it before the workdir is touched");
                 said = true;

@@ -331,8 +331,18 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
     later.into_iter().find(|n| {
         state
             .read_record(&state.run_record_path(&record.spec.job_id, *n))
-            .is_ok_and(|r| r.workdir == record.workdir)
+            .is_ok_and(|r| r.workdir == record.workdir && took_workdir(&r))
     })
+}
+
+/// Whether a run opened its workdir (pinned it) or launched in it: one that ended before,
+/// waiting for this very attempt to be finished (`prepare::earlier_attempts_settled`), found
+/// nothing there and changed nothing, and took it from no one.
+pub(crate) fn took_workdir(record: &RunRecord) -> bool {
+    record.workdir_pin.is_some()
+        || record.launching
+        || record.leader.is_some()
+        || record.watched_dirs.is_some()
 }
 
 /// Whether attempt `a` started after `b`: by [`RunRecord::start_order`] where both have one,
@@ -494,6 +504,9 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
     survivors
 }
 
+/// How long `recover` spends aborting a superseded attempt's uploads while holding its lock.
+const LEFT_ABORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Searches by marks after the first stop, for groups the job made while being stopped.
 const STOP_ROUNDS: usize = 3;
 
@@ -583,11 +596,24 @@ async fn recover_record(
         if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
             let uploader = attempt_uploader(ctx, &record.spec.job_id, record.spec.attempt);
             if uploader.journaled() {
-                let aborted = uploader.abort_orphans().await;
-                tracing::info!(
-                    aborted,
-                    "aborted the multipart uploads of an attempt a later one took the workdir from"
-                );
+                let halted = async {
+                    match halt {
+                        Some(h) => h.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                // Under this attempt's lock, which the later attempt may wait on: cut at a
+                // stop, and at a minute (what is left open, the next pass aborts).
+                let aborting = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans());
+                tokio::select! {
+                    aborted = aborting => if let Ok(aborted) = aborted {
+                        tracing::info!(
+                            aborted,
+                            "aborted the multipart uploads of an attempt a later one took the workdir from"
+                        );
+                    },
+                    () = halted => {}
+                }
             }
             tracing::warn!(later_attempt = later,
                 "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
@@ -674,10 +700,30 @@ async fn recover_record(
         Some(Ok(Listed::Before(Some(m))))
             if m.complete && matches!(run.record.phase, Phase::Running | Phase::Preparing) =>
         {
-            let _entered = span.enter();
-            tracing::error!(
-                "the attempt's manifest in the store is complete, though this node's run of it never reached its final sync: another node ran the same attempt; left alone (no manifest written, no status sent)"
-            );
+            {
+                let _entered = span.enter();
+                tracing::error!(
+                    "the attempt's manifest in the store is complete, though this node's run of it never reached its final sync: another node ran the same attempt; left alone (no manifest written, no status sent)"
+                );
+            }
+            // Closed on this node (no later pass looks at it again, retention lets it go in
+            // time), its own multipart uploads aborted: left `running`, every pass repeated
+            // all of this, and its uploads' parts stayed billed.
+            let uploader = attempt_uploader(ctx, &run.record.spec.job_id, run.record.spec.attempt);
+            if uploader.journaled() {
+                let halted = async {
+                    match halt {
+                        Some(h) => h.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = uploader.abort_orphans() => {}
+                    () = halted => {}
+                }
+            }
+            run.record.phase = Phase::Done;
+            tracing::Instrument::instrument(run.save(), span).await;
             return None;
         }
         Some(Ok(Listed::Before(earlier))) => Some(earlier),

@@ -110,6 +110,8 @@ struct Job {
 struct Attempt {
     /// As recorded.
     workdir: String,
+    /// [`crate::recover::took_workdir`].
+    took_workdir: bool,
     phase: Phase,
     /// [`RunRecord::unstored_to_retry`].
     unstored_to_retry: u64,
@@ -120,6 +122,7 @@ impl Attempt {
     fn of(record: &RunRecord) -> Attempt {
         Attempt {
             workdir: record.workdir.clone(),
+            took_workdir: crate::recover::took_workdir(record),
             phase: record.phase,
             unstored_to_retry: record.unstored_to_retry(),
             state: record.state,
@@ -192,6 +195,9 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
     report
 }
 
+/// The least age of a `job.json` alone before retention takes its dir ([`spec_alone`]).
+const SPEC_ALONE_MIN_AGE: Duration = DAY;
+
 /// A job dir that holds the scheduler's `job.json` and nothing else: a run refused before
 /// it made any attempt (a bad spec, "already ran", a unit stopped before it started). No
 /// record ever names it, and it was kept for ever; it goes as a failed job does, counted
@@ -204,13 +210,23 @@ fn spec_alone(dir: &Path, id: &str) -> Option<Job> {
         return None;
     }
     let md = std::fs::symlink_metadata(only.path()).ok()?;
-    let written = md.is_file().then(|| md.modified().ok()).flatten()?;
+    if !md.is_file() {
+        return None;
+    }
+    // The later of its mtime and ctime: a copy that kept an old mtime (`cp -p`, `rsync -a`)
+    // was written now.
+    use std::os::unix::fs::MetadataExt;
+    let changed =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(md.ctime()).unwrap_or(0));
+    let modified = md.modified().ok()?;
+    let written = modified.max(changed);
     Some(Job {
         id: id.to_string(),
         dir: dir.to_path_buf(),
         attempts: Vec::new(),
         finished: written,
-        job_json: Some(written),
+        // As `read_job` reads it (the removal compares it with the moved dir's).
+        job_json: Some(modified),
     })
 }
 
@@ -291,7 +307,10 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
         .iter()
         .filter(|(n, record)| {
             job.attempts.iter().any(|(m, later)| {
-                m > n && later.workdir == record.workdir && later.phase == Phase::Done
+                m > n
+                    && later.workdir == record.workdir
+                    && later.phase == Phase::Done
+                    && later.took_workdir
             })
         })
         .map(|(n, _)| *n)
@@ -330,7 +349,12 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
         return Err("multipart uploads are journaled (not finished or aborted)".into());
     }
     let latest = job.attempts.last().map(|(_, r)| r.state).unwrap_or(None);
-    let period = policy.period_for(latest);
+    let mut period = policy.period_for(latest);
+    // A spec alone: never within a day, whatever `failed_days` says (0 is allowed), as the run
+    // that reads it may not have made its attempt yet.
+    if job.attempts.is_empty() {
+        period = period.max(SPEC_ALONE_MIN_AGE);
+    }
     // A `job.json` written after the newest record: the scheduler is starting another
     // attempt of the job (a retry of an old one), whose agent has not taken its lock yet.
     // Removing the dir now would take the spec from under it; the job stays a period from
@@ -927,17 +951,52 @@ mod tests {
                 .unwrap();
         };
         spec_only("refused", 40 * DAY, false);
-        spec_only("fresh", DAY, false);
         spec_only("with-data", 40 * DAY, true);
+        // Aged by the later of its mtime and ctime: a copy that kept an old mtime (`cp -p`)
+        // was written now.
         let report = f.sweep();
-        assert_eq!(report.removed_jobs, ["refused"], "{report:?}");
-        assert!(!f.state.job_dir("refused").exists());
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
         assert!(
-            reason(&report, "fresh").contains("kept for 30.0 d"),
+            reason(&report, "refused").contains("kept for 30.0 d"),
             "{report:?}"
         );
+        let later = SystemTime::now() + 31 * DAY;
+        let report = sweep(&f.state, &Retention::default(), later);
+        assert_eq!(report.removed_jobs, ["refused"], "{report:?}");
+        assert!(!f.state.job_dir("refused").exists());
         assert_eq!(reason(&report, "with-data"), "no attempt records");
+        // Never within a day, even with `failed_days = 0`.
+        spec_only("new", 40 * DAY, false);
+        let report = sweep(&f.state, &Retention::from_days(0, 0), SystemTime::now());
+        assert!(
+            reason(&report, "new").contains("kept for 1.0 d"),
+            "{report:?}"
+        );
         assert!(f.state.job_dir("with-data").join("data.bin").exists());
+    }
+
+    /// An unfinished attempt is held no longer by a later one done in its workdir, but only
+    /// one that took the workdir (opened it, launched): a later attempt that ended while
+    /// waiting for the earlier one to be finished changed nothing there, and the earlier
+    /// attempt's unstored output went with the job.
+    #[test]
+    fn only_a_later_attempt_that_took_the_workdir_supersedes_an_earlier_one() {
+        let f = Fixture::new();
+        f.job("sup", 1, JobState::Failed, 40 * DAY, None);
+        f.job("sup", 2, JobState::Failed, 40 * DAY, None);
+        let path = |n| f.state.run_record_path("sup", n);
+        let mut first = f.state.read_record(&path(1)).unwrap();
+        first.phase = Phase::Running;
+        f.save(&first, 40 * DAY);
+        let report = f.sweep();
+        assert!(
+            reason(&report, "sup").contains("attempt 1 is not done"),
+            "{report:?}"
+        );
+        let mut second = f.state.read_record(&path(2)).unwrap();
+        second.launching = true;
+        f.save(&second, 40 * DAY);
+        assert_eq!(f.sweep().removed_jobs, ["sup"]);
     }
 
     #[test]
@@ -1460,6 +1519,7 @@ mod tests {
         let workdir = f.state.default_workdir("big00").display().to_string();
         let summary = Attempt {
             workdir,
+            took_workdir: false,
             phase: Phase::Done,
             unstored_to_retry: 0,
             state: Some(JobState::Succeeded),

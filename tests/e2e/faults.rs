@@ -830,6 +830,15 @@ fn recover_leaves_an_attempt_another_node_completed_alone() {
         "{}",
         run.stderr
     );
+    // Closed on this node: no later pass goes through it again, and retention lets it go.
+    let left: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert_eq!(left["phase"], "done", "{left}");
+    let again = h.run(&["recover"]);
+    assert!(
+        !again.stderr.contains("another node ran"),
+        "{}",
+        again.stderr
+    );
 }
 
 /// As above, but the attempt's manifest is a newer agent's (version 2; this node was rolled

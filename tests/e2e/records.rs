@@ -363,7 +363,14 @@ fn a_later_attempt_waits_for_an_earlier_one_being_finished_in_its_workdir() {
         json!({"job_id": "wait", "attempt": 2, "command": ["touch", marker.display().to_string()]}),
     );
     let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Saved just before the wait: from then on it waits, or launches (the old code).
+    wait_for("attempt 2's record", Duration::from_secs(30), || {
+        h.state
+            .join("jobs/wait/attempts/2/run.json")
+            .is_file()
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
     assert!(
         !marker.exists(),
         "attempt 2 launched while attempt 1 was held"
