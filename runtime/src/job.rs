@@ -171,6 +171,10 @@ pub enum RunError {
         #[source]
         source: crate::prepare::PrepareError,
     },
+    /// Stopped while the earlier run's processes were being looked for: nothing was started
+    /// (no record written over the set-aside one, so the next run looks for them again).
+    #[error("job {job_id} attempt {attempt}: stopped before anything was started")]
+    StoppedBeforeStart { job_id: String, attempt: u32 },
 }
 
 impl RunError {
@@ -187,6 +191,7 @@ impl RunError {
             | RunError::EarlierUnstopped { .. }
             | RunError::StoreSilent { .. } => crate::outcome::ExitCode::AgentOrDataset,
             RunError::AlreadyRan { .. } => crate::outcome::ExitCode::Usage,
+            RunError::StoppedBeforeStart { .. } => crate::outcome::ExitCode::Canceled,
         }
     }
 }
@@ -544,9 +549,14 @@ async fn stop_unrecorded_run(
         Ok(None) => {}
         // No answer in time (or a stop during the look): NSS may answer the launch's own look,
         // or the next run's, and a second copy would run beside the first.
+        Err(crate::prepare::PrepareError::Canceled) => {
+            return Err(RunError::StoppedBeforeStart {
+                job_id: spec.job_id.clone(),
+                attempt: spec.attempt,
+            })
+        }
         Err(
             source @ (crate::prepare::PrepareError::Stuck { .. }
-            | crate::prepare::PrepareError::Canceled
             | crate::prepare::PrepareError::Task(_)),
         ) => {
             return Err(RunError::EarlierUnstopped {

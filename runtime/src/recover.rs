@@ -328,10 +328,14 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
         .filter(|n| *n > record.spec.attempt)
         .collect();
     later.sort_unstable();
+    // One still under way counts whatever it did yet: it may be about to take the workdir
+    // (its look at this attempt's lock is behind it). One done counts if it took it.
     later.into_iter().find(|n| {
         state
             .read_record(&state.run_record_path(&record.spec.job_id, *n))
-            .is_ok_and(|r| r.workdir == record.workdir && took_workdir(&r))
+            .is_ok_and(|r| {
+                r.workdir == record.workdir && (r.phase != Phase::Done || took_workdir(&r))
+            })
     })
 }
 
@@ -342,6 +346,8 @@ pub(crate) fn took_workdir(record: &RunRecord) -> bool {
     record.workdir_pin.is_some()
         || record.launching
         || record.leader.is_some()
+        || record.pgid.is_some()
+        || record.cgroup.is_some()
         || record.watched_dirs.is_some()
 }
 
@@ -698,7 +704,9 @@ async fn recover_record(
         // here, its manifest was replaced by what this node's workdir holds and a second,
         // contradicting terminal status went out past its `seq`.
         Some(Ok(Listed::Before(Some(m))))
-            if m.complete && matches!(run.record.phase, Phase::Running | Phase::Preparing) =>
+            if pass == Pass::Recover
+                && m.complete
+                && matches!(run.record.phase, Phase::Running | Phase::Preparing) =>
         {
             {
                 let _entered = span.enter();
@@ -718,7 +726,7 @@ async fn recover_record(
                     }
                 };
                 tokio::select! {
-                    _ = uploader.abort_orphans() => {}
+                    _ = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans()) => {}
                     () = halted => {}
                 }
             }
@@ -799,6 +807,36 @@ mod tests {
         // Older records, without an order: the clock is all there is.
         let old_a = record("a", "2026-12-01T10:00:00Z", None);
         assert_eq!(later_job_in_workdir(&state, &old_a), None);
+    }
+
+    /// A later attempt in the workdir takes it from the earlier one while under way (it may
+    /// be about to open it), and once done only if it opened it or launched: one that ended
+    /// waiting for the earlier attempt to be finished took nothing from it.
+    #[test]
+    fn a_later_attempt_counts_while_under_way_or_if_it_took_the_workdir() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = crate::statedir::StateDir::new(dir.path().join("state"));
+        let record = |attempt: u32, phase: &str, launching: bool| {
+            let json = format!(r#"{{"job_id":"w","attempt":{attempt},"command":["true"]}}"#);
+            let spec = c3_proto::JobSpec::from_json(json.as_bytes()).unwrap().spec;
+            let mut r: RunRecord = serde_json::from_value(serde_json::json!({
+                "spec": spec, "workdir": "/shared", "phase": phase, "pgid": null, "seq": 3,
+                "state": null, "reason": null, "exit_code": null, "signal": null,
+                "started_at": "2026-12-01T10:00:00Z",
+            }))
+            .unwrap();
+            r.launching = launching;
+            state.ensure_attempt_dir("w", attempt).unwrap();
+            state.write_record(&r).unwrap();
+            r
+        };
+        let first = record(1, "running", true);
+        record(2, "preparing", false);
+        assert_eq!(later_attempt_in_workdir(&state, &first), Some(2));
+        record(2, "done", false);
+        assert_eq!(later_attempt_in_workdir(&state, &first), None);
+        record(2, "done", true);
+        assert_eq!(later_attempt_in_workdir(&state, &first), Some(2));
     }
 
     fn order_of(state: &crate::statedir::StateDir) -> u64 {
