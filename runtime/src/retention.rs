@@ -213,21 +213,24 @@ fn spec_alone(dir: &Path, id: &str) -> Option<Job> {
     if !md.is_file() {
         return None;
     }
-    // The later of its mtime and ctime: a copy that kept an old mtime (`cp -p`, `rsync -a`)
-    // was written now.
-    use std::os::unix::fs::MetadataExt;
-    let changed =
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(md.ctime()).unwrap_or(0));
-    let modified = md.modified().ok()?;
-    let written = modified.max(changed);
+    let written = spec_written(&md)?;
     Some(Job {
         id: id.to_string(),
         dir: dir.to_path_buf(),
         attempts: Vec::new(),
         finished: written,
-        // As `read_job` reads it (the removal compares it with the moved dir's).
-        job_json: Some(modified),
+        job_json: Some(written),
     })
+}
+
+/// When a `job.json` was written: the later of its mtime and ctime, as a copy that kept an
+/// old mtime (`cp -p`, `rsync -a`, a tar) was written when it was made. Its mtime alone let
+/// retention take the dir of a retry copied in just now from under its agent.
+fn spec_written(md: &std::fs::Metadata) -> Option<SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    let changed =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(md.ctime()).unwrap_or(0));
+    Some(md.modified().ok()?.max(changed))
 }
 
 /// Reads a job's records. `Ok(None)`: not a job's dir (a plain file, a symlink).
@@ -287,8 +290,8 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
         attempts.push((n, Attempt::of(&record)));
     }
     let job_json = std::fs::symlink_metadata(dir.join("job.json"))
-        .and_then(|md| md.modified())
-        .ok();
+        .ok()
+        .and_then(|md| spec_written(&md));
     Ok(Some(Job {
         id: id.to_string(),
         dir,
@@ -479,8 +482,8 @@ fn remove_job(
     }
     // The scheduler wrote job.json between the look under the locks and the move.
     let job_json = std::fs::symlink_metadata(doomed.join("job.json"))
-        .and_then(|md| md.modified())
-        .ok();
+        .ok()
+        .and_then(|md| spec_written(&md));
     if job_json != again.job_json {
         return Err(put_back(
             report,
@@ -1293,19 +1296,23 @@ mod tests {
             .unwrap()
             .set_modified(SystemTime::now() - 41 * DAY)
             .unwrap();
+        // Its mtime set back, "plain"'s job.json was still written now (its ctime): a copy
+        // that kept an old mtime is as new as any ([`spec_written`]).
         let report = f.sweep();
-        assert_eq!(report.removed_jobs, ["plain"], "{report:?}");
-        assert!(
-            reason(&report, "retried").contains("job.json written"),
-            "{report:?}"
-        );
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        for id in ["retried", "plain"] {
+            assert!(
+                reason(&report, id).contains("job.json written"),
+                "{report:?}"
+            );
+        }
         assert!(f.state.job_dir("retried").join("job.json").is_file());
         let later = sweep(
             &f.state,
             &Retention::default(),
             SystemTime::now() + 31 * DAY,
         );
-        assert_eq!(later.removed_jobs, ["retried"], "{later:?}");
+        assert_eq!(later.removed_jobs, ["plain", "retried"], "{later:?}");
     }
 
     /// Overlapping sweeps: the one that comes second to a job finds its dir gone and makes
