@@ -190,13 +190,7 @@ fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
 
 /// Why an attempt dir without a run record still lists: the record(s) set aside in it.
 fn set_aside_only(dir: &Path) -> Option<String> {
-    let mut aside: Vec<String> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| name.starts_with("run.json.bad"))
-        .collect();
-    aside.sort();
+    let aside = c3_runtime::statedir::StateDir::set_aside_names(&dir.join("run.json")).ok()?;
     let last = aside.last()?;
     Some(format!(
         "its run record did not parse and was set aside ({}), and none was written since",

@@ -297,21 +297,16 @@ pub(crate) enum Earlier {
 /// Where `seq` goes on after the records set aside beside `record` (0: none): each one's
 /// run went on from its own floor, so the next starts past all of them.
 fn set_aside_floor(record: &Path) -> Result<u64, crate::statedir::StateError> {
-    let dir = record.parent().unwrap_or(Path::new("."));
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let count = match crate::statedir::StateDir::set_aside_names(record) {
+        Ok(names) => names.len() as u64,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(source) => {
             return Err(crate::statedir::StateError::Read {
-                path: dir.into(),
+                path: record.parent().unwrap_or(Path::new(".")).into(),
                 source,
             })
         }
     };
-    let count = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("run.json.bad"))
-        .count() as u64;
     Ok(SEQ_AFTER_UNREADABLE_RECORD.saturating_mul(count))
 }
 

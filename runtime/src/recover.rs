@@ -510,8 +510,32 @@ pub(crate) async fn stop_survivors(ctx: &AgentContext, record: &RunRecord) -> bo
     survivors
 }
 
-/// How long `recover` spends aborting a superseded attempt's uploads while holding its lock.
+/// How long `recover` spends aborting an attempt's uploads while holding its lock.
 const LEFT_ABORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Aborts the multipart uploads `record`'s attempt has journaled, under its lock (which a
+/// later attempt may wait on): cut at a stop (`halt`) and at [`LEFT_ABORTS_WAIT`]; what is
+/// left open, the next pass aborts. `None`: none journaled, or cut.
+async fn abort_uploads_briefly(
+    ctx: &AgentContext,
+    record: &RunRecord,
+    halt: Option<&CancellationToken>,
+) -> Option<usize> {
+    let uploader = attempt_uploader(ctx, &record.spec.job_id, record.spec.attempt);
+    if !uploader.journaled() {
+        return None;
+    }
+    let halted = async {
+        match halt {
+            Some(h) => h.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        aborted = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans()) => aborted.ok(),
+        () = halted => None,
+    }
+}
 
 /// Searches by marks after the first stop, for groups the job made while being stopped.
 const STOP_ROUNDS: usize = 3;
@@ -600,26 +624,11 @@ async fn recover_record(
     // ever. One the store will not abort now keeps its journal, for the next pass.
     if pass == Pass::Recover {
         if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
-            let uploader = attempt_uploader(ctx, &record.spec.job_id, record.spec.attempt);
-            if uploader.journaled() {
-                let halted = async {
-                    match halt {
-                        Some(h) => h.cancelled().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                // Under this attempt's lock, which the later attempt may wait on: cut at a
-                // stop, and at a minute (what is left open, the next pass aborts).
-                let aborting = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans());
-                tokio::select! {
-                    aborted = aborting => if let Ok(aborted) = aborted {
-                        tracing::info!(
-                            aborted,
-                            "aborted the multipart uploads of an attempt a later one took the workdir from"
-                        );
-                    },
-                    () = halted => {}
-                }
+            if let Some(aborted) = abort_uploads_briefly(ctx, &record, halt).await {
+                tracing::info!(
+                    aborted,
+                    "aborted the multipart uploads of an attempt a later one took the workdir from"
+                );
             }
             tracing::warn!(later_attempt = later,
                 "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
@@ -717,19 +726,7 @@ async fn recover_record(
             // Closed on this node (no later pass looks at it again, retention lets it go in
             // time), its own multipart uploads aborted: left `running`, every pass repeated
             // all of this, and its uploads' parts stayed billed.
-            let uploader = attempt_uploader(ctx, &run.record.spec.job_id, run.record.spec.attempt);
-            if uploader.journaled() {
-                let halted = async {
-                    match halt {
-                        Some(h) => h.cancelled().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans()) => {}
-                    () = halted => {}
-                }
-            }
+            abort_uploads_briefly(ctx, &run.record, halt).await;
             run.record.phase = Phase::Done;
             tracing::Instrument::instrument(run.save(), span).await;
             return None;

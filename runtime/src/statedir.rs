@@ -370,6 +370,23 @@ impl StateDir {
         Ok(aside)
     }
 
+    /// The names of the records [`StateDir::set_aside`] moved out of `record`'s place, in
+    /// order of name (`run.json.bad`, then `run.json.bad-<nanos>` by time).
+    pub fn set_aside_names(record: &Path) -> std::io::Result<Vec<String>> {
+        let dir = record.parent().unwrap_or(Path::new("."));
+        let prefix = format!(
+            "{}.bad",
+            record.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let mut names: Vec<String> = std::fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Every run record, oldest job first.
     pub fn all_records(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
