@@ -37,7 +37,7 @@ pub use manifest::{
 };
 pub use record::{
     Destination, JobFacts, JobUser, MultipartPart, MultipartRecord, OutboxEntry, Phase,
-    ProcIdentity, ProgressRecord, RunRecord, Synced,
+    ProcIdentity, ProgressRecord, RecordedResult, RunRecord, Synced,
 };
 pub use socket::{PublishedFile, SocketReply, SocketRequest};
 pub use spec::{DatasetSpec, JobSpec, ParsedSpec, SpecError};

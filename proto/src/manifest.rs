@@ -55,6 +55,12 @@ pub struct Manifest {
     pub job_id: String,
     pub project: Option<String>,
     pub attempt: u32,
+    /// The run that wrote it: a random id its agent keeps in the run record, so that a
+    /// later `recover` on the node tells its own run's seal from another node's run of the
+    /// same attempt. Absent in older agents' manifests (contract v2 §6 lists no such field;
+    /// a reader that predates it ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     pub complete: bool,
     /// Sorted by `path`; `[]` when the job wrote nothing.
     pub files: Vec<FileEntry>,
@@ -138,6 +144,7 @@ impl Manifest {
             job_id: job_id.to_string(),
             project,
             attempt,
+            run_id: None,
             complete: false,
             files: Vec::new(),
             logs: None,
@@ -175,6 +182,8 @@ impl Manifest {
             job_id: &'a str,
             project: &'a Option<String>,
             attempt: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            run_id: &'a Option<String>,
             complete: bool,
             files: F,
             logs: &'a Option<Logs>,
@@ -185,6 +194,7 @@ impl Manifest {
             job_id: &self.job_id,
             project: &self.project,
             attempt: self.attempt,
+            run_id: &self.run_id,
             complete: self.complete,
             files: Entries(std::cell::RefCell::new(Some(files))),
             logs: &self.logs,

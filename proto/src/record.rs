@@ -31,6 +31,16 @@ impl Phase {
     }
 }
 
+/// The job's result as read at its end ([`RunRecord::result`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordedResult {
+    /// The value (null: the job wrote none).
+    Value(serde_json::Value),
+    /// Why the file there was ignored (too large, not JSON, unreadable).
+    Ignored(String),
+}
+
 /// `<state_dir>/jobs/<job_id>/attempts/<n>/run.json`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -64,6 +74,12 @@ pub struct RunRecord {
     /// clock stepped back could not say. `None` in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_order: Option<u64>,
+    /// A random id taken when the record is made, written into every manifest the run (and
+    /// a `recover` or `resync` of it) writes: a complete manifest at the attempt's key that
+    /// carries it is this run's own seal, one that does not is another node's run of the
+    /// same attempt. `None` in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// The agent working on this attempt: pid and its start time (clock ticks after boot,
     /// field 22 of /proc/<pid>/stat), so that `recover` never takes over a live agent's job.
     #[serde(default)]
@@ -107,6 +123,12 @@ pub struct RunRecord {
     /// peak memory, CPU time (for the terminal status, also when `recover` sends it).
     #[serde(default)]
     pub facts: Option<JobFacts>,
+    /// The job's result file as `run` read it the moment the job's processes were gone,
+    /// for the seal and for a `recover` of the attempt: read again after a final sync of
+    /// hours, it was whatever another job of the user (or the next job placed in the same
+    /// workdir) left there by then. `None`: not read yet (read at the seal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<RecordedResult>,
     /// Sidecar mode (`c3-agent watch`): the directories synced, relative to the workdir
     /// (instead of `artifacts` + the spec's outputs). The agent launched nothing.
     #[serde(default)]

@@ -85,7 +85,8 @@ impl CollectorConfig {
                 .clone()
                 .unwrap_or_else(|| spec.collected_dirs()),
             reader,
-            manifest: ManifestWriter::new(ctx.store.clone(), spec, ctx.max_manifest_bytes),
+            manifest: ManifestWriter::new(ctx.store.clone(), spec, ctx.max_manifest_bytes)
+                .for_run(record.run_id.clone()),
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
             listed_before: None,

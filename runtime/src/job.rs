@@ -14,7 +14,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use c3_proto::{ArtifactsRegistration, JobSpec, JobState, Phase, RunRecord, Stream};
+use c3_proto::{
+    ArtifactsRegistration, JobSpec, JobState, Phase, RecordedResult, RunRecord, Stream,
+};
 
 use crate::agentsock::AgentSocket;
 use crate::collector::{CollectorConfig, CollectorHandle, Sealed};
@@ -74,6 +76,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
             },
             Some,
         ),
+        run_id: Some(crate::confine::random_hex()),
         agent: crate::procfs::this_agent(),
         agent_boot_id: crate::procfs::boot_id(),
         leader: None,
@@ -84,6 +87,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         unstored_for_good: 0,
         job_user: None,
         facts: None,
+        result: None,
         watched_dirs: None,
         watched_leader: None,
         synced: None,
@@ -275,7 +279,7 @@ const RESULT_READ_WAIT: Duration = Duration::from_secs(10);
 
 /// How far a later agent's `seq` starts past the one its attempt's record saved
 /// ([`Run::from_record`]).
-const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
+pub(crate) const SEQ_GAP_AFTER_ITS_AGENT: u64 = 16;
 
 /// Where `seq` starts when the attempt's earlier record was set aside unread, per record set
 /// aside so far: past anything its agent can have sent, which the control plane would
@@ -939,6 +943,16 @@ impl<'a> Run<'a> {
         // socket's end take seconds, and an agent killed then left a record at `running`
         // with no outcome, which `recover` ended FAILED/AGENT_ERROR though the exit was known.
         crate::outcome::note_end(&supervised.end, &mut self.record);
+        // Before FINALIZING lets the scheduler place the next job (in the same workdir, at
+        // times), and saved with its record for a `recover`; bounded, so a hung mount holds
+        // the GPU `RESULT_READ_WAIT` at most. With processes of the job left (they may still
+        // write it), read at the seal as before.
+        if supervised.gone {
+            self.record.result = Some(match self.read_result().await {
+                Ok(value) => RecordedResult::Value(value),
+                Err(problem) => RecordedResult::Ignored(problem),
+            });
+        }
         self.gpu_released(Some(supervised.facts.clone()), supervised.gone)
             .await;
         crate::fault::crash_point("crash-after-gpu-released");
@@ -952,6 +966,23 @@ impl<'a> Run<'a> {
         }
         self.message = supervised.message;
         supervised.end
+    }
+
+    /// The job's result file, or why it is not taken. Off the reactor and bounded: `.c3` is
+    /// the job's, and a FUSE mount it made there (`allow_other`, its server kept alive
+    /// elsewhere) could hold the read for ever, and the terminal status with it.
+    async fn read_result(&self) -> Result<serde_json::Value, String> {
+        let (workdir, reader) = (self.workdir.clone(), self.collector_config.reader.clone());
+        let read =
+            tokio::task::spawn_blocking(move || crate::result::read(&workdir, reader.as_ref()));
+        match tokio::time::timeout(RESULT_READ_WAIT, read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => Err(format!("its read failed: {e}")),
+            Err(_) => Err(format!(
+                "not read within {} s (a hung file system?)",
+                RESULT_READ_WAIT.as_secs()
+            )),
+        }
     }
 
     /// `recover` could not stop every process of the job: FINALIZING says the GPU is not
@@ -1202,21 +1233,12 @@ impl<'a> Run<'a> {
             unstored.extend(final_sync.unstored);
             unstored_more = final_sync.unstored_more;
             unstored_for_good = final_sync.for_good;
-            // Off the reactor and bounded: `.c3` is the job's, and a FUSE mount it made there
-            // (`allow_other`, its server kept alive elsewhere) could hold the read for ever,
-            // and the terminal status with it.
-            let (workdir, reader) = (self.workdir.clone(), self.collector_config.reader.clone());
-            let read =
-                tokio::task::spawn_blocking(move || crate::result::read(&workdir, reader.as_ref()));
-            result = match tokio::time::timeout(RESULT_READ_WAIT, read).await {
-                Ok(Ok(read)) => read,
-                Ok(Err(e)) => Err(format!("its read failed: {e}")),
-                Err(_) => Err(format!(
-                    "not read within {} s (a hung file system?)",
-                    RESULT_READ_WAIT.as_secs()
-                )),
-            }
-            .unwrap_or_else(|problem| {
+            let read = match self.record.result.clone() {
+                Some(RecordedResult::Value(value)) => Ok(value),
+                Some(RecordedResult::Ignored(problem)) => Err(problem),
+                None => self.read_result().await,
+            };
+            result = read.unwrap_or_else(|problem| {
                 self.reports.warn(format!("result file ignored: {problem}"));
                 serde_json::Value::Null
             });

@@ -24,6 +24,8 @@ pub struct ManifestWriter {
     job_id: String,
     project: Option<String>,
     attempt: u32,
+    /// The run record's `run_id`, written into every manifest.
+    run_id: Option<String>,
     /// `store.max_manifest_bytes`: what readers (`pull`, `ls`, datasets, `gc`) accept. A
     /// bigger manifest is not written: every `gc` after it would refuse to run.
     max_bytes: u64,
@@ -77,6 +79,7 @@ impl ManifestWriter {
             job_id: spec.job_id.clone(),
             project: spec.project.clone(),
             attempt: spec.attempt,
+            run_id: None,
             job_key: Arc::default(),
             checkpoint_every: CHECKPOINT_EVERY,
             carried: None,
@@ -89,6 +92,12 @@ impl ManifestWriter {
         self.carried = earlier
             .complete
             .then(|| Arc::new((earlier.logs.clone(), earlier.result.clone())));
+        self
+    }
+
+    /// Writes `run_id` (the run record's) into every manifest.
+    pub fn for_run(mut self, run_id: Option<String>) -> Self {
+        self.run_id = run_id;
         self
     }
 
@@ -134,6 +143,7 @@ impl ManifestWriter {
             return Ok(());
         }
         let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        m.run_id.clone_from(&self.run_id);
         if let Some(carried) = &self.carried {
             m.complete = true;
             (m.logs, m.result) = (carried.0.clone(), carried.1.clone());
@@ -151,6 +161,7 @@ impl ManifestWriter {
         result: serde_json::Value,
     ) -> Result<String, StoreError> {
         let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);
+        m.run_id.clone_from(&self.run_id);
         m.complete = true;
         m.logs = logs;
         m.result = result;

@@ -246,7 +246,7 @@ fn unfinished_record(
 /// What the attempt's own manifest in the store says it stored, as far as this agent can tell.
 pub(crate) enum Listed {
     /// Its manifest (`None`: there is none, or one cut short that lists nothing usable).
-    Before(Option<c3_proto::Manifest>),
+    Before(Option<Box<c3_proto::Manifest>>),
     /// A manifest this agent cannot take in (a newer agent's version, over this config's
     /// `store.max_manifest_bytes`, an entry it refuses) but which may well be fine: logged,
     /// the attempt left alone this pass for an operator or a newer agent.
@@ -288,7 +288,7 @@ pub(crate) async fn listed_before(
                 ));
                 Ok(Listed::Foreign)
             }
-            Ok(m) => Ok(Listed::Before(Some(m))),
+            Ok(m) => Ok(Listed::Before(Some(Box::new(m)))),
             // Only bytes that are not JSON at all (cut short, garbled): valid JSON of
             // another shape (a field of another type, a result past its bound) may be a
             // newer agent's, whose blobs gc would take once it is replaced.
@@ -708,14 +708,18 @@ async fn recover_record(
     };
     let listed = match listed {
         // Complete, while this node's run of the attempt never reached its final sync (the
-        // seal comes after the record says `finishing`): another node's run of the same
-        // attempt sealed it (a rerun placed elsewhere with the same attempt number). Finished
-        // here, its manifest was replaced by what this node's workdir holds and a second,
-        // contradicting terminal status went out past its `seq`.
+        // seal comes after the record says `finishing`) and the manifest does not carry this
+        // run's id: another node's run of the same attempt sealed it (a rerun placed
+        // elsewhere with the same attempt number). Finished here, its manifest was replaced
+        // by what this node's workdir holds and a second, contradicting terminal status went
+        // out past its `seq`. One that carries this run's id is its own seal, the `finishing`
+        // before it never saved (a full state disk): finished as any other, or the attempt
+        // closed with no terminal status sent at all.
         Some(Ok(Listed::Before(Some(m))))
             if pass == Pass::Recover
                 && m.complete
-                && matches!(run.record.phase, Phase::Running | Phase::Preparing) =>
+                && matches!(run.record.phase, Phase::Running | Phase::Preparing)
+                && !sealed_by(&m, &run.record) =>
         {
             {
                 let _entered = span.enter();
@@ -731,7 +735,7 @@ async fn recover_record(
             tracing::Instrument::instrument(run.save(), span).await;
             return None;
         }
-        Some(Ok(Listed::Before(earlier))) => Some(earlier),
+        Some(Ok(Listed::Before(earlier))) => Some(earlier.map(|m| *m)),
         Some(Ok(Listed::NotThisAgents | Listed::Foreign)) => return None,
         Some(Err(e)) => {
             let _entered = span.enter();
@@ -757,6 +761,12 @@ async fn recover_record(
     };
     drop(lock);
     Some(finished)
+}
+
+/// Whether `m` was written by the run `record` keeps (or a `recover` of it): both carry the
+/// same `run_id`. Records and manifests of older agents carry none, and count as another's.
+fn sealed_by(m: &c3_proto::Manifest, record: &RunRecord) -> bool {
+    m.run_id.is_some() && m.run_id == record.run_id
 }
 
 #[cfg(test)]

@@ -311,14 +311,22 @@ async fn watch_attempt(
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
         if let Some(earlier) = &earlier {
-            // A restarted sidecar takes the attempt over: statuses go on from its seq, and
-            // what it learnt of the job's end (an OOM kill) stands.
+            // A restarted sidecar takes the attempt over: statuses go on past its seq (the
+            // last one saved, not always the last one sent: a status goes out even when its
+            // record could not be written, and one sent again with that seq is dropped as a
+            // duplicate), what it learnt of the job's end (an OOM kill) stands, and so does
+            // its run id (a manifest it sealed is this run's own, not another node's).
             tracing::warn!(
                 seq = earlier.seq,
                 "taking over an attempt an earlier agent left unfinished"
             );
-            record.seq = earlier.seq;
+            record.seq = earlier
+                .seq
+                .saturating_add(crate::job::SEQ_GAP_AFTER_ITS_AGENT);
             record.facts = earlier.facts.clone();
+            if earlier.run_id.is_some() {
+                record.run_id.clone_from(&earlier.run_id);
+            }
         }
         // An earlier agent that saw the job end (it was in its final sync) left the end in the
         // record: finish that, never watch again (a RUNNING after FINALIZING, and a done file
@@ -360,7 +368,7 @@ async fn watch_attempt(
                 Some(Ok(Ok(Listed::Before(Some(m))))) if set_aside.is_some() && m.complete => {
                     return left("its run record did not parse and its manifest in the store is complete: it already ran".into());
                 }
-                Some(Ok(Ok(Listed::Before(m)))) => run.listed_before(m),
+                Some(Ok(Ok(Listed::Before(m)))) => run.listed_before(m.map(|m| *m)),
                 Some(Ok(Ok(Listed::NotThisAgents))) => {
                     return left("its manifest in the store is not one this agent can take in".into());
                 }

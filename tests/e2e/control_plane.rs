@@ -635,3 +635,34 @@ fn recover_never_finishes_again_what_its_agent_finished_meanwhile() {
         .collect();
     assert_eq!(terminal.len(), 1, "{terminal:?}");
 }
+
+/// The result is the job's word at its end: read at the seal, after a final sync that may
+/// take hours once FINALIZING freed the GPU, it was whatever was in `.c3/result.json` by then
+/// (another job of the user's, or the next job placed in the same workdir, whose prepare
+/// removes it). Read as the job's processes are gone, before FINALIZING.
+#[test]
+fn the_result_is_read_when_the_job_ends_not_at_the_seal() {
+    let mut h = Harness::file().with_control_plane(10);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
+    let script = "echo '{\"epoch\": 1}' > $C3_RESULT_FILE; echo w > $C3_ARTIFACTS_DIR/w";
+    let spec = h.spec(json!({"job_id": "late", "command": ["sh", "-c", script]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("FINALIZING", Duration::from_secs(30), || {
+        h.cp()
+            .delivered("/status")
+            .iter()
+            .any(|s| s["state"] == "FINALIZING")
+            .then_some(())
+    });
+    // In the final sync (its 2 s pause after the scan), something else writes there.
+    std::fs::write(
+        h.workdir("late").join(".c3/result.json"),
+        "{\"epoch\": 2}\n",
+    )
+    .unwrap();
+    h.wait("late".into(), agent).assert_code(0);
+    let t = h.cp().terminal_status().unwrap();
+    assert_eq!(t["result"], json!({"epoch": 1}), "{t}");
+    assert_eq!(h.manifest("late")["result"], json!({"epoch": 1}));
+}

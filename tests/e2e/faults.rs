@@ -813,13 +813,15 @@ fn recover_leaves_an_attempt_another_node_completed_alone() {
     let key = "jobs/twice/attempts/1/manifest.json";
     let sealed = h.object(key).unwrap();
     let sent = h.cp().delivered("/status").len();
-    // This node's record, as its agent left it when it died mid-run.
+    // This node's record, as its agent left it when it died mid-run: its own run id, not the
+    // one the other node's run wrote into the manifest.
     let rec = h.state.join("jobs/twice/attempts/1/run.json");
     let mut record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
     record["phase"] = json!("running");
     record["state"] = json!(null);
     record["agent"] = json!([1, 1]);
+    record["run_id"] = json!("00000000000000aa");
     std::fs::write(&rec, serde_json::to_vec(&record).unwrap()).unwrap();
     std::fs::remove_dir_all(h.workdir("twice")).ok();
     let run = h.run(&["recover"]);
@@ -839,6 +841,43 @@ fn recover_leaves_an_attempt_another_node_completed_alone() {
         "{}",
         again.stderr
     );
+}
+
+/// As above, but the complete manifest is this run's own seal: its agent sealed, but the
+/// record's `finishing` before it never saved (a full state disk) and the terminal status
+/// never went out. Taken for another node's, the attempt was closed with no status sent at
+/// all, the platform left waiting for one. The manifest carries the record's run id: the
+/// attempt is finished as any other, its status sent past the last `seq`.
+#[test]
+fn recover_finishes_an_attempt_its_own_run_sealed() {
+    let h = Harness::file().with_control_plane(5);
+    h.run_job(json!({"job_id": "own", "command": ["sh", "-c", "echo b > $C3_ARTIFACTS_DIR/b"]}))
+        .assert_code(0);
+    let key = "jobs/own/attempts/1/manifest.json";
+    let sealed: serde_json::Value = serde_json::from_slice(&h.object(key).unwrap()).unwrap();
+    let sent = h.cp().delivered("/status").len();
+    let rec = h.state.join("jobs/own/attempts/1/run.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert!(record["run_id"].is_string(), "{record}");
+    assert_eq!(sealed["run_id"], record["run_id"], "{sealed}");
+    record["phase"] = json!("running");
+    record["state"] = json!(null);
+    record["agent"] = json!([1, 1]);
+    std::fs::write(&rec, serde_json::to_vec(&record).unwrap()).unwrap();
+    let run = h.run(&["recover"]);
+    assert!(!run.stderr.contains("another node ran"), "{}", run.stderr);
+    assert!(
+        h.cp().delivered("/status").len() > sent,
+        "no terminal status sent\n{}",
+        run.stderr
+    );
+    let resealed: serde_json::Value = serde_json::from_slice(&h.object(key).unwrap()).unwrap();
+    assert_eq!(resealed["complete"], true, "{resealed}");
+    assert_eq!(resealed["files"], sealed["files"], "{resealed}");
+    assert_eq!(resealed["run_id"], sealed["run_id"], "{resealed}");
+    let left: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert_eq!(left["phase"], "done", "{left}");
 }
 
 /// As above, but the attempt's manifest is a newer agent's (version 2; this node was rolled

@@ -78,6 +78,25 @@ fn a_crash_after_finalizing_keeps_the_known_exit() {
     assert_eq!(t["exit_code"], 0, "{t}");
 }
 
+/// The agent dies in its final sync, and meanwhile something else writes the job's result
+/// file (another job of the user's, the next job placed in the workdir): `recover` sends the
+/// result the job left at its end, saved with FINALIZING's record, not what is there now.
+#[test]
+fn a_crash_after_finalizing_keeps_the_result_read_at_the_end() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
+    let script = "echo '{\"epoch\": 1}' > $C3_RESULT_FILE";
+    let run = h.run_job(json!({"job_id": "res", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    std::fs::write(h.workdir("res").join(".c3/result.json"), "{\"epoch\": 2}\n").unwrap();
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let t = h.cp().terminal_status().unwrap();
+    assert_eq!(t["result"], json!({"epoch": 1}), "{t}");
+    assert_eq!(h.manifest("res")["result"], json!({"epoch": 1}));
+}
+
 /// The agent dies between keeping its artifacts registration in the outbox and recording
 /// that it did: `recover` delivered the kept one, then finished the attempt again as one that
 /// registered nothing and sent the same bytes again (the quota charged twice). The record

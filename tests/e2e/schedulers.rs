@@ -843,10 +843,16 @@ fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
         trainer: mut t,
         pid,
         out,
-        ..
+        rec,
     } = a_watch_killed_over_its_trainer(&h, "sidere", &[]);
     t.kill().unwrap();
     t.wait().unwrap();
+    // The earlier watch's last save did not land (a full state disk): its RUNNING went out
+    // with a seq the record does not hold.
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    record["seq"] = json!(0);
+    std::fs::write(&rec, serde_json::to_vec(&record).unwrap()).unwrap();
     let run = h.wait(
         "watch again".into(),
         watch(&h, "sidere", &["--pid", &pid], &[&out]),
@@ -854,6 +860,16 @@ fn a_sidecar_restarted_after_its_pid_ended_finishes_the_attempt() {
     run.assert_code(0);
     assert_eq!(h.manifest_paths("sidere"), vec!["out/f"]);
     assert_eq!(states(&h).last().map(String::as_str), Some("SUCCEEDED"));
+    let seqs: Vec<u64> = h
+        .cp()
+        .delivered("/status")
+        .iter()
+        .map(|s| s["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "a status sent again with a seq already used: {seqs:?}"
+    );
 }
 
 /// A restarted sidecar whose run record does not parse sets it aside and watches on over the
