@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use c3_runtime::context::ForwardTo;
+use c3_runtime::display::Secret;
 use c3_runtime::live::{LiveOptions, WatchMode};
 use c3_runtime::report::ControlPlaneConfig;
 use c3_runtime::store::StoreConfig;
@@ -955,7 +956,7 @@ fn forwardable_signal(name: &str) -> Result<i32, &'static str> {
 
 impl ControlPlaneSettings {
     /// Reads the bearer token; its absence is a configuration error.
-    pub fn resolve(&self) -> Result<(ControlPlaneConfig, Option<String>), String> {
+    pub fn resolve(&self) -> Result<(ControlPlaneConfig, Option<Secret>), String> {
         // Empty: no token (a node whose control plane takes none sets the unit's variable so).
         let file = self
             .token_file
@@ -972,7 +973,7 @@ impl ControlPlaneSettings {
                         path.display()
                     ))
                 }
-                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Ok(t) if !t.trim().is_empty() => Some(Secret::new(t.trim().to_string())),
                 Ok(_) => {
                     return Err(format!(
                         "`control_plane.token_file`: {} is empty",

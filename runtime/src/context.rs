@@ -26,7 +26,7 @@ pub struct AgentContext {
     pub store: BlobStore,
     pub control_plane: Option<ControlPlane>,
     /// The bearer token, so that it can be kept out of the job's environment.
-    pub token: Option<String>,
+    pub token: Option<crate::display::Secret>,
     pub kill_grace: Duration,
     pub upload: UploadOptions,
     /// The store check before launch waits at most this long; a slow store does not block the launch.

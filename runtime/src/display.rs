@@ -151,6 +151,21 @@ pub fn human_bytes(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The token shows in no `Debug` print of the config that holds it.
+    #[test]
+    fn a_secret_never_shows_in_debug() {
+        let cp = crate::report::ControlPlaneConfig {
+            url: "http://agent:pa55word@127.0.0.1:1/".parse().unwrap(),
+            token: Some("hunter2-token".into()),
+            give_up: std::time::Duration::from_secs(1),
+            max_reply_bytes: 1,
+        };
+        let shown = format!("{cp:?} {:#?}", crate::report::ControlPlane::new(cp.clone()));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("pa55word"), "{shown}");
+        assert_eq!(cp.token.unwrap().expose(), "hunter2-token");
+    }
+
     use super::*;
 
     #[test]
@@ -218,5 +233,33 @@ mod tests {
             "file:///var/lib/store"
         );
         assert!(!super::shown_url("not a url secret").contains("secret"));
+    }
+}
+
+/// A credential (the control plane's bearer token): its `Debug` never shows it, so that a
+/// `?ctx` in a log line, a `dbg!` or a panic message with the config in it leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }

@@ -465,7 +465,7 @@ async fn post_next(
         limit /= 2;
     };
     // Live output is best effort: a short retry, never the outbox.
-    let (posted, _, answered) = cp.post_tracked(endpoint, &body, deadline).await;
+    let (posted, _, answered) = cp.post_tracked(endpoint, &body, deadline, None).await;
     match posted {
         Ok(_) => Posted::Sent(consumed),
         Err(crate::report::ReportError::Rejected { status, .. }) => Posted::Rejected {

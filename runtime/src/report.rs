@@ -13,20 +13,34 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use c3_proto::OutboxEntry;
 
 use crate::statedir::{write_atomic, StateDir};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlPlaneConfig {
     pub url: url::Url,
     /// Bearer token (read from `token_file`; never in argv or the job's env).
-    pub token: Option<String>,
+    pub token: Option<crate::display::Secret>,
     /// How long one report is retried before it goes to the outbox.
     pub give_up: Duration,
     /// Reply bodies are read up to this many bytes; the rest is never buffered.
     pub max_reply_bytes: usize,
+}
+
+/// By hand: the URL as shown (a `user:pass@` in it is a credential too) and the token
+/// redacted, so that no `Debug` print of the config (a `?ctx`, a panic message) leaks either.
+impl std::fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneConfig")
+            .field("url", &crate::display::shown_url(self.url.as_str()))
+            .field("token", &self.token)
+            .field("give_up", &self.give_up)
+            .field("max_reply_bytes", &self.max_reply_bytes)
+            .finish()
+    }
 }
 
 /// The default for [`ControlPlaneConfig::max_reply_bytes`].
@@ -57,6 +71,10 @@ pub enum ReportError {
     },
     #[error("cannot keep the report for later delivery")]
     Outbox(#[source] crate::statedir::StateError),
+    /// The delivery was stopped before this try began (a later status of the job took
+    /// over the outbox): no request went.
+    #[error("delivery to {endpoint} stopped")]
+    Stopped { endpoint: String },
 }
 
 impl ReportError {
@@ -65,7 +83,9 @@ impl ReportError {
             ReportError::Unavailable { .. }
             | ReportError::Transport { .. }
             | ReportError::Deadline { .. } => true,
-            ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
+            ReportError::Rejected { .. } | ReportError::Outbox(_) | ReportError::Stopped { .. } => {
+                false
+            }
         }
     }
 
@@ -99,7 +119,9 @@ impl ReportError {
             ReportError::Deadline { .. } => true,
             ReportError::Transport { source, .. } => !source.is_connect(),
             ReportError::Unavailable { status, .. } => matches!(status, 502 | 504),
-            ReportError::Rejected { .. } | ReportError::Outbox(_) => false,
+            ReportError::Rejected { .. } | ReportError::Outbox(_) | ReportError::Stopped { .. } => {
+                false
+            }
         }
     }
 
@@ -174,7 +196,7 @@ impl ControlPlane {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec());
         if let Some(token) = &self.config.token {
-            req = req.bearer_auth(token);
+            req = req.bearer_auth(token.expose());
         }
         // The endpoint names the request; reqwest's text would add the whole URL, a
         // `user:pass@` in it included.
@@ -269,7 +291,7 @@ impl ControlPlane {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Bytes, ReportError> {
-        self.post_tracked(endpoint, body, deadline).await.0
+        self.post_tracked(endpoint, body, deadline, None).await.0
     }
 
     /// [`ControlPlane::post`], telling also whether a try of it may still be in flight
@@ -277,16 +299,26 @@ impl ControlPlane {
     /// overtaken by a later one; and the HTTP status of the last try answered with a failure
     /// that counts a failed flush ([`ReportError::fails_a_flush`]), whatever the last try
     /// met (one cut by the deadline under load lost the answer that came before it).
+    /// Once `stop` is cancelled no new try begins; the one under way ends as it would (its
+    /// answer is what says whether the report went: dropped, it may have been applied
+    /// and was sent again).
     pub(crate) async fn post_tracked(
         &self,
         endpoint: &str,
         body: &[u8],
         deadline: Instant,
+        stop: Option<&CancellationToken>,
     ) -> (Result<Bytes, ReportError>, bool, Option<u16>) {
+        let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
         let in_flight = std::sync::atomic::AtomicBool::new(false);
         // 0: no such answer.
         let answered = std::sync::atomic::AtomicU16::new(0);
         let once = || async {
+            if stopped() {
+                return Err(ReportError::Stopped {
+                    endpoint: endpoint.to_string(),
+                });
+            }
             let tried = self.post_once(endpoint, body, deadline).await;
             if tried.as_ref().is_err_and(ReportError::may_be_in_flight) {
                 in_flight.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -321,10 +353,25 @@ impl ControlPlane {
                 // the control plane's own answer (a 500) was lost for a time-out.
                 wait.filter(|wait| *wait + LAST_TRY < left)
             })
-            .sleep(move |wait: Duration| {
-                tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
+            .sleep({
+                let stop = stop.cloned();
+                move |wait: Duration| {
+                    let stop = stop.clone();
+                    async move {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let nap = tokio::time::sleep(wait.min(left));
+                        // Woken by a stop, the next try ends at once (`Stopped`).
+                        match stop {
+                            Some(stop) => tokio::select! {
+                                () = nap => {}
+                                () = stop.cancelled() => {}
+                            },
+                            None => nap.await,
+                        }
+                    }
+                }
             })
-            .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline)
+            .when(|e: &ReportError| e.is_retryable() && Instant::now() < deadline && !stopped())
             .notify(|e, wait| tracing::debug!(error = %crate::error_chain(e), retry_in_ms = wait.as_millis() as u64, "control plane request failed; retrying"))
             .await;
         let answered = Some(answered.into_inner()).filter(|&status| status != 0);
@@ -415,7 +462,8 @@ impl Reporter {
         // Earlier undelivered reports of this job go first, or the control plane would see
         // them out of order; a status supersedes the attempt's earlier RUNNING or FINALIZING.
         let later = (kind == "status").then_some((self.attempt, order));
-        let flushed = flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later).await;
+        let flushed =
+            flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later, None).await;
         if !flushed.done || flushed.held.contains(&Some(self.attempt)) {
             return self.keep(kind, order, &endpoint, &body);
         }
@@ -502,9 +550,17 @@ impl Reporter {
         let Some(cp) = &self.control_plane else {
             return Delivery::Kept;
         };
-        match flush_outbox_for(cp, &self.state, &self.job_id, deadline, Some(&mine), None)
-            .await
-            .mine
+        match flush_outbox_for(
+            cp,
+            &self.state,
+            &self.job_id,
+            deadline,
+            Some(&mine),
+            None,
+            None,
+        )
+        .await
+        .mine
         {
             Some(Ok(reply)) => Delivery::Delivered(reply),
             Some(Err(())) => Delivery::Rejected,
@@ -530,10 +586,22 @@ impl Reporter {
                 _ = stop.cancelled() => return Delivery::Kept,
                 _ = tokio::time::sleep(KEPT_RETRY_EVERY) => {}
             }
-            let flushed = tokio::select! {
-                _ = stop.cancelled() => return Delivery::Kept,
-                flushed = flush_outbox_for(cp, &self.state, &self.job_id, Instant::now() + cp.give_up(), None, None) => flushed,
-            };
+            // Stopped (a later status of the job supersedes this one), the flush ends
+            // between two entries, never inside a POST: one dropped there may have been
+            // taken, and the next flusher sent it again (a registration counted twice).
+            // (Past the report stay, `JobReporter` still aborts the task: the agent's exit
+            // is not held for a slow control plane.)
+            let deadline = Instant::now() + cp.give_up();
+            let flushed = flush_outbox_for(
+                cp,
+                &self.state,
+                &self.job_id,
+                deadline,
+                None,
+                None,
+                Some(stop),
+            )
+            .await;
             // An earlier attempt's entry the control plane keeps failing on stays, and holds
             // none of this one's back.
             if flushed.done && !flushed.held.contains(&Some(self.attempt)) {
@@ -619,7 +687,7 @@ pub async fn flush_job_outbox(
     job: &str,
     deadline: Instant,
 ) -> bool {
-    let flushed = flush_outbox_for(cp, state, job, deadline, None, None).await;
+    let flushed = flush_outbox_for(cp, state, job, deadline, None, None, None).await;
     flushed.done && flushed.held.is_empty()
 }
 
@@ -667,7 +735,9 @@ async fn flush_outbox_for(
     deadline: Instant,
     mine: Option<&Path>,
     later: Option<(u32, u64)>,
+    stop: Option<&CancellationToken>,
 ) -> Flushed {
+    let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
     let dir = &state.outbox_dir(job);
     let mut flushed = Flushed {
         done: false,
@@ -686,7 +756,7 @@ async fn flush_outbox_for(
                 flushed.done = true;
                 return flushed;
             }
-            Claim::Busy if Instant::now() + CLAIM_RETRY < deadline => {
+            Claim::Busy if Instant::now() + CLAIM_RETRY < deadline && !stopped() => {
                 tokio::time::sleep(CLAIM_RETRY).await;
             }
             Claim::Busy | Claim::Refused => return flushed,
@@ -741,6 +811,21 @@ async fn flush_outbox_for(
                 return flushed;
             }
         };
+        // The request an entry names is the one its place says (`v1/jobs/<job>/<kind>`),
+        // never another: its endpoint, joined to the URL with the token, could name any
+        // origin (an absolute URL), and one that is not a URL at all panicked the flush and
+        // every `recover` after it. Only an entry this agent could not have written differs
+        // (copied from elsewhere, edited): set aside.
+        let expected = match entry_name(&path) {
+            Some((_, _, kind @ ("status" | "artifacts"))) => Some(format!("v1/jobs/{job}/{kind}")),
+            _ => None,
+        };
+        if expected.as_deref() != Some(entry.endpoint.as_str()) || entry.job_id != job {
+            tracing::warn!(path = %path.display(), endpoint = %entry.endpoint.escape_debug(), "an outbox entry names another request than its place says; moved aside");
+            let _ = std::fs::rename(&path, path.with_extension("bad"));
+            let _ = std::fs::remove_file(path.with_extension(TRIES));
+            continue;
+        }
         // Entries kept for another control plane (attempt 1 under one config, attempt 2 or
         // a `resync` under another) are its own: they name a manifest in its store, and
         // would go out under this one's token. Each says whom it was for; an older agent's
@@ -787,8 +872,9 @@ async fn flush_outbox_for(
         // it all, each flush, from the other attempts' entries that go past it.
         let stuck = !progress && is_stuck(&path);
         // Past the deadline nothing is asked, and no entry counts a failed flush for it.
+        // Stopped, the flush ends here, between two entries, never inside a POST.
         let now = Instant::now();
-        if now >= deadline {
+        if now >= deadline || stopped() {
             return flushed;
         }
         let by = if passing || stuck {
@@ -798,8 +884,13 @@ async fn flush_outbox_for(
         };
         let is_mine = mine == Some(path.as_path());
         let (mut posted, mut in_flight, mut answered) = cp
-            .post_tracked(&entry.endpoint, &entry.body_json(), by)
+            .post_tracked(&entry.endpoint, &entry.body_json(), by, stop)
             .await;
+        // Stopped between its tries: the entry stays as it is, no failed flush counted (a
+        // supersede is no answer of the control plane's).
+        if stopped() && posted.is_err() {
+            return flushed;
+        }
         // A terminal status the control plane refuses (its 4xx), or fails on flush after
         // flush (its own 5xx): what it holds of the job's may be what it cannot take (a NUL
         // in the result, which PostgreSQL refuses). Dropped, or moved aside in a week, it
@@ -820,8 +911,11 @@ async fn flush_outbox_for(
             // The failed flushes were the refused body's.
             let _ = std::fs::remove_file(path.with_extension(TRIES));
             (posted, in_flight, answered) = cp
-                .post_tracked(&entry.endpoint, &entry.body_json(), by)
+                .post_tracked(&entry.endpoint, &entry.body_json(), by, stop)
                 .await;
+            if stopped() && posted.is_err() {
+                return flushed;
+            }
         }
         // A later status answered (delivered or refused) settles the ones passed over.
         if let (Some((attempt, order, "status")), Ok(_) | Err(ReportError::Rejected { .. })) =
@@ -1262,6 +1356,42 @@ fn remove_stale_temps(dir: &Path) {
     }
 }
 
+/// Retention's end of a job's outbox (its job removed, or long gone): under the outbox's
+/// claim (a flusher at work keeps it, and the next sweep tries again), what the flush set
+/// aside (`*.bad`), tries counts of no report and stale temp files go, then the lock file
+/// and the folder. A report kept meanwhile stays, with its tries count and the folder.
+/// Returns whether the folder is gone.
+pub(crate) fn drop_outbox_leftovers(dir: &Path) -> bool {
+    let claim = match claim_outbox(dir) {
+        Claim::Held(claim) => claim,
+        Claim::Missing => return true,
+        Claim::Busy | Claim::Refused => return false,
+    };
+    remove_stale_temps(dir);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut reports = false;
+    for e in entries.flatten() {
+        let path = e.path();
+        match path.extension().and_then(|x| x.to_str()) {
+            Some("json") => reports = true,
+            Some("bad") => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Some(TRIES) if !path.with_extension("json").exists() => {
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
+    if reports {
+        return false;
+    }
+    claim.release_and_remove(dir);
+    !dir.exists()
+}
+
 /// Delivers every job's outbox; returns how many jobs still have undelivered reports.
 pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: Instant) -> usize {
     let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else {
@@ -1297,8 +1427,16 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
         // in 60 s) cut every first try, and nothing was ever delivered. An outbox delivered
         // at once leaves its share to the rest.
         let share = (time_left / (count - i) as u32).max(time_left.min(SHARE_FLOOR));
-        let flushed =
-            flush_outbox_for(cp, state, &job, (now + share).min(deadline), None, None).await;
+        let flushed = flush_outbox_for(
+            cp,
+            state,
+            &job,
+            (now + share).min(deadline),
+            None,
+            None,
+            None,
+        )
+        .await;
         if !flushed.done || flushed.elsewhere > 0 || !flushed.held.is_empty() {
             left += 1;
         }
@@ -1339,7 +1477,19 @@ fn sorted_entries(dir: &Path, job: &str) -> std::io::Result<Vec<PathBuf>> {
             v.push(path);
         }
     }
-    v.sort();
+    // By the numbers the names hold, not their text: an attempt past 999,999 or an order
+    // past 99,999,999 (seq after many set-aside records) is a wider name, which sorted as
+    // text went ahead of smaller ones (a terminal status before its FINALIZING). Names that
+    // do not parse go last.
+    v.sort_by(|a, b| {
+        let key = |p: &Path| entry_name(p).map(|(attempt, order, _)| (attempt, order));
+        match (key(a), key(b)) {
+            (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.cmp(b),
+        }
+    });
     Ok(v)
 }
 
@@ -1600,6 +1750,87 @@ pub(crate) mod tests {
             "sent to another control plane"
         );
         assert!(state.outbox_dir("away").exists());
+    }
+
+    /// A kept registration's background delivery, superseded by the job's next status while
+    /// its POST waited for the answer, was dropped mid-request: the control plane had taken
+    /// it, the entry stayed, and the next flush sent it again (its bytes counted twice). The
+    /// POST under way ends as it would; only then does the delivery stop.
+    #[tokio::test]
+    async fn a_superseded_delivery_never_drops_a_post_under_way() {
+        let (url, requests) =
+            serve_recorded(Duration::from_millis(800), |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        reporter.keep_unsent("artifacts", 3, br#"{"attempt":1,"new_bytes":1000}"#);
+        let stop = CancellationToken::new();
+        let delivering = {
+            let (reporter, stop) = (reporter.clone(), stop.clone());
+            tokio::spawn(async move { reporter.deliver_kept(&stop).await })
+        };
+        let began = Instant::now();
+        while requests.lock().unwrap().is_empty() {
+            assert!(began.elapsed() < Duration::from_secs(20), "never posted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        let _ = delivering.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        assert_eq!(
+            requests.lock().unwrap().len(),
+            1,
+            "the registration was sent twice"
+        );
+    }
+
+    /// Kept entries go in the order their numbers say, not their names' text: a seq past
+    /// 99,999,999 (after many set-aside records) is a wider name, which went first. An entry
+    /// whose endpoint is not the one its place says (an absolute URL: the token would go
+    /// there; not a URL at all: the flush panicked) is set aside, never posted.
+    #[tokio::test]
+    async fn kept_entries_go_in_number_order_and_only_to_their_own_endpoint() {
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        reporter.keep_unsent("status", 100_000_001, br#"{"attempt":1,"seq":100000001}"#);
+        reporter.keep_unsent("status", 99_999_999, br#"{"attempt":1,"seq":99999999}"#);
+        let outbox = state.outbox_dir("j");
+        for (name, endpoint) in [
+            (
+                "000001-00000005-status.json",
+                "http://elsewhere.example/steal",
+            ),
+            ("000001-00000006-status.json", "http://[::1"),
+            ("000001-00000007-status.json", "v1/jobs/other/status"),
+        ] {
+            let entry = OutboxEntry::new("j", endpoint.into(), br#"{"attempt":1,"seq":5}"#);
+            write_atomic(&outbox.join(name), &entry.to_json()).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        let sent: Vec<(String, String)> = requests.lock().unwrap().clone();
+        let bodies: Vec<&str> = sent.iter().map(|(_, b)| b.as_str()).collect();
+        assert_eq!(
+            bodies,
+            [
+                r#"{"attempt":1,"seq":99999999}"#,
+                r#"{"attempt":1,"seq":100000001}"#
+            ],
+            "{sent:?}"
+        );
+        assert!(sent
+            .iter()
+            .all(|(line, _)| line.contains("/api/v1/jobs/j/status")));
+        for n in [5, 6, 7] {
+            assert!(outbox
+                .join(format!("000001-0000000{n}-status.bad"))
+                .is_file());
+        }
     }
 
     /// Two flushers of one outbox (two jobs starting after an outage, a run beside

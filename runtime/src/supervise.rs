@@ -264,7 +264,7 @@ impl Supervisor {
         }
         let env = child_env(
             std::env::vars_os(),
-            ctx.token.as_deref(),
+            ctx.token.as_ref().map(crate::display::Secret::expose),
             run_as,
             &spec.env,
             &job_vars,
