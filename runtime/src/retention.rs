@@ -133,6 +133,22 @@ impl Attempt {
 /// Removes the local data of every finished job past its retention period.
 pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> RetentionReport {
     let mut report = RetentionReport::default();
+    if !state.root().is_dir() {
+        return report;
+    }
+    let _sweeping = match crate::statedir::try_retention_lock(state) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            tracing::info!("another retention sweep is running; this one is skipped");
+            return report;
+        }
+        Err(e) => {
+            let why = format!("no retention sweep: {}", crate::error_chain(&e));
+            tracing::warn!("{why}");
+            report.errors.push(why);
+            return report;
+        }
+    };
     let jobs_dir = state.jobs_dir();
     let trash = jobs_dir.join(TRASH);
     empty_trash(state, &trash, &mut report);
@@ -192,6 +208,7 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
         }
     }
     let _ = std::fs::remove_dir(&trash);
+    sweep_orphan_outboxes(state, policy, now, &mut report);
     report
 }
 
@@ -340,8 +357,7 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
     // What the flush delivers (`*.json`): a report it set aside (`*.bad`), a temp file a
     // killed keep left (`.c3-*.tmp`, which the flush removes once stale) or the flush's lock
     // file (`.lock`) waits for nothing.
-    let report = |name: &str| Path::new(name).extension().is_some_and(|x| x == "json");
-    if has_entries(&state.outbox_dir(&job.id), report)? {
+    if has_entries(&state.outbox_dir(&job.id), is_report)? {
         return Err("reports wait in the outbox".into());
     }
     // A journal (`*.json`) names an upload at the store; a temp file a killed journal start
@@ -519,10 +535,80 @@ fn remove_job(
         tracing::info!(job_id = %job.id, workdir = %workdir.display(), "workdir outside the job's state dir left in place");
         report.left_workdirs.push((job.id.clone(), workdir));
     }
+    // Its outbox (beside the jobs dir) holds no report (`due`), but what the flush set
+    // aside (`*.bad`), its lock file, a killed keep's temp file: kept, they outlived the job
+    // for ever.
+    drop_outbox(state, &job.id, report);
     tracing::info!(job_id = %job.id, bytes, "removed a finished job's local data");
     report.removed_jobs.push(job.id.clone());
     drop(locks);
     Ok(())
+}
+
+/// Whether an outbox entry is a report the flush delivers (`*.json`).
+fn is_report(name: &str) -> bool {
+    Path::new(name).extension().is_some_and(|x| x == "json")
+}
+
+/// Removes the job's outbox dir and what it holds but reports ([`crate::report::drop_outbox_leftovers`]).
+fn drop_outbox(state: &StateDir, id: &str, report: &mut RetentionReport) {
+    let dir = state.outbox_dir(id);
+    if crate::report::drop_outbox_leftovers(&dir) {
+        tracing::debug!(job_id = %id, "removed the job's outbox");
+    } else if dir.exists() {
+        // A flusher holds it, or a report was kept meanwhile: the next sweep looks again.
+        report.errors.push(format!(
+            "{}: left for the next sweep (in use)",
+            dir.display()
+        ));
+    }
+}
+
+/// Outboxes of jobs whose dir is gone (removed by hand, or by an agent that left the outbox
+/// behind) holding no report, untouched for longer than `policy.failed`: nothing reads
+/// them any more. One that holds a report stays for the flush, whoever's it was.
+fn sweep_orphan_outboxes(
+    state: &StateDir,
+    policy: &Retention,
+    now: SystemTime,
+    report: &mut RetentionReport,
+) {
+    let Ok(entries) = std::fs::read_dir(state.outbox_root()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if c3_proto::spec::validate_job_id(&id).is_err()
+            || !entry.file_type().is_ok_and(|t| t.is_dir())
+            || std::fs::symlink_metadata(state.job_dir(&id)).is_ok()
+        {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(inside) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        // Idle by what it holds, not by the folder's own time: every flush makes and
+        // removes its lock file there. One holding nothing else goes at once.
+        let mut newest = None;
+        let mut reports = false;
+        for e in inside.flatten() {
+            let name = e.file_name();
+            if name == crate::report::OUTBOX_LOCK {
+                continue;
+            }
+            reports |= is_report(&name.to_string_lossy());
+            let t = e.metadata().and_then(|m| m.modified()).ok();
+            newest = newest.max(t);
+        }
+        let idle = newest.map_or(Duration::MAX, |t| now.duration_since(t).unwrap_or_default());
+        if reports || idle < policy.failed.max(DAY) {
+            continue;
+        }
+        drop_outbox(state, &id, report);
+    }
 }
 
 /// Moves a job's dir back out of the trash. A new attempt's agent that made the dir again
@@ -736,6 +822,26 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
             let _ = std::fs::remove_file(&path);
             continue;
         }
+        // `<id>.<pid>.<nanos>` while its job's dir is there again: a put-back that failed
+        // (a new attempt made the dir meanwhile, and the move aside failed too), whose error
+        // named this place for the operator to merge. Removed, the old attempts were lost.
+        let id = entry
+            .file_name()
+            .to_string_lossy()
+            .split('.')
+            .next()
+            .map(str::to_owned);
+        if let Some(id) = id.filter(|id| c3_proto::spec::validate_job_id(id).is_ok()) {
+            if std::fs::symlink_metadata(state.job_dir(&id)).is_ok() {
+                let why = format!(
+                    "{}: job {id}'s earlier dir, which could not be put back beside its new one; left for the operator to merge",
+                    path.display()
+                );
+                tracing::warn!("{why}");
+                report.errors.push(why);
+                continue;
+            }
+        }
         let real = real_trash.join(entry.file_name());
         if let Some(mount) = mounts.iter().find(|m| m.starts_with(&real)) {
             let why = format!(
@@ -887,6 +993,7 @@ mod tests {
                 signal: None,
                 started_at: "2026-01-01T00:00:00Z".into(),
                 start_order: None,
+                run_id: None,
                 agent: None,
                 agent_boot_id: None,
                 leader: None,
@@ -897,6 +1004,7 @@ mod tests {
                 unstored_for_good: 0,
                 job_user: None,
                 facts: None,
+                result: None,
                 watched_dirs: None,
                 watched_leader: None,
                 synced: None,
@@ -1090,7 +1198,15 @@ mod tests {
         // A keep a kill interrupted: no report the flush would ever send.
         f.job("tmponly", 1, JobState::Succeeded, 100 * DAY, None);
         std::fs::create_dir_all(f.state.outbox_dir("tmponly")).unwrap();
-        std::fs::write(f.state.outbox_dir("tmponly").join(".c3-x.tmp"), "{").unwrap();
+        let tmp = f.state.outbox_dir("tmponly").join(".c3-x.tmp");
+        std::fs::write(&tmp, "{").unwrap();
+        let a_day_ago = SystemTime::now() - DAY;
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(a_day_ago)
+            .unwrap();
         // A flush cut short leaves its lock file: not a report.
         let lock = f
             .state
@@ -1109,6 +1225,10 @@ mod tests {
 
         let report = f.sweep();
         assert_eq!(report.removed_jobs, ["badonly", "tmponly"], "{report:?}");
+        // Their outboxes went with them; a report keeps its own.
+        assert!(!f.state.outbox_dir("badonly").exists());
+        assert!(!f.state.outbox_dir("tmponly").exists());
+        assert!(outbox.join("000001-00000003-status.json").is_file());
         assert!(reason(&report, "unstored").contains("1 item(s) unstored"));
         assert!(reason(&report, "outbox").contains("outbox"));
         assert!(reason(&report, "running").contains("attempt 2 is not done (phase finishing)"));
@@ -1120,6 +1240,65 @@ mod tests {
                 "{id}"
             );
         }
+    }
+
+    /// An outbox whose job dir is gone (removed by hand, or by an agent that left outboxes
+    /// behind) goes once nothing in it changed for the failed period, unless it holds a
+    /// report, which the flush still delivers.
+    #[test]
+    fn orphan_outboxes_go_once_idle_unless_a_report_waits() {
+        let f = Fixture::new();
+        let old = SystemTime::now() - 100 * DAY;
+        let put = |id: &str, name: &str, at: SystemTime| {
+            let dir = f.state.outbox_dir(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let file = std::fs::File::create(dir.join(name)).unwrap();
+            file.set_modified(at).unwrap();
+        };
+        put("ghost", "000001-00000003-status.bad", old);
+        put("ghost", "000001-00000004-status.tries", old);
+        // A flush made and removed its lock there a moment ago: no sign of life.
+        put("ghost", OUTBOX_LOCK_NAME, SystemTime::now());
+        put("waiting", "000001-00000003-status.json", old);
+        put("waiting", "000001-00000003-status.tries", old);
+        put("young", "000001-00000003-status.bad", SystemTime::now());
+        // A job that is still there keeps its outbox whatever its age.
+        f.job("kept", 1, JobState::Succeeded, DAY, None);
+        put("kept", "000001-00000003-status.bad", old);
+        let report = f.sweep();
+        assert!(report.errors.is_empty(), "{report:?}");
+        assert!(!f.state.outbox_dir("ghost").exists());
+        assert!(f
+            .state
+            .outbox_dir("waiting")
+            .join("000001-00000003-status.json")
+            .is_file());
+        assert!(f
+            .state
+            .outbox_dir("waiting")
+            .join("000001-00000003-status.tries")
+            .is_file());
+        let bad = "000001-00000003-status.bad";
+        assert!(f.state.outbox_dir("young").join(bad).is_file());
+        assert!(f.state.outbox_dir("kept").join(bad).is_file());
+    }
+
+    const OUTBOX_LOCK_NAME: &str = crate::report::OUTBOX_LOCK;
+
+    /// One sweep at a time: a second one (`gc` beside housekeeping's `recover`) starting
+    /// while another runs emptied the trash, the first one's entry in flight with it.
+    #[test]
+    fn a_sweep_while_another_runs_does_nothing() {
+        let f = Fixture::new();
+        f.job("old", 1, JobState::Succeeded, 100 * DAY, None);
+        let held = crate::statedir::try_retention_lock(&f.state)
+            .unwrap()
+            .unwrap();
+        let report = f.sweep();
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        assert!(f.state.job_dir("old").exists());
+        drop(held);
+        assert_eq!(f.sweep().removed_jobs, ["old"]);
     }
 
     #[test]
@@ -1138,6 +1317,27 @@ mod tests {
         assert!(f.state.job_dir("corrupt").exists());
         assert!(!f.state.jobs_dir().join(TRASH).exists());
         assert_eq!(report.bytes_freed, 10);
+    }
+
+    /// A put-back that failed (a new attempt made the job's dir again meanwhile, and the
+    /// move aside failed too) leaves the old dir in the trash, named to the operator: the
+    /// next sweep removed it, and the old attempts' records and files with it.
+    #[test]
+    fn a_dir_that_could_not_be_put_back_stays_in_the_trash() {
+        let f = Fixture::new();
+        f.job("back", 2, JobState::Succeeded, DAY, None);
+        let stuck = f.state.jobs_dir().join(TRASH).join("back.1.2");
+        std::fs::create_dir_all(stuck.join("attempts/1")).unwrap();
+        std::fs::write(stuck.join("attempts/1/run.json"), "{}").unwrap();
+        let report = f.sweep();
+        assert!(stuck.join("attempts/1/run.json").is_file(), "{report:?}");
+        assert!(
+            report
+                .errors
+                .iter()
+                .any(|e| e.contains("could not be put back")),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -62,6 +62,14 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_CLOEXEC);
 
+/// A name an earlier walk gave what it moved up to the top (`.c3-deep.<pid>.<nanos>.N`)
+/// or what it found swapped in there (`.c3-kept.…`); not this walk's own `prefix`.
+fn left_by_an_earlier_walk(name: &OsStr, prefix: &str) -> bool {
+    let name = name.as_bytes();
+    (name.starts_with(b".c3-deep.") || name.starts_with(b".c3-kept."))
+        && !name.starts_with(prefix.as_bytes())
+}
+
 /// Whose removals the agent stands in for.
 #[derive(Debug, Clone)]
 pub enum Who {
@@ -471,7 +479,12 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
                 continue;
             }
         };
-        if !who.may_empty(&fd, &st, euid, level.seals) {
+        // A directory an earlier walk moved up and left at the top (`.c3-kept.*`: swapped in
+        // as it was moved; `.c3-deep.*`: a walk cut short) is judged as if nothing sealed it:
+        // taken for the agent's own there, the next sweep emptied another user's directory
+        // the job had swapped in.
+        let sealed_above = level.seals && !(depth == 1 && left_by_an_earlier_walk(&name, &prefix));
+        if !who.may_empty(&fd, &st, euid, sealed_above) {
             // Theirs only if empty: removing an empty directory needs the parent alone.
             drop(fd);
             match unlinkat(level.fd(), name.as_os_str(), UnlinkatFlags::RemoveDir) {
@@ -491,7 +504,7 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
         // Moved up to the top (below), a directory seals as it does here: one that seals is
         // the agent's own and closed to the job's users; one that does not is another user's,
         // or one a job's user may add to, wherever it is.
-        let seals = who.seals(&fd, &st, level.seals && st.st_uid == euid);
+        let seals = who.seals(&fd, &st, sealed_above && st.st_uid == euid);
         let subvolume = st.st_dev != level.st.st_dev;
         if depth < MAX_OPEN {
             match Level::open(fd, st, name, rel.clone(), seals) {
@@ -1026,6 +1039,14 @@ pub(crate) mod tests {
         assert!(
             survived.iter().any(|(_, body)| body == "bob's"),
             "the other user's file was removed: {r:?}"
+        );
+        // The next sweep meets it at the top, where this walk kept it (`.c3-kept.*`): root's
+        // directory there is no agent's own, and stays with what it holds.
+        let again = remove(t.path(), &job_user(65534));
+        let survived = walk_files(t.path());
+        assert!(
+            survived.iter().any(|(_, body)| body == "bob's"),
+            "the next sweep removed the other user's file: {again:?}"
         );
     }
 

@@ -839,6 +839,32 @@ fn lock_patiently(path: &Path) -> Result<HeldFlock, StateError> {
     }
 }
 
+/// The flock of `<state_dir>/retention.lock`, taken without waiting: `None` while another
+/// sweep holds it. One sweep at a time: a second one's start empties the trash, and took
+/// the first one's entry in flight for a leftover (removed as it was being put back).
+pub fn try_retention_lock(state: &StateDir) -> Result<Option<HeldFlock>, StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state.root().join("retention.lock");
+    let err = |source| StateError::Write {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(HeldFlock::new(file))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
+}
+
 /// The bytes of the file at `path`, not through a symlink.
 fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
