@@ -19,8 +19,20 @@ pub fn checked_job_id(job_id: &str) -> Result<(), String> {
 }
 
 /// The manifest, or one line that says what to check.
-async fn manifest(ctx: &AgentContext, job_id: &str) -> anyhow::Result<Manifest> {
-    match c3_runtime::pull::read_manifest(&ctx.store, job_id, ctx.max_manifest_bytes).await {
+async fn manifest(
+    ctx: &AgentContext,
+    job_id: &str,
+    places: c3_runtime::pull::Places,
+) -> anyhow::Result<Manifest> {
+    match c3_runtime::pull::read_manifest_of(
+        &ctx.store,
+        job_id,
+        None,
+        ctx.max_manifest_bytes,
+        places,
+    )
+    .await
+    {
         Ok(m) => Ok(m),
         Err(e) if e.is_not_found() => anyhow::bail!(
             "job {job_id} has no manifest in {}: check the job id (`c3-agent status` lists this node's jobs) and that the config names the job's store",
@@ -31,7 +43,7 @@ async fn manifest(ctx: &AgentContext, job_id: &str) -> anyhow::Result<Manifest> 
 }
 
 pub async fn ls(ctx: &AgentContext, job_id: &str, json: bool) -> anyhow::Result<()> {
-    let manifest = manifest(ctx, job_id).await?;
+    let manifest = manifest(ctx, job_id, c3_runtime::pull::Places::Unchecked).await?;
     if json {
         out::say_json(String::from_utf8_lossy(&manifest.to_json()).trim_end());
         return Ok(());
@@ -72,7 +84,7 @@ pub async fn pull(
     stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let manifest = tokio::select! {
-        m = manifest(ctx, job_id) => m?,
+        m = manifest(ctx, job_id, c3_runtime::pull::Places::Checked) => m?,
         () = stop.cancelled() => anyhow::bail!("stopped (a signal) before the manifest was read"),
     };
     // Off the reactor and raced with the stop: a DEST on a hung NFS mount holds the open,
@@ -134,7 +146,9 @@ pub async fn pull(
 /// a spec path is (`specpath`): symlinks are followed only in directories root's alone, and
 /// below the first one another user may write (a job's), none at all: that user could swap
 /// a directory on the way for a link, and root would create (or, with `--force`, replace)
-/// files wherever it leads.
+/// files wherever it leads. What root makes of DEST is its own (0700): a tenant's files,
+/// private in its 0700 workdir, are not every local user's to read once pulled (`chmod` to
+/// share them).
 fn open_dest(dest: &Path) -> anyhow::Result<c3_runtime::confine::DirFd> {
     use c3_runtime::confine::DirFd;
     if !nix::unistd::geteuid().is_root() {
@@ -144,7 +158,7 @@ fn open_dest(dest: &Path) -> anyhow::Result<c3_runtime::confine::DirFd> {
     let (reached, rest) =
         crate::specpath::resolve_root_alone_prefix(dest).map_err(anyhow::Error::msg)?;
     let at = DirFd::open(&reached).with_context(|| format!("{}", reached.display()))?;
-    Ok(at.ensure_dir(&rest, 0o755, None)?)
+    Ok(at.ensure_dir(&rest, 0o700, None)?)
 }
 
 /// One attempt as this node recorded it.
@@ -370,8 +384,14 @@ pub async fn logs(
     // Not (or no longer) on this node: the log blob the manifest lists, from a manifest that
     // is this job's (a key swapped or copied would show another job's, another tenant's, log).
     let manifest =
-        match c3_runtime::pull::read_manifest_of(&ctx.store, job_id, n, ctx.max_manifest_bytes)
-            .await
+        match c3_runtime::pull::read_manifest_of(
+            &ctx.store,
+            job_id,
+            n,
+            ctx.max_manifest_bytes,
+            c3_runtime::pull::Places::Unchecked,
+        )
+        .await
         {
             Ok(m) => m,
             Err(e) if e.is_not_found() => anyhow::bail!(

@@ -308,6 +308,30 @@ impl DirFd {
         self.ensure_dir_with(rel, |_| (mode, owner))
     }
 
+    /// [`DirFd::ensure_dir`] for a job with a user (`owner`), where each directory that
+    /// already existed must be that user's, root's or the agent's (as a workdir must):
+    /// root writes there on the job's behalf, and one of another user's (another tenant's
+    /// job ran earlier in the same root-owned workdir, and left its private `results/`)
+    /// would get this job's files, over its own.
+    pub fn ensure_own_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
+        let agent = nix::unistd::geteuid().as_raw();
+        self.ensure_dir_vetted(
+            rel,
+            |_| (mode, owner),
+            |name, st, _| match owner {
+                Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "`{}` is user {}'s, not the job's; refusing to write in it",
+                        Path::new(name).display(),
+                        st.st_uid
+                    ),
+                )),
+                _ => Ok(()),
+            },
+        )
+    }
+
     /// [`DirFd::ensure_dir`] with the mode and owner chosen per component (`true`: the last).
     pub fn ensure_dir_with(
         &self,
@@ -433,16 +457,25 @@ impl DirFd {
     /// Puts a [`DirFd::create_unnamed_temp`] file at `to` (a symlink there is replaced,
     /// never followed): a named one is renamed; an unnamed one is linked in under a temp name
     /// (`linkat` cannot replace), then renamed. An error leaves no name of it behind.
+    /// Without `replace`, whatever came to be at `to` meanwhile stays (`EEXIST`).
     pub fn place_temp(
         &self,
         named: Option<&str>,
         file: &File,
         prefix: &str,
         to: &OsStr,
+        replace: bool,
     ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
+        let rename = |from: &OsStr| {
+            if replace {
+                self.rename(from, to)
+            } else {
+                self.rename_noreplace(from, to)
+            }
+        };
         if let Some(name) = named {
-            return self.rename(OsStr::new(name), to);
+            return rename(OsStr::new(name));
         }
         for _ in 0..16 {
             let name = format!("{prefix}{}.part", random_hex());
@@ -463,7 +496,7 @@ impl DirFd {
                 Err(Errno::EEXIST) => continue,
                 Err(e) => return Err(e.into()),
             }
-            let renamed = self.rename(OsStr::new(&name), to);
+            let renamed = rename(OsStr::new(&name));
             if renamed.is_err() {
                 let _ = self.remove_file(OsStr::new(&name));
             }
@@ -473,6 +506,25 @@ impl DirFd {
             io::ErrorKind::AlreadyExists,
             "no free temporary name",
         ))
+    }
+
+    /// Renames within this directory unless something is at `to` (`EEXIST`). Where the
+    /// file system has no `RENAME_NOREPLACE` (`EINVAL`), a link, which never replaces, and
+    /// the old name's removal.
+    fn rename_noreplace(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(self, from, self, to, RenameFlags::RENAME_NOREPLACE) {
+            // A seccomp filter or an old kernel may refuse the call itself.
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EPERM) => {
+                nix::unistd::linkat(self, from, self, to, AtFlags::empty())?;
+                // In place under `to`: a temp name left beside it is no failure.
+                if let Err(e) = self.remove_file(from) {
+                    tracing::warn!(name = %Path::new(from).display(), error = %e, "cannot remove a temp name after placing its file");
+                }
+                Ok(())
+            }
+            done => Ok(done?),
+        }
     }
 
     /// Renames within this directory; a symlink at `to` is replaced, never followed.
@@ -490,8 +542,27 @@ impl DirFd {
 
     /// Makes `name` a real directory: a symlink or file in its place is removed first.
     /// For the agent's own directories (`.c3`), which a job may have replaced.
+    /// For a job with a user, a directory of anyone else's there (another tenant's job ran
+    /// in the same root-owned workdir before: its socket's place, its result) is moved
+    /// aside in this directory, never used or removed as root.
     pub fn replace_with_dir(&self, name: &OsStr, mode: u32, owner: Owner) -> io::Result<DirFd> {
         match self.stat(name) {
+            Ok(st)
+                if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+                    && owner.is_some_and(|(uid, _)| st.st_uid != uid) =>
+            {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let aside = format!(".c3-aside-{}-{nanos}", std::process::id());
+                self.rename(name, OsStr::new(&aside))?;
+                tracing::warn!(
+                    name = %Path::new(name).display(),
+                    aside = %aside,
+                    uid = st.st_uid,
+                    "another user's directory was where the agent's goes; moved aside"
+                );
+            }
             Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {}
             Ok(_) => self.remove_file(name)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -731,7 +802,7 @@ pub fn open_read_as(root: &Path, rel: &Path, reader: &JobReader) -> io::Result<O
 }
 
 /// 16 hex digits from the kernel's random source: temp names a job cannot predict.
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
@@ -1420,13 +1491,29 @@ mod tests {
         }
         file.write_all(b"abc").unwrap();
         assert_eq!(names(), ["f"]);
-        d.place_temp(None, &file, ".x-", OsStr::new("f")).unwrap();
+        d.place_temp(None, &file, ".x-", OsStr::new("f"), true)
+            .unwrap();
         assert_eq!(names(), ["f"]);
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"abc");
         let (tmp, file) = d.create_temp(".x-").unwrap();
-        d.place_temp(Some(&tmp), &file, ".x-", OsStr::new("g"))
+        d.place_temp(Some(&tmp), &file, ".x-", OsStr::new("g"), true)
             .unwrap();
         assert_eq!(names(), ["f", "g"]);
+        // Not replacing: what is there stays, and the temp file leaves no name.
+        let (_, mut file) = d.create_unnamed_temp(".x-").unwrap();
+        file.write_all(b"new").unwrap();
+        let kept = d.place_temp(None, &file, ".x-", OsStr::new("f"), false);
+        assert_eq!(kept.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        let (tmp, file) = d.create_temp(".x-").unwrap();
+        let kept = d.place_temp(Some(&tmp), &file, ".x-", OsStr::new("g"), false);
+        assert_eq!(kept.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        let _ = d.remove_file(OsStr::new(&tmp));
+        assert_eq!(names(), ["f", "g"]);
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"abc");
+        let (_, file) = d.create_unnamed_temp(".x-").unwrap();
+        d.place_temp(None, &file, ".x-", OsStr::new("h"), false)
+            .unwrap();
+        assert_eq!(names(), ["f", "g", "h"]);
     }
 
     fn st(uid: u32, gid: u32, mode: u32) -> FileStat {

@@ -373,7 +373,9 @@ fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Resu
             }
             _ => {}
         }
-        dir = dir.ensure_dir(Path::new(name), job_dir_mode(owner), owner)?;
+        // Another user's directory there (another tenant's job ran in this root-owned
+        // workdir before) is refused: the job would collect and write into its files.
+        dir = dir.ensure_own_dir(Path::new(name), job_dir_mode(owner), owner)?;
     }
     Ok(dir)
 }
@@ -669,7 +671,7 @@ async fn materialize(
     );
     let mode = job_dir_mode(owner);
     let stopped = || DatasetError::from(crate::pull::PullError::Stopped);
-    let dir = tokio::task::spawn_blocking(move || at.ensure_dir(Path::new(&name), mode, owner));
+    let dir = tokio::task::spawn_blocking(move || at.ensure_own_dir(Path::new(&name), mode, owner));
     let dir = tokio::select! {
         dir = dir => dir,
         () = stop.cancelled() => return Err(stopped()),

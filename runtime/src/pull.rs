@@ -170,7 +170,18 @@ pub async fn read_manifest(
     job_id: &str,
     max_bytes: u64,
 ) -> Result<Manifest, PullError> {
-    read_manifest_of(store, job_id, None, max_bytes).await
+    read_manifest_of(store, job_id, None, max_bytes, Places::Checked).await
+}
+
+/// Whether a manifest read is checked for one place per path ([`Manifest::check_places`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Places {
+    /// For what writes its files out (`pull`, datasets): `a` and `a/b` both listed, or a
+    /// path twice, cannot both be written.
+    Checked,
+    /// For what only shows or reads entries (`ls`, `logs`): an older agent's manifest with
+    /// such a pair is still read, as `gc` reads it.
+    Unchecked,
 }
 
 /// [`read_manifest`] of one attempt's manifest (`Some`), or of the job's latest (`None`).
@@ -179,6 +190,7 @@ pub async fn read_manifest_of(
     job_id: &str,
     attempt: Option<u32>,
     max_bytes: u64,
+    places: Places,
 ) -> Result<Manifest, PullError> {
     let key = match attempt {
         Some(n) => crate::store::attempt_manifest_key(job_id, n),
@@ -194,7 +206,10 @@ pub async fn read_manifest_of(
     // Up to 256 MiB of JSON: parsed off the reactor, where a dataset's timeout and a cancel
     // are heard.
     let manifest = tokio::task::spawn_blocking(move || {
-        Manifest::from_json(&bytes).and_then(|m| m.check_places().map(|()| m))
+        Manifest::from_json(&bytes).and_then(|m| match places {
+            Places::Checked => m.check_places().map(|()| m),
+            Places::Unchecked => Ok(m),
+        })
     })
     .await
     .map_err(|_| PullError::Task { path: key })?
@@ -294,7 +309,7 @@ pub async fn pull_into(
     let (shown_dir, dirs_stop) = (shown.to_path_buf(), Stop::default());
     let stopped = dirs_stop.0.clone();
     let making = tokio::task::spawn_blocking(move || {
-        check_room(&made, &checked, &parents, &shown_dir, owner)?;
+        check_room(&made, &checked, &parents, &shown_dir, owner, &stopped)?;
         for (parent, i) in parents {
             // The pull was given up (a dataset's timeout, a cancel): no more directories.
             if stopped.load(std::sync::atomic::Ordering::Relaxed) {
@@ -388,6 +403,7 @@ fn check_room(
     parents: &std::collections::BTreeMap<PathBuf, usize>,
     shown: &Path,
     owner: Owner,
+    stopped: &std::sync::atomic::AtomicBool,
 ) -> Result<(), PullError> {
     let Ok(fs) = nix::sys::statvfs::fstatvfs(root) else {
         return Ok(());
@@ -435,7 +451,17 @@ fn check_room(
                     .is_ok_and(|f| no_hole_before(&f, entry.size))
         })
     };
-    let new: Vec<&FileEntry> = files.iter().filter(|f| !in_place(f)).collect();
+    // A look per entry (a million of them on a slow file system): the pull given up (a
+    // dataset's timeout, a cancel) stops it.
+    let mut new: Vec<&FileEntry> = Vec::new();
+    for f in files {
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(PullError::Stopped);
+        }
+        if !in_place(f) {
+            new.push(f);
+        }
+    }
     let needed = new
         .iter()
         .map(|f| blocks_of(f.size))
@@ -510,7 +536,7 @@ fn make_parent(
     entry: &FileEntry,
     target: &Path,
 ) -> Result<DirFd, PullError> {
-    root.ensure_dir(parent, 0o755, owner).map_err(|source| {
+    root.ensure_own_dir(parent, 0o755, owner).map_err(|source| {
         if source.kind() == std::io::ErrorKind::InvalidInput {
             PullError::Escapes {
                 path: entry.path.clone(),
@@ -593,16 +619,22 @@ async fn fetch_once(
             source,
         }
     };
+    // The look at what is there may read (and hash) a file of the entry's size: given up
+    // with this download (a dataset's timeout, a cancel), it stops within a MiB, and the
+    // wind-down waits for it as for a writer (it may still make a directory).
+    let looking = Stop::default();
     let dir = {
         let (entry, target, name, werr) =
             (entry.clone(), target.clone(), name.clone(), werr.clone());
+        let (stopped, running) = (looking.0.clone(), writers.clone());
         tokio::task::spawn_blocking(move || -> Result<Option<DirFd>, PullError> {
+            let _running = running;
             let dir = if parent.as_os_str().is_empty() {
                 root.try_clone().map_err(&werr)?
             } else {
                 make_parent(&root, &parent, owner, &entry, &target)?
             };
-            match existing(&dir, &name, &entry, owner, force).map_err(&werr)? {
+            match existing(&dir, &name, &entry, owner, force, &stopped).map_err(&werr)? {
                 None => Ok(Some(dir)),
                 Some(true) => Ok(None),
                 Some(false) => Err(PullError::Exists {
@@ -613,6 +645,7 @@ async fn fetch_once(
         .await
         .map_err(|_| task_failed())??
     };
+    drop(looking);
     let Some(dir) = dir else {
         return Ok(entry.size);
     };
@@ -659,11 +692,16 @@ async fn fetch_once(
                     WriteFailure::Other(e) => e,
                 })
                 .and_then(|size| {
-                    let placed = dir.place_temp(tmp.as_deref(), &file, ".c3-pull-", &name);
+                    // Without `force`, a file that came to be there since the look (a job
+                    // writing into the DEST an operator pulls to) is kept, as one found then.
+                    let placed = dir.place_temp(tmp.as_deref(), &file, ".c3-pull-", &name, force);
                     placed.map(|()| size).map_err(|source| {
                         // A directory (or a file below one) is where the job's file goes: the
                         // job made it; root neither removes nor writes into it.
                         match source.raw_os_error() {
+                            Some(libc::EEXIST) if !force => PullError::Exists {
+                                path: target.clone(),
+                            },
                             Some(libc::EISDIR | libc::ENOTEMPTY | libc::ENOTDIR) => {
                                 PullError::Escapes {
                                     path: entry.path.clone(),
@@ -748,6 +786,7 @@ fn existing(
     entry: &FileEntry,
     owner: Owner,
     force: bool,
+    stopped: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<Option<bool>> {
     let st = match dir.stat(name) {
         Ok(st) => st,
@@ -758,7 +797,7 @@ fn existing(
     if regular && st.st_size as u64 == entry.size {
         let file = dir.open_file(Path::new(name))?;
         let theirs = crate::confine::fstat(&file)?.st_uid;
-        if owner.is_none_or(|(uid, _)| uid == theirs) && same_bytes(file, entry)? {
+        if owner.is_none_or(|(uid, _)| uid == theirs) && same_bytes(file, entry, stopped)? {
             return Ok(Some(true));
         }
     }
@@ -768,7 +807,11 @@ fn existing(
 /// Whether the file opened is the entry: checked on the fd (a job's process may have swapped
 /// a FIFO or a file that grows to a sparse terabyte in since the stat by name), and read no
 /// further than the entry's size + 1 byte.
-fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
+fn same_bytes(
+    file: std::fs::File,
+    entry: &FileEntry,
+    stopped: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<bool> {
     use std::io::Read;
     let st = crate::confine::fstat(&file)?;
     if !crate::confine::is_regular(&st) || st.st_size as u64 != entry.size {
@@ -778,6 +821,12 @@ fn same_bytes(file: std::fs::File, entry: &FileEntry) -> std::io::Result<bool> {
     let mut buf = vec![0u8; 1 << 20];
     let (mut file, mut read) = (file.take(entry.size.saturating_add(1)), 0u64);
     loop {
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the pull was given up",
+            ));
+        }
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
@@ -974,17 +1023,36 @@ mod tests {
         let name = std::ffi::OsStr::new("f");
         let me = nix::unistd::geteuid().as_raw();
         let other = me.wrapping_add(1);
-        assert_eq!(existing(&fd, name, &entry, None, true).unwrap(), Some(true));
         assert_eq!(
-            existing(&fd, name, &entry, Some((me, me)), true).unwrap(),
+            existing(&fd, name, &entry, None, true, &Default::default()).unwrap(),
             Some(true)
         );
         assert_eq!(
-            existing(&fd, name, &entry, Some((other, other)), true).unwrap(),
+            existing(&fd, name, &entry, Some((me, me)), true, &Default::default()).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            existing(
+                &fd,
+                name,
+                &entry,
+                Some((other, other)),
+                true,
+                &Default::default()
+            )
+            .unwrap(),
             None
         );
         assert_eq!(
-            existing(&fd, name, &entry, Some((other, other)), false).unwrap(),
+            existing(
+                &fd,
+                name,
+                &entry,
+                Some((other, other)),
+                false,
+                &Default::default()
+            )
+            .unwrap(),
             Some(false)
         );
     }
@@ -1050,10 +1118,24 @@ mod tests {
         let owner = Some((me, me));
         // 5 MiB written out of 8: counted again, they would not fit beside themselves.
         let dense = in_place(fs.path(), "dense", 5 << 20, true);
-        check_room(&root, std::slice::from_ref(&dense), &none, fs.path(), owner)
-            .expect("a file in place is not counted again");
+        check_room(
+            &root,
+            std::slice::from_ref(&dense),
+            &none,
+            fs.path(),
+            owner,
+            &Default::default(),
+        )
+        .expect("a file in place is not counted again");
         let sparse = in_place(fs.path(), "sparse", 64 << 20, false);
-        let checked = check_room(&root, &[dense, sparse], &none, fs.path(), owner);
+        let checked = check_room(
+            &root,
+            &[dense, sparse],
+            &none,
+            fs.path(),
+            owner,
+            &Default::default(),
+        );
         assert!(
             matches!(checked, Err(PullError::NoRoom { .. })),
             "64 MiB to write, with 3 MiB free: {checked:?}"
@@ -1076,7 +1158,15 @@ mod tests {
         entry.mtime_ns = i64::MAX;
         let root = DirFd::open(dir.path()).unwrap();
         let none = std::collections::BTreeMap::new();
-        check_room(&root, &[entry], &none, dir.path(), None).unwrap();
+        check_room(
+            &root,
+            &[entry],
+            &none,
+            dir.path(),
+            None,
+            &Default::default(),
+        )
+        .unwrap();
     }
 
     /// Root creates a pull's files past inode quotas: a pull that fit exactly took the last
@@ -1096,12 +1186,27 @@ mod tests {
                 })
                 .collect()
         };
-        let checked = check_room(&root, &files(950), &none, fs.path(), None);
+        let checked = check_room(
+            &root,
+            &files(950),
+            &none,
+            fs.path(),
+            None,
+            &Default::default(),
+        );
         assert!(
             matches!(checked, Err(PullError::NoRoom { .. })),
             "950 files of 999 inodes free: {checked:?}"
         );
-        check_room(&root, &files(10), &none, fs.path(), None).expect("10 files fit");
+        check_room(
+            &root,
+            &files(10),
+            &none,
+            fs.path(),
+            None,
+            &Default::default(),
+        )
+        .expect("10 files fit");
         assert!(!too_few_inodes(1 << 30, 0, 0), "no inode count: not judged");
     }
 
@@ -1119,7 +1224,15 @@ mod tests {
             .map(|i| in_place(fs.path(), &format!("d/f{i}"), 0, true))
             .collect();
         let parents = std::collections::BTreeMap::from([(PathBuf::from("d"), 0)]);
-        check_room(&root, &files, &parents, fs.path(), None).expect("nothing to make");
+        check_room(
+            &root,
+            &files,
+            &parents,
+            fs.path(),
+            None,
+            &Default::default(),
+        )
+        .expect("nothing to make");
         let mut more = files;
         more.extend((0..50).map(|i| FileEntry {
             path: format!("e/f{i}"),
@@ -1127,7 +1240,7 @@ mod tests {
         }));
         let parents =
             std::collections::BTreeMap::from([(PathBuf::from("d"), 0), (PathBuf::from("e"), 900)]);
-        let checked = check_room(&root, &more, &parents, fs.path(), None);
+        let checked = check_room(&root, &more, &parents, fs.path(), None, &Default::default());
         assert!(
             matches!(
                 checked,
@@ -1179,7 +1292,14 @@ mod tests {
             ..entry_of(b"")
         };
         let _quota = FakeQuota::set(1 << 20, u64::MAX);
-        let checked = check_room(&root, std::slice::from_ref(&big), &none, dir.path(), owner);
+        let checked = check_room(
+            &root,
+            std::slice::from_ref(&big),
+            &none,
+            dir.path(),
+            owner,
+            &Default::default(),
+        );
         match &checked {
             Err(e @ PullError::OverQuota { needed, left, .. }) => {
                 assert_eq!((*needed, left.bytes), (5 << 20, 1 << 20));
@@ -1187,13 +1307,28 @@ mod tests {
             }
             other => panic!("5 MiB with 1 MiB of quota left: {other:?}"),
         }
-        check_room(&root, std::slice::from_ref(&big), &none, dir.path(), None)
-            .expect("no user, no quota");
+        check_room(
+            &root,
+            std::slice::from_ref(&big),
+            &none,
+            dir.path(),
+            None,
+            &Default::default(),
+        )
+        .expect("no user, no quota");
         let small = FileEntry {
             size: 512 << 10,
             ..entry_of(b"")
         };
-        check_room(&root, &[small], &none, dir.path(), owner).expect("512 KiB fits");
+        check_room(
+            &root,
+            &[small],
+            &none,
+            dir.path(),
+            owner,
+            &Default::default(),
+        )
+        .expect("512 KiB fits");
         drop(_quota);
         let _quota = FakeQuota::set(u64::MAX, 3);
         let files: Vec<FileEntry> = (0..5)
@@ -1202,12 +1337,20 @@ mod tests {
                 ..entry_of(b"")
             })
             .collect();
-        let checked = check_room(&root, &files, &none, dir.path(), owner);
+        let checked = check_room(&root, &files, &none, dir.path(), owner, &Default::default());
         assert!(
             matches!(checked, Err(PullError::OverQuota { inodes: 5, .. })),
             "5 files with 3 inodes of quota left: {checked:?}"
         );
-        check_room(&root, &files[..3], &none, dir.path(), owner).expect("3 files fit");
+        check_room(
+            &root,
+            &files[..3],
+            &none,
+            dir.path(),
+            owner,
+            &Default::default(),
+        )
+        .expect("3 files fit");
     }
 
     /// A download the room check let through (a file in place of the right size with other
@@ -1446,7 +1589,12 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"abc").unwrap();
         let entry = entry_of(b"abc");
-        assert!(same_bytes(std::fs::File::open(&path).unwrap(), &entry).unwrap());
+        assert!(same_bytes(
+            std::fs::File::open(&path).unwrap(),
+            &entry,
+            &Default::default()
+        )
+        .unwrap());
         let opened = std::fs::File::open(&path).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
@@ -1455,7 +1603,25 @@ mod tests {
             .set_len(1 << 40)
             .unwrap();
         let started = std::time::Instant::now();
-        assert!(!same_bytes(opened, &entry).unwrap());
+        assert!(!same_bytes(opened, &entry, &Default::default()).unwrap());
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+
+    /// The looks a pull makes before it writes (each file in place read and hashed, each
+    /// entry's stat) stop once the pull was given up (a dataset's timeout, a cancel): the
+    /// blocking threads they run on outlived the pull, reading terabytes as root.
+    #[test]
+    fn the_looks_before_writing_stop_with_the_pull() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let entry = entry_of(b"abc");
+        let stopped = std::sync::atomic::AtomicBool::new(true);
+        let err = same_bytes(std::fs::File::open(&path).unwrap(), &entry, &stopped).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+        let root = DirFd::open(dir.path()).unwrap();
+        let none = std::collections::BTreeMap::new();
+        let checked = check_room(&root, &[entry], &none, dir.path(), None, &stopped);
+        assert!(matches!(checked, Err(PullError::Stopped)), "{checked:?}");
     }
 }

@@ -308,6 +308,32 @@ fn ls_says_no_files_and_answers_an_unknown_job_in_one_line() {
     h.run(&["pull", "a b", "/tmp/x"]).assert_code(2);
 }
 
+/// An older agent's manifest may list a file and entries below it (`a` and `a/b`): `pull`
+/// cannot write both and refuses it, but `ls` only shows entries and lists it, as `gc` reads
+/// it: refused, the user could not even see what was stored.
+#[test]
+fn ls_lists_a_manifest_pull_cannot_write_out() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "pair", "command": ["sh", "-c", "echo a > $C3_ARTIFACTS_DIR/a"]}))
+        .assert_code(0);
+    let key = "jobs/pair/manifest.json";
+    let mut m: serde_json::Value = serde_json::from_slice(&h.object(key).unwrap()).unwrap();
+    let mut below = m["files"][0].clone();
+    below["path"] = json!("artifacts/a/b");
+    m["files"].as_array_mut().unwrap().push(below);
+    h.tamper(key, &serde_json::to_vec(&m).unwrap());
+    let ls = h.run(&["ls", "pair"]);
+    ls.assert_code(0);
+    assert!(
+        ls.stdout.contains("artifacts/a/b") && ls.stdout.contains("artifacts/a"),
+        "{}",
+        ls.stdout
+    );
+    let dest = h.path("dest");
+    let pull = h.run(&["pull", "pair", dest.to_str().unwrap()]);
+    assert_ne!(pull.code, 0, "{}", pull.stderr);
+}
+
 #[test]
 fn a_run_never_replaces_an_earlier_runs_manifest() {
     let h = Harness::file();

@@ -371,6 +371,61 @@ fn the_dirs_the_agent_makes_for_a_user_job_are_private() {
     }
 }
 
+/// Tenant B's job ran earlier in a root-owned workdir a scheduler reuses, and left its private
+/// `results/` (its checkpoint in it) and its `.c3`. Tenant A's job in the same workdir, with a
+/// dataset mounted at `results`: root replaced B's checkpoint with A's file, in B's directory,
+/// and A's agent kept its socket and result in B's `.c3` (B could swap the socket A's job
+/// talks to). B's directory is refused as the mount, B's `.c3` moved aside, B's files as
+/// they were.
+#[test]
+fn another_users_dirs_in_a_shared_workdir_are_never_written() {
+    if not_root() {
+        return;
+    }
+    use std::os::unix::fs::chown;
+    let h = open_harness();
+    h.run_job(
+        json!({"job_id": "src", "command": ["sh", "-c", "echo A > $C3_ARTIFACTS_DIR/model.pt"]}),
+    )
+    .assert_code(0);
+    let wd = h.workdir("a");
+    std::fs::create_dir_all(wd.join("results")).unwrap();
+    std::fs::create_dir_all(wd.join(".c3")).unwrap();
+    std::fs::write(wd.join("results/model.pt"), "B's\n").unwrap();
+    std::fs::write(wd.join(".c3/mine"), "B's\n").unwrap();
+    for p in ["results", "results/model.pt", ".c3", ".c3/mine"] {
+        chown(wd.join(p), Some(4242), Some(4242)).unwrap();
+    }
+    chmod(wd.join("results"), 0o700);
+    chmod(&wd, 0o755);
+    let run = h.run_job(json!({
+        "job_id": "a", "user": "nobody",
+        "datasets": [{"ref": "/jobs/src", "mount": "results"}],
+        "command": ["true"],
+    }));
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("user 4242's"), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(wd.join("results/model.pt")).unwrap(),
+        "B's\n"
+    );
+    assert_eq!(owner(&wd.join("results/model.pt")), 4242);
+    let names: Vec<String> = std::fs::read_dir(&wd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let aside = names
+        .iter()
+        .find(|n| n.starts_with(".c3-aside-"))
+        .unwrap_or_else(|| panic!("B's .c3 not moved aside: {names:?}\n{}", run.stderr));
+    assert_eq!(
+        std::fs::read_to_string(wd.join(aside).join("mine")).unwrap(),
+        "B's\n"
+    );
+    assert_eq!(owner(&wd.join(aside)), 4242);
+    assert_eq!(owner(&wd.join(".c3")), crate::common::nobody());
+}
+
 /// In a team's group-writable directory (`root:team 2775`, accepted above a workdir), another
 /// member may rename a running job's workdir: a rename needs write access to the parent only.
 /// The job goes on in its own directory (its cwd is the inode, not the path), and so must

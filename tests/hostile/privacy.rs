@@ -424,3 +424,33 @@ fn missing_parents_of_the_roots_are_made_traversable() {
         .manifest_paths("dflt")
         .contains(&"artifacts/x".to_string()));
 }
+
+/// A tenant's files are private in its 0700 workdir; pulled by root into a DEST it makes
+/// under /tmp, their 0644 modes made them every local user's to read. What root makes of DEST
+/// is its own (0700); a DEST that exists keeps its mode.
+#[test]
+fn a_pull_as_root_makes_dest_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if not_root() {
+        return;
+    }
+    let h = crate::common::open_harness();
+    h.run_job(serde_json::json!({"job_id": "priv", "user": "nobody",
+        "command": ["sh", "-c", "echo s > $C3_ARTIFACTS_DIR/s"]}))
+        .assert_code(0);
+    let dest = h.path("pulled/here");
+    h.run(&["pull", "priv", dest.to_str().unwrap()])
+        .assert_code(0);
+    assert_eq!(mode(&dest), 0o700);
+    assert_eq!(mode(&h.path("pulled")), 0o700);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("artifacts/s")).unwrap(),
+        "s\n"
+    );
+    let open = h.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.run(&["pull", "priv", open.to_str().unwrap()])
+        .assert_code(0);
+    assert_eq!(mode(&open), 0o755);
+}
