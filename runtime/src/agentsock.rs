@@ -122,12 +122,28 @@ impl AgentSocket {
         attempt: u32,
         owner: Option<(u32, u32)>,
     ) -> std::io::Result<AgentSocket> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         let dir = state.root().join("run");
-        match std::fs::create_dir(&dir) {
-            Ok(()) => std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?,
+        // Made 0711 from the start (a scheduler's umask 000 left it open to every user for a
+        // moment), and one found must be the agent's own directory, shut to others: in one
+        // they may write, another tenant's job could take a socket's predictable name.
+        match std::fs::DirBuilder::new().mode(0o711).create(&dir) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
+        }
+        let md = std::fs::symlink_metadata(&dir)?;
+        if !md.is_dir() || md.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is not a directory of the agent's own; no socket is made there",
+                    dir.display()
+                ),
+            ));
+        }
+        if md.mode() & 0o7777 != 0o711 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
         }
         let path = socket_path(state, job_id, attempt, std::process::id());
         if path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -241,7 +257,8 @@ async fn connection(
         };
         match read {
             Ok(0) | Err(_) => return,
-            Ok(_) if line.len() as u64 > MAX_LINE => {
+            // MAX_LINE bytes and the newline are a whole request.
+            Ok(_) if line.len() as u64 > MAX_LINE && line.last() != Some(&b'\n') => {
                 let _ = write
                     .write_all(&SocketReply::error("request line too long").to_line())
                     .await;
@@ -298,5 +315,25 @@ mod tests {
         assert!(path.exists());
         drop(socket);
         assert!(!path.exists());
+    }
+
+    /// The sockets' directory is shut to other users whatever the umask or an earlier
+    /// mode left, and one that is not the agent's own directory (a symlink) is not used.
+    #[tokio::test]
+    async fn the_sockets_dir_is_the_agents_and_shut() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+        drop(AgentSocket::bind(&state, "j", 1, None).unwrap());
+        let mode = std::fs::metadata(&run).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o711);
+        std::fs::remove_dir(&run).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &run).unwrap();
+        assert!(AgentSocket::bind(&state, "j", 1, None).is_err());
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 }

@@ -123,6 +123,20 @@ pub struct Scan {
     overflow_retryable: bool,
     /// The most the manifest entries of `files` take ([`entry_ceiling`] each).
     listed_bytes: u64,
+    /// Entries the walk met, of every kind ([`visit_budget`]).
+    visited: u64,
+}
+
+/// How many entries of any kind (symlinks, empty directories, FIFOs, unreadable files,
+/// which no manifest lists) one scan meets before it gives up: four times what a manifest
+/// of `room` bytes could list, and a million at least. Only the files listed were counted,
+/// and a walk over a directory the job (a process it left, another job of its user) keeps
+/// renaming entries in, which readdir then returns again at a new offset, never ended: no
+/// manifest and no terminal status, for ever.
+fn visit_budget(room: u64) -> u64 {
+    (room / c3_proto::manifest::ENTRY_FIXED_BYTES)
+        .saturating_mul(4)
+        .max(1_000_000)
 }
 
 /// The deepest and the longest path, relative to the workdir, that is collected (paths past
@@ -216,6 +230,17 @@ impl Scan {
 ///
 /// [`rel_key`]: c3_proto::manifest::rel_key
 pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u64) -> Scan {
+    scan_within(workdir, dirs, reader, room, visit_budget(room))
+}
+
+/// [`scan`], giving up after `budget` entries of any kind.
+fn scan_within(
+    workdir: &Path,
+    dirs: &[String],
+    reader: Option<&JobReader>,
+    room: u64,
+    budget: u64,
+) -> Scan {
     let mut out = Scan::default();
     let root = match DirFd::open_root(workdir) {
         Ok(d) => d,
@@ -231,13 +256,26 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u
         }
     };
     for dir in dirs {
-        if walk(&root, dir, reader, room, &mut out).is_err() {
-            out.warn(format!(
-                "more files in the output dirs than a manifest can list (store.max_manifest_bytes = {room}; {} files were found first); the rest are not uploaded",
-                out.files.len()
-            ));
-            out.all_incomplete(dirs, true);
-            return out;
+        match walk(&root, dir, reader, room, budget, &mut out) {
+            Ok(()) => {}
+            Err(Stop::Full) => {
+                out.warn(format!(
+                    "more files in the output dirs than a manifest can list (store.max_manifest_bytes = {room}; {} files were found first); the rest are not uploaded",
+                    out.files.len()
+                ));
+                out.all_incomplete(dirs, true);
+                return out;
+            }
+            // Not for good: once whatever keeps changing the tree stops, a later look
+            // (`resync`, `recover`) walks it whole.
+            Err(Stop::Endless) => {
+                out.warn(format!(
+                    "the output dirs' walk met {} entries without an end (entries renamed or made while it read?); the rest are not uploaded",
+                    out.visited
+                ));
+                out.all_incomplete(dirs, false);
+                return out;
+            }
         }
     }
     if out.incomplete_overflow > 0 {
@@ -249,8 +287,13 @@ pub fn scan(workdir: &Path, dirs: &[String], reader: Option<&JobReader>, room: u
     out
 }
 
-/// The walk stopped: the files found fill a manifest.
-struct TooMany;
+/// Why the walk stopped before its end.
+enum Stop {
+    /// The files found fill a manifest.
+    Full,
+    /// It met [`visit_budget`] entries.
+    Endless,
+}
 
 /// Depth first, reading each directory as a stream ([`TreeWalk`]): open fds and memory grow
 /// with the depth, not with the width.
@@ -259,8 +302,9 @@ fn walk(
     root_rel: &str,
     reader: Option<&JobReader>,
     room: u64,
+    budget: u64,
     out: &mut Scan,
-) -> Result<(), TooMany> {
+) -> Result<(), Stop> {
     // A key (live sync walks a directory moved in, whose name may not be UTF-8).
     let raw = c3_proto::manifest::rel_bytes(root_rel);
     let shown = display_rel(&raw);
@@ -277,6 +321,10 @@ fn walk(
         }
     };
     while let Some(item) = tree.next() {
+        out.visited += 1;
+        if out.visited > budget {
+            return Err(Stop::Endless);
+        }
         let entry = match item {
             Item::Entry(entry) => entry,
             // Removed while it was read (a checkpoint rotation's rmtree): nothing to collect,
@@ -338,7 +386,7 @@ fn walk(
             let ceiling = entry_ceiling(&child_key);
             if !out.files.contains_key(&child_key) {
                 if out.listed_bytes.saturating_add(ceiling) > room {
-                    return Err(TooMany);
+                    return Err(Stop::Full);
                 }
                 out.listed_bytes += ceiling;
             }
@@ -696,6 +744,34 @@ mod tests {
         assert_eq!((all.files.len(), all.incomplete.len()), (30, 0));
         let short = scan(w, &dirs, None, room - 1);
         assert_eq!((short.files.len(), short.incomplete.len()), (29, 2));
+    }
+
+    /// Entries no manifest lists (symlinks here) count towards the walk's end too: a tree
+    /// whose entries keep coming back (renamed while it is read) is walked to a bound, its
+    /// dirs incomplete but not for good (a later look walks it whole once it settles).
+    #[test]
+    fn a_walk_ends_after_its_budget_of_entries_of_any_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        std::fs::create_dir_all(w.join("artifacts")).unwrap();
+        for i in 0..100 {
+            std::os::unix::fs::symlink("/nowhere", w.join(format!("artifacts/l{i}"))).unwrap();
+        }
+        std::fs::write(w.join("artifacts/zz"), "z").unwrap();
+        let dirs = vec!["artifacts".to_string()];
+        let s = scan_within(w, &dirs, None, u64::MAX, 50);
+        assert_eq!(s.incomplete, dirs);
+        assert!(s.for_good.is_empty(), "{:?}", s.for_good);
+        assert!(!s.covers("artifacts/zz"));
+        assert!(
+            s.warnings.iter().any(|w| w.contains("without an end")),
+            "{:?}",
+            s.warnings
+        );
+        let whole = scan_within(w, &dirs, None, u64::MAX, 200);
+        assert!(whole.incomplete.is_empty());
+        assert_eq!(whole.files.len(), 1);
+        assert!(visit_budget(u64::MAX) > 1_000_000 && visit_budget(1 << 20) == 1_000_000);
     }
 
     /// Long paths count with their length: 200 files below a 15 KiB path are 3 MB of keys, far

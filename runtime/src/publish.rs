@@ -247,10 +247,12 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         parts.reader.cloned(),
     );
     let room = parts.manifest.max_bytes();
-    // At the agent's gentle priority, as live sync's own scans: a job calling wait_all in a
-    // loop must not get a node-wide /proc walk and a tree scan at full priority each time.
+    // At the normal priority, as the look of the job's open files a request waits on: at
+    // the idle one (live sync's own scans'), on a node whose job keeps every core busy the
+    // scan took minutes, and live sync, which serves the request inline, stalled with it.
+    // A job calling wait_all in a loop is rested by `paced`, not by starving its scans.
     let Ok(found) =
-        crate::pace::spawn_gently(move || scan(&workdir, &dirs, reader.as_ref(), room)).await
+        tokio::task::spawn_blocking(move || scan(&workdir, &dirs, reader.as_ref(), room)).await
     else {
         return SocketReply::error("the scan of the output dirs failed");
     };
@@ -451,7 +453,8 @@ async fn locate(parts: &Parts<'_>, path: &str) -> Result<LocalFile, String> {
         rel.clone(),
         parts.reader.cloned(),
     );
-    let checked = crate::pace::spawn_gently(move || -> Result<FileStamp, String> {
+    // At the normal priority, as `wait_all`'s scan (see there).
+    let checked = tokio::task::spawn_blocking(move || -> Result<FileStamp, String> {
         let why = |e: std::io::Error| match e.raw_os_error() {
             Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => {
                 format!("{r} is (or goes through) a symlink; not published")

@@ -900,9 +900,20 @@ impl Uploader {
         self
     }
 
-    /// Opens the version of the file that `before` describes (see [`open_confined`]).
-    fn open(&self, path: &Path, before: FileStamp) -> Result<File, UploadError> {
-        open_confined(self.root.as_deref(), self.reader.as_deref(), path, before)
+    /// Opens the version of the file that `before` describes (see [`open_confined`]), off
+    /// the reactor: the open walks the path a directory at a time (openat2, fstat, ACLs), and
+    /// `dense` (holes judged, [`ensure_dense`]) may take thousands of `SEEK_DATA` looks, a
+    /// round trip each on NFS, with a final sync running 8 per CPU of them at once.
+    async fn open(&self, path: &Path, before: FileStamp, dense: bool) -> Result<File, UploadError> {
+        let (root, reader, p) = (self.root.clone(), self.reader.clone(), path.to_path_buf());
+        blocking(path, move || {
+            let file = open_confined(root.as_deref(), reader.as_deref(), &p, before)?;
+            if dense {
+                ensure_dense(&file, &p, before.size)?;
+            }
+            Ok(file)
+        })
+        .await
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -944,8 +955,11 @@ impl Uploader {
     pub async fn prehash(&self, file: &LocalFile) {
         let stamp = file.stamp;
         let part_size = self.opts.min_part_size.max(1);
+        // A file over `max_file_bytes` is never uploaded: reading it ahead would read (a
+        // job's sparse 80 GB file, again under each new inode) for nothing.
         if self.store.is_local()
             || stamp.size <= self.opts.multipart_threshold
+            || stamp.size > self.opts.max_file_bytes
             || part_size_for(stamp.size, self.opts.min_part_size) != part_size
         {
             return;
@@ -971,25 +985,26 @@ impl Uploader {
         if target <= state.hashed() {
             return;
         }
-        let Ok(opened) = self.open(&file.abs, stamp) else {
-            return;
-        };
-        // Up to the first hole only: a hole in a file still being written is most often a
-        // stretch a parallel writer has yet to fill (its zeros would be hashed for nothing),
-        // and holes read here would be read for no upload, with nothing to count them
-        // against: a file deleted or filled before its upload stores none. The upload reads
-        // (and counts) what holes the file still has.
-        let target =
-            target.min(first_hole(&opened, state.hashed(), stamp.size) / part_size * part_size);
-        if target <= state.hashed() {
-            return;
-        }
         let path = file.abs.clone();
         let shown = path.clone();
+        let (root, reader) = (self.root.clone(), self.reader.clone());
         // Its buffer is held from the budget, as pass 1's is.
         let hashing = self.budget.acquire(HASH_BUF as u64).await;
+        // The open too is off the reactor: it walks the path a directory at a time, and the
+        // hole's look may be a round trip each on a network file system.
         let done = blocking(&path, move || {
             let _hashing = hashing;
+            let opened = open_confined(root.as_deref(), reader.as_deref(), &shown, stamp)?;
+            // Up to the first hole only: a hole in a file still being written is most often
+            // a stretch a parallel writer has yet to fill (its zeros would be hashed for
+            // nothing), and holes read here would be read for no upload, with nothing to
+            // count them against: a file deleted or filled before its upload stores none.
+            // The upload reads (and counts) what holes the file still has.
+            let target =
+                target.min(first_hole(&opened, state.hashed(), stamp.size) / part_size * part_size);
+            if target <= state.hashed() {
+                return Ok(None);
+            }
             let mut buf = vec![0u8; HASH_BUF];
             while state.hashed() < target {
                 let at = state.hashed();
@@ -1008,10 +1023,10 @@ impl Uploader {
             if !state.whole_parts() {
                 return Err(UploadError::Changed { path: shown });
             }
-            Ok(state)
+            Ok(Some(state))
         })
         .await;
-        if let Ok(state) = done {
+        if let Ok(Some(state)) = done {
             let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
             let (size, at) = (stamp.size, std::time::Instant::now());
             map.insert(key, Ahead { state, size, at });
@@ -1806,6 +1821,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored.as_ref(), &data[..], "the blob hashes to its key");
+    }
+
+    /// A file over `max_file_bytes` is never uploaded, so it is never read ahead either (a
+    /// job's sparse file, recreated under new inodes, was read whole each time).
+    #[tokio::test]
+    async fn a_file_over_the_size_limit_is_not_hashed_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = UploadOptions {
+            max_file_bytes: 2 * MIB,
+            ..small_parts()
+        };
+        let up = Uploader::new(BlobStore::in_memory(), opts, "j", None);
+        let (file, _) = file_of(dir.path(), "big", 5 * MIB as usize / 2, 7);
+        up.prehash(&file).await;
+        assert!(up.prehashed.lock().unwrap().is_empty());
+        let (file, _) = file_of(dir.path(), "fits", 2 * MIB as usize, 7);
+        up.prehash(&file).await;
+        assert_eq!(up.prehashed.lock().unwrap().len(), 1);
     }
 
     /// Files hashed ahead then deleted (checkpoints rotated away) are never taken by an

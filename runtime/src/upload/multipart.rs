@@ -359,8 +359,7 @@ impl Uploader {
     ) -> Result<(Digests, bool), UploadError> {
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let p = path.to_path_buf();
-        let mut file = self.open(path, before)?;
-        super::ensure_dense(&file, path, before.size)?;
+        let mut file = self.open(path, before, true).await?;
         // What was hashed while the job wrote it: only the tail is left to read.
         let ahead = self
             .take_prehashed(before)
@@ -601,7 +600,7 @@ impl Uploader {
         if tags.is_empty() {
             return Ok(());
         }
-        let file = self.open(path, before)?;
+        let file = self.open(path, before, false).await?;
         let (p, tags) = (path.to_path_buf(), tags.to_vec());
         blocking(path, move || {
             let mut scratch = vec![0u8; PIECE];
@@ -632,7 +631,7 @@ impl Uploader {
         journal: &mut MultipartJournal,
     ) -> Result<u64, UploadError> {
         let (sha, part_size) = (journal.record.sha256.clone(), journal.record.part_size);
-        let file = Arc::new(self.open(path, before)?);
+        let file = Arc::new(self.open(path, before, false).await?);
         let size = before.size;
         let mut in_flight: JoinSet<PartResult> = JoinSet::new();
         let mut bytes_sent = 0u64;

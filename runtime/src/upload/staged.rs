@@ -29,8 +29,7 @@ impl Uploader {
             std::process::id()
         );
         let part_size = part_size_for(before.size, self.opts.min_part_size);
-        let opened = self.open(path, before)?;
-        super::ensure_dense(&opened, path, before.size)?;
+        let opened = self.open(path, before, true).await?;
         let file = opened.take(before.size + 1);
         if crate::fault::fail_once("staged-eio") {
             return Err(store_err(StoreError::Op {
