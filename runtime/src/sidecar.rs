@@ -277,6 +277,7 @@ async fn watch_attempt(
             (leader, gone) = (None, Some(now.pid));
         }
     }
+    let recorded = recorded.cloned();
     let span = tracing::info_span!("job", job_id = %plan.job_id, attempt = plan.attempt);
     async move {
         let started = std::time::Instant::now();
@@ -307,7 +308,9 @@ async fn watch_attempt(
             ));
         }
         record.watched_dirs = Some(names.clone());
-        record.watched_leader = leader.clone();
+        // The identity an earlier agent watched stays when its pid is another process's now
+        // (`gone`): saved as none, the next restart took that process for the job's leader.
+        record.watched_leader = leader.clone().or(recorded);
         record.job_user = job_user;
         record.workdir_pin = Some(parent_pin);
         if let Some(earlier) = &earlier {
@@ -324,6 +327,9 @@ async fn watch_attempt(
                 .seq
                 .saturating_add(crate::job::SEQ_GAP_AFTER_ITS_AGENT);
             record.facts = earlier.facts.clone();
+            // What it registered already: counted again from the attempt's added blobs, the
+            // quota was charged twice.
+            record.synced = earlier.synced.clone();
             if earlier.run_id.is_some() {
                 record.run_id.clone_from(&earlier.run_id);
             }

@@ -1850,3 +1850,42 @@ fn the_unit_check_is_none_of_the_jobs_processes() {
         run.stderr
     );
 }
+
+/// A sidecar killed right after it kept its artifacts registration (the record says what it
+/// registered: `synced`), restarted: the restart took the attempt over from a fresh record
+/// that had registered nothing, and registered the attempt's bytes again (the quota charged
+/// twice). It goes on from what the earlier one registered.
+#[test]
+fn a_sidecar_restarted_after_its_registration_does_not_count_its_bytes_twice() {
+    let mut h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done").display().to_string();
+    let out = shared.join("out");
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(out.join("data"), &data).unwrap();
+    std::fs::write(&done, "0\n").unwrap();
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "crash-after-registration-kept".into(),
+    ));
+    let first = h.wait(
+        "first watch".into(),
+        watch(&h, "sidereg", &["--done-file", &done], &[&out]),
+    );
+    assert_ne!(first.code, 0, "the agent was meant to crash");
+    h.env.clear();
+    h.wait(
+        "watch again".into(),
+        watch(&h, "sidereg", &["--done-file", &done], &[&out]),
+    )
+    .assert_code(0);
+    let registrations = h.cp().delivered("/artifacts");
+    let registered: u64 = registrations
+        .iter()
+        .map(|b| b["new_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(registered >= 4096, "{registrations:?}");
+    assert!(registered < 2 * 4096, "counted twice: {registrations:?}");
+    assert_eq!(states(&h).last().map(String::as_str), Some("SUCCEEDED"));
+}
