@@ -295,8 +295,14 @@ async fn watch_attempt(
         };
         // A sidecar taking an attempt over honours any done file (written while none watched),
         // as does one whose job ended before it began.
+        let remember = ctx
+            .state
+            .attempt_dir(&plan.job_id, plan.attempt)
+            .join("done-before");
         if attempt_known || gone.is_some() {
-            done_reader.honour_any();
+            done_reader.resume(&remember);
+        } else {
+            done_reader.remembering(&remember);
         }
         let mut record = fresh_record(ctx, spec);
         if let Some(seq) = set_aside {
@@ -829,6 +835,10 @@ struct DoneReader {
     /// Which done file is an earlier attempt's.
     before: Before,
     warned_stale: bool,
+    /// Where the first look's verdict on an earlier attempt's done file is kept for a
+    /// sidecar restarted over this attempt (`<attempt>/done-before`): kept in memory alone,
+    /// a restart honoured that file, and a trainer still running was reported SUCCEEDED.
+    remember: Option<PathBuf>,
 }
 
 /// A done file there before the watch began (a workdir a retry shares, a Slurm submit dir) is
@@ -930,12 +940,27 @@ impl DoneReader {
                 failed: false,
             },
             warned_stale: false,
+            remember: None,
         }
     }
 
-    /// A sidecar taking an attempt over: the done file is this attempt's, whenever written.
-    fn honour_any(&mut self) {
-        self.before = Before::Nothing;
+    /// A sidecar taking an attempt over: the done file is this attempt's, whenever written,
+    /// unless the attempt's first watch found an earlier attempt's there (`remember`), which
+    /// stays ignored until it is written again.
+    fn resume(&mut self, remember: &Path) {
+        self.before = std::fs::read_to_string(remember)
+            .ok()
+            .and_then(|kept| parse_kept_stamp(&kept))
+            .map_or(Before::Nothing, |stamp| Before::Found {
+                stamp,
+                fresh: false,
+            });
+        self.remember = Some(remember.to_path_buf());
+    }
+
+    /// Keeps where the first look's verdict goes ([`DoneReader::remember`]).
+    fn remembering(&mut self, remember: &Path) {
+        self.remember = Some(remember.to_path_buf());
     }
 
     /// Waits up to [`POLL`] for the read under way (or a new one).
@@ -973,11 +998,15 @@ impl DoneReader {
             let quick = took <= FRESH_MARGIN_NS || failed;
             match &read {
                 Ok(Some((_, stamp))) => {
+                    let fresh = quick
+                        && (begun_ns - FRESH_MARGIN_NS..=until_ns + FRESH_MARGIN_NS)
+                            .contains(&stamp.ctime_ns);
                     self.before = Before::Found {
                         stamp: *stamp,
-                        fresh: quick
-                            && (begun_ns - FRESH_MARGIN_NS..=until_ns + FRESH_MARGIN_NS)
-                                .contains(&stamp.ctime_ns),
+                        fresh,
+                    };
+                    if let (false, Some(remember)) = (fresh, self.remember.clone()) {
+                        keep_stamp(remember, *stamp).await;
                     }
                 }
                 Ok(None) | Err(DoneError::Absent) => self.before = Before::Nothing,
@@ -1019,6 +1048,36 @@ impl DoneReader {
                 Look::Pending | Look::Absent => return None,
             }
         }
+    }
+}
+
+/// `size mtime_ns ctime_ns` of an earlier attempt's done file, as [`keep_stamp`] writes it.
+fn parse_kept_stamp(kept: &str) -> Option<DoneStamp> {
+    let mut fields = kept.split_whitespace();
+    let size = fields.next()?.parse().ok()?;
+    let mtime_ns = fields.next()?.parse().ok()?;
+    let ctime_ns = fields.next()?.parse().ok()?;
+    Some(DoneStamp {
+        size,
+        mtime_ns,
+        ctime_ns,
+        ino: 0,
+        dev: 0,
+        mode: 0,
+    })
+}
+
+/// Keeps an earlier attempt's done file's stamp at `remember` (off the reactor; a failure
+/// is said, and a restart then honours that file as before).
+async fn keep_stamp(remember: PathBuf, stamp: DoneStamp) {
+    let line = format!("{} {} {}\n", stamp.size, stamp.mtime_ns, stamp.ctime_ns);
+    let shown = remember.clone();
+    let kept = tokio::task::spawn_blocking(move || {
+        crate::statedir::write_atomic(&remember, line.as_bytes())
+    })
+    .await;
+    if let Ok(Err(e)) = kept {
+        tracing::warn!(path = %shown.display(), error = %crate::error_chain(&e), "cannot keep which done file is an earlier attempt's; a restarted sidecar would take it for this one's");
     }
 }
 
@@ -1219,10 +1278,35 @@ mod tests {
         std::fs::write(&quick, "0\n").unwrap();
         let mut reader = DoneReader::start(Some(&quick), std::time::SystemTime::now());
         assert_eq!(answered(&mut reader, &quick).await, Some(DoneFile::Exit(0)));
-        // A sidecar taking an attempt over honours whatever is there.
+        // A sidecar taking an attempt over honours whatever is there, unless its first watch
+        // kept an earlier attempt's file.
         let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() - hour);
-        reader.honour_any();
+        reader.resume(&dir.path().join("nothing-kept"));
         assert_eq!(answered(&mut reader, &done).await, Some(DoneFile::Exit(3)));
+    }
+
+    /// The first watch's word that the done file there is an earlier attempt's is kept for a
+    /// sidecar restarted over the attempt: held in memory alone, the restart honoured that
+    /// file at once, and a trainer still running was reported SUCCEEDED.
+    #[tokio::test]
+    async fn a_restart_keeps_the_first_watchs_word_on_an_earlier_done_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let (done, remember) = (dir.path().join("done"), dir.path().join("done-before"));
+        std::fs::write(&done, "0\n").unwrap();
+        let mut first = DoneReader::start(Some(&done), std::time::SystemTime::now() - hour);
+        first.remembering(&remember);
+        assert_eq!(answered(&mut first, &done).await, None);
+        assert!(remember.is_file(), "the verdict was not kept");
+        let mut again = DoneReader::start(Some(&done), std::time::SystemTime::now());
+        again.resume(&remember);
+        assert_eq!(
+            answered(&mut again, &done).await,
+            None,
+            "the restart took it"
+        );
+        rewrite(&done, "1\n");
+        assert_eq!(answered(&mut again, &done).await, Some(DoneFile::Exit(1)));
     }
 
     /// A first look that failed (here a symlink on the way, renamed away after) was taken for
