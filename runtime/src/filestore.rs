@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Staging directories the temp files are spread over.
-const SHARDS: u64 = 64;
+pub(crate) const SHARDS: u64 = 64;
 
 /// Group commit of the blobs directory: one fsync covers every link made before it began.
 #[derive(Debug, Default)]

@@ -379,7 +379,18 @@ fn set_aside_and_delete(dir: &DirFd, sha: &str, cutoff: SystemTime) -> std::io::
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Deleted::Gone),
         Err(e) => return Err(e),
     }
-    let st = dir.stat(OsStr::new(&aside))?;
+    // From here, any failure puts the blob back first: left aside (a stat's EIO or ESTALE,
+    // a failed link), a blob a job's manifest may name was missing from its key until some
+    // later gc put it back, and `pull` and datasets failed meanwhile.
+    let st = match dir.stat(OsStr::new(&aside)) {
+        Ok(st) => st,
+        Err(e) => {
+            if let Err(back) = put_back(dir, OsStr::new(&aside), OsStr::new(sha)) {
+                tracing::error!(blob = sha, error = %back, "a blob gc set aside could not be put back; the next gc puts it back");
+            }
+            return Err(e);
+        }
+    };
     if modified(&st) >= cutoff {
         put_back(dir, OsStr::new(&aside), OsStr::new(sha))?;
         return Ok(Deleted::Young);
@@ -403,6 +414,9 @@ fn modified(st: &FileStat) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
 }
 
+/// How long a blob another node's gc set aside is left to it before this gc puts it back.
+const FOREIGN_ASIDE_SETTLED: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
 /// and this run decides again. One set aside by a gc still running (the timer's and an
 /// operator's at once) is that gc's to finish.
@@ -422,6 +436,19 @@ fn put_back_left_aside(dir: &DirFd, tick: &dyn Fn()) {
             continue;
         };
         if crate::procfs::tag_alive(owner) {
+            continue;
+        }
+        // Another node's tag (a store shared by many nodes' gc) says nothing of whether its
+        // gc still runs: one set aside within the hour may be in flight there (it checks,
+        // then deletes or puts back, in seconds), and taken back from under it, that gc
+        // failed on its own blob. Older, its gc is gone.
+        let in_flight_elsewhere = !crate::procfs::tag_of_this_boot(owner)
+            && entry.stat.as_ref().is_ok_and(|st| {
+                let changed = crate::display::file_time_ns(st.st_ctime, st.st_ctime_nsec);
+                crate::display::epoch_ns(SystemTime::now()).saturating_sub(changed)
+                    < FOREIGN_ASIDE_SETTLED.as_nanos() as i64
+            });
+        if in_flight_elsewhere {
             continue;
         }
         if entry.stat.is_ok_and(|st| is_regular(&st)) {
@@ -999,6 +1026,13 @@ mod tests {
         // ... and an interrupted gc's leftover is put back (same bytes) on the next run.
         put_back_left_aside(&dir_fd, &|| {});
         assert!(!aside.exists() && f.exists(&sha));
+        // One another node's gc set aside a moment ago (its tag names another boot) may be
+        // in flight there: left to it.
+        let elsewhere = dir.join(format!("{ASIDE}{sha}.7.7.0badb007"));
+        std::fs::hard_link(f.blob_path(&sha), &elsewhere).unwrap();
+        put_back_left_aside(&dir_fd, &|| {});
+        assert!(elsewhere.exists(), "taken from another node's gc in flight");
+        std::fs::remove_file(&elsewhere).unwrap();
 
         // The job touched it first: gc's last look, after the move, sees it young.
         f.age(&sha, 10 * DAY);
@@ -1321,11 +1355,14 @@ mod tests {
         let staging = f.root.join("staging");
         let _ = std::fs::remove_dir_all(&staging);
         std::os::unix::fs::symlink(elsewhere.path(), &staging).unwrap();
-        let report = collect_garbage(&f.store, Duration::ZERO, false)
-            .await
-            .unwrap();
-        assert_eq!(report.staging_deleted, 0);
+        // As root the store is refused outright (`vet_file_root`); otherwise the sweep does
+        // not follow it.
+        match collect_garbage(&f.store, Duration::ZERO, false).await {
+            Ok(report) => assert_eq!(report.staging_deleted, 0),
+            Err(e) => assert!(matches!(e, GcError::UnsafeRoot { .. }), "{e}"),
+        }
         assert!(keep.exists(), "followed the symlink at staging/");
+        std::fs::remove_file(&staging).unwrap();
 
         // blobs/sha256 too: the directory it leads to is no store's, and nothing in it goes.
         let sha = crate::digest::sha256_hex(b"root:x:0:0");
@@ -1337,7 +1374,10 @@ mod tests {
         let e = collect_garbage(&f.store, Duration::ZERO, false)
             .await
             .unwrap_err();
-        assert!(matches!(e, GcError::Blobs { .. }), "{e}");
+        assert!(
+            matches!(e, GcError::Blobs { .. } | GcError::UnsafeRoot { .. }),
+            "{e}"
+        );
         assert!(named_like_a_blob.exists(), "followed blobs/sha256");
     }
 
@@ -1370,6 +1410,25 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, GcError::UnsafeRoot { .. }), "{e}");
         std::os::unix::fs::chown(&f.root, Some(0), None).unwrap();
+        // The top root's, a directory root writes below it a user's (a store a non-root
+        // agent made first, only its top chowned), or a symlink: refused too.
+        std::fs::create_dir_all(f.root.join("staging/.small-07")).unwrap();
+        for rel in ["staging", "staging/.small-07", "blobs/sha256"] {
+            std::os::unix::fs::chown(f.root.join(rel), Some(1000), None).unwrap();
+            let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+                .await
+                .unwrap_err();
+            std::os::unix::fs::chown(f.root.join(rel), Some(0), None).unwrap();
+            assert!(e.to_string().contains(rel), "{e}");
+        }
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::remove_dir(f.root.join("staging/.small-07")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), f.root.join("staging/.small-07")).unwrap();
+        let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        std::fs::remove_file(f.root.join("staging/.small-07")).unwrap();
         let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
             .await
             .unwrap();

@@ -43,6 +43,14 @@ fn boot_tag() -> String {
         .collect()
 }
 
+/// Whether a [`self_tag`] was made on this boot of this node (one that holds no boot counts
+/// as this one's, as [`tag_alive`] judges it by pid and start).
+pub fn tag_of_this_boot(tag: &str) -> bool {
+    tag.splitn(3, '.')
+        .nth(2)
+        .is_none_or(|boot| boot == boot_tag())
+}
+
 /// Whether the process a [`self_tag`] names still runs (a tag of an earlier boot never does;
 /// one written before tags held the boot is judged by pid and start).
 pub fn tag_alive(tag: &str) -> bool {

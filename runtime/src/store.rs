@@ -611,7 +611,61 @@ fn s3_credentials_with(
 pub(crate) fn vet_file_root(dir: &crate::confine::DirFd) -> Result<Option<u32>, String> {
     let squashed = root_becomes(dir)?.filter(|&uid| uid != 0);
     crate::gc::alone_above(dir, squashed)?;
+    vet_store_dirs(dir, squashed)?;
     Ok(squashed)
+}
+
+/// The directories root writes below a file store's root by path (`blobs`, `blobs/sha256`,
+/// `staging` and its shards, `jobs`) that exist already must be root's alone too, and no
+/// symlink: a store first run by a non-root agent was made by its user, and the operator's
+/// `chown`/`chmod` of the top alone left that user `staging/`, where a symlink for a shard
+/// made root write elsewhere, and a temp file swapped before its link put the user's own
+/// inode (its bytes, still theirs to rewrite) at a blob's key. Missing ones root makes.
+fn vet_store_dirs(dir: &crate::confine::DirFd, squashed: Option<u32>) -> Result<(), String> {
+    use nix::fcntl::{openat, OFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let vet = |rel: &str| -> Result<(), String> {
+        let fd = match openat(dir, rel, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(nix::errno::Errno::ELOOP) => {
+                return Err(format!("{rel}/ in the store is a symlink"))
+            }
+            // A plain file there is a broken store, not an unsafe one: its writes fail (the
+            // node's error), as they did.
+            Err(nix::errno::Errno::ENOTDIR) => {
+                let link =
+                    nix::sys::stat::fstatat(dir, rel, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                return if link {
+                    Err(format!("{rel}/ in the store is a symlink"))
+                } else {
+                    Ok(())
+                };
+            }
+            Err(e) => return Err(format!("{rel}/ in the store: {e}")),
+        };
+        let mut st = nix::sys::stat::fstat(&fd).map_err(|e| e.to_string())?;
+        if st.st_uid == 0 || Some(st.st_uid) == squashed {
+            st.st_uid = 0;
+        }
+        if !crate::statedir::root_alone(&fd, &st)? {
+            return Err(format!(
+                "{rel}/ in the store is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone",
+                st.st_uid,
+                st.st_gid,
+                st.st_mode & 0o7777
+            ));
+        }
+        Ok(())
+    };
+    for rel in ["blobs", "blobs/sha256", "staging", "jobs"] {
+        vet(rel)?;
+    }
+    for shard in 0..crate::filestore::SHARDS {
+        vet(&format!("staging/.small-{shard:02}"))?;
+    }
+    Ok(())
 }
 
 /// Whom a file root makes in `dir` belongs to, from one made there (unnamed where the file
