@@ -208,15 +208,20 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
         Stored::InProgress => false,
         Stored::Absent | Stored::Unknown => return None,
     };
+    Some(ran_already(job_id, attempt, complete))
+}
+
+/// Why a new run of an attempt whose manifest (complete or not) is in the store is refused.
+pub fn ran_already(job_id: &str, attempt: u32, complete: bool) -> String {
     let (id, n) = (job_id, attempt);
-    Some(if complete {
+    if complete {
         let next = n
             .checked_add(1)
             .map_or(String::new(), |next| format!("`--attempt {next}`, or "));
         format!("job {id} attempt {n} already ran (its manifest is in the store): a new run needs a new attempt ({next}the spec's `attempt`) or job id")
     } else {
         format!("job {id} attempt {n} has an unfinished run (its manifest is in progress): `c3-agent recover` on its node finishes it; a new run needs a new attempt or job id")
-    })
+    }
 }
 
 /// What the store says of the attempt's manifest.

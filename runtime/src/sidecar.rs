@@ -243,13 +243,29 @@ async fn watch_attempt(
     // that run's files.
     let mut unclaimed = false;
     if !attempt_known {
+        // Unlike `run`, whose preflight then judges the store, a watch has none: a store that
+        // did not answer in time, or a manifest there this agent cannot take in (a newer
+        // agent's, another job's), read as "never ran", and the watch's seal replaced a
+        // complete manifest (another node's sidecar of the attempt): left for a later start.
         let asked = tokio::select! {
-            ran = crate::job::already_ran(ctx, &plan.job_id, plan.attempt) => Some(ran),
+            stored = crate::job::stored_manifest(ctx, &plan.job_id, plan.attempt) => Some(stored),
             () = cancel.cancelled() => None,
         };
         match asked {
-            Some(Some(problem)) => return Err(WatchError::Usage(problem)),
-            Some(None) => {}
+            Some(crate::job::Stored::Absent) => {}
+            Some(crate::job::Stored::Unknown) => {
+                return Err(WatchError::Left(format!(
+                    "job {} attempt {}: the store did not say whether the attempt ran (no answer within preflight_timeout_secs, or a manifest this agent cannot take in); nothing was watched (try again)",
+                    plan.job_id, plan.attempt
+                )))
+            }
+            Some(stored @ (crate::job::Stored::Complete | crate::job::Stored::InProgress)) => {
+                return Err(WatchError::Usage(crate::job::ran_already(
+                    &plan.job_id,
+                    plan.attempt,
+                    stored == crate::job::Stored::Complete,
+                )));
+            }
             None => unclaimed = true,
         }
     }

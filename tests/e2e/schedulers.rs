@@ -1889,3 +1889,38 @@ fn a_sidecar_restarted_after_its_registration_does_not_count_its_bytes_twice() {
     assert!(registered < 2 * 4096, "counted twice: {registrations:?}");
     assert_eq!(states(&h).last().map(String::as_str), Some("SUCCEEDED"));
 }
+
+/// A first watch of an attempt whose key holds a manifest this agent cannot take in (a newer
+/// agent's, here version 2, written by another node's sidecar of the attempt): taken for
+/// "never ran", the watch sealed its own over it. A watch has no preflight to judge the
+/// store: it is left for a later start, exit 6, the manifest as it was.
+#[test]
+fn a_first_watch_over_a_manifest_it_cannot_take_in_is_left_for_later() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "model", "command": ["sh", "-c", "echo m > $C3_ARTIFACTS_DIR/m"]}))
+        .assert_code(0);
+    let mut newer: serde_json::Value =
+        serde_json::from_slice(&h.object("jobs/model/attempts/1/manifest.json").unwrap()).unwrap();
+    newer["job_id"] = json!("sidenew");
+    newer["version"] = json!(2);
+    let newer = serde_json::to_vec(&newer).unwrap();
+    let key = "jobs/sidenew/attempts/1/manifest.json";
+    std::fs::create_dir_all(h.object_path(key).parent().unwrap()).unwrap();
+    h.tamper(key, &newer);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    std::fs::write(shared.join("out/f"), "mine").unwrap();
+    let done = shared.join("done").display().to_string();
+    let run = h.wait(
+        "watch".into(),
+        watch(
+            &h,
+            "sidenew",
+            &["--done-file", &done],
+            &[&shared.join("out")],
+        ),
+    );
+    run.assert_code(6);
+    assert!(run.stderr.contains("did not say whether"), "{}", run.stderr);
+    assert_eq!(h.object(key).unwrap(), newer);
+}
