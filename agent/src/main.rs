@@ -972,7 +972,7 @@ async fn recover(env: &Env, budget_secs: Option<u64>) -> ExitCode {
         tracing::info!("nothing to recover");
     }
     // `recover` runs at boot and from timers: the natural moment to let old jobs go.
-    ops::sweep_retention(&ctx, env.config.retention).await;
+    ops::sweep_retention(&ctx, env.config.retention, &halt).await;
     code
 }
 

@@ -2,7 +2,11 @@
 //! the file store's unreferenced blobs), and the retention sweep `recover` ends with.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
 
 use c3_runtime::gc::GcError;
 use c3_runtime::job::AgentContext;
@@ -10,17 +14,32 @@ use c3_runtime::retention::{Retention, RetentionReport};
 
 use crate::out;
 
-/// Deletes finished jobs' local data past `policy`, off the reactor; logs what it did.
-pub async fn sweep_retention(ctx: &AgentContext, policy: Retention) -> RetentionReport {
+/// Deletes finished jobs' local data past `policy`, off the reactor; logs what it did. Stops
+/// at its next safe point once `halt` is cancelled (`recover --budget-secs`, a SIGTERM).
+pub async fn sweep_retention(
+    ctx: &AgentContext,
+    policy: Retention,
+    halt: &CancellationToken,
+) -> RetentionReport {
     let state = ctx.state.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let watching = {
+        let halt = halt.clone();
+        tokio::spawn(async move {
+            halt.cancelled().await;
+            flag.store(true, Ordering::Relaxed);
+        })
+    };
     let report = tokio::task::spawn_blocking(move || {
-        c3_runtime::retention::sweep(&state, &policy, SystemTime::now())
+        c3_runtime::retention::sweep_until(&state, &policy, SystemTime::now(), &stop)
     })
     .await
     .unwrap_or_else(|e| RetentionReport {
         errors: vec![format!("retention sweep failed: {e}")],
         ..RetentionReport::default()
     });
+    watching.abort();
     for (job, why) in &report.kept {
         tracing::debug!(job_id = %job, why = %why, "kept by retention");
     }
@@ -52,7 +71,8 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
                 "removed the watch scratch dirs of agents that were killed"
             );
         }
-        Some(sweep_retention(ctx, policy).await)
+        // A SIGTERM ends `gc` at once, as it always did: it installs no handler to stop at.
+        Some(sweep_retention(ctx, policy, &CancellationToken::new()).await)
     };
     let blobs = if ctx.store.is_local() {
         Some(

@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use c3_proto::{JobState, Phase, RunRecord};
@@ -132,6 +133,17 @@ impl Attempt {
 
 /// Removes the local data of every finished job past its retention period.
 pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> RetentionReport {
+    sweep_until(state, policy, now, &AtomicBool::new(false))
+}
+
+/// [`sweep`], stopped at the next job, or within a job's removal (the job then put back,
+/// kept, for the next sweep), once `stop` is set: `recover --budget-secs`, a SIGTERM.
+pub fn sweep_until(
+    state: &StateDir,
+    policy: &Retention,
+    now: SystemTime,
+    stop: &AtomicBool,
+) -> RetentionReport {
     let mut report = RetentionReport::default();
     if !state.root().is_dir() {
         return report;
@@ -151,7 +163,7 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
     };
     let jobs_dir = state.jobs_dir();
     let trash = jobs_dir.join(TRASH);
-    empty_trash(state, &trash, &mut report);
+    empty_trash(state, &trash, &mut report, stop);
 
     let Ok(entries) = std::fs::read_dir(&jobs_dir) else {
         return report;
@@ -183,6 +195,12 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
         .collect();
 
     for job in &jobs {
+        if stop.load(Ordering::Relaxed) {
+            report
+                .errors
+                .push("stopped before every job was looked at (a stop, or the time budget)".into());
+            break;
+        }
         if let Err(why) = due(state, policy, now, job) {
             report.kept.push((job.id.clone(), why));
             continue;
@@ -199,7 +217,7 @@ pub fn sweep(state: &StateDir, policy: &Retention, now: SystemTime) -> Retention
             ));
             continue;
         }
-        match remove_job(state, policy, now, job, &trash, &mut report) {
+        match remove_job(state, policy, now, job, &trash, &mut report, stop) {
             Ok(()) => {}
             Err(Left::Kept(why)) => report.kept.push((job.id.clone(), why)),
             Err(Left::Gone) => {
@@ -440,6 +458,7 @@ fn remove_job(
     job: &Job,
     trash: &Path,
     report: &mut RetentionReport,
+    stop: &AtomicBool,
 ) -> Result<(), Left> {
     let mut locks = Vec::new();
     for (n, _) in &job.attempts {
@@ -522,7 +541,7 @@ fn remove_job(
         Err(Left::Gone) => return Err(Left::Gone),
     }
 
-    let (bytes, removed) = remove_doomed(&doomed, &who);
+    let (bytes, removed) = remove_doomed(&doomed, &who, stop);
     report.bytes_freed += bytes;
     if let Err(left) = removed {
         // What the job's user could not have removed, a mount, a failure: the job stays
@@ -745,7 +764,11 @@ impl Leftover {
 /// (`attempts`, `job.json`) only once all that is gone, then the dir. A job that keeps
 /// something (put back) is still a job, and a sweep cut short leaves the records of what it
 /// did not finish, and with them whose removals those are. Returns the bytes removed.
-fn remove_doomed(doomed: &Path, who: &rmtree::Who) -> (u64, Result<(), Leftover>) {
+fn remove_doomed(
+    doomed: &Path,
+    who: &rmtree::Who,
+    stop: &AtomicBool,
+) -> (u64, Result<(), Leftover>) {
     use std::ffi::OsStr;
     let top = match crate::confine::DirFd::open(doomed) {
         Ok(top) => top,
@@ -756,7 +779,7 @@ fn remove_doomed(doomed: &Path, who: &rmtree::Who) -> (u64, Result<(), Leftover>
     };
     let mut bytes = 0;
     for except in [&[OsStr::new("attempts"), OsStr::new("job.json")][..], &[]] {
-        let removal = rmtree::remove_entries(&top, except, who);
+        let removal = rmtree::remove_entries_until(&top, except, who, stop);
         bytes += removal.bytes;
         if removal.left > 0 {
             let first = removal.first_left.map(|(rel, why)| (rel, why.to_string()));
@@ -797,7 +820,7 @@ fn ensure_trash(trash: &Path) -> io::Result<()> {
 /// sweep would have (whose removals: from the records still in it, else the owners of its
 /// top-level directories). An entry with a file system mounted in it stays, with a warning,
 /// until it is unmounted.
-fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
+fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport, stop: &AtomicBool) {
     let Ok(entries) = std::fs::read_dir(trash) else {
         return;
     };
@@ -869,7 +892,7 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport) {
         } else {
             deputy(users)
         };
-        let (bytes, removed) = remove_doomed(&path, &who);
+        let (bytes, removed) = remove_doomed(&path, &who, stop);
         report.bytes_freed += bytes;
         if let Err(left) = removed {
             let why = format!("cannot remove {}: {}", path.display(), left.describe(&path));
@@ -1285,6 +1308,38 @@ mod tests {
 
     const OUTBOX_LOCK_NAME: &str = crate::report::OUTBOX_LOCK;
 
+    /// A sweep stopped (`recover --budget-secs`, a SIGTERM) ends at its next safe point: no
+    /// job after the stop is looked at, and a removal under way (here a tree of 3,000
+    /// entries, met after the stop) gives up and puts its job back, kept for the next sweep.
+    #[test]
+    fn a_stopped_sweep_ends_at_its_next_safe_point() {
+        let f = Fixture::new();
+        f.job("big", 1, JobState::Succeeded, 100 * DAY, None);
+        let work = f.state.default_workdir("big");
+        for i in 0..3000 {
+            std::fs::write(work.join(format!("f{i}")), "x").unwrap();
+        }
+        let stopped = AtomicBool::new(true);
+        let report = sweep_until(&f.state, &Retention::default(), SystemTime::now(), &stopped);
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        assert!(f.state.job_dir("big").exists());
+        let trash = f.state.jobs_dir().join(TRASH);
+        let mut report = RetentionReport::default();
+        let job = read_job(&f.state, "big").unwrap().unwrap();
+        let left = remove_job(
+            &f.state,
+            &Retention::default(),
+            SystemTime::now(),
+            &job,
+            &trash,
+            &mut report,
+            &stopped,
+        );
+        assert!(matches!(left, Err(Left::Kept(_))), "{report:?}");
+        assert!(f.state.run_record_path("big", 1).is_file(), "not put back");
+        assert_eq!(f.sweep().removed_jobs, ["big"]);
+    }
+
     /// One sweep at a time: a second one (`gc` beside housekeeping's `recover`) starting
     /// while another runs emptied the trash, the first one's entry in flight with it.
     #[test]
@@ -1532,6 +1587,7 @@ mod tests {
             &job,
             &trash,
             &mut report,
+            &AtomicBool::new(false),
         );
         assert!(matches!(left, Err(Left::Gone)), "{report:?}");
         assert!(!f.state.job_dir("gone").exists());

@@ -40,6 +40,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::dir::{Dir, OwningIter};
 use nix::errno::Errno;
@@ -258,11 +259,26 @@ impl Level {
 /// may write `top` (the agent's job dir in retention's trash): the directories met too deep
 /// are moved up into it, and found again there by their names alone.
 pub fn remove_entries(top: &DirFd, except: &[&OsStr], who: &Who) -> Removal {
-    walk(top, except, who, MAX_RELISTS)
+    remove_entries_until(top, except, who, &AtomicBool::new(false))
 }
 
+/// [`remove_entries`], given up (what is left reported, `Stay::Failed`) once `stop` is set:
+/// `recover --budget-secs` and a SIGTERM, which a tree of millions of entries (or one a
+/// process still adds to) otherwise outlasted.
+pub fn remove_entries_until(
+    top: &DirFd,
+    except: &[&OsStr],
+    who: &Who,
+    stop: &AtomicBool,
+) -> Removal {
+    walk(top, except, who, MAX_RELISTS, stop)
+}
+
+/// How many entries the walk meets between two looks at its stop flag.
+const STOP_LOOK_EVERY: u64 = 1024;
+
 /// [`remove_entries`], listing the top again at most `max_relists` times.
-fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal {
+fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64, stop: &AtomicBool) -> Removal {
     let mut out = Removal::default();
     let euid = nix::unistd::geteuid().as_raw();
     // A listing of its own (an open file description not shared with the caller's fd).
@@ -316,8 +332,19 @@ fn walk(top: &DirFd, except: &[&OsStr], who: &Who, max_relists: u64) -> Removal 
     // No more listings again: one failed, or one taken could not be renamed out of the prefix
     // (a listing again would take it again). Fail closed: what is at the top stays.
     let mut no_relist = false;
+    let mut met = 0u64;
 
     loop {
+        met += 1;
+        if met.is_multiple_of(STOP_LOOK_EVERY) && stop.load(Ordering::Relaxed) {
+            out.leave(
+                PathBuf::new(),
+                Stay::Failed(io::Error::other(
+                    "stopped before it was done (a stop, or the time budget)",
+                )),
+            );
+            break;
+        }
         if stack.len() == 1 {
             if let Some(name) = taken.take() {
                 if !settle(&stack[0], &name, (&prefix, &kept), &mut out) {
@@ -961,7 +988,13 @@ pub(crate) mod tests {
             dir = dir.ensure_dir(Path::new("d"), 0o755, None).unwrap();
         }
         drop(dir);
-        let r = walk(&DirFd::open(t.path()).unwrap(), &[], &Who::Anyone, 1);
+        let r = walk(
+            &DirFd::open(t.path()).unwrap(),
+            &[],
+            &Who::Anyone,
+            1,
+            &AtomicBool::new(false),
+        );
         assert_eq!(r.left, 1, "{r:?}");
         let left = names(t.path());
         assert_eq!(left.len(), 1, "{left:?}");
