@@ -1052,6 +1052,23 @@ mod tests {
         fn sweep(&self) -> RetentionReport {
             sweep(&self.state, &Retention::default(), SystemTime::now())
         }
+
+        /// [`remove_job`] of `job` now, stopped from the start or not.
+        fn remove(&self, job: &Job, stopped: bool) -> (Result<(), Left>, RetentionReport) {
+            let mut report = RetentionReport::default();
+            let trash = self.state.jobs_dir().join(TRASH);
+            let stop = AtomicBool::new(stopped);
+            let left = remove_job(
+                &self.state,
+                &Retention::default(),
+                SystemTime::now(),
+                job,
+                &trash,
+                &mut report,
+                &stop,
+            );
+            (left, report)
+        }
     }
 
     fn reason<'a>(report: &'a RetentionReport, id: &str) -> &'a str {
@@ -1323,18 +1340,8 @@ mod tests {
         let report = sweep_until(&f.state, &Retention::default(), SystemTime::now(), &stopped);
         assert!(report.removed_jobs.is_empty(), "{report:?}");
         assert!(f.state.job_dir("big").exists());
-        let trash = f.state.jobs_dir().join(TRASH);
-        let mut report = RetentionReport::default();
         let job = read_job(&f.state, "big").unwrap().unwrap();
-        let left = remove_job(
-            &f.state,
-            &Retention::default(),
-            SystemTime::now(),
-            &job,
-            &trash,
-            &mut report,
-            &stopped,
-        );
+        let (left, report) = f.remove(&job, true);
         assert!(matches!(left, Err(Left::Kept(_))), "{report:?}");
         assert!(f.state.run_record_path("big", 1).is_file(), "not put back");
         assert_eq!(f.sweep().removed_jobs, ["big"]);
@@ -1578,17 +1585,7 @@ mod tests {
         f.job("gone", 1, JobState::Succeeded, 10 * DAY, None);
         let job = read_job(&f.state, "gone").unwrap().unwrap();
         assert_eq!(f.sweep().removed_jobs, ["gone"]);
-        let mut report = RetentionReport::default();
-        let trash = f.state.jobs_dir().join(TRASH);
-        let left = remove_job(
-            &f.state,
-            &Retention::default(),
-            SystemTime::now(),
-            &job,
-            &trash,
-            &mut report,
-            &AtomicBool::new(false),
-        );
+        let (left, report) = f.remove(&job, false);
         assert!(matches!(left, Err(Left::Gone)), "{report:?}");
         assert!(!f.state.job_dir("gone").exists());
     }

@@ -810,20 +810,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 /// write, and a blocking flock behind a stuck holder would hang the start (and the reactor
 /// thread it runs on) for good.
 fn lock_patiently(path: &Path) -> Result<HeldFlock, StateError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let err = |source| StateError::Write {
         path: path.into(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(err)?;
+    let file = open_lock_file(path).map_err(err)?;
     let until = std::time::Instant::now() + LOCK_PATIENCE;
     loop {
         match file.try_lock() {
@@ -843,26 +834,30 @@ fn lock_patiently(path: &Path) -> Result<HeldFlock, StateError> {
 /// sweep holds it. One sweep at a time: a second one's start empties the trash, and took
 /// the first one's entry in flight for a leftover (removed as it was being put back).
 pub fn try_retention_lock(state: &StateDir) -> Result<Option<HeldFlock>, StateError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = state.root().join("retention.lock");
     let err = |source| StateError::Write {
         path: path.clone(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
+    let file = open_lock_file(&path).map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(HeldFlock::new(file))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+    }
+}
+
+/// A lock file at `path` (0600), made if missing, never through a symlink.
+fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(HeldFlock::new(file))),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
-    }
+        .open(path)
 }
 
 /// The bytes of the file at `path`, not through a symlink.
