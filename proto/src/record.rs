@@ -87,6 +87,12 @@ pub struct RunRecord {
     /// Boot the `agent` pid belongs to: a pid from an earlier boot means nothing now.
     #[serde(default)]
     pub agent_boot_id: Option<String>,
+    /// The pid namespace (`/proc/self/ns/pid`'s inode) of the agent that wrote the record:
+    /// its pids (`agent`, `leader`, `watched_leader`) are numbered there. A sidecar's, in a
+    /// pod, are not the host's: `recover` on the host looked its pid 7 up as the host's pid
+    /// 7, found the job's leader gone while it ran, and finished the job under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pid_ns: Option<u64>,
     /// The job's first process, so that `recover` signals its group only while that very
     /// process (not a later one that reused the pid) still exists.
     #[serde(default)]

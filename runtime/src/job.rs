@@ -79,6 +79,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         run_id: Some(crate::confine::random_hex()),
         agent: crate::procfs::this_agent(),
         agent_boot_id: crate::procfs::boot_id(),
+        agent_pid_ns: crate::procfs::pid_ns(),
         leader: None,
         cgroup: None,
         launching: false,

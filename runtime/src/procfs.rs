@@ -150,6 +150,32 @@ pub fn is_alive(id: &ProcIdentity) -> bool {
         && stat(id.pid).is_some_and(|s| s.start_ticks == id.start_ticks && !s.is_zombie())
 }
 
+/// This process's pid namespace: the inode `/proc/self/ns/pid` leads to.
+pub fn pid_ns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// Whether a process numbered `pid` in the pid namespace `ns` (this one's: `None`, or this
+/// process's own), started at `start_ticks` (a time after boot, the same in every namespace),
+/// still runs. Seen from another namespace (a host looking at a pod's), it is the one whose
+/// start is that time and whose pid in its own namespace (the last of `NSpid`) is `pid`.
+pub fn alive_in(ns: Option<u64>, pid: i32, start_ticks: u64) -> bool {
+    if ns.is_none() || ns == pid_ns() {
+        return stat(pid).is_some_and(|s| s.start_ticks == start_ticks && !s.is_zombie());
+    }
+    all().into_iter().any(|(host_pid, s)| {
+        s.start_ticks == start_ticks && !s.is_zombie() && innermost_pid(host_pid) == Some(pid)
+    })
+}
+
+/// The process's pid in its own (innermost) pid namespace: the last of `NSpid` in its status.
+fn innermost_pid(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
 /// This process, as recorded in run records: pid and start time.
 pub fn this_agent() -> Option<(i32, u64)> {
     let pid = std::process::id() as i32;
@@ -411,6 +437,56 @@ fn opened_for_write(pid: i32, fd: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A process a sidecar recorded in its pod's pid namespace (pid 1 there) is found alive
+    /// from the host's, where its pid is another: looked up as the host's pid 1, it was
+    /// taken for gone (or for init).
+    #[test]
+    fn a_process_of_another_pid_namespace_is_judged_there() {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(mut child) = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "sleep", "30"])
+            .spawn()
+        else {
+            crate::testskip::skip("no unshare");
+            return;
+        };
+        // The forked `sleep`, pid 1 in the new namespace: the child of `unshare`.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let inner = loop {
+            let found = all()
+                .into_iter()
+                .find(|(pid, s)| s.ppid == child.id() as i32 && innermost_pid(*pid) == Some(1));
+            if let Some(found) = found {
+                break Some(found);
+            }
+            if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let Some((host_pid, st)) = inner else {
+            let _ = child.kill();
+            crate::testskip::skip("unshare --pid made no process (no privilege?)");
+            return;
+        };
+        let ns = std::fs::metadata(format!("/proc/{host_pid}/ns/pid"))
+            .unwrap()
+            .ino();
+        assert!(alive_in(Some(ns), 1, st.start_ticks));
+        assert!(!alive_in(Some(ns), 1, st.start_ticks + 1));
+        assert!(
+            !alive_in(None, 1, st.start_ticks),
+            "taken for this namespace's pid 1"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(host_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
     use super::*;
 
     /// Files open for writing are found, and nothing else: an epoll fd (whose fdinfo would

@@ -47,8 +47,17 @@ pub fn owner_alive(record: &RunRecord) -> bool {
     };
     same_boot
         && record.agent.is_some_and(|(pid, started)| {
-            crate::procfs::stat(pid).is_some_and(|s| s.start_ticks == started && !s.is_zombie())
+            crate::procfs::alive_in(record.agent_pid_ns, pid, started)
         })
+}
+
+/// Whether the job a sidecar watched (its recorded leader) still runs, judged in the pid
+/// namespace the sidecar numbered it in.
+fn watched_leader_alive(record: &RunRecord) -> bool {
+    record.watched_leader.as_ref().is_some_and(|leader| {
+        crate::procfs::boot_id().as_ref() == Some(&leader.boot_id)
+            && crate::procfs::alive_in(record.agent_pid_ns, leader.pid, leader.start_ticks)
+    })
 }
 
 /// Finishes every unfinished job in the state dir, oldest first. Once `halt` is cancelled (a
@@ -573,13 +582,7 @@ async fn recover_record(
     // A sidecar's job that still runs (its agent died, and the pod or the prolog restarts
     // it): finished now, it would be AGENT_ERROR with a complete manifest, and the restarted
     // sidecar would find it done and store nothing the job wrote after.
-    if pass == Pass::Recover
-        && record.phase == Phase::Running
-        && record
-            .watched_leader
-            .as_ref()
-            .is_some_and(crate::procfs::is_alive)
-    {
+    if pass == Pass::Recover && record.phase == Phase::Running && watched_leader_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
             "the watched job still runs; left to its sidecar");
         return None;

@@ -1019,6 +1019,7 @@ mod tests {
                 run_id: None,
                 agent: None,
                 agent_boot_id: None,
+                agent_pid_ns: None,
                 leader: None,
                 cgroup: None,
                 launching: false,
