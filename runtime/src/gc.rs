@@ -414,8 +414,9 @@ fn modified(st: &FileStat) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
 }
 
-/// How long a blob another node's gc set aside is left to it before this gc puts it back.
-const FOREIGN_ASIDE_SETTLED: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long a blob another node's gc set aside (by its rename's ctime) is left to it before
+/// this gc puts it back.
+const FOREIGN_ASIDE_SETTLED: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Puts back every blob an interrupted gc left set aside: it may have been wanted after all,
 /// and this run decides again. One set aside by a gc still running (the timer's and an
@@ -439,9 +440,9 @@ fn put_back_left_aside(dir: &DirFd, tick: &dyn Fn()) {
             continue;
         }
         // Another node's tag (a store shared by many nodes' gc) says nothing of whether its
-        // gc still runs: one set aside within the hour may be in flight there (it checks,
+        // gc still runs: one set aside within 10 minutes may be in flight there (it checks,
         // then deletes or puts back, in seconds), and taken back from under it, that gc
-        // failed on its own blob. Older, its gc is gone.
+        // failed on its own blob. Older, its gc is gone (so is one of an earlier boot here).
         let in_flight_elsewhere = !crate::procfs::tag_of_this_boot(owner)
             && entry.stat.as_ref().is_ok_and(|st| {
                 let changed = crate::display::file_time_ns(st.st_ctime, st.st_ctime_nsec);
@@ -1419,7 +1420,10 @@ mod tests {
                 .await
                 .unwrap_err();
             std::os::unix::fs::chown(f.root.join(rel), Some(0), None).unwrap();
-            assert!(e.to_string().contains(rel), "{e}");
+            assert!(
+                e.to_string().contains(&format!("{rel}/ in the store")),
+                "{e}"
+            );
         }
         let elsewhere = tempfile::tempdir().unwrap();
         std::fs::remove_dir(f.root.join("staging/.small-07")).unwrap();

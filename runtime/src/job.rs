@@ -207,7 +207,7 @@ pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Opti
     let complete = match stored_manifest(ctx, job_id, attempt).await {
         Stored::Complete => true,
         Stored::InProgress => false,
-        Stored::Absent | Stored::Unknown => return None,
+        Stored::Absent | Stored::Unknown | Stored::Unreadable => return None,
     };
     Some(ran_already(job_id, attempt, complete))
 }
@@ -231,9 +231,11 @@ pub enum Stored {
     Absent,
     InProgress,
     Complete,
-    /// No answer within the preflight's time, an error, or a manifest this agent cannot
-    /// take in.
+    /// No answer within the preflight's time, or an error.
     Unknown,
+    /// A manifest there this agent cannot take in: another job's or attempt's (a cache or
+    /// gateway misrouting), another version's, one over `max_manifest_bytes`, not JSON.
+    Unreadable,
 }
 
 /// What the store says of the attempt's manifest, within the preflight's time.
@@ -252,11 +254,11 @@ pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> 
         Ok(Ok(Ok(m))) if !is_attempts(&m, job_id, attempt) => {
             tracing::error!(key = %key, found_job = %crate::display::cut(m.job_id.clone(), 256), found_attempt = m.attempt,
                 "the attempt's manifest key in the store holds another job's or attempt's manifest; taken as no answer");
-            Stored::Unknown
+            Stored::Unreadable
         }
         Ok(Ok(Ok(m))) if m.complete => Stored::Complete,
         Ok(Ok(Ok(_))) => Stored::InProgress,
-        Ok(Ok(Err(_))) => Stored::Unknown,
+        Ok(Ok(Err(_))) | Ok(Err(crate::store::StoreError::TooLarge { .. })) => Stored::Unreadable,
         Ok(Err(crate::store::StoreError::Op {
             source: object_store::Error::NotFound { .. },
             ..
@@ -458,7 +460,7 @@ async fn take_over_earlier_run(
                         next: "its manifest is complete in the store; a new run needs a new attempt or job id",
                     })
                 }
-                Stored::Unknown => {
+                Stored::Unknown | Stored::Unreadable => {
                     return Err(RunError::StoreSilent {
                         job_id: spec.job_id.clone(),
                         attempt: spec.attempt,

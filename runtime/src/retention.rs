@@ -778,7 +778,13 @@ fn remove_doomed(
         }
     };
     let mut bytes = 0;
-    for except in [&[OsStr::new("attempts"), OsStr::new("job.json")][..], &[]] {
+    // The records go last and whole: a stop that cut through them left a job of no readable
+    // record, kept by every later sweep.
+    let whole = AtomicBool::new(false);
+    for (except, stop) in [
+        (&[OsStr::new("attempts"), OsStr::new("job.json")][..], stop),
+        (&[], &whole),
+    ] {
         let removal = rmtree::remove_entries_until(&top, except, who, stop);
         bytes += removal.bytes;
         if removal.left > 0 {

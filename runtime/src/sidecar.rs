@@ -243,10 +243,10 @@ async fn watch_attempt(
     // that run's files.
     let mut unclaimed = false;
     if !attempt_known {
-        // Unlike `run`, whose preflight then judges the store, a watch has none: a store that
-        // did not answer in time, or a manifest there this agent cannot take in (a newer
-        // agent's, another job's), read as "never ran", and the watch's seal replaced a
-        // complete manifest (another node's sidecar of the attempt): left for a later start.
+        // A manifest there this agent cannot take in (a newer agent's, another job's) read as
+        // "never ran", and the watch's seal replaced it (another node's sidecar of the
+        // attempt, a newer agent's run): left for a later start. A store that does not answer
+        // yet (a pod up before its network) does not hold the watch back: its uploads retry.
         let asked = tokio::select! {
             stored = crate::job::stored_manifest(ctx, &plan.job_id, plan.attempt) => Some(stored),
             () = cancel.cancelled() => None,
@@ -254,8 +254,11 @@ async fn watch_attempt(
         match asked {
             Some(crate::job::Stored::Absent) => {}
             Some(crate::job::Stored::Unknown) => {
+                tracing::warn!("the store did not say whether this attempt ran before (no answer within preflight_timeout_secs); watching it as a first run");
+            }
+            Some(crate::job::Stored::Unreadable) => {
                 return Err(WatchError::Left(format!(
-                    "job {} attempt {}: the store did not say whether the attempt ran (no answer within preflight_timeout_secs, or a manifest this agent cannot take in); nothing was watched (try again)",
+                    "job {} attempt {}: its manifest key in the store holds one this agent cannot take in (a newer agent's, another job's or attempt's, one over store.max_manifest_bytes); nothing was watched",
                     plan.job_id, plan.attempt
                 )))
             }
@@ -271,6 +274,16 @@ async fn watch_attempt(
     }
     let lock = AttemptLock::acquire_patiently(&ctx.state, &plan.job_id, plan.attempt).await?;
     ctx.state.ensure_attempt_dir(&plan.job_id, plan.attempt)?;
+    // Before anything says this attempt is known: a sidecar killed before its first look at
+    // the done file answered leaves this word, and its restart looks afresh rather than honour
+    // whatever is there (an earlier attempt's file).
+    let remember = ctx
+        .state
+        .attempt_dir(&plan.job_id, plan.attempt)
+        .join("done-before");
+    if !attempt_known && plan.done_file.is_some() {
+        keep_verdict(remember.clone(), LOOKING.to_string()).await;
+    }
     // A record that cannot be read now (I/O) stops the watch, the record kept: watched over
     // it, `seq` began again below what the earlier sidecar sent. One that does not parse is
     // set aside and `seq` starts past anything it can have sent.
@@ -311,10 +324,6 @@ async fn watch_attempt(
         };
         // A sidecar taking an attempt over honours any done file (written while none watched),
         // as does one whose job ended before it began.
-        let remember = ctx
-            .state
-            .attempt_dir(&plan.job_id, plan.attempt)
-            .join("done-before");
         if attempt_known || gone.is_some() {
             done_reader.resume(&remember);
         } else {
@@ -964,14 +973,17 @@ impl DoneReader {
     /// unless the attempt's first watch found an earlier attempt's there (`remember`), which
     /// stays ignored until it is written again.
     fn resume(&mut self, remember: &Path) {
-        self.before = std::fs::read_to_string(remember)
-            .ok()
-            .and_then(|kept| parse_kept_stamp(&kept))
-            .map_or(Before::Nothing, |stamp| Before::Found {
-                stamp,
-                fresh: false,
-            });
         self.remember = Some(remember.to_path_buf());
+        let kept = std::fs::read_to_string(remember).unwrap_or_default();
+        if kept.trim() == LOOKING {
+            // The first watch was stopped before its first look answered: this one's own
+            // first look (under way) judges what is there.
+            return;
+        }
+        self.before = parse_kept_stamp(&kept).map_or(Before::Nothing, |stamp| Before::Found {
+            stamp,
+            fresh: false,
+        });
     }
 
     /// Keeps where the first look's verdict goes ([`DoneReader::remember`]).
@@ -1021,12 +1033,29 @@ impl DoneReader {
                         stamp: *stamp,
                         fresh,
                     };
-                    if let (false, Some(remember)) = (fresh, self.remember.clone()) {
-                        keep_stamp(remember, *stamp).await;
+                    if let Some(remember) = self.remember.clone() {
+                        let verdict = if fresh {
+                            HONOUR_ANY.to_string()
+                        } else {
+                            format!("{} {} {}", stamp.size, stamp.mtime_ns, stamp.ctime_ns)
+                        };
+                        keep_verdict(remember, verdict).await;
                     }
                 }
-                Ok(None) | Err(DoneError::Absent) => self.before = Before::Nothing,
-                Err(DoneError::NoDir) => self.before = Before::NoDir { begun },
+                Ok(None) | Err(DoneError::Absent) => {
+                    self.before = Before::Nothing;
+                    if let Some(remember) = self.remember.clone() {
+                        keep_verdict(remember, HONOUR_ANY.to_string()).await;
+                    }
+                }
+                // A done file that comes with its directory is judged by its time, as long as
+                // this watch runs; a restart honours it (as before this was kept).
+                Err(DoneError::NoDir) => {
+                    self.before = Before::NoDir { begun };
+                    if let Some(remember) = self.remember.clone() {
+                        keep_verdict(remember, HONOUR_ANY.to_string()).await;
+                    }
+                }
                 Err(DoneError::Failed(e)) => {
                     tracing::debug!(done_file = %path.display(), error = %e, "the first look at the done file failed; looking again");
                     self.before = Before::Looking {
@@ -1067,7 +1096,12 @@ impl DoneReader {
     }
 }
 
-/// `size mtime_ns ctime_ns` of an earlier attempt's done file, as [`keep_stamp`] writes it.
+/// What `done-before` says while the first watch's first look has not answered.
+const LOOKING: &str = "looking";
+/// What `done-before` says when no done file was there at the first look (or it was fresh).
+const HONOUR_ANY: &str = "none";
+
+/// `size mtime_ns ctime_ns` of an earlier attempt's done file, as [`keep_verdict`] writes it.
 fn parse_kept_stamp(kept: &str) -> Option<DoneStamp> {
     let mut fields = kept.split_whitespace();
     let size = fields.next()?.parse().ok()?;
@@ -1083,10 +1117,10 @@ fn parse_kept_stamp(kept: &str) -> Option<DoneStamp> {
     })
 }
 
-/// Keeps an earlier attempt's done file's stamp at `remember` (off the reactor; a failure
-/// is said, and a restart then honours that file as before).
-async fn keep_stamp(remember: PathBuf, stamp: DoneStamp) {
-    let line = format!("{} {} {}\n", stamp.size, stamp.mtime_ns, stamp.ctime_ns);
+/// Keeps the first watch's word on the done file at `remember` (off the reactor; a failure
+/// is said, and a restart then judges as it can).
+async fn keep_verdict(remember: PathBuf, verdict: String) {
+    let line = format!("{verdict}\n");
     let shown = remember.clone();
     let kept = tokio::task::spawn_blocking(move || {
         crate::statedir::write_atomic(&remember, line.as_bytes())
@@ -1323,6 +1357,13 @@ mod tests {
         );
         rewrite(&done, "1\n");
         assert_eq!(answered(&mut again, &done).await, Some(DoneFile::Exit(1)));
+        // The first watch stopped before its first look answered (`looking` kept): the
+        // restart's own first look judges what is there, and keeps its word in turn.
+        std::fs::write(&remember, "looking\n").unwrap();
+        let mut late = DoneReader::start(Some(&done), std::time::SystemTime::now() - hour);
+        late.resume(&remember);
+        assert_eq!(answered(&mut late, &done).await, None, "honoured unjudged");
+        assert!(std::fs::read_to_string(&remember).unwrap().contains(' '));
     }
 
     /// A first look that failed (here a symlink on the way, renamed away after) was taken for

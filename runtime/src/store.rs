@@ -622,18 +622,17 @@ pub(crate) fn vet_file_root(dir: &crate::confine::DirFd) -> Result<Option<u32>, 
 /// made root write elsewhere, and a temp file swapped before its link put the user's own
 /// inode (its bytes, still theirs to rewrite) at a blob's key. Missing ones root makes.
 fn vet_store_dirs(dir: &crate::confine::DirFd, squashed: Option<u32>) -> Result<(), String> {
-    use nix::fcntl::{openat, OFlag};
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let vet = |rel: &str| -> Result<(), String> {
-        let fd = match openat(dir, rel, flags, nix::sys::stat::Mode::empty()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT) => return Ok(()),
-            Err(nix::errno::Errno::ELOOP) => {
+        // No symlink anywhere on the way (RESOLVE_NO_SYMLINKS).
+        let sub = match dir.open_dir(std::path::Path::new(rel)) {
+            Ok(sub) => sub,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(format!("{rel}/ in the store is a symlink"))
             }
-            // A plain file there is a broken store, not an unsafe one: its writes fail (the
-            // node's error), as they did.
-            Err(nix::errno::Errno::ENOTDIR) => {
+            // O_NOFOLLOW | O_DIRECTORY on a symlink says ENOTDIR. A plain file there is a
+            // broken store, not an unsafe one: its writes fail (the node's error), as they did.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                 let link =
                     nix::sys::stat::fstatat(dir, rel, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
                         .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
@@ -645,11 +644,17 @@ fn vet_store_dirs(dir: &crate::confine::DirFd, squashed: Option<u32>) -> Result<
             }
             Err(e) => return Err(format!("{rel}/ in the store: {e}")),
         };
-        let mut st = nix::sys::stat::fstat(&fd).map_err(|e| e.to_string())?;
-        if st.st_uid == 0 || Some(st.st_uid) == squashed {
+        let mut st = nix::sys::stat::fstat(&sub).map_err(|e| e.to_string())?;
+        // Root's own, or the user root's files become there: under root_squash the
+        // export's anonymous user, found in the directory itself when the store's top is
+        // not one root may write (an operator's root-owned top over squashed-owned dirs).
+        let roots = st.st_uid == 0
+            || Some(st.st_uid) == squashed
+            || (squashed.is_none() && root_becomes(&sub)? == Some(st.st_uid));
+        if roots {
             st.st_uid = 0;
         }
-        if !crate::statedir::root_alone(&fd, &st)? {
+        if !crate::statedir::root_alone(&sub, &st)? {
             return Err(format!(
                 "{rel}/ in the store is owned by uid {} gid {} (mode {:o}, or an ACL), not root's alone",
                 st.st_uid,

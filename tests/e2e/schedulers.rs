@@ -1921,6 +1921,6 @@ fn a_first_watch_over_a_manifest_it_cannot_take_in_is_left_for_later() {
         ),
     );
     run.assert_code(6);
-    assert!(run.stderr.contains("did not say whether"), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot take in"), "{}", run.stderr);
     assert_eq!(h.object(key).unwrap(), newer);
 }
