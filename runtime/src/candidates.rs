@@ -90,7 +90,21 @@ impl Candidates {
 
     /// When the earliest candidate has looked the same for `settle`.
     pub fn next_due(&self, settle: Duration) -> Option<Instant> {
-        self.by_since.first().map(|(since, _)| *since + settle)
+        self.next_due_except(settle, |_| false)
+    }
+
+    /// [`Candidates::next_due`] of the paths `busy` does not name (an upload of them under
+    /// way): a busy one's past due time woke the loop every few milliseconds for as long as
+    /// its upload took, `due` passing it over each time.
+    pub fn next_due_except(
+        &self,
+        settle: Duration,
+        busy: impl Fn(&str) -> bool,
+    ) -> Option<Instant> {
+        self.by_since
+            .iter()
+            .find(|(_, key)| !busy(key))
+            .map(|(since, _)| *since + settle)
     }
 
     /// Up to `room` paths that have looked the same for `settle` at `now`, earliest first,
@@ -135,6 +149,12 @@ mod tests {
         }
         assert_eq!((c.len(), c.path_bytes()), (3, 4));
         assert_eq!(c.next_due(s), Some(t0 + s));
+        // One whose upload is under way wakes nothing: the next due is the next one's.
+        assert_eq!(
+            c.next_due_except(s, |r| r == "c"),
+            Some(t0 + Duration::from_millis(10) + s)
+        );
+        assert_eq!(c.next_due_except(s, |_| true), None);
         let now = t0 + Duration::from_millis(115);
         assert_eq!(c.due(now, s, 10, |_| false), ["c", "a"]);
         assert_eq!(c.due(now, s, 1, |_| false), ["c"]);

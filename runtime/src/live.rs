@@ -237,7 +237,13 @@ impl Syncer {
             tokio::select! {
                 _ = &mut ended => break,
                 hint = recv(&mut hints) => match hint {
-                    Some(h) => self.on_hint(h).await,
+                    Some(h) => {
+                        self.on_hint(h).await;
+                        let drained = hints.as_ref().is_some_and(mpsc::Receiver::is_empty);
+                        if drained && self.watcher.as_ref().is_some_and(DirWatcher::take_lost) {
+                            self.on_hint(Hint::Rescan("event queue was full".into())).await;
+                        }
+                    }
                     // The watcher is gone (it failed): keep going by polling.
                     None => self.degrade("watcher stopped".into(), &mut hints),
                 },
@@ -462,9 +468,12 @@ impl Syncer {
     fn prehash(&mut self, rel: &str, abs: &Path, stamp: FileStamp) {
         let opts = self.uploader.options();
         let key = (stamp.dev, stamp.ino);
+        // No more tasks than files may be hashed ahead: 5,000 shards written at once each got
+        // a task, every one past the cap's check before any stored its state.
         if stamp.size <= opts.multipart_threshold
             || self.uploader.store().is_local()
             || self.prehash_busy.contains_key(&key)
+            || self.prehash_busy.len() >= crate::upload::MAX_PREHASHED
         {
             return;
         }
@@ -505,10 +514,13 @@ impl Syncer {
         let mut wake = Instant::now() + Duration::from_secs(3600);
         // At capacity, a finished upload wakes the loop; due candidates must not spin it.
         let has_room = self.in_flight.len() < self.uploader.options().files_in_flight.max(1);
+        // Nor may a look at the open files that never answered (a thread stuck on the job's
+        // FUSE mount: every settle then ends at once) or a candidate whose upload is under way.
+        let stuck = self.looking.load(std::sync::atomic::Ordering::Acquire);
         if let Some(due) = self
             .candidates
-            .next_due(self.opts.settle)
-            .filter(|_| has_room)
+            .next_due_except(self.opts.settle, |rel| self.in_flight.contains_key(rel))
+            .filter(|_| has_room && !stuck)
         {
             wake = wake.min(due);
         }
@@ -642,6 +654,11 @@ impl Syncer {
                 );
             }
             Ok(m) if crate::confine::is_dir(&m) => {
+                // A file listed by this name is gone (`rm ckpt && mkdir ckpt`): kept, the
+                // in-progress manifest listed it until a file below was recorded.
+                if self.book.contains(&rel) {
+                    self.forget(&rel);
+                }
                 // A walk costs what the directory holds, and a job may move a large tree in and
                 // out of its output dirs for nothing: while the rest the last costly walk earned
                 // lasts, the rescan when it ends looks at this one too.
@@ -681,7 +698,10 @@ impl Syncer {
                     self.touch_rest = Some(Instant::now() + rescan_gap(took));
                 }
             }
-            _ => {}
+            // A symlink, FIFO or socket now at the name (`ln -s step_900 tmp && mv -T tmp
+            // latest` over a file): the file listed there is gone, never uploaded again.
+            Ok(_) => self.forget(&rel),
+            Err(_) => {}
         }
     }
 

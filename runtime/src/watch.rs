@@ -72,6 +72,8 @@ pub struct DirWatcher {
     /// Owned here, not by `Aliases`: the event handler holds those until notify's thread lets
     /// go of it, which an exiting agent does not wait for, and /tmp kept one dir per job.
     _alias_dir: tempfile::TempDir,
+    /// Set by the event handler when a hint did not fit the queue (see [`DirWatcher::take_lost`]).
+    overflowed: Arc<AtomicBool>,
 }
 
 /// One watched directory.
@@ -142,6 +144,14 @@ pub enum WatchStopped {
 }
 
 impl DirWatcher {
+    /// Whether hints were dropped for a full queue since the last look (and clears it). The
+    /// handler sends the rescan that makes up for them only with the next event: a job that
+    /// went quiet after a burst (a checkpoint's 2,000 shards) left its last files unlisted
+    /// until the end. The syncer asks when it has drained the queue.
+    pub fn take_lost(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+
     pub fn watch_count(&self) -> usize {
         self.watched.len()
     }
@@ -507,6 +517,7 @@ pub fn watcher(
             aliases,
             max_watches: max_watches.max(1),
             _alias_dir: alias_dir,
+            overflowed,
         },
         rx,
     ))
@@ -684,6 +695,26 @@ mod tests {
             watched_inodes().contains(&again),
             "the new `again` is not watched"
         );
+    }
+
+    /// Hints dropped for a full queue, the job then quiet: no event comes to carry the rescan
+    /// that makes up for them, so the syncer asks once it has drained the queue.
+    #[tokio::test]
+    async fn hints_lost_to_a_full_queue_are_told_once_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        std::fs::create_dir_all(&art).unwrap();
+        let (mut watcher, mut hints) = watcher(&w, 1, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        assert!(!watcher.take_lost());
+        for i in 0..20 {
+            std::fs::write(art.join(format!("f{i}")), "x").unwrap();
+        }
+        wait_until(|| watcher.overflowed.load(Ordering::Relaxed));
+        while hints.try_recv().is_ok() {}
+        assert!(watcher.take_lost(), "the lost hints were not told");
+        assert!(!watcher.take_lost(), "told twice");
     }
 
     /// A chain deeper than a manifest path can be is watched down to that depth only: below,

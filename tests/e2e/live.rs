@@ -218,6 +218,35 @@ fn rewrites_renames_and_deletes_are_followed() {
     assert_eq!(h.manifest("rw")["files"][0]["sha256"], sha256_hex(b"v2\n"));
 }
 
+/// A file replaced by a symlink (`ln -s step_900 tmp && mv -T tmp latest`) or by a directory
+/// (`rm ckpt && mkdir ckpt`) while the job runs: no Gone hint comes for it, and the
+/// in-progress manifest listed the file that is no longer there until the job's end.
+#[test]
+fn a_file_replaced_by_a_symlink_or_a_directory_leaves_the_manifest() {
+    let h = harness(Store::File);
+    let go = h.path("go");
+    let script = format!(
+        "echo a > $C3_ARTIFACTS_DIR/latest; echo b > $C3_ARTIFACTS_DIR/ckpt; {w}; \
+         ln -s nowhere $C3_ARTIFACTS_DIR/tmp && mv -T $C3_ARTIFACTS_DIR/tmp $C3_ARTIFACTS_DIR/latest; \
+         rm $C3_ARTIFACTS_DIR/ckpt && mkdir $C3_ARTIFACTS_DIR/ckpt; {w2}",
+        w = wait_go(&go),
+        w2 = wait_go(&h.path("end")),
+    );
+    let spec = h.spec(json!({"job_id": "shape", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "shape", "artifacts/latest");
+    wait_synced(&h, "shape", "artifacts/ckpt");
+    std::fs::write(&go, "").unwrap();
+    wait_for("both gone from the in-progress manifest", LIMIT, || {
+        let m = try_manifest(&h, "shape")?;
+        let files = m["files"].as_array()?;
+        files.is_empty().then_some(())
+    });
+    std::fs::write(h.path("end"), "").unwrap();
+    h.wait("shape".into(), child).assert_code(0);
+    assert!(h.manifest_paths("shape").is_empty());
+}
+
 /// The job maps its checkpoint right after live sync's settle look and stores to it (mtime
 /// moves at the first store), live sync's upload reads it (held 2 s between the look and the
 /// read), then the job stores again through the same dirty page (mtime stays) and exits.

@@ -550,7 +550,7 @@ type InodeSlot = Arc<tokio::sync::Mutex<Option<InodeRead>>>;
 const MAX_INODES: usize = 65_536;
 
 /// Large files followed at once, at most (each entry is a hasher and a tag per part).
-const MAX_PREHASHED: usize = 64;
+pub(crate) const MAX_PREHASHED: usize = 64;
 /// A file hashed ahead that has not grown for this long gives its place up to a new one
 /// when all are taken: one deleted or refused before its upload is never taken, and 64 of
 /// them (checkpoints rotated away) stopped hashing ahead for the rest of the attempt.
@@ -1028,8 +1028,11 @@ impl Uploader {
         .await;
         if let Ok(Some(state)) = done {
             let mut map = self.prehashed.lock().unwrap_or_else(|p| p.into_inner());
-            let (size, at) = (stamp.size, std::time::Instant::now());
-            map.insert(key, Ahead { state, size, at });
+            // The cap again: others stored theirs while this one read.
+            if map.contains_key(&key) || map.len() < MAX_PREHASHED {
+                let (size, at) = (stamp.size, std::time::Instant::now());
+                map.insert(key, Ahead { state, size, at });
+            }
         }
     }
 
