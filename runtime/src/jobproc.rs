@@ -48,6 +48,7 @@ impl Cgroup {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
         }
+        limit_pids(&dir);
         Ok(Cgroup { dir })
     }
 
@@ -212,6 +213,39 @@ fn jobs_base() -> Result<(PathBuf, String), String> {
         base.pop();
     }
     Ok((base, own))
+}
+
+/// Holds the job's cgroup (where its `pids` controller is on) to 90% of what the node can
+/// number (the lower of `kernel.pid_max` and `kernel.threads-max`): a job's fork bomb took
+/// every pid, and every other tenant, daemon and the agent itself (its helpers, its blocking
+/// threads, its panic path's runtime) then failed to fork. Legitimate jobs stay far below; a
+/// limit already set lower (an operator's) is kept.
+fn limit_pids(dir: &Path) {
+    let file = dir.join("pids.max");
+    let Ok(now) = std::fs::read_to_string(&file) else {
+        return;
+    };
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let Some(node) = [
+        read("/proc/sys/kernel/pid_max"),
+        read("/proc/sys/kernel/threads-max"),
+    ]
+    .into_iter()
+    .flatten()
+    .min() else {
+        return;
+    };
+    let limit = node / 10 * 9;
+    if now.trim().parse::<u64>().is_ok_and(|set| set <= limit) {
+        return;
+    }
+    if let Err(e) = std::fs::write(&file, limit.to_string()) {
+        tracing::debug!(path = %file.display(), error = %e, "cannot limit the job's pids");
+    }
 }
 
 /// Where the agent moves itself inside its own (delegated) cgroup, see [`enable_controllers`].
@@ -1559,6 +1593,35 @@ fn real_uid(pid: i32) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A job's cgroup is held below what the node can number (a fork bomb took every pid of
+    /// the node); a limit already lower is kept, and a cgroup without the controller is left.
+    #[test]
+    fn a_jobs_cgroup_is_held_below_the_nodes_pids() {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let node = read("/proc/sys/kernel/pid_max").min(read("/proc/sys/kernel/threads-max"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pids.max");
+        std::fs::write(&file, "max\n").unwrap();
+        limit_pids(dir.path());
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            (node / 10 * 9).to_string()
+        );
+        std::fs::write(&file, "100\n").unwrap();
+        limit_pids(dir.path());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "100\n");
+        let without = tempfile::tempdir().unwrap();
+        limit_pids(without.path());
+        assert!(!without.path().join("pids.max").exists());
+    }
+
     use super::*;
 
     /// A look at `/proc` that read nothing marks no process of the job gone: marked, an OOM
