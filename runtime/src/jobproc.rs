@@ -107,13 +107,39 @@ impl Cgroup {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        for pid in self.members() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        self.signal_members(Signal::SIGKILL);
         if frozen {
             // A fatal signal ends a frozen process all the same; thawed, nothing the kill
             // missed stays frozen for ever in a cgroup that can then not be removed.
             let _ = self.write("cgroup.freeze", b"0");
+        }
+    }
+
+    /// Sends `signal` to each process of the cgroup, only while it is one: a member listed may
+    /// end and be reaped (by the agent's own reaper, by init under `recover`) and its pid go
+    /// to a stranger before the signal. Each is held by a pidfd first, then the members are
+    /// listed again, and only those still listed are signalled (through the pidfd, which never
+    /// reaches a later process of that pid).
+    fn signal_members(&self, signal: Signal) {
+        let held: Vec<(i32, Option<PidFd>)> = self
+            .members()
+            .into_iter()
+            .map(|pid| (pid, PidFd::open(pid)))
+            .collect();
+        let still: std::collections::HashSet<i32> = self.members().into_iter().collect();
+        for (pid, fd) in held {
+            if !still.contains(&pid) {
+                continue;
+            }
+            match fd {
+                Some(fd) => {
+                    fd.signal(signal);
+                }
+                // No pidfds (Linux < 5.3): the second listing is the last look.
+                None => {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+            }
         }
     }
 
@@ -872,6 +898,14 @@ impl JobProcesses {
 
     /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
     /// agent's own: tokio waits for those).
+    /// [`JobProcesses::reap`] on a blocking thread at the normal priority (the stop path's:
+    /// a scan of every `/proc/<pid>/stat`, a second for 100,000 processes, held the reactor's
+    /// worker, its timers and the socket, every round of a stop).
+    async fn reap_off_reactor(&self) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.reap()).await;
+    }
+
     pub fn reap(&self) {
         let procs = procfs::all();
         let descendants = match self.inner.scope {
@@ -956,7 +990,7 @@ impl JobProcesses {
             }
         }
         loop {
-            self.reap();
+            self.reap_off_reactor().await;
             if self.gone_async().await {
                 break;
             }
@@ -977,7 +1011,7 @@ impl JobProcesses {
     /// After [`JobProcesses::terminate`] already ran for a stop: one short round of SIGKILL
     /// for anything left (forked meanwhile, or still stuck), reaped; no second grace.
     pub async fn last_round(&self, stop: &StopBy) {
-        self.reap();
+        self.reap_off_reactor().await;
         if !self.gone_async().await {
             self.kill_rounds(LAST_ROUND, stop).await;
         }
@@ -999,7 +1033,7 @@ impl JobProcesses {
         loop {
             self.kill_hard_async().await;
             tick.tick().await;
-            self.reap();
+            self.reap_off_reactor().await;
             if self.gone_async().await {
                 return;
             }
@@ -1172,9 +1206,7 @@ pub async fn stop_recorded(
                 cgroup = %cg.path().display(),
                 "the job's processes outlived the agent; stopping them"
             );
-            for pid in &members {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
-            }
+            cg.signal_members(Signal::SIGTERM);
             let deadline = tokio::time::Instant::now() + grace;
             while cg.populated() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
