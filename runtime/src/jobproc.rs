@@ -70,8 +70,16 @@ impl Cgroup {
     }
 
     pub fn members(&self) -> Vec<i32> {
+        // A member outside the reader's pid namespace is listed as 0 (a `recover` in another
+        // namespace than the agent that made the cgroup): kill(0) signalled the agent's own
+        // process group.
         std::fs::read_to_string(self.dir.join("cgroup.procs"))
-            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .filter(|&pid: &i32| pid > 0)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -265,7 +273,15 @@ fn limit_pids(dir: &Path) {
     .min() else {
         return;
     };
-    let limit = node / 10 * 9;
+    // A limit above (a pod's, a slice's TasksMax) binds the job's siblings, the agent among
+    // them, too: 90% of the lowest.
+    let above = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|d| d.join("pids.max").exists())
+        .filter_map(|d| read(&d.join("pids.max").to_string_lossy()))
+        .min();
+    let limit = above.map_or(node, |a| a.min(node)) / 10 * 9;
     if now.trim().parse::<u64>().is_ok_and(|set| set <= limit) {
         return;
     }
@@ -896,8 +912,6 @@ impl JobProcesses {
         }
     }
 
-    /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
-    /// agent's own: tokio waits for those).
     /// [`JobProcesses::reap`] on a blocking thread at the normal priority (the stop path's:
     /// a scan of every `/proc/<pid>/stat`, a second for 100,000 processes, held the reactor's
     /// worker, its timers and the socket, every round of a stop).
@@ -906,6 +920,8 @@ impl JobProcesses {
         let _ = tokio::task::spawn_blocking(move || this.reap()).await;
     }
 
+    /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
+    /// agent's own: tokio waits for those).
     pub fn reap(&self) {
         let procs = procfs::all();
         let descendants = match self.inner.scope {

@@ -276,6 +276,11 @@ impl Syncer {
                     if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
                         self.paced_rescan().await;
                     }
+                    // A hint lost as the queue was drained (the handler marks the loss just
+                    // after its send failed): made up here too.
+                    if self.watcher.as_ref().is_some_and(DirWatcher::take_lost) {
+                        self.on_hint(Hint::Rescan("event queue was full".into())).await;
+                    }
                     self.settle(&mut uploads).await;
                     self.write_manifest_if_due().await;
                 }
@@ -524,6 +529,11 @@ impl Syncer {
         {
             wake = wake.min(due);
         }
+        // A stuck look may yet answer (a FUSE stall that clears): looked at again each second
+        // (a look still stuck ends at once), or a quiet job's candidates waited an hour.
+        if stuck {
+            wake = wake.min(Instant::now() + Duration::from_secs(1));
+        }
         if self.manifest_dirty {
             let due = self
                 .manifest_written
@@ -654,9 +664,10 @@ impl Syncer {
                 );
             }
             Ok(m) if crate::confine::is_dir(&m) => {
-                // A file listed by this name is gone (`rm ckpt && mkdir ckpt`): kept, the
-                // in-progress manifest listed it until a file below was recorded.
-                if self.book.contains(&rel) {
+                // A file listed, uploading or waiting by this name is gone (`rm ckpt && mkdir
+                // ckpt`): kept, the in-progress manifest listed it until a file below was
+                // recorded.
+                if self.knows(&rel) {
                     self.forget(&rel);
                 }
                 // A walk costs what the directory holds, and a job may move a large tree in and
@@ -699,10 +710,17 @@ impl Syncer {
                 }
             }
             // A symlink, FIFO or socket now at the name (`ln -s step_900 tmp && mv -T tmp
-            // latest` over a file): the file listed there is gone, never uploaded again.
-            Ok(_) => self.forget(&rel),
+            // latest` over a file): the file known there is gone, never uploaded again. Only
+            // a known one: a new symlink would cost a pass over every candidate.
+            Ok(_) if self.knows(&rel) => self.forget(&rel),
+            Ok(_) => {}
             Err(_) => {}
         }
+    }
+
+    /// Whether a file by this name is listed, uploading or waiting to settle.
+    fn knows(&self, rel: &str) -> bool {
+        self.book.contains(rel) || self.in_flight.contains_key(rel) || self.candidates.contains(rel)
     }
 
     fn forget(&mut self, rel: &str) {
