@@ -551,10 +551,7 @@ impl DirFd {
                 if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
                     && owner.is_some_and(|(uid, _)| st.st_uid != uid) =>
             {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                let aside = format!(".c3-aside-{}-{nanos}", std::process::id());
+                let aside = aside_name(".c3-aside-");
                 self.rename(name, OsStr::new(&aside))?;
                 tracing::warn!(
                     name = %Path::new(name).display(),
@@ -570,6 +567,15 @@ impl DirFd {
         }
         self.ensure_dir(Path::new(name), mode, owner)
     }
+}
+
+/// A name to move something of the job's aside to, in its own directory: `prefix`, this
+/// agent's pid and the time, unique and of a fixed length.
+pub fn aside_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{prefix}{}-{nanos}", std::process::id())
 }
 
 /// Whether the open directory `dir` holds nothing (its own open file description is read,

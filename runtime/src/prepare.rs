@@ -330,10 +330,7 @@ fn open_workdir(
     let result = OsStr::new("result.json");
     match c3.remove_file(result) {
         Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let aside = format!(".result.json-aside-{}-{nanos}", std::process::id());
+            let aside = crate::confine::aside_name(".result.json-aside-");
             c3.rename(result, OsStr::new(&aside))?;
         }
         done => done?,
@@ -359,11 +356,8 @@ fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Resu
             // quick run in their dir, a scheduler's link in a root-owned workdir) is refused
             // by name as before, never moved out of the way.
             (Ok(st), Some((uid, _))) if !crate::confine::is_dir(&st) && st.st_uid == uid => {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
                 // Of a fixed length: a name near NAME_MAX with a suffix would not fit.
-                let aside = format!(".c3-aside-{}-{nanos}", std::process::id());
+                let aside = crate::confine::aside_name(".c3-aside-");
                 dir.rename(name, OsStr::new(&aside))?;
                 tracing::warn!(
                     path = %rel.display(),
