@@ -129,23 +129,24 @@ impl Cgroup {
     /// listed again, and only those still listed are signalled (through the pidfd, which never
     /// reaches a later process of that pid).
     fn signal_members(&self, signal: Signal) {
-        let held: Vec<(i32, Option<PidFd>)> = self
-            .members()
-            .into_iter()
-            .map(|pid| (pid, PidFd::open(pid)))
-            .collect();
-        let still: std::collections::HashSet<i32> = self.members().into_iter().collect();
-        for (pid, fd) in held {
-            if !still.contains(&pid) {
-                continue;
-            }
-            match fd {
-                Some(fd) => {
-                    fd.signal(signal);
+        // In batches: a fork bomb's hundred thousand pidfds at once would take every fd the
+        // agent may open.
+        for batch in self.members().chunks(MEMBERS_AT_ONCE) {
+            let held: Vec<(i32, Option<PidFd>)> =
+                batch.iter().map(|&pid| (pid, PidFd::open(pid))).collect();
+            let still: std::collections::HashSet<i32> = self.members().into_iter().collect();
+            for (pid, fd) in held {
+                if !still.contains(&pid) {
+                    continue;
                 }
-                // No pidfds (Linux < 5.3): the second listing is the last look.
-                None => {
-                    let _ = kill(Pid::from_raw(pid), signal);
+                match fd {
+                    Some(fd) => {
+                        fd.signal(signal);
+                    }
+                    // No pidfds (Linux < 5.3): the second listing is the last look.
+                    None => {
+                        let _ = kill(Pid::from_raw(pid), signal);
+                    }
                 }
             }
         }
@@ -289,6 +290,9 @@ fn limit_pids(dir: &Path) {
         tracing::debug!(path = %file.display(), error = %e, "cannot limit the job's pids");
     }
 }
+
+/// How many of a cgroup's members [`Cgroup::signal_members`] holds by pidfd at once.
+const MEMBERS_AT_ONCE: usize = 256;
 
 /// Where the agent moves itself inside its own (delegated) cgroup, see [`enable_controllers`].
 const AGENT_LEAF: &str = "c3-agent";
