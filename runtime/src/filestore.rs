@@ -185,6 +185,11 @@ fn now_ns() -> u64 {
     crate::display::epoch_ns(std::time::SystemTime::now()).max(0) as u64
 }
 
+/// The staging shard `shard` (below [`SHARDS`]), relative to the store's root.
+pub(crate) fn shard_dir(shard: u64) -> String {
+    format!("staging/.small-{shard:02}")
+}
+
 /// A new temp file in one of the staging shards, which nobody else can have opened.
 fn temp_file(root: &Path) -> io::Result<(PathBuf, File)> {
     let mut rand = [0u8; 8];
@@ -194,7 +199,7 @@ fn temp_file(root: &Path) -> io::Result<(PathBuf, File)> {
         return Err(io::Error::last_os_error());
     }
     let shard = u64::from_le_bytes(rand) % SHARDS;
-    let dir = root.join("staging").join(format!(".small-{shard:02}"));
+    let dir = root.join(shard_dir(shard));
     let path = dir.join(format!("{}-{}", std::process::id(), hex::encode(rand)));
     let open = || {
         std::fs::OpenOptions::new()

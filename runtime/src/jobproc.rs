@@ -260,14 +260,14 @@ fn limit_pids(dir: &Path) {
     let Ok(now) = std::fs::read_to_string(&file) else {
         return;
     };
-    let read = |p: &str| {
+    let read = |p: &Path| {
         std::fs::read_to_string(p)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
     };
     let Some(node) = [
-        read("/proc/sys/kernel/pid_max"),
-        read("/proc/sys/kernel/threads-max"),
+        read(Path::new("/proc/sys/kernel/pid_max")),
+        read(Path::new("/proc/sys/kernel/threads-max")),
     ]
     .into_iter()
     .flatten()
@@ -280,7 +280,7 @@ fn limit_pids(dir: &Path) {
         .ancestors()
         .skip(1)
         .take_while(|d| d.join("pids.max").exists())
-        .filter_map(|d| read(&d.join("pids.max").to_string_lossy()))
+        .filter_map(|d| read(&d.join("pids.max")))
         .min();
     let limit = above.map_or(node, |a| a.min(node)) / 10 * 9;
     if now.trim().parse::<u64>().is_ok_and(|set| set <= limit) {

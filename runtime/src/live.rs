@@ -239,9 +239,8 @@ impl Syncer {
                 hint = recv(&mut hints) => match hint {
                     Some(h) => {
                         self.on_hint(h).await;
-                        let drained = hints.as_ref().is_some_and(mpsc::Receiver::is_empty);
-                        if drained && self.watcher.as_ref().is_some_and(DirWatcher::take_lost) {
-                            self.on_hint(Hint::Rescan("event queue was full".into())).await;
+                        if hints.as_ref().is_some_and(mpsc::Receiver::is_empty) {
+                            self.make_up_lost_hints().await;
                         }
                     }
                     // The watcher is gone (it failed): keep going by polling.
@@ -278,9 +277,7 @@ impl Syncer {
                     }
                     // A hint lost as the queue was drained (the handler marks the loss just
                     // after its send failed): made up here too.
-                    if self.watcher.as_ref().is_some_and(DirWatcher::take_lost) {
-                        self.on_hint(Hint::Rescan("event queue was full".into())).await;
-                    }
+                    self.make_up_lost_hints().await;
                     self.settle(&mut uploads).await;
                     self.write_manifest_if_due().await;
                 }
@@ -715,6 +712,15 @@ impl Syncer {
             Ok(_) if self.knows(&rel) => self.forget(&rel),
             Ok(_) => {}
             Err(_) => {}
+        }
+    }
+
+    /// A rescan for hints the watcher dropped for a full queue, if it did
+    /// ([`DirWatcher::take_lost`]).
+    async fn make_up_lost_hints(&mut self) {
+        if self.watcher.as_ref().is_some_and(DirWatcher::take_lost) {
+            self.on_hint(Hint::Rescan("event queue was full".into()))
+                .await;
         }
     }
 

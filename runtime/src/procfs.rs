@@ -146,8 +146,12 @@ pub fn identity(pid: i32) -> Option<ProcIdentity> {
 
 /// Whether the process recorded as `id` still exists (same boot, same pid, same start).
 pub fn is_alive(id: &ProcIdentity) -> bool {
-    boot_id().is_some_and(|b| b == id.boot_id)
-        && stat(id.pid).is_some_and(|s| s.start_ticks == id.start_ticks && !s.is_zombie())
+    is_alive_in(id, None)
+}
+
+/// [`is_alive`] of a process recorded in the pid namespace `ns` ([`alive_in`]).
+pub fn is_alive_in(id: &ProcIdentity, ns: Option<u64>) -> bool {
+    boot_id().is_some_and(|b| b == id.boot_id) && alive_in(ns, id.pid, id.start_ticks)
 }
 
 /// This process's pid namespace: the inode `/proc/self/ns/pid` leads to.

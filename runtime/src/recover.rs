@@ -54,10 +54,10 @@ pub fn owner_alive(record: &RunRecord) -> bool {
 /// Whether the job a sidecar watched (its recorded leader) still runs, judged in the pid
 /// namespace the sidecar numbered it in.
 fn watched_leader_alive(record: &RunRecord) -> bool {
-    record.watched_leader.as_ref().is_some_and(|leader| {
-        crate::procfs::boot_id().as_ref() == Some(&leader.boot_id)
-            && crate::procfs::alive_in(record.agent_pid_ns, leader.pid, leader.start_ticks)
-    })
+    record
+        .watched_leader
+        .as_ref()
+        .is_some_and(|leader| crate::procfs::is_alive_in(leader, record.agent_pid_ns))
 }
 
 /// Finishes every unfinished job in the state dir, oldest first. Once `halt` is cancelled (a

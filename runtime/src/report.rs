@@ -454,7 +454,7 @@ impl Reporter {
         mut body: Vec<u8>,
         deadline: Instant,
     ) -> Delivery {
-        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
+        let endpoint = endpoint_of(&self.job_id, kind);
         let Some(cp) = &self.control_plane else {
             self.append_local(&endpoint, &body);
             return Delivery::Local;
@@ -522,7 +522,7 @@ impl Reporter {
     /// registration: once it is kept, the attempt's `new_bytes` is recorded as registered),
     /// step one: kept in the outbox (or, with no control plane, recorded locally).
     pub fn keep_ahead(&self, kind: &str, order: u64, body: Vec<u8>) -> Ahead {
-        let endpoint = format!("v1/jobs/{}/{kind}", self.job_id);
+        let endpoint = endpoint_of(&self.job_id, kind);
         if self.control_plane.is_none() {
             self.append_local(&endpoint, &body);
             return Ahead::Local;
@@ -797,8 +797,7 @@ async fn flush_outbox_for(
                 Ok(entry) => entry,
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "unreadable outbox entry; moved aside");
-                    let _ = std::fs::rename(&path, path.with_extension("bad"));
-                    let _ = std::fs::remove_file(path.with_extension(TRIES));
+                    move_aside(&path);
                     continue;
                 }
             },
@@ -816,14 +815,14 @@ async fn flush_outbox_for(
         // origin (an absolute URL), and one that is not a URL at all panicked the flush and
         // every `recover` after it. Only an entry this agent could not have written differs
         // (copied from elsewhere, edited): set aside.
-        let expected = match entry_name(&path) {
-            Some((_, _, kind @ ("status" | "artifacts"))) => Some(format!("v1/jobs/{job}/{kind}")),
+        let name = entry_name(&path);
+        let expected = match name {
+            Some((_, _, kind @ ("status" | "artifacts"))) => Some(endpoint_of(job, kind)),
             _ => None,
         };
         if expected.as_deref() != Some(entry.endpoint.as_str()) || entry.job_id != job {
             tracing::warn!(path = %path.display(), endpoint = %entry.endpoint.escape_debug(), "an outbox entry names another request than its place says; moved aside");
-            let _ = std::fs::rename(&path, path.with_extension("bad"));
-            let _ = std::fs::remove_file(path.with_extension(TRIES));
+            move_aside(&path);
             continue;
         }
         // Entries kept for another control plane (attempt 1 under one config, attempt 2 or
@@ -844,7 +843,6 @@ async fn flush_outbox_for(
             flushed.elsewhere += 1;
             continue;
         }
-        let name = entry_name(&path);
         let attempt = name.map(|(attempt, _, _)| attempt);
         // Behind an entry of its attempt that stays: in order, or not at all.
         if flushed.held.contains(&attempt) {
@@ -1010,6 +1008,25 @@ async fn flush_outbox_for(
 }
 
 /// The attempt an outbox entry belongs to, by its name (`<attempt>-<order>-<kind>.json`).
+/// The request a report of `kind` (`status`, `artifacts`) for `job` is: a path below the
+/// control plane's URL.
+fn endpoint_of(job: &str, kind: &str) -> String {
+    format!("v1/jobs/{job}/{kind}")
+}
+
+/// Moves an outbox entry aside (`.bad`), with its count of failed flushes: no flush sends it
+/// again, and retention lets it go with its job.
+fn move_aside(path: &Path) {
+    let _ = std::fs::rename(path, path.with_extension("bad"));
+    let _ = std::fs::remove_file(path.with_extension(TRIES));
+}
+
+/// Whether an outbox entry's file is a report a flush delivers (`*.json`), not one set
+/// aside, a tries count, a temp file or the lock.
+pub(crate) fn is_kept_report(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "json")
+}
+
 fn entry_attempt(path: &Path) -> Option<u32> {
     let name = path.file_name()?.to_str()?;
     name.split_once('-')?.0.parse().ok()
@@ -1198,13 +1215,11 @@ fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) ->
         // A week of the control plane failing on it: kept for ever, it held the job's data on
         // the node (retention waits for an empty outbox) and half of every flush's time.
         tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept terminal status or registration the control plane has failed on for a week; moved aside (`.bad`): the control plane never heard it");
-        let _ = std::fs::rename(path, path.with_extension("bad"));
-        let _ = std::fs::remove_file(&tries_path);
+        move_aside(path);
         return Failed::MovedAside;
     }
     tracing::error!(path = %path.display(), failed_flushes = tries, error = %crate::error_chain(e), "a kept RUNNING or FINALIZING the control plane keeps failing on; moved aside (`.bad`), the job's later reports go on");
-    let _ = std::fs::rename(path, path.with_extension("bad"));
-    let _ = std::fs::remove_file(&tries_path);
+    move_aside(path);
     Failed::MovedAside
 }
 
@@ -1374,8 +1389,11 @@ pub(crate) fn drop_outbox_leftovers(dir: &Path) -> bool {
     let mut reports = false;
     for e in entries.flatten() {
         let path = e.path();
+        if is_kept_report(&path) {
+            reports = true;
+            continue;
+        }
         match path.extension().and_then(|x| x.to_str()) {
-            Some("json") => reports = true,
             Some("bad") => {
                 let _ = std::fs::remove_file(&path);
             }
@@ -1473,7 +1491,7 @@ fn sorted_entries(dir: &Path, job: &str) -> std::io::Result<Vec<PathBuf>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let path = e?.path();
-        if path.extension().is_some_and(|x| x == "json") {
+        if is_kept_report(&path) {
             v.push(path);
         }
     }

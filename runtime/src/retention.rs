@@ -564,9 +564,9 @@ fn remove_job(
     Ok(())
 }
 
-/// Whether an outbox entry is a report the flush delivers (`*.json`).
+/// Whether an outbox entry is a report the flush delivers ([`crate::report::is_kept_report`]).
 fn is_report(name: &str) -> bool {
-    Path::new(name).extension().is_some_and(|x| x == "json")
+    crate::report::is_kept_report(Path::new(name))
 }
 
 /// Removes the job's outbox dir and what it holds but reports ([`crate::report::drop_outbox_leftovers`]).

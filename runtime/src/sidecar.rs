@@ -1033,29 +1033,9 @@ impl DoneReader {
                         stamp: *stamp,
                         fresh,
                     };
-                    if let Some(remember) = self.remember.clone() {
-                        let verdict = if fresh {
-                            HONOUR_ANY.to_string()
-                        } else {
-                            format!("{} {} {}", stamp.size, stamp.mtime_ns, stamp.ctime_ns)
-                        };
-                        keep_verdict(remember, verdict).await;
-                    }
                 }
-                Ok(None) | Err(DoneError::Absent) => {
-                    self.before = Before::Nothing;
-                    if let Some(remember) = self.remember.clone() {
-                        keep_verdict(remember, HONOUR_ANY.to_string()).await;
-                    }
-                }
-                // A done file that comes with its directory is judged by its time, as long as
-                // this watch runs; a restart honours it (as before this was kept).
-                Err(DoneError::NoDir) => {
-                    self.before = Before::NoDir { begun };
-                    if let Some(remember) = self.remember.clone() {
-                        keep_verdict(remember, HONOUR_ANY.to_string()).await;
-                    }
-                }
+                Ok(None) | Err(DoneError::Absent) => self.before = Before::Nothing,
+                Err(DoneError::NoDir) => self.before = Before::NoDir { begun },
                 Err(DoneError::Failed(e)) => {
                     tracing::debug!(done_file = %path.display(), error = %e, "the first look at the done file failed; looking again");
                     self.before = Before::Looking {
@@ -1064,6 +1044,23 @@ impl DoneReader {
                         failed: true,
                     };
                 }
+            }
+            // The verdict, kept for a restart: an earlier attempt's file by its stamp; any
+            // other (none there, a fresh one, one that will come with its directory, judged
+            // by its time as long as this watch runs) honours what comes. Not yet judged
+            // (the look failed): still `looking`.
+            let verdict = match &self.before {
+                Before::Found {
+                    stamp,
+                    fresh: false,
+                } => Some(kept_stamp(stamp)),
+                Before::Looking { .. } => None,
+                Before::Found { fresh: true, .. } | Before::Nothing | Before::NoDir { .. } => {
+                    Some(HONOUR_ANY.to_string())
+                }
+            };
+            if let (Some(verdict), Some(remember)) = (verdict, self.remember.clone()) {
+                keep_verdict(remember, verdict).await;
             }
         }
         match read {
@@ -1101,7 +1098,12 @@ const LOOKING: &str = "looking";
 /// What `done-before` says when no done file was there at the first look (or it was fresh).
 const HONOUR_ANY: &str = "none";
 
-/// `size mtime_ns ctime_ns` of an earlier attempt's done file, as [`keep_verdict`] writes it.
+/// `size mtime_ns ctime_ns` of an earlier attempt's done file, as `done-before` keeps it.
+fn kept_stamp(stamp: &DoneStamp) -> String {
+    format!("{} {} {}", stamp.size, stamp.mtime_ns, stamp.ctime_ns)
+}
+
+/// A [`kept_stamp`] read back.
 fn parse_kept_stamp(kept: &str) -> Option<DoneStamp> {
     let mut fields = kept.split_whitespace();
     let size = fields.next()?.parse().ok()?;

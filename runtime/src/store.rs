@@ -668,7 +668,7 @@ fn vet_store_dirs(dir: &crate::confine::DirFd, squashed: Option<u32>) -> Result<
         vet(rel)?;
     }
     for shard in 0..crate::filestore::SHARDS {
-        vet(&format!("staging/.small-{shard:02}"))?;
+        vet(&crate::filestore::shard_dir(shard))?;
     }
     Ok(())
 }
