@@ -658,8 +658,12 @@ async fn fetch_once(
         })?;
     // Chunks, or None when the download broke off and the temp file must go.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(4);
+    // Set when this download is given up (its future dropped by a stop), not when it ends:
+    // a small blob's sender is gone at once, and the test's window with it.
+    let given_up = Stop::default();
     let writer = {
         let entry = entry.clone();
+        let given_up = given_up.0.clone();
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
             // Held until this writer is done, its temp file gone or in place.
             let _running = writers;
@@ -668,10 +672,12 @@ async fn fetch_once(
             }
             let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
             // A window with the temp file made, for a test's stop to come in: until the
-            // download is given up (its sender dropped), 20 s at most.
+            // download is given up, 20 s at most.
             if crate::fault::armed_at("pull-writer-pauses", &entry.path) {
                 let until = std::time::Instant::now() + Duration::from_secs(20);
-                while !rx.is_closed() && std::time::Instant::now() < until {
+                while !given_up.load(std::sync::atomic::Ordering::Relaxed)
+                    && std::time::Instant::now() < until
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -769,6 +775,7 @@ async fn fetch_once(
     }
     drop(tx);
     let written = writer.await.map_err(|_| task_failed())?;
+    drop(given_up);
     match fetch_error {
         Some(e) => Err(e),
         None => written,
