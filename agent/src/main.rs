@@ -787,8 +787,8 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
             None
         }
     };
-    if let Some(problem) = ran {
-        return usage(&problem);
+    if let Some((problem, code)) = ran {
+        return failure(&problem, code.code());
     }
     // Only now, once the store said this attempt is a new one: one refused above leaves the
     // marker naming the run whose files ./artifacts holds.

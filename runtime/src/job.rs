@@ -201,15 +201,37 @@ impl RunError {
     }
 }
 
-/// A run never silently replaces an earlier run's manifest for the same job and attempt.
-/// A store that cannot answer now says nothing here (the preflight judges the store).
-pub async fn already_ran(ctx: &AgentContext, job_id: &str, attempt: u32) -> Option<String> {
+/// A run never silently replaces an earlier run's manifest for the same job and attempt:
+/// why it is refused, and its exit code. A store that cannot answer now says nothing here
+/// (the preflight judges the store); one whose answer cannot be taken in (an earlier run's
+/// manifest over this config's `max_manifest_bytes`, a newer agent's) is not taken for
+/// "never ran": the run's first manifest would replace it.
+pub async fn already_ran(
+    ctx: &AgentContext,
+    job_id: &str,
+    attempt: u32,
+) -> Option<(String, crate::outcome::ExitCode)> {
     let complete = match stored_manifest(ctx, job_id, attempt).await {
         Stored::Complete => true,
         Stored::InProgress => false,
-        Stored::Absent | Stored::Unknown | Stored::Unreadable => return None,
+        Stored::Unreadable => {
+            return Some((
+                cannot_take_in(job_id, attempt, "started"),
+                crate::outcome::ExitCode::AgentOrDataset,
+            ))
+        }
+        Stored::Absent | Stored::Unknown => return None,
     };
-    Some(ran_already(job_id, attempt, complete))
+    Some((
+        ran_already(job_id, attempt, complete),
+        crate::outcome::ExitCode::Usage,
+    ))
+}
+
+/// Why an attempt whose manifest key holds a manifest this agent cannot take in is left as
+/// it is: nothing was `done` (started, watched).
+pub fn cannot_take_in(job_id: &str, attempt: u32, done: &str) -> String {
+    format!("job {job_id} attempt {attempt}: its manifest key in the store holds one this agent cannot take in (a newer agent's, another job's or attempt's, one over store.max_manifest_bytes); nothing was {done}")
 }
 
 /// Why a new run of an attempt whose manifest (complete or not) is in the store is refused.
@@ -253,7 +275,7 @@ pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> 
         // Another job's or attempt's at this key (misrouted, copied) says nothing of this one.
         Ok(Ok(Ok(m))) if !is_attempts(&m, job_id, attempt) => {
             tracing::error!(key = %key, found_job = %crate::display::cut(m.job_id.clone(), 256), found_attempt = m.attempt,
-                "the attempt's manifest key in the store holds another job's or attempt's manifest; taken as no answer");
+                "the attempt's manifest key in the store holds another job's or attempt's manifest; nothing is started or watched over it");
             Stored::Unreadable
         }
         Ok(Ok(Ok(m))) if m.complete => Stored::Complete,

@@ -257,9 +257,10 @@ async fn watch_attempt(
                 tracing::warn!("the store did not say whether this attempt ran before (no answer within preflight_timeout_secs); watching it as a first run");
             }
             Some(crate::job::Stored::Unreadable) => {
-                return Err(WatchError::Left(format!(
-                    "job {} attempt {}: its manifest key in the store holds one this agent cannot take in (a newer agent's, another job's or attempt's, one over store.max_manifest_bytes); nothing was watched",
-                    plan.job_id, plan.attempt
+                return Err(WatchError::Left(crate::job::cannot_take_in(
+                    &plan.job_id,
+                    plan.attempt,
+                    "watched",
                 )))
             }
             Some(stored @ (crate::job::Stored::Complete | crate::job::Stored::InProgress)) => {

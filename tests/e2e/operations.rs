@@ -344,6 +344,31 @@ fn a_run_never_replaces_an_earlier_runs_manifest() {
     assert!(again.stderr.contains("already ran"), "{}", again.stderr);
 }
 
+/// An attempt whose manifest key holds one this agent cannot take in (an earlier run's,
+/// here a newer agent's version 2) is not taken for "never ran": the run's first manifest
+/// replaced it. Refused, exit 6, the manifest as it was and nothing launched.
+#[test]
+fn a_run_never_replaces_a_manifest_it_cannot_take_in() {
+    let h = Harness::file();
+    h.run_job(json!({"job_id": "older", "command": ["sh", "-c", "echo m > $C3_ARTIFACTS_DIR/m"]}))
+        .assert_code(0);
+    let mut newer: serde_json::Value =
+        serde_json::from_slice(&h.object("jobs/older/attempts/1/manifest.json").unwrap()).unwrap();
+    newer["job_id"] = json!("newer");
+    newer["version"] = json!(2);
+    let newer = serde_json::to_vec(&newer).unwrap();
+    let key = "jobs/newer/attempts/1/manifest.json";
+    std::fs::create_dir_all(h.object_path(key).parent().unwrap()).unwrap();
+    h.tamper(key, &newer);
+    let marker = h.path("launched");
+    let run =
+        h.run_job(json!({"job_id": "newer", "command": ["touch", marker.display().to_string()]}));
+    run.assert_code(6);
+    assert!(run.stderr.contains("cannot take in"), "{}", run.stderr);
+    assert!(!marker.exists(), "launched over the manifest");
+    assert_eq!(h.object(key).unwrap(), newer);
+}
+
 #[test]
 fn version_everywhere_completions_and_man_page() {
     let h = Harness::file();
