@@ -140,7 +140,7 @@ fn one_line(event: &[u8], style: Style) -> Vec<u8> {
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' if style == Style::Json => out.extend_from_slice(b"\\t"),
             b'\t' => out.push(b),
-            0x1b if style == Style::Terminal => out.push(b),
+            0x1b if style == Style::Terminal && is_formatter_colour(bytes.clone()) => out.push(b),
             0..=0x1f | 0x7f if style == Style::Json => {
                 out.extend_from_slice(format!("\\u{b:04x}").as_bytes())
             }
@@ -154,6 +154,37 @@ fn one_line(event: &[u8], style: Style) -> Vec<u8> {
     }
     out.push(b'\n');
     out
+}
+
+/// Whether what follows an ESC is a colour of the formatter's own (`[`, SGR codes of bold,
+/// dim, italic, the five level colours or a reset, `m`). tracing-subscriber escapes only the
+/// message: a field's value (a file name the job chose) is written as it is, and an OSC 52
+/// or a cursor move in it was obeyed by the terminal of an operator running `resync` or
+/// `recover` (the clipboard set, earlier lines rewritten); a concealing or blinking SGR too.
+fn is_formatter_colour(mut rest: impl Iterator<Item = u8>) -> bool {
+    if rest.next() != Some(b'[') {
+        return false;
+    }
+    let mut code = String::new();
+    for b in rest.take(32) {
+        match b {
+            b'0'..=b'9' => code.push(b as char),
+            b';' | b'm' => {
+                if !matches!(
+                    code.as_str(),
+                    "0" | "1" | "2" | "3" | "22" | "23" | "31" | "32" | "33" | "34" | "35" | "39"
+                ) {
+                    return false;
+                }
+                if b == b'm' {
+                    return true;
+                }
+                code.clear();
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The most one written line may take, its priority and newline included. journald cuts a
@@ -381,7 +412,7 @@ impl Visit for Visitor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{one_line, FlatJson, Style};
+    use super::{is_formatter_colour, one_line, FlatJson, Style};
 
     /// Each event logged under `tracing::subscriber::with_default`, through the JSON format.
     fn json_lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
@@ -543,6 +574,58 @@ mod tests {
             b"\x1b[33mWARN\x1b[0m a\\nb\n"
         );
         assert_eq!(one_line(b"plain\n", Style::Text), b"plain\n");
+    }
+
+    /// On a terminal, a field's value (a path the job chose) keeps no escape of its own: an
+    /// OSC 52 (the operator's clipboard), a cursor move, a concealing colour. The formatter's
+    /// own colours, logged with ANSI on, stay.
+    #[test]
+    fn a_terminal_obeys_only_the_formatters_colours() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_target(false)
+            .with_ansi(true)
+            .finish();
+        let hostile = "a\x1b]52;c;aGk=\x1b\\b\x1b[1Ac\x1b[8md\x1b[2Je";
+        tracing::subscriber::with_default(subscriber, || {
+            let _span = tracing::info_span!("job", job_id = "j").entered();
+            tracing::error!(path = %hostile, "upload failed");
+            tracing::warn!(dir = ?hostile, n = 3, "x");
+        });
+        let raw = buf.0.lock().unwrap().clone();
+        let mut obeyed = 0;
+        for event in raw.split_inclusive(|b| *b == b'\n') {
+            let line = one_line(event, Style::Terminal);
+            for (i, _) in line.iter().enumerate().filter(|(_, b)| **b == 0x1b) {
+                assert!(
+                    is_formatter_colour(line[i + 1..].iter().copied()),
+                    "an escape obeyed: {:?}",
+                    String::from_utf8_lossy(&line)
+                );
+                obeyed += 1;
+            }
+            let text = String::from_utf8_lossy(&line);
+            // Shown escaped (by the writer, or by Debug for a `?` field), never dropped.
+            assert!(
+                text.contains("\\x1b]52;c;aGk=") || text.contains("\\u{1b}]52;c;aGk="),
+                "{text:?}"
+            );
+        }
+        assert!(obeyed >= 4, "the formatter's colours went: {obeyed}");
     }
 
     /// C1 controls (U+009B is CSI to many terminals) and DEL are escaped too, in JSON as
