@@ -129,11 +129,12 @@ fn to_stderr(level: tracing::Level, prefix: &str, message: &str) {
 /// A job's log bytes on their way to stdout. To a terminal (an operator's, often root's),
 /// escape sequences the job printed are shown, not obeyed: OSC 52 writes the clipboard, others
 /// make the terminal answer as if typed. Control bytes other than `\n`, `\t`, `\r` (a progress
-/// bar's) and C1 controls in UTF-8 become `\xNN`. To a pipe or file the bytes pass as they are.
+/// bar's), C1 controls in UTF-8 and every byte that is not UTF-8 become `\xNN`: a lone 0x9B
+/// is CSI to a terminal in an 8-bit locale. To a pipe or file the bytes pass as they are.
 pub struct JobBytes {
     terminal: bool,
-    /// A UTF-8 lead byte of a C1 control (0xC2) ended the last chunk.
-    pending_c2: bool,
+    /// The start of a character the last chunk ended inside, held to see how it goes on.
+    carry: Vec<u8>,
 }
 
 impl JobBytes {
@@ -141,7 +142,7 @@ impl JobBytes {
         use std::io::IsTerminal;
         JobBytes {
             terminal: std::io::stdout().is_terminal(),
-            pending_c2: false,
+            carry: Vec::new(),
         }
     }
 
@@ -153,29 +154,43 @@ impl JobBytes {
         out.write_all(&self.escape(chunk)).is_ok()
     }
 
-    /// The end of the log: a lead byte held back to see what followed it is shown, escaped
-    /// (raw, the next output's first byte could make a C1 control of it).
+    /// The end of the log: the start of a character held back to see what followed it is
+    /// shown, escaped (raw, the next output's first byte could complete a C1 control).
     pub fn finish(&mut self, out: &mut impl Write) {
-        if std::mem::take(&mut self.pending_c2) {
-            let _ = out.write_all(b"\\xc2");
+        let mut shown = Vec::new();
+        for b in std::mem::take(&mut self.carry) {
+            shown.extend_from_slice(format!("\\x{b:02x}").as_bytes());
         }
+        let _ = out.write_all(&shown);
     }
 
     fn escape(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let mut shown = Vec::with_capacity(chunk.len());
-        for &b in chunk {
-            if std::mem::take(&mut self.pending_c2) {
-                if (0x80..=0x9f).contains(&b) {
-                    shown.extend_from_slice(format!("\\xc2\\x{b:02x}").as_bytes());
-                    continue;
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(chunk);
+        let mut shown = Vec::with_capacity(bytes.len());
+        let mut parts = bytes.utf8_chunks().peekable();
+        while let Some(part) = parts.next() {
+            for c in part.valid().chars() {
+                match c {
+                    '\n' | '\t' | '\r' => shown.push(c as u8),
+                    '\0'..='\x1f' | '\x7f' => {
+                        shown.extend_from_slice(format!("\\x{:02x}", c as u32).as_bytes())
+                    }
+                    '\u{80}'..='\u{9f}' => {
+                        shown.extend_from_slice(format!("\\xc2\\x{:02x}", c as u32).as_bytes())
+                    }
+                    _ => shown.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
                 }
-                shown.push(0xc2);
             }
-            match b {
-                b'\n' | b'\t' | b'\r' => shown.push(b),
-                0x00..=0x1f | 0x7f => shown.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
-                0xc2 => self.pending_c2 = true,
-                _ => shown.push(b),
+            let invalid = part.invalid();
+            let unfinished = parts.peek().is_none()
+                && matches!(std::str::from_utf8(invalid), Err(e) if e.error_len().is_none());
+            if unfinished {
+                self.carry = invalid.to_vec();
+            } else {
+                for b in invalid {
+                    shown.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+                }
             }
         }
         shown
@@ -206,7 +221,7 @@ mod tests {
     fn a_terminal_sees_escape_sequences_shown_not_obeyed() {
         let mut t = JobBytes {
             terminal: true,
-            pending_c2: false,
+            carry: Vec::new(),
         };
         let mut out = Vec::new();
         assert!(t.write(&mut out, b"ok\t1\r\n\x1b]52;c;aGk=\x07caf\xc3\xa9 \xc2"));
@@ -219,9 +234,18 @@ mod tests {
         assert!(t.write(&mut out, b"a\xc2"));
         t.finish(&mut out);
         assert_eq!(out, b"a\\xc2", "the last byte was lost");
+        // Bytes that are not UTF-8 are shown as `\xNN`: a lone 0x9B is CSI to a terminal in
+        // an 8-bit locale. A character split across chunks is whole again.
+        let mut out = Vec::new();
+        assert!(t.write(&mut out, b"\x9b2J\x9d52;c;aGk=\x9c|\xe2\x82"));
+        assert!(t.write(&mut out, b"\xac\xff\n"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\\x9b2J\\x9d52;c;aGk=\\x9c|\u{20ac}\\xff\n"
+        );
         let mut pipe = JobBytes {
             terminal: false,
-            pending_c2: false,
+            carry: Vec::new(),
         };
         let mut raw = Vec::new();
         assert!(pipe.write(&mut raw, b"\x1b[31m"));
