@@ -831,7 +831,7 @@ impl<'a> Run<'a> {
             () = cancel.cancelled() => return Err(PrepareError::Canceled),
         };
         if let Some(warning) = checked {
-            self.reports.warn(warning);
+            self.reports.warn_always(warning);
         }
         if cancel.is_cancelled() {
             return Err(PrepareError::Canceled);
@@ -857,7 +857,7 @@ impl<'a> Run<'a> {
         let owner = self.run_as.as_ref().map(|u| (u.uid, u.gid));
         let socket = AgentSocket::bind(&self.ctx.state, &spec.job_id, spec.attempt, owner)
             .map_err(|e| {
-                self.reports.warn(format!(
+                self.reports.warn_always(format!(
                     "no agent socket, `c3-agent publish` is unavailable: {}",
                     error_chain(&e)
                 ))
@@ -1018,7 +1018,7 @@ impl<'a> Run<'a> {
     /// `recover` could not stop every process of the job: FINALIZING says the GPU is not
     /// released, as the supervised path's does, and the terminal status carries the warning.
     pub(crate) async fn processes_survive(&mut self) {
-        self.reports.warn(
+        self.reports.warn_always(
             "processes of the job survive SIGKILL (stuck in the kernel?): its GPU may still be in use"
                 .into(),
         );
@@ -1269,7 +1269,8 @@ impl<'a> Run<'a> {
                 None => self.read_result().await,
             };
             result = read.unwrap_or_else(|problem| {
-                self.reports.warn(format!("result file ignored: {problem}"));
+                self.reports
+                    .warn_always(format!("result file ignored: {problem}"));
                 serde_json::Value::Null
             });
             let (job_id, attempt) = (self.spec().job_id.clone(), self.spec().attempt);

@@ -16,6 +16,10 @@ use crate::report::{Ahead, Delivery, Reporter};
 /// Warnings sent with a status; more are counted, not listed.
 const MAX_WARNINGS: usize = 50;
 
+/// The agent's own warnings on the job as a whole (its result file, the project's quota, its
+/// processes): few, and never crowded out of the status by the job's file names.
+const MAX_OWN_WARNINGS: usize = 16;
+
 /// A warning is cut to this many bytes for the status: the job's file names go into them
 /// (16 KiB each at most), and 50 such made a terminal status of megabytes.
 const MAX_WARNING_BYTES: usize = 512;
@@ -44,6 +48,10 @@ pub struct JobReporter {
     reporter: Reporter,
     attempt: u32,
     warnings: Vec<String>,
+    /// Warnings past [`MAX_WARNINGS`], counted.
+    more_warnings: u64,
+    /// [`JobReporter::warn_always`]'s.
+    own_warnings: Vec<String>,
     /// RUNNING and FINALIZING under way (task, seq, body), in seq order: each is delivered,
     /// or kept, before the terminal status.
     background: Vec<(JoinHandle<Delivery>, u64, Vec<u8>)>,
@@ -68,6 +76,8 @@ impl JobReporter {
             reporter,
             attempt,
             warnings: Vec::new(),
+            more_warnings: 0,
+            own_warnings: Vec::new(),
             background: Vec::new(),
             last_done: None,
             superseded: None,
@@ -83,11 +93,37 @@ impl JobReporter {
             let text = cut(text, MAX_LOGGED_WARNING_BYTES);
             tracing::warn!("{text}");
             self.warnings.push(cut(text, MAX_WARNING_BYTES));
-        } else if self.warnings.len() == MAX_WARNINGS {
-            tracing::warn!("more warnings follow; they are not logged one by one");
-            self.warnings
-                .push("more warnings; see the agent's log".into());
+        } else {
+            if self.more_warnings == 0 {
+                tracing::warn!("more warnings follow; they are counted, not logged one by one");
+            }
+            self.more_warnings += 1;
         }
+    }
+
+    /// The agent's own word on the job as a whole (its result file ignored, the project over
+    /// its quota, processes that survive): always logged and in the terminal status. Through
+    /// [`JobReporter::warn`], a job that left 50 symlinks first had them dropped unsaid.
+    pub fn warn_always(&mut self, text: String) {
+        let text = cut(text, MAX_LOGGED_WARNING_BYTES);
+        tracing::warn!("{text}");
+        if self.own_warnings.len() < MAX_OWN_WARNINGS {
+            self.own_warnings.push(cut(text, MAX_WARNING_BYTES));
+        } else {
+            self.more_warnings += 1;
+        }
+    }
+
+    /// The terminal status's warnings: the first ones, how many more, the agent's own.
+    fn listed_warnings(&self) -> Vec<String> {
+        let more = (self.more_warnings > 0).then(|| {
+            format!(
+                "{} more warnings, not listed; the agent's log has the first of them",
+                self.more_warnings
+            )
+        });
+        let all = self.warnings.iter().cloned().chain(more);
+        all.chain(self.own_warnings.iter().cloned()).collect()
     }
 
     fn status(&self, seq: u64, state: JobState) -> StatusReport {
@@ -278,7 +314,7 @@ impl JobReporter {
             Delivery::Rejected => return false,
         };
         if let Some((used, quota)) = crate::report::over_quota(&body) {
-            self.warn(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
+            self.warn_always(format!("storage usage {used} bytes is over the quota of {quota} bytes (soft limit: nothing was rejected)"));
             return true;
         }
         match ArtifactsReply::from_json(&body) {
@@ -326,7 +362,7 @@ impl JobReporter {
             signal: ending.signal,
             message: ending.message.map(no_nul),
             upload_errors: ending.upload_errors,
-            warnings: self.warnings.iter().cloned().map(no_nul).collect(),
+            warnings: self.listed_warnings().into_iter().map(no_nul).collect(),
             result: ending.result,
             peak_memory_bytes: facts.peak_memory_bytes,
             cpu_seconds: facts.cpu_seconds,

@@ -71,6 +71,24 @@ fn bad_result_file_is_a_warning() {
     assert!(t["warnings"].to_string().contains("result file"), "{t}");
 }
 
+/// The agent's own warnings (the result file ignored, the project over its quota) are in
+/// the terminal status and the log however many the job's files made first: past 50, the
+/// 51st and later were dropped unsaid, so 60 symlinks hid both.
+#[test]
+fn the_agents_own_warnings_are_never_crowded_out_by_the_jobs() {
+    let h = Harness::file().with_control_plane(10);
+    h.cp().set_quota(2_000_000, Some(1_000));
+    let script = "for i in $(seq 60); do ln -s /x $C3_ARTIFACTS_DIR/l$i; done; echo 1 > $C3_ARTIFACTS_DIR/f; echo '{' > $C3_RESULT_FILE";
+    let run = h.run_job(json!({"job_id": "crowd", "command": ["sh", "-c", script]}));
+    run.assert_code(0);
+    let t = h.cp().terminal_status().unwrap();
+    let warnings = t["warnings"].to_string();
+    assert!(warnings.contains("result file ignored"), "{t}");
+    assert!(warnings.contains("over the quota"), "{t}");
+    assert!(warnings.contains("more warnings, not listed"), "{t}");
+    assert!(run.stderr.contains("result file ignored"), "{}", run.stderr);
+}
+
 /// Every SUCCEEDED status the control plane was sent, answered or not.
 fn succeeded_statuses(h: &Harness) -> Vec<crate::support::Recorded> {
     h.cp()
