@@ -66,16 +66,29 @@ pub async fn pump(
     log_path: PathBuf,
     max_bytes: u64,
 ) -> std::io::Result<u64> {
-    let mut file = match tokio::fs::File::create(&log_path).await {
-        Ok(f) => Some(f),
+    // Appended to: a rerun that takes over the attempt of an agent that died keeps the
+    // earlier run's output (truncated, it was lost, and the live posts sent other bytes at
+    // offsets the control plane already had).
+    let opened = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await;
+    let (mut file, earlier) = match opened {
+        Ok(f) => {
+            let earlier = f.metadata().await.map_or(0, |m| m.len());
+            (Some(f), earlier)
+        }
         Err(e) => {
             tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot keep the job's output in the state dir; still echoing it");
-            None
+            (None, 0)
         }
     };
     let mut failed: Option<std::io::Error> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Lines::default();
+    // What the earlier run kept counts against `max_bytes` too.
+    let room = max_bytes.saturating_sub(earlier);
     let mut total = 0u64;
     let mut echo = EchoLimit::new(stream);
     loop {
@@ -83,8 +96,8 @@ pub async fn pump(
         if n == 0 {
             break;
         }
-        let keep = (max_bytes.saturating_sub(total)).min(n as u64) as usize;
-        if keep < n && total <= max_bytes {
+        let keep = (room.saturating_sub(total)).min(n as u64) as usize;
+        if keep < n && total <= room {
             tracing::warn!(stream = stream.as_str(), max_log_bytes = max_bytes, "the job's output is over job.max_log_bytes: the rest is drained and counted, not kept or echoed");
         }
         if let (Some(f), true) = (file.as_mut(), keep > 0) {
@@ -105,15 +118,15 @@ pub async fn pump(
     }
     lines.finish(|line| echo.line(line));
     echo.finish();
-    if total > max_bytes {
+    if total > room {
         let note = format!(
             "\n[c3-agent: {} more bytes of {} were dropped past job.max_log_bytes = {max_bytes}]\n",
-            total - max_bytes,
+            total - room,
             stream.as_str()
         );
         tracing::warn!(
             stream = stream.as_str(),
-            dropped_bytes = total - max_bytes,
+            dropped_bytes = total - room,
             total_bytes = total,
             "the job's output past job.max_log_bytes was dropped"
         );

@@ -242,14 +242,16 @@ fn recover_removes_the_socket_a_dead_agent_left() {
 /// The agent dies after RUNNING (and FINALIZING) went out, before the store held a manifest
 /// of the attempt; the same spec is run again. The rerun counted `seq` from 0 again: its
 /// RUNNING and FINALIZING repeated the dead agent's `seq`s, which a control plane drops as
-/// duplicates. It goes on past them.
+/// duplicates. It goes on past them. The dead run's output is kept: the rerun's emptied
+/// the attempt's log (lost to `recover` and the store), and its live posts sent other bytes
+/// at offsets the control plane had.
 #[test]
 fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
     let mut h = Harness::file().with_control_plane(5);
     h.env
         .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
     // A second for RUNNING to be delivered (FINALIZING goes out as the agent dies, or not).
-    let spec = json!({"job_id": "seqs", "command": ["sleep", "1"]});
+    let spec = json!({"job_id": "seqs", "command": ["sh", "-c", "echo run $$; sleep 1"]});
     let run = h.run_job(spec.clone());
     assert_ne!(run.code, 0, "the agent was meant to crash");
     let first = statuses(&h);
@@ -272,6 +274,16 @@ fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), all.len(), "a seq was used twice: {all:?}");
+    let log = std::fs::read_to_string(h.state.join("jobs/seqs/attempts/1/stdout.log")).unwrap();
+    assert_eq!(log.matches("run ").count(), 2, "{log:?}");
+    // Every byte posted at an offset is the byte the log holds there.
+    for r in h.cp().requests() {
+        if r.path.ends_with("/output") && r.body["stream"] == "stdout" {
+            let offset = r.body["offset"].as_u64().unwrap() as usize;
+            let data = r.body["data"].as_str().unwrap();
+            assert_eq!(&log[offset..offset + data.len()], data, "{log:?}");
+        }
+    }
 }
 
 /// A second run of an attempt that ran to its end on this node, let through by a store that
