@@ -49,6 +49,12 @@ pub struct CollectorConfig {
     /// What the attempt's manifest listed when a collector that starts after its agent died
     /// (`recover`) read it ([`SyncBook::listed_before`]).
     pub listed_before: Option<std::sync::Arc<Vec<c3_proto::manifest::FileEntry>>>,
+    /// What the attempt's manifest lists could not be read (a write-only bucket, a proxy's
+    /// 404): where the final scan cannot see part of the output (the workdir gone, a dir
+    /// unreadable), no manifest is written, the one in the store stays, and "manifest" is
+    /// unstored. From an empty book, the seal replaced the listing of everything the dead
+    /// agent stored with one of nothing, and gc took the blobs.
+    pub earlier_unknown: bool,
     /// Cancelled when `recover` is told to stop (a signal, its time budget): the final sync
     /// stops at once, lists what it stored, and reports itself halted ([`FinalSync::halted`]).
     pub halt: Option<tokio_util::sync::CancellationToken>,
@@ -90,6 +96,7 @@ impl CollectorConfig {
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            earlier_unknown: false,
             halt: None,
         }
     }
@@ -111,6 +118,8 @@ pub struct FinalSync {
     /// Stopped by [`CollectorConfig::halt`] before it was done: not to be sealed (a complete
     /// manifest would leave out what it did not get to).
     pub halted: bool,
+    /// No manifest may be written ([`CollectorConfig::earlier_unknown`]).
+    pub hold_manifest: bool,
 }
 
 pub use crate::sync::MAX_NAMED_UNSTORED;
@@ -319,6 +328,7 @@ async fn run(
     // Phase 2: the final scan.
     let mut timings = Timings::default();
     let final_sync = final_sync(&config, &mut book, &mut timings).await;
+    let hold_manifest = final_sync.hold_manifest;
     let _ = reply.send(final_sync);
     // Phase 3: seal.
     if let Some(Command::Seal {
@@ -327,7 +337,15 @@ async fn run(
         reply,
     }) = rx.recv().await
     {
-        let sealed = seal(&config, &mut book, logs, result, &mut timings).await;
+        let sealed = seal(
+            &config,
+            &mut book,
+            logs,
+            result,
+            &mut timings,
+            hold_manifest,
+        )
+        .await;
         timings.log();
         let _ = reply.send(sealed);
     }
@@ -407,9 +425,14 @@ async fn final_sync(
             // Never an empty scan: that would shrink the manifest silently.
             tracing::error!(error = %crate::error_chain(&e), "the final scan failed");
             out.unstored("(the final scan)".into(), false);
+            out.hold_manifest = config.earlier_unknown;
             return out;
         }
     };
+    out.hold_manifest = config.earlier_unknown && !found.incomplete.is_empty();
+    if out.hold_manifest {
+        tracing::error!("the attempt's manifest in the store could not be read and the final scan cannot see all of the output: no manifest is written over it (`c3-agent resync` once the store lets this agent read it)");
+    }
     timings.scan = started.elapsed();
     timings.scanned = found.files.len();
     out.warnings = found.warnings.clone();
@@ -446,7 +469,7 @@ async fn final_sync(
         &config.workdir,
         found,
         book,
-        Some(&config.manifest),
+        (!out.hold_manifest).then_some(&config.manifest),
         config.halt.as_ref(),
     )
     .await;
@@ -487,6 +510,7 @@ async fn seal(
     logs: [(Stream, PathBuf); 2],
     result: serde_json::Value,
     timings: &mut Timings,
+    hold_manifest: bool,
 ) -> Sealed {
     let started = Instant::now();
     let mut unstored = Vec::new();
@@ -535,9 +559,18 @@ async fn seal(
     // Whatever multipart upload is still journaled will never be completed now.
     config.uploader.abort_orphans().await;
     let started = Instant::now();
-    let manifest_sha256 = match config.manifest.complete(book, logs, result).await {
-        Ok(sha) => Some(sha),
-        Err(e) => {
+    let completed = match hold_manifest {
+        true => None,
+        false => Some(config.manifest.complete(book, logs, result).await),
+    };
+    let manifest_sha256 = match completed {
+        // The store's manifest stays as it is (see `CollectorConfig::earlier_unknown`).
+        None => {
+            unstored.push("manifest".into());
+            None
+        }
+        Some(Ok(sha)) => Some(sha),
+        Some(Err(e)) => {
             tracing::error!(error = %crate::error_chain(&e), "cannot write the manifest");
             // Never "for good", even when too large: with no complete manifest, nothing lists
             // the attempt's blobs (gc may take those of its final sync) and the workdir is
@@ -600,6 +633,7 @@ mod tests {
             live: None,
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            earlier_unknown: false,
             halt: None,
         };
         let collector = CollectorHandle::start(config, None);

@@ -755,6 +755,13 @@ impl<'a> Run<'a> {
         config.listed_before = Some(std::sync::Arc::new(std::mem::take(&mut earlier.files)));
     }
 
+    /// The attempt's manifest could not be read ([`crate::recover::Listed::Unknown`]): a
+    /// seal from what the final scan finds replaces it only when the scan sees all of the
+    /// output.
+    pub(crate) fn earlier_listing_unknown(&mut self) {
+        self.collector_config.earlier_unknown = true;
+    }
+
     fn spec(&self) -> &JobSpec {
         &self.record.spec
     }

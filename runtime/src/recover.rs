@@ -256,6 +256,11 @@ fn unfinished_record(
 pub(crate) enum Listed {
     /// Its manifest (`None`: there is none, or one cut short that lists nothing usable).
     Before(Option<Box<c3_proto::Manifest>>),
+    /// The store would not let this agent read it (a write-only bucket's 403), or answered
+    /// a 404 that is not its own word on the key (a proxy's): what it lists is unknown. The
+    /// attempt is finished, but its manifest is replaced only if the final scan sees all of
+    /// the output ([`crate::collector::CollectorConfig::earlier_unknown`]).
+    Unknown,
     /// A manifest this agent cannot take in (a newer agent's version, over this config's
     /// `store.max_manifest_bytes`, an entry it refuses) but which may well be fine: logged,
     /// the attempt left alone this pass for an operator or a newer agent.
@@ -307,16 +312,13 @@ pub(crate) async fn listed_before(
             }
             Err(e) => not_this_agents(crate::error_chain(&e)),
         },
-        Err(crate::store::StoreError::Op {
-            source: object_store::Error::NotFound { .. },
-            ..
-        }) => Ok(Listed::Before(None)),
+        Err(e) if ctx.store.says_absent(&e) => Ok(Listed::Before(None)),
         Err(e @ crate::store::StoreError::TooLarge { .. }) => {
             not_this_agents(crate::error_chain(&e))
         }
-        Err(e) if e.is_permanent() => {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; replaced by what the final sync finds");
-            Ok(Listed::Before(None))
+        Err(e) if e.is_permanent() || e.is_not_found() => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; it is replaced only if the final scan sees all of the output");
+            Ok(Listed::Unknown)
         }
         Err(e) => Err(e),
     }
@@ -739,6 +741,10 @@ async fn recover_record(
             return None;
         }
         Some(Ok(Listed::Before(earlier))) => Some(earlier.map(|m| *m)),
+        Some(Ok(Listed::Unknown)) => {
+            run.earlier_listing_unknown();
+            Some(None)
+        }
         Some(Ok(Listed::NotThisAgents | Listed::Foreign)) => return None,
         Some(Err(e)) => {
             let _entered = span.enter();

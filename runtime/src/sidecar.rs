@@ -407,6 +407,7 @@ async fn watch_attempt(
                     return left("its run record did not parse and its manifest in the store is complete: it already ran".into());
                 }
                 Some(Ok(Ok(Listed::Before(m)))) => run.listed_before(m.map(|m| *m)),
+                Some(Ok(Ok(Listed::Unknown))) => run.earlier_listing_unknown(),
                 Some(Ok(Ok(Listed::NotThisAgents))) => {
                     return left("its manifest in the store is not one this agent can take in".into());
                 }

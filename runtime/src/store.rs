@@ -187,6 +187,13 @@ fn write_error(op: &'static str, key: &str, source: object_store::Error) -> Stor
     }
 }
 
+/// How a remote store says a key it was asked to read is not there.
+const ABSENT_CODES: &[&str] = &[
+    "<Code>NoSuchKey</Code>",
+    "<Code>BlobNotFound</Code>",
+    "No such object",
+];
+
 /// The code S3 (and GCS's XML API, which the multipart uploads use) answers with a 404 to
 /// a request naming an upload it no longer knows.
 const NO_SUCH_UPLOAD: &str = "NoSuchUpload";
@@ -210,6 +217,18 @@ fn upload_error(op: &'static str, key: &str, source: object_store::Error) -> Sto
 }
 
 impl StoreError {
+    /// A read answered "not found" (by the store, or by whatever stands before it: see
+    /// [`BlobStore::says_absent`]).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Op {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+
     /// A permanent error will not go away by retrying: fail fast instead of
     /// burning the retry budget (missing bucket, denied, bad credentials, bad config).
     pub fn is_permanent(&self) -> bool {
@@ -2151,6 +2170,22 @@ impl BlobStore {
     /// How long the file store's calls may take (gc cuts its own at the same limits).
     pub(crate) fn file_limits(&self) -> crate::filestore::Limits {
         self.file_limits
+    }
+
+    /// Whether a read's "not found" is the store's own word that the key is absent: the
+    /// file store's always; a remote store's only with its own code in the reply (S3's and
+    /// GCS's NoSuchKey, Azure's BlobNotFound, GCS's JSON "No such object"), as a write's
+    /// ([`write_error`]): a proxy's or load balancer's bare 404 says nothing of the key.
+    pub fn says_absent(&self, e: &StoreError) -> bool {
+        let StoreError::Op {
+            source: source @ object_store::Error::NotFound { .. },
+            ..
+        } = e
+        else {
+            return false;
+        };
+        let local = self.url.starts_with("file:") || self.url.starts_with("memory:");
+        local || ABSENT_CODES.iter().any(|code| says(source, code))
     }
 
     /// Whether this is the file store, where a staged object becomes a blob by a hard link.

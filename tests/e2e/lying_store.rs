@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::support::{sha256_hex, wait_for, Harness};
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
     None,
     /// The first create-if-absent PUT of each blob: 409 ConditionalRequestConflict.
@@ -99,6 +99,10 @@ enum Fault {
     /// Every PUT of a non-empty blob: 413 Request Entity Too Large (a proxy's
     /// `client_max_body_size`).
     TooLarge,
+    /// Every GET of a manifest: 403 AccessDenied (a write-only bucket policy).
+    ManifestGetDenied,
+    /// Every GET of a manifest: 404 with no body (a proxy's or load balancer's own).
+    ManifestGetBareNotFound,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -478,6 +482,14 @@ async fn handle(
             &[("content-type", "application/xml".into())],
             Body::from("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>false</IsTruncated><KeyCount>0</KeyCount></ListBucketResult>"),
         ),
+        Method::GET if fault == Fault::ManifestGetDenied && key.ends_with("/manifest.json") => {
+            s3_error(StatusCode::FORBIDDEN, "AccessDenied")
+        }
+        Method::GET
+            if fault == Fault::ManifestGetBareNotFound && key.ends_with("/manifest.json") =>
+        {
+            reply(StatusCode::NOT_FOUND, &[], Body::empty())
+        }
         Method::GET => {
             let Some(o) = st.objects.get(&key).cloned() else {
                 return s3_error(StatusCode::NOT_FOUND, "NoSuchKey");
@@ -1518,4 +1530,54 @@ fn a_read_fault_mid_upload_keeps_its_parts_for_recover() {
         4,
         "parts sent again after the read fault"
     );
+}
+
+/// The agent dies while its job runs, after live sync stored a file and listed it; the
+/// workdir is gone when `recover` comes, and the store will not let the agent read the
+/// attempt's manifest (a write-only bucket's 403, a proxy's bare 404). What it lists is
+/// unknown and the scan cannot see the output: no manifest is written over it (the seal from
+/// an empty book listed nothing, and gc took the blobs), and "manifest" is unstored.
+#[test]
+fn recover_never_replaces_a_manifest_it_cannot_read_with_less() {
+    for (n, fault) in [Fault::ManifestGetDenied, Fault::ManifestGetBareNotFound]
+        .into_iter()
+        .enumerate()
+    {
+        let s3 = FakeS3::start(Fault::None);
+        let h = s3.harness();
+        let job = format!("unread{n}");
+        let key = format!("pre/jobs/{job}/attempts/1/manifest.json");
+        let work = h.path("w");
+        let spec = h.spec(json!({"job_id": job, "workdir": work.display().to_string(),
+            "command": ["sh", "-c", "echo stored > $C3_ARTIFACTS_DIR/a; sleep 120"]}));
+        let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+        let listed = crate::support::wait_for(
+            "live sync to list the file",
+            std::time::Duration::from_secs(30),
+            || {
+                let st = s3.state.lock().unwrap();
+                st.objects
+                    .get(&key)
+                    .filter(|m| String::from_utf8_lossy(m).contains("artifacts/a"))
+                    .cloned()
+            },
+        );
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        std::fs::remove_dir_all(&work).unwrap();
+        s3.set_fault(fault);
+        let run = h.run(&["recover"]);
+        let now = s3.state.lock().unwrap().objects.get(&key).cloned();
+        assert_eq!(
+            now.as_deref(),
+            Some(&listed[..]),
+            "{fault:?}: the manifest was replaced\n{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("no manifest is written over it"),
+            "{fault:?}: {}",
+            run.stderr
+        );
+    }
 }
