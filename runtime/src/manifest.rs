@@ -298,12 +298,39 @@ impl ManifestWriter {
                 return Ok(());
             }
             Ok(_) => {}
-            // The listing denied too: the job's manifest must not go missing.
-            Err(e) if e.is_permanent() => {}
+            // The listing refused (denied, or past its bound: a gateway that drops the
+            // continuation token or ignores the prefix): the job's key itself says whose it
+            // is, where the store lets it be read. Written blind past a refusal for the
+            // listing's size, an older attempt finished late replaced the newer one's.
+            Err(e) if e.is_permanent() => match self.attempt_at_job_key(key).await {
+                Ok(Some(newer)) if newer > self.attempt => {
+                    self.superseded_by(newer);
+                    return Ok(());
+                }
+                Ok(_) => {}
+                // Denied too: the job's manifest must not go missing.
+                Err(e) if e.is_permanent() => {}
+                Err(e) => return Err(e),
+            },
             Err(e) => return Err(e),
         }
         self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind = true;
         self.store.put_document(key, bytes).await
+    }
+
+    /// The attempt whose manifest the job's key holds: `None` when there is none, or one of
+    /// another job or not to be taken in (nothing to keep from this attempt's).
+    async fn attempt_at_job_key(&self, key: &str) -> Result<Option<u32>, StoreError> {
+        let bytes = match self.store.get_bytes_capped(key, self.max_bytes).await {
+            Ok(bytes) => bytes,
+            Err(e) if self.store.says_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let parsed = crate::job::parse_off_reactor(bytes).await;
+        Ok(parsed
+            .ok()
+            .filter(|m| m.job_id == self.job_id)
+            .map(|m| m.attempt))
     }
 
     /// The job's key now, and whether a newer attempt has stored a manifest: at its own key,

@@ -1394,6 +1394,29 @@ fn an_endless_listing_does_not_hold_the_manifest_write() {
     assert!(run.stderr.contains("went past"), "{}", run.stderr);
 }
 
+/// An older attempt finished after a newer one (a late `recover`, a `resync`) on a store
+/// whose listing of the attempts goes past its bound (a gateway that drops the continuation
+/// token): refused for good, the write went blind and the older attempt's manifest replaced
+/// the newer one's at the job's key. The job's key itself says it is the newer attempt's.
+#[test]
+fn an_older_attempt_past_a_refused_listing_leaves_the_newer_ones_manifest() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let mut newer = job_writing(&h, "late", b"new");
+    newer["attempt"] = json!(2);
+    newer["workdir"] = json!(h.path("w2").display().to_string());
+    h.run_job(newer).assert_code(0);
+    s3.set_fault(Fault::EndlessListing);
+    let mut older = job_writing(&h, "late", b"old");
+    older["workdir"] = json!(h.path("w1").display().to_string());
+    let run = h.run_job(older);
+    run.assert_code(0);
+    let st = s3.state.lock().unwrap();
+    let job: serde_json::Value =
+        serde_json::from_slice(st.objects.get("pre/jobs/late/manifest.json").unwrap()).unwrap();
+    assert_eq!(job["attempt"], 2, "{}", run.stderr);
+}
+
 /// A store that sends a byte now and then fails no request: `job.dataset_timeout_secs` bounds
 /// a job's inputs, or the node's GPUs wait in "preparing" for as long as the store likes.
 #[test]
