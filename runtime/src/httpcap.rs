@@ -46,7 +46,9 @@ struct Capped(HttpClient);
 #[async_trait::async_trait]
 impl HttpService for Capped {
     async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
-        let object_read = req.method() == http::Method::GET && !is_listing(req.uri().query());
+        let object_read = req.method() == http::Method::GET
+            && !is_listing(req.uri().query())
+            && !is_credential_request(&req);
         let (method, sent_to) = (req.method().clone(), req.uri().clone());
         let res = self.0.execute(req).await?;
         // A redirect to another origin is not followed ([`crate::storehttp`]) and is not an
@@ -179,6 +181,39 @@ fn is_listing(query: Option<&str>) -> bool {
             )
         })
     })
+}
+
+/// Whether a GET asks for credentials rather than an object: object_store's credential
+/// providers (EC2 and ECS task roles, GCP's and Azure's metadata services) build their
+/// clients through this connector too, and read the reply whole (`.json()`, `.text()`).
+/// Taken for an object read, an endless body from a link-local endpoint grew the root agent
+/// until the OOM killer came. Known by the headers those services require, or by the
+/// metadata hosts (link-local addresses included).
+fn is_credential_request(req: &HttpRequest) -> bool {
+    let headers = req.headers();
+    if ["x-aws-ec2-metadata-token", "metadata", "metadata-flavor"]
+        .iter()
+        .any(|h| headers.contains_key(*h))
+    {
+        return true;
+    }
+    match req.uri().host() {
+        Some(host) => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("metadata.google.internal")
+                || host.eq_ignore_ascii_case("metadata")
+                || match host.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local(),
+                    // fe80::/10, and EC2's IPv6 metadata address.
+                    Ok(std::net::IpAddr::V6(ip)) => {
+                        ip.segments()[0] & 0xffc0 == 0xfe80
+                            || ip.segments()[0] == 0xfd00 && ip.segments()[1] == 0x0ec2
+                    }
+                    Err(_) => false,
+                }
+        }
+        None => false,
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -360,6 +395,66 @@ mod tests {
         );
         assert_eq!(held_for(in_a_minute).await, MAX_RETRY_AFTER);
         assert_eq!(held_for("soon").await, std::time::Duration::ZERO);
+    }
+
+    /// A reply of `ENDLESS` bytes to every request.
+    #[derive(Debug)]
+    struct Endless;
+
+    #[async_trait::async_trait]
+    impl HttpService for Endless {
+        async fn call(&self, _req: HttpRequest) -> Result<HttpResponse, HttpError> {
+            let chunks = MAX_REPLY_BODY / (1 << 20) + 8;
+            Ok(http::Response::builder()
+                .status(200)
+                .body(body_of(chunks, 1 << 20))
+                .unwrap())
+        }
+    }
+
+    /// A credential endpoint's reply is read whole by object_store: an endless one (a
+    /// hostile link-local service) is cut at the reply limit, as a listing's is. An object
+    /// read still streams as it is.
+    #[tokio::test]
+    async fn a_credential_endpoints_reply_is_capped() {
+        let client = Capped(HttpClient::new(Endless));
+        let get = |uri: &str, header: Option<(&str, &str)>| {
+            let mut req = http::Request::builder().method("GET").uri(uri);
+            if let Some((k, v)) = header {
+                req = req.header(k, v);
+            }
+            req.body(object_store::client::HttpRequestBody::from(Bytes::new()))
+                .unwrap()
+        };
+        for req in [
+            get(
+                "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+                None,
+            ),
+            get("http://169.254.170.2/v2/credentials/x", None),
+            get("http://[fd00:ec2::254]/latest/meta-data/", None),
+            get(
+                "http://metadata.google.internal/computeMetadata/v1/token",
+                None,
+            ),
+            get("http://10.0.0.1/token", Some(("Metadata-Flavor", "Google"))),
+            get(
+                "http://10.0.0.1/metadata/identity",
+                Some(("Metadata", "true")),
+            ),
+            get("http://10.0.0.1/x", Some(("x-aws-ec2-metadata-token", "t"))),
+        ] {
+            let uri = req.uri().clone();
+            let res = client.call(req).await.unwrap();
+            let err = res.into_body().collect().await.unwrap_err();
+            assert!(err.to_string().contains("over"), "{uri}: {err}");
+        }
+        let object = client
+            .call(get("http://127.0.0.1:9/bucket/key", None))
+            .await
+            .unwrap();
+        let got = object.into_body().collect().await.unwrap().to_bytes();
+        assert!(got.len() > MAX_REPLY_BODY, "an object read was capped");
     }
 
     #[test]
