@@ -190,6 +190,11 @@ fn after_panic(config: config::Config, job_umask: u32) -> ExitCode {
             // gone nothing read them: a stop now was swallowed. One asked before the panic
             // counts from its own time (`job::stop_asked_at`).
             let stop = cancel_on_signals(&env.config.forward_signals);
+            // One that came while the job was stopped above reached no runtime: it counts
+            // from when it came.
+            if let Some(at) = stop_signaled_at() {
+                c3_runtime::job::note_stop_asked_at(at);
+            }
             if c3_runtime::job::stop_asked_at().is_some() {
                 stop.cancel();
             }
@@ -673,10 +678,6 @@ fn slurm_number(name: &str) -> Result<u32, String> {
     }
 }
 
-/// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed
-/// before this returns, so a stop that comes at once is a cancel, not a killed agent.
-/// Handlers for the signals passed on to the job are installed too: one that comes before
-/// the job runs (or after it ended) must not kill the agent, whose default action it is.
 /// Whether `signal` was ignored (`SIG_IGN`) when this process started.
 fn ignored_at_start(signal: i32) -> bool {
     // SAFETY: sigaction with a null new action only reads the current one.
@@ -708,8 +709,60 @@ async fn exit_on_second_stop(stop: CancellationToken) {
     std::process::exit(130);
 }
 
+/// When the first SIGTERM or SIGINT came (CLOCK_MONOTONIC, ns; 0: none), kept by a handler
+/// of its own beside tokio's: after a panic, the first runtime that read tokio's is gone, and
+/// a stop sent while the panic path stopped the job (its kill grace) was swallowed; the
+/// job's finishing then ran to `retry_deadline_secs`, past the scheduler's kill.
+static STOP_SIGNALED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// Installs [`STOP_SIGNALED_NS`]'s handlers, once.
+fn mark_stop_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: the action only reads the clock and stores into an atomic, both
+            // async-signal-safe; signal-hook-registry chains it with tokio's handler.
+            let _ = unsafe {
+                signal_hook_registry::register(sig, || {
+                    let _ = STOP_SIGNALED_NS.compare_exchange(
+                        0,
+                        monotonic_ns().max(1),
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                })
+            };
+        }
+    });
+}
+
+/// When a stop signal came, if one did, as the stop clock's instant.
+fn stop_signaled_at() -> Option<tokio::time::Instant> {
+    let at = STOP_SIGNALED_NS.load(std::sync::atomic::Ordering::SeqCst);
+    (at != 0).then(|| {
+        let ago = std::time::Duration::from_nanos(monotonic_ns().saturating_sub(at));
+        let now = tokio::time::Instant::now();
+        now.checked_sub(ago).unwrap_or(now)
+    })
+}
+
+/// SIGTERM (`systemctl stop`) and SIGINT cancel the job. The handlers are installed
+/// before this returns, so a stop that comes at once is a cancel, not a killed agent.
+/// Handlers for the signals passed on to the job are installed too: one that comes before
+/// the job runs (or after it ended) must not kill the agent, whose default action it is.
 fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
     use tokio::signal::unix::{signal, SignalKind};
+    mark_stop_signals();
     for n in forwarded {
         // tokio keeps a handler installed for the process's life once registered.
         if let Err(e) = signal(SignalKind::from_raw(*n)) {

@@ -9,6 +9,17 @@ fn named(name: &str) -> bool {
     std::env::var("C3_AGENT_FAULT").is_ok_and(|v| v.split('+').any(|n| n == name))
 }
 
+/// The marker path of a `<name>@<path>` entry of `C3_AGENT_FAULT` ([`pause_for`]).
+#[cfg(debug_assertions)]
+fn held_at(name: &str) -> Option<std::path::PathBuf> {
+    let v = std::env::var("C3_AGENT_FAULT").ok()?;
+    v.split('+').find_map(|n| {
+        n.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('@'))
+            .map(std::path::PathBuf::from)
+    })
+}
+
 /// Panics (once per process) if `C3_AGENT_FAULT` names this point, in debug builds.
 pub fn point(name: &str) {
     #[cfg(debug_assertions)]
@@ -63,11 +74,19 @@ pub async fn pause_point(name: &str) {
     pause_for(name, std::time::Duration::from_secs(2)).await;
 }
 
-/// [`pause_point`], for `dur`.
+/// [`pause_point`], for `dur`. Named as `<name>@<path>`, a handshake instead: the point
+/// makes the file at `path` and holds until the test removes it (20 s at most), so a test
+/// on a loaded machine acts inside the window, never after a fixed wait ran out.
 pub async fn pause_for(name: &str, dur: std::time::Duration) {
     #[cfg(debug_assertions)]
     if named(name) {
         tokio::time::sleep(dur).await;
+    } else if let Some(marker) = held_at(name) {
+        let _ = std::fs::write(&marker, b"held");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while marker.exists() && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
     #[cfg(not(debug_assertions))]
     let _ = (name, dur);

@@ -618,6 +618,12 @@ pub fn note_stop_asked() {
     STOP_ASKED.get_or_init(tokio::time::Instant::now);
 }
 
+/// [`note_stop_asked`], for a stop that came at `at` (heard late: after a panic, no runtime
+/// read its signal). The first one noted stays.
+pub fn note_stop_asked_at(at: tokio::time::Instant) {
+    STOP_ASKED.get_or_init(|| at);
+}
+
 /// When a stop was asked for, if one was ([`note_stop_asked`]).
 pub fn stop_asked_at() -> Option<tokio::time::Instant> {
     STOP_ASKED.get().copied()

@@ -93,17 +93,20 @@ fn a_panic_path_with_a_hung_result_read_still_exits() {
 /// sync retries: the panic path's runtime listened for no signal (the first runtime's
 /// handler took it, and nothing read it) and had no stop clock, so it went on until
 /// `retry_deadline_secs`, past the kill a scheduler sends after the stop deadline, and no
-/// status came. It ends by the stop deadline, with the cut path's status.
+/// status came. It ends by the stop deadline, with the cut path's status; one that comes
+/// while the panic path stops the job (its kill grace: no runtime reads signals) counts from
+/// when it came.
 #[test]
 fn a_stop_during_the_panic_path_ends_it_by_the_stop_deadline() {
     let mut s3 = crate::support::S3Server::start();
     s3.retry_deadline_secs = 90;
     let mut h = Harness::new(crate::support::Store::File);
-    h.extra_toml = format!("[job]\nstop_deadline_secs = 5\n{}", s3.store_toml("pre"));
+    h.extra_toml = format!("[job]\nstop_deadline_secs = 10\n{}", s3.store_toml("pre"));
     h.env.push(("C3_AGENT_FAULT".into(), "after-launch".into()));
-    // TERM ignored: the panic path's stop of the job takes its whole grace, in which the
-    // store goes down.
-    let script = "trap '' TERM; echo x > $C3_ARTIFACTS_DIR/a; sleep 30";
+    h.env.push(("C3_AGENT_KILL_GRACE_SECS".into(), "6".into()));
+    // TERM noted and outlived: the panic path's stop of the job takes its whole grace, and
+    // the agent's stop comes inside it, while no runtime reads signals (it was swallowed).
+    let script = "trap 'echo t > $C3_ARTIFACTS_DIR/termed' TERM; echo x > $C3_ARTIFACTS_DIR/a; while :; do sleep 30 & wait; done";
     let spec = h.spec(json!({"job_id": "boomstop", "command": ["sh", "-c", script]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     wait_for("the job to start", Duration::from_secs(20), || {
@@ -113,10 +116,21 @@ fn a_stop_during_the_panic_path_ends_it_by_the_stop_deadline() {
             .then_some(())
     });
     s3.stop();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for(
+        "the panic path's stop of the job",
+        Duration::from_secs(20),
+        || {
+            h.workdir("boomstop")
+                .join("artifacts/termed")
+                .exists()
+                .then_some(())
+        },
+    );
     crate::support::signal(child.id(), "TERM");
-    // The stop deadline, and a moment for the exit.
-    let run = exited_within(&h, child, Duration::from_secs(5 + 4));
+    // By the stop deadline, counted from the signal (a scheduler's kill follows it by as
+    // much), and a moment for the exit: heard only once the grace was over, it was counted
+    // from then, 6 s late.
+    let run = exited_within(&h, child, Duration::from_secs(10 + 1));
     assert!(
         run.stderr.contains("the agent panicked: injected fault"),
         "{}",

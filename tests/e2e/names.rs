@@ -72,20 +72,20 @@ fn a_file_that_vanishes_before_its_read_is_a_warning_not_an_upload_error() {
     use std::time::Duration;
     let mut h = Harness::file();
     h.extra_toml = "[sync]\nlive = false\n".into();
-    h.env
-        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
+    let held = h.path("held");
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        format!("after-final-scan@{}", held.display()),
+    ));
     let spec = h.spec(json!({"job_id": "vanish", "command": ["sh", "-c",
         "echo k > $C3_ARTIFACTS_DIR/keep; echo g > $C3_ARTIFACTS_DIR/gone"]}));
     let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    // The final scan has seen both files; the agent waits 2 s before reading them.
-    let record = h.state.join("jobs/vanish/attempts/1/run.json");
-    crate::support::wait_for("the final sync", Duration::from_secs(20), || {
-        std::fs::read_to_string(&record)
-            .ok()
-            .filter(|r| r.contains("\"finishing\""))
+    // The final scan has seen both files; the agent holds until `held` is removed.
+    crate::support::wait_for("the final scan", Duration::from_secs(30), || {
+        held.exists().then_some(())
     });
-    std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(h.workdir("vanish").join("artifacts/gone")).unwrap();
+    std::fs::remove_file(&held).unwrap();
     let run = h.wait("run".into(), agent);
     run.assert_code(0);
     let t = h.terminal("vanish");
