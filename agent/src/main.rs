@@ -691,18 +691,11 @@ fn ignored_at_start(signal: i32) -> bool {
 /// A second Ctrl-C (or SIGTERM) after `stop` ends the process at once, exit 130: the first
 /// one's wait for a pull's writers (30 s at most, on a hung DEST) is the user's to cut.
 async fn exit_on_second_stop(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
     stop.cancelled().await;
-    // Listened to from now on: made before, the first stop's signal counted as a second.
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    // Counted by the signal handler ([`STOP_SIGNALS`]): a listener made now missed a second
+    // signal that came before it.
+    while STOP_SIGNALS.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     out::note("stopped again: exiting without waiting for the pull's writers");
     logwriter::flush(FLUSH_AT_EXIT);
@@ -714,6 +707,11 @@ async fn exit_on_second_stop(stop: CancellationToken) {
 /// a stop sent while the panic path stopped the job (its kill grace) was swallowed; the
 /// job's finishing then ran to `retry_deadline_secs`, past the scheduler's kill.
 static STOP_SIGNALED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many SIGTERMs and SIGINTs came, counted by the same handler: tokio folds signals that
+/// come before a listener reads them into one, and drops those no listener is subscribed
+/// for, so a second Ctrl-C soon after the first went unheard.
+static STOP_SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -734,6 +732,7 @@ fn mark_stop_signals() {
             // async-signal-safe; signal-hook-registry chains it with tokio's handler.
             let _ = unsafe {
                 signal_hook_registry::register(sig, || {
+                    STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let _ = STOP_SIGNALED_NS.compare_exchange(
                         0,
                         monotonic_ns().max(1),

@@ -667,10 +667,10 @@ async fn fetch_once(
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
             // Held until this writer is done, its temp file gone or in place.
             let _running = writers;
+            let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
             if crate::fault::armed_at("pull-writer-hangs", &entry.path) {
                 std::thread::sleep(WRITERS_WAIT * 3);
             }
-            let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
             // A window with the temp file made, for a test's stop to come in: until the
             // download is given up, 20 s at most.
             if crate::fault::armed_at("pull-writer-pauses", &entry.path) {

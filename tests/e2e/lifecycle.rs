@@ -200,7 +200,7 @@ fn a_stop_before_the_launch_is_a_cancel() {
     let spec =
         h.spec(json!({"job_id": "early", "command": ["touch", marker.display().to_string()]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    crate::support::wait_catches_term(child.id());
     let stopped = std::time::Instant::now();
     signal(child.id(), "TERM");
     let run = h.wait("run stopped before its launch".into(), child);
@@ -230,7 +230,7 @@ fn a_stop_before_the_launch_leaves_an_earlier_runs_manifest_alone() {
         .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
     let spec = h.spec(json!({"job_id": "twice", "command": ["sh", "-c", script]}));
     let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    crate::support::wait_catches_term(child.id());
     signal(child.id(), "TERM");
     let run = h.wait("run stopped before its launch".into(), child);
     run.assert_code(4);

@@ -231,17 +231,24 @@ fn a_second_signal_ends_a_pull_at_once() {
     let dest = h.path("dest");
     h.env.push((
         "C3_AGENT_FAULT".into(),
-        "pull-writer-hangs:artifacts/f".into(),
+        "no-o-tmpfile:.c3-pull-+pull-writer-hangs:artifacts/f".into(),
     ));
     let pull = h.spawn(&["pull", "p2", dest.to_str().unwrap()]);
-    // Directories are made before the downloads start, and the writer hangs (90 s).
-    wait_for("the pull's directories", Duration::from_secs(20), || {
-        dest.join("artifacts").is_dir().then_some(())
-    });
-    std::thread::sleep(Duration::from_secs(1));
+    // The writer made its (named) temp file and hangs (90 s, 3x the wait for writers).
+    wait_for(
+        "the writer's named temp file",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(dest.join("artifacts"))
+                .ok()?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".c3-pull-"))
+                .then_some(())
+        },
+    );
     let started = std::time::Instant::now();
     crate::support::signal(pull.id(), "INT");
-    std::thread::sleep(Duration::from_millis(500));
+    // However soon after the first: tokio folded or dropped such a second signal.
     crate::support::signal(pull.id(), "INT");
     let pulled = h.wait("pull".into(), pull);
     assert_eq!(pulled.code, 130, "{}", pulled.stderr);

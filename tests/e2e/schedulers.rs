@@ -534,7 +534,7 @@ fn watch_stopped_during_its_look_at_the_store_ends_by_the_stop_deadline() {
         &["--done-file", &done_arg],
         &[&shared.join("artifacts")],
     );
-    std::thread::sleep(Duration::from_secs(1));
+    crate::support::wait_catches_term(agent.id());
     // As a pod's wrapper does on a deletion, before the sidecar is stopped.
     std::fs::write(shared.join(".c3-done"), "canceled\n").unwrap();
     let asked = Instant::now();
@@ -586,7 +586,7 @@ fn watch_stopped_before_the_store_answered_leaves_an_earlier_runs_manifest_alone
         &["--done-file", &done_arg],
         &[&shared.join("artifacts")],
     );
-    std::thread::sleep(Duration::from_secs(1));
+    crate::support::wait_catches_term(agent.id());
     signal(agent.id(), "TERM");
     let run = h.wait("watch stopped during its look".into(), agent);
     assert!(
@@ -1319,7 +1319,7 @@ fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_tw
     assert_eq!(h.cp().requests().len(), reported, "nothing reported twice");
     // With --stay it waits for the pod's SIGTERM instead of exiting (and being restarted).
     let staying = watch(&h, "sidecan", &["--done-file", &done, "--stay"], &[&out]);
-    std::thread::sleep(Duration::from_millis(500));
+    crate::support::wait_catches_term(staying.id());
     signal(staying.id(), "TERM");
     h.wait("watch --stay".into(), staying).assert_code(4);
 }

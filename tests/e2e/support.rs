@@ -1077,6 +1077,22 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid} failed");
 }
 
+/// Waits until process `pid` catches SIGTERM (its `SigCgt` in `/proc`): a signal sent before
+/// the agent installed its handlers kills it outright (exit -1), where a test meant a stop.
+/// A fixed sleep before the signal was a guess a loaded machine could lose.
+pub fn wait_catches_term(pid: u32) {
+    wait_for(
+        "the agent to catch SIGTERM",
+        Duration::from_secs(20),
+        || {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            let mask = u64::from_str_radix(mask.trim(), 16).ok()?;
+            (mask & (1 << (libc::SIGTERM - 1)) != 0).then_some(())
+        },
+    );
+}
+
 /// `chmod MODE PATH` (follows symlinks, like chmod(1)).
 pub fn chmod(path: impl AsRef<Path>, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
