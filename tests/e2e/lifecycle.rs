@@ -478,8 +478,9 @@ fn recover_leaves_a_job_with_a_live_agent_alone() {
 #[test]
 fn a_file_a_left_process_was_still_writing_is_named_in_the_warnings() {
     let h = Harness::file();
+    // Until the writer has written (a fixed 0.5 s was a guess a loaded machine could lose).
     let script = "sh -c 'exec 3> $C3_ARTIFACTS_DIR/model.pt; printf half >&3; exec sleep 30' & \
-                  sleep 0.5; exit 0";
+                  until [ -s $C3_ARTIFACTS_DIR/model.pt ]; do sleep 0.05; done; exit 0";
     h.run_job(json!({"job_id": "leftw", "command": ["sh", "-c", script]}))
         .assert_code(0);
     let t = h.terminal("leftw");
@@ -498,8 +499,9 @@ fn a_look_at_left_processes_that_never_answers_does_not_hold_the_end() {
     let mut h = Harness::file();
     h.env
         .push(("C3_AGENT_FAULT".into(), "written-paths".into()));
+    // Until the writer has written (a fixed 0.5 s was a guess a loaded machine could lose).
     let script = "sh -c 'exec 3> $C3_ARTIFACTS_DIR/model.pt; printf half >&3; exec sleep 30' & \
-                  sleep 0.5; exit 0";
+                  until [ -s $C3_ARTIFACTS_DIR/model.pt ]; do sleep 0.05; done; exit 0";
     let spec = h.spec(json!({"job_id": "hung", "command": ["sh", "-c", script]}));
     let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

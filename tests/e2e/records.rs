@@ -250,9 +250,23 @@ fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
     let mut h = Harness::file().with_control_plane(5);
     h.env
         .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
-    // A second for RUNNING to be delivered (FINALIZING goes out as the agent dies, or not).
-    let spec = json!({"job_id": "seqs", "command": ["sh", "-c", "echo run $$; sleep 1"]});
-    let run = h.run_job(spec.clone());
+    // The job ends once RUNNING was delivered (FINALIZING goes out as the agent dies, or not).
+    let go = h.path("go");
+    let script = format!(
+        "echo run $$; until [ -e {} ]; do sleep 0.05; done",
+        go.display()
+    );
+    let spec = json!({"job_id": "seqs", "command": ["sh", "-c", script]});
+    let path = h.spec(spec.clone());
+    let agent = h.spawn(&["run", "--job", path.to_str().unwrap()]);
+    wait_for("RUNNING to be delivered", Duration::from_secs(30), || {
+        statuses(&h)
+            .iter()
+            .any(|(s, _)| s == "RUNNING")
+            .then_some(())
+    });
+    std::fs::write(&go, "").unwrap();
+    let run = h.wait("the crashing run".into(), agent);
     assert_ne!(run.code, 0, "the agent was meant to crash");
     let first = statuses(&h);
     assert!(
