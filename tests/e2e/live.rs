@@ -315,7 +315,8 @@ fn a_file_whose_live_upload_always_panics_is_tried_twice() {
     h.extra_toml.push_str("mode = \"poll\"\npoll_ms = 100\n");
     h.env
         .push(("C3_AGENT_FAULT".into(), "live-upload-always-panics".into()));
-    let script = "echo once > $C3_ARTIFACTS_DIR/f; sleep 4";
+    // Time for two live tries at idle priority on a loaded machine (a third never comes).
+    let script = "echo once > $C3_ARTIFACTS_DIR/f; sleep 8";
     let run = h.run_job(json!({"job_id": "always", "command": ["sh", "-c", script]}));
     run.assert_code(0);
     let panics = run
@@ -353,8 +354,26 @@ fn event_queue_overflow_rescans_and_loses_nothing() {
     // A one-slot queue between the watcher and the syncer: every burst overflows. The burst
     // comes once live sync watches (a loaded machine started its watches after a job that
     // wrote everything at once had ended), and the job lives on a moment after it.
-    h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\n".into();
-    let run = many_files(h, 2000, 1.0);
+    // The burst waits until live sync has stored a first file (its watches are set: at a
+    // fixed second in, a loaded machine's idle-priority watch setup had not yet run).
+    h.extra_toml = "[sync]\nsettle_ms = 50\nevent_queue = 1\nmanifest_interval_ms = 200\n".into();
+    let go = h.path("go");
+    let (count, job) = (2000, "many");
+    let py = format!(
+        "import os, time\nd=os.environ['C3_ARTIFACTS_DIR']\nopen(os.path.join(d,'first'),'w').write('1')\nfor _ in range(1200):\n    if os.path.exists('{}'): break\n    time.sleep(0.05)\nfor i in range({count}):\n    sub=os.path.join(d,'s%02d'%(i%50))\n    os.makedirs(sub,exist_ok=True)\n    open(os.path.join(sub,'f%05d'%i),'w').write('file %d'%i)\ntime.sleep(1.0)\n",
+        go.display()
+    );
+    let spec = h.spec(json!({"job_id": job, "command": ["python3", "-c", py]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, job, "artifacts/first");
+    std::fs::write(&go, "").unwrap();
+    let run = h.wait(job.into(), child);
+    run.assert_code(0);
+    let paths = h.manifest_paths(job);
+    assert_eq!(paths.len(), count + 1);
+    for i in [0, count / 2, count - 1] {
+        assert!(paths.contains(&format!("artifacts/s{:02}/f{i:05}", i % 50)));
+    }
     assert!(
         run.stderr.contains("rescanning"),
         "the overflow path ran: {}",
