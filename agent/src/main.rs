@@ -761,7 +761,6 @@ fn stop_signaled_at() -> Option<tokio::time::Instant> {
 /// the job runs (or after it ended) must not kill the agent, whose default action it is.
 fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
     use tokio::signal::unix::{signal, SignalKind};
-    mark_stop_signals();
     for n in forwarded {
         // tokio keeps a handler installed for the process's life once registered.
         if let Err(e) = signal(SignalKind::from_raw(*n)) {
@@ -777,6 +776,9 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
         tracing::error!("cannot install signal handlers; cancel will kill the agent outright");
         return token;
     };
+    // After tokio's: installed first, a stop in between was counted here and heard by
+    // nobody, the default action gone (the agent ran on to systemd's SIGKILL).
+    mark_stop_signals();
     // A hangup (the ssh session or terminal of a `run` started by hand went away) and a quit
     // (Ctrl-\) stop the job too: their default action ended the agent at once and left the job
     // running unsupervised, with no final sync and no status. One forwarded to the job is
@@ -806,6 +808,10 @@ fn cancel_on_signals(forwarded: &[i32]) -> CancellationToken {
         };
         // Before the cancel: a stop clock that sees it counts the stop deadline from here.
         c3_runtime::job::note_stop_asked();
+        if matches!(name, "SIGHUP" | "SIGQUIT") {
+            // Not counted by the stop handler: one more INT or TERM is the second stop.
+            STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         tracing::info!(signal = name, "stop requested");
         t.cancel();
     });

@@ -220,7 +220,9 @@ pub async fn already_ran(
                 crate::outcome::ExitCode::AgentOrDataset,
             ))
         }
-        Stored::Absent | Stored::Unknown => return None,
+        // Another job's, misrouted or copied: it says nothing of this attempt, and the run's
+        // own manifest at its own key takes nothing from that job.
+        Stored::Absent | Stored::Unknown | Stored::Foreign => return None,
     };
     Some((
         ran_already(job_id, attempt, complete),
@@ -255,9 +257,11 @@ pub enum Stored {
     Complete,
     /// No answer within the preflight's time, or an error.
     Unknown,
-    /// A manifest there this agent cannot take in: another job's or attempt's (a cache or
-    /// gateway misrouting), another version's, one over `max_manifest_bytes`, not JSON.
+    /// A manifest there this agent cannot take in: another version's, one over
+    /// `max_manifest_bytes`, not JSON.
     Unreadable,
+    /// Another job's or attempt's manifest (a cache or gateway misrouting, a copy).
+    Foreign,
 }
 
 /// What the store says of the attempt's manifest, within the preflight's time.
@@ -275,8 +279,8 @@ pub async fn stored_manifest(ctx: &AgentContext, job_id: &str, attempt: u32) -> 
         // Another job's or attempt's at this key (misrouted, copied) says nothing of this one.
         Ok(Ok(Ok(m))) if !is_attempts(&m, job_id, attempt) => {
             tracing::error!(key = %key, found_job = %crate::display::cut(m.job_id.clone(), 256), found_attempt = m.attempt,
-                "the attempt's manifest key in the store holds another job's or attempt's manifest; nothing is started or watched over it");
-            Stored::Unreadable
+                "the attempt's manifest key in the store holds another job's or attempt's manifest; taken as no answer");
+            Stored::Foreign
         }
         Ok(Ok(Ok(m))) if m.complete => Stored::Complete,
         Ok(Ok(Ok(_))) => Stored::InProgress,
@@ -482,7 +486,7 @@ async fn take_over_earlier_run(
                         next: "its manifest is complete in the store; a new run needs a new attempt or job id",
                     })
                 }
-                Stored::Unknown | Stored::Unreadable => {
+                Stored::Unknown | Stored::Unreadable | Stored::Foreign => {
                     return Err(RunError::StoreSilent {
                         job_id: spec.job_id.clone(),
                         attempt: spec.attempt,

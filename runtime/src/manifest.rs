@@ -292,6 +292,9 @@ impl ManifestWriter {
     /// store without conditional writes that denies HEAD had an older attempt finished late
     /// (`recover`, `resync`) replace the newer one's, each write of it after.
     async fn write_blind(&self, key: &str, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        // Once written blind, the job's key holds this attempt's own manifest: it is not
+        // read again at each checkpoint.
+        let blind = self.job_key.lock().unwrap_or_else(|e| e.into_inner()).blind;
         match self.store.newest_attempt(&self.job_id).await {
             Ok(Some(newer)) if newer > self.attempt => {
                 self.superseded_by(newer);
@@ -302,6 +305,7 @@ impl ManifestWriter {
             // continuation token or ignores the prefix): the job's key itself says whose it
             // is, where the store lets it be read. Written blind past a refusal for the
             // listing's size, an older attempt finished late replaced the newer one's.
+            Err(e) if e.is_permanent() && blind => {}
             Err(e) if e.is_permanent() => match self.attempt_at_job_key(key).await {
                 Ok(Some(newer)) if newer > self.attempt => {
                     self.superseded_by(newer);
@@ -319,18 +323,27 @@ impl ManifestWriter {
     }
 
     /// The attempt whose manifest the job's key holds: `None` when there is none, or one of
-    /// another job or not to be taken in (nothing to keep from this attempt's).
+    /// another job (nothing to keep from this attempt's). Only its `job_id` and `attempt` are
+    /// read: a newer agent's manifest, which this one cannot take in whole, is the one most
+    /// worth keeping. One over `max_manifest_bytes` is taken as a newer attempt's.
     async fn attempt_at_job_key(&self, key: &str) -> Result<Option<u32>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Whose {
+            job_id: String,
+            attempt: u32,
+        }
         let bytes = match self.store.get_bytes_capped(key, self.max_bytes).await {
             Ok(bytes) => bytes,
             Err(e) if self.store.says_absent(&e) => return Ok(None),
+            Err(StoreError::TooLarge { .. }) => return Ok(Some(u32::MAX)),
             Err(e) => return Err(e),
         };
-        let parsed = crate::job::parse_off_reactor(bytes).await;
-        Ok(parsed
-            .ok()
-            .filter(|m| m.job_id == self.job_id)
-            .map(|m| m.attempt))
+        let whose =
+            tokio::task::spawn_blocking(move || serde_json::from_slice::<Whose>(&bytes).ok())
+                .await
+                .ok()
+                .flatten();
+        Ok(whose.filter(|w| w.job_id == self.job_id).map(|w| w.attempt))
     }
 
     /// The job's key now, and whether a newer attempt has stored a manifest: at its own key,

@@ -256,7 +256,7 @@ async fn watch_attempt(
             Some(crate::job::Stored::Unknown) => {
                 tracing::warn!("the store did not say whether this attempt ran before (no answer within preflight_timeout_secs); watching it as a first run");
             }
-            Some(crate::job::Stored::Unreadable) => {
+            Some(crate::job::Stored::Unreadable | crate::job::Stored::Foreign) => {
                 return Err(WatchError::Left(crate::job::cannot_take_in(
                     &plan.job_id,
                     plan.attempt,

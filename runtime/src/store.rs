@@ -187,6 +187,17 @@ fn write_error(op: &'static str, key: &str, source: object_store::Error) -> Stor
     }
 }
 
+/// How often a streamed blob may break off in a row with no byte between before the
+/// stream fails.
+const MAX_STREAM_RESUMES: u32 = 3;
+
+/// How a store says the bucket (container) a request names is not there.
+const NO_BUCKET_CODES: &[&str] = &[
+    "<Code>NoSuchBucket</Code>",
+    "<Code>ContainerNotFound</Code>",
+    "bucket does not exist",
+];
+
 /// How a remote store says a key it was asked to read is not there.
 const ABSENT_CODES: &[&str] = &[
     "<Code>NoSuchKey</Code>",
@@ -1820,11 +1831,14 @@ impl BlobStore {
                 }
             }
         }
-        // Here a 404 is the bucket missing, said before the launch: the bucket is what the
-        // preflight proves.
+        // Here a 404 that says the bucket is missing is said before the launch: the bucket is
+        // what the preflight proves. A bare one (a proxy's, a load balancer's) is a blip, as
+        // for any write: taken for the store's word, it failed the job before its launch.
         match self.put_blob_once(EMPTY_SHA256, Bytes::new()).await {
             Ok(_) => Ok(()),
-            Err(StoreError::WriteNotFound { op, key, source }) => {
+            Err(StoreError::WriteNotFound { op, key, source })
+                if NO_BUCKET_CODES.iter().any(|code| says(&source, code)) =>
+            {
                 Err(StoreError::Op { op, key, source })
             }
             Err(e) => Err(e),
@@ -2603,12 +2617,30 @@ impl BlobStore {
         let key = blob_key(sha256_hex);
         let mut body = self.get(&key).await?.into_stream();
         let (mut hasher, mut seen) = (crate::digest::Sha256Hasher::default(), 0u64);
+        // A body that breaks off (a reset; a log whose transfer outlasts a request's time
+        // limit) goes on from the byte it reached, as a pull's does: a log of a few GiB on a
+        // slow link never arrived whole otherwise.
+        let mut fruitless = 0;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|source| StoreError::Op {
-                op: "get",
-                key: key.clone(),
-                source,
-            })?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(source) if seen < size && fruitless < MAX_STREAM_RESUMES => {
+                    fruitless += 1;
+                    tracing::debug!(key = %key, seen, error = %crate::error_chain(&source), "download broke off; resuming");
+                    body = self.get_blob_from(sha256_hex, seen).await?.into_stream();
+                    continue;
+                }
+                Err(source) => {
+                    return Err(StoreError::Op {
+                        op: "get",
+                        key: key.clone(),
+                        source,
+                    })
+                }
+            };
+            if !chunk.is_empty() {
+                fruitless = 0;
+            }
             seen += chunk.len() as u64;
             if seen > size {
                 return Ok(false);

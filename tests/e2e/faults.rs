@@ -130,7 +130,7 @@ fn a_stop_during_the_panic_path_ends_it_by_the_stop_deadline() {
     // By the stop deadline, counted from the signal (a scheduler's kill follows it by as
     // much), and a moment for the exit: heard only once the grace was over, it was counted
     // from then, 6 s late.
-    let run = exited_within(&h, child, Duration::from_secs(10 + 1));
+    let run = exited_within(&h, child, Duration::from_secs(10 + 2));
     assert!(
         run.stderr.contains("the agent panicked: injected fault"),
         "{}",

@@ -99,6 +99,9 @@ enum Fault {
     /// Every PUT of a non-empty blob: 413 Request Entity Too Large (a proxy's
     /// `client_max_body_size`).
     TooLarge,
+    /// The first PUT of each blob, the empty one of the preflight too: 404 with no body (a
+    /// proxy's or load balancer's own, not the store's NoSuchBucket).
+    BareNotFoundOnce,
     /// Every GET of a manifest: 403 AccessDenied (a write-only bucket policy).
     ManifestGetDenied,
     /// Every GET of a manifest: 404 with no body (a proxy's or load balancer's own).
@@ -398,6 +401,9 @@ async fn handle(
             }
             if is_blob && seen == 1 && fault == Fault::NotFoundOnce {
                 return s3_error(StatusCode::NOT_FOUND, "NoSuchBucket");
+            }
+            if key.contains("/blobs/sha256/") && seen == 1 && fault == Fault::BareNotFoundOnce {
+                return reply(StatusCode::NOT_FOUND, &[], Body::empty());
             }
             if is_blob
                 && (fault == Fault::BadDigestAlways || seen == 1 && fault == Fault::BadDigestOnce)
@@ -821,6 +827,19 @@ fn a_missing_bucket_fails_before_the_launch() {
     assert_eq!(h.terminal("nobucket")["reason"], "AGENT_ERROR");
 }
 
+/// A bare 404 to the preflight's write (a proxy's, with none of the store's codes) is a
+/// blip as for any write: the job launches and its files are stored. Taken for the bucket
+/// missing, it failed the job before its launch.
+#[test]
+fn a_bare_404_to_the_preflight_does_not_hold_the_launch() {
+    let s3 = FakeS3::start(Fault::BareNotFoundOnce);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "bare404", b"x"));
+    run.assert_code(0);
+    assert!(run.stderr.contains("launching anyway"), "{}", run.stderr);
+    assert_eq!(s3.blob(b"x").as_deref(), Some(&b"x"[..]));
+}
+
 /// Bytes corrupted on the way (the store's checksum check says so) are sent again; a store
 /// that refuses every checksum fails after a few tries, not after the retry deadline.
 #[test]
@@ -1004,6 +1023,24 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     h.run(&["pull", "cut", dest.to_str().unwrap()])
         .assert_code(0);
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
+
+/// `c3-agent logs` of a job whose log is only in the store goes on where a broken-off
+/// download stopped: the request was retried, its body never, and a log whose transfer
+/// outlasted a request's time limit could not be read at all.
+#[test]
+fn logs_from_the_store_go_on_where_a_download_broke_off() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    // 1 MiB of lines: four pieces of 256 KiB.
+    let script = "i=0; while [ $i -lt 16384 ]; do echo 'a line of the log, 64 bytes long, padded out to its length.....'; i=$((i+1)); done";
+    h.run_job(json!({"job_id": "cutlog", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    std::fs::remove_dir_all(h.state.join("jobs/cutlog")).unwrap();
+    s3.set_fault(Fault::CutDownloads);
+    let shown = h.run(&["logs", "cutlog"]);
+    shown.assert_code(0);
+    assert_eq!(shown.stdout.len(), 16384 * 64, "{}", shown.stderr);
 }
 
 /// A download breaks off once and the store ignores the Range of its resume (object_store

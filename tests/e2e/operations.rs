@@ -247,8 +247,8 @@ fn a_second_signal_ends_a_pull_at_once() {
         },
     );
     let started = std::time::Instant::now();
-    crate::support::signal(pull.id(), "INT");
-    // However soon after the first: tokio folded or dropped such a second signal.
+    crate::support::signal_taken(pull.id(), libc::SIGINT);
+    // However soon after the first is taken: tokio folded or dropped such a second signal.
     crate::support::signal(pull.id(), "INT");
     let pulled = h.wait("pull".into(), pull);
     assert_eq!(pulled.code, 130, "{}", pulled.stderr);

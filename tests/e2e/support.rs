@@ -1093,6 +1093,31 @@ pub fn wait_catches_term(pid: u32) {
     );
 }
 
+/// Sends `sig` (a number) to `pid` and waits until no such signal is pending there: one
+/// sent again while the first is still pending is merged into it (standard signals do not
+/// queue), and a test's "second" signal was never one.
+pub fn signal_taken(pid: u32, sig: i32) {
+    let name = match sig {
+        libc::SIGINT => "INT",
+        libc::SIGTERM => "TERM",
+        _ => panic!("signal {sig}"),
+    };
+    signal(pid, name);
+    wait_for("the signal to be taken", Duration::from_secs(20), || {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return Some(()); // gone
+        };
+        let pending = ["SigPnd:", "ShdPnd:"].iter().any(|field| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (sig - 1)) != 0)
+        });
+        (!pending).then_some(())
+    });
+}
+
 /// `chmod MODE PATH` (follows symlinks, like chmod(1)).
 pub fn chmod(path: impl AsRef<Path>, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
