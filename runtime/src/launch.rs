@@ -536,8 +536,8 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
     let drop_in_child = plan.drop_in_child.clone();
     let said_fd = said.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // (getpid, fstat, close, setsid, write, fchdir, setgroups, setgid, setuid, keyctl, umask,
-    // close_range, pause), which are async-signal-safe, on fds and a group list prepared
+    // (getpid, fstat, open, close, setsid, write, fchdir, setgroups, setgid, setuid, keyctl,
+    // umask, close_range, pause), which are async-signal-safe, on fds and a group list prepared
     // before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -574,6 +574,17 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                 if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // The job starts at the kernel's default OOM score, whatever the agent's (the
+            // unit's `OOMScoreAdjust=` keeps the agent, which reports the job's OOM, from
+            // being the node's first pick): written as root, the job cannot lower it again.
+            let adj = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if adj >= 0 {
+                libc::write(adj, b"0".as_ptr().cast(), 1);
+                libc::close(adj);
             }
             step(Step::Workdir);
             check(libc::fchdir(workdir))?;

@@ -473,6 +473,34 @@ fn recover_leaves_a_job_with_a_live_agent_alone() {
     assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
 }
 
+/// The job starts at the kernel's default OOM score whatever the agent's (the shipped unit
+/// gives the agent -500, so that a node out of memory kills the job, which the agent then
+/// reports, rather than the agent and the job with it): inherited, the job was as protected.
+/// Here the agent's is raised (lowering it needs CAP_SYS_RESOURCE, which CI's root lacks).
+#[test]
+fn the_job_starts_at_the_default_oom_score() {
+    let h = Harness::file();
+    let script = "cat /proc/self/oom_score_adj > $C3_ARTIFACTS_DIR/adj";
+    let spec = h.spec(json!({"job_id": "oomadj", "command": ["sh", "-c", script]}));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    // SAFETY: open, write and close between fork and exec: async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"300".as_ptr().cast(), 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    h.wait("run with a protected agent".into(), child)
+        .assert_code(0);
+    let adj = std::fs::read_to_string(h.workdir("oomadj").join("artifacts/adj")).unwrap();
+    assert_eq!(adj.trim(), "0");
+}
+
 /// A background writer the script left behind (`python save.py &` then exit 0) is stopped and
 /// its file stored as it stands: the status names the file, which may be cut short.
 #[test]
