@@ -395,7 +395,9 @@ fn job_dir_mode(owner: Owner) -> u32 {
 /// 2775` directory under `jobs_root` is a common layout, and a directory a member made in it
 /// is refused as theirs. The workdir itself may be only root's group's: a member could make
 /// an output dir or `.c3` there before the job starts, or plant files root collects as this
-/// job's. A job without a user runs as the agent's own user, who may read it all anyway.
+/// job's. A job without a user under a root agent runs as root: the directories must be
+/// root's (another user could otherwise supply its result and output while it runs); under
+/// a non-root agent it runs as the agent's own user, who may do it all anyway.
 fn vet_existing(
     workdir: &Path,
     name: &OsStr,
@@ -403,7 +405,7 @@ fn vet_existing(
     last: bool,
     owner: Owner,
 ) -> std::io::Result<()> {
-    let Some((job_uid, _)) = owner else {
+    let Some(job_uid) = crate::confine::vetted_for(owner) else {
         return Ok(());
     };
     let agent = nix::unistd::geteuid().as_raw();

@@ -426,6 +426,40 @@ fn another_users_dirs_in_a_shared_workdir_are_never_written() {
     assert_eq!(owner(&wd.join(".c3")), crate::common::nobody());
 }
 
+/// The same for a job without a user (it runs as root) in a reused root-owned workdir: another
+/// user's `.c3` was kept (that user could write the root job's result while it ran) and its
+/// output dir collected as the root job's (that user planting files in it). The `.c3` is
+/// moved aside and made root's; an output dir of another user's is refused.
+#[test]
+fn another_users_dirs_are_never_a_root_jobs() {
+    if not_root() {
+        return;
+    }
+    use std::os::unix::fs::chown;
+    let h = open_harness();
+    let wd = h.workdir("r");
+    std::fs::create_dir_all(wd.join(".c3")).unwrap();
+    chown(wd.join(".c3"), Some(4242), Some(4242)).unwrap();
+    chmod(&wd, 0o755);
+    let script = "echo '{\"mine\": 1}' > $C3_RESULT_FILE";
+    h.run_job(json!({"job_id": "r", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(owner(&wd.join(".c3")), 0, "another user's .c3 kept");
+    let aside = std::fs::read_dir(&wd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(".c3-aside-"));
+    assert!(aside.is_some(), "the other user's .c3 was not moved aside");
+    let wd = h.workdir("r2");
+    std::fs::create_dir_all(wd.join("artifacts")).unwrap();
+    std::fs::write(wd.join("artifacts/planted"), "4242's\n").unwrap();
+    chown(wd.join("artifacts"), Some(4242), Some(4242)).unwrap();
+    let run = h.run_job(json!({"job_id": "r2", "command": ["true"]}));
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("user 4242's"), "{}", run.stderr);
+    assert!(h.object("jobs/r2/manifest.json").is_none());
+}
+
 /// In a team's group-writable directory (`root:team 2775`, accepted above a workdir), another
 /// member may rename a running job's workdir: a rename needs write access to the parent only.
 /// The job goes on in its own directory (its cwd is the inode, not the path), and so must
