@@ -113,7 +113,7 @@ pub struct RunArgs {
     /// The job spec (JSON) written by the scheduler
     #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["job_id", "output", "timeout", "attempt", "workdir"])]
     pub job: Option<PathBuf>,
-    /// Quick run: the job id (default: slurm-$SLURM_JOB_ID under Slurm, else local-<time>-<pid>).
+    /// Quick run: the job id (default: slurm-$SLURM_JOB_ID under Slurm, else local-<time>-<pid>-<random>).
     /// Without a command: run the spec <jobs_root>/ID/job.json
     #[arg(long, value_name = "ID")]
     pub job_id: Option<String>,

@@ -605,13 +605,7 @@ fn spec_from_args(
     };
     let (slurm_id, slurm_attempt) = slurm_job()?;
     let attempt = args.attempt.unwrap_or(slurm_attempt);
-    let job_id = args.job_id.or(slurm_id).unwrap_or_else(|| {
-        format!(
-            "local-{}-{}",
-            c3_runtime::display::compact_utc_now(),
-            std::process::id()
-        )
-    });
+    let job_id = args.job_id.or(slurm_id).unwrap_or_else(quick_job_id);
     // Another run's output would be mistaken for this one's (and uploaded again under this
     // job's name): start clean, unless this is a later attempt of the job that left it (a
     // requeue resuming from its checkpoint).
@@ -700,6 +694,18 @@ async fn exit_on_second_stop(stop: CancellationToken) {
     out::note("stopped again: exiting without waiting for the pull's writers");
     logwriter::flush(FLUSH_AT_EXIT);
     std::process::exit(130);
+}
+
+/// A quick run's job id: its time, pid and a random part. Random to the end: as a
+/// container's entrypoint the agent is pid 1 in every pod, and two started in the same second
+/// had one id, one store key, and one manifest replaced by the other's.
+fn quick_job_id() -> String {
+    format!(
+        "local-{}-{}-{}",
+        c3_runtime::display::compact_utc_now(),
+        std::process::id(),
+        &c3_runtime::confine::random_hex()[..8]
+    )
 }
 
 /// When the first SIGTERM or SIGINT came (CLOCK_MONOTONIC, ns; 0: none), kept by a handler
@@ -1073,5 +1079,18 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => failure(&error_chain(&e), 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Two quick runs of one pid in one second (two pods, the agent pid 1 in each) get two
+    /// ids: with one, each replaced the other's manifest in a shared store.
+    #[test]
+    fn quick_runs_of_one_pid_in_one_second_get_two_ids() {
+        let (a, b) = (super::quick_job_id(), super::quick_job_id());
+        assert_ne!(a, b);
+        assert!(a.starts_with("local-"), "{a}");
+        c3_proto::spec::validate_job_id(&a).unwrap();
     }
 }

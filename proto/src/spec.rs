@@ -51,6 +51,35 @@ pub struct DatasetSpec {
     pub mount: String,
 }
 
+/// The longest workdir: the job's paths below it (`.c3/result.json`, its files) stay under
+/// PATH_MAX (4096).
+pub const MAX_WORKDIR_BYTES: usize = 3072;
+
+/// What the agent adds to the job's environment (`C3_*`, `HOME`, `USER`, `PATH`, ...), at
+/// most: room kept in [`max_exec_bytes`].
+const AGENT_ENV_ENTRIES: usize = 32;
+const AGENT_ENV_BYTES: usize = 64 * 1024;
+
+/// What execve takes of arguments and environment, strings and pointers together: a quarter
+/// of the stack limit (the job inherits the agent's), at most 6 MiB, at least 128 KiB
+/// (`fs/exec.c`).
+pub fn max_exec_bytes() -> usize {
+    const FLOOR: usize = 128 * 1024;
+    const CEILING: usize = 6 * 1024 * 1024;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut limit) };
+    if got != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return CEILING;
+    }
+    usize::try_from(limit.rlim_cur / 4)
+        .unwrap_or(CEILING)
+        .clamp(FLOOR, CEILING)
+}
+
 /// The kernel's limit on one argument or one `NAME=VALUE` (`MAX_ARG_STRLEN`, its NUL
 /// included): past it execve fails (E2BIG) after the store check and the datasets ran, and the
 /// job was reported as its script's failure (exit 126) rather than a bad spec. It is 32
@@ -213,6 +242,19 @@ impl JobSpec {
         }
         if let Some(workdir) = &self.workdir {
             let clean = absolute_dir(workdir).map_err(|p| SpecError::field("workdir", p))?;
+            // The job's paths below it (`C3_RESULT_FILE`, its artifacts) must be paths it can
+            // use: past PATH_MAX every open of them fails (ENAMETOOLONG), and past the
+            // kernel's argument limit its variables failed the execve, after the workdir,
+            // the store check and the datasets were made, as the script's own error.
+            if clean.len() > MAX_WORKDIR_BYTES {
+                return Err(SpecError::field(
+                    "workdir",
+                    format!(
+                        "is {} bytes; it must be at most {MAX_WORKDIR_BYTES}, for the job's paths below it",
+                        clean.len()
+                    ),
+                ));
+            }
             self.workdir = Some(clean);
         }
         for (key, value) in &self.env {
@@ -240,6 +282,27 @@ impl JobSpec {
                     ),
                 ));
             }
+        }
+        // All of it together, with a pointer for each string, must fit what execve takes
+        // (a quarter of the stack limit): 300,000 empty arguments fit the spec's 1 MiB and
+        // came to 2.7 MB, and execve failed (E2BIG) as the script's error.
+        let strings: usize = self.command.iter().map(|a| a.len() + 1).sum::<usize>()
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>();
+        let pointers = std::mem::size_of::<usize>()
+            * (self.command.len() + self.env.len() + AGENT_ENV_ENTRIES + 2);
+        let total = strings + pointers + AGENT_ENV_BYTES;
+        if total > max_exec_bytes() {
+            return Err(SpecError::field(
+                "command",
+                format!(
+                    "with `env` comes to {total} bytes for execve (strings and their pointers, and room for the agent's variables); it takes at most {} here (a quarter of the stack limit)",
+                    max_exec_bytes()
+                ),
+            ));
         }
         for (i, dir) in self.output.iter_mut().enumerate() {
             *dir = relative_dir(dir).map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
@@ -372,6 +435,15 @@ fn clean_parts(dir: &str, leading_dot_ok: bool) -> Result<Vec<&str>, String> {
             "." if i == 0 && leading_dot_ok => {}
             "." => return Err(format!("`{dir}` must not contain `.` components")),
             ".." => return Err(format!("`{dir}` must not contain `..`")),
+            // NAME_MAX: made later, it failed before the launch as the node's error
+            // (retryable, on every node).
+            p if p.len() > 255 => {
+                let shown: String = p.chars().take(32).collect();
+                return Err(format!(
+                    "has a name of {} bytes (`{shown}...`); a name is at most 255",
+                    p.len()
+                ));
+            }
             p => parts.push(p),
         }
     }
@@ -550,6 +622,40 @@ mod tests {
         spec(vec!["x".into()], env(max - 6)).unwrap();
         let e = spec(vec!["x".into()], BTreeMap::from([(big, String::new())])).unwrap_err();
         assert!(e.to_string().len() < 300, "the name is not echoed whole");
+    }
+
+    /// A name over 255 bytes in a path, a workdir the job's paths below would not fit, and
+    /// a command and env execve would refuse all together are the spec's error (exit 2),
+    /// not the node's before the launch or the script's at execve.
+    #[test]
+    fn paths_and_a_command_the_node_would_refuse_are_the_specs_error() {
+        let long = "a".repeat(256);
+        let e = err(&format!(
+            r#"{{"job_id":"a","command":["true"],"output":["x/{long}"]}}"#
+        ));
+        assert!(e.contains("`output[0]`") && e.contains("256 bytes"), "{e}");
+        let e = err(&format!(
+            r#"{{"job_id":"a","command":["true"],"datasets":[{{"ref":"/jobs/b","mount":"{long}"}}]}}"#
+        ));
+        assert!(e.contains("`datasets[0].mount`"), "{e}");
+        let e = err(&format!(
+            r#"{{"job_id":"a","command":["true"],"workdir":"/j/{long}"}}"#
+        ));
+        assert!(e.contains("`workdir`"), "{e}");
+        let deep = format!("/j{}", "/abcdefgh".repeat(400));
+        let e = err(&format!(
+            r#"{{"job_id":"a","command":["true"],"workdir":"{deep}"}}"#
+        ));
+        assert!(e.contains("`workdir`: is 3602 bytes"), "{e}");
+        let many = vec![String::new(); max_exec_bytes() / 8 + 1];
+        let mut s = JobSpec::from_json(br#"{"job_id":"j","command":["x"]}"#)
+            .unwrap()
+            .spec;
+        s.command.extend(many);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("`command`") && e.contains("for execve"), "{e}");
+        s.command.truncate(1000);
+        s.validate().unwrap();
     }
 
     #[test]

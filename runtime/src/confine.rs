@@ -821,7 +821,7 @@ pub fn open_read_as(root: &Path, rel: &Path, reader: &JobReader) -> io::Result<O
 }
 
 /// 16 hex digits from the kernel's random source: temp names a job cannot predict.
-pub(crate) fn random_hex() -> String {
+pub fn random_hex() -> String {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
