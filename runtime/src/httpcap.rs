@@ -197,6 +197,9 @@ fn is_credential_request(req: &HttpRequest) -> bool {
     {
         return true;
     }
+    if is_container_credentials_uri(req.uri()) {
+        return true;
+    }
     match req.uri().host() {
         Some(host) => {
             let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -214,6 +217,32 @@ fn is_credential_request(req: &HttpRequest) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether `uri` is the container credentials endpoint the environment names in full
+/// (ECS's `AWS_CONTAINER_CREDENTIALS_FULL_URI`, EKS Pod Identity's), which may be any host:
+/// the relative one is on the link-local ECS address, which the host check covers.
+fn is_container_credentials_uri(uri: &http::Uri) -> bool {
+    let Ok(full) = std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI") else {
+        return false;
+    };
+    let Ok(full) = url::Url::parse(&full) else {
+        return false;
+    };
+    let port = |scheme: Option<&str>, port: Option<u16>| {
+        port.or(match scheme {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        })
+    };
+    full.host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        == uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        && full.port_or_known_default() == port(uri.scheme_str(), uri.port_u16())
+        && full.path() == uri.path()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -455,6 +484,30 @@ mod tests {
             .unwrap();
         let got = object.into_body().collect().await.unwrap().to_bytes();
         assert!(got.len() > MAX_REPLY_BODY, "an object read was capped");
+    }
+
+    /// The container credentials endpoint the environment names in full may be any host
+    /// (EKS Pod Identity's, a local agent's): its reply is capped, an object read beside it
+    /// is not. (nextest runs each test in a process of its own: the variable is this one's.)
+    #[test]
+    fn the_container_credentials_uri_is_told_by_the_environment() {
+        // SAFETY: set before any thread of this test process reads the environment.
+        unsafe {
+            std::env::set_var(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "http://127.0.0.1:9911/v1/credentials",
+            );
+        }
+        let uri = |u: &str| u.parse::<http::Uri>().unwrap();
+        assert!(is_container_credentials_uri(&uri(
+            "http://127.0.0.1:9911/v1/credentials"
+        )));
+        assert!(!is_container_credentials_uri(&uri(
+            "http://127.0.0.1:9911/bucket/key"
+        )));
+        assert!(!is_container_credentials_uri(&uri(
+            "http://127.0.0.1:9912/v1/credentials"
+        )));
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl JobReporter {
     fn listed_warnings(&self) -> Vec<String> {
         let more = (self.more_warnings > 0).then(|| {
             format!(
-                "{} more warnings, not listed; the agent's log has the first of them",
+                "{} more warnings, not listed (the agent's log has the first {MAX_WARNINGS})",
                 self.more_warnings
             )
         });
