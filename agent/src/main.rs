@@ -857,9 +857,32 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     // Only now, once the store said this attempt is a new one: one refused above leaves the
     // marker naming the run whose files ./artifacts holds.
     if let (true, Some(workdir)) = (quick, &spec.workdir) {
-        if let Err(e) = workmark::record(Path::new(workdir), &spec.job_id, spec.attempt) {
-            // The workdir's disk (full, failing), not the run's arguments: a scheduler may
-            // try it again, elsewhere.
+        // Off the reactor and bounded: the submit dir may be on an NFS server that stopped
+        // answering, and a stop there (its handler installed, the default action gone) was
+        // heard by nobody. A stop goes on to the run, which reports the attempt canceled.
+        let (dir, id, n) = (
+            std::path::PathBuf::from(workdir),
+            spec.job_id.clone(),
+            spec.attempt,
+        );
+        let marking = tokio::task::spawn_blocking(move || workmark::record(&dir, &id, n));
+        let limit = c3_runtime::prepare::NODE_LOOK_DEADLINE;
+        let marked = tokio::select! {
+            marked = tokio::time::timeout(limit, marking) => Some(marked),
+            () = cancel.cancelled() => None,
+        };
+        let failed = match marked {
+            Some(Ok(Ok(Ok(())))) | None => None,
+            Some(Ok(Ok(Err(e)))) => Some(e),
+            Some(Ok(Err(e))) => Some(format!("recording which job ./artifacts belongs to failed: {e}")),
+            Some(Err(_)) => Some(format!(
+                "{workdir}: recording which job ./artifacts belongs to did not finish within {} s (a hung file system?)",
+                limit.as_secs()
+            )),
+        };
+        if let Some(e) = failed {
+            // The workdir's disk (full, failing, hung), not the run's arguments: a scheduler
+            // may try it again, elsewhere.
             return failure(&e, JobExit::AgentOrDataset.code());
         }
     }

@@ -14,6 +14,9 @@ use c3_runtime::retention::{Retention, RetentionReport};
 
 use crate::out;
 
+/// How long a halted retention sweep is waited for before it is left to its thread.
+const SWEEP_HALT_GRACE: Duration = Duration::from_secs(5);
+
 /// Deletes finished jobs' local data past `policy`, off the reactor; logs what it did. Stops
 /// at its next safe point once `halt` is cancelled (`recover --budget-secs`, a SIGTERM).
 pub async fn sweep_retention(
@@ -31,14 +34,26 @@ pub async fn sweep_retention(
             flag.store(true, Ordering::Relaxed);
         })
     };
-    let report = tokio::task::spawn_blocking(move || {
+    let sweep = tokio::task::spawn_blocking(move || {
         c3_runtime::retention::sweep_until(&state, &policy, SystemTime::now(), &stop)
-    })
-    .await
-    .unwrap_or_else(|e| RetentionReport {
-        errors: vec![format!("retention sweep failed: {e}")],
-        ..RetentionReport::default()
     });
+    // The sweep checks its stop flag between entries; one blocked inside an entry (a user
+    // lookup behind an sssd that never answers, a hung mount) is left to its thread once a
+    // halt has waited `SWEEP_HALT_GRACE` for it: `--budget-secs` and SIGTERM are not held.
+    let halted = async {
+        halt.cancelled().await;
+        tokio::time::sleep(SWEEP_HALT_GRACE).await;
+    };
+    let report = tokio::select! {
+        swept = sweep => swept.unwrap_or_else(|e| RetentionReport {
+            errors: vec![format!("retention sweep failed: {e}")],
+            ..RetentionReport::default()
+        }),
+        () = halted => RetentionReport {
+            errors: vec![format!("retention sweep did not stop within {} s of the halt; left to its thread", SWEEP_HALT_GRACE.as_secs())],
+            ..RetentionReport::default()
+        },
+    };
     watching.abort();
     for (job, why) in &report.kept {
         tracing::debug!(job_id = %job, why = %why, "kept by retention");

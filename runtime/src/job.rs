@@ -995,7 +995,7 @@ impl<'a> Run<'a> {
         // the GPU `RESULT_READ_WAIT` at most. With processes of the job left (they may still
         // write it), read at the seal as before.
         if supervised.gone {
-            self.record.result = Some(match self.read_result().await {
+            self.record.result = Some(match self.read_result(stop.by()).await {
                 Ok(value) => RecordedResult::Value(value),
                 Err(problem) => RecordedResult::Ignored(problem),
             });
@@ -1018,11 +1018,16 @@ impl<'a> Run<'a> {
     /// The job's result file, or why it is not taken. Off the reactor and bounded: `.c3` is
     /// the job's, and a FUSE mount it made there (`allow_other`, its server kept alive
     /// elsewhere) could hold the read for ever, and the terminal status with it.
-    async fn read_result(&self) -> Result<serde_json::Value, String> {
+    /// Given up at `by` too (a stop's deadline, which a hung read must not outlast).
+    async fn read_result(
+        &self,
+        by: Option<tokio::time::Instant>,
+    ) -> Result<serde_json::Value, String> {
         let (workdir, reader) = (self.workdir.clone(), self.collector_config.reader.clone());
         let read =
             tokio::task::spawn_blocking(move || crate::result::read(&workdir, reader.as_ref()));
-        match tokio::time::timeout(RESULT_READ_WAIT, read).await {
+        let within = tokio::time::Instant::now() + RESULT_READ_WAIT;
+        match tokio::time::timeout_at(by.map_or(within, |by| by.min(within)), read).await {
             Ok(Ok(read)) => read,
             Ok(Err(e)) => Err(format!("its read failed: {e}")),
             Err(_) => Err(format!(
@@ -1283,7 +1288,7 @@ impl<'a> Run<'a> {
             let read = match self.record.result.clone() {
                 Some(RecordedResult::Value(value)) => Ok(value),
                 Some(RecordedResult::Ignored(problem)) => Err(problem),
-                None => self.read_result().await,
+                None => self.read_result(None).await,
             };
             result = read.unwrap_or_else(|problem| {
                 self.reports

@@ -613,6 +613,32 @@ fn a_result_read_that_hangs_is_given_up() {
     assert_eq!(h.manifest("hung")["files"][0]["path"], "artifacts/w");
 }
 
+/// The same hung read after a stop is given up by the stop deadline: bounded only by its own
+/// 10 s, it held the agent past the deadline a scheduler's kill follows.
+#[test]
+fn a_result_read_that_hangs_after_a_stop_ends_by_the_stop_deadline() {
+    let mut h = Harness::file();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "result-read-hangs".into()));
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "3".into()));
+    let script =
+        "echo '{\"a\": 1}' > $C3_RESULT_FILE; echo up > $C3_ARTIFACTS_DIR/up; exec sleep 60";
+    let spec = h.spec(json!({"job_id": "hungstop", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("the job to start", Duration::from_secs(20), || {
+        h.workdir("hungstop")
+            .join("artifacts/up")
+            .exists()
+            .then_some(())
+    });
+    crate::support::signal(child.id(), "TERM");
+    // The stop deadline and a moment for the exit; the read alone took 10 s.
+    let run = exited_within(&h, child, Duration::from_secs(3 + 4));
+    run.assert_code(4);
+    assert_eq!(h.terminal("hungstop")["state"], "CANCELED");
+}
+
 /// A look at the job's open files that never answers (reading a process's `maps` waits on its
 /// memory lock, which a thread faulting on a page of the job's own silent FUSE mount holds)
 /// stops live sync's settling, not the job's end: the final sync takes the file.
