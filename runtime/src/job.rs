@@ -541,8 +541,21 @@ async fn take_over_earlier_run(
             earlier_agent_pid = record.agent.map(|a| a.0),
             "taking over an unfinished earlier run of this attempt (its agent died): its processes are stopped first"
         );
-        if crate::recover::stop_survivors(ctx, &record).await {
-            tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
+        // Up to a kill grace and more (two minutes by the job's marks, with no cgroup), which
+        // a stop does not wait out: the earlier record stays as it is, for `recover`.
+        let stopped = tokio::select! {
+            survive = crate::recover::stop_survivors(ctx, &record) => Some(survive),
+            () = cancel.cancelled() => None,
+        };
+        match stopped {
+            Some(true) => tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use"),
+            Some(false) => {}
+            None => {
+                return Err(RunError::StoppedBeforeStart {
+                    job_id: spec.job_id.clone(),
+                    attempt: spec.attempt,
+                })
+            }
         }
     }
     // The attempt's lock is held: the earlier agent is gone.
@@ -604,8 +617,19 @@ async fn stop_unrecorded_run(
             return Ok(());
         }
     }
-    if crate::recover::stop_survivors(ctx, &record).await {
-        tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
+    let stopped = tokio::select! {
+        survive = crate::recover::stop_survivors(ctx, &record) => Some(survive),
+        () = cancel.cancelled() => None,
+    };
+    match stopped {
+        Some(true) => tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use"),
+        Some(false) => {}
+        None => {
+            return Err(RunError::StoppedBeforeStart {
+                job_id: spec.job_id.clone(),
+                attempt: spec.attempt,
+            })
+        }
     }
     Ok(())
 }

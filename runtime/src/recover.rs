@@ -608,7 +608,21 @@ async fn recover_record(
     let span =
         tracing::info_span!("job", job_id = %record.spec.job_id, attempt = record.spec.attempt);
     let entered = span.enter();
-    let survivors = stop_survivors(ctx, &record).await;
+    // Bounded (a kill grace, two minutes by the job's marks with no cgroup) but not by
+    // `--budget-secs` or a SIGTERM: halted, the attempt is left for the next pass.
+    let halted = async {
+        match halt {
+            Some(halt) => halt.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let survivors = tokio::select! {
+        survivors = stop_survivors(ctx, &record) => survivors,
+        () = halted => {
+            tracing::warn!("halted while the attempt's processes were being stopped; left for the next pass");
+            return None;
+        }
+    };
     if let Some((pid, _)) = record.agent {
         crate::agentsock::remove_left(
             &ctx.state,

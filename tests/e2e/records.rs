@@ -228,6 +228,40 @@ fn a_rerun_of_an_attempt_whose_agent_died_stops_the_earlier_job() {
     assert_eq!(sockets(&h), 0, "the dead agent's socket stayed");
 }
 
+/// A stop while a rerun stops the earlier run's processes (they outlive SIGTERM, and the
+/// kill grace is long) ends the rerun, canceled, without waiting the grace out: the earlier
+/// record stays for `recover`.
+#[test]
+fn a_stop_while_a_rerun_stops_the_earlier_job_is_heard() {
+    let mut h = Harness::file();
+    let fault = if nix::unistd::geteuid().is_root() {
+        "crash-after-spawn"
+    } else {
+        "crash-after-spawn-without-cgroup"
+    };
+    h.env.push(("C3_AGENT_FAULT".into(), fault.into()));
+    let script = "trap '' TERM; echo $$ > $C3_ARTIFACTS_DIR/job.pid; while :; do sleep 1; done";
+    let spec = json!({"job_id": "deaf", "command": ["sh", "-c", script]});
+    let run = h.run_job(spec.clone());
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    let pid = crate::support::job_pid(&h, "deaf");
+    assert!(alive(pid), "the job outlived its agent");
+    h.env.clear();
+    h.env.push(("C3_AGENT_KILL_GRACE_SECS".into(), "60".into()));
+    let path = h.spec(spec);
+    let rerun = h.spawn(&["run", "--job", path.to_str().unwrap()]);
+    crate::support::wait_catches_term(rerun.id());
+    std::thread::sleep(Duration::from_millis(500));
+    crate::support::signal(rerun.id(), "TERM");
+    let run = crate::faults::exited_within(&h, rerun, Duration::from_secs(20));
+    run.assert_code(4);
+    // Not left running for good: `recover` stops it (its own grace is the config's).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 /// `recover` of an attempt whose agent died removes the socket that agent left.
 #[test]
 fn recover_removes_the_socket_a_dead_agent_left() {
