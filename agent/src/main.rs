@@ -1095,6 +1095,13 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ));
             ExitCode::from(v.exit.code())
         }
+        // Stopped before it started storing (while the job's processes were being stopped).
+        Ok(None) if halt.is_cancelled() => {
+            out::summary(format!(
+                "job {job_id}: resync stopped (a signal) before it was done; `c3-agent resync {job_id}` goes on from there"
+            ));
+            ExitCode::from(JobExit::Canceled.code())
+        }
         Ok(None) => {
             out::summary(format!(
                 "job {job_id}: nothing left to store (or another agent is at work on it)"

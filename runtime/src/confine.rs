@@ -315,12 +315,11 @@ impl DirFd {
     /// would get this job's files, over its own.
     pub fn ensure_own_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
         let agent = nix::unistd::geteuid().as_raw();
-        let whose = vetted_for(owner);
         self.ensure_dir_vetted(
             rel,
             |_| (mode, owner),
-            |name, st, _| match whose {
-                Some(uid) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
+            |name, st, _| match owner {
+                Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
                         "`{}` is user {}'s, not the job's; refusing to write in it",
@@ -550,7 +549,7 @@ impl DirFd {
         match self.stat(name) {
             Ok(st)
                 if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
-                    && vetted_for(owner).is_some_and(|uid| st.st_uid != uid) =>
+                    && owner.is_some_and(|(uid, _)| st.st_uid != uid) =>
             {
                 let aside = aside_name(".c3-aside-");
                 self.rename(name, OsStr::new(&aside))?;
@@ -567,18 +566,6 @@ impl DirFd {
             Err(e) => return Err(e),
         }
         self.ensure_dir(Path::new(name), mode, owner)
-    }
-}
-
-/// Whose directories root may write in for a job of `owner`: the job user's; for a job
-/// without a user, when the agent is root, root's own (the job runs as root). Another user's
-/// `.c3` or output dir in a reused root-owned workdir was kept for a root job: that user
-/// wrote its result and planted files in its output while it ran. `None`: no check (a
-/// non-root agent's job runs as the agent's user, who can do no more than it).
-pub fn vetted_for(owner: Owner) -> Option<u32> {
-    match owner {
-        Some((uid, _)) => Some(uid),
-        None => nix::unistd::geteuid().is_root().then_some(0),
     }
 }
 

@@ -236,6 +236,9 @@ pub fn cannot_take_in(job_id: &str, attempt: u32, done: &str) -> String {
     format!("job {job_id} attempt {attempt}: its manifest key in the store holds one this agent cannot take in (a newer agent's, another job's or attempt's, one over store.max_manifest_bytes); nothing was {done}")
 }
 
+/// How long a write to the state dir on a stop's way out may take before it is given up.
+const STATE_WRITE_WAIT: Duration = Duration::from_secs(2);
+
 /// Why a new run of an attempt whose manifest (complete or not) is in the store is refused.
 pub fn ran_already(job_id: &str, attempt: u32, complete: bool) -> String {
     let (id, n) = (job_id, attempt);
@@ -551,10 +554,23 @@ async fn take_over_earlier_run(
             Some(true) => tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use"),
             Some(false) => {}
             None => {
+                // The stop is the attempt's cancel: `recover`, finishing the earlier record
+                // later, reports it CANCELED, not the earlier agent's loss (retryable).
+                let mut canceled = record.clone();
+                canceled.state = Some(c3_proto::JobState::Canceled);
+                let state = ctx.state.clone();
+                let saved = tokio::time::timeout(
+                    STATE_WRITE_WAIT,
+                    tokio::task::spawn_blocking(move || state.write_record(&canceled)),
+                )
+                .await;
+                if !matches!(saved, Ok(Ok(Ok(())))) {
+                    tracing::error!("cannot mark the earlier run's record canceled; `recover` will report its agent lost");
+                }
                 return Err(RunError::StoppedBeforeStart {
                     job_id: spec.job_id.clone(),
                     attempt: spec.attempt,
-                })
+                });
             }
         }
     }

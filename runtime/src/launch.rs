@@ -504,6 +504,20 @@ pub async fn start(
     })
 }
 
+/// This process's `oom_score_adj` (0 where it cannot be read).
+fn own_oom_score() -> i32 {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a job launched by an agent of OOM score `agent` starts at 0 instead: only one
+/// protected below the default is not passed on.
+fn resets_oom_score(agent: i32) -> bool {
+    agent < 0
+}
+
 /// A launched script: the child (always awaited) and its pid (= process group = session).
 pub struct Script {
     pub child: Child,
@@ -535,6 +549,7 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
     let hang = plan.hang_before_exec;
     let drop_in_child = plan.drop_in_child.clone();
     let said_fd = said.as_raw_fd();
+    let reset_oom_score = resets_oom_score(own_oom_score());
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
     // (getpid, fstat, open, close, setsid, write, fchdir, setgroups, setgid, setuid, keyctl,
     // umask, close_range, pause), which are async-signal-safe, on fds and a group list prepared
@@ -575,16 +590,19 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            // The job starts at the kernel's default OOM score, whatever the agent's (the
-            // unit's `OOMScoreAdjust=` keeps the agent, which reports the job's OOM, from
+            // The job starts at the kernel's default OOM score where the agent's is below it
+            // (the unit's `OOMScoreAdjust=` keeps the agent, which reports the job's OOM, from
             // being the node's first pick): written as root, the job cannot lower it again.
-            let adj = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if adj >= 0 {
-                libc::write(adj, b"0".as_ptr().cast(), 1);
-                libc::close(adj);
+            // A score above it (a pod's QoS, an operator's) is the job's too.
+            if reset_oom_score {
+                let adj = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if adj >= 0 {
+                    libc::write(adj, b"0".as_ptr().cast(), 1);
+                    libc::close(adj);
+                }
             }
             step(Step::Workdir);
             check(libc::fchdir(workdir))?;
@@ -781,6 +799,15 @@ fn is_a_shell(shell: &std::path::Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A job starts at score 0 only when the agent is protected below it (the unit's -500):
+    /// a pod's or an operator's raised score stays the job's.
+    #[test]
+    fn only_a_protected_agents_oom_score_is_not_passed_on() {
+        assert!(super::resets_oom_score(-500));
+        assert!(!super::resets_oom_score(0));
+        assert!(!super::resets_oom_score(1000));
+    }
+
     /// A join that fails leaves the child with the agent's keys only if it holds some, and
     /// keyctl barred is barred to the job too.
     #[test]

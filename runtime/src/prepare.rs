@@ -279,6 +279,13 @@ fn open_workdir(
     owner: Owner,
 ) -> std::io::Result<(DirFd, HeldRoot)> {
     let root = root_of(roots, workdir);
+    // Whose directories root may use for this job: the job user's; for a job without a user
+    // under a root agent in a workdir below `jobs_root`, root's (it runs as root): another
+    // user's `.c3` in a reused root-owned workdir was kept, and that user could write the
+    // root job's result while it ran, or plant files in its output. Not for a quick run in
+    // someone's own tree, whose owner may swap it all anyway.
+    let vet: Owner =
+        owner.or_else(|| (root.is_some() && nix::unistd::geteuid().is_root()).then_some((0, 0)));
     let fd = match root {
         Some(root) => {
             if !root.exists() {
@@ -305,7 +312,7 @@ fn open_workdir(
                         (0o711, None)
                     }
                 },
-                |name, st, last| vet_existing(workdir, name, st, last, owner),
+                |name, st, last| vet_existing(workdir, name, st, last, vet),
             )?
         }
         // A quick local run: the current dir of whoever started the agent.
@@ -319,11 +326,12 @@ fn open_workdir(
     // it may rename it there, and the job goes on in it); after, the way it was found here.
     let held = fd.hold(workdir, root.map(PathBuf::as_path))?;
     for dir in dirs {
-        ensure_output_dir(&fd, Path::new(dir), owner)
+        ensure_output_dir(&fd, Path::new(dir), owner, vet)
             .map_err(|e| std::io::Error::new(e.kind(), format!("output dir `{dir}`: {e}")))?;
     }
-    // `.c3` is the agent's: whatever a job put in its place is replaced.
-    let c3 = fd.replace_with_dir(OsStr::new(".c3"), job_dir_mode(owner), owner)?;
+    // `.c3` is the agent's: whatever a job put in its place is replaced. (`vet` owns what is
+    // made: for a root job root, who makes it.)
+    let c3 = fd.replace_with_dir(OsStr::new(".c3"), job_dir_mode(owner), vet)?;
     // A result left by an earlier attempt in the same workdir is not this attempt's. A
     // directory made there is the job's (it failed every later attempt before its launch):
     // moved aside, never removed as root.
@@ -344,7 +352,12 @@ fn open_workdir(
 /// launch as the node's error (AGENT_ERROR, retryable), for ever. It is moved aside in its
 /// own directory (the link itself, never its target; a file kept, never removed as root),
 /// as `.c3` is replaced and a result left a directory is moved aside.
-fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Result<DirFd> {
+fn ensure_output_dir(
+    workdir: &DirFd,
+    rel: &Path,
+    owner: Owner,
+    vet: Owner,
+) -> std::io::Result<DirFd> {
     let mut dir = workdir.try_clone()?;
     for part in rel.components() {
         let std::path::Component::Normal(name) = part else {
@@ -369,7 +382,7 @@ fn ensure_output_dir(workdir: &DirFd, rel: &Path, owner: Owner) -> std::io::Resu
         }
         // Another user's directory there (another tenant's job ran in this root-owned
         // workdir before) is refused: the job would collect and write into its files.
-        dir = dir.ensure_own_dir(Path::new(name), job_dir_mode(owner), owner)?;
+        dir = dir.ensure_own_dir(Path::new(name), job_dir_mode(owner), vet)?;
     }
     Ok(dir)
 }
@@ -395,9 +408,8 @@ fn job_dir_mode(owner: Owner) -> u32 {
 /// 2775` directory under `jobs_root` is a common layout, and a directory a member made in it
 /// is refused as theirs. The workdir itself may be only root's group's: a member could make
 /// an output dir or `.c3` there before the job starts, or plant files root collects as this
-/// job's. A job without a user under a root agent runs as root: the directories must be
-/// root's (another user could otherwise supply its result and output while it runs); under
-/// a non-root agent it runs as the agent's own user, who may do it all anyway.
+/// job's. `owner` is root's own for a job without a user under a root agent (it runs as
+/// root); `None` for one under a non-root agent, whose user may do it all anyway.
 fn vet_existing(
     workdir: &Path,
     name: &OsStr,
@@ -405,7 +417,7 @@ fn vet_existing(
     last: bool,
     owner: Owner,
 ) -> std::io::Result<()> {
-    let Some(job_uid) = crate::confine::vetted_for(owner) else {
+    let Some((job_uid, _)) = owner else {
         return Ok(());
     };
     let agent = nix::unistd::geteuid().as_raw();

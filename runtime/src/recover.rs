@@ -16,6 +16,8 @@ use crate::statedir::AttemptLock;
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
     let ended = record.state.is_some() || record.exit_code.is_some() || record.signal.is_some();
     match record.phase {
+        // Canceled while a rerun stopped what its dead agent left: the attempt's cancel.
+        Phase::Preparing if record.state == Some(JobState::Canceled) => JobEnd::Canceled,
         // A cgroup or a launch recorded before the launch: the script may have started.
         Phase::Preparing if record.cgroup.is_some() || record.launching => JobEnd::AgentLost,
         Phase::Preparing => JobEnd::AgentFailed,

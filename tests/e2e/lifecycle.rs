@@ -473,12 +473,13 @@ fn recover_leaves_a_job_with_a_live_agent_alone() {
     assert_eq!(h.cp().terminal_status().unwrap()["state"], "SUCCEEDED");
 }
 
-/// The job starts at the kernel's default OOM score whatever the agent's (the shipped unit
-/// gives the agent -500, so that a node out of memory kills the job, which the agent then
-/// reports, rather than the agent and the job with it): inherited, the job was as protected.
-/// Here the agent's is raised (lowering it needs CAP_SYS_RESOURCE, which CI's root lacks).
+/// The job's OOM score: the shipped unit gives the agent -500 (a node out of memory kills the
+/// job, which the agent then reports, rather than the agent and the job with it), which the
+/// job does not inherit (`launch::tests::only_a_protected_agents_oom_score_is_not_passed_on`;
+/// lowering the agent's here needs CAP_SYS_RESOURCE, which CI's root lacks). A raised one (a
+/// pod's QoS, an operator's) is the job's too.
 #[test]
-fn the_job_starts_at_the_default_oom_score() {
+fn a_raised_oom_score_is_the_jobs_too() {
     let h = Harness::file();
     let script = "cat /proc/self/oom_score_adj > $C3_ARTIFACTS_DIR/adj";
     let spec = h.spec(json!({"job_id": "oomadj", "command": ["sh", "-c", script]}));
@@ -498,7 +499,7 @@ fn the_job_starts_at_the_default_oom_score() {
     h.wait("run with a protected agent".into(), child)
         .assert_code(0);
     let adj = std::fs::read_to_string(h.workdir("oomadj").join("artifacts/adj")).unwrap();
-    assert_eq!(adj.trim(), "0");
+    assert_eq!(adj.trim(), "300");
 }
 
 /// A background writer the script left behind (`python save.py &` then exit 0) is stopped and

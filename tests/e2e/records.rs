@@ -255,11 +255,14 @@ fn a_stop_while_a_rerun_stops_the_earlier_job_is_heard() {
     crate::support::signal(rerun.id(), "TERM");
     let run = crate::faults::exited_within(&h, rerun, Duration::from_secs(20));
     run.assert_code(4);
-    // Not left running for good: `recover` stops it (its own grace is the config's).
+    // `recover` finishes the earlier record as the attempt's cancel, not its agent's loss
+    // (FAILED/AGENT_ERROR, retryable: the platform would run a canceled job again).
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     );
+    h.run(&["recover"]);
+    assert_eq!(h.terminal("deaf")["state"], "CANCELED");
 }
 
 /// `recover` of an attempt whose agent died removes the socket that agent left.

@@ -460,6 +460,51 @@ fn another_users_dirs_are_never_a_root_jobs() {
     assert!(h.object("jobs/r2/manifest.json").is_none());
 }
 
+/// Root's vetting of a job without a user stays with workdirs below `jobs_root`: a root
+/// `pull` into a DEST holding another user's directory, and a root quick run in another
+/// user's tree, still use their directories (their owner may swap them anyway).
+#[test]
+fn roots_own_pull_and_quick_run_use_another_users_dirs() {
+    if not_root() {
+        return;
+    }
+    use std::os::unix::fs::chown;
+    let h = open_harness();
+    h.run_job(json!({"job_id": "src2", "command": ["sh", "-c", "echo A > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let dest = h.path("alice-out");
+    std::fs::create_dir_all(dest.join("artifacts")).unwrap();
+    chown(&dest, Some(4242), Some(4242)).unwrap();
+    chown(dest.join("artifacts"), Some(4242), Some(4242)).unwrap();
+    h.run(&["pull", "src2", dest.to_str().unwrap()])
+        .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("artifacts/f")).unwrap(),
+        "A\n"
+    );
+    // Outside the harness's dir, which is its `jobs_root`.
+    let outside = tempfile::tempdir().unwrap();
+    let tree = outside.path().join("alice-tree");
+    std::fs::create_dir_all(tree.join("artifacts")).unwrap();
+    chown(&tree, Some(4242), Some(4242)).unwrap();
+    chown(tree.join("artifacts"), Some(4242), Some(4242)).unwrap();
+    let mut cmd = h.command(&[
+        "run",
+        "--job-id",
+        "quickroot",
+        "--",
+        "sh",
+        "-c",
+        "echo q > $C3_ARTIFACTS_DIR/q",
+    ]);
+    cmd.current_dir(&tree);
+    let run = h.wait(
+        "quick run in another user's tree".into(),
+        cmd.spawn().unwrap(),
+    );
+    run.assert_code(0);
+}
+
 /// In a team's group-writable directory (`root:team 2775`, accepted above a workdir), another
 /// member may rename a running job's workdir: a rename needs write access to the parent only.
 /// The job goes on in its own directory (its cwd is the inode, not the path), and so must
