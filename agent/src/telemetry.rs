@@ -414,20 +414,22 @@ impl Visit for Visitor<'_> {
 mod tests {
     use super::{is_formatter_colour, one_line, FlatJson, Style};
 
+    /// What a subscriber writes, gathered.
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     /// Each event logged under `tracing::subscriber::with_default`, through the JSON format.
     fn json_lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let buf = Buf::default();
         let out = buf.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -581,18 +583,6 @@ mod tests {
     /// own colours, logged with ANSI on, stay.
     #[test]
     fn a_terminal_obeys_only_the_formatters_colours() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(data);
-                Ok(data.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let buf = Buf::default();
         let out = buf.clone();
         let subscriber = tracing_subscriber::fmt()

@@ -544,34 +544,21 @@ async fn take_over_earlier_run(
             earlier_agent_pid = record.agent.map(|a| a.0),
             "taking over an unfinished earlier run of this attempt (its agent died): its processes are stopped first"
         );
-        // Up to a kill grace and more (two minutes by the job's marks, with no cgroup), which
-        // a stop does not wait out: the earlier record stays as it is, for `recover`.
-        let stopped = tokio::select! {
-            survive = crate::recover::stop_survivors(ctx, &record) => Some(survive),
-            () = cancel.cancelled() => None,
-        };
-        match stopped {
-            Some(true) => tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use"),
-            Some(false) => {}
-            None => {
-                // The stop is the attempt's cancel: `recover`, finishing the earlier record
-                // later, reports it CANCELED, not the earlier agent's loss (retryable).
-                let mut canceled = record.clone();
-                canceled.state = Some(c3_proto::JobState::Canceled);
-                let state = ctx.state.clone();
-                let saved = tokio::time::timeout(
-                    STATE_WRITE_WAIT,
-                    tokio::task::spawn_blocking(move || state.write_record(&canceled)),
-                )
-                .await;
-                if !matches!(saved, Ok(Ok(Ok(())))) {
-                    tracing::error!("cannot mark the earlier run's record canceled; `recover` will report its agent lost");
-                }
-                return Err(RunError::StoppedBeforeStart {
-                    job_id: spec.job_id.clone(),
-                    attempt: spec.attempt,
-                });
+        if let Err(stopped) = stop_earlier_survivors(ctx, spec, &record, cancel).await {
+            // The stop is the attempt's cancel: `recover`, finishing the earlier record
+            // later, reports it CANCELED, not the earlier agent's loss (retryable).
+            let mut canceled = record.clone();
+            canceled.state = Some(c3_proto::JobState::Canceled);
+            let state = ctx.state.clone();
+            let saved = tokio::time::timeout(
+                STATE_WRITE_WAIT,
+                tokio::task::spawn_blocking(move || state.write_record(&canceled)),
+            )
+            .await;
+            if !matches!(saved, Ok(Ok(Ok(())))) {
+                tracing::error!("cannot mark the earlier run's record canceled; `recover` will report its agent lost");
             }
+            return Err(stopped);
         }
     }
     // The attempt's lock is held: the earlier agent is gone.
@@ -633,19 +620,29 @@ async fn stop_unrecorded_run(
             return Ok(());
         }
     }
+    stop_earlier_survivors(ctx, spec, &record, cancel).await
+}
+
+/// Stops what an earlier run of the attempt left (`record`'s processes): up to a kill grace
+/// and more (two minutes by the job's marks, with no cgroup), which a stop does not wait
+/// out (`StoppedBeforeStart`; the earlier record stays for `recover`).
+async fn stop_earlier_survivors(
+    ctx: &AgentContext,
+    spec: &JobSpec,
+    record: &RunRecord,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
     let stopped = tokio::select! {
-        survive = crate::recover::stop_survivors(ctx, &record) => Some(survive),
-        () = cancel.cancelled() => None,
-    };
-    match stopped {
-        Some(true) => tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use"),
-        Some(false) => {}
-        None => {
+        survive = crate::recover::stop_survivors(ctx, record) => survive,
+        () = cancel.cancelled() => {
             return Err(RunError::StoppedBeforeStart {
                 job_id: spec.job_id.clone(),
                 attempt: spec.attempt,
             })
         }
+    };
+    if stopped {
+        tracing::warn!("processes of the earlier run survive SIGKILL (stuck in the kernel?): its GPU may still be in use");
     }
     Ok(())
 }
