@@ -464,12 +464,15 @@ async fn final_sync(
     at_end.forget_kept();
     let started = Instant::now();
     // Listed as it goes: gc may take a blob no manifest names once it is an hour old.
+    // Its scan sees all of the output: what it lists as it goes covers what the unread
+    // manifest may list that is still there (see `ManifestWriter::holding_in_progress`).
+    let listing = config.manifest.clone().holding_in_progress(false);
     let report = sync_scan_until(
         &at_end,
         &config.workdir,
         found,
         book,
-        (!out.hold_manifest).then_some(&config.manifest),
+        (!out.hold_manifest).then_some(&listing),
         config.halt.as_ref(),
     )
     .await;

@@ -806,7 +806,9 @@ impl<'a> Run<'a> {
     /// seal from what the final scan finds replaces it only when the scan sees all of the
     /// output.
     pub(crate) fn earlier_listing_unknown(&mut self) {
-        self.collector_config.earlier_unknown = true;
+        let config = &mut self.collector_config;
+        config.earlier_unknown = true;
+        config.manifest = config.manifest.clone().holding_in_progress(true);
     }
 
     fn spec(&self) -> &JobSpec {

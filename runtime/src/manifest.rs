@@ -38,6 +38,8 @@ pub struct ManifestWriter {
     /// took it up again: its in-progress writes stay complete and carry them, rather than
     /// put an incomplete manifest with neither over it until the seal.
     carried: Option<Arc<(Option<Logs>, serde_json::Value)>>,
+    /// In-progress writes are not made ([`ManifestWriter::holding_in_progress`]).
+    held: bool,
 }
 
 /// The job's manifest key as this attempt's writer last saw it.
@@ -83,7 +85,19 @@ impl ManifestWriter {
             job_key: Arc::default(),
             checkpoint_every: CHECKPOINT_EVERY,
             carried: None,
+            held: false,
         }
+    }
+
+    /// `hold`: in-progress manifests are not written (the seal still is). A sidecar that
+    /// could not read the attempt's manifest its earlier watch stored (a write-only bucket's
+    /// 403) watches on with an empty book: its in-progress writes replaced that listing with
+    /// one of only what it stored since, and a second death with the files gone left a
+    /// recover nothing to list the earlier ones by (gc took their blobs). The final sync
+    /// releases the hold once its scan sees all of the output.
+    pub fn holding_in_progress(mut self, hold: bool) -> Self {
+        self.held = hold;
+        self
     }
 
     /// Writes in progress as `earlier` (this attempt's manifest, read back) when it is
@@ -139,7 +153,7 @@ impl ManifestWriter {
     /// written lists it: a job calling `wait_all` in a loop would otherwise have both
     /// manifests rewritten each time, whatever `manifest_interval_ms` says.
     pub async fn in_progress(&self, book: &mut SyncBook) -> Result<(), StoreError> {
-        if book.listed() {
+        if self.held || book.listed() {
             return Ok(());
         }
         let mut m = Manifest::new(&self.job_id, self.project.clone(), self.attempt);

@@ -319,7 +319,7 @@ pub(crate) async fn listed_before(
             not_this_agents(crate::error_chain(&e))
         }
         Err(e) if e.is_permanent() || e.is_not_found() => {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; it is replaced only if the final scan sees all of the output");
+            tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest; it is replaced only if the final scan sees all of the output (a watch writes no in-progress manifest over it meanwhile)");
             Ok(Listed::Unknown)
         }
         Err(e) => Err(e),

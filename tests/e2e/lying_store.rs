@@ -1641,3 +1641,75 @@ fn recover_never_replaces_a_manifest_it_cannot_read_with_less() {
         );
     }
 }
+
+/// A sidecar killed while its trainer runs, after live sync listed `out/f`, is restarted while
+/// the store will not let it read the attempt's manifest (a write-only bucket's 403). Its
+/// book is empty: the in-progress manifests it wrote listed only what it stored since, over
+/// the listing of `out/f` (a second death with the pod's files gone left a recover nothing
+/// to list `out/f` by). None is written until the final scan sees all of the output; the
+/// seal then lists both files.
+#[test]
+fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_watches() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml
+        .push_str("[sync]\nsettle_ms = 100\nmanifest_interval_ms = 200\n");
+    let job = "heldside";
+    let key = format!("pre/jobs/{job}/attempts/1/manifest.json");
+    let shared = h.path("shared");
+    let out = shared.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut trainer = std::process::Command::new("sh")
+        .args(["-c", "echo x > out/f; exec sleep 60"])
+        .current_dir(&shared)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = trainer.id().to_string();
+    let out_arg = out.display().to_string();
+    let args = ["watch", "--job-id", job, "--pid", &pid, &out_arg];
+    let first = h.spawn(&args);
+    let listed = wait_for("live sync to list out/f", Duration::from_secs(30), || {
+        let st = s3.state.lock().unwrap();
+        st.objects
+            .get(&key)
+            .filter(|m| String::from_utf8_lossy(m).contains("out/f"))
+            .cloned()
+    });
+    crate::support::signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    s3.set_fault(Fault::ManifestGetDenied);
+    let second = h.spawn(&args);
+    std::fs::write(out.join("g"), b"stored by the second watch").unwrap();
+    wait_for("live sync to store out/g", Duration::from_secs(30), || {
+        s3.blob(b"stored by the second watch")
+    });
+    // Ten manifest intervals: the in-progress write that followed the upload came in one.
+    for _ in 0..20 {
+        let now = s3.state.lock().unwrap().objects.get(&key).cloned();
+        assert_eq!(
+            now.as_deref(),
+            Some(&listed[..]),
+            "an in-progress manifest was written over the one the watch could not read"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    trainer.kill().unwrap();
+    trainer.wait().unwrap();
+    let run = h.wait("the second watch".into(), second);
+    run.assert_code(0);
+    let sealed = s3.state.lock().unwrap().objects.get(&key).cloned().unwrap();
+    let sealed: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+    let paths: Vec<&str> = sealed["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (paths, &sealed["complete"]),
+        (vec!["out/f", "out/g"], &json!(true)),
+        "{}",
+        run.stderr
+    );
+}
