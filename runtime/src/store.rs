@@ -240,6 +240,23 @@ impl StoreError {
         )
     }
 
+    /// Whether the write that failed with it may yet have been done by the store: its
+    /// answer lost after the request went (a time-out, a reset, a 500 or a gateway's 502 or
+    /// 504). Not a request the store refused unprocessed: a throttle (503, 429), a 4xx, one
+    /// that never reached it (a refused connection, a name that does not resolve).
+    pub fn may_have_been_applied(&self) -> bool {
+        let StoreError::Op { source, .. } = self else {
+            return false;
+        };
+        let text = crate::error_chain(source);
+        match http_status(&text) {
+            Some(status) => matches!(status, 500 | 502 | 504),
+            None => !["tcp connect error", "dns error", "(Connect)"]
+                .iter()
+                .any(|t| text.contains(t)),
+        }
+    }
+
     /// A permanent error will not go away by retrying: fail fast instead of
     /// burning the retry budget (missing bucket, denied, bad credentials, bad config).
     pub fn is_permanent(&self) -> bool {
@@ -1312,6 +1329,23 @@ enum BlobPut {
     /// A look found it stored (a HEAD where the store has no conditional writes, the file
     /// store): no write was answered.
     Found,
+    /// [`BlobPut::Exists`] or [`BlobPut::Found`], last modified since this operation
+    /// began: after a try of it failed, its own write, whose answer was lost (a reset or a
+    /// time-out after the store took it). It added the blob: taken for one that was there,
+    /// its bytes were missing from the job's `new_bytes` ([`BlobStore::put_blob`]).
+    Landed,
+}
+
+/// How much older than its operation's start a blob found stored may look and still be
+/// taken for its own lost write ([`BlobPut::Landed`]): the store's clock against the
+/// node's (NTP keeps both within a second; SigV4 refuses 15 minutes). Past it, a skewed
+/// clock undercounts as before. Only after a failed try: a blob another job stored a
+/// moment before (a rerun's outputs) is not counted twice.
+const LANDED_SKEW: Duration = Duration::from_secs(60);
+
+/// Whether a blob last modified at `modified` was stored by an operation begun at `began`.
+fn landed_since(modified: std::time::SystemTime, began: std::time::SystemTime) -> bool {
+    modified >= began.checked_sub(LANDED_SKEW).unwrap_or(began)
 }
 
 impl BlobPut {
@@ -1834,7 +1868,10 @@ impl BlobStore {
         // Here a 404 that says the bucket is missing is said before the launch: the bucket is
         // what the preflight proves. A bare one (a proxy's, a load balancer's) is a blip, as
         // for any write: taken for the store's word, it failed the job before its launch.
-        match self.put_blob_once(EMPTY_SHA256, Bytes::new()).await {
+        match self
+            .put_blob_once(EMPTY_SHA256, Bytes::new(), std::time::SystemTime::now())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(StoreError::WriteNotFound { op, key, source })
                 if NO_BUCKET_CODES.iter().any(|code| says(&source, code)) =>
@@ -1866,18 +1903,35 @@ impl BlobStore {
     /// failed its file (a re-run's small files, the file store's).
     pub async fn put_blob(&self, sha256_hex: &str, bytes: Bytes) -> Result<bool, StoreError> {
         let size = bytes.len() as u64;
+        let began = std::time::SystemTime::now();
+        // A try of it failed in a way the store may have taken it (see `BlobPut::Landed`).
+        let may_have_landed = std::sync::atomic::AtomicBool::new(false);
         let put = self
             .retrying_write(
-                || self.put_blob_once(sha256_hex, bytes.clone()),
+                || {
+                    let put = self.put_blob_once(sha256_hex, bytes.clone(), began);
+                    let landed = &may_have_landed;
+                    async move {
+                        let put = put.await;
+                        if put.as_ref().is_err_and(StoreError::may_have_been_applied) {
+                            landed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        put
+                    }
+                },
+                // Landed or not, a blob found stored shows no more of the store taking
+                // writes than before (another job's a moment ago looks the same).
                 |put, failed_before| match put {
                     BlobPut::Added => Shows::Wrote,
-                    BlobPut::Exists if failed_before => Shows::Blips,
-                    BlobPut::Exists | BlobPut::Found => Shows::Nothing,
+                    BlobPut::Exists | BlobPut::Landed if failed_before => Shows::Blips,
+                    BlobPut::Exists | BlobPut::Found | BlobPut::Landed => Shows::Nothing,
                 },
             )
             .await;
         match put {
-            Ok(put) => Ok(matches!(put, BlobPut::Added)),
+            Ok(BlobPut::Added) => Ok(true),
+            Ok(BlobPut::Landed) => Ok(may_have_landed.load(std::sync::atomic::Ordering::Relaxed)),
+            Ok(_) => Ok(false),
             Err(e) if !e.is_permanent() && self.retry.writes_failing() => {
                 match self.blob_exists(sha256_hex, size).await {
                     Ok(true) => Ok(false),
@@ -1888,7 +1942,13 @@ impl BlobStore {
         }
     }
 
-    async fn put_blob_once(&self, sha256_hex: &str, bytes: Bytes) -> Result<BlobPut, StoreError> {
+    /// `began`: when its operation's first try began ([`BlobPut::Landed`]).
+    async fn put_blob_once(
+        &self,
+        sha256_hex: &str,
+        bytes: Bytes,
+        began: std::time::SystemTime,
+    ) -> Result<BlobPut, StoreError> {
         let key = blob_key(sha256_hex);
         if let (true, Some(root)) = (self.is_local(), self.local_root()) {
             let (root, sha, sync) = (
@@ -1920,7 +1980,7 @@ impl BlobStore {
             .no_conditional_put
             .load(std::sync::atomic::Ordering::Relaxed)
         {
-            return self.put_blob_plain(sha256_hex, &key, bytes).await;
+            return self.put_blob_plain(sha256_hex, &key, bytes, began).await;
         }
         let refused = match self
             .store()?
@@ -1947,7 +2007,7 @@ impl BlobStore {
                 // Taken for "no conditional writes" only once a plain PUT went through: a 501
                 // for another cause (a server-side encryption the store cannot do) fails
                 // that PUT too.
-                let put = self.put_blob_plain(sha256_hex, &key, bytes).await;
+                let put = self.put_blob_plain(sha256_hex, &key, bytes, began).await;
                 if put.is_ok()
                     && !self
                         .no_conditional_put
@@ -1969,16 +2029,19 @@ impl BlobStore {
         if says(&refused, "ConditionalRequestConflict") {
             return Err(not_there("another upload of it is in flight"));
         }
-        match self.stored_size(sha256_hex).await {
-            Ok(Some(s)) if s == size => {
+        match self.stored_meta(sha256_hex).await {
+            Ok(Some((s, modified))) if s == size => {
                 if !self.still_wanted(sha256_hex).await? {
                     return Err(not_there("gc deleted it meanwhile"));
                 }
-                Ok(BlobPut::Exists)
+                Ok(match landed_since(modified, began) {
+                    true => BlobPut::Landed,
+                    false => BlobPut::Exists,
+                })
             }
             // A short or torn object under a content-addressed key (another tool, an old
             // bug): these bytes hash to the key, so replacing it can only mend it.
-            Ok(Some(other)) => {
+            Ok(Some((other, _))) => {
                 tracing::warn!(key = %key, stored_bytes = other, bytes = size, "a blob in the store has the wrong size; replacing it");
                 self.put_document_once(&key, bytes)
                     .await
@@ -2008,17 +2071,21 @@ impl BlobStore {
         sha256_hex: &str,
         key: &str,
         bytes: Bytes,
+        began: std::time::SystemTime,
     ) -> Result<BlobPut, StoreError> {
         let put = || async {
             self.put_document_once(key, bytes.clone())
                 .await
                 .map(|()| BlobPut::Added)
         };
-        match self.stored_size(sha256_hex).await {
-            Ok(Some(s)) if s == bytes.len() as u64 => match self.still_wanted(sha256_hex).await? {
-                true => Ok(BlobPut::Found),
-                false => put().await,
-            },
+        match self.stored_meta(sha256_hex).await {
+            Ok(Some((s, modified))) if s == bytes.len() as u64 => {
+                match self.still_wanted(sha256_hex).await? {
+                    true if landed_since(modified, began) => Ok(BlobPut::Landed),
+                    true => Ok(BlobPut::Found),
+                    false => put().await,
+                }
+            }
             Ok(_) => put().await,
             Err(e) if self.head_denied(&e) => put().await,
             Err(e) => Err(e),
@@ -2158,9 +2225,17 @@ impl BlobStore {
 
     /// The stored blob's size, `None` if there is none.
     async fn stored_size(&self, sha256_hex: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.stored_meta(sha256_hex).await?.map(|(size, _)| size))
+    }
+
+    /// [`BlobStore::stored_size`], with when the store last modified the blob.
+    async fn stored_meta(
+        &self,
+        sha256_hex: &str,
+    ) -> Result<Option<(u64, std::time::SystemTime)>, StoreError> {
         let key = blob_key(sha256_hex);
         match self.store()?.head(&StorePath::from(key.as_str())).await {
-            Ok(meta) => Ok(Some(meta.size)),
+            Ok(meta) => Ok(Some((meta.size, meta.last_modified.into()))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(source) => Err(StoreError::Op {
                 op: "head",
@@ -3022,6 +3097,42 @@ pub(crate) mod tests {
             }),
         };
         assert!(permanent_cause(&away, false));
+    }
+
+    /// Only a failure whose request may have been done by the store counts a blob found
+    /// stored after it as its own ([`BlobPut::Landed`]): a throttle or a connection never
+    /// made is a request the store did not take, and a blob another job stored a moment
+    /// before was counted twice.
+    #[test]
+    fn only_a_lost_answer_may_have_been_applied() {
+        let failed = |text: &str| StoreError::Op {
+            op: "put",
+            key: "k".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: text.to_string().into(),
+            },
+        };
+        for (text, applied) in [
+            ("Server returned non-2xx status code: 500 Internal Server Error: ", true),
+            ("Server returned non-2xx status code: 504 Gateway Timeout: ", true),
+            ("error sending request: connection closed before message completed", true),
+            ("error sending request: operation timed out", true),
+            ("Server returned non-2xx status code: 503 Service Unavailable: <Code>SlowDown</Code>", false),
+            ("Server returned non-2xx status code: 429 Too Many Requests: ", false),
+            ("Server returned non-2xx status code: 400 Bad Request: <Code>RequestTimeout</Code>", false),
+            ("error sending request: client error (Connect): tcp connect error: Connection refused", false),
+            ("error sending request: client error (Connect): dns error: failed to lookup", false),
+        ] {
+            assert_eq!(failed(text).may_have_been_applied(), applied, "{text}");
+        }
+        let cut = StoreError::PastDeadline {
+            tried: true,
+            failing_secs: 1,
+            deadline_secs: 1,
+            latest: String::new(),
+        };
+        assert!(!cut.may_have_been_applied());
     }
 
     /// A 403 for the request's date (S3's RequestTimeTooSkewed, Azure's "Request date header

@@ -106,6 +106,9 @@ enum Fault {
     ManifestGetDenied,
     /// Every GET of a manifest: 404 with no body (a proxy's or load balancer's own).
     ManifestGetBareNotFound,
+    /// The first PUT of each blob is stored, and answered 500 (its answer lost);
+    /// objects stored under it are last modified when they were put (others at [`DATE`]).
+    AppliedThen500Once,
 }
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
@@ -117,6 +120,8 @@ struct State {
     /// Set: a request whose session token is another is refused (400 ExpiredToken).
     valid_token: Option<String>,
     objects: HashMap<String, Vec<u8>>,
+    /// Last-Modified of the objects that have their own ([`Fault::AppliedThen500Once`]).
+    modified: HashMap<String, String>,
     seen_puts: HashMap<String, usize>,
     seen_gets: HashMap<String, usize>,
     fault: Option<Fault>,
@@ -429,6 +434,14 @@ async fn handle(
                 }
             }
             let h = object_headers(&body);
+            if fault == Fault::AppliedThen500Once {
+                let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+                st.modified.insert(key.clone(), now);
+                if is_blob && seen == 1 {
+                    st.objects.insert(key, body.to_vec());
+                    return s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
+                }
+            }
             st.objects.insert(key, body.to_vec());
             reply(StatusCode::OK, &h, Body::empty())
         }
@@ -439,6 +452,10 @@ async fn handle(
             match st.objects.get(&key) {
                 Some(o) => {
                     let mut h = object_headers(o);
+                    if let Some(at) = st.modified.get(&key) {
+                        h.retain(|(name, _)| *name != "last-modified");
+                        h.push(("last-modified", at.clone()));
+                    }
                     h.push(("content-length", o.len().to_string()));
                     reply(StatusCode::OK, &h, Body::empty())
                 }
@@ -1711,5 +1728,34 @@ fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_
         (vec!["out/f", "out/g"], &json!(true)),
         "{}",
         run.stderr
+    );
+}
+
+/// A blob PUT the store took and answered 500 (the answer lost) is sent again, refused as
+/// present (412) and found by a HEAD last modified since the upload began: the job's own
+/// write. It counts in `new_bytes` (the storage byte delta): taken for a blob that was there,
+/// the job's bytes were missing from it. A blob stored before the job still counts nothing.
+#[test]
+fn a_blob_whose_put_answer_was_lost_counts_in_new_bytes() {
+    let s3 = FakeS3::start(Fault::AppliedThen500Once);
+    let h = s3.harness().with_control_plane(10);
+    let bytes = pattern(5000);
+    s3.put_blob(b"there before", b"there before");
+    let old = h.path("old.src");
+    std::fs::write(&old, b"there before").unwrap();
+    let mut spec = job_writing(&h, "lostack", &bytes);
+    spec["command"][2] = json!(format!(
+        "{}; cp {} $C3_ARTIFACTS_DIR/old",
+        spec["command"][2].as_str().unwrap(),
+        old.display()
+    ));
+    h.run_job(spec).assert_code(0);
+    assert_eq!(s3.puts_of(&bytes), 2, "the first answer was not lost");
+    let regs = h.cp().delivered("/artifacts");
+    // The job's logs are empty: the empty blob is the preflight's.
+    assert_eq!(
+        (regs.len(), &regs[0]["bytes"], &regs[0]["new_bytes"]),
+        (1, &json!(5000 + 12), &json!(5000)),
+        "{regs:?}"
     );
 }
