@@ -191,9 +191,15 @@ fn is_listing(query: Option<&str>) -> bool {
 /// metadata hosts (link-local addresses included).
 fn is_credential_request(req: &HttpRequest) -> bool {
     let headers = req.headers();
-    if ["x-aws-ec2-metadata-token", "metadata", "metadata-flavor"]
-        .iter()
-        .any(|h| headers.contains_key(*h))
+    // Azure Fabric's token service (`x-ms-partner-token`) may be on any host.
+    if [
+        "x-aws-ec2-metadata-token",
+        "metadata",
+        "metadata-flavor",
+        "x-ms-partner-token",
+    ]
+    .iter()
+    .any(|h| headers.contains_key(*h))
     {
         return true;
     }
@@ -472,6 +478,7 @@ mod tests {
                 Some(("Metadata", "true")),
             ),
             get("http://10.0.0.1/x", Some(("x-aws-ec2-metadata-token", "t"))),
+            get("http://10.0.0.1/token", Some(("x-ms-partner-token", "t"))),
         ] {
             let uri = req.uri().clone();
             let res = client.call(req).await.unwrap();

@@ -231,10 +231,7 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
     let published: Vec<PublishedFile> = published.into_iter().flatten().collect();
     match parts.manifest.in_progress(book).await {
         Ok(_) => SocketReply::ok(published),
-        Err(e) => SocketReply::error(format!(
-            "stored, but the in-progress manifest could not be written: {}",
-            crate::error_chain(&e)
-        )),
+        Err(e) => SocketReply::error(manifest_failure_told(&e)),
     }
 }
 
@@ -328,10 +325,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
         )),
         Ok(_) if unread.is_empty() => SocketReply::ok(Vec::new()),
         Ok(_) => SocketReply::error(not_all_read(unread)),
-        Err(e) => SocketReply::error(format!(
-            "stored, but the in-progress manifest could not be written: {}",
-            crate::error_chain(&e)
-        )),
+        Err(e) => SocketReply::error(manifest_failure_told(&e)),
     }
 }
 
@@ -389,6 +383,18 @@ fn told_the_job(e: &UploadError) -> String {
         }
         _ => crate::error_chain(e),
     }
+}
+
+/// What a failed in-progress manifest write tells the job: that it is too large in full
+/// (the job's own doing), the store's error only as "failed", as [`told_the_job`] (its text
+/// names the endpoint, bucket and keys, and an S3 denial's body the node's role).
+fn manifest_failure_told(e: &crate::store::StoreError) -> String {
+    const STORED: &str = "stored, but the in-progress manifest could not be written";
+    if matches!(e, crate::store::StoreError::TooLarge { .. }) {
+        return format!("{STORED}: {}", crate::error_chain(e));
+    }
+    tracing::warn!(error = %crate::error_chain(e), "a publish or wait_all could not write the in-progress manifest");
+    format!("{STORED} (the agent's log says why); it is written again at the end")
 }
 
 /// The directory's path as the kernel names it, the spelling `getcwd` gives the job in it:

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use std::time::Duration;
 
-use crate::support::{sha256_hex, wait_for, Harness};
+use crate::support::{sha256_hex, wait_for, Harness, BIN};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
@@ -109,7 +109,13 @@ enum Fault {
     /// The first PUT of each blob is stored, and answered 500 (its answer lost);
     /// objects stored under it are last modified when they were put (others at [`DATE`]).
     AppliedThen500Once,
+    /// Every PUT of a manifest: 403 AccessDenied, its message naming the node's role
+    /// ([`ROLE_IN_DENIAL`]).
+    ManifestPutDenied,
 }
+
+/// What an S3 denial's message says of the caller (`User: arn:aws:sts::...`).
+const ROLE_IN_DENIAL: &str = "arn:aws:sts::123456789012:assumed-role/node-role";
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
 /// reads them whole still ends.
@@ -414,6 +420,13 @@ async fn handle(
                 && (fault == Fault::BadDigestAlways || seen == 1 && fault == Fault::BadDigestOnce)
             {
                 return s3_error(StatusCode::BAD_REQUEST, "BadDigest");
+            }
+            if fault == Fault::ManifestPutDenied && key.ends_with("/manifest.json") {
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    &[],
+                    Body::from(format!("<?xml version=\"1.0\"?><Error><Code>AccessDenied</Code><Message>User: {ROLE_IN_DENIAL}/i-0 is not authorized to perform: s3:PutObject</Message></Error>")),
+                );
             }
             if matches!(
                 fault,
@@ -1758,4 +1771,32 @@ fn a_blob_whose_put_answer_was_lost_counts_in_new_bytes() {
         (1, &json!(5000 + 12), &json!(5000)),
         "{regs:?}"
     );
+}
+
+/// The in-progress manifest write a publish or `--wait-all` makes is denied: the job hears
+/// that it failed, not the store's error (its endpoint, bucket, keys, and the node's role in
+/// an S3 denial's message); the agent's log has it.
+#[test]
+fn a_publish_whose_manifest_write_fails_tells_the_job_nothing_of_the_store() {
+    let s3 = FakeS3::start(Fault::ManifestPutDenied);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[sync]\nsettle_ms = 60000\n");
+    let script = format!(
+        "echo w > $C3_ARTIFACTS_DIR/a; {BIN} publish $C3_ARTIFACTS_DIR/a 2> e1; echo $? > r1; \
+         echo v > $C3_ARTIFACTS_DIR/b; {BIN} publish --wait-all 2> e2; echo $? > r2"
+    );
+    let run = h.run_job(json!({"job_id": "pubdeny", "command": ["sh", "-c", script]}));
+    let w = h.workdir("pubdeny");
+    let port = format!("127.0.0.1:{}", s3.port);
+    for n in 1..=2 {
+        let rc = std::fs::read_to_string(w.join(format!("r{n}"))).unwrap();
+        let err = std::fs::read_to_string(w.join(format!("e{n}"))).unwrap();
+        assert_eq!(rc.trim(), "1", "{err}");
+        assert!(err.contains("manifest could not be written"), "{err}");
+        assert!(
+            !err.contains(ROLE_IN_DENIAL) && !err.contains(&port) && !err.contains("bucket"),
+            "the job was told the store's error: {err}"
+        );
+    }
+    assert!(run.stderr.contains(ROLE_IN_DENIAL), "{}", run.stderr);
 }
