@@ -1047,16 +1047,17 @@ impl Retry {
 
     /// Runs a try admitted `During` outage `id` at `started`: `None` if it was cut at
     /// `until`. When the bound comes, the outage may be over or the store may have answered a
-    /// request since the try began (the try goes on unbounded, as it would have started then),
-    /// or the outage's clock may have been restarted by the final sync (the bound moves with it).
-    /// `write`: whether the try is a write's ([`Outage::counted`]).
+    /// request since the try began (the try goes on to `ceiling`, as one made with no outage
+    /// known: `None`, unbounded), or the outage's clock may have been restarted by the final
+    /// sync (the bound moves with it). `write`: whether the try is a write's
+    /// ([`Outage::counted`]).
     async fn bounded<F: std::future::Future>(
         &self,
         try_: F,
         (id, write): (u64, bool),
         started: tokio::time::Instant,
         mut until: tokio::time::Instant,
-        op_deadline: tokio::time::Instant,
+        (op_deadline, ceiling): (tokio::time::Instant, Option<tokio::time::Instant>),
     ) -> Option<F::Output> {
         let mut try_ = std::pin::pin!(try_);
         loop {
@@ -1074,12 +1075,25 @@ impl Retry {
                 }
             };
             let Some(later) = later else {
-                return Some(try_.await);
+                return match ceiling {
+                    Some(ceiling) => tokio::time::timeout_at(ceiling, try_).await.ok(),
+                    None => Some(try_.await),
+                };
             };
             if later <= tokio::time::Instant::now() {
                 return None;
             }
             until = later;
+        }
+    }
+
+    /// The error of a try cut, no outage under way, after `waited` without an answer.
+    fn unanswered(&self, waited: Duration) -> StoreError {
+        StoreError::PastDeadline {
+            tried: true,
+            failing_secs: waited.as_secs(),
+            deadline_secs: self.deadline.as_secs(),
+            latest: format!("no answer to a request in {} s", waited.as_secs()),
         }
     }
 
@@ -1342,6 +1356,16 @@ enum BlobPut {
 /// clock undercounts as before. Only after a failed try: a blob another job stored a
 /// moment before (a rerun's outputs) is not counted twice.
 const LANDED_SKEW: Duration = Duration::from_secs(60);
+
+/// The slowest rate a try's bytes are given time for past the deadline
+/// ([`BlobStore::retrying_sized`]): the one the client's 300 s time-out already asks of a
+/// 64 MiB part. A try that sends more than the deadline allows at it is not cut sooner.
+const BULK_FLOOR_BYTES_PER_SEC: u64 = 224 * 1024;
+
+/// How long a try that sends `bulk` bytes may take at [`BULK_FLOOR_BYTES_PER_SEC`].
+fn bulk_time(bulk: u64) -> Duration {
+    Duration::from_secs(bulk / BULK_FLOOR_BYTES_PER_SEC)
+}
 
 /// Whether a blob last modified at `modified` was stored by an operation begun at `began`.
 fn landed_since(modified: std::time::SystemTime, began: std::time::SystemTime) -> bool {
@@ -1610,6 +1634,15 @@ impl BlobStore {
         })
     }
 
+    /// [`BlobStore::retrying_sized`] of a request that sends nothing much.
+    #[cfg(test)]
+    async fn retrying<T, Fut>(&self, op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying_sized(op, 0).await
+    }
+
     /// Runs `op` until it succeeds, fails permanently, or `retry_deadline` has passed, since
     /// it began or since the outage it met began, whichever is sooner. The deadline bounds how
     /// long the store may fail, not each operation: with a deadline per operation a dead store
@@ -1621,26 +1654,32 @@ impl BlobStore {
     /// answered, 300 s), and one first try per file held a dead store's final sync for hours
     /// past the deadline. So a try made while an outage is under way is cut at its deadline,
     /// and once it has passed an operation fails without a try, but for one probe at a time
-    /// ([`PROBE_BOUND`], [`PROBE_EVERY`]). A try made while the store answers is not bounded
-    /// here: a big part may take minutes to send.
-    async fn retrying<T, Fut>(&self, op: impl FnMut() -> Fut) -> Result<T, StoreError>
+    /// ([`PROBE_BOUND`], [`PROBE_EVERY`]). A try made while the store answers is cut at the
+    /// deadline too, but for the time its `bulk` bytes may take at a slow rate
+    /// ([`bulk_time`]): a big part may take minutes to send.
+    async fn retrying_sized<T, Fut>(
+        &self,
+        op: impl FnMut() -> Fut,
+        bulk: u64,
+    ) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true, |_, _| Shows::Wrote).await
+        self.retrying_cut(op, Some(bulk_time(bulk)), true, |_, _| Shows::Wrote)
+            .await
     }
 
-    /// [`BlobStore::retrying`] for an operation that only reads: its success does not end an
+    /// [`BlobStore::retrying_sized`] for an operation that only reads: its success does not end an
     /// outage in which writes failed.
     async fn retrying_read<T, Fut>(&self, op: impl FnMut() -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, false, |_, _| Shows::Nothing)
+        self.retrying_cut(op, Some(Duration::ZERO), false, |_, _| Shows::Nothing)
             .await
     }
 
-    /// [`BlobStore::retrying`] for a write that may succeed without writing: a blob found
+    /// [`BlobStore::retrying_sized`] for a write that may succeed without writing: a blob found
     /// stored, a create-if-absent refused (412) because the key is taken, an upload started
     /// or aborted. Those the store answers with its disk full or its PUTs refused, so they
     /// end no outage in which writes failed: taken for writes, each file's found blob ended
@@ -1655,17 +1694,34 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, true, true, ends).await
+        self.retrying_cut(op, Some(Duration::ZERO), true, ends)
+            .await
     }
 
-    /// [`BlobStore::retrying`]; `cut`: whether a try made during an outage is cut at its
-    /// deadline; `write`: whether the operation writes (a failure books a failed write);
+    /// [`BlobStore::retrying_write`] of `bulk` bytes ([`BlobStore::retrying_sized`]).
+    async fn retrying_write_sized<T, Fut>(
+        &self,
+        op: impl FnMut() -> Fut,
+        ends: impl Fn(&T, bool) -> Shows,
+        bulk: u64,
+    ) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying_cut(op, Some(bulk_time(bulk)), true, ends)
+            .await
+    }
+
+    /// [`BlobStore::retrying_sized`]; `cut`: whether a try is cut at its deadline (`None`:
+    /// never), and how long a try made while the store answers may take if longer (its
+    /// bytes' [`bulk_time`]); `write`: whether the operation writes (a failure books a failed
+    /// write);
     /// `ends`: what its success (and whether a try of it failed before) shows of the store
     /// taking writes, which alone ends an outage in which writes failed.
     async fn retrying_cut<T, Fut>(
         &self,
         mut op: impl FnMut() -> Fut,
-        cut: bool,
+        cut: Option<Duration>,
         write: bool,
         ends: impl Fn(&T, bool) -> Shows,
     ) -> Result<T, StoreError>
@@ -1687,15 +1743,34 @@ impl BlobStore {
         loop {
             let started = tokio::time::Instant::now();
             let (tried, probe) = match self.retry.admit(deadline, write) {
-                Admit::Free => (Some(op().await), None),
+                // No outage known: the try is not held to what is left of one, but nor may it
+                // outlast the deadline (its bytes' time aside). A request the store never
+                // answers takes the client's whole time-out (300 s, some minutes more with
+                // object_store's retries), and one first try held a job's end that long
+                // past a shorter `retry_deadline_secs`. The file store's calls have bounds
+                // of their own ([`crate::filestore::Limits`]).
+                Admit::Free => match cut.filter(|_| !self.is_local()) {
+                    Some(allowed) => {
+                        let until = started + self.retry.deadline.max(allowed);
+                        match tokio::time::timeout_at(until, op()).await {
+                            Ok(tried) => (Some(tried), None),
+                            Err(_) => (Some(Err(self.retry.unanswered(started.elapsed()))), None),
+                        }
+                    }
+                    None => (Some(op().await), None),
+                },
                 Admit::During { id, until, probe } => match cut {
-                    true => (
-                        self.retry
-                            .bounded(op(), (id, write), started, until, deadline)
-                            .await,
-                        probe,
-                    ),
-                    false => (Some(op().await), probe),
+                    Some(allowed) => {
+                        // Once the store answered, as a try made with no outage known.
+                        let ceiling =
+                            (!self.is_local()).then(|| started + self.retry.deadline.max(allowed));
+                        let tried = self
+                            .retry
+                            .bounded(op(), (id, write), started, until, (deadline, ceiling))
+                            .await;
+                        (tried, probe)
+                    }
+                    None => (Some(op().await), probe),
                 },
                 // This operation's own failure says more than "not tried".
                 Admit::Refused(e) => return Err(failure.unwrap_or(e)),
@@ -1762,7 +1837,7 @@ impl BlobStore {
                     }
                 }
             },
-            false,
+            None,
             true,
             // A whole staged upload that succeeded wrote its staging object, whether or not
             // the blob was found stored after; one that failed on its own (the file could not
@@ -1907,7 +1982,7 @@ impl BlobStore {
         // A try of it failed in a way the store may have taken it (see `BlobPut::Landed`).
         let may_have_landed = std::sync::atomic::AtomicBool::new(false);
         let put = self
-            .retrying_write(
+            .retrying_write_sized(
                 || {
                     let put = self.put_blob_once(sha256_hex, bytes.clone(), began);
                     let landed = &may_have_landed;
@@ -1926,6 +2001,7 @@ impl BlobStore {
                     BlobPut::Exists | BlobPut::Landed if failed_before => Shows::Blips,
                     BlobPut::Exists | BlobPut::Found | BlobPut::Landed => Shows::Nothing,
                 },
+                size,
             )
             .await;
         match put {
@@ -2360,8 +2436,12 @@ impl BlobStore {
         idx: usize,
         bytes: Bytes,
     ) -> Result<String, StoreError> {
-        self.retrying(|| self.put_part_once(sha256_hex, upload_id, idx, bytes.clone()))
-            .await
+        let bulk = bytes.len() as u64;
+        self.retrying_sized(
+            || self.put_part_once(sha256_hex, upload_id, idx, bytes.clone()),
+            bulk,
+        )
+        .await
     }
 
     async fn put_part_once(
@@ -2408,22 +2488,30 @@ impl BlobStore {
         size: u64,
         parts: Vec<String>,
     ) -> Result<(), StoreError> {
-        self.retrying(|| async {
-            match self
-                .complete_multipart_once(sha256_hex, upload_id, parts.clone())
-                .await
-            {
-                Err(e)
-                    if self
-                        .completed_meanwhile(sha256_hex, size, upload_gone(&e))
-                        .await =>
+        // The store assembles `size` bytes (S3: minutes for a big object), and a complete
+        // answered with an error looks for the blob for up to a minute and a half.
+        let allowed = bulk_time(size) + Duration::from_secs(90);
+        self.retrying_cut(
+            || async {
+                match self
+                    .complete_multipart_once(sha256_hex, upload_id, parts.clone())
+                    .await
                 {
-                    tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
-                    Ok(())
+                    Err(e)
+                        if self
+                            .completed_meanwhile(sha256_hex, size, upload_gone(&e))
+                            .await =>
+                    {
+                        tracing::debug!(error = %crate::error_chain(&e), "completed by an earlier try");
+                        Ok(())
+                    }
+                    r => r,
                 }
-                r => r,
-            }
-        })
+            },
+            Some(allowed),
+            true,
+            |_, _| Shows::Wrote,
+        )
         .await
     }
 
@@ -2730,8 +2818,11 @@ impl BlobStore {
 
     /// Overwrites a small document (a manifest): a single PUT, never torn.
     pub async fn put_document(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.retrying(|| self.put_document_once(key, bytes.clone()))
-            .await
+        self.retrying_sized(
+            || self.put_document_once(key, bytes.clone()),
+            bytes.len() as u64,
+        )
+        .await
     }
 
     async fn put_document_once(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
@@ -3369,9 +3460,34 @@ pub(crate) mod tests {
         );
     }
 
-    /// Only tries made during an outage are bounded: a slow request while the store answers
-    /// (a big part whose bytes flow for minutes) is not cut, nor one made during a blip that
-    /// ended while it ran.
+    /// No outage known, a try the store never answers is cut at the deadline, but for the
+    /// time its bytes may take at the floor rate: it took the client's whole time-out (300 s,
+    /// and object_store's retries), past a shorter `retry_deadline_secs`.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_try_is_cut_at_the_deadline_with_no_outage_known() {
+        let hangs = || async {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            Ok::<_, StoreError>(())
+        };
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        let e = store.retrying(hangs).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        assert!(
+            matches!(e, StoreError::PastDeadline { tried: true, .. }) && !e.is_permanent(),
+            "{e}"
+        );
+        let store = store_with_deadline(60);
+        let start = tokio::time::Instant::now();
+        let e = store
+            .retrying_sized(hangs, 120 * BULK_FLOOR_BYTES_PER_SEC)
+            .await
+            .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(120), "{e}");
+    }
+
+    /// A slow request while the store answers (a big part whose bytes flow for minutes) is
+    /// not cut before its bytes' time, nor one made during a blip that ended while it ran.
     #[tokio::test(start_paused = true)]
     async fn a_slow_request_while_the_store_answers_is_not_cut() {
         let store = store_with_deadline(60);
@@ -3380,7 +3496,8 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_secs(600)).await;
             Ok::<_, StoreError>(())
         };
-        store.retrying(slow_ok).await.unwrap();
+        // 200 MiB at the floor rate: 914 s.
+        store.retrying_sized(slow_ok, 200 << 20).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(600));
 
         store
@@ -3391,7 +3508,7 @@ pub(crate) mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
             store.retrying(|| async { Ok::<_, StoreError>(()) }).await
         };
-        let (slow, answered) = tokio::join!(store.retrying(slow_ok), answered);
+        let (slow, answered) = tokio::join!(store.retrying_sized(slow_ok, 200 << 20), answered);
         slow.unwrap();
         answered.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(600));
@@ -3401,16 +3518,29 @@ pub(crate) mod tests {
         store
             .retry
             .failed(&StoreError::Contended { key: "k".into() }, start, true);
+        let look = || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.retry.heard();
+            tokio::time::sleep(Duration::from_secs(90)).await;
+            Ok::<_, StoreError>(())
+        };
         let looked = store
-            .retrying(|| async {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                store.retry.heard();
-                tokio::time::sleep(Duration::from_secs(90)).await;
-                Ok::<_, StoreError>(())
-            })
+            .retrying_sized(look, 100 * BULK_FLOOR_BYTES_PER_SEC)
             .await;
         assert!(looked.is_ok(), "{looked:?}");
         assert_eq!(start.elapsed(), Duration::from_secs(91));
+        // Heard, it is held to what a try made with no outage known is: the deadline, or its
+        // bytes' time (a request the store never answers among others it does).
+        let start = tokio::time::Instant::now();
+        store
+            .retry
+            .failed(&StoreError::Contended { key: "k".into() }, start, true);
+        let looked = store.retrying(look).await;
+        assert!(
+            matches!(looked, Err(StoreError::PastDeadline { .. })),
+            "{looked:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
 
         // A whole staged upload that follows a blip nobody else answered since.
         let start = tokio::time::Instant::now();

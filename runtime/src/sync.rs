@@ -1044,7 +1044,7 @@ mod tests {
             b"takes hours",
         )));
         let store =
-            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(60));
+            crate::store::tests::store_over(std::sync::Arc::new(faulty), Duration::from_secs(7200));
         let uploader = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
             .confined_to(dir.path());
         let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);

@@ -112,6 +112,8 @@ enum Fault {
     /// Every PUT of a manifest: 403 AccessDenied, its message naming the node's role
     /// ([`ROLE_IN_DENIAL`]).
     ManifestPutDenied,
+    /// Every PUT of a non-empty blob is taken and never answered.
+    BlobPutsHang,
 }
 
 /// What an S3 denial's message says of the caller (`User: arn:aws:sts::...`).
@@ -233,6 +235,20 @@ async fn handle(
         .trim_start_matches('/')
         .split_once('/')
         .map_or(String::new(), |(_, k)| k.to_string());
+    // Before the lock is taken for the rest: a handler that holds it across an await is not
+    // `Send`.
+    let hangs = method == Method::PUT && key.contains("/blobs/sha256/") && !body.is_empty() && {
+        let mut st = state.lock().unwrap();
+        let hangs = st.fault == Some(Fault::BlobPutsHang);
+        if hangs {
+            *st.seen_puts.entry(key.clone()).or_default() += 1;
+        }
+        hangs
+    };
+    if hangs {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
+    }
     let mut st = state.lock().unwrap();
     st.requests += 1;
     let now = std::time::Instant::now();
@@ -1799,4 +1815,25 @@ fn a_publish_whose_manifest_write_fails_tells_the_job_nothing_of_the_store() {
         );
     }
     assert!(run.stderr.contains(ROLE_IN_DENIAL), "{}", run.stderr);
+}
+
+/// The store takes the blob PUTs and never answers them, the agent knowing of no outage: the
+/// final sync's first try is cut at `retry_deadline_secs` (4 s here), and the job fails with
+/// UPLOAD_ERROR. It took the client's whole time-out (300 s) first.
+#[test]
+fn a_put_the_store_never_answers_fails_by_the_deadline() {
+    let s3 = FakeS3::start(Fault::BlobPutsHang);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[sync]\nlive = false\n");
+    let started = std::time::Instant::now();
+    let run = h.run_job(job_writing(&h, "hangput", b"never answered"));
+    let took = started.elapsed();
+    run.assert_code(3);
+    assert_eq!(h.terminal("hangput")["reason"], "UPLOAD_ERROR");
+    assert_eq!(s3.puts_of(b"never answered"), 1, "{}", run.stderr);
+    assert!(
+        took < Duration::from_secs(120),
+        "held {took:?} by one unanswered PUT\n{}",
+        run.stderr
+    );
 }
