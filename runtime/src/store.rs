@@ -1694,8 +1694,7 @@ impl BlobStore {
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        self.retrying_cut(op, Some(Duration::ZERO), true, ends)
-            .await
+        self.retrying_write_sized(op, ends, 0).await
     }
 
     /// [`BlobStore::retrying_write`] of `bulk` bytes ([`BlobStore::retrying_sized`]).
