@@ -540,6 +540,12 @@ pub fn usable_upload_id(id: &str) -> bool {
 #[derive(Clone)]
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
+    /// `inner` without object_store's own retries, for a blob's create-if-absent PUT (None:
+    /// `inner`). Retried inside object_store, a PUT the store took but answered with a 500
+    /// came back as the retry's 412, with nothing to tell that the blob was this job's own
+    /// ([`BlobPut::Landed`]): missing from `new_bytes`. And a 501 (no conditional writes)
+    /// sent the body `max_retries + 1` times before the fallback.
+    creator: Option<Arc<dyn ObjectStore>>,
     url: String,
     /// A file store whose directory could not be created: every operation fails with this,
     /// so the job fails its preflight (AGENT_ERROR) instead of the agent failing to start.
@@ -1444,9 +1450,16 @@ impl BlobStore {
         };
         let prefix = parsed.path().trim_matches('/').to_string();
         let mut credentials = Credentials::Given;
-        let (inner, multipart): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) = match parsed
-            .scheme()
-        {
+        // Each try of a create-if-absent PUT is one request ([`BlobStore::creator`]).
+        let once = RetryConfig {
+            max_retries: 0,
+            ..retry.clone()
+        };
+        let (inner, multipart, creator): (
+            Arc<dyn ObjectStore>,
+            Arc<dyn MultipartStore>,
+            Arc<dyn ObjectStore>,
+        ) = match parsed.scheme() {
             "file" => {
                 if parsed
                     .host_str()
@@ -1483,6 +1496,7 @@ impl BlobStore {
                         )));
                         return Ok(BlobStore {
                             inner: Arc::new(object_store::memory::InMemory::new()),
+                            creator: None,
                             url,
                             broken,
                             multipart: None,
@@ -1518,6 +1532,7 @@ impl BlobStore {
                 let fs: Arc<dyn ObjectStore> = Arc::new(fs.with_fsync(true));
                 return Ok(BlobStore {
                     inner: Arc::new(crate::filestore::Bounded::new(fs, limits)),
+                    creator: None,
                     url,
                     broken: None,
                     multipart: None,
@@ -1552,11 +1567,17 @@ impl BlobStore {
                 }
                 let (b, check) = s3_credentials(b);
                 credentials = check;
+                let creator = Arc::new(
+                    b.clone()
+                        .with_retry(once)
+                        .build()
+                        .map_err(|source| build_error("s3", source, &url, &shown))?,
+                );
                 let built = Arc::new(
                     b.build()
                         .map_err(|source| build_error("s3", source, &url, &shown))?,
                 );
-                (built.clone(), built)
+                (built.clone(), built, creator)
             }
             "gs" => {
                 let mut b = bounded(
@@ -1574,11 +1595,17 @@ impl BlobStore {
                     })?;
                     b = b.with_config(key, v);
                 }
+                let creator = Arc::new(
+                    b.clone()
+                        .with_retry(once)
+                        .build()
+                        .map_err(|source| build_error("gs", source, &url, &shown))?,
+                );
                 let built = Arc::new(
                     b.build()
                         .map_err(|source| build_error("gs", source, &url, &shown))?,
                 );
-                (built.clone(), built)
+                (built.clone(), built, creator)
             }
             "az" | "azure" | "abfs" | "abfss" => {
                 let mut b = bounded(MicrosoftAzureBuilder::from_env(), "AZURE_", |b, k, v| {
@@ -1594,11 +1621,17 @@ impl BlobStore {
                     })?;
                     b = b.with_config(key, v);
                 }
+                let creator = Arc::new(
+                    b.clone()
+                        .with_retry(once)
+                        .build()
+                        .map_err(|source| build_error("azure", source, &url, &shown))?,
+                );
                 let built = Arc::new(
                     b.build()
                         .map_err(|source| build_error("azure", source, &url, &shown))?,
                 );
-                (built.clone(), built)
+                (built.clone(), built, creator)
             }
             other => {
                 return Err(StoreError::BadUrl {
@@ -1618,8 +1651,14 @@ impl BlobStore {
         } else {
             Arc::new(PrefixStore::new(inner, prefix.as_str()))
         };
+        let creator: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            creator
+        } else {
+            Arc::new(PrefixStore::new(creator, prefix.as_str()))
+        };
         Ok(BlobStore {
             inner,
+            creator: Some(creator),
             url,
             broken: None,
             multipart: Some((multipart, prefix)),
@@ -1882,6 +1921,7 @@ impl BlobStore {
     ) -> Self {
         BlobStore {
             inner: mem,
+            creator: None,
             url: "memory:///".into(),
             broken: None,
             multipart: Some((multipart, String::new())),
@@ -2057,8 +2097,11 @@ impl BlobStore {
         {
             return self.put_blob_plain(sha256_hex, &key, bytes, began).await;
         }
+        let creator = self.store()?;
         let refused = match self
-            .store()?
+            .creator
+            .as_ref()
+            .unwrap_or(creator)
             .put_opts(
                 &path,
                 PutPayload::from(bytes.clone()),

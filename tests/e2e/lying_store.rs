@@ -1766,8 +1766,23 @@ fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_
 /// the job's bytes were missing from it. A blob stored before the job still counts nothing.
 #[test]
 fn a_blob_whose_put_answer_was_lost_counts_in_new_bytes() {
+    lost_put_answer_counts(0);
+}
+
+/// Retried inside object_store (its `max_retries`, 3 by default), the lost answer came back
+/// as the retry's 412, and the blob was taken for another's.
+#[test]
+fn a_blob_whose_put_answer_was_lost_counts_in_new_bytes_with_client_retries() {
+    lost_put_answer_counts(2);
+}
+
+fn lost_put_answer_counts(client_retries: usize) {
     let s3 = FakeS3::start(Fault::AppliedThen500Once);
-    let h = s3.harness().with_control_plane(10);
+    let mut h = s3.harness().with_control_plane(10);
+    h.extra_toml = h.extra_toml.replace(
+        "max_retries = 0",
+        &format!("max_retries = {client_retries}"),
+    );
     let bytes = pattern(5000);
     s3.put_blob(b"there before", b"there before");
     let old = h.path("old.src");
