@@ -171,6 +171,15 @@ fn part_refused(e: &StoreError) -> bool {
     crate::store::says(e, "<Code>InvalidPart</Code>")
 }
 
+/// A part's body that the store stopped taking until the deadline: a server that answers
+/// an upload it lost (NoSuchUpload) before reading the body, and closes, leaves the client
+/// writing into a closed connection, the answer unread. A resumed upload's part failing so
+/// was retried until the deadline, and the next `recover` resumed the same lost upload
+/// again: the file never stored.
+fn cut_off_sending(e: &StoreError) -> bool {
+    crate::store::says(e, "error writing a body to connection")
+}
+
 /// Removes a journal and its parts; the parts go last, so a crash between leaves no parts
 /// file beside a journal of another upload.
 fn remove_journal(path: &Path) {
@@ -491,7 +500,7 @@ impl Uploader {
             match outcome {
                 Err(UploadError::Store { source, .. })
                     if restarts < 2
-                        && ((resumed && source.is_permanent())
+                        && ((resumed && (source.is_permanent() || cut_off_sending(&source)))
                             || crate::store::upload_gone(&source)
                             || part_refused(&source)) =>
                 {
