@@ -2,7 +2,8 @@
 //!
 //! Retry policy, in two layers with distinct jobs:
 //! * object_store's own `RetryConfig` retries one HTTP request a few times, quickly
-//!   (connection errors, 5xx, 429), as it would for any client;
+//!   (connection errors, 5xx, 429), as it would for any client, but for a blob's
+//!   create-if-absent PUT (`BlobStore::creator`);
 //! * every operation of [`BlobStore`] is retried here, with exponential backoff and jitter
 //!   (`backon`), for as long as `retry_deadline` allows, whenever the failure is transient:
 //!   transport errors, 5xx, 429/SlowDown, a reset mid-body (which object_store does not retry
