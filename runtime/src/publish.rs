@@ -202,21 +202,27 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
     };
     let at_once = parts.uploader.options().files_in_flight.max(1);
     for batch in todo.chunks(at_once) {
-        let uploads = batch.iter().map(|(_, f)| parts.uploader.upload_as_seen(f));
+        // Not looked at (the look did not answer) counts as held.
+        let is_held = |dev: u64, ino: u64| held.as_ref().is_none_or(|h| h.contains(&(dev, ino)));
+        let uploads = batch.iter().map(|(_, f)| {
+            let held = is_held(f.stamp.dev, f.stamp.ino);
+            parts.uploader.upload_as_seen_held(f, held)
+        });
         let results = futures::future::join_all(uploads).await;
         for ((i, file), result) in batch.iter().zip(results) {
             match result {
                 Ok(mut up) => {
-                    // Not looked at (the look did not answer) counts as held.
-                    up.racy |= held
-                        .as_ref()
-                        .is_none_or(|h| h.contains(&(up.stamp.dev, up.stamp.ino)));
+                    let held = is_held(up.stamp.dev, up.stamp.ino);
+                    up.racy |= held;
                     published[*i] = Some(PublishedFile {
                         path: up.rel.clone(),
                         sha256: up.digests.sha256_hex(),
                         size: up.digests.size,
                     });
-                    book.record(up);
+                    match held {
+                        true => book.record_held(up),
+                        false => book.record(up),
+                    }
                 }
                 Err(UploadError::Changed { .. }) => {
                     return SocketReply::error(format!(

@@ -384,6 +384,19 @@ impl SyncBook {
     }
 
     pub fn record(&mut self, up: Uploaded) {
+        self.record_as(up, true)
+    }
+
+    /// [`SyncBook::record`] of a version read while the job held the file open for writing
+    /// or mapped it writable: it stays racy however often the same bytes are read. Stores
+    /// through a mapping to pages already dirty move no stamp, so two equal reads of a held
+    /// file settle nothing; settled, the final scan took a second publish's version as
+    /// current, and the complete manifest listed bytes the file no longer held.
+    pub fn record_held(&mut self, up: Uploaded) {
+        self.record_as(up, false)
+    }
+
+    fn record_as(&mut self, up: Uploaded, may_settle: bool) {
         self.new_bytes += up.new_bytes;
         let mut new = Synced {
             digests: up.digests,
@@ -402,6 +415,7 @@ impl SyncBook {
         match old {
             Some(old) => {
                 if same
+                    && may_settle
                     && new.stamp == old.stamp
                     && new.judged_ns - old.judged_ns >= crate::upload::SETTLE_APART_NS
                 {

@@ -490,6 +490,76 @@ sys.exit(r.returncode)
     crate::support::assert_listed_as_it_ends(&h, "mappub");
 }
 
+/// As above, published twice while mapped: two reads of a held file that found the same
+/// bytes settled it, and the store after the second publish was not listed.
+#[test]
+fn a_mapped_file_published_twice_and_stored_to_again_is_listed_as_it_ends() {
+    let h = slow_settle();
+    let py = format!(
+        r#"
+import mmap, os, subprocess, sys, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+m[0:1] = b'b'
+time.sleep(1.2)
+r1 = subprocess.run(['{BIN}', 'publish', p])
+time.sleep(1.2)
+r2 = subprocess.run(['{BIN}', 'publish', p])
+m[1:2] = b'c'
+m.close()
+f.close()
+sys.exit(r1.returncode or r2.returncode)
+"#
+    );
+    h.run_job(json!({"job_id": "mappub2", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    crate::support::assert_listed_as_it_ends(&h, "mappub2");
+}
+
+/// A mapped file of two links, published, stored to again through the dirty page, then
+/// unmapped and published again: the read made while it was mapped was kept for the
+/// inode's links, and the second publish (the file no longer held) took it as settled.
+#[test]
+fn a_mapped_file_of_two_links_published_again_once_unmapped_is_listed_as_it_ends() {
+    let h = slow_settle();
+    let py = format!(
+        r#"
+import mmap, os, subprocess, sys, time
+p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+os.link(p, p + '2')
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+m[0:1] = b'b'
+time.sleep(1.2)
+r1 = subprocess.run(['{BIN}', 'publish', p])
+m[1:2] = b'c'
+m.close()
+f.close()
+r2 = subprocess.run(['{BIN}', 'publish', p])
+sys.exit(r1.returncode or r2.returncode)
+"#
+    );
+    h.run_job(json!({"job_id": "maplinks", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    let mut last = b"bc".to_vec();
+    last.resize(4096, b'a');
+    let files = h.manifest("maplinks")["files"].clone();
+    for f in files.as_array().unwrap() {
+        assert_eq!(
+            f["sha256"],
+            crate::support::sha256_hex(&last),
+            "{} lists bytes the file no longer holds",
+            f["path"]
+        );
+    }
+    assert_eq!(files.as_array().unwrap().len(), 2, "{files}");
+}
+
 /// `wait_all` looks at the job's writers, then reads: a file the job maps and stores to in
 /// between (held there 2 s by the fault point), then stores to again after the read, is read
 /// only in the version the look saw (here none: it changed), and listed as it ends. The read

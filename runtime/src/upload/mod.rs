@@ -1053,7 +1053,7 @@ impl Uploader {
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
     /// The version read is whatever the file holds now, not necessarily `file.stamp`'s.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
-        self.upload_version(file, Version::Current).await
+        self.upload_version(file, Version::Current, false).await
     }
 
     /// [`Uploader::upload`] of the version `file.stamp` describes and no other: `Changed`
@@ -1065,13 +1065,26 @@ impl Uploader {
     /// page after the read leave the stamp as it was, so the final scan took the live
     /// version as current and the complete manifest listed bytes the file no longer held.
     pub async fn upload_as_seen(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
-        self.upload_version(file, Version::Seen).await
+        self.upload_version(file, Version::Seen, false).await
+    }
+
+    /// [`Uploader::upload_as_seen`]; `held`: the job holds the file open for writing or maps
+    /// it writable, so its read is not kept for the inode's other links. Kept, a store to a
+    /// page already dirty after the read moved no stamp, and a later upload of either link
+    /// took the kept bytes as the file's, settled.
+    pub async fn upload_as_seen_held(
+        &self,
+        file: &LocalFile,
+        held: bool,
+    ) -> Result<Uploaded, UploadError> {
+        self.upload_version(file, Version::Seen, held).await
     }
 
     async fn upload_version(
         &self,
         file: &LocalFile,
         version: Version,
+        held: bool,
     ) -> Result<Uploaded, UploadError> {
         // One upload of an inode at a time: its other links wait, then find it read.
         let slot = self.inode_slot(file.stamp.dev, file.stamp.ino);
@@ -1103,6 +1116,7 @@ impl Uploader {
             // rename, changes its ctime): its read is of no use to keep.
             Ok((up, links, racy))
                 if *links > 1
+                    && !held
                     && !racy.ctime
                     && (up.stamp.dev, up.stamp.ino) == (file.stamp.dev, file.stamp.ino) =>
             {
