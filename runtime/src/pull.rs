@@ -251,7 +251,7 @@ pub async fn pull(
         manifest.files.clone().into(),
         root,
         shown,
-        None,
+        (None, None),
         force,
         stop,
     )
@@ -280,7 +280,10 @@ pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
 
 /// Writes every file of `manifest` below the open directory `root` (`shown` is its path,
 /// for messages). Directories and files are created relative to directory fds, never
-/// through a symlink; with `owner`, what is created belongs to that uid/gid. `stop` ends
+/// through a symlink; with `owner` (of `(owner, vet)`), what is created belongs to that uid/gid; with `vet`
+/// (`owner`, or root for a root job below the jobs root), a directory or file already there
+/// is used only if that user's (a directory: or root's), as [`DirFd::ensure_own_dir`].
+/// `stop` ends
 /// it as an error would ([`PullError::Stopped`]): its writers are waited for, their temp
 /// files removed. Dropped instead, its writers went on alone, and a process that then
 /// exited left their named temp files (no O_TMPFILE: NFS, CIFS) in DEST.
@@ -289,7 +292,7 @@ pub async fn pull_into(
     files: Arc<[FileEntry]>,
     root: DirFd,
     shown: &Path,
-    owner: Owner,
+    (owner, vet): (Owner, Owner),
     force: bool,
     stop: &CancellationToken,
 ) -> Result<PullSummary, PullError> {
@@ -309,7 +312,7 @@ pub async fn pull_into(
     let (shown_dir, dirs_stop) = (shown.to_path_buf(), Stop::default());
     let stopped = dirs_stop.0.clone();
     let making = tokio::task::spawn_blocking(move || {
-        check_room(&made, &checked, &parents, &shown_dir, owner, &stopped)?;
+        check_room(&made, &checked, &parents, &shown_dir, vet, &stopped)?;
         for (parent, i) in parents {
             // The pull was given up (a dataset's timeout, a cancel): no more directories.
             if stopped.load(std::sync::atomic::Ordering::Relaxed) {
@@ -317,7 +320,7 @@ pub async fn pull_into(
             }
             let entry = &checked[i];
             let (_, _, target) = split(entry, &shown_dir)?;
-            make_parent(&made, &parent, owner, entry, &target)?;
+            make_parent(&made, &parent, vet, entry, &target)?;
         }
         Ok::<_, PullError>(())
     });
@@ -333,7 +336,17 @@ pub async fn pull_into(
     drop(dirs_stop);
     let (writers, mut writers_done) = tokio::sync::mpsc::channel(1);
     let fetching = futures::stream::iter(files.iter())
-        .map(|entry| fetch(store, entry, root.clone(), shown, owner, force, &writers))
+        .map(|entry| {
+            fetch(
+                store,
+                entry,
+                root.clone(),
+                shown,
+                (owner, vet),
+                force,
+                &writers,
+            )
+        })
         .buffer_unordered(8)
         .try_collect::<Vec<u64>>();
     let results = tokio::select! {
@@ -565,7 +578,7 @@ async fn fetch(
     entry: &FileEntry,
     root: Arc<DirFd>,
     shown: &Path,
-    owner: Owner,
+    whose: (Owner, Owner),
     force: bool,
     writers: &Writers,
 ) -> Result<u64, PullError> {
@@ -575,7 +588,7 @@ async fn fetch(
             entry,
             root.clone(),
             shown,
-            owner,
+            whose,
             force,
             writers.clone(),
         )
@@ -604,7 +617,7 @@ async fn fetch_once(
     entry: &FileEntry,
     root: Arc<DirFd>,
     shown: &Path,
-    owner: Owner,
+    (owner, vet): (Owner, Owner),
     force: bool,
     writers: Writers,
 ) -> Result<u64, PullError> {
@@ -632,9 +645,9 @@ async fn fetch_once(
             let dir = if parent.as_os_str().is_empty() {
                 root.try_clone().map_err(&werr)?
             } else {
-                make_parent(&root, &parent, owner, &entry, &target)?
+                make_parent(&root, &parent, vet, &entry, &target)?
             };
-            match existing(&dir, &name, &entry, owner, force, &stopped).map_err(&werr)? {
+            match existing(&dir, &name, &entry, vet, force, &stopped).map_err(&werr)? {
                 None => Ok(Some(dir)),
                 Some(true) => Ok(None),
                 Some(false) => Err(PullError::Exists {
@@ -736,7 +749,11 @@ async fn fetch_once(
         match chunk {
             Ok(bytes) => {
                 received += bytes.len() as u64;
-                fruitless = 0;
+                // An empty chunk (an HTTP/2 DATA frame of no bytes) before each reset is no
+                // progress: counted as some, a store answering so was resumed for ever.
+                if !bytes.is_empty() {
+                    fruitless = 0;
+                }
                 if tx.send(Some(bytes)).await.is_err() {
                     break; // the writer stopped (an error, or more bytes than the manifest says)
                 }
@@ -1017,6 +1034,40 @@ mod tests {
             mode: 0o644,
             mtime_ns: 0,
         }
+    }
+
+    /// A store whose every answer to a download is an empty chunk, then a reset: the pull
+    /// fails after a few resumes that bring nothing. Each empty chunk counted as progress,
+    /// and it resumed for ever (a dataset: until its 6 h timeout; a `pull`: for good).
+    #[tokio::test]
+    async fn resumes_that_bring_no_byte_end_the_download() {
+        use crate::store::tests::{store_over, Faulty};
+        let faulty = Arc::new(Faulty {
+            empty_then_broken_gets: true,
+            ..Default::default()
+        });
+        let store = store_over(faulty.clone(), std::time::Duration::from_secs(5));
+        let bytes = b"dataset bytes".to_vec();
+        let entry = entry_of(&bytes);
+        store.put_blob(&entry.sha256, bytes.into()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pulled = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            pull_into(
+                &store,
+                vec![entry].into(),
+                DirFd::open(dir.path()).unwrap(),
+                dir.path(),
+                (None, None),
+                true,
+                &CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("the download was resumed without end");
+        assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
+        let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(gets <= 1 + MAX_FRUITLESS_RESUMES as usize, "{gets} GETs");
     }
 
     /// Pulled for a job's user, a file of another user at the entry's path (a hard link the
@@ -1414,7 +1465,7 @@ mod tests {
             vec![entry].into(),
             root,
             &mnt,
-            Some((nobody, nobody)),
+            (Some((nobody, nobody)), Some((nobody, nobody))),
             true,
             &CancellationToken::new(),
         )
@@ -1542,7 +1593,7 @@ mod tests {
                 files.into(),
                 root,
                 &dest,
-                None,
+                (None, None),
                 false,
                 &CancellationToken::new(),
             )
@@ -1575,7 +1626,7 @@ mod tests {
             files.into(),
             root,
             &dest,
-            None,
+            (None, None),
             false,
             &CancellationToken::new(),
         )

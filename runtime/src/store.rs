@@ -3687,6 +3687,10 @@ pub(crate) mod tests {
         pub(crate) denied: std::sync::Mutex<Option<String>>,
         /// A key whose PUTs never answer.
         pub(crate) hanging: std::sync::Mutex<Option<String>>,
+        /// Every GET's body is an empty chunk, then a reset.
+        pub(crate) empty_then_broken_gets: bool,
+        /// GETs so far (not HEADs).
+        pub(crate) gets: std::sync::atomic::AtomicUsize,
     }
 
     /// What a [`Faulty`] store's listings give.
@@ -3768,7 +3772,28 @@ pub(crate) mod tests {
                     });
                 }
             }
-            self.mem.get_opts(location, options).await
+            let head = options.head;
+            let got = self.mem.get_opts(location, options).await?;
+            if head {
+                return Ok(got);
+            }
+            self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !self.empty_then_broken_gets {
+                return Ok(got);
+            }
+            let broken: Vec<object_store::Result<Bytes>> = vec![
+                Ok(Bytes::new()),
+                Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "error decoding response body: connection reset".into(),
+                }),
+            ];
+            Ok(GetResult {
+                payload: object_store::GetResultPayload::Stream(Box::pin(futures::stream::iter(
+                    broken,
+                ))),
+                ..got
+            })
         }
         fn delete_stream(
             &self,
