@@ -112,7 +112,7 @@ pub async fn pull(
             entries.into(),
             logs_root,
             dest,
-            None,
+            (None, None),
             force,
             stop,
         )

@@ -258,7 +258,7 @@ pub async fn workdir(
     workdir: &Path,
     owner: Owner,
 ) -> Result<(DirFd, HeldRoot), PrepareError> {
-    let roots = [ctx.jobs_root.clone(), ctx.state.jobs_dir()];
+    let roots = job_roots(ctx);
     let (path, dirs) = (workdir.to_path_buf(), spec.collected_dirs());
     let opened = tokio::task::spawn_blocking(move || {
         crate::fault::blocking_pause("workdir-hangs", Duration::from_secs(600));
@@ -279,13 +279,7 @@ fn open_workdir(
     owner: Owner,
 ) -> std::io::Result<(DirFd, HeldRoot)> {
     let root = root_of(roots, workdir);
-    // Whose directories root may use for this job: the job user's; for a job without a user
-    // under a root agent in a workdir below `jobs_root`, root's (it runs as root): another
-    // user's `.c3` in a reused root-owned workdir was kept, and that user could write the
-    // root job's result while it ran, or plant files in its output. Not for a quick run in
-    // someone's own tree, whose owner may swap it all anyway.
-    let vet: Owner =
-        owner.or_else(|| (root.is_some() && nix::unistd::geteuid().is_root()).then_some((0, 0)));
+    let vet = vetting(roots, workdir, owner);
     let fd = match root {
         Some(root) => {
             if !root.exists() {
@@ -331,7 +325,7 @@ fn open_workdir(
     }
     // `.c3` is the agent's: whatever a job put in its place is replaced. (`vet` owns what is
     // made: for a root job root, who makes it.)
-    let c3 = fd.replace_with_dir(OsStr::new(".c3"), job_dir_mode(owner), vet)?;
+    let c3 = fd.replace_with_dir(OsStr::new(".c3"), job_dir_mode(vet), vet)?;
     // A result left by an earlier attempt in the same workdir is not this attempt's. A
     // directory made there is the job's (it failed every later attempt before its launch):
     // moved aside, never removed as root.
@@ -382,18 +376,19 @@ fn ensure_output_dir(
         }
         // Another user's directory there (another tenant's job ran in this root-owned
         // workdir before) is refused: the job would collect and write into its files.
-        dir = dir.ensure_own_dir(Path::new(name), job_dir_mode(owner), vet)?;
+        dir = dir.ensure_own_dir(Path::new(name), job_dir_mode(vet), vet)?;
     }
     Ok(dir)
 }
 
 /// The mode of a directory the agent makes in the workdir (output dirs, `.c3`, dataset
-/// mounts): a job with a user gets them private (0700, its own; root reads them anyway),
-/// for its workdir may be one others can search (a scheduler's root-owned 0755 one), and its
-/// files are no other tenant's to read. A job of the agent's own user keeps 0755 (a quick
-/// run in a user's own dir makes what that user's shell would).
-fn job_dir_mode(owner: Owner) -> u32 {
-    if owner.is_some() {
+/// mounts), given whose the job's directories are ([`vetting`]): a job with a user, or a root
+/// job below the jobs root, gets them private (0700; root reads them anyway), for its workdir
+/// may be one others can search (a scheduler's root-owned 0755 one), and its files (a
+/// dataset: another project's) are no other tenant's to read. A quick run in a user's own
+/// dir keeps 0755, what that user's shell would make.
+fn job_dir_mode(vet: Owner) -> u32 {
+    if vet.is_some() {
         0o700
     } else {
         0o755
@@ -443,6 +438,24 @@ fn vet_existing(
 /// The trusted root (`jobs_root`, the state dir's jobs dir) the workdir lies below, if any.
 /// The root's own path may hold symlinks (`/scratch -> /mnt/scratch`): the operator's choice.
 /// Below it the job may write, and no symlink is followed.
+/// The trusted roots a job's workdir may lie below.
+fn job_roots(ctx: &AgentContext) -> [PathBuf; 2] {
+    [ctx.jobs_root.clone(), ctx.state.jobs_dir()]
+}
+
+/// Whose existing directories (and files, for a dataset) root may use for this job: the job
+/// user's; for a job without a user under a root agent in a workdir below `jobs_root`, root's
+/// (it runs as root): another user's `.c3` in a reused root-owned workdir was kept, and that
+/// user could write the root job's result while it ran, or plant files in its output; their
+/// `data/` got a root job's dataset, theirs to read and to swap under it. Not for a quick run
+/// in someone's own tree, whose owner may swap it all anyway. What the agent makes for such a
+/// root job is private too ([`job_dir_mode`]).
+fn vetting(roots: &[PathBuf], workdir: &Path, owner: Owner) -> Owner {
+    owner.or_else(|| {
+        (root_of(roots, workdir).is_some() && nix::unistd::geteuid().is_root()).then_some((0, 0))
+    })
+}
+
 fn root_of<'a>(roots: &'a [PathBuf], workdir: &Path) -> Option<&'a PathBuf> {
     roots
         .iter()
@@ -677,9 +690,10 @@ async fn materialize(
         workdir_fd.try_clone().map_err(DatasetError::Mount)?,
         mount.to_string(),
     );
-    let mode = job_dir_mode(owner);
+    let vet = vetting(&job_roots(ctx), workdir, owner);
+    let mode = job_dir_mode(vet);
     let stopped = || DatasetError::from(crate::pull::PullError::Stopped);
-    let dir = tokio::task::spawn_blocking(move || at.ensure_own_dir(Path::new(&name), mode, owner));
+    let dir = tokio::task::spawn_blocking(move || at.ensure_own_dir(Path::new(&name), mode, vet));
     let dir = tokio::select! {
         dir = dir => dir,
         () = stop.cancelled() => return Err(stopped()),
@@ -710,7 +724,7 @@ async fn materialize(
         files.clone(),
         dir,
         &workdir.join(mount),
-        owner,
+        (owner, vet),
         true,
         stop,
     )

@@ -460,6 +460,63 @@ fn another_users_dirs_are_never_a_root_jobs() {
     assert!(h.object("jobs/r2/manifest.json").is_none());
 }
 
+/// A job without a user (it runs as root) with a dataset, in a reused root-owned 0755
+/// workdir: another user's directory below the mount (their job's output there) got root's
+/// copy of the dataset, theirs to read and to swap under the root job; their file with the
+/// dataset's bytes was kept, theirs to rewrite. The first is refused, the second replaced by
+/// root's own; the mount is private, as a user job's is.
+#[test]
+fn a_root_jobs_dataset_is_never_in_another_users_dirs() {
+    if not_root() {
+        return;
+    }
+    use std::os::unix::fs::chown;
+    let h = open_harness();
+    h.run_job(json!({"job_id": "dsrc", "command": ["sh", "-c", "echo A > $C3_ARTIFACTS_DIR/f"]}))
+        .assert_code(0);
+    let dataset = json!([{"ref": "/jobs/dsrc", "mount": "data"}]);
+    let wd = h.workdir("rd");
+    std::fs::create_dir_all(wd.join("data/artifacts")).unwrap();
+    chown(wd.join("data/artifacts"), Some(4242), Some(4242)).unwrap();
+    chmod(&wd, 0o755);
+    let run = h.run_job(json!({"job_id": "rd", "datasets": dataset, "command": ["true"]}));
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("user 4242's"), "{}", run.stderr);
+    assert!(
+        !wd.join("data/artifacts/f").exists(),
+        "root wrote the dataset into another user's directory"
+    );
+    let wd = h.workdir("rd2");
+    std::fs::create_dir_all(wd.join("data/artifacts")).unwrap();
+    std::fs::write(
+        wd.join("data/artifacts/f"),
+        "A
+",
+    )
+    .unwrap();
+    chown(wd.join("data/artifacts/f"), Some(4242), Some(4242)).unwrap();
+    chmod(&wd, 0o755);
+    h.run_job(json!({"job_id": "rd2", "datasets": dataset, "command": ["true"]}))
+        .assert_code(0);
+    assert_eq!(
+        owner(&wd.join("data/artifacts/f")),
+        0,
+        "another user's file kept"
+    );
+    let wd = h.workdir("rd3");
+    std::fs::create_dir(&wd).unwrap();
+    chmod(&wd, 0o755);
+    h.run_job(json!({"job_id": "rd3", "datasets": dataset, "command": ["true"]}))
+        .assert_code(0);
+    for dir in ["data", "artifacts", ".c3"] {
+        assert_eq!(
+            mode(&wd.join(dir)),
+            0o700,
+            "{dir} may be read by other users"
+        );
+    }
+}
+
 /// Root's vetting of a job without a user stays with workdirs below `jobs_root`: a root
 /// `pull` into a DEST holding another user's directory, and a root quick run in another
 /// user's tree, still use their directories (their owner may swap them anyway).
