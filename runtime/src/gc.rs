@@ -93,8 +93,6 @@ pub enum GcError {
     },
     #[error("the file store {path} is refused: {why}; gc runs as root and deletes what it finds there, so only root (or the user root_squash makes it there) may write it and every directory above it (chown root and chmod go-w, or name another store.url); nothing was deleted")]
     UnsafeRoot { path: PathBuf, why: String },
-    #[error("cannot list the store's manifests; nothing was deleted")]
-    List(#[source] StoreError),
     #[error("{} manifest(s) could not be read, so what they reference is unknown; nothing was deleted: {}", .failures.len(), first_failures(.failures))]
     Manifests { failures: Vec<(String, String)> },
     #[error("cannot read the blob directory {path}; nothing was deleted")]
@@ -207,7 +205,8 @@ pub async fn collect_garbage_capped(
     };
 
     let mut scan = Scan::default();
-    scan.run(store, &root, max_manifest_bytes, limit).await?;
+    scan.run(store, (&root, &root_dir), max_manifest_bytes, limit)
+        .await?;
     report.manifests = scan.read;
 
     let dir_path = root.join("blobs").join("sha256");
@@ -280,7 +279,8 @@ pub async fn collect_garbage_capped(
     }
 
     // Manifests written since the first pass (a job that ended meanwhile) count too.
-    scan.run(store, &root, max_manifest_bytes, limit).await?;
+    scan.run(store, (&root, &root_dir), max_manifest_bytes, limit)
+        .await?;
     report.manifests = scan.read.max(report.manifests);
     let doomed: Vec<&Blob> = doomed
         .into_iter()
@@ -692,18 +692,19 @@ impl Scan {
     async fn run(
         &mut self,
         store: &BlobStore,
-        root: &Path,
+        (root, root_dir): (&Path, &Arc<DirFd>),
         max: u64,
         limit: Duration,
     ) -> Result<(), GcError> {
-        // The file store (gc runs on it only): a directory walk, never endless.
-        let keys = store
-            .list("jobs", usize::MAX)
-            .await
-            .map_err(GcError::List)?;
-        let mut failures = Vec::new();
+        let (keys, mut failures) = {
+            let root_dir = root_dir.clone();
+            blocking_cut("gc list manifests", limit, move |tick| {
+                list_manifests(&root_dir, tick)
+            })
+            .await?
+        };
         let mut read = 0;
-        for key in keys.into_iter().filter(|k| is_manifest_key(k)) {
+        for key in keys {
             let path = root.join(&key);
             let id = blocking_cut("gc stat", limit, move |_| file_id(&path)).await?;
             if let Some(Some(before)) = self.seen.get(&key) {
@@ -729,6 +730,66 @@ impl Scan {
             Err(GcError::Manifests { failures })
         }
     }
+}
+
+/// The keys of the manifests below the file store's `jobs/`, and what could not be looked
+/// at there: any of those stops the collection, as a manifest that cannot be read does.
+/// object_store's listing of a local file system leaves out, without a word, an entry it
+/// cannot stat (an I/O error, a checksum error of ext4's, EACCES), and a manifest left out
+/// was never read: its blobs, unreferenced, were deleted. A walk of gc's own, from the
+/// store's directory fd, no symlink followed.
+fn list_manifests(root: &DirFd, tick: &dyn Fn()) -> (Vec<String>, Vec<(String, String)>) {
+    let (mut keys, mut failures) = (Vec::new(), Vec::new());
+    let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let walk = root
+        .open_dir(Path::new("jobs"))
+        .and_then(|jobs| TreeWalk::new(jobs, b"jobs".to_vec()));
+    let mut walk = match walk {
+        Ok(walk) => walk,
+        Err(e) if not_found(&e) => return (keys, failures),
+        Err(e) => {
+            failures.push(("jobs".into(), e.to_string()));
+            return (keys, failures);
+        }
+    };
+    while let Some(item) = walk.next() {
+        tick();
+        let entry = match item {
+            Item::Entry(entry) => entry,
+            Item::Unlisted { rel, error } => {
+                failures.push((
+                    String::from_utf8_lossy(&rel).into_owned(),
+                    error.to_string(),
+                ));
+                continue;
+            }
+        };
+        // No key of the store's is other than UTF-8 (object_store's listing failed on one).
+        let key = match String::from_utf8(entry.rel.clone()) {
+            Ok(key) => key,
+            Err(_) => {
+                let shown = String::from_utf8_lossy(&entry.rel).into_owned();
+                failures.push((shown, "the name is not UTF-8".into()));
+                continue;
+            }
+        };
+        match &entry.stat {
+            Err(e) if not_found(e) => {}
+            Err(e) => failures.push((key, e.to_string())),
+            Ok(st) if is_dir(st) => match entry.open_dir() {
+                Ok(dir) => {
+                    if let Err(e) = walk.enter(dir, entry.rel) {
+                        failures.push((key, e.to_string()));
+                    }
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => failures.push((key, e.to_string())),
+            },
+            Ok(_) if is_manifest_key(&key) => keys.push(key),
+            Ok(_) => {}
+        }
+    }
+    (keys, failures)
 }
 
 /// `jobs/<id>/manifest.json` and `jobs/<id>/attempts/<n>/manifest.json` (any depth: a
@@ -1063,6 +1124,35 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
     }
 
+    /// A manifest object_store's listing leaves out without a word (an entry it cannot stat:
+    /// EIO, an ext4 checksum error, or, as here, a path past PATH_MAX, which it stats by
+    /// path) is one gc could not read: nothing is deleted. Left out, its blobs were.
+    #[tokio::test]
+    async fn a_manifest_the_listing_cannot_stat_deletes_nothing() {
+        use std::io::Write;
+        let f = Fixture::new().await;
+        let old = f.blob(b"listed there only", 10 * DAY).await;
+        // Its directory's path just short of PATH_MAX, the manifest's past it.
+        let mut rel = PathBuf::from("jobs");
+        let mut left = 4090 - f.root.join("jobs").as_os_str().len();
+        while left > 1 {
+            let n = (left - 1).min(200);
+            rel.push("d".repeat(n));
+            left -= n + 1;
+        }
+        let root = DirFd::open(&f.root).unwrap();
+        let dir = root.ensure_dir(&rel, 0o700, None).unwrap();
+        let (name, mut file) = dir.create_temp(".m-").unwrap();
+        file.write_all(&manifest("long", 1, &[&old], None)).unwrap();
+        dir.rename(OsStr::new(&name), OsStr::new("manifest.json"))
+            .unwrap();
+        let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GcError::Manifests { .. }), "{e}");
+        assert!(f.exists(&old), "deleted a blob its manifest names");
+    }
+
     #[tokio::test]
     async fn an_unreadable_manifest_deletes_nothing() {
         let f = Fixture::new().await;
@@ -1119,9 +1209,15 @@ mod tests {
         f.put(&attempt_manifest_key("j", 1), manifest("j", 1, &[&a], None))
             .await;
         let mut scan = Scan::default();
-        scan.run(&f.store, &f.root, 1 << 20, crate::filestore::META_LIMIT)
-            .await
-            .unwrap();
+        let root_dir = Arc::new(DirFd::open(&f.root).unwrap());
+        scan.run(
+            &f.store,
+            (&f.root, &root_dir),
+            1 << 20,
+            crate::filestore::META_LIMIT,
+        )
+        .await
+        .unwrap();
         assert_eq!((scan.read, scan.refs.len()), (1, 1));
         f.put(
             &attempt_manifest_key("j", 1),
@@ -1130,9 +1226,15 @@ mod tests {
         .await;
         f.put(&manifest_key("k"), manifest("k", 1, &[&c], None))
             .await;
-        scan.run(&f.store, &f.root, 1 << 20, crate::filestore::META_LIMIT)
-            .await
-            .unwrap();
+        let root_dir = Arc::new(DirFd::open(&f.root).unwrap());
+        scan.run(
+            &f.store,
+            (&f.root, &root_dir),
+            1 << 20,
+            crate::filestore::META_LIMIT,
+        )
+        .await
+        .unwrap();
         assert_eq!(scan.read, 2);
         assert!([&a, &b, &c].iter().all(|s| scan.refs.contains(*s)));
     }
