@@ -231,18 +231,18 @@ pub async fn collect_garbage_capped(
         source,
     })?
     .map_or((None, Listing::default()), |(d, l)| (Some(d), l));
+    let mut listed = listed;
     report.blobs = listed.blobs.len();
     report.ignored = listed.ignored;
-    let present: HashSet<&str> = listed.blobs.iter().map(|b| b.sha256.as_str()).collect();
-    report.missing = scan
-        .refs
-        .iter()
-        .filter(|r| !present.contains(r.as_str()))
-        .count();
+    // Sorted, the listing is its own index: no set of it beside.
+    listed.blobs.sort_unstable_by_key(|b| b.sha256);
+    let present = |sha: &Digest| listed.blobs.binary_search_by_key(sha, |b| b.sha256).is_ok();
+    report.missing = scan.refs.iter().filter(|r| !present(r)).count();
 
+    let empty = digest_of(EMPTY_SHA256).expect("a sha256");
     let mut doomed = Vec::new();
     for blob in &listed.blobs {
-        if blob.sha256 == EMPTY_SHA256 || scan.refs.contains(&blob.sha256) {
+        if blob.sha256 == empty || scan.refs.contains(&blob.sha256) {
             report.referenced += 1;
         } else if blob.modified >= cutoff {
             report.kept_young += 1;
@@ -336,8 +336,9 @@ async fn delete_blob(
     cutoff: SystemTime,
     limit: Duration,
 ) -> Result<Deleted, Result<GcError, (String, StoreError)>> {
-    let key = blob_key(&blob.sha256);
-    let (dir, sha) = (dir.clone(), blob.sha256.clone());
+    let sha = hex::encode(blob.sha256);
+    let key = blob_key(&sha);
+    let dir = dir.clone();
     let outcome = blocking_cut("gc delete", limit, move |_| {
         set_aside_and_delete(&dir, &sha, cutoff)
     })
@@ -661,7 +662,7 @@ fn file_root(store: &BlobStore) -> Result<PathBuf, GcError> {
 /// What the manifests reference, built up over one or more passes.
 #[derive(Default)]
 struct Scan {
-    refs: HashSet<String>,
+    refs: HashSet<Digest>,
     /// Each manifest read, with the identity of its file when it was read: a later pass
     /// reads only manifests that are new or were replaced.
     seen: HashMap<String, Option<FileId>>,
@@ -810,17 +811,33 @@ async fn read_manifest(store: &BlobStore, key: &str, max: u64) -> Result<Manifes
         .map_err(|e| crate::error_chain(&e))
 }
 
-/// Every blob a manifest names: its files and its logs.
-fn references(manifest: &Manifest) -> impl Iterator<Item = String> + '_ {
+/// Every blob a manifest names: its files and its logs (a manifest read is checked to name
+/// each by a sha256).
+fn references(manifest: &Manifest) -> impl Iterator<Item = Digest> + '_ {
     let logs = manifest
         .logs
         .iter()
-        .flat_map(|l| [l.stdout.sha256.clone(), l.stderr.sha256.clone()]);
-    manifest.files.iter().map(|f| f.sha256.clone()).chain(logs)
+        .flat_map(|l| [l.stdout.sha256.as_str(), l.stderr.sha256.as_str()]);
+    manifest
+        .files
+        .iter()
+        .map(|f| f.sha256.as_str())
+        .chain(logs)
+        .filter_map(digest_of)
+}
+
+/// A sha256, as bytes: gc holds one per blob of the store and one per file its manifests
+/// name, and as a hex `String` each took about 100 bytes more (tens of millions of small
+/// blobs, a job's cheap making: gigabytes, the housekeeping killed for memory every hour).
+type Digest = [u8; 32];
+
+fn digest_of(hex_str: &str) -> Option<Digest> {
+    let mut out = [0; 32];
+    (is_sha256_hex(hex_str) && hex::decode_to_slice(hex_str, &mut out).is_ok()).then_some(out)
 }
 
 struct Blob {
-    sha256: String,
+    sha256: Digest,
     size: u64,
     modified: SystemTime,
 }
@@ -848,7 +865,7 @@ fn list_blobs(dir: &DirFd, tick: &dyn Fn()) -> std::io::Result<Listing> {
         };
         match entry.name.to_str() {
             Some(sha) if is_regular(&st) && is_sha256_hex(sha) => listing.blobs.push(Blob {
-                sha256: sha.to_string(),
+                sha256: digest_of(sha).expect("checked"),
                 size: st.st_size as u64,
                 modified: modified(&st),
             }),
@@ -1236,7 +1253,9 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(scan.read, 2);
-        assert!([&a, &b, &c].iter().all(|s| scan.refs.contains(*s)));
+        assert!([&a, &b, &c]
+            .iter()
+            .all(|s| scan.refs.contains(&digest_of(s).unwrap())));
     }
 
     /// A file store that stops answering (a hung NFS server) at any of gc's own calls: gc
