@@ -131,6 +131,17 @@ fn agent_main() -> ExitCode {
         // would lose it in the queue.
         logwriter::flush(std::time::Duration::from_secs(1));
     }));
+    if acts_on_state {
+        match c3_runtime::fdlimit::raise() {
+            Ok((was, now)) if was != now => {
+                tracing::debug!(was, now, "raised the fd limit to its hard limit")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the fd limit; many uploads at once may fail for fds")
+            }
+        }
+    }
     let job_umask = private_umask(config.private_files);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

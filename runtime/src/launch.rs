@@ -550,8 +550,9 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
     let drop_in_child = plan.drop_in_child.clone();
     let said_fd = said.as_raw_fd();
     let reset_oom_score = resets_oom_score(own_oom_score());
+    let fd_limit = crate::fdlimit::for_jobs();
     // SAFETY: the closure runs in the forked child before exec. It only makes raw syscalls
-    // (getpid, fstat, open, close, setsid, write, fchdir, setgroups, setgid, setuid, keyctl,
+    // (getpid, fstat, open, close, setrlimit, setsid, write, fchdir, setgroups, setgid, setuid, keyctl,
     // umask, close_range, pause), which are async-signal-safe, on fds and a group list prepared
     // before the fork; it allocates nothing.
     unsafe {
@@ -580,6 +581,10 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                 {
                     libc::close(*fd);
                 }
+            }
+            // The fd limit the agent was started with, not the one it raised its own to.
+            if let Some(limit) = &fd_limit {
+                libc::setrlimit(libc::RLIMIT_NOFILE, limit);
             }
             step(Step::Session);
             check(libc::setsid())?;

@@ -20,6 +20,7 @@ pub mod digest;
 pub mod display;
 pub mod extents;
 pub mod fault;
+pub mod fdlimit;
 pub mod filestore;
 pub mod fusectl;
 pub mod gc;

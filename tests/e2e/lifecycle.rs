@@ -585,3 +585,47 @@ fn a_jobs_root_that_is_a_symlink_works() {
     assert_eq!(h.manifest_paths("j"), ["artifacts/x"]);
     assert!(real.join("j/artifacts/x").exists());
 }
+
+/// Started with a low soft fd limit (a shell's, Slurm's, the housekeeping unit's 1024 on a
+/// big node where hundreds of uploads are in flight at once), the agent raises its own to
+/// the hard limit: its uploads failed with EMFILE, each file unstored, and an exit-0 job was
+/// UPLOAD_ERROR (here 51 files of 300 stored: each PUT holds a socket). The job keeps the
+/// limit the agent was started with.
+#[test]
+fn a_low_soft_fd_limit_fails_no_upload_and_is_the_jobs() {
+    use std::os::unix::process::CommandExt;
+    let mut h = Harness::new(Store::s3());
+    // As many in flight as a 32-CPU node's final sync starts with.
+    h.extra_toml = "[upload]\nfiles_in_flight = 256\n".into();
+    let script = "ulimit -n > limit; cd $C3_ARTIFACTS_DIR; \
+                  for i in $(seq 300); do echo $i > f$i; done";
+    let spec = h.spec(json!({"job_id": "fds", "command": ["sh", "-c", script]}));
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    // SAFETY: getrlimit and setrlimit only, in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 64;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run = h.wait(
+        "a run with a soft fd limit of 64".into(),
+        cmd.spawn().unwrap(),
+    );
+    run.assert_code(0);
+    assert_eq!(h.manifest_paths("fds").len(), 300, "{}", run.stderr);
+    let limit = std::fs::read_to_string(h.workdir("fds").join("limit")).unwrap();
+    assert_eq!(
+        limit.trim(),
+        "64",
+        "the job's fd limit is not the one it was given"
+    );
+}
