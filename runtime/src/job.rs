@@ -1218,13 +1218,14 @@ impl<'a> Run<'a> {
     async fn conclude_cut(&mut self, end: JobEnd, started: Instant) -> JobSummary {
         // Uploads in flight are dropped; a resumable multipart journal stays for recover.
         self.collector.take();
-        // Not finished is never success: the agent was stopped before its work was done.
-        let mut verdict = decide(&end, false, false);
+        // Not finished is never success: the agent was stopped before its work was done. An
+        // OOM kill is said as the finished attempt will say it (`recover`'s status after).
+        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let mut verdict = decide(&end, false, oom);
         if self.halted() {
             // The job was not canceled, `recover` was: its output is not all stored (yet). A
             // done attempt taken up again keeps the verdict it had (UPLOAD_ERROR), not a
             // CANCELED that nothing corrects until the next pass.
-            let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
             verdict = decide(&end, true, oom);
         } else if verdict.exit == crate::outcome::ExitCode::Succeeded {
             verdict = decide(&JobEnd::Canceled, false, false);

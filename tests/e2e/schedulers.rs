@@ -406,6 +406,54 @@ fn a_shell_whose_child_the_oom_killer_ended_is_out_of_memory() {
     );
 }
 
+/// The OOM killer ended the job, and a stop came while the final sync waited on a store that
+/// was down: the status sent at the stop deadline said SCRIPT_ERROR, and the one `recover`
+/// sent later OUT_OF_MEMORY. Both say OUT_OF_MEMORY.
+#[test]
+fn an_oom_kill_cut_by_the_stop_deadline_is_out_of_memory() {
+    let name = format!("c3-e2e-oomcut-{}", std::process::id());
+    let Some(cg) = MemoryCgroup::create(&name, "40M") else {
+        crate::support::skip("no writable v1 memory cgroup here");
+        return;
+    };
+    let mut h = Harness::new(Store::s3()).with_control_plane(2);
+    h.extra_toml = "[sync]\nlive = false\n".into();
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "2".into()));
+    let script = format!(
+        "echo x > $C3_ARTIFACTS_DIR/data; echo up > $C3_ARTIFACTS_DIR/started; \
+         while [ ! -e go ]; do sleep 0.1; done; echo $$ > {}/cgroup.procs; \
+         exec python3 -c 'a = bytearray(400 << 20)'",
+        cg.0.display()
+    );
+    let child = spawn_until_started(&h, "oomcut", json!(["sh", "-c", script]));
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.stop();
+    std::fs::write(h.workdir("oomcut").join("go"), "").unwrap();
+    wait_for("the job's end", Duration::from_secs(30), || {
+        states(&h).contains(&"FINALIZING".to_string()).then_some(())
+    });
+    signal(child.id(), "TERM");
+    h.wait("run stopped with the store down".into(), child);
+    drop(cg);
+    let reasons = |h: &Harness| -> Vec<String> {
+        h.cp()
+            .delivered("/status")
+            .iter()
+            .filter_map(|s| s["reason"].as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(reasons(&h), ["OUT_OF_MEMORY"]);
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.restart();
+    h.run(&["recover"]);
+    assert_eq!(reasons(&h), ["OUT_OF_MEMORY", "OUT_OF_MEMORY"]);
+}
+
 #[test]
 fn a_script_killed_by_sigkill_without_oom_is_a_script_error() {
     let h = Harness::file();
