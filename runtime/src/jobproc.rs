@@ -906,6 +906,11 @@ impl JobProcesses {
         // says nothing of who is gone; nor does a pid whose entry could not be read but is
         // there.
         for (pid, (start, gone)) in seen.iter_mut().filter(|_| !procs.is_empty()) {
+            // Gone once is gone: a look at `/proc/<pid>` each round for each of the 4,096
+            // seen was most of a reap's time.
+            if gone.is_some() {
+                continue;
+            }
             let there = match procs.get(pid) {
                 Some(s) => s.start_ticks == *start && !s.is_zombie(),
                 None => Path::new(&format!("/proc/{pid}")).exists(),
@@ -927,6 +932,11 @@ impl JobProcesses {
     /// Reaps re-parented job processes that exited (never the leader, nor a helper of the
     /// agent's own: tokio waits for those).
     pub fn reap(&self) {
+        self.reap_round(false)
+    }
+
+    /// [`JobProcesses::reap`]; `ticking`: a round of [`JobProcesses::reap_until`]'s.
+    fn reap_round(&self, ticking: bool) {
         let procs = procfs::all();
         let descendants = match self.inner.scope {
             Scope::Launched => procfs::descendants(self.inner.agent, &procs),
@@ -935,13 +945,24 @@ impl JobProcesses {
         // Looked at after the snapshot (and not held across it, which would hold up every
         // helper's start): a helper in it was forked before, and is known unless its spawn
         // is still pending.
-        let helpers = crate::helper::helpers();
-        // A child forked for a helper that has not named itself yet cannot be told from an
-        // orphan of the job's: the next round reaps what this one leaves.
-        if helpers.pending() {
-            return;
-        }
+        // Copied, the lock let go at once: held through the rest, a reap run at the idle
+        // priority (the job's busy threads in the same CPU group) held every signal of a
+        // cancel, and the socket's peer checks, for minutes. A helper forked before the
+        // snapshot is in the copy; one that ends meanwhile was waited for by tokio, so no
+        // zombie of the snapshot is it.
+        let helpers: std::collections::BTreeSet<i32> = {
+            let helpers = crate::helper::helpers();
+            // A child forked for a helper that has not named itself yet cannot be told from
+            // an orphan of the job's: the next round reaps what this one leaves.
+            if helpers.pending() {
+                return;
+            }
+            helpers.iter().copied().collect()
+        };
         self.mark_gone(&procs, procfs::now_micros());
+        if ticking {
+            crate::fault::blocking_pause("reap-is-slow", Duration::from_secs(20));
+        }
         let mut seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner());
         for pid in descendants {
             if seen.len() >= MAX_SEEN {
@@ -972,7 +993,13 @@ impl JobProcesses {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {
                     let this = self.clone();
-                    let _ = crate::pace::spawn_gently(move || this.reap()).await;
+                    // A round under way (at the idle priority, behind a busy job's threads)
+                    // goes on alone once the job is done: waited for, it held the job's end,
+                    // the GPUs' release and the status.
+                    tokio::select! {
+                        _ = crate::pace::spawn_gently(move || this.reap_round(true)) => {}
+                        _ = stop.cancelled() => return,
+                    }
                 }
             }
         }

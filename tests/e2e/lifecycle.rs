@@ -629,3 +629,23 @@ fn a_low_soft_fd_limit_fails_no_upload_and_is_the_jobs() {
         "the job's fd limit is not the one it was given"
     );
 }
+
+/// A round of the reaper that takes long (run at the idle priority behind a busy job's
+/// threads in the same CPU group; here a fault point holds it 20 s): it held the helpers'
+/// lock throughout, and a timeout's SIGTERM waited for it; and the job's end waited for the
+/// round once the job was done. The timeout stops the job at once, and the run ends well
+/// before the round would.
+#[test]
+fn a_slow_reaper_round_holds_up_no_stop() {
+    let mut h = Harness::file();
+    h.env.push(("C3_AGENT_FAULT".into(), "reap-is-slow".into()));
+    let started = std::time::Instant::now();
+    let run =
+        h.run_job(json!({"job_id": "reapslow", "command": ["sleep", "1000"], "timeout_secs": 2}));
+    run.assert_code(5);
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "the run took {:?}: the stop waited for the reaper",
+        started.elapsed()
+    );
+}
