@@ -185,8 +185,14 @@ impl Scan {
     }
 
     fn broken(&mut self, rel: &str, what: String, cause: &std::io::Error) {
+        self.broken_as(rel, what, cause, false)
+    }
+
+    /// [`Scan::broken`]; `gone`: no later look finds the place either.
+    fn broken_as(&mut self, rel: &str, what: String, cause: &std::io::Error, gone: bool) {
         // A FUSE mount is never looked into, whoever looks next.
-        let for_good = cause.kind() == std::io::ErrorKind::PermissionDenied
+        let for_good = gone
+            || cause.kind() == std::io::ErrorKind::PermissionDenied
             || crate::confine::is_mount_refused(cause);
         self.warn(what);
         if self.incomplete.len() < MAX_INCOMPLETE {
@@ -245,11 +251,15 @@ fn scan_within(
     let root = match DirFd::open_root(workdir) {
         Ok(d) => d,
         Err(e) => {
+            // A workdir gone is gone for every later look too (one made again at its path
+            // is refused by its pin): what was in it will never be stored.
+            let gone = e.kind() == std::io::ErrorKind::NotFound;
             for dir in dirs {
-                out.broken(
+                out.broken_as(
                     dir,
                     format!("cannot open the workdir {}: {e}", workdir.display()),
                     &e,
+                    gone,
                 );
             }
             return out;

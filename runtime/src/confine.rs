@@ -38,8 +38,8 @@ enum Pin {
     /// number, and the pin it replaced comes back when that lets go.
     Held(std::sync::Arc<OwnedFd>, u64, Box<Pin>),
     /// Nothing: the path could not be checked safely (why, in words), so no open of it by
-    /// path is safe either.
-    Refused(String),
+    /// path is safe either; `true`: the directory is gone (or another is in its place).
+    Refused(String, bool),
 }
 
 /// A pin taken ([`DirFd::pin_later`]) and not yet recorded.
@@ -135,9 +135,13 @@ impl DirFd {
         }
         // Refused before any open by path: the path may lead anywhere (an automount, a hung
         // network mount).
-        if let Some(Pin::Refused(why)) = &pinned {
+        if let Some(Pin::Refused(why, gone)) = &pinned {
+            let kind = match gone {
+                true => io::ErrorKind::NotFound,
+                false => io::ErrorKind::InvalidInput,
+            };
             return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
+                kind,
                 format!("{}: {why}; refusing it", path.display()),
             ));
         }
@@ -221,10 +225,16 @@ impl DirFd {
 
     /// Makes every later [`DirFd::open_root`] of `path` fail, saying `why`.
     pub fn refuse(path: &Path, why: String) {
+        Self::refuse_as(path, why, false)
+    }
+
+    /// [`DirFd::refuse`]; `gone`: the directory is no longer there, or another is in its
+    /// place, so no later look finds it either (every open of the path fails `NotFound`).
+    pub fn refuse_as(path: &Path, why: String, gone: bool) {
         PINNED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(path.to_path_buf(), Pin::Refused(why));
+            .insert(path.to_path_buf(), Pin::Refused(why, gone));
     }
 
     /// Which directory this is (device, inode), as the run record keeps it.

@@ -502,9 +502,11 @@ pub async fn reopen_recorded_workdir(
         };
         let found = fd.pin_id().ok();
         if pin.is_some_and(|pin| !pin_matches(found, pin, same_boot)) {
+            // Another directory in its place: the attempt's, wherever it went, is found by
+            // no later look either.
             return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not the directory the attempt used (a directory above it was swapped since)",
+                std::io::ErrorKind::NotFound,
+                "not the directory the attempt used (removed and made again, or a directory above it was swapped since)",
             ));
         }
         fd.pin_later(&path, root)
@@ -526,10 +528,20 @@ pub async fn reopen_recorded_workdir(
         )),
     };
     if let Err(e) = checked {
-        tracing::warn!(workdir = %workdir.display(), error = %e, "the recorded workdir is refused; its files are left unstored");
-        DirFd::refuse(&workdir, e.to_string());
+        // Gone (or another in its place), its files are unstorable for good: taken for a
+        // blip, a done attempt was taken up again by every hourly `recover`, each sending
+        // its status again, and retention kept the job for ever. Not in the first hour after
+        // a reboot: the file system that holds it may not be mounted yet (`recover` at boot,
+        // before a network mount or a late disk).
+        let gone = e.kind() == std::io::ErrorKind::NotFound
+            && (same_boot || crate::procfs::uptime() > MOUNTS_SETTLED);
+        tracing::warn!(workdir = %workdir.display(), error = %e, gone, "the recorded workdir is refused; its files are left unstored");
+        DirFd::refuse_as(&workdir, e.to_string(), gone);
     }
 }
+
+/// How long after a boot a workdir not found may still be on a file system not mounted yet.
+const MOUNTS_SETTLED: Duration = Duration::from_secs(3600);
 
 /// Whether the directory found is the one pinned: same inode, and same device unless the
 /// machine rebooted since the pin was taken.

@@ -97,6 +97,11 @@ pub fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// How long the node has been up (the boot clock, suspends included).
+pub fn uptime() -> std::time::Duration {
+    std::time::Duration::from_micros(clock_micros(libc::CLOCK_BOOTTIME))
+}
+
 /// Clock ticks after boot (a process's start) as microseconds on the kernel log's clock,
 /// less a second for the two clocks' drift. A start is counted on the boot clock, which runs
 /// through a suspend and is slewed by NTP; the log's (`local_clock`) does neither, and runs

@@ -806,6 +806,44 @@ fn recover_keeps_listing_what_was_stored_when_the_workdir_is_gone() {
     assert!(blob.exists(), "gc deleted a blob the job had stored");
 }
 
+/// A finished attempt whose output could not be stored (UPLOAD_ERROR), and whose workdir the
+/// scheduler then removed: what was in it is unstorable for good. Taken for a blip, every
+/// hourly `recover` took the attempt up again and sent its status again, and retention kept
+/// the job for ever. The first pass after says so once; later ones leave it alone.
+#[test]
+fn a_done_attempt_whose_workdir_is_gone_is_taken_up_once() {
+    let h = Harness::file().with_control_plane(5);
+    let blobs = h.state.join("store/blobs");
+    let script = format!(
+        "echo data > $C3_ARTIFACTS_DIR/out; rm -rf '{0}' && touch '{0}'",
+        blobs.display()
+    );
+    h.run_job(json!({"job_id": "gonewd", "command": ["sh", "-c", script]}))
+        .assert_code(3);
+    std::fs::remove_file(&blobs).unwrap();
+    std::fs::remove_dir_all(h.workdir("gonewd")).unwrap();
+    let terminals = |h: &Harness| {
+        h.cp()
+            .delivered("/status")
+            .iter()
+            .filter(|s| s["state"] == "FAILED")
+            .count()
+    };
+    h.run(&["recover"]);
+    let after_one = terminals(&h);
+    for _ in 0..2 {
+        let run = h.run(&["recover"]);
+        assert!(
+            !run.stderr.contains("storing what an earlier run could not"),
+            "taken up again: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(terminals(&h), after_one, "its status was sent again");
+    let t = h.terminal("gonewd");
+    assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
+}
+
 /// As above, but the attempt's manifest key holds another job's complete manifest (a cache
 /// or gateway answering for the wrong key, a copy): taken in, its files, another tenant's,
 /// were listed in this job's manifests, where a chained job would pull them. It is left as
