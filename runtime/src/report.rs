@@ -641,16 +641,41 @@ impl Reporter {
             tracing::error!(error = %crate::error_chain(&e), endpoint, "report lost: cannot write the outbox");
             return None;
         }
+        let reserve = self.state.record_reserve_path(&self.job_id, self.attempt);
+        let write = || {
+            // Debug builds: a filesystem with no room but for the run record's reserve.
+            if crate::fault::armed_at("outbox-full", &self.job_id) && reserve.exists() {
+                return Err(crate::statedir::StateError::Write {
+                    path: path.clone(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
+            write_atomic(&path, &json)
+        };
         // Another flusher of this outbox (a `recover`, a later job's run) removes the folder
         // once it is empty: it may have gone between this write's mkdir and its temp file.
-        let written = write_atomic(&path, &json).or_else(|e| match &e {
+        let written = write().or_else(|e| match &e {
             crate::statedir::StateError::Write { source, .. }
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                write_atomic(&path, &json)
+                write()
             }
             _ => Err(e),
         });
+        // Out of space (the job's checkpoints filled the filesystem the state dir is on), the
+        // attempt's run record reserve makes room: the record alone had it, and a terminal
+        // status neither kept nor delivered (the control plane down too) was lost for good,
+        // the record done with nothing left to send.
+        let written = match written {
+            Err(e) if e.is_out_of_space() && std::fs::remove_file(&reserve).is_ok() => {
+                tracing::warn!(
+                    endpoint,
+                    "the state dir's filesystem is full: the run record's reserve was freed for the outbox"
+                );
+                write()
+            }
+            other => other,
+        };
         match written {
             Ok(()) => Some(path),
             Err(e) => {

@@ -171,6 +171,32 @@ fn a_registration_neither_kept_nor_delivered_is_not_counted_as_registered() {
     assert_eq!(sent["files"], 1, "{sent}");
 }
 
+/// The job filled the filesystem the state dir is on, and the control plane was down: the
+/// terminal status could be neither kept nor delivered, the record was done all the same,
+/// and nothing ever sent it. The run record's reserve makes room for the outbox too, and a
+/// later `recover` delivers the status.
+#[test]
+fn a_terminal_status_on_a_full_disk_with_the_control_plane_down_is_kept() {
+    let mut h = Harness::file().with_control_plane(2);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "outbox-full:full".into()));
+    h.cp().fail_all(true);
+    h.run_job(json!({"job_id": "full", "command": ["sh", "-c", "exit 1"]}))
+        .assert_code(1);
+    let failed = |h: &Harness| {
+        h.cp()
+            .delivered("/status")
+            .iter()
+            .filter(|s| s["state"] == "FAILED")
+            .count()
+    };
+    assert_eq!(failed(&h), 0);
+    h.env.clear();
+    h.cp().fail_all(false);
+    h.run(&["recover"]);
+    assert_eq!(failed(&h), 1, "the terminal status was lost");
+}
+
 #[test]
 fn control_plane_503s_are_retried() {
     let h = Harness::file().with_control_plane(30);
