@@ -998,6 +998,17 @@ async fn flush_outbox_for(
                     }
                 }
             }
+            // A week of refused credentials (a token revoked, the node moved to another
+            // control plane) and the entry goes aside as any other stuck one: kept for ever,
+            // it held the job's data on the node (retention waits for an empty outbox).
+            Err(e) if e.is_auth() && is_ancient(&path) => {
+                tracing::error!(path = %path.display(), error = %crate::error_chain(&e), "a kept report the control plane has refused the agent's credentials for for a week; moved aside (`.bad`): the control plane never heard it");
+                move_aside(&path);
+                if is_mine {
+                    flushed.mine = Some(Err(()));
+                }
+                continue;
+            }
             Err(e) if e.is_auth() => {
                 tracing::error!(endpoint = %entry.endpoint, error = %crate::error_chain(&e), "control plane refuses the agent's credentials; reports kept");
                 return flushed;
@@ -2301,6 +2312,25 @@ pub(crate) mod tests {
             .unwrap()
             .1
             .contains(r#""attempt":2"#));
+    }
+
+    /// Refused credentials keep a report (a token renewed soon delivers it), but not for
+    /// ever: a week on, it goes aside as a report failed on for a week does.
+    #[tokio::test]
+    async fn a_report_refused_credentials_for_a_week_goes_aside() {
+        let (url, _) = serve_recorded(Duration::ZERO, |_, _| ("401 Unauthorized", "")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "a", 1);
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let entry = state.outbox_dir("a").join("000001-00000003-status.json");
+        let deadline = || Instant::now() + Duration::from_secs(2);
+        assert!(!flush_job_outbox(&cp, &state, "a", deadline()).await);
+        assert!(entry.exists(), "a fresh one stays");
+        kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
+        flush_job_outbox(&cp, &state, "a", deadline()).await;
+        assert!(!entry.exists() && entry.with_extension("bad").exists());
     }
 
     /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
