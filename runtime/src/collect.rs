@@ -112,6 +112,9 @@ pub struct Scan {
     /// Directories holding entries too deep or too long to store (each an upload failure at
     /// the end, named once); at most [`MAX_INCOMPLETE`].
     pub refused: Vec<String>,
+    /// Files and directories open to their owner alone where no job user is named to read
+    /// them as (each an upload failure at the end, for good); at most [`MAX_INCOMPLETE`].
+    pub owner_only: Vec<String>,
     /// Of `incomplete`, the places no later look will read either: refused for lack of
     /// permission (the agent reads as the job's user, or with more rights than it: the job
     /// or its file system closed them), or every dir when the job made more files than a
@@ -168,8 +171,8 @@ impl Scan {
     /// [`MAX_INCOMPLETE`]) and counted by the final sync as a failure.
     fn refuse(&mut self, rel: String, why: &str) {
         self.warn(format!("{rel} {why}"));
-        if self.refused.len() < MAX_INCOMPLETE {
-            self.refused.push(rel);
+        if self.owner_only.len() < MAX_INCOMPLETE {
+            self.owner_only.push(rel);
         } else {
             self.incomplete_overflow += 1;
         }

@@ -452,6 +452,12 @@ async fn final_sync(
         tracing::error!(path = %dir, "paths in it are too deep or too long to store; counted as an upload failure");
         out.unstored(format!("{dir}/ (paths too deep or long)"), true);
     }
+    // Said as what it is: named "paths too deep or long", a 0600 checkpoint sent operators
+    // after the wrong cause.
+    for rel in &found.owner_only {
+        tracing::error!(path = %rel, "open to its owner alone, and no job user is named to read it as; counted as an upload failure");
+        out.unstored(format!("{rel} (open to its owner alone)"), true);
+    }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
     let at_end = config

@@ -296,6 +296,12 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
                 .iter()
                 .map(|d| format!("{}/ (paths too deep or long to store)", rel_display(d))),
         )
+        .chain(
+            found
+                .owner_only
+                .iter()
+                .map(|r| format!("{r} (open to its owner alone)")),
+        )
         .collect();
     // A file the scan could look for and did not find is gone: kept, a job that made and
     // deleted new names between requests (with live sync off) had the book hold every name

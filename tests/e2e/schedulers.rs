@@ -681,6 +681,13 @@ fn watch_does_not_quietly_leave_out_what_no_named_user_may_read() {
     let run = h.wait("watch".into(), agent);
     run.assert_code(3);
     assert!(run.stderr.contains("artifacts/model.pt"), "{}", run.stderr);
+    // Named for what it is, not as paths too deep or long.
+    assert!(
+        run.stderr.contains("open to its owner alone")
+            && !run.stderr.contains("paths in it are too deep"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(h.manifest_paths("private"), vec!["artifacts/open.txt"]);
     assert_eq!(h.terminal("private")["reason"], "UPLOAD_ERROR");
 }
