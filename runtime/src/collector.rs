@@ -480,6 +480,7 @@ async fn final_sync(
         book,
         (!out.hold_manifest).then_some(&listing),
         config.halt.as_ref(),
+        Some(config.manifest.max_bytes()),
     )
     .await;
     out.halted = report.halted;

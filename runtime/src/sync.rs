@@ -517,13 +517,15 @@ pub async fn sync_scan(
     book: &mut SyncBook,
     checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
-    sync_scan_until(uploader, workdir, scan, book, checkpoint, None).await
+    sync_scan_until(uploader, workdir, scan, book, checkpoint, None, None).await
 }
 
 /// [`sync_scan`] that stops when `halt` is cancelled (`recover` told to stop: a signal, its
 /// time budget): the uploads under way are dropped (a multipart one keeps its journal, for
 /// the next pass to resume), and what landed is listed through `checkpoint` before it
 /// returns, so that the next pass does not store it again and `gc` does not take it.
+/// `room`: what the manifest may list (`max_bytes`): a file the book does not hold yet
+/// past it is not stored, and counted unstored for good.
 pub async fn sync_scan_until(
     uploader: &Uploader,
     workdir: &std::path::Path,
@@ -531,15 +533,36 @@ pub async fn sync_scan_until(
     book: &mut SyncBook,
     checkpoint: Option<&dyn Checkpoint>,
     halt: Option<&CancellationToken>,
+    room: Option<u64>,
 ) -> SyncReport {
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
     let files = std::mem::take(&mut scan.files);
     let found = files.len();
-    let todo: Vec<(String, FileStamp)> = files
+    let mut todo: Vec<(String, FileStamp)> = files
         .into_iter()
         .filter(|(rel, stamp)| !book.is_current(rel, stamp))
         .collect();
     let skipped = found - todo.len();
+    // A scan that stopped at a manifest's worth of files (its dirs then unread for good)
+    // found other files than live sync had listed: stored beside the book's, they made a
+    // manifest too large to write, never for good, and each `recover` walked and sent it
+    // all again, for ever.
+    let mut no_room = Vec::new();
+    if let Some(room) = room {
+        let mut tracked = book.entries_ceiling();
+        todo.retain(|(rel, _)| {
+            if book.contains(rel) {
+                return true;
+            }
+            tracked += c3_proto::manifest::entry_ceiling(rel);
+            let fits = tracked <= room;
+            if !fits {
+                tracked -= c3_proto::manifest::entry_ceiling(rel);
+                no_room.push(rel.clone());
+            }
+            fits
+        });
+    }
     let mut report = upload_all_until(
         uploader,
         workdir,
@@ -551,6 +574,10 @@ pub async fn sync_scan_until(
     )
     .await;
     report.skipped = skipped;
+    for rel in no_room {
+        let path = workdir.join(crate::collect::path_of(&rel));
+        report.failed(rel, UploadError::NoRoom { path });
+    }
     report
 }
 
@@ -875,6 +902,46 @@ mod tests {
         assert_eq!(listed, ["artifacts/r.bin"], "v1 of m.bin listed as final");
     }
 
+    /// A final scan that stopped at a manifest's worth of files found others than live sync
+    /// had listed: stored beside the book's, they made a manifest too large to write (never
+    /// for good: each `recover` walked and sent it all again). Past the room they are not
+    /// stored, and counted unstored for good.
+    #[tokio::test]
+    async fn a_full_scan_stores_no_more_than_the_manifest_can_list() {
+        let (dir, arts, uploader) = artifacts_in_memory();
+        let mut book = SyncBook::default();
+        for i in 0..10 {
+            book.record(up(&format!("artifacts/a{i}"), i as u8));
+        }
+        for i in 0..20 {
+            std::fs::write(arts.join(format!("b{i:02}")), format!("b{i}")).unwrap();
+        }
+        let entry = c3_proto::manifest::entry_ceiling("artifacts/b00");
+        let room = book.entries_ceiling() + 5 * entry;
+        // Full: the scan stopped at its room, so it covers nothing and the book's files stay.
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 10 * entry);
+        assert!(!found.covers("artifacts/a0"));
+        assert!(found.files.len() > 5, "{}", found.files.len());
+        let over = found.files.len() - 5;
+        let report = sync_scan_until(
+            &uploader,
+            dir.path(),
+            found,
+            &mut book,
+            None,
+            None,
+            Some(room),
+        )
+        .await;
+        assert!(
+            book.entries_ceiling() <= room,
+            "the book outgrew its manifest"
+        );
+        assert_eq!(report.uploaded, 5);
+        assert!(report.failures.iter().all(|(_, e)| e.is_for_good()));
+        assert_eq!(report.failures.len() + report.failures_more as usize, over);
+    }
+
     /// The final sync's upload of a file's newer version panics (a bug): it is failed by its
     /// name, and the version the book held (live sync's) is not sealed into the complete
     /// manifest as the file's content. The panic was booked as "(an upload task)", the
@@ -1101,6 +1168,7 @@ mod tests {
             &mut book,
             Some(&saves),
             Some(&halt),
+            None,
         );
         let report = tokio::time::timeout(Duration::from_secs(120), syncing)
             .await

@@ -249,6 +249,10 @@ pub enum UploadError {
     Vanished { path: PathBuf },
     #[error("{path} is not readable by the job's user; not uploaded")]
     NotReadable { path: PathBuf },
+    #[error(
+        "{path} is past the files one manifest can list (store.max_manifest_bytes); not stored"
+    )]
+    NoRoom { path: PathBuf },
     #[error("{path} is {}, over upload.max_file_bytes ({}); not stored", human_bytes(*.size), human_bytes(*.max))]
     TooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("{path} is a sparse file ({} long, {} of it data, the rest holes); not stored: a file that is mostly holes costs no disk to make and hours to hash (a file system that compresses, as ZFS, keeps runs of zeros as holes however they were written)", human_bytes(*.size), human_bytes(*.data))]
@@ -290,6 +294,7 @@ impl UploadError {
             UploadError::Read { .. }
             | UploadError::Vanished { .. }
             | UploadError::NotReadable { .. }
+            | UploadError::NoRoom { .. }
             | UploadError::TooLarge { .. }
             | UploadError::Sparse { .. }
             | UploadError::HolesSpent { .. }
@@ -305,6 +310,7 @@ impl UploadError {
     pub fn is_for_good(&self) -> bool {
         match self {
             UploadError::NotReadable { .. }
+            | UploadError::NoRoom { .. }
             | UploadError::TooLarge { .. }
             | UploadError::Sparse { .. }
             | UploadError::HolesSpent { .. }
