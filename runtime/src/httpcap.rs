@@ -104,12 +104,7 @@ impl HttpService for Capped {
             Cap::Fail
         };
         let (parts, body) = res.into_parts();
-        let body = CappedBody {
-            inner: body,
-            left: cap.limit(),
-            cap,
-            done: false,
-        };
+        let body = CappedBody::new(body, cap);
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
     }
 }
@@ -279,6 +274,117 @@ struct CappedBody {
     left: usize,
     cap: Cap,
     done: bool,
+    /// An error reply's bytes so far ([`Cap::Truncate`]).
+    held: Vec<u8>,
+}
+
+impl CappedBody {
+    fn new(inner: HttpResponseBody, cap: Cap) -> Self {
+        CappedBody {
+            inner,
+            left: cap.limit(),
+            cap,
+            done: false,
+            held: Vec::new(),
+        }
+    }
+
+    /// An error reply, whole (up to its limit), as one frame of [`error_text`].
+    fn poll_error_text(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        loop {
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let take = data.len().min(self.left);
+                        self.held.extend_from_slice(&data[..take]);
+                        self.left -= take;
+                        if self.left == 0 {
+                            break;
+                        }
+                    }
+                }
+                // What came before a break is the reply's text all the same.
+                Some(Err(_)) | None => break,
+            }
+        }
+        self.done = true;
+        let text = error_text(&std::mem::take(&mut self.held));
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(text)))))
+    }
+}
+
+/// An error reply's body as the agent passes it on (to object_store, whose error the journal
+/// and the control plane's statuses quote): valid UTF-8, and without what S3 quotes of a
+/// request it could not verify. object_store reads an error body as text: one that was not
+/// UTF-8 (a proxy's Latin-1 page, or one cut inside a character) failed that read, and the
+/// reply's status was lost with it: a 403 taken for a blip and retried to the deadline, a 412
+/// not taken for "exists". `SignatureDoesNotMatch` quotes the canonical request, the node's
+/// session token among its headers.
+fn error_text(body: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(body).into_owned();
+    for tag in [
+        "CanonicalRequest",
+        "CanonicalRequestBytes",
+        "StringToSign",
+        "StringToSignBytes",
+    ] {
+        text = without_element(&text, tag);
+    }
+    without_token(&text)
+}
+
+/// `text` with each `<tag>…</tag>`'s content replaced by `(removed)`.
+fn without_element(text: &str, tag: &str) -> String {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find(&open) {
+        out.push_str(&rest[..start]);
+        out.push_str(&open);
+        out.push_str("(removed)");
+        out.push_str(&close);
+        let after = start + open.len();
+        rest = match rest[after..].find(&close) {
+            Some(end) => &rest[after + end + close.len()..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `text` with the value after each `x-amz-security-token` (any case) replaced.
+fn without_token(text: &str) -> String {
+    const NAME: &str = "x-amz-security-token";
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find(NAME) {
+        let mut i = at + found + NAME.len();
+        while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ') {
+            i += 1;
+        }
+        out.push_str(&text[at..i]);
+        let mut end = i;
+        while end < bytes.len()
+            && !matches!(
+                bytes[end],
+                b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"'
+            )
+        {
+            end += 1;
+        }
+        if end > i {
+            out.push_str("(removed)");
+        }
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 impl Body for CappedBody {
@@ -291,6 +397,9 @@ impl Body for CappedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         if self.done {
             return Poll::Ready(None);
+        }
+        if matches!(self.cap, Cap::Truncate) {
+            return self.poll_error_text(cx);
         }
         let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
@@ -305,19 +414,12 @@ impl Body for CappedBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         self.done = true;
-        match self.cap {
-            Cap::Truncate => {
-                data.truncate(self.left);
-                self.left = 0;
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Cap::Fail => Poll::Ready(Some(Err(HttpError::new(
-                HttpErrorKind::Decode,
-                TooLarge {
-                    limit: self.cap.limit(),
-                },
-            )))),
-        }
+        Poll::Ready(Some(Err(HttpError::new(
+            HttpErrorKind::Decode,
+            TooLarge {
+                limit: self.cap.limit(),
+            },
+        ))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -344,12 +446,32 @@ mod tests {
     }
 
     fn capped(inner: HttpResponseBody, cap: Cap) -> CappedBody {
-        CappedBody {
-            inner,
-            left: cap.limit(),
-            cap,
-            done: false,
-        }
+        CappedBody::new(inner, cap)
+    }
+
+    /// An error body that is not UTF-8, or is cut inside a character, is passed on as valid
+    /// UTF-8 (object_store reads it as text, and lost the reply's status when it could not);
+    /// what S3 quotes of a request it could not verify is taken out, the session token first.
+    #[tokio::test]
+    async fn an_error_body_is_text_without_the_request_it_quotes() {
+        let body = b"<Error><Code>SignatureDoesNotMatch</Code>\xe9<CanonicalRequest>PUT\n/b/k\nx-amz-security-token:SECRET1\n</CanonicalRequest><StringToSign>AWS4 SECRET2</StringToSign><Note>X-Amz-Security-Token=SECRET3&amp;</Note></Error>";
+        let inner = HttpResponseBody::from(Bytes::from_static(body));
+        let got = capped(inner, Cap::Truncate)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = std::str::from_utf8(&got).expect("UTF-8");
+        assert!(text.contains("SignatureDoesNotMatch"), "{text}");
+        assert!(!text.contains("SECRET"), "{text}");
+        let mut cut = vec![b'x'; MAX_ERROR_BODY - 1];
+        cut.extend_from_slice("é".as_bytes());
+        let got = capped(HttpResponseBody::from(Bytes::from(cut)), Cap::Truncate)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(std::str::from_utf8(&got).is_ok());
     }
 
     #[tokio::test]

@@ -69,6 +69,9 @@ enum Fault {
     Down,
     /// Every request: 403 RequestTimeTooSkewed (the node's clock is off by over 15 minutes).
     Skewed,
+    /// Every PUT: 403 SignatureDoesNotMatch, its body not UTF-8 (a Latin-1 `é`) and quoting
+    /// the canonical request with [`SESSION_TOKEN`] in it.
+    SignatureMismatch,
     /// The first CompleteMultipartUpload of each upload: 200 with an `InternalError` body
     /// (S3 sends 200 before it knows), and nothing completed.
     CompleteFailsWith200,
@@ -118,6 +121,9 @@ enum Fault {
 
 /// What an S3 denial's message says of the caller (`User: arn:aws:sts::...`).
 const ROLE_IN_DENIAL: &str = "arn:aws:sts::123456789012:assumed-role/node-role";
+
+/// The node's session token, as S3 quotes it back in a `SignatureDoesNotMatch`.
+const SESSION_TOKEN: &str = "FQoGZXIvYXdzEJr-session-token";
 
 /// The size of the endless bodies: far over any cap, small enough that a test of code that
 /// reads them whole still ends.
@@ -273,6 +279,17 @@ async fn handle(
             *st.seen_puts.entry(key).or_default() += 1;
         }
         return s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown");
+    }
+    if fault == Fault::SignatureMismatch && method == Method::PUT {
+        *st.seen_puts.entry(key).or_default() += 1;
+        let mut body = b"<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match the signature you provided. Caf\xe9</Message><CanonicalRequest>PUT\n/bucket/k\n\nhost:127.0.0.1\nx-amz-security-token:".to_vec();
+        body.extend_from_slice(SESSION_TOKEN.as_bytes());
+        body.extend_from_slice(b"\n</CanonicalRequest></Error>");
+        return reply(
+            StatusCode::FORBIDDEN,
+            &[("content-type", "application/xml".into())],
+            Body::from(body),
+        );
     }
     if fault == Fault::Skewed {
         if method == Method::PUT {
@@ -923,6 +940,25 @@ fn a_skewed_clock_is_named_as_the_cause() {
         "{t}"
     );
     assert!(run.stderr.contains("clock may be off"), "{}", run.stderr);
+}
+
+/// A 403 whose body is not UTF-8 (a proxy's Latin-1 page; S3 quoting a request) is still a
+/// 403: object_store reads an error body as text, and one it could not read lost the reply's
+/// status, the denial retried to the deadline as a blip. What S3 quotes of the request (the
+/// node's session token among its headers) reaches no log.
+#[test]
+fn a_denial_whose_body_is_not_utf8_is_a_denial_and_quotes_no_token() {
+    let s3 = FakeS3::start(Fault::SignatureMismatch);
+    let h = s3.harness();
+    let run = h.run_job(job_writing(&h, "sig", b"x"));
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("SignatureDoesNotMatch"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains(SESSION_TOKEN), "{}", run.stderr);
+    assert_eq!(s3.puts_of(b""), 1, "the preflight's denial was retried");
 }
 
 /// A store that refuses the node's clock for a while (a node booted before NTP synced, its
