@@ -405,7 +405,7 @@ impl Body for CappedBody {
             Some(Ok(frame)) => frame,
             other => return Poll::Ready(other),
         };
-        let mut data = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(data) => data,
             Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
         };
