@@ -294,20 +294,15 @@ impl CappedBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        loop {
-            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        let take = data.len().min(self.left);
-                        self.held.extend_from_slice(&data[..take]);
-                        self.left -= take;
-                        if self.left == 0 {
-                            break;
-                        }
-                    }
+        // What came before a break is the reply's text all the same.
+        while let Some(Ok(frame)) = ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            if let Ok(data) = frame.into_data() {
+                let take = data.len().min(self.left);
+                self.held.extend_from_slice(&data[..take]);
+                self.left -= take;
+                if self.left == 0 {
+                    break;
                 }
-                // What came before a break is the reply's text all the same.
-                Some(Err(_)) | None => break,
             }
         }
         self.done = true;
