@@ -126,13 +126,50 @@ fn on_cpus<T>(cpus: &libc::cpu_set_t, f: impl FnOnce() -> T) -> T {
 }
 
 fn idle_class<T>(f: impl FnOnce() -> T) -> T {
+    static REVERSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    idle_class_if(*REVERSIBLE.get_or_init(idle_is_reversible), f)
+}
+
+/// Whether a thread may leave SCHED_IDLE again: root without CAP_SYS_NICE (a container's
+/// default capabilities, the shipped Kubernetes job's) may enter it and never come back,
+/// and each blocking-pool thread that once did gentle work stayed idle-class for good,
+/// the job's log drain among the work it serves (a job busy on its CPUs then blocked on its
+/// own `print`). Tried on a thread of its own, thrown away after, which takes this one's
+/// capabilities.
+fn idle_is_reversible() -> bool {
+    std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: scheduling calls on this (throwaway) thread with a valid param.
+        unsafe {
+            libc::geteuid() == 0
+                && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+                && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
+        }
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// [`idle_class`]; `reversible`: [`idle_is_reversible`].
+fn idle_class_if<T>(reversible: bool, f: impl FnOnce() -> T) -> T {
+    /// Back to the normal policy however `f` ends (a panic included).
+    struct Normal;
+    impl Drop for Normal {
+        fn drop(&mut self) {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a scheduling call on this thread with a valid param.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        }
+    }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: scheduling calls on this thread (0 / its tid) with a valid param; no memory effects.
     unsafe {
-        if libc::geteuid() == 0 && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 {
-            let out = f();
-            libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
-            return out;
+        if reversible
+            && libc::geteuid() == 0
+            && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+        {
+            let _normal = Normal;
+            return f();
         }
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
@@ -161,6 +198,69 @@ mod tests {
         assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
         for bad in ["", "a", "3-1", "1-", "0,,1", "99999"] {
             assert!(parse_cpu_list(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    /// Root without CAP_SYS_NICE (a container's default capabilities) may enter SCHED_IDLE
+    /// but not leave it: gentle work there runs at nice 10 instead, and the thread is never
+    /// left idle-class (it serves the job's log drain too).
+    #[test]
+    fn without_the_right_to_come_back_no_thread_is_left_idle_class() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        std::thread::spawn(|| {
+            drop_sys_nice();
+            assert!(
+                !idle_is_reversible(),
+                "left SCHED_IDLE without CAP_SYS_NICE"
+            );
+            idle_class_if(idle_is_reversible(), || ());
+            // SAFETY: a query of this thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            assert_eq!(policy, libc::SCHED_OTHER, "the thread was left idle-class");
+        })
+        .join()
+        .unwrap();
+        // With it, a panic in the work does not leave the thread idle-class either.
+        std::thread::spawn(|| {
+            let _ = std::panic::catch_unwind(|| idle_class_if(true, || panic!("in gentle work")));
+            // SAFETY: a query of this thread's policy.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Drops CAP_SYS_NICE from this thread's effective set (capabilities are per thread).
+    fn drop_sys_nice() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SYS_NICE: u32 = 23;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and the two data words it takes.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << CAP_SYS_NICE);
+            assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
         }
     }
 
