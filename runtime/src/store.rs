@@ -2932,6 +2932,7 @@ impl BlobStore {
         {
             return self.put_document_checked(key, bytes, expected).await;
         }
+        let updating = expected.is_some();
         let mode = match expected {
             None => PutMode::Create,
             // A version with nothing to match (a store that sends no ETag) cannot be asked for.
@@ -2950,6 +2951,13 @@ impl BlobStore {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Ok(DocWrite::Changed),
+            // A document gone since (a lifecycle rule, an operator): AWS answers If-Match on a
+            // key that is not there with 404 NoSuchKey, not 412. Taken as a write's blip, it
+            // was retried to the deadline, every checkpoint and the job's key failed, and no
+            // fresh look was made.
+            Err(e @ object_store::Error::NotFound { .. }) if updating && says(&e, "NoSuchKey") => {
+                Ok(DocWrite::Changed)
+            }
             // No conditional write here after all: object_store's own refusal, or an
             // S3-compatible store's 501 for If-Match (retried as a server error until the
             // deadline otherwise). Checked as on the file store.
@@ -3424,6 +3432,36 @@ pub(crate) mod tests {
         })
     }
 
+    /// A document gone since its writer's last write (a lifecycle rule, an operator): AWS
+    /// answers the If-Match PUT with 404 NoSuchKey. It is "changed" (look again), not a blip
+    /// retried to the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn an_update_of_a_document_gone_is_changed() {
+        let faulty = Arc::new(Faulty {
+            update_of_nothing_404: true,
+            ..Default::default()
+        });
+        let mut store = store_over(faulty, Duration::from_secs(600));
+        store.url = "s3://bucket".into();
+        let version = DocVersion {
+            e_tag: Some("\"gone\"".into()),
+            version: None,
+        };
+        let started = tokio::time::Instant::now();
+        let put = store
+            .put_document_over(
+                "jobs/j/manifest.json",
+                Bytes::from_static(b"{}"),
+                Some(&version),
+            )
+            .await;
+        assert!(matches!(put, Ok(DocWrite::Changed)), "{put:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "retried as a blip"
+        );
+    }
+
     fn store_with_deadline(secs: u64) -> BlobStore {
         let mut store = BlobStore::in_memory();
         store.retry = Retry::new(Duration::from_secs(secs));
@@ -3689,6 +3727,8 @@ pub(crate) mod tests {
         pub(crate) hanging: std::sync::Mutex<Option<String>>,
         /// Every GET's body is an empty chunk, then a reset.
         pub(crate) empty_then_broken_gets: bool,
+        /// A PUT `If-Match` of a key not there: 404 NoSuchKey, as AWS answers it.
+        pub(crate) update_of_nothing_404: bool,
         /// GETs so far (not HEADs).
         pub(crate) gets: std::sync::atomic::AtomicUsize,
     }
@@ -3734,6 +3774,15 @@ pub(crate) mod tests {
                 return Err(object_store::Error::PermissionDenied {
                     path: location.to_string(),
                     source: "403 Access Denied".into(),
+                });
+            }
+            if self.update_of_nothing_404
+                && matches!(opts.mode, PutMode::Update(_))
+                && self.mem.head(location).await.is_err()
+            {
+                return Err(object_store::Error::NotFound {
+                    path: location.to_string(),
+                    source: "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchKey</Code></Error>".into(),
                 });
             }
             if !self.refusing.load(std::sync::atomic::Ordering::Relaxed) {
