@@ -50,9 +50,14 @@ impl Candidates {
     }
 
     /// Adds `rel`, or replaces what it was.
-    pub fn insert(&mut self, rel: String, candidate: Candidate) {
+    /// A candidate held back (its `since` still to come: its last upload found it changed)
+    /// stays held back however it is touched meanwhile.
+    pub fn insert(&mut self, rel: String, mut candidate: Candidate) {
         let key: Arc<str> = match self.by_path.get_key_value(rel.as_str()) {
             Some((key, old)) => {
+                if old.since > Instant::now() {
+                    candidate.since = candidate.since.max(old.since);
+                }
                 let key = key.clone();
                 self.by_since.remove(&(old.since, key.clone()));
                 key
@@ -132,6 +137,29 @@ mod tests {
 
     fn at(since: Instant) -> Candidate {
         Candidate { stamp: None, since }
+    }
+
+    /// A file whose upload found it changed is held back (its `since` to come): a touch
+    /// meanwhile (the job appending to it again) restarts its clock no earlier than that.
+    /// Reset to now, a 10 GB file appended every few seconds was read whole every settle.
+    #[tokio::test(start_paused = true)]
+    async fn a_candidate_held_back_stays_held_back_when_touched() {
+        let t0 = Instant::now();
+        let (s, hold) = (Duration::from_millis(100), Duration::from_secs(20));
+        let mut c = Candidates::default();
+        c.insert("big".into(), at(t0 + hold));
+        c.insert("big".into(), at(t0));
+        c.restart("big", t0);
+        assert!(
+            c.due(t0 + s, s, 10, |_| false).is_empty(),
+            "taken up at once"
+        );
+        assert_eq!(c.next_due(s), Some(t0 + hold + s));
+        // Once the hold has passed, a touch restarts it as any other.
+        tokio::time::advance(hold + s).await;
+        let now = Instant::now();
+        c.insert("big".into(), at(now));
+        assert_eq!(c.next_due(s), Some(now + s));
     }
 
     /// The index by time follows every change: the due ones come earliest first, a restarted

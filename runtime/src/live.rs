@@ -192,7 +192,19 @@ struct Sending {
     size: u64,
     /// The version sent.
     stamp: FileStamp,
+    /// When its upload began.
+    started: Instant,
 }
+
+/// The longest a file whose live upload found it changed is held back ([`CHANGED_HOLD`]).
+const MAX_CHANGED_HOLD: Duration = Duration::from_secs(300);
+
+/// How many times its failed read took a file whose live upload found it changed is held
+/// back: a 10 GB file appended every few seconds (a metrics log, an HDF5 file grown a step
+/// at a time) was read whole, found changed, and read whole again a settle later, for the
+/// whole run (disk and CPU the job's, and nothing stored). Held back so, its reads take at
+/// most a third of the time; the final sync stores it.
+const CHANGED_HOLD: u32 = 2;
 
 #[derive(Default)]
 struct RescanPace {
@@ -938,6 +950,7 @@ impl Syncer {
                 task: task.id(),
                 size,
                 stamp,
+                started: Instant::now(),
             };
             self.in_flight.insert(rel, sending);
         }
@@ -949,7 +962,9 @@ impl Syncer {
             Err(e) => return self.on_upload_panicked(e),
         };
         self.book.progress.finish(size);
-        let removed = self.in_flight.remove(&rel).is_some_and(|s| s.removed);
+        let sending = self.in_flight.remove(&rel);
+        let removed = sending.as_ref().is_some_and(|s| s.removed);
+        let took = sending.map_or(Duration::ZERO, |s| s.started.elapsed());
         match result {
             // Stored, but no longer the job's file: the blob is this job's bytes all the same.
             Ok(up) if removed => {
@@ -967,11 +982,12 @@ impl Syncer {
                 self.manifest_dirty = true;
             }
             Err(UploadError::Changed { .. }) => {
+                let hold = (took * CHANGED_HOLD).min(MAX_CHANGED_HOLD);
                 self.candidates.insert(
                     rel,
                     Candidate {
                         stamp: None,
-                        since: Instant::now(),
+                        since: Instant::now() + hold,
                     },
                 );
             }
