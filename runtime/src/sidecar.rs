@@ -453,13 +453,25 @@ async fn watch_attempt(
             run.collector_config.clone(),
             Some(procs.clone()),
         ));
+        // The trainer owns the host while it runs, as under `run`: live sync's hashing, scans
+        // and looks at `/proc` ran at the normal priority on every CPU, `sync.live_cpus`
+        // unheard.
+        crate::pace::set_live_cpus(ctx.live.as_ref().map_or(&[], |l| &l.cpus));
+        crate::pace::set_gentle(true);
+        let live_cpus = ctx
+            .live
+            .as_ref()
+            .filter(|l| !l.cpus.is_empty())
+            .map(|l| crate::pace::cpu_list(&l.cpus));
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
-            done_file = ?plan.done_file, "watching a job's directories (sidecar mode)");
+            done_file = ?plan.done_file, live_cpus, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");
         let Ended { end, message, oom } = match gone {
             Some(pid) => ended_before(&plan, pid, done_reader).await,
             None => wait_for_end(&plan, leader.as_ref(), &procs, cancel, done_reader).await,
         };
+        // Its end is the final sync's: the whole host.
+        crate::pace::set_gentle(false);
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {

@@ -530,7 +530,9 @@ fn trainer(script: &str, shared: &Path) -> std::process::Child {
 
 #[test]
 fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
-    let h = Harness::file().with_control_plane(10);
+    let mut h = Harness::file().with_control_plane(10);
+    // Its live sync runs gently, on the live CPUs, as `run`'s does.
+    h.extra_toml.push_str("[sync]\nlive_cpus = \"0\"\n");
     let shared = h.path("shared");
     std::fs::create_dir_all(&shared).unwrap();
     let done = shared.join(".c3-done");
@@ -560,6 +562,11 @@ fn watch_syncs_a_trainer_it_did_not_launch_and_ends_on_the_done_file() {
     );
     assert_eq!(h.manifest("side")["complete"], true);
     assert_eq!(states(&h), vec!["RUNNING", "FINALIZING", "SUCCEEDED"]);
+    assert!(
+        run.stderr.contains("live_cpus=\"0\""),
+        "the watch line names the live CPUs: {}",
+        run.stderr
+    );
 }
 
 /// A stop while the sidecar still asks the store whether the attempt already ran (held 60 s
