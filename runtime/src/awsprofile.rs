@@ -94,7 +94,13 @@ const PROFILE_VARS: [&str; 5] = [
 pub struct ProfileCredentials {
     env: HashMap<&'static str, String>,
     last: std::sync::Mutex<(FilesStamp, std::sync::Arc<object_store::aws::AwsCredential>)>,
+    /// A look at the files is under way (perhaps held by a hung mount): no second one.
+    looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long a request waits for a look at the profile's files before it signs with the
+/// keys read before.
+const PROFILE_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The files' (modified time, length, inode), to tell a rewrite (in place, or renamed over).
 type FilesStamp = [Option<(std::time::SystemTime, u64, u64)>; 2];
@@ -110,6 +116,7 @@ impl ProfileCredentials {
         ProfileCredentials {
             env,
             last: std::sync::Mutex::new((stamp, std::sync::Arc::new(credential(profile)))),
+            looking: Default::default(),
         }
     }
 
@@ -137,17 +144,43 @@ fn credential(p: &Profile) -> object_store::aws::AwsCredential {
 impl object_store::CredentialProvider for ProfileCredentials {
     type Credential = object_store::aws::AwsCredential;
 
+    /// The files are looked at off the reactor, one look at a time, and waited for
+    /// [`PROFILE_LOOK`] at most: on a network or FUSE secrets mount that stopped answering,
+    /// the stat and read held a runtime worker each, every other request waited on the lock,
+    /// and once the workers were all held no timer fired (no terminal status either).
     async fn get_credential(&self) -> object_store::Result<std::sync::Arc<Self::Credential>> {
-        let stamp = Self::stamp(&self.env);
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.0 != stamp {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (seen, keys) = {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            (last.0, last.1.clone())
+        };
+        if self.looking.swap(true, SeqCst) {
+            return Ok(keys);
+        }
+        let (env, looking) = (self.env.clone(), self.looking.clone());
+        let look = tokio::task::spawn_blocking(move || {
+            let stamp = Self::stamp(&env);
+            let loaded = (stamp != seen).then(|| load(&|k| env.get(k).cloned()));
+            looking.store(false, SeqCst);
+            (stamp, loaded)
+        });
+        match tokio::time::timeout(PROFILE_LOOK, look).await {
             // A file caught half rewritten (no keys in it yet) keeps the keys read before.
-            if let Ok(Some(p)) = load(&|k| self.env.get(k).cloned()) {
+            Ok(Ok((stamp, Some(Ok(Some(p)))))) => {
                 tracing::info!(profile = %p.name, "the AWS profile's files changed; its keys are read again");
-                *last = (stamp, std::sync::Arc::new(credential(&p)));
+                let keys = std::sync::Arc::new(credential(&p));
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = (stamp, keys.clone());
+                Ok(keys)
+            }
+            Ok(_) => Ok(keys),
+            Err(_) => {
+                tracing::warn!(
+                    limit_s = PROFILE_LOOK.as_secs(),
+                    "the AWS profile's files did not answer (a hung mount?); signing with the keys read before"
+                );
+                Ok(keys)
             }
         }
-        Ok(last.1.clone())
     }
 }
 
@@ -218,5 +251,53 @@ mod tests {
         assert!(load(&missing).unwrap_err().contains("`nope`"));
         let nothing = |k: &str| (k == "HOME").then(|| "/nonexistent".to_string());
         assert_eq!(load(&nothing).unwrap(), None);
+    }
+
+    /// The credentials file on a mount that stops answering (here a FIFO renamed over it,
+    /// whose read never returns): a request signs with the keys read before, within the
+    /// bound, and so does every one after it while the look is held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_profile_file_that_does_not_answer_keeps_the_keys_read_before() {
+        use object_store::CredentialProvider;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::write(
+            &creds,
+            "[default]\naws_access_key_id = A\naws_secret_access_key = AS\n",
+        )
+        .unwrap();
+        let env: HashMap<&'static str, String> =
+            [("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string())].into();
+        let profile = load(&|k| env.get(k).cloned()).unwrap().unwrap();
+        let provider = ProfileCredentials {
+            env: env.clone(),
+            last: std::sync::Mutex::new((
+                ProfileCredentials::stamp(&env),
+                std::sync::Arc::new(credential(&profile)),
+            )),
+            looking: Default::default(),
+        };
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::rename(&fifo, &creds).unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let keys = tokio::time::timeout(PROFILE_LOOK * 3, provider.get_credential())
+                .await
+                .expect("held by the profile's file")
+                .unwrap();
+            assert_eq!(keys.key_id, "A");
+        }
+        assert!(
+            started.elapsed() < PROFILE_LOOK * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        // Let the held read go.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&creds)
+            .map(drop)
+            .unwrap();
     }
 }
