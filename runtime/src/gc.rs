@@ -1219,13 +1219,7 @@ mod tests {
     }
 
     /// The pass before deleting sees manifests written (or rewritten) since the first.
-    #[tokio::test]
-    async fn a_later_pass_reads_new_and_rewritten_manifests() {
-        let f = Fixture::new().await;
-        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
-        f.put(&attempt_manifest_key("j", 1), manifest("j", 1, &[&a], None))
-            .await;
-        let mut scan = Scan::default();
+    async fn scan_pass(scan: &mut Scan, f: &Fixture) {
         let root_dir = Arc::new(DirFd::open(&f.root).unwrap());
         scan.run(
             &f.store,
@@ -1235,6 +1229,16 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_later_pass_reads_new_and_rewritten_manifests() {
+        let f = Fixture::new().await;
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        f.put(&attempt_manifest_key("j", 1), manifest("j", 1, &[&a], None))
+            .await;
+        let mut scan = Scan::default();
+        scan_pass(&mut scan, &f).await;
         assert_eq!((scan.read, scan.refs.len()), (1, 1));
         f.put(
             &attempt_manifest_key("j", 1),
@@ -1243,15 +1247,7 @@ mod tests {
         .await;
         f.put(&manifest_key("k"), manifest("k", 1, &[&c], None))
             .await;
-        let root_dir = Arc::new(DirFd::open(&f.root).unwrap());
-        scan.run(
-            &f.store,
-            (&f.root, &root_dir),
-            1 << 20,
-            crate::filestore::META_LIMIT,
-        )
-        .await
-        .unwrap();
+        scan_pass(&mut scan, &f).await;
         assert_eq!(scan.read, 2);
         assert!([&a, &b, &c]
             .iter()

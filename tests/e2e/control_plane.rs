@@ -183,18 +183,11 @@ fn a_terminal_status_on_a_full_disk_with_the_control_plane_down_is_kept() {
     h.cp().fail_all(true);
     h.run_job(json!({"job_id": "full", "command": ["sh", "-c", "exit 1"]}))
         .assert_code(1);
-    let failed = |h: &Harness| {
-        h.cp()
-            .delivered("/status")
-            .iter()
-            .filter(|s| s["state"] == "FAILED")
-            .count()
-    };
-    assert_eq!(failed(&h), 0);
+    assert_eq!(h.statuses_in("FAILED"), 0);
     h.env.clear();
     h.cp().fail_all(false);
     h.run(&["recover"]);
-    assert_eq!(failed(&h), 1, "the terminal status was lost");
+    assert_eq!(h.statuses_in("FAILED"), 1, "the terminal status was lost");
 }
 
 #[test]

@@ -822,15 +822,8 @@ fn a_done_attempt_whose_workdir_is_gone_is_taken_up_once() {
         .assert_code(3);
     std::fs::remove_file(&blobs).unwrap();
     std::fs::remove_dir_all(h.workdir("gonewd")).unwrap();
-    let terminals = |h: &Harness| {
-        h.cp()
-            .delivered("/status")
-            .iter()
-            .filter(|s| s["state"] == "FAILED")
-            .count()
-    };
     h.run(&["recover"]);
-    let after_one = terminals(&h);
+    let after_one = h.statuses_in("FAILED");
     for _ in 0..2 {
         let run = h.run(&["recover"]);
         assert!(
@@ -839,7 +832,11 @@ fn a_done_attempt_whose_workdir_is_gone_is_taken_up_once() {
             run.stderr
         );
     }
-    assert_eq!(terminals(&h), after_one, "its status was sent again");
+    assert_eq!(
+        h.statuses_in("FAILED"),
+        after_one,
+        "its status was sent again"
+    );
     let t = h.terminal("gonewd");
     assert_eq!(t["reason"], "UPLOAD_ERROR", "{t}");
 }

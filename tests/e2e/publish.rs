@@ -468,26 +468,38 @@ fn wait_all_with_nothing_new_writes_no_manifest() {
 #[test]
 fn a_mapped_file_published_and_stored_to_again_is_listed_as_it_ends() {
     let h = slow_settle();
-    let py = format!(
+    let py = mapped_store_job(
+        "",
+        &format!("r = subprocess.run(['{BIN}', 'publish', p])"),
+        "sys.exit(r.returncode)",
+    );
+    h.run_job(json!({"job_id": "mappub", "command": ["python3", "-c", py]}))
+        .assert_code(0);
+    crate::support::assert_listed_as_it_ends(&h, "mappub");
+}
+
+/// A job that writes `res` (4096 bytes of `a`), maps it and stores `b` through the map, runs
+/// `while_mapped` (Python at the top level; `before` runs once `res` is written), stores `c`
+/// through the same dirty page, unmaps and closes it, then runs `after`.
+fn mapped_store_job(before: &str, while_mapped: &str, after: &str) -> String {
+    format!(
         r#"
 import mmap, os, subprocess, sys, time
 p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
 with open(p, 'wb') as f:
     f.write(b'a' * 4096)
+{before}
 f = open(p, 'r+b')
 m = mmap.mmap(f.fileno(), 4096)
 m[0:1] = b'b'
 time.sleep(1.2)
-r = subprocess.run(['{BIN}', 'publish', p])
+{while_mapped}
 m[1:2] = b'c'
 m.close()
 f.close()
-sys.exit(r.returncode)
+{after}
 "#
-    );
-    h.run_job(json!({"job_id": "mappub", "command": ["python3", "-c", py]}))
-        .assert_code(0);
-    crate::support::assert_listed_as_it_ends(&h, "mappub");
+    )
 }
 
 /// As above, published twice while mapped: two reads of a held file that found the same
@@ -495,24 +507,12 @@ sys.exit(r.returncode)
 #[test]
 fn a_mapped_file_published_twice_and_stored_to_again_is_listed_as_it_ends() {
     let h = slow_settle();
-    let py = format!(
-        r#"
-import mmap, os, subprocess, sys, time
-p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
-with open(p, 'wb') as f:
-    f.write(b'a' * 4096)
-f = open(p, 'r+b')
-m = mmap.mmap(f.fileno(), 4096)
-m[0:1] = b'b'
-time.sleep(1.2)
-r1 = subprocess.run(['{BIN}', 'publish', p])
-time.sleep(1.2)
-r2 = subprocess.run(['{BIN}', 'publish', p])
-m[1:2] = b'c'
-m.close()
-f.close()
-sys.exit(r1.returncode or r2.returncode)
-"#
+    let py = mapped_store_job(
+        "",
+        &format!(
+            "r1 = subprocess.run(['{BIN}', 'publish', p])\ntime.sleep(1.2)\nr2 = subprocess.run(['{BIN}', 'publish', p])"
+        ),
+        "sys.exit(r1.returncode or r2.returncode)",
     );
     h.run_job(json!({"job_id": "mappub2", "command": ["python3", "-c", py]}))
         .assert_code(0);
@@ -525,24 +525,10 @@ sys.exit(r1.returncode or r2.returncode)
 #[test]
 fn a_mapped_file_of_two_links_published_again_once_unmapped_is_listed_as_it_ends() {
     let h = slow_settle();
-    let py = format!(
-        r#"
-import mmap, os, subprocess, sys, time
-p = os.path.join(os.environ['C3_ARTIFACTS_DIR'], 'res')
-with open(p, 'wb') as f:
-    f.write(b'a' * 4096)
-os.link(p, p + '2')
-f = open(p, 'r+b')
-m = mmap.mmap(f.fileno(), 4096)
-m[0:1] = b'b'
-time.sleep(1.2)
-r1 = subprocess.run(['{BIN}', 'publish', p])
-m[1:2] = b'c'
-m.close()
-f.close()
-r2 = subprocess.run(['{BIN}', 'publish', p])
-sys.exit(r1.returncode or r2.returncode)
-"#
+    let py = mapped_store_job(
+        "os.link(p, p + '2')",
+        &format!("r1 = subprocess.run(['{BIN}', 'publish', p])"),
+        &format!("r2 = subprocess.run(['{BIN}', 'publish', p])\nsys.exit(r1.returncode or r2.returncode)"),
     );
     h.run_job(json!({"job_id": "maplinks", "command": ["python3", "-c", py]}))
         .assert_code(0);

@@ -826,6 +826,15 @@ impl Harness {
             .expect("harness has a control plane")
     }
 
+    /// How many statuses the control plane got in `state`.
+    pub fn statuses_in(&self, state: &str) -> usize {
+        self.cp()
+            .delivered("/status")
+            .iter()
+            .filter(|s| s["state"] == state)
+            .count()
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
