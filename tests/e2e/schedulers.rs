@@ -1748,12 +1748,9 @@ fn recover_removes_empty_job_cgroups_that_dead_agents_left() {
         live_survived,
         "an agent that still runs keeps its job's cgroup"
     );
+    // Gone, by this `recover` or another test's running beside it in the same cgroup (a
+    // loaded CI run saw the second: this one's log then said nothing of it).
     assert!(dead_gone, "{}", run.stderr);
-    assert!(
-        run.stderr.contains("removed empty job cgroups"),
-        "{}",
-        run.stderr
-    );
 }
 
 /// A job that owns the tree above its dirs (its own scratch space) swaps a component for a
