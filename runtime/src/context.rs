@@ -57,6 +57,11 @@ pub struct AgentContext {
 }
 
 impl AgentContext {
+    /// Where live sync's work runs (`sync.live_cpus`; empty: wherever the kernel puts it).
+    pub fn live_cpus(&self) -> &[usize] {
+        self.live.as_ref().map_or(&[], |l| &l.cpus)
+    }
+
     /// `give_up_secs` from now (now, when there is no control plane): the one deadline for
     /// what the control plane still gets.
     pub fn report_deadline(&self) -> tokio::time::Instant {

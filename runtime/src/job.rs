@@ -994,12 +994,7 @@ impl<'a> Run<'a> {
             .get("CUDA_VISIBLE_DEVICES")
             .cloned()
             .or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok());
-        let live_cpus = self
-            .ctx
-            .live
-            .as_ref()
-            .filter(|l| !l.cpus.is_empty())
-            .map(|l| crate::pace::cpu_list(&l.cpus));
+        let live_cpus = crate::pace::cpus_shown(self.ctx.live_cpus());
         tracing::info!(pid = procs.leader(), contained_by = %supervisor.containment(), command = ?crate::display::clipped(&spec.command, 1024), workdir = %self.workdir.display(), cuda_visible_devices, live_cpus, "job launched");
         self.reports.running(seq, self.ctx.report_deadline());
         crate::sdnotify::ready(&format!("running: job pid {}", procs.leader()));
@@ -1007,7 +1002,7 @@ impl<'a> Run<'a> {
         self.collector_config.physical_workdir = crate::publish::physical_path(&workdir);
         let collector = CollectorHandle::start(self.collector_config.clone(), Some(procs.clone()));
         let live_progress = self.progress("live");
-        crate::pace::set_live_cpus(self.ctx.live.as_ref().map_or(&[], |l| &l.cpus));
+        crate::pace::set_live_cpus(self.ctx.live_cpus());
         crate::pace::set_gentle(true);
         let stop_socket = CancellationToken::new();
         let uid = owner.map_or_else(|| nix::unistd::geteuid().as_raw(), |(uid, _)| uid);

@@ -86,6 +86,11 @@ pub fn set_live_cpus(cpus: &[usize]) {
     *LIVE_CPUS.lock().unwrap_or_else(|p| p.into_inner()) = set;
 }
 
+/// `cpus` as the logs name them: None for none named (wherever the kernel puts the work).
+pub fn cpus_shown(cpus: &[usize]) -> Option<String> {
+    (!cpus.is_empty()).then(|| cpu_list(cpus))
+}
+
 /// Live sync (true) or the final sync (false).
 pub fn set_gentle(gentle: bool) {
     GENTLE.store(gentle, Ordering::Relaxed);

@@ -202,17 +202,23 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
     };
     let at_once = parts.uploader.options().files_in_flight.max(1);
     for batch in todo.chunks(at_once) {
-        // Not looked at (the look did not answer) counts as held.
-        let is_held = |dev: u64, ino: u64| held.as_ref().is_none_or(|h| h.contains(&(dev, ino)));
-        let uploads = batch.iter().map(|(_, f)| {
-            let held = is_held(f.stamp.dev, f.stamp.ino);
-            parts.uploader.upload_as_seen_held(f, held)
-        });
+        // Not looked at (the look did not answer) counts as held. Each read takes only the
+        // version located, this inode.
+        let held_now: Vec<bool> = batch
+            .iter()
+            .map(|(_, f)| {
+                held.as_ref()
+                    .is_none_or(|h| h.contains(&(f.stamp.dev, f.stamp.ino)))
+            })
+            .collect();
+        let uploads = batch
+            .iter()
+            .zip(&held_now)
+            .map(|((_, f), &held)| parts.uploader.upload_as_seen_held(f, held));
         let results = futures::future::join_all(uploads).await;
-        for ((i, file), result) in batch.iter().zip(results) {
+        for (((i, file), result), &held) in batch.iter().zip(results).zip(&held_now) {
             match result {
                 Ok(mut up) => {
-                    let held = is_held(up.stamp.dev, up.stamp.ino);
                     up.racy |= held;
                     published[*i] = Some(PublishedFile {
                         path: up.rel.clone(),

@@ -280,12 +280,11 @@ pub fn log_entries(manifest: &Manifest) -> Vec<FileEntry> {
 
 /// Writes every file of `manifest` below the open directory `root` (`shown` is its path,
 /// for messages). Directories and files are created relative to directory fds, never
-/// through a symlink; with `owner` (of `(owner, vet)`), what is created belongs to that uid/gid; with `vet`
-/// (`owner`, or root for a root job below the jobs root), a directory or file already there
-/// is used only if that user's (a directory: or root's), as [`DirFd::ensure_own_dir`].
-/// `stop` ends
-/// it as an error would ([`PullError::Stopped`]): its writers are waited for, their temp
-/// files removed. Dropped instead, its writers went on alone, and a process that then
+/// through a symlink. Of `(owner, vet)`: with `owner`, what is created belongs to that
+/// uid/gid; with `vet` (`owner`, or root for a root job below the jobs root), a directory or
+/// file already there is used only if that user's (a directory: or root's), as
+/// [`DirFd::ensure_own_dir`]. `stop` ends it as an error would ([`PullError::Stopped`]):
+/// its writers are waited for, their temp files removed. Dropped instead, its writers went on alone, and a process that then
 /// exited left their named temp files (no O_TMPFILE: NFS, CIFS) in DEST.
 pub async fn pull_into(
     store: &BlobStore,

@@ -1002,7 +1002,7 @@ async fn flush_outbox_for(
             // control plane) and the entry goes aside as any other stuck one: kept for ever,
             // it held the job's data on the node (retention waits for an empty outbox).
             Err(e) if e.is_auth() && is_ancient(&path) => {
-                tracing::error!(path = %path.display(), error = %crate::error_chain(&e), "a kept report the control plane has refused the agent's credentials for for a week; moved aside (`.bad`): the control plane never heard it");
+                tracing::error!(path = %path.display(), error = %crate::error_chain(&e), "a kept report for which the control plane has refused the agent's credentials for a week; moved aside (`.bad`): the control plane never heard it");
                 move_aside(&path);
                 if is_mine {
                     flushed.mine = Some(Err(()));

@@ -456,13 +456,9 @@ async fn watch_attempt(
         // The trainer owns the host while it runs, as under `run`: live sync's hashing, scans
         // and looks at `/proc` ran at the normal priority on every CPU, `sync.live_cpus`
         // unheard.
-        crate::pace::set_live_cpus(ctx.live.as_ref().map_or(&[], |l| &l.cpus));
+        crate::pace::set_live_cpus(ctx.live_cpus());
         crate::pace::set_gentle(true);
-        let live_cpus = ctx
-            .live
-            .as_ref()
-            .filter(|l| !l.cpus.is_empty())
-            .map(|l| crate::pace::cpu_list(&l.cpus));
+        let live_cpus = crate::pace::cpus_shown(ctx.live_cpus());
         tracing::info!(dir = %parent.display(), watched = ?names, pid = ?plan.pid,
             done_file = ?plan.done_file, live_cpus, "watching a job's directories (sidecar mode)");
         crate::sdnotify::ready("watching the job's directories");

@@ -2098,11 +2098,11 @@ impl BlobStore {
         {
             return self.put_blob_plain(sha256_hex, &key, bytes, began).await;
         }
-        let creator = self.store()?;
+        let inner = self.store()?;
         let refused = match self
             .creator
             .as_ref()
-            .unwrap_or(creator)
+            .unwrap_or(inner)
             .put_opts(
                 &path,
                 PutPayload::from(bytes.clone()),

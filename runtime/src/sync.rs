@@ -554,13 +554,13 @@ pub async fn sync_scan_until(
             if book.contains(rel) {
                 return true;
             }
-            tracked += c3_proto::manifest::entry_ceiling(rel);
-            let fits = tracked <= room;
-            if !fits {
-                tracked -= c3_proto::manifest::entry_ceiling(rel);
+            let entry = c3_proto::manifest::entry_ceiling(rel);
+            if tracked + entry > room {
                 no_room.push(rel.clone());
+                return false;
             }
-            fits
+            tracked += entry;
+            true
         });
     }
     let mut report = upload_all_until(
