@@ -121,6 +121,13 @@ pub struct RunRecord {
     /// are tried again, as they were.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unstored_for_good: u64,
+    /// The upload errors of the terminal status this run decided, saved just before the
+    /// status goes out and cleared by the `done` that follows its delivery: an agent killed
+    /// between the two left a status out that its record does not know of. `recover`, which
+    /// finishes the attempt again, never reports more upload errors than this: what its look
+    /// cannot see any more (a workdir removed meanwhile) the final sync that decided saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concluded_upload_errors: Option<u64>,
     /// The job user's uid and groups, as resolved at launch: `recover` and `resync` check
     /// readability against them even if the user is gone from the node by then.
     #[serde(default)]

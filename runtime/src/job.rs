@@ -86,6 +86,7 @@ pub(crate) fn fresh_record(ctx: &AgentContext, spec: JobSpec) -> RunRecord {
         unstored: Vec::new(),
         unstored_more: 0,
         unstored_for_good: 0,
+        concluded_upload_errors: None,
         job_user: None,
         facts: None,
         result: None,
@@ -1357,14 +1358,24 @@ impl<'a> Run<'a> {
         started: Instant,
     ) -> JobSummary {
         let Collected {
-            unstored,
-            unstored_more,
-            unstored_for_good,
+            mut unstored,
+            mut unstored_more,
+            mut unstored_for_good,
             mut sealed,
             result,
             halted: _,
         } = collected;
-        let upload_errors = unstored.len() as u64 + unstored_more;
+        let mut upload_errors = unstored.len() as u64 + unstored_more;
+        if let Some(sent) = self.record.concluded_upload_errors {
+            if upload_errors > sent {
+                tracing::warn!(upload_errors, sent,
+                    "this attempt's terminal status may have gone out before its agent died, with fewer upload errors: what this look could not see (the workdir removed meanwhile?) that final sync saw and stored; its status stands");
+                unstored = std::mem::take(&mut self.record.unstored);
+                unstored_more = self.record.unstored_more;
+                unstored_for_good = self.record.unstored_for_good;
+                upload_errors = sent;
+            }
+        }
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
         // The verdict counts every upload error, whoever caused it (contract §8).
         let verdict = decide(&end, upload_errors > 0, oom);
@@ -1379,6 +1390,10 @@ impl<'a> Run<'a> {
         self.record.unstored = unstored;
         self.record.unstored_more = unstored_more;
         self.record.unstored_for_good = unstored_for_good;
+        if self.record.concluded_upload_errors != Some(upload_errors) {
+            self.record.concluded_upload_errors = Some(upload_errors);
+            self.save().await;
+        }
         // `sealed.new_bytes` is what the attempt added in all (a crashed agent's uploads
         // included); an earlier registration of this attempt (before a resync) said part of it.
         let registered = self.record.synced.as_ref().map_or(0, |s| s.new_bytes);
@@ -1394,9 +1409,11 @@ impl<'a> Run<'a> {
             });
         self.report(&verdict, &sealed, synced, upload_errors, result)
             .await;
+        crate::fault::crash_point("crash-after-terminal-status");
         self.record.state = Some(verdict.state);
         self.record.reason = verdict.reason;
         self.record.phase = Phase::Done;
+        self.record.concluded_upload_errors = None;
         self.save().await;
         let summary = JobSummary {
             job_id: self.spec().job_id.clone(),

@@ -1032,6 +1032,7 @@ mod tests {
                 unstored: Vec::new(),
                 unstored_more: 0,
                 unstored_for_good: 0,
+                concluded_upload_errors: None,
                 job_user: None,
                 facts: None,
                 result: None,

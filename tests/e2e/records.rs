@@ -97,6 +97,44 @@ fn a_crash_after_finalizing_keeps_the_result_read_at_the_end() {
     assert_eq!(h.manifest("res")["result"], json!({"epoch": 1}));
 }
 
+/// The agent dies right after its SUCCEEDED went out, before its record said so, and the
+/// workdir is removed meanwhile (the scheduler cleaned the node): `recover` finished the
+/// attempt again, could not see its output dirs any more, and sent FAILED/UPLOAD_ERROR past
+/// the SUCCEEDED, though the manifest already listed every file. A conclusion once sent is
+/// not made worse by what a later look cannot see.
+#[test]
+fn a_crash_after_the_terminal_status_went_out_is_not_contradicted_by_recover() {
+    let mut h = Harness::file().with_control_plane(5);
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        "crash-after-terminal-status".into(),
+    ));
+    let script = "head -c 4096 /dev/urandom > $C3_ARTIFACTS_DIR/data";
+    let run = h.run_job(json!({"job_id": "sent", "command": ["sh", "-c", script]}));
+    assert_ne!(run.code, 0, "the agent was meant to crash");
+    assert_eq!(terminals(&h).len(), 1, "{:?}", statuses(&h));
+    std::fs::remove_dir_all(h.workdir("sent")).unwrap();
+    h.env.clear();
+    h.run(&["recover"]).assert_code(0);
+    let terminal = terminals(&h);
+    assert!(
+        terminal.iter().all(|(state, _)| state == "SUCCEEDED"),
+        "{terminal:?}"
+    );
+    let last = h.cp().terminal_status().unwrap();
+    assert_eq!(last["upload_errors"], 0, "{last}");
+    let manifest = h.manifest("sent");
+    assert_eq!(manifest["complete"], true, "{manifest}");
+    let files = manifest["files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["path"] == "artifacts/data"),
+        "the manifest still lists the job's file: {manifest}"
+    );
+    // Done: the next pass has nothing left to do.
+    h.run(&["recover"]).assert_code(0);
+    assert_eq!(terminals(&h).len(), terminal.len(), "{:?}", statuses(&h));
+}
+
 /// The agent dies between keeping its artifacts registration in the outbox and recording
 /// that it did: `recover` delivered the kept one, then finished the attempt again as one that
 /// registered nothing and sent the same bytes again (the quota charged twice). The record
