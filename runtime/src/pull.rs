@@ -1069,6 +1069,44 @@ mod tests {
         assert!(gets <= 1 + MAX_FRUITLESS_RESUMES as usize, "{gets} GETs");
     }
 
+    /// A proxy before the store answers a download with its own 404 (no body, no NoSuchKey)
+    /// twice: a blip, retried. Taken for the blob missing, it failed the dataset at once.
+    #[tokio::test]
+    async fn a_bare_404_to_a_download_is_retried() {
+        use crate::store::tests::{remote_store_over, Faulty};
+        let faulty = Arc::new(Faulty {
+            bare_404_gets: 2.into(),
+            ..Default::default()
+        });
+        let store = remote_store_over(faulty.clone(), std::time::Duration::from_secs(30));
+        let bytes = b"dataset bytes".to_vec();
+        let entry = entry_of(&bytes);
+        store
+            .put_blob(&entry.sha256, bytes.clone().into())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pulled = pull_into(
+            &store,
+            vec![entry].into(),
+            DirFd::open(dir.path()).unwrap(),
+            dir.path(),
+            (None, None),
+            true,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(pulled.is_ok(), "{pulled:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join("artifacts/f")).unwrap(),
+            bytes
+        );
+        // The store's own word is not a blip: a blob it says is absent fails at once.
+        let missing = entry_of(b"never stored");
+        let e = store.get_blob(&missing.sha256).await.unwrap_err();
+        assert!(e.is_permanent() && e.is_not_found(), "{e:?}");
+    }
+
     /// Pulled for a job's user, a file of another user at the entry's path (a hard link the
     /// job planted) is replaced whatever it holds, never kept for matching bytes.
     #[test]

@@ -117,9 +117,11 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
-    /// A write answered 404 (S3's NoSuchBucket, or a proxy's own 404): see [`write_error`].
+    /// A 404 that does not say the key is absent, retried as a blip: a write's (S3's
+    /// NoSuchBucket, or a proxy's own 404: see [`write_error`]), a blob read's without the
+    /// store's own code ([`BlobStore::blob_read_error`]).
     #[error("store {op} of `{key}` was answered \"not found\"")]
-    WriteNotFound {
+    BareNotFound {
         op: &'static str,
         key: String,
         #[source]
@@ -183,7 +185,7 @@ fn build_error(
 fn write_error(op: &'static str, key: &str, source: object_store::Error) -> StoreError {
     let key = key.to_string();
     match source {
-        object_store::Error::NotFound { .. } => StoreError::WriteNotFound { op, key, source },
+        object_store::Error::NotFound { .. } => StoreError::BareNotFound { op, key, source },
         source => StoreError::Op { op, key, source },
     }
 }
@@ -272,7 +274,7 @@ impl StoreError {
             StoreError::NotThere { .. }
             | StoreError::Contended { .. }
             | StoreError::PastDeadline { .. }
-            | StoreError::WriteNotFound { .. } => false,
+            | StoreError::BareNotFound { .. } => false,
             // Denied, but for the request's date: the clock will be set (NTP had not synced
             // at boot), so it goes through the outage and its deadline.
             StoreError::Op { .. } if self.clock_skewed() => false,
@@ -1988,7 +1990,7 @@ impl BlobStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(StoreError::WriteNotFound { op, key, source })
+            Err(StoreError::BareNotFound { op, key, source })
                 if NO_BUCKET_CODES.iter().any(|code| says(&source, code)) =>
             {
                 Err(StoreError::Op { op, key, source })
@@ -2385,13 +2387,17 @@ impl BlobStore {
     /// GCS's NoSuchKey, Azure's BlobNotFound, GCS's JSON "No such object"), as a write's
     /// ([`write_error`]): a proxy's or load balancer's bare 404 says nothing of the key.
     pub fn says_absent(&self, e: &StoreError) -> bool {
-        let StoreError::Op {
-            source: source @ object_store::Error::NotFound { .. },
-            ..
-        } = e
-        else {
-            return false;
-        };
+        match e {
+            StoreError::Op {
+                source: source @ object_store::Error::NotFound { .. },
+                ..
+            } => self.says_absent_in(source),
+            _ => false,
+        }
+    }
+
+    /// [`BlobStore::says_absent`] of a "not found" from object_store.
+    fn says_absent_in(&self, source: &object_store::Error) -> bool {
         let local = self.url.starts_with("file:") || self.url.starts_with("memory:");
         local || ABSENT_CODES.iter().any(|code| says(source, code))
     }
@@ -2719,7 +2725,27 @@ impl BlobStore {
     }
 
     pub async fn get_blob(&self, sha256_hex: &str) -> Result<GetResult, StoreError> {
-        self.get(&blob_key(sha256_hex)).await
+        let key = blob_key(sha256_hex);
+        self.retrying_read(|| async {
+            self.get_once(&key)
+                .await
+                .map_err(|e| self.blob_read_error(e))
+        })
+        .await
+    }
+
+    /// A blob is read because a manifest lists it: a 404 without the store's word that the
+    /// key is absent ([`BlobStore::says_absent`]) is a proxy's or load balancer's, retried as
+    /// any blip. Taken as the blob missing, one such answer failed a dataset at once.
+    fn blob_read_error(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Op {
+                op,
+                key,
+                source: source @ object_store::Error::NotFound { .. },
+            } if !self.says_absent_in(&source) => StoreError::BareNotFound { op, key, source },
+            e => e,
+        }
     }
 
     /// The blob from byte `offset` on (a download resumed where it broke off).
@@ -2737,10 +2763,12 @@ impl BlobStore {
             self.store()?
                 .get_opts(&StorePath::from(key.as_str()), opts)
                 .await
-                .map_err(|source| StoreError::Op {
-                    op: "get",
-                    key: key.clone(),
-                    source,
+                .map_err(|source| {
+                    self.blob_read_error(StoreError::Op {
+                        op: "get",
+                        key: key.clone(),
+                        source,
+                    })
                 })
         })
         .await
@@ -3731,6 +3759,8 @@ pub(crate) mod tests {
         pub(crate) update_of_nothing_404: bool,
         /// GETs so far (not HEADs).
         pub(crate) gets: std::sync::atomic::AtomicUsize,
+        /// How many GETs (from the first) a proxy answers with its own 404, no body.
+        pub(crate) bare_404_gets: std::sync::atomic::AtomicUsize,
     }
 
     /// What a [`Faulty`] store's listings give.
@@ -3822,7 +3852,33 @@ pub(crate) mod tests {
                 }
             }
             let head = options.head;
-            let got = self.mem.get_opts(location, options).await?;
+            let bare_404 = !head
+                && self
+                    .bare_404_gets
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok();
+            if bare_404 {
+                return Err(object_store::Error::NotFound {
+                    path: location.to_string(),
+                    source: "Server returned non-2xx status code: 404 Not Found: ".into(),
+                });
+            }
+            // A key not there, as S3 says it.
+            let got = self
+                .mem
+                .get_opts(location, options)
+                .await
+                .map_err(|e| match e {
+                    object_store::Error::NotFound { path, .. } => object_store::Error::NotFound {
+                        path,
+                        source: "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchKey</Code></Error>".into(),
+                    },
+                    e => e,
+                })?;
             if head {
                 return Ok(got);
             }
@@ -3896,6 +3952,14 @@ pub(crate) mod tests {
     pub(crate) fn store_over(inner: Arc<dyn ObjectStore>, deadline: Duration) -> BlobStore {
         let mut store = store_with_deadline(deadline.as_secs());
         store.inner = inner;
+        store
+    }
+
+    /// [`store_over`] as a remote store: its "not found" means absent only with the store's
+    /// own code in the reply.
+    pub(crate) fn remote_store_over(inner: Arc<dyn ObjectStore>, deadline: Duration) -> BlobStore {
+        let mut store = store_over(inner, deadline);
+        store.url = "s3://bucket".into();
         store
     }
 

@@ -237,6 +237,32 @@ fn az_large_file_goes_multipart() {
     large_file(Harness::new(Store::azure()));
 }
 
+/// A dataset whose blob the store says it does not hold (gc took it, an operator deleted it)
+/// fails at once, not retryable: the store's own "no such key" is not taken for a proxy's
+/// bare 404, which is retried as a blip.
+fn a_dataset_missing_a_blob_fails_for_good(h: Harness) {
+    h.run_job(json!({"job_id": "producer", "command": ["sh", "-c", "echo weights > $C3_ARTIFACTS_DIR/model.bin"]}))
+        .assert_code(0);
+    h.delete_object(&format!("blobs/sha256/{}", sha256_hex(b"weights\n")));
+    let marker = h.path("launched");
+    let run = h.run_job(json!({"job_id": "consumer", "command": ["touch", marker.display().to_string()], "datasets": [{"ref": "/jobs/producer", "mount": "in"}]}));
+    run.assert_code(6);
+    assert!(!marker.exists());
+    let t = h.terminal("consumer");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert_eq!(t["retryable"], false, "{t}");
+}
+
+#[test]
+fn s3_dataset_missing_a_blob_fails_for_good() {
+    a_dataset_missing_a_blob_fails_for_good(Harness::new(Store::s3()));
+}
+
+#[test]
+fn az_dataset_missing_a_blob_fails_for_good() {
+    a_dataset_missing_a_blob_fails_for_good(Harness::new(Store::azure()));
+}
+
 #[test]
 fn datasets_are_materialized_as_private_copies() {
     let h = Harness::file();

@@ -292,6 +292,17 @@ impl Azurite {
         (status == 200).then_some(body)
     }
 
+    /// Deletes a blob from outside the agent.
+    pub fn delete(&self, key: &str) {
+        let (status, body) = self.request("DELETE", &format!("/{key}"), &[]);
+        assert_eq!(
+            status,
+            202,
+            "delete {key}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
     /// Overwrites a blob from outside the agent (to tamper with the store).
     pub fn put(&self, key: &str, bytes: &[u8]) {
         let (status, body) = self.request("PUT", &format!("/{key}"), bytes);
@@ -975,6 +986,14 @@ impl Harness {
         match &self.store {
             Store::Azure(az) => az.put(&format!("pre/{key}"), bytes),
             _ => std::fs::write(self.object_path(key), bytes).expect("tamper"),
+        }
+    }
+
+    /// Deletes a store object behind the agent's back.
+    pub fn delete_object(&self, key: &str) {
+        match &self.store {
+            Store::Azure(az) => az.delete(&format!("pre/{key}")),
+            _ => std::fs::remove_file(self.object_path(key)).expect("delete"),
         }
     }
 
