@@ -431,6 +431,29 @@ fn context_with(env: &Env, store: c3_runtime::store::StoreConfig) -> Result<Agen
     })
 }
 
+/// Closes a root-owned spec (checked by its caller) that others may read, on its fd. The
+/// agent makes `<jobs_root>` and the job's dir traversable (0711) for the job's user: a spec
+/// a scheduler wrote with umask 022 was then readable, `env` secrets and all, by every other
+/// tenant's job that guessed its id (unit names and `/proc/<pid>/cmdline` tell it); so was
+/// one that `--job PATH` names there or in any other place open to all.
+fn close_spec(path: &Path, file: &std::fs::File, st: &libc::stat) -> Result<(), String> {
+    if st.st_mode & 0o077 == 0 || !c3_runtime::confine::is_regular(st) {
+        return Ok(());
+    }
+    let closed = nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o700);
+    match nix::sys::stat::fchmod(file, closed) {
+        Ok(()) => {
+            tracing::warn!(spec = %path.display(), was = format!("{:o}", st.st_mode & 0o7777), "the job spec was readable by other users (its env may hold secrets); made 0600: have the scheduler write it so");
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "job spec {}: readable by other users (mode {:o}) and cannot be closed: {e}",
+            path.display(),
+            st.st_mode & 0o7777
+        )),
+    }
+}
+
 /// The largest job spec read: a real one is a few KiB (its `env` included).
 const MAX_SPEC_BYTES: u64 = 1 << 20;
 
@@ -460,17 +483,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             let file = root.open_file(rel).map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
             owned_here(path, &file, &st, "it")?;
-            // The agent makes `<jobs_root>` and the job's dir traversable (0711) for the job's
-            // user: a spec a scheduler wrote with umask 022 was then readable, `env` secrets
-            // and all, by every other tenant's job that guessed its id (unit names and
-            // `/proc/<pid>/cmdline` tell it). It is root's (checked above): closed on its fd.
-            if st.st_mode & 0o077 != 0 {
-                let closed = nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o700);
-                match nix::sys::stat::fchmod(&file, closed) {
-                    Ok(()) => tracing::warn!(spec = %path.display(), was = format!("{:o}", st.st_mode & 0o7777), "the job spec was readable by other users (its env may hold secrets); made 0600: have the scheduler write it so"),
-                    Err(e) => return Err(format!("job spec {}: readable by other users (mode {:o}) and cannot be closed: {e}", path.display(), st.st_mode & 0o7777)),
-                }
-            }
+            close_spec(path, &file, &st)?;
             file
         }
         // A path the scheduler chose: symlinks in it are taken, but nobody but root may be
@@ -488,6 +501,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 .map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
             owned_here(path, &file, &st, "it")?;
+            close_spec(path, &file, &st)?;
             file
         }
         None => std::fs::OpenOptions::new()

@@ -190,6 +190,15 @@ fn a_spec_readable_by_others_is_closed_before_the_job_starts() {
         "{}",
         run.stderr
     );
+    // The same spec named by its path (`run --job PATH`, as a scheduler's unit runs it).
+    let body = json!({"job_id": "specy", "workdir": h.path("specx/work2").display().to_string(),
+        "env": {"SECRET": "xyzzy"}, "command": ["true"]});
+    let by_path = dir.join("other.json");
+    std::fs::write(&by_path, body.to_string()).unwrap();
+    std::fs::set_permissions(&by_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = h.run(&["run", "--job", by_path.to_str().unwrap()]);
+    run.assert_code(0);
+    assert_eq!(mode(&by_path), 0o600, "{}", run.stderr);
 }
 
 /// The agent's control-plane token in a file every user may read is named at each run with
