@@ -136,9 +136,18 @@ impl Readers {
 /// anyway, and is not judged by its group.
 fn who_may_read(path: &Path) -> Option<Readers> {
     use c3_runtime::confine::{fstat, JobReader};
+    use std::os::unix::fs::OpenOptionsExt;
     let real = std::fs::canonicalize(path).ok()?;
-    let file = std::fs::File::open(&real).ok()?;
+    // A FIFO planted or configured there never blocks the look: only a file is judged.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&real)
+        .ok()?;
     let st = fstat(&file).ok()?;
+    if !c3_runtime::confine::is_regular(&st) {
+        return None;
+    }
     let trusted = [0, nix::unistd::geteuid().as_raw()];
     let own_groups = [0, nix::unistd::getegid().as_raw()];
     // A transient fault reading an ACL is no finding: a warning must be a fact.
@@ -270,19 +279,48 @@ pub fn probe_connect(endpoint: &str) -> std::process::ExitCode {
 /// One warning per secret a job could read; `metadata`: what the job's user reaches of the
 /// instance-metadata endpoint, when the store's credentials come from there and the job runs
 /// as another user (a job running as root can read anything anyway).
-pub fn warnings(config: &Config, metadata: Option<&MetadataReach>) -> Vec<String> {
+/// How long the looks at the secrets' files may take: one on a hung mount (a secrets or NFS
+/// mount that stopped answering) held the start, a stop unheard.
+const LOOK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The warnings, said at each run: the files looked at off the reactor, within
+/// [`LOOK_LIMIT`], given up on a stop (then nothing is said of them).
+pub async fn warnings(
+    config: &Config,
+    metadata: Option<&MetadataReach>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Vec<String> {
     let env: Vec<(String, std::ffi::OsString)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
         .collect();
-    warnings_in(config, metadata, &env)
+    let files = files_to_check(config, &env);
+    let looked = tokio::task::spawn_blocking(move || readable_files(files));
+    let mut out = tokio::select! {
+        looked = tokio::time::timeout(LOOK_LIMIT, looked) => match looked {
+            Ok(Ok(said)) => said,
+            Ok(Err(_)) => Vec::new(),
+            Err(_) => vec![format!(
+                "the look at who may read the agent's secrets did not finish within {} s (a hung mount?); not checked this run",
+                LOOK_LIMIT.as_secs()
+            )],
+        },
+        () = cancel.cancelled() => Vec::new(),
+    };
+    out.extend(metadata_warning(metadata));
+    out
 }
 
-/// [`warnings`] for the agent's environment `env`.
-fn warnings_in(
-    config: &Config,
-    metadata: Option<&MetadataReach>,
-    env: &[(String, std::ffi::OsString)],
-) -> Vec<String> {
+/// A file holding one of the agent's secrets, and what it holds.
+enum Held {
+    /// The config, with the store options that are secrets.
+    Config(String),
+    Token,
+    /// Store credentials, named so.
+    Credentials(String),
+}
+
+/// The files [`warnings`] looks at, with what each holds; no I/O.
+fn files_to_check(config: &Config, env: &[(String, std::ffi::OsString)]) -> Vec<(PathBuf, Held)> {
     let mut out = Vec::new();
     if let Some(file) = &config.source {
         let secrets: Vec<&str> = config
@@ -292,14 +330,8 @@ fn warnings_in(
             .map(String::as_str)
             .filter(|k| is_secret_option(k))
             .collect();
-        if let Some(readers) = (!secrets.is_empty()).then(|| who_may_read(file)).flatten() {
-            out.push(format!(
-                "{} holds store secrets ({}) and {}: `chmod 600 {}`",
-                file.display(),
-                secrets.join(", "),
-                readers.may_read(),
-                file.display()
-            ));
+        if !secrets.is_empty() {
+            out.push((file.clone(), Held::Config(secrets.join(", "))));
         }
     }
     if let Some(token) = config
@@ -307,35 +339,62 @@ fn warnings_in(
         .as_ref()
         .and_then(|cp| cp.token_file.as_ref())
     {
-        if let Some(readers) = who_may_read(token) {
-            out.push(format!(
-                "the control-plane token file {} {} (it could report as this node): `chmod 600 {}`",
-                token.display(),
-                readers.may_be_read(),
-                token.display()
-            ));
-        }
+        out.push((token.clone(), Held::Token));
     }
     for (file, named_by) in credential_files(config, env) {
-        if let Some(readers) = who_may_read(&file) {
-            out.push(format!(
-                "{} holds the store's credentials ({named_by}) and {}: `chmod 600 {}`",
-                file.display(),
-                readers.may_be_read(),
-                file.display()
-            ));
-        }
+        out.push((file, Held::Credentials(named_by)));
     }
+    out
+}
+
+/// One line for each of `files` someone else may read; blocking.
+fn readable_files(files: Vec<(PathBuf, Held)>) -> Vec<String> {
+    files
+        .into_iter()
+        .filter_map(|(file, held)| {
+            let readers = who_may_read(&file)?;
+            let shown = file.display();
+            Some(match held {
+                Held::Config(secrets) => format!(
+                    "{shown} holds store secrets ({secrets}) and {}: `chmod 600 {shown}`",
+                    readers.may_read()
+                ),
+                Held::Token => format!(
+                    "the control-plane token file {shown} {} (it could report as this node): `chmod 600 {shown}`",
+                    readers.may_be_read()
+                ),
+                Held::Credentials(named_by) => format!(
+                    "{shown} holds the store's credentials ({named_by}) and {}: `chmod 600 {shown}`",
+                    readers.may_be_read()
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The line for store credentials from an instance-metadata endpoint the job may reach.
+fn metadata_warning(metadata: Option<&MetadataReach>) -> Option<String> {
     let block = "block it for users other than root (e.g. `iptables -A OUTPUT -d 169.254.169.254 -m owner ! --uid-owner 0 -j REJECT`) or give the agent keys of its own";
     match metadata {
-        Some(MetadataReach::Reached(endpoint)) => out.push(format!(
+        Some(MetadataReach::Reached(endpoint)) => Some(format!(
             "the store's credentials come from the instance-metadata endpoint {endpoint}, and the job's user reaches it too (it may take them): {block}"
         )),
-        Some(MetadataReach::Unknown(endpoint)) => out.push(format!(
+        Some(MetadataReach::Unknown(endpoint)) => Some(format!(
             "the store's credentials come from the instance-metadata endpoint {endpoint}, which the job's processes may reach too (not checked): {block}"
         )),
-        Some(MetadataReach::Blocked) | None => {}
+        Some(MetadataReach::Blocked) | None => None,
     }
+}
+
+/// [`warnings`] for the agent's environment `env`, all on this thread.
+#[cfg(test)]
+fn warnings_in(
+    config: &Config,
+    metadata: Option<&MetadataReach>,
+    env: &[(String, std::ffi::OsString)],
+) -> Vec<String> {
+    let mut out = readable_files(files_to_check(config, env));
+    out.extend(metadata_warning(metadata));
     out
 }
 

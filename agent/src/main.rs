@@ -920,7 +920,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         },
         _ => None,
     };
-    for exposed in exposure::warnings(config, metadata.as_ref()) {
+    for exposed in exposure::warnings(config, metadata.as_ref(), &cancel).await {
         tracing::warn!("{exposed}");
     }
     tokio::spawn(unitcheck::warn_if_stop_timeout_too_short(
@@ -964,7 +964,7 @@ async fn watch(args: WatchArgs, env: &Env) -> ExitCode {
     // restart takes the attempt over.
     let cancel = cancel_on_signals(&[]);
     starting(env, &ctx);
-    for exposed in exposure::warnings(&env.config, None) {
+    for exposed in exposure::warnings(&env.config, None, &cancel).await {
         tracing::warn!("{exposed}");
     }
     let plan = c3_runtime::sidecar::WatchPlan {

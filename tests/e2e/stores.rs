@@ -485,6 +485,35 @@ fn a_store_option_the_http_client_cannot_hold_is_named() {
     }
 }
 
+/// A credential file the agent's environment names is a FIFO (or on a mount that hangs): the
+/// start's look at who may read it opened it blocking and waited for a writer for ever, a
+/// stop unheard. Looked at off the reactor, bounded, a FIFO never opened for a wait.
+#[test]
+fn a_credential_file_that_is_a_fifo_does_not_hold_the_start() {
+    let mut h = Harness::new(Store::s3());
+    let fifo = h.path("token.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    h.env.push((
+        "AWS_WEB_IDENTITY_TOKEN_FILE".into(),
+        fifo.display().to_string(),
+    ));
+    let spec = h.spec(json!({"job_id": "fifo", "command": ["true"]}));
+    let mut agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let exited = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent's start hung on the FIFO");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(exited.success(), "{exited:?}");
+}
+
 /// Keys only in `~/.aws/credentials`, chosen with `AWS_PROFILE`: the standard chain works.
 #[test]
 fn s3_keys_from_an_aws_profile() {
