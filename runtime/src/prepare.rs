@@ -501,13 +501,24 @@ pub async fn reopen_recorded_workdir(
             None => DirFd::open(&path)?,
         };
         let found = fd.pin_id().ok();
-        if pin.is_some_and(|pin| !pin_matches(found, pin, same_boot)) {
+        match pin.map_or(PinCheck::Same, |pin| pin_check(found, pin, same_boot)) {
+            PinCheck::Same => {}
             // Another directory in its place: the attempt's, wherever it went, is found by
             // no later look either.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not the directory the attempt used (removed and made again, or a directory above it was swapped since)",
-            ));
+            PinCheck::Other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not the directory the attempt used (removed and made again, or a directory above it was swapped since)",
+                ))
+            }
+            // Refused, but not for good: taken for another directory, an NFS mount that
+            // autofs remounted (a new device number) or a failed fstat left the attempt's
+            // files unstored for good, and retention removed them.
+            PinCheck::Unsure => {
+                return Err(std::io::Error::other(
+                    "not known to be the directory the attempt used (its device number changed: remounted? or it could not be looked at); looked at again later",
+                ))
+            }
         }
         fd.pin_later(&path, root)
     });
@@ -543,14 +554,29 @@ pub async fn reopen_recorded_workdir(
 /// How long after a boot a workdir not found may still be on a file system not mounted yet.
 const MOUNTS_SETTLED: Duration = Duration::from_secs(3600);
 
-/// Whether the directory found is the one pinned: same inode, and same device unless the
-/// machine rebooted since the pin was taken.
-fn pin_matches(
+/// What a recorded workdir found is, against its pin.
+#[derive(Debug, PartialEq, Eq)]
+enum PinCheck {
+    /// The pinned directory.
+    Same,
+    /// Another one: its inode differs.
+    Other,
+    /// Not known: its identity could not be read, or only its device differs on the boot
+    /// that pinned it (a remount renumbers it; after a reboot only the inode counts).
+    Unsure,
+}
+
+fn pin_check(
     found: Option<c3_proto::record::DirPin>,
     pin: c3_proto::record::DirPin,
     same_boot: bool,
-) -> bool {
-    found.is_some_and(|f| f.ino == pin.ino && (f.dev == pin.dev || !same_boot))
+) -> PinCheck {
+    match found {
+        None => PinCheck::Unsure,
+        Some(f) if f.ino != pin.ino => PinCheck::Other,
+        Some(f) if f.dev != pin.dev && same_boot => PinCheck::Unsure,
+        Some(_) => PinCheck::Same,
+    }
 }
 
 /// The trusted root a recorded workdir is reached below with no symlink: `/` for a
@@ -815,20 +841,28 @@ mod tests {
     fn a_pin_survives_a_reboot_that_renumbered_the_device_but_never_another_inode() {
         let pin = DirPin { dev: 2049, ino: 77 };
         let renumbered = Some(DirPin { dev: 66, ino: 77 });
-        assert!(pin_matches(Some(pin), pin, true));
-        assert!(
-            !pin_matches(renumbered, pin, true),
-            "same boot: the device counts"
-        );
-        assert!(
-            pin_matches(renumbered, pin, false),
+        assert_eq!(pin_check(Some(pin), pin, true), PinCheck::Same);
+        assert_eq!(
+            pin_check(renumbered, pin, false),
+            PinCheck::Same,
             "after a reboot: the inode"
         );
-        assert!(!pin_matches(
-            Some(DirPin { dev: 2049, ino: 78 }),
-            pin,
-            false
-        ));
-        assert!(!pin_matches(None, pin, false));
+        for same_boot in [true, false] {
+            let other = Some(DirPin { dev: 2049, ino: 78 });
+            assert_eq!(pin_check(other, pin, same_boot), PinCheck::Other);
+        }
+    }
+
+    /// A remount on the same boot (autofs expired an NFS jobs root and mounted it again: a
+    /// new device number) or an fstat that failed is not another directory: refused for now,
+    /// looked at again. Taken for another one, the attempt's files counted as unstorable for
+    /// good (its UPLOAD_ERROR final, retention free to remove them).
+    #[test]
+    fn a_pin_not_known_to_differ_refuses_the_workdir_for_now_only() {
+        let pin = DirPin { dev: 2049, ino: 77 };
+        let renumbered = Some(DirPin { dev: 66, ino: 77 });
+        assert_eq!(pin_check(renumbered, pin, true), PinCheck::Unsure);
+        assert_eq!(pin_check(None, pin, true), PinCheck::Unsure);
+        assert_eq!(pin_check(None, pin, false), PinCheck::Unsure);
     }
 }
