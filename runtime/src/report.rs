@@ -1001,7 +1001,7 @@ async fn flush_outbox_for(
             // A week of refused credentials (a token revoked, the node moved to another
             // control plane) and the entry goes aside as any other stuck one: kept for ever,
             // it held the job's data on the node (retention waits for an empty outbox).
-            Err(e) if e.is_auth() && is_ancient(&path) => {
+            Err(e) if e.is_auth() && refused_for_good(&path) => {
                 tracing::error!(path = %path.display(), error = %crate::error_chain(&e), "a kept report for which the control plane has refused the agent's credentials for a week; moved aside (`.bad`): the control plane never heard it");
                 move_aside(&path);
                 if is_mine {
@@ -1055,6 +1055,36 @@ fn endpoint_of(job: &str, kind: &str) -> String {
 fn move_aside(path: &Path) {
     let _ = std::fs::rename(path, path.with_extension("bad"));
     let _ = std::fs::remove_file(path.with_extension(TRIES));
+    let _ = std::fs::remove_file(path.with_extension(REFUSED));
+}
+
+/// Beside an entry the control plane refused the agent's credentials for: when it first did
+/// (Unix seconds) and how many flushes since.
+const REFUSED: &str = "refused";
+
+/// Counts a flush of the entry at `path` that met refused credentials; whether they have
+/// been refused for [`MAX_AGE_STUCK`] since the first refusal, over [`MAX_FAILED_FLUSHES`]
+/// flushes at least. Judged by the entry's age, a report kept through a week's outage went
+/// aside at the first 401 after it (a token rotated during a deploy, a proxy's 407).
+fn refused_for_good(path: &Path) -> bool {
+    let marker = path.with_extension(REFUSED);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (first, count) = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|t| {
+            let (first, count) = t.trim().split_once(' ')?;
+            Some((first.parse::<u64>().ok()?, count.parse::<u32>().ok()?))
+        })
+        // A first refusal "in the future" (the clock was set back since) counts from now.
+        .filter(|&(first, _)| first <= now)
+        .unwrap_or((now, 0));
+    let count = count.saturating_add(1);
+    if let Err(e) = write_atomic(&marker, format!("{first} {count}").as_bytes()) {
+        tracing::debug!(path = %marker.display(), error = %crate::error_chain(&e), "cannot count a refused flush");
+    }
+    count >= MAX_FAILED_FLUSHES && now - first >= MAX_AGE_STUCK.as_secs()
 }
 
 /// Whether an outbox entry's file is a report a flush delivers (`*.json`), not one set
@@ -1265,6 +1295,7 @@ fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) ->
 fn remove_entry(path: &Path) {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path.with_extension(TRIES));
+    let _ = std::fs::remove_file(path.with_extension(REFUSED));
     let registration = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -2328,9 +2359,23 @@ pub(crate) mod tests {
         let deadline = || Instant::now() + Duration::from_secs(2);
         assert!(!flush_job_outbox(&cp, &state, "a", deadline()).await);
         assert!(entry.exists(), "a fresh one stays");
+        // Kept a week (through an outage), then refused once: the refusals are what count.
         kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
         flush_job_outbox(&cp, &state, "a", deadline()).await;
+        assert!(entry.exists(), "a week-old report refused once stays");
+        let week_ago = std::time::SystemTime::now() - MAX_AGE_STUCK;
+        let secs = week_ago
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        write_atomic(
+            &entry.with_extension(REFUSED),
+            format!("{secs} 30").as_bytes(),
+        )
+        .unwrap();
+        flush_job_outbox(&cp, &state, "a", deadline()).await;
         assert!(!entry.exists() && entry.with_extension("bad").exists());
+        assert!(!entry.with_extension(REFUSED).exists());
     }
 
     /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
