@@ -1214,23 +1214,18 @@ impl<'a> Run<'a> {
     async fn conclude_cut(&mut self, end: JobEnd, started: Instant) -> JobSummary {
         // Uploads in flight are dropped; a resumable multipart journal stays for recover.
         self.collector.take();
-        // Not finished is never success: the agent was stopped before its work was done. An
-        // OOM kill is said as the finished attempt will say it (`recover`'s status after).
+        // Not finished is never success: the agent was stopped before its work was done, its
+        // output not all stored (yet), as an upload error says. A script that succeeded is
+        // FAILED/UPLOAD_ERROR, the status the contract lets a completed sync replace: the
+        // CANCELED sent before was contradicted by `recover`'s SUCCEEDED. An OOM kill is said
+        // as the finished attempt will say it (`recover`'s status after).
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
-        let mut verdict = decide(&end, false, oom);
-        if self.halted() {
-            // The job was not canceled, `recover` was: its output is not all stored (yet). A
-            // done attempt taken up again keeps the verdict it had (UPLOAD_ERROR), not a
-            // CANCELED that nothing corrects until the next pass.
-            verdict = decide(&end, true, oom);
-        } else if verdict.exit == crate::outcome::ExitCode::Succeeded {
-            verdict = decide(&JobEnd::Canceled, false, false);
-        }
+        let verdict = decide(&end, true, oom);
         let note = if self.halted() {
-            "`c3-agent recover` was stopped (a signal, or its --budget-secs) before the final sync was done: output not yet stored stays on the node; the next `recover` goes on with it and sends this status again".to_string()
+            "`c3-agent recover` was stopped (a signal, or its --budget-secs) before the final sync was done: output not yet stored stays on the node; the next `recover` goes on with it and sends the final status".to_string()
         } else {
             format!(
-                "stopped before the final sync was done (job.stop_deadline_secs = {}): output not yet stored stays on the node; `c3-agent recover` stores it and sends this status again",
+                "stopped before the final sync was done (job.stop_deadline_secs = {}): output not yet stored stays on the node; `c3-agent recover` stores it and sends the final status",
                 self.ctx.stop_deadline.as_secs()
             )
         };

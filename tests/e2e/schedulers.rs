@@ -325,6 +325,52 @@ fn stop_deadline_leaves_the_final_sync_to_recover() {
         .contains(&"artifacts/data".to_string()));
 }
 
+/// The script exits 0, and the stop comes while its output is still being stored (a store
+/// down): the status the stop deadline sends is FAILED/UPLOAD_ERROR, which the contract lets
+/// a completed sync replace. A CANCELED sent then was contradicted by `recover`'s SUCCEEDED.
+#[test]
+fn a_stop_during_the_final_sync_of_a_job_that_succeeded_sends_what_recover_may_amend() {
+    let mut h = Harness::new(Store::s3()).with_control_plane(2);
+    h.extra_toml = "[sync]\nlive = false\n".into();
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "2".into()));
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.stop();
+    let script = "head -c 100000 /dev/urandom > $C3_ARTIFACTS_DIR/data";
+    let spec = h.spec(json!({"job_id": "done0", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_for("FINALIZING", Duration::from_secs(30), || {
+        (h.statuses_in("FINALIZING") > 0).then_some(())
+    });
+    signal(child.id(), "TERM");
+    let run = h.wait("run stopped in its final sync".into(), child);
+    assert_ne!(run.code, 0, "{}", run.stderr);
+    let cut = h.terminal("done0");
+    assert_eq!(
+        (cut["state"].as_str(), cut["reason"].as_str()),
+        (Some("FAILED"), Some("UPLOAD_ERROR")),
+        "{cut}"
+    );
+    assert_eq!(cut["exit_code"], 0, "{cut}");
+    let Store::S3(s3) = &mut h.store else {
+        unreachable!()
+    };
+    s3.restart();
+    h.run(&["recover"]).assert_code(0);
+    let amended = h
+        .cp()
+        .delivered("/status")
+        .into_iter()
+        .filter(|s| s["state"] != "RUNNING" && s["state"] != "FINALIZING")
+        .last()
+        .unwrap();
+    assert_eq!(amended["state"], "SUCCEEDED", "{amended}");
+    assert!(amended["seq"].as_u64() > cut["seq"].as_u64());
+    assert_eq!(h.statuses_in("CANCELED"), 0);
+}
+
 /// A v1 memory cgroup (this kind of machine mounts one beside the unified hierarchy)
 /// that the job moves itself into, so the kernel's OOM killer really kills it.
 struct MemoryCgroup(std::path::PathBuf);
