@@ -650,6 +650,17 @@ impl Reporter {
                     source: std::io::Error::from_raw_os_error(libc::ENOSPC),
                 });
             }
+            // Made private whatever the umask (`private_files = false` keeps the one the
+            // agent was started with, 000 under some launchers): a folder others may write
+            // is refused by every flush (`claim_outbox`), and its reports were never sent.
+            if let Some(dir) = path.parent() {
+                crate::statedir::make_dirs(dir, 0o700).map_err(|source| {
+                    crate::statedir::StateError::Write {
+                        path: dir.to_path_buf(),
+                        source,
+                    }
+                })?;
+            }
             write_atomic(&path, &json)
         };
         // Another flusher of this outbox (a `recover`, a later job's run) removes the folder
@@ -2376,6 +2387,33 @@ pub(crate) mod tests {
         flush_job_outbox(&cp, &state, "a", deadline()).await;
         assert!(!entry.exists() && entry.with_extension("bad").exists());
         assert!(!entry.with_extension(REFUSED).exists());
+    }
+
+    /// Under a umask of 000 (`private_files = false` keeps the one the agent was started
+    /// with) the outbox folder was made 0777, and every flush refused it as a folder others
+    /// may write: its reports were never sent.
+    #[tokio::test]
+    async fn an_outbox_made_under_an_open_umask_is_private_and_flushed() {
+        use std::os::unix::fs::PermissionsExt;
+        let (url, requests) = serve_recorded(Duration::ZERO, |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "um", 1);
+        // nextest runs each test in a process of its own: the umask is this test's.
+        let before = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3}"#);
+        nix::sys::stat::umask(before);
+        for made in [
+            state.outbox_dir("um"),
+            state.outbox_dir("um").parent().unwrap().into(),
+        ] {
+            let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", made.display());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(flush_job_outbox(&cp, &state, "um", deadline).await);
+        assert_eq!(requests.lock().unwrap().len(), 1);
     }
 
     /// A read of an entry or a listing of the outbox that failed once (EIO) moved the entry
