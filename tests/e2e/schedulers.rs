@@ -363,8 +363,8 @@ fn a_stop_during_the_final_sync_of_a_job_that_succeeded_sends_what_recover_may_a
         .cp()
         .delivered("/status")
         .into_iter()
-        .filter(|s| s["state"] != "RUNNING" && s["state"] != "FINALIZING")
-        .last()
+        .rev()
+        .find(|s| s["state"] != "RUNNING" && s["state"] != "FINALIZING")
         .unwrap();
     assert_eq!(amended["state"], "SUCCEEDED", "{amended}");
     assert!(amended["seq"].as_u64() > cut["seq"].as_u64());
