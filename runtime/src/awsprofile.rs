@@ -157,11 +157,23 @@ impl object_store::CredentialProvider for ProfileCredentials {
         if self.looking.swap(true, SeqCst) {
             return Ok(keys);
         }
-        let (env, looking) = (self.env.clone(), self.looking.clone());
+        /// Lets the next request look again however this look ends: set for good (a panic
+        /// in the look, a task dropped before it ran at a runtime's end), every later
+        /// request signed with the keys read before, rotated keys never read.
+        struct Looked(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Looked {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let (env, looked) = (self.env.clone(), Looked(self.looking.clone()));
         let look = tokio::task::spawn_blocking(move || {
+            let _looked = looked;
+            if crate::fault::armed_at("profile-look-panics", "aws") {
+                panic!("injected fault: the AWS profile's look panics");
+            }
             let stamp = Self::stamp(&env);
             let loaded = (stamp != seen).then(|| load(&|k| env.get(k).cloned()));
-            looking.store(false, SeqCst);
             (stamp, loaded)
         });
         match tokio::time::timeout(PROFILE_LOOK, look).await {
@@ -251,6 +263,39 @@ mod tests {
         assert!(load(&missing).unwrap_err().contains("`nope`"));
         let nothing = |k: &str| (k == "HOME").then(|| "/nonexistent".to_string());
         assert_eq!(load(&nothing).unwrap(), None);
+    }
+
+    /// A look that panics lets the next request look again: its flag left set, every later
+    /// request signed with the keys read before, rotated ones never read.
+    #[tokio::test]
+    async fn a_look_that_panicked_does_not_stop_the_next_one() {
+        use object_store::CredentialProvider;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::write(
+            &creds,
+            "[default]\naws_access_key_id = A\naws_secret_access_key = AS\n",
+        )
+        .unwrap();
+        let env: HashMap<&'static str, String> =
+            [("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string())].into();
+        let profile = load(&|k| env.get(k).cloned()).unwrap().unwrap();
+        let provider = ProfileCredentials {
+            env: env.clone(),
+            last: std::sync::Mutex::new((
+                ProfileCredentials::stamp(&env),
+                std::sync::Arc::new(credential(&profile)),
+            )),
+            looking: Default::default(),
+        };
+        let rotated = "[default]\naws_access_key_id = B\naws_secret_access_key = BS\n";
+        std::fs::write(&creds, rotated).unwrap();
+        let armed = crate::fault::arm("profile-look-panics", "aws");
+        assert_eq!(provider.get_credential().await.unwrap().key_id, "A");
+        drop(armed);
+        // A new stamp for certain (mtime granularity): the size changes too.
+        std::fs::write(&creds, format!("{rotated}\n")).unwrap();
+        assert_eq!(provider.get_credential().await.unwrap().key_id, "B");
     }
 
     /// The credentials file on a mount that stops answering (here a FIFO renamed over it,

@@ -582,10 +582,6 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
                     libc::close(*fd);
                 }
             }
-            // The fd limit the agent was started with, not the one it raised its own to.
-            if let Some(limit) = &fd_limit {
-                libc::setrlimit(libc::RLIMIT_NOFILE, limit);
-            }
             step(Step::Session);
             check(libc::setsid())?;
             if let Some(fd) = cgroup {
@@ -631,6 +627,12 @@ fn spawn(plan: LaunchPlan, said: &std::os::fd::OwnedFd) -> Result<Script, Launch
             }
             libc::umask(umask as libc::mode_t);
             close_on_exec_from(3);
+            // The fd limit the agent was started with, not the one it raised its own to; after
+            // the close above, whose fallback (kernels before 5.11) walks up to the current
+            // limit: lowered first, an agent fd numbered past the job's limit stayed open in it.
+            if let Some(limit) = &fd_limit {
+                libc::setrlimit(libc::RLIMIT_NOFILE, limit);
+            }
             step(Step::Exec);
             if hang {
                 // Where a stuck execve would be; only SIGKILL ends this.

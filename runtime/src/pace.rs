@@ -124,9 +124,19 @@ fn on_cpus<T>(cpus: &libc::cpu_set_t, f: impl FnOnce() -> T) -> T {
             // None of them is ours any more (a cpuset changed): run where we are.
             return f();
         }
-        let out = f();
-        libc::sched_setaffinity(0, size, &own);
-        out
+        // Restored however `f` ends: a panic in gentle work left this pool thread pinned to
+        // the CPUs the job does not use, for whatever the pool ran on it next.
+        struct Restore(libc::cpu_set_t);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                // SAFETY: as above.
+                unsafe {
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
+                }
+            }
+        }
+        let _restore = Restore(own);
+        f()
     }
 }
 
@@ -142,7 +152,9 @@ fn idle_class<T>(f: impl FnOnce() -> T) -> T {
 /// own `print`). Tried on a thread of its own, thrown away after, which takes this one's
 /// capabilities.
 fn idle_is_reversible() -> bool {
-    std::thread::spawn(|| {
+    // No thread to be had (a job that filled the pids cgroup it shares with the agent):
+    // not reversible, said so; `thread::spawn` panicked there, in every gentle task.
+    let tried = std::thread::Builder::new().spawn(|| {
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: scheduling calls on this (throwaway) thread with a valid param.
         unsafe {
@@ -150,9 +162,8 @@ fn idle_is_reversible() -> bool {
                 && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
                 && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
         }
-    })
-    .join()
-    .unwrap_or(false)
+    });
+    tried.is_ok_and(|t| t.join().unwrap_or(false))
 }
 
 /// [`idle_class`]; `reversible`: [`idle_is_reversible`].
@@ -284,6 +295,28 @@ mod tests {
             set_live_cpus(&[]);
             assert_eq!(inside, vec![last]);
             assert_eq!(outside, allowed);
+            assert_eq!(allowed_cpus(), allowed);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Gentle work that panics (a blocking-pool task) leaves its thread with its own CPUs:
+    /// restored only on a normal return, the pool thread stayed pinned to the live CPUs.
+    #[test]
+    fn a_panic_in_work_on_other_cpus_gives_the_thread_its_own_back() {
+        let allowed = allowed_cpus();
+        let last = *allowed.last().unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: a zeroed set is a valid empty one; CPU_SET on it with an index below
+            // CPU_SETSIZE.
+            let cpus = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(last, &mut set);
+                set
+            };
+            let panicked = std::panic::catch_unwind(|| on_cpus(&cpus, || panic!("gentle work")));
+            assert!(panicked.is_err());
             assert_eq!(allowed_cpus(), allowed);
         })
         .join()
