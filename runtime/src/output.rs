@@ -501,7 +501,7 @@ async fn post_next(
 }
 
 /// Up to `limit` bytes of new text from `offset`, cut at a UTF-8 boundary (`at_end`: what is
-/// left of a character cut by the log's end goes as U+FFFD).
+/// left of a character cut by the log's end goes as `?`, one for each byte).
 async fn read_text(
     path: &PathBuf,
     offset: u64,
@@ -519,15 +519,13 @@ async fn read_text(
     if buf.is_empty() {
         return None;
     }
-    // A NUL (`find -print0`, a binary dump) goes as U+FFFD, as bytes that are not UTF-8 do:
-    // the whole piece around it was passed over once the control plane had failed on it
-    // three times. The count read is the file's.
-    let no_nul = crate::display::without_nul;
     if let Ok(s) = std::str::from_utf8(&buf) {
-        return Some((no_nul(s.to_string()), buf.len() as u64));
+        if !s.contains('\0') {
+            return Some((s.to_string(), buf.len() as u64));
+        }
     }
     // A character split at the end of what was read is sent whole next time, also after bytes
-    // that are not UTF-8 (those go as U+FFFD): it was cut into two U+FFFD, one each side.
+    // that are not UTF-8 (those go as `?`): it was cut into two replacements, one each side.
     let split = split_at_end(&buf);
     // Held back only while more may come; a read cut by `limit` always may.
     let n = if at_end && buf.len() < limit {
@@ -538,10 +536,26 @@ async fn read_text(
     if n == 0 {
         return None;
     }
-    Some((
-        no_nul(String::from_utf8_lossy(&buf[..n]).into_owned()),
-        n as u64,
-    ))
+    Some((byte_for_byte(&buf[..n]), n as u64))
+}
+
+/// `bytes` as text of the same length: a NUL (`find -print0`, a binary dump; the whole piece
+/// around it was passed over once the control plane had failed on it three times) and each
+/// byte that is not UTF-8 become one `?`. As U+FFFD (three bytes, one for up to three bytes
+/// read), the next post's `offset` was no longer this one's plus its `data`'s length, and a
+/// control plane that places or dedupes pieces by those cut or doubled them.
+fn byte_for_byte(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.extend(
+            chunk
+                .valid()
+                .chars()
+                .map(|c| if c == '\0' { '?' } else { c }),
+        );
+        out.extend(std::iter::repeat_n('?', chunk.invalid().len()));
+    }
+    out
 }
 
 /// How many bytes at the end of `buf` begin a UTF-8 character and are not all of it.
@@ -568,7 +582,7 @@ fn split_at_end(buf: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    /// A NUL in the job's output goes as U+FFFD (the control plane's storage refuses U+0000,
+    /// A NUL in the job's output goes as `?` (the control plane's storage refuses U+0000,
     /// and the piece around it was passed over); its byte still counts as read.
     #[tokio::test]
     async fn a_nul_in_the_output_is_not_posted() {
@@ -577,13 +591,28 @@ mod tests {
         std::fs::write(&log, b"a\0b\n").unwrap();
         assert_eq!(
             read_text(&log, 0, 1000, true).await,
-            Some(("a\u{fffd}b\n".to_string(), 4))
+            Some(("a?b\n".to_string(), 4))
         );
         std::fs::write(&log, b"\xff\0").unwrap();
         assert_eq!(
             read_text(&log, 0, 1000, true).await,
-            Some(("\u{fffd}\u{fffd}".to_string(), 2))
+            Some(("??".to_string(), 2))
         );
+    }
+
+    /// Whatever the job printed, a piece's text is as long as the bytes it covers: the next
+    /// `offset` is this one's plus the length of its `data`.
+    #[tokio::test]
+    async fn a_piece_is_as_long_as_the_bytes_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        // Latin-1, a NUL, a lone continuation byte, a truncated 3-byte character, UTF-8.
+        let printed = b"caf\xe9 \0 \x80 \xe2\x82 \xe2\x82\xac end\n";
+        std::fs::write(&log, printed).unwrap();
+        let (text, read) = read_text(&log, 0, 1000, true).await.unwrap();
+        assert_eq!(read as usize, printed.len());
+        assert_eq!(text.len(), printed.len(), "{text:?}");
+        assert_eq!(text, "caf? ? ? ?? \u{20ac} end\n");
     }
 
     /// A character split at the end of a read goes whole with the next one, also when the
@@ -596,7 +625,7 @@ mod tests {
         std::fs::write(&log, [&b"\xff"[..], &e_acute[..1]].concat()).unwrap();
         assert_eq!(
             read_text(&log, 0, 1000, false).await,
-            Some(("\u{fffd}".to_string(), 1))
+            Some(("?".to_string(), 1))
         );
         assert_eq!(
             read_text(&log, 1, 1000, false).await,
@@ -606,7 +635,7 @@ mod tests {
         // Once the job is over nothing will complete it: sent as it is.
         assert_eq!(
             read_text(&log, 1, 1000, true).await,
-            Some(("\u{fffd}".to_string(), 1))
+            Some(("?".to_string(), 1))
         );
         let mut all = std::fs::read(&log).unwrap();
         all.extend_from_slice(&e_acute[1..]);
