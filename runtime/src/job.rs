@@ -412,11 +412,14 @@ pub async fn run_job(
     async move {
         let started = Instant::now();
         let mut background = JoinSet::new();
+        let winding_down = CancellationToken::new();
         if let Some(cp) = ctx.control_plane.clone() {
-            let state = ctx.state.clone();
+            let (state, stop) = (ctx.state.clone(), winding_down.clone());
             background.spawn(
                 async move {
-                    crate::report::flush_all_outboxes(&cp, &state, cp.deadline()).await;
+                    let flush =
+                        crate::report::flush_all_outboxes(&cp, &state, cp.deadline(), Some(&stop));
+                    crate::report::until_stopped(flush, &stop, 0).await;
                 }
                 .in_current_span(),
             );
@@ -436,16 +439,26 @@ pub async fn run_job(
         // Earlier jobs' reports get a little longer, but never hold the GPU hostage, and
         // after a stop request not at all: the stop deadline is the agent's to keep (Slurm's
         // KillWait follows it), and they stay in the outbox.
-        let linger = if cancel.is_cancelled() {
-            Duration::ZERO
+        // Then they end after the POST under way (dropped inside it, a kept registration the
+        // control plane took was sent again by the next flush, its bytes counted twice):
+        // within a second after a stop, else within `IN_FLIGHT_GRACE`.
+        let (linger, grace) = if cancel.is_cancelled() {
+            (Duration::ZERO, Duration::from_secs(1))
         } else {
-            Duration::from_secs(5)
+            (Duration::from_secs(5), crate::report::IN_FLIGHT_GRACE)
         };
-        if tokio::time::timeout(linger, async {
+        let lingered = tokio::time::timeout(linger, async {
             while background.join_next().await.is_some() {}
         })
         .await
-        .is_err()
+        .is_ok();
+        winding_down.cancel();
+        if !lingered
+            && tokio::time::timeout(grace, async {
+                while background.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
         {
             tracing::info!(
                 "earlier undelivered reports stay in the outbox for a later run or recover"

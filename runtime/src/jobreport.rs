@@ -62,6 +62,9 @@ pub struct JobReporter {
     /// comes (that one's send delivers the outbox first): two flushers of one outbox would
     /// each post what it holds.
     superseded: Option<tokio_util::sync::CancellationToken>,
+    /// Cancelled once the background statuses are out of time: their flushes of the outbox
+    /// end after the POST under way, not inside it ([`JobReporter::settle_background`]).
+    winding_down: tokio_util::sync::CancellationToken,
     /// The artifacts registration (order, body) from when its turn is awaited until it is
     /// kept ahead: [`JobReporter::keep_owed`] keeps it if a stop cuts the wait.
     owed_registration: Option<(u64, Vec<u8>)>,
@@ -69,6 +72,10 @@ pub struct JobReporter {
     /// kept ahead of its sending: [`JobReporter::keep_owed`] keeps it if a stop cuts them.
     owed_terminal: Option<(u64, Verdict, Ending)>,
 }
+
+/// How long past its stay a background status's POST under way may end (a control plane
+/// answers in milliseconds): short, the stay being what the stop deadline leaves.
+const WIND_DOWN: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl JobReporter {
     pub fn new(reporter: Reporter, attempt: u32) -> Self {
@@ -81,6 +88,7 @@ impl JobReporter {
             background: Vec::new(),
             last_done: None,
             superseded: None,
+            winding_down: Default::default(),
             owed_registration: None,
             owed_terminal: None,
         }
@@ -157,13 +165,16 @@ impl JobReporter {
         if let Some(earlier) = self.superseded.replace(superseded.clone()) {
             earlier.cancel();
         }
+        let winding_down = self.winding_down.clone();
         let task = tokio::spawn(
             async move {
                 if let Some(before) = before {
                     // Err: the earlier one was aborted (and kept); this one may go now.
                     let _ = before.await;
                 }
-                let delivery = reporter.send("status", seq, sent, deadline).await;
+                let delivery = reporter
+                    .send_until("status", seq, sent, deadline, Some(&winding_down))
+                    .await;
                 let _ = done.send(());
                 match delivery {
                     Delivery::Kept => reporter.deliver_kept(&superseded).await,
@@ -183,11 +194,18 @@ impl JobReporter {
             newest.cancel();
         }
         while let Some((task, _, _)) = self.background.first_mut() {
-            if tokio::time::timeout_at(stay, task).await.is_err() {
-                // Past `stay`: this one and every later one go to the outbox, in order.
-                let rest = std::mem::take(&mut self.background);
-                self.keep_all(rest);
-                return;
+            if tokio::time::timeout_at(stay, &mut *task).await.is_err() {
+                // Past `stay`: its flush of the outbox (an earlier attempt's kept
+                // registration among what it holds) ends after the POST under way, if that
+                // ends within a moment; aborted inside it, a registration the control plane
+                // took stayed kept and was sent again, its bytes counted twice.
+                self.winding_down.cancel();
+                if tokio::time::timeout(WIND_DOWN, &mut *task).await.is_err() {
+                    // This one and every later one go to the outbox, in order.
+                    let rest = std::mem::take(&mut self.background);
+                    self.keep_all(rest);
+                    return;
+                }
             }
             self.background.remove(0);
         }

@@ -68,12 +68,14 @@ fn watched_leader_alive(record: &RunRecord) -> bool {
 /// `finishing`, its status sent or kept), and the jobs after it are left for the next pass.
 pub async fn recover_all(ctx: &AgentContext, halt: &CancellationToken) -> Vec<JobSummary> {
     if let Some(cp) = &ctx.control_plane {
-        let flushing = crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline());
-        // Dropped between two deliveries at worst: each kept report stays until delivered.
-        let left = tokio::select! {
-            left = flushing => left,
-            () = halt.cancelled() => 0,
-        };
+        // Halted, it ends between two deliveries (each kept report stays until delivered),
+        // after the POST under way.
+        let left = crate::report::until_stopped(
+            crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline(), Some(halt)),
+            halt,
+            0,
+        )
+        .await;
         if left > 0 {
             tracing::warn!(
                 jobs = left,

@@ -447,12 +447,19 @@ impl Reporter {
 
     /// Sends `body` to `v1/jobs/<job>/<kind>` until `deadline`, then keeps it in the outbox.
     /// `order` keeps outbox entries in sending order.
-    pub async fn send(
+    pub async fn send(&self, kind: &str, order: u64, body: Vec<u8>, deadline: Instant) -> Delivery {
+        self.send_until(kind, order, body, deadline, None).await
+    }
+
+    /// [`Reporter::send`]; once `stop` is cancelled, the flush of the earlier reports before
+    /// it ends after the POST under way, and this one is kept.
+    pub async fn send_until(
         &self,
         kind: &str,
         order: u64,
         mut body: Vec<u8>,
         deadline: Instant,
+        stop: Option<&CancellationToken>,
     ) -> Delivery {
         let endpoint = endpoint_of(&self.job_id, kind);
         let Some(cp) = &self.control_plane else {
@@ -463,7 +470,7 @@ impl Reporter {
         // them out of order; a status supersedes the attempt's earlier RUNNING or FINALIZING.
         let later = (kind == "status").then_some((self.attempt, order));
         let flushed =
-            flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later, None).await;
+            flush_outbox_for(cp, &self.state, &self.job_id, deadline, None, later, stop).await;
         if !flushed.done || flushed.held.contains(&Some(self.attempt)) {
             return self.keep(kind, order, &endpoint, &body);
         }
@@ -1489,7 +1496,12 @@ pub(crate) fn drop_outbox_leftovers(dir: &Path) -> bool {
 }
 
 /// Delivers every job's outbox; returns how many jobs still have undelivered reports.
-pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: Instant) -> usize {
+pub async fn flush_all_outboxes(
+    cp: &ControlPlane,
+    state: &StateDir,
+    deadline: Instant,
+    stop: Option<&CancellationToken>,
+) -> usize {
     let Ok(dirs) = std::fs::read_dir(state.outbox_root()) else {
         return 0;
     };
@@ -1530,14 +1542,36 @@ pub async fn flush_all_outboxes(cp: &ControlPlane, state: &StateDir, deadline: I
             (now + share).min(deadline),
             None,
             None,
-            None,
+            stop,
         )
         .await;
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return left + count - i;
+        }
         if !flushed.done || flushed.elsewhere > 0 || !flushed.held.is_empty() {
             left += 1;
         }
     }
     left
+}
+
+/// How long a flush told to stop may still take: it ends after the POST under way, whose
+/// answer says whether the report went. Dropped inside it, a registration the control plane
+/// had taken stayed kept, and the next flush sent it again: its bytes counted twice.
+pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `flush` (given `stop`) until it ends; once `stop` is cancelled, for at most
+/// [`IN_FLIGHT_GRACE`] more. Its result, or `gave_up` if it was dropped.
+pub async fn until_stopped<T>(
+    flush: impl std::future::Future<Output = T>,
+    stop: &CancellationToken,
+    gave_up: T,
+) -> T {
+    tokio::pin!(flush);
+    tokio::select! {
+        done = &mut flush => done,
+        () = stop.cancelled() => tokio::time::timeout(IN_FLIGHT_GRACE, flush).await.unwrap_or(gave_up),
+    }
 }
 
 /// Whether the run record of `job`'s attempt `n` names a control plane other than `here`
@@ -1784,10 +1818,50 @@ pub(crate) mod tests {
                 Delivery::Kept
             ));
         }
-        let left = flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(12)).await;
+        let left =
+            flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(12), None).await;
         assert_eq!(left, 1);
         assert!(!state.outbox_dir("b").exists(), "b's report was delivered");
         assert!(count.load(Ordering::SeqCst) >= 2);
+    }
+
+    /// A flush told to stop (recover halted, a run's end) while a kept registration's POST
+    /// is under way ends after it: dropped inside it, the registration the control plane
+    /// took stayed kept, and the next flush sent it again (its bytes counted twice).
+    #[tokio::test]
+    async fn a_stop_during_a_registrations_post_lets_it_finish() {
+        let (url, requests) =
+            serve_recorded(Duration::from_millis(1500), |_, _| ("200 OK", "{}")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "reg", 1);
+        reporter.keep_unsent("artifacts", 2, br#"{"attempt":1,"new_bytes":4096}"#);
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3}"#);
+        let stop = CancellationToken::new();
+        let stopping = {
+            let stop = stop.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                stop.cancel();
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let flush = until_stopped(
+            flush_all_outboxes(&cp, &state, deadline, Some(&stop)),
+            &stop,
+            usize::MAX,
+        );
+        let (left, ()) = tokio::join!(flush, stopping);
+        assert_eq!(left, 1, "the status after it waits for the next flush");
+        let entries = sorted_entries(&state.outbox_dir("reg"), "reg").unwrap();
+        assert_eq!(entries.len(), 1, "the registration delivered: {entries:?}");
+        assert!(requests.lock().unwrap()[0].0.contains("/artifacts"));
+        // The next flush sends the status alone.
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 0);
+        let sent = requests.lock().unwrap();
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent[1].0.contains("/status"));
     }
 
     /// The outbox of a job whose agent runs is that agent's to deliver: another flusher (a
@@ -1803,10 +1877,10 @@ pub(crate) mod tests {
         let reporter = Reporter::new(Some(cp.clone()), state.clone(), "live", 1);
         reporter.keep_unsent("artifacts", 3, b"{}");
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 1);
         assert_eq!(count.load(Ordering::SeqCst), 0);
         drop(lock);
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 0);
         assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
@@ -1833,7 +1907,7 @@ pub(crate) mod tests {
         let path = state.outbox_dir("away").join("000001-00000004-status.json");
         write_atomic(&path, &older.to_json()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 1);
         assert_eq!(
             sorted_entries(&state.outbox_dir("away"), "away")
                 .unwrap()
@@ -1874,7 +1948,7 @@ pub(crate) mod tests {
         stop.cancel();
         let _ = delivering.await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 0);
         assert_eq!(
             requests.lock().unwrap().len(),
             1,
@@ -1908,7 +1982,7 @@ pub(crate) mod tests {
             write_atomic(&outbox.join(name), &entry.to_json()).unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 0);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 0);
         let sent: Vec<(String, String)> = requests.lock().unwrap().clone();
         let bodies: Vec<&str> = sent.iter().map(|(_, b)| b.as_str()).collect();
         assert_eq!(
@@ -1948,7 +2022,7 @@ pub(crate) mod tests {
         ));
         let deadline = Instant::now() + Duration::from_secs(10);
         let (a, b) = tokio::join!(
-            flush_all_outboxes(&cp, &state, deadline),
+            flush_all_outboxes(&cp, &state, deadline, None),
             flush_job_outbox(&cp, &state, "j", deadline),
         );
         let requests = requests.lock().unwrap().clone();
@@ -2051,7 +2125,7 @@ pub(crate) mod tests {
             "{left:?}"
         );
         assert!(state.run_record_path("again", 2).is_file());
-        assert_eq!(flush_all_outboxes(&cp, &state, deadline).await, 1);
+        assert_eq!(flush_all_outboxes(&cp, &state, deadline, None).await, 1);
 
         // `resync` of attempt 1 under this config (the operator's move of the job here): its
         // own reports are this control plane's, though the attempt's record names the other.
