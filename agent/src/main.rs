@@ -440,10 +440,10 @@ fn close_spec(path: &Path, file: &std::fs::File, st: &libc::stat) -> Result<(), 
     if st.st_mode & 0o077 == 0 || !c3_runtime::confine::is_regular(st) {
         return Ok(());
     }
-    let closed = nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o700);
+    let closed = nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o7777 & !0o077);
     match nix::sys::stat::fchmod(file, closed) {
         Ok(()) => {
-            tracing::warn!(spec = %path.display(), was = format!("{:o}", st.st_mode & 0o7777), "the job spec was readable by other users (its env may hold secrets); made 0600: have the scheduler write it so");
+            tracing::warn!(spec = %path.display(), was = format!("{:o}", st.st_mode & 0o7777), now = format!("{:o}", closed.bits()), "the job spec was readable by other users (its env may hold secrets); closed to them: have the scheduler write it 0600");
             Ok(())
         }
         Err(e) => Err(format!(
@@ -467,7 +467,8 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| format!("cannot read job spec {}: {e}", path.display());
-    let file = match under {
+    // The file, and (root's, checked) its stat for `close_spec`.
+    let (file, root_owned) = match under {
         Some(root) => {
             let rel = path
                 .strip_prefix(root)
@@ -483,8 +484,7 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             let file = root.open_file(rel).map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
             owned_here(path, &file, &st, "it")?;
-            close_spec(path, &file, &st)?;
-            file
+            (file, Some(st))
         }
         // A path the scheduler chose: symlinks in it are taken, but nobody but root may be
         // able to change what it leads to. Otherwise a job could write a spec (`workdir` set
@@ -501,21 +501,24 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
                 .map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
             owned_here(path, &file, &st, "it")?;
-            close_spec(path, &file, &st)?;
-            file
+            (file, Some(st))
         }
-        None => std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(err)?,
+        None => (
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(err)?,
+            None,
+        ),
     };
     let st = c3_runtime::confine::fstat(&file).map_err(err)?;
     if !c3_runtime::confine::is_regular(&st) {
         return Err(format!("job spec {}: not a regular file", path.display()));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_SPEC_BYTES + 1)
+    (&file)
+        .take(MAX_SPEC_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(err)?;
     if bytes.len() as u64 > MAX_SPEC_BYTES {
@@ -523,6 +526,12 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             "job spec {}: over {MAX_SPEC_BYTES} bytes",
             path.display()
         ));
+    }
+    // Only a spec that runs: `--job` may name any file root alone writes (`/etc/passwd`),
+    // which is not the agent's to change, and a bad spec is one line, exit 2.
+    let a_spec = || c3_proto::JobSpec::from_json(&bytes).is_ok();
+    if let Some(st) = root_owned.filter(|_| a_spec()) {
+        close_spec(path, &file, &st)?;
     }
     Ok(bytes)
 }

@@ -199,6 +199,13 @@ fn a_spec_readable_by_others_is_closed_before_the_job_starts() {
     let run = h.run(&["run", "--job", by_path.to_str().unwrap()]);
     run.assert_code(0);
     assert_eq!(mode(&by_path), 0o600, "{}", run.stderr);
+    // A file that is no spec (`--job /etc/passwd`) is not the agent's to change.
+    let other = dir.join("passwd");
+    std::fs::write(&other, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = h.run(&["run", "--job", other.to_str().unwrap()]);
+    run.assert_code(2);
+    assert_eq!(mode(&other), 0o644, "{}", run.stderr);
 }
 
 /// The agent's control-plane token in a file every user may read is named at each run with
