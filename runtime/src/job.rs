@@ -442,24 +442,32 @@ pub async fn run_job(
         // Then they end after the POST under way (dropped inside it, a kept registration the
         // control plane took was sent again by the next flush, its bytes counted twice):
         // within a second after a stop, else within `IN_FLIGHT_GRACE`.
-        let (linger, grace) = if cancel.is_cancelled() {
-            (Duration::ZERO, Duration::from_secs(1))
-        } else {
-            (Duration::from_secs(5), crate::report::IN_FLIGHT_GRACE)
+        // A stop that comes meanwhile cuts either wait to a second from then.
+        let mut drain = std::pin::pin!(async { while background.join_next().await.is_some() {} });
+        let stopped = || async {
+            cancel.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         };
-        let lingered = tokio::time::timeout(linger, async {
-            while background.join_next().await.is_some() {}
-        })
-        .await
-        .is_ok();
+        let linger = if cancel.is_cancelled() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(5)
+        };
+        let lingered = tokio::select! {
+            biased;
+            () = &mut drain => true,
+            () = tokio::time::sleep(linger) => false,
+            () = cancel.cancelled() => false,
+        };
         winding_down.cancel();
-        if !lingered
-            && tokio::time::timeout(grace, async {
-                while background.join_next().await.is_some() {}
-            })
-            .await
-            .is_err()
-        {
+        let ended = lingered
+            || tokio::select! {
+                biased;
+                () = &mut drain => true,
+                () = tokio::time::sleep(crate::report::IN_FLIGHT_GRACE) => false,
+                () = stopped() => false,
+            };
+        if !ended {
             tracing::info!(
                 "earlier undelivered reports stay in the outbox for a later run or recover"
             );
@@ -1233,7 +1241,13 @@ impl<'a> Run<'a> {
         // CANCELED sent before was contradicted by `recover`'s SUCCEEDED. An OOM kill is said
         // as the finished attempt will say it (`recover`'s status after).
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
-        let verdict = decide(&end, true, oom);
+        // A `recover` cut after its agent's conclusion may have gone out (its `done` unsaved)
+        // says that one again: an UPLOAD_ERROR after a SUCCEEDED contradicted it.
+        let failed_uploads = self
+            .record
+            .concluded_upload_errors
+            .is_none_or(|sent| sent > 0);
+        let verdict = decide(&end, failed_uploads, oom);
         let note = if self.halted() {
             "`c3-agent recover` was stopped (a signal, or its --budget-secs) before the final sync was done: output not yet stored stays on the node; the next `recover` goes on with it and sends the final status".to_string()
         } else {
@@ -1249,7 +1263,7 @@ impl<'a> Run<'a> {
                 Some(m) => format!("{m}; {note}"),
                 None => note,
             }),
-            upload_errors: 0,
+            upload_errors: self.record.concluded_upload_errors.unwrap_or(0),
             result: serde_json::Value::Null,
             facts: self.record.facts.clone(),
         };

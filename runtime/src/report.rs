@@ -1482,7 +1482,7 @@ pub(crate) fn drop_outbox_leftovers(dir: &Path) -> bool {
             Some("bad") => {
                 let _ = std::fs::remove_file(&path);
             }
-            Some(TRIES) if !path.with_extension("json").exists() => {
+            Some(TRIES | REFUSED) if !path.with_extension("json").exists() => {
                 let _ = std::fs::remove_file(&path);
             }
             _ => {}

@@ -1305,6 +1305,7 @@ mod tests {
         };
         put("ghost", "000001-00000003-status.bad", old);
         put("ghost", "000001-00000004-status.tries", old);
+        put("ghost", "000001-00000005-status.refused", old);
         // A flush made and removed its lock there a moment ago: no sign of life.
         put("ghost", OUTBOX_LOCK_NAME, SystemTime::now());
         put("waiting", "000001-00000003-status.json", old);

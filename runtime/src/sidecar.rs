@@ -362,6 +362,14 @@ async fn watch_attempt(
             // What it registered already: counted again from the attempt's added blobs, the
             // quota was charged twice.
             record.synced = earlier.synced.clone();
+            // A terminal status it may have sent before it died (its `done` unsaved) is not
+            // made worse by what this run's look cannot see any more.
+            if earlier.phase == Phase::Finishing {
+                record.concluded_upload_errors = earlier.concluded_upload_errors;
+                record.unstored.clone_from(&earlier.unstored);
+                record.unstored_more = earlier.unstored_more;
+                record.unstored_for_good = earlier.unstored_for_good;
+            }
             if earlier.run_id.is_some() {
                 record.run_id.clone_from(&earlier.run_id);
             }

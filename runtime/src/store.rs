@@ -2849,7 +2849,7 @@ impl BlobStore {
     ) -> Result<bool, StoreError> {
         use futures::StreamExt;
         let key = blob_key(sha256_hex);
-        let mut body = self.get(&key).await?.into_stream();
+        let mut body = self.get_blob(sha256_hex).await?.into_stream();
         let (mut hasher, mut seen) = (crate::digest::Sha256Hasher::default(), 0u64);
         // A body that breaks off (a reset; a log whose transfer outlasts a request's time
         // limit) goes on from the byte it reached, as a pull's does: a log of a few GiB on a
