@@ -190,6 +190,9 @@ fn write_error(op: &'static str, key: &str, source: object_store::Error) -> Stor
     }
 }
 
+/// How long [`BlobStore::upload_still_open`] waits for its answer.
+const UPLOAD_PROBE_LIMIT: Duration = Duration::from_secs(60);
+
 /// How often a streamed blob may break off in a row with no byte between before the
 /// stream fails.
 const MAX_STREAM_RESUMES: u32 = 3;
@@ -2525,6 +2528,41 @@ impl BlobStore {
             ));
         }
         Ok(part.content_id)
+    }
+
+    /// Whether the store still knows the upload: an empty part put at `idx`, a part number
+    /// the upload does not use (a complete lists its parts, so the store drops it). One try,
+    /// bounded: `Ok(false)` only on the store's own NoSuchUpload; anything else (a reset, a
+    /// time-out, a store that refuses an empty part) is `Err`, no answer.
+    pub async fn upload_still_open(
+        &self,
+        sha256_hex: &str,
+        upload_id: &str,
+        idx: usize,
+    ) -> Result<bool, StoreError> {
+        let key = blob_key(sha256_hex);
+        let (mp, path) = self.multipart_path(sha256_hex)?;
+        let id = upload_id.to_string();
+        let probe = mp.put_part(&path, &id, idx, PutPayload::default());
+        match tokio::time::timeout(UPLOAD_PROBE_LIMIT, probe).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(source)) => {
+                let e = upload_error("probe the upload with an empty part", &key, source);
+                if upload_gone(&e) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+            Err(_) => Err(StoreError::Op {
+                op: "probe the upload with an empty part",
+                key,
+                source: object_store::Error::Generic {
+                    store: "c3-agent",
+                    source: format!("no answer within {} s", UPLOAD_PROBE_LIMIT.as_secs()).into(),
+                },
+            }),
+        }
     }
 
     /// Completes an upload. A retry after a lost acknowledgement (ours, or one object_store

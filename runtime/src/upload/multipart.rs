@@ -175,7 +175,8 @@ fn part_refused(e: &StoreError) -> bool {
 /// an upload it lost (NoSuchUpload) before reading the body, and closes, leaves the client
 /// writing into a closed connection, the answer unread. A resumed upload's part failing so
 /// was retried until the deadline, and the next `recover` resumed the same lost upload
-/// again: the file never stored.
+/// again: the file never stored. A proxy's or load balancer's reset reads the same, and the
+/// upload is still there: [`Uploader::upload_lost`] asks the store which it is.
 fn cut_off_sending(e: &StoreError) -> bool {
     crate::store::says(e, "error writing a body to connection")
 }
@@ -497,10 +498,25 @@ impl Uploader {
                     Err(e)
                 }
             };
+            let cut_off = match &outcome {
+                Err(UploadError::Store { source, .. })
+                    if resumed
+                        && cut_off_sending(source)
+                        && !source.is_permanent()
+                        && !crate::store::upload_gone(source) =>
+                {
+                    Some(
+                        self.upload_lost(&sha, before.size.div_ceil(part_size))
+                            .await,
+                    )
+                }
+                _ => None,
+            };
             match outcome {
                 Err(UploadError::Store { source, .. })
                     if restarts < 2
-                        && ((resumed && (source.is_permanent() || cut_off_sending(&source)))
+                        && ((resumed && source.is_permanent())
+                            || cut_off == Some(true)
                             || crate::store::upload_gone(&source)
                             || part_refused(&source)) =>
                 {
@@ -818,6 +834,35 @@ impl Uploader {
     /// aborted, or, if the store will not abort it now, its journal is set aside under a name
     /// of its own (`<attempt>-<sha>.<upload tag>.json`), which the new upload's journal does
     /// not overwrite and [`Uploader::abort_orphans`] still finds.
+    /// Whether the journaled upload of `sha` (of `parts` parts), whose part the store kept
+    /// cutting off, is one the store lost: only its own NoSuchUpload to a probe says so.
+    /// Taken as lost on the cut alone (any middlebox reset mid-body), a resumed upload with
+    /// hundreds of GB of parts stored was aborted and every part sent again.
+    async fn upload_lost(&self, sha: &str, parts: u64) -> bool {
+        let Some(record) = self
+            .journal_path(sha)
+            .and_then(|p| MultipartJournal::load(&p))
+        else {
+            return false;
+        };
+        // The last part number S3 allows, unused by an upload of fewer parts.
+        const PROBE_PART: usize = 9_999;
+        if parts > PROBE_PART as u64 {
+            return false;
+        }
+        match self
+            .store
+            .upload_still_open(sha, &record.upload_id, PROBE_PART)
+            .await
+        {
+            Ok(open) => !open,
+            Err(e) => {
+                tracing::debug!(sha256 = %sha, error = %crate::error_chain(&e), "the store did not say whether it still knows the upload; it is kept");
+                false
+            }
+        }
+    }
+
     async fn replace_upload(&self, path: &Path, record: &MultipartRecord) {
         if self
             .abort_upload(&record.sha256, &record.upload_id, Some(path))
@@ -1173,6 +1218,9 @@ mod tests {
         denied: std::sync::atomic::AtomicBool,
         /// The id every stored part is named by, instead of the store's.
         part_id: std::sync::Mutex<Option<String>>,
+        /// Every part with bytes is cut off mid-body (a reset by a proxy, or a store that
+        /// answered before reading it).
+        cut_off: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -1206,7 +1254,21 @@ mod tests {
                     source: "Server returned non-2xx status code: 503 Service Unavailable".into(),
                 });
             }
-            let mut part = self.mem.put_part(path, id, part_idx, data).await;
+            if self.cut_off.load(SeqCst) && data.content_length() > 0 {
+                return Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "error sending request: client error (SendRequest): error writing a body to connection: Broken pipe (os error 32)".into(),
+                });
+            }
+            // An upload it does not know, as S3 says it.
+            let mut part = self
+                .mem
+                .put_part(path, id, part_idx, data)
+                .await
+                .map_err(|_| object_store::Error::NotFound {
+                    path: path.to_string(),
+                    source: "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchUpload</Code></Error>".into(),
+                });
             if let (Ok(p), Some(named)) = (&mut part, self.part_id.lock().unwrap().clone()) {
                 p.content_id = named;
             }
@@ -1266,6 +1328,7 @@ mod tests {
             ids: Default::default(),
             denied: Default::default(),
             part_id: Default::default(),
+            cut_off: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
         let opts = UploadOptions {
@@ -1535,6 +1598,39 @@ mod tests {
             assert!(left.is_empty(), "{left:?}");
             drop(eio);
         }
+    }
+
+    /// A resumed upload whose parts are cut off mid-body (a proxy's resets, or a store that
+    /// answers an upload it lost before reading the part) is started over only when the
+    /// store says it lost it: taken as lost on the cut alone, a resumed upload with hundreds
+    /// of GB stored was aborted and every part sent again.
+    #[tokio::test]
+    async fn a_resumed_upload_cut_off_mid_part_is_started_over_only_if_lost() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        let (_data, file) = patterned_file(dir.path(), 233);
+        // One part stored, then an outage: the upload is kept, journaled, for a resume.
+        flaky.parts_ok.store(1, SeqCst);
+        assert!(up.upload(&file).await.is_err());
+        let id = flaky.ids.lock().unwrap()[0].clone();
+        let open_now = || async {
+            use object_store::multipart::MultipartStore;
+            let path = object_store::path::Path::from(crate::store::blob_key(SHA).as_str());
+            let empty = object_store::PutPayload::default();
+            flaky.mem.put_part(&path, &id, 9_998, empty).await.is_ok()
+        };
+        assert!(open_now().await);
+        flaky.parts_ok.store(usize::MAX, SeqCst);
+        flaky.cut_off.store(true, SeqCst);
+        // Resumed, its parts cut off, the store still holding it: kept, not started over.
+        assert!(up.upload(&file).await.is_err());
+        assert_eq!(flaky.creates.load(SeqCst), 1, "started over on a reset");
+        assert!(open_now().await, "the resumed upload was aborted");
+        // The store lost it meanwhile (a lifecycle rule): now it is started over.
+        assert!(still_open(&flaky, &id).await);
+        assert!(up.upload(&file).await.is_err());
+        assert_eq!(flaky.creates.load(SeqCst), 2, "a lost upload resumed again");
     }
 
     /// A parts file left beside no journal (a crash between the two removals) is not taken
