@@ -220,6 +220,10 @@ struct RescanPace {
 
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
+/// How many due candidates one settle round looks at beyond its free upload slots (files
+/// held open for writing take none).
+const LOOK_AHEAD: usize = 1024;
+
 /// A walk of a directory made or moved in that takes less earns no rest: a job making many
 /// small directories has each walked at once.
 const TOUCH_WALK_FREE: Duration = Duration::from_millis(50);
@@ -841,13 +845,24 @@ impl Syncer {
             .files_in_flight
             .max(1)
             .saturating_sub(self.in_flight.len());
+        if room == 0 {
+            return;
+        }
+        // More are looked at than there are slots: each look reads every fd of the job's
+        // processes, and files held open for writing (restarted, due again a settle later)
+        // took the slots' worth of each round, so a job holding 10,000 open made 600 looks at
+        // its 10,000 fds per settle period, and a file that was ready waited behind them.
         let in_flight = &self.in_flight;
-        let due = self.candidates.due(now, self.opts.settle, room, |rel| {
-            in_flight.contains_key(rel)
-        });
+        let due = self.candidates.due(
+            now,
+            self.opts.settle,
+            room.saturating_add(LOOK_AHEAD),
+            |rel| in_flight.contains_key(rel),
+        );
         if due.is_empty() {
             return;
         }
+        let mut spawned = 0;
         // One trip off the reactor: who writes what, and how each due file looks now.
         let procs = self.procs.clone();
         let (workdir, paths) = (self.workdir.clone(), due.clone());
@@ -913,6 +928,10 @@ impl Syncer {
                 self.candidates.restart(&rel, now);
                 continue;
             }
+            if spawned >= room {
+                // Ready, no slot left: due still, taken up as uploads land.
+                continue;
+            }
             self.candidates.remove(&rel);
             let file = LocalFile {
                 rel: rel.clone(),
@@ -953,6 +972,7 @@ impl Syncer {
                 started: Instant::now(),
             };
             self.in_flight.insert(rel, sending);
+            spawned += 1;
         }
     }
 
@@ -1215,6 +1235,63 @@ mod tests {
         assert!(
             s.candidates.contains("artifacts/sub/f"),
             "not walked after it"
+        );
+    }
+
+    /// Files the job holds open for writing take no upload slot: a ready file behind more
+    /// of them than there are slots is sent in the same settle round. Each round took only
+    /// the slots' worth of due files, so the held ones (due again each settle period) made
+    /// a look at all of the job's fds per slots' worth, and the ready file waited.
+    #[tokio::test]
+    async fn files_held_open_do_not_hold_a_ready_one_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let slots = s.uploader.options().files_in_flight.max(1);
+        let mut held = Vec::new();
+        for i in 0..slots * 3 {
+            let rel = format!("artifacts/held-{i}");
+            settled(&mut s, &rel, b"open");
+            held.push(dir.path().join(&rel));
+        }
+        // A process of the job (a child of this one, as the agent's are) holds them open.
+        let mut holder = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys,time; fs=[open(p,'a') for p in sys.argv[1:]]; print('ok',flush=True); time.sleep(60)",
+            ])
+            .args(&held)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ok");
+        // Settled later than every held one: last in the order they come due.
+        std::thread::sleep(Duration::from_millis(5));
+        settled(&mut s, "artifacts/ready", b"done");
+        let mut uploads = JoinSet::new();
+        s.settle(&mut uploads).await;
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(s.in_flight.contains_key("artifacts/ready"), "held back");
+        assert_eq!(s.in_flight.len(), 1, "a file held open was sent");
+        // More ready than there are slots: the slots' worth go, the rest stay due.
+        for i in 0..slots + 2 {
+            settled(&mut s, &format!("artifacts/more-{i}"), b"more");
+        }
+        s.settle(&mut uploads).await;
+        assert_eq!(s.in_flight.len(), slots);
+        assert_eq!(
+            s.candidates
+                .due(Instant::now(), SETTLE, usize::MAX, |_| false)
+                .iter()
+                .filter(|r| r.starts_with("artifacts/more-"))
+                .count(),
+            3
         );
     }
 
