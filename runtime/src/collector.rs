@@ -49,6 +49,8 @@ pub struct CollectorConfig {
     /// What the attempt's manifest listed when a collector that starts after its agent died
     /// (`recover`) read it ([`SyncBook::listed_before`]).
     pub listed_before: Option<std::sync::Arc<Vec<c3_proto::manifest::FileEntry>>>,
+    /// That manifest was complete: its files stay listed, found or not.
+    pub listed_complete: bool,
     /// What the attempt's manifest lists could not be read (a write-only bucket, a proxy's
     /// 404): where the final scan cannot see part of the output (the workdir gone, a dir
     /// unreadable), no manifest is written, the one in the store stays, and "manifest" is
@@ -96,6 +98,7 @@ impl CollectorConfig {
             live: ctx.live.clone(),
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            listed_complete: false,
             earlier_unknown: false,
             halt: None,
         }
@@ -249,7 +252,7 @@ async fn run(
     let mut book = SyncBook::default();
     book.progress = config.progress.clone();
     if let Some(files) = &config.listed_before {
-        let taken = book.listed_before(files);
+        let taken = book.listed_before(files, config.listed_complete);
         tracing::info!(
             files = taken,
             "the files the attempt's manifest listed stay listed where the final scan cannot look"
@@ -643,6 +646,7 @@ mod tests {
             live: None,
             progress: crate::progress::Progress::shared(),
             listed_before: None,
+            listed_complete: false,
             earlier_unknown: false,
             halt: None,
         };

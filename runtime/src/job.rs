@@ -821,6 +821,7 @@ impl<'a> Run<'a> {
         };
         let config = &mut self.collector_config;
         config.manifest = config.manifest.clone().continuing(&earlier);
+        config.listed_complete = earlier.complete;
         config.listed_before = Some(std::sync::Arc::new(std::mem::take(&mut earlier.files)));
     }
 

@@ -449,7 +449,7 @@ mod tests {
         .unwrap();
         let again = writer(&store, 2).continuing(&earlier);
         let mut book = SyncBook::default();
-        book.listed_before(&[]);
+        book.listed_before(&[], false);
         again.in_progress(&mut book).await.unwrap();
         let now = Manifest::from_json(
             &store

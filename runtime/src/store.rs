@@ -2545,10 +2545,15 @@ impl BlobStore {
         let id = upload_id.to_string();
         let probe = mp.put_part(&path, &id, idx, PutPayload::default());
         match tokio::time::timeout(UPLOAD_PROBE_LIMIT, probe).await {
+            // Its parts cut off mid-body while it is there: the link's fault, an outage.
             Ok(Ok(_)) => Ok(true),
             Ok(Err(source)) => {
                 let e = upload_error("probe the upload with an empty part", &key, source);
                 if upload_gone(&e) {
+                    // The failures were this upload's (a store that answers a lost upload
+                    // before reading the part), not an outage's: the upload started over
+                    // must not be refused as one past the outage's deadline.
+                    self.retry.answered_as(true, Shows::Wrote, None);
                     Ok(false)
                 } else {
                     Err(e)

@@ -43,6 +43,10 @@ pub struct SyncBook {
     /// [`crate::manifest::ManifestWriter::in_progress`]): while it is current, writing one
     /// again would store the same document.
     listed: Option<u64>,
+    /// The entries taken from an earlier manifest ([`SyncBook::listed_before`]) came from a
+    /// complete one: the job's end is past, and a file of theirs gone since was removed
+    /// after it (an operator freeing disk), not by the job. They stay listed.
+    listed_complete: bool,
     /// Bytes this job added to the store so far.
     pub new_bytes: u64,
     /// Uploads queued and done, for the progress line.
@@ -215,7 +219,12 @@ impl SyncBook {
     /// `gc` then took their blobs. They stay listed wherever the scan cannot look; wherever it
     /// can, each is read again or forgotten (no stamp of theirs is ever current). Entries
     /// whose digests are not hex are left out. How many were taken.
-    pub fn listed_before(&mut self, files: &[c3_proto::manifest::FileEntry]) -> usize {
+    pub fn listed_before(
+        &mut self,
+        files: &[c3_proto::manifest::FileEntry],
+        complete: bool,
+    ) -> usize {
+        self.listed_complete = complete;
         let mut taken = 0;
         for f in files {
             let (mut sha256, mut blake3) = ([0u8; 32], [0u8; 32]);
@@ -280,6 +289,22 @@ impl SyncBook {
     /// Whether `rel` is listed, in any version.
     pub fn contains(&self, rel: &str) -> bool {
         self.synced.contains_key(rel)
+    }
+
+    /// The paths of the entries still as an earlier complete manifest listed them (none
+    /// read again since): what the final scan does not drop for not finding it.
+    fn listed_at_the_end(&self) -> std::collections::HashSet<Box<str>> {
+        if !self.listed_complete {
+            return Default::default();
+        }
+        self.synced
+            .iter()
+            .filter(|(_, &at)| {
+                let s = &self.versions[at as usize].stamp;
+                s.ino == 0 && s.dev == 0 && s.ctime_ns == 0
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Drops the entries whose path matches; returns how many.
@@ -535,7 +560,9 @@ pub async fn sync_scan_until(
     halt: Option<&CancellationToken>,
     room: Option<u64>,
 ) -> SyncReport {
-    book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel));
+    let kept = book.listed_at_the_end();
+    book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel) && !kept.contains(rel));
+    drop(kept);
     let files = std::mem::take(&mut scan.files);
     let found = files.len();
     let mut todo: Vec<(String, FileStamp)> = files
@@ -710,9 +737,18 @@ async fn upload_all_until(
             // again stays, if the file looks as listed; the file's own fault (sparse, a read
             // error, a change) says it is not that version any more.
             // Permanent or not (a 403 from an expired token, a read-only file store): a
-            // store's error says nothing of the file's bytes.
+            // store's error says nothing of the file's bytes. After a complete manifest (the
+            // job's end past) nor does one of this look's own (a lower `max_file_bytes` than
+            // the run's, a mode or a disk read that fails now): a file that looks as listed
+            // keeps the version stored for it, whose blob gc took once a manifest listed less.
             let store_fault = matches!(e, UploadError::Store { .. });
-            book.forget_unless_at(&rel, &stamp, store_fault);
+            let not_the_file = store_fault
+                || book.listed_complete
+                    && !matches!(
+                        e,
+                        UploadError::Changed { .. } | UploadError::Vanished { .. }
+                    );
+            book.forget_unless_at(&rel, &stamp, not_the_file);
         }
         match result {
             Ok(up) => {
@@ -996,7 +1032,7 @@ mod tests {
         };
         let mut book = SyncBook::default();
         let files = [entry("artifacts/a", None), odd.clone(), bad];
-        assert_eq!(book.listed_before(&files), 2);
+        assert_eq!(book.listed_before(&files, false), 2);
         let listed: Vec<(String, Option<&str>)> = book
             .listing()
             .map(|l| (l.path.to_string(), l.path_b64))
@@ -1053,7 +1089,7 @@ mod tests {
             }
         };
         let mut book = SyncBook::default();
-        book.listed_before(&[listed("same", 0), listed("changed", -1)]);
+        book.listed_before(&[listed("same", 0), listed("changed", -1)], false);
         let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
         let report = sync_scan(&uploader, dir.path(), found, &mut book, None).await;
         assert_eq!(report.failures.len(), 2, "{:?}", report.failures);
@@ -1073,7 +1109,7 @@ mod tests {
         let denied = Uploader::new(store, crate::upload::UploadOptions::default(), "j", None)
             .confined_to(dir.path());
         let mut book = SyncBook::default();
-        book.listed_before(&[listed("same", 0)]);
+        book.listed_before(&[listed("same", 0)], false);
         let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
         sync_scan(&denied, dir.path(), found, &mut book, None).await;
         assert!(book.contains("artifacts/same"), "dropped on a store's 403");
@@ -1087,13 +1123,60 @@ mod tests {
         let strict = Uploader::new(crate::store::BlobStore::in_memory(), options, "j", None)
             .confined_to(dir.path());
         let mut book = SyncBook::default();
-        book.listed_before(&[listed("same", 0)]);
+        book.listed_before(&[listed("same", 0)], false);
         let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
         sync_scan(&strict, dir.path(), found, &mut book, None).await;
         assert!(
             !book.contains("artifacts/same"),
             "listed though not storable"
         );
+        // Unless a complete manifest listed it: the job's end is past, and this look's own
+        // limit (a `resync` run with a lower `max_file_bytes`) says nothing of its bytes.
+        let mut book = SyncBook::default();
+        book.listed_before(&[listed("same", 0)], true);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        sync_scan(&strict, dir.path(), found, &mut book, None).await;
+        assert!(
+            book.contains("artifacts/same"),
+            "dropped by resync's own limit"
+        );
+    }
+
+    /// A file a complete manifest listed and that is gone now (an operator freed the disk
+    /// after the job's end, before a `resync` of what was left unstored) stays listed: the
+    /// manifest `resync` wrote listed less, and gc took the blob. One an in-progress manifest
+    /// listed is forgotten: the job may have removed it before its end.
+    #[tokio::test]
+    async fn a_file_gone_after_a_complete_manifest_stays_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("artifacts")).unwrap();
+        let uploader = Uploader::new(
+            crate::store::BlobStore::in_memory(),
+            crate::upload::UploadOptions::default(),
+            "j",
+            None,
+        )
+        .confined_to(dir.path());
+        let freed = c3_proto::manifest::FileEntry {
+            path: "artifacts/freed".into(),
+            path_b64: None,
+            size: 4,
+            sha256: "ab".repeat(32),
+            blake3: "cd".repeat(32),
+            mode: 0o644,
+            mtime_ns: 1,
+        };
+        for complete in [true, false] {
+            let mut book = SyncBook::default();
+            book.listed_before(std::slice::from_ref(&freed), complete);
+            let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+            sync_scan(&uploader, dir.path(), found, &mut book, None).await;
+            assert_eq!(
+                book.contains("artifacts/freed"),
+                complete,
+                "complete: {complete}"
+            );
+        }
     }
 
     /// Checkpoints taken: how many files the book held at each.
