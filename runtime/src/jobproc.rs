@@ -1244,8 +1244,11 @@ pub async fn stop_recorded(
         .filter(|p| is_agents_cgroup(p))
         .and_then(Cgroup::existing)
     {
+        // Emptiness is the kernel's word (`populated`): from another pid namespace than the
+        // agent that made the cgroup, every member reads as pid 0 and the list is empty, and
+        // the job's processes were never stopped (`cgroup.kill` reaches them all the same).
         let members = cg.members();
-        let cg = if members.is_empty() {
+        let cg = if !cg.populated() {
             cg
         } else {
             tracing::warn!(

@@ -13,13 +13,19 @@ pub struct Stat {
     pub ppid: i32,
     pub pgrp: i32,
     pub session: i32,
+    /// Its threads (field 20): a zombie main thread counts, until the process is reaped.
+    pub threads: u64,
     /// Clock ticks after boot (field 22).
     pub start_ticks: u64,
 }
 
 impl Stat {
+    /// Whether the process is over: its main thread dead, and no other thread left. The
+    /// state is the main thread's alone: a job whose main thread ended (`SYS_exit`) while
+    /// its workers run on (CUDA streams, a data loader) reads `Z`, and taken for a zombie
+    /// it was never signalled, and the job taken for gone.
     pub fn is_zombie(&self) -> bool {
-        matches!(self.state, 'Z' | 'X')
+        matches!(self.state, 'Z' | 'X') && self.threads <= 1
     }
 }
 
@@ -80,13 +86,15 @@ pub fn stat(pid: i32) -> Option<Stat> {
     let ppid = f.next()?.parse().ok()?;
     let pgrp = f.next()?.parse().ok()?;
     let session = f.next()?.parse().ok()?;
-    // Fields 7..21 lie between session (6) and starttime (22).
-    let start_ticks = f.nth(15)?.parse().ok()?;
+    // Fields 7..19 lie between session (6) and num_threads (20), 21 before starttime (22).
+    let threads = f.nth(13)?.parse().ok()?;
+    let start_ticks = f.nth(1)?.parse().ok()?;
     Some(Stat {
         state,
         ppid,
         pgrp,
         session,
+        threads,
         start_ticks,
     })
 }
@@ -446,6 +454,37 @@ fn opened_for_write(pid: i32, fd: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A process whose main thread ended while another thread runs on reads `Z` (the main
+    /// thread's state): it is alive, to be signalled. A process reaped by no one yet is not.
+    #[test]
+    fn a_process_whose_main_thread_ended_is_alive_while_a_thread_runs() {
+        let code = "import threading,ctypes,time\n\
+                    t=threading.Thread(target=lambda: time.sleep(30)); t.start()\n\
+                    ctypes.CDLL(None).syscall(60, 0)\n";
+        let mut leaderless = std::process::Command::new("python3")
+            .args(["-c", code])
+            .spawn()
+            .unwrap();
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let settled = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let state = |pid: u32| super::stat(pid as i32).map(|s| s.state);
+        while (state(leaderless.id()) != Some('Z') || state(zombie.id()) != Some('Z'))
+            && std::time::Instant::now() < settled
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (l, z) = (
+            super::stat(leaderless.id() as i32).unwrap(),
+            super::stat(zombie.id() as i32).unwrap(),
+        );
+        let _ = leaderless.kill();
+        let _ = leaderless.wait();
+        let _ = zombie.wait();
+        assert_eq!((l.state, z.state), ('Z', 'Z'));
+        assert!(!l.is_zombie(), "{l:?}");
+        assert!(z.is_zombie(), "{z:?}");
+    }
 
     /// A process a sidecar recorded in its pod's pid namespace (pid 1 there) is found alive
     /// from the host's, where its pid is another: looked up as the host's pid 1, it was
