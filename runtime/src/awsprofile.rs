@@ -265,6 +265,26 @@ mod tests {
         assert_eq!(load(&nothing).unwrap(), None);
     }
 
+    /// A provider whose credentials file `creds` (written here) holds keys `A`, read once.
+    fn provider_of_keys_a(creds: &std::path::Path) -> ProfileCredentials {
+        std::fs::write(
+            creds,
+            "[default]\naws_access_key_id = A\naws_secret_access_key = AS\n",
+        )
+        .unwrap();
+        let env: HashMap<&'static str, String> =
+            [("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string())].into();
+        let profile = load(&|k| env.get(k).cloned()).unwrap().unwrap();
+        ProfileCredentials {
+            env: env.clone(),
+            last: std::sync::Mutex::new((
+                ProfileCredentials::stamp(&env),
+                std::sync::Arc::new(credential(&profile)),
+            )),
+            looking: Default::default(),
+        }
+    }
+
     /// A look that panics lets the next request look again: its flag left set, every later
     /// request signed with the keys read before, rotated ones never read.
     #[tokio::test]
@@ -272,22 +292,7 @@ mod tests {
         use object_store::CredentialProvider;
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("credentials");
-        std::fs::write(
-            &creds,
-            "[default]\naws_access_key_id = A\naws_secret_access_key = AS\n",
-        )
-        .unwrap();
-        let env: HashMap<&'static str, String> =
-            [("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string())].into();
-        let profile = load(&|k| env.get(k).cloned()).unwrap().unwrap();
-        let provider = ProfileCredentials {
-            env: env.clone(),
-            last: std::sync::Mutex::new((
-                ProfileCredentials::stamp(&env),
-                std::sync::Arc::new(credential(&profile)),
-            )),
-            looking: Default::default(),
-        };
+        let provider = provider_of_keys_a(&creds);
         let rotated = "[default]\naws_access_key_id = B\naws_secret_access_key = BS\n";
         std::fs::write(&creds, rotated).unwrap();
         let armed = crate::fault::arm("profile-look-panics", "aws");
@@ -306,22 +311,7 @@ mod tests {
         use object_store::CredentialProvider;
         let dir = tempfile::tempdir().unwrap();
         let creds = dir.path().join("credentials");
-        std::fs::write(
-            &creds,
-            "[default]\naws_access_key_id = A\naws_secret_access_key = AS\n",
-        )
-        .unwrap();
-        let env: HashMap<&'static str, String> =
-            [("AWS_SHARED_CREDENTIALS_FILE", creds.display().to_string())].into();
-        let profile = load(&|k| env.get(k).cloned()).unwrap().unwrap();
-        let provider = ProfileCredentials {
-            env: env.clone(),
-            last: std::sync::Mutex::new((
-                ProfileCredentials::stamp(&env),
-                std::sync::Arc::new(credential(&profile)),
-            )),
-            looking: Default::default(),
-        };
+        let provider = provider_of_keys_a(&creds);
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::rename(&fifo, &creds).unwrap();

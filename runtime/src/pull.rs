@@ -1052,21 +1052,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pulled = tokio::time::timeout(
             std::time::Duration::from_secs(20),
-            pull_into(
-                &store,
-                vec![entry].into(),
-                DirFd::open(dir.path()).unwrap(),
-                dir.path(),
-                (None, None),
-                true,
-                &CancellationToken::new(),
-            ),
+            pull_one(&store, entry, dir.path()),
         )
         .await
         .expect("the download was resumed without end");
         assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
         let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed);
         assert!(gets <= 1 + MAX_FRUITLESS_RESUMES as usize, "{gets} GETs");
+    }
+
+    /// Pulls `entry` alone into `dest`, as root.
+    async fn pull_one(
+        store: &BlobStore,
+        entry: FileEntry,
+        dest: &std::path::Path,
+    ) -> Result<PullSummary, PullError> {
+        pull_into(
+            store,
+            vec![entry].into(),
+            DirFd::open(dest).unwrap(),
+            dest,
+            (None, None),
+            true,
+            &CancellationToken::new(),
+        )
+        .await
     }
 
     /// A proxy before the store answers a download with its own 404 (no body, no NoSuchKey)
@@ -1086,16 +1096,7 @@ mod tests {
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let pulled = pull_into(
-            &store,
-            vec![entry].into(),
-            DirFd::open(dir.path()).unwrap(),
-            dir.path(),
-            (None, None),
-            true,
-            &CancellationToken::new(),
-        )
-        .await;
+        let pulled = pull_one(&store, entry, dir.path()).await;
         assert!(pulled.is_ok(), "{pulled:?}");
         assert_eq!(
             std::fs::read(dir.path().join("artifacts/f")).unwrap(),

@@ -1148,15 +1148,7 @@ mod tests {
     /// listed is forgotten: the job may have removed it before its end.
     #[tokio::test]
     async fn a_file_gone_after_a_complete_manifest_stays_listed() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("artifacts")).unwrap();
-        let uploader = Uploader::new(
-            crate::store::BlobStore::in_memory(),
-            crate::upload::UploadOptions::default(),
-            "j",
-            None,
-        )
-        .confined_to(dir.path());
+        let (dir, _, uploader) = artifacts_in_memory();
         let freed = c3_proto::manifest::FileEntry {
             path: "artifacts/freed".into(),
             path_b64: None,
