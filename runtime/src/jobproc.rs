@@ -1256,7 +1256,16 @@ pub async fn stop_recorded(
                 cgroup = %cg.path().display(),
                 "the job's processes outlived the agent; stopping them"
             );
-            cg.signal_members(Signal::SIGTERM);
+            // Off the reactor: a fork bomb's tens of thousands of members take a while.
+            let cg = match tokio::task::spawn_blocking(move || {
+                cg.signal_members(Signal::SIGTERM);
+                cg
+            })
+            .await
+            {
+                Ok(cg) => cg,
+                Err(_) => return true,
+            };
             let deadline = tokio::time::Instant::now() + grace;
             while cg.populated() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
