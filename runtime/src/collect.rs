@@ -128,6 +128,9 @@ pub struct Scan {
     listed_bytes: u64,
     /// Entries the walk met, of every kind ([`visit_budget`]).
     visited: u64,
+    /// The walk stopped before its end (more files than a manifest lists, a tree without
+    /// end): what it did not reach is neither found nor known gone.
+    pub cut_short: bool,
 }
 
 /// How many entries of any kind (symlinks, empty directories, FIFOs, unreadable files,
@@ -277,6 +280,7 @@ fn scan_within(
                     out.files.len()
                 ));
                 out.all_incomplete(dirs, true);
+                out.cut_short = true;
                 return out;
             }
             // Not for good: once whatever keeps changing the tree stops, a later look
@@ -287,6 +291,7 @@ fn scan_within(
                     out.visited
                 ));
                 out.all_incomplete(dirs, false);
+                out.cut_short = true;
                 return out;
             }
         }

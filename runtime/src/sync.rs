@@ -545,6 +545,50 @@ pub async fn sync_scan(
     sync_scan_until(uploader, workdir, scan, book, checkpoint, None, None).await
 }
 
+/// The book's entries a walk cut short did not reach, each looked at by its path: gone (or
+/// no longer a file) it is forgotten, found it joins the scan (stored again if it changed).
+/// Kept as they were, a job that made four million empty directories after live sync listed
+/// its checkpoints had its final manifest list the ones it deleted since, and the old bytes
+/// of one it rewrote. Any other failure (a denial, an I/O error) leaves the entry as it is,
+/// and so does one an earlier complete manifest listed (`kept`).
+fn look_again_at_unreached(
+    workdir: &std::path::Path,
+    scan: &mut Scan,
+    book: &mut SyncBook,
+    kept: &std::collections::HashSet<Box<str>>,
+) {
+    let Ok(root) = crate::confine::DirFd::open_root(workdir) else {
+        return;
+    };
+    let unreached: Vec<String> = book
+        .synced
+        .keys()
+        .filter(|k| !scan.files.contains_key(&***k) && !kept.contains(*k))
+        .map(|k| k.to_string())
+        .collect();
+    let mut gone = std::collections::HashSet::new();
+    for rel in unreached {
+        match crate::confine::lstat_beneath(&root, &crate::collect::path_of(&rel)) {
+            Ok(st) if crate::confine::is_regular(&st) => {
+                scan.files.insert(rel, FileStamp::of_stat(&st));
+            }
+            Ok(_) => {
+                gone.insert(rel);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
+            {
+                gone.insert(rel);
+            }
+            Err(_) => {}
+        }
+    }
+    if !gone.is_empty() {
+        book.forget(|rel| gone.contains(rel));
+    }
+}
+
 /// [`sync_scan`] that stops when `halt` is cancelled (`recover` told to stop: a signal, its
 /// time budget): the uploads under way are dropped (a multipart one keeps its journal, for
 /// the next pass to resume), and what landed is listed through `checkpoint` before it
@@ -561,6 +605,9 @@ pub async fn sync_scan_until(
     room: Option<u64>,
 ) -> SyncReport {
     let kept = book.listed_at_the_end();
+    if scan.cut_short {
+        look_again_at_unreached(workdir, &mut scan, book, &kept);
+    }
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel) && !kept.contains(rel));
     drop(kept);
     let files = std::mem::take(&mut scan.files);
@@ -946,8 +993,15 @@ mod tests {
     async fn a_full_scan_stores_no_more_than_the_manifest_can_list() {
         let (dir, arts, uploader) = artifacts_in_memory();
         let mut book = SyncBook::default();
-        for i in 0..10 {
-            book.record(up(&format!("artifacts/a{i}"), i as u8));
+        // Live sync listed ten, as they are on disk (settled: not read again).
+        for i in 0..10u8 {
+            let rel = format!("artifacts/a{i}");
+            std::fs::write(dir.path().join(&rel), format!("a{i}")).unwrap();
+            let md = std::fs::metadata(dir.path().join(&rel)).unwrap();
+            book.record(Uploaded {
+                stamp: FileStamp::of(&md),
+                ..up(&rel, i)
+            });
         }
         for i in 0..20 {
             std::fs::write(arts.join(format!("b{i:02}")), format!("b{i}")).unwrap();
@@ -955,10 +1009,15 @@ mod tests {
         let entry = c3_proto::manifest::entry_ceiling("artifacts/b00");
         let room = book.entries_ceiling() + 5 * entry;
         // Full: the scan stopped at its room, so it covers nothing and the book's files stay.
-        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 10 * entry);
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 20 * entry);
         assert!(!found.covers("artifacts/a0"));
-        assert!(found.files.len() > 5, "{}", found.files.len());
-        let over = found.files.len() - 5;
+        let new = found
+            .files
+            .keys()
+            .filter(|k| k.starts_with("artifacts/b"))
+            .count();
+        assert!(new > 5, "{new}");
+        let over = new - 5;
         let report = sync_scan_until(
             &uploader,
             dir.path(),
@@ -1140,6 +1199,31 @@ mod tests {
             book.contains("artifacts/same"),
             "dropped by resync's own limit"
         );
+    }
+
+    /// A final scan cut short (more files than a manifest lists, a tree without end) did not
+    /// reach what live sync had listed: each is looked at by its path. Kept unchecked, the
+    /// manifest listed a file the job had deleted and the old bytes of one it rewrote.
+    #[tokio::test]
+    async fn a_scan_cut_short_looks_again_at_what_it_did_not_reach() {
+        let (dir, arts, uploader) = artifacts_in_memory();
+        for name in ["kept", "deleted", "rewritten"] {
+            std::fs::write(arts.join(name), name).unwrap();
+        }
+        let mut book = SyncBook::default();
+        let found = crate::collect::scan(dir.path(), &["artifacts".into()], None, 1 << 20);
+        sync_scan(&uploader, dir.path(), found, &mut book, None).await;
+        assert_eq!(book.len(), 3);
+        std::fs::remove_file(arts.join("deleted")).unwrap();
+        std::fs::write(arts.join("rewritten"), "rewritten, longer now").unwrap();
+        let mut cut = Scan::default();
+        cut.incomplete = vec!["artifacts".into()];
+        cut.cut_short = true;
+        sync_scan(&uploader, dir.path(), cut, &mut book, None).await;
+        assert!(book.contains("artifacts/kept"));
+        assert!(!book.contains("artifacts/deleted"), "a deleted file listed");
+        let listed = book.get("artifacts/rewritten").unwrap();
+        assert_eq!(listed.digests.size, "rewritten, longer now".len() as u64);
     }
 
     /// A file a complete manifest listed and that is gone now (an operator freed the disk
