@@ -37,11 +37,15 @@ impl FileStamp {
     /// never matches.
     pub fn stands_for(&self, found: &FileStamp) -> bool {
         self == found
-            || (self.ino == 0
-                && self.dev == 0
-                && self.ctime_ns == 0
+            || (self.from_a_manifest()
                 && (self.size, self.mtime_ns, self.mode)
                     == (found.size, found.mtime_ns, found.mode))
+    }
+
+    /// Whether this stamp was taken from a manifest (`SyncBook::listed_before`), which
+    /// keeps no inode, device or ctime: a file never read by this look.
+    pub fn from_a_manifest(&self) -> bool {
+        self.ino == 0 && self.dev == 0 && self.ctime_ns == 0
     }
 
     pub fn of(meta: &std::fs::Metadata) -> Self {

@@ -417,9 +417,8 @@ pub async fn run_job(
             let (state, stop) = (ctx.state.clone(), winding_down.clone());
             background.spawn(
                 async move {
-                    let flush =
-                        crate::report::flush_all_outboxes(&cp, &state, cp.deadline(), Some(&stop));
-                    crate::report::until_stopped(flush, &stop, 0).await;
+                    crate::report::flush_all_outboxes(&cp, &state, cp.deadline(), Some(&stop))
+                        .await;
                 }
                 .in_current_span(),
             );

@@ -70,12 +70,8 @@ pub async fn recover_all(ctx: &AgentContext, halt: &CancellationToken) -> Vec<Jo
     if let Some(cp) = &ctx.control_plane {
         // Halted, it ends between two deliveries (each kept report stays until delivered),
         // after the POST under way.
-        let left = crate::report::until_stopped(
-            crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline(), Some(halt)),
-            halt,
-            0,
-        )
-        .await;
+        let left =
+            crate::report::flush_all_outboxes(cp, &ctx.state, cp.deadline(), Some(halt)).await;
         if left > 0 {
             tracing::warn!(
                 jobs = left,

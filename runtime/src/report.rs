@@ -1072,8 +1072,14 @@ fn endpoint_of(job: &str, kind: &str) -> String {
 /// again, and retention lets it go with its job.
 fn move_aside(path: &Path) {
     let _ = std::fs::rename(path, path.with_extension("bad"));
-    let _ = std::fs::remove_file(path.with_extension(TRIES));
-    let _ = std::fs::remove_file(path.with_extension(REFUSED));
+    drop_counts(path);
+}
+
+/// Removes what an entry's failed flushes left beside it ([`TRIES`], [`REFUSED`]).
+fn drop_counts(path: &Path) {
+    for count in [TRIES, REFUSED] {
+        let _ = std::fs::remove_file(path.with_extension(count));
+    }
 }
 
 /// Beside an entry the control plane refused the agent's credentials for: when it first did
@@ -1312,8 +1318,7 @@ fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) ->
 /// again, and its bytes counted twice against the quota.
 fn remove_entry(path: &Path) {
     let _ = std::fs::remove_file(path);
-    let _ = std::fs::remove_file(path.with_extension(TRIES));
-    let _ = std::fs::remove_file(path.with_extension(REFUSED));
+    drop_counts(path);
     let registration = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -1495,8 +1500,24 @@ pub(crate) fn drop_outbox_leftovers(dir: &Path) -> bool {
     !dir.exists()
 }
 
-/// Delivers every job's outbox; returns how many jobs still have undelivered reports.
+/// Delivers every job's outbox; returns how many jobs still have undelivered reports. Once
+/// `stop` is cancelled it ends between two deliveries, after the POST under way, within
+/// [`IN_FLIGHT_GRACE`] (then 0: what is left is not known).
 pub async fn flush_all_outboxes(
+    cp: &ControlPlane,
+    state: &StateDir,
+    deadline: Instant,
+    stop: Option<&CancellationToken>,
+) -> usize {
+    let flush = flush_every_outbox(cp, state, deadline, stop);
+    match stop {
+        Some(stop) => until_stopped(flush, stop, 0).await,
+        None => flush.await,
+    }
+}
+
+/// [`flush_all_outboxes`], however long its POST under way takes after a stop.
+async fn flush_every_outbox(
     cp: &ControlPlane,
     state: &StateDir,
     deadline: Instant,
@@ -1562,7 +1583,7 @@ pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `flush` (given `stop`) until it ends; once `stop` is cancelled, for at most
 /// [`IN_FLIGHT_GRACE`] more. Its result, or `gave_up` if it was dropped.
-pub async fn until_stopped<T>(
+async fn until_stopped<T>(
     flush: impl std::future::Future<Output = T>,
     stop: &CancellationToken,
     gave_up: T,
@@ -1847,11 +1868,7 @@ pub(crate) mod tests {
             }
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        let flush = until_stopped(
-            flush_all_outboxes(&cp, &state, deadline, Some(&stop)),
-            &stop,
-            usize::MAX,
-        );
+        let flush = flush_all_outboxes(&cp, &state, deadline, Some(&stop));
         let (left, ()) = tokio::join!(flush, stopping);
         assert_eq!(left, 1, "the status after it waits for the next flush");
         let entries = sorted_entries(&state.outbox_dir("reg"), "reg").unwrap();

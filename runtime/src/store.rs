@@ -2540,6 +2540,7 @@ impl BlobStore {
         upload_id: &str,
         idx: usize,
     ) -> Result<bool, StoreError> {
+        const OP: &str = "probe the upload with an empty part";
         let key = blob_key(sha256_hex);
         let (mp, path) = self.multipart_path(sha256_hex)?;
         let id = upload_id.to_string();
@@ -2548,7 +2549,7 @@ impl BlobStore {
             // Its parts cut off mid-body while it is there: the link's fault, an outage.
             Ok(Ok(_)) => Ok(true),
             Ok(Err(source)) => {
-                let e = upload_error("probe the upload with an empty part", &key, source);
+                let e = upload_error(OP, &key, source);
                 if upload_gone(&e) {
                     // The failures were this upload's (a store that answers a lost upload
                     // before reading the part), not an outage's: the upload started over
@@ -2560,7 +2561,7 @@ impl BlobStore {
                 }
             }
             Err(_) => Err(StoreError::Op {
-                op: "probe the upload with an empty part",
+                op: OP,
                 key,
                 source: object_store::Error::Generic {
                     store: "c3-agent",

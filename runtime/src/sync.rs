@@ -299,10 +299,7 @@ impl SyncBook {
         }
         self.synced
             .iter()
-            .filter(|(_, &at)| {
-                let s = &self.versions[at as usize].stamp;
-                s.ino == 0 && s.dev == 0 && s.ctime_ns == 0
-            })
+            .filter(|(_, &at)| self.versions[at as usize].stamp.from_a_manifest())
             .map(|(k, _)| k.clone())
             .collect()
     }
