@@ -547,38 +547,65 @@ pub async fn sync_scan(
 /// Kept as they were, a job that made four million empty directories after live sync listed
 /// its checkpoints had its final manifest list the ones it deleted since, and the old bytes
 /// of one it rewrote. Any other failure (a denial, an I/O error) leaves the entry as it is,
-/// and so does one an earlier complete manifest listed (`kept`).
-fn look_again_at_unreached(
+/// and so does one an earlier complete manifest listed (`kept`). The looks (a manifest's
+/// worth) run off the reactor, given up on a halt (the entries then left as they are), as
+/// the walk is.
+async fn look_again_at_unreached(
     workdir: &std::path::Path,
     scan: &mut Scan,
     book: &mut SyncBook,
     kept: &std::collections::HashSet<Box<str>>,
+    halt: Option<&CancellationToken>,
 ) {
-    let Ok(root) = crate::confine::DirFd::open_root(workdir) else {
-        return;
-    };
     let unreached: Vec<String> = book
         .synced
         .keys()
         .filter(|k| !scan.files.contains_key(&***k) && !kept.contains(*k))
         .map(|k| k.to_string())
         .collect();
+    let workdir = workdir.to_path_buf();
+    let looking = tokio::task::spawn_blocking(move || {
+        let Ok(root) = crate::confine::DirFd::open_root(&workdir) else {
+            return Vec::new();
+        };
+        unreached
+            .into_iter()
+            .filter_map(|rel| {
+                match crate::confine::lstat_beneath(&root, &crate::collect::path_of(&rel)) {
+                    Ok(st) if crate::confine::is_regular(&st) => {
+                        Some((rel, Some(FileStamp::of_stat(&st))))
+                    }
+                    Ok(_) => Some((rel, None)),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
+                    {
+                        Some((rel, None))
+                    }
+                    Err(_) => None,
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let halted = async {
+        match halt {
+            Some(halt) => halt.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let looked = tokio::select! {
+        looked = looking => looked.unwrap_or_default(),
+        () = halted => return,
+    };
     let mut gone = std::collections::HashSet::new();
-    for rel in unreached {
-        match crate::confine::lstat_beneath(&root, &crate::collect::path_of(&rel)) {
-            Ok(st) if crate::confine::is_regular(&st) => {
-                scan.files.insert(rel, FileStamp::of_stat(&st));
+    for (rel, found) in looked {
+        match found {
+            Some(stamp) => {
+                scan.files.insert(rel, stamp);
             }
-            Ok(_) => {
+            None => {
                 gone.insert(rel);
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
-            {
-                gone.insert(rel);
-            }
-            Err(_) => {}
         }
     }
     if !gone.is_empty() {
@@ -603,7 +630,7 @@ pub async fn sync_scan_until(
 ) -> SyncReport {
     let kept = book.listed_at_the_end();
     if scan.cut_short {
-        look_again_at_unreached(workdir, &mut scan, book, &kept);
+        look_again_at_unreached(workdir, &mut scan, book, &kept, halt).await;
     }
     book.forget(|rel| !scan.files.contains_key(rel) && scan.covers(rel) && !kept.contains(rel));
     drop(kept);
