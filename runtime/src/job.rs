@@ -1263,7 +1263,10 @@ impl<'a> Run<'a> {
                 Some(m) => format!("{m}; {note}"),
                 None => note,
             }),
-            upload_errors: self.record.concluded_upload_errors.unwrap_or(0),
+            // Cut unconcluded, how many files are not stored is not known, and at least one
+            // is (the final sync was not done): an UPLOAD_ERROR that counted none contradicted
+            // itself.
+            upload_errors: self.record.concluded_upload_errors.unwrap_or(1),
             result: serde_json::Value::Null,
             facts: self.record.facts.clone(),
         };
@@ -1277,7 +1280,7 @@ impl<'a> Run<'a> {
             files: 0,
             bytes: 0,
             new_bytes: 0,
-            upload_errors: 0,
+            upload_errors: self.record.concluded_upload_errors.unwrap_or(1),
             manifest: None,
             unfinished: true,
             script_exit_code: self.record.exit_code,

@@ -354,6 +354,9 @@ fn a_stop_during_the_final_sync_of_a_job_that_succeeded_sends_what_recover_may_a
         "{cut}"
     );
     assert_eq!(cut["exit_code"], 0, "{cut}");
+    // An UPLOAD_ERROR that counts no upload error contradicts itself: at least one file of
+    // the job (here its only one) is not stored.
+    assert!(cut["upload_errors"].as_u64() >= Some(1), "{cut}");
     let Store::S3(s3) = &mut h.store else {
         unreachable!()
     };
