@@ -456,6 +456,52 @@ mod tests {
         assert!(!state.outbox_dir("j").exists(), "nothing kept");
     }
 
+    /// FINALIZING's flush of the outbox was posting an earlier attempt's kept registration
+    /// when the stay ran out: aborted inside the POST, the registration the control plane
+    /// took stayed kept and was posted again (its bytes counted twice). The POST under way
+    /// ends, its entry is settled, and only then do the reports go on.
+    #[tokio::test]
+    async fn a_registration_posted_as_the_stay_runs_out_is_settled_not_sent_twice() {
+        let (url, requests) =
+            serve_recorded(Duration::from_millis(150), |_, _| ("200 OK", "{}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let cp = control_plane(url);
+        let earlier = Reporter::new(Some(cp.clone()), state.clone(), "j", 1);
+        let registration = br#"{"attempt":1,"manifest":"m","files":1,"bytes":9,"new_bytes":9}"#;
+        assert!(matches!(
+            earlier.keep_unsent("artifacts", 4, registration),
+            Delivery::Kept
+        ));
+        let reporter = Reporter::new(Some(cp), state.clone(), "j", 2);
+        let mut reports = JobReporter::new(reporter, 2);
+        reports.finalizing(2, true, Instant::now() + Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let verdict = crate::outcome::decide(&crate::outcome::JobEnd::Canceled, false, false);
+        let stay = Instant::now() + Duration::from_millis(20);
+        reports
+            .finish(3, None, &verdict, Ending::default(), stay)
+            .await;
+        let posted = requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(line, _)| line.contains("/artifacts"))
+            .count();
+        assert_eq!(posted, 1, "the registration posted once");
+        let kept: Vec<String> = std::fs::read_dir(state.outbox_dir("j"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            !kept.iter().any(|name| name.contains("artifacts")),
+            "{kept:?}"
+        );
+    }
+
     /// A job's file names (16 KiB each) in 50 warnings made a terminal status of megabytes;
     /// a proxy answered 413, a verdict, and the status was dropped for good.
     #[tokio::test]
