@@ -55,12 +55,31 @@ impl HttpService for Capped {
         // answer either: refused, for good, as every try meets it again (a 304 and S3's
         // wrong-region 301 carry no Location and are object_store's to read).
         if res.status().is_redirection() && res.headers().contains_key(http::header::LOCATION) {
-            let to = res.headers()[http::header::LOCATION]
+            let sent_url = url::Url::parse(&sent_to.to_string()).ok();
+            // A relative Location is the store's own origin.
+            let at = res.headers()[http::header::LOCATION]
                 .to_str()
                 .ok()
-                .and_then(|l| url::Url::parse(l).ok())
+                .and_then(|l| match &sent_url {
+                    Some(base) => base.join(l).ok(),
+                    None => url::Url::parse(l).ok(),
+                });
+            let to = at
+                .as_ref()
                 .and_then(|u| u.host_str().map(str::to_string))
                 .unwrap_or_default();
+            let here = matches!((&at, &sent_url), (Some(a), Some(b)) if a.origin() == b.origin());
+            if here {
+                // A 301-303 within the origin, not followed either: it would have turned the
+                // request into a GET ([`crate::storehttp`]). A blip, as a proxy's would be.
+                return Err(HttpError::new(
+                    HttpErrorKind::Unknown,
+                    Redirected {
+                        method: format!("{method} ({})", res.status()),
+                        to,
+                    },
+                ));
+            }
             return Err(HttpError::new(
                 HttpErrorKind::Unknown,
                 RedirectedAway {
@@ -142,7 +161,8 @@ pub(crate) struct RedirectedAway {
     pub(crate) to: String,
 }
 
-/// A redirect of a request that is not a GET, followed by the HTTP client.
+/// A redirect of a request that is not a GET, followed by the HTTP client, or one within the
+/// store's origin that would have turned it into a GET (301-303), not followed.
 #[derive(Debug, thiserror::Error)]
 #[error("the store answered a {method} with a redirect (to host `{to}`); its answer is not taken")]
 struct Redirected {

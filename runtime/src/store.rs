@@ -418,6 +418,10 @@ fn permanent_cause(e: &(dyn std::error::Error + 'static), local: bool) -> bool {
             // A proxy's 413 (nginx's client_max_body_size), a 405, 411, 414, 431: each try
             // is refused the same way, and was retried until the deadline.
             Some(status @ 401..=499) => return !TRANSIENT_4XX.contains(&status),
+            // The store does not do what was asked (a checksum or encryption header it does
+            // not know, an HTTP version): each try was refused alike, its body sent again
+            // each time, until the deadline. A 501 to a condition is met before this.
+            Some(501 | 505) => return true,
             _ => {}
         }
         cur = err.source();

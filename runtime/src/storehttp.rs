@@ -155,10 +155,17 @@ pub fn client(options: &ClientOptions) -> object_store::Result<reqwest::Client> 
         .map_err(client_error)
 }
 
-/// Follow a redirect only to the origin (scheme, host, port) the request was sent to.
+/// Follow a redirect only to the origin (scheme, host, port) the request was sent to, and
+/// only one that keeps the method and body (307, 308).
 fn within_origin(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
     let first = attempt.previous().first();
-    if attempt.previous().len() > MAX_HOPS {
+    if matches!(attempt.status().as_u16(), 301..=303) {
+        // Followed, a PUT (303) or a POST (301, 302) went on as a GET of the same place:
+        // its 200 and the ETag of the object already there stood for the write, and a
+        // manifest that was never written counted as stored. No store sends these to a
+        // request of its own API; the 3xx comes back as the answer, a failed try.
+        attempt.stop()
+    } else if attempt.previous().len() > MAX_HOPS {
         attempt.error("too many redirects")
     } else if first.is_some_and(|f| f.origin() == attempt.url().origin()) {
         attempt.follow()

@@ -50,6 +50,11 @@ enum Fault {
     /// Every PUT of a non-empty blob: 303 See Other to `/portal/x`, whose GET answers 200 with
     /// an ETag (a captive portal, a misrouted proxy).
     RedirectPuts,
+    /// Every PUT of a manifest already stored: 303 See Other to its own path (a gateway's
+    /// post-redirect-get), whose GET answers the manifest there, with its ETag.
+    RedirectManifestPutsHere,
+    /// Every PUT of a non-empty blob: 501 NotImplemented (a header the store does not do).
+    PutsNotImplemented,
     /// Every request: 301 PermanentRedirect with no Location (a bucket of another region).
     WrongRegion,
     /// Every GET or non-empty PUT of a blob: 307 Temporary Redirect to the same path on the
@@ -320,6 +325,26 @@ async fn handle(
     }
     if fault == Fault::WrongRegion {
         return s3_error(StatusCode::MOVED_PERMANENTLY, "PermanentRedirect");
+    }
+    if fault == Fault::RedirectManifestPutsHere
+        && method == Method::PUT
+        && key.ends_with("/manifest.json")
+        && st.objects.contains_key(&key)
+    {
+        *st.seen_puts.entry(key).or_default() += 1;
+        return reply(
+            StatusCode::SEE_OTHER,
+            &[("location", uri.path().to_string())],
+            Body::empty(),
+        );
+    }
+    if fault == Fault::PutsNotImplemented
+        && method == Method::PUT
+        && key.contains("/blobs/sha256/")
+        && !body.is_empty()
+    {
+        *st.seen_puts.entry(key).or_default() += 1;
+        return s3_error(StatusCode::NOT_IMPLEMENTED, "NotImplemented");
     }
     if fault == Fault::TooLarge
         && method == Method::PUT
@@ -1399,6 +1424,56 @@ fn a_redirected_upload_is_not_taken_as_stored() {
         run.stderr
     );
     assert!(run.stderr.contains("redirect"), "{}", run.stderr);
+}
+
+/// A gateway that answers the PUT of a manifest already stored with a 303 to its own path:
+/// the HTTP client followed it as a GET, whose 200 and the old manifest's ETag stood for the
+/// write. The second attempt ended 0 with the job's manifest still the first attempt's.
+#[test]
+fn a_manifest_put_answered_303_to_itself_is_not_taken_as_written() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "again", b"first attempt"))
+        .assert_code(0);
+    s3.set_fault(Fault::RedirectManifestPutsHere);
+    let mut second = job_writing(&h, "again", b"second attempt");
+    second["attempt"] = json!(2);
+    let run = h.run_job(second);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.state.lock().unwrap().objects["pre/jobs/again/manifest.json"])
+            .unwrap();
+    assert!(
+        run.code != 0 || manifest["attempt"] == 2,
+        "exit {} with the job's manifest {manifest}\n{}",
+        run.code,
+        run.stderr
+    );
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("303"), "{}", run.stderr);
+}
+
+/// A store that answers 501 NotImplemented to each PUT (a checksum or encryption header it
+/// does not do): each try was refused alike, its body sent again, until the deadline.
+#[test]
+fn a_501_fails_the_upload_at_once() {
+    let s3 = FakeS3::start(Fault::PutsNotImplemented);
+    let mut h = s3.harness();
+    h.extra_toml = h
+        .extra_toml
+        .replace("retry_deadline_secs = 4", "retry_deadline_secs = 120");
+    let data = b"a header the store does not do";
+    let started = std::time::Instant::now();
+    let run = h.run_job(job_writing(&h, "no501", data));
+    run.assert_code(3);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "retried a 501 for {:?}\n{}",
+        started.elapsed(),
+        run.stderr
+    );
+    // The conditional PUT, then the plain one it falls back to: none after.
+    assert!(s3.puts_of(data) <= 2, "{} PUTs", s3.puts_of(data));
+    assert!(run.stderr.contains("501"), "{}", run.stderr);
 }
 
 /// A store that redirects to another host. The HTTP client followed: a 307 re-sent a PUT's
