@@ -197,7 +197,7 @@ pub async fn read_manifest_of(
         None => manifest_key(job_id),
     };
     let bytes = store
-        .get_bytes_capped(&key, max_bytes)
+        .get_bytes_capped_listed(&key, max_bytes)
         .await
         .map_err(|source| PullError::NoManifest {
             job_id: job_id.into(),

@@ -119,7 +119,7 @@ pub enum StoreError {
     },
     /// A 404 that does not say the key is absent, retried as a blip: a write's (S3's
     /// NoSuchBucket, or a proxy's own 404: see [`write_error`]), a blob read's without the
-    /// store's own code ([`BlobStore::blob_read_error`]).
+    /// store's own code, or a dataset manifest's ([`BlobStore::listed_read_error`]).
     #[error("store {op} of `{key}` was answered \"not found\"")]
     BareNotFound {
         op: &'static str,
@@ -2777,15 +2777,16 @@ impl BlobStore {
         self.retrying_read(|| async {
             self.get_once(&key)
                 .await
-                .map_err(|e| self.blob_read_error(e))
+                .map_err(|e| self.listed_read_error(e))
         })
         .await
     }
 
-    /// A blob is read because a manifest lists it: a 404 without the store's word that the
-    /// key is absent ([`BlobStore::says_absent`]) is a proxy's or load balancer's, retried as
-    /// any blip. Taken as the blob missing, one such answer failed a dataset at once.
-    fn blob_read_error(&self, e: StoreError) -> StoreError {
+    /// A blob is read because a manifest lists it, a dataset's manifest because the spec
+    /// names its job: a 404 without the store's word that the key is absent
+    /// ([`BlobStore::says_absent`]) is a proxy's or load balancer's, retried as any blip.
+    /// Taken as the object missing, one such answer failed a dataset at once, not retryable.
+    pub(crate) fn listed_read_error(&self, e: StoreError) -> StoreError {
         match e {
             StoreError::Op {
                 op,
@@ -2812,7 +2813,7 @@ impl BlobStore {
                 .get_opts(&StorePath::from(key.as_str()), opts)
                 .await
                 .map_err(|source| {
-                    self.blob_read_error(StoreError::Op {
+                    self.listed_read_error(StoreError::Op {
                         op: "get",
                         key: key.clone(),
                         source,
@@ -2854,6 +2855,17 @@ impl BlobStore {
         // headers) is a blip like a failed request, and a dataset's manifest failed on one.
         self.retrying_read(|| self.get_bytes_capped_once(key, max))
             .await
+    }
+
+    /// [`BlobStore::get_bytes_capped`] of a document a spec names, which the store should
+    /// hold: a bare 404 is a blip ([`BlobStore::listed_read_error`]).
+    pub async fn get_bytes_capped_listed(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {
+        self.retrying_read(|| async {
+            self.get_bytes_capped_once(key, max)
+                .await
+                .map_err(|e| self.listed_read_error(e))
+        })
+        .await
     }
 
     async fn get_bytes_capped_once(&self, key: &str, max: u64) -> Result<Bytes, StoreError> {

@@ -1642,6 +1642,38 @@ fn a_dataset_from_a_trickling_store_ends_at_the_dataset_timeout() {
     );
 }
 
+/// A dataset's manifest answered with a bare 404 (a proxy's or load balancer's, not the
+/// store's NoSuchKey) was taken for the job having no manifest: DATASET_ERROR, not
+/// retryable, at the first such answer. It is a blip, retried; still met at the end, a
+/// retryable failure. A job the store says it has no manifest of stays not retryable.
+#[test]
+fn a_bare_404_to_a_datasets_manifest_is_a_blip() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    h.run_job(job_writing(&h, "baresrc", &pattern(4096)))
+        .assert_code(0);
+    let absent = h.run_job(json!({"job_id": "nosrc", "command": ["true"],
+        "datasets": [{"ref": "/jobs/never-ran", "mount": "in"}]}));
+    absent.assert_code(6);
+    assert_eq!(h.terminal("nosrc")["retryable"], false);
+    s3.set_fault(Fault::ManifestGetBareNotFound);
+    let marker = h.path("launched");
+    let run = h.run_job(json!({"job_id": "bare404",
+        "command": ["touch", marker.display().to_string()],
+        "datasets": [{"ref": "/jobs/baresrc", "mount": "in"}]}));
+    run.assert_code(6);
+    assert!(!marker.exists(), "the script ran");
+    let t = h.terminal("bare404");
+    assert_eq!(t["reason"], "DATASET_ERROR", "{t}");
+    assert_eq!(t["retryable"], true, "{t}");
+    s3.set_fault(Fault::None);
+    h.run_job(json!({"job_id": "bare404", "attempt": 2,
+        "command": ["touch", marker.display().to_string()],
+        "datasets": [{"ref": "/jobs/baresrc", "mount": "in"}]}))
+        .assert_code(0);
+    assert!(marker.exists());
+}
+
 /// A finished attempt whose multipart abort failed (the store was down as it ended) keeps its
 /// journal; `recover` aborts the upload later, so neither the job (retention) nor the parts
 /// (billed at the store) stay for ever.
