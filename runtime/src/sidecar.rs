@@ -379,7 +379,11 @@ async fn watch_attempt(
         // read anew, could tell another story than the one already reported).
         let ended = earlier
             .as_ref()
-            .filter(|r| r.phase == Phase::Finishing)
+            .filter(|r| {
+                r.phase == Phase::Finishing
+                    // Ended, and killed before its final sync began (saved with FINALIZING).
+                    || (r.phase == Phase::Running && (r.exit_code.is_some() || r.signal.is_some() || r.state.is_some()))
+            })
             .map(crate::recover::recorded_end)
             .filter(|end| *end != JobEnd::AgentLost);
         let mut run = Run::with_user(ctx, record, None);
@@ -476,6 +480,10 @@ async fn watch_attempt(
         };
         // Its end is the final sync's: the whole host.
         crate::pace::set_gentle(false);
+        // Saved with FINALIZING's record, as under `run`: a sidecar killed after it and
+        // restarted watched again (a RUNNING after FINALIZING, the done file read anew), and
+        // a `recover` ended the attempt AGENT_ERROR though its exit was known.
+        crate::outcome::note_end(&end, &mut run.record);
         if end != JobEnd::Canceled {
             // The job says it is over (its own processes are out of sight here).
             let facts = oom.then(|| c3_proto::JobFacts {
@@ -489,6 +497,7 @@ async fn watch_attempt(
             // a scheduler does not place the next job on it as if it were free.
             let gone = leader.is_none() || gone_within(&procs, GONE_WAIT).await;
             run.gpu_released(facts, gone).await;
+            crate::fault::crash_point("crash-after-gpu-released");
         }
         run.message = message;
         Ok(Watched::Finished(run.finish(end, started).await))

@@ -816,6 +816,58 @@ fn a_sidecar_restarted_in_its_final_sync_finishes_it_without_watching_again() {
     assert_eq!(h.manifest_paths("sidefin"), vec!["out/a"]);
 }
 
+/// A sidecar killed right after FINALIZING went out, before its final sync began: the end
+/// was not yet saved, and the restarted one watched again (a RUNNING after FINALIZING, the
+/// done file read anew), as a `recover` ended the attempt AGENT_ERROR though the job exited
+/// 0. The end is saved with FINALIZING's record.
+#[test]
+fn a_sidecar_killed_as_finalizing_went_out_finishes_with_the_end_it_saw() {
+    for restart in ["watch", "recover"] {
+        let mut h = Harness::file().with_control_plane(10);
+        let job = format!("sidegone-{restart}");
+        let shared = h.path("shared");
+        std::fs::create_dir_all(shared.join("out")).unwrap();
+        let done = shared.join("done").display().to_string();
+        let out = shared.join("out");
+        h.env
+            .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
+        let first = watch(&h, &job, &["--done-file", &done], &[&out]);
+        wait_for("RUNNING", Duration::from_secs(20), || {
+            states(&h).iter().any(|s| s == "RUNNING").then_some(())
+        });
+        std::fs::write(out.join("a"), "a").unwrap();
+        std::fs::write(&done, "0\n").unwrap();
+        assert_ne!(h.wait("crashed watch".into(), first).code, 0);
+        h.env.clear();
+        if restart == "watch" {
+            h.wait(
+                "watch again".into(),
+                watch(&h, &job, &["--done-file", &done], &[&out]),
+            )
+            .assert_code(0);
+        } else {
+            h.run(&["recover"]).assert_code(0);
+        }
+        let states = states(&h);
+        assert_eq!(
+            states.first().map(String::as_str),
+            Some("RUNNING"),
+            "{restart}: {states:?}"
+        );
+        assert_eq!(
+            states.iter().filter(|s| *s == "RUNNING").count(),
+            1,
+            "{restart}: {states:?}"
+        );
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some("SUCCEEDED"),
+            "{restart}: {states:?}"
+        );
+        assert_eq!(h.manifest_paths(&job), vec!["out/a"], "{restart}");
+    }
+}
+
 #[test]
 fn watch_reports_the_exit_code_the_done_file_holds() {
     let h = Harness::file().with_control_plane(10);
