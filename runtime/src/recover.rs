@@ -1,6 +1,6 @@
 //! `c3-agent recover`: finish the jobs a crashed agent left behind, and deliver kept reports.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use c3_proto::{JobState, Phase, RunRecord};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,37 @@ fn watched_leader_alive(record: &RunRecord) -> bool {
         .watched_leader
         .as_ref()
         .is_some_and(|leader| crate::procfs::is_alive_in(leader, record.agent_pid_ns))
+}
+
+/// How long `recover` leaves the attempt of a sidecar told no pid to its restart, from the
+/// attempt's start, while nothing says the job ended: past it, the sidecar is taken for
+/// gone for good (its pod deleted, its prolog's job over) and the attempt is finished.
+pub const UNWATCHED_SIDECAR_WAIT: Duration = Duration::from_secs(72 * 3600);
+
+/// Whether the job of a sidecar that was told no pid (`watch` without `--pid`: the done file
+/// is its only word on the end) may still run: the attempt is unended in its record, on this
+/// boot, and started within [`UNWATCHED_SIDECAR_WAIT`]. Finished now, a job that still ran
+/// got AGENT_ERROR (retryable: a second copy placed on its GPU) and a complete manifest, and
+/// the restarted sidecar found the attempt done and stored nothing the job wrote after.
+fn unwatched_sidecar_job_may_run(record: &RunRecord) -> bool {
+    let ended = record.state.is_some() || record.exit_code.is_some() || record.signal.is_some();
+    let same_boot = match &record.agent_boot_id {
+        Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
+        None => true,
+    };
+    let recent = chrono::DateTime::parse_from_rfc3339(&record.started_at)
+        .map(|at| {
+            let age = chrono::Utc::now().signed_duration_since(at);
+            age.to_std()
+                .map_or(true, |age| age < UNWATCHED_SIDECAR_WAIT)
+        })
+        .unwrap_or(true);
+    record.watched_dirs.is_some()
+        && record.watched_leader.is_none()
+        && record.phase == Phase::Running
+        && !ended
+        && same_boot
+        && recent
 }
 
 /// Finishes every unfinished job in the state dir, oldest first. Once `halt` is cancelled (a
@@ -587,6 +618,12 @@ async fn recover_record(
     if pass == Pass::Recover && record.phase == Phase::Running && watched_leader_alive(&record) {
         tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
             "the watched job still runs; left to its sidecar");
+        return None;
+    }
+    if pass == Pass::Recover && unwatched_sidecar_job_may_run(&record) {
+        tracing::info!(job_id = %record.spec.job_id, attempt = record.spec.attempt,
+            wait_hours = UNWATCHED_SIDECAR_WAIT.as_secs() / 3600,
+            "a sidecar told no pid died before the job's end was known: the job may still run; left to its sidecar's restart (finished once the wait from the attempt's start is over, or after a reboot)");
         return None;
     }
     if pass != Pass::Own && owner_alive(&record) {

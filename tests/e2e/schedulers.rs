@@ -1340,6 +1340,70 @@ fn recover_leaves_a_watched_job_that_still_runs_to_its_sidecar() {
     assert!(std::fs::read_to_string(&rec).unwrap().contains("\"done\""));
 }
 
+/// As above, for a sidecar told no pid (the done file its only word on the end): `recover`
+/// finished the attempt at once, AGENT_ERROR and retryable while the job still ran (a second
+/// copy placed on its GPU), its manifest complete, and the restarted sidecar stored nothing
+/// the job wrote after. It is left to the restart, for a bounded wait from the attempt's
+/// start; the restart finds the done file written meanwhile.
+#[test]
+fn recover_leaves_a_sidecar_told_no_pid_to_its_restart() {
+    let h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done").display().to_string();
+    let out = shared.join("out");
+    let agent = watch(&h, "nopid", &["--done-file", &done], &[&out]);
+    let rec = running_watch(&h, "nopid");
+    std::fs::write(out.join("early"), "e").unwrap();
+    signal(agent.id(), "KILL");
+    h.wait("watch killed".into(), agent);
+    let run = h.run(&["recover"]);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("left to its sidecar's restart"),
+        "{}",
+        run.stderr
+    );
+    assert!(std::fs::read_to_string(&rec)
+        .unwrap()
+        .contains("\"running\""));
+    assert!(
+        states(&h).iter().all(|s| s == "RUNNING"),
+        "{:?}",
+        states(&h)
+    );
+    // The job goes on writing and ends while no sidecar watches; the restart finishes it.
+    std::fs::write(out.join("late"), "l").unwrap();
+    std::fs::write(&done, "0\n").unwrap();
+    h.wait(
+        "watch again".into(),
+        watch(&h, "nopid", &["--done-file", &done], &[&out]),
+    )
+    .assert_code(0);
+    assert_eq!(h.terminal("nopid")["state"], "SUCCEEDED");
+    assert_eq!(h.manifest_paths("nopid"), vec!["out/early", "out/late"]);
+
+    // One whose sidecar never came back is finished once the wait is over.
+    let shared = h.path("shared2");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done").display().to_string();
+    let agent = watch(
+        &h,
+        "nopid2",
+        &["--done-file", &done],
+        &[&shared.join("out")],
+    );
+    let rec = running_watch(&h, "nopid2");
+    signal(agent.id(), "KILL");
+    h.wait("watch killed".into(), agent);
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    record["started_at"] = json!("2020-01-01T00:00:00Z");
+    std::fs::write(&rec, serde_json::to_vec(&record).unwrap()).unwrap();
+    h.run(&["recover"]);
+    assert!(std::fs::read_to_string(&rec).unwrap().contains("\"done\""));
+}
+
 /// Outside Slurm a stop that comes with the watched process's end is not a cancel: Kubernetes
 /// stops a sidecar right after every trainer's end, its own ones included.
 #[test]

@@ -255,6 +255,12 @@ fn recover_of_a_sidecar_never_follows_a_swapped_parent_into_another_tenants_tree
         },
     );
     kill_agent(agent);
+    // A sidecar told no pid is left to its restart for days from the attempt's start
+    // (`recover::UNWATCHED_SIDECAR_WAIT`): this one started long ago.
+    let mut text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    text["started_at"] = serde_json::json!("2020-01-01T00:00:00Z");
+    std::fs::write(&record, serde_json::to_vec(&text).unwrap()).unwrap();
     swap_for_symlink(&scratch.join("jobX"), &other);
     let recover = h.run(&["recover"]);
     assert_nothing_of_the_other_tenant_stored(&h, "side", &recover);
