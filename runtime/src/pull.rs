@@ -742,8 +742,20 @@ async fn fetch_once(
     // or blinking link arrives in several requests rather than failing the pull.
     let (mut received, mut fruitless) = (0u64, 0u32);
     loop {
-        let Some(chunk) = body.next().await else {
-            break;
+        let chunk = match body.next().await {
+            Some(chunk) => chunk,
+            // A clean end short of the entry's size is a break too (a proxy that cut a body
+            // sent without a length): taken for the store holding other bytes, it was
+            // fetched whole again, and a second such cut failed the pull, not retryable.
+            None if received < entry.size => Err(object_store::Error::Generic {
+                store: "HTTP",
+                source: format!(
+                    "the body ended after {received} of the blob's {} bytes",
+                    entry.size
+                )
+                .into(),
+            }),
+            None => break,
         };
         match chunk {
             Ok(bytes) => {

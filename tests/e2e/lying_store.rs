@@ -60,6 +60,9 @@ enum Fault {
     /// Every GET or non-empty PUT of a blob: 307 Temporary Redirect to the same path on the
     /// port in `State::redirect_to` (another host, to the HTTP client).
     RedirectAway,
+    /// The first two GETs of each blob without a Range: its first half, with a Content-Length
+    /// that says so (a proxy that cut a close-delimited body: a clean end, short).
+    ShortCleanTwice,
     /// The first GET of each manifest: half its body, then the connection breaks.
     CutManifestOnce,
     /// Every listing: a page of keys that says more follow, for ever (a gateway that drops
@@ -612,6 +615,19 @@ async fn handle(
             if fault == Fault::FlipOnce && *gets == 1 && key.contains("/blobs/") && !rest.is_empty() {
                 rest[0] ^= 0xff;
             }
+            if fault == Fault::ShortCleanTwice
+                && key.contains("/blobs/")
+                && from == 0
+                && *gets <= 2
+                && rest.len() > 1
+            {
+                rest.truncate(rest.len() / 2);
+                for (name, v) in h.iter_mut() {
+                    if *name == "content-length" {
+                        *v = rest.len().to_string();
+                    }
+                }
+            }
             let rest = Bytes::from(rest);
             let body = if fault == Fault::Trickle && key.contains("/blobs/") {
                 use futures::StreamExt;
@@ -1129,6 +1145,22 @@ fn a_pull_whose_downloads_break_off_goes_on_where_each_stopped() {
     let dest = h.path("dest");
     h.run(&["pull", "cut", dest.to_str().unwrap()])
         .assert_code(0);
+    assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
+}
+
+/// A download that ends cleanly but short (a proxy cut a close-delimited body) is a break,
+/// resumed where it stopped: it was taken for the store holding other bytes, fetched whole
+/// once more, and a second such cut failed the pull as a mismatch, not retryable.
+#[test]
+fn a_download_that_ends_short_is_resumed_not_a_mismatch() {
+    let s3 = FakeS3::start(Fault::None);
+    let h = s3.harness();
+    let data = pattern(1 << 20);
+    h.run_job(job_writing(&h, "short", &data)).assert_code(0);
+    s3.set_fault(Fault::ShortCleanTwice);
+    let dest = h.path("dest");
+    let pulled = h.run(&["pull", "short", dest.to_str().unwrap()]);
+    pulled.assert_code(0);
     assert!(std::fs::read(dest.join("artifacts/out")).unwrap() == data);
 }
 
