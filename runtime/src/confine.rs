@@ -256,9 +256,33 @@ impl DirFd {
     }
 
     /// Opens the regular file `rel` below this one for reading, never through a symlink.
+    /// Anything else is not opened: its `O_PATH` handle comes back, which `fstat` shows for
+    /// what it is (callers refuse all but a regular file) and which reads nothing. Opened as
+    /// root, a device or FIFO a job placed had effects of its own: a tty became the agent's
+    /// controlling terminal, a watchdog or a tape drive acted, a FIFO's blocked writer was
+    /// let go.
     pub fn open_file(&self, rel: &Path) -> io::Result<File> {
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-        beneath(self, rel, flags).map(File::from)
+        let handle = beneath(
+            self,
+            rel,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        )?;
+        let st = fstat(&handle)?;
+        // O_PATH with O_NOFOLLOW holds a symlink itself, where an open refuses it.
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK {
+            return Err(Errno::ELOOP.into());
+        }
+        if !is_regular(&st) {
+            return Ok(File::from(handle));
+        }
+        // The handle's magic link is the very inode judged; O_NOFOLLOW would refuse the link.
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+        let file = nix::fcntl::open(
+            format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+            flags,
+            Mode::empty(),
+        )?;
+        Ok(File::from(file))
     }
 
     /// `lstat` of one entry of this directory. An entry that is the root of a FUSE mount a
@@ -783,7 +807,7 @@ pub fn open_read(root: Option<&Path>, path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(OFlag::O_NOFOLLOW.bits() | OFlag::O_NONBLOCK.bits())
+        .custom_flags(OFlag::O_NOFOLLOW.bits() | OFlag::O_NONBLOCK.bits() | OFlag::O_NOCTTY.bits())
         .open(path)
 }
 
@@ -1153,6 +1177,42 @@ mod tests {
             dir.stat_held(OsStr::new("missing")).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    /// A FIFO (or a device) is judged by its type before any open of it: opened as root for
+    /// reading, a FIFO a job placed let its blocked writer go (a device node acted on the
+    /// open: a tty, a watchdog). Its handle comes back, which shows what it is and reads
+    /// nothing.
+    #[test]
+    fn open_file_does_not_open_a_fifo() {
+        let root = tempfile::tempdir().unwrap();
+        let fifo = root.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        let writer = {
+            let fifo = fifo.clone();
+            // Blocks until a reader opens the FIFO.
+            std::thread::spawn(move || std::fs::OpenOptions::new().write(true).open(fifo))
+        };
+        let dir = DirFd::open_root(root.path()).unwrap();
+        let mut file = dir.open_file(Path::new("fifo")).unwrap();
+        assert!(!is_regular(&fstat(&file).unwrap()));
+        assert!(std::io::Read::read(&mut file, &mut [0u8; 8]).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let released = writer.is_finished();
+        // Let the writer go.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let _ = writer.join();
+        assert!(!released, "the FIFO's writer was let go");
+        std::fs::write(root.path().join("f"), "x").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut dir.open_file(Path::new("f")).unwrap(), &mut text)
+            .unwrap();
+        assert_eq!(text, "x");
     }
 
     /// A directory the reader may not enter shuts it out of what lies below, however the
