@@ -31,9 +31,27 @@ pub enum AclError {
 
 const NAME: &std::ffi::CStr = c"system.posix_acl_access";
 
-/// What the open file's ACL says: `Ok(None)` when it has none (the mode bits are the whole
-/// answer).
+/// What a file system says of a file's access ACL.
+pub enum Look {
+    /// It has none: the mode bits are the whole answer.
+    NoAcl,
+    Acl(Acl),
+    /// Its file system has no POSIX ACLs (NFSv4, CIFS, GPFS, ramfs): one of its own (an
+    /// NFSv4 ACL on the server) may decide what the mode bits seem to allow.
+    Unsupported,
+}
+
+/// What the open file's ACL says: `Ok(None)` when it has none, or its file system has no
+/// POSIX ACLs ([`look`] tells the two apart).
 pub fn of(file: &impl AsFd) -> Result<Option<Acl>, AclError> {
+    look(file).map(|l| match l {
+        Look::Acl(acl) => Some(acl),
+        Look::NoAcl | Look::Unsupported => None,
+    })
+}
+
+/// [`of`], saying whether the file system has POSIX ACLs at all.
+pub fn look(file: &impl AsFd) -> Result<Look, AclError> {
     let fd = file.as_fd().as_raw_fd();
     read(|buf| {
         // SAFETY: the fd is open for the call; `NAME` is NUL-terminated; `buf` is writable
@@ -48,7 +66,7 @@ pub fn of(file: &impl AsFd) -> Result<Option<Acl>, AclError> {
 pub fn of_handle(handle: &impl AsFd) -> Result<Option<Acl>, AclError> {
     let path = std::ffi::CString::new(format!("/proc/self/fd/{}", handle.as_fd().as_raw_fd()))
         .map_err(|_| AclError::Malformed)?;
-    read(|buf| {
+    let look = read(|buf| {
         // SAFETY: `path` and `NAME` are NUL-terminated; `buf` is writable for its whole
         // length, which is what the kernel is told.
         unsafe {
@@ -59,12 +77,16 @@ pub fn of_handle(handle: &impl AsFd) -> Result<Option<Acl>, AclError> {
                 buf.len(),
             )
         }
+    });
+    look.map(|l| match l {
+        Look::Acl(acl) => Some(acl),
+        Look::NoAcl | Look::Unsupported => None,
     })
 }
 
 /// Reads the attribute with `get`, into a small buffer first (most ACLs are a few entries),
 /// then the most the kernel keeps of one attribute (64 KiB).
-fn read(get: impl Fn(&mut [u8]) -> isize) -> Result<Option<Acl>, AclError> {
+fn read(get: impl Fn(&mut [u8]) -> isize) -> Result<Look, AclError> {
     let mut buf = vec![0u8; 256];
     let mut n = get(&mut buf);
     if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) {
@@ -74,12 +96,12 @@ fn read(get: impl Fn(&mut [u8]) -> isize) -> Result<Option<Acl>, AclError> {
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
-            // No ACL, or a file system without them: the mode bits are the answer.
-            Some(libc::ENODATA | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(None),
+            Some(libc::ENODATA) => Ok(Look::NoAcl),
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(Look::Unsupported),
             _ => Err(AclError::Read(e)),
         };
     }
-    parse(&buf[..n as usize]).map(Some)
+    parse(&buf[..n as usize]).map(Look::Acl)
 }
 
 fn parse(bytes: &[u8]) -> Result<Acl, AclError> {

@@ -1020,19 +1020,48 @@ impl JobReader {
     /// file someone else put in bob's output dir), or grant what the mode bits refuse. An
     /// ACL this code cannot understand is a refusal; one that cannot be read is an error
     /// (a transient fault is never a silent "not the job's").
+    ///
+    /// On a file system without POSIX ACLs (NFSv4, CIFS, GPFS) the kernel decides, by an open
+    /// made as the user ([`crate::asuser`]): the server's own ACL may deny what the mode bits
+    /// grant (`D::bob` on a 0644 file in a shared output dir), and the mode bits let a job
+    /// have the root agent store a file its user could not read.
     pub fn may_read(&self, file: &impl AsFd, st: &FileStat) -> io::Result<bool> {
-        self.may(crate::acl::of(file), st, 0o4)
+        self.may_open(file, st, false, 0o4)
     }
 
     /// [`JobReader::may_read`] for listing and entering the open directory `dir`.
     pub fn may_enter(&self, dir: &impl AsFd, st: &FileStat) -> io::Result<bool> {
-        self.may(crate::acl::of(dir), st, 0o5)
+        self.may_open(dir, st, true, 0o5)
     }
 
     /// Whether this user may pass through the open directory `dir` (search, not list): what
     /// reaching a file below it by path takes.
     pub fn may_search(&self, dir: &impl AsFd, st: &FileStat) -> io::Result<bool> {
-        self.may(crate::acl::of(dir), st, 0o1)
+        self.may_open(dir, st, true, 0o1)
+    }
+
+    fn may_open(&self, fd: &impl AsFd, st: &FileStat, dir: bool, want: u16) -> io::Result<bool> {
+        if self.uid == 0 {
+            return Ok(true);
+        }
+        let acl = match crate::acl::look(fd) {
+            Ok(crate::acl::Look::Unsupported) => {
+                match crate::asuser::may(fd, dir, self.uid, &self.gids, want) {
+                    Ok(yes) => return Ok(yes),
+                    Err(e) => {
+                        // The identity could not be taken (no CAP_SETUID): the mode bits, as
+                        // before, said once.
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| tracing::warn!(error = %e, "a file system without POSIX ACLs (NFSv4, CIFS): the job's user's access is judged by the mode bits alone, which its own ACLs may contradict"));
+                        Ok(None)
+                    }
+                }
+            }
+            Ok(crate::acl::Look::NoAcl) => Ok(None),
+            Ok(crate::acl::Look::Acl(acl)) => Ok(Some(acl)),
+            Err(e) => Err(e),
+        };
+        self.may(acl, st, want)
     }
 
     /// Whether this user may remove what the open directory `dir` holds: it owns it (it may
@@ -1176,6 +1205,54 @@ mod tests {
         assert_eq!(
             dir.stat_held(OsStr::new("missing")).unwrap_err().kind(),
             io::ErrorKind::NotFound
+        );
+    }
+
+    /// On a file system without POSIX ACLs (ramfs here; NFSv4, CIFS, GPFS on a cluster) the
+    /// read gate asks the kernel, by an open made as the job's user: the mode bits alone let
+    /// the job have root store what the server's own ACL denies its user.
+    #[test]
+    fn without_posix_acls_the_kernel_judges_the_read() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot mount a ramfs");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").unwrap();
+        std::os::unix::fs::chown(&f, Some(4001), Some(4002)).unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let file = std::fs::File::open(&f).unwrap();
+        assert!(matches!(
+            crate::acl::look(&file),
+            Ok(crate::acl::Look::Unsupported)
+        ));
+        let st = fstat(&file).unwrap();
+        let before = crate::asuser::checks();
+        let reader = |uid, gids: &[u32]| JobReader {
+            uid,
+            gids: gids.to_vec(),
+        };
+        assert!(reader(4001, &[]).may_read(&file, &st).unwrap());
+        assert!(reader(4003, &[4002]).may_read(&file, &st).unwrap());
+        assert!(!reader(4003, &[7]).may_read(&file, &st).unwrap());
+        assert_eq!(
+            crate::asuser::checks() - before,
+            3,
+            "not asked of the kernel"
         );
     }
 

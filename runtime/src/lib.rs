@@ -9,6 +9,7 @@
 
 pub mod acl;
 pub mod agentsock;
+pub mod asuser;
 pub mod awsprofile;
 pub mod budget;
 pub mod candidates;
