@@ -19,7 +19,7 @@ use crate::confine::{is_dir, is_regular, DirFd, JobReader};
 use crate::treewalk::{Item, TreeWalk};
 
 /// What identifies one version of a file on disk; a change in any field means new content may exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileStamp {
     pub size: u64,
     pub mtime_ns: i64,

@@ -361,6 +361,16 @@ impl DirFd {
                         st.st_uid
                     ),
                 )),
+                Some(_) if others_may_rename_in(st) => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to use it for the job",
+                        Path::new(name).display(),
+                        st.st_uid,
+                        st.st_gid,
+                        st.st_mode & 0o7777
+                    ),
+                )),
                 _ => Ok(()),
             },
         )
@@ -1160,6 +1170,20 @@ pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
     Ok(nix::sys::stat::fstat(file)?)
 }
 
+/// Whether users other than the owner (and root) may rename or replace the entries of the
+/// directory `st`: writable by all, or by a group of root's directory that is not root's
+/// (a scheduler's `root:team 2775`), without the sticky bit. Another member of the team
+/// could swap a verified dataset file or a subdirectory for their own, or plant files the
+/// agent collects as the job's. A directory of the job's user writable by its group is the
+/// user's own choice (a user-private group with umask 002), as the workdir's check takes it.
+pub fn others_may_rename_in(st: &FileStat) -> bool {
+    let mode = st.st_mode;
+    let sticky = mode & libc::S_ISVTX != 0;
+    let by_all = mode & 0o002 != 0;
+    let by_a_group_of_roots = st.st_uid == 0 && st.st_gid != 0 && mode & 0o020 != 0;
+    !sticky && (by_all || by_a_group_of_roots)
+}
+
 /// Whether a `FileStat` is a regular file.
 pub fn is_regular(st: &FileStat) -> bool {
     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
@@ -1254,6 +1278,36 @@ mod tests {
             3,
             "not asked of the kernel"
         );
+    }
+
+    /// A dataset's mount dir or an output dir that exists already and that others may
+    /// rename in (a scheduler's `root:team 2775`, a `0777`) was used: another member of the
+    /// team could swap the verified files for their own, or plant what is collected as the
+    /// job's. Refused; a sticky one, or the job user's own group-writable one, is used.
+    #[test]
+    fn ensure_own_dir_refuses_a_dir_others_may_rename_in() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let job = (4001, 4001);
+        for (name, uid, gid, mode, used) in [
+            ("team", 0, 4100, 0o2775, false),
+            ("all", 0, 0, 0o777, false),
+            ("tmp", 0, 0, 0o1777, true),
+            ("mine", 4001, 4001, 0o775, true),
+            ("roots", 0, 0, 0o775, true),
+        ] {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            let dir = DirFd::open_root(root.path()).unwrap();
+            let got = dir.ensure_own_dir(Path::new(name), 0o755, Some(job));
+            assert_eq!(got.is_ok(), used, "{name}: {:?}", got.err());
+        }
     }
 
     /// A FIFO (or a device) is judged by its type before any open of it: opened as root for

@@ -358,11 +358,42 @@ pub fn hang_if_armed(op: &str) {
 pub struct Bounded {
     inner: std::sync::Arc<dyn object_store::ObjectStore>,
     limits: Limits,
+    turns: Turns,
+}
+
+/// The writes of one key, in the order they were made: a put cut at its limit goes on in
+/// its task (a hard NFS mount answers when it likes), and released a minute later it
+/// renamed the older manifest it held over the newer one written since, the one the
+/// registration named. Each put holds its key's turn from before its call starts until
+/// the call really returns; a later one waits for it within its own limit.
+#[derive(Debug, Default)]
+struct Turns(
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+);
+
+impl Turns {
+    fn of(&self, key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(turn) = turns.get(key).and_then(std::sync::Weak::upgrade) {
+            return turn;
+        }
+        let turn = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+        turns.insert(key.to_string(), std::sync::Arc::downgrade(&turn));
+        if turns.len() > 4 * CALLS {
+            // Keys no put holds any more.
+            turns.retain(|_, t| t.strong_count() > 0);
+        }
+        turn
+    }
 }
 
 impl Bounded {
     pub fn new(inner: std::sync::Arc<dyn object_store::ObjectStore>, limits: Limits) -> Self {
-        Bounded { inner, limits }
+        Bounded {
+            inner,
+            limits,
+            turns: Turns::default(),
+        }
     }
 }
 
@@ -486,9 +517,14 @@ impl object_store::ObjectStore for Bounded {
         opts: object_store::PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
         let limit = self.limits.data(payload.content_length() as u64);
+        let turn = tokio::time::timeout(limit, self.turns.of(location.as_ref()).lock_owned())
+            .await
+            .map_err(|_| timed_out("put (an earlier write of the key still under way)", limit))?;
         let (inner, location) = (self.inner.clone(), location.clone());
         bounded("put", limit, async move {
-            inner.put_opts(&location, payload, opts).await
+            let done = inner.put_opts(&location, payload, opts).await;
+            drop(turn);
+            done
         })
         .await
     }
@@ -678,6 +714,121 @@ impl object_store::MultipartUpload for BoundedUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An in-memory store whose first put waits for `gate` (a write stuck in a hard NFS
+    /// mount, released later).
+    #[derive(Debug)]
+    struct FirstPutStalls {
+        inner: object_store::memory::InMemory,
+        gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl std::fmt::Display for FirstPutStalls {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("FirstPutStalls")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for FirstPutStalls {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some(gate) = gate {
+                let _ = tokio::task::spawn_blocking(move || gate.recv()).await;
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A manifest write cut at its limit went on, stuck in the file system; the newer one
+    /// written after it succeeded; released later, the stuck one renamed the older manifest
+    /// over it. A later write of a key waits for an earlier one still under way.
+    #[tokio::test]
+    async fn a_write_cut_at_its_limit_never_lands_over_a_later_one() {
+        use object_store::ObjectStoreExt;
+        let (release, gate) = std::sync::mpsc::channel();
+        let store = Bounded::new(
+            std::sync::Arc::new(FirstPutStalls {
+                inner: object_store::memory::InMemory::new(),
+                gate: std::sync::Mutex::new(Some(gate)),
+            }),
+            Limits {
+                meta: std::time::Duration::from_millis(200),
+                data_floor: std::time::Duration::from_millis(200),
+                data_rate: u64::MAX,
+            },
+        );
+        let key = object_store::path::Path::from("jobs/j/manifest.json");
+        assert!(
+            store.put(&key, "old".into()).await.is_err(),
+            "cut at its limit"
+        );
+        // The retry's write, and the complete manifest's, while the first is stuck: each
+        // waits for it within its limit, then fails as it would have.
+        let waited = store.put(&key, "new".into()).await;
+        release.send(()).unwrap();
+        let mut written = waited.is_ok();
+        for _ in 0..50 {
+            if written {
+                break;
+            }
+            written = store.put(&key, "new".into()).await.is_ok();
+        }
+        assert!(written);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = store.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&now[..], b"new");
+    }
 
     /// Parts are written where their order of making puts them, whatever order they are
     /// awaited in (the upload's tasks run them as they get slots and threads).

@@ -200,6 +200,26 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
         .ok(),
         _ => Some(Default::default()),
     };
+    // Hard links of one version (one inode, one stamp) are read once: a job naming a
+    // thousand links of a 1 GiB file it holds open (a held file is read whatever the book
+    // says) had root read and hash a terabyte a request. The others take its digests.
+    let mut first_of: std::collections::HashMap<FileStamp, usize> = Default::default();
+    let mut links: Vec<(usize, usize)> = Vec::new();
+    let todo: Vec<(usize, &LocalFile)> = todo
+        .into_iter()
+        .filter(|(i, f)| match first_of.entry(f.stamp) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                links.push((*i, *first.get()));
+                false
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(*i);
+                true
+            }
+        })
+        .collect();
+    let mut read: std::collections::HashMap<usize, (crate::upload::Uploaded, bool)> =
+        Default::default();
     let at_once = parts.uploader.options().files_in_flight.max(1);
     for batch in todo.chunks(at_once) {
         // Not looked at (the look did not answer) counts as held. Each read takes only the
@@ -225,6 +245,7 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
                         sha256: up.digests.sha256_hex(),
                         size: up.digests.size,
                     });
+                    read.insert(*i, (up.clone(), held));
                     match held {
                         true => book.record_held(up),
                         false => book.record(up),
@@ -238,6 +259,26 @@ async fn publish(parts: &Parts<'_>, book: &mut SyncBook, paths: Vec<String>) -> 
                 }
                 Err(e) => return SocketReply::error(told_the_job(&e)),
             }
+        }
+    }
+    for (i, first) in links {
+        let Some((up, held)) = read.get(&first) else {
+            continue;
+        };
+        let up = crate::upload::Uploaded {
+            rel: files[i].rel.clone(),
+            // Its blob was added (if at all) by the first.
+            new_bytes: 0,
+            ..up.clone()
+        };
+        published[i] = Some(PublishedFile {
+            path: up.rel.clone(),
+            sha256: up.digests.sha256_hex(),
+            size: up.digests.size,
+        });
+        match *held {
+            true => book.record_held(up),
+            false => book.record(up),
         }
     }
     let published: Vec<PublishedFile> = published.into_iter().flatten().collect();
@@ -598,6 +639,58 @@ mod tests {
         }
         assert!(refused > 0);
         assert!(book.len() >= 10, "the first requests were stored");
+    }
+
+    /// Hard links of one file the job holds open for writing (read whatever the book says)
+    /// are read once a request: a job naming a thousand links of a 1 GiB file had root
+    /// read and hash a terabyte a request. Each link is published, with the one digest.
+    #[tokio::test]
+    async fn links_of_one_held_file_are_read_once_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path();
+        let arts = workdir.join("artifacts");
+        std::fs::create_dir(&arts).unwrap();
+        let size = 4 << 20;
+        std::fs::write(arts.join("f"), vec![7u8; size]).unwrap();
+        let mut paths = vec!["artifacts/f".to_string()];
+        for i in 0..32 {
+            std::fs::hard_link(arts.join("f"), arts.join(format!("l{i}"))).unwrap();
+            paths.push(format!("artifacts/l{i}"));
+        }
+        let mut holder = std::process::Command::new("sh")
+            .args(["-c", "exec 3>>artifacts/f; exec sleep 30"])
+            .current_dir(workdir)
+            .spawn()
+            .unwrap();
+        let procs = JobProcesses::new(holder.id() as i32, None);
+        let held = crate::procfs::written_by(&procs.members());
+        let (uploader, manifest) = writers(workdir);
+        let dirs = vec!["artifacts".to_string()];
+        let mut parts = parts(&uploader, &manifest, workdir, &dirs);
+        parts.procs = Some(&procs);
+        let rchar = || {
+            std::fs::read_to_string("/proc/self/io")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("rchar: ")?.parse::<u64>().ok())
+                .unwrap()
+        };
+        let mut book = SyncBook::default();
+        let before = rchar();
+        let reply = serve(&parts, &mut book, SocketRequest::Publish { paths }).await;
+        let read = rchar() - before;
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(!held.is_empty(), "the holder's fd was not seen");
+        assert!(reply.ok, "{reply:?}");
+        let published = reply.files;
+        assert_eq!(published.len(), 33);
+        assert!(published.iter().all(|p| p.sha256 == published[0].sha256));
+        assert!(
+            read < 3 * size as u64,
+            "{read} bytes read for 33 links of {size}"
+        );
+        assert_eq!(book.len(), 33);
     }
 
     /// Without live sync, the book forgets what a `wait_all` no longer finds: a job making
