@@ -361,10 +361,32 @@ impl DirFd {
                         st.st_uid
                     ),
                 )),
+                _ => Ok(()),
+            },
+        )
+    }
+
+    /// [`DirFd::ensure_own_dir`] for a dataset: no directory on the way that others may
+    /// rename in ([`others_may_rename_in`]) either, where another member of a team could
+    /// swap the verified files for their own while the job reads them.
+    pub fn ensure_dataset_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
+        let agent = nix::unistd::geteuid().as_raw();
+        self.ensure_dir_vetted(
+            rel,
+            |_| (mode, owner),
+            |name, st, _| match owner {
+                Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "`{}` is user {}'s, not the job's; refusing to write in it",
+                        Path::new(name).display(),
+                        st.st_uid
+                    ),
+                )),
                 Some(_) if others_may_rename_in(st) => Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to use it for the job",
+                        "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to place a dataset there",
                         Path::new(name).display(),
                         st.st_uid,
                         st.st_gid,
@@ -1280,12 +1302,12 @@ mod tests {
         );
     }
 
-    /// A dataset's mount dir or an output dir that exists already and that others may
-    /// rename in (a scheduler's `root:team 2775`, a `0777`) was used: another member of the
-    /// team could swap the verified files for their own, or plant what is collected as the
-    /// job's. Refused; a sticky one, or the job user's own group-writable one, is used.
+    /// A dataset's mount dir that exists already and that others may rename in (a
+    /// scheduler's `root:team 2775`, a `0777`) was used: another member of the team could
+    /// swap the verified files for their own while the job reads them. Refused; a sticky
+    /// one, or the job user's own group-writable one, is used.
     #[test]
-    fn ensure_own_dir_refuses_a_dir_others_may_rename_in() {
+    fn a_dataset_dir_others_may_rename_in_is_refused() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
             return;
@@ -1305,7 +1327,7 @@ mod tests {
             std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
             let dir = DirFd::open_root(root.path()).unwrap();
-            let got = dir.ensure_own_dir(Path::new(name), 0o755, Some(job));
+            let got = dir.ensure_dataset_dir(Path::new(name), 0o755, Some(job));
             assert_eq!(got.is_ok(), used, "{name}: {:?}", got.err());
         }
     }

@@ -101,6 +101,8 @@ impl DatasetError {
                     !source.is_permanent()
                 }
                 PullError::Write { .. }
+                // The node's file system, not the dataset: another may keep them apart.
+                | PullError::CaseFolded { .. }
                 | PullError::NoRoom { .. }
                 | PullError::Filling { .. }
                 // Freed by the user, or another node's scratch, the quota may let it in.
@@ -731,7 +733,8 @@ async fn materialize(
     let vet = vetting(&job_roots(ctx), workdir, owner);
     let mode = job_dir_mode(vet);
     let stopped = || DatasetError::from(crate::pull::PullError::Stopped);
-    let dir = tokio::task::spawn_blocking(move || at.ensure_own_dir(Path::new(&name), mode, vet));
+    let dir =
+        tokio::task::spawn_blocking(move || at.ensure_dataset_dir(Path::new(&name), mode, vet));
     let dir = tokio::select! {
         dir = dir => dir,
         () = stop.cancelled() => return Err(stopped()),

@@ -74,6 +74,11 @@ pub enum PullError {
     },
     #[error("{path}: a symlink (or a file) in the destination is in the way; refusing to write through it")]
     Escapes { path: String },
+    /// Two entries whose names differ only in case landed on one file: the destination
+    /// folds case (CIFS, an ext4 or tmpfs casefold directory), and each verified its own
+    /// bytes before the last rename put one over the other.
+    #[error("{a} and {b} differ only in case, and the destination folds case (a case-insensitive file system): one path would hold the other's bytes")]
+    CaseFolded { a: String, b: String },
     #[error("download task for {path} failed")]
     Task { path: String },
     /// Given up (a signal, a dataset's timeout), its writers waited for.
@@ -366,10 +371,44 @@ pub async fn pull_into(
         tracing::warn!(dest = %shown.display(), wait_secs = WRITERS_WAIT.as_secs(), "a failed or stopped pull's writers did not stop in time; returning without them");
     }
     let results = results?;
+    let (placed, listed) = (root.clone(), files.clone());
+    tokio::task::spawn_blocking(move || apart_in_case(&placed, &listed))
+        .await
+        .map_err(|_| PullError::Task {
+            path: shown.display().to_string(),
+        })??;
     Ok(PullSummary {
         files: results.len() as u64,
         bytes: results.iter().sum(),
     })
+}
+
+/// Entries whose paths differ only in case (`Model.bin`, `model.bin`: fine where the source
+/// job ran) are two files in the destination, not one: where it folds case, both were
+/// verified and placed, the second over the first, and the pull said both were there.
+/// Looked at only for such pairs, which are rare.
+fn apart_in_case(root: &DirFd, files: &[FileEntry]) -> Result<(), PullError> {
+    let mut folded: std::collections::HashMap<String, &FileEntry> = Default::default();
+    for entry in files {
+        let Some(other) = folded.insert(entry.path.to_lowercase(), entry) else {
+            continue;
+        };
+        let id = |e: &FileEntry| {
+            crate::confine::lstat_beneath(root, Path::new(&e.path))
+                .ok()
+                .map(|st| (st.st_dev, st.st_ino))
+        };
+        match (id(other), id(entry)) {
+            (Some(a), Some(b)) if a != b => {}
+            _ => {
+                return Err(PullError::CaseFolded {
+                    a: other.path.clone(),
+                    b: entry.path.clone(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How long a failed or stopped pull waits for its writers to remove their temp files.
@@ -548,18 +587,19 @@ fn make_parent(
     entry: &FileEntry,
     target: &Path,
 ) -> Result<DirFd, PullError> {
-    root.ensure_own_dir(parent, 0o755, owner).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::InvalidInput {
-            PullError::Escapes {
-                path: entry.path.clone(),
+    root.ensure_dataset_dir(parent, 0o755, owner)
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::InvalidInput {
+                PullError::Escapes {
+                    path: entry.path.clone(),
+                }
+            } else {
+                PullError::Write {
+                    path: target.to_path_buf(),
+                    source,
+                }
             }
-        } else {
-            PullError::Write {
-                path: target.to_path_buf(),
-                source,
-            }
-        }
-    })
+        })
 }
 
 /// Resumes of one download in a row that bring no byte before it fails (each resume's
@@ -1045,6 +1085,30 @@ mod tests {
             mode: 0o644,
             mtime_ns: 0,
         }
+    }
+
+    /// Entries whose paths differ only in case are two files after the pull, or it fails:
+    /// a destination that folds case (CIFS, a casefold directory) put one over the other,
+    /// both verified, and the pull said both were there. (No casefold file system here: its
+    /// one name for both is stood for by a hard link.)
+    #[test]
+    fn entries_apart_only_in_case_must_be_two_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |path: &str| FileEntry {
+            path: path.into(),
+            ..entry_of(b"x")
+        };
+        let files = [entry("Model.bin"), entry("model.bin"), entry("other")];
+        for f in ["Model.bin", "other"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        std::fs::write(dir.path().join("model.bin"), "y").unwrap();
+        let root = DirFd::open_root(dir.path()).unwrap();
+        assert!(apart_in_case(&root, &files).is_ok());
+        std::fs::remove_file(dir.path().join("model.bin")).unwrap();
+        std::fs::hard_link(dir.path().join("Model.bin"), dir.path().join("model.bin")).unwrap();
+        let err = apart_in_case(&root, &files).unwrap_err();
+        assert!(matches!(err, PullError::CaseFolded { .. }), "{err}");
     }
 
     /// A store whose every answer to a download is an empty chunk, then a reset: the pull
