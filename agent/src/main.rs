@@ -483,6 +483,10 @@ fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
             }
             let file = root.open_file(rel).map_err(err)?;
             let st = c3_runtime::confine::fstat(&file).map_err(err)?;
+            // Anything else is only a handle, whose ACL cannot be read.
+            if !c3_runtime::confine::is_regular(&st) {
+                return Err(format!("job spec {}: not a regular file", path.display()));
+            }
             owned_here(path, &file, &st, "it")?;
             (file, Some(st))
         }

@@ -198,7 +198,7 @@ impl Acl {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
@@ -367,6 +367,21 @@ mod tests {
         );
         assert!(!with(&[(USER, 4, 1001)], 0).named_others_may(0o4, &[0], &[0]));
         assert!(with(&[(GROUP, 4, 50)], 7).named_others_may(0o4, &[0], &[0]));
+    }
+
+    /// A `setfacl -m g:<gid>:rwx` on the open directory `fd` of mode 0755; false where ACLs
+    /// are not supported.
+    pub(crate) fn grant_group_rwx(fd: &impl AsFd, gid: u32) -> bool {
+        set_acl(
+            fd,
+            &[
+                (USER_OBJ, 7, u32::MAX),
+                (GROUP_OBJ, 5, u32::MAX),
+                (GROUP, 7, gid),
+                (MASK, 7, u32::MAX),
+                (OTHER, 5, u32::MAX),
+            ],
+        )
     }
 
     /// Sets `entries` as the access ACL of the open `fd`; false where ACLs are not supported.

@@ -18,11 +18,15 @@ pub fn checks() -> usize {
     CHECKS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The thread's file-system identity before [`AsUser::become_`], given back on drop.
+/// The thread's file-system identity before [`AsUser::become_`], given back on drop: only
+/// what was changed (an agent without CAP_SETGID may not set even its own groups again).
 struct AsUser {
     fsuid: libc::uid_t,
     fsgid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
+    /// `Some` once this thread's groups were set to the user's.
+    groups: Option<Vec<libc::gid_t>>,
+    /// The process's dumpable flag: a change of fsuid clears it for the whole process.
+    dumpable: libc::c_int,
 }
 
 /// `setfsuid`/`setfsgid` return the previous id and never fail loudly: asked with an id no
@@ -49,18 +53,29 @@ fn set_thread_groups(groups: &[libc::gid_t]) -> io::Result<()> {
 
 impl AsUser {
     fn become_(uid: u32, gids: &[u32]) -> io::Result<AsUser> {
-        let groups = nix::unistd::getgroups()
+        if !nix::unistd::geteuid().is_root() {
+            // Not root: it cannot take another identity, and tried, it lost its own groups.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the agent is not root: it cannot take the job's file-system identity",
+            ));
+        }
+        let groups: Vec<libc::gid_t> = nix::unistd::getgroups()
             .map_err(io::Error::from)?
             .into_iter()
             .map(|g| g.as_raw())
             .collect();
-        let before = AsUser {
+        // SAFETY: prctl with PR_GET_DUMPABLE takes no pointer.
+        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+        let mut before = AsUser {
             fsuid: current_fsuid(),
             fsgid: current_fsgid(),
-            groups,
+            groups: None,
+            dumpable,
         };
         // From here, a drop gives back whatever was changed.
         set_thread_groups(gids)?;
+        before.groups = Some(groups);
         let gid = gids.first().copied().unwrap_or(u32::MAX - 1);
         // SAFETY: plain syscalls with integer arguments.
         unsafe {
@@ -85,7 +100,11 @@ impl Drop for AsUser {
             libc::syscall(libc::SYS_setfsuid, self.fsuid);
             libc::syscall(libc::SYS_setfsgid, self.fsgid);
         }
-        let groups = set_thread_groups(&self.groups);
+        let groups = self.groups.as_deref().map_or(Ok(()), set_thread_groups);
+        if self.dumpable == 1 {
+            // SAFETY: prctl with PR_SET_DUMPABLE takes an integer.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
+        }
         if current_fsuid() != self.fsuid || current_fsgid() != self.fsgid || groups.is_err() {
             // A thread of the root agent left with a job's identity would read and write as
             // it from then on, wherever the runtime sends it.
@@ -135,6 +154,81 @@ mod tests {
 
     fn root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    /// This thread's effective capabilities without `cap` until the guard is dropped.
+    struct WithoutCap([CapData; 2]);
+
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: i32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+
+    const CAP_V3: u32 = 0x2008_0522;
+
+    impl WithoutCap {
+        fn drop_effective(cap: u32) -> WithoutCap {
+            let mut head = CapHeader {
+                version: CAP_V3,
+                pid: 0,
+            };
+            let mut data = [CapData::default(); 2];
+            // SAFETY: header and two data structs, as capget(2) v3 takes them.
+            let r = unsafe { libc::syscall(libc::SYS_capget, &mut head, data.as_mut_ptr()) };
+            assert_eq!(r, 0);
+            let saved = data;
+            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+            // SAFETY: as above; only this thread's sets change.
+            let r = unsafe { libc::syscall(libc::SYS_capset, &mut head, data.as_ptr()) };
+            assert_eq!(r, 0);
+            WithoutCap(saved)
+        }
+    }
+
+    impl Drop for WithoutCap {
+        fn drop(&mut self) {
+            let mut head = CapHeader {
+                version: CAP_V3,
+                pid: 0,
+            };
+            // SAFETY: as above; the permitted set still holds what is raised again.
+            unsafe { libc::syscall(libc::SYS_capset, &mut head, self.0.as_ptr()) };
+        }
+    }
+
+    /// An agent that may not take the job's identity (no CAP_SETGID: a hardened pod's root,
+    /// a user namespace) gets an error to fall back on, its thread as it was: it aborted,
+    /// giving back groups it had never changed (and may not set, even to its own).
+    #[test]
+    fn without_the_capabilities_the_check_fails_and_the_thread_is_as_it_was() {
+        if !root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").unwrap();
+        let file = std::fs::File::open(&f).unwrap();
+        let groups = nix::unistd::getgroups().unwrap();
+        // CAP_SETGID, CAP_SETUID.
+        for cap in [6u32, 7] {
+            let without = WithoutCap::drop_effective(cap);
+            assert!(may(&file, false, 4003, &[4004], 0o4).is_err(), "cap {cap}");
+            drop(without);
+            assert_eq!(current_fsuid(), 0);
+            assert_eq!(current_fsgid(), 0);
+            assert_eq!(nix::unistd::getgroups().unwrap(), groups);
+        }
+        assert!(may(&file, false, 0, &[0], 0o4).unwrap());
     }
 
     /// The kernel's answer for owner, group, other, as the mode bits give it on a local file

@@ -352,7 +352,7 @@ impl DirFd {
         self.ensure_dir_vetted(
             rel,
             |_| (mode, owner),
-            |name, st, _| match owner {
+            |name, st, _, _| match owner {
                 Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
@@ -374,7 +374,7 @@ impl DirFd {
         self.ensure_dir_vetted(
             rel,
             |_| (mode, owner),
-            |name, st, _| match owner {
+            |name, st, _, held| match owner {
                 Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
@@ -383,7 +383,7 @@ impl DirFd {
                         st.st_uid
                     ),
                 )),
-                Some(_) if others_may_rename_in(st) => Err(io::Error::new(
+                Some((uid, gid)) if others_may_rename_in(st, held, (uid, gid)) => Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
                         "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to place a dataset there",
@@ -404,7 +404,7 @@ impl DirFd {
         rel: &Path,
         how: impl FnMut(bool) -> (u32, Owner),
     ) -> io::Result<DirFd> {
-        self.ensure_dir_vetted(rel, how, |_, _, _| Ok(()))
+        self.ensure_dir_vetted(rel, how, |_, _, _, _| Ok(()))
     }
 
     /// [`DirFd::ensure_dir_with`], where each component that already existed is first shown
@@ -414,7 +414,7 @@ impl DirFd {
         &self,
         rel: &Path,
         mut how: impl FnMut(bool) -> (u32, Owner),
-        vet: impl Fn(&OsStr, &FileStat, bool) -> io::Result<()>,
+        vet: impl Fn(&OsStr, &FileStat, bool, &OwnedFd) -> io::Result<()>,
     ) -> io::Result<DirFd> {
         let parts: Vec<&OsStr> = rel
             .components()
@@ -470,7 +470,7 @@ impl DirFd {
                     fchown(&next, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
                 }
             } else {
-                vet(name, &nix::sys::stat::fstat(&next)?, last)?;
+                vet(name, &nix::sys::stat::fstat(&next)?, last, &next)?;
             }
             dir = DirFd(next);
         }
@@ -1198,12 +1198,22 @@ pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
 /// could swap a verified dataset file or a subdirectory for their own, or plant files the
 /// agent collects as the job's. A directory of the job's user writable by its group is the
 /// user's own choice (a user-private group with umask 002), as the workdir's check takes it.
-pub fn others_may_rename_in(st: &FileStat) -> bool {
+pub fn others_may_rename_in(st: &FileStat, dir: &impl AsFd, (uid, gid): (u32, u32)) -> bool {
     let mode = st.st_mode;
-    let sticky = mode & libc::S_ISVTX != 0;
+    if mode & libc::S_ISVTX != 0 {
+        return false;
+    }
     let by_all = mode & 0o002 != 0;
-    let by_a_group_of_roots = st.st_uid == 0 && st.st_gid != 0 && mode & 0o020 != 0;
-    !sticky && (by_all || by_a_group_of_roots)
+    // The job's own group (a prolog's `root:<job gid> 2770`) is the job's.
+    let by_a_group_of_roots = st.st_uid == 0 && ![0, gid].contains(&st.st_gid) && mode & 0o020 != 0;
+    // A named entry (`setfacl -m g:team:rwx` on a `root:root 0755`, shown as 0775 by its
+    // mask) lets others in as the mode bits do; one not understood, or unread, is taken so.
+    let by_a_named_entry = match crate::acl::of(dir) {
+        Ok(None) => false,
+        Ok(Some(acl)) => acl.named_others_may(0o3, &[uid, 0], &[0, gid]),
+        Err(_) => true,
+    };
+    by_all || by_a_group_of_roots || by_a_named_entry
 }
 
 /// Whether a `FileStat` is a regular file.
@@ -1321,6 +1331,7 @@ mod tests {
             ("tmp", 0, 0, 0o1777, true),
             ("mine", 4001, 4001, 0o775, true),
             ("roots", 0, 0, 0o775, true),
+            ("jobs-group", 0, 4001, 0o2770, true),
         ] {
             let d = root.path().join(name);
             std::fs::create_dir(&d).unwrap();
@@ -1329,6 +1340,16 @@ mod tests {
             let dir = DirFd::open_root(root.path()).unwrap();
             let got = dir.ensure_dataset_dir(Path::new(name), 0o755, Some(job));
             assert_eq!(got.is_ok(), used, "{name}: {:?}", got.err());
+        }
+        // `root:root 0755` with `setfacl -m g:team:rwx` (shown as 0775, its mask).
+        let d = root.path().join("acl");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if crate::acl::tests::grant_group_rwx(&std::fs::File::open(&d).unwrap(), 4100) {
+            let dir = DirFd::open_root(root.path()).unwrap();
+            assert!(dir
+                .ensure_dataset_dir(Path::new("acl"), 0o755, Some(job))
+                .is_err());
         }
     }
 

@@ -308,7 +308,7 @@ fn open_workdir(
                         (0o711, None)
                     }
                 },
-                |name, st, last| vet_existing(workdir, name, st, last, vet),
+                |name, st, last, _| vet_existing(workdir, name, st, last, vet),
             )?
         }
         // A quick local run: the current dir of whoever started the agent.

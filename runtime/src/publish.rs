@@ -663,7 +663,13 @@ mod tests {
             .spawn()
             .unwrap();
         let procs = JobProcesses::new(holder.id() as i32, None);
-        let held = crate::procfs::written_by(&procs.members());
+        // Once its shell has opened the file (a loaded machine takes a while).
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut held = crate::procfs::written_by(&procs.members());
+        while held.is_empty() && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            held = crate::procfs::written_by(&procs.members());
+        }
         let (uploader, manifest) = writers(workdir);
         let dirs = vec!["artifacts".to_string()];
         let mut parts = parts(&uploader, &manifest, workdir, &dirs);

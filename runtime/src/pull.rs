@@ -386,29 +386,64 @@ pub async fn pull_into(
 /// Entries whose paths differ only in case (`Model.bin`, `model.bin`: fine where the source
 /// job ran) are two files in the destination, not one: where it folds case, both were
 /// verified and placed, the second over the first, and the pull said both were there.
-/// Looked at only for such pairs, which are rare.
+/// Where the destination is known to fold case (SMB, FAT, a casefold directory: its own
+/// folding, Unicode's, may join names a lowercase does not), every entry is looked at;
+/// elsewhere only pairs apart in case alone, which are rare.
 fn apart_in_case(root: &DirFd, files: &[FileEntry]) -> Result<(), PullError> {
+    let id = |e: &FileEntry| {
+        crate::confine::lstat_beneath(root, Path::new(&e.path))
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    };
+    let merged = |a: &FileEntry, b: &FileEntry| PullError::CaseFolded {
+        a: a.path.clone(),
+        b: b.path.clone(),
+    };
+    if folds_case(root) {
+        let mut placed: std::collections::HashMap<(u64, u64), &FileEntry> = Default::default();
+        for entry in files {
+            let Some(at) = id(entry) else {
+                return Err(merged(entry, entry));
+            };
+            if let Some(other) = placed.insert(at, entry) {
+                return Err(merged(other, entry));
+            }
+        }
+        return Ok(());
+    }
     let mut folded: std::collections::HashMap<String, &FileEntry> = Default::default();
     for entry in files {
         let Some(other) = folded.insert(entry.path.to_lowercase(), entry) else {
             continue;
         };
-        let id = |e: &FileEntry| {
-            crate::confine::lstat_beneath(root, Path::new(&e.path))
-                .ok()
-                .map(|st| (st.st_dev, st.st_ino))
-        };
         match (id(other), id(entry)) {
             (Some(a), Some(b)) if a != b => {}
-            _ => {
-                return Err(PullError::CaseFolded {
-                    a: other.path.clone(),
-                    b: entry.path.clone(),
-                })
-            }
+            _ => return Err(merged(other, entry)),
         }
     }
     Ok(())
+}
+
+/// Whether names in `dir` are compared without case: a file system that always does (SMB,
+/// FAT, exFAT, HFS+), or a casefold directory (ext4, f2fs, tmpfs: `chattr +F`).
+fn folds_case(dir: &DirFd) -> bool {
+    use std::os::fd::{AsFd, AsRawFd};
+    const FOLDING: &[i64] = &[
+        0xFF53_4D42,
+        0xFE53_4D42,
+        0x517B,
+        0x4d44,
+        0x2011_BAB0,
+        0x482b,
+    ];
+    let fs = nix::sys::statfs::fstatfs(dir)
+        .is_ok_and(|s| FOLDING.contains(&(s.filesystem_type().0 as i64)));
+    const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+    const FS_CASEFOLD_FL: libc::c_long = 0x4000_0000;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int into `flags`, which is larger.
+    let r = unsafe { libc::ioctl(dir.as_fd().as_raw_fd(), FS_IOC_GETFLAGS as _, &mut flags) };
+    fs || (r == 0 && flags & FS_CASEFOLD_FL != 0)
 }
 
 /// How long a failed or stopped pull waits for its writers to remove their temp files.
