@@ -90,7 +90,11 @@ impl Cgroup {
             Ok(t) => t
                 .lines()
                 .any(|l| l.split_whitespace().eq(["populated", "1"])),
-            Err(_) => !self.members().is_empty(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => !self.members().is_empty(),
+            // Unread for another reason (no fd left to the agent, no memory): not known to be
+            // empty. Taken so, the job counted as gone before any SIGKILL round, and FINALIZING
+            // said its GPU was free.
+            Err(_) => true,
         }
     }
 
@@ -818,7 +822,8 @@ impl JobProcesses {
     fn gone(&self) -> bool {
         match &self.inner.cgroup {
             Some(cg) => !cg.populated() && self.members().is_empty(),
-            None => self.members().is_empty(),
+            // A `/proc` that cannot be listed (no fd left) lists no one: not an answer.
+            None => self.members().is_empty() && std::fs::read_dir("/proc").is_ok(),
         }
     }
 
@@ -1711,6 +1716,41 @@ mod tests {
         let without = tempfile::tempdir().unwrap();
         limit_pids(without.path());
         assert!(!without.path().join("pids.max").exists());
+    }
+
+    /// A look that cannot be made (no fd left to the agent: a low hard limit, uploads holding
+    /// the rest) is no answer: the job counted as gone before any SIGKILL round, and
+    /// FINALIZING said its GPU was free.
+    #[test]
+    fn a_look_that_cannot_be_made_is_not_the_job_gone() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("cgroup.events")).unwrap();
+        assert!(
+            Cgroup {
+                dir: dir.path().to_path_buf()
+            }
+            .populated(),
+            "EISDIR taken for empty"
+        );
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let procs = JobProcesses::new(child.id() as i32, None);
+        assert!(!procs.gone());
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, 256.min(soft), hard).unwrap();
+        let mut held = Vec::new();
+        while let Ok(fd) = nix::unistd::dup(std::io::stdin()) {
+            held.push(fd);
+        }
+        let gone = procs.gone();
+        drop(held);
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!gone, "taken for gone with no fd left");
     }
 
     use super::*;

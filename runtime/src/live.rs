@@ -610,9 +610,13 @@ impl Syncer {
                     }
                     None => None,
                 };
-                let is_gone = matches!(now, Some(Err(_)));
+                let mut is_gone = matches!(now, Some(Err(_)));
                 if let Some(w) = self.watcher.as_mut() {
-                    w.unwatch_tree_unless(&path, now.and_then(Result::ok).flatten());
+                    // Another directory at the name (`mv ckpt ckpt.old; mv ckpt.tmp ckpt`):
+                    // what the book holds below it is the old one's, listed until the end
+                    // while the new one lacks it. The walk its own hint brings adds what the
+                    // new one holds.
+                    is_gone |= w.unwatch_tree_unless(&path, now.and_then(Result::ok).flatten());
                 }
                 if self.unwatched_roots().any(|root| root.starts_with(&path)) {
                     // `rm -rf out && mkdir out`: the new one is found by looking again.
@@ -816,7 +820,12 @@ impl Syncer {
             }
         }
         for (rel, stamp) in found.files {
-            if self.book.is_current(&rel, &stamp) || self.in_flight.contains_key(&rel) {
+            // One being sent is a candidate again if it changed since the version sent: its
+            // hint may be what was lost, and once that version landed nothing looked again
+            // until the end (a candidate waits while its file is in flight).
+            if self.book.is_current(&rel, &stamp)
+                || self.in_flight.get(&rel).is_some_and(|s| s.stamp == stamp)
+            {
                 continue;
             }
             // Keep the clock of a candidate that still looks the same.
@@ -1326,6 +1335,57 @@ mod tests {
             s.candidates.contains("artifacts/ckpt"),
             "not looked at again"
         );
+    }
+
+    /// A watched directory swapped for another by rename (`mv ckpt ckpt.old; mv ckpt.tmp
+    /// ckpt`): its `Gone` found a directory at the name, not the one watched, and kept what
+    /// the book held below it; the in-progress manifests listed the old one's `y` until
+    /// the end.
+    #[tokio::test]
+    async fn a_directory_swapped_in_by_rename_drops_what_the_old_one_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let ckpt = dir.path().join("artifacts/ckpt");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        s.opts.mode = WatchMode::Inotify;
+        let _hints = s.start_watching().await;
+        assert!(s.watcher.is_some(), "no inotify here");
+        let mut uploads = JoinSet::new();
+        settled(&mut s, "artifacts/ckpt/x", b"x");
+        settled(&mut s, "artifacts/ckpt/y", b"y");
+        s.settle(&mut uploads).await;
+        while let Some(done) = uploads.join_next().await {
+            s.on_uploaded(done);
+        }
+        assert!(s.book.contains("artifacts/ckpt/y"));
+        let tmp = dir.path().join("artifacts/ckpt.tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("x"), b"x").unwrap();
+        std::fs::rename(&ckpt, dir.path().join("artifacts/ckpt.old")).unwrap();
+        std::fs::rename(&tmp, &ckpt).unwrap();
+        s.on_hint(Hint::Gone(ckpt.clone())).await;
+        assert!(
+            !s.book.contains("artifacts/ckpt/y"),
+            "the old dir's file kept"
+        );
+    }
+
+    /// A file rewritten while its upload is under way, its hint lost (a full queue): the
+    /// rescan that makes up for the loss passed it over as in flight, the old version
+    /// landed, and nothing looked at the file again until the end.
+    #[tokio::test]
+    async fn a_rescan_takes_a_file_changed_while_it_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let mut uploads = JoinSet::new();
+        settled(&mut s, "artifacts/m", b"v1");
+        s.settle(&mut uploads).await;
+        assert!(s.in_flight.contains_key("artifacts/m"), "not sent");
+        let done = uploads.join_next().await.unwrap();
+        std::fs::write(dir.path().join("artifacts/m"), b"v2, longer").unwrap();
+        s.rescan().await;
+        s.on_uploaded(done);
+        assert!(s.candidates.contains("artifacts/m"), "not looked at again");
     }
 
     /// A file removed while its upload is under way (its `Gone` hint, or a rescan that no

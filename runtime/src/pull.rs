@@ -436,8 +436,8 @@ fn folds_case(dir: &DirFd) -> bool {
         0x2011_BAB0,
         0x482b,
     ];
-    let fs = nix::sys::statfs::fstatfs(dir)
-        .is_ok_and(|s| FOLDING.contains(&{ s.filesystem_type().0 }));
+    let fs =
+        nix::sys::statfs::fstatfs(dir).is_ok_and(|s| FOLDING.contains(&{ s.filesystem_type().0 }));
     const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
     const FS_CASEFOLD_FL: libc::c_long = 0x4000_0000;
     let mut flags: libc::c_long = 0;

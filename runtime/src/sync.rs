@@ -439,7 +439,7 @@ impl SyncBook {
                 if same
                     && may_settle
                     && new.stamp == old.stamp
-                    && new.judged_ns - old.judged_ns >= crate::upload::SETTLE_APART_NS
+                    && new.judged_ns - old.judged_ns >= crate::upload::settle_apart_ns(&new.stamp)
                 {
                     new.racy = false;
                 }

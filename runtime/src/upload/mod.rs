@@ -172,9 +172,20 @@ fn now_ns() -> i64 {
     crate::display::epoch_ns(std::time::SystemTime::now())
 }
 
+/// The most [`settle_apart_ns`] asks.
+pub const SETTLE_APART_NS: i64 = 2_000_000_000 + RACY_WINDOW_NS;
+
 /// How far apart two reads of a racy stamp must be for the second to settle it: past a tick,
-/// and past a second where file systems keep whole seconds.
-pub const SETTLE_APART_NS: i64 = 1_000_000_000 + RACY_WINDOW_NS;
+/// and past a second where file systems keep whole seconds, two where they keep even ones
+/// (FAT).
+pub fn settle_apart_ns(stamp: &FileStamp) -> i64 {
+    let even = stamp.mtime_ns % 2_000_000_000 == 0 && stamp.ctime_ns % 2_000_000_000 == 0;
+    if even {
+        SETTLE_APART_NS
+    } else {
+        1_000_000_000 + RACY_WINDOW_NS
+    }
+}
 
 /// Whether `stamp`'s last change lies within [`RACY_WINDOW_NS`] of now (a read just done); on
 /// a file system that keeps whole seconds only, within a second and a little.
@@ -194,28 +205,45 @@ fn racy_ctime(stamp: &FileStamp) -> bool {
 
 /// Whether `at` (one of `stamp`'s times) lies within the racy window of now.
 fn changed_lately(stamp: &FileStamp, at: i64) -> bool {
-    let whole_seconds = stamp.mtime_ns % 1_000_000_000 == 0 && stamp.ctime_ns % 1_000_000_000 == 0;
-    let window = if whole_seconds {
+    changed_before(stamp, at, now_ns())
+}
+
+/// Whether `at` lies within the racy window before `now`: a tick (50 ms), a second and a
+/// tick where the file system keeps whole seconds, two where it keeps even ones (FAT, which
+/// sets the ctime to the mtime too: a same-size rewrite 1.3 s after the first write left
+/// every field of the stamp as it was).
+fn changed_before(stamp: &FileStamp, at: i64, now: i64) -> bool {
+    let whole = |n: i64| stamp.mtime_ns % n == 0 && stamp.ctime_ns % n == 0;
+    let window = if whole(2_000_000_000) {
+        2_000_000_000 + RACY_WINDOW_NS
+    } else if whole(1_000_000_000) {
         1_000_000_000 + RACY_WINDOW_NS
     } else {
         RACY_WINDOW_NS
     };
-    at > now_ns() - window
+    at > now - window
 }
 
-/// How soon after its last change a file was read: [`racy`], and [`racy_ctime`].
+/// How soon after its last change a file was read: [`racy`], and [`racy_ctime`], judged at
+/// the read's first look (`at`).
 #[derive(Debug, Clone, Copy)]
 struct Racy {
     any: bool,
     ctime: bool,
+    at: i64,
 }
 
 impl Racy {
-    /// Judged now (at the last look of a read).
-    fn of(stamp: &FileStamp) -> Racy {
+    /// Judged as of `at`, when the stamp was first taken, before the read: a change that
+    /// leaves the stamp as it was can come only within the tick the ctime holds, and a read
+    /// that took longer than the window, judged at its end, took one made during it (another
+    /// process of the job writing the same bytes' size in that tick) as settled.
+    fn as_of(stamp: &FileStamp, at: i64) -> Racy {
+        let (latest, ctime) = (stamp.mtime_ns.max(stamp.ctime_ns), stamp.ctime_ns);
         Racy {
-            any: racy(stamp),
-            ctime: racy_ctime(stamp),
+            any: changed_before(stamp, latest, at),
+            ctime: changed_before(stamp, ctime, at),
+            at,
         }
     }
 }
@@ -1188,6 +1216,7 @@ impl Uploader {
                 return Ok((self.uploaded(file, before, digests, new, racy), links, racy));
             }
         }
+        let looked = now_ns();
         let (before, links) = stat_linked(self.root.as_deref(), &path)?;
         // The large paths read `before` and prove at the end that the stamp stayed it.
         if expect.is_some_and(|seen| seen != before) {
@@ -1238,9 +1267,7 @@ impl Uploader {
             self.known.insert(&up.0.sha256);
             up
         };
-        // Read whole after the stamp, over 16 MiB: a tick (at most 10 ms) has passed since any
-        // change the stamp holds, unless the read was very fast; judged now, near enough.
-        let racy = Racy::of(&before);
+        let racy = Racy::as_of(&before, looked);
         Ok((self.uploaded(file, before, digests, new, racy), links, racy))
     }
 
@@ -1270,7 +1297,9 @@ impl Uploader {
             rel: file.rel.clone(),
             digests,
             racy: racy.any,
-            judged_ns: now_ns(),
+            // When the stamp was taken: a second read settles it only if its own look came
+            // past any tick a change could share with this one's.
+            judged_ns: racy.at,
             stamp: before,
             new_bytes: if new { digests.size } else { 0 },
         }
@@ -1291,6 +1320,7 @@ impl Uploader {
         let (root, reader) = (self.root.clone(), self.reader.clone());
         let (holes, shared) = (self.holes.clone(), self.shared.clone());
         let read = blocking(path, move || {
+            let looked = now_ns();
             let (before, links) = stat_linked(root.as_deref(), &p)?;
             if expect.is_some_and(|seen| seen != before) {
                 return Err(UploadError::Changed { path: p });
@@ -1311,9 +1341,7 @@ impl Uploader {
                 return Err(UploadError::Changed { path: p });
             }
             ensure_unchanged(root.as_deref(), &p, before)?;
-            // Judged at this last look, not after the PUT: what matters is whether a change
-            // from now on could still land in the tick the stamp holds.
-            let racy = Racy::of(&before);
+            let racy = Racy::as_of(&before, looked);
             Ok(Some((
                 (before, links),
                 crate::digest::digest_bytes(&buf),
@@ -1361,6 +1389,61 @@ mod tests {
     use crate::statedir::write_atomic;
     use c3_proto::MultipartRecord;
     use tokio::task::JoinSet;
+
+    fn stamp_at(ns: i64) -> FileStamp {
+        FileStamp {
+            size: 1,
+            mtime_ns: ns,
+            ctime_ns: ns,
+            ino: 1,
+            dev: 1,
+            mode: 0o100644,
+        }
+    }
+
+    /// FAT keeps even seconds, for the ctime too: a same-size rewrite 1.3 s after the first
+    /// write (the default settle is 1 s) left the stamp as it was, and a read 1.1 s after an
+    /// even second was taken as settled. Whole odd seconds keep the one-second window.
+    #[test]
+    fn even_whole_seconds_are_racy_for_two_seconds() {
+        let two = 2_000_000_000;
+        let now = now_ns();
+        // The latest even second at least 1.1 s ago: 1.1 to 3.1 s ago. Past 2 s, the next
+        // one, once it is 1.1 s ago.
+        let mut even = (now - 1_100_000_000).div_euclid(two) * two;
+        if now - even >= two {
+            even += two;
+            let wait = 1_100_000_000 - (now - even);
+            std::thread::sleep(std::time::Duration::from_nanos(wait.max(0) as u64));
+        }
+        let ago = now_ns() - even;
+        assert!((1_050_000_000..2_050_000_000).contains(&ago), "{ago}");
+        assert!(racy(&stamp_at(even)), "{ago} ns after an even second");
+        assert!(!racy(&stamp_at(even - 3_000_000_000)));
+        assert_eq!(settle_apart_ns(&stamp_at(even)), SETTLE_APART_NS);
+        assert_eq!(
+            settle_apart_ns(&stamp_at(even + 1_000_000_000)),
+            1_050_000_000
+        );
+    }
+
+    /// A read is judged racy as of its first look, not its end: a change in the tick the
+    /// ctime holds, made while a long read ran, leaves the stamp as it was, and judged at
+    /// the end of a read of over 50 ms the version was taken as settled.
+    #[test]
+    fn a_read_is_judged_as_of_its_first_look() {
+        let looked = now_ns();
+        let stamp = FileStamp {
+            mtime_ns: looked - 10_000_000,
+            ctime_ns: looked - 10_000_000 + 1,
+            ..stamp_at(0)
+        };
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let judged = Racy::as_of(&stamp, looked);
+        assert!(judged.any && judged.ctime);
+        assert_eq!(judged.at, looked);
+        assert!(!Racy::as_of(&stamp, now_ns()).any, "the window is 50 ms");
+    }
 
     #[test]
     fn the_final_sync_may_use_the_whole_host_unless_configured() {
