@@ -193,16 +193,6 @@ pub fn racy(stamp: &FileStamp) -> bool {
     changed_lately(stamp, stamp.mtime_ns.max(stamp.ctime_ns))
 }
 
-/// [`racy`] by the ctime alone. Every write moves the ctime to now, and the mtime can be set
-/// to another time only by `utimes`, which moves the ctime to now too: past this window, any
-/// later change leaves another ctime. A job chooses its file's mtime (`touch -d +1year`) but
-/// not its ctime, and a future mtime is [`racy`] for ever: the read an inode keeps for its
-/// other links (`Uploader::inodes`) is judged by this, or each of 10,000 links to a 1 GiB
-/// file was read whole. The book keeps [`racy`], which a second read settles.
-fn racy_ctime(stamp: &FileStamp) -> bool {
-    changed_lately(stamp, stamp.ctime_ns)
-}
-
 /// Whether `at` (one of `stamp`'s times) lies within the racy window of now.
 fn changed_lately(stamp: &FileStamp, at: i64) -> bool {
     changed_before(stamp, at, now_ns())
@@ -224,11 +214,17 @@ fn changed_before(stamp: &FileStamp, at: i64, now: i64) -> bool {
     at > now - window
 }
 
-/// How soon after its last change a file was read: [`racy`], and [`racy_ctime`], judged at
-/// the read's first look (`at`).
+/// How soon after its last change a file was read: [`racy`], and by the ctime alone, judged
+/// at the read's first look (`at`).
 #[derive(Debug, Clone, Copy)]
 struct Racy {
     any: bool,
+    /// By the ctime alone. Every write moves the ctime to now, and the mtime can be set
+    /// to another time only by `utimes`, which moves the ctime to now too: past this window, any
+    /// later change leaves another ctime. A job chooses its file's mtime (`touch -d +1year`) but
+    /// not its ctime, and a future mtime is [`racy`] for ever: the read an inode keeps for its
+    /// other links (`Uploader::inodes`) is judged by this, or each of 10,000 links to a 1 GiB
+    /// file was read whole. The book keeps [`racy`], which a second read settles.
     ctime: bool,
     at: i64,
 }
