@@ -1141,7 +1141,7 @@ impl Uploader {
         let up = self.upload_read(file, version).await;
         *last = match &up {
             // A racy version may hold bytes its stamp does not tell: read each link again.
-            // Judged by the ctime (see `racy_ctime`), so a future mtime does not make it so.
+            // Judged by the ctime (see `Racy::ctime`), so a future mtime does not make it so.
             // An inode of one link has no other path in this version (a new link, or a
             // rename, changes its ctime): its read is of no use to keep.
             Ok((up, links, racy))

@@ -856,6 +856,13 @@ impl Uploader {
             .await
         {
             Ok(open) => !open,
+            // Refused for good (s3s-fs answers an upload it lost 403): as a refused part of
+            // a resumed upload is, it is started over (at most twice). Taken as no answer,
+            // the resume was retried to the deadline and failed UPLOAD_ERROR.
+            Err(e) if e.is_permanent() => {
+                tracing::debug!(sha256 = %sha, error = %crate::error_chain(&e), "the store refuses a part of the upload for good; starting it over");
+                true
+            }
             Err(e) => {
                 tracing::debug!(sha256 = %sha, error = %crate::error_chain(&e), "the store did not say whether it still knows the upload; it is kept");
                 false
@@ -1221,6 +1228,9 @@ mod tests {
         /// Every part with bytes is cut off mid-body (a reset by a proxy, or a store that
         /// answered before reading it).
         cut_off: std::sync::atomic::AtomicBool,
+        /// A part of an upload it does not know is refused 403 AccessDenied (s3s-fs's
+        /// answer), not NoSuchUpload.
+        unknown_denied: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -1260,14 +1270,21 @@ mod tests {
                     source: "error sending request: client error (SendRequest): error writing a body to connection: Broken pipe (os error 32)".into(),
                 });
             }
-            // An upload it does not know, as S3 says it.
+            // An upload it does not know, as S3 says it (or s3s-fs).
+            let denied = self.unknown_denied.load(SeqCst);
             let mut part = self
                 .mem
                 .put_part(path, id, part_idx, data)
                 .await
-                .map_err(|_| object_store::Error::NotFound {
-                    path: path.to_string(),
-                    source: "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchUpload</Code></Error>".into(),
+                .map_err(|_| match denied {
+                    true => object_store::Error::PermissionDenied {
+                        path: path.to_string(),
+                        source: "Server returned non-2xx status code: 403 Forbidden: <Error><Code>AccessDenied</Code></Error>".into(),
+                    },
+                    false => object_store::Error::NotFound {
+                        path: path.to_string(),
+                        source: "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchUpload</Code></Error>".into(),
+                    },
                 });
             if let (Ok(p), Some(named)) = (&mut part, self.part_id.lock().unwrap().clone()) {
                 p.content_id = named;
@@ -1329,6 +1346,7 @@ mod tests {
             denied: Default::default(),
             part_id: Default::default(),
             cut_off: Default::default(),
+            unknown_denied: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
         let opts = UploadOptions {
@@ -1630,6 +1648,27 @@ mod tests {
         // The store lost it meanwhile (a lifecycle rule): now it is started over.
         assert!(still_open(&flaky, &id).await);
         assert!(up.upload(&file).await.is_err());
+        assert_eq!(flaky.creates.load(SeqCst), 2, "a lost upload resumed again");
+    }
+
+    /// As above, on a store that refuses a part of an upload it lost for good (s3s-fs's 403,
+    /// as it refuses the resumed upload's own parts, which are started over on it): the
+    /// probe's refusal was taken as no answer, and the resume was retried to the deadline
+    /// and failed UPLOAD_ERROR (a CI flake: under load the part is cut before its 403).
+    #[tokio::test]
+    async fn a_resumed_upload_whose_probe_is_refused_for_good_is_started_over() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        flaky.unknown_denied.store(true, SeqCst);
+        let (_data, file) = patterned_file(dir.path(), 233);
+        flaky.parts_ok.store(1, SeqCst);
+        assert!(up.upload(&file).await.is_err());
+        let id = flaky.ids.lock().unwrap()[0].clone();
+        flaky.parts_ok.store(usize::MAX, SeqCst);
+        flaky.cut_off.store(true, SeqCst);
+        assert!(still_open(&flaky, &id).await, "lost");
+        let _ = up.upload(&file).await;
         assert_eq!(flaky.creates.load(SeqCst), 2, "a lost upload resumed again");
     }
 
