@@ -348,21 +348,10 @@ impl DirFd {
     /// job ran earlier in the same root-owned workdir, and left its private `results/`)
     /// would get this job's files, over its own.
     pub fn ensure_own_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
-        let agent = nix::unistd::geteuid().as_raw();
         self.ensure_dir_vetted(
             rel,
             |_| (mode, owner),
-            |name, st, _, _| match owner {
-                Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "`{}` is user {}'s, not the job's; refusing to write in it",
-                        Path::new(name).display(),
-                        st.st_uid
-                    ),
-                )),
-                _ => Ok(()),
-            },
+            |name, st, _, _| owners_dir(name, st, owner),
         )
     }
 
@@ -370,30 +359,24 @@ impl DirFd {
     /// rename in ([`others_may_rename_in`]) either, where another member of a team could
     /// swap the verified files for their own while the job reads them.
     pub fn ensure_dataset_dir(&self, rel: &Path, mode: u32, owner: Owner) -> io::Result<DirFd> {
-        let agent = nix::unistd::geteuid().as_raw();
         self.ensure_dir_vetted(
             rel,
             |_| (mode, owner),
-            |name, st, _, held| match owner {
-                Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "`{}` is user {}'s, not the job's; refusing to write in it",
-                        Path::new(name).display(),
-                        st.st_uid
-                    ),
-                )),
-                Some((uid, gid)) if others_may_rename_in(st, held, (uid, gid)) => Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to place a dataset there",
-                        Path::new(name).display(),
-                        st.st_uid,
-                        st.st_gid,
-                        st.st_mode & 0o7777
-                    ),
-                )),
-                _ => Ok(()),
+            |name, st, _, held| {
+                owners_dir(name, st, owner)?;
+                match owner {
+                    Some(job) if others_may_rename_in(st, held, job) => Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to place a dataset there",
+                            Path::new(name).display(),
+                            st.st_uid,
+                            st.st_gid,
+                            st.st_mode & 0o7777
+                        ),
+                    )),
+                    _ => Ok(()),
+                }
             },
         )
     }
@@ -1190,6 +1173,23 @@ pub(crate) fn below_root<T>(
 /// `fstat` of an open file, for the checks above.
 pub fn fstat(file: &impl AsFd) -> io::Result<FileStat> {
     Ok(nix::sys::stat::fstat(file)?)
+}
+
+/// For a job with a user (`owner`), an existing directory `name` must be that user's, root's
+/// or the agent's ([`DirFd::ensure_own_dir`]).
+fn owners_dir(name: &OsStr, st: &FileStat, owner: Owner) -> io::Result<()> {
+    let agent = nix::unistd::geteuid().as_raw();
+    match owner {
+        Some((uid, _)) if ![uid, 0, agent].contains(&st.st_uid) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "`{}` is user {}'s, not the job's; refusing to write in it",
+                Path::new(name).display(),
+                st.st_uid
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Whether users other than the owner (and root) may rename or replace the entries of the

@@ -1296,6 +1296,19 @@ pub async fn stop_recorded(
         cg.remove();
         return cg.populated();
     }
+    // A cgroup the record names that is not one the agent would kill (a cgroup2 mounted
+    // elsewhere than /sys/fs/cgroup when the agent made it): not signalled, and not taken
+    // for empty either while the kernel says it holds processes. Taken so, the job's
+    // processes counted as gone, and the GPU they held as free.
+    if let Some(refused) = cgroup
+        .filter(|p| !is_agents_cgroup(p))
+        .and_then(Cgroup::existing)
+    {
+        if refused.populated() {
+            tracing::warn!(cgroup = %refused.path().display(), "the run record names a cgroup the agent does not stop (not under /sys/fs/cgroup, or not of a job's name) and it holds processes: not signalled, and the job's GPU is not taken as free");
+            return true;
+        }
+    }
     let Some(leader) = leader else {
         tracing::warn!("the run record names no job process; nothing signalled");
         return false;
@@ -1716,6 +1729,27 @@ mod tests {
         let without = tempfile::tempdir().unwrap();
         limit_pids(without.path());
         assert!(!without.path().join("pids.max").exists());
+    }
+
+    /// A recorded cgroup `recover` may not stop (a cgroup2 mounted elsewhere when its agent
+    /// made it) that still holds processes is not taken for empty: the job's processes
+    /// counted as gone, and the GPU they held as free.
+    #[tokio::test]
+    async fn a_recorded_cgroup_it_may_not_stop_is_not_taken_for_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let cg = dir.path().join("c3-j-1-999");
+        std::fs::create_dir(&cg).unwrap();
+        std::fs::write(cg.join("cgroup.procs"), "4242\n").unwrap();
+        std::fs::write(cg.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let job = JobMark {
+            uid: 65534,
+            job_id: "j",
+            attempt: 1,
+        };
+        let path = cg.display().to_string();
+        assert!(!is_agents_cgroup(&path));
+        let left = stop_recorded(None, Some(&path), job, Duration::from_millis(10), true).await;
+        assert!(left, "taken for empty");
     }
 
     /// A look that cannot be made (no fd left to the agent: a low hard limit, uploads holding
