@@ -678,8 +678,14 @@ fn watch_stopped_before_the_store_answered_leaves_an_earlier_runs_manifest_alone
     let before = stored(&h);
     // The retry pod's own state dir.
     std::fs::remove_dir_all(h.state.join("jobs/again")).unwrap();
-    h.env
-        .push(("C3_AGENT_FAULT".into(), "slow-already-ran".into()));
+    // Held at the look, which says so by this marker: a stop sent as soon as the agent
+    // catches SIGTERM came, on a loaded machine, while the watched dirs were still being
+    // opened (exit 6, nothing watched), not during the look.
+    let held = h.path("look-held");
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        format!("slow-already-ran@{}", held.display()),
+    ));
     let shared = h.path("shared-again");
     std::fs::create_dir_all(shared.join("artifacts")).unwrap();
     std::fs::write(shared.join("artifacts/second.txt"), "2\n").unwrap();
@@ -690,7 +696,9 @@ fn watch_stopped_before_the_store_answered_leaves_an_earlier_runs_manifest_alone
         &["--done-file", &done_arg],
         &[&shared.join("artifacts")],
     );
-    crate::support::wait_catches_term(agent.id());
+    wait_for("the look", Duration::from_secs(20), || {
+        held.exists().then_some(())
+    });
     signal(agent.id(), "TERM");
     let run = h.wait("watch stopped during its look".into(), agent);
     assert!(
@@ -1545,10 +1553,27 @@ fn watch_takes_a_canceled_done_file_as_a_cancel_and_a_restart_reports_nothing_tw
     again.assert_code(4);
     assert_eq!(h.cp().requests().len(), reported, "nothing reported twice");
     // With --stay it waits for the pod's SIGTERM instead of exiting (and being restarted).
-    let staying = watch(&h, "sidecan", &["--done-file", &done, "--stay"], &[&out]);
-    crate::support::wait_catches_term(staying.id());
+    // Stopped once it says it stays: a stop as soon as it caught SIGTERM came, on a loaded
+    // machine, while the watched dirs were still being opened (exit 6, nothing watched).
+    let mut staying = watch(&h, "sidecan", &["--done-file", &done, "--stay"], &[&out]);
+    let (said, stays) = std::sync::mpsc::channel();
+    let stderr = staying.stderr.take().unwrap();
+    let drained = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("staying until stopped") {
+                let _ = said.send(());
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    });
+    let heard = stays.recv_timeout(Duration::from_secs(20));
     signal(staying.id(), "TERM");
-    h.wait("watch --stay".into(), staying).assert_code(4);
+    let run = h.wait("watch --stay".into(), staying);
+    let stderr = drained.join().unwrap();
+    assert!(heard.is_ok(), "it never said it stays\n{stderr}");
+    assert_eq!(run.code, 4, "{stderr}");
 }
 
 #[test]
