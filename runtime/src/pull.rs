@@ -390,8 +390,12 @@ pub async fn pull_into(
 /// folding, Unicode's, may join names a lowercase does not), every entry is looked at;
 /// elsewhere only pairs apart in case alone, which are rare.
 fn apart_in_case(root: &DirFd, files: &[FileEntry]) -> Result<(), PullError> {
+    use std::os::unix::ffi::OsStrExt;
+    // By the path's exact bytes: `path` shows a name that is not UTF-8 with U+FFFD, and two
+    // such names apart in one invalid byte only read alike.
+    let raw = |e: &FileEntry| e.raw_path().unwrap_or_else(|_| e.path.clone().into_bytes());
     let id = |e: &FileEntry| {
-        crate::confine::lstat_beneath(root, Path::new(&e.path))
+        crate::confine::lstat_beneath(root, Path::new(std::ffi::OsStr::from_bytes(&raw(e))))
             .ok()
             .map(|st| (st.st_dev, st.st_ino))
     };
@@ -413,7 +417,9 @@ fn apart_in_case(root: &DirFd, files: &[FileEntry]) -> Result<(), PullError> {
     }
     let mut folded: std::collections::HashMap<String, &FileEntry> = Default::default();
     for entry in files {
-        let Some(other) = folded.insert(entry.path.to_lowercase(), entry) else {
+        let name = raw(entry);
+        let Some(other) = folded.insert(String::from_utf8_lossy(&name).to_lowercase(), entry)
+        else {
             continue;
         };
         match (id(other), id(entry)) {
@@ -1144,6 +1150,21 @@ mod tests {
         std::fs::hard_link(dir.path().join("Model.bin"), dir.path().join("model.bin")).unwrap();
         let err = apart_in_case(&root, &files).unwrap_err();
         assert!(matches!(err, PullError::CaseFolded { .. }), "{err}");
+        // Two names that are not UTF-8 and differ in one invalid byte only: both shown as
+        // `a\u{fffd}`, two files all the same.
+        use std::os::unix::ffi::OsStrExt;
+        let latin = |b: u8| {
+            let raw = [b'a', b];
+            std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(&raw)), [b]).unwrap();
+            let (path, path_b64) =
+                c3_proto::manifest::entry_paths(&c3_proto::manifest::rel_key(&raw));
+            FileEntry {
+                path,
+                path_b64,
+                ..entry_of(b"x")
+            }
+        };
+        assert!(apart_in_case(&root, &[latin(0xe9), latin(0xe8)]).is_ok());
     }
 
     /// A store whose every answer to a download is an empty chunk, then a reset: the pull
