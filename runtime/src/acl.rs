@@ -41,13 +41,20 @@ pub enum Look {
     Unsupported,
 }
 
+impl Look {
+    /// The ACL, if there is one: the mode bits are the whole answer otherwise.
+    pub fn into_acl(self) -> Option<Acl> {
+        match self {
+            Look::Acl(acl) => Some(acl),
+            Look::NoAcl | Look::Unsupported => None,
+        }
+    }
+}
+
 /// What the open file's ACL says: `Ok(None)` when it has none, or its file system has no
 /// POSIX ACLs ([`look`] tells the two apart).
 pub fn of(file: &impl AsFd) -> Result<Option<Acl>, AclError> {
-    look(file).map(|l| match l {
-        Look::Acl(acl) => Some(acl),
-        Look::NoAcl | Look::Unsupported => None,
-    })
+    look(file).map(Look::into_acl)
 }
 
 /// [`of`], saying whether the file system has POSIX ACLs at all.
@@ -66,7 +73,7 @@ pub fn look(file: &impl AsFd) -> Result<Look, AclError> {
 pub fn of_handle(handle: &impl AsFd) -> Result<Option<Acl>, AclError> {
     let path = std::ffi::CString::new(format!("/proc/self/fd/{}", handle.as_fd().as_raw_fd()))
         .map_err(|_| AclError::Malformed)?;
-    let look = read(|buf| {
+    read(|buf| {
         // SAFETY: `path` and `NAME` are NUL-terminated; `buf` is writable for its whole
         // length, which is what the kernel is told.
         unsafe {
@@ -77,11 +84,8 @@ pub fn of_handle(handle: &impl AsFd) -> Result<Option<Acl>, AclError> {
                 buf.len(),
             )
         }
-    });
-    look.map(|l| match l {
-        Look::Acl(acl) => Some(acl),
-        Look::NoAcl | Look::Unsupported => None,
     })
+    .map(Look::into_acl)
 }
 
 /// Reads the attribute with `get`, into a small buffer first (most ACLs are a few entries),

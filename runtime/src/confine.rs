@@ -1059,24 +1059,19 @@ impl JobReader {
         if self.uid == 0 {
             return Ok(true);
         }
-        let acl = match crate::acl::look(fd) {
-            Ok(crate::acl::Look::Unsupported) => {
-                match crate::asuser::may(fd, dir, self.uid, &self.gids, want) {
-                    Ok(yes) => return Ok(yes),
-                    Err(e) => {
-                        // The identity could not be taken (no CAP_SETUID): the mode bits, as
-                        // before, said once.
-                        static SAID: std::sync::Once = std::sync::Once::new();
-                        SAID.call_once(|| tracing::warn!(error = %e, "a file system without POSIX ACLs (NFSv4, CIFS): the job's user's access is judged by the mode bits alone, which its own ACLs may contradict"));
-                        Ok(None)
-                    }
+        let look = crate::acl::look(fd);
+        if let Ok(crate::acl::Look::Unsupported) = look {
+            match crate::asuser::may(fd, dir, self.uid, &self.gids, want) {
+                Ok(yes) => return Ok(yes),
+                Err(e) => {
+                    // The identity could not be taken (no CAP_SETUID): the mode bits, as
+                    // before, said once.
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| tracing::warn!(error = %e, "a file system without POSIX ACLs (NFSv4, CIFS): the job's user's access is judged by the mode bits alone, which its own ACLs may contradict"));
                 }
             }
-            Ok(crate::acl::Look::NoAcl) => Ok(None),
-            Ok(crate::acl::Look::Acl(acl)) => Ok(Some(acl)),
-            Err(e) => Err(e),
-        };
-        self.may(acl, st, want)
+        }
+        self.may(look.map(crate::acl::Look::into_acl), st, want)
     }
 
     /// Whether this user may remove what the open directory `dir` holds: it owns it (it may

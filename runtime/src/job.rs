@@ -1242,12 +1242,11 @@ impl<'a> Run<'a> {
         // as the finished attempt will say it (`recover`'s status after).
         let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
         // A `recover` cut after its agent's conclusion may have gone out (its `done` unsaved)
-        // says that one again: an UPLOAD_ERROR after a SUCCEEDED contradicted it.
-        let failed_uploads = self
-            .record
-            .concluded_upload_errors
-            .is_none_or(|sent| sent > 0);
-        let verdict = decide(&end, failed_uploads, oom);
+        // says that one again: an UPLOAD_ERROR after a SUCCEEDED contradicted it. Cut
+        // unconcluded, how many files are not stored is not known, and at least one is (the
+        // final sync was not done): an UPLOAD_ERROR that counted none contradicted itself.
+        let upload_errors = self.record.concluded_upload_errors.unwrap_or(1);
+        let verdict = decide(&end, upload_errors > 0, oom);
         let note = if self.halted() {
             "`c3-agent recover` was stopped (a signal, or its --budget-secs) before the final sync was done: output not yet stored stays on the node; the next `recover` goes on with it and sends the final status".to_string()
         } else {
@@ -1263,10 +1262,7 @@ impl<'a> Run<'a> {
                 Some(m) => format!("{m}; {note}"),
                 None => note,
             }),
-            // Cut unconcluded, how many files are not stored is not known, and at least one
-            // is (the final sync was not done): an UPLOAD_ERROR that counted none contradicted
-            // itself.
-            upload_errors: self.record.concluded_upload_errors.unwrap_or(1),
+            upload_errors,
             result: serde_json::Value::Null,
             facts: self.record.facts.clone(),
         };
@@ -1280,7 +1276,7 @@ impl<'a> Run<'a> {
             files: 0,
             bytes: 0,
             new_bytes: 0,
-            upload_errors: self.record.concluded_upload_errors.unwrap_or(1),
+            upload_errors,
             manifest: None,
             unfinished: true,
             script_exit_code: self.record.exit_code,
