@@ -5,7 +5,7 @@
 //! open, and gives it back before returning.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -120,7 +120,6 @@ impl Drop for AsUser {
 /// the identity cannot be taken.
 pub fn may(fd: &impl AsFd, dir: bool, uid: u32, gids: &[u32], want: u16) -> io::Result<bool> {
     CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let link = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
     let _as = AsUser::become_(uid, gids)?;
     let denied = |e: nix::Error| match e {
         nix::Error::EACCES | nix::Error::EPERM => Ok(false),
@@ -131,8 +130,7 @@ pub fn may(fd: &impl AsFd, dir: bool, uid: u32, gids: &[u32], want: u16) -> io::
         if dir {
             flags |= OFlag::O_DIRECTORY;
         }
-        // Through the fd's magic link: the very inode asked about, whatever its name is now.
-        match nix::fcntl::open(link.as_str(), flags, Mode::empty()) {
+        match crate::confine::reopen(fd, flags) {
             Ok(_) => {}
             Err(e) => return denied(e),
         }

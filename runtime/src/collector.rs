@@ -401,12 +401,7 @@ async fn final_sync(
     );
     let room = config.manifest.max_bytes();
     let halt = config.halt.clone();
-    let halted = async {
-        match &halt {
-            Some(halt) => halt.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
+    let halted = crate::halted(halt.as_ref());
     if halt.as_ref().is_some_and(|h| h.is_cancelled()) {
         out.halted = true;
         return out;

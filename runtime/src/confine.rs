@@ -275,14 +275,8 @@ impl DirFd {
         if !is_regular(&st) {
             return Ok(File::from(handle));
         }
-        // The handle's magic link is the very inode judged; O_NOFOLLOW would refuse the link.
         let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
-        let file = nix::fcntl::open(
-            format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
-            flags,
-            Mode::empty(),
-        )?;
-        Ok(File::from(file))
+        Ok(File::from(reopen(&handle, flags)?))
     }
 
     /// `lstat` of one entry of this directory. An entry that is the root of a FUSE mount a
@@ -697,12 +691,18 @@ fn step(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> io::Result<OwnedFd> {
     if kind == libc::S_IFDIR {
         return Ok(openat(&handle, ".", flags, Mode::empty())?);
     }
-    // The handle's magic link is the file itself; O_NOFOLLOW would refuse the link.
-    Ok(nix::fcntl::open(
-        format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+    Ok(reopen(&handle, flags)?)
+}
+
+/// Opens what `handle` (an `O_PATH` handle, or any fd) holds anew, with `flags`, through its
+/// `/proc/self/fd` magic link: the very inode judged, whatever its name is now (`O_NOFOLLOW`,
+/// which would refuse the link, is dropped).
+pub(crate) fn reopen(handle: &impl AsFd, flags: OFlag) -> nix::Result<OwnedFd> {
+    nix::fcntl::open(
+        format!("/proc/self/fd/{}", handle.as_fd().as_raw_fd()).as_str(),
         flags & !OFlag::O_NOFOLLOW,
         Mode::empty(),
-    )?)
+    )
 }
 
 /// A FUSE file system a user mounted (or one the mount table does not name) where a job's

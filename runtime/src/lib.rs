@@ -71,3 +71,11 @@ pub mod watch;
 pub use display::error_chain;
 pub use job::{run_job, AgentContext, JobSummary, RunError};
 pub use outcome::{ExitCode, JobEnd, Verdict};
+
+/// Fires when `halt` is cancelled; never without one.
+pub(crate) async fn halted(halt: Option<&tokio_util::sync::CancellationToken>) {
+    match halt {
+        Some(halt) => halt.cancelled().await,
+        None => std::future::pending().await,
+    }
+}

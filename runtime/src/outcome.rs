@@ -105,6 +105,11 @@ pub fn recorded_exit(record: &c3_proto::RunRecord) -> ExitCode {
     }
 }
 
+/// Whether [`note_end`] saved an end in `record` (of any kind).
+pub fn end_noted(record: &c3_proto::RunRecord) -> bool {
+    record.state.is_some() || record.exit_code.is_some() || record.signal.is_some()
+}
+
 /// Records in the run record how the job ended, so that `recover` never invents an outcome.
 pub fn note_end(end: &JobEnd, record: &mut c3_proto::RunRecord) {
     use c3_proto::JobState;

@@ -14,7 +14,7 @@ use crate::statedir::AttemptLock;
 /// agent, unless the record already says how it ended (saved with FINALIZING, before the
 /// output's drain and the move to `finishing`).
 pub fn recorded_end(record: &RunRecord) -> JobEnd {
-    let ended = record.state.is_some() || record.exit_code.is_some() || record.signal.is_some();
+    let ended = crate::outcome::end_noted(record);
     match record.phase {
         // Canceled while a rerun stopped what its dead agent left: the attempt's cancel.
         Phase::Preparing if record.state == Some(JobState::Canceled) => JobEnd::Canceled,
@@ -43,11 +43,7 @@ pub fn recorded_end(record: &RunRecord) -> JobEnd {
 
 /// Whether the agent that wrote the record still runs (same boot, pid and start time).
 pub fn owner_alive(record: &RunRecord) -> bool {
-    let same_boot = match &record.agent_boot_id {
-        Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
-        None => true,
-    };
-    same_boot
+    same_boot(record)
         && record.agent.is_some_and(|(pid, started)| {
             crate::procfs::alive_in(record.agent_pid_ns, pid, started)
         })
@@ -73,11 +69,6 @@ pub const UNWATCHED_SIDECAR_WAIT: Duration = Duration::from_secs(72 * 3600);
 /// got AGENT_ERROR (retryable: a second copy placed on its GPU) and a complete manifest, and
 /// the restarted sidecar found the attempt done and stored nothing the job wrote after.
 fn unwatched_sidecar_job_may_run(record: &RunRecord) -> bool {
-    let ended = record.state.is_some() || record.exit_code.is_some() || record.signal.is_some();
-    let same_boot = match &record.agent_boot_id {
-        Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
-        None => true,
-    };
     let recent = chrono::DateTime::parse_from_rfc3339(&record.started_at)
         .map(|at| {
             let age = chrono::Utc::now().signed_duration_since(at);
@@ -88,9 +79,17 @@ fn unwatched_sidecar_job_may_run(record: &RunRecord) -> bool {
     record.watched_dirs.is_some()
         && record.watched_leader.is_none()
         && record.phase == Phase::Running
-        && !ended
-        && same_boot
+        && !crate::outcome::end_noted(record)
+        && same_boot(record)
         && recent
+}
+
+/// Whether the record was written on this boot (one that does not say is taken as so).
+fn same_boot(record: &RunRecord) -> bool {
+    match &record.agent_boot_id {
+        Some(b) => crate::procfs::boot_id().as_ref() == Some(b),
+        None => true,
+    }
 }
 
 /// Finishes every unfinished job in the state dir, oldest first. Once `halt` is cancelled (a
@@ -567,15 +566,9 @@ async fn abort_uploads_briefly(
     if !uploader.journaled() {
         return None;
     }
-    let halted = async {
-        match halt {
-            Some(h) => h.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         aborted = tokio::time::timeout(LEFT_ABORTS_WAIT, uploader.abort_orphans()) => aborted.ok(),
-        () = halted => None,
+        () = crate::halted(halt) => None,
     }
 }
 
@@ -647,12 +640,7 @@ async fn recover_record(
     let entered = span.enter();
     // Bounded (a kill grace, two minutes by the job's marks with no cgroup) but not by
     // `--budget-secs` or a SIGTERM: halted, the attempt is left for the next pass.
-    let halted = async {
-        match halt {
-            Some(halt) => halt.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
+    let halted = crate::halted(halt);
     let survivors = tokio::select! {
         survivors = stop_survivors(ctx, &record) => survivors,
         () = halted => {
@@ -748,19 +736,10 @@ async fn recover_record(
     }
     // This read retries through a store outage too.
     let cut = run.sync_cut();
-    let halted = {
-        let halt = halt.cloned();
-        async move {
-            match halt {
-                Some(halt) => halt.cancelled_owned().await,
-                None => std::future::pending().await,
-            }
-        }
-    };
     let listed = tokio::select! {
         listed = tracing::Instrument::instrument(listed_before(ctx, &run.record), span.clone()) => Some(listed),
         () = cut => None,
-        () = halted => None,
+        () = crate::halted(halt) => None,
     };
     let listed = match listed {
         // Complete, while this node's run of the attempt never reached its final sync (the

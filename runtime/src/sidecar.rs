@@ -382,7 +382,7 @@ async fn watch_attempt(
             .filter(|r| {
                 r.phase == Phase::Finishing
                     // Ended, and killed before its final sync began (saved with FINALIZING).
-                    || (r.phase == Phase::Running && (r.exit_code.is_some() || r.signal.is_some() || r.state.is_some()))
+                    || (r.phase == Phase::Running && crate::outcome::end_noted(r))
             })
             .map(crate::recover::recorded_end)
             .filter(|end| *end != JobEnd::AgentLost);

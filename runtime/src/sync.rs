@@ -587,15 +587,9 @@ async fn look_again_at_unreached(
             })
             .collect::<Vec<_>>()
     });
-    let halted = async {
-        match halt {
-            Some(halt) => halt.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
     let looked = tokio::select! {
         looked = looking => looked.unwrap_or_default(),
-        () = halted => return,
+        () = crate::halted(halt) => return,
     };
     let mut gone = std::collections::HashSet::new();
     for (rel, found) in looked {
@@ -758,7 +752,7 @@ async fn upload_all_until(
             .map(|cp| saved + cp.every());
         let joined = tokio::select! {
             biased;
-            () = halted(halt) => {
+            () = crate::halted(halt) => {
                 // Dropped, not waited for: a multi-GB file may be minutes from landing.
                 uploads.abort_all();
                 report.halted = true;
@@ -847,14 +841,6 @@ async fn upload_all_until(
         }
     }
     report
-}
-
-/// Fires when `halt` is cancelled; never without one.
-async fn halted(halt: Option<&CancellationToken>) {
-    match halt {
-        Some(halt) => halt.cancelled().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sleeps until `due`, for ever without one.

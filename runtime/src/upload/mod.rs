@@ -179,12 +179,7 @@ pub const SETTLE_APART_NS: i64 = 2_000_000_000 + RACY_WINDOW_NS;
 /// and past a second where file systems keep whole seconds, two where they keep even ones
 /// (FAT).
 pub fn settle_apart_ns(stamp: &FileStamp) -> i64 {
-    let even = stamp.mtime_ns % 2_000_000_000 == 0 && stamp.ctime_ns % 2_000_000_000 == 0;
-    if even {
-        SETTLE_APART_NS
-    } else {
-        1_000_000_000 + RACY_WINDOW_NS
-    }
+    racy_window(stamp).max(1_000_000_000 + RACY_WINDOW_NS)
 }
 
 /// Whether `stamp`'s last change lies within [`RACY_WINDOW_NS`] of now (a read just done); on
@@ -198,20 +193,24 @@ fn changed_lately(stamp: &FileStamp, at: i64) -> bool {
     changed_before(stamp, at, now_ns())
 }
 
-/// Whether `at` lies within the racy window before `now`: a tick (50 ms), a second and a
-/// tick where the file system keeps whole seconds, two where it keeps even ones (FAT, which
-/// sets the ctime to the mtime too: a same-size rewrite 1.3 s after the first write left
-/// every field of the stamp as it was).
+/// Whether `at` lies within the racy window ([`racy_window`]) before `now`.
 fn changed_before(stamp: &FileStamp, at: i64, now: i64) -> bool {
+    at > now - racy_window(stamp)
+}
+
+/// How long after a change a stamp may still be the one a further change leaves: a tick
+/// (50 ms), a second and a tick where the file system keeps whole seconds, two where it
+/// keeps even ones (FAT, which sets the ctime to the mtime too: a same-size rewrite 1.3 s
+/// after the first write left every field of the stamp as it was).
+fn racy_window(stamp: &FileStamp) -> i64 {
     let whole = |n: i64| stamp.mtime_ns % n == 0 && stamp.ctime_ns % n == 0;
-    let window = if whole(2_000_000_000) {
+    if whole(2_000_000_000) {
         2_000_000_000 + RACY_WINDOW_NS
     } else if whole(1_000_000_000) {
         1_000_000_000 + RACY_WINDOW_NS
     } else {
         RACY_WINDOW_NS
-    };
-    at > now - window
+    }
 }
 
 /// How soon after its last change a file was read: [`racy`], and by the ctime alone, judged

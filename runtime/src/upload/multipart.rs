@@ -455,6 +455,7 @@ impl Uploader {
                 .await
                 .map_err(store_err)?;
             let (resumed, journaled) = (journal.resumed, journal.journaled);
+            let upload_id = journal.record.upload_id.clone();
             // What an abort of an upload no journal names needs (a new upload: no parts yet).
             let unjournaled = (!journaled).then(|| journal.record.clone());
             let sent = self
@@ -506,7 +507,7 @@ impl Uploader {
                         && !crate::store::upload_gone(source) =>
                 {
                     Some(
-                        self.upload_lost(&sha, before.size.div_ceil(part_size))
+                        self.upload_lost(&sha, &upload_id, before.size.div_ceil(part_size))
                             .await,
                     )
                 }
@@ -834,17 +835,11 @@ impl Uploader {
     /// aborted, or, if the store will not abort it now, its journal is set aside under a name
     /// of its own (`<attempt>-<sha>.<upload tag>.json`), which the new upload's journal does
     /// not overwrite and [`Uploader::abort_orphans`] still finds.
-    /// Whether the journaled upload of `sha` (of `parts` parts), whose part the store kept
+    /// Whether upload `upload_id` of `sha` (of `parts` parts), whose part the store kept
     /// cutting off, is one the store lost: only its own NoSuchUpload to a probe says so.
     /// Taken as lost on the cut alone (any middlebox reset mid-body), a resumed upload with
     /// hundreds of GB of parts stored was aborted and every part sent again.
-    async fn upload_lost(&self, sha: &str, parts: u64) -> bool {
-        let Some(record) = self
-            .journal_path(sha)
-            .and_then(|p| MultipartJournal::load(&p))
-        else {
-            return false;
-        };
+    async fn upload_lost(&self, sha: &str, upload_id: &str, parts: u64) -> bool {
         // The last part number S3 allows, unused by an upload of fewer parts.
         const PROBE_PART: usize = 9_999;
         if parts > PROBE_PART as u64 {
@@ -852,7 +847,7 @@ impl Uploader {
         }
         match self
             .store
-            .upload_still_open(sha, &record.upload_id, PROBE_PART)
+            .upload_still_open(sha, upload_id, PROBE_PART)
             .await
         {
             Ok(open) => !open,
