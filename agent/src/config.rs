@@ -193,9 +193,13 @@ pub fn locate(
     if let Some(p) = env("C3_AGENT_CONFIG").filter(|s| !s.is_empty()) {
         return Some((PathBuf::from(p), true));
     }
-    Path::new(SYSTEM_CONFIG)
-        .exists()
-        .then(|| (PathBuf::from(SYSTEM_CONFIG), false))
+    // Absent only when nothing is there: a dangling symlink (into a secrets mount not yet
+    // up) or a stat that fails otherwise read as "no config", and the node ran its jobs on
+    // the defaults (its own disk for a store, no control plane). Read, it fails as it should.
+    match std::fs::symlink_metadata(SYSTEM_CONFIG) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some((PathBuf::from(SYSTEM_CONFIG), false)),
+    }
 }
 
 /// Every `C3_AGENT_*` variable the agent reads. Any other is a typo (a setting silently
@@ -490,11 +494,22 @@ pub fn resolve(
     if env("C3_AGENT_CONTROL_PLANE_URL").is_some() {
         cp.get_or_insert_with(ControlPlaneSection::default);
     }
-    if let Some(section) = cp.as_mut() {
-        num(
-            "C3_AGENT_GIVE_UP_SECS",
-            "control_plane.give_up_secs",
-            &mut section.give_up_secs,
+    // Checked with no control plane too: a bad value was accepted on every node without one,
+    // and failed only where a control plane was set, by its config file, later.
+    let mut unused = None;
+    let give_up = match cp.as_mut() {
+        Some(section) => &mut section.give_up_secs,
+        None => &mut unused,
+    };
+    num(
+        "C3_AGENT_GIVE_UP_SECS",
+        "control_plane.give_up_secs",
+        give_up,
+    );
+    if unused.is_some() {
+        warnings.push(
+            "$C3_AGENT_GIVE_UP_SECS is set, but no control plane is: it has nothing to bound"
+                .into(),
         );
     }
     if let Some(v) = env("C3_AGENT_STATE_DIR") {
@@ -551,7 +566,9 @@ pub fn resolve(
     }
 
     let state_dir = file.state_dir.unwrap_or(default_state);
-    if state_dir.as_os_str().is_empty() {
+    if let Some(why) = unusable_path(&state_dir) {
+        problems.push(format!("`state_dir`: `{}` {why}", state_dir.display()));
+    } else if state_dir.as_os_str().is_empty() {
         problems.push(
             "`state_dir`: no default for this user (no $XDG_STATE_HOME, no $HOME, no home in its passwd entry): set one".into(),
         );
@@ -561,6 +578,7 @@ pub fn resolve(
             state_dir.display()
         ));
     }
+    let jobs_root_unusable = file.jobs_root.as_deref().and_then(unusable_path);
     let jobs_root = lexical_clean(
         &file
             .jobs_root
@@ -568,7 +586,10 @@ pub fn resolve(
     );
     // A jobs root below no state dir is that one problem, said once.
     let below_no_state_dir = jobs_root.is_relative() && state_dir.as_os_str().is_empty();
-    if !below_no_state_dir && (!jobs_root.is_absolute() || jobs_root == Path::new("/")) {
+    if let Some(why) = jobs_root_unusable {
+        // `/srv/../../etc`: every spec's workdir below it was refused for its `..`.
+        problems.push(format!("`jobs_root`: `{}` {why}", jobs_root.display()));
+    } else if !below_no_state_dir && (!jobs_root.is_absolute() || jobs_root == Path::new("/")) {
         problems.push(format!(
             "`jobs_root`: `{}` must be an absolute path below /",
             jobs_root.display()
@@ -1002,6 +1023,19 @@ impl ControlPlaneSettings {
 
 /// `/a//b/./c/` -> `/a/b/c` (no `..` handling: a path with `..` stays as it is and
 /// fails the checks that use it).
+/// What makes a configured directory unusable whatever is on disk: a NUL (no system call
+/// takes it; it failed the first write, exit 6) or a `..` (what it names depends on links).
+fn unusable_path(p: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    if p.as_os_str().as_bytes().contains(&0) {
+        Some("contains a NUL byte")
+    } else if p.components().any(|c| c == std::path::Component::ParentDir) {
+        Some("must not contain `..`")
+    } else {
+        None
+    }
+}
+
 fn lexical_clean(p: &Path) -> PathBuf {
     p.components().collect()
 }
@@ -1081,6 +1115,10 @@ pub fn state_dir_problem(dir: &Path) -> Option<String> {
     let meta = std::fs::metadata(dir).ok()?;
     let euid = nix::unistd::geteuid().as_raw();
     let shown = dir.display();
+    if !meta.is_dir() {
+        // Found at the first write, it was an AGENT_ERROR (exit 6, retryable) on every job.
+        return Some(format!("`state_dir`: {shown} is not a directory"));
+    }
     if meta.uid() != euid && meta.uid() != 0 {
         return Some(format!(
             "`state_dir`: {shown} is owned by uid {}, not by this agent's user (uid {euid}) or root: it could read and rewrite the agent's records and store (use a dir of the agent's own)",
@@ -1271,6 +1309,41 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    /// Directories no system call takes, or whose meaning hangs on links, are config errors
+    /// naming their key; so is a state dir that is a file, and a bad give-up with no control
+    /// plane (which it was only with one).
+    #[test]
+    fn unusable_dirs_and_values_are_named_at_load() {
+        let state = |t: &str| resolve(None, t, &|_| None, "/s".into());
+        for (text, key) in [
+            ("state_dir = \"/t/s\\u0000x\"\n", "`state_dir`"),
+            ("state_dir = \"/t/../s\"\n", "`state_dir`"),
+            ("jobs_root = \"/t/../../etc\"\n", "`jobs_root`"),
+        ] {
+            let e = state(text).unwrap_err();
+            assert!(
+                e.problems.iter().any(|p| p.starts_with(key)),
+                "{text}: {:?}",
+                e.problems
+            );
+        }
+        let env = |k: &str| (k == "C3_AGENT_GIVE_UP_SECS").then(|| "abc".to_string());
+        let e = resolve(None, "", &env, "/s".into()).unwrap_err();
+        assert!(e.problems[0].contains("give_up_secs"), "{:?}", e.problems);
+        let env = |k: &str| (k == "C3_AGENT_GIVE_UP_SECS").then(|| "60".to_string());
+        let ok = resolve(None, "", &env, "/s".into()).unwrap();
+        assert!(
+            ok.warnings.iter().any(|w| w.contains("no control plane")),
+            "{:?}",
+            ok.warnings
+        );
+        let top = tempfile::tempdir().unwrap();
+        let file = top.path().join("state");
+        std::fs::write(&file, "").unwrap();
+        let p = state_dir_problem(&file).unwrap_or_default();
+        assert!(p.contains("not a directory"), "{p}");
     }
 
     /// A value that is not UTF-8 is named with its setting, never read as unset.

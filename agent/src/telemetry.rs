@@ -22,13 +22,36 @@ use crate::config::LogFormat;
 
 /// The filter from `C3_AGENT_LOG` (default: info); a malformed one is a config error.
 pub fn filter() -> Result<EnvFilter, String> {
-    match std::env::var("C3_AGENT_LOG") {
-        Err(_) => Ok(EnvFilter::new(DEFAULT_FILTER)),
-        Ok(v) if v.trim().is_empty() => Ok(EnvFilter::new(DEFAULT_FILTER)),
-        Ok(v) => EnvFilter::try_new(&v).map_err(|e| {
-            format!("config: `C3_AGENT_LOG`: `{v}` is not a log filter ({e}); try `info`, `debug` or `c3_runtime=debug`")
-        }),
+    filter_of(std::env::var("C3_AGENT_LOG").ok().as_deref())
+}
+
+/// Levels a bare directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+fn filter_of(value: Option<&str>) -> Result<EnvFilter, String> {
+    let v = match value {
+        None => return Ok(EnvFilter::new(DEFAULT_FILTER)),
+        Some(v) if v.trim().is_empty() => return Ok(EnvFilter::new(DEFAULT_FILTER)),
+        Some(v) => v,
+    };
+    let bad = |why: String| {
+        format!("config: `C3_AGENT_LOG`: `{v}` is not a log filter ({why}); try `info`, `debug` or `c3_runtime=debug`")
+    };
+    // A bare word is a target to tracing (everything it logs, at every level): `warning` or
+    // `debg` kept nothing at all, the job's own lines included, and said nothing. A target
+    // is written `target=level`.
+    for word in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !word.contains(['=', '[']) && !LEVELS.contains(&word.to_ascii_lowercase().as_str()) {
+            let near = LEVELS
+                .iter()
+                .find(|l| word.to_ascii_lowercase().starts_with(&l[..2]))
+                .map_or(String::new(), |l| format!(", did you mean `{l}`?"));
+            return Err(bad(format!(
+                "`{word}` is not a level (trace, debug, info, warn, error, off){near} and a target takes `={{level}}`"
+            )));
+        }
     }
+    EnvFilter::try_new(v).map_err(|e| bad(e.to_string()))
 }
 
 pub fn init(format: LogFormat, filter: EnvFilter) {
@@ -412,7 +435,29 @@ impl Visit for Visitor<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_formatter_colour, one_line, FlatJson, Style};
+    use super::{filter_of, is_formatter_colour, one_line, FlatJson, Style};
+
+    #[test]
+    fn a_misspelt_level_is_refused_not_taken_for_a_target() {
+        for v in ["warning", "debg", "info,c3_runtime", "inf0"] {
+            let e = filter_of(Some(v)).expect_err(v);
+            assert!(e.contains("C3_AGENT_LOG"), "{e}");
+        }
+        assert!(filter_of(Some("warning")).unwrap_err().contains("`warn`"));
+        for v in [
+            "info",
+            "WARN",
+            "debug,object_store=warn",
+            "c3=debug",
+            "off",
+            " ",
+            "c3_runtime[run]=debug",
+        ] {
+            filter_of(Some(v)).unwrap_or_else(|e| panic!("{v}: {e}"));
+        }
+        filter_of(None).unwrap();
+        assert!(filter_of(Some("c3=debg")).is_err());
+    }
 
     /// What a subscriber writes, gathered.
     #[derive(Clone, Default)]

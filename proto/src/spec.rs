@@ -157,6 +157,35 @@ impl SpecError {
     }
 }
 
+/// Longest `project` name a spec may give.
+pub const MAX_PROJECT_BYTES: usize = 256;
+
+/// serde's type error without the value it found: `invalid type: string "AWS_SECRET_ACCESS_KEY=..",
+/// expected a map` put a spec's secret (its `env` or `command` holds them) in the journal.
+/// The field's name and the kinds say what is wrong.
+fn without_value(message: &str) -> String {
+    for head in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = message.strip_prefix(head) else {
+            continue;
+        };
+        let Some(at) = rest.rfind(", expected ") else {
+            continue;
+        };
+        let found = &rest[..at];
+        let kind = found
+            .find([' ', '`', '"'])
+            .map_or(found, |end| &found[..end])
+            .trim();
+        let kind = match kind {
+            "floating" => "floating point",
+            "unit" => "unit value",
+            k => k,
+        };
+        return format!("{head}{kind}{}", &rest[at..]);
+    }
+    message.to_string()
+}
+
 impl JobSpec {
     /// Parse and validate a spec; the error names the first bad field.
     pub fn from_json(bytes: &[u8]) -> Result<ParsedSpec, SpecError> {
@@ -183,7 +212,7 @@ impl JobSpec {
             // serde reports a missing field at the parent (".")
             match inner.strip_prefix("missing field `") {
                 Some(rest) => SpecError::field(rest.trim_end_matches('`'), "is required"),
-                None => SpecError::field(path, inner),
+                None => SpecError::field(path, without_value(&inner)),
             }
         })?;
         spec.validate()?;
@@ -201,6 +230,20 @@ impl JobSpec {
         validate_job_id(&self.job_id).map_err(|p| SpecError::field("job_id", p))?;
         if self.attempt == 0 {
             return Err(SpecError::field("attempt", "must be 1 or more"));
+        }
+        if let Some(project) = &self.project {
+            // It decides whose datasets a job may read (the manifests' `project` must equal
+            // it) and is shown in logs and `ls`: an empty one, or control characters, were
+            // taken as given.
+            if project.is_empty() || project.len() > MAX_PROJECT_BYTES {
+                return Err(SpecError::field(
+                    "project",
+                    format!("must be 1 to {MAX_PROJECT_BYTES} bytes (or left out)"),
+                ));
+            }
+            if project.chars().any(char::is_control) {
+                return Err(SpecError::field("project", "contains a control character"));
+            }
         }
         match self.command.first() {
             None => {
@@ -565,6 +608,53 @@ mod tests {
 
     fn err(json: &str) -> String {
         JobSpec::from_json(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    /// A type error names the field and the kinds, never the value: `env` and `command` hold
+    /// secrets, and the error goes to the journal.
+    #[test]
+    fn a_type_error_does_not_show_the_value() {
+        for (json, field) in [
+            (
+                r#"{"job_id":"j","command":["true"],"env":"AWS_SECRET_ACCESS_KEY=hunter2"}"#,
+                "env",
+            ),
+            (
+                r#"{"job_id":"j","command":"python t.py --token=hunter2"}"#,
+                "command",
+            ),
+            (
+                r#"{"job_id":"j","command":["true"],"env":{"TOKEN":4242}}"#,
+                "env.TOKEN",
+            ),
+            (
+                r#"{"job_id":"j","command":["true"],"timeout_secs":"hunter2"}"#,
+                "timeout_secs",
+            ),
+        ] {
+            let e = err(json);
+            assert!(!e.contains("hunter2") && !e.contains("4242"), "{e}");
+            assert!(e.contains(field) && e.contains("expected"), "{e}");
+        }
+        assert_eq!(
+            without_value("invalid type: floating point `1.5`, expected u64"),
+            "invalid type: floating point, expected u64"
+        );
+    }
+
+    #[test]
+    fn a_project_is_a_name() {
+        for bad in ["", "a\\nb", "a\\u0000b", "a\\u001b[31m"] {
+            let json = format!(r#"{{"job_id":"j","command":["true"],"project":"{bad}"}}"#);
+            assert!(err(&json).contains("project"), "{bad:?}");
+        }
+        let long = "p".repeat(MAX_PROJECT_BYTES + 1);
+        assert!(err(&format!(
+            r#"{{"job_id":"j","command":["true"],"project":"{long}"}}"#
+        ))
+        .contains("project"));
+        JobSpec::from_json(br#"{"job_id":"j","command":["true"],"project":"team-a/vision"}"#)
+            .unwrap();
     }
 
     #[test]

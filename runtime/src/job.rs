@@ -911,6 +911,15 @@ impl<'a> Run<'a> {
         if let Some(warning) = checked {
             self.reports.warn_always(warning);
         }
+        // The agent's value wins ([`crate::launch::child_env`]); the user who set one in the
+        // spec learns it here, not from a script that wrote where it did not expect.
+        for name in crate::launch::AGENT_SETS {
+            if self.spec().env.contains_key(name) {
+                self.reports.warn_always(format!(
+                    "env.{name} in the spec is not used: the agent sets {name} for every job"
+                ));
+            }
+        }
         if cancel.is_cancelled() {
             return Err(PrepareError::Canceled);
         }

@@ -109,6 +109,15 @@ const IDENTITY_NAMES: &[&str] = &[
     "SSH_AUTH_SOCK",
 ];
 
+/// The variables the agent gives every job, over any the spec names ([`child_env`]).
+pub const AGENT_SETS: [&str; 5] = [
+    "C3_ARTIFACTS_DIR",
+    "C3_JOB_ID",
+    "C3_ATTEMPT",
+    "C3_RESULT_FILE",
+    "C3_AGENT_SOCKET",
+];
+
 /// The child's environment: the agent's minus its credentials (and, for a job of a `user`,
 /// minus the agent's identity, replaced by that user's `USER`, `LOGNAME`, `HOME`, `SHELL`),
 /// then the spec's `env` (which wins over all of that), then the job variables the contract

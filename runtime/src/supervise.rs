@@ -247,6 +247,7 @@ impl Supervisor {
         cancel: &CancellationToken,
         spawned: Option<tokio::sync::oneshot::Sender<i32>>,
     ) -> Result<Supervisor, LaunchFailed> {
+        // What `AGENT_SETS` lists, in its order.
         let mut job_vars = vec![
             (
                 "C3_ARTIFACTS_DIR",

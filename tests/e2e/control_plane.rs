@@ -71,6 +71,25 @@ fn bad_result_file_is_a_warning() {
     assert!(t["warnings"].to_string().contains("result file"), "{t}");
 }
 
+/// A spec's value for a variable the agent sets is overridden, and the user is told so.
+#[test]
+fn a_spec_variable_the_agent_sets_is_named_in_the_warnings() {
+    let h = Harness::file().with_control_plane(10);
+    let spec = json!({"job_id": "ownvar", "command": ["sh", "-c", "echo \"$C3_JOB_ID\" > $C3_ARTIFACTS_DIR/id"],
+        "env": {"C3_JOB_ID": "other", "C3_ARTIFACTS_DIR": "/tmp/elsewhere", "MINE": "1"}});
+    h.run_job(spec).assert_code(0);
+    let t = h.cp().terminal_status().unwrap();
+    let warnings = t["warnings"].to_string();
+    assert!(
+        warnings.contains("env.C3_JOB_ID") && warnings.contains("env.C3_ARTIFACTS_DIR"),
+        "{t}"
+    );
+    assert!(!warnings.contains("MINE"), "{t}");
+    let stored = h.manifest("ownvar")["files"][0].clone();
+    assert_eq!(stored["path"], "artifacts/id", "{stored}");
+    assert_eq!(stored["sha256"], crate::support::sha256_hex(b"ownvar\n"));
+}
+
 /// The agent's own warnings (the result file ignored, the project over its quota) are in
 /// the terminal status and the log however many the job's files made first: past 50, the
 /// 51st and later were dropped unsaid, so 60 symlinks hid both.
