@@ -54,71 +54,176 @@ pub const DEFAULT_MAX_LOG_BYTES: u64 = 1 << 30;
 const ECHO_PER_SEC: f64 = 100.0;
 const ECHO_BURST: f64 = 2000.0;
 
+/// How often a pump whose log could not be written tries it again (a full disk may have
+/// room again: the job deleted a checkpoint).
+const LOG_RETRY: Duration = Duration::from_secs(2);
+
+/// What a pump kept of its stream, for the terminal status.
+#[derive(Debug)]
+pub struct Pumped {
+    pub stream: Stream,
+    /// Bytes read from the job.
+    pub total: u64,
+    /// Bytes past `max_log_bytes`: drained and counted, not kept.
+    pub over_limit: u64,
+    /// Bytes the log file could not take (a full disk), and the first error.
+    pub lost: u64,
+    pub error: Option<String>,
+}
+
+impl Pumped {
+    /// What the user must know of the stream's log: a log that lost its middle or its end
+    /// (the traceback of a job that filled the disk) looked whole in the manifest.
+    pub fn warning(&self) -> Option<String> {
+        let stream = self.stream.as_str();
+        let mut parts = Vec::new();
+        if self.lost > 0 {
+            parts.push(format!(
+                "{} of it could not be written to the state dir ({}); the log says where",
+                crate::display::human_bytes(self.lost),
+                self.error.as_deref().unwrap_or("an error")
+            ));
+        }
+        if self.over_limit > 0 {
+            parts.push(format!(
+                "{} past job.max_log_bytes were dropped",
+                crate::display::human_bytes(self.over_limit)
+            ));
+        }
+        (!parts.is_empty())
+            .then(|| format!("the job's {stream} log is not whole: {}", parts.join("; ")))
+    }
+}
+
 /// Copies `reader` to `log_path` (its first `max_bytes` bytes) and echoes lines into the
-/// log (at a rate journald keeps). Returns bytes read. Past `max_bytes` the output is still
-/// drained, so the job never blocks on a full pipe, but only counted: the agent writes the
-/// log as root, where neither the job user's quota nor the root reserve stops it, and it
-/// becomes a blob too. A log file that cannot be written (a full disk) never stops the
-/// draining either; the error is returned at the end.
+/// log (at a rate journald keeps). Past `max_bytes` the output is still drained, so the job
+/// never blocks on a full pipe, but only counted: the agent writes the log as root, where
+/// neither the job user's quota nor the root reserve stops it, and it becomes a blob too.
+/// A log file that cannot be written (a full disk) never stops the draining either: what
+/// it could not take is counted, the file is tried again every [`LOG_RETRY`], and a note
+/// in it says where bytes are missing and how many.
 pub async fn pump(
     mut reader: impl AsyncRead + Unpin,
     stream: Stream,
     log_path: PathBuf,
     max_bytes: u64,
-) -> std::io::Result<u64> {
+) -> std::io::Result<Pumped> {
     // Appended to: a rerun that takes over the attempt of an agent that died keeps the
     // earlier run's output (truncated, it was lost, and the live posts sent other bytes at
     // offsets the control plane already had).
-    let opened = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .await;
-    let (mut file, earlier) = match opened {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.create(true).append(true);
+    let open = || options.open(&log_path);
+    let mut pumped = Pumped {
+        stream,
+        total: 0,
+        over_limit: 0,
+        lost: 0,
+        error: None,
+    };
+    // Bytes lost since the file last took a note of them.
+    let mut unsaid = 0u64;
+    let mut retry_at = Instant::now();
+    let (mut file, earlier) = match open().await {
         Ok(f) => {
             let earlier = f.metadata().await.map_or(0, |m| m.len());
             (Some(f), earlier)
         }
         Err(e) => {
             tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot keep the job's output in the state dir; still echoing it");
+            pumped.error = Some(crate::error_chain(&e));
+            retry_at += LOG_RETRY;
             (None, 0)
         }
     };
-    let mut failed: Option<std::io::Error> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Lines::default();
     // What the earlier run kept counts against `max_bytes` too.
     let room = max_bytes.saturating_sub(earlier);
-    let mut total = 0u64;
     let mut echo = EchoLimit::new(stream);
+    let lost_note = |lost: u64, error: &Option<String>| {
+        format!(
+            "\n[c3-agent: {lost} bytes of {} are missing here: the state dir could not take them ({})]\n",
+            stream.as_str(),
+            error.as_deref().unwrap_or("an error")
+        )
+    };
     loop {
         let n = reader.read(&mut buf).await?;
         if n == 0 {
             break;
         }
+        let total = pumped.total;
         let keep = (room.saturating_sub(total)).min(n as u64) as usize;
         if keep < n && total <= room {
             tracing::warn!(stream = stream.as_str(), max_log_bytes = max_bytes, "the job's output is over job.max_log_bytes: the rest is drained and counted, not kept or echoed");
         }
-        if let (Some(f), true) = (file.as_mut(), keep > 0) {
-            // Flushing each read keeps the file current for the live forwarder and for `recover`.
-            let written = async {
-                f.write_all(&buf[..keep]).await?;
-                f.flush().await
+        if keep > 0 {
+            let due = Instant::now() >= retry_at;
+            if file.is_none() && due {
+                file = open().await.ok();
             }
-            .await;
-            if let Err(e) = written {
-                tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot write the job's output to the state dir; still echoing it");
-                failed = Some(e);
-                file = None;
+            // After a failure the file is tried again only when due: each try of a full
+            // disk's file costs a write that fails.
+            let written = match file.as_mut() {
+                Some(f) if unsaid == 0 || due => {
+                    // Flushing each read keeps the file current for the live forwarder
+                    // and for `recover`.
+                    let note = (unsaid > 0).then(|| lost_note(unsaid, &pumped.error));
+                    let tried = async {
+                        if let Some(note) = &note {
+                            f.write_all(note.as_bytes()).await?;
+                        }
+                        f.write_all(&buf[..keep]).await?;
+                        f.flush().await
+                    }
+                    .await;
+                    Some(tried.map(|()| note.is_some()))
+                }
+                _ => None,
+            };
+            match written {
+                Some(Ok(true)) => {
+                    tracing::info!(
+                        stream = stream.as_str(),
+                        lost_bytes = unsaid,
+                        "the job's output is kept in the state dir again"
+                    );
+                    unsaid = 0;
+                }
+                Some(Ok(false)) => {}
+                failed => {
+                    if let Some(Err(e)) = failed {
+                        if pumped.error.is_none() {
+                            tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot write the job's output to the state dir; still echoing it, trying again every 2 s");
+                            pumped.error = Some(crate::error_chain(&e));
+                        }
+                        retry_at = Instant::now() + LOG_RETRY;
+                    } else if due {
+                        retry_at = Instant::now() + LOG_RETRY;
+                    }
+                    pumped.lost += keep as u64;
+                    unsaid += keep as u64;
+                }
             }
         }
-        total += n as u64;
+        pumped.total += n as u64;
         lines.feed(&buf[..keep], |line| echo.line(line));
     }
     lines.finish(|line| echo.line(line));
     echo.finish();
+    if file.is_none() && unsaid > 0 {
+        file = open().await.ok();
+    }
+    if unsaid > 0 {
+        let note = lost_note(unsaid, &pumped.error);
+        if let Some(f) = file.as_mut() {
+            let _ = f.write_all(note.as_bytes()).await;
+        }
+    }
+    let total = pumped.total;
     if total > room {
+        pumped.over_limit = total - room;
         let note = format!(
             "\n[c3-agent: {} more bytes of {} were dropped past job.max_log_bytes = {max_bytes}]\n",
             total - room,
@@ -135,12 +240,11 @@ pub async fn pump(
         }
     }
     if let Some(f) = file {
-        f.sync_all().await?;
+        if let Err(e) = f.sync_all().await {
+            tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot sync the job's output log to disk");
+        }
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(total),
-    }
+    Ok(pumped)
 }
 
 /// The most byte `b` of a job's line becomes in the log, in either format: a control byte
@@ -580,6 +684,65 @@ fn split_at_end(buf: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::{pump, Pumped, LOG_RETRY};
+    use c3_proto::Stream;
+    use tokio::io::AsyncWriteExt;
+
+    /// A log the disk cannot take is counted and said, never taken for a whole one.
+    #[tokio::test]
+    async fn output_a_full_disk_refuses_is_counted_and_warned() {
+        let p: Pumped = pump(&b"a\nb\n"[..], Stream::Stdout, "/dev/full".into(), u64::MAX)
+            .await
+            .unwrap();
+        assert_eq!((p.total, p.lost), (4, 4));
+        let w = p.warning().expect("a warning");
+        assert!(
+            w.contains("stdout") && w.contains("could not be written"),
+            "{w}"
+        );
+        let whole = pump(
+            &b"a\nb\n"[..],
+            Stream::Stderr,
+            tempfile::tempdir().unwrap().path().join("l"),
+            2,
+        )
+        .await
+        .unwrap();
+        assert!(
+            whole.warning().unwrap().contains("max_log_bytes"),
+            "{:?}",
+            whole.warning()
+        );
+    }
+
+    /// Once the log can be written again it is, with a note where bytes are missing.
+    #[tokio::test(start_paused = true)]
+    async fn output_is_kept_again_once_the_log_can_be_written() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("later");
+        let log = dir.join("stdout.log");
+        let (mut job, read) = tokio::io::duplex(1024);
+        let making = dir.clone();
+        let writer = tokio::spawn(async move {
+            job.write_all(b"lost\n").await.unwrap();
+            tokio::time::sleep(LOG_RETRY * 2).await;
+            std::fs::create_dir(&making).unwrap();
+            job.write_all(b"kept\n").await.unwrap();
+        });
+        let p = pump(read, Stream::Stdout, log.clone(), u64::MAX)
+            .await
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!((p.total, p.lost), (10, 5));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("5 bytes of stdout are missing here"),
+            "{text}"
+        );
+        assert!(text.ends_with("kept\n"), "{text}");
+        assert!(p.warning().is_some());
+    }
+
     use super::*;
 
     /// A NUL in the job's output goes as `?` (the control plane's storage refuses U+0000,

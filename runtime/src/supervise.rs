@@ -42,7 +42,7 @@ pub struct Supervisor {
 
 /// The job's output, still being read after its processes are gone.
 pub struct Output {
-    pumps: JoinSet<std::io::Result<u64>>,
+    pumps: JoinSet<std::io::Result<crate::output::Pumped>>,
     /// Live posts to the control plane; owned here, and aborted if it overruns its deadline.
     forwarder: Option<JoinHandle<()>>,
     /// Written once, by [`Output::drain`]: the deadline of the forwarder's last round. Dropped
@@ -105,8 +105,16 @@ impl Output {
         });
         let drained = tokio::time::timeout_at(until, async {
             while let Some(r) = self.pumps.join_next().await {
-                if let Ok(Err(e)) = r {
-                    tracing::error!(error = %error_chain(&e), "cannot keep the job's output in the state dir");
+                match r {
+                    Ok(Ok(pumped)) => warnings.extend(pumped.warning()),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %error_chain(&e), "cannot read the job's output");
+                        warnings.push(format!(
+                            "the job's output could not be read to its end: {}",
+                            error_chain(&e)
+                        ));
+                    }
+                    Err(_) => {}
                 }
             }
         })

@@ -326,6 +326,12 @@ fn a_flooding_job_is_kept_up_to_max_log_bytes_and_echoed_at_a_rate_journald_keep
         &run.stderr[..2000]
     );
     assert!(run.stderr.contains("done"), "stderr is kept apart");
+    // The user sees the cut in the status, not only in the log's last line.
+    let warnings = h.terminal("flood")["warnings"].to_string();
+    assert!(
+        warnings.contains("stdout log is not whole") && warnings.contains("max_log_bytes"),
+        "{warnings}"
+    );
 }
 
 /// journald cuts a stream line at `LineMax` (48 KiB) and reads a `<N>` priority at the start of
