@@ -716,6 +716,14 @@ pub fn resolve(
             "`upload.min_part_size_bytes`: at most {MAX_PART_BYTES} (5 GiB, S3's largest part)"
         ));
     }
+    // A part is sent from memory whole (one request), whatever the budget: a part larger
+    // than it holds that much, and every other file waits behind it.
+    if upload.min_part_size > upload.memory_budget {
+        warnings.push(format!(
+            "`upload.min_part_size_bytes` ({}) is over `upload.memory_budget_bytes` ({}): each part is held in memory whole, so the agent may hold a part's size, not the budget",
+            upload.min_part_size, upload.memory_budget
+        ));
+    }
     if upload.parts_in_flight == 0 || upload.files_in_flight == 0 {
         problems.push(
             "`upload.parts_in_flight` and `upload.files_in_flight` must be at least 1".into(),
@@ -1389,6 +1397,24 @@ mod tests {
         }
         let text = format!("[upload]\nmin_part_size_bytes = {MAX_PART_BYTES}\n[sync]\nevent_queue = {MAX_EVENT_QUEUE}\n");
         resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap();
+    }
+
+    #[test]
+    fn a_part_larger_than_the_memory_budget_is_named() {
+        let text = "[upload]\nmin_part_size_bytes = 67108864\nmemory_budget_bytes = 33554432\n";
+        let c = resolve(None, text, &|_| None, "/s".into()).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("min_part_size_bytes") && w.contains("held in memory")),
+            "{:?}",
+            c.warnings
+        );
+        let fits = resolve(None, "", &|_| None, "/s".into()).unwrap();
+        assert!(!fits
+            .warnings
+            .iter()
+            .any(|w| w.contains("min_part_size_bytes")));
     }
 
     #[test]

@@ -880,16 +880,51 @@ async fn upload_settled(
     if as_seen {
         return (file.rel.clone(), uploader.upload_as_seen(file).await);
     }
-    let mut attempt = 0;
+    let (mut attempt, mut blips) = (0, 0);
     loop {
         match uploader.upload(file).await {
             Err(UploadError::Changed { .. }) if attempt < CHANGED_RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
             }
+            // One EIO from a network file system's blip failed the file at the final sync
+            // (no later look comes): UPLOAD_ERROR for a job whose output was all there. The
+            // parts sent stay journaled, so the next try sends only the rest.
+            Err(UploadError::Read { source, .. })
+                if blips < READ_BLIP_RETRIES && read_blip(&source) =>
+            {
+                blips += 1;
+                tracing::info!(path = %file.rel, error = %source, "reading the file failed; trying it again");
+                tokio::time::sleep(Duration::from_secs(1 << (blips - 1))).await;
+            }
             result => return (file.rel.clone(), result),
         }
     }
+}
+
+/// Tries of a file whose read failed as a network file system fails for a moment.
+const READ_BLIP_RETRIES: u32 = 3;
+
+/// A read error that a moment may cure: a network file system's I/O error, time-out or
+/// stale handle (NFS soft mounts, Lustre, a FUSE server restarting), not a refusal.
+fn read_blip(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EIO
+                | libc::ETIMEDOUT
+                | libc::EAGAIN
+                | libc::EINTR
+                | libc::ESTALE
+                | libc::ENOTCONN
+                | libc::ECONNRESET
+                | libc::ECONNABORTED
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 #[cfg(test)]

@@ -477,8 +477,10 @@ impl Uploader {
                     }
                     Err(e) => {
                         let e = store_err(e);
-                        if let (true, Some(record)) = (keeps_parts(&e), &unjournaled) {
-                            // Nothing on the node names it, to resume it or abort it later.
+                        if let Some(record) = &unjournaled {
+                            // Nothing on the node names it, to resume it or abort it later:
+                            // whatever the complete's error (a denial, or an InvalidPart
+                            // that starts it over, left it open, its parts billed for ever).
                             self.abort_unjournaled(record).await;
                         }
                         Err(e)
@@ -1226,6 +1228,8 @@ mod tests {
         /// A part of an upload it does not know is refused 403 AccessDenied (s3s-fs's
         /// answer), not NoSuchUpload.
         unknown_denied: std::sync::atomic::AtomicBool,
+        /// Every complete is refused for good: 1, a 403; 2, a 400 InvalidPart.
+        complete_refused: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -1297,7 +1301,20 @@ mod tests {
             id: &object_store::MultipartId,
             parts: Vec<object_store::multipart::PartId>,
         ) -> object_store::Result<object_store::PutResult> {
-            self.mem.complete_multipart(path, id, parts).await
+            match self
+                .complete_refused
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                1 => Err(object_store::Error::PermissionDenied {
+                    path: path.to_string(),
+                    source: "Server returned non-2xx status code: 403 Forbidden: <Error><Code>AccessDenied</Code></Error>".into(),
+                }),
+                2 => Err(object_store::Error::Generic {
+                    store: "S3",
+                    source: "Server returned non-2xx status code: 400 Bad Request: <Error><Code>InvalidPart</Code></Error>".into(),
+                }),
+                _ => self.mem.complete_multipart(path, id, parts).await,
+            }
         }
 
         async fn abort_multipart(
@@ -1342,6 +1359,7 @@ mod tests {
             part_id: Default::default(),
             cut_off: Default::default(),
             unknown_denied: Default::default(),
+            complete_refused: Default::default(),
         });
         let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
         let opts = UploadOptions {
@@ -1560,6 +1578,31 @@ mod tests {
         assert!(!ids.is_empty());
         for id in ids {
             assert!(!still_open(&flaky, &id).await, "upload {id} is left open");
+        }
+    }
+
+    /// An upload no journal names whose complete the store refuses for good (a denial), or
+    /// for a part (InvalidPart: started over) is aborted: it was left open, nothing on the
+    /// node naming it.
+    #[tokio::test]
+    async fn an_unjournaled_upload_whose_complete_is_refused_is_aborted() {
+        for refusal in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let (up, flaky) = flaky_uploader(dir.path(), 0);
+            flaky
+                .complete_refused
+                .store(refusal, std::sync::atomic::Ordering::SeqCst);
+            let (data, file) = patterned_file(dir.path(), 229);
+            let _eio = crate::fault::arm("journal-write-eio", &crate::digest::sha256_hex(&data));
+            assert!(up.upload(&file).await.is_err());
+            let ids = flaky.ids.lock().unwrap().clone();
+            assert!(!ids.is_empty());
+            for id in ids {
+                assert!(
+                    !still_open(&flaky, &id).await,
+                    "upload {id} is left open ({refusal})"
+                );
+            }
         }
     }
 
