@@ -312,6 +312,15 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
                 }
             })
             .map_err(|e| format!("attempt {n} has no readable run record ({e})"))?;
+        // What `recover` holds its records to: a record a job's user could have planted
+        // (a dir of the job's, reached by a symlinked jobs root) made root take its lock
+        // there, through the planter's symlinks, and decide whose files it removes.
+        let attempt_dir = state.attempt_dir(id, n);
+        if !crate::statedir::agents_own(&[&dir, &attempts_dir, &attempt_dir, &path]) {
+            return Err(format!(
+                "attempt {n}: its record is not the agent's own (owner or mode)"
+            ));
+        }
         let record = state
             .read_record(&path)
             .map_err(|e| format!("attempt {n}: {}", crate::error_chain(&e)))?;
@@ -421,12 +430,26 @@ fn due(state: &StateDir, policy: &Retention, now: SystemTime, job: &Job) -> Resu
 /// Whether `dir` has an entry `counts` accepts; a missing dir has none.
 fn has_entries(dir: &Path, counts: impl Fn(&str) -> bool) -> Result<bool, String> {
     match std::fs::read_dir(dir) {
-        Ok(entries) => Ok(entries
-            .flatten()
-            .any(|e| counts(&e.file_name().to_string_lossy()))),
+        // A listing that fails part way (EIO on a failing disk) is not an empty one: the
+        // journals past the error would go with the job, their uploads never aborted.
+        Ok(entries) => entries_count(entries, counts)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(format!("cannot read {}: {e}", dir.display())),
     }
+}
+
+/// Whether a listing has an entry `counts` accepts; an error in it is the answer.
+fn entries_count(
+    entries: impl Iterator<Item = io::Result<std::fs::DirEntry>>,
+    counts: impl Fn(&str) -> bool,
+) -> io::Result<bool> {
+    for entry in entries {
+        if counts(&entry?.file_name().to_string_lossy()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Why [`remove_job`] did not remove a job.
@@ -882,19 +905,30 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport, sto
             report.errors.push(why);
             continue;
         }
-        let (mut records, mut users) = (0, Vec::new());
+        let (mut records, mut unread, mut users) = (0, 0, Vec::new());
         for attempt in std::fs::read_dir(path.join("attempts"))
             .into_iter()
             .flatten()
             .flatten()
         {
-            if let Ok(record) = state.read_record(&attempt.path().join("run.json")) {
-                records += 1;
-                users.extend(user_of(&record));
+            match state.read_record(&attempt.path().join("run.json")) {
+                Ok(record) => {
+                    records += 1;
+                    users.extend(user_of(&record));
+                }
+                Err(_) => unread += 1,
             }
         }
         let who = if records == 0 {
             deputy_by_owners(&path)
+        } else if unread > 0 {
+            // The attempts read all ran as the agent's user, and one not read ran as a
+            // job's user: taken for "anyone", root emptied what that user had moved in of
+            // other users'. The owners of its directories stand in for the records unread.
+            if let rmtree::Who::Users(more) = deputy_by_owners(&path) {
+                users.extend(more);
+            }
+            deputy(users)
         } else {
             deputy(users)
         };
@@ -1086,6 +1120,40 @@ mod tests {
             .find(|(k, _)| k == id)
             .map(|(_, why)| why.as_str())
             .unwrap_or_else(|| panic!("{id} not kept: {report:?}"))
+    }
+
+    /// A record a job's user could have written (its dir theirs, reached by a symlinked
+    /// jobs root) is not acted on: the job stays, and root makes no lock in it.
+    #[test]
+    fn a_record_not_the_agents_own_keeps_its_job_and_takes_no_lock() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let f = Fixture::new();
+        f.job("plant", 1, JobState::Succeeded, 100 * DAY, None);
+        let attempts = f.state.job_dir("plant").join("attempts");
+        std::os::unix::fs::chown(&attempts, Some(65534), Some(65534)).unwrap();
+        let lock = f.state.attempt_dir("plant", 1).join("lock");
+        let _ = std::fs::remove_file(&lock);
+        let report = f.sweep();
+        assert!(report.removed_jobs.is_empty(), "{report:?}");
+        assert!(
+            reason(&report, "plant").contains("not the agent's own"),
+            "{report:?}"
+        );
+        assert!(
+            !lock.exists(),
+            "root made a lock in a dir the job's user owns"
+        );
+    }
+
+    /// A listing that fails part way is an error, not "no entries".
+    #[test]
+    fn a_listing_that_fails_is_not_an_empty_one() {
+        let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+        let failing = std::iter::once(Err(eio()));
+        assert!(entries_count(failing, |_| true).is_err());
+        assert!(!entries_count(std::iter::empty(), |_| true).unwrap());
     }
 
     /// A job dir with the scheduler's `job.json` alone (a run refused before it made any
@@ -1729,6 +1797,38 @@ mod tests {
         );
         assert!(f.state.run_record_path("mover", 1).is_file());
         assert!(!f.state.jobs_dir().join(TRASH).exists());
+    }
+
+    /// A trash entry one of whose records cannot be read (the others ran as the agent's
+    /// user) is emptied as the owners of its directories, not as anyone: the files of
+    /// another user that the job's user moved in stay. Root only (chown).
+    #[test]
+    fn a_trash_entry_with_an_unread_record_is_not_emptied_as_anyone() {
+        if !nix::unistd::geteuid().is_root() {
+            crate::testskip::skip("needs root (chown)");
+            return;
+        }
+        let f = Fixture::new();
+        f.job("old", 1, JobState::Succeeded, 10 * DAY, None);
+        let trash = f.state.jobs_dir().join(TRASH);
+        std::fs::create_dir_all(&trash).unwrap();
+        let entry = trash.join("old.1.2");
+        std::fs::rename(f.state.job_dir("old"), &entry).unwrap();
+        std::fs::create_dir_all(entry.join("attempts/2")).unwrap();
+        std::fs::write(entry.join("attempts/2/run.json"), "{x").unwrap();
+        let moved = entry.join("work/moved");
+        std::fs::create_dir_all(moved.join("victim")).unwrap();
+        std::fs::write(moved.join("victim/f"), "bob's").unwrap();
+        for (path, uid) in [("victim/f", 1), ("victim", 1), ("", 65534), ("..", 65534)] {
+            std::os::unix::fs::lchown(moved.join(path), Some(uid), Some(uid)).unwrap();
+        }
+        let mut report = RetentionReport::default();
+        empty_trash(&f.state, &trash, &mut report, &AtomicBool::new(false));
+        assert_eq!(
+            std::fs::read_to_string(moved.join("victim/f")).unwrap(),
+            "bob's",
+            "{report:?}"
+        );
     }
 
     /// Root's directory inside a tree the job's user moved into its workdir (docker's

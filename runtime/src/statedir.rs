@@ -169,9 +169,20 @@ impl StateDir {
     /// reach into it.
     pub fn workdir_problem(&self, job_id: &str, workdir: &Path) -> Option<String> {
         // The state dir is root's: resolving it is safe, and a `jobs_root` given by the real
-        // path of a state dir reached through a symlink is held to the same rule.
+        // path of a state dir reached through a symlink is held to the same rule. So is a
+        // workdir below a `jobs_root` that is a symlink (or a path through one) to the state
+        // dir's `jobs/`: by its text it was elsewhere, and the job was given `jobs/<other>`,
+        // where a record it planted had root create a lock through its symlinks. Only the
+        // part that exists is resolved; below the jobs root no symlink is followed anyway.
         let real = std::fs::canonicalize(&self.root).ok();
-        for root in std::iter::once(&self.root).chain(real.as_ref()) {
+        let real_workdir = resolved(workdir).filter(|r| r != workdir);
+        for (root, workdir) in [&self.root]
+            .into_iter()
+            .chain(real.as_ref())
+            .flat_map(|root| {
+                std::iter::once((root, workdir)).chain(real_workdir.as_deref().map(|w| (root, w)))
+            })
+        {
             if root.starts_with(workdir) {
                 return Some(format!(
                     "`{}` holds the agent's state dir `{}`",
@@ -463,7 +474,7 @@ impl RecordWrites {
 /// Whether each path is the agent's own, as a record `recover` acts on as root must be: not a
 /// symlink, owned by root (or the agent's user), not writable by others (the rule `run
 /// --job-id` holds its spec to). A record anywhere else was not written by an agent.
-fn agents_own(paths: &[&Path]) -> bool {
+pub(crate) fn agents_own(paths: &[&Path]) -> bool {
     use std::os::unix::fs::MetadataExt;
     paths.iter().all(|p| {
         std::fs::symlink_metadata(p).is_ok_and(|m| {
@@ -496,6 +507,20 @@ pub fn root_alone(
         Ok(Some(acl)) => Ok(!acl.lets_others_write(st.st_uid)),
         Err(crate::acl::AclError::Malformed) => Ok(false),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `path` with its longest existing part resolved (symlinks, `..`), the rest as written.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(existing) {
+            real.extend(rest.iter().rev());
+            return Some(real);
+        }
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
     }
 }
 
@@ -955,6 +980,23 @@ mod tests {
         ] {
             assert!(problem(bad).is_some(), "{bad} was allowed");
         }
+    }
+
+    /// A jobs root that is a symlink to the state dir's `jobs/` (or a path through one)
+    /// is held to the same rule: by its text `/srv/jobs/plant` was elsewhere.
+    #[test]
+    fn a_workdir_through_a_symlink_into_the_state_dir_is_refused() {
+        let top = tempfile::tempdir().unwrap();
+        let s = StateDir::new(&top.path().join("state"));
+        std::fs::create_dir_all(s.jobs_dir()).unwrap();
+        let link = top.path().join("srv-jobs");
+        std::os::unix::fs::symlink(s.jobs_dir(), &link).unwrap();
+        let problem = |w: &Path| s.workdir_problem("j1", w);
+        assert!(problem(&link.join("plant")).is_some());
+        assert!(problem(&link.join("plant/deeper/still")).is_some());
+        assert!(problem(&link.join("j1/attempts")).is_some());
+        assert_eq!(problem(&link.join("j1/work")), None);
+        assert_eq!(problem(&top.path().join("elsewhere/j1")), None);
     }
 
     /// Another process's look at the lock (an outbox flush asking whether the job runs)
