@@ -987,7 +987,7 @@ mod tests {
     #[test]
     fn a_workdir_through_a_symlink_into_the_state_dir_is_refused() {
         let top = tempfile::tempdir().unwrap();
-        let s = StateDir::new(&top.path().join("state"));
+        let s = StateDir::new(top.path().join("state"));
         std::fs::create_dir_all(s.jobs_dir()).unwrap();
         let link = top.path().join("srv-jobs");
         std::os::unix::fs::symlink(s.jobs_dir(), &link).unwrap();
