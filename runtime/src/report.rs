@@ -147,7 +147,20 @@ impl ReportError {
 pub struct ControlPlane {
     http: reqwest::Client,
     config: Arc<ControlPlaneConfig>,
+    /// When the control plane itself last answered a request (a 2xx, or its own 4xx), in
+    /// ms from [`heard_epoch`] plus one (0: never): proof it is up, so that a gateway's 502
+    /// or 504 to one report is about that report.
+    heard: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// What [`ControlPlane::heard`] counts from.
+fn heard_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// How long before a report's first try an answer of the control plane's still proves it up.
+const HEARD_WINDOW: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// Its URL as logs show it ([`crate::display::shown_url`]).
@@ -172,7 +185,20 @@ impl ControlPlane {
         ControlPlane {
             http,
             config: Arc::new(config),
+            heard: Default::default(),
         }
+    }
+
+    fn note_heard(&self) {
+        let ms = heard_epoch().elapsed().as_millis() as u64 + 1;
+        self.heard
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the control plane itself answered a request at or after `since`.
+    fn heard_since(&self, since: Instant) -> bool {
+        let heard = self.heard.load(std::sync::atomic::Ordering::Relaxed);
+        heard > 0 && heard_epoch() + Duration::from_millis(heard - 1) >= since
     }
 
     pub fn give_up(&self) -> Duration {
@@ -259,6 +285,11 @@ impl ControlPlane {
             }
         }
         let bytes = body.freeze();
+        if (200..300).contains(&status)
+            || (400..500).contains(&status) && !matches!(status, 401 | 407 | 408 | 429)
+        {
+            self.note_heard();
+        }
         match status {
             200..=299 => Ok(bytes),
             // Only the control plane's own 4xx is a verdict on the report (a 401 or 407 on
@@ -310,6 +341,7 @@ impl ControlPlane {
         stop: Option<&CancellationToken>,
     ) -> (Result<Bytes, ReportError>, bool, Option<u16>) {
         let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
+        let began = Instant::now();
         let in_flight = std::sync::atomic::AtomicBool::new(false);
         // 0: no such answer.
         let answered = std::sync::atomic::AtomicU16::new(0);
@@ -324,7 +356,13 @@ impl ControlPlane {
                 in_flight.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             if let Err(e @ ReportError::Unavailable { status, .. }) = &tried {
-                if e.fails_a_flush() {
+                // A gateway's 502 or 504 while the control plane answers other requests
+                // (behind a proxy, a backend that crashes on this one body): about this
+                // report, so it counts. Never counted, such an entry stayed for ever, its
+                // job FINALIZING at the control plane and its data held on the node.
+                let up = matches!(status, 502 | 504)
+                    && self.heard_since(began.checked_sub(HEARD_WINDOW).unwrap_or(began));
+                if e.fails_a_flush() || up {
                     answered.store(*status, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -710,11 +748,24 @@ impl Reporter {
             .attempt_dir(&self.job_id, self.attempt)
             .join("reports.jsonl");
         let line = OutboxEntry::new(&self.job_id, endpoint.to_string(), body).to_json_line();
+        // The contract's 0600 whatever the umask, never through a symlink; a line a crash
+        // tore is ended first, or the next one would join it and both be unreadable.
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let written = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .and_then(|mut f| f.write_all(&line).and_then(|()| f.sync_data()));
+            .and_then(|mut f| {
+                let len = f.metadata()?.len();
+                let mut last = [0u8];
+                if len > 0 && f.read_at(&mut last, len - 1)? == 1 && last[0] != b'\n' {
+                    f.write_all(b"\n")?;
+                }
+                f.write_all(&line).and_then(|()| f.sync_data())
+            });
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %crate::error_chain(&e), "cannot record report");
         }
@@ -1846,6 +1897,36 @@ pub(crate) mod tests {
         assert!(count.load(Ordering::SeqCst) >= 2);
     }
 
+    /// With no control plane the reports go to `reports.jsonl`: 0600 whatever the umask, and
+    /// a line a crash tore is ended before the next, which stays readable.
+    #[tokio::test]
+    async fn local_reports_are_private_and_a_torn_line_does_not_take_the_next() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        state.ensure_attempt_dir("loc", 1).unwrap();
+        let path = state.attempt_dir("loc", 1).join("reports.jsonl");
+        let reporter = Reporter::new(None, state.clone(), "loc", 1);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let sent = reporter
+            .send("status", 1, br#"{"seq":1}"#.to_vec(), Instant::now())
+            .await;
+        nix::sys::stat::umask(old);
+        assert!(matches!(sent, Delivery::Local));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.truncate(torn.len() - 5);
+        std::fs::write(&path, &torn).unwrap();
+        reporter
+            .send("status", 2, br#"{"seq":2}"#.to_vec(), Instant::now())
+            .await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        let entry: serde_json::Value = serde_json::from_str(last).unwrap();
+        assert!(entry.to_string().contains("seq"), "{text}");
+    }
+
     /// A flush told to stop (recover halted, a run's end) while a kept registration's POST
     /// is under way ends after it: dropped inside it, the registration the control plane
     /// took stayed kept, and the next flush sent it again (its bytes counted twice).
@@ -2404,6 +2485,51 @@ pub(crate) mod tests {
         );
         kept_at(&entry, std::time::SystemTime::now() - MIN_AGE_ASIDE);
         assert!(is_old(&entry));
+    }
+
+    /// A gateway's 502 to one body, while the control plane answers others, counts a failed
+    /// flush (and in time the terminal status goes without its result); while it answers
+    /// nothing (an outage behind the proxy) it does not.
+    #[tokio::test]
+    async fn a_gateway_error_on_one_body_counts_when_the_control_plane_answers_others() {
+        let (url, requests) = serve_recorded(Duration::ZERO, move |_, body| {
+            if body.contains(r#""result":{"#) || body.contains("down") {
+                ("502 Bad Gateway", "")
+            } else {
+                ("200 OK", "{}")
+            }
+        })
+        .await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let body = br#"{"attempt":1,"seq":3,"state":"SUCCEEDED","reason":null,"retryable":false,"exit_code":0,"signal":null,"message":null,"upload_errors":0,"warnings":[],"result":{"a":1},"time":"2026-01-01T00:00:00Z"}"#;
+        let w = Reporter::new(Some(cp.clone()), state.clone(), "w", 1);
+        w.keep_unsent("status", 3, body);
+        let entry = state.outbox_dir("w").join("000001-00000003-status.json");
+        let tries = || std::fs::read_to_string(entry.with_extension(TRIES)).ok();
+        let deadline = || Instant::now() + Duration::from_secs(1);
+        // Nothing answered yet: an outage, not counted.
+        assert!(!flush_job_outbox(&cp, &state, "w", deadline()).await);
+        assert_eq!(tries(), None);
+        // Another job's report goes: the control plane is up.
+        let a = Reporter::new(Some(cp.clone()), state.clone(), "a", 1);
+        a.keep_unsent("status", 1, br#"{"attempt":1,"seq":1}"#);
+        flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(3), None).await;
+        assert_eq!(tries().as_deref(), Some("1"));
+        kept_at(&entry, std::time::SystemTime::now() - FALLBACK_MIN_AGE);
+        write_atomic(&entry.with_extension(TRIES), b"2").unwrap();
+        let a = Reporter::new(Some(cp.clone()), state.clone(), "a", 2);
+        a.keep_unsent("status", 1, br#"{"attempt":2,"seq":1}"#);
+        flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(3), None).await;
+        let requests = requests.lock().unwrap();
+        assert!(
+            requests
+                .iter()
+                .any(|(_, b)| b.contains(r#""seq":3"#) && b.contains(r#""result":null"#)),
+            "the terminal status went without its result"
+        );
+        assert!(!entry.exists());
     }
 
     /// A terminal status the control plane fails on every time counts its failed flushes,
