@@ -634,11 +634,11 @@ fn spec_from_args(
         Some(dir) if std::path::absolute(dir).is_ok_and(|d| d.to_str().is_none()) => {
             return Err(format!("--workdir {}: not UTF-8", dir.display()));
         }
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("--workdir {}: {e}", dir.display()))?;
-            std::path::absolute(dir).map_err(|e| format!("--workdir {}: {e}", dir.display()))?
-        }
+        // Made only once every flag is known good (a bad --timeout left a root-made dir),
+        // and named as the kernel finds it: `../sib` was refused for its `..`, as a spec field.
+        Some(dir) => std::path::absolute(dir)
+            .map(|d| real_as_far_as_it_exists(&d))
+            .map_err(|e| format!("--workdir {}: {e}", dir.display()))?,
         None => cwd,
     };
     let (slurm_id, slurm_attempt) = slurm_job()?;
@@ -672,14 +672,45 @@ fn spec_from_args(
         datasets: Vec::new(),
     };
     // Flag errors name the flag, not the spec field.
+    let outputs = spec.output.clone();
     spec.validate().map_err(|e| {
-        e.to_string()
-            .replace("job spec field `job_id`", "--job-id")
-            .replace("job spec field `output", "--output `")
+        let text = e.to_string();
+        let output = text
+            .strip_prefix("job spec field `output[")
+            .and_then(|rest| rest.split_once("]`"))
+            .and_then(|(i, rest)| Some((outputs.get(i.parse::<usize>().ok()?)?, rest)));
+        if let Some((given, rest)) = output {
+            return format!("--output {given}{rest}");
+        }
+        text.replace("job spec field `job_id`", "--job-id")
+            .replace("job spec field `workdir`", "--workdir")
             .replace("job spec field `timeout_secs`", "--timeout")
             .replace("job spec field `attempt`", "--attempt")
     })?;
+    if let Some(dir) = &spec.workdir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--workdir {dir}: {e}"))?;
+    }
     Ok(spec)
+}
+
+/// `path` with its longest existing part resolved as the kernel does (symlinks, `..`), the
+/// rest as written.
+fn real_as_far_as_it_exists(path: &Path) -> std::path::PathBuf {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(existing) {
+            real.extend(rest.iter().rev());
+            return real;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Under Slurm (`SLURM_JOB_ID`): the job id `slurm-<id>` and the attempt

@@ -1471,6 +1471,14 @@ impl BlobStore {
             Arc<dyn ObjectStore>,
         ) = match parsed.scheme() {
             "file" => {
+                // The file store takes none: a misspelt or misplaced one (an S3 endpoint left
+                // after switching to a file URL) was ignored without a word.
+                if let Some(key) = config.options.keys().next() {
+                    return Err(StoreError::BadOption {
+                        key: key.clone(),
+                        scheme: "file",
+                    });
+                }
                 if parsed
                     .host_str()
                     .is_some_and(|h| !h.is_empty() && h != "localhost")
@@ -4372,6 +4380,21 @@ pub(crate) mod tests {
 
     fn config(url: &str) -> StoreConfig {
         StoreConfig::for_tests(url)
+    }
+
+    /// The file store takes no option: one given is named, not ignored.
+    #[test]
+    fn an_option_of_a_file_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(&format!("file://{}", dir.path().display()));
+        c.options.insert("aws_endpoint".into(), "http://x".into());
+        let e = BlobStore::open(&c).err().expect("refused");
+        assert!(
+            matches!(e, StoreError::BadOption { scheme: "file", .. }),
+            "{e}"
+        );
+        c.options.clear();
+        BlobStore::open(&c).unwrap();
     }
 
     /// A file store on a network file system whose server stops answering (a hard NFS

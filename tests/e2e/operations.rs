@@ -432,6 +432,43 @@ fn a_misspelt_store_option_is_named_with_the_right_one() {
     );
 }
 
+/// A quick run's `--workdir` is made only once every flag is good, and a relative one with
+/// `..` is the directory the kernel finds, named in errors as the flag.
+#[test]
+fn a_quick_runs_workdir_is_made_only_for_a_run_that_starts() {
+    let h = Harness::file();
+    let never = h.path("never");
+    let run = h.run(&[
+        "run",
+        "--workdir",
+        never.to_str().unwrap(),
+        "--timeout",
+        "0",
+        "--",
+        "true",
+    ]);
+    run.assert_code(2);
+    assert!(!never.exists(), "a refused run made its workdir");
+    let bad = h.run(&["run", "--output", "../x", "--", "true"]);
+    bad.assert_code(2);
+    assert!(bad.stderr.contains("--output ../x:"), "{}", bad.stderr);
+    std::fs::create_dir_all(h.path("up/down")).unwrap();
+    let sib = h.path("up/down/../sib");
+    h.run(&[
+        "run",
+        "--job-id",
+        "sib",
+        "--workdir",
+        sib.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo x > $C3_ARTIFACTS_DIR/f",
+    ])
+    .assert_code(0);
+    assert!(h.path("up/sib/artifacts/f").is_file());
+}
+
 #[test]
 fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
     let h = Harness::file();
