@@ -271,7 +271,9 @@ fn job_line(v: &serde_json::Value) -> String {
         line.push_str(&format!(" {reason}"));
     }
     if let Some(why) = v["record_unreadable"].as_str() {
-        line.push_str(&format!("  record unreadable: {why}"));
+        // A parser's words quote the record (`unknown variant "..."`): its control
+        // characters reached the operator's terminal as themselves.
+        line.push_str(&format!("  record unreadable: {}", why.escape_debug()));
     }
     if let (Some(f), Some(b)) = (v["files_synced"].as_u64(), v["bytes_synced"].as_u64()) {
         line.push_str(&format!(
@@ -495,5 +497,17 @@ async fn local_log(
             continue;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A record's parse error, which quotes the record, is shown, never obeyed.
+    #[test]
+    fn an_unreadable_records_words_are_escaped() {
+        let v = serde_json::json!({"job_id": "j", "attempt": 1, "phase": "-", "state": "-",
+            "record_unreadable": "unknown variant `\u{1b}]0;pwned\u{7}\u{1b}[2K\rfake: all ok`"});
+        let line = super::job_line(&v);
+        assert!(!line.contains(['\u{1b}', '\u{7}', '\r']), "{line:?}");
     }
 }

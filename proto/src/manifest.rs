@@ -490,6 +490,13 @@ fn check_raw_path(raw: &[u8], shown: &str) -> Result<(), ManifestError> {
     {
         return bad("path_b64 has an empty, `.` or `..` component");
     }
+    // `path` is how the name is shown (`ls`, the operator's review before a pull), `path_b64`
+    // what a pull writes: two names, one shown and another written, are not one entry.
+    if String::from_utf8_lossy(raw) != shown {
+        return bad(
+            "path is not path_b64's name as shown (its bytes, U+FFFD for each that is not UTF-8)",
+        );
+    }
     Ok(())
 }
 
@@ -751,6 +758,12 @@ mod tests {
             bad.files[0].path_b64 = Some(base64::engine::general_purpose::STANDARD.encode(evil));
             assert!(Manifest::from_json(&bad.to_json()).is_err(), "{evil:?}");
         }
+        // One name shown, another written: refused.
+        let mut bad = m.clone();
+        bad.files[0].path_b64 =
+            Some(base64::engine::general_purpose::STANDARD.encode(b"artifacts/payload.sh"));
+        bad.files[0].path = "artifacts/readme.txt".into();
+        assert!(Manifest::from_json(&bad.to_json()).is_err());
     }
 
     fn with_paths(paths: &[&str]) -> Manifest {

@@ -182,8 +182,18 @@ fn read_only(path: &Path) -> bool {
         .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
 }
 
+/// A mount table as text: its fields read here (types, device numbers, the fusectl mount
+/// point) are ASCII, and a mount point elsewhere that is not UTF-8 (a user's FUSE mount on a
+/// Latin-1 directory) failed the whole read: fusectl "not mounted", the rescue of a job stuck
+/// on its own FUSE mount off for every later job.
+fn mount_table(path: &Path) -> Option<String> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
 fn fusectl_mounted() -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|t| {
+    mount_table(Path::new("/proc/self/mountinfo")).is_some_and(|t| {
         t.lines().any(|l| {
             l.split_once(" - ").is_some_and(|(left, right)| {
                 right.split_whitespace().next() == Some("fusectl")
@@ -220,7 +230,7 @@ fn mounted_only_in(pids: &[i32]) -> BTreeSet<String> {
 /// The connection names of the FUSE mounts in a mount table: each mount's device number as
 /// the kernel's `dev_t` (major << 20 | minor), which names its connection.
 fn fuse_mounts(mountinfo: &Path) -> BTreeSet<String> {
-    std::fs::read_to_string(mountinfo).map_or_else(|_| BTreeSet::new(), |t| fuse_mounts_in(&t))
+    mount_table(mountinfo).map_or_else(BTreeSet::new, |t| fuse_mounts_in(&t))
 }
 
 fn fuse_mounts_in(mountinfo: &str) -> BTreeSet<String> {
@@ -288,6 +298,22 @@ mod tests {
 
     /// Nothing is aborted for survivors stuck elsewhere than in the FUSE client: a process
     /// asleep in a plain wait is no reason to break anyone's mount.
+    /// A mount point elsewhere that is not UTF-8 leaves the table readable.
+    #[test]
+    fn a_mount_table_with_a_name_not_utf8_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("mountinfo");
+        std::fs::write(
+            &table,
+            b"46 27 0:41 / /home/u/caf\xe9 rw - fuse.sshfs u@h: rw,user_id=1000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            super::fuse_mounts(&table).into_iter().collect::<Vec<_>>(),
+            ["41".to_string()]
+        );
+    }
+
     #[test]
     fn only_a_wait_in_the_fuse_client_counts() {
         for (w, fuse) in [

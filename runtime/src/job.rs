@@ -556,6 +556,15 @@ async fn take_over_earlier_run(
                 "`c3-agent recover` finishes it; a new run needs a new attempt or job id",
             ))
         }
+        // Its script ended, and FINALIZING may have gone (saved with it): run again, the
+        // attempt went back to RUNNING and could end SUCCEEDED after a first run that failed.
+        Phase::Running if crate::outcome::end_noted(&record) => {
+            return Err(refused(
+                "has a script that already ended and a final sync left unfinished",
+                "running, its end recorded",
+                "`c3-agent recover` finishes it; a new run needs a new attempt or job id",
+            ))
+        }
         _ => {}
     }
     if record.phase != Phase::Done {
@@ -1055,6 +1064,10 @@ impl<'a> Run<'a> {
         // socket's end take seconds, and an agent killed then left a record at `running`
         // with no outcome, which `recover` ended FAILED/AGENT_ERROR though the exit was known.
         crate::outcome::note_end(&supervised.end, &mut self.record);
+        // Saved now too: the result's read below may take `RESULT_READ_WAIT` (a hung `.c3`),
+        // and an agent killed in it left the known exit to `recover` as AGENT_ERROR.
+        self.save().await;
+        crate::fault::crash_point("crash-after-end-noted");
         // Before FINALIZING lets the scheduler place the next job (in the same workdir, at
         // times), and saved with its record for a `recover`; bounded, so a hung mount holds
         // the GPU `RESULT_READ_WAIT` at most. With processes of the job left (they may still
@@ -1288,6 +1301,66 @@ impl<'a> Run<'a> {
             upload_errors,
             manifest: None,
             unfinished: true,
+            script_exit_code: self.record.exit_code,
+        };
+        summary.log(started.elapsed());
+        summary
+    }
+
+    /// An attempt whose workdir a later attempt of its job took: what is there is that
+    /// attempt's, so nothing is synced as this one's, but its end is said (left as it was,
+    /// it stayed RUNNING or FINALIZING at the control plane for good, and retention removed
+    /// its record unreported). What its record leaves unstored counts as unstorable for good.
+    pub(crate) async fn conclude_left(&mut self, end: JobEnd, later: u32) -> JobSummary {
+        let started = Instant::now();
+        self.collector.take();
+        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let unstored =
+            (self.record.unstored.len() as u64).saturating_add(self.record.unstored_more);
+        // One that was never synced to its end has output it did not store (at least one).
+        let upload_errors =
+            self.record
+                .concluded_upload_errors
+                .unwrap_or(if self.record.phase == Phase::Done {
+                    unstored
+                } else {
+                    unstored.max(1)
+                });
+        let verdict = decide(&end, upload_errors > 0, oom);
+        let note = format!(
+            "attempt {later} of the job ran in this attempt's workdir since: what is there is its; this attempt's output was not synced further"
+        );
+        let ending = Ending {
+            exit_code: self.record.exit_code,
+            signal: self.record.signal.clone(),
+            message: Some(match &self.message {
+                Some(m) => format!("{m}; {note}"),
+                None => note,
+            }),
+            upload_errors,
+            result: serde_json::Value::Null,
+            facts: self.record.facts.clone(),
+        };
+        self.record.concluded_upload_errors = Some(upload_errors);
+        self.record.unstored_for_good = unstored;
+        self.save().await;
+        let stay = self.report_stay();
+        let seq = self.next_seq().await;
+        self.reports.finish(seq, None, &verdict, ending, stay).await;
+        self.record.state = Some(verdict.state);
+        self.record.reason = verdict.reason;
+        self.record.phase = Phase::Done;
+        self.record.concluded_upload_errors = None;
+        self.save().await;
+        let summary = JobSummary {
+            job_id: self.spec().job_id.clone(),
+            verdict,
+            files: 0,
+            bytes: 0,
+            new_bytes: 0,
+            upload_errors,
+            manifest: None,
+            unfinished: false,
             script_exit_code: self.record.exit_code,
         };
         summary.log(started.elapsed());

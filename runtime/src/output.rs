@@ -27,6 +27,14 @@ const MAX_POST: usize = 256 * 1024;
 /// escaped and its invalid UTF-8 three, so a read is halved until its post fits (a proxy's
 /// usual body limit is 1 MiB, and a post over it is refused every time).
 const MAX_POST_BODY: usize = 1024 * 1024;
+/// How far live output may fall behind its log while the job runs (a post of at most
+/// [`MAX_POST`] every 2 s is 128 KiB/s a stream): past it the posts skip to the log's tail,
+/// or a job that floods its output is shown minutes, then hours, behind.
+const MAX_LIVE_BACKLOG: u64 = 16 * MAX_POST as u64;
+/// The same once the job is over: the last round (2 s) sends the end, where the traceback
+/// that says why the job failed is, not the middle of a flood.
+const MAX_LAST_BACKLOG: u64 = 4 * MAX_POST as u64;
+
 /// The smallest read a refused-as-too-large post is cut down to.
 const MIN_POST: usize = 4 * 1024;
 /// After a rejected post (a 4xx), or one not delivered, a stream skips up to 2^this rounds
@@ -383,6 +391,7 @@ pub async fn forward_live(
             if streams[i].resting() {
                 continue;
             }
+            streams[i].catch_up(path, *stream, MAX_LIVE_BACKLOG).await;
             let post = post_next(
                 &cp,
                 &endpoint,
@@ -407,6 +416,9 @@ pub async fn forward_live(
     let mut order: Vec<usize> = (0..logs.len()).collect();
     order.sort_by_key(|&i| logs[i].0 != Stream::Stderr);
     let mut drained = [false; 2];
+    for (i, (stream, path)) in logs.iter().enumerate() {
+        streams[i].catch_up(path, *stream, MAX_LAST_BACKLOG).await;
+    }
     for _ in 0..64 {
         for &i in &order {
             if drained[i] {
@@ -464,6 +476,47 @@ impl Default for StreamPosts {
 }
 
 impl StreamPosts {
+    /// Skips to the last `backlog / 2` bytes of the log (from a line's start, or a
+    /// character's) when the posts are more than `backlog` behind it. The gap in the offsets
+    /// tells the control plane; the whole log is stored with the job's files.
+    async fn catch_up(&mut self, path: &PathBuf, stream: Stream, backlog: u64) {
+        let Ok(len) = tokio::fs::metadata(path).await.map(|m| m.len()) else {
+            return;
+        };
+        if len.saturating_sub(self.offset) <= backlog {
+            return;
+        }
+        let mut to = len - backlog / 2;
+        let mut head = vec![0u8; MAX_LINE];
+        let read = async {
+            let mut file = tokio::fs::File::open(path).await?;
+            file.seek(std::io::SeekFrom::Start(to)).await?;
+            let n = file.read(&mut head).await?;
+            Ok::<usize, std::io::Error>(n)
+        }
+        .await;
+        let Ok(n) = read else {
+            return;
+        };
+        let head = &head[..n];
+        let skip = match head.iter().position(|&b| b == b'\n') {
+            Some(nl) => nl + 1,
+            // No line starts near: a character does.
+            None => head
+                .iter()
+                .position(|&b| !(0x80..0xc0).contains(&b))
+                .unwrap_or(0),
+        };
+        to += skip as u64;
+        tracing::warn!(
+            stream = stream.as_str(),
+            skipped_bytes = to - self.offset,
+            "live output is too far behind the job's {} to catch up; skipped to its tail (the whole log is stored with the job's files)",
+            stream.as_str()
+        );
+        self.offset = to;
+    }
+
     /// Whether this round is skipped (a rest after rejections); counts it down.
     fn resting(&mut self) -> bool {
         let resting = self.rest > 0;
@@ -712,6 +765,50 @@ mod tests {
             whole.warning().unwrap().contains("max_log_bytes"),
             "{:?}",
             whole.warning()
+        );
+    }
+
+    /// A flood far past what live posts carry is skipped to its tail, whose last line
+    /// reaches the control plane; nothing of it was sent past about 16 MiB.
+    #[tokio::test]
+    async fn live_output_far_behind_skips_to_the_tail() {
+        use std::io::Write;
+        let (url, requests) =
+            crate::report::tests::serve_recorded(std::time::Duration::ZERO, |_, _| {
+                ("200 OK", "{}")
+            })
+            .await;
+        let cp = crate::report::tests::control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+        let mut f = std::fs::File::create(&out).unwrap();
+        let line = [b'x'; 99];
+        for _ in 0..(40 << 20) / 100 {
+            f.write_all(&line).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        f.write_all(b"TAIL\n").unwrap();
+        std::fs::write(&err, b"").unwrap();
+        let (last_by, rx) = tokio::sync::watch::channel(None);
+        let logs = [(Stream::Stdout, out), (Stream::Stderr, err)];
+        let forward = tokio::spawn(super::forward_live(cp, "j".into(), 1, logs, rx));
+        last_by
+            .send(Some(
+                tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+            ))
+            .unwrap();
+        forward.await.unwrap();
+        let requests = requests.lock().unwrap();
+        let first: serde_json::Value = serde_json::from_str(&requests[0].1).unwrap();
+        assert!(
+            first["offset"].as_u64().unwrap() > 30 << 20,
+            "{}",
+            first["offset"]
+        );
+        assert!(first["data"].as_str().unwrap().starts_with('x'));
+        assert!(
+            requests.iter().any(|(_, b)| b.contains("TAIL\\n")),
+            "the tail was not sent"
         );
     }
 

@@ -666,6 +666,7 @@ async fn recover_record(
     // later attempt aborts only its own, `abort_left_uploads` only a finished attempt's),
     // and their journals kept the job (its whole workdir) and their parts at the store for
     // ever. One the store will not abort now keeps its journal, for the next pass.
+    let mut left_to_later = None;
     if pass == Pass::Recover {
         if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
             if let Some(aborted) = abort_uploads_briefly(ctx, &record, halt).await {
@@ -674,9 +675,15 @@ async fn recover_record(
                     "aborted the multipart uploads of an attempt a later one took the workdir from"
                 );
             }
+            if record.phase == Phase::Done {
+                tracing::warn!(later_attempt = later,
+                    "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+                return None;
+            }
+            // Not done: its end is still said, without a sync (below).
             tracing::warn!(later_attempt = later,
-                "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
-            return None;
+                "a later attempt of the job ran in its workdir since; its end is reported without a sync (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
+            left_to_later = Some(later);
         }
         // The same for another job given the same workdir, once this attempt is done (its
         // status sent): finished again from what that job left, its manifest listed the other
@@ -733,6 +740,11 @@ async fn recover_record(
     run.stop_requested = stop_requested;
     if let Some(halt) = halt {
         run.halt_on(halt.clone());
+    }
+    if let Some(later) = left_to_later {
+        let summary =
+            tracing::Instrument::instrument(run.conclude_left(end, later), span.clone()).await;
+        return Some(summary);
     }
     // This read retries through a store outage too.
     let cut = run.sync_cut();

@@ -153,6 +153,19 @@ pub struct ControlPlane {
     heard: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The `Idempotency-Key` of a POST: the same for every sending of one report (a retry, a
+/// kept one flushed again after its answer was lost, a run and a later `recover`), another
+/// for any other. A registration sent again was counted twice (its `new_bytes` against the
+/// quota) by a control plane with no way to tell it from a new one.
+pub fn idempotency_key(endpoint: &str, body: &[u8]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(endpoint.as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    hex::encode(h.finalize())
+}
+
 /// What [`ControlPlane::heard`] counts from.
 fn heard_epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -224,6 +237,7 @@ impl ControlPlane {
         if let Some(token) = &self.config.token {
             req = req.bearer_auth(token.expose());
         }
+        req = req.header("Idempotency-Key", idempotency_key(endpoint, body));
         // The endpoint names the request; reqwest's text would add the whole URL, a
         // `user:pass@` in it included.
         let transport = |source: reqwest::Error| ReportError::Transport {
@@ -2485,6 +2499,15 @@ pub(crate) mod tests {
         );
         kept_at(&entry, std::time::SystemTime::now() - MIN_AGE_ASIDE);
         assert!(is_old(&entry));
+    }
+
+    #[test]
+    fn one_report_has_one_idempotency_key() {
+        let k = idempotency_key("v1/jobs/j/artifacts", b"{}");
+        assert_eq!(k, idempotency_key("v1/jobs/j/artifacts", b"{}"));
+        assert_eq!(k.len(), 64);
+        assert_ne!(k, idempotency_key("v1/jobs/k/artifacts", b"{}"));
+        assert_ne!(k, idempotency_key("v1/jobs/j/artifacts", b"{ }"));
     }
 
     /// A gateway's 502 to one body, while the control plane answers others, counts a failed

@@ -384,8 +384,9 @@ async fn watch_attempt(
                     // Ended, and killed before its final sync began (saved with FINALIZING).
                     || (r.phase == Phase::Running && crate::outcome::end_noted(r))
             })
-            .map(crate::recover::recorded_end)
-            .filter(|end| *end != JobEnd::AgentLost);
+            // An end `recover` found lost (its AGENT_ERROR may have gone) is finished so too:
+            // watched again, the attempt went FAILED, RUNNING, SUCCEEDED.
+            .map(crate::recover::recorded_end);
         let mut run = Run::with_user(ctx, record, None);
         run.lock = Some(lock);
         run.stop_requested = Some(crate::job::stop_clock(cancel));

@@ -24,7 +24,21 @@ pub async fn stopped_by_time_limit(within: Duration) -> bool {
         return false;
     };
     let mut command = std::process::Command::new("squeue");
-    command.args(["--noheader", "--jobs", &id, "--format", "%r"]);
+    // A user's `SQUEUE_STATES=R` (sbatch exports the environment) hid the job while it
+    // completes, and a time limit was reported as a cancel: its own filters are not asked.
+    command.args([
+        "--noheader",
+        "--states=all",
+        "--jobs",
+        &id,
+        "--format",
+        "%r",
+    ]);
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"SQUEUE_") {
+            command.env_remove(name);
+        }
+    }
     // The whole ask, its exec included: a `squeue` (or a PATH directory before it) on a
     // hung mount must not hold up the stop it answers for.
     match crate::helper::ask(command, within).await {

@@ -4388,7 +4388,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(&format!("file://{}", dir.path().display()));
         c.options.insert("aws_endpoint".into(), "http://x".into());
-        let e = BlobStore::open(&c).err().expect("refused");
+        let e = BlobStore::open(&c).expect_err("refused");
         assert!(
             matches!(e, StoreError::BadOption { scheme: "file", .. }),
             "{e}"

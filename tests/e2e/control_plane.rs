@@ -32,6 +32,14 @@ fn reports_arrive_in_order_with_the_token() {
         assert_eq!(r.auth.as_deref(), Some("Bearer tok-Secret-123"));
         assert_eq!(r.body["attempt"], 2);
     }
+    // Each report has its own key, the same whenever it is sent again.
+    let mut keys: Vec<_> = reqs
+        .iter()
+        .map(|r| r.idempotency_key.clone().unwrap())
+        .collect();
+    assert!(keys.iter().all(|k| k.len() == 64), "{keys:?}");
+    keys.dedup();
+    assert_eq!(keys.len(), 4, "{keys:?}");
     assert_eq!(reqs[0].body["state"], "RUNNING");
     assert_eq!(reqs[0].body["seq"], 1);
     assert!(reqs[0].body.get("gpu_released").is_none());

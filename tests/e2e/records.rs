@@ -63,19 +63,26 @@ fn a_full_disk_after_the_launch_does_not_let_recover_contradict_the_result() {
 /// The agent dies right after FINALIZING (the job's exit known, its output not yet drained):
 /// the record said only `running`, and `recover` sent FAILED/AGENT_ERROR for a job that
 /// exited 0. The exit is saved with FINALIZING's record.
+/// So is one killed before FINALIZING, while the result file is read (up to 10 s on a
+/// hung `.c3`): the exit is saved as soon as it is known.
 #[test]
 fn a_crash_after_finalizing_keeps_the_known_exit() {
-    let mut h = Harness::file().with_control_plane(5);
-    h.env
-        .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
-    let run = h.run_job(json!({"job_id": "fin", "command": ["sh", "-c", "exit 0"]}));
-    assert_ne!(run.code, 0, "the agent was meant to crash");
-    assert!(terminals(&h).is_empty(), "{:?}", statuses(&h));
-    h.env.clear();
-    h.run(&["recover"]).assert_code(0);
-    let t = h.cp().terminal_status().unwrap();
-    assert_eq!(t["state"], "SUCCEEDED", "{t}");
-    assert_eq!(t["exit_code"], 0, "{t}");
+    for (n, point) in ["crash-after-gpu-released", "crash-after-end-noted"]
+        .iter()
+        .enumerate()
+    {
+        let mut h = Harness::file().with_control_plane(5);
+        h.env.push(("C3_AGENT_FAULT".into(), (*point).into()));
+        let job = format!("fin{n}");
+        let run = h.run_job(json!({"job_id": job, "command": ["sh", "-c", "exit 0"]}));
+        assert_ne!(run.code, 0, "{point}: the agent was meant to crash");
+        assert!(terminals(&h).is_empty(), "{:?}", statuses(&h));
+        h.env.clear();
+        h.run(&["recover"]).assert_code(0);
+        let t = h.cp().terminal_status().unwrap();
+        assert_eq!(t["state"], "SUCCEEDED", "{point}: {t}");
+        assert_eq!(t["exit_code"], 0, "{point}: {t}");
+    }
 }
 
 /// The agent dies in its final sync, and meanwhile something else writes the job's result
@@ -314,14 +321,14 @@ fn recover_removes_the_socket_a_dead_agent_left() {
     assert_eq!(sockets(&h), 0, "the dead agent's socket stayed");
 }
 
-/// The agent dies after RUNNING (and FINALIZING) went out, before the store held a manifest
-/// of the attempt; the same spec is run again. The rerun counted `seq` from 0 again: its
-/// RUNNING and FINALIZING repeated the dead agent's `seq`s, which a control plane drops as
-/// duplicates. It goes on past them. The dead run's output is kept: the rerun's emptied
-/// the attempt's log (lost to `recover` and the store), and its live posts sent other bytes
-/// at offsets the control plane had.
+/// The agent dies after its script ended (its end saved with FINALIZING), before the store
+/// held a manifest of the attempt; the same spec is run again. Taken over, the script ran
+/// again: RUNNING after FINALIZING, and an attempt whose first run failed could end
+/// SUCCEEDED. The rerun is refused, and `recover` finishes the attempt from the end it
+/// recorded, its `seq`s past the dead agent's (a control plane drops a repeated one as a
+/// duplicate), and the log's live posts true to the log.
 #[test]
-fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
+fn a_rerun_of_an_attempt_whose_script_ended_is_left_to_recover() {
     let mut h = Harness::file().with_control_plane(5);
     h.env
         .push(("C3_AGENT_FAULT".into(), "crash-after-gpu-released".into()));
@@ -353,7 +360,10 @@ fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
         "the store was meant to hold no manifest of the attempt, or the rerun is refused"
     );
     h.env.clear();
-    h.run_job(spec).assert_code(0);
+    let rerun = h.run_job(spec);
+    rerun.assert_code(2);
+    assert!(rerun.stderr.contains("already ended"), "{}", rerun.stderr);
+    h.run(&["recover"]).assert_code(0);
     let all = statuses(&h);
     let mut seqs: Vec<u64> = all.iter().map(|(_, seq)| *seq).collect();
     let terminal = terminals(&h);
@@ -364,7 +374,11 @@ fn a_rerun_of_an_attempt_whose_agent_died_goes_on_past_its_seq() {
     seqs.dedup();
     assert_eq!(seqs.len(), all.len(), "a seq was used twice: {all:?}");
     let log = std::fs::read_to_string(h.state.join("jobs/seqs/attempts/1/stdout.log")).unwrap();
-    assert_eq!(log.matches("run ").count(), 2, "{log:?}");
+    assert_eq!(
+        log.matches("run ").count(),
+        1,
+        "the script ran again: {log:?}"
+    );
     // Every byte posted at an offset is the byte the log holds there.
     for r in h.cp().requests() {
         if r.path.ends_with("/output") && r.body["stream"] == "stdout" {
@@ -459,6 +473,42 @@ fn a_rerun_over_a_record_that_cannot_be_read_is_refused_as_the_nodes_fault() {
     );
     assert!(statuses(&h).is_empty(), "{:?}", statuses(&h));
     assert!(path.is_dir());
+}
+
+/// An attempt whose agent died, after which a later attempt of the job ran in the same
+/// (default) workdir: `recover` does not sync what is there as the earlier attempt's, but
+/// says its end. Left as it was, it stayed RUNNING at the control plane for good.
+#[test]
+fn an_attempt_a_later_one_took_the_workdir_from_still_gets_its_terminal_status() {
+    let mut h = Harness::file().with_control_plane(5);
+    let pid = job_outliving_its_crashed_agent(&mut h, "took");
+    h.run_job(json!({"job_id": "took", "attempt": 2, "command": ["true"]}))
+        .assert_code(0);
+    h.run(&["recover"]);
+    let firsts: Vec<_> = h
+        .cp()
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/status") && r.body["attempt"] == 1)
+        .map(|r| r.body)
+        .collect();
+    let last = firsts.last().expect("attempt 1's statuses");
+    assert_eq!(last["state"], "FAILED", "{firsts:?}");
+    assert_eq!(last["reason"], "AGENT_ERROR", "{last}");
+    assert!(
+        last["message"].as_str().unwrap_or("").contains("attempt 2"),
+        "{last}"
+    );
+    assert!(!alive(pid), "attempt 1's job was left running");
+    // Done: the next pass does not say it again.
+    let before = h.cp().requests().len();
+    h.run(&["recover"]);
+    assert!(
+        !h.cp().requests()[before..]
+            .iter()
+            .any(|r| r.path.ends_with("/status") && r.body["attempt"] == 1),
+        "said twice"
+    );
 }
 
 /// A later attempt of a job starting in the workdir of an earlier one that another process

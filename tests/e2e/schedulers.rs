@@ -171,7 +171,7 @@ fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
         std::fs::write(
             &squeue,
             format!(
-                "#!/bin/sh\necho \"$@\" > {}\necho {reason}\n",
+                "#!/bin/sh\necho \"$@\" \"$SQUEUE_STATES\" > {}\necho {reason}\n",
                 asked.display()
             ),
         )
@@ -181,13 +181,18 @@ fn under_slurm_a_stop_for_the_time_limit_is_timed_out_and_scancel_a_cancel() {
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
         h.env.push(("PATH".into(), path));
         h.env.push(("SLURM_JOB_ID".into(), "4242".into()));
+        // A user's own filter (sbatch exports the environment) is not the agent's ask.
+        h.env.push(("SQUEUE_STATES".into(), "PD".into()));
         let script = "echo up > $C3_ARTIFACTS_DIR/started; exec sleep 300";
         let child = spawn_until_started(&h, "limit", json!(["sh", "-c", script]));
         signal(child.id(), "TERM");
         let run = h.wait(format!("run stopped, squeue says {reason}"), child);
         let args = std::fs::read_to_string(&asked)
             .unwrap_or_else(|e| panic!("squeue was not run ({e}):\n{}", run.stderr));
-        assert_eq!(args.trim(), "--noheader --jobs 4242 --format %r");
+        assert_eq!(
+            args.trim(),
+            "--noheader --states=all --jobs 4242 --format %r"
+        );
         run.assert_code(code);
         assert_eq!(h.terminal("limit")["state"], state, "squeue said {reason}");
         assert!(h
@@ -874,6 +879,52 @@ fn a_sidecar_killed_as_finalizing_went_out_finishes_with_the_end_it_saw() {
         );
         assert_eq!(h.manifest_paths(&job), vec!["out/a"], "{restart}");
     }
+}
+
+/// A sidecar restarted over a record `recover` finished as lost (its job's end unknown: the
+/// sidecar died before it saw one, and `recover`'s AGENT_ERROR may have gone out) finishes
+/// it so too: watched again, the attempt went FAILED, RUNNING, SUCCEEDED.
+#[test]
+fn a_sidecar_restarted_over_an_attempt_recover_found_lost_does_not_watch_again() {
+    let mut h = Harness::file().with_control_plane(10);
+    let shared = h.path("shared");
+    std::fs::create_dir_all(shared.join("out")).unwrap();
+    let done = shared.join("done").display().to_string();
+    let out = shared.join("out");
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
+    let first = watch(&h, "sidelost", &["--done-file", &done], &[&out]);
+    wait_for("RUNNING", Duration::from_secs(20), || {
+        states(&h).iter().any(|s| s == "RUNNING").then_some(())
+    });
+    std::fs::write(&done, "0\n").unwrap();
+    wait_for("FINALIZING", Duration::from_secs(20), || {
+        states(&h).iter().any(|s| s == "FINALIZING").then_some(())
+    });
+    signal(first.id(), "KILL");
+    let _ = h.wait("killed watch".into(), first);
+    h.env.clear();
+    // What `recover` leaves of an attempt it found lost and could not finish in its budget.
+    let path = h.state.join("jobs/sidelost/attempts/1/run.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    record["phase"] = json!("finishing");
+    record["state"] = json!("FAILED");
+    record["exit_code"] = serde_json::Value::Null;
+    record["signal"] = serde_json::Value::Null;
+    record["reason"] = serde_json::Value::Null;
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let run = h.wait(
+        "watch again".into(),
+        watch(&h, "sidelost", &["--done-file", &done], &[&out]),
+    );
+    assert_eq!(
+        states(&h),
+        vec!["RUNNING", "FINALIZING", "FAILED"],
+        "{}",
+        run.stderr
+    );
+    assert_eq!(h.terminal("sidelost")["reason"], "AGENT_ERROR");
 }
 
 #[test]

@@ -520,6 +520,7 @@ impl Store {
 pub struct Recorded {
     pub path: String,
     pub auth: Option<String>,
+    pub idempotency_key: Option<String>,
     pub body: Value,
     pub answered: u16,
 }
@@ -639,6 +640,10 @@ impl ControlPlane {
                         path: format!("/{rest}"),
                         auth: headers
                             .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from),
+                        idempotency_key: headers
+                            .get("idempotency-key")
                             .and_then(|v| v.to_str().ok())
                             .map(String::from),
                         body: serde_json::from_str(&body).unwrap_or(Value::Null),
