@@ -6,7 +6,9 @@
 #
 # What the tests need besides cargo:
 #   s3s-fs 0.14.1   a real S3 server on a directory (the newest release that builds on Rust 1.95; ~140 s to install)
-#   cargo-nextest   the test runner (each test its own process, timeouts from .config/nextest.toml)
+#   cargo-nextest   0.9.143, the test runner (each test its own process, timeouts from .config/nextest.toml)
+#   procps          kill(1): tests signal agents and jobs with it (a slim Debian image lacks it)
+#   systemd         systemd-analyze: a test verifies the unit files (not as PID 1; only the tool)
 #   python3         example jobs such as examples/train.py, the chaos benchmark
 #   btrfs-progs     mkfs.btrfs: a test runs jobs on a loop-mounted btrfs (root only; it says so when skipped)
 #   azurite 3.37.0  the Azure Storage emulator (npm; Node.js from Debian if missing)
@@ -16,6 +18,7 @@ set -euo pipefail
 
 S3S_FS_VERSION=0.14.1
 AZURITE_VERSION=3.37.0
+NEXTEST_VERSION=0.9.143
 
 usage() {
     echo "usage: $0 [--no-install]" >&2
@@ -74,8 +77,8 @@ if [[ $install -eq 1 ]]; then
 
     stage "checking cargo-nextest"
     if ! cargo nextest --version >/dev/null 2>&1; then
-        stage "installing cargo-nextest"
-        cargo install cargo-nextest --locked
+        stage "installing cargo-nextest $NEXTEST_VERSION"
+        cargo install "cargo-nextest@$NEXTEST_VERSION" --locked
     fi
 
     stage "checking azurite $AZURITE_VERSION"
@@ -104,6 +107,18 @@ if [[ $install -eq 1 ]]; then
             slurmctld slurmd slurm-client munge
     fi
 
+    stage "checking kill(1) and systemd-analyze"
+    debs=()
+    command -v kill >/dev/null 2>&1 && [[ -x /usr/bin/kill || -x /bin/kill ]] || debs+=(procps)
+    PATH="$PATH:/usr/bin:/bin" command -v systemd-analyze >/dev/null 2>&1 || debs+=(systemd)
+    if [[ ${#debs[@]} -gt 0 ]]; then
+        stage "installing ${debs[*]}"
+        sudo=()
+        if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+        "${sudo[@]}" apt-get update
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${debs[@]}"
+    fi
+
     stage "checking btrfs-progs"
     if [[ $(id -u) -eq 0 ]] && ! PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.btrfs >/dev/null 2>&1; then
         stage "installing btrfs-progs"
@@ -125,6 +140,8 @@ missing=()
 find_s3s_fs >/dev/null || missing+=("s3s-fs $S3S_FS_VERSION")
 cargo nextest --version >/dev/null 2>&1 || missing+=("cargo-nextest")
 command -v python3 >/dev/null 2>&1 || missing+=("python3")
+[[ -x /usr/bin/kill || -x /bin/kill ]] || missing+=("kill (procps)")
+command -v systemd-analyze >/dev/null 2>&1 || missing+=("systemd-analyze (systemd)")
 command -v azurite-blob >/dev/null 2>&1 || missing+=("azurite $AZURITE_VERSION")
 for tool in slurmd slurmctld munged sbatch; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing+=("$tool (slurm)")

@@ -47,6 +47,14 @@ impl Progress {
     }
 }
 
+/// The unit's STATUS while live sync has nothing pending.
+fn idle_status(files: u64, bytes: u64) -> String {
+    format!(
+        "running: {files} files synced ({}), nothing pending",
+        human_bytes(bytes)
+    )
+}
+
 /// Logs a progress line every [`EVERY`] until `stop`: in the `live` phase only while
 /// uploads are pending, in the `final` phase always (the GPU may be waiting on it). With
 /// `record`, the figures are also kept there for `c3-agent status`.
@@ -59,6 +67,8 @@ pub async fn report(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
     let mut last = (Instant::now(), progress.snapshot().2);
     let mut recorded = None;
+    // The files synced when the idle STATUS was last said.
+    let mut idle_said = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -89,8 +99,14 @@ pub async fn report(
         let rate = bytes_done.saturating_sub(last.1) as f64 / secs;
         last = (Instant::now(), bytes_done);
         if pending == 0 && phase == "live" {
+            // `systemctl status` showed the last upload's "... left, ETA" for hours after it.
+            if idle_said != Some(files_done) {
+                idle_said = Some(files_done);
+                crate::sdnotify::status(&idle_status(files_done, bytes_done));
+            }
             continue;
         }
+        idle_said = None;
         let left = bytes_queued.saturating_sub(bytes_done);
         let eta = (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64);
         let text = format!(
@@ -110,5 +126,48 @@ pub async fn report(
             "{text}"
         );
         crate::sdnotify::status(&text);
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    /// Once live sync has nothing pending, `systemctl status` says so: the last upload's
+    /// "... left, ETA" stayed for hours.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_live_sync_says_so_in_the_units_status() {
+        use std::os::unix::net::UnixDatagram;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        // Each test is its own process (nextest): the variable is this test's alone.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        let progress = Progress::shared();
+        progress.queue(100);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(report(progress.clone(), "live", None, stop.clone()));
+        tokio::time::sleep(EVERY + Duration::from_millis(10)).await;
+        progress.finish(100);
+        tokio::time::sleep(EVERY).await;
+        stop.cancel();
+        task.await.unwrap();
+        let mut said = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = sock.recv(&mut buf) {
+            said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        assert!(
+            said.first()
+                .is_some_and(|s| s.contains("live sync: 0/1 files")),
+            "{said:?}"
+        );
+        assert!(
+            said.last().is_some_and(
+                |s| s.contains("running: 1 files synced") && s.contains("nothing pending")
+            ),
+            "{said:?}"
+        );
     }
 }
