@@ -122,6 +122,25 @@ mod tests {
         "[".repeat(levels) + &"]".repeat(levels)
     }
 
+    /// A job's floats reach the manifest and the status as the numbers it wrote: serde_json's
+    /// fast parser was a unit in the last place off for some (the manifest said another
+    /// number than the job's result file).
+    #[test]
+    fn a_results_floats_are_the_numbers_written() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".c3")).unwrap();
+        std::fs::write(
+            result_path(dir.path()),
+            r#"{"x":2.2250738585072011e-308,"loss":0.30000000000000004,"max":1.7976931348623157e308}"#,
+        )
+        .unwrap();
+        let v = read(dir.path(), None).unwrap();
+        assert_eq!(
+            v.to_string(),
+            r#"{"loss":0.30000000000000004,"max":1.7976931348623157e+308,"x":2.225073858507201e-308}"#
+        );
+    }
+
     #[test]
     fn depth_counts_arrays_and_objects() {
         let v = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
