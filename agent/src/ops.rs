@@ -91,11 +91,12 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
     };
     let blobs = if ctx.store.is_local() {
         Some(
-            c3_runtime::gc::collect_garbage_capped(
+            c3_runtime::gc::collect_garbage_seen(
                 &ctx.store,
                 grace,
                 dry_run,
                 ctx.max_manifest_bytes,
+                Some(&gc_ledger(ctx)),
             )
             .await,
         )
@@ -111,6 +112,7 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
         Some(Ok(r)) => serde_json::json!({
             "manifests": r.manifests, "blobs": r.blobs, "referenced": r.referenced,
             "deleted": r.deleted, "bytes_freed": r.bytes_freed, "kept_young": r.kept_young,
+            "awaiting_second_look": r.awaiting_second_look,
             "missing": r.missing, "staging_deleted": r.staging_deleted,
             "staging_bytes": r.staging_bytes, "torn_deleted": r.torn_deleted,
             "torn_bytes": r.torn_bytes, "dry_run": r.dry_run,
@@ -130,6 +132,12 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
                 "store: {} manifests, {} blobs, {} {deleted} ({} bytes), {} unreferenced but younger than the grace period",
                 r.manifests, r.blobs, r.deleted, r.bytes_freed, r.kept_young,
             );
+            if r.awaiting_second_look > 0 {
+                text += &format!(
+                    "; {} unreferenced and old kept until this node has seen them so for the grace period",
+                    r.awaiting_second_look
+                );
+            }
             if r.missing > 0 {
                 text += &format!("; {} blobs that manifests list are MISSING", r.missing);
             }
@@ -180,4 +188,14 @@ pub async fn gc(ctx: &AgentContext, policy: Retention, grace: Duration, dry_run:
         }),
     );
     code
+}
+
+/// This node's gc ledger for the configured store ([`c3_runtime::gc::Ledger`]): in the state
+/// dir, one per store URL.
+fn gc_ledger(ctx: &AgentContext) -> std::path::PathBuf {
+    let url = c3_runtime::digest::sha256_hex(ctx.store.url().as_bytes());
+    ctx.state
+        .root()
+        .join("gc")
+        .join(format!("{}.seen", &url[..16]))
 }

@@ -63,6 +63,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced blobs younger than the grace period, kept.
     pub kept_young: usize,
+    /// Unreferenced blobs old by their mtime, kept until this node's gc has seen them so for
+    /// the grace period by its own clock ([`Ledger`]).
+    pub awaiting_second_look: usize,
     /// Blobs some manifest references (and the empty blob), kept.
     pub referenced: usize,
     /// Blobs manifests reference that are not in the store (lost before this run).
@@ -184,6 +187,18 @@ pub async fn collect_garbage_capped(
     dry_run: bool,
     max_manifest_bytes: u64,
 ) -> Result<GcReport, GcError> {
+    collect_garbage_seen(store, grace, dry_run, max_manifest_bytes, None).await
+}
+
+/// [`collect_garbage_capped`], deleting a blob only once the [`Ledger`] at `ledger` (this
+/// node's) has seen it unreferenced for the grace period by this node's clock.
+pub async fn collect_garbage_seen(
+    store: &BlobStore,
+    grace: Duration,
+    dry_run: bool,
+    max_manifest_bytes: u64,
+    ledger: Option<&Path>,
+) -> Result<GcReport, GcError> {
     let root = file_root(store)?;
     let limit = store.file_limits().meta;
     let root_dir = open_root(&root, limit).await?;
@@ -248,6 +263,40 @@ pub async fn collect_garbage_capped(
             report.kept_young += 1;
         } else {
             doomed.push(blob);
+        }
+    }
+    // A blob's mtime is the writer's clock on a shared file system where the client sets
+    // times (CephFS, Lustre, GPFS, NFS with delegated times): a node 2 h behind stored a
+    // blob "2 h old", and gc elsewhere deleted it before the manifest that names it landed.
+    // Past its mtime's age, a blob goes only once this node has seen it unreferenced for
+    // the grace period by its own clock.
+    if let Some(path) = ledger {
+        let min_age = grace.max(BLOB_MIN_AGE).as_secs();
+        let (path, now) = (path.to_path_buf(), Ledger::now());
+        let seen = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || Ledger::load(&path)
+        })
+        .await
+        .unwrap_or_default();
+        let mut next = Ledger::default();
+        doomed.retain(|blob| {
+            // One seen "later" than now is of a clock since stepped back: seen now.
+            let first = seen
+                .first_seen(&blob.sha256)
+                .filter(|&t| t <= now)
+                .unwrap_or(now);
+            next.note(blob.sha256, first);
+            let due = now - first >= min_age;
+            report.awaiting_second_look += usize::from(!due);
+            due
+        });
+        if !dry_run {
+            let saved = tokio::task::spawn_blocking(move || next.save(&path)).await;
+            if let Ok(Err(e)) = saved {
+                // Unsaved, the next gc sees them all for the first time: it deletes later.
+                tracing::warn!(error = %crate::error_chain(&e), "cannot save which blobs gc saw unreferenced");
+            }
         }
     }
     // A put under way is never swept either.
@@ -319,6 +368,61 @@ pub async fn collect_garbage_capped(
 }
 
 const DELETE_CONCURRENCY: usize = 16;
+
+/// The unreferenced blobs this node's gc saw, each since when by this node's clock (Unix
+/// seconds): a text file, a line `<sha256 hex> <secs>` each, replaced whole at each run.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    seen: std::collections::HashMap<Digest, u64>,
+}
+
+impl Ledger {
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// What `path` holds; an unreadable file or line is nothing seen (a later delete).
+    fn load(path: &Path) -> Ledger {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ledger::default();
+        };
+        let seen = text
+            .lines()
+            .filter_map(|l| {
+                let (hex, secs) = l.split_once(' ')?;
+                Some((digest_of(hex)?, secs.parse().ok()?))
+            })
+            .collect();
+        Ledger { seen }
+    }
+
+    fn first_seen(&self, sha: &Digest) -> Option<u64> {
+        self.seen.get(sha).copied()
+    }
+
+    fn note(&mut self, sha: Digest, since: u64) {
+        self.seen.insert(sha, since);
+    }
+
+    fn save(&self, path: &Path) -> Result<(), crate::statedir::StateError> {
+        use std::fmt::Write;
+        let mut text = String::with_capacity(self.seen.len() * 80);
+        for (sha, secs) in &self.seen {
+            let _ = writeln!(text, "{} {secs}", hex::encode(sha));
+        }
+        if let Some(dir) = path.parent() {
+            crate::statedir::make_dirs(dir, 0o700).map_err(|source| {
+                crate::statedir::StateError::Write {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
+        crate::statedir::write_atomic(path, text.as_bytes())
+    }
+}
 
 enum Deleted {
     Yes(u64),
@@ -1078,6 +1182,62 @@ mod tests {
             .unwrap();
         assert_eq!((report.deleted, report.kept_young), (0, 1));
         assert!(f.exists(&just));
+    }
+
+    /// A blob old by its mtime (a writer whose clock is behind, on a file system where the
+    /// client sets times) goes only once this node's gc has seen it unreferenced for the
+    /// grace period by its own clock; one a manifest names meanwhile stays.
+    #[tokio::test]
+    async fn an_old_looking_blob_goes_only_after_a_second_look_a_grace_period_later() {
+        let f = Fixture::new().await;
+        let day = Duration::from_secs(86_400);
+        let orphan = f.blob(b"old by its writer's clock", 3 * day).await;
+        let named = f.blob(b"named by a manifest soon", 3 * day).await;
+        let ledger = f.root.parent().unwrap().join("state/gc/x.seen");
+        let gc = |dry| {
+            collect_garbage_seen(
+                &f.store,
+                day,
+                dry,
+                DEFAULT_MAX_MANIFEST_BYTES,
+                Some(&ledger),
+            )
+        };
+        let dry = gc(true).await.unwrap();
+        assert_eq!((dry.deleted, dry.awaiting_second_look), (0, 2));
+        assert!(!ledger.exists(), "a dry run writes nothing");
+        let first = gc(false).await.unwrap();
+        assert_eq!((first.deleted, first.awaiting_second_look), (0, 2));
+        assert!(f.exists(&orphan) && f.exists(&named));
+        // The manifest lands; a day passes by this node's clock (the ledger says so).
+        f.put(
+            &attempt_manifest_key("late", 1),
+            manifest("late", 1, &[&named], None),
+        )
+        .await;
+        let text = std::fs::read_to_string(&ledger).unwrap();
+        let aged: String = text
+            .lines()
+            .map(|l| {
+                let (hex, secs) = l.split_once(' ').unwrap();
+                format!(
+                    "{hex} {}\n",
+                    secs.parse::<u64>().unwrap() - day.as_secs() - 1
+                )
+            })
+            .collect();
+        std::fs::write(&ledger, aged).unwrap();
+        let second = gc(false).await.unwrap();
+        assert_eq!((second.deleted, second.awaiting_second_look), (1, 0));
+        assert!(!f.exists(&orphan));
+        assert!(f.exists(&named), "a blob a manifest names now stays");
+        // Seen "in the future" (a clock stepped back since): seen now.
+        let again = f.blob(b"another old one", 3 * day).await;
+        let future = format!("{again} {}\n", Ledger::now() + 10 * day.as_secs());
+        std::fs::write(&ledger, future).unwrap();
+        let third = gc(false).await.unwrap();
+        assert_eq!((third.deleted, third.awaiting_second_look), (0, 1));
+        assert!(f.exists(&again));
     }
 
     /// The race a job and gc run on one blob: the job finds it stored and touches it, gc

@@ -497,13 +497,40 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
     let dry = h.run(&["gc", "--older-than", "1", "--dry-run"]);
     dry.assert_code(0);
     assert!(old.exists() && torn.exists(), "a dry run deletes nothing");
-    assert!(dry.stdout.contains("1 would be deleted"), "{}", dry.stdout);
+    // Not before this node's gc has seen it unreferenced for the grace period.
+    assert!(dry.stdout.contains("0 would be deleted"), "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains("1 unreferenced and old kept"),
+        "{}",
+        dry.stdout
+    );
     assert!(
         dry.stdout
             .contains("1 temp files of manifests a crash left would be deleted (6 bytes)"),
         "{}",
         dry.stdout
     );
+    // Old by its mtime (a writer's clock may be behind), it goes once this node's gc has
+    // seen it unreferenced for the grace period by its own clock.
+    let gc = h.run(&["gc", "--older-than", "1"]);
+    gc.assert_code(0);
+    assert!(old.exists(), "deleted at its first sight: {}", gc.stdout);
+    assert!(
+        gc.stdout
+            .contains("1 unreferenced and old kept until this node has seen them so"),
+        "{}",
+        gc.stdout
+    );
+    let ledgers: Vec<_> = std::fs::read_dir(h.state.join("gc"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(ledgers.len(), 1, "{ledgers:?}");
+    let seen = std::fs::read_to_string(&ledgers[0]).unwrap();
+    let (hex, secs) = seen.trim().split_once(' ').unwrap();
+    assert_eq!(hex, "0".repeat(64));
+    let day_earlier = secs.parse::<u64>().unwrap() - 86_400 - 1;
+    std::fs::write(&ledgers[0], format!("{hex} {day_earlier}\n")).unwrap();
     let gc = h.run(&["gc", "--older-than", "1"]);
     gc.assert_code(0);
     assert!(!old.exists(), "{}", gc.stdout);
