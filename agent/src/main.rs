@@ -642,6 +642,15 @@ fn spec_from_args(
         None => cwd,
     };
     let (slurm_id, slurm_attempt) = slurm_job()?;
+    // Ranks of one `srun` in one directory share `./artifacts`: each rank's agent would list
+    // (and may read mid-write) the others' files. Said, since each is its own job.
+    let ranks = slurm_number("SLURM_STEP_NUM_TASKS")?;
+    if args.workdir.is_none() && (ranks > 1 || slurm_number("SLURM_PROCID")? > 0) {
+        tracing::warn!(
+            tasks = ranks,
+            "under srun over several tasks every rank runs in this directory and shares ./artifacts: give each its own --workdir (srun sh -c 'exec c3-agent run --workdir rank$SLURM_PROCID -- ...'), or run one agent around srun"
+        );
+    }
     let attempt = args.attempt.unwrap_or(slurm_attempt);
     let job_id = args.job_id.or(slurm_id).unwrap_or_else(quick_job_id);
     // Another run's output would be mistaken for this one's (and uploaded again under this

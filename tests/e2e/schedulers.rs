@@ -1716,11 +1716,24 @@ fn a_quick_run_under_slurm_takes_its_job_id_and_attempt_from_slurm() {
     // one id each replaced the others' manifest).
     h.env.push(("SLURM_PROCID".into(), "3".into()));
     let rank = h.path("rank3").display().to_string();
-    h.run(&["run", "--workdir", &rank, "--", "true"])
-        .assert_code(0);
+    let ran = h.run(&["run", "--workdir", &rank, "--", "true"]);
+    ran.assert_code(0);
+    assert!(!ran.stderr.contains("shares ./artifacts"), "{}", ran.stderr);
     assert!(h
         .object("jobs/slurm-4242-rank3/attempts/2/manifest.json")
         .is_some());
+    // A rank in the shared directory is told it shares ./artifacts with the others.
+    h.env.push(("SLURM_STEP_NUM_TASKS".into(), "4".into()));
+    let shared = h.run(&["run", "--job-id", "r3", "--workdir", &rank, "--", "true"]);
+    shared.assert_code(0);
+    let mut h = h;
+    h.env.retain(|(k, _)| k != "SLURM_PROCID");
+    std::fs::create_dir_all(h.path("ranks")).unwrap();
+    let mut cmd = h.command(&["run", "--job-id", "r0", "--", "true"]);
+    cmd.current_dir(h.path("ranks"));
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shares ./artifacts"), "{stderr}");
 }
 
 fn set_env(h: &mut Harness, name: &str, value: &str) {
