@@ -182,6 +182,9 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+/// The least `control_plane.max_reply_bytes`.
+const MIN_REPLY_BYTES: usize = 1024;
+
 /// Which file to read: `--config`, else `$C3_AGENT_CONFIG`, else the system file if present.
 pub fn locate(
     flag: Option<&Path>,
@@ -623,6 +626,13 @@ pub fn resolve(
             );
             return None;
         };
+        // Replies are cut at it: 0 cut every one to nothing, and the quota a registration's
+        // reply names was never heard (the warning lost), without a word.
+        if section.max_reply_bytes.is_some_and(|n| n < MIN_REPLY_BYTES) {
+            problems.push(format!(
+                "`control_plane.max_reply_bytes`: at least {MIN_REPLY_BYTES} (a reply cut shorter says nothing)"
+            ));
+        }
         match url::Url::parse(&raw) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(ControlPlaneSettings {
                 url: u,
@@ -1397,6 +1407,19 @@ mod tests {
         }
         let text = format!("[upload]\nmin_part_size_bytes = {MAX_PART_BYTES}\n[sync]\nevent_queue = {MAX_EVENT_QUEUE}\n");
         resolve(None, &text, &|_| None, PathBuf::from("/s")).unwrap();
+    }
+
+    #[test]
+    fn a_reply_limit_too_small_to_say_anything_is_refused() {
+        let text = "[control_plane]\nurl = \"http://127.0.0.1:1/\"\nmax_reply_bytes = 0\n";
+        let e = resolve(None, text, &|_| None, "/s".into()).unwrap_err();
+        assert!(
+            e.problems[0].contains("max_reply_bytes"),
+            "{:?}",
+            e.problems
+        );
+        let ok = text.replace("= 0", "= 4096");
+        resolve(None, &ok, &|_| None, "/s".into()).unwrap();
     }
 
     #[test]
