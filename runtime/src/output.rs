@@ -115,6 +115,7 @@ pub async fn pump(
     stream: Stream,
     log_path: PathBuf,
     max_bytes: u64,
+    stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<Pumped> {
     // Appended to: a rerun that takes over the attempt of an agent that died keeps the
     // earlier run's output (truncated, it was lost, and the live posts sent other bytes at
@@ -157,7 +158,12 @@ pub async fn pump(
         )
     };
     loop {
-        let n = reader.read(&mut buf).await?;
+        // Told to stop (a process outside the job holds the pipe open), the log is still
+        // ended as at the pipe's end: its notes of what was dropped or lost, its sync.
+        let n = tokio::select! {
+            read = reader.read(&mut buf) => read?,
+            () = stop.cancelled() => 0,
+        };
         if n == 0 {
             break;
         }
@@ -744,9 +750,15 @@ mod tests {
     /// A log the disk cannot take is counted and said, never taken for a whole one.
     #[tokio::test]
     async fn output_a_full_disk_refuses_is_counted_and_warned() {
-        let p: Pumped = pump(&b"a\nb\n"[..], Stream::Stdout, "/dev/full".into(), u64::MAX)
-            .await
-            .unwrap();
+        let p: Pumped = pump(
+            &b"a\nb\n"[..],
+            Stream::Stdout,
+            "/dev/full".into(),
+            u64::MAX,
+            Default::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!((p.total, p.lost), (4, 4));
         let w = p.warning().expect("a warning");
         assert!(
@@ -758,6 +770,7 @@ mod tests {
             Stream::Stderr,
             tempfile::tempdir().unwrap().path().join("l"),
             2,
+            Default::default(),
         )
         .await
         .unwrap();
@@ -812,6 +825,28 @@ mod tests {
         );
     }
 
+    /// A pump told to stop while the pipe stays open (a process outside the job holds it)
+    /// ends its log as at the pipe's end: the note of what was dropped is written.
+    #[tokio::test]
+    async fn a_stopped_pump_still_ends_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        let (mut job, read) = tokio::io::duplex(1024);
+        job.write_all(&[b'x'; 100]).await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let pumping = tokio::spawn(pump(read, Stream::Stdout, log.clone(), 10, stop.clone()));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stop.cancel();
+        let p = pumping.await.unwrap().unwrap();
+        assert_eq!((p.total, p.over_limit), (100, 90));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("90 more bytes of stdout were dropped"),
+            "{text}"
+        );
+        drop(job);
+    }
+
     /// Once the log can be written again it is, with a note where bytes are missing.
     #[tokio::test(start_paused = true)]
     async fn output_is_kept_again_once_the_log_can_be_written() {
@@ -826,9 +861,15 @@ mod tests {
             std::fs::create_dir(&making).unwrap();
             job.write_all(b"kept\n").await.unwrap();
         });
-        let p = pump(read, Stream::Stdout, log.clone(), u64::MAX)
-            .await
-            .unwrap();
+        let p = pump(
+            read,
+            Stream::Stdout,
+            log.clone(),
+            u64::MAX,
+            Default::default(),
+        )
+        .await
+        .unwrap();
         writer.await.unwrap();
         assert_eq!((p.total, p.lost), (10, 5));
         let text = std::fs::read_to_string(&log).unwrap();

@@ -43,6 +43,8 @@ pub struct Supervisor {
 /// The job's output, still being read after its processes are gone.
 pub struct Output {
     pumps: JoinSet<std::io::Result<crate::output::Pumped>>,
+    /// Tells the pumps to end their logs now ([`Output::drain`] past its wait).
+    stop_pumps: CancellationToken,
     /// Live posts to the control plane; owned here, and aborted if it overruns its deadline.
     forwarder: Option<JoinHandle<()>>,
     /// Written once, by [`Output::drain`]: the deadline of the forwarder's last round. Dropped
@@ -103,8 +105,9 @@ impl Output {
         let until = stop_by.map_or(now + PUMP_DRAIN, |by| {
             by.clamp(now + PUMP_MOMENT, now + PUMP_DRAIN)
         });
-        let drained = tokio::time::timeout_at(until, async {
-            while let Some(r) = self.pumps.join_next().await {
+        let pumps = &mut self.pumps;
+        let mut ended = async |warnings: &mut Vec<String>| {
+            while let Some(r) = pumps.join_next().await {
                 match r {
                     Ok(Ok(pumped)) => warnings.extend(pumped.warning()),
                     Ok(Err(e)) => {
@@ -117,13 +120,21 @@ impl Output {
                     Err(_) => {}
                 }
             }
-        })
-        .await;
+        };
+        let drained = tokio::time::timeout_at(until, ended(&mut warnings)).await;
         if drained.is_err() {
-            // Something outside the job still holds its stdout/stderr.
+            // Something outside the job still holds its stdout/stderr: the pumps stop reading
+            // and end their logs (notes of what was dropped, their sync), a moment at most.
             warnings
                 .push("a process outside the job keeps its output open; stopped reading it".into());
-            self.pumps.shutdown().await;
+            self.stop_pumps.cancel();
+            let moment = tokio::time::Instant::now() + PUMP_MOMENT;
+            if tokio::time::timeout_at(moment, ended(&mut warnings))
+                .await
+                .is_err()
+            {
+                self.pumps.shutdown().await;
+            }
         }
         let by = (tokio::time::Instant::now() + LAST_ROUND).min(stay);
         let _ = self.last_by.send(Some(by));
@@ -334,15 +345,34 @@ impl Supervisor {
         let reaping = CancellationToken::new();
         let reaper = tokio::spawn(procs.clone().reap_until(reaping.clone()));
         let mut pumps = JoinSet::new();
+        let stop_pumps = CancellationToken::new();
         let logs = [Stream::Stdout, Stream::Stderr]
             .map(|s| (s, ctx.state.log_path(&spec.job_id, spec.attempt, s)));
         if let Some(out) = script.child.stdout.take() {
             let keep = ctx.max_log_bytes;
-            pumps.spawn(pump(out, Stream::Stdout, logs[0].1.clone(), keep).in_current_span());
+            pumps.spawn(
+                pump(
+                    out,
+                    Stream::Stdout,
+                    logs[0].1.clone(),
+                    keep,
+                    stop_pumps.clone(),
+                )
+                .in_current_span(),
+            );
         }
         if let Some(err) = script.child.stderr.take() {
             let keep = ctx.max_log_bytes;
-            pumps.spawn(pump(err, Stream::Stderr, logs[1].1.clone(), keep).in_current_span());
+            pumps.spawn(
+                pump(
+                    err,
+                    Stream::Stderr,
+                    logs[1].1.clone(),
+                    keep,
+                    stop_pumps.clone(),
+                )
+                .in_current_span(),
+            );
         }
         let (last_by, last_by_rx) = tokio::sync::watch::channel(None);
         let forwarder = ctx.control_plane.clone().map(|cp| {
@@ -367,6 +397,7 @@ impl Supervisor {
             procs,
             output: Output {
                 pumps,
+                stop_pumps,
                 forwarder,
                 last_by,
             },
