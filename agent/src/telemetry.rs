@@ -38,20 +38,61 @@ fn filter_of(value: Option<&str>) -> Result<EnvFilter, String> {
         format!("config: `C3_AGENT_LOG`: `{v}` is not a log filter ({why}); try `info`, `debug` or `c3_runtime=debug`")
     };
     // A bare word is a target to tracing (everything it logs, at every level): `warning` or
-    // `debg` kept nothing at all, the job's own lines included, and said nothing. A target
-    // is written `target=level`.
+    // `debg` kept nothing at all, the job's own lines included, and said nothing. A word
+    // that is a level misspelt is refused; any other bare word stays a target.
     for word in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if !word.contains(['=', '[']) && !LEVELS.contains(&word.to_ascii_lowercase().as_str()) {
-            let near = LEVELS
-                .iter()
-                .find(|l| word.to_ascii_lowercase().starts_with(&l[..2]))
-                .map_or(String::new(), |l| format!(", did you mean `{l}`?"));
+        if let Some(level) = misspelt_level(word) {
             return Err(bad(format!(
-                "`{word}` is not a level (trace, debug, info, warn, error, off){near} and a target takes `={{level}}`"
+                "`{word}` is not a level (trace, debug, info, warn, error, off, or 0 to 5); did you mean `{level}`? (a target takes `={{level}}`)"
             )));
         }
     }
     EnvFilter::try_new(v).map_err(|e| bad(e.to_string()))
+}
+
+/// The level a bare directive seems meant as, when it is not one: `warning`, `debg`, `inf0`,
+/// `errors`. A target's name (`c3_runtime`, `h2`) is none.
+fn misspelt_level(word: &str) -> Option<&'static str> {
+    let w = word.to_ascii_lowercase();
+    if word.contains(['=', '[', ':']) || LEVELS.contains(&w.as_str()) {
+        return None;
+    }
+    if w.len() == 1 && ('0'..='5').contains(&w.chars().next()?) {
+        return None;
+    }
+    // One edit away (a letter wrong, missing or extra), or a level with more after it.
+    let one_edit = |a: &str, b: &str| {
+        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+        let (short, long) = if a.len() <= b.len() {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        match long.len() - short.len() {
+            0 => {
+                short
+                    .iter()
+                    .zip(long.iter())
+                    .filter(|(x, y)| x != y)
+                    .count()
+                    <= 1
+            }
+            1 => (0..long.len()).any(|skip| {
+                long.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != skip)
+                    .map(|(_, c)| c)
+                    .eq(short.iter())
+            }),
+            _ => false,
+        }
+    };
+    LEVELS
+        .iter()
+        .find(|l| {
+            w.starts_with(*l) || (w.len() >= 3 && l.starts_with(w.as_str())) || one_edit(&w, l)
+        })
+        .copied()
 }
 
 pub fn init(format: LogFormat, filter: EnvFilter) {
@@ -439,7 +480,7 @@ mod tests {
 
     #[test]
     fn a_misspelt_level_is_refused_not_taken_for_a_target() {
-        for v in ["warning", "debg", "info,c3_runtime", "inf0"] {
+        for v in ["warning", "debg", "info,errors", "inf0", "Warnings", "trac"] {
             let e = filter_of(Some(v)).expect_err(v);
             assert!(e.contains("C3_AGENT_LOG"), "{e}");
         }
@@ -452,6 +493,13 @@ mod tests {
             "off",
             " ",
             "c3_runtime[run]=debug",
+            // Bare targets and numeric levels are tracing's own, and stay.
+            "c3_runtime",
+            "info,c3_runtime::upload",
+            "3",
+            "h2",
+            "hyper",
+            "notify",
         ] {
             filter_of(Some(v)).unwrap_or_else(|e| panic!("{v}: {e}"));
         }

@@ -279,24 +279,42 @@ pub async fn collect_garbage_seen(
         })
         .await
         .unwrap_or_default();
+        // Only the blobs not due yet are noted: one deleted now and stored again before the
+        // next run (by a writer whose clock is behind) is seen for the first time then.
         let mut next = Ledger::default();
-        doomed.retain(|blob| {
+        let due = |blob: &&Blob| {
             // One seen "later" than now is of a clock since stepped back: seen now.
             let first = seen
                 .first_seen(&blob.sha256)
                 .filter(|&t| t <= now)
                 .unwrap_or(now);
-            next.note(blob.sha256, first);
-            let due = now - first >= min_age;
-            report.awaiting_second_look += usize::from(!due);
-            due
-        });
-        if !dry_run {
-            let saved = tokio::task::spawn_blocking(move || next.save(&path)).await;
-            if let Ok(Err(e)) = saved {
-                // Unsaved, the next gc sees them all for the first time: it deletes later.
-                tracing::warn!(error = %crate::error_chain(&e), "cannot save which blobs gc saw unreferenced");
+            (now - first >= min_age, first)
+        };
+        for blob in &doomed {
+            if let (false, first) = due(blob) {
+                next.note(blob.sha256, first);
             }
+        }
+        let saved = if dry_run {
+            true
+        } else {
+            match tokio::task::spawn_blocking(move || next.save(&path)).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    // Unsaved, every later run would see them all for the first time and none
+                    // would ever be deleted: on a full disk gc would free nothing for good.
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot save which blobs gc saw unreferenced; this run deletes by their mtime alone");
+                    false
+                }
+                Err(_) => false,
+            }
+        };
+        if saved {
+            doomed.retain(|blob| {
+                let (due, _) = due(blob);
+                report.awaiting_second_look += usize::from(!due);
+                due
+            });
         }
     }
     // A put under way is never swept either.
@@ -1231,6 +1249,8 @@ mod tests {
         assert_eq!((second.deleted, second.awaiting_second_look), (1, 0));
         assert!(!f.exists(&orphan));
         assert!(f.exists(&named), "a blob a manifest names now stays");
+        // Deleted, it is not noted: stored again (old-looking), it is seen anew.
+        assert!(!std::fs::read_to_string(&ledger).unwrap().contains(&orphan));
         // Seen "in the future" (a clock stepped back since): seen now.
         let again = f.blob(b"another old one", 3 * day).await;
         let future = format!("{again} {}\n", Ledger::now() + 10 * day.as_secs());
@@ -1238,6 +1258,22 @@ mod tests {
         let third = gc(false).await.unwrap();
         assert_eq!((third.deleted, third.awaiting_second_look), (0, 1));
         assert!(f.exists(&again));
+        // A ledger that cannot be saved (a full disk) leaves the mtime to decide, as before:
+        // kept for ever, gc would free nothing when space is needed most.
+        let blocked = f.root.parent().unwrap().join("not-a-dir");
+        std::fs::write(&blocked, "").unwrap();
+        let unsaved = blocked.join("x.seen");
+        let fourth = collect_garbage_seen(
+            &f.store,
+            day,
+            false,
+            DEFAULT_MAX_MANIFEST_BYTES,
+            Some(&unsaved),
+        )
+        .await
+        .unwrap();
+        assert_eq!((fourth.deleted, fourth.awaiting_second_look), (1, 0));
+        assert!(!f.exists(&again));
     }
 
     /// The race a job and gc run on one blob: the job finds it stored and touches it, gc

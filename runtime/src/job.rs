@@ -558,7 +558,14 @@ async fn take_over_earlier_run(
         }
         // Its script ended, and FINALIZING may have gone (saved with it): run again, the
         // attempt went back to RUNNING and could end SUCCEEDED after a first run that failed.
-        Phase::Running if crate::outcome::end_noted(&record) => {
+        // Not a takeover's own cancel that could not stop the earlier processes (state
+        // CANCELED, no exit, no signal): that one is tried again.
+        Phase::Running
+            if crate::outcome::end_noted(&record)
+                && !(record.state == Some(c3_proto::JobState::Canceled)
+                    && record.exit_code.is_none()
+                    && record.signal.is_none()) =>
+        {
             return Err(refused(
                 "has a script that already ended and a final sync left unfinished",
                 "running, its end recorded",

@@ -781,8 +781,9 @@ mod tests {
         );
     }
 
-    /// A flood far past what live posts carry is skipped to its tail, whose last line
-    /// reaches the control plane; nothing of it was sent past about 16 MiB.
+    /// A flood far past what live posts carry is skipped to its tail while the job runs
+    /// (live posts were minutes, then hours, behind), and the last line reaches the control
+    /// plane (the last round sent at most 64 posts from where the live ones had got to).
     #[tokio::test]
     async fn live_output_far_behind_skips_to_the_tail() {
         use std::io::Write;
@@ -805,6 +806,8 @@ mod tests {
         let (last_by, rx) = tokio::sync::watch::channel(None);
         let logs = [(Stream::Stdout, out), (Stream::Stderr, err)];
         let forward = tokio::spawn(super::forward_live(cp, "j".into(), 1, logs, rx));
+        // One live round first (every 2 s).
+        tokio::time::sleep(super::POST_INTERVAL + std::time::Duration::from_millis(500)).await;
         last_by
             .send(Some(
                 tokio::time::Instant::now() + std::time::Duration::from_secs(5),
@@ -813,11 +816,11 @@ mod tests {
         forward.await.unwrap();
         let requests = requests.lock().unwrap();
         let first: serde_json::Value = serde_json::from_str(&requests[0].1).unwrap();
-        assert!(
-            first["offset"].as_u64().unwrap() > 30 << 20,
-            "{}",
-            first["offset"]
-        );
+        let len = (40u64 << 20) / 100 * 100 + 5;
+        let offset = first["offset"].as_u64().unwrap();
+        // The live round's skip: to the last half of its backlog, from a line's start.
+        let to = len - super::MAX_LIVE_BACKLOG / 2;
+        assert!((to..to + 100).contains(&offset), "{offset} (to {to})");
         assert!(first["data"].as_str().unwrap().starts_with('x'));
         assert!(
             requests.iter().any(|(_, b)| b.contains("TAIL\\n")),

@@ -361,8 +361,12 @@ fn not_json(e: &c3_proto::manifest::ManifestError) -> bool {
         if matches!(json.classify(), Category::Syntax | Category::Eof))
 }
 
-/// The first attempt of `record`'s job after it whose record names the same workdir.
-fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecord) -> Option<u32> {
+/// The first attempt of `record`'s job after it whose record names the same workdir, and
+/// whether it took it ([`took_workdir`]).
+fn later_attempt_in_workdir(
+    state: &crate::statedir::StateDir,
+    record: &RunRecord,
+) -> Option<(u32, bool)> {
     let mut later: Vec<u32> = state
         .attempt_numbers(&record.spec.job_id)
         .into_iter()
@@ -371,12 +375,12 @@ fn later_attempt_in_workdir(state: &crate::statedir::StateDir, record: &RunRecor
     later.sort_unstable();
     // One still under way counts whatever it did yet: it may be about to take the workdir
     // (its look at this attempt's lock is behind it). One done counts if it took it.
-    later.into_iter().find(|n| {
+    later.into_iter().find_map(|n| {
         state
-            .read_record(&state.run_record_path(&record.spec.job_id, *n))
-            .is_ok_and(|r| {
-                r.workdir == record.workdir && (r.phase != Phase::Done || took_workdir(&r))
-            })
+            .read_record(&state.run_record_path(&record.spec.job_id, n))
+            .ok()
+            .filter(|r| r.workdir == record.workdir && (r.phase != Phase::Done || took_workdir(r)))
+            .map(|r| (n, took_workdir(&r)))
     })
 }
 
@@ -668,14 +672,16 @@ async fn recover_record(
     // ever. One the store will not abort now keeps its journal, for the next pass.
     let mut left_to_later = None;
     if pass == Pass::Recover {
-        if let Some(later) = later_attempt_in_workdir(&ctx.state, &record) {
+        if let Some((later, took)) = later_attempt_in_workdir(&ctx.state, &record) {
             if let Some(aborted) = abort_uploads_briefly(ctx, &record, halt).await {
                 tracing::info!(
                     aborted,
                     "aborted the multipart uploads of an attempt a later one took the workdir from"
                 );
             }
-            if record.phase == Phase::Done {
+            // One under way that has not taken it yet (a reboot in its preparing) may never
+            // take it: this attempt is left for a later pass, its output still its own.
+            if record.phase == Phase::Done || !took {
                 tracing::warn!(later_attempt = later,
                     "a later attempt of the job ran in its workdir since; left alone (`c3-agent resync JOB --attempt N` to store what is there now as this attempt's)");
                 return None;
@@ -890,11 +896,13 @@ mod tests {
         };
         let first = record(1, "running", true);
         record(2, "preparing", false);
-        assert_eq!(later_attempt_in_workdir(&state, &first), Some(2));
+        assert_eq!(later_attempt_in_workdir(&state, &first), Some((2, false)));
+        record(2, "running", true);
+        assert_eq!(later_attempt_in_workdir(&state, &first), Some((2, true)));
         record(2, "done", false);
         assert_eq!(later_attempt_in_workdir(&state, &first), None);
         record(2, "done", true);
-        assert_eq!(later_attempt_in_workdir(&state, &first), Some(2));
+        assert_eq!(later_attempt_in_workdir(&state, &first), Some((2, true)));
     }
 
     fn order_of(state: &crate::statedir::StateDir) -> u64 {

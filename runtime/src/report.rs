@@ -147,7 +147,7 @@ impl ReportError {
 pub struct ControlPlane {
     http: reqwest::Client,
     config: Arc<ControlPlaneConfig>,
-    /// When the control plane itself last answered a request (a 2xx, or its own 4xx), in
+    /// When the control plane itself last answered a request (a 2xx), in
     /// ms from [`heard_epoch`] plus one (0: never): proof it is up, so that a gateway's 502
     /// or 504 to one report is about that report.
     heard: Arc<std::sync::atomic::AtomicU64>,
@@ -299,9 +299,8 @@ impl ControlPlane {
             }
         }
         let bytes = body.freeze();
-        if (200..300).contains(&status)
-            || (400..500).contains(&status) && !matches!(status, 401 | 407 | 408 | 429)
-        {
+        // A 2xx only: a 404 or 413 may be a gateway's own (an ingress's default backend).
+        if (200..300).contains(&status) {
             self.note_heard();
         }
         match status {

@@ -510,18 +510,27 @@ pub fn root_alone(
     }
 }
 
-/// `path` with its longest existing part resolved (symlinks, `..`), the rest as written.
+/// `path` with its longest part root owns resolved (symlinks, `..`), the rest as written:
+/// what a job's user owns below a jobs root is never followed (its symlink into a hung mount
+/// would hold the check for ever), and `prepare` follows no symlink there anyway.
 fn resolved(path: &Path) -> Option<PathBuf> {
-    let mut rest = Vec::new();
-    let mut existing = path;
-    loop {
-        if let Ok(mut real) = std::fs::canonicalize(existing) {
-            real.extend(rest.iter().rev());
-            return Some(real);
+    use std::os::unix::fs::MetadataExt;
+    let parts: Vec<_> = path.components().collect();
+    let mut trusted = PathBuf::new();
+    let mut taken = 0;
+    for part in &parts {
+        let next = trusted.join(part);
+        match std::fs::symlink_metadata(&next) {
+            Ok(m) if m.uid() == 0 => {
+                trusted = next;
+                taken += 1;
+            }
+            _ => break,
         }
-        rest.push(existing.file_name()?);
-        existing = existing.parent()?;
     }
+    let mut real = std::fs::canonicalize(&trusted).ok()?;
+    real.extend(&parts[taken..]);
+    Some(real)
 }
 
 /// What the agent keeps in a job's dir (`<state_dir>/jobs/<id>/`), beside the default workdir.

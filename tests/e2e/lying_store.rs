@@ -1770,9 +1770,16 @@ fn recover_aborts_the_uploads_of_an_attempt_a_later_one_took_over() {
             (format!("pre/blobs/sha256/{sha}"), Default::default()),
         );
     }
+    // The done one is left alone; the one whose agent was killed gets its end said (its
+    // output not all stored: UPLOAD_ERROR, exit 3), without a sync.
     let run = h.run(&["recover"]);
-    run.assert_code(0);
+    run.assert_code(3);
     assert!(run.stderr.contains("left alone"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("its end is reported without a sync"),
+        "{}",
+        run.stderr
+    );
     for (job, upload) in [("killed", "u-killed"), ("kept", "u-kept")] {
         assert!(
             !s3.state.lock().unwrap().uploads.contains_key(upload),
