@@ -20,6 +20,20 @@ fn held_at(name: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// The path a `<name>@<path>` entry of `C3_AGENT_FAULT` gives, in debug builds: a file a
+/// test puts in place of a system one (`fstab@/tmp/x`).
+pub fn path_for(name: &str) -> Option<std::path::PathBuf> {
+    #[cfg(debug_assertions)]
+    {
+        held_at(name)
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = name;
+        None
+    }
+}
+
 /// Panics (once per process) if `C3_AGENT_FAULT` names this point, in debug builds.
 pub fn point(name: &str) {
     #[cfg(debug_assertions)]

@@ -167,6 +167,39 @@ fn mount_points_in(table: &[u8]) -> std::io::Result<Vec<std::path::PathBuf>> {
         .collect()
 }
 
+/// The mount point `/etc/fstab` names at or above `path` (the deepest) when nothing is
+/// mounted there now: a `nofail` NFS mount that failed at boot leaves its mount point an
+/// empty directory of the root file system, and a store below it "worked" on the local disk,
+/// its output hidden once the mount came back (and a dataset named there looked absent).
+/// None when fstab or the mount table cannot be read (nothing known), or all is mounted.
+pub fn unmounted_fstab_above(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let fstab_path = crate::fault::path_for("fstab").unwrap_or_else(|| "/etc/fstab".into());
+    let fstab = std::fs::read(fstab_path).ok()?;
+    let mounted = mount_points().ok()?;
+    unmounted_in(path, &fstab, &mounted)
+}
+
+fn unmounted_in(
+    path: &std::path::Path,
+    fstab: &[u8],
+    mounted: &[std::path::PathBuf],
+) -> Option<std::path::PathBuf> {
+    fstab
+        .split(|&b| b == b'\n')
+        .map(|l| {
+            l.split(|b| b.is_ascii_whitespace())
+                .filter(|f| !f.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| f.len() >= 3 && !f[0].starts_with(b"#"))
+        // Swap and pseudo entries name no directory.
+        .filter(|f| f[1].starts_with(b"/") && f[2] != b"swap")
+        .map(|f| unescape_mount_path(f[1]))
+        .filter(|point| point != std::path::Path::new("/") && path.starts_with(point))
+        .max_by_key(|point| point.components().count())
+        .filter(|point| !mounted.iter().any(|m| m == point))
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_mount_path(bytes: &[u8]) -> std::path::PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
@@ -192,6 +225,40 @@ fn unescape_mount_path(bytes: &[u8]) -> std::path::PathBuf {
 
 #[cfg(test)]
 mod tests {
+    /// A store below an fstab mount point that is not mounted now is named; one mounted,
+    /// one below no fstab entry, comments, swap and the root are not.
+    #[test]
+    fn a_path_below_an_fstab_mount_not_mounted_is_named() {
+        use std::path::{Path, PathBuf};
+        let fstab = b"# <fs> <dir> <type> <opts>\nUUID=1 / ext4 defaults 0 1\n/dev/sdb none swap sw 0 0\nnfs:/s /mnt/nfs nfs nofail 0 0\nnfs:/t /mnt/nfs/deep nfs nofail 0 0\nnfs:/u /srv/with\\040space nfs nofail 0 0\n";
+        let none: Vec<PathBuf> = vec!["/".into()];
+        let store = Path::new("/mnt/nfs/store");
+        assert_eq!(
+            super::unmounted_in(store, fstab, &none),
+            Some("/mnt/nfs".into())
+        );
+        let deep = Path::new("/mnt/nfs/deep/store");
+        assert_eq!(
+            super::unmounted_in(deep, fstab, &none),
+            Some("/mnt/nfs/deep".into())
+        );
+        let spaced = Path::new("/srv/with space/store");
+        assert_eq!(
+            super::unmounted_in(spaced, fstab, &none),
+            Some("/srv/with space".into())
+        );
+        let mounted: Vec<PathBuf> = vec!["/".into(), "/mnt/nfs".into()];
+        assert_eq!(super::unmounted_in(store, fstab, &mounted), None);
+        assert_eq!(
+            super::unmounted_in(Path::new("/var/lib/c3/store"), fstab, &none),
+            None
+        );
+        assert_eq!(
+            super::unmounted_in(Path::new("/mnt/nfsx/store"), fstab, &none),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

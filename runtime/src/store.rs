@@ -1499,11 +1499,20 @@ impl BlobStore {
                 // Resolved once, and that directory is the store from here on (vetted, written,
                 // gc's): a store URL may name a symlink the operator made (`/srv/c3store ->
                 // /mnt/nvme/c3store`), and the vet opens it without following one.
-                let made = path
-                    .parent()
-                    .map_or(Ok(()), |p| crate::statedir::make_dirs(p, 0o711))
-                    .and_then(|()| std::fs::create_dir_all(&path))
-                    .and_then(|()| std::fs::canonicalize(&path));
+                let unmounted = crate::mountinfo::unmounted_fstab_above(&path).map(|point| {
+                    std::io::Error::other(format!(
+                        "{} is a mount point in /etc/fstab, and nothing is mounted there: the store would be written to the local disk below it",
+                        point.display()
+                    ))
+                });
+                let made = match unmounted {
+                    Some(e) => Err(e),
+                    None => path
+                        .parent()
+                        .map_or(Ok(()), |p| crate::statedir::make_dirs(p, 0o711))
+                        .and_then(|()| std::fs::create_dir_all(&path))
+                        .and_then(|()| std::fs::canonicalize(&path)),
+                };
                 let path = match made {
                     Ok(resolved) => resolved,
                     Err(e) => {

@@ -604,3 +604,44 @@ fn credentials_in_the_urls_are_never_shown() {
     }
     assert!(said.contains("c3-agent starting"), "{said}");
 }
+
+/// A file store below an fstab mount point with nothing mounted there (a `nofail` NFS mount
+/// that failed at boot) is refused before the launch, retryable (another node has it), and
+/// nothing is written below the bare mount point: the job "succeeded" into the local disk,
+/// its output hidden once the mount came back.
+#[test]
+fn a_file_store_below_an_unmounted_fstab_mount_is_refused() {
+    let mut h = Harness::file().with_control_plane(5);
+    let point = h.path("nfs");
+    std::fs::create_dir(&point).unwrap();
+    let fstab = h.path("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# test\nnfs:/export {} nfs nofail,_netdev 0 0\n",
+            point.display()
+        ),
+    )
+    .unwrap();
+    let store = point.join("store");
+    h.env.push((
+        "C3_AGENT_STORE_URL".into(),
+        format!("file://{}", store.display()),
+    ));
+    h.env.push((
+        "C3_AGENT_FAULT".into(),
+        format!("fstab@{}", fstab.display()),
+    ));
+    let run = h.run_job(json!({"job_id": "nfs", "command": ["true"]}));
+    run.assert_code(6);
+    assert!(
+        run.stderr.contains("nothing is mounted there"),
+        "{}",
+        run.stderr
+    );
+    let t = h.terminal("nfs");
+    assert_eq!(t["reason"], "AGENT_ERROR", "{t}");
+    assert_eq!(t["retryable"], true, "{t}");
+    assert!(!store.exists(), "the store was made on the local disk");
+    assert_eq!(std::fs::read_dir(&point).unwrap().count(), 0);
+}
