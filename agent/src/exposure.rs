@@ -164,13 +164,24 @@ fn who_may_read(path: &Path) -> Option<Readers> {
     if !trusted.contains(&st.st_uid) {
         return None;
     }
-    if !own_groups.contains(&st.st_gid)
-        && reaches(&JobReader {
+    // The file's group, and each directory's above it: a 0644 file in a `0750 root:lab`
+    // directory is every lab member's to read, whatever the file's own group.
+    let mut groups = vec![st.st_gid];
+    for dir in real.ancestors().skip(1) {
+        if let Ok(m) = std::fs::metadata(dir) {
+            use std::os::unix::fs::MetadataExt;
+            if !groups.contains(&m.gid()) {
+                groups.push(m.gid());
+            }
+        }
+    }
+    for gid in groups.into_iter().filter(|g| !own_groups.contains(g)) {
+        if reaches(&JobReader {
             uid: STRANGER,
-            gids: vec![st.st_gid],
-        })
-    {
-        return Some(Readers::Group(group_name(st.st_gid)));
+            gids: vec![gid],
+        }) {
+            return Some(Readers::Group(group_name(gid)));
+        }
     }
     // An ACL's named entries, but root's and the agent's own (the usual way to give a
     // non-root agent a root-owned secret: `setfacl -m u:c3:r`).
@@ -583,6 +594,12 @@ mod tests {
         assert_eq!(who_may_read(&f), None, "a directory the group may not pass");
         chown(&dir, 0, gid);
         assert_eq!(who_may_read(&f), group, "one it may");
+        // Root's 0644 file in a `0750 root:4242` directory: the group's members read it too.
+        chown(&f, 0, 0);
+        chmod(&f, 0o644);
+        assert_eq!(who_may_read(&f), group, "a directory's group");
+        chmod(&f, 0o640);
+        chown(&f, 0, gid);
         let text = format!(
             "[control_plane]\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n",
             f.display()
