@@ -430,15 +430,7 @@ impl Ledger {
         for (sha, secs) in &self.seen {
             let _ = writeln!(text, "{} {secs}", hex::encode(sha));
         }
-        if let Some(dir) = path.parent() {
-            crate::statedir::make_dirs(dir, 0o700).map_err(|source| {
-                crate::statedir::StateError::Write {
-                    path: dir.to_path_buf(),
-                    source,
-                }
-            })?;
-        }
-        crate::statedir::write_atomic(path, text.as_bytes())
+        crate::statedir::write_atomic_private(path, text.as_bytes())
     }
 }
 

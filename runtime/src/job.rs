@@ -1284,6 +1284,14 @@ impl<'a> Run<'a> {
                 self.ctx.stop_deadline.as_secs()
             )
         };
+        self.say_unsynced_end(&verdict, upload_errors, note).await;
+        self.unsynced_summary(verdict, upload_errors, true, started)
+    }
+
+    /// The terminal status of an end said without a (complete) sync, `note` after the
+    /// run's own message. RUNNING and FINALIZING go first; past the reports' stay, all go
+    /// to the outbox in order.
+    async fn say_unsynced_end(&mut self, verdict: &Verdict, upload_errors: u64, note: String) {
         let ending = Ending {
             exit_code: self.record.exit_code,
             signal: self.record.signal.clone(),
@@ -1297,8 +1305,17 @@ impl<'a> Run<'a> {
         };
         let stay = self.report_stay();
         let seq = self.next_seq().await;
-        // RUNNING and FINALIZING first, then this; past `stay`, all go to the outbox in order.
-        self.reports.finish(seq, None, &verdict, ending, stay).await;
+        self.reports.finish(seq, None, verdict, ending, stay).await;
+    }
+
+    /// The summary of such an end (nothing listed by it), logged.
+    fn unsynced_summary(
+        &self,
+        verdict: Verdict,
+        upload_errors: u64,
+        unfinished: bool,
+        started: Instant,
+    ) -> JobSummary {
         let summary = JobSummary {
             job_id: self.spec().job_id.clone(),
             verdict,
@@ -1307,7 +1324,7 @@ impl<'a> Run<'a> {
             new_bytes: 0,
             upload_errors,
             manifest: None,
-            unfinished: true,
+            unfinished,
             script_exit_code: self.record.exit_code,
         };
         summary.log(started.elapsed());
@@ -1337,41 +1354,16 @@ impl<'a> Run<'a> {
         let note = format!(
             "attempt {later} of the job ran in this attempt's workdir since: what is there is its; this attempt's output was not synced further"
         );
-        let ending = Ending {
-            exit_code: self.record.exit_code,
-            signal: self.record.signal.clone(),
-            message: Some(match &self.message {
-                Some(m) => format!("{m}; {note}"),
-                None => note,
-            }),
-            upload_errors,
-            result: serde_json::Value::Null,
-            facts: self.record.facts.clone(),
-        };
         self.record.concluded_upload_errors = Some(upload_errors);
         self.record.unstored_for_good = unstored;
         self.save().await;
-        let stay = self.report_stay();
-        let seq = self.next_seq().await;
-        self.reports.finish(seq, None, &verdict, ending, stay).await;
+        self.say_unsynced_end(&verdict, upload_errors, note).await;
         self.record.state = Some(verdict.state);
         self.record.reason = verdict.reason;
         self.record.phase = Phase::Done;
         self.record.concluded_upload_errors = None;
         self.save().await;
-        let summary = JobSummary {
-            job_id: self.spec().job_id.clone(),
-            verdict,
-            files: 0,
-            bytes: 0,
-            new_bytes: 0,
-            upload_errors,
-            manifest: None,
-            unfinished: false,
-            script_exit_code: self.record.exit_code,
-        };
-        summary.log(started.elapsed());
-        summary
+        self.unsynced_summary(verdict, upload_errors, false, started)
     }
 
     /// A progress line for `phase` every 10 s until the returned guard is dropped (also when

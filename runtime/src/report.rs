@@ -711,15 +711,7 @@ impl Reporter {
             // Made private whatever the umask (`private_files = false` keeps the one the
             // agent was started with, 000 under some launchers): a folder others may write
             // is refused by every flush (`claim_outbox`), and its reports were never sent.
-            if let Some(dir) = path.parent() {
-                crate::statedir::make_dirs(dir, 0o700).map_err(|source| {
-                    crate::statedir::StateError::Write {
-                        path: dir.to_path_buf(),
-                        source,
-                    }
-                })?;
-            }
-            write_atomic(&path, &json)
+            crate::statedir::write_atomic_private(&path, &json)
         };
         // Another flusher of this outbox (a `recover`, a later job's run) removes the folder
         // once it is empty: it may have gone between this write's mkdir and its temp file.

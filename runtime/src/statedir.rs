@@ -833,6 +833,18 @@ impl AttemptLock {
     }
 }
 
+/// [`write_atomic`] into a directory made private (0700) if missing, whatever the umask
+/// (a folder others may write is refused by its readers: its files never read).
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    if let Some(dir) = path.parent() {
+        make_dirs(dir, 0o700).map_err(|source| StateError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    write_atomic(path, bytes)
+}
+
 /// Write to a temp file (unique name, 0600), fsync, rename: a reader (or a crash) never
 /// sees half a file, and two writers never share a temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {

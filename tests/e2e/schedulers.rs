@@ -788,38 +788,51 @@ fn watch_ignores_a_done_file_from_before_it_started() {
     assert_eq!(h.manifest_paths("stale"), vec!["artifacts/model.pt"]);
 }
 
-/// A sidecar killed in its final sync (its container's memory limit) and restarted finishes
-/// that sync from the end it recorded: no RUNNING after FINALIZING, one terminal status.
-#[test]
-fn a_sidecar_restarted_in_its_final_sync_finishes_it_without_watching_again() {
-    let mut h = Harness::file().with_control_plane(10);
+/// A sidecar of `job` watching `shared/out` (with a file in it, `with_file`) killed in its
+/// final sync, after its end was recorded (the 2 s pause after the final scan); the done
+/// file and the watched dir, for its restart.
+fn sidecar_killed_in_its_final_sync(
+    h: &mut Harness,
+    job: &str,
+    with_file: bool,
+) -> (String, std::path::PathBuf) {
     let shared = h.path("shared");
     std::fs::create_dir_all(shared.join("out")).unwrap();
     let done = shared.join("done").display().to_string();
     let out = shared.join("out");
     h.env
         .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
-    let first = watch(&h, "sidefin", &["--done-file", &done], &[&out]);
+    let first = watch(h, job, &["--done-file", &done], &[&out]);
     wait_for("RUNNING", Duration::from_secs(20), || {
-        states(&h).iter().any(|s| s == "RUNNING").then_some(())
+        states(h).iter().any(|s| s == "RUNNING").then_some(())
     });
-    std::fs::write(out.join("a"), "a").unwrap();
+    if with_file {
+        std::fs::write(out.join("a"), "a").unwrap();
+    }
     std::fs::write(&done, "0\n").unwrap();
     wait_for("FINALIZING", Duration::from_secs(20), || {
-        states(&h).iter().any(|s| s == "FINALIZING").then_some(())
+        states(h).iter().any(|s| s == "FINALIZING").then_some(())
     });
     // FINALIZING is posted as the end is recorded, not after: wait for the record too.
-    let record = h.state.join("jobs/sidefin/attempts/1/run.json");
+    let record = h.state.join(format!("jobs/{job}/attempts/1/run.json"));
     wait_for("the recorded end", Duration::from_secs(20), || {
         std::fs::read_to_string(&record)
             .ok()
             .filter(|r| r.contains("\"finishing\""))
             .map(|_| ())
     });
-    // In the 2 s pause after the final scan.
     signal(first.id(), "KILL");
     let _ = h.wait("killed watch".into(), first);
     h.env.clear();
+    (done, out)
+}
+
+/// A sidecar killed in its final sync (its container's memory limit) and restarted finishes
+/// that sync from the end it recorded: no RUNNING after FINALIZING, one terminal status.
+#[test]
+fn a_sidecar_restarted_in_its_final_sync_finishes_it_without_watching_again() {
+    let mut h = Harness::file().with_control_plane(10);
+    let (done, out) = sidecar_killed_in_its_final_sync(&mut h, "sidefin", true);
     h.wait(
         "watch again".into(),
         watch(&h, "sidefin", &["--done-file", &done], &[&out]),
@@ -887,23 +900,7 @@ fn a_sidecar_killed_as_finalizing_went_out_finishes_with_the_end_it_saw() {
 #[test]
 fn a_sidecar_restarted_over_an_attempt_recover_found_lost_does_not_watch_again() {
     let mut h = Harness::file().with_control_plane(10);
-    let shared = h.path("shared");
-    std::fs::create_dir_all(shared.join("out")).unwrap();
-    let done = shared.join("done").display().to_string();
-    let out = shared.join("out");
-    h.env
-        .push(("C3_AGENT_FAULT".into(), "after-final-scan".into()));
-    let first = watch(&h, "sidelost", &["--done-file", &done], &[&out]);
-    wait_for("RUNNING", Duration::from_secs(20), || {
-        states(&h).iter().any(|s| s == "RUNNING").then_some(())
-    });
-    std::fs::write(&done, "0\n").unwrap();
-    wait_for("FINALIZING", Duration::from_secs(20), || {
-        states(&h).iter().any(|s| s == "FINALIZING").then_some(())
-    });
-    signal(first.id(), "KILL");
-    let _ = h.wait("killed watch".into(), first);
-    h.env.clear();
+    let (done, out) = sidecar_killed_in_its_final_sync(&mut h, "sidelost", false);
     // What `recover` leaves of an attempt it found lost and could not finish in its budget.
     let path = h.state.join("jobs/sidelost/attempts/1/run.json");
     let mut record: serde_json::Value =
