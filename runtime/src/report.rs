@@ -622,6 +622,15 @@ impl Reporter {
         {
             Some(Ok(reply)) => Delivery::Delivered(reply),
             Some(Err(())) => Delivery::Rejected,
+            // Another flusher (a `recover`, another job's start) took it meanwhile: delivered
+            // or dropped there, and said there; "unreachable" here was false.
+            None if !mine.exists() => {
+                tracing::info!(
+                    kind,
+                    "the kept report left the outbox meanwhile: another flush of it sent it"
+                );
+                Delivery::Kept
+            }
             None => {
                 tracing::warn!(
                     kind,

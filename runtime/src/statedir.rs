@@ -835,12 +835,24 @@ impl AttemptLock {
 
 /// [`write_atomic`] into a directory made private (0700) if missing, whatever the umask
 /// (a folder others may write is refused by its readers: its files never read).
+/// A directory it makes is made durable in its parent too: each flush that empties an outbox
+/// removes its folder, so most kept terminal statuses land in a new one, and a power cut that
+/// lost the folder's entry lost the status that `recover` was to send again.
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     if let Some(dir) = path.parent() {
+        let made = !dir.is_dir();
         make_dirs(dir, 0o700).map_err(|source| StateError::Write {
             path: dir.to_path_buf(),
             source,
         })?;
+        if made {
+            if let Some(parent) = dir.parent() {
+                let synced = std::fs::File::open(parent).and_then(|d| d.sync_all());
+                if let Err(e) = synced {
+                    tracing::debug!(dir = %parent.display(), error = %e, "cannot sync a directory");
+                }
+            }
+        }
     }
     write_atomic(path, bytes)
 }
