@@ -176,15 +176,53 @@ pub fn unmounted_fstab_above(path: &std::path::Path) -> Option<std::path::PathBu
     let fstab_path = crate::fault::path_for("fstab").unwrap_or_else(|| "/etc/fstab".into());
     let fstab = std::fs::read(fstab_path).ok()?;
     let mounted = mount_points().ok()?;
-    unmounted_in(path, &fstab, &mounted)
+    // The store's path, and with its deepest existing directory resolved.
+    let mut rest = Vec::new();
+    let mut at = path;
+    let real = loop {
+        if let Ok(mut real) = std::fs::canonicalize(at) {
+            real.extend(rest.iter().rev());
+            break real;
+        }
+        match (at.file_name(), at.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                at = parent;
+            }
+            _ => break path.to_path_buf(),
+        }
+    };
+    unmounted_in(
+        &[path.to_path_buf(), real],
+        &fstab,
+        &mounted,
+        &resolved_parent,
+    )
 }
 
+/// `p` with its parent resolved (symlinks): where `mount` and systemd put a mount point named
+/// through one (`/mnt -> /var/mnt` on Fedora CoreOS), without a look at `p` itself, which may
+/// be a mount that does not answer.
+fn resolved_parent(p: &std::path::Path) -> std::path::PathBuf {
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|real| real.join(name))
+            .unwrap_or_else(|_| p.to_path_buf()),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// The deepest fstab mount point above the store's path (`forms`: as written, and resolved),
+/// unless a mount (fstab's or not: a `.mount` unit, a prep script's RAID, a CSI volume) is
+/// at it or between it and `path`.
 fn unmounted_in(
-    path: &std::path::Path,
+    forms: &[std::path::PathBuf],
     fstab: &[u8],
     mounted: &[std::path::PathBuf],
+    resolve: &dyn Fn(&std::path::Path) -> std::path::PathBuf,
 ) -> Option<std::path::PathBuf> {
-    fstab
+    use std::path::{Path, PathBuf};
+    let points = fstab
         .split(|&b| b == b'\n')
         .map(|l| {
             l.split(|b| b.is_ascii_whitespace())
@@ -195,9 +233,32 @@ fn unmounted_in(
         // Swap and pseudo entries name no directory.
         .filter(|f| f[1].starts_with(b"/") && f[2] != b"swap")
         .map(|f| unescape_mount_path(f[1]))
-        .filter(|point| point != std::path::Path::new("/") && path.starts_with(point))
-        .max_by_key(|point| point.components().count())
-        .filter(|point| !mounted.iter().any(|m| m == point))
+        .filter(|point| point != Path::new("/"));
+    let mut deepest: Option<(usize, PathBuf, PathBuf)> = None;
+    for point in points {
+        // Resolved only when its name is on the store's way: resolving looks at its parent,
+        // and an unrelated entry below a mount that does not answer would hold every start.
+        let related = point
+            .file_name()
+            .is_some_and(|name| forms.iter().any(|f| f.iter().any(|c| c == name)));
+        let resolved = related.then(|| resolve(&point));
+        for point_form in std::iter::once(point.clone()).chain(resolved) {
+            if forms.iter().any(|form| form.starts_with(&point_form)) {
+                let depth = point_form.components().count();
+                if deepest.as_ref().is_none_or(|(d, _, _)| depth > *d) {
+                    deepest = Some((depth, point.clone(), point_form.clone()));
+                }
+            }
+        }
+    }
+    let (_, point, point_form) = deepest?;
+    // Mounted at it, or below it on the way to the store.
+    let covered = mounted.iter().any(|m| {
+        forms.iter().any(|form| {
+            form.starts_with(m) && (m.starts_with(&point) || m.starts_with(&point_form))
+        })
+    });
+    (!covered).then_some(point)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -230,32 +291,47 @@ mod tests {
     #[test]
     fn a_path_below_an_fstab_mount_not_mounted_is_named() {
         use std::path::{Path, PathBuf};
-        let fstab = b"# <fs> <dir> <type> <opts>\nUUID=1 / ext4 defaults 0 1\n/dev/sdb none swap sw 0 0\nnfs:/s /mnt/nfs nfs nofail 0 0\nnfs:/t /mnt/nfs/deep nfs nofail 0 0\nnfs:/u /srv/with\\040space nfs nofail 0 0\n";
-        let none: Vec<PathBuf> = vec!["/".into()];
-        let store = Path::new("/mnt/nfs/store");
+        let fstab = b"# <fs> <dir> <type> <opts>\nUUID=1 / ext4 defaults 0 1\n/dev/sdb none swap sw 0 0\nnfs:/s /mnt/nfs nfs nofail 0 0\nnfs:/t /mnt/nfs/deep nfs nofail 0 0\nnfs:/u /srv/with\\040space nfs nofail 0 0\n/dev/sdc /mnt auto nofail 0 0\n";
+        let same = |p: &Path| p.to_path_buf();
+        let check = |path: &str, mounted: &[&str]| {
+            let mounted: Vec<PathBuf> = mounted.iter().map(PathBuf::from).collect();
+            super::unmounted_in(&[PathBuf::from(path)], fstab, &mounted, &same)
+        };
+        assert_eq!(check("/mnt/nfs/store", &["/"]), Some("/mnt/nfs".into()));
         assert_eq!(
-            super::unmounted_in(store, fstab, &none),
-            Some("/mnt/nfs".into())
-        );
-        let deep = Path::new("/mnt/nfs/deep/store");
-        assert_eq!(
-            super::unmounted_in(deep, fstab, &none),
+            check("/mnt/nfs/deep/store", &["/"]),
             Some("/mnt/nfs/deep".into())
         );
-        let spaced = Path::new("/srv/with space/store");
         assert_eq!(
-            super::unmounted_in(spaced, fstab, &none),
+            check("/srv/with space/store", &["/"]),
             Some("/srv/with space".into())
         );
-        let mounted: Vec<PathBuf> = vec!["/".into(), "/mnt/nfs".into()];
-        assert_eq!(super::unmounted_in(store, fstab, &mounted), None);
+        assert_eq!(check("/mnt/nfs/store", &["/", "/mnt/nfs"]), None);
+        assert_eq!(check("/var/lib/c3/store", &["/"]), None);
+        assert_eq!(check("/mnt/other/store", &["/"]), Some("/mnt".into()));
+        // A mount fstab does not name, between the point and the store (a RAID a prep
+        // script mounted, a .mount unit, a CSI volume): the store is on it.
+        assert_eq!(check("/mnt/nvme/c3store", &["/", "/mnt/nvme"]), None);
+        // A mount point named through a symlink (`/mnt -> /var/mnt`): mounted where it
+        // resolves to.
+        let coreos = |p: &Path| match p.strip_prefix("/mnt") {
+            Ok(rest) => Path::new("/var/mnt").join(rest),
+            Err(_) => p.to_path_buf(),
+        };
+        let mounted: Vec<PathBuf> = vec!["/".into(), "/var/mnt/nfs".into()];
+        let f = b"nfs:/s /mnt/nfs nfs nofail 0 0\n";
+        let store = [PathBuf::from("/mnt/nfs/store"), "/var/mnt/nfs/store".into()];
+        assert_eq!(super::unmounted_in(&store, f, &mounted, &coreos), None);
+        let down: Vec<PathBuf> = vec!["/".into()];
         assert_eq!(
-            super::unmounted_in(Path::new("/var/lib/c3/store"), fstab, &none),
-            None
+            super::unmounted_in(&store, f, &down, &coreos),
+            Some("/mnt/nfs".into())
         );
+        // A store named through a symlink (`/srv/c3 -> /mnt/nfs/store`): judged where it is.
+        let through = [PathBuf::from("/srv/c3"), "/mnt/nfs/store".into()];
         assert_eq!(
-            super::unmounted_in(Path::new("/mnt/nfsx/store"), fstab, &none),
-            None
+            super::unmounted_in(&through, f, &down, &same),
+            Some("/mnt/nfs".into())
         );
     }
 

@@ -622,12 +622,13 @@ impl Reporter {
         {
             Some(Ok(reply)) => Delivery::Delivered(reply),
             Some(Err(())) => Delivery::Rejected,
-            // Another flusher (a `recover`, another job's start) took it meanwhile: delivered
-            // or dropped there, and said there; "unreachable" here was false.
+            // Gone from the outbox without an answer here: another flusher (a `recover`,
+            // another job's start) sent or dropped it, or this flush superseded it or set it
+            // aside, each said where it happened; "unreachable" here was false.
             None if !mine.exists() => {
                 tracing::info!(
                     kind,
-                    "the kept report left the outbox meanwhile: another flush of it sent it"
+                    "the kept report left the outbox meanwhile (sent by another flush, superseded, or set aside)"
                 );
                 Delivery::Kept
             }

@@ -853,6 +853,14 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<(), StateError>
                 }
             }
         }
+        write_atomic(path, bytes)?;
+        // Removed meanwhile (a flush that emptied it) and made again by the write under the
+        // umask (000 under some launchers): its readers would refuse it.
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory private");
+        }
+        return Ok(());
     }
     write_atomic(path, bytes)
 }
