@@ -637,7 +637,7 @@ fn spec_from_args(
         // Made only once every flag is known good (a bad --timeout left a root-made dir),
         // and named as the kernel finds it: `../sib` was refused for its `..`, as a spec field.
         Some(dir) => std::path::absolute(dir)
-            .map(|d| real_as_far_as_it_exists(&d))
+            .map(|d| c3_runtime::mountinfo::real_as_far_as_it_exists(&d))
             .map_err(|e| format!("--workdir {}: {e}", dir.display()))?,
         None => cwd,
     };
@@ -700,26 +700,6 @@ fn spec_from_args(
         std::fs::create_dir_all(dir).map_err(|e| format!("--workdir {dir}: {e}"))?;
     }
     Ok(spec)
-}
-
-/// `path` with its longest existing part resolved as the kernel does (symlinks, `..`), the
-/// rest as written.
-fn real_as_far_as_it_exists(path: &Path) -> std::path::PathBuf {
-    let mut rest = Vec::new();
-    let mut existing = path;
-    loop {
-        if let Ok(mut real) = std::fs::canonicalize(existing) {
-            real.extend(rest.iter().rev());
-            return real;
-        }
-        match (existing.file_name(), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent;
-            }
-            _ => return path.to_path_buf(),
-        }
-    }
 }
 
 /// Under Slurm (`SLURM_JOB_ID`): the job id `slurm-<id>` and the attempt

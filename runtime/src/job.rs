@@ -1269,7 +1269,7 @@ impl<'a> Run<'a> {
         // FAILED/UPLOAD_ERROR, the status the contract lets a completed sync replace: the
         // CANCELED sent before was contradicted by `recover`'s SUCCEEDED. An OOM kill is said
         // as the finished attempt will say it (`recover`'s status after).
-        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let oom = self.oom_killed();
         // A `recover` cut after its agent's conclusion may have gone out (its `done` unsaved)
         // says that one again: an UPLOAD_ERROR after a SUCCEEDED contradicted it. Cut
         // unconcluded, how many files are not stored is not known, and at least one is (the
@@ -1331,6 +1331,11 @@ impl<'a> Run<'a> {
         summary
     }
 
+    /// Whether the kernel's OOM killer ended a process of the job (its facts say).
+    fn oom_killed(&self) -> bool {
+        self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0)
+    }
+
     /// An attempt whose workdir a later attempt of its job took: what is there is that
     /// attempt's, so nothing is synced as this one's, but its end is said (left as it was,
     /// it stayed RUNNING or FINALIZING at the control plane for good, and retention removed
@@ -1338,18 +1343,15 @@ impl<'a> Run<'a> {
     pub(crate) async fn conclude_left(&mut self, end: JobEnd, later: u32) -> JobSummary {
         let started = Instant::now();
         self.collector.take();
-        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let oom = self.oom_killed();
         let unstored =
             (self.record.unstored.len() as u64).saturating_add(self.record.unstored_more);
-        // One that was never synced to its end has output it did not store (at least one).
-        let upload_errors =
-            self.record
-                .concluded_upload_errors
-                .unwrap_or(if self.record.phase == Phase::Done {
-                    unstored
-                } else {
-                    unstored.max(1)
-                });
+        // Never synced to its end (a done one is never concluded so), it has output it did
+        // not store: at least one.
+        let upload_errors = self
+            .record
+            .concluded_upload_errors
+            .unwrap_or(unstored.max(1));
         let verdict = decide(&end, upload_errors > 0, oom);
         let note = format!(
             "attempt {later} of the job ran in this attempt's workdir since: what is there is its; this attempt's output was not synced further"
@@ -1478,7 +1480,7 @@ impl<'a> Run<'a> {
                 upload_errors = sent;
             }
         }
-        let oom = self.record.facts.as_ref().is_some_and(|f| f.oom_kills > 0);
+        let oom = self.oom_killed();
         // The verdict counts every upload error, whoever caused it (contract §8).
         let verdict = decide(&end, upload_errors > 0, oom);
         if upload_errors > unstored_for_good {

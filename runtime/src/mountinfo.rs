@@ -177,27 +177,33 @@ pub fn unmounted_fstab_above(path: &std::path::Path) -> Option<std::path::PathBu
     let fstab = std::fs::read(fstab_path).ok()?;
     let mounted = mount_points().ok()?;
     // The store's path, and with its deepest existing directory resolved.
-    let mut rest = Vec::new();
-    let mut at = path;
-    let real = loop {
-        if let Ok(mut real) = std::fs::canonicalize(at) {
-            real.extend(rest.iter().rev());
-            break real;
-        }
-        match (at.file_name(), at.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                at = parent;
-            }
-            _ => break path.to_path_buf(),
-        }
-    };
+    let real = real_as_far_as_it_exists(path);
     unmounted_in(
         &[path.to_path_buf(), real],
         &fstab,
         &mounted,
         &resolved_parent,
     )
+}
+
+/// `path` with its longest existing part resolved as the kernel does (symlinks, `..`), the
+/// rest as written: where a path not made yet will be.
+pub fn real_as_far_as_it_exists(path: &std::path::Path) -> std::path::PathBuf {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(existing) {
+            real.extend(rest.iter().rev());
+            return real;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// `p` with its parent resolved (symlinks): where `mount` and systemd put a mount point named

@@ -206,14 +206,15 @@ pub async fn pump(
                     unsaid = 0;
                 }
                 Some(Ok(false)) => {}
+                // Not written: a write that failed, or none tried (not due yet, or no file).
                 failed => {
-                    if let Some(Err(e)) = failed {
+                    if let Some(Err(e)) = &failed {
                         if pumped.error.is_none() {
-                            tracing::error!(path = %log_path.display(), error = %crate::error_chain(&e), "cannot write the job's output to the state dir; still echoing it, trying again every 2 s");
-                            pumped.error = Some(crate::error_chain(&e));
+                            tracing::error!(path = %log_path.display(), error = %crate::error_chain(e), "cannot write the job's output to the state dir; still echoing it, trying again every 2 s");
+                            pumped.error = Some(crate::error_chain(e));
                         }
-                        retry_at = Instant::now() + LOG_RETRY;
-                    } else if due {
+                    }
+                    if failed.is_some() || due {
                         retry_at = Instant::now() + LOG_RETRY;
                     }
                     pumped.lost += keep as u64;

@@ -379,8 +379,11 @@ fn later_attempt_in_workdir(
         state
             .read_record(&state.run_record_path(&record.spec.job_id, n))
             .ok()
-            .filter(|r| r.workdir == record.workdir && (r.phase != Phase::Done || took_workdir(r)))
-            .map(|r| (n, took_workdir(&r)))
+            .and_then(|r| {
+                let took = took_workdir(&r);
+                (r.workdir == record.workdir && (r.phase != Phase::Done || took))
+                    .then_some((n, took))
+            })
     })
 }
 

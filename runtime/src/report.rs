@@ -147,10 +147,9 @@ impl ReportError {
 pub struct ControlPlane {
     http: reqwest::Client,
     config: Arc<ControlPlaneConfig>,
-    /// When the control plane itself last answered a request (a 2xx), in
-    /// ms from [`heard_epoch`] plus one (0: never): proof it is up, so that a gateway's 502
-    /// or 504 to one report is about that report.
-    heard: Arc<std::sync::atomic::AtomicU64>,
+    /// When the control plane itself last answered a request (a 2xx): proof it is up, so
+    /// that a gateway's 502 or 504 to one report is about that report.
+    heard: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 /// The `Idempotency-Key` of a POST: the same for every sending of one report (a retry, a
@@ -164,12 +163,6 @@ pub fn idempotency_key(endpoint: &str, body: &[u8]) -> String {
     h.update(b"\n");
     h.update(body);
     hex::encode(h.finalize())
-}
-
-/// What [`ControlPlane::heard`] counts from.
-fn heard_epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
 }
 
 /// How long before a report's first try an answer of the control plane's still proves it up.
@@ -203,15 +196,17 @@ impl ControlPlane {
     }
 
     fn note_heard(&self) {
-        let ms = heard_epoch().elapsed().as_millis() as u64 + 1;
-        self.heard
-            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+        let now = Instant::now();
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        *heard = Some(heard.map_or(now, |at| at.max(now)));
     }
 
     /// Whether the control plane itself answered a request at or after `since`.
     fn heard_since(&self, since: Instant) -> bool {
-        let heard = self.heard.load(std::sync::atomic::Ordering::Relaxed);
-        heard > 0 && heard_epoch() + Duration::from_millis(heard - 1) >= since
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at >= since)
     }
 
     pub fn give_up(&self) -> Duration {

@@ -173,7 +173,8 @@ impl StateDir {
         // workdir below a `jobs_root` that is a symlink (or a path through one) to the state
         // dir's `jobs/`: by its text it was elsewhere, and the job was given `jobs/<other>`,
         // where a record it planted had root create a lock through its symlinks. Only the
-        // part that exists is resolved; below the jobs root no symlink is followed anyway.
+        // part root owns is resolved ([`resolved`]); below the jobs root no symlink is
+        // followed anyway.
         let real = std::fs::canonicalize(&self.root).ok();
         let real_workdir = resolved(workdir).filter(|r| r != workdir);
         for (root, workdir) in [&self.root]
@@ -839,30 +840,25 @@ impl AttemptLock {
 /// removes its folder, so most kept terminal statuses land in a new one, and a power cut that
 /// lost the folder's entry lost the status that `recover` was to send again.
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    if let Some(dir) = path.parent() {
-        let made = !dir.is_dir();
-        make_dirs(dir, 0o700).map_err(|source| StateError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        if made {
-            if let Some(parent) = dir.parent() {
-                let synced = std::fs::File::open(parent).and_then(|d| d.sync_all());
-                if let Err(e) = synced {
-                    tracing::debug!(dir = %parent.display(), error = %e, "cannot sync a directory");
-                }
-            }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().expect("state files live in a directory");
+    let made = !dir.is_dir();
+    make_dirs(dir, 0o700).map_err(|source| StateError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if let (true, Some(parent)) = (made, dir.parent()) {
+        if let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all()) {
+            tracing::debug!(dir = %parent.display(), error = %e, "cannot sync a directory");
         }
-        write_atomic(path, bytes)?;
-        // Removed meanwhile (a flush that emptied it) and made again by the write under the
-        // umask (000 under some launchers): its readers would refuse it.
-        use std::os::unix::fs::PermissionsExt;
-        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
-            tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory private");
-        }
-        return Ok(());
     }
-    write_atomic(path, bytes)
+    write_atomic(path, bytes)?;
+    // Removed meanwhile (a flush that emptied it) and made again by the write under the
+    // umask (000 under some launchers): its readers would refuse it.
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot make a directory private");
+    }
+    Ok(())
 }
 
 /// Write to a temp file (unique name, 0600), fsync, rename: a reader (or a crash) never
