@@ -332,10 +332,13 @@ impl Syncer {
             looking: &self.looking,
         };
         let reply = crate::publish::serve(&parts, &mut self.book, call.request).await;
-        if reply.ok {
-            // The reply's manifest write covered the whole book.
+        // The reply's manifest write (`serve` writes one after a failed request too) covered
+        // the whole book; one that failed is tried again when due.
+        if self.book.listed() {
             self.manifest_dirty = false;
             self.manifest_written = Some(Instant::now());
+        } else {
+            self.manifest_dirty = true;
         }
         let _ = call.reply.send(reply);
     }

@@ -121,10 +121,20 @@ pub struct Parts<'a> {
 }
 
 pub async fn serve(parts: &Parts<'_>, book: &mut SyncBook, request: SocketRequest) -> SocketReply {
-    match request {
+    let reply = match request {
         SocketRequest::Publish { paths } => publish(parts, book, paths).await,
         SocketRequest::WaitAll => wait_all(parts, book).await,
+    };
+    // A request that failed part way (one file too large, one that changed) stored the others
+    // first: listed now, not at the job's end. With live sync off nothing else writes an
+    // in-progress manifest, and a job that retried its failing barrier every few minutes had
+    // hours of stored checkpoints in no manifest (lost with the node, then taken by `gc`).
+    if !reply.ok && !book.listed() {
+        if let Err(e) = parts.manifest.in_progress(book).await {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest after a failed publish request");
+        }
     }
+    reply
 }
 
 /// Stores exactly the bytes each file has now; a file that changes meanwhile fails the call

@@ -172,6 +172,48 @@ fn wait_all_stores_everything_pending_but_what_is_still_open() {
         .contains(&"artifacts/open.log".to_string()));
 }
 
+/// A barrier that fails for one file (too large to store) still lists the files it stored:
+/// the job retrying it had them in no manifest until its end, lost with the node and taken
+/// by `gc`.
+#[test]
+fn a_failed_wait_all_lists_what_it_stored() {
+    failed_wait_all_lists(true);
+}
+
+/// The same without live sync, where nothing else writes an in-progress manifest.
+#[test]
+fn a_failed_wait_all_lists_what_it_stored_without_live_sync() {
+    failed_wait_all_lists(false);
+}
+
+fn failed_wait_all_lists(live: bool) {
+    let mut h = slow_settle();
+    h.extra_toml.push_str("[upload]\nmax_file_bytes = 1000\n");
+    h.env.push(("C3_AGENT_SYNC_LIVE".into(), live.to_string()));
+    let manifest = h.object_path("jobs/wf/manifest.json");
+    let script = format!(
+        "echo small > $C3_ARTIFACTS_DIR/small; head -c 5000 /dev/zero > $C3_ARTIFACTS_DIR/big; \
+         {BIN} publish --wait-all 2> err; echo $? > rc; cp '{}' listed.json; rm $C3_ARTIFACTS_DIR/big",
+        manifest.display()
+    );
+    h.run_job(json!({"job_id": "wf", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("wf");
+    assert_eq!(std::fs::read_to_string(w.join("rc")).unwrap().trim(), "1");
+    assert!(
+        std::fs::read_to_string(w.join("err"))
+            .unwrap()
+            .contains("big"),
+        "the failure names the file"
+    );
+    let listed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.join("listed.json")).expect("an in-progress manifest was written"),
+    )
+    .unwrap();
+    assert_eq!(listed["files"][0]["path"], "artifacts/small", "{listed}");
+    assert_eq!(listed["complete"], false);
+}
+
 /// A file that changes while it is being published is not published (and never torn).
 #[test]
 fn a_file_changing_while_published_fails_that_publish() {
