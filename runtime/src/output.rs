@@ -121,7 +121,11 @@ pub async fn pump(
     // earlier run's output (truncated, it was lost, and the live posts sent other bytes at
     // offsets the control plane already had).
     let mut options = tokio::fs::OpenOptions::new();
-    options.create(true).append(true);
+    // Never through a link: root appends the job's bytes to it.
+    options
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW);
     let open = || options.open(&log_path);
     let mut pumped = Pumped {
         stream,

@@ -830,15 +830,19 @@ fn numbers(job: &Job) -> BTreeSet<u32> {
     job.attempts.iter().map(|(n, _)| *n).collect()
 }
 
+/// The trash is root's alone: what is in it is removed with the rights its records name.
 fn ensure_trash(trash: &Path) -> io::Result<()> {
-    match std::fs::create_dir(trash) {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(trash) {
         Ok(()) => std::fs::set_permissions(trash, std::fs::Permissions::from_mode(0o700)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let md = std::fs::symlink_metadata(trash)?;
-            if md.is_dir() {
+            if md.is_dir() && crate::statedir::agents_own(&[trash]) {
                 Ok(())
             } else {
-                Err(io::Error::other("exists and is not a directory"))
+                Err(io::Error::other(
+                    "exists and is not a directory of the agent's that only it may write",
+                ))
             }
         }
         Err(e) => Err(e),
@@ -911,12 +915,15 @@ fn empty_trash(state: &StateDir, trash: &Path, report: &mut RetentionReport, sto
             .flatten()
             .flatten()
         {
-            match state.read_record(&attempt.path().join("run.json")) {
-                Ok(record) => {
+            let record = attempt.path().join("run.json");
+            // A record another user could have written names no rights: its owners' stand in.
+            let own = crate::statedir::agents_own(&[&path.join("attempts"), &attempt.path()]);
+            match state.read_record(&record).ok().filter(|_| own) {
+                Some(record) => {
                     records += 1;
                     users.extend(user_of(&record));
                 }
-                Err(_) => unread += 1,
+                None => unread += 1,
             }
         }
         let who = if records == 0 {

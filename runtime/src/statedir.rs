@@ -542,30 +542,44 @@ const AGENTS_NAMES: &[&str] = &["attempts", "uploads", "job.json"];
 /// umask they came out 0700, and a job's user could not reach its workdir, its
 /// `$C3_ARTIFACTS_DIR` or its socket below them by absolute path.
 pub fn make_dirs(dir: &Path, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
         make_dirs(parent, mode)?;
     }
-    match std::fs::create_dir(dir) {
+    // Made with `mode` (narrowed by the umask, never wider), then given exactly it: made
+    // wide first, it was another user's to rename a tree into before the chmod.
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it).
+/// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it). One that
+/// exists must be the agent's own directory that no one else may write: root writes the
+/// attempt's logs and records into it by path, and a tree another user put there (a rename
+/// into a parent it could write for a moment) would have them land wherever its links say.
 fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let err = |source| StateError::Write {
         path: dir.into(),
         source,
     };
-    match std::fs::create_dir(dir) {
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let md = std::fs::symlink_metadata(dir).map_err(err)?;
+            if md.is_dir() && agents_own(&[dir]) {
+                Ok(())
+            } else {
+                Err(err(std::io::Error::other(
+                    "exists and is not a directory of the agent's that only it may write",
+                )))
+            }
+        }
         Err(e) => Err(err(e)),
     }
 }

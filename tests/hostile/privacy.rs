@@ -83,6 +83,57 @@ fn state_dir_records_logs_workdir_and_store_are_private() {
     assert!(blobs >= 2, "expected the job's blobs in the store");
 }
 
+/// `private_files = false` under a scheduler's umask 000: the agent's files may be readable,
+/// never writable by others. Each directory it made was 0777 until its chmod, and a job's
+/// user could rename a tree of its own into one (an attempt dir whose `stdout.log` linked to
+/// a file root then appended the job's output to). The job keeps the umask it was given.
+#[test]
+fn shared_files_are_never_writable_by_others() {
+    use std::os::unix::process::CommandExt;
+    if not_root() {
+        return;
+    }
+    let mut h = open_harness();
+    h.env
+        .push(("C3_AGENT_PRIVATE_FILES".into(), "false".into()));
+    let spec = h.path("shared.json");
+    std::fs::write(
+        &spec,
+        serde_json::to_vec(&json!({
+            "job_id": "shared", "user": "nobody",
+            "command": ["sh", "-c", "echo out; echo data > $C3_ARTIFACTS_DIR/d"],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut cmd = h.command(&["run", "--job", spec.to_str().unwrap()]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    h.wait("run shared".into(), child).assert_code(0);
+    let work = h.state.join("jobs/shared/work");
+    assert_eq!(
+        mode(&work.join("artifacts/d")) & 0o777,
+        0o666,
+        "the job's umask"
+    );
+    let mut seen = 0;
+    for p in tree(&h.state) {
+        if p.starts_with(&work) || std::fs::symlink_metadata(&p).unwrap().is_symlink() {
+            continue;
+        }
+        seen += 1;
+        let bits = mode(&p);
+        assert_eq!(bits & 0o022, 0, "{} is {bits:o}", p.display());
+    }
+    assert!(seen > 10, "only {seen} entries looked at");
+}
+
 /// The job's `artifacts/` (open to all) holding root's 0700 `locked/` with a 0644 `secret`:
 /// a file the job may read behind a directory it may not enter. Returns `artifacts/`.
 fn root_locked_dir(h: &crate::support::Harness, job: &str) -> std::path::PathBuf {
