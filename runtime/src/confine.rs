@@ -431,8 +431,15 @@ impl DirFd {
                 // have renamed another directory into the name between mkdirat and openat, and
                 // must not get it chowned to them. Ours is the agent's and empty (read, not
                 // judged by a link count of 2: btrfs counts 1 for every directory).
+                // An empty directory of root's renamed in (a team dir's, under a root agent)
+                // passed both, and was chmodded and chowned to the job's user: one just made
+                // has never changed since its birth, one renamed in has (the rename is a
+                // change), where the file system says when a directory was born.
                 let st = nix::sys::stat::fstat(&next)?;
-                if st.st_uid != nix::unistd::geteuid().as_raw() || !is_empty_dir(&next)? {
+                if st.st_uid != nix::unistd::geteuid().as_raw()
+                    || !is_empty_dir(&next)?
+                    || !unchanged_since_birth(&next)?
+                {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!(
@@ -608,7 +615,22 @@ impl DirFd {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        self.ensure_dir(Path::new(name), mode, owner)
+        // Looked at again on the fd: the job may have swapped another user's directory in
+        // since the look above.
+        self.ensure_dir_vetted(
+            Path::new(name),
+            |_| (mode, owner),
+            |name, st, _, _| match owner {
+                Some((uid, _)) if st.st_uid != uid => Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "`{}` was replaced by another user's directory; refusing it",
+                        Path::new(name).display()
+                    ),
+                )),
+                _ => Ok(()),
+            },
+        )
     }
 }
 
@@ -619,6 +641,38 @@ pub fn aside_name(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{prefix}{}-{nanos}", std::process::id())
+}
+
+/// Whether `fd` has not changed (contents or inode) since it was made, as far as its file
+/// system tells (true where it keeps no birth time). Timestamps are all the file system's
+/// own: a server's clock skew does not matter.
+fn unchanged_since_birth(fd: &OwnedFd) -> io::Result<bool> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated empty string (AT_EMPTY_PATH: `fd` itself), `fd`
+    // is open for the call, and `stx` is a writable statx the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_BTIME == 0 {
+        return Ok(true);
+    }
+    let ns =
+        |t: libc::statx_timestamp| i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec);
+    let born = ns(stx.stx_btime);
+    // A second of slack: a coarse clock may stamp one syscall's times a tick apart.
+    Ok([stx.stx_ctime, stx.stx_mtime]
+        .into_iter()
+        .all(|t| ns(t) - born <= 1_000_000_000))
 }
 
 /// Whether the open directory `dir` holds nothing (its own open file description is read,
@@ -1229,6 +1283,28 @@ pub fn lossy(name: &OsStr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory made a moment ago is taken for the one just made; an old one renamed into
+    /// its name is not (the swap a user who may write the parent can make).
+    #[test]
+    fn an_old_directory_renamed_in_is_not_taken_for_a_new_one() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("old")).unwrap();
+        if std::fs::metadata(t.path().join("old"))
+            .unwrap()
+            .created()
+            .is_err()
+        {
+            eprintln!("skipped: this file system keeps no birth times");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::create_dir(t.path().join("new")).unwrap();
+        std::fs::rename(t.path().join("old"), t.path().join("swapped")).unwrap();
+        let open = |name: &str| OwnedFd::from(File::open(t.path().join(name)).unwrap());
+        assert!(unchanged_since_birth(&open("new")).unwrap());
+        assert!(!unchanged_since_birth(&open("swapped")).unwrap());
+    }
 
     /// Both ways of looking at an entry (the kernel's attributes on a local file system, the
     /// file system's own through a handle elsewhere) see what `lstat` sees.
