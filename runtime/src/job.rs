@@ -411,6 +411,9 @@ pub async fn run_job(
     let span = tracing::info_span!("job", job_id = %spec.job_id, attempt = spec.attempt);
     async move {
         let started = Instant::now();
+        // Begun once the run is let through: a refused one returns at once, and a flush
+        // dropped there inside a POST the control plane took sent it again next time.
+        let earlier_seq = take_over_earlier_run(ctx, &spec, &cancel).await?;
         let mut background = JoinSet::new();
         let winding_down = CancellationToken::new();
         if let Some(cp) = ctx.control_plane.clone() {
@@ -423,7 +426,6 @@ pub async fn run_job(
                 .in_current_span(),
             );
         }
-        let earlier_seq = take_over_earlier_run(ctx, &spec, &cancel).await?;
         let mut run = Run::new(ctx, spec);
         if let Some(seq) = earlier_seq {
             run.record.seq = seq.saturating_add(SEQ_GAP_AFTER_ITS_AGENT);
@@ -494,6 +496,7 @@ async fn take_over_earlier_run(
     spec: &JobSpec,
     cancel: &CancellationToken,
 ) -> Result<Option<u64>, RunError> {
+    crate::fault::pause_point("take-over").await;
     let record = match read_earlier_record(ctx, &spec.job_id, spec.attempt).await {
         Ok(Earlier::Record(record)) => record,
         Ok(Earlier::None) => return Ok(None),

@@ -424,6 +424,63 @@ fn give_up_secs_bounds_the_whole_stay() {
     drop(server);
 }
 
+/// A run refused at its start (its attempt already ran) leaves the outbox alone: it began
+/// flushing earlier reports, then returned from inside a POST the control plane may have
+/// taken, and the next flush sent that report again (a registration counted twice).
+#[test]
+fn a_refused_rerun_does_not_cut_a_kept_report_mid_post() {
+    let mut h = Harness::file().with_control_plane(60);
+    h.env
+        .push(("C3_AGENT_STOP_DEADLINE_SECS".into(), "3".into()));
+    let again = h.spec(json!({"job_id": "again", "command": ["true"]}));
+    h.run(&["run", "--job", again.to_str().unwrap()])
+        .assert_code(0);
+    // Another job's terminal status, taken and never answered: kept in its outbox.
+    h.cp().hold_terminal(true);
+    let kept = h.spec(json!({"job_id": "kept", "command": ["true"]}));
+    let agent = h.spawn(&["run", "--job", kept.to_str().unwrap()]);
+    wait_for(
+        "the terminal status to be posted",
+        Duration::from_secs(30),
+        || (h.cp().held() > 0).then_some(()),
+    );
+    crate::support::signal(agent.id(), "TERM");
+    h.wait("run stopped during its reports".into(), agent);
+    // Refused by the attempt's record (in `run_job`), not by its manifest (before it).
+    for key in [
+        "jobs/again/manifest.json",
+        "jobs/again/attempts/1/manifest.json",
+    ] {
+        std::fs::remove_file(h.object_path(key)).unwrap();
+    }
+    let held = h.cp().held();
+    // The look at the earlier run takes 2 s: time for a flush begun beside it to post.
+    h.env.push(("C3_AGENT_FAULT".into(), "take-over".into()));
+    let rerun = h.run(&["run", "--job", again.to_str().unwrap()]);
+    h.env.pop();
+    rerun.assert_code(2);
+    assert!(
+        rerun.stderr.contains("already ran on this node"),
+        "{}",
+        rerun.stderr
+    );
+    assert_eq!(
+        h.cp().held(),
+        held,
+        "the refused run posted a kept report and cut it off\n{}",
+        rerun.stderr
+    );
+    h.cp().hold_terminal(false);
+    h.run(&["recover"]).assert_code(0);
+    let terminals: Vec<Value> = h
+        .cp()
+        .delivered("/status")
+        .into_iter()
+        .filter(|b| b["state"] == "SUCCEEDED")
+        .collect();
+    assert_eq!(terminals.len(), 2, "{terminals:?}");
+}
+
 /// A stop that comes once the reports after the final sync are under way ends them by the
 /// stop deadline, not `give_up_secs` later: the deadline they started with was looked at
 /// once, and a control plane that took the terminal status and answered slowly held the agent
