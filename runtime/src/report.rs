@@ -106,9 +106,18 @@ impl ReportError {
     /// The answer counts a failed flush of a kept report ([`failed_again`]): the control
     /// plane's own server error. Not a gateway's 502 or 504 (a load balancer answers them to
     /// every report while the control plane is down), a 503, a time-out or a refused
-    /// connection: an outage behind a proxy would count, and move reports aside.
+    /// connection: an outage behind a proxy would count, and move reports aside. A permanent
+    /// redirect (301, 308: an ingress's rule for this endpoint) counts too: never followed
+    /// and never counted, it held the report, and every later one of its job, for ever.
     fn fails_a_flush(&self) -> bool {
         self.is_server_error()
+            || matches!(
+                self,
+                ReportError::Unavailable {
+                    status: 301 | 308,
+                    ..
+                }
+            )
     }
 
     /// The try may have reached the control plane with its answer lost on the way back: the
@@ -2590,6 +2599,31 @@ pub(crate) mod tests {
             .unwrap()
             .1
             .contains(r#""attempt":2"#));
+    }
+
+    /// An endpoint an ingress redirects for good (308: never followed, the token would go
+    /// with the body) counts its failed flushes as a server error does: never counted, the
+    /// report and every later one of its job stayed for ever.
+    #[tokio::test]
+    async fn a_report_redirected_for_good_goes_aside_in_the_end() {
+        let (url, _) = serve_recorded(Duration::ZERO, |_, _| ("308 Permanent Redirect", "")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "r", 1);
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let entry = state.outbox_dir("r").join("000001-00000003-status.json");
+        let deadline = || Instant::now() + Duration::from_secs(1);
+        assert!(!flush_job_outbox(&cp, &state, "r", deadline()).await);
+        assert_eq!(
+            std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
+            "1",
+            "a permanent redirect counts"
+        );
+        write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
+        kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
+        flush_job_outbox(&cp, &state, "r", deadline()).await;
+        assert!(!entry.exists() && entry.with_extension("bad").exists());
     }
 
     /// Refused credentials keep a report (a token renewed soon delivers it), but not for
