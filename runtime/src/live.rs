@@ -550,7 +550,9 @@ impl Syncer {
         if stuck {
             wake = wake.min(Instant::now() + Duration::from_secs(1));
         }
-        if self.manifest_dirty {
+        // Too large is not written again while the job runs: a deadline for it woke the
+        // loop every few milliseconds until the job's end.
+        if self.manifest_dirty && !self.manifest_too_large {
             let due = self
                 .manifest_written
                 .map(|t| t + self.manifest_spacing)
@@ -1200,6 +1202,20 @@ mod tests {
                 since,
             },
         );
+    }
+
+    /// An in-progress manifest too large to write is not tried again while the job runs, and
+    /// its changes set no deadline: the loop woke every 5 ms until the job's end.
+    #[tokio::test]
+    async fn a_manifest_too_large_sets_no_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let next_poll = Instant::now() + Duration::from_secs(60);
+        s.manifest_dirty = true;
+        s.manifest_written = Some(Instant::now() - Duration::from_secs(5));
+        assert!(s.next_wake(next_poll) < Instant::now() + Duration::from_secs(1));
+        s.manifest_too_large = true;
+        assert!(s.next_wake(next_poll) > Instant::now() + Duration::from_secs(30));
     }
 
     /// A rescan asked for during the rest after the last one waits for its end, and the
