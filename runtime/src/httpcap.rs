@@ -380,7 +380,9 @@ fn without_token(text: &str) -> String {
     let mut at = 0;
     while let Some(found) = lower[at..].find(NAME) {
         let mut i = at + found + NAME.len();
-        while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ') {
+        // A header line, a query, or a proxy's page quoting headers as JSON or a dict
+        // (`"x-amz-security-token": "…"`, `'…': '…'`).
+        while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ' | b'\t' | b'"' | b'\'') {
             i += 1;
         }
         out.push_str(&text[at..i]);
@@ -388,7 +390,7 @@ fn without_token(text: &str) -> String {
         while end < bytes.len()
             && !matches!(
                 bytes[end],
-                b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"'
+                b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"' | b'\'' | b',' | b'}'
             )
         {
             end += 1;
@@ -479,6 +481,16 @@ mod tests {
         let text = std::str::from_utf8(&got).expect("UTF-8");
         assert!(text.contains("SignatureDoesNotMatch"), "{text}");
         assert!(!text.contains("SECRET"), "{text}");
+        // A gateway's page quoting the request's headers.
+        for quoted in [
+            r#"{"x-amz-security-token":"SECRET4","host":"h"}"#,
+            "x-amz-security-token:\tSECRET5\r\nhost: h\r\n",
+            "{'X-Amz-Security-Token': 'SECRET6', 'host': 'h'}",
+        ] {
+            let text = error_text(quoted.as_bytes());
+            assert!(!text.contains("SECRET"), "{text}");
+            assert!(text.contains("host"), "{text}");
+        }
         let mut cut = vec![b'x'; MAX_ERROR_BODY - 1];
         cut.extend_from_slice("é".as_bytes());
         let got = capped(HttpResponseBody::from(Bytes::from(cut)), Cap::Truncate)
