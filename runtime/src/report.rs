@@ -165,12 +165,17 @@ pub struct ControlPlane {
 /// kept one flushed again after its answer was lost, a run and a later `recover`), another
 /// for any other. A registration sent again was counted twice (its `new_bytes` against the
 /// quota) by a control plane with no way to tell it from a new one.
+/// Taken over the body's canonical form (its keys sorted, as the outbox writes it back): a
+/// report posted first from its struct, then kept and sent again, had two keys.
 pub fn idempotency_key(endpoint: &str, body: &[u8]) -> String {
     use sha2::Digest;
+    let canonical = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok());
     let mut h = sha2::Sha256::new();
     h.update(endpoint.as_bytes());
     h.update(b"\n");
-    h.update(body);
+    h.update(canonical.as_deref().unwrap_or(body));
     hex::encode(h.finalize())
 }
 
@@ -2512,7 +2517,12 @@ pub(crate) mod tests {
         assert_eq!(k, idempotency_key("v1/jobs/j/artifacts", b"{}"));
         assert_eq!(k.len(), 64);
         assert_ne!(k, idempotency_key("v1/jobs/k/artifacts", b"{}"));
-        assert_ne!(k, idempotency_key("v1/jobs/j/artifacts", b"{ }"));
+        assert_ne!(k, idempotency_key("v1/jobs/j/artifacts", br#"{"a":1}"#));
+        // Posted from its struct, then kept and sent again from the outbox: one report.
+        let sent = status(3, c3_proto::JobState::Failed);
+        let kept = c3_proto::record::OutboxEntry::new("j", "e".into(), &sent).body_json();
+        assert_ne!(sent, kept, "the outbox writes its keys in another order");
+        assert_eq!(idempotency_key("e", &sent), idempotency_key("e", &kept));
     }
 
     /// A gateway's 502 to one body, while the control plane answers others, counts a failed
