@@ -716,10 +716,14 @@ impl JobProcesses {
     /// [`JobProcesses::members`], each with its start as the look saw it: what a signal is
     /// sent to ([`signal_seen`]).
     fn members_seen(&self) -> Vec<Seen> {
-        let procs = procfs::all();
+        self.members_seen_in(&procfs::all())
+    }
+
+    /// [`JobProcesses::members_seen`] in the look `procs`.
+    fn members_seen_in(&self, procs: &std::collections::HashMap<i32, procfs::Stat>) -> Vec<Seen> {
         let live = |p: &i32| procs.get(p).is_some_and(|s| !s.is_zombie());
         let mut set: BTreeSet<i32> = match self.inner.scope {
-            Scope::Launched => procfs::descendants(self.inner.agent, &procs)
+            Scope::Launched => procfs::descendants(self.inner.agent, procs)
                 .into_iter()
                 .filter(live)
                 .collect(),
@@ -730,7 +734,7 @@ impl JobProcesses {
                     .get(&root)
                     .is_some_and(|s| s.start_ticks == self.inner.leader_start_ticks) =>
             {
-                procfs::descendants(root, &procs)
+                procfs::descendants(root, procs)
                     .into_iter()
                     .chain(std::iter::once(root))
                     .filter(live)
@@ -823,8 +827,34 @@ impl JobProcesses {
         match &self.inner.cgroup {
             Some(cg) => !cg.populated() && self.members().is_empty(),
             // A `/proc` that cannot be listed (no fd left) lists no one: not an answer.
-            None => self.members().is_empty() && std::fs::read_dir("/proc").is_ok(),
+            None => {
+                let procs = procfs::all();
+                self.members_seen_in(&procs).is_empty()
+                    && !self.ended_unreaped(&procs)
+                    && std::fs::read_dir("/proc").is_ok()
+            }
         }
+    }
+
+    /// Whether the look `procs` holds a process of the job that ended and is not reaped yet
+    /// (not the leader, whom tokio waits for, nor a helper's). Without a cgroup a look is a
+    /// list of `/proc` and then each one's stat: a process that forks and exits in a loop
+    /// was listed before its hop, read as a zombie after it, and its child (made after the
+    /// list) never seen; the job was taken for gone, its GPU for free, and the hopper ran
+    /// on. Its ended hops are zombies of the agent's (the subreaper's) until reaped, so a
+    /// look holding one is no proof.
+    fn ended_unreaped(&self, procs: &std::collections::HashMap<i32, procfs::Stat>) -> bool {
+        let Scope::Launched = self.inner.scope else {
+            return false;
+        };
+        let helpers: BTreeSet<i32> = crate::helper::settled_helpers().iter().copied().collect();
+        procfs::descendants(self.inner.agent, procs)
+            .into_iter()
+            .any(|pid| {
+                pid != self.inner.leader
+                    && !helpers.contains(&pid)
+                    && procs.get(&pid).is_some_and(procfs::Stat::is_zombie)
+            })
     }
 
     async fn gone_async(&self) -> bool {

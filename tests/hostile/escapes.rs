@@ -151,6 +151,20 @@ fn a_fork_hopping_process_is_stopped_without_cgroup_kill() {
     fork_hopper_is_stopped(h, "0");
 }
 
+/// The same with no cgroup at all (cgroup v1 Slurm nodes, pods without a writable cgroup v2):
+/// a look that listed `/proc` before the hop and read the old pid's stat after it found no
+/// one, and the job was taken for gone, its GPU for free, while the hopper ran on.
+#[test]
+fn a_fork_hopping_process_is_stopped_without_a_cgroup() {
+    if not_root() {
+        return;
+    }
+    let mut h = open_harness();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "no-job-cgroup".into()));
+    fork_hopper_is_stopped(h, "0");
+}
+
 fn fork_hopper_is_stopped(h: Harness, rest: &str) {
     let beat = h.path("heartbeat");
     std::fs::write(&beat, "").unwrap();
