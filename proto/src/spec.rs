@@ -348,7 +348,9 @@ impl JobSpec {
             ));
         }
         for (i, dir) in self.output.iter_mut().enumerate() {
-            *dir = relative_dir(dir).map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
+            *dir = relative_dir(dir)
+                .and_then(not_the_agents)
+                .map_err(|p| SpecError::field(format!("output[{i}]"), p))?;
         }
         if self.timeout_secs == Some(0) {
             return Err(SpecError::field(
@@ -396,7 +398,25 @@ impl JobSpec {
             } else {
                 d.mount.clone()
             };
-            d.mount = relative_dir(&rel).map_err(|p| SpecError::field(field(), p))?;
+            d.mount = relative_dir(&rel)
+                .and_then(not_the_agents)
+                .map_err(|p| SpecError::field(field(), p))?;
+        }
+        // Two datasets in one directory were merged, the second's copy of a path both list
+        // silently replacing the first's.
+        for (i, d) in self.datasets.iter().enumerate() {
+            if let Some((j, other)) = self.datasets[..i].iter().enumerate().find(|(_, o)| {
+                let (a, b) = (o.mount.as_str(), d.mount.as_str());
+                a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/"))
+            }) {
+                return Err(SpecError::field(
+                    format!("datasets[{i}].mount"),
+                    format!(
+                        "`{}` overlaps datasets[{j}].mount `{}`; each dataset needs a directory of its own",
+                        d.mount, other.mount
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -458,6 +478,16 @@ fn relative_dir(dir: &str) -> Result<String, String> {
         ));
     }
     Ok(parts.join("/"))
+}
+
+/// A normalized relative dir that is not in the agent's own `.c3` (its socket, the job's
+/// result, the logs `pull --logs` writes there): collected, `.c3/stdout.log` was the job's
+/// file and the log's both, and a dataset there was the agent's to replace.
+fn not_the_agents(dir: String) -> Result<String, String> {
+    if dir == ".c3" || dir.starts_with(".c3/") {
+        return Err(format!("`{dir}` is in `.c3`, the agent's own directory"));
+    }
+    Ok(dir)
 }
 
 /// An absolute directory, normalized the same way (no `.` or `..` at all).
@@ -677,6 +707,39 @@ mod tests {
         assert_eq!(p.collected_dirs(), vec!["artifacts", "res", "a/b"]);
         assert_eq!(p.datasets[0].mount, "in/d");
         assert_eq!(p.datasets[1].mount, "e");
+    }
+
+    /// Two datasets in one directory (or one inside the other) were merged silently; the
+    /// agent's `.c3` is no output dir nor mount.
+    #[test]
+    fn overlapping_mounts_and_the_agents_dir_are_refused() {
+        let ds = |a: &str, b: &str| {
+            format!(
+                r#"{{"job_id":"j","command":["x"],"datasets":[{{"ref":"/jobs/a","mount":"{a}"}},{{"ref":"/jobs/b","mount":"{b}"}}]}}"#
+            )
+        };
+        for (a, b) in [
+            ("in", "in"),
+            ("in", "./in/x"),
+            ("in/x", "in"),
+            ("in", "in//"),
+        ] {
+            let e = err(&ds(a, b));
+            assert!(
+                e.contains("datasets[1].mount") && e.contains("overlaps"),
+                "{a} {b}: {e}"
+            );
+        }
+        JobSpec::from_json(ds("in", "in2").as_bytes()).unwrap();
+        JobSpec::from_json(ds("in/a", "in/b").as_bytes()).unwrap();
+        assert!(err(&ds("x", ".c3/in")).contains(".c3"));
+        for out in [".c3", "./.c3/logs"] {
+            let e = err(&format!(
+                r#"{{"job_id":"j","command":["x"],"output":["{out}"]}}"#
+            ));
+            assert!(e.contains("output[0]") && e.contains(".c3"), "{e}");
+        }
+        JobSpec::from_json(br#"{"job_id":"j","command":["x"],"output":[".c3x"]}"#).unwrap();
     }
 
     /// An argument or a variable the kernel would refuse at execve (E2BIG) is refused here;
