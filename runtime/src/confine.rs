@@ -471,7 +471,13 @@ impl DirFd {
                 | OFlag::O_NOFOLLOW
                 | OFlag::O_CLOEXEC;
             match openat(self, name.as_str(), flags, Mode::from_bits_truncate(0o600)) {
-                Ok(fd) => return Ok((name, File::from(fd))),
+                Ok(fd) => {
+                    let file = File::from(fd);
+                    // Held while it is written: one no one holds was abandoned
+                    // ([`DirFd::remove_abandoned_temps`]).
+                    let _ = file.try_lock();
+                    return Ok((name, file));
+                }
                 Err(Errno::EEXIST) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -480,6 +486,52 @@ impl DirFd {
             io::ErrorKind::AlreadyExists,
             "no free temporary name",
         ))
+    }
+
+    /// Removes the agent's own [`DirFd::create_temp`] files (`prefix…part`) in this
+    /// directory that no one holds: what a writer killed with the agent (OOM, a crash, a
+    /// second Ctrl-C) left where the file system has no `O_TMPFILE` (NFS, CIFS, FUSE). Root's
+    /// and 0600 in a job's dataset directory, each crash's were there for good, and a loader
+    /// opening every file it lists failed on them. Only a regular file of the agent's user
+    /// with one link, whose lock is free, is removed. How many were.
+    pub fn remove_abandoned_temps(&self, prefix: &str) -> usize {
+        let Ok(mut listing) = nix::dir::Dir::openat(self, ".", DIR_FLAGS, Mode::empty()) else {
+            return 0;
+        };
+        let names: Vec<std::ffi::OsString> = listing
+            .iter()
+            .filter_map(Result::ok)
+            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+            .filter(|n| {
+                n.as_bytes().starts_with(prefix.as_bytes()) && n.as_bytes().ends_with(b".part")
+            })
+            .collect();
+        let euid = nix::unistd::geteuid().as_raw();
+        let mut removed = 0;
+        for name in names {
+            let ours = |st: &FileStat| is_regular(st) && st.st_uid == euid && st.st_nlink == 1;
+            let Ok(before) = self.stat(&name) else {
+                continue;
+            };
+            if !ours(&before) {
+                continue;
+            }
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+            let Ok(fd) = openat(self, name.as_os_str(), flags, Mode::empty()) else {
+                continue;
+            };
+            let file = File::from(fd);
+            let same = |st: &FileStat| st.st_dev == before.st_dev && st.st_ino == before.st_ino;
+            if !nix::sys::stat::fstat(&file).is_ok_and(|st| same(&st) && ours(&st))
+                || file.try_lock().is_err()
+            {
+                continue;
+            }
+            if self.stat(&name).is_ok_and(|st| same(&st)) && self.remove_file(&name).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// A new file in this directory that no name leads to (`O_TMPFILE`) until

@@ -317,6 +317,7 @@ pub async fn pull_into(
     let stopped = dirs_stop.0.clone();
     let making = tokio::task::spawn_blocking(move || {
         check_room(&made, &checked, &parents, &shown_dir, vet, &stopped)?;
+        let mut abandoned = made.remove_abandoned_temps(TEMP_PREFIX);
         for (parent, i) in parents {
             // The pull was given up (a dataset's timeout, a cancel): no more directories.
             if stopped.load(std::sync::atomic::Ordering::Relaxed) {
@@ -324,7 +325,11 @@ pub async fn pull_into(
             }
             let entry = &checked[i];
             let (_, _, target) = split(entry, &shown_dir)?;
-            make_parent(&made, &parent, vet, entry, &target)?;
+            abandoned += make_parent(&made, &parent, vet, entry, &target)?
+                .remove_abandoned_temps(TEMP_PREFIX);
+        }
+        if abandoned > 0 {
+            tracing::info!(dest = %shown_dir.display(), files = abandoned, "removed partial downloads an earlier pull left");
         }
         Ok::<_, PullError>(())
     });
@@ -643,6 +648,9 @@ fn make_parent(
         })
 }
 
+/// The names of a pull's temp files (`.c3-pull-<random>.part`) beside their targets.
+const TEMP_PREFIX: &str = ".c3-pull-";
+
 /// Resumes of one download in a row that bring no byte before it fails (each resume's
 /// request is itself retried for the store's retry deadline).
 const MAX_FRUITLESS_RESUMES: u32 = 3;
@@ -760,7 +768,7 @@ async fn fetch_once(
         tokio::task::spawn_blocking(move || -> Result<u64, PullError> {
             // Held until this writer is done, its temp file gone or in place.
             let _running = writers;
-            let (tmp, file) = dir.create_unnamed_temp(".c3-pull-").map_err(&werr)?;
+            let (tmp, file) = dir.create_unnamed_temp(TEMP_PREFIX).map_err(&werr)?;
             if crate::fault::armed_at("pull-writer-hangs", &entry.path) {
                 std::thread::sleep(WRITERS_WAIT * 3);
             }
@@ -793,7 +801,7 @@ async fn fetch_once(
                 .and_then(|size| {
                     // Without `force`, a file that came to be there since the look (a job
                     // writing into the DEST an operator pulls to) is kept, as one found then.
-                    let placed = dir.place_temp(tmp.as_deref(), &file, ".c3-pull-", &name, force);
+                    let placed = dir.place_temp(tmp.as_deref(), &file, TEMP_PREFIX, &name, force);
                     placed.map(|()| size).map_err(|source| {
                         // A directory (or a file below one) is where the job's file goes: the
                         // job made it; root neither removes nor writes into it.
@@ -1776,6 +1784,54 @@ mod tests {
                 .collect();
             assert!(left.is_empty(), "named {named}: {left:?}");
         }
+    }
+
+    /// What a pull killed mid-download left where the file system has no O_TMPFILE (its
+    /// named temp files, root's and 0600 in a job's dataset directory) is removed by the
+    /// next pull into that directory; a temp file another pull is writing stays, as does a
+    /// file of that name that is not the agent's own (a second link to it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_removes_the_temp_files_a_killed_one_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::in_memory();
+        let entry = FileEntry {
+            path: "sub/f".into(),
+            ..entry_of(b"data")
+        };
+        store
+            .put_blob(&entry.sha256, b"data".to_vec().into())
+            .await
+            .unwrap();
+        let dest = dir.path().join("dest");
+        std::fs::create_dir_all(dest.join("sub")).unwrap();
+        let sub = DirFd::open(&dest.join("sub")).unwrap();
+        let (left, file) = sub.create_temp(TEMP_PREFIX).unwrap();
+        drop(file);
+        let (writing, _held) = sub.create_temp(TEMP_PREFIX).unwrap();
+        let (linked, file) = sub.create_temp(TEMP_PREFIX).unwrap();
+        drop(file);
+        std::fs::hard_link(dest.join("sub").join(&linked), dir.path().join("other")).unwrap();
+        let pulled = pull_into(
+            &store,
+            vec![entry].into(),
+            DirFd::open(&dest).unwrap(),
+            &dest,
+            (None, None),
+            false,
+            &CancellationToken::new(),
+        )
+        .await;
+        pulled.unwrap();
+        assert_eq!(std::fs::read(dest.join("sub/f")).unwrap(), b"data");
+        assert!(!dest.join("sub").join(&left).exists(), "the abandoned one");
+        assert!(
+            dest.join("sub").join(&writing).exists(),
+            "the one being written"
+        );
+        assert!(
+            dest.join("sub").join(&linked).exists(),
+            "the one with two links"
+        );
     }
 
     /// A writer blocked (in write(2) on a hung NFS DEST) held a failed pull for ever: it is
