@@ -361,13 +361,13 @@ impl DirFd {
                 match owner {
                     Some(job) if others_may_rename_in(st, held, job) => Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
-                        format!(
+                        OpenToOthers(format!(
                             "`{}` (uid {}, gid {}, mode {:o}) lets other users rename and replace what is in it; refusing to place a dataset there",
                             Path::new(name).display(),
                             st.st_uid,
                             st.st_gid,
                             st.st_mode & 0o7777
-                        ),
+                        )),
                     )),
                     _ => Ok(()),
                 }
@@ -683,6 +683,27 @@ impl DirFd {
                 _ => Ok(()),
             },
         )
+    }
+}
+
+/// A directory of the workdir's that others may write was refused for a dataset: what the
+/// workdir holds (the job's `chmod -R 777` on an earlier attempt, a team's layout), there on
+/// every attempt, not a fault of the node's.
+#[derive(Debug)]
+pub struct OpenToOthers(String);
+
+impl std::fmt::Display for OpenToOthers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OpenToOthers {}
+
+impl OpenToOthers {
+    /// Whether `e` is this refusal.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<OpenToOthers>())
     }
 }
 

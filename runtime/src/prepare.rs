@@ -93,7 +93,9 @@ impl DatasetError {
     pub fn is_retryable(&self) -> bool {
         match self {
             // What the job left in its workdir is there on the next attempt too.
-            DatasetError::Mount(e) => e.kind() != std::io::ErrorKind::InvalidInput,
+            DatasetError::Mount(e) => {
+                e.kind() != std::io::ErrorKind::InvalidInput && !crate::confine::OpenToOthers::is(e)
+            }
             DatasetError::TimedOut { .. } => true,
             DatasetError::OtherProject { .. } => false,
             DatasetError::Pull(e) => match e {
@@ -114,7 +116,8 @@ impl DatasetError {
                 | PullError::WrongAttempt { .. }
                 | PullError::Mismatch { .. }
                 | PullError::Exists { .. }
-                | PullError::Escapes { .. } => false,
+                | PullError::Escapes { .. }
+                | PullError::OpenToOthers { .. } => false,
             },
         }
     }

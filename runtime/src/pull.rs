@@ -74,6 +74,13 @@ pub enum PullError {
     },
     #[error("{path}: a symlink (or a file) in the destination is in the way; refusing to write through it")]
     Escapes { path: String },
+    /// A directory on the way that other users may write (what the workdir holds: not
+    /// retried, it is there on every attempt).
+    #[error("{path}: {source}")]
+    OpenToOthers {
+        path: String,
+        source: std::io::Error,
+    },
     /// Two entries whose names differ only in case landed on one file: the destination
     /// folds case (CIFS, an ext4 or tmpfs casefold directory), and each verified its own
     /// bytes before the last rename put one over the other.
@@ -635,7 +642,12 @@ fn make_parent(
 ) -> Result<DirFd, PullError> {
     root.ensure_dataset_dir(parent, 0o755, owner)
         .map_err(|source| {
-            if source.kind() == std::io::ErrorKind::InvalidInput {
+            if crate::confine::OpenToOthers::is(&source) {
+                PullError::OpenToOthers {
+                    path: entry.path.clone(),
+                    source,
+                }
+            } else if source.kind() == std::io::ErrorKind::InvalidInput {
                 PullError::Escapes {
                     path: entry.path.clone(),
                 }

@@ -346,7 +346,12 @@ fn a_symlink_or_file_where_a_dataset_is_mounted_is_the_jobs_doing() {
         json!({"job_id": "real", "command": ["sh", "-c", "printf abc > $C3_ARTIFACTS_DIR/f"]}),
     )
     .assert_code(0);
-    for (job, plant) in [("linker", "ln -s /tmp m"), ("filer", "printf x > m")] {
+    for (job, plant) in [
+        ("linker", "ln -s /tmp m"),
+        ("filer", "printf x > m"),
+        // A directory every user may write (an earlier attempt's `chmod -R 777`).
+        ("opener", "mkdir m; chmod 777 m"),
+    ] {
         let spec = |attempt: u32| {
             json!({"job_id": job, "attempt": attempt, "user": "nobody",
                 "command": ["sh", "-c", format!("rm -rf m; {plant}")],
