@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 /// The most paths one `publish` may name.
 pub const MAX_PATHS: usize = 1000;
 
+/// The longest request line the agent reads (its newline aside).
+pub const MAX_LINE: u64 = 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum SocketRequest {

@@ -25,7 +25,7 @@ use crate::publish::PublishCall;
 use crate::statedir::StateDir;
 
 /// Longest request line; more is a protocol error.
-const MAX_LINE: u64 = 1024 * 1024;
+use c3_proto::socket::MAX_LINE;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 16;
 /// Connections accepted a second (and in a burst): each costs the root agent a peer check
