@@ -111,6 +111,8 @@ pub enum GcError {
         #[source]
         source: StoreError,
     },
+    #[error("no manifest was found under {path}, yet {blobs} blob(s) are stored: a `jobs/` moved, unmounted or restored in part would have every blob taken for unreferenced; nothing was deleted (if the store really lists no job, remove its blobs/ by hand)")]
+    NoManifests { path: PathBuf, blobs: usize },
     #[error("gc task failed")]
     Task(#[from] tokio::task::JoinError),
     #[error("the file store does not answer; nothing more was deleted")]
@@ -206,6 +208,13 @@ pub async fn collect_garbage_seen(
         let root = root.clone();
         let fs_now =
             blocking_cut("gc clock", limit, move |_| crate::store::store_clock(&root)).await?;
+        if fs_now.is_none() {
+            // Its probe file could not be made (no inode left, a read-only root): ages are
+            // by this node's clock, which may be ahead of the store's.
+            tracing::warn!(
+                "cannot read the file store's clock; blob ages are taken by this node's clock"
+            );
+        }
         earlier_now(SystemTime::now(), fs_now)
     };
     // Whatever the grace period (`--older-than 0`), a blob stored in the last hour is kept: a
@@ -247,6 +256,16 @@ pub async fn collect_garbage_seen(
     })?
     .map_or((None, Listing::default()), |(d, l)| (Some(d), l));
     let mut listed = listed;
+    // Any blob but the empty one was stored by a job whose manifest names it, in progress
+    // at least, within minutes: blobs and no manifest at all is a store missing its jobs.
+    let empty = digest_of(EMPTY_SHA256).expect("a sha256");
+    let stored = listed.blobs.iter().filter(|b| b.sha256 != empty).count();
+    if scan.read == 0 && stored > 0 {
+        return Err(GcError::NoManifests {
+            path: root.join("jobs"),
+            blobs: stored,
+        });
+    }
     report.blobs = listed.blobs.len();
     report.ignored = listed.ignored;
     // Sorted, the listing is its own index: no set of it beside.
@@ -254,7 +273,6 @@ pub async fn collect_garbage_seen(
     let present = |sha: &Digest| listed.blobs.binary_search_by_key(sha, |b| b.sha256).is_ok();
     report.missing = scan.refs.iter().filter(|r| !present(r)).count();
 
-    let empty = digest_of(EMPTY_SHA256).expect("a sha256");
     let mut doomed = Vec::new();
     for blob in &listed.blobs {
         if blob.sha256 == empty || scan.refs.contains(&blob.sha256) {
@@ -283,33 +301,41 @@ pub async fn collect_garbage_seen(
         // next run (by a writer whose clock is behind) is seen for the first time then.
         let mut next = Ledger::default();
         let due = |blob: &&Blob| {
-            // One seen "later" than now is of a clock since stepped back: seen now.
+            // One seen "later" than now is of a clock since stepped back: seen now. So is
+            // one touched or stored again since (another version).
             let first = seen
-                .first_seen(&blob.sha256)
+                .first_seen(&blob.sha256, blob.version)
                 .filter(|&t| t <= now)
                 .unwrap_or(now);
             (now - first >= min_age, first)
         };
         for blob in &doomed {
             if let (false, first) = due(blob) {
-                next.note(blob.sha256, first);
+                next.note(blob.sha256, first, blob.version);
             }
         }
+        let had_seen = !seen.is_empty();
         let saved = if dry_run {
             true
         } else {
             match tokio::task::spawn_blocking(move || next.save(&path)).await {
                 Ok(Ok(())) => true,
+                Ok(Err(e)) if had_seen => {
+                    // The last saved ledger still judges: what it saw long enough goes.
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot save which blobs gc saw unreferenced; this run deletes only what an earlier run saw");
+                    false
+                }
                 Ok(Err(e)) => {
-                    // Unsaved, every later run would see them all for the first time and none
-                    // would ever be deleted: on a full disk gc would free nothing for good.
+                    // Unsaved and none saved before, every later run would see them all for
+                    // the first time and none would ever be deleted: on a full disk gc
+                    // would free nothing for good.
                     tracing::warn!(error = %crate::error_chain(&e), "cannot save which blobs gc saw unreferenced; this run deletes by their mtime alone");
                     false
                 }
                 Err(_) => false,
             }
         };
-        if saved {
+        if saved || had_seen {
             doomed.retain(|blob| {
                 let (due, _) = due(blob);
                 report.awaiting_second_look += usize::from(!due);
@@ -360,10 +386,15 @@ pub async fn collect_garbage_seen(
     let Some(dir) = dir else {
         return Ok(report);
     };
-    // A few at once: each is a rename, a stat and an unlink.
+    // A few at once: each is a rename, a stat and an unlink. After an error none is begun,
+    // and those under way end first: dropped between their rename and their last look, a
+    // blob a job had just found stored was left aside, missing from its key.
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let mut deletions = futures::stream::iter(doomed)
+        .take_while(|_| std::future::ready(!failed.load(std::sync::atomic::Ordering::Relaxed)))
         .map(|blob| delete_blob(&dir, blob, cutoff, limit))
         .buffer_unordered(DELETE_CONCURRENCY);
+    let mut first_error = None;
     while let Some(outcome) = deletions.next().await {
         match outcome {
             Ok(Deleted::Yes(bytes)) => {
@@ -372,26 +403,32 @@ pub async fn collect_garbage_seen(
             }
             Ok(Deleted::Young) => report.kept_young += 1,
             Ok(Deleted::Gone) => {}
-            Err(Err((key, source))) => {
-                return Err(GcError::Delete {
-                    key,
-                    deleted: report.deleted,
-                    source,
-                })
+            Err(e) => {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                first_error.get_or_insert(e);
             }
-            Err(Ok(hung)) => return Err(hung),
         }
     }
-    Ok(report)
+    match first_error {
+        None => Ok(report),
+        Some(Err((key, source))) => Err(GcError::Delete {
+            key,
+            deleted: report.deleted,
+            source,
+        }),
+        Some(Ok(hung)) => Err(hung),
+    }
 }
 
 const DELETE_CONCURRENCY: usize = 16;
 
 /// The unreferenced blobs this node's gc saw, each since when by this node's clock (Unix
-/// seconds): a text file, a line `<sha256 hex> <secs>` each, replaced whole at each run.
+/// seconds) and in which version (inode, mtime ns): a text file, a line
+/// `<sha256 hex> <secs> <inode> <mtime ns>` each, replaced whole at each run. A blob seen in
+/// another version since (touched by a job that found it, stored again) is seen anew.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    seen: std::collections::HashMap<Digest, u64>,
+    seen: std::collections::HashMap<Digest, (u64, (u64, i64))>,
 }
 
 impl Ledger {
@@ -406,29 +443,42 @@ impl Ledger {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Ledger::default();
         };
+        // A line of an older agent's (no version) is nothing seen: its blob is seen anew.
         let seen = text
             .lines()
             .filter_map(|l| {
-                let (hex, secs) = l.split_once(' ')?;
-                Some((digest_of(hex)?, secs.parse().ok()?))
+                let mut fields = l.split(' ');
+                let sha = digest_of(fields.next()?)?;
+                let secs = fields.next()?.parse().ok()?;
+                let ino = fields.next()?.parse().ok()?;
+                let mtime = fields.next()?.parse().ok()?;
+                Some((sha, (secs, (ino, mtime))))
             })
             .collect();
         Ledger { seen }
     }
 
-    fn first_seen(&self, sha: &Digest) -> Option<u64> {
-        self.seen.get(sha).copied()
+    fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 
-    fn note(&mut self, sha: Digest, since: u64) {
-        self.seen.insert(sha, since);
+    /// Since when the blob was seen unreferenced in `version`.
+    fn first_seen(&self, sha: &Digest, version: (u64, i64)) -> Option<u64> {
+        self.seen
+            .get(sha)
+            .filter(|(_, v)| *v == version)
+            .map(|(secs, _)| *secs)
+    }
+
+    fn note(&mut self, sha: Digest, since: u64, version: (u64, i64)) {
+        self.seen.insert(sha, (since, version));
     }
 
     fn save(&self, path: &Path) -> Result<(), crate::statedir::StateError> {
         use std::fmt::Write;
-        let mut text = String::with_capacity(self.seen.len() * 80);
-        for (sha, secs) in &self.seen {
-            let _ = writeln!(text, "{} {secs}", hex::encode(sha));
+        let mut text = String::with_capacity(self.seen.len() * 110);
+        for (sha, (secs, (ino, mtime))) in &self.seen {
+            let _ = writeln!(text, "{} {secs} {ino} {mtime}", hex::encode(sha));
         }
         crate::statedir::write_atomic_private(path, text.as_bytes())
     }
@@ -452,9 +502,9 @@ async fn delete_blob(
 ) -> Result<Deleted, Result<GcError, (String, StoreError)>> {
     let sha = hex::encode(blob.sha256);
     let key = blob_key(&sha);
-    let dir = dir.clone();
+    let (dir, listed) = (dir.clone(), blob.version);
     let outcome = blocking_cut("gc delete", limit, move |_| {
-        set_aside_and_delete(&dir, &sha, cutoff)
+        set_aside_and_delete(&dir, &sha, cutoff, listed)
     })
     .await
     .map_err(Ok)?;
@@ -483,7 +533,12 @@ const ASIDE: &str = ".gc-";
 /// ([`BlobStore`]'s `still_wanted`): touched before the move, the mtime here is young and
 /// the blob is put back; after it, the job finds the key empty and stores the blob again.
 /// Checking the mtime and then deleting in place would lose a blob touched in between.
-fn set_aside_and_delete(dir: &DirFd, sha: &str, cutoff: SystemTime) -> std::io::Result<Deleted> {
+fn set_aside_and_delete(
+    dir: &DirFd,
+    sha: &str,
+    cutoff: SystemTime,
+    listed: (u64, i64),
+) -> std::io::Result<Deleted> {
     match dir.stat(OsStr::new(sha)) {
         Ok(st) if is_regular(&st) => {}
         _ => return Ok(Deleted::Gone),
@@ -506,7 +561,9 @@ fn set_aside_and_delete(dir: &DirFd, sha: &str, cutoff: SystemTime) -> std::io::
             return Err(e);
         }
     };
-    if modified(&st) >= cutoff {
+    // Touched since the listing by a writer whose clock is behind (its touch "old"), or
+    // stored again: wanted, whatever its mtime says.
+    if modified(&st) >= cutoff || version_of(&st) != listed {
         put_back(dir, OsStr::new(&aside), OsStr::new(sha))?;
         return Ok(Deleted::Young);
     }
@@ -521,6 +578,14 @@ fn put_back(dir: &DirFd, aside: &OsStr, name: &OsStr) -> std::io::Result<()> {
         Err(e) => return Err(e.into()),
     }
     dir.remove_file(aside)
+}
+
+/// A blob file's inode and mtime (ns).
+fn version_of(st: &FileStat) -> (u64, i64) {
+    (
+        st.st_ino,
+        crate::display::file_time_ns(st.st_mtime, st.st_mtime_nsec),
+    )
 }
 
 /// A file's mtime as its stat says it (one before the epoch, as the epoch).
@@ -954,6 +1019,9 @@ struct Blob {
     sha256: Digest,
     size: u64,
     modified: SystemTime,
+    /// The file as listed (inode, mtime in ns): a blob touched since (a job that found it
+    /// stored), or stored again, is another version, whatever its writer's clock said.
+    version: (u64, i64),
 }
 
 #[derive(Default)]
@@ -982,6 +1050,7 @@ fn list_blobs(dir: &DirFd, tick: &dyn Fn()) -> std::io::Result<Listing> {
                 sha256: digest_of(sha).expect("checked"),
                 size: st.st_size as u64,
                 modified: modified(&st),
+                version: version_of(&st),
             }),
             _ => listing.ignored += 1,
         }
@@ -1052,6 +1121,15 @@ mod tests {
                 root,
                 store,
             }
+        }
+
+        /// A job with no files: a store in use lists some job (with none, gc refuses).
+        async fn some_job(&self) {
+            self.put(
+                &attempt_manifest_key("other", 1),
+                manifest("other", 1, &[], None),
+            )
+            .await;
         }
 
         fn blob_path(&self, sha: &str) -> PathBuf {
@@ -1200,6 +1278,7 @@ mod tests {
     #[tokio::test]
     async fn an_old_looking_blob_goes_only_after_a_second_look_a_grace_period_later() {
         let f = Fixture::new().await;
+        f.some_job().await;
         let day = Duration::from_secs(86_400);
         let orphan = f.blob(b"old by its writer's clock", 3 * day).await;
         let named = f.blob(b"named by a manifest soon", 3 * day).await;
@@ -1229,9 +1308,10 @@ mod tests {
         let aged: String = text
             .lines()
             .map(|l| {
-                let (hex, secs) = l.split_once(' ').unwrap();
+                let (hex, rest) = l.split_once(' ').unwrap();
+                let (secs, version) = rest.split_once(' ').unwrap();
                 format!(
-                    "{hex} {}\n",
+                    "{hex} {} {version}\n",
                     secs.parse::<u64>().unwrap() - day.as_secs() - 1
                 )
             })
@@ -1245,13 +1325,39 @@ mod tests {
         assert!(!std::fs::read_to_string(&ledger).unwrap().contains(&orphan));
         // Seen "in the future" (a clock stepped back since): seen now.
         let again = f.blob(b"another old one", 3 * day).await;
-        let future = format!("{again} {}\n", Ledger::now() + 10 * day.as_secs());
+        let st = std::fs::metadata(f.blob_path(&again)).unwrap();
+        let version = {
+            use std::os::unix::fs::MetadataExt;
+            format!(
+                "{} {}",
+                st.ino(),
+                st.mtime() * 1_000_000_000 + st.mtime_nsec()
+            )
+        };
+        let future = format!("{again} {} {version}\n", Ledger::now() + 10 * day.as_secs());
         std::fs::write(&ledger, future).unwrap();
         let third = gc(false).await.unwrap();
         assert_eq!((third.deleted, third.awaiting_second_look), (0, 1));
         assert!(f.exists(&again));
-        // A ledger that cannot be saved (a full disk) leaves the mtime to decide, as before:
-        // kept for ever, gc would free nothing when space is needed most.
+        // Seen long enough, then touched by a writer whose clock is behind (as old as
+        // before, another version): seen anew, not deleted.
+        let aged = format!("{again} {} {version}\n", Ledger::now() - 2 * day.as_secs());
+        std::fs::write(&ledger, &aged).unwrap();
+        f.age(&again, 3 * day + Duration::from_secs(5));
+        let touched = gc(false).await.unwrap();
+        assert_eq!((touched.deleted, touched.awaiting_second_look), (0, 1));
+        assert!(f.exists(&again));
+        // A line of an older agent's (no version) is nothing seen.
+        std::fs::write(
+            &ledger,
+            format!("{again} {}\n", Ledger::now() - 2 * day.as_secs()),
+        )
+        .unwrap();
+        let legacy = gc(false).await.unwrap();
+        assert_eq!((legacy.deleted, legacy.awaiting_second_look), (0, 1));
+        // A ledger that cannot be saved (a full disk) leaves the mtime to decide where no
+        // ledger was ever saved: kept for ever, gc would free nothing when space is needed
+        // most.
         let blocked = f.root.parent().unwrap().join("not-a-dir");
         std::fs::write(&blocked, "").unwrap();
         let unsaved = blocked.join("x.seen");
@@ -1301,15 +1407,28 @@ mod tests {
         assert!(elsewhere.exists(), "taken from another node's gc in flight");
         std::fs::remove_file(&elsewhere).unwrap();
 
+        let listed = || version_of(&dir_fd.stat(OsStr::new(&sha)).unwrap());
         // The job touched it first: gc's last look, after the move, sees it young.
         f.age(&sha, 10 * DAY);
+        let seen = listed();
         assert!(!f
             .store
             .put_blob(&sha, Bytes::from_static(bytes))
             .await
             .unwrap());
         assert!(matches!(
-            set_aside_and_delete(&dir_fd, &sha, cutoff).unwrap(),
+            set_aside_and_delete(&dir_fd, &sha, cutoff, seen).unwrap(),
+            Deleted::Young
+        ));
+        assert!(f.exists(&sha), "put back");
+
+        // Touched by a writer whose clock is days behind (its touch as old as the listing
+        // saw): another version than listed, put back.
+        f.age(&sha, 10 * DAY);
+        let seen = listed();
+        f.age(&sha, 9 * DAY);
+        assert!(matches!(
+            set_aside_and_delete(&dir_fd, &sha, cutoff, seen).unwrap(),
             Deleted::Young
         ));
         assert!(f.exists(&sha), "put back");
@@ -1317,7 +1436,7 @@ mod tests {
         // Nobody wants it: deleted, and nothing left aside.
         f.age(&sha, 10 * DAY);
         assert!(matches!(
-            set_aside_and_delete(&dir_fd, &sha, cutoff).unwrap(),
+            set_aside_and_delete(&dir_fd, &sha, cutoff, listed()).unwrap(),
             Deleted::Yes(_)
         ));
         assert!(!f.exists(&sha));
@@ -1503,9 +1622,29 @@ mod tests {
         assert!(f.exists(&kept));
     }
 
+    /// Blobs and no manifest at all is a store missing its `jobs/` (moved, unmounted, restored
+    /// in part): every blob would be taken for unreferenced. Nothing is deleted.
+    #[tokio::test]
+    async fn blobs_without_any_manifest_are_not_taken_for_garbage() {
+        let f = Fixture::new().await;
+        let old = f.blob(b"old", 10 * DAY).await;
+        let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GcError::NoManifests { blobs: 1, .. }), "{e}");
+        assert!(f.exists(&old));
+        f.some_job().await;
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!(report.deleted, 1);
+        assert!(!f.exists(&old));
+    }
+
     #[tokio::test]
     async fn a_dry_run_deletes_nothing() {
         let f = Fixture::new().await;
+        f.some_job().await;
         let old = f.blob(b"old", 10 * DAY).await;
         let report = collect_garbage(&f.store, DEFAULT_GRACE, true)
             .await
@@ -1697,6 +1836,7 @@ mod tests {
             return;
         }
         let f = Fixture::new().await;
+        f.some_job().await;
         let old = f.blob(b"old", 10 * DAY).await;
         for dir in [f.root.clone(), f.root.parent().unwrap().into()] {
             let was = std::fs::metadata(&dir).unwrap().permissions();

@@ -527,10 +527,11 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
         .collect();
     assert_eq!(ledgers.len(), 1, "{ledgers:?}");
     let seen = std::fs::read_to_string(&ledgers[0]).unwrap();
-    let (hex, secs) = seen.trim().split_once(' ').unwrap();
+    let (hex, rest) = seen.trim().split_once(' ').unwrap();
+    let (secs, version) = rest.split_once(' ').unwrap();
     assert_eq!(hex, "0".repeat(64));
     let day_earlier = secs.parse::<u64>().unwrap() - 86_400 - 1;
-    std::fs::write(&ledgers[0], format!("{hex} {day_earlier}\n")).unwrap();
+    std::fs::write(&ledgers[0], format!("{hex} {day_earlier} {version}\n")).unwrap();
     let gc = h.run(&["gc", "--older-than", "1"]);
     gc.assert_code(0);
     assert!(!old.exists(), "{}", gc.stdout);
