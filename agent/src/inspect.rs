@@ -152,8 +152,10 @@ pub async fn pull(
 fn open_dest(dest: &Path) -> anyhow::Result<c3_runtime::confine::DirFd> {
     use c3_runtime::confine::DirFd;
     if !nix::unistd::geteuid().is_root() {
+        // The user's own rights: a DEST that is a symlink (`~/scratch -> /scratch/u`) is
+        // followed, as every other tool of theirs follows it.
         std::fs::create_dir_all(dest)?;
-        return Ok(DirFd::open(dest)?);
+        return Ok(DirFd::open_trusted(dest)?);
     }
     let (reached, rest) =
         crate::specpath::resolve_root_alone_prefix(dest).map_err(anyhow::Error::msg)?;

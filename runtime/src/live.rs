@@ -243,9 +243,19 @@ type UploadResult = (String, u64, Result<Uploaded, UploadError>);
 impl Syncer {
     async fn run(mut self, ended: impl std::future::Future<Output = ()>) -> SyncBook {
         tokio::pin!(ended);
-        let mut hints = self.start_watching().await;
+        // Every walk (the watches' and the rescans', of a tree of millions of entries, or of
+        // a directory another process of the user keeps renaming in) is raced against the
+        // job's end: awaited whole, one held the final sync and the terminal status for as
+        // long as it took. The final scan needs none of them.
+        let mut hints = tokio::select! {
+            hints = self.start_watching() => hints,
+            () = &mut ended => return self.wind_down(JoinSet::new()).await,
+        };
         // The job started before the watches were set: what it wrote meanwhile left no events.
-        self.rescan().await;
+        tokio::select! {
+            () = self.rescan() => {}
+            () = &mut ended => return self.wind_down(JoinSet::new()).await,
+        }
         let mut uploads: JoinSet<UploadResult> = JoinSet::new();
         let mut next_poll = Instant::now() + self.opts.poll_interval;
         loop {
@@ -254,9 +264,16 @@ impl Syncer {
                 _ = &mut ended => break,
                 hint = recv(&mut hints) => match hint {
                     Some(h) => {
-                        self.on_hint(h).await;
-                        if hints.as_ref().is_some_and(mpsc::Receiver::is_empty) {
-                            self.make_up_lost_hints().await;
+                        let drained = hints.as_ref().is_some_and(mpsc::Receiver::is_empty);
+                        let handled = async {
+                            self.on_hint(h).await;
+                            if drained {
+                                self.make_up_lost_hints().await;
+                            }
+                        };
+                        tokio::select! {
+                            () = handled => {}
+                            () = &mut ended => break,
                         }
                     }
                     // The watcher is gone (it failed): keep going by polling.
@@ -277,28 +294,39 @@ impl Syncer {
                     self.on_prehashed(done);
                 }
                 _ = tokio::time::sleep_until(wake) => {
-                    if (self.polling || self.roots_lost) && Instant::now() >= next_poll {
-                        // A lost output dir that is not back costs a look at its name only
-                        // (an output dir removed for good must not make every poll a walk).
-                        if self.polling || self.a_lost_root_is_back().await {
+                    let due = async {
+                        if (self.polling || self.roots_lost) && Instant::now() >= next_poll {
+                            // A lost output dir that is not back costs a look at its name only
+                            // (an output dir removed for good must not make every poll a walk).
+                            if self.polling || self.a_lost_root_is_back().await {
+                                self.paced_rescan().await;
+                            }
+                            // Polling keeps the rest a costly rescan earned too.
+                            let rested = self.rescans.last.map(|t| t + self.rescans.gap);
+                            next_poll = (Instant::now() + self.opts.poll_interval)
+                                .max(rested.unwrap_or_else(Instant::now));
+                        }
+                        if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
                             self.paced_rescan().await;
                         }
-                        // Polling keeps the rest a costly rescan earned too.
-                        let rested = self.rescans.last.map(|t| t + self.rescans.gap);
-                        next_poll = (Instant::now() + self.opts.poll_interval)
-                            .max(rested.unwrap_or_else(Instant::now));
+                        // A hint lost as the queue was drained (the handler marks the loss
+                        // just after its send failed): made up here too.
+                        self.make_up_lost_hints().await;
+                        self.settle(&mut uploads).await;
+                        self.write_manifest_if_due().await;
+                    };
+                    tokio::select! {
+                        () = due => {}
+                        () = &mut ended => break,
                     }
-                    if self.rescans.due.is_some_and(|t| Instant::now() >= t) {
-                        self.paced_rescan().await;
-                    }
-                    // A hint lost as the queue was drained (the handler marks the loss just
-                    // after its send failed): made up here too.
-                    self.make_up_lost_hints().await;
-                    self.settle(&mut uploads).await;
-                    self.write_manifest_if_due().await;
                 }
             }
         }
+        self.wind_down(uploads).await
+    }
+
+    /// After the job's end: what is under way lands, as the final sync's head start.
+    async fn wind_down(mut self, mut uploads: JoinSet<UploadResult>) -> SyncBook {
         self.watcher = None;
         // Hashing under way is the final sync's head start too (at most one step each).
         while self.prehashing.join_next().await.is_some() {}

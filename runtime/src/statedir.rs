@@ -106,13 +106,15 @@ impl StateDir {
     /// reach it) but not listable; everything of the agent's own below is 0700.
     pub fn ensure_attempt_dir(&self, job_id: &str, attempt: u32) -> Result<PathBuf, StateError> {
         self.ensure_root()?;
-        for (dir, mode) in [
-            (self.jobs_dir(), 0o711),
-            (self.job_dir(job_id), 0o711),
-            (self.job_dir(job_id).join("attempts"), 0o700),
-            (self.attempt_dir(job_id, attempt), 0o700),
+        // The jobs dir may be an operator's symlink to a larger disk; below a job's dir
+        // everything is the agent's own, and one found there must be.
+        for (dir, mode, own) in [
+            (self.jobs_dir(), 0o711, false),
+            (self.job_dir(job_id), 0o711, false),
+            (self.job_dir(job_id).join("attempts"), 0o700, true),
+            (self.attempt_dir(job_id, attempt), 0o700, true),
         ] {
-            mkdir_mode(&dir, mode)?;
+            mkdir_mode(&dir, mode, own)?;
         }
         Ok(self.attempt_dir(job_id, attempt))
     }
@@ -129,7 +131,7 @@ impl StateDir {
                 source,
             })?;
         }
-        mkdir_mode(&self.root, 0o711)?;
+        mkdir_mode(&self.root, 0o711, false)?;
         if let Ok(meta) = std::fs::metadata(&self.root) {
             let mine = meta.uid() == nix::unistd::geteuid().as_raw();
             if !mine && (meta.uid() != 0 || meta.mode() & 0o022 != 0) {
@@ -558,11 +560,12 @@ pub fn make_dirs(dir: &Path, mode: u32) -> std::io::Result<()> {
     }
 }
 
-/// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it). One that
-/// exists must be the agent's own directory that no one else may write: root writes the
-/// attempt's logs and records into it by path, and a tree another user put there (a rename
-/// into a parent it could write for a moment) would have them land wherever its links say.
-fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
+/// Creates `dir` (not its parents) with exactly `mode` (the umask would narrow it). With
+/// `own`, one that exists must be the agent's own directory that no one else may write: root
+/// writes the attempt's logs and records into it by path, and a tree another user put there
+/// (a rename into a parent it could write for a moment) would have them land wherever its
+/// links say.
+fn mkdir_mode(dir: &Path, mode: u32, own: bool) -> Result<(), StateError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let err = |source| StateError::Write {
         path: dir.into(),
@@ -570,6 +573,7 @@ fn mkdir_mode(dir: &Path, mode: u32) -> Result<(), StateError> {
     };
     match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !own => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let md = std::fs::symlink_metadata(dir).map_err(err)?;
             if md.is_dir() && agents_own(&[dir]) {

@@ -132,12 +132,17 @@ impl Aliases {
 }
 
 /// Setting watches stopped: poll from now on.
+/// The most entries one walk to set watches meets before polling takes over.
+pub const MAX_WALK_ENTRIES: u64 = 2_000_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WatchStopped {
     #[error("more than {max} directories to watch (sync.max_watches)")]
     Cap { max: usize },
     #[error("the paths of the directories to watch pass {max} bytes")]
     PathBytes { max: usize },
+    #[error("a walk to set watches met more than {max} entries")]
+    Entries { max: u64 },
     /// The alias a watch goes through could not be made (the temp dir gone: a tmp cleaner).
     #[error("cannot make a watch alias: {0}")]
     Alias(std::io::Error),
@@ -211,7 +216,8 @@ impl DirWatcher {
         })
     }
 
-    /// Watches `dir` (below the workdir) and every directory below it. Each directory is
+    /// Watches `dir` (below the workdir) and every directory below it, meeting at most
+    /// [`MAX_WALK_ENTRIES`] entries. Each directory is
     /// first opened from the workdir with no symlink in any component, and its children are
     /// listed from that fd: a directory swapped for a symlink is never walked into.
     pub fn watch_tree(&mut self, dir: &Path) -> Result<(), WatchStopped> {
@@ -227,12 +233,24 @@ impl DirWatcher {
         if !self.watch_once(&top, rel)? {
             return Ok(());
         }
+        // Debug builds: a walk that takes a minute (a tree of millions of entries on NFS).
+        crate::fault::blocking_pause("watch-walk-is-slow", std::time::Duration::from_secs(60));
         // Each directory is read as a stream: a directory of a million subdirectories is not
         // listed into memory first (past `max_watches` the walk stops anyway).
         let Ok(mut walk) = TreeWalk::new(top, rel.as_os_str().as_bytes().to_vec()) else {
             return Ok(());
         };
+        let mut met = 0u64;
         while let Some(item) = walk.next() {
+            // Files count too: a tree of millions of them (or a directory another process
+            // keeps renaming in, which readdir then returns again) is for polling's scans,
+            // which have a budget of their own.
+            met += 1;
+            if met > MAX_WALK_ENTRIES {
+                return Err(WatchStopped::Entries {
+                    max: MAX_WALK_ENTRIES,
+                });
+            }
             let Item::Entry(entry) = item else {
                 continue;
             };

@@ -657,3 +657,25 @@ for _ in range(1200):
     h.wait("odd".into(), child).assert_code(0);
     assert_eq!(h.manifest_paths("odd").len(), 2);
 }
+
+/// A walk of live sync's that takes long (setting watches on a tree of millions of entries,
+/// or one another process keeps renaming in) is dropped at the job's end: awaited, it held
+/// the final sync and the terminal status for as long as it took. The final scan stores
+/// what the job wrote.
+#[test]
+fn a_slow_watch_walk_does_not_hold_the_jobs_end() {
+    let mut h = harness(Store::File);
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "watch-walk-is-slow".into()));
+    let started = std::time::Instant::now();
+    h.run_job(
+        json!({"job_id": "slowwalk", "command": ["sh", "-c", "echo x > $C3_ARTIFACTS_DIR/f"]}),
+    )
+    .assert_code(0);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(40),
+        "the run took {took:?}: the walk's minute held it"
+    );
+    assert_eq!(h.manifest_paths("slowwalk"), vec!["artifacts/f"]);
+}

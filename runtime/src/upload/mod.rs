@@ -1016,7 +1016,7 @@ impl Uploader {
         }
         let path = file.abs.clone();
         let shown = path.clone();
-        let (root, reader) = (self.root.clone(), self.reader.clone());
+        let (root, reader, shared) = (self.root.clone(), self.reader.clone(), self.shared.clone());
         // Its buffer is held from the budget, as pass 1's is.
         let hashing = self.budget.acquire(HASH_BUF as u64).await;
         // The open too is off the reactor: it walks the path a directory at a time, and the
@@ -1024,6 +1024,10 @@ impl Uploader {
         let done = blocking(&path, move || {
             let _hashing = hashing;
             let opened = open_confined(root.as_deref(), reader.as_deref(), &shown, stamp)?;
+            // Shared extents are charged as an upload charges them: hashed ahead for free,
+            // a job's 64 `cp --reflink` copies of one checkpoint, each touched again and
+            // again, had root read them all past the attempt's shared budget.
+            judge_shared(&shared, &opened, &shown, &stamp)?;
             // Up to the first hole only: a hole in a file still being written is most often
             // a stretch a parallel writer has yet to fill (its zeros would be hashed for
             // nothing), and holes read here would be read for no upload, with nothing to
