@@ -63,6 +63,8 @@ pub struct DirWatcher {
     /// aliases), held under [`MAX_WATCHED_PATH_BYTES`].
     path_bytes: usize,
     max_path_bytes: usize,
+    /// The most entries one walk meets ([`MAX_WALK_ENTRIES`]).
+    max_walk_entries: u64,
     /// Which name in `watched` each directory (device, inode) is watched under: the kernel
     /// keeps one watch per inode and gives it again when the inode is watched under another
     /// name (see [`DirWatcher::watch_fd`]). Written with `watched`, by the syncer alone.
@@ -246,9 +248,9 @@ impl DirWatcher {
             // keeps renaming in, which readdir then returns again) is for polling's scans,
             // which have a budget of their own.
             met += 1;
-            if met > MAX_WALK_ENTRIES {
+            if met > self.max_walk_entries {
                 return Err(WatchStopped::Entries {
-                    max: MAX_WALK_ENTRIES,
+                    max: self.max_walk_entries,
                 });
             }
             let Item::Entry(entry) = item else {
@@ -530,6 +532,7 @@ pub fn watcher(
             watched: BTreeMap::new(),
             path_bytes: 0,
             max_path_bytes: MAX_WATCHED_PATH_BYTES,
+            max_walk_entries: MAX_WALK_ENTRIES,
             by_id: HashMap::new(),
             aliases,
             max_watches: max_watches.max(1),
@@ -674,6 +677,27 @@ mod tests {
             hints_of(&event, vec![Some(from.clone()), Some(to.clone())]),
             vec![Hint::Gone(from), Hint::Touched(to)]
         );
+    }
+
+    /// A walk meets so many entries at most (files count: a tree of millions of them held
+    /// live sync's walk, and the job's end behind it); past them polling takes over.
+    #[test]
+    fn a_walk_past_its_entries_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let art = dir.path().join("artifacts");
+        std::fs::create_dir_all(art.join("sub")).unwrap();
+        for i in 0..20 {
+            std::fs::write(art.join(format!("f{i}")), "").unwrap();
+        }
+        let (mut watcher, _hints) = watcher(dir.path(), 1, 16).unwrap();
+        watcher.max_walk_entries = 10;
+        assert!(matches!(
+            watcher.watch_tree(&art),
+            Err(WatchStopped::Entries { max: 10 })
+        ));
+        watcher.max_walk_entries = 100;
+        watcher.watch_tree(&art).unwrap();
+        assert_eq!(watcher.watch_count(), 2);
     }
 
     /// Directories removed, moved away or made again under their name while every hint was
