@@ -59,19 +59,33 @@ struct Level {
     rel: Vec<u8>,
     /// Its file system keeps attributes that are the files' own ([`DirFd::stat_on`]).
     local: bool,
+    /// Its change times as it was opened ([`TreeWalk::changed_while_read`]).
+    opened: Option<(i64, i64, i64, i64)>,
+}
+
+/// A directory's mtime and ctime (s, ns each): what an entry made, removed or renamed in it
+/// moves.
+fn changes(dir: &DirFd) -> Option<(i64, i64, i64, i64)> {
+    let st = crate::confine::fstat(dir).ok()?;
+    Some((st.st_mtime, st.st_mtime_nsec, st.st_ctime, st.st_ctime_nsec))
 }
 
 /// The walk: [`TreeWalk::next`] yields every entry of the directories entered, depth first;
 /// [`TreeWalk::enter`] makes the directory just opened the one read next.
 pub struct TreeWalk {
     levels: Vec<Level>,
+    /// A directory read to its end had changed since it was opened.
+    changed: bool,
 }
 
 impl TreeWalk {
     /// Starts at `dir`, whose path from the walk's start (used as the prefix of every `rel`)
     /// is `rel`.
     pub fn new(dir: DirFd, rel: Vec<u8>) -> io::Result<TreeWalk> {
-        let mut walk = TreeWalk { levels: Vec::new() };
+        let mut walk = TreeWalk {
+            levels: Vec::new(),
+            changed: false,
+        };
         walk.enter(dir, rel)?;
         Ok(walk)
     }
@@ -86,13 +100,35 @@ impl TreeWalk {
         )?
         .into_iter();
         let local = crate::confine::attributes_are_local(&dir);
+        let opened = changes(&dir);
         self.levels.push(Level {
             dir: Arc::new(dir),
             names,
             rel,
             local,
+            opened,
         });
         Ok(())
+    }
+
+    /// Whether a directory of the walk changed while it was read (an entry made, removed or
+    /// renamed in it; one that cannot be looked at again counts as changed): a walk that met
+    /// more entries than it may is then one another process kept going (readdir returns
+    /// entries renamed meanwhile again), not a tree that large.
+    pub fn changed_while_read(&self) -> bool {
+        self.changed
+            || self
+                .levels
+                .iter()
+                .any(|l| l.opened.is_none() || changes(&l.dir) != l.opened)
+    }
+
+    fn finished(&mut self) -> Option<Level> {
+        let level = self.levels.pop()?;
+        if level.opened.is_none() || changes(&level.dir) != level.opened {
+            self.changed = true;
+        }
+        Some(level)
     }
 
     /// How many directories are open (the depth below the start, plus one).
@@ -108,12 +144,12 @@ impl TreeWalk {
             let level = self.levels.last_mut()?;
             let entry = match level.names.next() {
                 None => {
-                    self.levels.pop();
+                    self.finished();
                     continue;
                 }
                 Some(Err(e)) => {
                     // A listing that fails keeps failing: the rest of it is given up.
-                    let level = self.levels.pop()?;
+                    let level = self.finished()?;
                     return Some(Item::Unlisted {
                         rel: level.rel,
                         error: e.into(),
@@ -143,6 +179,30 @@ impl TreeWalk {
 mod tests {
     use super::*;
     use crate::confine::is_dir;
+
+    /// A directory that changed while read (an entry renamed in it) is told from one that
+    /// held still, while it is read and once it was read to its end.
+    #[test]
+    fn a_change_while_reading_is_seen() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        for i in 0..3 {
+            std::fs::write(t.path().join(format!("sub/f{i}")), "").unwrap();
+        }
+        let open = || DirFd::open(t.path()).unwrap();
+        let mut still = TreeWalk::new(open(), Vec::new()).unwrap();
+        names(&mut still, true);
+        assert!(!still.changed_while_read());
+        // Coarse timestamps: a change within the same tick would look like none.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut walk = TreeWalk::new(open(), Vec::new()).unwrap();
+        assert!(walk.next().is_some());
+        assert!(!walk.changed_while_read());
+        std::fs::rename(t.path().join("sub"), t.path().join("moved")).unwrap();
+        assert!(walk.changed_while_read(), "while read");
+        names(&mut walk, false);
+        assert!(walk.changed_while_read(), "once read to its end");
+    }
 
     fn names(walk: &mut TreeWalk, descend: bool) -> Vec<String> {
         let mut seen = Vec::new();
