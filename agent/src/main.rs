@@ -307,16 +307,17 @@ struct Env {
 }
 
 /// Everything the agent creates (state dir, logs, records, file-store blobs) is private
-/// unless `private_files = false`, and never writable by its group or others whatever the
-/// umask it was started with: under a scheduler's 000, each directory the agent made was
-/// 0777 until its chmod, and a job's user renamed a tree of its own in there (an attempt
-/// dir holding `stdout.log -> /etc/ld.so.preload`, which root then appended to). Returns
-/// the umask the agent started with, for the job.
+/// unless `private_files = false`, and never writable by others whatever the umask it was
+/// started with: under a scheduler's 000, each directory the agent made was 0777 until its
+/// chmod, and a job's user renamed a tree of its own in there (an attempt dir holding
+/// `stdout.log -> /etc/ld.so.preload`, which root then appended to). Its group keeps what
+/// the umask gives it (agents of one group sharing a file store). Returns the umask the
+/// agent started with, for the job.
 fn private_umask(private: bool) -> u32 {
     use nix::sys::stat::{umask, Mode};
     let before = umask(Mode::from_bits_truncate(0o077));
     if !private {
-        umask(before | Mode::from_bits_truncate(0o022));
+        umask(before | Mode::from_bits_truncate(0o002));
     }
     before.bits()
 }

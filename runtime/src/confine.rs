@@ -493,7 +493,8 @@ impl DirFd {
     /// second Ctrl-C) left where the file system has no `O_TMPFILE` (NFS, CIFS, FUSE). Root's
     /// and 0600 in a job's dataset directory, each crash's were there for good, and a loader
     /// opening every file it lists failed on them. Only a regular file of the agent's user
-    /// with one link, whose lock is free, is removed. How many were.
+    /// with one link, unwritten for [`ABANDONED_AFTER`] (a mount whose locks are per node:
+    /// another node's pull into a shared DEST), whose lock is free, is removed. How many were.
     pub fn remove_abandoned_temps(&self, prefix: &str) -> usize {
         let Ok(mut listing) = nix::dir::Dir::openat(self, ".", DIR_FLAGS, Mode::empty()) else {
             return 0;
@@ -516,15 +517,32 @@ impl DirFd {
             if !ours(&before) {
                 continue;
             }
+            let written = crate::display::file_time_ns(before.st_mtime, before.st_mtime_nsec);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+            if now - written < ABANDONED_AFTER.as_nanos() as i64 {
+                continue;
+            }
             let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
             let Ok(fd) = openat(self, name.as_os_str(), flags, Mode::empty()) else {
                 continue;
             };
             let file = File::from(fd);
             let same = |st: &FileStat| st.st_dev == before.st_dev && st.st_ino == before.st_ino;
-            if !nix::sys::stat::fstat(&file).is_ok_and(|st| same(&st) && ours(&st))
-                || file.try_lock().is_err()
-            {
+            if !nix::sys::stat::fstat(&file).is_ok_and(|st| same(&st) && ours(&st)) {
+                continue;
+            }
+            // The lock is asked on a write handle of that very file (its fd's link): NFS
+            // takes a flock for a POSIX lock, which a read-only fd may not hold (EBADF, and
+            // every temp file looked held).
+            let Ok(writable) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            else {
+                continue;
+            };
+            if writable.try_lock().is_err() {
                 continue;
             }
             if self.stat(&name).is_ok_and(|st| same(&st)) && self.remove_file(&name).is_ok() {
@@ -685,6 +703,10 @@ impl DirFd {
         )
     }
 }
+
+/// How long a temp file of the agent's must be unwritten before another pull takes it for
+/// abandoned ([`DirFd::remove_abandoned_temps`]).
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A directory of the workdir's that others may write was refused for a dataset: what the
 /// workdir holds (the job's `chmod -R 777` on an earlier attempt, a team's layout), there on

@@ -111,7 +111,7 @@ pub enum GcError {
         #[source]
         source: StoreError,
     },
-    #[error("no manifest was found under {path}, yet {blobs} blob(s) are stored: a `jobs/` moved, unmounted or restored in part would have every blob taken for unreferenced; nothing was deleted (if the store really lists no job, remove its blobs/ by hand)")]
+    #[error("no manifest was found under {path}, yet {blobs} blob(s) older than the grace period are stored: a `jobs/` moved, unmounted or restored in part would have every blob taken for unreferenced; nothing was deleted (put `jobs/` back; only a store that truly lists no job may have its old blobs removed by hand)")]
     NoManifests { path: PathBuf, blobs: usize },
     #[error("gc task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -259,7 +259,12 @@ pub async fn collect_garbage_seen(
     // Any blob but the empty one was stored by a job whose manifest names it, in progress
     // at least, within minutes: blobs and no manifest at all is a store missing its jobs.
     let empty = digest_of(EMPTY_SHA256).expect("a sha256");
-    let stored = listed.blobs.iter().filter(|b| b.sha256 != empty).count();
+    // Only the old ones: a store's first job stores blobs minutes before its first manifest.
+    let stored = listed
+        .blobs
+        .iter()
+        .filter(|b| b.sha256 != empty && b.modified < cutoff)
+        .count();
     if scan.read == 0 && stored > 0 {
         return Err(GcError::NoManifests {
             path: root.join("jobs"),
@@ -304,17 +309,22 @@ pub async fn collect_garbage_seen(
             // One seen "later" than now is of a clock since stepped back: seen now. So is
             // one touched or stored again since (another version).
             let first = seen
-                .first_seen(&blob.sha256, blob.version)
+                .first_seen(&blob.sha256, blob.version.1)
                 .filter(|&t| t <= now)
                 .unwrap_or(now);
             (now - first >= min_age, first)
         };
         for blob in &doomed {
             if let (false, first) = due(blob) {
-                next.note(blob.sha256, first, blob.version);
+                next.note(blob.sha256, first, blob.version.1);
             }
         }
-        let had_seen = !seen.is_empty();
+        // The last saved ledger judges only while it is recent: older than the grace period
+        // (saves failing for that long), blobs stored since would never be due.
+        let recent = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < min_age));
+        let had_seen = !seen.is_empty() && recent;
         let saved = if dry_run {
             true
         } else {
@@ -423,12 +433,13 @@ pub async fn collect_garbage_seen(
 const DELETE_CONCURRENCY: usize = 16;
 
 /// The unreferenced blobs this node's gc saw, each since when by this node's clock (Unix
-/// seconds) and in which version (inode, mtime ns): a text file, a line
-/// `<sha256 hex> <secs> <inode> <mtime ns>` each, replaced whole at each run. A blob seen in
-/// another version since (touched by a job that found it, stored again) is seen anew.
+/// seconds) and with which mtime (ns): a text file, a line `<sha256 hex> <secs> <mtime ns>`
+/// each, replaced whole at each run. A blob with another mtime since (touched by a job that
+/// found it, stored again) is seen anew. Not its inode: some file systems make those up per
+/// mount (CIFS `noserverino`, FUSE stores), and nothing would ever be deleted there.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    seen: std::collections::HashMap<Digest, (u64, (u64, i64))>,
+    seen: std::collections::HashMap<Digest, (u64, i64)>,
 }
 
 impl Ledger {
@@ -443,16 +454,18 @@ impl Ledger {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Ledger::default();
         };
-        // A line of an older agent's (no version) is nothing seen: its blob is seen anew.
+        // A line of an older agent's (no mtime) is nothing seen: its blob is seen anew.
         let seen = text
             .lines()
             .filter_map(|l| {
                 let mut fields = l.split(' ');
                 let sha = digest_of(fields.next()?)?;
                 let secs = fields.next()?.parse().ok()?;
-                let ino = fields.next()?.parse().ok()?;
                 let mtime = fields.next()?.parse().ok()?;
-                Some((sha, (secs, (ino, mtime))))
+                if fields.next().is_some() {
+                    return None;
+                }
+                Some((sha, (secs, mtime)))
             })
             .collect();
         Ledger { seen }
@@ -462,23 +475,23 @@ impl Ledger {
         self.seen.is_empty()
     }
 
-    /// Since when the blob was seen unreferenced in `version`.
-    fn first_seen(&self, sha: &Digest, version: (u64, i64)) -> Option<u64> {
+    /// Since when the blob was seen unreferenced with `mtime`.
+    fn first_seen(&self, sha: &Digest, mtime: i64) -> Option<u64> {
         self.seen
             .get(sha)
-            .filter(|(_, v)| *v == version)
+            .filter(|(_, m)| *m == mtime)
             .map(|(secs, _)| *secs)
     }
 
-    fn note(&mut self, sha: Digest, since: u64, version: (u64, i64)) {
-        self.seen.insert(sha, (since, version));
+    fn note(&mut self, sha: Digest, since: u64, mtime: i64) {
+        self.seen.insert(sha, (since, mtime));
     }
 
     fn save(&self, path: &Path) -> Result<(), crate::statedir::StateError> {
         use std::fmt::Write;
-        let mut text = String::with_capacity(self.seen.len() * 110);
-        for (sha, (secs, (ino, mtime))) in &self.seen {
-            let _ = writeln!(text, "{} {secs} {ino} {mtime}", hex::encode(sha));
+        let mut text = String::with_capacity(self.seen.len() * 100);
+        for (sha, (secs, mtime)) in &self.seen {
+            let _ = writeln!(text, "{} {secs} {mtime}", hex::encode(sha));
         }
         crate::statedir::write_atomic_private(path, text.as_bytes())
     }
@@ -1328,11 +1341,7 @@ mod tests {
         let st = std::fs::metadata(f.blob_path(&again)).unwrap();
         let version = {
             use std::os::unix::fs::MetadataExt;
-            format!(
-                "{} {}",
-                st.ino(),
-                st.mtime() * 1_000_000_000 + st.mtime_nsec()
-            )
+            format!("{}", st.mtime() * 1_000_000_000 + st.mtime_nsec())
         };
         let future = format!("{again} {} {version}\n", Ledger::now() + 10 * day.as_secs());
         std::fs::write(&ledger, future).unwrap();
@@ -1347,7 +1356,7 @@ mod tests {
         let touched = gc(false).await.unwrap();
         assert_eq!((touched.deleted, touched.awaiting_second_look), (0, 1));
         assert!(f.exists(&again));
-        // A line of an older agent's (no version) is nothing seen.
+        // A line of an older agent's (no mtime) is nothing seen.
         std::fs::write(
             &ledger,
             format!("{again} {}\n", Ledger::now() - 2 * day.as_secs()),
@@ -1627,6 +1636,13 @@ mod tests {
     #[tokio::test]
     async fn blobs_without_any_manifest_are_not_taken_for_garbage() {
         let f = Fixture::new().await;
+        // A store's first job, minutes before its first manifest: fine, nothing to delete.
+        let young = f.blob(b"young", Duration::from_secs(60)).await;
+        let report = collect_garbage(&f.store, DEFAULT_GRACE, false)
+            .await
+            .unwrap();
+        assert_eq!((report.deleted, report.kept_young), (0, 1));
+        assert!(f.exists(&young));
         let old = f.blob(b"old", 10 * DAY).await;
         let e = collect_garbage(&f.store, DEFAULT_GRACE, false)
             .await

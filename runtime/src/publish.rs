@@ -121,6 +121,7 @@ pub struct Parts<'a> {
 }
 
 pub async fn serve(parts: &Parts<'_>, book: &mut SyncBook, request: SocketRequest) -> SocketReply {
+    let before = book.generation();
     let reply = match request {
         SocketRequest::Publish { paths } => publish(parts, book, paths).await,
         SocketRequest::WaitAll => wait_all(parts, book).await,
@@ -129,7 +130,8 @@ pub async fn serve(parts: &Parts<'_>, book: &mut SyncBook, request: SocketReques
     // first: listed now, not at the job's end. With live sync off nothing else writes an
     // in-progress manifest, and a job that retried its failing barrier every few minutes had
     // hours of stored checkpoints in no manifest (lost with the node, then taken by `gc`).
-    if !reply.ok && !book.listed() {
+    // Only one that changed the book: a refused path writes nothing.
+    if !reply.ok && book.generation() != before && !book.listed() {
         if let Err(e) = parts.manifest.in_progress(book).await {
             tracing::warn!(error = %crate::error_chain(&e), "cannot write the in-progress manifest after a failed publish request");
         }

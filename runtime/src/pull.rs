@@ -1817,10 +1817,17 @@ mod tests {
         let dest = dir.path().join("dest");
         std::fs::create_dir_all(dest.join("sub")).unwrap();
         let sub = DirFd::open(&dest.join("sub")).unwrap();
+        // All written an hour ago: what keeps two of them is their lock and their links.
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
         let (left, file) = sub.create_temp(TEMP_PREFIX).unwrap();
+        file.set_modified(hour_ago).unwrap();
         drop(file);
-        let (writing, _held) = sub.create_temp(TEMP_PREFIX).unwrap();
+        let (writing, held) = sub.create_temp(TEMP_PREFIX).unwrap();
+        held.set_modified(hour_ago).unwrap();
         let (linked, file) = sub.create_temp(TEMP_PREFIX).unwrap();
+        file.set_modified(hour_ago).unwrap();
+        drop(file);
+        let (young, file) = sub.create_temp(TEMP_PREFIX).unwrap();
         drop(file);
         std::fs::hard_link(dest.join("sub").join(&linked), dir.path().join("other")).unwrap();
         let pulled = pull_into(
@@ -1844,6 +1851,11 @@ mod tests {
             dest.join("sub").join(&linked).exists(),
             "the one with two links"
         );
+        assert!(
+            dest.join("sub").join(&young).exists(),
+            "the one written a moment ago"
+        );
+        drop(held);
     }
 
     /// A writer blocked (in write(2) on a hung NFS DEST) held a failed pull for ever: it is

@@ -384,7 +384,9 @@ impl ControlPlane {
                 // job FINALIZING at the control plane and its data held on the node.
                 let up = matches!(status, 502 | 504)
                     && self.heard_since(began.checked_sub(HEARD_WINDOW).unwrap_or(began));
-                if e.fails_a_flush() || up {
+                // A redirect counts a failed flush (`failed_again`) but is no answer about
+                // the body: the control plane never saw it, so its result stays.
+                if e.is_server_error() || up {
                     answered.store(*status, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -2621,7 +2623,10 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         let reporter = Reporter::new(Some(cp.clone()), state.clone(), "r", 1);
-        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let body = status(3, c3_proto::JobState::Failed);
+        let mut body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        body["result"] = serde_json::json!({"acc": 0.9});
+        reporter.keep_unsent("status", 3, &serde_json::to_vec(&body).unwrap());
         let entry = state.outbox_dir("r").join("000001-00000003-status.json");
         let deadline = || Instant::now() + Duration::from_secs(1);
         assert!(!flush_job_outbox(&cp, &state, "r", deadline()).await);
@@ -2634,6 +2639,9 @@ pub(crate) mod tests {
         kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
         flush_job_outbox(&cp, &state, "r", deadline()).await;
         assert!(!entry.exists() && entry.with_extension("bad").exists());
+        // The control plane never saw the body: its result was not dropped for a refusal.
+        let aside = std::fs::read_to_string(entry.with_extension("bad")).unwrap();
+        assert!(aside.contains("0.9"), "{aside}");
     }
 
     /// Refused credentials keep a report (a token renewed soon delivers it), but not for

@@ -575,14 +575,20 @@ fn mkdir_mode(dir: &Path, mode: u32, own: bool) -> Result<(), StateError> {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(err),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && !own => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            use std::os::unix::fs::MetadataExt;
             let md = std::fs::symlink_metadata(dir).map_err(err)?;
-            if md.is_dir() && agents_own(&[dir]) {
-                Ok(())
-            } else {
-                Err(err(std::io::Error::other(
-                    "exists and is not a directory of the agent's that only it may write",
-                )))
+            if !md.is_dir() || md.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(err(std::io::Error::other(
+                    "exists and is not a directory of the agent's own",
+                )));
             }
+            // Its own, with a mode another pass gave it (a Kubernetes `fsGroup`'s `g+rwxs`
+            // on a state dir's volume): made its again.
+            if md.mode() & 0o7777 != mode {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                    .map_err(err)?;
+            }
+            Ok(())
         }
         Err(e) => Err(err(e)),
     }
@@ -989,6 +995,29 @@ fn replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An attempt's dir of the agent's own that another pass gave another mode (a Kubernetes
+    /// `fsGroup`'s `g+rwxs` on the state dir's volume) is made its again; one of another
+    /// user's, or a symlink, is refused.
+    #[test]
+    fn an_attempt_dir_is_the_agents_own() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let s = StateDir::new(top.path().join("state"));
+        let dir = s.ensure_attempt_dir("j", 1).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        s.ensure_attempt_dir("j", 1).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        let elsewhere = top.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, s.attempt_dir("j", 2)).unwrap();
+        assert!(s.ensure_attempt_dir("j", 2).is_err());
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
+            assert!(s.ensure_attempt_dir("j", 1).is_err());
+        }
+    }
 
     /// A state dir another user made first (0777, theirs) is not taken over: they could read
     /// and rewrite every record in it. The agent's own is set to 0711.

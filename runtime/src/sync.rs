@@ -491,6 +491,11 @@ impl SyncBook {
         self.drop_keys(&gone);
     }
 
+    /// A count that moves with every change of the book.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Whether the last in-progress manifest written lists the book as it is now.
     pub fn listed(&self) -> bool {
         self.listed == Some(self.generation)

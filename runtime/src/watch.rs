@@ -133,10 +133,10 @@ impl Aliases {
     }
 }
 
-/// Setting watches stopped: poll from now on.
 /// The most entries one walk to set watches meets before polling takes over.
 pub const MAX_WALK_ENTRIES: u64 = 2_000_000;
 
+/// Setting watches stopped: poll from now on.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchStopped {
     #[error("more than {max} directories to watch (sync.max_watches)")]

@@ -83,8 +83,8 @@ fn state_dir_records_logs_workdir_and_store_are_private() {
     assert!(blobs >= 2, "expected the job's blobs in the store");
 }
 
-/// `private_files = false` under a scheduler's umask 000: the agent's files may be readable,
-/// never writable by others. Each directory it made was 0777 until its chmod, and a job's
+/// `private_files = false` under a scheduler's umask 000: the agent's files may be readable
+/// (and its group's to write), never writable by others. Each directory it made was 0777 until its chmod, and a job's
 /// user could rename a tree of its own into one (an attempt dir whose `stdout.log` linked to
 /// a file root then appended the job's output to). The job keeps the umask it was given.
 #[test]
@@ -129,7 +129,7 @@ fn shared_files_are_never_writable_by_others() {
         }
         seen += 1;
         let bits = mode(&p);
-        assert_eq!(bits & 0o022, 0, "{} is {bits:o}", p.display());
+        assert_eq!(bits & 0o002, 0, "{} is {bits:o}", p.display());
     }
     assert!(seen > 10, "only {seen} entries looked at");
 }
