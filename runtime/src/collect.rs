@@ -349,7 +349,7 @@ fn walk(
     };
     // The relative path's exact bytes travel with each entry: a name that is not UTF-8
     // is collected like any other (its key is a `rel_key`, its manifest entry has `path_b64`).
-    let mut tree = match TreeWalk::new(top, raw) {
+    let mut tree = match TreeWalk::tracking(top, raw) {
         Ok(t) => t,
         Err(e) => {
             out.broken(root_rel, format!("cannot read {shown}/: {e}"), &e);

@@ -508,9 +508,12 @@ impl DirFd {
             })
             .collect();
         let euid = nix::unistd::geteuid().as_raw();
+        let ours = |st: &FileStat| is_regular(st) && st.st_uid == euid && st.st_nlink == 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         let mut removed = 0;
         for name in names {
-            let ours = |st: &FileStat| is_regular(st) && st.st_uid == euid && st.st_nlink == 1;
             let Ok(before) = self.stat(&name) else {
                 continue;
             };
@@ -518,9 +521,6 @@ impl DirFd {
                 continue;
             }
             let written = crate::display::file_time_ns(before.st_mtime, before.st_mtime_nsec);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i64);
             if now - written < ABANDONED_AFTER.as_nanos() as i64 {
                 continue;
             }
@@ -742,22 +742,7 @@ pub fn aside_name(prefix: &str) -> String {
 /// system tells (true where it keeps no birth time). Timestamps are all the file system's
 /// own: a server's clock skew does not matter.
 fn unchanged_since_birth(fd: &OwnedFd) -> io::Result<bool> {
-    // SAFETY: an all-zero statx is a valid value of this plain C struct.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the path is a NUL-terminated empty string (AT_EMPTY_PATH: `fd` itself), `fd`
-    // is open for the call, and `stx` is a writable statx the kernel fills.
-    let rc = unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_BASIC_STATS | libc::STATX_BTIME,
-            &mut stx,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let stx = raw_statx(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)?;
     if stx.stx_mask & libc::STATX_BTIME == 0 {
         return Ok(true);
     }
@@ -1085,7 +1070,8 @@ fn statx_cached(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Re
 }
 
 /// `statx` from the attributes the kernel holds (`AT_STATX_DONT_SYNC`): no round trip to
-/// the file's own file system, which a job's FUSE server may never answer.
+/// the file's own file system, which a job's FUSE server may never answer. The birth time
+/// too, where the file system keeps one ([`unchanged_since_birth`]).
 fn raw_statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Result<libc::statx> {
     // SAFETY: an all-zero statx is a valid value of this plain C struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
@@ -1096,7 +1082,7 @@ fn raw_statx(dirfd: libc::c_int, path: &std::ffi::CStr, flags: i32) -> io::Resul
             dirfd,
             path.as_ptr(),
             flags | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_BASIC_STATS | libc::STATX_MNT_ID,
+            libc::STATX_BASIC_STATS | libc::STATX_MNT_ID | libc::STATX_BTIME,
             &mut stx,
         )
     };

@@ -296,9 +296,16 @@ pub async fn collect_garbage_seen(
     if let Some(path) = ledger {
         let min_age = grace.max(BLOB_MIN_AGE).as_secs();
         let (path, now) = (path.to_path_buf(), Ledger::now());
-        let seen = tokio::task::spawn_blocking({
+        // With its age: the last saved ledger judges only while it is recent (older than the
+        // grace period, saves failing for that long, blobs stored since would never be due).
+        let (seen, recent) = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || Ledger::load(&path)
+            move || {
+                let recent = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < min_age));
+                (Ledger::load(&path), recent)
+            }
         })
         .await
         .unwrap_or_default();
@@ -319,11 +326,6 @@ pub async fn collect_garbage_seen(
                 next.note(blob.sha256, first, blob.version.1);
             }
         }
-        // The last saved ledger judges only while it is recent: older than the grace period
-        // (saves failing for that long), blobs stored since would never be due.
-        let recent = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < min_age));
         let had_seen = !seen.is_empty() && recent;
         let saved = if dry_run {
             true

@@ -59,8 +59,16 @@ struct Level {
     rel: Vec<u8>,
     /// Its file system keeps attributes that are the files' own ([`DirFd::stat_on`]).
     local: bool,
-    /// Its change times as it was opened ([`TreeWalk::changed_while_read`]).
+    /// Its change times as it was opened, where the walk tracks them
+    /// ([`TreeWalk::changed_while_read`]); `None` where they could not be read.
     opened: Option<(i64, i64, i64, i64)>,
+}
+
+impl Level {
+    /// Whether it changed since it was opened (one whose times cannot be read: as changed).
+    fn changed(&self) -> bool {
+        self.opened.is_none() || changes(&self.dir) != self.opened
+    }
 }
 
 /// A directory's mtime and ctime (s, ns each): what an entry made, removed or renamed in it
@@ -74,6 +82,9 @@ fn changes(dir: &DirFd) -> Option<(i64, i64, i64, i64)> {
 /// [`TreeWalk::enter`] makes the directory just opened the one read next.
 pub struct TreeWalk {
     levels: Vec<Level>,
+    /// Each directory's change times are taken as it is opened and read again as it ends
+    /// ([`TreeWalk::tracking`]): only a walk that asks pays the two stats a directory.
+    track: bool,
     /// A directory read to its end had changed since it was opened.
     changed: bool,
 }
@@ -82,8 +93,18 @@ impl TreeWalk {
     /// Starts at `dir`, whose path from the walk's start (used as the prefix of every `rel`)
     /// is `rel`.
     pub fn new(dir: DirFd, rel: Vec<u8>) -> io::Result<TreeWalk> {
+        TreeWalk::start(dir, rel, false)
+    }
+
+    /// [`TreeWalk::new`], telling [`TreeWalk::changed_while_read`].
+    pub fn tracking(dir: DirFd, rel: Vec<u8>) -> io::Result<TreeWalk> {
+        TreeWalk::start(dir, rel, true)
+    }
+
+    fn start(dir: DirFd, rel: Vec<u8>, track: bool) -> io::Result<TreeWalk> {
         let mut walk = TreeWalk {
             levels: Vec::new(),
+            track,
             changed: false,
         };
         walk.enter(dir, rel)?;
@@ -100,7 +121,7 @@ impl TreeWalk {
         )?
         .into_iter();
         let local = crate::confine::attributes_are_local(&dir);
-        let opened = changes(&dir);
+        let opened = if self.track { changes(&dir) } else { None };
         self.levels.push(Level {
             dir: Arc::new(dir),
             names,
@@ -115,19 +136,15 @@ impl TreeWalk {
     /// renamed in it; one that cannot be looked at again counts as changed): a walk that met
     /// more entries than it may is then one another process kept going (readdir returns
     /// entries renamed meanwhile again), not a tree that large.
+    /// Only for a walk made with [`TreeWalk::tracking`].
     pub fn changed_while_read(&self) -> bool {
-        self.changed
-            || self
-                .levels
-                .iter()
-                .any(|l| l.opened.is_none() || changes(&l.dir) != l.opened)
+        debug_assert!(self.track, "a walk that does not track changes");
+        self.changed || self.levels.iter().any(Level::changed)
     }
 
     fn finished(&mut self) -> Option<Level> {
         let level = self.levels.pop()?;
-        if level.opened.is_none() || changes(&level.dir) != level.opened {
-            self.changed = true;
-        }
+        self.changed |= self.track && level.changed();
         Some(level)
     }
 
@@ -190,12 +207,12 @@ mod tests {
             std::fs::write(t.path().join(format!("sub/f{i}")), "").unwrap();
         }
         let open = || DirFd::open(t.path()).unwrap();
-        let mut still = TreeWalk::new(open(), Vec::new()).unwrap();
+        let mut still = TreeWalk::tracking(open(), Vec::new()).unwrap();
         names(&mut still, true);
         assert!(!still.changed_while_read());
         // Coarse timestamps: a change within the same tick would look like none.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let mut walk = TreeWalk::new(open(), Vec::new()).unwrap();
+        let mut walk = TreeWalk::tracking(open(), Vec::new()).unwrap();
         assert!(walk.next().is_some());
         assert!(!walk.changed_while_read());
         std::fs::rename(t.path().join("sub"), t.path().join("moved")).unwrap();
