@@ -190,9 +190,10 @@ fn attempts(ctx: &AgentContext, job_id: &str) -> Vec<Attempt> {
                 // first): still an attempt this node ran, never hidden.
                 Err(_) => Err(set_aside_only(&e.path())?),
             };
-            let progress = std::fs::read(e.path().join("progress.json"))
-                .ok()
-                .and_then(|b| ProgressRecord::from_json(&b).ok());
+            let progress =
+                c3_runtime::statedir::read_state_file(&e.path().join("progress.json"), 1 << 20)
+                    .ok()
+                    .and_then(|b| ProgressRecord::from_json(&b).ok());
             Some(Attempt {
                 n,
                 record,
@@ -381,7 +382,7 @@ pub async fn logs(
     let n = attempt.or(local.last().map(|a| a.n));
     if let Some(n) = n {
         let path = ctx.state.log_path(job_id, n, stream);
-        if path.is_file() {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
             return local_log(ctx, job_id, n, &path, follow).await;
         }
     }
@@ -437,8 +438,8 @@ async fn local_log(
     path: &Path,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut file = c3_runtime::statedir::open_state_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 64 * 1024];
     let record = ctx.state.run_record_path(job_id, attempt);
     let mut shown = crate::out::JobBytes::for_stdout();

@@ -348,7 +348,7 @@ fn error_text(body: &[u8]) -> String {
     ] {
         text = without_element(&text, tag);
     }
-    without_token(&text)
+    without_credentials(&text)
 }
 
 /// `text` with each `<tag>…</tag>`'s content replaced by `(removed)`.
@@ -371,27 +371,70 @@ fn without_element(text: &str, tag: &str) -> String {
     out
 }
 
-/// `text` with the value after each `x-amz-security-token` (any case) replaced.
-fn without_token(text: &str) -> String {
-    const NAME: &str = "x-amz-security-token";
+/// Credentials a request carries that a reply may quote (a gateway's error page echoing the
+/// request's headers or URL): the name (any case) and whether its value runs to the end of
+/// the line or quote (an `Authorization` header's scheme, a space, then the secret) rather
+/// than to the next separator (a query parameter, a token).
+const CREDENTIALS: [(&str, bool); 6] = [
+    ("x-amz-security-token", false),
+    ("authorization", true),
+    ("x-amz-signature", false),
+    ("x-goog-signature", false),
+    // Azure's SAS signature in a URL (`…&sig=…`).
+    ("sig", false),
+    ("x-ms-copy-source-authorization", true),
+];
+
+/// `text` with the value of each credential it quotes ([`CREDENTIALS`]) replaced by
+/// `(removed)`: a store's error page (which object_store's error, the journal and the
+/// control plane's statuses quote) or a control plane's (the journal) may echo the agent's
+/// own request, its bearer token, session token or SAS signature among it.
+pub fn without_credentials(text: &str) -> String {
+    CREDENTIALS
+        .iter()
+        .fold(text.to_string(), |t, &(name, to_line_end)| {
+            without_value(&t, name, to_line_end)
+        })
+}
+
+/// `text` with the value after each `name` (any case, as a whole word followed by `:`, `=`
+/// or a tab) replaced. A name inside a word (`AuthorizationHeaderMalformed`, `signature`) or
+/// without a separator is not a quoted credential and stays.
+fn without_value(text: &str, name: &str, to_line_end: bool) -> String {
     let lower = text.to_ascii_lowercase();
     let bytes = text.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    while let Some(found) = lower[at..].find(NAME) {
-        let mut i = at + found + NAME.len();
+    while let Some(found) = lower[at..].find(name) {
+        let begin = at + found;
+        let mut i = begin + name.len();
+        if (begin > 0 && word(bytes[begin - 1])) || bytes.get(i).is_some_and(|&b| word(b)) {
+            out.push_str(&text[at..i]);
+            at = i;
+            continue;
+        }
         // A header line, a query, or a proxy's page quoting headers as JSON or a dict
         // (`"x-amz-security-token": "…"`, `'…': '…'`).
+        let mut separated = false;
         while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ' | b'\t' | b'"' | b'\'') {
+            separated |= matches!(bytes[i], b':' | b'=' | b'\t');
             i += 1;
         }
         out.push_str(&text[at..i]);
+        if !separated {
+            at = i;
+            continue;
+        }
         let mut end = i;
         while end < bytes.len()
-            && !matches!(
-                bytes[end],
-                b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"' | b'\'' | b',' | b'}'
-            )
+            && !match to_line_end {
+                true => matches!(bytes[end], b'\r' | b'\n' | b'<' | b'"' | b'\''),
+                false => matches!(
+                    bytes[end],
+                    b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"' | b'\'' | b',' | b'}'
+                ),
+            }
         {
             end += 1;
         }
@@ -486,10 +529,24 @@ mod tests {
             r#"{"x-amz-security-token":"SECRET4","host":"h"}"#,
             "x-amz-security-token:\tSECRET5\r\nhost: h\r\n",
             "{'X-Amz-Security-Token': 'SECRET6', 'host': 'h'}",
+            // GCS's and Azure AD's bearer tokens, Azure's SAS and presigned URLs.
+            "Authorization: Bearer SECRET7\r\nhost: h\r\n",
+            r#"{"authorization": "Bearer SECRET8, more", "host": "h"}"#,
+            "GET /c/b?sv=2022&sig=SECRET9&se=1 host",
+            "<p>https://h/k?X-Goog-Signature=SECRET10&amp;host</p>",
+            "https://h/k?X-Amz-Signature=SECRET11 host",
         ] {
             let text = error_text(quoted.as_bytes());
             assert!(!text.contains("SECRET"), "{text}");
             assert!(text.contains("host"), "{text}");
+        }
+        // What only looks like one stays: S3's error codes, a word that holds a name.
+        for kept in [
+            "<Code>AuthorizationHeaderMalformed</Code>",
+            "the request signature we calculated does not match",
+            "no authorization given",
+        ] {
+            assert_eq!(error_text(kept.as_bytes()), kept);
         }
         let mut cut = vec![b'x'; MAX_ERROR_BODY - 1];
         cut.extend_from_slice("é".as_bytes());

@@ -106,15 +106,16 @@ impl ReportError {
     /// The answer counts a failed flush of a kept report ([`failed_again`]): the control
     /// plane's own server error. Not a gateway's 502 or 504 (a load balancer answers them to
     /// every report while the control plane is down), a 503, a time-out or a refused
-    /// connection: an outage behind a proxy would count, and move reports aside. A permanent
-    /// redirect (301, 308: an ingress's rule for this endpoint) counts too: never followed
-    /// and never counted, it held the report, and every later one of its job, for ever.
+    /// connection: an outage behind a proxy would count, and move reports aside. A redirect
+    /// counts too (301, 308: an ingress's rule for this endpoint; 302, 303, 307: an ALB's or
+    /// Traefik's "redirect to HTTPS", which say no less of it): never followed and never
+    /// counted, it held the report, and every later one of its job, for ever.
     fn fails_a_flush(&self) -> bool {
         self.is_server_error()
             || matches!(
                 self,
                 ReportError::Unavailable {
-                    status: 301 | 308,
+                    status: 301..=303 | 307 | 308,
                     ..
                 }
             )
@@ -274,12 +275,18 @@ impl ControlPlane {
             while let Some(chunk) = resp.chunk().await? {
                 let room = cap.saturating_sub(body.len());
                 body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                if chunk.len() > room {
+                // An error page (a gateway's HTML 502) is cut to its first lines quietly: a
+                // warning for each, every few seconds through an outage, named a limit that
+                // is not the configured one.
+                if chunk.len() > room && (200..300).contains(&status) {
                     tracing::warn!(
                         endpoint,
                         max_reply_bytes = cap,
                         "control plane reply is over the size limit; the rest is ignored"
                     );
+                    break;
+                }
+                if chunk.len() > room {
                     break;
                 }
             }
@@ -321,7 +328,10 @@ impl ControlPlane {
             400..=499 if !matches!(status, 408 | 429) => Err(ReportError::Rejected {
                 endpoint: endpoint.into(),
                 status,
-                body: String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned(),
+                // Logged: a gateway that echoes the request would quote the node's token.
+                body: crate::httpcap::without_credentials(&String::from_utf8_lossy(
+                    &bytes[..bytes.len().min(300)],
+                )),
             }),
             _ => Err(ReportError::Unavailable {
                 endpoint: endpoint.into(),
@@ -2618,7 +2628,14 @@ pub(crate) mod tests {
     /// report and every later one of its job stayed for ever.
     #[tokio::test]
     async fn a_report_redirected_for_good_goes_aside_in_the_end() {
-        let (url, _) = serve_recorded(Duration::ZERO, |_, _| ("308 Permanent Redirect", "")).await;
+        // An ALB's "redirect to HTTPS" says 302 for ever as well.
+        for redirect in ["308 Permanent Redirect", "302 Found"] {
+            a_report_redirected_goes_aside(redirect).await;
+        }
+    }
+
+    async fn a_report_redirected_goes_aside(redirect: &'static str) {
+        let (url, _) = serve_recorded(Duration::ZERO, move |_, _| (redirect, "")).await;
         let cp = control_plane(url);
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
@@ -2633,7 +2650,7 @@ pub(crate) mod tests {
         assert_eq!(
             std::fs::read_to_string(entry.with_extension(TRIES)).unwrap(),
             "1",
-            "a permanent redirect counts"
+            "{redirect} counts"
         );
         write_atomic(&entry.with_extension(TRIES), b"30").unwrap();
         kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);

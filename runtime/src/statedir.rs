@@ -267,7 +267,7 @@ impl StateDir {
         self.ensure_root()?;
         let _held = lock_patiently(&self.root.join("start.order.lock"))?;
         let path = self.root.join("start.order");
-        let last = match read_no_follow(&path) {
+        let last = match read_state_file(&path, 4096) {
             Ok(bytes) => std::str::from_utf8(&bytes)
                 .ok()
                 .and_then(|text| text.trim().parse::<u64>().ok()),
@@ -351,7 +351,7 @@ impl StateDir {
     }
 
     pub fn read_record(&self, path: &Path) -> Result<RunRecord, StateError> {
-        let bytes = std::fs::read(path).map_err(|source| StateError::Read {
+        let bytes = read_state_file(path, MAX_RECORD_BYTES).map_err(|source| StateError::Read {
             path: path.into(),
             source,
         })?;
@@ -836,11 +836,15 @@ impl AttemptLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "unknown".into());
+                let mut holder = String::new();
+                let holder = std::io::Read::read_to_string(
+                    &mut std::io::Read::take(&mut file, 4096),
+                    &mut holder,
+                )
+                .ok()
+                .map(|_| holder.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "unknown".into());
                 return Err(LockError::Held {
                     job_id: job_id.into(),
                     attempt,
@@ -946,17 +950,43 @@ fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// The bytes of the file at `path`, not through a symlink.
-fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+/// The most a run record may hold: its spec (at most 1 MiB) and the first 100 unstored paths,
+/// with room to spare; anything larger is not one.
+pub const MAX_RECORD_BYTES: u64 = 64 << 20;
+
+/// The bytes of the state file at `path`, at most `cap` of them: never through a symlink, and
+/// only a regular file's. An operator's `status` or `logs` as root reads the state dir of a
+/// user-mode agent (a Slurm user's), which that user laid out: a FIFO there hung the command,
+/// a link to `/dev/zero` grew it until the OOM killer came.
+pub fn read_state_file(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+    let file = open_state_file(path)?;
     let mut bytes = Vec::new();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?
-        .read_to_end(&mut bytes)?;
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {cap} bytes: not a state file of the agent's"),
+        ));
+    }
     Ok(bytes)
+}
+
+/// The state file at `path`, opened to read: not through a symlink, without waiting for a
+/// FIFO's writer, and only a regular file.
+pub fn open_state_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }
 
 /// [`write_atomic`] without the fsyncs, for records that are only hints after a host crash
@@ -1104,6 +1134,39 @@ mod tests {
             Err(LockError::Held { .. })
         ));
         drop(held);
+    }
+
+    /// A state dir another user laid out (a user-mode agent's, which root's `status` reads):
+    /// a FIFO in a record's place is refused at once, not waited on; a symlink is not
+    /// followed; a file past the cap is not read whole.
+    #[test]
+    fn a_state_file_is_a_small_regular_file_never_a_fifo_or_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let begun = std::time::Instant::now();
+        assert!(s.read_record(&fifo).is_err());
+        assert!(begun.elapsed() < std::time::Duration::from_secs(5));
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        let link = dir.path().join("stdout.log");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(open_state_file(&link).is_err());
+        assert!(read_state_file(&link, 100).is_err());
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; 101]).unwrap();
+        assert_eq!(
+            read_state_file(&big, 100).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        assert_eq!(read_state_file(&big, 101).unwrap().len(), 101);
+        assert_eq!(
+            read_state_file(Path::new("/dev/zero"), 100)
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::InvalidInput
+        );
     }
 
     fn blocks_held(path: &Path) -> u64 {
