@@ -429,12 +429,17 @@ async fn watch_attempt(
                     return later("its manifest key in the store holds another job's or attempt's manifest".into());
                 }
                 // Over a readable record the watch goes on without it (a store blip must not
-                // keep a restarted sidecar from its final sync: the pod's files go with it).
+                // keep a restarted sidecar from its final sync: the pod's files go with it),
+                // writing no manifest over the earlier sidecar's unless the final scan sees
+                // all of the output: an in-progress one from what this watch alone stored
+                // replaced it, and gc took what only that one listed.
                 Some(Ok(Err(e))) if set_aside.is_none() => {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest in the store; watching on from what the scan finds");
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot read the attempt's manifest in the store; watching on from what the scan finds (its manifest replaced only if the final scan sees all of the output)");
+                    run.earlier_listing_unknown();
                 }
                 Some(Err(_)) | None if set_aside.is_none() => {
-                    tracing::warn!("the attempt's manifest in the store was not read in time; watching on from what the scan finds");
+                    tracing::warn!("the attempt's manifest in the store was not read in time; watching on from what the scan finds (its manifest replaced only if the final scan sees all of the output)");
+                    run.earlier_listing_unknown();
                 }
                 Some(Ok(Err(e))) => {
                     return later(format!(

@@ -117,6 +117,8 @@ enum Fault {
     ManifestGetDenied,
     /// Every GET of a manifest: 404 with no body (a proxy's or load balancer's own).
     ManifestGetBareNotFound,
+    /// Every GET of a manifest: 503 (a store's blip, past the retry deadline).
+    ManifestGetUnavailable,
     /// The first PUT of each blob is stored, and answered 500 (its answer lost);
     /// objects stored under it are last modified when they were put (others at [`DATE`]).
     AppliedThen500Once,
@@ -581,6 +583,11 @@ async fn handle(
         ),
         Method::GET if fault == Fault::ManifestGetDenied && key.ends_with("/manifest.json") => {
             s3_error(StatusCode::FORBIDDEN, "AccessDenied")
+        }
+        Method::GET
+            if fault == Fault::ManifestGetUnavailable && key.ends_with("/manifest.json") =>
+        {
+            s3_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
         }
         Method::GET
             if fault == Fault::ManifestGetBareNotFound && key.ends_with("/manifest.json") =>
@@ -1874,9 +1881,16 @@ fn recover_never_replaces_a_manifest_it_cannot_read_with_less() {
 /// book is empty: the in-progress manifests it wrote listed only what it stored since, over
 /// the listing of `out/f` (a second death with the pod's files gone left a recover nothing
 /// to list `out/f` by). None is written until the final scan sees all of the output; the
-/// seal then lists both files.
+/// seal then lists both files. So too when the store fails the read past its retries (a
+/// 503 blip), where the watch went on with an empty book and wrote over it.
 #[test]
 fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_watches() {
+    for fault in [Fault::ManifestGetDenied, Fault::ManifestGetUnavailable] {
+        earlier_manifest_unread(fault);
+    }
+}
+
+fn earlier_manifest_unread(fault: Fault) {
     let s3 = FakeS3::start(Fault::None);
     let mut h = s3.harness();
     h.extra_toml
@@ -1905,7 +1919,7 @@ fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_
     });
     crate::support::signal(first.id(), "KILL");
     let _ = h.wait("killed watch".into(), first);
-    s3.set_fault(Fault::ManifestGetDenied);
+    s3.set_fault(fault);
     let second = h.spawn(&args);
     std::fs::write(out.join("g"), b"stored by the second watch").unwrap();
     wait_for("live sync to store out/g", Duration::from_secs(30), || {
@@ -1917,7 +1931,7 @@ fn a_sidecar_that_cannot_read_its_earlier_manifest_writes_none_over_it_while_it_
         assert_eq!(
             now.as_deref(),
             Some(&listed[..]),
-            "an in-progress manifest was written over the one the watch could not read"
+            "{fault:?}: an in-progress manifest was written over the one the watch could not read"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
