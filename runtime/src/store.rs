@@ -481,7 +481,11 @@ const CLOCK_SKEW: &[&str] = &[
 
 /// S3 error codes that say the bytes the store got are not the bytes sent (their checksum
 /// does not match): corruption on the way, which a resend cures, or a store that mishandles
-/// the checksum, which no resend does. So a few tries, then permanent.
+/// the checksum, which no resend does. So a few tries, then permanent, unless a resend has
+/// cured one since the agent started ([`Retry::corruption_cured`]): then the path corrupts
+/// at random (a middlebox mangling 1 body in 5 made 0.8% of operations fail for good after
+/// three unlucky tries, a 1,000-part checkpoint UPLOAD_ERROR), and it is retried to the
+/// deadline as any fault is.
 const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDigest</Code>"];
 const CORRUPT_TRIES: u32 = 3;
 
@@ -857,6 +861,9 @@ struct Retry {
     /// Written by each try of every operation (a failure booked, an answer) and by the final
     /// sync's start; read before each try, to bound it or refuse it.
     state: std::sync::Mutex<RetryState>,
+    /// An operation's resend after the store said its bytes came corrupted succeeded: the
+    /// store checks checksums right, and corruption on the way is a fault like any other.
+    corruption_cured: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -1012,6 +1019,7 @@ impl Retry {
         Arc::new(Retry {
             deadline,
             state: Default::default(),
+            corruption_cured: Default::default(),
         })
     }
 
@@ -1848,11 +1856,26 @@ impl BlobStore {
                 Ok(v) => {
                     let shows = ends(&v, failure.is_some());
                     self.retry.answered_as(write, shows, booked);
+                    if corrupt > 0 {
+                        self.retry
+                            .corruption_cured
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return Ok(v);
                 }
-                Err(e) if e.corrupt_in_transit() && corrupt + 1 < CORRUPT_TRIES => {
+                Err(e)
+                    if e.corrupt_in_transit()
+                        && (corrupt + 1 < CORRUPT_TRIES
+                            || self
+                                .retry
+                                .corruption_cured
+                                .load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
                     corrupt += 1;
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(e);
+                    }
                     tracing::warn!(error = %crate::error_chain(&e), tries = corrupt, "the store got other bytes than were sent; sending again");
                     tokio::time::sleep(wait).await;
                 }

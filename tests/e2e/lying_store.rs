@@ -31,6 +31,9 @@ enum Fault {
     BadDigestOnce,
     /// Every PUT of a blob: 400 BadDigest (a store that mishandles the checksum).
     BadDigestAlways,
+    /// The first PUT of a one-byte blob and the first three of any other: 400 BadDigest (a
+    /// middlebox corrupting bodies at random).
+    BadDigestAtRandom,
     /// Every HEAD: 403.
     HeadDenied,
     /// Every GET response breaks off after at most 256 KiB.
@@ -479,9 +482,13 @@ async fn handle(
             if key.contains("/blobs/sha256/") && seen == 1 && fault == Fault::BareNotFoundOnce {
                 return reply(StatusCode::NOT_FOUND, &[], Body::empty());
             }
-            if is_blob
-                && (fault == Fault::BadDigestAlways || seen == 1 && fault == Fault::BadDigestOnce)
-            {
+            let corrupted = match fault {
+                Fault::BadDigestAlways => true,
+                Fault::BadDigestOnce => seen == 1,
+                Fault::BadDigestAtRandom => seen <= if body.len() == 1 { 1 } else { 3 },
+                _ => false,
+            };
+            if is_blob && corrupted {
                 return s3_error(StatusCode::BAD_REQUEST, "BadDigest");
             }
             if fault == Fault::ManifestPutDenied && key.ends_with("/manifest.json") {
@@ -970,6 +977,23 @@ fn a_bad_digest_is_sent_again_a_few_times() {
         .assert_code(3);
     let puts = s3.state.lock().unwrap().seen_puts.values().copied().max();
     assert_eq!(puts, Some(3), "three tries of the blob");
+}
+
+/// Once a resend has cured a corrupted body, corruption is a fault of the way, not the
+/// store's: a blob whose body came corrupted three times in a row is sent a fourth time (it
+/// was UPLOAD_ERROR after the third).
+#[test]
+fn corruption_a_resend_cured_is_retried_past_a_few_tries() {
+    let s3 = FakeS3::start(Fault::BadDigestAtRandom);
+    let h = s3.harness();
+    let spec = json!({"job_id": "mangled", "command": ["sh", "-c",
+        "printf 1 > $C3_ARTIFACTS_DIR/one; sleep 2; printf 'unlucky bytes' > $C3_ARTIFACTS_DIR/two"]});
+    h.run_job(spec).assert_code(0);
+    assert_eq!(s3.blob(b"1").as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        s3.blob(b"unlucky bytes").as_deref(),
+        Some(&b"unlucky bytes"[..])
+    );
 }
 
 /// A store that refuses the node's clock for good is an outage that outlasts its deadline:
