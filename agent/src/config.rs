@@ -608,12 +608,16 @@ pub fn resolve(
     };
     let store_url = match file.store.url {
         Some(u) => u,
-        None => format!(
-            "file://{}",
-            c3_runtime::statedir::StateDir::new(&state_dir)
-                .default_store_dir()
-                .display()
-        ),
+        // Percent-encoded: a state dir named `/scratch/team#1/c3` made `file:///scratch/team#1/c3/store`,
+        // whose `#` began a fragment, and the store went to `/scratch/team`.
+        None => {
+            let dir = c3_runtime::statedir::StateDir::new(&state_dir).default_store_dir();
+            match url::Url::from_directory_path(&dir) {
+                Ok(u) => u.as_str().trim_end_matches('/').to_string(),
+                // A relative state dir, refused above.
+                Err(()) => format!("file://{}", dir.display()),
+            }
+        }
     };
     if let Err(e) = url::Url::parse(&store_url) {
         // Not echoed: it may hold a credential (`user:pass@`), and it does not parse.
@@ -1514,6 +1518,14 @@ mod tests {
         assert_eq!(c.store.url, "file:///s/store");
         assert!(c.control_plane.is_none());
         assert_eq!(c.kill_grace, Duration::from_secs(10));
+        // A `#` or `?` in the state dir's path is the path's, not a fragment or a query
+        // that cut the store's path short (`/scratch/team`).
+        let c = resolve(None, "", &env_of(&[]), PathBuf::from("/scratch/team#1 ?x")).unwrap();
+        let url = url::Url::parse(&c.store.url).unwrap();
+        assert_eq!(
+            url.to_file_path().unwrap(),
+            Path::new("/scratch/team#1 ?x/store")
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ fn is_secret_option(key: &str) -> bool {
         .iter()
         .any(|w| key.contains(w))
         || (key.ends_with("_key") && !key.ends_with("_key_id"))
+        // S3's SSE-C key (`aws_sse_customer_key_base64`): the key the data is encrypted with.
+        || key.contains("customer_key")
 }
 
 /// Store options (and, upper-cased, the variables object_store reads them from) whose values
@@ -423,6 +425,7 @@ mod tests {
             "azure_storage_sas_key",
             "google_service_account_key",
             "azure_client_secret",
+            "aws_sse_customer_key_base64",
         ] {
             assert!(is_secret_option(k), "{k}");
         }

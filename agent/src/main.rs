@@ -284,7 +284,7 @@ async fn dispatch(command: Command, config: config::Config, job_umask: u32) -> E
             older_than,
             dry_run,
         } => {
-            let ctx = match context(&env) {
+            let ctx = match context_without_reports(&env) {
                 Ok(c) => c,
                 Err(e) => return usage(&e),
             };
@@ -384,17 +384,29 @@ fn checked(env: &Env, job_id: &str) -> Result<AgentContext, ExitCode> {
 
 /// Builds the engine's context; `Err` is a usage/config problem (exit 2).
 fn context(env: &Env) -> Result<AgentContext, String> {
-    context_with(env, env.config.store.clone())
+    context_with(env, env.config.store.clone(), true)
 }
 
-/// [`context`] for a command that only reads the store.
+/// [`context`] for a command that only reads the store (`ls`, `pull`, `logs`, `status`).
 fn context_to_read(env: &Env) -> Result<AgentContext, String> {
     let mut store = env.config.store.clone();
     store.reads_only = true;
-    context_with(env, store)
+    context_with(env, store, false)
 }
 
-fn context_with(env: &Env, store: c3_runtime::store::StoreConfig) -> Result<AgentContext, String> {
+/// [`context`] for a command that never talks to the control plane (`gc`).
+fn context_without_reports(env: &Env) -> Result<AgentContext, String> {
+    context_with(env, env.config.store.clone(), false)
+}
+
+/// `reports`: whether the command talks to the control plane, whose token file is read only
+/// then: an operator's `status` (or a user's `pull`) refused because the unit's credential
+/// (`/run/credentials/c3-agent@JOB.service/c3-token`) is not there outside the unit.
+fn context_with(
+    env: &Env,
+    store: c3_runtime::store::StoreConfig,
+    reports: bool,
+) -> Result<AgentContext, String> {
     let config = &env.config;
     let store = BlobStore::open(&store).map_err(|e| match e {
         StoreError::BadUrl { .. } | StoreError::BadOption { .. } | StoreError::Build { .. } => {
@@ -404,6 +416,7 @@ fn context_with(env: &Env, store: c3_runtime::store::StoreConfig) -> Result<Agen
     })?;
     let (control_plane, token) = match &config.control_plane {
         None => (None, None),
+        Some(_) if !reports => (None, None),
         Some(settings) => {
             let (cp, token) = settings.resolve().map_err(|p| format!("config: {p}"))?;
             (Some(ControlPlane::new(cp)), token)

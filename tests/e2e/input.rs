@@ -239,10 +239,26 @@ fn missing_token_file_is_a_config_error() {
     std::fs::remove_file(h.path("token")).unwrap();
     let run = h
         .command(&["run", "--", "true"])
-        .env("C3_AGENT_CONFIG", config)
+        .env("C3_AGENT_CONFIG", &config)
         .env("C3_AGENT_TOKEN_FILE", h.path("nope"))
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("token_file"));
+    // Only the commands that report read it: an operator's `status` or `gc` in a shell has
+    // no unit credential to read, and a user's `pull` no root-only token.
+    for cmd in [&["status"][..], &["gc", "--dry-run"], &["ls", "some-job"]] {
+        let run = h
+            .command(cmd)
+            .env("C3_AGENT_CONFIG", &config)
+            .env("C3_AGENT_TOKEN_FILE", h.path("nope"))
+            .output()
+            .unwrap();
+        assert_ne!(
+            run.status.code(),
+            Some(2),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
 }
