@@ -50,8 +50,8 @@ impl Left {
     }
 }
 
-/// The hard limits of `uid` and of `gid` on the file system of `dir` that are set, with what
-/// each still allows. None set, quotas off, a file system without them (tmpfs, NFS, FUSE) or
+/// The limits of `uid` and of `gid` on the file system of `dir` that are set, with what each
+/// still allows (a soft limit's grace over: nothing). None set, quotas off, a file system without them (tmpfs, NFS, FUSE) or
 /// a kernel that will not say: nothing, as if there were no quota (the free space is still
 /// looked at).
 pub fn left(dir: &impl AsFd, uid: u32, gid: u32) -> Vec<Left> {
@@ -59,6 +59,9 @@ pub fn left(dir: &impl AsFd, uid: u32, gid: u32) -> Vec<Left> {
     if let Some(fake) = FAKE.with(|f| f.borrow().clone()) {
         return fake;
     }
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     [
         (libc::USRQUOTA, Whose::User(uid)),
         (libc::GRPQUOTA, Whose::Group(gid)),
@@ -68,7 +71,7 @@ pub fn left(dir: &impl AsFd, uid: u32, gid: u32) -> Vec<Left> {
         let id = match whose {
             Whose::User(id) | Whose::Group(id) => id,
         };
-        get(dir.as_fd(), kind, id).and_then(|q| left_of(whose, &q))
+        get(dir.as_fd(), kind, id).and_then(|q| left_of(whose, &q, now_secs))
     })
     .collect()
 }
@@ -87,17 +90,38 @@ const QIF_SPACE: u32 = 2;
 const QIF_ILIMITS: u32 = 4;
 const QIF_INODES: u32 = 8;
 
-/// What a record's hard limits leave (the soft ones are the user's warning, not a wall);
-/// None where it sets neither.
-fn left_of(whose: Whose, q: &libc::dqblk) -> Option<Left> {
+const QIF_BTIME: u32 = 16;
+const QIF_ITIME: u32 = 32;
+
+/// What a record's hard limits leave; None where it sets neither. A soft limit is the
+/// user's warning until its grace period is over, and then a wall as the hard one is (the
+/// kernel's `check_bdq`: usage past it and its grace time passed refuses every new block):
+/// nothing is left then.
+fn left_of(whose: Whose, q: &libc::dqblk, now_secs: u64) -> Option<Left> {
     let has = |bits: u32| q.dqb_valid & bits == bits;
-    let bytes = (has(QIF_BLIMITS | QIF_SPACE) && q.dqb_bhardlimit != 0).then(|| {
-        q.dqb_bhardlimit
-            .saturating_mul(QUOTA_BLOCK)
-            .saturating_sub(q.dqb_curspace)
-    });
-    let inodes = (has(QIF_ILIMITS | QIF_INODES) && q.dqb_ihardlimit != 0)
-        .then(|| q.dqb_ihardlimit.saturating_sub(q.dqb_curinodes));
+    let graced_out = |over: bool, time: u64| over && time != 0 && now_secs >= time;
+    let bytes_out = has(QIF_BLIMITS | QIF_SPACE | QIF_BTIME)
+        && q.dqb_bsoftlimit != 0
+        && graced_out(
+            q.dqb_curspace > q.dqb_bsoftlimit.saturating_mul(QUOTA_BLOCK),
+            q.dqb_btime,
+        );
+    let inodes_out = has(QIF_ILIMITS | QIF_INODES | QIF_ITIME)
+        && q.dqb_isoftlimit != 0
+        && graced_out(q.dqb_curinodes > q.dqb_isoftlimit, q.dqb_itime);
+    let bytes = match bytes_out {
+        true => Some(0),
+        false => (has(QIF_BLIMITS | QIF_SPACE) && q.dqb_bhardlimit != 0).then(|| {
+            q.dqb_bhardlimit
+                .saturating_mul(QUOTA_BLOCK)
+                .saturating_sub(q.dqb_curspace)
+        }),
+    };
+    let inodes = match inodes_out {
+        true => Some(0),
+        false => (has(QIF_ILIMITS | QIF_INODES) && q.dqb_ihardlimit != 0)
+            .then(|| q.dqb_ihardlimit.saturating_sub(q.dqb_curinodes)),
+    };
     (bytes.is_some() || inodes.is_some()).then(|| Left {
         whose,
         bytes: bytes.unwrap_or(u64::MAX),
@@ -213,17 +237,39 @@ pub(crate) mod tests {
     #[test]
     fn hard_limits_are_what_is_left() {
         let me = Whose::User(7);
-        assert_eq!(left_of(me, &record(0, 5, 0, 5)), None, "no hard limit");
+        assert_eq!(left_of(me, &record(0, 5, 0, 5), 100), None, "no hard limit");
         assert_eq!(
-            left_of(me, &record(10, 4096, 0, 3)),
+            left_of(me, &record(10, 4096, 0, 3), 100),
             Some(Left {
                 whose: me,
                 bytes: 10 * 1024 - 4096,
                 inodes: u64::MAX
             })
         );
-        let over = left_of(me, &record(1, 1 << 20, 5, 9)).unwrap();
+        let over = left_of(me, &record(1, 1 << 20, 5, 9), 100).unwrap();
         assert_eq!((over.bytes, over.inodes), (0, 0), "past its limits: none");
+    }
+
+    /// A soft limit past its grace time is a wall: 15 GiB used of a 10 GiB soft and 20 GiB
+    /// hard limit left "5 GiB", and root wrote a 5 GiB dataset the user could not have.
+    #[test]
+    fn a_soft_limit_past_its_grace_leaves_nothing() {
+        let me = Whose::User(7);
+        let gib = 1 << 20; // in quota blocks
+        let mut q = record(20 * gib, 15 << 30, 100, 50);
+        q.dqb_bsoftlimit = 10 * gib;
+        q.dqb_isoftlimit = 40;
+        q.dqb_btime = 1000;
+        q.dqb_itime = 1000;
+        let in_grace = left_of(me, &q, 999).unwrap();
+        assert_eq!((in_grace.bytes, in_grace.inodes), (5 << 30, 50));
+        let out = left_of(me, &q, 1000).unwrap();
+        assert_eq!((out.bytes, out.inodes), (0, 0));
+        // Under the soft limit again: its old grace time says nothing.
+        q.dqb_curspace = 9 << 30;
+        q.dqb_curinodes = 30;
+        let under = left_of(me, &q, 2000).unwrap();
+        assert_eq!((under.bytes, under.inodes), (11 << 30, 70));
     }
 
     /// A loop-mounted ext4 with kernel-enforced user quotas at `dir` (`mkfs.ext4 -O quota`:
