@@ -1178,11 +1178,37 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
             ));
             ExitCode::from(JobExit::Canceled.code())
         }
+        // The attempt's own outcome, as `run` would exit: an operator's `resync JOB && ...`
+        // took 0 for "stored and succeeded" of a SCRIPT_ERROR job, or of one another agent
+        // is still at work on.
         Ok(None) => {
-            out::summary(format!(
-                "job {job_id}: nothing left to store (or another agent is at work on it)"
-            ));
-            ExitCode::SUCCESS
+            let latest = attempt.or_else(|| {
+                ctx.state
+                    .attempt_numbers(job_id)
+                    .into_iter()
+                    .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
+                    .max()
+            });
+            let record = latest.and_then(|a| {
+                ctx.state
+                    .read_record(&ctx.state.run_record_path(job_id, a))
+                    .ok()
+            });
+            match record.filter(|r| r.phase == c3_proto::Phase::Done) {
+                Some(r) => {
+                    out::summary(format!(
+                        "job {job_id} attempt {}: nothing left to store; it ended {}{}",
+                        r.spec.attempt,
+                        r.state.map_or("?", |s| s.as_str()),
+                        r.reason.map(|r| format!("/{}", r.as_str())).unwrap_or_default()
+                    ));
+                    ExitCode::from(c3_runtime::outcome::recorded_exit(&r).code())
+                }
+                None => failure(
+                    &format!("job {job_id}: nothing was done: it has not finished (its agent or `recover` is at work on it, or it still runs), or its run record cannot be read (`c3-agent status {job_id}`)"),
+                    2,
+                ),
+            }
         }
         Err(e) => failure(&error_chain(&e), 1),
     }

@@ -195,6 +195,12 @@ fn resync_completes_an_upload_error_job_with_a_higher_seq() {
     again.assert_code(0);
     assert!(again.stdout.contains("nothing left"), "{}", again.stdout);
     h.run(&["resync", "no-such-job"]).assert_code(1);
+    // As `run` exits: a script's failure is not "stored and succeeded".
+    h.run_job(json!({"job_id": "failed", "command": ["sh", "-c", "exit 3"]}))
+        .assert_code(1);
+    let failed = h.run(&["resync", "failed"]);
+    failed.assert_code(1);
+    assert!(failed.stdout.contains("SCRIPT_ERROR"), "{}", failed.stdout);
 }
 
 /// A store outage shorter than `retry_deadline_secs` is absorbed: the job SUCCEEDS, with one
