@@ -484,6 +484,7 @@ const MAX_SPEC_BYTES: u64 = 1 << 20;
 fn read_spec(path: &Path, under: Option<&Path>) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    c3_runtime::fault::blocking_pause("spec-read-hangs", Duration::from_secs(600));
     let err = |e: std::io::Error| format!("cannot read job spec {}: {e}", path.display());
     // The file, and (root's, checked) its stat for `close_spec`.
     let (file, root_owned) = match under {
@@ -904,9 +905,32 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
     let config = &env.config;
     let state = StateDir::new(&config.state_dir);
     let quick = args.job.is_none() && !args.command.is_empty();
-    let spec = match spec_from_args(args, &config.jobs_root, &state, None) {
-        Ok(s) => s,
-        Err(e) => return usage(&e),
+    // Off the reactor and bounded: `jobs_root` (the spec, the workdir's checks) may be on an
+    // NFS server that stopped answering, and the unit's start (`TimeoutStartSec=infinity`,
+    // READY only once the job is launched) waited on it for ever. The node's fault, not the
+    // spec's: exit 6, for the scheduler to place the job elsewhere.
+    let reading = {
+        let (jobs_root, state) = (config.jobs_root.clone(), state.clone());
+        tokio::task::spawn_blocking(move || spec_from_args(args, &jobs_root, &state, None))
+    };
+    let limit = match c3_runtime::fault::armed("spec-read-hangs") {
+        true => Duration::from_secs(2),
+        false => c3_runtime::prepare::NODE_LOOK_DEADLINE,
+    };
+    let spec = match tokio::time::timeout(limit, reading).await {
+        Ok(Ok(Ok(s))) => s,
+        Ok(Ok(Err(e))) => return usage(&e),
+        Ok(Err(e)) => return failure(&format!("reading the job spec failed: {e}"), 6),
+        Err(_) => {
+            return failure(
+                &format!(
+                    "the job spec was not read within {} s (jobs_root `{}` on a hung file system?); nothing launched",
+                    limit.as_secs(),
+                    config.jobs_root.display()
+                ),
+                6,
+            )
+        }
     };
     let ctx = match context(env) {
         Ok(c) => c,

@@ -262,3 +262,25 @@ fn missing_token_file_is_a_config_error() {
         );
     }
 }
+
+/// A spec on a `jobs_root` whose file server stopped answering is given up after the node's
+/// look deadline (2 s under the fault): the node's error, exit 6, nothing launched, where the
+/// unit's start waited for ever.
+#[test]
+fn a_spec_read_that_hangs_is_the_nodes_error() {
+    let h = Harness::file();
+    let spec = h.spec(
+        json!({"job_id": "hung-spec", "command": ["sh", "-c", "echo ran > $C3_ARTIFACTS_DIR/ran"]}),
+    );
+    let begun = std::time::Instant::now();
+    let run = h
+        .command(&["run", "--job", spec.to_str().unwrap()])
+        .env("C3_AGENT_FAULT", "spec-read-hangs")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("not read within 2 s"), "{stderr}");
+    assert!(begun.elapsed() < std::time::Duration::from_secs(60));
+    assert!(!h.workdir("hung-spec").join("artifacts/ran").exists());
+}
