@@ -672,12 +672,6 @@ fn spec_from_args(
     }
     let attempt = args.attempt.unwrap_or(slurm_attempt);
     let job_id = args.job_id.or(slurm_id).unwrap_or_else(quick_job_id);
-    // Another run's output would be mistaken for this one's (and uploaded again under this
-    // job's name): start clean, unless this is a later attempt of the job that left it (a
-    // requeue resuming from its checkpoint).
-    if let Some(refused) = workmark::refusal(&cwd, &job_id, attempt) {
-        return Err(refused);
-    }
     let mut spec = JobSpec {
         job_id,
         project: None,
@@ -715,6 +709,12 @@ fn spec_from_args(
             .replace("job spec field `timeout_secs`", "--timeout")
             .replace("job spec field `attempt`", "--attempt")
     })?;
+    // Another run's output would be mistaken for this one's (and uploaded again under this
+    // job's name), in `./artifacts` or an `--output` dir: start clean, unless this is a later
+    // attempt of the job that left it (a requeue resuming from its checkpoint).
+    if let Some(refused) = workmark::refusal(&cwd, &spec.output, &spec.job_id, spec.attempt) {
+        return Err(refused);
+    }
     if let Some(dir) = &spec.workdir {
         std::fs::create_dir_all(dir).map_err(|e| format!("--workdir {dir}: {e}"))?;
     }

@@ -1,4 +1,4 @@
-//! Which job a quick run's `./artifacts` belongs to: `<workdir>/.c3-agent-job`, one JSON line
+//! Which job a quick run's `./artifacts` (and `--output` dirs) belong to: `<workdir>/.c3-agent-job`, one JSON line
 //! `{"job_id":..,"attempt":..}` written as the run starts. A later attempt of the same job (a
 //! Slurm requeue, in the same submit dir) may start on the files an earlier one left there,
 //! to resume from its checkpoint; anything else would take another run's files for its own.
@@ -18,13 +18,13 @@ const NAME: &str = ".c3-agent-job";
 const MAX_BYTES: u64 = 4096;
 
 /// Why a quick run in `workdir` as `job_id`'s attempt `attempt` must not start: its
-/// `artifacts` holds files, and the marker does not say they are an earlier attempt's of
-/// this job (`None`: it may start).
-pub fn refusal(workdir: &Path, job_id: &str, attempt: u32) -> Option<String> {
-    let artifacts = workdir.join("artifacts");
-    if !std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some()) {
-        return None;
-    }
+/// `artifacts` or one of its `outputs` (relative to it, checked) holds files, and the marker
+/// does not say they are an earlier attempt's of this job (`None`: it may start).
+pub fn refusal(workdir: &Path, outputs: &[String], job_id: &str, attempt: u32) -> Option<String> {
+    let holding = std::iter::once("artifacts")
+        .chain(outputs.iter().map(String::as_str))
+        .map(|dir| workdir.join(dir))
+        .find(|dir| std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()))?;
     let whose = match read(workdir) {
         Some((id, earlier)) if id == job_id && earlier < attempt => return None,
         Some((id, earlier)) if id == job_id => format!(
@@ -35,7 +35,7 @@ pub fn refusal(workdir: &Path, job_id: &str, attempt: u32) -> Option<String> {
     };
     Some(format!(
         "{} holds {whose}: move them away, or run in another directory (`--workdir DIR`)",
-        artifacts.display()
+        holding.display()
     ))
 }
 

@@ -1806,6 +1806,19 @@ fn a_requeued_quick_run_resumes_from_what_its_earlier_attempt_left() {
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
     assert_eq!(written, json!({"job_id": "slurm-43", "attempt": 3}));
+    // An `--output` dir is looked at as `./artifacts` is: another job's checkpoints there
+    // were listed as this one's own.
+    set_env(&mut h, "SLURM_JOB_ID", "44");
+    set_env(&mut h, "SLURM_RESTART_COUNT", "0");
+    std::fs::create_dir_all(h.path("ckpt")).unwrap();
+    std::fs::write(h.path("ckpt/step-1"), "43's").unwrap();
+    let ckpt = h.run(&["run", "--output", "ckpt", "--", "true"]);
+    ckpt.assert_code(2);
+    assert!(
+        ckpt.stderr.contains("ckpt holds files of job `slurm-43`"),
+        "{}",
+        ckpt.stderr
+    );
 }
 
 #[test]
