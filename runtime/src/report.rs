@@ -159,7 +159,10 @@ pub struct ControlPlane {
     config: Arc<ControlPlaneConfig>,
     /// When the control plane itself last answered a request (a 2xx): proof it is up, so
     /// that a gateway's 502 or 504 to one report is about that report.
-    heard: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// When each kind of endpoint (`status`, `artifacts`, `output`: the path's last segment)
+    /// last answered a 2xx: behind one gateway they may be services of their own, and live
+    /// output answered while the status service was down proved nothing of a status's 502.
+    heard: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
 }
 
 /// The `Idempotency-Key` of a POST: the same for every sending of one report (a retry, a
@@ -210,18 +213,23 @@ impl ControlPlane {
         }
     }
 
-    fn note_heard(&self) {
+    fn note_heard(&self, endpoint: &str) {
         let now = Instant::now();
         let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
-        *heard = Some(heard.map_or(now, |at| at.max(now)));
+        let at = heard
+            .entry(endpoint_kind(endpoint).to_string())
+            .or_insert(now);
+        *at = (*at).max(now);
     }
 
-    /// Whether the control plane itself answered a request at or after `since`.
-    fn heard_since(&self, since: Instant) -> bool {
+    /// Whether the control plane's endpoint of `endpoint`'s kind answered a request at or
+    /// after `since`.
+    fn heard_since(&self, endpoint: &str, since: Instant) -> bool {
         self.heard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at >= since)
+            .get(endpoint_kind(endpoint))
+            .is_some_and(|at| *at >= since)
     }
 
     pub fn give_up(&self) -> Duration {
@@ -317,7 +325,7 @@ impl ControlPlane {
         let bytes = body.freeze();
         // A 2xx only: a 404 or 413 may be a gateway's own (an ingress's default backend).
         if (200..300).contains(&status) {
-            self.note_heard();
+            self.note_heard(endpoint);
         }
         match status {
             200..=299 => Ok(bytes),
@@ -393,7 +401,7 @@ impl ControlPlane {
                 // report, so it counts. Never counted, such an entry stayed for ever, its
                 // job FINALIZING at the control plane and its data held on the node.
                 let up = matches!(status, 502 | 504)
-                    && self.heard_since(began.checked_sub(HEARD_WINDOW).unwrap_or(began));
+                    && self.heard_since(endpoint, began.checked_sub(HEARD_WINDOW).unwrap_or(began));
                 // A redirect counts a failed flush (`failed_again`) but is no answer about
                 // the body: the control plane never saw it, so its result stays.
                 if e.is_server_error() || up {
@@ -1153,6 +1161,11 @@ async fn flush_outbox_for(
 /// control plane's URL.
 fn endpoint_of(job: &str, kind: &str) -> String {
     format!("v1/jobs/{job}/{kind}")
+}
+
+/// The kind of an endpoint ([`endpoint_of`]): its last segment.
+fn endpoint_kind(endpoint: &str) -> &str {
+    endpoint.rsplit('/').next().unwrap_or(endpoint)
 }
 
 /// Moves an outbox entry aside (`.bad`), with its count of failed flushes: no flush sends it
@@ -2562,7 +2575,14 @@ pub(crate) mod tests {
         // Nothing answered yet: an outage, not counted.
         assert!(!flush_job_outbox(&cp, &state, "w", deadline()).await);
         assert_eq!(tries(), None);
-        // Another job's report goes: the control plane is up.
+        // Only another kind of endpoint answers (registrations, live output): behind the
+        // gateway the status service may be the one down. Not counted.
+        let r = Reporter::new(Some(cp.clone()), state.clone(), "r", 1);
+        r.keep_unsent("artifacts", 1, br#"{"attempt":1,"new_bytes":1}"#);
+        assert!(flush_job_outbox(&cp, &state, "r", deadline()).await);
+        assert!(!flush_job_outbox(&cp, &state, "w", deadline()).await);
+        assert_eq!(tries(), None);
+        // Another job's status goes: the control plane is up.
         let a = Reporter::new(Some(cp.clone()), state.clone(), "a", 1);
         a.keep_unsent("status", 1, br#"{"attempt":1,"seq":1}"#);
         flush_all_outboxes(&cp, &state, Instant::now() + Duration::from_secs(3), None).await;
