@@ -283,7 +283,12 @@ async fn watch_attempt(
         .attempt_dir(&plan.job_id, plan.attempt)
         .join("done-before");
     if !attempt_known && plan.done_file.is_some() {
-        keep_verdict(remember.clone(), LOOKING.to_string()).await;
+        // With the watch's start: a restart judges what it finds from then.
+        keep_verdict(
+            remember.clone(),
+            format!("{LOOKING} {}", crate::display::epoch_ns(begun)),
+        )
+        .await;
     }
     // A record that cannot be read now (I/O) stops the watch, the record kept: watched over
     // it, `seq` began again below what the earlier sidecar sent. One that does not parse is
@@ -919,6 +924,10 @@ enum Before {
         /// A look failed (a mount starting up, ESTALE): the one that answers may be late,
         /// and a file written since the agent began is still the job's.
         failed: bool,
+        /// A restarted sidecar's look, `begun_ns` the first watch's start, which died before
+        /// any look of its own answered: a file written since then (the trainer finished
+        /// while no sidecar ran) is the job's, whenever this look answers.
+        since_first: bool,
     },
     /// The first look found no directory for the done file: one that comes later (made,
     /// mounted or renamed into place) may bring an earlier attempt's file, which only its
@@ -996,6 +1005,7 @@ impl DoneReader {
                 begun_ns: crate::display::epoch_ns(begun),
                 begun: Instant::now(),
                 failed: false,
+                since_first: false,
             },
             warned_stale: false,
             remember: None,
@@ -1008,9 +1018,21 @@ impl DoneReader {
     fn resume(&mut self, remember: &Path) {
         self.remember = Some(remember.to_path_buf());
         let kept = std::fs::read_to_string(remember).unwrap_or_default();
-        if kept.trim() == LOOKING {
+        if let Some(first) = kept.trim().strip_prefix(LOOKING) {
             // The first watch was stopped before its first look answered: this one's own
-            // first look (under way) judges what is there.
+            // first look (under way) judges what is there, by the first watch's start (an
+            // older agent's word names none: by this one's). A file the trainer wrote while
+            // no sidecar ran was taken, by this start, for an earlier attempt's.
+            if let (Ok(begun_ns), Before::Looking { .. }) =
+                (first.trim().parse::<i64>(), &self.before)
+            {
+                self.before = Before::Looking {
+                    begun_ns,
+                    begun: Instant::now(),
+                    failed: false,
+                    since_first: true,
+                };
+            }
             return;
         }
         self.before = parse_kept_stamp(&kept).map_or(Before::Nothing, |stamp| Before::Found {
@@ -1037,6 +1059,7 @@ impl DoneReader {
             begun_ns,
             begun,
             failed,
+            since_first,
         } = self.before
         {
             // Only a time can tell a trainer that finished before the first look from an
@@ -1048,15 +1071,18 @@ impl DoneReader {
             let took = answered.saturating_duration_since(begun).as_nanos() as i64;
             // Failed looks stretch the span by no more than a minute: a server clock ahead by
             // less than a long span would take an earlier attempt's file for a fresh one.
-            let until_ns = begun_ns.saturating_add(if failed {
-                took.min(FAILED_LOOKS_SPAN_NS)
-            } else {
-                took
-            });
+            let until_ns = match since_first {
+                true => crate::display::epoch_ns(std::time::SystemTime::now()),
+                false => begun_ns.saturating_add(if failed {
+                    took.min(FAILED_LOOKS_SPAN_NS)
+                } else {
+                    took
+                }),
+            };
             // After a failed look, the late answer is no stretch of the span but the first
             // that could tell: a trainer that wrote its file while the looks failed (more
             // than the margin, a mount coming up) was ignored for good.
-            let quick = took <= FRESH_MARGIN_NS || failed;
+            let quick = took <= FRESH_MARGIN_NS || failed || since_first;
             match &read {
                 Ok(Some((_, stamp))) => {
                     let fresh = quick
@@ -1075,6 +1101,7 @@ impl DoneReader {
                         begun_ns,
                         begun,
                         failed: true,
+                        since_first,
                     };
                 }
             }
@@ -1399,6 +1426,35 @@ mod tests {
         late.resume(&remember);
         assert_eq!(answered(&mut late, &done).await, None, "honoured unjudged");
         assert!(std::fs::read_to_string(&remember).unwrap().contains(' '));
+        // As this agent keeps it, with the first watch's start: a file written since (the
+        // trainer finished while no sidecar ran, an hour before the restart) is the job's.
+        let first_began = std::time::SystemTime::now() - Duration::from_secs(10);
+        rewrite(
+            &done, "4
+",
+        );
+        std::fs::write(
+            &remember,
+            format!("looking {}\n", crate::display::epoch_ns(first_began)),
+        )
+        .unwrap();
+        let mut restarted = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
+        restarted.resume(&remember);
+        assert_eq!(
+            answered(&mut restarted, &done).await,
+            Some(DoneFile::Exit(4)),
+            "written since the first watch began"
+        );
+        // One written before the first watch began is still an earlier attempt's.
+        let first_began = std::time::SystemTime::now() + hour;
+        std::fs::write(
+            &remember,
+            format!("looking {}\n", crate::display::epoch_ns(first_began)),
+        )
+        .unwrap();
+        let mut restarted = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
+        restarted.resume(&remember);
+        assert_eq!(answered(&mut restarted, &done).await, None);
     }
 
     /// A first look that failed (here a symlink on the way, renamed away after) was taken for
