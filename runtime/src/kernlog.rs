@@ -20,10 +20,21 @@ pub struct Lifetime {
     pub until_us: u64,
 }
 
+/// The initial pid namespace's inode (the kernel's `PROC_PID_INIT_INO`).
+const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+
+/// Whether the kernel log's pids are those of the pid namespace `ns` (this process's).
+fn names_our_pids(ns: Option<u64>) -> bool {
+    ns == Some(INIT_PID_NS)
+}
+
 /// Whether the kernel log says the OOM killer killed one of `processes` while it lived.
-/// False when the log cannot be read (no privilege, `ProtectKernelLogs=`).
+/// False when the log cannot be read (no privilege, `ProtectKernelLogs=`), and in a pid
+/// namespace of its own (a pod's, `shareProcessNamespace`): the log names the host's pids,
+/// so the job's OOM kill went unseen, and a host process with the job's pod pid, killed
+/// meanwhile, was taken for the job's.
 pub fn oom_killed(processes: &BTreeMap<i32, Lifetime>) -> bool {
-    if processes.is_empty() {
+    if processes.is_empty() || !names_our_pids(crate::procfs::pid_ns()) {
         return false;
     }
     let Ok(mut kmsg) = std::fs::OpenOptions::new()
@@ -95,6 +106,14 @@ mod tests {
 
     fn life(from_us: u64, until_us: u64) -> Lifetime {
         Lifetime { from_us, until_us }
+    }
+
+    /// In a pod's pid namespace the log's pids are the host's, not the job's.
+    #[test]
+    fn only_the_hosts_pid_namespace_reads_the_log_by_pid() {
+        assert!(names_our_pids(Some(INIT_PID_NS)));
+        assert!(!names_our_pids(Some(4_026_532_999)));
+        assert!(!names_our_pids(None));
     }
 
     #[test]
