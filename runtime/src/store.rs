@@ -489,6 +489,10 @@ const CLOCK_SKEW: &[&str] = &[
 const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDigest</Code>"];
 const CORRUPT_TRIES: u32 = 3;
 
+/// How many times a whole operation's try that failed after half a deadline of work (a
+/// staged upload's long copy) gets a deadline from its failure ([`BlobStore::retrying_whole`]).
+const WHOLE_LATE_FAILURES: u32 = 3;
+
 impl StoreError {
     /// A failure whose cause is this node, not the store: what its operator should look at
     /// ("" if none known), said where it fails and in the outage's WARN line.
@@ -1802,7 +1806,7 @@ impl BlobStore {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         use backon::BackoffBuilder;
-        let deadline = tokio::time::Instant::now() + self.retry.deadline;
+        let mut deadline = tokio::time::Instant::now() + self.retry.deadline;
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
             .with_max_delay(Duration::from_secs(10))
@@ -1810,6 +1814,7 @@ impl BlobStore {
             .with_max_times(usize::MAX)
             .build();
         let mut corrupt = 0;
+        let mut extended = 0;
         let mut failure: Option<StoreError> = None;
         // The outage a failure of this operation was booked in.
         let mut booked = None;
@@ -1886,7 +1891,24 @@ impl BlobStore {
                     return Err(e);
                 }
                 Err(e) => {
-                    let outage_ends = self.retry.failed_in(&e, started, write, &mut booked);
+                    // A whole operation's try that failed late (a staged copy of an 80 GB file
+                    // to an NFS store, 13 minutes, an EIO at minute 12) is judged from its
+                    // failure, not its start: from there it was past the deadline at once,
+                    // and one blip failed the file. A few times only, each try bounded by
+                    // the file store's own limits.
+                    let long = cut.is_none()
+                        && extended < WHOLE_LATE_FAILURES
+                        && started.elapsed() > self.retry.deadline / 2;
+                    let failed_from = match long {
+                        true => {
+                            extended += 1;
+                            let now = tokio::time::Instant::now();
+                            deadline = deadline.max(now + self.retry.deadline);
+                            now
+                        }
+                        false => started,
+                    };
+                    let outage_ends = self.retry.failed_in(&e, failed_from, write, &mut booked);
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
                     if tokio::time::Instant::now() + wait >= deadline.min(outage_ends) {
                         return Err(e);

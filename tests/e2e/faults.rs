@@ -597,6 +597,23 @@ fn a_blip_while_a_large_file_is_staged_is_retried() {
     assert_eq!(h.manifest_paths("blip"), vec!["artifacts/big"]);
 }
 
+/// The blip comes after the staged copy ran past the retry deadline (an 80 GB file to an NFS
+/// store takes many minutes): judged from the try's start, it was past the deadline at once
+/// and the file failed for one blip; from the failure, it is run again.
+#[test]
+fn a_blip_late_in_a_long_staged_copy_is_retried() {
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nlive = false\n[upload]\nmultipart_threshold_bytes = 1048576\n".into();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "staged-eio-late".into()));
+    h.env
+        .push(("C3_AGENT_STORE_RETRY_DEADLINE_SECS".into(), "2".into()));
+    let script = "head -c 3000000 /dev/urandom > $C3_ARTIFACTS_DIR/big";
+    h.run_job(json!({"job_id": "lateblip", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    assert_eq!(h.manifest_paths("lateblip"), vec!["artifacts/big"]);
+}
+
 /// A result file whose read never comes back (a FUSE mount the job left in `.c3`) costs the
 /// result, with a warning, not the terminal status: the read held the job's end for ever.
 #[test]

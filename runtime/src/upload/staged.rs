@@ -31,7 +31,18 @@ impl Uploader {
         let part_size = part_size_for(before.size, self.opts.min_part_size);
         let opened = self.open(path, before, true).await?;
         let file = opened.take(before.size + 1);
-        if crate::fault::fail_once("staged-eio") {
+        // `staged-eio-late`: the blip comes after a long copy (2.5 s, past the tests' 2 s
+        // deadline).
+        let late = crate::fault::armed("staged-eio-late");
+        if (late || crate::fault::armed("staged-eio"))
+            && crate::fault::fail_once(match late {
+                true => "staged-eio-late",
+                false => "staged-eio",
+            })
+        {
+            if late {
+                tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            }
             return Err(store_err(StoreError::Op {
                 op: "write part",
                 key: staging_key,
