@@ -126,6 +126,11 @@ pub struct Scan {
     pub for_good: BTreeSet<String>,
     /// Places past [`MAX_INCOMPLETE`]: then every output dir counts as incomplete.
     incomplete_overflow: usize,
+    /// Entries refused by name past [`MAX_INCOMPLETE`] (`refused`, `owner_only`): each an
+    /// upload failure for good. No unread place: what the walk saw of their directories
+    /// stands, and a file gone from it is gone (counted as unread places, they made every
+    /// output dir incomplete, and the complete manifest kept listing deleted checkpoints).
+    pub refused_more: usize,
     /// One of the places past [`MAX_INCOMPLETE`] might be read at a later look.
     overflow_retryable: bool,
     /// The most the manifest entries of `files` take ([`entry_ceiling`] each).
@@ -181,7 +186,7 @@ impl Scan {
         if self.owner_only.len() < MAX_INCOMPLETE {
             self.owner_only.push(rel);
         } else {
-            self.incomplete_overflow += 1;
+            self.refused_more += 1;
         }
     }
 
@@ -401,7 +406,7 @@ fn walk(
                 if out.refused.len() < MAX_INCOMPLETE {
                     out.refused.push(parent);
                 } else {
-                    out.incomplete_overflow += 1;
+                    out.refused_more += 1;
                 }
             }
         } else if is_dir(&st) {
@@ -521,6 +526,38 @@ mod tests {
         assert_eq!(stamp.mtime_ns, i64::MAX);
         let st = nix::sys::stat::stat(&path).unwrap();
         assert_eq!(FileStamp::of_stat(&st), stamp);
+    }
+
+    /// More files open to their owner alone than are named (a sidecar's unknown owner, a
+    /// trainer's `umask 077`): each counts as refused, but no place is unread, so a file gone
+    /// from the dirs is known gone. Counted as unread places, they made every output dir
+    /// incomplete, and the complete manifest kept listing deleted checkpoints.
+    #[test]
+    fn files_refused_past_the_named_ones_leave_the_scan_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        std::fs::set_permissions(w, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(w.join("out")).unwrap();
+        std::fs::set_permissions(w.join("out"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for i in 0..MAX_INCOMPLETE + 5 {
+            let f = w.join(format!("out/private-{i}"));
+            std::fs::write(&f, "x").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let open = w.join("out/open");
+        std::fs::write(&open, "y").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let reader = JobReader {
+            uid: crate::confine::UNKNOWN_OWNER_UID,
+            gids: Vec::new(),
+        };
+        let found = scan(w, &["out".to_string()], Some(&reader), 1 << 30);
+        assert_eq!(found.owner_only.len(), MAX_INCOMPLETE);
+        assert_eq!(found.refused_more, 5);
+        assert!(found.incomplete.is_empty(), "{:?}", found.incomplete);
+        assert!(found.covers("out/ckpt-deleted"));
+        assert!(found.files.contains_key("out/open"));
     }
 
     #[test]

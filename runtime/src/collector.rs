@@ -456,6 +456,18 @@ async fn final_sync(
         tracing::error!(path = %rel, "open to its owner alone, and no job user is named to read it as; counted as an upload failure");
         out.unstored(format!("{rel} (open to its owner alone)"), true);
     }
+    if found.refused_more > 0 {
+        tracing::error!(
+            more = found.refused_more,
+            "more paths too deep, too long or open to their owner alone than are named; each counted as an upload failure"
+        );
+        for _ in 0..found.refused_more {
+            out.unstored(
+                "(a path too deep, too long or open to its owner alone)".into(),
+                true,
+            );
+        }
+    }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.
     let at_end = config
