@@ -399,6 +399,10 @@ impl Syncer {
 
     /// Adds watches for `dir` and below, off the reactor; past the cap, polling takes over.
     async fn watch_tree(&mut self, dir: PathBuf) {
+        // Past the cap (or given up), no more are added: each try would walk the tree again.
+        if self.polling {
+            return;
+        }
         let Some(mut w) = self.watcher.take() else {
             return;
         };
@@ -417,8 +421,10 @@ impl Syncer {
                     "no more directories can be watched; live sync polls from now on"
                 );
                 self.polling = true;
-                // The watches set so far stay useful; no more are added.
-                drop(w);
+                // The watches set so far stay useful; no more are added. Dropped, the
+                // watcher took every watch with it (and closed the hints' channel): live
+                // sync heard nothing more and waited for each poll.
+                self.watcher = Some(w);
             }
             Err(_) => self.polling = true,
         }

@@ -417,6 +417,35 @@ for i in range(40):
     assert_eq!(h.manifest_paths("dirs").len(), 200);
 }
 
+/// Past the watch cap, live sync polls, and the watches set so far keep giving their hints:
+/// the watcher was dropped with every watch, and a file in a watched dir waited for the
+/// next poll (a minute here).
+#[test]
+fn past_the_watch_cap_the_watches_set_still_hint() {
+    let mut h = harness(Store::File);
+    h.extra_toml.push_str(
+        "max_watches = 2
+poll_ms = 60000
+",
+    );
+    let go = h.path("go");
+    let script = format!(
+        "mkdir -p $C3_ARTIFACTS_DIR/a $C3_ARTIFACTS_DIR/b $C3_ARTIFACTS_DIR/c; sleep 1; echo hinted > $C3_ARTIFACTS_DIR/h.txt; {}",
+        wait_go(&go)
+    );
+    let spec = h.spec(json!({"job_id": "capped", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "capped", "artifacts/h.txt");
+    std::fs::write(&go, "").unwrap();
+    let run = h.wait("capped".into(), child);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("no more directories can be watched"),
+        "the cap was not met: {}",
+        run.stderr
+    );
+}
+
 #[test]
 fn poll_mode_syncs_without_inotify() {
     let mut h = harness(Store::File);
