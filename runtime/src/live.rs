@@ -627,6 +627,8 @@ impl Syncer {
         match hint {
             Hint::Touched(path) => self.touch(&path).await,
             Hint::Gone(path) => {
+                // A test's window to put something at the name before the hint is handled.
+                crate::fault::pause_for("slow-gone", Duration::from_millis(500)).await;
                 // What is at the name now: nothing, or a directory that may be the one
                 // watched there (hints of an exchange come in an order of their own).
                 let probe = path
@@ -651,6 +653,10 @@ impl Syncer {
                 };
                 let mut is_gone = matches!(now, Some(Err(_)));
                 if let Some(w) = self.watcher.as_mut() {
+                    // A file or a symlink where a watched directory was (`mv d ../trash &&
+                    // touch d`: a move brings no DELETE for each file below): what the book
+                    // held below it is gone.
+                    is_gone |= matches!(now, Some(Ok(None))) && w.watches(&path);
                     // Another directory at the name (`mv ckpt ckpt.old; mv ckpt.tmp ckpt`):
                     // what the book holds below it is the old one's, listed until the end
                     // while the new one lacks it. The walk its own hint brings adds what the

@@ -342,13 +342,15 @@ impl DirWatcher {
     /// [`DirWatcher::unwatch_tree`], unless the directory watched at `dir` is the one there
     /// now (`now`: the device and inode found at the name): a `Gone` handled after the same
     /// directory came back (the second half of an exchange) took the watch of what is there.
-    /// True when a directory was watched there and another one is there now.
+    /// True when a directory was watched there and another one is there now: another inode,
+    /// or the same number on a new directory (the watched one deleted, its watch dropped by
+    /// the kernel, and ext4 or tmpfs handing its inode to the `mkdir` after).
     pub fn unwatch_tree_unless(&mut self, dir: &Path, now: Option<(u64, u64)>) -> bool {
         let watched = self.watched.get(dir);
         if now.is_some() && watched.is_some_and(|w| Some(w.id) == now && self.aliases.live(w)) {
             return false;
         }
-        let replaced = now.is_some() && watched.is_some_and(|w| Some(w.id) != now);
+        let replaced = now.is_some() && watched.is_some();
         self.unwatch_tree(dir);
         replaced
     }

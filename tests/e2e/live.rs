@@ -417,6 +417,39 @@ for i in range(40):
     assert_eq!(h.manifest_paths("dirs").len(), 200);
 }
 
+/// A watched directory moved away and a symlink made at its name (a move brings no DELETE
+/// for each file below, and a symlink is never recorded over it): what it held leaves the
+/// in-progress manifest, which listed it until the end.
+#[test]
+fn a_directory_replaced_by_a_symlink_leaves_the_in_progress_manifest() {
+    let mut h = harness(Store::File);
+    // The file is at the name by the time the hint is handled.
+    h.env.push(("C3_AGENT_FAULT".into(), "slow-gone".into()));
+    let (go1, go2, trash) = (h.path("go1"), h.path("go2"), h.path("trash"));
+    let script = format!(
+        "mkdir $C3_ARTIFACTS_DIR/d; echo x > $C3_ARTIFACTS_DIR/d/f; {}; mv $C3_ARTIFACTS_DIR/d {}; ln -s nowhere $C3_ARTIFACTS_DIR/d; {}",
+        wait_go(&go1),
+        trash.display(),
+        wait_go(&go2)
+    );
+    let spec = h.spec(json!({"job_id": "dfile", "command": ["sh", "-c", script]}));
+    let child = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    wait_synced(&h, "dfile", "artifacts/d/f");
+    std::fs::write(&go1, "").unwrap();
+    wait_for(
+        "artifacts/d/f to leave the in-progress manifest",
+        LIMIT,
+        || {
+            let m = try_manifest(&h, "dfile")?;
+            let files = m["files"].as_array()?;
+            (!files.iter().any(|f| f["path"] == "artifacts/d/f")).then_some(())
+        },
+    );
+    std::fs::write(&go2, "").unwrap();
+    h.wait("dfile".into(), child).assert_code(0);
+    assert!(h.manifest_paths("dfile").is_empty());
+}
+
 /// Past the watch cap, live sync polls, and the watches set so far keep giving their hints:
 /// the watcher was dropped with every watch, and a file in a watched dir waited for the
 /// next poll (a minute here).
