@@ -672,10 +672,11 @@ mod tests {
         assert_eq!(s.more_warnings, 0);
     }
 
-    /// Past `MAX_INCOMPLETE` places that cannot be read whole, every output dir counts as
-    /// incomplete: the list `covers` goes through for each file stays short.
+    /// Past `MAX_INCOMPLETE` directories holding entries too deep or long, the rest are
+    /// counted, not named: they are no unread place (what fits there was seen), so no output
+    /// dir counts as incomplete and a file gone from them is known gone.
     #[test]
-    fn many_unreadable_places_make_every_dir_incomplete() {
+    fn many_directories_of_refused_entries_leave_the_scan_whole() {
         let dir = tempfile::tempdir().unwrap();
         let w = dir.path();
         // Each subdirectory fits, the entry in it does not.
@@ -690,17 +691,30 @@ mod tests {
         std::fs::write(w.join("out/g"), "x").unwrap();
         let dirs = vec!["artifacts".to_string(), "out".to_string()];
         let s = scan(w, &dirs, None, u64::MAX);
-        assert_eq!(s.incomplete, dirs);
-        // Every one of them refused for its depth: no later look stores them either.
-        assert!(s.for_good.iter().eq(dirs.iter()), "{:?}", s.for_good);
+        assert!(s.incomplete.is_empty(), "{:?}", s.incomplete);
+        assert_eq!((s.refused.len(), s.refused_more), (MAX_INCOMPLETE, 20));
+        assert!(s.covers("out/gone") && s.covers("artifacts/gone"));
         assert_eq!(s.files.len(), 1);
-        assert!(s
-            .warnings
-            .last()
-            .unwrap()
-            .contains("could not be read whole"));
-        let few = scan(w, &["out".to_string()], None, u64::MAX);
-        assert!(few.incomplete.is_empty());
+    }
+
+    /// Past `MAX_INCOMPLETE` places that cannot be read whole, every output dir counts as
+    /// incomplete: the list `covers` goes through for each file stays short.
+    #[test]
+    fn many_unreadable_places_make_every_dir_incomplete() {
+        use std::io::{Error, ErrorKind};
+        let mut s = Scan::default();
+        for i in 0..MAX_INCOMPLETE + 20 {
+            s.broken(
+                &format!("artifacts/d{i}"),
+                "x".into(),
+                &Error::from(ErrorKind::PermissionDenied),
+            );
+        }
+        let dirs = vec!["artifacts".to_string(), "out".to_string()];
+        s.overflowed(&dirs);
+        assert_eq!(s.incomplete, dirs);
+        // Every one of them refused for lack of permission: no later look stores them either.
+        assert!(s.for_good.iter().eq(dirs.iter()), "{:?}", s.for_good);
     }
 
     /// A place refused for lack of permission is so for good (the agent reads as the job's

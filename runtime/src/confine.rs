@@ -524,22 +524,21 @@ impl DirFd {
             if now - written < ABANDONED_AFTER.as_nanos() as i64 {
                 continue;
             }
-            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-            let Ok(fd) = openat(self, name.as_os_str(), flags, Mode::empty()) else {
+            // Held and judged before any open: the job's user may swap its own FIFO (or a
+            // file it mounted a FUSE file system on) in at the name between the look above
+            // and an open by name, and root would open that.
+            let Ok(handle) = self.entry_handle(&name) else {
                 continue;
             };
-            let file = File::from(fd);
             let same = |st: &FileStat| st.st_dev == before.st_dev && st.st_ino == before.st_ino;
-            if !nix::sys::stat::fstat(&file).is_ok_and(|st| same(&st) && ours(&st)) {
+            if !nix::sys::stat::fstat(&handle).is_ok_and(|st| same(&st) && ours(&st)) {
                 continue;
             }
             // The lock is asked on a write handle of that very file (its fd's link): NFS
             // takes a flock for a POSIX lock, which a read-only fd may not hold (EBADF, and
             // every temp file looked held).
-            let Ok(writable) = std::fs::OpenOptions::new()
-                .write(true)
-                .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            else {
+            let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+            let Ok(writable) = reopen(&handle, flags).map(File::from) else {
                 continue;
             };
             if writable.try_lock().is_err() {

@@ -84,6 +84,7 @@ impl LiveSync {
             procs,
             reader,
             watcher: None,
+            writes_queued: None,
             manifest,
             book,
             opts,
@@ -131,6 +132,8 @@ struct Syncer {
     reader: Option<JobReader>,
     /// Per-directory inotify watches; `None` while polling only.
     watcher: Option<DirWatcher>,
+    /// The watcher's [`crate::watch::WritesQueued`], kept while the watcher is lent to a walk.
+    writes_queued: Option<crate::watch::WritesQueued>,
     /// Writes the in-progress manifest.
     manifest: ManifestWriter,
     book: SyncBook,
@@ -382,6 +385,7 @@ impl Syncer {
         }
         match watcher(&self.workdir, self.opts.event_queue, self.opts.max_watches) {
             Ok((w, rx)) => {
+                self.writes_queued = Some(w.writes_queued());
                 self.watcher = Some(w);
                 for root in self.roots.clone() {
                     self.watch_tree(root).await;
@@ -625,7 +629,12 @@ impl Syncer {
 
     async fn on_hint(&mut self, hint: Hint) {
         match hint {
-            Hint::Touched(path) => self.touch(&path).await,
+            Hint::Touched(path) => {
+                if let Some(q) = &self.writes_queued {
+                    crate::watch::take_queued_write(q, &path);
+                }
+                self.touch(&path).await
+            }
             Hint::Gone(path) => {
                 // A test's window to put something at the name before the hint is handled.
                 crate::fault::pause_for("slow-gone", Duration::from_millis(500)).await;

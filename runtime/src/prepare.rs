@@ -311,7 +311,7 @@ fn open_workdir(
                         (0o711, None)
                     }
                 },
-                |name, st, last, _| vet_existing(workdir, name, st, last, vet),
+                |name, st, last, held| vet_existing(workdir, name, (st, held), last, vet),
             )?
         }
         // A quick local run: the current dir of whoever started the agent.
@@ -413,7 +413,7 @@ fn job_dir_mode(vet: Owner) -> u32 {
 fn vet_existing(
     workdir: &Path,
     name: &OsStr,
-    st: &nix::sys::stat::FileStat,
+    (st, held): (&nix::sys::stat::FileStat, &std::os::fd::OwnedFd),
     last: bool,
     owner: Owner,
 ) -> std::io::Result<()> {
@@ -424,18 +424,31 @@ fn vet_existing(
     let owned = st.st_uid == 0 || st.st_uid == agent || st.st_uid == job_uid;
     // Root's group writing is root writing (a scheduler's `root:root 0775`, umask 002).
     let writers = if last && st.st_gid != 0 { 0o022 } else { 0o002 };
-    let shared = st.st_mode & writers != 0 && st.st_mode & libc::S_ISVTX == 0;
+    let sticky = st.st_mode & libc::S_ISVTX != 0;
+    // A named entry lets others write as the mode bits do (a team dir's default ACL
+    // `d:g:team:rwx` on a `root:root` workdir, shown as 0775 by its mask): another member
+    // could swap `artifacts` or `.c3` for their own while the job runs. One not understood
+    // (or unread) is taken so.
+    let named = last
+        && !sticky
+        && match crate::acl::of(held) {
+            Ok(None) => false,
+            Ok(Some(acl)) => acl.named_others_may(0o3, &[0, agent, job_uid], &[0]),
+            Err(_) => true,
+        };
+    let shared = (st.st_mode & writers != 0 && !sticky) || named;
     if owned && !shared {
         return Ok(());
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::PermissionDenied,
         format!(
-            "`{}` (in {}) exists and is owned by uid {} with mode {:o}: only a directory of root's or the job user's (uid {job_uid}) that others may not write is used; refusing another user's",
+            "`{}` (in {}) exists and is owned by uid {} with mode {:o}{}: only a directory of root's or the job user's (uid {job_uid}) that others may not write is used; refusing another user's",
             name.to_string_lossy(),
             workdir.display(),
             st.st_uid,
-            st.st_mode & 0o7777
+            st.st_mode & 0o7777,
+            if named { " and an ACL that lets others write in it" } else { "" }
         ),
     ))
 }
@@ -803,6 +816,32 @@ mod tests {
 
     use super::*;
     use c3_proto::record::DirPin;
+
+    /// An existing workdir whose ACL lets a team write in it (a `root:root` dir shown 0775
+    /// by its mask) is refused as one its group may write is: another member could swap its
+    /// `artifacts` or `.c3` while the job runs. Without the entry it is used.
+    #[test]
+    fn a_workdir_an_acl_lets_others_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let w = top.path().join("w");
+        std::fs::create_dir(&w).unwrap();
+        std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let held: std::os::fd::OwnedFd = std::fs::File::open(&w).unwrap().into();
+        let st = nix::sys::stat::fstat(&held).unwrap();
+        let owner = Some((st.st_uid.max(1), 4242));
+        let vet = |held: &std::os::fd::OwnedFd| {
+            let st = nix::sys::stat::fstat(held).unwrap();
+            vet_existing(top.path(), OsStr::new("w"), (&st, held), true, owner)
+        };
+        assert!(vet(&held).is_ok());
+        if !crate::acl::tests::grant_group_rwx(&held, 4100) {
+            crate::testskip::skip("no POSIX ACLs here");
+            return;
+        }
+        let e = vet(&held).unwrap_err();
+        assert!(e.to_string().contains("ACL"), "{e}");
+    }
 
     /// A job of the user root_squash makes root in the file store (it may write every
     /// stored output) is refused before it runs, as the node's error; any other user runs.

@@ -1065,6 +1065,7 @@ fn write_verified(
         Some(_) => entry.mode & 0o777,
         None => entry.mode & 0o755,
     };
+    drop_inherited_acl(file)?;
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Some((uid, gid)) = owner {
         nix::unistd::fchown(
@@ -1076,6 +1077,23 @@ fn write_verified(
     }
     file.sync_all()?;
     Ok(size)
+}
+
+/// Takes off the access ACL a new file inherited from its directory's default one (a team
+/// dir's `d:g:team:rwx`): `fchmod` sets only its mask, and a dataset file whose mode lets
+/// its group write (a source's 0664) let every member of that team rewrite the verified
+/// bytes in place while the job read them. The mode alone says who may, as in the source.
+fn drop_inherited_acl(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is open for the call; the name is NUL-terminated.
+    let rc = unsafe { libc::fremovexattr(file.as_raw_fd(), c"system.posix_acl_access".as_ptr()) };
+    match rc {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            e if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(()),
+            e => Err(e),
+        },
+    }
 }
 
 /// Whether a file of `size` bytes, given to `uid`:`gid` once written, fits what their hard
@@ -1106,6 +1124,22 @@ fn over_quota(file: &std::fs::File, size: u64, uid: u32, gid: u32) -> Result<(),
 
 #[cfg(test)]
 mod tests {
+    /// A dataset file's inherited access ACL (a team dir's default one) is taken off: its
+    /// mode alone says who may write it.
+    #[test]
+    fn an_inherited_acl_is_taken_off_a_dataset_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        super::drop_inherited_acl(&file).unwrap();
+        if !crate::acl::tests::grant_group_rwx(&file, 4100) {
+            crate::testskip::skip("no POSIX ACLs here");
+            return;
+        }
+        assert!(crate::acl::of(&file).unwrap().is_some());
+        super::drop_inherited_acl(&file).unwrap();
+        assert!(crate::acl::of(&file).unwrap().is_none());
+    }
+
     use super::*;
 
     /// "No manifest" only when the store said so: a manifest too large (or a timeout, a

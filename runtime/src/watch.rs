@@ -76,6 +76,23 @@ pub struct DirWatcher {
     _alias_dir: tempfile::TempDir,
     /// Set by the event handler when a hint did not fit the queue (see [`DirWatcher::take_lost`]).
     overflowed: Arc<AtomicBool>,
+    /// See [`DirWatcher::writes_queued`].
+    writes_queued: WritesQueued,
+}
+
+/// Files with a `Touched` hint of a write (`IN_MODIFY`) in the queue: a job printing a log
+/// line at a time into an output dir makes one event per `write(2)`, tens of thousands a
+/// second, and each hint an lstat walk of the syncer's; while one waits in the queue another
+/// says nothing new (it is looked at when handled, as the file is then). The syncer takes a
+/// path out as it takes its hint ([`take_queued_write`]). At most the queue's length.
+pub type WritesQueued = Arc<Mutex<std::collections::HashSet<PathBuf>>>;
+
+/// The syncer has taken a hint for `path`: a write after this one is news again.
+pub fn take_queued_write(queued: &WritesQueued, path: &Path) {
+    queued
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(path);
 }
 
 /// One watched directory.
@@ -161,6 +178,11 @@ impl DirWatcher {
 
     pub fn watch_count(&self) -> usize {
         self.watched.len()
+    }
+
+    /// The files whose write hints wait in the queue ([`WritesQueued`]).
+    pub fn writes_queued(&self) -> WritesQueued {
+        self.writes_queued.clone()
     }
 
     /// Whether `dir` has a watch.
@@ -489,10 +511,14 @@ pub fn watcher(
         next: Default::default(),
         of: Mutex::new(HashMap::new()),
     });
+    let writes_queued = WritesQueued::default();
     let handler = {
         let overflowed = overflowed.clone();
         let aliases = aliases.clone();
+        let queued = writes_queued.clone();
         move |res: notify::Result<Event>| {
+            let a_write =
+                matches!(&res, Ok(e) if matches!(e.kind, EventKind::Modify(ModifyKind::Data(_))));
             let hints = match res {
                 Ok(event) => {
                     // A name under a watch already dropped has no directory any more (None),
@@ -519,8 +545,21 @@ pub fn watcher(
                         return;
                     }
                 }
+                let write_of = match (&hint, a_write) {
+                    (Hint::Touched(p), true) => Some(p.clone()),
+                    _ => None,
+                };
+                if let Some(p) = &write_of {
+                    let mut queued = queued.lock().unwrap_or_else(|p| p.into_inner());
+                    if !queued.insert(p.clone()) {
+                        continue;
+                    }
+                }
                 if tx.try_send(hint).is_err() {
                     overflowed.store(true, Ordering::Relaxed);
+                    if let Some(p) = write_of {
+                        take_queued_write(&queued, &p);
+                    }
                 }
             }
         }
@@ -540,6 +579,7 @@ pub fn watcher(
             max_watches: max_watches.max(1),
             _alias_dir: alias_dir,
             overflowed,
+            writes_queued,
         },
         rx,
     ))
@@ -738,6 +778,38 @@ mod tests {
             watched_inodes().contains(&again),
             "the new `again` is not watched"
         );
+    }
+
+    /// A file written a line at a time (a log, unbuffered) makes one event per write: while
+    /// one of its write hints waits in the queue, the next says nothing new and is not queued
+    /// (each cost the syncer an lstat walk, and the queue overflowed into full rescans). Once
+    /// the syncer has taken it, a write is news again.
+    #[tokio::test]
+    async fn writes_to_a_file_whose_hint_waits_are_not_queued_again() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().to_path_buf();
+        let art = w.join("artifacts");
+        std::fs::create_dir_all(&art).unwrap();
+        let (mut watcher, mut hints) = watcher(&w, 10_000, 16).unwrap();
+        watcher.watch_tree(&art).unwrap();
+        let log = art.join("log");
+        let mut file = std::fs::File::create(&log).unwrap();
+        for i in 0..500 {
+            writeln!(file, "line {i}").unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut touched = 0;
+        while let Ok(hint) = hints.try_recv() {
+            if matches!(&hint, Hint::Touched(p) if *p == log) {
+                touched += 1;
+            }
+        }
+        assert!((1..=3).contains(&touched), "{touched} hints for one file");
+        crate::watch::take_queued_write(&watcher.writes_queued(), &log);
+        writeln!(file, "after").unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), hints.recv()).await;
+        assert!(matches!(next, Ok(Some(Hint::Touched(p))) if p == log));
     }
 
     /// Hints dropped for a full queue, the job then quiet: no event comes to carry the rescan

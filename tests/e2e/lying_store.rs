@@ -1918,7 +1918,7 @@ fn earlier_manifest_unread(fault: Fault) {
     let s3 = FakeS3::start(Fault::None);
     let mut h = s3.harness();
     h.extra_toml
-        .push_str("[sync]\nsettle_ms = 100\nmanifest_interval_ms = 200\n");
+        .push_str("[sync]\nsettle_ms = 100\nmanifest_interval_ms = 200\npoll_ms = 1000\n");
     let job = "heldside";
     let key = format!("pre/jobs/{job}/attempts/1/manifest.json");
     let shared = h.path("shared");
