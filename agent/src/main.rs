@@ -924,9 +924,12 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         Err(_) => {
             return failure(
                 &format!(
-                    "the job spec was not read within {} s (jobs_root `{}` on a hung file system?); nothing launched",
+                    "the job spec was not read within {} s ({} on a hung file system?); nothing launched",
                     limit.as_secs(),
-                    config.jobs_root.display()
+                    match quick {
+                        true => "the workdir".to_string(),
+                        false => format!("jobs_root `{}`", config.jobs_root.display()),
+                    }
                 ),
                 6,
             )
@@ -1219,6 +1222,12 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
                     .ok()
             });
             match record.filter(|r| r.phase == c3_proto::Phase::Done) {
+                // Files are still left: another agent holds the attempt (an hourly `recover`
+                // at work on it), or its manifest could not be taken in (the log says which).
+                Some(r) if !r.unstored.is_empty() || r.unstored_more > 0 => failure(
+                    &format!("job {job_id} attempt {}: left alone, nothing was stored: another agent is at work on it, or its manifest in the store could not be taken in (the log above says which)", r.spec.attempt),
+                    2,
+                ),
                 Some(r) => {
                     out::summary(format!(
                         "job {job_id} attempt {}: nothing left to store; it ended {}{}",

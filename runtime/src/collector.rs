@@ -461,12 +461,17 @@ async fn final_sync(
             more = found.refused_more,
             "more paths too deep, too long or open to their owner alone than are named; each counted as an upload failure"
         );
-        for _ in 0..found.refused_more {
-            out.unstored(
-                "(a path too deep, too long or open to its owner alone)".into(),
-                true,
-            );
-        }
+        // One line, however many: a job's million too-deep names cost no million entries.
+        out.unstored(
+            format!(
+                "{} more paths too deep, too long or open to their owner alone",
+                found.refused_more
+            ),
+            true,
+        );
+        let rest = found.refused_more.saturating_sub(1) as u64;
+        out.unstored_more = out.unstored_more.saturating_add(rest);
+        out.for_good = out.for_good.saturating_add(rest);
     }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.

@@ -375,9 +375,16 @@ fn without_element(text: &str, tag: &str) -> String {
 /// request's headers or URL): the name (any case) and whether its value runs to the end of
 /// the line or quote (an `Authorization` header's scheme, a space, then the secret) rather
 /// than to the next separator (a query parameter, a token).
-const CREDENTIALS: [(&str, bool); 6] = [
+const CREDENTIALS: [(&str, bool); 9] = [
     ("x-amz-security-token", false),
     ("authorization", true),
+    ("proxy-authorization", true),
+    // SSE-C: the key the data is encrypted with, sent on every request.
+    ("x-amz-server-side-encryption-customer-key", false),
+    (
+        "x-amz-copy-source-server-side-encryption-customer-key",
+        false,
+    ),
     ("x-amz-signature", false),
     ("x-goog-signature", false),
     // Azure's SAS signature in a URL (`…&sig=…`).
@@ -415,10 +422,22 @@ fn without_value(text: &str, name: &str, to_line_end: bool) -> String {
             continue;
         }
         // A header line, a query, or a proxy's page quoting headers as JSON or a dict
-        // (`"x-amz-security-token": "…"`, `'…': '…'`).
+        // (`"x-amz-security-token": "…"`, `'…': '…'`, Go's `{"Authorization":["…"]}`, and
+        // in HTML, `&quot;…&quot;: &quot;…&quot;`).
         let mut separated = false;
-        while i < bytes.len() && matches!(bytes[i], b':' | b'=' | b' ' | b'\t' | b'"' | b'\'') {
-            separated |= matches!(bytes[i], b':' | b'=' | b'\t');
+        loop {
+            if let Some(quote) = ["&quot;", "&#39;", "&#34;"]
+                .iter()
+                .find(|q| lower[i..].starts_with(*q))
+            {
+                i += quote.len();
+                continue;
+            }
+            match bytes.get(i) {
+                Some(b':' | b'=' | b'\t') => separated = true,
+                Some(b' ' | b'"' | b'\'' | b'[') => {}
+                _ => break,
+            }
             i += 1;
         }
         out.push_str(&text[at..i]);
@@ -429,10 +448,10 @@ fn without_value(text: &str, name: &str, to_line_end: bool) -> String {
         let mut end = i;
         while end < bytes.len()
             && !match to_line_end {
-                true => matches!(bytes[end], b'\r' | b'\n' | b'<' | b'"' | b'\''),
+                true => matches!(bytes[end], b'\r' | b'\n' | b'<' | b'"' | b'\'' | b'&'),
                 false => matches!(
                     bytes[end],
-                    b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"' | b'\'' | b',' | b'}'
+                    b' ' | b'\t' | b'\r' | b'\n' | b'&' | b'<' | b'"' | b'\'' | b',' | b'}' | b']'
                 ),
             }
         {
@@ -535,6 +554,10 @@ mod tests {
             "GET /c/b?sv=2022&sig=SECRET9&se=1 host",
             "<p>https://h/k?X-Goog-Signature=SECRET10&amp;host</p>",
             "https://h/k?X-Amz-Signature=SECRET11 host",
+            r#"{"Authorization":["Bearer SECRET12"],"host":["h"]}"#,
+            "<pre>{&quot;Authorization&quot;: &quot;Bearer SECRET13&quot;, &quot;host&quot;: 1}</pre>",
+            "Proxy-Authorization: Basic SECRET14\r\nhost: h\r\n",
+            "x-amz-server-side-encryption-customer-key: SECRET15\r\nhost: h\r\n",
         ] {
             let text = error_text(quoted.as_bytes());
             assert!(!text.contains("SECRET"), "{text}");

@@ -434,6 +434,17 @@ fn vet_existing(
         && match crate::acl::of(held) {
             Ok(None) => false,
             Ok(Some(acl)) => acl.named_others_may(0o3, &[0, agent, job_uid], &[0]),
+            // Said as what it is: an NFS blip is no ACL that lets others in.
+            Err(crate::acl::AclError::Read(e)) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "`{}` (in {}): cannot read its ACL: {e}",
+                        name.to_string_lossy(),
+                        workdir.display()
+                    ),
+                ))
+            }
             Err(_) => true,
         };
     let shared = (st.st_mode & writers != 0 && !sticky) || named;

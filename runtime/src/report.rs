@@ -1394,7 +1394,17 @@ fn failed_again(path: &Path, e: &ReportError, answered: bool, progress: bool) ->
             tracing::debug!(path = %tries_path.display(), error = %crate::error_chain(&e), "cannot count a failed flush");
         }
     }
-    if tries < MAX_FAILED_FLUSHES || !is_old(path) {
+    // A gateway's 502 or 504 counts only when the same kind of endpoint answered lately;
+    // on an idle node (one kept status, nothing else sent) none ever did, and a body the
+    // backend crashes on stayed for ever: a week of them is enough.
+    let gateway_for_a_week = matches!(
+        e,
+        ReportError::Unavailable {
+            status: 502 | 504,
+            ..
+        }
+    ) && is_ancient(path);
+    if (tries < MAX_FAILED_FLUSHES || !is_old(path)) && !gateway_for_a_week {
         return Failed::Stays;
     }
     if !progress && !is_ancient(path) {
@@ -2679,6 +2689,26 @@ pub(crate) mod tests {
         // The control plane never saw the body: its result was not dropped for a refusal.
         let aside = std::fs::read_to_string(entry.with_extension("bad")).unwrap();
         assert!(aside.contains("0.9"), "{aside}");
+    }
+
+    /// A gateway's 502 to a body on an idle node (nothing else sent, so the control plane is
+    /// never heard and the 502 never counts): after a week the report goes aside, as one
+    /// failed on for a week does, rather than hold its job's data on the node for ever.
+    #[tokio::test]
+    async fn a_gateway_error_for_a_week_on_an_idle_node_goes_aside() {
+        let (url, _) = serve_recorded(Duration::ZERO, |_, _| ("502 Bad Gateway", "")).await;
+        let cp = control_plane(url);
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let reporter = Reporter::new(Some(cp.clone()), state.clone(), "idle", 1);
+        reporter.keep_unsent("status", 3, br#"{"attempt":1,"seq":3,"state":"FAILED"}"#);
+        let entry = state.outbox_dir("idle").join("000001-00000003-status.json");
+        let deadline = || Instant::now() + Duration::from_secs(1);
+        assert!(!flush_job_outbox(&cp, &state, "idle", deadline()).await);
+        assert!(entry.exists(), "a fresh one stays");
+        kept_at(&entry, std::time::SystemTime::now() - MAX_AGE_STUCK);
+        flush_job_outbox(&cp, &state, "idle", deadline()).await;
+        assert!(!entry.exists() && entry.with_extension("bad").exists());
     }
 
     /// Refused credentials keep a report (a token renewed soon delivers it), but not for

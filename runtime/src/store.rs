@@ -484,8 +484,8 @@ const CLOCK_SKEW: &[&str] = &[
 /// the checksum, which no resend does. So a few tries, then permanent, unless a resend has
 /// cured one since the agent started ([`Retry::corruption_cured`]): then the path corrupts
 /// at random (a middlebox mangling 1 body in 5 made 0.8% of operations fail for good after
-/// three unlucky tries, a 1,000-part checkpoint UPLOAD_ERROR), and it is retried to the
-/// deadline as any fault is.
+/// three unlucky tries, a 1,000-part checkpoint UPLOAD_ERROR), and it gets three times the
+/// tries (within the deadline).
 const CORRUPT_IN_TRANSIT: &[&str] = &["<Code>BadDigest</Code>", "<Code>InvalidDigest</Code>"];
 const CORRUPT_TRIES: u32 = 3;
 
@@ -1868,13 +1868,16 @@ impl BlobStore {
                     }
                     return Ok(v);
                 }
+                // Cured once, a few times more (a store that mishandles one kind of request,
+                // its parts, is not retried for a whole deadline each).
                 Err(e)
                     if e.corrupt_in_transit()
                         && (corrupt + 1 < CORRUPT_TRIES
-                            || self
-                                .retry
-                                .corruption_cured
-                                .load(std::sync::atomic::Ordering::Relaxed)) =>
+                            || (corrupt + 1 < CORRUPT_TRIES * 3
+                                && self
+                                    .retry
+                                    .corruption_cured
+                                    .load(std::sync::atomic::Ordering::Relaxed))) =>
                 {
                     corrupt += 1;
                     let wait = delays.next().unwrap_or(Duration::from_secs(10));
