@@ -408,7 +408,7 @@ fn context_with(
     reports: bool,
 ) -> Result<AgentContext, String> {
     let config = &env.config;
-    let store = BlobStore::open(&store).map_err(|e| match e {
+    let store = open_store_bounded(&store).map_err(|e| match e {
         StoreError::BadUrl { .. } | StoreError::BadOption { .. } | StoreError::Build { .. } => {
             format!("config: `store`: {}", error_chain(&e))
         }
@@ -447,6 +447,35 @@ fn context_with(
         max_log_bytes: config.max_log_bytes,
         dataset_timeout: config.dataset_timeout,
     })
+}
+
+/// Opens the store on a thread of its own, within the node's look deadline: a file store's
+/// root on an NFS server that stopped answering held every command before any handler or
+/// deadline (`systemctl start` for ever, `recover` and `gc` until their unit's time-out).
+/// Past it, the process ends: one line, exit 6 (the node's fault), nothing done.
+fn open_store_bounded(config: &c3_runtime::store::StoreConfig) -> Result<BlobStore, StoreError> {
+    let limit = match c3_runtime::fault::armed("store-open-hangs") {
+        true => Duration::from_secs(2),
+        false => c3_runtime::prepare::NODE_LOOK_DEADLINE,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = config.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(BlobStore::open(&owned));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(opened) => opened,
+        // Its thread left behind, blocked in the kernel: the exit takes it down.
+        Err(_) => {
+            out::error(&format!(
+                "store {}: not opened within {} s (its file system hung?); nothing was done",
+                c3_runtime::display::shown_url(&config.url),
+                limit.as_secs()
+            ));
+            logwriter::flush(FLUSH_AT_EXIT);
+            std::process::exit(6)
+        }
+    }
 }
 
 /// Closes a root-owned spec (checked by its caller) that others may read, on its fd. The

@@ -384,11 +384,15 @@ pub async fn pull_into(
     }
     let results = results?;
     let (placed, listed) = (root.clone(), files.clone());
-    tokio::task::spawn_blocking(move || apart_in_case(&placed, &listed))
-        .await
-        .map_err(|_| PullError::Task {
+    // Raced with the stop as the writes are: DEST on an NFS server that stopped answering
+    // held a Ctrl-C here.
+    let apart = tokio::task::spawn_blocking(move || apart_in_case(&placed, &listed));
+    tokio::select! {
+        apart = apart => apart.map_err(|_| PullError::Task {
             path: shown.display().to_string(),
-        })??;
+        })??,
+        () = stop.cancelled() => return Err(PullError::Stopped),
+    };
     Ok(PullSummary {
         files: results.len() as u64,
         bytes: results.iter().sum(),

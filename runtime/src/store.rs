@@ -1457,6 +1457,7 @@ impl BlobStore {
         config: &StoreConfig,
         limits: crate::filestore::Limits,
     ) -> Result<Self, StoreError> {
+        crate::fault::blocking_pause("store-open-hangs", Duration::from_secs(600));
         let url = config.url.clone();
         // What an error names: the URL without its user, password and query (a config error
         // goes to the journal, and `https://minio:PW@host/b` has the password in it).

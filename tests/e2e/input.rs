@@ -284,3 +284,29 @@ fn a_spec_read_that_hangs_is_the_nodes_error() {
     assert!(begun.elapsed() < std::time::Duration::from_secs(60));
     assert!(!h.workdir("hung-spec").join("artifacts/ran").exists());
 }
+
+/// A file store whose file system stopped answering is given up after the node's look
+/// deadline (2 s under the fault): exit 6 with one line, nothing launched, where every
+/// command (the unit's start, `recover`, `gc`) waited for ever.
+#[test]
+fn a_store_that_hangs_at_open_is_the_nodes_error() {
+    let h = Harness::file();
+    let spec = h.spec(json!({"job_id": "hung-store", "command": ["sh", "-c", "echo ran > $C3_ARTIFACTS_DIR/ran"]}));
+    for cmd in [
+        &["run", "--job", spec.to_str().unwrap()][..],
+        &["gc"],
+        &["recover"],
+    ] {
+        let begun = std::time::Instant::now();
+        let run = h
+            .command(cmd)
+            .env("C3_AGENT_FAULT", "store-open-hangs")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(6), "{cmd:?}: {stderr}");
+        assert!(stderr.contains("not opened within 2 s"), "{stderr}");
+        assert!(begun.elapsed() < std::time::Duration::from_secs(60));
+    }
+    assert!(!h.workdir("hung-store").join("artifacts/ran").exists());
+}

@@ -844,6 +844,17 @@ fn ensure_unchanged(
     Ok(())
 }
 
+/// [`ensure_unchanged`] off the reactor: the job's file may be on an NFS server that stopped
+/// answering, and a stat there held a runtime thread (enough of them, every timer).
+async fn ensure_unchanged_off(
+    root: Option<Arc<Path>>,
+    path: &Path,
+    before: FileStamp,
+) -> Result<(), UploadError> {
+    let p = path.to_path_buf();
+    blocking(path, move || ensure_unchanged(root.as_deref(), &p, before)).await
+}
+
 impl Uploader {
     pub fn new(
         store: BlobStore,
@@ -1216,7 +1227,13 @@ impl Uploader {
             }
         }
         let looked = now_ns();
-        let (before, links) = stat_linked(self.root.as_deref(), &path)?;
+        // Off the reactor, as the small files' look is: on an NFS server that stopped
+        // answering, each large upload's stat held a runtime thread, and enough of them held
+        // every timer (the stop deadline, the job's own end).
+        let (before, links) = {
+            let (root, p) = (self.root.clone(), path.clone());
+            blocking(&path, move || stat_linked(root.as_deref(), &p)).await?
+        };
         // The large paths read `before` and prove at the end that the stamp stayed it.
         if expect.is_some_and(|seen| seen != before) {
             return Err(UploadError::Changed { path });

@@ -14,8 +14,8 @@ use c3_proto::{MultipartPart, MultipartRecord};
 
 use super::subtree::{PartTrees, Tag};
 use super::{
-    blocking, ensure_unchanged, fill, part_size_for, read_error, store_err, UploadError, Uploader,
-    HASH_BUF,
+    blocking, ensure_unchanged_off, fill, part_size_for, read_error, store_err, UploadError,
+    Uploader, HASH_BUF,
 };
 use crate::collect::FileStamp;
 use crate::digest::{Digests, Sha256Hasher, PIECE};
@@ -393,7 +393,7 @@ impl Uploader {
         if digests.size != before.size {
             return Err(UploadError::Changed { path: path.into() });
         }
-        ensure_unchanged(self.root.as_deref(), path, before)?;
+        ensure_unchanged_off(self.root.clone(), path, before).await?;
         let sha = digests.sha256_hex();
         let owner = self.owner_of(&sha);
         let turn = owner.lock().await;
@@ -471,7 +471,8 @@ impl Uploader {
                         // change now (a chmod, a touch, a new link) is reported for the next
                         // look, which finds the blob stored; checked before the complete, it
                         // threw away every part sent and sent them all again.
-                        return ensure_unchanged(self.root.as_deref(), path, before)
+                        return ensure_unchanged_off(self.root.clone(), path, before)
+                            .await
                             .map(|()| true)
                             .inspect_err(|_| self.record_added(digests));
                     }

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use tokio::task::JoinSet;
 
-use super::{blocking, ensure_unchanged, fill, part_size_for, store_err, UploadError, Uploader};
+use super::{
+    blocking, ensure_unchanged_off, fill, part_size_for, store_err, UploadError, Uploader,
+};
 use crate::collect::FileStamp;
 use crate::digest::{Digests, DualHasher};
 use crate::store::StoreError;
@@ -127,12 +129,15 @@ impl Uploader {
             }
         }
         let digests = reader.map(|(_, h)| h.finish());
-        let verified = outcome.and_then(|()| match digests {
-            Some(d) if d.size == before.size => {
-                ensure_unchanged(self.root.as_deref(), path, before).map(|()| d)
+        let verified = match (outcome, digests) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(d)) if d.size == before.size => {
+                ensure_unchanged_off(self.root.clone(), path, before)
+                    .await
+                    .map(|()| d)
             }
-            _ => Err(UploadError::Changed { path: path.into() }),
-        });
+            (Ok(()), _) => Err(UploadError::Changed { path: path.into() }),
+        };
         let digests = match verified {
             Ok(d) => d,
             Err(e) => {
