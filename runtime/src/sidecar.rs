@@ -1428,33 +1428,26 @@ mod tests {
         assert!(std::fs::read_to_string(&remember).unwrap().contains(' '));
         // As this agent keeps it, with the first watch's start: a file written since (the
         // trainer finished while no sidecar ran, an hour before the restart) is the job's.
-        let first_began = std::time::SystemTime::now() - Duration::from_secs(10);
-        rewrite(
-            &done, "4
-",
-        );
-        std::fs::write(
-            &remember,
-            format!("looking {}\n", crate::display::epoch_ns(first_began)),
-        )
-        .unwrap();
-        let mut restarted = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
-        restarted.resume(&remember);
+        rewrite(&done, "4\n");
+        let restarted = |first_began: std::time::SystemTime| {
+            std::fs::write(
+                &remember,
+                format!("looking {}\n", crate::display::epoch_ns(first_began)),
+            )
+            .unwrap();
+            let mut reader = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
+            reader.resume(&remember);
+            reader
+        };
+        let mut after = restarted(std::time::SystemTime::now() - Duration::from_secs(10));
         assert_eq!(
-            answered(&mut restarted, &done).await,
+            answered(&mut after, &done).await,
             Some(DoneFile::Exit(4)),
             "written since the first watch began"
         );
         // One written before the first watch began is still an earlier attempt's.
-        let first_began = std::time::SystemTime::now() + hour;
-        std::fs::write(
-            &remember,
-            format!("looking {}\n", crate::display::epoch_ns(first_began)),
-        )
-        .unwrap();
-        let mut restarted = DoneReader::start(Some(&done), std::time::SystemTime::now() + hour);
-        restarted.resume(&remember);
-        assert_eq!(answered(&mut restarted, &done).await, None);
+        let mut before = restarted(std::time::SystemTime::now() + hour);
+        assert_eq!(answered(&mut before, &done).await, None);
     }
 
     /// A first look that failed (here a symlink on the way, renamed away after) was taken for

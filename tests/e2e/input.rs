@@ -263,50 +263,33 @@ fn missing_token_file_is_a_config_error() {
     }
 }
 
-/// A spec on a `jobs_root` whose file server stopped answering is given up after the node's
-/// look deadline (2 s under the fault): the node's error, exit 6, nothing launched, where the
-/// unit's start waited for ever.
+/// A spec on a `jobs_root`, or a file store, whose file server stopped answering is given up
+/// after the node's look deadline (2 s under the faults): the node's error, exit 6 with one
+/// line, nothing launched, where every command (the unit's start, `recover`, `gc`) waited
+/// for ever.
 #[test]
-fn a_spec_read_that_hangs_is_the_nodes_error() {
+fn a_spec_or_store_that_hangs_is_the_nodes_error() {
     let h = Harness::file();
     let spec = h.spec(
-        json!({"job_id": "hung-spec", "command": ["sh", "-c", "echo ran > $C3_ARTIFACTS_DIR/ran"]}),
+        json!({"job_id": "hung", "command": ["sh", "-c", "echo ran > $C3_ARTIFACTS_DIR/ran"]}),
     );
-    let begun = std::time::Instant::now();
-    let run = h
-        .command(&["run", "--job", spec.to_str().unwrap()])
-        .env("C3_AGENT_FAULT", "spec-read-hangs")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(6), "{stderr}");
-    assert!(stderr.contains("not read within 2 s"), "{stderr}");
-    assert!(begun.elapsed() < std::time::Duration::from_secs(60));
-    assert!(!h.workdir("hung-spec").join("artifacts/ran").exists());
-}
-
-/// A file store whose file system stopped answering is given up after the node's look
-/// deadline (2 s under the fault): exit 6 with one line, nothing launched, where every
-/// command (the unit's start, `recover`, `gc`) waited for ever.
-#[test]
-fn a_store_that_hangs_at_open_is_the_nodes_error() {
-    let h = Harness::file();
-    let spec = h.spec(json!({"job_id": "hung-store", "command": ["sh", "-c", "echo ran > $C3_ARTIFACTS_DIR/ran"]}));
-    for cmd in [
-        &["run", "--job", spec.to_str().unwrap()][..],
-        &["gc"],
-        &["recover"],
+    let run_it = ["run", "--job", spec.to_str().unwrap()];
+    for (fault, cmd, says) in [
+        ("spec-read-hangs", &run_it[..], "not read within 2 s"),
+        ("store-open-hangs", &run_it[..], "not opened within 2 s"),
+        ("store-open-hangs", &["gc"], "not opened within 2 s"),
+        ("store-open-hangs", &["recover"], "not opened within 2 s"),
     ] {
         let begun = std::time::Instant::now();
         let run = h
             .command(cmd)
-            .env("C3_AGENT_FAULT", "store-open-hangs")
+            .env("C3_AGENT_FAULT", fault)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(6), "{cmd:?}: {stderr}");
-        assert!(stderr.contains("not opened within 2 s"), "{stderr}");
+        assert_eq!(run.status.code(), Some(6), "{fault} {cmd:?}: {stderr}");
+        assert!(stderr.contains(says), "{stderr}");
         assert!(begun.elapsed() < std::time::Duration::from_secs(60));
     }
-    assert!(!h.workdir("hung-store").join("artifacts/ran").exists());
+    assert!(!h.workdir("hung").join("artifacts/ran").exists());
 }
