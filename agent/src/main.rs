@@ -608,6 +608,14 @@ fn owned_here(
     }
 }
 
+/// Why an agent running as `me` cannot run a job as `user` (`None`: it can, or the node
+/// does not know the user, which the launch says).
+fn user_needs_root(user: &str, me: nix::unistd::Uid) -> Option<String> {
+    let theirs = nix::unistd::User::from_name(user).ok().flatten()?.uid;
+    (!me.is_root() && theirs != me)
+        .then(|| format!("`{user}` needs the agent to run as root (it runs as uid {me})"))
+}
+
 fn spec_from_args(
     args: RunArgs,
     jobs_root: &Path,
@@ -620,6 +628,18 @@ fn spec_from_args(
         }
         let bytes = read_spec(path, under)?;
         let parsed = JobSpec::from_json(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Another user's job needs root to switch to that user: refused as the spec's, at
+        // once, not launched and failed as the node's (AGENT_ERROR, retried elsewhere, on
+        // every node like this one). The lookup is bounded with the spec's read; a user this
+        // node does not know is the node's to say (at launch).
+        if let Some(why) = parsed
+            .spec
+            .user
+            .as_deref()
+            .and_then(|user| user_needs_root(user, nix::unistd::geteuid()))
+        {
+            return Err(format!("{}: job spec field `user`: {why}", path.display()));
+        }
         // A scheduler's spec may only name a workdir the operator set aside for jobs: an
         // existing tree elsewhere (`/etc`, another tenant's data) is never the job's.
         if let Some(w) = &parsed.spec.workdir {
@@ -1280,6 +1300,17 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
 mod tests {
     /// Two quick runs of one pid in one second (two pods, the agent pid 1 in each) get two
     /// ids: with one, each replaced the other's manifest in a shared store.
+    /// A spec naming another user, given to an agent that is not root, is the spec's
+    /// error (exit 2), not the node's; its own user, or any under root, is fine.
+    #[test]
+    fn another_users_job_needs_a_root_agent() {
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        let why = super::user_needs_root("root", nobody).unwrap();
+        assert!(why.contains("needs the agent to run as root"), "{why}");
+        assert!(super::user_needs_root("root", nix::unistd::Uid::from_raw(0)).is_none());
+        assert!(super::user_needs_root("no-such-user-here", nobody).is_none());
+    }
+
     #[test]
     fn quick_runs_of_one_pid_in_one_second_get_two_ids() {
         let (a, b) = (super::quick_job_id(), super::quick_job_id());
