@@ -611,9 +611,12 @@ fn owned_here(
 /// Why an agent running as `me` cannot run a job as `user` (`None`: it can, or the node
 /// does not know the user, which the launch says).
 fn user_needs_root(user: &str, me: nix::unistd::Uid) -> Option<String> {
+    // Root asks NSS nothing here: its launch looks the user up within its own deadline.
+    if me.is_root() {
+        return None;
+    }
     let theirs = nix::unistd::User::from_name(user).ok().flatten()?.uid;
-    (!me.is_root() && theirs != me)
-        .then(|| format!("`{user}` needs the agent to run as root (it runs as uid {me})"))
+    (theirs != me).then(|| format!("`{user}` needs the agent to run as root (it runs as uid {me})"))
 }
 
 fn spec_from_args(
@@ -1298,8 +1301,6 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    /// Two quick runs of one pid in one second (two pods, the agent pid 1 in each) get two
-    /// ids: with one, each replaced the other's manifest in a shared store.
     /// A spec naming another user, given to an agent that is not root, is the spec's
     /// error (exit 2), not the node's; its own user, or any under root, is fine.
     #[test]
@@ -1311,6 +1312,8 @@ mod tests {
         assert!(super::user_needs_root("no-such-user-here", nobody).is_none());
     }
 
+    /// Two quick runs of one pid in one second (two pods, the agent pid 1 in each) get two
+    /// ids: with one, each replaced the other's manifest in a shared store.
     #[test]
     fn quick_runs_of_one_pid_in_one_second_get_two_ids() {
         let (a, b) = (super::quick_job_id(), super::quick_job_id());
