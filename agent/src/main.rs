@@ -449,15 +449,20 @@ fn context_with(
     })
 }
 
+/// The node's look deadline, 2 s under the test fault `fault` (which hangs that look).
+fn look_deadline(fault: &str) -> Duration {
+    match c3_runtime::fault::armed(fault) {
+        true => Duration::from_secs(2),
+        false => c3_runtime::prepare::NODE_LOOK_DEADLINE,
+    }
+}
+
 /// Opens the store on a thread of its own, within the node's look deadline: a file store's
 /// root on an NFS server that stopped answering held every command before any handler or
 /// deadline (`systemctl start` for ever, `recover` and `gc` until their unit's time-out).
 /// Past it, the process ends: one line, exit 6 (the node's fault), nothing done.
 fn open_store_bounded(config: &c3_runtime::store::StoreConfig) -> Result<BlobStore, StoreError> {
-    let limit = match c3_runtime::fault::armed("store-open-hangs") {
-        true => Duration::from_secs(2),
-        false => c3_runtime::prepare::NODE_LOOK_DEADLINE,
-    };
+    let limit = look_deadline("store-open-hangs");
     let (tx, rx) = std::sync::mpsc::channel();
     let owned = config.clone();
     std::thread::spawn(move || {
@@ -965,10 +970,7 @@ async fn run(args: RunArgs, env: &Env) -> ExitCode {
         let (jobs_root, state) = (config.jobs_root.clone(), state.clone());
         tokio::task::spawn_blocking(move || spec_from_args(args, &jobs_root, &state, None))
     };
-    let limit = match c3_runtime::fault::armed("spec-read-hangs") {
-        true => Duration::from_secs(2),
-        false => c3_runtime::prepare::NODE_LOOK_DEADLINE,
-    };
+    let limit = look_deadline("spec-read-hangs");
     let spec = match tokio::time::timeout(limit, reading).await {
         Ok(Ok(Ok(s))) => s,
         Ok(Ok(Err(e))) => return usage(&e),
@@ -1261,13 +1263,7 @@ async fn resync(env: &Env, job_id: &str, attempt: Option<u32>) -> ExitCode {
         // took 0 for "stored and succeeded" of a SCRIPT_ERROR job, or of one another agent
         // is still at work on.
         Ok(None) => {
-            let latest = attempt.or_else(|| {
-                ctx.state
-                    .attempt_numbers(job_id)
-                    .into_iter()
-                    .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
-                    .max()
-            });
+            let latest = c3_runtime::recover::resync_attempt(&ctx, job_id, attempt);
             let record = latest.and_then(|a| {
                 ctx.state
                     .read_record(&ctx.state.run_record_path(job_id, a))

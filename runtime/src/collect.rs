@@ -190,6 +190,16 @@ impl Scan {
         }
     }
 
+    /// What the entries refused past the named ones are, in one line (`None`: none were).
+    pub fn refused_more_text(&self) -> Option<String> {
+        (self.refused_more > 0).then(|| {
+            format!(
+                "{} more paths too deep, too long or open to their owner alone",
+                self.refused_more
+            )
+        })
+    }
+
     /// Whether the scan saw the whole place where `rel` would be: only then does its absence
     /// mean the file is gone.
     pub fn covers(&self, rel: &str) -> bool {

@@ -129,12 +129,21 @@ pub use crate::sync::MAX_NAMED_UNSTORED;
 
 impl FinalSync {
     fn unstored(&mut self, name: String, for_good: bool) {
-        self.for_good += u64::from(for_good);
+        self.unstored_counted(name, 1, for_good);
+    }
+
+    /// [`FinalSync::unstored`] for `count` items named by one line (at least one).
+    fn unstored_counted(&mut self, name: String, count: u64, for_good: bool) {
+        let count = count.max(1);
+        if for_good {
+            self.for_good = self.for_good.saturating_add(count);
+        }
         if self.unstored.len() < MAX_NAMED_UNSTORED {
             self.unstored.push(crate::display::clip_text(name, 1024));
         } else {
             self.unstored_more += 1;
         }
+        self.unstored_more = self.unstored_more.saturating_add(count - 1);
     }
 }
 
@@ -456,22 +465,13 @@ async fn final_sync(
         tracing::error!(path = %rel, "open to its owner alone, and no job user is named to read it as; counted as an upload failure");
         out.unstored(format!("{rel} (open to its owner alone)"), true);
     }
-    if found.refused_more > 0 {
+    if let Some(more) = found.refused_more_text() {
         tracing::error!(
             more = found.refused_more,
             "more paths too deep, too long or open to their owner alone than are named; each counted as an upload failure"
         );
         // One line, however many: a job's million too-deep names cost no million entries.
-        out.unstored(
-            format!(
-                "{} more paths too deep, too long or open to their owner alone",
-                found.refused_more
-            ),
-            true,
-        );
-        let rest = found.refused_more.saturating_sub(1) as u64;
-        out.unstored_more = out.unstored_more.saturating_add(rest);
-        out.for_good = out.for_good.saturating_add(rest);
+        out.unstored_counted(more, found.refused_more as u64, true);
     }
     crate::fault::pause_point("after-final-scan").await;
     // The job's processes are gone: the final sync may use the whole host.

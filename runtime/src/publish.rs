@@ -361,12 +361,7 @@ async fn wait_all(parts: &Parts<'_>, book: &mut SyncBook) -> SocketReply {
                 .iter()
                 .map(|r| format!("{r} (open to its owner alone)")),
         )
-        .chain((found.refused_more > 0).then(|| {
-            format!(
-                "{} more paths too deep, too long or open to their owner alone",
-                found.refused_more
-            )
-        }))
+        .chain(found.refused_more_text())
         .collect();
     // A file the scan could look for and did not find is gone: kept, a job that made and
     // deleted new names between requests (with live sync off) had the book hold every name

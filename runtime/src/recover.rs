@@ -212,15 +212,7 @@ pub async fn resync(
     attempt: Option<u32>,
     halt: &CancellationToken,
 ) -> Result<Option<JobSummary>, ResyncError> {
-    let attempt = match attempt {
-        Some(a) => Some(a),
-        None => ctx
-            .state
-            .attempt_numbers(job_id)
-            .into_iter()
-            .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
-            .max(),
-    };
+    let attempt = resync_attempt(ctx, job_id, attempt);
     let path = attempt
         .map(|a| ctx.state.run_record_path(job_id, a))
         .filter(|p| p.is_file())
@@ -229,6 +221,17 @@ pub async fn resync(
             attempt,
         })?;
     Ok(recover_record(ctx, &path, Pass::Resync, None, Some(halt)).await)
+}
+
+/// The attempt `resync` works on: the one given, else the latest with a run record.
+pub fn resync_attempt(ctx: &AgentContext, job_id: &str, attempt: Option<u32>) -> Option<u32> {
+    attempt.or_else(|| {
+        ctx.state
+            .attempt_numbers(job_id)
+            .into_iter()
+            .filter(|a| ctx.state.run_record_path(job_id, *a).is_file())
+            .max()
+    })
 }
 
 /// Finishes the attempt this very process was running when it panicked: its processes

@@ -286,15 +286,14 @@ impl ControlPlane {
                 // An error page (a gateway's HTML 502) is cut to its first lines quietly: a
                 // warning for each, every few seconds through an outage, named a limit that
                 // is not the configured one.
-                if chunk.len() > room && (200..300).contains(&status) {
-                    tracing::warn!(
-                        endpoint,
-                        max_reply_bytes = cap,
-                        "control plane reply is over the size limit; the rest is ignored"
-                    );
-                    break;
-                }
                 if chunk.len() > room {
+                    if (200..300).contains(&status) {
+                        tracing::warn!(
+                            endpoint,
+                            max_reply_bytes = cap,
+                            "control plane reply is over the size limit; the rest is ignored"
+                        );
+                    }
                     break;
                 }
             }

@@ -35,13 +35,8 @@ impl Uploader {
         let file = opened.take(before.size + 1);
         // `staged-eio-late`: the blip comes after a long copy (2.5 s, past the tests' 2 s
         // deadline).
-        let late = crate::fault::armed("staged-eio-late");
-        if (late || crate::fault::armed("staged-eio"))
-            && crate::fault::fail_once(match late {
-                true => "staged-eio-late",
-                false => "staged-eio",
-            })
-        {
+        let late = crate::fault::fail_once("staged-eio-late");
+        if late || crate::fault::fail_once("staged-eio") {
             if late {
                 tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
             }
