@@ -4794,7 +4794,9 @@ pub(crate) mod tests {
             drop(hung);
             // The stuck threads see the fault disarmed and return, their slots with them.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !store.blob_exists(&sha, size).await.unwrap() {
+            // A look while the last touches come back may itself find every call slot busy
+            // (its own deadline past): not back yet, not a failure.
+            while !store.blob_exists(&sha, size).await.unwrap_or(false) {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "touches never came back"
