@@ -981,6 +981,13 @@ fn list_manifests(root: &DirFd, tick: &dyn Fn()) -> (Vec<String>, Vec<(String, S
                 Err(e) => failures.push((key, e.to_string())),
             },
             Ok(_) if is_manifest_key(&key) => keys.push(key),
+            // Readers (object_store's file store, `pull`) follow a link to a directory (an
+            // operator's relocated job tree), and gc follows none: a manifest there went
+            // unread, and its blobs looked unreferenced.
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => failures.push((
+                key,
+                "a symbolic link: gc follows none, and a manifest reached through it would go unread".into(),
+            )),
             Ok(_) => {}
         }
     }
@@ -1764,15 +1771,6 @@ mod tests {
         for m in &manifests {
             aged(m, 2 * DAY);
         }
-        // Symlinks are not followed: neither one named like a temp nor a job's directory.
-        let elsewhere = tempfile::tempdir().unwrap();
-        let target = elsewhere.path().join("manifest.json#1");
-        std::fs::write(&target, b"root's").unwrap();
-        aged(&target, 2 * DAY);
-        let link = f.root.join("jobs/j/attempts/4/manifest.json#1");
-        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        std::os::unix::fs::symlink(elsewhere.path(), f.root.join("jobs/linked")).unwrap();
 
         let dry = collect_garbage(&f.store, DEFAULT_GRACE, true)
             .await
@@ -1789,7 +1787,6 @@ mod tests {
         for kept in not_temps.iter().chain(&manifests) {
             assert!(kept.exists(), "{} went", kept.display());
         }
-        assert!(std::fs::symlink_metadata(&link).is_ok() && target.exists());
         assert!(f.exists(&kept));
         assert_eq!((dry.torn_deleted, dry.torn_bytes), (3, 7));
         assert_eq!((report.torn_deleted, report.torn_bytes), (3, 7));
@@ -1799,6 +1796,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.torn_deleted, 0);
+    }
+
+    /// An operator moved a job's tree elsewhere and left a symlink (`jobs/moved -> /big/moved`):
+    /// the file store's readers follow it, gc follows none, and the blobs of the manifest
+    /// there, unread, were deleted. Any symlink below `jobs/` stops the collection, as a
+    /// manifest that cannot be read does; one named like a temp file is not followed either.
+    #[tokio::test]
+    async fn a_symlink_below_jobs_stops_the_collection() {
+        let f = Fixture::new().await;
+        let listed = f.blob(b"listed over there", 10 * DAY).await;
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(
+            elsewhere.path().join("manifest.json"),
+            manifest("moved", 1, &[&listed], None),
+        )
+        .unwrap();
+        std::fs::create_dir_all(f.root.join("jobs")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), f.root.join("jobs/moved")).unwrap();
+        let target = elsewhere.path().join("manifest.json#1");
+        std::fs::write(&target, b"root's").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * DAY)
+            .unwrap();
+        let link = f.root.join("jobs/j/attempts/4/manifest.json#1");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = collect_garbage(&f.store, Duration::ZERO, false)
+            .await
+            .unwrap_err();
+        let GcError::Manifests { failures } = &e else {
+            panic!("{e}");
+        };
+        let keys: Vec<&str> = failures.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["jobs/j/attempts/4/manifest.json#1", "jobs/moved"],
+            "{e}"
+        );
+        assert!(f.exists(&listed), "a blob listed through the symlink went");
+        assert!(target.exists() && std::fs::symlink_metadata(&link).is_ok());
     }
 
     /// A job that may write the store's root swapped `staging` for a symlink to a directory

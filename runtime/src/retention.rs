@@ -237,19 +237,28 @@ const SPEC_ALONE_MIN_AGE: Duration = DAY;
 /// it made any attempt (a bad spec, "already ran", a unit stopped before it started). No
 /// record ever names it, and it was kept for ever; it goes as a failed job does, counted
 /// from when `job.json` was written. Anything else beside it (a dir another job uses as its
-/// workdir, an operator's data) keeps the dir.
-fn spec_alone(dir: &Path, id: &str) -> Option<Job> {
-    let mut entries = std::fs::read_dir(dir).ok()?;
-    let only = entries.next()?.ok()?;
+/// workdir, an operator's data) keeps the dir, and so does a dir that is not the agent's own:
+/// with no record naming a user, its tree is emptied as anyone's ([`deputy`]), and a user who
+/// may write in it (its owner) could move in, between the look and the walk, a tree of
+/// another user's for root to empty.
+fn spec_alone(dir: &Path, id: &str) -> Result<Job, String> {
+    let none = || "no attempt records".to_string();
+    if !crate::statedir::agents_own(&[dir]) {
+        return Err(
+            "no attempt records, and the dir is not the agent's own (owner or mode)".into(),
+        );
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|_| none())?;
+    let only = entries.next().ok_or_else(none)?.map_err(|_| none())?;
     if entries.next().is_some() || only.file_name() != "job.json" {
-        return None;
+        return Err(none());
     }
-    let md = std::fs::symlink_metadata(only.path()).ok()?;
+    let md = std::fs::symlink_metadata(only.path()).map_err(|_| none())?;
     if !md.is_file() {
-        return None;
+        return Err(none());
     }
-    let written = spec_written(&md)?;
-    Some(Job {
+    let written = spec_written(&md).ok_or_else(none)?;
+    Ok(Job {
         id: id.to_string(),
         dir: dir.to_path_buf(),
         attempts: Vec::new(),
@@ -279,9 +288,7 @@ fn read_job(state: &StateDir, id: &str) -> Result<Option<Job>, String> {
     let entries = match std::fs::read_dir(&attempts_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return spec_alone(&dir, id)
-                .map(Some)
-                .ok_or_else(|| "no attempt records".into());
+            return spec_alone(&dir, id).map(Some);
         }
         Err(e) => return Err(format!("cannot read {}: {e}", attempts_dir.display())),
     };
@@ -1207,6 +1214,22 @@ mod tests {
             "{report:?}"
         );
         assert!(f.state.job_dir("with-data").join("data.bin").exists());
+        // A user's own dir (or one others may write in) is not emptied as anyone's.
+        use std::os::unix::fs::PermissionsExt;
+        spec_only("users", 40 * DAY, false);
+        let dir = f.state.job_dir("users");
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        spec_only("open", 40 * DAY, false);
+        let open = f.state.job_dir("open");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let report = sweep(&f.state, &Retention::default(), later);
+        for id in ["users", "open"] {
+            assert!(
+                reason(&report, id).contains("not the agent's own"),
+                "{id}: {report:?}"
+            );
+            assert!(f.state.job_dir(id).join("job.json").exists(), "{id}");
+        }
     }
 
     /// An unfinished attempt is held no longer by a later one done in its workdir, but only
