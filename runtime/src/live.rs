@@ -104,6 +104,7 @@ impl LiveSync {
             looking: Default::default(),
             touch_rest: None,
             warned_upload: false,
+            store_failures: HashMap::new(),
             warned_files: false,
         };
         LiveSync { syncer }
@@ -163,6 +164,8 @@ struct Syncer {
     /// nothing would see it made again. Polled until every output dir is watched again.
     roots_lost: bool,
     warned_upload: bool,
+    /// How many live uploads of each file the store failed in a row ([`store_retry_hold`]).
+    store_failures: HashMap<String, u32>,
     /// Said once: more files than a manifest can list.
     warned_files: bool,
     /// Large files being hashed ahead while the job writes them, and which (by the task
@@ -208,6 +211,25 @@ const MAX_CHANGED_HOLD: Duration = Duration::from_secs(300);
 /// whole run (disk and CPU the job's, and nothing stored). Held back so, its reads take at
 /// most a third of the time; the final sync stores it.
 const CHANGED_HOLD: u32 = 2;
+
+/// How long a file whose live upload the store failed waits before it is tried again: the
+/// first wait one outage probe apart (a store past its outage deadline is tried once every
+/// 10 s), each next one twice as long, up to [`MAX_STORE_RETRY_HOLD`]. Left for the final
+/// sync, a checkpoint written during an hour's outage early in a week's job waited the week
+/// once the store was back, and was lost with the node.
+fn store_retry_hold(failures: u32) -> Duration {
+    const FIRST: Duration = Duration::from_secs(10);
+    FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_STORE_RETRY_HOLD)
+}
+
+/// The longest wait of [`store_retry_hold`]: each try re-reads and re-hashes the file.
+const MAX_STORE_RETRY_HOLD: Duration = Duration::from_secs(600);
+
+/// How many files' failure counts [`Syncer::store_failures`] keeps: past it, the counts start
+/// again (the waits are shorter, never missing).
+const MAX_STORE_FAILURES_KEPT: usize = 100_000;
 
 #[derive(Default)]
 struct RescanPace {
@@ -1061,6 +1083,7 @@ impl Syncer {
             }
             Ok(up) => {
                 tracing::debug!(path = %rel, bytes = up.digests.size, new = up.new_bytes > 0, "synced while running");
+                self.store_failures.remove(&rel);
                 self.book.record(up);
                 self.manifest_dirty = true;
             }
@@ -1076,6 +1099,26 @@ impl Syncer {
             }
             // The final scan says why in the status' warnings.
             Err(UploadError::Vanished { .. } | UploadError::NotReadable { .. }) => {}
+            // The store's fault: tried again while the job runs, once it may have passed.
+            Err(e @ UploadError::Store { .. }) => {
+                if self.store_failures.len() >= MAX_STORE_FAILURES_KEPT {
+                    self.store_failures.clear();
+                }
+                let failures = self.store_failures.entry(rel.clone()).or_default();
+                *failures = failures.saturating_add(1);
+                let hold = store_retry_hold(*failures);
+                if !self.warned_upload {
+                    tracing::warn!(path = %rel, error = %crate::error_chain(&e), retry_in_s = hold.as_secs(), "upload while running failed; tried again while the job runs (waits doubling up to 10 min), and at the end");
+                    self.warned_upload = true;
+                }
+                self.candidates.insert(
+                    rel,
+                    Candidate {
+                        stamp: None,
+                        since: Instant::now() + hold,
+                    },
+                );
+            }
             Err(e) => {
                 // Not final: the final scan tries every file that is not in the book.
                 if !self.warned_upload {
