@@ -108,13 +108,26 @@ impl StateDir {
         self.ensure_root()?;
         // The jobs dir may be an operator's symlink to a larger disk; below a job's dir
         // everything is the agent's own, and one found there must be.
-        for (dir, mode, own) in [
-            (self.jobs_dir(), 0o711, false),
-            (self.job_dir(job_id), 0o711, false),
-            (self.job_dir(job_id).join("attempts"), 0o700, true),
-            (self.attempt_dir(job_id, attempt), 0o700, true),
+        mkdir_mode(&self.jobs_dir(), 0o711, false)?;
+        let job_dir = self.job_dir(job_id);
+        mkdir_mode(&job_dir, 0o711, false)?;
+        // The scheduler's (its `job.json`) or the agent's: one its job's user owns (or may
+        // write in) let the job rename `attempts/` away and link one in its place, and root's
+        // records, logs and upload journals landed wherever the links led.
+        if !agents_own(&[&job_dir]) {
+            return Err(StateError::Write {
+                path: job_dir,
+                source: std::io::Error::other(
+                    "exists and is not root's alone (its owner, group or others may write in it); \
+                     a job's dir in the state dir must be, as the records root writes in it are",
+                ),
+            });
+        }
+        for dir in [
+            self.job_dir(job_id).join("attempts"),
+            self.attempt_dir(job_id, attempt),
         ] {
-            mkdir_mode(&dir, mode, own)?;
+            mkdir_mode(&dir, 0o700, true)?;
         }
         Ok(self.attempt_dir(job_id, attempt))
     }
@@ -1046,6 +1059,27 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
             assert!(s.ensure_attempt_dir("j", 1).is_err());
+        }
+    }
+
+    /// A job's dir its user owns (or others may write in) is refused: the job could rename
+    /// `attempts/` away and link one in its place for root to write records through.
+    #[test]
+    fn a_job_dir_others_may_write_in_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let s = StateDir::new(top.path().join("state"));
+        s.ensure_attempt_dir("j", 1).unwrap();
+        let job = s.job_dir("j");
+        std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = s.ensure_attempt_dir("j", 2).unwrap_err();
+        assert!(crate::error_chain(&e).contains("not root's alone"), "{e:?}");
+        std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o711)).unwrap();
+        s.ensure_attempt_dir("j", 2).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&job, Some(4242), None).unwrap();
+            assert!(s.ensure_attempt_dir("j", 3).is_err());
+            assert!(!s.attempt_dir("j", 3).exists());
         }
     }
 
