@@ -102,6 +102,7 @@ impl LiveSync {
             prehashing: JoinSet::new(),
             prehash_busy: Default::default(),
             looking: Default::default(),
+            request_looking: Default::default(),
             touch_rest: None,
             warned_upload: false,
             store_failures: HashMap::new(),
@@ -177,6 +178,10 @@ struct Syncer {
     /// faulting on a page of its own silent FUSE mount holds for ever. One stuck look halts
     /// settling and wait_all, not the sync ([`crate::publish::look_at_open_files`]).
     looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The same for the looks of the job's requests (wait_all, publish): held apart, so that a
+    /// request is not refused behind a settle look at the idle priority that a node whose job
+    /// keeps every core busy starves past its limit. At most two threads stick.
+    request_looking: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Until when a directory made or moved in is left to the next rescan, not walked at
     /// once (after a walk that cost [`TOUCH_WALK_FREE`] or more).
     touch_rest: Option<Instant>,
@@ -382,7 +387,7 @@ impl Syncer {
             dirs: &self.dirs,
             reader: self.reader.as_ref(),
             procs: Some(&self.procs),
-            looking: &self.looking,
+            looking: &self.request_looking,
         };
         let reply = crate::publish::serve(&parts, &mut self.book, call.request).await;
         // The reply's manifest write (`serve` writes one after a failed request too) covered

@@ -48,7 +48,8 @@ pub enum LookFailed {
 /// wedged GPU, a page fault on a silent FUSE mount of the job's), past SIGKILL: waited for
 /// without a limit, one such process held the collector, the job's end and the agent's exit
 /// for ever. `looking` is held while a look runs, and stays held by one that never answers,
-/// so that at most one thread sticks; it is shared by live sync's settle looks and wait_all.
+/// so that at most one thread sticks for each flag (live sync keeps one for its settle looks
+/// and one for the job's requests).
 ///
 /// `gently`: at the agent's idle priority (live sync's own looks); a look a job's request
 /// waits on runs at the normal one (`paced` already rests the job's requests), else on a node

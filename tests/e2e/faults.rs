@@ -682,6 +682,35 @@ fn a_settle_look_that_hangs_does_not_hold_the_end() {
     assert_eq!(h.manifest("look")["files"][0]["path"], "artifacts/w");
 }
 
+/// A settle look stuck past its limit (at the idle priority, on a node whose job keeps every
+/// core busy, one takes minutes) does not refuse the job's wait_all: its look is its own.
+/// They shared one flag, and every wait_all meanwhile was refused at once.
+#[test]
+fn a_stuck_settle_look_does_not_refuse_a_wait_all() {
+    let mut h = Harness::file();
+    h.extra_toml = "[sync]\nsettle_ms = 100\n".into();
+    h.env
+        .push(("C3_AGENT_FAULT".into(), "settle-look-hangs".into()));
+    let script = format!(
+        "echo w > $C3_ARTIFACTS_DIR/w; sleep 2; {BIN} publish --wait-all 2> err; echo $? > rc",
+        BIN = crate::support::BIN
+    );
+    let run = run_within(
+        &h,
+        json!({"job_id": "twolooks", "command": ["sh", "-c", script]}),
+        Duration::from_secs(60),
+    );
+    run.assert_code(0);
+    let w = h.workdir("twolooks");
+    let err = std::fs::read_to_string(w.join("err")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(w.join("rc")).unwrap().trim(),
+        "0",
+        "{err}\n{}",
+        run.stderr
+    );
+}
+
 /// `run --job` for `spec`, given `limit` to exit (killed past it, and the test fails): for
 /// the waits that were unbounded, whose old failure is an agent that never exits.
 fn run_within(h: &Harness, spec: serde_json::Value, limit: Duration) -> crate::support::Run {
