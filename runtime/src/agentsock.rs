@@ -33,6 +33,11 @@ const MAX_CONNECTIONS: usize = 16;
 /// threads. `c3-agent publish` connects once per call; a client that asks often keeps
 /// its connection.
 const CONNECTIONS_PER_SEC: u64 = 100;
+/// Request bytes read a second (and in a burst), over every connection: each line is parsed
+/// by the root agent on its runtime's threads, outside the job's cgroup, and a job sending
+/// 1 MiB lines of 262,144 paths from 16 connections kept them busy for as long as it liked.
+/// `c3-agent publish` sends 1,000 paths a line: 100,000 paths of 100 bytes take 2.5 s here.
+const REQUEST_BYTES_PER_SEC: u64 = 4 << 20;
 /// `sun_path` holds 108 bytes with its NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// Log lines a second for the socket's requests and refusals, sustained and in a burst: the
@@ -180,6 +185,7 @@ impl AgentSocket {
                 let mut conns = JoinSet::new();
                 let log = LogGate::new();
                 let pace = crate::ratelimit::RateLimit::new(CONNECTIONS_PER_SEC);
+                let bytes = crate::ratelimit::RateLimit::new(REQUEST_BYTES_PER_SEC);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
@@ -202,7 +208,8 @@ impl AgentSocket {
                                 continue;
                             }
                             let (p, procs, stop) = (publisher.clone(), procs.clone(), stop.clone());
-                            conns.spawn(connection(stream, p, procs, uid, stop, log.clone()).in_current_span());
+                            let gates = (log.clone(), bytes.clone());
+                            conns.spawn(connection(stream, p, procs, uid, stop, gates).in_current_span());
                         }
                     }
                 }
@@ -226,7 +233,7 @@ async fn connection(
     procs: JobProcesses,
     uid: u32,
     stop: CancellationToken,
-    log: LogGate,
+    (log, bytes): (LogGate, crate::ratelimit::RateLimit),
 ) {
     let Ok(cred) = stream.peer_cred() else { return };
     let pid = cred.pid().unwrap_or(0);
@@ -266,8 +273,18 @@ async fn connection(
             }
             Ok(_) => {}
         }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = bytes.take(line.len() as u64) => {}
+        }
         let reply = match SocketRequest::from_line(&line) {
-            Err(e) => SocketReply::error(format!("not a request: {e}")),
+            // The connection is closed after it: `c3-agent publish` sends none, and a job
+            // sending `x\n` in a loop got a reply each, as fast as the agent could write them.
+            Err(e) => {
+                let reply = SocketReply::error(format!("not a request: {e}"));
+                let _ = write.write_all(&reply.to_line()).await;
+                return;
+            }
             Ok(request) => {
                 match &request {
                     SocketRequest::Publish { paths } if log.admit() => tracing::info!(

@@ -499,6 +499,50 @@ fn socket_requests_cannot_flood_the_agents_log() {
     );
 }
 
+/// The root agent parses every request line on its own threads, outside the job's cgroup:
+/// a job sending 1 MiB lines as fast as it can is held to a pace (4 MiB a second over its
+/// connections, after a second's burst), and a line that is not a request ends its
+/// connection (a reply per `x\n` was as fast as the agent could write them).
+#[test]
+fn the_socket_parses_a_jobs_lines_at_a_bounded_pace() {
+    let h = slow_settle();
+    // 24 lines of 1 MiB (an empty publish and its padding): at least 5 s.
+    let py = r#"import json, os, socket, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ['C3_AGENT_SOCKET'])
+f = s.makefile('rb')
+line = (json.dumps({'op': 'publish', 'paths': []}) + ' ' * ((1 << 20) - 40) + '\n').encode()
+began = time.monotonic()
+for i in range(24):
+    s.sendall(line)
+    assert f.readline(), i
+open('took', 'w').write('%f' % (time.monotonic() - began))
+s.sendall(b'x\n')
+first = f.readline()
+try:
+    s.sendall(b'y\n')
+    second = f.readline()
+except OSError:
+    second = b''
+open('bad', 'w').write(repr((first, second)))
+"#;
+    std::fs::write(h.path("pace.py"), py).unwrap();
+    let script = format!("python3 {}", h.path("pace.py").display());
+    h.run_job(json!({"job_id": "pace", "command": ["sh", "-c", script]}))
+        .assert_code(0);
+    let w = h.workdir("pace");
+    let took: f64 = std::fs::read_to_string(w.join("took"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(took >= 4.5, "24 MiB of request lines parsed in {took:.2} s");
+    let bad = std::fs::read_to_string(w.join("bad")).unwrap();
+    assert!(
+        bad.contains("not a request") && bad.ends_with(", b'')"),
+        "{bad}"
+    );
+}
+
 /// A `wait_all` with nothing new to store writes no manifest: a job calling it in a loop
 /// cannot make the agent rewrite manifests faster than `manifest_interval_ms`. The job
 /// removes the manifest before each call and counts how often it came back.
