@@ -852,14 +852,20 @@ async fn fetch_once(
             // A clean end short of the entry's size is a break too (a proxy that cut a body
             // sent without a length): taken for the store holding other bytes, it was
             // fetched whole again, and a second such cut failed the pull, not retryable.
-            None if received < entry.size => Err(object_store::Error::Generic {
-                store: "HTTP",
-                source: format!(
-                    "the body ended after {received} of the blob's {} bytes",
-                    entry.size
-                )
-                .into(),
-            }),
+            // The file store's end is the blob's: shorter than the manifest says (a size
+            // lie, a torn copy), it is a mismatch, fetched once more and then failed. Resumed,
+            // its answer to a range past the end was taken for a blip and retried for the
+            // whole retry deadline, and the job failed retryable, every attempt alike.
+            None if received < entry.size && !store.is_local() => {
+                Err(object_store::Error::Generic {
+                    store: "HTTP",
+                    source: format!(
+                        "the body ended after {received} of the blob's {} bytes",
+                        entry.size
+                    )
+                    .into(),
+                })
+            }
             None => break,
         };
         match chunk {
@@ -1064,9 +1070,12 @@ fn write_verified(
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64))?;
     }
     // setuid/setgid/sticky are never restored. With no owner the file is the agent's (root's,
-    // for `c3-agent pull`): a job's 0777 file would be a root file anyone may rewrite.
+    // for `c3-agent pull`): a job's 0777 file would be a root file anyone may rewrite. Given
+    // to the job's user it keeps its group's bits, not others' write: a source job's 0666
+    // (a umask of 000) let any local user rewrite the verified input (a pickled model: code
+    // run in the job) while the job read it; its user may chmod its own file.
     let mode = match owner {
-        Some(_) => entry.mode & 0o777,
+        Some(_) => entry.mode & 0o775,
         None => entry.mode & 0o755,
     };
     drop_inherited_acl(file)?;
@@ -1744,13 +1753,14 @@ mod tests {
     }
 
     /// A job's 0777 file, pulled as root with no owner (`c3-agent pull`), became a root file
-    /// every user may rewrite. Pulled for the job's user it stays as the job made it.
+    /// every user may rewrite. Pulled for the job's user it stays as the job made it, but for
+    /// others' write.
     #[test]
     fn a_file_pulled_for_no_owner_is_writable_by_none_but_it() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let me = nix::unistd::geteuid().as_raw();
-        for (name, owner, want) in [("root", None, 0o755), ("job", Some((me, me)), 0o777)] {
+        for (name, owner, want) in [("root", None, 0o755), ("job", Some((me, me)), 0o775)] {
             let path = dir.path().join(name);
             let file = std::fs::File::create(&path).unwrap();
             let mut entry = entry_of(b"abc");
@@ -1796,6 +1806,46 @@ mod tests {
             ..entry_of(b"in no store")
         });
         (store, files)
+    }
+
+    /// A file store's blob shorter than its entry says (a manifest's size lie, a torn copy)
+    /// is a mismatch: its clean end is the blob's end. Taken for a break, the resumed read
+    /// past the end was retried for the whole retry deadline and failed as a store fault
+    /// (retryable: every attempt of the job waited it out again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_store_blob_shorter_than_its_entry_is_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("store").display());
+        let store = BlobStore::open(&crate::store::StoreConfig::for_tests(&url)).unwrap();
+        let bytes = b"shorter than the manifest says";
+        let entry = entry_of(bytes);
+        store
+            .put_blob(&entry.sha256, bytes.to_vec().into())
+            .await
+            .unwrap();
+        let lying = FileEntry {
+            path: "lie".into(),
+            size: entry.size + 10,
+            ..entry
+        };
+        let dest = dir.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let root = DirFd::open(&dest).unwrap();
+        let pulled = pull_into(
+            &store,
+            vec![lying].into(),
+            root,
+            &dest,
+            (None, None),
+            false,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(pulled, Err(PullError::Mismatch { .. })),
+            "{pulled:?}"
+        );
+        assert!(!dest.join("lie").exists());
     }
 
     /// One blob missing while others download: the error returned at once, the other
