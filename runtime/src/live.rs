@@ -1104,8 +1104,10 @@ impl Syncer {
             }
             // The final scan says why in the status' warnings.
             Err(UploadError::Vanished { .. } | UploadError::NotReadable { .. }) => {}
-            // The store's fault: tried again while the job runs, once it may have passed.
-            Err(e @ UploadError::Store { .. }) => {
+            // A store fault: tried again while the job runs, once it may have passed. Not a
+            // refusal (a 403, a key it will not take): each try reads and hashes the file
+            // again, for nothing; the final sync tries once more.
+            Err(UploadError::Store { source, .. }) if !source.is_permanent() => {
                 if self.store_failures.len() >= MAX_STORE_FAILURES_KEPT {
                     self.store_failures.clear();
                 }
@@ -1113,7 +1115,7 @@ impl Syncer {
                 *failures = failures.saturating_add(1);
                 let hold = store_retry_hold(*failures);
                 if !self.warned_upload {
-                    tracing::warn!(path = %rel, error = %crate::error_chain(&e), retry_in_s = hold.as_secs(), "upload while running failed; tried again while the job runs (waits doubling up to 10 min), and at the end");
+                    tracing::warn!(path = %rel, error = %crate::error_chain(&source), retry_in_s = hold.as_secs(), "upload while running failed; tried again while the job runs (waits doubling up to 10 min), and at the end");
                     self.warned_upload = true;
                 }
                 self.candidates.insert(

@@ -2041,6 +2041,49 @@ fn a_live_upload_the_store_failed_is_tried_again_while_the_job_runs() {
     );
 }
 
+/// A live upload the store refused (a 403: no fault that passes) is not tried again while
+/// the job runs: each try would read and hash the file again, for nothing. The final sync
+/// tries it once more.
+#[test]
+fn a_live_upload_the_store_refused_waits_for_the_final_sync() {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[sync]\nsettle_ms = 100\n");
+    let bytes = b"refused while the job runs";
+    let stop = h.path("stop");
+    let cmd = format!(
+        "touch {started}; while [ ! -e {down} ]; do sleep 0.05; done; printf '%s' '{body}' > $C3_ARTIFACTS_DIR/a; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
+        started = h.path("started").display(),
+        down = h.path("down").display(),
+        body = std::str::from_utf8(bytes).unwrap(),
+        stop = stop.display(),
+    );
+    let spec = h.spec(json!({"job_id": "refusedlive", "command": ["sh", "-c", cmd]}));
+    let spec = spec.display().to_string();
+    let agent = h.spawn(&["run", "--job", &spec]);
+    wait_for("the job to start", Duration::from_secs(30), || {
+        h.path("started").exists().then_some(())
+    });
+    s3.set_fault(Fault::SignatureMismatch);
+    std::fs::write(h.path("down"), b"").unwrap();
+    wait_for(
+        "the live upload to be refused",
+        Duration::from_secs(30),
+        || (s3.puts_of(bytes) >= 1).then_some(()),
+    );
+    // Past the first wait of a store fault's (10 s).
+    std::thread::sleep(Duration::from_secs(13));
+    let puts = s3.puts_of(bytes);
+    std::fs::write(&stop, b"").unwrap();
+    let run = h.wait("the job".into(), agent);
+    assert_eq!(
+        puts, 1,
+        "a refused upload was tried again while the job ran\n{}",
+        run.stderr
+    );
+}
+
 /// A blob PUT the store took and answered 500 (the answer lost) is sent again, refused as
 /// present (412) and found by a HEAD last modified since the upload began: the job's own
 /// write. It counts in `new_bytes` (the storage byte delta): taken for a blob that was there,
