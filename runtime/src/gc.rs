@@ -982,11 +982,11 @@ fn list_manifests(root: &DirFd, tick: &dyn Fn()) -> (Vec<String>, Vec<(String, S
             },
             Ok(_) if is_manifest_key(&key) => keys.push(key),
             // Readers (object_store's file store, `pull`) follow a link to a directory (an
-            // operator's relocated job tree), and gc follows none: a manifest there went
-            // unread, and its blobs looked unreferenced.
+            // operator's relocated job tree), and this walk follows none: a manifest there
+            // went unread, and its blobs looked unreferenced.
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => failures.push((
                 key,
-                "a symbolic link: gc follows none, and a manifest reached through it would go unread".into(),
+                "a symbolic link: gc's walk follows none, and a manifest reached through it would go unread".into(),
             )),
             Ok(_) => {}
         }

@@ -105,7 +105,10 @@ impl LiveSync {
             request_looking: Default::default(),
             touch_rest: None,
             warned_upload: false,
+            warned_store_retry: false,
             store_failures: HashMap::new(),
+            store_failures_bytes: 0,
+            blind_retry: None,
             warned_files: false,
         };
         LiveSync { syncer }
@@ -165,8 +168,16 @@ struct Syncer {
     /// nothing would see it made again. Polled until every output dir is watched again.
     roots_lost: bool,
     warned_upload: bool,
-    /// How many live uploads of each file the store failed in a row ([`store_retry_hold`]).
-    store_failures: HashMap<String, u32>,
+    /// Said once: a live upload the store failed is tried again while the job runs.
+    warned_store_retry: bool,
+    /// Files whose latest live upload the store failed: how many times in a row
+    /// ([`store_retry_hold`]) and when the latest failed ([`Syncer::held_for_the_store`]).
+    store_failures: HashMap<String, (u32, Instant)>,
+    /// What the keys of `store_failures` take: past [`MAX_STORE_FAILURES_BYTES`] it starts
+    /// again (entries of files since removed are not looked for).
+    store_failures_bytes: usize,
+    /// When a file was last tried again with the store silent since its failure.
+    blind_retry: Option<Instant>,
     /// Said once: more files than a manifest can list.
     warned_files: bool,
     /// Large files being hashed ahead while the job writes them, and which (by the task
@@ -232,9 +243,12 @@ fn store_retry_hold(failures: u32) -> Duration {
 /// The longest wait of [`store_retry_hold`]: each try re-reads and re-hashes the file.
 const MAX_STORE_RETRY_HOLD: Duration = Duration::from_secs(600);
 
-/// How many files' failure counts [`Syncer::store_failures`] keeps: past it, the counts start
-/// again (the waits are shorter, never missing).
-const MAX_STORE_FAILURES_KEPT: usize = 100_000;
+/// How often a file held for a silent store ([`Syncer::held_for_the_store`]) looks again.
+const STORE_SILENT_RECHECK: Duration = Duration::from_secs(10);
+
+/// How many bytes of paths [`Syncer::store_failures`] keeps: past it, the counts start again
+/// (the waits are shorter, never missing).
+const MAX_STORE_FAILURES_BYTES: usize = 16 << 20;
 
 #[derive(Default)]
 struct RescanPace {
@@ -926,6 +940,46 @@ impl Syncer {
         }
     }
 
+    /// `due` but for the files whose live upload the store failed, while it has answered
+    /// nothing since: each try reads and hashes the file before the store is asked, and
+    /// 1 TB of checkpoints met by an outage was read again at every file's wait, the store
+    /// refusing them all unasked. Those wait [`STORE_SILENT_RECHECK`] more, unread; one of them
+    /// is tried anyway every [`MAX_STORE_RETRY_HOLD`], as a probe for a quiet job (whose
+    /// in-progress manifest and new files ask the store otherwise).
+    fn held_for_the_store(&mut self, due: Vec<String>) -> Vec<String> {
+        if self.store_failures.is_empty() {
+            return due;
+        }
+        let now = Instant::now();
+        let mut kept = Vec::with_capacity(due.len());
+        let mut blind_given = false;
+        for rel in due {
+            let silent = self
+                .store_failures
+                .get(&rel)
+                .is_some_and(|&(_, failed)| !self.uploader.store().answered_since(failed));
+            // Not when the store would refuse it unasked (another operation probes it): the
+            // probe this retry is for would not be made.
+            let blind_due = self
+                .blind_retry
+                .is_none_or(|at| now >= at + MAX_STORE_RETRY_HOLD)
+                && !self.uploader.store().refuses_writes_now();
+            if !silent {
+                kept.push(rel);
+            } else if blind_due && !blind_given {
+                // Spent when its upload starts (`settle`): a look that finds the file
+                // changed or still written to leaves the turn to the next.
+                blind_given = true;
+                kept.push(rel);
+            } else {
+                let since = now + STORE_SILENT_RECHECK;
+                let stamp = self.candidates.get(&rel).and_then(|c| c.stamp);
+                self.candidates.insert(rel, Candidate { stamp, since });
+            }
+        }
+        kept
+    }
+
     /// Uploads the candidates that settled and that nobody writes to any more.
     async fn settle(&mut self, uploads: &mut JoinSet<UploadResult>) {
         let now = Instant::now();
@@ -949,6 +1003,7 @@ impl Syncer {
             room.saturating_add(LOOK_AHEAD),
             |rel| in_flight.contains_key(rel),
         );
+        let due = self.held_for_the_store(due);
         if due.is_empty() {
             return;
         }
@@ -1061,6 +1116,9 @@ impl Syncer {
                 stamp,
                 started: Instant::now(),
             };
+            if self.store_failures.contains_key(&rel) {
+                self.blind_retry = Some(Instant::now());
+            }
             self.in_flight.insert(rel, sending);
             spawned += 1;
         }
@@ -1074,6 +1132,7 @@ impl Syncer {
         self.book.progress.finish(size);
         let sending = self.in_flight.remove(&rel);
         let removed = sending.as_ref().is_some_and(|s| s.removed);
+        let sent = sending.as_ref().map(|s| s.stamp);
         let took = sending.map_or(Duration::ZERO, |s| s.started.elapsed());
         match result {
             // Stored, but no longer the job's file: the blob is this job's bytes all the same.
@@ -1088,7 +1147,9 @@ impl Syncer {
             }
             Ok(up) => {
                 tracing::debug!(path = %rel, bytes = up.digests.size, new = up.new_bytes > 0, "synced while running");
-                self.store_failures.remove(&rel);
+                if self.store_failures.remove(&rel).is_some() {
+                    self.store_failures_bytes -= rel.len();
+                }
                 self.book.record(up);
                 self.manifest_dirty = true;
             }
@@ -1108,20 +1169,33 @@ impl Syncer {
             // refusal (a 403, a key it will not take): each try reads and hashes the file
             // again, for nothing; the final sync tries once more.
             Err(UploadError::Store { source, .. }) if !source.is_permanent() => {
-                if self.store_failures.len() >= MAX_STORE_FAILURES_KEPT {
+                if self.store_failures_bytes >= MAX_STORE_FAILURES_BYTES {
                     self.store_failures.clear();
+                    self.store_failures_bytes = 0;
                 }
-                let failures = self.store_failures.entry(rel.clone()).or_default();
-                *failures = failures.saturating_add(1);
-                let hold = store_retry_hold(*failures);
-                if !self.warned_upload {
+                let now = Instant::now();
+                let failures = match self.store_failures.get_mut(&rel) {
+                    Some(failed) => {
+                        *failed = (failed.0.saturating_add(1), now);
+                        failed.0
+                    }
+                    None => {
+                        self.store_failures_bytes += rel.len();
+                        self.store_failures.insert(rel.clone(), (1, now));
+                        1
+                    }
+                };
+                let hold = store_retry_hold(failures);
+                if !self.warned_store_retry {
                     tracing::warn!(path = %rel, error = %crate::error_chain(&source), retry_in_s = hold.as_secs(), "upload while running failed; tried again while the job runs (waits doubling up to 10 min), and at the end");
-                    self.warned_upload = true;
+                    self.warned_store_retry = true;
                 }
+                // With the version sent: unchanged when it is due, it is sent at once (a
+                // first look at it would spend the turn `held_for_the_store` gave it).
                 self.candidates.insert(
                     rel,
                     Candidate {
-                        stamp: None,
+                        stamp: sent,
                         since: Instant::now() + hold,
                     },
                 );
@@ -1284,6 +1358,45 @@ mod tests {
             mpsc::channel(1).1,
         );
         live.syncer
+    }
+
+    /// A file whose live upload the store failed is not read again while the store has
+    /// answered nothing since, but for one such file every 10 minutes (a probe for a quiet
+    /// job); once the store answers, all of them are.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_file_the_store_failed_waits_unread_while_the_store_is_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = syncer(dir.path());
+        let failed = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for rel in ["artifacts/a", "artifacts/b"] {
+            s.store_failures.insert(rel.into(), (1, failed));
+        }
+        let due = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        // The first is tried blind (a probe); the other waits, unread; one the store did not
+        // fail is tried.
+        let tried = s.held_for_the_store(due(&["artifacts/a", "artifacts/b", "artifacts/c"]));
+        assert_eq!(tried, ["artifacts/a", "artifacts/c"]);
+        let held = s.candidates.get("artifacts/b").expect("held again").since;
+        assert!(held >= Instant::now() + STORE_SILENT_RECHECK);
+        // Until an upload of one starts (`settle`), the turn is still to be had.
+        assert_eq!(s.held_for_the_store(due(&["artifacts/b"])), ["artifacts/b"]);
+        s.blind_retry = Some(Instant::now());
+        assert!(s.held_for_the_store(due(&["artifacts/b"])).is_empty());
+        tokio::time::advance(MAX_STORE_RETRY_HOLD).await;
+        assert_eq!(s.held_for_the_store(due(&["artifacts/b"])), ["artifacts/b"]);
+        s.blind_retry = Some(Instant::now());
+        assert!(s.held_for_the_store(due(&["artifacts/a"])).is_empty());
+        // The store answers: every file it failed is tried.
+        s.uploader
+            .store()
+            .put_blob(crate::store::EMPTY_SHA256, bytes::Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.held_for_the_store(due(&["artifacts/a", "artifacts/b"])),
+            ["artifacts/a", "artifacts/b"]
+        );
     }
 
     /// Writes `rel` and makes it a candidate that has settled; its upload is spawned by the

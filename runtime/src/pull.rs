@@ -1069,15 +1069,13 @@ fn write_verified(
     if entry.mtime_ns >= 0 {
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64))?;
     }
-    // setuid/setgid/sticky are never restored. With no owner the file is the agent's (root's,
-    // for `c3-agent pull`): a job's 0777 file would be a root file anyone may rewrite. Given
-    // to the job's user it keeps its group's bits, not others' write: a source job's 0666
-    // (a umask of 000) let any local user rewrite the verified input (a pickled model: code
-    // run in the job) while the job read it; its user may chmod its own file.
-    let mode = match owner {
-        Some(_) => entry.mode & 0o775,
-        None => entry.mode & 0o755,
-    };
+    // setuid/setgid/sticky are never restored, nor write for others than the owner. With no
+    // owner the file is the agent's (root's, for `c3-agent pull`): a job's 0777 file would be
+    // a root file anyone may rewrite. Given to the job's user, a source job's 0666 (a umask
+    // of 000, or 002 and a group the user shares) let other local users rewrite the verified
+    // input (a pickled model: code run in the job) while the job read it; its user may
+    // chmod its own file.
+    let mode = entry.mode & 0o755;
     drop_inherited_acl(file)?;
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Some((uid, gid)) = owner {
@@ -1753,14 +1751,14 @@ mod tests {
     }
 
     /// A job's 0777 file, pulled as root with no owner (`c3-agent pull`), became a root file
-    /// every user may rewrite. Pulled for the job's user it stays as the job made it, but for
-    /// others' write.
+    /// every user may rewrite; pulled for the job's user, a file its group or others may
+    /// rewrite. Each keeps the rest of its mode.
     #[test]
     fn a_file_pulled_for_no_owner_is_writable_by_none_but_it() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let me = nix::unistd::geteuid().as_raw();
-        for (name, owner, want) in [("root", None, 0o755), ("job", Some((me, me)), 0o775)] {
+        for (name, owner, want) in [("root", None, 0o755), ("job", Some((me, me)), 0o755)] {
             let path = dir.path().join(name);
             let file = std::fs::File::create(&path).unwrap();
             let mut entry = entry_of(b"abc");

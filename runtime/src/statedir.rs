@@ -110,18 +110,15 @@ impl StateDir {
         // everything is the agent's own, and one found there must be.
         mkdir_mode(&self.jobs_dir(), 0o711, false)?;
         let job_dir = self.job_dir(job_id);
-        mkdir_mode(&job_dir, 0o711, false)?;
-        // The scheduler's (its `job.json`) or the agent's: one its job's user owns (or may
-        // write in) let the job rename `attempts/` away and link one in its place, and root's
-        // records, logs and upload journals landed wherever the links led.
-        if !agents_own(&[&job_dir]) {
-            return Err(StateError::Write {
-                path: job_dir,
-                source: std::io::Error::other(
-                    "exists and is not root's alone (its owner, group or others may write in it); \
-                     a job's dir in the state dir must be, as the records root writes in it are",
-                ),
-            });
+        // The agent's (made 0711 again if another pass changed its mode: a Kubernetes
+        // `fsGroup`'s `g+rwxs`), or root's that no one else may write (a scheduler's, over a
+        // user-mode agent). One its job's user owns let the job rename `attempts/` away and
+        // link one in its place, and root's records, logs and upload journals landed
+        // wherever the links led.
+        if let Err(e) = mkdir_mode(&job_dir, 0o711, true) {
+            if !agents_own(&[&job_dir]) {
+                return Err(e);
+            }
         }
         for dir in [
             self.job_dir(job_id).join("attempts"),
@@ -1062,24 +1059,32 @@ mod tests {
         }
     }
 
-    /// A job's dir its user owns (or others may write in) is refused: the job could rename
-    /// `attempts/` away and link one in its place for root to write records through.
+    /// A job's dir its user owns is refused: the job could rename `attempts/` away and link
+    /// one in its place for root to write records through. One of the agent's that others
+    /// may write in (a `fsGroup`'s `g+rwxs`) is made 0711 again; a symlink is refused.
     #[test]
-    fn a_job_dir_others_may_write_in_is_refused() {
+    fn a_job_dir_of_another_users_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let top = tempfile::tempdir().unwrap();
         let s = StateDir::new(top.path().join("state"));
         s.ensure_attempt_dir("j", 1).unwrap();
         let job = s.job_dir("j");
-        std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = s.ensure_attempt_dir("j", 2).unwrap_err();
-        assert!(crate::error_chain(&e).contains("not root's alone"), "{e:?}");
-        std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&job, std::fs::Permissions::from_mode(0o2777)).unwrap();
         s.ensure_attempt_dir("j", 2).unwrap();
+        let mode = std::fs::metadata(&job).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o711);
+        let elsewhere = top.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, s.job_dir("linked")).unwrap();
+        assert!(s.ensure_attempt_dir("linked", 1).is_err());
+        assert!(!elsewhere.join("attempts").exists());
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&job, Some(4242), None).unwrap();
-            assert!(s.ensure_attempt_dir("j", 3).is_err());
+            let e = s.ensure_attempt_dir("j", 3).unwrap_err();
+            assert!(crate::error_chain(&e).contains("agent's own"), "{e:?}");
             assert!(!s.attempt_dir("j", 3).exists());
+        } else {
+            crate::testskip::skip("not root: a dir of another user's cannot be made; not checked");
         }
     }
 

@@ -1031,6 +1031,23 @@ impl Retry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a write's try that started now would be refused unasked ([`Retry::admit`]): an
+    /// outage past its deadline whose probe is under way or was made a moment ago.
+    fn refuses_writes_now(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let state = self.lock();
+        let Some(o) = state.outage.as_ref() else {
+            return false;
+        };
+        let Some((clock, last)) = o.counted(true) else {
+            return false;
+        };
+        if now.saturating_duration_since(last) > self.deadline || now < clock + self.deadline {
+            return false;
+        }
+        o.probing || o.probed.is_some_and(|t| now < t + PROBE_EVERY)
+    }
+
     /// Decides how a try that starts now may run; `op_deadline` is its operation's own;
     /// `write`: whether it is a write's.
     fn admit(&self, op_deadline: tokio::time::Instant, write: bool) -> Admit<'_> {
@@ -1969,6 +1986,18 @@ impl BlobStore {
     /// still gets every file, which is first tried now.
     pub fn restart_outage_clock(&self) {
         self.retry.restart_clock();
+    }
+
+    /// Whether the store has answered since `at`, as an outage counts answers: a read in an
+    /// outage of writes does not.
+    pub fn answered_since(&self, at: tokio::time::Instant) -> bool {
+        self.retry.lock().answered_at.is_some_and(|a| a > at)
+    }
+
+    /// Whether a write started now would be refused without a try (an outage past its
+    /// deadline, its probe under way or made a moment ago).
+    pub fn refuses_writes_now(&self) -> bool {
+        self.retry.refuses_writes_now()
     }
 
     /// The backing store, unless it could not be set up.
