@@ -671,6 +671,14 @@ const TEMP_PREFIX: &str = ".c3-pull-";
 /// request is itself retried for the store's retry deadline).
 const MAX_FRUITLESS_RESUMES: u32 = 3;
 
+/// Resumes of one download in all: 64, and one more a MiB of the blob. A store or middlebox
+/// that cut every answer after a few KiB made a large blob millions of GETs, until a
+/// dataset's 6 h time-out (a `pull`: for good); a link that breaks every few MiB still gets
+/// its blob.
+fn max_resumes(size: u64) -> u64 {
+    64 + size / (1 << 20)
+}
+
 /// One blob into place; a body that did not match its sha256 is fetched once more from the
 /// start (a cache or proxy that served a wrong or cut body once is not the blob), and only
 /// a second mismatch is the store's word. So is a download whose resume the store answered
@@ -845,7 +853,7 @@ async fn fetch_once(
     // A body that breaks off (a reset, a stall, a request over its time limit) goes on from
     // the byte it reached, as often as each new request brings bytes: a big blob on a slow
     // or blinking link arrives in several requests rather than failing the pull.
-    let (mut received, mut fruitless) = (0u64, 0u32);
+    let (mut received, mut fruitless, mut resumes) = (0u64, 0u32, 0u64);
     loop {
         let chunk = match body.next().await {
             Some(chunk) => chunk,
@@ -888,7 +896,11 @@ async fn fetch_once(
                 };
                 fruitless += 1;
                 let mut failed = broke;
-                if received < entry.size && fruitless <= MAX_FRUITLESS_RESUMES {
+                resumes += 1;
+                if received < entry.size
+                    && fruitless <= MAX_FRUITLESS_RESUMES
+                    && resumes <= max_resumes(entry.size)
+                {
                     tracing::debug!(path = %entry.path, received, error = %crate::error_chain(&failed), "download broke off; resuming");
                     match store.get_blob_from(&entry.sha256, received).await {
                         Ok(rest) => {
@@ -1230,6 +1242,32 @@ mod tests {
             }
         };
         assert!(apart_in_case(&root, &[latin(0xe9), latin(0xe8)]).is_ok());
+    }
+
+    /// A store whose every answer to a download is one byte, then a reset: the pull fails
+    /// after 64 resumes (and one a MiB), each bringing a byte. It went on for as many GETs as
+    /// the blob has bytes.
+    #[tokio::test]
+    async fn resumes_are_bounded_in_all() {
+        use crate::store::tests::{store_over, Faulty};
+        let faulty = Arc::new(Faulty {
+            byte_then_broken_gets: true,
+            ..Default::default()
+        });
+        let store = store_over(faulty.clone(), std::time::Duration::from_secs(5));
+        let bytes = vec![7u8; 1000];
+        let entry = entry_of(&bytes);
+        store.put_blob(&entry.sha256, bytes.into()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pulled = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            pull_one(&store, entry, dir.path()),
+        )
+        .await
+        .expect("the download was resumed without end");
+        assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
+        let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        assert!(gets <= 1 + max_resumes(1000) + 1, "{gets} GETs");
     }
 
     /// A store whose every answer to a download is an empty chunk, then a reset: the pull

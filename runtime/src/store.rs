@@ -3910,6 +3910,8 @@ pub(crate) mod tests {
         pub(crate) hanging: std::sync::Mutex<Option<String>>,
         /// Every GET's body is an empty chunk, then a reset.
         pub(crate) empty_then_broken_gets: bool,
+        /// Every GET's body is its first byte, then a reset.
+        pub(crate) byte_then_broken_gets: bool,
         /// A PUT `If-Match` of a key not there: 404 NoSuchKey, as AWS answers it.
         pub(crate) update_of_nothing_404: bool,
         /// GETs so far (not HEADs).
@@ -4023,6 +4025,7 @@ pub(crate) mod tests {
                 });
             }
             // A key not there, as S3 says it.
+            let again = options.clone();
             let got = self
                 .mem
                 .get_opts(location, options)
@@ -4038,16 +4041,19 @@ pub(crate) mod tests {
                 return Ok(got);
             }
             self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if !self.empty_then_broken_gets {
-                return Ok(got);
-            }
-            let broken: Vec<object_store::Result<Bytes>> = vec![
-                Ok(Bytes::new()),
-                Err(object_store::Error::Generic {
-                    store: "S3",
-                    source: "error decoding response body: connection reset".into(),
-                }),
-            ];
+            let reset = || object_store::Error::Generic {
+                store: "S3",
+                source: "error decoding response body: connection reset".into(),
+            };
+            let first = match (self.byte_then_broken_gets, self.empty_then_broken_gets) {
+                (false, false) => return Ok(got),
+                (true, _) => {
+                    let bytes = self.mem.get_opts(location, again).await?.bytes().await?;
+                    Bytes::copy_from_slice(&bytes[..bytes.len().min(1)])
+                }
+                (false, true) => Bytes::new(),
+            };
+            let broken: Vec<object_store::Result<Bytes>> = vec![Ok(first), Err(reset())];
             Ok(GetResult {
                 payload: object_store::GetResultPayload::Stream(Box::pin(futures::stream::iter(
                     broken,
