@@ -124,6 +124,18 @@ fn mounts_in(table: &[u8]) -> std::io::Result<Vec<Mount>> {
     Ok(out)
 }
 
+/// The devices of this mount namespace's file systems where a store through a shared
+/// mapping moves no file time (shmem: tmpfs, ramfs, hugetlbfs have no `page_mkwrite`): a
+/// file mapped, stored to and unmapped there keeps every field of its stamp, its bytes
+/// changed.
+pub fn untimed_mapped_stores() -> std::io::Result<std::collections::HashSet<u64>> {
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| matches!(m.fstype.as_slice(), b"tmpfs" | b"ramfs" | b"hugetlbfs"))
+        .map(|m| m.dev)
+        .collect())
+}
+
 /// The block device a mount of device `dev` was made from (`/dev/sda1`), as the table names
 /// it; None for a mount of no device under `/dev` (tmpfs, NFS, a FUSE server's own word for
 /// its source, which root must not go and look up).

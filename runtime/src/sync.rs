@@ -635,9 +635,16 @@ pub async fn sync_scan_until(
     drop(kept);
     let files = std::mem::take(&mut scan.files);
     let found = files.len();
+    // On tmpfs a file mapped, stored to and unmapped after its last read keeps its stamp:
+    // each is read again (at memory speed; its blob, if unchanged, is not sent again). Taken
+    // as current, the complete manifest listed bytes the file no longer held. A table that
+    // cannot be read takes every device for one.
+    let untimed = crate::mountinfo::untimed_mapped_stores().ok();
     let mut todo: Vec<(String, FileStamp)> = files
         .into_iter()
-        .filter(|(rel, stamp)| !book.is_current(rel, stamp))
+        .filter(|(rel, stamp)| {
+            !book.is_current(rel, stamp) || untimed.as_ref().is_none_or(|u| u.contains(&stamp.dev))
+        })
         .collect();
     let skipped = found - todo.len();
     // A scan that stopped at a manifest's worth of files (its dirs then unread for good)
@@ -1087,7 +1094,86 @@ mod tests {
         assert_eq!(report.failures.len() + report.failures_more as usize, over);
     }
 
-    /// The final sync's upload of a file's newer version panics (a bug): it is failed by its
+    /// On tmpfs a store through a shared mapping moves no time: a file live sync read, then
+    /// mapped, stored to and unmapped by the job, looks as it did. The final sync reads every
+    /// file there again; elsewhere a file that looks as the book has it is not read.
+    #[tokio::test]
+    async fn the_final_sync_reads_again_what_lies_on_tmpfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, disk) = (dir.path().join("tmp"), dir.path().join("disk"));
+        std::fs::create_dir(&tmp).unwrap();
+        let Some(_mounted) = crate::rmtree::tests::Tmpfs::mount(&tmp) else {
+            return;
+        };
+        for (workdir, read_again) in [(&tmp, true), (&disk, false)] {
+            std::fs::create_dir_all(workdir.join("artifacts")).unwrap();
+            let path = workdir.join("artifacts/state.npy");
+            std::fs::write(&path, [1u8; 8192]).unwrap();
+            // The job's store through a mapping after live sync read it: on tmpfs the stamp
+            // stays as it was. The book's digests stand for the bytes live sync read.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let before = FileStamp::of(&std::fs::metadata(&path).unwrap());
+            let mut book = SyncBook::default();
+            book.record(Uploaded {
+                stamp: before,
+                ..up("artifacts/state.npy", 1)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // SAFETY: the mapping is of a file this test alone holds, unmapped below.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                let map = libc::mmap(
+                    std::ptr::null_mut(),
+                    8192,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(map, libc::MAP_FAILED);
+                // A read first (the fault that maps the page), as `a[i] += 1` does.
+                let first = std::ptr::read_volatile(map as *const u8);
+                std::ptr::write_volatile(map as *mut u8, first + 1);
+                assert_eq!(libc::munmap(map, 8192), 0);
+            }
+            drop(file);
+            let after = FileStamp::of(&std::fs::metadata(&path).unwrap());
+            let uploader = Uploader::new(
+                crate::store::BlobStore::in_memory(),
+                crate::upload::UploadOptions::default(),
+                "j",
+                None,
+            )
+            .confined_to(workdir);
+            let found = crate::collect::scan(workdir, &["artifacts".into()], None, u64::MAX);
+            let report =
+                sync_scan_until(&uploader, workdir, found, &mut book, None, None, None).await;
+            let mut now = [1u8; 8192];
+            now[0] = 2;
+            let listed = book
+                .get("artifacts/state.npy")
+                .unwrap()
+                .digests
+                .sha256_hex();
+            if read_again {
+                assert_eq!(after, before, "tmpfs moved a time on a mapped store");
+                assert_eq!(report.uploaded, 1);
+                assert_eq!(
+                    crate::digest::sha256_hex(&now),
+                    listed,
+                    "the book kept bytes the file no longer holds"
+                );
+            } else if after == before {
+                assert_eq!(report.uploaded, 0, "a settled file on disk was read again");
+            }
+        }
+    }
+
+    /// The final sync's upload of a file's newer version panics (a bug): it is failed by its    /// The final sync's upload of a file's newer version panics (a bug): it is failed by its
     /// name, and the version the book held (live sync's) is not sealed into the complete
     /// manifest as the file's content. The panic was booked as "(an upload task)", the
     /// older version listed as final.
