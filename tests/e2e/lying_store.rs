@@ -2020,8 +2020,9 @@ fn a_live_upload_the_store_failed_is_tried_again_while_the_job_runs() {
         Duration::from_secs(30),
         || (s3.puts_of(bytes) >= 1).then_some(()),
     );
-    // Past the retry deadline (3 s): the upload has failed for good, as live sync goes.
-    std::thread::sleep(Duration::from_secs(5));
+    // Past the retry deadline (3 s from the first failure): the upload has failed, as live
+    // sync goes (its first try again comes 10 s after that).
+    std::thread::sleep(Duration::from_secs(8));
     assert!(wrote.exists());
     s3.set_fault(Fault::None);
     let stored = wait_for(
