@@ -478,7 +478,8 @@ async fn final_sync(
     let at_end = config
         .uploader
         .clone()
-        .with_options(config.uploader.options().at_end());
+        .with_options(config.uploader.options().at_end())
+        .without_inode_reads();
     // Live sync's uploads cut short by an outage were kept for a later try: this is it. What
     // it leaves unstored the same way is kept again; the rest (a version since rewritten or
     // removed) is aborted when the attempt ends, not kept with its job for ever.

@@ -636,16 +636,19 @@ pub async fn sync_scan_until(
     let files = std::mem::take(&mut scan.files);
     let found = files.len();
     // On tmpfs a file mapped, stored to and unmapped after its last read keeps its stamp:
-    // each is read again (at memory speed; its blob, if unchanged, is not sent again). Taken
-    // as current, the complete manifest listed bytes the file no longer held. A table that
-    // cannot be read takes every device for one.
+    // each that looks as the book has it is read again and hashed (at memory speed, nothing
+    // sent), and stored again only if its bytes changed, the book's version taken out first.
+    // Taken as current, the complete manifest listed bytes the file no longer held. A table
+    // that cannot be read takes every device for one.
     let untimed = crate::mountinfo::untimed_mapped_stores().ok();
-    let mut todo: Vec<(String, FileStamp)> = files
+    let (mut todo, to_verify): (Vec<_>, Vec<_>) = files
         .into_iter()
         .filter(|(rel, stamp)| {
             !book.is_current(rel, stamp) || untimed.as_ref().is_none_or(|u| u.contains(&stamp.dev))
         })
-        .collect();
+        .partition(|(rel, stamp)| !book.is_current(rel, stamp));
+    let changed = verify_untimed(uploader, workdir, to_verify, book).await;
+    todo.extend(changed);
     let skipped = found - todo.len();
     // A scan that stopped at a manifest's worth of files (its dirs then unread for good)
     // found other files than live sync had listed: stored beside the book's, they made a
@@ -701,6 +704,47 @@ pub async fn upload_all(
     checkpoint: Option<&dyn Checkpoint>,
 ) -> SyncReport {
     upload_all_until(uploader, workdir, todo, book, older, checkpoint, None).await
+}
+
+/// The files of `to_verify` (each current in `book`, on a file system where a store through
+/// a mapping moves no time) whose bytes are no longer the book's version: their book entries
+/// are taken out (a failed upload then leaves them unlisted, not listed with bytes they no
+/// longer hold), and they are returned to be stored. One that cannot be read is returned as it
+/// is: its upload says why.
+async fn verify_untimed(
+    uploader: &Uploader,
+    workdir: &std::path::Path,
+    to_verify: Vec<(String, FileStamp)>,
+    book: &mut SyncBook,
+) -> Vec<(String, FileStamp)> {
+    use futures::StreamExt;
+    let in_flight = uploader.options().files_in_flight.max(1);
+    let looked: Vec<_> = futures::stream::iter(to_verify)
+        .map(|(rel, stamp)| async move {
+            let file = LocalFile {
+                abs: workdir.join(crate::collect::path_of(&rel)),
+                rel,
+                stamp,
+            };
+            let digests = uploader.digests_of(&file).await.ok();
+            (file.rel, stamp, digests)
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    let mut changed = Vec::new();
+    for (rel, stamp, digests) in looked {
+        match digests {
+            Some(d) if book.current_digests(&rel, &stamp) == Some(d) => {}
+            Some(_) => {
+                tracing::debug!(path = %rel, "changed through a mapping with its stamp unmoved (tmpfs); stored again");
+                book.forget(|r| r == rel);
+                changed.push((rel, stamp));
+            }
+            None => changed.push((rel, stamp)),
+        }
+    }
+    changed
 }
 
 /// [`upload_all`] that stops when `halt` is cancelled (see [`sync_scan_until`]).
@@ -1095,8 +1139,9 @@ mod tests {
     }
 
     /// On tmpfs a store through a shared mapping moves no time: a file live sync read, then
-    /// mapped, stored to and unmapped by the job, looks as it did. The final sync reads every
-    /// file there again; elsewhere a file that looks as the book has it is not read.
+    /// mapped, stored to and unmapped by the job, looks as it did. The final sync reads and
+    /// hashes every such file again and stores the one whose bytes changed (one unchanged
+    /// costs no store call); on disk a file that looks as the book has it is not read.
     #[tokio::test]
     async fn the_final_sync_reads_again_what_lies_on_tmpfs() {
         let dir = tempfile::tempdir().unwrap();
@@ -1105,24 +1150,34 @@ mod tests {
         let Some(_mounted) = crate::rmtree::tests::Tmpfs::mount(&tmp) else {
             return;
         };
-        for (workdir, read_again) in [(&tmp, true), (&disk, false)] {
+        let untimed = crate::mountinfo::untimed_mapped_stores().unwrap();
+        for (workdir, on_tmpfs) in [(&tmp, true), (&disk, false)] {
             std::fs::create_dir_all(workdir.join("artifacts")).unwrap();
+            if !on_tmpfs
+                && untimed.contains(&std::os::unix::fs::MetadataExt::dev(
+                    &std::fs::metadata(workdir).unwrap(),
+                ))
+            {
+                continue; // this test's own temp dir lies on a tmpfs: no disk to compare
+            }
+            let mut book = SyncBook::default();
+            for (i, name) in ["state.npy", "same.bin"].into_iter().enumerate() {
+                let path = workdir.join("artifacts").join(name);
+                std::fs::write(&path, [1u8; 8192]).unwrap();
+                book.record(Uploaded {
+                    stamp: FileStamp::of(&std::fs::metadata(&path).unwrap()),
+                    digests: crate::digest::digest_bytes(&[1u8; 8192]),
+                    ..up(&format!("artifacts/{name}"), i as u8)
+                });
+            }
             let path = workdir.join("artifacts/state.npy");
-            std::fs::write(&path, [1u8; 8192]).unwrap();
-            // The job's store through a mapping after live sync read it: on tmpfs the stamp
-            // stays as it was. The book's digests stand for the bytes live sync read.
+            let before = FileStamp::of(&std::fs::metadata(&path).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(20));
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .unwrap();
-            let before = FileStamp::of(&std::fs::metadata(&path).unwrap());
-            let mut book = SyncBook::default();
-            book.record(Uploaded {
-                stamp: before,
-                ..up("artifacts/state.npy", 1)
-            });
-            std::thread::sleep(std::time::Duration::from_millis(20));
             // SAFETY: the mapping is of a file this test alone holds, unmapped below.
             unsafe {
                 use std::os::fd::AsRawFd;
@@ -1154,19 +1209,21 @@ mod tests {
                 sync_scan_until(&uploader, workdir, found, &mut book, None, None, None).await;
             let mut now = [1u8; 8192];
             now[0] = 2;
-            let listed = book
-                .get("artifacts/state.npy")
-                .unwrap()
-                .digests
-                .sha256_hex();
-            if read_again {
+            let listed = |name: &str| {
+                book.get(&format!("artifacts/{name}"))
+                    .unwrap()
+                    .digests
+                    .sha256_hex()
+            };
+            if on_tmpfs {
                 assert_eq!(after, before, "tmpfs moved a time on a mapped store");
-                assert_eq!(report.uploaded, 1);
+                assert_eq!(report.uploaded, 1, "only the changed file is stored");
                 assert_eq!(
+                    listed("state.npy"),
                     crate::digest::sha256_hex(&now),
-                    listed,
                     "the book kept bytes the file no longer holds"
                 );
+                assert_eq!(listed("same.bin"), crate::digest::sha256_hex(&[1u8; 8192]));
             } else if after == before {
                 assert_eq!(report.uploaded, 0, "a settled file on disk was read again");
             }

@@ -615,6 +615,81 @@ f.close()
     )
 }
 
+/// A workdir on tmpfs, where a store through a shared mapping moves no file time: a file of
+/// two links, stored (wait_all) while not mapped, then mapped, stored to and unmapped before
+/// the job exits, is listed under both names with the bytes it ends with. Its stamp was as
+/// the book had it: the final sync skipped it, and (had it read it) live sync's read of the
+/// inode, kept for its other link, would have answered.
+#[test]
+fn a_file_on_tmpfs_stored_to_through_a_mapping_is_listed_as_it_ends() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let h = slow_settle();
+    let point = h.path("shm");
+    std::fs::create_dir_all(&point).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "mode=0755", "c3-test"])
+        .arg(&point)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        crate::support::skip("cannot mount a tmpfs here");
+        return;
+    }
+    let _unmount = Unmount(point.clone());
+    let py = format!(
+        r#"
+import mmap, os, subprocess, sys, time
+d = os.environ['C3_ARTIFACTS_DIR']
+p = os.path.join(d, 'ckpt')
+with open(p, 'wb') as f:
+    f.write(b'a' * 4096)
+os.link(p, os.path.join(d, 'latest'))
+time.sleep(0.3)  # past the racy window: the read settles the version
+r = subprocess.run(['{BIN}', 'publish', '--wait-all'])
+f = open(p, 'r+b')
+m = mmap.mmap(f.fileno(), 4096)
+first = m[0]  # a read first (as `a[i] += 1`): the page is mapped writable, no later fault
+m[0:2] = b'bc'
+m.close()
+f.close()
+sys.exit(r.returncode)
+"#
+    );
+    let workdir = point.join("w");
+    h.run_job(
+        json!({"job_id": "shmmap", "workdir": workdir.display().to_string(),
+        "command": ["python3", "-c", py]}),
+    )
+    .assert_code(0);
+    let mut now = b"bc".to_vec();
+    now.resize(4096, b'a');
+    let manifest = h.manifest("shmmap");
+    let listed: Vec<(&str, &str)> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap(), f["sha256"].as_str().unwrap()))
+        .collect();
+    let want = crate::support::sha256_hex(&now);
+    assert_eq!(
+        listed,
+        [
+            ("artifacts/ckpt", want.as_str()),
+            ("artifacts/latest", want.as_str())
+        ],
+        "the manifest lists bytes the file no longer holds"
+    );
+}
+
 /// As above, published twice while mapped: two reads of a held file that found the same
 /// bytes settled it, and the store after the second publish was not listed.
 #[test]

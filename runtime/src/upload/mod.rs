@@ -917,6 +917,14 @@ impl Uploader {
     }
 
     /// The same uploader (budget, staging, owners shared) with `opts`: the final sync's.
+    /// This uploader with no inode read of another's to reuse: the final sync's, whose
+    /// reads of a hard-linked file on tmpfs must not be answered by live sync's read of the
+    /// same stamp (a store through a mapping moves none there).
+    pub fn without_inode_reads(mut self) -> Self {
+        self.inodes = Default::default();
+        self
+    }
+
     pub fn with_options(mut self, opts: UploadOptions) -> Self {
         self.opts = Arc::new(opts);
         self
@@ -1096,6 +1104,42 @@ impl Uploader {
 
     /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
     /// The version read is whatever the file holds now, not necessarily `file.stamp`'s.
+    /// The digests of `file` in the version its stamp describes, read and hashed here (as
+    /// the job's user may read it), nothing sent: whether a version the book holds at this
+    /// stamp is still the file's where a stamp does not tell ([`crate::sync`]'s tmpfs rule).
+    pub async fn digests_of(
+        &self,
+        file: &LocalFile,
+    ) -> Result<crate::digest::Digests, UploadError> {
+        let (root, reader, path, stamp) = (
+            self.root.clone(),
+            self.reader.clone(),
+            file.abs.clone(),
+            file.stamp,
+        );
+        blocking(&file.abs, move || {
+            let mut opened = open_confined(root.as_deref(), reader.as_deref(), &path, stamp)?;
+            let mut hasher = crate::digest::DualHasher::new();
+            let mut buf = vec![0u8; crate::digest::PIECE];
+            loop {
+                let n = fill(&mut opened, &mut buf).map_err(|e| read_error(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                if hasher.size() > stamp.size {
+                    return Err(UploadError::Changed { path });
+                }
+            }
+            let now = stat(root.as_deref(), &path)?;
+            if now != stamp || hasher.size() != stamp.size {
+                return Err(UploadError::Changed { path });
+            }
+            Ok(hasher.finish())
+        })
+        .await
+    }
+
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
         self.upload_version(file, Version::Current, false).await
     }
