@@ -246,9 +246,14 @@ const MAX_STORE_RETRY_HOLD: Duration = Duration::from_secs(600);
 /// How often a file held for a silent store ([`Syncer::held_for_the_store`]) looks again.
 const STORE_SILENT_RECHECK: Duration = Duration::from_secs(10);
 
-/// How many bytes of paths [`Syncer::store_failures`] keeps: past it, the counts start again
-/// (the waits are shorter, never missing).
+/// How many bytes [`Syncer::store_failures`] takes at most (its paths and
+/// [`STORE_FAILURE_ENTRY_BYTES`] each): past it, the counts start again (the waits are
+/// shorter, never missing).
 const MAX_STORE_FAILURES_BYTES: usize = 16 << 20;
+
+/// What an entry of [`Syncer::store_failures`] takes besides its path (the map's slot, the
+/// string's header, the count and the instant).
+const STORE_FAILURE_ENTRY_BYTES: usize = 64;
 
 #[derive(Default)]
 struct RescanPace {
@@ -940,6 +945,13 @@ impl Syncer {
         }
     }
 
+    /// Whether the store failed `rel`'s latest live upload and has answered nothing since.
+    fn silent_since_its_failure(&self, rel: &str) -> bool {
+        self.store_failures
+            .get(rel)
+            .is_some_and(|&(_, failed)| !self.uploader.store().answered_since(failed))
+    }
+
     /// `due` but for the files whose live upload the store failed, while it has answered
     /// nothing since: each try reads and hashes the file before the store is asked, and
     /// 1 TB of checkpoints met by an outage was read again at every file's wait, the store
@@ -954,10 +966,7 @@ impl Syncer {
         let mut kept = Vec::with_capacity(due.len());
         let mut blind_given = false;
         for rel in due {
-            let silent = self
-                .store_failures
-                .get(&rel)
-                .is_some_and(|&(_, failed)| !self.uploader.store().answered_since(failed));
+            let silent = self.silent_since_its_failure(&rel);
             // Not when the store would refuse it unasked (another operation probes it): the
             // probe this retry is for would not be made.
             let blind_due = self
@@ -1116,7 +1125,7 @@ impl Syncer {
                 stamp,
                 started: Instant::now(),
             };
-            if self.store_failures.contains_key(&rel) {
+            if self.silent_since_its_failure(&rel) {
                 self.blind_retry = Some(Instant::now());
             }
             self.in_flight.insert(rel, sending);
@@ -1148,7 +1157,7 @@ impl Syncer {
             Ok(up) => {
                 tracing::debug!(path = %rel, bytes = up.digests.size, new = up.new_bytes > 0, "synced while running");
                 if self.store_failures.remove(&rel).is_some() {
-                    self.store_failures_bytes -= rel.len();
+                    self.store_failures_bytes -= rel.len() + STORE_FAILURE_ENTRY_BYTES;
                 }
                 self.book.record(up);
                 self.manifest_dirty = true;
@@ -1180,7 +1189,7 @@ impl Syncer {
                         failed.0
                     }
                     None => {
-                        self.store_failures_bytes += rel.len();
+                        self.store_failures_bytes += rel.len() + STORE_FAILURE_ENTRY_BYTES;
                         self.store_failures.insert(rel.clone(), (1, now));
                         1
                     }

@@ -120,6 +120,13 @@ impl StateDir {
                 return Err(e);
             }
         }
+        // Made by the agent when a multipart upload is journaled; one of another's (planted
+        // while others could write in the job's dir) would have root's journals written and
+        // read where its links lead.
+        let uploads = self.uploads_dir(job_id);
+        if std::fs::symlink_metadata(&uploads).is_ok() {
+            mkdir_mode(&uploads, 0o700, true)?;
+        }
         for dir in [
             self.job_dir(job_id).join("attempts"),
             self.attempt_dir(job_id, attempt),
@@ -1078,6 +1085,10 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, s.job_dir("linked")).unwrap();
         assert!(s.ensure_attempt_dir("linked", 1).is_err());
         assert!(!elsewhere.join("attempts").exists());
+        // An `uploads` planted as a symlink while others could write in the job's dir.
+        std::os::unix::fs::symlink(&elsewhere, s.uploads_dir("j")).unwrap();
+        assert!(s.ensure_attempt_dir("j", 4).is_err());
+        std::fs::remove_file(s.uploads_dir("j")).unwrap();
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&job, Some(4242), None).unwrap();
             let e = s.ensure_attempt_dir("j", 3).unwrap_err();

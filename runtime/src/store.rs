@@ -1991,7 +1991,11 @@ impl BlobStore {
     /// Whether the store has answered since `at`, as an outage counts answers: a read in an
     /// outage of writes does not.
     pub fn answered_since(&self, at: tokio::time::Instant) -> bool {
-        self.retry.lock().answered_at.is_some_and(|a| a > at)
+        let state = self.retry.lock();
+        // A look within a write's try (a HEAD while a complete's outcome is awaited) is heard
+        // in an outage of writes too: no answer to a write.
+        state.answered_at.is_some_and(|a| a > at)
+            && !state.outage.as_ref().is_some_and(|o| o.writes_failed)
     }
 
     /// Whether a write started now would be refused without a try (an outage past its
