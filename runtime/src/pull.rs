@@ -1244,29 +1244,36 @@ mod tests {
         assert!(apart_in_case(&root, &[latin(0xe9), latin(0xe8)]).is_ok());
     }
 
+    /// Pulls `bytes` (as one entry) from a store over `faulty`; what the pull returned, and
+    /// how many GETs it made.
+    async fn pulled_through(
+        faulty: crate::store::tests::Faulty,
+        bytes: Vec<u8>,
+    ) -> (Result<PullSummary, PullError>, u64) {
+        let faulty = Arc::new(faulty);
+        let store = crate::store::tests::store_over(faulty.clone(), Duration::from_secs(5));
+        let entry = entry_of(&bytes);
+        store.put_blob(&entry.sha256, bytes.into()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pulled =
+            tokio::time::timeout(Duration::from_secs(20), pull_one(&store, entry, dir.path()))
+                .await
+                .expect("the download was resumed without end");
+        let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        (pulled, gets)
+    }
+
     /// A store whose every answer to a download is one byte, then a reset: the pull fails
     /// after 64 resumes (and one a MiB), each bringing a byte. It went on for as many GETs as
     /// the blob has bytes.
     #[tokio::test]
     async fn resumes_are_bounded_in_all() {
-        use crate::store::tests::{store_over, Faulty};
-        let faulty = Arc::new(Faulty {
+        let faulty = crate::store::tests::Faulty {
             byte_then_broken_gets: true,
             ..Default::default()
-        });
-        let store = store_over(faulty.clone(), std::time::Duration::from_secs(5));
-        let bytes = vec![7u8; 1000];
-        let entry = entry_of(&bytes);
-        store.put_blob(&entry.sha256, bytes.into()).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let pulled = tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            pull_one(&store, entry, dir.path()),
-        )
-        .await
-        .expect("the download was resumed without end");
+        };
+        let (pulled, gets) = pulled_through(faulty, vec![7u8; 1000]).await;
         assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
-        let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed) as u64;
         assert!(gets <= 1 + max_resumes(1000) + 1, "{gets} GETs");
     }
 
@@ -1275,25 +1282,13 @@ mod tests {
     /// and it resumed for ever (a dataset: until its 6 h timeout; a `pull`: for good).
     #[tokio::test]
     async fn resumes_that_bring_no_byte_end_the_download() {
-        use crate::store::tests::{store_over, Faulty};
-        let faulty = Arc::new(Faulty {
+        let faulty = crate::store::tests::Faulty {
             empty_then_broken_gets: true,
             ..Default::default()
-        });
-        let store = store_over(faulty.clone(), std::time::Duration::from_secs(5));
-        let bytes = b"dataset bytes".to_vec();
-        let entry = entry_of(&bytes);
-        store.put_blob(&entry.sha256, bytes.into()).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let pulled = tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            pull_one(&store, entry, dir.path()),
-        )
-        .await
-        .expect("the download was resumed without end");
+        };
+        let (pulled, gets) = pulled_through(faulty, b"dataset bytes".to_vec()).await;
         assert!(matches!(pulled, Err(PullError::Blob { .. })), "{pulled:?}");
-        let gets = faulty.gets.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(gets <= 1 + MAX_FRUITLESS_RESUMES as usize, "{gets} GETs");
+        assert!(gets <= 1 + u64::from(MAX_FRUITLESS_RESUMES), "{gets} GETs");
     }
 
     /// Pulls `entry` alone into `dest`, as root.

@@ -1985,45 +1985,53 @@ fn earlier_manifest_unread(fault: Fault) {
     );
 }
 
+/// A job (`id`) that writes `bytes` to `artifacts/a` once the store has begun answering with
+/// `fault`, then waits for the test's stop (60 s at most); returned once live sync's upload
+/// of it met the fault, with the job's agent and the stop file.
+fn live_upload_met_by(
+    fault: Fault,
+    id: &str,
+    bytes: &[u8],
+) -> (FakeS3, Harness, std::process::Child, std::path::PathBuf) {
+    let s3 = FakeS3::start(Fault::None);
+    let mut h = s3.harness();
+    h.extra_toml.push_str("[sync]\nsettle_ms = 100\n");
+    let stop = h.path("stop");
+    let cmd = format!(
+        "touch {started}; while [ ! -e {down} ]; do sleep 0.05; done; printf '%s' '{body}' > $C3_ARTIFACTS_DIR/a; \
+         i=0; while [ ! -e {stop} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
+        started = h.path("started").display(),
+        down = h.path("down").display(),
+        body = std::str::from_utf8(bytes).unwrap(),
+        stop = stop.display(),
+    );
+    let spec = h.spec(json!({"job_id": id, "command": ["sh", "-c", cmd]}));
+    let agent = h.spawn(&["run", "--job", spec.to_str().unwrap()]);
+    // The fault begins once the job runs (the preflight passed).
+    wait_for("the job to start", Duration::from_secs(30), || {
+        h.path("started").exists().then_some(())
+    });
+    s3.set_fault(fault);
+    std::fs::write(h.path("down"), b"").unwrap();
+    wait_for(
+        "the live upload to meet the fault",
+        Duration::from_secs(30),
+        || (s3.puts_of(bytes) >= 1).then_some(()),
+    );
+    (s3, h, agent, stop)
+}
+
 /// Live sync's upload of a file written while the store is down fails past the retry
 /// deadline; once the store is back, the file is stored while the job still runs. It was
 /// left for the final sync: a checkpoint written during an outage early in a long job
 /// waited for the job's end, and was lost with a node that never got there.
 #[test]
 fn a_live_upload_the_store_failed_is_tried_again_while_the_job_runs() {
-    let s3 = FakeS3::start(Fault::None);
-    let mut h = s3.harness();
-    h.extra_toml.push_str("[sync]\nsettle_ms = 100\n");
     let bytes = b"written during the outage";
-    let stop = h.path("stop");
-    let wrote = h.path("wrote");
-    let cmd = format!(
-        "touch {started}; while [ ! -e {down} ]; do sleep 0.05; done; printf '%s' '{body}' > $C3_ARTIFACTS_DIR/a; touch {wrote}; \
-         i=0; while [ ! -e {stop} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
-        started = h.path("started").display(),
-        down = h.path("down").display(),
-        body = std::str::from_utf8(bytes).unwrap(),
-        wrote = wrote.display(),
-        stop = stop.display(),
-    );
-    let spec = h.spec(json!({"job_id": "backlive", "command": ["sh", "-c", cmd]}));
-    let spec = spec.display().to_string();
-    let agent = h.spawn(&["run", "--job", &spec]);
-    // The store goes down once the job runs (the preflight passed).
-    wait_for("the job to start", Duration::from_secs(30), || {
-        h.path("started").exists().then_some(())
-    });
-    s3.set_fault(Fault::Down);
-    std::fs::write(h.path("down"), b"").unwrap();
-    wait_for(
-        "the live upload to fail at the store",
-        Duration::from_secs(30),
-        || (s3.puts_of(bytes) >= 1).then_some(()),
-    );
-    // Past the retry deadline (3 s from the first failure): the upload has failed, as live
+    let (s3, h, agent, stop) = live_upload_met_by(Fault::Down, "backlive", bytes);
+    // Past the retry deadline (4 s from the first failure): the upload has failed, as live
     // sync goes (its first try again comes 10 s after that).
     std::thread::sleep(Duration::from_secs(8));
-    assert!(wrote.exists());
     s3.set_fault(Fault::None);
     let stored = wait_for(
         "the file stored while the job runs",
@@ -2047,32 +2055,8 @@ fn a_live_upload_the_store_failed_is_tried_again_while_the_job_runs() {
 /// tries it once more.
 #[test]
 fn a_live_upload_the_store_refused_waits_for_the_final_sync() {
-    let s3 = FakeS3::start(Fault::None);
-    let mut h = s3.harness();
-    h.extra_toml.push_str("[sync]\nsettle_ms = 100\n");
     let bytes = b"refused while the job runs";
-    let stop = h.path("stop");
-    let cmd = format!(
-        "touch {started}; while [ ! -e {down} ]; do sleep 0.05; done; printf '%s' '{body}' > $C3_ARTIFACTS_DIR/a; \
-         i=0; while [ ! -e {stop} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done",
-        started = h.path("started").display(),
-        down = h.path("down").display(),
-        body = std::str::from_utf8(bytes).unwrap(),
-        stop = stop.display(),
-    );
-    let spec = h.spec(json!({"job_id": "refusedlive", "command": ["sh", "-c", cmd]}));
-    let spec = spec.display().to_string();
-    let agent = h.spawn(&["run", "--job", &spec]);
-    wait_for("the job to start", Duration::from_secs(30), || {
-        h.path("started").exists().then_some(())
-    });
-    s3.set_fault(Fault::SignatureMismatch);
-    std::fs::write(h.path("down"), b"").unwrap();
-    wait_for(
-        "the live upload to be refused",
-        Duration::from_secs(30),
-        || (s3.puts_of(bytes) >= 1).then_some(()),
-    );
+    let (s3, h, agent, stop) = live_upload_met_by(Fault::SignatureMismatch, "refusedlive", bytes);
     // Past the first wait of a store fault's (10 s).
     std::thread::sleep(Duration::from_secs(13));
     let puts = s3.puts_of(bytes);

@@ -559,29 +559,12 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
 /// says so and exits 1. Root only (mount); skipped where mounting is not allowed.
 #[test]
 fn gc_fails_when_retention_leaves_something_behind() {
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let h = Harness::file();
     let point = h.state.join("jobs/.trash/gone.1.2/work/data");
     std::fs::create_dir_all(&point).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "c3-test"])
-        .arg(&point)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        crate::support::skip("cannot mount a tmpfs here");
+    let Some(_mounted) = crate::support::Tmpfs::mount(&point, None) else {
         return;
-    }
-    let _unmount = Unmount(point.clone());
+    };
     std::fs::write(point.join("f"), "keep").unwrap();
     let gc = h.run(&["gc"]);
     gc.assert_code(1);

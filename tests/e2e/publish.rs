@@ -622,29 +622,12 @@ f.close()
 /// inode, kept for its other link, would have answered.
 #[test]
 fn a_file_on_tmpfs_stored_to_through_a_mapping_is_listed_as_it_ends() {
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
     let h = slow_settle();
     let point = h.path("shm");
     std::fs::create_dir_all(&point).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "mode=0755", "c3-test"])
-        .arg(&point)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        crate::support::skip("cannot mount a tmpfs here");
+    let Some(_mounted) = crate::support::Tmpfs::mount(&point, Some("mode=0755")) else {
         return;
-    }
-    let _unmount = Unmount(point.clone());
+    };
     let py = format!(
         r#"
 import mmap, os, subprocess, sys, time

@@ -35,6 +35,37 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// A tmpfs a test mounted (with `-o options`), unmounted (lazily) when dropped; `None`, and
+/// a line saying the test is skipped, where mounting is not allowed.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, options: Option<&str>) -> Option<Tmpfs> {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs"])
+            .args(options.iter().flat_map(|o| ["-o", o]))
+            .arg("c3-test")
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            skip("cannot mount a tmpfs here");
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
 /// The job's one file, `a` 4096 times stored to through a mapping (`b` at 0, then `c` at 1,
 /// the second store to a dirty page that moves no stamp), is listed as it ended: `bc` then
 /// `a`s, not the version an upload read between the stores.

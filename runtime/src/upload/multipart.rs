@@ -1348,6 +1348,15 @@ mod tests {
 
     /// An uploader journaling in `dir` on a store whose next `failing` aborts fail.
     fn flaky_uploader(dir: &Path, failing: usize) -> (Uploader, Arc<FlakyAbort>) {
+        flaky_uploader_within(dir, failing, DEADLINE)
+    }
+
+    /// [`flaky_uploader`] whose store's retry deadline is `deadline`.
+    fn flaky_uploader_within(
+        dir: &Path,
+        failing: usize,
+        deadline: std::time::Duration,
+    ) -> (Uploader, Arc<FlakyAbort>) {
         let mem = Arc::new(object_store::memory::InMemory::new());
         let flaky = Arc::new(FlakyAbort {
             mem: mem.clone(),
@@ -1362,7 +1371,7 @@ mod tests {
             unknown_denied: Default::default(),
             complete_refused: Default::default(),
         });
-        let store = BlobStore::in_memory_with(mem, flaky.clone(), DEADLINE);
+        let store = BlobStore::in_memory_with(mem, flaky.clone(), deadline);
         let opts = UploadOptions {
             multipart_threshold: 1 << 20,
             min_part_size: 1 << 20,
@@ -1698,7 +1707,10 @@ mod tests {
     async fn a_resumed_upload_whose_probe_is_refused_for_good_is_started_over() {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
-        let (up, flaky) = flaky_uploader(dir.path(), 0);
+        // Its second upload's probe is refused for good, and its create comes after: within
+        // 300 ms of the first upload's outage on a loaded machine, or it was refused unasked
+        // (a flake).
+        let (up, flaky) = flaky_uploader_within(dir.path(), 0, std::time::Duration::from_secs(5));
         flaky.unknown_denied.store(true, SeqCst);
         let (_data, file) = patterned_file(dir.path(), 233);
         flaky.parts_ok.store(1, SeqCst);
