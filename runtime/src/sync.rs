@@ -732,17 +732,21 @@ async fn verify_untimed(
         .buffer_unordered(in_flight)
         .collect()
         .await;
-    let mut changed = Vec::new();
+    let (mut changed, mut stale) = (Vec::new(), std::collections::HashSet::new());
     for (rel, stamp, digests) in looked {
         match digests {
             Some(d) if book.current_digests(&rel, &stamp) == Some(d) => {}
             Some(_) => {
                 tracing::debug!(path = %rel, "changed through a mapping with its stamp unmoved (tmpfs); stored again");
-                book.forget(|r| r == rel);
+                stale.insert(rel.clone());
                 changed.push((rel, stamp));
             }
             None => changed.push((rel, stamp)),
         }
+    }
+    // One pass over the book for all of them: `forget` walks it whole.
+    if !stale.is_empty() {
+        book.forget(|r| stale.contains(r));
     }
     changed
 }
