@@ -647,8 +647,9 @@ pub async fn sync_scan_until(
             !book.is_current(rel, stamp) || untimed.as_ref().is_none_or(|u| u.contains(&stamp.dev))
         })
         .partition(|(rel, stamp)| !book.is_current(rel, stamp));
-    let changed = verify_untimed(uploader, workdir, to_verify, book).await;
-    todo.extend(changed);
+    // First: they take back the room in the manifest their entries left.
+    let changed = verify_untimed(uploader, workdir, to_verify, book, halt).await;
+    todo.splice(0..0, changed);
     let skipped = found - todo.len();
     // A scan that stopped at a manifest's worth of files (its dirs then unread for good)
     // found other files than live sync had listed: stored beside the book's, they made a
@@ -707,41 +708,53 @@ pub async fn upload_all(
 }
 
 /// The files of `to_verify` (each current in `book`, on a file system where a store through
-/// a mapping moves no time) whose bytes are no longer the book's version: their book entries
-/// are taken out (a failed upload then leaves them unlisted, not listed with bytes they no
-/// longer hold), and they are returned to be stored. One that cannot be read is returned as it
-/// is: its upload says why.
+/// a mapping moves no time) whose bytes are no longer the book's version, or could not be
+/// read: their book entries are taken out (a failed upload then leaves them unlisted, not
+/// listed with bytes nobody checked), and they are returned to be stored. The links of one
+/// inode (one stamp) are read once: a job's 10,000 links to a 1 GiB file were 10 TB of
+/// reads. What `halt` leaves unread stays as the book has it.
 async fn verify_untimed(
     uploader: &Uploader,
     workdir: &std::path::Path,
     to_verify: Vec<(String, FileStamp)>,
     book: &mut SyncBook,
+    halt: Option<&CancellationToken>,
 ) -> Vec<(String, FileStamp)> {
     use futures::StreamExt;
+    let mut inodes: HashMap<(u64, u64), Vec<(String, FileStamp)>> = HashMap::new();
+    for (rel, stamp) in to_verify {
+        inodes
+            .entry((stamp.dev, stamp.ino))
+            .or_default()
+            .push((rel, stamp));
+    }
     let in_flight = uploader.options().files_in_flight.max(1);
-    let looked: Vec<_> = futures::stream::iter(to_verify)
-        .map(|(rel, stamp)| async move {
+    let looked: Vec<_> = futures::stream::iter(inodes.into_values())
+        .map(|links| async move {
+            let (rel, stamp) = &links[0];
             let file = LocalFile {
-                abs: workdir.join(crate::collect::path_of(&rel)),
-                rel,
-                stamp,
+                abs: workdir.join(crate::collect::path_of(rel)),
+                rel: rel.clone(),
+                stamp: *stamp,
             };
             let digests = uploader.digests_of(&file).await.ok();
-            (file.rel, stamp, digests)
+            (links, digests)
         })
         .buffer_unordered(in_flight)
+        .take_until(crate::halted(halt))
         .collect()
         .await;
     let (mut changed, mut stale) = (Vec::new(), std::collections::HashSet::new());
-    for (rel, stamp, digests) in looked {
-        match digests {
-            Some(d) if book.current_digests(&rel, &stamp) == Some(d) => {}
-            Some(_) => {
-                tracing::debug!(path = %rel, "changed through a mapping with its stamp unmoved (tmpfs); stored again");
-                stale.insert(rel.clone());
-                changed.push((rel, stamp));
+    for (links, digests) in looked {
+        for (rel, stamp) in links {
+            match digests {
+                Some(d) if book.current_digests(&rel, &stamp) == Some(d) => {}
+                _ => {
+                    tracing::debug!(path = %rel, "changed through a mapping with its stamp unmoved (tmpfs), or unreadable; stored again");
+                    stale.insert(rel.clone());
+                    changed.push((rel, stamp));
+                }
             }
-            None => changed.push((rel, stamp)),
         }
     }
     // One pass over the book for all of them: `forget` walks it whole.
@@ -1175,7 +1188,20 @@ mod tests {
                 });
             }
             let path = workdir.join("artifacts/state.npy");
+            // A second link, read once with it (one stamp for both).
+            std::fs::hard_link(&path, workdir.join("artifacts/state.lnk")).unwrap();
             let before = FileStamp::of(&std::fs::metadata(&path).unwrap());
+            book.record(Uploaded {
+                stamp: before,
+                digests: crate::digest::digest_bytes(&[1u8; 8192]),
+                ..up("artifacts/state.lnk", 3)
+            });
+            // The link moved its ctime: booked as live sync read it after.
+            book.record(Uploaded {
+                stamp: before,
+                digests: crate::digest::digest_bytes(&[1u8; 8192]),
+                ..up("artifacts/state.npy", 0)
+            });
             std::thread::sleep(std::time::Duration::from_millis(20));
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -1221,12 +1247,17 @@ mod tests {
             };
             if on_tmpfs {
                 assert_eq!(after, before, "tmpfs moved a time on a mapped store");
-                assert_eq!(report.uploaded, 1, "only the changed file is stored");
                 assert_eq!(
-                    listed("state.npy"),
-                    crate::digest::sha256_hex(&now),
-                    "the book kept bytes the file no longer holds"
+                    report.uploaded, 2,
+                    "only the changed file's links are stored"
                 );
+                for name in ["state.npy", "state.lnk"] {
+                    assert_eq!(
+                        listed(name),
+                        crate::digest::sha256_hex(&now),
+                        "{name}: the book kept bytes the file no longer holds"
+                    );
+                }
                 assert_eq!(listed("same.bin"), crate::digest::sha256_hex(&[1u8; 8192]));
             } else if after == before {
                 assert_eq!(report.uploaded, 0, "a settled file on disk was read again");

@@ -916,7 +916,6 @@ impl Uploader {
         self
     }
 
-    /// The same uploader (budget, staging, owners shared) with `opts`: the final sync's.
     /// This uploader with no inode read of another's to reuse: the final sync's, whose
     /// reads of a hard-linked file on tmpfs must not be answered by live sync's read of the
     /// same stamp (a store through a mapping moves none there).
@@ -925,6 +924,7 @@ impl Uploader {
         self
     }
 
+    /// The same uploader (budget, staging, owners shared) with `opts`: the final sync's.
     pub fn with_options(mut self, opts: UploadOptions) -> Self {
         self.opts = Arc::new(opts);
         self
@@ -1102,8 +1102,6 @@ impl Uploader {
         ahead
     }
 
-    /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
-    /// The version read is whatever the file holds now, not necessarily `file.stamp`'s.
     /// The digests of `file` in the version its stamp describes, read and hashed here (as
     /// the job's user may read it), nothing sent: whether a version the book holds at this
     /// stamp is still the file's where a stamp does not tell ([`crate::sync`]'s tmpfs rule).
@@ -1140,6 +1138,8 @@ impl Uploader {
         .await
     }
 
+    /// Uploads `file` as a blob. `Changed` means a later attempt should see a settled version.
+    /// The version read is whatever the file holds now, not necessarily `file.stamp`'s.
     pub async fn upload(&self, file: &LocalFile) -> Result<Uploaded, UploadError> {
         self.upload_version(file, Version::Current, false).await
     }
