@@ -964,21 +964,19 @@ impl Syncer {
         }
         let now = Instant::now();
         let mut kept = Vec::with_capacity(due.len());
-        let mut blind_given = false;
+        // One blind try in this turn at most, and not when the store would refuse it unasked
+        // (another operation probes it): the probe it is for would not be made.
+        let mut blind_due = self
+            .blind_retry
+            .is_none_or(|at| now >= at + MAX_STORE_RETRY_HOLD)
+            && !self.uploader.store().refuses_writes_now();
         for rel in due {
-            let silent = self.silent_since_its_failure(&rel);
-            // Not when the store would refuse it unasked (another operation probes it): the
-            // probe this retry is for would not be made.
-            let blind_due = self
-                .blind_retry
-                .is_none_or(|at| now >= at + MAX_STORE_RETRY_HOLD)
-                && !self.uploader.store().refuses_writes_now();
-            if !silent {
+            if !self.silent_since_its_failure(&rel) {
                 kept.push(rel);
-            } else if blind_due && !blind_given {
+            } else if blind_due {
                 // Spent when its upload starts (`settle`): a look that finds the file
                 // changed or still written to leaves the turn to the next.
-                blind_given = true;
+                blind_due = false;
                 kept.push(rel);
             } else {
                 let since = now + STORE_SILENT_RECHECK;

@@ -127,10 +127,7 @@ impl StateDir {
         if std::fs::symlink_metadata(&uploads).is_ok() {
             mkdir_mode(&uploads, 0o700, true)?;
         }
-        for dir in [
-            self.job_dir(job_id).join("attempts"),
-            self.attempt_dir(job_id, attempt),
-        ] {
+        for dir in [job_dir.join("attempts"), self.attempt_dir(job_id, attempt)] {
             mkdir_mode(&dir, 0o700, true)?;
         }
         Ok(self.attempt_dir(job_id, attempt))

@@ -966,6 +966,18 @@ enum Shows {
     Blips,
 }
 
+/// Where a try stands in an outage ([`Retry::standing`]).
+enum Standing {
+    /// Not bounded here: the outage does not count for it, or is stale.
+    Free,
+    /// Within the outage's deadline, which ends then.
+    Within(tokio::time::Instant),
+    /// Past the deadline, another operation probing or having probed a moment ago.
+    Refused,
+    /// Past the deadline, and the probe slot is free.
+    MayProbe,
+}
+
 /// What an operation's next try may do, decided as it starts ([`Retry::admit`]).
 enum Admit<'a> {
     /// No outage under way, or a stale one: the try is not bounded here. A healthy part
@@ -1031,21 +1043,34 @@ impl Retry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Where a try (`write`: a write's) that starts at `now` stands in outage `o`: the one
+    /// decision [`Retry::admit`] acts on and [`Retry::refuses_writes_now`] reports.
+    fn standing(&self, o: &Outage, now: tokio::time::Instant, write: bool) -> Standing {
+        let Some((clock, last)) = o.counted(write) else {
+            return Standing::Free;
+        };
+        if now.saturating_duration_since(last) > self.deadline {
+            return Standing::Free;
+        }
+        let ends = clock + self.deadline;
+        if now < ends {
+            return Standing::Within(ends);
+        }
+        if o.probing || o.probed.is_some_and(|t| now < t + PROBE_EVERY) {
+            return Standing::Refused;
+        }
+        Standing::MayProbe
+    }
+
     /// Whether a write's try that started now would be refused unasked ([`Retry::admit`]): an
     /// outage past its deadline whose probe is under way or was made a moment ago.
     fn refuses_writes_now(&self) -> bool {
         let now = tokio::time::Instant::now();
         let state = self.lock();
-        let Some(o) = state.outage.as_ref() else {
-            return false;
-        };
-        let Some((clock, last)) = o.counted(true) else {
-            return false;
-        };
-        if now.saturating_duration_since(last) > self.deadline || now < clock + self.deadline {
-            return false;
-        }
-        o.probing || o.probed.is_some_and(|t| now < t + PROBE_EVERY)
+        state
+            .outage
+            .as_ref()
+            .is_some_and(|o| matches!(self.standing(o, now, true), Standing::Refused))
     }
 
     /// Decides how a try that starts now may run; `op_deadline` is its operation's own;
@@ -1056,37 +1081,31 @@ impl Retry {
         let Some(o) = state.outage.as_mut() else {
             return Admit::Free;
         };
-        let Some((clock, last)) = o.counted(write) else {
-            return Admit::Free;
-        };
-        if now.saturating_duration_since(last) > self.deadline {
-            return Admit::Free;
-        }
-        let ends = clock + self.deadline;
-        if now < ends {
-            return Admit::During {
+        match self.standing(o, now, write) {
+            Standing::Free => Admit::Free,
+            Standing::Within(ends) => Admit::During {
                 id: o.id,
                 until: ends.min(op_deadline),
                 probe: None,
-            };
-        }
-        if o.probing || o.probed.is_some_and(|t| now < t + PROBE_EVERY) {
-            return Admit::Refused(StoreError::PastDeadline {
+            },
+            Standing::Refused => Admit::Refused(StoreError::PastDeadline {
                 tried: false,
                 failing_secs: now.duration_since(o.began).as_secs(),
                 deadline_secs: self.deadline.as_secs(),
                 latest: o.error.clone(),
-            });
-        }
-        o.probing = true;
-        Admit::During {
-            id: o.id,
-            until: now + PROBE_BOUND,
-            probe: Some(Probe {
-                retry: self,
-                id: o.id,
-                answered: false,
             }),
+            Standing::MayProbe => {
+                o.probing = true;
+                Admit::During {
+                    id: o.id,
+                    until: now + PROBE_BOUND,
+                    probe: Some(Probe {
+                        retry: self,
+                        id: o.id,
+                        answered: false,
+                    }),
+                }
+            }
         }
     }
 

@@ -1109,30 +1109,24 @@ impl Uploader {
         &self,
         file: &LocalFile,
     ) -> Result<crate::digest::Digests, UploadError> {
-        let (root, reader, path, stamp) = (
-            self.root.clone(),
-            self.reader.clone(),
-            file.abs.clone(),
-            file.stamp,
-        );
+        let opened = self.open(&file.abs, file.stamp, false).await?;
+        let (root, path, stamp) = (self.root.clone(), file.abs.clone(), file.stamp);
         blocking(&file.abs, move || {
-            let mut opened = open_confined(root.as_deref(), reader.as_deref(), &path, stamp)?;
             let mut hasher = crate::digest::DualHasher::new();
             let mut buf = vec![0u8; crate::digest::PIECE];
+            // One byte past the size: a file that grew is "changed", not read on.
+            let mut rest = opened.take(stamp.size + 1);
             loop {
-                let n = fill(&mut opened, &mut buf).map_err(|e| read_error(&path, e))?;
+                let n = fill(&mut rest, &mut buf).map_err(|e| read_error(&path, e))?;
                 if n == 0 {
                     break;
                 }
                 hasher.update(&buf[..n]);
-                if hasher.size() > stamp.size {
-                    return Err(UploadError::Changed { path });
-                }
             }
-            let now = stat(root.as_deref(), &path)?;
-            if now != stamp || hasher.size() != stamp.size {
+            if hasher.size() != stamp.size {
                 return Err(UploadError::Changed { path });
             }
+            ensure_unchanged(root.as_deref(), &path, stamp)?;
             Ok(hasher.finish())
         })
         .await
