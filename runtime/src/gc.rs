@@ -1170,12 +1170,7 @@ mod tests {
         }
 
         fn age(&self, sha: &str, age: Duration) {
-            std::fs::File::options()
-                .write(true)
-                .open(self.blob_path(sha))
-                .unwrap()
-                .set_modified(SystemTime::now() - age)
-                .unwrap();
+            aged(&self.blob_path(sha), age);
         }
 
         fn exists(&self, sha: &str) -> bool {
@@ -1188,6 +1183,24 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    /// Sets `path`'s mtime `age` ago.
+    fn aged(path: &Path, age: Duration) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
+    }
+
+    /// The keys of the manifests `e` says could not be read (it must say so).
+    fn unread_keys(e: &GcError) -> Vec<&str> {
+        let GcError::Manifests { failures } = e else {
+            panic!("{e}");
+        };
+        failures.iter().map(|(k, _)| k.as_str()).collect()
     }
 
     fn manifest(job: &str, attempt: u32, files: &[&str], logs: Option<(&str, &str)>) -> Vec<u8> {
@@ -1514,12 +1527,8 @@ mod tests {
             let e = collect_garbage(&f.store, DEFAULT_GRACE, dry_run)
                 .await
                 .unwrap_err();
-            let GcError::Manifests { failures } = &e else {
-                panic!("{e}");
-            };
-            let keys: Vec<&str> = failures.iter().map(|(k, _)| k.as_str()).collect();
             assert_eq!(
-                keys,
+                unread_keys(&e),
                 [
                     "jobs/bad/attempts/1/manifest.json",
                     "jobs/new/manifest.json"
@@ -1687,12 +1696,7 @@ mod tests {
             let path = staging.join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, bytes).unwrap();
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(SystemTime::now() - age)
-                .unwrap();
+            aged(&path, age);
             path
         };
         let small = file(".small-07/4242-0011223344556677", b"12345", 2 * DAY);
@@ -1733,14 +1737,6 @@ mod tests {
         let listing = manifest("j", 1, &[&kept], None);
         f.put(&manifest_key("j"), listing.clone()).await;
         f.put(&attempt_manifest_key("j", 1), listing.clone()).await;
-        let aged = |path: &Path, age: Duration| {
-            std::fs::File::options()
-                .write(true)
-                .open(path)
-                .unwrap()
-                .set_modified(SystemTime::now() - age)
-                .unwrap();
-        };
         let file = |rel: &str, bytes: &[u8], age: Duration| {
             let path = f.root.join(rel);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -1816,24 +1812,15 @@ mod tests {
         std::os::unix::fs::symlink(elsewhere.path(), f.root.join("jobs/moved")).unwrap();
         let target = elsewhere.path().join("manifest.json#1");
         std::fs::write(&target, b"root's").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&target)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * DAY)
-            .unwrap();
+        aged(&target, 2 * DAY);
         let link = f.root.join("jobs/j/attempts/4/manifest.json#1");
         std::fs::create_dir_all(link.parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let e = collect_garbage(&f.store, Duration::ZERO, false)
             .await
             .unwrap_err();
-        let GcError::Manifests { failures } = &e else {
-            panic!("{e}");
-        };
-        let keys: Vec<&str> = failures.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
-            keys,
+            unread_keys(&e),
             ["jobs/j/attempts/4/manifest.json#1", "jobs/moved"],
             "{e}"
         );
@@ -1849,12 +1836,7 @@ mod tests {
         let elsewhere = tempfile::tempdir().unwrap();
         let keep = elsewhere.path().join("passwd");
         std::fs::write(&keep, b"root:x:0:0").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&keep)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * Duration::from_secs(3600))
-            .unwrap();
+        aged(&keep, 2 * Duration::from_secs(3600));
         let staging = f.root.join("staging");
         let _ = std::fs::remove_dir_all(&staging);
         std::os::unix::fs::symlink(elsewhere.path(), &staging).unwrap();

@@ -1861,17 +1861,7 @@ mod tests {
         };
         let dest = dir.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
-        let root = DirFd::open(&dest).unwrap();
-        let pulled = pull_into(
-            &store,
-            vec![lying].into(),
-            root,
-            &dest,
-            (None, None),
-            false,
-            &CancellationToken::new(),
-        )
-        .await;
+        let pulled = pull_one(&store, lying, &dest).await;
         assert!(
             matches!(pulled, Err(PullError::Mismatch { .. })),
             "{pulled:?}"

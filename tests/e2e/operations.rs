@@ -561,7 +561,6 @@ fn gc_deletes_what_no_manifest_references_and_old_finished_jobs() {
 fn gc_fails_when_retention_leaves_something_behind() {
     let h = Harness::file();
     let point = h.state.join("jobs/.trash/gone.1.2/work/data");
-    std::fs::create_dir_all(&point).unwrap();
     let Some(_mounted) = crate::support::Tmpfs::mount(&point, None) else {
         return;
     };

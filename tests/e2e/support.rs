@@ -35,12 +35,13 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// A tmpfs a test mounted (with `-o options`), unmounted (lazily) when dropped; `None`, and
-/// a line saying the test is skipped, where mounting is not allowed.
+/// A tmpfs a test mounted at `at` (made if missing, with `-o options`), unmounted (lazily)
+/// when dropped; `None`, and a line saying the test is skipped, where mounting is not allowed.
 pub struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     pub fn mount(at: &Path, options: Option<&str>) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
         let mounted = std::process::Command::new("mount")
             .args(["-t", "tmpfs"])
             .args(options.iter().flat_map(|o| ["-o", o]))

@@ -175,33 +175,6 @@ fn a_manifest_entry_deeper_than_any_agent_writes_is_refused_before_a_directory_i
     assert!(made < 10, "{made} directories made");
 }
 
-/// A tmpfs at `dir`, unmounted on drop; None (said) where this machine cannot mount one.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, options: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            crate::support::skip("cannot mount a tmpfs here");
-        }
-        ok.then(|| Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// 0-byte files, each below its own chain of 60 directories (every entry within the depth
 /// cap): the free-space check counted file bytes and one inode a file, so `pull` made
 /// directories as root until the file system had no inode left (87 million for a forged
@@ -226,7 +199,7 @@ fn the_directories_a_manifest_asks_for_count_against_the_room() {
         m["files"] = json!(files);
     });
     let dest = h.path("dest");
-    let Some(_fs) = Tmpfs::mount(&dest, "size=64m,nr_inodes=2000") else {
+    let Some(_fs) = crate::support::Tmpfs::mount(&dest, Some("size=64m,nr_inodes=2000")) else {
         return;
     };
     let pulled = h.run(&["pull", "liar", dest.to_str().unwrap()]);
@@ -249,7 +222,7 @@ fn files_already_in_place_need_no_room_again() {
     h.run_job(json!({"job_id": "real", "command": ["sh", "-c", script]}))
         .assert_code(0);
     let dest = h.path("dest");
-    let Some(_fs) = Tmpfs::mount(&dest, "size=8m") else {
+    let Some(_fs) = crate::support::Tmpfs::mount(&dest, Some("size=8m")) else {
         return;
     };
     h.run(&["pull", "real", dest.to_str().unwrap()])
